@@ -1,0 +1,295 @@
+//! The canonical binary encoding of a [`Manifest`]: what the target stores for every release,
+//! what crosses the wire, and what [`Manifest::digest`] hashes.
+//!
+//! ```text
+//! "FLIPMAN1" count:varint
+//! per entry: shared:varint suffix_len:varint suffix  kind:u8  fields
+//!   kind 0 dir:     mode:varint
+//!   kind 1 file:    mode:varint size:varint digest:[u8; 32]
+//!   kind 2 symlink: len:varint target
+//! ```
+//! Paths are prefix-compressed against the previous entry (`shared` bytes reused). Entries are in
+//! [`RelPath`] order, each once; the decoder rejects anything else, so every manifest has exactly
+//! one encoding.
+
+use crate::{Digest, Entry, EntryKind, Manifest, ManifestError, PathError, RelPath, MAX_ENTRIES};
+
+const MAGIC: &[u8; 8] = b"FLIPMAN1";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("not a flip manifest (bad magic)")]
+    BadMagic,
+    #[error("manifest is truncated")]
+    Truncated,
+    #[error("manifest has a malformed number")]
+    BadVarint,
+    #[error("manifest entry {0} has an unknown kind")]
+    BadKind(usize),
+    #[error("manifest entry {0} reuses more of the previous path than it has")]
+    BadPrefix(usize),
+    #[error("manifest entry {index}: {source}")]
+    BadPath { index: usize, source: PathError },
+    #[error("manifest entry {0} is out of order or repeated")]
+    Order(usize),
+    #[error("manifest claims {0} entries, more than it can hold")]
+    Count(u64),
+    #[error("manifest has {0} bytes of trailing garbage")]
+    Trailing(usize),
+    #[error("manifest is inconsistent: {0}")]
+    Invalid(#[from] ManifestError),
+}
+
+pub fn encode(m: &Manifest) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + m.len() * 48);
+    out.extend_from_slice(MAGIC);
+    put_varint(&mut out, m.len() as u64);
+    let mut prev: &str = "";
+    for e in m.entries() {
+        let path = e.path.as_str();
+        let shared = common_prefix(prev, path);
+        put_varint(&mut out, shared as u64);
+        put_varint(&mut out, (path.len() - shared) as u64);
+        out.extend_from_slice(&path.as_bytes()[shared..]);
+        match &e.kind {
+            EntryKind::Dir { mode } => {
+                out.push(0);
+                put_varint(&mut out, *mode as u64);
+            }
+            EntryKind::File { mode, size, digest } => {
+                out.push(1);
+                put_varint(&mut out, *mode as u64);
+                put_varint(&mut out, *size);
+                out.extend_from_slice(&digest.0);
+            }
+            EntryKind::Symlink { target } => {
+                out.push(2);
+                put_varint(&mut out, target.len() as u64);
+                out.extend_from_slice(target.as_bytes());
+            }
+        }
+        prev = path;
+    }
+    out
+}
+
+pub fn decode(buf: &[u8]) -> Result<Manifest, DecodeError> {
+    let mut r = Reader { buf, pos: 0 };
+    if r.take(MAGIC.len())? != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let count = r.varint()?;
+    // Every entry takes at least 4 bytes; a count beyond that is a lie, not an allocation request.
+    if count > MAX_ENTRIES as u64 || count > (buf.len() as u64) / 4 + 1 {
+        return Err(DecodeError::Count(count));
+    }
+    let mut entries: Vec<Entry> = Vec::with_capacity(count as usize);
+    let mut prev = String::new();
+    for index in 0..count as usize {
+        let shared = r.varint()? as usize;
+        if shared > prev.len() {
+            return Err(DecodeError::BadPrefix(index));
+        }
+        let len = r.varint()? as usize;
+        let suffix = r.take(len)?;
+        let mut raw = Vec::with_capacity(shared + len);
+        raw.extend_from_slice(&prev.as_bytes()[..shared]);
+        raw.extend_from_slice(suffix);
+        let path =
+            RelPath::from_bytes(&raw).map_err(|source| DecodeError::BadPath { index, source })?;
+        let kind = match r.byte()? {
+            0 => EntryKind::Dir {
+                mode: r.mode()?,
+            },
+            1 => {
+                let mode = r.mode()?;
+                let size = r.varint()?;
+                let mut d = [0u8; 32];
+                d.copy_from_slice(r.take(32)?);
+                EntryKind::File {
+                    mode,
+                    size,
+                    digest: Digest(d),
+                }
+            }
+            2 => {
+                let len = r.varint()? as usize;
+                let t = r.take(len)?;
+                let target = String::from_utf8(t.to_vec()).map_err(|_| DecodeError::BadPath {
+                    index,
+                    source: PathError::NotUtf8(String::from_utf8_lossy(t).into_owned()),
+                })?;
+                EntryKind::Symlink { target }
+            }
+            _ => return Err(DecodeError::BadKind(index)),
+        };
+        if let Some(last) = entries.last() {
+            if last.path >= path {
+                return Err(DecodeError::Order(index));
+            }
+        }
+        prev = path.as_str().to_string();
+        entries.push(Entry { path, kind });
+    }
+    if r.pos != buf.len() {
+        return Err(DecodeError::Trailing(buf.len() - r.pos));
+    }
+    Ok(Manifest::from_sorted(entries)?)
+}
+
+fn common_prefix(a: &str, b: &str) -> usize {
+    let mut n = a
+        .as_bytes()
+        .iter()
+        .zip(b.as_bytes())
+        .take_while(|(x, y)| x == y)
+        .count();
+    while !b.is_char_boundary(n) {
+        n -= 1;
+    }
+    n
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(n).ok_or(DecodeError::Truncated)?;
+        let s = self.buf.get(self.pos..end).ok_or(DecodeError::Truncated)?;
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn byte(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut v: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            let part = (b & 0x7f) as u64;
+            if shift == 63 && part > 1 {
+                return Err(DecodeError::BadVarint);
+            }
+            v |= part << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(DecodeError::BadVarint)
+    }
+
+    fn mode(&mut self) -> Result<u32, DecodeError> {
+        let v = self.varint()?;
+        u32::try_from(v).map_err(|_| DecodeError::BadVarint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::{dir, file, p};
+
+    fn sample() -> Manifest {
+        Manifest::new(vec![
+            dir("src"),
+            dir("src/Controller"),
+            file("src/Controller/Home.php", b"<?php echo 1;"),
+            file("src/Kernel.php", b"<?php"),
+            dir("empty"),
+            Entry {
+                path: p("public"),
+                kind: EntryKind::Symlink {
+                    target: "../shared/public".into(),
+                },
+            },
+            Entry {
+                path: p("bin"),
+                kind: EntryKind::File {
+                    mode: 0o755,
+                    size: 3,
+                    digest: Digest::of(b"abc"),
+                },
+            },
+            file("\u{e9}t\u{e9}.txt", b""),
+            file("\u{e9}t\u{e8}.txt", b""),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn roundtrip() {
+        let m = sample();
+        let bytes = encode(&m);
+        assert_eq!(decode(&bytes).unwrap(), m);
+        assert_eq!(Manifest::default(), decode(&encode(&Manifest::default())).unwrap());
+    }
+
+    #[test]
+    fn digest_is_stable_and_content_sensitive() {
+        let a = sample();
+        let b = sample();
+        assert_eq!(a.digest(), b.digest());
+        let mut e = a.clone().into_entries();
+        e.retain(|x| x.path.as_str() != "empty");
+        assert_ne!(Manifest::new(e).unwrap().digest(), a.digest());
+    }
+
+    #[test]
+    fn rejects_every_truncation() {
+        let bytes = encode(&sample());
+        for n in 0..bytes.len() {
+            assert!(decode(&bytes[..n]).is_err(), "prefix of {n} bytes decoded");
+        }
+        let mut more = bytes.clone();
+        more.push(0);
+        assert_eq!(decode(&more), Err(DecodeError::Trailing(1)));
+    }
+
+    #[test]
+    fn rejects_hostile_input() {
+        // A huge count in a tiny buffer must not allocate.
+        let mut b = MAGIC.to_vec();
+        put_varint(&mut b, u64::MAX >> 1);
+        assert!(matches!(decode(&b), Err(DecodeError::Count(_))));
+        // An escaping path.
+        let mut b = MAGIC.to_vec();
+        put_varint(&mut b, 1);
+        put_varint(&mut b, 0);
+        put_varint(&mut b, 5);
+        b.extend_from_slice(b"../ab");
+        b.push(0);
+        put_varint(&mut b, 0o755);
+        assert!(matches!(decode(&b), Err(DecodeError::BadPath { .. })));
+        // Out-of-order entries (non-canonical).
+        let good = Manifest::new(vec![file("a", b"1"), file("b", b"2")]).unwrap();
+        let enc = encode(&good);
+        let mut swapped = MAGIC.to_vec();
+        put_varint(&mut swapped, 2);
+        let entry = |name: &str, content: &[u8], out: &mut Vec<u8>| {
+            put_varint(out, 0);
+            put_varint(out, 1);
+            out.extend_from_slice(name.as_bytes());
+            out.push(1);
+            put_varint(out, 0o644);
+            put_varint(out, content.len() as u64);
+            out.extend_from_slice(&Digest::of(content).0);
+        };
+        entry("b", b"2", &mut swapped);
+        entry("a", b"1", &mut swapped);
+        assert_eq!(swapped.len(), enc.len());
+        assert_eq!(decode(&swapped), Err(DecodeError::Order(1)));
+    }
+}

@@ -1,0 +1,304 @@
+//! flip's data model, shared by every other crate: a validated relative path ([`RelPath`]), the
+//! entries of a release tree ([`Entry`]), content digests ([`Digest`]) and the [`Manifest`] that
+//! lists a whole tree, with a canonical binary encoding whose blake3 names the tree.
+//!
+//! This crate does no I/O. Everything that comes from outside (a client, a file on the target) is
+//! validated when it is turned into these types, so code that holds a `RelPath` or a `Manifest` can
+//! rely on its invariants.
+
+mod encoding;
+mod path;
+
+pub use encoding::{decode, encode, DecodeError};
+pub use path::{PathError, RelPath, MAX_COMPONENT_LEN, MAX_PATH_LEN};
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+
+/// Permission bits flip carries: read/write/execute for user, group and other. Set-id and sticky
+/// bits are never deployed.
+pub const MODE_MASK: u32 = 0o777;
+/// Longest symlink target accepted.
+pub const MAX_LINK_TARGET: usize = 4096;
+/// Most entries one manifest may hold.
+pub const MAX_ENTRIES: usize = 20_000_000;
+
+/// A blake3 digest of a file's content (or of a manifest's canonical encoding).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// Digest of a byte slice.
+    pub fn of(bytes: &[u8]) -> Self {
+        Digest(*blake3::hash(bytes).as_bytes())
+    }
+
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 64 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Digest(out))
+    }
+}
+
+impl From<blake3::Hash> for Digest {
+    fn from(h: blake3::Hash) -> Self {
+        Digest(*h.as_bytes())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", &self.to_hex()[..16])
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// What a path in the tree is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EntryKind {
+    Dir { mode: u32 },
+    File { mode: u32, size: u64, digest: Digest },
+    /// The target is kept exactly as the source had it and is never followed.
+    Symlink { target: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: RelPath,
+    pub kind: EntryKind,
+}
+
+impl Entry {
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, EntryKind::Dir { .. })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    #[error("{path}: listed twice")]
+    Duplicate { path: String },
+    #[error("{path}: its parent {parent} is not a directory in the manifest")]
+    NoParentDir { path: String, parent: String },
+    #[error("{path}: mode {mode:o} has bits outside 0777")]
+    BadMode { path: String, mode: u32 },
+    #[error("{path}: symlink target is empty, too long or contains NUL")]
+    BadLinkTarget { path: String },
+    #[error("manifest has {0} entries, more than the limit of {MAX_ENTRIES}")]
+    TooMany(usize),
+}
+
+/// Every entry of one release tree, sorted by path (component-wise), each path once, every parent
+/// a directory entry. The root directory itself is implicit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Manifest {
+    entries: Vec<Entry>,
+}
+
+impl Manifest {
+    /// Sorts and validates the entries.
+    pub fn new(mut entries: Vec<Entry>) -> Result<Self, ManifestError> {
+        entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        Self::from_sorted(entries)
+    }
+
+    /// Validates entries that must already be sorted; out-of-order input is sorted too.
+    pub fn from_sorted(mut entries: Vec<Entry>) -> Result<Self, ManifestError> {
+        if entries.len() > MAX_ENTRIES {
+            return Err(ManifestError::TooMany(entries.len()));
+        }
+        if !entries.windows(2).all(|w| w[0].path <= w[1].path) {
+            entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        }
+        for w in entries.windows(2) {
+            if w[0].path == w[1].path {
+                return Err(ManifestError::Duplicate {
+                    path: w[0].path.to_string(),
+                });
+            }
+        }
+        let m = Manifest { entries };
+        for e in &m.entries {
+            validate_kind(e)?;
+            if let Some(parent) = e.path.parent() {
+                match m.get(&parent) {
+                    Some(EntryKind::Dir { .. }) => {}
+                    _ => {
+                        return Err(ManifestError::NoParentDir {
+                            path: e.path.to_string(),
+                            parent: parent.to_string(),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    pub fn into_entries(self) -> Vec<Entry> {
+        self.entries
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Looks a path up (binary search).
+    pub fn get(&self, path: &RelPath) -> Option<&EntryKind> {
+        self.entries
+            .binary_search_by(|e| e.path.cmp(path))
+            .ok()
+            .map(|i| &self.entries[i].kind)
+    }
+
+    /// Regular files: (path, mode, size, digest).
+    pub fn files(&self) -> impl Iterator<Item = (&RelPath, u32, u64, &Digest)> {
+        self.entries.iter().filter_map(|e| match &e.kind {
+            EntryKind::File { mode, size, digest } => Some((&e.path, *mode, *size, digest)),
+            _ => None,
+        })
+    }
+
+    pub fn file_count(&self) -> usize {
+        self.files().count()
+    }
+
+    /// Sum of regular file sizes.
+    pub fn total_bytes(&self) -> u64 {
+        self.files().map(|(_, _, s, _)| s).sum()
+    }
+
+    /// The blake3 of the canonical encoding: two trees with equal digests are the same tree.
+    pub fn digest(&self) -> Digest {
+        Digest::of(&encode(self))
+    }
+
+    /// One path holding each distinct content digest (the first in path order), for finding
+    /// content that moved.
+    pub fn by_digest(&self) -> HashMap<Digest, Vec<(&RelPath, u32)>> {
+        let mut map: HashMap<Digest, Vec<(&RelPath, u32)>> = HashMap::new();
+        for (p, mode, _, d) in self.files() {
+            map.entry(*d).or_default().push((p, mode));
+        }
+        map
+    }
+}
+
+fn validate_kind(e: &Entry) -> Result<(), ManifestError> {
+    match &e.kind {
+        EntryKind::Dir { mode } | EntryKind::File { mode, .. } => {
+            if mode & !MODE_MASK != 0 {
+                return Err(ManifestError::BadMode {
+                    path: e.path.to_string(),
+                    mode: *mode,
+                });
+            }
+        }
+        EntryKind::Symlink { target } => {
+            if target.is_empty() || target.len() > MAX_LINK_TARGET || target.contains('\0') {
+                return Err(ManifestError::BadLinkTarget {
+                    path: e.path.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    pub(crate) fn file(path: &str, content: &[u8]) -> Entry {
+        Entry {
+            path: p(path),
+            kind: EntryKind::File {
+                mode: 0o644,
+                size: content.len() as u64,
+                digest: Digest::of(content),
+            },
+        }
+    }
+
+    pub(crate) fn dir(path: &str) -> Entry {
+        Entry {
+            path: p(path),
+            kind: EntryKind::Dir { mode: 0o755 },
+        }
+    }
+
+    #[test]
+    fn sorts_and_validates_parents() {
+        let m = Manifest::new(vec![file("a/b.php", b"x"), dir("a"), file("a-b", b"y")]).unwrap();
+        let order: Vec<_> = m.entries().iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(order, ["a", "a/b.php", "a-b"]);
+        let err = Manifest::new(vec![file("x/y", b"1")]).unwrap_err();
+        assert_eq!(
+            err,
+            ManifestError::NoParentDir {
+                path: "x/y".into(),
+                parent: "x".into()
+            }
+        );
+        let err = Manifest::new(vec![file("f", b"1"), file("f/g", b"2")]).unwrap_err();
+        assert!(matches!(err, ManifestError::NoParentDir { .. }));
+    }
+
+    #[test]
+    fn rejects_duplicates_and_bad_modes() {
+        assert!(matches!(
+            Manifest::new(vec![file("a", b"1"), file("a", b"2")]),
+            Err(ManifestError::Duplicate { .. })
+        ));
+        let bad = Entry {
+            path: p("s"),
+            kind: EntryKind::File {
+                mode: 0o4755,
+                size: 0,
+                digest: Digest::of(b""),
+            },
+        };
+        assert!(matches!(
+            Manifest::new(vec![bad]),
+            Err(ManifestError::BadMode { .. })
+        ));
+    }
+
+    #[test]
+    fn digest_hex_roundtrip() {
+        let d = Digest::of(b"hello");
+        assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
+        assert_eq!(Digest::from_hex("zz"), None);
+    }
+}

@@ -1,0 +1,206 @@
+//! [`RelPath`]: a path relative to a release root that cannot escape it.
+
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+use std::fmt;
+
+/// Longest path accepted, in bytes (Linux's PATH_MAX).
+pub const MAX_PATH_LEN: usize = 4096;
+/// Longest single component accepted, in bytes (Linux's NAME_MAX).
+pub const MAX_COMPONENT_LEN: usize = 255;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PathError {
+    #[error("path is empty")]
+    Empty,
+    #[error("{0:?}: path is absolute")]
+    Absolute(String),
+    #[error("{0:?}: path has an empty, '.' or '..' component")]
+    BadComponent(String),
+    #[error("{0:?}: path contains a NUL byte")]
+    Nul(String),
+    #[error("path is longer than {MAX_PATH_LEN} bytes or has a component over {MAX_COMPONENT_LEN}")]
+    TooLong,
+    #[error("{0:?}: path is not valid UTF-8")]
+    NotUtf8(String),
+}
+
+/// A validated relative path: UTF-8, `/`-separated, no empty, `.` or `..` components, no NUL, not
+/// absolute, within Linux's length limits. Joined to a root directory it always names something
+/// inside that root (unless a component on disk is a symlink, which the agent never creates before
+/// writing below it).
+///
+/// Ordering is component-wise (`a` < `a/b` < `a-b`), so a directory sorts right before everything
+/// inside it.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RelPath(String);
+
+impl RelPath {
+    pub fn new(s: impl Into<String>) -> Result<Self, PathError> {
+        let s = s.into();
+        validate(&s)?;
+        Ok(RelPath(s))
+    }
+
+    /// Builds a path from raw bytes (e.g. an OS file name), rejecting non-UTF-8.
+    pub fn from_bytes(b: &[u8]) -> Result<Self, PathError> {
+        match std::str::from_utf8(b) {
+            Ok(s) => Self::new(s),
+            Err(_) => Err(PathError::NotUtf8(String::from_utf8_lossy(b).into_owned())),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn components(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/')
+    }
+
+    /// The last component.
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+
+    /// The containing directory, or `None` for a top-level entry.
+    pub fn parent(&self) -> Option<RelPath> {
+        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_string()))
+    }
+
+    /// Appends one validated component (or several, `a/b`).
+    pub fn join(&self, rest: &str) -> Result<RelPath, PathError> {
+        RelPath::new(format!("{}/{}", self.0, rest))
+    }
+
+    /// Number of components.
+    pub fn depth(&self) -> usize {
+        self.0.split('/').count()
+    }
+}
+
+fn validate(s: &str) -> Result<(), PathError> {
+    if s.is_empty() {
+        return Err(PathError::Empty);
+    }
+    if s.len() > MAX_PATH_LEN {
+        return Err(PathError::TooLong);
+    }
+    if s.contains('\0') {
+        return Err(PathError::Nul(s.to_string()));
+    }
+    if s.starts_with('/') {
+        return Err(PathError::Absolute(s.to_string()));
+    }
+    for c in s.split('/') {
+        if c.is_empty() || c == "." || c == ".." {
+            return Err(PathError::BadComponent(s.to_string()));
+        }
+        if c.len() > MAX_COMPONENT_LEN {
+            return Err(PathError::TooLong);
+        }
+    }
+    Ok(())
+}
+
+impl Ord for RelPath {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // Component-wise order equals byte order with '/' ranked below every other byte.
+        let key = |b: u8| if b == b'/' { 0 } else { b };
+        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
+        for (x, y) in a.iter().zip(b.iter()) {
+            match key(*x).cmp(&key(*y)) {
+                Ordering::Equal => {}
+                o => return o,
+            }
+        }
+        a.len().cmp(&b.len())
+    }
+}
+
+impl PartialOrd for RelPath {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl TryFrom<String> for RelPath {
+    type Error = PathError;
+    fn try_from(s: String) -> Result<Self, PathError> {
+        RelPath::new(s)
+    }
+}
+
+impl From<RelPath> for String {
+    fn from(p: RelPath) -> String {
+        p.0
+    }
+}
+
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl AsRef<str> for RelPath {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_ordinary_paths() {
+        for ok in ["a", "a/b", ".htaccess", "vendor/x/..y", "a b/ü.php", "...", "a/.b"] {
+            RelPath::new(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn rejects_escapes() {
+        for bad in [
+            "", "/etc/passwd", "..", "../x", "a/../../x", "a/./b", "a//b", "a/", ".", "x\0y",
+        ] {
+            assert!(RelPath::new(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(RelPath::new("a".repeat(256)), Err(PathError::TooLong));
+        assert!(RelPath::from_bytes(b"\xff").is_err());
+    }
+
+    #[test]
+    fn component_order() {
+        let mut v: Vec<RelPath> = ["a-b", "a/b", "a", "a/b/c", "b", "a.b"]
+            .iter()
+            .map(|s| RelPath::new(*s).unwrap())
+            .collect();
+        v.sort();
+        let s: Vec<&str> = v.iter().map(|p| p.as_str()).collect();
+        assert_eq!(s, ["a", "a/b", "a/b/c", "a-b", "a.b", "b"]);
+    }
+
+    #[test]
+    fn parent_and_name() {
+        let p = RelPath::new("x/y/z.php").unwrap();
+        assert_eq!(p.parent().unwrap().as_str(), "x/y");
+        assert_eq!(p.file_name(), "z.php");
+        assert_eq!(RelPath::new("top").unwrap().parent(), None);
+    }
+
+    #[test]
+    fn serde_validates() {
+        // A hostile peer cannot smuggle an escaping path through deserialization.
+        let r: Result<RelPath, _> = RelPath::try_from("../etc".to_string());
+        assert!(r.is_err());
+    }
+}
