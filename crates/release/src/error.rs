@@ -1,0 +1,97 @@
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Broad classes of failure, for exit codes and the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Another deploy holds the lock.
+    Locked,
+    /// The target or a release is not in a state the request can work with.
+    Target,
+    /// A written file did not match its digest, or stored state is damaged.
+    Integrity,
+    /// The disk is full.
+    NoSpace,
+    /// Any other I/O failure on the target.
+    Io,
+    /// The client asked for something invalid.
+    BadRequest,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot {op} {}: no space left on device", path.display())]
+    NoSpace { op: &'static str, path: PathBuf },
+    #[error("{} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("{} does not exist", .0.display())]
+    Missing(PathBuf),
+    #[error("{} is not empty and is not a flip target (no .flip/ inside); deploy into a new or empty directory", .0.display())]
+    NotATarget(PathBuf),
+    #[error("target is locked by {holder}; pass --wait to wait for it")]
+    Locked { holder: String },
+    #[error("release {0} does not exist")]
+    NoSuchRelease(u64),
+    #[error("nothing is live yet: {} has no current release", .0.display())]
+    NothingLive(PathBuf),
+    #[error("there is no release older than {current} to roll back to")]
+    NothingToRollBack { current: u64 },
+    #[error("{} exists and is not a symlink; flip will not replace it (move it away first)", .0.display())]
+    CurrentNotSymlink(PathBuf),
+    #[error("{} points to {target:?}, not to a release flip made", path.display())]
+    CurrentForeign { path: PathBuf, target: String },
+    #[error("{path}: written content does not match the manifest ({detail})")]
+    Integrity { path: String, detail: String },
+    #[error("{} is damaged: {detail}", path.display())]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+}
+
+impl Error {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::Io { .. } => ErrorClass::Io,
+            Error::NoSpace { .. } => ErrorClass::NoSpace,
+            Error::Locked { .. } => ErrorClass::Locked,
+            Error::Integrity { .. } | Error::Corrupt { .. } => ErrorClass::Integrity,
+            Error::BadRequest(_) => ErrorClass::BadRequest,
+            Error::NotADirectory(_)
+            | Error::Missing(_)
+            | Error::NotATarget(_)
+            | Error::NoSuchRelease(_)
+            | Error::NothingLive(_)
+            | Error::NothingToRollBack { .. }
+            | Error::CurrentNotSymlink(_)
+            | Error::CurrentForeign { .. } => ErrorClass::Target,
+        }
+    }
+}
+
+/// `map_err(io("create", &path))`: an I/O error naming the operation and the path, with a full
+/// disk told apart.
+pub(crate) fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |source| {
+        if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT)
+        {
+            Error::NoSpace {
+                op,
+                path: path.to_path_buf(),
+            }
+        } else {
+            Error::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
