@@ -1,1 +1,204 @@
-//! flip-wire
+//! flip's agent protocol: the messages a client and an agent exchange, and their framing.
+//!
+//! A frame is a little-endian `u32` length followed by that many bytes of a bincode-encoded
+//! [`Request`] or [`Response`]. The length is checked against [`MAX_FRAME`] before anything is
+//! allocated, and decoding runs with the same limit, so a hostile peer cannot make either side
+//! allocate more than one frame's worth.
+//!
+//! A session starts in plain frames with [`Request::Hello`] (naming [`PROTOCOL`]) and
+//! [`Response::Welcome`]. If the client asked for compression, both directions then switch to one
+//! zstd stream each, flushed at every batch boundary: many small PHP files compress far better in
+//! one shared stream than one by one.
+//!
+//! A deploy, in order (one round trip per step, whatever the number of files):
+//! `Hello` → `Welcome`; `Lock` → `Locked`; `Status` → `Status`; (`GetManifest` → `ManifestChunk`s,
+//! only when the client has no copy of the live manifest); `Stage` + `ManifestChunk`s → `Staged`
+//! (what the agent still needs); `Signatures` → `Signature`s + `SignaturesDone`; `Literal`/`Delta`
+//! frames + `Commit` → `Committed`; `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`.
+
+mod frame;
+
+pub use frame::{Counter, FrameReader, FrameWriter};
+
+use flip_manifest::RelPath;
+use serde::{Deserialize, Serialize};
+
+/// Bumped on every incompatible change; the handshake refuses a mismatch.
+pub const PROTOCOL: u32 = 1;
+pub const MAGIC: [u8; 4] = *b"FLIP";
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 32 << 20;
+/// File content is sent in chunks of at most this size.
+pub const CHUNK: usize = 4 << 20;
+/// Largest manifest accepted (in canonical encoding).
+pub const MAX_MANIFEST: u64 = 2 << 30;
+
+pub type Mtime = Option<(i64, u32)>;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    pub host: String,
+    pub user: String,
+    pub since: i64,
+    pub what: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReleaseSummary {
+    pub id: u64,
+    pub label: Option<String>,
+    pub created: i64,
+    pub files: u64,
+    pub bytes: u64,
+    pub manifest_digest: String,
+    pub current: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigItem {
+    pub index: u32,
+    pub basis: RelPath,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Request {
+    Hello {
+        magic: [u8; 4],
+        protocol: u32,
+        version: String,
+        /// zstd level for the rest of the session; 0 = no compression.
+        compress: i32,
+    },
+    Lock {
+        wait: bool,
+        holder: Holder,
+    },
+    Status,
+    GetManifest {
+        id: u64,
+    },
+    /// Start a release holding the manifest that follows in `ManifestChunk`s.
+    Stage {
+        label: Option<String>,
+        manifest_len: u64,
+        digest: [u8; 32],
+    },
+    ManifestChunk(Vec<u8>),
+    /// Signatures of delta bases, one per item.
+    Signatures(Vec<SigItem>),
+    /// Content of file `index` (into the plan's files), in order; `last` closes it.
+    Literal {
+        index: u32,
+        mtime: Mtime,
+        data: Vec<u8>,
+        last: bool,
+    },
+    /// An rsync delta of file `index` against `basis`, possibly in several chunks.
+    Delta {
+        index: u32,
+        basis: RelPath,
+        mtime: Mtime,
+        data: Vec<u8>,
+        last: bool,
+    },
+    Commit,
+    /// Point `current` at a release.
+    Activate {
+        id: u64,
+    },
+    /// Point `current` at `to`, or at the newest release older than the live one.
+    Rollback {
+        to: Option<u64>,
+    },
+    Prune {
+        keep: u32,
+    },
+    Verify {
+        id: Option<u64>,
+    },
+    Bye,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ErrorClass {
+    Locked,
+    Target,
+    Integrity,
+    NoSpace,
+    Io,
+    BadRequest,
+    Protocol,
+    Internal,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Response {
+    Welcome {
+        protocol: u32,
+        version: String,
+        host: String,
+        root: String,
+    },
+    /// Sent once while `Lock { wait: true }` blocks.
+    Waiting {
+        holder: String,
+    },
+    Locked,
+    Status {
+        current: Option<u64>,
+        releases: Vec<ReleaseSummary>,
+    },
+    ManifestChunk {
+        data: Vec<u8>,
+        last: bool,
+    },
+    Staged {
+        id: u64,
+        previous: Option<u64>,
+        /// Plan indexes whose content the agent needs.
+        needs: Vec<u32>,
+        linked: u64,
+        copied: u64,
+    },
+    Signature {
+        index: u32,
+        sig: Vec<u8>,
+    },
+    SignaturesDone,
+    Committed {
+        id: u64,
+        written: u64,
+        written_bytes: u64,
+    },
+    Activated {
+        id: u64,
+        previous: Option<u64>,
+    },
+    Pruned {
+        removed: Vec<u64>,
+    },
+    Verified {
+        id: u64,
+        problems: Vec<String>,
+    },
+    Error {
+        class: ErrorClass,
+        message: String,
+    },
+    Bye,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection to the agent failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Decode(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}

@@ -1,0 +1,345 @@
+//! Length-prefixed bincode frames over any byte stream, optionally inside a zstd stream.
+
+use crate::{WireError, MAX_FRAME};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::io::{self, BufReader, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+/// Counts the bytes that cross a stream (the raw, possibly compressed, bytes).
+#[derive(Clone, Debug, Default)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+    fn add(&self, n: usize) {
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+struct Counted<T> {
+    inner: T,
+    counter: Counter,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.counter.add(n);
+        Ok(n)
+    }
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.counter.add(n);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+type RawReader = BufReader<Counted<Box<dyn Read + Send>>>;
+type RawWriter = Counted<Box<dyn Write + Send>>;
+
+enum ReadSide {
+    Plain(RawReader),
+    Zstd(Box<zstd::stream::read::Decoder<'static, RawReader>>),
+    Switching,
+}
+
+/// Reads frames.
+pub struct FrameReader {
+    side: ReadSide,
+    counter: Counter,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    pub fn new(inner: Box<dyn Read + Send>) -> Self {
+        let counter = Counter::default();
+        let counted = Counted {
+            inner,
+            counter: counter.clone(),
+        };
+        FrameReader {
+            side: ReadSide::Plain(BufReader::with_capacity(256 * 1024, counted)),
+            counter,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Raw bytes read so far.
+    pub fn counter(&self) -> Counter {
+        self.counter.clone()
+    }
+
+    /// From now on the peer's bytes are one zstd stream.
+    pub fn start_decompression(&mut self) -> Result<(), WireError> {
+        if let ReadSide::Plain(r) = std::mem::replace(&mut self.side, ReadSide::Switching) {
+            let d = zstd::stream::read::Decoder::with_buffer(r)?;
+            self.side = ReadSide::Zstd(Box::new(d));
+        }
+        Ok(())
+    }
+
+    fn reader(&mut self) -> &mut dyn Read {
+        match &mut self.side {
+            ReadSide::Plain(r) => r,
+            ReadSide::Zstd(d) => d.as_mut(),
+            ReadSide::Switching => unreachable!("reader used while switching"),
+        }
+    }
+
+    /// Reads one frame; `Err(Closed)` on a clean end of stream between frames.
+    pub fn recv<T: DeserializeOwned>(&mut self) -> Result<T, WireError> {
+        let mut len = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match self.reader().read(&mut len[got..]) {
+                Ok(0) if got == 0 => return Err(WireError::Closed),
+                Ok(0) => return Err(WireError::Decode("stream ends inside a frame header".into())),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(WireError::TooLarge(len));
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(len, 0);
+        let r = self.reader().read_exact(&mut buf);
+        if let Err(e) = r {
+            return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
+                WireError::Decode("stream ends inside a frame".into())
+            } else {
+                e.into()
+            });
+        }
+        let out = decode(&buf);
+        // Keep a modest buffer for the next frame; give back huge ones.
+        if buf.capacity() <= 8 << 20 {
+            self.buf = buf;
+        }
+        out
+    }
+}
+
+/// Decodes one frame payload, which must be consumed entirely.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireError> {
+    let (msg, used): (T, usize) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|e| WireError::Decode(e.to_string()))?;
+    if used != payload.len() {
+        return Err(WireError::Decode(format!(
+            "{} trailing bytes after the message",
+            payload.len() - used
+        )));
+    }
+    Ok(msg)
+}
+
+enum WriteSide {
+    Plain(RawWriter),
+    Zstd(Box<zstd::stream::write::Encoder<'static, RawWriter>>),
+    Switching,
+}
+
+/// Writes frames. Nothing is guaranteed to leave before [`flush`](Self::flush).
+pub struct FrameWriter {
+    side: WriteSide,
+    counter: Counter,
+    buf: Vec<u8>,
+}
+
+impl FrameWriter {
+    pub fn new(inner: Box<dyn Write + Send>) -> Self {
+        let counter = Counter::default();
+        FrameWriter {
+            side: WriteSide::Plain(Counted {
+                inner,
+                counter: counter.clone(),
+            }),
+            counter,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Raw bytes written so far.
+    pub fn counter(&self) -> Counter {
+        self.counter.clone()
+    }
+
+    /// From now on everything written is one zstd stream at `level` (1–19).
+    pub fn start_compression(&mut self, level: i32) -> Result<(), WireError> {
+        if let WriteSide::Plain(w) = std::mem::replace(&mut self.side, WriteSide::Switching) {
+            let e = zstd::stream::write::Encoder::new(w, level)?;
+            self.side = WriteSide::Zstd(Box::new(e));
+        }
+        Ok(())
+    }
+
+    fn writer(&mut self) -> &mut dyn Write {
+        match &mut self.side {
+            WriteSide::Plain(w) => w,
+            WriteSide::Zstd(e) => e.as_mut(),
+            WriteSide::Switching => unreachable!("writer used while switching"),
+        }
+    }
+
+    pub fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), WireError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        buf.extend_from_slice(&[0; 4]);
+        bincode::serde::encode_into_std_write(msg, &mut buf, config())
+            .map_err(|e| WireError::Decode(e.to_string()))?;
+        let len = buf.len() - 4;
+        if len > MAX_FRAME {
+            return Err(WireError::TooLarge(len));
+        }
+        buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        let r = self.writer().write_all(&buf);
+        if buf.capacity() <= 8 << 20 {
+            self.buf = buf;
+        }
+        Ok(r?)
+    }
+
+    /// Pushes everything sent so far to the peer (ends a zstd block).
+    pub fn flush(&mut self) -> Result<(), WireError> {
+        Ok(self.writer().flush()?)
+    }
+
+    /// Ends the stream cleanly (finishes the zstd frame) and closes the underlying writer.
+    pub fn finish(self) -> Result<(), WireError> {
+        match self.side {
+            WriteSide::Plain(mut w) => w.flush()?,
+            WriteSide::Zstd(e) => {
+                let mut w = e.finish()?;
+                w.flush()?;
+            }
+            WriteSide::Switching => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Request, Response, CHUNK};
+
+    struct Pipe(std::sync::mpsc::Receiver<Vec<u8>>, Vec<u8>, usize);
+    impl Read for Pipe {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.2 == self.1.len() {
+                match self.0.recv() {
+                    Ok(v) => {
+                        self.1 = v;
+                        self.2 = 0;
+                    }
+                    Err(_) => return Ok(0),
+                }
+            }
+            let n = buf.len().min(self.1.len() - self.2);
+            buf[..n].copy_from_slice(&self.1[self.2..self.2 + n]);
+            self.2 += n;
+            Ok(n)
+        }
+    }
+    struct Tx(std::sync::mpsc::Sender<Vec<u8>>);
+    impl Write for Tx {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.0.send(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn pair() -> (FrameWriter, FrameReader) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        (
+            FrameWriter::new(Box::new(Tx(tx))),
+            FrameReader::new(Box::new(Pipe(rx, Vec::new(), 0))),
+        )
+    }
+
+    #[test]
+    fn plain_then_compressed() {
+        let (mut w, mut r) = pair();
+        let hello = Request::Hello {
+            magic: crate::MAGIC,
+            protocol: crate::PROTOCOL,
+            version: "1".into(),
+            compress: 3,
+        };
+        w.send(&hello).unwrap();
+        w.flush().unwrap();
+        assert_eq!(r.recv::<Request>().unwrap(), hello);
+        w.start_compression(3).unwrap();
+        r.start_decompression().unwrap();
+        let data = b"<?php echo 'hello';\n".repeat(10_000);
+        let msg = Request::Literal {
+            index: 7,
+            mtime: Some((1, 2)),
+            data: data.clone(),
+            last: true,
+        };
+        w.send(&msg).unwrap();
+        w.flush().unwrap();
+        // Readable after a flush, before the stream is finished.
+        assert_eq!(r.recv::<Request>().unwrap(), msg);
+        w.send(&Request::Bye).unwrap();
+        w.finish().unwrap();
+        assert_eq!(r.recv::<Request>().unwrap(), Request::Bye);
+        assert!(matches!(r.recv::<Request>(), Err(WireError::Closed)));
+        assert!(r.counter().get() < data.len() as u64 / 20);
+        assert!(CHUNK < MAX_FRAME);
+    }
+
+    #[test]
+    fn rejects_oversized_and_garbage_frames() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut r = FrameReader::new(Box::new(Pipe(rx, Vec::new(), 0)));
+        tx.send(u32::MAX.to_le_bytes().to_vec()).unwrap();
+        assert!(matches!(r.recv::<Response>(), Err(WireError::TooLarge(_))));
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut r = FrameReader::new(Box::new(Pipe(rx, Vec::new(), 0)));
+        // A frame claiming a vector of 2^60 elements inside 12 bytes.
+        let mut f = 12u32.to_le_bytes().to_vec();
+        f.extend_from_slice(&[8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0]);
+        tx.send(f).unwrap();
+        assert!(matches!(r.recv::<Request>(), Err(WireError::Decode(_))));
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut r = FrameReader::new(Box::new(Pipe(rx, Vec::new(), 0)));
+        tx.send(vec![10, 0, 0, 0, 1, 2]).unwrap();
+        drop(tx);
+        assert!(matches!(r.recv::<Request>(), Err(WireError::Decode(_))));
+    }
+
+    #[test]
+    fn hostile_paths_do_not_decode() {
+        let good = Request::Signatures(vec![crate::SigItem {
+            index: 1,
+            basis: flip_manifest::RelPath::new("aa/b").unwrap(),
+        }]);
+        let mut bytes = bincode::serde::encode_to_vec(&good, config()).unwrap();
+        let pos = bytes.windows(4).position(|w| w == b"aa/b").unwrap();
+        bytes[pos..pos + 4].copy_from_slice(b"../b");
+        assert!(decode::<Request>(&bytes).is_err());
+    }
+}
