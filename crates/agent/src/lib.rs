@@ -1,1 +1,525 @@
-//! flip-agent
+//! flip's agent: the target side of the protocol. The client starts `flip agent --root PATH`
+//! (as a local child process, or through SSH on a server) and the agent serves one session on
+//! its stdin/stdout, turning [`flip_wire`] requests into [`flip_release`] operations.
+//!
+//! The agent trusts nothing it receives. Frames are size-checked by `flip_wire`; paths arrive as
+//! validated `RelPath`s; the manifest is decoded canonically and must match the digest the client
+//! announced; content is accepted only for files the agent itself found missing, never beyond
+//! their manifest size, and each file must hash to its manifest digest; deltas are applied with
+//! an output limit against bases the agent resolves in its own previous release. On the first
+//! error the agent answers with a [`Response::Error`] and ends the session; an unfinished staging
+//! directory is removed and `current` is untouched.
+
+use flip_manifest::RelPath;
+use flip_release::{Error as RelError, ErrorClass as RelClass, FileWriter, LockGuard, Root, Stage, Wait};
+use flip_wire::{
+    ErrorClass, FrameReader, FrameWriter, Mtime, ReleaseSummary, Request, Response, WireError,
+    CHUNK, MAGIC, MAX_MANIFEST, PROTOCOL,
+};
+use rayon::prelude::*;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Why a session ended badly (the client has been told, when the connection still allowed it).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Release(#[from] RelError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl AgentError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            AgentError::Release(e) => match e.class() {
+                RelClass::Locked => ErrorClass::Locked,
+                RelClass::Target => ErrorClass::Target,
+                RelClass::Integrity => ErrorClass::Integrity,
+                RelClass::NoSpace => ErrorClass::NoSpace,
+                RelClass::Io => ErrorClass::Io,
+                RelClass::BadRequest => ErrorClass::BadRequest,
+            },
+            AgentError::Wire(WireError::Io(_)) => ErrorClass::Io,
+            AgentError::Wire(_) | AgentError::Protocol(_) => ErrorClass::Protocol,
+        }
+    }
+}
+
+type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+/// A file whose content is arriving in chunks.
+enum Incoming {
+    Literal(FileWriter),
+    Delta {
+        index: u32,
+        basis: RelPath,
+        data: Vec<u8>,
+        limit: usize,
+    },
+}
+
+struct Session {
+    root_path: PathBuf,
+    root: Option<&'static Root>,
+    lock: Option<LockGuard>,
+    stage: Option<Stage<'static>>,
+    incoming: Option<Incoming>,
+    host: String,
+}
+
+/// Serves one session. Returns once the client said `Bye` or the session failed.
+pub fn serve(input: Box<dyn Read + Send>, output: Box<dyn Write + Send>, root: &Path) -> Result<()> {
+    let mut rx = FrameReader::new(input);
+    let mut tx = FrameWriter::new(output);
+    let mut s = Session {
+        root_path: root.to_path_buf(),
+        root: None,
+        lock: None,
+        stage: None,
+        incoming: None,
+        host: hostname(),
+    };
+    let r = s.run(&mut rx, &mut tx);
+    match r {
+        Ok(()) => {
+            let _ = tx.finish();
+            Ok(())
+        }
+        Err(e) => {
+            // Drop the stage first: the staging directory goes, the lock is released last.
+            s.incoming = None;
+            s.stage = None;
+            if !matches!(e, AgentError::Wire(WireError::Io(_)) | AgentError::Wire(WireError::Closed)) {
+                let _ = tx.send(&Response::Error {
+                    class: e.class(),
+                    message: e.to_string(),
+                });
+                let _ = tx.finish();
+            }
+            Err(e)
+        }
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if r != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn summary(r: flip_release::ReleaseInfo) -> ReleaseSummary {
+    ReleaseSummary {
+        id: r.id,
+        label: r.label,
+        created: r.created,
+        files: r.files,
+        bytes: r.bytes,
+        manifest_digest: r.manifest_digest,
+        current: r.current,
+    }
+}
+
+impl Session {
+    fn run(&mut self, rx: &mut FrameReader, tx: &mut FrameWriter) -> Result<()> {
+        self.handshake(rx, tx)?;
+        loop {
+            let req: Request = match rx.recv() {
+                Ok(r) => r,
+                Err(WireError::Closed) => {
+                    if self.stage.is_some() {
+                        return Err(AgentError::Protocol("client went away mid-deploy".into()));
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if matches!(req, Request::Bye) {
+                tx.send(&Response::Bye)?;
+                tx.flush()?;
+                return Ok(());
+            }
+            // Content frames are answered only at Commit (or by an error).
+            if let Some(resp) = self.handle(req, rx, tx)? {
+                tx.send(&resp)?;
+                tx.flush()?;
+            }
+        }
+    }
+
+    fn handshake(&mut self, rx: &mut FrameReader, tx: &mut FrameWriter) -> Result<()> {
+        let (protocol, version, compress) = match rx.recv::<Request>() {
+            Ok(Request::Hello {
+                magic,
+                protocol,
+                version,
+                compress,
+            }) if magic == MAGIC => (protocol, version, compress),
+            Ok(_) => return Err(AgentError::Protocol("expected Hello".into())),
+            Err(WireError::Decode(_)) | Err(WireError::TooLarge(_)) => {
+                return Err(AgentError::Protocol(
+                    "the client does not speak flip's protocol".into(),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if protocol != PROTOCOL {
+            return Err(AgentError::Protocol(format!(
+                "client flip {version} speaks protocol {protocol}, this agent (flip {}) speaks {PROTOCOL}",
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+        tx.send(&Response::Welcome {
+            protocol: PROTOCOL,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            host: self.host.clone(),
+            root: self.root_path.display().to_string(),
+        })?;
+        tx.flush()?;
+        if compress > 0 {
+            tx.start_compression(compress.clamp(1, 3))?;
+            rx.start_decompression()?;
+        }
+        Ok(())
+    }
+
+    /// The root, opened on first use; a deploy may create it.
+    fn root(&mut self, create: bool) -> Result<&'static Root> {
+        if let Some(r) = self.root {
+            return Ok(r);
+        }
+        let root = if create {
+            Root::open_or_init(&self.root_path)?
+        } else {
+            Root::open(&self.root_path)?
+        };
+        // One root per agent process, alive until it exits.
+        let root: &'static Root = Box::leak(Box::new(root));
+        self.root = Some(root);
+        Ok(root)
+    }
+
+    fn locked(&self) -> Result<&LockGuard> {
+        self.lock
+            .as_ref()
+            .ok_or_else(|| AgentError::Protocol("this request needs the lock first".into()))
+    }
+
+    fn stage_mut(&mut self) -> Result<&mut Stage<'static>> {
+        self.stage
+            .as_mut()
+            .ok_or_else(|| AgentError::Protocol("no release is being staged".into()))
+    }
+
+    fn log(&self, event: serde_json::Value) {
+        if let Some(root) = self.root {
+            if let Err(e) = root.log(&event) {
+                eprintln!("flip agent: warning: {e}");
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        req: Request,
+        rx: &mut FrameReader,
+        tx: &mut FrameWriter,
+    ) -> Result<Option<Response>> {
+        Ok(Some(match req {
+            Request::Hello { .. } => return Err(AgentError::Protocol("Hello sent twice".into())),
+            Request::Lock { wait, holder } => {
+                if self.lock.is_some() {
+                    return Err(AgentError::Protocol("lock requested twice".into()));
+                }
+                let root = self.root(holder.what == "deploy")?;
+                let me = flip_release::Holder {
+                    pid: std::process::id(),
+                    host: self.host.clone(),
+                    user: holder.user,
+                    since: holder.since,
+                    what: format!("{} from {} pid {}", holder.what, holder.host, holder.pid),
+                };
+                let mut told = |h: &str| {
+                    let _ = tx.send(&Response::Waiting {
+                        holder: h.to_string(),
+                    });
+                    let _ = tx.flush();
+                };
+                let guard = if wait {
+                    root.lock(&me, Wait::Yes(&mut told))?
+                } else {
+                    root.lock(&me, Wait::No)?
+                };
+                self.lock = Some(guard);
+                Response::Locked
+            }
+            Request::Status => {
+                let root = self.root(false)?;
+                Response::Status {
+                    current: root.current()?,
+                    releases: root.releases()?.into_iter().map(summary).collect(),
+                }
+            }
+            Request::GetManifest { id } => {
+                let bytes = self.root(false)?.manifest_bytes(id)?;
+                let mut chunks = bytes.chunks(CHUNK).peekable();
+                if chunks.peek().is_none() {
+                    return Err(AgentError::Protocol("empty manifest file".into()));
+                }
+                while let Some(c) = chunks.next() {
+                    tx.send(&Response::ManifestChunk {
+                        data: c.to_vec(),
+                        last: chunks.peek().is_none(),
+                    })?;
+                }
+                return Ok(None);
+            }
+            Request::Stage {
+                label,
+                manifest_len,
+                digest,
+            } => self.stage(rx, label, manifest_len, digest)?,
+            Request::ManifestChunk(_) => {
+                return Err(AgentError::Protocol("manifest data outside Stage".into()))
+            }
+            Request::Signatures(items) => {
+                let stage = self.stage_mut()?;
+                let needs = stage.needs();
+                for it in &items {
+                    if needs.binary_search(&(it.index as usize)).is_err() {
+                        return Err(RelError::BadRequest(format!(
+                            "signature asked for file #{} which is not being transferred",
+                            it.index
+                        ))
+                        .into());
+                    }
+                }
+                let stage = &*stage;
+                let sigs: Vec<Result<(u32, Vec<u8>), RelError>> = items
+                    .par_iter()
+                    .map(|it| Ok((it.index, stage.signature(&it.basis)?)))
+                    .collect();
+                for s in sigs {
+                    let (index, sig) = s?;
+                    tx.send(&Response::Signature { index, sig })?;
+                }
+                Response::SignaturesDone
+            }
+            Request::Literal {
+                index,
+                mtime,
+                data,
+                last,
+            } => {
+                let w = match self.incoming.take() {
+                    None => self.stage_mut()?.begin_file(index as usize)?,
+                    Some(Incoming::Literal(w)) if w.index() == index as usize => w,
+                    Some(_) => return Err(interrupted(index)),
+                };
+                self.literal(w, &data, last, mtime)?;
+                return Ok(None);
+            }
+            Request::Delta {
+                index,
+                basis,
+                mtime,
+                data,
+                last,
+            } => {
+                let (mut buf, limit) = match self.incoming.take() {
+                    None => {
+                        let stage = self.stage_mut()?;
+                        let size = stage
+                            .plan()
+                            .files
+                            .get(index as usize)
+                            .map(|f| f.size)
+                            .ok_or_else(|| RelError::BadRequest(format!("no file #{index}")))?;
+                        // A delta never needs much more than the file it builds.
+                        let limit = size.saturating_add(size / 8).saturating_add(1 << 20);
+                        (Vec::new(), usize::try_from(limit).unwrap_or(usize::MAX))
+                    }
+                    Some(Incoming::Delta {
+                        index: i,
+                        basis: b,
+                        data,
+                        limit,
+                    }) if i == index && b == basis => (data, limit),
+                    Some(_) => return Err(interrupted(index)),
+                };
+                if buf.len() + data.len() > limit {
+                    return Err(RelError::BadRequest(format!(
+                        "delta for file #{index} is larger than {limit} bytes"
+                    ))
+                    .into());
+                }
+                buf.extend_from_slice(&data);
+                if last {
+                    self.stage_mut()?
+                        .apply_delta(index as usize, &basis, &buf, mtime)?;
+                    flip_release::fault_point("mid-transfer");
+                } else {
+                    self.incoming = Some(Incoming::Delta {
+                        index,
+                        basis,
+                        data: buf,
+                        limit,
+                    });
+                }
+                return Ok(None);
+            }
+            Request::Commit => {
+                if self.incoming.is_some() {
+                    return Err(AgentError::Protocol("Commit while a file is incomplete".into()));
+                }
+                let stage = self
+                    .stage
+                    .take()
+                    .ok_or_else(|| AgentError::Protocol("Commit without Stage".into()))?;
+                let stats = stage.stats().clone();
+                let info = stage.commit()?;
+                self.log(serde_json::json!({
+                    "time": now(), "event": "staged", "release": info.id,
+                    "label": info.label, "files": info.files, "written": stats.written,
+                }));
+                Response::Committed {
+                    id: info.id,
+                    written: stats.written,
+                    written_bytes: stats.written_bytes,
+                }
+            }
+            Request::Activate { id } => {
+                let root = self.root(false)?;
+                let previous = root.activate(self.locked()?, id)?;
+                self.log(serde_json::json!({
+                    "time": now(), "event": "activate", "release": id, "previous": previous,
+                }));
+                Response::Activated { id, previous }
+            }
+            Request::Rollback { to } => {
+                let root = self.root(false)?;
+                let lock = self.locked()?;
+                let current = root
+                    .current()?
+                    .ok_or_else(|| RelError::NothingLive(root.path().to_path_buf()))?;
+                let target = match to {
+                    Some(t) => {
+                        root.info(t)?;
+                        t
+                    }
+                    None => root.rollback_target(current)?,
+                };
+                if target == current {
+                    return Err(RelError::BadRequest(format!("release {target} is already live")).into());
+                }
+                let previous = root.activate(lock, target)?;
+                self.log(serde_json::json!({
+                    "time": now(), "event": "rollback", "release": target, "previous": previous,
+                }));
+                Response::Activated {
+                    id: target,
+                    previous,
+                }
+            }
+            Request::Prune { keep } => {
+                let root = self.root(false)?;
+                let removed = root.prune(self.locked()?, keep as usize)?;
+                self.log(serde_json::json!({
+                    "time": now(), "event": "prune", "removed": removed,
+                }));
+                Response::Pruned { removed }
+            }
+            Request::Verify { id } => {
+                let root = self.root(false)?;
+                let id = match id {
+                    Some(id) => id,
+                    None => root
+                        .current()?
+                        .ok_or_else(|| RelError::NothingLive(root.path().to_path_buf()))?,
+                };
+                Response::Verified {
+                    id,
+                    problems: root.verify(id)?,
+                }
+            }
+            Request::Bye => unreachable!("handled by run"),
+        }))
+    }
+
+    fn stage(
+        &mut self,
+        rx: &mut FrameReader,
+        label: Option<String>,
+        manifest_len: u64,
+        digest: [u8; 32],
+    ) -> Result<Response> {
+        if self.stage.is_some() {
+            return Err(AgentError::Protocol("a release is already being staged".into()));
+        }
+        if manifest_len > MAX_MANIFEST {
+            return Err(RelError::BadRequest(format!(
+                "manifest of {manifest_len} bytes exceeds the limit of {MAX_MANIFEST}"
+            ))
+            .into());
+        }
+        if label.as_ref().is_some_and(|l| l.len() > 1024 || l.contains('\0')) {
+            return Err(RelError::BadRequest("label too long or contains NUL".into()).into());
+        }
+        let mut bytes = Vec::with_capacity((manifest_len as usize).min(CHUNK));
+        while (bytes.len() as u64) < manifest_len {
+            match rx.recv::<Request>()? {
+                Request::ManifestChunk(c) if bytes.len() as u64 + c.len() as u64 <= manifest_len => {
+                    bytes.extend_from_slice(&c)
+                }
+                _ => return Err(AgentError::Protocol("expected the rest of the manifest".into())),
+            }
+        }
+        if blake3::hash(&bytes).as_bytes() != &digest {
+            return Err(RelError::BadRequest("manifest does not match its digest".into()).into());
+        }
+        let manifest = flip_manifest::decode(&bytes)
+            .map_err(|e| RelError::BadRequest(format!("manifest rejected: {e}")))?;
+        let root = self.root(false)?;
+        let stage = root.stage(self.locked()?, manifest, label)?;
+        let resp = Response::Staged {
+            id: stage.id(),
+            previous: stage.previous(),
+            needs: stage.needs().iter().map(|i| *i as u32).collect(),
+            linked: stage.stats().linked,
+            copied: stage.stats().copied,
+        };
+        self.stage = Some(stage);
+        Ok(resp)
+    }
+
+    fn literal(&mut self, mut w: FileWriter, data: &[u8], last: bool, mtime: Mtime) -> Result<()> {
+        w.write(data)?;
+        if last {
+            self.stage_mut()?.finish_file(w, mtime)?;
+            flip_release::fault_point("mid-transfer");
+        } else {
+            self.incoming = Some(Incoming::Literal(w));
+        }
+        Ok(())
+    }
+}
+
+fn interrupted(index: u32) -> AgentError {
+    AgentError::Protocol(format!(
+        "content for file #{index} arrived while another file was incomplete"
+    ))
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
