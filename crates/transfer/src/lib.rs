@@ -1,1 +1,405 @@
-//! flip-transfer
+//! The client side of flip's protocol: a [`Session`] with one agent, and the deploy that runs a
+//! plan over it.
+//!
+//! A deploy costs a fixed number of round trips whatever the file count: the client stages the
+//! new manifest, the agent answers with the files it cannot link or copy from the live release,
+//! the client asks for rsync signatures of the changed files it wants to send as deltas (one
+//! request for all of them), then streams every file's content — deltas for changed files,
+//! literal bytes for new ones — and commits. Reading, hashing and delta computation run in
+//! parallel (rayon) while the main thread writes frames, so the connection stays busy.
+
+mod content;
+
+use flip_manifest::{Manifest, RelPath};
+use flip_plan::{Plan, Source};
+use flip_transport::{AgentStream, Finish, TransportError};
+use flip_wire::{
+    ErrorClass, FrameReader, FrameWriter, Holder, ReleaseSummary, Request, Response, SigItem,
+    WireError, CHUNK, MAGIC, PROTOCOL,
+};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Files at least this large that have a previous version are sent as rsync deltas; smaller
+/// ones are cheaper whole inside the compressed stream.
+pub const DELTA_MIN: u64 = 8 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("{peer}: {message}")]
+    Remote {
+        peer: String,
+        class: ErrorClass,
+        message: String,
+    },
+    #[error("{peer}: {source}")]
+    Wire { peer: String, source: WireError },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("cannot read {path}: {source}")]
+    Source {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0} changed while flip was deploying it; run the deploy again")]
+    SourceChanged(String),
+    #[error("{peer}: protocol error: {message}")]
+    Protocol { peer: String, message: String },
+}
+
+pub type Result<T, E = TransferError> = std::result::Result<T, E>;
+
+/// What a deploy did, for the summary and `--json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeployReport {
+    pub release: u64,
+    pub previous: Option<u64>,
+    pub files: u64,
+    pub linked: u64,
+    pub copied: u64,
+    pub delta: u64,
+    pub literal: u64,
+    pub removed: u64,
+    /// Bytes of files sent whole (before compression).
+    pub literal_bytes: u64,
+    /// Bytes the target already had: linked and copied files, and the unchanged parts of
+    /// delta-transferred files.
+    pub matched_bytes: u64,
+    /// Bytes of delta instructions sent (before compression).
+    pub delta_bytes: u64,
+}
+
+/// An open session with an agent.
+pub struct Session {
+    rx: FrameReader,
+    tx: FrameWriter,
+    handle: Option<Box<dyn Finish>>,
+    peer: String,
+    pub agent_version: String,
+    pub agent_host: String,
+}
+
+impl Session {
+    /// Handshake over a fresh stream; `compress` is the zstd level (0 = off).
+    pub fn open(stream: AgentStream, compress: i32) -> Result<Session> {
+        let mut s = Session {
+            rx: FrameReader::new(stream.reader),
+            tx: FrameWriter::new(stream.writer),
+            handle: Some(stream.handle),
+            peer: stream.peer,
+            agent_version: String::new(),
+            agent_host: String::new(),
+        };
+        s.send(&Request::Hello {
+            magic: MAGIC,
+            protocol: PROTOCOL,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            compress,
+        })?;
+        match s.recv()? {
+            Response::Welcome {
+                protocol,
+                version,
+                host,
+                ..
+            } => {
+                if protocol != PROTOCOL {
+                    return Err(s.protocol(format!(
+                        "agent flip {version} speaks protocol {protocol}, this client {PROTOCOL}"
+                    )));
+                }
+                s.agent_version = version;
+                s.agent_host = host;
+            }
+            other => return Err(s.unexpected(&other)),
+        }
+        if compress > 0 {
+            let peer = s.peer.clone();
+            let wire = |source| TransferError::Wire {
+                peer: peer.clone(),
+                source,
+            };
+            s.tx.start_compression(compress).map_err(wire)?;
+            s.rx.start_decompression().map_err(wire)?;
+        }
+        Ok(s)
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// (bytes sent, bytes received) on the raw connection so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.tx.counter().get(), self.rx.counter().get())
+    }
+
+    fn wire(&self, source: WireError) -> TransferError {
+        TransferError::Wire {
+            peer: self.peer.clone(),
+            source,
+        }
+    }
+
+    fn protocol(&self, message: String) -> TransferError {
+        TransferError::Protocol {
+            peer: self.peer.clone(),
+            message,
+        }
+    }
+
+    fn unexpected(&self, r: &Response) -> TransferError {
+        match r {
+            Response::Error { class, message } => TransferError::Remote {
+                peer: self.peer.clone(),
+                class: *class,
+                message: message.clone(),
+            },
+            other => self.protocol(format!("unexpected answer {}", name(other))),
+        }
+    }
+
+    /// Queues a frame. If the agent hung up, its last word (an error frame) is what the user
+    /// needs to see, not the broken pipe.
+    fn queue(&mut self, req: &Request) -> Result<()> {
+        match self.tx.send(req) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.agent_error_or(e)),
+        }
+    }
+
+    fn send(&mut self, req: &Request) -> Result<()> {
+        self.queue(req)?;
+        self.tx.flush().map_err(|e| self.agent_error_or(e))
+    }
+
+    fn agent_error_or(&mut self, e: WireError) -> TransferError {
+        if let Ok(r @ Response::Error { .. }) = self.rx.recv::<Response>() {
+            return self.unexpected(&r);
+        }
+        self.wire(e)
+    }
+
+    fn recv(&mut self) -> Result<Response> {
+        match self.rx.recv::<Response>() {
+            Ok(r @ Response::Error { .. }) => Err(self.unexpected(&r)),
+            Ok(r) => Ok(r),
+            Err(WireError::Closed) => Err(self.protocol("the agent ended the session".into())),
+            Err(e) => Err(self.wire(e)),
+        }
+    }
+
+    /// Takes the target's deploy lock. With `wait`, `on_wait` hears who holds it.
+    pub fn lock(&mut self, holder: Holder, wait: bool, on_wait: &mut dyn FnMut(&str)) -> Result<()> {
+        self.send(&Request::Lock { wait, holder })?;
+        loop {
+            match self.recv()? {
+                Response::Locked => return Ok(()),
+                Response::Waiting { holder } => on_wait(&holder),
+                other => return Err(self.unexpected(&other)),
+            }
+        }
+    }
+
+    /// The live release and every complete release.
+    pub fn status(&mut self) -> Result<(Option<u64>, Vec<ReleaseSummary>)> {
+        self.send(&Request::Status)?;
+        match self.recv()? {
+            Response::Status { current, releases } => Ok((current, releases)),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// A release's manifest, fetched from the agent.
+    pub fn manifest(&mut self, id: u64) -> Result<Manifest> {
+        self.send(&Request::GetManifest { id })?;
+        let mut bytes = Vec::new();
+        loop {
+            match self.recv()? {
+                Response::ManifestChunk { data, last } => {
+                    bytes.extend_from_slice(&data);
+                    if last {
+                        break;
+                    }
+                }
+                other => return Err(self.unexpected(&other)),
+            }
+        }
+        flip_manifest::decode(&bytes)
+            .map_err(|e| self.protocol(format!("the agent sent a bad manifest: {e}")))
+    }
+
+    /// Builds a release of `manifest` on the target from the files under `source`, planned
+    /// against `previous` (the live release's manifest). Returns once the release is committed
+    /// (complete and durable, not yet live).
+    pub fn stage(
+        &mut self,
+        source: &Path,
+        manifest: &Manifest,
+        previous: Option<&Manifest>,
+        label: Option<String>,
+    ) -> Result<DeployReport> {
+        let plan = flip_plan::plan(previous, manifest);
+        let encoded = flip_manifest::encode(manifest);
+        self.queue(&Request::Stage {
+            label,
+            manifest_len: encoded.len() as u64,
+            digest: *blake3::hash(&encoded).as_bytes(),
+        })?;
+        for c in encoded.chunks(CHUNK) {
+            self.queue(&Request::ManifestChunk(c.to_vec()))?;
+        }
+        self.tx.flush().map_err(|e| self.agent_error_or(e))?;
+        let (release, prev_id, needs) = match self.recv()? {
+            Response::Staged {
+                id,
+                previous,
+                needs,
+                ..
+            } => (id, previous, needs),
+            other => return Err(self.unexpected(&other)),
+        };
+        let mut needs: Vec<usize> = needs.into_iter().map(|i| i as usize).collect();
+        needs.sort_unstable();
+        needs.dedup();
+        if needs.last().is_some_and(|i| *i >= plan.files.len()) {
+            return Err(self.protocol("the agent asked for a file that does not exist".into()));
+        }
+        let jobs = content::choose(&plan, previous, &needs);
+        let sigs = self.signatures(&jobs)?;
+        let mut report = base_report(&plan, release, prev_id, needs.len());
+        content::send(self, source, &plan, &jobs, sigs, &mut report)?;
+        self.send(&Request::Commit)?;
+        match self.recv()? {
+            Response::Committed { id, .. } if id == release => Ok(report),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Fetches the rsync signatures of every delta basis, in one round trip.
+    fn signatures(&mut self, jobs: &[content::Job]) -> Result<HashMap<usize, Vec<u8>>> {
+        let items: Vec<SigItem> = jobs
+            .iter()
+            .filter_map(|j| {
+                j.basis.as_ref().map(|b| SigItem {
+                    index: j.index as u32,
+                    basis: b.clone(),
+                })
+            })
+            .collect();
+        let mut out = HashMap::new();
+        if items.is_empty() {
+            return Ok(out);
+        }
+        let want = items.len();
+        self.send(&Request::Signatures(items))?;
+        loop {
+            match self.recv()? {
+                Response::Signature { index, sig } => {
+                    out.insert(index as usize, sig);
+                }
+                Response::SignaturesDone if out.len() == want => return Ok(out),
+                other => return Err(self.unexpected(&other)),
+            }
+        }
+    }
+
+    /// Points `current` at `id`; returns the release that was live before.
+    pub fn activate(&mut self, id: u64) -> Result<Option<u64>> {
+        self.send(&Request::Activate { id })?;
+        match self.recv()? {
+            Response::Activated { previous, .. } => Ok(previous),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Rolls back to `to` or to the newest release older than the live one: (new, previous).
+    pub fn rollback(&mut self, to: Option<u64>) -> Result<(u64, Option<u64>)> {
+        self.send(&Request::Rollback { to })?;
+        match self.recv()? {
+            Response::Activated { id, previous } => Ok((id, previous)),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    pub fn prune(&mut self, keep: u32) -> Result<Vec<u64>> {
+        self.send(&Request::Prune { keep })?;
+        match self.recv()? {
+            Response::Pruned { removed } => Ok(removed),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Re-hashes a release on the target against its manifest: (id, problems).
+    pub fn verify(&mut self, id: Option<u64>) -> Result<(u64, Vec<String>)> {
+        self.send(&Request::Verify { id })?;
+        match self.recv()? {
+            Response::Verified { id, problems } => Ok((id, problems)),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Says goodbye and waits for the agent to exit.
+    pub fn close(mut self) -> Result<()> {
+        self.send(&Request::Bye)?;
+        match self.recv()? {
+            Response::Bye => {}
+            other => return Err(self.unexpected(&other)),
+        }
+        let Session { tx, rx, handle, .. } = self;
+        tx.finish().ok();
+        drop(rx);
+        if let Some(h) = handle {
+            h.finish()?;
+        }
+        Ok(())
+    }
+}
+
+fn base_report(plan: &Plan, release: u64, previous: Option<u64>, needs: usize) -> DeployReport {
+    let s = &plan.stats;
+    // Links the agent could not make (source altered on disk) became transfers.
+    let fallbacks = (needs as u64).saturating_sub(s.transfers);
+    DeployReport {
+        release,
+        previous,
+        files: s.files,
+        linked: s.linked.saturating_sub(fallbacks),
+        copied: s.copied,
+        removed: s.removed,
+        matched_bytes: s.matched_bytes,
+        ..Default::default()
+    }
+}
+
+fn name(r: &Response) -> &'static str {
+    match r {
+        Response::Welcome { .. } => "Welcome",
+        Response::Waiting { .. } => "Waiting",
+        Response::Locked => "Locked",
+        Response::Status { .. } => "Status",
+        Response::ManifestChunk { .. } => "ManifestChunk",
+        Response::Staged { .. } => "Staged",
+        Response::Signature { .. } => "Signature",
+        Response::SignaturesDone => "SignaturesDone",
+        Response::Committed { .. } => "Committed",
+        Response::Activated { .. } => "Activated",
+        Response::Pruned { .. } => "Pruned",
+        Response::Verified { .. } => "Verified",
+        Response::Error { .. } => "Error",
+        Response::Bye => "Bye",
+    }
+}
+
+/// A plan's file that needs content, as the client will send it.
+pub(crate) fn basis_for(plan: &Plan, previous: Option<&Manifest>, index: usize) -> Option<RelPath> {
+    let step = &plan.files[index];
+    let Source::Transfer { basis: Some(b) } = &step.source else {
+        return None;
+    };
+    let prev_size = previous.and_then(|m| match m.get(b) {
+        Some(flip_manifest::EntryKind::File { size, .. }) => Some(*size),
+        _ => None,
+    })?;
+    (step.size >= DELTA_MIN && prev_size >= DELTA_MIN).then(|| b.clone())
+}
