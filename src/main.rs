@@ -1,1 +1,347 @@
-fn main() {}
+//! flip: fast, atomic deploys. See README.md for the tour and ARCHITECTURE.md for the crates.
+
+mod cli;
+mod exit;
+mod output;
+mod target;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use cli::{Cli, Command, Common};
+use flip_transfer::Session;
+use flip_wire::Holder;
+use serde_json::json;
+use std::os::fd::FromRawFd;
+use std::time::Instant;
+use target::Target;
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let json = match &cli.command {
+        Command::Deploy(a) => a.common.json,
+        Command::Rollback(a) => a.common.json,
+        Command::Activate(a) => a.common.json,
+        Command::Prune(a) => a.common.json,
+        Command::Releases(a) => a.json,
+        Command::Verify(a) => a.json,
+        Command::Agent(_) => false,
+    };
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let code = exit::code_of(&e);
+            eprintln!("flip: error: {e:#}");
+            if json {
+                println!(
+                    "{}",
+                    json!({"error": {"code": code, "message": format!("{e:#}")}})
+                );
+            }
+            code
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Deploy(a) => deploy(a),
+        Command::Releases(a) => releases(a),
+        Command::Rollback(a) => rollback(a),
+        Command::Activate(a) => activate(a),
+        Command::Prune(a) => prune(a),
+        Command::Verify(a) => verify(a),
+        Command::Agent(a) => agent(a),
+    }
+}
+
+fn agent(a: cli::AgentArgs) -> Result<i32> {
+    // Raw descriptors: the protocol is binary, so no line buffering on stdout.
+    // SAFETY: fds 0 and 1 are open for the whole life of the agent and owned by nothing else here.
+    let (input, output) = unsafe {
+        (
+            std::fs::File::from_raw_fd(0),
+            std::fs::File::from_raw_fd(1),
+        )
+    };
+    match flip_agent::serve(Box::new(input), Box::new(output), &a.root) {
+        Ok(()) => Ok(exit::OK),
+        // The client has been sent the error and reports it; a broken connection has no one
+        // left to tell but our own stderr.
+        Err(flip_agent::AgentError::Wire(e)) => {
+            eprintln!("flip agent: {e}");
+            Ok(exit::INTERNAL)
+        }
+        Err(_) => Ok(exit::INTERNAL),
+    }
+}
+
+fn whoami() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        // SAFETY: getuid cannot fail.
+        .unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }))
+}
+
+fn local_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Opens a session and takes the lock for `what`.
+fn locked_session(target: &Target, common: &Common, what: &str, compress: i32) -> Result<Session> {
+    let mut s = target.connect(&common.ssh, compress)?;
+    let holder = Holder {
+        pid: std::process::id(),
+        host: local_host(),
+        user: whoami(),
+        since: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
+        what: what.to_string(),
+    };
+    let peer = target.display();
+    s.lock(holder, common.wait, &mut |h| {
+        eprintln!("flip: {peer} is locked by {h}; waiting");
+    })?;
+    Ok(s)
+}
+
+fn hash_cache_path(source: &std::path::Path) -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+    let key = blake3::hash(source.as_os_str().as_encoded_bytes()).to_hex();
+    Some(base.join("flip").join("hashes").join(&key[..32]))
+}
+
+fn deploy(a: cli::DeployArgs) -> Result<i32> {
+    let started = Instant::now();
+    let target = Target::parse(&a.target)?;
+    let source = match std::fs::metadata(&a.source) {
+        Ok(m) if m.is_dir() => std::path::absolute(&a.source)?,
+        Ok(_) => {
+            return Err(exit::coded(
+                exit::SOURCE,
+                format!("source {} is not a directory", a.source.display()),
+            ))
+        }
+        Err(e) => {
+            return Err(exit::coded(
+                exit::SOURCE,
+                format!("source directory {}: {e}", a.source.display()),
+            ))
+        }
+    };
+    let hash_cache = if a.no_hash_cache {
+        None
+    } else {
+        hash_cache_path(&source)
+    };
+    if let Some(p) = hash_cache.as_ref().and_then(|p| p.parent()) {
+        let _ = std::fs::create_dir_all(p);
+    }
+    let scan = flip_scan::scan(
+        &source,
+        &flip_scan::ScanOptions {
+            excludes: a.exclude.clone(),
+            use_flipignore: !a.no_flipignore,
+            hash_cache,
+        },
+    )?;
+    for w in &scan.warnings {
+        eprintln!("flip: warning: {w}");
+    }
+    let mut s = locked_session(&target, &a.common, "deploy", a.compress_level)?;
+    let (current, _) = s.status()?;
+    let previous = match current {
+        Some(id) => Some(s.manifest(id)?),
+        None => None,
+    };
+    let report = s.stage(&source, &scan.manifest, previous.as_ref(), a.label.clone())?;
+    let mut activated = false;
+    if !a.no_activate {
+        s.activate(report.release)?;
+        activated = true;
+    }
+    // The deploy is live: a failed cleanup is a warning, never a failed deploy.
+    let mut pruned = Vec::new();
+    if activated {
+        match s.prune(a.keep) {
+            Ok(r) => pruned = r,
+            Err(e) => eprintln!("flip: warning: deployed, but pruning old releases failed: {e}"),
+        }
+    }
+    let (sent, received) = s.bytes();
+    if let Err(e) = s.close() {
+        eprintln!("flip: warning: {e}");
+    }
+    let ms = started.elapsed().as_millis() as u64;
+    let r = &report;
+    if a.common.json {
+        println!(
+            "{}",
+            json!({
+                "release": r.release,
+                "previous": r.previous,
+                "target": target.display(),
+                "label": a.label,
+                "activated": activated,
+                "files": {
+                    "total": r.files, "linked": r.linked, "copied": r.copied,
+                    "delta": r.delta, "literal": r.literal, "removed": r.removed,
+                },
+                "bytes": {
+                    "sent": sent, "received": received,
+                    "literal": r.literal_bytes, "matched": r.matched_bytes, "delta": r.delta_bytes,
+                },
+                "pruned": pruned,
+                "duration_ms": ms,
+            })
+        );
+    } else {
+        eprintln!(
+            "flip: {} release {} to {}{}: {} files ({} linked, {} copied, {} delta, {} new, {} removed); sent {}, received {} in {:.2} s",
+            if activated { "deployed" } else { "staged (not live)" },
+            r.release,
+            target.display(),
+            a.label.as_deref().map(|l| format!(" ({l})")).unwrap_or_default(),
+            r.files,
+            r.linked,
+            r.copied,
+            r.delta,
+            r.literal,
+            r.removed,
+            output::bytes(sent),
+            output::bytes(received),
+            ms as f64 / 1000.0
+        );
+    }
+    Ok(exit::OK)
+}
+
+fn releases(a: cli::ReleasesArgs) -> Result<i32> {
+    let target = Target::parse(&a.target)?;
+    let mut s = target.connect(&a.ssh, 0)?;
+    let (_, list) = s.status()?;
+    s.close()?;
+    if a.json {
+        let arr: Vec<_> = list
+            .iter()
+            .map(|r| {
+                json!({
+                    "id": r.id, "label": r.label, "created": output::iso_time(r.created),
+                    "files": r.files, "bytes": r.bytes, "current": r.current,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(arr));
+    } else if list.is_empty() {
+        eprintln!("flip: {} has no releases", target.display());
+    } else {
+        println!(
+            "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  LABEL",
+            "ID", "CURRENT", "CREATED", "FILES", "BYTES"
+        );
+        for r in &list {
+            println!(
+                "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  {}",
+                r.id,
+                if r.current { "*" } else { "" },
+                output::iso_time(r.created),
+                r.files,
+                output::bytes(r.bytes),
+                r.label.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn switched(target: &Target, json: bool, verb: &str, id: u64, previous: Option<u64>) {
+    if json {
+        println!(
+            "{}",
+            json!({"target": target.display(), "release": id, "previous": previous})
+        );
+    } else {
+        let was = previous.map(|p| format!(" (was {p})")).unwrap_or_default();
+        eprintln!(
+            "flip: {verb} {}: current -> releases/{id}{was}",
+            target.display()
+        );
+    }
+}
+
+fn rollback(a: cli::RollbackArgs) -> Result<i32> {
+    let target = Target::parse(&a.target)?;
+    let mut s = locked_session(&target, &a.common, "rollback", 0)?;
+    let (id, previous) = s.rollback(a.to)?;
+    s.close()?;
+    switched(&target, a.common.json, "rolled back", id, previous);
+    Ok(exit::OK)
+}
+
+fn activate(a: cli::ActivateArgs) -> Result<i32> {
+    let target = Target::parse(&a.target)?;
+    let mut s = locked_session(&target, &a.common, "activate", 0)?;
+    let previous = s.activate(a.id)?;
+    s.close()?;
+    switched(&target, a.common.json, "activated", a.id, previous);
+    Ok(exit::OK)
+}
+
+fn prune(a: cli::PruneArgs) -> Result<i32> {
+    let target = Target::parse(&a.target)?;
+    let mut s = locked_session(&target, &a.common, "prune", 0)?;
+    let removed = s.prune(a.keep)?;
+    s.close()?;
+    if a.common.json {
+        println!(
+            "{}",
+            json!({"target": target.display(), "removed": removed})
+        );
+    } else if removed.is_empty() {
+        eprintln!("flip: nothing to prune in {}", target.display());
+    } else {
+        eprintln!(
+            "flip: pruned {}: removed releases {:?}",
+            target.display(),
+            removed
+        );
+    }
+    Ok(exit::OK)
+}
+
+fn verify(a: cli::VerifyArgs) -> Result<i32> {
+    let target = Target::parse(&a.target)?;
+    let mut s = target.connect(&a.ssh, 0)?;
+    let (id, problems) = s.verify(a.id)?;
+    s.close().context("closing the session")?;
+    if a.json {
+        println!(
+            "{}",
+            json!({"target": target.display(), "release": id, "ok": problems.is_empty(), "problems": problems})
+        );
+    } else if problems.is_empty() {
+        eprintln!("flip: release {id} of {} matches its manifest", target.display());
+    } else {
+        for p in &problems {
+            eprintln!("flip: release {id}: {p}");
+        }
+    }
+    Ok(if problems.is_empty() {
+        exit::OK
+    } else {
+        exit::INTEGRITY
+    })
+}

@@ -279,6 +279,7 @@ impl Session {
                         last: chunks.peek().is_none(),
                     })?;
                 }
+                tx.flush()?;
                 return Ok(None);
             }
             Request::Stage {

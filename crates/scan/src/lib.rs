@@ -1,1 +1,421 @@
-//! flip-scan
+//! flip-scan: a source tree on disk to a [`Manifest`].
+//!
+//! # Design
+//!
+//! [`scan`] runs in three phases:
+//!
+//! 1. **Walk** (`walk.rs`): a `rayon::scope` with one task per directory. Each task lists its
+//!    directory, `lstat`s every entry and spawns a task per subdirectory, appending its entries to
+//!    a shared list in one batch. Symlinks are recorded with their target as read by `readlink`
+//!    and never followed (so there are no loops). Sockets, FIFOs and devices are skipped with a
+//!    warning. The root itself must be a directory (a symlink to one is fine) and is not an entry.
+//!    A name that is not UTF-8 is an error (manifest paths are UTF-8) unless a pattern excludes it.
+//! 2. **Hash**: every regular file, in parallel on the rayon pool. If the hash cache has an entry
+//!    whose (path, size, mtime, ctime, inode, device) all match the `lstat`, its digest is reused
+//!    without opening the file. Otherwise the file is opened (`O_NOFOLLOW | O_NONBLOCK`, so a
+//!    file swapped for a symlink or FIFO mid-scan is an error, not a hang), `fstat`ed and hashed:
+//!    read whole + `blake3::hash` up to 16 MiB, memory-mapped + `Hasher::update_rayon` above
+//!    ([`hash_file`]). The size recorded is the number of bytes hashed.
+//! 3. **Assemble**: [`Manifest::new`] sorts and validates the entries; the hash cache is
+//!    rewritten atomically with exactly the files of this scan, so it never grows beyond the tree.
+//!
+//! Memory is proportional to the number of entries (a path, a mode and a few integers each); file
+//! contents are held only while each is hashed (up to 16 MiB per worker thread; larger files are
+//! mapped).
+//!
+//! # Excludes
+//!
+//! Gitignore syntax, matched by `ignore::gitignore` against the path relative to the source root:
+//! first the lines of `.flipignore` in the root (if [`ScanOptions::use_flipignore`]), then each
+//! [`ScanOptions::excludes`] pattern, later ones taking precedence (so `--exclude '!x'` can undo a
+//! `.flipignore` line). `cache/` matches directories only, `/var/log` is anchored at the root,
+//! `!keep.php` re-includes, `**` spans directories, `#` starts a comment (write `\#` for a
+//! literal). An excluded directory is not descended, so, as in git, a negation cannot re-include
+//! something inside it. Nothing else is filtered: dot-files (`.htaccess`, `.env`) are deployed,
+//! `.gitignore` files are not honoured, and `.flipignore` itself is part of the manifest unless a
+//! pattern excludes it. A hash cache file that lies inside the source tree is always left out.
+//!
+//! # Hash cache
+//!
+//! See `cache.rs` for the format. It is only an optimisation: a missing, corrupt or foreign file
+//! is silently treated as empty, and failing to write it is a warning. Following git's
+//! "racy-git" rule, a file whose mtime or ctime is less than two seconds before the scan started
+//! (or in the future) is never served from or stored into the cache, since it could change again
+//! without its timestamps changing.
+
+mod cache;
+mod hash;
+mod walk;
+
+pub use hash::{hash_file, MMAP_THRESHOLD};
+
+use cache::{Cache, Key};
+use flip_manifest::{Entry, EntryKind, Manifest, ManifestError, PathError, RelPath};
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use flip_manifest::Digest;
+
+/// Name of the exclude file read from the source root.
+pub const FLIPIGNORE: &str = ".flipignore";
+
+/// How to scan.
+#[derive(Clone, Debug)]
+pub struct ScanOptions {
+    /// Gitignore-syntax patterns (from repeated `--exclude GLOB`), applied after `.flipignore`.
+    pub excludes: Vec<String>,
+    /// Read `.flipignore` in the source root (gitignore syntax). Default `true`.
+    pub use_flipignore: bool,
+    /// A file to read cached digests from and rewrite afterwards; `None` = no cache.
+    pub hash_cache: Option<PathBuf>,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        ScanOptions {
+            excludes: Vec::new(),
+            use_flipignore: true,
+            hash_cache: None,
+        }
+    }
+}
+
+/// Counts for one scan.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanStats {
+    /// Regular files in the manifest.
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Sum of regular file sizes.
+    pub bytes: u64,
+    /// Files whose content was read and hashed (not served from the cache).
+    pub hashed_files: u64,
+    pub hashed_bytes: u64,
+    /// Files whose digest came from the hash cache.
+    pub cache_hits: u64,
+}
+
+/// The result of [`scan`].
+#[derive(Debug)]
+pub struct ScanOutput {
+    pub manifest: Manifest,
+    /// Things skipped (special files, files that vanished mid-scan) or a cache that could not be
+    /// read or written; sorted. None of them make the manifest wrong.
+    pub warnings: Vec<String>,
+    pub stats: ScanStats,
+    /// Modification time (seconds, nanoseconds since the epoch) of every regular file in the
+    /// manifest, for giving deployed files their source mtime.
+    pub mtimes: HashMap<RelPath, (i64, u32)>,
+}
+
+/// Why a scan failed. Every message names the path concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("source directory {} does not exist", path.display())]
+    Missing { path: PathBuf },
+    #[error("source {} is not a directory", path.display())]
+    NotADir { path: PathBuf },
+    /// `op` is a verb phrase: "read", "read directory", "stat", "read symlink".
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{}: file name is not valid UTF-8 (flip paths must be UTF-8)", path.display())]
+    NotUtf8 { path: PathBuf },
+    #[error("{}: symlink target is not valid UTF-8", path.display())]
+    LinkNotUtf8 { path: PathBuf },
+    #[error("{}: {source}", path.display())]
+    BadPath { path: PathBuf, source: PathError },
+    #[error("{}: {what} during the scan", path.display())]
+    Changed { path: PathBuf, what: &'static str },
+    /// `origin` is `.flipignore`'s path and line, or `--exclude`.
+    #[error("invalid exclude pattern in {origin}: {message}")]
+    BadPattern { origin: String, message: String },
+    #[error("source tree cannot be deployed: {0}")]
+    Manifest(#[from] ManifestError),
+}
+
+/// Scans the directory `root` into a manifest. See the crate documentation for the rules.
+pub fn scan(root: &Path, opts: &ScanOptions) -> Result<ScanOutput, ScanError> {
+    scan_at(root, opts, SystemTime::now())
+}
+
+/// [`scan`] with the scan start time (for the racy-git rule) given, so tests need not sleep.
+fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOutput, ScanError> {
+    let start_ns = start
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    match fs::metadata(root) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(ScanError::NotADir {
+                path: root.to_path_buf(),
+            })
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ScanError::Missing {
+                path: root.to_path_buf(),
+            })
+        }
+        Err(source) => {
+            return Err(ScanError::Io {
+                op: "stat",
+                path: root.to_path_buf(),
+                source,
+            })
+        }
+    }
+    let excludes = build_excludes(root, opts)?;
+
+    let mut warnings = Vec::new();
+    let mut cache = None;
+    let mut skip = None;
+    if let Some(path) = &opts.hash_cache {
+        let (c, w) = Cache::load(path);
+        warnings.extend(w);
+        cache = Some(c);
+        skip = path_inside(root, path);
+    }
+
+    // Phase 1: walk.
+    let walked = walk::walk(root, &excludes, skip.as_deref())?;
+    warnings.extend(walked.warnings);
+    let mut stats = ScanStats::default();
+    let mut entries = Vec::with_capacity(walked.nodes.len());
+    let mut files = Vec::new();
+    for node in walked.nodes {
+        match node {
+            walk::Node::Dir { rel, mode } => {
+                stats.dirs += 1;
+                entries.push(Entry {
+                    path: rel,
+                    kind: EntryKind::Dir { mode },
+                });
+            }
+            walk::Node::Symlink { rel, target } => {
+                stats.symlinks += 1;
+                entries.push(Entry {
+                    path: rel,
+                    kind: EntryKind::Symlink { target },
+                });
+            }
+            walk::Node::File { rel, mode, key } => files.push((rel, mode, key)),
+        }
+    }
+
+    // Phase 2: hash.
+    let hashed: Vec<Result<Hashed, RelPath>> = files
+        .into_par_iter()
+        .map(|(rel, mode, key)| hash_one(root, cache.as_ref(), start_ns, rel, mode, key))
+        .collect::<Result<_, _>>()?;
+
+    // Phase 3: assemble.
+    let mut mtimes = HashMap::with_capacity(hashed.len());
+    for h in &hashed {
+        let h = match h {
+            Ok(h) => h,
+            Err(vanished) => {
+                warnings.push(format!(
+                    "skipping {}: it vanished during the scan",
+                    root.join(vanished.as_str()).display()
+                ));
+                continue;
+            }
+        };
+        stats.files += 1;
+        stats.bytes += h.key.size;
+        if h.hit {
+            stats.cache_hits += 1;
+        } else {
+            stats.hashed_files += 1;
+            stats.hashed_bytes += h.key.size;
+        }
+        mtimes.insert(h.rel.clone(), h.key.mtime);
+        entries.push(Entry {
+            path: h.rel.clone(),
+            kind: EntryKind::File {
+                mode: h.mode,
+                size: h.key.size,
+                digest: h.digest,
+            },
+        });
+    }
+    let manifest = Manifest::new(entries)?;
+
+    if let (Some(path), Some(cache)) = (&opts.hash_cache, &cache) {
+        let keep: Vec<(&str, Key, Digest)> = hashed
+            .iter()
+            .filter_map(|h| h.as_ref().ok())
+            .filter(|h| h.cacheable)
+            .map(|h| (h.rel.as_str(), h.key, h.digest))
+            .collect();
+        // All hits and nothing dropped: the file on disk already says exactly this.
+        let unchanged = keep.len() == cache.len() && keep.len() as u64 == stats.cache_hits;
+        if !unchanged {
+            if let Err(e) = cache::store(path, &keep) {
+                warnings.push(format!("cannot write hash cache {}: {e}", path.display()));
+            }
+        }
+    }
+
+    warnings.sort();
+    Ok(ScanOutput {
+        manifest,
+        warnings,
+        stats,
+        mtimes,
+    })
+}
+
+/// One regular file after phase 2.
+struct Hashed {
+    rel: RelPath,
+    mode: u32,
+    digest: Digest,
+    /// Of the `lstat` (cache hit) or of the `fstat` of the file hashed, with `size` set to the
+    /// number of bytes hashed.
+    key: Key,
+    hit: bool,
+    /// May go into the rewritten cache.
+    cacheable: bool,
+}
+
+/// Digest of one file: from the cache if its key matches, else read. `Ok(Err(rel))` means it
+/// vanished since the walk.
+fn hash_one(
+    root: &Path,
+    cache: Option<&Cache>,
+    start_ns: i128,
+    rel: RelPath,
+    mode: u32,
+    key: Key,
+) -> Result<Result<Hashed, RelPath>, ScanError> {
+    if !key.is_racy(start_ns) {
+        if let Some(digest) = cache.and_then(|c| c.get(rel.as_str(), &key)) {
+            return Ok(Ok(Hashed {
+                rel,
+                mode,
+                digest,
+                key,
+                hit: true,
+                cacheable: true,
+            }));
+        }
+    }
+    let path = root.join(rel.as_str());
+    let file = match hash::open(&path, true) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Err(rel)),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(ScanError::Changed {
+                path,
+                what: "was replaced by a symlink",
+            })
+        }
+        Err(source) => {
+            return Err(ScanError::Io {
+                op: "read",
+                path,
+                source,
+            })
+        }
+    };
+    let meta = file.metadata().map_err(|source| ScanError::Io {
+        op: "stat",
+        path: path.clone(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(ScanError::Changed {
+            path,
+            what: "stopped being a regular file",
+        });
+    }
+    let (size, digest) = hash::hash_open_file(&file, &meta).map_err(|source| ScanError::Io {
+        op: "read",
+        path: path.clone(),
+        source,
+    })?;
+    let mut key = Key::of(&meta);
+    // A size different from fstat's means the file changed while it was read: the digest is
+    // right for the bytes read (and the size recorded), but must not be cached.
+    let cacheable = size == key.size && !key.is_racy(start_ns);
+    key.size = size;
+    Ok(Ok(Hashed {
+        rel,
+        mode: meta.mode() & flip_manifest::MODE_MASK,
+        digest,
+        key,
+        hit: false,
+        cacheable,
+    }))
+}
+
+/// The exclude matcher: `.flipignore` lines, then `opts.excludes`.
+///
+/// The builder is rooted at `.` and given paths relative to the source root: with a real root,
+/// `ignore` strips a leading copy of the root from candidate paths, which would mangle a
+/// relative root such as `app` scanning `app/app/x`.
+fn build_excludes(root: &Path, opts: &ScanOptions) -> Result<Gitignore, ScanError> {
+    let mut b = GitignoreBuilder::new(".");
+    if opts.use_flipignore {
+        let path = root.join(FLIPIGNORE);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let text = String::from_utf8(bytes).map_err(|_| ScanError::BadPattern {
+                    origin: path.display().to_string(),
+                    message: "the file is not valid UTF-8".into(),
+                })?;
+                let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+                for (n, line) in text.lines().enumerate() {
+                    b.add_line(Some(path.clone()), line)
+                        .map_err(|e| ScanError::BadPattern {
+                            origin: format!("{} line {}", path.display(), n + 1),
+                            message: e.to_string(),
+                        })?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ScanError::Io {
+                    op: "read",
+                    path,
+                    source,
+                })
+            }
+        }
+    }
+    for pat in &opts.excludes {
+        b.add_line(None, pat).map_err(|e| ScanError::BadPattern {
+            origin: "--exclude".into(),
+            message: e.to_string(),
+        })?;
+    }
+    b.build().map_err(|e| ScanError::BadPattern {
+        origin: "excludes".into(),
+        message: e.to_string(),
+    })
+}
+
+/// `file` relative to `root` if it lies inside it (comparing canonical paths), else `None`.
+fn path_inside(root: &Path, file: &Path) -> Option<String> {
+    let root = fs::canonicalize(root).ok()?;
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let full = fs::canonicalize(parent).ok()?.join(file.file_name()?);
+    Some(full.strip_prefix(&root).ok()?.to_str()?.to_string())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,291 @@
+//! The hash cache: digests of files seen by an earlier scan, reused while the file's
+//! (path, size, mtime, ctime, inode, device) are unchanged.
+//!
+//! # File format (all integers little-endian)
+//!
+//! ```text
+//! "FLIPHC01" body_len:u64 checksum:[u8; 32] body
+//! body  = count:u64 entry*
+//! entry = path_len:u16 path:[u8; path_len] size:u64 mtime_s:i64 mtime_ns:u32
+//!         ctime_s:i64 ctime_ns:u32 ino:u64 dev:u64 digest:[u8; 32]
+//! ```
+//!
+//! `checksum` is the blake3 of `body`. A file that is missing, has another magic, a wrong length,
+//! a wrong checksum or anything else malformed is treated as an empty cache: the cache can only
+//! save work, never change a result. It is rewritten atomically (temporary file in the same
+//! directory, then `rename`), holding only the files seen by the latest scan.
+
+use flip_manifest::{Digest, MAX_PATH_LEN};
+use std::collections::HashMap;
+use std::fs::{self, Metadata};
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+const MAGIC: &[u8; 8] = b"FLIPHC01";
+const HEADER_LEN: usize = 8 + 8 + 32;
+/// Bytes of an entry besides its path.
+const ENTRY_FIXED: usize = 2 + 8 + 8 + 4 + 8 + 4 + 8 + 8 + 32;
+/// A cache file larger than this is not read (100M files' worth of short paths).
+const MAX_FILE_LEN: u64 = 16 << 30;
+
+/// What must be unchanged for a cached digest to be reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Key {
+    pub size: u64,
+    pub mtime: (i64, u32),
+    pub ctime: (i64, u32),
+    pub ino: u64,
+    pub dev: u64,
+}
+
+impl Key {
+    pub fn of(meta: &Metadata) -> Key {
+        Key {
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec() as u32),
+            ctime: (meta.ctime(), meta.ctime_nsec() as u32),
+            ino: meta.ino(),
+            dev: meta.dev(),
+        }
+    }
+
+    /// Racy-git rule: a file whose mtime or ctime is within `RACY_WINDOW_NS` of the scan start
+    /// (or after it) could be modified again without its timestamps changing, so its digest
+    /// must not be cached.
+    pub fn is_racy(&self, scan_start_ns: i128) -> bool {
+        let ns = |(s, n): (i64, u32)| s as i128 * 1_000_000_000 + n as i128;
+        ns(self.mtime).max(ns(self.ctime)) + RACY_WINDOW_NS > scan_start_ns
+    }
+}
+
+/// Two seconds: covers coarse file system timestamps and the kernel's coarse clock lagging
+/// the wall clock.
+pub(crate) const RACY_WINDOW_NS: i128 = 2_000_000_000;
+
+/// Cached digests by relative path.
+#[derive(Default)]
+pub(crate) struct Cache {
+    map: HashMap<String, (Key, Digest)>,
+}
+
+impl Cache {
+    /// Reads a cache file. A missing or invalid file gives an empty cache; an unreadable one
+    /// (e.g. permission denied) gives an empty cache and a warning.
+    pub fn load(path: &Path) -> (Cache, Option<String>) {
+        let bytes = match fs::metadata(path) {
+            Ok(m) if m.len() > MAX_FILE_LEN => return (Cache::default(), None),
+            Ok(_) => fs::read(path),
+            Err(e) => Err(e),
+        };
+        match bytes {
+            Ok(bytes) => (Cache::decode(&bytes).unwrap_or_default(), None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (Cache::default(), None),
+            Err(e) => (
+                Cache::default(),
+                Some(format!(
+                    "ignoring hash cache {}: cannot read it: {e}",
+                    path.display()
+                )),
+            ),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The cached digest of `path` if its key is unchanged.
+    pub fn get(&self, path: &str, key: &Key) -> Option<Digest> {
+        match self.map.get(path) {
+            Some((k, d)) if k == key => Some(*d),
+            _ => None,
+        }
+    }
+
+    fn decode(buf: &[u8]) -> Option<Cache> {
+        let header = buf.get(..HEADER_LEN)?;
+        if &header[..8] != MAGIC {
+            return None;
+        }
+        let body_len = u64::from_le_bytes(header[8..16].try_into().ok()?);
+        let body = &buf[HEADER_LEN..];
+        if body.len() as u64 != body_len || blake3::hash(body).as_bytes() != &header[16..48] {
+            return None;
+        }
+        let mut r = Reader(body);
+        let count = r.u64()?;
+        if count > (body.len() / ENTRY_FIXED) as u64 {
+            return None;
+        }
+        let mut map = HashMap::with_capacity(count as usize);
+        for _ in 0..count {
+            let len = u16::from_le_bytes(r.take(2)?.try_into().ok()?) as usize;
+            if len > MAX_PATH_LEN {
+                return None;
+            }
+            let path = std::str::from_utf8(r.take(len)?).ok()?.to_string();
+            let key = Key {
+                size: r.u64()?,
+                mtime: (r.u64()? as i64, r.u32()?),
+                ctime: (r.u64()? as i64, r.u32()?),
+                ino: r.u64()?,
+                dev: r.u64()?,
+            };
+            let digest = Digest(r.take(32)?.try_into().ok()?);
+            map.insert(path, (key, digest));
+        }
+        if !r.0.is_empty() {
+            return None;
+        }
+        Some(Cache { map })
+    }
+}
+
+/// Encodes `entries` in the cache format.
+pub(crate) fn encode(entries: &[(&str, Key, Digest)]) -> Vec<u8> {
+    let body_len: usize = 8 + entries
+        .iter()
+        .map(|(p, _, _)| ENTRY_FIXED + p.len())
+        .sum::<usize>();
+    let mut body = Vec::with_capacity(body_len);
+    body.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for (path, key, digest) in entries {
+        // Paths come from `RelPath`, which caps them at MAX_PATH_LEN (< u16::MAX).
+        body.extend_from_slice(&(path.len() as u16).to_le_bytes());
+        body.extend_from_slice(path.as_bytes());
+        body.extend_from_slice(&key.size.to_le_bytes());
+        body.extend_from_slice(&key.mtime.0.to_le_bytes());
+        body.extend_from_slice(&key.mtime.1.to_le_bytes());
+        body.extend_from_slice(&key.ctime.0.to_le_bytes());
+        body.extend_from_slice(&key.ctime.1.to_le_bytes());
+        body.extend_from_slice(&key.ino.to_le_bytes());
+        body.extend_from_slice(&key.dev.to_le_bytes());
+        body.extend_from_slice(&digest.0);
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(blake3::hash(&body).as_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Replaces the cache file at `path` with `entries`, atomically: a temporary file in the same
+/// directory renamed over it. The parent directory is created if missing. No fsync: a cache
+/// torn by a crash fails its checksum and is ignored.
+pub(crate) fn store(path: &Path, entries: &[(&str, Key, Digest)]) -> io::Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(dir)?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&encode(entries))?;
+        drop(f);
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u64) -> Key {
+        Key {
+            size: n,
+            mtime: (n as i64, 1),
+            ctime: (-(n as i64), 2),
+            ino: n * 7,
+            dev: 3,
+        }
+    }
+
+    #[test]
+    fn roundtrip() {
+        let entries = [
+            ("a", key(1), Digest::of(b"a")),
+            ("d/\u{e9}.php", key(2), Digest::of(b"b")),
+        ];
+        let c = Cache::decode(&encode(&entries)).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.get("a", &key(1)), Some(Digest::of(b"a")));
+        assert_eq!(c.get("d/\u{e9}.php", &key(2)), Some(Digest::of(b"b")));
+        assert_eq!(c.get("a", &key(2)), None);
+        assert_eq!(c.get("b", &key(1)), None);
+        assert_eq!(Cache::decode(&encode(&[])).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn rejects_damage() {
+        let good = encode(&[("a", key(1), Digest::of(b"a"))]);
+        for n in 0..good.len() {
+            assert!(Cache::decode(&good[..n]).is_none(), "prefix {n} accepted");
+        }
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x40;
+            assert!(Cache::decode(&bad).is_none(), "flipped byte {i} accepted");
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(Cache::decode(&longer).is_none());
+    }
+
+    #[test]
+    fn rejects_hostile_count_with_valid_checksum() {
+        // A body claiming 2^60 entries, correctly checksummed: no huge allocation, just None.
+        let body = (1u64 << 60).to_le_bytes();
+        let mut buf = MAGIC.to_vec();
+        buf.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        buf.extend_from_slice(blake3::hash(&body).as_bytes());
+        buf.extend_from_slice(&body);
+        assert!(Cache::decode(&buf).is_none());
+    }
+
+    #[test]
+    fn racy_window() {
+        let mut k = key(1);
+        k.mtime = (100, 0);
+        k.ctime = (100, 0);
+        let s = |secs: i128| secs * 1_000_000_000;
+        assert!(k.is_racy(s(101)));
+        assert!(k.is_racy(s(90)), "a future timestamp is racy");
+        assert!(!k.is_racy(s(102) + 1));
+        k.ctime = (200, 0);
+        assert!(k.is_racy(s(150)), "ctime counts too");
+    }
+}

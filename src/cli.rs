@@ -1,0 +1,152 @@
+//! Command-line interface definition.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "flip",
+    version,
+    about = "Fast, atomic deploys: delta-sync a directory into a new release, then swap `current` in one rename.",
+    after_help = "Targets: a local directory (/srv/app), [user@]host:/path or ssh://[user@]host[:port]/path.\nExit codes: 0 ok, 1 internal error, 2 usage, 3 locked, 4 source, 5 target, 6 connection, 7 integrity, 8 disk full, 9 SSH authentication or host key."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Deploy SOURCE as a new release of TARGET and make it live.
+    Deploy(DeployArgs),
+    /// List the releases of TARGET.
+    Releases(ReleasesArgs),
+    /// Make the release before the live one live again (or --to ID).
+    Rollback(RollbackArgs),
+    /// Make release ID live.
+    Activate(ActivateArgs),
+    /// Delete old releases, keeping the newest N, the live one and the rollback target.
+    Prune(PruneArgs),
+    /// Re-read a release on TARGET (default: the live one) and compare it with its manifest.
+    Verify(VerifyArgs),
+    /// Serve the agent protocol on stdin/stdout (started by flip itself, locally or over SSH).
+    #[command(hide = true)]
+    Agent(AgentArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Print one JSON object on stdout instead of a human summary on stderr.
+    #[arg(long)]
+    pub json: bool,
+    /// If another deploy holds the target's lock, wait for it instead of failing.
+    #[arg(long)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub ssh: SshArgs,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct SshArgs {
+    /// SSH private key to try (after ssh-agent).
+    #[arg(short = 'i', long = "identity", value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// Trust and remember a host key not yet in known_hosts (like OpenSSH's accept-new).
+    #[arg(long)]
+    pub accept_new_host_key: bool,
+    /// Use this command (e.g. "ssh -F cfg") as the SSH transport instead of the built-in client.
+    #[arg(long, value_name = "CMD")]
+    pub ssh_command: Option<String>,
+    /// Path of the flip binary on the server (default: flip on PATH, else upload this one).
+    #[arg(long, value_name = "PATH")]
+    pub remote_flip: Option<String>,
+    /// SSH config file (default ~/.ssh/config).
+    #[arg(long, value_name = "FILE")]
+    pub ssh_config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct DeployArgs {
+    /// Directory to deploy.
+    pub source: PathBuf,
+    /// Target root: a local directory or [user@]host:/path.
+    pub target: String,
+    /// A note stored with the release and shown by `flip releases`.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Leave out paths matching this gitignore-style pattern (repeatable); added to .flipignore.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Do not read SOURCE/.flipignore.
+    #[arg(long)]
+    pub no_flipignore: bool,
+    /// Releases to keep after the deploy (the live one and the rollback target are always kept).
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub keep: u32,
+    /// Stage the release but leave `current` where it is; `flip activate` makes it live later.
+    #[arg(long)]
+    pub no_activate: bool,
+    /// zstd level for the connection, 1-19; 0 turns compression off.
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub compress_level: i32,
+    /// Do not use (or update) the local hash cache.
+    #[arg(long)]
+    pub no_hash_cache: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct ReleasesArgs {
+    pub target: String,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub ssh: SshArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    pub target: String,
+    /// Release to go back to (default: the newest one older than the live one).
+    #[arg(long, value_name = "ID")]
+    pub to: Option<u64>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct ActivateArgs {
+    pub target: String,
+    pub id: u64,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    pub target: String,
+    /// Releases to keep.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub keep: u32,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    pub target: String,
+    /// Release to verify (default: the live one).
+    pub id: Option<u64>,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub ssh: SshArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// The target root this agent serves.
+    #[arg(long, value_name = "PATH")]
+    pub root: PathBuf,
+}

@@ -1,0 +1,68 @@
+//! Exit codes, and how an error chain maps to one. The README's table lists the same codes.
+
+use flip_transfer::TransferError;
+use flip_transport::TransportError;
+use flip_wire::ErrorClass;
+
+pub const OK: i32 = 0;
+pub const INTERNAL: i32 = 1;
+pub const USAGE: i32 = 2;
+pub const LOCKED: i32 = 3;
+pub const SOURCE: i32 = 4;
+pub const TARGET: i32 = 5;
+pub const CONNECTION: i32 = 6;
+pub const INTEGRITY: i32 = 7;
+pub const NO_SPACE: i32 = 8;
+pub const AUTH: i32 = 9;
+
+/// An error that already knows its exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Coded {
+    pub code: i32,
+    pub message: String,
+}
+
+pub fn coded(code: i32, message: impl Into<String>) -> anyhow::Error {
+    Coded {
+        code,
+        message: message.into(),
+    }
+    .into()
+}
+
+/// The exit code for an error: the first cause in the chain that says what kind of failure it is.
+pub fn code_of(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if let Some(c) = cause.downcast_ref::<Coded>() {
+            return c.code;
+        }
+        if let Some(t) = cause.downcast_ref::<TransferError>() {
+            return match t {
+                TransferError::Remote { class, .. } => match class {
+                    ErrorClass::Locked => LOCKED,
+                    ErrorClass::Target => TARGET,
+                    ErrorClass::Integrity => INTEGRITY,
+                    ErrorClass::NoSpace => NO_SPACE,
+                    ErrorClass::Io => TARGET,
+                    ErrorClass::BadRequest | ErrorClass::Protocol => CONNECTION,
+                    ErrorClass::Internal => INTERNAL,
+                },
+                TransferError::Source { .. } | TransferError::SourceChanged(_) => SOURCE,
+                TransferError::Transport(t) => transport_code(t),
+                TransferError::Wire { .. } | TransferError::Protocol { .. } => CONNECTION,
+            };
+        }
+        if let Some(t) = cause.downcast_ref::<TransportError>() {
+            return transport_code(t);
+        }
+        if cause.downcast_ref::<flip_scan::ScanError>().is_some() {
+            return SOURCE;
+        }
+    }
+    INTERNAL
+}
+
+fn transport_code(t: &TransportError) -> i32 {
+    crate::target::transport_exit_code(t)
+}
