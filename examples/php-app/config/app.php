@@ -1,0 +1,5 @@
+<?php
+return [
+    'name' => 'flip example app',
+    'release' => basename(dirname(__DIR__)),
+];
