@@ -116,12 +116,17 @@ fn locked_session(target: &Target, common: &Common, what: &str, compress: i32) -
     Ok(s)
 }
 
-fn hash_cache_path(source: &std::path::Path) -> Option<std::path::PathBuf> {
+/// flip's cache directory: $XDG_CACHE_HOME/flip or ~/.cache/flip.
+fn cache_dir() -> Option<std::path::PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+    Some(base.join("flip"))
+}
+
+fn hash_cache_path(source: &std::path::Path) -> Option<std::path::PathBuf> {
     let key = blake3::hash(source.as_os_str().as_encoded_bytes()).to_hex();
-    Some(base.join("flip").join("hashes").join(&key[..32]))
+    Some(cache_dir()?.join("hashes").join(&key[..32]))
 }
 
 fn deploy(a: cli::DeployArgs) -> Result<i32> {
@@ -162,12 +167,17 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         eprintln!("flip: warning: {w}");
     }
     let mut s = locked_session(&target, &a.common, "deploy", a.compress_level)?;
-    let (current, _) = s.status()?;
-    let previous = match current {
-        Some(id) => Some(s.manifest(id)?),
-        None => None,
-    };
+    let (current, releases) = s.status()?;
+    // With the live manifest in the local cache, only the difference to it is sent.
+    let cache = cache_dir().map(|d| flip_transfer::ManifestCache::new(d.join("manifests")));
+    let previous = releases
+        .iter()
+        .find(|r| Some(r.id) == current)
+        .and_then(|r| cache.as_ref()?.get(&r.manifest_digest));
     let report = s.stage(&source, &scan.manifest, previous.as_ref(), a.label.clone())?;
+    if let Some(Err(e)) = cache.as_ref().map(|c| c.put(&scan.manifest)) {
+        eprintln!("flip: warning: cannot cache the manifest: {e}");
+    }
     let mut activated = false;
     if !a.no_activate {
         s.activate(report.release)?;

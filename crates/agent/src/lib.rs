@@ -13,7 +13,7 @@
 use flip_manifest::RelPath;
 use flip_release::{Error as RelError, ErrorClass as RelClass, FileWriter, LockGuard, Root, Stage, Wait};
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Mtime, ReleaseSummary, Request, Response, WireError,
+    ErrorClass, FrameReader, FrameWriter, Mtime, Need, ReleaseSummary, Request, Response, WireError,
     CHUNK, MAGIC, MAX_MANIFEST, PROTOCOL,
 };
 use rayon::prelude::*;
@@ -284,9 +284,10 @@ impl Session {
             }
             Request::Stage {
                 label,
-                manifest_len,
+                base,
+                payload_len,
                 digest,
-            } => self.stage(rx, label, manifest_len, digest)?,
+            } => self.stage(rx, label, base, payload_len, digest)?,
             Request::ManifestChunk(_) => {
                 return Err(AgentError::Protocol("manifest data outside Stage".into()))
             }
@@ -458,43 +459,70 @@ impl Session {
         &mut self,
         rx: &mut FrameReader,
         label: Option<String>,
-        manifest_len: u64,
+        base: Option<[u8; 32]>,
+        payload_len: u64,
         digest: [u8; 32],
     ) -> Result<Response> {
         if self.stage.is_some() {
             return Err(AgentError::Protocol("a release is already being staged".into()));
         }
-        if manifest_len > MAX_MANIFEST {
+        if payload_len > MAX_MANIFEST {
             return Err(RelError::BadRequest(format!(
-                "manifest of {manifest_len} bytes exceeds the limit of {MAX_MANIFEST}"
+                "manifest of {payload_len} bytes exceeds the limit of {MAX_MANIFEST}"
             ))
             .into());
         }
         if label.as_ref().is_some_and(|l| l.len() > 1024 || l.contains('\0')) {
             return Err(RelError::BadRequest("label too long or contains NUL".into()).into());
         }
-        let mut bytes = Vec::with_capacity((manifest_len as usize).min(CHUNK));
-        while (bytes.len() as u64) < manifest_len {
+        let mut bytes = Vec::with_capacity((payload_len as usize).min(CHUNK));
+        while (bytes.len() as u64) < payload_len {
             match rx.recv::<Request>()? {
-                Request::ManifestChunk(c) if bytes.len() as u64 + c.len() as u64 <= manifest_len => {
+                Request::ManifestChunk(c) if bytes.len() as u64 + c.len() as u64 <= payload_len => {
                     bytes.extend_from_slice(&c)
                 }
                 _ => return Err(AgentError::Protocol("expected the rest of the manifest".into())),
             }
         }
-        if blake3::hash(&bytes).as_bytes() != &digest {
+        let root = self.root(false)?;
+        let manifest = match base {
+            None => flip_manifest::decode(&bytes)
+                .map_err(|e| RelError::BadRequest(format!("manifest rejected: {e}")))?,
+            Some(base) => {
+                let live = root
+                    .current()?
+                    .ok_or_else(|| RelError::BadRequest("manifest diff but nothing is live".into()))?;
+                let prev = root.manifest(live)?;
+                if prev.digest().0 != base {
+                    return Err(RelError::BadRequest(format!(
+                        "manifest diff is against another release than the live one ({live})"
+                    ))
+                    .into());
+                }
+                let diff = flip_manifest::decode_diff(&bytes)
+                    .map_err(|e| RelError::BadRequest(format!("manifest diff rejected: {e}")))?;
+                prev.apply(&diff)
+                    .map_err(|e| RelError::BadRequest(format!("manifest diff rejected: {e}")))?
+            }
+        };
+        if manifest.digest().0 != digest {
             return Err(RelError::BadRequest("manifest does not match its digest".into()).into());
         }
-        let manifest = flip_manifest::decode(&bytes)
-            .map_err(|e| RelError::BadRequest(format!("manifest rejected: {e}")))?;
-        let root = self.root(false)?;
         let stage = root.stage(self.locked()?, manifest, label)?;
         let resp = Response::Staged {
             id: stage.id(),
             previous: stage.previous(),
-            needs: stage.needs().iter().map(|i| *i as u32).collect(),
+            needs: stage
+                .needs()
+                .iter()
+                .map(|&i| Need {
+                    index: i as u32,
+                    basis: stage.basis_of(i),
+                })
+                .collect(),
             linked: stage.stats().linked,
             copied: stage.stats().copied,
+            removed: stage.plan().stats.removed,
         };
         self.stage = Some(stage);
         Ok(resp)

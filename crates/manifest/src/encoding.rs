@@ -12,9 +12,13 @@
 //! [`RelPath`] order, each once; the decoder rejects anything else, so every manifest has exactly
 //! one encoding.
 
-use crate::{Digest, Entry, EntryKind, Manifest, ManifestError, PathError, RelPath, MAX_ENTRIES};
+use crate::{
+    Digest, Entry, EntryKind, Manifest, ManifestDiff, ManifestError, PathError, RelPath,
+    MAX_ENTRIES,
+};
 
 const MAGIC: &[u8; 8] = b"FLIPMAN1";
+const DIFF_MAGIC: &[u8; 8] = b"FLIPDIF1";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -43,33 +47,7 @@ pub enum DecodeError {
 pub fn encode(m: &Manifest) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + m.len() * 48);
     out.extend_from_slice(MAGIC);
-    put_varint(&mut out, m.len() as u64);
-    let mut prev: &str = "";
-    for e in m.entries() {
-        let path = e.path.as_str();
-        let shared = common_prefix(prev, path);
-        put_varint(&mut out, shared as u64);
-        put_varint(&mut out, (path.len() - shared) as u64);
-        out.extend_from_slice(&path.as_bytes()[shared..]);
-        match &e.kind {
-            EntryKind::Dir { mode } => {
-                out.push(0);
-                put_varint(&mut out, *mode as u64);
-            }
-            EntryKind::File { mode, size, digest } => {
-                out.push(1);
-                put_varint(&mut out, *mode as u64);
-                put_varint(&mut out, *size);
-                out.extend_from_slice(&digest.0);
-            }
-            EntryKind::Symlink { target } => {
-                out.push(2);
-                put_varint(&mut out, target.len() as u64);
-                out.extend_from_slice(target.as_bytes());
-            }
-        }
-        prev = path;
-    }
+    put_entries(&mut out, m.entries());
     out
 }
 
@@ -78,63 +56,78 @@ pub fn decode(buf: &[u8]) -> Result<Manifest, DecodeError> {
     if r.take(MAGIC.len())? != MAGIC {
         return Err(DecodeError::BadMagic);
     }
-    let count = r.varint()?;
-    // Every entry takes at least 4 bytes; a count beyond that is a lie, not an allocation request.
-    if count > MAX_ENTRIES as u64 || count > (buf.len() as u64) / 4 + 1 {
-        return Err(DecodeError::Count(count));
+    let entries = r.entries()?;
+    r.end()?;
+    Ok(Manifest::from_sorted(entries)?)
+}
+
+/// The canonical encoding of a [`ManifestDiff`]: `"FLIPDIF1"`, the removed paths (count, then
+/// prefix-compressed paths), then the added or changed entries (as in a manifest).
+pub fn encode_diff(d: &ManifestDiff) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + d.removed.len() * 24 + d.upserts.len() * 48);
+    out.extend_from_slice(DIFF_MAGIC);
+    put_varint(&mut out, d.removed.len() as u64);
+    let mut prev = "";
+    for p in &d.removed {
+        put_path(&mut out, prev, p.as_str());
+        prev = p.as_str();
     }
-    let mut entries: Vec<Entry> = Vec::with_capacity(count as usize);
+    put_entries(&mut out, &d.upserts);
+    out
+}
+
+pub fn decode_diff(buf: &[u8]) -> Result<ManifestDiff, DecodeError> {
+    let mut r = Reader { buf, pos: 0 };
+    if r.take(DIFF_MAGIC.len())? != DIFF_MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let count = r.count()?;
+    let mut removed: Vec<RelPath> = Vec::with_capacity(count);
     let mut prev = String::new();
-    for index in 0..count as usize {
-        let shared = r.varint()? as usize;
-        if shared > prev.len() {
-            return Err(DecodeError::BadPrefix(index));
-        }
-        let len = r.varint()? as usize;
-        let suffix = r.take(len)?;
-        let mut raw = Vec::with_capacity(shared + len);
-        raw.extend_from_slice(&prev.as_bytes()[..shared]);
-        raw.extend_from_slice(suffix);
-        let path =
-            RelPath::from_bytes(&raw).map_err(|source| DecodeError::BadPath { index, source })?;
-        let kind = match r.byte()? {
-            0 => EntryKind::Dir {
-                mode: r.mode()?,
-            },
-            1 => {
-                let mode = r.mode()?;
-                let size = r.varint()?;
-                let mut d = [0u8; 32];
-                d.copy_from_slice(r.take(32)?);
-                EntryKind::File {
-                    mode,
-                    size,
-                    digest: Digest(d),
-                }
-            }
-            2 => {
-                let len = r.varint()? as usize;
-                let t = r.take(len)?;
-                let target = String::from_utf8(t.to_vec()).map_err(|_| DecodeError::BadPath {
-                    index,
-                    source: PathError::NotUtf8(String::from_utf8_lossy(t).into_owned()),
-                })?;
-                EntryKind::Symlink { target }
-            }
-            _ => return Err(DecodeError::BadKind(index)),
-        };
-        if let Some(last) = entries.last() {
-            if last.path >= path {
-                return Err(DecodeError::Order(index));
-            }
+    for index in 0..count {
+        let path = r.path(index, &prev)?;
+        if removed.last().is_some_and(|last| *last >= path) {
+            return Err(DecodeError::Order(index));
         }
         prev = path.as_str().to_string();
-        entries.push(Entry { path, kind });
+        removed.push(path);
     }
-    if r.pos != buf.len() {
-        return Err(DecodeError::Trailing(buf.len() - r.pos));
+    let upserts = r.entries()?;
+    r.end()?;
+    Ok(ManifestDiff { removed, upserts })
+}
+
+fn put_path(out: &mut Vec<u8>, prev: &str, path: &str) {
+    let shared = common_prefix(prev, path);
+    put_varint(out, shared as u64);
+    put_varint(out, (path.len() - shared) as u64);
+    out.extend_from_slice(&path.as_bytes()[shared..]);
+}
+
+fn put_entries(out: &mut Vec<u8>, entries: &[Entry]) {
+    put_varint(out, entries.len() as u64);
+    let mut prev: &str = "";
+    for e in entries {
+        put_path(out, prev, e.path.as_str());
+        match &e.kind {
+            EntryKind::Dir { mode } => {
+                out.push(0);
+                put_varint(out, *mode as u64);
+            }
+            EntryKind::File { mode, size, digest } => {
+                out.push(1);
+                put_varint(out, *mode as u64);
+                put_varint(out, *size);
+                out.extend_from_slice(&digest.0);
+            }
+            EntryKind::Symlink { target } => {
+                out.push(2);
+                put_varint(out, target.len() as u64);
+                out.extend_from_slice(target.as_bytes());
+            }
+        }
+        prev = e.path.as_str();
     }
-    Ok(Manifest::from_sorted(entries)?)
 }
 
 fn common_prefix(a: &str, b: &str) -> usize {
@@ -189,6 +182,79 @@ impl<'a> Reader<'a> {
             }
         }
         Err(DecodeError::BadVarint)
+    }
+
+    /// An element count, refused when the rest of the buffer could not hold that many.
+    fn count(&mut self) -> Result<usize, DecodeError> {
+        let count = self.varint()?;
+        // Every element takes at least 3 bytes; a count beyond that is a lie, not an
+        // allocation request.
+        let room = (self.buf.len() - self.pos) as u64 / 3;
+        if count > MAX_ENTRIES as u64 || count > room {
+            return Err(DecodeError::Count(count));
+        }
+        Ok(count as usize)
+    }
+
+    fn path(&mut self, index: usize, prev: &str) -> Result<RelPath, DecodeError> {
+        let shared = self.varint()? as usize;
+        if shared > prev.len() {
+            return Err(DecodeError::BadPrefix(index));
+        }
+        let len = self.varint()? as usize;
+        let suffix = self.take(len)?;
+        let mut raw = Vec::with_capacity(shared + len);
+        raw.extend_from_slice(&prev.as_bytes()[..shared]);
+        raw.extend_from_slice(suffix);
+        RelPath::from_bytes(&raw).map_err(|source| DecodeError::BadPath { index, source })
+    }
+
+    /// Entries in strictly increasing path order.
+    fn entries(&mut self) -> Result<Vec<Entry>, DecodeError> {
+        let count = self.count()?;
+        let mut entries: Vec<Entry> = Vec::with_capacity(count);
+        let mut prev = String::new();
+        for index in 0..count {
+            let path = self.path(index, &prev)?;
+            let kind = match self.byte()? {
+                0 => EntryKind::Dir { mode: self.mode()? },
+                1 => {
+                    let mode = self.mode()?;
+                    let size = self.varint()?;
+                    let mut d = [0u8; 32];
+                    d.copy_from_slice(self.take(32)?);
+                    EntryKind::File {
+                        mode,
+                        size,
+                        digest: Digest(d),
+                    }
+                }
+                2 => {
+                    let len = self.varint()? as usize;
+                    let t = self.take(len)?;
+                    let target =
+                        String::from_utf8(t.to_vec()).map_err(|_| DecodeError::BadPath {
+                            index,
+                            source: PathError::NotUtf8(String::from_utf8_lossy(t).into_owned()),
+                        })?;
+                    EntryKind::Symlink { target }
+                }
+                _ => return Err(DecodeError::BadKind(index)),
+            };
+            if entries.last().is_some_and(|last| last.path >= path) {
+                return Err(DecodeError::Order(index));
+            }
+            prev = path.as_str().to_string();
+            entries.push(Entry { path, kind });
+        }
+        Ok(entries)
+    }
+
+    fn end(&self) -> Result<(), DecodeError> {
+        if self.pos != self.buf.len() {
+            return Err(DecodeError::Trailing(self.buf.len() - self.pos));
+        }
+        Ok(())
     }
 
     fn mode(&mut self) -> Result<u32, DecodeError> {

@@ -9,7 +9,7 @@
 mod encoding;
 mod path;
 
-pub use encoding::{decode, encode, DecodeError};
+pub use encoding::{decode, decode_diff, encode, encode_diff, DecodeError};
 pub use path::{PathError, RelPath, MAX_COMPONENT_LEN, MAX_PATH_LEN};
 
 use serde::{Deserialize, Serialize};
@@ -211,6 +211,91 @@ impl Manifest {
     }
 }
 
+/// The difference between two manifests: paths that are gone, and entries that are new or
+/// changed. A client that knows the target's live manifest sends this instead of the whole new
+/// one; the target applies it and checks the result against the new manifest's digest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ManifestDiff {
+    /// Sorted, each once.
+    pub removed: Vec<RelPath>,
+    /// Sorted, each once.
+    pub upserts: Vec<Entry>,
+}
+
+impl ManifestDiff {
+    pub fn is_empty(&self) -> bool {
+        self.removed.is_empty() && self.upserts.is_empty()
+    }
+}
+
+impl Manifest {
+    /// What turns `self` into `new`.
+    pub fn diff(&self, new: &Manifest) -> ManifestDiff {
+        let (mut a, mut b) = (self.entries.iter().peekable(), new.entries.iter().peekable());
+        let mut d = ManifestDiff::default();
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some(x), None) => {
+                    d.removed.push(x.path.clone());
+                    a.next();
+                }
+                (None, Some(y)) => {
+                    d.upserts.push((*y).clone());
+                    b.next();
+                }
+                (Some(x), Some(y)) => match x.path.cmp(&y.path) {
+                    std::cmp::Ordering::Less => {
+                        d.removed.push(x.path.clone());
+                        a.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        d.upserts.push((*y).clone());
+                        b.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if x.kind != y.kind {
+                            d.upserts.push((*y).clone());
+                        }
+                        a.next();
+                        b.next();
+                    }
+                },
+            }
+        }
+        d
+    }
+
+    /// `self` with `diff` applied, validated like any manifest.
+    pub fn apply(&self, diff: &ManifestDiff) -> Result<Manifest, ManifestError> {
+        let mut out = Vec::with_capacity(self.len() + diff.upserts.len());
+        let mut removed = diff.removed.iter().peekable();
+        let mut ups = diff.upserts.iter().peekable();
+        for e in &self.entries {
+            while let Some(u) = ups.peek() {
+                if u.path < e.path {
+                    out.push((*u).clone());
+                    ups.next();
+                } else {
+                    break;
+                }
+            }
+            while removed.peek().is_some_and(|r| **r < e.path) {
+                removed.next();
+            }
+            let is_removed = removed.peek().is_some_and(|r| **r == e.path);
+            let replaced = ups.peek().is_some_and(|u| u.path == e.path);
+            if replaced {
+                out.push(ups.next().unwrap().clone());
+            } else if !is_removed {
+                out.push(e.clone());
+            }
+        }
+        out.extend(ups.cloned());
+        Manifest::from_sorted(out)
+    }
+}
+
 fn validate_kind(e: &Entry) -> Result<(), ManifestError> {
     match &e.kind {
         EntryKind::Dir { mode } | EntryKind::File { mode, .. } => {
@@ -293,6 +378,45 @@ mod tests {
             Manifest::new(vec![bad]),
             Err(ManifestError::BadMode { .. })
         ));
+    }
+
+    #[test]
+    fn diff_and_apply_roundtrip() {
+        let old = Manifest::new(vec![
+            dir("a"),
+            file("a/x", b"1"),
+            file("a/y", b"2"),
+            dir("gone"),
+            file("gone/z", b"3"),
+            file("top", b"4"),
+        ])
+        .unwrap();
+        let new = Manifest::new(vec![
+            dir("a"),
+            file("a/x", b"1"),
+            file("a/y", b"changed"),
+            dir("b"),
+            file("b/new", b"5"),
+            file("top", b"4"),
+        ])
+        .unwrap();
+        let d = old.diff(&new);
+        assert_eq!(
+            d.removed.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+            ["gone", "gone/z"]
+        );
+        assert_eq!(d.upserts.len(), 3);
+        assert_eq!(old.apply(&d).unwrap(), new);
+        let bytes = encode_diff(&d);
+        assert_eq!(decode_diff(&bytes).unwrap(), d);
+        assert!(old.diff(&old).is_empty());
+        assert_eq!(Manifest::default().apply(&Manifest::default().diff(&new)).unwrap(), new);
+        // Removing a directory but not its content leaves an orphan: refused.
+        let bad = ManifestDiff {
+            removed: vec![p("gone")],
+            upserts: vec![],
+        };
+        assert!(old.apply(&bad).is_err());
     }
 
     #[test]

@@ -116,6 +116,18 @@ impl<'r> Stage<'r> {
         &self.stats
     }
 
+    /// The previous version of `plan().files[index]` at the same path and its size, if the plan
+    /// found one: what a delta can be computed against.
+    pub fn basis_of(&self, index: usize) -> Option<(RelPath, u64)> {
+        let Source::Transfer { basis: Some(b) } = &self.plan.files.get(index)?.source else {
+            return None;
+        };
+        match self.prev.as_ref()?.1.get(b) {
+            Some(EntryKind::File { size, .. }) => Some((b.clone(), *size)),
+            _ => None,
+        }
+    }
+
     /// Indexes into `plan().files` whose content must come from the client, ascending.
     pub fn needs(&self) -> &[usize] {
         &self.needs

@@ -1,8 +1,8 @@
 //! Streaming file content to the agent: literal bytes or rsync deltas, prepared in parallel,
 //! written in order of readiness, each file's frames contiguous.
 
-use crate::{basis_for, DeployReport, Result, Session, TransferError};
-use flip_manifest::{Digest, Manifest, RelPath};
+use crate::{DeployReport, Result, Session, TransferError};
+use flip_manifest::{Digest, RelPath};
 use flip_plan::Plan;
 use flip_wire::{Mtime, Request, CHUNK};
 use rayon::prelude::*;
@@ -23,16 +23,6 @@ const QUEUE: usize = 16;
 pub(crate) struct Job {
     pub index: usize,
     pub basis: Option<RelPath>,
-}
-
-pub(crate) fn choose(plan: &Plan, previous: Option<&Manifest>, needs: &[usize]) -> Vec<Job> {
-    needs
-        .iter()
-        .map(|&index| Job {
-            index,
-            basis: basis_for(plan, previous, index),
-        })
-        .collect()
 }
 
 /// A file ready to go: its frames and what they count for.

@@ -8,10 +8,12 @@
 //! literal bytes for new ones — and commits. Reading, hashing and delta computation run in
 //! parallel (rayon) while the main thread writes frames, so the connection stays busy.
 
+mod cache;
 mod content;
 
-use flip_manifest::{Manifest, RelPath};
-use flip_plan::{Plan, Source};
+pub use cache::ManifestCache;
+
+use flip_manifest::Manifest;
 use flip_transport::{AgentStream, Finish, TransportError};
 use flip_wire::{
     ErrorClass, FrameReader, FrameWriter, Holder, ReleaseSummary, Request, Response, SigItem,
@@ -229,9 +231,9 @@ impl Session {
             .map_err(|e| self.protocol(format!("the agent sent a bad manifest: {e}")))
     }
 
-    /// Builds a release of `manifest` on the target from the files under `source`, planned
-    /// against `previous` (the live release's manifest). Returns once the release is committed
-    /// (complete and durable, not yet live).
+    /// Builds a release of `manifest` on the target from the files under `source`. When the
+    /// client knows the live release's manifest (`previous`), only the difference is sent.
+    /// Returns once the release is committed (complete and durable, not yet live).
     pub fn stage(
         &mut self,
         source: &Path,
@@ -239,39 +241,69 @@ impl Session {
         previous: Option<&Manifest>,
         label: Option<String>,
     ) -> Result<DeployReport> {
-        let plan = flip_plan::plan(previous, manifest);
-        let encoded = flip_manifest::encode(manifest);
+        // The files in manifest order: what the agent's indexes refer to.
+        let plan = flip_plan::plan(None, manifest);
+        let (base, payload) = match previous {
+            Some(prev) => (
+                Some(prev.digest().0),
+                flip_manifest::encode_diff(&prev.diff(manifest)),
+            ),
+            None => (None, flip_manifest::encode(manifest)),
+        };
         self.queue(&Request::Stage {
             label,
-            manifest_len: encoded.len() as u64,
-            digest: *blake3::hash(&encoded).as_bytes(),
+            base,
+            payload_len: payload.len() as u64,
+            digest: manifest.digest().0,
         })?;
-        for c in encoded.chunks(CHUNK) {
+        for c in payload.chunks(CHUNK) {
             self.queue(&Request::ManifestChunk(c.to_vec()))?;
         }
         self.tx.flush().map_err(|e| self.agent_error_or(e))?;
-        let (release, prev_id, needs) = match self.recv()? {
+        let mut report = DeployReport {
+            files: plan.stats.files,
+            ..Default::default()
+        };
+        let needs = match self.recv()? {
             Response::Staged {
                 id,
                 previous,
                 needs,
-                ..
-            } => (id, previous, needs),
+                linked,
+                copied,
+                removed,
+            } => {
+                report.release = id;
+                report.previous = previous;
+                report.linked = linked;
+                report.copied = copied;
+                report.removed = removed;
+                needs
+            }
             other => return Err(self.unexpected(&other)),
         };
-        let mut needs: Vec<usize> = needs.into_iter().map(|i| i as usize).collect();
-        needs.sort_unstable();
-        needs.dedup();
-        if needs.last().is_some_and(|i| *i >= plan.files.len()) {
-            return Err(self.protocol("the agent asked for a file that does not exist".into()));
+        let mut last = None;
+        let mut jobs = Vec::with_capacity(needs.len());
+        for n in needs {
+            let index = n.index as usize;
+            if index >= plan.files.len() || last.is_some_and(|l| l >= index) {
+                return Err(self.protocol("the agent asked for files out of range or order".into()));
+            }
+            last = Some(index);
+            let size = plan.files[index].size;
+            let basis = n
+                .basis
+                .filter(|(_, bsize)| size >= DELTA_MIN && *bsize >= DELTA_MIN)
+                .map(|(b, _)| b);
+            jobs.push(content::Job { index, basis });
         }
-        let jobs = content::choose(&plan, previous, &needs);
+        report.matched_bytes = manifest.total_bytes()
+            - jobs.iter().map(|j| plan.files[j.index].size).sum::<u64>();
         let sigs = self.signatures(&jobs)?;
-        let mut report = base_report(&plan, release, prev_id, needs.len());
         content::send(self, source, &plan, &jobs, sigs, &mut report)?;
         self.send(&Request::Commit)?;
         match self.recv()? {
-            Response::Committed { id, .. } if id == release => Ok(report),
+            Response::Committed { id, .. } if id == report.release => Ok(report),
             other => Err(self.unexpected(&other)),
         }
     }
@@ -356,22 +388,6 @@ impl Session {
     }
 }
 
-fn base_report(plan: &Plan, release: u64, previous: Option<u64>, needs: usize) -> DeployReport {
-    let s = &plan.stats;
-    // Links the agent could not make (source altered on disk) became transfers.
-    let fallbacks = (needs as u64).saturating_sub(s.transfers);
-    DeployReport {
-        release,
-        previous,
-        files: s.files,
-        linked: s.linked.saturating_sub(fallbacks),
-        copied: s.copied,
-        removed: s.removed,
-        matched_bytes: s.matched_bytes,
-        ..Default::default()
-    }
-}
-
 fn name(r: &Response) -> &'static str {
     match r {
         Response::Welcome { .. } => "Welcome",
@@ -391,15 +407,3 @@ fn name(r: &Response) -> &'static str {
     }
 }
 
-/// A plan's file that needs content, as the client will send it.
-pub(crate) fn basis_for(plan: &Plan, previous: Option<&Manifest>, index: usize) -> Option<RelPath> {
-    let step = &plan.files[index];
-    let Source::Transfer { basis: Some(b) } = &step.source else {
-        return None;
-    };
-    let prev_size = previous.and_then(|m| match m.get(b) {
-        Some(flip_manifest::EntryKind::File { size, .. }) => Some(*size),
-        _ => None,
-    })?;
-    (step.size >= DELTA_MIN && prev_size >= DELTA_MIN).then(|| b.clone())
-}

@@ -24,7 +24,7 @@ use flip_manifest::RelPath;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 32 << 20;
@@ -55,6 +55,14 @@ pub struct ReleaseSummary {
     pub current: bool,
 }
 
+/// A file the agent needs: `index` into the new manifest's regular files (in manifest order),
+/// and the previous version at the same path with its size, usable as a delta basis.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Need {
+    pub index: u32,
+    pub basis: Option<(RelPath, u64)>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SigItem {
     pub index: u32,
@@ -78,10 +86,13 @@ pub enum Request {
     GetManifest {
         id: u64,
     },
-    /// Start a release holding the manifest that follows in `ManifestChunk`s.
+    /// Start a release. `payload_len` bytes follow in `ManifestChunk`s: the whole new manifest
+    /// when `base` is `None`, else a manifest diff against the live release's manifest, whose
+    /// digest `base` must be. `digest` is the new manifest's digest, checked by the agent.
     Stage {
         label: Option<String>,
-        manifest_len: u64,
+        base: Option<[u8; 32]>,
+        payload_len: u64,
         digest: [u8; 32],
     },
     ManifestChunk(Vec<u8>),
@@ -156,10 +167,12 @@ pub enum Response {
     Staged {
         id: u64,
         previous: Option<u64>,
-        /// Plan indexes whose content the agent needs.
-        needs: Vec<u32>,
+        /// The files whose content the agent needs, ascending.
+        needs: Vec<Need>,
         linked: u64,
         copied: u64,
+        /// Files of the previous release no longer in the new one.
+        removed: u64,
     },
     Signature {
         index: u32,
