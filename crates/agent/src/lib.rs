@@ -52,7 +52,7 @@ type Result<T, E = AgentError> = std::result::Result<T, E>;
 
 /// A file whose content is arriving in chunks.
 enum Incoming {
-    Literal(FileWriter),
+    Literal(Box<FileWriter>),
     Delta {
         index: u32,
         basis: RelPath,
@@ -321,7 +321,7 @@ impl Session {
                 last,
             } => {
                 let w = match self.incoming.take() {
-                    None => self.stage_mut()?.begin_file(index as usize)?,
+                    None => Box::new(self.stage_mut()?.begin_file(index as usize)?),
                     Some(Incoming::Literal(w)) if w.index() == index as usize => w,
                     Some(_) => return Err(interrupted(index)),
                 };
@@ -528,10 +528,10 @@ impl Session {
         Ok(resp)
     }
 
-    fn literal(&mut self, mut w: FileWriter, data: &[u8], last: bool, mtime: Mtime) -> Result<()> {
+    fn literal(&mut self, mut w: Box<FileWriter>, data: &[u8], last: bool, mtime: Mtime) -> Result<()> {
         w.write(data)?;
         if last {
-            self.stage_mut()?.finish_file(w, mtime)?;
+            self.stage_mut()?.finish_file(*w, mtime)?;
             flip_release::fault_point("mid-transfer");
         } else {
             self.incoming = Some(Incoming::Literal(w));

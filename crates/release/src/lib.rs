@@ -268,9 +268,7 @@ impl Root {
         let mut kept = 0usize;
         let mut doomed = Vec::new();
         for r in releases.iter().rev() {
-            if protected.contains(&r.id) {
-                kept += 1;
-            } else if kept < keep {
+            if protected.contains(&r.id) || kept < keep {
                 kept += 1;
             } else {
                 doomed.push(r.id);
