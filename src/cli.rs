@@ -29,6 +29,8 @@ pub enum Command {
     Prune(PruneArgs),
     /// Re-read a release on TARGET (default: the live one) and compare it with its manifest.
     Verify(VerifyArgs),
+    /// Show what a deploy from OLD to NEW would do and send (no target needed).
+    Diff(DiffArgs),
     /// Serve the agent protocol on stdin/stdout (started by flip itself, locally or over SSH).
     #[command(hide = true)]
     Agent(AgentArgs),
@@ -142,6 +144,25 @@ pub struct VerifyArgs {
     pub json: bool,
     #[command(flatten)]
     pub ssh: SshArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    /// The tree that is live.
+    pub old: PathBuf,
+    /// The tree to deploy.
+    pub new: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+    /// Leave out paths matching this gitignore-style pattern (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Do not read .flipignore in either tree.
+    #[arg(long)]
+    pub no_flipignore: bool,
+    /// zstd level to estimate with, as for deploy.
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub compress_level: i32,
 }
 
 #[derive(Args, Debug)]

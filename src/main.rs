@@ -1,6 +1,7 @@
 //! flip: fast, atomic deploys. See README.md for the tour and ARCHITECTURE.md for the crates.
 
 mod cli;
+mod diff;
 mod exit;
 mod output;
 mod target;
@@ -31,6 +32,7 @@ fn main() {
         Command::Prune(a) => a.common.json,
         Command::Releases(a) => a.json,
         Command::Verify(a) => a.json,
+        Command::Diff(a) => a.json,
         Command::Agent(_) => false,
     };
     let code = match run(cli) {
@@ -58,6 +60,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Activate(a) => activate(a),
         Command::Prune(a) => prune(a),
         Command::Verify(a) => verify(a),
+        Command::Diff(a) => diff::run(a),
         Command::Agent(a) => agent(a),
     }
 }

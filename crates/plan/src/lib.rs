@@ -67,6 +67,18 @@ impl Plan {
     }
 }
 
+/// rsync block size for a delta basis of `len` bytes: about its square root, 1–16 KiB. The agent
+/// picks it when it makes a signature; `flip diff` uses the same rule for its estimates.
+pub fn block_size(len: u64) -> u32 {
+    ((len as f64).sqrt() as u32)
+        .next_power_of_two()
+        .clamp(1024, 16384)
+}
+
+/// Files at least this large whose previous version is at least this large too are worth an
+/// rsync delta; smaller ones are cheaper sent whole inside the compressed stream.
+pub const DELTA_MIN: u64 = 8 * 1024;
+
 pub fn plan(prev: Option<&Manifest>, new: &Manifest) -> Plan {
     let empty = Manifest::default();
     let prev = prev.unwrap_or(&empty);

@@ -322,7 +322,7 @@ impl<'r> Stage<'r> {
     pub fn signature(&self, basis: &RelPath) -> Result<Vec<u8>> {
         let data = self.load_basis(basis)?;
         let opts = fast_rsync::SignatureOptions {
-            block_size: block_size(data.len() as u64),
+            block_size: flip_plan::block_size(data.len() as u64),
             crypto_hash_size: 8,
         };
         Ok(fast_rsync::Signature::calculate(&data, opts).into_serialized())
@@ -404,11 +404,6 @@ impl Drop for Stage<'_> {
             let _ = fsutil::remove_tree(&self.dir);
         }
     }
-}
-
-/// rsync block size for a basis of `len` bytes: about its square root, 1–16 KiB.
-pub fn block_size(len: u64) -> u32 {
-    ((len as f64).sqrt() as u32).next_power_of_two().clamp(1024, 16384)
 }
 
 enum Basis {

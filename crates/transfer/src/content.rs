@@ -242,3 +242,14 @@ fn stream_large(
         size: step.size,
     })
 }
+
+/// The rsync delta that would turn `old` into `new`, computed locally with the same signature
+/// parameters the agent uses; `None` when sending `new` whole is smaller. For `flip diff`.
+pub fn local_delta(old: &[u8], new: &[u8]) -> Option<Vec<u8>> {
+    let opts = fast_rsync::SignatureOptions {
+        block_size: flip_plan::block_size(old.len() as u64),
+        crypto_hash_size: 8,
+    };
+    let sig = fast_rsync::Signature::calculate(old, opts);
+    delta(sig.serialized(), new)
+}

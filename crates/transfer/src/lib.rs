@@ -12,6 +12,7 @@ mod cache;
 mod content;
 
 pub use cache::ManifestCache;
+pub use content::local_delta;
 
 use flip_manifest::Manifest;
 use flip_transport::{AgentStream, Finish, TransportError};
@@ -22,9 +23,7 @@ use flip_wire::{
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Files at least this large that have a previous version are sent as rsync deltas; smaller
-/// ones are cheaper whole inside the compressed stream.
-pub const DELTA_MIN: u64 = 8 * 1024;
+pub use flip_plan::DELTA_MIN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
