@@ -88,6 +88,9 @@ pub struct DeployArgs {
     /// Stage the release but leave `current` where it is; `flip activate` makes it live later.
     #[arg(long)]
     pub no_activate: bool,
+    /// Show what the deploy would do against the live release, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// zstd level for the connection, 1-19; 0 turns compression off.
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compress_level: i32,

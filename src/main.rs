@@ -169,6 +169,9 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
     for w in &scan.warnings {
         eprintln!("flip: warning: {w}");
     }
+    if a.dry_run {
+        return dry_run(&a, &target, &scan.manifest, started);
+    }
     let mut s = locked_session(&target, &a.common, "deploy", a.compress_level)?;
     let (current, releases) = s.status()?;
     // With the live manifest in the local cache, only the difference to it is sent.
@@ -237,6 +240,67 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
             output::bytes(sent),
             output::bytes(received),
             ms as f64 / 1000.0
+        );
+    }
+    Ok(exit::OK)
+}
+
+/// `deploy --dry-run`: plan against the live release's manifest; no lock, no change.
+fn dry_run(
+    a: &cli::DeployArgs,
+    target: &Target,
+    manifest: &flip_manifest::Manifest,
+    started: Instant,
+) -> Result<i32> {
+    let mut s = target.connect(&a.common.ssh, a.compress_level)?;
+    let (current, _) = match s.status() {
+        Ok(st) => st,
+        // A target that does not exist yet would simply get everything.
+        Err(flip_transfer::TransferError::Remote {
+            class: flip_wire::ErrorClass::Target,
+            ..
+        }) => (None, Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let previous = match current {
+        Some(id) => Some(s.manifest(id)?),
+        None => None,
+    };
+    let _ = s.close();
+    let plan = flip_plan::plan(previous.as_ref(), manifest);
+    let st = &plan.stats;
+    let deltas = plan
+        .transfers()
+        .filter(|(_, f)| {
+            matches!(&f.source, flip_plan::Source::Transfer { basis: Some(_) })
+                && f.size >= flip_plan::DELTA_MIN
+        })
+        .count() as u64;
+    if a.common.json {
+        println!(
+            "{}",
+            json!({
+                "dry_run": true, "target": target.display(), "live": current,
+                "files": {
+                    "total": st.files, "linked": st.linked, "copied": st.copied,
+                    "delta": deltas, "literal": st.transfers - deltas, "removed": st.removed,
+                },
+                "bytes": {"transfer": st.transfer_bytes, "matched": st.matched_bytes},
+                "duration_ms": started.elapsed().as_millis() as u64,
+            })
+        );
+    } else {
+        eprintln!(
+            "flip: dry run against {} (live: {}): {} files ({} linked, {} copied, {} delta candidates, {} new or small changed, {} removed); {} to transfer before delta and compression",
+            target.display(),
+            current.map_or("none".to_string(), |c| format!("release {c}")),
+            st.files,
+            st.linked,
+            st.copied,
+            deltas,
+            st.transfers - deltas,
+            st.removed,
+            output::bytes(st.transfer_bytes)
         );
     }
     Ok(exit::OK)
