@@ -419,7 +419,7 @@ impl Session {
                     None => root.rollback_target(current)?,
                 };
                 if target == current {
-                    return Err(RelError::BadRequest(format!("release {target} is already live")).into());
+                    return Err(RelError::AlreadyLive(target).into());
                 }
                 let previous = root.activate(lock, target)?;
                 self.log(serde_json::json!({

@@ -42,6 +42,8 @@ pub enum Error {
     NothingLive(PathBuf),
     #[error("there is no release older than {current} to roll back to")]
     NothingToRollBack { current: u64 },
+    #[error("release {0} is already live")]
+    AlreadyLive(u64),
     #[error("{} exists and is not a symlink; flip will not replace it (move it away first)", .0.display())]
     CurrentNotSymlink(PathBuf),
     #[error("{} points to {target:?}, not to a release flip made", path.display())]
@@ -68,6 +70,7 @@ impl Error {
             | Error::NoSuchRelease(_)
             | Error::NothingLive(_)
             | Error::NothingToRollBack { .. }
+            | Error::AlreadyLive(_)
             | Error::CurrentNotSymlink(_)
             | Error::CurrentForeign { .. } => ErrorClass::Target,
         }

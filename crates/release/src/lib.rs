@@ -11,6 +11,7 @@
 //!   .flip/next-id                the next release id; ids are never reused
 //!   .flip/releases/7.manifest    canonical manifest of each kept release
 //!   .flip/releases/7.json        its metadata: label, creation time, totals
+//!   .flip/releases/7.stat        inode and mtime of each of its files when it was committed
 //!   .flip/log                    one JSON line per deploy, activation and prune
 //! ```
 //!
@@ -139,6 +140,12 @@ impl Root {
 
     fn info_path(&self, id: u64) -> PathBuf {
         self.meta_dir().join(format!("{id}.json"))
+    }
+
+    /// (inode, mtime) of every file of a release as committed: what lets the next deploy tell
+    /// an intact file it may hard-link from one that was replaced or written to since.
+    fn stat_path(&self, id: u64) -> PathBuf {
+        self.meta_dir().join(format!("{id}.stat"))
     }
 
     /// Takes the deploy lock for the lifetime of the guard.
@@ -288,7 +295,7 @@ impl Root {
         fsutil::remove_tree(&trash)?;
         fs::rename(&dir, &trash).map_err(io("move aside", &dir))?;
         fsutil::fsync_dir(&self.releases_dir())?;
-        for p in [self.manifest_path(id), self.info_path(id)] {
+        for p in [self.manifest_path(id), self.info_path(id), self.stat_path(id)] {
             match fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -17,7 +17,7 @@ use crate::{fsutil, LockGuard, ReleaseInfo, Root, STAGING_PREFIX};
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_plan::{FileStep, Plan, Source};
 use rayon::prelude::*;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -45,6 +45,8 @@ pub struct Stage<'r> {
     id: u64,
     dir: PathBuf,
     prev: Option<(u64, Manifest)>,
+    /// Inode and mtime of the previous release's files when it was committed.
+    prev_stat: HashMap<RelPath, FileStamp>,
     manifest: Manifest,
     plan: Plan,
     needs: Vec<usize>,
@@ -74,6 +76,10 @@ impl Root {
             None => None,
         };
         let plan = flip_plan::plan(prev.as_ref().map(|(_, m)| m), &manifest);
+        let prev_stat = match &prev {
+            Some((id, m)) => self.read_stamps(*id, m),
+            None => HashMap::new(),
+        };
         let id = self.allocate_id()?;
         let dir = self.releases_dir().join(format!("{STAGING_PREFIX}{id}"));
         let mut stage = Stage {
@@ -81,6 +87,7 @@ impl Root {
             id,
             dir,
             prev,
+            prev_stat,
             manifest,
             plan,
             needs: Vec::new(),
@@ -163,7 +170,7 @@ impl<'r> Stage<'r> {
             .files
             .par_iter()
             .map(|step| match (&step.source, &prev_dir) {
-                (Source::Link(from), Some(pd)) => self.link(step, &pd.join(from.as_str())),
+                (Source::Link(from), Some(pd)) => self.link(step, from, &pd.join(from.as_str())),
                 (Source::Copy(from), Some(pd)) => self.copy(step, &pd.join(from.as_str())),
                 _ => Ok(Outcome::Transfer),
             })
@@ -184,14 +191,20 @@ impl<'r> Stage<'r> {
         Ok(())
     }
 
-    /// Hard-links an unchanged file, after checking that the old inode still looks like what
-    /// the old manifest says (a regular file of that size and mode).
-    fn link(&self, step: &FileStep, src: &Path) -> Result<Outcome> {
+    /// Hard-links an unchanged file, after checking that the old inode is still the one the
+    /// previous release committed (same inode and mtime: not replaced, not written to) and looks
+    /// like what the old manifest says (a regular file of that size and mode). Anything else is
+    /// transferred again rather than trusted.
+    fn link(&self, step: &FileStep, from: &RelPath, src: &Path) -> Result<Outcome> {
         match fs::symlink_metadata(src) {
             Ok(m)
                 if m.file_type().is_file()
                     && m.len() == step.size
-                    && m.mode() & 0o777 == step.mode => {}
+                    && m.mode() & 0o777 == step.mode
+                    && self
+                        .prev_stat
+                        .get(from)
+                        .is_none_or(|st| *st == FileStamp::of(&m)) => {}
             _ => return Ok(Outcome::Transfer),
         }
         let dst = self.abs(&step.path);
@@ -385,6 +398,7 @@ impl<'r> Stage<'r> {
         };
         let encoded = flip_manifest::encode(&self.manifest);
         fsutil::write_atomic(&self.root.manifest_path(self.id), &encoded)?;
+        fsutil::write_atomic(&self.root.stat_path(self.id), &self.stamps()?)?;
         fsutil::write_atomic(
             &self.root.info_path(self.id),
             &serde_json::to_vec_pretty(&info).expect("json"),
@@ -395,6 +409,80 @@ impl<'r> Stage<'r> {
         fsutil::fsync_dir(&self.root.releases_dir())?;
         self.committed = true;
         Ok(info)
+    }
+}
+
+impl Stage<'_> {
+    /// Inode and mtime of every staged file, in manifest order.
+    fn stamps(&self) -> Result<Vec<u8>> {
+        let files: Vec<&RelPath> = self.manifest.files().map(|(p, ..)| p).collect();
+        let stamps: Vec<Result<FileStamp>> = files
+            .par_iter()
+            .map(|p| {
+                let abs = self.abs(p);
+                let m = fs::symlink_metadata(&abs).map_err(io("inspect", &abs))?;
+                Ok(FileStamp::of(&m))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(16 + stamps.len() * 20);
+        out.extend_from_slice(STAMP_MAGIC);
+        out.extend_from_slice(&(stamps.len() as u64).to_le_bytes());
+        for st in stamps {
+            let st = st?;
+            out.extend_from_slice(&st.ino.to_le_bytes());
+            out.extend_from_slice(&st.mtime.to_le_bytes());
+            out.extend_from_slice(&st.nsec.to_le_bytes());
+        }
+        Ok(out)
+    }
+}
+
+impl Root {
+    /// The stamps of a release's files by path; empty when missing or not matching the
+    /// manifest (then links are checked by size and mode only).
+    fn read_stamps(&self, id: u64, m: &Manifest) -> HashMap<RelPath, FileStamp> {
+        let Ok(Some(b)) = fsutil::read_optional(&self.stat_path(id)) else {
+            return HashMap::new();
+        };
+        let files: Vec<&RelPath> = m.files().map(|(p, ..)| p).collect();
+        if b.len() != 16 + files.len() * 20
+            || &b[..8] != STAMP_MAGIC
+            || b[8..16] != (files.len() as u64).to_le_bytes()
+        {
+            return HashMap::new();
+        }
+        files
+            .into_iter()
+            .zip(b[16..].chunks_exact(20))
+            .map(|(p, c)| {
+                let st = FileStamp {
+                    ino: u64::from_le_bytes(c[..8].try_into().unwrap()),
+                    mtime: i64::from_le_bytes(c[8..16].try_into().unwrap()),
+                    nsec: u32::from_le_bytes(c[16..20].try_into().unwrap()),
+                };
+                (p.clone(), st)
+            })
+            .collect()
+    }
+}
+
+const STAMP_MAGIC: &[u8; 8] = b"FLIPSTA1";
+
+/// What identifies a file's inode and its last write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    ino: u64,
+    mtime: i64,
+    nsec: u32,
+}
+
+impl FileStamp {
+    fn of(m: &fs::Metadata) -> Self {
+        FileStamp {
+            ino: m.ino(),
+            mtime: m.mtime(),
+            nsec: m.mtime_nsec() as u32,
+        }
     }
 }
 

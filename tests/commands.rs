@@ -1,0 +1,517 @@
+//! The other commands through the real binary: rollback, activate, releases, prune, verify,
+//! the lock, --no-activate, and the errors a user can run into (with their exit codes).
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+/// A target with release 1 (site v1) and release 2 (site v2, live), and both trees.
+fn two_releases(fx: &Fx) -> (Src, Tree, Tree) {
+    let src = fx.src("src");
+    site_v1(&src);
+    let v1 = src.tree();
+    fx.deploy(&src, &[]);
+    site_v2(&src);
+    let v2 = src.tree();
+    fx.deploy(&src, &[]);
+    assert_eq!(fx.current_link(), "releases/2");
+    (src, v1, v2)
+}
+
+/// Deploys a tiny source whose one file says `tag`.
+fn deploy_tag(fx: &Fx, tag: &str, extra: &[&str]) -> serde_json::Value {
+    let src = fx.src("tagged");
+    src.file("version.txt", tag, 0o644);
+    fx.deploy(&src, extra)
+}
+
+#[test]
+fn rollback_and_activate() {
+    let fx = Fx::new();
+    let (_src, v1, v2) = two_releases(&fx);
+    let root = fx.root_str();
+
+    let j = fx.flip(&["rollback", "--json", root]).success().json();
+    assert_eq!(num(&j, "/release"), 1);
+    assert_eq!(num(&j, "/previous"), 2);
+    assert_eq!(fx.current_link(), "releases/1");
+    assert_dir_eq(&fx.current(), &v1, "current after rollback");
+
+    // Nothing older than 1: refused, current untouched.
+    fx.flip(&["rollback", root]).code(5).stderr_has("roll back");
+    assert_eq!(fx.current_link(), "releases/1");
+
+    fx.flip(&["rollback", "--to", "2", root]).success();
+    assert_eq!(fx.current_link(), "releases/2");
+    assert_dir_eq(&fx.current(), &v2, "current after rollback --to 2");
+
+    fx.flip(&["rollback", root]).success();
+    assert_eq!(fx.current_link(), "releases/1");
+    let j = fx.flip(&["activate", "--json", root, "2"]).success().json();
+    assert_eq!(num(&j, "/release"), 2);
+    assert_eq!(num(&j, "/previous"), 1);
+    assert_eq!(fx.current_link(), "releases/2");
+    assert_dir_eq(&fx.current(), &v2, "current after activate 2");
+
+    fx.flip(&["activate", root, "9"])
+        .code(5)
+        .stderr_has("does not exist");
+    fx.flip(&["rollback", "--to", "9", root])
+        .code(5)
+        .stderr_has("does not exist");
+    assert_eq!(fx.current_link(), "releases/2");
+
+    // Both releases still intact after all the switching.
+    assert_dir_eq(&fx.release(1), &v1, "releases/1");
+    assert_dir_eq(&fx.release(2), &v2, "releases/2");
+}
+
+#[test]
+fn rollback_to_the_live_release_is_a_target_error() {
+    let fx = Fx::new();
+    two_releases(&fx);
+    fx.flip(&["rollback", "--to", "2", fx.root_str()])
+        .code(5)
+        .stderr_has("already live");
+    assert_eq!(fx.current_link(), "releases/2");
+}
+
+#[test]
+fn releases_lists_ids_labels_and_the_live_one() {
+    let fx = Fx::new();
+    let root = fx.root_str();
+    // A target that does not exist yet is an error, and is not created.
+    fx.flip(&["releases", root])
+        .code(5)
+        .stderr_has("does not exist");
+    assert!(!fx.root.exists());
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.deploy(&src, &["--label", "first cut"]);
+    site_v2(&src);
+    fx.deploy(&src, &[]);
+
+    let j = fx.flip(&["releases", "--json", root]).success().json();
+    let arr = j.as_array().expect("an array");
+    assert_eq!(arr.len(), 2, "{j}");
+    for (r, id) in arr.iter().zip([1u64, 2]) {
+        let keys: Vec<&str> = r.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        for k in ["id", "label", "created", "files", "bytes", "current"] {
+            assert!(keys.contains(&k), "{k} missing in {r}");
+        }
+        assert_eq!(num(r, "/id"), id);
+        assert_eq!(num(r, "/files"), 10);
+        let created = r["created"].as_str().unwrap();
+        assert_eq!(created.len(), 20, "{created}");
+        assert_eq!(&created[10..11], "T", "{created}");
+        assert!(created.ends_with('Z'), "{created}");
+    }
+    assert!(
+        arr[0]["created"].as_str() <= arr[1]["created"].as_str(),
+        "{j}"
+    );
+    assert_eq!(arr[0]["label"], "first cut");
+    assert!(arr[1]["label"].is_null());
+    assert_eq!(arr[0]["current"], false);
+    assert_eq!(arr[1]["current"], true);
+    let bytes: u64 = files_of(&src.tree())
+        .iter()
+        .map(|f| src.read(f).len() as u64)
+        .sum();
+    assert_eq!(num(&arr[1], "/bytes"), bytes);
+
+    let human = fx.flip(&["releases", root]).success();
+    let rows: Vec<&str> = human.stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{}", human.stdout);
+    let ids: Vec<&str> = rows
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["1", "2"]);
+    assert!(rows[0].contains("first cut"), "{}", rows[0]);
+    assert!(!rows[0].contains('*'), "{}", rows[0]);
+    assert!(rows[1].contains('*'), "{}", rows[1]);
+
+    // After a rollback the live marker moves.
+    fx.flip(&["rollback", root]).success();
+    assert_eq!(fx.listed(), vec![(1, true), (2, false)]);
+}
+
+#[test]
+fn prune_never_removes_the_live_release_or_the_rollback_target() {
+    let fx = Fx::new();
+    let root = fx.root_str();
+    for t in ["a", "b", "c", "d"] {
+        deploy_tag(&fx, t, &["--keep", "10"]);
+    }
+    assert_eq!(fx.release_ids(), vec![1, 2, 3, 4]);
+    fx.flip(&["activate", root, "2"]).success();
+    let r1 = read_tree(&fx.release(1));
+    let r2 = read_tree(&fx.release(2));
+
+    // Live 2, rollback target 1, newest 4: only 3 goes.
+    let j = fx
+        .flip(&["prune", "--json", "--keep", "1", root])
+        .success()
+        .json();
+    assert_eq!(j["removed"], serde_json::json!([3]));
+    assert_eq!(fx.release_ids(), vec![1, 2, 4]);
+    assert_eq!(fx.current_link(), "releases/2");
+    assert_dir_eq(&fx.release(1), &r1, "rollback target after prune");
+    assert_dir_eq(&fx.release(2), &r2, "live release after prune");
+    assert!(!fx.meta_files().iter().any(|f| f.starts_with("3.")));
+
+    // Even keep 0 spares the live release and its rollback target.
+    let j = fx
+        .flip(&["prune", "--json", "--keep", "0", root])
+        .success()
+        .json();
+    assert_eq!(j["removed"], serde_json::json!([4]));
+    assert_eq!(fx.release_ids(), vec![1, 2]);
+    assert_eq!(fx.listed(), vec![(1, false), (2, true)]);
+    fx.flip(&["rollback", root]).success();
+    assert_eq!(fx.current_link(), "releases/1");
+    fx.flip(&["activate", root, "2"]).success();
+
+    // Ids are never reused: 3 and 4 are gone, the next deploy is 5.
+    let j = deploy_tag(&fx, "e", &[]);
+    assert_eq!(num(&j, "/release"), 5);
+
+    // deploy --keep 1: live 6 and rollback target 5 stay, 1 and 2 go.
+    let j = deploy_tag(&fx, "f", &["--keep", "1"]);
+    assert_eq!(num(&j, "/release"), 6);
+    assert_eq!(j["pruned"], serde_json::json!([1, 2]));
+    assert_eq!(fx.release_ids(), vec![5, 6]);
+    assert_eq!(
+        fx.meta_files(),
+        vec!["5.json", "5.manifest", "5.stat", "6.json", "6.manifest", "6.stat"]
+    );
+    assert_eq!(fs::read(fx.current().join("version.txt")).unwrap(), b"f");
+    assert_eq!(fs::read(fx.release(5).join("version.txt")).unwrap(), b"e");
+    fx.flip(&["rollback", root]).success();
+    assert_eq!(fx.current_link(), "releases/5");
+    fx.flip(&["verify", root]).success();
+}
+
+#[test]
+fn ids_are_never_reused_after_pruning_the_newest_releases() {
+    let fx = Fx::new();
+    let root = fx.root_str();
+    for t in ["a", "b", "c"] {
+        deploy_tag(&fx, t, &[]);
+    }
+    fx.flip(&["activate", root, "1"]).success();
+    let j = fx
+        .flip(&["prune", "--json", "--keep", "0", root])
+        .success()
+        .json();
+    assert_eq!(j["removed"], serde_json::json!([2, 3]));
+    assert_eq!(fx.release_ids(), vec![1]);
+    let j = deploy_tag(&fx, "d", &[]);
+    assert_eq!(num(&j, "/release"), 4);
+    assert_eq!(fx.current_link(), "releases/4");
+    assert_eq!(fs::read(fx.current().join("version.txt")).unwrap(), b"d");
+}
+
+/// Takes the target's lock from this process, as another flip would, with a holder record.
+fn hold_lock(fx: &Fx) -> fs::File {
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.root.join(".flip/lock"))
+        .expect("lock file");
+    // SAFETY: flock on a descriptor we own.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(r, 0, "the test could not take the lock");
+    f.set_len(0).unwrap();
+    f.write_all(br#"{"pid":123,"host":"h","user":"u","since":0,"what":"deploy"}"#)
+        .unwrap();
+    f.flush().unwrap();
+    f
+}
+
+#[test]
+fn a_held_lock_fails_at_once_naming_the_holder() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    let v1 = src.tree();
+    fx.deploy(&src, &[]);
+    let next_id = fs::read(fx.root.join(".flip/next-id")).unwrap();
+    let lock = hold_lock(&fx);
+    site_v2(&src);
+    let root = fx.root_str();
+
+    fx.flip(&["deploy", src.s(), root])
+        .code(3)
+        .stderr_has("pid 123")
+        .stderr_has("--wait");
+    let j = fx.flip(&["deploy", "--json", src.s(), root]).code(3).json();
+    assert_eq!(num(&j, "/error/code"), 3);
+    assert!(
+        j["error"]["message"].as_str().unwrap().contains("pid 123"),
+        "{j}"
+    );
+    // Other commands that change the target honour the lock too.
+    fx.flip(&["rollback", root]).code(3).stderr_has("pid 123");
+    fx.flip(&["activate", root, "1"]).code(3);
+    fx.flip(&["prune", root]).code(3);
+
+    // Nothing happened: same release, same content, no id used up.
+    assert_eq!(fx.current_link(), "releases/1");
+    assert_eq!(fx.release_ids(), vec![1]);
+    assert!(fx.release_leftovers().is_empty());
+    assert_dir_eq(&fx.current(), &v1, "current while locked");
+    assert_eq!(fs::read(fx.root.join(".flip/next-id")).unwrap(), next_id);
+
+    // Read-only commands do not need the lock.
+    fx.flip(&["releases", root]).success();
+    fx.flip(&["verify", root]).success();
+
+    drop(lock);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(num(&j, "/release"), 2);
+}
+
+#[test]
+fn deploy_wait_blocks_until_the_lock_is_released() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.deploy(&src, &[]);
+    site_v2(&src);
+    let v2 = src.tree();
+
+    let lock = hold_lock(&fx);
+    let mut waiting = fx.spawn(&[], &["deploy", "--wait", "--json", src.s(), fx.root_str()]);
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        drop(lock);
+    });
+    // It cannot have finished while the lock is held (it may not even have asked yet).
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        waiting.is_running(),
+        "deploy --wait did not wait for the lock"
+    );
+    releaser.join().unwrap();
+
+    let run = waiting.finish(TIMEOUT).success();
+    assert!(run.stderr.contains("pid 123"), "{}", run.stderr);
+    assert!(run.stderr.contains("waiting"), "{}", run.stderr);
+    assert_eq!(num(&run.json(), "/release"), 2);
+    assert_eq!(fx.current_link(), "releases/2");
+    assert_dir_eq(&fx.current(), &v2, "current after waiting");
+}
+
+#[test]
+fn no_activate_stages_without_going_live() {
+    let fx = Fx::new();
+    let root = fx.root_str();
+    let src = fx.src("src");
+    site_v1(&src);
+    let v1 = src.tree();
+    fx.deploy(&src, &[]);
+    site_v2(&src);
+    let v2 = src.tree();
+
+    let j = fx.deploy(&src, &["--no-activate", "--keep", "0"]);
+    assert_eq!(num(&j, "/release"), 2);
+    assert_eq!(j["activated"], false);
+    assert_eq!(j["pruned"], serde_json::json!([]));
+    assert_eq!(fx.current_link(), "releases/1");
+    assert_dir_eq(&fx.current(), &v1, "current after --no-activate");
+    assert_dir_eq(&fx.release(2), &v2, "staged release 2");
+    assert_eq!(fx.listed(), vec![(1, true), (2, false)]);
+    fx.flip(&["verify", root, "2"]).success();
+
+    let j = fx.flip(&["activate", "--json", root, "2"]).success().json();
+    assert_eq!(num(&j, "/release"), 2);
+    assert_eq!(num(&j, "/previous"), 1);
+    assert_eq!(fx.current_link(), "releases/2");
+    assert_dir_eq(&fx.current(), &v2, "current after activate");
+    assert_eq!(fx.listed(), vec![(1, false), (2, true)]);
+}
+
+#[test]
+fn verify_detects_a_tampered_file() {
+    let fx = Fx::new();
+    let root = fx.root_str();
+    two_releases(&fx);
+    fx.flip(&["verify", root]).success();
+    let j = fx.flip(&["verify", "--json", root]).success().json();
+    assert_eq!(j["ok"], true);
+    assert_eq!(num(&j, "/release"), 2);
+    assert_eq!(j["problems"], serde_json::json!([]));
+
+    // Same length, same mode, different bytes, in a new inode (index.html is shared with
+    // release 1, which must stay intact).
+    let live = fx.release(2).join("index.html");
+    let original = fs::read(&live).unwrap();
+    let mut forged = original.clone();
+    forged[0] ^= 0x20;
+    let tmp = fx.release(2).join(".forged");
+    fs::write(&tmp, &forged).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::rename(&tmp, &live).unwrap();
+
+    fx.flip(&["verify", root]).code(7).stderr_has("index.html");
+    let j = fx.flip(&["verify", "--json", root]).code(7).json();
+    assert_eq!(j["ok"], false);
+    let problems = j["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{j}");
+    assert!(problems[0].as_str().unwrap().contains("index.html"), "{j}");
+
+    // Release 1 was not touched by the forgery.
+    assert_eq!(
+        fs::read(fx.release(1).join("index.html")).unwrap(),
+        original
+    );
+    fx.flip(&["verify", root, "1"]).success();
+
+    // An extra file is a problem too.
+    fs::write(fx.release(1).join("intruder.php"), "<?php").unwrap();
+    fx.flip(&["verify", root, "1"])
+        .code(7)
+        .stderr_has("intruder.php");
+}
+
+#[test]
+fn missing_source_is_a_source_error() {
+    let fx = Fx::new();
+    let missing = fx.path("no-such-dir");
+    fx.flip(&["deploy", missing.to_str().unwrap(), fx.root_str()])
+        .code(4)
+        .stderr_has(missing.to_str().unwrap());
+    assert!(!fx.root.exists(), "a failed deploy created the target");
+
+    let file = fx.path("a-file");
+    fs::write(&file, "x").unwrap();
+    fx.flip(&["deploy", file.to_str().unwrap(), fx.root_str()])
+        .code(4)
+        .stderr_has("not a directory");
+}
+
+#[test]
+fn target_that_is_a_file_is_a_target_error() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    let target = fx.path("target-file");
+    fs::write(&target, "precious").unwrap();
+    fx.flip(&["deploy", src.s(), target.to_str().unwrap()])
+        .code(5)
+        .stderr_has("not a directory");
+    assert_eq!(fs::read(&target).unwrap(), b"precious");
+}
+
+#[test]
+fn foreign_non_empty_target_is_refused_and_untouched() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    let target = fx.src("somebody-elses");
+    target.file("index.php", "<?php echo 1;", 0o644);
+    let before = target.tree();
+    fx.flip(&["deploy", src.s(), target.s()])
+        .code(5)
+        .stderr_has("not a flip target");
+    assert_tree_eq(&target.tree(), &before, "the foreign directory");
+    // Read-only commands refuse it too, without creating anything.
+    fx.flip(&["releases", target.s()]).code(5);
+    fx.flip(&["rollback", target.s()]).code(5);
+    assert_tree_eq(&target.tree(), &before, "the foreign directory");
+}
+
+#[test]
+fn an_existing_empty_directory_becomes_a_target() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    fs::create_dir(&fx.root).unwrap();
+    fx.deploy(&src, &[]);
+    assert_eq!(fx.current_link(), "releases/1");
+    assert_dir_eq(&fx.current(), &src.tree(), "current");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "--bogus", src.s(), fx.root_str()])
+        .code(2)
+        .stderr_has("--bogus");
+    fx.flip(&["deploy", src.s()]).code(2);
+    fx.flip(&["frobnicate"]).code(2);
+    fx.flip(&["activate", fx.root_str(), "not-a-number"])
+        .code(2);
+    fx.flip(&["deploy", "--compress-level", "42", src.s(), fx.root_str()])
+        .code(2);
+    assert!(!fx.root.exists());
+    fx.flip(&["--help"]).success();
+}
+
+#[test]
+fn current_replaced_by_a_directory_is_not_touched() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.deploy(&src, &[]);
+    fs::remove_file(fx.current()).unwrap();
+    let hand_made = Src { dir: fx.current() };
+    hand_made.file("index.html", "hand-made, do not lose", 0o644);
+    let before = hand_made.tree();
+
+    site_v2(&src);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(5)
+        .stderr_has("not a symlink");
+    assert!(fs::symlink_metadata(fx.current()).unwrap().is_dir());
+    assert_tree_eq(&hand_made.tree(), &before, "the directory at current");
+    assert_eq!(fx.release_ids(), vec![1]);
+    assert!(fx.release_leftovers().is_empty());
+    // A rollback or activation would replace it too: also refused.
+    fx.flip(&["activate", fx.root_str(), "1"])
+        .code(5)
+        .stderr_has("not a symlink");
+    assert_tree_eq(&hand_made.tree(), &before, "the directory at current");
+}
+
+/// A file of the live release replaced behind flip's back (same size and mode) must not be
+/// hard-linked into the next release.
+#[test]
+fn a_tampered_live_file_is_not_carried_into_the_next_release() {
+    let fx = Fx::new();
+    let root = fx.root_str();
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.deploy(&src, &[]);
+    let live = fx.release(1).join("index.html");
+    let mut forged = fs::read(&live).unwrap();
+    forged[0] ^= 0x20;
+    let tmp = fx.release(1).join(".forged");
+    fs::write(&tmp, &forged).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::rename(&tmp, &live).unwrap();
+
+    site_v2(&src);
+    let run = fx.flip(&["deploy", src.s(), root]);
+    if run.code == 0 {
+        // Either the deploy repairs the file from the source, or it refuses; it must not put a
+        // release that does not match its manifest live.
+        assert_dir_eq(
+            &fx.current(),
+            &src.tree(),
+            "current after deploying over a tampered file",
+        );
+        fx.flip(&["verify", root]).success();
+    } else {
+        assert_eq!(fx.current_link(), "releases/1");
+    }
+}

@@ -1,0 +1,345 @@
+//! Deploys through the real binary: the first release, delta deploys against it, no-op deploys
+//! from a fresh checkout, mtimes, and excludes.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+
+#[test]
+fn first_deploy_reproduces_the_source_exactly() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    let expected = src.tree();
+
+    let j = fx.deploy(&src, &[]);
+
+    // Layout.
+    assert_eq!(fx.current_link(), "releases/1");
+    assert_eq!(fx.release_ids(), vec![1]);
+    assert!(
+        fx.release_leftovers().is_empty(),
+        "{:?}",
+        fx.release_leftovers()
+    );
+    assert_eq!(fx.meta_files(), vec!["1.json", "1.manifest", "1.stat"]);
+    for f in ["lock", "next-id", "log"] {
+        assert!(fx.root.join(".flip").join(f).is_file(), ".flip/{f} missing");
+    }
+
+    // Content: files, bytes, modes, symlinks (dangling, directory, absolute, relative) kept as
+    // symlinks, empty directories, dot-files.
+    assert_dir_eq(&fx.release(1), &expected, "releases/1 vs source");
+    assert_dir_eq(&fx.current(), &expected, "current vs source");
+    let r1 = fx.release(1);
+    assert_eq!(
+        fs::symlink_metadata(r1.join("bin/run.sh")).unwrap().mode() & 0o7777,
+        0o755
+    );
+    assert_eq!(
+        fs::read_link(r1.join("dangling")).unwrap().to_str(),
+        Some("does/not/exist")
+    );
+    assert!(fs::symlink_metadata(r1.join("assets-link"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(fs::read_dir(r1.join("empty")).unwrap().count(), 0);
+    assert_eq!(fs::read(r1.join(".htaccess")).unwrap(), b"Deny from all\n");
+
+    // JSON report.
+    let total_bytes: u64 = expected
+        .values()
+        .map(|n| match n {
+            Node::File { data, .. } => data.len() as u64,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(num(&j, "/release"), 1);
+    assert_eq!(j["target"].as_str(), Some(fx.root_str()));
+    assert_eq!(j["activated"], true);
+    assert!(j["previous"].is_null(), "{j}");
+    assert_eq!(num(&j, "/files/total"), V1_FILES);
+    assert_eq!(num(&j, "/files/literal"), V1_FILES);
+    assert_eq!(num(&j, "/files/linked"), 0);
+    assert_eq!(num(&j, "/files/delta"), 0);
+    assert_eq!(num(&j, "/files/removed"), 0);
+    assert_eq!(num(&j, "/bytes/literal"), total_bytes);
+    assert_eq!(num(&j, "/bytes/matched"), 0);
+    // big.bin is incompressible: it all had to cross the connection.
+    assert!(num(&j, "/bytes/sent") >= BIG as u64, "{j}");
+    assert!(num(&j, "/bytes/received") > 0, "{j}");
+    assert!(j["duration_ms"].is_u64(), "{j}");
+
+    // The agent's own verification agrees.
+    fx.flip(&["verify", fx.root_str()]).success();
+}
+
+#[test]
+fn second_deploy_links_unchanged_files_and_leaves_release_1_alone() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.deploy(&src, &[]);
+    let r1 = fx.release(1);
+    let r1_before = read_tree(&r1);
+    let r1_stats: Vec<_> = files_of(&r1_before)
+        .iter()
+        .map(|f| (f.clone(), ino(&r1.join(f)), mtime(&r1.join(f))))
+        .collect();
+
+    site_v2(&src);
+    let expected = src.tree();
+    let j = fx.deploy(&src, &[]);
+
+    assert_eq!(num(&j, "/release"), 2);
+    assert_eq!(num(&j, "/previous"), 1);
+    assert_eq!(fx.current_link(), "releases/2");
+    assert_dir_eq(&fx.current(), &expected, "current vs edited source");
+    assert!(!fx.current().join("empty2").exists());
+    assert_eq!(
+        fs::read_link(fx.current().join("newlink"))
+            .unwrap()
+            .to_str(),
+        Some("index.html")
+    );
+
+    // Release 1 is exactly what it was: bytes, modes, symlinks, and its files' inodes and mtimes.
+    assert_dir_eq(&r1, &r1_before, "releases/1 after the second deploy");
+    for (f, i, m) in &r1_stats {
+        assert_eq!(ino(&r1.join(f)), *i, "{f}: inode of release 1 changed");
+        assert_eq!(mtime(&r1.join(f)), *m, "{f}: mtime of release 1 changed");
+    }
+
+    // Unchanged files are hard links into release 1; the rename is a link to the old path.
+    let r2 = fx.release(2);
+    for f in [
+        "index.html",
+        ".htaccess",
+        "bin/run.sh",
+        "sub/deep/file.txt",
+        "sub/zero",
+    ] {
+        assert_eq!(ino(&r2.join(f)), ino(&r1.join(f)), "{f} should be linked");
+    }
+    assert_eq!(
+        ino(&r2.join("assets/img/logo.png")),
+        ino(&r1.join("assets/logo.png")),
+        "the renamed file should be linked to its old path"
+    );
+    // Changed content and changed mode both need a new inode.
+    for f in ["big.bin", "small.txt", "conf/app.conf"] {
+        assert_ne!(
+            ino(&r2.join(f)),
+            ino(&r1.join(f)),
+            "{f} must be a new inode"
+        );
+    }
+    assert_eq!(
+        read_tree(&r1)["conf/app.conf"],
+        Node::File {
+            mode: 0o644,
+            data: b"key = value\n".to_vec()
+        }
+    );
+
+    // The report.
+    assert_eq!(num(&j, "/files/total"), 10);
+    assert_eq!(num(&j, "/files/linked"), 6);
+    assert_eq!(num(&j, "/files/copied"), 1);
+    assert_eq!(num(&j, "/files/delta"), 1);
+    assert_eq!(num(&j, "/files/literal"), 2);
+    assert_eq!(num(&j, "/files/removed"), 2);
+    // The 64 changed bytes of big.bin travelled as a delta, not the whole 256 KiB.
+    assert!(num(&j, "/bytes/sent") < 64 * 1024, "{j}");
+    assert!(num(&j, "/bytes/matched") > BIG as u64 / 2, "{j}");
+    assert!(num(&j, "/bytes/delta") > 0, "{j}");
+
+    fx.flip(&["verify", fx.root_str()]).success();
+    fx.flip(&["verify", fx.root_str(), "1"]).success();
+}
+
+#[test]
+fn fresh_checkout_with_new_mtimes_transfers_nothing() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    stamp_files(&src.dir, 1_500_000_000);
+    fx.deploy(&src, &[]);
+
+    // Same content and modes, new path, new inodes, all mtimes different.
+    let checkout = fx.src("checkout");
+    copy_tree(&src.dir, &checkout.dir);
+    stamp_files(&checkout.dir, 1_700_000_000);
+    let expected = checkout.tree();
+    assert_tree_eq(&expected, &src.tree(), "the copy is the same tree");
+
+    let j = fx.deploy(&checkout, &[]);
+    assert_eq!(num(&j, "/release"), 2);
+    assert_eq!(num(&j, "/files/total"), V1_FILES);
+    assert_eq!(num(&j, "/files/linked"), V1_FILES, "{j}");
+    assert_eq!(num(&j, "/files/literal"), 0, "{j}");
+    assert_eq!(num(&j, "/files/delta"), 0, "{j}");
+    assert_eq!(num(&j, "/files/copied"), 0, "{j}");
+    assert_eq!(num(&j, "/files/removed"), 0, "{j}");
+    assert_eq!(num(&j, "/bytes/literal"), 0, "{j}");
+    assert!(num(&j, "/bytes/sent") < 10_000, "{j}");
+
+    assert_dir_eq(&fx.current(), &expected, "current vs checkout");
+    for f in files_of(&expected) {
+        let (a, b) = (fx.release(1).join(&f), fx.release(2).join(&f));
+        assert_eq!(ino(&a), ino(&b), "{f} should be linked");
+        assert_eq!(mtime(&b), mtime(&a), "{f}: linked file keeps its mtime");
+        assert_ne!(mtime(&b), mtime(&checkout.p(&f)), "{f}");
+    }
+}
+
+#[test]
+fn new_files_get_the_source_mtime_and_linked_files_keep_theirs() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    stamp_files(&src.dir, 1_400_000_000);
+    fx.deploy(&src, &[]);
+    let r1 = fx.release(1);
+    for f in files_of(&src.tree()) {
+        assert_eq!(mtime(&r1.join(&f)), mtime(&src.p(&f)), "{f}: source mtime");
+    }
+
+    site_v2(&src);
+    stamp_files(&src.dir, 1_600_000_000);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(num(&j, "/files/delta"), 1, "{j}");
+    let r2 = fx.release(2);
+    // Literal (new.txt, small.txt) and delta (big.bin) files: the source's mtime, to the ns.
+    for f in ["new.txt", "small.txt", "big.bin"] {
+        assert_eq!(mtime(&r2.join(f)), mtime(&src.p(f)), "{f}: source mtime");
+    }
+    // Linked files: release 1's inode and mtime, not the source's new one.
+    for (new, old) in [
+        ("index.html", "index.html"),
+        ("bin/run.sh", "bin/run.sh"),
+        ("assets/img/logo.png", "assets/logo.png"),
+    ] {
+        assert_eq!(ino(&r2.join(new)), ino(&r1.join(old)), "{new}");
+        assert_eq!(mtime(&r2.join(new)), mtime(&r1.join(old)), "{new}");
+        assert_ne!(mtime(&r2.join(new)), mtime(&src.p(new)), "{new}");
+    }
+}
+
+#[test]
+fn excludes_and_flipignore() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file(
+        ".flipignore",
+        "# build output\ncache/\n*.log\n!keep.log\n/secret.txt\n",
+        0o644,
+    )
+    .file("index.html", "hi\n", 0o644)
+    .file("app.log", "noise\n", 0o644)
+    .file("keep.log", "keep me\n", 0o644)
+    .file("sub/debug.log", "noise\n", 0o644)
+    .file("sub/keep.log", "keep me too\n", 0o644)
+    .file("cache/a.bin", "cached\n", 0o644)
+    .file("sub/cache/b.bin", "cached\n", 0o644)
+    .file("data/cache", "a file named cache, not a directory\n", 0o644)
+    .file("secret.txt", "root secret\n", 0o600)
+    .file("sub/secret.txt", "not anchored here\n", 0o644)
+    .file("scratch.tmp", "tmp\n", 0o644);
+
+    let without = |t: &Tree, gone: &[&str]| -> Tree {
+        t.iter()
+            .filter(|(k, _)| {
+                !gone
+                    .iter()
+                    .any(|g| *k == g || k.starts_with(&format!("{g}/")))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+
+    // .flipignore (dir-only pattern at any depth, glob, negation, anchored) plus --exclude.
+    let all = src.tree();
+    let j = fx.deploy(&src, &["--exclude", "*.tmp"]);
+    let expected = without(
+        &all,
+        &[
+            "cache",
+            "sub/cache",
+            "app.log",
+            "sub/debug.log",
+            "secret.txt",
+            "scratch.tmp",
+        ],
+    );
+    assert_dir_eq(&fx.current(), &expected, "with .flipignore and --exclude");
+    assert_eq!(num(&j, "/files/total"), files_of(&expected).len() as u64);
+    assert!(fx.current().join(".flipignore").is_file());
+    assert!(fx.current().join("keep.log").is_file());
+    assert!(fx.current().join("data/cache").is_file());
+
+    // --exclude comes after .flipignore: '*.log' overrides its '!keep.log', and '!secret.txt'
+    // re-includes what .flipignore left out.
+    fx.deploy(&src, &["--exclude", "*.log", "--exclude", "!secret.txt"]);
+    let expected = without(
+        &all,
+        &[
+            "cache",
+            "sub/cache",
+            "app.log",
+            "sub/debug.log",
+            "keep.log",
+            "sub/keep.log",
+        ],
+    );
+    assert_dir_eq(&fx.current(), &expected, "with --exclude '*.log'");
+
+    // --no-flipignore: only --exclude applies.
+    fx.deploy(&src, &["--no-flipignore", "--exclude", "*.log"]);
+    let expected = without(
+        &all,
+        &["app.log", "sub/debug.log", "keep.log", "sub/keep.log"],
+    );
+    assert_dir_eq(&fx.current(), &expected, "with --no-flipignore");
+}
+
+#[test]
+fn second_deploy_from_a_client_without_cached_state() {
+    // The first deploy leaves the hash cache and the live manifest in this test's HOME; a client
+    // on another machine has neither and must get the same release.
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.deploy(&src, &[]);
+    assert!(
+        fx.home.join(".cache/flip").is_dir(),
+        "flip's cache is under $XDG_CACHE_HOME"
+    );
+
+    site_v2(&src);
+    let other = fx.path("other-home");
+    fs::create_dir(&other).unwrap();
+    let cache = other.join(".cache");
+    let j = fx
+        .flip_env(
+            &[("HOME", s(&other)), ("XDG_CACHE_HOME", s(&cache))],
+            &["deploy", "--json", src.s(), fx.root_str()],
+        )
+        .success()
+        .json();
+    assert_eq!(num(&j, "/release"), 2);
+    assert_eq!(num(&j, "/files/linked"), 6, "{j}");
+    assert_eq!(num(&j, "/files/copied"), 1, "{j}");
+    assert_eq!(num(&j, "/files/delta"), 1, "{j}");
+    assert_eq!(num(&j, "/files/literal"), 2, "{j}");
+    assert_eq!(num(&j, "/files/removed"), 2, "{j}");
+    assert!(num(&j, "/bytes/sent") < 64 * 1024, "{j}");
+    assert_dir_eq(&fx.current(), &src.tree(), "current");
+    assert_eq!(
+        ino(&fx.release(2).join("assets/img/logo.png")),
+        ino(&fx.release(1).join("assets/logo.png"))
+    );
+}
