@@ -222,6 +222,7 @@ impl Fx {
             .env("HOME", &self.home)
             .env("XDG_CACHE_HOME", self.home.join(".cache"))
             .env_remove("FLIP_FAULT")
+            .env_remove("SSH_AUTH_SOCK")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

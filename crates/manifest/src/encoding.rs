@@ -26,11 +26,11 @@ pub enum DecodeError {
     BadMagic,
     #[error("manifest is truncated")]
     Truncated,
-    #[error("manifest has a malformed number")]
+    #[error("manifest has a malformed or non-minimal number")]
     BadVarint,
     #[error("manifest entry {0} has an unknown kind")]
     BadKind(usize),
-    #[error("manifest entry {0} reuses more of the previous path than it has")]
+    #[error("manifest entry {0} does not reuse exactly the prefix it shares with the previous path")]
     BadPrefix(usize),
     #[error("manifest entry {index}: {source}")]
     BadPath { index: usize, source: PathError },
@@ -178,6 +178,11 @@ impl<'a> Reader<'a> {
             }
             v |= part << shift;
             if b & 0x80 == 0 {
+                // A zero last byte after the first is padding: another encoding of a number
+                // that has a shorter one.
+                if b == 0 && shift > 0 {
+                    return Err(DecodeError::BadVarint);
+                }
                 return Ok(v);
             }
         }
@@ -206,7 +211,14 @@ impl<'a> Reader<'a> {
         let mut raw = Vec::with_capacity(shared + len);
         raw.extend_from_slice(&prev.as_bytes()[..shared]);
         raw.extend_from_slice(suffix);
-        RelPath::from_bytes(&raw).map_err(|source| DecodeError::BadPath { index, source })
+        let path =
+            RelPath::from_bytes(&raw).map_err(|source| DecodeError::BadPath { index, source })?;
+        // The encoder always reuses the longest shared prefix (cut at a character boundary);
+        // anything else is another encoding of the same path.
+        if shared != common_prefix(prev, path.as_str()) {
+            return Err(DecodeError::BadPrefix(index));
+        }
+        Ok(path)
     }
 
     /// Entries in strictly increasing path order.
@@ -357,5 +369,63 @@ mod tests {
         entry("a", b"1", &mut swapped);
         assert_eq!(swapped.len(), enc.len());
         assert_eq!(decode(&swapped), Err(DecodeError::Order(1)));
+    }
+
+    /// Inputs found by `fuzz/` (target `manifest_decode`): the decoder accepted other encodings
+    /// than the canonical one, so `encode(decode(b)) != b` and a manifest's digest was not
+    /// unique.
+    #[test]
+    fn rejects_non_canonical_encodings_found_by_fuzzing() {
+        // A diff whose one upsert has mode 76 written as 0xcc 0x00 (a padded varint).
+        let mut padded = b"FLIPDIF1\x00\x01\x00\x01\x01\x01\xcc\x00\x01".to_vec();
+        padded.extend_from_slice(&[0xff; 26]);
+        padded.extend_from_slice(&[0x02, 0x00, 0xf8, 0x00, 0x00, 0x02]);
+        assert_eq!(decode_diff(&padded), Err(DecodeError::BadVarint));
+        // A diff removing "\u{1}", "\u{1}\u{2}", "\u{1}\u{4}", ... where the third path reuses
+        // nothing of the second instead of the byte they share.
+        let short_prefix = b"FLIPDIF1\x05\x00\x01\x01\x01\x01\x02\x00\x02\x01\x04\x00\x01\x02\x00\x02\xc3\xa9\x00";
+        assert_eq!(decode_diff(short_prefix), Err(DecodeError::BadPrefix(2)));
+    }
+
+    #[test]
+    fn every_manifest_has_one_encoding() {
+        let m = Manifest::new(vec![file("\u{e9}t\u{e9}", b""), file("\u{e9}t\u{e8}", b"")]).unwrap();
+        let canonical = encode(&m);
+        assert_eq!(decode(&canonical).unwrap(), m);
+        let entry = |out: &mut Vec<u8>, shared: u8, suffix: &[u8], mode: &[u8]| {
+            out.extend_from_slice(&[shared, suffix.len() as u8]);
+            out.extend_from_slice(suffix);
+            out.push(1);
+            out.extend_from_slice(mode);
+            out.push(0);
+            out.extend_from_slice(&Digest::of(b"").0);
+        };
+        let build = |second_shared: u8, second_suffix: &[u8], mode: &[u8], count: &[u8]| {
+            let mut b = MAGIC.to_vec();
+            b.extend_from_slice(count);
+            entry(&mut b, 0, "\u{e9}t\u{e8}".as_bytes(), &[0xa4, 0x03]);
+            entry(&mut b, second_shared, second_suffix, mode);
+            b
+        };
+        // Canonical: the second path reuses "\u{e9}t" (3 bytes), not half of the next character.
+        assert_eq!(build(3, "\u{e9}".as_bytes(), &[0xa4, 0x03], &[2]), canonical);
+        assert_eq!(
+            decode(&build(4, &[0xa9], &[0xa4, 0x03], &[2])),
+            Err(DecodeError::BadPrefix(1))
+        );
+        assert_eq!(
+            decode(&build(0, "\u{e9}t\u{e9}".as_bytes(), &[0xa4, 0x03], &[2])),
+            Err(DecodeError::BadPrefix(1))
+        );
+        assert_eq!(
+            decode(&build(3, "\u{e9}".as_bytes(), &[0xa4, 0x83, 0x00], &[2])),
+            Err(DecodeError::BadVarint)
+        );
+        assert_eq!(
+            decode(&build(3, "\u{e9}".as_bytes(), &[0xa4, 0x03], &[0x82, 0x00])),
+            Err(DecodeError::BadVarint)
+        );
+        // Zero itself is one byte, and still fine.
+        assert_eq!(decode(&encode(&Manifest::default())).unwrap(), Manifest::default());
     }
 }

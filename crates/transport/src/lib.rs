@@ -13,6 +13,7 @@ pub mod local;
 pub mod ssh;
 
 use std::io::{Read, Write};
+use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -29,6 +30,85 @@ pub enum TransportError {
     },
     #[error("{0}")]
     Other(String),
+
+    // --- SSH targets. The CLI maps these to exit codes, so the kinds stay distinct: a bad
+    // target or config, a connection failure, a host key problem, an authentication failure, a
+    // failure on the server while preparing or running the agent.
+    /// A malformed `ssh://` URL.
+    #[error("bad ssh target {input:?}: {message}")]
+    Target { input: String, message: String },
+    /// The ssh client config could not be read or parsed.
+    #[error("ssh config {path}: {message}")]
+    Config { path: PathBuf, message: String },
+    /// Resolving or connecting to the server failed, or timed out.
+    #[error("connecting to {host}: {source}")]
+    Connect {
+        host: String,
+        source: std::io::Error,
+    },
+    /// An SSH protocol step failed (handshake, opening a channel, ...).
+    #[error("{phase} with {host}: {message}")]
+    Ssh {
+        host: String,
+        phase: String,
+        message: String,
+    },
+    /// The connection dropped while streaming.
+    #[error("connection to {host} lost: {message}")]
+    ConnectionLost { host: String, message: String },
+    /// The server's host key is not in known_hosts and accepting new keys was not allowed.
+    #[error(
+        "host key for {host} is not known: {key_type} key fingerprint is {fingerprint}. \
+         If that is the server's key, connect once with --accept-new-host-key (it is then \
+         added to {known_hosts}), or add it there yourself"
+    )]
+    HostKeyUnknown {
+        host: String,
+        key_type: String,
+        fingerprint: String,
+        known_hosts: PathBuf,
+    },
+    /// The server presented a different key than the one recorded (or a revoked one).
+    #[error(
+        "WARNING: THE HOST KEY FOR {host} HAS CHANGED (or is revoked)! Someone could be \
+         eavesdropping on you right now (possible man-in-the-middle attack), or the server's \
+         key was replaced. It now offers {key_type} {fingerprint}; the recorded key is in \
+         {known_hosts}. Refusing to connect; if the change is expected, remove the old entry \
+         (ssh-keygen -R) and connect again"
+    )]
+    HostKeyChanged {
+        host: String,
+        key_type: String,
+        fingerprint: String,
+        known_hosts: PathBuf,
+    },
+    /// No offered key was accepted. `target` is `user@host:port`.
+    #[error("authentication failed for {target} (tried: {tried})")]
+    Auth { target: String, tried: String },
+    /// The only usable key is passphrase-protected and no ssh-agent holds it.
+    #[error(
+        "authentication failed for {target}: the key {key} is passphrase-protected and flip \
+         never prompts for passphrases; load it into ssh-agent first (`ssh-add {key}`)"
+    )]
+    KeyEncrypted { target: String, key: PathBuf },
+    /// The server's OS/architecture differs from this flip binary's, so it cannot be uploaded.
+    #[error(
+        "{host} is {remote} but this flip is built for {local}: install flip {version} on the \
+         server (on its PATH, or pass --remote-flip PATH)"
+    )]
+    Platform {
+        host: String,
+        local: String,
+        remote: String,
+        version: String,
+    },
+    /// A command run on the server to find, upload or start the agent failed.
+    #[error("{phase} on {host}: {message}")]
+    Remote {
+        host: String,
+        phase: String,
+        message: String,
+    },
 }
 
 fn stderr_tail(s: &str) -> String {

@@ -1,0 +1,456 @@
+//! The agent over SSH: `flip agent ...` runs on the server in an SSH exec channel and the
+//! protocol flows over the channel's stdin/stdout, exactly as with a local child process.
+//!
+//! Two transports:
+//! - built in (default): ssh2/libssh2, with OpenSSH-like behaviour for `~/.ssh/config`, host key
+//!   checking against `known_hosts` and key authentication (agent, then key files). The channel is
+//!   driven by one pump thread ([`pump`]), so the returned stream's reader and writer can be used
+//!   from two threads at once.
+//! - the system client, when [`SshOptions::ssh_command`] is set (`--ssh-command "ssh -F cfg"`,
+//!   like `rsync -e`): `ssh ... host -- COMMAND` as a child process over pipes.
+//!
+//! Finding the agent on the server ([`remote`]): `--remote-flip PATH` runs exactly that;
+//! otherwise one `sh -c` launcher looks for a `flip` of our exact version on the PATH or in
+//! `~/.cache/flip/flip-VERSION` and, if found, `exec`s it as the agent in the same channel. If not
+//! found, the local binary is uploaded to `~/.cache/flip/` (same OS and architecture only) and
+//! started.
+//!
+//! The server's stderr is relayed to ours, each line prefixed with the host name (`web1: ...`).
+
+mod command;
+mod config;
+mod known_hosts;
+mod pump;
+mod remote;
+mod session;
+mod stderr;
+
+pub use stderr::PrefixLines;
+
+use crate::{AgentStream, TransportError};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where an SSH target points: `[user@]host:/path` or `ssh://[user@]host[:port]/path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTarget {
+    /// The login user, if given; otherwise `User` from the ssh config, else the local user name.
+    pub user: Option<String>,
+    /// A host name, address or `~/.ssh/config` alias (IPv6 addresses without brackets).
+    pub host: String,
+    /// The port, if given (URL form only); otherwise `Port` from the ssh config, else 22.
+    pub port: Option<u16>,
+    /// The path on the server, as written. Relative paths are relative to the login directory.
+    pub path: String,
+}
+
+impl SshTarget {
+    /// `user@host` or `host`: for messages and [`AgentStream::peer`].
+    pub fn peer(&self) -> String {
+        match &self.user {
+            Some(user) => format!("{user}@{}", self.host),
+            None => self.host.clone(),
+        }
+    }
+}
+
+/// Recognizes an SSH target.
+///
+/// - `ssh://[user@]host[:port]/path`: the path includes its leading `/`, except `ssh://h/~/x`
+///   which gives `~/x`; `%XX` escapes are decoded; IPv6 hosts are written `[::1]`. A malformed
+///   URL is an error.
+/// - `[user@]host:path` (scp style): the part before the first `:` must not contain `/`. IPv6
+///   hosts are written `[::1]:path`. An empty path (`host:`) gives `.`, the login directory.
+///
+/// Everything else is a local path and gives `None`: absolute and `./` paths, `x/y` and
+/// `x/y:z` (a `/` before the first `:`), names without a colon, and Windows-like `C:\x`, `C:/x`.
+pub fn parse_target(s: &str) -> Result<Option<SshTarget>, TransportError> {
+    if let Some(rest) = s.strip_prefix("ssh://") {
+        return parse_url(s, rest).map(Some);
+    }
+    Ok(parse_scp_like(s))
+}
+
+fn parse_scp_like(s: &str) -> Option<SshTarget> {
+    if s.starts_with('/') || s.starts_with("./") || s.starts_with("../") {
+        return None;
+    }
+    let colon = s.find(':')?;
+    if s[..colon].contains('/') {
+        return None;
+    }
+    // user@ ends at the last '@' before the host part (a '@' cannot appear in a host name).
+    let (user, rest) = match s[..colon].rfind('@') {
+        Some(at) => (Some(&s[..at]), &s[at + 1..]),
+        None => (None, s),
+    };
+    let (host, path) = if let Some(bracketed) = rest.strip_prefix('[') {
+        let end = bracketed.find(']')?;
+        let path = bracketed[end + 1..].strip_prefix(':')?;
+        (&bracketed[..end], path)
+    } else {
+        let colon = rest.find(':')?;
+        (&rest[..colon], &rest[colon + 1..])
+    };
+    if host.is_empty() || host.chars().any(char::is_whitespace) || user == Some("") {
+        return None;
+    }
+    // Windows drive letters: C:\x, C:/x, C:
+    if host.len() == 1
+        && user.is_none()
+        && host.as_bytes()[0].is_ascii_alphabetic()
+        && (path.is_empty() || path.starts_with('\\') || path.starts_with('/'))
+    {
+        return None;
+    }
+    Some(SshTarget {
+        user: user.map(str::to_string),
+        host: host.to_string(),
+        port: None,
+        path: if path.is_empty() {
+            ".".to_string()
+        } else {
+            path.to_string()
+        },
+    })
+}
+
+fn parse_url(input: &str, rest: &str) -> Result<SshTarget, TransportError> {
+    let bad = |message: &str| TransportError::Target {
+        input: input.to_string(),
+        message: message.to_string(),
+    };
+    let Some(slash) = rest.find('/') else {
+        return Err(bad("missing the path after the host (ssh://host/path)"));
+    };
+    let (authority, raw_path) = rest.split_at(slash);
+    let (user, host_port) = match authority.rfind('@') {
+        Some(at) => (
+            Some(percent_decode(&authority[..at]).ok_or_else(|| bad("bad %-escape"))?),
+            &authority[at + 1..],
+        ),
+        None => (None, authority),
+    };
+    if user.as_deref() == Some("") {
+        return Err(bad("empty user name before '@'"));
+    }
+    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
+        let end = bracketed
+            .find(']')
+            .ok_or_else(|| bad("unclosed '[' in the host"))?;
+        let after = &bracketed[end + 1..];
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ']'"))?),
+        };
+        (&bracketed[..end], port)
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("missing host"));
+    }
+    if host.contains(|c: char| c.is_whitespace() || c == '[' || c == ']' || c == '@')
+        || (host.contains(':') && !host_port.starts_with('['))
+    {
+        return Err(bad("invalid host name"));
+    }
+    let port = match port {
+        None => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => return Err(bad(&format!("invalid port {p:?}"))),
+        },
+    };
+    let mut path = percent_decode(raw_path).ok_or_else(|| bad("bad %-escape in the path"))?;
+    if path.starts_with("/~") {
+        path.remove(0);
+    }
+    Ok(SshTarget {
+        user,
+        host: host.to_string(),
+        port,
+        path,
+    })
+}
+
+/// Decodes `%XX` escapes; None for a malformed escape or a result that is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    if !s.contains('%') {
+        return Some(s.to_string());
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// How to reach SSH targets. Build with [`SshOptions::new`] or `..Default::default()`.
+#[derive(Debug, Clone)]
+pub struct SshOptions {
+    /// `-i/--identity`: a private key tried after the ssh-agent's keys and before the config's.
+    pub identity: Option<PathBuf>,
+    /// Accept and record an unknown host key (never a changed one).
+    pub accept_new_host_key: bool,
+    /// The ssh client config; default `$HOME/.ssh/config` (a missing default file is fine).
+    pub config_file: Option<PathBuf>,
+    /// TCP connect + SSH handshake timeout; `ConnectTimeout` in the config overrides it.
+    pub connect_timeout: Duration,
+    /// `--remote-flip PATH`: run exactly this on the server (passed to the remote shell as is,
+    /// so `~/bin/flip` works), followed by `agent ARGS`.
+    pub remote_flip: Option<String>,
+    /// `--ssh-command "ssh -F cfg"`: use this client (split like a shell would) as the transport.
+    pub ssh_command: Option<String>,
+    /// This flip binary, uploaded when the server has no flip of our version.
+    pub local_exe: PathBuf,
+    /// This flip's version (`env!("CARGO_PKG_VERSION")`); the server's `flip --version` must
+    /// print exactly `flip VERSION`.
+    pub version: String,
+    /// The home directory for `~`, `~/.ssh/config`, `known_hosts` and default keys; `None`:
+    /// `$HOME`. (Tests set it instead of mutating the process environment.)
+    pub home: Option<PathBuf>,
+    /// The ssh-agent socket; `None`: `$SSH_AUTH_SOCK` if set. An empty path disables the agent.
+    pub agent_socket: Option<PathBuf>,
+}
+
+impl Default for SshOptions {
+    fn default() -> Self {
+        SshOptions {
+            identity: None,
+            accept_new_host_key: false,
+            config_file: None,
+            connect_timeout: Duration::from_secs(10),
+            remote_flip: None,
+            ssh_command: None,
+            local_exe: std::env::current_exe().unwrap_or_default(),
+            version: String::new(),
+            home: None,
+            agent_socket: None,
+        }
+    }
+}
+
+impl SshOptions {
+    /// Defaults for the running flip: its executable and version.
+    pub fn new(local_exe: PathBuf, version: impl Into<String>) -> Self {
+        SshOptions {
+            local_exe,
+            version: version.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The home directory used for `~` (see [`SshOptions::home`]).
+    pub(crate) fn home_dir(&self) -> PathBuf {
+        self.home
+            .clone()
+            .or_else(|| std::env::var_os("HOME").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/"))
+    }
+
+    /// The ssh-agent socket to try, if any.
+    pub(crate) fn agent_socket(&self) -> Option<PathBuf> {
+        match &self.agent_socket {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+            None => std::env::var_os("SSH_AUTH_SOCK")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+        }
+    }
+}
+
+/// Connects and starts `<flip> agent <agent_args...>` on the server; returns the duplex stream.
+/// The server's stderr goes to our stderr, each line prefixed with `HOST: `.
+pub fn connect_agent(
+    target: &SshTarget,
+    opts: &SshOptions,
+    agent_args: &[String],
+) -> Result<AgentStream, TransportError> {
+    connect_agent_with_stderr(target, opts, agent_args, Box::new(std::io::stderr()))
+}
+
+/// [`connect_agent`], with the server's (prefixed) stderr lines written to `stderr`.
+pub fn connect_agent_with_stderr(
+    target: &SshTarget,
+    opts: &SshOptions,
+    agent_args: &[String],
+    stderr: Box<dyn Write + Send>,
+) -> Result<AgentStream, TransportError> {
+    remote::start_agent(target, opts, agent_args, stderr)
+}
+
+/// Runs an arbitrary shell command line on the server (through the login shell, as `ssh host
+/// COMMAND` does) and streams its stdin/stdout. Its stderr goes to ours, prefixed `HOST: `.
+pub fn exec(
+    target: &SshTarget,
+    opts: &SshOptions,
+    command: &str,
+) -> Result<AgentStream, TransportError> {
+    exec_with_stderr(target, opts, command, Box::new(std::io::stderr()))
+}
+
+/// [`exec`], with the server's (prefixed) stderr lines written to `stderr`.
+pub fn exec_with_stderr(
+    target: &SshTarget,
+    opts: &SshOptions,
+    command: &str,
+    stderr: Box<dyn Write + Send>,
+) -> Result<AgentStream, TransportError> {
+    let remote = open(target, opts)?;
+    remote.stream(command, &format!("`{command}`"), stderr)
+}
+
+/// Quotes `s` as one word for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The result of a command run to completion on the server.
+pub(crate) struct Output {
+    /// The exit status; `None` if it ended by a signal or reported none.
+    pub status: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// A way to run commands on one server: an ssh2 session or the system ssh client.
+pub(crate) trait Remote {
+    /// The host as the user named it (for messages and the stderr prefix).
+    fn host(&self) -> &str;
+    /// Runs `command` to completion, feeding it `input` (then EOF) and capturing its output.
+    fn run(
+        &mut self,
+        command: &str,
+        input: Option<&mut dyn Read>,
+    ) -> Result<Output, TransportError>;
+    /// Starts `command` and returns the stream to it. `what` names it in error messages.
+    fn stream(
+        self: Box<Self>,
+        command: &str,
+        what: &str,
+        stderr: Box<dyn Write + Send>,
+    ) -> Result<AgentStream, TransportError>;
+}
+
+/// Connects with the configured transport.
+pub(crate) fn open(
+    target: &SshTarget,
+    opts: &SshOptions,
+) -> Result<Box<dyn Remote>, TransportError> {
+    match &opts.ssh_command {
+        Some(cmd) => Ok(Box::new(command::SystemSsh::new(target, opts, cmd)?)),
+        None => {
+            let cfg = config::resolve(target, opts)?;
+            Ok(Box::new(session::Connection::open(target, opts, cfg)?))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(user: Option<&str>, host: &str, port: Option<u16>, path: &str) -> Option<SshTarget> {
+        Some(SshTarget {
+            user: user.map(str::to_string),
+            host: host.to_string(),
+            port,
+            path: path.to_string(),
+        })
+    }
+
+    #[test]
+    fn scp_like_targets() {
+        let p = |s| parse_target(s).unwrap();
+        assert_eq!(p("web1:/srv/app"), t(None, "web1", None, "/srv/app"));
+        assert_eq!(
+            p("deploy@web1.example.com:/srv/app"),
+            t(Some("deploy"), "web1.example.com", None, "/srv/app")
+        );
+        assert_eq!(p("web1:app"), t(None, "web1", None, "app"));
+        assert_eq!(p("web1:"), t(None, "web1", None, "."));
+        assert_eq!(p("root@[::1]:/srv"), t(Some("root"), "::1", None, "/srv"));
+        assert_eq!(p("a.b:/x:y"), t(None, "a.b", None, "/x:y"));
+        assert_eq!(p("u@h@x:/p"), t(Some("u@h"), "x", None, "/p"));
+    }
+
+    #[test]
+    fn local_paths() {
+        for s in [
+            "/srv/app",
+            "./web1:/x",
+            "../a:b",
+            "dir/sub",
+            "dir/x:y",
+            "plain",
+            "C:\\deploy",
+            "c:/deploy",
+            "C:",
+            ":foo",
+            "@host:/x",
+            "",
+        ] {
+            assert_eq!(parse_target(s).unwrap(), None, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn url_targets() {
+        let p = |s| parse_target(s).unwrap();
+        assert_eq!(p("ssh://web1/srv/app"), t(None, "web1", None, "/srv/app"));
+        assert_eq!(
+            p("ssh://deploy@web1:2222/srv/app"),
+            t(Some("deploy"), "web1", Some(2222), "/srv/app")
+        );
+        assert_eq!(p("ssh://[::1]:22/x"), t(None, "::1", Some(22), "/x"));
+        assert_eq!(p("ssh://[::1]/x"), t(None, "::1", None, "/x"));
+        assert_eq!(p("ssh://h/~/app"), t(None, "h", None, "~/app"));
+        assert_eq!(p("ssh://h/a%20b"), t(None, "h", None, "/a b"));
+        for bad in [
+            "ssh://web1",
+            "ssh:///x",
+            "ssh://web1:0/x",
+            "ssh://web1:99999/x",
+            "ssh://web1:ab/x",
+            "ssh://@web1/x",
+            "ssh://[::1/x",
+            "ssh://::1/x",
+            "ssh://h/%zz",
+        ] {
+            assert!(
+                matches!(parse_target(bad), Err(TransportError::Target { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("/usr/bin/flip"), "/usr/bin/flip");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("$HOME"), "'$HOME'");
+    }
+}

@@ -1,0 +1,303 @@
+//! The system ssh client as the transport (`--ssh-command "ssh -F cfg"`, like `rsync -e`):
+//! `<words> [-p PORT] [-i KEY] [-o StrictHostKeyChecking=accept-new] -- [user@]host COMMAND`
+//! as a child process, streaming over its stdin/stdout. The client does its own config, host
+//! key checking and authentication; its failures (exit status 255) are classified from its
+//! messages into the same error kinds as the built-in transport.
+
+use super::stderr::{Relay, Tail};
+use super::{Output, Remote, SshOptions, SshTarget};
+use crate::{AgentStream, Finish, TransportError};
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+
+/// ssh's exit status for its own failures (connection, host key, authentication).
+const SSH_FAILED: i32 = 255;
+
+pub(crate) struct SystemSsh {
+    argv: Vec<String>,
+    /// `[user@]host` as passed to ssh.
+    destination: String,
+    host: String,
+}
+
+impl SystemSsh {
+    pub(crate) fn new(
+        target: &SshTarget,
+        opts: &SshOptions,
+        ssh_command: &str,
+    ) -> Result<SystemSsh, TransportError> {
+        let bad = |message: String| TransportError::Spawn {
+            program: ssh_command.to_string(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, message),
+        };
+        let mut argv =
+            shell_words::split(ssh_command).map_err(|e| bad(format!("cannot split it: {e}")))?;
+        if argv.is_empty() {
+            return Err(bad("the ssh command is empty".to_string()));
+        }
+        if let Some(port) = target.port {
+            argv.extend(["-p".to_string(), port.to_string()]);
+        }
+        if let Some(identity) = &opts.identity {
+            argv.extend(["-i".to_string(), identity.display().to_string()]);
+        }
+        if opts.accept_new_host_key {
+            argv.extend([
+                "-o".to_string(),
+                "StrictHostKeyChecking=accept-new".to_string(),
+            ]);
+        }
+        Ok(SystemSsh {
+            argv,
+            destination: target.peer(),
+            host: target.host.clone(),
+        })
+    }
+
+    fn command(&self, remote_command: &str) -> Command {
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..])
+            .arg("--")
+            .arg(&self.destination)
+            .arg(remote_command);
+        cmd
+    }
+
+    fn spawn_error(&self, source: io::Error) -> TransportError {
+        TransportError::Spawn {
+            program: self.argv.join(" "),
+            source,
+        }
+    }
+}
+
+impl Remote for SystemSsh {
+    fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn run(
+        &mut self,
+        command: &str,
+        input: Option<&mut dyn Read>,
+    ) -> Result<Output, TransportError> {
+        let mut child = self
+            .command(command)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| self.spawn_error(e))?;
+        let stdout = read_in_thread(child.stdout.take());
+        let stderr = read_in_thread(child.stderr.take());
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            // A write error means ssh ended early; its status and stderr tell why.
+            let _ = io::copy(input, &mut stdin);
+        }
+        let status = child.wait().map_err(|e| self.spawn_error(e))?;
+        let stdout = stdout.join().unwrap_or_default();
+        let stderr = stderr.join().unwrap_or_default();
+        if status.code() == Some(SSH_FAILED) {
+            return Err(classify(
+                &self.host,
+                &self.destination,
+                &String::from_utf8_lossy(&stderr),
+            ));
+        }
+        Ok(Output {
+            status: status.code(),
+            stdout,
+            stderr,
+        })
+    }
+
+    fn stream(
+        self: Box<Self>,
+        command: &str,
+        what: &str,
+        stderr: Box<dyn Write + Send>,
+    ) -> Result<AgentStream, TransportError> {
+        let mut child = self
+            .command(command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| self.spawn_error(e))?;
+        let writer = child.stdin.take().expect("piped stdin");
+        let reader = child.stdout.take().expect("piped stdout");
+        let mut err = child.stderr.take().expect("piped stderr");
+        let mut relay = Relay::new(&self.host, stderr);
+        let tail = relay.tail.clone();
+        let relay_thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match err.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => relay.data(&buf[..n]),
+                }
+            }
+            relay.finish();
+        });
+        Ok(AgentStream {
+            reader: Box::new(reader),
+            writer: Box::new(writer),
+            handle: Box::new(SystemFinish {
+                child,
+                relay_thread,
+                tail,
+                what: format!("{what} on {}", self.host),
+                host: self.host.clone(),
+                destination: self.destination.clone(),
+            }),
+            peer: self.destination.clone(),
+        })
+    }
+}
+
+fn read_in_thread<R: Read + Send + 'static>(r: Option<R>) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_end(&mut out);
+        }
+        out
+    })
+}
+
+struct SystemFinish {
+    child: Child,
+    relay_thread: JoinHandle<()>,
+    tail: Tail,
+    what: String,
+    host: String,
+    destination: String,
+}
+
+impl Finish for SystemFinish {
+    fn finish(mut self: Box<Self>) -> Result<(), TransportError> {
+        let status = self.child.wait().map_err(|e| TransportError::Spawn {
+            program: "ssh".to_string(),
+            source: e,
+        })?;
+        let _ = self.relay_thread.join();
+        if status.success() {
+            return Ok(());
+        }
+        let stderr = self.tail.text();
+        if status.code() == Some(SSH_FAILED) {
+            return Err(classify(&self.host, &self.destination, &stderr));
+        }
+        Err(TransportError::Exit {
+            what: self.what.clone(),
+            status: status.to_string(),
+            stderr,
+        })
+    }
+}
+
+/// Turns ssh's own failure messages into the matching error kind.
+fn classify(host: &str, destination: &str, stderr: &str) -> TransportError {
+    let fingerprint = stderr
+        .split_whitespace()
+        .find(|w| w.starts_with("SHA256:"))
+        .map(|w| w.trim_end_matches('.').to_string())
+        .unwrap_or_else(|| "(not shown by ssh)".to_string());
+    let key_type = stderr
+        .split_whitespace()
+        .zip(stderr.split_whitespace().skip(1))
+        .find(|(_, next)| *next == "key" || *next == "host")
+        .map(|(t, _)| t.to_string())
+        .filter(|t| {
+            t.chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+        })
+        .unwrap_or_else(|| "host".to_string());
+    // "Offending ED25519 key in /root/.ssh/known_hosts:3"
+    let known_hosts = stderr
+        .lines()
+        .find_map(|l| l.split(" key in ").nth(1))
+        .map(|p| PathBuf::from(p.rsplit_once(':').map_or(p, |(f, _)| f).trim()))
+        .unwrap_or_else(|| PathBuf::from("known_hosts"));
+    if stderr.contains("HAS CHANGED") || stderr.contains("REVOKED") {
+        TransportError::HostKeyChanged {
+            host: host.to_string(),
+            key_type,
+            fingerprint,
+            known_hosts,
+        }
+    } else if stderr.contains("Host key verification failed") {
+        TransportError::HostKeyUnknown {
+            host: host.to_string(),
+            key_type,
+            fingerprint,
+            known_hosts,
+        }
+    } else if stderr.contains("Permission denied") || stderr.contains("Too many authentication") {
+        TransportError::Auth {
+            target: destination.to_string(),
+            tried: format!("the ssh command's keys; ssh said: {}", stderr.trim()),
+        }
+    } else {
+        TransportError::Connect {
+            host: host.to_string(),
+            source: io::Error::other(if stderr.trim().is_empty() {
+                "ssh failed (exit status 255)".to_string()
+            } else {
+                stderr.trim().to_string()
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_ssh_failures() {
+        let e = classify(
+            "web1",
+            "root@web1",
+            "No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.\nHost key verification failed.\n",
+        );
+        assert!(
+            matches!(e, TransportError::HostKeyUnknown { ref key_type, .. } if key_type == "ED25519"),
+            "{e:?}"
+        );
+        let e = classify("web1", "root@web1", "@@@\n@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\nThe fingerprint for the ED25519 key sent by the remote host is\nSHA256:abc.\nOffending ED25519 key in /h/.ssh/known_hosts:1\n");
+        match e {
+            TransportError::HostKeyChanged {
+                fingerprint,
+                known_hosts,
+                ..
+            } => {
+                assert_eq!(fingerprint, "SHA256:abc");
+                assert_eq!(known_hosts, PathBuf::from("/h/.ssh/known_hosts"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            classify(
+                "web1",
+                "root@web1",
+                "root@127.0.0.1: Permission denied (publickey).\n"
+            ),
+            TransportError::Auth { .. }
+        ));
+        assert!(matches!(
+            classify(
+                "web1",
+                "root@web1",
+                "ssh: connect to host 127.0.0.1 port 1: Connection refused\n"
+            ),
+            TransportError::Connect { .. }
+        ));
+    }
+}

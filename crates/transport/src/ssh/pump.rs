@@ -1,0 +1,547 @@
+//! Full-duplex streaming over one ssh2 channel.
+//!
+//! libssh2 sessions are not safe to drive from two threads, and ssh2's blocking mode holds the
+//! session lock for the whole of a blocking read, so a writer thread would stall behind a
+//! reader thread. Instead the session is put in non-blocking mode and one pump thread owns it:
+//! it moves bytes between the channel and two local socket pairs, and waits with `poll(2)` on
+//! the TCP socket and the local sockets (never spinning). The user gets the other ends of the
+//! socket pairs as the stream's reader and writer, which behave like pipes to a child process:
+//! bounded buffering (the socket buffers plus one chunk each way), EOF both ways, and a dropped
+//! connection reported as an `io::Error` naming the host.
+
+use super::stderr::Relay;
+use crate::{AgentStream, Finish, TransportError};
+use ssh2::{BlockDirections, Channel, Session};
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Bytes moved per read/write call each way.
+const CHUNK: usize = 256 * 1024;
+
+/// Local socket buffer size requested for each direction.
+const SOCKET_BUFFER: libc::c_int = 1024 * 1024;
+
+/// What the pump needs: a session in which `channel` has started the command.
+pub(crate) struct Parts {
+    pub session: Session,
+    pub channel: Channel,
+    /// The session's TCP socket.
+    pub fd: RawFd,
+    /// The host as the user named it.
+    pub host: String,
+    pub peer: String,
+    /// "flip agent on web1": names the command in exit errors.
+    pub what: String,
+    pub relay: Relay,
+}
+
+/// State shared by the pump and the user's halves.
+struct Shared {
+    host: String,
+    /// Set (before the local sockets are closed) when the connection failed.
+    error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn io_error(&self) -> Option<io::Error> {
+        self.error().map(|message| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("connection to {} lost: {message}", self.host),
+            )
+        })
+    }
+}
+
+/// How the remote command ended.
+struct Ended {
+    status: Option<i32>,
+    signal: Option<String>,
+}
+
+/// Starts the pump thread and returns the stream.
+pub(crate) fn start(parts: Parts) -> AgentStream {
+    let (user_read, pump_write) = UnixStream::pair().expect("socketpair");
+    let (pump_read, user_write) = UnixStream::pair().expect("socketpair");
+    for s in [&user_read, &pump_write, &pump_read, &user_write] {
+        set_buffer_sizes(s);
+    }
+    pump_write.set_nonblocking(true).expect("nonblocking");
+    pump_read.set_nonblocking(true).expect("nonblocking");
+    let shared = Arc::new(Shared {
+        host: parts.host.clone(),
+        error: Mutex::new(None),
+    });
+    let tail = parts.relay.tail.clone();
+    let peer = parts.peer.clone();
+    let what = parts.what.clone();
+    let writer_handle = user_write.try_clone().expect("dup socket");
+    let pump_shared = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("ssh-pump-{}", parts.host))
+        .spawn(move || Pump::new(parts, pump_read, pump_write, pump_shared).run())
+        .expect("spawning the ssh pump thread");
+    AgentStream {
+        reader: Box::new(PumpReader {
+            sock: user_read,
+            shared: shared.clone(),
+        }),
+        writer: Box::new(PumpWriter {
+            sock: user_write,
+            shared: shared.clone(),
+        }),
+        handle: Box::new(PumpFinish {
+            thread,
+            writer: writer_handle,
+            shared,
+            what,
+            tail,
+        }),
+        peer,
+    }
+}
+
+fn set_buffer_sizes(s: &UnixStream) {
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on a socket we own, with a c_int option value.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &SOCKET_BUFFER as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// The user's read half: data from the remote command's stdout.
+struct PumpReader {
+    sock: UnixStream,
+    shared: Arc<Shared>,
+}
+
+impl Read for PumpReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.sock.read(buf) {
+            // EOF: the end of the remote output, unless the pump closed it because of an error.
+            Ok(0) if !buf.is_empty() => match self.shared.io_error() {
+                Some(e) => Err(e),
+                None => Ok(0),
+            },
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.shared.io_error().unwrap_or(e)),
+        }
+    }
+}
+
+/// The user's write half: data for the remote command's stdin. Dropping it sends EOF.
+struct PumpWriter {
+    sock: UnixStream,
+    shared: Arc<Shared>,
+}
+
+impl Write for PumpWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sock
+            .write(buf)
+            .map_err(|e| match self.shared.io_error() {
+                Some(e) => e,
+                None if e.kind() == io::ErrorKind::BrokenPipe => io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    format!(
+                        "the command on {} no longer reads its input (it ended)",
+                        self.shared.host
+                    ),
+                ),
+                None => e,
+            })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for PumpWriter {
+    fn drop(&mut self) {
+        // The Finish handle holds a duplicate of this socket, so closing our fd alone would not
+        // signal EOF.
+        let _ = self.sock.shutdown(Shutdown::Write);
+    }
+}
+
+struct PumpFinish {
+    thread: JoinHandle<Result<Ended, String>>,
+    /// A duplicate of the writer's socket: finish() closes the stream if still open.
+    writer: UnixStream,
+    shared: Arc<Shared>,
+    what: String,
+    tail: super::stderr::Tail,
+}
+
+impl Finish for PumpFinish {
+    fn finish(self: Box<Self>) -> Result<(), TransportError> {
+        let _ = self.writer.shutdown(Shutdown::Write);
+        let ended = self.thread.join().map_err(|_| {
+            TransportError::Other(format!("the ssh pump for {} panicked", self.shared.host))
+        })?;
+        match ended {
+            Err(message) => Err(TransportError::ConnectionLost {
+                host: self.shared.host.clone(),
+                message,
+            }),
+            Ok(Ended {
+                status: Some(0),
+                signal: None,
+            }) => Ok(()),
+            Ok(Ended { status, signal }) => Err(TransportError::Exit {
+                what: self.what.clone(),
+                status: match (signal, status) {
+                    (Some(sig), _) => format!("signal {sig}"),
+                    (None, Some(code)) => format!("exit status {code}"),
+                    (None, None) => "no exit status".to_string(),
+                },
+                stderr: self.tail.text(),
+            }),
+        }
+    }
+}
+
+/// One direction's buffer: `buf[start..end]` is pending.
+struct Chunk {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Chunk {
+    fn new() -> Self {
+        Chunk {
+            buf: vec![0; CHUNK],
+            start: 0,
+            end: 0,
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+}
+
+struct Pump {
+    session: Session,
+    channel: Channel,
+    fd: RawFd,
+    relay: Relay,
+    shared: Arc<Shared>,
+    /// Our end of the user's reader; None once closed (remote EOF delivered).
+    to_user: Option<UnixStream>,
+    /// Our end of the user's writer; None once it hit EOF or the remote stopped reading.
+    from_user: Option<UnixStream>,
+    down: Chunk,
+    up: Chunk,
+    /// The user dropped the reader: remote output is discarded.
+    user_gone: bool,
+    remote_eof: bool,
+    eof_sent: bool,
+}
+
+/// What a step was blocked on, accumulated over one pass.
+#[derive(Default)]
+struct Wait {
+    tcp_in: bool,
+    tcp_out: bool,
+    user_in: bool,
+    user_out: bool,
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+impl Pump {
+    fn new(parts: Parts, from_user: UnixStream, to_user: UnixStream, shared: Arc<Shared>) -> Pump {
+        parts.session.set_blocking(false);
+        Pump {
+            session: parts.session,
+            channel: parts.channel,
+            fd: parts.fd,
+            relay: parts.relay,
+            shared,
+            to_user: Some(to_user),
+            from_user: Some(from_user),
+            down: Chunk::new(),
+            up: Chunk::new(),
+            user_gone: false,
+            remote_eof: false,
+            eof_sent: false,
+        }
+    }
+
+    /// Runs until the channel closes or the connection fails.
+    fn run(mut self) -> Result<Ended, String> {
+        let result = self.pump();
+        if let Err(message) = &result {
+            // Record the error before closing the local ends, so the user's halves report it.
+            *self.shared.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+        }
+        self.to_user = None;
+        self.from_user = None;
+        self.relay.finish();
+        if result.is_ok() {
+            // Polite close; bounded, since the session goes away anyway.
+            self.session.set_blocking(true);
+            self.session.set_timeout(2000);
+            let _ = self.channel.close();
+            let _ = self.session.disconnect(None, "flip: done", None);
+        }
+        result
+    }
+
+    fn blocked(&self, wait: &mut Wait) {
+        match self.session.block_directions() {
+            BlockDirections::Inbound => wait.tcp_in = true,
+            BlockDirections::Outbound => wait.tcp_out = true,
+            BlockDirections::Both => {
+                wait.tcp_in = true;
+                wait.tcp_out = true;
+            }
+            BlockDirections::None => wait.tcp_in = true,
+        }
+    }
+
+    fn pump(&mut self) -> Result<Ended, String> {
+        let mut errbuf = vec![0u8; 64 * 1024];
+        loop {
+            let mut wait = Wait::default();
+            let mut progress = false;
+
+            // Remote stdout -> down chunk.
+            if !self.remote_eof && self.down.is_empty() {
+                match self.channel.read(&mut self.down.buf) {
+                    Ok(0) => {
+                        if self.channel.eof() {
+                            self.remote_eof = true;
+                            progress = true;
+                        } else {
+                            self.blocked(&mut wait);
+                        }
+                    }
+                    Ok(n) => {
+                        self.down.end = n;
+                        progress = true;
+                    }
+                    Err(e) if would_block(&e) => self.blocked(&mut wait),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+
+            // Down chunk -> the user's reader.
+            if !self.down.is_empty() {
+                if self.user_gone {
+                    self.down.clear();
+                } else if let Some(sock) = &mut self.to_user {
+                    match sock.write(self.down.pending()) {
+                        Ok(n) => {
+                            self.down.consume(n);
+                            progress = true;
+                        }
+                        Err(e) if would_block(&e) => wait.user_out = true,
+                        Err(_) => {
+                            // The reader was dropped; keep draining the channel.
+                            self.user_gone = true;
+                            self.down.clear();
+                            progress = true;
+                        }
+                    }
+                }
+            }
+            if self.remote_eof && self.down.is_empty() && self.to_user.is_some() {
+                self.to_user = None; // the user's reader sees EOF
+            }
+
+            // Remote stderr -> relay. Always drained: it shares the channel window.
+            loop {
+                match self.channel.stderr().read(&mut errbuf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        self.relay.data(&errbuf[..n]);
+                        progress = true;
+                    }
+                    Err(e) if would_block(&e) => {
+                        self.blocked(&mut wait);
+                        break;
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+
+            // The user's writer -> up chunk.
+            if self.up.is_empty() {
+                if let Some(sock) = &mut self.from_user {
+                    match sock.read(&mut self.up.buf) {
+                        Ok(0) => {
+                            self.from_user = None;
+                            progress = true;
+                        }
+                        Ok(n) => {
+                            self.up.end = n;
+                            progress = true;
+                        }
+                        Err(e) if would_block(&e) => wait.user_in = true,
+                        Err(_) => {
+                            self.from_user = None;
+                            progress = true;
+                        }
+                    }
+                }
+            }
+
+            // Up chunk -> remote stdin.
+            while !self.up.is_empty() {
+                match self.channel.write(self.up.pending()) {
+                    Ok(0) => {
+                        self.blocked(&mut wait);
+                        break;
+                    }
+                    Ok(n) => {
+                        self.up.consume(n);
+                        progress = true;
+                    }
+                    Err(e) if would_block(&e) => {
+                        self.blocked(&mut wait);
+                        break;
+                    }
+                    Err(e) => {
+                        if self.remote_eof || self.channel.eof() {
+                            // The command ended and no longer reads: drop its input; the user's
+                            // writer gets a broken pipe, the exit status tells the rest.
+                            self.up.clear();
+                            self.from_user = None;
+                            self.eof_sent = true;
+                            progress = true;
+                            break;
+                        }
+                        return Err(e.to_string());
+                    }
+                }
+            }
+
+            // The user closed the writer and everything is sent: EOF to the remote stdin.
+            if self.from_user.is_none() && self.up.is_empty() && !self.eof_sent {
+                match self.channel.send_eof() {
+                    Ok(()) => {
+                        self.eof_sent = true;
+                        progress = true;
+                    }
+                    Err(e) if e.code() == ssh2::ErrorCode::Session(-37) => {
+                        self.blocked(&mut wait); // LIBSSH2_ERROR_EAGAIN
+                    }
+                    Err(e) => {
+                        if !(self.remote_eof || self.channel.eof()) {
+                            return Err(e.message().to_string());
+                        }
+                        self.eof_sent = true;
+                    }
+                }
+            }
+
+            // Everything delivered: wait for the remote close and the exit status.
+            if self.remote_eof && self.down.is_empty() {
+                match self.channel.wait_close() {
+                    Ok(()) => {
+                        // Late stderr that arrived with the close.
+                        while let Ok(n) = self.channel.stderr().read(&mut errbuf) {
+                            if n == 0 {
+                                break;
+                            }
+                            self.relay.data(&errbuf[..n]);
+                        }
+                        let signal = self.channel.exit_signal().ok().and_then(|s| s.exit_signal);
+                        let status = self.channel.exit_status().ok();
+                        return Ok(Ended { status, signal });
+                    }
+                    Err(e) if e.code() == ssh2::ErrorCode::Session(-37) => {
+                        self.blocked(&mut wait);
+                    }
+                    Err(e) => return Err(e.message().to_string()),
+                }
+            }
+
+            if progress {
+                continue;
+            }
+            // In non-blocking mode keepalives are sent only when we ask (it is a no-op until
+            // one is due). Waking up every second keeps that timely.
+            let _ = self.session.keepalive_send();
+            self.poll(&wait, 1000)?;
+        }
+    }
+
+    /// Waits until one of the blocked steps can make progress (or the timeout passes).
+    fn poll(&self, wait: &Wait, timeout_ms: i32) -> Result<(), String> {
+        let mut fds = Vec::with_capacity(3);
+        let mut tcp_events = 0;
+        if wait.tcp_in {
+            tcp_events |= libc::POLLIN;
+        }
+        if wait.tcp_out {
+            tcp_events |= libc::POLLOUT;
+        }
+        fds.push(libc::pollfd {
+            fd: self.fd,
+            events: tcp_events,
+            revents: 0,
+        });
+        if wait.user_in {
+            if let Some(s) = &self.from_user {
+                fds.push(libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+        }
+        if wait.user_out {
+            if let Some(s) = &self.to_user {
+                fds.push(libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                });
+            }
+        }
+        // SAFETY: poll(2) on an array of pollfd we own, for fds that stay open during the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(format!("poll: {e}"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,152 @@
+//! Relaying the server's stderr: each line prefixed with the host, and the last few KiB kept for
+//! error messages.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+/// A writer that prefixes every line with `PREFIX: ` and writes each complete line to the inner
+/// writer with one `write_all` (so lines from several hosts sharing stderr do not interleave
+/// mid-line). An unterminated last line is written, with a newline, on [`PrefixLines::finish`]
+/// or drop.
+pub struct PrefixLines<W: Write> {
+    prefix: Vec<u8>,
+    inner: W,
+    partial: Vec<u8>,
+}
+
+/// A line longer than this is written out in pieces, each prefixed.
+const MAX_LINE: usize = 64 * 1024;
+
+impl<W: Write> PrefixLines<W> {
+    /// Lines will start with `host: `.
+    pub fn new(host: &str, inner: W) -> Self {
+        PrefixLines {
+            prefix: format!("{host}: ").into_bytes(),
+            inner,
+            partial: Vec::new(),
+        }
+    }
+
+    /// Writes out a pending unterminated line.
+    pub fn finish(&mut self) -> io::Result<()> {
+        if !self.partial.is_empty() {
+            self.partial.push(b'\n');
+            self.emit()?;
+        }
+        self.inner.flush()
+    }
+
+    fn emit(&mut self) -> io::Result<()> {
+        let mut line = Vec::with_capacity(self.prefix.len() + self.partial.len());
+        line.extend_from_slice(&self.prefix);
+        line.append(&mut self.partial);
+        self.inner.write_all(&line)
+    }
+}
+
+impl<W: Write> Write for PrefixLines<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut rest = buf;
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            self.partial.extend_from_slice(&rest[..=nl]);
+            self.emit()?;
+            rest = &rest[nl + 1..];
+        }
+        self.partial.extend_from_slice(rest);
+        if self.partial.len() > MAX_LINE {
+            self.partial.push(b'\n');
+            self.emit()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> Drop for PrefixLines<W> {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+/// The last bytes of a stream, shared between the relay and whoever reports errors.
+#[derive(Clone, Default)]
+pub(crate) struct Tail(Arc<Mutex<Vec<u8>>>);
+
+const TAIL_BYTES: usize = 4096;
+
+impl Tail {
+    pub(crate) fn push(&self, data: &[u8]) {
+        let mut tail = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        tail.extend_from_slice(data);
+        if tail.len() > TAIL_BYTES {
+            let cut = tail.len() - TAIL_BYTES;
+            tail.drain(..cut);
+        }
+    }
+
+    /// The kept text, lossily decoded and trimmed.
+    pub(crate) fn text(&self) -> String {
+        let tail = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&tail).trim().to_string()
+    }
+}
+
+/// The relay: prefixes lines for the user's stderr and keeps the tail.
+pub(crate) struct Relay {
+    out: PrefixLines<Box<dyn Write + Send>>,
+    pub(crate) tail: Tail,
+}
+
+impl Relay {
+    pub(crate) fn new(host: &str, sink: Box<dyn Write + Send>) -> Self {
+        Relay {
+            out: PrefixLines::new(host, sink),
+            tail: Tail::default(),
+        }
+    }
+
+    /// Passes on a chunk of stderr. Failing to write our own stderr is not worth failing the
+    /// deploy over, so errors are ignored.
+    pub(crate) fn data(&mut self, data: &[u8]) {
+        self.tail.push(data);
+        let _ = self.out.write_all(data);
+    }
+
+    /// Flushes a pending unterminated line.
+    pub(crate) fn finish(&mut self) {
+        let _ = self.out.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_lines_across_chunks() {
+        let mut out = Vec::new();
+        {
+            let mut w = PrefixLines::new("web1", &mut out);
+            w.write_all(b"hel").unwrap();
+            w.write_all(b"lo\nwor").unwrap();
+            w.write_all(b"ld\n\nlast").unwrap();
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "web1: hello\nweb1: world\nweb1: \nweb1: last\n"
+        );
+    }
+
+    #[test]
+    fn tail_keeps_the_end() {
+        let t = Tail::default();
+        t.push(&vec![b'a'; 5000]);
+        t.push(b"end\n");
+        let text = t.text();
+        assert!(text.ends_with("aend"));
+        assert!(text.len() <= TAIL_BYTES);
+    }
+}

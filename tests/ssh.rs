@@ -1,0 +1,274 @@
+//! SSH targets end to end: the real flip binary against a real OpenSSH server that the test
+//! starts on 127.0.0.1 (flip_testkit::Sshd). The "server" is this machine, so the target's
+//! files are checked directly on disk.
+
+mod common;
+
+use common::*;
+use flip_testkit::Sshd;
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const FLIP: &str = env!("CARGO_BIN_EXE_flip");
+
+/// A test world with a server, a HOME whose known_hosts trusts it, and the user key.
+struct World {
+    fx: Fx,
+    sshd: Sshd,
+}
+
+impl World {
+    fn new() -> World {
+        let fx = Fx::new();
+        let sshd = Sshd::start();
+        sshd.write_known_hosts(&fx.home.join(".ssh/known_hosts"));
+        World { fx, sshd }
+    }
+
+    /// `ssh://root@127.0.0.1:PORT/<fx.root>`.
+    fn url(&self) -> String {
+        format!("ssh://root@127.0.0.1:{}{}", self.sshd.port(), self.fx.root_str())
+    }
+
+    fn key(&self) -> String {
+        s(&self.sshd.user_key()).to_string()
+    }
+
+    /// flip ARGS... with the user key and this build as the remote agent.
+    fn flip(&self, args: &[&str]) -> Run {
+        let key = self.key();
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend_from_slice(&["-i", &key, "--remote-flip", FLIP]);
+        self.fx.flip(&a)
+    }
+}
+
+#[test]
+fn deploy_redeploy_rollback_and_friends_over_ssh() {
+    let w = World::new();
+    let url = w.url();
+    let src = w.fx.src("src");
+    site_v1(&src);
+    let v1 = src.tree();
+    let j = w.flip(&["deploy", "--json", src.s(), &url]).success().json();
+    assert_eq!(num(&j, "/release"), 1);
+    assert_eq!(w.fx.current_link(), "releases/1");
+    assert_dir_eq(&w.fx.current(), &v1, "current after the first SSH deploy");
+
+    site_v2(&src);
+    let v2 = src.tree();
+    let j = w
+        .flip(&["deploy", "--json", "--label", "v2", src.s(), &url])
+        .success()
+        .json();
+    assert_eq!(num(&j, "/release"), 2);
+    assert!(num(&j, "/files/linked") > 0, "{j}");
+    assert_eq!(w.fx.current_link(), "releases/2");
+    assert_dir_eq(&w.fx.current(), &v2, "current after the second SSH deploy");
+    assert_dir_eq(&w.fx.release(1), &v1, "release 1 untouched");
+    // Unchanged content is shared with release 1.
+    let unchanged = files_of(&v1)
+        .into_iter()
+        .find(|f| v1.get(f) == v2.get(f))
+        .expect("v1 and v2 share a file");
+    assert_eq!(
+        ino(&w.fx.release(1).join(&unchanged)),
+        ino(&w.fx.release(2).join(&unchanged))
+    );
+
+    let list = w.flip(&["releases", "--json", &url]).success().json();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[1]["label"], "v2");
+    assert_eq!(list[1]["current"], true);
+
+    let j = w.flip(&["rollback", "--json", &url]).success().json();
+    assert_eq!(num(&j, "/release"), 1);
+    assert_eq!(w.fx.current_link(), "releases/1");
+    w.flip(&["verify", &url]).success();
+    w.flip(&["activate", &url, "2"]).success();
+    assert_eq!(w.fx.current_link(), "releases/2");
+    let j = w.flip(&["prune", "--json", "--keep", "1", &url]).success().json();
+    // Release 1 is the rollback target: kept.
+    assert_eq!(j["removed"], serde_json::json!([]));
+    w.flip(&["rollback", &url, "--to", "9"])
+        .code(5)
+        .stderr_has("release 9 does not exist");
+}
+
+#[test]
+fn unknown_host_is_refused_then_accepted_with_the_flag() {
+    let w = World::new();
+    let kh = w.fx.home.join(".ssh/known_hosts");
+    fs::remove_file(&kh).unwrap();
+    let url = w.url();
+    let src = w.fx.src("src");
+    site_v1(&src);
+    w.flip(&["deploy", src.s(), &url])
+        .code(9)
+        .stderr_has("is not known")
+        .stderr_has("SHA256:");
+    assert!(!w.fx.root.exists(), "nothing was created on the server");
+    w.flip(&["deploy", "--accept-new-host-key", src.s(), &url])
+        .success();
+    let recorded = fs::read_to_string(&kh).unwrap();
+    assert!(
+        recorded.contains(&format!("[127.0.0.1]:{}", w.sshd.port())),
+        "{recorded}"
+    );
+    // Next time the recorded key is enough.
+    w.flip(&["deploy", src.s(), &url]).success();
+    assert_eq!(w.fx.current_link(), "releases/2");
+}
+
+#[test]
+fn a_changed_host_key_is_always_refused() {
+    let w = World::new();
+    let other = w.fx.path("other-host-key");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f", s(&other)])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let pubkey = fs::read_to_string(other.with_extension("pub")).unwrap();
+    let mut parts = pubkey.split_whitespace();
+    let line = format!(
+        "[127.0.0.1]:{} {} {}\n",
+        w.sshd.port(),
+        parts.next().unwrap(),
+        parts.next().unwrap()
+    );
+    fs::write(w.fx.home.join(".ssh/known_hosts"), line).unwrap();
+    let src = w.fx.src("src");
+    site_v1(&src);
+    for extra in [&[][..], &["--accept-new-host-key"][..]] {
+        let mut args = vec!["deploy", src.s()];
+        let url = w.url();
+        args.push(&url);
+        args.extend_from_slice(extra);
+        w.flip(&args).code(9).stderr_has("HAS CHANGED");
+    }
+    assert!(!w.fx.root.exists());
+}
+
+#[test]
+fn a_wrong_key_is_refused_clearly() {
+    let w = World::new();
+    let wrong = w.sshd.wrong_user_key("wrong");
+    let src = w.fx.src("src");
+    site_v1(&src);
+    w.fx.flip(&["deploy", src.s(), &w.url(), "-i", s(&wrong), "--remote-flip", FLIP])
+        .code(9)
+        .stderr_has("authentication failed for root@127.0.0.1");
+    assert!(!w.fx.root.exists());
+}
+
+#[test]
+fn an_alias_from_the_ssh_config_file_works() {
+    let w = World::new();
+    w.sshd.write_ssh_config(&w.fx.home.join(".ssh/config"), "web1");
+    let src = w.fx.src("src");
+    site_v1(&src);
+    let target = format!("web1:{}", w.fx.root_str());
+    // No -i: the IdentityFile comes from the config.
+    w.fx.flip(&["deploy", src.s(), &target, "--remote-flip", FLIP])
+        .success();
+    assert_dir_eq(&w.fx.current(), &src.tree(), "current deployed via alias");
+}
+
+#[test]
+fn the_system_ssh_client_can_be_the_transport() {
+    let w = World::new();
+    let cfg = w.fx.path("ssh_config");
+    w.sshd.write_ssh_config(&cfg, "web1");
+    let src = w.fx.src("src");
+    site_v1(&src);
+    let target = format!("web1:{}", w.fx.root_str());
+    let cmd = format!("ssh -F {}", s(&cfg));
+    w.fx.flip(&["deploy", src.s(), &target, "--ssh-command", &cmd, "--remote-flip", FLIP])
+        .success();
+    site_v2(&src);
+    w.fx.flip(&["deploy", src.s(), &target, "--ssh-command", &cmd, "--remote-flip", FLIP])
+        .success();
+    assert_eq!(w.fx.current_link(), "releases/2");
+    assert_dir_eq(&w.fx.current(), &src.tree(), "current via system ssh");
+}
+
+/// Without --remote-flip and without flip on the server's PATH, flip uploads itself to
+/// ~/.cache/flip/flip-VERSION on the server and runs that.
+#[test]
+fn the_agent_is_uploaded_when_the_server_has_none() {
+    let w = World::new();
+    // The server's home is root's real home: use a version-named file and remove it after.
+    let home = PathBuf::from(std::env::var("FLIP_TEST_SERVER_HOME").unwrap_or("/root".into()));
+    let uploaded = home
+        .join(".cache/flip")
+        .join(format!("flip-{}", env!("CARGO_PKG_VERSION")));
+    let _ = fs::remove_file(&uploaded);
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(uploaded.clone());
+    let src = w.fx.src("src");
+    site_v1(&src);
+    w.fx.flip(&["deploy", src.s(), &w.url(), "-i", &w.key()])
+        .success();
+    assert_dir_eq(&w.fx.current(), &src.tree(), "deployed by the uploaded agent");
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(&uploaded).expect("agent uploaded");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o755);
+    assert_eq!(fs::read(&uploaded).unwrap(), fs::read(FLIP).unwrap());
+    // The second deploy finds it and does not upload again.
+    let before = common::ino(&uploaded);
+    site_v2(&src);
+    w.fx.flip(&["deploy", src.s(), &w.url(), "-i", &w.key()])
+        .success();
+    assert_eq!(common::ino(&uploaded), before);
+}
+
+/// A connection dropped in the middle of a transfer: a clear error naming the host, `current`
+/// untouched on the server, and the next deploy succeeds.
+#[test]
+fn a_connection_killed_mid_transfer_loses_nothing() {
+    let w = World::new();
+    let url = w.url();
+    let src = w.fx.src("src");
+    site_v1(&src);
+    w.flip(&["deploy", src.s(), &url]).success();
+    let v1 = read_tree(&w.fx.current());
+    // Enough incompressible data that the transfer takes a while.
+    for i in 0..12 {
+        src.file(&format!("blob/{i}.bin"), noise(i, 8 << 20), 0o644);
+    }
+    let key = w.key();
+    let mut run = w.fx.spawn(
+        &[],
+        &["deploy", src.s(), &url, "-i", &key, "--remote-flip", FLIP],
+    );
+    let staging = w.fx.root.join("releases/.staging-2");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !staging.exists() {
+        assert!(Instant::now() < deadline, "staging never started");
+        assert!(run.is_running(), "deploy ended before the transfer");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(w.sshd.kill_connections() > 0);
+    let r = run.finish(Duration::from_secs(60));
+    assert_ne!(r.code, 0, "a killed connection must fail the deploy");
+    assert!(
+        r.stderr.contains("127.0.0.1"),
+        "the error names the host: {}",
+        r.stderr
+    );
+    assert_eq!(w.fx.current_link(), "releases/1");
+    assert_tree_eq(&read_tree(&w.fx.current()), &v1, "current after the drop");
+    let j = w.flip(&["deploy", "--json", src.s(), &url]).success().json();
+    assert_eq!(num(&j, "/release"), 3);
+    assert_dir_eq(&w.fx.current(), &src.tree(), "current after the retry");
+    assert!(w.fx.release_leftovers().is_empty());
+}
