@@ -39,17 +39,32 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             let code = exit::code_of(&e);
-            eprintln!("flip: error: {e:#}");
+            let message = error_text(&e);
+            eprintln!("flip: error: {message}");
             if json {
-                println!(
-                    "{}",
-                    json!({"error": {"code": code, "message": format!("{e:#}")}})
-                );
+                println!("{}", json!({"error": {"code": code, "message": message}}));
             }
             code
         }
     };
     std::process::exit(code);
+}
+
+/// The error and its causes, joined with ": ", leaving out a cause whose text an outer message
+/// already includes (many error types repeat their source in their own message).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<i32> {

@@ -261,8 +261,8 @@ fn a_connection_killed_mid_transfer_loses_nothing() {
     let r = run.finish(Duration::from_secs(60));
     assert_ne!(r.code, 0, "a killed connection must fail the deploy");
     assert!(
-        r.stderr.contains("127.0.0.1"),
-        "the error names the host: {}",
+        r.stderr.contains("127.0.0.1") && r.stderr.contains("connection failed while"),
+        "the error names the host and the phase: {}",
         r.stderr
     );
     assert_eq!(w.fx.current_link(), "releases/1");

@@ -33,8 +33,12 @@ pub enum TransferError {
         class: ErrorClass,
         message: String,
     },
-    #[error("{peer}: {source}")]
-    Wire { peer: String, source: WireError },
+    #[error("{peer}: connection failed while {phase}")]
+    Wire {
+        peer: String,
+        phase: &'static str,
+        source: WireError,
+    },
     #[error(transparent)]
     Transport(#[from] TransportError),
     #[error("cannot read {path}: {source}")]
@@ -44,8 +48,12 @@ pub enum TransferError {
     },
     #[error("{0} changed while flip was deploying it; run the deploy again")]
     SourceChanged(String),
-    #[error("{peer}: protocol error: {message}")]
-    Protocol { peer: String, message: String },
+    #[error("{peer}: protocol error while {phase}: {message}")]
+    Protocol {
+        peer: String,
+        phase: &'static str,
+        message: String,
+    },
 }
 
 pub type Result<T, E = TransferError> = std::result::Result<T, E>;
@@ -76,6 +84,8 @@ pub struct Session {
     tx: FrameWriter,
     handle: Option<Box<dyn Finish>>,
     peer: String,
+    /// What the session is doing, for errors: "sending file content", ...
+    phase: &'static str,
     pub agent_version: String,
     pub agent_host: String,
 }
@@ -88,6 +98,7 @@ impl Session {
             tx: FrameWriter::new(stream.writer),
             handle: Some(stream.handle),
             peer: stream.peer,
+            phase: "greeting the agent",
             agent_version: String::new(),
             agent_host: String::new(),
         };
@@ -118,6 +129,7 @@ impl Session {
             let peer = s.peer.clone();
             let wire = |source| TransferError::Wire {
                 peer: peer.clone(),
+                phase: "starting compression",
                 source,
             };
             s.tx.start_compression(compress).map_err(wire)?;
@@ -138,6 +150,7 @@ impl Session {
     fn wire(&self, source: WireError) -> TransferError {
         TransferError::Wire {
             peer: self.peer.clone(),
+            phase: self.phase,
             source,
         }
     }
@@ -145,6 +158,7 @@ impl Session {
     fn protocol(&self, message: String) -> TransferError {
         TransferError::Protocol {
             peer: self.peer.clone(),
+            phase: self.phase,
             message,
         }
     }
@@ -192,6 +206,7 @@ impl Session {
 
     /// Takes the target's deploy lock. With `wait`, `on_wait` hears who holds it.
     pub fn lock(&mut self, holder: Holder, wait: bool, on_wait: &mut dyn FnMut(&str)) -> Result<()> {
+        self.phase = "taking the deploy lock";
         self.send(&Request::Lock { wait, holder })?;
         loop {
             match self.recv()? {
@@ -204,6 +219,7 @@ impl Session {
 
     /// The live release and every complete release.
     pub fn status(&mut self) -> Result<(Option<u64>, Vec<ReleaseSummary>)> {
+        self.phase = "reading the target's status";
         self.send(&Request::Status)?;
         match self.recv()? {
             Response::Status { current, releases } => Ok((current, releases)),
@@ -213,6 +229,7 @@ impl Session {
 
     /// A release's manifest, fetched from the agent.
     pub fn manifest(&mut self, id: u64) -> Result<Manifest> {
+        self.phase = "fetching a manifest";
         self.send(&Request::GetManifest { id })?;
         let mut bytes = Vec::new();
         loop {
@@ -240,6 +257,7 @@ impl Session {
         previous: Option<&Manifest>,
         label: Option<String>,
     ) -> Result<DeployReport> {
+        self.phase = "staging the release";
         // The files in manifest order: what the agent's indexes refer to.
         let plan = flip_plan::plan(None, manifest);
         let (base, payload) = match previous {
@@ -298,8 +316,11 @@ impl Session {
         }
         report.matched_bytes = manifest.total_bytes()
             - jobs.iter().map(|j| plan.files[j.index].size).sum::<u64>();
+        self.phase = "fetching delta signatures";
         let sigs = self.signatures(&jobs)?;
+        self.phase = "sending file content";
         content::send(self, source, &plan, &jobs, sigs, &mut report)?;
+        self.phase = "committing the release";
         self.send(&Request::Commit)?;
         match self.recv()? {
             Response::Committed { id, .. } if id == report.release => Ok(report),
@@ -337,6 +358,7 @@ impl Session {
 
     /// Points `current` at `id`; returns the release that was live before.
     pub fn activate(&mut self, id: u64) -> Result<Option<u64>> {
+        self.phase = "activating the release";
         self.send(&Request::Activate { id })?;
         match self.recv()? {
             Response::Activated { previous, .. } => Ok(previous),
@@ -346,6 +368,7 @@ impl Session {
 
     /// Rolls back to `to` or to the newest release older than the live one: (new, previous).
     pub fn rollback(&mut self, to: Option<u64>) -> Result<(u64, Option<u64>)> {
+        self.phase = "rolling back";
         self.send(&Request::Rollback { to })?;
         match self.recv()? {
             Response::Activated { id, previous } => Ok((id, previous)),
@@ -354,6 +377,7 @@ impl Session {
     }
 
     pub fn prune(&mut self, keep: u32) -> Result<Vec<u64>> {
+        self.phase = "pruning old releases";
         self.send(&Request::Prune { keep })?;
         match self.recv()? {
             Response::Pruned { removed } => Ok(removed),
@@ -363,6 +387,7 @@ impl Session {
 
     /// Re-hashes a release on the target against its manifest: (id, problems).
     pub fn verify(&mut self, id: Option<u64>) -> Result<(u64, Vec<String>)> {
+        self.phase = "verifying a release";
         self.send(&Request::Verify { id })?;
         match self.recv()? {
             Response::Verified { id, problems } => Ok((id, problems)),
@@ -372,6 +397,7 @@ impl Session {
 
     /// Says goodbye and waits for the agent to exit.
     pub fn close(mut self) -> Result<()> {
+        self.phase = "closing the session";
         self.send(&Request::Bye)?;
         match self.recv()? {
             Response::Bye => {}
