@@ -94,9 +94,9 @@ pub struct DeployArgs {
     /// zstd level for the connection, 1-19; 0 turns compression off.
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compress_level: i32,
-    /// Do not use (or update) the local hash cache.
+    /// Do not use or update flip's local caches (file hashes, manifests, deployed content).
     #[arg(long)]
-    pub no_hash_cache: bool,
+    pub no_cache: bool,
     #[command(flatten)]
     pub common: Common,
 }

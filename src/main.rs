@@ -20,7 +20,11 @@ fn main() {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             std::process::exit(code);
         }
@@ -83,12 +87,7 @@ fn run(cli: Cli) -> Result<i32> {
 fn agent(a: cli::AgentArgs) -> Result<i32> {
     // Raw descriptors: the protocol is binary, so no line buffering on stdout.
     // SAFETY: fds 0 and 1 are open for the whole life of the agent and owned by nothing else here.
-    let (input, output) = unsafe {
-        (
-            std::fs::File::from_raw_fd(0),
-            std::fs::File::from_raw_fd(1),
-        )
-    };
+    let (input, output) = unsafe { (std::fs::File::from_raw_fd(0), std::fs::File::from_raw_fd(1)) };
     match flip_agent::serve(Box::new(input), Box::new(output), &a.root) {
         Ok(()) => Ok(exit::OK),
         // The client has been sent the error and reports it; a broken connection has no one
@@ -147,6 +146,31 @@ fn hash_cache_path(source: &std::path::Path) -> Option<std::path::PathBuf> {
     Some(cache_dir()?.join("hashes").join(&key[..32]))
 }
 
+/// Upper bound of the local cache of deployed file versions (for patches of changed files).
+const CONTENT_CACHE_BYTES: u64 = 1 << 30;
+
+/// Keeps the deployed version of every file small enough, so the next deploy can send patches
+/// against it. Failures only cost later deploys some bytes.
+fn remember_content(
+    c: &flip_transfer::ContentCache,
+    source: &std::path::Path,
+    m: &flip_manifest::Manifest,
+) {
+    use rayon::prelude::*;
+    let files: Vec<_> = m
+        .files()
+        .filter(|(_, _, size, _)| *size <= flip_transfer::CONTENT_MAX_FILE)
+        .collect();
+    let failed = files
+        .par_iter()
+        .filter(|(p, _, _, d)| c.put_file(d, &source.join(p.as_str())).is_err())
+        .count();
+    if failed > 0 {
+        eprintln!("flip: warning: {failed} file(s) could not be kept in the content cache");
+    }
+    c.trim();
+}
+
 fn deploy(a: cli::DeployArgs) -> Result<i32> {
     let started = Instant::now();
     let target = Target::parse(&a.target)?;
@@ -165,7 +189,7 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
             ))
         }
     };
-    let hash_cache = if a.no_hash_cache {
+    let hash_cache = if a.no_cache {
         None
     } else {
         hash_cache_path(&source)
@@ -190,14 +214,29 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
     let mut s = locked_session(&target, &a.common, "deploy", a.compress_level)?;
     let (current, releases) = s.status()?;
     // With the live manifest in the local cache, only the difference to it is sent.
-    let cache = cache_dir().map(|d| flip_transfer::ManifestCache::new(d.join("manifests")));
+    let caches = if a.no_cache { None } else { cache_dir() };
+    let cache = caches
+        .as_ref()
+        .map(|d| flip_transfer::ManifestCache::new(d.join("manifests")));
+    let content = caches
+        .as_ref()
+        .map(|d| flip_transfer::ContentCache::new(d.join("content"), CONTENT_CACHE_BYTES));
     let previous = releases
         .iter()
         .find(|r| Some(r.id) == current)
         .and_then(|r| cache.as_ref()?.get(&r.manifest_digest));
-    let report = s.stage(&source, &scan.manifest, previous.as_ref(), a.label.clone())?;
+    let report = s.stage(
+        &source,
+        &scan.manifest,
+        previous.as_ref(),
+        a.label.clone(),
+        content.as_ref(),
+    )?;
     if let Some(Err(e)) = cache.as_ref().map(|c| c.put(&scan.manifest)) {
         eprintln!("flip: warning: cannot cache the manifest: {e}");
+    }
+    if let Some(c) = &content {
+        remember_content(c, &source, &scan.manifest);
     }
     let mut activated = false;
     if !a.no_activate {
@@ -229,7 +268,8 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
                 "activated": activated,
                 "files": {
                     "total": r.files, "linked": r.linked, "copied": r.copied,
-                    "delta": r.delta, "literal": r.literal, "removed": r.removed,
+                    "delta": r.delta, "patched": r.patched, "literal": r.literal,
+                    "removed": r.removed,
                 },
                 "bytes": {
                     "sent": sent, "received": received,
@@ -425,7 +465,10 @@ fn verify(a: cli::VerifyArgs) -> Result<i32> {
             json!({"target": target.display(), "release": id, "ok": problems.is_empty(), "problems": problems})
         );
     } else if problems.is_empty() {
-        eprintln!("flip: release {id} of {} matches its manifest", target.display());
+        eprintln!(
+            "flip: release {id} of {} matches its manifest",
+            target.display()
+        );
     } else {
         for p in &problems {
             eprintln!("flip: release {id}: {p}");

@@ -45,8 +45,11 @@ impl Target {
         let exe = std::env::current_exe().context("cannot find the flip executable")?;
         let mut stream = match self {
             Target::Local(root) => {
-                let args: Vec<OsString> =
-                    vec!["agent".into(), "--root".into(), root.clone().into_os_string()];
+                let args: Vec<OsString> = vec![
+                    "agent".into(),
+                    "--root".into(),
+                    root.clone().into_os_string(),
+                ];
                 flip_transport::local::spawn(&exe, &args)?
             }
             Target::Ssh(t) => {

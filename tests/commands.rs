@@ -189,7 +189,14 @@ fn prune_never_removes_the_live_release_or_the_rollback_target() {
     assert_eq!(fx.release_ids(), vec![5, 6]);
     assert_eq!(
         fx.meta_files(),
-        vec!["5.json", "5.manifest", "5.stat", "6.json", "6.manifest", "6.stat"]
+        vec![
+            "5.json",
+            "5.manifest",
+            "5.stat",
+            "6.json",
+            "6.manifest",
+            "6.stat"
+        ]
     );
     assert_eq!(fs::read(fx.current().join("version.txt")).unwrap(), b"f");
     assert_eq!(fs::read(fx.release(5).join("version.txt")).unwrap(), b"e");

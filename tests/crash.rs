@@ -75,7 +75,14 @@ fn crash_before_the_swap(point: &str) {
     );
     assert_eq!(
         fx.meta_files(),
-        vec!["1.json", "1.manifest", "1.stat", "3.json", "3.manifest", "3.stat"]
+        vec![
+            "1.json",
+            "1.manifest",
+            "1.stat",
+            "3.json",
+            "3.manifest",
+            "3.stat"
+        ]
     );
     assert_eq!(fx.listed(), vec![(1, false), (3, true)]);
     fx.flip(&["verify", root]).success();

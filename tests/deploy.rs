@@ -343,3 +343,54 @@ fn second_deploy_from_a_client_without_cached_state() {
         ino(&fx.release(1).join("assets/logo.png"))
     );
 }
+
+/// With the old versions in the local content cache, changed files go as zstd patches (no
+/// signature round trip), far smaller than the files; a damaged cache entry is never trusted.
+#[test]
+fn changed_files_go_as_patches_against_the_content_cache() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let mut text = String::new();
+    for i in 0..4000 {
+        text.push_str(&format!("<?php // line {i}: $value_{i} = compute({i});\n"));
+    }
+    // A few KiB: below the rsync delta threshold, still worth a patch.
+    let small: String = text.lines().take(60).map(|l| format!("{l}\n")).collect();
+    src.file("big.php", &text, 0o644)
+        .file("small.php", &small, 0o644);
+    fx.deploy(&src, &[]);
+
+    src.overwrite("big.php", text.replace("line 2000:", "line two thousand:"));
+    src.overwrite("small.php", small.replace("line 30:", "line thirty:"));
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(num(&j, "/files/patched"), 2, "{j}");
+    assert_eq!(num(&j, "/files/literal"), 0, "{j}");
+    assert!(num(&j, "/bytes/delta") < 200, "patches are tiny: {j}");
+    assert_dir_eq(&fx.current(), &src.tree(), "current after patches");
+    fx.flip(&["verify", fx.root_str()]).success();
+
+    // Damage every cached version: the deploy must notice and send something else.
+    let content = fx.home.join(".cache/flip/content");
+    let mut damaged = 0;
+    for sub in fs::read_dir(&content).unwrap() {
+        for e in fs::read_dir(sub.unwrap().path()).unwrap() {
+            fs::write(e.unwrap().path(), b"not what it was").unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged >= 2);
+    src.overwrite(
+        "big.php",
+        text.replace("line 3000:", "line three thousand:"),
+    );
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(num(&j, "/files/patched"), 0, "{j}");
+    assert_dir_eq(&fx.current(), &src.tree(), "current after a damaged cache");
+    fx.flip(&["verify", fx.root_str()]).success();
+
+    // --no-cache: no patches, and the same result.
+    src.overwrite("small.php", "<?php echo 3;\n");
+    let j = fx.deploy(&src, &["--no-cache"]);
+    assert_eq!(num(&j, "/files/patched"), 0, "{j}");
+    assert_dir_eq(&fx.current(), &src.tree(), "current with --no-cache");
+}

@@ -47,7 +47,11 @@ fn a_full_disk_fails_cleanly_and_loses_nothing() {
     assert!(r.stderr.contains("media/"), "names the file: {}", r.stderr);
     assert_eq!(fx.current_link(), "releases/1");
     assert_tree_eq(&read_tree(&fx.current()), &v1, "live release after ENOSPC");
-    assert!(fx.release_leftovers().is_empty(), "{:?}", fx.release_leftovers());
+    assert!(
+        fx.release_leftovers().is_empty(),
+        "{:?}",
+        fx.release_leftovers()
+    );
     fx.flip(&["verify", fx.root_str()]).success();
 
     std::fs::remove_dir_all(src.p("media")).unwrap();

@@ -28,7 +28,11 @@ impl World {
 
     /// `ssh://root@127.0.0.1:PORT/<fx.root>`.
     fn url(&self) -> String {
-        format!("ssh://root@127.0.0.1:{}{}", self.sshd.port(), self.fx.root_str())
+        format!(
+            "ssh://root@127.0.0.1:{}{}",
+            self.sshd.port(),
+            self.fx.root_str()
+        )
     }
 
     fn key(&self) -> String {
@@ -51,7 +55,10 @@ fn deploy_redeploy_rollback_and_friends_over_ssh() {
     let src = w.fx.src("src");
     site_v1(&src);
     let v1 = src.tree();
-    let j = w.flip(&["deploy", "--json", src.s(), &url]).success().json();
+    let j = w
+        .flip(&["deploy", "--json", src.s(), &url])
+        .success()
+        .json();
     assert_eq!(num(&j, "/release"), 1);
     assert_eq!(w.fx.current_link(), "releases/1");
     assert_dir_eq(&w.fx.current(), &v1, "current after the first SSH deploy");
@@ -89,7 +96,10 @@ fn deploy_redeploy_rollback_and_friends_over_ssh() {
     w.flip(&["verify", &url]).success();
     w.flip(&["activate", &url, "2"]).success();
     assert_eq!(w.fx.current_link(), "releases/2");
-    let j = w.flip(&["prune", "--json", "--keep", "1", &url]).success().json();
+    let j = w
+        .flip(&["prune", "--json", "--keep", "1", &url])
+        .success()
+        .json();
     // Release 1 is the rollback target: kept.
     assert_eq!(j["removed"], serde_json::json!([]));
     w.flip(&["rollback", &url, "--to", "9"])
@@ -158,16 +168,25 @@ fn a_wrong_key_is_refused_clearly() {
     let wrong = w.sshd.wrong_user_key("wrong");
     let src = w.fx.src("src");
     site_v1(&src);
-    w.fx.flip(&["deploy", src.s(), &w.url(), "-i", s(&wrong), "--remote-flip", FLIP])
-        .code(9)
-        .stderr_has("authentication failed for root@127.0.0.1");
+    w.fx.flip(&[
+        "deploy",
+        src.s(),
+        &w.url(),
+        "-i",
+        s(&wrong),
+        "--remote-flip",
+        FLIP,
+    ])
+    .code(9)
+    .stderr_has("authentication failed for root@127.0.0.1");
     assert!(!w.fx.root.exists());
 }
 
 #[test]
 fn an_alias_from_the_ssh_config_file_works() {
     let w = World::new();
-    w.sshd.write_ssh_config(&w.fx.home.join(".ssh/config"), "web1");
+    w.sshd
+        .write_ssh_config(&w.fx.home.join(".ssh/config"), "web1");
     let src = w.fx.src("src");
     site_v1(&src);
     let target = format!("web1:{}", w.fx.root_str());
@@ -186,11 +205,27 @@ fn the_system_ssh_client_can_be_the_transport() {
     site_v1(&src);
     let target = format!("web1:{}", w.fx.root_str());
     let cmd = format!("ssh -F {}", s(&cfg));
-    w.fx.flip(&["deploy", src.s(), &target, "--ssh-command", &cmd, "--remote-flip", FLIP])
-        .success();
+    w.fx.flip(&[
+        "deploy",
+        src.s(),
+        &target,
+        "--ssh-command",
+        &cmd,
+        "--remote-flip",
+        FLIP,
+    ])
+    .success();
     site_v2(&src);
-    w.fx.flip(&["deploy", src.s(), &target, "--ssh-command", &cmd, "--remote-flip", FLIP])
-        .success();
+    w.fx.flip(&[
+        "deploy",
+        src.s(),
+        &target,
+        "--ssh-command",
+        &cmd,
+        "--remote-flip",
+        FLIP,
+    ])
+    .success();
     assert_eq!(w.fx.current_link(), "releases/2");
     assert_dir_eq(&w.fx.current(), &src.tree(), "current via system ssh");
 }
@@ -217,7 +252,11 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
     site_v1(&src);
     w.fx.flip(&["deploy", src.s(), &w.url(), "-i", &w.key()])
         .success();
-    assert_dir_eq(&w.fx.current(), &src.tree(), "deployed by the uploaded agent");
+    assert_dir_eq(
+        &w.fx.current(),
+        &src.tree(),
+        "deployed by the uploaded agent",
+    );
     use std::os::unix::fs::PermissionsExt;
     let meta = fs::metadata(&uploaded).expect("agent uploaded");
     assert_eq!(meta.permissions().mode() & 0o777, 0o755);
@@ -267,7 +306,10 @@ fn a_connection_killed_mid_transfer_loses_nothing() {
     );
     assert_eq!(w.fx.current_link(), "releases/1");
     assert_tree_eq(&read_tree(&w.fx.current()), &v1, "current after the drop");
-    let j = w.flip(&["deploy", "--json", src.s(), &url]).success().json();
+    let j = w
+        .flip(&["deploy", "--json", src.s(), &url])
+        .success()
+        .json();
     assert_eq!(num(&j, "/release"), 3);
     assert_dir_eq(&w.fx.current(), &src.tree(), "current after the retry");
     assert!(w.fx.release_leftovers().is_empty());

@@ -11,10 +11,12 @@
 //! directory is removed and `current` is untouched.
 
 use flip_manifest::RelPath;
-use flip_release::{Error as RelError, ErrorClass as RelClass, FileWriter, LockGuard, Root, Stage, Wait};
+use flip_release::{
+    Error as RelError, ErrorClass as RelClass, FileWriter, LockGuard, Root, Stage, Wait,
+};
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Mtime, Need, ReleaseSummary, Request, Response, WireError,
-    CHUNK, MAGIC, MAX_MANIFEST, PROTOCOL,
+    ErrorClass, FrameReader, FrameWriter, Mtime, Need, ReleaseSummary, Request, Response,
+    WireError, CHUNK, MAGIC, MAX_MANIFEST, PROTOCOL,
 };
 use rayon::prelude::*;
 use std::io::{Read, Write};
@@ -53,12 +55,23 @@ type Result<T, E = AgentError> = std::result::Result<T, E>;
 /// A file whose content is arriving in chunks.
 enum Incoming {
     Literal(Box<FileWriter>),
-    Delta {
+    /// A delta or patch, collected whole before it is applied.
+    Encoded {
         index: u32,
         basis: RelPath,
+        kind: Encoding,
         data: Vec<u8>,
         limit: usize,
     },
+}
+
+/// How a changed file is encoded against its previous version.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    /// An rsync delta against a signature the agent made.
+    Rsync,
+    /// A zstd frame with the old content (of this digest) as reference prefix.
+    Patch([u8; 32]),
 }
 
 struct Session {
@@ -71,7 +84,11 @@ struct Session {
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
-pub fn serve(input: Box<dyn Read + Send>, output: Box<dyn Write + Send>, root: &Path) -> Result<()> {
+pub fn serve(
+    input: Box<dyn Read + Send>,
+    output: Box<dyn Write + Send>,
+    root: &Path,
+) -> Result<()> {
     let mut rx = FrameReader::new(input);
     let mut tx = FrameWriter::new(output);
     let mut s = Session {
@@ -92,7 +109,10 @@ pub fn serve(input: Box<dyn Read + Send>, output: Box<dyn Write + Send>, root: &
             // Drop the stage first: the staging directory goes, the lock is released last.
             s.incoming = None;
             s.stage = None;
-            if !matches!(e, AgentError::Wire(WireError::Io(_)) | AgentError::Wire(WireError::Closed)) {
+            if !matches!(
+                e,
+                AgentError::Wire(WireError::Io(_)) | AgentError::Wire(WireError::Closed)
+            ) {
                 let _ = tx.send(&Response::Error {
                     class: e.class(),
                     message: e.to_string(),
@@ -335,51 +355,26 @@ impl Session {
                 data,
                 last,
             } => {
-                let (mut buf, limit) = match self.incoming.take() {
-                    None => {
-                        let stage = self.stage_mut()?;
-                        let size = stage
-                            .plan()
-                            .files
-                            .get(index as usize)
-                            .map(|f| f.size)
-                            .ok_or_else(|| RelError::BadRequest(format!("no file #{index}")))?;
-                        // A delta never needs much more than the file it builds.
-                        let limit = size.saturating_add(size / 8).saturating_add(1 << 20);
-                        (Vec::new(), usize::try_from(limit).unwrap_or(usize::MAX))
-                    }
-                    Some(Incoming::Delta {
-                        index: i,
-                        basis: b,
-                        data,
-                        limit,
-                    }) if i == index && b == basis => (data, limit),
-                    Some(_) => return Err(interrupted(index)),
-                };
-                if buf.len() + data.len() > limit {
-                    return Err(RelError::BadRequest(format!(
-                        "delta for file #{index} is larger than {limit} bytes"
-                    ))
-                    .into());
-                }
-                buf.extend_from_slice(&data);
-                if last {
-                    self.stage_mut()?
-                        .apply_delta(index as usize, &basis, &buf, mtime)?;
-                    flip_release::fault_point("mid-transfer");
-                } else {
-                    self.incoming = Some(Incoming::Delta {
-                        index,
-                        basis,
-                        data: buf,
-                        limit,
-                    });
-                }
+                self.encoded(index, basis, Encoding::Rsync, mtime, data, last)?;
+                return Ok(None);
+            }
+            Request::Patch {
+                index,
+                basis,
+                basis_digest,
+                mtime,
+                data,
+                last,
+            } => {
+                let kind = Encoding::Patch(basis_digest);
+                self.encoded(index, basis, kind, mtime, data, last)?;
                 return Ok(None);
             }
             Request::Commit => {
                 if self.incoming.is_some() {
-                    return Err(AgentError::Protocol("Commit while a file is incomplete".into()));
+                    return Err(AgentError::Protocol(
+                        "Commit while a file is incomplete".into(),
+                    ));
                 }
                 let stage = self
                     .stage
@@ -464,7 +459,9 @@ impl Session {
         digest: [u8; 32],
     ) -> Result<Response> {
         if self.stage.is_some() {
-            return Err(AgentError::Protocol("a release is already being staged".into()));
+            return Err(AgentError::Protocol(
+                "a release is already being staged".into(),
+            ));
         }
         if payload_len > MAX_MANIFEST {
             return Err(RelError::BadRequest(format!(
@@ -472,7 +469,10 @@ impl Session {
             ))
             .into());
         }
-        if label.as_ref().is_some_and(|l| l.len() > 1024 || l.contains('\0')) {
+        if label
+            .as_ref()
+            .is_some_and(|l| l.len() > 1024 || l.contains('\0'))
+        {
             return Err(RelError::BadRequest("label too long or contains NUL".into()).into());
         }
         let mut bytes = Vec::with_capacity((payload_len as usize).min(CHUNK));
@@ -481,7 +481,11 @@ impl Session {
                 Request::ManifestChunk(c) if bytes.len() as u64 + c.len() as u64 <= payload_len => {
                     bytes.extend_from_slice(&c)
                 }
-                _ => return Err(AgentError::Protocol("expected the rest of the manifest".into())),
+                _ => {
+                    return Err(AgentError::Protocol(
+                        "expected the rest of the manifest".into(),
+                    ))
+                }
             }
         }
         let root = self.root(false)?;
@@ -489,9 +493,9 @@ impl Session {
             None => flip_manifest::decode(&bytes)
                 .map_err(|e| RelError::BadRequest(format!("manifest rejected: {e}")))?,
             Some(base) => {
-                let live = root
-                    .current()?
-                    .ok_or_else(|| RelError::BadRequest("manifest diff but nothing is live".into()))?;
+                let live = root.current()?.ok_or_else(|| {
+                    RelError::BadRequest("manifest diff but nothing is live".into())
+                })?;
                 let prev = root.manifest(live)?;
                 if prev.digest().0 != base {
                     return Err(RelError::BadRequest(format!(
@@ -528,7 +532,77 @@ impl Session {
         Ok(resp)
     }
 
-    fn literal(&mut self, mut w: Box<FileWriter>, data: &[u8], last: bool, mtime: Mtime) -> Result<()> {
+    /// Collects a delta or patch for file `index`; applies it when `last`.
+    fn encoded(
+        &mut self,
+        index: u32,
+        basis: RelPath,
+        kind: Encoding,
+        mtime: Mtime,
+        data: Vec<u8>,
+        last: bool,
+    ) -> Result<()> {
+        let (mut buf, limit) = match self.incoming.take() {
+            None => {
+                let stage = self.stage_mut()?;
+                let size = stage
+                    .plan()
+                    .files
+                    .get(index as usize)
+                    .map(|f| f.size)
+                    .ok_or_else(|| RelError::BadRequest(format!("no file #{index}")))?;
+                // An encoding never needs much more than the file it builds.
+                let limit = size.saturating_add(size / 8).saturating_add(1 << 20);
+                (Vec::new(), usize::try_from(limit).unwrap_or(usize::MAX))
+            }
+            Some(Incoming::Encoded {
+                index: i,
+                basis: b,
+                kind: k,
+                data,
+                limit,
+            }) if i == index && b == basis && k == kind => (data, limit),
+            Some(_) => return Err(interrupted(index)),
+        };
+        if buf.len() + data.len() > limit {
+            return Err(RelError::BadRequest(format!(
+                "encoded content for file #{index} is larger than {limit} bytes"
+            ))
+            .into());
+        }
+        buf.extend_from_slice(&data);
+        if !last {
+            self.incoming = Some(Incoming::Encoded {
+                index,
+                basis,
+                kind,
+                data: buf,
+                limit,
+            });
+            return Ok(());
+        }
+        let stage = self.stage_mut()?;
+        match kind {
+            Encoding::Rsync => stage.apply_delta(index as usize, &basis, &buf, mtime)?,
+            Encoding::Patch(d) => stage.apply_patch(
+                index as usize,
+                &basis,
+                &flip_manifest::Digest(d),
+                &buf,
+                mtime,
+            )?,
+        }
+        flip_release::fault_point("mid-transfer");
+        Ok(())
+    }
+
+    fn literal(
+        &mut self,
+        mut w: Box<FileWriter>,
+        data: &[u8],
+        last: bool,
+        mtime: Mtime,
+    ) -> Result<()> {
         w.write(data)?;
         if last {
             self.stage_mut()?.finish_file(*w, mtime)?;

@@ -315,7 +315,10 @@ fn a_file_below_a_symlink_is_refused() {
     ];
     let (class, msg) = last_error(&session(&root_dir, None, frames));
     assert_eq!(class, ErrorClass::BadRequest);
-    assert!(msg.contains("evil/owned: its parent evil is not a directory"), "{msg}");
+    assert!(
+        msg.contains("evil/owned: its parent evil is not a directory"),
+        "{msg}"
+    );
     assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
     assert_intact(&root_dir);
 }
@@ -337,9 +340,56 @@ fn an_oversized_frame_is_refused_before_allocation() {
     bytes.extend_from_slice(&payload);
     bytes.extend_from_slice(&u32::MAX.to_le_bytes());
     let rs = session(t.path(), Some(bytes), vec![]);
-    assert!(matches!(rs.first(), Some(Response::Welcome { .. })), "{rs:?}");
+    assert!(
+        matches!(rs.first(), Some(Response::Welcome { .. })),
+        "{rs:?}"
+    );
     let (class, msg) = last_error(&rs);
     assert_eq!(class, ErrorClass::Protocol);
     assert!(msg.contains("exceeds the limit"), "{msg}");
+    assert_intact(t.path());
+}
+
+#[test]
+fn a_patch_against_a_version_the_agent_does_not_hold() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let new = vec![b'y'; 20 << 10];
+    let m = Manifest::new(vec![file("old.txt", &new)]).unwrap();
+    let mut frames = stage_frames(&m, None);
+    frames.push(Request::Patch {
+        index: 0,
+        basis: RelPath::new("old.txt").unwrap(),
+        basis_digest: [9; 32],
+        mtime: None,
+        data: vec![0; 16],
+        last: true,
+    });
+    let (class, msg) = last_error(&session(t.path(), None, frames));
+    assert_eq!(class, ErrorClass::BadRequest);
+    assert!(msg.contains("does not hold"), "{msg}");
+    assert_intact(t.path());
+}
+
+#[test]
+fn a_patch_that_inflates_beyond_the_manifest_size() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let old = vec![b'x'; 20 << 10];
+    let m = Manifest::new(vec![file("old.txt", b"short")]).unwrap();
+    // A valid zstd frame that decompresses to 10 MiB.
+    let bomb = zstd::bulk::compress(&vec![0u8; 10 << 20], 19).unwrap();
+    let mut frames = stage_frames(&m, None);
+    frames.push(Request::Patch {
+        index: 0,
+        basis: RelPath::new("old.txt").unwrap(),
+        basis_digest: Digest::of(&old).0,
+        mtime: None,
+        data: bomb,
+        last: true,
+    });
+    let (class, msg) = last_error(&session(t.path(), None, frames));
+    assert_eq!(class, ErrorClass::Integrity);
+    assert!(msg.contains("more than the 5 bytes"), "{msg}");
     assert_intact(t.path());
 }

@@ -30,7 +30,9 @@ pub enum DecodeError {
     BadVarint,
     #[error("manifest entry {0} has an unknown kind")]
     BadKind(usize),
-    #[error("manifest entry {0} does not reuse exactly the prefix it shares with the previous path")]
+    #[error(
+        "manifest entry {0} does not reuse exactly the prefix it shares with the previous path"
+    )]
     BadPrefix(usize),
     #[error("manifest entry {index}: {source}")]
     BadPath { index: usize, source: PathError },
@@ -312,7 +314,10 @@ mod tests {
         let m = sample();
         let bytes = encode(&m);
         assert_eq!(decode(&bytes).unwrap(), m);
-        assert_eq!(Manifest::default(), decode(&encode(&Manifest::default())).unwrap());
+        assert_eq!(
+            Manifest::default(),
+            decode(&encode(&Manifest::default())).unwrap()
+        );
     }
 
     #[test]
@@ -383,13 +388,15 @@ mod tests {
         assert_eq!(decode_diff(&padded), Err(DecodeError::BadVarint));
         // A diff removing "\u{1}", "\u{1}\u{2}", "\u{1}\u{4}", ... where the third path reuses
         // nothing of the second instead of the byte they share.
-        let short_prefix = b"FLIPDIF1\x05\x00\x01\x01\x01\x01\x02\x00\x02\x01\x04\x00\x01\x02\x00\x02\xc3\xa9\x00";
+        let short_prefix =
+            b"FLIPDIF1\x05\x00\x01\x01\x01\x01\x02\x00\x02\x01\x04\x00\x01\x02\x00\x02\xc3\xa9\x00";
         assert_eq!(decode_diff(short_prefix), Err(DecodeError::BadPrefix(2)));
     }
 
     #[test]
     fn every_manifest_has_one_encoding() {
-        let m = Manifest::new(vec![file("\u{e9}t\u{e9}", b""), file("\u{e9}t\u{e8}", b"")]).unwrap();
+        let m =
+            Manifest::new(vec![file("\u{e9}t\u{e9}", b""), file("\u{e9}t\u{e8}", b"")]).unwrap();
         let canonical = encode(&m);
         assert_eq!(decode(&canonical).unwrap(), m);
         let entry = |out: &mut Vec<u8>, shared: u8, suffix: &[u8], mode: &[u8]| {
@@ -408,7 +415,10 @@ mod tests {
             b
         };
         // Canonical: the second path reuses "\u{e9}t" (3 bytes), not half of the next character.
-        assert_eq!(build(3, "\u{e9}".as_bytes(), &[0xa4, 0x03], &[2]), canonical);
+        assert_eq!(
+            build(3, "\u{e9}".as_bytes(), &[0xa4, 0x03], &[2]),
+            canonical
+        );
         assert_eq!(
             decode(&build(4, &[0xa9], &[0xa4, 0x03], &[2])),
             Err(DecodeError::BadPrefix(1))
@@ -426,6 +436,9 @@ mod tests {
             Err(DecodeError::BadVarint)
         );
         // Zero itself is one byte, and still fine.
-        assert_eq!(decode(&encode(&Manifest::default())).unwrap(), Manifest::default());
+        assert_eq!(
+            decode(&encode(&Manifest::default())).unwrap(),
+            Manifest::default()
+        );
     }
 }

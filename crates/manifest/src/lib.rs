@@ -75,10 +75,18 @@ impl fmt::Display for Digest {
 /// What a path in the tree is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EntryKind {
-    Dir { mode: u32 },
-    File { mode: u32, size: u64, digest: Digest },
+    Dir {
+        mode: u32,
+    },
+    File {
+        mode: u32,
+        size: u64,
+        digest: Digest,
+    },
     /// The target is kept exactly as the source had it and is never followed.
-    Symlink { target: String },
+    Symlink {
+        target: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -190,9 +198,10 @@ impl Manifest {
         self.files().count()
     }
 
-    /// Sum of regular file sizes.
+    /// Sum of regular file sizes (saturating: the sizes of a received manifest are arbitrary).
     pub fn total_bytes(&self) -> u64 {
-        self.files().map(|(_, _, s, _)| s).sum()
+        self.files()
+            .fold(0u64, |sum, (_, _, s, _)| sum.saturating_add(s))
     }
 
     /// The blake3 of the canonical encoding: two trees with equal digests are the same tree.
@@ -231,7 +240,10 @@ impl ManifestDiff {
 impl Manifest {
     /// What turns `self` into `new`.
     pub fn diff(&self, new: &Manifest) -> ManifestDiff {
-        let (mut a, mut b) = (self.entries.iter().peekable(), new.entries.iter().peekable());
+        let (mut a, mut b) = (
+            self.entries.iter().peekable(),
+            new.entries.iter().peekable(),
+        );
         let mut d = ManifestDiff::default();
         loop {
             match (a.peek(), b.peek()) {
@@ -410,7 +422,12 @@ mod tests {
         let bytes = encode_diff(&d);
         assert_eq!(decode_diff(&bytes).unwrap(), d);
         assert!(old.diff(&old).is_empty());
-        assert_eq!(Manifest::default().apply(&Manifest::default().diff(&new)).unwrap(), new);
+        assert_eq!(
+            Manifest::default()
+                .apply(&Manifest::default().diff(&new))
+                .unwrap(),
+            new
+        );
         // Removing a directory but not its content leaves an orphan: refused.
         let bad = ManifestDiff {
             removed: vec![p("gone")],

@@ -19,7 +19,9 @@ pub enum PathError {
     BadComponent(String),
     #[error("{0:?}: path contains a NUL byte")]
     Nul(String),
-    #[error("path is longer than {MAX_PATH_LEN} bytes or has a component over {MAX_COMPONENT_LEN}")]
+    #[error(
+        "path is longer than {MAX_PATH_LEN} bytes or has a component over {MAX_COMPONENT_LEN}"
+    )]
     TooLong,
     #[error("{0:?}: path is not valid UTF-8")]
     NotUtf8(String),
@@ -162,7 +164,15 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_paths() {
-        for ok in ["a", "a/b", ".htaccess", "vendor/x/..y", "a b/ü.php", "...", "a/.b"] {
+        for ok in [
+            "a",
+            "a/b",
+            ".htaccess",
+            "vendor/x/..y",
+            "a b/ü.php",
+            "...",
+            "a/.b",
+        ] {
             RelPath::new(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
     }
@@ -170,7 +180,16 @@ mod tests {
     #[test]
     fn rejects_escapes() {
         for bad in [
-            "", "/etc/passwd", "..", "../x", "a/../../x", "a/./b", "a//b", "a/", ".", "x\0y",
+            "",
+            "/etc/passwd",
+            "..",
+            "../x",
+            "a/../../x",
+            "a/./b",
+            "a//b",
+            "a/",
+            ".",
+            "x\0y",
         ] {
             assert!(RelPath::new(bad).is_err(), "{bad:?} accepted");
         }

@@ -110,17 +110,18 @@ pub fn plan(prev: Option<&Manifest>, new: &Manifest) -> Plan {
         };
         stats.files += 1;
         match source {
+            // Sizes come from a manifest the agent received: their sum may not fit.
             Source::Link(_) => {
                 stats.linked += 1;
-                stats.matched_bytes += size;
+                stats.matched_bytes = stats.matched_bytes.saturating_add(size);
             }
             Source::Copy(_) => {
                 stats.copied += 1;
-                stats.matched_bytes += size;
+                stats.matched_bytes = stats.matched_bytes.saturating_add(size);
             }
             Source::Transfer { .. } => {
                 stats.transfers += 1;
-                stats.transfer_bytes += size;
+                stats.transfer_bytes = stats.transfer_bytes.saturating_add(size);
             }
         }
         files.push(FileStep {
@@ -223,7 +224,10 @@ mod tests {
     fn prefers_link_with_matching_mode() {
         let prev = m(&[("a", b"x", 0o755), ("b", b"x", 0o644)]);
         let new = m(&[("c", b"x", 0o644)]);
-        assert_eq!(plan(Some(&prev), &new).files[0].source, Source::Link(p("b")));
+        assert_eq!(
+            plan(Some(&prev), &new).files[0].source,
+            Source::Link(p("b"))
+        );
     }
 
     #[test]
@@ -232,5 +236,30 @@ mod tests {
         let plan = plan(Some(&t), &t);
         assert_eq!(plan.stats.linked, 2);
         assert_eq!(plan.stats.transfers + plan.stats.removed, 0);
+    }
+
+    /// Found by `fuzz/` (target `agent_session`): a client staged this manifest (two files whose
+    /// sizes add up past `u64::MAX`) and the agent's plan overflowed summing them (a panic in
+    /// builds with overflow checks, a wrapped total otherwise).
+    #[test]
+    fn sizes_past_u64_max_saturate() {
+        let mut bytes = b"FLIPMAN1\x02".to_vec();
+        let huge_size = [225, 194, 133, 251, 255, 255, 255, 255, 255, 1];
+        for (shared, suffix) in [(0u8, &b"a"[..]), (0, &[220, 147][..])] {
+            bytes.extend_from_slice(&[shared, suffix.len() as u8]);
+            bytes.extend_from_slice(suffix);
+            bytes.extend_from_slice(&[1, 149, 3]); // file, mode 0o625
+            bytes.extend_from_slice(&huge_size);
+            bytes.extend_from_slice(&[0xff; 32]);
+        }
+        let new = flip_manifest::decode(&bytes).unwrap();
+        assert!(new.files().all(|(_, _, size, _)| size > u64::MAX / 2));
+        let first = plan(None, &new);
+        assert_eq!(first.stats.transfers, 2);
+        assert_eq!(first.stats.transfer_bytes, u64::MAX);
+        let again = plan(Some(&new), &new);
+        assert_eq!(again.stats.linked, 2);
+        assert_eq!(again.stats.matched_bytes, u64::MAX);
+        assert_eq!(new.total_bytes(), u64::MAX);
     }
 }

@@ -42,7 +42,9 @@ pub fn syncfs(path: &Path) -> Result<()> {
     let f = File::open(path).map_err(io("open", path))?;
     // SAFETY: syncfs takes a valid open file descriptor and touches no memory of ours.
     if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(io("sync the filesystem of", path)(std::io::Error::last_os_error()));
+        return Err(io("sync the filesystem of", path)(
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }

@@ -295,7 +295,11 @@ impl Root {
         fsutil::remove_tree(&trash)?;
         fs::rename(&dir, &trash).map_err(io("move aside", &dir))?;
         fsutil::fsync_dir(&self.releases_dir())?;
-        for p in [self.manifest_path(id), self.info_path(id), self.stat_path(id)] {
+        for p in [
+            self.manifest_path(id),
+            self.info_path(id),
+            self.stat_path(id),
+        ] {
             match fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -365,6 +365,50 @@ impl<'r> Stage<'r> {
         self.finish_file(w, mtime)
     }
 
+    /// Decompresses a zstd `--patch-from` frame made against `basis` (whose content the client
+    /// says has `basis_digest`) into `plan().files[index]`; the output is limited to the
+    /// manifest size and checked against its blake3.
+    pub fn apply_patch(
+        &mut self,
+        index: usize,
+        basis: &RelPath,
+        basis_digest: &Digest,
+        patch: &[u8],
+        mtime: Option<(i64, u32)>,
+    ) -> Result<()> {
+        let step = self.check_pending(index)?;
+        let path = step.path.clone();
+        let known = match self.prev.as_ref().map(|(_, m)| m.get(basis)) {
+            Some(Some(EntryKind::File { digest, .. })) => Some(*digest),
+            _ => None,
+        };
+        if known != Some(*basis_digest) {
+            return Err(Error::BadRequest(format!(
+                "{path}: patch made against a version of {basis} the previous release does not hold"
+            )));
+        }
+        let base = self.load_basis(basis)?;
+        let bad = |e: std::io::Error| Error::Integrity {
+            path: path.to_string(),
+            detail: format!("patch cannot be applied: {e}"),
+        };
+        let mut dec = zstd::stream::read::Decoder::with_ref_prefix(patch, &base).map_err(bad)?;
+        // At most a 128 MiB window: bounds the agent's memory whatever the frame claims.
+        dec.window_log_max(27).map_err(bad)?;
+        let mut w = self.begin_file(index)?;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = match dec.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(bad(e)),
+            };
+            w.write(&buf[..n])?;
+        }
+        self.finish_file(w, mtime)
+    }
+
     /// Makes the release durable and visible as `releases/<id>` (not live: see
     /// [`Root::activate`]). Fails if any needed file has not been written.
     pub fn commit(mut self) -> Result<ReleaseInfo> {
@@ -610,14 +654,22 @@ pub(crate) fn verify_tree(dir: &Path, manifest: &Manifest) -> Vec<String> {
                     if !meta.is_dir() {
                         Some(format!("{}: not a directory", e.path))
                     } else if meta.mode() & 0o777 != *mode {
-                        Some(format!("{}: mode {:o}, expected {mode:o}", e.path, meta.mode() & 0o777))
+                        Some(format!(
+                            "{}: mode {:o}, expected {mode:o}",
+                            e.path,
+                            meta.mode() & 0o777
+                        ))
                     } else {
                         None
                     }
                 }
                 EntryKind::Symlink { target } => match fs::read_link(&p) {
                     Ok(t) if t.as_os_str() == target.as_str() => None,
-                    Ok(t) => Some(format!("{}: points to {}, expected {target}", e.path, t.display())),
+                    Ok(t) => Some(format!(
+                        "{}: points to {}, expected {target}",
+                        e.path,
+                        t.display()
+                    )),
                     Err(_) => Some(format!("{}: not a symlink", e.path)),
                 },
                 EntryKind::File { mode, size, digest } => {
@@ -625,7 +677,11 @@ pub(crate) fn verify_tree(dir: &Path, manifest: &Manifest) -> Vec<String> {
                         return Some(format!("{}: not a regular file", e.path));
                     }
                     if meta.mode() & 0o777 != *mode {
-                        return Some(format!("{}: mode {:o}, expected {mode:o}", e.path, meta.mode() & 0o777));
+                        return Some(format!(
+                            "{}: mode {:o}, expected {mode:o}",
+                            e.path,
+                            meta.mode() & 0o777
+                        ));
                     }
                     if meta.len() != *size {
                         return Some(format!("{}: {} bytes, expected {size}", e.path, meta.len()));

@@ -166,30 +166,34 @@ impl Sshd {
         fs::write(path, config).expect("writing the ssh config");
     }
 
-    /// Drops every open connection the way a network failure or a server crash would: kills
-    /// (SIGKILL) the per-connection sshd processes, i.e. the listener's children and the sshd
-    /// processes below them. The commands the sessions run are not killed; they see their input
-    /// close and end by themselves (killing a login shell in the middle of its startup files
-    /// could leave their lock files behind). The listener keeps running. Processes are found
-    /// through /proc parent pids and their executable, never by name. Returns how many were
-    /// killed.
+    /// Drops every open connection the way a network failure would: kills (SIGKILL) the
+    /// per-connection sshd processes, i.e. the listener's children and the sshd processes below
+    /// them, so the TCP connections close at once. The commands the sessions ran see their
+    /// input close and normally end by themselves; this waits up to 5 s for that, then kills
+    /// what is left. (Killing a login shell outright in the middle of its startup files could
+    /// leave their lock files behind, e.g. pyenv's rehash lock in root's .bashrc.) The listener
+    /// keeps running. Processes are found through /proc parent pids and their executable, never
+    /// by name. Returns how many sshd processes were killed.
     pub fn kill_connections(&self) -> usize {
         let mut tree = Vec::new();
         for pid in child_pids(self.child.id()) {
             collect_tree(pid, &mut tree);
         }
         let sshd = fs::canonicalize(SSHD).unwrap_or_else(|_| PathBuf::from(SSHD));
-        let victims: Vec<u32> = tree
-            .into_iter()
-            .filter(|pid| fs::read_link(format!("/proc/{pid}/exe")).ok().as_ref() == Some(&sshd))
-            .collect();
-        for &pid in &victims {
-            // SAFETY: plain kill(2) on sshd processes descending from our own listener.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
-            }
+        let (connections, commands): (Vec<u32>, Vec<u32>) = tree.into_iter().partition(|pid| {
+            fs::read_link(format!("/proc/{pid}/exe")).ok().as_ref() == Some(&sshd)
+        });
+        for &pid in &connections {
+            kill(pid);
         }
-        victims.len()
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while commands.iter().any(|&pid| alive(pid)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        for &pid in commands.iter().filter(|&&pid| alive(pid)) {
+            kill(pid);
+        }
+        connections.len()
     }
 
     /// The server's log (sshd -E), for diagnosing failed tests.
@@ -200,11 +204,30 @@ impl Sshd {
 
 impl Drop for Sshd {
     fn drop(&mut self) {
-        // Open connections die with the listener's process group only if we kill them too.
+        // Connections outlive the listener unless dropped too; then stop the listener by pid.
         self.kill_connections();
         let _ = self.child.kill();
         let _ = self.child.wait();
         // The temp dir is removed by TempDir's own Drop.
+    }
+}
+
+/// SIGKILL.
+fn kill(pid: u32) {
+    // SAFETY: plain kill(2) on a pid that descends from our own sshd listener.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+/// Whether `pid` still runs (exists and is not a zombie).
+fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
 

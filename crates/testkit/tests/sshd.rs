@@ -33,13 +33,14 @@ fn system_client_logs_in_and_connections_can_be_killed() {
     let mut child = Command::new("ssh")
         .arg("-F")
         .arg(&config)
-        .args(["web1", "echo started; sleep 60"])
-        .stdin(Stdio::null())
+        .args(["web1", "echo started; cat"])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let start = Instant::now();
+    let _stdin = child.stdin.take().unwrap(); // kept open: `cat` runs until the connection dies
     let mut stdout = child.stdout.take().unwrap();
     let mut first = [0u8; 8];
     stdout.read_exact(&mut first).unwrap();

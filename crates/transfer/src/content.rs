@@ -1,14 +1,14 @@
 //! Streaming file content to the agent: literal bytes or rsync deltas, prepared in parallel,
 //! written in order of readiness, each file's frames contiguous.
 
-use crate::{DeployReport, Result, Session, TransferError};
+use crate::{ContentCache, DeployReport, Result, Session, TransferError};
 use flip_manifest::{Digest, RelPath};
 use flip_plan::Plan;
 use flip_wire::{Mtime, Request, CHUNK};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,16 +19,19 @@ const LARGE: u64 = 4 << 20;
 /// Prepared files waiting for the writer at most (bounds client memory).
 const QUEUE: usize = 16;
 
-/// One file to send: `basis` set when it goes as a delta.
+/// One file to send: `patch` set when the old version (path, digest) is in the content cache,
+/// `basis` when it goes as an rsync delta, neither for a literal.
 pub(crate) struct Job {
     pub index: usize,
     pub basis: Option<RelPath>,
+    pub patch: Option<(RelPath, Digest)>,
 }
 
 /// A file ready to go: its frames and what they count for.
 struct Prepared {
     frames: Vec<Request>,
     delta: Option<u64>,
+    patched: bool,
     size: u64,
 }
 
@@ -38,6 +41,7 @@ pub(crate) fn send(
     plan: &Plan,
     jobs: &[Job],
     sigs: HashMap<usize, Vec<u8>>,
+    cache: Option<&ContentCache>,
     report: &mut DeployReport,
 ) -> Result<()> {
     let (large, small): (Vec<&Job>, Vec<&Job>) =
@@ -52,7 +56,7 @@ pub(crate) fn send(
                     return;
                 }
                 let sig = sigs.get(&job.index).map(Vec::as_slice);
-                let _ = tx.send(prepare(source, plan, job, sig));
+                let _ = tx.send(prepare(source, plan, job, sig, cache));
             });
         });
         let result = (|| {
@@ -72,13 +76,16 @@ pub(crate) fn send(
     })?;
     for job in large {
         let sig = sigs.get(&job.index).map(Vec::as_slice);
-        let p = stream_large(s, source, plan, job, sig)?;
+        let p = stream_large(s, source, plan, job, sig, cache)?;
         count(report, &p);
     }
     Ok(())
 }
 
 fn count(report: &mut DeployReport, p: &Prepared) {
+    if p.patched {
+        report.patched += 1;
+    }
     match p.delta {
         Some(d) => {
             report.delta += 1;
@@ -114,7 +121,13 @@ fn check(rel: &RelPath, data: &[u8], size: u64, digest: &Digest) -> Result<()> {
     Ok(())
 }
 
-fn prepare(source: &Path, plan: &Plan, job: &Job, sig: Option<&[u8]>) -> Result<Prepared> {
+fn prepare(
+    source: &Path,
+    plan: &Plan,
+    job: &Job,
+    sig: Option<&[u8]>,
+    cache: Option<&ContentCache>,
+) -> Result<Prepared> {
     let step = &plan.files[job.index];
     let path = source.join(step.path.as_str());
     let (f, mtime, _) = open_source(&path)?;
@@ -127,10 +140,14 @@ fn prepare(source: &Path, plan: &Plan, job: &Job, sig: Option<&[u8]>) -> Result<
         })?;
     check(&step.path, &data, step.size, &step.digest)?;
     let index = job.index as u32;
+    if let Some(p) = patch_frames(job, &data, mtime, cache) {
+        return Ok(p);
+    }
     if let (Some(basis), Some(sig)) = (&job.basis, sig) {
         if let Some(delta) = delta(sig, &data) {
             return Ok(Prepared {
                 delta: Some(delta.len() as u64),
+                patched: false,
                 size: step.size,
                 frames: chunked(&delta, |data, last| Request::Delta {
                     index,
@@ -144,6 +161,7 @@ fn prepare(source: &Path, plan: &Plan, job: &Job, sig: Option<&[u8]>) -> Result<
     }
     Ok(Prepared {
         delta: None,
+        patched: false,
         size: step.size,
         frames: chunked(&data, |data, last| Request::Literal {
             index,
@@ -152,6 +170,51 @@ fn prepare(source: &Path, plan: &Plan, job: &Job, sig: Option<&[u8]>) -> Result<
             last,
         }),
     })
+}
+
+/// Patch frames for a job whose old version is in the content cache, if the patch is smaller
+/// than the file.
+fn patch_frames(
+    job: &Job,
+    data: &[u8],
+    mtime: Mtime,
+    cache: Option<&ContentCache>,
+) -> Option<Prepared> {
+    let (basis, digest) = job.patch.as_ref()?;
+    let old = cache?.get(digest)?;
+    let patch = patch(&old, data)?;
+    let index = job.index as u32;
+    Some(Prepared {
+        delta: Some(patch.len() as u64),
+        patched: true,
+        size: data.len() as u64,
+        frames: chunked(&patch, |chunk, last| Request::Patch {
+            index,
+            basis: basis.clone(),
+            basis_digest: digest.0,
+            mtime,
+            data: chunk,
+            last,
+        }),
+    })
+}
+
+/// zstd `--patch-from`: `new` compressed with `old` as reference prefix. Strong levels for small
+/// files (where it costs little), lighter ones for large files. `None` if not smaller than `new`.
+pub fn patch(old: &[u8], new: &[u8]) -> Option<Vec<u8>> {
+    let level = match new.len() {
+        0..=131_072 => 19,
+        131_073..=1_048_576 => 12,
+        _ => 6,
+    };
+    // The window must reach back over the whole reference.
+    let span = (old.len() + new.len()).max(1 << 10) as u64;
+    let window = (64 - span.leading_zeros()).clamp(10, 27);
+    let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, old).ok()?;
+    enc.window_log(window).ok()?;
+    enc.write_all(new).ok()?;
+    let out = enc.finish().ok()?;
+    (out.len() < new.len()).then_some(out)
 }
 
 /// Splits content into frames of at most [`CHUNK`] bytes (an empty file is one empty frame).
@@ -189,6 +252,7 @@ fn stream_large(
     plan: &Plan,
     job: &Job,
     sig: Option<&[u8]>,
+    cache: Option<&ContentCache>,
 ) -> Result<Prepared> {
     let step = &plan.files[job.index];
     let path = source.join(step.path.as_str());
@@ -206,6 +270,15 @@ fn stream_large(
     h.update_rayon(&map);
     if Digest::from(h.finalize()) != step.digest {
         return Err(TransferError::SourceChanged(step.path.to_string()));
+    }
+    if let Some(p) = patch_frames(job, &map, mtime, cache) {
+        for f in &p.frames {
+            s.queue(f)?;
+        }
+        return Ok(Prepared {
+            frames: Vec::new(),
+            ..p
+        });
     }
     let index = job.index as u32;
     let (bytes, delta_len, basis) = match (&job.basis, sig.and_then(|sig| delta(sig, &map))) {
@@ -239,6 +312,7 @@ fn stream_large(
     Ok(Prepared {
         frames: Vec::new(),
         delta: delta_len,
+        patched: false,
         size: step.size,
     })
 }

@@ -11,10 +11,10 @@
 mod cache;
 mod content;
 
-pub use cache::ManifestCache;
+pub use cache::{ContentCache, ManifestCache, CONTENT_MAX_FILE};
 pub use content::local_delta;
 
-use flip_manifest::Manifest;
+use flip_manifest::{EntryKind, Manifest};
 use flip_transport::{AgentStream, Finish, TransportError};
 use flip_wire::{
     ErrorClass, FrameReader, FrameWriter, Holder, ReleaseSummary, Request, Response, SigItem,
@@ -74,8 +74,11 @@ pub struct DeployReport {
     /// Bytes the target already had: linked and copied files, and the unchanged parts of
     /// delta-transferred files.
     pub matched_bytes: u64,
-    /// Bytes of delta instructions sent (before compression).
+    /// Bytes of delta instructions and patches sent (before stream compression).
     pub delta_bytes: u64,
+    /// Changed files sent as zstd patches against the old version in the content cache (also
+    /// counted in `delta`).
+    pub patched: u64,
 }
 
 /// An open session with an agent.
@@ -205,7 +208,12 @@ impl Session {
     }
 
     /// Takes the target's deploy lock. With `wait`, `on_wait` hears who holds it.
-    pub fn lock(&mut self, holder: Holder, wait: bool, on_wait: &mut dyn FnMut(&str)) -> Result<()> {
+    pub fn lock(
+        &mut self,
+        holder: Holder,
+        wait: bool,
+        on_wait: &mut dyn FnMut(&str),
+    ) -> Result<()> {
         self.phase = "taking the deploy lock";
         self.send(&Request::Lock { wait, holder })?;
         loop {
@@ -256,6 +264,7 @@ impl Session {
         manifest: &Manifest,
         previous: Option<&Manifest>,
         label: Option<String>,
+        content_cache: Option<&ContentCache>,
     ) -> Result<DeployReport> {
         self.phase = "staging the release";
         // The files in manifest order: what the agent's indexes refer to.
@@ -308,18 +317,32 @@ impl Session {
             }
             last = Some(index);
             let size = plan.files[index].size;
+            // The old version in the local content cache: a patch, no signature needed.
+            let patch = n.basis.as_ref().and_then(|(b, _)| {
+                let cache = content_cache?;
+                match previous?.get(b) {
+                    Some(EntryKind::File { digest, .. }) if cache.contains(digest) => {
+                        Some((b.clone(), *digest))
+                    }
+                    _ => None,
+                }
+            });
             let basis = n
                 .basis
-                .filter(|(_, bsize)| size >= DELTA_MIN && *bsize >= DELTA_MIN)
+                .filter(|(_, bsize)| patch.is_none() && size >= DELTA_MIN && *bsize >= DELTA_MIN)
                 .map(|(b, _)| b);
-            jobs.push(content::Job { index, basis });
+            jobs.push(content::Job {
+                index,
+                basis,
+                patch,
+            });
         }
-        report.matched_bytes = manifest.total_bytes()
-            - jobs.iter().map(|j| plan.files[j.index].size).sum::<u64>();
+        report.matched_bytes =
+            manifest.total_bytes() - jobs.iter().map(|j| plan.files[j.index].size).sum::<u64>();
         self.phase = "fetching delta signatures";
         let sigs = self.signatures(&jobs)?;
         self.phase = "sending file content";
-        content::send(self, source, &plan, &jobs, sigs, &mut report)?;
+        content::send(self, source, &plan, &jobs, sigs, content_cache, &mut report)?;
         self.phase = "committing the release";
         self.send(&Request::Commit)?;
         match self.recv()? {
@@ -431,4 +454,3 @@ fn name(r: &Response) -> &'static str {
         Response::Bye => "Bye",
     }
 }
-

@@ -362,7 +362,7 @@ pub(crate) fn open(
         Some(cmd) => Ok(Box::new(command::SystemSsh::new(target, opts, cmd)?)),
         None => {
             let cfg = config::resolve(target, opts)?;
-            Ok(Box::new(session::Connection::open(target, opts, cfg)?))
+            Ok(Box::new(session::Connection::open(opts, cfg)?))
         }
     }
 }

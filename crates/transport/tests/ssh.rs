@@ -739,3 +739,39 @@ fn throughput_vs_system_ssh() {
         );
     }
 }
+
+/// Slow logins and silences longer than the keepalive interval are fine, in the blocking phase
+/// (probe, upload) and while streaming: every login here takes 2 s (a forced command sleeps before
+/// running the requested one) and keepalives go out every second.
+#[test]
+fn slow_login_and_idle_stream_with_short_keepalive() {
+    let mut f = Fixture::new();
+    let remote_home = f.output("printf %s \"$HOME\"");
+    let ak = f.sshd.dir().join("authorized_keys");
+    let key = std::fs::read_to_string(&ak).unwrap();
+    std::fs::write(
+        &ak,
+        format!("command=\"sleep 2; eval \\\"$SSH_ORIGINAL_COMMAND\\\"\" {key}"),
+    )
+    .unwrap();
+    std::fs::write(
+        f.home.path().join(".ssh/config"),
+        "Host *\n  ServerAliveInterval 1\n",
+    )
+    .unwrap();
+
+    // Streaming: 2 s of login plus 2 s of silence.
+    assert_eq!(f.output("sleep 2; echo done"), "done\n");
+
+    // Upload (blocking exec) after a slow launcher, then the agent starts.
+    let version = format!("0.0.0-slow{}", std::process::id());
+    let local = f.home.path().join("local-flip");
+    fake_flip(&local, &version);
+    f.opts.local_exe = local;
+    f.opts.version = version.clone();
+    let installed = Path::new(&remote_home).join(format!(".cache/flip/flip-{version}"));
+    let _cleanup = Cleanup(installed.clone());
+    let stream = ssh::connect_agent(&f.target, &f.opts, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let data = Arc::new(pattern(1000, 12));
+    assert!(round_trip(stream, data.clone()) == *data);
+}

@@ -107,7 +107,11 @@ impl FrameReader {
         while got < 4 {
             match self.reader().read(&mut len[got..]) {
                 Ok(0) if got == 0 => return Err(WireError::Closed),
-                Ok(0) => return Err(WireError::Decode("stream ends inside a frame header".into())),
+                Ok(0) => {
+                    return Err(WireError::Decode(
+                        "stream ends inside a frame header".into(),
+                    ))
+                }
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),

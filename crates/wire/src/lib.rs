@@ -11,9 +11,8 @@
 //! one shared stream than one by one.
 //!
 //! A deploy, in order (one round trip per step, whatever the number of files):
-//! `Hello` → `Welcome`; `Lock` → `Locked`; `Status` → `Status`; (`GetManifest` → `ManifestChunk`s,
-//! only when the client has no copy of the live manifest); `Stage` + `ManifestChunk`s → `Staged`
-//! (what the agent still needs); `Signatures` → `Signature`s + `SignaturesDone`; `Literal`/`Delta`
+//! `Hello` → `Welcome`; `Lock` → `Locked`; `Status` → `Status`; `Stage` + `ManifestChunk`s → `Staged`
+//! (what the agent still needs); `Signatures` → `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch`
 //! frames + `Commit` → `Committed`; `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`.
 
 mod frame;
@@ -24,7 +23,7 @@ use flip_manifest::RelPath;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 32 << 20;
@@ -109,6 +108,17 @@ pub enum Request {
     Delta {
         index: u32,
         basis: RelPath,
+        mtime: Mtime,
+        data: Vec<u8>,
+        last: bool,
+    },
+    /// A zstd frame compressed with `basis` (a file of the previous release whose content has
+    /// digest `basis_digest`) as its reference prefix — zstd's `--patch-from` — that decompresses
+    /// to file `index`. Needs no signature: the client kept the old version itself.
+    Patch {
+        index: u32,
+        basis: RelPath,
+        basis_digest: [u8; 32],
         mtime: Mtime,
         data: Vec<u8>,
         last: bool,

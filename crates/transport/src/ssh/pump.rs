@@ -36,6 +36,8 @@ pub(crate) struct Parts {
     pub peer: String,
     /// "flip agent on web1": names the command in exit errors.
     pub what: String,
+    /// Interval of SSH keepalives while streaming.
+    pub keepalive: std::time::Duration,
     pub relay: Relay,
 }
 
@@ -285,6 +287,10 @@ fn would_block(e: &io::Error) -> bool {
 impl Pump {
     fn new(parts: Parts, from_user: UnixStream, to_user: UnixStream, shared: Arc<Shared>) -> Pump {
         parts.session.set_blocking(false);
+        // Keepalives without a reply request: libssh2 would queue every reply forever. Sent data
+        // that is never acknowledged trips TCP_USER_TIMEOUT, which is what detects a dead link.
+        let secs = parts.keepalive.as_secs().clamp(1, u32::MAX as u64) as u32;
+        parts.session.set_keepalive(false, secs);
         Pump {
             session: parts.session,
             channel: parts.channel,
@@ -313,6 +319,7 @@ impl Pump {
         self.relay.finish();
         if result.is_ok() {
             // Polite close; bounded, since the session goes away anyway.
+            self.session.set_keepalive(false, 0);
             self.session.set_blocking(true);
             self.session.set_timeout(2000);
             let _ = self.channel.close();

@@ -6,7 +6,7 @@
 use super::config::{HostConfig, UnknownHosts};
 use super::known_hosts::{self, Verdict};
 use super::stderr::Relay;
-use super::{pump, Output, Remote, SshOptions, SshTarget};
+use super::{pump, Output, Remote, SshOptions};
 use crate::{AgentStream, TransportError};
 use ssh2::{HashType, MethodType, Session};
 use std::io::{self, Read, Write};
@@ -31,11 +31,7 @@ pub(crate) struct Connection {
 
 impl Connection {
     /// Connects, checks the host key and authenticates.
-    pub(crate) fn open(
-        _target: &SshTarget,
-        opts: &SshOptions,
-        cfg: HostConfig,
-    ) -> Result<Connection, TransportError> {
+    pub(crate) fn open(opts: &SshOptions, cfg: HostConfig) -> Result<Connection, TransportError> {
         let tcp = tcp_connect(&cfg)?;
         let fd = tcp.as_raw_fd();
         let ssh_err = |phase: &str, e: ssh2::Error| TransportError::Ssh {
@@ -84,11 +80,10 @@ impl Connection {
         check_host_key(&session, &cfg)?;
         authenticate(&session, opts, &cfg)?;
 
+        // No SSH keepalives yet: in blocking mode libssh2 gives up with "Timed out waiting on
+        // socket" once a keepalive interval passes without data (a slow login shell would
+        // do). The pump enables them.
         session.set_timeout(millis(OP_TIMEOUT));
-        session.set_keepalive(
-            true,
-            cfg.keepalive.as_secs().clamp(1, u32::MAX as u64) as u32,
-        );
         Ok(Connection { session, fd, cfg })
     }
 
@@ -184,6 +179,7 @@ impl Remote for Connection {
             host: host.clone(),
             peer: format!("{}@{}", self.cfg.user, host),
             what: format!("{what} on {host}"),
+            keepalive: self.cfg.keepalive,
             relay,
         }))
     }
