@@ -319,7 +319,7 @@ pub fn exec_with_stderr(
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()
         && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:,+@%".contains(&b))
     {
         return s.to_string();
     }
