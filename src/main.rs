@@ -221,16 +221,16 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
     let content = caches
         .as_ref()
         .map(|d| flip_transfer::ContentCache::new(d.join("content"), CONTENT_CACHE_BYTES));
-    let previous = releases
-        .iter()
-        .find(|r| Some(r.id) == current)
-        .and_then(|r| cache.as_ref()?.get(&r.manifest_digest));
+    let live = releases.iter().find(|r| Some(r.id) == current);
+    let previous = live.and_then(|r| cache.as_ref()?.get(&r.manifest_digest));
+    let live_digest = live.and_then(|r| flip_manifest::Digest::from_hex(&r.manifest_digest));
     let report = s.stage(
         &source,
         &scan.manifest,
         previous.as_ref(),
         a.label.clone(),
         content.as_ref(),
+        live_digest,
     )?;
     if let Some(Err(e)) = cache.as_ref().map(|c| c.put(&scan.manifest)) {
         eprintln!("flip: warning: cannot cache the manifest: {e}");

@@ -394,3 +394,49 @@ fn changed_files_go_as_patches_against_the_content_cache() {
     assert_eq!(num(&j, "/files/patched"), 0, "{j}");
     assert_dir_eq(&fx.current(), &src.tree(), "current with --no-cache");
 }
+
+/// A CI runner starts with no cache at all: deploying an unchanged tree still sends almost
+/// nothing (no manifest, no content), because the live manifest's digest matches.
+#[test]
+fn an_unchanged_tree_from_a_cold_client_sends_almost_nothing() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    for i in 0..2000 {
+        src.file(
+            &format!("src/Module{}/Class{i}.php", i % 40),
+            format!(
+                "<?php\nnamespace App\\Module{};\nfinal class Class{i} {{}}\n",
+                i % 40
+            ),
+            0o644,
+        );
+    }
+    let first = fx.deploy(&src, &[]);
+    assert!(
+        num(&first, "/bytes/sent") > 40_000,
+        "a first deploy sends the manifest: {first}"
+    );
+
+    let checkout = fx.src("checkout");
+    copy_tree(&src.dir, &checkout.dir);
+    stamp_files(&checkout.dir, 1_700_000_000);
+    let cold = fx.path("cold-home");
+    fs::create_dir(&cold).unwrap();
+    let j = fx
+        .flip_env(
+            &[
+                ("HOME", s(&cold)),
+                ("XDG_CACHE_HOME", s(&cold.join(".cache"))),
+            ],
+            &["deploy", "--json", checkout.s(), fx.root_str()],
+        )
+        .success()
+        .json();
+    assert_eq!(num(&j, "/files/linked"), 2000, "{j}");
+    assert!(num(&j, "/bytes/sent") < 1_000, "{j}");
+    assert_dir_eq(
+        &fx.current(),
+        &checkout.tree(),
+        "current after a cold no-op",
+    );
+}

@@ -256,7 +256,9 @@ impl Session {
     }
 
     /// Builds a release of `manifest` on the target from the files under `source`. When the
-    /// client knows the live release's manifest (`previous`), only the difference is sent.
+    /// client knows the live release's manifest (`previous`), only the difference is sent; when
+    /// the live manifest's digest (`live_digest`, from [`Session::status`]) equals the new one,
+    /// nothing is.
     /// Returns once the release is committed (complete and durable, not yet live).
     pub fn stage(
         &mut self,
@@ -265,14 +267,22 @@ impl Session {
         previous: Option<&Manifest>,
         label: Option<String>,
         content_cache: Option<&ContentCache>,
+        live_digest: Option<flip_manifest::Digest>,
     ) -> Result<DeployReport> {
         self.phase = "staging the release";
         // The files in manifest order: what the agent's indexes refer to.
         let plan = flip_plan::plan(None, manifest);
+        let digest = manifest.digest();
         let (base, payload) = match previous {
             Some(prev) => (
                 Some(prev.digest().0),
                 flip_manifest::encode_diff(&prev.diff(manifest)),
+            ),
+            // Unchanged tree (a no-op, or a fresh checkout of the same commit): an empty
+            // difference, even for a client that never saw the live manifest.
+            None if live_digest == Some(digest) => (
+                Some(digest.0),
+                flip_manifest::encode_diff(&Default::default()),
             ),
             None => (None, flip_manifest::encode(manifest)),
         };
@@ -280,7 +290,7 @@ impl Session {
             label,
             base,
             payload_len: payload.len() as u64,
-            digest: manifest.digest().0,
+            digest: digest.0,
         })?;
         for c in payload.chunks(CHUNK) {
             self.queue(&Request::ManifestChunk(c.to_vec()))?;
