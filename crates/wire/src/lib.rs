@@ -94,13 +94,14 @@ pub enum Request {
         payload_len: u64,
         digest: [u8; 32],
     },
-    ManifestChunk(Vec<u8>),
+    ManifestChunk(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Signatures of delta bases, one per item.
     Signatures(Vec<SigItem>),
     /// Content of file `index` (into the plan's files), in order; `last` closes it.
     Literal {
         index: u32,
         mtime: Mtime,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         last: bool,
     },
@@ -109,6 +110,7 @@ pub enum Request {
         index: u32,
         basis: RelPath,
         mtime: Mtime,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         last: bool,
     },
@@ -120,6 +122,7 @@ pub enum Request {
         basis: RelPath,
         basis_digest: [u8; 32],
         mtime: Mtime,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         last: bool,
     },
@@ -171,6 +174,7 @@ pub enum Response {
         releases: Vec<ReleaseSummary>,
     },
     ManifestChunk {
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         last: bool,
     },
@@ -186,6 +190,7 @@ pub enum Response {
     },
     Signature {
         index: u32,
+        #[serde(with = "serde_bytes")]
         sig: Vec<u8>,
     },
     SignaturesDone,
