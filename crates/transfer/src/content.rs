@@ -1,11 +1,18 @@
-//! Streaming file content to the agent: literal bytes or rsync deltas, prepared in parallel,
-//! written in order of readiness, each file's frames contiguous.
+//! Streaming file content to the agent. Each needed file is read, checked against the digest it
+//! was scanned with, and encoded the cheapest way available:
+//! - a zstd `--patch-from` frame against the old version kept in the local content cache,
+//! - an rsync delta against the agent's signature of its previous version,
+//! - or the bytes themselves (the session's zstd stream compresses them).
+//!
+//! Small files are read and encoded in parallel (rayon) while the main thread writes frames;
+//! large ones are mapped and streamed by the main thread. Each file's frames are contiguous.
 
 use crate::{ContentCache, DeployReport, Result, Session, TransferError};
 use flip_manifest::{Digest, RelPath};
 use flip_plan::Plan;
 use flip_wire::{Mtime, Request, CHUNK};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -27,10 +34,18 @@ pub(crate) struct Job {
     pub patch: Option<(RelPath, Digest)>,
 }
 
-/// A file ready to go: its frames and what they count for.
+/// How one file's content goes on the wire.
+enum Encoded<'a> {
+    Literal(Cow<'a, [u8]>),
+    Delta(RelPath, Vec<u8>),
+    Patch(RelPath, Digest, Vec<u8>),
+}
+
+/// A file ready to go: its frames, and what it counts for in the report.
 struct Prepared {
     frames: Vec<Request>,
-    delta: Option<u64>,
+    /// Bytes of delta or patch, `None` for a literal.
+    encoded: Option<u64>,
     patched: bool,
     size: u64,
 }
@@ -47,46 +62,132 @@ pub(crate) fn send(
     let (large, small): (Vec<&Job>, Vec<&Job>) =
         jobs.iter().partition(|j| plan.files[j.index].size > LARGE);
     let cancel = AtomicBool::new(false);
+    let sig = |job: &Job| sigs.get(&job.index).map(Vec::as_slice);
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Prepared>>(QUEUE);
-        let (cancel, sigs) = (&cancel, &sigs);
+        let cancel = &cancel;
         scope.spawn(move || {
             small.par_iter().for_each_with(tx, |tx, job| {
                 if cancel.load(Ordering::Relaxed) {
                     return;
                 }
-                let sig = sigs.get(&job.index).map(Vec::as_slice);
-                let _ = tx.send(prepare(source, plan, job, sig, cache));
+                let _ = tx.send(read_small(source, plan, job).map(|(data, mtime)| {
+                    let enc = encode(job, &data, sig(job), cache);
+                    prepared(job, mtime, data.len() as u64, enc, Vec::new)
+                }));
             });
         });
-        let result = (|| {
-            for item in rx.iter() {
-                let p = item?;
-                for f in &p.frames {
-                    s.queue(f)?;
-                }
-                count(report, &p);
+        let result = rx.iter().try_for_each(|item| {
+            let p = item?;
+            for f in &p.frames {
+                s.queue(f)?;
             }
+            count(report, &p);
             Ok(())
-        })();
+        });
         if result.is_err() {
             cancel.store(true, Ordering::Relaxed);
         }
         result
     })?;
     for job in large {
-        let sig = sigs.get(&job.index).map(Vec::as_slice);
-        let p = stream_large(s, source, plan, job, sig, cache)?;
+        let (map, mtime) = map_large(source, plan, job)?;
+        let enc = encode(job, &map, sig(job), cache);
+        // Frames go out one by one: a large file is never held twice in memory.
+        let mut err = Ok(());
+        let p = prepared(job, mtime, map.len() as u64, enc, || {
+            SendEach(&mut *s, &mut err)
+        });
+        err?;
         count(report, &p);
     }
     Ok(())
+}
+
+/// Where `prepared` puts frames: a Vec (small files, sent later) or straight to the session.
+trait Sink {
+    fn push(&mut self, r: Request);
+    fn done(self) -> Vec<Request>;
+}
+
+impl Sink for Vec<Request> {
+    fn push(&mut self, r: Request) {
+        Vec::push(self, r)
+    }
+    fn done(self) -> Vec<Request> {
+        self
+    }
+}
+
+struct SendEach<'s>(&'s mut Session, &'s mut Result<()>);
+
+impl Sink for SendEach<'_> {
+    fn push(&mut self, r: Request) {
+        if self.1.is_ok() {
+            *self.1 = self.0.queue(&r);
+        }
+    }
+    fn done(self) -> Vec<Request> {
+        Vec::new()
+    }
+}
+
+/// Splits an encoding into frames of at most [`CHUNK`] bytes (an empty file is one empty frame).
+fn prepared<S: Sink>(
+    job: &Job,
+    mtime: Mtime,
+    size: u64,
+    enc: Encoded<'_>,
+    sink: impl FnOnce() -> S,
+) -> Prepared {
+    let index = job.index as u32;
+    let mut sink = sink();
+    let (bytes, encoded, patched): (&[u8], Option<u64>, bool) = match &enc {
+        Encoded::Literal(b) => (b, None, false),
+        Encoded::Delta(_, d) => (d, Some(d.len() as u64), false),
+        Encoded::Patch(_, _, p) => (p, Some(p.len() as u64), true),
+    };
+    let n = bytes.len().div_ceil(CHUNK).max(1);
+    for i in 0..n {
+        let data = bytes[i * CHUNK..((i + 1) * CHUNK).min(bytes.len())].to_vec();
+        let last = i + 1 == n;
+        sink.push(match &enc {
+            Encoded::Literal(_) => Request::Literal {
+                index,
+                mtime,
+                data,
+                last,
+            },
+            Encoded::Delta(basis, _) => Request::Delta {
+                index,
+                basis: basis.clone(),
+                mtime,
+                data,
+                last,
+            },
+            Encoded::Patch(basis, digest, _) => Request::Patch {
+                index,
+                basis: basis.clone(),
+                basis_digest: digest.0,
+                mtime,
+                data,
+                last,
+            },
+        });
+    }
+    Prepared {
+        frames: sink.done(),
+        encoded,
+        patched,
+        size,
+    }
 }
 
 fn count(report: &mut DeployReport, p: &Prepared) {
     if p.patched {
         report.patched += 1;
     }
-    match p.delta {
+    match p.encoded {
         Some(d) => {
             report.delta += 1;
             report.delta_bytes += d;
@@ -97,6 +198,26 @@ fn count(report: &mut DeployReport, p: &Prepared) {
             report.literal_bytes += p.size;
         }
     }
+}
+
+/// The cheapest encoding of `data` this job allows.
+fn encode<'a>(
+    job: &Job,
+    data: &'a [u8],
+    sig: Option<&[u8]>,
+    cache: Option<&ContentCache>,
+) -> Encoded<'a> {
+    if let Some((basis, digest)) = &job.patch {
+        if let Some(p) = cache.and_then(|c| c.get(digest)).and_then(|old| patch(&old, data)) {
+            return Encoded::Patch(basis.clone(), *digest, p);
+        }
+    }
+    if let (Some(basis), Some(sig)) = (&job.basis, sig) {
+        if let Some(d) = delta(sig, data) {
+            return Encoded::Delta(basis.clone(), d);
+        }
+    }
+    Encoded::Literal(Cow::Borrowed(data))
 }
 
 /// Opens a source file without following a symlink that replaced it since the scan.
@@ -114,20 +235,8 @@ fn open_source(path: &Path) -> Result<(File, Mtime, u64)> {
     Ok((f, Some((m.mtime(), m.mtime_nsec() as u32)), m.len()))
 }
 
-fn check(rel: &RelPath, data: &[u8], size: u64, digest: &Digest) -> Result<()> {
-    if data.len() as u64 != size || Digest::of(data) != *digest {
-        return Err(TransferError::SourceChanged(rel.to_string()));
-    }
-    Ok(())
-}
-
-fn prepare(
-    source: &Path,
-    plan: &Plan,
-    job: &Job,
-    sig: Option<&[u8]>,
-    cache: Option<&ContentCache>,
-) -> Result<Prepared> {
+/// A small file, read whole and checked against its scanned digest.
+fn read_small(source: &Path, plan: &Plan, job: &Job) -> Result<(Vec<u8>, Mtime)> {
     let step = &plan.files[job.index];
     let path = source.join(step.path.as_str());
     let (f, mtime, _) = open_source(&path)?;
@@ -138,95 +247,32 @@ fn prepare(
             path: path.display().to_string(),
             source,
         })?;
-    check(&step.path, &data, step.size, &step.digest)?;
-    let index = job.index as u32;
-    if let Some(p) = patch_frames(job, &data, mtime, cache) {
-        return Ok(p);
+    if data.len() as u64 != step.size || Digest::of(&data) != step.digest {
+        return Err(TransferError::SourceChanged(step.path.to_string()));
     }
-    if let (Some(basis), Some(sig)) = (&job.basis, sig) {
-        if let Some(delta) = delta(sig, &data) {
-            return Ok(Prepared {
-                delta: Some(delta.len() as u64),
-                patched: false,
-                size: step.size,
-                frames: chunked(&delta, |data, last| Request::Delta {
-                    index,
-                    basis: basis.clone(),
-                    mtime,
-                    data,
-                    last,
-                }),
-            });
-        }
-    }
-    Ok(Prepared {
-        delta: None,
-        patched: false,
-        size: step.size,
-        frames: chunked(&data, |data, last| Request::Literal {
-            index,
-            mtime,
-            data,
-            last,
-        }),
-    })
+    Ok((data, mtime))
 }
 
-/// Patch frames for a job whose old version is in the content cache, if the patch is smaller
-/// than the file.
-fn patch_frames(
-    job: &Job,
-    data: &[u8],
-    mtime: Mtime,
-    cache: Option<&ContentCache>,
-) -> Option<Prepared> {
-    let (basis, digest) = job.patch.as_ref()?;
-    let old = cache?.get(digest)?;
-    let patch = patch(&old, data)?;
-    let index = job.index as u32;
-    Some(Prepared {
-        delta: Some(patch.len() as u64),
-        patched: true,
-        size: data.len() as u64,
-        frames: chunked(&patch, |chunk, last| Request::Patch {
-            index,
-            basis: basis.clone(),
-            basis_digest: digest.0,
-            mtime,
-            data: chunk,
-            last,
-        }),
-    })
-}
-
-/// zstd `--patch-from`: `new` compressed with `old` as reference prefix. Strong levels for small
-/// files (where it costs little), lighter ones for large files. `None` if not smaller than `new`.
-pub fn patch(old: &[u8], new: &[u8]) -> Option<Vec<u8>> {
-    let level = match new.len() {
-        0..=131_072 => 19,
-        131_073..=1_048_576 => 12,
-        _ => 6,
-    };
-    // The window must reach back over the whole reference.
-    let span = (old.len() + new.len()).max(1 << 10) as u64;
-    let window = (64 - span.leading_zeros()).clamp(10, 27);
-    let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, old).ok()?;
-    enc.window_log(window).ok()?;
-    enc.write_all(new).ok()?;
-    let out = enc.finish().ok()?;
-    (out.len() < new.len()).then_some(out)
-}
-
-/// Splits content into frames of at most [`CHUNK`] bytes (an empty file is one empty frame).
-fn chunked(data: &[u8], make: impl Fn(Vec<u8>, bool) -> Request) -> Vec<Request> {
-    if data.is_empty() {
-        return vec![make(Vec::new(), true)];
+/// A large file, mapped and checked against its scanned digest (hashed on all cores).
+fn map_large(source: &Path, plan: &Plan, job: &Job) -> Result<(memmap2::Mmap, Mtime)> {
+    let step = &plan.files[job.index];
+    let path = source.join(step.path.as_str());
+    let (f, mtime, len) = open_source(&path)?;
+    if len != step.size {
+        return Err(TransferError::SourceChanged(step.path.to_string()));
     }
-    let n = data.len().div_ceil(CHUNK);
-    data.chunks(CHUNK)
-        .enumerate()
-        .map(|(i, c)| make(c.to_vec(), i + 1 == n))
-        .collect()
+    // SAFETY: a read-only mapping of a source file; if the file changes underneath, the blake3
+    // check below (or the agent's) rejects the result.
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| TransferError::Source {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut h = blake3::Hasher::new();
+    h.update_rayon(&map);
+    if Digest::from(h.finalize()) != step.digest {
+        return Err(TransferError::SourceChanged(step.path.to_string()));
+    }
+    Ok((map, mtime))
 }
 
 /// An rsync delta of `data` against a signature from the agent, if the signature is sane and
@@ -245,76 +291,22 @@ fn delta(sig: &[u8], data: &[u8]) -> Option<Vec<u8>> {
     (out.len() < data.len()).then_some(out)
 }
 
-/// Large files: mapped, checked, and sent chunk by chunk from the writing thread.
-fn stream_large(
-    s: &mut Session,
-    source: &Path,
-    plan: &Plan,
-    job: &Job,
-    sig: Option<&[u8]>,
-    cache: Option<&ContentCache>,
-) -> Result<Prepared> {
-    let step = &plan.files[job.index];
-    let path = source.join(step.path.as_str());
-    let (f, mtime, len) = open_source(&path)?;
-    if len != step.size {
-        return Err(TransferError::SourceChanged(step.path.to_string()));
-    }
-    // SAFETY: a read-only mapping of a source file; if the file changes underneath, the blake3
-    // check below (or the agent's) rejects the result.
-    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| TransferError::Source {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let mut h = blake3::Hasher::new();
-    h.update_rayon(&map);
-    if Digest::from(h.finalize()) != step.digest {
-        return Err(TransferError::SourceChanged(step.path.to_string()));
-    }
-    if let Some(p) = patch_frames(job, &map, mtime, cache) {
-        for f in &p.frames {
-            s.queue(f)?;
-        }
-        return Ok(Prepared {
-            frames: Vec::new(),
-            ..p
-        });
-    }
-    let index = job.index as u32;
-    let (bytes, delta_len, basis) = match (&job.basis, sig.and_then(|sig| delta(sig, &map))) {
-        (Some(b), Some(d)) => {
-            let n = d.len() as u64;
-            (std::borrow::Cow::Owned(d), Some(n), Some(b.clone()))
-        }
-        _ => (std::borrow::Cow::Borrowed(&map[..]), None, None),
+/// zstd `--patch-from`: `new` compressed with `old` as reference prefix. Strong levels for small
+/// files (where it costs little), lighter ones for large files. `None` if not smaller than `new`.
+pub fn patch(old: &[u8], new: &[u8]) -> Option<Vec<u8>> {
+    let level = match new.len() {
+        0..=131_072 => 19,
+        131_073..=1_048_576 => 12,
+        _ => 6,
     };
-    let n = bytes.len().div_ceil(CHUNK).max(1);
-    for i in 0..n {
-        let chunk = bytes[i * CHUNK..((i + 1) * CHUNK).min(bytes.len())].to_vec();
-        let last = i + 1 == n;
-        let req = match &basis {
-            Some(b) => Request::Delta {
-                index,
-                basis: b.clone(),
-                mtime,
-                data: chunk,
-                last,
-            },
-            None => Request::Literal {
-                index,
-                mtime,
-                data: chunk,
-                last,
-            },
-        };
-        s.queue(&req)?;
-    }
-    Ok(Prepared {
-        frames: Vec::new(),
-        delta: delta_len,
-        patched: false,
-        size: step.size,
-    })
+    // The window must reach back over the whole reference.
+    let span = (old.len() + new.len()).max(1 << 10) as u64;
+    let window = (64 - span.leading_zeros()).clamp(10, 27);
+    let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, old).ok()?;
+    enc.window_log(window).ok()?;
+    enc.write_all(new).ok()?;
+    let out = enc.finish().ok()?;
+    (out.len() < new.len()).then_some(out)
 }
 
 /// The rsync delta that would turn `old` into `new`, computed locally with the same signature
