@@ -86,7 +86,10 @@ impl FrameReader {
     /// From now on the peer's bytes are one zstd stream.
     pub fn start_decompression(&mut self) -> Result<(), WireError> {
         if let ReadSide::Plain(r) = std::mem::replace(&mut self.side, ReadSide::Switching) {
-            let d = zstd::stream::read::Decoder::with_buffer(r)?;
+            let mut d = zstd::stream::read::Decoder::with_buffer(r)?;
+            // The peer's window (its memory claim on us) is bounded by one frame's worth:
+            // zstd level 19 needs 8 MiB.
+            d.window_log_max(25)?;
             self.side = ReadSide::Zstd(Box::new(d));
         }
         Ok(())
