@@ -339,6 +339,21 @@ mod tests {
     }
 
     #[test]
+    fn a_huge_zstd_window_is_refused() {
+        // A peer whose stream claims a 128 MiB window would make us reserve that much.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        enc.window_log(27).unwrap();
+        enc.write_all(&[0u8; 16]).unwrap();
+        let bytes = enc.finish().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut r = FrameReader::new(Box::new(Pipe(rx, Vec::new(), 0)));
+        r.start_decompression().unwrap();
+        tx.send(bytes).unwrap();
+        drop(tx);
+        assert!(matches!(r.recv::<Request>(), Err(WireError::Io(_))));
+    }
+
+    #[test]
     fn hostile_paths_do_not_decode() {
         let good = Request::Signatures(vec![crate::SigItem {
             index: 1,
