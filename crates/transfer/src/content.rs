@@ -291,14 +291,12 @@ fn delta(sig: &[u8], data: &[u8]) -> Option<Vec<u8>> {
     (out.len() < data.len()).then_some(out)
 }
 
-/// zstd `--patch-from`: `new` compressed with `old` as reference prefix. Strong levels for small
-/// files (where it costs little), lighter ones for large files. `None` if not smaller than `new`.
+/// zstd `--patch-from`: `new` compressed with `old` as reference prefix. `None` if not smaller
+/// than `new`. Level 9 for small files, 3 above 32 KiB: measured on PHP-like files, a patch at
+/// 9 is within ~10% of one at 19 while 10× faster (19 runs at ~2 MB/s, far too slow for a
+/// vendor upgrade of thousands of files), and 3 keeps large files at stream speed.
 pub fn patch(old: &[u8], new: &[u8]) -> Option<Vec<u8>> {
-    let level = match new.len() {
-        0..=131_072 => 19,
-        131_073..=1_048_576 => 12,
-        _ => 6,
-    };
+    let level = if new.len() <= 32 << 10 { 9 } else { 3 };
     // The window must reach back over the whole reference.
     let span = (old.len() + new.len()).max(1 << 10) as u64;
     let window = (64 - span.leading_zeros()).clamp(10, 27);
