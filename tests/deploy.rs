@@ -439,4 +439,32 @@ fn an_unchanged_tree_from_a_cold_client_sends_almost_nothing() {
         &checkout.tree(),
         "current after a cold no-op",
     );
+
+    // A patch release from another cold client: only the changed directories' entries travel
+    // (found by comparing directory hashes), not the 2000-entry manifest.
+    checkout.overwrite("src/Module3/Class3.php", "<?php // patched\n");
+    checkout.file("src/Module7/Added.php", "<?php // new\n", 0o644);
+    checkout.file("src/NewModule/New.php", "<?php // new module\n", 0o644);
+    std::fs::remove_dir_all(checkout.p("src/Module9")).unwrap();
+    let cold2 = fx.path("cold-home-2");
+    fs::create_dir(&cold2).unwrap();
+    let j = fx
+        .flip_env(
+            &[
+                ("HOME", s(&cold2)),
+                ("XDG_CACHE_HOME", s(&cold2.join(".cache"))),
+            ],
+            &["deploy", "--json", checkout.s(), fx.root_str()],
+        )
+        .success()
+        .json();
+    assert_eq!(num(&j, "/files/literal"), 3, "{j}");
+    assert_eq!(num(&j, "/files/removed"), 50, "{j}");
+    assert!(num(&j, "/bytes/sent") < 8_000, "{j}");
+    assert_dir_eq(
+        &fx.current(),
+        &checkout.tree(),
+        "current after a cold patch",
+    );
+    fx.flip(&["verify", fx.root_str()]).success();
 }

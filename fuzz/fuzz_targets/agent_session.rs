@@ -24,7 +24,9 @@
 use arbitrary::Arbitrary;
 use flip_fuzz::SharedBuf;
 use flip_manifest::{Digest, Entry, EntryKind, Manifest, RelPath};
-use flip_wire::{FrameReader, Holder, Need, Request, Response, SigItem, MAGIC, PROTOCOL};
+use flip_wire::{
+    FrameReader, Holder, Need, ProbeItem, Request, Response, SigItem, MAGIC, PROTOCOL,
+};
 use libfuzzer_sys::fuzz_target;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Cursor, Read};
@@ -59,6 +61,8 @@ enum Op {
         deploy: bool,
     },
     Status,
+    /// Directory hashes to compare with the live release.
+    Probe(Vec<(String, [u8; 8], [u8; 8])>),
     GetManifest {
         id: u8,
     },
@@ -165,6 +169,10 @@ enum StageHow {
     RawDiff(Vec<u8>),
     /// The payload with `payload_len` off by this much.
     WrongLen(i8),
+    /// A directory patch against the live release (as a client without its manifest sends).
+    Dirs,
+    /// Raw bytes announced as a directory patch against the live manifest.
+    RawDirs(Vec<u8>),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -592,6 +600,48 @@ impl Client {
                 }
                 (None, b.clone(), m)
             }
+            StageHow::Dirs => match &live {
+                Some((bytes, prev)) => {
+                    let (old, new) = (
+                        flip_manifest::DirTree::new(prev),
+                        flip_manifest::DirTree::new(&manifest),
+                    );
+                    // Every directory of the new tree whose direct entries differ or are new.
+                    let mut dirs = std::collections::BTreeSet::new();
+                    let mut stack = vec![String::new()];
+                    while let Some(d) = stack.pop() {
+                        let (flat, merkle) = new.hashes(&d).unwrap();
+                        match old.compare(&d, &flat, &merkle) {
+                            flip_manifest::DirState::Same => continue,
+                            flip_manifest::DirState::Below => {}
+                            _ => {
+                                dirs.insert(d.clone());
+                            }
+                        }
+                        stack.extend_from_slice(new.subdirs(&d));
+                    }
+                    (
+                        Some(Digest::of(bytes).0),
+                        flip_manifest::encode_dir_patch(&new.patch(&manifest, &dirs)),
+                        Some(manifest),
+                    )
+                }
+                None => (None, flip_manifest::encode(&manifest), Some(manifest)),
+            },
+            StageHow::RawDirs(b) => {
+                let m = live.as_ref().and_then(|(_, prev)| {
+                    prev.apply_dirs(&flip_manifest::decode_dir_patch(b).ok()?)
+                        .ok()
+                });
+                if let Some(m) = &m {
+                    digest = m.digest().0;
+                }
+                (
+                    live.as_ref().map(|(bytes, _)| Digest::of(bytes).0),
+                    b.clone(),
+                    m,
+                )
+            }
             StageHow::RawDiff(b) => {
                 let m = live
                     .as_ref()
@@ -616,9 +666,11 @@ impl Client {
             StageHow::WrongLen(d) => (payload.len() as i64 + *d as i64).max(0) as u64,
             _ => payload.len() as u64,
         };
+        let dirs = matches!(how, StageHow::Dirs | StageHow::RawDirs(_)) && base.is_some();
         self.send(&Request::Stage {
             label,
             base,
+            dirs,
             payload_len,
             digest,
         });
@@ -866,6 +918,12 @@ impl Client {
                 id: id.map(|i| i as u64),
             }),
             Op::Bye => self.send(&Request::Bye),
+            Op::Probe(items) => self.send(&Request::Probe(
+                items
+                    .into_iter()
+                    .map(|(dir, flat, merkle)| ProbeItem { dir, flat, merkle })
+                    .collect(),
+            )),
             Op::Hello { compress } => self.send(&Request::Hello {
                 magic: MAGIC,
                 protocol: PROTOCOL,

@@ -10,13 +10,14 @@
 //! error the agent answers with a [`Response::Error`] and ends the session; an unfinished staging
 //! directory is removed and `current` is untouched.
 
-use flip_manifest::RelPath;
+use flip_manifest::{DirState, RelPath};
 use flip_release::{
     Error as RelError, ErrorClass as RelClass, FileWriter, LockGuard, Root, Stage, Wait,
 };
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Mtime, Need, ReleaseSummary, Request, Response,
-    WireError, CHUNK, MAGIC, MAX_MANIFEST, PROTOCOL,
+    ErrorClass, FrameReader, FrameWriter, Mtime, Need, ProbeItem, ReleaseSummary, Request,
+    Response, WireError, CHUNK, MAGIC, MAX_MANIFEST, PROBE_ABSENT, PROBE_BELOW, PROBE_DIFFERS,
+    PROBE_SAME, PROTOCOL,
 };
 use rayon::prelude::*;
 use std::io::{Read, Write};
@@ -81,6 +82,8 @@ struct Session {
     stage: Option<Stage<'static>>,
     incoming: Option<Incoming>,
     host: String,
+    /// Directory hashes of the live release (id), computed on the first probe.
+    tree: Option<(u64, flip_manifest::DirTree)>,
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -98,6 +101,7 @@ pub fn serve(
         stage: None,
         incoming: None,
         host: hostname(),
+        tree: None,
     };
     let r = s.run(&mut rx, &mut tx);
     match r {
@@ -305,9 +309,11 @@ impl Session {
             Request::Stage {
                 label,
                 base,
+                dirs,
                 payload_len,
                 digest,
-            } => self.stage(rx, label, base, payload_len, digest)?,
+            } => self.stage(rx, label, base, dirs, payload_len, digest)?,
+            Request::Probe(items) => self.probe(items)?,
             Request::ManifestChunk(_) => {
                 return Err(AgentError::Protocol("manifest data outside Stage".into()))
             }
@@ -450,11 +456,38 @@ impl Session {
         }))
     }
 
+    /// Compares the client's directory hashes with the live release's.
+    fn probe(&mut self, items: Vec<ProbeItem>) -> Result<Response> {
+        if items.len() > flip_manifest::MAX_ENTRIES {
+            return Err(RelError::BadRequest("probe too large".into()).into());
+        }
+        if self.tree.is_none() {
+            let root = self.root(false)?;
+            let live = root
+                .current()?
+                .ok_or_else(|| RelError::BadRequest("probe but nothing is live".into()))?;
+            let m = root.manifest(live)?;
+            self.tree = Some((live, flip_manifest::DirTree::new(&m)));
+        }
+        let (_, tree) = self.tree.as_ref().expect("set above");
+        let states = items
+            .iter()
+            .map(|it| match tree.compare(&it.dir, &it.flat, &it.merkle) {
+                DirState::Same => PROBE_SAME,
+                DirState::Below => PROBE_BELOW,
+                DirState::Differs => PROBE_DIFFERS,
+                DirState::Absent => PROBE_ABSENT,
+            })
+            .collect();
+        Ok(Response::Probed(states))
+    }
+
     fn stage(
         &mut self,
         rx: &mut FrameReader,
         label: Option<String>,
         base: Option<[u8; 32]>,
+        dirs: bool,
         payload_len: u64,
         digest: [u8; 32],
     ) -> Result<Response> {
@@ -503,10 +536,17 @@ impl Session {
                     ))
                     .into());
                 }
-                let diff = flip_manifest::decode_diff(&bytes)
-                    .map_err(|e| RelError::BadRequest(format!("manifest diff rejected: {e}")))?;
-                prev.apply(&diff)
-                    .map_err(|e| RelError::BadRequest(format!("manifest diff rejected: {e}")))?
+                let rejected = |e: &dyn std::fmt::Display| {
+                    RelError::BadRequest(format!("manifest diff rejected: {e}"))
+                };
+                if dirs {
+                    let patch =
+                        flip_manifest::decode_dir_patch(&bytes).map_err(|e| rejected(&e))?;
+                    prev.apply_dirs(&patch).map_err(|e| rejected(&e))?
+                } else {
+                    let diff = flip_manifest::decode_diff(&bytes).map_err(|e| rejected(&e))?;
+                    prev.apply(&diff).map_err(|e| rejected(&e))?
+                }
             }
         };
         if manifest.digest().0 != digest {

@@ -130,6 +130,7 @@ fn stage_frames(m: &Manifest, digest: Option<[u8; 32]>) -> Vec<Request> {
         Request::Stage {
             label: None,
             base: None,
+            dirs: false,
             payload_len: bytes.len() as u64,
             digest: digest.unwrap_or(m.digest().0),
         },
@@ -301,6 +302,7 @@ fn a_file_below_a_symlink_is_refused() {
         Request::Stage {
             label: None,
             base: None,
+            dirs: false,
             payload_len: bytes.len() as u64,
             digest: *blake3::hash(&bytes).as_bytes(),
         },

@@ -13,12 +13,13 @@
 //! one encoding.
 
 use crate::{
-    Digest, Entry, EntryKind, Manifest, ManifestDiff, ManifestError, PathError, RelPath,
+    Digest, DirPatch, Entry, EntryKind, Manifest, ManifestDiff, ManifestError, PathError, RelPath,
     MAX_ENTRIES,
 };
 
 const MAGIC: &[u8; 8] = b"FLIPMAN1";
 const DIFF_MAGIC: &[u8; 8] = b"FLIPDIF1";
+const DIR_PATCH_MAGIC: &[u8; 8] = b"FLIPDPT1";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -97,6 +98,52 @@ pub fn decode_diff(buf: &[u8]) -> Result<ManifestDiff, DecodeError> {
     let upserts = r.entries()?;
     r.end()?;
     Ok(ManifestDiff { removed, upserts })
+}
+
+/// The canonical encoding of a [`DirPatch`]: `"FLIPDPT1"`, a root flag (1 if the root's
+/// entries are replaced), the other replaced directories (count, prefix-compressed paths), then
+/// the entries (as in a manifest).
+pub fn encode_dir_patch(d: &DirPatch) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + d.dirs.len() * 24 + d.entries.len() * 48);
+    out.extend_from_slice(DIR_PATCH_MAGIC);
+    let root = d.dirs.iter().any(String::is_empty);
+    out.push(root as u8);
+    let dirs: Vec<&String> = d.dirs.iter().filter(|s| !s.is_empty()).collect();
+    put_varint(&mut out, dirs.len() as u64);
+    let mut prev = "";
+    for p in dirs {
+        put_path(&mut out, prev, p);
+        prev = p;
+    }
+    put_entries(&mut out, &d.entries);
+    out
+}
+
+pub fn decode_dir_patch(buf: &[u8]) -> Result<DirPatch, DecodeError> {
+    let mut r = Reader { buf, pos: 0 };
+    if r.take(DIR_PATCH_MAGIC.len())? != DIR_PATCH_MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let mut dirs = match r.byte()? {
+        0 => Vec::new(),
+        1 => vec![String::new()],
+        _ => return Err(DecodeError::BadKind(0)),
+    };
+    let count = r.count()?;
+    let mut last: Option<RelPath> = None;
+    let mut prev = String::new();
+    for index in 0..count {
+        let path = r.path(index, &prev)?;
+        if last.as_ref().is_some_and(|l| *l >= path) {
+            return Err(DecodeError::Order(index));
+        }
+        prev = path.as_str().to_string();
+        dirs.push(prev.clone());
+        last = Some(path);
+    }
+    let entries = r.entries()?;
+    r.end()?;
+    Ok(DirPatch { dirs, entries })
 }
 
 fn put_path(out: &mut Vec<u8>, prev: &str, path: &str) {

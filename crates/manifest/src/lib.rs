@@ -8,9 +8,13 @@
 
 mod encoding;
 mod path;
+mod tree;
 
-pub use encoding::{decode, decode_diff, encode, encode_diff, DecodeError};
+pub use encoding::{
+    decode, decode_diff, decode_dir_patch, encode, encode_diff, encode_dir_patch, DecodeError,
+};
 pub use path::{PathError, RelPath, MAX_COMPONENT_LEN, MAX_PATH_LEN};
+pub use tree::{DirHash, DirPatch, DirState, DirTree, DIR_HASH_LEN};
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

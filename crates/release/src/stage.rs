@@ -355,7 +355,9 @@ impl<'r> Stage<'r> {
         let base = self.load_basis(basis)?;
         // Reserve what the inputs can plausibly produce, not what a claimed size says; the
         // output may still grow up to the limit.
-        let hint = (base.len() as u64).saturating_add(delta.len() as u64).min(size);
+        let hint = (base.len() as u64)
+            .saturating_add(delta.len() as u64)
+            .min(size);
         let mut out = Vec::with_capacity(hint as usize);
         fast_rsync::apply_limited(&base, delta, &mut out, size as usize).map_err(|e| {
             Error::Integrity {

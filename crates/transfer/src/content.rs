@@ -208,7 +208,10 @@ fn encode<'a>(
     cache: Option<&ContentCache>,
 ) -> Encoded<'a> {
     if let Some((basis, digest)) = &job.patch {
-        if let Some(p) = cache.and_then(|c| c.get(digest)).and_then(|old| patch(&old, data)) {
+        if let Some(p) = cache
+            .and_then(|c| c.get(digest))
+            .and_then(|old| patch(&old, data))
+        {
             return Encoded::Patch(basis.clone(), *digest, p);
         }
     }
@@ -302,6 +305,9 @@ pub fn patch(old: &[u8], new: &[u8]) -> Option<Vec<u8>> {
     let window = (64 - span.leading_zeros()).clamp(10, 27);
     let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, old).ok()?;
     enc.window_log(window).ok()?;
+    // As `zstd --patch-from` does: long-distance matching finds the reference's content
+    // wherever it is, which the fast levels' small match tables miss.
+    enc.long_distance_matching(true).ok()?;
     enc.write_all(new).ok()?;
     let out = enc.finish().ok()?;
     (out.len() < new.len()).then_some(out)

@@ -17,9 +17,11 @@ pub use content::local_delta;
 use flip_manifest::{EntryKind, Manifest};
 use flip_transport::{AgentStream, Finish, TransportError};
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Holder, ReleaseSummary, Request, Response, SigItem,
-    WireError, CHUNK, MAGIC, PROTOCOL,
+    ErrorClass, FrameReader, FrameWriter, Holder, ProbeItem, ReleaseSummary, Request, Response,
+    SigItem, WireError, CHUNK, MAGIC, PROBE_ABSENT, PROBE_BELOW, PROBE_DIFFERS, PROBE_SAME,
+    PROTOCOL,
 };
+use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -284,11 +286,26 @@ impl Session {
                 Some(digest.0),
                 flip_manifest::encode_diff(&Default::default()),
             ),
+            // Something live the client has not seen: find the changed directories by their
+            // hashes (a few round trips, a few bytes per directory looked at) instead of
+            // sending the whole manifest.
+            None if live_digest.is_some() => {
+                self.phase = "comparing directories";
+                let tree = flip_manifest::DirTree::new(manifest);
+                let dirs = self.changed_dirs(&tree)?;
+                self.phase = "staging the release";
+                (
+                    live_digest.map(|d| d.0),
+                    flip_manifest::encode_dir_patch(&tree.patch(manifest, &dirs)),
+                )
+            }
             None => (None, flip_manifest::encode(manifest)),
         };
+        let dirs = previous.is_none() && base.is_some() && live_digest != Some(digest);
         self.queue(&Request::Stage {
             label,
             base,
+            dirs,
             payload_len: payload.len() as u64,
             digest: digest.0,
         })?;
@@ -359,6 +376,53 @@ impl Session {
             Response::Committed { id, .. } if id == report.release => Ok(report),
             other => Err(self.unexpected(&other)),
         }
+    }
+
+    /// Walks down the directory tree comparing hashes with the live release, one round trip per
+    /// level, and returns the directories whose direct entries differ (or are new).
+    fn changed_dirs(&mut self, tree: &flip_manifest::DirTree) -> Result<BTreeSet<String>> {
+        let mut changed = BTreeSet::new();
+        let mut frontier = vec![String::new()];
+        while !frontier.is_empty() {
+            let items: Vec<ProbeItem> = frontier
+                .iter()
+                .map(|d| {
+                    let (flat, merkle) = tree.hashes(d).expect("a directory of this tree");
+                    ProbeItem {
+                        dir: d.clone(),
+                        flat,
+                        merkle,
+                    }
+                })
+                .collect();
+            self.send(&Request::Probe(items))?;
+            let states = match self.recv()? {
+                Response::Probed(s) if s.len() == frontier.len() => s,
+                other => return Err(self.unexpected(&other)),
+            };
+            let mut next = Vec::new();
+            for (d, state) in frontier.into_iter().zip(states) {
+                match state {
+                    PROBE_SAME => {}
+                    PROBE_BELOW => next.extend_from_slice(tree.subdirs(&d)),
+                    PROBE_DIFFERS => {
+                        next.extend_from_slice(tree.subdirs(&d));
+                        changed.insert(d);
+                    }
+                    PROBE_ABSENT => {
+                        // New on the target: the whole subtree goes, no need to ask further.
+                        let mut stack = vec![d];
+                        while let Some(x) = stack.pop() {
+                            stack.extend_from_slice(tree.subdirs(&x));
+                            changed.insert(x);
+                        }
+                    }
+                    _ => return Err(self.protocol(format!("unknown probe state {state}"))),
+                }
+            }
+            frontier = next;
+        }
+        Ok(changed)
     }
 
     /// Fetches the rsync signatures of every delta basis, in one round trip.
@@ -456,6 +520,7 @@ fn name(r: &Response) -> &'static str {
         Response::Staged { .. } => "Staged",
         Response::Signature { .. } => "Signature",
         Response::SignaturesDone => "SignaturesDone",
+        Response::Probed(_) => "Probed",
         Response::Committed { .. } => "Committed",
         Response::Activated { .. } => "Activated",
         Response::Pruned { .. } => "Pruned",

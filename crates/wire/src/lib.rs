@@ -23,7 +23,7 @@ use flip_manifest::RelPath;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 3;
+pub const PROTOCOL: u32 = 4;
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 32 << 20;
@@ -62,6 +62,20 @@ pub struct Need {
     pub basis: Option<(RelPath, u64)>,
 }
 
+/// A directory (`""` for the root) and its hashes in the client's new tree.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProbeItem {
+    pub dir: String,
+    pub flat: [u8; 8],
+    pub merkle: [u8; 8],
+}
+
+/// [`Response::Probed`] states, one per probed directory.
+pub const PROBE_SAME: u8 = 0;
+pub const PROBE_BELOW: u8 = 1;
+pub const PROBE_DIFFERS: u8 = 2;
+pub const PROBE_ABSENT: u8 = 3;
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SigItem {
     pub index: u32,
@@ -91,9 +105,15 @@ pub enum Request {
     Stage {
         label: Option<String>,
         base: Option<[u8; 32]>,
+        /// With a `base`: the payload is a [`flip_manifest::DirPatch`] (directories whose direct
+        /// entries changed) instead of a [`flip_manifest::ManifestDiff`].
+        dirs: bool,
         payload_len: u64,
         digest: [u8; 32],
     },
+    /// Compare directory hashes with the live release's (see [`flip_manifest::DirTree`]), for a
+    /// client that does not have the live manifest.
+    Probe(Vec<ProbeItem>),
     ManifestChunk(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Signatures of delta bases, one per item.
     Signatures(Vec<SigItem>),
@@ -194,6 +214,8 @@ pub enum Response {
         sig: Vec<u8>,
     },
     SignaturesDone,
+    /// One `PROBE_*` state per probed directory, in order.
+    Probed(#[serde(with = "serde_bytes")] Vec<u8>),
     Committed {
         id: u64,
         written: u64,
