@@ -149,28 +149,6 @@ fn hash_cache_path(source: &std::path::Path) -> Option<std::path::PathBuf> {
 /// Upper bound of the local cache of deployed file versions (for patches of changed files).
 const CONTENT_CACHE_BYTES: u64 = 1 << 30;
 
-/// Keeps the deployed version of every file small enough, so the next deploy can send patches
-/// against it. Failures only cost later deploys some bytes.
-fn remember_content(
-    c: &flip_transfer::ContentCache,
-    source: &std::path::Path,
-    m: &flip_manifest::Manifest,
-) {
-    use rayon::prelude::*;
-    let files: Vec<_> = m
-        .files()
-        .filter(|(_, _, size, _)| *size <= flip_transfer::CONTENT_MAX_FILE)
-        .collect();
-    let failed = files
-        .par_iter()
-        .filter(|(p, _, _, d)| c.put_file(d, &source.join(p.as_str())).is_err())
-        .count();
-    if failed > 0 {
-        eprintln!("flip: warning: {failed} file(s) could not be kept in the content cache");
-    }
-    c.trim();
-}
-
 fn deploy(a: cli::DeployArgs) -> Result<i32> {
     let started = Instant::now();
     let target = Target::parse(&a.target)?;
@@ -235,8 +213,8 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
     if let Some(Err(e)) = cache.as_ref().map(|c| c.put(&scan.manifest)) {
         eprintln!("flip: warning: cannot cache the manifest: {e}");
     }
-    if let Some(c) = &content {
-        remember_content(c, &source, &scan.manifest);
+    if let Some(Err(e)) = content.as_ref().map(|c| c.finish()) {
+        eprintln!("flip: warning: cannot keep deployed content in the cache: {e}");
     }
     let mut activated = false;
     if !a.no_activate {

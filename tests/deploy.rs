@@ -372,13 +372,15 @@ fn changed_files_go_as_patches_against_the_content_cache() {
     // Damage every cached version: the deploy must notice and send something else.
     let content = fx.home.join(".cache/flip/content");
     let mut damaged = 0;
-    for sub in fs::read_dir(&content).unwrap() {
-        for e in fs::read_dir(sub.unwrap().path()).unwrap() {
-            fs::write(e.unwrap().path(), b"not what it was").unwrap();
+    for e in fs::read_dir(&content).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "pack") {
+            let len = fs::metadata(&p).unwrap().len() as usize;
+            fs::write(&p, vec![b'#'; len]).unwrap();
             damaged += 1;
         }
     }
-    assert!(damaged >= 2);
+    assert!(damaged >= 1);
     src.overwrite(
         "big.php",
         text.replace("line 3000:", "line three thousand:"),

@@ -4,9 +4,11 @@
 //! optimisation: a missing or damaged entry just means the whole manifest is sent.
 
 use flip_manifest::{Digest, Manifest};
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// Entries kept; older ones are removed when a new one is stored.
 const KEEP: usize = 32;
@@ -91,95 +93,158 @@ mod tests {
 /// Files larger than this are not kept in the content cache.
 pub const CONTENT_MAX_FILE: u64 = 8 << 20;
 
+/// One index record: digest, offset and length in its pack.
+const RECORD: usize = 32 + 8 + 4;
+
 /// The client's content-addressed cache of file versions it deployed, by blake3. When a file
 /// changes, its old version is usually here, and the client sends a zstd `--patch-from` frame
-/// against it — far smaller than an rsync delta, and with no signature round trip. Bounded in
-/// total size; least recently used versions go first. Only an optimisation: what is missing or
-/// damaged is simply not used.
+/// against it — far smaller than an rsync delta, and with no signature round trip.
+///
+/// Versions are appended to pack files, one pack (`<stamp>.pack` with its `<stamp>.idx`) per
+/// deploy, so keeping 10,000 files costs two sequential writes rather than 10,000 file creations,
+/// and concurrent deploys never share a file. When the packs exceed the bound, the oldest go
+/// first. Only an optimisation: what is missing or damaged (every read is checked against its
+/// digest) is simply not used.
 pub struct ContentCache {
     dir: PathBuf,
     max_bytes: u64,
+    /// digest → (pack stamp, offset, length)
+    known: Mutex<HashMap<Digest, (String, u64, u32)>>,
+    /// This process's pack and index, opened on the first new version.
+    writer: Mutex<Option<PackWriter>>,
+}
+
+struct PackWriter {
+    stamp: String,
+    pack: std::io::BufWriter<fs::File>,
+    idx: std::io::BufWriter<fs::File>,
+    len: u64,
 }
 
 impl ContentCache {
+    /// Opens (reads the indexes of) the cache in `dir`.
     pub fn new(dir: PathBuf, max_bytes: u64) -> Self {
-        ContentCache { dir, max_bytes }
-    }
-
-    fn path(&self, d: &Digest) -> PathBuf {
-        let hex = d.to_hex();
-        self.dir.join(&hex[..2]).join(&hex[2..])
+        let mut known = HashMap::new();
+        for (stamp, _) in packs(&dir) {
+            let Ok(idx) = fs::read(dir.join(format!("{stamp}.idx"))) else {
+                continue;
+            };
+            for r in idx.chunks_exact(RECORD) {
+                let mut d = [0u8; 32];
+                d.copy_from_slice(&r[..32]);
+                let off = u64::from_le_bytes(r[32..40].try_into().unwrap());
+                let len = u32::from_le_bytes(r[40..44].try_into().unwrap());
+                known.insert(Digest(d), (stamp.clone(), off, len));
+            }
+        }
+        ContentCache {
+            dir,
+            max_bytes,
+            known: Mutex::new(known),
+            writer: Mutex::new(None),
+        }
     }
 
     pub fn contains(&self, d: &Digest) -> bool {
-        self.path(d).is_file()
+        self.known.lock().unwrap().contains_key(d)
     }
 
-    /// The content with digest `d`, checked; marks it recently used.
+    /// The content with digest `d`, read back and checked.
     pub fn get(&self, d: &Digest) -> Option<Vec<u8>> {
-        let p = self.path(d);
-        let bytes = fs::read(&p).ok()?;
-        if Digest::of(&bytes) != *d {
-            let _ = fs::remove_file(&p);
-            return None;
-        }
-        if let Ok(f) = fs::File::options().append(true).open(&p) {
-            let _ = f.set_modified(std::time::SystemTime::now());
-        }
-        Some(bytes)
-    }
-
-    /// Copies `src` (whose content must have digest `d`) into the cache unless it is there.
-    pub fn put_file(&self, d: &Digest, src: &Path) -> std::io::Result<()> {
-        let p = self.path(d);
-        if p.is_file() {
-            return Ok(());
-        }
-        fs::create_dir_all(p.parent().expect("two levels"))?;
-        let bytes = fs::read(src)?;
-        if Digest::of(&bytes) != *d {
-            // Changed since it was scanned: not the deployed version.
-            return Ok(());
-        }
-        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-        fs::write(&tmp, &bytes)?;
-        fs::rename(&tmp, &p)
-    }
-
-    /// Removes least recently used entries until the cache fits its bound.
-    pub fn trim(&self) {
-        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
-        let Ok(top) = fs::read_dir(&self.dir) else {
-            return;
-        };
-        for sub in top.flatten() {
-            let Ok(rd) = fs::read_dir(sub.path()) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                if let Ok(m) = e.metadata() {
-                    files.push((
-                        m.modified().unwrap_or(std::time::UNIX_EPOCH),
-                        m.len(),
-                        e.path(),
-                    ));
-                }
+        use std::os::unix::fs::FileExt;
+        let (stamp, off, len) = self.known.lock().unwrap().get(d)?.clone();
+        if let Some(w) = self.writer.lock().unwrap().as_mut() {
+            if w.stamp == stamp {
+                w.pack.flush().ok()?;
             }
         }
-        let mut total: u64 = files.iter().map(|f| f.1).sum();
-        if total <= self.max_bytes {
-            return;
+        let f = fs::File::open(self.dir.join(format!("{stamp}.pack"))).ok()?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, off).ok()?;
+        (Digest::of(&buf) == *d).then_some(buf)
+    }
+
+    /// Keeps `bytes` (whose digest the caller has checked to be `d`) unless already there.
+    /// Files above [`CONTENT_MAX_FILE`] are not kept.
+    pub fn put(&self, d: &Digest, bytes: &[u8]) -> std::io::Result<()> {
+        if bytes.len() as u64 > CONTENT_MAX_FILE || self.contains(d) {
+            return Ok(());
         }
-        files.sort();
-        for (_, len, p) in files {
+        let mut w = self.writer.lock().unwrap();
+        if w.is_none() {
+            fs::create_dir_all(&self.dir)?;
+            let stamp = format!(
+                "{:020}-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|t| t.as_nanos())
+                    .unwrap_or(0),
+                std::process::id()
+            );
+            let open = |ext: &str| {
+                fs::OpenOptions::new()
+                    .create_new(true)
+                    .append(true)
+                    .open(self.dir.join(format!("{stamp}.{ext}")))
+            };
+            *w = Some(PackWriter {
+                pack: std::io::BufWriter::with_capacity(1 << 20, open("pack")?),
+                idx: std::io::BufWriter::new(open("idx")?),
+                stamp,
+                len: 0,
+            });
+        }
+        let w = w.as_mut().expect("opened above");
+        w.pack.write_all(bytes)?;
+        let mut rec = [0u8; RECORD];
+        rec[..32].copy_from_slice(&d.0);
+        rec[32..40].copy_from_slice(&w.len.to_le_bytes());
+        rec[40..44].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+        w.idx.write_all(&rec)?;
+        self.known
+            .lock()
+            .unwrap()
+            .insert(*d, (w.stamp.clone(), w.len, bytes.len() as u32));
+        w.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Writes out this process's pack, then removes the oldest packs until the cache fits its
+    /// bound.
+    pub fn finish(&self) -> std::io::Result<()> {
+        if let Some(mut w) = self.writer.lock().unwrap().take() {
+            // The pack before its index: an index never names bytes that are not there.
+            w.pack.flush()?;
+            w.idx.flush()?;
+        }
+        let all = packs(&self.dir);
+        let mut total: u64 = all.iter().map(|(_, len)| len).sum();
+        for (stamp, len) in all {
             if total <= self.max_bytes {
                 break;
             }
-            if fs::remove_file(&p).is_ok() {
-                total -= len;
-            }
+            let _ = fs::remove_file(self.dir.join(format!("{stamp}.idx")));
+            let _ = fs::remove_file(self.dir.join(format!("{stamp}.pack")));
+            total -= len;
         }
+        Ok(())
     }
+}
+
+/// (stamp, size) of every pack in `dir`, oldest first.
+fn packs(dir: &Path) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let stamp = name.strip_suffix(".pack")?.to_string();
+            Some((stamp, e.metadata().ok()?.len()))
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 #[cfg(test)]
@@ -189,29 +254,28 @@ mod content_tests {
     #[test]
     fn stores_checks_and_trims() {
         let dir = std::env::temp_dir().join(format!("flip-ccache-{}", std::process::id()));
-        let src = dir.join("src");
-        fs::create_dir_all(&src).unwrap();
-        let c = ContentCache::new(dir.join("c"), 150);
+        let _ = fs::remove_dir_all(&dir);
         let mut digests = Vec::new();
         for i in 0..3u8 {
+            // One deploy (process) per pack.
+            let c = ContentCache::new(dir.clone(), 150);
             let data = vec![i; 60];
-            let f = src.join(i.to_string());
-            fs::write(&f, &data).unwrap();
             let d = Digest::of(&data);
-            c.put_file(&d, &f).unwrap();
-            assert_eq!(c.get(&d).unwrap(), data);
+            c.put(&d, &data).unwrap();
+            c.put(&d, &data).unwrap();
+            assert_eq!(c.get(&d).unwrap(), data, "readable before finish");
+            c.finish().unwrap();
             digests.push(d);
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        // A file whose content is not what the caller says is not stored.
-        let wrong = Digest::of(b"other");
-        c.put_file(&wrong, &src.join("0")).unwrap();
-        assert!(!c.contains(&wrong));
-        c.trim();
-        assert!(!c.contains(&digests[0]), "oldest evicted");
-        assert!(c.contains(&digests[1]) && c.contains(&digests[2]));
-        // Damage is detected and the entry dropped.
-        fs::write(c.path(&digests[2]), b"x").unwrap();
+        let c = ContentCache::new(dir.clone(), 150);
+        assert!(!c.contains(&digests[0]), "oldest pack evicted");
+        assert_eq!(c.get(&digests[1]).unwrap(), vec![1u8; 60]);
+        assert_eq!(c.get(&digests[2]).unwrap(), vec![2u8; 60]);
+        // Damage is detected.
+        for (stamp, _) in packs(&dir) {
+            fs::write(dir.join(format!("{stamp}.pack")), vec![9u8; 60]).unwrap();
+        }
         assert_eq!(c.get(&digests[2]), None);
         fs::remove_dir_all(dir).unwrap();
     }

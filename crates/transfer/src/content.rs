@@ -72,6 +72,7 @@ pub(crate) fn send(
                     return;
                 }
                 let _ = tx.send(read_small(source, plan, job).map(|(data, mtime)| {
+                    remember(cache, &plan.files[job.index].digest, &data);
                     let enc = encode(job, &data, sig(job), cache);
                     prepared(job, mtime, data.len() as u64, enc, Vec::new)
                 }));
@@ -92,6 +93,7 @@ pub(crate) fn send(
     })?;
     for job in large {
         let (map, mtime) = map_large(source, plan, job)?;
+        remember(cache, &plan.files[job.index].digest, &map);
         let enc = encode(job, &map, sig(job), cache);
         // Frames go out one by one: a large file is never held twice in memory.
         let mut err = Ok(());
@@ -197,6 +199,15 @@ fn count(report: &mut DeployReport, p: &Prepared) {
             report.literal += 1;
             report.literal_bytes += p.size;
         }
+    }
+}
+
+/// Keeps a version being deployed in the content cache (checked against its digest already),
+/// so the next change of the file can go as a patch. Done by the workers while the connection
+/// is busy; a failure only costs a later deploy some bytes.
+fn remember(cache: Option<&ContentCache>, digest: &Digest, data: &[u8]) {
+    if let Some(c) = cache {
+        let _ = c.put(digest, data);
     }
 }
 
