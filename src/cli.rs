@@ -91,9 +91,10 @@ pub struct DeployArgs {
     /// Show what the deploy would do against the live release, and change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// zstd level for the connection, 1-19; 0 turns compression off.
-    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
-    pub compress_level: i32,
+    /// zstd level for the connection, 1-19; 0 turns compression off. Default: 3 over SSH, 0 for
+    /// a local directory (where compressing only costs CPU).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub compress_level: Option<i32>,
     /// Do not use or update flip's local caches (file hashes, manifests, deployed content).
     #[arg(long)]
     pub no_cache: bool,

@@ -40,6 +40,15 @@ impl Target {
         }
     }
 
+    /// The zstd level for the connection: as asked, else 3 over SSH and none locally (pipes are
+    /// faster than compression).
+    pub fn compress_level(&self, asked: Option<i32>) -> i32 {
+        asked.unwrap_or(match self {
+            Target::Local(_) => 0,
+            Target::Ssh(_) => 3,
+        })
+    }
+
     /// Starts an agent for this target and opens a session with it.
     pub fn connect(&self, ssh: &SshArgs, compress: i32) -> Result<Session> {
         let exe = std::env::current_exe().context("cannot find the flip executable")?;
