@@ -320,16 +320,7 @@ fn second_deploy_from_a_client_without_cached_state() {
     );
 
     site_v2(&src);
-    let other = fx.path("other-home");
-    fs::create_dir(&other).unwrap();
-    let cache = other.join(".cache");
-    let j = fx
-        .flip_env(
-            &[("HOME", s(&other)), ("XDG_CACHE_HOME", s(&cache))],
-            &["deploy", "--json", src.s(), fx.root_str()],
-        )
-        .success()
-        .json();
+    let j = deploy_from_fresh_home(&fx, "other-home", &src);
     assert_eq!(num(&j, "/release"), 2);
     assert_eq!(num(&j, "/files/linked"), 6, "{j}");
     assert_eq!(num(&j, "/files/copied"), 1, "{j}");
@@ -422,18 +413,7 @@ fn an_unchanged_tree_from_a_cold_client_sends_almost_nothing() {
     let checkout = fx.src("checkout");
     copy_tree(&src.dir, &checkout.dir);
     stamp_files(&checkout.dir, 1_700_000_000);
-    let cold = fx.path("cold-home");
-    fs::create_dir(&cold).unwrap();
-    let j = fx
-        .flip_env(
-            &[
-                ("HOME", s(&cold)),
-                ("XDG_CACHE_HOME", s(&cold.join(".cache"))),
-            ],
-            &["deploy", "--json", checkout.s(), fx.root_str()],
-        )
-        .success()
-        .json();
+    let j = deploy_from_fresh_home(&fx, "cold-home", &checkout);
     assert_eq!(num(&j, "/files/linked"), 2000, "{j}");
     assert!(num(&j, "/bytes/sent") < 1_000, "{j}");
     assert_dir_eq(
@@ -448,18 +428,7 @@ fn an_unchanged_tree_from_a_cold_client_sends_almost_nothing() {
     checkout.file("src/Module7/Added.php", "<?php // new\n", 0o644);
     checkout.file("src/NewModule/New.php", "<?php // new module\n", 0o644);
     std::fs::remove_dir_all(checkout.p("src/Module9")).unwrap();
-    let cold2 = fx.path("cold-home-2");
-    fs::create_dir(&cold2).unwrap();
-    let j = fx
-        .flip_env(
-            &[
-                ("HOME", s(&cold2)),
-                ("XDG_CACHE_HOME", s(&cold2.join(".cache"))),
-            ],
-            &["deploy", "--json", checkout.s(), fx.root_str()],
-        )
-        .success()
-        .json();
+    let j = deploy_from_fresh_home(&fx, "cold-home-2", &checkout);
     assert_eq!(num(&j, "/files/literal"), 3, "{j}");
     assert_eq!(num(&j, "/files/removed"), 50, "{j}");
     assert!(num(&j, "/bytes/sent") < 8_000, "{j}");
@@ -469,4 +438,20 @@ fn an_unchanged_tree_from_a_cold_client_sends_almost_nothing() {
         "current after a cold patch",
     );
     fx.flip(&["verify", fx.root_str()]).success();
+}
+
+/// `flip deploy --json SRC ROOT` from a client with an empty HOME (no caches at all), as a new
+/// CI runner is.
+fn deploy_from_fresh_home(fx: &Fx, name: &str, src: &Src) -> serde_json::Value {
+    let home = fx.path(name);
+    fs::create_dir(&home).unwrap();
+    fx.flip_env(
+        &[
+            ("HOME", s(&home)),
+            ("XDG_CACHE_HOME", s(&home.join(".cache"))),
+        ],
+        &["deploy", "--json", src.s(), fx.root_str()],
+    )
+    .success()
+    .json()
 }
