@@ -314,3 +314,40 @@ fn a_connection_killed_mid_transfer_loses_nothing() {
     assert_dir_eq(&w.fx.current(), &src.tree(), "current after the retry");
     assert!(w.fx.release_leftovers().is_empty());
 }
+
+#[test]
+fn an_unreachable_host_fails_fast_with_a_connection_error() {
+    let fx = Fx::new();
+    // Nothing listens on a port we just bound and released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let src = fx.src("src");
+    site_v1(&src);
+    let url = format!("ssh://root@127.0.0.1:{port}/srv/app");
+    fx.flip(&["deploy", src.s(), &url])
+        .code(6)
+        .stderr_has(&format!("127.0.0.1:{port}"));
+}
+
+#[test]
+fn a_passphrase_protected_key_without_an_agent_is_refused_clearly() {
+    let w = World::new();
+    let key = w.sshd.encrypted_user_key("locked", "secret words");
+    let src = w.fx.src("src");
+    site_v1(&src);
+    w.fx.flip(&[
+        "deploy",
+        src.s(),
+        &w.url(),
+        "-i",
+        s(&key),
+        "--remote-flip",
+        FLIP,
+    ])
+    .code(9)
+    .stderr_has("passphrase");
+    assert!(!w.fx.root.exists());
+}
