@@ -148,22 +148,26 @@ impl Manifest {
                 });
             }
         }
-        let m = Manifest { entries };
-        for e in &m.entries {
+        // A parent sorts before its children, so one pass with the directories seen so far
+        // checks every parent without allocating.
+        let mut dirs: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        for e in &entries {
             validate_kind(e)?;
-            if let Some(parent) = e.path.parent() {
-                match m.get(&parent) {
-                    Some(EntryKind::Dir { .. }) => {}
-                    _ => {
-                        return Err(ManifestError::NoParentDir {
-                            path: e.path.to_string(),
-                            parent: parent.to_string(),
-                        })
-                    }
+            let path = e.path.as_str();
+            if let Some(i) = path.rfind('/') {
+                if !dirs.contains(&path[..i]) {
+                    return Err(ManifestError::NoParentDir {
+                        path: path.to_string(),
+                        parent: path[..i].to_string(),
+                    });
                 }
             }
+            if e.is_dir() {
+                dirs.insert(path);
+            }
         }
-        Ok(m)
+        drop(dirs);
+        Ok(Manifest { entries })
     }
 
     pub fn entries(&self) -> &[Entry] {

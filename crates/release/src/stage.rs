@@ -21,7 +21,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Files above this size are mapped rather than read into memory when used as a delta basis.
@@ -51,14 +51,16 @@ pub struct Stage<'r> {
     plan: Plan,
     needs: Vec<usize>,
     pending: BTreeSet<usize>,
+    /// Inode and mtime of each staged file (by plan index), for the release's `.stat`.
+    stamps: Vec<Option<FileStamp>>,
     label: Option<String>,
     stats: StageStats,
     committed: bool,
 }
 
 enum Outcome {
-    Linked,
-    Copied,
+    Linked(FileStamp),
+    Copied(FileStamp),
     Transfer,
 }
 
@@ -92,6 +94,7 @@ impl Root {
             plan,
             needs: Vec::new(),
             pending: BTreeSet::new(),
+            stamps: Vec::new(),
             label,
             stats: StageStats::default(),
             committed: false,
@@ -153,9 +156,10 @@ impl<'r> Stage<'r> {
                 // Created owner-only and writable; final modes are set at commit, so a read-only
                 // directory can still be filled.
                 EntryKind::Dir { .. } => {
-                    fs::create_dir(&path).map_err(io("create", &path))?;
-                    fs::set_permissions(&path, fs::Permissions::from_mode(0o700))
-                        .map_err(io("chmod", &path))?;
+                    std::fs::DirBuilder::new()
+                        .mode(0o700)
+                        .create(&path)
+                        .map_err(io("create", &path))?;
                 }
                 EntryKind::Symlink { target } => {
                     std::os::unix::fs::symlink(target, &path)
@@ -175,10 +179,17 @@ impl<'r> Stage<'r> {
                 _ => Ok(Outcome::Transfer),
             })
             .collect();
+        self.stamps = vec![None; self.plan.files.len()];
         for (i, outcome) in outcomes.into_iter().enumerate() {
             match outcome? {
-                Outcome::Linked => self.stats.linked += 1,
-                Outcome::Copied => self.stats.copied += 1,
+                Outcome::Linked(st) => {
+                    self.stats.linked += 1;
+                    self.stamps[i] = Some(st);
+                }
+                Outcome::Copied(st) => {
+                    self.stats.copied += 1;
+                    self.stamps[i] = Some(st);
+                }
                 Outcome::Transfer => {
                     if !matches!(self.plan.files[i].source, Source::Transfer { .. }) {
                         self.stats.relinked_as_transfer += 1;
@@ -196,7 +207,7 @@ impl<'r> Stage<'r> {
     /// like what the old manifest says (a regular file of that size and mode). Anything else is
     /// transferred again rather than trusted.
     fn link(&self, step: &FileStep, from: &RelPath, src: &Path) -> Result<Outcome> {
-        match fs::symlink_metadata(src) {
+        let stamp = match fs::symlink_metadata(src) {
             Ok(m)
                 if m.file_type().is_file()
                     && m.len() == step.size
@@ -204,12 +215,16 @@ impl<'r> Stage<'r> {
                     && self
                         .prev_stat
                         .get(from)
-                        .is_none_or(|st| *st == FileStamp::of(&m)) => {}
+                        .is_none_or(|st| *st == FileStamp::of(&m)) =>
+            {
+                FileStamp::of(&m)
+            }
             _ => return Ok(Outcome::Transfer),
-        }
+        };
         let dst = self.abs(&step.path);
         match fs::hard_link(src, &dst) {
-            Ok(()) => Ok(Outcome::Linked),
+            // The link is the same inode: same stamp.
+            Ok(()) => Ok(Outcome::Linked(stamp)),
             // Too many links to one inode, or another filesystem: a copy does the job.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMLINK) | Some(libc::EXDEV)) => {
                 self.copy(step, src)
@@ -252,8 +267,8 @@ impl<'r> Stage<'r> {
             let _ = fs::remove_file(self.abs(&step.path));
             return Ok(Outcome::Transfer);
         }
-        w.close(step.mode, Some((meta.mtime(), meta.mtime_nsec() as u32)))?;
-        Ok(Outcome::Copied)
+        let stamp = w.close(step.mode, Some((meta.mtime(), meta.mtime_nsec() as u32)))?;
+        Ok(Outcome::Copied(stamp))
     }
 
     fn check_pending(&self, index: usize) -> Result<&FileStep> {
@@ -278,7 +293,7 @@ impl<'r> Stage<'r> {
         let step = self.check_pending(index)?;
         let (mode, size) = (step.mode, step.size);
         w.verify(&step.path, size, &step.digest)?;
-        w.close(mode, mtime)?;
+        self.stamps[index] = Some(w.close(mode, mtime)?);
         self.pending.remove(&index);
         self.stats.written += 1;
         self.stats.written_bytes += size;
@@ -462,15 +477,21 @@ impl<'r> Stage<'r> {
 }
 
 impl Stage<'_> {
-    /// Inode and mtime of every staged file, in manifest order.
+    /// Inode and mtime of every staged file, in manifest order (recorded as each was linked,
+    /// copied or written; looked up again only if missing).
     fn stamps(&self) -> Result<Vec<u8>> {
-        let files: Vec<&RelPath> = self.manifest.files().map(|(p, ..)| p).collect();
-        let stamps: Vec<Result<FileStamp>> = files
+        let stamps: Vec<Result<FileStamp>> = self
+            .plan
+            .files
             .par_iter()
-            .map(|p| {
-                let abs = self.abs(p);
-                let m = fs::symlink_metadata(&abs).map_err(io("inspect", &abs))?;
-                Ok(FileStamp::of(&m))
+            .zip(self.stamps.par_iter())
+            .map(|(step, st)| match st {
+                Some(st) => Ok(*st),
+                None => {
+                    let abs = self.abs(&step.path);
+                    let m = fs::symlink_metadata(&abs).map_err(io("inspect", &abs))?;
+                    Ok(FileStamp::of(&m))
+                }
             })
             .collect();
         let mut out = Vec::with_capacity(16 + stamps.len() * 20);
@@ -621,7 +642,8 @@ impl FileWriter {
         Ok(())
     }
 
-    fn close(self, mode: u32, mtime: Option<(i64, u32)>) -> Result<()> {
+    /// Gives the file its mode and mtime; returns its stamp.
+    fn close(self, mode: u32, mtime: Option<(i64, u32)>) -> Result<FileStamp> {
         self.file
             .set_permissions(fs::Permissions::from_mode(mode))
             .map_err(io("chmod", &self.path))?;
@@ -638,7 +660,8 @@ impl FileWriter {
                 ));
             }
         }
-        Ok(())
+        let m = self.file.metadata().map_err(io("inspect", &self.path))?;
+        Ok(FileStamp::of(&m))
     }
 }
 
