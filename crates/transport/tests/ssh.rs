@@ -333,18 +333,26 @@ impl Agent {
         std::fs::write(&askpass, format!("#!/bin/sh\necho '{passphrase}'\n")).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let status = Command::new("ssh-add")
-            .arg(key)
-            .env("SSH_AUTH_SOCK", &self.socket)
-            .env("SSH_ASKPASS", &askpass)
-            .env("SSH_ASKPASS_REQUIRE", "force")
-            .env("DISPLAY", ":0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "ssh-add failed");
+        // Other test threads may fork while askpass.sh is still open for writing in this
+        // process; exec then fails with ETXTBSY for a moment. Try a few times.
+        let mut last = None;
+        for _ in 0..5 {
+            let out = Command::new("ssh-add")
+                .arg(key)
+                .env("SSH_AUTH_SOCK", &self.socket)
+                .env("SSH_ASKPASS", &askpass)
+                .env("SSH_ASKPASS_REQUIRE", "force")
+                .env("DISPLAY", ":0")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            last = Some(String::from_utf8_lossy(&out.stderr).into_owned());
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!("ssh-add failed: {}", last.unwrap_or_default());
     }
 }
 
