@@ -189,7 +189,12 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
     if a.dry_run {
         return dry_run(&a, &target, &scan.manifest, started);
     }
-    let mut s = locked_session(&target, &a.common, "deploy", target.compress_level(a.compress_level))?;
+    let mut s = locked_session(
+        &target,
+        &a.common,
+        "deploy",
+        target.compress_level(a.compress_level),
+    )?;
     let (current, releases) = s.status()?;
     // With the live manifest in the local cache, only the difference to it is sent.
     let caches = if a.no_cache { None } else { cache_dir() };
