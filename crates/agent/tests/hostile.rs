@@ -97,6 +97,16 @@ fn session(root: &Path, raw: Option<Vec<u8>>, frames: Vec<Request>) -> Vec<Respo
     out
 }
 
+/// Runs a session that must end in an error of `class` whose message contains `needle`, with
+/// everything on disk as it was.
+#[track_caller]
+fn refused(root: &Path, frames: Vec<Request>, class: ErrorClass, needle: &str) {
+    let (got, msg) = last_error(&session(root, None, frames));
+    assert_eq!(got, class, "{msg}");
+    assert!(msg.contains(needle), "{msg}");
+    assert_intact(root);
+}
+
 fn last_error(rs: &[Response]) -> (ErrorClass, String) {
     match rs.last() {
         Some(Response::Error { class, message }) => (*class, message.clone()),
@@ -156,10 +166,7 @@ fn staging_needs_the_lock() {
     let m = Manifest::new(vec![file("a", b"1")]).unwrap();
     let mut frames = stage_frames(&m, None);
     frames.remove(0);
-    let (class, msg) = last_error(&session(t.path(), None, frames));
-    assert_eq!(class, ErrorClass::Protocol);
-    assert!(msg.contains("needs the lock"), "{msg}");
-    assert_intact(t.path());
+    refused(t.path(), frames, ErrorClass::Protocol, "needs the lock");
 }
 
 #[test]
@@ -186,10 +193,12 @@ fn content_for_a_file_nobody_asked_for() {
         data: b"1".to_vec(),
         last: true,
     });
-    let (class, msg) = last_error(&session(t.path(), None, frames));
-    assert_eq!(class, ErrorClass::BadRequest);
-    assert!(msg.contains("not awaiting content"), "{msg}");
-    assert_intact(t.path());
+    refused(
+        t.path(),
+        frames,
+        ErrorClass::BadRequest,
+        "not awaiting content",
+    );
 }
 
 #[test]
@@ -204,10 +213,12 @@ fn more_bytes_than_the_manifest_says() {
         data: vec![0; 1 << 20],
         last: true,
     });
-    let (class, msg) = last_error(&session(t.path(), None, frames));
-    assert_eq!(class, ErrorClass::Integrity);
-    assert!(msg.contains("more than the 2 bytes"), "{msg}");
-    assert_intact(t.path());
+    refused(
+        t.path(),
+        frames,
+        ErrorClass::Integrity,
+        "more than the 2 bytes",
+    );
 }
 
 #[test]
@@ -223,10 +234,12 @@ fn content_that_does_not_hash_to_the_manifest() {
         last: true,
     });
     frames.push(Request::Commit);
-    let (class, msg) = last_error(&session(t.path(), None, frames));
-    assert_eq!(class, ErrorClass::Integrity);
-    assert!(msg.contains("a: written content does not match"), "{msg}");
-    assert_intact(t.path());
+    refused(
+        t.path(),
+        frames,
+        ErrorClass::Integrity,
+        "a: written content does not match",
+    );
 }
 
 #[test]
@@ -239,10 +252,12 @@ fn a_delta_against_a_basis_outside_the_previous_release() {
         index: 0,
         basis: RelPath::new(".flip/lock").unwrap(),
     }]));
-    let (class, msg) = last_error(&session(t.path(), None, frames));
-    assert_eq!(class, ErrorClass::BadRequest);
-    assert!(msg.contains("not a file of the previous release"), "{msg}");
-    assert_intact(t.path());
+    refused(
+        t.path(),
+        frames,
+        ErrorClass::BadRequest,
+        "not a file of the previous release",
+    );
 }
 
 #[test]
@@ -252,10 +267,12 @@ fn a_commit_with_files_missing() {
     let m = Manifest::new(vec![file("a", b"1"), file("b", b"2")]).unwrap();
     let mut frames = stage_frames(&m, None);
     frames.push(Request::Commit);
-    let (class, msg) = last_error(&session(t.path(), None, frames));
-    assert_eq!(class, ErrorClass::BadRequest);
-    assert!(msg.contains("2 file(s) never arrived"), "{msg}");
-    assert_intact(t.path());
+    refused(
+        t.path(),
+        frames,
+        ErrorClass::BadRequest,
+        "2 file(s) never arrived",
+    );
 }
 
 /// A symlink to a directory outside the root, then a file "below" it: the manifest is refused
@@ -367,10 +384,7 @@ fn a_patch_against_a_version_the_agent_does_not_hold() {
         data: vec![0; 16],
         last: true,
     });
-    let (class, msg) = last_error(&session(t.path(), None, frames));
-    assert_eq!(class, ErrorClass::BadRequest);
-    assert!(msg.contains("does not hold"), "{msg}");
-    assert_intact(t.path());
+    refused(t.path(), frames, ErrorClass::BadRequest, "does not hold");
 }
 
 #[test]
@@ -390,8 +404,10 @@ fn a_patch_that_inflates_beyond_the_manifest_size() {
         data: bomb,
         last: true,
     });
-    let (class, msg) = last_error(&session(t.path(), None, frames));
-    assert_eq!(class, ErrorClass::Integrity);
-    assert!(msg.contains("more than the 5 bytes"), "{msg}");
-    assert_intact(t.path());
+    refused(
+        t.path(),
+        frames,
+        ErrorClass::Integrity,
+        "more than the 5 bytes",
+    );
 }
