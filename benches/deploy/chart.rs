@@ -163,7 +163,13 @@ pub fn draw_panel(cv: &mut Canvas, p: &Panel, x: i64, y: i64, w: i64, h: i64) {
                 Some(v) => {
                     let ty = to_y(*v);
                     cv.rect(bx + 2, ty, bw - 4, bottom - ty, *c);
-                    cv.text_centered(bx + bw / 2, ty - 18, label, 2, BLACK);
+                    // Halve the text when it would overlap the next bar's label.
+                    let scale = if Canvas::text_width(label, 2) > bw - 2 {
+                        1
+                    } else {
+                        2
+                    };
+                    cv.text_centered(bx + bw / 2, ty - 9 * scale, label, scale, BLACK);
                 }
                 None => cv.text_centered(bx + bw / 2, bottom - 18, "N/A", 2, AXIS),
             }
