@@ -287,7 +287,7 @@ pub fn write(
         }
     }
     md.push_str(&targets(cfg, &cells, infos));
-    let scaling = scaling(cfg, &cells);
+    let scaling = scaling(cfg, &cells, corpus.files);
     md.push_str(&scaling);
     if !notes.is_empty() {
         md.push_str("## Notes\n\n");
@@ -401,7 +401,7 @@ fn targets(
 }
 
 /// Compares with the results of another corpus size in the same directory (12k ↔ 100k).
-fn scaling(cfg: &Config, cells: &BTreeMap<(Mode, Fs, Scenario), Cell>) -> String {
+fn scaling(cfg: &Config, cells: &BTreeMap<(Mode, Fs, Scenario), Cell>, files: usize) -> String {
     let other_files = if cfg.files == 12_000 { 100_000 } else { 12_000 };
     let path = cfg.out.join(format!("deploy-{other_files}.json"));
     let Some(other) = fs::read(&path)
@@ -413,10 +413,7 @@ fn scaling(cfg: &Config, cells: &BTreeMap<(Mode, Fs, Scenario), Cell>) -> String
     let other_actual = other["corpus"]["files"]
         .as_f64()
         .unwrap_or(other_files as f64);
-    let this_actual = cells
-        .values()
-        .next()
-        .map_or(cfg.files as f64, |_| cfg.files as f64);
+    let this_actual = files as f64;
     let mut md = format!(
         "## Scaling against deploy-{other_files}.json\n\n\
          Time here divided by time there, over the file-count ratio ({:.2}): 1.00 is linear, \
