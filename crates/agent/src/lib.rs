@@ -522,9 +522,13 @@ impl Session {
             }
         }
         let root = self.root(false)?;
-        let manifest = match base {
-            None => flip_manifest::decode(&bytes)
-                .map_err(|e| RelError::BadRequest(format!("manifest rejected: {e}")))?,
+        let (manifest, got) = match base {
+            // The decoder accepts only the canonical encoding: its blake3 is the digest.
+            None => (
+                flip_manifest::decode(&bytes)
+                    .map_err(|e| RelError::BadRequest(format!("manifest rejected: {e}")))?,
+                flip_manifest::Digest::of(&bytes),
+            ),
             Some(base) => {
                 let live = root.current()?.ok_or_else(|| {
                     RelError::BadRequest("manifest diff but nothing is live".into())
@@ -539,17 +543,19 @@ impl Session {
                 let rejected = |e: &dyn std::fmt::Display| {
                     RelError::BadRequest(format!("manifest diff rejected: {e}"))
                 };
-                if dirs {
+                let m = if dirs {
                     let patch =
                         flip_manifest::decode_dir_patch(&bytes).map_err(|e| rejected(&e))?;
                     prev.apply_dirs(&patch).map_err(|e| rejected(&e))?
                 } else {
                     let diff = flip_manifest::decode_diff(&bytes).map_err(|e| rejected(&e))?;
                     prev.apply(&diff).map_err(|e| rejected(&e))?
-                }
+                };
+                let d = m.digest();
+                (m, d)
             }
         };
-        if manifest.digest().0 != digest {
+        if got.0 != digest {
             return Err(RelError::BadRequest("manifest does not match its digest".into()).into());
         }
         let stage = root.stage(self.locked()?, manifest, label)?;

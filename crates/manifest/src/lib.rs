@@ -217,12 +217,12 @@ impl Manifest {
         Digest::of(&encode(self))
     }
 
-    /// One path holding each distinct content digest (the first in path order), for finding
-    /// content that moved.
-    pub fn by_digest(&self) -> HashMap<Digest, Vec<(&RelPath, u32)>> {
-        let mut map: HashMap<Digest, Vec<(&RelPath, u32)>> = HashMap::new();
+    /// Every (path, mode) holding each distinct content digest, in path order: where content
+    /// that moved or was copied can be found.
+    pub fn by_digest(&self) -> HashMap<&Digest, Vec<(&RelPath, u32)>> {
+        let mut map: HashMap<&Digest, Vec<(&RelPath, u32)>> = HashMap::new();
         for (p, mode, _, d) in self.files() {
-            map.entry(*d).or_default().push((p, mode));
+            map.entry(d).or_default().push((p, mode));
         }
         map
     }

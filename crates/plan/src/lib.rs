@@ -14,7 +14,6 @@
 //! and mode decide what changed.
 
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
-use std::collections::HashMap;
 
 /// Where the bytes of one file of the new release come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,11 +81,7 @@ pub const DELTA_MIN: u64 = 8 * 1024;
 pub fn plan(prev: Option<&Manifest>, new: &Manifest) -> Plan {
     let empty = Manifest::default();
     let prev = prev.unwrap_or(&empty);
-    // content digest → every (path, mode) holding it in the previous release, in path order
-    let mut by_digest: HashMap<&Digest, Vec<(&RelPath, u32)>> = HashMap::new();
-    for (path, mode, _, digest) in prev.files() {
-        by_digest.entry(digest).or_default().push((path, mode));
-    }
+    let by_digest = prev.by_digest();
     let mut stats = PlanStats::default();
     let mut files = Vec::with_capacity(new.file_count());
     for (path, mode, size, digest) in new.files() {

@@ -91,7 +91,6 @@ pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
     }
 }
 
-#[allow(dead_code)]
 pub(crate) fn corrupt(path: &Path, detail: impl Into<String>) -> Error {
     Error::Corrupt {
         path: path.to_path_buf(),
