@@ -388,6 +388,52 @@ fn changed_files_go_as_patches_against_the_content_cache() {
     assert_dir_eq(&fx.current(), &src.tree(), "current with --no-cache");
 }
 
+/// A class moved to another namespace and edited, and a front-end bundle rebuilt under a new
+/// content-hashed name, have no previous version at their path; the file they replace serves as
+/// the basis instead: a patch from the content cache, or an rsync delta from a cold client.
+#[test]
+fn moved_and_rehashed_files_are_built_from_their_old_selves() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let mut class = String::from("<?php\nnamespace App\\Old;\n\nfinal class Mover\n{\n");
+    for i in 0..600 {
+        class.push_str(&format!(
+            "    public function step{i}(int $x): int {{ return $x * {i}; }}\n"
+        ));
+    }
+    class.push_str("}\n");
+    let bundle = noise(7, 300_000);
+    src.file("src/Old/Mover.php", &class, 0o644)
+        .file("public/build/app.3f9a2c1e.js", &bundle, 0o644)
+        .file("public/index.php", "<?php\n", 0o644);
+    fx.deploy(&src, &[]);
+
+    let moved = class.replace("App\\Old", "App\\New");
+    let mut rebuilt = bundle.clone();
+    rebuilt[150_000..150_016].copy_from_slice(b"rebuilt-bundle!!");
+    src.remove("src/Old/Mover.php")
+        .file("src/New/Mover.php", &moved, 0o644)
+        .remove("public/build/app.3f9a2c1e.js")
+        .file("public/build/app.77c01d2b.js", &rebuilt, 0o644);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(num(&j, "/files/patched"), 2, "{j}");
+    assert_eq!(num(&j, "/files/literal"), 0, "{j}");
+    assert!(num(&j, "/bytes/delta") < 1000, "patches are small: {j}");
+    assert_dir_eq(&fx.current(), &src.tree(), "current after moves");
+    fx.flip(&["verify", fx.root_str()]).success();
+
+    // The same change from a client with no cache: rsync deltas against the old names.
+    fx.flip(&["rollback", fx.root_str()]).success();
+    let j = deploy_from_fresh_home(&fx, "cold", &src);
+    assert_eq!(num(&j, "/files/patched"), 0, "{j}");
+    assert_eq!(num(&j, "/files/delta"), 2, "{j}");
+    assert!(
+        num(&j, "/bytes/delta") < 40_000,
+        "deltas instead of 320 KB of literals: {j}"
+    );
+    assert_dir_eq(&fx.current(), &src.tree(), "current after cold moves");
+}
+
 /// A CI runner starts with no cache at all: deploying an unchanged tree still sends almost
 /// nothing (no manifest, no content), because the live manifest's digest matches.
 #[test]

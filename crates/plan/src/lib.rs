@@ -7,11 +7,17 @@
 //!    a hard link, nothing crosses the wire, renames and copies are free;
 //! 2. same content but only with another mode → [`Source::Copy`]: the agent copies it locally
 //!    (chmod on a shared inode would change older releases too);
-//! 3. otherwise → [`Source::Transfer`], with the previous version at the same path as a delta
-//!    basis when there is one. The client picks literal or delta for each transfer.
+//! 3. otherwise → [`Source::Transfer`], with a delta basis when the previous release has a
+//!    likely ancestor: the previous version at the same path, else (rsync `--fuzzy` style) a file
+//!    that is gone from the new release and looks like this one's old self — the same file name
+//!    elsewhere (a moved and edited class) or, in the same directory, the same name once
+//!    content-hash parts are masked (`app.3f9a2c1e.js` → `app.*.js`, a rebuilt bundle). The
+//!    client picks literal, patch or delta for each transfer.
 //!
 //! Directories and symlinks are created from the manifest itself. Mtimes play no part: content
 //! and mode decide what changed.
+
+use std::collections::HashMap;
 
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 
@@ -22,7 +28,8 @@ pub enum Source {
     Link(RelPath),
     /// Local copy of this path of the previous release (content equal, mode differs).
     Copy(RelPath),
-    /// Content must come from the client; `basis` is the previous version at the same path.
+    /// Content must come from the client; `basis` is a file of the previous release to build it
+    /// from (its previous version at the same path, or a likely ancestor: see the crate docs).
     Transfer { basis: Option<RelPath> },
 }
 
@@ -82,6 +89,7 @@ pub fn plan(prev: Option<&Manifest>, new: &Manifest) -> Plan {
     let empty = Manifest::default();
     let prev = prev.unwrap_or(&empty);
     let by_digest = prev.by_digest();
+    let fuzzy = Fuzzy::new(prev, new);
     let mut stats = PlanStats::default();
     let mut files = Vec::with_capacity(new.file_count());
     for (path, mode, size, digest) in new.files() {
@@ -100,7 +108,10 @@ pub fn plan(prev: Option<&Manifest>, new: &Manifest) -> Plan {
             }
         } else {
             Source::Transfer {
-                basis: same_path.map(|_| path.clone()),
+                basis: match same_path {
+                    Some(_) => Some(path.clone()),
+                    None => fuzzy.basis(path, size).cloned(),
+                },
             }
         };
         stats.files += 1;
@@ -134,16 +145,130 @@ pub fn plan(prev: Option<&Manifest>, new: &Manifest) -> Plan {
     Plan { files, stats }
 }
 
+/// A fuzzy basis is only taken when its size is within this factor of the new file's: a much
+/// larger one costs more to load than it can save, a much smaller one saves little.
+const FUZZY_SIZE_FACTOR: u64 = 4;
+
+/// Candidate ancestors for files new at their path: regular files of the previous release whose
+/// path is gone from the new one, indexed by file name and by (directory, masked name), each
+/// list sorted by (size, path) so the choice is deterministic on both sides.
+struct Fuzzy<'a> {
+    by_name: HashMap<&'a str, Vec<(u64, &'a RelPath)>>,
+    by_mask: HashMap<(&'a str, String), Vec<(u64, &'a RelPath)>>,
+}
+
+impl<'a> Fuzzy<'a> {
+    fn new(prev: &'a Manifest, new: &Manifest) -> Self {
+        let mut by_name: HashMap<&str, Vec<(u64, &RelPath)>> = HashMap::new();
+        let mut by_mask: HashMap<(&str, String), Vec<(u64, &RelPath)>> = HashMap::new();
+        for (path, _, size, _) in prev.files() {
+            if matches!(new.get(path), Some(EntryKind::File { .. })) {
+                continue;
+            }
+            by_name
+                .entry(path.file_name())
+                .or_default()
+                .push((size, path));
+            if let Some(mask) = mask_hashes(path.file_name()) {
+                by_mask
+                    .entry((dir_of(path), mask))
+                    .or_default()
+                    .push((size, path));
+            }
+        }
+        for list in by_name.values_mut().chain(by_mask.values_mut()) {
+            list.sort_unstable();
+        }
+        Fuzzy { by_name, by_mask }
+    }
+
+    /// The likely ancestor of a file new at `path`, if any: same file name first, then the same
+    /// masked name in the same directory; among several, the closest in size.
+    fn basis(&self, path: &RelPath, size: u64) -> Option<&'a RelPath> {
+        if self.by_name.is_empty() {
+            return None;
+        }
+        let by_name = self.by_name.get(path.file_name());
+        let by_mask = || {
+            let mask = mask_hashes(path.file_name())?;
+            self.by_mask.get(&(dir_of(path), mask))
+        };
+        by_name
+            .and_then(|l| closest(l, size))
+            .or_else(|| by_mask().and_then(|l| closest(l, size)))
+    }
+}
+
+/// The entry of `list` (sorted by size) closest in size to `size`, if within the size factor.
+fn closest<'a>(list: &[(u64, &'a RelPath)], size: u64) -> Option<&'a RelPath> {
+    let i = list.partition_point(|(s, _)| *s < size);
+    let below = i.checked_sub(1).map(|j| list[j]);
+    let above = list.get(i).copied();
+    let (s, p) = match (below, above) {
+        (Some(b), Some(a)) => {
+            if size - b.0 <= a.0 - size {
+                b
+            } else {
+                a
+            }
+        }
+        (Some(x), None) | (None, Some(x)) => x,
+        (None, None) => return None,
+    };
+    let (lo, hi) = (s.min(size), s.max(size));
+    (hi <= lo.saturating_mul(FUZZY_SIZE_FACTOR).max(64)).then_some(p)
+}
+
+fn dir_of(path: &RelPath) -> &str {
+    path.as_str().rsplit_once('/').map_or("", |(d, _)| d)
+}
+
+/// `name` with every part that looks like a content hash replaced by `*`, or `None` when it has
+/// none. Parts are separated by `.`, `-`, `_` or `~`; a hash-like part is at least 6 ASCII
+/// letters and digits with at least one digit (`3f9a2c1e`, `BxY12kq9`, not `jquery` or `v2`).
+fn mask_hashes(name: &str) -> Option<String> {
+    let mut out = String::with_capacity(name.len());
+    let mut masked = false;
+    for part in name.split_inclusive(['.', '-', '_', '~']) {
+        let (word, sep) = match part.char_indices().last() {
+            Some((i, c)) if matches!(c, '.' | '-' | '_' | '~') => part.split_at(i),
+            _ => (part, ""),
+        };
+        let hashy = word.len() >= 6
+            && word.bytes().all(|b| b.is_ascii_alphanumeric())
+            && word.bytes().any(|b| b.is_ascii_digit());
+        if hashy {
+            out.push('*');
+            masked = true;
+        } else {
+            out.push_str(word);
+        }
+        out.push_str(sep);
+    }
+    masked.then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use flip_manifest::Entry;
 
     fn m(files: &[(&str, &[u8], u32)]) -> Manifest {
-        let mut entries = vec![Entry {
-            path: RelPath::new("d").unwrap(),
-            kind: EntryKind::Dir { mode: 0o755 },
-        }];
+        let mut dirs = std::collections::BTreeSet::from(["d".to_string()]);
+        for (p, ..) in files {
+            let mut d = RelPath::new(*p).unwrap().parent();
+            while let Some(x) = d {
+                d = x.parent();
+                dirs.insert(x.as_str().to_string());
+            }
+        }
+        let mut entries: Vec<Entry> = dirs
+            .into_iter()
+            .map(|d| Entry {
+                path: RelPath::new(d).unwrap(),
+                kind: EntryKind::Dir { mode: 0o755 },
+            })
+            .collect();
         for (p, c, mode) in files {
             entries.push(Entry {
                 path: RelPath::new(*p).unwrap(),
@@ -231,6 +356,74 @@ mod tests {
         let plan = plan(Some(&t), &t);
         assert_eq!(plan.stats.linked, 2);
         assert_eq!(plan.stats.transfers + plan.stats.removed, 0);
+    }
+
+    #[test]
+    fn moved_and_edited_files_and_rebuilt_bundles_get_a_fuzzy_basis() {
+        let big = |c: u8, n: usize| vec![c; n];
+        let (a1, a2) = (big(b'a', 1000), big(b'A', 1100));
+        let (b1, b2) = (big(b'b', 5000), big(b'B', 4000));
+        let (l1, l2, l3) = (big(b'l', 100), big(b'L', 900), big(b'x', 120));
+        let prev = m(&[
+            ("src/Old/Thing.php", &a1, 0o644),
+            ("public/build/app.3f9a2c1e.js", &b1, 0o644),
+            ("public/build/vendor.3f9a2c1e.js", &big(b'v', 9000), 0o644),
+            ("vendor/a/LICENSE", &l1, 0o644),
+            ("vendor/b/LICENSE", &l2, 0o644),
+            ("kept/LICENSE", &l3, 0o644),
+            ("src/Huge.php", &big(b'h', 100_000), 0o644),
+        ]);
+        let new = m(&[
+            ("src/New/Thing.php", &a2, 0o644),
+            ("public/build/app.77c01d2b.js", &b2, 0o644),
+            ("public/other/app.88c01d2b.js", &b2, 0o644),
+            ("vendor/c/LICENSE", &big(b'C', 110), 0o644),
+            ("kept/LICENSE", &l3, 0o644),
+            ("lib/Huge.php", &big(b'H', 100), 0o644),
+            ("fresh.txt", b"new", 0o644),
+        ]);
+        let plan = plan(Some(&prev), &new);
+        let basis = |path: &str| match &plan.files.iter().find(|f| f.path.as_str() == path) {
+            Some(FileStep {
+                source: Source::Transfer { basis },
+                ..
+            }) => basis.as_ref().map(|b| b.as_str().to_string()),
+            other => panic!("{path}: {other:?}"),
+        };
+        assert_eq!(
+            basis("src/New/Thing.php").as_deref(),
+            Some("src/Old/Thing.php")
+        );
+        assert_eq!(
+            basis("public/build/app.77c01d2b.js").as_deref(),
+            Some("public/build/app.3f9a2c1e.js")
+        );
+        // masked names only match within one directory
+        assert_eq!(basis("public/other/app.88c01d2b.js"), None);
+        // the closest in size among files gone from the new release (kept/LICENSE is still there)
+        assert_eq!(
+            basis("vendor/c/LICENSE").as_deref(),
+            Some("vendor/a/LICENSE")
+        );
+        // a thousand times larger: not worth loading
+        assert_eq!(basis("lib/Huge.php"), None);
+        assert_eq!(basis("fresh.txt"), None);
+    }
+
+    #[test]
+    fn masks_content_hash_parts_of_names() {
+        assert_eq!(mask_hashes("app.3f9a2c1e.js").as_deref(), Some("app.*.js"));
+        assert_eq!(
+            mask_hashes("main-BxY12kq9.chunk.css").as_deref(),
+            Some("main-*.chunk.css")
+        );
+        assert_eq!(
+            mask_hashes("runtime~a1b2c3d4e5.js").as_deref(),
+            Some("runtime~*.js")
+        );
+        assert_eq!(mask_hashes("jquery.min.js"), None);
+        assert_eq!(mask_hashes("v2.php"), None);
+        assert_eq!(mask_hashes("Version20240101.php").as_deref(), Some("*.php"));
     }
 
     /// Found by `fuzz/` (target `agent_session`): a client staged this manifest (two files whose
