@@ -231,7 +231,7 @@ fn mask_hashes(name: &str) -> Option<String> {
     let mut masked = false;
     for part in name.split_inclusive(['.', '-', '_', '~']) {
         let (word, sep) = match part.char_indices().last() {
-            Some((i, c)) if matches!(c, '.' | '-' | '_' | '~') => part.split_at(i),
+            Some((i, '.' | '-' | '_' | '~')) => part.split_at(i),
             _ => (part, ""),
         };
         let hashy = word.len() >= 6
