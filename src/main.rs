@@ -205,8 +205,11 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         .as_ref()
         .map(|d| flip_transfer::ContentCache::new(d.join("content"), CONTENT_CACHE_BYTES));
     let live = releases.iter().find(|r| Some(r.id) == current);
-    let previous = live.and_then(|r| cache.as_ref()?.get(&r.manifest_digest));
     let live_digest = live.and_then(|r| flip_manifest::Digest::from_hex(&r.manifest_digest));
+    // An unchanged tree needs nothing of the live manifest: don't load it.
+    let previous = live
+        .filter(|_| live_digest != Some(scan.manifest.digest()))
+        .and_then(|r| cache.as_ref()?.get(&r.manifest_digest));
     let report = s.stage(
         &source,
         &scan.manifest,
@@ -215,6 +218,7 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         content.as_ref(),
         live_digest,
     )?;
+    drop(previous);
     if let Some(Err(e)) = cache.as_ref().map(|c| c.put(&scan.manifest)) {
         eprintln!("flip: warning: cannot cache the manifest: {e}");
     }

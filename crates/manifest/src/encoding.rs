@@ -54,6 +54,19 @@ pub fn encode(m: &Manifest) -> Vec<u8> {
     out
 }
 
+/// blake3 of [`encode`]`(m)`, computed in 64 KiB pieces.
+pub fn digest(m: &Manifest) -> Digest {
+    let mut h = blake3::Hasher::new();
+    let mut out = Vec::with_capacity(72 * 1024);
+    out.extend_from_slice(MAGIC);
+    put_entries_with(&mut out, m.entries(), |buf| {
+        h.update(buf);
+        buf.clear();
+    });
+    h.update(&out);
+    Digest(*h.finalize().as_bytes())
+}
+
 pub fn decode(buf: &[u8]) -> Result<Manifest, DecodeError> {
     let mut r = Reader { buf, pos: 0 };
     if r.take(MAGIC.len())? != MAGIC {
@@ -154,9 +167,18 @@ fn put_path(out: &mut Vec<u8>, prev: &str, path: &str) {
 }
 
 fn put_entries(out: &mut Vec<u8>, entries: &[Entry]) {
+    put_entries_with(out, entries, |_| {});
+}
+
+/// [`put_entries`], handing `out` to `drain` whenever it grows past 64 KiB (which may empty it):
+/// a canonical encoding can be hashed without ever being whole in memory.
+fn put_entries_with(out: &mut Vec<u8>, entries: &[Entry], mut drain: impl FnMut(&mut Vec<u8>)) {
     put_varint(out, entries.len() as u64);
     let mut prev: &str = "";
     for e in entries {
+        if out.len() >= 64 * 1024 {
+            drain(out);
+        }
         put_path(out, prev, e.path.as_str());
         match &e.kind {
             EntryKind::Dir { mode } => {
@@ -328,6 +350,24 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use crate::tests::{dir, file, p};
+
+    #[test]
+    fn streamed_digest_is_the_digest_of_the_encoding() {
+        let small = sample();
+        assert_eq!(digest(&small), Digest::of(&encode(&small)));
+        // Several 64 KiB pieces.
+        let mut entries = vec![dir("d")];
+        for i in 0..5000 {
+            entries.push(file(
+                &format!("d/file-{i:05}.php"),
+                format!("{i}").as_bytes(),
+            ));
+        }
+        let big = Manifest::new(entries).unwrap();
+        assert!(encode(&big).len() > 3 * 64 * 1024);
+        assert_eq!(digest(&big), Digest::of(&encode(&big)));
+        assert_ne!(digest(&big), digest(&small));
+    }
 
     fn sample() -> Manifest {
         Manifest::new(vec![

@@ -214,7 +214,7 @@ impl Manifest {
 
     /// The blake3 of the canonical encoding: two trees with equal digests are the same tree.
     pub fn digest(&self) -> Digest {
-        Digest::of(&encode(self))
+        encoding::digest(self)
     }
 
     /// Every (path, mode) holding each distinct content digest, in path order: where content

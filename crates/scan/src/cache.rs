@@ -63,10 +63,17 @@ impl Key {
 /// the wall clock.
 pub(crate) const RACY_WINDOW_NS: i128 = 2_000_000_000;
 
-/// Cached digests by relative path.
+/// Cached digests, by a 128-bit hash of the relative path: no path strings are kept (at 100,000
+/// files that halves the cache's memory). A wrong hit would need two paths with the same 128-bit
+/// blake3 prefix *and* the same size, timestamps, inode and device.
 #[derive(Default)]
 pub(crate) struct Cache {
-    map: HashMap<String, (Key, Digest)>,
+    map: HashMap<u128, (Key, Digest)>,
+}
+
+fn path_key(path: &str) -> u128 {
+    let h = blake3::hash(path.as_bytes());
+    u128::from_le_bytes(h.as_bytes()[..16].try_into().expect("16 bytes"))
 }
 
 impl Cache {
@@ -97,7 +104,7 @@ impl Cache {
 
     /// The cached digest of `path` if its key is unchanged.
     pub fn get(&self, path: &str, key: &Key) -> Option<Digest> {
-        match self.map.get(path) {
+        match self.map.get(&path_key(path)) {
             Some((k, d)) if k == key => Some(*d),
             _ => None,
         }
@@ -124,7 +131,7 @@ impl Cache {
             if len > MAX_PATH_LEN {
                 return None;
             }
-            let path = std::str::from_utf8(r.take(len)?).ok()?.to_string();
+            let path = path_key(std::str::from_utf8(r.take(len)?).ok()?);
             let key = Key {
                 size: r.u64()?,
                 mtime: (r.u64()? as i64, r.u32()?),
@@ -142,39 +149,81 @@ impl Cache {
     }
 }
 
-/// Encodes `entries` in the cache format.
-pub(crate) fn encode(entries: &[(&str, Key, Digest)]) -> Vec<u8> {
-    let body_len: usize = 8 + entries
-        .iter()
-        .map(|(p, _, _)| ENTRY_FIXED + p.len())
-        .sum::<usize>();
-    let mut body = Vec::with_capacity(body_len);
-    body.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-    for (path, key, digest) in entries {
-        // Paths come from `RelPath`, which caps them at MAX_PATH_LEN (< u16::MAX).
-        body.extend_from_slice(&(path.len() as u16).to_le_bytes());
-        body.extend_from_slice(path.as_bytes());
-        body.extend_from_slice(&key.size.to_le_bytes());
-        body.extend_from_slice(&key.mtime.0.to_le_bytes());
-        body.extend_from_slice(&key.mtime.1.to_le_bytes());
-        body.extend_from_slice(&key.ctime.0.to_le_bytes());
-        body.extend_from_slice(&key.ctime.1.to_le_bytes());
-        body.extend_from_slice(&key.ino.to_le_bytes());
-        body.extend_from_slice(&key.dev.to_le_bytes());
-        body.extend_from_slice(&digest.0);
+/// Writes the cache format to `out`: a header with a zeroed checksum and length, then the body
+/// (`count` entries); returns the header to put in place of the zeroed one. The body is never
+/// whole in memory.
+fn write<'a>(
+    out: &mut impl Write,
+    count: usize,
+    entries: impl Iterator<Item = (&'a str, Key, Digest)>,
+) -> io::Result<[u8; HEADER_LEN]> {
+    struct Body<'w, W> {
+        out: &'w mut W,
+        hasher: blake3::Hasher,
+        len: u64,
     }
-    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(blake3::hash(&body).as_bytes());
-    out.extend_from_slice(&body);
+    impl<W: Write> Body<'_, W> {
+        fn put(&mut self, b: &[u8]) -> io::Result<()> {
+            self.hasher.update(b);
+            self.len += b.len() as u64;
+            self.out.write_all(b)
+        }
+    }
+    out.write_all(&[0; HEADER_LEN])?;
+    let mut body = Body {
+        out,
+        hasher: blake3::Hasher::new(),
+        len: 0,
+    };
+    body.put(&(count as u64).to_le_bytes())?;
+    let mut n = 0;
+    let mut e = Vec::with_capacity(ENTRY_FIXED + 256);
+    for (path, key, digest) in entries {
+        n += 1;
+        e.clear();
+        // Paths come from `RelPath`, which caps them at MAX_PATH_LEN (< u16::MAX).
+        e.extend_from_slice(&(path.len() as u16).to_le_bytes());
+        e.extend_from_slice(path.as_bytes());
+        e.extend_from_slice(&key.size.to_le_bytes());
+        e.extend_from_slice(&key.mtime.0.to_le_bytes());
+        e.extend_from_slice(&key.mtime.1.to_le_bytes());
+        e.extend_from_slice(&key.ctime.0.to_le_bytes());
+        e.extend_from_slice(&key.ctime.1.to_le_bytes());
+        e.extend_from_slice(&key.ino.to_le_bytes());
+        e.extend_from_slice(&key.dev.to_le_bytes());
+        e.extend_from_slice(&digest.0);
+        body.put(&e)?;
+    }
+    if n != count {
+        return Err(io::Error::other(
+            "hash cache: entry count changed while writing",
+        ));
+    }
+    let mut header = [0u8; HEADER_LEN];
+    header[..8].copy_from_slice(MAGIC);
+    header[8..16].copy_from_slice(&body.len.to_le_bytes());
+    header[16..].copy_from_slice(body.hasher.finalize().as_bytes());
+    Ok(header)
+}
+
+/// Encodes `entries` in the cache format.
+#[cfg(test)]
+pub(crate) fn encode(entries: &[(&str, Key, Digest)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let header = write(&mut out, entries.len(), entries.iter().copied()).expect("a Vec");
+    out[..HEADER_LEN].copy_from_slice(&header);
     out
 }
 
-/// Replaces the cache file at `path` with `entries`, atomically: a temporary file in the same
-/// directory renamed over it. The parent directory is created if missing. No fsync: a cache
-/// torn by a crash fails its checksum and is ignored.
-pub(crate) fn store(path: &Path, entries: &[(&str, Key, Digest)]) -> io::Result<()> {
+/// Replaces the cache file at `path` with `entries` (`count` of them), atomically: a temporary
+/// file in the same directory renamed over it. The parent directory is created if missing. No
+/// fsync: a cache torn by a crash fails its checksum and is ignored.
+pub(crate) fn store<'a>(
+    path: &Path,
+    count: usize,
+    entries: impl Iterator<Item = (&'a str, Key, Digest)>,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))?;
@@ -188,8 +237,10 @@ pub(crate) fn store(path: &Path, entries: &[(&str, Key, Digest)]) -> io::Result<
     tmp_name.push(format!(".tmp{}", std::process::id()));
     let tmp = dir.join(tmp_name);
     let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&encode(entries))?;
+        let mut w = io::BufWriter::with_capacity(256 * 1024, fs::File::create(&tmp)?);
+        let header = write(&mut w, count, entries)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.write_all_at(&header, 0)?;
         drop(f);
         fs::rename(&tmp, path)
     })();

@@ -50,10 +50,9 @@ mod walk;
 pub use hash::{hash_file, MMAP_THRESHOLD};
 
 use cache::{Cache, Key};
-use flip_manifest::{Entry, EntryKind, Manifest, ManifestError, PathError, RelPath};
+use flip_manifest::{Entry, EntryKind, Manifest, ManifestError, PathError};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use rayon::prelude::*;
-use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -110,9 +109,6 @@ pub struct ScanOutput {
     /// read or written; sorted. None of them make the manifest wrong.
     pub warnings: Vec<String>,
     pub stats: ScanStats,
-    /// Modification time (seconds, nanoseconds since the epoch) of every regular file in the
-    /// manifest, for giving deployed files their source mtime.
-    pub mtimes: HashMap<RelPath, (i64, u32)>,
 }
 
 /// Why a scan failed. Every message names the path concerned.
@@ -190,131 +186,122 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
     let walked = walk::walk(root, &excludes, skip.as_deref())?;
     warnings.extend(walked.warnings);
     let mut stats = ScanStats::default();
-    let mut entries = Vec::with_capacity(walked.nodes.len());
-    let mut files = Vec::new();
-    for node in walked.nodes {
-        match node {
-            walk::Node::Dir { rel, mode } => {
-                stats.dirs += 1;
-                entries.push(Entry {
-                    path: rel,
-                    kind: EntryKind::Dir { mode },
-                });
-            }
-            walk::Node::Symlink { rel, target } => {
-                stats.symlinks += 1;
-                entries.push(Entry {
-                    path: rel,
-                    kind: EntryKind::Symlink { target },
-                });
-            }
-            walk::Node::File { rel, mode, key } => files.push((rel, mode, key)),
-        }
-    }
+    let mut files = walked.files;
 
-    // Phase 2: hash.
-    let hashed: Vec<Result<Hashed, RelPath>> = files
-        .into_par_iter()
-        .map(|(rel, mode, key)| hash_one(root, cache.as_ref(), start_ns, rel, mode, key))
+    // Phase 2: hash (in place: each file's key becomes that of what was read).
+    let hashed: Vec<Option<Hashed>> = files
+        .par_iter_mut()
+        .map(|f| hash_one(root, cache.as_ref(), start_ns, f))
         .collect::<Result<_, _>>()?;
-
-    // Phase 3: assemble.
-    let mut mtimes = HashMap::with_capacity(hashed.len());
-    for h in &hashed {
-        let h = match h {
-            Ok(h) => h,
-            Err(vanished) => {
-                warnings.push(format!(
-                    "skipping {}: it vanished during the scan",
-                    root.join(vanished.as_str()).display()
-                ));
-                continue;
-            }
+    for (f, h) in files.iter().zip(&hashed) {
+        let Some(h) = h else {
+            warnings.push(format!(
+                "skipping {}: it vanished during the scan",
+                root.join(f.rel.as_str()).display()
+            ));
+            continue;
         };
         stats.files += 1;
-        stats.bytes += h.key.size;
+        stats.bytes += f.key.size;
         if h.hit {
             stats.cache_hits += 1;
         } else {
             stats.hashed_files += 1;
-            stats.hashed_bytes += h.key.size;
+            stats.hashed_bytes += f.key.size;
         }
-        mtimes.insert(h.rel.clone(), h.key.mtime);
-        entries.push(Entry {
-            path: h.rel.clone(),
-            kind: EntryKind::File {
-                mode: h.mode,
-                size: h.key.size,
-                digest: h.digest,
-            },
-        });
     }
-    let manifest = Manifest::new(entries)?;
 
-    if let (Some(path), Some(cache)) = (&opts.hash_cache, &cache) {
-        let keep: Vec<(&str, Key, Digest)> = hashed
-            .iter()
-            .filter_map(|h| h.as_ref().ok())
-            .filter(|h| h.cacheable)
-            .map(|h| (h.rel.as_str(), h.key, h.digest))
-            .collect();
+    // Phase 3: rewrite the hash cache (unless it already says exactly this), then let it go.
+    if let (Some(path), Some(cache)) = (&opts.hash_cache, cache.take()) {
+        let keep = || {
+            files.iter().zip(&hashed).filter_map(|(f, h)| match h {
+                Some(h) if h.cacheable => Some((f.rel.as_str(), f.key, h.digest)),
+                _ => None,
+            })
+        };
+        let kept = keep().count();
         // All hits and nothing dropped: the file on disk already says exactly this.
-        let unchanged = keep.len() == cache.len() && keep.len() as u64 == stats.cache_hits;
+        let unchanged = kept == cache.len() && kept as u64 == stats.cache_hits;
+        drop(cache);
         if !unchanged {
-            if let Err(e) = cache::store(path, &keep) {
+            if let Err(e) = cache::store(path, kept, keep()) {
                 warnings.push(format!("cannot write hash cache {}: {e}", path.display()));
             }
         }
     }
+
+    // Phase 4: assemble.
+    let mut entries = Vec::with_capacity(walked.nodes.len() + files.len());
+    for node in walked.nodes {
+        entries.push(match node {
+            walk::Node::Dir { rel, mode } => {
+                stats.dirs += 1;
+                Entry {
+                    path: rel,
+                    kind: EntryKind::Dir { mode },
+                }
+            }
+            walk::Node::Symlink { rel, target } => {
+                stats.symlinks += 1;
+                Entry {
+                    path: rel,
+                    kind: EntryKind::Symlink { target },
+                }
+            }
+        });
+    }
+    for (f, h) in files.into_iter().zip(hashed) {
+        if let Some(h) = h {
+            entries.push(Entry {
+                path: f.rel,
+                kind: EntryKind::File {
+                    mode: f.mode,
+                    size: f.key.size,
+                    digest: h.digest,
+                },
+            });
+        }
+    }
+    let manifest = Manifest::new(entries)?;
 
     warnings.sort();
     Ok(ScanOutput {
         manifest,
         warnings,
         stats,
-        mtimes,
     })
 }
 
-/// One regular file after phase 2.
+/// The digest of one regular file after phase 2.
 struct Hashed {
-    rel: RelPath,
-    mode: u32,
     digest: Digest,
-    /// Of the `lstat` (cache hit) or of the `fstat` of the file hashed, with `size` set to the
-    /// number of bytes hashed.
-    key: Key,
     hit: bool,
     /// May go into the rewritten cache.
     cacheable: bool,
 }
 
-/// Digest of one file: from the cache if its key matches, else read. `Ok(Err(rel))` means it
-/// vanished since the walk.
+/// Digest of one file: from the cache if its key matches, else read (then `f`'s mode and key
+/// become those of the file read, with the key's size the number of bytes hashed). `Ok(None)`
+/// means it vanished since the walk.
 fn hash_one(
     root: &Path,
     cache: Option<&Cache>,
     start_ns: i128,
-    rel: RelPath,
-    mode: u32,
-    key: Key,
-) -> Result<Result<Hashed, RelPath>, ScanError> {
-    if !key.is_racy(start_ns) {
-        if let Some(digest) = cache.and_then(|c| c.get(rel.as_str(), &key)) {
-            return Ok(Ok(Hashed {
-                rel,
-                mode,
+    f: &mut walk::FileNode,
+) -> Result<Option<Hashed>, ScanError> {
+    if !f.key.is_racy(start_ns) {
+        if let Some(digest) = cache.and_then(|c| c.get(f.rel.as_str(), &f.key)) {
+            return Ok(Some(Hashed {
                 digest,
-                key,
                 hit: true,
                 cacheable: true,
             }));
         }
     }
-    let path = root.join(rel.as_str());
+    let path = root.join(f.rel.as_str());
     let file = match hash::open(&path, true) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Err(rel)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
             return Err(ScanError::Changed {
                 path,
@@ -350,11 +337,10 @@ fn hash_one(
     // right for the bytes read (and the size recorded), but must not be cached.
     let cacheable = size == key.size && !key.is_racy(start_ns);
     key.size = size;
-    Ok(Ok(Hashed {
-        rel,
-        mode: meta.mode() & flip_manifest::MODE_MASK,
+    f.key = key;
+    f.mode = meta.mode() & flip_manifest::MODE_MASK;
+    Ok(Some(Hashed {
         digest,
-        key,
         hit: false,
         cacheable,
     }))

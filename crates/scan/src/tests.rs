@@ -1,4 +1,5 @@
 use super::*;
+use flip_manifest::RelPath;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -120,32 +121,6 @@ fn captures_files_dirs_symlinks_and_modes() {
         (7, bytes, 0)
     );
     assert!(out.warnings.is_empty(), "{:?}", out.warnings);
-
-    // mtimes for every file, and only files.
-    assert_eq!(out.mtimes.len(), 7);
-    let m = fs::metadata(r.join("index.php")).unwrap();
-    assert_eq!(
-        out.mtimes[&RelPath::new("index.php").unwrap()],
-        (m.mtime(), m.mtime_nsec() as u32)
-    );
-}
-
-#[test]
-fn mtimes_are_the_source_mtimes() {
-    let t = tempfile::tempdir().unwrap();
-    let p = write(t.path(), "old.php", b"x");
-    let when = UNIX_EPOCH + Duration::new(1_600_000_000, 123_456_789);
-    fs::File::options()
-        .write(true)
-        .open(&p)
-        .unwrap()
-        .set_modified(when)
-        .unwrap();
-    let out = scan(t.path(), &ScanOptions::default()).unwrap();
-    assert_eq!(
-        out.mtimes[&RelPath::new("old.php").unwrap()],
-        (1_600_000_000, 123_456_789)
-    );
 }
 
 #[test]

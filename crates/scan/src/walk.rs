@@ -12,27 +12,24 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-/// One thing found on disk (not yet hashed).
+/// A directory or symlink found on disk.
 pub(crate) enum Node {
-    Dir {
-        rel: RelPath,
-        mode: u32,
-    },
-    Symlink {
-        rel: RelPath,
-        target: String,
-    },
-    /// `key` is from `lstat`: what the hash cache is checked against.
-    File {
-        rel: RelPath,
-        mode: u32,
-        key: Key,
-    },
+    Dir { rel: RelPath, mode: u32 },
+    Symlink { rel: RelPath, target: String },
+}
+
+/// A regular file found on disk (not yet hashed). `key` is from `lstat`: what the hash cache is
+/// checked against.
+pub(crate) struct FileNode {
+    pub rel: RelPath,
+    pub mode: u32,
+    pub key: Key,
 }
 
 /// Everything the walk found, in no particular order.
 pub(crate) struct Walked {
     pub nodes: Vec<Node>,
+    pub files: Vec<FileNode>,
     pub warnings: Vec<String>,
 }
 
@@ -47,6 +44,7 @@ pub(crate) fn walk(
         excludes,
         skip,
         nodes: Mutex::new(Vec::new()),
+        files: Mutex::new(Vec::new()),
         warnings: Mutex::new(Vec::new()),
         error: Mutex::new(None),
         failed: AtomicBool::new(false),
@@ -57,6 +55,7 @@ pub(crate) fn walk(
     }
     Ok(Walked {
         nodes: w.nodes.into_inner().unwrap_or_else(|p| p.into_inner()),
+        files: w.files.into_inner().unwrap_or_else(|p| p.into_inner()),
         warnings: w.warnings.into_inner().unwrap_or_else(|p| p.into_inner()),
     })
 }
@@ -66,6 +65,7 @@ struct Walker<'a> {
     skip: Option<&'a str>,
     /// Each directory appends its entries in one batch.
     nodes: Mutex<Vec<Node>>,
+    files: Mutex<Vec<FileNode>>,
     warnings: Mutex<Vec<String>>,
     /// The first error; once set, no further directory is listed.
     error: Mutex<Option<ScanError>>,
@@ -79,7 +79,10 @@ impl<'a> Walker<'a> {
             return;
         }
         match self.list(s, &abs, rel.as_ref()) {
-            Ok(nodes) => lock(&self.nodes).extend(nodes),
+            Ok((nodes, files)) => {
+                lock(&self.nodes).extend(nodes);
+                lock(&self.files).extend(files);
+            }
             Err(e) => {
                 self.failed.store(true, Ordering::Relaxed);
                 lock(&self.error).get_or_insert(e);
@@ -92,12 +95,13 @@ impl<'a> Walker<'a> {
         s: &rayon::Scope<'s>,
         abs: &Path,
         rel: Option<&RelPath>,
-    ) -> Result<Vec<Node>, ScanError> {
+    ) -> Result<(Vec<Node>, Vec<FileNode>), ScanError> {
         let io_err = |op, path: &Path| {
             let path = path.to_path_buf();
             move |source| ScanError::Io { op, path, source }
         };
         let mut nodes = Vec::new();
+        let mut files = Vec::new();
         for dirent in fs::read_dir(abs).map_err(io_err("read directory", abs))? {
             let dirent = dirent.map_err(io_err("read directory", abs))?;
             let path = dirent.path();
@@ -149,7 +153,7 @@ impl<'a> Walker<'a> {
                 });
                 s.spawn(move |s| self.dir(s, path, Some(child)));
             } else if ft.is_file() {
-                nodes.push(Node::File {
+                files.push(FileNode {
                     rel: child,
                     mode,
                     key: Key::of(&meta),
@@ -179,7 +183,7 @@ impl<'a> Walker<'a> {
                 ));
             }
         }
-        Ok(nodes)
+        Ok((nodes, files))
     }
 
     fn warn(&self, w: String) {

@@ -37,8 +37,12 @@ impl ManifestCache {
     /// to report as a warning.
     pub fn put(&self, m: &Manifest) -> std::io::Result<()> {
         fs::create_dir_all(&self.dir)?;
+        let name = m.digest().to_hex();
+        if let Ok(f) = fs::File::options().append(true).open(self.dir.join(&name)) {
+            // Already there (a redeploy): only mark it recently used for the trim.
+            return f.set_modified(std::time::SystemTime::now());
+        }
         let bytes = flip_manifest::encode(m);
-        let name = Digest::of(&bytes).to_hex();
         let tmp = self.dir.join(format!(".{name}.{}", std::process::id()));
         let mut f = fs::File::create(&tmp)?;
         f.write_all(&bytes)?;
@@ -108,54 +112,83 @@ const RECORD: usize = 32 + 8 + 4;
 pub struct ContentCache {
     dir: PathBuf,
     max_bytes: u64,
-    /// digest → (pack stamp, offset, length)
-    known: Mutex<HashMap<Digest, (String, u64, u32)>>,
+    /// What the packs hold, read on first use: a deploy that needs no old version (a no-op)
+    /// never reads the indexes.
+    index: Mutex<Option<Index>>,
     /// This process's pack and index, opened on the first new version.
     writer: Mutex<Option<PackWriter>>,
 }
 
-struct PackWriter {
-    stamp: String,
-    pack: std::io::BufWriter<fs::File>,
-    idx: std::io::BufWriter<fs::File>,
-    len: u64,
+/// Where each cached version is: 48 bytes of map entry per version (100,000 versions ≈ 6 MB).
+#[derive(Default)]
+struct Index {
+    /// Pack stamps; `at` refers to them by position.
+    stamps: Vec<String>,
+    /// digest → (pack, length, offset)
+    at: HashMap<Digest, (u32, u32, u64)>,
 }
 
-impl ContentCache {
-    /// Opens (reads the indexes of) the cache in `dir`.
-    pub fn new(dir: PathBuf, max_bytes: u64) -> Self {
-        let mut known = HashMap::new();
-        for (stamp, _) in packs(&dir) {
+impl Index {
+    fn load(dir: &Path) -> Index {
+        let mut index = Index::default();
+        for (stamp, _) in packs(dir) {
             let Ok(idx) = fs::read(dir.join(format!("{stamp}.idx"))) else {
                 continue;
             };
+            let pack = index.stamps.len() as u32;
+            index.stamps.push(stamp);
+            index.at.reserve(idx.len() / RECORD);
             for r in idx.chunks_exact(RECORD) {
                 let mut d = [0u8; 32];
                 d.copy_from_slice(&r[..32]);
                 let off = u64::from_le_bytes(r[32..40].try_into().unwrap());
                 let len = u32::from_le_bytes(r[40..44].try_into().unwrap());
-                known.insert(Digest(d), (stamp.clone(), off, len));
+                index.at.insert(Digest(d), (pack, len, off));
             }
         }
+        index
+    }
+}
+
+struct PackWriter {
+    /// Position of this pack's stamp in [`Index::stamps`].
+    pack: u32,
+    data: std::io::BufWriter<fs::File>,
+    idx: std::io::BufWriter<fs::File>,
+    len: u64,
+}
+
+impl ContentCache {
+    /// The cache in `dir`; nothing is read until it is used.
+    pub fn new(dir: PathBuf, max_bytes: u64) -> Self {
         ContentCache {
             dir,
             max_bytes,
-            known: Mutex::new(known),
+            index: Mutex::new(None),
             writer: Mutex::new(None),
         }
     }
 
+    /// Runs `f` on the index, loading it first if needed.
+    fn with_index<T>(&self, f: impl FnOnce(&mut Index) -> T) -> T {
+        let mut guard = self.index.lock().unwrap();
+        f(guard.get_or_insert_with(|| Index::load(&self.dir)))
+    }
+
     pub fn contains(&self, d: &Digest) -> bool {
-        self.known.lock().unwrap().contains_key(d)
+        self.with_index(|i| i.at.contains_key(d))
     }
 
     /// The content with digest `d`, read back and checked.
     pub fn get(&self, d: &Digest) -> Option<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        let (stamp, off, len) = self.known.lock().unwrap().get(d)?.clone();
+        let (pack, stamp, off, len) = self.with_index(|i| {
+            let (pack, len, off) = *i.at.get(d)?;
+            Some((pack, i.stamps[pack as usize].clone(), off, len))
+        })?;
         if let Some(w) = self.writer.lock().unwrap().as_mut() {
-            if w.stamp == stamp {
-                w.pack.flush().ok()?;
+            if w.pack == pack {
+                w.data.flush().ok()?;
             }
         }
         let f = fs::File::open(self.dir.join(format!("{stamp}.pack"))).ok()?;
@@ -187,24 +220,28 @@ impl ContentCache {
                     .append(true)
                     .open(self.dir.join(format!("{stamp}.{ext}")))
             };
+            let data = std::io::BufWriter::with_capacity(1 << 20, open("pack")?);
+            let idx = std::io::BufWriter::new(open("idx")?);
+            let pack = self.with_index(|i| {
+                i.stamps.push(stamp);
+                i.stamps.len() as u32 - 1
+            });
             *w = Some(PackWriter {
-                pack: std::io::BufWriter::with_capacity(1 << 20, open("pack")?),
-                idx: std::io::BufWriter::new(open("idx")?),
-                stamp,
+                pack,
+                data,
+                idx,
                 len: 0,
             });
         }
         let w = w.as_mut().expect("opened above");
-        w.pack.write_all(bytes)?;
+        w.data.write_all(bytes)?;
         let mut rec = [0u8; RECORD];
         rec[..32].copy_from_slice(&d.0);
         rec[32..40].copy_from_slice(&w.len.to_le_bytes());
         rec[40..44].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
         w.idx.write_all(&rec)?;
-        self.known
-            .lock()
-            .unwrap()
-            .insert(*d, (w.stamp.clone(), w.len, bytes.len() as u32));
+        let (pack, len, off) = (w.pack, bytes.len() as u32, w.len);
+        self.with_index(|i| i.at.insert(*d, (pack, len, off)));
         w.len += bytes.len() as u64;
         Ok(())
     }
@@ -214,7 +251,7 @@ impl ContentCache {
     pub fn finish(&self) -> std::io::Result<()> {
         if let Some(mut w) = self.writer.lock().unwrap().take() {
             // The pack before its index: an index never names bytes that are not there.
-            w.pack.flush()?;
+            w.data.flush()?;
             w.idx.flush()?;
         }
         let all = packs(&self.dir);

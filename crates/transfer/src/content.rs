@@ -9,7 +9,6 @@
 
 use crate::{ContentCache, DeployReport, Result, Session, TransferError};
 use flip_manifest::{Digest, RelPath};
-use flip_plan::Plan;
 use flip_wire::{Mtime, Request, CHUNK};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -28,8 +27,12 @@ const QUEUE: usize = 16;
 
 /// One file to send: `patch` set when the old version (path, digest) is in the content cache,
 /// `basis` when it goes as an rsync delta, neither for a literal.
-pub(crate) struct Job {
+pub(crate) struct Job<'m> {
+    /// Position among the manifest's regular files: how the agent names it.
     pub index: usize,
+    pub path: &'m RelPath,
+    pub size: u64,
+    pub digest: Digest,
     pub basis: Option<RelPath>,
     pub patch: Option<(RelPath, Digest)>,
 }
@@ -53,14 +56,12 @@ struct Prepared {
 pub(crate) fn send(
     s: &mut Session,
     source: &Path,
-    plan: &Plan,
     jobs: &[Job],
     sigs: HashMap<usize, Vec<u8>>,
     cache: Option<&ContentCache>,
     report: &mut DeployReport,
 ) -> Result<()> {
-    let (large, small): (Vec<&Job>, Vec<&Job>) =
-        jobs.iter().partition(|j| plan.files[j.index].size > LARGE);
+    let (large, small): (Vec<&Job>, Vec<&Job>) = jobs.iter().partition(|j| j.size > LARGE);
     let cancel = AtomicBool::new(false);
     let sig = |job: &Job| sigs.get(&job.index).map(Vec::as_slice);
     std::thread::scope(|scope| -> Result<()> {
@@ -71,8 +72,8 @@ pub(crate) fn send(
                 if cancel.load(Ordering::Relaxed) {
                     return;
                 }
-                let _ = tx.send(read_small(source, plan, job).map(|(data, mtime)| {
-                    remember(cache, &plan.files[job.index].digest, &data);
+                let _ = tx.send(read_small(source, job).map(|(data, mtime)| {
+                    remember(cache, &job.digest, &data);
                     let enc = encode(job, &data, sig(job), cache);
                     prepared(job, mtime, data.len() as u64, enc, Vec::new)
                 }));
@@ -92,8 +93,8 @@ pub(crate) fn send(
         result
     })?;
     for job in large {
-        let (map, mtime) = map_large(source, plan, job)?;
-        remember(cache, &plan.files[job.index].digest, &map);
+        let (map, mtime) = map_large(source, job)?;
+        remember(cache, &job.digest, &map);
         let enc = encode(job, &map, sig(job), cache);
         // Frames go out one by one: a large file is never held twice in memory.
         let mut err = Ok(());
@@ -250,8 +251,7 @@ fn open_source(path: &Path) -> Result<(File, Mtime, u64)> {
 }
 
 /// A small file, read whole and checked against its scanned digest.
-fn read_small(source: &Path, plan: &Plan, job: &Job) -> Result<(Vec<u8>, Mtime)> {
-    let step = &plan.files[job.index];
+fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
     let path = source.join(step.path.as_str());
     let (f, mtime, _) = open_source(&path)?;
     let mut data = Vec::with_capacity(step.size as usize);
@@ -268,8 +268,7 @@ fn read_small(source: &Path, plan: &Plan, job: &Job) -> Result<(Vec<u8>, Mtime)>
 }
 
 /// A large file, mapped and checked against its scanned digest (hashed on all cores).
-fn map_large(source: &Path, plan: &Plan, job: &Job) -> Result<(memmap2::Mmap, Mtime)> {
-    let step = &plan.files[job.index];
+fn map_large(source: &Path, step: &Job) -> Result<(memmap2::Mmap, Mtime)> {
     let path = source.join(step.path.as_str());
     let (f, mtime, len) = open_source(&path)?;
     if len != step.size {

@@ -272,19 +272,17 @@ impl Session {
         live_digest: Option<flip_manifest::Digest>,
     ) -> Result<DeployReport> {
         self.phase = "staging the release";
-        // The files in manifest order: what the agent's indexes refer to.
-        let plan = flip_plan::plan(None, manifest);
         let digest = manifest.digest();
         let (base, payload) = match previous {
+            // Unchanged tree (a no-op, or a fresh checkout of the same commit): an empty
+            // difference, even for a client that never saw the live manifest.
+            _ if live_digest == Some(digest) => (
+                Some(digest.0),
+                flip_manifest::encode_diff(&Default::default()),
+            ),
             Some(prev) => (
                 Some(prev.digest().0),
                 flip_manifest::encode_diff(&prev.diff(manifest)),
-            ),
-            // Unchanged tree (a no-op, or a fresh checkout of the same commit): an empty
-            // difference, even for a client that never saw the live manifest.
-            None if live_digest == Some(digest) => (
-                Some(digest.0),
-                flip_manifest::encode_diff(&Default::default()),
             ),
             // Something live the client has not seen: find the changed directories by their
             // hashes (a few round trips, a few bytes per directory looked at) instead of
@@ -314,7 +312,7 @@ impl Session {
         }
         self.tx.flush().map_err(|e| self.agent_error_or(e))?;
         let mut report = DeployReport {
-            files: plan.stats.files,
+            files: manifest.file_count() as u64,
             ..Default::default()
         };
         let needs = match self.recv()? {
@@ -335,15 +333,17 @@ impl Session {
             }
             other => return Err(self.unexpected(&other)),
         };
-        let mut last = None;
+        // Indexes count the manifest's regular files in order; the needs come in that order.
+        let mut files = manifest.files().enumerate();
         let mut jobs = Vec::with_capacity(needs.len());
         for n in needs {
             let index = n.index as usize;
-            if index >= plan.files.len() || last.is_some_and(|l| l >= index) {
+            let Some((_, (path, _, size, digest))) = files
+                .find(|(i, _)| *i >= index)
+                .filter(|(i, _)| *i == index)
+            else {
                 return Err(self.protocol("the agent asked for files out of range or order".into()));
-            }
-            last = Some(index);
-            let size = plan.files[index].size;
+            };
             // The old version in the local content cache: a patch, no signature needed.
             let patch = n.basis.as_ref().and_then(|(b, _)| {
                 let cache = content_cache?;
@@ -360,16 +360,18 @@ impl Session {
                 .map(|(b, _)| b);
             jobs.push(content::Job {
                 index,
+                path,
+                size,
+                digest: *digest,
                 basis,
                 patch,
             });
         }
-        report.matched_bytes =
-            manifest.total_bytes() - jobs.iter().map(|j| plan.files[j.index].size).sum::<u64>();
+        report.matched_bytes = manifest.total_bytes() - jobs.iter().map(|j| j.size).sum::<u64>();
         self.phase = "fetching delta signatures";
         let sigs = self.signatures(&jobs)?;
         self.phase = "sending file content";
-        content::send(self, source, &plan, &jobs, sigs, content_cache, &mut report)?;
+        content::send(self, source, &jobs, sigs, content_cache, &mut report)?;
         self.phase = "committing the release";
         self.send(&Request::Commit)?;
         match self.recv()? {
