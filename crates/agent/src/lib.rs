@@ -522,6 +522,7 @@ impl Session {
             }
         }
         let root = self.root(false)?;
+        let mut live_manifest = None;
         let (manifest, got) = match base {
             // The decoder accepts only the canonical encoding: its blake3 is the digest.
             None => (
@@ -552,13 +553,15 @@ impl Session {
                     prev.apply(&diff).map_err(|e| rejected(&e))?
                 };
                 let d = m.digest();
+                live_manifest = Some((live, prev));
                 (m, d)
             }
         };
         if got.0 != digest {
             return Err(RelError::BadRequest("manifest does not match its digest".into()).into());
         }
-        let stage = root.stage(self.locked()?, manifest, label)?;
+        drop(bytes);
+        let stage = root.stage_after(self.locked()?, manifest, label, live_manifest)?;
         let resp = Response::Staged {
             id: stage.id(),
             previous: stage.previous(),

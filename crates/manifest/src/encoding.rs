@@ -54,6 +54,21 @@ pub fn encode(m: &Manifest) -> Vec<u8> {
     out
 }
 
+/// Writes [`encode`]`(m)` to `w` in 64 KiB pieces.
+pub fn encode_to(m: &Manifest, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(72 * 1024);
+    out.extend_from_slice(MAGIC);
+    let mut failed = Ok(());
+    put_entries_with(&mut out, m.entries(), |buf| {
+        if failed.is_ok() {
+            failed = w.write_all(buf);
+        }
+        buf.clear();
+    });
+    failed?;
+    w.write_all(&out)
+}
+
 /// blake3 of [`encode`]`(m)`, computed in 64 KiB pieces.
 pub fn digest(m: &Manifest) -> Digest {
     let mut h = blake3::Hasher::new();
@@ -367,6 +382,9 @@ mod tests {
         assert!(encode(&big).len() > 3 * 64 * 1024);
         assert_eq!(digest(&big), Digest::of(&encode(&big)));
         assert_ne!(digest(&big), digest(&small));
+        let mut streamed = Vec::new();
+        encode_to(&big, &mut streamed).unwrap();
+        assert_eq!(streamed, encode(&big));
     }
 
     fn sample() -> Manifest {

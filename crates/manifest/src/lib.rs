@@ -11,13 +11,13 @@ mod path;
 mod tree;
 
 pub use encoding::{
-    decode, decode_diff, decode_dir_patch, encode, encode_diff, encode_dir_patch, DecodeError,
+    decode, decode_diff, decode_dir_patch, encode, encode_diff, encode_dir_patch, encode_to,
+    DecodeError,
 };
 pub use path::{PathError, RelPath, MAX_COMPONENT_LEN, MAX_PATH_LEN};
 pub use tree::{DirHash, DirPatch, DirState, DirTree, DIR_HASH_LEN};
 
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::fmt;
 
 /// Permission bits flip carries: read/write/execute for user, group and other. Set-id and sticky
@@ -188,10 +188,12 @@ impl Manifest {
 
     /// Looks a path up (binary search).
     pub fn get(&self, path: &RelPath) -> Option<&EntryKind> {
-        self.entries
-            .binary_search_by(|e| e.path.cmp(path))
-            .ok()
-            .map(|i| &self.entries[i].kind)
+        self.position(path).map(|i| &self.entries[i].kind)
+    }
+
+    /// Where `path` is in [`Manifest::entries`] (binary search).
+    pub fn position(&self, path: &RelPath) -> Option<usize> {
+        self.entries.binary_search_by(|e| e.path.cmp(path)).ok()
     }
 
     /// Regular files: (path, mode, size, digest).
@@ -217,14 +219,24 @@ impl Manifest {
         encoding::digest(self)
     }
 
-    /// Every (path, mode) holding each distinct content digest, in path order: where content
-    /// that moved or was copied can be found.
-    pub fn by_digest(&self) -> HashMap<&Digest, Vec<(&RelPath, u32)>> {
-        let mut map: HashMap<&Digest, Vec<(&RelPath, u32)>> = HashMap::new();
-        for (p, mode, _, d) in self.files() {
-            map.entry(d).or_default().push((p, mode));
-        }
-        map
+    /// Where each content digest can be found: every (path, mode) holding it, in path order.
+    pub fn by_digest(&self) -> ByDigest<'_> {
+        let mut all: Vec<_> = self.files().map(|(p, mode, _, d)| (d, p, mode)).collect();
+        // Stable: paths stay in manifest order within one digest.
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        ByDigest(all)
+    }
+}
+
+/// [`Manifest::by_digest`]: one sorted list rather than a map of lists (24 bytes per file).
+pub struct ByDigest<'a>(Vec<(&'a Digest, &'a RelPath, u32)>);
+
+impl<'a> ByDigest<'a> {
+    /// The (digest, path, mode) of every file with content `d`, in path order; empty if none.
+    pub fn get(&self, d: &Digest) -> &[(&'a Digest, &'a RelPath, u32)] {
+        let start = self.0.partition_point(|(x, ..)| *x < d);
+        let end = start + self.0[start..].partition_point(|(x, ..)| *x == d);
+        &self.0[start..end]
     }
 }
 

@@ -101,10 +101,10 @@ pub fn plan(prev: Option<&Manifest>, new: &Manifest) -> Plan {
         };
         let source = if same_path == Some((mode, digest)) {
             Source::Link(path.clone())
-        } else if let Some(holders) = by_digest.get(digest) {
-            match holders.iter().find(|(_, m)| *m == mode) {
-                Some((p, _)) => Source::Link((*p).clone()),
-                None => Source::Copy(holders[0].0.clone()),
+        } else if let [(_, first, _), ..] = by_digest.get(digest) {
+            match by_digest.get(digest).iter().find(|(.., m)| *m == mode) {
+                Some((_, p, _)) => Source::Link((*p).clone()),
+                None => Source::Copy((*first).clone()),
             }
         } else {
             Source::Transfer {

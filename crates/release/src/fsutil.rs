@@ -14,6 +14,15 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 
 /// Writes `bytes` to `path` atomically and durably: temp file, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] with the content produced by `fill` through a buffer, so it never has to be
+/// whole in memory.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path.parent().expect("state files live in a directory");
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
@@ -21,14 +30,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id()
     ));
     let _ = fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(io("create", &tmp))?;
-    f.write_all(bytes).map_err(io("write", &tmp))?;
+    let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
+    let written = fill(&mut w).and_then(|()| w.flush());
+    let f = match written {
+        Ok(()) => w.into_inner().map_err(|e| e.into_error()),
+        Err(e) => Err(e),
+    };
+    let f = match f {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(io("write", &tmp)(e));
+        }
+    };
     f.sync_all().map_err(io("fsync", &tmp))?;
     drop(f);
     fs::rename(&tmp, path).map_err(io("rename into place", path))?;

@@ -17,7 +17,7 @@ use crate::{fsutil, LockGuard, ReleaseInfo, Root, STAGING_PREFIX};
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_plan::{FileStep, Plan, Source};
 use rayon::prelude::*;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -45,8 +45,9 @@ pub struct Stage<'r> {
     id: u64,
     dir: PathBuf,
     prev: Option<(u64, Manifest)>,
-    /// Inode and mtime of the previous release's files when it was committed.
-    prev_stat: HashMap<RelPath, FileStamp>,
+    /// Inode and mtime of the previous release's files when it was committed, by position in
+    /// its manifest's entries (directories hold a zero stamp); empty if unknown.
+    prev_stat: Vec<FileStamp>,
     manifest: Manifest,
     plan: Plan,
     needs: Vec<usize>,
@@ -72,15 +73,29 @@ impl Root {
         manifest: Manifest,
         label: Option<String>,
     ) -> Result<Stage<'_>> {
+        self.stage_after(lock, manifest, label, None)
+    }
+
+    /// [`Root::stage`] for a caller that has already read the live release's manifest
+    /// (`live`: id and manifest), which is then not read again. Ignored if that release is no
+    /// longer live.
+    pub fn stage_after(
+        &self,
+        lock: &LockGuard,
+        manifest: Manifest,
+        label: Option<String>,
+        live: Option<(u64, Manifest)>,
+    ) -> Result<Stage<'_>> {
         self.clean_leftovers(lock)?;
-        let prev = match self.current()? {
-            Some(id) => Some((id, self.manifest(id)?)),
-            None => None,
+        let prev = match (self.current()?, live) {
+            (Some(id), Some((known, m))) if known == id => Some((id, m)),
+            (Some(id), _) => Some((id, self.manifest(id)?)),
+            (None, _) => None,
         };
         let plan = flip_plan::plan(prev.as_ref().map(|(_, m)| m), &manifest);
         let prev_stat = match &prev {
             Some((id, m)) => self.read_stamps(*id, m),
-            None => HashMap::new(),
+            None => Vec::new(),
         };
         let id = self.allocate_id()?;
         let dir = self.releases_dir().join(format!("{STAGING_PREFIX}{id}"));
@@ -202,6 +217,12 @@ impl<'r> Stage<'r> {
         Ok(())
     }
 
+    /// The committed stamp of file `path` of the previous release, if known.
+    fn prev_stamp(&self, path: &RelPath) -> Option<&FileStamp> {
+        let (_, m) = self.prev.as_ref()?;
+        self.prev_stat.get(m.position(path)?)
+    }
+
     /// Hard-links an unchanged file, after checking that the old inode is still the one the
     /// previous release committed (same inode and mtime: not replaced, not written to) and looks
     /// like what the old manifest says (a regular file of that size and mode). Anything else is
@@ -213,8 +234,7 @@ impl<'r> Stage<'r> {
                     && m.len() == step.size
                     && m.mode() & 0o777 == step.mode
                     && self
-                        .prev_stat
-                        .get(from)
+                        .prev_stamp(from)
                         .is_none_or(|st| *st == FileStamp::of(&m)) =>
             {
                 FileStamp::of(&m)
@@ -460,9 +480,21 @@ impl<'r> Stage<'r> {
             manifest_digest: self.manifest.digest().to_hex(),
             current: false,
         };
-        let encoded = flip_manifest::encode(&self.manifest);
-        fsutil::write_atomic(&self.root.manifest_path(self.id), &encoded)?;
-        fsutil::write_atomic(&self.root.stat_path(self.id), &self.stamps()?)?;
+        fsutil::write_atomic_with(&self.root.manifest_path(self.id), |w| {
+            flip_manifest::encode_to(&self.manifest, w)
+        })?;
+        self.fill_stamps()?;
+        fsutil::write_atomic_with(&self.root.stat_path(self.id), |w| {
+            w.write_all(STAMP_MAGIC)?;
+            w.write_all(&(self.stamps.len() as u64).to_le_bytes())?;
+            for st in &self.stamps {
+                let st = st.expect("filled above");
+                w.write_all(&st.ino.to_le_bytes())?;
+                w.write_all(&st.mtime.to_le_bytes())?;
+                w.write_all(&st.nsec.to_le_bytes())?;
+            }
+            Ok(())
+        })?;
         fsutil::write_atomic(
             &self.root.info_path(self.id),
             &serde_json::to_vec_pretty(&info).expect("json"),
@@ -477,60 +509,56 @@ impl<'r> Stage<'r> {
 }
 
 impl Stage<'_> {
-    /// Inode and mtime of every staged file, in manifest order (recorded as each was linked,
+    /// Makes sure every staged file has its inode and mtime (recorded as each was linked,
     /// copied or written; looked up again only if missing).
-    fn stamps(&self) -> Result<Vec<u8>> {
-        let stamps: Vec<Result<FileStamp>> = self
-            .plan
-            .files
-            .par_iter()
-            .zip(self.stamps.par_iter())
-            .map(|(step, st)| match st {
-                Some(st) => Ok(*st),
-                None => {
-                    let abs = self.abs(&step.path);
-                    let m = fs::symlink_metadata(&abs).map_err(io("inspect", &abs))?;
-                    Ok(FileStamp::of(&m))
-                }
-            })
+    fn fill_stamps(&mut self) -> Result<()> {
+        let missing: Vec<usize> = (0..self.stamps.len())
+            .filter(|&i| self.stamps[i].is_none())
             .collect();
-        let mut out = Vec::with_capacity(16 + stamps.len() * 20);
-        out.extend_from_slice(STAMP_MAGIC);
-        out.extend_from_slice(&(stamps.len() as u64).to_le_bytes());
-        for st in stamps {
-            let st = st?;
-            out.extend_from_slice(&st.ino.to_le_bytes());
-            out.extend_from_slice(&st.mtime.to_le_bytes());
-            out.extend_from_slice(&st.nsec.to_le_bytes());
+        let found: Vec<(usize, FileStamp)> = missing
+            .into_par_iter()
+            .map(|i| {
+                let abs = self.abs(&self.plan.files[i].path);
+                let m = fs::symlink_metadata(&abs).map_err(io("inspect", &abs))?;
+                Ok((i, FileStamp::of(&m)))
+            })
+            .collect::<Result<_>>()?;
+        for (i, st) in found {
+            self.stamps[i] = Some(st);
         }
-        Ok(out)
+        Ok(())
     }
 }
 
 impl Root {
     /// The stamps of a release's files by path; empty when missing or not matching the
     /// manifest (then links are checked by size and mode only).
-    fn read_stamps(&self, id: u64, m: &Manifest) -> HashMap<RelPath, FileStamp> {
+    fn read_stamps(&self, id: u64, m: &Manifest) -> Vec<FileStamp> {
         let Ok(Some(b)) = fsutil::read_optional(&self.stat_path(id)) else {
-            return HashMap::new();
+            return Vec::new();
         };
-        let files: Vec<&RelPath> = m.files().map(|(p, ..)| p).collect();
-        if b.len() != 16 + files.len() * 20
+        let files = m.file_count();
+        if b.len() != 16 + files * 20
             || &b[..8] != STAMP_MAGIC
-            || b[8..16] != (files.len() as u64).to_le_bytes()
+            || b[8..16] != (files as u64).to_le_bytes()
         {
-            return HashMap::new();
+            return Vec::new();
         }
-        files
-            .into_iter()
-            .zip(b[16..].chunks_exact(20))
-            .map(|(p, c)| {
-                let st = FileStamp {
-                    ino: u64::from_le_bytes(c[..8].try_into().unwrap()),
-                    mtime: i64::from_le_bytes(c[8..16].try_into().unwrap()),
-                    nsec: u32::from_le_bytes(c[16..20].try_into().unwrap()),
-                };
-                (p.clone(), st)
+        let mut stamps = b[16..].chunks_exact(20).map(|c| FileStamp {
+            ino: u64::from_le_bytes(c[..8].try_into().unwrap()),
+            mtime: i64::from_le_bytes(c[8..16].try_into().unwrap()),
+            nsec: u32::from_le_bytes(c[16..20].try_into().unwrap()),
+        });
+        let none = FileStamp {
+            ino: 0,
+            mtime: 0,
+            nsec: 0,
+        };
+        m.entries()
+            .iter()
+            .map(|e| match e.kind {
+                EntryKind::File { .. } => stamps.next().unwrap_or(none),
+                _ => none,
             })
             .collect()
     }

@@ -16,7 +16,6 @@
 //! directory, then `rename`), holding only the files seen by the latest scan.
 
 use flip_manifest::{Digest, MAX_PATH_LEN};
-use std::collections::HashMap;
 use std::fs::{self, Metadata};
 use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
@@ -63,17 +62,31 @@ impl Key {
 /// the wall clock.
 pub(crate) const RACY_WINDOW_NS: i128 = 2_000_000_000;
 
-/// Cached digests, by a 128-bit hash of the relative path: no path strings are kept (at 100,000
-/// files that halves the cache's memory). A wrong hit would need two paths with the same 128-bit
-/// blake3 prefix *and* the same size, timestamps, inode and device.
+/// Cached digests as one sorted list of (path hash, key hash, digest): 64 bytes per file, no
+/// path strings. A wrong hit would need two paths with the same 128-bit blake3 prefix *and* a
+/// key (size, timestamps, inode, device) with the same 128-bit blake3 prefix.
 #[derive(Default)]
 pub(crate) struct Cache {
-    map: HashMap<u128, (Key, Digest)>,
+    sorted: Vec<(u128, u128, Digest)>,
 }
 
-fn path_key(path: &str) -> u128 {
-    let h = blake3::hash(path.as_bytes());
+fn hash128(bytes: &[u8]) -> u128 {
+    let h = blake3::hash(bytes);
     u128::from_le_bytes(h.as_bytes()[..16].try_into().expect("16 bytes"))
+}
+
+impl Key {
+    fn hash128(&self) -> u128 {
+        let mut b = [0u8; 48];
+        b[..8].copy_from_slice(&self.size.to_le_bytes());
+        b[8..16].copy_from_slice(&self.mtime.0.to_le_bytes());
+        b[16..20].copy_from_slice(&self.mtime.1.to_le_bytes());
+        b[20..28].copy_from_slice(&self.ctime.0.to_le_bytes());
+        b[28..32].copy_from_slice(&self.ctime.1.to_le_bytes());
+        b[32..40].copy_from_slice(&self.ino.to_le_bytes());
+        b[40..48].copy_from_slice(&self.dev.to_le_bytes());
+        hash128(&b)
+    }
 }
 
 impl Cache {
@@ -99,13 +112,15 @@ impl Cache {
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.sorted.len()
     }
 
     /// The cached digest of `path` if its key is unchanged.
     pub fn get(&self, path: &str, key: &Key) -> Option<Digest> {
-        match self.map.get(&path_key(path)) {
-            Some((k, d)) if k == key => Some(*d),
+        let p = hash128(path.as_bytes());
+        let i = self.sorted.partition_point(|(x, ..)| *x < p);
+        match self.sorted.get(i) {
+            Some((x, k, d)) if *x == p && *k == key.hash128() => Some(*d),
             _ => None,
         }
     }
@@ -125,13 +140,13 @@ impl Cache {
         if count > (body.len() / ENTRY_FIXED) as u64 {
             return None;
         }
-        let mut map = HashMap::with_capacity(count as usize);
+        let mut sorted = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let len = u16::from_le_bytes(r.take(2)?.try_into().ok()?) as usize;
             if len > MAX_PATH_LEN {
                 return None;
             }
-            let path = path_key(std::str::from_utf8(r.take(len)?).ok()?);
+            let path = hash128(std::str::from_utf8(r.take(len)?).ok()?.as_bytes());
             let key = Key {
                 size: r.u64()?,
                 mtime: (r.u64()? as i64, r.u32()?),
@@ -140,12 +155,17 @@ impl Cache {
                 dev: r.u64()?,
             };
             let digest = Digest(r.take(32)?.try_into().ok()?);
-            map.insert(path, (key, digest));
+            sorted.push((path, key.hash128(), digest));
         }
         if !r.0.is_empty() {
             return None;
         }
-        Some(Cache { map })
+        sorted.sort_unstable_by_key(|(p, ..)| *p);
+        // Each path once (a file written by flip always has that); else trust none of them.
+        if sorted.windows(2).any(|w| w[0].0 == w[1].0) {
+            return None;
+        }
+        Some(Cache { sorted })
     }
 }
 

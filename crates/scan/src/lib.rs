@@ -186,14 +186,15 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
     let walked = walk::walk(root, &excludes, skip.as_deref())?;
     warnings.extend(walked.warnings);
     let mut stats = ScanStats::default();
-    let mut files = walked.files;
+    let mut batches = walked.files;
 
     // Phase 2: hash (in place: each file's key becomes that of what was read).
-    let hashed: Vec<Option<Hashed>> = files
+    let hashed: Vec<Option<Hashed>> = batches
         .par_iter_mut()
+        .flat_map(|b| b.par_iter_mut())
         .map(|f| hash_one(root, cache.as_ref(), start_ns, f))
         .collect::<Result<_, _>>()?;
-    for (f, h) in files.iter().zip(&hashed) {
+    for (f, h) in batches.iter().flatten().zip(&hashed) {
         let Some(h) = h else {
             warnings.push(format!(
                 "skipping {}: it vanished during the scan",
@@ -214,10 +215,14 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
     // Phase 3: rewrite the hash cache (unless it already says exactly this), then let it go.
     if let (Some(path), Some(cache)) = (&opts.hash_cache, cache.take()) {
         let keep = || {
-            files.iter().zip(&hashed).filter_map(|(f, h)| match h {
-                Some(h) if h.cacheable => Some((f.rel.as_str(), f.key, h.digest)),
-                _ => None,
-            })
+            batches
+                .iter()
+                .flatten()
+                .zip(&hashed)
+                .filter_map(|(f, h)| match h {
+                    Some(h) if h.cacheable => Some((f.rel.as_str(), f.key, h.digest)),
+                    _ => None,
+                })
         };
         let kept = keep().count();
         // All hits and nothing dropped: the file on disk already says exactly this.
@@ -231,7 +236,7 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
     }
 
     // Phase 4: assemble.
-    let mut entries = Vec::with_capacity(walked.nodes.len() + files.len());
+    let mut entries = Vec::with_capacity(walked.nodes.len() + hashed.len());
     for node in walked.nodes {
         entries.push(match node {
             walk::Node::Dir { rel, mode } => {
@@ -250,7 +255,7 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
             }
         });
     }
-    for (f, h) in files.into_iter().zip(hashed) {
+    for (f, h) in batches.into_iter().flatten().zip(hashed) {
         if let Some(h) = h {
             entries.push(Entry {
                 path: f.rel,

@@ -26,10 +26,11 @@ pub(crate) struct FileNode {
     pub key: Key,
 }
 
-/// Everything the walk found, in no particular order.
+/// Everything the walk found, in no particular order. Files stay in per-directory batches:
+/// one contiguous list would be reallocated (and briefly held twice) as it grows.
 pub(crate) struct Walked {
     pub nodes: Vec<Node>,
-    pub files: Vec<FileNode>,
+    pub files: Vec<Vec<FileNode>>,
     pub warnings: Vec<String>,
 }
 
@@ -65,7 +66,7 @@ struct Walker<'a> {
     skip: Option<&'a str>,
     /// Each directory appends its entries in one batch.
     nodes: Mutex<Vec<Node>>,
-    files: Mutex<Vec<FileNode>>,
+    files: Mutex<Vec<Vec<FileNode>>>,
     warnings: Mutex<Vec<String>>,
     /// The first error; once set, no further directory is listed.
     error: Mutex<Option<ScanError>>,
@@ -81,7 +82,9 @@ impl<'a> Walker<'a> {
         match self.list(s, &abs, rel.as_ref()) {
             Ok((nodes, files)) => {
                 lock(&self.nodes).extend(nodes);
-                lock(&self.files).extend(files);
+                if !files.is_empty() {
+                    lock(&self.files).push(files);
+                }
             }
             Err(e) => {
                 self.failed.store(true, Ordering::Relaxed);
