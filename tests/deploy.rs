@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::PermissionsExt;
 
 #[test]
 fn first_deploy_reproduces_the_source_exactly() {
@@ -386,6 +387,51 @@ fn changed_files_go_as_patches_against_the_content_cache() {
     let j = fx.deploy(&src, &["--no-cache"]);
     assert_eq!(num(&j, "/files/patched"), 0, "{j}");
     assert_dir_eq(&fx.current(), &src.tree(), "current with --no-cache");
+}
+
+/// Directory modes come out exact whatever the umask allows `mkdir` to give: read-only
+/// directories (filled before their final mode is set), group-writable ones (which a 022 umask
+/// would strip) and plain ones (created with their final mode directly).
+#[test]
+fn directory_modes_are_exact() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("ro/inner/file.php", "<?php // ro\n", 0o644)
+        .file("shared/uploads.txt", "x\n", 0o644)
+        .file("plain/y.php", "<?php\n", 0o644)
+        .dir("ro/inner", 0o555)
+        .dir("ro", 0o555)
+        .dir("shared", 0o775)
+        .dir("plain", 0o755)
+        .dir("private", 0o700)
+        .dir("odd", 0o311);
+    fx.deploy(&src, &[]);
+    let mode = |rel: &str| {
+        fs::metadata(fx.current().join(rel))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("ro"), 0o555);
+    assert_eq!(mode("ro/inner"), 0o555);
+    assert_eq!(mode("shared"), 0o775);
+    assert_eq!(mode("plain"), 0o755);
+    assert_eq!(mode("private"), 0o700);
+    assert_eq!(mode("odd"), 0o311);
+    assert_eq!(
+        fs::read(fx.current().join("ro/inner/file.php")).unwrap(),
+        b"<?php // ro\n"
+    );
+    assert_dir_eq(
+        &fx.current(),
+        &src.tree(),
+        "current with odd directory modes",
+    );
+    // Make the tree removable again for the fixture's cleanup.
+    for d in ["ro", "ro/inner"] {
+        fs::set_permissions(src.p(d), fs::Permissions::from_mode(0o755)).unwrap();
+    }
 }
 
 /// A class moved to another namespace and edited, and a front-end bundle rebuilt under a new

@@ -118,3 +118,14 @@ pub(crate) fn corrupt(path: &Path, detail: impl Into<String>) -> Error {
         detail: detail.into(),
     }
 }
+
+/// The process umask, read from `/proc/self/status` (reading it with `umask(2)` would change it
+/// for a moment under other threads' feet); `None` if unknown.
+pub fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = fs::read_to_string("/proc/self/status").ok()?;
+        let v = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(v.trim(), 8).ok()
+    })
+}

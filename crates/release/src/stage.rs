@@ -162,26 +162,24 @@ impl<'r> Stage<'r> {
         self.dir.join(rel.as_str())
     }
 
-    /// Directories, symlinks, then links and copies in parallel.
+    /// Directories and symlinks (one level of depth at a time, each level in parallel), then
+    /// links and copies in parallel.
     fn build_tree(&mut self) -> Result<()> {
         fs::create_dir(&self.dir).map_err(io("create", &self.dir))?;
-        for e in self.manifest.entries() {
-            let path = self.dir.join(e.path.as_str());
-            match &e.kind {
-                // Created owner-only and writable; final modes are set at commit, so a read-only
-                // directory can still be filled.
-                EntryKind::Dir { .. } => {
-                    std::fs::DirBuilder::new()
-                        .mode(0o700)
+        let umask = fsutil::umask();
+        for level in by_depth(self.manifest.entries()) {
+            level.par_iter().try_for_each(|e| {
+                let path = self.abs(&e.path);
+                match &e.kind {
+                    EntryKind::Dir { mode } => std::fs::DirBuilder::new()
+                        .mode(initial_dir_mode(*mode, umask))
                         .create(&path)
-                        .map_err(io("create", &path))?;
+                        .map_err(io("create", &path)),
+                    EntryKind::Symlink { target } => std::os::unix::fs::symlink(target, &path)
+                        .map_err(io("create the symlink", &path)),
+                    EntryKind::File { .. } => Ok(()),
                 }
-                EntryKind::Symlink { target } => {
-                    std::os::unix::fs::symlink(target, &path)
-                        .map_err(io("create the symlink", &path))?;
-                }
-                EntryKind::File { .. } => {}
-            }
+            })?;
         }
         let prev_dir = self.prev.as_ref().map(|(id, _)| self.root.release_dir(*id));
         let outcomes: Vec<Result<Outcome>> = self
@@ -460,13 +458,18 @@ impl<'r> Stage<'r> {
             )));
         }
         crate::fault_point("before-commit");
-        // Final directory modes, deepest first.
-        for e in self.manifest.entries().iter().rev() {
-            if let EntryKind::Dir { mode } = e.kind {
-                let p = self.abs(&e.path);
-                fs::set_permissions(&p, fs::Permissions::from_mode(mode))
-                    .map_err(io("chmod", &p))?;
-            }
+        // Final directory modes, deepest level first (a directory created with its final mode
+        // needs nothing).
+        let umask = fsutil::umask();
+        for level in by_depth(self.manifest.entries()).iter().rev() {
+            level.par_iter().try_for_each(|e| match e.kind {
+                EntryKind::Dir { mode } if initial_dir_mode(mode, umask) != mode => {
+                    let p = self.abs(&e.path);
+                    fs::set_permissions(&p, fs::Permissions::from_mode(mode))
+                        .map_err(io("chmod", &p))
+                }
+                _ => Ok(()),
+            })?;
         }
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755))
             .map_err(io("chmod", &self.dir))?;
@@ -561,6 +564,33 @@ impl Root {
                 _ => none,
             })
             .collect()
+    }
+}
+
+/// The directories and symlinks of `entries`, grouped by depth (top level first).
+fn by_depth(entries: &[flip_manifest::Entry]) -> Vec<Vec<&flip_manifest::Entry>> {
+    let mut levels: Vec<Vec<&flip_manifest::Entry>> = Vec::new();
+    for e in entries
+        .iter()
+        .filter(|e| !matches!(e.kind, EntryKind::File { .. }))
+    {
+        let d = e.path.depth() - 1;
+        if levels.len() <= d {
+            levels.resize_with(d + 1, Vec::new);
+        }
+        levels[d].push(e);
+    }
+    levels
+}
+
+/// The mode a staged directory is created with: its final `mode` when `mkdir` under the
+/// process umask gives exactly that and the owner can fill it (then commit leaves it alone),
+/// else owner-only and writable (commit sets the final mode, so a read-only directory can still
+/// be filled).
+fn initial_dir_mode(mode: u32, umask: Option<u32>) -> u32 {
+    match umask {
+        Some(u) if mode & 0o700 == 0o700 && mode & u == 0 => mode,
+        _ => 0o700,
     }
 }
 
