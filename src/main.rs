@@ -17,6 +17,7 @@ use std::time::Instant;
 use target::Target;
 
 fn main() {
+    limit_malloc_arenas();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -147,6 +148,28 @@ fn hash_cache_path(source: &std::path::Path) -> Option<std::path::PathBuf> {
 }
 
 /// Upper bound of the local cache of deployed file versions (for patches of changed files).
+/// glibc gives every thread its own malloc arena (up to 8 per core), and memory freed in one
+/// arena is not reused by another: with rayon workers allocating paths, buffers and frames, a
+/// deploy of 100,000 files kept ~30 MB more resident than it used. Two arenas cost nothing
+/// measurable in speed here.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: called first thing in main, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Hands memory freed by a finished phase (the scan's walk, a decoded manifest) back to the
+/// system, so the next phase's peak does not stack on top of it.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 const CONTENT_CACHE_BYTES: u64 = 1 << 30;
 
 fn deploy(a: cli::DeployArgs) -> Result<i32> {
@@ -186,6 +209,7 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
     for w in &scan.warnings {
         eprintln!("flip: warning: {w}");
     }
+    release_free_memory();
     if a.dry_run {
         return dry_run(&a, &target, &scan.manifest, started);
     }
@@ -213,12 +237,11 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
     let report = s.stage(
         &source,
         &scan.manifest,
-        previous.as_ref(),
+        previous,
         a.label.clone(),
         content.as_ref(),
         live_digest,
     )?;
-    drop(previous);
     if let Some(Err(e)) = cache.as_ref().map(|c| c.put(&scan.manifest)) {
         eprintln!("flip: warning: cannot cache the manifest: {e}");
     }

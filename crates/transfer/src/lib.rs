@@ -14,7 +14,7 @@ mod content;
 pub use cache::{ContentCache, ManifestCache, CONTENT_MAX_FILE};
 pub use content::local_delta;
 
-use flip_manifest::{EntryKind, Manifest};
+use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_transport::{AgentStream, Finish, TransportError};
 use flip_wire::{
     ErrorClass, FrameReader, FrameWriter, Holder, ProbeItem, ReleaseSummary, Request, Response,
@@ -266,13 +266,17 @@ impl Session {
         &mut self,
         source: &Path,
         manifest: &Manifest,
-        previous: Option<&Manifest>,
+        previous: Option<Manifest>,
         label: Option<String>,
         content_cache: Option<&ContentCache>,
         live_digest: Option<flip_manifest::Digest>,
     ) -> Result<DeployReport> {
         self.phase = "staging the release";
         let digest = manifest.digest();
+        let had_previous = previous.is_some();
+        // What the live release holds at the paths that change or go: the digests a patch
+        // basis can have. The rest of the live manifest is dropped here.
+        let mut old_digests: HashMap<RelPath, Digest> = HashMap::new();
         let (base, payload) = match previous {
             // Unchanged tree (a no-op, or a fresh checkout of the same commit): an empty
             // difference, even for a client that never saw the live manifest.
@@ -280,10 +284,19 @@ impl Session {
                 Some(digest.0),
                 flip_manifest::encode_diff(&Default::default()),
             ),
-            Some(prev) => (
-                Some(prev.digest().0),
-                flip_manifest::encode_diff(&prev.diff(manifest)),
-            ),
+            Some(prev) => {
+                let diff = prev.diff(manifest);
+                let touched = diff
+                    .removed
+                    .iter()
+                    .chain(diff.upserts.iter().map(|e| &e.path));
+                for p in touched {
+                    if let Some(EntryKind::File { digest, .. }) = prev.get(p) {
+                        old_digests.insert(p.clone(), *digest);
+                    }
+                }
+                (Some(prev.digest().0), flip_manifest::encode_diff(&diff))
+            }
             // Something live the client has not seen: find the changed directories by their
             // hashes (a few round trips, a few bytes per directory looked at) instead of
             // sending the whole manifest.
@@ -299,7 +312,7 @@ impl Session {
             }
             None => (None, flip_manifest::encode(manifest)),
         };
-        let dirs = previous.is_none() && base.is_some() && live_digest != Some(digest);
+        let dirs = !had_previous && base.is_some() && live_digest != Some(digest);
         self.queue(&Request::Stage {
             label,
             base,
@@ -347,10 +360,8 @@ impl Session {
             // The old version in the local content cache: a patch, no signature needed.
             let patch = n.basis.as_ref().and_then(|(b, _)| {
                 let cache = content_cache?;
-                match previous?.get(b) {
-                    Some(EntryKind::File { digest, .. }) if cache.contains(digest) => {
-                        Some((b.clone(), *digest))
-                    }
+                match old_digests.get(b) {
+                    Some(digest) if cache.contains(digest) => Some((b.clone(), *digest)),
                     _ => None,
                 }
             });
