@@ -32,9 +32,9 @@ pub(crate) struct Job<'m> {
     pub index: usize,
     pub path: &'m RelPath,
     pub size: u64,
-    pub digest: Digest,
+    pub digest: &'m Digest,
     pub basis: Option<RelPath>,
-    pub patch: Option<(RelPath, Digest)>,
+    pub patch: Option<(RelPath, &'m Digest)>,
 }
 
 /// How one file's content goes on the wire.
@@ -73,7 +73,7 @@ pub(crate) fn send(
                     return;
                 }
                 let _ = tx.send(read_small(source, job).map(|(data, mtime)| {
-                    remember(cache, &job.digest, &data);
+                    remember(cache, job.digest, &data);
                     let enc = encode(job, &data, sig(job), cache);
                     prepared(job, mtime, data.len() as u64, enc, Vec::new)
                 }));
@@ -94,7 +94,7 @@ pub(crate) fn send(
     })?;
     for job in large {
         let (map, mtime) = map_large(source, job)?;
-        remember(cache, &job.digest, &map);
+        remember(cache, job.digest, &map);
         let enc = encode(job, &map, sig(job), cache);
         // Frames go out one by one: a large file is never held twice in memory.
         let mut err = Ok(());
@@ -224,7 +224,7 @@ fn encode<'a>(
             .and_then(|c| c.get(digest))
             .and_then(|old| patch(&old, data))
         {
-            return Encoded::Patch(basis.clone(), *digest, p);
+            return Encoded::Patch(basis.clone(), **digest, p);
         }
     }
     if let (Some(basis), Some(sig)) = (&job.basis, sig) {
@@ -261,7 +261,7 @@ fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
             path: path.display().to_string(),
             source,
         })?;
-    if data.len() as u64 != step.size || Digest::of(&data) != step.digest {
+    if data.len() as u64 != step.size || Digest::of(&data) != *step.digest {
         return Err(TransferError::SourceChanged(step.path.to_string()));
     }
     Ok((data, mtime))
@@ -282,7 +282,7 @@ fn map_large(source: &Path, step: &Job) -> Result<(memmap2::Mmap, Mtime)> {
     })?;
     let mut h = blake3::Hasher::new();
     h.update_rayon(&map);
-    if Digest::from(h.finalize()) != step.digest {
+    if Digest::from(h.finalize()) != *step.digest {
         return Err(TransferError::SourceChanged(step.path.to_string()));
     }
     Ok((map, mtime))

@@ -361,7 +361,7 @@ impl Session {
             let patch = n.basis.as_ref().and_then(|(b, _)| {
                 let cache = content_cache?;
                 match old_digests.get(b) {
-                    Some(digest) if cache.contains(digest) => Some((b.clone(), *digest)),
+                    Some(digest) if cache.contains(digest) => Some((b.clone(), digest)),
                     _ => None,
                 }
             });
@@ -373,7 +373,7 @@ impl Session {
                 index,
                 path,
                 size,
-                digest: *digest,
+                digest,
                 basis,
                 patch,
             });
