@@ -138,11 +138,26 @@ pub fn plan(prev: Option<&Manifest>, new: &Manifest) -> Plan {
             source,
         });
     }
-    stats.removed = prev
-        .files()
-        .filter(|(p, ..)| !matches!(new.get(p), Some(EntryKind::File { .. })))
-        .count() as u64;
+    stats.removed = fuzzy.gone as u64;
     Plan { files, stats }
+}
+
+/// The regular files of `prev` whose path is not a regular file in `new` (path, size): one merge
+/// of the two sorted entry lists.
+fn gone_files<'a>(prev: &'a Manifest, new: &Manifest) -> Vec<(&'a RelPath, u64)> {
+    let mut gone = Vec::new();
+    let mut theirs = new.entries().iter().peekable();
+    for e in prev.entries() {
+        let EntryKind::File { size, .. } = e.kind else {
+            continue;
+        };
+        while theirs.next_if(|n| n.path < e.path).is_some() {}
+        match theirs.peek() {
+            Some(n) if n.path == e.path && matches!(n.kind, EntryKind::File { .. }) => {}
+            _ => gone.push((&e.path, size)),
+        }
+    }
+    gone
 }
 
 /// A fuzzy basis is only taken when its size is within this factor of the new file's: a much
@@ -155,16 +170,16 @@ const FUZZY_SIZE_FACTOR: u64 = 4;
 struct Fuzzy<'a> {
     by_name: HashMap<&'a str, Vec<(u64, &'a RelPath)>>,
     by_mask: HashMap<(&'a str, String), Vec<(u64, &'a RelPath)>>,
+    /// How many files are gone.
+    gone: usize,
 }
 
 impl<'a> Fuzzy<'a> {
     fn new(prev: &'a Manifest, new: &Manifest) -> Self {
         let mut by_name: HashMap<&str, Vec<(u64, &RelPath)>> = HashMap::new();
         let mut by_mask: HashMap<(&str, String), Vec<(u64, &RelPath)>> = HashMap::new();
-        for (path, _, size, _) in prev.files() {
-            if matches!(new.get(path), Some(EntryKind::File { .. })) {
-                continue;
-            }
+        let gone = gone_files(prev, new);
+        for &(path, size) in &gone {
             by_name
                 .entry(path.file_name())
                 .or_default()
@@ -179,7 +194,11 @@ impl<'a> Fuzzy<'a> {
         for list in by_name.values_mut().chain(by_mask.values_mut()) {
             list.sort_unstable();
         }
-        Fuzzy { by_name, by_mask }
+        Fuzzy {
+            by_name,
+            by_mask,
+            gone: gone.len(),
+        }
     }
 
     /// The likely ancestor of a file new at `path`, if any: same file name first, then the same
