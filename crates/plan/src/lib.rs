@@ -429,6 +429,30 @@ mod tests {
         assert_eq!(basis("fresh.txt"), None);
     }
 
+    /// The merge that finds files gone from the release follows the manifests' component-wise
+    /// order (`a` < `a/x` < `a-b`), not byte order.
+    #[test]
+    fn files_gone_follow_component_order() {
+        let prev = m(&[
+            ("a/x", b"1", 0o644),
+            ("a-b", b"2", 0o644),
+            ("a.c", b"3", 0o644),
+            ("z/y", b"4", 0o644),
+        ]);
+        let new = m(&[
+            ("a-b", b"2", 0o644),
+            ("a.c/in", b"3", 0o644),
+            ("z/y", b"5", 0o644),
+        ]);
+        let gone: Vec<&str> = gone_files(&prev, &new)
+            .into_iter()
+            .map(|(p, _)| p.as_str())
+            .collect();
+        // "a.c" became a directory; "z/y" changed but is still a file.
+        assert_eq!(gone, ["a/x", "a.c"]);
+        assert_eq!(plan(Some(&prev), &new).stats.removed, 2);
+    }
+
     #[test]
     fn masks_content_hash_parts_of_names() {
         assert_eq!(mask_hashes("app.3f9a2c1e.js").as_deref(), Some("app.*.js"));
