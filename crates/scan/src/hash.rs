@@ -1,5 +1,5 @@
-//! Content hashing: whole-buffer blake3 for small files, a memory map hashed on the rayon pool
-//! for big ones.
+//! Content hashing: whole-buffer blake3 for small files; big ones read in 8 MiB pieces, each
+//! hashed on the rayon pool.
 
 use flip_manifest::Digest;
 use std::fs::{File, Metadata, OpenOptions};
@@ -7,19 +7,20 @@ use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// Files larger than this are memory-mapped and hashed with `Hasher::update_rayon` (multi-core,
-/// ~7 GiB/s); smaller ones are read into memory and hashed with `blake3::hash`, which is 2–3×
-/// faster than mapping a small file.
-pub const MMAP_THRESHOLD: u64 = 16 * 1024 * 1024;
+/// Files larger than this are read in [`PIECE`]-sized pieces, each hashed with
+/// `Hasher::update_rayon` (multi-core); smaller ones are read whole and hashed with
+/// `blake3::hash`, the fastest for small inputs.
+pub const BIG_FILE: u64 = 16 * 1024 * 1024;
+
+/// Read size for big files: memory stays bounded whatever the file size (a mapping would count
+/// the whole file in the process's resident memory, and raise SIGBUS if it were truncated).
+const PIECE: usize = 8 * 1024 * 1024;
 
 /// Hashes one file's content, returning the number of bytes hashed and their blake3 digest.
 ///
 /// The path is opened like `File::open` (a symlink in it is followed) but non-blocking, so a FIFO
 /// fails with an error instead of hanging; anything but a regular file is an error
-/// (`InvalidInput`). Files up to [`MMAP_THRESHOLD`] are read whole; larger ones are mapped.
-///
-/// Mapping has one hazard shared by every mmap user: if another process truncates the file while
-/// it is hashed, the process receives SIGBUS. Don't hash files that are being truncated.
+/// (`InvalidInput`). Files up to [`BIG_FILE`] are read whole; larger ones in pieces.
 pub fn hash_file(path: &Path) -> io::Result<(u64, Digest)> {
     let file = open(path, false)?;
     let meta = file.metadata()?;
@@ -45,15 +46,27 @@ pub(crate) fn hash_open_file(mut file: &File, meta: &Metadata) -> io::Result<(u6
             "not a regular file",
         ));
     }
-    if meta.len() > MMAP_THRESHOLD {
-        // SAFETY: the map is read-only and private to this function. The only way its contents
-        // can change under us is another process writing the file, which gives a torn digest
-        // (as a read would) or, on truncation, SIGBUS; neither is undefined behaviour of ours
-        // that could corrupt memory, and flip documents not to deploy files being truncated.
-        let map = unsafe { memmap2::Mmap::map(file)? };
+    if meta.len() > BIG_FILE {
         let mut hasher = blake3::Hasher::new();
-        hasher.update_rayon(&map);
-        Ok((map.len() as u64, hasher.finalize().into()))
+        let mut piece = vec![0u8; PIECE];
+        let mut total = 0u64;
+        loop {
+            let mut n = 0;
+            while n < PIECE {
+                match file.read(&mut piece[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            hasher.update_rayon(&piece[..n]);
+            total += n as u64;
+        }
+        Ok((total, hasher.finalize().into()))
     } else {
         // One spare byte so that reading to EOF does not reallocate.
         let mut buf = Vec::with_capacity(meta.len() as usize + 1);

@@ -47,7 +47,7 @@ mod cache;
 mod hash;
 mod walk;
 
-pub use hash::{hash_file, MMAP_THRESHOLD};
+pub use hash::{hash_file, BIG_FILE};
 
 use cache::{Cache, Key};
 use flip_manifest::{Entry, EntryKind, Manifest, ManifestError, PathError};

@@ -493,10 +493,10 @@ fn unreadable_file_error_names_path_and_cause() {
 }
 
 #[test]
-fn big_file_is_mapped_and_hashed_correctly() {
+fn big_file_is_hashed_in_pieces_correctly() {
     let t = tempfile::tempdir().unwrap();
     let p = t.path().join("big.bin");
-    let size = MMAP_THRESHOLD + 12_345;
+    let size = BIG_FILE + 12_345;
     {
         use std::io::{Seek, SeekFrom, Write};
         let mut f = fs::File::create(&p).unwrap();
