@@ -389,6 +389,40 @@ fn changed_files_go_as_patches_against_the_content_cache() {
     assert_dir_eq(&fx.current(), &src.tree(), "current with --no-cache");
 }
 
+/// Files above 4 MiB are streamed in pieces by the sending thread (never whole in memory); one
+/// small enough for the content cache (≤ 8 MiB) is kept there and later goes as a patch, a
+/// bigger one as an rsync delta.
+#[test]
+fn large_files_stream_and_later_go_as_patch_or_delta() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let (six, nine) = (noise(21, 6 << 20), noise(22, (9 << 20) + 77));
+    src.file("media/six.bin", &six, 0o644)
+        .file("media/nine.bin", &nine, 0o644)
+        .file("index.php", "<?php\n", 0o644);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(num(&j, "/files/literal"), 3, "{j}");
+    assert_eq!(
+        num(&j, "/bytes/literal"),
+        (six.len() + nine.len() + 6) as u64,
+        "{j}"
+    );
+    assert_dir_eq(&fx.current(), &src.tree(), "current after large literals");
+
+    let (mut six2, mut nine2) = (six.clone(), nine.clone());
+    six2[3 << 20..(3 << 20) + 8].copy_from_slice(b"CHANGED!");
+    nine2[5 << 20..(5 << 20) + 8].copy_from_slice(b"CHANGED!");
+    src.file("media/six.bin", &six2, 0o644)
+        .file("media/nine.bin", &nine2, 0o644);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(num(&j, "/files/patched"), 1, "{j}");
+    assert_eq!(num(&j, "/files/delta"), 2, "{j}");
+    assert_eq!(num(&j, "/files/literal"), 0, "{j}");
+    assert!(num(&j, "/bytes/delta") < 200_000, "{j}");
+    assert_dir_eq(&fx.current(), &src.tree(), "current after large changes");
+    fx.flip(&["verify", fx.root_str()]).success();
+}
+
 /// Directory modes come out exact whatever the umask allows `mkdir` to give: read-only
 /// directories (filled before their final mode is set), group-writable ones (which a 022 umask
 /// would strip) and plain ones (created with their final mode directly).

@@ -22,8 +22,44 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Files above this size are streamed by the writing thread itself instead of being prepared
 /// whole in memory by the workers.
 const LARGE: u64 = 4 << 20;
-/// Prepared files waiting for the writer at most (bounds client memory).
+/// Prepared files waiting for the writer at most.
 const QUEUE: usize = 16;
+/// Bytes of small files being read, encoded or waiting for the writer at most: with
+/// [`QUEUE`] alone, sixteen 4 MiB files could sit in memory at once.
+const IN_FLIGHT: u64 = 16 << 20;
+
+/// Bytes of file content in flight between the workers and the writer.
+struct Budget {
+    used: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+}
+
+impl Budget {
+    /// Waits until `n` more bytes fit (or nothing is in flight), then takes them; `false` if
+    /// the transfer was cancelled meanwhile.
+    fn take(&self, n: u64, cancel: &AtomicBool) -> bool {
+        let mut used = self.used.lock().unwrap();
+        while *used > 0 && *used + n > IN_FLIGHT {
+            if cancel.load(Ordering::Relaxed) {
+                return false;
+            }
+            used = self.freed.wait(used).unwrap();
+        }
+        *used += n;
+        !cancel.load(Ordering::Relaxed)
+    }
+
+    fn give(&self, n: u64) {
+        *self.used.lock().unwrap() -= n;
+        self.freed.notify_all();
+    }
+
+    /// Wakes every waiting worker (after a cancel).
+    fn wake(&self) {
+        let _guard = self.used.lock().unwrap();
+        self.freed.notify_all();
+    }
+}
 
 /// One file to send: `patch` set when the old version (path, digest) is in the content cache,
 /// `basis` when it goes as an rsync delta, neither for a literal.
@@ -63,36 +99,63 @@ pub(crate) fn send(
 ) -> Result<()> {
     let (large, small): (Vec<&Job>, Vec<&Job>) = jobs.iter().partition(|j| j.size > LARGE);
     let cancel = AtomicBool::new(false);
+    let budget = Budget {
+        used: std::sync::Mutex::new(0),
+        freed: std::sync::Condvar::new(),
+    };
     let sig = |job: &Job| sigs.get(&job.index).map(Vec::as_slice);
     std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Prepared>>(QUEUE);
-        let cancel = &cancel;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Result<Prepared>)>(QUEUE);
+        let (cancel, budget) = (&cancel, &budget);
         scope.spawn(move || {
             small.par_iter().for_each_with(tx, |tx, job| {
-                if cancel.load(Ordering::Relaxed) {
+                if !budget.take(job.size, cancel) {
                     return;
                 }
-                let _ = tx.send(read_small(source, job).map(|(data, mtime)| {
+                let item = read_small(source, job).map(|(data, mtime)| {
                     remember(cache, job.digest, &data);
                     let enc = encode(job, &data, sig(job), cache);
                     prepared(job, mtime, data.len() as u64, enc, Vec::new)
-                }));
+                });
+                let _ = tx.send((job.size, item));
             });
         });
-        let result = rx.iter().try_for_each(|item| {
+        let result = rx.iter().try_for_each(|(taken, item)| {
             let p = item?;
             for f in &p.frames {
                 s.queue(f)?;
             }
-            count(report, &p);
+            drop(p.frames);
+            budget.give(taken);
+            count(
+                report,
+                &Prepared {
+                    frames: Vec::new(),
+                    ..p
+                },
+            );
             Ok(())
         });
         if result.is_err() {
             cancel.store(true, Ordering::Relaxed);
+            budget.wake();
         }
         result
     })?;
     for job in large {
+        if job.patch.is_none() && sig(job).is_none() {
+            stream_literal(s, source, job, cache)?;
+            count(
+                report,
+                &Prepared {
+                    frames: Vec::new(),
+                    encoded: None,
+                    patched: false,
+                    size: job.size,
+                },
+            );
+            continue;
+        }
         let (map, mtime) = map_large(source, job)?;
         remember(cache, job.digest, &map);
         let enc = encode(job, &map, sig(job), cache);
@@ -103,6 +166,72 @@ pub(crate) fn send(
         });
         err?;
         count(report, &p);
+    }
+    Ok(())
+}
+
+/// Sends a large file whole, read piece by piece (never whole in memory, never mapped): each
+/// piece is hashed as it is read, and the last one goes only once the digest matches the scan's.
+fn stream_literal(
+    s: &mut Session,
+    source: &Path,
+    job: &Job,
+    cache: Option<&ContentCache>,
+) -> Result<()> {
+    let path = source.join(job.path.as_str());
+    let (mut f, mtime, len) = open_source(&path)?;
+    let changed = || TransferError::SourceChanged(job.path.to_string());
+    if len != job.size {
+        return Err(changed());
+    }
+    let read_err = |source| TransferError::Source {
+        path: path.display().to_string(),
+        source,
+    };
+    let index = job.index as u32;
+    let mut hasher = blake3::Hasher::new();
+    // Versions small enough for the content cache are kept for it (at most 8 MiB).
+    let mut keep = (cache.is_some() && job.size <= crate::cache::CONTENT_MAX_FILE)
+        .then(|| Vec::with_capacity(job.size as usize));
+    let mut held: Option<Vec<u8>> = None;
+    let mut total = 0u64;
+    loop {
+        let mut piece = Vec::with_capacity(CHUNK);
+        let n = (&mut f)
+            .take(CHUNK as u64)
+            .read_to_end(&mut piece)
+            .map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > job.size {
+            return Err(changed());
+        }
+        hasher.update(&piece);
+        if let Some(k) = keep.as_mut() {
+            k.extend_from_slice(&piece);
+        }
+        if let Some(data) = held.replace(piece) {
+            s.queue(&Request::Literal {
+                index,
+                mtime,
+                data,
+                last: false,
+            })?;
+        }
+    }
+    if total != job.size || Digest::from(hasher.finalize()) != *job.digest {
+        return Err(changed());
+    }
+    s.queue(&Request::Literal {
+        index,
+        mtime,
+        data: held.unwrap_or_default(),
+        last: true,
+    })?;
+    if let Some(k) = keep {
+        remember(cache, job.digest, &k);
     }
     Ok(())
 }
