@@ -113,16 +113,34 @@ fn validate(s: &str) -> Result<(), PathError> {
 impl Ord for RelPath {
     fn cmp(&self, other: &Self) -> Ordering {
         // Component-wise order equals byte order with '/' ranked below every other byte.
+        // Manifests are searched and sorted by this, and neighbouring paths share long
+        // prefixes: skip the common prefix eight bytes at a time, then rank the first byte that
+        // differs.
         let key = |b: u8| if b == b'/' { 0 } else { b };
         let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
-        for (x, y) in a.iter().zip(b.iter()) {
-            match key(*x).cmp(&key(*y)) {
-                Ordering::Equal => {}
-                o => return o,
-            }
+        let i = common_prefix_len(a, b);
+        match (a.get(i), b.get(i)) {
+            (Some(x), Some(y)) => key(*x).cmp(&key(*y)),
+            _ => a.len().cmp(&b.len()),
         }
-        a.len().cmp(&b.len())
     }
+}
+
+fn common_prefix_len(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = u64::from_ne_bytes(a[i..i + 8].try_into().expect("8 bytes"));
+        let y = u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        if x != y {
+            break;
+        }
+        i += 8;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
 }
 
 impl PartialOrd for RelPath {
@@ -210,6 +228,41 @@ mod tests {
         v.sort();
         let s: Vec<&str> = v.iter().map(|p| p.as_str()).collect();
         assert_eq!(s, ["a", "a/b", "a/b/c", "a-b", "a.b", "b"]);
+    }
+
+    /// The fast comparison agrees with the plain definition (byte order, '/' lowest) on paths
+    /// with long shared prefixes, differences at every offset and prefixes of each other.
+    #[test]
+    fn component_order_matches_the_definition() {
+        let reference = |a: &str, b: &str| {
+            let key = |c: u8| if c == b'/' { 0 } else { c };
+            a.bytes().map(key).cmp(b.bytes().map(key))
+        };
+        let alphabet = b"ab/-.z";
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let base = "vendor/symfony/http-kernel/src/";
+        let mut paths = Vec::new();
+        for _ in 0..400 {
+            let mut s = base[..(next() % base.len() as u64) as usize].to_string();
+            for _ in 0..(next() % 24) {
+                s.push(alphabet[(next() % alphabet.len() as u64) as usize] as char);
+            }
+            if let Ok(p) = RelPath::new(s) {
+                paths.push(p);
+            }
+        }
+        assert!(paths.len() > 100, "only {} valid paths", paths.len());
+        for a in &paths {
+            for b in &paths {
+                assert_eq!(a.cmp(b), reference(a.as_str(), b.as_str()), "{a} vs {b}");
+            }
+        }
     }
 
     #[test]
