@@ -147,7 +147,6 @@ fn hash_cache_path(source: &std::path::Path) -> Option<std::path::PathBuf> {
     Some(cache_dir()?.join("hashes").join(&key[..32]))
 }
 
-/// Upper bound of the local cache of deployed file versions (for patches of changed files).
 /// glibc gives every thread its own malloc arena (up to 8 per core), and memory freed in one
 /// arena is not reused by another: with rayon workers allocating paths, buffers and frames, a
 /// deploy of 100,000 files kept ~30 MB more resident than it used. Two arenas cost nothing
@@ -170,6 +169,7 @@ fn release_free_memory() {
     }
 }
 
+/// Upper bound of the local cache of deployed file versions (for patches of changed files).
 const CONTENT_CACHE_BYTES: u64 = 1 << 30;
 
 fn deploy(a: cli::DeployArgs) -> Result<i32> {
@@ -198,6 +198,14 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
     if let Some(p) = hash_cache.as_ref().and_then(|p| p.parent()) {
         let _ = std::fs::create_dir_all(p);
     }
+    // Connect and take the lock while the source is scanned: over SSH, the server's login shell
+    // alone can take longer than scanning a cached tree. If the scan fails, returning drops the
+    // connection (and with it the lock) whatever it is doing.
+    let connecting = (!a.dry_run).then(|| {
+        let (target, common) = (target.clone(), a.common.clone());
+        let level = target.compress_level(a.compress_level);
+        std::thread::spawn(move || locked_session(&target, &common, "deploy", level))
+    });
     let scan = flip_scan::scan(
         &source,
         &flip_scan::ScanOptions {
@@ -213,12 +221,11 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
     if a.dry_run {
         return dry_run(&a, &target, &scan.manifest, started);
     }
-    let mut s = locked_session(
-        &target,
-        &a.common,
-        "deploy",
-        target.compress_level(a.compress_level),
-    )?;
+    let mut s = match connecting.map(|c| c.join()) {
+        Some(Ok(session)) => session?,
+        Some(Err(panic)) => std::panic::resume_unwind(panic),
+        None => unreachable!("a dry run returned above"),
+    };
     let (current, releases) = s.status()?;
     // With the live manifest in the local cache, only the difference to it is sent.
     let caches = if a.no_cache { None } else { cache_dir() };

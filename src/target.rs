@@ -11,6 +11,7 @@ use flip_transport::TransportError;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+#[derive(Clone)]
 pub enum Target {
     Local(PathBuf),
     Ssh(SshTarget),
