@@ -70,15 +70,9 @@ pub fn encode_to(m: &Manifest, w: &mut dyn std::io::Write) -> std::io::Result<()
 }
 
 /// blake3 of [`encode`]`(m)`, computed in 64 KiB pieces.
-pub fn digest(m: &Manifest) -> Digest {
+pub(crate) fn digest(m: &Manifest) -> Digest {
     let mut h = blake3::Hasher::new();
-    let mut out = Vec::with_capacity(72 * 1024);
-    out.extend_from_slice(MAGIC);
-    put_entries_with(&mut out, m.entries(), |buf| {
-        h.update(buf);
-        buf.clear();
-    });
-    h.update(&out);
+    encode_to(m, &mut h).expect("hashing cannot fail");
     Digest(*h.finalize().as_bytes())
 }
 

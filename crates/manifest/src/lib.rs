@@ -121,10 +121,22 @@ pub enum ManifestError {
 
 /// Every entry of one release tree, sorted by path (component-wise), each path once, every parent
 /// a directory entry. The root directory itself is implicit.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Manifest {
     entries: Vec<Entry>,
+    /// [`Manifest::digest`], computed on first use: the entries never change after
+    /// construction, and a deploy asks for the digest of the same manifest several times.
+    digest: std::sync::OnceLock<Digest>,
 }
+
+/// Manifests are equal when their entries are (whether a digest was computed yet or not).
+impl PartialEq for Manifest {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl Eq for Manifest {}
 
 impl Manifest {
     /// Sorts and validates the entries.
@@ -167,7 +179,10 @@ impl Manifest {
             }
         }
         drop(dirs);
-        Ok(Manifest { entries })
+        Ok(Manifest {
+            entries,
+            digest: std::sync::OnceLock::new(),
+        })
     }
 
     pub fn entries(&self) -> &[Entry] {
@@ -216,7 +231,7 @@ impl Manifest {
 
     /// The blake3 of the canonical encoding: two trees with equal digests are the same tree.
     pub fn digest(&self) -> Digest {
-        encoding::digest(self)
+        *self.digest.get_or_init(|| encoding::digest(self))
     }
 
     /// Where each content digest can be found: every (path, mode) holding it, in path order.
