@@ -99,10 +99,11 @@ pub fn plan(prev: Option<&Manifest>, new: &Manifest) -> Plan {
             }) => Some((*m, d)),
             _ => None,
         };
+        let holders = by_digest.get(digest);
         let source = if same_path == Some((mode, digest)) {
             Source::Link(path.clone())
-        } else if let [(_, first, _), ..] = by_digest.get(digest) {
-            match by_digest.get(digest).iter().find(|(.., m)| *m == mode) {
+        } else if let [(_, first, _), ..] = holders {
+            match holders.iter().find(|(.., m)| *m == mode) {
                 Some((_, p, _)) => Source::Link((*p).clone()),
                 None => Source::Copy((*first).clone()),
             }

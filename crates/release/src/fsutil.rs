@@ -38,12 +38,8 @@ pub fn write_atomic_with(
         .open(&tmp)
         .map_err(io("create", &tmp))?;
     let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
-    let written = fill(&mut w).and_then(|()| w.flush());
-    let f = match written {
-        Ok(()) => w.into_inner().map_err(|e| e.into_error()),
-        Err(e) => Err(e),
-    };
-    let f = match f {
+    // `into_inner` flushes the buffer.
+    let f = match fill(&mut w).and_then(|()| w.into_inner().map_err(|e| e.into_error())) {
         Ok(f) => f,
         Err(e) => {
             let _ = fs::remove_file(&tmp);

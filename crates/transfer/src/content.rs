@@ -83,6 +83,11 @@ enum Encoded<'a> {
 /// A file ready to go: its frames, and what it counts for in the report.
 struct Prepared {
     frames: Vec<Request>,
+    tally: Tally,
+}
+
+/// What one sent file counts for in the report.
+struct Tally {
     /// Bytes of delta or patch, `None` for a literal.
     encoded: Option<u64>,
     patched: bool,
@@ -121,19 +126,13 @@ pub(crate) fn send(
             });
         });
         let result = rx.iter().try_for_each(|(taken, item)| {
-            let p = item?;
-            for f in &p.frames {
+            let Prepared { frames, tally } = item?;
+            for f in &frames {
                 s.queue(f)?;
             }
-            drop(p.frames);
+            drop(frames);
             budget.give(taken);
-            count(
-                report,
-                &Prepared {
-                    frames: Vec::new(),
-                    ..p
-                },
-            );
+            count(report, &tally);
             Ok(())
         });
         if result.is_err() {
@@ -147,8 +146,7 @@ pub(crate) fn send(
             stream_literal(s, source, job, cache)?;
             count(
                 report,
-                &Prepared {
-                    frames: Vec::new(),
+                &Tally {
                     encoded: None,
                     patched: false,
                     size: job.size,
@@ -165,7 +163,7 @@ pub(crate) fn send(
             SendEach(&mut *s, &mut err)
         });
         err?;
-        count(report, &p);
+        count(report, &p.tally);
     }
     Ok(())
 }
@@ -309,13 +307,15 @@ fn prepared<S: Sink>(
     }
     Prepared {
         frames: sink.done(),
-        encoded,
-        patched,
-        size,
+        tally: Tally {
+            encoded,
+            patched,
+            size,
+        },
     }
 }
 
-fn count(report: &mut DeployReport, p: &Prepared) {
+fn count(report: &mut DeployReport, p: &Tally) {
     if p.patched {
         report.patched += 1;
     }
