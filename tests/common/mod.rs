@@ -90,6 +90,28 @@ impl Running {
         self.child.try_wait().expect("try_wait").is_none()
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process however it ends (a signal included); `None` if it ran past
+    /// `timeout` (then it is killed).
+    pub fn wait_any(mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits for the process (killing it and failing after `timeout`).
     pub fn finish(mut self, timeout: Duration) -> Run {
         let deadline = Instant::now() + timeout;

@@ -151,7 +151,9 @@ impl Root {
     /// Takes the deploy lock for the lifetime of the guard.
     pub fn lock(&self, me: &Holder, wait: Wait<'_>) -> Result<LockGuard> {
         fs::create_dir_all(self.state_dir()).map_err(io("create", &self.state_dir()))?;
-        lock::acquire(&self.state_dir().join("lock"), me, wait)
+        let guard = lock::acquire(&self.state_dir().join("lock"), me, wait)?;
+        fault_point("after-lock");
+        Ok(guard)
     }
 
     /// The release `current` points to, if any.
@@ -253,10 +255,12 @@ impl Root {
         let _ = fs::remove_file(&tmp);
         std::os::unix::fs::symlink(format!("{RELEASES}/{id}"), &tmp)
             .map_err(io("create the symlink", &tmp))?;
+        fault_point("before-swap");
         if let Err(e) = fs::rename(&tmp, &link) {
             let _ = fs::remove_file(&tmp);
             return Err(io("swap", &link)(e));
         }
+        fault_point("after-swap");
         fsutil::fsync_dir(&self.dir)?;
         Ok(previous)
     }
@@ -295,6 +299,7 @@ impl Root {
         fsutil::remove_tree(&trash)?;
         fs::rename(&dir, &trash).map_err(io("move aside", &dir))?;
         fsutil::fsync_dir(&self.releases_dir())?;
+        fault_point("prune-after-trash");
         for p in [
             self.manifest_path(id),
             self.info_path(id),
@@ -306,6 +311,7 @@ impl Root {
                 Err(e) => return Err(io("remove", &p)(e)),
             }
         }
+        fault_point("prune-after-forget");
         fsutil::remove_tree(&trash)
     }
 
@@ -352,6 +358,7 @@ impl Root {
         let on_disk = self.release_ids()?.last().map_or(1, |m| m + 1);
         let id = stored.max(on_disk).max(1);
         fsutil::write_atomic(&path, format!("{}\n", id + 1).as_bytes())?;
+        fault_point("after-id");
         Ok(id)
     }
 
@@ -376,10 +383,18 @@ impl Root {
     }
 }
 
-/// A test-only fault point: when `FLIP_FAULT` names `point`, the process dies on the spot, as a
-/// power cut or a kill -9 would end it.
+/// A test-only fault point: in a debug build (what `cargo test` runs), when the environment
+/// variable `FLIP_FAULT` names `point`, the process dies on the spot (exit 99, no destructor
+/// runs), as a power cut or a kill -9 would end it. A release build ignores `FLIP_FAULT`.
+///
+/// The points, in the order a deploy meets them: `after-lock`, `after-id`, `after-stage`,
+/// `mid-transfer`, `before-commit`, `before-rename`, `after-rename`, `before-swap`,
+/// `after-swap`, `prune-after-trash`, `prune-after-forget` (rollback and activate meet
+/// `after-lock`, `before-swap` and `after-swap`; prune the last two). tests/faults.rs crashes at
+/// each of them.
+#[inline]
 pub fn fault_point(point: &str) {
-    if std::env::var("FLIP_FAULT").as_deref() == Ok(point) {
+    if cfg!(debug_assertions) && std::env::var_os("FLIP_FAULT").is_some_and(|v| v == point) {
         eprintln!("flip: FLIP_FAULT={point}: simulating a crash");
         std::process::exit(99);
     }

@@ -115,6 +115,7 @@ impl Root {
             committed: false,
         };
         stage.build_tree()?;
+        crate::fault_point("after-stage");
         Ok(stage)
     }
 }
@@ -507,6 +508,7 @@ impl<'r> Stage<'r> {
         fs::rename(&self.dir, &dst).map_err(io("rename the staged release to", &dst))?;
         fsutil::fsync_dir(&self.root.releases_dir())?;
         self.committed = true;
+        crate::fault_point("after-rename");
         Ok(info)
     }
 }
