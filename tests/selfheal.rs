@@ -104,7 +104,11 @@ fn a_symlinked_state_dir_or_log_is_refused_and_the_linked_files_untouched() {
     let before = read_tree(&elsewhere);
     public_site(&src, 2);
     every_command_refuses(&fx, &src, &state, "symlink");
-    assert_tree_eq(&read_tree(&elsewhere), &before, "the linked-to state directory");
+    assert_tree_eq(
+        &read_tree(&elsewhere),
+        &before,
+        "the linked-to state directory",
+    );
 
     // Back in place, but the log is a symlink to somebody's file: refused, file untouched.
     fs::remove_file(&state).unwrap();
@@ -162,7 +166,11 @@ fn a_symlinked_release_metadata_file_is_named_and_not_followed() {
         .iter()
         .map(|r| r["id"].as_u64().unwrap())
         .collect();
-    assert_eq!(ids, vec![2], "release 1's metadata is a symlink: not trusted");
+    assert_eq!(
+        ids,
+        vec![2],
+        "release 1's metadata is a symlink: not trusted"
+    );
     assert!(run.stderr.contains(s(&meta)), "{}", run.stderr);
     assert!(foreign.is_file());
 }
@@ -191,7 +199,8 @@ fn a_target_inside_the_source_is_refused_before_anything_is_created() {
         assert_tree_eq(&app.tree(), &before, "the source");
     }
     // The dry run too: nothing to learn from a target that cannot work.
-    fx.flip(&["deploy", "--dry-run", app.s(), s(&app.p("deploy"))]).code(2);
+    fx.flip(&["deploy", "--dry-run", app.s(), s(&app.p("deploy"))])
+        .code(2);
     assert_tree_eq(&app.tree(), &before, "the source");
 }
 
@@ -298,7 +307,10 @@ fn an_undeletable_file_in_an_old_release_never_fails_a_deploy() {
             assert!(err.contains("Permission denied"), "{j}");
         }
     }
-    assert_eq!(fs::read_link(w.root.join("current")).unwrap(), Path::new("releases/4"));
+    assert_eq!(
+        fs::read_link(w.root.join("current")).unwrap(),
+        Path::new("releases/4")
+    );
     let ids: Vec<u64> = fs::read_dir(w.root.join("releases"))
         .unwrap()
         .filter_map(|e| e.unwrap().file_name().to_str()?.parse().ok())
@@ -349,7 +361,11 @@ fn an_immutable_file_in_an_old_release_never_fails_a_deploy() {
         last = fx.deploy(&src, &["--keep", "1"]);
     }
     let _ = Command::new("chattr").arg("-i").arg(&trashed).status();
-    assert_eq!(leftover_paths(&last), vec![s(&trashed).to_string()], "{last}");
+    assert_eq!(
+        leftover_paths(&last),
+        vec![s(&trashed).to_string()],
+        "{last}"
+    );
     assert!(
         last["leftovers"][0]["error"]
             .as_str()
@@ -390,12 +406,20 @@ fn damaged_metadata_of_releases_that_are_not_live_is_named_and_skipped() {
         .map(|r| r["id"].as_u64().unwrap())
         .collect();
     assert_eq!(ids, vec![1, 3, 4], "{}", run.stderr);
-    assert!(run.stderr.contains(s(&meta.join("2.json"))), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(s(&meta.join("2.json"))),
+        "{}",
+        run.stderr
+    );
 
     // Rollback skips the release whose manifest is damaged (naming it) and the unlisted one.
     let run = fx.flip(&["rollback", "--json", root]).success();
     assert_eq!(num(&run.json(), "/release"), 1, "{}", run.stderr);
-    assert!(run.stderr.contains(s(&meta.join("3.manifest"))), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(s(&meta.join("3.manifest"))),
+        "{}",
+        run.stderr
+    );
     assert_eq!(fx.current_link(), "releases/1");
 
     // A deploy goes on, and says what it saw.
@@ -414,7 +438,11 @@ fn a_damaged_live_manifest_does_not_fail_every_deploy() {
     let src = fx.src("src");
     public_site(&src, 1);
     fx.deploy(&src, &[]);
-    fs::write(fx.root.join(".flip/releases/1.manifest"), b"FLIPMAN?garbage").unwrap();
+    fs::write(
+        fx.root.join(".flip/releases/1.manifest"),
+        b"FLIPMAN?garbage",
+    )
+    .unwrap();
     public_site(&src, 2);
     let j = fx.deploy(&src, &[]);
     assert_eq!(num(&j, "/release"), 2);
@@ -449,16 +477,26 @@ fn crash_leftovers_and_unexpected_entries_are_cleaned_or_named() {
     fs::write(fx.root.join("releases/7"), "not a release").unwrap();
 
     let run = fx.flip(&["releases", fx.root_str()]).success();
-    assert!(run.stderr.contains(s(&fx.root.join("releases/7"))), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(s(&fx.root.join("releases/7"))),
+        "{}",
+        run.stderr
+    );
 
     public_site(&src, 2);
     let j = fx.deploy(&src, &[]);
     for t in &temps {
         assert!(!t.exists(), "{} was not cleaned", t.display());
     }
-    assert!(fs::symlink_metadata(&current_tmp).is_err(), ".current.tmp-* not cleaned");
+    assert!(
+        fs::symlink_metadata(&current_tmp).is_err(),
+        ".current.tmp-* not cleaned"
+    );
     assert!(fs::symlink_metadata(fx.root.join("releases/.staging-9")).is_err());
-    assert_eq!(fs::read_to_string(foreign.join("precious.txt")).unwrap(), "keep me");
+    assert_eq!(
+        fs::read_to_string(foreign.join("precious.txt")).unwrap(),
+        "keep me"
+    );
     assert_eq!(
         fs::read_to_string(fx.root.join("releases/7")).unwrap(),
         "not a release"
@@ -486,7 +524,11 @@ fn release_ids_near_the_largest_u64_never_wrap() {
         .code(5)
         .stderr_has("exhausted");
     assert_eq!(fx.current_link(), format!("releases/{last}"));
-    assert!(fx.release_leftovers().is_empty(), "{:?}", fx.release_leftovers());
+    assert!(
+        fx.release_leftovers().is_empty(),
+        "{:?}",
+        fx.release_leftovers()
+    );
 }
 
 #[test]
@@ -508,7 +550,9 @@ fn a_damaged_id_counter_is_rebuilt_without_reusing_ids() {
     assert_eq!(num(&j, "/release"), 4, "{j}");
     assert!(warnings(&j).join("\n").contains("next-id"), "{j}");
     assert_eq!(
-        fs::read_to_string(fx.root.join(".flip/next-id")).unwrap().trim(),
+        fs::read_to_string(fx.root.join(".flip/next-id"))
+            .unwrap()
+            .trim(),
         "5"
     );
 }
@@ -537,13 +581,20 @@ fn a_failed_first_deploy_leaves_no_target_behind() {
         assert!(!run.stderr.contains("flip agent"), "{}", run.stderr);
     }
     assert!(!fx.root.exists(), "the new target was left behind");
-    assert!(!fx.path("new").exists(), "directories made for the target were left behind");
+    assert!(
+        !fx.path("new").exists(),
+        "directories made for the target were left behind"
+    );
 
     // An existing empty directory stays, empty.
     let empty = fx.path("empty");
     fs::create_dir(&empty).unwrap();
     fx.flip(&["deploy", src.s(), s(&empty)]).code(4);
-    assert_eq!(fs::read_dir(&empty).unwrap().count(), 0, "left in the empty target");
+    assert_eq!(
+        fs::read_dir(&empty).unwrap().count(),
+        0,
+        "left in the empty target"
+    );
 
     fs::remove_file(bad).unwrap();
     fx.deploy(&src, &[]);
@@ -565,8 +616,15 @@ fn a_failed_deploy_is_followed_at_once_by_a_retry_that_succeeds() {
         fs::remove_file(bad).unwrap();
         // No --wait: the failed attempt's agent is gone and its lock with it.
         let j = fx.deploy(&src, &[]);
-        assert_eq!(fx.current_link(), format!("releases/{}", num(&j, "/release")));
-        assert!(fx.release_leftovers().is_empty(), "{:?}", fx.release_leftovers());
+        assert_eq!(
+            fx.current_link(),
+            format!("releases/{}", num(&j, "/release"))
+        );
+        assert!(
+            fx.release_leftovers().is_empty(),
+            "{:?}",
+            fx.release_leftovers()
+        );
     }
 }
 
@@ -595,7 +653,10 @@ fn an_idle_agent_gives_up_and_releases_the_lock() {
     })
     .unwrap();
     tx.flush().unwrap();
-    assert!(matches!(rx.recv::<Response>().unwrap(), Response::Welcome { .. }));
+    assert!(matches!(
+        rx.recv::<Response>().unwrap(),
+        Response::Welcome { .. }
+    ));
     tx.send(&Request::Lock {
         wait: false,
         holder: Holder {
@@ -628,7 +689,10 @@ fn an_idle_agent_gives_up_and_releases_the_lock() {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(started.elapsed() >= Duration::from_secs(1), "gave up too early");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "gave up too early"
+    );
     assert!(!status.success());
     let mut err = String::new();
     std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut err).unwrap();

@@ -177,10 +177,7 @@ pub fn serve_stdio(root: &Path, idle: Option<Duration>) -> Result<()> {
     let (input, output) = unsafe { (std::fs::File::from_raw_fd(0), std::fs::File::from_raw_fd(1)) };
     serve(
         Box::new(Idle { file: input, idle }),
-        Box::new(Idle {
-            file: output,
-            idle,
-        }),
+        Box::new(Idle { file: output, idle }),
         root,
     )
 }

@@ -264,7 +264,10 @@ pub fn read_optional_limited(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
         .read_to_end(&mut out)
         .map_err(io("read", path))?;
     if out.len() as u64 > max {
-        return Err(corrupt(path, format!("more than the {max} bytes it can hold")));
+        return Err(corrupt(
+            path,
+            format!("more than the {max} bytes it can hold"),
+        ));
     }
     Ok(Some(out))
 }

@@ -401,7 +401,11 @@ impl Root {
                     self.warn(format!(
                         "{} is {kind}, not a directory flip made; ignored{}",
                         path.display(),
-                        if flip_named { " (removed at the next cleanup)" } else { "" }
+                        if flip_named {
+                            " (removed at the next cleanup)"
+                        } else {
+                            ""
+                        }
                     ));
                 }
                 Err(e) => self.warn(format!("{}: {e}", e_path(&dir, name))),
@@ -721,9 +725,7 @@ impl Root {
             None => 1,
         };
         let id = stored.unwrap_or(1).max(after_seen).max(1);
-        let next = id
-            .checked_add(1)
-            .ok_or_else(|| exhausted(id))?;
+        let next = id.checked_add(1).ok_or_else(|| exhausted(id))?;
         fsutil::write_atomic(&path, format!("{next}\n").as_bytes())?;
         Ok(id)
     }
@@ -768,10 +770,13 @@ impl Root {
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
                 continue;
             };
-            let ids = v["release"]
-                .as_u64()
-                .into_iter()
-                .chain(v["removed"].as_array().into_iter().flatten().filter_map(|x| x.as_u64()));
+            let ids = v["release"].as_u64().into_iter().chain(
+                v["removed"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_u64()),
+            );
             max = max.max(ids.max());
         }
         max

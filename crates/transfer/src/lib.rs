@@ -17,9 +17,9 @@ pub use content::local_delta;
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_transport::{AgentStream, Finish, TransportError};
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Holder, Leftover, ProbeItem, ReleaseSummary, Request, Response,
-    SigItem, WireError, CHUNK, MAGIC, PROBE_ABSENT, PROBE_BELOW, PROBE_DIFFERS, PROBE_SAME,
-    PROTOCOL,
+    ErrorClass, FrameReader, FrameWriter, Holder, Leftover, ProbeItem, ReleaseSummary, Request,
+    Response, SigItem, WireError, CHUNK, MAGIC, PROBE_ABSENT, PROBE_BELOW, PROBE_DIFFERS,
+    PROBE_SAME, PROTOCOL,
 };
 use std::collections::BTreeSet;
 use std::collections::HashMap;
