@@ -305,6 +305,14 @@ impl Root {
         self.check_layout()?;
         let guard = lock::acquire(&self.state_dir().join("lock"), me, wait)?;
         self.check_layout()?;
+        // flip's own directories, if lost, are made again rather than failing every deploy.
+        for d in [self.releases_dir(), self.meta_dir()] {
+            match fs::create_dir(&d) {
+                Ok(()) => self.warn(format!("{} was missing; made again", d.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io("create", &d)(e)),
+            }
+        }
         Ok(guard)
     }
 
@@ -860,5 +868,82 @@ pub fn fault_point(point: &str) {
     if std::env::var("FLIP_FAULT").as_deref() == Ok(point) {
         eprintln!("flip: FLIP_FAULT={point}: simulating a crash");
         std::process::exit(99);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> Holder {
+        Holder {
+            pid: std::process::id(),
+            host: hostname(),
+            user: "tester".into(),
+            since: 0,
+            what: "deploy".into(),
+        }
+    }
+
+    #[test]
+    fn cleanup_never_follows_a_symlinked_trash_and_names_what_it_cannot_remove() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(&tmp.path().join("t")).unwrap();
+        let lock = root.lock(&me(), Wait::No).unwrap();
+        let foreign = tmp.path().join("foreign");
+        fs::create_dir(&foreign).unwrap();
+        fs::write(foreign.join("keep"), "x").unwrap();
+        std::os::unix::fs::symlink(&foreign, root.releases_dir().join(".trash-3")).unwrap();
+        // A directory where a temp file would be: not flip's to delete, named instead.
+        fs::create_dir(root.state_dir().join(".next-id.tmp-1")).unwrap();
+        let removed = root.clean_leftovers(&lock).unwrap();
+        assert_eq!(removed, vec![".trash-3".to_string()]);
+        assert!(foreign.join("keep").is_file());
+        let left = root.take_leftovers().unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].path, root.state_dir().join(".next-id.tmp-1"));
+        assert_eq!(root.recorded_leftovers(), left);
+    }
+
+    #[test]
+    fn the_lock_holder_is_read_past_a_tail_of_an_older_holder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(&tmp.path().join("t")).unwrap();
+        let path = root.state_dir().join("lock");
+        let mut text = serde_json::to_vec(&me()).unwrap();
+        text.extend_from_slice(b"\"older holder's tail\"}");
+        let _held = root.lock(&me(), Wait::No).unwrap();
+        // As a reader may find it between the holder's write and its truncation.
+        fs::write(&path, &text).unwrap();
+        let other = Root::open(root.path()).unwrap();
+        match other.lock(&me(), Wait::No) {
+            Err(Error::Locked { holder }) => {
+                assert!(
+                    holder.contains(&format!("pid {}", std::process::id())),
+                    "{holder}"
+                )
+            }
+            r => panic!("expected Locked, got {r:?}"),
+        }
+    }
+
+    #[test]
+    fn ids_stop_before_they_would_wrap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(&tmp.path().join("t")).unwrap();
+        let _lock = root.lock(&me(), Wait::No).unwrap();
+        let next = root.state_dir().join("next-id");
+        fs::write(&next, format!("{}\n", u64::MAX - 1)).unwrap();
+        assert_eq!(root.allocate_id().unwrap(), u64::MAX - 1);
+        assert!(matches!(
+            root.allocate_id(),
+            Err(Error::IdsExhausted { last, .. }) if last == u64::MAX
+        ));
+        fs::create_dir(root.release_dir(u64::MAX)).unwrap();
+        fs::write(&next, "1\n").unwrap();
+        assert!(matches!(
+            root.allocate_id(),
+            Err(Error::IdsExhausted { .. })
+        ));
     }
 }
