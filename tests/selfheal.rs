@@ -146,6 +146,29 @@ fn a_real_directory_named_current_is_refused_and_kept() {
 }
 
 #[test]
+fn a_live_release_replaced_by_a_symlink_is_refused() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    let elsewhere = fx.path("elsewhere-release");
+    fs::rename(fx.release(1), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, fx.release(1)).unwrap();
+    let before = read_tree(&elsewhere);
+    public_site(&src, 2);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(5)
+        .stderr_has(s(&fx.release(1)))
+        .stderr_has("symlink");
+    fx.flip(&["prune", fx.root_str(), "--keep", "0"]).code(5);
+    assert_tree_eq(&read_tree(&elsewhere), &before, "the linked-to release");
+    assert!(fs::symlink_metadata(fx.release(1))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
 fn a_symlinked_release_metadata_file_is_named_and_not_followed() {
     let fx = Fx::new();
     let src = fx.src("src");
