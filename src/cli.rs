@@ -174,4 +174,8 @@ pub struct AgentArgs {
     /// The target root this agent serves.
     #[arg(long, value_name = "PATH")]
     pub root: PathBuf,
+    /// Give up on a client that sends nothing for this many seconds (its staging directory is
+    /// removed and the lock released); 0 = wait forever.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub idle_timeout: u64,
 }

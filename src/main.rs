@@ -12,7 +12,6 @@ use cli::{Cli, Command, Common};
 use flip_transfer::Session;
 use flip_wire::Holder;
 use serde_json::json;
-use std::os::fd::FromRawFd;
 use std::time::Instant;
 use target::Target;
 
@@ -87,16 +86,25 @@ fn run(cli: Cli) -> Result<i32> {
 
 fn agent(a: cli::AgentArgs) -> Result<i32> {
     // Raw descriptors: the protocol is binary, so no line buffering on stdout.
-    // SAFETY: fds 0 and 1 are open for the whole life of the agent and owned by nothing else here.
-    let (input, output) = unsafe { (std::fs::File::from_raw_fd(0), std::fs::File::from_raw_fd(1)) };
-    match flip_agent::serve(Box::new(input), Box::new(output), &a.root) {
+    let idle = (a.idle_timeout > 0).then(|| std::time::Duration::from_secs(a.idle_timeout));
+    match flip_agent::serve_stdio(&a.root, idle) {
         Ok(()) => Ok(exit::OK),
-        // The client has been sent the error and reports it; a broken connection has no one
-        // left to tell but our own stderr.
+        Err(e) if e.is_idle_timeout() => {
+            eprintln!(
+                "flip agent: no request from the client for {} s; gave up (staging removed, lock released)",
+                a.idle_timeout
+            );
+            Ok(exit::CONNECTION)
+        }
+        // A client that went away (closed the connection, broken pipe) has no one left to tell:
+        // an aborted session is silent (for a local target our stderr is the user's terminal).
+        Err(e) if e.is_client_gone() => Ok(exit::CONNECTION),
+        // A garbled connection has no one left to tell but our own stderr.
         Err(flip_agent::AgentError::Wire(e)) => {
             eprintln!("flip agent: {e}");
             Ok(exit::INTERNAL)
         }
+        // The client has been sent the error and reports it.
         Err(_) => Ok(exit::INTERNAL),
     }
 }
@@ -190,6 +198,7 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
             ))
         }
     };
+    refuse_overlap(&source, &target)?;
     let hash_cache = if a.no_cache {
         None
     } else {
@@ -206,14 +215,24 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         let level = target.compress_level(a.compress_level);
         std::thread::spawn(move || locked_session(&target, &common, "deploy", level))
     });
-    let scan = flip_scan::scan(
+    let scan = match flip_scan::scan(
         &source,
         &flip_scan::ScanOptions {
             excludes: a.exclude.clone(),
             use_flipignore: !a.no_flipignore,
             hash_cache,
         },
-    )?;
+    ) {
+        Ok(scan) => scan,
+        Err(e) => {
+            // The agent may hold the lock already: end the session and wait (bounded) for the
+            // agent to be gone, so that a retry right after never finds the target locked.
+            if let Some(c) = connecting {
+                abandon_session(c);
+            }
+            return Err(e.into());
+        }
+    };
     for w in &scan.warnings {
         eprintln!("flip: warning: {w}");
     }
@@ -269,6 +288,7 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         }
     }
     let (sent, received) = s.bytes();
+    let (leftovers, warnings) = notices(&mut s);
     if let Err(e) = s.close() {
         eprintln!("flip: warning: {e}");
     }
@@ -293,6 +313,8 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
                     "literal": r.literal_bytes, "matched": r.matched_bytes, "delta": r.delta_bytes,
                 },
                 "pruned": pruned,
+                "leftovers": leftovers,
+                "warnings": warnings,
                 "duration_ms": ms,
             })
         );
@@ -315,6 +337,110 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         );
     }
     Ok(exit::OK)
+}
+
+/// Prints what the agent could not remove and its warnings (stderr, in every mode) and returns
+/// them for `--json`: leftovers as `{"path", "error"}` objects.
+fn notices(s: &mut Session) -> (Vec<serde_json::Value>, Vec<String>) {
+    let warnings = s.take_warnings();
+    for w in &warnings {
+        eprintln!("flip: warning: {w}");
+    }
+    let leftovers: Vec<serde_json::Value> = s
+        .leftovers()
+        .unwrap_or_default()
+        .iter()
+        .map(|l| {
+            eprintln!(
+                "flip: warning: cannot remove {}: {} (left over; removed at the next cleanup once that is possible)",
+                l.path, l.error
+            );
+            json!({"path": l.path, "error": l.error})
+        })
+        .collect();
+    (leftovers, warnings)
+}
+
+/// Ends a session that is still being opened on another thread (the scan failed): waits up to
+/// [`SESSION_END`] for it, then closes it, which waits (bounded too) for the agent to exit.
+fn abandon_session(c: std::thread::JoinHandle<Result<Session>>) {
+    let deadline = Instant::now() + SESSION_END;
+    while !c.is_finished() {
+        if Instant::now() > deadline {
+            // Still connecting or waiting for the lock: our exit closes the pipes, and the
+            // agent ends on its own.
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if let Ok(Ok(session)) = c.join() {
+        drop(session);
+    }
+}
+
+/// How long the client waits for a session being opened when it has to give up on it.
+const SESSION_END: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `path` absolute, with symlinks resolved as far as it exists; the rest (what a deploy would
+/// create) is appended with `.` and `..` resolved as the directories would be made.
+fn resolve(path: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let comps: Vec<Component> = abs.components().collect();
+    for k in (1..=comps.len()).rev() {
+        let prefix: std::path::PathBuf = comps[..k].iter().collect();
+        if let Ok(mut base) = std::fs::canonicalize(&prefix) {
+            for c in &comps[k..] {
+                match c {
+                    Component::ParentDir => {
+                        base.pop();
+                    }
+                    Component::Normal(n) => base.push(n),
+                    _ => {}
+                }
+            }
+            return base;
+        }
+    }
+    abs
+}
+
+/// Refuses, before anything is created, a local target inside the source (every deploy would
+/// copy the target into itself) and a source inside the target's own directories (a release
+/// deploying itself). `source` is absolute.
+fn refuse_overlap(source: &std::path::Path, target: &Target) -> Result<()> {
+    let Target::Local(t) = target else {
+        return Ok(());
+    };
+    let src = resolve(source);
+    let dst = resolve(t);
+    if dst.starts_with(&src) {
+        return Err(exit::coded(
+            exit::USAGE,
+            format!(
+                "the target {} is inside the source {} (as {} in {}): the target would be deployed into itself; choose a target outside the source",
+                t.display(),
+                source.display(),
+                dst.display(),
+                src.display()
+            ),
+        ));
+    }
+    for own in ["releases", ".flip", "current"] {
+        let d = resolve(&dst.join(own));
+        if src.starts_with(&d) {
+            return Err(exit::coded(
+                exit::USAGE,
+                format!(
+                    "the source {} is inside the target's {} ({}): flip will not deploy a target's own releases or state into it; copy the tree elsewhere first",
+                    source.display(),
+                    own,
+                    d.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `deploy --dry-run`: plan against the live release's manifest; no lock, no change.
@@ -382,6 +508,7 @@ fn releases(a: cli::ReleasesArgs) -> Result<i32> {
     let target = Target::parse(&a.target)?;
     let mut s = target.connect(&a.ssh, 0)?;
     let (_, list) = s.status()?;
+    notices(&mut s);
     s.close()?;
     if a.json {
         let arr: Vec<_> = list
@@ -435,6 +562,7 @@ fn rollback(a: cli::RollbackArgs) -> Result<i32> {
     let target = Target::parse(&a.target)?;
     let mut s = locked_session(&target, &a.common, "rollback", 0)?;
     let (id, previous) = s.rollback(a.to)?;
+    notices(&mut s);
     s.close()?;
     switched(&target, a.common.json, "rolled back", id, previous);
     Ok(exit::OK)
@@ -444,6 +572,7 @@ fn activate(a: cli::ActivateArgs) -> Result<i32> {
     let target = Target::parse(&a.target)?;
     let mut s = locked_session(&target, &a.common, "activate", 0)?;
     let previous = s.activate(a.id)?;
+    notices(&mut s);
     s.close()?;
     switched(&target, a.common.json, "activated", a.id, previous);
     Ok(exit::OK)
@@ -453,11 +582,15 @@ fn prune(a: cli::PruneArgs) -> Result<i32> {
     let target = Target::parse(&a.target)?;
     let mut s = locked_session(&target, &a.common, "prune", 0)?;
     let removed = s.prune(a.keep)?;
+    let (leftovers, warnings) = notices(&mut s);
     s.close()?;
     if a.common.json {
         println!(
             "{}",
-            json!({"target": target.display(), "removed": removed})
+            json!({
+                "target": target.display(), "removed": removed,
+                "leftovers": leftovers, "warnings": warnings,
+            })
         );
     } else if removed.is_empty() {
         eprintln!("flip: nothing to prune in {}", target.display());

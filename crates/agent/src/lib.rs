@@ -12,7 +12,7 @@
 
 use flip_manifest::{DirState, RelPath};
 use flip_release::{
-    Error as RelError, ErrorClass as RelClass, FileWriter, LockGuard, Root, Stage, Wait,
+    Created, Error as RelError, ErrorClass as RelClass, FileWriter, LockGuard, Root, Stage, Wait,
 };
 use flip_wire::{
     ErrorClass, FrameReader, FrameWriter, Mtime, Need, ProbeItem, ReleaseSummary, Request,
@@ -22,6 +22,11 @@ use flip_wire::{
 use rayon::prelude::*;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long the agent waits for the client's next request before it gives up (removing its
+/// staging directory and releasing the lock), unless `flip agent --idle-timeout` says otherwise.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Why a session ended badly (the client has been told, when the connection still allowed it).
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +38,26 @@ pub enum AgentError {
     #[error("protocol error: {0}")]
     Protocol(String),
 }
+
+impl AgentError {
+    /// Whether the session ended because the client sent nothing for the idle timeout.
+    pub fn is_idle_timeout(&self) -> bool {
+        matches!(self, AgentError::Wire(WireError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut)
+    }
+
+    /// Whether the client went away (closed the connection, broken pipe): nobody is left to
+    /// tell, and the agent ends silently.
+    pub fn is_client_gone(&self) -> bool {
+        match self {
+            AgentError::Wire(WireError::Closed) => true,
+            AgentError::Wire(WireError::Io(e)) => e.kind() != std::io::ErrorKind::TimedOut,
+            AgentError::Protocol(m) => m == CLIENT_GONE,
+            _ => false,
+        }
+    }
+}
+
+const CLIENT_GONE: &str = "client went away mid-deploy";
 
 impl AgentError {
     fn class(&self) -> ErrorClass {
@@ -84,6 +109,10 @@ struct Session {
     host: String,
     /// Directory hashes of the live release (id), computed on the first probe.
     tree: Option<(u64, flip_manifest::DirTree)>,
+    /// What this session created to make the target (a first deploy), undone at the end unless
+    /// a release was committed.
+    created: Option<Created>,
+    committed: bool,
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -102,21 +131,31 @@ pub fn serve(
         incoming: None,
         host: hostname(),
         tree: None,
+        created: None,
+        committed: false,
     };
     let r = s.run(&mut rx, &mut tx);
+    // Teardown, on every path: the staging directory goes first, then a target this session
+    // created and never committed into (a failed first deploy leaves the target as it found
+    // it), then the lock; only then is the client told, so a retry never finds the lock held.
+    s.incoming = None;
+    s.stage = None;
+    let lock = s.lock.take();
+    match (s.created.take(), lock, s.root) {
+        (Some(created), Some(lock), Some(root)) if !s.committed => root.undo_init(&created, lock),
+        (_, lock, _) => drop(lock),
+    }
     match r {
         Ok(()) => {
             let _ = tx.finish();
             Ok(())
         }
         Err(e) => {
-            // Drop the stage first: the staging directory goes, the lock is released last.
-            s.incoming = None;
-            s.stage = None;
             if !matches!(
                 e,
                 AgentError::Wire(WireError::Io(_)) | AgentError::Wire(WireError::Closed)
             ) {
+                let _ = s.send_notices(&mut tx);
                 let _ = tx.send(&Response::Error {
                     class: e.class(),
                     message: e.to_string(),
@@ -128,15 +167,80 @@ pub fn serve(
     }
 }
 
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
-    if r != 0 {
-        return "unknown".into();
+/// [`serve`] on this process's stdin and stdout. With an `idle` timeout, a client that sends
+/// nothing (and reads nothing the agent must write) for that long is given up on: the session
+/// ends as if it had failed (staging removed, lock released) with an error for which
+/// [`AgentError::is_idle_timeout`] holds.
+pub fn serve_stdio(root: &Path, idle: Option<Duration>) -> Result<()> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fds 0 and 1 are open for the whole life of the agent and owned by nothing else.
+    let (input, output) = unsafe { (std::fs::File::from_raw_fd(0), std::fs::File::from_raw_fd(1)) };
+    serve(
+        Box::new(Idle { file: input, idle }),
+        Box::new(Idle { file: output, idle }),
+        root,
+    )
+}
+
+/// A descriptor whose reads and writes give up with `TimedOut` after `idle` without progress.
+struct Idle {
+    file: std::fs::File,
+    idle: Option<Duration>,
+}
+
+impl Idle {
+    fn ready(&self, events: libc::c_short) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let Some(idle) = self.idle else {
+            return Ok(());
+        };
+        let ms = libc::c_int::try_from(idle.as_millis()).unwrap_or(libc::c_int::MAX);
+        let mut pfd = libc::pollfd {
+            fd: self.file.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one pollfd we own, count 1.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            match n {
+                0 => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no request from the client for {} s", idle.as_secs()),
+                    ))
+                }
+                n if n > 0 => return Ok(()),
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
     }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+impl Read for Idle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.ready(libc::POLLIN)?;
+        self.file.read(buf)
+    }
+}
+
+impl Write for Idle {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.ready(libc::POLLOUT)?;
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+fn hostname() -> String {
+    flip_release::hostname()
 }
 
 fn summary(r: flip_release::ReleaseInfo) -> ReleaseSummary {
@@ -159,7 +263,7 @@ impl Session {
                 Ok(r) => r,
                 Err(WireError::Closed) => {
                     if self.stage.is_some() {
-                        return Err(AgentError::Protocol("client went away mid-deploy".into()));
+                        return Err(AgentError::Protocol(CLIENT_GONE.into()));
                     }
                     return Ok(());
                 }
@@ -172,6 +276,7 @@ impl Session {
             }
             // Content frames are answered only at Commit (or by an error).
             if let Some(resp) = self.handle(req, rx, tx)? {
+                self.send_notices(tx)?;
                 tx.send(&resp)?;
                 tx.flush()?;
             }
@@ -214,13 +319,40 @@ impl Session {
         Ok(())
     }
 
+    /// Sends what the root noticed since the last answer (warnings, leftovers), if anything.
+    fn send_notices(&mut self, tx: &mut FrameWriter) -> Result<()> {
+        let Some(root) = self.root else {
+            return Ok(());
+        };
+        let warnings = root.take_warnings();
+        let leftovers = root.take_leftovers();
+        if warnings.is_empty() && leftovers.is_none() {
+            return Ok(());
+        }
+        let leftovers = leftovers.map(|l| {
+            l.into_iter()
+                .map(|l| flip_wire::Leftover {
+                    path: l.path.display().to_string(),
+                    error: l.error,
+                })
+                .collect()
+        });
+        tx.send(&Response::Notices {
+            warnings,
+            leftovers,
+        })?;
+        Ok(())
+    }
+
     /// The root, opened on first use; a deploy may create it.
     fn root(&mut self, create: bool) -> Result<&'static Root> {
         if let Some(r) = self.root {
             return Ok(r);
         }
         let root = if create {
-            Root::open_or_init(&self.root_path)?
+            let (root, created) = Root::open_or_init_tracked(&self.root_path)?;
+            self.created = created;
+            root
         } else {
             Root::open(&self.root_path)?
         };
@@ -388,6 +520,7 @@ impl Session {
                     .ok_or_else(|| AgentError::Protocol("Commit without Stage".into()))?;
                 let stats = stage.stats().clone();
                 let info = stage.commit()?;
+                self.committed = true;
                 self.log(serde_json::json!({
                     "time": now(), "event": "staged", "release": info.id,
                     "label": info.label, "files": info.files, "written": stats.written,

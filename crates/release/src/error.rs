@@ -54,6 +54,17 @@ pub enum Error {
     Corrupt { path: PathBuf, detail: String },
     #[error("invalid request: {0}")]
     BadRequest(String),
+    /// One of flip's own directories or files under the target is of the wrong type (a
+    /// symlink to somewhere else, a file where a directory belongs, ...).
+    #[error("{} is {found}, not {expected}: flip never follows or replaces its own files under the target; move it away or restore it", path.display())]
+    Layout {
+        path: PathBuf,
+        found: &'static str,
+        expected: &'static str,
+    },
+    /// The release id counter reached the largest id there is.
+    #[error("release ids are exhausted: {} holds {last}, the largest id flip hands out; deploy into a new target", path.display())]
+    IdsExhausted { path: PathBuf, last: u64 },
 }
 
 impl Error {
@@ -72,7 +83,9 @@ impl Error {
             | Error::NothingToRollBack { .. }
             | Error::AlreadyLive(_)
             | Error::CurrentNotSymlink(_)
-            | Error::CurrentForeign { .. } => ErrorClass::Target,
+            | Error::CurrentForeign { .. }
+            | Error::Layout { .. }
+            | Error::IdsExhausted { .. } => ErrorClass::Target,
         }
     }
 }

@@ -4,7 +4,7 @@ use crate::error::{io, Error, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// fsync a directory, making the names created or renamed inside it durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
@@ -66,7 +66,8 @@ pub fn syncfs(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes a directory tree, also when a web server left read-only directories in it.
+/// Removes a directory tree, also when a web server left read-only directories in it. Never
+/// follows a symlink: a symlink at `path` is removed itself.
 pub fn remove_tree(path: &Path) -> Result<()> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
@@ -78,16 +79,136 @@ pub fn remove_tree(path: &Path) -> Result<()> {
     }
 }
 
+/// Something flip meant to remove and could not (a file the deploy user may not delete, an
+/// immutable file): named with the cause, and retried at the next cleanup.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Leftover {
+    /// Absolute path (as the agent sees it).
+    pub path: PathBuf,
+    /// Why it could not be removed.
+    pub error: String,
+}
+
+/// At most this many leftovers are named per cleanup; the rest are counted in one more entry.
+pub const MAX_LEFTOVERS: usize = 64;
+
+/// What a best-effort removal could not remove, bounded to [`MAX_LEFTOVERS`] entries.
+#[derive(Default, Debug)]
+pub struct LeftoverList {
+    pub items: Vec<Leftover>,
+    /// Paths not named because the list was full.
+    pub more: u64,
+}
+
+impl LeftoverList {
+    pub fn push(&mut self, path: &Path, error: impl std::fmt::Display) {
+        if self.items.len() < MAX_LEFTOVERS {
+            self.items.push(Leftover {
+                path: path.to_path_buf(),
+                error: error.to_string(),
+            });
+        } else {
+            self.more += 1;
+        }
+    }
+
+    /// The entries, with one more naming `under` and the count of paths left unnamed.
+    pub fn into_vec(mut self, under: &Path) -> Vec<Leftover> {
+        if self.more > 0 {
+            self.items.push(Leftover {
+                path: under.to_path_buf(),
+                error: format!("and {} more path(s) that could not be removed", self.more),
+            });
+        }
+        self.items
+    }
+}
+
+/// Removes as much of the tree at `path` as it can, never following a symlink, and names in
+/// `out` each path it could not remove (the deepest ones: a directory is not named again for
+/// children already named). Returns whether everything is gone.
+pub fn remove_tree_reporting(path: &Path, out: &mut LeftoverList) -> bool {
+    match fs::remove_dir_all(path) {
+        Ok(()) => return true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
+        Err(_) => {}
+    }
+    make_writable(path);
+    match fs::remove_dir_all(path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(_) => remove_each(path, out),
+    }
+}
+
+fn remove_each(path: &Path, out: &mut LeftoverList) -> bool {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
+        Err(e) => {
+            out.push(path, e);
+            return false;
+        }
+    };
+    let gone = |r: std::io::Result<()>, out: &mut LeftoverList| match r {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => {
+            out.push(path, e);
+            false
+        }
+    };
+    if !meta.is_dir() {
+        return gone(fs::remove_file(path), out);
+    }
+    let rd = match fs::read_dir(path) {
+        Ok(rd) => rd,
+        Err(e) => {
+            out.push(path, e);
+            return false;
+        }
+    };
+    let mut all = true;
+    for e in rd {
+        match e {
+            Ok(e) => all &= remove_each(&e.path(), out),
+            Err(e) => {
+                out.push(path, e);
+                return false;
+            }
+        }
+    }
+    all && gone(fs::remove_dir(path), out)
+}
+
 fn make_writable(dir: &Path) {
     if let Ok(meta) = fs::symlink_metadata(dir) {
         if meta.is_dir() {
-            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+            if meta.permissions().mode() & 0o700 != 0o700 {
+                let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+            }
             if let Ok(rd) = fs::read_dir(dir) {
                 for e in rd.flatten() {
-                    make_writable(&e.path());
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        make_writable(&e.path());
+                    }
                 }
             }
         }
+    }
+}
+
+/// What kind of file `m` describes, for messages: "a symlink", "a directory", ...
+pub fn kind_of(m: &fs::Metadata) -> &'static str {
+    let t = m.file_type();
+    if t.is_symlink() {
+        "a symlink"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "a special file"
     }
 }
 
@@ -99,13 +220,56 @@ pub fn now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Errors other than "not found" as `Error`; "not found" as `None`.
+/// Errors other than "not found" as `Error`; "not found" as `None`. Never follows a symlink
+/// (a symlink is refused, naming the path).
 pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
-    match fs::read(path) {
-        Ok(b) => Ok(Some(b)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io("read", path)(e)),
+    read_optional_limited(path, u64::MAX)
+}
+
+/// [`read_optional`] refusing a file larger than `max` bytes (as damaged).
+pub fn read_optional_limited(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(Error::Layout {
+                path: path.to_path_buf(),
+                found: "a symlink",
+                expected: "a regular file",
+            })
+        }
+        Err(e) => return Err(io("read", path)(e)),
+    };
+    let meta = f.metadata().map_err(io("inspect", path))?;
+    if !meta.is_file() {
+        return Err(Error::Layout {
+            path: path.to_path_buf(),
+            found: kind_of(&meta),
+            expected: "a regular file",
+        });
     }
+    if meta.len() > max {
+        return Err(corrupt(
+            path,
+            format!("{} bytes, more than the {max} it can hold", meta.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    f.take(max.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(io("read", path))?;
+    if out.len() as u64 > max {
+        return Err(corrupt(
+            path,
+            format!("more than the {max} bytes it can hold"),
+        ));
+    }
+    Ok(Some(out))
 }
 
 pub(crate) fn corrupt(path: &Path, detail: impl Into<String>) -> Error {

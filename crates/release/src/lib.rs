@@ -26,6 +26,7 @@ mod lock;
 mod stage;
 
 pub use error::{Error, ErrorClass, Result};
+pub use fsutil::{Leftover, MAX_LEFTOVERS};
 pub use lock::{Holder, LockGuard, Wait};
 pub use stage::{FileWriter, Stage, StageStats};
 
@@ -34,13 +35,19 @@ use flip_manifest::Manifest;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 pub const RELEASES: &str = "releases";
 pub const CURRENT: &str = "current";
 pub const STATE: &str = ".flip";
 const STAGING_PREFIX: &str = ".staging-";
 const TRASH_PREFIX: &str = ".trash-";
+/// The record of what the last cleanup could not remove (JSON list of [`Leftover`]s).
+const LEFTOVERS: &str = "leftovers";
+/// Largest `.json` metadata or leftovers record read.
+const SMALL_FILE_MAX: u64 = 1 << 20;
 
 /// What flip remembers about one release.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -58,13 +65,48 @@ pub struct ReleaseInfo {
 }
 
 /// A deploy target's root directory.
+///
+/// Problems found on the way that do not stop the operation (a damaged non-live release, a
+/// leftover of an unexpected type, what a cleanup could not remove) are collected as notices:
+/// see [`Root::take_warnings`] and [`Root::take_leftovers`].
 #[derive(Debug, Clone)]
 pub struct Root {
     dir: PathBuf,
+    notices: Arc<Mutex<Notices>>,
+}
+
+#[derive(Debug, Default)]
+struct Notices {
+    warnings: Vec<String>,
+    leftovers: Option<Vec<Leftover>>,
+}
+
+/// What [`Root::open_or_init`] created, so a first deploy that fails can leave the target as it
+/// found it ([`Root::undo_init`]).
+#[derive(Debug, Clone)]
+pub struct Created {
+    /// Directories created above and including the root (outermost first); empty when the
+    /// root existed (empty).
+    dirs: Vec<PathBuf>,
+}
+
+/// The kinds flip's own paths must have.
+#[derive(Clone, Copy)]
+enum Kind {
+    Dir,
+    File,
 }
 
 impl Root {
-    /// Opens an existing flip target.
+    fn at(dir: &Path) -> Root {
+        Root {
+            dir: dir.to_path_buf(),
+            notices: Arc::default(),
+        }
+    }
+
+    /// Opens an existing flip target. Refuses (naming the path) when one of flip's own
+    /// directories or files is a symlink or of the wrong type.
     pub fn open(dir: &Path) -> Result<Root> {
         let meta = fs::metadata(dir).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::Missing(dir.to_path_buf()),
@@ -73,26 +115,30 @@ impl Root {
         if !meta.is_dir() {
             return Err(Error::NotADirectory(dir.to_path_buf()));
         }
-        let root = Root {
-            dir: dir.to_path_buf(),
-        };
-        if !root.state_dir().is_dir() {
+        let root = Root::at(dir);
+        if !expect(&root.state_dir(), Kind::Dir)? {
             return Err(Error::NotATarget(dir.to_path_buf()));
         }
+        root.check_layout()?;
         Ok(root)
     }
 
     /// Opens a target, making a new one when `dir` is missing or empty. A directory that holds
     /// other things is refused rather than taken over.
     pub fn open_or_init(dir: &Path) -> Result<Root> {
+        Ok(Self::open_or_init_tracked(dir)?.0)
+    }
+
+    /// [`Root::open_or_init`], also telling what it created (`None`: the target existed).
+    pub fn open_or_init_tracked(dir: &Path) -> Result<(Root, Option<Created>)> {
+        let mut created = Created { dirs: Vec::new() };
         match fs::metadata(dir) {
             Ok(m) if !m.is_dir() => return Err(Error::NotADirectory(dir.to_path_buf())),
             Ok(_) => {
-                let root = Root {
-                    dir: dir.to_path_buf(),
-                };
-                if root.state_dir().is_dir() {
-                    return Ok(root);
+                let root = Root::at(dir);
+                if expect(&root.state_dir(), Kind::Dir)? {
+                    root.check_layout()?;
+                    return Ok((root, None));
                 }
                 let mut rd = fs::read_dir(dir).map_err(io("read", dir))?;
                 if rd.next().is_some() {
@@ -100,18 +146,122 @@ impl Root {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut missing: Vec<PathBuf> = dir
+                    .ancestors()
+                    .take_while(|a| !a.as_os_str().is_empty() && fs::symlink_metadata(a).is_err())
+                    .map(Path::to_path_buf)
+                    .collect();
+                missing.reverse();
                 fs::create_dir_all(dir).map_err(io("create", dir))?;
+                created.dirs = missing;
             }
             Err(e) => return Err(io("open", dir)(e)),
         }
-        let root = Root {
-            dir: dir.to_path_buf(),
-        };
-        fs::create_dir_all(root.releases_dir()).map_err(io("create", &root.releases_dir()))?;
-        fs::create_dir_all(root.meta_dir()).map_err(io("create", &root.meta_dir()))?;
+        let root = Root::at(dir);
+        for d in [root.releases_dir(), root.state_dir(), root.meta_dir()] {
+            match fs::create_dir(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io("create", &d)(e)),
+            }
+        }
+        root.check_layout()?;
         fsutil::fsync_dir(&root.state_dir())?;
         fsutil::fsync_dir(&root.dir)?;
-        Ok(root)
+        Ok((root, Some(created)))
+    }
+
+    /// Leaves a target that [`Root::open_or_init_tracked`] created as it was found, provided no
+    /// release was ever committed into it: flip's directories go, and so do the directories
+    /// created for the root. Best effort: what cannot go stays (and is harmless: an empty
+    /// target). Consumes the lock, which is released before the root itself goes.
+    pub fn undo_init(&self, created: &Created, lock: LockGuard) {
+        let releases = self.releases_dir();
+        let empty = fs::read_dir(&releases).is_ok_and(|mut rd| rd.next().is_none());
+        if !empty || fs::symlink_metadata(self.dir.join(CURRENT)).is_ok() {
+            return;
+        }
+        let state = self.state_dir();
+        let _ = fs::remove_dir(self.meta_dir());
+        for f in ["next-id", "log", LEFTOVERS, "lock"] {
+            let _ = fs::remove_file(state.join(f));
+        }
+        drop(lock);
+        let _ = fs::remove_dir(&state);
+        let _ = fs::remove_dir(&releases);
+        for d in created.dirs.iter().rev() {
+            if fs::remove_dir(d).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Refuses (naming the path) when one of flip's own directories or files is a symlink or
+    /// of the wrong type: flip must never stage, commit, prune or delete through a link.
+    pub fn check_layout(&self) -> Result<()> {
+        let state = self.state_dir();
+        expect(&state, Kind::Dir)?;
+        expect(&self.meta_dir(), Kind::Dir)?;
+        expect(&self.releases_dir(), Kind::Dir)?;
+        for f in ["lock", "next-id", "log", LEFTOVERS] {
+            expect(&state.join(f), Kind::File)?;
+        }
+        match fs::symlink_metadata(self.dir.join(CURRENT)) {
+            Ok(m) if !m.file_type().is_symlink() => {
+                Err(Error::CurrentNotSymlink(self.dir.join(CURRENT)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn warn(&self, message: String) {
+        let mut n = self.notices.lock().unwrap_or_else(|e| e.into_inner());
+        if !n.warnings.contains(&message) {
+            n.warnings.push(message);
+        }
+    }
+
+    /// The warnings collected since the last call: problems that did not stop the operation (a
+    /// damaged release that is not live, an unexpected entry under `releases/`, a damaged id
+    /// counter that was rebuilt, ...).
+    pub fn take_warnings(&self) -> Vec<String> {
+        let mut n = self.notices.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut n.warnings)
+    }
+
+    /// What flip could not remove, as of the last cleanup or listing since the last call
+    /// (`None`: not looked at since; `Some(empty)`: nothing left over).
+    pub fn take_leftovers(&self) -> Option<Vec<Leftover>> {
+        let mut n = self.notices.lock().unwrap_or_else(|e| e.into_inner());
+        n.leftovers.take()
+    }
+
+    fn set_leftovers(&self, list: Vec<Leftover>) {
+        let mut n = self.notices.lock().unwrap_or_else(|e| e.into_inner());
+        n.leftovers = Some(list);
+    }
+
+    /// The leftovers recorded by the last cleanup that still exist.
+    pub fn recorded_leftovers(&self) -> Vec<Leftover> {
+        let path = self.state_dir().join(LEFTOVERS);
+        let list: Vec<Leftover> = match fsutil::read_optional_limited(&path, SMALL_FILE_MAX) {
+            Ok(Some(b)) => match serde_json::from_slice(&b) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.warn(format!("{} is damaged ({e}); ignored", path.display()));
+                    Vec::new()
+                }
+            },
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                self.warn(format!("{e}; ignored"));
+                Vec::new()
+            }
+        };
+        list.into_iter()
+            .filter(|l| fs::symlink_metadata(&l.path).is_ok())
+            .take(MAX_LEFTOVERS + 1)
+            .collect()
     }
 
     pub fn path(&self) -> &Path {
@@ -149,9 +299,20 @@ impl Root {
     }
 
     /// Takes the deploy lock for the lifetime of the guard.
+    /// Checks flip's layout before and again under the lock (refusing a symlink or a wrong
+    /// type, see [`Root::check_layout`]).
     pub fn lock(&self, me: &Holder, wait: Wait<'_>) -> Result<LockGuard> {
-        fs::create_dir_all(self.state_dir()).map_err(io("create", &self.state_dir()))?;
+        self.check_layout()?;
         let guard = lock::acquire(&self.state_dir().join("lock"), me, wait)?;
+        self.check_layout()?;
+        // flip's own directories, if lost, are made again rather than failing every deploy.
+        for d in [self.releases_dir(), self.meta_dir()] {
+            match fs::create_dir(&d) {
+                Ok(()) => self.warn(format!("{} was missing; made again", d.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io("create", &d)(e)),
+            }
+        }
         fault_point("after-lock");
         Ok(guard)
     }
@@ -173,12 +334,25 @@ impl Root {
             .strip_prefix("releases/")
             .and_then(|s| s.parse::<u64>().ok())
         {
-            Some(id) => Ok(Some(id)),
+            Some(id) => {
+                let dir = self.release_dir(id);
+                match fs::symlink_metadata(&dir) {
+                    Ok(m) if !m.is_dir() => Err(Error::Layout {
+                        path: dir,
+                        found: fsutil::kind_of(&m),
+                        expected: "a release directory",
+                    }),
+                    _ => Ok(Some(id)),
+                }
+            }
             None => Err(Error::CurrentForeign { path: link, target }),
         }
     }
 
-    /// Complete releases (directory and manifest both present), oldest first.
+    /// Complete releases (directory and manifest both present), oldest first. A release whose
+    /// metadata is missing or damaged, and an entry of an unexpected type under `releases/`,
+    /// are left out with a warning (see [`Root::take_warnings`]); the leftovers the last cleanup
+    /// recorded are looked up too (see [`Root::take_leftovers`]).
     pub fn releases(&self) -> Result<Vec<ReleaseInfo>> {
         let current = self.current().ok().flatten();
         let mut out = Vec::new();
@@ -186,23 +360,64 @@ impl Root {
             match self.info(id) {
                 Ok(mut info) => {
                     info.current = Some(id) == current;
+                    // The live manifest is what a client diffs against: a damaged one is left
+                    // out, so the next deploy sends its whole manifest instead of failing.
+                    if info.current {
+                        if let Err(e) = self.manifest_intact(&info) {
+                            self.warn(format!("live release {id} is not listed: {e}"));
+                            continue;
+                        }
+                    }
                     out.push(info);
                 }
-                Err(Error::NoSuchRelease(_)) => {}
-                Err(e) => return Err(e),
+                Err(Error::NoSuchRelease(_)) => self.warn(format!(
+                    "{} has no complete metadata in {} (.json and .manifest); not listed",
+                    self.release_dir(id).display(),
+                    self.meta_dir().display()
+                )),
+                Err(e) => self.warn(format!("release {id} is not listed: {e}")),
             }
+        }
+        let leftovers = self.recorded_leftovers();
+        let mut n = self.notices.lock().unwrap_or_else(|e| e.into_inner());
+        if n.leftovers.is_none() {
+            n.leftovers = Some(leftovers);
         }
         Ok(out)
     }
 
-    /// Ids of the directories under releases/ named by a number, ascending.
+    /// Ids of the directories under releases/ named by a number, ascending. A numbered entry
+    /// that is not a real directory is left out with a warning, never followed.
     fn release_ids(&self) -> Result<Vec<u64>> {
         let dir = self.releases_dir();
         let mut ids = Vec::new();
         for e in fs::read_dir(&dir).map_err(io("read", &dir))? {
             let e = e.map_err(io("read", &dir))?;
-            if let Some(id) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) {
-                ids.push(id);
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let flip_named = name.starts_with(STAGING_PREFIX) || name.starts_with(TRASH_PREFIX);
+            let id = name.parse::<u64>().ok();
+            if id.is_none() && !flip_named {
+                continue;
+            }
+            match e.file_type() {
+                Ok(t) if t.is_dir() => ids.extend(id),
+                Ok(_) => {
+                    let path = e.path();
+                    let kind = fs::symlink_metadata(&path)
+                        .map(|m| fsutil::kind_of(&m))
+                        .unwrap_or("gone");
+                    self.warn(format!(
+                        "{} is {kind}, not a directory flip made; ignored{}",
+                        path.display(),
+                        if flip_named {
+                            " (removed at the next cleanup)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+                Err(e) => self.warn(format!("{}: {e}", e_path(&dir, name))),
             }
         }
         ids.sort_unstable();
@@ -212,11 +427,23 @@ impl Root {
     /// Metadata of a complete release.
     pub fn info(&self, id: u64) -> Result<ReleaseInfo> {
         let path = self.info_path(id);
-        let Some(bytes) = fsutil::read_optional(&path)? else {
+        let Some(bytes) = fsutil::read_optional_limited(&path, SMALL_FILE_MAX)? else {
             return Err(Error::NoSuchRelease(id));
         };
-        if !self.release_dir(id).is_dir() || !self.manifest_path(id).is_file() {
+        let dir_ok = fs::symlink_metadata(self.release_dir(id)).is_ok_and(|m| m.is_dir());
+        if !dir_ok {
             return Err(Error::NoSuchRelease(id));
+        }
+        match fs::symlink_metadata(self.manifest_path(id)) {
+            Ok(m) if m.is_file() => {}
+            Ok(m) => {
+                return Err(Error::Layout {
+                    path: self.manifest_path(id),
+                    found: fsutil::kind_of(&m),
+                    expected: "a regular file",
+                })
+            }
+            Err(_) => return Err(Error::NoSuchRelease(id)),
         }
         serde_json::from_slice(&bytes).map_err(|e| fsutil::corrupt(&path, e.to_string()))
     }
@@ -234,13 +461,48 @@ impl Root {
     }
 
     /// The newest complete release older than `current`: what a rollback goes to.
+    /// Releases whose stored manifest does not match the digest their metadata recorded are
+    /// skipped with a warning.
     pub fn rollback_target(&self, current: u64) -> Result<u64> {
-        self.releases()?
-            .iter()
-            .rev()
-            .map(|r| r.id)
-            .find(|id| *id < current)
-            .ok_or(Error::NothingToRollBack { current })
+        for r in self.releases()?.iter().rev().filter(|r| r.id < current) {
+            match self.manifest_intact(r) {
+                Ok(()) => return Ok(r.id),
+                Err(e) => self.warn(format!("release {} cannot be rolled back to: {e}", r.id)),
+            }
+        }
+        Err(Error::NothingToRollBack { current })
+    }
+
+    /// Checks that a release's stored manifest hashes to the digest its metadata recorded
+    /// (streaming: memory stays small whatever the manifest's size).
+    fn manifest_intact(&self, r: &ReleaseInfo) -> Result<()> {
+        use std::io::Read;
+        let path = self.manifest_path(r.id);
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(io("read", &path))?;
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut f = std::io::BufReader::new(f);
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    h.update(&buf[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io("read", &path)(e)),
+            }
+        }
+        if h.finalize().to_hex().as_str() != r.manifest_digest {
+            return Err(fsutil::corrupt(
+                &path,
+                "does not match the digest recorded at commit",
+            ));
+        }
+        Ok(())
     }
 
     /// Points `current` at release `id` atomically (symlink at a temp name, rename over
@@ -266,8 +528,11 @@ impl Root {
     }
 
     /// Removes the oldest releases so that `keep` remain, never the live one nor the one a
-    /// rollback would pick. Returns the ids removed.
-    pub fn prune(&self, _lock: &LockGuard, keep: usize) -> Result<Vec<u64>> {
+    /// rollback would pick. Returns the ids removed. A release is gone (from the listing, and
+    /// its metadata) once it is renamed to trash; whatever of its tree cannot be deleted (a file
+    /// the deploy user may not remove) stays in `releases/.trash-<id>`, is named (see
+    /// [`Root::take_leftovers`]) and retried at the next cleanup: it never fails the prune.
+    pub fn prune(&self, lock: &LockGuard, keep: usize) -> Result<Vec<u64>> {
         let releases = self.releases()?;
         let current = self.current()?;
         let protected: Vec<u64> = match current {
@@ -286,17 +551,30 @@ impl Root {
             }
         }
         doomed.sort_unstable();
-        for id in &doomed {
-            self.remove_release(*id)?;
+        let mut removed = Vec::new();
+        for id in doomed {
+            match self.retire_release(id) {
+                Ok(()) => removed.push(id),
+                Err(e) => self.warn(format!("release {id} was not pruned: {e}")),
+            }
         }
-        Ok(doomed)
+        self.clean_leftovers(lock)?;
+        Ok(removed)
     }
 
-    /// Makes a release disappear atomically (rename to trash), forgets it, then deletes it.
-    fn remove_release(&self, id: u64) -> Result<()> {
+    /// Makes a release disappear atomically (rename to trash) and forgets it; its tree is
+    /// deleted by the cleanup that follows.
+    fn retire_release(&self, id: u64) -> Result<()> {
         let dir = self.release_dir(id);
         let trash = self.releases_dir().join(format!("{TRASH_PREFIX}{id}"));
-        fsutil::remove_tree(&trash)?;
+        if fs::symlink_metadata(&trash).is_ok() {
+            // A trash of the same id cannot exist (ids are never reused), unless put there.
+            return Err(Error::Layout {
+                path: trash,
+                found: "already present",
+                expected: "free for the release being pruned",
+            });
+        }
         fs::rename(&dir, &trash).map_err(io("move aside", &dir))?;
         fsutil::fsync_dir(&self.releases_dir())?;
         fault_point("prune-after-trash");
@@ -308,23 +586,44 @@ impl Root {
             match fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io("remove", &p)(e)),
+                Err(e) => self.warn(format!("{}", io("remove", &p)(e))),
             }
         }
         fault_point("prune-after-forget");
-        fsutil::remove_tree(&trash)
+        Ok(())
     }
 
-    /// Removes what an interrupted run left behind: staging and trash directories, and state of
-    /// releases whose directory never appeared.
+    /// Removes what an interrupted run or an earlier cleanup left behind: staging and trash
+    /// directories, state of releases whose directory never appeared, and temp files of
+    /// interrupted writes (`.next-id.tmp-*`, `.7.manifest.tmp-*`, `.current.tmp-*`). Never
+    /// fails on one entry: what it cannot remove is named (path, cause) in the leftovers (see
+    /// [`Root::take_leftovers`], also recorded in `.flip/leftovers` for listings) and retried at
+    /// the next cleanup. Returns the names removed.
     pub fn clean_leftovers(&self, _lock: &LockGuard) -> Result<Vec<String>> {
         let dir = self.releases_dir();
         let mut removed = Vec::new();
+        let mut left = fsutil::LeftoverList::default();
         for e in fs::read_dir(&dir).map_err(io("read", &dir))? {
             let e = e.map_err(io("read", &dir))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(STAGING_PREFIX) || name.starts_with(TRASH_PREFIX) {
-                fsutil::remove_tree(&e.path())?;
+            if !(name.starts_with(STAGING_PREFIX) || name.starts_with(TRASH_PREFIX)) {
+                continue;
+            }
+            let path = e.path();
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if !is_dir {
+                // Not something flip made: removed as the link or file it is, never followed.
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        self.warn(format!(
+                            "removed {}, which was not a directory flip made",
+                            path.display()
+                        ));
+                        removed.push(name);
+                    }
+                    Err(err) => left.push(&path, err),
+                }
+            } else if fsutil::remove_tree_reporting(&path, &mut left) {
                 removed.push(name);
             }
         }
@@ -333,33 +632,168 @@ impl Root {
             let e = e.map_err(io("read", &meta))?;
             let name = e.file_name().to_string_lossy().into_owned();
             let id = name.split('.').next().and_then(|s| s.parse::<u64>().ok());
-            if let Some(id) = id {
-                if !self.release_dir(id).is_dir() {
-                    fs::remove_file(e.path()).map_err(io("remove", &e.path()))?;
-                    removed.push(format!(".flip/releases/{name}"));
+            let orphan = id.is_some_and(|id| {
+                !fs::symlink_metadata(self.release_dir(id)).is_ok_and(|m| m.is_dir())
+            });
+            if orphan || is_temp(&name) {
+                self.remove_file_noting(&e, &mut left, &mut removed, ".flip/releases/");
+            }
+        }
+        for (d, prefix) in [(self.state_dir(), ".flip/"), (self.dir.clone(), "")] {
+            let rd = match fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(err) => {
+                    left.push(&d, err);
+                    continue;
+                }
+            };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let ours = if prefix.is_empty() {
+                    name.starts_with(&format!(".{CURRENT}.tmp-"))
+                } else {
+                    is_temp(&name)
+                };
+                if ours {
+                    self.remove_file_noting(&e, &mut left, &mut removed, prefix);
                 }
             }
         }
+        let list = left.into_vec(&dir);
+        self.record_leftovers(&list);
+        self.set_leftovers(list);
         Ok(removed)
     }
 
+    fn remove_file_noting(
+        &self,
+        e: &fs::DirEntry,
+        left: &mut fsutil::LeftoverList,
+        removed: &mut Vec<String>,
+        prefix: &str,
+    ) {
+        let path = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            left.push(&path, "a directory where flip keeps files; not removed");
+            return;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => removed.push(format!("{prefix}{}", e.file_name().to_string_lossy())),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => left.push(&path, err),
+        }
+    }
+
+    /// Keeps `.flip/leftovers` equal to `list` (absent when empty). Failing to record is a
+    /// warning: the leftovers are still reported to this session.
+    fn record_leftovers(&self, list: &[Leftover]) {
+        let path = self.state_dir().join(LEFTOVERS);
+        let r = if list.is_empty() {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", &path)(e)),
+                _ => Ok(()),
+            }
+        } else {
+            fsutil::write_atomic(&path, &serde_json::to_vec(list).expect("json"))
+        };
+        if let Err(e) = r {
+            self.warn(format!("cannot record the leftovers: {e}"));
+        }
+    }
+
     /// Takes the next release id and records that it is taken before anything uses it, so no id
-    /// is ever handed out twice, whatever happens to the deploy that got it.
+    /// is ever handed out twice, whatever happens to the deploy that got it. A damaged counter
+    /// is rebuilt (with a warning) from every id still found on the target: releases, staging
+    /// and trash directories, metadata, and the log.
     fn allocate_id(&self) -> Result<u64> {
         let path = self.state_dir().join("next-id");
-        let stored = match fsutil::read_optional(&path)? {
-            Some(b) => String::from_utf8_lossy(&b)
-                .trim()
-                .parse::<u64>()
-                .map_err(|_| fsutil::corrupt(&path, "not a number"))?,
+        let stored = match fsutil::read_optional_limited(&path, 64) {
+            Ok(Some(b)) => match String::from_utf8_lossy(&b).trim().parse::<u64>() {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    self.warn(format!(
+                        "{} is damaged (not a number); rebuilt from the ids found on the target",
+                        path.display()
+                    ));
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e @ Error::Layout { .. }) => return Err(e),
+            Err(e) => {
+                self.warn(format!("{e}; rebuilt from the ids found on the target"));
+                None
+            }
+        };
+        let mut seen = self.highest_id_on_disk()?;
+        if stored.is_none() {
+            seen = seen.max(self.highest_id_in_log());
+        }
+        let exhausted = |last| Error::IdsExhausted {
+            path: path.clone(),
+            last,
+        };
+        let after_seen = match seen {
+            Some(m) => m.checked_add(1).ok_or_else(|| exhausted(m))?,
             None => 1,
         };
-        // Never below anything on disk, even if the counter file was lost or restored from backup.
-        let on_disk = self.release_ids()?.last().map_or(1, |m| m + 1);
-        let id = stored.max(on_disk).max(1);
-        fsutil::write_atomic(&path, format!("{}\n", id + 1).as_bytes())?;
+        let id = stored.unwrap_or(1).max(after_seen).max(1);
+        let next = id.checked_add(1).ok_or_else(|| exhausted(id))?;
+        fsutil::write_atomic(&path, format!("{next}\n").as_bytes())?;
         fault_point("after-id");
         Ok(id)
+    }
+
+    /// The highest id named by a release, staging or trash directory or a metadata file.
+    fn highest_id_on_disk(&self) -> Result<Option<u64>> {
+        let mut max = None;
+        for d in [self.releases_dir(), self.meta_dir()] {
+            for e in fs::read_dir(&d).map_err(io("read", &d))? {
+                let e = e.map_err(io("read", &d))?;
+                let name = e.file_name();
+                let Some(name) = name.to_str() else { continue };
+                let name = name
+                    .strip_prefix(STAGING_PREFIX)
+                    .or_else(|| name.strip_prefix(TRASH_PREFIX))
+                    .unwrap_or(name);
+                let id = name.split('.').next().and_then(|s| s.parse::<u64>().ok());
+                max = max.max(id);
+            }
+        }
+        Ok(max)
+    }
+
+    /// The highest release id `.flip/log` mentions (read line by line; damaged lines skipped).
+    fn highest_id_in_log(&self) -> Option<u64> {
+        use std::io::{BufRead, Read};
+        let path = self.state_dir().join("log");
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .ok()?;
+        let mut max = None;
+        let mut r = std::io::BufReader::new(f);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.by_ref().take(1 << 20).read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let ids = v["release"].as_u64().into_iter().chain(
+                v["removed"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_u64()),
+            );
+            max = max.max(ids.max());
+        }
+        max
     }
 
     /// Appends one JSON line to `.flip/log`. Failures to log are reported, not fatal to callers
@@ -371,6 +805,8 @@ impl Root {
         let mut f = fs::OpenOptions::new()
             .append(true)
             .create(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(io("open", &path))?;
         f.write_all(&line).map_err(io("append to", &path))
@@ -381,6 +817,55 @@ impl Root {
         let manifest = self.manifest(id)?;
         Ok(stage::verify_tree(&self.release_dir(id), &manifest))
     }
+}
+
+/// Whether `name` is a temp file of an interrupted atomic write (`.next-id.tmp-123`).
+fn is_temp(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".tmp-")
+}
+
+/// `path` of a directory entry, for messages.
+fn e_path(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+/// Whether `path` exists with the kind flip gives it: `Ok(false)` when missing, a
+/// [`Error::Layout`] naming it when it is a symlink or of another type.
+fn expect(path: &Path, kind: Kind) -> Result<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(m) => {
+            let ok = match kind {
+                Kind::Dir => m.is_dir(),
+                Kind::File => m.is_file(),
+            };
+            if ok {
+                Ok(true)
+            } else {
+                Err(Error::Layout {
+                    path: path.to_path_buf(),
+                    found: fsutil::kind_of(&m),
+                    expected: match kind {
+                        Kind::Dir => "a directory",
+                        Kind::File => "a regular file",
+                    },
+                })
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io("inspect", path)(e)),
+    }
+}
+
+/// This host's name, as the lock holder records it.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if r != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// A test-only fault point: in a debug build (what `cargo test` runs), when the environment
@@ -397,5 +882,82 @@ pub fn fault_point(point: &str) {
     if cfg!(debug_assertions) && std::env::var_os("FLIP_FAULT").is_some_and(|v| v == point) {
         eprintln!("flip: FLIP_FAULT={point}: simulating a crash");
         std::process::exit(99);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> Holder {
+        Holder {
+            pid: std::process::id(),
+            host: hostname(),
+            user: "tester".into(),
+            since: 0,
+            what: "deploy".into(),
+        }
+    }
+
+    #[test]
+    fn cleanup_never_follows_a_symlinked_trash_and_names_what_it_cannot_remove() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(&tmp.path().join("t")).unwrap();
+        let lock = root.lock(&me(), Wait::No).unwrap();
+        let foreign = tmp.path().join("foreign");
+        fs::create_dir(&foreign).unwrap();
+        fs::write(foreign.join("keep"), "x").unwrap();
+        std::os::unix::fs::symlink(&foreign, root.releases_dir().join(".trash-3")).unwrap();
+        // A directory where a temp file would be: not flip's to delete, named instead.
+        fs::create_dir(root.state_dir().join(".next-id.tmp-1")).unwrap();
+        let removed = root.clean_leftovers(&lock).unwrap();
+        assert_eq!(removed, vec![".trash-3".to_string()]);
+        assert!(foreign.join("keep").is_file());
+        let left = root.take_leftovers().unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].path, root.state_dir().join(".next-id.tmp-1"));
+        assert_eq!(root.recorded_leftovers(), left);
+    }
+
+    #[test]
+    fn the_lock_holder_is_read_past_a_tail_of_an_older_holder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(&tmp.path().join("t")).unwrap();
+        let path = root.state_dir().join("lock");
+        let mut text = serde_json::to_vec(&me()).unwrap();
+        text.extend_from_slice(b"\"older holder's tail\"}");
+        let _held = root.lock(&me(), Wait::No).unwrap();
+        // As a reader may find it between the holder's write and its truncation.
+        fs::write(&path, &text).unwrap();
+        let other = Root::open(root.path()).unwrap();
+        match other.lock(&me(), Wait::No) {
+            Err(Error::Locked { holder }) => {
+                assert!(
+                    holder.contains(&format!("pid {}", std::process::id())),
+                    "{holder}"
+                )
+            }
+            r => panic!("expected Locked, got {r:?}"),
+        }
+    }
+
+    #[test]
+    fn ids_stop_before_they_would_wrap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(&tmp.path().join("t")).unwrap();
+        let _lock = root.lock(&me(), Wait::No).unwrap();
+        let next = root.state_dir().join("next-id");
+        fs::write(&next, format!("{}\n", u64::MAX - 1)).unwrap();
+        assert_eq!(root.allocate_id().unwrap(), u64::MAX - 1);
+        assert!(matches!(
+            root.allocate_id(),
+            Err(Error::IdsExhausted { last, .. }) if last == u64::MAX
+        ));
+        fs::create_dir(root.release_dir(u64::MAX)).unwrap();
+        fs::write(&next, "1\n").unwrap();
+        assert!(matches!(
+            root.allocate_id(),
+            Err(Error::IdsExhausted { .. })
+        ));
     }
 }

@@ -6,7 +6,7 @@
 use crate::error::{io, Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Seek};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -48,7 +48,36 @@ pub enum Wait<'a> {
 }
 
 pub(crate) fn acquire(path: &Path, me: &Holder, wait: Wait<'_>) -> Result<LockGuard> {
-    let mut file = OpenOptions::new()
+    let mut wait = wait;
+    // A lock file removed or replaced between our open and our flock (a failed first deploy
+    // undoing its target) locks nothing: open it again.
+    for _ in 0..100 {
+        let mut file = open(path)?;
+        if !flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(io("lock", path))? {
+            match holder_or_free(&mut file, path)? {
+                None => {}
+                Some(holder) => match &mut wait {
+                    Wait::No => return Err(Error::Locked { holder }),
+                    Wait::Yes(tell) => {
+                        tell(&holder);
+                        flock(&file, libc::LOCK_EX).map_err(io("lock", path))?;
+                    }
+                },
+            }
+        }
+        if !same_file(&file, path) {
+            continue;
+        }
+        write_holder(&file, path, me)?;
+        return Ok(LockGuard { _file: file });
+    }
+    Err(io("lock", path)(std::io::Error::other(
+        "the lock file keeps being replaced",
+    )))
+}
+
+fn open(path: &Path) -> Result<File> {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -56,22 +85,35 @@ pub(crate) fn acquire(path: &Path, me: &Holder, wait: Wait<'_>) -> Result<LockGu
         .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
-        .map_err(io("open the lock file", path))?;
-    if !flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(io("lock", path))? {
-        let holder = describe_holder(&mut file);
-        match wait {
-            Wait::No => return Err(Error::Locked { holder }),
-            Wait::Yes(tell) => {
-                tell(&holder);
-                flock(&file, libc::LOCK_EX).map_err(io("lock", path))?;
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                Error::Layout {
+                    path: path.to_path_buf(),
+                    found: "a symlink",
+                    expected: "a regular file",
+                }
+            } else {
+                io("open the lock file", path)(e)
             }
-        }
+        })
+}
+
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
     }
+}
+
+/// The holder is written over the old one in one `pwrite` and the rest cut off after, so a
+/// reader sees the old holder, the new one, or the new one followed by a tail of the old one
+/// (which [`read_holder`] ignores) — never an empty file once anyone has held the lock.
+fn write_holder(file: &File, path: &Path, me: &Holder) -> Result<()> {
+    use std::os::unix::fs::FileExt;
     let text = serde_json::to_vec(me).expect("holder serializes");
-    file.set_len(0).map_err(io("write", path))?;
-    file.rewind().map_err(io("write", path))?;
-    file.write_all(&text).map_err(io("write", path))?;
-    Ok(LockGuard { _file: file })
+    file.write_all_at(&text, 0).map_err(io("write", path))?;
+    file.set_len(text.len() as u64).map_err(io("write", path))
 }
 
 /// Ok(true) when taken, Ok(false) when someone else holds it (non-blocking mode).
@@ -90,12 +132,43 @@ fn flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
     }
 }
 
-fn describe_holder(file: &mut File) -> String {
-    let mut s = String::new();
-    let _ = file.rewind();
-    let _ = file.take(64 * 1024).read_to_string(&mut s);
-    match serde_json::from_str::<Holder>(&s) {
-        Ok(h) => h.to_string(),
-        Err(_) => "another flip process (holder unknown)".to_string(),
+/// Who holds the lock, or `None` if it turned out free while we looked (then it is ours). A
+/// holder that has not written its name yet, or a name left by a holder that is gone (its pid
+/// no longer runs on this host), is looked at again for up to a second.
+fn holder_or_free(file: &mut File, path: &Path) -> Result<Option<String>> {
+    let host = crate::hostname();
+    let mut last = None;
+    for _ in 0..40 {
+        match read_holder(file) {
+            Some(h) if h.host != host || pid_alive(h.pid) => return Ok(Some(h.to_string())),
+            Some(h) => last = Some(h),
+            None => {}
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+        if flock(file, libc::LOCK_EX | libc::LOCK_NB).map_err(io("lock", path))? {
+            return Ok(None);
+        }
     }
+    Ok(Some(match last {
+        Some(h) => h.to_string(),
+        None => "another flip process (it has not written its name into the lock file)".into(),
+    }))
+}
+
+fn read_holder(file: &mut File) -> Option<Holder> {
+    let mut s = Vec::new();
+    file.rewind().ok()?;
+    file.take(64 * 1024).read_to_end(&mut s).ok()?;
+    serde_json::Deserializer::from_slice(&s)
+        .into_iter::<Holder>()
+        .next()?
+        .ok()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }

@@ -89,7 +89,16 @@ impl Root {
         self.clean_leftovers(lock)?;
         let prev = match (self.current()?, live) {
             (Some(id), Some((known, m))) if known == id => Some((id, m)),
-            (Some(id), _) => Some((id, self.manifest(id)?)),
+            (Some(id), _) => match self.manifest(id) {
+                Ok(m) => Some((id, m)),
+                // A damaged live manifest: plan against nothing (everything is sent) rather
+                // than fail every deploy until someone repairs it.
+                Err(e @ (Error::Corrupt { .. } | Error::NoSuchRelease(_))) => {
+                    self.warn(format!("{e}; the new release is built without links to it"));
+                    None
+                }
+                Err(e) => return Err(e),
+            },
             (None, _) => None,
         };
         let plan = flip_plan::plan(prev.as_ref().map(|(_, m)| m), &manifest);

@@ -17,9 +17,9 @@ pub use content::local_delta;
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_transport::{AgentStream, Finish, TransportError};
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Holder, ProbeItem, ReleaseSummary, Request, Response,
-    SigItem, WireError, CHUNK, MAGIC, PROBE_ABSENT, PROBE_BELOW, PROBE_DIFFERS, PROBE_SAME,
-    PROTOCOL,
+    ErrorClass, FrameReader, FrameWriter, Holder, Leftover, ProbeItem, ReleaseSummary, Request,
+    Response, SigItem, WireError, CHUNK, MAGIC, PROBE_ABSENT, PROBE_BELOW, PROBE_DIFFERS,
+    PROBE_SAME, PROTOCOL,
 };
 use std::collections::BTreeSet;
 use std::collections::HashMap;
@@ -48,7 +48,7 @@ pub enum TransferError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{0} changed while flip was deploying it; run the deploy again")]
+    #[error("{0} changed while flip was deploying it: something writes into the source directory; deploy a source that stays unchanged during the deploy")]
     SourceChanged(String),
     #[error("{peer}: protocol error while {phase}: {message}")]
     Protocol {
@@ -93,6 +93,10 @@ pub struct Session {
     phase: &'static str,
     pub agent_version: String,
     pub agent_host: String,
+    /// Warnings the agent sent (see [`Response::Notices`]), not yet taken.
+    warnings: Vec<String>,
+    /// What the agent last said it could not remove (`None`: it never said).
+    leftovers: Option<Vec<Leftover>>,
 }
 
 impl Session {
@@ -106,6 +110,8 @@ impl Session {
             phase: "greeting the agent",
             agent_version: String::new(),
             agent_host: String::new(),
+            warnings: Vec::new(),
+            leftovers: None,
         };
         s.send(&Request::Hello {
             magic: MAGIC,
@@ -194,18 +200,53 @@ impl Session {
     }
 
     fn agent_error_or(&mut self, e: WireError) -> TransferError {
-        if let Ok(r @ Response::Error { .. }) = self.rx.recv::<Response>() {
-            return self.unexpected(&r);
+        loop {
+            match self.rx.recv::<Response>() {
+                Ok(Response::Notices {
+                    warnings,
+                    leftovers,
+                }) => self.note(warnings, leftovers),
+                Ok(r @ Response::Error { .. }) => return self.unexpected(&r),
+                _ => return self.wire(e),
+            }
         }
-        self.wire(e)
+    }
+
+    fn note(&mut self, warnings: Vec<String>, leftovers: Option<Vec<Leftover>>) {
+        for w in warnings {
+            if !self.warnings.contains(&w) {
+                self.warnings.push(w);
+            }
+        }
+        if leftovers.is_some() {
+            self.leftovers = leftovers;
+        }
+    }
+
+    /// The agent's warnings received since the last call (problems that did not stop it).
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+
+    /// What the agent could not remove, as it last said (`None`: it never said).
+    pub fn leftovers(&self) -> Option<&[Leftover]> {
+        self.leftovers.as_deref()
     }
 
     fn recv(&mut self) -> Result<Response> {
-        match self.rx.recv::<Response>() {
-            Ok(r @ Response::Error { .. }) => Err(self.unexpected(&r)),
-            Ok(r) => Ok(r),
-            Err(WireError::Closed) => Err(self.protocol("the agent ended the session".into())),
-            Err(e) => Err(self.wire(e)),
+        loop {
+            match self.rx.recv::<Response>() {
+                Ok(Response::Notices {
+                    warnings,
+                    leftovers,
+                }) => self.note(warnings, leftovers),
+                Ok(r @ Response::Error { .. }) => return Err(self.unexpected(&r)),
+                Ok(r) => return Ok(r),
+                Err(WireError::Closed) => {
+                    return Err(self.protocol("the agent ended the session".into()))
+                }
+                Err(e) => return Err(self.wire(e)),
+            }
         }
     }
 
@@ -540,5 +581,6 @@ fn name(r: &Response) -> &'static str {
         Response::Verified { .. } => "Verified",
         Response::Error { .. } => "Error",
         Response::Bye => "Bye",
+        Response::Notices { .. } => "Notices",
     }
 }

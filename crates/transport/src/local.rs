@@ -36,6 +36,36 @@ struct LocalChild {
     program: String,
 }
 
+/// How long a session that ends without [`Finish::finish`] (an error on the client's side)
+/// waits for its agent to exit before killing it. The agent removes its staging directory and
+/// releases the lock as soon as its input closes; waiting for that means a retry right after
+/// never finds the target locked by the agent of the failed attempt.
+pub const ABANDON_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits up to `within` for `child` to exit, then kills it (and reaps it either way).
+pub(crate) fn reap(child: &mut Child, within: std::time::Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
+}
+
+impl Drop for LocalChild {
+    /// Runs after the session's pipes are closed (the stream halves are dropped first), so the
+    /// agent sees its input end and cleans up.
+    fn drop(&mut self) {
+        reap(&mut self.child, ABANDON_WAIT);
+    }
+}
+
 impl Finish for LocalChild {
     fn finish(mut self: Box<Self>) -> Result<(), TransportError> {
         let status = self

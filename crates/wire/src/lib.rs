@@ -14,6 +14,8 @@
 //! `Hello` → `Welcome`; `Lock` → `Locked`; `Status` → `Status`; `Stage` + `ManifestChunk`s → `Staged`
 //! (what the agent still needs); `Signatures` → `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch`
 //! frames + `Commit` → `Committed`; `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`.
+//! Before any answer the agent may send [`Response::Notices`]: what it could not clean up, and
+//! problems that did not stop the request.
 
 mod frame;
 
@@ -23,7 +25,7 @@ use flip_manifest::RelPath;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 4;
+pub const PROTOCOL: u32 = 5;
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 32 << 20;
@@ -52,6 +54,14 @@ pub struct ReleaseSummary {
     pub bytes: u64,
     pub manifest_digest: String,
     pub current: bool,
+}
+
+/// Something the agent could not remove (a file the deploy user may not delete, an immutable
+/// file): the path on the target and why. Retried at the next cleanup.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Leftover {
+    pub path: String,
+    pub error: String,
 }
 
 /// A file the agent needs: `index` into the new manifest's regular files (in manifest order),
@@ -237,6 +247,14 @@ pub enum Response {
         message: String,
     },
     Bye,
+    /// Sent before the answer it belongs to. `warnings`: problems that did not stop the request
+    /// (a damaged release that is not live, an unexpected entry, ...). `leftovers`: when the
+    /// agent looked (a cleanup, prune or listing), everything it could not remove as of now
+    /// (replacing what an earlier notice said); `None` when it did not look.
+    Notices {
+        warnings: Vec<String>,
+        leftovers: Option<Vec<Leftover>>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -150,7 +150,7 @@ impl Remote for SystemSsh {
             writer: Box::new(writer),
             handle: Box::new(SystemFinish {
                 child,
-                relay_thread,
+                relay_thread: Some(relay_thread),
                 tail,
                 what: format!("{what} on {}", self.host),
                 host: self.host.clone(),
@@ -173,11 +173,19 @@ fn read_in_thread<R: Read + Send + 'static>(r: Option<R>) -> JoinHandle<Vec<u8>>
 
 struct SystemFinish {
     child: Child,
-    relay_thread: JoinHandle<()>,
+    relay_thread: Option<JoinHandle<()>>,
     tail: Tail,
     what: String,
     host: String,
     destination: String,
+}
+
+impl Drop for SystemFinish {
+    /// A session given up without `finish` (after the stream halves were dropped, so the remote
+    /// agent sees its input end): wait (bounded) for ssh, which ends when the agent has.
+    fn drop(&mut self) {
+        crate::local::reap(&mut self.child, crate::local::ABANDON_WAIT);
+    }
 }
 
 impl Finish for SystemFinish {
@@ -186,7 +194,9 @@ impl Finish for SystemFinish {
             program: "ssh".to_string(),
             source: e,
         })?;
-        let _ = self.relay_thread.join();
+        if let Some(t) = self.relay_thread.take() {
+            let _ = t.join();
+        }
         if status.success() {
             return Ok(());
         }

@@ -101,7 +101,7 @@ pub(crate) fn start(parts: Parts) -> AgentStream {
             shared: shared.clone(),
         }),
         handle: Box::new(PumpFinish {
-            thread,
+            thread: Some(thread),
             writer: writer_handle,
             shared,
             what,
@@ -183,7 +183,8 @@ impl Drop for PumpWriter {
 }
 
 struct PumpFinish {
-    thread: JoinHandle<Result<Ended, String>>,
+    /// Taken by `finish`; still here when the session is dropped without it.
+    thread: Option<JoinHandle<Result<Ended, String>>>,
     /// A duplicate of the writer's socket: finish() closes the stream if still open.
     writer: UnixStream,
     shared: Arc<Shared>,
@@ -192,9 +193,10 @@ struct PumpFinish {
 }
 
 impl Finish for PumpFinish {
-    fn finish(self: Box<Self>) -> Result<(), TransportError> {
+    fn finish(mut self: Box<Self>) -> Result<(), TransportError> {
         let _ = self.writer.shutdown(Shutdown::Write);
-        let ended = self.thread.join().map_err(|_| {
+        let thread = self.thread.take().expect("finished once");
+        let ended = thread.join().map_err(|_| {
             TransportError::Other(format!("the ssh pump for {} panicked", self.shared.host))
         })?;
         match ended {
@@ -215,6 +217,25 @@ impl Finish for PumpFinish {
                 },
                 stderr: self.tail.text(),
             }),
+        }
+    }
+}
+
+impl Drop for PumpFinish {
+    /// A session given up without `finish`: close our side and wait (bounded) for the pump,
+    /// which ends when the remote agent has (it removes its staging and releases the lock
+    /// first), so a retry right after does not find the target locked.
+    fn drop(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let _ = self.writer.shutdown(Shutdown::Write);
+        let deadline = std::time::Instant::now() + crate::local::ABANDON_WAIT;
+        while !thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
         }
     }
 }

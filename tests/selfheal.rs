@@ -1,0 +1,726 @@
+//! A target that heals itself, through the real binary: flip's own layout is never followed out
+//! of the root, a target inside the source is refused before anything is made, one leftover
+//! flip cannot delete never fails a deploy (it is named and retried), damaged metadata and crash
+//! leftovers are named and cleaned, ids never wrap, and a session always ends cleanly: the lock
+//! is free for an immediate retry, an idle agent gives up, a failed first deploy leaves nothing.
+
+mod common;
+
+use common::*;
+use flip_wire::{FrameReader, FrameWriter, Holder, Request, Response, MAGIC, PROTOCOL};
+use serde_json::Value;
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A small site every user can read (the standard one has owner-only files).
+fn public_site(src: &Src, version: u32) {
+    src.file("index.html", format!("<h1>v{version}</h1>\n"), 0o644)
+        .file("lib/app.php", "<?php echo 1;\n", 0o644)
+        .file("big.bin", noise(version as u64, 64 * 1024), 0o644);
+}
+
+fn warnings(j: &Value) -> Vec<String> {
+    j["warnings"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no warnings array in {j}"))
+        .iter()
+        .map(|w| w.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn leftover_paths(j: &Value) -> Vec<String> {
+    j["leftovers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no leftovers array in {j}"))
+        .iter()
+        .map(|l| l["path"].as_str().unwrap().to_string())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// flip's layout is its own
+// ---------------------------------------------------------------------------------------------
+
+/// Every command that touches the target refuses it with exit 5, naming `path`.
+#[track_caller]
+fn every_command_refuses(fx: &Fx, src: &Src, path: &Path, what: &str) {
+    let root = fx.root_str();
+    let p = s(path);
+    fx.flip(&["deploy", src.s(), root])
+        .code(5)
+        .stderr_has(p)
+        .stderr_has(what);
+    fx.flip(&["prune", root, "--keep", "1"])
+        .code(5)
+        .stderr_has(p);
+    fx.flip(&["rollback", root]).code(5).stderr_has(p);
+    fx.flip(&["releases", root]).code(5).stderr_has(p);
+}
+
+#[test]
+fn a_symlinked_releases_dir_is_refused_and_the_linked_directory_untouched() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    public_site(&src, 2);
+    fx.deploy(&src, &[]);
+
+    // releases/ moved elsewhere and replaced by a symlink; the other directory also holds
+    // foreign files named like flip's own (staging, trash, a numbered directory).
+    let elsewhere = fx.path("elsewhere");
+    fs::rename(fx.root.join("releases"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, fx.root.join("releases")).unwrap();
+    for name in [".staging-9", ".trash-1", "77"] {
+        fs::create_dir_all(elsewhere.join(name)).unwrap();
+        fs::write(elsewhere.join(name).join("precious.txt"), name).unwrap();
+    }
+    let before = read_tree(&elsewhere);
+
+    public_site(&src, 3);
+    every_command_refuses(&fx, &src, &fx.root.join("releases"), "symlink");
+    assert_tree_eq(&read_tree(&elsewhere), &before, "the linked-to directory");
+    assert_eq!(fx.current_link(), "releases/2");
+}
+
+#[test]
+fn a_symlinked_state_dir_or_log_is_refused_and_the_linked_files_untouched() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+
+    let state = fx.root.join(".flip");
+    let elsewhere = fx.path("elsewhere-state");
+    fs::rename(&state, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &state).unwrap();
+    fs::write(elsewhere.join(".next-id.tmp-1"), "foreign").unwrap();
+    fs::write(elsewhere.join("releases/5.json"), "foreign").unwrap();
+    let before = read_tree(&elsewhere);
+    public_site(&src, 2);
+    every_command_refuses(&fx, &src, &state, "symlink");
+    assert_tree_eq(
+        &read_tree(&elsewhere),
+        &before,
+        "the linked-to state directory",
+    );
+
+    // Back in place, but the log is a symlink to somebody's file: refused, file untouched.
+    fs::remove_file(&state).unwrap();
+    fs::rename(&elsewhere, &state).unwrap();
+    let foreign = fx.path("foreign.log");
+    fs::write(&foreign, "not flip's\n").unwrap();
+    fs::remove_file(state.join("log")).unwrap();
+    std::os::unix::fs::symlink(&foreign, state.join("log")).unwrap();
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(5)
+        .stderr_has(s(&state.join("log")));
+    assert_eq!(fs::read_to_string(&foreign).unwrap(), "not flip's\n");
+    assert_eq!(fx.current_link(), "releases/1");
+}
+
+#[test]
+fn a_real_directory_named_current_is_refused_and_kept() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    fs::remove_file(fx.current()).unwrap();
+    fs::create_dir(fx.current()).unwrap();
+    fs::write(fx.current().join("index.html"), "hand-made").unwrap();
+    public_site(&src, 2);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(5)
+        .stderr_has(s(&fx.current()))
+        .stderr_has("not a symlink");
+    assert_eq!(
+        fs::read_to_string(fx.current().join("index.html")).unwrap(),
+        "hand-made"
+    );
+    assert_eq!(fx.release_ids(), vec![1], "nothing was staged");
+}
+
+#[test]
+fn a_live_release_replaced_by_a_symlink_is_refused() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    let elsewhere = fx.path("elsewhere-release");
+    fs::rename(fx.release(1), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, fx.release(1)).unwrap();
+    let before = read_tree(&elsewhere);
+    public_site(&src, 2);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(5)
+        .stderr_has(s(&fx.release(1)))
+        .stderr_has("symlink");
+    fx.flip(&["prune", fx.root_str(), "--keep", "0"]).code(5);
+    assert_tree_eq(&read_tree(&elsewhere), &before, "the linked-to release");
+    assert!(fs::symlink_metadata(fx.release(1))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
+fn a_symlinked_release_metadata_file_is_named_and_not_followed() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    public_site(&src, 2);
+    fx.deploy(&src, &[]);
+    let meta = fx.root.join(".flip/releases/1.json");
+    let foreign = fx.path("foreign.json");
+    fs::copy(&meta, &foreign).unwrap();
+    fs::remove_file(&meta).unwrap();
+    std::os::unix::fs::symlink(&foreign, &meta).unwrap();
+    let run = fx.flip(&["releases", "--json", fx.root_str()]).success();
+    let ids: Vec<u64> = run
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![2],
+        "release 1's metadata is a symlink: not trusted"
+    );
+    assert!(run.stderr.contains(s(&meta)), "{}", run.stderr);
+    assert!(foreign.is_file());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Target and source overlapping
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_target_inside_the_source_is_refused_before_anything_is_created() {
+    let fx = Fx::new();
+    let app = fx.src("app");
+    public_site(&app, 1);
+    let before = app.tree();
+    std::os::unix::fs::symlink(&app.dir, fx.path("link")).unwrap();
+    for target in [
+        app.p("deploy"),
+        app.p("x/../deploy"),
+        fx.path("link/deploy"),
+        app.dir.clone(),
+    ] {
+        fx.flip(&["deploy", app.s(), s(&target)])
+            .code(2)
+            .stderr_has("inside the source")
+            .stderr_has(s(&target));
+        assert_tree_eq(&app.tree(), &before, "the source");
+    }
+    // The dry run too: nothing to learn from a target that cannot work.
+    fx.flip(&["deploy", "--dry-run", app.s(), s(&app.p("deploy"))])
+        .code(2);
+    assert_tree_eq(&app.tree(), &before, "the source");
+}
+
+#[test]
+fn a_source_inside_the_targets_own_directories_is_refused() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    for source in [fx.current(), fx.release(1), fx.root.join(".flip")] {
+        fx.flip(&["deploy", s(&source), fx.root_str()])
+            .code(2)
+            .stderr_has("inside the target");
+    }
+    assert_eq!(fx.release_ids(), vec![1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leftovers flip cannot delete
+// ---------------------------------------------------------------------------------------------
+
+/// A world for running flip as `nobody`: a temp dir nobody can enter, with a home and a target
+/// parent owned by nobody.
+struct Nobody {
+    fx: Fx,
+    home: PathBuf,
+    root: PathBuf,
+}
+
+impl Nobody {
+    fn new() -> Nobody {
+        let fx = Fx::new();
+        let top = fx.path("");
+        fs::set_permissions(&top, fs::Permissions::from_mode(0o755)).unwrap();
+        let own = fx.path("nobody");
+        fs::create_dir(&own).unwrap();
+        std::os::unix::fs::chown(&own, Some(65534), Some(65534)).unwrap();
+        let home = own.join("home");
+        let root = own.join("target");
+        let n = Nobody { fx, home, root };
+        n.run(&["--version"]).success();
+        fs::create_dir(&n.home).unwrap_or(());
+        std::os::unix::fs::chown(&n.home, Some(65534), Some(65534)).unwrap();
+        n
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+                FLIP,
+            ])
+            .args(args)
+            .env("HOME", &self.home)
+            .env("XDG_CACHE_HOME", self.home.join(".cache"))
+            .env_remove("FLIP_FAULT")
+            .env_remove("SSH_AUTH_SOCK")
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run setpriv");
+        Run {
+            args: args.join(" "),
+            code: out.status.code().expect("not killed"),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn deploy(&self, src: &Src) -> Value {
+        self.run(&["deploy", "--json", "--keep", "1", src.s(), s(&self.root)])
+            .success()
+            .json()
+    }
+}
+
+#[test]
+fn an_undeletable_file_in_an_old_release_never_fails_a_deploy() {
+    let w = Nobody::new();
+    let src = w.fx.src("src");
+    public_site(&src, 1);
+    let j = w.deploy(&src);
+    assert_eq!(num(&j, "/release"), 1);
+    // The web server (root) caches a page inside release 1.
+    let cache = w.root.join("releases/1/var/cache");
+    fs::create_dir_all(&cache).unwrap();
+    fs::set_permissions(&cache, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(cache.join("page.html"), "cached").unwrap();
+    let blocker = w.root.join("releases/.trash-1/var/cache/page.html");
+
+    for v in 2..=4u32 {
+        public_site(&src, v);
+        let j = w.deploy(&src);
+        assert_eq!(num(&j, "/release"), v as u64, "{j}");
+        let left = leftover_paths(&j);
+        if v == 2 {
+            assert!(left.is_empty(), "release 1 is the rollback target: {j}");
+        } else {
+            assert_eq!(left, vec![s(&blocker).to_string()], "{j}");
+            let err = j["leftovers"][0]["error"].as_str().unwrap();
+            assert!(err.contains("Permission denied"), "{j}");
+        }
+    }
+    assert_eq!(
+        fs::read_link(w.root.join("current")).unwrap(),
+        Path::new("releases/4")
+    );
+    let ids: Vec<u64> = fs::read_dir(w.root.join("releases"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.parse().ok())
+        .collect::<std::collections::BTreeSet<u64>>()
+        .into_iter()
+        .collect();
+    assert_eq!(ids, vec![3, 4], "releases 1 and 2 are pruned");
+    // Everything of release 1 but the blocker is gone.
+    assert!(!w.root.join("releases/.trash-1/index.html").exists());
+
+    // The listing and prune name it too.
+    let run = w.run(&["releases", s(&w.root)]).success();
+    assert!(run.stderr.contains(s(&blocker)), "{}", run.stderr);
+    let j = w
+        .run(&["prune", "--json", "--keep", "1", s(&w.root)])
+        .success()
+        .json();
+    assert_eq!(leftover_paths(&j), vec![s(&blocker).to_string()], "{j}");
+
+    // Once root removes the blocker, the next deploy finishes the job.
+    fs::remove_dir_all(w.root.join("releases/.trash-1/var")).unwrap();
+    public_site(&src, 5);
+    let j = w.deploy(&src);
+    assert!(leftover_paths(&j).is_empty(), "{j}");
+    assert!(!w.root.join("releases/.trash-1").exists());
+    assert!(!w.root.join(".flip/leftovers").exists());
+    let run = w.run(&["releases", s(&w.root)]).success();
+    assert!(!run.stderr.contains("cannot remove"), "{}", run.stderr);
+}
+
+#[test]
+fn an_immutable_file_in_an_old_release_never_fails_a_deploy() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    let pinned = fx.release(1).join("pinned.txt");
+    fs::write(&pinned, "immutable").unwrap();
+    let chattr = Command::new("chattr").arg("+i").arg(&pinned).status();
+    if !chattr.is_ok_and(|s| s.success()) {
+        eprintln!("chattr +i is not supported here; skipping");
+        return;
+    }
+    let trashed = fx.root.join("releases/.trash-1/pinned.txt");
+    let mut last = Value::Null;
+    for v in 2..=4u32 {
+        public_site(&src, v);
+        last = fx.deploy(&src, &["--keep", "1"]);
+    }
+    let _ = Command::new("chattr").arg("-i").arg(&trashed).status();
+    assert_eq!(
+        leftover_paths(&last),
+        vec![s(&trashed).to_string()],
+        "{last}"
+    );
+    assert!(
+        last["leftovers"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not permitted"),
+        "{last}"
+    );
+    let j = fx.deploy(&src, &["--keep", "1"]);
+    assert!(leftover_paths(&j).is_empty(), "{j}");
+    assert_eq!(fx.release_leftovers(), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Damaged metadata, crash leftovers, ids
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn damaged_metadata_of_releases_that_are_not_live_is_named_and_skipped() {
+    let fx = Fx::new();
+    let root = fx.root_str();
+    let src = fx.src("src");
+    for v in 1..=4 {
+        public_site(&src, v);
+        fx.deploy(&src, &[]);
+    }
+    let meta = fx.root.join(".flip/releases");
+    fs::write(meta.join("2.json"), b"\x00garbage{").unwrap();
+    let m3 = fs::read(meta.join("3.manifest")).unwrap();
+    fs::write(meta.join("3.manifest"), &m3[..m3.len() / 2]).unwrap();
+    fs::write(meta.join("1.stat"), b"short").unwrap();
+
+    let run = fx.flip(&["releases", "--json", root]).success();
+    let ids: Vec<u64> = run
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 3, 4], "{}", run.stderr);
+    assert!(
+        run.stderr.contains(s(&meta.join("2.json"))),
+        "{}",
+        run.stderr
+    );
+
+    // Rollback skips the release whose manifest is damaged (naming it) and the unlisted one.
+    let run = fx.flip(&["rollback", "--json", root]).success();
+    assert_eq!(num(&run.json(), "/release"), 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(s(&meta.join("3.manifest"))),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(fx.current_link(), "releases/1");
+
+    // A deploy goes on, and says what it saw.
+    public_site(&src, 5);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(num(&j, "/release"), 5);
+    let w = warnings(&j).join("\n");
+    assert!(w.contains("2.json"), "{j}");
+    assert_dir_eq(&fx.current(), &src.tree(), "current after the deploy");
+    fx.flip(&["verify", root]).success();
+}
+
+#[test]
+fn a_damaged_live_manifest_does_not_fail_every_deploy() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    fs::write(
+        fx.root.join(".flip/releases/1.manifest"),
+        b"FLIPMAN?garbage",
+    )
+    .unwrap();
+    public_site(&src, 2);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(num(&j, "/release"), 2);
+    assert!(warnings(&j).join("\n").contains("1.manifest"), "{j}");
+    assert_dir_eq(&fx.current(), &src.tree(), "current");
+    fx.flip(&["verify", fx.root_str()]).success();
+}
+
+#[test]
+fn crash_leftovers_and_unexpected_entries_are_cleaned_or_named() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    let state = fx.root.join(".flip");
+    let temps = [
+        state.join(".next-id.tmp-4242"),
+        state.join("releases/.1.manifest.tmp-4242"),
+        state.join("releases/.9.json.tmp-4242"),
+    ];
+    for t in &temps {
+        fs::write(t, "half-written").unwrap();
+    }
+    let current_tmp = fx.root.join(".current.tmp-4242");
+    std::os::unix::fs::symlink("releases/1", &current_tmp).unwrap();
+    // A symlink named like a staging directory, pointing at somebody's files.
+    let foreign = fx.path("foreign");
+    fs::create_dir(&foreign).unwrap();
+    fs::write(foreign.join("precious.txt"), "keep me").unwrap();
+    std::os::unix::fs::symlink(&foreign, fx.root.join("releases/.staging-9")).unwrap();
+    // A file where a release directory would be.
+    fs::write(fx.root.join("releases/7"), "not a release").unwrap();
+
+    let run = fx.flip(&["releases", fx.root_str()]).success();
+    assert!(
+        run.stderr.contains(s(&fx.root.join("releases/7"))),
+        "{}",
+        run.stderr
+    );
+
+    public_site(&src, 2);
+    let j = fx.deploy(&src, &[]);
+    for t in &temps {
+        assert!(!t.exists(), "{} was not cleaned", t.display());
+    }
+    assert!(
+        fs::symlink_metadata(&current_tmp).is_err(),
+        ".current.tmp-* not cleaned"
+    );
+    assert!(fs::symlink_metadata(fx.root.join("releases/.staging-9")).is_err());
+    assert_eq!(
+        fs::read_to_string(foreign.join("precious.txt")).unwrap(),
+        "keep me"
+    );
+    assert_eq!(
+        fs::read_to_string(fx.root.join("releases/7")).unwrap(),
+        "not a release"
+    );
+    assert!(warnings(&j).join("\n").contains("releases/7"), "{j}");
+    // Ids stay above everything found on disk.
+    assert_eq!(num(&j, "/release"), 8, "{j}");
+    assert_eq!(fx.current_link(), "releases/8");
+}
+
+#[test]
+fn release_ids_near_the_largest_u64_never_wrap() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    let last = u64::MAX - 1;
+    fs::write(fx.root.join(".flip/next-id"), format!("{last}\n")).unwrap();
+    public_site(&src, 2);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"].as_u64(), Some(last), "{j}");
+    assert_eq!(fx.current_link(), format!("releases/{last}"));
+    public_site(&src, 3);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(5)
+        .stderr_has("exhausted");
+    assert_eq!(fx.current_link(), format!("releases/{last}"));
+    assert!(
+        fx.release_leftovers().is_empty(),
+        "{:?}",
+        fx.release_leftovers()
+    );
+}
+
+#[test]
+fn a_damaged_id_counter_is_rebuilt_without_reusing_ids() {
+    let fx = Fx::new();
+    let root = fx.root_str();
+    let src = fx.src("src");
+    for v in 1..=3 {
+        public_site(&src, v);
+        fx.deploy(&src, &[]);
+    }
+    // Back to 1, and prune 2 and 3: only the log still knows id 3 was used.
+    fx.flip(&["activate", root, "1"]).success();
+    fx.flip(&["prune", root, "--keep", "0"]).success();
+    assert_eq!(fx.release_ids(), vec![1]);
+    fs::write(fx.root.join(".flip/next-id"), "garbage").unwrap();
+    public_site(&src, 4);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(num(&j, "/release"), 4, "{j}");
+    assert!(warnings(&j).join("\n").contains("next-id"), "{j}");
+    assert_eq!(
+        fs::read_to_string(fx.root.join(".flip/next-id"))
+            .unwrap()
+            .trim(),
+        "5"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions end cleanly
+// ---------------------------------------------------------------------------------------------
+
+/// A file whose name is not UTF-8: the scan refuses the source (exit 4).
+fn poison(src: &Src) -> PathBuf {
+    let p = src.dir.join(OsStr::from_bytes(b"bad-\xff-name"));
+    fs::write(&p, "x").unwrap();
+    p
+}
+
+#[test]
+fn a_failed_first_deploy_leaves_no_target_behind() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    let bad = poison(&src);
+    let nested = fx.path("new/deeper/target");
+    for target in [fx.root.clone(), nested.clone()] {
+        let run = fx.flip(&["deploy", src.s(), s(&target)]).code(4);
+        assert!(!run.stderr.contains("Broken pipe"), "{}", run.stderr);
+        assert!(!run.stderr.contains("flip agent"), "{}", run.stderr);
+    }
+    assert!(!fx.root.exists(), "the new target was left behind");
+    assert!(
+        !fx.path("new").exists(),
+        "directories made for the target were left behind"
+    );
+
+    // An existing empty directory stays, empty.
+    let empty = fx.path("empty");
+    fs::create_dir(&empty).unwrap();
+    fx.flip(&["deploy", src.s(), s(&empty)]).code(4);
+    assert_eq!(
+        fs::read_dir(&empty).unwrap().count(),
+        0,
+        "left in the empty target"
+    );
+
+    fs::remove_file(bad).unwrap();
+    fx.deploy(&src, &[]);
+    assert_eq!(fx.current_link(), "releases/1");
+}
+
+#[test]
+fn a_failed_deploy_is_followed_at_once_by_a_retry_that_succeeds() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    for v in 2..=6u32 {
+        public_site(&src, v);
+        let bad = poison(&src);
+        let run = fx.flip(&["deploy", src.s(), fx.root_str()]).code(4);
+        assert!(!run.stderr.contains("Broken pipe"), "{}", run.stderr);
+        assert!(!run.stderr.contains("flip agent"), "{}", run.stderr);
+        fs::remove_file(bad).unwrap();
+        // No --wait: the failed attempt's agent is gone and its lock with it.
+        let j = fx.deploy(&src, &[]);
+        assert_eq!(
+            fx.current_link(),
+            format!("releases/{}", num(&j, "/release"))
+        );
+        assert!(
+            fx.release_leftovers().is_empty(),
+            "{:?}",
+            fx.release_leftovers()
+        );
+    }
+}
+
+#[test]
+fn an_idle_agent_gives_up_and_releases_the_lock() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+
+    // An agent whose client took the lock and then went silent (stopped, hung).
+    let mut agent = Command::new(FLIP)
+        .args(["agent", "--root", fx.root_str(), "--idle-timeout", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut tx = FrameWriter::new(Box::new(agent.stdin.take().unwrap()));
+    let mut rx = FrameReader::new(Box::new(agent.stdout.take().unwrap()));
+    tx.send(&Request::Hello {
+        magic: MAGIC,
+        protocol: PROTOCOL,
+        version: "test".into(),
+        compress: 0,
+    })
+    .unwrap();
+    tx.flush().unwrap();
+    assert!(matches!(
+        rx.recv::<Response>().unwrap(),
+        Response::Welcome { .. }
+    ));
+    tx.send(&Request::Lock {
+        wait: false,
+        holder: Holder {
+            pid: 1,
+            host: "test-host".into(),
+            user: "tester".into(),
+            since: 0,
+            what: "deploy".into(),
+        },
+    })
+    .unwrap();
+    tx.flush().unwrap();
+    assert!(matches!(rx.recv::<Response>().unwrap(), Response::Locked));
+    let started = Instant::now();
+
+    // Meanwhile a deploy is refused, naming the holder.
+    public_site(&src, 2);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(3)
+        .stderr_has(&format!("pid {}", agent.id()));
+
+    // The agent gives up on its own while its stdin is still open.
+    let status = loop {
+        if let Some(st) = agent.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the agent did not give up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "gave up too early"
+    );
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("no request"), "{err}");
+    drop(tx);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(num(&j, "/release"), 2);
+}
