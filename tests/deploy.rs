@@ -116,12 +116,7 @@ fn second_deploy_links_unchanged_files_and_leaves_release_1_alone() {
 
     // Unchanged files are hard links into release 1; the rename is a link to the old path.
     let r2 = fx.release(2);
-    for f in [
-        "index.html",
-        ".htaccess",
-        "bin/run.sh",
-        "sub/deep/file.txt",
-    ] {
+    for f in ["index.html", ".htaccess", "bin/run.sh", "sub/deep/file.txt"] {
         assert_eq!(ino(&r2.join(f)), ino(&r1.join(f)), "{f} should be linked");
     }
     // Links join only the same path: the renamed file is a local copy of its old path.
@@ -195,7 +190,11 @@ fn fresh_checkout_with_new_mtimes_transfers_nothing() {
         if f != "sub/zero" {
             assert_eq!(ino(&a), ino(&b), "{f} should be linked");
         }
-        assert_eq!(mtime(&b), mtime(&a), "{f}: linked or copied file keeps its mtime");
+        assert_eq!(
+            mtime(&b),
+            mtime(&a),
+            "{f}: linked or copied file keeps its mtime"
+        );
         assert_ne!(mtime(&b), mtime(&checkout.p(&f)), "{f}");
     }
 }
@@ -228,7 +227,11 @@ fn new_files_get_the_source_mtime_and_linked_files_keep_theirs() {
         ("bin/run.sh", "bin/run.sh"),
         ("assets/img/logo.png", "assets/logo.png"),
     ] {
-        assert_eq!(ino(&r2.join(new)) == ino(&r1.join(old)), new == old, "{new}");
+        assert_eq!(
+            ino(&r2.join(new)) == ino(&r1.join(old)),
+            new == old,
+            "{new}"
+        );
         assert_eq!(mtime(&r2.join(new)), mtime(&r1.join(old)), "{new}");
         assert_ne!(mtime(&r2.join(new)), mtime(&src.p(new)), "{new}");
     }

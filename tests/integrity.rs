@@ -17,7 +17,9 @@ fn text_150k(tag: &str) -> String {
     let mut t = String::new();
     let mut i = 0;
     while t.len() < 150_000 {
-        t.push_str(&format!("{tag} line {i}: the quick brown fox jumps over the lazy dog\n"));
+        t.push_str(&format!(
+            "{tag} line {i}: the quick brown fox jumps over the lazy dog\n"
+        ));
         i += 1;
     }
     t
@@ -129,7 +131,10 @@ fn a_redeploy_of_the_same_source_heals_a_tampered_live_release() {
     let src = deployed_site(&fx);
     tamper_in_place(&fx.current().join("big.txt"));
     let run = fx.flip(&["verify", fx.root_str()]).code(7);
-    assert!(run.stdout.contains("big.txt") || run.stderr.contains("big.txt"), "{run:?}");
+    assert!(
+        run.stdout.contains("big.txt") || run.stderr.contains("big.txt"),
+        "{run:?}"
+    );
 
     let j = fx.deploy(&src, &[]);
     assert_eq!(num(&j, "/release"), 2);
@@ -172,7 +177,10 @@ fn changed_file_with_a_damaged_basis(how: Damage, extra: &[&str]) {
     let fx = Fx::new();
     let src = deployed_site(&fx);
     damage(&fx.current().join("big.txt"), how);
-    src.overwrite("big.txt", text_150k("v1").replace("line 700:", "line seven hundred:"));
+    src.overwrite(
+        "big.txt",
+        text_150k("v1").replace("line 700:", "line seven hundred:"),
+    );
 
     let mut args = vec!["deploy", "--json", src.s(), fx.root_str()];
     args.extend_from_slice(extra);
@@ -263,17 +271,26 @@ fn hard_links_join_only_the_same_path() {
 
     assert_eq!(ino(&r2.join("keep.txt")), ino(&r1.join("keep.txt")));
     assert_eq!(ino(&r2.join("a.txt")), ino(&r1.join("a.txt")));
-    let gitkeeps = [ino(&r1.join("public/.gitkeep")), ino(&r2.join("public/.gitkeep"))];
+    let gitkeeps = [
+        ino(&r1.join("public/.gitkeep")),
+        ino(&r2.join("public/.gitkeep")),
+    ];
     assert_ne!(gitkeeps[0], gitkeeps[1], "empty files are never linked");
     let log = ino(&r2.join("storage/app.log"));
-    assert!(!gitkeeps.contains(&log), "the log shares an inode with .gitkeep");
+    assert!(
+        !gitkeeps.contains(&log),
+        "the log shares an inode with .gitkeep"
+    );
     assert_ne!(ino(&r2.join("b.txt")), ino(&r1.join("a.txt")));
     assert_ne!(ino(&r2.join("b.txt")), ino(&r2.join("a.txt")));
     assert_eq!(num(&j, "/files/linked"), 2, "{j}");
     assert_eq!(num(&j, "/files/copied"), 3, "{j}");
     assert_eq!(num(&j, "/files/literal"), 0, "{j}");
     assert_eq!(num(&j, "/files/delta"), 0, "{j}");
-    assert!(num(&j, "/bytes/sent") < 10_000, "copies cost nothing on the wire: {j}");
+    assert!(
+        num(&j, "/bytes/sent") < 10_000,
+        "copies cost nothing on the wire: {j}"
+    );
     assert_dir_eq(&fx.current(), &src.tree(), "current");
     fx.flip(&["verify", fx.root_str()]).success();
 
@@ -306,7 +323,13 @@ fn setuid_setgid_and_sticky_bits_survive_deploy_and_verify_checks_them() {
         .dir("tmp", 0o1777);
     fx.deploy(&src, &[]);
     let expected = src.tree();
-    assert_eq!(expected["bin/suid"], Node::File { mode: 0o4755, data: b"#!/bin/sh\n".to_vec() });
+    assert_eq!(
+        expected["bin/suid"],
+        Node::File {
+            mode: 0o4755,
+            data: b"#!/bin/sh\n".to_vec()
+        }
+    );
     assert_eq!(expected["shared"], Node::Dir { mode: 0o2775 });
     assert_eq!(expected["tmp"], Node::Dir { mode: 0o1777 });
     assert_dir_eq(&fx.current(), &expected, "current with special bits");
@@ -323,7 +346,10 @@ fn setuid_setgid_and_sticky_bits_survive_deploy_and_verify_checks_them() {
     assert_eq!(mode("bin/suid"), 0o755);
     assert_eq!(mode("index.php"), 0o4644);
     assert_eq!(
-        fs::symlink_metadata(fx.release(1).join("bin/suid")).unwrap().mode() & 0o7777,
+        fs::symlink_metadata(fx.release(1).join("bin/suid"))
+            .unwrap()
+            .mode()
+            & 0o7777,
         0o4755,
         "release 1 keeps its mode"
     );
@@ -338,4 +364,68 @@ fn setuid_setgid_and_sticky_bits_survive_deploy_and_verify_checks_them() {
     let out = format!("{}{}", run.stdout, run.stderr);
     assert!(out.contains("bin/suid") && out.contains("4755"), "{out}");
     assert!(!out.contains("bin/both"), "{out}");
+}
+
+/// The `staged` events of `.flip/log`, oldest first.
+fn staged_events(fx: &Fx) -> Vec<serde_json::Value> {
+    fs::read_to_string(fx.root.join(".flip/log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "staged")
+        .collect()
+}
+
+/// Pruning an old release changes the ctime of the inodes it shared with the live one; that
+/// alone must not make the next deploy hash every file again (the live release's record is
+/// brought up to date for files that were intact before the prune).
+#[test]
+fn pruning_does_not_make_the_next_deploy_hash_everything() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    for i in 0..20 {
+        src.file(&format!("f{i}.txt"), format!("file {i}\n"), 0o644);
+    }
+    fx.deploy(&src, &["--keep", "1"]);
+    for v in 2..=4 {
+        src.file(&format!("f{v}.txt"), format!("file {v}, v{v}\n"), 0o644);
+        fx.deploy(&src, &["--keep", "1"]);
+    }
+    // Release 1 was pruned after the third deploy, release 2 after the fourth (the live one and
+    // the rollback target are kept).
+    assert_eq!(fx.release_ids(), vec![3, 4]);
+    let staged = staged_events(&fx);
+    assert_eq!(staged.len(), 4);
+    for e in &staged[1..] {
+        assert_eq!(e["hashed"], 0, "{e}");
+    }
+
+    // A file tampered with before a prune is still caught after it: the prune (which removes
+    // releases 3 and 4, sharing the file's inode) must not bring its record up to date.
+    for v in 5..=6 {
+        src.file(&format!("f{v}.txt"), format!("file {v}, v{v}\n"), 0o644);
+        fx.deploy(&src, &["--keep", "5"]);
+    }
+    let f15 = fx.current().join("f15.txt");
+    let ino15 = ino(&f15);
+    assert_eq!(ino(&fx.release(3).join("f15.txt")), ino15);
+    tamper_in_place_small(&f15);
+    fx.flip(&["prune", fx.root_str(), "--keep", "1"]).success();
+    assert_eq!(fx.release_ids(), vec![5, 6]);
+    src.file("f7.txt", "file 7, v7\n", 0o644);
+    let j = fx.deploy(&src, &["--keep", "1"]);
+    assert_eq!(num(&j, "/release"), 7);
+    assert_ne!(ino(&fx.release(7).join("f15.txt")), ino15);
+    assert_eq!(staged_events(&fx).last().unwrap()["hashed"], 1);
+    assert_dir_eq(&fx.current(), &src.tree(), "current");
+    fx.flip(&["verify", fx.root_str()]).success();
+}
+
+/// [`tamper_in_place`] for a small file: its first byte changed, mtime put back.
+fn tamper_in_place_small(p: &Path) {
+    let (secs, nsec) = mtime(p);
+    let mut f = fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all(b"F").unwrap();
+    drop(f);
+    set_mtime(p, secs, nsec);
 }

@@ -376,7 +376,11 @@ mod tests {
     /// a log file appended to at runtime must not show up in a public file of any release.
     #[test]
     fn content_at_another_path_is_copied_not_linked() {
-        let prev = m(&[("a", b"x", 0o755), ("b", b"x", 0o644), ("public/.gitkeep", b"", 0o644)]);
+        let prev = m(&[
+            ("a", b"x", 0o755),
+            ("b", b"x", 0o644),
+            ("public/.gitkeep", b"", 0o644),
+        ]);
         let new = m(&[
             ("c", b"x", 0o644),
             ("public/.gitkeep", b"", 0o644),

@@ -272,7 +272,8 @@ impl<'r> Stage<'r> {
     /// says: a regular file of its size whose identity is the one recorded at commit, or, when
     /// the record is unknown or differs, whose blake3 is the manifest's.
     fn intact(&self, rel: &RelPath, abs: &Path, hashed: &AtomicU64) -> bool {
-        let Some(EntryKind::File { size, digest, .. }) = self.prev.as_ref().and_then(|(_, m)| m.get(rel))
+        let Some(EntryKind::File { size, digest, .. }) =
+            self.prev.as_ref().and_then(|(_, m)| m.get(rel))
         else {
             return false;
         };
@@ -304,7 +305,13 @@ impl<'r> Stage<'r> {
     /// Hard-links an unchanged file from the same path of the previous release, after checking
     /// that it is a regular file of the manifest's size and mode and that it is what the previous
     /// release committed (see [`Self::intact`]). Anything else is transferred rather than trusted.
-    fn link(&self, step: &FileStep, from: &RelPath, src: &Path, hashed: &AtomicU64) -> Result<Outcome> {
+    fn link(
+        &self,
+        step: &FileStep,
+        from: &RelPath,
+        src: &Path,
+        hashed: &AtomicU64,
+    ) -> Result<Outcome> {
         let meta = match fs::symlink_metadata(src) {
             Ok(m)
                 if m.file_type().is_file()
@@ -659,6 +666,92 @@ impl Root {
     }
 }
 
+/// The live release's record of its files' identities, and which files matched it just before
+/// flip removes names that may share their inodes (pruning an older release): removing a link
+/// changes an inode's ctime, which alone must not make the next deploy hash every file again.
+pub(crate) struct LiveStamps {
+    id: u64,
+    manifest: Manifest,
+    stamps: Vec<Option<FileStamp>>,
+    intact: Vec<bool>,
+}
+
+impl Root {
+    /// Snapshot for [`Root::refresh_live_stamps`]; `None` when nothing is live or its record is
+    /// unknown (then there is nothing to keep up to date).
+    pub(crate) fn live_stamps(&self) -> Option<LiveStamps> {
+        let id = self.current().ok()??;
+        let manifest = self.manifest(id).ok()?;
+        let stamps = self.read_stamps(id, &manifest);
+        if stamps.is_empty() {
+            return None;
+        }
+        let dir = self.release_dir(id);
+        let intact = manifest
+            .entries()
+            .par_iter()
+            .zip(stamps.par_iter())
+            .map(|(e, st)| {
+                st.is_some_and(|st| {
+                    fs::symlink_metadata(dir.join(e.path.as_str()))
+                        .is_ok_and(|m| FileStamp::of(&m) == st)
+                })
+            })
+            .collect();
+        Some(LiveStamps {
+            id,
+            manifest,
+            stamps,
+            intact,
+        })
+    }
+
+    /// After the removal: a file that matched its record before and is still the same inode
+    /// with the same size and mtime gets its new ctime recorded. Anything else keeps its old
+    /// record (and is hashed by the next deploy). Best effort: a record that cannot be rewritten
+    /// only costs hashing.
+    pub(crate) fn refresh_live_stamps(&self, live: Option<LiveStamps>) {
+        let Some(mut live) = live else { return };
+        if self.current().ok().flatten() != Some(live.id) {
+            return;
+        }
+        let dir = self.release_dir(live.id);
+        let fresh: Vec<Option<FileStamp>> = live
+            .manifest
+            .entries()
+            .par_iter()
+            .zip(live.stamps.par_iter())
+            .zip(live.intact.par_iter())
+            .map(|((e, st), ok)| {
+                let st = st.as_ref().filter(|_| *ok)?;
+                let now = FileStamp::of(&fs::symlink_metadata(dir.join(e.path.as_str())).ok()?);
+                let same_write = (now.ino, now.size, now.mtime, now.mtime_nsec)
+                    == (st.ino, st.size, st.mtime, st.mtime_nsec);
+                (same_write && now != *st).then_some(now)
+            })
+            .collect();
+        if fresh.iter().all(Option::is_none) {
+            return;
+        }
+        for (st, new) in live.stamps.iter_mut().zip(fresh) {
+            if new.is_some() {
+                *st = new;
+            }
+        }
+        let _ = fsutil::write_atomic_with(&self.stat_path(live.id), |w| {
+            w.write_all(STAMP_MAGIC)?;
+            w.write_all(&(live.manifest.file_count() as u64).to_le_bytes())?;
+            for (e, st) in live.manifest.entries().iter().zip(&live.stamps) {
+                if let EntryKind::File { .. } = e.kind {
+                    let st = st.expect("every file has a stamp in a known record");
+                    w.write_all(&st.encode())?;
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Whether the regular file at `path` (expected to be inode `ino`) holds exactly `size` bytes
 /// hashing to `digest`, and was not written to while it was read.
 fn hash_matches(path: &Path, ino: u64, size: u64, digest: &Digest) -> bool {
@@ -700,12 +793,18 @@ fn hash_matches(path: &Path, ino: u64, size: u64, digest: &Digest) -> bool {
 
 /// Gives a staged directory exactly `mode` (all 12 bits) and checks that it has it.
 fn set_dir_mode(path: &Path, mode: u32) -> Result<()> {
-    let have = fs::symlink_metadata(path).map_err(io("inspect", path))?.mode() & MODE_MASK;
+    let have = fs::symlink_metadata(path)
+        .map_err(io("inspect", path))?
+        .mode()
+        & MODE_MASK;
     if have == mode {
         return Ok(());
     }
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io("chmod", path))?;
-    let got = fs::symlink_metadata(path).map_err(io("inspect", path))?.mode() & MODE_MASK;
+    let got = fs::symlink_metadata(path)
+        .map_err(io("inspect", path))?
+        .mode()
+        & MODE_MASK;
     check_mode(path, mode, got)
 }
 
@@ -889,13 +988,7 @@ impl FileWriter {
     /// where the filesystem supports it. Fails, leaving the file empty, where it does not.
     fn reflink_from(&mut self, src: &File) -> std::io::Result<()> {
         // SAFETY: FICLONE takes the source descriptor as its argument; both fds are open.
-        let r = unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                libc::FICLONE as _,
-                src.as_raw_fd(),
-            )
-        };
+        let r = unsafe { libc::ioctl(self.file.as_raw_fd(), libc::FICLONE as _, src.as_raw_fd()) };
         if r != 0 {
             return Err(std::io::Error::last_os_error());
         }
