@@ -429,3 +429,66 @@ fn tamper_in_place_small(p: &Path) {
     drop(f);
     set_mtime(p, secs, nsec);
 }
+
+/// A permission bit the kernel will not set is an error naming the file and the bits, and
+/// nothing goes live. Here an unprivileged deploy user (`nobody`) stages under a setgid
+/// `releases/` of a group it is not in: new files get that group, and the kernel silently drops
+/// the setgid bit a chmod asks for.
+#[test]
+fn a_permission_bit_the_kernel_drops_is_a_clear_error() {
+    let fx = Fx::new();
+    let (uid, gid) = (65534u32, 65534u32); // nobody:nogroup
+    let top = fx.path("");
+    fs::set_permissions(&top, fs::Permissions::from_mode(0o755)).unwrap();
+    let chown = |p: &Path, uid: u32, gid: u32| {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(
+            unsafe { libc::chown(c.as_ptr(), uid, gid) },
+            0,
+            "{}",
+            p.display()
+        );
+    };
+    let home = fx.home.clone();
+    chown(&home, uid, gid);
+    let src = fx.src("src");
+    src.file("bin/tool", "#!/bin/sh\necho v1\n", 0o2755)
+        .file("index.php", "<?php\n", 0o644);
+    fs::create_dir(&fx.root).unwrap();
+    chown(&fx.root, uid, gid);
+    let as_nobody = |args: &[&str]| {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", FLIP])
+            .args(args)
+            .env("HOME", &home)
+            .env("XDG_CACHE_HOME", home.join(".cache"))
+            .env_remove("FLIP_FAULT")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = as_nobody(&["deploy", src.s(), fx.root_str()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        fs::symlink_metadata(fx.current().join("bin/tool"))
+            .unwrap()
+            .mode()
+            & 0o7777,
+        0o2755
+    );
+
+    // releases/ now passes group root on to what is created in it.
+    let releases = fx.root.join("releases");
+    chown(&releases, uid, 0);
+    fs::set_permissions(&releases, fs::Permissions::from_mode(0o2775)).unwrap();
+    src.file("bin/tool", "#!/bin/sh\necho v2\n", 0o2755);
+    let (code, err) = as_nobody(&["deploy", src.s(), fx.root_str()]);
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("bin/tool") && err.contains("2755"), "{err}");
+    assert!(!err.contains("again"), "no retry advice: {err}");
+    assert_eq!(fx.current_link(), "releases/1");
+}
