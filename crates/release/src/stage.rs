@@ -1141,3 +1141,156 @@ fn list_tree(base: &Path, dir: &Path, out: &mut Vec<String>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Holder, Wait};
+    use flip_manifest::Entry;
+
+    fn manifest(files: &[(&str, &[u8], u32)]) -> Manifest {
+        let mut entries = Vec::new();
+        for (p, data, mode) in files {
+            entries.push(Entry {
+                path: RelPath::new(*p).unwrap(),
+                kind: EntryKind::File {
+                    mode: *mode,
+                    size: data.len() as u64,
+                    digest: Digest::of(data),
+                },
+            });
+        }
+        Manifest::new(entries).unwrap()
+    }
+
+    fn holder() -> Holder {
+        Holder {
+            pid: std::process::id(),
+            host: "test".into(),
+            user: "test".into(),
+            since: 0,
+            what: "deploy".into(),
+        }
+    }
+
+    /// Stages `files` as a new release against the live one, fills what it needs from `files`,
+    /// commits and activates it; returns the stage's stats and the bases it offered.
+    fn deploy(root: &Root, files: &[(&str, &[u8], u32)]) -> (StageStats, Vec<Option<RelPath>>) {
+        let lock = root.lock(&holder(), Wait::No).unwrap();
+        let mut stage = root.stage(&lock, manifest(files), None).unwrap();
+        let needs = stage.needs().to_vec();
+        let bases = needs
+            .iter()
+            .map(|&i| stage.basis_of(i).map(|(b, _)| b))
+            .collect();
+        for i in needs {
+            let path = stage.plan().files[i].path.clone();
+            let data = files.iter().find(|f| f.0 == path.as_str()).unwrap().1;
+            let mut w = stage.begin_file(i).unwrap();
+            w.write(data).unwrap();
+            stage.finish_file(w, None).unwrap();
+        }
+        let stats = stage.stats().clone();
+        let info = stage.commit().unwrap();
+        root.activate(&lock, info.id).unwrap();
+        (stats, bases)
+    }
+
+    /// Writes one byte of `p` in place and puts its mtime back (as `touch -r` would).
+    fn tamper(p: &Path) {
+        // Past the coarse clock tick of the stamp taken at commit, so the ctime moves.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let m = fs::symlink_metadata(p).unwrap();
+        let f = OpenOptions::new().write(true).open(p).unwrap();
+        f.write_at(b"X", 0).unwrap();
+        let t = std::time::UNIX_EPOCH
+            + std::time::Duration::new(m.mtime() as u64, m.mtime_nsec() as u32);
+        f.set_modified(t).unwrap();
+        drop(f);
+        let n = fs::symlink_metadata(p).unwrap();
+        assert_eq!(
+            (n.ino(), n.len(), n.mtime(), n.mtime_nsec()),
+            (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+        );
+    }
+
+    #[test]
+    fn stamps_encode_and_decode() {
+        let st = FileStamp {
+            ino: 1 << 40,
+            size: 150_000,
+            mtime: -5,
+            mtime_nsec: 999_999_999,
+            ctime: 1_700_000_000,
+            ctime_nsec: 7,
+        };
+        assert_eq!(FileStamp::decode(&st.encode()), st);
+    }
+
+    #[test]
+    fn intact_files_are_linked_without_hashing_and_tampered_ones_are_sent() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(&t.path().join("t")).unwrap();
+        let big = vec![b'a'; 20_000];
+        let v1: &[(&str, &[u8], u32)] = &[
+            ("a", b"aaaa", 0o644),
+            ("b", &big, 0o644),
+            ("c", b"cc", 0o4755),
+        ];
+        deploy(&root, v1);
+        let (st, _) = deploy(&root, v1);
+        assert_eq!((st.linked, st.hashed, st.written), (3, 0, 0));
+
+        // Tampered in place, mtime put back: hashed, and sent again.
+        tamper(&root.release_dir(2).join("a"));
+        let (st, _) = deploy(&root, v1);
+        assert_eq!(
+            (st.linked, st.hashed, st.relinked_as_transfer, st.written),
+            (2, 1, 1, 1)
+        );
+
+        // No usable record: every file is hashed, the intact ones still linked.
+        for damage in [&b""[..], b"FLIPSTA2", b"FLIPSTA2\x03\0\0\0\0\0\0\0"] {
+            let live = root.current().unwrap().unwrap();
+            fs::write(root.stat_path(live), damage).unwrap();
+            let (st, _) = deploy(&root, v1);
+            assert_eq!((st.linked, st.hashed, st.written), (3, 3, 0), "{damage:?}");
+        }
+    }
+
+    #[test]
+    fn a_damaged_basis_is_not_offered_nor_accepted() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(&t.path().join("t")).unwrap();
+        let (b1, b2) = (vec![b'a'; 20_000], vec![b'b'; 20_000]);
+        deploy(&root, &[("f", &b1, 0o644), ("g", &b1, 0o644)]);
+        tamper(&root.release_dir(1).join("g"));
+        let lock = root.lock(&holder(), Wait::No).unwrap();
+        let stage = root
+            .stage(
+                &lock,
+                manifest(&[("f", &b2, 0o644), ("g", &b2, 0o644)]),
+                None,
+            )
+            .unwrap();
+        assert_eq!(stage.needs(), &[0, 1]);
+        assert_eq!(
+            stage.basis_of(0).map(|(b, _)| b.to_string()).as_deref(),
+            Some("f")
+        );
+        assert_eq!(stage.basis_of(1), None);
+        assert_eq!(stage.stats().bases_dropped, 1);
+        assert!(stage.signature(&RelPath::new("f").unwrap()).is_ok());
+        assert!(matches!(
+            stage.signature(&RelPath::new("g").unwrap()),
+            Err(Error::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn directories_with_special_bits_start_private() {
+        assert_eq!(initial_dir_mode(0o755, Some(0o022)), 0o755);
+        assert_eq!(initial_dir_mode(0o2775, Some(0o002)), 0o700);
+        assert_eq!(initial_dir_mode(0o1777, Some(0)), 0o700);
+    }
+}
