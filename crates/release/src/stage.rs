@@ -335,8 +335,15 @@ impl<'r> Stage<'r> {
                 }
                 Ok(Outcome::Linked(FileStamp::of(&linked)))
             }
-            // Too many links to one inode, or another filesystem: a copy does the job.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMLINK) | Some(libc::EXDEV)) => {
+            // Too many links to one inode, another filesystem, or a link the kernel refuses
+            // (`fs.protected_hardlinks` for a file the deploy user does not own): a copy does
+            // the job, and fails over to a transfer if it cannot read the file either.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMLINK | libc::EXDEV | libc::EPERM | libc::EACCES)
+                ) =>
+            {
                 self.copy(step, src)
             }
             Err(e) => Err(io("hard-link", &dst)(e)),
