@@ -313,16 +313,17 @@ impl<'r> Stage<'r> {
         hashed: &AtomicU64,
     ) -> Result<Outcome> {
         let meta = match fs::symlink_metadata(src) {
-            Ok(m)
-                if m.file_type().is_file()
-                    && m.len() == step.size
-                    && m.mode() & MODE_MASK == step.mode
-                    && self.intact_meta(from, src, &m, step.size, &step.digest, hashed) =>
-            {
-                m
-            }
+            Ok(m) if m.file_type().is_file() && m.len() == step.size => m,
             _ => return Ok(TRANSFER),
         };
+        if meta.mode() & MODE_MASK != step.mode {
+            // Its mode was changed behind flip's back: the inode cannot be shared, its content
+            // may still serve (a copy checks it).
+            return self.copy(step, src);
+        }
+        if !self.intact_meta(from, src, &meta, step.size, &step.digest, hashed) {
+            return Ok(TRANSFER);
+        }
         let dst = self.abs(&step.path);
         match fs::hard_link(src, &dst) {
             Ok(()) => {
@@ -1254,6 +1255,19 @@ mod tests {
         assert_eq!(
             (st.linked, st.hashed, st.relinked_as_transfer, st.written),
             (2, 1, 1, 1)
+        );
+
+        // A mode changed behind flip's back: the content is copied into a new inode.
+        let live = root.current().unwrap().unwrap();
+        let c = root.release_dir(live).join("c");
+        fs::set_permissions(&c, fs::Permissions::from_mode(0o755)).unwrap();
+        let (st, _) = deploy(&root, v1);
+        assert_eq!((st.linked, st.copied, st.written), (2, 1, 0));
+        let now = root.release_dir(root.current().unwrap().unwrap()).join("c");
+        assert_eq!(fs::metadata(&now).unwrap().mode() & MODE_MASK, 0o4755);
+        assert_ne!(
+            fs::metadata(&now).unwrap().ino(),
+            fs::metadata(&c).unwrap().ino()
         );
 
         // No usable record: every file is hashed, the intact ones still linked.
