@@ -304,7 +304,8 @@ impl<'r> Stage<'r> {
 
     /// Hard-links an unchanged file from the same path of the previous release, after checking
     /// that it is a regular file of the manifest's size and mode and that it is what the previous
-    /// release committed (see [`Self::intact`]). Anything else is transferred rather than trusted.
+    /// release committed (see [`Self::intact`]). One whose mode alone changed is copied (content
+    /// checked); anything else is transferred rather than trusted.
     fn link(
         &self,
         step: &FileStep,
