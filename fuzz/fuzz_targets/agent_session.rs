@@ -346,7 +346,7 @@ fn build_manifest(t: &Tree, env: &Env, contents: &mut HashMap<Digest, Vec<u8>>) 
         let path = rel(&e.path);
         let kind = match &e.kind {
             TKind::Dir { mode } => EntryKind::Dir {
-                mode: *mode as u32 & 0o777,
+                mode: *mode as u32 & 0o7777,
             },
             TKind::File { mode, content } => {
                 let c = content_bytes(content);
@@ -354,13 +354,13 @@ fn build_manifest(t: &Tree, env: &Env, contents: &mut HashMap<Digest, Vec<u8>>) 
                 let size = c.len() as u64;
                 contents.insert(digest, c);
                 EntryKind::File {
-                    mode: *mode as u32 & 0o777,
+                    mode: *mode as u32 & 0o7777,
                     size,
                     digest,
                 }
             }
             TKind::FileLie { mode, size, digest } => EntryKind::File {
-                mode: *mode as u32 & 0o777,
+                mode: *mode as u32 & 0o7777,
                 size: *size,
                 digest: Digest([*digest; 32]),
             },

@@ -434,8 +434,8 @@ pub const V1_FILES: u64 = 10;
 
 /// Edits turning [`site_v1`] into the second version: a delta-sized edit, a small edit, an
 /// addition, a deletion, a rename, a mode change on unchanged content, a new symlink and a
-/// removed empty directory. 10 regular files: 6 linked (one of them the rename), 1 copied (the
-/// mode change), 1 delta, 2 literal; 2 removed paths.
+/// removed empty directory. 10 regular files: 4 linked, 3 copied (the rename, the mode change and
+/// the empty file, which is never linked), 1 delta, 2 literal; 2 removed paths.
 pub fn site_v2(src: &Src) {
     let mut big = src.read("big.bin");
     for (i, b) in big[100_000..100_064].iter_mut().enumerate() {

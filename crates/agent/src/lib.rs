@@ -524,6 +524,7 @@ impl Session {
                 self.log(serde_json::json!({
                     "time": now(), "event": "staged", "release": info.id,
                     "label": info.label, "files": info.files, "written": stats.written,
+                    "hashed": stats.hashed, "bases_dropped": stats.bases_dropped,
                 }));
                 Response::Committed {
                     id: info.id,

@@ -440,6 +440,47 @@ mod tests {
         assert_eq!(decode(&more), Err(DecodeError::Trailing(1)));
     }
 
+    /// All 12 permission bits survive encoding; a mode with a file type bit is refused.
+    #[test]
+    fn special_mode_bits_roundtrip_and_type_bits_are_refused() {
+        let m = Manifest::new(vec![
+            Entry {
+                path: p("shared"),
+                kind: EntryKind::Dir { mode: 0o2775 },
+            },
+            Entry {
+                path: p("tmp"),
+                kind: EntryKind::Dir { mode: 0o1777 },
+            },
+            Entry {
+                path: p("suid"),
+                kind: EntryKind::File {
+                    mode: 0o6755,
+                    size: 1,
+                    digest: Digest::of(b"x"),
+                },
+            },
+        ])
+        .unwrap();
+        assert_eq!(decode(&encode(&m)).unwrap(), m);
+        for mode in [0o10000u64, 0o100644, 0o40755] {
+            let mut b = MAGIC.to_vec();
+            put_varint(&mut b, 1);
+            put_varint(&mut b, 0);
+            put_varint(&mut b, 1);
+            b.push(b'd');
+            b.push(0);
+            put_varint(&mut b, mode);
+            assert!(
+                matches!(
+                    decode(&b),
+                    Err(DecodeError::Invalid(ManifestError::BadMode { .. }))
+                ),
+                "{mode:o}"
+            );
+        }
+    }
+
     #[test]
     fn rejects_hostile_input() {
         // A huge count in a tiny buffer must not allocate.

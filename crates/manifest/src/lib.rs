@@ -20,9 +20,10 @@ pub use tree::{DirHash, DirPatch, DirState, DirTree, DIR_HASH_LEN};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// Permission bits flip carries: read/write/execute for user, group and other. Set-id and sticky
-/// bits are never deployed.
-pub const MODE_MASK: u32 = 0o777;
+/// Permission bits flip carries: all 12 of them, read/write/execute for user, group and other,
+/// and setuid (0o4000), setgid (0o2000) and sticky (0o1000). The file type bits are not part of
+/// a mode.
+pub const MODE_MASK: u32 = 0o7777;
 /// Longest symlink target accepted.
 pub const MAX_LINK_TARGET: usize = 4096;
 /// Most entries one manifest may hold.
@@ -111,7 +112,7 @@ pub enum ManifestError {
     Duplicate { path: String },
     #[error("{path}: its parent {parent} is not a directory in the manifest")]
     NoParentDir { path: String, parent: String },
-    #[error("{path}: mode {mode:o} has bits outside 0777")]
+    #[error("{path}: mode {mode:o} has bits outside 07777")]
     BadMode { path: String, mode: u32 },
     #[error("{path}: symlink target is empty, too long or contains NUL")]
     BadLinkTarget { path: String },
@@ -413,18 +414,27 @@ mod tests {
             Manifest::new(vec![file("a", b"1"), file("a", b"2")]),
             Err(ManifestError::Duplicate { .. })
         ));
-        let bad = Entry {
+        let with_mode = |mode| Entry {
             path: p("s"),
             kind: EntryKind::File {
-                mode: 0o4755,
+                mode,
                 size: 0,
                 digest: Digest::of(b""),
             },
         };
-        assert!(matches!(
-            Manifest::new(vec![bad]),
-            Err(ManifestError::BadMode { .. })
-        ));
+        // All 12 permission bits are carried; file type bits are not a mode.
+        for mode in [0o4755, 0o2775, 0o1777, 0o6755, 0o7777] {
+            assert!(Manifest::new(vec![with_mode(mode)]).is_ok(), "{mode:o}");
+        }
+        for mode in [0o10644, 0o100644, 0o40755, u32::MAX] {
+            assert!(
+                matches!(
+                    Manifest::new(vec![with_mode(mode)]),
+                    Err(ManifestError::BadMode { .. })
+                ),
+                "{mode:o}"
+            );
+        }
     }
 
     #[test]

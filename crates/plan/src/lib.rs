@@ -3,10 +3,14 @@
 //! same plan from the same manifests and never have to ship it.
 //!
 //! For every regular file of the new manifest, in order:
-//! 1. same content, same mode anywhere in the previous release (same path preferred) → [`Source::Link`]:
-//!    a hard link, nothing crosses the wire, renames and copies are free;
-//! 2. same content but only with another mode → [`Source::Copy`]: the agent copies it locally
-//!    (chmod on a shared inode would change older releases too);
+//! 1. same content and mode at the same path of the previous release, and not empty →
+//!    [`Source::Link`]: a hard link, nothing crosses the wire. Links join only the same path
+//!    across releases (as rsync `--link-dest`): a file the application appends to at runtime
+//!    never shows up at another path, in this release or an older one;
+//! 2. same content at the same path with another mode, or anywhere else in the previous release,
+//!    or an empty file that the previous release has somewhere → [`Source::Copy`]: the agent makes
+//!    a new inode from what it has (reflink or copy; chmod on a shared inode would change older
+//!    releases too), renames and duplicates still cost nothing on the wire;
 //! 3. otherwise → [`Source::Transfer`], with a delta basis when the previous release has a
 //!    likely ancestor: the previous version at the same path, else (rsync `--fuzzy` style) a file
 //!    that is gone from the new release and looks like this one's old self — the same file name
@@ -24,28 +28,35 @@ use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 /// Where the bytes of one file of the new release come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
-    /// Hard link to this path of the previous release.
+    /// Hard link to the same path of the previous release (same content, same mode, not empty).
     Link(RelPath),
-    /// Local copy of this path of the previous release (content equal, mode differs).
+    /// Local copy of this path of the previous release into a new inode: the content is equal,
+    /// and the path or the mode differs, or the file is empty.
     Copy(RelPath),
     /// Content must come from the client; `basis` is a file of the previous release to build it
     /// from (its previous version at the same path, or a likely ancestor: see the crate docs).
     Transfer { basis: Option<RelPath> },
 }
 
+/// One regular file of the new release and where its bytes come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileStep {
     pub path: RelPath,
+    /// All 12 permission bits (`mode & 0o7777`).
     pub mode: u32,
     pub size: u64,
     pub digest: Digest,
     pub source: Source,
 }
 
+/// Counts of a [`Plan`], by [`Source`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PlanStats {
     pub files: u64,
+    /// Hard links to the same path of the previous release.
     pub linked: u64,
+    /// New inodes made on the target from content it already has (another path, another mode,
+    /// or an empty file).
     pub copied: u64,
     pub transfers: u64,
     /// Regular files of the previous release whose path is gone from the new one.
@@ -100,13 +111,13 @@ pub fn plan(prev: Option<&Manifest>, new: &Manifest) -> Plan {
             _ => None,
         };
         let holders = by_digest.get(digest);
-        let source = if same_path == Some((mode, digest)) {
+        let source = if same_path == Some((mode, digest)) && size > 0 {
             Source::Link(path.clone())
+        } else if same_path.is_some_and(|(_, d)| d == digest) {
+            // Same content at the same path: another mode, or empty (never linked).
+            Source::Copy(path.clone())
         } else if let [(_, first, _), ..] = holders {
-            match holders.iter().find(|(.., m)| *m == mode) {
-                Some((_, p, _)) => Source::Link((*p).clone()),
-                None => Source::Copy((*first).clone()),
-            }
+            Source::Copy((*first).clone())
         } else {
             Source::Transfer {
                 basis: match same_path {
@@ -343,7 +354,8 @@ mod tests {
                 .clone()
         };
         assert_eq!(src("same"), Source::Link(p("same")));
-        assert_eq!(src("d/new-name"), Source::Link(p("old-name")));
+        // Links join only the same path: a rename is a local copy.
+        assert_eq!(src("d/new-name"), Source::Copy(p("old-name")));
         assert_eq!(src("script"), Source::Copy(p("script")));
         assert_eq!(
             src("edited"),
@@ -352,29 +364,64 @@ mod tests {
             }
         );
         assert_eq!(src("fresh"), Source::Transfer { basis: None });
-        assert_eq!(plan.stats.linked, 2);
-        assert_eq!(plan.stats.copied, 1);
+        assert_eq!(plan.stats.linked, 1);
+        assert_eq!(plan.stats.copied, 2);
         assert_eq!(plan.stats.transfers, 2);
         // "old-name" and "gone" no longer exist at their paths
         assert_eq!(plan.stats.removed, 2);
         assert_eq!(plan.transfers().count(), 2);
     }
 
+    /// Content found at another path is never hard-linked to the new path, whatever its mode:
+    /// a log file appended to at runtime must not show up in a public file of any release.
     #[test]
-    fn prefers_link_with_matching_mode() {
-        let prev = m(&[("a", b"x", 0o755), ("b", b"x", 0o644)]);
-        let new = m(&[("c", b"x", 0o644)]);
-        assert_eq!(
-            plan(Some(&prev), &new).files[0].source,
-            Source::Link(p("b"))
-        );
+    fn content_at_another_path_is_copied_not_linked() {
+        let prev = m(&[
+            ("a", b"x", 0o755),
+            ("b", b"x", 0o644),
+            ("public/.gitkeep", b"", 0o644),
+        ]);
+        let new = m(&[
+            ("c", b"x", 0o644),
+            ("public/.gitkeep", b"", 0o644),
+            ("storage/app.log", b"", 0o644),
+        ]);
+        let plan = plan(Some(&prev), &new);
+        let src = |path: &str| {
+            plan.files
+                .iter()
+                .find(|f| f.path.as_str() == path)
+                .unwrap()
+                .source
+                .clone()
+        };
+        assert_eq!(src("c"), Source::Copy(p("a")));
+        // Empty files are created, never linked, even at the same path.
+        assert_eq!(src("public/.gitkeep"), Source::Copy(p("public/.gitkeep")));
+        assert_eq!(src("storage/app.log"), Source::Copy(p("public/.gitkeep")));
+        assert_eq!(plan.stats.linked, 0);
+        assert_eq!(plan.stats.copied, 3);
+    }
+
+    /// Set-id and sticky bits are part of the mode: a change of them alone is a copy.
+    #[test]
+    fn special_mode_bits_count() {
+        let prev = m(&[("run", b"#!", 0o755)]);
+        let new = m(&[("run", b"#!", 0o4755)]);
+        let plan = plan(Some(&prev), &new);
+        assert_eq!(plan.files[0].source, Source::Copy(p("run")));
+        assert_eq!(plan.files[0].mode, 0o4755);
+        let same = super::plan(Some(&new), &new);
+        assert_eq!(same.files[0].source, Source::Link(p("run")));
     }
 
     #[test]
     fn same_tree_is_all_links() {
-        let t = m(&[("a", b"1", 0o644), ("d/b", b"2", 0o600)]);
+        let t = m(&[("a", b"1", 0o644), ("d/b", b"2", 0o600), ("e", b"", 0o644)]);
         let plan = plan(Some(&t), &t);
         assert_eq!(plan.stats.linked, 2);
+        // The empty file is created anew.
+        assert_eq!(plan.stats.copied, 1);
         assert_eq!(plan.stats.transfers + plan.stats.removed, 0);
     }
 

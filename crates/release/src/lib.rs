@@ -11,7 +11,7 @@
 //!   .flip/next-id                the next release id; ids are never reused
 //!   .flip/releases/7.manifest    canonical manifest of each kept release
 //!   .flip/releases/7.json        its metadata: label, creation time, totals
-//!   .flip/releases/7.stat        inode and mtime of each of its files when it was committed
+//!   .flip/releases/7.stat        identity (inode, size, mtime, ctime) of each of its files
 //!   .flip/log                    one JSON line per deploy, activation and prune
 //! ```
 //!
@@ -292,8 +292,9 @@ impl Root {
         self.meta_dir().join(format!("{id}.json"))
     }
 
-    /// (inode, mtime) of every file of a release as committed: what lets the next deploy tell
-    /// an intact file it may hard-link from one that was replaced or written to since.
+    /// (inode, size, mtime, ctime) of every file of a release as committed: what lets the next
+    /// deploy tell an intact file it may hard-link from one that was replaced or written to
+    /// since (anything else is hashed first).
     fn stat_path(&self, id: u64) -> PathBuf {
         self.meta_dir().join(format!("{id}.stat"))
     }
@@ -551,6 +552,9 @@ impl Root {
             }
         }
         doomed.sort_unstable();
+        // Deleting a release's tree changes the ctime of inodes the live release shares with
+        // it: its identity record is refreshed for the files that were intact before.
+        let live = (!doomed.is_empty()).then(|| self.live_stamps()).flatten();
         let mut removed = Vec::new();
         for id in doomed {
             match self.retire_release(id) {
@@ -559,6 +563,7 @@ impl Root {
             }
         }
         self.clean_leftovers(lock)?;
+        self.refresh_live_stamps(live);
         Ok(removed)
     }
 

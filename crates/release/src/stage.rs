@@ -11,18 +11,30 @@
 //! Every file is created with `O_EXCL | O_NOFOLLOW` inside directories this stage made itself, so
 //! nothing is ever written into an existing inode (hard-linked files are shared with older
 //! releases) or through a symlink.
+//!
+//! Nothing of the previous release is trusted by its size: a file is hard-linked forward, or used
+//! as a delta basis, only when its identity (inode, size, mtime and ctime, which `touch -r`
+//! cannot set back) is the one recorded when that release was committed (`.flip/releases/N.stat`),
+//! or, when the record is missing, damaged or differs, when its blake3 is the manifest's (the
+//! files concerned are hashed in parallel). A file that fails is transferred whole instead; a
+//! basis that fails is dropped before the client hears of it.
 
 use crate::error::{io, Error, Result};
 use crate::{fsutil, LockGuard, ReleaseInfo, Root, STAGING_PREFIX};
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_plan::{FileStep, Plan, Source};
 use rayon::prelude::*;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The permission bits flip deploys and verifies (all 12: rwx for user, group and other,
+/// setuid, setgid, sticky).
+const MODE_MASK: u32 = flip_manifest::MODE_MASK;
 
 /// Files above this size are mapped rather than read into memory when used as a delta basis.
 const MMAP_THRESHOLD: u64 = 16 << 20;
@@ -30,11 +42,20 @@ const MMAP_THRESHOLD: u64 = 16 << 20;
 /// What staging has done so far.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StageStats {
+    /// Files hard-linked from the same path of the previous release.
     pub linked: u64,
+    /// Files copied (reflinked where the filesystem can) into a new inode from content the
+    /// previous release holds: at another path, with another mode, or empty.
     pub copied: u64,
     /// Files planned as links or copies whose source turned out to be missing or altered on
     /// disk; they are transferred instead.
     pub relinked_as_transfer: u64,
+    /// Files of the previous release hashed because their recorded identity was unknown or
+    /// differed (as link sources or delta bases).
+    pub hashed: u64,
+    /// Delta bases found not to be what the previous release's manifest says (missing, not a
+    /// regular file, or other content): their files go whole.
+    pub bases_dropped: u64,
     /// Files written from client data (literal or delta).
     pub written: u64,
     pub written_bytes: u64,
@@ -45,14 +66,17 @@ pub struct Stage<'r> {
     id: u64,
     dir: PathBuf,
     prev: Option<(u64, Manifest)>,
-    /// Inode and mtime of the previous release's files when it was committed, by position in
-    /// its manifest's entries (directories hold a zero stamp); empty if unknown.
-    prev_stat: Vec<FileStamp>,
+    /// Identity of the previous release's files when it was committed, by position in its
+    /// manifest's entries (`None` for directories and symlinks); empty if unknown.
+    prev_stat: Vec<Option<FileStamp>>,
+    /// Files of the previous release checked during staging to be what its manifest says, and
+    /// so usable as delta bases; no other file is.
+    good_bases: HashSet<RelPath>,
     manifest: Manifest,
     plan: Plan,
     needs: Vec<usize>,
     pending: BTreeSet<usize>,
-    /// Inode and mtime of each staged file (by plan index), for the release's `.stat`.
+    /// Identity of each staged file (by plan index), for the release's `.stat`.
     stamps: Vec<Option<FileStamp>>,
     label: Option<String>,
     stats: StageStats,
@@ -62,8 +86,14 @@ pub struct Stage<'r> {
 enum Outcome {
     Linked(FileStamp),
     Copied(FileStamp),
-    Transfer,
+    /// The content must come from the client; `basis_ok`: the plan's delta basis (if any) was
+    /// found intact.
+    Transfer {
+        basis_ok: bool,
+    },
 }
+
+const TRANSFER: Outcome = Outcome::Transfer { basis_ok: false };
 
 impl Root {
     /// Starts building a new release holding exactly `manifest`, planned against the live one.
@@ -114,6 +144,7 @@ impl Root {
             dir,
             prev,
             prev_stat,
+            good_bases: HashSet::new(),
             manifest,
             plan,
             needs: Vec::new(),
@@ -151,12 +182,16 @@ impl<'r> Stage<'r> {
         &self.stats
     }
 
-    /// The previous version of `plan().files[index]` at the same path and its size, if the plan
-    /// found one: what a delta can be computed against.
+    /// The delta basis of `plan().files[index]` (its previous version at the same path, or a
+    /// likely ancestor) and its size, if the plan found one and staging found it intact: what a
+    /// delta or patch can be made against. `None` means the file goes whole.
     pub fn basis_of(&self, index: usize) -> Option<(RelPath, u64)> {
         let Source::Transfer { basis: Some(b) } = &self.plan.files.get(index)?.source else {
             return None;
         };
+        if !self.good_bases.contains(b) {
+            return None;
+        }
         match self.prev.as_ref()?.1.get(b) {
             Some(EntryKind::File { size, .. }) => Some((b.clone(), *size)),
             _ => None,
@@ -192,16 +227,23 @@ impl<'r> Stage<'r> {
             })?;
         }
         let prev_dir = self.prev.as_ref().map(|(id, _)| self.root.release_dir(*id));
+        let hashed = AtomicU64::new(0);
         let outcomes: Vec<Result<Outcome>> = self
             .plan
             .files
             .par_iter()
             .map(|step| match (&step.source, &prev_dir) {
-                (Source::Link(from), Some(pd)) => self.link(step, from, &pd.join(from.as_str())),
+                (Source::Link(from), Some(pd)) => {
+                    self.link(step, from, &pd.join(from.as_str()), &hashed)
+                }
                 (Source::Copy(from), Some(pd)) => self.copy(step, &pd.join(from.as_str())),
-                _ => Ok(Outcome::Transfer),
+                (Source::Transfer { basis: Some(b) }, Some(pd)) => Ok(Outcome::Transfer {
+                    basis_ok: self.intact(b, &pd.join(b.as_str()), &hashed),
+                }),
+                _ => Ok(TRANSFER),
             })
             .collect();
+        self.stats.hashed = hashed.into_inner();
         self.stamps = vec![None; self.plan.files.len()];
         for (i, outcome) in outcomes.into_iter().enumerate() {
             match outcome? {
@@ -213,9 +255,14 @@ impl<'r> Stage<'r> {
                     self.stats.copied += 1;
                     self.stamps[i] = Some(st);
                 }
-                Outcome::Transfer => {
-                    if !matches!(self.plan.files[i].source, Source::Transfer { .. }) {
-                        self.stats.relinked_as_transfer += 1;
+                Outcome::Transfer { basis_ok } => {
+                    match &self.plan.files[i].source {
+                        Source::Transfer { basis: Some(b) } if basis_ok => {
+                            self.good_bases.insert(b.clone());
+                        }
+                        Source::Transfer { basis: Some(_) } => self.stats.bases_dropped += 1,
+                        Source::Transfer { basis: None } => {}
+                        _ => self.stats.relinked_as_transfer += 1,
                     }
                     self.needs.push(i);
                 }
@@ -228,33 +275,87 @@ impl<'r> Stage<'r> {
     /// The committed stamp of file `path` of the previous release, if known.
     fn prev_stamp(&self, path: &RelPath) -> Option<&FileStamp> {
         let (_, m) = self.prev.as_ref()?;
-        self.prev_stat.get(m.position(path)?)
+        self.prev_stat.get(m.position(path)?)?.as_ref()
     }
 
-    /// Hard-links an unchanged file, after checking that the old inode is still the one the
-    /// previous release committed (same inode and mtime: not replaced, not written to) and looks
-    /// like what the old manifest says (a regular file of that size and mode). Anything else is
-    /// transferred again rather than trusted.
-    fn link(&self, step: &FileStep, from: &RelPath, src: &Path) -> Result<Outcome> {
-        let stamp = match fs::symlink_metadata(src) {
-            Ok(m)
-                if m.file_type().is_file()
-                    && m.len() == step.size
-                    && m.mode() & 0o777 == step.mode
-                    && self
-                        .prev_stamp(from)
-                        .is_none_or(|st| *st == FileStamp::of(&m)) =>
-            {
-                FileStamp::of(&m)
-            }
-            _ => return Ok(Outcome::Transfer),
+    /// Whether file `rel` of the previous release (at `abs`) is what that release's manifest
+    /// says: a regular file of its size whose identity is the one recorded at commit, or, when
+    /// the record is unknown or differs, whose blake3 is the manifest's.
+    fn intact(&self, rel: &RelPath, abs: &Path, hashed: &AtomicU64) -> bool {
+        let Some(EntryKind::File { size, digest, .. }) =
+            self.prev.as_ref().and_then(|(_, m)| m.get(rel))
+        else {
+            return false;
         };
+        match fs::symlink_metadata(abs) {
+            Ok(meta) if meta.file_type().is_file() && meta.len() == *size => {
+                self.intact_meta(rel, abs, &meta, *size, digest, hashed)
+            }
+            _ => false,
+        }
+    }
+
+    /// [`Self::intact`] for a regular file of the right size whose metadata is `meta`.
+    fn intact_meta(
+        &self,
+        rel: &RelPath,
+        abs: &Path,
+        meta: &fs::Metadata,
+        size: u64,
+        digest: &Digest,
+        hashed: &AtomicU64,
+    ) -> bool {
+        if self.prev_stamp(rel) == Some(&FileStamp::of(meta)) {
+            return true;
+        }
+        hashed.fetch_add(1, Ordering::Relaxed);
+        hash_matches(abs, meta.ino(), size, digest)
+    }
+
+    /// Hard-links an unchanged file from the same path of the previous release, after checking
+    /// that it is a regular file of the manifest's size and mode and that it is what the previous
+    /// release committed (see [`Self::intact`]). One whose mode alone changed is copied (content
+    /// checked); anything else is transferred rather than trusted.
+    fn link(
+        &self,
+        step: &FileStep,
+        from: &RelPath,
+        src: &Path,
+        hashed: &AtomicU64,
+    ) -> Result<Outcome> {
+        let meta = match fs::symlink_metadata(src) {
+            Ok(m) if m.file_type().is_file() && m.len() == step.size => m,
+            _ => return Ok(TRANSFER),
+        };
+        if meta.mode() & MODE_MASK != step.mode {
+            // Its mode was changed behind flip's back: the inode cannot be shared, its content
+            // may still serve (a copy checks it).
+            return self.copy(step, src);
+        }
+        if !self.intact_meta(from, src, &meta, step.size, &step.digest, hashed) {
+            return Ok(TRANSFER);
+        }
         let dst = self.abs(&step.path);
         match fs::hard_link(src, &dst) {
-            // The link is the same inode: same stamp.
-            Ok(()) => Ok(Outcome::Linked(stamp)),
-            // Too many links to one inode, or another filesystem: a copy does the job.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMLINK) | Some(libc::EXDEV)) => {
+            Ok(()) => {
+                // The stamp is taken after the link (which changes the inode's ctime), and the
+                // link must be the inode that was checked.
+                let linked = fs::symlink_metadata(&dst).map_err(io("inspect", &dst))?;
+                if linked.ino() != meta.ino() || linked.dev() != meta.dev() {
+                    fs::remove_file(&dst).map_err(io("remove", &dst))?;
+                    return Ok(TRANSFER);
+                }
+                Ok(Outcome::Linked(FileStamp::of(&linked)))
+            }
+            // Too many links to one inode, another filesystem, or a link the kernel refuses
+            // (`fs.protected_hardlinks` for a file the deploy user does not own): a copy does
+            // the job, and fails over to a transfer if it cannot read the file either.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMLINK | libc::EXDEV | libc::EPERM | libc::EACCES)
+                ) =>
+            {
                 self.copy(step, src)
             }
             Err(e) => Err(io("hard-link", &dst)(e)),
@@ -262,38 +363,51 @@ impl<'r> Stage<'r> {
     }
 
     /// Copies a file of the previous release into a new inode with the new mode, keeping its
-    /// mtime; its content is hashed on the way and must match.
+    /// mtime: a reflink (`FICLONE`) where the filesystem shares blocks, else a read/write copy.
+    /// Either way the new file's content is hashed and must match the manifest, or the file is
+    /// transferred instead.
     fn copy(&self, step: &FileStep, src: &Path) -> Result<Outcome> {
         let Ok(mut input) = OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(src)
         else {
-            return Ok(Outcome::Transfer);
+            return Ok(TRANSFER);
         };
         let Ok(meta) = input.metadata() else {
-            return Ok(Outcome::Transfer);
+            return Ok(TRANSFER);
         };
         if !meta.is_file() || meta.len() != step.size {
-            return Ok(Outcome::Transfer);
+            return Ok(TRANSFER);
         }
-        let mut w = FileWriter::create(usize::MAX, &self.abs(&step.path), step)?;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = input.read(&mut buf).map_err(io("read", src))?;
-            if n == 0 {
-                break;
+        let dst = self.abs(&step.path);
+        let mut w = FileWriter::create(usize::MAX, &dst, step)?;
+        let discard = |w: FileWriter| {
+            drop(w);
+            fs::remove_file(&dst).map_err(io("remove", &dst))?;
+            Ok(TRANSFER)
+        };
+        if step.size > 0 && w.reflink_from(&input).is_ok() {
+            // Hash what the new inode holds: the check does not depend on how it was filled.
+            if w.hash_contents().is_err() {
+                return discard(w);
             }
-            if w.write(&buf[..n]).is_err() {
-                drop(w);
-                let _ = fs::remove_file(self.abs(&step.path));
-                return Ok(Outcome::Transfer);
+        } else {
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return discard(w),
+                };
+                if w.write(&buf[..n]).is_err() {
+                    return discard(w);
+                }
             }
         }
         if w.hasher.finalize() != blake3::Hash::from(step.digest.0) || w.written != step.size {
-            drop(w);
-            let _ = fs::remove_file(self.abs(&step.path));
-            return Ok(Outcome::Transfer);
+            return discard(w);
         }
         let stamp = w.close(step.mode, Some((meta.mtime(), meta.mtime_nsec() as u32)))?;
         Ok(Outcome::Copied(stamp))
@@ -340,6 +454,11 @@ impl<'r> Stage<'r> {
                 "{basis}: not a file of the previous release"
             )));
         };
+        if !self.good_bases.contains(basis) {
+            return Err(Error::BadRequest(format!(
+                "{basis}: not a delta basis this release was offered"
+            )));
+        }
         Ok((self.root.release_dir(*id).join(basis.as_str()), *size))
     }
 
@@ -468,16 +587,12 @@ impl<'r> Stage<'r> {
             )));
         }
         crate::fault_point("before-commit");
-        // Final directory modes, deepest level first (a directory created with its final mode
-        // needs nothing).
-        let umask = fsutil::umask();
+        // Final directory modes, deepest level first (so a setgid parent passes nothing on).
+        // Each is checked: mkdir may have been given fewer bits, a setgid parent more, and the
+        // kernel may refuse a bit.
         for level in by_depth(self.manifest.entries()).iter().rev() {
             level.par_iter().try_for_each(|e| match e.kind {
-                EntryKind::Dir { mode } if initial_dir_mode(mode, umask) != mode => {
-                    let p = self.abs(&e.path);
-                    fs::set_permissions(&p, fs::Permissions::from_mode(mode))
-                        .map_err(io("chmod", &p))
-                }
+                EntryKind::Dir { mode } => set_dir_mode(&self.abs(&e.path), mode),
                 _ => Ok(()),
             })?;
         }
@@ -501,10 +616,7 @@ impl<'r> Stage<'r> {
             w.write_all(STAMP_MAGIC)?;
             w.write_all(&(self.stamps.len() as u64).to_le_bytes())?;
             for st in &self.stamps {
-                let st = st.expect("filled above");
-                w.write_all(&st.ino.to_le_bytes())?;
-                w.write_all(&st.mtime.to_le_bytes())?;
-                w.write_all(&st.nsec.to_le_bytes())?;
+                w.write_all(&st.expect("filled above").encode())?;
             }
             Ok(())
         })?;
@@ -523,7 +635,7 @@ impl<'r> Stage<'r> {
 }
 
 impl Stage<'_> {
-    /// Makes sure every staged file has its inode and mtime (recorded as each was linked,
+    /// Makes sure every staged file has its identity (recorded as each was linked,
     /// copied or written; looked up again only if missing).
     fn fill_stamps(&mut self) -> Result<()> {
         let missing: Vec<usize> = (0..self.stamps.len())
@@ -545,37 +657,194 @@ impl Stage<'_> {
 }
 
 impl Root {
-    /// The stamps of a release's files by path; empty when missing or not matching the
-    /// manifest (then links are checked by size and mode only).
-    fn read_stamps(&self, id: u64, m: &Manifest) -> Vec<FileStamp> {
+    /// The recorded identity of a release's files, by position in its manifest's entries
+    /// (`None` for directories and symlinks); empty when the record is missing, of an older
+    /// format, truncated or does not match the manifest: then every file is unknown, and is
+    /// hashed before it is linked or used as a basis.
+    fn read_stamps(&self, id: u64, m: &Manifest) -> Vec<Option<FileStamp>> {
         let Ok(Some(b)) = fsutil::read_optional(&self.stat_path(id)) else {
             return Vec::new();
         };
         let files = m.file_count();
-        if b.len() != 16 + files * 20
+        let expected = files
+            .checked_mul(FileStamp::LEN)
+            .and_then(|n| n.checked_add(16));
+        if Some(b.len()) != expected
             || &b[..8] != STAMP_MAGIC
             || b[8..16] != (files as u64).to_le_bytes()
         {
             return Vec::new();
         }
-        let mut stamps = b[16..].chunks_exact(20).map(|c| FileStamp {
-            ino: u64::from_le_bytes(c[..8].try_into().unwrap()),
-            mtime: i64::from_le_bytes(c[8..16].try_into().unwrap()),
-            nsec: u32::from_le_bytes(c[16..20].try_into().unwrap()),
-        });
-        let none = FileStamp {
-            ino: 0,
-            mtime: 0,
-            nsec: 0,
-        };
+        let mut stamps = b[16..].chunks_exact(FileStamp::LEN).map(FileStamp::decode);
         m.entries()
             .iter()
             .map(|e| match e.kind {
-                EntryKind::File { .. } => stamps.next().unwrap_or(none),
-                _ => none,
+                EntryKind::File { .. } => stamps.next(),
+                _ => None,
             })
             .collect()
     }
+}
+
+/// The live release's record of its files' identities, and which files matched it just before
+/// flip removes names that may share their inodes (pruning an older release): removing a link
+/// changes an inode's ctime, which alone must not make the next deploy hash every file again.
+pub(crate) struct LiveStamps {
+    id: u64,
+    manifest: Manifest,
+    stamps: Vec<Option<FileStamp>>,
+    intact: Vec<bool>,
+}
+
+impl Root {
+    /// Snapshot for [`Root::refresh_live_stamps`]; `None` when nothing is live or its record is
+    /// unknown (then there is nothing to keep up to date).
+    pub(crate) fn live_stamps(&self) -> Option<LiveStamps> {
+        let id = self.current().ok()??;
+        let manifest = self.manifest(id).ok()?;
+        let stamps = self.read_stamps(id, &manifest);
+        if stamps.is_empty() {
+            return None;
+        }
+        let dir = self.release_dir(id);
+        let intact = manifest
+            .entries()
+            .par_iter()
+            .zip(stamps.par_iter())
+            .map(|(e, st)| {
+                st.is_some_and(|st| {
+                    fs::symlink_metadata(dir.join(e.path.as_str()))
+                        .is_ok_and(|m| FileStamp::of(&m) == st)
+                })
+            })
+            .collect();
+        Some(LiveStamps {
+            id,
+            manifest,
+            stamps,
+            intact,
+        })
+    }
+
+    /// After the removal: a file that matched its record before and is still the same inode
+    /// with the same size and mtime gets its new ctime recorded. Anything else keeps its old
+    /// record (and is hashed by the next deploy). Best effort: a record that cannot be rewritten
+    /// only costs hashing.
+    pub(crate) fn refresh_live_stamps(&self, live: Option<LiveStamps>) {
+        let Some(mut live) = live else { return };
+        if self.current().ok().flatten() != Some(live.id) {
+            return;
+        }
+        let dir = self.release_dir(live.id);
+        let fresh: Vec<Option<FileStamp>> = live
+            .manifest
+            .entries()
+            .par_iter()
+            .zip(live.stamps.par_iter())
+            .zip(live.intact.par_iter())
+            .map(|((e, st), ok)| {
+                let st = st.as_ref().filter(|_| *ok)?;
+                let now = FileStamp::of(&fs::symlink_metadata(dir.join(e.path.as_str())).ok()?);
+                let same_write = (now.ino, now.size, now.mtime, now.mtime_nsec)
+                    == (st.ino, st.size, st.mtime, st.mtime_nsec);
+                (same_write && now != *st).then_some(now)
+            })
+            .collect();
+        if fresh.iter().all(Option::is_none) {
+            return;
+        }
+        for (st, new) in live.stamps.iter_mut().zip(fresh) {
+            if new.is_some() {
+                *st = new;
+            }
+        }
+        let _ = fsutil::write_atomic_with(&self.stat_path(live.id), |w| {
+            w.write_all(STAMP_MAGIC)?;
+            w.write_all(&(live.manifest.file_count() as u64).to_le_bytes())?;
+            for (e, st) in live.manifest.entries().iter().zip(&live.stamps) {
+                if let EntryKind::File { .. } = e.kind {
+                    let st = st.expect("every file has a stamp in a known record");
+                    w.write_all(&st.encode())?;
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Whether the regular file at `path` (expected to be inode `ino`) holds exactly `size` bytes
+/// hashing to `digest`, and was not written to while it was read.
+fn hash_matches(path: &Path, ino: u64, size: u64, digest: &Digest) -> bool {
+    let Ok(file) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    else {
+        return false;
+    };
+    let Ok(before) = file.metadata() else {
+        return false;
+    };
+    if !before.is_file() || before.ino() != ino || before.len() != size {
+        return false;
+    }
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match (&file).read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                total += n as u64;
+                if total > size {
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    let unchanged = file
+        .metadata()
+        .is_ok_and(|after| FileStamp::of(&after) == FileStamp::of(&before));
+    unchanged && total == size && Digest::from(h.finalize()) == *digest
+}
+
+/// Gives a staged directory exactly `mode` (all 12 bits) and checks that it has it.
+fn set_dir_mode(path: &Path, mode: u32) -> Result<()> {
+    let have = fs::symlink_metadata(path)
+        .map_err(io("inspect", path))?
+        .mode()
+        & MODE_MASK;
+    if have == mode {
+        return Ok(());
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io("chmod", path))?;
+    let got = fs::symlink_metadata(path)
+        .map_err(io("inspect", path))?
+        .mode()
+        & MODE_MASK;
+    check_mode(path, mode, got)
+}
+
+/// The error for a mode the kernel did not keep (it clears setgid, silently, for a group the
+/// user is not in; some filesystems refuse set-id bits).
+fn check_mode(path: &Path, wanted: u32, got: u32) -> Result<()> {
+    if got == wanted {
+        return Ok(());
+    }
+    Err(Error::Io {
+        op: "set the permission bits of",
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "mode {wanted:04o} was asked for, the filesystem kept {got:04o} (setgid needs the \
+                 deploying user to be in the file's group; set-id and sticky bits may be refused)"
+            ),
+        ),
+    })
 }
 
 /// The directories and symlinks of `entries`, grouped by depth (top level first).
@@ -600,27 +869,66 @@ fn by_depth(entries: &[flip_manifest::Entry]) -> Vec<Vec<&flip_manifest::Entry>>
 /// be filled).
 fn initial_dir_mode(mode: u32, umask: Option<u32>) -> u32 {
     match umask {
-        Some(u) if mode & 0o700 == 0o700 && mode & u == 0 => mode,
+        // mkdir ignores set-id bits: those are set at commit.
+        Some(u) if mode & 0o700 == 0o700 && mode & u == 0 && mode & 0o7000 == 0 => mode,
         _ => 0o700,
     }
 }
 
-const STAMP_MAGIC: &[u8; 8] = b"FLIPSTA1";
+/// `.stat` format 2: the magic, the file count (u64 LE), then one [`FileStamp`] per regular file
+/// in manifest order. Format 1 (inode and mtime only) is read as unknown.
+const STAMP_MAGIC: &[u8; 8] = b"FLIPSTA2";
 
-/// What identifies a file's inode and its last write.
+/// The identity of a file's inode and of its last change: what must be unchanged for a file of
+/// a committed release to be trusted without hashing. `ctime` changes on every write, chmod,
+/// link and `utimensat`, and cannot be set back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FileStamp {
     ino: u64,
+    size: u64,
     mtime: i64,
-    nsec: u32,
+    mtime_nsec: u32,
+    ctime: i64,
+    ctime_nsec: u32,
 }
 
 impl FileStamp {
+    /// Bytes of one encoded stamp.
+    const LEN: usize = 40;
+
     fn of(m: &fs::Metadata) -> Self {
         FileStamp {
             ino: m.ino(),
+            size: m.len(),
             mtime: m.mtime(),
-            nsec: m.mtime_nsec() as u32,
+            mtime_nsec: m.mtime_nsec() as u32,
+            ctime: m.ctime(),
+            ctime_nsec: m.ctime_nsec() as u32,
+        }
+    }
+
+    fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&self.ino.to_le_bytes());
+        b[8..16].copy_from_slice(&self.size.to_le_bytes());
+        b[16..24].copy_from_slice(&self.mtime.to_le_bytes());
+        b[24..28].copy_from_slice(&self.mtime_nsec.to_le_bytes());
+        b[28..36].copy_from_slice(&self.ctime.to_le_bytes());
+        b[36..40].copy_from_slice(&self.ctime_nsec.to_le_bytes());
+        b
+    }
+
+    /// Decodes [`Self::encode`]'s output; `c` must be [`Self::LEN`] bytes.
+    fn decode(c: &[u8]) -> Self {
+        let u64_at = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().expect("8 bytes"));
+        let u32_at = |i: usize| u32::from_le_bytes(c[i..i + 4].try_into().expect("4 bytes"));
+        FileStamp {
+            ino: u64_at(0),
+            size: u64_at(8),
+            mtime: u64_at(16) as i64,
+            mtime_nsec: u32_at(24),
+            ctime: u64_at(28) as i64,
+            ctime_nsec: u32_at(36),
         }
     }
 }
@@ -661,6 +969,7 @@ pub struct FileWriter {
 impl FileWriter {
     fn create(index: usize, path: &Path, step: &FileStep) -> Result<FileWriter> {
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
@@ -695,6 +1004,39 @@ impl FileWriter {
         Ok(())
     }
 
+    /// Fills the (empty) file with a reflink of `src`'s blocks (`FICLONE`): no data is copied
+    /// where the filesystem supports it. Fails, leaving the file empty, where it does not.
+    fn reflink_from(&mut self, src: &File) -> std::io::Result<()> {
+        // SAFETY: FICLONE takes the source descriptor as its argument; both fds are open.
+        let r = unsafe { libc::ioctl(self.file.as_raw_fd(), libc::FICLONE as _, src.as_raw_fd()) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Hashes what the file holds now (after a reflink), counting it as written, up to the
+    /// manifest size.
+    fn hash_contents(&mut self) -> Result<()> {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = match self.file.read_at(&mut buf, self.written) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io("read", &self.path)(e)),
+            };
+            if self.written + n as u64 > self.limit {
+                return Err(Error::Integrity {
+                    path: self.path.display().to_string(),
+                    detail: format!("more than the {} bytes the manifest says", self.limit),
+                });
+            }
+            self.hasher.update(&buf[..n]);
+            self.written += n as u64;
+        }
+    }
+
     fn verify(&self, rel: &RelPath, size: u64, digest: &Digest) -> Result<()> {
         if self.written != size {
             return Err(Error::Integrity {
@@ -711,7 +1053,8 @@ impl FileWriter {
         Ok(())
     }
 
-    /// Gives the file its mode and mtime; returns its stamp.
+    /// Gives the file its mode (all 12 bits, checked: the kernel may drop some) and mtime;
+    /// returns its stamp.
     fn close(self, mode: u32, mtime: Option<(i64, u32)>) -> Result<FileStamp> {
         self.file
             .set_permissions(fs::Permissions::from_mode(mode))
@@ -730,6 +1073,7 @@ impl FileWriter {
             }
         }
         let m = self.file.metadata().map_err(io("inspect", &self.path))?;
+        check_mode(&self.path, mode, m.mode() & MODE_MASK)?;
         Ok(FileStamp::of(&m))
     }
 }
@@ -750,11 +1094,11 @@ pub(crate) fn verify_tree(dir: &Path, manifest: &Manifest) -> Vec<String> {
                 EntryKind::Dir { mode } => {
                     if !meta.is_dir() {
                         Some(format!("{}: not a directory", e.path))
-                    } else if meta.mode() & 0o777 != *mode {
+                    } else if meta.mode() & MODE_MASK != *mode {
                         Some(format!(
-                            "{}: mode {:o}, expected {mode:o}",
+                            "{}: mode {:04o}, expected {mode:04o}",
                             e.path,
-                            meta.mode() & 0o777
+                            meta.mode() & MODE_MASK
                         ))
                     } else {
                         None
@@ -773,11 +1117,11 @@ pub(crate) fn verify_tree(dir: &Path, manifest: &Manifest) -> Vec<String> {
                     if !meta.file_type().is_file() {
                         return Some(format!("{}: not a regular file", e.path));
                     }
-                    if meta.mode() & 0o777 != *mode {
+                    if meta.mode() & MODE_MASK != *mode {
                         return Some(format!(
-                            "{}: mode {:o}, expected {mode:o}",
+                            "{}: mode {:04o}, expected {mode:04o}",
                             e.path,
-                            meta.mode() & 0o777
+                            meta.mode() & MODE_MASK
                         ));
                     }
                     if meta.len() != *size {
@@ -815,5 +1159,171 @@ fn list_tree(base: &Path, dir: &Path, out: &mut Vec<String>) {
         if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
             list_tree(base, &p, out);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Holder, Wait};
+    use flip_manifest::Entry;
+
+    fn manifest(files: &[(&str, &[u8], u32)]) -> Manifest {
+        let mut entries = Vec::new();
+        for (p, data, mode) in files {
+            entries.push(Entry {
+                path: RelPath::new(*p).unwrap(),
+                kind: EntryKind::File {
+                    mode: *mode,
+                    size: data.len() as u64,
+                    digest: Digest::of(data),
+                },
+            });
+        }
+        Manifest::new(entries).unwrap()
+    }
+
+    fn holder() -> Holder {
+        Holder {
+            pid: std::process::id(),
+            host: "test".into(),
+            user: "test".into(),
+            since: 0,
+            what: "deploy".into(),
+        }
+    }
+
+    /// Stages `files` as a new release against the live one, fills what it needs from `files`,
+    /// commits and activates it; returns the stage's stats and the bases it offered.
+    fn deploy(root: &Root, files: &[(&str, &[u8], u32)]) -> (StageStats, Vec<Option<RelPath>>) {
+        let lock = root.lock(&holder(), Wait::No).unwrap();
+        let mut stage = root.stage(&lock, manifest(files), None).unwrap();
+        let needs = stage.needs().to_vec();
+        let bases = needs
+            .iter()
+            .map(|&i| stage.basis_of(i).map(|(b, _)| b))
+            .collect();
+        for i in needs {
+            let path = stage.plan().files[i].path.clone();
+            let data = files.iter().find(|f| f.0 == path.as_str()).unwrap().1;
+            let mut w = stage.begin_file(i).unwrap();
+            w.write(data).unwrap();
+            stage.finish_file(w, None).unwrap();
+        }
+        let stats = stage.stats().clone();
+        let info = stage.commit().unwrap();
+        root.activate(&lock, info.id).unwrap();
+        (stats, bases)
+    }
+
+    /// Writes one byte of `p` in place and puts its mtime back (as `touch -r` would).
+    fn tamper(p: &Path) {
+        // Past the coarse clock tick of the stamp taken at commit, so the ctime moves.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let m = fs::symlink_metadata(p).unwrap();
+        let f = OpenOptions::new().write(true).open(p).unwrap();
+        f.write_at(b"X", 0).unwrap();
+        let t = std::time::UNIX_EPOCH
+            + std::time::Duration::new(m.mtime() as u64, m.mtime_nsec() as u32);
+        f.set_modified(t).unwrap();
+        drop(f);
+        let n = fs::symlink_metadata(p).unwrap();
+        assert_eq!(
+            (n.ino(), n.len(), n.mtime(), n.mtime_nsec()),
+            (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+        );
+    }
+
+    #[test]
+    fn stamps_encode_and_decode() {
+        let st = FileStamp {
+            ino: 1 << 40,
+            size: 150_000,
+            mtime: -5,
+            mtime_nsec: 999_999_999,
+            ctime: 1_700_000_000,
+            ctime_nsec: 7,
+        };
+        assert_eq!(FileStamp::decode(&st.encode()), st);
+    }
+
+    #[test]
+    fn intact_files_are_linked_without_hashing_and_tampered_ones_are_sent() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(&t.path().join("t")).unwrap();
+        let big = vec![b'a'; 20_000];
+        let v1: &[(&str, &[u8], u32)] = &[
+            ("a", b"aaaa", 0o644),
+            ("b", &big, 0o644),
+            ("c", b"cc", 0o4755),
+        ];
+        deploy(&root, v1);
+        let (st, _) = deploy(&root, v1);
+        assert_eq!((st.linked, st.hashed, st.written), (3, 0, 0));
+
+        // Tampered in place, mtime put back: hashed, and sent again.
+        tamper(&root.release_dir(2).join("a"));
+        let (st, _) = deploy(&root, v1);
+        assert_eq!(
+            (st.linked, st.hashed, st.relinked_as_transfer, st.written),
+            (2, 1, 1, 1)
+        );
+
+        // A mode changed behind flip's back: the content is copied into a new inode.
+        let live = root.current().unwrap().unwrap();
+        let c = root.release_dir(live).join("c");
+        fs::set_permissions(&c, fs::Permissions::from_mode(0o755)).unwrap();
+        let (st, _) = deploy(&root, v1);
+        assert_eq!((st.linked, st.copied, st.written), (2, 1, 0));
+        let now = root.release_dir(root.current().unwrap().unwrap()).join("c");
+        assert_eq!(fs::metadata(&now).unwrap().mode() & MODE_MASK, 0o4755);
+        assert_ne!(
+            fs::metadata(&now).unwrap().ino(),
+            fs::metadata(&c).unwrap().ino()
+        );
+
+        // No usable record: every file is hashed, the intact ones still linked.
+        for damage in [&b""[..], b"FLIPSTA2", b"FLIPSTA2\x03\0\0\0\0\0\0\0"] {
+            let live = root.current().unwrap().unwrap();
+            fs::write(root.stat_path(live), damage).unwrap();
+            let (st, _) = deploy(&root, v1);
+            assert_eq!((st.linked, st.hashed, st.written), (3, 3, 0), "{damage:?}");
+        }
+    }
+
+    #[test]
+    fn a_damaged_basis_is_not_offered_nor_accepted() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(&t.path().join("t")).unwrap();
+        let (b1, b2) = (vec![b'a'; 20_000], vec![b'b'; 20_000]);
+        deploy(&root, &[("f", &b1, 0o644), ("g", &b1, 0o644)]);
+        tamper(&root.release_dir(1).join("g"));
+        let lock = root.lock(&holder(), Wait::No).unwrap();
+        let stage = root
+            .stage(
+                &lock,
+                manifest(&[("f", &b2, 0o644), ("g", &b2, 0o644)]),
+                None,
+            )
+            .unwrap();
+        assert_eq!(stage.needs(), &[0, 1]);
+        assert_eq!(
+            stage.basis_of(0).map(|(b, _)| b.to_string()).as_deref(),
+            Some("f")
+        );
+        assert_eq!(stage.basis_of(1), None);
+        assert_eq!(stage.stats().bases_dropped, 1);
+        assert!(stage.signature(&RelPath::new("f").unwrap()).is_ok());
+        assert!(matches!(
+            stage.signature(&RelPath::new("g").unwrap()),
+            Err(Error::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn directories_with_special_bits_start_private() {
+        assert_eq!(initial_dir_mode(0o755, Some(0o022)), 0o755);
+        assert_eq!(initial_dir_mode(0o2775, Some(0o002)), 0o700);
+        assert_eq!(initial_dir_mode(0o1777, Some(0)), 0o700);
     }
 }

@@ -64,8 +64,12 @@ fn captures_files_dirs_symlinks_and_modes() {
     write(r, ".env", b"APP_ENV=prod");
     write(r, "empty.txt", b"");
     fs::create_dir_all(r.join("var/cache")).unwrap();
+    fs::create_dir_all(r.join("tmp")).unwrap();
+    fs::create_dir_all(r.join("shared")).unwrap();
     chmod(&r.join("var"), 0o700);
     chmod(&r.join("bin"), 0o750);
+    chmod(&r.join("tmp"), 0o1777);
+    chmod(&r.join("shared"), 0o2775);
     symlink("../shared/uploads", r.join("uploads")).unwrap();
     symlink("index.php", r.join("src/index-link")).unwrap();
 
@@ -77,7 +81,8 @@ fn captures_files_dirs_symlinks_and_modes() {
         (".htaccess", file(0o644, b"RewriteEngine On")),
         ("bin", dir(0o750)),
         ("bin/console", file(0o755, b"#!/usr/bin/env php")),
-        ("bin/setuid", file(0o750, b"x")),
+        // All 12 permission bits are captured: setuid, setgid, sticky.
+        ("bin/setuid", file(0o4750, b"x")),
         ("empty.txt", file(0o644, b"")),
         ("index.php", file(0o644, b"<?php echo 1;")),
         ("src", dir(0o755)),
@@ -98,6 +103,8 @@ fn captures_files_dirs_symlinks_and_modes() {
                 target: "../shared/uploads".into(),
             },
         ),
+        ("shared", dir(0o2775)),
+        ("tmp", dir(0o1777)),
         ("var", dir(0o700)),
         ("var/cache", dir(0o755)),
     ]
@@ -113,7 +120,7 @@ fn captures_files_dirs_symlinks_and_modes() {
         .all(|w| RelPath::new(&*w[0]).unwrap() < RelPath::new(&*w[1]).unwrap()));
 
     let s = out.stats;
-    assert_eq!((s.files, s.dirs, s.symlinks), (7, 5, 2));
+    assert_eq!((s.files, s.dirs, s.symlinks), (7, 7, 2));
     let bytes: u64 = out.manifest.total_bytes();
     assert_eq!(s.bytes, bytes);
     assert_eq!(

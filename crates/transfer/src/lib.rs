@@ -398,7 +398,9 @@ impl Session {
             else {
                 return Err(self.protocol("the agent asked for files out of range or order".into()));
             };
-            // The old version in the local content cache: a patch, no signature needed.
+            // The old version in the local content cache: a patch, no signature needed. Only
+            // against a basis the agent offered: it offers none it did not find intact (and
+            // refuses a patch against one), so a damaged basis makes the file go whole.
             let patch = n.basis.as_ref().and_then(|(b, _)| {
                 let cache = content_cache?;
                 match old_digests.get(b) {
