@@ -248,6 +248,7 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         a.label.clone(),
         content.as_ref(),
         live_digest,
+        a.itemize,
     )?;
     if let Some(Err(e)) = cache.as_ref().map(|c| c.put(&scan.manifest)) {
         eprintln!("flip: warning: cannot cache the manifest: {e}");
@@ -275,49 +276,56 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
     let ms = started.elapsed().as_millis() as u64;
     let r = &report;
     if a.common.json {
-        println!(
-            "{}",
+        let mut out = serde_json::Map::new();
+        out.insert("release".into(), json!(r.release));
+        out.insert("previous".into(), json!(r.previous));
+        out.insert("target".into(), json!(target.display()));
+        out.insert("label".into(), json!(a.label));
+        out.insert("activated".into(), json!(activated));
+        output::counts_json(&r.counts, &mut out);
+        out.insert(
+            "bytes".into(),
             json!({
-                "release": r.release,
-                "previous": r.previous,
-                "target": target.display(),
-                "label": a.label,
-                "activated": activated,
-                "files": {
-                    "total": r.files, "linked": r.linked, "copied": r.copied,
-                    "delta": r.delta, "patched": r.patched, "literal": r.literal,
-                    "removed": r.removed,
-                },
-                "bytes": {
-                    "sent": sent, "received": received,
-                    "literal": r.literal_bytes, "matched": r.matched_bytes, "delta": r.delta_bytes,
-                },
-                "pruned": pruned,
-                "duration_ms": ms,
-            })
+                "sent": sent, "received": received,
+                "literal": r.literal_bytes, "matched": r.matched_bytes, "delta": r.delta_bytes,
+            }),
         );
+        if a.itemize {
+            out.insert("items".into(), output::items_json(&r.items));
+        }
+        out.insert("pruned".into(), json!(pruned));
+        out.insert("duration_ms".into(), json!(ms));
+        println!("{}", serde_json::Value::Object(out));
     } else {
+        if a.itemize {
+            output::print_items(&r.items);
+        }
         eprintln!(
-            "flip: {} release {} to {}{}: {} files ({} linked, {} copied, {} delta, {} new, {} removed); sent {}, received {} in {:.2} s",
+            "flip: {} release {} to {}{}: {}; sent {}, received {} in {:.2} s",
             if activated { "deployed" } else { "staged (not live)" },
             r.release,
             target.display(),
             a.label.as_deref().map(|l| format!(" ({l})")).unwrap_or_default(),
-            r.files,
-            r.linked,
-            r.copied,
-            r.delta,
-            r.literal,
-            r.removed,
+            output::counts_text(&r.counts),
             output::bytes(sent),
             output::bytes(received),
             ms as f64 / 1000.0
         );
+        if r.counts.files.resent > 0 {
+            eprintln!(
+                "flip: {} file(s) the plan meant to reuse from the target were missing or altered there and were sent instead{}",
+                r.counts.files.resent,
+                if a.itemize { " (marked above)" } else { " (--itemize names them)" }
+            );
+        }
     }
     Ok(exit::OK)
 }
 
-/// `deploy --dry-run`: plan against the live release's manifest; no lock, no change.
+/// `deploy --dry-run`: plan against the live release's manifest; no lock, no change. Predicts
+/// with the deploy's own rules and knowledge: the live manifest from the local cache when the
+/// deploy would have it there (only then can changed files go as patches, from the content
+/// cache), else fetched from the agent.
 fn dry_run(
     a: &cli::DeployArgs,
     target: &Target,
@@ -325,7 +333,7 @@ fn dry_run(
     started: Instant,
 ) -> Result<i32> {
     let mut s = target.connect(&a.common.ssh, target.compress_level(a.compress_level))?;
-    let (current, _) = match s.status() {
+    let (current, releases) = match s.status() {
         Ok(st) => st,
         // A target that does not exist yet would simply get everything.
         Err(flip_transfer::TransferError::Remote {
@@ -334,44 +342,73 @@ fn dry_run(
         }) => (None, Vec::new()),
         Err(e) => return Err(e.into()),
     };
-    let previous = match current {
-        Some(id) => Some(s.manifest(id)?),
-        None => None,
+    let caches = if a.no_cache { None } else { cache_dir() };
+    let cached = releases
+        .iter()
+        .find(|r| Some(r.id) == current)
+        .filter(|r| r.manifest_digest != manifest.digest().to_hex())
+        .and_then(|r| {
+            let c = flip_transfer::ManifestCache::new(caches.as_ref()?.join("manifests"));
+            c.get(&r.manifest_digest)
+        });
+    let from_cache = cached.is_some();
+    let unchanged = releases
+        .iter()
+        .any(|r| Some(r.id) == current && r.manifest_digest == manifest.digest().to_hex());
+    let previous = match (cached, current) {
+        (Some(m), _) => Some(m),
+        // A no-op: the live manifest is this one.
+        (None, Some(_)) if unchanged => Some(manifest.clone()),
+        (None, Some(id)) => Some(s.manifest(id)?),
+        (None, None) => None,
     };
     let _ = s.close();
+    let content = caches
+        .as_ref()
+        .filter(|_| from_cache)
+        .map(|d| flip_transfer::ContentCache::new(d.join("content"), CONTENT_CACHE_BYTES));
     let plan = flip_plan::plan(previous.as_ref(), manifest);
-    let st = &plan.stats;
-    let deltas = plan
+    let mut changes = flip_plan::report::changes(previous.as_ref(), manifest, &plan);
+    let sent: Vec<flip_plan::report::Sent> = changes
         .transfers()
-        .filter(|(_, f)| {
-            matches!(&f.source, flip_plan::Source::Transfer { basis: Some(_) })
-                && f.size >= flip_plan::DELTA_MIN
+        .map(|(index, size, basis)| {
+            let old = basis.and_then(|(b, _)| match previous.as_ref()?.get(b)? {
+                flip_manifest::EntryKind::File { digest, .. } => Some(*digest),
+                _ => None,
+            });
+            let patchable = flip_transfer::patchable(content.as_ref(), old.as_ref());
+            flip_plan::report::Sent {
+                index,
+                via: flip_plan::report::choose(size, basis.map(|b| b.1), patchable),
+                note: None,
+            }
         })
-        .count() as u64;
+        .collect();
+    changes.settle(&sent);
+    let st = &plan.stats;
     if a.common.json {
-        println!(
-            "{}",
-            json!({
-                "dry_run": true, "target": target.display(), "live": current,
-                "files": {
-                    "total": st.files, "linked": st.linked, "copied": st.copied,
-                    "delta": deltas, "literal": st.transfers - deltas, "removed": st.removed,
-                },
-                "bytes": {"transfer": st.transfer_bytes, "matched": st.matched_bytes},
-                "duration_ms": started.elapsed().as_millis() as u64,
-            })
+        let mut out = serde_json::Map::new();
+        out.insert("dry_run".into(), json!(true));
+        out.insert("target".into(), json!(target.display()));
+        out.insert("live".into(), json!(current));
+        output::counts_json(&changes.counts, &mut out);
+        out.insert(
+            "bytes".into(),
+            json!({"transfer": st.transfer_bytes, "matched": st.matched_bytes}),
         );
+        out.insert("items".into(), output::items_json(&changes.items));
+        out.insert(
+            "duration_ms".into(),
+            json!(started.elapsed().as_millis() as u64),
+        );
+        println!("{}", serde_json::Value::Object(out));
     } else {
+        output::print_items(&changes.items);
         eprintln!(
-            "flip: dry run against {} (live: {}): {} files ({} linked, {} copied, {} delta candidates, {} new or small changed, {} removed); {} to transfer before delta and compression",
+            "flip: dry run against {} (live: {}): {}; {} to transfer before delta and compression",
             target.display(),
             current.map_or("none".to_string(), |c| format!("release {c}")),
-            st.files,
-            st.linked,
-            st.copied,
-            deltas,
-            st.transfers - deltas,
-            st.removed,
+            output::counts_text(&changes.counts),
             output::bytes(st.transfer_bytes)
         );
     }

@@ -15,7 +15,7 @@ use flip_release::{
     Error as RelError, ErrorClass as RelClass, FileWriter, LockGuard, Root, Stage, Wait,
 };
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Mtime, Need, ProbeItem, ReleaseSummary, Request,
+    ErrorClass, FrameReader, CHANGES_PER_FRAME, FrameWriter, Mtime, Need, ProbeItem, ReleaseSummary, Request,
     Response, WireError, CHUNK, MAGIC, MAX_MANIFEST, PROBE_ABSENT, PROBE_BELOW, PROBE_DIFFERS,
     PROBE_SAME, PROTOCOL,
 };
@@ -451,6 +451,33 @@ impl Session {
                     id,
                     problems: root.verify(id)?,
                 }
+            }
+            Request::Changes { all } => {
+                let stage = self
+                    .stage
+                    .as_ref()
+                    .ok_or_else(|| AgentError::Protocol("Changes without Stage".into()))?;
+                let mut c = flip_plan::report::changes(
+                    stage.previous_manifest(),
+                    stage.manifest(),
+                    stage.plan(),
+                );
+                c.mark_needs(stage.manifest(), stage.needs(), all);
+                let mut pieces = c.items.chunks(CHANGES_PER_FRAME).peekable();
+                loop {
+                    let items = pieces.next().unwrap_or_default().to_vec();
+                    let last = pieces.peek().is_none();
+                    tx.send(&Response::Changes {
+                        counts: c.counts,
+                        items,
+                        last,
+                    })?;
+                    if last {
+                        break;
+                    }
+                }
+                tx.flush()?;
+                return Ok(None);
             }
             Request::Bye => unreachable!("handled by run"),
         }))
