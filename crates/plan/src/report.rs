@@ -417,6 +417,14 @@ impl Changes {
     /// meant to link or copy (listed by [`Changes::mark_needs`]) moves from `linked`/`copied` to
     /// `resent`.
     pub fn settle(&mut self, sent: &[Sent]) {
+        // Links and copies go as planned unless sent (`via` does not travel over the wire).
+        for it in &mut self.items {
+            it.via = match it.file.as_ref().map(|f| &f.2) {
+                Some(Planned::Link(_)) => Some(Via::Link),
+                Some(Planned::Copy(_)) => Some(Via::Copy),
+                _ => it.via,
+            };
+        }
         let at: HashMap<u32, usize> = self
             .items
             .iter()
