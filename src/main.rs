@@ -302,10 +302,17 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         }
         eprintln!(
             "flip: {} release {} to {}{}: {}; sent {}, received {} in {:.2} s",
-            if activated { "deployed" } else { "staged (not live)" },
+            if activated {
+                "deployed"
+            } else {
+                "staged (not live)"
+            },
             r.release,
             target.display(),
-            a.label.as_deref().map(|l| format!(" ({l})")).unwrap_or_default(),
+            a.label
+                .as_deref()
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default(),
             output::counts_text(&r.counts),
             output::bytes(sent),
             output::bytes(received),

@@ -29,17 +29,23 @@ fn v1(src: &Src) {
 }
 
 fn v2(src: &Src) {
-    src.overwrite("app/big.php", text(1, 1000).replace("line 500:", "line five hundred:"))
-        .overwrite("app/small.php", text(2, 40).replace("line 20:", "line twenty:"))
-        .file("app/new.php", "<?php // new\n", 0o644)
-        .remove("app/old/gone.php")
-        .remove("app/old")
-        .chmod("bin/tool", 0o755)
-        .remove("old-link")
-        .remove("public/link")
-        .symlink("public/link", "../storage")
-        .dir("storage/cache", 0o755)
-        .chmod("storage", 0o775);
+    src.overwrite(
+        "app/big.php",
+        text(1, 1000).replace("line 500:", "line five hundred:"),
+    )
+    .overwrite(
+        "app/small.php",
+        text(2, 40).replace("line 20:", "line twenty:"),
+    )
+    .file("app/new.php", "<?php // new\n", 0o644)
+    .remove("app/old/gone.php")
+    .remove("app/old")
+    .chmod("bin/tool", 0o755)
+    .remove("old-link")
+    .remove("public/link")
+    .symlink("public/link", "../storage")
+    .dir("storage/cache", 0o755)
+    .chmod("storage", 0o775);
 }
 
 /// The itemized lines of v1 → v2, with `big` and `small` the ways the two changed files go.
@@ -130,9 +136,7 @@ fn diff_dry_run_and_deploy_agree_on_every_change_with_patches() {
         .flip(&["diff", "--json", "--itemize", s(&old), src.s()])
         .success()
         .json();
-    let diff_text = fx
-        .flip(&["diff", "--itemize", s(&old), src.s()])
-        .success();
+    let diff_text = fx.flip(&["diff", "--itemize", s(&old), src.s()]).success();
     let dry = fx
         .flip(&["deploy", "--dry-run", "--json", src.s(), fx.root_str()])
         .success()
@@ -200,7 +204,14 @@ fn diff_dry_run_and_deploy_agree_on_every_change_with_deltas() {
     v2(&src);
 
     let diff = fx
-        .flip(&["diff", "--no-cache", "--json", "--itemize", s(&old), src.s()])
+        .flip(&[
+            "diff",
+            "--no-cache",
+            "--json",
+            "--itemize",
+            s(&old),
+            src.s(),
+        ])
         .success()
         .json();
     let dry = fx
@@ -263,13 +274,19 @@ fn a_no_op_reports_zero_everywhere() {
         .success();
     let deploy = fx.deploy(&src, &["--itemize"]);
     let cold = fx
-        .flip(&["deploy", "--json", "--itemize", "--no-cache", src.s(), fx.root_str()])
+        .flip(&[
+            "deploy",
+            "--json",
+            "--itemize",
+            "--no-cache",
+            src.s(),
+            fx.root_str(),
+        ])
         .success()
         .json();
     for j in [&diff, &dry, &deploy, &cold] {
         for k in [
-            "new", "changed", "mode", "removed", "copied", "literal", "delta", "patched",
-            "resent",
+            "new", "changed", "mode", "removed", "copied", "literal", "delta", "patched", "resent",
         ] {
             assert_eq!(num(j, &format!("/files/{k}")), 0, "files.{k}: {j}");
         }
@@ -311,7 +328,10 @@ fn the_deploy_reports_what_the_target_made_it_do() {
     let keep = item(&deploy, "keep.txt", "unchanged");
     assert_eq!(keep["via"], "literal", "{deploy}");
     assert!(
-        keep["note"].as_str().unwrap().contains("missing or altered"),
+        keep["note"]
+            .as_str()
+            .unwrap()
+            .contains("missing or altered"),
         "{deploy}"
     );
     assert_eq!(fs::read(fx.current().join("keep.txt")).unwrap(), b"kept\n");
@@ -323,7 +343,9 @@ fn the_deploy_reports_what_the_target_made_it_do() {
         .flip(&["deploy", "--itemize", src.s(), fx.root_str()])
         .success();
     assert!(
-        human.stdout.contains("= file keep.txt (literal: its copy on the target is missing or altered"),
+        human
+            .stdout
+            .contains("= file keep.txt (literal: its copy on the target is missing or altered"),
         "{}",
         human.stdout
     );

@@ -15,9 +15,9 @@ use flip_release::{
     Error as RelError, ErrorClass as RelClass, FileWriter, LockGuard, Root, Stage, Wait,
 };
 use flip_wire::{
-    ErrorClass, FrameReader, CHANGES_PER_FRAME, FrameWriter, Mtime, Need, ProbeItem, ReleaseSummary, Request,
-    Response, WireError, CHUNK, MAGIC, MAX_MANIFEST, PROBE_ABSENT, PROBE_BELOW, PROBE_DIFFERS,
-    PROBE_SAME, PROTOCOL,
+    ErrorClass, FrameReader, FrameWriter, Mtime, Need, ProbeItem, ReleaseSummary, Request,
+    Response, WireError, CHANGES_PER_FRAME, CHUNK, MAGIC, MAX_MANIFEST, PROBE_ABSENT, PROBE_BELOW,
+    PROBE_DIFFERS, PROBE_SAME, PROTOCOL,
 };
 use rayon::prelude::*;
 use std::io::{Read, Write};

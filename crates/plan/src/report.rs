@@ -114,11 +114,9 @@ impl Item {
     pub fn from(&self) -> Option<&RelPath> {
         let from = match &self.file.as_ref()?.2 {
             Planned::Link(p) | Planned::Copy(p) => p,
-            Planned::Transfer { basis: Some((b, _)) }
-                if matches!(self.via, None | Some(Via::Delta | Via::Patch)) =>
-            {
-                b
-            }
+            Planned::Transfer {
+                basis: Some((b, _)),
+            } if matches!(self.via, None | Some(Via::Delta | Via::Patch)) => b,
             Planned::Transfer { .. } => return None,
         };
         (*from != self.path).then_some(from)
@@ -590,12 +588,19 @@ mod tests {
         assert_eq!(c.counts.dirs, e(1, 1, 1));
         assert_eq!(c.counts.symlinks, e(1, 1, 1));
         let l = &c.items[4];
-        assert_eq!((l.target.as_deref(), l.was.as_deref()), (Some("b"), Some("a")));
+        assert_eq!(
+            (l.target.as_deref(), l.was.as_deref()),
+            (Some("b"), Some("a"))
+        );
     }
 
     #[test]
     fn a_same_tree_changes_nothing() {
-        let t = m(&[("d", dir(0o755)), ("d/f", file(b"1", 0o644)), ("l", link("d"))]);
+        let t = m(&[
+            ("d", dir(0o755)),
+            ("d/f", file(b"1", 0o644)),
+            ("l", link("d")),
+        ]);
         let mut c = changes(Some(&t), &t, &crate::plan(Some(&t), &t));
         c.settle(&[]);
         assert!(c.items.is_empty());

@@ -7,9 +7,9 @@
 //! Small files are read and encoded in parallel (rayon) while the main thread writes frames;
 //! large ones are mapped and streamed by the main thread. Each file's frames are contiguous.
 
-use flip_plan::report::{Sent, Via};
 use crate::{ContentCache, DeployReport, Result, Session, TransferError};
 use flip_manifest::{Digest, RelPath};
+use flip_plan::report::{Sent, Via};
 use flip_wire::{Mtime, Request, CHUNK};
 use rayon::prelude::*;
 use std::borrow::Cow;

@@ -25,8 +25,8 @@ use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::path::Path;
 
-pub use flip_plan::DELTA_MIN;
 use flip_plan::report::{Changes, Counts, Item, Planned, Sent, Via};
+pub use flip_plan::DELTA_MIN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -412,7 +412,12 @@ impl Session {
             .collect();
         for s in &mut report.sent {
             let (chosen, offered) = planned.remove(&s.index).unwrap_or((s.via, None));
-            s.note = deviation(items_by_index.get(&s.index).copied(), chosen, offered, s.via);
+            s.note = deviation(
+                items_by_index.get(&s.index).copied(),
+                chosen,
+                offered,
+                s.via,
+            );
         }
         drop(items_by_index);
         report.sent.sort_by_key(|s| s.index);
@@ -449,11 +454,7 @@ impl Session {
                 other => return Err(self.unexpected(&other)),
             }
         }
-        if !out
-            .items
-            .windows(2)
-            .all(|w| w[0].path <= w[1].path)
-        {
+        if !out.items.windows(2).all(|w| w[0].path <= w[1].path) {
             return Err(self.protocol("the agent listed changes out of order".into()));
         }
         Ok(out)
@@ -594,7 +595,12 @@ impl Session {
 /// Why a sent file went otherwise than the plan said, if it did: `item` is its listed change
 /// (if listed), `chosen` what the rule chose with the basis the agent `offered`, `sent` what
 /// went.
-fn deviation(item: Option<&Item>, chosen: Via, offered: Option<RelPath>, sent: Via) -> Option<String> {
+fn deviation(
+    item: Option<&Item>,
+    chosen: Via,
+    offered: Option<RelPath>,
+    sent: Via,
+) -> Option<String> {
     match item.and_then(|it| it.file.as_ref()).map(|f| &f.2) {
         Some(Planned::Link(p) | Planned::Copy(p)) => {
             let what = if item.is_some_and(|it| it.path == *p) {
@@ -606,10 +612,16 @@ fn deviation(item: Option<&Item>, chosen: Via, offered: Option<RelPath>, sent: V
                 "{what} is missing or altered, so it was sent, not reused"
             ));
         }
-        Some(Planned::Transfer { basis: Some((b, _)) }) if offered.as_ref() != Some(b) => {
+        Some(Planned::Transfer {
+            basis: Some((b, _)),
+        }) if offered.as_ref() != Some(b) => {
             return Some(format!(
                 "the basis {b} is missing or altered on the target, so it was sent {}",
-                if sent == Via::Literal { "whole" } else { "otherwise" }
+                if sent == Via::Literal {
+                    "whole"
+                } else {
+                    "otherwise"
+                }
             ));
         }
         _ => {}
