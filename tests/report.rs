@@ -350,4 +350,58 @@ fn the_deploy_reports_what_the_target_made_it_do() {
         human.stdout
     );
     assert!(human.stderr.contains("1 resent"), "{}", human.stderr);
+
+    // Without --itemize the counts say the same, and no items are listed.
+    fs::remove_file(fx.release(3).join("keep.txt")).unwrap();
+    src.file("app/newest.php", "<?php // newest\n", 0o644);
+    let quiet = fx.deploy(&src, &[]);
+    assert_eq!(num(&quiet, "/files/resent"), 1, "{quiet}");
+    assert_eq!(num(&quiet, "/files/literal"), 2, "{quiet}");
+    assert_eq!(num(&quiet, "/files/linked"), 6, "{quiet}");
+    assert!(quiet.get("items").is_none(), "{quiet}");
+}
+
+/// The reported fault: a release whose only changes are a symlink retargeted, a symlink removed
+/// and a new empty directory was reported as a no-op by diff, dry run and deploy alike.
+#[test]
+fn a_release_of_only_symlink_and_directory_changes_is_not_a_no_op() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    v1(&src);
+    fx.deploy(&src, &[]);
+    let old = fx.path("old");
+    copy_tree(&src.dir, &old);
+    src.remove("public/link")
+        .symlink("public/link", "../storage")
+        .remove("old-link")
+        .dir("storage/sessions", 0o700);
+
+    let diff = fx
+        .flip(&["diff", "--json", "--itemize", s(&old), src.s()])
+        .success()
+        .json();
+    let dry = fx
+        .flip(&["deploy", "--dry-run", "--json", src.s(), fx.root_str()])
+        .success()
+        .json();
+    let deploy = fx.deploy(&src, &["--itemize"]);
+    for j in [&diff, &dry, &deploy] {
+        assert_eq!(num(j, "/symlinks/changed"), 1, "{j}");
+        assert_eq!(num(j, "/symlinks/removed"), 1, "{j}");
+        assert_eq!(num(j, "/dirs/new"), 1, "{j}");
+        assert_eq!(num(j, "/files/unchanged"), 5, "{j}");
+        assert_eq!(report(j), report(&deploy), "{j}");
+    }
+    let paths: Vec<&str> = deploy["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["old-link", "public/link", "storage/sessions"]);
+    assert_eq!(
+        fs::read_link(fx.current().join("public/link")).unwrap(),
+        std::path::Path::new("../storage")
+    );
+    assert!(fx.current().join("storage/sessions").is_dir());
 }

@@ -457,12 +457,13 @@ impl Session {
                     .stage
                     .as_ref()
                     .ok_or_else(|| AgentError::Protocol("Changes without Stage".into()))?;
-                let mut c = flip_plan::report::changes(
+                let c = flip_plan::report::deployed(
                     stage.previous_manifest(),
                     stage.manifest(),
                     stage.plan(),
+                    stage.needs(),
+                    all,
                 );
-                c.mark_needs(stage.manifest(), stage.needs(), all);
                 let mut pieces = c.items.chunks(CHANGES_PER_FRAME).peekable();
                 loop {
                     let items = pieces.next().unwrap_or_default().to_vec();

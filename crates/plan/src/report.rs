@@ -198,6 +198,33 @@ pub fn choose(size: u64, basis_size: Option<u64>, patchable: bool) -> Via {
 /// same two manifests) saying how each file of the new release is got. Links and copies are
 /// settled and counted here; files to transfer wait for [`Changes::settle`].
 pub fn changes(prev: Option<&Manifest>, new: &Manifest, plan: &Plan) -> Changes {
+    classify(prev, new, plan, &[], true)
+}
+
+/// [`changes`] for a deploy, on the target: `needs` are the files the stage could not link or
+/// copy (indexes among the new manifest's regular files, ascending); an unchanged one among them
+/// is listed as [`Change::Unchanged`], planned as a link in place. With `all` false, only the
+/// files the stage had to deviate from its plan for (planned as links or copies, yet needed)
+/// are listed — what a deploy without an itemized list needs to hear; the counts are complete
+/// either way.
+pub fn deployed(
+    prev: Option<&Manifest>,
+    new: &Manifest,
+    plan: &Plan,
+    needs: &[usize],
+    all: bool,
+) -> Changes {
+    classify(prev, new, plan, needs, all)
+}
+
+fn classify(
+    prev: Option<&Manifest>,
+    new: &Manifest,
+    plan: &Plan,
+    needs: &[usize],
+    all: bool,
+) -> Changes {
+    let needed = |index: usize| needs.binary_search(&index).is_ok();
     let empty = Manifest::default();
     let prev = prev.unwrap_or(&empty);
     let mut c = Changes::default();
@@ -221,7 +248,7 @@ pub fn changes(prev: Option<&Manifest>, new: &Manifest, plan: &Plan) -> Changes 
             _ => false,
         };
         if let (Some(o), false) = (o, same_kind) {
-            c.push_removed(&o.path, &o.kind);
+            c.push_removed(&o.path, &o.kind, all);
         }
         let Some(n) = n else { continue };
         let item = |change, kind| Item {
@@ -249,7 +276,9 @@ pub fn changes(prev: Option<&Manifest>, new: &Manifest, plan: &Plan) -> Changes 
                 } else {
                     c.counts.dirs.new += 1;
                 }
-                c.items.push(it);
+                if all {
+                    c.items.push(it);
+                }
             }
             (EntryKind::Symlink { target }, old) => {
                 let mut it = match old {
@@ -266,7 +295,9 @@ pub fn changes(prev: Option<&Manifest>, new: &Manifest, plan: &Plan) -> Changes 
                     Some(_) => continue,
                 };
                 it.target = Some(target.clone());
-                c.items.push(it);
+                if all {
+                    c.items.push(it);
+                }
             }
             (EntryKind::File { mode, size, digest }, old) => {
                 let Some((index, step)) = steps.next() else {
@@ -302,8 +333,9 @@ pub fn changes(prev: Option<&Manifest>, new: &Manifest, plan: &Plan) -> Changes 
                             (Change::Mode, modes)
                         } else {
                             c.counts.files.unchanged += 1;
-                            // Unchanged and linked in place: counted, not listed.
-                            if planned == Planned::Link(n.path.clone()) {
+                            // Unchanged and linked in place: counted, not listed (unless
+                            // the target could not link it).
+                            if planned == Planned::Link(n.path.clone()) && !needed(index) {
                                 continue;
                             }
                             (Change::Unchanged, None)
@@ -324,8 +356,12 @@ pub fn changes(prev: Option<&Manifest>, new: &Manifest, plan: &Plan) -> Changes 
                     Planned::Copy(_) => Some(Via::Copy),
                     Planned::Transfer { .. } => None,
                 };
+                let deviates =
+                    needed(index) && matches!(planned, Planned::Link(_) | Planned::Copy(_));
                 it.file = Some((index as u32, *size, planned));
-                c.items.push(it);
+                if all || deviates {
+                    c.items.push(it);
+                }
             }
         }
     }
@@ -333,7 +369,7 @@ pub fn changes(prev: Option<&Manifest>, new: &Manifest, plan: &Plan) -> Changes 
 }
 
 impl Changes {
-    fn push_removed(&mut self, path: &RelPath, kind: &EntryKind) {
+    fn push_removed(&mut self, path: &RelPath, kind: &EntryKind, list: bool) {
         let (kind, target) = match kind {
             EntryKind::Dir { .. } => {
                 self.counts.dirs.removed += 1;
@@ -348,6 +384,9 @@ impl Changes {
                 (Kind::Symlink, Some(target.clone()))
             }
         };
+        if !list {
+            return;
+        }
         self.items.push(Item {
             path: path.clone(),
             kind,
@@ -359,55 +398,6 @@ impl Changes {
             via: None,
             note: None,
         });
-    }
-
-    /// For a deploy, on the target: marks the files the stage could not link or copy
-    /// (`needs`: indexes among the new manifest's regular files, ascending) — an unchanged file
-    /// becomes a [`Change::Unchanged`] item, planned as a link in place. With `all` false, only
-    /// the items of such files are kept (the client counts the rest itself): what a deploy
-    /// without an itemized list needs to hear.
-    pub fn mark_needs(&mut self, new: &Manifest, needs: &[usize], all: bool) {
-        let listed: std::collections::HashSet<u32> = self
-            .items
-            .iter()
-            .filter_map(|it| Some(it.file.as_ref()?.0))
-            .collect();
-        let planned_here = |it: &Item| match &it.file {
-            Some((i, _, Planned::Link(_) | Planned::Copy(_))) => {
-                needs.binary_search(&(*i as usize)).is_ok()
-            }
-            _ => false,
-        };
-        if !all {
-            self.items.retain(planned_here);
-        }
-        let mut needs = needs.iter().peekable();
-        let mut extra = Vec::new();
-        for (index, (path, _, size, _)) in new.files().enumerate() {
-            if needs.next_if(|&&n| n < index).is_some() {
-                continue;
-            }
-            if needs.next_if(|&&n| n == index).is_none() || listed.contains(&(index as u32)) {
-                continue;
-            }
-            extra.push(Item {
-                path: path.clone(),
-                kind: Kind::File,
-                change: Change::Unchanged,
-                file: Some((index as u32, size, Planned::Link(path.clone()))),
-                modes: None,
-                target: None,
-                was: None,
-                via: Some(Via::Link),
-                note: None,
-            });
-        }
-        if !extra.is_empty() {
-            self.items.extend(extra);
-            // Back into manifest order (a removal stays before a creation at the same path).
-            self.items
-                .sort_by(|a, b| a.path.cmp(&b.path).then_with(|| rank(a).cmp(&rank(b))));
-        }
     }
 
     /// Records how each sent file went (`sent`: the files whose content is sent, each once,
@@ -465,10 +455,6 @@ impl Changes {
             _ => None,
         })
     }
-}
-
-fn rank(it: &Item) -> u8 {
-    u8::from(it.change != Change::Removed)
 }
 
 #[cfg(test)]
@@ -614,8 +600,7 @@ mod tests {
     #[test]
     fn a_resent_unchanged_file_is_listed_with_its_note() {
         let t = m(&[("a", file(b"1", 0o644)), ("b", file(b"2", 0o644))]);
-        let mut c = changes(Some(&t), &t, &crate::plan(Some(&t), &t));
-        c.mark_needs(&t, &[1], false);
+        let mut c = deployed(Some(&t), &t, &crate::plan(Some(&t), &t), &[1], false);
         let sent = [Sent {
             index: 1,
             via: Via::Literal,

@@ -167,8 +167,8 @@ pub enum Request {
     },
     Bye,
     /// After `Stage` (before `Commit`): what the staged release changes against the live one,
-    /// classified by [`flip_plan::report::changes`] with the files the stage could not link or
-    /// copy marked ([`flip_plan::report::Changes::mark_needs`]). With `all`, every changed path;
+    /// classified by [`flip_plan::report::deployed`] (the files the stage could not link or copy
+    /// marked). With `all`, every changed path;
     /// without, only the files the stage had to deviate from its plan for. Answered by
     /// [`Response::Changes`] frames.
     Changes {
