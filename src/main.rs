@@ -11,6 +11,7 @@ use clap::Parser;
 use cli::{Cli, Command, Common};
 use flip_transfer::Session;
 use flip_wire::Holder;
+use rayon::prelude::*;
 use serde_json::json;
 use std::os::fd::FromRawFd;
 use std::time::Instant;
@@ -376,21 +377,39 @@ fn dry_run(
         .map(|d| flip_transfer::ContentCache::new(d.join("content"), CONTENT_CACHE_BYTES));
     let plan = flip_plan::plan(previous.as_ref(), manifest);
     let mut changes = flip_plan::report::changes(previous.as_ref(), manifest, &plan);
-    let sent: Vec<flip_plan::report::Sent> = changes
-        .transfers()
-        .map(|(index, size, basis)| {
+    // Patches are made here as the deploy would make them (this client has both versions); a
+    // delta needs the target's signature, so it is predicted by the rule alone.
+    let paths: Vec<&flip_manifest::RelPath> = manifest.files().map(|(p, ..)| p).collect();
+    let transfers: Vec<_> = changes.transfers().collect();
+    let sent: Vec<flip_plan::report::Sent> = transfers
+        .par_iter()
+        .map(|&(index, size, basis)| {
+            use flip_plan::report::Via;
             let old = basis.and_then(|(b, _)| match previous.as_ref()?.get(b)? {
                 flip_manifest::EntryKind::File { digest, .. } => Some(*digest),
                 _ => None,
             });
             let patchable = flip_transfer::patchable(content.as_ref(), old.as_ref());
+            let chosen = flip_plan::report::choose(size, basis.map(|b| b.1), patchable);
+            let via = match (chosen, content.as_ref(), old) {
+                (Via::Patch, Some(cache), Some(old)) => {
+                    let path = a.source.join(paths[index as usize].as_str());
+                    if flip_transfer::patch_is_smaller(cache, &old, &path) {
+                        Via::Patch
+                    } else {
+                        Via::Literal
+                    }
+                }
+                _ => chosen,
+            };
             flip_plan::report::Sent {
                 index,
-                via: flip_plan::report::choose(size, basis.map(|b| b.1), patchable),
-                note: None,
+                via,
+                note: flip_transfer::fallback_note(chosen, via),
             }
         })
         .collect();
+    drop(transfers);
     changes.settle(&sent);
     let st = &plan.stats;
     if a.common.json {

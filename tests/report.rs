@@ -405,3 +405,42 @@ fn a_release_of_only_symlink_and_directory_changes_is_not_a_no_op() {
     );
     assert!(fx.current().join("storage/sessions").is_dir());
 }
+
+/// A tiny file's patch is no bigger than nothing saved: the deploy sends it whole, and the dry
+/// run (which makes the patch itself, as the deploy does) and diff say so alike, with the note.
+#[test]
+fn a_patch_no_smaller_than_the_file_is_reported_as_literal_everywhere() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("tiny.txt", "a\n", 0o644)
+        .file("page.php", text(3, 60), 0o644);
+    fx.deploy(&src, &[]);
+    let old = fx.path("old");
+    copy_tree(&src.dir, &old);
+    src.overwrite("tiny.txt", "bb\n")
+        .overwrite("page.php", text(3, 60).replace("line 7:", "line seven:"));
+
+    let diff = fx
+        .flip(&["diff", "--json", "--itemize", s(&old), src.s()])
+        .success()
+        .json();
+    let dry = fx
+        .flip(&["deploy", "--dry-run", "--json", src.s(), fx.root_str()])
+        .success()
+        .json();
+    let deploy = fx.deploy(&src, &["--itemize"]);
+    assert_eq!(report(&dry), report(&deploy), "dry run vs deploy");
+    assert_eq!(report(&diff), report(&deploy), "diff vs deploy");
+    assert_eq!(item(&deploy, "page.php", "changed")["via"], "patch");
+    let tiny = item(&deploy, "tiny.txt", "changed");
+    assert_eq!(tiny["via"], "literal", "{deploy}");
+    assert!(
+        tiny["note"]
+            .as_str()
+            .unwrap()
+            .contains("no smaller than the file"),
+        "{deploy}"
+    );
+    assert_eq!(num(&deploy, "/files/patched"), 1, "{deploy}");
+    assert_eq!(num(&deploy, "/files/literal"), 1, "{deploy}");
+}

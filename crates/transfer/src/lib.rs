@@ -636,6 +636,28 @@ pub fn patchable(cache: Option<&ContentCache>, old: Option<&Digest>) -> bool {
     matches!((cache, old), (Some(c), Some(d)) if c.contains(d))
 }
 
+/// Whether the source file at `path` would go as a zstd patch against the cached version of
+/// digest `old`: the deploy's own test (a patch no smaller than the file goes whole, and so
+/// does a file whose old version is no longer readable from the cache). Reads the file, mapped;
+/// for a dry run predicting a deploy.
+pub fn patch_is_smaller(cache: &ContentCache, old: &Digest, path: &Path) -> bool {
+    let Some(old) = cache.get(old) else {
+        return false;
+    };
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    if f.metadata().map_or(true, |m| m.len() == 0) {
+        return patch(&old, &[]).is_some();
+    }
+    // SAFETY: a read-only mapping of a source file, only compressed; a file changing underneath
+    // only makes this prediction wrong.
+    match unsafe { memmap2::Mmap::map(&f) } {
+        Ok(map) => patch(&old, &map).is_some(),
+        Err(_) => false,
+    }
+}
+
 /// The note of a file sent whole although [`flip_plan::report::choose`] chose a patch or a
 /// delta (`chosen`) for it: the encoding came out no smaller than the file. `None` otherwise.
 pub fn fallback_note(chosen: Via, sent: Via) -> Option<String> {
