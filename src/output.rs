@@ -141,7 +141,7 @@ pub fn counts_text(c: &Counts) -> String {
     format!(
         "{} files: {} new, {} changed, {} mode, {} unchanged, {} removed; {} linked, {} copied, {} literal, {} delta, {} patch{resent}; dirs: {} new, {} changed, {} removed; symlinks: {} new, {} changed, {} removed",
         f.total, f.new, f.changed, f.mode, f.unchanged, f.removed,
-        f.linked, f.copied, f.literal, f.delta - f.patched, f.patched,
+        f.linked, f.copied, f.literal, f.delta.saturating_sub(f.patched), f.patched,
         c.dirs.new, c.dirs.changed, c.dirs.removed,
         c.symlinks.new, c.symlinks.changed, c.symlinks.removed,
     )

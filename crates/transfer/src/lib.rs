@@ -446,6 +446,9 @@ impl Session {
                         return Err(self.protocol("the agent listed too many changes".into()));
                     }
                     out.counts = counts;
+                    // How files went is this client's to count (in `settle`), not the agent's.
+                    let f = &mut out.counts.files;
+                    (f.literal, f.delta, f.patched, f.resent) = (0, 0, 0, 0);
                     out.items.extend(items);
                     if last {
                         break;
