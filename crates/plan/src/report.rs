@@ -612,6 +612,34 @@ mod tests {
         assert_eq!((f.linked, f.literal, f.resent), (1, 1, 1));
     }
 
+    /// Without an itemized list the target names only the files it deviated for; the counts
+    /// are those of the full classification.
+    #[test]
+    fn a_deploy_without_itemize_hears_only_deviations() {
+        let prev = m(&[("a", file(b"1", 0o644)), ("b", file(b"2", 0o644))]);
+        let new = m(&[
+            ("a", file(b"1", 0o644)),
+            ("b", file(b"3", 0o644)),
+            ("c", dir(0o755)),
+        ]);
+        let plan = crate::plan(Some(&prev), &new);
+        let full = changes(Some(&prev), &new, &plan);
+        let quiet = deployed(Some(&prev), &new, &plan, &[1], false);
+        assert_eq!(quiet.counts, full.counts);
+        assert!(quiet.items.is_empty(), "{:?}", quiet.items);
+        let tampered = deployed(Some(&prev), &new, &plan, &[0, 1], false);
+        assert_eq!(lines(&tampered), ["Unchanged File a Some(Link)"]);
+        let all = deployed(Some(&prev), &new, &plan, &[0, 1], true);
+        assert_eq!(
+            lines(&all),
+            [
+                "Unchanged File a Some(Link)",
+                "Content File b None",
+                "New Dir c None"
+            ]
+        );
+    }
+
     #[test]
     fn the_encoding_rule() {
         assert_eq!(choose(100, None, true), Via::Literal);
