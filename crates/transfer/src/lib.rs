@@ -360,7 +360,14 @@ impl Session {
             }
             other => return Err(self.unexpected(&other)),
         };
-        let mut changes = self.changes(manifest)?;
+        // Without an itemized list the agent names only files it needs; with one, at most every
+        // path of the new release, and every path of the old one as removed.
+        let limit = if itemize {
+            manifest.len() + flip_manifest::MAX_ENTRIES
+        } else {
+            needs.len()
+        };
+        let mut changes = self.changes(limit)?;
         // Indexes count the manifest's regular files in order; the needs come in that order.
         let mut files = manifest.files().enumerate();
         let mut jobs = Vec::with_capacity(needs.len());
@@ -430,11 +437,9 @@ impl Session {
         Ok(report)
     }
 
-    /// Receives the answer to [`Request::Changes`], checked for size and order.
-    fn changes(&mut self, manifest: &Manifest) -> Result<Changes> {
+    /// Receives the answer to [`Request::Changes`] (at most `limit` items, in order).
+    fn changes(&mut self, limit: usize) -> Result<Changes> {
         let mut out = Changes::default();
-        // Every path of the old and of the new release at most once, plus a removal.
-        let limit = manifest.len() + flip_manifest::MAX_ENTRIES;
         loop {
             match self.recv()? {
                 Response::Changes {
