@@ -444,3 +444,41 @@ fn a_patch_no_smaller_than_the_file_is_reported_as_literal_everywhere() {
     assert_eq!(num(&deploy, "/files/patched"), 1, "{deploy}");
     assert_eq!(num(&deploy, "/files/literal"), 1, "{deploy}");
 }
+
+/// A file moved and edited is new at its path and built from its old self: all three reports
+/// say so (`from`), whether it goes as a patch (warm caches) or as an rsync delta (none).
+#[test]
+fn a_moved_and_edited_file_is_reported_with_its_basis_alike() {
+    for (flags, via) in [(&[][..], "patch"), (&["--no-cache"][..], "delta")] {
+        let fx = Fx::new();
+        let src = fx.src("src");
+        src.file("src/Old/Thing.php", text(4, 400), 0o644);
+        fx.deploy(&src, flags);
+        let old = fx.path("old");
+        copy_tree(&src.dir, &old);
+        src.remove("src/Old/Thing.php").remove("src/Old").file(
+            "src/New/Thing.php",
+            text(4, 400).replace("line 9:", "line nine:"),
+            0o644,
+        );
+
+        let mut args = vec!["diff", "--json", "--itemize", s(&old), src.s()];
+        args.extend_from_slice(flags);
+        let diff = fx.flip(&args).success().json();
+        let mut args = vec!["deploy", "--dry-run", "--json", src.s(), fx.root_str()];
+        args.extend_from_slice(flags);
+        let dry = fx.flip(&args).success().json();
+        let mut extra = vec!["--itemize"];
+        extra.extend_from_slice(flags);
+        let deploy = fx.deploy(&src, &extra);
+
+        assert_eq!(report(&dry), report(&deploy), "dry run vs deploy ({via})");
+        assert_eq!(report(&diff), report(&deploy), "diff vs deploy ({via})");
+        let moved = item(&deploy, "src/New/Thing.php", "new");
+        assert_eq!(moved["via"], via, "{deploy}");
+        assert_eq!(moved["from"], "src/Old/Thing.php", "{deploy}");
+        assert_eq!(num(&deploy, "/dirs/new"), 1, "{deploy}");
+        assert_eq!(num(&deploy, "/dirs/removed"), 1, "{deploy}");
+        assert_eq!(num(&deploy, "/files/removed"), 1, "{deploy}");
+    }
+}
