@@ -88,9 +88,13 @@ pub struct DeployArgs {
     /// Stage the release but leave `current` where it is; `flip activate` makes it live later.
     #[arg(long)]
     pub no_activate: bool,
-    /// Show what the deploy would do against the live release, and change nothing.
+    /// Show what the deploy would do against the live release, and change nothing (the counts,
+    /// and one line per changed path, as --itemize).
     #[arg(long)]
     pub dry_run: bool,
+    /// List every changed path on stdout, one line each (in the JSON: "items").
+    #[arg(long)]
+    pub itemize: bool,
     /// zstd level for the connection, 1-19; 0 turns compression off. Default: 3 over SSH, 0 for
     /// a local directory (where compressing only costs CPU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
@@ -164,6 +168,13 @@ pub struct DiffArgs {
     /// Do not read .flipignore in either tree.
     #[arg(long)]
     pub no_flipignore: bool,
+    /// List every changed path on stdout, one line each (in the JSON: "items").
+    #[arg(long)]
+    pub itemize: bool,
+    /// Predict for a client without flip's caches (no patches from the content cache); by
+    /// default, for the client that deployed OLD and kept its caches.
+    #[arg(long)]
+    pub no_cache: bool,
     /// zstd level to estimate with, as for deploy.
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compress_level: i32,

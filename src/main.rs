@@ -11,6 +11,7 @@ use clap::Parser;
 use cli::{Cli, Command, Common};
 use flip_transfer::Session;
 use flip_wire::Holder;
+use rayon::prelude::*;
 use serde_json::json;
 use std::time::Instant;
 use target::Target;
@@ -267,6 +268,7 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         a.label.clone(),
         content.as_ref(),
         live_digest,
+        a.itemize,
     )?;
     if let Some(Err(e)) = cache.as_ref().map(|c| c.put(&scan.manifest)) {
         eprintln!("flip: warning: cannot cache the manifest: {e}");
@@ -295,46 +297,57 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
     let ms = started.elapsed().as_millis() as u64;
     let r = &report;
     if a.common.json {
-        println!(
-            "{}",
+        let mut out = serde_json::Map::new();
+        out.insert("release".into(), json!(r.release));
+        out.insert("previous".into(), json!(r.previous));
+        out.insert("target".into(), json!(target.display()));
+        out.insert("label".into(), json!(a.label));
+        out.insert("activated".into(), json!(activated));
+        output::counts_json(&r.counts, &mut out);
+        out.insert(
+            "bytes".into(),
             json!({
-                "release": r.release,
-                "previous": r.previous,
-                "target": target.display(),
-                "label": a.label,
-                "activated": activated,
-                "files": {
-                    "total": r.files, "linked": r.linked, "copied": r.copied,
-                    "delta": r.delta, "patched": r.patched, "literal": r.literal,
-                    "removed": r.removed,
-                },
-                "bytes": {
-                    "sent": sent, "received": received,
-                    "literal": r.literal_bytes, "matched": r.matched_bytes, "delta": r.delta_bytes,
-                },
-                "pruned": pruned,
-                "leftovers": leftovers,
-                "warnings": warnings,
-                "duration_ms": ms,
-            })
+                "sent": sent, "received": received,
+                "literal": r.literal_bytes, "matched": r.matched_bytes, "delta": r.delta_bytes,
+            }),
         );
+        if a.itemize {
+            out.insert("items".into(), output::items_json(&r.items));
+        }
+        out.insert("pruned".into(), json!(pruned));
+        out.insert("leftovers".into(), json!(leftovers));
+        out.insert("warnings".into(), json!(warnings));
+        out.insert("duration_ms".into(), json!(ms));
+        println!("{}", serde_json::Value::Object(out));
     } else {
+        if a.itemize {
+            output::print_items(&r.items);
+        }
         eprintln!(
-            "flip: {} release {} to {}{}: {} files ({} linked, {} copied, {} delta, {} new, {} removed); sent {}, received {} in {:.2} s",
-            if activated { "deployed" } else { "staged (not live)" },
+            "flip: {} release {} to {}{}: {}; sent {}, received {} in {:.2} s",
+            if activated {
+                "deployed"
+            } else {
+                "staged (not live)"
+            },
             r.release,
             target.display(),
-            a.label.as_deref().map(|l| format!(" ({l})")).unwrap_or_default(),
-            r.files,
-            r.linked,
-            r.copied,
-            r.delta,
-            r.literal,
-            r.removed,
+            a.label
+                .as_deref()
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default(),
+            output::counts_text(&r.counts),
             output::bytes(sent),
             output::bytes(received),
             ms as f64 / 1000.0
         );
+        if r.counts.files.resent > 0 {
+            eprintln!(
+                "flip: {} file(s) the plan meant to reuse from the target were missing or altered there and were sent instead{}",
+                r.counts.files.resent,
+                if a.itemize { " (marked above)" } else { " (--itemize names them)" }
+            );
+        }
     }
     Ok(exit::OK)
 }
@@ -443,7 +456,10 @@ fn refuse_overlap(source: &std::path::Path, target: &Target) -> Result<()> {
     Ok(())
 }
 
-/// `deploy --dry-run`: plan against the live release's manifest; no lock, no change.
+/// `deploy --dry-run`: plan against the live release's manifest; no lock, no change. Predicts
+/// with the deploy's own rules and knowledge: the live manifest from the local cache when the
+/// deploy would have it there (only then can changed files go as patches, from the content
+/// cache), else fetched from the agent.
 fn dry_run(
     a: &cli::DeployArgs,
     target: &Target,
@@ -451,7 +467,7 @@ fn dry_run(
     started: Instant,
 ) -> Result<i32> {
     let mut s = target.connect(&a.common.ssh, target.compress_level(a.compress_level))?;
-    let (current, _) = match s.status() {
+    let (current, releases) = match s.status() {
         Ok(st) => st,
         // A target that does not exist yet would simply get everything.
         Err(flip_transfer::TransferError::Remote {
@@ -460,44 +476,91 @@ fn dry_run(
         }) => (None, Vec::new()),
         Err(e) => return Err(e.into()),
     };
-    let previous = match current {
-        Some(id) => Some(s.manifest(id)?),
-        None => None,
+    let caches = if a.no_cache { None } else { cache_dir() };
+    let cached = releases
+        .iter()
+        .find(|r| Some(r.id) == current)
+        .filter(|r| r.manifest_digest != manifest.digest().to_hex())
+        .and_then(|r| {
+            let c = flip_transfer::ManifestCache::new(caches.as_ref()?.join("manifests"));
+            c.get(&r.manifest_digest)
+        });
+    let from_cache = cached.is_some();
+    let unchanged = releases
+        .iter()
+        .any(|r| Some(r.id) == current && r.manifest_digest == manifest.digest().to_hex());
+    let previous = match (cached, current) {
+        (Some(m), _) => Some(m),
+        // A no-op: the live manifest is this one.
+        (None, Some(_)) if unchanged => Some(manifest.clone()),
+        (None, Some(id)) => Some(s.manifest(id)?),
+        (None, None) => None,
     };
     let _ = s.close();
+    let content = caches
+        .as_ref()
+        .filter(|_| from_cache)
+        .map(|d| flip_transfer::ContentCache::new(d.join("content"), CONTENT_CACHE_BYTES));
     let plan = flip_plan::plan(previous.as_ref(), manifest);
-    let st = &plan.stats;
-    let deltas = plan
-        .transfers()
-        .filter(|(_, f)| {
-            matches!(&f.source, flip_plan::Source::Transfer { basis: Some(_) })
-                && f.size >= flip_plan::DELTA_MIN
+    let mut changes = flip_plan::report::changes(previous.as_ref(), manifest, &plan);
+    // Patches are made here as the deploy would make them (this client has both versions); a
+    // delta needs the target's signature, so it is predicted by the rule alone.
+    let paths: Vec<&flip_manifest::RelPath> = manifest.files().map(|(p, ..)| p).collect();
+    let transfers: Vec<_> = changes.transfers().collect();
+    let sent: Vec<flip_plan::report::Sent> = transfers
+        .par_iter()
+        .map(|&(index, size, basis)| {
+            use flip_plan::report::Via;
+            let old = basis.and_then(|(b, _)| match previous.as_ref()?.get(b)? {
+                flip_manifest::EntryKind::File { digest, .. } => Some(*digest),
+                _ => None,
+            });
+            let patchable = flip_transfer::patchable(content.as_ref(), old.as_ref());
+            let chosen = flip_plan::report::choose(size, basis.map(|b| b.1), patchable);
+            let via = match (chosen, content.as_ref(), old) {
+                (Via::Patch, Some(cache), Some(old)) => {
+                    let path = a.source.join(paths[index as usize].as_str());
+                    if flip_transfer::patch_is_smaller(cache, &old, &path) {
+                        Via::Patch
+                    } else {
+                        Via::Literal
+                    }
+                }
+                _ => chosen,
+            };
+            flip_plan::report::Sent {
+                index,
+                via,
+                note: flip_transfer::fallback_note(chosen, via),
+            }
         })
-        .count() as u64;
+        .collect();
+    drop(transfers);
+    changes.settle(&sent);
+    let st = &plan.stats;
     if a.common.json {
-        println!(
-            "{}",
-            json!({
-                "dry_run": true, "target": target.display(), "live": current,
-                "files": {
-                    "total": st.files, "linked": st.linked, "copied": st.copied,
-                    "delta": deltas, "literal": st.transfers - deltas, "removed": st.removed,
-                },
-                "bytes": {"transfer": st.transfer_bytes, "matched": st.matched_bytes},
-                "duration_ms": started.elapsed().as_millis() as u64,
-            })
+        let mut out = serde_json::Map::new();
+        out.insert("dry_run".into(), json!(true));
+        out.insert("target".into(), json!(target.display()));
+        out.insert("live".into(), json!(current));
+        output::counts_json(&changes.counts, &mut out);
+        out.insert(
+            "bytes".into(),
+            json!({"transfer": st.transfer_bytes, "matched": st.matched_bytes}),
         );
+        out.insert("items".into(), output::items_json(&changes.items));
+        out.insert(
+            "duration_ms".into(),
+            json!(started.elapsed().as_millis() as u64),
+        );
+        println!("{}", serde_json::Value::Object(out));
     } else {
+        output::print_items(&changes.items);
         eprintln!(
-            "flip: dry run against {} (live: {}): {} files ({} linked, {} copied, {} delta candidates, {} new or small changed, {} removed); {} to transfer before delta and compression",
+            "flip: dry run against {} (live: {}): {}; {} to transfer before delta and compression",
             target.display(),
             current.map_or("none".to_string(), |c| format!("release {c}")),
-            st.files,
-            st.linked,
-            st.copied,
-            deltas,
-            st.transfers - deltas,
-            st.removed,
+            output::counts_text(&changes.counts),
             output::bytes(st.transfer_bytes)
         );
     }

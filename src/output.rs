@@ -1,4 +1,160 @@
-//! Human-readable formatting helpers.
+//! Human-readable formatting helpers, and the report of what a release changes (itemized lines
+//! and counts) shared by `flip deploy`, `flip deploy --dry-run` and `flip diff`.
+
+use flip_plan::report::{Change, Counts, Item, Kind};
+use serde_json::{json, Map, Value};
+
+/// One itemized line (the format is documented in README.md, "Itemized changes"):
+/// `OP KIND PATH[ -> TARGET][ (DETAILS)]`, OP one of `+` created, `~` content changed, `m` mode
+/// only, `>` symlink retargeted, `-` removed, `=` unchanged but sent again; KIND `file`, `dir `
+/// or `link`; DETAILS what changes and how the file goes (`content`, `mode 644->755`,
+/// `was OLD-TARGET`, `literal`/`delta`/`patch`/`link`/`copy`, `from PATH`, and after `: ` why
+/// a deploy deviated from the plan).
+pub fn item_line(it: &Item) -> String {
+    let op = match it.change {
+        Change::New => '+',
+        Change::Content => '~',
+        Change::Mode => 'm',
+        Change::Retarget => '>',
+        Change::Removed => '-',
+        Change::Unchanged => '=',
+    };
+    let kind = match it.kind {
+        Kind::File => "file",
+        Kind::Dir => "dir ",
+        Kind::Symlink => "link",
+    };
+    let mut line = format!("{op} {kind} {}", it.path);
+    if it.change != Change::Removed {
+        if let Some(t) = &it.target {
+            line.push_str(&format!(" -> {t}"));
+        }
+    }
+    let mut details = Vec::new();
+    if it.change == Change::Content {
+        details.push("content".to_string());
+    }
+    if let Some((old, new)) = it.modes {
+        details.push(format!("mode {old:o}->{new:o}"));
+    }
+    if let Some(was) = &it.was {
+        details.push(format!("was {was}"));
+    }
+    if let Some(via) = it.via.filter(|_| it.change != Change::Removed) {
+        let mut v = via.as_str().to_string();
+        if let Some(from) = it.from() {
+            v.push_str(&format!(" from {from}"));
+        }
+        if let Some(note) = &it.note {
+            v.push_str(&format!(": {note}"));
+        }
+        details.push(v);
+    }
+    if !details.is_empty() {
+        line.push_str(&format!(" ({})", details.join(", ")));
+    }
+    line
+}
+
+/// The JSON form of one item: `path`, `kind` (`file`, `dir`, `symlink`), `change` (`new`,
+/// `changed`, `mode`, `retarget`, `removed`, `unchanged`), and where they apply `via`, `from`,
+/// `mode` (`{"old": "644", "new": "755"}`), `target`, `was` and `note`.
+pub fn item_json(it: &Item) -> Value {
+    let mut o = Map::new();
+    o.insert("path".into(), json!(it.path.as_str()));
+    let kind = match it.kind {
+        Kind::File => "file",
+        Kind::Dir => "dir",
+        Kind::Symlink => "symlink",
+    };
+    o.insert("kind".into(), json!(kind));
+    let change = match it.change {
+        Change::New => "new",
+        Change::Content => "changed",
+        Change::Mode => "mode",
+        Change::Retarget => "retarget",
+        Change::Removed => "removed",
+        Change::Unchanged => "unchanged",
+    };
+    o.insert("change".into(), json!(change));
+    if let Some(via) = it.via.filter(|_| it.change != Change::Removed) {
+        o.insert("via".into(), json!(via.as_str()));
+        if let Some(from) = it.from() {
+            o.insert("from".into(), json!(from.as_str()));
+        }
+    }
+    if let Some((old, new)) = it.modes {
+        o.insert(
+            "mode".into(),
+            json!({"old": format!("{old:o}"), "new": format!("{new:o}")}),
+        );
+    }
+    if let Some(t) = &it.target {
+        o.insert("target".into(), json!(t));
+    }
+    if let Some(w) = &it.was {
+        o.insert("was".into(), json!(w));
+    }
+    if let Some(n) = &it.note {
+        o.insert("note".into(), json!(n));
+    }
+    Value::Object(o)
+}
+
+pub fn items_json(items: &[Item]) -> Value {
+    Value::Array(items.iter().map(item_json).collect())
+}
+
+/// The counts as JSON members: `files` (`total`, `new`, `changed`, `mode`, `unchanged`,
+/// `removed`, `linked`, `copied`, `literal`, `delta` (patches included), `patched`, `resent`),
+/// `dirs` and `symlinks` (`new`, `changed`, `removed`).
+pub fn counts_json(c: &Counts, out: &mut Map<String, Value>) {
+    let f = &c.files;
+    out.insert(
+        "files".into(),
+        json!({
+            "total": f.total, "new": f.new, "changed": f.changed, "mode": f.mode,
+            "unchanged": f.unchanged, "removed": f.removed,
+            "linked": f.linked, "copied": f.copied, "literal": f.literal, "delta": f.delta,
+            "patched": f.patched, "resent": f.resent,
+        }),
+    );
+    for (key, e) in [("dirs", &c.dirs), ("symlinks", &c.symlinks)] {
+        out.insert(
+            key.into(),
+            json!({"new": e.new, "changed": e.changed, "removed": e.removed}),
+        );
+    }
+}
+
+/// The counts in one line: `12 files: 3 new, 2 changed, 1 mode, 6 unchanged, 1 removed; 7
+/// linked, 1 copied, 2 literal, 1 delta, 1 patch; dirs: 1 new, 0 changed, 1 removed; symlinks:
+/// 1 new, 1 changed, 0 removed` (`delta` here without the patches; `, N resent` when a deploy
+/// had to send files it meant to reuse).
+pub fn counts_text(c: &Counts) -> String {
+    let f = &c.files;
+    let resent = if f.resent > 0 {
+        format!(", {} resent", f.resent)
+    } else {
+        String::new()
+    };
+    format!(
+        "{} files: {} new, {} changed, {} mode, {} unchanged, {} removed; {} linked, {} copied, {} literal, {} delta, {} patch{resent}; dirs: {} new, {} changed, {} removed; symlinks: {} new, {} changed, {} removed",
+        f.total, f.new, f.changed, f.mode, f.unchanged, f.removed,
+        f.linked, f.copied, f.literal, f.delta.saturating_sub(f.patched), f.patched,
+        c.dirs.new, c.dirs.changed, c.dirs.removed,
+        c.symlinks.new, c.symlinks.changed, c.symlinks.removed,
+    )
+}
+
+/// Prints one itemized line per item on stdout.
+pub fn print_items(items: &[Item]) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for it in items {
+        let _ = writeln!(out, "{}", item_line(it));
+    }
+}
 
 /// 1536 -> "1.5 KiB".
 pub fn bytes(n: u64) -> String {

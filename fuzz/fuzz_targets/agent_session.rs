@@ -122,6 +122,10 @@ enum Op {
         id: Option<u8>,
     },
     Bye,
+    /// What the staged release changes (the deploy's report).
+    Changes {
+        all: bool,
+    },
     Hello {
         compress: i8,
     },
@@ -918,6 +922,7 @@ impl Client {
                 id: id.map(|i| i as u64),
             }),
             Op::Bye => self.send(&Request::Bye),
+            Op::Changes { all } => self.send(&Request::Changes { all }),
             Op::Probe(items) => self.send(&Request::Probe(
                 items
                     .into_iter()

@@ -16,8 +16,8 @@ use flip_release::{
 };
 use flip_wire::{
     ErrorClass, FrameReader, FrameWriter, Mtime, Need, ProbeItem, ReleaseSummary, Request,
-    Response, WireError, CHUNK, MAGIC, MAX_MANIFEST, PROBE_ABSENT, PROBE_BELOW, PROBE_DIFFERS,
-    PROBE_SAME, PROTOCOL,
+    Response, WireError, CHANGES_PER_FRAME, CHUNK, MAGIC, MAX_MANIFEST, PROBE_ABSENT, PROBE_BELOW,
+    PROBE_DIFFERS, PROBE_SAME, PROTOCOL,
 };
 use rayon::prelude::*;
 use std::io::{Read, Write};
@@ -585,6 +585,34 @@ impl Session {
                     id,
                     problems: root.verify(id)?,
                 }
+            }
+            Request::Changes { all } => {
+                let stage = self
+                    .stage
+                    .as_ref()
+                    .ok_or_else(|| AgentError::Protocol("Changes without Stage".into()))?;
+                let c = flip_plan::report::deployed(
+                    stage.previous_manifest(),
+                    stage.manifest(),
+                    stage.plan(),
+                    stage.needs(),
+                    all,
+                );
+                let mut pieces = c.items.chunks(CHANGES_PER_FRAME).peekable();
+                loop {
+                    let items = pieces.next().unwrap_or_default().to_vec();
+                    let last = pieces.peek().is_none();
+                    tx.send(&Response::Changes {
+                        counts: c.counts,
+                        items,
+                        last,
+                    })?;
+                    if last {
+                        break;
+                    }
+                }
+                tx.flush()?;
+                return Ok(None);
             }
             Request::Bye => unreachable!("handled by run"),
         }))

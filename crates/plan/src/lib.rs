@@ -21,6 +21,8 @@
 //! Directories and symlinks are created from the manifest itself. Mtimes play no part: content
 //! and mode decide what changed.
 
+pub mod report;
+
 use std::collections::HashMap;
 
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};

@@ -173,6 +173,11 @@ impl<'r> Stage<'r> {
         &self.manifest
     }
 
+    /// The manifest of the live release this one was planned against.
+    pub fn previous_manifest(&self) -> Option<&Manifest> {
+        self.prev.as_ref().map(|(_, m)| m)
+    }
+
     /// The live release this one was planned against.
     pub fn previous(&self) -> Option<u64> {
         self.prev.as_ref().map(|(id, _)| *id)

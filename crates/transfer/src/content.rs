@@ -9,6 +9,7 @@
 
 use crate::{ContentCache, DeployReport, Result, Session, TransferError};
 use flip_manifest::{Digest, RelPath};
+use flip_plan::report::{Sent, Via};
 use flip_wire::{Mtime, Request, CHUNK};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -88,6 +89,8 @@ struct Prepared {
 
 /// What one sent file counts for in the report.
 struct Tally {
+    /// The file's index (for the report's itemized list).
+    index: usize,
     /// Bytes of delta or patch, `None` for a literal.
     encoded: Option<u64>,
     patched: bool,
@@ -147,6 +150,7 @@ pub(crate) fn send(
             count(
                 report,
                 &Tally {
+                    index: job.index,
                     encoded: None,
                     patched: false,
                     size: job.size,
@@ -308,6 +312,7 @@ fn prepared<S: Sink>(
     Prepared {
         frames: sink.done(),
         tally: Tally {
+            index: job.index,
             encoded,
             patched,
             size,
@@ -316,6 +321,15 @@ fn prepared<S: Sink>(
 }
 
 fn count(report: &mut DeployReport, p: &Tally) {
+    report.sent.push(Sent {
+        index: p.index as u32,
+        via: match p.encoded {
+            None => Via::Literal,
+            Some(_) if p.patched => Via::Patch,
+            Some(_) => Via::Delta,
+        },
+        note: None,
+    });
     if p.patched {
         report.patched += 1;
     }

@@ -12,7 +12,7 @@ mod cache;
 mod content;
 
 pub use cache::{ContentCache, ManifestCache, CONTENT_MAX_FILE};
-pub use content::local_delta;
+pub use content::{local_delta, patch};
 
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_transport::{AgentStream, Finish, TransportError};
@@ -25,6 +25,7 @@ use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::path::Path;
 
+use flip_plan::report::{Changes, Counts, Item, Planned, Sent, Via};
 pub use flip_plan::DELTA_MIN;
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,14 @@ pub struct DeployReport {
     /// Changed files sent as zstd patches against the old version in the content cache (also
     /// counted in `delta`).
     pub patched: u64,
+    /// What the release changes and how each file went, counted (the same classification as
+    /// `flip diff` and `flip deploy --dry-run`, with what this deploy really did).
+    pub counts: Counts,
+    /// Every changed path, in manifest order, when the deploy was asked to itemize; else only
+    /// the files the target made it deviate from the plan for.
+    pub items: Vec<Item>,
+    /// How each file whose content was sent went, in the order sent.
+    pub sent: Vec<Sent>,
 }
 
 /// An open session with an agent.
@@ -302,7 +311,9 @@ impl Session {
     /// client knows the live release's manifest (`previous`), only the difference is sent; when
     /// the live manifest's digest (`live_digest`, from [`Session::status`]) equals the new one,
     /// nothing is.
+    /// With `itemize`, the report lists every changed path ([`DeployReport::items`]).
     /// Returns once the release is committed (complete and durable, not yet live).
+    #[allow(clippy::too_many_arguments)]
     pub fn stage(
         &mut self,
         source: &Path,
@@ -311,6 +322,7 @@ impl Session {
         label: Option<String>,
         content_cache: Option<&ContentCache>,
         live_digest: Option<flip_manifest::Digest>,
+        itemize: bool,
     ) -> Result<DeployReport> {
         self.phase = "staging the release";
         let digest = manifest.digest();
@@ -364,6 +376,8 @@ impl Session {
         for c in payload.chunks(CHUNK) {
             self.queue(&Request::ManifestChunk(c.to_vec()))?;
         }
+        // Pipelined: the agent answers it right after `Staged`, no extra round trip.
+        self.queue(&Request::Changes { all: itemize })?;
         self.tx.flush().map_err(|e| self.agent_error_or(e))?;
         let mut report = DeployReport {
             files: manifest.file_count() as u64,
@@ -387,9 +401,19 @@ impl Session {
             }
             other => return Err(self.unexpected(&other)),
         };
+        // Without an itemized list the agent names only files it needs; with one, at most every
+        // path of the new release, and every path of the old one as removed.
+        let limit = if itemize {
+            manifest.len() + flip_manifest::MAX_ENTRIES
+        } else {
+            needs.len()
+        };
+        let mut changes = self.changes(limit)?;
         // Indexes count the manifest's regular files in order; the needs come in that order.
         let mut files = manifest.files().enumerate();
         let mut jobs = Vec::with_capacity(needs.len());
+        // What the rule chose for each needed file, and the basis the agent offered.
+        let mut planned: HashMap<u32, (Via, Option<RelPath>)> = HashMap::new();
         for n in needs {
             let index = n.index as usize;
             let Some((_, (path, _, size, digest))) = files
@@ -401,17 +425,15 @@ impl Session {
             // The old version in the local content cache: a patch, no signature needed. Only
             // against a basis the agent offered: it offers none it did not find intact (and
             // refuses a patch against one), so a damaged basis makes the file go whole.
-            let patch = n.basis.as_ref().and_then(|(b, _)| {
-                let cache = content_cache?;
-                match old_digests.get(b) {
-                    Some(digest) if cache.contains(digest) => Some((b.clone(), digest)),
-                    _ => None,
-                }
-            });
-            let basis = n
+            let old = n
                 .basis
-                .filter(|(_, bsize)| patch.is_none() && size >= DELTA_MIN && *bsize >= DELTA_MIN)
-                .map(|(b, _)| b);
+                .as_ref()
+                .and_then(|(b, _)| Some((b.clone(), old_digests.get(b)?)));
+            let patchable = patchable(content_cache, old.as_ref().map(|(_, d)| *d));
+            let via = flip_plan::report::choose(size, n.basis.as_ref().map(|b| b.1), patchable);
+            planned.insert(index as u32, (via, n.basis.as_ref().map(|b| b.0.clone())));
+            let patch = old.filter(|_| via == Via::Patch);
+            let basis = n.basis.filter(|_| via == Via::Delta).map(|(b, _)| b);
             jobs.push(content::Job {
                 index,
                 path,
@@ -426,12 +448,67 @@ impl Session {
         let sigs = self.signatures(&jobs)?;
         self.phase = "sending file content";
         content::send(self, source, &jobs, sigs, content_cache, &mut report)?;
+        drop(jobs);
         self.phase = "committing the release";
         self.send(&Request::Commit)?;
         match self.recv()? {
-            Response::Committed { id, .. } if id == report.release => Ok(report),
-            other => Err(self.unexpected(&other)),
+            Response::Committed { id, .. } if id == report.release => {}
+            other => return Err(self.unexpected(&other)),
         }
+        let items_by_index: HashMap<u32, &Item> = changes
+            .items
+            .iter()
+            .filter_map(|it| Some((it.file.as_ref()?.0, it)))
+            .collect();
+        for s in &mut report.sent {
+            let (chosen, offered) = planned.remove(&s.index).unwrap_or((s.via, None));
+            s.note = deviation(
+                items_by_index.get(&s.index).copied(),
+                chosen,
+                offered,
+                s.via,
+            );
+        }
+        drop(items_by_index);
+        report.sent.sort_by_key(|s| s.index);
+        changes.settle(&report.sent);
+        // The stage's own tallies are the truth (a link can become a copy across filesystems).
+        changes.counts.files.linked = report.linked;
+        changes.counts.files.copied = report.copied;
+        report.counts = changes.counts;
+        report.items = changes.items;
+        Ok(report)
+    }
+
+    /// Receives the answer to [`Request::Changes`] (at most `limit` items, in order).
+    fn changes(&mut self, limit: usize) -> Result<Changes> {
+        let mut out = Changes::default();
+        loop {
+            match self.recv()? {
+                Response::Changes {
+                    counts,
+                    items,
+                    last,
+                } => {
+                    if out.items.len() + items.len() > limit {
+                        return Err(self.protocol("the agent listed too many changes".into()));
+                    }
+                    out.counts = counts;
+                    // How files went is this client's to count (in `settle`), not the agent's.
+                    let f = &mut out.counts.files;
+                    (f.literal, f.delta, f.patched, f.resent) = (0, 0, 0, 0);
+                    out.items.extend(items);
+                    if last {
+                        break;
+                    }
+                }
+                other => return Err(self.unexpected(&other)),
+            }
+        }
+        if !out.items.windows(2).all(|w| w[0].path <= w[1].path) {
+            return Err(self.protocol("the agent listed changes out of order".into()));
+        }
+        Ok(out)
     }
 
     /// Walks down the directory tree comparing hashes with the live release, one round trip per
@@ -566,6 +643,86 @@ impl Session {
     }
 }
 
+/// Why a sent file went otherwise than the plan said, if it did: `item` is its listed change
+/// (if listed), `chosen` what the rule chose with the basis the agent `offered`, `sent` what
+/// went.
+fn deviation(
+    item: Option<&Item>,
+    chosen: Via,
+    offered: Option<RelPath>,
+    sent: Via,
+) -> Option<String> {
+    match item.and_then(|it| it.file.as_ref()).map(|f| &f.2) {
+        Some(Planned::Link(p) | Planned::Copy(p)) => {
+            let what = if item.is_some_and(|it| it.path == *p) {
+                "its copy on the target".to_string()
+            } else {
+                format!("{p} on the target")
+            };
+            return Some(format!(
+                "{what} is missing or altered, so it was sent, not reused"
+            ));
+        }
+        Some(Planned::Transfer {
+            basis: Some((b, _)),
+        }) if offered.as_ref() != Some(b) => {
+            return Some(format!(
+                "the basis {b} is missing or altered on the target, so it was sent {}",
+                if sent == Via::Literal {
+                    "whole"
+                } else {
+                    "otherwise"
+                }
+            ));
+        }
+        _ => {}
+    }
+    fallback_note(chosen, sent)
+}
+
+/// Whether a file can go as a zstd patch: the old content of its basis (`old`: the basis's
+/// digest, known when the client has the live release's manifest) is in the content cache.
+/// The rule of a deploy, and of a dry run predicting it.
+pub fn patchable(cache: Option<&ContentCache>, old: Option<&Digest>) -> bool {
+    matches!((cache, old), (Some(c), Some(d)) if c.contains(d))
+}
+
+/// Whether the source file at `path` would go as a zstd patch against the cached version of
+/// digest `old`: the deploy's own test (a patch no smaller than the file goes whole, and so
+/// does a file whose old version is no longer readable from the cache). Reads the file, mapped;
+/// for a dry run predicting a deploy.
+pub fn patch_is_smaller(cache: &ContentCache, old: &Digest, path: &Path) -> bool {
+    let Some(old) = cache.get(old) else {
+        return false;
+    };
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    if f.metadata().map_or(true, |m| m.len() == 0) {
+        return patch(&old, &[]).is_some();
+    }
+    // SAFETY: a read-only mapping of a source file, only compressed; a file changing underneath
+    // only makes this prediction wrong.
+    match unsafe { memmap2::Mmap::map(&f) } {
+        Ok(map) => patch(&old, &map).is_some(),
+        Err(_) => false,
+    }
+}
+
+/// The note of a file sent whole although [`flip_plan::report::choose`] chose a patch or a
+/// delta (`chosen`) for it: the encoding came out no smaller than the file. `None` otherwise.
+pub fn fallback_note(chosen: Via, sent: Via) -> Option<String> {
+    match (chosen, sent) {
+        (Via::Patch, Via::Literal) => Some(
+            "the patch was no smaller than the file (or the cached old version was unusable), so it was sent whole".into(),
+        ),
+        (Via::Delta, Via::Literal) => {
+            Some("the delta was no smaller than the file, so it was sent whole".into())
+        }
+        _ => None,
+    }
+}
+
 fn name(r: &Response) -> &'static str {
     match r {
         Response::Welcome { .. } => "Welcome",
@@ -584,5 +741,6 @@ fn name(r: &Response) -> &'static str {
         Response::Error { .. } => "Error",
         Response::Bye => "Bye",
         Response::Notices { .. } => "Notices",
+        Response::Changes { .. } => "Changes",
     }
 }

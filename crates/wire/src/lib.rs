@@ -12,7 +12,8 @@
 //!
 //! A deploy, in order (one round trip per step, whatever the number of files):
 //! `Hello` → `Welcome`; `Lock` → `Locked`; `Status` → `Status`; `Stage` + `ManifestChunk`s → `Staged`
-//! (what the agent still needs); `Signatures` → `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch`
+//! (what the agent still needs), pipelined with `Changes` → `Changes` chunks (what the release
+//! changes, for the deploy's report); `Signatures` → `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch`
 //! frames + `Commit` → `Committed`; `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`.
 //! Before any answer the agent may send [`Response::Notices`]: what it could not clean up, and
 //! problems that did not stop the request.
@@ -29,6 +30,9 @@ pub const PROTOCOL: u32 = 5;
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 32 << 20;
+/// Items per [`Response::Changes`] frame: an item is at most ~16 KiB (a path, a source path and
+/// two symlink targets), so a frame stays far below [`MAX_FRAME`].
+pub const CHANGES_PER_FRAME: usize = 1000;
 /// File content is sent in chunks of at most this size.
 pub const CHUNK: usize = 4 << 20;
 /// Largest manifest accepted (in canonical encoding).
@@ -172,6 +176,14 @@ pub enum Request {
         id: Option<u64>,
     },
     Bye,
+    /// After `Stage` (before `Commit`): what the staged release changes against the live one,
+    /// classified by [`flip_plan::report::deployed`] (the files the stage could not link or copy
+    /// marked). With `all`, every changed path;
+    /// without, only the files the stage had to deviate from its plan for. Answered by
+    /// [`Response::Changes`] frames.
+    Changes {
+        all: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -254,6 +266,13 @@ pub enum Response {
     Notices {
         warnings: Vec<String>,
         leftovers: Option<Vec<Leftover>>,
+    },
+    /// One piece of the answer to [`Request::Changes`]: the counts (the same in every piece),
+    /// at most [`CHANGES_PER_FRAME`] items in manifest order, and whether this is the last piece.
+    Changes {
+        counts: flip_plan::report::Counts,
+        items: Vec<flip_plan::report::Item>,
+        last: bool,
     },
 }
 
