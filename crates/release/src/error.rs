@@ -28,6 +28,13 @@ pub enum Error {
     },
     #[error("cannot {op} {}: no space left on device", path.display())]
     NoSpace { op: &'static str, path: PathBuf },
+    #[error("{}: the release needs {need} bytes of new file content but the filesystem has only {free} bytes free (keeping a margin of {margin}); free some space or prune old releases", path.display())]
+    NotEnoughSpace {
+        path: PathBuf,
+        need: u64,
+        free: u64,
+        margin: u64,
+    },
     #[error("{} is not a directory", .0.display())]
     NotADirectory(PathBuf),
     #[error("{} does not exist", .0.display())]
@@ -60,7 +67,7 @@ impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::Io { .. } => ErrorClass::Io,
-            Error::NoSpace { .. } => ErrorClass::NoSpace,
+            Error::NoSpace { .. } | Error::NotEnoughSpace { .. } => ErrorClass::NoSpace,
             Error::Locked { .. } => ErrorClass::Locked,
             Error::Integrity { .. } | Error::Corrupt { .. } => ErrorClass::Integrity,
             Error::BadRequest(_) => ErrorClass::BadRequest,

@@ -3,7 +3,12 @@
 //! A frame is a little-endian `u32` length followed by that many bytes of a bincode-encoded
 //! [`Request`] or [`Response`]. The length is checked against [`MAX_FRAME`] before anything is
 //! allocated, and decoding runs with the same limit, so a hostile peer cannot make either side
-//! allocate more than one frame's worth.
+//! allocate more than one frame's worth: the frame's bytes (at most [`MAX_FRAME`]), and for the
+//! message decoded from them at most [`MAX_FRAME`] bytes of strings and byte buffers (bincode's
+//! limit) plus at most [`MAX_FRAME`] bytes of list elements and the paths they hold (each list is
+//! decoded by [`bounded`], which checks its length against what is left of that budget before
+//! reserving it). Whatever is sent, decoding one frame costs at most about three times
+//! [`MAX_FRAME`], never the gigabytes a list of a million tiny elements would take.
 //!
 //! A session starts in plain frames with [`Request::Hello`] (naming [`PROTOCOL`]) and
 //! [`Response::Welcome`]. If the client asked for compression, both directions then switch to one
@@ -15,8 +20,10 @@
 //! (what the agent still needs); `Signatures` → `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch`
 //! frames + `Commit` → `Committed`; `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`.
 
+mod bounded;
 mod frame;
 
+pub use bounded::Weigh;
 pub use frame::{Counter, FrameReader, FrameWriter};
 
 use flip_manifest::RelPath;
@@ -29,8 +36,9 @@ pub const MAGIC: [u8; 4] = *b"FLIP";
 pub const MAX_FRAME: usize = 32 << 20;
 /// File content is sent in chunks of at most this size.
 pub const CHUNK: usize = 4 << 20;
-/// Largest manifest accepted (in canonical encoding).
-pub const MAX_MANIFEST: u64 = 2 << 30;
+/// Largest manifest accepted (in canonical encoding): about five million entries. The agent
+/// holds it whole while decoding it (itself bounded by `flip_manifest`'s decode budget).
+pub const MAX_MANIFEST: u64 = 256 << 20;
 
 pub type Mtime = Option<(i64, u32)>;
 
@@ -113,10 +121,10 @@ pub enum Request {
     },
     /// Compare directory hashes with the live release's (see [`flip_manifest::DirTree`]), for a
     /// client that does not have the live manifest.
-    Probe(Vec<ProbeItem>),
+    Probe(#[serde(deserialize_with = "bounded::vec")] Vec<ProbeItem>),
     ManifestChunk(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Signatures of delta bases, one per item.
-    Signatures(Vec<SigItem>),
+    Signatures(#[serde(deserialize_with = "bounded::vec")] Vec<SigItem>),
     /// Content of file `index` (into the plan's files), in order; `last` closes it.
     Literal {
         index: u32,
@@ -191,6 +199,7 @@ pub enum Response {
     Locked,
     Status {
         current: Option<u64>,
+        #[serde(deserialize_with = "bounded::vec")]
         releases: Vec<ReleaseSummary>,
     },
     ManifestChunk {
@@ -202,6 +211,7 @@ pub enum Response {
         id: u64,
         previous: Option<u64>,
         /// The files whose content the agent needs, ascending.
+        #[serde(deserialize_with = "bounded::vec")]
         needs: Vec<Need>,
         linked: u64,
         copied: u64,
@@ -226,10 +236,12 @@ pub enum Response {
         previous: Option<u64>,
     },
     Pruned {
+        #[serde(deserialize_with = "bounded::vec")]
         removed: Vec<u64>,
     },
     Verified {
         id: u64,
+        #[serde(deserialize_with = "bounded::vec")]
         problems: Vec<String>,
     },
     Error {
