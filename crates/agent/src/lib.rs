@@ -767,6 +767,9 @@ impl Session {
     }
 }
 
+// The patch window the client may use is the one the stage accepts.
+const _: () = assert!(flip_wire::PATCH_WINDOW_LOG_MAX == flip_release::PATCH_WINDOW_LOG_MAX);
+
 /// Free space kept on the target's filesystem beyond what a release's new content needs.
 pub const SPACE_MARGIN: u64 = 64 << 20;
 

@@ -256,7 +256,7 @@ fn a_delta_against_a_basis_outside_the_previous_release() {
         t.path(),
         frames,
         ErrorClass::BadRequest,
-        "not a file of the previous release",
+        "is not the basis offered for it",
     );
 }
 

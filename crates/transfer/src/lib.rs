@@ -358,8 +358,9 @@ impl Session {
                 return Err(self.protocol("the agent asked for files out of range or order".into()));
             };
             // The old version in the local content cache: a patch, no signature needed.
+            // (Up to `PATCH_MAX` bytes: the patch's window stays within the agent's limit.)
             let patch = n.basis.as_ref().and_then(|(b, _)| {
-                let cache = content_cache?;
+                let cache = content_cache.filter(|_| size <= content::PATCH_MAX)?;
                 match old_digests.get(b) {
                     Some(digest) if cache.contains(digest) => Some((b.clone(), digest)),
                     _ => None,

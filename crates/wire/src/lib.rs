@@ -36,6 +36,9 @@ pub const MAGIC: [u8; 4] = *b"FLIP";
 pub const MAX_FRAME: usize = 32 << 20;
 /// File content is sent in chunks of at most this size.
 pub const CHUNK: usize = 4 << 20;
+/// Largest zstd window (as a power of two: 64 MiB) a `Patch` may use; the agent refuses
+/// larger ones, which bounds its decoder's buffer.
+pub const PATCH_WINDOW_LOG_MAX: u32 = 26;
 /// Largest manifest accepted (in canonical encoding): about five million entries. The agent
 /// holds it whole while decoding it (itself bounded by `flip_manifest`'s decode budget).
 pub const MAX_MANIFEST: u64 = 256 << 20;
