@@ -193,7 +193,8 @@ fn edit(big: &Path, six: &Path, size: u64, seed: u64) {
     let f = File::options().write(true).open(big).unwrap();
     for i in 0..8u64 {
         let at = (size / 9) * (i + 1) + seed * 4096;
-        f.write_all_at(&noise(seed * 100 + i, 64 << 10), at).unwrap();
+        f.write_all_at(&noise(seed * 100 + i, 64 << 10), at)
+            .unwrap();
     }
     let f = File::options().write(true).open(six).unwrap();
     f.write_all_at(&noise(seed, 8), 3 << 20).unwrap();

@@ -16,7 +16,10 @@ use std::path::Path;
 fn children_peak_rss() -> u64 {
     // SAFETY: getrusage fills the zeroed struct we own.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) }, 0);
+    assert_eq!(
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) },
+        0
+    );
     ru.ru_maxrss as u64 * 1024
 }
 
@@ -109,7 +112,10 @@ fn a_changed_64_mib_file_goes_as_a_streamed_delta_in_bounded_memory() {
     assert_eq!(num(&j, "/files/patched"), 0, "{j}");
     assert_eq!(num(&j, "/files/literal"), 0, "{j}");
     let sent = num(&j, "/bytes/delta");
-    assert!(sent < 1 << 20, "a few edits cost {sent} bytes of delta: {j}");
+    assert!(
+        sent < 1 << 20,
+        "a few edits cost {sent} bytes of delta: {j}"
+    );
     assert_eq!(
         hash_file(&fx.current().join("data/big.bin")),
         want,

@@ -689,8 +689,7 @@ impl Session {
         }
         let mut seen = std::collections::HashSet::with_capacity(items.len());
         // (basis, its size, the files that want it)
-        let mut by_basis: std::collections::BTreeMap<RelPath, (u64, Vec<u32>)> =
-            Default::default();
+        let mut by_basis: std::collections::BTreeMap<RelPath, (u64, Vec<u32>)> = Default::default();
         for it in items {
             if needs.binary_search(&(it.index as usize)).is_err() {
                 return Err(RelError::BadRequest(format!(
@@ -707,9 +706,11 @@ impl Session {
                 .into());
             }
             match stage.basis_of(it.index as usize) {
-                Some((b, size)) if b == it.basis => {
-                    by_basis.entry(b).or_insert((size, Vec::new())).1.push(it.index)
-                }
+                Some((b, size)) if b == it.basis => by_basis
+                    .entry(b)
+                    .or_insert((size, Vec::new()))
+                    .1
+                    .push(it.index),
                 _ => {
                     return Err(RelError::BadRequest(format!(
                         "file #{}: {} is not the basis offered for it",

@@ -41,7 +41,9 @@ pub enum DecodeError {
     Order(usize),
     #[error("manifest claims {0} entries, more than it can hold")]
     Count(u64),
-    #[error("manifest of {encoded} bytes would take more than {budget} bytes of memory once decoded")]
+    #[error(
+        "manifest of {encoded} bytes would take more than {budget} bytes of memory once decoded"
+    )]
     Expands { encoded: usize, budget: u64 },
     #[error("manifest has {0} bytes of trailing garbage")]
     Trailing(usize),

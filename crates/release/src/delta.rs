@@ -112,7 +112,11 @@ impl DeltaApplier {
     }
 
     /// Consumes the next piece of the delta, handing its output to `out`.
-    pub fn feed(&mut self, mut data: &[u8], out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        out: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
         while !data.is_empty() {
             match self.state {
                 State::Magic => {
@@ -184,7 +188,12 @@ impl DeltaApplier {
     }
 
     /// Runs an opcode whose `want` parameter bytes are in `pending`.
-    fn command(&mut self, op: u8, want: usize, out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    fn command(
+        &mut self,
+        op: u8,
+        want: usize,
+        out: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
         let be = |b: &[u8]| b.iter().fold(0u64, |v, x| (v << 8) | *x as u64);
         if op <= OP_LITERAL_N8 {
             let n = be(&self.pending[..want]);
@@ -202,7 +211,10 @@ impl DeltaApplier {
         if len == 0 {
             return Err(self.bad("a copy of length 0".into()));
         }
-        if offset.checked_add(len).is_none_or(|end| end > self.basis_len) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.basis_len)
+        {
             return Err(self.bad(format!(
                 "a copy of {len} bytes at {offset} is outside the basis of {} bytes",
                 self.basis_len
@@ -324,10 +336,13 @@ impl PatchWriter {
         // SAFETY: the slice points into the basis' heap buffer or its read-only mapping, which
         // stay where they are when `Basis` moves and are never written; the decoder holding it
         // is dropped before the basis (field order above) and never handed out.
-        let prefix: &'static [u8] = unsafe { std::slice::from_raw_parts(basis.as_ptr(), basis.len()) };
+        let prefix: &'static [u8] =
+            unsafe { std::slice::from_raw_parts(basis.as_ptr(), basis.len()) };
         let mut dec = zstd::stream::raw::Decoder::with_ref_prefix(prefix).map_err(bad)?;
-        dec.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(PATCH_WINDOW_LOG_MAX))
-            .map_err(bad)?;
+        dec.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(
+            PATCH_WINDOW_LOG_MAX,
+        ))
+        .map_err(bad)?;
         Ok(PatchWriter {
             dec,
             _basis: basis,
@@ -510,7 +525,14 @@ mod tests {
     #[test]
     fn a_signature_made_in_pieces_equals_the_whole_one() {
         let mut rng = Rng(11);
-        for len in [0usize, 1, 5000, SIGNATURE_WINDOW - 1, SIGNATURE_WINDOW, 2 * SIGNATURE_WINDOW + 12_345] {
+        for len in [
+            0usize,
+            1,
+            5000,
+            SIGNATURE_WINDOW - 1,
+            SIGNATURE_WINDOW,
+            2 * SIGNATURE_WINDOW + 12_345,
+        ] {
             let data = rng.bytes(len);
             let (t, f) = basis_file(&data);
             let opts = fast_rsync::SignatureOptions {
@@ -518,7 +540,10 @@ mod tests {
                 crypto_hash_size: 8,
             };
             let whole = fast_rsync::Signature::calculate(&data, opts).into_serialized();
-            assert!(signature(&f, t.path(), len as u64).unwrap() == whole, "length {len}");
+            assert!(
+                signature(&f, t.path(), len as u64).unwrap() == whole,
+                "length {len}"
+            );
         }
     }
 
@@ -535,8 +560,8 @@ mod tests {
             &[0x41, 2, b'd', b'e'],
             &n2,
             &n8,
-            &[0x45, 10, 5],                             // copy 1-byte offset, 1-byte length
-            &[0x4a, 0x01, 0x00, 0x01, 0x00],            // 2-byte offset 256, 2-byte length 256
+            &[0x45, 10, 5],                  // copy 1-byte offset, 1-byte length
+            &[0x4a, 0x01, 0x00, 0x01, 0x00], // 2-byte offset 256, 2-byte length 256
             &[0x54, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3], // 8/8: offset 65536, len 3
         ]);
         let mut want = b"abcde".to_vec();
@@ -546,10 +571,16 @@ mod tests {
         want.extend_from_slice(&basis[256..512]);
         want.extend_from_slice(&basis[65536..65539]);
         let mut rng = Rng(3);
-        assert_eq!(apply(&basis, &d, want.len() as u64, &mut rng).unwrap(), want);
+        assert_eq!(
+            apply(&basis, &d, want.len() as u64, &mut rng).unwrap(),
+            want
+        );
         let mut fr = Vec::new();
         fast_rsync::apply(&basis, &d, &mut fr).unwrap();
-        assert_eq!(fr, want, "fast_rsync reads the hand-made delta the same way");
+        assert_eq!(
+            fr, want,
+            "fast_rsync reads the hand-made delta the same way"
+        );
     }
 
     #[test]
@@ -566,9 +597,21 @@ mod tests {
     #[test]
     fn copies_outside_the_basis_are_refused() {
         let basis = vec![1u8; 100];
-        refused(&basis, &delta_of(&[&[0x45, 90, 11]]), 1000, "outside the basis");
-        refused(&basis, &delta_of(&[&[0x45, 100, 1]]), 1000, "outside the basis");
-        let huge = [0x54u8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 1];
+        refused(
+            &basis,
+            &delta_of(&[&[0x45, 90, 11]]),
+            1000,
+            "outside the basis",
+        );
+        refused(
+            &basis,
+            &delta_of(&[&[0x45, 100, 1]]),
+            1000,
+            "outside the basis",
+        );
+        let huge = [
+            0x54u8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 1,
+        ];
         refused(&basis, &delta_of(&[&huge]), 1000, "outside the basis");
         refused(&basis, &delta_of(&[&[0x45, 0, 0]]), 1000, "length 0");
         refused(&basis, &delta_of(&[&[0x41, 0]]), 1000, "length 0");

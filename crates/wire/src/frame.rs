@@ -368,8 +368,7 @@ mod tests {
                 basis: flip_manifest::RelPath::new(n.as_str()).unwrap(),
             })
             .collect();
-        let bytes =
-            bincode::serde::encode_to_vec(Request::Signatures(items), config()).unwrap();
+        let bytes = bincode::serde::encode_to_vec(Request::Signatures(items), config()).unwrap();
         assert!(bytes.len() < MAX_FRAME / 4, "{}", bytes.len());
         match decode::<Request>(&bytes) {
             Err(WireError::Decode(m)) => assert!(m.contains("bytes of memory"), "{m}"),
@@ -377,7 +376,9 @@ mod tests {
         }
         // A list claiming 2^40 elements is refused before anything is reserved.
         let mut huge = vec![];
-        huge.extend_from_slice(&bincode::serde::encode_to_vec(Request::Signatures(vec![]), config()).unwrap());
+        huge.extend_from_slice(
+            &bincode::serde::encode_to_vec(Request::Signatures(vec![]), config()).unwrap(),
+        );
         huge.pop(); // the empty list's length
         huge.extend_from_slice(&[253, 0, 0, 0, 0, 0, 1, 0, 0]); // varint u64 2^40
         assert!(decode::<Request>(&huge).is_err());
@@ -386,13 +387,20 @@ mod tests {
         let real: Vec<crate::SigItem> = (0..100_000u32)
             .map(|i| crate::SigItem {
                 index: i,
-                basis: flip_manifest::RelPath::new(format!("vendor/pkg{}/src/File{i}.php", i % 100))
-                    .unwrap(),
+                basis: flip_manifest::RelPath::new(format!(
+                    "vendor/pkg{}/src/File{i}.php",
+                    i % 100
+                ))
+                .unwrap(),
             })
             .collect();
-        let bytes = bincode::serde::encode_to_vec(Request::Signatures(real.clone()), config()).unwrap();
+        let bytes =
+            bincode::serde::encode_to_vec(Request::Signatures(real.clone()), config()).unwrap();
         for _ in 0..2 {
-            assert_eq!(decode::<Request>(&bytes).unwrap(), Request::Signatures(real.clone()));
+            assert_eq!(
+                decode::<Request>(&bytes).unwrap(),
+                Request::Signatures(real.clone())
+            );
         }
     }
 
