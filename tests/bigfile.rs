@@ -131,3 +131,164 @@ fn a_changed_64_mib_file_goes_as_a_streamed_delta_in_bounded_memory() {
         peak >> 20
     );
 }
+
+/// VmHWM of a live process, in bytes.
+fn vm_hwm(pid: u32) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// A client speaking frames to a real `flip agent` process: a signature of a 64 MiB basis and a
+/// delta that copies all of it are made and applied streaming, so the agent's peak RSS stays
+/// far below the file size (it held the basis, or the whole output, before).
+#[test]
+fn a_real_agent_signs_and_applies_a_64_mib_delta_in_bounded_memory() {
+    use flip_manifest::{Digest, Entry, EntryKind, Manifest};
+    use flip_wire::{FrameReader, FrameWriter, Request, Response, SigItem, CHUNK, MAGIC, PROTOCOL};
+    use std::process::{Command, Stdio};
+
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "<?php\n", 0o644);
+    fs::create_dir(src.p("data")).unwrap();
+    let big = src.p("data/big.bin");
+    let len: u64 = (64 << 20) + 12_345;
+    write_pieces(&big, &[Piece::Noise(65, len as usize)]);
+    fx.deploy(&src, &["--no-cache"]);
+
+    // The new version: the old one and one more byte.
+    let mut h = blake3::Hasher::new();
+    let mut f = File::open(&big).unwrap();
+    std::io::copy(&mut f, &mut h).unwrap();
+    h.update(b"!");
+    let live = flip_manifest::decode(&fs::read(fx.root.join(".flip/releases/1.manifest")).unwrap())
+        .unwrap();
+    let entries: Vec<Entry> = live
+        .entries()
+        .iter()
+        .map(|e| match &e.kind {
+            EntryKind::File { mode, .. } if e.path.as_str() == "data/big.bin" => Entry {
+                path: e.path.clone(),
+                kind: EntryKind::File {
+                    mode: *mode,
+                    size: len + 1,
+                    digest: Digest(*h.finalize().as_bytes()),
+                },
+            },
+            _ => e.clone(),
+        })
+        .collect();
+    let m = Manifest::new(entries).unwrap();
+    let bytes = flip_manifest::encode(&m);
+
+    let mut agent = Command::new(FLIP)
+        .args(["agent", "--root", fx.root_str()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = agent.id();
+    let mut tx = FrameWriter::new(Box::new(agent.stdin.take().unwrap()));
+    let mut rx = FrameReader::new(Box::new(agent.stdout.take().unwrap()));
+    let mut ask = |tx: &mut FrameWriter, r: Request| {
+        tx.send(&r).unwrap();
+        tx.flush().unwrap();
+    };
+    ask(
+        &mut tx,
+        Request::Hello {
+            magic: MAGIC,
+            protocol: PROTOCOL,
+            version: "test".into(),
+            compress: 0,
+        },
+    );
+    assert!(matches!(rx.recv().unwrap(), Response::Welcome { .. }));
+    ask(
+        &mut tx,
+        Request::Lock {
+            wait: false,
+            holder: flip_wire::Holder {
+                pid: 1,
+                host: "t".into(),
+                user: "t".into(),
+                since: 0,
+                what: "deploy".into(),
+            },
+        },
+    );
+    assert_eq!(rx.recv::<Response>().unwrap(), Response::Locked);
+    tx.send(&Request::Stage {
+        label: None,
+        base: None,
+        dirs: false,
+        payload_len: bytes.len() as u64,
+        digest: m.digest().0,
+    })
+    .unwrap();
+    for c in bytes.chunks(CHUNK) {
+        tx.send(&Request::ManifestChunk(c.to_vec())).unwrap();
+    }
+    tx.flush().unwrap();
+    let basis = match rx.recv::<Response>().unwrap() {
+        Response::Staged { needs, .. } => {
+            assert_eq!(needs.len(), 1, "{needs:?}");
+            assert_eq!(needs[0].index, 0);
+            needs[0].basis.clone().expect("a basis").0
+        }
+        other => panic!("{other:?}"),
+    };
+    ask(
+        &mut tx,
+        Request::Signatures(vec![SigItem {
+            index: 0,
+            basis: basis.clone(),
+        }]),
+    );
+    assert!(matches!(
+        rx.recv().unwrap(),
+        Response::Signature { index: 0, .. }
+    ));
+    assert_eq!(rx.recv::<Response>().unwrap(), Response::SignaturesDone);
+    // COPY (1-byte offset 0, 4-byte length: the whole basis), LITERAL "!", END.
+    let mut delta = 0x7273_0236u32.to_be_bytes().to_vec();
+    delta.extend_from_slice(&[0x47, 0]);
+    delta.extend_from_slice(&(len as u32).to_be_bytes());
+    delta.extend_from_slice(&[0x01, b'!', 0]);
+    for (i, c) in delta.chunks(5).enumerate() {
+        tx.send(&Request::Delta {
+            index: 0,
+            basis: basis.clone(),
+            mtime: None,
+            data: c.to_vec(),
+            last: (i + 1) * 5 >= delta.len(),
+        })
+        .unwrap();
+    }
+    ask(&mut tx, Request::Commit);
+    let id = match rx.recv::<Response>().unwrap() {
+        Response::Committed { id, written, .. } => {
+            assert_eq!(written, 1);
+            id
+        }
+        other => panic!("{other:?}"),
+    };
+    let peak = vm_hwm(pid);
+    ask(&mut tx, Request::Bye);
+    assert_eq!(rx.recv::<Response>().unwrap(), Response::Bye);
+    drop(tx);
+    assert!(agent.wait().unwrap().success());
+    let built = fx.release(id).join("data/big.bin");
+    assert_eq!(fs::metadata(&built).unwrap().len(), len + 1);
+    assert_eq!(hash_file(&built), h.finalize());
+    assert!(
+        peak < 48 << 20,
+        "the agent peaked at {} MiB for a 64 MiB delta",
+        peak >> 20
+    );
+}

@@ -563,11 +563,7 @@ impl Session {
         drop(bytes);
         let stage = root.stage_after(self.locked()?, manifest, label, live_manifest)?;
         // Refuse up front (the stage is dropped, so removed) content that cannot fit.
-        let need = stage
-            .needs()
-            .iter()
-            .fold(0u64, |n, &i| n.saturating_add(stage.plan().files[i].size));
-        check_space(root.path(), need)?;
+        check_space(root.path(), &stage)?;
         let resp = Response::Staged {
             id: stage.id(),
             previous: stage.previous(),
@@ -771,15 +767,23 @@ impl Session {
 // The patch window the client may use is the one the stage accepts.
 const _: () = assert!(flip_wire::PATCH_WINDOW_LOG_MAX == flip_release::PATCH_WINDOW_LOG_MAX);
 
-/// Free space kept on the target's filesystem beyond what a release's new content needs.
+/// Free space kept on the target's filesystem beyond what a release's new content needs: 5% of
+/// the filesystem, at most 64 MiB.
 pub const SPACE_MARGIN: u64 = 64 << 20;
 
-/// Fails with [`RelError::NotEnoughSpace`] when `need` bytes plus [`SPACE_MARGIN`] do not fit
-/// in the space available (to this user) on the filesystem holding `path`.
-fn check_space(path: &Path, need: u64) -> Result<()> {
+/// Fails with [`RelError::NotEnoughSpace`] when the content `stage` still needs, plus a margin
+/// ([`SPACE_MARGIN`]), does not fit in the space available (to this user) on the filesystem
+/// holding `root`: refused before any content is sent rather than at the first full write.
+fn check_space(root: &Path, stage: &Stage) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| RelError::BadRequest("root path contains NUL".into()))?;
+    let files = &stage.plan().files;
+    let need = stage
+        .needs()
+        .iter()
+        .fold(0u64, |n, &i| n.saturating_add(files[i].size));
+    let Ok(c) = std::ffi::CString::new(root.as_os_str().as_bytes()) else {
+        return Ok(());
+    };
     // SAFETY: statvfs fills the zeroed struct we own from a NUL-terminated path.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
@@ -787,12 +791,20 @@ fn check_space(path: &Path, need: u64) -> Result<()> {
         return Ok(());
     }
     let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
-    if need.saturating_add(SPACE_MARGIN) > free {
+    let total = (st.f_blocks as u64).saturating_mul(st.f_frsize as u64);
+    let margin = SPACE_MARGIN.min(total / 20);
+    if need.saturating_add(margin) > free {
+        let largest = stage
+            .needs()
+            .iter()
+            .max_by_key(|&&i| files[i].size)
+            .map(|&i| format!("{}, {} bytes", files[i].path, files[i].size))
+            .unwrap_or_default();
         return Err(RelError::NotEnoughSpace {
-            path: path.to_path_buf(),
+            largest,
             need,
             free,
-            margin: SPACE_MARGIN,
+            margin,
         }
         .into());
     }

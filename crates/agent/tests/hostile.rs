@@ -666,7 +666,7 @@ fn a_release_larger_than_the_free_space_is_refused_before_any_content() {
     let (class, msg) = last_error(&rs);
     assert_eq!(class, ErrorClass::NoSpace, "{msg}");
     assert!(
-        msg.contains("needs 1099511627776 bytes of new file content"),
+        msg.contains("no space left on device for the release: its new files need 1099511627776 bytes (the largest: huge.bin, 1099511627776 bytes)"),
         "{msg}"
     );
     assert_intact(t.path());

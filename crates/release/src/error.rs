@@ -28,9 +28,10 @@ pub enum Error {
     },
     #[error("cannot {op} {}: no space left on device", path.display())]
     NoSpace { op: &'static str, path: PathBuf },
-    #[error("{}: the release needs {need} bytes of new file content but the filesystem has only {free} bytes free (keeping a margin of {margin}); free some space or prune old releases", path.display())]
+    #[error("no space left on device for the release: its new files need {need} bytes (the largest: {largest}), the filesystem has {free} bytes free, keeping {margin} in reserve; free some space or prune old releases")]
     NotEnoughSpace {
-        path: PathBuf,
+        /// The largest file to be written.
+        largest: String,
         need: u64,
         free: u64,
         margin: u64,
