@@ -195,7 +195,7 @@ fn a_real_agent_signs_and_applies_a_64_mib_delta_in_bounded_memory() {
     let pid = agent.id();
     let mut tx = FrameWriter::new(Box::new(agent.stdin.take().unwrap()));
     let mut rx = FrameReader::new(Box::new(agent.stdout.take().unwrap()));
-    let mut ask = |tx: &mut FrameWriter, r: Request| {
+    let ask = |tx: &mut FrameWriter, r: Request| {
         tx.send(&r).unwrap();
         tx.flush().unwrap();
     };
