@@ -256,12 +256,25 @@ impl DeltaApplier {
 /// Bytes of a basis read at once to compute its signature.
 const SIGNATURE_WINDOW: usize = 8 << 20;
 
-/// The rsync signature (MD4, 8-byte strong hashes, block size from
-/// [`flip_plan::block_size`]) of `file` (`size` bytes at `path`), read in pieces of whole blocks
+/// Most blocks a signature has: 12 MiB of signature, well within one frame.
+const MAX_SIG_BLOCKS: u64 = 1 << 20;
+
+/// The block size of a basis' signature: [`flip_plan::block_size`], or larger for a file of
+/// over 16 GiB so its signature stays within [`MAX_SIG_BLOCKS`] (up to 1 MiB blocks, which
+/// clients accept).
+fn signature_block(size: u64) -> u32 {
+    let fit = size
+        .div_ceil(MAX_SIG_BLOCKS)
+        .next_power_of_two()
+        .min(1 << 20) as u32;
+    flip_plan::block_size(size).max(fit)
+}
+
+/// The rsync signature (MD4, 8-byte strong hashes, block size from [`signature_block`]) of `file` (`size` bytes at `path`), read in pieces of whole blocks
 /// of at most [`SIGNATURE_WINDOW`] bytes: blocks are signed independently, so the result is the
 /// header followed by each piece's block entries, the same bytes as signing the file whole.
 pub(crate) fn signature(file: &File, path: &Path, size: u64) -> Result<Vec<u8>> {
-    let block = flip_plan::block_size(size);
+    let block = signature_block(size);
     let opts = fast_rsync::SignatureOptions {
         block_size: block,
         crypto_hash_size: 8,
@@ -536,7 +549,7 @@ mod tests {
             let data = rng.bytes(len);
             let (t, f) = basis_file(&data);
             let opts = fast_rsync::SignatureOptions {
-                block_size: flip_plan::block_size(len as u64),
+                block_size: signature_block(len as u64),
                 crypto_hash_size: 8,
             };
             let whole = fast_rsync::Signature::calculate(&data, opts).into_serialized();
@@ -544,6 +557,18 @@ mod tests {
                 signature(&f, t.path(), len as u64).unwrap() == whole,
                 "length {len}"
             );
+        }
+    }
+
+    #[test]
+    fn signatures_of_huge_files_stay_within_a_frame() {
+        assert_eq!(signature_block(1 << 30), flip_plan::block_size(1 << 30));
+        assert_eq!(signature_block(16 << 30), 16384);
+        assert_eq!(signature_block(100 << 30), 128 << 10);
+        assert_eq!(signature_block(1 << 40), 1 << 20);
+        for size in [(16u64 << 30) + 1, 100 << 30, 1 << 40] {
+            let blocks = size.div_ceil(signature_block(size) as u64);
+            assert!(12 + blocks * 12 < 16 << 20, "{size}: {blocks} blocks");
         }
     }
 

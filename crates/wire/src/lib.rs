@@ -3,12 +3,13 @@
 //! A frame is a little-endian `u32` length followed by that many bytes of a bincode-encoded
 //! [`Request`] or [`Response`]. The length is checked against [`MAX_FRAME`] before anything is
 //! allocated, and decoding runs with the same limit, so a hostile peer cannot make either side
-//! allocate more than one frame's worth: the frame's bytes (at most [`MAX_FRAME`]), and for the
-//! message decoded from them at most [`MAX_FRAME`] bytes of strings and byte buffers (bincode's
-//! limit) plus at most [`MAX_FRAME`] bytes of list elements and the paths they hold (each list is
-//! decoded by [`bounded`], which checks its length against what is left of that budget before
-//! reserving it). Whatever is sent, decoding one frame costs at most about three times
-//! [`MAX_FRAME`], never the gigabytes a list of a million tiny elements would take.
+//! allocate more than one frame's worth of each thing a frame holds: its bytes (at most
+//! [`MAX_FRAME`]); the strings and byte buffers decoded from them (at most [`MAX_FRAME`],
+//! bincode's limit); and the slots of its lists with the paths they hold (at most [`MAX_FRAME`]:
+//! every list is decoded by `bounded::vec`, which checks its length against what is left of that
+//! budget before reserving it, and charges each element's own allocations). Whatever is sent,
+//! one frame costs at most three times [`MAX_FRAME`] to decode, never the gigabytes a list of a
+//! million tiny elements would otherwise take.
 //!
 //! A session starts in plain frames with [`Request::Hello`] (naming [`PROTOCOL`]) and
 //! [`Response::Welcome`]. If the client asked for compression, both directions then switch to one
