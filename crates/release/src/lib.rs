@@ -20,7 +20,7 @@
 //! then does [`Root::activate`] swap `current` and fsync the root. `current` therefore always names
 //! a complete, verified release.
 
-mod delta;
+pub mod delta;
 mod error;
 mod fsutil;
 mod lock;
