@@ -40,8 +40,9 @@ pub fn run(a: DiffArgs) -> Result<i32> {
         .map(|&(index, size, basis)| {
             let data = std::fs::read(a.new.join(paths[index as usize].as_str()))?;
             // The client that deployed OLD keeps every version up to the cache's file limit.
-            let patchable =
-                !a.no_cache && basis.is_some_and(|b| b.1 <= flip_transfer::CONTENT_MAX_FILE);
+            let patchable = !a.no_cache
+                && size <= flip_transfer::PATCH_MAX
+                && basis.is_some_and(|b| b.1 <= flip_transfer::CONTENT_MAX_FILE);
             let chosen = choose(size, basis.map(|b| b.1), patchable);
             let encoded = match (chosen, basis) {
                 (Via::Patch | Via::Delta, Some((b, _))) => {

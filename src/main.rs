@@ -515,7 +515,7 @@ fn dry_run(
                 flip_manifest::EntryKind::File { digest, .. } => Some(*digest),
                 _ => None,
             });
-            let patchable = flip_transfer::patchable(content.as_ref(), old.as_ref());
+            let patchable = flip_transfer::patchable(content.as_ref(), old.as_ref(), size);
             let chosen = flip_plan::report::choose(size, basis.map(|b| b.1), patchable);
             let via = match (chosen, content.as_ref(), old) {
                 (Via::Patch, Some(cache), Some(old)) => {

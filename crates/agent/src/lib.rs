@@ -12,7 +12,8 @@
 
 use flip_manifest::{DirState, RelPath};
 use flip_release::{
-    Created, Error as RelError, ErrorClass as RelClass, FileWriter, LockGuard, Root, Stage, Wait,
+    Created, DeltaWriter, Error as RelError, ErrorClass as RelClass, FileWriter, LockGuard,
+    PatchWriter, Root, Stage, Wait,
 };
 use flip_wire::{
     ErrorClass, FrameReader, FrameWriter, Mtime, Need, ProbeItem, ReleaseSummary, Request,
@@ -81,14 +82,29 @@ type Result<T, E = AgentError> = std::result::Result<T, E>;
 /// A file whose content is arriving in chunks.
 enum Incoming {
     Literal(Box<FileWriter>),
-    /// A delta or patch, collected whole before it is applied.
+    /// A delta or patch, applied into the staging file as its chunks arrive.
     Encoded {
-        index: u32,
         basis: RelPath,
         kind: Encoding,
-        data: Vec<u8>,
-        limit: usize,
+        writer: EncodedWriter,
+        /// Encoded bytes received so far, and the most accepted.
+        got: u64,
+        limit: u64,
     },
+}
+
+enum EncodedWriter {
+    Delta(Box<DeltaWriter>),
+    Patch(Box<PatchWriter>),
+}
+
+impl EncodedWriter {
+    fn index(&self) -> usize {
+        match self {
+            EncodedWriter::Delta(d) => d.index(),
+            EncodedWriter::Patch(p) => p.index(),
+        }
+    }
 }
 
 /// How a changed file is encoded against its previous version.
@@ -450,26 +466,7 @@ impl Session {
                 return Err(AgentError::Protocol("manifest data outside Stage".into()))
             }
             Request::Signatures(items) => {
-                let stage = self.stage_mut()?;
-                let needs = stage.needs();
-                for it in &items {
-                    if needs.binary_search(&(it.index as usize)).is_err() {
-                        return Err(RelError::BadRequest(format!(
-                            "signature asked for file #{} which is not being transferred",
-                            it.index
-                        ))
-                        .into());
-                    }
-                }
-                let stage = &*stage;
-                let sigs: Vec<Result<(u32, Vec<u8>), RelError>> = items
-                    .par_iter()
-                    .map(|it| Ok((it.index, stage.signature(&it.basis)?)))
-                    .collect();
-                for s in sigs {
-                    let (index, sig) = s?;
-                    tx.send(&Response::Signature { index, sig })?;
-                }
+                self.signatures(items, tx)?;
                 Response::SignaturesDone
             }
             Request::Literal {
@@ -620,6 +617,7 @@ impl Session {
 
     /// Compares the client's directory hashes with the live release's.
     fn probe(&mut self, items: Vec<ProbeItem>) -> Result<Response> {
+        self.locked()?;
         if items.len() > flip_manifest::MAX_ENTRIES {
             return Err(RelError::BadRequest("probe too large".into()).into());
         }
@@ -653,6 +651,8 @@ impl Session {
         payload_len: u64,
         digest: [u8; 32],
     ) -> Result<Response> {
+        // Nothing the client sends is read or decoded before it holds the lock.
+        self.locked()?;
         if self.stage.is_some() {
             return Err(AgentError::Protocol(
                 "a release is already being staged".into(),
@@ -724,6 +724,8 @@ impl Session {
         }
         drop(bytes);
         let stage = root.stage_after(self.locked()?, manifest, label, live_manifest)?;
+        // Refuse up front (the stage is dropped, so removed) content that cannot fit.
+        check_space(root.path(), &stage)?;
         let resp = Response::Staged {
             id: stage.id(),
             previous: stage.previous(),
@@ -743,7 +745,10 @@ impl Session {
         Ok(resp)
     }
 
-    /// Collects a delta or patch for file `index`; applies it when `last`.
+    /// Applies a chunk of a delta or patch for file `index` into its staging file as it
+    /// arrives; checks and closes the file when `last`. The encoded bytes of one file are
+    /// limited to what an encoding of its manifest size can plausibly take, its output to the
+    /// manifest size.
     fn encoded(
         &mut self,
         index: u32,
@@ -753,7 +758,7 @@ impl Session {
         data: Vec<u8>,
         last: bool,
     ) -> Result<()> {
-        let (mut buf, limit) = match self.incoming.take() {
+        let (mut writer, got, limit) = match self.incoming.take() {
             None => {
                 let stage = self.stage_mut()?;
                 let size = stage
@@ -762,48 +767,144 @@ impl Session {
                     .get(index as usize)
                     .map(|f| f.size)
                     .ok_or_else(|| RelError::BadRequest(format!("no file #{index}")))?;
+                // Only against the basis this agent offered for the file.
+                if stage.basis_of(index as usize).map(|(b, _)| b) != Some(basis.clone()) {
+                    return Err(RelError::BadRequest(format!(
+                        "file #{index}: {basis} is not the basis offered for it"
+                    ))
+                    .into());
+                }
+                let writer = match kind {
+                    Encoding::Rsync => {
+                        EncodedWriter::Delta(Box::new(stage.begin_delta(index as usize, &basis)?))
+                    }
+                    Encoding::Patch(d) => EncodedWriter::Patch(Box::new(stage.begin_patch(
+                        index as usize,
+                        &basis,
+                        &flip_manifest::Digest(d),
+                    )?)),
+                };
                 // An encoding never needs much more than the file it builds.
                 let limit = size.saturating_add(size / 8).saturating_add(1 << 20);
-                (Vec::new(), usize::try_from(limit).unwrap_or(usize::MAX))
+                (writer, 0, limit)
             }
             Some(Incoming::Encoded {
-                index: i,
                 basis: b,
                 kind: k,
-                data,
+                writer,
+                got,
                 limit,
-            }) if i == index && b == basis && k == kind => (data, limit),
+            }) if writer.index() == index as usize && b == basis && k == kind => {
+                (writer, got, limit)
+            }
             Some(_) => return Err(interrupted(index)),
         };
-        if buf.len() + data.len() > limit {
+        let got = got + data.len() as u64;
+        if got > limit {
             return Err(RelError::BadRequest(format!(
                 "encoded content for file #{index} is larger than {limit} bytes"
             ))
             .into());
         }
-        buf.extend_from_slice(&data);
+        match &mut writer {
+            EncodedWriter::Delta(d) => d.feed(&data)?,
+            EncodedWriter::Patch(p) => p.feed(&data)?,
+        }
+        drop(data);
         if !last {
             self.incoming = Some(Incoming::Encoded {
-                index,
                 basis,
                 kind,
-                data: buf,
+                writer,
+                got,
                 limit,
             });
             return Ok(());
         }
-        let stage = self.stage_mut()?;
-        match kind {
-            Encoding::Rsync => stage.apply_delta(index as usize, &basis, &buf, mtime)?,
-            Encoding::Patch(d) => stage.apply_patch(
-                index as usize,
-                &basis,
-                &flip_manifest::Digest(d),
-                &buf,
-                mtime,
-            )?,
-        }
+        let w = match writer {
+            EncodedWriter::Delta(d) => d.finish()?,
+            EncodedWriter::Patch(p) => p.finish()?,
+        };
+        self.stage_mut()?.finish_file(w, mtime)?;
         flip_release::fault_point("mid-transfer");
+        Ok(())
+    }
+
+    /// Streams the signatures of the delta bases a client asks for. Each item must name a
+    /// file this stage needs, once, with the basis the agent offered for it, so the request
+    /// is bounded by the plan; a basis shared by several files is signed once. Signatures are
+    /// made a few at a time (at most [`SIG_BATCH_BYTES`] of bases) and sent as they are made.
+    fn signatures(&mut self, items: Vec<flip_wire::SigItem>, tx: &mut FrameWriter) -> Result<()> {
+        let stage = self.stage_mut()?;
+        let needs = stage.needs();
+        if items.len() > needs.len() {
+            return Err(RelError::BadRequest(format!(
+                "{} signatures asked for, but only {} files are being transferred",
+                items.len(),
+                needs.len()
+            ))
+            .into());
+        }
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        // (basis, its size, the files that want it)
+        let mut by_basis: std::collections::BTreeMap<RelPath, (u64, Vec<u32>)> = Default::default();
+        for it in items {
+            if needs.binary_search(&(it.index as usize)).is_err() {
+                return Err(RelError::BadRequest(format!(
+                    "signature asked for file #{} which is not being transferred",
+                    it.index
+                ))
+                .into());
+            }
+            if !seen.insert(it.index) {
+                return Err(RelError::BadRequest(format!(
+                    "signature asked twice for file #{}",
+                    it.index
+                ))
+                .into());
+            }
+            match stage.basis_of(it.index as usize) {
+                Some((b, size)) if b == it.basis => by_basis
+                    .entry(b)
+                    .or_insert((size, Vec::new()))
+                    .1
+                    .push(it.index),
+                _ => {
+                    return Err(RelError::BadRequest(format!(
+                        "file #{}: {} is not the basis offered for it",
+                        it.index, it.basis
+                    ))
+                    .into())
+                }
+            }
+        }
+        drop(seen);
+        let stage = &*stage;
+        let bases: Vec<(RelPath, (u64, Vec<u32>))> = by_basis.into_iter().collect();
+        let mut start = 0;
+        while start < bases.len() {
+            let mut end = start;
+            let mut bytes = 0u64;
+            while end < bases.len() && (end == start || bytes + bases[end].1 .0 <= SIG_BATCH_BYTES)
+            {
+                bytes += bases[end].1 .0;
+                end += 1;
+            }
+            let sigs: Vec<Result<Vec<u8>, RelError>> = bases[start..end]
+                .par_iter()
+                .map(|(b, _)| stage.signature(b))
+                .collect();
+            for ((_, (_, indexes)), sig) in bases[start..end].iter().zip(sigs) {
+                let sig = sig?;
+                for &index in indexes {
+                    tx.send(&Response::Signature {
+                        index,
+                        sig: sig.clone(),
+                    })?;
+                }
+            }
+            start = end;
+        }
         Ok(())
     }
 
@@ -824,6 +925,56 @@ impl Session {
         Ok(())
     }
 }
+
+// The patch window the client may use is the one the stage accepts.
+const _: () = assert!(flip_wire::PATCH_WINDOW_LOG_MAX == flip_release::PATCH_WINDOW_LOG_MAX);
+
+/// Free space kept on the target's filesystem beyond what a release's new content needs: 5% of
+/// the filesystem, at most 64 MiB.
+pub const SPACE_MARGIN: u64 = 64 << 20;
+
+/// Fails with [`RelError::NotEnoughSpace`] when the content `stage` still needs, plus a margin
+/// ([`SPACE_MARGIN`]), does not fit in the space available (to this user) on the filesystem
+/// holding `root`: refused before any content is sent rather than at the first full write.
+fn check_space(root: &Path, stage: &Stage) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let files = &stage.plan().files;
+    let need = stage
+        .needs()
+        .iter()
+        .fold(0u64, |n, &i| n.saturating_add(files[i].size));
+    let Ok(c) = std::ffi::CString::new(root.as_os_str().as_bytes()) else {
+        return Ok(());
+    };
+    // SAFETY: statvfs fills the zeroed struct we own from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        // Unknown free space: writing will tell.
+        return Ok(());
+    }
+    let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    let total = (st.f_blocks as u64).saturating_mul(st.f_frsize as u64);
+    let margin = SPACE_MARGIN.min(total / 20);
+    if need.saturating_add(margin) > free {
+        let largest = stage
+            .needs()
+            .iter()
+            .max_by_key(|&&i| files[i].size)
+            .map(|&i| format!("{}, {} bytes", files[i].path, files[i].size))
+            .unwrap_or_default();
+        return Err(RelError::NotEnoughSpace {
+            largest,
+            need,
+            free,
+            margin,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Bytes of delta bases signed at once (in parallel) before their signatures are sent.
+const SIG_BATCH_BYTES: u64 = 256 << 20;
 
 fn interrupted(index: u32) -> AgentError {
     AgentError::Protocol(format!(

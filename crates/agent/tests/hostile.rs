@@ -256,7 +256,7 @@ fn a_delta_against_a_basis_outside_the_previous_release() {
         t.path(),
         frames,
         ErrorClass::BadRequest,
-        "not a file of the previous release",
+        "is not the basis offered for it",
     );
 }
 
@@ -409,5 +409,356 @@ fn a_patch_that_inflates_beyond_the_manifest_size() {
         frames,
         ErrorClass::Integrity,
         "more than the 5 bytes",
+    );
+}
+
+fn lock() -> Request {
+    Request::Lock {
+        wait: false,
+        holder: holder(),
+    }
+}
+
+/// A session that must end in a protocol error naming `needle`, before anything was staged.
+#[track_caller]
+fn refused_before_the_lock(t: &Path, frame: Request, needle: &str) {
+    refused(t, vec![frame], ErrorClass::Protocol, needle);
+}
+
+#[test]
+fn nothing_is_read_or_decoded_before_the_lock() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let old = RelPath::new("old.txt").unwrap();
+    // A Stage announcing the largest manifest: refused before a single chunk is read.
+    refused_before_the_lock(
+        t.path(),
+        Request::Stage {
+            label: None,
+            base: None,
+            dirs: false,
+            payload_len: flip_wire::MAX_MANIFEST,
+            digest: [0; 32],
+        },
+        "needs the lock",
+    );
+    refused_before_the_lock(
+        t.path(),
+        Request::Probe(vec![flip_wire::ProbeItem {
+            dir: String::new(),
+            flat: [0; 8],
+            merkle: [0; 8],
+        }]),
+        "needs the lock",
+    );
+    refused_before_the_lock(
+        t.path(),
+        Request::ManifestChunk(vec![0; 1 << 20]),
+        "outside Stage",
+    );
+    refused_before_the_lock(
+        t.path(),
+        Request::Signatures(vec![SigItem {
+            index: 0,
+            basis: old.clone(),
+        }]),
+        "no release is being staged",
+    );
+    for content in [
+        Request::Literal {
+            index: 0,
+            mtime: None,
+            data: vec![1; 1000],
+            last: false,
+        },
+        Request::Delta {
+            index: 0,
+            basis: old.clone(),
+            mtime: None,
+            data: vec![1; 1000],
+            last: false,
+        },
+        Request::Patch {
+            index: 0,
+            basis: old.clone(),
+            basis_digest: [0; 32],
+            mtime: None,
+            data: vec![1; 1000],
+            last: false,
+        },
+    ] {
+        refused_before_the_lock(t.path(), content, "no release is being staged");
+    }
+}
+
+/// The encoding of a manifest whose paths share long prefixes: 15 nested directories of
+/// 255-byte names, then `n` directories inside, each ~11 bytes encoded and ~4 KiB decoded.
+/// Written by hand (as `flip_manifest::encode` would) so this test never holds it decoded.
+fn expanding_manifest(n: usize) -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    let mut out = b"FLIPMAN1".to_vec();
+    varint(&mut out, 15 + n as u64);
+    let mut prev = String::new();
+    // `known`: a length both paths are known to share (saves comparing 4 KiB per entry).
+    let mut put = |out: &mut Vec<u8>, path: String, known: usize| {
+        let shared = known
+            + prev.as_bytes()[known..]
+                .iter()
+                .zip(&path.as_bytes()[known..])
+                .take_while(|(a, b)| a == b)
+                .count();
+        varint(out, shared as u64);
+        varint(out, (path.len() - shared) as u64);
+        out.extend_from_slice(&path.as_bytes()[shared..]);
+        out.extend_from_slice(&[0, 0xed, 0x03]); // a directory, mode 0o755
+        prev = path;
+    };
+    let mut path = String::new();
+    for i in 0..15 {
+        if i > 0 {
+            path.push('/');
+        }
+        path.push_str(&"x".repeat(254));
+        path.push((b'a' + i as u8) as char);
+        put(&mut out, path.clone(), 0);
+    }
+    for i in 0..n {
+        put(&mut out, format!("{path}/{i:06}"), path.len());
+    }
+    out
+}
+
+#[test]
+fn a_manifest_that_would_expand_far_beyond_its_bytes_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    // ~1.1 MB on the wire, ~400 MB of paths once decoded.
+    let bytes = expanding_manifest(100_000);
+    assert!(bytes.len() < 2 << 20, "{}", bytes.len());
+    let frames = vec![
+        lock(),
+        Request::Stage {
+            label: None,
+            base: None,
+            dirs: false,
+            payload_len: bytes.len() as u64,
+            digest: *blake3::hash(&bytes).as_bytes(),
+        },
+        Request::ManifestChunk(bytes),
+    ];
+    refused(
+        t.path(),
+        frames,
+        ErrorClass::BadRequest,
+        "bytes of memory once decoded",
+    );
+}
+
+/// Stage frames for a release where `old.txt` (20 KiB, live) changes to `new` content: the
+/// agent needs file #0 with `old.txt` as its basis.
+fn changed_old_txt(new: &[u8]) -> Vec<Request> {
+    let m = Manifest::new(vec![file("old.txt", new)]).unwrap();
+    stage_frames(&m, None)
+}
+
+#[test]
+fn signatures_are_bounded_by_the_plan() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let old = RelPath::new("old.txt").unwrap();
+    let item = |index| SigItem {
+        index,
+        basis: old.clone(),
+    };
+    // The same large basis named thousands of times for one file.
+    let mut frames = changed_old_txt(&[b'y'; 20 << 10]);
+    frames.push(Request::Signatures(vec![item(0); 5000]));
+    refused(
+        t.path(),
+        frames,
+        ErrorClass::BadRequest,
+        "5000 signatures asked for, but only 1 files are being transferred",
+    );
+    // Two files needed: one asked twice, or each once but one with another basis than the
+    // one offered.
+    let m = Manifest::new(vec![file("a.txt", &[b'a'; 9000]), file("old.txt", b"new")]).unwrap();
+    let mut frames = stage_frames(&m, None);
+    frames.push(Request::Signatures(vec![item(1), item(1)]));
+    refused(
+        t.path(),
+        frames,
+        ErrorClass::BadRequest,
+        "signature asked twice for file #1",
+    );
+    let mut frames = stage_frames(&m, None);
+    frames.push(Request::Signatures(vec![item(0), item(1)]));
+    refused(
+        t.path(),
+        frames,
+        ErrorClass::BadRequest,
+        "file #0: old.txt is not the basis offered for it",
+    );
+    // The honest request is answered: one signature, then done.
+    let mut frames = changed_old_txt(&[b'y'; 20 << 10]);
+    frames.push(Request::Signatures(vec![item(0)]));
+    frames.push(Request::Bye);
+    let rs = session(t.path(), None, frames);
+    let sigs: Vec<_> = rs
+        .iter()
+        .filter(|r| matches!(r, Response::Signature { index: 0, .. }))
+        .collect();
+    assert_eq!(sigs.len(), 1, "{rs:?}");
+    assert!(rs.contains(&Response::SignaturesDone), "{rs:?}");
+}
+
+#[test]
+fn a_list_of_a_million_tiny_paths_is_refused_at_decoding() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let mut frames = changed_old_txt(&[b'y'; 20 << 10]);
+    // Under 6 MB of frame; ~60 MB of list slots and paths once decoded.
+    let items: Vec<SigItem> = (0..1_000_000u32)
+        .map(|i| SigItem {
+            index: i,
+            basis: RelPath::new(["a", "b", "c"][i as usize % 3]).unwrap(),
+        })
+        .collect();
+    frames.push(Request::Signatures(items));
+    refused(
+        t.path(),
+        frames,
+        ErrorClass::Protocol,
+        "bytes of memory once decoded",
+    );
+}
+
+#[test]
+fn a_release_larger_than_the_free_space_is_refused_before_any_content() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let tib = Entry {
+        path: RelPath::new("huge.bin").unwrap(),
+        kind: EntryKind::File {
+            mode: 0o644,
+            size: 1 << 40,
+            digest: Digest([1; 32]),
+        },
+    };
+    let m = Manifest::new(vec![tib, file("old.txt", &[b'x'; 20 << 10])]).unwrap();
+    let mut frames = stage_frames(&m, None);
+    frames.push(Request::Literal {
+        index: 0,
+        mtime: None,
+        data: vec![0; 1 << 20],
+        last: false,
+    });
+    let rs = session(t.path(), None, frames);
+    assert!(
+        !rs.iter().any(|r| matches!(r, Response::Staged { .. })),
+        "{rs:?}"
+    );
+    let (class, msg) = last_error(&rs);
+    assert_eq!(class, ErrorClass::NoSpace, "{msg}");
+    assert!(
+        msg.contains("no space left on device for the release: its new files need 1099511627776 bytes (the largest: huge.bin, 1099511627776 bytes)"),
+        "{msg}"
+    );
+    assert_intact(t.path());
+}
+
+/// A delta of COPY commands (6 bytes each, 20 KiB of output each).
+fn copies(n: usize) -> Vec<u8> {
+    let mut d = 0x7273_0236u32.to_be_bytes().to_vec();
+    for _ in 0..n {
+        // COPY, 1-byte offset 0, 4-byte length 20480.
+        d.extend_from_slice(&[0x47, 0, 0, 0, 0x50, 0]);
+    }
+    d.push(0);
+    d
+}
+
+#[test]
+fn a_tiny_delta_expanding_into_gigabytes_stops_at_the_manifest_size() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let old = RelPath::new("old.txt").unwrap();
+    // 1 MB of delta claiming 3.4 GiB of output, sent in small chunks: applied as it
+    // arrives, refused at the first byte past the file's 20 KiB.
+    let delta = copies(1_400_000 / 8);
+    let mut frames = changed_old_txt(&[b'y'; 20 << 10]);
+    for (i, c) in delta.chunks(4096).enumerate() {
+        frames.push(Request::Delta {
+            index: 0,
+            basis: old.clone(),
+            mtime: None,
+            data: c.to_vec(),
+            last: (i + 1) * 4096 >= delta.len(),
+        });
+    }
+    refused(
+        t.path(),
+        frames,
+        ErrorClass::Integrity,
+        "goes beyond the 20480 bytes the manifest says",
+    );
+    // More encoded bytes than any encoding of the file needs are refused too.
+    let mut frames = changed_old_txt(&[b'y'; 20 << 10]);
+    frames.push(Request::Delta {
+        index: 0,
+        basis: old.clone(),
+        mtime: None,
+        data: vec![0x41; 2 << 20],
+        last: false,
+    });
+    refused(t.path(), frames, ErrorClass::BadRequest, "is larger than");
+}
+
+#[test]
+fn a_streamed_delta_builds_the_file() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let old = RelPath::new("old.txt").unwrap();
+    // The new file: the old one (20 KiB of 'x') with 'y's in the middle.
+    let mut new = vec![b'x'; 20 << 10];
+    new[5000..5100].fill(b'y');
+    let sig = fast_rsync::Signature::calculate(
+        &[b'x'; 20 << 10],
+        fast_rsync::SignatureOptions {
+            block_size: 1024,
+            crypto_hash_size: 8,
+        },
+    );
+    let mut delta = Vec::new();
+    fast_rsync::diff(&sig.index(), &new, &mut delta).unwrap();
+    let mut frames = changed_old_txt(&new);
+    for (i, c) in delta.chunks(7).enumerate() {
+        frames.push(Request::Delta {
+            index: 0,
+            basis: old.clone(),
+            mtime: None,
+            data: c.to_vec(),
+            last: (i + 1) * 7 >= delta.len(),
+        });
+    }
+    frames.push(Request::Commit);
+    frames.push(Request::Bye);
+    let rs = session(t.path(), None, frames);
+    assert!(
+        rs.iter().any(|r| matches!(r, Response::Committed { .. })),
+        "{rs:?}"
+    );
+    let id = match rs.iter().find(|r| matches!(r, Response::Committed { .. })) {
+        Some(Response::Committed { id, .. }) => *id,
+        _ => unreachable!(),
+    };
+    assert_eq!(
+        std::fs::read(t.path().join(format!("releases/{id}/old.txt"))).unwrap(),
+        new
     );
 }

@@ -41,6 +41,10 @@ pub enum DecodeError {
     Order(usize),
     #[error("manifest claims {0} entries, more than it can hold")]
     Count(u64),
+    #[error(
+        "manifest of {encoded} bytes would take more than {budget} bytes of memory once decoded"
+    )]
+    Expands { encoded: usize, budget: u64 },
     #[error("manifest has {0} bytes of trailing garbage")]
     Trailing(usize),
     #[error("manifest is inconsistent: {0}")]
@@ -77,7 +81,7 @@ pub(crate) fn digest(m: &Manifest) -> Digest {
 }
 
 pub fn decode(buf: &[u8]) -> Result<Manifest, DecodeError> {
-    let mut r = Reader { buf, pos: 0 };
+    let mut r = Reader::new(buf);
     if r.take(MAGIC.len())? != MAGIC {
         return Err(DecodeError::BadMagic);
     }
@@ -102,11 +106,11 @@ pub fn encode_diff(d: &ManifestDiff) -> Vec<u8> {
 }
 
 pub fn decode_diff(buf: &[u8]) -> Result<ManifestDiff, DecodeError> {
-    let mut r = Reader { buf, pos: 0 };
+    let mut r = Reader::new(buf);
     if r.take(DIFF_MAGIC.len())? != DIFF_MAGIC {
         return Err(DecodeError::BadMagic);
     }
-    let count = r.count()?;
+    let count = r.count::<RelPath>()?;
     let mut removed: Vec<RelPath> = Vec::with_capacity(count);
     let mut prev = String::new();
     for index in 0..count {
@@ -142,7 +146,7 @@ pub fn encode_dir_patch(d: &DirPatch) -> Vec<u8> {
 }
 
 pub fn decode_dir_patch(buf: &[u8]) -> Result<DirPatch, DecodeError> {
-    let mut r = Reader { buf, pos: 0 };
+    let mut r = Reader::new(buf);
     if r.take(DIR_PATCH_MAGIC.len())? != DIR_PATCH_MAGIC {
         return Err(DecodeError::BadMagic);
     }
@@ -151,7 +155,7 @@ pub fn decode_dir_patch(buf: &[u8]) -> Result<DirPatch, DecodeError> {
         1 => vec![String::new()],
         _ => return Err(DecodeError::BadKind(0)),
     };
-    let count = r.count()?;
+    let count = r.count::<String>()?;
     let mut last: Option<RelPath> = None;
     let mut prev = String::new();
     for index in 0..count {
@@ -231,12 +235,45 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+/// What decoding may allocate: [`DECODE_RATIO`] times the encoded bytes plus [`DECODE_SLACK`].
+/// A real tree decodes to about 3 times its encoding (a file entry takes at least 38 bytes
+/// encoded, ~100 plus its path in memory); prefix compression lets a hostile one claim far more
+/// (4 KiB paths that each differ from the previous one in their last byte: 1000 times), which
+/// is refused before it is allocated.
+pub const DECODE_RATIO: u64 = 10;
+/// See [`DECODE_RATIO`].
+pub const DECODE_SLACK: u64 = 32 << 20;
+/// What one decoded path costs beyond its bytes (the shared allocation's header, allocator
+/// overhead).
+const PATH_COST: u64 = 32;
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Bytes of memory decoding may still allocate.
+    budget: u64,
 }
 
 impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader {
+            buf,
+            pos: 0,
+            budget: (buf.len() as u64)
+                .saturating_mul(DECODE_RATIO)
+                .saturating_add(DECODE_SLACK),
+        }
+    }
+
+    /// Accounts for `n` bytes about to be allocated.
+    fn charge(&mut self, n: u64) -> Result<(), DecodeError> {
+        self.budget = self.budget.checked_sub(n).ok_or(DecodeError::Expands {
+            encoded: self.buf.len(),
+            budget: self.buf.len() as u64 * DECODE_RATIO + DECODE_SLACK,
+        })?;
+        Ok(())
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.pos.checked_add(n).ok_or(DecodeError::Truncated)?;
         let s = self.buf.get(self.pos..end).ok_or(DecodeError::Truncated)?;
@@ -269,8 +306,9 @@ impl<'a> Reader<'a> {
         Err(DecodeError::BadVarint)
     }
 
-    /// An element count, refused when the rest of the buffer could not hold that many.
-    fn count(&mut self) -> Result<usize, DecodeError> {
+    /// An element count, refused when the rest of the buffer could not hold that many; the
+    /// vector of `count` elements of `T` is charged to the budget.
+    fn count<T>(&mut self) -> Result<usize, DecodeError> {
         let count = self.varint()?;
         // Every element takes at least 3 bytes; a count beyond that is a lie, not an
         // allocation request.
@@ -278,6 +316,7 @@ impl<'a> Reader<'a> {
         if count > MAX_ENTRIES as u64 || count > room {
             return Err(DecodeError::Count(count));
         }
+        self.charge(count * std::mem::size_of::<T>() as u64)?;
         Ok(count as usize)
     }
 
@@ -288,6 +327,7 @@ impl<'a> Reader<'a> {
         }
         let len = self.varint()? as usize;
         let suffix = self.take(len)?;
+        self.charge(PATH_COST + (shared + len) as u64)?;
         let mut raw = Vec::with_capacity(shared + len);
         raw.extend_from_slice(&prev.as_bytes()[..shared]);
         raw.extend_from_slice(suffix);
@@ -303,7 +343,7 @@ impl<'a> Reader<'a> {
 
     /// Entries in strictly increasing path order.
     fn entries(&mut self) -> Result<Vec<Entry>, DecodeError> {
-        let count = self.count()?;
+        let count = self.count::<Entry>()?;
         let mut entries: Vec<Entry> = Vec::with_capacity(count);
         let mut prev = String::new();
         for index in 0..count {
@@ -324,6 +364,7 @@ impl<'a> Reader<'a> {
                 2 => {
                     let len = self.varint()? as usize;
                     let t = self.take(len)?;
+                    self.charge(PATH_COST + len as u64)?;
                     let target =
                         String::from_utf8(t.to_vec()).map_err(|_| DecodeError::BadPath {
                             index,
@@ -359,6 +400,49 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use crate::tests::{dir, file, p};
+
+    #[test]
+    fn a_manifest_expanding_far_beyond_its_bytes_is_refused_before_allocation() {
+        // 15 nested directories of 255-byte names, then 30,000 directories inside: each entry
+        // takes ~11 bytes encoded and a ~4 KiB path decoded.
+        let mut entries = Vec::new();
+        let mut path = String::new();
+        for i in 0..15 {
+            if i > 0 {
+                path.push('/');
+            }
+            path.push_str(&"x".repeat(254));
+            path.push((b'a' + i as u8) as char);
+            entries.push(dir(&path));
+        }
+        for i in 0..30_000 {
+            entries.push(dir(&format!("{path}/{i:05}")));
+        }
+        let m = Manifest::new(entries).unwrap();
+        let bytes = encode(&m);
+        assert!(bytes.len() < 400_000, "{}", bytes.len());
+        match decode(&bytes) {
+            Err(DecodeError::Expands { encoded, budget }) => {
+                assert_eq!(encoded, bytes.len());
+                assert!(budget < 40 << 20);
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|m| m.len())),
+        }
+        // The same as a diff or a directory patch.
+        let diff = ManifestDiff {
+            removed: Vec::new(),
+            upserts: m.entries().to_vec(),
+        };
+        assert!(matches!(
+            decode_diff(&encode_diff(&diff)),
+            Err(DecodeError::Expands { .. })
+        ));
+        // A lying count is refused before its vector is reserved, not only by the room left.
+        let mut lie = MAGIC.to_vec();
+        put_varint(&mut lie, 20_000_000);
+        lie.extend(std::iter::repeat_n(0u8, 60_000_000));
+        assert!(matches!(decode(&lie), Err(DecodeError::Expands { .. })));
+    }
 
     #[test]
     fn streamed_digest_is_the_digest_of_the_encoding() {

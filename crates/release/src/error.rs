@@ -28,6 +28,14 @@ pub enum Error {
     },
     #[error("cannot {op} {}: no space left on device", path.display())]
     NoSpace { op: &'static str, path: PathBuf },
+    #[error("no space left on device for the release: its new files need {need} bytes (the largest: {largest}), the filesystem has {free} bytes free, keeping {margin} in reserve; free some space or prune old releases")]
+    NotEnoughSpace {
+        /// The largest file to be written.
+        largest: String,
+        need: u64,
+        free: u64,
+        margin: u64,
+    },
     #[error("{} is not a directory", .0.display())]
     NotADirectory(PathBuf),
     #[error("{} does not exist", .0.display())]
@@ -71,7 +79,7 @@ impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::Io { .. } => ErrorClass::Io,
-            Error::NoSpace { .. } => ErrorClass::NoSpace,
+            Error::NoSpace { .. } | Error::NotEnoughSpace { .. } => ErrorClass::NoSpace,
             Error::Locked { .. } => ErrorClass::Locked,
             Error::Integrity { .. } | Error::Corrupt { .. } => ErrorClass::Integrity,
             Error::BadRequest(_) => ErrorClass::BadRequest,

@@ -20,11 +20,13 @@
 //! then does [`Root::activate`] swap `current` and fsync the root. `current` therefore always names
 //! a complete, verified release.
 
+pub mod delta;
 mod error;
 mod fsutil;
 mod lock;
 mod stage;
 
+pub use delta::{DeltaApplier, DeltaWriter, PatchWriter, PATCH_WINDOW_LOG_MAX};
 pub use error::{Error, ErrorClass, Result};
 pub use fsutil::{Leftover, MAX_LEFTOVERS};
 pub use lock::{Holder, LockGuard, Wait};

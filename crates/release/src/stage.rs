@@ -19,6 +19,7 @@
 //! files concerned are hashed in parallel). A file that fails is transferred whole instead; a
 //! basis that fails is dropped before the client hears of it.
 
+use crate::delta::{DeltaApplier, DeltaWriter, PatchWriter};
 use crate::error::{io, Error, Result};
 use crate::{fsutil, LockGuard, ReleaseInfo, Root, STAGING_PREFIX};
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
@@ -36,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// setuid, setgid, sticky).
 const MODE_MASK: u32 = flip_manifest::MODE_MASK;
 
-/// Files above this size are mapped rather than read into memory when used as a delta basis.
+/// Files above this size are mapped rather than read into memory when used as a patch basis.
 const MMAP_THRESHOLD: u64 = 16 << 20;
 
 /// What staging has done so far.
@@ -467,8 +468,9 @@ impl<'r> Stage<'r> {
         Ok((self.root.release_dir(*id).join(basis.as_str()), *size))
     }
 
-    /// Reads a basis file whole (small) or mapped (large).
-    fn load_basis(&self, basis: &RelPath) -> Result<Basis> {
+    /// Opens a delta basis (a regular file of the previous release, not through a symlink) and
+    /// checks its size against the previous manifest.
+    fn open_basis(&self, basis: &RelPath) -> Result<(File, PathBuf, u64)> {
         let (path, size) = self.basis(basis)?;
         let file = OpenOptions::new()
             .read(true)
@@ -482,6 +484,12 @@ impl<'r> Stage<'r> {
                 detail: "the previous release's file no longer matches its manifest".into(),
             });
         }
+        Ok((file, path, size))
+    }
+
+    /// Reads a basis file whole (small) or mapped (large).
+    fn load_basis(&self, basis: &RelPath) -> Result<Basis> {
+        let (file, path, size) = self.open_basis(basis)?;
         if size >= MMAP_THRESHOLD {
             // SAFETY: files of a complete release are never written in place by flip (new
             // content always gets a new inode); the mapping is read-only.
@@ -498,56 +506,39 @@ impl<'r> Stage<'r> {
     }
 
     /// An rsync signature of a basis file, with a block size chosen here from the file size
-    /// (never by the client).
+    /// (never by the client). The file is read in pieces of whole blocks (at most
+    /// 8 MiB at a time), so memory stays bounded whatever its size; the
+    /// signature itself is 12 bytes per block (under 1% of the file).
     pub fn signature(&self, basis: &RelPath) -> Result<Vec<u8>> {
-        let data = self.load_basis(basis)?;
-        let opts = fast_rsync::SignatureOptions {
-            block_size: flip_plan::block_size(data.len() as u64),
-            crypto_hash_size: 8,
-        };
-        Ok(fast_rsync::Signature::calculate(&data, opts).into_serialized())
+        let (file, path, size) = self.open_basis(basis)?;
+        crate::delta::signature(&file, &path, size)
     }
 
-    /// Applies an rsync delta against `basis` to produce `plan().files[index]`; the output is
-    /// limited to the manifest size and checked against its blake3.
-    pub fn apply_delta(
-        &mut self,
-        index: usize,
-        basis: &RelPath,
-        delta: &[u8],
-        mtime: Option<(i64, u32)>,
-    ) -> Result<()> {
+    /// Starts building `plan().files[index]` from an rsync delta against `basis`, applied as
+    /// it arrives ([`DeltaWriter::feed`]): copies are read from the basis file with `pread`,
+    /// the output goes straight into the new file and is refused beyond the manifest size.
+    /// Close it with [`DeltaWriter::finish`] and [`Stage::finish_file`].
+    pub fn begin_delta(&mut self, index: usize, basis: &RelPath) -> Result<DeltaWriter> {
         let step = self.check_pending(index)?;
-        let (size, path) = (step.size, step.path.clone());
-        let base = self.load_basis(basis)?;
-        // Reserve what the inputs can plausibly produce, not what a claimed size says; the
-        // output may still grow up to the limit.
-        let hint = (base.len() as u64)
-            .saturating_add(delta.len() as u64)
-            .min(size);
-        let mut out = Vec::with_capacity(hint as usize);
-        fast_rsync::apply_limited(&base, delta, &mut out, size as usize).map_err(|e| {
-            Error::Integrity {
-                path: path.to_string(),
-                detail: format!("delta cannot be applied: {e}"),
-            }
-        })?;
-        let mut w = self.begin_file(index)?;
-        w.write(&out)?;
-        self.finish_file(w, mtime)
+        let (size, name) = (step.size, step.path.to_string());
+        let (file, path, len) = self.open_basis(basis)?;
+        let applier = DeltaApplier::new(file, len, path, name, size);
+        Ok(DeltaWriter {
+            applier,
+            file: self.begin_file(index)?,
+        })
     }
 
-    /// Decompresses a zstd `--patch-from` frame made against `basis` (whose content the client
-    /// says has `basis_digest`) into `plan().files[index]`; the output is limited to the
-    /// manifest size and checked against its blake3.
-    pub fn apply_patch(
+    /// Starts building `plan().files[index]` from a zstd `--patch-from` frame made against
+    /// `basis` (whose content the client says has `basis_digest`), decompressed as it arrives
+    /// ([`PatchWriter::feed`]) with a bounded window. Close it with [`PatchWriter::finish`]
+    /// and [`Stage::finish_file`].
+    pub fn begin_patch(
         &mut self,
         index: usize,
         basis: &RelPath,
         basis_digest: &Digest,
-        patch: &[u8],
-        mtime: Option<(i64, u32)>,
-    ) -> Result<()> {
+    ) -> Result<PatchWriter> {
         let step = self.check_pending(index)?;
         let path = step.path.clone();
         let known = match self.prev.as_ref().map(|(_, m)| m.get(basis)) {
@@ -560,24 +551,38 @@ impl<'r> Stage<'r> {
             )));
         }
         let base = self.load_basis(basis)?;
-        let bad = |e: std::io::Error| Error::Integrity {
-            path: path.to_string(),
-            detail: format!("patch cannot be applied: {e}"),
-        };
-        let mut dec = zstd::stream::read::Decoder::with_ref_prefix(patch, &base).map_err(bad)?;
-        // At most a 128 MiB window: bounds the agent's memory whatever the frame claims.
-        dec.window_log_max(27).map_err(bad)?;
-        let mut w = self.begin_file(index)?;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = match dec.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(bad(e)),
-            };
-            w.write(&buf[..n])?;
-        }
+        PatchWriter::new(base, self.begin_file(index)?, path.to_string())
+    }
+
+    /// Applies a whole rsync delta against `basis` to produce `plan().files[index]`
+    /// ([`Stage::begin_delta`] in one piece); the output is limited to the manifest size and
+    /// checked against its blake3.
+    pub fn apply_delta(
+        &mut self,
+        index: usize,
+        basis: &RelPath,
+        delta: &[u8],
+        mtime: Option<(i64, u32)>,
+    ) -> Result<()> {
+        let mut d = self.begin_delta(index, basis)?;
+        d.feed(delta)?;
+        let w = d.finish()?;
+        self.finish_file(w, mtime)
+    }
+
+    /// Decompresses a whole zstd `--patch-from` frame ([`Stage::begin_patch`] in one piece);
+    /// the output is limited to the manifest size and checked against its blake3.
+    pub fn apply_patch(
+        &mut self,
+        index: usize,
+        basis: &RelPath,
+        basis_digest: &Digest,
+        patch: &[u8],
+        mtime: Option<(i64, u32)>,
+    ) -> Result<()> {
+        let mut p = self.begin_patch(index, basis, basis_digest)?;
+        p.feed(patch)?;
+        let w = p.finish()?;
         self.finish_file(w, mtime)
     }
 
@@ -946,7 +951,8 @@ impl Drop for Stage<'_> {
     }
 }
 
-enum Basis {
+/// A delta or patch basis in memory: read whole (small) or mapped (large).
+pub(crate) enum Basis {
     Mem(Vec<u8>),
     Map(memmap2::Mmap),
 }

@@ -145,31 +145,255 @@ pub(crate) fn send(
         result
     })?;
     for job in large {
-        if job.patch.is_none() && sig(job).is_none() {
+        let tally = if let Some((basis, digest)) = &job.patch {
+            match cache.and_then(|c| c.get(digest)) {
+                Some(old) => stream_patch(s, source, job, basis, digest, &old, cache)?,
+                // Gone from the cache since the plan was made: the agent signs nothing for a
+                // patch job, so the file goes whole.
+                None => {
+                    stream_literal(s, source, job, cache)?;
+                    literal_tally(job)
+                }
+            }
+        } else if let (Some(basis), Some(sig)) = (&job.basis, sig(job)) {
+            match parse_signature(sig) {
+                Some(sig) => stream_delta(s, source, job, basis, &sig, cache)?,
+                None => {
+                    stream_literal(s, source, job, cache)?;
+                    literal_tally(job)
+                }
+            }
+        } else {
             stream_literal(s, source, job, cache)?;
-            count(
-                report,
-                &Tally {
-                    index: job.index,
-                    encoded: None,
-                    patched: false,
-                    size: job.size,
-                },
-            );
-            continue;
-        }
-        let (map, mtime) = map_large(source, job)?;
-        remember(cache, job.digest, &map);
-        let enc = encode(job, &map, sig(job), cache);
-        // Frames go out one by one: a large file is never held twice in memory.
-        let mut err = Ok(());
-        let p = prepared(job, mtime, map.len() as u64, enc, || {
-            SendEach(&mut *s, &mut err)
-        });
-        err?;
-        count(report, &p.tally);
+            literal_tally(job)
+        };
+        count(report, &tally);
     }
     Ok(())
+}
+
+fn literal_tally(job: &Job) -> Tally {
+    Tally {
+        index: job.index,
+        encoded: None,
+        patched: false,
+        size: job.size,
+    }
+}
+
+/// Bytes of a large file diffed at a time: each window is mapped alone (so at most this much
+/// of the file is resident at once), diffed against the whole signature, and its commands sent
+/// as they are made; the windows' deltas are one delta (copies name basis offsets, literals
+/// carry their bytes). A match spanning two windows is sent as literal bytes instead.
+pub const DELTA_WINDOW: u64 = 32 << 20;
+
+/// Frames of one file's delta or patch, sent as its bytes are produced: [`CHUNK`] bytes per
+/// frame, the last one held back until [`FrameSink::finish`] marks it `last`.
+struct FrameSink<'s> {
+    s: &'s mut Session,
+    frame: &'s dyn Fn(Vec<u8>, bool) -> Request,
+    buf: Vec<u8>,
+    /// Bytes to drop from the start of what is written next (a window's delta magic).
+    skip: usize,
+    /// Bytes sent or held so far.
+    total: u64,
+    err: Option<TransferError>,
+}
+
+impl<'s> FrameSink<'s> {
+    fn new(s: &'s mut Session, frame: &'s dyn Fn(Vec<u8>, bool) -> Request) -> Self {
+        FrameSink {
+            s,
+            frame,
+            buf: Vec::with_capacity(CHUNK + 1),
+            skip: 0,
+            total: 0,
+            err: None,
+        }
+    }
+
+    /// The first error the session gave, or `e` itself.
+    fn failure(&mut self, e: impl FnOnce() -> TransferError) -> TransferError {
+        self.err.take().unwrap_or_else(e)
+    }
+
+    /// Sends what is held as the file's last frame.
+    fn finish(mut self) -> Result<u64> {
+        let data = std::mem::take(&mut self.buf);
+        self.s.queue(&(self.frame)(data, true))?;
+        Ok(self.total)
+    }
+}
+
+impl Write for FrameSink<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.err.is_some() {
+            return Err(std::io::Error::other("the connection failed"));
+        }
+        if self.skip > 0 {
+            let n = self.skip.min(data.len());
+            self.skip -= n;
+            return Ok(n);
+        }
+        if self.buf.len() > CHUNK {
+            let mut chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK + 1));
+            self.buf.extend_from_slice(&chunk[CHUNK..]);
+            chunk.truncate(CHUNK);
+            if let Err(e) = self.s.queue(&(self.frame)(chunk, false)) {
+                self.err = Some(e);
+                return Err(std::io::Error::other("the connection failed"));
+            }
+        }
+        let n = data.len().min(CHUNK + 1 - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        self.total += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Maps `len` bytes of `f` at `off` (a multiple of the page size) read-only.
+fn map_window(f: &File, path: &Path, off: u64, len: u64) -> Result<memmap2::Mmap> {
+    // SAFETY: a read-only mapping of a source file; if the file changes underneath, the
+    // blake3 check (here and on the agent) rejects the result.
+    unsafe {
+        memmap2::MmapOptions::new()
+            .offset(off)
+            .len(len as usize)
+            .map(f)
+    }
+    .map_err(|source| TransferError::Source {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Sends a large file as an rsync delta against the agent's signature, computed and sent
+/// window by window ([`DELTA_WINDOW`]): neither the file nor its delta is ever whole in memory.
+/// The file is hashed on the way; the last frame goes only once its digest matches the scan's.
+fn stream_delta(
+    s: &mut Session,
+    source: &Path,
+    job: &Job,
+    basis: &RelPath,
+    sig: &fast_rsync::Signature,
+    cache: Option<&ContentCache>,
+) -> Result<Tally> {
+    let path = source.join(job.path.as_str());
+    let (f, mtime, len) = open_source(&path)?;
+    if len != job.size {
+        return Err(TransferError::SourceChanged(job.path.to_string()));
+    }
+    let index = job.index as u32;
+    let frame = |data: Vec<u8>, last: bool| Request::Delta {
+        index,
+        basis: basis.clone(),
+        mtime,
+        data,
+        last,
+    };
+    let indexed = sig.index();
+    let mut sink = FrameSink::new(s, &frame);
+    let mut hasher = blake3::Hasher::new();
+    let mut off = 0u64;
+    loop {
+        let n = (len - off).min(DELTA_WINDOW);
+        let map = map_window(&f, &path, off, n)?;
+        hasher.update_rayon(&map);
+        if len <= crate::cache::CONTENT_MAX_FILE
+            && Digest::from(hasher.clone().finalize()) == *job.digest
+        {
+            remember(cache, job.digest, &map);
+        }
+        // Every window's delta but the first starts with the magic; every one ends with END,
+        // dropped here and written once after the last window.
+        sink.skip = if off == 0 { 0 } else { 4 };
+        let r = fast_rsync::diff(&indexed, &map, &mut sink);
+        if let Err(e) = r {
+            return Err(sink.failure(|| TransferError::Source {
+                path: path.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            }));
+        }
+        if sink.buf.pop() != Some(0) {
+            return Err(sink.failure(|| TransferError::Source {
+                path: path.display().to_string(),
+                source: std::io::Error::other("the rsync delta did not end with END"),
+            }));
+        }
+        sink.total -= 1;
+        drop(map);
+        off += n;
+        if off >= len {
+            break;
+        }
+    }
+    if Digest::from(hasher.finalize()) != *job.digest {
+        return Err(TransferError::SourceChanged(job.path.to_string()));
+    }
+    sink.buf.push(0);
+    let total = sink.finish()? + 1;
+    Ok(Tally {
+        index: job.index,
+        encoded: Some(total),
+        patched: false,
+        size: job.size,
+    })
+}
+
+/// Largest file sent as a zstd patch: the patch's window covers the old version (at most
+/// [`crate::cache::CONTENT_MAX_FILE`]) and the new one, and must stay within what the agent
+/// accepts ([`flip_wire::PATCH_WINDOW_LOG_MAX`]-sized windows). Larger files go as rsync
+/// deltas.
+pub const PATCH_MAX: u64 = 32 << 20;
+
+/// Sends a file (at most [`PATCH_MAX`] bytes) as a zstd `--patch-from` frame against `old`,
+/// compressed and sent as it is made.
+fn stream_patch(
+    s: &mut Session,
+    source: &Path,
+    job: &Job,
+    basis: &RelPath,
+    old_digest: &Digest,
+    old: &[u8],
+    cache: Option<&ContentCache>,
+) -> Result<Tally> {
+    let (map, mtime) = map_large(source, job)?;
+    remember(cache, job.digest, &map);
+    let index = job.index as u32;
+    let frame = |data: Vec<u8>, last: bool| Request::Patch {
+        index,
+        basis: basis.clone(),
+        basis_digest: old_digest.0,
+        mtime,
+        data,
+        last,
+    };
+    let mut sink = FrameSink::new(s, &frame);
+    let failed = |e: std::io::Error| TransferError::Source {
+        path: source.join(job.path.as_str()).display().to_string(),
+        source: e,
+    };
+    let r = (|| -> std::io::Result<()> {
+        let mut enc = patch_encoder(&mut sink, old, map.len())?;
+        for piece in map.chunks(1 << 20) {
+            enc.write_all(piece)?;
+        }
+        enc.finish()?;
+        Ok(())
+    })();
+    if let Err(e) = r {
+        return Err(sink.failure(|| failed(e)));
+    }
+    let total = sink.finish()?;
+    Ok(Tally {
+        index: job.index,
+        encoded: Some(total),
+        patched: true,
+        size: job.size,
+    })
 }
 
 /// Sends a large file whole, read piece by piece (never whole in memory, never mapped): each
@@ -250,19 +474,6 @@ impl Sink for Vec<Request> {
     }
     fn done(self) -> Vec<Request> {
         self
-    }
-}
-
-struct SendEach<'s>(&'s mut Session, &'s mut Result<()>);
-
-impl Sink for SendEach<'_> {
-    fn push(&mut self, r: Request) {
-        if self.1.is_ok() {
-            *self.1 = self.0.queue(&r);
-        }
-    }
-    fn done(self) -> Vec<Request> {
-        Vec::new()
     }
 }
 
@@ -431,9 +642,8 @@ fn map_large(source: &Path, step: &Job) -> Result<(memmap2::Mmap, Mtime)> {
     Ok((map, mtime))
 }
 
-/// An rsync delta of `data` against a signature from the agent, if the signature is sane and
-/// the delta is smaller than the data.
-fn delta(sig: &[u8], data: &[u8]) -> Option<Vec<u8>> {
+/// A signature from the agent, if it is sane.
+fn parse_signature(sig: &[u8]) -> Option<fast_rsync::Signature> {
     // Header: magic, block size, hash size (big-endian u32s). Refuse sizes that would make the
     // diff panic or crawl before handing the signature to fast_rsync.
     let block = u32::from_be_bytes(sig.get(4..8)?.try_into().ok()?);
@@ -441,7 +651,13 @@ fn delta(sig: &[u8], data: &[u8]) -> Option<Vec<u8>> {
     if !(256..=1 << 20).contains(&block) || !(1..=16).contains(&hash) {
         return None;
     }
-    let sig = fast_rsync::Signature::deserialize(sig.to_vec()).ok()?;
+    fast_rsync::Signature::deserialize(sig.to_vec()).ok()
+}
+
+/// An rsync delta of `data` against a signature from the agent, if the signature is sane and
+/// the delta is smaller than the data.
+fn delta(sig: &[u8], data: &[u8]) -> Option<Vec<u8>> {
+    let sig = parse_signature(sig)?;
     let mut out = Vec::new();
     fast_rsync::diff(&sig.index(), data, &mut out).ok()?;
     (out.len() < data.len()).then_some(out)
@@ -452,18 +668,31 @@ fn delta(sig: &[u8], data: &[u8]) -> Option<Vec<u8>> {
 /// 9 is within ~10% of one at 19 while 10× faster (19 runs at ~2 MB/s, far too slow for a
 /// vendor upgrade of thousands of files), and 3 keeps large files at stream speed.
 pub fn patch(old: &[u8], new: &[u8]) -> Option<Vec<u8>> {
-    let level = if new.len() <= 32 << 10 { 9 } else { 3 };
-    // The window must reach back over the whole reference.
-    let span = (old.len() + new.len()).max(1 << 10) as u64;
-    let window = (64 - span.leading_zeros()).clamp(10, 27);
-    let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, old).ok()?;
-    enc.window_log(window).ok()?;
-    // As `zstd --patch-from` does: long-distance matching finds the reference's content
-    // wherever it is, which the fast levels' small match tables miss.
-    enc.long_distance_matching(true).ok()?;
+    let mut enc = patch_encoder(Vec::new(), old, new.len()).ok()?;
     enc.write_all(new).ok()?;
     let out = enc.finish().ok()?;
     (out.len() < new.len()).then_some(out)
+}
+
+/// The zstd encoder of a patch of `new_len` bytes against `old`: see [`patch`].
+fn patch_encoder<W: Write>(
+    w: W,
+    old: &[u8],
+    new_len: usize,
+) -> std::io::Result<zstd::stream::write::Encoder<'_, W>> {
+    let level = if new_len <= 32 << 10 { 9 } else { 3 };
+    // The window must reach back over the whole reference, and stay within what the agent
+    // accepts.
+    let span = (old.len() + new_len).max(1 << 10) as u64;
+    let window = (64 - span.leading_zeros()).clamp(10, flip_wire::PATCH_WINDOW_LOG_MAX);
+    let mut enc = zstd::stream::write::Encoder::with_ref_prefix(w, level, old)?;
+    enc.window_log(window)?;
+    // The agent's decoder then needs no larger a buffer than the file.
+    enc.set_pledged_src_size(Some(new_len as u64))?;
+    // As `zstd --patch-from` does: long-distance matching finds the reference's content
+    // wherever it is, which the fast levels' small match tables miss.
+    enc.long_distance_matching(true)?;
+    Ok(enc)
 }
 
 /// The rsync delta that would turn `old` into `new`, computed locally with the same signature

@@ -12,7 +12,7 @@ mod cache;
 mod content;
 
 pub use cache::{ContentCache, ManifestCache, CONTENT_MAX_FILE};
-pub use content::{local_delta, patch};
+pub use content::{local_delta, patch, DELTA_WINDOW, PATCH_MAX};
 
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_transport::{AgentStream, Finish, TransportError};
@@ -429,7 +429,7 @@ impl Session {
                 .basis
                 .as_ref()
                 .and_then(|(b, _)| Some((b.clone(), old_digests.get(b)?)));
-            let patchable = patchable(content_cache, old.as_ref().map(|(_, d)| *d));
+            let patchable = patchable(content_cache, old.as_ref().map(|(_, d)| *d), size);
             let via = flip_plan::report::choose(size, n.basis.as_ref().map(|b| b.1), patchable);
             planned.insert(index as u32, (via, n.basis.as_ref().map(|b| b.0.clone())));
             let patch = old.filter(|_| via == Via::Patch);
@@ -680,11 +680,12 @@ fn deviation(
     fallback_note(chosen, sent)
 }
 
-/// Whether a file can go as a zstd patch: the old content of its basis (`old`: the basis's
-/// digest, known when the client has the live release's manifest) is in the content cache.
-/// The rule of a deploy, and of a dry run predicting it.
-pub fn patchable(cache: Option<&ContentCache>, old: Option<&Digest>) -> bool {
-    matches!((cache, old), (Some(c), Some(d)) if c.contains(d))
+/// Whether a file of `size` bytes can go as a zstd patch: it is at most
+/// [`content::PATCH_MAX`] (the patch window stays within the agent's limit) and the old content
+/// of its basis (`old`: the basis's digest, known when the client has the live release's
+/// manifest) is in the content cache. The rule of a deploy, and of a dry run predicting it.
+pub fn patchable(cache: Option<&ContentCache>, old: Option<&Digest>, size: u64) -> bool {
+    size <= content::PATCH_MAX && matches!((cache, old), (Some(c), Some(d)) if c.contains(d))
 }
 
 /// Whether the source file at `path` would go as a zstd patch against the cached version of

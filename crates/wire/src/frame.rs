@@ -145,6 +145,7 @@ impl FrameReader {
 
 /// Decodes one frame payload, which must be consumed entirely.
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireError> {
+    crate::bounded::reset();
     let (msg, used): (T, usize) = bincode::serde::decode_from_slice(payload, config())
         .map_err(|e| WireError::Decode(e.to_string()))?;
     if used != payload.len() {
@@ -351,6 +352,56 @@ mod tests {
         tx.send(bytes).unwrap();
         drop(tx);
         assert!(matches!(r.recv::<Request>(), Err(WireError::Io(_))));
+    }
+
+    #[test]
+    fn a_frame_of_tiny_list_elements_cannot_take_more_than_a_frame_of_memory() {
+        // One million one-byte paths: under 5 MB of frame, ~60 MB of slots and shared paths.
+        let names: Vec<String> = (0..1_000_000u32)
+            .map(|i| format!("{}", (b'a' + (i % 26) as u8) as char))
+            .collect();
+        let items: Vec<crate::SigItem> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| crate::SigItem {
+                index: i as u32,
+                basis: flip_manifest::RelPath::new(n.as_str()).unwrap(),
+            })
+            .collect();
+        let bytes = bincode::serde::encode_to_vec(Request::Signatures(items), config()).unwrap();
+        assert!(bytes.len() < MAX_FRAME / 4, "{}", bytes.len());
+        match decode::<Request>(&bytes) {
+            Err(WireError::Decode(m)) => assert!(m.contains("bytes of memory"), "{m}"),
+            other => panic!("decoded: {:?}", other.map(|_| ())),
+        }
+        // A list claiming 2^40 elements is refused before anything is reserved.
+        let mut huge = vec![];
+        huge.extend_from_slice(
+            &bincode::serde::encode_to_vec(Request::Signatures(vec![]), config()).unwrap(),
+        );
+        huge.pop(); // the empty list's length
+        huge.extend_from_slice(&[253, 0, 0, 0, 0, 0, 1, 0, 0]); // varint u64 2^40
+        assert!(decode::<Request>(&huge).is_err());
+        // A real request of 100,000 items of real path lengths decodes, and so does the next
+        // frame (the budget is per frame).
+        let real: Vec<crate::SigItem> = (0..100_000u32)
+            .map(|i| crate::SigItem {
+                index: i,
+                basis: flip_manifest::RelPath::new(format!(
+                    "vendor/pkg{}/src/File{i}.php",
+                    i % 100
+                ))
+                .unwrap(),
+            })
+            .collect();
+        let bytes =
+            bincode::serde::encode_to_vec(Request::Signatures(real.clone()), config()).unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                decode::<Request>(&bytes).unwrap(),
+                Request::Signatures(real.clone())
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,13 @@
 //! A frame is a little-endian `u32` length followed by that many bytes of a bincode-encoded
 //! [`Request`] or [`Response`]. The length is checked against [`MAX_FRAME`] before anything is
 //! allocated, and decoding runs with the same limit, so a hostile peer cannot make either side
-//! allocate more than one frame's worth.
+//! allocate more than one frame's worth of each thing a frame holds: its bytes (at most
+//! [`MAX_FRAME`]); the strings and byte buffers decoded from them (at most [`MAX_FRAME`],
+//! bincode's limit); and the slots of its lists with the paths they hold (at most [`MAX_FRAME`]:
+//! every list is decoded by `bounded::vec`, which checks its length against what is left of that
+//! budget before reserving it, and charges each element's own allocations). Whatever is sent,
+//! one frame costs at most three times [`MAX_FRAME`] to decode, never the gigabytes a list of a
+//! million tiny elements would otherwise take.
 //!
 //! A session starts in plain frames with [`Request::Hello`] (naming [`PROTOCOL`]) and
 //! [`Response::Welcome`]. If the client asked for compression, both directions then switch to one
@@ -18,8 +24,10 @@
 //! Before any answer the agent may send [`Response::Notices`]: what it could not clean up, and
 //! problems that did not stop the request.
 
+mod bounded;
 mod frame;
 
+pub use bounded::Weigh;
 pub use frame::{Counter, FrameReader, FrameWriter};
 
 use flip_manifest::RelPath;
@@ -35,8 +43,12 @@ pub const MAX_FRAME: usize = 32 << 20;
 pub const CHANGES_PER_FRAME: usize = 1000;
 /// File content is sent in chunks of at most this size.
 pub const CHUNK: usize = 4 << 20;
-/// Largest manifest accepted (in canonical encoding).
-pub const MAX_MANIFEST: u64 = 2 << 30;
+/// Largest zstd window (as a power of two: 64 MiB) a `Patch` may use; the agent refuses
+/// larger ones, which bounds its decoder's buffer.
+pub const PATCH_WINDOW_LOG_MAX: u32 = 26;
+/// Largest manifest accepted (in canonical encoding): about five million entries. The agent
+/// holds it whole while decoding it (itself bounded by `flip_manifest`'s decode budget).
+pub const MAX_MANIFEST: u64 = 256 << 20;
 
 pub type Mtime = Option<(i64, u32)>;
 
@@ -127,10 +139,10 @@ pub enum Request {
     },
     /// Compare directory hashes with the live release's (see [`flip_manifest::DirTree`]), for a
     /// client that does not have the live manifest.
-    Probe(Vec<ProbeItem>),
+    Probe(#[serde(deserialize_with = "bounded::vec")] Vec<ProbeItem>),
     ManifestChunk(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Signatures of delta bases, one per item.
-    Signatures(Vec<SigItem>),
+    Signatures(#[serde(deserialize_with = "bounded::vec")] Vec<SigItem>),
     /// Content of file `index` (into the plan's files), in order; `last` closes it.
     Literal {
         index: u32,
@@ -213,6 +225,7 @@ pub enum Response {
     Locked,
     Status {
         current: Option<u64>,
+        #[serde(deserialize_with = "bounded::vec")]
         releases: Vec<ReleaseSummary>,
     },
     ManifestChunk {
@@ -224,6 +237,7 @@ pub enum Response {
         id: u64,
         previous: Option<u64>,
         /// The files whose content the agent needs, ascending.
+        #[serde(deserialize_with = "bounded::vec")]
         needs: Vec<Need>,
         linked: u64,
         copied: u64,
@@ -248,10 +262,12 @@ pub enum Response {
         previous: Option<u64>,
     },
     Pruned {
+        #[serde(deserialize_with = "bounded::vec")]
         removed: Vec<u64>,
     },
     Verified {
         id: u64,
+        #[serde(deserialize_with = "bounded::vec")]
         problems: Vec<String>,
     },
     Error {
