@@ -14,11 +14,17 @@ use std::path::{Component, Path};
 fn check(p: &RelPath) {
     let s = p.as_str();
     assert!(!s.is_empty() && s.len() <= MAX_PATH_LEN, "{s:?}: length");
-    assert!(!s.starts_with('/') && !s.contains('\0'), "{s:?}: absolute or NUL");
+    assert!(
+        !s.starts_with('/') && !s.contains('\0'),
+        "{s:?}: absolute or NUL"
+    );
     let comps: Vec<&str> = p.components().collect();
     assert_eq!(comps.len(), p.depth());
     for c in &comps {
-        assert!(!c.is_empty() && *c != "." && *c != "..", "{s:?}: component {c:?}");
+        assert!(
+            !c.is_empty() && *c != "." && *c != "..",
+            "{s:?}: component {c:?}"
+        );
         assert!(c.len() <= MAX_COMPONENT_LEN, "{s:?}: component too long");
     }
     assert_eq!(p.file_name(), *comps.last().unwrap());
@@ -76,4 +82,3 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
-

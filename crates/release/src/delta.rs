@@ -87,7 +87,8 @@ impl DeltaApplier {
         }
     }
 
-    /// Bytes of output produced so far.
+    /// Bytes of output the commands read so far amount to (a literal counts whole as soon as
+    /// its length is read, before all its bytes have arrived); never more than the limit.
     pub fn written(&self) -> u64 {
         self.written
     }
@@ -328,20 +329,29 @@ impl DeltaWriter {
 /// (`flip_transfer`), whose window is at most 2^26 with an 8 MiB reference.
 pub const PATCH_WINDOW_LOG_MAX: u32 = 26;
 
-/// The content of a file arriving as a zstd `--patch-from` frame, decompressed as it arrives.
-/// Made by [`Stage::begin_patch`](crate::Stage::begin_patch).
-pub struct PatchWriter {
+/// A zstd `--patch-from` frame decompressed as it arrives, against the basis it was made with,
+/// handing its output to a sink in pieces of at most [`COPY_BUF`] bytes. The window is capped at
+/// [`PATCH_WINDOW_LOG_MAX`] whatever the frame claims, so the decoder's memory is bounded; the
+/// sink bounds the output (a [`FileWriter`] refuses more than the manifest size).
+pub struct PatchDecoder {
     // Declared (so dropped) before `_basis`, whose bytes it refers to.
     dec: zstd::stream::raw::Decoder<'static>,
     _basis: Basis,
-    file: FileWriter,
     name: String,
     buf: Vec<u8>,
     ended: bool,
 }
 
-impl PatchWriter {
-    pub(crate) fn new(basis: Basis, file: FileWriter, name: String) -> Result<Self> {
+impl PatchDecoder {
+    /// A decoder for a patch of the file `name` (for messages) made against `basis`.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] when zstd cannot set up the decoder.
+    pub fn new(basis: Vec<u8>, name: String) -> Result<Self> {
+        Self::with_basis(Basis::Mem(basis), name)
+    }
+
+    pub(crate) fn with_basis(basis: Basis, name: String) -> Result<Self> {
         let bad = |e: std::io::Error| Error::Integrity {
             path: name.clone(),
             detail: format!("patch cannot be applied: {e}"),
@@ -356,19 +366,13 @@ impl PatchWriter {
             PATCH_WINDOW_LOG_MAX,
         ))
         .map_err(bad)?;
-        Ok(PatchWriter {
+        Ok(PatchDecoder {
             dec,
             _basis: basis,
-            file,
             name,
             buf: vec![0u8; COPY_BUF],
             ended: false,
         })
-    }
-
-    /// The plan index this patch builds.
-    pub fn index(&self) -> usize {
-        self.file.index()
     }
 
     fn bad(&self, detail: String) -> Error {
@@ -378,22 +382,26 @@ impl PatchWriter {
         }
     }
 
-    /// Decompresses the next piece of the patch into the file (refused past its size).
-    pub fn feed(&mut self, data: &[u8]) -> Result<()> {
+    /// Decompresses the next piece of the patch, handing the output to `out`.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] for a frame zstd refuses (corrupt, a window over the cap, made
+    /// against another basis) or bytes after the frame's end; whatever `out` returns.
+    pub fn feed(&mut self, data: &[u8], out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
         let mut input = InBuffer::around(data);
         loop {
             if self.ended && input.pos() < data.len() {
                 return Err(self.bad(format!("{} bytes after its end", data.len() - input.pos())));
             }
-            let mut out = OutBuffer::around(&mut self.buf[..]);
-            let hint = match self.dec.run(&mut input, &mut out) {
+            let mut buf = OutBuffer::around(&mut self.buf[..]);
+            let hint = match self.dec.run(&mut input, &mut buf) {
                 Ok(h) => h,
                 Err(e) => return Err(self.bad(e.to_string())),
             };
-            let n = out.pos();
+            let n = buf.pos();
             if n > 0 {
-                self.file.write(&self.buf[..n])?;
+                out(&self.buf[..n])?;
             }
             if hint == 0 {
                 self.ended = true;
@@ -405,10 +413,46 @@ impl PatchWriter {
     }
 
     /// Checks that the patch's frame is complete.
-    pub fn finish(self) -> Result<FileWriter> {
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] when the frame was cut short.
+    pub fn finish(self) -> Result<()> {
         if !self.ended {
             return Err(self.bad("it ends inside its zstd frame (truncated)".into()));
         }
+        Ok(())
+    }
+}
+
+/// The content of a file arriving as a zstd `--patch-from` frame, decompressed as it arrives.
+/// Made by [`Stage::begin_patch`](crate::Stage::begin_patch).
+pub struct PatchWriter {
+    decoder: PatchDecoder,
+    file: FileWriter,
+}
+
+impl PatchWriter {
+    pub(crate) fn new(basis: Basis, file: FileWriter, name: String) -> Result<Self> {
+        Ok(PatchWriter {
+            decoder: PatchDecoder::with_basis(basis, name)?,
+            file,
+        })
+    }
+
+    /// The plan index this patch builds.
+    pub fn index(&self) -> usize {
+        self.file.index()
+    }
+
+    /// Decompresses the next piece of the patch into the file (refused past its size).
+    pub fn feed(&mut self, data: &[u8]) -> Result<()> {
+        let file = &mut self.file;
+        self.decoder.feed(data, &mut |b| file.write(b))
+    }
+
+    /// Checks that the patch's frame is complete.
+    pub fn finish(self) -> Result<FileWriter> {
+        self.decoder.finish()?;
         Ok(self.file)
     }
 }

@@ -26,7 +26,7 @@ mod fsutil;
 mod lock;
 mod stage;
 
-pub use delta::{DeltaApplier, DeltaWriter, PatchWriter, PATCH_WINDOW_LOG_MAX};
+pub use delta::{DeltaApplier, DeltaWriter, PatchDecoder, PatchWriter, PATCH_WINDOW_LOG_MAX};
 pub use error::{Error, ErrorClass, Result};
 pub use fsutil::{Leftover, MAX_LEFTOVERS};
 pub use lock::{Holder, LockGuard, Wait};
