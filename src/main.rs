@@ -124,7 +124,12 @@ fn local_host() -> String {
 }
 
 /// Opens a session and takes the lock for `what`.
-fn locked_session(target: &Target, common: &Common, what: &str, compress: i32) -> Result<Session> {
+fn locked_session(
+    target: &Target,
+    common: &Common,
+    what: flip_wire::Purpose,
+    compress: i32,
+) -> Result<Session> {
     let mut s = target.connect(&common.ssh, compress)?;
     let holder = Holder {
         pid: std::process::id(),
@@ -134,7 +139,7 @@ fn locked_session(target: &Target, common: &Common, what: &str, compress: i32) -
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0),
-        what: what.to_string(),
+        what,
     };
     let peer = target.display();
     s.lock(holder, common.wait, &mut |h| {
@@ -214,7 +219,9 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
     let connecting = (!a.dry_run).then(|| {
         let (target, common) = (target.clone(), a.common.clone());
         let level = target.compress_level(a.compress_level);
-        std::thread::spawn(move || locked_session(&target, &common, "deploy", level))
+        std::thread::spawn(move || {
+            locked_session(&target, &common, flip_wire::Purpose::Deploy, level)
+        })
     });
     let scan = match flip_scan::scan(
         &source,
@@ -256,11 +263,11 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         .as_ref()
         .map(|d| flip_transfer::ContentCache::new(d.join("content"), CONTENT_CACHE_BYTES));
     let live = releases.iter().find(|r| Some(r.id) == current);
-    let live_digest = live.and_then(|r| flip_manifest::Digest::from_hex(&r.manifest_digest));
+    let live_digest = live.map(|r| r.manifest_digest);
     // An unchanged tree needs nothing of the live manifest: don't load it.
     let previous = live
         .filter(|_| live_digest != Some(scan.manifest.digest()))
-        .and_then(|r| cache.as_ref()?.get(&r.manifest_digest));
+        .and_then(|r| cache.as_ref()?.get(&r.manifest_digest.to_hex()));
     let report = s.stage(
         &source,
         &scan.manifest,
@@ -480,15 +487,15 @@ fn dry_run(
     let cached = releases
         .iter()
         .find(|r| Some(r.id) == current)
-        .filter(|r| r.manifest_digest != manifest.digest().to_hex())
+        .filter(|r| r.manifest_digest != manifest.digest())
         .and_then(|r| {
             let c = flip_transfer::ManifestCache::new(caches.as_ref()?.join("manifests"));
-            c.get(&r.manifest_digest)
+            c.get(&r.manifest_digest.to_hex())
         });
     let from_cache = cached.is_some();
     let unchanged = releases
         .iter()
-        .any(|r| Some(r.id) == current && r.manifest_digest == manifest.digest().to_hex());
+        .any(|r| Some(r.id) == current && r.manifest_digest == manifest.digest());
     let previous = match (cached, current) {
         (Some(m), _) => Some(m),
         // A no-op: the live manifest is this one.
@@ -623,7 +630,7 @@ fn switched(target: &Target, json: bool, verb: &str, id: u64, previous: Option<u
 
 fn rollback(a: cli::RollbackArgs) -> Result<i32> {
     let target = Target::parse(&a.target)?;
-    let mut s = locked_session(&target, &a.common, "rollback", 0)?;
+    let mut s = locked_session(&target, &a.common, flip_wire::Purpose::Rollback, 0)?;
     let (id, previous) = s.rollback(a.to)?;
     notices(&mut s);
     s.close()?;
@@ -633,7 +640,7 @@ fn rollback(a: cli::RollbackArgs) -> Result<i32> {
 
 fn activate(a: cli::ActivateArgs) -> Result<i32> {
     let target = Target::parse(&a.target)?;
-    let mut s = locked_session(&target, &a.common, "activate", 0)?;
+    let mut s = locked_session(&target, &a.common, flip_wire::Purpose::Activate, 0)?;
     let previous = s.activate(a.id)?;
     notices(&mut s);
     s.close()?;
@@ -643,7 +650,7 @@ fn activate(a: cli::ActivateArgs) -> Result<i32> {
 
 fn prune(a: cli::PruneArgs) -> Result<i32> {
     let target = Target::parse(&a.target)?;
-    let mut s = locked_session(&target, &a.common, "prune", 0)?;
+    let mut s = locked_session(&target, &a.common, flip_wire::Purpose::Prune, 0)?;
     let removed = s.prune(a.keep)?;
     let (leftovers, warnings) = notices(&mut s);
     s.close()?;

@@ -18,8 +18,8 @@ use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_transport::{AgentStream, Finish, TransportError};
 use flip_wire::{
     ErrorClass, FrameReader, FrameWriter, Holder, Leftover, ProbeItem, ReleaseSummary, Request,
-    Response, SigItem, WireError, CHUNK, MAGIC, PROBE_ABSENT, PROBE_BELOW, PROBE_DIFFERS,
-    PROBE_SAME, PROTOCOL,
+    Response, SigItem, StageBase, WireError, CHUNK, MAGIC, PROBE_ABSENT, PROBE_BELOW,
+    PROBE_DIFFERS, PROBE_SAME, PROTOCOL,
 };
 use std::collections::BTreeSet;
 use std::collections::HashMap;
@@ -326,7 +326,6 @@ impl Session {
     ) -> Result<DeployReport> {
         self.phase = "staging the release";
         let digest = manifest.digest();
-        let had_previous = previous.is_some();
         // What the live release holds at the paths that change or go: the digests a patch
         // basis can have. The rest of the live manifest is dropped here.
         let mut old_digests: HashMap<RelPath, Digest> = HashMap::new();
@@ -334,7 +333,7 @@ impl Session {
             // Unchanged tree (a no-op, or a fresh checkout of the same commit): an empty
             // difference, even for a client that never saw the live manifest.
             _ if live_digest == Some(digest) => (
-                Some(digest.0),
+                StageBase::Diff(digest),
                 flip_manifest::encode_diff(&Default::default()),
             ),
             Some(prev) => {
@@ -348,30 +347,33 @@ impl Session {
                         old_digests.insert(p.clone(), *digest);
                     }
                 }
-                (Some(prev.digest().0), flip_manifest::encode_diff(&diff))
+                (
+                    StageBase::Diff(prev.digest()),
+                    flip_manifest::encode_diff(&diff),
+                )
             }
             // Something live the client has not seen: find the changed directories by their
             // hashes (a few round trips, a few bytes per directory looked at) instead of
             // sending the whole manifest.
-            None if live_digest.is_some() => {
-                self.phase = "comparing directories";
-                let tree = flip_manifest::DirTree::new(manifest);
-                let dirs = self.changed_dirs(&tree)?;
-                self.phase = "staging the release";
-                (
-                    live_digest.map(|d| d.0),
-                    flip_manifest::encode_dir_patch(&tree.patch(manifest, &dirs)),
-                )
-            }
-            None => (None, flip_manifest::encode(manifest)),
+            None => match live_digest {
+                Some(live) => {
+                    self.phase = "comparing directories";
+                    let tree = flip_manifest::DirTree::new(manifest);
+                    let dirs = self.changed_dirs(&tree)?;
+                    self.phase = "staging the release";
+                    (
+                        StageBase::Dirs(live),
+                        flip_manifest::encode_dir_patch(&tree.patch(manifest, &dirs)),
+                    )
+                }
+                None => (StageBase::Whole, flip_manifest::encode(manifest)),
+            },
         };
-        let dirs = !had_previous && base.is_some() && live_digest != Some(digest);
         self.queue(&Request::Stage {
             label,
             base,
-            dirs,
             payload_len: payload.len() as u64,
-            digest: digest.0,
+            digest,
         })?;
         for c in payload.chunks(CHUNK) {
             self.queue(&Request::ManifestChunk(c.to_vec()))?;
@@ -596,6 +598,28 @@ impl Session {
         }
     }
 
+    /// The live release's id when it holds exactly the manifest of `digest` and is intact (see
+    /// [`Request::CheckLive`]); `None` otherwise.
+    pub fn live_intact(&mut self, digest: Digest) -> Result<Option<u64>> {
+        self.phase = "checking the live release";
+        self.send(&Request::CheckLive { digest })?;
+        match self.recv()? {
+            Response::LiveIntact { id } => Ok(id),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Removes release `id`, committed in this session and not made live (a multi-host deploy
+    /// that failed on another target).
+    pub fn discard(&mut self, id: u64) -> Result<()> {
+        self.phase = "discarding the release";
+        self.send(&Request::Discard { id })?;
+        match self.recv()? {
+            Response::Discarded { id: got } if got == id => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     /// Rolls back to `to` or to the newest release older than the live one: (new, previous).
     pub fn rollback(&mut self, to: Option<u64>) -> Result<(u64, Option<u64>)> {
         self.phase = "rolling back";
@@ -743,5 +767,7 @@ fn name(r: &Response) -> &'static str {
         Response::Bye => "Bye",
         Response::Notices { .. } => "Notices",
         Response::Changes { .. } => "Changes",
+        Response::Discarded { .. } => "Discarded",
+        Response::LiveIntact { .. } => "LiveIntact",
     }
 }

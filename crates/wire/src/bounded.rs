@@ -77,7 +77,7 @@ impl Weigh for Need {
 
 impl Weigh for ReleaseSummary {
     fn heap(&self) -> usize {
-        self.label.as_ref().map_or(0, String::capacity) + self.manifest_digest.capacity()
+        self.label.as_ref().map_or(0, String::capacity)
     }
 }
 
