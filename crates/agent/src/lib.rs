@@ -129,8 +129,8 @@ struct Session {
     /// a release was committed.
     created: Option<Created>,
     committed: bool,
-    /// The release this session committed and has not made live: the only one `Discard` may
-    /// remove.
+    /// The release this session committed: the only one `Discard` may remove, and only while it
+    /// is not live (a multi-host deploy switching back after another target failed).
     discardable: Option<u64>,
 }
 
@@ -539,9 +539,6 @@ impl Session {
             Request::Activate { id } => {
                 let root = self.root(false)?;
                 let previous = root.activate(self.locked()?, id)?;
-                if self.discardable == Some(id) {
-                    self.discardable = None;
-                }
                 self.log(serde_json::json!({
                     "time": now(), "event": "activate", "release": id, "previous": previous,
                 }));

@@ -280,6 +280,8 @@ struct Host {
     /// The release committed (the live one when `unchanged`).
     release: u64,
     unchanged: bool,
+    /// Regular files of the new manifest.
+    files: u64,
     report: Option<flip_transfer::DeployReport>,
     pruned: Vec<u64>,
     warnings: Vec<String>,
@@ -525,6 +527,7 @@ fn prepare(
         previous: current,
         release: 0,
         unchanged: false,
+        files: manifest.file_count() as u64,
         report: None,
         pruned: Vec::new(),
         warnings: Vec::new(),
@@ -762,7 +765,12 @@ fn finish(
                     HostState::Live | HostState::Unchanged => Some(h.release),
                     _ => h.previous,
                 };
-                let r = h.report.unwrap_or_default();
+                let mut r = h.report.unwrap_or_default();
+                if h.unchanged {
+                    // Nothing changes: every file stays as the live release has it.
+                    r.counts.files.total = h.files;
+                    r.counts.files.unchanged = h.files;
+                }
                 let report = HostReport {
                     release: h.release,
                     previous: if h.unchanged { None } else { h.previous },
