@@ -278,3 +278,20 @@ targets = ["deploy@web1:/srv/app", "deploy@web2:/srv/app"]
 targets = ["deploy@staging:/srv/app"]
 keep = 3
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_named_with_their_table() {
+        let text = "keep = 1\n\n[env.prod]\ntargets = [\"/x\"]\nkeep = \"x\"\n";
+        let at = text.find("\"x\"").unwrap();
+        assert_eq!(key_at(text, at).as_deref(), Some("env.prod.keep"));
+        assert_eq!(key_at(text, 0).as_deref(), Some("keep"));
+        assert_eq!(
+            key_at(text, text.find("[env").unwrap()).as_deref(),
+            Some("env.prod")
+        );
+    }
+}

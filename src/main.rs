@@ -396,8 +396,8 @@ fn dry_run(
                 flip_manifest::EntryKind::File { digest, .. } => Some(*digest),
                 _ => None,
             });
-            let patchable = flip_transfer::patchable(content.as_ref(), old.as_ref(), size);
-            let chosen = flip_plan::report::choose(size, basis.map(|b| b.1), patchable);
+            let cached = flip_transfer::in_cache(content.as_ref(), old.as_ref());
+            let chosen = flip_transfer::send_policy(size, basis.map(|b| b.1), cached);
             let via = match (chosen, content.as_ref(), old) {
                 (Via::Patch, Some(cache), Some(old)) => {
                     let path = o.source.join(paths[index as usize].as_str());

@@ -313,6 +313,23 @@ fn an_activation_failing_in_phase_2_switches_the_others_back() {
             "the switched-back release is discarded"
         );
     }
+    // An agent that dies right after its swap: the client sees the failure, finds the new
+    // release live there through a new session, and switches that target back too.
+    let r = fx
+        .flip_env(
+            &[
+                ("FLIP_FAULT", "after-swap"),
+                ("FLIP_FAULT_ROOT", s(&roots[2])),
+            ],
+            &["deploy", "prod", "--json"],
+        )
+        .code(10);
+    let j = r.json();
+    assert_eq!(hosts(&j)[2]["state"], "failed", "{j}");
+    for root in &roots {
+        assert_eq!(link(root), "releases/1", "{j}");
+        assert_dir_eq(&root.join("current"), &v1, "v1 is live everywhere");
+    }
     // The next deploy goes through.
     let v2 = src.tree();
     fx.flip(&["deploy", "prod"]).success();

@@ -329,3 +329,49 @@ fn empty_row(label: Option<String>, n: usize) -> LabelRow {
         live: vec![false; n],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flip_manifest::Digest;
+
+    fn r(id: u64, label: Option<&str>, created: i64, current: bool) -> ReleaseSummary {
+        ReleaseSummary {
+            id,
+            label: label.map(str::to_string),
+            created,
+            files: 1,
+            bytes: 1,
+            manifest_digest: Digest([0; 32]),
+            current,
+        }
+    }
+
+    #[test]
+    fn label_rows_join_the_releases_of_one_label_across_targets() {
+        let a = vec![
+            r(1, Some("v1"), 10, false),
+            r(2, Some("v2"), 20, true),
+            r(3, None, 30, false),
+        ];
+        // Another target with other ids for the same labels, and a redeploy of v2.
+        let b = vec![
+            r(7, Some("v1"), 11, false),
+            r(8, Some("v2"), 21, false),
+            r(9, Some("v2"), 22, true),
+        ];
+        let rows = label_rows(&[a, b]);
+        let view: Vec<(Option<&str>, Vec<Option<u64>>, Vec<bool>)> = rows
+            .iter()
+            .map(|r| (r.label.as_deref(), r.ids.clone(), r.live.clone()))
+            .collect();
+        assert_eq!(
+            view,
+            vec![
+                (Some("v1"), vec![Some(1), Some(7)], vec![false, false]),
+                (Some("v2"), vec![Some(2), Some(9)], vec![true, true]),
+                (None, vec![Some(3), None], vec![false, false]),
+            ]
+        );
+    }
+}

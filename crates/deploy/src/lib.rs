@@ -254,11 +254,15 @@ pub fn deploy(
     let mut outcomes = if hosts.iter().any(|h| h.is_err()) {
         abort(&mut hosts, &events)
     } else if o.activate {
-        activate_all(&mut hosts, &events)
+        activate_all(&mut hosts, targets, o, &events)
     } else {
         vec![HostState::Staged; hosts.len()]
     };
-    if outcomes.iter().all(|s| *s == HostState::Live) {
+    // Prune (and clean up) once every target is live, also when unchanged.
+    if outcomes
+        .iter()
+        .all(|s| matches!(s, HostState::Live | HostState::Unchanged))
+    {
         prune_all(&mut hosts, o.keep);
     }
     let hosts = finish(hosts, &mut outcomes, targets, o, started);
@@ -498,72 +502,102 @@ fn prepare(
     scanned: &Shared<Arc<flip_scan::ScanOutput>>,
     events: &dyn Events,
 ) -> Result<Host, Failed> {
-    let started = Instant::now();
-    let fail = |error: DeployError| Failed { error, live: None };
-    events.phase(index, Phase::Connecting);
-    let mut session = locked_session(target, o, Purpose::Deploy, &mut |h| {
-        events.waiting(index, h)
-    })
-    .map_err(fail)?;
+    let mut host = Host::connect_and_lock(index, target, o, events)?;
     events.phase(index, Phase::Scanning);
     let Some(scan) = scanned.wait() else {
-        return Err(fail(DeployError::Aborted {
+        return Err(host.fail(DeployError::Aborted {
             target: target.display(),
             why: "the scan of the source failed".into(),
         }));
     };
-    let manifest = &scan.manifest;
-    let (current, releases) = session.status().map_err(|e| fail(e.into()))?;
-    let failed = |error: DeployError| Failed {
-        error,
-        live: current,
-    };
-    let live = releases.iter().find(|r| Some(r.id) == current);
-    let live_digest = live.map(|r| r.manifest_digest);
-    let mut host = Host {
-        index,
-        session,
-        started,
-        previous: current,
-        release: 0,
-        unchanged: false,
-        files: manifest.file_count() as u64,
-        report: None,
-        pruned: Vec::new(),
-        warnings: Vec::new(),
-    };
-    if live_digest == Some(manifest.digest()) && !o.force_release {
-        if let Some(id) = host
-            .session
-            .live_intact(manifest.digest())
-            .map_err(|e| failed(e.into()))?
-        {
-            host.release = id;
-            host.unchanged = true;
-            return Ok(host);
+    let live = host.describe(&scan.manifest, o)?;
+    if !host.unchanged {
+        events.phase(index, Phase::Staging);
+        host.stage_send_commit(source, &scan.manifest, live, caches, o)?;
+    }
+    Ok(host)
+}
+
+impl Host {
+    fn connect_and_lock(
+        index: usize,
+        target: &Target,
+        o: &Options,
+        events: &dyn Events,
+    ) -> Result<Host, Failed> {
+        events.phase(index, Phase::Connecting);
+        let session = locked_session(target, o, Purpose::Deploy, &mut |h| {
+            events.waiting(index, h)
+        })
+        .map_err(|error| Failed { error, live: None })?;
+        Ok(Host {
+            index,
+            session,
+            started: Instant::now(),
+            previous: None,
+            release: 0,
+            unchanged: false,
+            files: 0,
+            report: None,
+            pruned: Vec::new(),
+            warnings: Vec::new(),
+        })
+    }
+
+    /// This target's failure, with what is live on it.
+    fn fail(&self, error: DeployError) -> Failed {
+        Failed {
+            error,
+            live: self.previous,
         }
     }
-    events.phase(index, Phase::Staging);
-    // With the live manifest in the local cache, only the difference to it is sent; an
-    // unchanged tree needs nothing of it.
-    let previous = live_digest
-        .filter(|d| *d != manifest.digest())
-        .and_then(|d| caches.manifest(&d));
-    let report = host
-        .session
-        .stage(
-            source,
-            manifest,
-            previous,
-            o.label.clone(),
-            caches.content(),
-            live_digest,
-            o.itemize,
-        )
-        .map_err(|e| failed(e.into()))?;
-    host.release = report.release;
-    host.report = Some(report);
-    Ok(host)
+
+    /// Reads the live release; decides whether it already is `manifest` (intact: then no
+    /// release is made, unless forced). Returns the live manifest's digest.
+    fn describe(&mut self, manifest: &Manifest, o: &Options) -> Result<Option<Digest>, Failed> {
+        let (current, releases) = self.session.status().map_err(|e| self.fail(e.into()))?;
+        self.previous = current;
+        self.files = manifest.file_count() as u64;
+        let live_digest = live_of(current, &releases).map(|r| r.manifest_digest);
+        if live_digest == Some(manifest.digest()) && !o.force_release {
+            let intact = self.session.live_intact(manifest.digest());
+            if let Some(id) = intact.map_err(|e| self.fail(e.into()))? {
+                self.release = id;
+                self.unchanged = true;
+            }
+        }
+        Ok(live_digest)
+    }
+
+    /// Stages the release against the live one (`live_digest`), sends what the target lacks,
+    /// commits. With the live manifest in the local cache, only the difference to it is sent.
+    fn stage_send_commit(
+        &mut self,
+        source: &Path,
+        manifest: &Manifest,
+        live_digest: Option<Digest>,
+        caches: &Caches,
+        o: &Options,
+    ) -> Result<(), Failed> {
+        let previous = live_digest
+            .filter(|d| *d != manifest.digest())
+            .and_then(|d| caches.manifest(&d));
+        let report = self
+            .session
+            .stage(
+                source,
+                manifest,
+                previous,
+                o.label.clone(),
+                caches.content(),
+                live_digest,
+                o.itemize,
+            )
+            .map_err(|e| self.fail(e.into()))?;
+        self.release = report.release;
+        self.report = Some(report);
+        Ok(())
+    }
 }
 
 /// Opens a session with `target` and takes its lock for `purpose`; `on_wait` hears the holder
@@ -642,7 +676,12 @@ fn abort(hosts: &mut [Result<Host, Failed>], events: &Arc<dyn Events>) -> Vec<Ho
 
 /// Phase 2: activates every committed release; if one fails, the targets already switched go
 /// back to their previous release and their new release is discarded.
-fn activate_all(hosts: &mut [Result<Host, Failed>], events: &Arc<dyn Events>) -> Vec<HostState> {
+fn activate_all(
+    hosts: &mut [Result<Host, Failed>],
+    targets: &[Target],
+    o: &Options,
+    events: &Arc<dyn Events>,
+) -> Vec<HostState> {
     let results: Vec<Result<(), DeployError>> = std::thread::scope(|sc| {
         let jobs: Vec<_> = hosts
             .iter_mut()
@@ -673,13 +712,42 @@ fn activate_all(hosts: &mut [Result<Host, Failed>], events: &Arc<dyn Events>) ->
             Ok(()) if failed.is_empty() => states.push(HostState::Live),
             Ok(()) => states.push(switch_back(h, &failed, events)),
             Err(e) => {
-                let live = h.previous;
-                *slot = Err(Failed { error: e, live });
+                let (previous, release) = (h.previous, h.release);
+                // End the broken session first: its agent releases the lock as it goes.
+                *slot = Err(Failed {
+                    error: e,
+                    live: previous,
+                });
+                let live = recheck(&targets[states.len()], o, previous, release);
+                if let Err(f) = slot {
+                    f.live = live;
+                }
                 states.push(HostState::Failed);
             }
         }
     }
     states
+}
+
+/// After a failed activation: what is live on the target, seen through a new session; if the
+/// new `release` went live after all (the agent died after the swap), it is switched back to
+/// `previous`.
+fn recheck(target: &Target, o: &Options, previous: Option<u64>, release: u64) -> Option<u64> {
+    let o = Options {
+        wait: true,
+        ..o.clone()
+    };
+    let mut s = locked_session(target, &o, Purpose::Deploy, &mut |_| {}).ok()?;
+    let (mut current, _) = s.status().ok()?;
+    if current == Some(release) {
+        if let Some(p) = previous {
+            if s.activate(p).is_ok() {
+                current = Some(p);
+            }
+        }
+    }
+    let _ = s.close();
+    current
 }
 
 /// Another target's activation failed: `h` goes back to the release live before (when there
@@ -929,4 +997,68 @@ pub fn refuse_overlap(source: &Path, target: &Target) -> Result<(), DeployError>
 /// The live release of a listing and its summary.
 pub fn live_of(current: Option<u64>, releases: &[ReleaseSummary]) -> Option<&ReleaseSummary> {
     releases.iter().find(|r| Some(r.id) == current)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_time_formats_utc_seconds() {
+        assert_eq!(iso_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso_time(1_796_030_400), "2026-11-30T09:20:00Z");
+        assert_eq!(iso_time(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn the_default_label_of_a_plain_directory_is_a_timestamp() {
+        let d = tempfile_dir();
+        let l = default_label(&d);
+        assert!(l.ends_with('Z') && l.len() == 20, "{l}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn the_default_label_of_a_git_work_tree_is_its_commit_marked_dirty_when_changed() {
+        let d = tempfile_dir().join("repo");
+        std::fs::create_dir_all(&d).unwrap();
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(&d)
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .output()
+                .expect("git")
+                .status
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "-q"]);
+        std::fs::write(d.join("index.php"), "<?php\n").unwrap();
+        git(&["add", "."]);
+        git(&["commit", "-qm", "one"]);
+        let head = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&d)
+            .args(["rev-parse", "--short", "HEAD"])
+            .output()
+            .unwrap();
+        let head = String::from_utf8(head.stdout).unwrap().trim().to_string();
+        assert_eq!(default_label(&d), head);
+        std::fs::write(d.join("index.php"), "<?php // edited\n").unwrap();
+        assert_eq!(default_label(&d), format!("{head}-dirty"));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "flip-deploy-label-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
 }

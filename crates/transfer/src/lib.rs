@@ -431,8 +431,8 @@ impl Session {
                 .basis
                 .as_ref()
                 .and_then(|(b, _)| Some((b.clone(), old_digests.get(b)?)));
-            let patchable = patchable(content_cache, old.as_ref().map(|(_, d)| *d), size);
-            let via = flip_plan::report::choose(size, n.basis.as_ref().map(|b| b.1), patchable);
+            let cached = in_cache(content_cache, old.as_ref().map(|(_, d)| *d));
+            let via = send_policy(size, n.basis.as_ref().map(|b| b.1), cached);
             planned.insert(index as u32, (via, n.basis.as_ref().map(|b| b.0.clone())));
             let patch = old.filter(|_| via == Via::Patch);
             let basis = n.basis.filter(|_| via == Via::Delta).map(|(b, _)| b);
@@ -709,7 +709,23 @@ fn deviation(
 /// of its basis (`old`: the basis's digest, known when the client has the live release's
 /// manifest) is in the content cache. The rule of a deploy, and of a dry run predicting it.
 pub fn patchable(cache: Option<&ContentCache>, old: Option<&Digest>, size: u64) -> bool {
-    size <= content::PATCH_MAX && matches!((cache, old), (Some(c), Some(d)) if c.contains(d))
+    size <= content::PATCH_MAX && in_cache(cache, old)
+}
+
+/// Whether the old content of digest `old` is in the content cache.
+pub fn in_cache(cache: Option<&ContentCache>, old: Option<&Digest>) -> bool {
+    matches!((cache, old), (Some(c), Some(d)) if c.contains(d))
+}
+
+/// The one send policy of a deploy, a dry run and `flip diff`: how a file of `size` bytes goes
+/// whose basis (if it has one) is `basis_size` bytes, `old_cached` saying whether the client
+/// holds that basis's old content (in its content cache, or for `flip diff` would hold it). A
+/// zstd patch when the old content is cached and the file is at most [`PATCH_MAX`] (the agent's
+/// patch window), an rsync delta when file and basis are both at least [`DELTA_MIN`], else the
+/// bytes ([`flip_plan::report::choose`]). The deploy still sends a file whole when its patch or
+/// delta comes out no smaller ([`fallback_note`]).
+pub fn send_policy(size: u64, basis_size: Option<u64>, old_cached: bool) -> Via {
+    flip_plan::report::choose(size, basis_size, old_cached && size <= content::PATCH_MAX)
 }
 
 /// Whether the source file at `path` would go as a zstd patch against the cached version of
