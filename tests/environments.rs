@@ -296,9 +296,9 @@ fn an_activation_failing_in_phase_2_switches_the_others_back() {
     assert_eq!(h[1]["state"], "failed", "{j}");
     assert_eq!(h[0]["state"], "switched_back", "{j}");
     assert_eq!(h[2]["state"], "switched_back", "{j}");
-    for i in 0..3 {
+    for host in h {
         assert_eq!(
-            h[i]["live"], 1,
+            host["live"], 1,
             "the report says which release is live: {j}"
         );
     }

@@ -293,9 +293,12 @@ struct Host {
 
 /// A failed target: the error, and the release live on it if the client saw it.
 struct Failed {
-    error: DeployError,
+    error: Box<DeployError>,
     live: Option<u64>,
 }
+
+/// Phase 1's outcome of one target.
+type Prepared = Result<Host, Failed>;
 
 /// The source directory, absolute, checked to be a directory not overlapping a local target.
 fn checked_source(source: &Path, targets: &[Target]) -> Result<PathBuf, DeployError> {
@@ -413,7 +416,7 @@ impl<T: Clone> Shared<T> {
 /// Phase 1's worker threads and the outcome of each target.
 struct Workers {
     threads: Vec<std::thread::JoinHandle<()>>,
-    results: Arc<Mutex<Vec<Option<Result<Host, Failed>>>>>,
+    results: Arc<Mutex<Vec<Option<Prepared>>>>,
 }
 
 /// How long a failed deploy waits for targets still being connected or locked to give up.
@@ -529,7 +532,10 @@ impl Host {
         let session = locked_session(target, o, Purpose::Deploy, &mut |h| {
             events.waiting(index, h)
         })
-        .map_err(|error| Failed { error, live: None })?;
+        .map_err(|error| Failed {
+            error: Box::new(error),
+            live: None,
+        })?;
         Ok(Host {
             index,
             session,
@@ -547,7 +553,7 @@ impl Host {
     /// This target's failure, with what is live on it.
     fn fail(&self, error: DeployError) -> Failed {
         Failed {
-            error,
+            error: Box::new(error),
             live: self.previous,
         }
     }
@@ -715,7 +721,7 @@ fn activate_all(
                 let (previous, release) = (h.previous, h.release);
                 // End the broken session first: its agent releases the lock as it goes.
                 *slot = Err(Failed {
-                    error: e,
+                    error: Box::new(e),
                     live: previous,
                 });
                 let live = recheck(&targets[states.len()], o, previous, release);
@@ -817,7 +823,7 @@ fn finish(
                 target: t.display(),
                 state: HostState::Failed,
                 report: None,
-                error: Some(f.error),
+                error: Some(*f.error),
                 live: f.live,
             },
             Ok(mut h) => {
