@@ -234,41 +234,33 @@ pub fn deploy(
     let started = Instant::now();
     let source = checked_source(&o.source, targets)?;
     let caches = Arc::new(Caches::open(o.cache_dir.as_deref()));
-    // Phase 1 everywhere: connect and lock at once, while the source is scanned (once).
+    // Phase 1 on every target (connect and lock, describe, stage, send, commit), its
+    // connections opened while the source is scanned, once for all of them.
     let scanned = Arc::new(Shared::new());
     let workers = phase1(o, &source, targets, &caches, &scanned, events.clone());
-    let scan = match scan_source(&source, o) {
-        Ok(scan) => Arc::new(scan),
-        Err(e) => {
-            scanned.set(None);
-            workers.abandon();
-            return Err(e);
-        }
-    };
+    let scan = scan_source(&source, o).inspect_err(|_| workers.abandon_after(&scanned))?;
+    let scan = Arc::new(scan);
     scanned.set(Some(scan.clone()));
     let mut hosts = workers.join();
-    if hosts.iter().all(|h| h.is_ok()) {
-        caches.remember(&scan.manifest);
-    }
-    // Phase 2: all committed, every lock still held: make them live together, or none.
-    let mut outcomes = if hosts.iter().any(|h| h.is_err()) {
+    // Phase 2, every lock still held: all live together, or none.
+    let mut states = if hosts.iter().any(|h| h.is_err()) {
         abort(&mut hosts, &events)
-    } else if o.activate {
-        activate_all(&mut hosts, targets, o, &events)
     } else {
-        vec![HostState::Staged; hosts.len()]
+        caches.remember(&scan.manifest);
+        match o.activate {
+            true => activate_all(&mut hosts, targets, o, &events),
+            false => vec![HostState::Staged; hosts.len()],
+        }
     };
-    // Prune (and clean up) once every target is live, also when unchanged.
-    if outcomes
+    if states
         .iter()
         .all(|s| matches!(s, HostState::Live | HostState::Unchanged))
     {
         prune_all(&mut hosts, o.keep);
     }
-    let hosts = finish(hosts, &mut outcomes, targets, o, started);
     Ok(Deployment {
         label: o.label.clone(),
-        hosts,
+        hosts: finish(hosts, &mut states, targets, o),
         scan_warnings: scan.warnings.clone(),
         duration_ms: started.elapsed().as_millis() as u64,
     })
@@ -437,18 +429,19 @@ impl Workers {
             .collect()
     }
 
-    /// The scan failed: the workers drop their sessions (the agents remove their staging and
-    /// release the locks); wait for that, bounded, so a retry right after finds no lock.
-    fn abandon(self) {
+    /// The scan failed: the workers hear it and drop their sessions (the agents remove their
+    /// staging and release the locks); wait for that, bounded, so a retry right after finds no
+    /// lock.
+    fn abandon_after(&self, scanned: &Shared<Arc<flip_scan::ScanOutput>>) {
+        scanned.set(None);
         let deadline = Instant::now() + SESSION_END;
-        for t in self.threads {
+        for t in &self.threads {
             while !t.is_finished() {
                 if Instant::now() > deadline {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let _ = t.join();
         }
     }
 }
@@ -807,75 +800,82 @@ fn prune_all(hosts: &mut [Result<Host, Failed>], keep: u32) {
 
 /// Closes every session and turns what each target did into its outcome.
 fn finish(
-    hosts: Vec<Result<Host, Failed>>,
+    hosts: Vec<Prepared>,
     states: &mut [HostState],
     targets: &[Target],
     o: &Options,
-    started: Instant,
 ) -> Vec<HostOutcome> {
-    let _ = started;
-    hosts
-        .into_iter()
-        .zip(states.iter())
-        .zip(targets)
-        .map(|((h, state), t)| match h {
-            Err(f) => HostOutcome {
-                target: t.display(),
-                state: HostState::Failed,
-                report: None,
-                error: Some(*f.error),
-                live: f.live,
-            },
-            Ok(mut h) => {
-                let (sent, received) = h.session.bytes();
-                let mut warnings = h.session.take_warnings();
-                warnings.append(&mut h.warnings);
-                let leftovers = h.session.leftovers().unwrap_or_default().to_vec();
-                if let Err(e) = h.session.close() {
-                    warnings.push(e.to_string());
-                }
-                let activated = matches!(state, HostState::Live | HostState::Unchanged);
-                let live = match state {
-                    HostState::Live | HostState::Unchanged => Some(h.release),
-                    _ => h.previous,
-                };
-                let mut r = h.report.unwrap_or_default();
-                if h.unchanged {
-                    // Nothing changes: every file stays as the live release has it.
-                    r.counts.files.total = h.files;
-                    r.counts.files.unchanged = h.files;
-                }
-                let report = HostReport {
-                    release: h.release,
-                    previous: if h.unchanged { None } else { h.previous },
-                    target: t.display(),
-                    label: o.label.clone(),
-                    activated,
-                    unchanged: h.unchanged,
-                    counts: r.counts,
-                    bytes: Bytes {
-                        sent,
-                        received,
-                        literal: r.literal_bytes,
-                        matched: r.matched_bytes,
-                        delta: r.delta_bytes,
-                    },
-                    items: r.items,
-                    pruned: h.pruned,
-                    leftovers,
-                    warnings,
-                    duration_ms: h.started.elapsed().as_millis() as u64,
-                };
-                HostOutcome {
-                    target: t.display(),
-                    state: *state,
-                    report: Some(report),
-                    error: None,
-                    live,
-                }
+    // Sessions end in parallel: each close waits for its agent to exit.
+    std::thread::scope(|sc| {
+        let jobs: Vec<_> = hosts
+            .into_iter()
+            .zip(states.iter())
+            .zip(targets)
+            .map(|((h, state), t)| sc.spawn(move || outcome(h, *state, t, o)))
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    })
+}
+
+/// Closes a target's session and says how it ended.
+fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcome {
+    match h {
+        Err(f) => HostOutcome {
+            target: t.display(),
+            state: HostState::Failed,
+            report: None,
+            error: Some(*f.error),
+            live: f.live,
+        },
+        Ok(mut h) => {
+            let (sent, received) = h.session.bytes();
+            let mut warnings = h.session.take_warnings();
+            warnings.append(&mut h.warnings);
+            let leftovers = h.session.leftovers().unwrap_or_default().to_vec();
+            if let Err(e) = h.session.close() {
+                warnings.push(e.to_string());
             }
-        })
-        .collect()
+            let activated = matches!(state, HostState::Live | HostState::Unchanged);
+            let live = match state {
+                HostState::Live | HostState::Unchanged => Some(h.release),
+                _ => h.previous,
+            };
+            let mut r = h.report.unwrap_or_default();
+            if h.unchanged {
+                // Nothing changes: every file stays as the live release has it.
+                r.counts.files.total = h.files;
+                r.counts.files.unchanged = h.files;
+            }
+            let report = HostReport {
+                release: h.release,
+                previous: if h.unchanged { None } else { h.previous },
+                target: t.display(),
+                label: o.label.clone(),
+                activated,
+                unchanged: h.unchanged,
+                counts: r.counts,
+                bytes: Bytes {
+                    sent,
+                    received,
+                    literal: r.literal_bytes,
+                    matched: r.matched_bytes,
+                    delta: r.delta_bytes,
+                },
+                items: r.items,
+                pruned: h.pruned,
+                leftovers,
+                warnings,
+                duration_ms: h.started.elapsed().as_millis() as u64,
+            };
+            HostOutcome {
+                target: t.display(),
+                state,
+                report: Some(report),
+                error: None,
+                live,
+            }
+        }
+    }
 }
 
 /// The default label of a deploy of `source`: `git rev-parse --short HEAD` (with `-dirty` when
