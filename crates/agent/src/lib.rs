@@ -16,9 +16,9 @@ use flip_release::{
     PatchWriter, Root, Stage, Wait,
 };
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Mtime, Need, ProbeItem, Purpose, ReleaseSummary, Request,
-    Response, StageBase, WireError, CHANGES_PER_FRAME, CHUNK, MAGIC, MAX_MANIFEST, PROBE_ABSENT,
-    PROBE_BELOW, PROBE_DIFFERS, PROBE_SAME, PROTOCOL,
+    ErrorClass, FrameReader, FrameWriter, Mtime, Need, ProbeItem, ProbeState, Purpose,
+    ReleaseSummary, Request, Response, StageBase, WireError, CHANGES_PER_FRAME, CHUNK, MAGIC,
+    MAX_MANIFEST, PROTOCOL,
 };
 use rayon::prelude::*;
 use std::io::{Read, Write};
@@ -664,10 +664,10 @@ impl Session {
         let states = items
             .iter()
             .map(|it| match tree.compare(&it.dir, &it.flat, &it.merkle) {
-                DirState::Same => PROBE_SAME,
-                DirState::Below => PROBE_BELOW,
-                DirState::Differs => PROBE_DIFFERS,
-                DirState::Absent => PROBE_ABSENT,
+                DirState::Same => ProbeState::Same,
+                DirState::Below => ProbeState::Below,
+                DirState::Differs => ProbeState::Differs,
+                DirState::Absent => ProbeState::Absent,
             })
             .collect();
         Ok(Response::Probed(states))

@@ -17,9 +17,8 @@ pub use content::{local_delta, patch, DELTA_WINDOW, PATCH_MAX};
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_transport::{AgentStream, Finish, TransportError};
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Holder, Leftover, ProbeItem, ReleaseSummary, Request,
-    Response, SigItem, StageBase, WireError, CHUNK, MAGIC, PROBE_ABSENT, PROBE_BELOW,
-    PROBE_DIFFERS, PROBE_SAME, PROTOCOL,
+    ErrorClass, FrameReader, FrameWriter, Holder, Leftover, ProbeItem, ProbeState, ReleaseSummary,
+    Request, Response, SigItem, StageBase, WireError, CHUNK, MAGIC, PROTOCOL,
 };
 use std::collections::BTreeSet;
 use std::collections::HashMap;
@@ -538,13 +537,13 @@ impl Session {
             let mut next = Vec::new();
             for (d, state) in frontier.into_iter().zip(states) {
                 match state {
-                    PROBE_SAME => {}
-                    PROBE_BELOW => next.extend_from_slice(tree.subdirs(&d)),
-                    PROBE_DIFFERS => {
+                    ProbeState::Same => {}
+                    ProbeState::Below => next.extend_from_slice(tree.subdirs(&d)),
+                    ProbeState::Differs => {
                         next.extend_from_slice(tree.subdirs(&d));
                         changed.insert(d);
                     }
-                    PROBE_ABSENT => {
+                    ProbeState::Absent => {
                         // New on the target: the whole subtree goes, no need to ask further.
                         let mut stack = vec![d];
                         while let Some(x) = stack.pop() {
@@ -552,7 +551,6 @@ impl Session {
                             changed.insert(x);
                         }
                     }
-                    _ => return Err(self.protocol(format!("unknown probe state {state}"))),
                 }
             }
             frontier = next;

@@ -139,11 +139,18 @@ pub struct ProbeItem {
     pub merkle: [u8; 8],
 }
 
-/// [`Response::Probed`] states, one per probed directory.
-pub const PROBE_SAME: u8 = 0;
-pub const PROBE_BELOW: u8 = 1;
-pub const PROBE_DIFFERS: u8 = 2;
-pub const PROBE_ABSENT: u8 = 3;
+/// How a probed directory compares with the live release's ([`Response::Probed`]).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ProbeState {
+    /// The whole subtree is the same.
+    Same,
+    /// Its direct entries are the same; something below differs.
+    Below,
+    /// Its direct entries differ (and maybe more below).
+    Differs,
+    /// The live release has no such directory.
+    Absent,
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SigItem {
@@ -300,8 +307,8 @@ pub enum Response {
         sig: Vec<u8>,
     },
     SignaturesDone,
-    /// One `PROBE_*` state per probed directory, in order.
-    Probed(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// One state per probed directory, in order.
+    Probed(#[serde(deserialize_with = "bounded::vec")] Vec<ProbeState>),
     Committed {
         id: u64,
         written: u64,

@@ -4,7 +4,7 @@
 //! number it has on the wire. A change that moves a tag must bump `PROTOCOL` and this table.
 
 use flip_manifest::{Digest, RelPath};
-use flip_wire::{ErrorClass, Holder, Purpose, Request, Response, StageBase, PROTOCOL};
+use flip_wire::{ErrorClass, Holder, ProbeState, Purpose, Request, Response, StageBase, PROTOCOL};
 
 fn tag<T: serde::Serialize>(v: &T) -> u8 {
     let bytes = bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap();
@@ -218,6 +218,15 @@ fn response_tags_are_pinned() {
 #[test]
 fn nested_enum_tags_are_pinned() {
     let d = Digest([0; 32]);
+    let states = [
+        ProbeState::Same,
+        ProbeState::Below,
+        ProbeState::Differs,
+        ProbeState::Absent,
+    ];
+    for (i, st) in states.iter().enumerate() {
+        assert_eq!(tag(st) as usize, i, "tag of {st:?}");
+    }
     assert_eq!(tag(&StageBase::Whole), 0);
     assert_eq!(tag(&StageBase::Diff(d)), 1);
     assert_eq!(tag(&StageBase::Dirs(d)), 2);
