@@ -188,7 +188,7 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 
         .filter(|h| matches!(h.state, HostState::Live | HostState::Unchanged))
         .count();
     let failed: Vec<&HostOutcome> = d.hosts.iter().filter(|h| h.error.is_some()).collect();
-    let code = if d.all_live() {
+    let code = if d.succeeded() {
         exit::OK
     } else {
         exit::PARTIAL
@@ -197,7 +197,7 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 
         let hosts: Vec<Value> = d.hosts.iter().map(|h| host_json(h, itemize)).collect();
         let summary = json!({
             "env": env, "label": d.label, "targets": d.hosts.len(), "live": live,
-            "failed": failed.len(), "ok": d.all_live(), "unchanged":
+            "failed": failed.len(), "ok": d.succeeded(), "unchanged":
                 d.hosts.iter().all(|h| h.state == HostState::Unchanged),
             "duration_ms": d.duration_ms,
         });
@@ -228,6 +228,11 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 
                 "flip: {env}{label}: live on all {} targets in {:.2} s",
                 d.hosts.len(),
                 d.duration_ms as f64 / 1000.0
+            );
+        } else if d.succeeded() {
+            eprintln!(
+                "flip: {env}{label}: staged on all {} targets, not live (`flip activate {env} LABEL` makes them live)",
+                d.hosts.len()
             );
         } else {
             eprintln!(

@@ -596,3 +596,38 @@ fn progress_lines_only_on_a_terminal() {
     }
     assert!(text.contains("live on all 2 targets"), "{text}");
 }
+
+#[test]
+fn an_environment_staged_without_activation_succeeds_and_activates_by_label_later() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod", "--label", "v1"]).success();
+    site_v2(&src);
+    let j = fx
+        .flip(&["deploy", "prod", "--label", "v2", "--no-activate", "--json"])
+        .success()
+        .json();
+    assert!(hosts(&j).iter().all(|h| h["state"] == "staged"), "{j}");
+    assert_eq!(j["summary"]["ok"], true, "{j}");
+    for root in &roots {
+        assert_eq!(link(root), "releases/1");
+    }
+    fx.flip(&["activate", "prod", "v2"]).success();
+    for root in &roots {
+        assert_eq!(link(root), "releases/2");
+    }
+    // A label no target has: nothing moves, the error names the target (exit 10).
+    let r = fx.flip(&["activate", "prod", "v9"]).code(10);
+    assert!(
+        r.stderr.contains("no release labelled \"v9\""),
+        "{}",
+        r.stderr
+    );
+    for root in &roots {
+        assert_eq!(link(root), "releases/2");
+    }
+}

@@ -220,6 +220,17 @@ impl Deployment {
             .iter()
             .all(|h| matches!(h.state, HostState::Live | HostState::Unchanged))
     }
+
+    /// Every target did what was asked: live (or unchanged), or committed and left inactive
+    /// when the deploy was asked not to activate.
+    pub fn succeeded(&self) -> bool {
+        self.hosts.iter().all(|h| {
+            matches!(
+                h.state,
+                HostState::Live | HostState::Unchanged | HostState::Staged
+            )
+        })
+    }
 }
 
 /// Deploys `o.source` to every target, in two phases (see the [crate docs](crate)).
@@ -357,7 +368,7 @@ impl Caches {
 
     /// The manifest of digest `d`, if this client deployed it and kept it.
     pub fn manifest(&self, d: &Digest) -> Option<Manifest> {
-        self.manifests.as_ref()?.get(&d.to_hex())
+        self.manifests.as_ref()?.get(d)
     }
 
     pub fn content(&self) -> Option<&ContentCache> {
