@@ -29,7 +29,7 @@ use flip_transfer::{ContentCache, ManifestCache, Session, TransferError};
 use flip_wire::{Holder, Leftover, Purpose, ReleaseSummary};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -287,6 +287,8 @@ struct Host {
     /// The release committed (the live one when `unchanged`).
     release: u64,
     unchanged: bool,
+    /// Another target had failed before this one staged: nothing was staged here.
+    skipped: bool,
     /// Regular files of the new manifest.
     files: u64,
     report: Option<flip_transfer::DeployReport>,
@@ -474,16 +476,20 @@ fn phase1(
         o.parallel.min(n)
     };
     let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
     let results = Arc::new(Mutex::new((0..n).map(|_| None).collect::<Vec<_>>()));
     let threads = (0..width)
         .map(|_| {
             let (o, source, targets) = (o.clone(), source.to_path_buf(), targets.to_vec());
             let (caches, scanned, events) = (caches.clone(), scanned.clone(), events.clone());
-            let (next, results) = (next.clone(), results.clone());
+            let (next, results, failed) = (next.clone(), results.clone(), failed.clone());
             std::thread::spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(t) = targets.get(i) else { return };
-                let r = prepare(i, t, &o, &source, &caches, &scanned, &*events);
+                let r = prepare(i, t, &o, &source, &caches, &scanned, &*events, &failed);
+                if r.is_err() {
+                    failed.store(true, Ordering::SeqCst);
+                }
                 events.phase(
                     i,
                     match &r {
@@ -500,6 +506,7 @@ fn phase1(
 }
 
 /// Phase 1 on one target: connect and lock, describe the manifest, stage, send, commit.
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     index: usize,
     target: &Target,
@@ -508,6 +515,7 @@ fn prepare(
     caches: &Caches,
     scanned: &Shared<Arc<flip_scan::ScanOutput>>,
     events: &dyn Events,
+    failed: &AtomicBool,
 ) -> Result<Host, Failed> {
     let mut host = Host::connect_and_lock(index, target, o, events)?;
     events.phase(index, Phase::Scanning);
@@ -518,7 +526,9 @@ fn prepare(
         }));
     };
     let live = host.describe(&scan.manifest, o)?;
-    if !host.unchanged {
+    // Another target failed already: no target will go live, so stage nothing here.
+    host.skipped = failed.load(Ordering::SeqCst) && !host.unchanged;
+    if !host.unchanged && !host.skipped {
         events.phase(index, Phase::Staging);
         host.stage_send_commit(source, &scan.manifest, live, caches, o)?;
     }
@@ -547,6 +557,7 @@ impl Host {
             previous: None,
             release: 0,
             unchanged: false,
+            skipped: false,
             files: 0,
             report: None,
             pruned: Vec::new(),
@@ -666,6 +677,11 @@ fn abort(hosts: &mut [Result<Host, Failed>], events: &Arc<dyn Events>) -> Vec<Ho
                 sc.spawn(move || match h {
                     Err(_) => HostState::Failed,
                     Ok(h) if h.unchanged => HostState::Unchanged,
+                    Ok(h) if h.skipped => {
+                        events.phase(h.index, Phase::Discarded);
+                        h.warnings.push(format!("nothing staged: {why}"));
+                        HostState::Discarded
+                    }
                     Ok(h) => {
                         if let Err(e) = h.session.discard(h.release) {
                             h.warnings.push(format!(
@@ -881,7 +897,8 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
             HostOutcome {
                 target: t.display(),
                 state,
-                report: Some(report),
+                // Nothing was staged on a skipped target: nothing to report.
+                report: (!h.skipped).then_some(report),
                 error: None,
                 live,
             }
