@@ -631,3 +631,33 @@ fn an_environment_staged_without_activation_succeeds_and_activates_by_label_late
         assert_eq!(link(root), "releases/2");
     }
 }
+
+#[test]
+fn a_dry_run_of_an_environment_reports_every_target_and_changes_none() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod"]).success();
+    site_v2(&src);
+    let j = fx
+        .flip(&["deploy", "prod", "--dry-run", "--json"])
+        .success()
+        .json();
+    assert_eq!(hosts(&j).len(), 2, "{j}");
+    for (h, t) in hosts(&j).iter().zip(&targets) {
+        assert_eq!(h["dry_run"], true, "{h}");
+        assert_eq!(h["target"], t.as_str(), "{h}");
+        assert_eq!(h["live"], 1, "{h}");
+        assert!(h["files"]["changed"].as_u64().unwrap() > 0, "{h}");
+    }
+    for root in &roots {
+        assert_eq!(
+            listing(root),
+            (vec![1], vec![]),
+            "a dry run changes nothing"
+        );
+    }
+}
