@@ -102,7 +102,7 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
         .unwrap_or_default();
     if r.unchanged {
         eprintln!(
-            "flip: {}: unchanged, release {} is live{label}",
+            "flip: {}: unchanged, release {} is live",
             r.target, r.release
         );
         return;
@@ -205,7 +205,11 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 
     } else {
         for h in &d.hosts {
             match (&h.report, &h.error) {
-                (_, Some(e)) => eprintln!("flip: {}: error: {}", h.target, e),
+                // Errors name their target already, mostly.
+                (_, Some(e)) if e.to_string().contains(&h.target) => {
+                    eprintln!("flip: error: {e}")
+                }
+                (_, Some(e)) => eprintln!("flip: {}: error: {e}", h.target),
                 (Some(r), None) => report_text(r, h.state, itemize),
                 (None, None) => {}
             }
