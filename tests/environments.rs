@@ -661,3 +661,38 @@ fn a_dry_run_of_an_environment_reports_every_target_and_changes_none() {
         );
     }
 }
+
+#[test]
+fn an_unreachable_or_locked_target_stops_the_whole_environment() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let mut targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod"]).success();
+    site_v2(&src);
+
+    // Locked by another deploy (no --wait): exit 10, the holder's target named, nothing moves.
+    let mut holder = hold_lock(&roots[1], 5);
+    let j = fx.flip(&["deploy", "prod", "--json"]).code(10).json();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(hosts(&j)[1]["state"], "failed", "{j}");
+    assert_eq!(hosts(&j)[1]["error"]["code"], 3, "locked: {j}");
+    assert_eq!(hosts(&j)[0]["state"], "discarded", "{j}");
+    for root in &roots {
+        assert_eq!(listing(root), (vec![1], vec![]), "{j}");
+    }
+
+    // Unreachable (nothing listens on port 1): exit 10, that target named, nothing moves.
+    let dead = format!("ssh://root@127.0.0.1:1{}", s(&fx.path("t3")));
+    targets.push(dead.clone());
+    env_config(&fx, &targets, "");
+    let r = fx.flip(&["deploy", "prod"]).code(10);
+    assert!(r.stderr.contains("127.0.0.1"), "{}", r.stderr);
+    for root in &roots {
+        assert_eq!(link(root), "releases/1");
+        assert_eq!(listing(root), (vec![1], vec![]));
+    }
+}
