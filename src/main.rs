@@ -86,6 +86,10 @@ fn run(cli: Cli) -> Result<i32> {
     if let Command::Init(a) = &cli.command {
         return init(a);
     }
+    // `flip diff` needs no target and no settings: a broken flip.toml does not stop it.
+    if let Command::Diff(a) = cli.command {
+        return diff::run(a);
+    }
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Deploy(a) => deploy(a, cfg.as_ref()),
@@ -94,9 +98,8 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Activate(a) => activate(a, cfg.as_ref()),
         Command::Prune(a) => prune(a, cfg.as_ref()),
         Command::Verify(a) => verify(a, cfg.as_ref()),
-        Command::Diff(a) => diff::run(a),
         Command::Config(a) => show_config(a, cfg.as_ref()),
-        Command::Init(_) | Command::Agent(_) => unreachable!("handled above"),
+        Command::Init(_) | Command::Agent(_) | Command::Diff(_) => unreachable!("handled above"),
     }
 }
 
