@@ -8,16 +8,20 @@ use std::path::PathBuf;
     name = "flip",
     version,
     about = "Fast, atomic deploys: delta-sync a directory into a new release, then swap `current` in one rename.",
-    after_help = "Targets: a local directory (/srv/app), [user@]host:/path or ssh://[user@]host[:port]/path.\nExit codes: 0 ok, 1 internal error, 2 usage, 3 locked, 4 source, 5 target, 6 connection, 7 integrity, 8 disk full, 9 SSH authentication or host key."
+    after_help = "Targets: a local directory (/srv/app), [user@]host:/path or ssh://[user@]host[:port]/path; or ENV, every target of environment ENV of flip.toml.\nExit codes: 0 ok, 1 internal error, 2 usage, 3 locked, 4 source, 5 target, 6 connection, 7 integrity, 8 disk full, 9 SSH authentication or host key, 10 an environment command failed on some targets."
 )]
 pub struct Cli {
+    /// The configuration file (default: flip.toml in the working directory, if there is one).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Deploy SOURCE as a new release of TARGET and make it live.
+    /// Deploy SOURCE as a new release of TARGET and make it live; or, with one argument, deploy
+    /// environment ENV of flip.toml to all its targets (two phases: all or none go live).
     Deploy(DeployArgs),
     /// List the releases of TARGET.
     Releases(ReleasesArgs),
@@ -31,6 +35,10 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Show what a deploy from OLD to NEW would do and send (no target needed).
     Diff(DiffArgs),
+    /// Write a commented flip.toml for a PHP application in the working directory.
+    Init(InitArgs),
+    /// Print the settings environment ENV of flip.toml resolves to.
+    Config(ConfigArgs),
     /// Serve the agent protocol on stdin/stdout (started by flip itself, locally or over SSH).
     #[command(hide = true)]
     Agent(AgentArgs),
@@ -69,10 +77,12 @@ pub struct SshArgs {
 
 #[derive(Args, Debug)]
 pub struct DeployArgs {
-    /// Directory to deploy.
-    pub source: PathBuf,
-    /// Target root: a local directory or [user@]host:/path.
-    pub target: String,
+    /// Directory to deploy (with TARGET), or an environment of flip.toml (alone).
+    #[arg(value_name = "SOURCE|ENV")]
+    pub first: String,
+    /// Target root: a local directory, [user@]host:/path or ssh://user@host:port/path.
+    #[arg(value_name = "TARGET")]
+    pub target: Option<String>,
     /// A note stored with the release and shown by `flip releases`.
     #[arg(long)]
     pub label: Option<String>,
@@ -82,9 +92,10 @@ pub struct DeployArgs {
     /// Do not read SOURCE/.flipignore.
     #[arg(long)]
     pub no_flipignore: bool,
-    /// Releases to keep after the deploy (the live one and the rollback target are always kept).
-    #[arg(long, default_value_t = 5, value_name = "N")]
-    pub keep: u32,
+    /// Releases to keep after the deploy (the live one and the rollback target are always kept;
+    /// default 5, or flip.toml's `keep`).
+    #[arg(long, value_name = "N")]
+    pub keep: Option<u32>,
     /// Stage the release but leave `current` where it is; `flip activate` makes it live later.
     #[arg(long)]
     pub no_activate: bool,
@@ -102,12 +113,19 @@ pub struct DeployArgs {
     /// Do not use or update flip's local caches (file hashes, manifests, deployed content).
     #[arg(long)]
     pub no_cache: bool,
+    /// Make a release even where the live release already is this tree.
+    #[arg(long)]
+    pub force_release: bool,
+    /// Targets worked on at once (default: all, or flip.toml's `parallel`).
+    #[arg(long, value_name = "N")]
+    pub parallel: Option<usize>,
     #[command(flatten)]
     pub common: Common,
 }
 
 #[derive(Args, Debug)]
 pub struct ReleasesArgs {
+    /// A target (local directory, [user@]host:/path, ssh://...) or an environment of flip.toml.
     pub target: String,
     #[arg(long)]
     pub json: bool,
@@ -117,6 +135,7 @@ pub struct ReleasesArgs {
 
 #[derive(Args, Debug)]
 pub struct RollbackArgs {
+    /// A target (local directory, [user@]host:/path, ssh://...) or an environment of flip.toml.
     pub target: String,
     /// Release to go back to (default: the newest one older than the live one).
     #[arg(long, value_name = "ID")]
@@ -127,24 +146,28 @@ pub struct RollbackArgs {
 
 #[derive(Args, Debug)]
 pub struct ActivateArgs {
+    /// A target (local directory, [user@]host:/path, ssh://...) or an environment of flip.toml.
     pub target: String,
-    pub id: u64,
+    /// A release id; for an environment, a label too (each target's newest release with it).
+    pub id: String,
     #[command(flatten)]
     pub common: Common,
 }
 
 #[derive(Args, Debug)]
 pub struct PruneArgs {
+    /// A target (local directory, [user@]host:/path, ssh://...) or an environment of flip.toml.
     pub target: String,
-    /// Releases to keep.
-    #[arg(long, default_value_t = 5, value_name = "N")]
-    pub keep: u32,
+    /// Releases to keep (default 5, or flip.toml's `keep`).
+    #[arg(long, value_name = "N")]
+    pub keep: Option<u32>,
     #[command(flatten)]
     pub common: Common,
 }
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
+    /// A target (local directory, [user@]host:/path, ssh://...) or an environment of flip.toml.
     pub target: String,
     /// Release to verify (default: the live one).
     pub id: Option<u64>,
@@ -178,6 +201,21 @@ pub struct DiffArgs {
     /// zstd level to estimate with, as for deploy.
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compress_level: i32,
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Overwrite an existing flip.toml.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArgs {
+    /// The environment.
+    pub env: String,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

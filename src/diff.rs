@@ -8,7 +8,7 @@
 use crate::cli::DiffArgs;
 use crate::{exit, output};
 use anyhow::Result;
-use flip_plan::report::{choose, Sent, Via};
+use flip_plan::report::{Sent, Via};
 use rayon::prelude::*;
 use serde_json::json;
 use std::io::Write;
@@ -40,10 +40,9 @@ pub fn run(a: DiffArgs) -> Result<i32> {
         .map(|&(index, size, basis)| {
             let data = std::fs::read(a.new.join(paths[index as usize].as_str()))?;
             // The client that deployed OLD keeps every version up to the cache's file limit.
-            let patchable = !a.no_cache
-                && size <= flip_transfer::PATCH_MAX
-                && basis.is_some_and(|b| b.1 <= flip_transfer::CONTENT_MAX_FILE);
-            let chosen = choose(size, basis.map(|b| b.1), patchable);
+            let cached =
+                !a.no_cache && basis.is_some_and(|b| b.1 <= flip_transfer::CONTENT_MAX_FILE);
+            let chosen = flip_transfer::send_policy(size, basis.map(|b| b.1), cached);
             let encoded = match (chosen, basis) {
                 (Via::Patch | Via::Delta, Some((b, _))) => {
                     let old_data = std::fs::read(a.old.join(b.as_str()))?;

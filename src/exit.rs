@@ -1,5 +1,6 @@
 //! Exit codes, and how an error chain maps to one. The README's table lists the same codes.
 
+use flip_deploy::DeployError;
 use flip_transfer::TransferError;
 use flip_transport::TransportError;
 use flip_wire::ErrorClass;
@@ -14,6 +15,9 @@ pub const CONNECTION: i32 = 6;
 pub const INTEGRITY: i32 = 7;
 pub const NO_SPACE: i32 = 8;
 pub const AUTH: i32 = 9;
+/// An environment command (deploy, rollback, activate, prune or verify on every target of an
+/// environment) failed on some targets: not every target is where it was asked to be.
+pub const PARTIAL: i32 = 10;
 
 /// An error that already knows its exit code.
 #[derive(Debug, thiserror::Error)]
@@ -37,21 +41,11 @@ pub fn code_of(err: &anyhow::Error) -> i32 {
         if let Some(c) = cause.downcast_ref::<Coded>() {
             return c.code;
         }
+        if let Some(d) = cause.downcast_ref::<DeployError>() {
+            return deploy_code(d);
+        }
         if let Some(t) = cause.downcast_ref::<TransferError>() {
-            return match t {
-                TransferError::Remote { class, .. } => match class {
-                    ErrorClass::Locked => LOCKED,
-                    ErrorClass::Target => TARGET,
-                    ErrorClass::Integrity => INTEGRITY,
-                    ErrorClass::NoSpace => NO_SPACE,
-                    ErrorClass::Io => TARGET,
-                    ErrorClass::BadRequest | ErrorClass::Protocol => CONNECTION,
-                    ErrorClass::Internal => INTERNAL,
-                },
-                TransferError::Source { .. } | TransferError::SourceChanged(_) => SOURCE,
-                TransferError::Transport(t) => transport_code(t),
-                TransferError::Wire { .. } | TransferError::Protocol { .. } => CONNECTION,
-            };
+            return transfer_code(t);
         }
         if let Some(t) = cause.downcast_ref::<TransportError>() {
             return transport_code(t);
@@ -63,6 +57,44 @@ pub fn code_of(err: &anyhow::Error) -> i32 {
     INTERNAL
 }
 
+/// The exit code of one target's failure.
+pub fn deploy_code(d: &DeployError) -> i32 {
+    match d {
+        DeployError::Usage(_) => USAGE,
+        DeployError::Source(_) | DeployError::Scan(_) => SOURCE,
+        DeployError::Transfer(t) => transfer_code(t),
+        DeployError::Transport(t) => transport_code(t),
+        DeployError::Exe(_) => INTERNAL,
+        DeployError::Aborted { .. } => PARTIAL,
+    }
+}
+
+fn transfer_code(t: &TransferError) -> i32 {
+    match t {
+        TransferError::Remote { class, .. } => match class {
+            ErrorClass::Locked => LOCKED,
+            ErrorClass::Target => TARGET,
+            ErrorClass::Integrity => INTEGRITY,
+            ErrorClass::NoSpace => NO_SPACE,
+            ErrorClass::Io => TARGET,
+            ErrorClass::BadRequest | ErrorClass::Protocol => CONNECTION,
+            ErrorClass::Internal => INTERNAL,
+        },
+        TransferError::Source { .. } | TransferError::SourceChanged(_) => SOURCE,
+        TransferError::Transport(t) => transport_code(t),
+        TransferError::Wire { .. } | TransferError::Protocol { .. } => CONNECTION,
+    }
+}
+
+/// Exit code for a transport failure: SSH trust and authentication problems apart from
+/// everything else that keeps us from reaching an agent.
 fn transport_code(t: &TransportError) -> i32 {
-    crate::target::transport_exit_code(t)
+    match t {
+        TransportError::HostKeyUnknown { .. }
+        | TransportError::HostKeyChanged { .. }
+        | TransportError::Auth { .. }
+        | TransportError::KeyEncrypted { .. } => AUTH,
+        TransportError::Target { .. } | TransportError::Config { .. } => USAGE,
+        _ => CONNECTION,
+    }
 }

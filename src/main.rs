@@ -1,20 +1,26 @@
 //! flip: fast, atomic deploys. See README.md for the tour and ARCHITECTURE.md for the crates.
+//!
+//! The binary parses the command line and `flip.toml`, hands options to the pipeline in
+//! `flip_deploy`, and renders its reports (human lines on stderr, `--json` on stdout).
 
 mod cli;
+mod config;
 mod diff;
 mod exit;
 mod output;
-mod target;
+mod render;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use cli::{Cli, Command, Common};
+use config::Config;
+use flip_deploy::{Options, SshSettings, SwitchPlan, Target};
 use flip_transfer::Session;
-use flip_wire::Holder;
+use flip_wire::Purpose;
 use rayon::prelude::*;
 use serde_json::json;
+use std::path::PathBuf;
 use std::time::Instant;
-use target::Target;
 
 fn main() {
     limit_malloc_arenas();
@@ -38,7 +44,8 @@ fn main() {
         Command::Releases(a) => a.json,
         Command::Verify(a) => a.json,
         Command::Diff(a) => a.json,
-        Command::Agent(_) => false,
+        Command::Config(a) => a.json,
+        Command::Init(_) | Command::Agent(_) => false,
     };
     let code = match run(cli) {
         Ok(code) => code,
@@ -73,15 +80,26 @@ fn error_text(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    if let Command::Agent(a) = cli.command {
+        return agent(a);
+    }
+    if let Command::Init(a) = &cli.command {
+        return init(a);
+    }
+    // `flip diff` needs no target and no settings: a broken flip.toml does not stop it.
+    if let Command::Diff(a) = cli.command {
+        return diff::run(a);
+    }
+    let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Deploy(a) => deploy(a),
-        Command::Releases(a) => releases(a),
-        Command::Rollback(a) => rollback(a),
-        Command::Activate(a) => activate(a),
-        Command::Prune(a) => prune(a),
-        Command::Verify(a) => verify(a),
-        Command::Diff(a) => diff::run(a),
-        Command::Agent(a) => agent(a),
+        Command::Deploy(a) => deploy(a, cfg.as_ref()),
+        Command::Releases(a) => releases(a, cfg.as_ref()),
+        Command::Rollback(a) => rollback(a, cfg.as_ref()),
+        Command::Activate(a) => activate(a, cfg.as_ref()),
+        Command::Prune(a) => prune(a, cfg.as_ref()),
+        Command::Verify(a) => verify(a, cfg.as_ref()),
+        Command::Config(a) => show_config(a, cfg.as_ref()),
+        Command::Init(_) | Command::Agent(_) | Command::Diff(_) => unreachable!("handled above"),
     }
 }
 
@@ -110,50 +128,78 @@ fn agent(a: cli::AgentArgs) -> Result<i32> {
     }
 }
 
-fn whoami() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        // SAFETY: getuid cannot fail.
-        .unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }))
+fn init(a: &cli::InitArgs) -> Result<i32> {
+    let path = std::path::Path::new(config::FILE);
+    if path.exists() && !a.force {
+        return Err(exit::coded(
+            exit::USAGE,
+            format!(
+                "{} exists already; edit it, or pass --force to replace it",
+                path.display()
+            ),
+        ));
+    }
+    std::fs::write(path, config::STARTER)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!(
+        "flip: wrote {}: set `source` and the targets of each environment, then `flip deploy prod`",
+        path.display()
+    );
+    Ok(exit::OK)
 }
 
-fn local_host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
+/// The environment named `word` in the configuration, if it names one.
+fn env_of<'c>(cfg: Option<&'c Config>, word: &str) -> Option<&'c Config> {
+    cfg.filter(|c| c.has_env(word))
 }
 
-/// Opens a session and takes the lock for `what`.
-fn locked_session(target: &Target, common: &Common, what: &str, compress: i32) -> Result<Session> {
-    let mut s = target.connect(&common.ssh, compress)?;
-    let holder = Holder {
-        pid: std::process::id(),
-        host: local_host(),
-        user: whoami(),
-        since: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0),
-        what: what.to_string(),
-    };
-    let peer = target.display();
-    s.lock(holder, common.wait, &mut |h| {
-        eprintln!("flip: {peer} is locked by {h}; waiting");
-    })?;
-    Ok(s)
+/// `word`'s targets: every target of the environment `word`, or the one target it is.
+fn targets_of(cfg: Option<&Config>, word: &str) -> Result<(Option<config::Resolved>, Vec<Target>)> {
+    match env_of(cfg, word) {
+        Some(c) => {
+            let r = c.env(word)?;
+            let targets = r
+                .targets
+                .iter()
+                .map(|t| {
+                    Target::parse(t).map_err(|e| {
+                        exit::coded(
+                            exit::USAGE,
+                            format!("{}: env.{word}.targets: {e}", c.path.display()),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((Some(r), targets))
+        }
+        None => Ok((None, vec![Target::parse(word)?])),
+    }
+}
+
+fn ssh_settings(common: &Common) -> SshSettings {
+    SshSettings {
+        identity: common.ssh.identity.clone(),
+        accept_new_host_key: common.ssh.accept_new_host_key,
+        ssh_command: common.ssh.ssh_command.clone(),
+        remote_flip: common.ssh.remote_flip.clone(),
+        config_file: common.ssh.ssh_config.clone(),
+    }
+}
+
+fn ssh_only(ssh: &cli::SshArgs) -> SshSettings {
+    ssh_settings(&Common {
+        json: false,
+        wait: false,
+        ssh: ssh.clone(),
+    })
 }
 
 /// flip's cache directory: $XDG_CACHE_HOME/flip or ~/.cache/flip.
-fn cache_dir() -> Option<std::path::PathBuf> {
+fn cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     Some(base.join("flip"))
-}
-
-fn hash_cache_path(source: &std::path::Path) -> Option<std::path::PathBuf> {
-    let key = blake3::hash(source.as_os_str().as_encoded_bytes()).to_hex();
-    Some(cache_dir()?.join("hashes").join(&key[..32]))
 }
 
 /// glibc gives every thread its own malloc arena (up to 8 per core), and memory freed in one
@@ -168,305 +214,147 @@ fn limit_malloc_arenas() {
     }
 }
 
-/// Hands memory freed by a finished phase (the scan's walk, a decoded manifest) back to the
-/// system, so the next phase's peak does not stack on top of it.
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
+/// Options of a single-target or environment deploy, by precedence: flag > environment table >
+/// top level > default.
+fn deploy_options(
+    a: &cli::DeployArgs,
+    cfg: Option<&Config>,
+) -> Result<(Options, Vec<Target>, Option<String>)> {
+    let (source, targets, env, settings) = match &a.target {
+        Some(t) => {
+            let top = cfg.map(|c| c.top().clone()).unwrap_or_default();
+            (PathBuf::from(&a.first), vec![Target::parse(t)?], None, top)
+        }
+        None => {
+            let Some(c) = cfg else {
+                return Err(exit::coded(
+                    exit::USAGE,
+                    format!(
+                        "`flip deploy {}` names an environment, but there is no {} here (and no --config FILE); deploy a directory with `flip deploy SOURCE TARGET`, or write one with `flip init`",
+                        a.first,
+                        config::FILE
+                    ),
+                ));
+            };
+            let r = c.env(&a.first)?;
+            let Some((source, _)) = r.source.clone() else {
+                return Err(exit::coded(
+                    exit::USAGE,
+                    format!(
+                        "{}: source: not set (at the top level or in env.{}): flip does not know what to deploy",
+                        c.path.display(),
+                        a.first
+                    ),
+                ));
+            };
+            let (_, targets) = targets_of(cfg, &a.first)?;
+            let settings = config::Settings {
+                source: Some(source.clone()),
+                exclude: Some(r.exclude.0.clone()),
+                keep: Some(r.keep.0),
+                parallel: Some(r.parallel.0),
+                compress_level: r.compress_level.0,
+            };
+            (source, targets, Some(a.first.clone()), settings)
+        }
+    };
+    let label = match (&a.label, &env) {
+        (Some(l), _) => Some(l.clone()),
+        // An environment's deploy is one label across its targets.
+        (None, Some(_)) => Some(flip_deploy::default_label(&source)),
+        (None, None) => None,
+    };
+    let o = Options {
+        source,
+        excludes: if a.exclude.is_empty() {
+            settings.exclude.unwrap_or_default()
+        } else {
+            a.exclude.clone()
+        },
+        flipignore: !a.no_flipignore,
+        label,
+        keep: a.keep.or(settings.keep).unwrap_or(config::KEEP),
+        activate: !a.no_activate,
+        itemize: a.itemize,
+        cache_dir: if a.no_cache { None } else { cache_dir() },
+        compress_level: a.compress_level.or(settings.compress_level),
+        wait: a.common.wait,
+        force_release: a.force_release,
+        parallel: a.parallel.or(settings.parallel).unwrap_or(0),
+        ssh: ssh_settings(&a.common),
+    };
+    Ok((o, targets, env))
+}
+
+fn deploy(a: cli::DeployArgs, cfg: Option<&Config>) -> Result<i32> {
+    let started = Instant::now();
+    let (o, targets, env) = deploy_options(&a, cfg)?;
+    if a.dry_run {
+        return dry_runs(&a, &o, &targets, env.as_deref(), started);
+    }
+    let progress = render::Progress::new(&targets);
+    let d = flip_deploy::deploy(&o, &targets, progress.clone())?;
+    progress.done();
+    for w in &d.scan_warnings {
+        eprintln!("flip: warning: {w}");
+    }
+    match env {
+        None => render::single(d, a.itemize, a.common.json),
+        Some(env) => Ok(render::environment(&env, &d, a.itemize, a.common.json)),
     }
 }
 
-/// Upper bound of the local cache of deployed file versions (for patches of changed files).
-const CONTENT_CACHE_BYTES: u64 = 1 << 30;
-
-fn deploy(a: cli::DeployArgs) -> Result<i32> {
-    let started = Instant::now();
-    let target = Target::parse(&a.target)?;
-    let source = match std::fs::metadata(&a.source) {
-        Ok(m) if m.is_dir() => std::path::absolute(&a.source)?,
-        Ok(_) => {
-            return Err(exit::coded(
-                exit::SOURCE,
-                format!("source {} is not a directory", a.source.display()),
-            ))
-        }
-        Err(e) => {
-            return Err(exit::coded(
-                exit::SOURCE,
-                format!("source directory {}: {e}", a.source.display()),
-            ))
-        }
-    };
-    refuse_overlap(&source, &target)?;
-    let hash_cache = if a.no_cache {
-        None
-    } else {
-        hash_cache_path(&source)
-    };
-    if let Some(p) = hash_cache.as_ref().and_then(|p| p.parent()) {
-        let _ = std::fs::create_dir_all(p);
+/// `deploy --dry-run` on every target.
+fn dry_runs(
+    a: &cli::DeployArgs,
+    o: &Options,
+    targets: &[Target],
+    env: Option<&str>,
+    started: Instant,
+) -> Result<i32> {
+    let source = o.source.clone();
+    if !source.is_dir() {
+        return Err(exit::coded(
+            exit::SOURCE,
+            format!("source {} is not a directory", source.display()),
+        ));
     }
-    // Connect and take the lock while the source is scanned: over SSH, the server's login shell
-    // alone can take longer than scanning a cached tree. If the scan fails, returning drops the
-    // connection (and with it the lock) whatever it is doing.
-    let connecting = (!a.dry_run).then(|| {
-        let (target, common) = (target.clone(), a.common.clone());
-        let level = target.compress_level(a.compress_level);
-        std::thread::spawn(move || locked_session(&target, &common, "deploy", level))
-    });
-    let scan = match flip_scan::scan(
+    for t in targets {
+        flip_deploy::refuse_overlap(&std::path::absolute(&source)?, t)?;
+    }
+    let scan = flip_scan::scan(
         &source,
         &flip_scan::ScanOptions {
-            excludes: a.exclude.clone(),
-            use_flipignore: !a.no_flipignore,
-            hash_cache,
+            excludes: o.excludes.clone(),
+            use_flipignore: o.flipignore,
+            hash_cache: None,
         },
-    ) {
-        Ok(scan) => scan,
-        Err(e) => {
-            // The agent may hold the lock already: end the session and wait (bounded) for the
-            // agent to be gone, so that a retry right after never finds the target locked.
-            if let Some(c) = connecting {
-                abandon_session(c);
-            }
-            return Err(e.into());
-        }
-    };
+    )?;
     for w in &scan.warnings {
         eprintln!("flip: warning: {w}");
     }
-    release_free_memory();
-    if a.dry_run {
-        return dry_run(&a, &target, &scan.manifest, started);
+    let mut hosts = Vec::new();
+    for t in targets {
+        hosts.push(dry_run(a, o, t, &scan.manifest, started, env.is_none())?);
     }
-    let mut s = match connecting.map(|c| c.join()) {
-        Some(Ok(session)) => session?,
-        Some(Err(panic)) => std::panic::resume_unwind(panic),
-        None => unreachable!("a dry run returned above"),
-    };
-    let (current, releases) = s.status()?;
-    // With the live manifest in the local cache, only the difference to it is sent.
-    let caches = if a.no_cache { None } else { cache_dir() };
-    let cache = caches
-        .as_ref()
-        .map(|d| flip_transfer::ManifestCache::new(d.join("manifests")));
-    let content = caches
-        .as_ref()
-        .map(|d| flip_transfer::ContentCache::new(d.join("content"), CONTENT_CACHE_BYTES));
-    let live = releases.iter().find(|r| Some(r.id) == current);
-    let live_digest = live.and_then(|r| flip_manifest::Digest::from_hex(&r.manifest_digest));
-    // An unchanged tree needs nothing of the live manifest: don't load it.
-    let previous = live
-        .filter(|_| live_digest != Some(scan.manifest.digest()))
-        .and_then(|r| cache.as_ref()?.get(&r.manifest_digest));
-    let report = s.stage(
-        &source,
-        &scan.manifest,
-        previous,
-        a.label.clone(),
-        content.as_ref(),
-        live_digest,
-        a.itemize,
-    )?;
-    if let Some(Err(e)) = cache.as_ref().map(|c| c.put(&scan.manifest)) {
-        eprintln!("flip: warning: cannot cache the manifest: {e}");
-    }
-    if let Some(Err(e)) = content.as_ref().map(|c| c.finish()) {
-        eprintln!("flip: warning: cannot keep deployed content in the cache: {e}");
-    }
-    let mut activated = false;
-    if !a.no_activate {
-        s.activate(report.release)?;
-        activated = true;
-    }
-    // The deploy is live: a failed cleanup is a warning, never a failed deploy.
-    let mut pruned = Vec::new();
-    if activated {
-        match s.prune(a.keep) {
-            Ok(r) => pruned = r,
-            Err(e) => eprintln!("flip: warning: deployed, but pruning old releases failed: {e}"),
-        }
-    }
-    let (sent, received) = s.bytes();
-    let (leftovers, warnings) = notices(&mut s);
-    if let Err(e) = s.close() {
-        eprintln!("flip: warning: {e}");
-    }
-    let ms = started.elapsed().as_millis() as u64;
-    let r = &report;
-    if a.common.json {
-        let mut out = serde_json::Map::new();
-        out.insert("release".into(), json!(r.release));
-        out.insert("previous".into(), json!(r.previous));
-        out.insert("target".into(), json!(target.display()));
-        out.insert("label".into(), json!(a.label));
-        out.insert("activated".into(), json!(activated));
-        output::counts_json(&r.counts, &mut out);
-        out.insert(
-            "bytes".into(),
-            json!({
-                "sent": sent, "received": received,
-                "literal": r.literal_bytes, "matched": r.matched_bytes, "delta": r.delta_bytes,
-            }),
-        );
-        if a.itemize {
-            out.insert("items".into(), output::items_json(&r.items));
-        }
-        out.insert("pruned".into(), json!(pruned));
-        out.insert("leftovers".into(), json!(leftovers));
-        out.insert("warnings".into(), json!(warnings));
-        out.insert("duration_ms".into(), json!(ms));
-        println!("{}", serde_json::Value::Object(out));
-    } else {
-        if a.itemize {
-            output::print_items(&r.items);
-        }
-        eprintln!(
-            "flip: {} release {} to {}{}: {}; sent {}, received {} in {:.2} s",
-            if activated {
-                "deployed"
-            } else {
-                "staged (not live)"
-            },
-            r.release,
-            target.display(),
-            a.label
-                .as_deref()
-                .map(|l| format!(" ({l})"))
-                .unwrap_or_default(),
-            output::counts_text(&r.counts),
-            output::bytes(sent),
-            output::bytes(received),
-            ms as f64 / 1000.0
-        );
-        if r.counts.files.resent > 0 {
-            eprintln!(
-                "flip: {} file(s) the plan meant to reuse from the target were missing or altered there and were sent instead{}",
-                r.counts.files.resent,
-                if a.itemize { " (marked above)" } else { " (--itemize names them)" }
-            );
-        }
+    if env.is_some() && a.common.json {
+        println!("{}", json!({"hosts": hosts}));
     }
     Ok(exit::OK)
 }
-
-/// Prints what the agent could not remove and its warnings (stderr, in every mode) and returns
-/// them for `--json`: leftovers as `{"path", "error"}` objects.
-fn notices(s: &mut Session) -> (Vec<serde_json::Value>, Vec<String>) {
-    let warnings = s.take_warnings();
-    for w in &warnings {
-        eprintln!("flip: warning: {w}");
-    }
-    let leftovers: Vec<serde_json::Value> = s
-        .leftovers()
-        .unwrap_or_default()
-        .iter()
-        .map(|l| {
-            eprintln!(
-                "flip: warning: cannot remove {}: {} (left over; removed at the next cleanup once that is possible)",
-                l.path, l.error
-            );
-            json!({"path": l.path, "error": l.error})
-        })
-        .collect();
-    (leftovers, warnings)
-}
-
-/// Ends a session that is still being opened on another thread (the scan failed): waits up to
-/// [`SESSION_END`] for it, then closes it, which waits (bounded too) for the agent to exit.
-fn abandon_session(c: std::thread::JoinHandle<Result<Session>>) {
-    let deadline = Instant::now() + SESSION_END;
-    while !c.is_finished() {
-        if Instant::now() > deadline {
-            // Still connecting or waiting for the lock: our exit closes the pipes, and the
-            // agent ends on its own.
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    if let Ok(Ok(session)) = c.join() {
-        drop(session);
-    }
-}
-
-/// How long the client waits for a session being opened when it has to give up on it.
-const SESSION_END: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// `path` absolute, with symlinks resolved as far as it exists; the rest (what a deploy would
-/// create) is appended with `.` and `..` resolved as the directories would be made.
-fn resolve(path: &std::path::Path) -> std::path::PathBuf {
-    use std::path::Component;
-    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let comps: Vec<Component> = abs.components().collect();
-    for k in (1..=comps.len()).rev() {
-        let prefix: std::path::PathBuf = comps[..k].iter().collect();
-        if let Ok(mut base) = std::fs::canonicalize(&prefix) {
-            for c in &comps[k..] {
-                match c {
-                    Component::ParentDir => {
-                        base.pop();
-                    }
-                    Component::Normal(n) => base.push(n),
-                    _ => {}
-                }
-            }
-            return base;
-        }
-    }
-    abs
-}
-
-/// Refuses, before anything is created, a local target inside the source (every deploy would
-/// copy the target into itself) and a source inside the target's own directories (a release
-/// deploying itself). `source` is absolute.
-fn refuse_overlap(source: &std::path::Path, target: &Target) -> Result<()> {
-    let Target::Local(t) = target else {
-        return Ok(());
-    };
-    let src = resolve(source);
-    let dst = resolve(t);
-    if dst.starts_with(&src) {
-        return Err(exit::coded(
-            exit::USAGE,
-            format!(
-                "the target {} is inside the source {} (as {} in {}): the target would be deployed into itself; choose a target outside the source",
-                t.display(),
-                source.display(),
-                dst.display(),
-                src.display()
-            ),
-        ));
-    }
-    for own in ["releases", ".flip", "current"] {
-        let d = resolve(&dst.join(own));
-        if src.starts_with(&d) {
-            return Err(exit::coded(
-                exit::USAGE,
-                format!(
-                    "the source {} is inside the target's {} ({}): flip will not deploy a target's own releases or state into it; copy the tree elsewhere first",
-                    source.display(),
-                    own,
-                    d.display()
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// `deploy --dry-run`: plan against the live release's manifest; no lock, no change. Predicts
 /// with the deploy's own rules and knowledge: the live manifest from the local cache when the
 /// deploy would have it there (only then can changed files go as patches, from the content
 /// cache), else fetched from the agent.
 fn dry_run(
     a: &cli::DeployArgs,
+    o: &Options,
     target: &Target,
     manifest: &flip_manifest::Manifest,
     started: Instant,
-) -> Result<i32> {
-    let mut s = target.connect(&a.common.ssh, target.compress_level(a.compress_level))?;
+    print_json: bool,
+) -> Result<serde_json::Value> {
+    let mut s = target.connect(&o.ssh, target.compress_level(o.compress_level))?;
     let (current, releases) = match s.status() {
         Ok(st) => st,
         // A target that does not exist yet would simply get everything.
@@ -476,19 +364,16 @@ fn dry_run(
         }) => (None, Vec::new()),
         Err(e) => return Err(e.into()),
     };
-    let caches = if a.no_cache { None } else { cache_dir() };
+    let caches = o.cache_dir.clone();
     let cached = releases
         .iter()
         .find(|r| Some(r.id) == current)
-        .filter(|r| r.manifest_digest != manifest.digest().to_hex())
-        .and_then(|r| {
-            let c = flip_transfer::ManifestCache::new(caches.as_ref()?.join("manifests"));
-            c.get(&r.manifest_digest)
-        });
+        .filter(|r| r.manifest_digest != manifest.digest())
+        .and_then(|r| flip_deploy::Caches::open(caches.as_deref()).manifest(&r.manifest_digest));
     let from_cache = cached.is_some();
     let unchanged = releases
         .iter()
-        .any(|r| Some(r.id) == current && r.manifest_digest == manifest.digest().to_hex());
+        .any(|r| Some(r.id) == current && r.manifest_digest == manifest.digest());
     let previous = match (cached, current) {
         (Some(m), _) => Some(m),
         // A no-op: the live manifest is this one.
@@ -497,10 +382,9 @@ fn dry_run(
         (None, None) => None,
     };
     let _ = s.close();
-    let content = caches
-        .as_ref()
-        .filter(|_| from_cache)
-        .map(|d| flip_transfer::ContentCache::new(d.join("content"), CONTENT_CACHE_BYTES));
+    let content = caches.as_ref().filter(|_| from_cache).map(|d| {
+        flip_transfer::ContentCache::new(d.join("content"), flip_deploy::CONTENT_CACHE_BYTES)
+    });
     let plan = flip_plan::plan(previous.as_ref(), manifest);
     let mut changes = flip_plan::report::changes(previous.as_ref(), manifest, &plan);
     // Patches are made here as the deploy would make them (this client has both versions); a
@@ -515,11 +399,11 @@ fn dry_run(
                 flip_manifest::EntryKind::File { digest, .. } => Some(*digest),
                 _ => None,
             });
-            let patchable = flip_transfer::patchable(content.as_ref(), old.as_ref(), size);
-            let chosen = flip_plan::report::choose(size, basis.map(|b| b.1), patchable);
+            let cached = flip_transfer::in_cache(content.as_ref(), old.as_ref());
+            let chosen = flip_transfer::send_policy(size, basis.map(|b| b.1), cached);
             let via = match (chosen, content.as_ref(), old) {
                 (Via::Patch, Some(cache), Some(old)) => {
-                    let path = a.source.join(paths[index as usize].as_str());
+                    let path = o.source.join(paths[index as usize].as_str());
                     if flip_transfer::patch_is_smaller(cache, &old, &path) {
                         Via::Patch
                     } else {
@@ -538,8 +422,8 @@ fn dry_run(
     drop(transfers);
     changes.settle(&sent);
     let st = &plan.stats;
-    if a.common.json {
-        let mut out = serde_json::Map::new();
+    let mut out = serde_json::Map::new();
+    {
         out.insert("dry_run".into(), json!(true));
         out.insert("target".into(), json!(target.display()));
         out.insert("live".into(), json!(current));
@@ -553,7 +437,12 @@ fn dry_run(
             "duration_ms".into(),
             json!(started.elapsed().as_millis() as u64),
         );
-        println!("{}", serde_json::Value::Object(out));
+    }
+    let out = serde_json::Value::Object(out);
+    if a.common.json {
+        if print_json {
+            println!("{out}");
+        }
     } else {
         output::print_items(&changes.items);
         eprintln!(
@@ -564,15 +453,74 @@ fn dry_run(
             output::bytes(st.transfer_bytes)
         );
     }
-    Ok(exit::OK)
+    Ok(out)
 }
 
-fn releases(a: cli::ReleasesArgs) -> Result<i32> {
-    let target = Target::parse(&a.target)?;
-    let mut s = target.connect(&a.ssh, 0)?;
-    let (_, list) = s.status()?;
-    notices(&mut s);
-    s.close()?;
+/// Options for the commands other than deploy: connections and locking only.
+fn command_options(common: &Common) -> Options {
+    Options {
+        source: PathBuf::new(),
+        excludes: Vec::new(),
+        flipignore: true,
+        label: None,
+        keep: config::KEEP,
+        activate: true,
+        itemize: false,
+        cache_dir: None,
+        compress_level: Some(0),
+        wait: common.wait,
+        force_release: false,
+        parallel: 0,
+        ssh: ssh_settings(common),
+    }
+}
+
+/// Opens a session and takes the lock for `what`.
+fn locked_session(target: &Target, common: &Common, what: Purpose) -> Result<Session> {
+    let peer = target.display();
+    Ok(flip_deploy::locked_session(
+        target,
+        &command_options(common),
+        what,
+        &mut |h| eprintln!("flip: {peer} is locked by {h}; waiting"),
+    )?)
+}
+
+/// Prints what the agent could not remove and its warnings (stderr, in every mode) and returns
+/// them for `--json`: leftovers as `{"path", "error"}` objects.
+fn notices(s: &mut Session) -> (Vec<serde_json::Value>, Vec<String>) {
+    let warnings = s.take_warnings();
+    for w in &warnings {
+        eprintln!("flip: warning: {w}");
+    }
+    let leftovers: Vec<serde_json::Value> = s
+        .leftovers()
+        .unwrap_or_default()
+        .iter()
+        .map(|l| {
+            render::leftover_line(&l.path, &l.error);
+            json!({"path": l.path, "error": l.error})
+        })
+        .collect();
+    (leftovers, warnings)
+}
+
+fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<i32> {
+    let (env, targets) = targets_of(cfg, &a.target)?;
+    let ssh = ssh_only(&a.ssh);
+    let mut lists = Vec::new();
+    for target in &targets {
+        let mut s = target.connect(&ssh, 0)?;
+        let (_, list) = s.status()?;
+        notices(&mut s);
+        s.close()?;
+        lists.push(list);
+    }
+    if let Some(env) = env {
+        render::release_table(&env.env, &targets, &lists, a.json);
+        return Ok(exit::OK);
+    }
+    let (target, list) = (&targets[0], &lists[0]);
     if a.json {
         let arr: Vec<_> = list
             .iter()
@@ -591,7 +539,7 @@ fn releases(a: cli::ReleasesArgs) -> Result<i32> {
             "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  LABEL",
             "ID", "CURRENT", "CREATED", "FILES", "BYTES"
         );
-        for r in &list {
+        for r in list {
             println!(
                 "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  {}",
                 r.id,
@@ -621,75 +569,221 @@ fn switched(target: &Target, json: bool, verb: &str, id: u64, previous: Option<u
     }
 }
 
-fn rollback(a: cli::RollbackArgs) -> Result<i32> {
-    let target = Target::parse(&a.target)?;
-    let mut s = locked_session(&target, &a.common, "rollback", 0)?;
+fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<i32> {
+    let (env, targets) = targets_of(cfg, &a.target)?;
+    if let Some(env) = env {
+        if a.to.is_some() {
+            return Err(exit::coded(
+                exit::USAGE,
+                "release ids differ between targets: for an environment, roll back to a label with `flip activate ENV LABEL`",
+            ));
+        }
+        let out = flip_deploy::switch(
+            &targets,
+            &command_options(&a.common),
+            &SwitchPlan::Rollback,
+            Purpose::Rollback,
+        );
+        return Ok(render::switch(&env.env, "rolled back", out, a.common.json));
+    }
+    let target = &targets[0];
+    let mut s = locked_session(target, &a.common, Purpose::Rollback)?;
     let (id, previous) = s.rollback(a.to)?;
     notices(&mut s);
     s.close()?;
-    switched(&target, a.common.json, "rolled back", id, previous);
+    switched(target, a.common.json, "rolled back", id, previous);
     Ok(exit::OK)
 }
 
-fn activate(a: cli::ActivateArgs) -> Result<i32> {
-    let target = Target::parse(&a.target)?;
-    let mut s = locked_session(&target, &a.common, "activate", 0)?;
-    let previous = s.activate(a.id)?;
+fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<i32> {
+    let (env, targets) = targets_of(cfg, &a.target)?;
+    let id = a.id.parse::<u64>();
+    if let Some(env) = env {
+        let plan = match id {
+            Ok(id) => SwitchPlan::Id(id),
+            Err(_) => SwitchPlan::Label(a.id.clone()),
+        };
+        let out = flip_deploy::switch(
+            &targets,
+            &command_options(&a.common),
+            &plan,
+            Purpose::Activate,
+        );
+        return Ok(render::switch(&env.env, "activated", out, a.common.json));
+    }
+    let Ok(id) = id else {
+        return Err(exit::coded(
+            exit::USAGE,
+            format!("invalid release id {:?}: a number", a.id),
+        ));
+    };
+    let target = &targets[0];
+    let mut s = locked_session(target, &a.common, Purpose::Activate)?;
+    let previous = s.activate(id)?;
     notices(&mut s);
     s.close()?;
-    switched(&target, a.common.json, "activated", a.id, previous);
+    switched(target, a.common.json, "activated", id, previous);
     Ok(exit::OK)
 }
 
-fn prune(a: cli::PruneArgs) -> Result<i32> {
-    let target = Target::parse(&a.target)?;
-    let mut s = locked_session(&target, &a.common, "prune", 0)?;
-    let removed = s.prune(a.keep)?;
-    let (leftovers, warnings) = notices(&mut s);
-    s.close()?;
-    if a.common.json {
-        println!(
-            "{}",
-            json!({
+fn prune(a: cli::PruneArgs, cfg: Option<&Config>) -> Result<i32> {
+    let (env, targets) = targets_of(cfg, &a.target)?;
+    let keep = a
+        .keep
+        .or(env.as_ref().map(|e| e.keep.0))
+        .or(cfg.and_then(|c| c.top().keep))
+        .unwrap_or(config::KEEP);
+    let mut hosts = Vec::new();
+    let mut code = exit::OK;
+    for target in &targets {
+        let r = (|| -> Result<serde_json::Value> {
+            let mut s = locked_session(target, &a.common, Purpose::Prune)?;
+            let removed = s.prune(keep)?;
+            let (leftovers, warnings) = notices(&mut s);
+            s.close()?;
+            if !a.common.json {
+                if removed.is_empty() {
+                    eprintln!("flip: nothing to prune in {}", target.display());
+                } else {
+                    eprintln!(
+                        "flip: pruned {}: removed releases {:?}",
+                        target.display(),
+                        removed
+                    );
+                }
+            }
+            Ok(json!({
                 "target": target.display(), "removed": removed,
                 "leftovers": leftovers, "warnings": warnings,
-            })
-        );
-    } else if removed.is_empty() {
-        eprintln!("flip: nothing to prune in {}", target.display());
-    } else {
-        eprintln!(
-            "flip: pruned {}: removed releases {:?}",
-            target.display(),
-            removed
-        );
+            }))
+        })();
+        match r {
+            Ok(v) => hosts.push(v),
+            Err(e) if env.is_none() => return Err(e),
+            Err(e) => {
+                code = exit::PARTIAL;
+                hosts.push(render::failed_host(&target.display(), &e));
+            }
+        }
     }
-    Ok(exit::OK)
+    if a.common.json {
+        match env {
+            Some(_) => println!("{}", json!({"hosts": hosts})),
+            None => println!("{}", hosts[0]),
+        }
+    }
+    Ok(code)
 }
 
-fn verify(a: cli::VerifyArgs) -> Result<i32> {
-    let target = Target::parse(&a.target)?;
-    let mut s = target.connect(&a.ssh, 0)?;
-    let (id, problems) = s.verify(a.id)?;
-    s.close().context("closing the session")?;
+fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
+    let (env, targets) = targets_of(cfg, &a.target)?;
+    let ssh = ssh_only(&a.ssh);
+    let mut hosts = Vec::new();
+    let mut code = exit::OK;
+    for target in &targets {
+        let r = (|| -> Result<(u64, Vec<String>)> {
+            let mut s = target.connect(&ssh, 0)?;
+            let (id, problems) = s.verify(a.id)?;
+            s.close().context("closing the session")?;
+            Ok((id, problems))
+        })();
+        match r {
+            Ok((id, problems)) => {
+                if !a.json {
+                    if problems.is_empty() {
+                        eprintln!(
+                            "flip: release {id} of {} matches its manifest",
+                            target.display()
+                        );
+                    } else {
+                        for p in &problems {
+                            eprintln!("flip: {}: release {id}: {p}", target.display());
+                        }
+                    }
+                }
+                if !problems.is_empty() {
+                    code = if env.is_some() && targets.len() > 1 {
+                        exit::PARTIAL
+                    } else {
+                        exit::INTEGRITY
+                    };
+                }
+                hosts.push(json!({"target": target.display(), "release": id, "ok": problems.is_empty(), "problems": problems}));
+            }
+            Err(e) if env.is_none() => return Err(e),
+            Err(e) => {
+                eprintln!("flip: {}: error: {}", target.display(), error_text(&e));
+                code = exit::PARTIAL;
+                hosts.push(render::failed_host(&target.display(), &e));
+            }
+        }
+    }
+    if a.json {
+        match env {
+            Some(_) => println!("{}", json!({"hosts": hosts})),
+            None => println!("{}", hosts[0]),
+        }
+    }
+    Ok(code)
+}
+
+fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
+    let Some(c) = cfg else {
+        return Err(exit::coded(
+            exit::USAGE,
+            format!(
+                "no {} here (and no --config FILE); write one with `flip init`",
+                config::FILE
+            ),
+        ));
+    };
+    let r = c.env(&a.env)?;
+    let source = r
+        .source
+        .as_ref()
+        .map(|(p, from)| (p.display().to_string(), *from));
     if a.json {
         println!(
             "{}",
-            json!({"target": target.display(), "release": id, "ok": problems.is_empty(), "problems": problems})
-        );
-    } else if problems.is_empty() {
-        eprintln!(
-            "flip: release {id} of {} matches its manifest",
-            target.display()
+            json!({
+                "config": c.path.display().to_string(),
+                "env": r.env,
+                "targets": r.targets,
+                "source": source.as_ref().map(|s| &s.0),
+                "exclude": r.exclude.0,
+                "keep": r.keep.0,
+                "parallel": r.parallel.0,
+                "compress_level": r.compress_level.0,
+                "from": {
+                    "source": source.as_ref().map(|s| s.1),
+                    "exclude": r.exclude.1, "keep": r.keep.1, "parallel": r.parallel.1,
+                    "compress_level": r.compress_level.1,
+                },
+            })
         );
     } else {
-        for p in &problems {
-            eprintln!("flip: release {id}: {p}");
+        println!("# {} [env.{}]", c.path.display(), r.env);
+        println!("targets = {:?}", r.targets);
+        match &source {
+            Some((s, from)) => println!("source = {s:?}  # {from}"),
+            None => println!("# source: not set"),
+        }
+        println!("exclude = {:?}  # {}", r.exclude.0, r.exclude.1);
+        println!("keep = {}  # {}", r.keep.0, r.keep.1);
+        println!(
+            "parallel = {}  # {}{}",
+            r.parallel.0,
+            r.parallel.1,
+            if r.parallel.0 == 0 {
+                " (all targets at once)"
+            } else {
+                ""
+            }
+        );
+        match r.compress_level.0 {
+            Some(l) => println!("compress_level = {l}  # {}", r.compress_level.1),
+            None => println!("# compress_level: default (3 over SSH, off locally)"),
         }
     }
-    Ok(if problems.is_empty() {
-        exit::OK
-    } else {
-        exit::INTEGRITY
-    })
+    Ok(exit::OK)
 }

@@ -228,17 +228,16 @@ fn a_real_agent_signs_and_applies_a_64_mib_delta_in_bounded_memory() {
                 host: "t".into(),
                 user: "t".into(),
                 since: 0,
-                what: "deploy".into(),
+                what: flip_wire::Purpose::Deploy,
             },
         },
     );
     assert_eq!(answer(&mut rx), Response::Locked);
     tx.send(&Request::Stage {
         label: None,
-        base: None,
-        dirs: false,
+        base: flip_wire::StageBase::Whole,
         payload_len: bytes.len() as u64,
-        digest: m.digest().0,
+        digest: m.digest(),
     })
     .unwrap();
     for c in bytes.chunks(CHUNK) {

@@ -172,7 +172,9 @@ fn fresh_checkout_with_new_mtimes_transfers_nothing() {
     let expected = checkout.tree();
     assert_tree_eq(&expected, &src.tree(), "the copy is the same tree");
 
-    let j = fx.deploy(&checkout, &[]);
+    // The same tree makes no release unless forced (tests/environments.rs covers that); a forced
+    // one links everything.
+    let j = fx.deploy(&checkout, &["--force-release"]);
     assert_eq!(num(&j, "/release"), 2);
     assert_eq!(num(&j, "/files/total"), V1_FILES);
     // Every file but the empty one (created anew, never linked).
@@ -328,7 +330,7 @@ fn second_deploy_from_a_client_without_cached_state() {
     );
 
     site_v2(&src);
-    let j = deploy_from_fresh_home(&fx, "other-home", &src);
+    let j = deploy_from_fresh_home(&fx, "other-home", &src, &[]);
     assert_eq!(num(&j, "/release"), 2);
     assert_eq!(num(&j, "/files/linked"), 4, "{j}");
     assert_eq!(num(&j, "/files/copied"), 3, "{j}");
@@ -511,7 +513,7 @@ fn moved_and_rehashed_files_are_built_from_their_old_selves() {
 
     // The same change from a client with no cache: rsync deltas against the old names.
     fx.flip(&["rollback", fx.root_str()]).success();
-    let j = deploy_from_fresh_home(&fx, "cold", &src);
+    let j = deploy_from_fresh_home(&fx, "cold", &src, &[]);
     assert_eq!(num(&j, "/files/patched"), 0, "{j}");
     assert_eq!(num(&j, "/files/delta"), 2, "{j}");
     assert!(
@@ -546,7 +548,7 @@ fn an_unchanged_tree_from_a_cold_client_sends_almost_nothing() {
     let checkout = fx.src("checkout");
     copy_tree(&src.dir, &checkout.dir);
     stamp_files(&checkout.dir, 1_700_000_000);
-    let j = deploy_from_fresh_home(&fx, "cold-home", &checkout);
+    let j = deploy_from_fresh_home(&fx, "cold-home", &checkout, &["--force-release"]);
     assert_eq!(num(&j, "/files/linked"), 2000, "{j}");
     assert!(num(&j, "/bytes/sent") < 1_000, "{j}");
     assert_dir_eq(
@@ -561,7 +563,7 @@ fn an_unchanged_tree_from_a_cold_client_sends_almost_nothing() {
     checkout.file("src/Module7/Added.php", "<?php // new\n", 0o644);
     checkout.file("src/NewModule/New.php", "<?php // new module\n", 0o644);
     std::fs::remove_dir_all(checkout.p("src/Module9")).unwrap();
-    let j = deploy_from_fresh_home(&fx, "cold-home-2", &checkout);
+    let j = deploy_from_fresh_home(&fx, "cold-home-2", &checkout, &[]);
     assert_eq!(num(&j, "/files/literal"), 3, "{j}");
     assert_eq!(num(&j, "/files/removed"), 50, "{j}");
     assert!(num(&j, "/bytes/sent") < 8_000, "{j}");
@@ -575,15 +577,17 @@ fn an_unchanged_tree_from_a_cold_client_sends_almost_nothing() {
 
 /// `flip deploy --json SRC ROOT` from a client with an empty HOME (no caches at all), as a new
 /// CI runner is.
-fn deploy_from_fresh_home(fx: &Fx, name: &str, src: &Src) -> serde_json::Value {
+fn deploy_from_fresh_home(fx: &Fx, name: &str, src: &Src, extra: &[&str]) -> serde_json::Value {
     let home = fx.path(name);
     fs::create_dir(&home).unwrap();
+    let mut args = vec!["deploy", "--json", src.s(), fx.root_str()];
+    args.extend_from_slice(extra);
     fx.flip_env(
         &[
             ("HOME", s(&home)),
             ("XDG_CACHE_HOME", s(&home.join(".cache"))),
         ],
-        &["deploy", "--json", src.s(), fx.root_str()],
+        &args,
     )
     .success()
     .json()

@@ -272,13 +272,15 @@ fn a_no_op_reports_zero_everywhere() {
     let dry_text = fx
         .flip(&["deploy", "--dry-run", src.s(), fx.root_str()])
         .success();
-    let deploy = fx.deploy(&src, &["--itemize"]);
+    // An unchanged tree makes no release unless forced; forced, it is the same no-op.
+    let deploy = fx.deploy(&src, &["--itemize", "--force-release"]);
     let cold = fx
         .flip(&[
             "deploy",
             "--json",
             "--itemize",
             "--no-cache",
+            "--force-release",
             src.s(),
             fx.root_str(),
         ])

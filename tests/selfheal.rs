@@ -687,7 +687,7 @@ fn an_idle_agent_gives_up_and_releases_the_lock() {
             host: "test-host".into(),
             user: "tester".into(),
             since: 0,
-            what: "deploy".into(),
+            what: flip_wire::Purpose::Deploy,
         },
     })
     .unwrap();

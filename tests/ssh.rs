@@ -128,7 +128,8 @@ fn unknown_host_is_refused_then_accepted_with_the_flag() {
         "{recorded}"
     );
     // Next time the recorded key is enough.
-    w.flip(&["deploy", src.s(), &url]).success();
+    w.flip(&["deploy", "--force-release", src.s(), &url])
+        .success();
     assert_eq!(w.fx.current_link(), "releases/2");
 }
 

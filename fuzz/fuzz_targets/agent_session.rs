@@ -670,13 +670,17 @@ impl Client {
             StageHow::WrongLen(d) => (payload.len() as i64 + *d as i64).max(0) as u64,
             _ => payload.len() as u64,
         };
-        let dirs = matches!(how, StageHow::Dirs | StageHow::RawDirs(_)) && base.is_some();
+        let dirs = matches!(how, StageHow::Dirs | StageHow::RawDirs(_));
+        let base = match base {
+            None => flip_wire::StageBase::Whole,
+            Some(b) if dirs => flip_wire::StageBase::Dirs(Digest(b)),
+            Some(b) => flip_wire::StageBase::Diff(Digest(b)),
+        };
         self.send(&Request::Stage {
             label,
             base,
-            dirs,
             payload_len,
-            digest,
+            digest: Digest(digest),
         });
         let chunk = (chunk as usize).max(1).max(payload.len() / 8);
         for c in payload.chunks(chunk) {
@@ -762,7 +766,7 @@ impl Client {
                 Sent::Patch(basis, basis_digest) => Request::Patch {
                     index,
                     basis: basis.clone(),
-                    basis_digest: *basis_digest,
+                    basis_digest: Digest(*basis_digest),
                     mtime,
                     data,
                     last,
@@ -790,7 +794,11 @@ impl Client {
                     host: "fuzz".into(),
                     user: "fuzz".into(),
                     since: 0,
-                    what: if deploy { "deploy" } else { "rollback" }.into(),
+                    what: if deploy {
+                        flip_wire::Purpose::Deploy
+                    } else {
+                        flip_wire::Purpose::Rollback
+                    },
                 },
             }),
             Op::Status => self.send(&Request::Status),
@@ -902,7 +910,7 @@ impl Client {
                 self.send(&Request::Patch {
                     index: index as u32,
                     basis,
-                    basis_digest,
+                    basis_digest: Digest(basis_digest),
                     mtime: None,
                     data,
                     last,

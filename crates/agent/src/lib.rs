@@ -16,9 +16,9 @@ use flip_release::{
     PatchWriter, Root, Stage, Wait,
 };
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Mtime, Need, ProbeItem, ReleaseSummary, Request,
-    Response, WireError, CHANGES_PER_FRAME, CHUNK, MAGIC, MAX_MANIFEST, PROBE_ABSENT, PROBE_BELOW,
-    PROBE_DIFFERS, PROBE_SAME, PROTOCOL,
+    ErrorClass, FrameReader, FrameWriter, Mtime, Need, ProbeItem, ProbeState, Purpose,
+    ReleaseSummary, Request, Response, StageBase, WireError, CHANGES_PER_FRAME, CHUNK, MAGIC,
+    MAX_MANIFEST, PROTOCOL,
 };
 use rayon::prelude::*;
 use std::io::{Read, Write};
@@ -113,7 +113,7 @@ enum Encoding {
     /// An rsync delta against a signature the agent made.
     Rsync,
     /// A zstd frame with the old content (of this digest) as reference prefix.
-    Patch([u8; 32]),
+    Patch(flip_manifest::Digest),
 }
 
 struct Session {
@@ -129,6 +129,9 @@ struct Session {
     /// a release was committed.
     created: Option<Created>,
     committed: bool,
+    /// The release this session committed: the only one `Discard` may remove, and only while it
+    /// is not live (a multi-host deploy switching back after another target failed).
+    discardable: Option<u64>,
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -149,6 +152,7 @@ pub fn serve(
         tree: None,
         created: None,
         committed: false,
+        discardable: None,
     };
     let r = s.run(&mut rx, &mut tx);
     // Teardown, on every path: the staging directory goes first, then a target this session
@@ -189,6 +193,7 @@ pub fn serve(
 /// [`AgentError::is_idle_timeout`] holds.
 pub fn serve_stdio(root: &Path, idle: Option<Duration>) -> Result<()> {
     use std::os::fd::FromRawFd;
+    flip_release::fault_scope(root);
     // SAFETY: fds 0 and 1 are open for the whole life of the agent and owned by nothing else.
     let (input, output) = unsafe { (std::fs::File::from_raw_fd(0), std::fs::File::from_raw_fd(1)) };
     serve(
@@ -259,16 +264,18 @@ fn hostname() -> String {
     flip_release::hostname()
 }
 
-fn summary(r: flip_release::ReleaseInfo) -> ReleaseSummary {
-    ReleaseSummary {
+/// The listing's view of a release; `None` for one whose recorded manifest digest is not a
+/// digest (damaged metadata: such a release is left out, as a damaged one is).
+fn summary(r: flip_release::ReleaseInfo) -> Option<ReleaseSummary> {
+    Some(ReleaseSummary {
         id: r.id,
+        manifest_digest: flip_manifest::Digest::from_hex(&r.manifest_digest)?,
         label: r.label,
         created: r.created,
         files: r.files,
         bytes: r.bytes,
-        manifest_digest: r.manifest_digest,
         current: r.current,
-    }
+    })
 }
 
 impl Session {
@@ -410,7 +417,7 @@ impl Session {
                 if self.lock.is_some() {
                     return Err(AgentError::Protocol("lock requested twice".into()));
                 }
-                let root = self.root(holder.what == "deploy")?;
+                let root = self.root(holder.what == Purpose::Deploy)?;
                 let me = flip_release::Holder {
                     pid: std::process::id(),
                     host: self.host.clone(),
@@ -436,7 +443,7 @@ impl Session {
                 let root = self.root(false)?;
                 Response::Status {
                     current: root.current()?,
-                    releases: root.releases()?.into_iter().map(summary).collect(),
+                    releases: root.releases()?.into_iter().filter_map(summary).collect(),
                 }
             }
             Request::GetManifest { id } => {
@@ -457,10 +464,9 @@ impl Session {
             Request::Stage {
                 label,
                 base,
-                dirs,
                 payload_len,
                 digest,
-            } => self.stage(rx, label, base, dirs, payload_len, digest)?,
+            } => self.stage(rx, label, base, payload_len, digest)?,
             Request::Probe(items) => self.probe(items)?,
             Request::ManifestChunk(_) => {
                 return Err(AgentError::Protocol("manifest data outside Stage".into()))
@@ -518,6 +524,7 @@ impl Session {
                 let stats = stage.stats().clone();
                 let info = stage.commit()?;
                 self.committed = true;
+                self.discardable = Some(info.id);
                 self.log(serde_json::json!({
                     "time": now(), "event": "staged", "release": info.id,
                     "label": info.label, "files": info.files, "written": stats.written,
@@ -611,6 +618,30 @@ impl Session {
                 tx.flush()?;
                 return Ok(None);
             }
+            Request::Discard { id } => {
+                if self.discardable != Some(id) {
+                    return Err(RelError::BadRequest(format!(
+                        "release {id} was not committed by this session, or was made live: it is not discarded"
+                    ))
+                    .into());
+                }
+                let root = self.root(false)?;
+                root.discard(self.locked()?, id)?;
+                self.discardable = None;
+                // A target this session created holds nothing else: it is undone at the end.
+                self.committed = false;
+                self.log(serde_json::json!({
+                    "time": now(), "event": "discard", "release": id,
+                }));
+                Response::Discarded { id }
+            }
+            Request::CheckLive { digest } => {
+                let root = self.root(false)?;
+                self.locked()?;
+                Response::LiveIntact {
+                    id: root.live_intact(&digest)?,
+                }
+            }
             Request::Bye => unreachable!("handled by run"),
         }))
     }
@@ -633,10 +664,10 @@ impl Session {
         let states = items
             .iter()
             .map(|it| match tree.compare(&it.dir, &it.flat, &it.merkle) {
-                DirState::Same => PROBE_SAME,
-                DirState::Below => PROBE_BELOW,
-                DirState::Differs => PROBE_DIFFERS,
-                DirState::Absent => PROBE_ABSENT,
+                DirState::Same => ProbeState::Same,
+                DirState::Below => ProbeState::Below,
+                DirState::Differs => ProbeState::Differs,
+                DirState::Absent => ProbeState::Absent,
             })
             .collect();
         Ok(Response::Probed(states))
@@ -646,10 +677,9 @@ impl Session {
         &mut self,
         rx: &mut FrameReader,
         label: Option<String>,
-        base: Option<[u8; 32]>,
-        dirs: bool,
+        base: StageBase,
         payload_len: u64,
-        digest: [u8; 32],
+        digest: flip_manifest::Digest,
     ) -> Result<Response> {
         // Nothing the client sends is read or decoded before it holds the lock.
         self.locked()?;
@@ -685,6 +715,11 @@ impl Session {
         }
         let root = self.root(false)?;
         let mut live_manifest = None;
+        let (base, dirs) = match base {
+            StageBase::Whole => (None, false),
+            StageBase::Diff(d) => (Some(d), false),
+            StageBase::Dirs(d) => (Some(d), true),
+        };
         let (manifest, got) = match base {
             // The decoder accepts only the canonical encoding: its blake3 is the digest.
             None => (
@@ -697,7 +732,7 @@ impl Session {
                     RelError::BadRequest("manifest diff but nothing is live".into())
                 })?;
                 let prev = root.manifest(live)?;
-                if prev.digest().0 != base {
+                if prev.digest() != base {
                     return Err(RelError::BadRequest(format!(
                         "manifest diff is against another release than the live one ({live})"
                     ))
@@ -719,7 +754,7 @@ impl Session {
                 (m, d)
             }
         };
-        if got.0 != digest {
+        if got != digest {
             return Err(RelError::BadRequest("manifest does not match its digest".into()).into());
         }
         drop(bytes);
@@ -781,7 +816,7 @@ impl Session {
                     Encoding::Patch(d) => EncodedWriter::Patch(Box::new(stage.begin_patch(
                         index as usize,
                         &basis,
-                        &flip_manifest::Digest(d),
+                        &d,
                     )?)),
                 };
                 // An encoding never needs much more than the file it builds.

@@ -15,7 +15,7 @@ fn holder() -> flip_wire::Holder {
         host: "test".into(),
         user: "test".into(),
         since: 0,
-        what: "deploy".into(),
+        what: flip_wire::Purpose::Deploy,
     }
 }
 
@@ -139,10 +139,9 @@ fn stage_frames(m: &Manifest, digest: Option<[u8; 32]>) -> Vec<Request> {
         },
         Request::Stage {
             label: None,
-            base: None,
-            dirs: false,
+            base: flip_wire::StageBase::Whole,
             payload_len: bytes.len() as u64,
-            digest: digest.unwrap_or(m.digest().0),
+            digest: digest.map_or(m.digest(), Digest),
         },
         Request::ManifestChunk(bytes),
     ]
@@ -318,10 +317,9 @@ fn a_file_below_a_symlink_is_refused() {
         },
         Request::Stage {
             label: None,
-            base: None,
-            dirs: false,
+            base: flip_wire::StageBase::Whole,
             payload_len: bytes.len() as u64,
-            digest: *blake3::hash(&bytes).as_bytes(),
+            digest: Digest(*blake3::hash(&bytes).as_bytes()),
         },
         Request::ManifestChunk(bytes),
         Request::Literal {
@@ -379,7 +377,7 @@ fn a_patch_against_a_version_the_agent_does_not_hold() {
     frames.push(Request::Patch {
         index: 0,
         basis: RelPath::new("old.txt").unwrap(),
-        basis_digest: [9; 32],
+        basis_digest: Digest([9; 32]),
         mtime: None,
         data: vec![0; 16],
         last: true,
@@ -399,7 +397,7 @@ fn a_patch_that_inflates_beyond_the_manifest_size() {
     frames.push(Request::Patch {
         index: 0,
         basis: RelPath::new("old.txt").unwrap(),
-        basis_digest: Digest::of(&old).0,
+        basis_digest: Digest::of(&old),
         mtime: None,
         data: bomb,
         last: true,
@@ -435,10 +433,9 @@ fn nothing_is_read_or_decoded_before_the_lock() {
         t.path(),
         Request::Stage {
             label: None,
-            base: None,
-            dirs: false,
+            base: flip_wire::StageBase::Whole,
             payload_len: flip_wire::MAX_MANIFEST,
-            digest: [0; 32],
+            digest: Digest([0; 32]),
         },
         "needs the lock",
     );
@@ -481,7 +478,7 @@ fn nothing_is_read_or_decoded_before_the_lock() {
         Request::Patch {
             index: 0,
             basis: old.clone(),
-            basis_digest: [0; 32],
+            basis_digest: Digest([0; 32]),
             mtime: None,
             data: vec![1; 1000],
             last: false,
@@ -545,10 +542,9 @@ fn a_manifest_that_would_expand_far_beyond_its_bytes_is_refused() {
         lock(),
         Request::Stage {
             label: None,
-            base: None,
-            dirs: false,
+            base: flip_wire::StageBase::Whole,
             payload_len: bytes.len() as u64,
-            digest: *blake3::hash(&bytes).as_bytes(),
+            digest: Digest(*blake3::hash(&bytes).as_bytes()),
         },
         Request::ManifestChunk(bytes),
     ];

@@ -569,6 +569,21 @@ impl Root {
         Ok(removed)
     }
 
+    /// Removes release `id`, which must not be live (a release committed by a multi-host
+    /// deploy that failed elsewhere): renamed to trash, forgotten, and its tree deleted by the
+    /// cleanup that follows (what cannot be deleted is named, as for a prune).
+    pub fn discard(&self, lock: &LockGuard, id: u64) -> Result<()> {
+        self.info(id)?;
+        if self.current()? == Some(id) {
+            return Err(Error::BadRequest(format!(
+                "release {id} is live: it is not discarded"
+            )));
+        }
+        self.retire_release(id)?;
+        self.clean_leftovers(lock)?;
+        Ok(())
+    }
+
     /// Makes a release disappear atomically (rename to trash) and forgets it; its tree is
     /// deleted by the cleanup that follows.
     fn retire_release(&self, id: u64) -> Result<()> {
@@ -884,11 +899,28 @@ pub fn hostname() -> String {
 /// `after-swap`, `prune-after-trash`, `prune-after-forget` (rollback and activate meet
 /// `after-lock`, `before-swap` and `after-swap`; prune the last two). tests/faults.rs crashes at
 /// each of them.
+///
+/// With `FLIP_FAULT_ROOT=DIR` as well, only an agent serving the target root `DIR` (see
+/// [`fault_scope`]) crashes: one target of a multi-host deploy fails, the others do not.
 #[inline]
 pub fn fault_point(point: &str) {
-    if cfg!(debug_assertions) && std::env::var_os("FLIP_FAULT").is_some_and(|v| v == point) {
+    if cfg!(debug_assertions)
+        && std::env::var_os("FLIP_FAULT").is_some_and(|v| v == point)
+        && FAULT_SCOPE.get().copied().unwrap_or(true)
+    {
         eprintln!("flip: FLIP_FAULT={point}: simulating a crash");
         std::process::exit(99);
+    }
+}
+
+static FAULT_SCOPE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Tells [`fault_point`] which target root this process serves: with `FLIP_FAULT_ROOT` set to
+/// another path, this process's fault points stay quiet. Debug builds only; set once.
+pub fn fault_scope(root: &Path) {
+    if cfg!(debug_assertions) {
+        let mine = std::env::var_os("FLIP_FAULT_ROOT").is_none_or(|r| Path::new(&r) == root);
+        let _ = FAULT_SCOPE.set(mine);
     }
 }
 

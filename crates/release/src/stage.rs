@@ -696,6 +696,49 @@ impl Root {
     }
 }
 
+impl Root {
+    /// The live release's id when its manifest's digest is `digest` and the tree is intact as
+    /// far as a look without reading content tells: every file the same inode, size, mtime and
+    /// ctime as recorded at commit, every symlink with its target, every directory there. `None`
+    /// otherwise (nothing live, another manifest, a record missing or any difference): then a
+    /// deploy of that manifest makes a new release, which repairs the tree.
+    pub fn live_intact(&self, digest: &Digest) -> Result<Option<u64>> {
+        let Some(id) = self.current()? else {
+            return Ok(None);
+        };
+        if self.info(id)?.manifest_digest != digest.to_hex() {
+            return Ok(None);
+        }
+        let manifest = self.manifest(id)?;
+        if manifest.digest() != *digest {
+            return Ok(None);
+        }
+        let stamps = self.read_stamps(id, &manifest);
+        if stamps.len() != manifest.len() {
+            return Ok(None);
+        }
+        let dir = self.release_dir(id);
+        let intact = manifest
+            .entries()
+            .par_iter()
+            .zip(stamps.par_iter())
+            .all(|(e, st)| {
+                let path = dir.join(e.path.as_str());
+                match &e.kind {
+                    EntryKind::File { .. } => st.is_some_and(|st| {
+                        fs::symlink_metadata(&path).is_ok_and(|m| FileStamp::of(&m) == st)
+                    }),
+                    EntryKind::Symlink { target } => fs::read_link(&path)
+                        .is_ok_and(|t| t.as_os_str().as_encoded_bytes() == target.as_bytes()),
+                    EntryKind::Dir { .. } => {
+                        fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_dir())
+                    }
+                }
+            });
+        Ok(intact.then_some(id))
+    }
+}
+
 /// The live release's record of its files' identities, and which files matched it just before
 /// flip removes names that may share their inodes (pruning an older release): removing a link
 /// changes an inode's ctime, which alone must not make the next deploy hash every file again.

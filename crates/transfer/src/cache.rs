@@ -22,9 +22,9 @@ impl ManifestCache {
         ManifestCache { dir }
     }
 
-    /// The manifest whose digest is `hex`, if cached and intact.
-    pub fn get(&self, hex: &str) -> Option<Manifest> {
-        let want = Digest::from_hex(hex)?;
+    /// The manifest whose digest is `want`, if cached and intact.
+    pub fn get(&self, want: &Digest) -> Option<Manifest> {
+        let want = *want;
         let bytes = fs::read(self.dir.join(want.to_hex())).ok()?;
         // The digest is of the canonical encoding: a damaged file cannot pass.
         if Digest::of(&bytes) != want {
@@ -86,10 +86,10 @@ mod tests {
         .unwrap();
         c.put(&m).unwrap();
         let hex = m.digest().to_hex();
-        assert_eq!(c.get(&hex), Some(m.clone()));
+        assert_eq!(c.get(&m.digest()), Some(m.clone()));
         std::fs::write(dir.join(&hex), b"garbage").unwrap();
-        assert_eq!(c.get(&hex), None);
-        assert_eq!(c.get("not hex"), None);
+        assert_eq!(c.get(&m.digest()), None);
+        assert_eq!(c.get(&Digest([0; 32])), None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

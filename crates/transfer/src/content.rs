@@ -366,7 +366,7 @@ fn stream_patch(
     let frame = |data: Vec<u8>, last: bool| Request::Patch {
         index,
         basis: basis.clone(),
-        basis_digest: old_digest.0,
+        basis_digest: *old_digest,
         mtime,
         data,
         last,
@@ -513,7 +513,7 @@ fn prepared<S: Sink>(
             Encoded::Patch(basis, digest, _) => Request::Patch {
                 index,
                 basis: basis.clone(),
-                basis_digest: digest.0,
+                basis_digest: *digest,
                 mtime,
                 data,
                 last,

@@ -17,9 +17,8 @@ pub use content::{local_delta, patch, DELTA_WINDOW, PATCH_MAX};
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_transport::{AgentStream, Finish, TransportError};
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Holder, Leftover, ProbeItem, ReleaseSummary, Request,
-    Response, SigItem, WireError, CHUNK, MAGIC, PROBE_ABSENT, PROBE_BELOW, PROBE_DIFFERS,
-    PROBE_SAME, PROTOCOL,
+    ErrorClass, FrameReader, FrameWriter, Holder, Leftover, ProbeItem, ProbeState, ReleaseSummary,
+    Request, Response, SigItem, StageBase, WireError, CHUNK, MAGIC, PROTOCOL,
 };
 use std::collections::BTreeSet;
 use std::collections::HashMap;
@@ -326,7 +325,6 @@ impl Session {
     ) -> Result<DeployReport> {
         self.phase = "staging the release";
         let digest = manifest.digest();
-        let had_previous = previous.is_some();
         // What the live release holds at the paths that change or go: the digests a patch
         // basis can have. The rest of the live manifest is dropped here.
         let mut old_digests: HashMap<RelPath, Digest> = HashMap::new();
@@ -334,7 +332,7 @@ impl Session {
             // Unchanged tree (a no-op, or a fresh checkout of the same commit): an empty
             // difference, even for a client that never saw the live manifest.
             _ if live_digest == Some(digest) => (
-                Some(digest.0),
+                StageBase::Diff(digest),
                 flip_manifest::encode_diff(&Default::default()),
             ),
             Some(prev) => {
@@ -348,30 +346,33 @@ impl Session {
                         old_digests.insert(p.clone(), *digest);
                     }
                 }
-                (Some(prev.digest().0), flip_manifest::encode_diff(&diff))
+                (
+                    StageBase::Diff(prev.digest()),
+                    flip_manifest::encode_diff(&diff),
+                )
             }
             // Something live the client has not seen: find the changed directories by their
             // hashes (a few round trips, a few bytes per directory looked at) instead of
             // sending the whole manifest.
-            None if live_digest.is_some() => {
-                self.phase = "comparing directories";
-                let tree = flip_manifest::DirTree::new(manifest);
-                let dirs = self.changed_dirs(&tree)?;
-                self.phase = "staging the release";
-                (
-                    live_digest.map(|d| d.0),
-                    flip_manifest::encode_dir_patch(&tree.patch(manifest, &dirs)),
-                )
-            }
-            None => (None, flip_manifest::encode(manifest)),
+            None => match live_digest {
+                Some(live) => {
+                    self.phase = "comparing directories";
+                    let tree = flip_manifest::DirTree::new(manifest);
+                    let dirs = self.changed_dirs(&tree)?;
+                    self.phase = "staging the release";
+                    (
+                        StageBase::Dirs(live),
+                        flip_manifest::encode_dir_patch(&tree.patch(manifest, &dirs)),
+                    )
+                }
+                None => (StageBase::Whole, flip_manifest::encode(manifest)),
+            },
         };
-        let dirs = !had_previous && base.is_some() && live_digest != Some(digest);
         self.queue(&Request::Stage {
             label,
             base,
-            dirs,
             payload_len: payload.len() as u64,
-            digest: digest.0,
+            digest,
         })?;
         for c in payload.chunks(CHUNK) {
             self.queue(&Request::ManifestChunk(c.to_vec()))?;
@@ -429,8 +430,8 @@ impl Session {
                 .basis
                 .as_ref()
                 .and_then(|(b, _)| Some((b.clone(), old_digests.get(b)?)));
-            let patchable = patchable(content_cache, old.as_ref().map(|(_, d)| *d), size);
-            let via = flip_plan::report::choose(size, n.basis.as_ref().map(|b| b.1), patchable);
+            let cached = in_cache(content_cache, old.as_ref().map(|(_, d)| *d));
+            let via = send_policy(size, n.basis.as_ref().map(|b| b.1), cached);
             planned.insert(index as u32, (via, n.basis.as_ref().map(|b| b.0.clone())));
             let patch = old.filter(|_| via == Via::Patch);
             let basis = n.basis.filter(|_| via == Via::Delta).map(|(b, _)| b);
@@ -536,13 +537,13 @@ impl Session {
             let mut next = Vec::new();
             for (d, state) in frontier.into_iter().zip(states) {
                 match state {
-                    PROBE_SAME => {}
-                    PROBE_BELOW => next.extend_from_slice(tree.subdirs(&d)),
-                    PROBE_DIFFERS => {
+                    ProbeState::Same => {}
+                    ProbeState::Below => next.extend_from_slice(tree.subdirs(&d)),
+                    ProbeState::Differs => {
                         next.extend_from_slice(tree.subdirs(&d));
                         changed.insert(d);
                     }
-                    PROBE_ABSENT => {
+                    ProbeState::Absent => {
                         // New on the target: the whole subtree goes, no need to ask further.
                         let mut stack = vec![d];
                         while let Some(x) = stack.pop() {
@@ -550,7 +551,6 @@ impl Session {
                             changed.insert(x);
                         }
                     }
-                    _ => return Err(self.protocol(format!("unknown probe state {state}"))),
                 }
             }
             frontier = next;
@@ -592,6 +592,28 @@ impl Session {
         self.send(&Request::Activate { id })?;
         match self.recv()? {
             Response::Activated { previous, .. } => Ok(previous),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// The live release's id when it holds exactly the manifest of `digest` and is intact (see
+    /// [`Request::CheckLive`]); `None` otherwise.
+    pub fn live_intact(&mut self, digest: Digest) -> Result<Option<u64>> {
+        self.phase = "checking the live release";
+        self.send(&Request::CheckLive { digest })?;
+        match self.recv()? {
+            Response::LiveIntact { id } => Ok(id),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Removes release `id`, committed in this session and not made live (a multi-host deploy
+    /// that failed on another target).
+    pub fn discard(&mut self, id: u64) -> Result<()> {
+        self.phase = "discarding the release";
+        self.send(&Request::Discard { id })?;
+        match self.recv()? {
+            Response::Discarded { id: got } if got == id => Ok(()),
             other => Err(self.unexpected(&other)),
         }
     }
@@ -685,7 +707,23 @@ fn deviation(
 /// of its basis (`old`: the basis's digest, known when the client has the live release's
 /// manifest) is in the content cache. The rule of a deploy, and of a dry run predicting it.
 pub fn patchable(cache: Option<&ContentCache>, old: Option<&Digest>, size: u64) -> bool {
-    size <= content::PATCH_MAX && matches!((cache, old), (Some(c), Some(d)) if c.contains(d))
+    size <= content::PATCH_MAX && in_cache(cache, old)
+}
+
+/// Whether the old content of digest `old` is in the content cache.
+pub fn in_cache(cache: Option<&ContentCache>, old: Option<&Digest>) -> bool {
+    matches!((cache, old), (Some(c), Some(d)) if c.contains(d))
+}
+
+/// The one send policy of a deploy, a dry run and `flip diff`: how a file of `size` bytes goes
+/// whose basis (if it has one) is `basis_size` bytes, `old_cached` saying whether the client
+/// holds that basis's old content (in its content cache, or for `flip diff` would hold it). A
+/// zstd patch when the old content is cached and the file is at most [`PATCH_MAX`] (the agent's
+/// patch window), an rsync delta when file and basis are both at least [`DELTA_MIN`], else the
+/// bytes ([`flip_plan::report::choose`]). The deploy still sends a file whole when its patch or
+/// delta comes out no smaller ([`fallback_note`]).
+pub fn send_policy(size: u64, basis_size: Option<u64>, old_cached: bool) -> Via {
+    flip_plan::report::choose(size, basis_size, old_cached && size <= content::PATCH_MAX)
 }
 
 /// Whether the source file at `path` would go as a zstd patch against the cached version of
@@ -743,5 +781,7 @@ fn name(r: &Response) -> &'static str {
         Response::Bye => "Bye",
         Response::Notices { .. } => "Notices",
         Response::Changes { .. } => "Changes",
+        Response::Discarded { .. } => "Discarded",
+        Response::LiveIntact { .. } => "LiveIntact",
     }
 }

@@ -75,9 +75,15 @@ impl Weigh for Need {
     }
 }
 
+impl Weigh for crate::ProbeState {
+    fn heap(&self) -> usize {
+        0
+    }
+}
+
 impl Weigh for ReleaseSummary {
     fn heap(&self) -> usize {
-        self.label.as_ref().map_or(0, String::capacity) + self.manifest_digest.capacity()
+        self.label.as_ref().map_or(0, String::capacity)
     }
 }
 

@@ -21,6 +21,8 @@
 //! (what the agent still needs), pipelined with `Changes` → `Changes` chunks (what the release
 //! changes, for the deploy's report); `Signatures` → `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch`
 //! frames + `Commit` → `Committed`; `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`.
+//! A multi-host deploy that fails on another target after this one committed sends
+//! `Discard` → `Discarded` instead of `Activate`. Message tags are pinned by `tests/tags.rs`.
 //! Before any answer the agent may send [`Response::Notices`]: what it could not clean up, and
 //! problems that did not stop the request.
 
@@ -30,11 +32,11 @@ mod frame;
 pub use bounded::Weigh;
 pub use frame::{Counter, FrameReader, FrameWriter};
 
-use flip_manifest::RelPath;
+use flip_manifest::{Digest, RelPath};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 5;
+pub const PROTOCOL: u32 = 6;
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 32 << 20;
@@ -58,7 +60,48 @@ pub struct Holder {
     pub host: String,
     pub user: String,
     pub since: i64,
-    pub what: String,
+    pub what: Purpose,
+}
+
+/// Why a client takes a target's lock. Only a deploy may create the target's layout; the
+/// holder's purpose is shown to whoever finds the target locked.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Purpose {
+    Deploy,
+    Rollback,
+    Activate,
+    Prune,
+}
+
+impl Purpose {
+    /// The command's name: "deploy", "rollback", "activate", "prune".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Deploy => "deploy",
+            Purpose::Rollback => "rollback",
+            Purpose::Activate => "activate",
+            Purpose::Prune => "prune",
+        }
+    }
+}
+
+impl std::fmt::Display for Purpose {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the payload of a [`Request::Stage`] is, and what it is relative to.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum StageBase {
+    /// The whole new manifest, canonically encoded.
+    Whole,
+    /// A [`flip_manifest::ManifestDiff`] against the live release's manifest, whose digest this
+    /// is (an empty diff for an unchanged tree).
+    Diff(Digest),
+    /// A [`flip_manifest::DirPatch`] (the entries of the directories whose direct entries
+    /// changed) against the live release's manifest, whose digest this is.
+    Dirs(Digest),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -68,7 +111,7 @@ pub struct ReleaseSummary {
     pub created: i64,
     pub files: u64,
     pub bytes: u64,
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     pub current: bool,
 }
 
@@ -96,11 +139,18 @@ pub struct ProbeItem {
     pub merkle: [u8; 8],
 }
 
-/// [`Response::Probed`] states, one per probed directory.
-pub const PROBE_SAME: u8 = 0;
-pub const PROBE_BELOW: u8 = 1;
-pub const PROBE_DIFFERS: u8 = 2;
-pub const PROBE_ABSENT: u8 = 3;
+/// How a probed directory compares with the live release's ([`Response::Probed`]).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ProbeState {
+    /// The whole subtree is the same.
+    Same,
+    /// Its direct entries are the same; something below differs.
+    Below,
+    /// Its direct entries differ (and maybe more below).
+    Differs,
+    /// The live release has no such directory.
+    Absent,
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SigItem {
@@ -125,17 +175,13 @@ pub enum Request {
     GetManifest {
         id: u64,
     },
-    /// Start a release. `payload_len` bytes follow in `ManifestChunk`s: the whole new manifest
-    /// when `base` is `None`, else a manifest diff against the live release's manifest, whose
-    /// digest `base` must be. `digest` is the new manifest's digest, checked by the agent.
+    /// Start a release. `payload_len` bytes follow in `ManifestChunk`s, what `base` says they
+    /// are. `digest` is the new manifest's digest, checked by the agent.
     Stage {
         label: Option<String>,
-        base: Option<[u8; 32]>,
-        /// With a `base`: the payload is a [`flip_manifest::DirPatch`] (directories whose direct
-        /// entries changed) instead of a [`flip_manifest::ManifestDiff`].
-        dirs: bool,
+        base: StageBase,
         payload_len: u64,
-        digest: [u8; 32],
+        digest: Digest,
     },
     /// Compare directory hashes with the live release's (see [`flip_manifest::DirTree`]), for a
     /// client that does not have the live manifest.
@@ -166,7 +212,7 @@ pub enum Request {
     Patch {
         index: u32,
         basis: RelPath,
-        basis_digest: [u8; 32],
+        basis_digest: Digest,
         mtime: Mtime,
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
@@ -195,6 +241,17 @@ pub enum Request {
     /// [`Response::Changes`] frames.
     Changes {
         all: bool,
+    },
+    /// Remove release `id`, committed by this session and never made live (a multi-host deploy
+    /// that failed on another target). Answered by [`Response::Discarded`].
+    Discard {
+        id: u64,
+    },
+    /// Is the live release the one of manifest `digest`, and intact (every file as recorded at
+    /// commit, every symlink and directory there)? Answered by [`Response::LiveIntact`]. A
+    /// deploy of an unchanged tree then makes no release.
+    CheckLive {
+        digest: Digest,
     },
 }
 
@@ -250,8 +307,8 @@ pub enum Response {
         sig: Vec<u8>,
     },
     SignaturesDone,
-    /// One `PROBE_*` state per probed directory, in order.
-    Probed(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// One state per probed directory, in order.
+    Probed(#[serde(deserialize_with = "bounded::vec")] Vec<ProbeState>),
     Committed {
         id: u64,
         written: u64,
@@ -289,6 +346,15 @@ pub enum Response {
         counts: flip_plan::report::Counts,
         items: Vec<flip_plan::report::Item>,
         last: bool,
+    },
+    /// The release named by [`Request::Discard`] is gone.
+    Discarded {
+        id: u64,
+    },
+    /// The answer to [`Request::CheckLive`]: the live release's id when it is that manifest's
+    /// and intact, else `None`.
+    LiveIntact {
+        id: Option<u64>,
     },
 }
 

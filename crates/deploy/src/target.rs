@@ -2,16 +2,25 @@
 //! server reached over SSH (the agent runs there). Either way the result is an agent session
 //! speaking the same protocol.
 
-use crate::cli::SshArgs;
-use crate::exit;
-use anyhow::{Context, Result};
+use crate::DeployError;
 use flip_transfer::Session;
 use flip_transport::ssh::{SshOptions, SshTarget};
-use flip_transport::TransportError;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-#[derive(Clone)]
+/// How SSH targets are reached (the command line's `-i`, `--accept-new-host-key`,
+/// `--ssh-command`, `--remote-flip`, `--ssh-config`).
+#[derive(Clone, Debug, Default)]
+pub struct SshSettings {
+    pub identity: Option<PathBuf>,
+    pub accept_new_host_key: bool,
+    pub ssh_command: Option<String>,
+    pub remote_flip: Option<String>,
+    pub config_file: Option<PathBuf>,
+}
+
+/// A deploy target: exactly what the command line and `flip.toml`'s `targets` take.
+#[derive(Clone, Debug)]
 pub enum Target {
     Local(PathBuf),
     Ssh(SshTarget),
@@ -19,17 +28,17 @@ pub enum Target {
 
 impl Target {
     /// `/srv/app`, `./app`: local; `[user@]host:/path`, `ssh://[user@]host[:port]/path`: SSH.
-    pub fn parse(s: &str) -> Result<Target> {
+    pub fn parse(s: &str) -> Result<Target, DeployError> {
         if s.is_empty() {
-            return Err(exit::coded(exit::USAGE, "the target is empty"));
+            return Err(DeployError::Usage("the target is empty".into()));
         }
         match flip_transport::ssh::parse_target(s) {
             Ok(Some(t)) => return Ok(Target::Ssh(t)),
             Ok(None) => {}
-            Err(e) => return Err(exit::coded(exit::USAGE, e.to_string())),
+            Err(e) => return Err(DeployError::Usage(e.to_string())),
         }
         let path = std::path::absolute(s)
-            .with_context(|| format!("cannot resolve the target path {s}"))?;
+            .map_err(|e| DeployError::Usage(format!("cannot resolve the target path {s}: {e}")))?;
         Ok(Target::Local(path))
     }
 
@@ -51,8 +60,8 @@ impl Target {
     }
 
     /// Starts an agent for this target and opens a session with it.
-    pub fn connect(&self, ssh: &SshArgs, compress: i32) -> Result<Session> {
-        let exe = std::env::current_exe().context("cannot find the flip executable")?;
+    pub fn connect(&self, ssh: &SshSettings, compress: i32) -> Result<Session, DeployError> {
+        let exe = std::env::current_exe().map_err(DeployError::Exe)?;
         let mut stream = match self {
             Target::Local(root) => {
                 let args: Vec<OsString> = vec![
@@ -66,7 +75,7 @@ impl Target {
                 let mut opts = SshOptions::new(exe, env!("CARGO_PKG_VERSION"));
                 opts.identity = ssh.identity.clone();
                 opts.accept_new_host_key = ssh.accept_new_host_key;
-                opts.config_file = ssh.ssh_config.clone();
+                opts.config_file = ssh.config_file.clone();
                 opts.remote_flip = ssh.remote_flip.clone();
                 opts.ssh_command = ssh.ssh_command.clone();
                 let args = vec!["--root".to_string(), t.path.clone()];
@@ -75,18 +84,5 @@ impl Target {
         };
         stream.peer = self.display();
         Ok(Session::open(stream, compress)?)
-    }
-}
-
-/// Exit code for a transport failure: SSH trust and authentication problems apart from
-/// everything else that keeps us from reaching an agent.
-pub fn transport_exit_code(t: &TransportError) -> i32 {
-    match t {
-        TransportError::HostKeyUnknown { .. }
-        | TransportError::HostKeyChanged { .. }
-        | TransportError::Auth { .. }
-        | TransportError::KeyEncrypted { .. } => exit::AUTH,
-        TransportError::Target { .. } | TransportError::Config { .. } => exit::USAGE,
-        _ => exit::CONNECTION,
     }
 }

@@ -1,0 +1,377 @@
+//! Commands on every target of an environment: a two-phase switch (rollback, activate) and the
+//! listing of releases across targets, tied together by their labels.
+
+use crate::{locked_session, DeployError, Options, Target};
+use flip_transfer::Session;
+use flip_wire::{Purpose, ReleaseSummary};
+use serde::Serialize;
+
+/// Where a [`switch`] moves each target.
+#[derive(Clone, Debug)]
+pub enum SwitchPlan {
+    /// To the releases of the label before the live one (by creation time, across targets);
+    /// targets whose live release has no label go to the newest release older than the live
+    /// one.
+    Rollback,
+    /// To each target's newest release with this label.
+    Label(String),
+    /// To release `id` on every target.
+    Id(u64),
+}
+
+/// What a [`switch`] did on one target.
+#[derive(Debug, Serialize)]
+pub struct SwitchOutcome {
+    pub target: String,
+    /// The release it was to go to (`None`: not resolved).
+    pub release: Option<u64>,
+    /// The release live before.
+    pub previous: Option<u64>,
+    pub label: Option<String>,
+    /// The release live now, as far as the client knows.
+    pub live: Option<u64>,
+    /// Why this target did not move (its own failure, or another target's).
+    #[serde(skip)]
+    pub error: Option<DeployError>,
+}
+
+struct Locked {
+    session: Session,
+    current: Option<u64>,
+    releases: Vec<ReleaseSummary>,
+}
+
+/// Moves every target to another release in two phases: connect, lock and resolve the release
+/// everywhere first (any failure: nothing moves), then activate everywhere with every lock
+/// held; if an activation fails, the targets already moved are switched back. Returns one
+/// outcome per target, in order; all moved when none has an `error`.
+pub fn switch(
+    targets: &[Target],
+    o: &Options,
+    plan: &SwitchPlan,
+    purpose: Purpose,
+) -> Vec<SwitchOutcome> {
+    let locked: Vec<Result<Locked, DeployError>> = std::thread::scope(|sc| {
+        let jobs: Vec<_> = targets
+            .iter()
+            .map(|t| {
+                sc.spawn(move || {
+                    let mut session = locked_session(t, o, purpose, &mut |h| {
+                        eprintln!("flip: {} is locked by {h}; waiting", t.display())
+                    })?;
+                    let (current, releases) = session.status()?;
+                    Ok(Locked {
+                        session,
+                        current,
+                        releases,
+                    })
+                })
+            })
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    let mut out: Vec<SwitchOutcome> = targets
+        .iter()
+        .zip(&locked)
+        .map(|(t, l)| SwitchOutcome {
+            target: t.display(),
+            release: None,
+            previous: l.as_ref().ok().and_then(|l| l.current),
+            label: None,
+            live: l.as_ref().ok().and_then(|l| l.current),
+            error: None,
+        })
+        .collect();
+    let wanted = resolve(plan, &locked, targets);
+    let mut failure: Option<String> = None;
+    for ((o, l), w) in out.iter_mut().zip(&locked).zip(&wanted) {
+        match (l, w) {
+            (Err(_), _) => {}
+            (Ok(_), Ok(id)) => o.release = Some(*id),
+            (Ok(_), Err(e)) => {
+                failure.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    for (i, l) in locked.iter().enumerate() {
+        if let Err(e) = l {
+            failure.get_or_insert_with(|| e.to_string());
+            let _ = i;
+        }
+    }
+    let mut sessions: Vec<Option<Locked>> = Vec::with_capacity(locked.len());
+    for ((l, w), o) in locked.into_iter().zip(wanted).zip(out.iter_mut()) {
+        match l {
+            Err(e) => {
+                o.error = Some(e);
+                sessions.push(None);
+            }
+            Ok(l) => {
+                if let Err(e) = w {
+                    o.error = Some(e);
+                }
+                o.label = o
+                    .release
+                    .and_then(|id| l.releases.iter().find(|r| r.id == id))
+                    .and_then(|r| r.label.clone());
+                sessions.push(Some(l));
+            }
+        }
+    }
+    if let Some(why) = failure {
+        for o in out.iter_mut().filter(|o| o.error.is_none()) {
+            o.error = Some(DeployError::Aborted {
+                target: o.target.clone(),
+                why: format!("another target failed ({why}); nothing was changed"),
+            });
+        }
+        close_all(sessions);
+        return out;
+    }
+    // Phase 2: every target resolved and locked.
+    let results: Vec<Result<(), DeployError>> = std::thread::scope(|sc| {
+        let jobs: Vec<_> = sessions
+            .iter_mut()
+            .zip(&out)
+            .map(|(s, o)| {
+                sc.spawn(move || {
+                    let s = s.as_mut().expect("every target is locked");
+                    let id = o.release.expect("every target resolved");
+                    if s.current == Some(id) {
+                        return Ok(());
+                    }
+                    s.session.activate(id)?;
+                    Ok(())
+                })
+            })
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    for ((r, s), o) in results
+        .into_iter()
+        .zip(sessions.iter_mut())
+        .zip(out.iter_mut())
+    {
+        match r {
+            Ok(()) if failed.is_empty() => o.live = o.release,
+            Ok(()) => {
+                let s = s.as_mut().expect("every target is locked");
+                o.live = o.release;
+                if let Some(prev) = o.previous.filter(|p| Some(*p) != o.release) {
+                    if s.session.activate(prev).is_ok() {
+                        o.live = Some(prev);
+                    }
+                }
+                o.error = Some(DeployError::Aborted {
+                    target: o.target.clone(),
+                    why: format!(
+                        "another target failed ({}); switched back",
+                        failed.join("; ")
+                    ),
+                });
+            }
+            Err(e) => {
+                o.error = Some(e);
+                *s = None;
+            }
+        }
+    }
+    close_all(sessions);
+    out
+}
+
+fn close_all(sessions: Vec<Option<Locked>>) {
+    std::thread::scope(|sc| {
+        for l in sessions.into_iter().flatten() {
+            sc.spawn(move || {
+                let _ = l.session.close();
+            });
+        }
+    });
+}
+
+/// The release each target goes to.
+fn resolve(
+    plan: &SwitchPlan,
+    locked: &[Result<Locked, DeployError>],
+    targets: &[Target],
+) -> Vec<Result<u64, DeployError>> {
+    let no = |t: &Target, what: String| Err(DeployError::Usage(format!("{}: {what}", t.display())));
+    // The label before the live one: the newest release (by creation) older than the live
+    // one on its target, with another label.
+    let previous_label = match plan {
+        SwitchPlan::Rollback => locked
+            .iter()
+            .filter_map(|l| l.as_ref().ok())
+            .filter_map(|l| {
+                let live = l.releases.iter().find(|r| Some(r.id) == l.current)?;
+                let live_label = live.label.as_ref()?;
+                l.releases
+                    .iter()
+                    .filter(|r| r.id < live.id && r.label.as_ref().is_some_and(|x| x != live_label))
+                    .max_by_key(|r| (r.created, r.id))
+            })
+            .max_by_key(|r| r.created)
+            .and_then(|r| r.label.clone()),
+        _ => None,
+    };
+    locked
+        .iter()
+        .zip(targets)
+        .map(|(l, t)| {
+            let Ok(l) = l else {
+                return Err(DeployError::Usage(String::new()));
+            };
+            let newest_with = |label: &str| {
+                l.releases
+                    .iter()
+                    .filter(|r| r.label.as_deref() == Some(label))
+                    .max_by_key(|r| r.id)
+                    .map(|r| r.id)
+            };
+            match plan {
+                SwitchPlan::Id(id) => match l.releases.iter().any(|r| r.id == *id) {
+                    true => Ok(*id),
+                    false => no(t, format!("no release {id}")),
+                },
+                SwitchPlan::Label(label) => match newest_with(label) {
+                    Some(id) => Ok(id),
+                    None => no(t, format!("no release labelled {label:?}")),
+                },
+                SwitchPlan::Rollback => {
+                    let Some(live) = l.current else {
+                        return no(t, "nothing is live: nothing to roll back".into());
+                    };
+                    let live_labelled = l
+                        .releases
+                        .iter()
+                        .find(|r| r.id == live)
+                        .is_some_and(|r| r.label.is_some());
+                    match (&previous_label, live_labelled) {
+                        (Some(p), true) => match newest_with(p) {
+                            Some(id) => Ok(id),
+                            None => no(t, format!("no release labelled {p:?} to roll back to")),
+                        },
+                        _ => match l
+                            .releases
+                            .iter()
+                            .filter(|r| r.id < live)
+                            .max_by_key(|r| r.id)
+                        {
+                            Some(r) => Ok(r.id),
+                            None => no(
+                                t,
+                                format!(
+                                    "no release older than the live one ({live}) to roll back to"
+                                ),
+                            ),
+                        },
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+/// One row of `flip releases ENV`: the releases of one label (or one unlabelled release) on
+/// every target.
+#[derive(Debug, Serialize)]
+pub struct LabelRow {
+    pub label: Option<String>,
+    /// The newest creation time of the row's releases (seconds since the epoch).
+    pub created: i64,
+    /// Per target (in order): the release id with this label, if any.
+    pub ids: Vec<Option<u64>>,
+    /// Per target: whether that release is live.
+    pub live: Vec<bool>,
+}
+
+/// The releases of every target as rows by label, oldest first. A label's row holds each
+/// target's newest release of that label; an unlabelled release gets a row of its own.
+pub fn label_rows(lists: &[Vec<ReleaseSummary>]) -> Vec<LabelRow> {
+    let n = lists.len();
+    let mut rows: Vec<LabelRow> = Vec::new();
+    for (i, list) in lists.iter().enumerate() {
+        for r in list {
+            let row = match &r.label {
+                Some(l) => match rows.iter_mut().position(|x| x.label.as_ref() == Some(l)) {
+                    Some(k) => &mut rows[k],
+                    None => {
+                        rows.push(empty_row(r.label.clone(), n));
+                        rows.last_mut().unwrap()
+                    }
+                },
+                None => {
+                    rows.push(empty_row(None, n));
+                    rows.last_mut().unwrap()
+                }
+            };
+            row.created = row.created.max(r.created);
+            if row.ids[i].is_none_or(|id| id < r.id) {
+                row.ids[i] = Some(r.id);
+                row.live[i] = r.current;
+            }
+        }
+    }
+    rows.sort_by_key(|r| (r.created, r.ids.iter().flatten().max().copied()));
+    rows
+}
+
+fn empty_row(label: Option<String>, n: usize) -> LabelRow {
+    LabelRow {
+        label,
+        created: i64::MIN,
+        ids: vec![None; n],
+        live: vec![false; n],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flip_manifest::Digest;
+
+    fn r(id: u64, label: Option<&str>, created: i64, current: bool) -> ReleaseSummary {
+        ReleaseSummary {
+            id,
+            label: label.map(str::to_string),
+            created,
+            files: 1,
+            bytes: 1,
+            manifest_digest: Digest([0; 32]),
+            current,
+        }
+    }
+
+    #[test]
+    fn label_rows_join_the_releases_of_one_label_across_targets() {
+        let a = vec![
+            r(1, Some("v1"), 10, false),
+            r(2, Some("v2"), 20, true),
+            r(3, None, 30, false),
+        ];
+        // Another target with other ids for the same labels, and a redeploy of v2.
+        let b = vec![
+            r(7, Some("v1"), 11, false),
+            r(8, Some("v2"), 21, false),
+            r(9, Some("v2"), 22, true),
+        ];
+        let rows = label_rows(&[a, b]);
+        let view: Vec<(Option<&str>, Vec<Option<u64>>, Vec<bool>)> = rows
+            .iter()
+            .map(|r| (r.label.as_deref(), r.ids.clone(), r.live.clone()))
+            .collect();
+        assert_eq!(
+            view,
+            vec![
+                (Some("v1"), vec![Some(1), Some(7)], vec![false, false]),
+                (Some("v2"), vec![Some(2), Some(9)], vec![true, true]),
+                (None, vec![Some(3), None], vec![false, false]),
+            ]
+        );
+    }
+}

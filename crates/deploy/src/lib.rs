@@ -1,0 +1,1098 @@
+//! The client's deploy pipeline, on one target or many: [`deploy`] reads as the deploy does.
+//!
+//! Options in ([`Options`], one list of [`Target`]s), serde reports out ([`Deployment`],
+//! [`HostReport`]); the binary only renders them. Every target goes through the same phases:
+//!
+//! 1. **Phase 1**, on every target at once (at most [`Options::parallel`] at a time), while the
+//!    source is scanned once: connect and lock, describe the manifest (the live release, and
+//!    whether it already is this tree), stage, send, commit. Nothing is live yet.
+//! 2. If any target failed in phase 1, every release committed elsewhere is discarded (the agent
+//!    removes it: [`flip_wire::Request::Discard`]) and no target changes; the error names the
+//!    target.
+//! 3. **Phase 2**, with every lock still held: activate everywhere. If an activation fails, the
+//!    targets already switched are switched back and their new releases discarded; the report
+//!    says which target is on which release.
+//! 4. Prune, once every target is live.
+//!
+//! A target whose live release already is the new tree (same manifest digest, intact) makes no
+//! release ([`HostReport::unchanged`]) unless [`Options::force_release`].
+
+mod env;
+mod target;
+
+pub use env::{label_rows, switch, LabelRow, SwitchOutcome, SwitchPlan};
+pub use target::{SshSettings, Target};
+
+use flip_manifest::{Digest, Manifest};
+use flip_plan::report::{Counts, Item};
+use flip_transfer::{ContentCache, ManifestCache, Session, TransferError};
+use flip_wire::{Holder, Leftover, Purpose, ReleaseSummary};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Why a deploy (or one target of it) failed. Every message names the target or path.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// A wrong invocation: a target inside the source, an unparsable target.
+    #[error("{0}")]
+    Usage(String),
+    /// The source is missing or not a directory.
+    #[error("{0}")]
+    Source(String),
+    #[error(transparent)]
+    Scan(#[from] flip_scan::ScanError),
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    #[error(transparent)]
+    Transport(#[from] flip_transport::TransportError),
+    #[error("cannot find the flip executable: {0}")]
+    Exe(std::io::Error),
+    /// This target was ready, but the deploy stopped because of another target.
+    #[error("{target}: not activated: {why}")]
+    Aborted { target: String, why: String },
+}
+
+/// What a deploy is asked to do.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The directory deployed.
+    pub source: PathBuf,
+    /// Gitignore-style patterns left out, on top of the source's `.flipignore`.
+    pub excludes: Vec<String>,
+    /// Read `SOURCE/.flipignore`.
+    pub flipignore: bool,
+    /// Stored with each release; ties the releases of one deploy together across targets.
+    pub label: Option<String>,
+    /// Releases kept on each target after the deploy.
+    pub keep: u32,
+    /// Make the new releases live (`false`: stage and commit only).
+    pub activate: bool,
+    /// List every changed path in the reports.
+    pub itemize: bool,
+    /// flip's cache directory (hashes, manifests, content); `None`: no caches.
+    pub cache_dir: Option<PathBuf>,
+    /// zstd level of the connections; `None`: 3 over SSH, off locally.
+    pub compress_level: Option<i32>,
+    /// Wait for a target's lock instead of failing.
+    pub wait: bool,
+    /// Make a release even where the live one already is this tree.
+    pub force_release: bool,
+    /// Targets worked on at once in phase 1; 0 = all.
+    pub parallel: usize,
+    pub ssh: SshSettings,
+}
+
+/// What the binary hears while a deploy runs (progress lines). Called from worker threads.
+pub trait Events: Send + Sync {
+    /// Target number `host` (index into the targets) reached `phase`.
+    fn phase(&self, _host: usize, _phase: Phase) {}
+    /// Target `host` is locked by `holder`; the deploy waits (`Options::wait`).
+    fn waiting(&self, _host: usize, _holder: &str) {}
+}
+
+/// No progress reporting.
+pub struct Quiet;
+impl Events for Quiet {}
+
+/// Where one target is in the pipeline, for progress lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Connecting,
+    Scanning,
+    Staging,
+    Committed,
+    Unchanged,
+    Activating,
+    Live,
+    Failed,
+    Discarded,
+    SwitchedBack,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::Scanning => "waiting for the scan",
+            Phase::Staging => "staging and sending",
+            Phase::Committed => "committed, waiting for the other targets",
+            Phase::Unchanged => "unchanged",
+            Phase::Activating => "activating",
+            Phase::Live => "live",
+            Phase::Failed => "failed",
+            Phase::Discarded => "not activated (release discarded)",
+            Phase::SwitchedBack => "switched back",
+        }
+    }
+}
+
+/// Bytes of one target's deploy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Bytes {
+    /// Crossed the connection to the agent, after compression.
+    pub sent: u64,
+    pub received: u64,
+    /// Files sent whole, before compression.
+    pub literal: u64,
+    /// What the target already had (linked, copied, unchanged parts of deltas).
+    pub matched: u64,
+    /// Deltas and patches sent, before compression.
+    pub delta: u64,
+}
+
+/// What a deploy did on one target: the single-target `flip deploy --json` object.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HostReport {
+    /// The new release (the live one, when `unchanged`).
+    pub release: u64,
+    /// The release live before.
+    pub previous: Option<u64>,
+    pub target: String,
+    pub label: Option<String>,
+    /// Whether `release` is live on this target now.
+    pub activated: bool,
+    /// The live release already was this tree: no release was made.
+    pub unchanged: bool,
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub bytes: Bytes,
+    /// Every changed path with `Options::itemize`, else those the deploy deviated from the
+    /// plan for. Rendered by the binary.
+    #[serde(skip)]
+    pub items: Vec<Item>,
+    /// Releases pruned after the deploy.
+    pub pruned: Vec<u64>,
+    /// What the agent could not remove.
+    pub leftovers: Vec<Leftover>,
+    /// Problems that did not stop the deploy.
+    pub warnings: Vec<String>,
+    pub duration_ms: u64,
+}
+
+/// How one target ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// The new release is live.
+    Live,
+    /// The live release already was this tree.
+    Unchanged,
+    /// Committed, not activated, as asked (`Options::activate` off).
+    Staged,
+    /// Ready, but another target failed: its release was discarded, nothing changed.
+    Discarded,
+    /// Activated, then switched back because another target's activation failed.
+    SwitchedBack,
+    /// This target failed.
+    Failed,
+}
+
+/// One target's outcome.
+#[derive(Debug)]
+pub struct HostOutcome {
+    pub target: String,
+    pub state: HostState,
+    /// What it did, as far as it got (`None`: it failed before staging).
+    pub report: Option<HostReport>,
+    pub error: Option<DeployError>,
+    /// The release live on it now, as far as the client knows.
+    pub live: Option<u64>,
+}
+
+/// The result of [`deploy`]: every target's outcome, in the order given.
+#[derive(Debug)]
+pub struct Deployment {
+    pub label: Option<String>,
+    pub hosts: Vec<HostOutcome>,
+    /// The scan's warnings (files skipped, a cache that could not be used).
+    pub scan_warnings: Vec<String>,
+    pub duration_ms: u64,
+}
+
+impl Deployment {
+    /// Every target is live on the new release (or already was on this tree).
+    pub fn all_live(&self) -> bool {
+        self.hosts
+            .iter()
+            .all(|h| matches!(h.state, HostState::Live | HostState::Unchanged))
+    }
+
+    /// Every target did what was asked: live (or unchanged), or committed and left inactive
+    /// when the deploy was asked not to activate.
+    pub fn succeeded(&self) -> bool {
+        self.hosts.iter().all(|h| {
+            matches!(
+                h.state,
+                HostState::Live | HostState::Unchanged | HostState::Staged
+            )
+        })
+    }
+}
+
+/// Deploys `o.source` to every target, in two phases (see the [crate docs](crate)).
+///
+/// `Err` only for what stops the deploy before any target is touched: a bad source, a target
+/// inside the source, a failed scan. Everything else is per target, in [`Deployment::hosts`].
+pub fn deploy(
+    o: &Options,
+    targets: &[Target],
+    events: Arc<dyn Events>,
+) -> Result<Deployment, DeployError> {
+    let started = Instant::now();
+    let source = checked_source(&o.source, targets)?;
+    let caches = Arc::new(Caches::open(o.cache_dir.as_deref()));
+    // Phase 1 on every target (connect and lock, describe, stage, send, commit), its
+    // connections opened while the source is scanned, once for all of them.
+    let scanned = Arc::new(Shared::new());
+    let workers = phase1(o, &source, targets, &caches, &scanned, events.clone());
+    let scan = scan_source(&source, o).inspect_err(|_| workers.abandon_after(&scanned))?;
+    let scan = Arc::new(scan);
+    scanned.set(Some(scan.clone()));
+    let mut hosts = workers.join();
+    // Phase 2, every lock still held: all live together, or none.
+    let mut states = if hosts.iter().any(|h| h.is_err()) {
+        abort(&mut hosts, &events)
+    } else {
+        caches.remember(&scan.manifest);
+        match o.activate {
+            true => activate_all(&mut hosts, targets, o, &events),
+            false => vec![HostState::Staged; hosts.len()],
+        }
+    };
+    if states
+        .iter()
+        .all(|s| matches!(s, HostState::Live | HostState::Unchanged))
+    {
+        prune_all(&mut hosts, o.keep);
+    }
+    Ok(Deployment {
+        label: o.label.clone(),
+        hosts: finish(hosts, &mut states, targets, o),
+        scan_warnings: scan.warnings.clone(),
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// A target in the pipeline, past phase 1.
+struct Host {
+    index: usize,
+    session: Session,
+    started: Instant,
+    /// The release live before the deploy.
+    previous: Option<u64>,
+    /// The release committed (the live one when `unchanged`).
+    release: u64,
+    unchanged: bool,
+    /// Another target had failed before this one staged: nothing was staged here.
+    skipped: bool,
+    /// Regular files of the new manifest.
+    files: u64,
+    report: Option<flip_transfer::DeployReport>,
+    pruned: Vec<u64>,
+    warnings: Vec<String>,
+}
+
+/// A failed target: the error, and the release live on it if the client saw it.
+struct Failed {
+    error: Box<DeployError>,
+    live: Option<u64>,
+}
+
+/// Phase 1's outcome of one target.
+type Prepared = Result<Host, Failed>;
+
+/// The source directory, absolute, checked to be a directory not overlapping a local target.
+fn checked_source(source: &Path, targets: &[Target]) -> Result<PathBuf, DeployError> {
+    let abs = match std::fs::metadata(source) {
+        Ok(m) if m.is_dir() => std::path::absolute(source)
+            .map_err(|e| DeployError::Source(format!("source {}: {e}", source.display())))?,
+        Ok(_) => {
+            return Err(DeployError::Source(format!(
+                "source {} is not a directory",
+                source.display()
+            )))
+        }
+        Err(e) => {
+            return Err(DeployError::Source(format!(
+                "source directory {}: {e}",
+                source.display()
+            )))
+        }
+    };
+    for t in targets {
+        refuse_overlap(&abs, t)?;
+    }
+    Ok(abs)
+}
+
+fn scan_source(source: &Path, o: &Options) -> Result<flip_scan::ScanOutput, DeployError> {
+    let hash_cache = o.cache_dir.as_ref().map(|d| {
+        let key = blake3::hash(source.as_os_str().as_encoded_bytes()).to_hex();
+        d.join("hashes").join(&key[..32])
+    });
+    if let Some(p) = hash_cache.as_ref().and_then(|p| p.parent()) {
+        let _ = std::fs::create_dir_all(p);
+    }
+    let scan = flip_scan::scan(
+        source,
+        &flip_scan::ScanOptions {
+            excludes: o.excludes.clone(),
+            use_flipignore: o.flipignore,
+            hash_cache,
+        },
+    )?;
+    release_free_memory();
+    Ok(scan)
+}
+
+/// The local caches a deploy reads and feeds: manifests (to send only a difference) and file
+/// content (to send patches). Shared by every target of a deploy.
+pub struct Caches {
+    manifests: Option<ManifestCache>,
+    content: Option<ContentCache>,
+}
+
+/// Upper bound of the local cache of deployed file versions (for patches of changed files).
+pub const CONTENT_CACHE_BYTES: u64 = 1 << 30;
+
+impl Caches {
+    /// The caches under `dir` (`None`: none).
+    pub fn open(dir: Option<&Path>) -> Caches {
+        Caches {
+            manifests: dir.map(|d| ManifestCache::new(d.join("manifests"))),
+            content: dir.map(|d| ContentCache::new(d.join("content"), CONTENT_CACHE_BYTES)),
+        }
+    }
+
+    /// The manifest of digest `d`, if this client deployed it and kept it.
+    pub fn manifest(&self, d: &Digest) -> Option<Manifest> {
+        self.manifests.as_ref()?.get(d)
+    }
+
+    pub fn content(&self) -> Option<&ContentCache> {
+        self.content.as_ref()
+    }
+
+    /// Keeps `m` (the next deploy sends only its difference) and the content sent.
+    fn remember(&self, m: &Manifest) {
+        if let Some(Err(e)) = self.manifests.as_ref().map(|c| c.put(m)) {
+            eprintln!("flip: warning: cannot cache the manifest: {e}");
+        }
+        if let Some(Err(e)) = self.content.as_ref().map(|c| c.finish()) {
+            eprintln!("flip: warning: cannot keep deployed content in the cache: {e}");
+        }
+    }
+}
+
+/// A value set once by one thread and awaited by others.
+struct Shared<T> {
+    value: Mutex<Option<Option<T>>>,
+    ready: Condvar,
+}
+
+impl<T: Clone> Shared<T> {
+    fn new() -> Self {
+        Shared {
+            value: Mutex::new(None),
+            ready: Condvar::new(),
+        }
+    }
+
+    fn set(&self, v: Option<T>) {
+        *self.value.lock().unwrap() = Some(v);
+        self.ready.notify_all();
+    }
+
+    fn wait(&self) -> Option<T> {
+        let mut g = self.value.lock().unwrap();
+        loop {
+            if let Some(v) = g.as_ref() {
+                return v.clone();
+            }
+            g = self.ready.wait(g).unwrap();
+        }
+    }
+}
+
+/// Phase 1's worker threads and the outcome of each target.
+struct Workers {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    results: Arc<Mutex<Vec<Option<Prepared>>>>,
+}
+
+/// How long a failed deploy waits for targets still being connected or locked to give up.
+const SESSION_END: Duration = Duration::from_secs(10);
+
+impl Workers {
+    /// Every target's phase-1 result, in target order.
+    fn join(self) -> Vec<Result<Host, Failed>> {
+        for t in self.threads {
+            if let Err(panic) = t.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        let mut r = self.results.lock().unwrap();
+        std::mem::take(&mut *r)
+            .into_iter()
+            .map(|h| h.expect("every target was worked on"))
+            .collect()
+    }
+
+    /// The scan failed: the workers hear it and drop their sessions (the agents remove their
+    /// staging and release the locks); wait for that, bounded, so a retry right after finds no
+    /// lock.
+    fn abandon_after(&self, scanned: &Shared<Arc<flip_scan::ScanOutput>>) {
+        scanned.set(None);
+        let deadline = Instant::now() + SESSION_END;
+        for t in &self.threads {
+            while !t.is_finished() {
+                if Instant::now() > deadline {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// Starts phase 1: `parallel` workers take the targets in order; each connects and locks, waits
+/// for the scan, then describes, stages, sends and commits.
+fn phase1(
+    o: &Options,
+    source: &Path,
+    targets: &[Target],
+    caches: &Arc<Caches>,
+    scanned: &Arc<Shared<Arc<flip_scan::ScanOutput>>>,
+    events: Arc<dyn Events>,
+) -> Workers {
+    let n = targets.len();
+    let width = if o.parallel == 0 {
+        n
+    } else {
+        o.parallel.min(n)
+    };
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
+    let results = Arc::new(Mutex::new((0..n).map(|_| None).collect::<Vec<_>>()));
+    let threads = (0..width)
+        .map(|_| {
+            let (o, source, targets) = (o.clone(), source.to_path_buf(), targets.to_vec());
+            let (caches, scanned, events) = (caches.clone(), scanned.clone(), events.clone());
+            let (next, results, failed) = (next.clone(), results.clone(), failed.clone());
+            std::thread::spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(t) = targets.get(i) else { return };
+                let r = prepare(i, t, &o, &source, &caches, &scanned, &*events, &failed);
+                if r.is_err() {
+                    failed.store(true, Ordering::SeqCst);
+                }
+                events.phase(
+                    i,
+                    match &r {
+                        Ok(h) if h.unchanged => Phase::Unchanged,
+                        Ok(_) => Phase::Committed,
+                        Err(_) => Phase::Failed,
+                    },
+                );
+                results.lock().unwrap()[i] = Some(r);
+            })
+        })
+        .collect();
+    Workers { threads, results }
+}
+
+/// Phase 1 on one target: connect and lock, describe the manifest, stage, send, commit.
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    index: usize,
+    target: &Target,
+    o: &Options,
+    source: &Path,
+    caches: &Caches,
+    scanned: &Shared<Arc<flip_scan::ScanOutput>>,
+    events: &dyn Events,
+    failed: &AtomicBool,
+) -> Result<Host, Failed> {
+    let mut host = Host::connect_and_lock(index, target, o, events)?;
+    events.phase(index, Phase::Scanning);
+    let Some(scan) = scanned.wait() else {
+        return Err(host.fail(DeployError::Aborted {
+            target: target.display(),
+            why: "the scan of the source failed".into(),
+        }));
+    };
+    let live = host.describe(&scan.manifest, o)?;
+    // Another target failed already: no target will go live, so stage nothing here.
+    host.skipped = failed.load(Ordering::SeqCst) && !host.unchanged;
+    if !host.unchanged && !host.skipped {
+        events.phase(index, Phase::Staging);
+        host.stage_send_commit(source, &scan.manifest, live, caches, o)?;
+    }
+    Ok(host)
+}
+
+impl Host {
+    fn connect_and_lock(
+        index: usize,
+        target: &Target,
+        o: &Options,
+        events: &dyn Events,
+    ) -> Result<Host, Failed> {
+        events.phase(index, Phase::Connecting);
+        let session = locked_session(target, o, Purpose::Deploy, &mut |h| {
+            events.waiting(index, h)
+        })
+        .map_err(|error| Failed {
+            error: Box::new(error),
+            live: None,
+        })?;
+        Ok(Host {
+            index,
+            session,
+            started: Instant::now(),
+            previous: None,
+            release: 0,
+            unchanged: false,
+            skipped: false,
+            files: 0,
+            report: None,
+            pruned: Vec::new(),
+            warnings: Vec::new(),
+        })
+    }
+
+    /// This target's failure, with what is live on it.
+    fn fail(&self, error: DeployError) -> Failed {
+        Failed {
+            error: Box::new(error),
+            live: self.previous,
+        }
+    }
+
+    /// Reads the live release; decides whether it already is `manifest` (intact: then no
+    /// release is made, unless forced). Returns the live manifest's digest.
+    fn describe(&mut self, manifest: &Manifest, o: &Options) -> Result<Option<Digest>, Failed> {
+        let (current, releases) = self.session.status().map_err(|e| self.fail(e.into()))?;
+        self.previous = current;
+        self.files = manifest.file_count() as u64;
+        let live_digest = live_of(current, &releases).map(|r| r.manifest_digest);
+        if live_digest == Some(manifest.digest()) && !o.force_release {
+            let intact = self.session.live_intact(manifest.digest());
+            if let Some(id) = intact.map_err(|e| self.fail(e.into()))? {
+                self.release = id;
+                self.unchanged = true;
+            }
+        }
+        Ok(live_digest)
+    }
+
+    /// Stages the release against the live one (`live_digest`), sends what the target lacks,
+    /// commits. With the live manifest in the local cache, only the difference to it is sent.
+    fn stage_send_commit(
+        &mut self,
+        source: &Path,
+        manifest: &Manifest,
+        live_digest: Option<Digest>,
+        caches: &Caches,
+        o: &Options,
+    ) -> Result<(), Failed> {
+        let previous = live_digest
+            .filter(|d| *d != manifest.digest())
+            .and_then(|d| caches.manifest(&d));
+        let report = self
+            .session
+            .stage(
+                source,
+                manifest,
+                previous,
+                o.label.clone(),
+                caches.content(),
+                live_digest,
+                o.itemize,
+            )
+            .map_err(|e| self.fail(e.into()))?;
+        self.release = report.release;
+        self.report = Some(report);
+        Ok(())
+    }
+}
+
+/// Opens a session with `target` and takes its lock for `purpose`; `on_wait` hears the holder
+/// when `o.wait` and the target is locked.
+pub fn locked_session(
+    target: &Target,
+    o: &Options,
+    purpose: Purpose,
+    on_wait: &mut dyn FnMut(&str),
+) -> Result<Session, DeployError> {
+    let mut s = target.connect(&o.ssh, target.compress_level(o.compress_level))?;
+    s.lock(holder(purpose), o.wait, on_wait)?;
+    Ok(s)
+}
+
+/// Who takes a lock: this process, user and host, for `purpose`.
+pub fn holder(purpose: Purpose) -> Holder {
+    Holder {
+        pid: std::process::id(),
+        host: local_host(),
+        user: whoami(),
+        since: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
+        what: purpose,
+    }
+}
+
+fn whoami() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        // SAFETY: getuid cannot fail.
+        .unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }))
+}
+
+fn local_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// A target failed in phase 1: every release committed elsewhere is discarded; no target is
+/// activated.
+fn abort(hosts: &mut [Result<Host, Failed>], events: &Arc<dyn Events>) -> Vec<HostState> {
+    let culprits: Vec<String> = hosts
+        .iter()
+        .filter_map(|h| h.as_ref().err().map(|f| f.error.to_string()))
+        .collect();
+    let why = format!("another target failed ({})", culprits.join("; "));
+    std::thread::scope(|sc| {
+        let jobs: Vec<_> = hosts
+            .iter_mut()
+            .map(|h| {
+                let why = &why;
+                sc.spawn(move || match h {
+                    Err(_) => HostState::Failed,
+                    Ok(h) if h.unchanged => HostState::Unchanged,
+                    Ok(h) if h.skipped => {
+                        events.phase(h.index, Phase::Discarded);
+                        h.warnings.push(format!("nothing staged: {why}"));
+                        HostState::Discarded
+                    }
+                    Ok(h) => {
+                        if let Err(e) = h.session.discard(h.release) {
+                            h.warnings.push(format!(
+                                "release {} was committed but could not be discarded (it is not live): {e}",
+                                h.release
+                            ));
+                        }
+                        events.phase(h.index, Phase::Discarded);
+                        h.warnings.push(format!("not activated: {why}"));
+                        HostState::Discarded
+                    }
+                })
+            })
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    })
+}
+
+/// Phase 2: activates every committed release; if one fails, the targets already switched go
+/// back to their previous release and their new release is discarded.
+fn activate_all(
+    hosts: &mut [Result<Host, Failed>],
+    targets: &[Target],
+    o: &Options,
+    events: &Arc<dyn Events>,
+) -> Vec<HostState> {
+    let results: Vec<Result<(), DeployError>> = std::thread::scope(|sc| {
+        let jobs: Vec<_> = hosts
+            .iter_mut()
+            .map(|h| {
+                sc.spawn(move || {
+                    let h = h.as_mut().ok().expect("phase 1 succeeded everywhere");
+                    if h.unchanged {
+                        return Ok(());
+                    }
+                    events.phase(h.index, Phase::Activating);
+                    h.session.activate(h.release)?;
+                    events.phase(h.index, Phase::Live);
+                    Ok(())
+                })
+            })
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    let mut states = Vec::with_capacity(hosts.len());
+    for (slot, r) in hosts.iter_mut().zip(results) {
+        let h = slot.as_mut().ok().expect("phase 1 succeeded everywhere");
+        match r {
+            Ok(()) if h.unchanged => states.push(HostState::Unchanged),
+            Ok(()) if failed.is_empty() => states.push(HostState::Live),
+            Ok(()) => states.push(switch_back(h, &failed, events)),
+            Err(e) => {
+                let (previous, release) = (h.previous, h.release);
+                // End the broken session first: its agent releases the lock as it goes.
+                *slot = Err(Failed {
+                    error: Box::new(e),
+                    live: previous,
+                });
+                let live = recheck(&targets[states.len()], o, previous, release);
+                if let Err(f) = slot {
+                    f.live = live;
+                }
+                states.push(HostState::Failed);
+            }
+        }
+    }
+    states
+}
+
+/// After a failed activation: what is live on the target, seen through a new session; if the
+/// new `release` went live after all (the agent died after the swap), it is switched back to
+/// `previous`.
+fn recheck(target: &Target, o: &Options, previous: Option<u64>, release: u64) -> Option<u64> {
+    let o = Options {
+        wait: true,
+        ..o.clone()
+    };
+    let mut s = locked_session(target, &o, Purpose::Deploy, &mut |_| {}).ok()?;
+    let (mut current, _) = s.status().ok()?;
+    if current == Some(release) {
+        if let Some(p) = previous {
+            if s.activate(p).is_ok() {
+                current = Some(p);
+            }
+        }
+    }
+    let _ = s.close();
+    current
+}
+
+/// Another target's activation failed: `h` goes back to the release live before (when there
+/// was one) and its new release is discarded.
+fn switch_back(h: &mut Host, failed: &[String], events: &Arc<dyn Events>) -> HostState {
+    let why = failed.join("; ");
+    let Some(prev) = h.previous else {
+        h.warnings.push(format!(
+            "another target's activation failed ({why}), and this target had no release live before: release {} stays live",
+            h.release
+        ));
+        return HostState::Live;
+    };
+    match h.session.activate(prev) {
+        Ok(_) => {
+            if let Err(e) = h.session.discard(h.release) {
+                h.warnings
+                    .push(format!("release {} could not be discarded: {e}", h.release));
+            }
+            h.warnings.push(format!(
+                "switched back to release {prev}: another target's activation failed ({why})"
+            ));
+            events.phase(h.index, Phase::SwitchedBack);
+            HostState::SwitchedBack
+        }
+        Err(e) => {
+            h.warnings.push(format!(
+                "another target's activation failed ({why}) and switching back to release {prev} failed too ({e}): release {} stays live",
+                h.release
+            ));
+            HostState::Live
+        }
+    }
+}
+
+fn prune_all(hosts: &mut [Result<Host, Failed>], keep: u32) {
+    std::thread::scope(|sc| {
+        for h in hosts.iter_mut().filter_map(|h| h.as_mut().ok()) {
+            sc.spawn(move || {
+                // The deploy is live: a failed cleanup is a warning, never a failed deploy.
+                match h.session.prune(keep) {
+                    Ok(r) => h.pruned = r,
+                    Err(e) => h
+                        .warnings
+                        .push(format!("deployed, but pruning old releases failed: {e}")),
+                }
+            });
+        }
+    });
+}
+
+/// Closes every session and turns what each target did into its outcome.
+fn finish(
+    hosts: Vec<Prepared>,
+    states: &mut [HostState],
+    targets: &[Target],
+    o: &Options,
+) -> Vec<HostOutcome> {
+    // Sessions end in parallel: each close waits for its agent to exit.
+    std::thread::scope(|sc| {
+        let jobs: Vec<_> = hosts
+            .into_iter()
+            .zip(states.iter())
+            .zip(targets)
+            .map(|((h, state), t)| sc.spawn(move || outcome(h, *state, t, o)))
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    })
+}
+
+/// Closes a target's session and says how it ended.
+fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcome {
+    match h {
+        Err(f) => HostOutcome {
+            target: t.display(),
+            state: HostState::Failed,
+            report: None,
+            error: Some(*f.error),
+            live: f.live,
+        },
+        Ok(mut h) => {
+            let (sent, received) = h.session.bytes();
+            let mut warnings = h.session.take_warnings();
+            warnings.append(&mut h.warnings);
+            let leftovers = h.session.leftovers().unwrap_or_default().to_vec();
+            if let Err(e) = h.session.close() {
+                warnings.push(e.to_string());
+            }
+            let activated = matches!(state, HostState::Live | HostState::Unchanged);
+            let live = match state {
+                HostState::Live | HostState::Unchanged => Some(h.release),
+                _ => h.previous,
+            };
+            let mut r = h.report.unwrap_or_default();
+            if h.unchanged {
+                // Nothing changes: every file stays as the live release has it.
+                r.counts.files.total = h.files;
+                r.counts.files.unchanged = h.files;
+            }
+            let report = HostReport {
+                release: h.release,
+                previous: if h.unchanged { None } else { h.previous },
+                target: t.display(),
+                label: o.label.clone(),
+                activated,
+                unchanged: h.unchanged,
+                counts: r.counts,
+                bytes: Bytes {
+                    sent,
+                    received,
+                    literal: r.literal_bytes,
+                    matched: r.matched_bytes,
+                    delta: r.delta_bytes,
+                },
+                items: r.items,
+                pruned: h.pruned,
+                leftovers,
+                warnings,
+                duration_ms: h.started.elapsed().as_millis() as u64,
+            };
+            HostOutcome {
+                target: t.display(),
+                state,
+                // Nothing was staged on a skipped target: nothing to report.
+                report: (!h.skipped).then_some(report),
+                error: None,
+                live,
+            }
+        }
+    }
+}
+
+/// The default label of a deploy of `source`: `git rev-parse --short HEAD` (with `-dirty` when
+/// the work tree has changes) when it is a git work tree, else the UTC time
+/// (`2026-11-30T09:30:00Z`).
+pub fn default_label(source: &Path) -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(source)
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]).filter(|s| !s.is_empty()) {
+        Some(commit) => {
+            let dirty = git(&["status", "--porcelain"]).is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{commit}-dirty")
+            } else {
+                commit
+            }
+        }
+        None => iso_time(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        ),
+    }
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn iso_time(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Hands memory freed by the scan back to the system, so the next phase's peak does not stack
+/// on top of it.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// `path` absolute, with symlinks resolved as far as it exists; the rest (what a deploy would
+/// create) is appended with `.` and `..` resolved as the directories would be made.
+fn resolve(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let comps: Vec<Component> = abs.components().collect();
+    for k in (1..=comps.len()).rev() {
+        let prefix: PathBuf = comps[..k].iter().collect();
+        if let Ok(mut base) = std::fs::canonicalize(&prefix) {
+            for c in &comps[k..] {
+                match c {
+                    Component::ParentDir => {
+                        base.pop();
+                    }
+                    Component::Normal(n) => base.push(n),
+                    _ => {}
+                }
+            }
+            return base;
+        }
+    }
+    abs
+}
+
+/// Refuses, before anything is created, a local target inside the source (every deploy would
+/// copy the target into itself) and a source inside the target's own directories (a release
+/// deploying itself). `source` is absolute.
+pub fn refuse_overlap(source: &Path, target: &Target) -> Result<(), DeployError> {
+    let Target::Local(t) = target else {
+        return Ok(());
+    };
+    let src = resolve(source);
+    let dst = resolve(t);
+    if dst.starts_with(&src) {
+        return Err(DeployError::Usage(format!(
+            "the target {} is inside the source {} (as {} in {}): the target would be deployed into itself; choose a target outside the source",
+            t.display(),
+            source.display(),
+            dst.display(),
+            src.display()
+        )));
+    }
+    for own in ["releases", ".flip", "current"] {
+        let d = resolve(&dst.join(own));
+        if src.starts_with(&d) {
+            return Err(DeployError::Usage(format!(
+                "the source {} is inside the target's {} ({}): flip will not deploy a target's own releases or state into it; copy the tree elsewhere first",
+                source.display(),
+                own,
+                d.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The live release of a listing and its summary.
+pub fn live_of(current: Option<u64>, releases: &[ReleaseSummary]) -> Option<&ReleaseSummary> {
+    releases.iter().find(|r| Some(r.id) == current)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_time_formats_utc_seconds() {
+        assert_eq!(iso_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso_time(1_796_030_400), "2026-11-30T09:20:00Z");
+        assert_eq!(iso_time(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn the_default_label_of_a_plain_directory_is_a_timestamp() {
+        let d = tempfile_dir();
+        let l = default_label(&d);
+        assert!(l.ends_with('Z') && l.len() == 20, "{l}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn the_default_label_of_a_git_work_tree_is_its_commit_marked_dirty_when_changed() {
+        let d = tempfile_dir().join("repo");
+        std::fs::create_dir_all(&d).unwrap();
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(&d)
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .output()
+                .expect("git")
+                .status
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "-q"]);
+        std::fs::write(d.join("index.php"), "<?php\n").unwrap();
+        git(&["add", "."]);
+        git(&["commit", "-qm", "one"]);
+        let head = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&d)
+            .args(["rev-parse", "--short", "HEAD"])
+            .output()
+            .unwrap();
+        let head = String::from_utf8(head.stdout).unwrap().trim().to_string();
+        assert_eq!(default_label(&d), head);
+        std::fs::write(d.join("index.php"), "<?php // edited\n").unwrap();
+        assert_eq!(default_label(&d), format!("{head}-dirty"));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "flip-deploy-label-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

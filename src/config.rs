@@ -1,0 +1,297 @@
+//! `flip.toml`: environments (named lists of targets) and deploy settings, found in the working
+//! directory or given with `--config FILE`. Precedence: command-line flag > the environment's
+//! table > the top level > flip's default. Every error names the file, the line and the key.
+
+use crate::exit;
+use anyhow::Result;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The file name looked for in the working directory.
+pub const FILE: &str = "flip.toml";
+
+/// Settings that may appear at the top level and in an environment's table.
+#[derive(Debug, Default, Clone)]
+pub struct Settings {
+    /// The directory deployed, relative to the file.
+    pub source: Option<PathBuf>,
+    /// Gitignore-style patterns left out, on top of the source's `.flipignore`.
+    pub exclude: Option<Vec<String>>,
+    /// Releases kept on each target after a deploy.
+    pub keep: Option<u32>,
+    /// Targets deployed to at once (phase 1); 0 = all.
+    pub parallel: Option<usize>,
+    /// zstd level of the connections, 0-19.
+    pub compress_level: Option<i32>,
+}
+
+// No `#[serde(flatten)]`: it defeats `deny_unknown_fields` and the spans of type errors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvShape {
+    targets: Vec<String>,
+    source: Option<PathBuf>,
+    exclude: Option<Vec<String>>,
+    keep: Option<u32>,
+    parallel: Option<usize>,
+    compress_level: Option<i32>,
+}
+
+#[derive(Debug)]
+struct Env {
+    targets: Vec<String>,
+    settings: Settings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileShape {
+    source: Option<PathBuf>,
+    exclude: Option<Vec<String>>,
+    keep: Option<u32>,
+    parallel: Option<usize>,
+    compress_level: Option<i32>,
+    #[serde(default)]
+    env: BTreeMap<String, EnvShape>,
+}
+
+/// A parsed `flip.toml`.
+pub struct Config {
+    pub path: PathBuf,
+    top: Settings,
+    envs: BTreeMap<String, Env>,
+}
+
+/// An environment's settings after precedence, and where each came from (for `flip config`).
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub env: String,
+    pub targets: Vec<String>,
+    pub source: Option<(PathBuf, &'static str)>,
+    pub exclude: (Vec<String>, &'static str),
+    pub keep: (u32, &'static str),
+    pub parallel: (usize, &'static str),
+    pub compress_level: (Option<i32>, &'static str),
+}
+
+/// Default of `keep`.
+pub const KEEP: u32 = 5;
+
+impl Config {
+    /// `explicit` (`--config FILE`, which must exist), else `./flip.toml` if there is one.
+    pub fn load(explicit: Option<&Path>) -> Result<Option<Config>> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(FILE).is_file() => PathBuf::from(FILE),
+            None => return Ok(None),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            exit::coded(
+                exit::USAGE,
+                format!("cannot read the configuration {}: {e}", path.display()),
+            )
+        })?;
+        let path = std::path::absolute(&path).unwrap_or(path);
+        let shape: FileShape = toml::from_str(&text)
+            .map_err(|e| exit::coded(exit::USAGE, describe_error(&path, &text, &e)))?;
+        let mut envs = BTreeMap::new();
+        for (name, env) in shape.env {
+            if env.targets.is_empty() {
+                let line = line_of_table(&text, &name);
+                return Err(exit::coded(
+                    exit::USAGE,
+                    format!(
+                        "{}:{line}: env.{name}.targets: an environment needs at least one target",
+                        path.display()
+                    ),
+                ));
+            }
+            let settings = Settings {
+                source: env.source,
+                exclude: env.exclude,
+                keep: env.keep,
+                parallel: env.parallel,
+                compress_level: env.compress_level,
+            };
+            let targets = env.targets;
+            envs.insert(name, Env { targets, settings });
+        }
+        let top = Settings {
+            source: shape.source,
+            exclude: shape.exclude,
+            keep: shape.keep,
+            parallel: shape.parallel,
+            compress_level: shape.compress_level,
+        };
+        Ok(Some(Config { path, top, envs }))
+    }
+
+    /// Whether `name` is one of the file's environments.
+    pub fn has_env(&self, name: &str) -> bool {
+        self.envs.contains_key(name)
+    }
+
+    /// The file's directory: what a relative `source` is relative to.
+    fn dir(&self) -> PathBuf {
+        self.path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
+    /// Environment `name` resolved against the top level and defaults (flags come on top, in
+    /// the caller).
+    pub fn env(&self, name: &str) -> Result<Resolved> {
+        let Some(env) = self.envs.get(name) else {
+            let known: Vec<&str> = self.envs.keys().map(String::as_str).collect();
+            return Err(exit::coded(
+                exit::USAGE,
+                format!(
+                    "{}: env.{name}: no such environment (the file defines: {})",
+                    self.path.display(),
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        };
+        let e = &env.settings;
+        let t = &self.top;
+        let envkey: &'static str = "environment table";
+        fn pick<T: Clone>(
+            e: &Option<T>,
+            t: &Option<T>,
+            envkey: &'static str,
+        ) -> Option<(T, &'static str)> {
+            e.clone()
+                .map(|v| (v, envkey))
+                .or_else(|| t.clone().map(|v| (v, "top level")))
+        }
+        let dir = self.dir();
+        Ok(Resolved {
+            env: name.to_string(),
+            targets: env.targets.clone(),
+            source: pick(&e.source, &t.source, envkey).map(|(p, from)| (dir.join(p), from)),
+            exclude: pick(&e.exclude, &t.exclude, envkey).unwrap_or((Vec::new(), "default")),
+            keep: pick(&e.keep, &t.keep, envkey).unwrap_or((KEEP, "default")),
+            parallel: pick(&e.parallel, &t.parallel, envkey).unwrap_or((0, "default")),
+            compress_level: pick(&e.compress_level, &t.compress_level, envkey)
+                .map(|(v, f)| (Some(v), f))
+                .unwrap_or((None, "default")),
+        })
+    }
+
+    /// The top level's settings (for `flip deploy SRC TARGET` with a file present).
+    pub fn top(&self) -> &Settings {
+        &self.top
+    }
+}
+
+/// `FILE:LINE: KEY: what is wrong`, from a toml error and its span.
+fn describe_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_string();
+    let Some(span) = e.span() else {
+        return format!("{}: {msg}", path.display());
+    };
+    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+    let key = key_at(text, span.start);
+    match key {
+        Some(k) => format!("{}:{line}: {k}: {msg}", path.display()),
+        None => format!("{}:{line}: {msg}", path.display()),
+    }
+}
+
+/// The dotted key of the line holding byte `at` (`env.prod.keep`), from the `[table]` header
+/// above it and the text before `=`; the table itself for a header line.
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let line = text[start..end].trim();
+    let header = |l: &str| {
+        l.strip_prefix('[')
+            .and_then(|l| l.split(']').next())
+            .map(|h| h.trim().to_string())
+    };
+    if line.starts_with('[') {
+        return header(line);
+    }
+    let table = text[..start]
+        .lines()
+        .rev()
+        .find_map(|l| header(l.trim()).filter(|_| l.trim().starts_with('[')));
+    let key = line.split('=').next()?.trim().trim_matches('"').to_string();
+    if key.is_empty() || line.find('=').is_none() {
+        return table;
+    }
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key,
+    })
+}
+
+/// The line of `[env.NAME]` (1 when not found).
+fn line_of_table(text: &str, name: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            let l = l.trim().replace(' ', "");
+            l == format!("[env.{name}]") || l == format!("[env.\"{name}\"]")
+        })
+        .map_or(1, |i| i + 1)
+}
+
+/// `flip init`'s starter file for a PHP application.
+pub const STARTER: &str = r#"# flip.toml: where `flip deploy ENV` deploys (see README.md, "flip.toml").
+# Settings at the top level apply to every environment; an environment's table overrides them,
+# and a command-line flag overrides both.
+
+# The directory deployed, relative to this file: your built application (composer install
+# --no-dev --optimize-autoloader, compiled assets). Point the web server at current/public.
+source = "."
+
+# Left out of every release, in gitignore syntax, on top of the source's .flipignore.
+# Runtime state belongs in shared paths outside the release, never inside it.
+exclude = [
+    "/.git",
+    "/tests",
+    "/storage/logs/*",
+    "/storage/framework/cache/*",
+    "/storage/framework/sessions/*",
+    "/node_modules",
+    ".env",
+    "*.md",
+]
+
+# Releases kept on each target after a deploy (the live one and the rollback target always are).
+keep = 5
+
+# Every target of an environment gets the release, and they go live together: a target that
+# fails means none goes live. A target is what `flip deploy SRC TARGET` takes: a local
+# directory, [user@]host:/path or ssh://user@host:port/path.
+[env.prod]
+targets = ["deploy@web1:/srv/app", "deploy@web2:/srv/app"]
+
+[env.staging]
+targets = ["deploy@staging:/srv/app"]
+keep = 3
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_named_with_their_table() {
+        let text = "keep = 1\n\n[env.prod]\ntargets = [\"/x\"]\nkeep = \"x\"\n";
+        let at = text.find("\"x\"").unwrap();
+        assert_eq!(key_at(text, at).as_deref(), Some("env.prod.keep"));
+        assert_eq!(key_at(text, 0).as_deref(), Some("keep"));
+        assert_eq!(
+            key_at(text, text.find("[env").unwrap()).as_deref(),
+            Some("env.prod")
+        );
+    }
+}

@@ -1,0 +1,367 @@
+//! Renders the pipeline's reports: progress lines while a deploy runs (stderr, only when it is a
+//! terminal), the human summary (stderr) and `--json` (stdout).
+
+use crate::{error_text, exit, output};
+use flip_deploy::{Deployment, Events, HostOutcome, HostReport, HostState, Phase, Target};
+use serde_json::{json, Map, Value};
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+/// One progress line per target on stderr when it is a terminal; nothing otherwise.
+pub struct Progress {
+    bars: Option<(indicatif::MultiProgress, Vec<indicatif::ProgressBar>)>,
+    names: Vec<String>,
+}
+
+impl Progress {
+    pub fn new(targets: &[Target]) -> Arc<Progress> {
+        let names: Vec<String> = targets.iter().map(Target::display).collect();
+        let bars = std::io::stderr().is_terminal().then(|| {
+            let multi =
+                indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr());
+            let width = names.iter().map(String::len).max().unwrap_or(0);
+            let style = indicatif::ProgressStyle::with_template(&format!(
+                "{{spinner}} {{prefix:<{width}}}  {{msg}}"
+            ))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+            let bars = names
+                .iter()
+                .map(|n| {
+                    let b = multi.add(indicatif::ProgressBar::new_spinner());
+                    b.set_style(style.clone());
+                    b.set_prefix(n.clone());
+                    b.set_message("waiting");
+                    b.enable_steady_tick(std::time::Duration::from_millis(120));
+                    b
+                })
+                .collect();
+            (multi, bars)
+        });
+        Arc::new(Progress { bars, names })
+    }
+
+    /// Leaves every line as it ended.
+    pub fn done(&self) {
+        if let Some((_, bars)) = &self.bars {
+            for b in bars {
+                b.finish();
+            }
+        }
+    }
+}
+
+impl Events for Progress {
+    fn phase(&self, host: usize, phase: Phase) {
+        if let Some(b) = self.bars.as_ref().and_then(|(_, b)| b.get(host)) {
+            b.set_message(phase.as_str());
+        }
+    }
+
+    fn waiting(&self, host: usize, holder: &str) {
+        let name = self.names.get(host).map(String::as_str).unwrap_or("?");
+        match self.bars.as_ref().and_then(|(_, b)| b.get(host)) {
+            Some(b) => b.set_message(format!("locked by {holder}; waiting")),
+            None => eprintln!("flip: {name} is locked by {holder}; waiting"),
+        }
+    }
+}
+
+pub fn leftover_line(path: &str, error: &str) {
+    eprintln!(
+        "flip: warning: cannot remove {path}: {error} (left over; removed at the next cleanup once that is possible)"
+    );
+}
+
+/// The JSON object of one target's deploy: today's single-target object.
+fn report_json(r: &HostReport, itemize: bool) -> Map<String, Value> {
+    let mut out = match serde_json::to_value(r) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    if itemize {
+        out.insert("items".into(), output::items_json(&r.items));
+    }
+    out
+}
+
+/// The human lines of one target's deploy (stderr; itemized paths on stdout).
+fn report_text(r: &HostReport, state: HostState, itemize: bool) {
+    for w in &r.warnings {
+        eprintln!("flip: warning: {w}");
+    }
+    for l in &r.leftovers {
+        leftover_line(&l.path, &l.error);
+    }
+    if itemize {
+        output::print_items(&r.items);
+    }
+    let label = r
+        .label
+        .as_deref()
+        .map(|l| format!(" ({l})"))
+        .unwrap_or_default();
+    if r.unchanged {
+        eprintln!(
+            "flip: {}: unchanged, release {} is live",
+            r.target, r.release
+        );
+        return;
+    }
+    let verb = match state {
+        HostState::Live => "deployed",
+        HostState::Staged => "staged (not live)",
+        HostState::Discarded => "staged, then discarded (not activated)",
+        HostState::SwitchedBack => "activated, then switched back from",
+        HostState::Failed | HostState::Unchanged => "failed",
+    };
+    eprintln!(
+        "flip: {verb} release {} to {}{label}: {}; sent {}, received {} in {:.2} s",
+        r.release,
+        r.target,
+        output::counts_text(&r.counts),
+        output::bytes(r.bytes.sent),
+        output::bytes(r.bytes.received),
+        r.duration_ms as f64 / 1000.0
+    );
+    if r.counts.files.resent > 0 {
+        eprintln!(
+            "flip: {} file(s) the plan meant to reuse from the target were missing or altered there and were sent instead{}",
+            r.counts.files.resent,
+            if itemize { " (marked above)" } else { " (--itemize names them)" }
+        );
+    }
+}
+
+/// `flip deploy SRC TARGET`: today's object (or the error, as every command reports one).
+pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<i32> {
+    let h = d.hosts.remove(0);
+    if let Some(e) = h.error {
+        return Err(e.into());
+    }
+    let r = h.report.expect("a target that did not fail has a report");
+    if json {
+        println!("{}", Value::Object(report_json(&r, itemize)));
+        for w in &r.warnings {
+            eprintln!("flip: warning: {w}");
+        }
+        for l in &r.leftovers {
+            leftover_line(&l.path, &l.error);
+        }
+    } else {
+        report_text(&r, h.state, itemize);
+    }
+    Ok(exit::OK)
+}
+
+/// A failed target's JSON entry: `{"target", "state": "failed", "error": {"code", "message"}}`.
+pub fn failed_host(target: &str, e: &anyhow::Error) -> Value {
+    json!({
+        "target": target, "state": "failed",
+        "error": {"code": exit::code_of(e), "message": error_text(e)},
+    })
+}
+
+fn host_json(h: &HostOutcome, itemize: bool) -> Value {
+    let mut o = h
+        .report
+        .as_ref()
+        .map(|r| report_json(r, itemize))
+        .unwrap_or_default();
+    o.insert("target".into(), json!(h.target));
+    o.insert("state".into(), json!(h.state));
+    o.insert("live".into(), json!(h.live));
+    if let Some(e) = &h.error {
+        o.insert(
+            "error".into(),
+            json!({"code": exit::deploy_code(e), "message": e.to_string()}),
+        );
+    }
+    Value::Object(o)
+}
+
+/// `flip deploy ENV`: one line (or object) per target, then the summary. Exit 0 only when every
+/// target is live on the new release; else [`exit::PARTIAL`].
+pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 {
+    let live = d
+        .hosts
+        .iter()
+        .filter(|h| matches!(h.state, HostState::Live | HostState::Unchanged))
+        .count();
+    let failed: Vec<&HostOutcome> = d.hosts.iter().filter(|h| h.error.is_some()).collect();
+    let code = if d.succeeded() {
+        exit::OK
+    } else {
+        exit::PARTIAL
+    };
+    if json {
+        let hosts: Vec<Value> = d.hosts.iter().map(|h| host_json(h, itemize)).collect();
+        let summary = json!({
+            "env": env, "label": d.label, "targets": d.hosts.len(), "live": live,
+            "failed": failed.len(), "ok": d.succeeded(), "unchanged":
+                d.hosts.iter().all(|h| h.state == HostState::Unchanged),
+            "duration_ms": d.duration_ms,
+        });
+        println!("{}", json!({"hosts": hosts, "summary": summary}));
+    } else {
+        for h in &d.hosts {
+            match (&h.report, &h.error) {
+                // Errors name their target already, mostly.
+                (_, Some(e)) if e.to_string().contains(&h.target) => {
+                    eprintln!("flip: error: {e}")
+                }
+                (_, Some(e)) => eprintln!("flip: {}: error: {e}", h.target),
+                (Some(r), None) => report_text(r, h.state, itemize),
+                (None, None) => {}
+            }
+        }
+        for h in &d.hosts {
+            let on = h.live.map_or("no release live".to_string(), |id| {
+                format!("release {id} live")
+            });
+            if h.state != HostState::Live && h.state != HostState::Unchanged {
+                eprintln!("flip: {}: {} ({on})", h.target, state_text(h.state));
+            }
+        }
+        let label = d
+            .label
+            .as_deref()
+            .map(|l| format!(" {l}"))
+            .unwrap_or_default();
+        if d.all_live() {
+            eprintln!(
+                "flip: {env}{label}: live on all {} targets in {:.2} s",
+                d.hosts.len(),
+                d.duration_ms as f64 / 1000.0
+            );
+        } else if d.succeeded() {
+            eprintln!(
+                "flip: {env}{label}: staged on all {} targets, not live (`flip activate {env} LABEL` makes them live)",
+                d.hosts.len()
+            );
+        } else {
+            eprintln!(
+                "flip: {env}{label}: FAILED on {} of {} targets; {} live on the new release",
+                failed.len(),
+                d.hosts.len(),
+                live
+            );
+        }
+    }
+    code
+}
+
+fn state_text(s: HostState) -> &'static str {
+    match s {
+        HostState::Live => "live",
+        HostState::Unchanged => "unchanged",
+        HostState::Staged => "staged, not live",
+        HostState::Discarded => "not activated, its new release discarded",
+        HostState::SwitchedBack => "switched back",
+        HostState::Failed => "failed",
+    }
+}
+
+/// `flip releases ENV`: one table across targets, a row per label.
+pub fn release_table(
+    env: &str,
+    targets: &[Target],
+    lists: &[Vec<flip_wire::ReleaseSummary>],
+    json: bool,
+) {
+    let rows = flip_deploy::label_rows(lists);
+    let names: Vec<String> = targets.iter().map(Target::display).collect();
+    if json {
+        let arr: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                let releases: Vec<Value> = names
+                    .iter()
+                    .zip(r.ids.iter().zip(&r.live))
+                    .map(|(t, (id, live))| json!({"target": t, "id": id, "current": live}))
+                    .collect();
+                json!({"label": r.label, "created": output::iso_time(r.created), "releases": releases})
+            })
+            .collect();
+        println!("{}", Value::Array(arr));
+        return;
+    }
+    if rows.is_empty() {
+        eprintln!("flip: {env}: no releases on any target");
+        return;
+    }
+    print!("{:<20}  {:<20}", "LABEL", "CREATED");
+    for n in &names {
+        print!("  {n}");
+    }
+    println!();
+    for r in &rows {
+        print!(
+            "{:<20}  {:<20}",
+            r.label.as_deref().unwrap_or("-"),
+            output::iso_time(r.created)
+        );
+        for (n, (id, live)) in names.iter().zip(r.ids.iter().zip(&r.live)) {
+            let cell = match id {
+                Some(id) => format!("{id}{}", if *live { "*" } else { "" }),
+                None => "-".into(),
+            };
+            print!("  {cell:<w$}", w = n.len());
+        }
+        println!();
+    }
+}
+
+/// `flip rollback ENV` / `flip activate ENV ID`: a line (or object) per target.
+pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json: bool) -> i32 {
+    let ok = out.iter().all(|o| o.error.is_none());
+    if json {
+        let hosts: Vec<Value> = out
+            .iter()
+            .map(|o| {
+                let mut v = serde_json::to_value(o).unwrap_or_default();
+                if let (Some(e), Value::Object(m)) = (&o.error, &mut v) {
+                    m.insert(
+                        "error".into(),
+                        json!({"code": exit::deploy_code(e), "message": e.to_string()}),
+                    );
+                }
+                v
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"hosts": hosts, "summary": {"env": env, "ok": ok, "targets": out.len()}})
+        );
+    } else {
+        for o in &out {
+            match (&o.error, o.release) {
+                (None, Some(id)) => eprintln!(
+                    "flip: {verb} {}: current -> releases/{id}{}{}",
+                    o.target,
+                    o.label
+                        .as_deref()
+                        .map(|l| format!(" ({l})"))
+                        .unwrap_or_default(),
+                    o.previous
+                        .map(|p| format!(" (was {p})"))
+                        .unwrap_or_default()
+                ),
+                (Some(e), _) => eprintln!(
+                    "flip: {}: error: {e} (live: {})",
+                    o.target,
+                    o.live
+                        .map_or("none".to_string(), |l| format!("release {l}"))
+                ),
+                (None, None) => {}
+            }
+        }
+    }
+    if ok {
+        return exit::OK;
+    }
+    // One target: its own exit code, as for a target given on the command line.
+    match out.as_slice() {
+        [only] => only.error.as_ref().map_or(exit::OK, exit::deploy_code),
+        _ => exit::PARTIAL,
+    }
+}

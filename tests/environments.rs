@@ -1,0 +1,698 @@
+//! flip.toml environments and two-phase multi-host deploys, end to end through the binary:
+//! local targets and real OpenSSH servers (flip_testkit::Sshd, two of them on their own ports),
+//! all on this machine so every target's files are checked on disk.
+
+mod common;
+
+use common::*;
+use flip_testkit::Sshd;
+use serde_json::Value;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const FLIP: &str = env!("CARGO_BIN_EXE_flip");
+
+/// `ROOT/current`'s link text.
+fn link(root: &Path) -> String {
+    fs::read_link(root.join("current"))
+        .unwrap_or_else(|e| panic!("{}/current: {e}", root.display()))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Release ids and other names under ROOT/releases.
+fn listing(root: &Path) -> (Vec<u64>, Vec<String>) {
+    let mut ids = Vec::new();
+    let mut other = Vec::new();
+    for e in fs::read_dir(root.join("releases")).unwrap() {
+        let n = e.unwrap().file_name().to_str().unwrap().to_string();
+        match n.parse() {
+            Ok(id) => ids.push(id),
+            Err(_) => other.push(n),
+        }
+    }
+    ids.sort_unstable();
+    other.sort();
+    (ids, other)
+}
+
+/// Writes flip.toml in the directory flip runs in (the fixture's temp dir).
+fn write_config(fx: &Fx, text: &str) -> PathBuf {
+    let p = fx.path("flip.toml");
+    fs::write(&p, text).unwrap();
+    p
+}
+
+/// `[env.prod]` with these targets, source "src".
+fn env_config(fx: &Fx, targets: &[String], extra: &str) {
+    let list: Vec<String> = targets.iter().map(|t| format!("{t:?}")).collect();
+    write_config(
+        fx,
+        &format!(
+            "source = \"src\"\n{extra}\n[env.prod]\ntargets = [{}]\n",
+            list.join(", ")
+        ),
+    );
+}
+
+fn hosts(j: &Value) -> &Vec<Value> {
+    j["hosts"].as_array().expect("hosts is an array")
+}
+
+/// Two SSH servers that both trust one user key, and the fixture's known_hosts trusting both.
+struct Servers {
+    a: Sshd,
+    b: Sshd,
+}
+
+impl Servers {
+    fn start(fx: &Fx) -> Servers {
+        let (a, b) = (Sshd::start(), Sshd::start());
+        let key = fs::read_to_string(a.user_key().with_extension("pub")).unwrap();
+        fs::write(b.dir().join("authorized_keys"), key).unwrap();
+        fs::create_dir_all(fx.home.join(".ssh")).unwrap();
+        fs::write(
+            fx.home.join(".ssh/known_hosts"),
+            format!(
+                "{}\n{}\n",
+                a.host_public_key_line(),
+                b.host_public_key_line()
+            ),
+        )
+        .unwrap();
+        Servers { a, b }
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "-i".into(),
+            s(&self.a.user_key()).into(),
+            "--remote-flip".into(),
+            FLIP.into(),
+        ]
+    }
+}
+
+fn with(args: &[&str], extra: &[String]) -> Vec<String> {
+    args.iter()
+        .map(|a| a.to_string())
+        .chain(extra.iter().cloned())
+        .collect()
+}
+
+fn run(fx: &Fx, args: &[String]) -> Run {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    fx.flip(&a)
+}
+
+#[test]
+fn an_environment_of_four_targets_goes_live_together_and_rolls_back_together() {
+    let fx = Fx::new();
+    let servers = Servers::start(&fx);
+    let roots: Vec<PathBuf> = (1..=4).map(|i| fx.path(&format!("t{i}"))).collect();
+    // Two local targets, and one on each SSH server.
+    let targets = vec![
+        s(&roots[0]).to_string(),
+        s(&roots[1]).to_string(),
+        format!("ssh://root@127.0.0.1:{}{}", servers.a.port(), s(&roots[2])),
+        format!("ssh://root@127.0.0.1:{}{}", servers.b.port(), s(&roots[3])),
+    ];
+    env_config(&fx, &targets, "keep = 5");
+    let src = fx.src("src");
+    site_v1(&src);
+    let v1 = src.tree();
+    let ssh = servers.args();
+
+    let r = run(
+        &fx,
+        &with(&["deploy", "prod", "--json", "--label", "v1"], &ssh),
+    )
+    .success();
+    let j = r.json();
+    assert_eq!(hosts(&j).len(), 4, "{j}");
+    for (h, t) in hosts(&j).iter().zip(&targets) {
+        assert_eq!(h["state"], "live", "{h}");
+        assert_eq!(h["release"], 1, "{h}");
+        assert_eq!(h["label"], "v1", "{h}");
+        assert_eq!(h["activated"], true, "{h}");
+        assert_eq!(h["unchanged"], false, "{h}");
+        assert!(h["files"]["total"].as_u64().unwrap() > 0, "{h}");
+        assert!(h["bytes"]["sent"].as_u64().unwrap() > 0, "{h}");
+        let shown = h["target"].as_str().unwrap();
+        assert!(
+            t.ends_with(shown.rsplit(':').next().unwrap()),
+            "{shown} vs {t}"
+        );
+    }
+    assert_eq!(j["summary"]["ok"], true, "{j}");
+    assert_eq!(j["summary"]["live"], 4, "{j}");
+    assert_eq!(j["summary"]["label"], "v1", "{j}");
+    for root in &roots {
+        assert_eq!(link(root), "releases/1");
+        assert_dir_eq(&root.join("current"), &v1, "v1 on every target");
+    }
+
+    site_v2(&src);
+    let v2 = src.tree();
+    run(&fx, &with(&["deploy", "prod", "--label", "v2"], &ssh)).success();
+    for root in &roots {
+        assert_eq!(link(root), "releases/2");
+        assert_dir_eq(&root.join("current"), &v2, "v2 on every target");
+    }
+
+    // One table across targets, a row per label.
+    let j = run(&fx, &with(&["releases", "prod", "--json"], &ssh))
+        .success()
+        .json();
+    let rows = j.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{j}");
+    assert_eq!(rows[0]["label"], "v1");
+    assert_eq!(rows[1]["label"], "v2");
+    for r in rows[1]["releases"].as_array().unwrap() {
+        assert_eq!(r["id"], 2, "{j}");
+        assert_eq!(r["current"], true, "{j}");
+    }
+    let table = run(&fx, &with(&["releases", "prod"], &ssh)).success();
+    assert!(
+        table.stdout.contains("v1") && table.stdout.contains("2*"),
+        "{}",
+        table.stdout
+    );
+
+    // Rollback moves every target to the previous label's releases.
+    let j = run(&fx, &with(&["rollback", "prod", "--json"], &ssh))
+        .success()
+        .json();
+    for h in hosts(&j) {
+        assert_eq!(h["release"], 1, "{j}");
+        assert_eq!(h["previous"], 2, "{j}");
+        assert_eq!(h["label"], "v1", "{j}");
+    }
+    for root in &roots {
+        assert_eq!(link(root), "releases/1");
+        assert_dir_eq(&root.join("current"), &v1, "v1 again after the rollback");
+    }
+    // And `activate ENV LABEL` forward again.
+    run(&fx, &with(&["activate", "prod", "v2"], &ssh)).success();
+    for root in &roots {
+        assert_eq!(link(root), "releases/2");
+    }
+    // Verify and prune act on every target.
+    let j = run(&fx, &with(&["verify", "prod", "--json"], &ssh))
+        .success()
+        .json();
+    assert!(hosts(&j).iter().all(|h| h["ok"] == true), "{j}");
+    let j = run(
+        &fx,
+        &with(&["prune", "prod", "--json", "--keep", "1"], &ssh),
+    )
+    .success()
+    .json();
+    assert_eq!(hosts(&j).len(), 4, "{j}");
+}
+
+#[test]
+fn a_target_failing_in_phase_1_leaves_every_target_unchanged_with_no_staging() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=3).map(|i| fx.path(&format!("t{i}"))).collect();
+    let good: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &good, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    let v1 = src.tree();
+    fx.flip(&["deploy", "prod"]).success();
+
+    // A fourth target that is a regular file.
+    let bad = fx.path("not-a-dir");
+    fs::write(&bad, "a file").unwrap();
+    let mut all = good.clone();
+    all.insert(1, s(&bad).to_string());
+    env_config(&fx, &all, "");
+    site_v2(&src);
+    let r = fx.flip(&["deploy", "prod", "--json"]).code(10);
+    let j = r.json();
+    let h = hosts(&j);
+    assert_eq!(h.len(), 4, "{j}");
+    assert_eq!(h[1]["state"], "failed", "{j}");
+    assert_eq!(h[1]["target"], s(&bad), "{j}");
+    assert!(
+        h[1]["error"]["message"].as_str().unwrap().contains(s(&bad)),
+        "the error names the target: {j}"
+    );
+    assert_eq!(h[1]["error"]["code"], 5, "{j}");
+    for i in [0, 2, 3] {
+        assert_eq!(h[i]["state"], "discarded", "{j}");
+        assert_eq!(h[i]["live"], 1, "{j}");
+    }
+    assert_eq!(j["summary"]["ok"], false, "{j}");
+    for root in &roots {
+        assert_eq!(link(root), "releases/1", "no target was activated");
+        assert_dir_eq(&root.join("current"), &v1, "the live release is intact");
+        assert_eq!(
+            listing(root),
+            (vec![1], vec![]),
+            "no staging and no committed release left on {}",
+            root.display()
+        );
+    }
+    assert_eq!(fs::read(&bad).unwrap(), b"a file");
+
+    // Humans get the failing target named, and the same exit code.
+    let r = fx.flip(&["deploy", "prod"]).code(10);
+    assert!(r.stderr.contains(s(&bad)), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("FAILED on 1 of 4 targets"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn an_activation_failing_in_phase_2_switches_the_others_back() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=3).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    let v1 = src.tree();
+    fx.flip(&["deploy", "prod"]).success();
+
+    site_v2(&src);
+    // The agent of the middle target dies right before its swap (debug builds only).
+    let r = fx
+        .flip_env(
+            &[
+                ("FLIP_FAULT", "before-swap"),
+                ("FLIP_FAULT_ROOT", s(&roots[1])),
+            ],
+            &["deploy", "prod", "--json"],
+        )
+        .code(10);
+    let j = r.json();
+    let h = hosts(&j);
+    assert_eq!(h[1]["state"], "failed", "{j}");
+    assert_eq!(h[0]["state"], "switched_back", "{j}");
+    assert_eq!(h[2]["state"], "switched_back", "{j}");
+    for host in h {
+        assert_eq!(
+            host["live"], 1,
+            "the report says which release is live: {j}"
+        );
+    }
+    for root in &roots {
+        assert_eq!(link(root), "releases/1");
+        assert_dir_eq(&root.join("current"), &v1, "v1 is live again everywhere");
+    }
+    for root in [&roots[0], &roots[2]] {
+        assert_eq!(
+            listing(root).0,
+            vec![1],
+            "the switched-back release is discarded"
+        );
+    }
+    // An agent that dies right after its swap: the client sees the failure, finds the new
+    // release live there through a new session, and switches that target back too.
+    let r = fx
+        .flip_env(
+            &[
+                ("FLIP_FAULT", "after-swap"),
+                ("FLIP_FAULT_ROOT", s(&roots[2])),
+            ],
+            &["deploy", "prod", "--json"],
+        )
+        .code(10);
+    let j = r.json();
+    assert_eq!(hosts(&j)[2]["state"], "failed", "{j}");
+    for root in &roots {
+        assert_eq!(link(root), "releases/1", "{j}");
+        assert_dir_eq(&root.join("current"), &v1, "v1 is live everywhere");
+    }
+    // The next deploy goes through.
+    let v2 = src.tree();
+    fx.flip(&["deploy", "prod"]).success();
+    for root in &roots {
+        assert_dir_eq(&root.join("current"), &v2, "v2 everywhere");
+    }
+}
+
+/// Holds `ROOT/.flip/lock` (flock) for `secs` in the background, as another deploy would.
+fn hold_lock(root: &Path, secs: u32) -> std::process::Child {
+    let c = std::process::Command::new("flock")
+        .arg(root.join(".flip/lock"))
+        .args(["sleep", &secs.to_string()])
+        .spawn()
+        .expect("flock(1) from util-linux");
+    std::thread::sleep(Duration::from_millis(300));
+    c
+}
+
+#[test]
+fn parallel_1_works_on_one_target_at_a_time() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod"]).success();
+
+    // The first target is locked for a while: with --parallel 1 the second is not touched
+    // until the first is done.
+    site_v2(&src);
+    let mut holder = hold_lock(&roots[0], 3);
+    let running = fx.spawn(&[], &["deploy", "prod", "--wait", "--parallel", "1"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        listing(&roots[1]),
+        (vec![1], vec![]),
+        "t2 untouched while t1 waits"
+    );
+    holder.wait().unwrap();
+    running.finish(TIMEOUT).success();
+    assert_eq!(link(&roots[1]), "releases/2");
+
+    // By default every target works at once: t2 is committed while t1 waits for its lock.
+    src.overwrite("index.html", "<h1>three</h1>\n");
+    let mut holder = hold_lock(&roots[0], 3);
+    let running = fx.spawn(&[], &["deploy", "prod", "--wait"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        listing(&roots[1]).0,
+        vec![1, 2, 3],
+        "t2 committed while t1 waits"
+    );
+    assert_eq!(
+        link(&roots[1]),
+        "releases/2",
+        "but not activated before t1 is ready"
+    );
+    holder.wait().unwrap();
+    running.finish(TIMEOUT).success();
+    assert_eq!(link(&roots[0]), "releases/3");
+    assert_eq!(link(&roots[1]), "releases/3");
+}
+
+#[test]
+fn config_errors_name_the_file_line_and_key() {
+    let fx = Fx::new();
+    let file = fx.path("flip.toml");
+    let cases: &[(&str, &str)] = &[
+        ("source = \"src\"\nkeep = 5\nkep = 3\n", "flip.toml:3: kep"),
+        ("source = \"src\"\nkeep = \"five\"\n", "flip.toml:2: keep"),
+        (
+            "source = \"src\"\n\n[env.prod]\ntargets = [\"/x\"]\nkeep = -1\n",
+            "flip.toml:5: env.prod.keep",
+        ),
+        (
+            "source = \"src\"\n[env.prod]\ntargets = \"/x\"\n",
+            "flip.toml:3: env.prod.targets",
+        ),
+        ("[env.prod]\nkeep = 3\n", "flip.toml:1: env.prod"),
+        (
+            "[env.prod]\ntargets = [\"/x\"]\nhosts = [\"/y\"]\n",
+            "flip.toml:3: env.prod.hosts",
+        ),
+    ];
+    for (text, want) in cases {
+        fs::write(&file, text).unwrap();
+        let r = fx.flip(&["deploy", "prod"]).code(2);
+        assert!(
+            r.stderr.contains(s(&file).trim_end_matches("flip.toml")) && r.stderr.contains(want),
+            "{text:?}: want {want:?} in: {}",
+            r.stderr
+        );
+    }
+    // Missing targets name the key; an unknown environment names the file and the key.
+    fs::write(&file, "[env.prod]\nkeep = 3\n").unwrap();
+    fx.flip(&["deploy", "prod"]).code(2).stderr_has("targets");
+    fs::write(&file, "source = \"src\"\n[env.prod]\ntargets = [\"/x\"]\n").unwrap();
+    fx.flip(&["deploy", "staging"])
+        .code(2)
+        .stderr_has("flip.toml: env.staging: no such environment (the file defines: prod)");
+    // --config FILE, and a JSON error object.
+    let other = fx.path("other.toml");
+    fs::write(&other, "keep = true\n").unwrap();
+    let r = fx
+        .flip(&["deploy", "prod", "--json", "--config", s(&other)])
+        .code(2);
+    assert!(r.stderr.contains("other.toml:1: keep"), "{}", r.stderr);
+    assert_eq!(r.json()["error"]["code"], 2);
+}
+
+#[test]
+fn settings_take_the_flag_then_the_environment_then_the_top_level_then_the_default() {
+    let fx = Fx::new();
+    let root = fx.path("t1");
+    write_config(
+        &fx,
+        &format!(
+            "source = \"src\"\nkeep = 7\nparallel = 2\nexclude = [\"*.log\"]\n\n[env.prod]\ntargets = [{:?}]\nkeep = 1\n\n[env.staging]\ntargets = [{:?}]\n",
+            s(&root),
+            s(&root)
+        ),
+    );
+    let j = fx.flip(&["config", "prod", "--json"]).success().json();
+    assert_eq!(j["keep"], 1, "{j}");
+    assert_eq!(j["from"]["keep"], "environment table", "{j}");
+    assert_eq!(j["parallel"], 2, "{j}");
+    assert_eq!(j["from"]["parallel"], "top level", "{j}");
+    assert_eq!(j["exclude"][0], "*.log", "{j}");
+    assert_eq!(
+        j["source"],
+        s(&fx.path("src")),
+        "source is relative to the file: {j}"
+    );
+    let j = fx.flip(&["config", "staging", "--json"]).success().json();
+    assert_eq!(j["keep"], 7, "{j}");
+    assert_eq!(j["compress_level"], Value::Null, "{j}");
+    assert_eq!(j["from"]["compress_level"], "default", "{j}");
+    let text = fx.flip(&["config", "prod"]).success().stdout;
+    assert!(text.contains("keep = 1  # environment table"), "{text}");
+
+    // Deploys really use them: env keep = 1 keeps the live release and the rollback target;
+    // the top level's exclude leaves *.log out; --keep overrides both.
+    let src = fx.src("src");
+    for i in 0..3 {
+        src.file("index.php", format!("<?php echo {i};\n"), 0o644);
+        src.file("debug.log", "noise", 0o644);
+        fx.flip(&["deploy", "prod"]).success();
+    }
+    assert_eq!(listing(&root).0, vec![2, 3]);
+    assert!(
+        !root.join("current/debug.log").exists(),
+        "excluded by the top level"
+    );
+    src.file("index.php", "<?php echo 9;\n", 0o644);
+    fx.flip(&["deploy", "prod", "--keep", "5"]).success();
+    assert_eq!(listing(&root).0, vec![2, 3, 4]);
+    // `flip deploy SRC TARGET` keeps working next to a flip.toml, and without one.
+    let other = fx.path("t2");
+    fx.flip(&["deploy", src.s(), s(&other)]).success();
+    fs::remove_file(fx.path("flip.toml")).unwrap();
+    let other3 = fx.path("t3");
+    fx.flip(&["deploy", src.s(), s(&other3)]).success();
+    assert!(other3.join("current/index.php").exists());
+    fx.flip(&["deploy", "prod"])
+        .code(2)
+        .stderr_has("no flip.toml here");
+}
+
+#[test]
+fn init_writes_a_starter_that_parses() {
+    let fx = Fx::new();
+    fx.flip(&["init"]).success();
+    let text = fs::read_to_string(fx.path("flip.toml")).unwrap();
+    assert!(text.contains("[env.prod]") && text.contains("# "), "{text}");
+    let j = fx.flip(&["config", "prod", "--json"]).success().json();
+    assert_eq!(j["targets"].as_array().unwrap().len(), 2, "{j}");
+    fx.flip(&["init"]).code(2).stderr_has("exists already");
+}
+
+#[test]
+fn an_unchanged_tree_makes_no_release() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.deploy(&src, &[]);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["unchanged"], true, "{j}");
+    assert_eq!(j["release"], 1, "{j}");
+    assert_eq!(j["activated"], true, "{j}");
+    assert_eq!(fx.release_ids(), vec![1]);
+    let r = fx.flip(&["deploy", src.s(), fx.root_str()]).success();
+    assert!(
+        r.stderr.contains("unchanged, release 1 is live"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fx.release_ids(), vec![1]);
+
+    // --force-release makes one anyway.
+    let j = fx.deploy(&src, &["--force-release"]);
+    assert_eq!(j["unchanged"], false, "{j}");
+    assert_eq!(j["release"], 2, "{j}");
+    assert_eq!(fx.current_link(), "releases/2");
+
+    // A live release altered behind flip's back is not "unchanged": a new release repairs it.
+    let victim = fx.current().join("index.html");
+    let expected = src.tree();
+    fs::remove_file(&victim).unwrap();
+    fs::write(&victim, "tampered").unwrap();
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["unchanged"], false, "{j}");
+    assert_eq!(j["release"], 3, "{j}");
+    assert_dir_eq(&fx.current(), &expected, "repaired");
+
+    // An environment whose targets are all unchanged: exit 0, every host unchanged.
+    env_config(&fx, &[fx.root_str().to_string()], "");
+    let j = fx.flip(&["deploy", "prod", "--json"]).success().json();
+    assert_eq!(hosts(&j)[0]["unchanged"], true, "{j}");
+    assert_eq!(hosts(&j)[0]["release"], 3, "{j}");
+    assert_eq!(j["summary"]["unchanged"], true, "{j}");
+}
+
+#[test]
+fn progress_lines_only_on_a_terminal() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    // Not a terminal: no progress lines, only the summary.
+    let r = fx.flip(&["deploy", "prod"]).success();
+    assert!(!r.stderr.contains("staging and sending"), "{}", r.stderr);
+    assert!(
+        !r.stderr
+            .lines()
+            .any(|l| l.contains(&targets[0]) && l.ends_with("  live")),
+        "{}",
+        r.stderr
+    );
+    // Under a pseudo-terminal (script(1)): one line per target.
+    site_v2(&src);
+    let cmd = format!("{FLIP} deploy prod");
+    let r = fx.flip_env(&[], &["--version"]);
+    assert_eq!(r.code, 0);
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .current_dir(fx.path(""))
+        .env("HOME", &fx.home)
+        .env("XDG_CACHE_HOME", fx.home.join(".cache"))
+        .env("TERM", "xterm")
+        .output()
+        .expect("script(1) from util-linux");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for t in &targets {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(t.as_str()) && l.contains("live")),
+            "a progress line for {t}: {text}"
+        );
+    }
+    assert!(text.contains("live on all 2 targets"), "{text}");
+}
+
+#[test]
+fn an_environment_staged_without_activation_succeeds_and_activates_by_label_later() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod", "--label", "v1"]).success();
+    site_v2(&src);
+    let j = fx
+        .flip(&["deploy", "prod", "--label", "v2", "--no-activate", "--json"])
+        .success()
+        .json();
+    assert!(hosts(&j).iter().all(|h| h["state"] == "staged"), "{j}");
+    assert_eq!(j["summary"]["ok"], true, "{j}");
+    for root in &roots {
+        assert_eq!(link(root), "releases/1");
+    }
+    fx.flip(&["activate", "prod", "v2"]).success();
+    for root in &roots {
+        assert_eq!(link(root), "releases/2");
+    }
+    // A label no target has: nothing moves, the error names the target (exit 10).
+    let r = fx.flip(&["activate", "prod", "v9"]).code(10);
+    assert!(
+        r.stderr.contains("no release labelled \"v9\""),
+        "{}",
+        r.stderr
+    );
+    for root in &roots {
+        assert_eq!(link(root), "releases/2");
+    }
+}
+
+#[test]
+fn a_dry_run_of_an_environment_reports_every_target_and_changes_none() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod"]).success();
+    site_v2(&src);
+    let j = fx
+        .flip(&["deploy", "prod", "--dry-run", "--json"])
+        .success()
+        .json();
+    assert_eq!(hosts(&j).len(), 2, "{j}");
+    for (h, t) in hosts(&j).iter().zip(&targets) {
+        assert_eq!(h["dry_run"], true, "{h}");
+        assert_eq!(h["target"], t.as_str(), "{h}");
+        assert_eq!(h["live"], 1, "{h}");
+        assert!(h["files"]["changed"].as_u64().unwrap() > 0, "{h}");
+    }
+    for root in &roots {
+        assert_eq!(
+            listing(root),
+            (vec![1], vec![]),
+            "a dry run changes nothing"
+        );
+    }
+}
+
+#[test]
+fn an_unreachable_or_locked_target_stops_the_whole_environment() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let mut targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod"]).success();
+    site_v2(&src);
+
+    // Locked by another deploy (no --wait): exit 10, the holder's target named, nothing moves.
+    let mut holder = hold_lock(&roots[1], 5);
+    let j = fx.flip(&["deploy", "prod", "--json"]).code(10).json();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(hosts(&j)[1]["state"], "failed", "{j}");
+    assert_eq!(hosts(&j)[1]["error"]["code"], 3, "locked: {j}");
+    assert_eq!(hosts(&j)[0]["state"], "discarded", "{j}");
+    for root in &roots {
+        assert_eq!(listing(root), (vec![1], vec![]), "{j}");
+    }
+
+    // Unreachable (nothing listens on port 1): exit 10, that target named, nothing moves.
+    let dead = format!("ssh://root@127.0.0.1:1{}", s(&fx.path("t3")));
+    targets.push(dead.clone());
+    env_config(&fx, &targets, "");
+    let r = fx.flip(&["deploy", "prod"]).code(10);
+    assert!(r.stderr.contains("127.0.0.1"), "{}", r.stderr);
+    for root in &roots {
+        assert_eq!(link(root), "releases/1");
+        assert_eq!(listing(root), (vec![1], vec![]));
+    }
+}
