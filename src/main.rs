@@ -37,7 +37,7 @@ fn main() {
         Command::Releases(a) => a.json,
         Command::Verify(a) => a.json,
         Command::Diff(a) => a.json,
-        Command::Agent(_) => false,
+        Command::Agent(_) | Command::Blake3(_) => false,
     };
     let code = match run(cli) {
         Ok(code) => code,
@@ -81,6 +81,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Verify(a) => verify(a),
         Command::Diff(a) => diff::run(a),
         Command::Agent(a) => agent(a),
+        Command::Blake3(a) => blake3_files(a),
     }
 }
 
@@ -107,6 +108,18 @@ fn agent(a: cli::AgentArgs) -> Result<i32> {
         // The client has been sent the error and reports it.
         Err(_) => Ok(exit::INTERNAL),
     }
+}
+
+/// `flip blake3 FILE...`: `HASH  FILE` lines, as b3sum prints them.
+fn blake3_files(a: cli::Blake3Args) -> Result<i32> {
+    for file in &a.files {
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update_mmap(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        println!("{}  {}", hasher.finalize().to_hex(), file.display());
+    }
+    Ok(exit::OK)
 }
 
 fn whoami() -> String {

@@ -69,6 +69,7 @@ impl Target {
                 opts.config_file = ssh.ssh_config.clone();
                 opts.remote_flip = ssh.remote_flip.clone();
                 opts.ssh_command = ssh.ssh_command.clone();
+                opts.agent_binary = ssh.agent_binary.clone();
                 let args = vec!["--root".to_string(), t.path.clone()];
                 flip_transport::ssh::connect_agent(t, &opts, &args)?
             }

@@ -10,10 +10,12 @@
 //!   like `rsync -e`): `ssh ... host -- COMMAND` as a child process over pipes.
 //!
 //! Finding the agent on the server ([`remote`]): `--remote-flip PATH` runs exactly that;
-//! otherwise one `sh -c` launcher looks for a `flip` of our exact version on the PATH or in
-//! `~/.cache/flip/flip-VERSION` and, if found, `exec`s it as the agent in the same channel. If not
-//! found, the local binary is uploaded to `~/.cache/flip/` (same OS and architecture only) and
-//! started.
+//! otherwise one `sh -c` launcher looks for an uploaded agent of exactly the binary we would
+//! upload (`~/.cache/flip/flip-VERSION-BLAKE3`), then a `flip` of our exact version on the PATH,
+//! and `exec`s it as the agent in the same channel. If none is found, a binary for the server's
+//! `uname -sm` is uploaded there, compressed and checked (`--agent-binary FILE`, the local
+//! per-platform cache [`SshOptions::agent_cache_file`], or this flip if the platforms match),
+//! and started.
 //!
 //! The server's stderr is relayed to ours, each line prefixed with the host name (`web1: ...`).
 
@@ -215,8 +217,19 @@ pub struct SshOptions {
     pub remote_flip: Option<String>,
     /// `--ssh-command "ssh -F cfg"`: use this client (split like a shell would) as the transport.
     pub ssh_command: Option<String>,
-    /// This flip binary, uploaded when the server has no flip of our version.
+    /// This flip binary, uploaded when the server has no flip of our version and is of our
+    /// platform (and neither `agent_binary` nor a local cache file for it is there).
     pub local_exe: PathBuf,
+    /// `--agent-binary FILE`: upload this (a flip of our version built for the server) when the
+    /// server has no flip of our version, instead of this executable.
+    pub agent_binary: Option<PathBuf>,
+    /// The local cache of per-platform agents (see [`SshOptions::agent_cache_file`]); `None`:
+    /// `HOME/.cache/flip/agents`.
+    pub agents_dir: Option<PathBuf>,
+    /// The target this flip was built for by `make dist` (a portable build, needing only
+    /// glibc 2.17), e.g. `x86_64-unknown-linux-gnu`; `None` for other builds. Only changes
+    /// messages.
+    pub portable: Option<String>,
     /// This flip's version (`env!("CARGO_PKG_VERSION")`); the server's `flip --version` must
     /// print exactly `flip VERSION`.
     pub version: String,
@@ -237,6 +250,9 @@ impl Default for SshOptions {
             remote_flip: None,
             ssh_command: None,
             local_exe: std::env::current_exe().unwrap_or_default(),
+            agent_binary: None,
+            agents_dir: None,
+            portable: option_env!("FLIP_DIST_TARGET").map(str::to_string),
             version: String::new(),
             home: None,
             agent_socket: None,
@@ -260,6 +276,24 @@ impl SshOptions {
             .clone()
             .or_else(|| std::env::var_os("HOME").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("/"))
+    }
+
+    /// The local directory of per-platform agents: `agents_dir`, else `HOME/.cache/flip/agents`.
+    pub fn agents_dir(&self) -> PathBuf {
+        self.agents_dir
+            .clone()
+            .unwrap_or_else(|| self.home_dir().join(".cache/flip/agents"))
+    }
+
+    /// The local cache file flip uploads to a server whose `uname -sm` is `platform` (when no
+    /// `--agent-binary` is given): `AGENTS_DIR/flip-VERSION-OS-ARCH`, e.g.
+    /// `~/.cache/flip/agents/flip-0.1.0-Linux-aarch64`.
+    pub fn agent_cache_file(&self, platform: &str) -> PathBuf {
+        self.agents_dir().join(format!(
+            "flip-{}-{}",
+            self.version,
+            remote::platform_file_part(platform)
+        ))
     }
 
     /// The ssh-agent socket to try, if any.
