@@ -30,7 +30,7 @@ DEBIAN_MIRROR ?= $(shell (grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources; \
 .PHONY: dist check-dist old-server-root clean-dist
 
 dist: $(VENV)/.ok
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" FLIP_DIST_TARGET=$(TARGET) \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" FLIP_DIST_TARGET=$(TARGET) FLIP_DIST_GLIBC=$(GLIBC) \
 		cargo zigbuild --release --locked -p flip --bin flip --target $(TARGET).$(GLIBC)
 	mkdir -p dist
 	cp $(CARGO_TARGET_DIR)/$(TARGET)/release/flip $(DIST).tmp

@@ -230,6 +230,11 @@ pub struct SshOptions {
     /// glibc 2.17), e.g. `x86_64-unknown-linux-gnu`; `None` for other builds. Only changes
     /// messages.
     pub portable: Option<String>,
+    /// The oldest glibc (`2.17`) this executable runs on, if known: `make dist` builds say
+    /// (`FLIP_DIST_GLIBC` at build time); other builds on glibc need about the glibc they run
+    /// on here. flip does not upload itself to a server with an older glibc, and says what to
+    /// do instead. `None`: no check.
+    pub needs_glibc: Option<String>,
     /// This flip's version (`env!("CARGO_PKG_VERSION")`); the server's `flip --version` must
     /// print exactly `flip VERSION`.
     pub version: String,
@@ -253,6 +258,9 @@ impl Default for SshOptions {
             agent_binary: None,
             agents_dir: None,
             portable: option_env!("FLIP_DIST_TARGET").map(str::to_string),
+            needs_glibc: option_env!("FLIP_DIST_GLIBC")
+                .map(str::to_string)
+                .or_else(running_glibc),
             version: String::new(),
             home: None,
             agent_socket: None,
@@ -305,6 +313,20 @@ impl SshOptions {
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from),
         }
+    }
+}
+
+/// The version of the glibc this process runs on (`2.36`), if it is linked against glibc.
+fn running_glibc() -> Option<String> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: gnu_get_libc_version returns a pointer to a static NUL-terminated string.
+        let v = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+        v.to_str().ok().map(str::to_string)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
     }
 }
 

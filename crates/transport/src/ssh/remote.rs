@@ -59,6 +59,7 @@ pub(crate) fn start_agent(
     };
 
     let agent = choose_agent(opts, &host, &missing.platform, candidates)?;
+    glibc_check(opts, &host, &missing, &agent)?;
     let mut remote = open(target, opts)?;
     upload(&mut *remote, opts, &agent, &missing, &mut sink.clone())?;
     let stream = remote.stream(&launcher, what, Box::new(sink))?;
@@ -207,7 +208,7 @@ for f in {cached} "$(command -v flip 2>/dev/null)"; do
 done
 t=
 for x in zstd gzip b3sum; do command -v $x >/dev/null 2>&1 && t="$t $x"; done
-printf '{MARKER}missing %s|%s\n' "$(uname -sm)" "$t"
+printf '{MARKER}missing %s|%s|%s\n' "$(uname -sm)" "$t" "$(getconf GNU_LIBC_VERSION 2>/dev/null)"
 "#,
         version = shell_quote(version),
         cached = cached.join(" "),
@@ -224,6 +225,8 @@ struct Missing {
     gzip: bool,
     /// `b3sum` is installed there.
     b3sum: bool,
+    /// The server's glibc version, if it has glibc (`getconf GNU_LIBC_VERSION`).
+    glibc: Option<(u32, u32)>,
 }
 
 enum Launch {
@@ -286,7 +289,10 @@ fn read_marker(mut stream: AgentStream, host: &str) -> Result<Launch, TransportE
         return Ok(Launch::Started(stream));
     }
     let info = marker.strip_prefix("missing ").unwrap_or("");
-    let (platform, tools) = info.split_once('|').unwrap_or((info, ""));
+    let mut fields = info.split('|');
+    let platform = fields.next().unwrap_or("");
+    let tools = fields.next().unwrap_or("");
+    let glibc = fields.next().and_then(|g| g.trim().strip_prefix("glibc "));
     drop(stream.writer);
     drop(reader);
     stream.handle.finish()?;
@@ -296,6 +302,7 @@ fn read_marker(mut stream: AgentStream, host: &str) -> Result<Launch, TransportE
         zstd: has("zstd"),
         gzip: has("gzip"),
         b3sum: has("b3sum"),
+        glibc: glibc.and_then(parse_version),
     }))
 }
 
@@ -318,6 +325,45 @@ pub(crate) fn local_platform() -> String {
         (_, arch) => arch,
     };
     format!("{os} {arch}")
+}
+
+/// `2.31` -> (2, 31).
+fn parse_version(s: &str) -> Option<(u32, u32)> {
+    let mut parts = s.trim().split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next().unwrap_or("0").parse().ok()?;
+    Some((major, minor))
+}
+
+/// Refuses, before uploading anything, to upload this flip to a server whose glibc is older
+/// than the one it needs (see [`SshOptions::needs_glibc`]): it would not start there.
+fn glibc_check(
+    opts: &SshOptions,
+    host: &str,
+    server: &Missing,
+    agent: &Candidate,
+) -> Result<(), TransportError> {
+    if agent.source != Source::Exe {
+        return Ok(());
+    }
+    let (Some(have), Some(need)) = (
+        server.glibc,
+        opts.needs_glibc.as_deref().and_then(parse_version),
+    ) else {
+        return Ok(());
+    };
+    if have >= need {
+        return Ok(());
+    }
+    let said = format!(
+        "it needs glibc {}.{} or newer and the server has glibc {}.{} (nothing was uploaded)",
+        need.0, need.1, have.0, have.1
+    );
+    Err(TransportError::Remote {
+        host: host.to_string(),
+        phase: "uploading flip".to_string(),
+        message: does_not_run(opts, host, &server.platform, agent, &said),
+    })
 }
 
 /// How the agent travels: the server decompresses it with `zstd -dc` or `gzip -dc`.
