@@ -404,24 +404,114 @@ impl Codec {
     }
 
     /// Compresses `data` for the wire; checksummed frames, so the decoder also checks transit.
+    /// Release-sized binaries get the strongest levels (a one-off cost, cached by
+    /// [`wire_bytes`]); bigger ones (debug builds) fast levels.
     fn encode(self, data: &[u8]) -> io::Result<Vec<u8>> {
+        let small = data.len() <= STRONG_LIMIT;
         match self {
             Codec::Zstd => {
-                let mut enc = zstd::Encoder::new(Vec::new(), ZSTD_LEVEL)?;
+                let level = if small { ZSTD_LEVEL } else { 3 };
+                let mut enc = zstd::Encoder::new(Vec::new(), level)?;
                 enc.include_checksum(true)?;
                 enc.set_pledged_src_size(Some(data.len() as u64))?;
                 enc.write_all(data)?;
                 enc.finish()
             }
             Codec::Gzip => {
-                let mut enc =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+                let level = if small {
+                    flate2::Compression::best()
+                } else {
+                    flate2::Compression::fast()
+                };
+                let mut enc = flate2::write::GzEncoder::new(Vec::new(), level);
                 enc.write_all(data)?;
                 enc.finish()
             }
             Codec::Raw => Ok(data.to_vec()),
         }
     }
+
+    /// File name suffix in the local wire cache.
+    fn suffix(self) -> &'static str {
+        match self {
+            Codec::Zstd => "zst",
+            Codec::Gzip => "gz",
+            Codec::Raw => "raw",
+        }
+    }
+}
+
+/// Binaries up to this size (release builds are ~10 MB) are compressed hard and the result kept
+/// in the local cache; bigger ones (debug builds) quickly and not kept.
+const STRONG_LIMIT: usize = 32 << 20;
+
+/// Compressed forms kept in `AGENTS_DIR/.wire/` (oldest removed first).
+const WIRE_CACHE_ENTRIES: usize = 4;
+
+/// `data` (whose blake3 is `hash`) compressed with `codec`: from the local cache
+/// `AGENTS_DIR/.wire/HASH.SUFFIX` when there (and it decompresses to exactly `data`), else
+/// compressed now and, for release-sized binaries, kept there. Failing to use the cache only
+/// costs time.
+fn wire_bytes(
+    opts: &SshOptions,
+    data: &[u8],
+    hash: &str,
+    codec: Codec,
+) -> io::Result<Vec<u8>> {
+    if codec == Codec::Raw || data.len() > STRONG_LIMIT {
+        return codec.encode(data);
+    }
+    let dir = opts.agents_dir().join(".wire");
+    let file = dir.join(format!("{hash}.{}", codec.suffix()));
+    if let Ok(cached) = std::fs::read(&file) {
+        if decodes_to(codec, &cached, data) {
+            return Ok(cached);
+        }
+    }
+    let wire = codec.encode(data)?;
+    let _ = store_wire(&dir, &file, &wire);
+    Ok(wire)
+}
+
+/// Whether `wire` decompresses to exactly `data` (a damaged cache entry is not sent).
+fn decodes_to(codec: Codec, wire: &[u8], data: &[u8]) -> bool {
+    let mut out = Vec::with_capacity(data.len());
+    let ok = match codec {
+        Codec::Zstd => zstd::Decoder::new(wire)
+            .and_then(|d| d.take(data.len() as u64 + 1).read_to_end(&mut out))
+            .is_ok(),
+        Codec::Gzip => flate2::read::GzDecoder::new(wire)
+            .take(data.len() as u64 + 1)
+            .read_to_end(&mut out)
+            .is_ok(),
+        Codec::Raw => {
+            out.extend_from_slice(wire);
+            true
+        }
+    };
+    ok && out == data
+}
+
+/// Writes `file` (temp + rename) and keeps at most [`WIRE_CACHE_ENTRIES`] files in `dir`.
+fn store_wire(dir: &Path, file: &Path, wire: &[u8]) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".tmp.{}", std::process::id()));
+    std::fs::write(&tmp, wire)?;
+    std::fs::rename(&tmp, file)?;
+    // The others, oldest first; the one just written stays.
+    let mut others: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            Some((e.metadata().ok()?.modified().ok()?, e.path()))
+        })
+        .filter(|(_, p)| p != file)
+        .collect();
+    others.sort();
+    let excess = (others.len() + 1).saturating_sub(WIRE_CACHE_ENTRIES);
+    for (_, old) in others.into_iter().take(excess) {
+        let _ = std::fs::remove_file(old);
+    }
+    Ok(())
 }
 
 /// zstd level for the agent upload: a one-off cost on first contact, so high, short of the
@@ -454,8 +544,7 @@ fn upload(
         )));
     }
     let codec = Codec::for_server(server);
-    let wire = codec
-        .encode(&bytes)
+    let wire = wire_bytes(opts, &bytes, &hash, codec)
         .map_err(|e| fail(format!("compressing {}: {e}", path.display())))?;
     let _ = writeln!(
         notes,
@@ -782,6 +871,65 @@ mod tests {
         opts.agent_binary = Some(home.path().join("absent"));
         let e = candidates(&opts).unwrap_err().to_string();
         assert!(e.contains("--agent-binary") && e.contains("absent"), "{e}");
+    }
+
+    /// The compressed agent is kept locally; a damaged kept copy is never sent.
+    #[test]
+    fn compressed_agents_are_cached_locally_and_checked() {
+        let home = tempfile::tempdir().unwrap();
+        let opts = opts_in(home.path());
+        let data = b"flip agent ".repeat(1000);
+        let hash = blake3::hash(&data).to_hex().to_string();
+        let wire = wire_bytes(&opts, &data, &hash, Codec::Gzip).unwrap();
+        let kept = home.path().join(format!(".cache/flip/agents/.wire/{hash}.gz"));
+        assert_eq!(std::fs::read(&kept).unwrap(), wire);
+        assert!(decodes_to(Codec::Gzip, &wire, &data));
+        let mut damaged = wire.clone();
+        let mid = damaged.len() / 2;
+        damaged[mid] ^= 0xff;
+        std::fs::write(&kept, &damaged).unwrap();
+        let again = wire_bytes(&opts, &data, &hash, Codec::Gzip).unwrap();
+        assert!(decodes_to(Codec::Gzip, &again, &data));
+        assert_eq!(std::fs::read(&kept).unwrap(), again);
+        // At most a few entries are kept.
+        for i in 0..WIRE_CACHE_ENTRIES + 2 {
+            let d = format!("other {i}").into_bytes();
+            let h = blake3::hash(&d).to_hex().to_string();
+            wire_bytes(&opts, &d, &h, Codec::Zstd).unwrap();
+        }
+        let n = std::fs::read_dir(kept.parent().unwrap()).unwrap().count();
+        assert_eq!(n, WIRE_CACHE_ENTRIES);
+    }
+
+    /// This flip is not uploaded to a server whose glibc is older than the one it needs.
+    #[test]
+    fn a_build_needing_a_newer_glibc_is_not_uploaded() {
+        let home = tempfile::tempdir().unwrap();
+        let mut opts = opts_in(home.path());
+        std::fs::write(&opts.local_exe, b"exe").unwrap();
+        let agent = candidates(&opts).unwrap().pop().unwrap();
+        let server = |glibc| Missing {
+            platform: "Linux x86_64".to_string(),
+            zstd: false,
+            gzip: true,
+            b3sum: false,
+            glibc,
+        };
+        opts.needs_glibc = Some("2.34".to_string());
+        opts.portable = None;
+        let e = glibc_check(&opts, "web1", &server(Some((2, 31))), &agent)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a portable build"), "{e}");
+        assert!(e.contains("needs glibc 2.34 or newer and the server has glibc 2.31"), "{e}");
+        assert!(e.contains("--agent-binary FILE"), "{e}");
+        assert!(glibc_check(&opts, "web1", &server(Some((2, 34))), &agent).is_ok());
+        assert!(glibc_check(&opts, "web1", &server(None), &agent).is_ok());
+        opts.needs_glibc = Some("2.17".to_string());
+        assert!(glibc_check(&opts, "web1", &server(Some((2, 31))), &agent).is_ok());
+        assert_eq!(parse_version("2.31"), Some((2, 31)));
+        assert_eq!(parse_version("2"), Some((2, 0)));
+        assert_eq!(parse_version("x"), None);
     }
 
     #[test]
