@@ -27,7 +27,7 @@ DEBIAN_MIRROR ?= $(shell (grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources; \
 	grep -hs '^deb ' /etc/apt/sources.list | awk '{print "URIs: " $$2}') \
 	| awk '{print $$2}' | grep -v -e security -e nodesource | head -n 1)
 
-.PHONY: dist check-dist old-server-root clean-dist
+.PHONY: dist check-dist old-server-root print-debian-mirror clean-dist
 
 dist: $(VENV)/.ok
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" FLIP_DIST_TARGET=$(TARGET) FLIP_DIST_GLIBC=$(GLIBC) \
@@ -68,6 +68,9 @@ $(OLD_ROOT)/.ok:
 	touch $(OLD_ROOT).tmp/.ok
 	rm -rf $(OLD_ROOT)
 	mv $(OLD_ROOT).tmp $(OLD_ROOT)
+
+print-debian-mirror:
+	@echo $(DEBIAN_MIRROR)
 
 clean-dist:
 	rm -rf dist
