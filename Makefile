@@ -29,8 +29,11 @@ DEBIAN_MIRROR ?= $(shell (grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources; \
 
 .PHONY: dist check-dist old-server-root print-debian-mirror clean-dist
 
+# Fat LTO in one codegen unit: ~7% smaller (9.2 MB, 3.6 MB gzip), which is what first contact
+# with a server costs; a slower build than `cargo build --release`.
 dist: $(VENV)/.ok
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" FLIP_DIST_TARGET=$(TARGET) FLIP_DIST_GLIBC=$(GLIBC) \
+		CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
 		cargo zigbuild --release --locked -p flip --bin flip --target $(TARGET).$(GLIBC)
 	mkdir -p dist
 	cp $(CARGO_TARGET_DIR)/$(TARGET)/release/flip $(DIST).tmp
@@ -48,7 +51,7 @@ check-dist:
 	if [ "$$(printf '%s\n%s\n' "$$newest" "$(GLIBC)" | sort -t. -k1,1n -k2,2n -k3,3n | tail -n 1)" != "$(GLIBC)" ]; then \
 		echo "$(DIST) needs GLIBC_$$newest, newer than $(GLIBC)" >&2; exit 1; fi; \
 	echo "$(DIST): $$(stat -c %s $(DIST)) bytes, glibc symbols <= GLIBC_$$newest, needs only: $$(readelf -d $(DIST) | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
-	@case "$(TARGET)" in $(ARCH)-*) test "$$(./$(DIST) --version)" = "flip $(VERSION)" ;; esac
+	@case "$(TARGET)" in $(ARCH)-*) test "$$($(abspath $(DIST)) --version)" = "flip $(VERSION)" ;; esac
 
 $(VENV)/.ok:
 	python3 -m venv $(VENV)
