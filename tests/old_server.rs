@@ -100,7 +100,10 @@ impl OldServer {
             .prefix("flip-it-")
             .tempdir_in(chroot.join("tmp"))
             .unwrap();
-        let inside = format!("/tmp/{}", boxed.path().file_name().unwrap().to_str().unwrap());
+        let inside = format!(
+            "/tmp/{}",
+            boxed.path().file_name().unwrap().to_str().unwrap()
+        );
         fs::create_dir(boxed.path().join("home")).unwrap();
         let wire = fx.path("wire");
         fs::create_dir(&wire).unwrap();
@@ -191,7 +194,11 @@ exec {run}
         while child.try_wait().unwrap().is_none() {
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("{} {} did not finish within {TIMEOUT:?}", bin.display(), all.join(" "));
+                panic!(
+                    "{} {} did not finish within {TIMEOUT:?}",
+                    bin.display(),
+                    all.join(" ")
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -265,7 +272,11 @@ fn a_portable_build_deploys_redeploys_and_rolls_back_on_debian_11() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(names.len(), 1, "temp files left in the agent cache: {names:?}");
+    assert_eq!(
+        names.len(),
+        1,
+        "temp files left in the agent cache: {names:?}"
+    );
 
     // First contact on the wire: the command lines and the upload's stdin.
     let uploads = w.logged("uploads");
@@ -343,9 +354,16 @@ fn a_debug_build_uploads_the_portable_agent_it_is_given() {
 
     // --agent-binary: the portable build is uploaded and runs the deploy.
     let dist = w.dist.to_str().unwrap();
-    w.run(&debug, &["deploy", src.s(), &target, "--agent-binary", dist])
-        .success();
-    assert_dir_eq(&w.root().join("current"), &src.tree(), "deployed by the given agent");
+    w.run(
+        &debug,
+        &["deploy", src.s(), &target, "--agent-binary", dist],
+    )
+    .success();
+    assert_dir_eq(
+        &w.root().join("current"),
+        &src.tree(),
+        "deployed by the given agent",
+    );
     let agent = w
         .agent_cache()
         .join(format!("flip-{VERSION}-{}", hash_of(&w.dist)));
@@ -357,7 +375,11 @@ fn a_debug_build_uploads_the_portable_agent_it_is_given() {
     fs::create_dir_all(cache_file.parent().unwrap()).unwrap();
     fs::copy(&w.dist, &cache_file).unwrap();
     assert_eq!(w.listed(&debug, &[]), vec![(1, true)]);
-    assert_eq!(w.logged("uploads").len(), 2, "uploaded from the local cache");
+    assert_eq!(
+        w.logged("uploads").len(),
+        2,
+        "uploaded from the local cache"
+    );
     assert_eq!(fs::read(&agent).unwrap(), fs::read(&w.dist).unwrap());
 }
 

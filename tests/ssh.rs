@@ -266,10 +266,9 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
     // The second deploy finds it and does not upload again.
     let before = common::ino(&uploaded);
     site_v2(&src);
-    let again = w
-        .fx
-        .flip(&["deploy", src.s(), &w.url(), "-i", &w.key()])
-        .success();
+    let again =
+        w.fx.flip(&["deploy", src.s(), &w.url(), "-i", &w.key()])
+            .success();
     assert!(!again.stderr.contains("has no flip"), "{}", again.stderr);
     assert_eq!(common::ino(&uploaded), before);
 }

@@ -105,10 +105,12 @@ struct Candidate {
 /// else the per-platform binaries of our version in the local cache, then this executable.
 fn candidates(opts: &SshOptions) -> Result<Vec<Candidate>, TransportError> {
     let hash = |path: &Path, source: Source| -> Result<Candidate, TransportError> {
-        let hash = hash_file(path).map_err(|e| TransportError::Other(match source {
-            Source::Flag => format!("--agent-binary {}: {e}", path.display()),
-            _ => format!("reading {}: {e}", path.display()),
-        }))?;
+        let hash = hash_file(path).map_err(|e| {
+            TransportError::Other(match source {
+                Source::Flag => format!("--agent-binary {}: {e}", path.display()),
+                _ => format!("reading {}: {e}", path.display()),
+            })
+        })?;
         Ok(Candidate {
             path: path.to_path_buf(),
             hash,
@@ -452,12 +454,7 @@ const WIRE_CACHE_ENTRIES: usize = 4;
 /// `AGENTS_DIR/.wire/HASH.SUFFIX` when there (and it decompresses to exactly `data`), else
 /// compressed now and, for release-sized binaries, kept there. Failing to use the cache only
 /// costs time.
-fn wire_bytes(
-    opts: &SshOptions,
-    data: &[u8],
-    hash: &str,
-    codec: Codec,
-) -> io::Result<Vec<u8>> {
+fn wire_bytes(opts: &SshOptions, data: &[u8], hash: &str, codec: Codec) -> io::Result<Vec<u8>> {
     if codec == Codec::Raw || data.len() > STRONG_LIMIT {
         return codec.encode(data);
     }
@@ -709,7 +706,10 @@ mod tests {
         fake_flip(&cache.join("flip-1.2.3-aaaa"), "1.2.3", "agent-a");
         let found = launch(home.path(), "1.2.3", &["aaaa"]);
         assert!(found.starts_with("flip-launch: ok "), "{found}");
-        assert!(found.ends_with("agent-a:agent --root /srv/a b\n"), "{found}");
+        assert!(
+            found.ends_with("agent-a:agent --root /srv/a b\n"),
+            "{found}"
+        );
         let missing = launch(home.path(), "9.9.9", &["aaaa"]);
         assert!(missing.starts_with("flip-launch: missing "), "{missing}");
         assert!(missing.contains(&local_platform()), "{missing}");
@@ -881,7 +881,9 @@ mod tests {
         let data = b"flip agent ".repeat(1000);
         let hash = blake3::hash(&data).to_hex().to_string();
         let wire = wire_bytes(&opts, &data, &hash, Codec::Gzip).unwrap();
-        let kept = home.path().join(format!(".cache/flip/agents/.wire/{hash}.gz"));
+        let kept = home
+            .path()
+            .join(format!(".cache/flip/agents/.wire/{hash}.gz"));
         assert_eq!(std::fs::read(&kept).unwrap(), wire);
         assert!(decodes_to(Codec::Gzip, &wire, &data));
         let mut damaged = wire.clone();
@@ -921,7 +923,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("is not a portable build"), "{e}");
-        assert!(e.contains("needs glibc 2.34 or newer and the server has glibc 2.31"), "{e}");
+        assert!(
+            e.contains("needs glibc 2.34 or newer and the server has glibc 2.31"),
+            "{e}"
+        );
         assert!(e.contains("--agent-binary FILE"), "{e}");
         assert!(glibc_check(&opts, "web1", &server(Some((2, 34))), &agent).is_ok());
         assert!(glibc_check(&opts, "web1", &server(None), &agent).is_ok());
