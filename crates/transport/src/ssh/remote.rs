@@ -11,7 +11,8 @@
 //! per-platform binary in the local cache (`~/.cache/flip/agents/flip-VERSION-OS-ARCH`, from
 //! `uname -s` and `uname -m` of the server), else this executable if the server's platform is
 //! ours. It is sent compressed (zstd if the server has `zstd`, else gzip), decompressed to a
-//! temp name, checked (size, `--version`, blake3), renamed into place, and the launcher runs again.
+//! temp name, checked (size, `--version`, blake3), renamed into place (the server keeps the
+//! [`KEEP_AGENTS`] agents used last), and the launcher runs again.
 
 use super::{open, shell_quote, Remote, SshOptions, SshTarget};
 use crate::{AgentStream, TransportError};
@@ -24,6 +25,10 @@ const MARKER: &str = "flip-launch: ";
 
 /// Most bytes of noise (e.g. from shell startup files) tolerated before the marker.
 const MAX_NOISE: usize = 64 * 1024;
+
+/// Agents kept in the server's `~/.cache/flip` (by last use; the launcher touches the one it
+/// runs): the oldest go when one more is uploaded.
+const KEEP_AGENTS: usize = 3;
 
 /// Exit status of the upload script when the uploaded binary does not run on the server (or
 /// is not flip of our version).
@@ -204,6 +209,7 @@ fn launcher_script(version: &str, hashes: &[&str], quoted_args: &str) -> String 
         r#"v={version}
 for f in {cached} "$(command -v flip 2>/dev/null)"; do
   if [ -n "$f" ] && [ -x "$f" ] && [ "$("$f" --version </dev/null 2>/dev/null)" = "flip $v" ]; then
+    case $f in "$HOME/.cache/flip/"*) touch "$f" 2>/dev/null;; esac
     printf '{MARKER}ok %s\n' "$f"
     exec "$f" agent {quoted_args}
   fi
@@ -638,6 +644,12 @@ got=$({hash_cmd})
 [ "$got" = "$h" ] || {{ echo "blake3 mismatch after upload: $got, expected $h" >&2; exit 2; }}
 mv -f "$t" "$d/flip-$v-$h"
 trap - EXIT
+# Keep the {KEEP_AGENTS} agents used last; temp files of uploads killed long ago go too.
+k=0
+for f in $(ls -t "$d"); do
+  case $f in flip-*) k=$((k+1)); [ $k -le {KEEP_AGENTS} ] || rm -f "$d/$f";; esac
+done
+find "$d" -name '.flip-*.tmp' -mmin +60 -exec rm -f {{}} + 2>/dev/null || true
 echo "flip-upload: ok"
 "#,
         version = shell_quote(version),
@@ -809,6 +821,43 @@ mod tests {
             let mode = std::fs::metadata(&placed).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o755);
         }
+    }
+
+    /// An upload keeps the agents used last and removes older ones and stale temp files.
+    #[test]
+    fn an_upload_keeps_the_agents_used_last() {
+        let home = tempfile::tempdir().unwrap();
+        let cache = home.path().join(".cache/flip");
+        std::fs::create_dir_all(&cache).unwrap();
+        let old = |name: &str, secs: i64| {
+            let p = cache.join(name);
+            std::fs::write(&p, name).unwrap();
+            let t = libc::timespec {
+                tv_sec: 1_000_000_000 + secs,
+                tv_nsec: 0,
+            };
+            let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+            // SAFETY: a valid path and two valid timespecs.
+            unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) };
+        };
+        for (i, name) in ["flip-1.2.3-a", "flip-1.2.3-b", "flip-1.2.3-c", "flip-1.0.0"]
+            .iter()
+            .enumerate()
+        {
+            old(name, i as i64);
+        }
+        old(".flip-1.2.3-x.99.tmp", 0);
+        let body = fake_body();
+        let hash = blake3::hash(&body).to_hex().to_string();
+        let out = run_upload(home.path(), &body, body.len(), Codec::Gzip, &hash);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut want = vec![
+            "flip-1.0.0".to_string(),
+            format!("flip-1.2.3-{hash}"),
+            "flip-1.2.3-c".to_string(),
+        ];
+        want.sort();
+        assert_eq!(cache_names(home.path()), want);
     }
 
     /// A binary that does not run on the server gives the distinct exit status that turns into
