@@ -224,7 +224,7 @@ pub struct SshOptions {
     /// server has no flip of our version, instead of this executable.
     pub agent_binary: Option<PathBuf>,
     /// The local cache of per-platform agents (see [`SshOptions::agent_cache_file`]); `None`:
-    /// `HOME/.cache/flip/agents`.
+    /// see [`SshOptions::agents_dir`].
     pub agents_dir: Option<PathBuf>,
     /// The target this flip was built for by `make dist` (a portable build, needing only
     /// glibc 2.17), e.g. `x86_64-unknown-linux-gnu`; `None` for other builds. Only changes
@@ -286,11 +286,17 @@ impl SshOptions {
             .unwrap_or_else(|| PathBuf::from("/"))
     }
 
-    /// The local directory of per-platform agents: `agents_dir`, else `HOME/.cache/flip/agents`.
+    /// The local directory of per-platform agents: `agents_dir`; else, like flip's other
+    /// caches, `$XDG_CACHE_HOME/flip/agents` (unless `home` is set), else
+    /// `HOME/.cache/flip/agents`.
     pub fn agents_dir(&self) -> PathBuf {
-        self.agents_dir
-            .clone()
-            .unwrap_or_else(|| self.home_dir().join(".cache/flip/agents"))
+        if let Some(dir) = &self.agents_dir {
+            return dir.clone();
+        }
+        match std::env::var_os("XDG_CACHE_HOME") {
+            Some(x) if self.home.is_none() && !x.is_empty() => PathBuf::from(x).join("flip/agents"),
+            _ => self.home_dir().join(".cache/flip/agents"),
+        }
     }
 
     /// The local cache file flip uploads to a server whose `uname -sm` is `platform` (when no

@@ -52,7 +52,10 @@ pub(crate) fn start_agent(
     }
 
     let candidates = candidates(opts)?;
-    let hashes: Vec<&str> = candidates.iter().map(|c| c.hash.as_str()).collect();
+    let hashes: Vec<&str> = candidates
+        .iter()
+        .filter_map(|c| c.hash.as_deref())
+        .collect();
     let launcher = sh_c(&launcher_script(&opts.version, &hashes, &args));
     let what = "the flip agent";
     let remote = open(target, opts)?;
@@ -66,7 +69,9 @@ pub(crate) fn start_agent(
     let agent = choose_agent(opts, &host, &missing.platform, candidates)?;
     glibc_check(opts, &host, &missing, &agent)?;
     let mut remote = open(target, opts)?;
-    upload(&mut *remote, opts, &agent, &missing, &mut sink.clone())?;
+    let uploaded = upload(&mut *remote, opts, &agent, &missing, &mut sink.clone())?;
+    // Now exactly the uploaded agent.
+    let launcher = sh_c(&launcher_script(&opts.version, &[&uploaded], &args));
     let stream = remote.stream(&launcher, what, Box::new(sink))?;
     match read_marker(stream, &host)? {
         Launch::Started(stream) => Ok(stream),
@@ -98,11 +103,13 @@ enum Source {
 }
 
 /// A local binary flip may upload, and its blake3 (lowercase hex, 64 characters): the key of
-/// the server-side cache `~/.cache/flip/flip-VERSION-HASH`.
+/// the server-side cache `~/.cache/flip/flip-VERSION-HASH`. `None` for this executable when it
+/// cannot be read (replaced by an upgrade while running): then only a `flip` on the server's
+/// PATH is found, and uploading it fails naming the file.
 #[derive(Debug, Clone)]
 struct Candidate {
     path: PathBuf,
-    hash: String,
+    hash: Option<String>,
     source: Source,
 }
 
@@ -118,7 +125,7 @@ fn candidates(opts: &SshOptions) -> Result<Vec<Candidate>, TransportError> {
         })?;
         Ok(Candidate {
             path: path.to_path_buf(),
-            hash,
+            hash: Some(hash),
             source,
         })
     };
@@ -141,7 +148,11 @@ fn candidates(opts: &SshOptions) -> Result<Vec<Candidate>, TransportError> {
             }
         }
     }
-    out.push(hash(&opts.local_exe, Source::Exe)?);
+    out.push(hash(&opts.local_exe, Source::Exe).unwrap_or(Candidate {
+        path: opts.local_exe.clone(),
+        hash: None,
+        source: Source::Exe,
+    }));
     Ok(out)
 }
 
@@ -521,14 +532,15 @@ fn store_wire(dir: &Path, file: &Path, wire: &[u8]) -> io::Result<()> {
 /// `--ultra` levels whose window a small server may not have the memory to decode.
 const ZSTD_LEVEL: i32 = 19;
 
-/// Uploads `agent` to `~/.cache/flip/flip-VERSION-HASH` on the server in one exec.
+/// Uploads `agent` to `~/.cache/flip/flip-VERSION-HASH` on the server in one exec; returns
+/// the HASH.
 fn upload(
     remote: &mut dyn Remote,
     opts: &SshOptions,
     agent: &Candidate,
     server: &Missing,
     notes: &mut dyn Write,
-) -> Result<(), TransportError> {
+) -> Result<String, TransportError> {
     let host = remote.host().to_string();
     let fail = |message: String| TransportError::Remote {
         host: host.clone(),
@@ -540,7 +552,7 @@ fn upload(
         std::fs::read(path).map_err(|e| fail(format!("reading {}: {e}", path.display())))?;
     // The file may have changed since it was hashed: the name on the server must match.
     let hash = blake3::hash(&bytes).to_hex().to_string();
-    if hash != agent.hash {
+    if agent.hash.as_ref().is_some_and(|h| *h != hash) {
         return Err(fail(format!(
             "{} changed while flip was connecting; run flip again",
             path.display()
@@ -562,7 +574,7 @@ fn upload(
     let out = remote.run(&sh_c(&script), Some(&mut wire.as_slice()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if out.status == Some(0) && stdout.contains("flip-upload: ok") {
-        return Ok(());
+        return Ok(hash);
     }
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
     if out.status == Some(DOES_NOT_RUN) {
@@ -850,7 +862,11 @@ mod tests {
         let body = fake_body();
         let hash = blake3::hash(&body).to_hex().to_string();
         let out = run_upload(home.path(), &body, body.len(), Codec::Gzip, &hash);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut want = vec![
             "flip-1.0.0".to_string(),
             format!("flip-1.2.3-{hash}"),
@@ -892,7 +908,7 @@ mod tests {
 
         let c = choose_agent(&opts, "web1", &local, candidates(&opts).unwrap()).unwrap();
         assert_eq!(c.source, Source::Exe);
-        assert_eq!(c.hash, blake3::hash(b"exe").to_hex().to_string());
+        assert_eq!(c.hash, Some(blake3::hash(b"exe").to_hex().to_string()));
 
         let e = choose_agent(&opts, "web1", "Plan9 mips", candidates(&opts).unwrap());
         let msg = e.unwrap_err().to_string();
@@ -920,6 +936,12 @@ mod tests {
         opts.agent_binary = Some(home.path().join("absent"));
         let e = candidates(&opts).unwrap_err().to_string();
         assert!(e.contains("--agent-binary") && e.contains("absent"), "{e}");
+
+        // An executable that cannot be read is no error until it is to be uploaded.
+        opts.agent_binary = None;
+        opts.local_exe = home.path().join("replaced");
+        let all = candidates(&opts).unwrap();
+        assert_eq!(all.last().unwrap().hash, None);
     }
 
     /// The compressed agent is kept locally; a damaged kept copy is never sent.
