@@ -5,7 +5,8 @@
 //! it there: deploy, redeploy, rollback and releases, with the target's files checked in the root.
 //!
 //! Needs root (chroot), the Debian root and the portable build `dist/flip-VERSION-TARGET` (`make
-//! dist`); tests/run.sh makes both. Without them each test prints a `SKIP` line naming what is
+//! dist`, of the same source as this test: an older dist/ speaks an older protocol); tests/run.sh
+//! makes both. Without them each test prints a `SKIP` line naming what is
 //! missing and why (tests/run.sh passes the reason when the Debian mirror cannot be reached).
 
 mod common;
