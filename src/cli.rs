@@ -42,6 +42,10 @@ pub enum Command {
     /// Serve the agent protocol on stdin/stdout (started by flip itself, locally or over SSH).
     #[command(hide = true)]
     Agent(AgentArgs),
+    /// Print the blake3 of each FILE as `HASH  FILE` (run on a server to check an uploaded
+    /// agent where b3sum is not installed).
+    #[command(hide = true)]
+    Blake3(Blake3Args),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -67,9 +71,13 @@ pub struct SshArgs {
     /// Use this command (e.g. "ssh -F cfg") as the SSH transport instead of the built-in client.
     #[arg(long, value_name = "CMD")]
     pub ssh_command: Option<String>,
-    /// Path of the flip binary on the server (default: flip on PATH, else upload this one).
+    /// Path of the flip binary on the server (default: flip on PATH, else upload one).
     #[arg(long, value_name = "PATH")]
     pub remote_flip: Option<String>,
+    /// Flip binary to upload to a server that has no flip of this version (a build for the
+    /// server's `uname -sm`; default ~/.cache/flip/agents/flip-VERSION-OS-ARCH, else this flip).
+    #[arg(long, value_name = "FILE")]
+    pub agent_binary: Option<PathBuf>,
     /// SSH config file (default ~/.ssh/config).
     #[arg(long, value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
@@ -227,4 +235,11 @@ pub struct AgentArgs {
     /// removed and the lock released); 0 = wait forever.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub idle_timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct Blake3Args {
+    /// Files to hash.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
 }

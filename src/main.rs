@@ -45,7 +45,7 @@ fn main() {
         Command::Verify(a) => a.json,
         Command::Diff(a) => a.json,
         Command::Config(a) => a.json,
-        Command::Init(_) | Command::Agent(_) => false,
+        Command::Init(_) | Command::Agent(_) | Command::Blake3(_) => false,
     };
     let code = match run(cli) {
         Ok(code) => code,
@@ -83,6 +83,9 @@ fn run(cli: Cli) -> Result<i32> {
     if let Command::Agent(a) = cli.command {
         return agent(a);
     }
+    if let Command::Blake3(a) = cli.command {
+        return blake3_files(a);
+    }
     if let Command::Init(a) = &cli.command {
         return init(a);
     }
@@ -99,7 +102,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Prune(a) => prune(a, cfg.as_ref()),
         Command::Verify(a) => verify(a, cfg.as_ref()),
         Command::Config(a) => show_config(a, cfg.as_ref()),
-        Command::Init(_) | Command::Agent(_) | Command::Diff(_) => unreachable!("handled above"),
+        Command::Init(_) | Command::Agent(_) | Command::Diff(_) | Command::Blake3(_) => unreachable!("handled above"),
     }
 }
 
@@ -148,6 +151,18 @@ fn init(a: &cli::InitArgs) -> Result<i32> {
     Ok(exit::OK)
 }
 
+/// `flip blake3 FILE...`: `HASH  FILE` lines, as b3sum prints them.
+fn blake3_files(a: cli::Blake3Args) -> Result<i32> {
+    for file in &a.files {
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update_mmap(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        println!("{}  {}", hasher.finalize().to_hex(), file.display());
+    }
+    Ok(exit::OK)
+}
+
 /// The environment named `word` in the configuration, if it names one.
 fn env_of<'c>(cfg: Option<&'c Config>, word: &str) -> Option<&'c Config> {
     cfg.filter(|c| c.has_env(word))
@@ -183,6 +198,7 @@ fn ssh_settings(common: &Common) -> SshSettings {
         ssh_command: common.ssh.ssh_command.clone(),
         remote_flip: common.ssh.remote_flip.clone(),
         config_file: common.ssh.ssh_config.clone(),
+        agent_binary: common.ssh.agent_binary.clone(),
     }
 }
 

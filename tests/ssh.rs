@@ -232,15 +232,16 @@ fn the_system_ssh_client_can_be_the_transport() {
 }
 
 /// Without --remote-flip and without flip on the server's PATH, flip uploads itself to
-/// ~/.cache/flip/flip-VERSION on the server and runs that.
+/// ~/.cache/flip/flip-VERSION-BLAKE3 on the server (compressed, checked) and runs that.
 #[test]
 fn the_agent_is_uploaded_when_the_server_has_none() {
     let w = World::new();
-    // The server's home is root's real home: use a version-named file and remove it after.
+    // The server's home is root's real home: use the build's own file name and remove it after.
     let home = PathBuf::from(std::env::var("FLIP_TEST_SERVER_HOME").unwrap_or("/root".into()));
+    let hash = blake3::hash(&fs::read(FLIP).unwrap()).to_hex().to_string();
     let uploaded = home
         .join(".cache/flip")
-        .join(format!("flip-{}", env!("CARGO_PKG_VERSION")));
+        .join(format!("flip-{}-{hash}", env!("CARGO_PKG_VERSION")));
     let _ = fs::remove_file(&uploaded);
     struct Cleanup(PathBuf);
     impl Drop for Cleanup {
@@ -252,7 +253,8 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
     let src = w.fx.src("src");
     site_v1(&src);
     w.fx.flip(&["deploy", src.s(), &w.url(), "-i", &w.key()])
-        .success();
+        .success()
+        .stderr_has("has no flip");
     assert_dir_eq(
         &w.fx.current(),
         &src.tree(),
@@ -265,8 +267,10 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
     // The second deploy finds it and does not upload again.
     let before = common::ino(&uploaded);
     site_v2(&src);
-    w.fx.flip(&["deploy", src.s(), &w.url(), "-i", &w.key()])
-        .success();
+    let again =
+        w.fx.flip(&["deploy", src.s(), &w.url(), "-i", &w.key()])
+            .success();
+    assert!(!again.stderr.contains("has no flip"), "{}", again.stderr);
     assert_eq!(common::ino(&uploaded), before);
 }
 

@@ -17,6 +17,8 @@ pub struct SshSettings {
     pub ssh_command: Option<String>,
     pub remote_flip: Option<String>,
     pub config_file: Option<PathBuf>,
+    /// The flip binary to upload when the server has none (`--agent-binary`).
+    pub agent_binary: Option<PathBuf>,
 }
 
 /// A deploy target: exactly what the command line and `flip.toml`'s `targets` take.
@@ -78,6 +80,7 @@ impl Target {
                 opts.config_file = ssh.config_file.clone();
                 opts.remote_flip = ssh.remote_flip.clone();
                 opts.ssh_command = ssh.ssh_command.clone();
+                opts.agent_binary = ssh.agent_binary.clone();
                 let args = vec!["--root".to_string(), t.path.clone()];
                 flip_transport::ssh::connect_agent(t, &opts, &args)?
             }

@@ -91,16 +91,22 @@ pub enum TransportError {
          never prompts for passphrases; load it into ssh-agent first (`ssh-add {key}`)"
     )]
     KeyEncrypted { target: String, key: PathBuf },
-    /// The server's OS/architecture differs from this flip binary's, so it cannot be uploaded.
+    /// The server's OS/architecture differs from this flip binary's and no binary for it was
+    /// given: what to do is in the message.
     #[error(
-        "{host} is {remote} but this flip is built for {local}: install flip {version} on the \
-         server (on its PATH, or pass --remote-flip PATH)"
+        "{host} is `{remote}` (uname -sm) and has no flip {version}, but this flip is built for \
+         `{local}` and no flip for `{remote}` was given: install flip {version} on the server \
+         (on its PATH, or pass --remote-flip PATH), or pass --agent-binary FILE with a flip \
+         {version} built for `{remote}` (or keep it as {cache} and flip uploads it by itself)",
+        cache = .cache.display()
     )]
     Platform {
         host: String,
         local: String,
         remote: String,
         version: String,
+        /// The local per-platform cache file that would have been uploaded.
+        cache: PathBuf,
     },
     /// A command run on the server to find, upload or start the agent failed.
     #[error("{phase} on {host}: {message}")]

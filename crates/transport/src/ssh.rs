@@ -10,10 +10,12 @@
 //!   like `rsync -e`): `ssh ... host -- COMMAND` as a child process over pipes.
 //!
 //! Finding the agent on the server ([`remote`]): `--remote-flip PATH` runs exactly that;
-//! otherwise one `sh -c` launcher looks for a `flip` of our exact version on the PATH or in
-//! `~/.cache/flip/flip-VERSION` and, if found, `exec`s it as the agent in the same channel. If not
-//! found, the local binary is uploaded to `~/.cache/flip/` (same OS and architecture only) and
-//! started.
+//! otherwise one `sh -c` launcher looks for an uploaded agent of exactly the binary we would
+//! upload (`~/.cache/flip/flip-VERSION-BLAKE3`), then a `flip` of our exact version on the PATH,
+//! and `exec`s it as the agent in the same channel. If none is found, a binary for the server's
+//! `uname -sm` is uploaded there, compressed and checked (`--agent-binary FILE`, the local
+//! per-platform cache [`SshOptions::agent_cache_file`], or this flip if the platforms match),
+//! and started.
 //!
 //! The server's stderr is relayed to ours, each line prefixed with the host name (`web1: ...`).
 
@@ -215,8 +217,24 @@ pub struct SshOptions {
     pub remote_flip: Option<String>,
     /// `--ssh-command "ssh -F cfg"`: use this client (split like a shell would) as the transport.
     pub ssh_command: Option<String>,
-    /// This flip binary, uploaded when the server has no flip of our version.
+    /// This flip binary, uploaded when the server has no flip of our version and is of our
+    /// platform (and neither `agent_binary` nor a local cache file for it is there).
     pub local_exe: PathBuf,
+    /// `--agent-binary FILE`: upload this (a flip of our version built for the server) when the
+    /// server has no flip of our version, instead of this executable.
+    pub agent_binary: Option<PathBuf>,
+    /// The local cache of per-platform agents (see [`SshOptions::agent_cache_file`]); `None`:
+    /// see [`SshOptions::agents_dir`].
+    pub agents_dir: Option<PathBuf>,
+    /// The target this flip was built for by `make dist` (a portable build, needing only
+    /// glibc 2.17), e.g. `x86_64-unknown-linux-gnu`; `None` for other builds. Only changes
+    /// messages.
+    pub portable: Option<String>,
+    /// The oldest glibc (`2.17`) this executable runs on, if known: `make dist` builds say
+    /// (`FLIP_DIST_GLIBC` at build time); other builds on glibc need about the glibc they run
+    /// on here. flip does not upload itself to a server with an older glibc, and says what to
+    /// do instead. `None`: no check.
+    pub needs_glibc: Option<String>,
     /// This flip's version (`env!("CARGO_PKG_VERSION")`); the server's `flip --version` must
     /// print exactly `flip VERSION`.
     pub version: String,
@@ -237,6 +255,12 @@ impl Default for SshOptions {
             remote_flip: None,
             ssh_command: None,
             local_exe: std::env::current_exe().unwrap_or_default(),
+            agent_binary: None,
+            agents_dir: None,
+            portable: option_env!("FLIP_DIST_TARGET").map(str::to_string),
+            needs_glibc: option_env!("FLIP_DIST_GLIBC")
+                .map(str::to_string)
+                .or_else(running_glibc),
             version: String::new(),
             home: None,
             agent_socket: None,
@@ -262,6 +286,30 @@ impl SshOptions {
             .unwrap_or_else(|| PathBuf::from("/"))
     }
 
+    /// The local directory of per-platform agents: `agents_dir`; else, like flip's other
+    /// caches, `$XDG_CACHE_HOME/flip/agents` (unless `home` is set), else
+    /// `HOME/.cache/flip/agents`.
+    pub fn agents_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.agents_dir {
+            return dir.clone();
+        }
+        match std::env::var_os("XDG_CACHE_HOME") {
+            Some(x) if self.home.is_none() && !x.is_empty() => PathBuf::from(x).join("flip/agents"),
+            _ => self.home_dir().join(".cache/flip/agents"),
+        }
+    }
+
+    /// The local cache file flip uploads to a server whose `uname -sm` is `platform` (when no
+    /// `--agent-binary` is given): `AGENTS_DIR/flip-VERSION-OS-ARCH`, e.g.
+    /// `~/.cache/flip/agents/flip-0.1.0-Linux-aarch64`.
+    pub fn agent_cache_file(&self, platform: &str) -> PathBuf {
+        self.agents_dir().join(format!(
+            "flip-{}-{}",
+            self.version,
+            remote::platform_file_part(platform)
+        ))
+    }
+
     /// The ssh-agent socket to try, if any.
     pub(crate) fn agent_socket(&self) -> Option<PathBuf> {
         match &self.agent_socket {
@@ -271,6 +319,20 @@ impl SshOptions {
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from),
         }
+    }
+}
+
+/// The version of the glibc this process runs on (`2.36`), if it is linked against glibc.
+fn running_glibc() -> Option<String> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: gnu_get_libc_version returns a pointer to a static NUL-terminated string.
+        let v = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+        v.to_str().ok().map(str::to_string)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
     }
 }
 

@@ -8,6 +8,7 @@ use flip_testkit::Sshd;
 use flip_transport::ssh::{self, SshOptions, SshTarget};
 use flip_transport::{AgentStream, TransportError};
 use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -557,17 +558,33 @@ fn connect_errors_name_the_host() {
 
 /// A fake flip: `--version` prints `flip VERSION`; `agent ARGS` prints its args to stderr and
 /// echoes stdin (like `cat`).
+/// A fake flip: `--version` prints `flip VERSION`, `blake3 FILE` prints its own blake3 (kept
+/// beside it, in `PATH.b3`, as an uploaded copy checks itself), anything else echoes its stdin.
 fn fake_flip(path: &Path, version: &str) {
     std::fs::write(
         path,
         format!(
             "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'flip {version}'; exit 0; fi\n\
-             echo \"args: $*\" >&2\nexec cat\n"
+             if [ \"$1\" = blake3 ]; then cat '{path}.b3'; exit 0; fi\n\
+             echo \"args: $*\" >&2\nexec cat\n",
+            path = path.display()
         ),
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        format!("{}.b3", path.display()),
+        format!("{}  x\n", hash_of(path)),
+    )
+    .unwrap();
+}
+
+/// blake3 of a file, lowercase hex.
+fn hash_of(path: &Path) -> String {
+    blake3::hash(&std::fs::read(path).unwrap())
+        .to_hex()
+        .to_string()
 }
 
 #[test]
@@ -609,10 +626,11 @@ fn connect_agent_uploads_flip_when_the_server_has_none() {
     let version = format!("0.0.0-test{}", std::process::id());
     let local = f.home.path().join("local-flip");
     fake_flip(&local, &version);
+    let hash = hash_of(&local);
     f.opts.local_exe = local;
     f.opts.version = version.clone();
     let remote_home = f.output("printf %s \"$HOME\"");
-    let installed = Path::new(&remote_home).join(format!(".cache/flip/flip-{version}"));
+    let installed = Path::new(&remote_home).join(format!(".cache/flip/flip-{version}-{hash}"));
     let _cleanup = Cleanup(installed.clone());
 
     let args = ["--root".to_string(), "/srv/app".to_string()];
@@ -633,11 +651,26 @@ fn connect_agent_uploads_flip_when_the_server_has_none() {
         captured.text()
     );
 
-    // The second time it is found in the cache (no upload: the local binary is gone).
-    f.opts.local_exe = f.home.path().join("gone");
-    let stream = ssh::connect_agent(&f.target, &f.opts, &args).unwrap();
+    assert!(
+        captured.text().contains("has no flip"),
+        "{}",
+        captured.text()
+    );
+
+    // The second time it is found in the cache: no upload.
+    let before = std::fs::metadata(&installed).unwrap().ino();
+    let captured = Captured::default();
+    let stream =
+        ssh::connect_agent_with_stderr(&f.target, &f.opts, &args, Box::new(captured.clone()))
+            .unwrap();
     let data = Arc::new(pattern(1000, 12));
     assert!(round_trip(stream, data.clone()) == *data);
+    assert!(
+        !captured.text().contains("has no flip"),
+        "{}",
+        captured.text()
+    );
+    assert_eq!(std::fs::metadata(&installed).unwrap().ino(), before);
 }
 
 /// An "ssh command" that runs the remote command locally with a fake `uname` first on the PATH,
@@ -775,9 +808,10 @@ fn slow_login_and_idle_stream_with_short_keepalive() {
     let version = format!("0.0.0-slow{}", std::process::id());
     let local = f.home.path().join("local-flip");
     fake_flip(&local, &version);
+    let hash = hash_of(&local);
     f.opts.local_exe = local;
     f.opts.version = version.clone();
-    let installed = Path::new(&remote_home).join(format!(".cache/flip/flip-{version}"));
+    let installed = Path::new(&remote_home).join(format!(".cache/flip/flip-{version}-{hash}"));
     let _cleanup = Cleanup(installed.clone());
     let stream = ssh::connect_agent(&f.target, &f.opts, &[]).unwrap_or_else(|e| panic!("{e}"));
     let data = Arc::new(pattern(1000, 12));

@@ -1,15 +1,23 @@
 //! Finding, uploading and starting the agent on the server.
 //!
-//! One exec runs a small `sh -c` launcher. It looks for a flip of exactly our version (on the
-//! PATH, then `~/.cache/flip/flip-VERSION`), prints a marker line and `exec`s it as the agent in
-//! the same channel, so the usual case costs a single exec. If none is found it prints the
-//! server's `uname -sm` instead and exits; then, if the platform matches ours, the local binary
-//! is uploaded to `~/.cache/flip/flip-VERSION` (written to a temp name, its size and blake3
-//! checked, `--version` run, then renamed into place) and the launcher runs again.
+//! One exec runs a small `sh -c` launcher. It looks for a flip of exactly our version: first an
+//! uploaded agent of exactly the binary we would upload (`~/.cache/flip/flip-VERSION-BLAKE3`,
+//! keyed by content hash so two builds of one version never run each other's agent), then `flip`
+//! on the PATH. It prints a marker line and `exec`s it as the agent in the same channel, so the
+//! usual case costs a single exec. If none is found it prints the server's `uname -sm` and which
+//! decompressors it has instead, and exits.
+//!
+//! Then flip picks the binary to upload ([`choose_agent`]): `--agent-binary FILE`, else the
+//! per-platform binary in the local cache (`~/.cache/flip/agents/flip-VERSION-OS-ARCH`, from
+//! `uname -s` and `uname -m` of the server), else this executable if the server's platform is
+//! ours. It is sent compressed (zstd if the server has `zstd`, else gzip), decompressed to a
+//! temp name, checked (size, `--version`, blake3), renamed into place (the server keeps the
+//! [`KEEP_AGENTS`] agents used last), and the launcher runs again.
 
 use super::{open, shell_quote, Remote, SshOptions, SshTarget};
 use crate::{AgentStream, TransportError};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// The marker the launcher prints before anything else it prints.
@@ -17,6 +25,14 @@ const MARKER: &str = "flip-launch: ";
 
 /// Most bytes of noise (e.g. from shell startup files) tolerated before the marker.
 const MAX_NOISE: usize = 64 * 1024;
+
+/// Agents kept in the server's `~/.cache/flip` (by last use; the launcher touches the one it
+/// runs): the oldest go when one more is uploaded.
+const KEEP_AGENTS: usize = 3;
+
+/// Exit status of the upload script when the uploaded binary does not run on the server (or
+/// is not flip of our version).
+const DOES_NOT_RUN: i32 = 3;
 
 /// Connects and starts the agent (see the module docs).
 pub(crate) fn start_agent(
@@ -35,7 +51,12 @@ pub(crate) fn start_agent(
         return remote.stream(&format!("{flip} agent {args}"), &what, Box::new(sink));
     }
 
-    let launcher = sh_c(&launcher_script(&opts.version, &args));
+    let candidates = candidates(opts)?;
+    let hashes: Vec<&str> = candidates
+        .iter()
+        .filter_map(|c| c.hash.as_deref())
+        .collect();
+    let launcher = sh_c(&launcher_script(&opts.version, &hashes, &args));
     let what = "the flip agent";
     let remote = open(target, opts)?;
     let host = remote.host().to_string();
@@ -45,17 +66,12 @@ pub(crate) fn start_agent(
         Launch::Missing(info) => info,
     };
 
-    let local = local_platform();
-    if missing.platform != local {
-        return Err(TransportError::Platform {
-            host,
-            local,
-            remote: missing.platform,
-            version: opts.version.clone(),
-        });
-    }
+    let agent = choose_agent(opts, &host, &missing.platform, candidates)?;
+    glibc_check(opts, &host, &missing, &agent)?;
     let mut remote = open(target, opts)?;
-    upload(&mut *remote, opts, missing.b3sum)?;
+    let uploaded = upload(&mut *remote, opts, &agent, &missing, &mut sink.clone())?;
+    // Now exactly the uploaded agent.
+    let launcher = sh_c(&launcher_script(&opts.version, &[&uploaded], &args));
     let stream = remote.stream(&launcher, what, Box::new(sink))?;
     match read_marker(stream, &host)? {
         Launch::Started(stream) => Ok(stream),
@@ -75,19 +91,146 @@ fn sh_c(script: &str) -> String {
     format!("sh -c {}", shell_quote(script))
 }
 
-fn launcher_script(version: &str, quoted_args: &str) -> String {
+/// Where a binary that could serve as the agent comes from (for messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// `--agent-binary FILE`.
+    Flag,
+    /// `~/.cache/flip/agents/flip-VERSION-OS-ARCH` on this machine.
+    LocalCache,
+    /// The running flip itself.
+    Exe,
+}
+
+/// A local binary flip may upload, and its blake3 (lowercase hex, 64 characters): the key of
+/// the server-side cache `~/.cache/flip/flip-VERSION-HASH`. `None` for this executable when it
+/// cannot be read (replaced by an upgrade while running): then only a `flip` on the server's
+/// PATH is found, and uploading it fails naming the file.
+#[derive(Debug, Clone)]
+struct Candidate {
+    path: PathBuf,
+    hash: Option<String>,
+    source: Source,
+}
+
+/// The local binaries an agent on the server may be a copy of: `--agent-binary` alone if given,
+/// else the per-platform binaries of our version in the local cache, then this executable.
+fn candidates(opts: &SshOptions) -> Result<Vec<Candidate>, TransportError> {
+    let hash = |path: &Path, source: Source| -> Result<Candidate, TransportError> {
+        let hash = hash_file(path).map_err(|e| {
+            TransportError::Other(match source {
+                Source::Flag => format!("--agent-binary {}: {e}", path.display()),
+                _ => format!("reading {}: {e}", path.display()),
+            })
+        })?;
+        Ok(Candidate {
+            path: path.to_path_buf(),
+            hash: Some(hash),
+            source,
+        })
+    };
+    if let Some(file) = &opts.agent_binary {
+        return Ok(vec![hash(file, Source::Flag)?]);
+    }
+    let mut out = Vec::new();
+    let prefix = format!("flip-{}-", opts.version);
+    if let Ok(entries) = std::fs::read_dir(opts.agents_dir()) {
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&prefix) && !n.ends_with(".tmp"))
+            .collect();
+        names.sort();
+        for name in names {
+            let path = opts.agents_dir().join(name);
+            // An unreadable cache entry is only a missed candidate.
+            if let Ok(c) = hash(&path, Source::LocalCache) {
+                out.push(c);
+            }
+        }
+    }
+    out.push(hash(&opts.local_exe, Source::Exe).unwrap_or(Candidate {
+        path: opts.local_exe.clone(),
+        hash: None,
+        source: Source::Exe,
+    }));
+    Ok(out)
+}
+
+/// blake3 of a file's contents, lowercase hex.
+fn hash_file(path: &Path) -> io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_mmap(path)?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// `Linux x86_64` -> `Linux-x86_64`: the platform part of a local cache file name.
+pub(crate) fn platform_file_part(platform: &str) -> String {
+    platform
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join("-")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The binary to upload to a server of `platform` (`uname -sm`): `--agent-binary`, else the
+/// local cache's binary for that platform, else this executable if the platform is ours.
+fn choose_agent(
+    opts: &SshOptions,
+    host: &str,
+    platform: &str,
+    candidates: Vec<Candidate>,
+) -> Result<Candidate, TransportError> {
+    let cached = opts.agent_cache_file(platform);
+    let mut exe = None;
+    for c in candidates {
+        match c.source {
+            Source::Flag => return Ok(c),
+            Source::LocalCache if c.path == cached => return Ok(c),
+            Source::LocalCache => {}
+            Source::Exe => exe = Some(c),
+        }
+    }
+    let local = local_platform();
+    match exe {
+        Some(c) if platform == local => Ok(c),
+        _ => Err(TransportError::Platform {
+            host: host.to_string(),
+            local,
+            remote: platform.to_string(),
+            version: opts.version.clone(),
+            cache: cached,
+        }),
+    }
+}
+
+fn launcher_script(version: &str, hashes: &[&str], quoted_args: &str) -> String {
+    let cached: Vec<String> = hashes
+        .iter()
+        .map(|h| format!("\"$HOME/.cache/flip/flip-$v-{}\"", shell_quote(h)))
+        .collect();
     format!(
         r#"v={version}
-for f in "$(command -v flip 2>/dev/null)" "$HOME/.cache/flip/flip-$v"; do
+for f in {cached} "$(command -v flip 2>/dev/null)"; do
   if [ -n "$f" ] && [ -x "$f" ] && [ "$("$f" --version </dev/null 2>/dev/null)" = "flip $v" ]; then
+    case $f in "$HOME/.cache/flip/"*) touch "$f" 2>/dev/null;; esac
     printf '{MARKER}ok %s\n' "$f"
     exec "$f" agent {quoted_args}
   fi
 done
-if command -v b3sum >/dev/null 2>&1; then b=b3sum; else b=; fi
-printf '{MARKER}missing %s|%s\n' "$(uname -sm)" "$b"
+t=
+for x in zstd gzip b3sum; do command -v $x >/dev/null 2>&1 && t="$t $x"; done
+printf '{MARKER}missing %s|%s|%s\n' "$(uname -sm)" "$t" "$(getconf GNU_LIBC_VERSION 2>/dev/null)"
 "#,
         version = shell_quote(version),
+        cached = cached.join(" "),
     )
 }
 
@@ -95,8 +238,14 @@ printf '{MARKER}missing %s|%s\n' "$(uname -sm)" "$b"
 struct Missing {
     /// `uname -sm` on the server.
     platform: String,
+    /// `zstd` is installed there.
+    zstd: bool,
+    /// `gzip` is installed there.
+    gzip: bool,
     /// `b3sum` is installed there.
     b3sum: bool,
+    /// The server's glibc version, if it has glibc (`getconf GNU_LIBC_VERSION`).
+    glibc: Option<(u32, u32)>,
 }
 
 enum Launch {
@@ -159,13 +308,20 @@ fn read_marker(mut stream: AgentStream, host: &str) -> Result<Launch, TransportE
         return Ok(Launch::Started(stream));
     }
     let info = marker.strip_prefix("missing ").unwrap_or("");
-    let (platform, tools) = info.split_once('|').unwrap_or((info, ""));
+    let mut fields = info.split('|');
+    let platform = fields.next().unwrap_or("");
+    let tools = fields.next().unwrap_or("");
+    let glibc = fields.next().and_then(|g| g.trim().strip_prefix("glibc "));
     drop(stream.writer);
     drop(reader);
     stream.handle.finish()?;
+    let has = |tool: &str| tools.split_whitespace().any(|t| t == tool);
     Ok(Launch::Missing(Missing {
         platform: platform.trim().to_string(),
-        b3sum: tools.contains("b3sum"),
+        zstd: has("zstd"),
+        gzip: has("gzip"),
+        b3sum: has("b3sum"),
+        glibc: glibc.and_then(parse_version),
     }))
 }
 
@@ -190,24 +346,246 @@ pub(crate) fn local_platform() -> String {
     format!("{os} {arch}")
 }
 
-/// Uploads the local flip to `~/.cache/flip/flip-VERSION` on the server in one exec.
-fn upload(remote: &mut dyn Remote, opts: &SshOptions, b3sum: bool) -> Result<(), TransportError> {
+/// `2.31` -> (2, 31).
+fn parse_version(s: &str) -> Option<(u32, u32)> {
+    let mut parts = s.trim().split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next().unwrap_or("0").parse().ok()?;
+    Some((major, minor))
+}
+
+/// Refuses, before uploading anything, to upload this flip to a server whose glibc is older
+/// than the one it needs (see [`SshOptions::needs_glibc`]): it would not start there.
+fn glibc_check(
+    opts: &SshOptions,
+    host: &str,
+    server: &Missing,
+    agent: &Candidate,
+) -> Result<(), TransportError> {
+    if agent.source != Source::Exe {
+        return Ok(());
+    }
+    let (Some(have), Some(need)) = (
+        server.glibc,
+        opts.needs_glibc.as_deref().and_then(parse_version),
+    ) else {
+        return Ok(());
+    };
+    if have >= need {
+        return Ok(());
+    }
+    let said = format!(
+        "it needs glibc {}.{} or newer and the server has glibc {}.{} (nothing was uploaded)",
+        need.0, need.1, have.0, have.1
+    );
+    Err(TransportError::Remote {
+        host: host.to_string(),
+        phase: "uploading flip".to_string(),
+        message: does_not_run(opts, host, &server.platform, agent, &said),
+    })
+}
+
+/// How the agent travels: the server decompresses it with `zstd -dc` or `gzip -dc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    Zstd,
+    Gzip,
+    Raw,
+}
+
+impl Codec {
+    /// The best the server can decompress.
+    fn for_server(missing: &Missing) -> Codec {
+        if missing.zstd {
+            Codec::Zstd
+        } else if missing.gzip {
+            Codec::Gzip
+        } else {
+            Codec::Raw
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Codec::Zstd => "zstd",
+            Codec::Gzip => "gzip",
+            Codec::Raw => "uncompressed",
+        }
+    }
+
+    /// The server-side command that writes the decompressed stdin to stdout.
+    fn decoder(self) -> &'static str {
+        match self {
+            Codec::Zstd => "zstd -dcq",
+            Codec::Gzip => "gzip -dc",
+            Codec::Raw => "cat",
+        }
+    }
+
+    /// Compresses `data` for the wire; checksummed frames, so the decoder also checks transit.
+    /// Release-sized binaries get the strongest levels (a one-off cost, cached by
+    /// [`wire_bytes`]); bigger ones (debug builds) fast levels.
+    fn encode(self, data: &[u8]) -> io::Result<Vec<u8>> {
+        let small = data.len() <= STRONG_LIMIT;
+        match self {
+            Codec::Zstd => {
+                let level = if small { ZSTD_LEVEL } else { 3 };
+                let mut enc = zstd::Encoder::new(Vec::new(), level)?;
+                enc.include_checksum(true)?;
+                enc.set_pledged_src_size(Some(data.len() as u64))?;
+                enc.write_all(data)?;
+                enc.finish()
+            }
+            Codec::Gzip => {
+                let level = if small {
+                    flate2::Compression::best()
+                } else {
+                    flate2::Compression::fast()
+                };
+                let mut enc = flate2::write::GzEncoder::new(Vec::new(), level);
+                enc.write_all(data)?;
+                enc.finish()
+            }
+            Codec::Raw => Ok(data.to_vec()),
+        }
+    }
+
+    /// File name suffix in the local wire cache.
+    fn suffix(self) -> &'static str {
+        match self {
+            Codec::Zstd => "zst",
+            Codec::Gzip => "gz",
+            Codec::Raw => "raw",
+        }
+    }
+}
+
+/// Binaries up to this size (release builds are ~10 MB) are compressed hard and the result kept
+/// in the local cache; bigger ones (debug builds) quickly and not kept.
+const STRONG_LIMIT: usize = 32 << 20;
+
+/// Compressed forms kept in `AGENTS_DIR/.wire/` (oldest removed first).
+const WIRE_CACHE_ENTRIES: usize = 4;
+
+/// `data` (whose blake3 is `hash`) compressed with `codec`: from the local cache
+/// `AGENTS_DIR/.wire/HASH.SUFFIX` when there (and it decompresses to exactly `data`), else
+/// compressed now and, for release-sized binaries, kept there. Failing to use the cache only
+/// costs time.
+fn wire_bytes(opts: &SshOptions, data: &[u8], hash: &str, codec: Codec) -> io::Result<Vec<u8>> {
+    if codec == Codec::Raw || data.len() > STRONG_LIMIT {
+        return codec.encode(data);
+    }
+    let dir = opts.agents_dir().join(".wire");
+    let file = dir.join(format!("{hash}.{}", codec.suffix()));
+    if let Ok(cached) = std::fs::read(&file) {
+        if decodes_to(codec, &cached, data) {
+            return Ok(cached);
+        }
+    }
+    let wire = codec.encode(data)?;
+    let _ = store_wire(&dir, &file, &wire);
+    Ok(wire)
+}
+
+/// Whether `wire` decompresses to exactly `data` (a damaged cache entry is not sent).
+fn decodes_to(codec: Codec, wire: &[u8], data: &[u8]) -> bool {
+    let mut out = Vec::with_capacity(data.len());
+    let ok = match codec {
+        Codec::Zstd => zstd::Decoder::new(wire)
+            .and_then(|d| d.take(data.len() as u64 + 1).read_to_end(&mut out))
+            .is_ok(),
+        Codec::Gzip => flate2::read::GzDecoder::new(wire)
+            .take(data.len() as u64 + 1)
+            .read_to_end(&mut out)
+            .is_ok(),
+        Codec::Raw => {
+            out.extend_from_slice(wire);
+            true
+        }
+    };
+    ok && out == data
+}
+
+/// Writes `file` (temp + rename) and keeps at most [`WIRE_CACHE_ENTRIES`] files in `dir`.
+fn store_wire(dir: &Path, file: &Path, wire: &[u8]) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".tmp.{}", std::process::id()));
+    std::fs::write(&tmp, wire)?;
+    std::fs::rename(&tmp, file)?;
+    // The others, oldest first; the one just written stays.
+    let mut others: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            Some((e.metadata().ok()?.modified().ok()?, e.path()))
+        })
+        .filter(|(_, p)| p != file)
+        .collect();
+    others.sort();
+    let excess = (others.len() + 1).saturating_sub(WIRE_CACHE_ENTRIES);
+    for (_, old) in others.into_iter().take(excess) {
+        let _ = std::fs::remove_file(old);
+    }
+    Ok(())
+}
+
+/// zstd level for the agent upload: a one-off cost on first contact, so high, short of the
+/// `--ultra` levels whose window a small server may not have the memory to decode.
+const ZSTD_LEVEL: i32 = 19;
+
+/// Uploads `agent` to `~/.cache/flip/flip-VERSION-HASH` on the server in one exec; returns
+/// the HASH.
+fn upload(
+    remote: &mut dyn Remote,
+    opts: &SshOptions,
+    agent: &Candidate,
+    server: &Missing,
+    notes: &mut dyn Write,
+) -> Result<String, TransportError> {
     let host = remote.host().to_string();
     let fail = |message: String| TransportError::Remote {
         host: host.clone(),
         phase: "uploading flip".to_string(),
         message,
     };
-    let exe = &opts.local_exe;
-    let bytes = std::fs::read(exe).map_err(|e| fail(format!("reading {}: {e}", exe.display())))?;
+    let path = &agent.path;
+    let bytes =
+        std::fs::read(path).map_err(|e| fail(format!("reading {}: {e}", path.display())))?;
+    // The file may have changed since it was hashed: the name on the server must match.
     let hash = blake3::hash(&bytes).to_hex().to_string();
-    let script = upload_script(&opts.version, bytes.len(), &hash, b3sum);
-    let out = remote.run(&sh_c(&script), Some(&mut bytes.as_slice()))?;
+    if agent.hash.as_ref().is_some_and(|h| *h != hash) {
+        return Err(fail(format!(
+            "{} changed while flip was connecting; run flip again",
+            path.display()
+        )));
+    }
+    let codec = Codec::for_server(server);
+    let wire = wire_bytes(opts, &bytes, &hash, codec)
+        .map_err(|e| fail(format!("compressing {}: {e}", path.display())))?;
+    let _ = writeln!(
+        notes,
+        "flip: {host} has no flip {}: uploading {} ({} bytes, {} bytes {} on the wire)",
+        opts.version,
+        path.display(),
+        bytes.len(),
+        wire.len(),
+        codec.name()
+    );
+    let script = upload_script(&opts.version, bytes.len(), &hash, codec, server.b3sum);
+    let out = remote.run(&sh_c(&script), Some(&mut wire.as_slice()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if out.status == Some(0) && stdout.contains("flip-upload: ok") {
-        return Ok(());
+        return Ok(hash);
     }
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if out.status == Some(DOES_NOT_RUN) {
+        return Err(fail(does_not_run(
+            opts,
+            &host,
+            &server.platform,
+            agent,
+            &stderr,
+        )));
+    }
     Err(fail(format!(
         "{} ({})",
         if stderr.is_empty() {
@@ -222,34 +600,73 @@ fn upload(remote: &mut dyn Remote, opts: &SshOptions, b3sum: bool) -> Result<(),
     )))
 }
 
-fn upload_script(version: &str, size: usize, hash: &str, b3sum: bool) -> String {
-    let hash_check = if b3sum {
-        format!(
-            r#"h=$(b3sum "$t" | cut -d' ' -f1)
-[ "$h" = "{hash}" ] || {{ echo "blake3 mismatch after upload: $h, expected {hash}" >&2; exit 1; }}
-"#
-        )
+/// The message for an uploaded binary that does not run on the server: what it said, and what
+/// to do instead.
+fn does_not_run(
+    opts: &SshOptions,
+    host: &str,
+    platform: &str,
+    agent: &Candidate,
+    said: &str,
+) -> String {
+    let cache = opts.agent_cache_file(platform);
+    let what = match agent.source {
+        Source::Flag => format!("--agent-binary {}", agent.path.display()),
+        Source::LocalCache => format!("{} (from the local agent cache)", agent.path.display()),
+        Source::Exe if opts.portable.is_some() => {
+            format!("this flip ({})", agent.path.display())
+        }
+        Source::Exe => format!(
+            "this flip ({}) is not a portable build (a debug build or one linked against this \
+             machine's libraries) and",
+            agent.path.display()
+        ),
+    };
+    format!(
+        "{what} does not run on {host}: {said}. Install flip {version} on the server (on its \
+         PATH, or pass --remote-flip PATH), or pass --agent-binary FILE with a portable flip \
+         {version} for `{platform}` (`make dist` writes \
+         dist/flip-{version}-TARGET; keep it as {cache} and flip uploads it by itself)",
+        version = opts.version,
+        cache = cache.display(),
+    )
+}
+
+fn upload_script(version: &str, size: usize, hash: &str, codec: Codec, b3sum: bool) -> String {
+    let hash_cmd = if b3sum {
+        r#"b3sum "$t" | cut -d' ' -f1"#
     } else {
-        String::new()
+        r#""$t" blake3 "$t" </dev/null | cut -d' ' -f1"#
     };
     format!(
         r#"set -e
 v={version}
+h={hash}
 d="$HOME/.cache/flip"
-t="$d/.flip-$v.$$.tmp"
+t="$d/.flip-$v-$h.$$.tmp"
 mkdir -p "$d"
 trap 'rm -f "$t"' EXIT
-cat > "$t"
+{decoder} > "$t"
 n=$(wc -c < "$t" | tr -d ' ')
-[ "$n" = "{size}" ] || {{ echo "size mismatch after upload: $n bytes, expected {size}" >&2; exit 1; }}
-{hash_check}chmod 755 "$t"
-out=$("$t" --version </dev/null 2>&1) || {{ echo "the uploaded flip does not run here: $out" >&2; exit 1; }}
-[ "$out" = "flip $v" ] || {{ echo "the uploaded flip says '$out', expected 'flip $v'" >&2; exit 1; }}
-mv -f "$t" "$d/flip-$v"
+[ "$n" = "{size}" ] || {{ echo "size mismatch after upload: $n bytes, expected {size}" >&2; exit 2; }}
+chmod 755 "$t"
+out=$("$t" --version </dev/null 2>&1) || {{ echo "$out" >&2; exit {DOES_NOT_RUN}; }}
+[ "$out" = "flip $v" ] || {{ echo "it says '$out', expected 'flip $v'" >&2; exit {DOES_NOT_RUN}; }}
+got=$({hash_cmd})
+[ "$got" = "$h" ] || {{ echo "blake3 mismatch after upload: $got, expected $h" >&2; exit 2; }}
+mv -f "$t" "$d/flip-$v-$h"
 trap - EXIT
+# Keep the {KEEP_AGENTS} agents used last; temp files of uploads killed long ago go too.
+k=0
+for f in $(ls -t "$d"); do
+  case $f in flip-*) k=$((k+1)); [ $k -le {KEEP_AGENTS} ] || rm -f "$d/$f";; esac
+done
+find "$d" -name '.flip-*.tmp' -mmin +60 -exec rm -f {{}} + 2>/dev/null || true
 echo "flip-upload: ok"
 "#,
         version = shell_quote(version),
+        hash = shell_quote(hash),
+        decoder = codec.decoder(),
     )
 }
 
@@ -275,73 +692,326 @@ impl Write for SharedSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
 
-    /// The launcher finds a fake flip of the right version, and reports "missing" otherwise.
+    /// A fake flip: `--version` prints `flip VERSION`, `blake3 F` prints `$HOME/expected`,
+    /// anything else prints `NAME:ARGS`.
+    fn fake_flip(path: &Path, version: &str, name: &str) {
+        std::fs::write(
+            path,
+            format!(
+                "#!/bin/sh\ncase \"$1\" in --version) echo 'flip {version}';;\n\
+                 blake3) cat \"$HOME/expected\";;\n*) echo \"{name}:$*\";; esac\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    fn launch(home: &Path, version: &str, hashes: &[&str]) -> String {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(launcher_script(version, hashes, "--root '/srv/a b'"))
+            .env("HOME", home)
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The launcher runs the cached agent named by our hash, and reports "missing" (with the
+    /// platform and the decompressors there) otherwise.
     #[test]
     fn launcher_script_finds_or_reports() {
         let home = tempfile::tempdir().unwrap();
         let cache = home.path().join(".cache/flip");
         std::fs::create_dir_all(&cache).unwrap();
-        let fake = cache.join("flip-1.2.3");
-        std::fs::write(
-            &fake,
-            "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'flip 1.2.3'; else echo \"agent:$*\"; fi\n",
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let run = |version: &str| {
-            let out = Command::new("sh")
-                .arg("-c")
-                .arg(launcher_script(version, "--root '/srv/a b'"))
-                .env("HOME", home.path())
-                .env("PATH", "/usr/bin:/bin")
-                .output()
-                .unwrap();
-            String::from_utf8(out.stdout).unwrap()
-        };
-        let found = run("1.2.3");
+        fake_flip(&cache.join("flip-1.2.3-aaaa"), "1.2.3", "agent-a");
+        let found = launch(home.path(), "1.2.3", &["aaaa"]);
         assert!(found.starts_with("flip-launch: ok "), "{found}");
-        assert!(found.ends_with("agent:agent --root /srv/a b\n"), "{found}");
-        let missing = run("9.9.9");
+        assert!(
+            found.ends_with("agent-a:agent --root /srv/a b\n"),
+            "{found}"
+        );
+        let missing = launch(home.path(), "9.9.9", &["aaaa"]);
         assert!(missing.starts_with("flip-launch: missing "), "{missing}");
         assert!(missing.contains(&local_platform()), "{missing}");
+        assert!(missing.contains(" gzip"), "{missing}");
+    }
+
+    /// Two builds of one version: the launcher runs only the one whose content hash we name,
+    /// never the other build's agent.
+    #[test]
+    fn two_builds_of_one_version_never_run_each_others_agent() {
+        let home = tempfile::tempdir().unwrap();
+        let cache = home.path().join(".cache/flip");
+        std::fs::create_dir_all(&cache).unwrap();
+        fake_flip(&cache.join("flip-1.2.3-aaaa"), "1.2.3", "agent-a");
+        fake_flip(&cache.join("flip-1.2.3-bbbb"), "1.2.3", "agent-b");
+        let b = launch(home.path(), "1.2.3", &["cccc", "bbbb"]);
+        assert!(b.ends_with("agent-b:agent --root /srv/a b\n"), "{b}");
+        let other = launch(home.path(), "1.2.3", &["cccc"]);
+        assert!(other.starts_with("flip-launch: missing "), "{other}");
+        // An old unkeyed cache entry is not used either.
+        fake_flip(&cache.join("flip-1.2.3"), "1.2.3", "unkeyed");
+        let old = launch(home.path(), "1.2.3", &["cccc"]);
+        assert!(old.starts_with("flip-launch: missing "), "{old}");
+    }
+
+    /// Runs the upload script for `body` (sent with `codec`) in `home`; `expected` is what the
+    /// uploaded binary prints for its own blake3.
+    fn run_upload(
+        home: &Path,
+        body: &[u8],
+        size: usize,
+        codec: Codec,
+        expected: &str,
+    ) -> std::process::Output {
+        let hash = blake3::hash(body).to_hex().to_string();
+        std::fs::write(home.join("expected"), format!("{expected}  x\n")).unwrap();
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(upload_script("1.2.3", size, &hash, codec, false))
+            .env("HOME", home)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let wire = codec.encode(body).unwrap();
+        child.stdin.take().unwrap().write_all(&wire).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    fn fake_body() -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        fake_flip(&dir.path().join("f"), "1.2.3", "uploaded");
+        std::fs::read(dir.path().join("f")).unwrap()
+    }
+
+    fn cache_names(home: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(home.join(".cache/flip"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The upload is decompressed, and its size, `--version` and blake3 are checked before it
+    /// is renamed to `flip-VERSION-HASH`; a failed check leaves nothing behind.
+    #[test]
+    fn upload_script_decompresses_and_checks_size_version_and_blake3() {
+        let body = fake_body();
+        let hash = blake3::hash(&body).to_hex().to_string();
+        let mut codecs = vec![Codec::Gzip, Codec::Raw];
+        if Command::new("zstd").arg("--version").output().is_ok() {
+            codecs.push(Codec::Zstd);
+        }
+        for codec in codecs {
+            let home = tempfile::tempdir().unwrap();
+            let bad = run_upload(home.path(), &body, body.len() + 1, codec, &hash);
+            assert_eq!(bad.status.code(), Some(2), "{codec:?}");
+            assert!(String::from_utf8_lossy(&bad.stderr).contains("size mismatch"));
+            assert!(cache_names(home.path()).is_empty(), "{codec:?}");
+
+            let wrong = run_upload(home.path(), &body, body.len(), codec, "0123");
+            assert_eq!(wrong.status.code(), Some(2), "{codec:?}");
+            assert!(String::from_utf8_lossy(&wrong.stderr).contains("blake3 mismatch"));
+            assert!(cache_names(home.path()).is_empty(), "{codec:?}");
+
+            let good = run_upload(home.path(), &body, body.len(), codec, &hash);
+            assert!(
+                good.status.success(),
+                "{codec:?}: {}",
+                String::from_utf8_lossy(&good.stderr)
+            );
+            assert_eq!(cache_names(home.path()), vec![format!("flip-1.2.3-{hash}")]);
+            let placed = home.path().join(format!(".cache/flip/flip-1.2.3-{hash}"));
+            assert_eq!(std::fs::read(&placed).unwrap(), body, "{codec:?}");
+            let mode = std::fs::metadata(&placed).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o755);
+        }
+    }
+
+    /// An upload keeps the agents used last and removes older ones and stale temp files.
+    #[test]
+    fn an_upload_keeps_the_agents_used_last() {
+        let home = tempfile::tempdir().unwrap();
+        let cache = home.path().join(".cache/flip");
+        std::fs::create_dir_all(&cache).unwrap();
+        let old = |name: &str, secs: i64| {
+            let p = cache.join(name);
+            std::fs::write(&p, name).unwrap();
+            let t = libc::timespec {
+                tv_sec: 1_000_000_000 + secs,
+                tv_nsec: 0,
+            };
+            let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+            // SAFETY: a valid path and two valid timespecs.
+            unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) };
+        };
+        for (i, name) in ["flip-1.2.3-a", "flip-1.2.3-b", "flip-1.2.3-c", "flip-1.0.0"]
+            .iter()
+            .enumerate()
+        {
+            old(name, i as i64);
+        }
+        old(".flip-1.2.3-x.99.tmp", 0);
+        let body = fake_body();
+        let hash = blake3::hash(&body).to_hex().to_string();
+        let out = run_upload(home.path(), &body, body.len(), Codec::Gzip, &hash);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut want = vec![
+            "flip-1.0.0".to_string(),
+            format!("flip-1.2.3-{hash}"),
+            "flip-1.2.3-c".to_string(),
+        ];
+        want.sort();
+        assert_eq!(cache_names(home.path()), want);
+    }
+
+    /// A binary that does not run on the server gives the distinct exit status that turns into
+    /// the "what to do" message.
+    #[test]
+    fn upload_script_reports_a_binary_that_does_not_run() {
+        let home = tempfile::tempdir().unwrap();
+        let body = b"#!/bin/sh\necho 'version GLIBC_2.99 not found' >&2\nexit 1\n";
+        let out = run_upload(home.path(), body, body.len(), Codec::Gzip, "x");
+        assert_eq!(out.status.code(), Some(DOES_NOT_RUN));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("GLIBC_2.99 not found"));
+        assert!(cache_names(home.path()).is_empty());
+    }
+
+    fn opts_in(home: &Path) -> SshOptions {
+        SshOptions {
+            version: "1.2.3".to_string(),
+            home: Some(home.to_path_buf()),
+            local_exe: home.join("exe"),
+            ..Default::default()
+        }
+    }
+
+    /// What is uploaded: --agent-binary, else the local cache's binary for the server's
+    /// platform, else this flip when the platforms match; otherwise an error saying what to do.
+    #[test]
+    fn the_agent_to_upload_is_chosen_by_the_servers_platform() {
+        let home = tempfile::tempdir().unwrap();
+        let mut opts = opts_in(home.path());
+        std::fs::write(&opts.local_exe, b"exe").unwrap();
+        let local = local_platform();
+
+        let c = choose_agent(&opts, "web1", &local, candidates(&opts).unwrap()).unwrap();
+        assert_eq!(c.source, Source::Exe);
+        assert_eq!(c.hash, Some(blake3::hash(b"exe").to_hex().to_string()));
+
+        let e = choose_agent(&opts, "web1", "Plan9 mips", candidates(&opts).unwrap());
+        let msg = e.unwrap_err().to_string();
+        assert!(msg.contains("`Plan9 mips`"), "{msg}");
+        assert!(msg.contains("install flip 1.2.3 on the server"), "{msg}");
+        assert!(msg.contains("--agent-binary FILE"), "{msg}");
+        let cached = home.path().join(".cache/flip/agents/flip-1.2.3-Plan9-mips");
+        assert!(msg.contains(&cached.display().to_string()), "{msg}");
+
+        std::fs::create_dir_all(cached.parent().unwrap()).unwrap();
+        std::fs::write(&cached, b"plan9 build").unwrap();
+        let all = candidates(&opts).unwrap();
+        assert_eq!(all.len(), 2);
+        let c = choose_agent(&opts, "web1", "Plan9 mips", all.clone()).unwrap();
+        assert_eq!((c.source, c.path), (Source::LocalCache, cached.clone()));
+        // The cached binary of another platform is not uploaded to ours.
+        let c = choose_agent(&opts, "web1", &local, all).unwrap();
+        assert_eq!(c.source, Source::Exe);
+
+        let flag = home.path().join("given");
+        std::fs::write(&flag, b"given").unwrap();
+        opts.agent_binary = Some(flag.clone());
+        let c = choose_agent(&opts, "web1", "Plan9 mips", candidates(&opts).unwrap()).unwrap();
+        assert_eq!((c.source, c.path), (Source::Flag, flag));
+        opts.agent_binary = Some(home.path().join("absent"));
+        let e = candidates(&opts).unwrap_err().to_string();
+        assert!(e.contains("--agent-binary") && e.contains("absent"), "{e}");
+
+        // An executable that cannot be read is no error until it is to be uploaded.
+        opts.agent_binary = None;
+        opts.local_exe = home.path().join("replaced");
+        let all = candidates(&opts).unwrap();
+        assert_eq!(all.last().unwrap().hash, None);
+    }
+
+    /// The compressed agent is kept locally; a damaged kept copy is never sent.
+    #[test]
+    fn compressed_agents_are_cached_locally_and_checked() {
+        let home = tempfile::tempdir().unwrap();
+        let opts = opts_in(home.path());
+        let data = b"flip agent ".repeat(1000);
+        let hash = blake3::hash(&data).to_hex().to_string();
+        let wire = wire_bytes(&opts, &data, &hash, Codec::Gzip).unwrap();
+        let kept = home
+            .path()
+            .join(format!(".cache/flip/agents/.wire/{hash}.gz"));
+        assert_eq!(std::fs::read(&kept).unwrap(), wire);
+        assert!(decodes_to(Codec::Gzip, &wire, &data));
+        let mut damaged = wire.clone();
+        let mid = damaged.len() / 2;
+        damaged[mid] ^= 0xff;
+        std::fs::write(&kept, &damaged).unwrap();
+        let again = wire_bytes(&opts, &data, &hash, Codec::Gzip).unwrap();
+        assert!(decodes_to(Codec::Gzip, &again, &data));
+        assert_eq!(std::fs::read(&kept).unwrap(), again);
+        // At most a few entries are kept.
+        for i in 0..WIRE_CACHE_ENTRIES + 2 {
+            let d = format!("other {i}").into_bytes();
+            let h = blake3::hash(&d).to_hex().to_string();
+            wire_bytes(&opts, &d, &h, Codec::Zstd).unwrap();
+        }
+        let n = std::fs::read_dir(kept.parent().unwrap()).unwrap().count();
+        assert_eq!(n, WIRE_CACHE_ENTRIES);
+    }
+
+    /// This flip is not uploaded to a server whose glibc is older than the one it needs.
+    #[test]
+    fn a_build_needing_a_newer_glibc_is_not_uploaded() {
+        let home = tempfile::tempdir().unwrap();
+        let mut opts = opts_in(home.path());
+        std::fs::write(&opts.local_exe, b"exe").unwrap();
+        let agent = candidates(&opts).unwrap().pop().unwrap();
+        let server = |glibc| Missing {
+            platform: "Linux x86_64".to_string(),
+            zstd: false,
+            gzip: true,
+            b3sum: false,
+            glibc,
+        };
+        opts.needs_glibc = Some("2.34".to_string());
+        opts.portable = None;
+        let e = glibc_check(&opts, "web1", &server(Some((2, 31))), &agent)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a portable build"), "{e}");
+        assert!(
+            e.contains("needs glibc 2.34 or newer and the server has glibc 2.31"),
+            "{e}"
+        );
+        assert!(e.contains("--agent-binary FILE"), "{e}");
+        assert!(glibc_check(&opts, "web1", &server(Some((2, 34))), &agent).is_ok());
+        assert!(glibc_check(&opts, "web1", &server(None), &agent).is_ok());
+        opts.needs_glibc = Some("2.17".to_string());
+        assert!(glibc_check(&opts, "web1", &server(Some((2, 31))), &agent).is_ok());
+        assert_eq!(parse_version("2.31"), Some((2, 31)));
+        assert_eq!(parse_version("2"), Some((2, 0)));
+        assert_eq!(parse_version("x"), None);
     }
 
     #[test]
-    fn upload_script_checks_size_and_version() {
-        let home = tempfile::tempdir().unwrap();
-        let body = b"#!/bin/sh\necho 'flip 1.2.3'\n";
-        let hash = blake3::hash(body).to_hex().to_string();
-        let run = |size: usize| {
-            let mut child = Command::new("sh")
-                .arg("-c")
-                .arg(upload_script("1.2.3", size, &hash, false))
-                .env("HOME", home.path())
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            child.stdin.take().unwrap().write_all(body).unwrap();
-            child.wait_with_output().unwrap()
-        };
-        let bad = run(body.len() + 1);
-        assert!(!bad.status.success());
-        assert!(String::from_utf8_lossy(&bad.stderr).contains("size mismatch"));
-        assert!(!home.path().join(".cache/flip/flip-1.2.3").exists());
-        let good = run(body.len());
-        assert!(
-            good.status.success(),
-            "{}",
-            String::from_utf8_lossy(&good.stderr)
-        );
-        assert!(home.path().join(".cache/flip/flip-1.2.3").exists());
-        // No temp files left behind.
-        let left: Vec<_> = std::fs::read_dir(home.path().join(".cache/flip"))
-            .unwrap()
-            .collect();
-        assert_eq!(left.len(), 1);
+    fn platform_names_make_file_names() {
+        assert_eq!(platform_file_part("Linux x86_64"), "Linux-x86_64");
+        assert_eq!(platform_file_part(" Darwin  arm64\n"), "Darwin-arm64");
+        assert_eq!(platform_file_part("a/b c"), "a_b-c");
     }
 }
