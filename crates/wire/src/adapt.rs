@@ -1,0 +1,159 @@
+//! Choosing the zstd level from the link, in the spirit of `zstd --adapt`: a writer that spends
+//! most of its time blocked on the transport (the link is the bottleneck) can afford to
+//! compress harder for free; one that spends most of its time compressing (a fast link: the
+//! link waits for the compressor) should compress less.
+//!
+//! [`AdaptiveLevel`] is only the decision: it is fed the time a writer spent compressing and
+//! the time it spent blocked writing, per piece of input, and after every [`WINDOW`] bytes of
+//! input says whether to step the level up or down by one (within [`MIN_LEVEL`]..=[`MAX_LEVEL`]).
+//! [`FrameWriter`](crate::FrameWriter) measures and applies it (a new level starts a new zstd
+//! frame, which the reader takes transparently).
+
+use std::time::Duration;
+
+/// The `compress` level that asks for an adaptive one ([`FrameWriter::start_compression`]
+/// (crate::FrameWriter::start_compression)); on the wire the peer is told level 3.
+pub const ADAPTIVE: i32 = -1;
+/// The level adaptive compression starts at.
+pub const START_LEVEL: i32 = 3;
+/// The cheapest level it goes down to.
+pub const MIN_LEVEL: i32 = 1;
+/// The hardest level it goes up to (beyond it zstd gets much slower for little gain).
+pub const MAX_LEVEL: i32 = 9;
+/// Input bytes per decision: enough for the timings to mean something, few enough that a
+/// deploy of tens of megabytes settles on its level.
+pub const WINDOW: u64 = 1 << 20;
+
+/// Blocked time above this multiple of compression time: the link is the bottleneck.
+const UP_RATIO: u32 = 2;
+
+/// The adaptive level controller (see the module docs). Deterministic: it sees only the
+/// numbers it is given.
+#[derive(Clone, Debug)]
+pub struct AdaptiveLevel {
+    level: i32,
+    input: u64,
+    compressing: Duration,
+    blocked: Duration,
+}
+
+impl Default for AdaptiveLevel {
+    fn default() -> Self {
+        Self::new(START_LEVEL)
+    }
+}
+
+impl AdaptiveLevel {
+    /// Starts at `level` (clamped to [`MIN_LEVEL`]..=[`MAX_LEVEL`]).
+    pub fn new(level: i32) -> Self {
+        AdaptiveLevel {
+            level: level.clamp(MIN_LEVEL, MAX_LEVEL),
+            input: 0,
+            compressing: Duration::ZERO,
+            blocked: Duration::ZERO,
+        }
+    }
+
+    /// The current level.
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
+    /// Records `input` bytes that took `compressing` to compress and `blocked` waiting on the
+    /// transport. Once a [`WINDOW`] of input is recorded, decides: blocked more than twice as
+    /// long as compressing → one level up; compressing longer than blocked → one level down;
+    /// in between → unchanged. Returns the new level when it changes.
+    pub fn record(&mut self, input: u64, compressing: Duration, blocked: Duration) -> Option<i32> {
+        self.input += input;
+        self.compressing += compressing;
+        self.blocked += blocked;
+        if self.input < WINDOW {
+            return None;
+        }
+        let (c, b) = (self.compressing, self.blocked);
+        self.input = 0;
+        self.compressing = Duration::ZERO;
+        self.blocked = Duration::ZERO;
+        let next = if b > c * UP_RATIO {
+            self.level + 1
+        } else if c > b {
+            self.level - 1
+        } else {
+            self.level
+        }
+        .clamp(MIN_LEVEL, MAX_LEVEL);
+        (next != self.level).then(|| {
+            self.level = next;
+            next
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Feeds `windows` windows of input in 64 KiB pieces, each window taking `c` compressing
+    /// and `b` blocked; returns the levels after each window.
+    fn run(a: &mut AdaptiveLevel, windows: usize, c: Duration, b: Duration) -> Vec<i32> {
+        let pieces = (WINDOW / (64 << 10)) as u32;
+        (0..windows)
+            .map(|_| {
+                for _ in 0..pieces {
+                    a.record(64 << 10, c / pieces, b / pieces);
+                }
+                a.level()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_slow_link_climbs_one_level_per_window_up_to_the_maximum() {
+        let mut a = AdaptiveLevel::default();
+        // 1 MiB at 10 MB/s: ~100 ms blocked, 4 ms compressing.
+        let levels = run(&mut a, 8, 4 * MS, 100 * MS);
+        assert_eq!(levels, vec![4, 5, 6, 7, 8, 9, 9, 9]);
+    }
+
+    #[test]
+    fn a_fast_link_steps_down_to_the_cheapest_level() {
+        let mut a = AdaptiveLevel::default();
+        // A local pipe: never blocked.
+        assert_eq!(run(&mut a, 4, 4 * MS, Duration::ZERO), vec![2, 1, 1, 1]);
+    }
+
+    #[test]
+    fn a_balanced_link_keeps_its_level() {
+        let mut a = AdaptiveLevel::new(6);
+        // Blocked between once and twice the compression time: neither side waits much.
+        assert_eq!(run(&mut a, 3, 10 * MS, 15 * MS), vec![6, 6, 6]);
+    }
+
+    #[test]
+    fn the_level_follows_the_link_when_it_changes() {
+        let mut a = AdaptiveLevel::default();
+        run(&mut a, 10, 4 * MS, 100 * MS);
+        assert_eq!(a.level(), MAX_LEVEL);
+        // The link got fast: compression is now the bottleneck.
+        assert_eq!(run(&mut a, 3, 20 * MS, 2 * MS), vec![8, 7, 6]);
+    }
+
+    #[test]
+    fn nothing_is_decided_before_a_window_of_input() {
+        let mut a = AdaptiveLevel::default();
+        assert_eq!(a.record(WINDOW - 1, MS, 1000 * MS), None);
+        assert_eq!(a.level(), START_LEVEL);
+        assert_eq!(a.record(1, Duration::ZERO, Duration::ZERO), Some(4));
+        // The window starts over: the earlier timings do not count twice.
+        assert_eq!(a.record(WINDOW, 10 * MS, 10 * MS), None);
+        assert_eq!(a.level(), 4);
+    }
+
+    #[test]
+    fn levels_outside_the_range_are_clamped() {
+        assert_eq!(AdaptiveLevel::new(0).level(), MIN_LEVEL);
+        assert_eq!(AdaptiveLevel::new(19).level(), MAX_LEVEL);
+    }
+}
