@@ -290,6 +290,7 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         }
     }
     let (sent, received) = s.bytes();
+    let level = s.compress_level();
     let (leftovers, warnings) = notices(&mut s);
     if let Err(e) = s.close() {
         eprintln!("flip: warning: {e}");
@@ -309,6 +310,7 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
             json!({
                 "sent": sent, "received": received,
                 "literal": r.literal_bytes, "matched": r.matched_bytes, "delta": r.delta_bytes,
+                "compress_level": level,
             }),
         );
         if a.itemize {

@@ -172,6 +172,11 @@ impl Session {
         (self.tx.counter().get(), self.rx.counter().get())
     }
 
+    /// The zstd level this client compresses with now (0: none; an adaptive level moves).
+    pub fn compress_level(&self) -> i32 {
+        self.tx.level()
+    }
+
     fn wire(&self, source: WireError) -> TransferError {
         TransferError::Wire {
             peer: self.peer.clone(),

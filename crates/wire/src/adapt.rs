@@ -3,9 +3,14 @@
 //! compress harder for free; one that spends most of its time compressing (a fast link: the
 //! link waits for the compressor) should compress less.
 //!
-//! [`AdaptiveLevel`] is only the decision: it is fed the time a writer spent compressing and
-//! the time it spent blocked writing, per piece of input, and after every [`WINDOW`] bytes of
-//! input says whether to step the level up or down by one (within [`MIN_LEVEL`]..=[`MAX_LEVEL`]).
+//! [`AdaptiveLevel`] is only the decision: it is fed the time a writer spent compressing, the
+//! time it spent blocked writing and the time it waited for something to write (the deploy
+//! preparing content), per piece of input, and after every [`WINDOW`] bytes of input says
+//! whether to step the level up or down by one (within [`MIN_LEVEL`]..=[`MAX_LEVEL`]).
+//! Blocking is only seen once the buffers between the writer and the bottleneck (pipes, socket
+//! buffers, often several megabytes) are full, so a short stream over a slow link may end
+//! before the level moves; compression is only made cheaper when it is what the deploy waits
+//! on, never merely because nothing blocked.
 //! [`FrameWriter`](crate::FrameWriter) measures and applies it (a new level starts a new zstd
 //! frame, which the reader takes transparently).
 
@@ -35,6 +40,7 @@ pub struct AdaptiveLevel {
     input: u64,
     compressing: Duration,
     blocked: Duration,
+    waiting: Duration,
 }
 
 impl Default for AdaptiveLevel {
@@ -51,6 +57,7 @@ impl AdaptiveLevel {
             input: 0,
             compressing: Duration::ZERO,
             blocked: Duration::ZERO,
+            waiting: Duration::ZERO,
         }
     }
 
@@ -60,23 +67,33 @@ impl AdaptiveLevel {
     }
 
     /// Records `input` bytes that took `compressing` to compress and `blocked` waiting on the
-    /// transport. Once a [`WINDOW`] of input is recorded, decides: blocked more than twice as
-    /// long as compressing → one level up; compressing longer than blocked → one level down;
-    /// in between → unchanged. Returns the new level when it changes.
-    pub fn record(&mut self, input: u64, compressing: Duration, blocked: Duration) -> Option<i32> {
+    /// transport, after `waiting` for them to be produced. Once a [`WINDOW`] of input is
+    /// recorded, decides: blocked more than twice as long as compressing (the link is the
+    /// bottleneck) → one level up; compressing longer than both blocked and waiting (the
+    /// compressor is) → one level down; otherwise → unchanged. Returns the new level when it
+    /// changes.
+    pub fn record(
+        &mut self,
+        input: u64,
+        compressing: Duration,
+        blocked: Duration,
+        waiting: Duration,
+    ) -> Option<i32> {
         self.input += input;
         self.compressing += compressing;
         self.blocked += blocked;
+        self.waiting += waiting;
         if self.input < WINDOW {
             return None;
         }
-        let (c, b) = (self.compressing, self.blocked);
+        let (c, b, w) = (self.compressing, self.blocked, self.waiting);
         self.input = 0;
         self.compressing = Duration::ZERO;
         self.blocked = Duration::ZERO;
+        self.waiting = Duration::ZERO;
         let next = if b > c * UP_RATIO {
             self.level + 1
-        } else if c > b {
+        } else if c > b && c > w {
             self.level - 1
         } else {
             self.level
@@ -95,18 +112,29 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    /// Feeds `windows` windows of input in 64 KiB pieces, each window taking `c` compressing
-    /// and `b` blocked; returns the levels after each window.
-    fn run(a: &mut AdaptiveLevel, windows: usize, c: Duration, b: Duration) -> Vec<i32> {
+    /// Feeds `windows` windows of input in 64 KiB pieces, each window taking `c` compressing,
+    /// `b` blocked and `w` waiting for input; returns the levels after each window.
+    fn run_waiting(
+        a: &mut AdaptiveLevel,
+        windows: usize,
+        c: Duration,
+        b: Duration,
+        w: Duration,
+    ) -> Vec<i32> {
         let pieces = (WINDOW / (64 << 10)) as u32;
         (0..windows)
             .map(|_| {
                 for _ in 0..pieces {
-                    a.record(64 << 10, c / pieces, b / pieces);
+                    a.record(64 << 10, c / pieces, b / pieces, w / pieces);
                 }
                 a.level()
             })
             .collect()
+    }
+
+    /// [`run_waiting`] for a writer that never waits for input.
+    fn run(a: &mut AdaptiveLevel, windows: usize, c: Duration, b: Duration) -> Vec<i32> {
+        run_waiting(a, windows, c, b, Duration::ZERO)
     }
 
     #[test]
@@ -122,6 +150,22 @@ mod tests {
         let mut a = AdaptiveLevel::default();
         // A local pipe: never blocked.
         assert_eq!(run(&mut a, 4, 4 * MS, Duration::ZERO), vec![2, 1, 1, 1]);
+    }
+
+    #[test]
+    fn nothing_blocking_is_no_reason_to_compress_less_when_the_input_is_the_bottleneck() {
+        // Buffers absorb the output, and the writer mostly waits for content to be prepared:
+        // compressing is not what the deploy waits on.
+        let mut a = AdaptiveLevel::default();
+        assert_eq!(
+            run_waiting(&mut a, 3, 4 * MS, Duration::ZERO, 20 * MS),
+            vec![3, 3, 3]
+        );
+        // The same writer once compressing dominates: cheaper.
+        assert_eq!(
+            run_waiting(&mut a, 2, 30 * MS, Duration::ZERO, 20 * MS),
+            vec![2, 1]
+        );
     }
 
     #[test]
@@ -143,11 +187,12 @@ mod tests {
     #[test]
     fn nothing_is_decided_before_a_window_of_input() {
         let mut a = AdaptiveLevel::default();
-        assert_eq!(a.record(WINDOW - 1, MS, 1000 * MS), None);
+        let z = Duration::ZERO;
+        assert_eq!(a.record(WINDOW - 1, MS, 1000 * MS, z), None);
         assert_eq!(a.level(), START_LEVEL);
-        assert_eq!(a.record(1, Duration::ZERO, Duration::ZERO), Some(4));
+        assert_eq!(a.record(1, z, z, z), Some(4));
         // The window starts over: the earlier timings do not count twice.
-        assert_eq!(a.record(WINDOW, 10 * MS, 10 * MS), None);
+        assert_eq!(a.record(WINDOW, 10 * MS, 10 * MS, z), None);
         assert_eq!(a.level(), 4);
     }
 

@@ -183,6 +183,8 @@ pub struct FrameWriter {
     blocked: Counter,
     /// The level controller, when compression is adaptive.
     adapt: Option<AdaptiveLevel>,
+    /// When the last send or flush returned (adaptive compression only).
+    returned: Option<Instant>,
     /// The zstd level in use (0: none).
     level: i32,
     buf: Vec<u8>,
@@ -201,6 +203,7 @@ impl FrameWriter {
             counter,
             blocked,
             adapt: None,
+            returned: None,
             level: 0,
             buf: Vec::new(),
         }
@@ -246,7 +249,12 @@ impl FrameWriter {
         };
         let blocked = Duration::from_nanos(self.blocked.get().saturating_sub(blocked_before));
         let compressing = started.elapsed().saturating_sub(blocked);
-        match a.record(input as u64, compressing, blocked) {
+        // Time since the writer last returned: spent waiting for something to write.
+        let waiting = self
+            .returned
+            .map_or(Duration::ZERO, |r| started.saturating_duration_since(r));
+        self.returned = Some(Instant::now());
+        match a.record(input as u64, compressing, blocked, waiting) {
             Some(level) => self.switch_level(level),
             None => Ok(()),
         }
