@@ -186,9 +186,12 @@ impl Pool {
             .clamp(2, 8)
     }
 
+    /// Queues `msg` for `worker`, first waiting for room for its `bytes` (none: no wait).
     fn send(&mut self, worker: usize, msg: Msg, bytes: u64) {
-        let exempt = self.open.as_ref().map_or(0, |o| o.weight);
-        self.shared.budget.acquire(bytes, exempt);
+        if bytes > 0 {
+            let exempt = self.open.as_ref().map_or(0, |o| o.weight);
+            self.shared.budget.acquire(bytes, exempt);
+        }
         let w = &self.workers[worker];
         w.queued.fetch_add(1, Ordering::SeqCst);
         let sent = w.tx.as_ref().is_some_and(|tx| tx.send(msg).is_ok());
