@@ -69,10 +69,7 @@ impl Budget {
     /// until nothing else is in flight; then counts them.
     fn acquire(&self, n: u64, exempt: u64) {
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *used > exempt
-            && used.saturating_sub(exempt) + n > IN_FLIGHT
-            && !self.broken.load(Ordering::SeqCst)
-        {
+        while must_wait(*used, n, exempt) && !self.broken.load(Ordering::SeqCst) {
             used = self.room.wait(used).unwrap_or_else(|e| e.into_inner());
         }
         *used += n;
@@ -89,6 +86,14 @@ impl Budget {
         *used = used.saturating_sub(n);
         self.room.notify_all();
     }
+}
+
+/// Whether `n` more bytes must wait, with `used` in flight of which `exempt` are the open
+/// file's own working memory: they must while what is in flight beside the open file, plus
+/// them, exceeds [`IN_FLIGHT`] — unless only the open file holds anything (then its next chunk
+/// always goes, so a file whose working memory alone exceeds the budget still progresses).
+fn must_wait(used: u64, n: u64, exempt: u64) -> bool {
+    used > exempt && used.saturating_sub(exempt) + n > IN_FLIGHT
 }
 
 struct Shared {
@@ -496,4 +501,30 @@ fn finish(c: Current, mtime: Mtime) -> Result<(), RelError> {
         Writer::Patch(p) => p.finish()?,
     };
     stage.finish_file(file, mtime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn chunks_wait_for_room_beyond_the_budget() {
+        assert!(!must_wait(0, 4 * MIB, 0));
+        assert!(!must_wait(IN_FLIGHT - 4 * MIB, 4 * MIB, 0));
+        assert!(must_wait(IN_FLIGHT - 4 * MIB, 4 * MIB + 1, 0));
+        // Nothing in flight: even a piece larger than the budget goes (alone).
+        assert!(!must_wait(0, 2 * IN_FLIGHT, 0));
+    }
+
+    #[test]
+    fn the_open_file_working_memory_does_not_block_its_own_chunks() {
+        // A patch whose window and basis alone exceed the budget: its chunks go one at a time.
+        let weight = IN_FLIGHT + 10 * MIB;
+        assert!(!must_wait(weight, 4 * MIB, weight));
+        assert!(!must_wait(weight + 4 * MIB, 4 * MIB, weight));
+        // Beside it, other files' chunks still count against the budget.
+        assert!(must_wait(weight + IN_FLIGHT - MIB, 4 * MIB, weight));
+    }
 }
