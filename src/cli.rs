@@ -114,8 +114,9 @@ pub struct DeployArgs {
     /// List every changed path on stdout, one line each (in the JSON: "items").
     #[arg(long)]
     pub itemize: bool,
-    /// zstd level for the connection, 1-19; 0 turns compression off. Default: 3 over SSH, 0 for
-    /// a local directory (where compressing only costs CPU).
+    /// zstd level for the connection, 1-19 (fixed); 0 turns compression off. Default over SSH:
+    /// adaptive (levels 1-9, harder while the link is the bottleneck, cheaper while compressing
+    /// is); for a local directory: 0 (compressing only costs CPU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compress_level: Option<i32>,
     /// Do not use or update flip's local caches (file hashes, manifests, deployed content).

@@ -1,20 +1,98 @@
 //! `flip diff OLD NEW`: what a deploy from OLD to NEW would do and send, with no target at all.
 //! Both trees are scanned, planned and classified exactly as a deploy plans and reports
-//! ([`flip_plan::report`]); each changed file is encoded locally by the deploy's rule (a patch
-//! when the client that deployed OLD would have the old version in its content cache, an rsync
-//! delta with the agent's parameters, else the bytes; whole when the encoding is no smaller), and
-//! the content stream is compressed as a deploy compresses it.
+//! ([`flip_plan::report`]). Each changed file is encoded locally by the deploy's rule, twice:
+//!
+//! - `warm`: for the client that deployed OLD and kept its caches: it describes the new
+//!   manifest as a difference, and patches (zstd `--patch-from`) files whose old version its
+//!   content cache holds;
+//! - `cold`: for a client with no caches (a fresh CI runner, `--no-cache`): it finds the changed
+//!   directories by probing the target's directory hashes, and sends rsync deltas against the
+//!   target's copies (signatures with the agent's parameters).
+//!
+//! Either way a file goes whole when its encoding is no smaller. The predicted `sent` bytes are
+//! those of the client's side of the connection: every request a deploy of the pair sends
+//! (handshake, lock, status, probes, manifest, signature requests, content, commit, activate,
+//! prune, bye) encoded into real frames and compressed as the deploy's stream is, at a fixed
+//! `--compress-level` (an adaptive SSH stream varies its level with the link; it is not
+//! modelled). The `bound` is what the best local encoding needs: the changed files compressed
+//! against their old versions (zstd level 19, long-distance matching) in groups of at most
+//! [`BOUND_GROUP`] bytes, which keeps its memory bounded; unchanged files cost nothing.
 
 use crate::cli::DiffArgs;
 use crate::{exit, output};
 use anyhow::Result;
-use flip_plan::report::{Sent, Via};
+use flip_manifest::{Digest, Manifest, RelPath};
+use flip_plan::report::{choose, Sent, Via};
+use flip_wire::{
+    FrameWriter, Mtime, ProbeItem, Request, SigItem, StageBase, CHUNK, MAGIC, PROTOCOL,
+};
 use rayon::prelude::*;
 use serde_json::json;
 use std::io::Write;
+use std::path::Path;
+
+/// New bytes per group of the bound's `--patch-from` (and as much of old bytes as reference).
+pub const BOUND_GROUP: usize = 32 << 20;
+
+/// Source bytes encoded at once (in parallel) before they are fed to the simulated streams.
+const BATCH: u64 = 64 << 20;
+
+/// How many files the report ranks.
+const TOP: usize = 10;
+
+/// A file to transfer: its index, size and delta basis (path, size).
+type Transfer = (u32, u64, Option<(RelPath, u64)>);
+
+/// A file encoded for both clients: (its bytes, its basis' bytes, its mtime, warm, cold).
+type Encoded = (Vec<u8>, Option<Vec<u8>>, Mtime, Enc, Enc);
+
+/// One changed file as one scenario sends it.
+struct Enc {
+    via: Via,
+    note: Option<String>,
+    /// What goes into the frames: the file, its delta or its patch.
+    bytes: Vec<u8>,
+}
+
+/// One scenario's running totals.
+#[derive(Default)]
+struct Tally {
+    literal: u64,
+    delta: u64,
+    patched: u64,
+    deltas: u64,
+    literals: u64,
+}
+
+impl Tally {
+    fn add(&mut self, e: &Enc) {
+        match e.via {
+            Via::Literal => {
+                self.literal += e.bytes.len() as u64;
+                self.literals += 1;
+            }
+            Via::Patch => {
+                self.delta += e.bytes.len() as u64;
+                self.patched += 1;
+            }
+            _ => {
+                self.delta += e.bytes.len() as u64;
+                self.deltas += 1;
+            }
+        }
+    }
+}
+
+/// A file of the ranking: its path, size and what each scenario sends for it (compressed).
+struct Ranked {
+    path: String,
+    size: u64,
+    warm: (Via, u64),
+    cold: (Via, u64),
+}
 
 pub fn run(a: DiffArgs) -> Result<i32> {
-    let scan = |dir: &std::path::Path| -> Result<flip_manifest::Manifest> {
+    let scan = |dir: &Path| -> Result<Manifest> {
         if !dir.is_dir() {
             return Err(exit::coded(
                 exit::SOURCE,
@@ -32,66 +110,157 @@ pub fn run(a: DiffArgs) -> Result<i32> {
     let new = scan(&a.new)?;
     let plan = flip_plan::plan(Some(&old), &new);
     let mut changes = flip_plan::report::changes(Some(&old), &new, &plan);
-    let paths: Vec<&flip_manifest::RelPath> = new.files().map(|(p, ..)| p).collect();
-    // Each transfer: how it goes, and the bytes that would go into the stream.
-    let transfers: Vec<_> = changes.transfers().collect();
-    let sent: Vec<Result<(Sent, Vec<u8>)>> = transfers
-        .par_iter()
-        .map(|&(index, size, basis)| {
-            let data = std::fs::read(a.new.join(paths[index as usize].as_str()))?;
-            // The client that deployed OLD keeps every version up to the cache's file limit.
-            let cached =
-                !a.no_cache && basis.is_some_and(|b| b.1 <= flip_transfer::CONTENT_MAX_FILE);
-            let chosen = flip_transfer::send_policy(size, basis.map(|b| b.1), cached);
-            let encoded = match (chosen, basis) {
-                (Via::Patch | Via::Delta, Some((b, _))) => {
-                    let old_data = std::fs::read(a.old.join(b.as_str()))?;
-                    if chosen == Via::Patch {
-                        flip_transfer::patch(&old_data, &data)
-                    } else {
-                        flip_transfer::local_delta(&old_data, &data)
-                    }
-                }
-                _ => None,
-            };
-            let (via, bytes) = match encoded {
-                Some(e) => (chosen, e),
-                None => (Via::Literal, data),
-            };
-            let note = flip_transfer::fallback_note(chosen, via);
-            Ok((Sent { index, via, note }, bytes))
+    let files: Vec<(&RelPath, Digest)> = new.files().map(|(p, _, _, d)| (p, *d)).collect();
+    let transfers: Vec<Transfer> = changes
+        .transfers()
+        .map(|(i, s, b)| (i, s, b.cloned()))
+        .collect();
+    let level = a.compress_level;
+
+    // The client side of each deploy, up to its content.
+    let mut warm = Stream::new(level);
+    let mut cold = Stream::new(level);
+    let manifest_diff = flip_manifest::encode_diff(&old.diff(&new));
+    let unchanged = old.digest() == new.digest();
+    warm.stage(StageBase::Diff(old.digest()), new.digest(), &manifest_diff);
+    let (cold_base, dir_patch) = if unchanged {
+        (StageBase::Diff(old.digest()), manifest_diff.clone())
+    } else {
+        let tree = flip_manifest::DirTree::new(&new);
+        let live = flip_manifest::DirTree::new(&old);
+        let dirs = probe(&mut cold, &tree, &live);
+        (
+            StageBase::Dirs(old.digest()),
+            flip_manifest::encode_dir_patch(&tree.patch(&new, &dirs)),
+        )
+    };
+    cold.stage(cold_base, new.digest(), &dir_patch);
+    // The rule's choice per file: a warm client patches what its content cache holds; both
+    // ask for signatures of the bases they diff against.
+    let patchable = |size: u64, basis: Option<&(RelPath, u64)>| {
+        size <= flip_transfer::PATCH_MAX
+            && basis.is_some_and(|b| b.1 <= flip_transfer::CONTENT_MAX_FILE)
+    };
+    let chosen: Vec<(Via, Via)> = transfers
+        .iter()
+        .map(|(_, size, basis)| {
+            let bsize = basis.as_ref().map(|b| b.1);
+            (
+                choose(*size, bsize, patchable(*size, basis.as_ref())),
+                choose(*size, bsize, false),
+            )
         })
         .collect();
-    drop(transfers);
-    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), a.compress_level.max(1))?;
-    let (mut delta_bytes, mut literal_bytes) = (0, 0);
-    let mut outcomes = Vec::with_capacity(sent.len());
-    for s in sent {
-        let (s, bytes) = s?;
-        if s.via == Via::Literal {
-            literal_bytes += bytes.len() as u64;
-        } else {
-            delta_bytes += bytes.len() as u64;
+    for (stream, pick) in [(&mut warm, 0), (&mut cold, 1)] {
+        let items: Vec<SigItem> = transfers
+            .iter()
+            .zip(&chosen)
+            .filter(|(_, c)| if pick == 0 { c.0 } else { c.1 } == Via::Delta)
+            .filter_map(|((i, _, b), _)| {
+                b.as_ref().map(|(b, _)| SigItem {
+                    index: *i,
+                    basis: b.clone(),
+                })
+            })
+            .collect();
+        if !items.is_empty() {
+            stream.send(&Request::Signatures(items));
         }
-        enc.write_all(&bytes)?;
-        outcomes.push(s);
     }
+
+    // The content, a batch at a time: encoded in parallel, fed to both streams in order.
+    let (mut wt, mut ct) = (Tally::default(), Tally::default());
+    let mut outcomes: Vec<Sent> = Vec::with_capacity(transfers.len());
+    let mut ranked: Vec<Ranked> = Vec::new();
+    let mut bound = Bound::default();
+    let mut start = 0;
+    while start < transfers.len() {
+        let mut end = start;
+        let mut bytes = 0u64;
+        while end < transfers.len() && (end == start || bytes + transfers[end].1 <= BATCH) {
+            bytes += transfers[end].1;
+            end += 1;
+        }
+        let batch: Vec<Result<Encoded>> = (start..end)
+            .into_par_iter()
+            .map(|k| {
+                let (index, _, basis) = &transfers[k];
+                let path = a.new.join(files[*index as usize].0.as_str());
+                let data = std::fs::read(&path)?;
+                let mtime = mtime_of(&path);
+                let old_data = match basis {
+                    Some((b, _)) => Some(std::fs::read(a.old.join(b.as_str()))?),
+                    None => None,
+                };
+                let enc = |chosen: Via| {
+                    let e = match (chosen, &old_data) {
+                        (Via::Patch, Some(o)) => flip_transfer::patch(o, &data),
+                        (Via::Delta, Some(o)) => flip_transfer::local_delta(o, &data),
+                        _ => None,
+                    };
+                    let (via, bytes) = match e {
+                        Some(e) => (chosen, e),
+                        None => (Via::Literal, data.clone()),
+                    };
+                    Enc {
+                        via,
+                        note: flip_transfer::fallback_note(chosen, via),
+                        bytes,
+                    }
+                };
+                let (w, c) = (enc(chosen[k].0), enc(chosen[k].1));
+                Ok((data, old_data, mtime, w, c))
+            })
+            .collect();
+        for (k, r) in (start..end).zip(batch) {
+            let (data, old_data, mtime, w, c) = r?;
+            let (index, size, basis) = &transfers[k];
+            let digest = old_data.as_ref().map(|o| Digest::of(o));
+            warm.content(*index, mtime, &w, basis.as_ref(), digest);
+            cold.content(*index, mtime, &c, basis.as_ref(), digest);
+            wt.add(&w);
+            ct.add(&c);
+            ranked.push(Ranked {
+                path: files[*index as usize].0.to_string(),
+                size: *size,
+                warm: (w.via, compressed_len(&w.bytes, level)),
+                cold: (c.via, compressed_len(&c.bytes, level)),
+            });
+            // Keep the ranking short as it goes.
+            if ranked.len() > 4 * TOP {
+                rank(&mut ranked);
+                ranked.truncate(TOP);
+            }
+            let chosen_enc = if a.no_cache { &c } else { &w };
+            outcomes.push(Sent {
+                index: *index,
+                via: chosen_enc.via,
+                note: chosen_enc.note.clone(),
+            });
+            bound.add(old_data.as_deref(), &data)?;
+        }
+        start = end;
+    }
+    rank(&mut ranked);
+    ranked.truncate(TOP);
     changes.settle(&outcomes);
-    let manifest_diff = flip_manifest::encode_diff(&old.diff(&new));
-    enc.write_all(&manifest_diff)?;
-    let compressed = enc.finish()?.len() as u64;
-    let content = if a.compress_level == 0 {
-        delta_bytes + literal_bytes + manifest_diff.len() as u64
-    } else {
-        compressed
-    };
+    let bound_bytes = bound.finish()? + compressed_len(&manifest_diff, 19);
+    let warm_sent = warm.finish();
+    let cold_sent = cold.finish();
+
     let st = &plan.stats;
-    let matched = st.matched_bytes
-        + plan
-            .transfers()
-            .map(|(_, s)| s.size)
-            .sum::<u64>()
-            .saturating_sub(literal_bytes + delta_bytes);
+    let (sel, sel_sent) = if a.no_cache {
+        (&ct, cold_sent)
+    } else {
+        (&wt, warm_sent)
+    };
+    let to_transfer: u64 = plan.transfers().map(|(_, s)| s.size).sum();
+    let matched = st.matched_bytes + to_transfer.saturating_sub(sel.literal + sel.delta);
+    let model = if level == 0 {
+        "no compression".to_string()
+    } else {
+        format!("zstd level {level}")
+    };
     if a.json {
         let mut out = serde_json::Map::new();
         out.insert("old".into(), json!(a.old.display().to_string()));
@@ -100,8 +269,28 @@ pub fn run(a: DiffArgs) -> Result<i32> {
         out.insert(
             "bytes".into(),
             json!({
-                "literal": literal_bytes, "delta": delta_bytes, "matched": matched,
-                "estimated_wire": content,
+                "literal": sel.literal, "delta": sel.delta, "matched": matched,
+                "estimated_wire": sel_sent,
+            }),
+        );
+        let scenario = |t: &Tally, sent: u64| {
+            json!({
+                "sent": sent, "literal": t.literal, "delta": t.delta,
+                "files": {"literal": t.literals, "delta": t.deltas, "patched": t.patched},
+            })
+        };
+        out.insert(
+            "estimate".into(),
+            json!({
+                "compress_level": level,
+                "warm": scenario(&wt, warm_sent),
+                "cold": scenario(&ct, cold_sent),
+                "bound": bound_bytes,
+                "top": ranked.iter().map(|r| json!({
+                    "path": r.path, "size": r.size,
+                    "warm": {"via": r.warm.0.as_str(), "bytes": r.warm.1},
+                    "cold": {"via": r.cold.0.as_str(), "bytes": r.cold.1},
+                })).collect::<Vec<_>>(),
             }),
         );
         if a.itemize {
@@ -114,18 +303,278 @@ pub fn run(a: DiffArgs) -> Result<i32> {
         }
         println!("{}", output::counts_text(&changes.counts));
         println!(
-            "literal {}, delta {}, matched {}; about {} on the wire (zstd level {}, {})",
-            output::bytes(literal_bytes),
-            output::bytes(delta_bytes),
+            "literal {}, delta {}, matched {} ({})",
+            output::bytes(sel.literal),
+            output::bytes(sel.delta),
             output::bytes(matched),
-            output::bytes(content),
-            a.compress_level,
             if a.no_cache {
                 "no local caches"
             } else {
                 "warm caches of the client that deployed OLD"
             }
         );
+        println!("a deploy sends ({model}):");
+        println!(
+            "  warm client (caches of the deploy of OLD): {}",
+            output::bytes(warm_sent)
+        );
+        println!(
+            "  cold client (no caches):                   {}",
+            output::bytes(cold_sent)
+        );
+        println!(
+            "  bound (zstd --patch-from of the changes):  {}",
+            output::bytes(bound_bytes)
+        );
+        if !ranked.is_empty() {
+            println!("largest files (warm / cold, compressed):");
+            for r in &ranked {
+                println!(
+                    "  {} / {}  {}",
+                    output::bytes(r.warm.1),
+                    output::bytes(r.cold.1),
+                    r.path
+                );
+            }
+        }
     }
     Ok(exit::OK)
+}
+
+/// Largest first (by what the costlier scenario sends), then by path.
+fn rank(r: &mut [Ranked]) {
+    r.sort_by(|a, b| {
+        let (x, y) = (a.warm.1.max(a.cold.1), b.warm.1.max(b.cold.1));
+        y.cmp(&x).then_with(|| a.path.cmp(&b.path))
+    });
+}
+
+fn mtime_of(path: &Path) -> Mtime {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.mtime(), m.mtime_nsec() as u32))
+}
+
+/// Bytes of `data` compressed alone at `level` (0: as is).
+fn compressed_len(data: &[u8], level: i32) -> u64 {
+    if level == 0 {
+        return data.len() as u64;
+    }
+    zstd::bulk::compress(data, level).map_or(data.len() as u64, |c| c.len() as u64)
+}
+
+/// The client's side of a simulated deploy session: real frames, compressed as a deploy's
+/// are, flushed where a deploy waits for an answer; only their bytes are kept.
+struct Stream {
+    tx: FrameWriter,
+}
+
+impl Stream {
+    fn new(level: i32) -> Stream {
+        let mut tx = FrameWriter::new(Box::new(std::io::sink()));
+        let s = |tx: &mut FrameWriter, r: &Request| {
+            tx.send(r).expect("a frame into memory");
+            tx.flush().expect("into memory");
+        };
+        s(
+            &mut tx,
+            &Request::Hello {
+                magic: MAGIC,
+                protocol: PROTOCOL,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                compress: level,
+            },
+        );
+        if level > 0 {
+            tx.start_compression(level).expect("into memory");
+        }
+        let mut st = Stream { tx };
+        st.send(&Request::Lock {
+            wait: false,
+            holder: flip_wire::Holder {
+                pid: std::process::id(),
+                host: "localhost".into(),
+                user: "deploy".into(),
+                since: 1_700_000_000,
+                what: flip_wire::Purpose::Deploy,
+            },
+        });
+        st.send(&Request::Status);
+        st
+    }
+
+    fn queue(&mut self, r: &Request) {
+        self.tx.send(r).expect("a frame into memory");
+    }
+
+    /// Queues `r` and flushes: the deploy waits for an answer here.
+    fn send(&mut self, r: &Request) {
+        self.queue(r);
+        self.tx.flush().expect("into memory");
+    }
+
+    /// The stage request with the manifest description (`base`: how it is described).
+    fn stage(&mut self, base: flip_wire::StageBase, digest: Digest, payload: &[u8]) {
+        self.queue(&Request::Stage {
+            label: None,
+            base,
+            payload_len: payload.len() as u64,
+            digest,
+        });
+        for c in payload.chunks(CHUNK) {
+            self.queue(&Request::ManifestChunk(c.to_vec()));
+        }
+        self.send(&Request::Changes { all: false });
+    }
+
+    /// One file's content frames, as the deploy splits them.
+    fn content(
+        &mut self,
+        index: u32,
+        mtime: Mtime,
+        e: &Enc,
+        basis: Option<&(RelPath, u64)>,
+        basis_digest: Option<Digest>,
+    ) {
+        let n = e.bytes.len().div_ceil(CHUNK).max(1);
+        for i in 0..n {
+            let data = e.bytes[i * CHUNK..((i + 1) * CHUNK).min(e.bytes.len())].to_vec();
+            let last = i + 1 == n;
+            let basis = basis.map(|b| b.0.clone());
+            self.queue(&match (e.via, basis) {
+                (Via::Delta, Some(basis)) => Request::Delta {
+                    index,
+                    basis,
+                    mtime,
+                    data,
+                    last,
+                },
+                (Via::Patch, Some(basis)) => Request::Patch {
+                    index,
+                    basis,
+                    basis_digest: basis_digest.unwrap_or(Digest([0; 32])),
+                    mtime,
+                    data,
+                    last,
+                },
+                _ => Request::Literal {
+                    index,
+                    mtime,
+                    data,
+                    last,
+                },
+            });
+        }
+    }
+
+    /// Commit, activate, prune and goodbye; the bytes the client sent in all.
+    fn finish(mut self) -> u64 {
+        self.send(&Request::Commit);
+        self.send(&Request::Activate { id: 2 });
+        self.send(&Request::Prune { keep: 5 });
+        self.send(&Request::Bye);
+        let counter = self.tx.counter();
+        let _ = self.tx.finish();
+        counter.get()
+    }
+}
+
+/// Walks the new tree's directories against the live one's hashes, as a client without the
+/// live manifest does (one `Probe` per level), and returns the directories to describe.
+fn probe(
+    s: &mut Stream,
+    tree: &flip_manifest::DirTree,
+    live: &flip_manifest::DirTree,
+) -> std::collections::BTreeSet<String> {
+    use flip_manifest::DirState;
+    let mut changed = std::collections::BTreeSet::new();
+    let mut frontier = vec![String::new()];
+    while !frontier.is_empty() {
+        let items: Vec<ProbeItem> = frontier
+            .iter()
+            .map(|d| {
+                let (flat, merkle) = tree.hashes(d).expect("a directory of this tree");
+                ProbeItem {
+                    dir: d.clone(),
+                    flat,
+                    merkle,
+                }
+            })
+            .collect();
+        let states: Vec<DirState> = items
+            .iter()
+            .map(|it| live.compare(&it.dir, &it.flat, &it.merkle))
+            .collect();
+        s.send(&Request::Probe(items));
+        let mut next = Vec::new();
+        for (d, state) in frontier.into_iter().zip(states) {
+            match state {
+                DirState::Same => {}
+                DirState::Below => next.extend_from_slice(tree.subdirs(&d)),
+                DirState::Differs => {
+                    next.extend_from_slice(tree.subdirs(&d));
+                    changed.insert(d);
+                }
+                DirState::Absent => {
+                    let mut stack = vec![d];
+                    while let Some(x) = stack.pop() {
+                        stack.extend_from_slice(tree.subdirs(&x));
+                        changed.insert(x);
+                    }
+                }
+            }
+        }
+        frontier = next;
+    }
+    changed
+}
+
+/// The bound: changed files compressed against their old versions, a group at a time.
+#[derive(Default)]
+struct Bound {
+    old: Vec<u8>,
+    new: Vec<u8>,
+    total: u64,
+}
+
+impl Bound {
+    fn add(&mut self, old: Option<&[u8]>, new: &[u8]) -> Result<()> {
+        if !self.new.is_empty()
+            && (self.new.len() + new.len() > BOUND_GROUP
+                || self.old.len() + old.map_or(0, <[u8]>::len) > BOUND_GROUP)
+        {
+            self.flush()?;
+        }
+        if let Some(o) = old {
+            // A reference bigger than a group is cut to its start (the bound stays bounded).
+            let room = BOUND_GROUP.saturating_sub(self.old.len());
+            self.old.extend_from_slice(&o[..o.len().min(room)]);
+        }
+        self.new.extend_from_slice(new);
+        if self.new.len() >= BOUND_GROUP {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.new.is_empty() {
+            return Ok(());
+        }
+        let span = (self.old.len() + self.new.len()).max(1 << 10) as u64;
+        let window = (64 - span.leading_zeros()).clamp(10, 27);
+        let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), 19, &self.old)?;
+        enc.window_log(window)?;
+        enc.long_distance_matching(true)?;
+        enc.write_all(&self.new)?;
+        self.total += enc.finish()?.len() as u64;
+        self.old.clear();
+        self.new.clear();
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<u64> {
+        self.flush()?;
+        Ok(self.total)
+    }
 }

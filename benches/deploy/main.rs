@@ -85,6 +85,8 @@ pub struct Config {
     pub name: String,
     pub command: String,
     pub smoke: bool,
+    /// How the relay in front of sshd shapes the SSH link (delay, rate cap).
+    pub link: relay::Link,
 }
 
 /// One measured deploy.
@@ -116,7 +118,8 @@ pub struct StepInfo {
 const USAGE: &str =
     "usage: cargo bench --bench deploy -- [--files N] [--runs N] [--scenarios all|LIST] \
 [--local] [--ssh] [--fs tmpfs,disk] [--seed N] [--out DIR] [--shm-dir DIR] [--disk-dir DIR] \
-[--bound-level N | --no-bound] [--no-verify | --verify-all] [--name STEM] [--flip PATH] [--smoke]";
+[--bound-level N | --no-bound] [--no-verify | --verify-all] [--name STEM] [--flip PATH] [--smoke] \
+[--rtt-ms N] [--rate-mbps N]";
 
 fn parse_args() -> Result<Config, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -138,6 +141,7 @@ fn parse_args() -> Result<Config, String> {
         name: String::new(),
         command: String::new(),
         smoke: !bench,
+        link: relay::Link::default(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -186,6 +190,10 @@ fn parse_args() -> Result<Config, String> {
             "--disk-dir" => cfg.disk = value(a)?.into(),
             "--bound-level" => cfg.bound_level = Some(num(value(a)?)? as i32),
             "--no-bound" => cfg.bound_level = None,
+            "--rtt-ms" => {
+                cfg.link.delay = Duration::from_micros(num(value(a)?)? as u64 * 500);
+            }
+            "--rate-mbps" => cfg.link.rate = Some(num(value(a)?)? as u64 * 1_000_000),
             "--no-verify" => cfg.verify = false,
             "--verify-all" => cfg.verify_all = true,
             "--name" => cfg.name = value(a)?,
@@ -570,7 +578,18 @@ impl<'a> Bench<'a> {
             return Ok(());
         }
         let sshd = sshd::Sshd::start(&self.work.join("sshd"))?;
-        let relay = Relay::start(sshd.port())?;
+        let relay = Relay::start_shaped(sshd.port(), self.cfg.link)?;
+        if self.cfg.link.is_shaped() {
+            self.notes.push(format!(
+                "SSH link shaped by the relay: {} ms added to the round trip ({} ms each way){}.",
+                self.cfg.link.delay.as_millis() * 2,
+                self.cfg.link.delay.as_millis(),
+                match self.cfg.link.rate {
+                    Some(r) => format!(", {} MB/s per direction", r / 1_000_000),
+                    None => String::new(),
+                }
+            ));
+        }
         let home = self.work.join("ssh-home");
         let config = sshd.write_client_home(&home, relay.port())?;
         // Does ssh itself get through the relay?

@@ -2,6 +2,12 @@
 //! (the private sshd) and counts the bytes in each direction. Every tool's SSH connections go
 //! through it, so wire bytes are measured the same way for all of them: TCP payload as it
 //! crosses the connection, SSH encryption, handshakes and framing included.
+//!
+//! It can also shape the link ([`Link`]): a one-way delay added in each direction (so the round
+//! trip grows by twice it) and a bandwidth cap per direction. Each direction is a reader that
+//! timestamps what arrives and a writer that delivers it once it has crossed the modelled link
+//! (serialised at the rate, then delayed); between them at most one bandwidth-delay product
+//! (plus 256 KiB) is buffered, so a sender faster than the link is held back as by a real one.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -44,6 +50,34 @@ impl Snapshot {
     }
 }
 
+/// How the relayed link behaves.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Link {
+    /// Added to every byte's trip, in each direction.
+    pub delay: Duration,
+    /// Bytes per second per direction; `None`: as fast as loopback.
+    pub rate: Option<u64>,
+}
+
+impl Link {
+    pub fn is_shaped(&self) -> bool {
+        !self.delay.is_zero() || self.rate.is_some()
+    }
+
+    /// Pieces buffered between reader and writer: a bandwidth-delay product plus 256 KiB (64 MiB
+    /// of delay-only buffering when the rate is not capped).
+    fn queue(&self) -> usize {
+        let bytes = match self.rate {
+            Some(r) => (r as f64 * self.delay.as_secs_f64() * 2.0) as usize + (256 << 10),
+            None => 64 << 20,
+        };
+        (bytes / PIECE).max(4)
+    }
+}
+
+/// The largest piece a shaped direction reads at once.
+const PIECE: usize = 16 << 10;
+
 /// The relay. Its accept thread lives as long as the process (it holds no resources worth
 /// freeing earlier).
 pub struct Relay {
@@ -53,7 +87,13 @@ pub struct Relay {
 
 impl Relay {
     /// Starts relaying `127.0.0.1:<new port>` → `127.0.0.1:backend`.
+    #[allow(dead_code)]
     pub fn start(backend: u16) -> io::Result<Relay> {
+        Self::start_shaped(backend, Link::default())
+    }
+
+    /// [`Relay::start`] over a link shaped as `link` says.
+    pub fn start_shaped(backend: u16, link: Link) -> io::Result<Relay> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
         let counters = Arc::new(Counters::default());
@@ -69,7 +109,7 @@ impl Relay {
                     let _ = thread::Builder::new()
                         .name("relay-conn".into())
                         .spawn(move || {
-                            let _ = serve(client, backend, &c);
+                            let _ = serve(client, backend, &c, link);
                             c.active.fetch_sub(1, Ordering::SeqCst);
                         });
                 }
@@ -103,7 +143,7 @@ impl Relay {
     }
 }
 
-fn serve(client: TcpStream, backend: u16, c: &Arc<Counters>) -> io::Result<()> {
+fn serve(client: TcpStream, backend: u16, c: &Arc<Counters>, link: Link) -> io::Result<()> {
     let server = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], backend)))?;
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
@@ -111,14 +151,22 @@ fn serve(client: TcpStream, backend: u16, c: &Arc<Counters>) -> io::Result<()> {
     let counters = Arc::clone(c);
     let upstream = thread::Builder::new()
         .name("relay-up".into())
-        .spawn(move || pump(c_read, s_write, &counters.up))?;
-    pump(server, client, &c.down);
+        .spawn(move || pump(c_read, s_write, &counters.up, link))?;
+    pump(server, client, &c.down, link);
     let _ = upstream.join();
     Ok(())
 }
 
 /// Copies until EOF or error, counting; then half-closes the writer so the peer sees EOF.
-fn pump(mut from: TcpStream, mut to: TcpStream, count: &AtomicU64) {
+fn pump(from: TcpStream, to: TcpStream, count: &AtomicU64, link: Link) {
+    if link.is_shaped() {
+        shaped(from, to, count, link)
+    } else {
+        plain(from, to, count)
+    }
+}
+
+fn plain(mut from: TcpStream, mut to: TcpStream, count: &AtomicU64) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut buf) {
@@ -134,5 +182,52 @@ fn pump(mut from: TcpStream, mut to: TcpStream, count: &AtomicU64) {
         }
     }
     let _ = to.shutdown(Shutdown::Write);
+    let _ = from.shutdown(Shutdown::Read);
+}
+
+/// [`pump`] through the modelled link: pieces are timestamped as they arrive and written when
+/// they have crossed it (after the pieces before them, at the rate, plus the delay).
+fn shaped(mut from: TcpStream, mut to: TcpStream, count: &AtomicU64, link: Link) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>)>(link.queue());
+    let writer = thread::Builder::new()
+        .name("relay-link".into())
+        .spawn(move || {
+            // When the link has finished serialising what it was given.
+            let mut free = Instant::now();
+            for (arrived, data) in rx {
+                let start = free.max(arrived);
+                let serialised = match link.rate {
+                    Some(r) => Duration::from_secs_f64(data.len() as f64 / r as f64),
+                    None => Duration::ZERO,
+                };
+                free = start + serialised;
+                let due = free + link.delay;
+                let now = Instant::now();
+                if due > now {
+                    thread::sleep(due - now);
+                }
+                if to.write_all(&data).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(Shutdown::Write);
+        });
+    let Ok(writer) = writer else { return };
+    let mut buf = vec![0u8; PIECE];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                count.fetch_add(n as u64, Ordering::SeqCst);
+                if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
     let _ = from.shutdown(Shutdown::Read);
 }

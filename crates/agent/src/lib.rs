@@ -12,8 +12,7 @@
 
 use flip_manifest::{DirState, RelPath};
 use flip_release::{
-    Created, DeltaWriter, Error as RelError, ErrorClass as RelClass, FileWriter, LockGuard,
-    PatchWriter, Root, Stage, Wait,
+    Created, Error as RelError, ErrorClass as RelClass, LockGuard, Root, Stage, Wait,
 };
 use flip_wire::{
     ErrorClass, FrameReader, FrameWriter, Mtime, Need, ProbeItem, ProbeState, Purpose,
@@ -79,32 +78,25 @@ impl AgentError {
 
 type Result<T, E = AgentError> = std::result::Result<T, E>;
 
-/// A file whose content is arriving in chunks.
-enum Incoming {
-    Literal(Box<FileWriter>),
-    /// A delta or patch, applied into the staging file as its chunks arrive.
-    Encoded {
-        basis: RelPath,
-        kind: Encoding,
-        writer: EncodedWriter,
-        /// Encoded bytes received so far, and the most accepted.
-        got: u64,
-        limit: u64,
-    },
+mod apply;
+
+use apply::{How, Pool};
+use std::sync::Arc;
+
+/// The file whose content is arriving in chunks (handed to the writers as it arrives).
+struct Incoming {
+    index: u32,
+    kind: Kind,
+    /// Encoded bytes received so far, and the most accepted.
+    got: u64,
+    limit: u64,
 }
 
-enum EncodedWriter {
-    Delta(Box<DeltaWriter>),
-    Patch(Box<PatchWriter>),
-}
-
-impl EncodedWriter {
-    fn index(&self) -> usize {
-        match self {
-            EncodedWriter::Delta(d) => d.index(),
-            EncodedWriter::Patch(p) => p.index(),
-        }
-    }
+#[derive(Clone, PartialEq, Eq)]
+enum Kind {
+    Literal,
+    /// A delta or patch against this basis.
+    Encoded(RelPath, Encoding),
 }
 
 /// How a changed file is encoded against its previous version.
@@ -120,7 +112,9 @@ struct Session {
     root_path: PathBuf,
     root: Option<&'static Root>,
     lock: Option<LockGuard>,
-    stage: Option<Stage<'static>>,
+    stage: Option<Arc<Stage<'static>>>,
+    /// The threads writing files, started with the first content.
+    pool: Option<Pool>,
     incoming: Option<Incoming>,
     host: String,
     /// Directory hashes of the live release (id), computed on the first probe.
@@ -147,6 +141,7 @@ pub fn serve(
         root: None,
         lock: None,
         stage: None,
+        pool: None,
         incoming: None,
         host: hostname(),
         tree: None,
@@ -159,6 +154,7 @@ pub fn serve(
     // created and never committed into (a failed first deploy leaves the target as it found
     // it), then the lock; only then is the client told, so a retry never finds the lock held.
     s.incoming = None;
+    s.pool = None;
     s.stage = None;
     let lock = s.lock.take();
     match (s.created.take(), lock, s.root) {
@@ -280,6 +276,16 @@ fn summary(r: flip_release::ReleaseInfo) -> Option<ReleaseSummary> {
 
 impl Session {
     fn run(&mut self, rx: &mut FrameReader, tx: &mut FrameWriter) -> Result<()> {
+        // An error is the first in the order of the stream: a file still being written before
+        // the request that failed (or before the client went away) may have failed first.
+        self.serve_requests(rx, tx)
+            .map_err(|e| match &mut self.pool {
+                Some(pool) => pool.settle().map_or(e, AgentError::from),
+                None => e,
+            })
+    }
+
+    fn serve_requests(&mut self, rx: &mut FrameReader, tx: &mut FrameWriter) -> Result<()> {
         self.handshake(rx, tx)?;
         loop {
             let req: Request = match rx.recv() {
@@ -391,9 +397,9 @@ impl Session {
             .ok_or_else(|| AgentError::Protocol("this request needs the lock first".into()))
     }
 
-    fn stage_mut(&mut self) -> Result<&mut Stage<'static>> {
+    fn staged(&self) -> Result<&Arc<Stage<'static>>> {
         self.stage
-            .as_mut()
+            .as_ref()
             .ok_or_else(|| AgentError::Protocol("no release is being staged".into()))
     }
 
@@ -481,12 +487,7 @@ impl Session {
                 data,
                 last,
             } => {
-                let w = match self.incoming.take() {
-                    None => Box::new(self.stage_mut()?.begin_file(index as usize)?),
-                    Some(Incoming::Literal(w)) if w.index() == index as usize => w,
-                    Some(_) => return Err(interrupted(index)),
-                };
-                self.literal(w, &data, last, mtime)?;
+                self.content(index, Kind::Literal, mtime, data, last)?;
                 return Ok(None);
             }
             Request::Delta {
@@ -496,7 +497,8 @@ impl Session {
                 data,
                 last,
             } => {
-                self.encoded(index, basis, Encoding::Rsync, mtime, data, last)?;
+                let kind = Kind::Encoded(basis, Encoding::Rsync);
+                self.content(index, kind, mtime, data, last)?;
                 return Ok(None);
             }
             Request::Patch {
@@ -507,8 +509,8 @@ impl Session {
                 data,
                 last,
             } => {
-                let kind = Encoding::Patch(basis_digest);
-                self.encoded(index, basis, kind, mtime, data, last)?;
+                let kind = Kind::Encoded(basis, Encoding::Patch(basis_digest));
+                self.content(index, kind, mtime, data, last)?;
                 return Ok(None);
             }
             Request::Commit => {
@@ -517,11 +519,18 @@ impl Session {
                         "Commit while a file is incomplete".into(),
                     ));
                 }
-                let stage = self
-                    .stage
-                    .take()
-                    .ok_or_else(|| AgentError::Protocol("Commit without Stage".into()))?;
-                let stats = stage.stats().clone();
+                if self.stage.is_none() {
+                    return Err(AgentError::Protocol("Commit without Stage".into()));
+                }
+                if let Some(e) = self.pool.as_mut().and_then(Pool::settle) {
+                    return Err(e.into());
+                }
+                let stage = self.stage.take().expect("checked above");
+                // Settled: no writer holds the stage any more.
+                let stage = Arc::into_inner(stage).ok_or_else(|| {
+                    AgentError::Protocol("the stage is still being written".into())
+                })?;
+                let stats = stage.stats();
                 let info = stage.commit()?;
                 self.committed = true;
                 self.discardable = Some(info.id);
@@ -776,92 +785,94 @@ impl Session {
             copied: stage.stats().copied,
             removed: stage.plan().stats.removed,
         };
-        self.stage = Some(stage);
+        self.stage = Some(Arc::new(stage));
         Ok(resp)
     }
 
-    /// Applies a chunk of a delta or patch for file `index` into its staging file as it
-    /// arrives; checks and closes the file when `last`. The encoded bytes of one file are
-    /// limited to what an encoding of its manifest size can plausibly take, its output to the
-    /// manifest size.
-    fn encoded(
+    /// Hands a chunk of file `index` (literal bytes, or a delta or patch applied into its
+    /// staging file as it arrives) to the writers; the file is checked and closed when `last`.
+    /// The encoded bytes of one file are limited to what an encoding of its manifest size can
+    /// plausibly take, its output to the manifest size.
+    fn content(
         &mut self,
         index: u32,
-        basis: RelPath,
-        kind: Encoding,
+        kind: Kind,
         mtime: Mtime,
         data: Vec<u8>,
         last: bool,
     ) -> Result<()> {
-        let (mut writer, got, limit) = match self.incoming.take() {
+        let stage = self.staged()?.clone();
+        let pool = self
+            .pool
+            .get_or_insert_with(|| Pool::new(Pool::default_threads()));
+        if pool.failed() {
+            let e = pool.settle().expect("a file failed");
+            return Err(e.into());
+        }
+        let mut inc = match self.incoming.take() {
             None => {
-                let stage = self.stage_mut()?;
                 let size = stage
                     .plan()
                     .files
                     .get(index as usize)
                     .map(|f| f.size)
-                    .ok_or_else(|| RelError::BadRequest(format!("no file #{index}")))?;
-                // Only against the basis this agent offered for the file.
-                if stage.basis_of(index as usize).map(|(b, _)| b) != Some(basis.clone()) {
-                    return Err(RelError::BadRequest(format!(
-                        "file #{index}: {basis} is not the basis offered for it"
-                    ))
-                    .into());
-                }
-                let writer = match kind {
-                    Encoding::Rsync => {
-                        EncodedWriter::Delta(Box::new(stage.begin_delta(index as usize, &basis)?))
+                    .ok_or_else(|| {
+                        RelError::BadRequest(format!("file #{index} is not awaiting content"))
+                    })?;
+                let (how, limit, weight) = match &kind {
+                    // The writer refuses bytes beyond the manifest size.
+                    Kind::Literal => (How::Literal, u64::MAX, 0),
+                    Kind::Encoded(basis, enc) => {
+                        // Only against the basis this agent offered for the file.
+                        let basis_size = match stage.basis_of(index as usize) {
+                            Some((b, n)) if b == *basis => n,
+                            _ => {
+                                return Err(RelError::BadRequest(format!(
+                                    "file #{index}: {basis} is not the basis offered for it"
+                                ))
+                                .into())
+                            }
+                        };
+                        // An encoding never needs much more than the file it builds.
+                        let limit = size.saturating_add(size / 8).saturating_add(1 << 20);
+                        match enc {
+                            Encoding::Rsync => {
+                                (How::Delta(basis.clone()), limit, DELTA_WORKING_MEMORY)
+                            }
+                            // The decoder's window (up to the file size) and the basis.
+                            Encoding::Patch(d) => (
+                                How::Patch(basis.clone(), *d),
+                                limit,
+                                size.min(1 << flip_release::PATCH_WINDOW_LOG_MAX)
+                                    + basis_size.min(flip_release::PATCH_BASIS_IN_MEMORY),
+                            ),
+                        }
                     }
-                    Encoding::Patch(d) => EncodedWriter::Patch(Box::new(stage.begin_patch(
-                        index as usize,
-                        &basis,
-                        &d,
-                    )?)),
                 };
-                // An encoding never needs much more than the file it builds.
-                let limit = size.saturating_add(size / 8).saturating_add(1 << 20);
-                (writer, 0, limit)
+                pool.start(&stage, index as usize, how, weight);
+                Incoming {
+                    index,
+                    kind,
+                    got: 0,
+                    limit,
+                }
             }
-            Some(Incoming::Encoded {
-                basis: b,
-                kind: k,
-                writer,
-                got,
-                limit,
-            }) if writer.index() == index as usize && b == basis && k == kind => {
-                (writer, got, limit)
-            }
+            Some(inc) if inc.index == index && inc.kind == kind => inc,
             Some(_) => return Err(interrupted(index)),
         };
-        let got = got + data.len() as u64;
-        if got > limit {
+        drop(stage);
+        inc.got += data.len() as u64;
+        if inc.got > inc.limit {
             return Err(RelError::BadRequest(format!(
-                "encoded content for file #{index} is larger than {limit} bytes"
+                "encoded content for file #{index} is larger than {} bytes",
+                inc.limit
             ))
             .into());
         }
-        match &mut writer {
-            EncodedWriter::Delta(d) => d.feed(&data)?,
-            EncodedWriter::Patch(p) => p.feed(&data)?,
-        }
-        drop(data);
+        pool.chunk(data, last, mtime);
         if !last {
-            self.incoming = Some(Incoming::Encoded {
-                basis,
-                kind,
-                writer,
-                got,
-                limit,
-            });
-            return Ok(());
+            self.incoming = Some(inc);
         }
-        let w = match writer {
-            EncodedWriter::Delta(d) => d.finish()?,
-            EncodedWriter::Patch(p) => p.finish()?,
-        };
-        self.stage_mut()?.finish_file(w, mtime)?;
-        flip_release::fault_point("mid-transfer");
         Ok(())
     }
 
@@ -870,7 +881,7 @@ impl Session {
     /// is bounded by the plan; a basis shared by several files is signed once. Signatures are
     /// made a few at a time (at most [`SIG_BATCH_BYTES`] of bases) and sent as they are made.
     fn signatures(&mut self, items: Vec<flip_wire::SigItem>, tx: &mut FrameWriter) -> Result<()> {
-        let stage = self.stage_mut()?;
+        let stage = self.staged()?;
         let needs = stage.needs();
         if items.len() > needs.len() {
             return Err(RelError::BadRequest(format!(
@@ -914,7 +925,7 @@ impl Session {
             }
         }
         drop(seen);
-        let stage = &*stage;
+        let stage = &**stage;
         let bases: Vec<(RelPath, (u64, Vec<u32>))> = by_basis.into_iter().collect();
         let mut start = 0;
         while start < bases.len() {
@@ -939,23 +950,6 @@ impl Session {
                 }
             }
             start = end;
-        }
-        Ok(())
-    }
-
-    fn literal(
-        &mut self,
-        mut w: Box<FileWriter>,
-        data: &[u8],
-        last: bool,
-        mtime: Mtime,
-    ) -> Result<()> {
-        w.write(data)?;
-        if last {
-            self.stage_mut()?.finish_file(*w, mtime)?;
-            flip_release::fault_point("mid-transfer");
-        } else {
-            self.incoming = Some(Incoming::Literal(w));
         }
         Ok(())
     }
@@ -1007,6 +1001,9 @@ fn check_space(root: &Path, stage: &Stage) -> Result<()> {
     }
     Ok(())
 }
+
+/// Working memory of a writer applying an rsync delta (its copy buffer and the file's).
+const DELTA_WORKING_MEMORY: u64 = 1 << 20;
 
 /// Bytes of delta bases signed at once (in parallel) before their signatures are sent.
 const SIG_BATCH_BYTES: u64 = 256 << 20;

@@ -43,7 +43,7 @@ fn live_root(dir: &Path) -> Root {
     let lock = root.lock(&me, Wait::No).unwrap();
     let content = vec![b'x'; 20 << 10];
     let m = Manifest::new(vec![file("old.txt", &content)]).unwrap();
-    let mut stage = root.stage(&lock, m, None).unwrap();
+    let stage = root.stage(&lock, m, None).unwrap();
     let idx = stage.needs()[0];
     let mut w = stage.begin_file(idx).unwrap();
     w.write(&content).unwrap();
@@ -757,4 +757,63 @@ fn a_streamed_delta_builds_the_file() {
         std::fs::read(t.path().join(format!("releases/{id}/old.txt"))).unwrap(),
         new
     );
+}
+
+/// 200 files of 8 KiB, and the literal frames filling them (`bad`: files whose content is
+/// replaced by the same number of other bytes).
+fn many_files(bad: &[usize]) -> (Manifest, Vec<Request>) {
+    let content = |i: usize| format!("{i:05}").repeat(1638).into_bytes();
+    let m = Manifest::new(
+        (0..200)
+            .map(|i| file(&format!("f{i:03}"), &content(i)))
+            .collect(),
+    )
+    .unwrap();
+    let mut frames = stage_frames(&m, None);
+    for i in 0..200 {
+        let mut data = content(i);
+        if bad.contains(&i) {
+            data.fill(b'#');
+        }
+        frames.push(Request::Literal {
+            index: i as u32,
+            mtime: None,
+            data,
+            last: true,
+        });
+    }
+    frames.push(Request::Commit);
+    (m, frames)
+}
+
+#[test]
+fn files_written_in_parallel_all_arrive_and_commit() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let (_, frames) = many_files(&[]);
+    let rs = session(t.path(), None, frames);
+    match rs.last() {
+        Some(Response::Committed { written, .. }) => assert_eq!(*written, 200),
+        other => panic!("expected Committed, got {other:?}"),
+    }
+    let f = t.path().join("releases/2/f123");
+    assert_eq!(std::fs::read(f).unwrap(), "00123".repeat(1638).into_bytes());
+}
+
+#[test]
+fn the_first_failing_file_in_stream_order_is_the_one_reported() {
+    // Files are written on several threads; whichever finishes first, the error names the
+    // first bad file of the stream, every time.
+    for _ in 0..5 {
+        let t = tempfile::tempdir().unwrap();
+        live_root(t.path());
+        let (_, frames) = many_files(&[57, 58, 150, 199]);
+        let (class, msg) = last_error(&session(t.path(), None, frames));
+        assert_eq!(class, ErrorClass::Integrity, "{msg}");
+        assert!(
+            msg.contains("f057") && msg.contains("blake3 differs"),
+            "{msg}"
+        );
+        assert_intact(t.path());
+    }
 }

@@ -142,6 +142,9 @@ pub struct Bytes {
     pub matched: u64,
     /// Deltas and patches sent, before compression.
     pub delta: u64,
+    /// The zstd level the stream to the agent ended at (0: uncompressed; over SSH it follows
+    /// the link unless `--compress-level` fixed it).
+    pub compress_level: i32,
 }
 
 /// What a deploy did on one target: the single-target `flip deploy --json` object.
@@ -856,6 +859,7 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
         },
         Ok(mut h) => {
             let (sent, received) = h.session.bytes();
+            let compress_level = h.session.compress_level();
             let mut warnings = h.session.take_warnings();
             warnings.append(&mut h.warnings);
             let leftovers = h.session.leftovers().unwrap_or_default().to_vec();
@@ -887,6 +891,7 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
                     literal: r.literal_bytes,
                     matched: r.matched_bytes,
                     delta: r.delta_bytes,
+                    compress_level,
                 },
                 items: r.items,
                 pruned: h.pruned,

@@ -52,12 +52,12 @@ impl Target {
         }
     }
 
-    /// The zstd level for the connection: as asked, else 3 over SSH and none locally (pipes are
-    /// faster than compression).
+    /// The zstd level for the connection: as asked (fixed), else adaptive over SSH (chosen from
+    /// the link, [`flip_wire::ADAPTIVE`]) and none locally (pipes are faster than compression).
     pub fn compress_level(&self, asked: Option<i32>) -> i32 {
         asked.unwrap_or(match self {
             Target::Local(_) => 0,
-            Target::Ssh(_) => 3,
+            Target::Ssh(_) => flip_wire::ADAPTIVE,
         })
     }
 

@@ -30,7 +30,7 @@ pub use delta::{DeltaApplier, DeltaWriter, PatchDecoder, PatchWriter, PATCH_WIND
 pub use error::{Error, ErrorClass, Result};
 pub use fsutil::{Leftover, MAX_LEFTOVERS};
 pub use lock::{Holder, LockGuard, Wait};
-pub use stage::{FileWriter, Stage, StageStats};
+pub use stage::{FileWriter, Stage, StageStats, PATCH_BASIS_IN_MEMORY};
 
 use error::io;
 use flip_manifest::Manifest;

@@ -6,7 +6,9 @@
 //! literal bytes ([`Stage::begin_file`]) or as deltas against a file of the previous release
 //! ([`Stage::apply_delta`]); each is checked against its size and blake3 before it counts.
 //! [`Stage::commit`] refuses to finish while anything is missing. Dropping an uncommitted stage
-//! removes the staging directory.
+//! removes the staging directory. Files may be written on several threads at once: a stage is
+//! `Sync`, each needed file can be claimed by one writer only, and what has arrived (pending
+//! files, stamps, counts) is kept behind a lock.
 //!
 //! Every file is created with `O_EXCL | O_NOFOLLOW` inside directories this stage made itself, so
 //! nothing is ever written into an existing inode (hard-linked files are shared with older
@@ -32,13 +34,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 /// The permission bits flip deploys and verifies (all 12: rwx for user, group and other,
 /// setuid, setgid, sticky).
 const MODE_MASK: u32 = flip_manifest::MODE_MASK;
 
-/// Files above this size are mapped rather than read into memory when used as a patch basis.
-const MMAP_THRESHOLD: u64 = 16 << 20;
+/// Files from this size up are mapped rather than read into memory when used as a patch basis:
+/// a patch's basis holds at most this much anonymous memory.
+pub const PATCH_BASIS_IN_MEMORY: u64 = 16 << 20;
+const MMAP_THRESHOLD: u64 = PATCH_BASIS_IN_MEMORY;
 
 /// What staging has done so far.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -76,12 +81,24 @@ pub struct Stage<'r> {
     manifest: Manifest,
     plan: Plan,
     needs: Vec<usize>,
-    pending: BTreeSet<usize>,
-    /// Identity of each staged file (by plan index), for the release's `.stat`.
-    stamps: Vec<Option<FileStamp>>,
+    /// What content has arrived: shared by the threads that write files in parallel.
+    progress: Mutex<Progress>,
     label: Option<String>,
     stats: StageStats,
     committed: bool,
+}
+
+/// The part of a stage that files being written (possibly on several threads at once) update.
+#[derive(Default)]
+struct Progress {
+    /// Needed files no writer has been opened for yet.
+    pending: BTreeSet<usize>,
+    /// Needed files with a writer open (begun, not finished).
+    writing: BTreeSet<usize>,
+    /// Identity of each staged file (by plan index), for the release's `.stat`.
+    stamps: Vec<Option<FileStamp>>,
+    written: u64,
+    written_bytes: u64,
 }
 
 enum Outcome {
@@ -149,8 +166,7 @@ impl Root {
             manifest,
             plan,
             needs: Vec::new(),
-            pending: BTreeSet::new(),
-            stamps: Vec::new(),
+            progress: Mutex::new(Progress::default()),
             label,
             stats: StageStats::default(),
             committed: false,
@@ -184,8 +200,19 @@ impl<'r> Stage<'r> {
         self.prev.as_ref().map(|(id, _)| *id)
     }
 
-    pub fn stats(&self) -> &StageStats {
-        &self.stats
+    /// What staging has done so far (a snapshot: files may be being written meanwhile).
+    pub fn stats(&self) -> StageStats {
+        let p = self.progress();
+        StageStats {
+            written: p.written,
+            written_bytes: p.written_bytes,
+            ..self.stats.clone()
+        }
+    }
+
+    fn progress(&self) -> MutexGuard<'_, Progress> {
+        // A writer thread that panicked leaves nothing half-updated (each update is one step).
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The delta basis of `plan().files[index]` (its previous version at the same path, or a
@@ -250,16 +277,17 @@ impl<'r> Stage<'r> {
             })
             .collect();
         self.stats.hashed = hashed.into_inner();
-        self.stamps = vec![None; self.plan.files.len()];
+        let progress = self.progress.get_mut().unwrap_or_else(|e| e.into_inner());
+        progress.stamps = vec![None; self.plan.files.len()];
         for (i, outcome) in outcomes.into_iter().enumerate() {
             match outcome? {
                 Outcome::Linked(st) => {
                     self.stats.linked += 1;
-                    self.stamps[i] = Some(st);
+                    progress.stamps[i] = Some(st);
                 }
                 Outcome::Copied(st) => {
                     self.stats.copied += 1;
-                    self.stamps[i] = Some(st);
+                    progress.stamps[i] = Some(st);
                 }
                 Outcome::Transfer { basis_ok } => {
                     match &self.plan.files[i].source {
@@ -274,7 +302,7 @@ impl<'r> Stage<'r> {
                 }
             }
         }
-        self.pending = self.needs.iter().copied().collect();
+        progress.pending = self.needs.iter().copied().collect();
         Ok(())
     }
 
@@ -419,32 +447,63 @@ impl<'r> Stage<'r> {
         Ok(Outcome::Copied(stamp))
     }
 
-    fn check_pending(&self, index: usize) -> Result<&FileStep> {
-        if !self.pending.contains(&index) {
+    /// Claims `plan().files[index]` for one writer: it must be one of
+    /// [`needs`](Self::needs), not yet written and not being written.
+    fn claim(&self, index: usize) -> Result<&FileStep> {
+        let mut p = self.progress();
+        if !p.pending.remove(&index) {
             return Err(Error::BadRequest(format!(
                 "file #{index} is not awaiting content"
             )));
         }
+        p.writing.insert(index);
         Ok(&self.plan.files[index])
     }
 
+    /// Gives back a claim whose writer could not be made (the file awaits content again).
+    fn unclaim(&self, index: usize) {
+        let mut p = self.progress();
+        if p.writing.remove(&index) {
+            p.pending.insert(index);
+        }
+    }
+
+    /// Runs `make` on a claim of `index`, giving the claim back if it fails.
+    fn claimed<T>(&self, index: usize, make: impl FnOnce(&FileStep) -> Result<T>) -> Result<T> {
+        let step = self.claim(index)?;
+        let r = make(step);
+        if r.is_err() {
+            self.unclaim(index);
+        }
+        r
+    }
+
     /// Opens a new file for the content of `plan().files[index]`, which must be one of
-    /// [`needs`](Self::needs) and not yet written.
-    pub fn begin_file(&mut self, index: usize) -> Result<FileWriter> {
-        let step = self.check_pending(index)?;
-        FileWriter::create(index, &self.abs(&step.path), step)
+    /// [`needs`](Self::needs) and neither written nor being written. Files may be written on
+    /// several threads at once (a stage is `Sync`).
+    pub fn begin_file(&self, index: usize) -> Result<FileWriter> {
+        self.claimed(index, |step| {
+            FileWriter::create(index, &self.abs(&step.path), step)
+        })
     }
 
     /// Checks a written file against the manifest (size, blake3), gives it its mode and mtime.
-    pub fn finish_file(&mut self, w: FileWriter, mtime: Option<(i64, u32)>) -> Result<()> {
+    pub fn finish_file(&self, w: FileWriter, mtime: Option<(i64, u32)>) -> Result<()> {
         let index = w.index;
-        let step = self.check_pending(index)?;
+        if !self.progress().writing.contains(&index) {
+            return Err(Error::BadRequest(format!(
+                "file #{index} is not being written"
+            )));
+        }
+        let step = &self.plan.files[index];
         let (mode, size) = (step.mode, step.size);
         w.verify(&step.path, size, &step.digest)?;
-        self.stamps[index] = Some(w.close(mode, mtime)?);
-        self.pending.remove(&index);
-        self.stats.written += 1;
-        self.stats.written_bytes += size;
+        let stamp = w.close(mode, mtime)?;
+        let mut p = self.progress();
+        p.stamps[index] = Some(stamp);
+        p.writing.remove(&index);
+        p.written += 1;
+        p.written_bytes += size;
         Ok(())
     }
 
@@ -518,14 +577,15 @@ impl<'r> Stage<'r> {
     /// it arrives ([`DeltaWriter::feed`]): copies are read from the basis file with `pread`,
     /// the output goes straight into the new file and is refused beyond the manifest size.
     /// Close it with [`DeltaWriter::finish`] and [`Stage::finish_file`].
-    pub fn begin_delta(&mut self, index: usize, basis: &RelPath) -> Result<DeltaWriter> {
-        let step = self.check_pending(index)?;
-        let (size, name) = (step.size, step.path.to_string());
-        let (file, path, len) = self.open_basis(basis)?;
-        let applier = DeltaApplier::new(file, len, path, name, size);
-        Ok(DeltaWriter {
-            applier,
-            file: self.begin_file(index)?,
+    pub fn begin_delta(&self, index: usize, basis: &RelPath) -> Result<DeltaWriter> {
+        self.claimed(index, |step| {
+            let (size, name) = (step.size, step.path.to_string());
+            let (file, path, len) = self.open_basis(basis)?;
+            let applier = DeltaApplier::new(file, len, path, name, size);
+            Ok(DeltaWriter {
+                applier,
+                file: FileWriter::create(index, &self.abs(&step.path), step)?,
+            })
         })
     }
 
@@ -534,31 +594,33 @@ impl<'r> Stage<'r> {
     /// ([`PatchWriter::feed`]) with a bounded window. Close it with [`PatchWriter::finish`]
     /// and [`Stage::finish_file`].
     pub fn begin_patch(
-        &mut self,
+        &self,
         index: usize,
         basis: &RelPath,
         basis_digest: &Digest,
     ) -> Result<PatchWriter> {
-        let step = self.check_pending(index)?;
-        let path = step.path.clone();
-        let known = match self.prev.as_ref().map(|(_, m)| m.get(basis)) {
-            Some(Some(EntryKind::File { digest, .. })) => Some(*digest),
-            _ => None,
-        };
-        if known != Some(*basis_digest) {
-            return Err(Error::BadRequest(format!(
-                "{path}: patch made against a version of {basis} the previous release does not hold"
-            )));
-        }
-        let base = self.load_basis(basis)?;
-        PatchWriter::new(base, self.begin_file(index)?, path.to_string())
+        self.claimed(index, |step| {
+            let path = &step.path;
+            let known = match self.prev.as_ref().map(|(_, m)| m.get(basis)) {
+                Some(Some(EntryKind::File { digest, .. })) => Some(*digest),
+                _ => None,
+            };
+            if known != Some(*basis_digest) {
+                return Err(Error::BadRequest(format!(
+                    "{path}: patch made against a version of {basis} the previous release does not hold"
+                )));
+            }
+            let base = self.load_basis(basis)?;
+            let file = FileWriter::create(index, &self.abs(path), step)?;
+            PatchWriter::new(base, file, path.to_string())
+        })
     }
 
     /// Applies a whole rsync delta against `basis` to produce `plan().files[index]`
     /// ([`Stage::begin_delta`] in one piece); the output is limited to the manifest size and
     /// checked against its blake3.
     pub fn apply_delta(
-        &mut self,
+        &self,
         index: usize,
         basis: &RelPath,
         delta: &[u8],
@@ -573,7 +635,7 @@ impl<'r> Stage<'r> {
     /// Decompresses a whole zstd `--patch-from` frame ([`Stage::begin_patch`] in one piece);
     /// the output is limited to the manifest size and checked against its blake3.
     pub fn apply_patch(
-        &mut self,
+        &self,
         index: usize,
         basis: &RelPath,
         basis_digest: &Digest,
@@ -589,12 +651,16 @@ impl<'r> Stage<'r> {
     /// Makes the release durable and visible as `releases/<id>` (not live: see
     /// [`Root::activate`]). Fails if any needed file has not been written.
     pub fn commit(mut self) -> Result<ReleaseInfo> {
-        if let Some(first) = self.pending.iter().next() {
-            return Err(Error::BadRequest(format!(
-                "{} file(s) never arrived, first {}",
-                self.pending.len(),
-                self.plan.files[*first].path
-            )));
+        {
+            let p = self.progress();
+            let missing = p.pending.len() + p.writing.len();
+            let first = p.pending.iter().chain(&p.writing).min();
+            if let Some(first) = first {
+                return Err(Error::BadRequest(format!(
+                    "{missing} file(s) never arrived, first {}",
+                    self.plan.files[*first].path
+                )));
+            }
         }
         crate::fault_point("before-commit");
         // Final directory modes, deepest level first (so a setgid parent passes nothing on).
@@ -622,10 +688,15 @@ impl<'r> Stage<'r> {
             flip_manifest::encode_to(&self.manifest, w)
         })?;
         self.fill_stamps()?;
+        let stamps = &self
+            .progress
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .stamps;
         fsutil::write_atomic_with(&self.root.stat_path(self.id), |w| {
             w.write_all(STAMP_MAGIC)?;
-            w.write_all(&(self.stamps.len() as u64).to_le_bytes())?;
-            for st in &self.stamps {
+            w.write_all(&(stamps.len() as u64).to_le_bytes())?;
+            for st in stamps {
                 w.write_all(&st.expect("filled above").encode())?;
             }
             Ok(())
@@ -648,9 +719,12 @@ impl Stage<'_> {
     /// Makes sure every staged file has its identity (recorded as each was linked,
     /// copied or written; looked up again only if missing).
     fn fill_stamps(&mut self) -> Result<()> {
-        let missing: Vec<usize> = (0..self.stamps.len())
-            .filter(|&i| self.stamps[i].is_none())
-            .collect();
+        let stamps = &self
+            .progress
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .stamps;
+        let missing: Vec<usize> = (0..stamps.len()).filter(|&i| stamps[i].is_none()).collect();
         let found: Vec<(usize, FileStamp)> = missing
             .into_par_iter()
             .map(|i| {
@@ -659,8 +733,13 @@ impl Stage<'_> {
                 Ok((i, FileStamp::of(&m)))
             })
             .collect::<Result<_>>()?;
+        let stamps = &mut self
+            .progress
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .stamps;
         for (i, st) in found {
-            self.stamps[i] = Some(st);
+            stamps[i] = Some(st);
         }
         Ok(())
     }
@@ -1251,7 +1330,7 @@ mod tests {
     /// commits and activates it; returns the stage's stats and the bases it offered.
     fn deploy(root: &Root, files: &[(&str, &[u8], u32)]) -> (StageStats, Vec<Option<RelPath>>) {
         let lock = root.lock(&holder(), Wait::No).unwrap();
-        let mut stage = root.stage(&lock, manifest(files), None).unwrap();
+        let stage = root.stage(&lock, manifest(files), None).unwrap();
         let needs = stage.needs().to_vec();
         let bases = needs
             .iter()

@@ -108,7 +108,8 @@ pub struct Session {
 }
 
 impl Session {
-    /// Handshake over a fresh stream; `compress` is the zstd level (0 = off).
+    /// Handshake over a fresh stream; `compress` is the zstd level (0 = off,
+    /// [`flip_wire::ADAPTIVE`]: chosen from the link, told to the agent as 3).
     pub fn open(stream: AgentStream, compress: i32) -> Result<Session> {
         let mut s = Session {
             rx: FrameReader::new(stream.reader),
@@ -125,7 +126,11 @@ impl Session {
             magic: MAGIC,
             protocol: PROTOCOL,
             version: env!("CARGO_PKG_VERSION").to_string(),
-            compress,
+            compress: if compress == flip_wire::ADAPTIVE {
+                flip_wire::adapt::START_LEVEL
+            } else {
+                compress
+            },
         })?;
         match s.recv()? {
             Response::Welcome {
@@ -144,7 +149,7 @@ impl Session {
             }
             other => return Err(s.unexpected(&other)),
         }
-        if compress > 0 {
+        if compress != 0 {
             let peer = s.peer.clone();
             let wire = |source| TransferError::Wire {
                 peer: peer.clone(),
@@ -164,6 +169,11 @@ impl Session {
     /// (bytes sent, bytes received) on the raw connection so far.
     pub fn bytes(&self) -> (u64, u64) {
         (self.tx.counter().get(), self.rx.counter().get())
+    }
+
+    /// The zstd level this client compresses with now (0: none; an adaptive level moves).
+    pub fn compress_level(&self) -> i32 {
+        self.tx.level()
     }
 
     fn wire(&self, source: WireError) -> TransferError {

@@ -1,11 +1,13 @@
 //! Length-prefixed bincode frames over any byte stream, optionally inside a zstd stream.
 
+use crate::adapt::AdaptiveLevel;
 use crate::{WireError, MAX_FRAME};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_FRAME>()
@@ -27,6 +29,9 @@ impl Counter {
 struct Counted<T> {
     inner: T,
     counter: Counter,
+    /// Nanoseconds spent inside the inner writer's `write` and `flush` (blocked on the
+    /// transport); unused for reading.
+    blocked: Counter,
 }
 
 impl<R: Read> Read for Counted<R> {
@@ -39,12 +44,18 @@ impl<R: Read> Read for Counted<R> {
 
 impl<W: Write> Write for Counted<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
+        let t = Instant::now();
+        let r = self.inner.write(buf);
+        self.blocked.add(t.elapsed().as_nanos() as usize);
+        let n = r?;
         self.counter.add(n);
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        let t = Instant::now();
+        let r = self.inner.flush();
+        self.blocked.add(t.elapsed().as_nanos() as usize);
+        r
     }
 }
 
@@ -70,6 +81,7 @@ impl FrameReader {
         let counted = Counted {
             inner,
             counter: counter.clone(),
+            blocked: Counter::default(),
         };
         FrameReader {
             side: ReadSide::Plain(BufReader::with_capacity(256 * 1024, counted)),
@@ -167,18 +179,32 @@ enum WriteSide {
 pub struct FrameWriter {
     side: WriteSide,
     counter: Counter,
+    /// Nanoseconds blocked writing to the transport.
+    blocked: Counter,
+    /// The level controller, when compression is adaptive.
+    adapt: Option<AdaptiveLevel>,
+    /// When the last send or flush returned (adaptive compression only).
+    returned: Option<Instant>,
+    /// The zstd level in use (0: none).
+    level: i32,
     buf: Vec<u8>,
 }
 
 impl FrameWriter {
     pub fn new(inner: Box<dyn Write + Send>) -> Self {
         let counter = Counter::default();
+        let blocked = Counter::default();
         FrameWriter {
             side: WriteSide::Plain(Counted {
                 inner,
                 counter: counter.clone(),
+                blocked: blocked.clone(),
             }),
             counter,
+            blocked,
+            adapt: None,
+            returned: None,
+            level: 0,
             buf: Vec::new(),
         }
     }
@@ -188,11 +214,58 @@ impl FrameWriter {
         self.counter.clone()
     }
 
-    /// From now on everything written is one zstd stream at `level` (1–19).
+    /// From now on everything written is zstd at `level` (1–19), or, with
+    /// [`ADAPTIVE`](crate::ADAPTIVE), at a level chosen from the link
+    /// ([`AdaptiveLevel`]: measured per window of input, each change starting a new zstd frame,
+    /// which a [`FrameReader`] reads on transparently).
     pub fn start_compression(&mut self, level: i32) -> Result<(), WireError> {
+        let level = if level == crate::ADAPTIVE {
+            let a = AdaptiveLevel::default();
+            let l = a.level();
+            self.adapt = Some(a);
+            l
+        } else {
+            level
+        };
         if let WriteSide::Plain(w) = std::mem::replace(&mut self.side, WriteSide::Switching) {
             let e = zstd::stream::write::Encoder::new(w, level)?;
             self.side = WriteSide::Zstd(Box::new(e));
+            self.level = level;
+        }
+        Ok(())
+    }
+
+    /// The zstd level in use now (0: none); with adaptive compression it moves.
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
+    /// Tells the adaptive controller (if any) what writing `input` bytes cost since `started`
+    /// (when `blocked_before` ns had been spent blocked), and applies a new level: the current
+    /// zstd frame is ended and a new one begins at that level.
+    fn adapt(&mut self, input: usize, started: Instant, blocked_before: u64) -> io::Result<()> {
+        let Some(a) = &mut self.adapt else {
+            return Ok(());
+        };
+        let blocked = Duration::from_nanos(self.blocked.get().saturating_sub(blocked_before));
+        let compressing = started.elapsed().saturating_sub(blocked);
+        // Time since the writer last returned: spent waiting for something to write.
+        let waiting = self
+            .returned
+            .map_or(Duration::ZERO, |r| started.saturating_duration_since(r));
+        self.returned = Some(Instant::now());
+        match a.record(input as u64, compressing, blocked, waiting) {
+            Some(level) => self.switch_level(level),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the current zstd frame and starts a new one at `level`.
+    fn switch_level(&mut self, level: i32) -> io::Result<()> {
+        if let WriteSide::Zstd(e) = std::mem::replace(&mut self.side, WriteSide::Switching) {
+            let w = e.finish()?;
+            self.side = WriteSide::Zstd(Box::new(zstd::stream::write::Encoder::new(w, level)?));
+            self.level = level;
         }
         Ok(())
     }
@@ -216,16 +289,21 @@ impl FrameWriter {
             return Err(WireError::TooLarge(len));
         }
         buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        let (started, blocked) = (Instant::now(), self.blocked.get());
         let r = self.writer().write_all(&buf);
+        let n = buf.len();
         if buf.capacity() <= 8 << 20 {
             self.buf = buf;
         }
-        Ok(r?)
+        r?;
+        Ok(self.adapt(n, started, blocked)?)
     }
 
     /// Pushes everything sent so far to the peer (ends a zstd block).
     pub fn flush(&mut self) -> Result<(), WireError> {
-        Ok(self.writer().flush()?)
+        let (started, blocked) = (Instant::now(), self.blocked.get());
+        self.writer().flush()?;
+        Ok(self.adapt(0, started, blocked)?)
     }
 
     /// Ends the stream cleanly (finishes the zstd frame) and closes the underlying writer.
@@ -315,6 +393,32 @@ mod tests {
         assert!(matches!(r.recv::<Request>(), Err(WireError::Closed)));
         assert!(r.counter().get() < data.len() as u64 / 20);
         const { assert!(CHUNK < MAX_FRAME) };
+    }
+
+    #[test]
+    fn a_level_change_mid_stream_is_read_transparently() {
+        let (mut w, mut r) = pair();
+        w.start_compression(crate::ADAPTIVE).unwrap();
+        r.start_decompression().unwrap();
+        assert_eq!(w.level(), crate::adapt::START_LEVEL);
+        let msg = |i: u32| Request::Literal {
+            index: i,
+            mtime: None,
+            data: format!("<?php // file {i}\n").repeat(5_000).into_bytes(),
+            last: true,
+        };
+        for (i, level) in [(0, 9), (1, 1), (2, 5)] {
+            w.send(&msg(i)).unwrap();
+            w.switch_level(level).unwrap();
+            assert_eq!(w.level(), level);
+        }
+        w.send(&msg(3)).unwrap();
+        w.flush().unwrap();
+        for i in 0..4 {
+            assert_eq!(r.recv::<Request>().unwrap(), msg(i));
+        }
+        w.finish().unwrap();
+        assert!(matches!(r.recv::<Request>(), Err(WireError::Closed)));
     }
 
     #[test]

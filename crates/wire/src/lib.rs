@@ -26,9 +26,11 @@
 //! Before any answer the agent may send [`Response::Notices`]: what it could not clean up, and
 //! problems that did not stop the request.
 
+pub mod adapt;
 mod bounded;
 mod frame;
 
+pub use adapt::{AdaptiveLevel, ADAPTIVE};
 pub use bounded::Weigh;
 pub use frame::{Counter, FrameReader, FrameWriter};
 
