@@ -239,12 +239,17 @@ impl<'r> Stage<'r> {
             .files
             .par_iter()
             .map(|step| match (&step.source, &prev_dir) {
-                (Source::Link(from), Some(pd)) => {
-                    self.link(step, from, &pd.join(from.as_str()), &hashed)
-                }
-                (Source::Copy(from), Some(pd)) => self.copy(step, &pd.join(from.as_str())),
+                (Source::Link(from), Some(pd)) => match PrevFile::reach(pd, from) {
+                    Some(src) => self.link(step, from, &src, &hashed),
+                    None => Ok(TRANSFER),
+                },
+                (Source::Copy(from), Some(pd)) => match PrevFile::reach(pd, from) {
+                    Some(src) => self.copy(step, &src),
+                    None => Ok(TRANSFER),
+                },
                 (Source::Transfer { basis: Some(b) }, Some(pd)) => Ok(Outcome::Transfer {
-                    basis_ok: self.intact(b, &pd.join(b.as_str()), &hashed),
+                    basis_ok: PrevFile::reach(pd, b)
+                        .is_some_and(|src| self.intact(b, &src, &hashed)),
                 }),
                 _ => Ok(TRANSFER),
             })
@@ -287,15 +292,15 @@ impl<'r> Stage<'r> {
     /// Whether file `rel` of the previous release (at `abs`) is what that release's manifest
     /// says: a regular file of its size whose identity is the one recorded at commit, or, when
     /// the record is unknown or differs, whose blake3 is the manifest's.
-    fn intact(&self, rel: &RelPath, abs: &Path, hashed: &AtomicU64) -> bool {
+    fn intact(&self, rel: &RelPath, src: &PrevFile, hashed: &AtomicU64) -> bool {
         let Some(EntryKind::File { size, digest, .. }) =
             self.prev.as_ref().and_then(|(_, m)| m.get(rel))
         else {
             return false;
         };
-        match fs::symlink_metadata(abs) {
-            Ok(meta) if meta.file_type().is_file() && meta.len() == *size => {
-                self.intact_meta(rel, abs, &meta, *size, digest, hashed)
+        match src.metadata() {
+            Some(meta) if meta.file_type().is_file() && meta.len() == *size => {
+                self.intact_meta(rel, src, &meta, *size, digest, hashed)
             }
             _ => false,
         }
@@ -305,7 +310,7 @@ impl<'r> Stage<'r> {
     fn intact_meta(
         &self,
         rel: &RelPath,
-        abs: &Path,
+        src: &PrevFile,
         meta: &fs::Metadata,
         size: u64,
         digest: &Digest,
@@ -315,7 +320,8 @@ impl<'r> Stage<'r> {
             return true;
         }
         hashed.fetch_add(1, Ordering::Relaxed);
-        hash_matches(abs, meta.ino(), size, digest)
+        src.open_read()
+            .is_some_and(|f| hash_matches(&f, meta.ino(), size, digest))
     }
 
     /// Hard-links an unchanged file from the same path of the previous release, after checking
@@ -326,11 +332,11 @@ impl<'r> Stage<'r> {
         &self,
         step: &FileStep,
         from: &RelPath,
-        src: &Path,
+        src: &PrevFile,
         hashed: &AtomicU64,
     ) -> Result<Outcome> {
-        let meta = match fs::symlink_metadata(src) {
-            Ok(m) if m.file_type().is_file() && m.len() == step.size => m,
+        let meta = match src.metadata() {
+            Some(m) if m.file_type().is_file() && m.len() == step.size => m,
             _ => return Ok(TRANSFER),
         };
         if meta.mode() & MODE_MASK != step.mode {
@@ -342,7 +348,7 @@ impl<'r> Stage<'r> {
             return Ok(TRANSFER);
         }
         let dst = self.abs(&step.path);
-        match fs::hard_link(src, &dst) {
+        match src.hard_link(&dst) {
             Ok(()) => {
                 // The stamp is taken after the link (which changes the inode's ctime), and the
                 // link must be the inode that was checked.
@@ -372,12 +378,8 @@ impl<'r> Stage<'r> {
     /// mtime: a reflink (`FICLONE`) where the filesystem shares blocks, else a read/write copy.
     /// Either way the new file's content is hashed and must match the manifest, or the file is
     /// transferred instead.
-    fn copy(&self, step: &FileStep, src: &Path) -> Result<Outcome> {
-        let Ok(mut input) = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(src)
-        else {
+    fn copy(&self, step: &FileStep, src: &PrevFile) -> Result<Outcome> {
+        let Some(mut input) = src.open_read() else {
             return Ok(TRANSFER);
         };
         let Ok(meta) = input.metadata() else {
@@ -472,10 +474,10 @@ impl<'r> Stage<'r> {
     /// checks its size against the previous manifest.
     fn open_basis(&self, basis: &RelPath) -> Result<(File, PathBuf, u64)> {
         let (path, size) = self.basis(basis)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
+        let (id, _) = self.prev.as_ref().expect("a basis was resolved");
+        let file = PrevFile::reach(&self.root.release_dir(*id), basis)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ELOOP))
+            .and_then(|src| src.open_read_io())
             .map_err(io("open the delta basis", &path))?;
         let meta = file.metadata().map_err(io("inspect", &path))?;
         if !meta.is_file() || meta.len() != size {
@@ -782,16 +784,104 @@ impl Root {
     }
 }
 
-/// Whether the regular file at `path` (expected to be inode `ino`) holds exactly `size` bytes
+/// A file of the previous release, reached from the release directory one component at a
+/// time without following any symlink: a directory of a committed release replaced by a symlink
+/// (to `/etc`, or anywhere outside the root) is never walked through, so nothing outside the
+/// release is ever linked, copied, hashed or used as a basis. Every operation works on the
+/// directory the walk opened (`*at` calls), so swapping a directory for a symlink after the walk
+/// changes nothing either.
+struct PrevFile {
+    /// The file's parent directory (an `O_PATH` descriptor).
+    parent: std::os::fd::OwnedFd,
+    name: std::ffi::CString,
+}
+
+impl PrevFile {
+    /// `rel` under the release directory `base`; `None` when a component on the way is not a
+    /// real directory (a symlink, a file, missing) or a name cannot be passed to the kernel.
+    fn reach(base: &Path, rel: &RelPath) -> Option<PrevFile> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        use std::os::unix::ffi::OsStrExt;
+        let dir_flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let open = |at: libc::c_int, name: &std::ffi::CStr| {
+            // SAFETY: openat with a valid NUL-terminated name; the result is checked.
+            let fd = unsafe { libc::openat(at, name.as_ptr(), dir_flags) };
+            // SAFETY: a non-negative fd returned by openat is ours to own.
+            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        let base = std::ffi::CString::new(base.as_os_str().as_bytes()).ok()?;
+        let mut dir = open(libc::AT_FDCWD, &base)?;
+        let mut parts = rel.as_str().split('/').peekable();
+        loop {
+            let part = std::ffi::CString::new(parts.next()?).ok()?;
+            if parts.peek().is_none() {
+                return Some(PrevFile {
+                    parent: dir,
+                    name: part,
+                });
+            }
+            dir = open(dir.as_raw_fd(), &part)?;
+        }
+    }
+
+    /// The entry's own metadata (a symlink's, never its target's); `None` if it is gone.
+    fn metadata(&self) -> Option<fs::Metadata> {
+        let f = self.openat(libc::O_PATH | libc::O_NOFOLLOW).ok()?;
+        f.metadata().ok()
+    }
+
+    /// The entry opened for reading, refusing a symlink (and never blocking on a FIFO).
+    fn open_read(&self) -> Option<File> {
+        self.open_read_io().ok()
+    }
+
+    fn open_read_io(&self) -> std::io::Result<File> {
+        self.openat(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+    }
+
+    fn openat(&self, flags: libc::c_int) -> std::io::Result<File> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: openat relative to a directory fd we own, with a NUL-terminated name.
+        let fd = unsafe {
+            libc::openat(
+                self.parent.as_raw_fd(),
+                self.name.as_ptr(),
+                flags | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd returned by openat is ours to own.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Hard-links the entry (not following it if it is a symlink) to `dst`.
+    fn hard_link(&self, dst: &Path) -> std::io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let dst = std::ffi::CString::new(dst.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: linkat with a directory fd we own and two NUL-terminated names; flags 0
+        // (never follows a symlink at the source).
+        let r = unsafe {
+            libc::linkat(
+                self.parent.as_raw_fd(),
+                self.name.as_ptr(),
+                libc::AT_FDCWD,
+                dst.as_ptr(),
+                0,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Whether the open regular file `file` (expected to be inode `ino`) holds exactly `size` bytes
 /// hashing to `digest`, and was not written to while it was read.
-fn hash_matches(path: &Path, ino: u64, size: u64, digest: &Digest) -> bool {
-    let Ok(file) = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-    else {
-        return false;
-    };
+fn hash_matches(file: &File, ino: u64, size: u64, digest: &Digest) -> bool {
     let Ok(before) = file.metadata() else {
         return false;
     };
@@ -802,7 +892,7 @@ fn hash_matches(path: &Path, ino: u64, size: u64, digest: &Digest) -> bool {
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
     loop {
-        match (&file).read(&mut buf) {
+        match (&*file).read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
                 h.update(&buf[..n]);

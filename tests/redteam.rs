@@ -1,0 +1,63 @@
+//! Attacks on a target and on the reports, through the real binary: what a hostile or careless
+//! hand on the server (or in the source tree) can do between two deploys, and what flip must
+//! then refuse, name or repair.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+
+/// The live release at `fx`, as a path.
+fn live(fx: &Fx) -> std::path::PathBuf {
+    fx.root.join(fx.current_link())
+}
+
+#[test]
+fn a_directory_of_the_live_release_replaced_by_a_symlink_is_never_walked_through() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let big = noise(7, 64 * 1024);
+    src.file("index.php", "v1\n", 0o644)
+        .file("conf/settings.php", "<?php return ['db' => 'x'];\n", 0o644)
+        .file("conf/big.bin", &big, 0o644);
+    fx.deploy(&src, &[]);
+
+    // Someone who can write into the live release swaps its conf/ for a symlink to a directory
+    // outside the root holding the very same content.
+    let outside = fx.path("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("settings.php"), src.read("conf/settings.php")).unwrap();
+    fs::write(outside.join("big.bin"), &big).unwrap();
+    let conf = live(&fx).join("conf");
+    fs::rename(&conf, fx.path("conf-moved")).unwrap();
+    std::os::unix::fs::symlink(&outside, &conf).unwrap();
+
+    // A changed file whose basis would be found only through the symlink, and an unchanged one
+    // that would be linked through it.
+    let mut big2 = big.clone();
+    big2[100] ^= 1;
+    src.file("index.php", "v2\n", 0o644)
+        .file("conf/big.bin", &big2, 0o644);
+    let j = fx.deploy(&src, &["--no-cache", "--itemize"]);
+
+    let rel = live(&fx);
+    for name in ["settings.php", "big.bin"] {
+        let foreign = outside.join(name);
+        assert_eq!(
+            fs::metadata(&foreign).unwrap().nlink(),
+            1,
+            "{name} outside the root got linked into the release: {j}"
+        );
+        assert_ne!(ino(&rel.join("conf").join(name)), ino(&foreign), "{name}");
+    }
+    assert!(fs::symlink_metadata(rel.join("conf")).unwrap().is_dir());
+    assert_eq!(fs::read(rel.join("conf/big.bin")).unwrap(), big2);
+    assert_eq!(num(&j, "/files/linked"), 0, "{j}");
+    assert_eq!(
+        num(&j, "/files/delta"),
+        0,
+        "no delta against a basis outside: {j}"
+    );
+    fx.flip(&["verify", fx.root_str()]).success();
+}
