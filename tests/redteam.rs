@@ -61,3 +61,29 @@ fn a_directory_of_the_live_release_replaced_by_a_symlink_is_never_walked_through
     );
     fx.flip(&["verify", fx.root_str()]).success();
 }
+
+#[test]
+fn current_naming_a_release_id_in_another_spelling_is_refused_not_verified_as_that_release() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    src.file("index.php", "v2\n", 0o644);
+    fx.deploy(&src, &[]);
+    // releases/02 is not releases/2: a copy with other content, made live by hand.
+    let evil = fx.root.join("releases/02");
+    copy_tree(&fx.release(2), &evil);
+    fs::write(evil.join("index.php"), "EVIL\n").unwrap();
+    std::os::unix::fs::symlink("releases/02", fx.root.join("c.tmp")).unwrap();
+    fs::rename(fx.root.join("c.tmp"), fx.current()).unwrap();
+
+    // verify must not check releases/2 and call the live tree good.
+    fx.flip(&["verify", fx.root_str()])
+        .code(5)
+        .stderr_has("releases/02");
+    // A directory named 02 is not release 2 either: never listed as one.
+    std::os::unix::fs::symlink("releases/2", fx.root.join("c.tmp")).unwrap();
+    fs::rename(fx.root.join("c.tmp"), fx.current()).unwrap();
+    assert_eq!(fx.listed(), vec![(1, false), (2, true)]);
+    fx.flip(&["verify", fx.root_str()]).success();
+}

@@ -333,10 +333,7 @@ impl Root {
         }
         let target = fs::read_link(&link).map_err(io("read the symlink", &link))?;
         let target = target.to_string_lossy().into_owned();
-        match target
-            .strip_prefix("releases/")
-            .and_then(|s| s.parse::<u64>().ok())
-        {
+        match target.strip_prefix("releases/").and_then(parse_id) {
             Some(id) => {
                 let dir = self.release_dir(id);
                 match fs::symlink_metadata(&dir) {
@@ -399,7 +396,7 @@ impl Root {
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
             let flip_named = name.starts_with(STAGING_PREFIX) || name.starts_with(TRASH_PREFIX);
-            let id = name.parse::<u64>().ok();
+            let id = parse_id(name);
             if id.is_none() && !flip_named {
                 continue;
             }
@@ -824,6 +821,12 @@ impl Root {
         let manifest = self.manifest(id)?;
         Ok(stage::verify_tree(&self.release_dir(id), &manifest))
     }
+}
+
+/// A release id written the one way flip writes it (`7`; never `07` or `+7`, which name other
+/// directories than `releases/7`).
+fn parse_id(s: &str) -> Option<u64> {
+    s.parse::<u64>().ok().filter(|id| id.to_string() == s)
 }
 
 /// Whether `name` is a temp file of an interrupted atomic write (`.next-id.tmp-123`).
