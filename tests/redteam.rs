@@ -87,3 +87,44 @@ fn current_naming_a_release_id_in_another_spelling_is_refused_not_verified_as_th
     assert_eq!(fx.listed(), vec![(1, false), (2, true)]);
     fx.flip(&["verify", fx.root_str()]).success();
 }
+
+/// Peak resident memory of the largest child process this test binary has waited for, in KiB.
+fn children_max_rss_kib() -> i64 {
+    // SAFETY: getrusage fills the struct we pass.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru.ru_maxrss
+    }
+}
+
+#[test]
+fn a_huge_stored_manifest_or_stat_record_is_damaged_not_read_into_memory() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644)
+        .file("lib/a.php", "a\n", 0o644);
+    fx.deploy(&src, &[]);
+    src.file("index.php", "v2\n", 0o644);
+    fx.deploy(&src, &[]);
+    // Sparse gigabytes where the live release's manifest and identity record are.
+    for name in ["2.manifest", "2.stat"] {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(fx.root.join(".flip/releases").join(name))
+            .unwrap();
+        f.set_len(1 << 30).unwrap();
+    }
+    src.file("index.php", "v3\n", 0o644);
+    let j = fx.deploy(&src, &["--no-cache"]);
+    let warnings = j["warnings"].to_string();
+    assert!(warnings.contains("2.manifest is damaged"), "{j}");
+    assert!(
+        children_max_rss_kib() < 300 * 1024,
+        "a process took {} KiB",
+        children_max_rss_kib()
+    );
+    assert_eq!(fs::read(live(&fx).join("index.php")).unwrap(), b"v3\n");
+    fx.flip(&["verify", fx.root_str()]).success();
+    fx.flip(&["rollback", fx.root_str()]).success();
+}

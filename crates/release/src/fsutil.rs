@@ -220,13 +220,9 @@ pub fn now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Errors other than "not found" as `Error`; "not found" as `None`. Never follows a symlink
-/// (a symlink is refused, naming the path).
-pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
-    read_optional_limited(path, u64::MAX)
-}
-
-/// [`read_optional`] refusing a file larger than `max` bytes (as damaged).
+/// A file of flip's own, read whole: errors other than "not found" as `Error`; "not found" as
+/// `None`. Never follows a symlink (a symlink is refused, naming the path), and refuses a file
+/// larger than `max` bytes (as damaged) before reading any of it.
 pub fn read_optional_limited(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
     use std::io::Read;
     let f = match OpenOptions::new()

@@ -48,6 +48,9 @@ const STAGING_PREFIX: &str = ".staging-";
 const TRASH_PREFIX: &str = ".trash-";
 /// The record of what the last cleanup could not remove (JSON list of [`Leftover`]s).
 const LEFTOVERS: &str = "leftovers";
+/// Largest stored manifest read (as large as a manifest a client may send whole): a bigger
+/// `.flip/releases/N.manifest` is damaged, and is never read into memory.
+pub const MANIFEST_MAX: u64 = 256 << 20;
 /// Largest `.json` metadata or leftovers record read.
 const SMALL_FILE_MAX: u64 = 1 << 20;
 
@@ -451,13 +454,15 @@ impl Root {
     /// The stored manifest of a complete release.
     pub fn manifest(&self, id: u64) -> Result<Manifest> {
         let path = self.manifest_path(id);
-        let bytes = fsutil::read_optional(&path)?.ok_or(Error::NoSuchRelease(id))?;
+        let bytes =
+            fsutil::read_optional_limited(&path, MANIFEST_MAX)?.ok_or(Error::NoSuchRelease(id))?;
         flip_manifest::decode(&bytes).map_err(|e| fsutil::corrupt(&path, e.to_string()))
     }
 
     /// The stored manifest's canonical bytes (what the agent sends to a client).
     pub fn manifest_bytes(&self, id: u64) -> Result<Vec<u8>> {
-        fsutil::read_optional(&self.manifest_path(id))?.ok_or(Error::NoSuchRelease(id))
+        fsutil::read_optional_limited(&self.manifest_path(id), MANIFEST_MAX)?
+            .ok_or(Error::NoSuchRelease(id))
     }
 
     /// The newest complete release older than `current`: what a rollback goes to.
@@ -483,6 +488,13 @@ impl Root {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(io("read", &path))?;
+        let len = f.metadata().map_err(io("inspect", &path))?.len();
+        if len > MANIFEST_MAX {
+            return Err(fsutil::corrupt(
+                &path,
+                format!("{len} bytes, more than the {MANIFEST_MAX} a manifest can have"),
+            ));
+        }
         let mut h = blake3::Hasher::new();
         let mut buf = vec![0u8; 256 * 1024];
         let mut f = std::io::BufReader::new(f);

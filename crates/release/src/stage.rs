@@ -674,16 +674,19 @@ impl Root {
     /// format, truncated or does not match the manifest: then every file is unknown, and is
     /// hashed before it is linked or used as a basis.
     fn read_stamps(&self, id: u64, m: &Manifest) -> Vec<Option<FileStamp>> {
-        let Ok(Some(b)) = fsutil::read_optional(&self.stat_path(id)) else {
+        let files = m.file_count();
+        let Some(expected) = files
+            .checked_mul(FileStamp::LEN)
+            .and_then(|n| n.checked_add(16))
+        else {
             return Vec::new();
         };
-        let files = m.file_count();
-        let expected = files
-            .checked_mul(FileStamp::LEN)
-            .and_then(|n| n.checked_add(16));
-        if Some(b.len()) != expected
-            || &b[..8] != STAMP_MAGIC
-            || b[8..16] != (files as u64).to_le_bytes()
+        // Never more than the record of this manifest's files is read (a bigger one is damaged).
+        let Ok(Some(b)) = fsutil::read_optional_limited(&self.stat_path(id), expected as u64)
+        else {
+            return Vec::new();
+        };
+        if b.len() != expected || &b[..8] != STAMP_MAGIC || b[8..16] != (files as u64).to_le_bytes()
         {
             return Vec::new();
         }
