@@ -269,7 +269,11 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         content.as_ref(),
         live_digest,
         a.itemize,
-    )?;
+    );
+    // A failed deploy still names what the target warned about (a damaged release, ...).
+    let report = report.inspect_err(|_| {
+        notices(&mut s);
+    })?;
     if let Some(Err(e)) = cache.as_ref().map(|c| c.put(&scan.manifest)) {
         eprintln!("flip: warning: cannot cache the manifest: {e}");
     }
@@ -278,7 +282,10 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
     }
     let mut activated = false;
     if !a.no_activate {
-        s.activate(report.release)?;
+        if let Err(e) = s.activate(report.release) {
+            notices(&mut s);
+            return Err(e.into());
+        }
         activated = true;
     }
     // The deploy is live: a failed cleanup is a warning, never a failed deploy.
@@ -624,8 +631,10 @@ fn switched(target: &Target, json: bool, verb: &str, id: u64, previous: Option<u
 fn rollback(a: cli::RollbackArgs) -> Result<i32> {
     let target = Target::parse(&a.target)?;
     let mut s = locked_session(&target, &a.common, "rollback", 0)?;
-    let (id, previous) = s.rollback(a.to)?;
+    let r = s.rollback(a.to);
+    // Also on failure: "nothing to roll back to" must say which releases were skipped and why.
     notices(&mut s);
+    let (id, previous) = r?;
     s.close()?;
     switched(&target, a.common.json, "rolled back", id, previous);
     Ok(exit::OK)
@@ -634,8 +643,9 @@ fn rollback(a: cli::RollbackArgs) -> Result<i32> {
 fn activate(a: cli::ActivateArgs) -> Result<i32> {
     let target = Target::parse(&a.target)?;
     let mut s = locked_session(&target, &a.common, "activate", 0)?;
-    let previous = s.activate(a.id)?;
+    let r = s.activate(a.id);
     notices(&mut s);
+    let previous = r?;
     s.close()?;
     switched(&target, a.common.json, "activated", a.id, previous);
     Ok(exit::OK)
@@ -644,8 +654,9 @@ fn activate(a: cli::ActivateArgs) -> Result<i32> {
 fn prune(a: cli::PruneArgs) -> Result<i32> {
     let target = Target::parse(&a.target)?;
     let mut s = locked_session(&target, &a.common, "prune", 0)?;
-    let removed = s.prune(a.keep)?;
+    let r = s.prune(a.keep);
     let (leftovers, warnings) = notices(&mut s);
+    let removed = r?;
     s.close()?;
     if a.common.json {
         println!(

@@ -128,3 +128,49 @@ fn a_huge_stored_manifest_or_stat_record_is_damaged_not_read_into_memory() {
     fx.flip(&["verify", fx.root_str()]).success();
     fx.flip(&["rollback", fx.root_str()]).success();
 }
+
+/// Three releases of a one-file site; release 3 is live.
+fn three_releases(fx: &Fx) -> Src {
+    let src = fx.src("src");
+    for v in 1..=3 {
+        src.file("index.php", format!("v{v}\n"), 0o644);
+        fx.deploy(&src, &[]);
+    }
+    src
+}
+
+#[test]
+fn a_rollback_that_finds_nothing_to_roll_back_to_names_the_damaged_releases_it_skipped() {
+    let fx = Fx::new();
+    three_releases(&fx);
+    let meta = fx.root.join(".flip/releases");
+    fs::write(meta.join("2.manifest"), "garbage").unwrap();
+    fs::write(meta.join("1.json"), "garbage").unwrap();
+    fx.flip(&["rollback", fx.root_str()])
+        .code(5)
+        .stderr_has("no release older than 3")
+        .stderr_has("2.manifest is damaged")
+        .stderr_has("1.json is damaged");
+    assert_eq!(fx.current_link(), "releases/3");
+}
+
+#[test]
+fn an_explicit_rollback_or_activate_refuses_a_release_whose_manifest_is_damaged() {
+    let fx = Fx::new();
+    three_releases(&fx);
+    let manifest = fx.root.join(".flip/releases/2.manifest");
+    let mut bytes = fs::read(&manifest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&manifest, bytes).unwrap();
+    fx.flip(&["rollback", fx.root_str(), "--to", "2"])
+        .code(7)
+        .stderr_has("2.manifest is damaged");
+    fx.flip(&["activate", fx.root_str(), "2"])
+        .code(7)
+        .stderr_has("2.manifest is damaged");
+    assert_eq!(fx.current_link(), "releases/3");
+    // An intact one still goes live.
+    fx.flip(&["activate", fx.root_str(), "1"]).success();
+    fx.flip(&["verify", fx.root_str()]).success();
+}

@@ -519,8 +519,12 @@ impl Root {
 
     /// Points `current` at release `id` atomically (symlink at a temp name, rename over
     /// `current`, fsync the root). Returns the release that was live before.
+    /// Refuses a release whose stored manifest is not the one recorded at its commit (then
+    /// nothing can tell whether its tree is complete): an explicit `rollback --to` or `activate`
+    /// as much as the rollback that skips it.
     pub fn activate(&self, _lock: &LockGuard, id: u64) -> Result<Option<u64>> {
-        self.info(id)?;
+        let info = self.info(id)?;
+        self.manifest_intact(&info)?;
         let previous = self.current()?;
         let link = self.dir.join(CURRENT);
         let tmp = self
