@@ -174,3 +174,51 @@ fn an_explicit_rollback_or_activate_refuses_a_release_whose_manifest_is_damaged(
     fx.flip(&["activate", fx.root_str(), "1"]).success();
     fx.flip(&["verify", fx.root_str()]).success();
 }
+
+#[test]
+fn a_file_name_with_a_newline_cannot_forge_a_line_of_the_itemized_list() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    // One new file whose name, printed raw, would read as the removal of index.php.
+    let name = "x\n- file index.php";
+    src.file(name, "hi\n", 0o644)
+        .file("back\\slash\ttab", "hi\n", 0o644)
+        .symlink("link", "to\nwhere");
+    let check = |run: Run, what: &str| {
+        let lines: Vec<&str> = run
+            .stdout
+            .lines()
+            .filter(|l| {
+                let b = l.as_bytes();
+                b.len() > 2 && b"+-~m>=".contains(&b[0]) && b[1] == b' '
+            })
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "+ file back\\\\slash\\ttab (literal)",
+                "+ link link -> to\\nwhere",
+                "+ file x\\n- file index.php (literal)",
+            ],
+            "{what}"
+        );
+    };
+    let root = fx.root_str();
+    let old = s(&fx.release(1)).to_string();
+    check(
+        fx.flip(&["diff", &old, src.s(), "--itemize"]).success(),
+        "diff",
+    );
+    check(
+        fx.flip(&["deploy", src.s(), root, "--dry-run"]).success(),
+        "dry run",
+    );
+    check(
+        fx.flip(&["deploy", src.s(), root, "--itemize"]).success(),
+        "deploy",
+    );
+    // The file itself is deployed under its real name.
+    assert_eq!(fs::read(live(&fx).join(name)).unwrap(), b"hi\n");
+}
