@@ -222,3 +222,30 @@ fn a_file_name_with_a_newline_cannot_forge_a_line_of_the_itemized_list() {
     // The file itself is deployed under its real name.
     assert_eq!(fs::read(live(&fx).join(name)).unwrap(), b"hi\n");
 }
+
+#[test]
+fn error_messages_name_each_path_once() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    let missing = fx.path("missing");
+    let m = s(&missing);
+    for args in [vec!["releases", m], vec!["rollback", m], vec!["verify", m]] {
+        let run = fx.flip(&args).code(5).stderr_has(m);
+        assert_eq!(run.stderr.matches(m).count(), 1, "{}", run.stderr);
+    }
+    fx.deploy(&src, &[]);
+    let releases = fx.root.join("releases");
+    let run = fx.flip(&["releases", s(&releases)]).code(5);
+    assert_eq!(
+        run.stderr.matches(s(&releases)).count(),
+        1,
+        "{}",
+        run.stderr
+    );
+    // A target inside the source, given plainly: each path once.
+    let inside = src.p("deploy");
+    let run = fx.flip(&["deploy", src.s(), s(&inside)]).code(2);
+    assert_eq!(run.stderr.matches(s(&inside)).count(), 1, "{}", run.stderr);
+    assert!(!inside.exists());
+}

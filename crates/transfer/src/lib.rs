@@ -30,7 +30,8 @@ pub use flip_plan::DELTA_MIN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    #[error("{peer}: {message}")]
+    /// The agent's error, after the target it concerns (unless the message already names it).
+    #[error("{}", named_once(peer, message))]
     Remote {
         peer: String,
         class: ErrorClass,
@@ -60,6 +61,16 @@ pub enum TransferError {
 }
 
 pub type Result<T, E = TransferError> = std::result::Result<T, E>;
+
+/// `PEER: MESSAGE`, or the message alone when it already names the peer (a local target's
+/// path), so no message names the same path twice.
+fn named_once(peer: &str, message: &str) -> String {
+    if !peer.is_empty() && message.contains(peer) {
+        message.to_string()
+    } else {
+        format!("{peer}: {message}")
+    }
+}
 
 /// What a deploy did, for the summary and `--json`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
