@@ -249,3 +249,52 @@ fn error_messages_name_each_path_once() {
     assert_eq!(run.stderr.matches(s(&inside)).count(), 1, "{}", run.stderr);
     assert!(!inside.exists());
 }
+
+/// Whether process `pid` has `path` open.
+fn has_open(pid: u32, path: &std::path::Path) -> bool {
+    let Ok(rd) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    rd.flatten()
+        .any(|e| fs::read_link(e.path()).is_ok_and(|t| t == path))
+}
+
+#[test]
+fn a_large_source_file_truncated_while_it_is_sent_is_a_source_change_not_a_crash() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let big = noise(11, 40 << 20);
+    src.file("var/big.log", &big, 0o644)
+        .file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    let mut big2 = big.clone();
+    big2[1000] ^= 1;
+    src.overwrite("var/big.log", &big2);
+    let path = src.p("var/big.log");
+    let mut run = fx.spawn(&[], &["deploy", src.s(), fx.root_str()]);
+    let pid = run.pid();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let staging = fx.root.join("releases/.staging-2");
+    while run.is_running() && std::time::Instant::now() < deadline {
+        // After the scan (the agent stages once it has the manifest), when the send opens it.
+        if staging.exists() && has_open(pid, &path) {
+            // logrotate's copytruncate, in the middle of the send.
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(1000)
+                .unwrap();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // `finish` fails the test if flip died of a signal (SIGBUS from a truncated mapping).
+    run.finish(TIMEOUT)
+        .code(4)
+        .stderr_has("var/big.log changed while flip was deploying it");
+    assert_eq!(fx.current_link(), "releases/1");
+    src.overwrite("var/big.log", &big2);
+    fx.deploy(&src, &[]);
+    assert_eq!(fs::read(live(&fx).join("var/big.log")).unwrap(), big2);
+}
