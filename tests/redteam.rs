@@ -298,3 +298,115 @@ fn a_large_source_file_truncated_while_it_is_sent_is_a_source_change_not_a_crash
     fx.deploy(&src, &[]);
     assert_eq!(fs::read(live(&fx).join("var/big.log")).unwrap(), big2);
 }
+
+/// Runs flip as `nobody` (uid 65534) with its own home, in a temp dir nobody can enter.
+struct Nobody {
+    fx: Fx,
+    home: std::path::PathBuf,
+    root: std::path::PathBuf,
+}
+
+impl Nobody {
+    fn new() -> Nobody {
+        use std::os::unix::fs::PermissionsExt;
+        let fx = Fx::new();
+        fs::set_permissions(fx.path(""), fs::Permissions::from_mode(0o755)).unwrap();
+        let own = fx.path("nobody");
+        fs::create_dir(&own).unwrap();
+        std::os::unix::fs::chown(&own, Some(65534), Some(65534)).unwrap();
+        let home = own.join("home");
+        fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+        let root = own.join("target");
+        Nobody { fx, home, root }
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+                FLIP,
+            ])
+            .args(args)
+            .env("HOME", &self.home)
+            .env("XDG_CACHE_HOME", self.home.join(".cache"))
+            .env_remove("FLIP_FAULT")
+            .current_dir("/")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run setpriv");
+        Run {
+            args: args.join(" "),
+            code: out.status.code().expect("not killed"),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+#[test]
+fn cleanup_never_removes_through_a_directory_swapped_for_a_symlink_meanwhile() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let w = Nobody::new();
+    let src = w.fx.src("src");
+    let root = s(&w.root).to_string();
+    let deploy = |v: u32| {
+        src.file("index.php", format!("v{v}\n"), 0o644);
+        w.run(&["deploy", "--keep", "1", src.s(), &root]).success();
+    };
+    deploy(1);
+    // The web server (here root) keeps a cache inside release 1 that the deploy user cannot
+    // empty, so cleanup walks it entry by entry.
+    let cache = w.root.join("releases/1/var/cache");
+    fs::create_dir_all(cache.join("sub")).unwrap();
+    fs::write(cache.join("sub/victim"), "cached").unwrap();
+    // Something the deploy user may delete, outside the target, with the same name.
+    let precious = w.fx.path("nobody/precious");
+    fs::create_dir(&precious).unwrap();
+    fs::write(precious.join("victim"), "keep me").unwrap();
+    std::os::unix::fs::chown(&precious, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(precious.join("victim"), Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::symlink(&precious, cache.join("link")).unwrap();
+    deploy(2);
+    deploy(3);
+    let cache = w.root.join("releases/.trash-1/var/cache");
+    assert!(cache.join("sub/victim").exists(), "release 1 is trash now");
+
+    // While the deploy user retries the cleanup, the cache's owner keeps swapping its
+    // directory and its symlink.
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let a = std::ffi::CString::new(s(&cache.join("sub"))).unwrap();
+            let b = std::ffi::CString::new(s(&cache.join("link"))).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: renameat2 with two NUL-terminated paths.
+                unsafe {
+                    libc::renameat2(
+                        libc::AT_FDCWD,
+                        a.as_ptr(),
+                        libc::AT_FDCWD,
+                        b.as_ptr(),
+                        libc::RENAME_EXCHANGE,
+                    )
+                };
+            }
+        });
+        for _ in 0..40 {
+            w.run(&["prune", "--keep", "1", &root]).success();
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert_eq!(
+        fs::read(precious.join("victim")).ok().as_deref(),
+        Some(&b"keep me"[..]),
+        "cleanup removed a file outside the target through a swapped symlink"
+    );
+    assert_eq!(
+        fs::read_link(w.root.join("current")).unwrap(),
+        std::path::Path::new("releases/3")
+    );
+}
