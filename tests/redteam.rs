@@ -410,3 +410,64 @@ fn cleanup_never_removes_through_a_directory_swapped_for_a_symlink_meanwhile() {
         std::path::Path::new("releases/3")
     );
 }
+
+/// Whether process `pid` is gone (or a zombie no one has reaped yet).
+fn exited(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn an_agent_whose_client_was_killed_stops_its_work_and_frees_the_lock_at_once() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let files: Vec<Vec<u8>> = (0..4).map(|i| noise(20 + i, 32 << 20)).collect();
+    for (i, f) in files.iter().enumerate() {
+        src.file(&format!("data/{i}.bin"), f, 0o644);
+    }
+    fx.deploy(&src, &[]);
+    for (i, f) in files.iter().enumerate() {
+        let mut f = f.clone();
+        f[12345] ^= 1;
+        src.overwrite(&format!("data/{i}.bin"), &f);
+    }
+    // Signatures of 128 MiB of bases: seconds of work for the agent (a debug build's longer).
+    let mut run = fx.spawn(&[], &["deploy", "--no-cache", src.s(), fx.root_str()]);
+    let pid = run.pid();
+    let staging = fx.root.join("releases/.staging-2");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !staging.exists() && run.is_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let agent: u32 = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("the client runs its agent")
+        .parse()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // SAFETY: kill of the flip client this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(run.wait_any(TIMEOUT).is_some());
+    let killed = std::time::Instant::now();
+    while !exited(agent) && killed.elapsed() < TIMEOUT {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let took = killed.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "the agent worked on for {took:?} after its client was killed, holding the lock"
+    );
+    assert!(
+        !staging.exists(),
+        "the abandoned staging directory was removed"
+    );
+    // Whatever takes the lock right after finds it free.
+    fx.flip(&["prune", fx.root_str()]).success();
+    assert_eq!(fx.current_link(), "releases/1");
+}

@@ -285,6 +285,7 @@ pub(crate) fn signature(file: &File, path: &Path, size: u64) -> Result<Vec<u8>> 
     let mut buf = vec![0u8; (size as usize).min(window)];
     let mut off = 0u64;
     loop {
+        crate::check_abandoned()?;
         let n = (size - off).min(window as u64) as usize;
         file.read_exact_at(&mut buf[..n], off)
             .map_err(crate::error::io("read the delta basis", path))?;

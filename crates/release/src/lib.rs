@@ -894,6 +894,32 @@ pub fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+static ABANDONED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Tells this process's long work on the target that nobody waits for it any more (the agent's
+/// client went away: killed, or its connection dropped): staging's links, copies and hashing and
+/// the making of signatures stop at their next file or piece with [`Error::Abandoned`], so the
+/// session ends (staging removed, lock released) at once instead of finishing work no one will
+/// use while a retry finds the target locked. Cannot be undone; for the agent, one session per
+/// process.
+pub fn abandon() {
+    ABANDONED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`abandon`] was called.
+pub(crate) fn abandoned() -> bool {
+    ABANDONED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `Err(Error::Abandoned)` once [`abandon`] was called.
+pub(crate) fn check_abandoned() -> Result<()> {
+    if abandoned() {
+        Err(Error::Abandoned)
+    } else {
+        Ok(())
+    }
+}
+
 /// A test-only fault point: in a debug build (what `cargo test` runs), when the environment
 /// variable `FLIP_FAULT` names `point`, the process dies on the spot (exit 99, no destructor
 /// runs), as a power cut or a kill -9 would end it. A release build ignores `FLIP_FAULT`.

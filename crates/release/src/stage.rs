@@ -238,20 +238,23 @@ impl<'r> Stage<'r> {
             .plan
             .files
             .par_iter()
-            .map(|step| match (&step.source, &prev_dir) {
-                (Source::Link(from), Some(pd)) => match PrevFile::reach(pd, from) {
-                    Some(src) => self.link(step, from, &src, &hashed),
-                    None => Ok(TRANSFER),
-                },
-                (Source::Copy(from), Some(pd)) => match PrevFile::reach(pd, from) {
-                    Some(src) => self.copy(step, &src),
-                    None => Ok(TRANSFER),
-                },
-                (Source::Transfer { basis: Some(b) }, Some(pd)) => Ok(Outcome::Transfer {
-                    basis_ok: PrevFile::reach(pd, b)
-                        .is_some_and(|src| self.intact(b, &src, &hashed)),
-                }),
-                _ => Ok(TRANSFER),
+            .map(|step| {
+                crate::check_abandoned()?;
+                match (&step.source, &prev_dir) {
+                    (Source::Link(from), Some(pd)) => match PrevFile::reach(pd, from) {
+                        Some(src) => self.link(step, from, &src, &hashed),
+                        None => Ok(TRANSFER),
+                    },
+                    (Source::Copy(from), Some(pd)) => match PrevFile::reach(pd, from) {
+                        Some(src) => self.copy(step, &src),
+                        None => Ok(TRANSFER),
+                    },
+                    (Source::Transfer { basis: Some(b) }, Some(pd)) => Ok(Outcome::Transfer {
+                        basis_ok: PrevFile::reach(pd, b)
+                            .is_some_and(|src| self.intact(b, &src, &hashed)),
+                    }),
+                    _ => Ok(TRANSFER),
+                }
             })
             .collect();
         self.stats.hashed = hashed.into_inner();
@@ -403,6 +406,9 @@ impl<'r> Stage<'r> {
         } else {
             let mut buf = vec![0u8; 256 * 1024];
             loop {
+                if crate::abandoned() {
+                    return discard(w);
+                }
                 let n = match input.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => n,
@@ -895,6 +901,9 @@ fn hash_matches(file: &File, ino: u64, size: u64, digest: &Digest) -> bool {
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
     loop {
+        if crate::abandoned() {
+            return false;
+        }
         match (&*file).read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
