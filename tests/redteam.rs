@@ -471,3 +471,32 @@ fn an_agent_whose_client_was_killed_stops_its_work_and_frees_the_lock_at_once() 
     fx.flip(&["prune", fx.root_str()]).success();
     assert_eq!(fx.current_link(), "releases/1");
 }
+
+#[test]
+fn an_unchanged_empty_file_is_not_itemized_as_a_change() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("public/.gitkeep", "", 0o644)
+        .file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    src.file("index.php", "v2\n", 0o644);
+    let root = fx.root_str();
+    let dry = fx.flip(&["deploy", src.s(), root, "--dry-run"]).success();
+    let diff = fx
+        .flip(&["diff", s(&fx.release(1)), src.s(), "--itemize"])
+        .success();
+    let deploy = fx.flip(&["deploy", src.s(), root, "--itemize"]).success();
+    for (what, run) in [("dry run", &dry), ("diff", &diff), ("deploy", &deploy)] {
+        assert!(!run.stdout.contains(".gitkeep"), "{what}:\n{}", run.stdout);
+        assert!(
+            run.stdout.contains("~ file index.php"),
+            "{what}:\n{}",
+            run.stdout
+        );
+    }
+    // Still created anew, never linked.
+    assert_ne!(
+        ino(&fx.release(1).join("public/.gitkeep")),
+        ino(&fx.release(2).join("public/.gitkeep"))
+    );
+}
