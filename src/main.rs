@@ -610,7 +610,7 @@ fn releases(a: cli::ReleasesArgs) -> Result<i32> {
                 output::iso_time(r.created),
                 r.files,
                 output::bytes(r.bytes),
-                r.label.as_deref().unwrap_or("")
+                output::escape(r.label.as_deref().unwrap_or(""))
             );
         }
     }

@@ -500,3 +500,31 @@ fn an_unchanged_empty_file_is_not_itemized_as_a_change() {
         ino(&fx.release(2).join("public/.gitkeep"))
     );
 }
+
+#[test]
+fn a_label_with_a_newline_cannot_forge_a_row_of_the_release_listing() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(
+        &src,
+        &["--label", "v1\n    99  *        2026-01-01T00:00:00Z"],
+    );
+    let run = fx.flip(&["releases", fx.root_str()]).success();
+    let rows: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(rows.len(), 2, "a header and one release:\n{}", run.stdout);
+    assert!(
+        rows[1].ends_with("v1\\n    99  *        2026-01-01T00:00:00Z"),
+        "{}",
+        run.stdout
+    );
+    // JSON keeps the label as it was given.
+    let j = fx
+        .flip(&["releases", "--json", fx.root_str()])
+        .success()
+        .json();
+    assert_eq!(
+        j[0]["label"].as_str().unwrap(),
+        "v1\n    99  *        2026-01-01T00:00:00Z"
+    );
+}
