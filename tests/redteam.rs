@@ -528,3 +528,34 @@ fn a_label_with_a_newline_cannot_forge_a_row_of_the_release_listing() {
         "v1\n    99  *        2026-01-01T00:00:00Z"
     );
 }
+
+#[test]
+fn a_fifo_where_flip_keeps_metadata_never_hangs_a_command() {
+    let fx = Fx::new();
+    three_releases(&fx);
+    let meta = fx.root.join(".flip/releases");
+    let fifo = |name: &str| {
+        let p = meta.join(name);
+        fs::remove_file(&p).unwrap();
+        let c = std::ffi::CString::new(s(&p)).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    };
+    fifo("1.json");
+    fifo("2.manifest");
+    fifo("3.stat");
+    let quick = std::time::Duration::from_secs(30);
+    let run = |args: &[&str]| fx.spawn(&[], args).finish(quick);
+    let root = fx.root_str();
+    let listed = run(&["releases", root]).success();
+    assert!(listed.stderr.contains("1.json"), "{}", listed.stderr);
+    assert!(listed.stderr.contains("2.manifest"), "{}", listed.stderr);
+    run(&["rollback", root])
+        .code(5)
+        .stderr_has("no release older than 3");
+    let src = fx.src("src");
+    src.file("index.php", "v4\n", 0o644);
+    run(&["deploy", src.s(), root]).success();
+    assert_eq!(fx.current_link(), "releases/4");
+    run(&["verify", root]).success();
+}

@@ -341,7 +341,7 @@ pub fn read_optional_limited(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
     use std::io::Read;
     let f = match OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
     {
         Ok(f) => f,

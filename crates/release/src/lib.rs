@@ -485,10 +485,18 @@ impl Root {
         let path = self.manifest_path(r.id);
         let f = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&path)
             .map_err(io("read", &path))?;
-        let len = f.metadata().map_err(io("inspect", &path))?.len();
+        let meta = f.metadata().map_err(io("inspect", &path))?;
+        if !meta.is_file() {
+            return Err(Error::Layout {
+                path,
+                found: fsutil::kind_of(&meta),
+                expected: "a regular file",
+            });
+        }
+        let len = meta.len();
         if len > MANIFEST_MAX {
             return Err(fsutil::corrupt(
                 &path,
@@ -789,7 +797,7 @@ impl Root {
         let path = self.state_dir().join("log");
         let f = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&path)
             .ok()?;
         let mut max = None;
@@ -826,7 +834,7 @@ impl Root {
             .append(true)
             .create(true)
             .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&path)
             .map_err(io("open", &path))?;
         f.write_all(&line).map_err(io("append to", &path))
