@@ -284,7 +284,7 @@ fn stream_delta(
     cache: Option<&ContentCache>,
 ) -> Result<Tally> {
     let path = source.join(job.path.as_str());
-    let (f, mtime, len) = open_source(&path, &job.path)?;
+    let (f, mtime, len) = open_source(&path, job.path)?;
     if len != job.size {
         return Err(TransferError::SourceChanged(job.path.to_string()));
     }
@@ -302,7 +302,7 @@ fn stream_delta(
     let mut off = 0u64;
     loop {
         let n = (len - off).min(DELTA_WINDOW);
-        let map = read_window(&f, &path, &job.path, off, n)?;
+        let map = read_window(&f, &path, job.path, off, n)?;
         hasher.update_rayon(&map);
         if len <= crate::cache::CONTENT_MAX_FILE
             && Digest::from(hasher.clone().finalize()) == *job.digest
@@ -407,7 +407,7 @@ fn stream_literal(
     cache: Option<&ContentCache>,
 ) -> Result<()> {
     let path = source.join(job.path.as_str());
-    let (mut f, mtime, len) = open_source(&path, &job.path)?;
+    let (mut f, mtime, len) = open_source(&path, job.path)?;
     let changed = || TransferError::SourceChanged(job.path.to_string());
     if len != job.size {
         return Err(changed());
@@ -616,7 +616,7 @@ fn open_source(path: &Path, rel: &RelPath) -> Result<(File, Mtime, u64)> {
 /// A small file, read whole and checked against its scanned digest.
 fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
     let path = source.join(step.path.as_str());
-    let (f, mtime, _) = open_source(&path, &step.path)?;
+    let (f, mtime, _) = open_source(&path, step.path)?;
     let mut data = Vec::with_capacity(step.size as usize);
     f.take(step.size + 1)
         .read_to_end(&mut data)
@@ -634,11 +634,11 @@ fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
 /// its scanned digest (hashed on all cores).
 fn read_large(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
     let path = source.join(step.path.as_str());
-    let (f, mtime, len) = open_source(&path, &step.path)?;
+    let (f, mtime, len) = open_source(&path, step.path)?;
     if len != step.size {
         return Err(TransferError::SourceChanged(step.path.to_string()));
     }
-    let data = read_window(&f, &path, &step.path, 0, len)?;
+    let data = read_window(&f, &path, step.path, 0, len)?;
     let mut h = blake3::Hasher::new();
     h.update_rayon(&data);
     if Digest::from(h.finalize()) != *step.digest {
