@@ -45,7 +45,7 @@ fn main() {
         Err(e) => {
             let code = exit::code_of(&e);
             let message = error_text(&e);
-            eprintln!("flip: error: {message}");
+            eprintln!("flip: error: {}", output::printable(&message));
             if json {
                 println!("{}", json!({"error": {"code": code, "message": message}}));
             }
@@ -235,7 +235,7 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         }
     };
     for w in &scan.warnings {
-        eprintln!("flip: warning: {w}");
+        eprintln!("flip: warning: {}", output::printable(w));
     }
     release_free_memory();
     if a.dry_run {
@@ -364,7 +364,7 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
 fn notices(s: &mut Session) -> (Vec<serde_json::Value>, Vec<String>) {
     let warnings = s.take_warnings();
     for w in &warnings {
-        eprintln!("flip: warning: {w}");
+        eprintln!("flip: warning: {}", output::printable(w));
     }
     let leftovers: Vec<serde_json::Value> = s
         .leftovers()
@@ -373,7 +373,8 @@ fn notices(s: &mut Session) -> (Vec<serde_json::Value>, Vec<String>) {
         .map(|l| {
             eprintln!(
                 "flip: warning: cannot remove {}: {} (left over; removed at the next cleanup once that is possible)",
-                l.path, l.error
+                output::printable(&l.path),
+                output::printable(&l.error)
             );
             json!({"path": l.path, "error": l.error})
         })
@@ -699,7 +700,7 @@ fn verify(a: cli::VerifyArgs) -> Result<i32> {
         );
     } else {
         for p in &problems {
-            eprintln!("flip: release {id}: {p}");
+            eprintln!("flip: release {id}: {}", output::printable(p));
         }
     }
     Ok(if problems.is_empty() {

@@ -78,6 +78,26 @@ pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
+/// A message for the terminal: control characters (an escape sequence or a newline in a file
+/// name found on the target or in the source) escaped as `\n`, `\t`, `\r` or `\xNN`, so no
+/// name can rewrite the operator's screen or forge a line; backslashes are left as they are.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
 /// The JSON form of one item: `path`, `kind` (`file`, `dir`, `symlink`), `change` (`new`,
 /// `changed`, `mode`, `retarget`, `removed`, `unchanged`), and where they apply `via`, `from`,
 /// `mode` (`{"old": "644", "new": "755"}`), `target`, `was` and `note`.

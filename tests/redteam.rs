@@ -559,3 +559,25 @@ fn a_fifo_where_flip_keeps_metadata_never_hangs_a_command() {
     assert_eq!(fx.current_link(), "releases/4");
     run(&["verify", root]).success();
 }
+
+#[test]
+fn a_name_on_the_target_cannot_send_escape_sequences_to_the_terminal() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    // A file (not a directory) under releases/ with a name flip cleans up: named in a warning.
+    let evil = ".staging-\u{1b}]0;pwned\u{7}\u{1b}[2J\nflip: deployed release 99";
+    fs::write(fx.root.join("releases").join(evil), "").unwrap();
+    src.file("index.php", "v2\n", 0o644);
+    let run = fx
+        .flip(&["deploy", src.s(), fx.root_str()])
+        .success()
+        .stderr_has(r"\x1b]0;pwned\x07\x1b[2J\nflip: deployed release 99");
+    assert!(!run.stderr.contains('\u{1b}'), "{:?}", run.stderr);
+    assert!(
+        !run.stderr.contains("\nflip: deployed release 99"),
+        "{:?}",
+        run.stderr
+    );
+}
