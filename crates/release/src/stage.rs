@@ -233,6 +233,7 @@ impl<'r> Stage<'r> {
             })?;
         }
         let prev_dir = self.prev.as_ref().map(|(id, _)| self.root.release_dir(*id));
+        let walk = Some(PrevFile::new_walk());
         let hashed = AtomicU64::new(0);
         let outcomes: Vec<Result<Outcome>> = self
             .plan
@@ -241,16 +242,16 @@ impl<'r> Stage<'r> {
             .map(|step| {
                 crate::check_abandoned()?;
                 match (&step.source, &prev_dir) {
-                    (Source::Link(from), Some(pd)) => match PrevFile::reach(pd, from) {
+                    (Source::Link(from), Some(pd)) => match PrevFile::reach(pd, from, walk) {
                         Some(src) => self.link(step, from, &src, &hashed),
                         None => Ok(TRANSFER),
                     },
-                    (Source::Copy(from), Some(pd)) => match PrevFile::reach(pd, from) {
+                    (Source::Copy(from), Some(pd)) => match PrevFile::reach(pd, from, walk) {
                         Some(src) => self.copy(step, &src),
                         None => Ok(TRANSFER),
                     },
                     (Source::Transfer { basis: Some(b) }, Some(pd)) => Ok(Outcome::Transfer {
-                        basis_ok: PrevFile::reach(pd, b)
+                        basis_ok: PrevFile::reach(pd, b, walk)
                             .is_some_and(|src| self.intact(b, &src, &hashed)),
                     }),
                     _ => Ok(TRANSFER),
@@ -481,7 +482,7 @@ impl<'r> Stage<'r> {
     fn open_basis(&self, basis: &RelPath) -> Result<(File, PathBuf, u64)> {
         let (path, size) = self.basis(basis)?;
         let (id, _) = self.prev.as_ref().expect("a basis was resolved");
-        let file = PrevFile::reach(&self.root.release_dir(*id), basis)
+        let file = PrevFile::reach(&self.root.release_dir(*id), basis, None)
             .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ELOOP))
             .and_then(|src| src.open_read_io())
             .map_err(io("open the delta basis", &path))?;
@@ -801,16 +802,50 @@ impl Root {
 /// changes nothing either.
 struct PrevFile {
     /// The file's parent directory (an `O_PATH` descriptor).
-    parent: std::os::fd::OwnedFd,
+    parent: std::sync::Arc<std::os::fd::OwnedFd>,
     name: std::ffi::CString,
 }
 
+/// Walks of the previous release ([`PrevFile::new_walk`]): a thread's last directory is reused
+/// only within the walk that opened it.
+static WALKS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The directory this thread's last [`PrevFile::reach`] ended in: (walk, its path under the
+    /// release, its descriptor). Files are staged in path order, so the next file of a thread
+    /// is most often in the same directory, and is reached without walking again.
+    static LAST_DIR: std::cell::RefCell<Option<(u64, String, std::sync::Arc<std::os::fd::OwnedFd>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 impl PrevFile {
+    /// A new walk of a previous release, for [`PrevFile::reach`].
+    fn new_walk() -> u64 {
+        WALKS.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     /// `rel` under the release directory `base`; `None` when a component on the way is not a
     /// real directory (a symlink, a file, missing) or a name cannot be passed to the kernel.
-    fn reach(base: &Path, rel: &RelPath) -> Option<PrevFile> {
+    /// Within one `walk`, a directory this thread reached before is reused (the descriptor
+    /// opened then: what is swapped at that path meanwhile is not looked at).
+    fn reach(base: &Path, rel: &RelPath, walk: Option<u64>) -> Option<PrevFile> {
         use std::os::fd::{FromRawFd, OwnedFd};
         use std::os::unix::ffi::OsStrExt;
+        use std::sync::Arc;
+        let (dir_rel, name) = match rel.as_str().rsplit_once('/') {
+            Some((d, n)) => (d, n),
+            None => ("", rel.as_str()),
+        };
+        let name = std::ffi::CString::new(name).ok()?;
+        if let Some(w) = walk {
+            let cached = LAST_DIR.with(|c| match &*c.borrow() {
+                Some((cw, d, fd)) if *cw == w && d == dir_rel => Some(Arc::clone(fd)),
+                _ => None,
+            });
+            if let Some(parent) = cached {
+                return Some(PrevFile { parent, name });
+            }
+        }
         let dir_flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         let open = |at: libc::c_int, name: &std::ffi::CStr| {
             // SAFETY: openat with a valid NUL-terminated name; the result is checked.
@@ -820,17 +855,18 @@ impl PrevFile {
         };
         let base = std::ffi::CString::new(base.as_os_str().as_bytes()).ok()?;
         let mut dir = open(libc::AT_FDCWD, &base)?;
-        let mut parts = rel.as_str().split('/').peekable();
-        loop {
-            let part = std::ffi::CString::new(parts.next()?).ok()?;
-            if parts.peek().is_none() {
-                return Some(PrevFile {
-                    parent: dir,
-                    name: part,
-                });
+        if !dir_rel.is_empty() {
+            for part in dir_rel.split('/') {
+                let part = std::ffi::CString::new(part).ok()?;
+                dir = open(dir.as_raw_fd(), &part)?;
             }
-            dir = open(dir.as_raw_fd(), &part)?;
         }
+        let parent = Arc::new(dir);
+        if let Some(w) = walk {
+            LAST_DIR
+                .with(|c| *c.borrow_mut() = Some((w, dir_rel.to_string(), Arc::clone(&parent))));
+        }
+        Some(PrevFile { parent, name })
     }
 
     /// The entry's own metadata (a symlink's, never its target's); `None` if it is gone.
