@@ -138,7 +138,10 @@ fn locked_session(target: &Target, common: &Common, what: &str, compress: i32) -
     };
     let peer = target.display();
     s.lock(holder, common.wait, &mut |h| {
-        eprintln!("flip: {peer} is locked by {h}; waiting");
+        eprintln!(
+            "flip: {peer} is locked by {}; waiting",
+            output::printable(h)
+        );
     })?;
     Ok(s)
 }

@@ -581,3 +581,52 @@ fn a_name_on_the_target_cannot_send_escape_sequences_to_the_terminal() {
         run.stderr
     );
 }
+
+#[test]
+fn a_forged_lock_holder_cannot_send_escape_sequences_to_the_terminal() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    // Whoever can write the lock file holds it and describes itself with escape sequences.
+    let mut lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.root.join(".flip/lock"))
+        .unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let holder = serde_json::json!({
+        "pid": std::process::id(), "host": host.trim(), "user": "\u{1b}[2Jmallory",
+        "since": 0, "what": "deploy\u{1b}]0;pwned\u{7}",
+    });
+    lock.set_len(0).unwrap();
+    lock.write_all(holder.to_string().as_bytes()).unwrap();
+    let run = fx
+        .flip(&["deploy", src.s(), fx.root_str()])
+        .code(3)
+        .stderr_has(r"\x1b[2Jmallory");
+    assert!(!run.stderr.contains('\u{1b}'), "{:?}", run.stderr);
+    let waiting = fx.spawn(&[], &["deploy", "--wait", src.s(), fx.root_str()]);
+    // The agent has told its client who holds the lock once it waits for it (a `->` line of
+    // /proc/locks for the lock file's inode).
+    let inode = format!(":{} ", ino(&fx.root.join(".flip/lock")));
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("->") && l.contains(&inode))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deploy never waited"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(lock);
+    let run = waiting.finish(TIMEOUT).success().stderr_has("waiting");
+    assert!(!run.stderr.contains('\u{1b}'), "{:?}", run.stderr);
+}
