@@ -630,3 +630,27 @@ fn a_forged_lock_holder_cannot_send_escape_sequences_to_the_terminal() {
     let run = waiting.finish(TIMEOUT).success().stderr_has("waiting");
     assert!(!run.stderr.contains('\u{1b}'), "{:?}", run.stderr);
 }
+
+#[test]
+fn a_forged_leftovers_record_cannot_name_paths_outside_the_target() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    let outside = fx.path("outside-secret");
+    fs::write(&outside, "x").unwrap();
+    let record = serde_json::json!([
+        {"path": s(&outside), "error": "Permission denied (os error 13)"},
+        {"path": "/etc/passwd", "error": "Permission denied (os error 13)"},
+    ]);
+    fs::write(fx.root.join(".flip/leftovers"), record.to_string()).unwrap();
+    let run = fx.flip(&["releases", fx.root_str()]).success();
+    assert!(!run.stderr.contains("outside-secret"), "{}", run.stderr);
+    assert!(!run.stderr.contains("/etc/passwd"), "{}", run.stderr);
+    let j = fx
+        .flip(&["prune", "--json", fx.root_str()])
+        .success()
+        .json();
+    assert_eq!(j["leftovers"], serde_json::json!([]), "{j}");
+    assert!(outside.exists());
+}

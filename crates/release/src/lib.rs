@@ -263,7 +263,10 @@ impl Root {
                 Vec::new()
             }
         };
+        // Only what a cleanup of this target can have left: paths under its root (a record
+        // naming anything else was not written by flip, and is not looked at).
         list.into_iter()
+            .filter(|l| l.path.starts_with(&self.dir))
             .filter(|l| fs::symlink_metadata(&l.path).is_ok())
             .take(MAX_LEFTOVERS + 1)
             .collect()
