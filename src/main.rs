@@ -159,6 +159,29 @@ fn hash_cache_path(source: &std::path::Path) -> Option<std::path::PathBuf> {
     Some(cache_dir()?.join("hashes").join(&key[..32]))
 }
 
+/// When flip's own cache directory is inside the source (`XDG_CACHE_HOME` in a CI workspace),
+/// an exclude for it (gitignore syntax, anchored at the source root), with a note: it is flip's
+/// state, not the application's, and it changes while flip deploys (a file of it gone by the
+/// time it is sent would fail the deploy, and every deploy would ship the cache to the target).
+fn own_cache_exclude(source: &std::path::Path) -> Option<String> {
+    let cache = resolve(&cache_dir()?);
+    let rel = cache.strip_prefix(resolve(source)).ok()?;
+    let rel = rel.to_str().filter(|r| !r.is_empty())?;
+    let mut glob = String::from("/");
+    for c in rel.chars() {
+        if matches!(c, '\\' | '*' | '?' | '[' | ']' | '!' | '#') {
+            glob.push('\\');
+        }
+        glob.push(c);
+    }
+    glob.push('/');
+    eprintln!(
+        "flip: note: flip's cache {} is inside the source; it is not deployed",
+        cache.display()
+    );
+    Some(glob)
+}
+
 /// glibc gives every thread its own malloc arena (up to 8 per core), and memory freed in one
 /// arena is not reused by another: with rayon workers allocating paths, buffers and frames, a
 /// deploy of 100,000 files kept ~30 MB more resident than it used. Two arenas cost nothing
@@ -219,10 +242,12 @@ fn deploy(a: cli::DeployArgs) -> Result<i32> {
         let level = target.compress_level(a.compress_level);
         std::thread::spawn(move || locked_session(&target, &common, "deploy", level))
     });
+    let mut excludes = a.exclude.clone();
+    excludes.extend(own_cache_exclude(&source));
     let scan = match flip_scan::scan(
         &source,
         &flip_scan::ScanOptions {
-            excludes: a.exclude.clone(),
+            excludes,
             use_flipignore: !a.no_flipignore,
             hash_cache,
         },

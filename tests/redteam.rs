@@ -654,3 +654,20 @@ fn a_forged_leftovers_record_cannot_name_paths_outside_the_target() {
     assert_eq!(j["leftovers"], serde_json::json!([]), "{j}");
     assert!(outside.exists());
 }
+
+#[test]
+fn flips_own_cache_inside_the_source_is_not_deployed() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let cache = src.p(".cache");
+    let env = [("XDG_CACHE_HOME", s(&cache))];
+    for v in 1..=3 {
+        src.file("index.php", format!("v{v}\n"), 0o644);
+        fx.flip_env(&env, &["deploy", src.s(), fx.root_str()])
+            .success()
+            .stderr_has("is inside the source; it is not deployed");
+    }
+    assert!(cache.join("flip/manifests").is_dir(), "the cache is in use");
+    assert!(!live(&fx).join(".cache/flip").exists());
+    assert_eq!(fs::read(live(&fx).join("index.php")).unwrap(), b"v3\n");
+}
