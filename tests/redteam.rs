@@ -119,8 +119,9 @@ fn a_huge_stored_manifest_or_stat_record_is_damaged_not_read_into_memory() {
     let j = fx.deploy(&src, &["--no-cache"]);
     let warnings = j["warnings"].to_string();
     assert!(warnings.contains("2.manifest is damaged"), "{j}");
+    // Reading either would take over 1 GiB (other tests' processes stay well under 600 MiB).
     assert!(
-        children_max_rss_kib() < 300 * 1024,
+        children_max_rss_kib() < 600 * 1024,
         "a process took {} KiB",
         children_max_rss_kib()
     );
