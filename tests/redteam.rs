@@ -461,7 +461,7 @@ fn an_agent_whose_client_was_killed_stops_its_work_and_frees_the_lock_at_once() 
     }
     let took = killed.elapsed();
     assert!(
-        took < std::time::Duration::from_secs(3),
+        took < std::time::Duration::from_secs(5),
         "the agent worked on for {took:?} after its client was killed, holding the lock"
     );
     assert!(
