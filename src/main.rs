@@ -52,7 +52,7 @@ fn main() {
         Err(e) => {
             let code = exit::code_of(&e);
             let message = error_text(&e);
-            eprintln!("flip: error: {message}");
+            eprintln!("flip: error: {}", output::printable(&message));
             if json {
                 println!("{}", json!({"error": {"code": code, "message": message}}));
             }
@@ -347,7 +347,7 @@ fn dry_runs(
         },
     )?;
     for w in &scan.warnings {
-        eprintln!("flip: warning: {w}");
+        eprintln!("flip: warning: {}", output::printable(w));
     }
     let mut hosts = Vec::new();
     for t in targets {
@@ -563,7 +563,7 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<i32> {
                 output::iso_time(r.created),
                 r.files,
                 output::bytes(r.bytes),
-                r.label.as_deref().unwrap_or("")
+                output::escape(r.label.as_deref().unwrap_or(""))
             );
         }
     }
@@ -604,8 +604,10 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<i32> {
     }
     let target = &targets[0];
     let mut s = locked_session(target, &a.common, Purpose::Rollback)?;
-    let (id, previous) = s.rollback(a.to)?;
+    let r = s.rollback(a.to);
+    // Also on failure: "nothing to roll back to" must say which releases were skipped and why.
     notices(&mut s);
+    let (id, previous) = r?;
     s.close()?;
     switched(target, a.common.json, "rolled back", id, previous);
     Ok(exit::OK)
@@ -635,8 +637,9 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<i32> {
     };
     let target = &targets[0];
     let mut s = locked_session(target, &a.common, Purpose::Activate)?;
-    let previous = s.activate(id)?;
+    let r = s.activate(id);
     notices(&mut s);
+    let previous = r?;
     s.close()?;
     switched(target, a.common.json, "activated", id, previous);
     Ok(exit::OK)

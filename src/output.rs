@@ -24,10 +24,10 @@ pub fn item_line(it: &Item) -> String {
         Kind::Dir => "dir ",
         Kind::Symlink => "link",
     };
-    let mut line = format!("{op} {kind} {}", it.path);
+    let mut line = format!("{op} {kind} {}", escape(it.path.as_str()));
     if it.change != Change::Removed {
         if let Some(t) = &it.target {
-            line.push_str(&format!(" -> {t}"));
+            line.push_str(&format!(" -> {}", escape(t)));
         }
     }
     let mut details = Vec::new();
@@ -38,15 +38,15 @@ pub fn item_line(it: &Item) -> String {
         details.push(format!("mode {old:o}->{new:o}"));
     }
     if let Some(was) = &it.was {
-        details.push(format!("was {was}"));
+        details.push(format!("was {}", escape(was)));
     }
     if let Some(via) = it.via.filter(|_| it.change != Change::Removed) {
         let mut v = via.as_str().to_string();
         if let Some(from) = it.from() {
-            v.push_str(&format!(" from {from}"));
+            v.push_str(&format!(" from {}", escape(from.as_str())));
         }
         if let Some(note) = &it.note {
-            v.push_str(&format!(": {note}"));
+            v.push_str(&format!(": {}", escape(note)));
         }
         details.push(v);
     }
@@ -54,6 +54,48 @@ pub fn item_line(it: &Item) -> String {
         line.push_str(&format!(" ({})", details.join(", ")));
     }
     line
+}
+
+/// A path or symlink target as one line can show it: backslashes doubled, control characters
+/// (a newline in a file name, ...) escaped as `\n`, `\t`, `\r` or `\xNN`, so a file name can
+/// never start a line of its own in the itemized list.
+pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| c == '\\' || c.is_control()) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            // Only C0 and C1 controls and DEL are `is_control`: all below 0x100.
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
+/// A message for the terminal: control characters (an escape sequence or a newline in a file
+/// name found on the target or in the source) escaped as `\n`, `\t`, `\r` or `\xNN`, so no
+/// name can rewrite the operator's screen or forge a line; backslashes are left as they are.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.into()
 }
 
 /// The JSON form of one item: `path`, `kind` (`file`, `dir`, `symlink`), `change` (`new`,

@@ -52,6 +52,7 @@ impl AgentError {
             AgentError::Wire(WireError::Closed) => true,
             AgentError::Wire(WireError::Io(e)) => e.kind() != std::io::ErrorKind::TimedOut,
             AgentError::Protocol(m) => m == CLIENT_GONE,
+            AgentError::Release(RelError::Abandoned) => true,
             _ => false,
         }
     }
@@ -192,11 +193,39 @@ pub fn serve_stdio(root: &Path, idle: Option<Duration>) -> Result<()> {
     flip_release::fault_scope(root);
     // SAFETY: fds 0 and 1 are open for the whole life of the agent and owned by nothing else.
     let (input, output) = unsafe { (std::fs::File::from_raw_fd(0), std::fs::File::from_raw_fd(1)) };
+    std::thread::spawn(watch_client);
     serve(
         Box::new(Idle { file: input, idle }),
         Box::new(Idle { file: output, idle }),
         root,
     )
+}
+
+/// Waits until nobody reads the agent's stdout any more (the client was killed, or its
+/// connection dropped: the pipe or socket reports an error or a hangup), then abandons the work
+/// in progress ([`flip_release::abandon`]): the session ends at its next file or piece, removes
+/// its staging directory and releases the lock, instead of finishing staging or signatures for
+/// no one while a retry finds the target locked.
+fn watch_client() {
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: 1,
+            // Nothing asked for: only POLLERR, POLLHUP and POLLNVAL are reported.
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own, count 1, no timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if n > 0 {
+            if pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                flip_release::abandon();
+            }
+            return;
+        }
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
+        }
+    }
 }
 
 /// A descriptor whose reads and writes give up with `TimedOut` after `idle` without progress.

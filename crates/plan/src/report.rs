@@ -333,9 +333,13 @@ fn classify(
                             (Change::Mode, modes)
                         } else {
                             c.counts.files.unchanged += 1;
-                            // Unchanged and linked in place: counted, not listed (unless
-                            // the target could not link it).
-                            if planned == Planned::Link(n.path.clone()) && !needed(index) {
+                            // Unchanged and linked in place, or (empty) created anew in
+                            // place: counted, not listed (unless the target could not).
+                            let in_place = matches!(
+                                &planned,
+                                Planned::Link(p) | Planned::Copy(p) if *p == n.path
+                            );
+                            if in_place && !needed(index) {
                                 continue;
                             }
                             (Change::Unchanged, None)

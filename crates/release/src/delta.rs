@@ -284,12 +284,20 @@ pub(crate) fn signature(file: &File, path: &Path, size: u64) -> Result<Vec<u8>> 
     let mut out = Vec::with_capacity(12 + (size / block as u64 + 1) as usize * 12);
     let mut buf = vec![0u8; (size as usize).min(window)];
     let mut off = 0u64;
+    // Signed a few whole blocks at a time, so abandoned work stops within about a MiB.
+    let step = (1usize << 20).div_ceil(block as usize) * block as usize;
     loop {
+        crate::check_abandoned()?;
         let n = (size - off).min(window as u64) as usize;
         file.read_exact_at(&mut buf[..n], off)
             .map_err(crate::error::io("read the delta basis", path))?;
-        let sig = fast_rsync::Signature::calculate(&buf[..n], opts).into_serialized();
-        out.extend_from_slice(if off == 0 { &sig } else { &sig[12..] });
+        // (An empty file still gets its header.)
+        let empty = std::iter::once(&buf[..0]).filter(|_| n == 0);
+        for (k, piece) in empty.chain(buf[..n].chunks(step)).enumerate() {
+            crate::check_abandoned()?;
+            let sig = fast_rsync::Signature::calculate(piece, opts).into_serialized();
+            out.extend_from_slice(if off == 0 && k == 0 { &sig } else { &sig[12..] });
+        }
         off += n as u64;
         if off >= size {
             return Ok(out);

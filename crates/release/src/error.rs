@@ -70,6 +70,9 @@ pub enum Error {
         found: &'static str,
         expected: &'static str,
     },
+    /// The work was stopped because nobody waits for it any more (see [`crate::abandon`]).
+    #[error("stopped: the client went away")]
+    Abandoned,
     /// The release id counter reached the largest id there is.
     #[error("release ids are exhausted: {} holds {last}, the largest id flip hands out; deploy into a new target", path.display())]
     IdsExhausted { path: PathBuf, last: u64 },
@@ -78,7 +81,7 @@ pub enum Error {
 impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Io { .. } => ErrorClass::Io,
+            Error::Io { .. } | Error::Abandoned => ErrorClass::Io,
             Error::NoSpace { .. } | Error::NotEnoughSpace { .. } => ErrorClass::NoSpace,
             Error::Locked { .. } => ErrorClass::Locked,
             Error::Integrity { .. } | Error::Corrupt { .. } => ErrorClass::Integrity,

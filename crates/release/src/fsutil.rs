@@ -3,7 +3,7 @@
 use crate::error::{io, Error, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// fsync a directory, making the names created or renamed inside it durable.
@@ -72,9 +72,12 @@ pub fn remove_tree(path: &Path) -> Result<()> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(_) => {
-            make_writable(path);
-            fs::remove_dir_all(path).map_err(io("remove", path))
+        Err(e) => {
+            if remove_tree_reporting(path, &mut LeftoverList::default()) {
+                Ok(())
+            } else {
+                Err(io("remove", path)(e))
+            }
         }
     }
 }
@@ -127,73 +130,184 @@ impl LeftoverList {
 /// Removes as much of the tree at `path` as it can, never following a symlink, and names in
 /// `out` each path it could not remove (the deepest ones: a directory is not named again for
 /// children already named). Returns whether everything is gone.
+///
+/// Whoever can write into the tree (a web server that wrote a cache into an old release) may
+/// swap a directory for a symlink at any moment: every step works relative to a directory
+/// descriptor opened without following symlinks (`openat`, `unlinkat`), so nothing outside
+/// the tree is ever removed or made writable, whatever is swapped meanwhile.
 pub fn remove_tree_reporting(path: &Path, out: &mut LeftoverList) -> bool {
     match fs::remove_dir_all(path) {
         Ok(()) => return true,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
         Err(_) => {}
     }
-    make_writable(path);
-    match fs::remove_dir_all(path) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-        Err(_) => remove_each(path, out),
-    }
-}
-
-fn remove_each(path: &Path, out: &mut LeftoverList) -> bool {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        out.push(path, "not a path flip removes");
+        return false;
+    };
+    let parent = match open_dir_at(libc::AT_FDCWD, &cstr(parent.as_os_str()), false) {
+        Ok(fd) => fd,
         Err(e) => {
             out.push(path, e);
             return false;
         }
     };
+    remove_at(&parent, &cstr(name), path, out)
+}
+
+fn cstr(s: &std::ffi::OsStr) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    // Names from the filesystem and flip's own paths hold no NUL.
+    std::ffi::CString::new(s.as_bytes()).unwrap_or_default()
+}
+
+/// `openat(at, name)` as a directory, never through a symlink at `name`; `path_only`: an
+/// `O_PATH` descriptor (needs no read permission).
+fn open_dir_at(
+    at: libc::c_int,
+    name: &std::ffi::CStr,
+    path_only: bool,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let access = if path_only {
+        libc::O_PATH
+    } else {
+        libc::O_RDONLY
+    };
+    let flags = access | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: openat with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::openat(at, name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor returned by openat is ours to own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+fn cvt(r: libc::c_int) -> std::io::Result<()> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Removes `name` in the directory `dir` (shown as `shown` in messages), a whole tree if it is
+/// a directory.
+fn remove_at(
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::CStr,
+    shown: &Path,
+    out: &mut LeftoverList,
+) -> bool {
+    use std::os::fd::AsRawFd;
     let gone = |r: std::io::Result<()>, out: &mut LeftoverList| match r {
         Ok(()) => true,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
         Err(e) => {
-            out.push(path, e);
+            out.push(shown, e);
             false
         }
     };
-    if !meta.is_dir() {
-        return gone(fs::remove_file(path), out);
+    // SAFETY: fstatat fills the stat we pass; the name is NUL-terminated.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if let Err(e) = cvt(r) {
+        return gone(Err(e), out);
     }
-    let rd = match fs::read_dir(path) {
-        Ok(rd) => rd,
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        // SAFETY: unlinkat relative to our directory descriptor; never follows a symlink.
+        let r = unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) };
+        return gone(cvt(r), out);
+    }
+    let sub = match open_writable_dir(dir, name, st.st_mode) {
+        Ok(fd) => fd,
+        Err(e) => return gone(Err(e), out),
+    };
+    let names = match list_dir(&sub) {
+        Ok(n) => n,
         Err(e) => {
-            out.push(path, e);
+            out.push(shown, e);
             return false;
         }
     };
     let mut all = true;
-    for e in rd {
-        match e {
-            Ok(e) => all &= remove_each(&e.path(), out),
-            Err(e) => {
-                out.push(path, e);
-                return false;
-            }
-        }
+    for child in names {
+        let child_shown = shown
+            .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(child.as_bytes()));
+        all &= remove_at(&sub, &child, &child_shown, out);
     }
-    all && gone(fs::remove_dir(path), out)
+    drop(sub);
+    // SAFETY: as above, removing the (now empty) directory entry itself.
+    all && gone(
+        cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) }),
+        out,
+    )
 }
 
-fn make_writable(dir: &Path) {
-    if let Ok(meta) = fs::symlink_metadata(dir) {
-        if meta.is_dir() {
-            if meta.permissions().mode() & 0o700 != 0o700 {
-                let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+/// Opens the directory `name` in `dir` for listing and removing its entries, giving its owner
+/// full access first when it lacks it (a web server's read-only cache directory). The mode is
+/// changed through a descriptor of that very directory, never through a name a symlink could
+/// have replaced.
+fn open_writable_dir(
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::CStr,
+    mode: libc::mode_t,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    if mode & 0o700 != 0o700 {
+        let p = open_dir_at(dir.as_raw_fd(), name, true)?;
+        // An O_PATH descriptor cannot be fchmod'ed; its /proc link names exactly that inode.
+        let link = cstr(std::ffi::OsStr::new(&format!(
+            "/proc/self/fd/{}",
+            p.as_raw_fd()
+        )));
+        // SAFETY: chmod of a NUL-terminated path; the result is ignored (best effort: the
+        // removal that follows reports what still cannot go).
+        unsafe { libc::chmod(link.as_ptr(), 0o700) };
+    }
+    open_dir_at(dir.as_raw_fd(), name, false)
+}
+
+/// The names in an open directory (without `.` and `..`).
+fn list_dir(dir: &std::os::fd::OwnedFd) -> std::io::Result<Vec<std::ffi::CString>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fdopendir takes ownership of a duplicate we made; closedir releases it.
+    let dup = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let d = unsafe { libc::fdopendir(dup) };
+    if d.is_null() {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so the duplicate is still ours to close.
+        unsafe { libc::close(dup) };
+        return Err(e);
+    }
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: errno is reset so the end of the listing can be told from an error.
+        unsafe { *libc::__errno_location() = 0 };
+        let ent = unsafe { libc::readdir(d) };
+        if ent.is_null() {
+            let errno = unsafe { *libc::__errno_location() };
+            unsafe { libc::closedir(d) };
+            if errno != 0 {
+                return Err(std::io::Error::from_raw_os_error(errno));
             }
-            if let Ok(rd) = fs::read_dir(dir) {
-                for e in rd.flatten() {
-                    if e.file_type().is_ok_and(|t| t.is_dir()) {
-                        make_writable(&e.path());
-                    }
-                }
-            }
+            return Ok(names);
+        }
+        // SAFETY: d_name is a NUL-terminated name inside the entry readdir returned.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            names.push(name.to_owned());
         }
     }
 }
@@ -220,18 +334,14 @@ pub fn now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Errors other than "not found" as `Error`; "not found" as `None`. Never follows a symlink
-/// (a symlink is refused, naming the path).
-pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
-    read_optional_limited(path, u64::MAX)
-}
-
-/// [`read_optional`] refusing a file larger than `max` bytes (as damaged).
+/// A file of flip's own, read whole: errors other than "not found" as `Error`; "not found" as
+/// `None`. Never follows a symlink (a symlink is refused, naming the path), and refuses a file
+/// larger than `max` bytes (as damaged) before reading any of it.
 pub fn read_optional_limited(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
     use std::io::Read;
     let f = match OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
     {
         Ok(f) => f,

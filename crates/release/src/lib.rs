@@ -48,6 +48,9 @@ const STAGING_PREFIX: &str = ".staging-";
 const TRASH_PREFIX: &str = ".trash-";
 /// The record of what the last cleanup could not remove (JSON list of [`Leftover`]s).
 const LEFTOVERS: &str = "leftovers";
+/// Largest stored manifest read (as large as a manifest a client may send whole): a bigger
+/// `.flip/releases/N.manifest` is damaged, and is never read into memory.
+pub const MANIFEST_MAX: u64 = 256 << 20;
 /// Largest `.json` metadata or leftovers record read.
 const SMALL_FILE_MAX: u64 = 1 << 20;
 
@@ -260,7 +263,10 @@ impl Root {
                 Vec::new()
             }
         };
+        // Only what a cleanup of this target can have left: paths under its root (a record
+        // naming anything else was not written by flip, and is not looked at).
         list.into_iter()
+            .filter(|l| l.path.starts_with(&self.dir))
             .filter(|l| fs::symlink_metadata(&l.path).is_ok())
             .take(MAX_LEFTOVERS + 1)
             .collect()
@@ -333,10 +339,7 @@ impl Root {
         }
         let target = fs::read_link(&link).map_err(io("read the symlink", &link))?;
         let target = target.to_string_lossy().into_owned();
-        match target
-            .strip_prefix("releases/")
-            .and_then(|s| s.parse::<u64>().ok())
-        {
+        match target.strip_prefix("releases/").and_then(parse_id) {
             Some(id) => {
                 let dir = self.release_dir(id);
                 match fs::symlink_metadata(&dir) {
@@ -399,7 +402,7 @@ impl Root {
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
             let flip_named = name.starts_with(STAGING_PREFIX) || name.starts_with(TRASH_PREFIX);
-            let id = name.parse::<u64>().ok();
+            let id = parse_id(name);
             if id.is_none() && !flip_named {
                 continue;
             }
@@ -454,13 +457,15 @@ impl Root {
     /// The stored manifest of a complete release.
     pub fn manifest(&self, id: u64) -> Result<Manifest> {
         let path = self.manifest_path(id);
-        let bytes = fsutil::read_optional(&path)?.ok_or(Error::NoSuchRelease(id))?;
+        let bytes =
+            fsutil::read_optional_limited(&path, MANIFEST_MAX)?.ok_or(Error::NoSuchRelease(id))?;
         flip_manifest::decode(&bytes).map_err(|e| fsutil::corrupt(&path, e.to_string()))
     }
 
     /// The stored manifest's canonical bytes (what the agent sends to a client).
     pub fn manifest_bytes(&self, id: u64) -> Result<Vec<u8>> {
-        fsutil::read_optional(&self.manifest_path(id))?.ok_or(Error::NoSuchRelease(id))
+        fsutil::read_optional_limited(&self.manifest_path(id), MANIFEST_MAX)?
+            .ok_or(Error::NoSuchRelease(id))
     }
 
     /// The newest complete release older than `current`: what a rollback goes to.
@@ -483,9 +488,24 @@ impl Root {
         let path = self.manifest_path(r.id);
         let f = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&path)
             .map_err(io("read", &path))?;
+        let meta = f.metadata().map_err(io("inspect", &path))?;
+        if !meta.is_file() {
+            return Err(Error::Layout {
+                path,
+                found: fsutil::kind_of(&meta),
+                expected: "a regular file",
+            });
+        }
+        let len = meta.len();
+        if len > MANIFEST_MAX {
+            return Err(fsutil::corrupt(
+                &path,
+                format!("{len} bytes, more than the {MANIFEST_MAX} a manifest can have"),
+            ));
+        }
         let mut h = blake3::Hasher::new();
         let mut buf = vec![0u8; 256 * 1024];
         let mut f = std::io::BufReader::new(f);
@@ -510,8 +530,12 @@ impl Root {
 
     /// Points `current` at release `id` atomically (symlink at a temp name, rename over
     /// `current`, fsync the root). Returns the release that was live before.
+    /// Refuses a release whose stored manifest is not the one recorded at its commit (then
+    /// nothing can tell whether its tree is complete): an explicit `rollback --to` or `activate`
+    /// as much as the rollback that skips it.
     pub fn activate(&self, _lock: &LockGuard, id: u64) -> Result<Option<u64>> {
-        self.info(id)?;
+        let info = self.info(id)?;
+        self.manifest_intact(&info)?;
         let previous = self.current()?;
         let link = self.dir.join(CURRENT);
         let tmp = self
@@ -791,7 +815,7 @@ impl Root {
         let path = self.state_dir().join("log");
         let f = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&path)
             .ok()?;
         let mut max = None;
@@ -828,7 +852,7 @@ impl Root {
             .append(true)
             .create(true)
             .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&path)
             .map_err(io("open", &path))?;
         f.write_all(&line).map_err(io("append to", &path))
@@ -839,6 +863,12 @@ impl Root {
         let manifest = self.manifest(id)?;
         Ok(stage::verify_tree(&self.release_dir(id), &manifest))
     }
+}
+
+/// A release id written the one way flip writes it (`7`; never `07` or `+7`, which name other
+/// directories than `releases/7`).
+fn parse_id(s: &str) -> Option<u64> {
+    s.parse::<u64>().ok().filter(|id| id.to_string() == s)
 }
 
 /// Whether `name` is a temp file of an interrupted atomic write (`.next-id.tmp-123`).
@@ -888,6 +918,32 @@ pub fn hostname() -> String {
     }
     let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+static ABANDONED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Tells this process's long work on the target that nobody waits for it any more (the agent's
+/// client went away: killed, or its connection dropped): staging's links, copies and hashing and
+/// the making of signatures stop at their next file or piece with [`Error::Abandoned`], so the
+/// session ends (staging removed, lock released) at once instead of finishing work no one will
+/// use while a retry finds the target locked. Cannot be undone; for the agent, one session per
+/// process.
+pub fn abandon() {
+    ABANDONED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`abandon`] was called.
+pub(crate) fn abandoned() -> bool {
+    ABANDONED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `Err(Error::Abandoned)` once [`abandon`] was called.
+pub(crate) fn check_abandoned() -> Result<()> {
+    if abandoned() {
+        Err(Error::Abandoned)
+    } else {
+        Ok(())
+    }
 }
 
 /// A test-only fault point: in a debug build (what `cargo test` runs), when the environment

@@ -260,20 +260,29 @@ impl<'r> Stage<'r> {
             })?;
         }
         let prev_dir = self.prev.as_ref().map(|(id, _)| self.root.release_dir(*id));
+        let walk = Some(PrevFile::new_walk());
         let hashed = AtomicU64::new(0);
         let outcomes: Vec<Result<Outcome>> = self
             .plan
             .files
             .par_iter()
-            .map(|step| match (&step.source, &prev_dir) {
-                (Source::Link(from), Some(pd)) => {
-                    self.link(step, from, &pd.join(from.as_str()), &hashed)
+            .map(|step| {
+                crate::check_abandoned()?;
+                match (&step.source, &prev_dir) {
+                    (Source::Link(from), Some(pd)) => match PrevFile::reach(pd, from, walk) {
+                        Some(src) => self.link(step, from, &src, &hashed),
+                        None => Ok(TRANSFER),
+                    },
+                    (Source::Copy(from), Some(pd)) => match PrevFile::reach(pd, from, walk) {
+                        Some(src) => self.copy(step, &src),
+                        None => Ok(TRANSFER),
+                    },
+                    (Source::Transfer { basis: Some(b) }, Some(pd)) => Ok(Outcome::Transfer {
+                        basis_ok: PrevFile::reach(pd, b, walk)
+                            .is_some_and(|src| self.intact(b, &src, &hashed)),
+                    }),
+                    _ => Ok(TRANSFER),
                 }
-                (Source::Copy(from), Some(pd)) => self.copy(step, &pd.join(from.as_str())),
-                (Source::Transfer { basis: Some(b) }, Some(pd)) => Ok(Outcome::Transfer {
-                    basis_ok: self.intact(b, &pd.join(b.as_str()), &hashed),
-                }),
-                _ => Ok(TRANSFER),
             })
             .collect();
         self.stats.hashed = hashed.into_inner();
@@ -315,15 +324,15 @@ impl<'r> Stage<'r> {
     /// Whether file `rel` of the previous release (at `abs`) is what that release's manifest
     /// says: a regular file of its size whose identity is the one recorded at commit, or, when
     /// the record is unknown or differs, whose blake3 is the manifest's.
-    fn intact(&self, rel: &RelPath, abs: &Path, hashed: &AtomicU64) -> bool {
+    fn intact(&self, rel: &RelPath, src: &PrevFile, hashed: &AtomicU64) -> bool {
         let Some(EntryKind::File { size, digest, .. }) =
             self.prev.as_ref().and_then(|(_, m)| m.get(rel))
         else {
             return false;
         };
-        match fs::symlink_metadata(abs) {
-            Ok(meta) if meta.file_type().is_file() && meta.len() == *size => {
-                self.intact_meta(rel, abs, &meta, *size, digest, hashed)
+        match src.metadata() {
+            Some(meta) if meta.file_type().is_file() && meta.len() == *size => {
+                self.intact_meta(rel, src, &meta, *size, digest, hashed)
             }
             _ => false,
         }
@@ -333,7 +342,7 @@ impl<'r> Stage<'r> {
     fn intact_meta(
         &self,
         rel: &RelPath,
-        abs: &Path,
+        src: &PrevFile,
         meta: &fs::Metadata,
         size: u64,
         digest: &Digest,
@@ -343,7 +352,8 @@ impl<'r> Stage<'r> {
             return true;
         }
         hashed.fetch_add(1, Ordering::Relaxed);
-        hash_matches(abs, meta.ino(), size, digest)
+        src.open_read()
+            .is_some_and(|f| hash_matches(&f, meta.ino(), size, digest))
     }
 
     /// Hard-links an unchanged file from the same path of the previous release, after checking
@@ -354,11 +364,11 @@ impl<'r> Stage<'r> {
         &self,
         step: &FileStep,
         from: &RelPath,
-        src: &Path,
+        src: &PrevFile,
         hashed: &AtomicU64,
     ) -> Result<Outcome> {
-        let meta = match fs::symlink_metadata(src) {
-            Ok(m) if m.file_type().is_file() && m.len() == step.size => m,
+        let meta = match src.metadata() {
+            Some(m) if m.file_type().is_file() && m.len() == step.size => m,
             _ => return Ok(TRANSFER),
         };
         if meta.mode() & MODE_MASK != step.mode {
@@ -370,7 +380,7 @@ impl<'r> Stage<'r> {
             return Ok(TRANSFER);
         }
         let dst = self.abs(&step.path);
-        match fs::hard_link(src, &dst) {
+        match src.hard_link(&dst) {
             Ok(()) => {
                 // The stamp is taken after the link (which changes the inode's ctime), and the
                 // link must be the inode that was checked.
@@ -400,12 +410,8 @@ impl<'r> Stage<'r> {
     /// mtime: a reflink (`FICLONE`) where the filesystem shares blocks, else a read/write copy.
     /// Either way the new file's content is hashed and must match the manifest, or the file is
     /// transferred instead.
-    fn copy(&self, step: &FileStep, src: &Path) -> Result<Outcome> {
-        let Ok(mut input) = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(src)
-        else {
+    fn copy(&self, step: &FileStep, src: &PrevFile) -> Result<Outcome> {
+        let Some(mut input) = src.open_read() else {
             return Ok(TRANSFER);
         };
         let Ok(meta) = input.metadata() else {
@@ -429,6 +435,9 @@ impl<'r> Stage<'r> {
         } else {
             let mut buf = vec![0u8; 256 * 1024];
             loop {
+                if crate::abandoned() {
+                    return discard(w);
+                }
                 let n = match input.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => n,
@@ -531,10 +540,10 @@ impl<'r> Stage<'r> {
     /// checks its size against the previous manifest.
     fn open_basis(&self, basis: &RelPath) -> Result<(File, PathBuf, u64)> {
         let (path, size) = self.basis(basis)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
+        let (id, _) = self.prev.as_ref().expect("a basis was resolved");
+        let file = PrevFile::reach(&self.root.release_dir(*id), basis, None)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ELOOP))
+            .and_then(|src| src.open_read_io())
             .map_err(io("open the delta basis", &path))?;
         let meta = file.metadata().map_err(io("inspect", &path))?;
         if !meta.is_file() || meta.len() != size {
@@ -751,16 +760,19 @@ impl Root {
     /// format, truncated or does not match the manifest: then every file is unknown, and is
     /// hashed before it is linked or used as a basis.
     fn read_stamps(&self, id: u64, m: &Manifest) -> Vec<Option<FileStamp>> {
-        let Ok(Some(b)) = fsutil::read_optional(&self.stat_path(id)) else {
+        let files = m.file_count();
+        let Some(expected) = files
+            .checked_mul(FileStamp::LEN)
+            .and_then(|n| n.checked_add(16))
+        else {
             return Vec::new();
         };
-        let files = m.file_count();
-        let expected = files
-            .checked_mul(FileStamp::LEN)
-            .and_then(|n| n.checked_add(16));
-        if Some(b.len()) != expected
-            || &b[..8] != STAMP_MAGIC
-            || b[8..16] != (files as u64).to_le_bytes()
+        // Never more than the record of this manifest's files is read (a bigger one is damaged).
+        let Ok(Some(b)) = fsutil::read_optional_limited(&self.stat_path(id), expected as u64)
+        else {
+            return Vec::new();
+        };
+        if b.len() != expected || &b[..8] != STAMP_MAGIC || b[8..16] != (files as u64).to_le_bytes()
         {
             return Vec::new();
         }
@@ -904,16 +916,139 @@ impl Root {
     }
 }
 
-/// Whether the regular file at `path` (expected to be inode `ino`) holds exactly `size` bytes
+/// A file of the previous release, reached from the release directory one component at a
+/// time without following any symlink: a directory of a committed release replaced by a symlink
+/// (to `/etc`, or anywhere outside the root) is never walked through, so nothing outside the
+/// release is ever linked, copied, hashed or used as a basis. Every operation works on the
+/// directory the walk opened (`*at` calls), so swapping a directory for a symlink after the walk
+/// changes nothing either.
+struct PrevFile {
+    /// The file's parent directory (an `O_PATH` descriptor).
+    parent: std::sync::Arc<std::os::fd::OwnedFd>,
+    name: std::ffi::CString,
+}
+
+/// Walks of the previous release ([`PrevFile::new_walk`]): a thread's last directory is reused
+/// only within the walk that opened it.
+static WALKS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The directory this thread's last [`PrevFile::reach`] ended in: (walk, its path under the
+    /// release, its descriptor). Files are staged in path order, so the next file of a thread
+    /// is most often in the same directory, and is reached without walking again.
+    static LAST_DIR: std::cell::RefCell<Option<(u64, String, std::sync::Arc<std::os::fd::OwnedFd>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl PrevFile {
+    /// A new walk of a previous release, for [`PrevFile::reach`].
+    fn new_walk() -> u64 {
+        WALKS.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// `rel` under the release directory `base`; `None` when a component on the way is not a
+    /// real directory (a symlink, a file, missing) or a name cannot be passed to the kernel.
+    /// Within one `walk`, a directory this thread reached before is reused (the descriptor
+    /// opened then: what is swapped at that path meanwhile is not looked at).
+    fn reach(base: &Path, rel: &RelPath, walk: Option<u64>) -> Option<PrevFile> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        use std::os::unix::ffi::OsStrExt;
+        use std::sync::Arc;
+        let (dir_rel, name) = match rel.as_str().rsplit_once('/') {
+            Some((d, n)) => (d, n),
+            None => ("", rel.as_str()),
+        };
+        let name = std::ffi::CString::new(name).ok()?;
+        if let Some(w) = walk {
+            let cached = LAST_DIR.with(|c| match &*c.borrow() {
+                Some((cw, d, fd)) if *cw == w && d == dir_rel => Some(Arc::clone(fd)),
+                _ => None,
+            });
+            if let Some(parent) = cached {
+                return Some(PrevFile { parent, name });
+            }
+        }
+        let dir_flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let open = |at: libc::c_int, name: &std::ffi::CStr| {
+            // SAFETY: openat with a valid NUL-terminated name; the result is checked.
+            let fd = unsafe { libc::openat(at, name.as_ptr(), dir_flags) };
+            // SAFETY: a non-negative fd returned by openat is ours to own.
+            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        let base = std::ffi::CString::new(base.as_os_str().as_bytes()).ok()?;
+        let mut dir = open(libc::AT_FDCWD, &base)?;
+        if !dir_rel.is_empty() {
+            for part in dir_rel.split('/') {
+                let part = std::ffi::CString::new(part).ok()?;
+                dir = open(dir.as_raw_fd(), &part)?;
+            }
+        }
+        let parent = Arc::new(dir);
+        if let Some(w) = walk {
+            LAST_DIR
+                .with(|c| *c.borrow_mut() = Some((w, dir_rel.to_string(), Arc::clone(&parent))));
+        }
+        Some(PrevFile { parent, name })
+    }
+
+    /// The entry's own metadata (a symlink's, never its target's); `None` if it is gone.
+    fn metadata(&self) -> Option<fs::Metadata> {
+        let f = self.openat(libc::O_PATH | libc::O_NOFOLLOW).ok()?;
+        f.metadata().ok()
+    }
+
+    /// The entry opened for reading, refusing a symlink (and never blocking on a FIFO).
+    fn open_read(&self) -> Option<File> {
+        self.open_read_io().ok()
+    }
+
+    fn open_read_io(&self) -> std::io::Result<File> {
+        self.openat(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+    }
+
+    fn openat(&self, flags: libc::c_int) -> std::io::Result<File> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: openat relative to a directory fd we own, with a NUL-terminated name.
+        let fd = unsafe {
+            libc::openat(
+                self.parent.as_raw_fd(),
+                self.name.as_ptr(),
+                flags | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd returned by openat is ours to own.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Hard-links the entry (not following it if it is a symlink) to `dst`.
+    fn hard_link(&self, dst: &Path) -> std::io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let dst = std::ffi::CString::new(dst.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: linkat with a directory fd we own and two NUL-terminated names; flags 0
+        // (never follows a symlink at the source).
+        let r = unsafe {
+            libc::linkat(
+                self.parent.as_raw_fd(),
+                self.name.as_ptr(),
+                libc::AT_FDCWD,
+                dst.as_ptr(),
+                0,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Whether the open regular file `file` (expected to be inode `ino`) holds exactly `size` bytes
 /// hashing to `digest`, and was not written to while it was read.
-fn hash_matches(path: &Path, ino: u64, size: u64, digest: &Digest) -> bool {
-    let Ok(file) = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-    else {
-        return false;
-    };
+fn hash_matches(file: &File, ino: u64, size: u64, digest: &Digest) -> bool {
     let Ok(before) = file.metadata() else {
         return false;
     };
@@ -924,7 +1059,10 @@ fn hash_matches(path: &Path, ino: u64, size: u64, digest: &Digest) -> bool {
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
     loop {
-        match (&file).read(&mut buf) {
+        if crate::abandoned() {
+            return false;
+        }
+        match (&*file).read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
                 h.update(&buf[..n]);
@@ -1260,8 +1398,9 @@ pub(crate) fn verify_tree(dir: &Path, manifest: &Manifest) -> Vec<String> {
                     if meta.len() != *size {
                         return Some(format!("{}: {} bytes, expected {size}", e.path, meta.len()));
                     }
-                    let mut h = blake3::Hasher::new();
-                    match h.update_mmap(&p).map(|h| Digest::from(h.finalize())) {
+                    // Read, never mapped: a file truncated during the check (by the
+                    // application) must be a difference, not a SIGBUS.
+                    match hash_file(&p) {
                         Ok(d) if d == *digest => None,
                         Ok(_) => Some(format!("{}: content differs from the manifest", e.path)),
                         Err(err) => Some(format!("{}: {err}", e.path)),
@@ -1280,6 +1419,27 @@ pub(crate) fn verify_tree(dir: &Path, manifest: &Manifest) -> Vec<String> {
     }
     problems.sort();
     problems
+}
+
+/// The blake3 of the regular file at `path` (not through a symlink at its end, never blocking
+/// on a FIFO), read in pieces.
+fn hash_file(path: &Path) -> std::io::Result<Digest> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Ok(Digest::from(h.finalize())),
+            Ok(n) => {
+                h.update(&buf[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn list_tree(base: &Path, dir: &Path, out: &mut Vec<String>) {

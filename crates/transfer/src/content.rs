@@ -5,7 +5,7 @@
 //! - or the bytes themselves (the session's zstd stream compresses them).
 //!
 //! Small files are read and encoded in parallel (rayon) while the main thread writes frames;
-//! large ones are mapped and streamed by the main thread. Each file's frames are contiguous.
+//! large ones are read a window at a time (never mapped) and streamed by the main thread. Each file's frames are contiguous.
 
 use crate::{ContentCache, DeployReport, Result, Session, TransferError};
 use flip_manifest::{Digest, RelPath};
@@ -181,7 +181,7 @@ fn literal_tally(job: &Job) -> Tally {
     }
 }
 
-/// Bytes of a large file diffed at a time: each window is mapped alone (so at most this much
+/// Bytes of a large file diffed at a time: each window is read alone (so at most this much
 /// of the file is resident at once), diffed against the whole signature, and its commands sent
 /// as they are made; the windows' deltas are one delta (copies name basis offsets, literals
 /// carry their bytes). A match spanning two windows is sent as literal bytes instead.
@@ -254,20 +254,22 @@ impl Write for FrameSink<'_> {
     }
 }
 
-/// Maps `len` bytes of `f` at `off` (a multiple of the page size) read-only.
-fn map_window(f: &File, path: &Path, off: u64, len: u64) -> Result<memmap2::Mmap> {
-    // SAFETY: a read-only mapping of a source file; if the file changes underneath, the
-    // blake3 check (here and on the agent) rejects the result.
-    unsafe {
-        memmap2::MmapOptions::new()
-            .offset(off)
-            .len(len as usize)
-            .map(f)
+/// Reads `len` bytes of `f` at `off`: a window of a large source file. Read, never mapped: a
+/// source file truncated under a mapping (a log rotated in the source) would kill flip with
+/// SIGBUS; read, a file that ends early has changed since the scan (exit 4, named).
+fn read_window(f: &File, path: &Path, rel: &RelPath, off: u64, len: u64) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len as usize];
+    match f.read_exact_at(&mut buf, off) {
+        Ok(()) => Ok(buf),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(TransferError::SourceChanged(rel.to_string()))
+        }
+        Err(source) => Err(TransferError::Source {
+            path: path.display().to_string(),
+            source,
+        }),
     }
-    .map_err(|source| TransferError::Source {
-        path: path.display().to_string(),
-        source,
-    })
 }
 
 /// Sends a large file as an rsync delta against the agent's signature, computed and sent
@@ -282,7 +284,7 @@ fn stream_delta(
     cache: Option<&ContentCache>,
 ) -> Result<Tally> {
     let path = source.join(job.path.as_str());
-    let (f, mtime, len) = open_source(&path)?;
+    let (f, mtime, len) = open_source(&path, job.path)?;
     if len != job.size {
         return Err(TransferError::SourceChanged(job.path.to_string()));
     }
@@ -300,7 +302,7 @@ fn stream_delta(
     let mut off = 0u64;
     loop {
         let n = (len - off).min(DELTA_WINDOW);
-        let map = map_window(&f, &path, off, n)?;
+        let map = read_window(&f, &path, job.path, off, n)?;
         hasher.update_rayon(&map);
         if len <= crate::cache::CONTENT_MAX_FILE
             && Digest::from(hasher.clone().finalize()) == *job.digest
@@ -360,7 +362,7 @@ fn stream_patch(
     old: &[u8],
     cache: Option<&ContentCache>,
 ) -> Result<Tally> {
-    let (map, mtime) = map_large(source, job)?;
+    let (map, mtime) = read_large(source, job)?;
     remember(cache, job.digest, &map);
     let index = job.index as u32;
     let frame = |data: Vec<u8>, last: bool| Request::Patch {
@@ -405,7 +407,7 @@ fn stream_literal(
     cache: Option<&ContentCache>,
 ) -> Result<()> {
     let path = source.join(job.path.as_str());
-    let (mut f, mtime, len) = open_source(&path)?;
+    let (mut f, mtime, len) = open_source(&path, job.path)?;
     let changed = || TransferError::SourceChanged(job.path.to_string());
     if len != job.size {
         return Err(changed());
@@ -589,25 +591,32 @@ fn encode<'a>(
     Encoded::Literal(Cow::Borrowed(data))
 }
 
-/// Opens a source file without following a symlink that replaced it since the scan.
-fn open_source(path: &Path) -> Result<(File, Mtime, u64)> {
+/// Opens a source file without following a symlink that replaced it since the scan, and
+/// without blocking on a FIFO that did: anything but a regular file has changed since the scan.
+fn open_source(path: &Path, rel: &RelPath) -> Result<(File, Mtime, u64)> {
     let err = |source| TransferError::Source {
         path: path.display().to_string(),
         source,
     };
     let f = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
-        .map_err(err)?;
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => TransferError::SourceChanged(rel.to_string()),
+            _ => err(e),
+        })?;
     let m = f.metadata().map_err(err)?;
+    if !m.is_file() {
+        return Err(TransferError::SourceChanged(rel.to_string()));
+    }
     Ok((f, Some((m.mtime(), m.mtime_nsec() as u32)), m.len()))
 }
 
 /// A small file, read whole and checked against its scanned digest.
 fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
     let path = source.join(step.path.as_str());
-    let (f, mtime, _) = open_source(&path)?;
+    let (f, mtime, _) = open_source(&path, step.path)?;
     let mut data = Vec::with_capacity(step.size as usize);
     f.take(step.size + 1)
         .read_to_end(&mut data)
@@ -621,25 +630,21 @@ fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
     Ok((data, mtime))
 }
 
-/// A large file, mapped and checked against its scanned digest (hashed on all cores).
-fn map_large(source: &Path, step: &Job) -> Result<(memmap2::Mmap, Mtime)> {
+/// A file of at most [`PATCH_MAX`] bytes, read whole (see [`read_window`]) and checked against
+/// its scanned digest (hashed on all cores).
+fn read_large(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
     let path = source.join(step.path.as_str());
-    let (f, mtime, len) = open_source(&path)?;
+    let (f, mtime, len) = open_source(&path, step.path)?;
     if len != step.size {
         return Err(TransferError::SourceChanged(step.path.to_string()));
     }
-    // SAFETY: a read-only mapping of a source file; if the file changes underneath, the blake3
-    // check below (or the agent's) rejects the result.
-    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| TransferError::Source {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let data = read_window(&f, &path, step.path, 0, len)?;
     let mut h = blake3::Hasher::new();
-    h.update_rayon(&map);
+    h.update_rayon(&data);
     if Digest::from(h.finalize()) != *step.digest {
         return Err(TransferError::SourceChanged(step.path.to_string()));
     }
-    Ok((map, mtime))
+    Ok((data, mtime))
 }
 
 /// A signature from the agent, if it is sane.

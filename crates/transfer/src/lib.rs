@@ -29,7 +29,8 @@ pub use flip_plan::DELTA_MIN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    #[error("{peer}: {message}")]
+    /// The agent's error, after the target it concerns (unless the message already names it).
+    #[error("{}", named_once(peer, message))]
     Remote {
         peer: String,
         class: ErrorClass,
@@ -59,6 +60,16 @@ pub enum TransferError {
 }
 
 pub type Result<T, E = TransferError> = std::result::Result<T, E>;
+
+/// `PEER: MESSAGE`, or the message alone when it already names the peer (a local target's
+/// path), so no message names the same path twice.
+fn named_once(peer: &str, message: &str) -> String {
+    if !peer.is_empty() && message.contains(peer) {
+        message.to_string()
+    } else {
+        format!("{peer}: {message}")
+    }
+}
 
 /// What a deploy did, for the summary and `--json`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -738,24 +749,35 @@ pub fn send_policy(size: u64, basis_size: Option<u64>, old_cached: bool) -> Via 
 
 /// Whether the source file at `path` would go as a zstd patch against the cached version of
 /// digest `old`: the deploy's own test (a patch no smaller than the file goes whole, and so
-/// does a file whose old version is no longer readable from the cache). Reads the file, mapped;
-/// for a dry run predicting a deploy.
+/// does a file whose old version is no longer readable from the cache). Reads the file (at most
+/// [`content::PATCH_MAX`] bytes; never mapped, never through a symlink or from a FIFO); for a
+/// dry run predicting a deploy.
 pub fn patch_is_smaller(cache: &ContentCache, old: &Digest, path: &Path) -> bool {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let Some(old) = cache.get(old) else {
         return false;
     };
-    let Ok(f) = std::fs::File::open(path) else {
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    else {
         return false;
     };
-    if f.metadata().map_or(true, |m| m.len() == 0) {
-        return patch(&old, &[]).is_some();
+    match f.metadata() {
+        Ok(m) if m.is_file() && m.len() <= content::PATCH_MAX => {}
+        _ => return false,
     }
-    // SAFETY: a read-only mapping of a source file, only compressed; a file changing underneath
-    // only makes this prediction wrong.
-    match unsafe { memmap2::Mmap::map(&f) } {
-        Ok(map) => patch(&old, &map).is_some(),
-        Err(_) => false,
+    let mut data = Vec::new();
+    if f.take(content::PATCH_MAX + 1)
+        .read_to_end(&mut data)
+        .is_err()
+        || data.len() as u64 > content::PATCH_MAX
+    {
+        return false;
     }
+    patch(&old, &data).is_some()
 }
 
 /// The note of a file sent whole although [`flip_plan::report::choose`] chose a patch or a

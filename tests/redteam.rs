@@ -1,0 +1,674 @@
+//! Attacks on a target and on the reports, through the real binary: what a hostile or careless
+//! hand on the server (or in the source tree) can do between two deploys, and what flip must
+//! then refuse, name or repair.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+
+/// The live release at `fx`, as a path.
+fn live(fx: &Fx) -> std::path::PathBuf {
+    fx.root.join(fx.current_link())
+}
+
+#[test]
+fn a_directory_of_the_live_release_replaced_by_a_symlink_is_never_walked_through() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let big = noise(7, 64 * 1024);
+    src.file("index.php", "v1\n", 0o644)
+        .file("conf/settings.php", "<?php return ['db' => 'x'];\n", 0o644)
+        .file("conf/big.bin", &big, 0o644);
+    fx.deploy(&src, &[]);
+
+    // Someone who can write into the live release swaps its conf/ for a symlink to a directory
+    // outside the root holding the very same content.
+    let outside = fx.path("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("settings.php"), src.read("conf/settings.php")).unwrap();
+    fs::write(outside.join("big.bin"), &big).unwrap();
+    let conf = live(&fx).join("conf");
+    fs::rename(&conf, fx.path("conf-moved")).unwrap();
+    std::os::unix::fs::symlink(&outside, &conf).unwrap();
+
+    // A changed file whose basis would be found only through the symlink, and an unchanged one
+    // that would be linked through it.
+    let mut big2 = big.clone();
+    big2[100] ^= 1;
+    src.file("index.php", "v2\n", 0o644)
+        .file("conf/big.bin", &big2, 0o644);
+    let j = fx.deploy(&src, &["--no-cache", "--itemize"]);
+
+    let rel = live(&fx);
+    for name in ["settings.php", "big.bin"] {
+        let foreign = outside.join(name);
+        assert_eq!(
+            fs::metadata(&foreign).unwrap().nlink(),
+            1,
+            "{name} outside the root got linked into the release: {j}"
+        );
+        assert_ne!(ino(&rel.join("conf").join(name)), ino(&foreign), "{name}");
+    }
+    assert!(fs::symlink_metadata(rel.join("conf")).unwrap().is_dir());
+    assert_eq!(fs::read(rel.join("conf/big.bin")).unwrap(), big2);
+    assert_eq!(num(&j, "/files/linked"), 0, "{j}");
+    assert_eq!(
+        num(&j, "/files/delta"),
+        0,
+        "no delta against a basis outside: {j}"
+    );
+    fx.flip(&["verify", fx.root_str()]).success();
+}
+
+#[test]
+fn current_naming_a_release_id_in_another_spelling_is_refused_not_verified_as_that_release() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    src.file("index.php", "v2\n", 0o644);
+    fx.deploy(&src, &[]);
+    // releases/02 is not releases/2: a copy with other content, made live by hand.
+    let evil = fx.root.join("releases/02");
+    copy_tree(&fx.release(2), &evil);
+    fs::write(evil.join("index.php"), "EVIL\n").unwrap();
+    std::os::unix::fs::symlink("releases/02", fx.root.join("c.tmp")).unwrap();
+    fs::rename(fx.root.join("c.tmp"), fx.current()).unwrap();
+
+    // verify must not check releases/2 and call the live tree good.
+    fx.flip(&["verify", fx.root_str()])
+        .code(5)
+        .stderr_has("releases/02");
+    // A directory named 02 is not release 2 either: never listed as one.
+    std::os::unix::fs::symlink("releases/2", fx.root.join("c.tmp")).unwrap();
+    fs::rename(fx.root.join("c.tmp"), fx.current()).unwrap();
+    assert_eq!(fx.listed(), vec![(1, false), (2, true)]);
+    fx.flip(&["verify", fx.root_str()]).success();
+}
+
+/// Peak resident memory of the largest child process this test binary has waited for, in KiB.
+fn children_max_rss_kib() -> i64 {
+    // SAFETY: getrusage fills the struct we pass.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru.ru_maxrss
+    }
+}
+
+#[test]
+fn a_huge_stored_manifest_or_stat_record_is_damaged_not_read_into_memory() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644)
+        .file("lib/a.php", "a\n", 0o644);
+    fx.deploy(&src, &[]);
+    src.file("index.php", "v2\n", 0o644);
+    fx.deploy(&src, &[]);
+    // Sparse gigabytes where the live release's manifest and identity record are.
+    for name in ["2.manifest", "2.stat"] {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(fx.root.join(".flip/releases").join(name))
+            .unwrap();
+        f.set_len(1 << 30).unwrap();
+    }
+    src.file("index.php", "v3\n", 0o644);
+    let j = fx.deploy(&src, &["--no-cache"]);
+    let warnings = j["warnings"].to_string();
+    assert!(warnings.contains("2.manifest is damaged"), "{j}");
+    // Reading either would take over 1 GiB (other tests' processes stay well under 600 MiB).
+    assert!(
+        children_max_rss_kib() < 600 * 1024,
+        "a process took {} KiB",
+        children_max_rss_kib()
+    );
+    assert_eq!(fs::read(live(&fx).join("index.php")).unwrap(), b"v3\n");
+    fx.flip(&["verify", fx.root_str()]).success();
+    fx.flip(&["rollback", fx.root_str()]).success();
+}
+
+/// Three releases of a one-file site; release 3 is live.
+fn three_releases(fx: &Fx) -> Src {
+    let src = fx.src("src");
+    for v in 1..=3 {
+        src.file("index.php", format!("v{v}\n"), 0o644);
+        fx.deploy(&src, &[]);
+    }
+    src
+}
+
+#[test]
+fn a_rollback_that_finds_nothing_to_roll_back_to_names_the_damaged_releases_it_skipped() {
+    let fx = Fx::new();
+    three_releases(&fx);
+    let meta = fx.root.join(".flip/releases");
+    fs::write(meta.join("2.manifest"), "garbage").unwrap();
+    fs::write(meta.join("1.json"), "garbage").unwrap();
+    fx.flip(&["rollback", fx.root_str()])
+        .code(5)
+        .stderr_has("no release older than 3")
+        .stderr_has("2.manifest is damaged")
+        .stderr_has("1.json is damaged");
+    assert_eq!(fx.current_link(), "releases/3");
+}
+
+#[test]
+fn an_explicit_rollback_or_activate_refuses_a_release_whose_manifest_is_damaged() {
+    let fx = Fx::new();
+    three_releases(&fx);
+    let manifest = fx.root.join(".flip/releases/2.manifest");
+    let mut bytes = fs::read(&manifest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&manifest, bytes).unwrap();
+    fx.flip(&["rollback", fx.root_str(), "--to", "2"])
+        .code(7)
+        .stderr_has("2.manifest is damaged");
+    fx.flip(&["activate", fx.root_str(), "2"])
+        .code(7)
+        .stderr_has("2.manifest is damaged");
+    assert_eq!(fx.current_link(), "releases/3");
+    // An intact one still goes live.
+    fx.flip(&["activate", fx.root_str(), "1"]).success();
+    fx.flip(&["verify", fx.root_str()]).success();
+}
+
+#[test]
+fn a_file_name_with_a_newline_cannot_forge_a_line_of_the_itemized_list() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    // One new file whose name, printed raw, would read as the removal of index.php.
+    let name = "x\n- file index.php";
+    src.file(name, "hi\n", 0o644)
+        .file("back\\slash\ttab", "hi\n", 0o644)
+        .symlink("link", "to\nwhere");
+    let check = |run: Run, what: &str| {
+        let lines: Vec<&str> = run
+            .stdout
+            .lines()
+            .filter(|l| {
+                let b = l.as_bytes();
+                b.len() > 2 && b"+-~m>=".contains(&b[0]) && b[1] == b' '
+            })
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "+ file back\\\\slash\\ttab (literal)",
+                "+ link link -> to\\nwhere",
+                "+ file x\\n- file index.php (literal)",
+            ],
+            "{what}"
+        );
+    };
+    let root = fx.root_str();
+    let old = s(&fx.release(1)).to_string();
+    check(
+        fx.flip(&["diff", &old, src.s(), "--itemize"]).success(),
+        "diff",
+    );
+    check(
+        fx.flip(&["deploy", src.s(), root, "--dry-run"]).success(),
+        "dry run",
+    );
+    check(
+        fx.flip(&["deploy", src.s(), root, "--itemize"]).success(),
+        "deploy",
+    );
+    // The file itself is deployed under its real name.
+    assert_eq!(fs::read(live(&fx).join(name)).unwrap(), b"hi\n");
+}
+
+#[test]
+fn error_messages_name_each_path_once() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    let missing = fx.path("missing");
+    let m = s(&missing);
+    for args in [vec!["releases", m], vec!["rollback", m], vec!["verify", m]] {
+        let run = fx.flip(&args).code(5).stderr_has(m);
+        assert_eq!(run.stderr.matches(m).count(), 1, "{}", run.stderr);
+    }
+    fx.deploy(&src, &[]);
+    let releases = fx.root.join("releases");
+    let run = fx.flip(&["releases", s(&releases)]).code(5);
+    assert_eq!(
+        run.stderr.matches(s(&releases)).count(),
+        1,
+        "{}",
+        run.stderr
+    );
+    // A target inside the source, given plainly: each path once.
+    let inside = src.p("deploy");
+    let run = fx.flip(&["deploy", src.s(), s(&inside)]).code(2);
+    assert_eq!(run.stderr.matches(s(&inside)).count(), 1, "{}", run.stderr);
+    assert!(!inside.exists());
+}
+
+/// Whether process `pid` has `path` open.
+fn has_open(pid: u32, path: &std::path::Path) -> bool {
+    let Ok(rd) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    rd.flatten()
+        .any(|e| fs::read_link(e.path()).is_ok_and(|t| t == path))
+}
+
+#[test]
+fn a_large_source_file_truncated_while_it_is_sent_is_a_source_change_not_a_crash() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let big = noise(11, 40 << 20);
+    src.file("var/big.log", &big, 0o644)
+        .file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    let mut big2 = big.clone();
+    big2[1000] ^= 1;
+    src.overwrite("var/big.log", &big2);
+    let path = src.p("var/big.log");
+    let mut run = fx.spawn(&[], &["deploy", src.s(), fx.root_str()]);
+    let pid = run.pid();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let staging = fx.root.join("releases/.staging-2");
+    while run.is_running() && std::time::Instant::now() < deadline {
+        // After the scan (the agent stages once it has the manifest), when the send opens it.
+        if staging.exists() && has_open(pid, &path) {
+            // logrotate's copytruncate, in the middle of the send.
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(1000)
+                .unwrap();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // `finish` fails the test if flip died of a signal (SIGBUS from a truncated mapping).
+    run.finish(TIMEOUT)
+        .code(4)
+        .stderr_has("var/big.log changed while flip was deploying it");
+    assert_eq!(fx.current_link(), "releases/1");
+    src.overwrite("var/big.log", &big2);
+    fx.deploy(&src, &[]);
+    assert_eq!(fs::read(live(&fx).join("var/big.log")).unwrap(), big2);
+}
+
+/// Runs flip as `nobody` (uid 65534) with its own home, in a temp dir nobody can enter.
+struct Nobody {
+    fx: Fx,
+    home: std::path::PathBuf,
+    root: std::path::PathBuf,
+}
+
+impl Nobody {
+    fn new() -> Nobody {
+        use std::os::unix::fs::PermissionsExt;
+        let fx = Fx::new();
+        fs::set_permissions(fx.path(""), fs::Permissions::from_mode(0o755)).unwrap();
+        let own = fx.path("nobody");
+        fs::create_dir(&own).unwrap();
+        std::os::unix::fs::chown(&own, Some(65534), Some(65534)).unwrap();
+        let home = own.join("home");
+        fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+        let root = own.join("target");
+        Nobody { fx, home, root }
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+                FLIP,
+            ])
+            .args(args)
+            .env("HOME", &self.home)
+            .env("XDG_CACHE_HOME", self.home.join(".cache"))
+            .env_remove("FLIP_FAULT")
+            .current_dir("/")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run setpriv");
+        Run {
+            args: args.join(" "),
+            code: out.status.code().expect("not killed"),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+#[test]
+fn cleanup_never_removes_through_a_directory_swapped_for_a_symlink_meanwhile() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let w = Nobody::new();
+    let src = w.fx.src("src");
+    let root = s(&w.root).to_string();
+    let deploy = |v: u32| {
+        src.file("index.php", format!("v{v}\n"), 0o644);
+        w.run(&["deploy", "--keep", "1", src.s(), &root]).success();
+    };
+    deploy(1);
+    // The web server (here root) keeps a cache inside release 1 that the deploy user cannot
+    // empty, so cleanup walks it entry by entry.
+    let cache = w.root.join("releases/1/var/cache");
+    fs::create_dir_all(cache.join("sub")).unwrap();
+    fs::write(cache.join("sub/victim"), "cached").unwrap();
+    // Something the deploy user may delete, outside the target, with the same name.
+    let precious = w.fx.path("nobody/precious");
+    fs::create_dir(&precious).unwrap();
+    fs::write(precious.join("victim"), "keep me").unwrap();
+    std::os::unix::fs::chown(&precious, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(precious.join("victim"), Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::symlink(&precious, cache.join("link")).unwrap();
+    deploy(2);
+    deploy(3);
+    let cache = w.root.join("releases/.trash-1/var/cache");
+    assert!(cache.join("sub/victim").exists(), "release 1 is trash now");
+
+    // While the deploy user retries the cleanup, the cache's owner keeps swapping its
+    // directory and its symlink.
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let a = std::ffi::CString::new(s(&cache.join("sub"))).unwrap();
+            let b = std::ffi::CString::new(s(&cache.join("link"))).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: renameat2 with two NUL-terminated paths.
+                unsafe {
+                    libc::renameat2(
+                        libc::AT_FDCWD,
+                        a.as_ptr(),
+                        libc::AT_FDCWD,
+                        b.as_ptr(),
+                        libc::RENAME_EXCHANGE,
+                    )
+                };
+            }
+        });
+        for _ in 0..40 {
+            w.run(&["prune", "--keep", "1", &root]).success();
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert_eq!(
+        fs::read(precious.join("victim")).ok().as_deref(),
+        Some(&b"keep me"[..]),
+        "cleanup removed a file outside the target through a swapped symlink"
+    );
+    assert_eq!(
+        fs::read_link(w.root.join("current")).unwrap(),
+        std::path::Path::new("releases/3")
+    );
+}
+
+/// Whether process `pid` is gone (or a zombie no one has reaped yet).
+fn exited(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn an_agent_whose_client_was_killed_stops_its_work_and_frees_the_lock_at_once() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let files: Vec<Vec<u8>> = (0..4).map(|i| noise(20 + i, 32 << 20)).collect();
+    for (i, f) in files.iter().enumerate() {
+        src.file(&format!("data/{i}.bin"), f, 0o644);
+    }
+    fx.deploy(&src, &[]);
+    for (i, f) in files.iter().enumerate() {
+        let mut f = f.clone();
+        f[12345] ^= 1;
+        src.overwrite(&format!("data/{i}.bin"), &f);
+    }
+    // Signatures of 128 MiB of bases: seconds of work for the agent (a debug build's longer).
+    let mut run = fx.spawn(&[], &["deploy", "--no-cache", src.s(), fx.root_str()]);
+    let pid = run.pid();
+    let staging = fx.root.join("releases/.staging-2");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !staging.exists() && run.is_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let agent: u32 = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("the client runs its agent")
+        .parse()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // SAFETY: kill of the flip client this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(run.wait_any(TIMEOUT).is_some());
+    let killed = std::time::Instant::now();
+    while !exited(agent) && killed.elapsed() < TIMEOUT {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let took = killed.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "the agent worked on for {took:?} after its client was killed, holding the lock"
+    );
+    assert!(
+        !staging.exists(),
+        "the abandoned staging directory was removed"
+    );
+    // Whatever takes the lock right after finds it free.
+    fx.flip(&["prune", fx.root_str()]).success();
+    assert_eq!(fx.current_link(), "releases/1");
+}
+
+#[test]
+fn an_unchanged_empty_file_is_not_itemized_as_a_change() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("public/.gitkeep", "", 0o644)
+        .file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    src.file("index.php", "v2\n", 0o644);
+    let root = fx.root_str();
+    let dry = fx.flip(&["deploy", src.s(), root, "--dry-run"]).success();
+    let diff = fx
+        .flip(&["diff", s(&fx.release(1)), src.s(), "--itemize"])
+        .success();
+    let deploy = fx.flip(&["deploy", src.s(), root, "--itemize"]).success();
+    for (what, run) in [("dry run", &dry), ("diff", &diff), ("deploy", &deploy)] {
+        assert!(!run.stdout.contains(".gitkeep"), "{what}:\n{}", run.stdout);
+        assert!(
+            run.stdout.contains("~ file index.php"),
+            "{what}:\n{}",
+            run.stdout
+        );
+    }
+    // Still created anew, never linked.
+    assert_ne!(
+        ino(&fx.release(1).join("public/.gitkeep")),
+        ino(&fx.release(2).join("public/.gitkeep"))
+    );
+}
+
+#[test]
+fn a_label_with_a_newline_cannot_forge_a_row_of_the_release_listing() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(
+        &src,
+        &["--label", "v1\n    99  *        2026-01-01T00:00:00Z"],
+    );
+    let run = fx.flip(&["releases", fx.root_str()]).success();
+    let rows: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(rows.len(), 2, "a header and one release:\n{}", run.stdout);
+    assert!(
+        rows[1].ends_with("v1\\n    99  *        2026-01-01T00:00:00Z"),
+        "{}",
+        run.stdout
+    );
+    // JSON keeps the label as it was given.
+    let j = fx
+        .flip(&["releases", "--json", fx.root_str()])
+        .success()
+        .json();
+    assert_eq!(
+        j[0]["label"].as_str().unwrap(),
+        "v1\n    99  *        2026-01-01T00:00:00Z"
+    );
+}
+
+#[test]
+fn a_fifo_where_flip_keeps_metadata_never_hangs_a_command() {
+    let fx = Fx::new();
+    three_releases(&fx);
+    let meta = fx.root.join(".flip/releases");
+    let fifo = |name: &str| {
+        let p = meta.join(name);
+        fs::remove_file(&p).unwrap();
+        let c = std::ffi::CString::new(s(&p)).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    };
+    fifo("1.json");
+    fifo("2.manifest");
+    fifo("3.stat");
+    let quick = std::time::Duration::from_secs(30);
+    let run = |args: &[&str]| fx.spawn(&[], args).finish(quick);
+    let root = fx.root_str();
+    let listed = run(&["releases", root]).success();
+    assert!(listed.stderr.contains("1.json"), "{}", listed.stderr);
+    assert!(listed.stderr.contains("2.manifest"), "{}", listed.stderr);
+    run(&["rollback", root])
+        .code(5)
+        .stderr_has("no release older than 3");
+    let src = fx.src("src");
+    src.file("index.php", "v4\n", 0o644);
+    run(&["deploy", src.s(), root]).success();
+    assert_eq!(fx.current_link(), "releases/4");
+    run(&["verify", root]).success();
+}
+
+#[test]
+fn a_name_on_the_target_cannot_send_escape_sequences_to_the_terminal() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    // A file (not a directory) under releases/ with a name flip cleans up: named in a warning.
+    let evil = ".staging-\u{1b}]0;pwned\u{7}\u{1b}[2J\nflip: deployed release 99";
+    fs::write(fx.root.join("releases").join(evil), "").unwrap();
+    src.file("index.php", "v2\n", 0o644);
+    let run = fx
+        .flip(&["deploy", src.s(), fx.root_str()])
+        .success()
+        .stderr_has(r"\x1b]0;pwned\x07\x1b[2J\nflip: deployed release 99");
+    assert!(!run.stderr.contains('\u{1b}'), "{:?}", run.stderr);
+    assert!(
+        !run.stderr.contains("\nflip: deployed release 99"),
+        "{:?}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_forged_lock_holder_cannot_send_escape_sequences_to_the_terminal() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    // Whoever can write the lock file holds it and describes itself with escape sequences.
+    let mut lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.root.join(".flip/lock"))
+        .unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let holder = serde_json::json!({
+        "pid": std::process::id(), "host": host.trim(), "user": "\u{1b}[2Jmallory",
+        "since": 0, "what": "deploy\u{1b}]0;pwned\u{7}",
+    });
+    lock.set_len(0).unwrap();
+    lock.write_all(holder.to_string().as_bytes()).unwrap();
+    let run = fx
+        .flip(&["deploy", src.s(), fx.root_str()])
+        .code(3)
+        .stderr_has(r"\x1b[2Jmallory");
+    assert!(!run.stderr.contains('\u{1b}'), "{:?}", run.stderr);
+    let waiting = fx.spawn(&[], &["deploy", "--wait", src.s(), fx.root_str()]);
+    // The agent has told its client who holds the lock once it waits for it (a `->` line of
+    // /proc/locks for the lock file's inode).
+    let inode = format!(":{} ", ino(&fx.root.join(".flip/lock")));
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("->") && l.contains(&inode))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deploy never waited"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(lock);
+    let run = waiting.finish(TIMEOUT).success().stderr_has("waiting");
+    assert!(!run.stderr.contains('\u{1b}'), "{:?}", run.stderr);
+}
+
+#[test]
+fn a_forged_leftovers_record_cannot_name_paths_outside_the_target() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    let outside = fx.path("outside-secret");
+    fs::write(&outside, "x").unwrap();
+    let record = serde_json::json!([
+        {"path": s(&outside), "error": "Permission denied (os error 13)"},
+        {"path": "/etc/passwd", "error": "Permission denied (os error 13)"},
+    ]);
+    fs::write(fx.root.join(".flip/leftovers"), record.to_string()).unwrap();
+    let run = fx.flip(&["releases", fx.root_str()]).success();
+    assert!(!run.stderr.contains("outside-secret"), "{}", run.stderr);
+    assert!(!run.stderr.contains("/etc/passwd"), "{}", run.stderr);
+    let j = fx
+        .flip(&["prune", "--json", fx.root_str()])
+        .success()
+        .json();
+    assert_eq!(j["leftovers"], serde_json::json!([]), "{j}");
+    assert!(outside.exists());
+}
+
+#[test]
+fn flips_own_cache_inside_the_source_is_not_deployed() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let cache = src.p(".cache");
+    let env = [("XDG_CACHE_HOME", s(&cache))];
+    for v in 1..=3 {
+        src.file("index.php", format!("v{v}\n"), 0o644);
+        fx.flip_env(&env, &["deploy", src.s(), fx.root_str()])
+            .success()
+            .stderr_has("is inside the source; it is not deployed");
+    }
+    assert!(cache.join("flip/manifests").is_dir(), "the cache is in use");
+    assert!(!live(&fx).join(".cache/flip").exists());
+    assert_eq!(fs::read(live(&fx).join("index.php")).unwrap(), b"v3\n");
+}
