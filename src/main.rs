@@ -102,7 +102,9 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Prune(a) => prune(a, cfg.as_ref()),
         Command::Verify(a) => verify(a, cfg.as_ref()),
         Command::Config(a) => show_config(a, cfg.as_ref()),
-        Command::Init(_) | Command::Agent(_) | Command::Diff(_) | Command::Blake3(_) => unreachable!("handled above"),
+        Command::Init(_) | Command::Agent(_) | Command::Diff(_) | Command::Blake3(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 
