@@ -102,7 +102,9 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Prune(a) => prune(a, cfg.as_ref()),
         Command::Verify(a) => verify(a, cfg.as_ref()),
         Command::Config(a) => show_config(a, cfg.as_ref()),
-        Command::Init(_) | Command::Agent(_) | Command::Diff(_) | Command::Blake3(_) => unreachable!("handled above"),
+        Command::Init(_) | Command::Agent(_) | Command::Diff(_) | Command::Blake3(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -312,7 +314,7 @@ fn deploy(a: cli::DeployArgs, cfg: Option<&Config>) -> Result<i32> {
     let d = flip_deploy::deploy(&o, &targets, progress.clone())?;
     progress.done();
     for w in &d.scan_warnings {
-        eprintln!("flip: warning: {w}");
+        eprintln!("flip: warning: {}", output::printable(w));
     }
     match env {
         None => render::single(d, a.itemize, a.common.json),
@@ -498,7 +500,12 @@ fn locked_session(target: &Target, common: &Common, what: Purpose) -> Result<Ses
         target,
         &command_options(common),
         what,
-        &mut |h| eprintln!("flip: {peer} is locked by {h}; waiting"),
+        &mut |h| {
+            eprintln!(
+                "flip: {peer} is locked by {}; waiting",
+                output::printable(h)
+            )
+        },
     )?)
 }
 
@@ -507,7 +514,7 @@ fn locked_session(target: &Target, common: &Common, what: Purpose) -> Result<Ses
 fn notices(s: &mut Session) -> (Vec<serde_json::Value>, Vec<String>) {
     let warnings = s.take_warnings();
     for w in &warnings {
-        eprintln!("flip: warning: {w}");
+        eprintln!("flip: warning: {}", output::printable(w));
     }
     let leftovers: Vec<serde_json::Value> = s
         .leftovers()
@@ -716,7 +723,11 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
                         );
                     } else {
                         for p in &problems {
-                            eprintln!("flip: {}: release {id}: {p}", target.display());
+                            eprintln!(
+                                "flip: {}: release {id}: {}",
+                                target.display(),
+                                output::printable(p)
+                            );
                         }
                     }
                 }
@@ -731,7 +742,11 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
             }
             Err(e) if env.is_none() => return Err(e),
             Err(e) => {
-                eprintln!("flip: {}: error: {}", target.display(), error_text(&e));
+                eprintln!(
+                    "flip: {}: error: {}",
+                    target.display(),
+                    output::printable(&error_text(&e))
+                );
                 code = exit::PARTIAL;
                 hosts.push(render::failed_host(&target.display(), &e));
             }

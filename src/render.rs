@@ -59,6 +59,8 @@ impl Events for Progress {
 
     fn waiting(&self, host: usize, holder: &str) {
         let name = self.names.get(host).map(String::as_str).unwrap_or("?");
+        // The holder is what the lock file says: whoever holds the lock wrote it.
+        let holder = output::printable(holder);
         match self.bars.as_ref().and_then(|(_, b)| b.get(host)) {
             Some(b) => b.set_message(format!("locked by {holder}; waiting")),
             None => eprintln!("flip: {name} is locked by {holder}; waiting"),
@@ -68,7 +70,9 @@ impl Events for Progress {
 
 pub fn leftover_line(path: &str, error: &str) {
     eprintln!(
-        "flip: warning: cannot remove {path}: {error} (left over; removed at the next cleanup once that is possible)"
+        "flip: warning: cannot remove {}: {} (left over; removed at the next cleanup once that is possible)",
+        output::printable(path),
+        output::printable(error)
     );
 }
 
@@ -87,7 +91,7 @@ fn report_json(r: &HostReport, itemize: bool) -> Map<String, Value> {
 /// The human lines of one target's deploy (stderr; itemized paths on stdout).
 fn report_text(r: &HostReport, state: HostState, itemize: bool) {
     for w in &r.warnings {
-        eprintln!("flip: warning: {w}");
+        eprintln!("flip: warning: {}", output::printable(w));
     }
     for l in &r.leftovers {
         leftover_line(&l.path, &l.error);
@@ -142,7 +146,7 @@ pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<i3
     if json {
         println!("{}", Value::Object(report_json(&r, itemize)));
         for w in &r.warnings {
-            eprintln!("flip: warning: {w}");
+            eprintln!("flip: warning: {}", output::printable(w));
         }
         for l in &r.leftovers {
             leftover_line(&l.path, &l.error);
@@ -207,9 +211,13 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 
             match (&h.report, &h.error) {
                 // Errors name their target already, mostly.
                 (_, Some(e)) if e.to_string().contains(&h.target) => {
-                    eprintln!("flip: error: {e}")
+                    eprintln!("flip: error: {}", output::printable(&e.to_string()))
                 }
-                (_, Some(e)) => eprintln!("flip: {}: error: {e}", h.target),
+                (_, Some(e)) => eprintln!(
+                    "flip: {}: error: {}",
+                    h.target,
+                    output::printable(&e.to_string())
+                ),
                 (Some(r), None) => report_text(r, h.state, itemize),
                 (None, None) => {}
             }
@@ -297,7 +305,7 @@ pub fn release_table(
     for r in &rows {
         print!(
             "{:<20}  {:<20}",
-            r.label.as_deref().unwrap_or("-"),
+            output::escape(r.label.as_deref().unwrap_or("-")),
             output::iso_time(r.created)
         );
         for (n, (id, live)) in names.iter().zip(r.ids.iter().zip(&r.live)) {
@@ -347,8 +355,9 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
                         .unwrap_or_default()
                 ),
                 (Some(e), _) => eprintln!(
-                    "flip: {}: error: {e} (live: {})",
+                    "flip: {}: error: {} (live: {})",
                     o.target,
+                    output::printable(&e.to_string()),
                     o.live
                         .map_or("none".to_string(), |l| format!("release {l}"))
                 ),
