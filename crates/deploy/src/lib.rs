@@ -1011,12 +1011,16 @@ pub fn refuse_overlap(source: &Path, target: &Target) -> Result<(), DeployError>
     let src = resolve(source);
     let dst = resolve(t);
     if dst.starts_with(&src) {
+        // How the two resolve, only when that is not how they were given (a symlink, `..`).
+        let resolved = if dst == *t && src == source {
+            String::new()
+        } else {
+            format!(" (as {} in {})", dst.display(), src.display())
+        };
         return Err(DeployError::Usage(format!(
-            "the target {} is inside the source {} (as {} in {}): the target would be deployed into itself; choose a target outside the source",
+            "the target {} is inside the source {}{resolved}: the target would be deployed into itself; choose a target outside the source",
             t.display(),
             source.display(),
-            dst.display(),
-            src.display()
         )));
     }
     for own in ["releases", ".flip", "current"] {
