@@ -282,13 +282,24 @@ fn deploy_options(
         (None, Some(_)) => Some(flip_deploy::default_label(&source)),
         (None, None) => None,
     };
+    let mut excludes = if a.exclude.is_empty() {
+        settings.exclude.unwrap_or_default()
+    } else {
+        a.exclude.clone()
+    };
+    // flip's own cache inside the source (even with --no-cache: it is there all the same).
+    if let Some(cache) = cache_dir() {
+        if let Some(glob) = flip_deploy::own_cache_exclude(&source, &cache) {
+            eprintln!(
+                "flip: note: flip's cache {} is inside the source; it is not deployed",
+                output::printable(&cache.display().to_string())
+            );
+            excludes.push(glob);
+        }
+    }
     let o = Options {
         source,
-        excludes: if a.exclude.is_empty() {
-            settings.exclude.unwrap_or_default()
-        } else {
-            a.exclude.clone()
-        },
+        excludes,
         flipignore: !a.no_flipignore,
         label,
         keep: a.keep.or(settings.keep).unwrap_or(config::KEEP),

@@ -1001,6 +1001,25 @@ fn resolve(path: &Path) -> PathBuf {
     abs
 }
 
+/// When flip's cache directory `cache` is inside the source (`XDG_CACHE_HOME` in a CI
+/// workspace), an exclude for it (gitignore syntax, anchored at the source root): it is flip's
+/// state, not the application's, and it changes while flip deploys (a file of it gone by the
+/// time it is sent would fail the deploy, and every deploy would ship the cache to the target).
+pub fn own_cache_exclude(source: &Path, cache: &Path) -> Option<String> {
+    let cache = resolve(cache);
+    let rel = cache.strip_prefix(resolve(source)).ok()?;
+    let rel = rel.to_str().filter(|r| !r.is_empty())?;
+    let mut glob = String::from("/");
+    for c in rel.chars() {
+        if matches!(c, '\\' | '*' | '?' | '[' | ']' | '!' | '#') {
+            glob.push('\\');
+        }
+        glob.push(c);
+    }
+    glob.push('/');
+    Some(glob)
+}
+
 /// Refuses, before anything is created, a local target inside the source (every deploy would
 /// copy the target into itself) and a source inside the target's own directories (a release
 /// deploying itself). `source` is absolute.
