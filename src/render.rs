@@ -76,6 +76,17 @@ pub fn leftover_line(path: &str, error: &str) {
     );
 }
 
+/// A failed target's warnings and leftovers (stderr, in every mode): what its agent said before
+/// the failure, a damaged release it skipped, ...
+fn failure_notices(h: &HostOutcome) {
+    for w in &h.warnings {
+        eprintln!("flip: warning: {}", output::printable(w));
+    }
+    for l in &h.leftovers {
+        leftover_line(&l.path, &l.error);
+    }
+}
+
 /// The JSON object of one target's deploy: today's single-target object.
 fn report_json(r: &HostReport, itemize: bool) -> Map<String, Value> {
     let mut out = match serde_json::to_value(r) {
@@ -139,6 +150,7 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
 /// `flip deploy SRC TARGET`: today's object (or the error, as every command reports one).
 pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<i32> {
     let h = d.hosts.remove(0);
+    failure_notices(&h);
     if let Some(e) = h.error {
         return Err(e.into());
     }
@@ -174,6 +186,10 @@ fn host_json(h: &HostOutcome, itemize: bool) -> Value {
     o.insert("target".into(), json!(h.target));
     o.insert("state".into(), json!(h.state));
     o.insert("live".into(), json!(h.live));
+    if h.report.is_none() && !(h.warnings.is_empty() && h.leftovers.is_empty()) {
+        o.insert("warnings".into(), json!(h.warnings));
+        o.insert("leftovers".into(), json!(h.leftovers));
+    }
     if let Some(e) = &h.error {
         o.insert(
             "error".into(),
@@ -208,6 +224,7 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 
         println!("{}", json!({"hosts": hosts, "summary": summary}));
     } else {
         for h in &d.hosts {
+            failure_notices(h);
             match (&h.report, &h.error) {
                 // Errors name their target already, mostly.
                 (_, Some(e)) if e.to_string().contains(&h.target) => {

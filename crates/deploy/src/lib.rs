@@ -204,6 +204,11 @@ pub struct HostOutcome {
     pub error: Option<DeployError>,
     /// The release live on it now, as far as the client knows.
     pub live: Option<u64>,
+    /// A failed target's warnings and what it could not remove, as its agent said before the
+    /// failure (a damaged release it skipped, ...); a target that did not fail has them in its
+    /// report.
+    pub warnings: Vec<String>,
+    pub leftovers: Vec<Leftover>,
 }
 
 /// The result of [`deploy`]: every target's outcome, in the order given.
@@ -303,6 +308,9 @@ struct Host {
 struct Failed {
     error: Box<DeployError>,
     live: Option<u64>,
+    /// What the target warned about before it failed.
+    warnings: Vec<String>,
+    leftovers: Vec<Leftover>,
 }
 
 /// Phase 1's outcome of one target.
@@ -552,6 +560,8 @@ impl Host {
         .map_err(|error| Failed {
             error: Box::new(error),
             live: None,
+            warnings: Vec::new(),
+            leftovers: Vec::new(),
         })?;
         Ok(Host {
             index,
@@ -568,11 +578,15 @@ impl Host {
         })
     }
 
-    /// This target's failure, with what is live on it.
-    fn fail(&self, error: DeployError) -> Failed {
+    /// This target's failure, with what is live on it and what it warned about.
+    fn fail(&mut self, error: DeployError) -> Failed {
+        let mut warnings = self.session.take_warnings();
+        warnings.append(&mut self.warnings);
         Failed {
             error: Box::new(error),
             live: self.previous,
+            warnings,
+            leftovers: self.session.leftovers().unwrap_or_default().to_vec(),
         }
     }
 
@@ -742,11 +756,9 @@ fn activate_all(
             Ok(()) => states.push(switch_back(h, &failed, events)),
             Err(e) => {
                 let (previous, release) = (h.previous, h.release);
+                let failed = h.fail(e);
                 // End the broken session first: its agent releases the lock as it goes.
-                *slot = Err(Failed {
-                    error: Box::new(e),
-                    live: previous,
-                });
+                *slot = Err(failed);
                 let live = recheck(&targets[states.len()], o, previous, release);
                 if let Err(f) = slot {
                     f.live = live;
@@ -856,6 +868,8 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
             report: None,
             error: Some(*f.error),
             live: f.live,
+            warnings: f.warnings,
+            leftovers: f.leftovers,
         },
         Ok(mut h) => {
             let (sent, received) = h.session.bytes();
@@ -906,6 +920,8 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
                 report: (!h.skipped).then_some(report),
                 error: None,
                 live,
+                warnings: Vec::new(),
+                leftovers: Vec::new(),
             }
         }
     }
