@@ -753,11 +753,7 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
             }
             Err(e) if env.is_none() => return Err(e),
             Err(e) => {
-                eprintln!(
-                    "flip: {}: error: {}",
-                    target.display(),
-                    output::printable(&error_text(&e))
-                );
+                render::host_error(&target.display(), &error_text(&e), "");
                 code = exit::PARTIAL;
                 hosts.push(render::failed_host(&target.display(), &e));
             }

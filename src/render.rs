@@ -169,6 +169,18 @@ pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<i3
     Ok(exit::OK)
 }
 
+/// One target's error line (stderr), escaped: `flip: TARGET: error: MESSAGE`, or
+/// `flip: error: MESSAGE` when the message names the target already (a local target's path in
+/// the agent's error), so no line names the same path twice.
+pub fn host_error(target: &str, message: &str, after: &str) {
+    let message = output::printable(message);
+    if message.contains(target) {
+        eprintln!("flip: error: {message}{after}");
+    } else {
+        eprintln!("flip: {target}: error: {message}{after}");
+    }
+}
+
 /// A failed target's JSON entry: `{"target", "state": "failed", "error": {"code", "message"}}`.
 pub fn failed_host(target: &str, e: &anyhow::Error) -> Value {
     json!({
@@ -226,15 +238,7 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 
         for h in &d.hosts {
             failure_notices(h);
             match (&h.report, &h.error) {
-                // Errors name their target already, mostly.
-                (_, Some(e)) if e.to_string().contains(&h.target) => {
-                    eprintln!("flip: error: {}", output::printable(&e.to_string()))
-                }
-                (_, Some(e)) => eprintln!(
-                    "flip: {}: error: {}",
-                    h.target,
-                    output::printable(&e.to_string())
-                ),
+                (_, Some(e)) => host_error(&h.target, &e.to_string(), ""),
                 (Some(r), None) => report_text(r, h.state, itemize),
                 (None, None) => {}
             }
@@ -371,12 +375,14 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
                         .map(|p| format!(" (was {p})"))
                         .unwrap_or_default()
                 ),
-                (Some(e), _) => eprintln!(
-                    "flip: {}: error: {} (live: {})",
-                    o.target,
-                    output::printable(&e.to_string()),
-                    o.live
-                        .map_or("none".to_string(), |l| format!("release {l}"))
+                (Some(e), _) => host_error(
+                    &o.target,
+                    &e.to_string(),
+                    &format!(
+                        " (live: {})",
+                        o.live
+                            .map_or("none".to_string(), |l| format!("release {l}"))
+                    ),
                 ),
                 (None, None) => {}
             }
