@@ -617,6 +617,7 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<i32> {
             &command_options(&a.common),
             &SwitchPlan::Rollback,
             Purpose::Rollback,
+            &render::Progress::lines(&targets),
         );
         return Ok(render::switch(&env.env, "rolled back", out, a.common.json));
     }
@@ -644,6 +645,7 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<i32> {
             &command_options(&a.common),
             &plan,
             Purpose::Activate,
+            &render::Progress::lines(&targets),
         );
         return Ok(render::switch(&env.env, "activated", out, a.common.json));
     }

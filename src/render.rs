@@ -40,6 +40,15 @@ impl Progress {
         Arc::new(Progress { bars, names })
     }
 
+    /// No progress lines: only the "locked by ...; waiting" lines (rollback and activate of an
+    /// environment).
+    pub fn lines(targets: &[Target]) -> Progress {
+        Progress {
+            bars: None,
+            names: targets.iter().map(Target::display).collect(),
+        }
+    }
+
     /// Leaves every line as it ended.
     pub fn done(&self) {
         if let Some((_, bars)) = &self.bars {
@@ -173,11 +182,16 @@ pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<i3
 /// `flip: error: MESSAGE` when the message names the target already (a local target's path in
 /// the agent's error), so no line names the same path twice.
 pub fn host_error(target: &str, message: &str, after: &str) {
+    host_line(target, "error", message, after);
+}
+
+/// `flip: TARGET: KIND: MESSAGE`, the target left out when the message names it already.
+fn host_line(target: &str, kind: &str, message: &str, after: &str) {
     let message = output::printable(message);
     if message.contains(target) {
-        eprintln!("flip: error: {message}{after}");
+        eprintln!("flip: {kind}: {message}{after}");
     } else {
-        eprintln!("flip: {target}: error: {message}{after}");
+        eprintln!("flip: {target}: {kind}: {message}{after}");
     }
 }
 
@@ -363,6 +377,12 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
         );
     } else {
         for o in &out {
+            for w in &o.warnings {
+                host_line(&o.target, "warning", w, "");
+            }
+            for l in &o.leftovers {
+                leftover_line(&l.path, &l.error);
+            }
             match (&o.error, o.release) {
                 (None, Some(id)) => eprintln!(
                     "flip: {verb} {}: current -> releases/{id}{}{}",
