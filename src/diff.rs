@@ -333,7 +333,7 @@ pub fn run(a: DiffArgs) -> Result<i32> {
                     "  {} / {}  {}",
                     output::bytes(r.warm.1),
                     output::bytes(r.cold.1),
-                    r.path
+                    output::escape(&r.path)
                 );
             }
         }

@@ -282,13 +282,24 @@ fn deploy_options(
         (None, Some(_)) => Some(flip_deploy::default_label(&source)),
         (None, None) => None,
     };
+    let mut excludes = if a.exclude.is_empty() {
+        settings.exclude.unwrap_or_default()
+    } else {
+        a.exclude.clone()
+    };
+    // flip's own cache inside the source (even with --no-cache: it is there all the same).
+    if let Some(cache) = cache_dir() {
+        if let Some(glob) = flip_deploy::own_cache_exclude(&source, &cache) {
+            eprintln!(
+                "flip: note: flip's cache {} is inside the source; it is not deployed",
+                output::printable(&cache.display().to_string())
+            );
+            excludes.push(glob);
+        }
+    }
     let o = Options {
         source,
-        excludes: if a.exclude.is_empty() {
-            settings.exclude.unwrap_or_default()
-        } else {
-            a.exclude.clone()
-        },
+        excludes,
         flipignore: !a.no_flipignore,
         label,
         keep: a.keep.or(settings.keep).unwrap_or(config::KEEP),
@@ -314,7 +325,7 @@ fn deploy(a: cli::DeployArgs, cfg: Option<&Config>) -> Result<i32> {
     let d = flip_deploy::deploy(&o, &targets, progress.clone())?;
     progress.done();
     for w in &d.scan_warnings {
-        eprintln!("flip: warning: {w}");
+        eprintln!("flip: warning: {}", output::printable(w));
     }
     match env {
         None => render::single(d, a.itemize, a.common.json),
@@ -500,7 +511,12 @@ fn locked_session(target: &Target, common: &Common, what: Purpose) -> Result<Ses
         target,
         &command_options(common),
         what,
-        &mut |h| eprintln!("flip: {peer} is locked by {h}; waiting"),
+        &mut |h| {
+            eprintln!(
+                "flip: {peer} is locked by {}; waiting",
+                output::printable(h)
+            )
+        },
     )?)
 }
 
@@ -509,7 +525,7 @@ fn locked_session(target: &Target, common: &Common, what: Purpose) -> Result<Ses
 fn notices(s: &mut Session) -> (Vec<serde_json::Value>, Vec<String>) {
     let warnings = s.take_warnings();
     for w in &warnings {
-        eprintln!("flip: warning: {w}");
+        eprintln!("flip: warning: {}", output::printable(w));
     }
     let leftovers: Vec<serde_json::Value> = s
         .leftovers()
@@ -601,6 +617,7 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<i32> {
             &command_options(&a.common),
             &SwitchPlan::Rollback,
             Purpose::Rollback,
+            &render::Progress::lines(&targets),
         );
         return Ok(render::switch(&env.env, "rolled back", out, a.common.json));
     }
@@ -628,6 +645,7 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<i32> {
             &command_options(&a.common),
             &plan,
             Purpose::Activate,
+            &render::Progress::lines(&targets),
         );
         return Ok(render::switch(&env.env, "activated", out, a.common.json));
     }
@@ -718,7 +736,11 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
                         );
                     } else {
                         for p in &problems {
-                            eprintln!("flip: {}: release {id}: {p}", target.display());
+                            eprintln!(
+                                "flip: {}: release {id}: {}",
+                                target.display(),
+                                output::printable(p)
+                            );
                         }
                     }
                 }
@@ -733,7 +755,7 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
             }
             Err(e) if env.is_none() => return Err(e),
             Err(e) => {
-                eprintln!("flip: {}: error: {}", target.display(), error_text(&e));
+                render::host_error(&target.display(), &error_text(&e), "");
                 code = exit::PARTIAL;
                 hosts.push(render::failed_host(&target.display(), &e));
             }

@@ -40,6 +40,15 @@ impl Progress {
         Arc::new(Progress { bars, names })
     }
 
+    /// No progress lines: only the "locked by ...; waiting" lines (rollback and activate of an
+    /// environment).
+    pub fn lines(targets: &[Target]) -> Progress {
+        Progress {
+            bars: None,
+            names: targets.iter().map(Target::display).collect(),
+        }
+    }
+
     /// Leaves every line as it ended.
     pub fn done(&self) {
         if let Some((_, bars)) = &self.bars {
@@ -59,6 +68,8 @@ impl Events for Progress {
 
     fn waiting(&self, host: usize, holder: &str) {
         let name = self.names.get(host).map(String::as_str).unwrap_or("?");
+        // The holder is what the lock file says: whoever holds the lock wrote it.
+        let holder = output::printable(holder);
         match self.bars.as_ref().and_then(|(_, b)| b.get(host)) {
             Some(b) => b.set_message(format!("locked by {holder}; waiting")),
             None => eprintln!("flip: {name} is locked by {holder}; waiting"),
@@ -68,8 +79,21 @@ impl Events for Progress {
 
 pub fn leftover_line(path: &str, error: &str) {
     eprintln!(
-        "flip: warning: cannot remove {path}: {error} (left over; removed at the next cleanup once that is possible)"
+        "flip: warning: cannot remove {}: {} (left over; removed at the next cleanup once that is possible)",
+        output::printable(path),
+        output::printable(error)
     );
+}
+
+/// A failed target's warnings and leftovers (stderr, in every mode): what its agent said before
+/// the failure, a damaged release it skipped, ...
+fn failure_notices(h: &HostOutcome) {
+    for w in &h.warnings {
+        eprintln!("flip: warning: {}", output::printable(w));
+    }
+    for l in &h.leftovers {
+        leftover_line(&l.path, &l.error);
+    }
 }
 
 /// The JSON object of one target's deploy: today's single-target object.
@@ -87,7 +111,7 @@ fn report_json(r: &HostReport, itemize: bool) -> Map<String, Value> {
 /// The human lines of one target's deploy (stderr; itemized paths on stdout).
 fn report_text(r: &HostReport, state: HostState, itemize: bool) {
     for w in &r.warnings {
-        eprintln!("flip: warning: {w}");
+        eprintln!("flip: warning: {}", output::printable(w));
     }
     for l in &r.leftovers {
         leftover_line(&l.path, &l.error);
@@ -135,6 +159,7 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
 /// `flip deploy SRC TARGET`: today's object (or the error, as every command reports one).
 pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<i32> {
     let h = d.hosts.remove(0);
+    failure_notices(&h);
     if let Some(e) = h.error {
         return Err(e.into());
     }
@@ -142,7 +167,7 @@ pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<i3
     if json {
         println!("{}", Value::Object(report_json(&r, itemize)));
         for w in &r.warnings {
-            eprintln!("flip: warning: {w}");
+            eprintln!("flip: warning: {}", output::printable(w));
         }
         for l in &r.leftovers {
             leftover_line(&l.path, &l.error);
@@ -151,6 +176,23 @@ pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<i3
         report_text(&r, h.state, itemize);
     }
     Ok(exit::OK)
+}
+
+/// One target's error line (stderr), escaped: `flip: TARGET: error: MESSAGE`, or
+/// `flip: error: MESSAGE` when the message names the target already (a local target's path in
+/// the agent's error), so no line names the same path twice.
+pub fn host_error(target: &str, message: &str, after: &str) {
+    host_line(target, "error", message, after);
+}
+
+/// `flip: TARGET: KIND: MESSAGE`, the target left out when the message names it already.
+fn host_line(target: &str, kind: &str, message: &str, after: &str) {
+    let message = output::printable(message);
+    if message.contains(target) {
+        eprintln!("flip: {kind}: {message}{after}");
+    } else {
+        eprintln!("flip: {target}: {kind}: {message}{after}");
+    }
 }
 
 /// A failed target's JSON entry: `{"target", "state": "failed", "error": {"code", "message"}}`.
@@ -170,6 +212,10 @@ fn host_json(h: &HostOutcome, itemize: bool) -> Value {
     o.insert("target".into(), json!(h.target));
     o.insert("state".into(), json!(h.state));
     o.insert("live".into(), json!(h.live));
+    if h.report.is_none() && !(h.warnings.is_empty() && h.leftovers.is_empty()) {
+        o.insert("warnings".into(), json!(h.warnings));
+        o.insert("leftovers".into(), json!(h.leftovers));
+    }
     if let Some(e) = &h.error {
         o.insert(
             "error".into(),
@@ -204,12 +250,9 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 
         println!("{}", json!({"hosts": hosts, "summary": summary}));
     } else {
         for h in &d.hosts {
+            failure_notices(h);
             match (&h.report, &h.error) {
-                // Errors name their target already, mostly.
-                (_, Some(e)) if e.to_string().contains(&h.target) => {
-                    eprintln!("flip: error: {e}")
-                }
-                (_, Some(e)) => eprintln!("flip: {}: error: {e}", h.target),
+                (_, Some(e)) => host_error(&h.target, &e.to_string(), ""),
                 (Some(r), None) => report_text(r, h.state, itemize),
                 (None, None) => {}
             }
@@ -297,7 +340,7 @@ pub fn release_table(
     for r in &rows {
         print!(
             "{:<20}  {:<20}",
-            r.label.as_deref().unwrap_or("-"),
+            output::escape(r.label.as_deref().unwrap_or("-")),
             output::iso_time(r.created)
         );
         for (n, (id, live)) in names.iter().zip(r.ids.iter().zip(&r.live)) {
@@ -334,6 +377,12 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
         );
     } else {
         for o in &out {
+            for w in &o.warnings {
+                host_line(&o.target, "warning", w, "");
+            }
+            for l in &o.leftovers {
+                leftover_line(&l.path, &l.error);
+            }
             match (&o.error, o.release) {
                 (None, Some(id)) => eprintln!(
                     "flip: {verb} {}: current -> releases/{id}{}{}",
@@ -346,11 +395,14 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
                         .map(|p| format!(" (was {p})"))
                         .unwrap_or_default()
                 ),
-                (Some(e), _) => eprintln!(
-                    "flip: {}: error: {e} (live: {})",
-                    o.target,
-                    o.live
-                        .map_or("none".to_string(), |l| format!("release {l}"))
+                (Some(e), _) => host_error(
+                    &o.target,
+                    &e.to_string(),
+                    &format!(
+                        " (live: {})",
+                        o.live
+                            .map_or("none".to_string(), |l| format!("release {l}"))
+                    ),
                 ),
                 (None, None) => {}
             }

@@ -696,3 +696,32 @@ fn an_unreachable_or_locked_target_stops_the_whole_environment() {
         assert_eq!(listing(root), (vec![1], vec![]));
     }
 }
+
+#[test]
+fn an_environment_rollback_that_fails_names_the_damaged_releases_it_skipped() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &targets, "");
+    let src = fx.src("src");
+    for v in 1..=2 {
+        src.file("index.php", format!("v{v}\n"), 0o644);
+        fx.flip(&["deploy", "prod", "--label", &format!("v{v}")])
+            .success();
+    }
+    // The only release to roll back to is damaged on the first target.
+    fs::write(roots[0].join(".flip/releases/1.json"), "x").unwrap();
+    let r = fx
+        .flip(&["rollback", "prod"])
+        .code(10)
+        .stderr_has("1.json is damaged");
+    // Named once per line: the warning names the target's path already.
+    for l in r.stderr.lines().filter(|l| l.contains("1.json")) {
+        assert_eq!(l.matches(s(&roots[0])).count(), 1, "{}", r.stderr);
+    }
+    let j = fx.flip(&["rollback", "prod", "--json"]).code(10).json();
+    let warnings = hosts(&j)[0]["warnings"].to_string();
+    assert!(warnings.contains("1.json is damaged"), "{j}");
+    assert_eq!(link(&roots[0]), "releases/2");
+    assert_eq!(link(&roots[1]), "releases/2");
+}

@@ -444,13 +444,19 @@ fn an_agent_whose_client_was_killed_stops_its_work_and_frees_the_lock_at_once() 
     while !staging.exists() && run.is_running() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    let agent: u32 = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+    // The agent is a child of whichever of the client's threads connected (a phase 1 worker
+    // of the pipeline, not the main thread).
+    let agent: u32 = fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
-        .split_whitespace()
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .map(|p| p.parse::<u32>().unwrap())
+                .collect::<Vec<_>>()
+        })
         .next()
-        .expect("the client runs its agent")
-        .parse()
-        .unwrap();
+        .expect("the client runs its agent");
     std::thread::sleep(std::time::Duration::from_millis(100));
     // SAFETY: kill of the flip client this test started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };

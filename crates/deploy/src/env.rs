@@ -1,9 +1,9 @@
 //! Commands on every target of an environment: a two-phase switch (rollback, activate) and the
 //! listing of releases across targets, tied together by their labels.
 
-use crate::{locked_session, DeployError, Options, Target};
+use crate::{locked_session, DeployError, Events, Options, Target};
 use flip_transfer::Session;
-use flip_wire::{Purpose, ReleaseSummary};
+use flip_wire::{Leftover, Purpose, ReleaseSummary};
 use serde::Serialize;
 
 /// Where a [`switch`] moves each target.
@@ -33,6 +33,10 @@ pub struct SwitchOutcome {
     /// Why this target did not move (its own failure, or another target's).
     #[serde(skip)]
     pub error: Option<DeployError>,
+    /// What the target warned about (a damaged release it skipped, ...), also when it failed.
+    pub warnings: Vec<String>,
+    /// What it could not remove.
+    pub leftovers: Vec<Leftover>,
 }
 
 struct Locked {
@@ -44,21 +48,22 @@ struct Locked {
 /// Moves every target to another release in two phases: connect, lock and resolve the release
 /// everywhere first (any failure: nothing moves), then activate everywhere with every lock
 /// held; if an activation fails, the targets already moved are switched back. Returns one
-/// outcome per target, in order; all moved when none has an `error`.
+/// outcome per target, in order; all moved when none has an `error`. `events` hears who holds
+/// a lock the switch waits for.
 pub fn switch(
     targets: &[Target],
     o: &Options,
     plan: &SwitchPlan,
     purpose: Purpose,
+    events: &dyn Events,
 ) -> Vec<SwitchOutcome> {
     let locked: Vec<Result<Locked, DeployError>> = std::thread::scope(|sc| {
         let jobs: Vec<_> = targets
             .iter()
-            .map(|t| {
+            .enumerate()
+            .map(|(i, t)| {
                 sc.spawn(move || {
-                    let mut session = locked_session(t, o, purpose, &mut |h| {
-                        eprintln!("flip: {} is locked by {h}; waiting", t.display())
-                    })?;
+                    let mut session = locked_session(t, o, purpose, &mut |h| events.waiting(i, h))?;
                     let (current, releases) = session.status()?;
                     Ok(Locked {
                         session,
@@ -80,6 +85,8 @@ pub fn switch(
             label: None,
             live: l.as_ref().ok().and_then(|l| l.current),
             error: None,
+            warnings: Vec::new(),
+            leftovers: Vec::new(),
         })
         .collect();
     let wanted = resolve(plan, &locked, targets);
@@ -106,7 +113,8 @@ pub fn switch(
                 o.error = Some(e);
                 sessions.push(None);
             }
-            Ok(l) => {
+            Ok(mut l) => {
+                take_notices(&mut l, o);
                 if let Err(e) = w {
                     o.error = Some(e);
                 }
@@ -125,7 +133,7 @@ pub fn switch(
                 why: format!("another target failed ({why}); nothing was changed"),
             });
         }
-        close_all(sessions);
+        close_all(sessions, &mut out);
         return out;
     }
     // Phase 2: every target resolved and locked.
@@ -176,18 +184,31 @@ pub fn switch(
             }
             Err(e) => {
                 o.error = Some(e);
+                if let Some(l) = s.as_mut() {
+                    take_notices(l, o);
+                }
                 *s = None;
             }
         }
     }
-    close_all(sessions);
+    close_all(sessions, &mut out);
     out
 }
 
-fn close_all(sessions: Vec<Option<Locked>>) {
+/// Moves what a target's agent warned about and could not remove into its outcome.
+fn take_notices(l: &mut Locked, o: &mut SwitchOutcome) {
+    o.warnings.append(&mut l.session.take_warnings());
+    if let Some(left) = l.session.leftovers() {
+        o.leftovers = left.to_vec();
+    }
+}
+
+fn close_all(sessions: Vec<Option<Locked>>, out: &mut [SwitchOutcome]) {
     std::thread::scope(|sc| {
-        for l in sessions.into_iter().flatten() {
+        for (l, o) in sessions.into_iter().zip(out.iter_mut()) {
+            let Some(mut l) = l else { continue };
             sc.spawn(move || {
+                take_notices(&mut l, o);
                 let _ = l.session.close();
             });
         }

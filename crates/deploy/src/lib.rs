@@ -204,6 +204,11 @@ pub struct HostOutcome {
     pub error: Option<DeployError>,
     /// The release live on it now, as far as the client knows.
     pub live: Option<u64>,
+    /// A failed target's warnings and what it could not remove, as its agent said before the
+    /// failure (a damaged release it skipped, ...); a target that did not fail has them in its
+    /// report.
+    pub warnings: Vec<String>,
+    pub leftovers: Vec<Leftover>,
 }
 
 /// The result of [`deploy`]: every target's outcome, in the order given.
@@ -303,6 +308,9 @@ struct Host {
 struct Failed {
     error: Box<DeployError>,
     live: Option<u64>,
+    /// What the target warned about before it failed.
+    warnings: Vec<String>,
+    leftovers: Vec<Leftover>,
 }
 
 /// Phase 1's outcome of one target.
@@ -552,6 +560,8 @@ impl Host {
         .map_err(|error| Failed {
             error: Box::new(error),
             live: None,
+            warnings: Vec::new(),
+            leftovers: Vec::new(),
         })?;
         Ok(Host {
             index,
@@ -568,11 +578,15 @@ impl Host {
         })
     }
 
-    /// This target's failure, with what is live on it.
-    fn fail(&self, error: DeployError) -> Failed {
+    /// This target's failure, with what is live on it and what it warned about.
+    fn fail(&mut self, error: DeployError) -> Failed {
+        let mut warnings = self.session.take_warnings();
+        warnings.append(&mut self.warnings);
         Failed {
             error: Box::new(error),
             live: self.previous,
+            warnings,
+            leftovers: self.session.leftovers().unwrap_or_default().to_vec(),
         }
     }
 
@@ -742,11 +756,9 @@ fn activate_all(
             Ok(()) => states.push(switch_back(h, &failed, events)),
             Err(e) => {
                 let (previous, release) = (h.previous, h.release);
+                let failed = h.fail(e);
                 // End the broken session first: its agent releases the lock as it goes.
-                *slot = Err(Failed {
-                    error: Box::new(e),
-                    live: previous,
-                });
+                *slot = Err(failed);
                 let live = recheck(&targets[states.len()], o, previous, release);
                 if let Err(f) = slot {
                     f.live = live;
@@ -856,6 +868,8 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
             report: None,
             error: Some(*f.error),
             live: f.live,
+            warnings: f.warnings,
+            leftovers: f.leftovers,
         },
         Ok(mut h) => {
             let (sent, received) = h.session.bytes();
@@ -906,6 +920,8 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
                 report: (!h.skipped).then_some(report),
                 error: None,
                 live,
+                warnings: Vec::new(),
+                leftovers: Vec::new(),
             }
         }
     }
@@ -1001,6 +1017,25 @@ fn resolve(path: &Path) -> PathBuf {
     abs
 }
 
+/// When flip's cache directory `cache` is inside the source (`XDG_CACHE_HOME` in a CI
+/// workspace), an exclude for it (gitignore syntax, anchored at the source root): it is flip's
+/// state, not the application's, and it changes while flip deploys (a file of it gone by the
+/// time it is sent would fail the deploy, and every deploy would ship the cache to the target).
+pub fn own_cache_exclude(source: &Path, cache: &Path) -> Option<String> {
+    let cache = resolve(cache);
+    let rel = cache.strip_prefix(resolve(source)).ok()?;
+    let rel = rel.to_str().filter(|r| !r.is_empty())?;
+    let mut glob = String::from("/");
+    for c in rel.chars() {
+        if matches!(c, '\\' | '*' | '?' | '[' | ']' | '!' | '#') {
+            glob.push('\\');
+        }
+        glob.push(c);
+    }
+    glob.push('/');
+    Some(glob)
+}
+
 /// Refuses, before anything is created, a local target inside the source (every deploy would
 /// copy the target into itself) and a source inside the target's own directories (a release
 /// deploying itself). `source` is absolute.
@@ -1011,12 +1046,16 @@ pub fn refuse_overlap(source: &Path, target: &Target) -> Result<(), DeployError>
     let src = resolve(source);
     let dst = resolve(t);
     if dst.starts_with(&src) {
+        // How the two resolve, only when that is not how they were given (a symlink, `..`).
+        let resolved = if dst == *t && src == source {
+            String::new()
+        } else {
+            format!(" (as {} in {})", dst.display(), src.display())
+        };
         return Err(DeployError::Usage(format!(
-            "the target {} is inside the source {} (as {} in {}): the target would be deployed into itself; choose a target outside the source",
+            "the target {} is inside the source {}{resolved}: the target would be deployed into itself; choose a target outside the source",
             t.display(),
             source.display(),
-            dst.display(),
-            src.display()
         )));
     }
     for own in ["releases", ".flip", "current"] {
