@@ -60,34 +60,29 @@ pub fn item_line(it: &Item) -> String {
 /// (a newline in a file name, ...) escaped as `\n`, `\t`, `\r` or `\xNN`, so a file name can
 /// never start a line of its own in the itemized list.
 pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(|c| c == '\\' || c.is_control()) {
-        return s.into();
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            // Only C0 and C1 controls and DEL are `is_control`: all below 0x100.
-            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.into()
+    escaped(s, true)
 }
 
 /// A message for the terminal: control characters (an escape sequence or a newline in a file
 /// name found on the target or in the source) escaped as `\n`, `\t`, `\r` or `\xNN`, so no
 /// name can rewrite the operator's screen or forge a line; backslashes are left as they are.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    escaped(s, false)
+}
+
+/// `s` with control characters as `\n`, `\t`, `\r` or `\xNN` (only C0 and C1 controls and DEL
+/// are `is_control`: all below 0x100), and backslashes doubled when `backslashes`.
+fn escaped(s: &str, backslashes: bool) -> std::borrow::Cow<'_, str> {
+    if !s
+        .chars()
+        .any(|c| (backslashes && c == '\\') || c.is_control())
+    {
         return s.into();
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
         match c {
+            '\\' if backslashes => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),
             '\t' => out.push_str("\\t"),
             '\r' => out.push_str("\\r"),
