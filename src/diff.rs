@@ -486,47 +486,21 @@ fn probe(
     tree: &flip_manifest::DirTree,
     live: &flip_manifest::DirTree,
 ) -> std::collections::BTreeSet<String> {
-    use flip_manifest::DirState;
-    let mut changed = std::collections::BTreeSet::new();
-    let mut frontier = vec![String::new()];
-    while !frontier.is_empty() {
-        let items: Vec<ProbeItem> = frontier
+    let walked = tree.walk_changed(|level| {
+        let states = level
             .iter()
-            .map(|d| {
-                let (flat, merkle) = tree.hashes(d).expect("a directory of this tree");
-                ProbeItem {
-                    dir: d.clone(),
-                    flat,
-                    merkle,
-                }
-            })
+            .map(|(dir, flat, merkle)| live.compare(dir, flat, merkle))
             .collect();
-        let states: Vec<DirState> = items
-            .iter()
-            .map(|it| live.compare(&it.dir, &it.flat, &it.merkle))
+        let items = level
+            .into_iter()
+            .map(|(dir, flat, merkle)| ProbeItem { dir, flat, merkle })
             .collect();
         s.send(&Request::Probe(items));
-        let mut next = Vec::new();
-        for (d, state) in frontier.into_iter().zip(states) {
-            match state {
-                DirState::Same => {}
-                DirState::Below => next.extend_from_slice(tree.subdirs(&d)),
-                DirState::Differs => {
-                    next.extend_from_slice(tree.subdirs(&d));
-                    changed.insert(d);
-                }
-                DirState::Absent => {
-                    let mut stack = vec![d];
-                    while let Some(x) = stack.pop() {
-                        stack.extend_from_slice(tree.subdirs(&x));
-                        changed.insert(x);
-                    }
-                }
-            }
-        }
-        frontier = next;
+        Ok::<_, std::convert::Infallible>(states)
+    });
+    match walked {
+        Ok(changed) => changed,
     }
-    changed
 }
 
 /// The bound: changed files compressed against their old versions, a group at a time.

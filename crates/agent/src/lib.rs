@@ -10,14 +10,13 @@
 //! error the agent answers with a [`Response::Error`] and ends the session; an unfinished staging
 //! directory is removed and `current` is untouched.
 
-use flip_manifest::{DirState, RelPath};
+use flip_manifest::RelPath;
 use flip_release::{
     Created, Error as RelError, ErrorClass as RelClass, LockGuard, Root, Stage, Wait,
 };
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Mtime, Need, ProbeItem, ProbeState, Purpose,
-    ReleaseSummary, Request, Response, StageBase, WireError, CHANGES_PER_FRAME, CHUNK, MAGIC,
-    MAX_MANIFEST, PROTOCOL,
+    ErrorClass, FrameReader, FrameWriter, Mtime, Need, ProbeItem, Purpose, ReleaseSummary, Request,
+    Response, StageBase, WireError, CHANGES_PER_FRAME, CHUNK, MAGIC, MAX_MANIFEST, PROTOCOL,
 };
 use rayon::prelude::*;
 use std::io::{Read, Write};
@@ -701,12 +700,7 @@ impl Session {
         let (_, tree) = self.tree.as_ref().expect("set above");
         let states = items
             .iter()
-            .map(|it| match tree.compare(&it.dir, &it.flat, &it.merkle) {
-                DirState::Same => ProbeState::Same,
-                DirState::Below => ProbeState::Below,
-                DirState::Differs => ProbeState::Differs,
-                DirState::Absent => ProbeState::Absent,
-            })
+            .map(|it| tree.compare(&it.dir, &it.flat, &it.merkle).into())
             .collect();
         Ok(Response::Probed(states))
     }

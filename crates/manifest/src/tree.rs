@@ -55,6 +55,53 @@ fn parent_key(p: &RelPath) -> String {
 }
 
 impl DirTree {
+    /// Walks this tree's directories from the root, one level at a time, asking `compare` how
+    /// each level's directories (`(dir, flat, merkle)` hashes, `""` for the root) stand in another
+    /// tree, and returns the directories whose direct entries differ there or that it lacks (a
+    /// lacking directory's whole subtree, without asking further). `compare` answers one
+    /// [`DirState`] per directory, in order (a client asks its agent: one round trip per level).
+    ///
+    /// # Errors
+    /// Whatever `compare` returns.
+    pub fn walk_changed<E>(
+        &self,
+        mut compare: impl FnMut(Vec<(String, DirHash, DirHash)>) -> Result<Vec<DirState>, E>,
+    ) -> Result<BTreeSet<String>, E> {
+        let mut changed = BTreeSet::new();
+        let mut frontier = vec![String::new()];
+        while !frontier.is_empty() {
+            let level = frontier
+                .iter()
+                .map(|d| {
+                    let (flat, merkle) = self.hashes(d).expect("a directory of this tree");
+                    (d.clone(), flat, merkle)
+                })
+                .collect();
+            let states = compare(level)?;
+            let mut next = Vec::new();
+            for (d, state) in frontier.into_iter().zip(states) {
+                match state {
+                    DirState::Same => {}
+                    DirState::Below => next.extend_from_slice(self.subdirs(&d)),
+                    DirState::Differs => {
+                        next.extend_from_slice(self.subdirs(&d));
+                        changed.insert(d);
+                    }
+                    DirState::Absent => {
+                        // Not there: the whole subtree goes, no need to ask further.
+                        let mut stack = vec![d];
+                        while let Some(x) = stack.pop() {
+                            stack.extend_from_slice(self.subdirs(&x));
+                            changed.insert(x);
+                        }
+                    }
+                }
+            }
+            frontier = next;
+        }
+        Ok(changed)
+    }
+
     pub fn new(m: &Manifest) -> DirTree {
         let mut nodes: HashMap<String, Node> = HashMap::new();
         nodes.insert(String::new(), Node::default());

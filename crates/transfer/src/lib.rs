@@ -17,8 +17,8 @@ pub use content::{local_delta, patch, DELTA_WINDOW, PATCH_MAX};
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_transport::{AgentStream, Finish, TransportError};
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Holder, Leftover, ProbeItem, ProbeState, ReleaseSummary,
-    Request, Response, SigItem, StageBase, WireError, CHUNK, MAGIC, PROTOCOL,
+    ErrorClass, FrameReader, FrameWriter, Holder, Leftover, ProbeItem, ReleaseSummary, Request,
+    Response, SigItem, StageBase, WireError, CHUNK, MAGIC, PROTOCOL,
 };
 use std::collections::BTreeSet;
 use std::collections::HashMap;
@@ -536,47 +536,18 @@ impl Session {
     /// Walks down the directory tree comparing hashes with the live release, one round trip per
     /// level, and returns the directories whose direct entries differ (or are new).
     fn changed_dirs(&mut self, tree: &flip_manifest::DirTree) -> Result<BTreeSet<String>> {
-        let mut changed = BTreeSet::new();
-        let mut frontier = vec![String::new()];
-        while !frontier.is_empty() {
-            let items: Vec<ProbeItem> = frontier
-                .iter()
-                .map(|d| {
-                    let (flat, merkle) = tree.hashes(d).expect("a directory of this tree");
-                    ProbeItem {
-                        dir: d.clone(),
-                        flat,
-                        merkle,
-                    }
-                })
+        tree.walk_changed(|level| {
+            let n = level.len();
+            let items = level
+                .into_iter()
+                .map(|(dir, flat, merkle)| ProbeItem { dir, flat, merkle })
                 .collect();
             self.send(&Request::Probe(items))?;
-            let states = match self.recv()? {
-                Response::Probed(s) if s.len() == frontier.len() => s,
-                other => return Err(self.unexpected(&other)),
-            };
-            let mut next = Vec::new();
-            for (d, state) in frontier.into_iter().zip(states) {
-                match state {
-                    ProbeState::Same => {}
-                    ProbeState::Below => next.extend_from_slice(tree.subdirs(&d)),
-                    ProbeState::Differs => {
-                        next.extend_from_slice(tree.subdirs(&d));
-                        changed.insert(d);
-                    }
-                    ProbeState::Absent => {
-                        // New on the target: the whole subtree goes, no need to ask further.
-                        let mut stack = vec![d];
-                        while let Some(x) = stack.pop() {
-                            stack.extend_from_slice(tree.subdirs(&x));
-                            changed.insert(x);
-                        }
-                    }
-                }
+            match self.recv()? {
+                Response::Probed(s) if s.len() == n => Ok(s.into_iter().map(Into::into).collect()),
+                other => Err(self.unexpected(&other)),
             }
-            frontier = next;
-        }
-        Ok(changed)
+        })
     }
 
     /// Fetches the rsync signatures of every delta basis, in one round trip.

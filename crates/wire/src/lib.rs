@@ -154,6 +154,29 @@ pub enum ProbeState {
     Absent,
 }
 
+impl From<flip_manifest::DirState> for ProbeState {
+    fn from(s: flip_manifest::DirState) -> Self {
+        use flip_manifest::DirState;
+        match s {
+            DirState::Same => Self::Same,
+            DirState::Below => Self::Below,
+            DirState::Differs => Self::Differs,
+            DirState::Absent => Self::Absent,
+        }
+    }
+}
+
+impl From<ProbeState> for flip_manifest::DirState {
+    fn from(s: ProbeState) -> Self {
+        match s {
+            ProbeState::Same => Self::Same,
+            ProbeState::Below => Self::Below,
+            ProbeState::Differs => Self::Differs,
+            ProbeState::Absent => Self::Absent,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SigItem {
     pub index: u32,
