@@ -330,6 +330,12 @@ mod tests {
             .all(|f| f.source == Source::Transfer { basis: None }));
     }
 
+    /// How the plan gets the file at `path`.
+    fn source_of(plan: &Plan, path: &str) -> Source {
+        let step = plan.files.iter().find(|f| f.path.as_str() == path);
+        step.unwrap().source.clone()
+    }
+
     #[test]
     fn links_renames_copies_and_deltas() {
         let prev = m(&[
@@ -347,14 +353,7 @@ mod tests {
             ("fresh", b"new", 0o644),
         ]);
         let plan = plan(Some(&prev), &new);
-        let src = |path: &str| {
-            plan.files
-                .iter()
-                .find(|f| f.path.as_str() == path)
-                .unwrap()
-                .source
-                .clone()
-        };
+        let src = |path: &str| source_of(&plan, path);
         assert_eq!(src("same"), Source::Link(p("same")));
         // Links join only the same path: a rename is a local copy.
         assert_eq!(src("d/new-name"), Source::Copy(p("old-name")));
@@ -389,14 +388,7 @@ mod tests {
             ("storage/app.log", b"", 0o644),
         ]);
         let plan = plan(Some(&prev), &new);
-        let src = |path: &str| {
-            plan.files
-                .iter()
-                .find(|f| f.path.as_str() == path)
-                .unwrap()
-                .source
-                .clone()
-        };
+        let src = |path: &str| source_of(&plan, path);
         assert_eq!(src("c"), Source::Copy(p("a")));
         // Empty files are created, never linked, even at the same path.
         assert_eq!(src("public/.gitkeep"), Source::Copy(p("public/.gitkeep")));
