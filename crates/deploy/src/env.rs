@@ -57,24 +57,16 @@ pub fn switch(
     purpose: Purpose,
     events: &dyn Events,
 ) -> Vec<SwitchOutcome> {
-    let locked: Vec<Result<Locked, DeployError>> = std::thread::scope(|sc| {
-        let jobs: Vec<_> = targets
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                sc.spawn(move || {
-                    let mut session = locked_session(t, o, purpose, &mut |h| events.waiting(i, h))?;
-                    let (current, releases) = session.status()?;
-                    Ok(Locked {
-                        session,
-                        current,
-                        releases,
-                    })
-                })
+    let locked: Vec<Result<Locked, DeployError>> =
+        crate::each_in_parallel(targets.iter().enumerate(), |(i, t)| {
+            let mut session = locked_session(t, o, purpose, &mut |h| events.waiting(i, h))?;
+            let (current, releases) = session.status()?;
+            Ok(Locked {
+                session,
+                current,
+                releases,
             })
-            .collect();
-        jobs.into_iter().map(|j| j.join().unwrap()).collect()
-    });
+        });
     let mut out: Vec<SwitchOutcome> = targets
         .iter()
         .zip(&locked)
@@ -137,24 +129,16 @@ pub fn switch(
         return out;
     }
     // Phase 2: every target resolved and locked.
-    let results: Vec<Result<(), DeployError>> = std::thread::scope(|sc| {
-        let jobs: Vec<_> = sessions
-            .iter_mut()
-            .zip(&out)
-            .map(|(s, o)| {
-                sc.spawn(move || {
-                    let s = s.as_mut().expect("every target is locked");
-                    let id = o.release.expect("every target resolved");
-                    if s.current == Some(id) {
-                        return Ok(());
-                    }
-                    s.session.activate(id)?;
-                    Ok(())
-                })
-            })
-            .collect();
-        jobs.into_iter().map(|j| j.join().unwrap()).collect()
-    });
+    let results: Vec<Result<(), DeployError>> =
+        crate::each_in_parallel(sessions.iter_mut().zip(&out), |(s, o)| {
+            let s = s.as_mut().expect("every target is locked");
+            let id = o.release.expect("every target resolved");
+            if s.current == Some(id) {
+                return Ok(());
+            }
+            s.session.activate(id)?;
+            Ok(())
+        });
     let failed: Vec<String> = results
         .iter()
         .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))

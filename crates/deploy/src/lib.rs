@@ -686,34 +686,25 @@ fn abort(hosts: &mut [Result<Host, Failed>], events: &Arc<dyn Events>) -> Vec<Ho
         .filter_map(|h| h.as_ref().err().map(|f| f.error.to_string()))
         .collect();
     let why = format!("another target failed ({})", culprits.join("; "));
-    std::thread::scope(|sc| {
-        let jobs: Vec<_> = hosts
-            .iter_mut()
-            .map(|h| {
-                let why = &why;
-                sc.spawn(move || match h {
-                    Err(_) => HostState::Failed,
-                    Ok(h) if h.unchanged => HostState::Unchanged,
-                    Ok(h) if h.skipped => {
-                        events.phase(h.index, Phase::Discarded);
-                        h.warnings.push(format!("nothing staged: {why}"));
-                        HostState::Discarded
-                    }
-                    Ok(h) => {
-                        if let Err(e) = h.session.discard(h.release) {
-                            h.warnings.push(format!(
-                                "release {} was committed but could not be discarded (it is not live): {e}",
-                                h.release
-                            ));
-                        }
-                        events.phase(h.index, Phase::Discarded);
-                        h.warnings.push(format!("not activated: {why}"));
-                        HostState::Discarded
-                    }
-                })
-            })
-            .collect();
-        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    each_in_parallel(hosts.iter_mut(), |h| match h {
+        Err(_) => HostState::Failed,
+        Ok(h) if h.unchanged => HostState::Unchanged,
+        Ok(h) if h.skipped => {
+            events.phase(h.index, Phase::Discarded);
+            h.warnings.push(format!("nothing staged: {why}"));
+            HostState::Discarded
+        }
+        Ok(h) => {
+            if let Err(e) = h.session.discard(h.release) {
+                h.warnings.push(format!(
+                    "release {} was committed but could not be discarded (it is not live): {e}",
+                    h.release
+                ));
+            }
+            events.phase(h.index, Phase::Discarded);
+            h.warnings.push(format!("not activated: {why}"));
+            HostState::Discarded
+        }
     })
 }
 
@@ -725,23 +716,15 @@ fn activate_all(
     o: &Options,
     events: &Arc<dyn Events>,
 ) -> Vec<HostState> {
-    let results: Vec<Result<(), DeployError>> = std::thread::scope(|sc| {
-        let jobs: Vec<_> = hosts
-            .iter_mut()
-            .map(|h| {
-                sc.spawn(move || {
-                    let h = h.as_mut().ok().expect("phase 1 succeeded everywhere");
-                    if h.unchanged {
-                        return Ok(());
-                    }
-                    events.phase(h.index, Phase::Activating);
-                    h.session.activate(h.release)?;
-                    events.phase(h.index, Phase::Live);
-                    Ok(())
-                })
-            })
-            .collect();
-        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    let results: Vec<Result<(), DeployError>> = each_in_parallel(hosts.iter_mut(), |h| {
+        let h = h.as_mut().ok().expect("phase 1 succeeded everywhere");
+        if h.unchanged {
+            return Ok(());
+        }
+        events.phase(h.index, Phase::Activating);
+        h.session.activate(h.release)?;
+        events.phase(h.index, Phase::Live);
+        Ok(())
     });
     let failed: Vec<String> = results
         .iter()
@@ -848,15 +831,10 @@ fn finish(
     o: &Options,
 ) -> Vec<HostOutcome> {
     // Sessions end in parallel: each close waits for its agent to exit.
-    std::thread::scope(|sc| {
-        let jobs: Vec<_> = hosts
-            .into_iter()
-            .zip(states.iter())
-            .zip(targets)
-            .map(|((h, state), t)| sc.spawn(move || outcome(h, *state, t, o)))
-            .collect();
-        jobs.into_iter().map(|j| j.join().unwrap()).collect()
-    })
+    each_in_parallel(
+        hosts.into_iter().zip(states.iter()).zip(targets),
+        |((h, state), t)| outcome(h, *state, t, o),
+    )
 }
 
 /// Closes a target's session and says how it ended.
@@ -1139,4 +1117,20 @@ mod tests {
         std::fs::create_dir_all(&d).unwrap();
         d
     }
+}
+
+/// `f` of every item, each on a thread of its own (one per target: the work is waiting on a
+/// connection, not computing), results in the items' order. A panic in one is re-raised.
+pub(crate) fn each_in_parallel<T: Send, R: Send>(
+    items: impl IntoIterator<Item = T>,
+    f: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
+    let f = &f;
+    std::thread::scope(|sc| {
+        let jobs: Vec<_> = items
+            .into_iter()
+            .map(|item| sc.spawn(move || f(item)))
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    })
 }
