@@ -106,18 +106,8 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            // A real delta of the basis edited by the rest of the input: pairs of (offset, byte)
-            // overwrite, a tail appends.
-            let mut new = basis.to_vec();
-            let (edits, append) = tail.split_at(tail.len() / 2);
-            for e in edits.chunks_exact(3) {
-                if new.is_empty() {
-                    break;
-                }
-                let at = u16::from_le_bytes([e[0], e[1]]) as usize % new.len();
-                new[at] = e[2];
-            }
-            new.extend_from_slice(append);
+            // A real delta of the basis edited by the rest of the input (`flip_fuzz::edited`).
+            let new = flip_fuzz::edited(basis, tail);
             let block = 64u32;
             let sig = fast_rsync::Signature::calculate(
                 basis,

@@ -67,16 +67,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            let mut new = basis.to_vec();
-            let (edits, append) = tail.split_at(tail.len() / 2);
-            for e in edits.chunks_exact(3) {
-                if new.is_empty() {
-                    break;
-                }
-                let at = u16::from_le_bytes([e[0], e[1]]) as usize % new.len();
-                new[at] = e[2];
-            }
-            new.extend_from_slice(append);
+            let new = flip_fuzz::edited(basis, tail);
             let mut enc = zstd::stream::raw::Encoder::with_ref_prefix(3, basis).unwrap();
             let patch = {
                 use zstd::stream::raw::{InBuffer, Operation, OutBuffer};

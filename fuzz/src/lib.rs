@@ -124,3 +124,20 @@ pub fn frame<T: serde::Serialize>(msg: &T) -> Vec<u8> {
     w.finish().expect("writing to memory");
     buf.take()
 }
+
+/// `basis` edited as `input` says: its first half, taken three bytes at a time, overwrites the
+/// byte at a little-endian `u16` offset (modulo the length) with the third; its second half is
+/// appended. A new version of a file for the delta and patch targets.
+pub fn edited(basis: &[u8], input: &[u8]) -> Vec<u8> {
+    let mut new = basis.to_vec();
+    let (edits, append) = input.split_at(input.len() / 2);
+    for e in edits.chunks_exact(3) {
+        if new.is_empty() {
+            break;
+        }
+        let at = u16::from_le_bytes([e[0], e[1]]) as usize % new.len();
+        new[at] = e[2];
+    }
+    new.extend_from_slice(append);
+    new
+}
