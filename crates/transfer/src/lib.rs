@@ -228,15 +228,24 @@ impl Session {
         self.tx.flush().map_err(|e| self.agent_error_or(e))
     }
 
+    /// A failed send's error: the agent's own, when it said why before it stopped reading.
     fn agent_error_or(&mut self, e: WireError) -> TransferError {
+        match self.answer() {
+            Ok(r @ Response::Error { .. }) => self.unexpected(&r),
+            _ => self.wire(e),
+        }
+    }
+
+    /// The next message of the agent that is not a notice (notices are kept, see
+    /// [`Session::take_warnings`] and [`Session::leftovers`]).
+    fn answer(&mut self) -> std::result::Result<Response, WireError> {
         loop {
-            match self.rx.recv::<Response>() {
-                Ok(Response::Notices {
+            match self.rx.recv::<Response>()? {
+                Response::Notices {
                     warnings,
                     leftovers,
-                }) => self.note(warnings, leftovers),
-                Ok(r @ Response::Error { .. }) => return self.unexpected(&r),
-                _ => return self.wire(e),
+                } => self.note(warnings, leftovers),
+                r => return Ok(r),
             }
         }
     }
@@ -263,19 +272,11 @@ impl Session {
     }
 
     fn recv(&mut self) -> Result<Response> {
-        loop {
-            match self.rx.recv::<Response>() {
-                Ok(Response::Notices {
-                    warnings,
-                    leftovers,
-                }) => self.note(warnings, leftovers),
-                Ok(r @ Response::Error { .. }) => return Err(self.unexpected(&r)),
-                Ok(r) => return Ok(r),
-                Err(WireError::Closed) => {
-                    return Err(self.protocol("the agent ended the session".into()))
-                }
-                Err(e) => return Err(self.wire(e)),
-            }
+        match self.answer() {
+            Ok(r @ Response::Error { .. }) => Err(self.unexpected(&r)),
+            Ok(r) => Ok(r),
+            Err(WireError::Closed) => Err(self.protocol("the agent ended the session".into())),
+            Err(e) => Err(self.wire(e)),
         }
     }
 
