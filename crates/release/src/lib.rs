@@ -472,7 +472,12 @@ impl Root {
     /// Releases whose stored manifest does not match the digest their metadata recorded are
     /// skipped with a warning.
     pub fn rollback_target(&self, current: u64) -> Result<u64> {
-        for r in self.releases()?.iter().rev().filter(|r| r.id < current) {
+        self.rollback_target_in(&self.releases()?, current)
+    }
+
+    /// [`Root::rollback_target`] among `releases`, a listing already made (oldest first).
+    fn rollback_target_in(&self, releases: &[ReleaseInfo], current: u64) -> Result<u64> {
+        for r in releases.iter().rev().filter(|r| r.id < current) {
             match self.manifest_intact(r) {
                 Ok(()) => return Ok(r.id),
                 Err(e) => self.warn(format!("release {} cannot be rolled back to: {e}", r.id)),
@@ -564,7 +569,7 @@ impl Root {
         let current = self.current()?;
         let protected: Vec<u64> = match current {
             Some(c) => std::iter::once(c)
-                .chain(self.rollback_target(c).ok())
+                .chain(self.rollback_target_in(&releases, c).ok())
                 .collect(),
             None => Vec::new(),
         };
