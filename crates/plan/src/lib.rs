@@ -22,6 +22,7 @@
 //! and mode decide what changed.
 
 pub mod report;
+pub mod shared;
 
 use std::collections::HashMap;
 
