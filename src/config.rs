@@ -24,6 +24,16 @@ pub struct Settings {
     pub parallel: Option<usize>,
     /// zstd level of the connections, 0-19.
     pub compress_level: Option<i32>,
+    /// Directories kept once under the target's `shared/`, linked from every release.
+    pub shared_dirs: Option<Vec<String>>,
+    /// Files kept once under the target's `shared/`, linked from every release.
+    pub shared_files: Option<Vec<String>>,
+    /// Directories that must exist with `writable_mode` after a deploy.
+    pub writable_dirs: Option<Vec<String>>,
+    /// Octal permission bits of the writable directories (default "0775").
+    pub writable_mode: Option<String>,
+    /// `user` or `user:group` of the writable directories, when the agent runs as root.
+    pub writable_owner: Option<String>,
 }
 
 // No `#[serde(flatten)]`: it defeats `deny_unknown_fields` and the spans of type errors.
@@ -36,6 +46,11 @@ struct EnvShape {
     keep: Option<u32>,
     parallel: Option<usize>,
     compress_level: Option<i32>,
+    shared_dirs: Option<Vec<String>>,
+    shared_files: Option<Vec<String>>,
+    writable_dirs: Option<Vec<String>>,
+    writable_mode: Option<String>,
+    writable_owner: Option<String>,
 }
 
 #[derive(Debug)]
@@ -52,6 +67,11 @@ struct FileShape {
     keep: Option<u32>,
     parallel: Option<usize>,
     compress_level: Option<i32>,
+    shared_dirs: Option<Vec<String>>,
+    shared_files: Option<Vec<String>>,
+    writable_dirs: Option<Vec<String>>,
+    writable_mode: Option<String>,
+    writable_owner: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, EnvShape>,
 }
@@ -73,10 +93,80 @@ pub struct Resolved {
     pub keep: (u32, &'static str),
     pub parallel: (usize, &'static str),
     pub compress_level: (Option<i32>, &'static str),
+    pub shared_dirs: (Vec<String>, &'static str),
+    pub shared_files: (Vec<String>, &'static str),
+    pub writable_dirs: (Vec<String>, &'static str),
+    pub writable_mode: (String, &'static str),
+    pub writable_owner: (Option<String>, &'static str),
 }
 
 /// Default of `keep`.
 pub const KEEP: u32 = 5;
+
+/// Default of `writable_mode`.
+pub const WRITABLE_MODE: &str = "0775";
+
+impl Settings {
+    /// The shared-path settings (`shared_dirs`, `shared_files`, `writable_dirs`,
+    /// `writable_mode`) checked, and `writable_owner`. An error (exit 2) names `file` and the key
+    /// (`prefix` is `env.NAME.` for an environment's table).
+    pub fn shared(
+        &self,
+        file: &Path,
+        prefix: &str,
+    ) -> Result<(flip_plan::shared::SharedPaths, Option<String>)> {
+        let bad = |key: &str, msg: String| {
+            exit::coded(
+                exit::USAGE,
+                format!("{}: {prefix}{key}: {msg}", file.display()),
+            )
+        };
+        let paths = |key: &str, v: &Option<Vec<String>>| -> Result<Vec<flip_manifest::RelPath>> {
+            v.iter()
+                .flatten()
+                .map(|p| {
+                    flip_manifest::RelPath::new(p.trim_end_matches('/'))
+                        .map_err(|e| bad(key, format!("{p:?} is not a relative path inside the release: {e}")))
+                })
+                .collect()
+        };
+        let mode_text = self.writable_mode.as_deref().unwrap_or(WRITABLE_MODE);
+        let writable_mode = u32::from_str_radix(mode_text, 8)
+            .ok()
+            .filter(|m| m & !0o7777 == 0)
+            .ok_or_else(|| {
+                bad(
+                    "writable_mode",
+                    format!("{mode_text:?} is not an octal mode such as \"0775\""),
+                )
+            })?;
+        if let Some(o) = &self.writable_owner {
+            let ok = |s: &str| !s.is_empty() && !s.contains(|c: char| c == ':' || c.is_whitespace());
+            let valid = match o.split_once(':') {
+                Some((u, g)) => ok(u) && ok(g),
+                None => ok(o),
+            };
+            if !valid {
+                return Err(bad("writable_owner", format!("{o:?} is not \"user\" or \"user:group\"")));
+            }
+        }
+        let s = flip_plan::shared::SharedPaths {
+            dirs: paths("shared_dirs", &self.shared_dirs)?,
+            files: paths("shared_files", &self.shared_files)?,
+            writable: paths("writable_dirs", &self.writable_dirs)?,
+            writable_mode,
+        };
+        s.validate().map_err(|e| {
+            let key = match e {
+                flip_plan::shared::SharedError::WritableInFile { .. }
+                | flip_plan::shared::SharedError::BadMode(_) => "writable_dirs",
+                _ => "shared_dirs/shared_files",
+            };
+            bad(key, e.to_string())
+        })?;
+        Ok((s, self.writable_owner.clone()))
+    }
+}
 
 impl Config {
     /// `explicit` (`--config FILE`, which must exist), else `./flip.toml` if there is one.
@@ -113,6 +203,11 @@ impl Config {
                 keep: env.keep,
                 parallel: env.parallel,
                 compress_level: env.compress_level,
+                shared_dirs: env.shared_dirs,
+                shared_files: env.shared_files,
+                writable_dirs: env.writable_dirs,
+                writable_mode: env.writable_mode,
+                writable_owner: env.writable_owner,
             };
             let targets = env.targets;
             envs.insert(name, Env { targets, settings });
@@ -123,7 +218,15 @@ impl Config {
             keep: shape.keep,
             parallel: shape.parallel,
             compress_level: shape.compress_level,
+            shared_dirs: shape.shared_dirs,
+            shared_files: shape.shared_files,
+            writable_dirs: shape.writable_dirs,
+            writable_mode: shape.writable_mode,
+            writable_owner: shape.writable_owner,
         };
+        for (name, env) in envs.iter().map(|(n, e)| (format!("env.{n}."), &e.settings)).chain([(String::new(), &top)]) {
+            env.shared(&path, &name)?;
+        }
         Ok(Some(Config { path, top, envs }))
     }
 
@@ -179,6 +282,17 @@ impl Config {
             keep: pick(&e.keep, &t.keep, envkey).unwrap_or((KEEP, "default")),
             parallel: pick(&e.parallel, &t.parallel, envkey).unwrap_or((0, "default")),
             compress_level: pick(&e.compress_level, &t.compress_level, envkey)
+                .map(|(v, f)| (Some(v), f))
+                .unwrap_or((None, "default")),
+            shared_dirs: pick(&e.shared_dirs, &t.shared_dirs, envkey)
+                .unwrap_or((Vec::new(), "default")),
+            shared_files: pick(&e.shared_files, &t.shared_files, envkey)
+                .unwrap_or((Vec::new(), "default")),
+            writable_dirs: pick(&e.writable_dirs, &t.writable_dirs, envkey)
+                .unwrap_or((Vec::new(), "default")),
+            writable_mode: pick(&e.writable_mode, &t.writable_mode, envkey)
+                .unwrap_or((WRITABLE_MODE.to_string(), "default")),
+            writable_owner: pick(&e.writable_owner, &t.writable_owner, envkey)
                 .map(|(v, f)| (Some(v), f))
                 .unwrap_or((None, "default")),
         })

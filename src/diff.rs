@@ -91,7 +91,8 @@ struct Ranked {
     cold: (Via, u64),
 }
 
-pub fn run(a: DiffArgs) -> Result<i32> {
+/// `flip diff OLD NEW`; with `shared` paths, both trees as the releases a deploy records.
+pub fn run(a: DiffArgs, shared: Option<&flip_plan::shared::SharedPaths>) -> Result<i32> {
     let scan = |dir: &Path| -> Result<Manifest> {
         if !dir.is_dir() {
             return Err(exit::coded(
@@ -106,8 +107,12 @@ pub fn run(a: DiffArgs) -> Result<i32> {
         };
         Ok(flip_scan::scan(dir, &opts)?.manifest)
     };
-    let old = scan(&a.old)?;
-    let new = scan(&a.new)?;
+    let mut old = scan(&a.old)?;
+    let mut new = scan(&a.new)?;
+    if let Some(shared) = shared {
+        old = crate::shared_release(shared, &old)?;
+        new = crate::shared_release(shared, &new)?;
+    }
     let plan = flip_plan::plan(Some(&old), &new);
     let mut changes = flip_plan::report::changes(Some(&old), &new, &plan);
     let files: Vec<(&RelPath, Digest)> = new.files().map(|(p, _, _, d)| (p, *d)).collect();

@@ -90,8 +90,16 @@ fn run(cli: Cli) -> Result<i32> {
         return init(a);
     }
     // `flip diff` needs no target and no settings: a broken flip.toml does not stop it.
+    // Its shared paths are the file's top level's, when it has any (so shared paths, links in
+    // every release by design, are no change).
     if let Command::Diff(a) = cli.command {
-        return diff::run(a);
+        let shared = Config::load(cli.config.as_deref())
+            .ok()
+            .flatten()
+            .and_then(|c| c.top().shared(&c.path, "").ok())
+            .map(|(s, _)| s)
+            .filter(|s| !s.is_empty());
+        return diff::run(a, shared.as_ref());
     }
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
@@ -272,6 +280,11 @@ fn deploy_options(
                 keep: Some(r.keep.0),
                 parallel: Some(r.parallel.0),
                 compress_level: r.compress_level.0,
+                shared_dirs: Some(r.shared_dirs.0.clone()),
+                shared_files: Some(r.shared_files.0.clone()),
+                writable_dirs: Some(r.writable_dirs.0.clone()),
+                writable_mode: Some(r.writable_mode.0.clone()),
+                writable_owner: r.writable_owner.0.clone(),
             };
             (source, targets, Some(a.first.clone()), settings)
         }
@@ -283,7 +296,7 @@ fn deploy_options(
         (None, None) => None,
     };
     let mut excludes = if a.exclude.is_empty() {
-        settings.exclude.unwrap_or_default()
+        settings.exclude.clone().unwrap_or_default()
     } else {
         a.exclude.clone()
     };
@@ -297,7 +310,13 @@ fn deploy_options(
             excludes.push(glob);
         }
     }
+    let (shared, writable_owner) = match cfg {
+        Some(c) => settings.shared(&c.path, "")?,
+        None => Default::default(),
+    };
     let o = Options {
+        shared,
+        writable_owner,
         source,
         excludes,
         flipignore: !a.no_flipignore,
@@ -362,15 +381,33 @@ fn dry_runs(
     for w in &scan.warnings {
         eprintln!("flip: warning: {}", output::printable(w));
     }
+    // The release as the deploy records it: shared paths are symlinks whatever shared/ holds.
+    let manifest = match o.shared.is_empty() {
+        true => scan.manifest,
+        false => shared_release(&o.shared, &scan.manifest)?,
+    };
     let mut hosts = Vec::new();
     for t in targets {
-        hosts.push(dry_run(a, o, t, &scan.manifest, started, env.is_none())?);
+        hosts.push(dry_run(a, o, t, &manifest, started, env.is_none())?);
     }
     if env.is_some() && a.common.json {
         println!("{}", json!({"hosts": hosts}));
     }
     Ok(exit::OK)
 }
+/// The release a deploy of `scanned` records with shared paths `shared` (the same whatever the
+/// target's `shared/` holds): every shared path a symlink into `shared/`.
+pub fn shared_release(
+    shared: &flip_plan::shared::SharedPaths,
+    scanned: &flip_manifest::Manifest,
+) -> Result<flip_manifest::Manifest> {
+    let all = shared.all().into_iter().map(|(p, _)| p).collect();
+    Ok(shared
+        .apply(scanned, &all)
+        .map_err(|e| exit::coded(exit::SOURCE, e.to_string()))?
+        .release)
+}
+
 /// `deploy --dry-run`: plan against the live release's manifest; no lock, no change. Predicts
 /// with the deploy's own rules and knowledge: the live manifest from the local cache when the
 /// deploy would have it there (only then can changed files go as patches, from the content
@@ -497,6 +534,8 @@ fn command_options(common: &Common) -> Options {
         itemize: false,
         cache_dir: None,
         compress_level: Some(0),
+        shared: Default::default(),
+        writable_owner: None,
         wait: common.wait,
         force_release: false,
         parallel: 0,
@@ -797,10 +836,18 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
                 "keep": r.keep.0,
                 "parallel": r.parallel.0,
                 "compress_level": r.compress_level.0,
+                "shared_dirs": r.shared_dirs.0,
+                "shared_files": r.shared_files.0,
+                "writable_dirs": r.writable_dirs.0,
+                "writable_mode": r.writable_mode.0,
+                "writable_owner": r.writable_owner.0,
                 "from": {
                     "source": source.as_ref().map(|s| s.1),
                     "exclude": r.exclude.1, "keep": r.keep.1, "parallel": r.parallel.1,
                     "compress_level": r.compress_level.1,
+                    "shared_dirs": r.shared_dirs.1, "shared_files": r.shared_files.1,
+                    "writable_dirs": r.writable_dirs.1, "writable_mode": r.writable_mode.1,
+                    "writable_owner": r.writable_owner.1,
                 },
             })
         );
@@ -826,6 +873,14 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
         match r.compress_level.0 {
             Some(l) => println!("compress_level = {l}  # {}", r.compress_level.1),
             None => println!("# compress_level: default (3 over SSH, off locally)"),
+        }
+        println!("shared_dirs = {:?}  # {}", r.shared_dirs.0, r.shared_dirs.1);
+        println!("shared_files = {:?}  # {}", r.shared_files.0, r.shared_files.1);
+        println!("writable_dirs = {:?}  # {}", r.writable_dirs.0, r.writable_dirs.1);
+        println!("writable_mode = {:?}  # {}", r.writable_mode.0, r.writable_mode.1);
+        match &r.writable_owner.0 {
+            Some(o) => println!("writable_owner = {o:?}  # {}", r.writable_owner.1),
+            None => println!("# writable_owner: not set (the deploy user)"),
         }
     }
     Ok(exit::OK)

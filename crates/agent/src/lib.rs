@@ -79,6 +79,7 @@ impl AgentError {
 type Result<T, E = AgentError> = std::result::Result<T, E>;
 
 mod apply;
+mod shared;
 
 use apply::{How, Pool};
 use std::sync::Arc;
@@ -126,6 +127,8 @@ struct Session {
     /// The release this session committed: the only one `Discard` may remove, and only while it
     /// is not live (a multi-host deploy switching back after another target failed).
     discardable: Option<u64>,
+    /// The shared-path settings of this deploy and what `shared/` held ([`Request::Shared`]).
+    shared: Option<shared::Settings>,
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -148,6 +151,7 @@ pub fn serve(
         created: None,
         committed: false,
         discardable: None,
+        shared: None,
     };
     let r = s.run(&mut rx, &mut tx);
     // Teardown, on every path: the staging directory goes first, then a target this session
@@ -679,6 +683,23 @@ impl Session {
                     id: root.live_intact(&digest)?,
                 }
             }
+            Request::Shared {
+                dirs,
+                files,
+                writable,
+                mode,
+                owner,
+            } => {
+                let root = self.root(false)?;
+                let lock = self.locked()?;
+                if self.stage.is_some() {
+                    return Err(AgentError::Protocol("Shared after Stage".into()));
+                }
+                let settings = shared::Settings::check(root, lock, dirs, files, writable, mode, owner)?;
+                let present = settings.present.iter().cloned().collect();
+                self.shared = Some(settings);
+                Response::SharedState { present }
+            }
             Request::Bye => unreachable!("handled by run"),
         }))
     }
@@ -790,7 +811,14 @@ impl Session {
             return Err(RelError::BadRequest("manifest does not match its digest".into()).into());
         }
         drop(bytes);
-        let stage = root.stage_after(self.locked()?, manifest, label, live_manifest)?;
+        let commit = match &self.shared {
+            Some(settings) => Some(settings.commit_for(&manifest)?),
+            None => None,
+        };
+        let mut stage = root.stage_after(self.locked()?, manifest, label, live_manifest)?;
+        if let Some(c) = commit {
+            stage.set_shared(c)?;
+        }
         // Refuse up front (the stage is dropped, so removed) content that cannot fit.
         check_space(root.path(), &stage)?;
         let resp = Response::Staged {

@@ -23,7 +23,9 @@ mod target;
 pub use env::{label_rows, switch, LabelRow, SwitchOutcome, SwitchPlan};
 pub use target::{SshSettings, Target};
 
-use flip_manifest::{Digest, Manifest};
+use flip_manifest::{Digest, Manifest, RelPath};
+use flip_plan::shared::SharedPaths;
+use std::collections::BTreeSet;
 use flip_plan::report::{Counts, Item};
 use flip_transfer::{ContentCache, ManifestCache, Session, TransferError};
 use flip_wire::{Holder, Leftover, Purpose, ReleaseSummary};
@@ -83,6 +85,12 @@ pub struct Options {
     /// Targets worked on at once in phase 1; 0 = all.
     pub parallel: usize,
     pub ssh: SshSettings,
+    /// Shared paths and writable directories (`shared_dirs`, `shared_files`, `writable_dirs`,
+    /// `writable_mode`); empty: none, and the agent is not asked about them.
+    pub shared: SharedPaths,
+    /// `writable_owner`: `user` or `user:group` of the writable directories, applied where the
+    /// agent runs as root.
+    pub writable_owner: Option<String>,
 }
 
 /// What the binary hears while a deploy runs (progress lines). Called from worker threads.
@@ -252,6 +260,9 @@ pub fn deploy(
 ) -> Result<Deployment, DeployError> {
     let started = Instant::now();
     let source = checked_source(&o.source, targets)?;
+    if !o.shared.is_empty() {
+        check_shared_source(&source, &o.shared)?;
+    }
     let caches = Arc::new(Caches::open(o.cache_dir.as_deref()));
     // Phase 1 on every target (connect and lock, describe, stage, send, commit), its
     // connections opened while the source is scanned, once for all of them.
@@ -265,7 +276,13 @@ pub fn deploy(
     let mut states = if hosts.iter().any(|h| h.is_err()) {
         abort(&mut hosts, &events)
     } else {
-        caches.remember(&scan.manifest);
+        let mut manifests: Vec<&Manifest> = hosts
+            .iter()
+            .filter_map(|h| h.as_ref().ok())
+            .map(|h| h.manifest.as_deref().unwrap_or(&scan.manifest))
+            .collect();
+        manifests.dedup_by(|a, b| a.digest() == b.digest());
+        caches.remember(&manifests);
         match o.activate {
             true => activate_all(&mut hosts, targets, o, &events),
             false => vec![HostState::Staged; hosts.len()],
@@ -302,6 +319,10 @@ struct Host {
     report: Option<flip_transfer::DeployReport>,
     pruned: Vec<u64>,
     warnings: Vec<String>,
+    /// The shared paths the target's `shared/` already had.
+    present: BTreeSet<RelPath>,
+    /// The release's manifest when shared paths make it differ from the scan's.
+    manifest: Option<Arc<Manifest>>,
 }
 
 /// A failed target: the error, and the release live on it if the client saw it.
@@ -338,6 +359,55 @@ fn checked_source(source: &Path, targets: &[Target]) -> Result<PathBuf, DeployEr
         refuse_overlap(&abs, t)?;
     }
     Ok(abs)
+}
+
+/// Refuses, before any connection, a source whose shared path is of the wrong kind (a file
+/// where a directory is shared, a symlink) or sits below something that is not a directory.
+fn check_shared_source(source: &Path, shared: &SharedPaths) -> Result<(), DeployError> {
+    shared
+        .validate()
+        .map_err(|e| DeployError::Usage(e.to_string()))?;
+    let mut checks: Vec<(RelPath, Option<flip_plan::shared::SharedKind>)> =
+        shared.all().into_iter().map(|(p, k)| (p, Some(k))).collect();
+    checks.extend(shared.writable_in_release().into_iter().map(|p| (p, None)));
+    for (p, kind) in checks {
+        let comps: Vec<&str> = p.components().collect();
+        let mut cur = source.to_path_buf();
+        for (i, c) in comps.iter().enumerate() {
+            cur.push(c);
+            let last = i + 1 == comps.len();
+            let m = match std::fs::symlink_metadata(&cur) {
+                Ok(m) => m,
+                Err(_) => break,
+            };
+            let (ok, expected) = match (last, kind) {
+                (true, Some(flip_plan::shared::SharedKind::File)) => (m.is_file(), "a regular file"),
+                _ => (m.is_dir(), "a directory"),
+            };
+            if !ok {
+                let found = if m.file_type().is_symlink() {
+                    "a symlink"
+                } else if m.is_dir() {
+                    "a directory"
+                } else if m.is_file() {
+                    "a regular file"
+                } else {
+                    "a special file"
+                };
+                let why = match (last, kind) {
+                    (true, Some(flip_plan::shared::SharedKind::Dir)) => "it is in shared_dirs".into(),
+                    (true, Some(flip_plan::shared::SharedKind::File)) => "it is in shared_files".into(),
+                    (true, None) => "it is in writable_dirs".into(),
+                    _ => format!("{p} is below it"),
+                };
+                return Err(DeployError::Source(format!(
+                    "{} is {found} in the source, but {why}: it must be {expected} (or absent); nothing was deployed",
+                    cur.display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn scan_source(source: &Path, o: &Options) -> Result<flip_scan::ScanOutput, DeployError> {
@@ -389,9 +459,11 @@ impl Caches {
     }
 
     /// Keeps `m` (the next deploy sends only its difference) and the content sent.
-    fn remember(&self, m: &Manifest) {
-        if let Some(Err(e)) = self.manifests.as_ref().map(|c| c.put(m)) {
-            eprintln!("flip: warning: cannot cache the manifest: {e}");
+    fn remember(&self, ms: &[&Manifest]) {
+        for m in ms {
+            if let Some(Err(e)) = self.manifests.as_ref().map(|c| c.put(m)) {
+                eprintln!("flip: warning: cannot cache the manifest: {e}");
+            }
         }
         if let Some(Err(e)) = self.content.as_ref().map(|c| c.finish()) {
             eprintln!("flip: warning: cannot keep deployed content in the cache: {e}");
@@ -529,6 +601,12 @@ fn prepare(
     failed: &AtomicBool,
 ) -> Result<Host, Failed> {
     let mut host = Host::connect_and_lock(index, target, o, events)?;
+    if !o.shared.is_empty() {
+        host.present = host
+            .session
+            .shared(&o.shared, o.writable_owner.as_deref())
+            .map_err(|e| host.fail(e.into()))?;
+    }
     events.phase(index, Phase::Scanning);
     let Some(scan) = scanned.wait() else {
         return Err(host.fail(DeployError::Aborted {
@@ -536,13 +614,28 @@ fn prepare(
             why: "the scan of the source failed".into(),
         }));
     };
-    let live = host.describe(&scan.manifest, o)?;
+    // With shared paths, the release and what is staged (seeds included) follow from the scan
+    // and what this target's shared/ has.
+    let applied = match o.shared.is_empty() {
+        true => None,
+        false => Some(
+            o.shared
+                .apply(&scan.manifest, &host.present)
+                .map_err(|e| host.fail(DeployError::Source(e.to_string())))?,
+        ),
+    };
+    let (release, staged, seeding) = match &applied {
+        Some(a) => (&a.release, &a.staged, !a.seeds.is_empty()),
+        None => (&scan.manifest, &scan.manifest, false),
+    };
+    let live = host.describe(release, o, seeding)?;
     // Another target failed already: no target will go live, so stage nothing here.
     host.skipped = failed.load(Ordering::SeqCst) && !host.unchanged;
     if !host.unchanged && !host.skipped {
         events.phase(index, Phase::Staging);
-        host.stage_send_commit(source, &scan.manifest, live, caches, o)?;
+        host.stage_send_commit(source, staged, live, caches, o)?;
     }
+    host.manifest = applied.map(|a| Arc::new(a.release));
     Ok(host)
 }
 
@@ -575,6 +668,8 @@ impl Host {
             report: None,
             pruned: Vec::new(),
             warnings: Vec::new(),
+            present: BTreeSet::new(),
+            manifest: None,
         })
     }
 
@@ -591,13 +686,19 @@ impl Host {
     }
 
     /// Reads the live release; decides whether it already is `manifest` (intact: then no
-    /// release is made, unless forced). Returns the live manifest's digest.
-    fn describe(&mut self, manifest: &Manifest, o: &Options) -> Result<Option<Digest>, Failed> {
+    /// release is made, unless forced or `seeding`: a shared path to seed). Returns the live
+    /// manifest's digest.
+    fn describe(
+        &mut self,
+        manifest: &Manifest,
+        o: &Options,
+        seeding: bool,
+    ) -> Result<Option<Digest>, Failed> {
         let (current, releases) = self.session.status().map_err(|e| self.fail(e.into()))?;
         self.previous = current;
         self.files = manifest.file_count() as u64;
         let live_digest = live_of(current, &releases).map(|r| r.manifest_digest);
-        if live_digest == Some(manifest.digest()) && !o.force_release {
+        if live_digest == Some(manifest.digest()) && !o.force_release && !seeding {
             let intact = self.session.live_intact(manifest.digest());
             if let Some(id) = intact.map_err(|e| self.fail(e.into()))? {
                 self.release = id;

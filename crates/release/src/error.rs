@@ -70,6 +70,15 @@ pub enum Error {
         found: &'static str,
         expected: &'static str,
     },
+    /// A shared path under `shared/` is of another kind than the settings say (a file where a
+    /// directory is shared, a symlink on the way): nothing was changed.
+    #[error("{} is {found}, not {expected} ({why}): flip changes nothing under shared/ and does not deploy; move it away or change shared_dirs/shared_files", path.display())]
+    SharedConflict {
+        path: PathBuf,
+        found: &'static str,
+        expected: &'static str,
+        why: String,
+    },
     /// The work was stopped because nobody waits for it any more (see [`crate::abandon`]).
     #[error("stopped: the client went away")]
     Abandoned,
@@ -96,6 +105,7 @@ impl Error {
             | Error::CurrentNotSymlink(_)
             | Error::CurrentForeign { .. }
             | Error::Layout { .. }
+            | Error::SharedConflict { .. }
             | Error::IdsExhausted { .. } => ErrorClass::Target,
         }
     }

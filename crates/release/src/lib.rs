@@ -24,12 +24,14 @@ pub mod delta;
 mod error;
 mod fsutil;
 mod lock;
+mod shared;
 mod stage;
 
 pub use delta::{DeltaApplier, DeltaWriter, PatchDecoder, PatchWriter, PATCH_WINDOW_LOG_MAX};
 pub use error::{Error, ErrorClass, Result};
 pub use fsutil::{Leftover, MAX_LEFTOVERS};
 pub use lock::{Holder, LockGuard, Wait};
+pub use shared::{resolve_owner, SharedCommit};
 pub use stage::{FileWriter, Stage, StageStats, PATCH_BASIS_IN_MEMORY};
 
 use error::io;
@@ -211,6 +213,8 @@ impl Root {
         for f in ["lock", "next-id", "log", LEFTOVERS] {
             expect(&state.join(f), Kind::File)?;
         }
+        // The shared paths' home, when there is one, is a real directory.
+        expect(&self.shared_dir(), Kind::Dir)?;
         match fs::symlink_metadata(self.dir.join(CURRENT)) {
             Ok(m) if !m.file_type().is_symlink() => {
                 Err(Error::CurrentNotSymlink(self.dir.join(CURRENT)))
@@ -219,7 +223,8 @@ impl Root {
         }
     }
 
-    fn warn(&self, message: String) {
+    /// Records a warning, sent with the next answer ([`Root::take_warnings`]).
+    pub fn warn(&self, message: String) {
         let mut n = self.notices.lock().unwrap_or_else(|e| e.into_inner());
         if !n.warnings.contains(&message) {
             n.warnings.push(message);

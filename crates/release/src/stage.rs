@@ -86,6 +86,8 @@ pub struct Stage<'r> {
     label: Option<String>,
     stats: StageStats,
     committed: bool,
+    /// Seeds to move into `shared/` and writable directories, at commit.
+    shared: Option<crate::SharedCommit>,
 }
 
 /// The part of a stage that files being written (possibly on several threads at once) update.
@@ -170,6 +172,7 @@ impl Root {
             label,
             stats: StageStats::default(),
             committed: false,
+            shared: None,
         };
         stage.build_tree()?;
         crate::fault_point("after-stage");
@@ -657,6 +660,25 @@ impl<'r> Stage<'r> {
         self.finish_file(w, mtime)
     }
 
+    /// Shared paths for [`Stage::commit`]: the seeds of this staged tree go into `shared/`
+    /// (replaced by their symlinks), the release recorded is `s.release`, and the writable
+    /// directories are made. Refused unless `s.release` is this stage's manifest with exactly the
+    /// seeds replaced by symlinks (the same files otherwise, in the same order).
+    pub fn set_shared(&mut self, s: crate::SharedCommit) -> Result<()> {
+        let kept = self
+            .manifest
+            .files()
+            .filter(|(p, ..)| !s.seeds.iter().any(|(x, _)| flip_plan::shared::is_within(p, x)))
+            .map(|(p, ..)| p);
+        if !kept.eq(s.release.files().map(|(p, ..)| p)) {
+            return Err(Error::BadRequest(
+                "the release's shared paths do not match the staged tree".into(),
+            ));
+        }
+        self.shared = Some(s);
+        Ok(())
+    }
+
     /// Makes the release durable and visible as `releases/<id>` (not live: see
     /// [`Root::activate`]). Fails if any needed file has not been written.
     pub fn commit(mut self) -> Result<ReleaseInfo> {
@@ -683,6 +705,26 @@ impl<'r> Stage<'r> {
         }
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755))
             .map_err(io("chmod", &self.dir))?;
+        if let Some(shared) = self.shared.take() {
+            self.fill_stamps()?;
+            crate::shared::commit_shared(self.root, &self.dir, &self.manifest, &shared)?;
+            // The seeds' files are no longer in the release: keep the others' identities.
+            let seeds = &shared.seeds;
+            let files = &self.plan.files;
+            let p = self.progress.get_mut().unwrap_or_else(|e| e.into_inner());
+            let stamps = std::mem::take(&mut p.stamps);
+            p.stamps = stamps
+                .into_iter()
+                .zip(files)
+                .filter(|(_, f)| {
+                    !seeds
+                        .iter()
+                        .any(|(x, _)| flip_plan::shared::is_within(&f.path, x))
+                })
+                .map(|(st, _)| st)
+                .collect();
+            self.manifest = shared.release;
+        }
         fsutil::syncfs(&self.dir)?;
         let info = ReleaseInfo {
             id: self.id,

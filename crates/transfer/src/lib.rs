@@ -600,6 +600,28 @@ impl Session {
         }
     }
 
+    /// Tells the agent this deploy's shared paths (see [`Request::Shared`]) and returns the ones
+    /// `shared/` already has; an `Err` (the agent's, naming the path) when one there is of
+    /// another kind. `owner`: `user` or `user:group` for writable directories.
+    pub fn shared(
+        &mut self,
+        paths: &flip_plan::shared::SharedPaths,
+        owner: Option<&str>,
+    ) -> Result<BTreeSet<RelPath>> {
+        self.phase = "checking the shared paths";
+        self.send(&Request::Shared {
+            dirs: paths.dirs.clone(),
+            files: paths.files.clone(),
+            writable: paths.writable.clone(),
+            mode: paths.writable_mode,
+            owner: owner.map(str::to_string),
+        })?;
+        match self.recv()? {
+            Response::SharedState { present } => Ok(present.into_iter().collect()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     /// Removes release `id`, committed in this session and not made live (a multi-host deploy
     /// that failed on another target).
     pub fn discard(&mut self, id: u64) -> Result<()> {
@@ -787,5 +809,6 @@ fn name(r: &Response) -> &'static str {
         Response::Changes { .. } => "Changes",
         Response::Discarded { .. } => "Discarded",
         Response::LiveIntact { .. } => "LiveIntact",
+        Response::SharedState { .. } => "SharedState",
     }
 }

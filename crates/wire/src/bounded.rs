@@ -75,6 +75,12 @@ impl Weigh for Need {
     }
 }
 
+impl Weigh for flip_manifest::RelPath {
+    fn heap(&self) -> usize {
+        PATH_COST + self.as_str().len()
+    }
+}
+
 impl Weigh for crate::ProbeState {
     fn heap(&self) -> usize {
         0

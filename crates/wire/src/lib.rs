@@ -38,7 +38,7 @@ use flip_manifest::{Digest, RelPath};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 6;
+pub const PROTOCOL: u32 = 7;
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 32 << 20;
@@ -278,6 +278,25 @@ pub enum Request {
     CheckLive {
         digest: Digest,
     },
+    /// After `Lock`, before `Stage`, on a deploy with shared paths: the shared-path settings
+    /// (`flip_plan::shared::SharedPaths`: `dirs`, `files`, `writable` directories and their
+    /// `mode`; `owner`, `"user"` or `"user:group"`, applied when the agent runs as root). The
+    /// agent checks each `shared/X` without following symlinks and answers
+    /// [`Response::SharedState`], or refuses a conflicting type (naming the path) before anything
+    /// changes. The following `Stage` must then carry the manifest
+    /// `SharedPaths::apply(scan, present).staged`; at commit the agent moves the seeds (shared
+    /// paths not present) into `shared/`, records the release with symlinks, and makes the
+    /// writable directories.
+    Shared {
+        #[serde(deserialize_with = "bounded::vec")]
+        dirs: Vec<RelPath>,
+        #[serde(deserialize_with = "bounded::vec")]
+        files: Vec<RelPath>,
+        #[serde(deserialize_with = "bounded::vec")]
+        writable: Vec<RelPath>,
+        mode: u32,
+        owner: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -380,6 +399,12 @@ pub enum Response {
     /// and intact, else `None`.
     LiveIntact {
         id: Option<u64>,
+    },
+    /// The answer to [`Request::Shared`]: the shared paths `shared/` already has (each of its
+    /// kind); the others are seeded from the release at commit.
+    SharedState {
+        #[serde(deserialize_with = "bounded::vec")]
+        present: Vec<RelPath>,
     },
 }
 

@@ -18,7 +18,7 @@ fn path() -> RelPath {
 #[test]
 fn protocol_version_matches_the_pinned_tags() {
     assert_eq!(
-        PROTOCOL, 6,
+        PROTOCOL, 7,
         "a protocol bump must re-check the tag tables below"
     );
 }
@@ -102,6 +102,16 @@ fn request_tags_are_pinned() {
         (Request::Changes { all: false }, 17),
         (Request::Discard { id: 1 }, 18),
         (Request::CheckLive { digest: d }, 19),
+        (
+            Request::Shared {
+                dirs: vec![path()],
+                files: vec![],
+                writable: vec![],
+                mode: 0o775,
+                owner: None,
+            },
+            20,
+        ),
     ];
     for (req, want) in &cases {
         assert_eq!(tag(req), *want, "tag of {req:?}");
@@ -209,6 +219,12 @@ fn response_tags_are_pinned() {
         ),
         (Response::Discarded { id: 1 }, 17),
         (Response::LiveIntact { id: None }, 18),
+        (
+            Response::SharedState {
+                present: vec![path()],
+            },
+            19,
+        ),
     ];
     for (resp, want) in &cases {
         assert_eq!(tag(resp), *want, "tag of {resp:?}");

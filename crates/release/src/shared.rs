@@ -1,0 +1,302 @@
+//! Shared paths on the target: `shared/X`, kept once and linked from every release
+//! (see `flip_plan::shared`). This module checks what `shared/` holds, and at commit moves a
+//! release's seeds into it and makes the writable directories, never through a symlink: every
+//! directory of `shared/` is opened with `O_NOFOLLOW` relative to its parent's descriptor.
+//! Nothing here ever removes or rewrites anything under `shared/`.
+
+use crate::error::{io, Error, Result};
+use crate::fsutil;
+use crate::{LockGuard, Root};
+use flip_manifest::{EntryKind, Manifest, RelPath};
+use flip_plan::shared::{is_within, link_target, SharedKind, SharedPaths, SHARED_DIR};
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// What a stage does with shared paths at commit ([`crate::Stage::set_shared`]).
+#[derive(Clone, Debug)]
+pub struct SharedCommit {
+    /// Shared paths `shared/` lacks, with their kind: moved there from the staged tree.
+    pub seeds: Vec<(RelPath, SharedKind)>,
+    /// The release as recorded: the staged manifest with each seed replaced by its symlink.
+    pub release: Manifest,
+    /// Writable directories inside the release (given an owner, when there is one).
+    pub writable_release: Vec<RelPath>,
+    /// Writable directories under `shared/` (made if missing, given the mode and the owner).
+    pub writable_shared: Vec<RelPath>,
+    /// Permission bits of writable directories.
+    pub mode: u32,
+    /// Owner (uid, gid) of writable directories; `None`: left as created.
+    pub owner: Option<(u32, u32)>,
+}
+
+fn cstr(s: &str) -> CString {
+    // RelPath components and flip's names hold no NUL.
+    CString::new(s).unwrap_or_default()
+}
+
+fn cvt(r: libc::c_int) -> std::io::Result<()> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Opens directory `name` in `at` without following a symlink, creating it (mode `create`)
+/// when missing and asked to.
+fn open_dir_at(at: &OwnedFd, name: &str, create: Option<u32>) -> std::io::Result<OwnedFd> {
+    let c = cstr(name);
+    if let Some(mode) = create {
+        // SAFETY: mkdirat relative to a directory fd we own, NUL-terminated name.
+        let r = unsafe { libc::mkdirat(at.as_raw_fd(), c.as_ptr(), mode as libc::mode_t) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+        }
+    }
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: openat relative to a directory fd we own; the result is checked.
+    let fd = unsafe { libc::openat(at.as_raw_fd(), c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor returned by openat is ours to own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn open_path_dir(path: &Path) -> std::io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: open with a NUL-terminated path; the result is checked.
+    let fd = unsafe { libc::open(c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor returned by open is ours to own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What `lstat` says of `path`: `None` when it does not exist.
+fn lkind(path: &Path) -> Result<Option<fs::Metadata>> {
+    match fs::symlink_metadata(path) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("inspect", path)(e)),
+    }
+}
+
+impl Root {
+    /// `TARGET/shared`: the shared paths' home (a real directory, never a symlink).
+    pub fn shared_dir(&self) -> PathBuf {
+        self.path().join(SHARED_DIR)
+    }
+
+    /// Which shared paths `shared/` already has, each of its kind (every component a real
+    /// directory, a shared directory a directory, a shared file a regular file), looked at
+    /// with `lstat` only. Refuses ([`Error::SharedConflict`], naming the path) a path of
+    /// another kind, a symlink on the way, or one on the way to a writable directory under
+    /// `shared/`; nothing is changed.
+    pub fn shared_state(&self, _lock: &LockGuard, paths: &SharedPaths) -> Result<BTreeSet<RelPath>> {
+        let base = self.shared_dir();
+        let mut present = BTreeSet::new();
+        match lkind(&base)? {
+            None => return Ok(present),
+            Some(m) if m.is_dir() => {}
+            Some(m) => {
+                return Err(Error::Layout {
+                    path: base,
+                    found: fsutil::kind_of(&m),
+                    expected: "a directory",
+                })
+            }
+        }
+        let walk = |p: &RelPath, last: Option<SharedKind>| -> Result<bool> {
+            let comps: Vec<&str> = p.components().collect();
+            let mut cur = base.clone();
+            for (i, c) in comps.iter().enumerate() {
+                cur.push(c);
+                let expect = if i + 1 == comps.len() {
+                    last.unwrap_or(SharedKind::Dir)
+                } else {
+                    SharedKind::Dir
+                };
+                let Some(m) = lkind(&cur)? else {
+                    return Ok(false);
+                };
+                let ok = match expect {
+                    SharedKind::Dir => m.is_dir(),
+                    SharedKind::File => m.is_file(),
+                };
+                if !ok {
+                    return Err(Error::SharedConflict {
+                        path: cur,
+                        found: fsutil::kind_of(&m),
+                        expected: expect.describe(),
+                        why: match (i + 1 == comps.len(), last) {
+                            (true, Some(SharedKind::Dir)) => format!("{p} is in shared_dirs"),
+                            (true, Some(SharedKind::File)) => format!("{p} is in shared_files"),
+                            _ => format!("{p} is below it"),
+                        },
+                    });
+                }
+            }
+            Ok(true)
+        };
+        for (x, kind) in paths.all() {
+            if walk(&x, Some(kind))? {
+                present.insert(x);
+            }
+        }
+        for w in paths.writable_in_shared() {
+            walk(&w, None)?;
+        }
+        Ok(present)
+    }
+}
+
+/// Moves the seeds of a staged tree (`dir`) into `shared/`, leaving a symlink in their place,
+/// and makes the writable directories. Called by the stage's commit before its `syncfs`
+/// (which makes all of it durable). A file of a seed that shares its inode (a hard link made
+/// from the live release) is first copied to a new inode, so `shared/` never shares one with a
+/// release. A seed `shared/` got meanwhile (the application made it) wins: the staged copy is
+/// dropped with a warning, never written over.
+pub(crate) fn commit_shared(
+    root: &Root,
+    dir: &Path,
+    staged: &Manifest,
+    s: &SharedCommit,
+) -> Result<()> {
+    let base = root.shared_dir();
+    if !s.seeds.is_empty() || !s.writable_shared.is_empty() {
+        match fs::create_dir(&base) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io("create", &base)(e)),
+        }
+    }
+    for (x, _kind) in &s.seeds {
+        let staged_x = dir.join(x.as_str());
+        // Fresh inodes for every file of the seed.
+        for e in staged.entries() {
+            if let EntryKind::File { .. } = e.kind {
+                if is_within(&e.path, x) {
+                    fresh_inode(&dir.join(e.path.as_str()))?;
+                }
+            }
+        }
+        let parent = open_shared_parent(&base, x, None)?;
+        let from = CString::new(staged_x.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        let to = cstr(x.file_name());
+        // SAFETY: renameat2 with NUL-terminated names and a directory fd we own.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                parent.as_raw_fd(),
+                to.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        let shown = base.join(x.as_str());
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(io("move the seed into", &shown)(e));
+            }
+            root.warn(format!(
+                "{} appeared during the deploy: kept as it is, the source's copy was not seeded",
+                shown.display()
+            ));
+            fsutil::remove_tree(&staged_x)?;
+        }
+        cvt(unsafe { libc::fsync(parent.as_raw_fd()) }).map_err(io("fsync", &shown))?;
+        std::os::unix::fs::symlink(link_target(x), &staged_x)
+            .map_err(io("create the symlink", &staged_x))?;
+    }
+    for w in &s.writable_release {
+        if let Some((uid, gid)) = s.owner {
+            let p = dir.join(w.as_str());
+            std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(io("chown", &p))?;
+            fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(s.mode))
+                .map_err(io("chmod", &p))?;
+        }
+    }
+    for w in &s.writable_shared {
+        let shown = base.join(w.as_str());
+        let parent = open_shared_parent(&base, w, Some(flip_plan::shared::PARENT_MODE))?;
+        let fd = open_dir_at(&parent, w.file_name(), Some(s.mode)).map_err(io("create", &shown))?;
+        // SAFETY: fchmod/fchown on a directory fd we own.
+        cvt(unsafe { libc::fchmod(fd.as_raw_fd(), s.mode as libc::mode_t) })
+            .map_err(io("chmod", &shown))?;
+        if let Some((uid, gid)) = s.owner {
+            cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map_err(io("chown", &shown))?;
+        }
+    }
+    Ok(())
+}
+
+/// The directory holding `shared/X`, opened component by component without following a
+/// symlink; missing ones are created (mode 0755, or `create`) when `create` or always for seeds.
+fn open_shared_parent(base: &Path, x: &RelPath, create: Option<u32>) -> Result<OwnedFd> {
+    let mut fd = open_path_dir(base).map_err(io("open", base))?;
+    let mut shown = base.to_path_buf();
+    let comps: Vec<&str> = x.components().collect();
+    for c in &comps[..comps.len() - 1] {
+        shown.push(c);
+        let mode = create.unwrap_or(flip_plan::shared::PARENT_MODE);
+        fd = open_dir_at(&fd, c, Some(mode)).map_err(io("open", &shown))?;
+    }
+    Ok(fd)
+}
+
+/// Gives the staged file `path` an inode of its own when it shares one (a hard link to the
+/// live release): copied to a temp name, flushed, renamed over it.
+fn fresh_inode(path: &Path) -> Result<()> {
+    let m = fs::symlink_metadata(path).map_err(io("inspect", path))?;
+    if !m.is_file() || m.nlink() <= 1 {
+        return Ok(());
+    }
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp-seed"));
+    let _ = fs::remove_file(&tmp);
+    fs::copy(path, &tmp).map_err(io("copy", path))?;
+    let f = fs::File::open(&tmp).map_err(io("open", &tmp))?;
+    f.sync_all().map_err(io("fsync", &tmp))?;
+    fs::rename(&tmp, path).map_err(io("rename", path))?;
+    Ok(())
+}
+
+/// Resolves `user` or `user:group` to (uid, gid) (the user's primary group when no group is
+/// given).
+pub fn resolve_owner(spec: &str) -> std::result::Result<(u32, u32), String> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let cu = CString::new(user).map_err(|_| format!("bad user name {user:?}"))?;
+    // SAFETY: getpwnam with a NUL-terminated name; the result is read at once (the agent is
+    // the only thread asking).
+    let pw = unsafe { libc::getpwnam(cu.as_ptr()) };
+    if pw.is_null() {
+        return Err(format!("writable_owner: no user {user:?} on this host"));
+    }
+    // SAFETY: non-null passwd entry from getpwnam.
+    let (uid, mut gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    if let Some(g) = group {
+        let cg = CString::new(g).map_err(|_| format!("bad group name {g:?}"))?;
+        // SAFETY: as above, for getgrnam.
+        let gr = unsafe { libc::getgrnam(cg.as_ptr()) };
+        if gr.is_null() {
+            return Err(format!("writable_owner: no group {g:?} on this host"));
+        }
+        // SAFETY: non-null group entry from getgrnam.
+        gid = unsafe { (*gr).gr_gid };
+    }
+    Ok((uid, gid))
+}
