@@ -1,0 +1,430 @@
+//! Shared paths (`shared_dirs`, `shared_files`, `writable_dirs` of flip.toml), end to end
+//! through the binary: local targets and two real OpenSSH servers. What lives in `shared/` is
+//! seeded once from the source, never shipped again, never lost across deploys and rollbacks,
+//! reached from every release through relative symlinks, and a conflicting type is refused
+//! before anything changes.
+
+mod common;
+
+use common::*;
+use flip_testkit::Sshd;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+const CONFIG: &str = r#"
+shared_dirs = ["storage", "public/uploads"]
+shared_files = [".env"]
+writable_dirs = ["storage/framework/cache", "bootstrap/cache"]
+"#;
+
+fn write_config(fx: &Fx, text: &str) {
+    fs::write(fx.path("flip.toml"), text).unwrap();
+}
+
+/// A Laravel-shaped source.
+fn app(fx: &Fx) -> Src {
+    let src = fx.src("src");
+    src.file("app/Kernel.php", "<?php // v1\n", 0o644)
+        .file("public/index.php", "<?php require '../app/Kernel.php';\n", 0o644)
+        .file("storage/logs/seed.log", "seeded from the source\n", 0o644)
+        .file(".env", "APP_ENV=seed\n", 0o600);
+    src
+}
+
+/// Every entry under `dir` (recursively, symlinks not followed): relative path → (kind, mode,
+/// content or link target).
+fn tree(dir: &Path) -> BTreeMap<String, (char, u32, Vec<u8>)> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, (char, u32, Vec<u8>)>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(base).unwrap().to_str().unwrap().to_string();
+            let mode = m.mode() & 0o7777;
+            if m.file_type().is_symlink() {
+                let t = fs::read_link(&p).unwrap();
+                out.insert(rel, ('l', 0, t.to_str().unwrap().as_bytes().to_vec()));
+            } else if m.is_dir() {
+                out.insert(rel, ('d', mode, Vec::new()));
+                walk(base, &p, out);
+            } else {
+                out.insert(rel, ('f', mode, fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    if dir.exists() {
+        walk(dir, dir, &mut out);
+    }
+    out
+}
+
+/// Inodes of every regular file under `dir`.
+fn inodes(dir: &Path) -> BTreeSet<u64> {
+    fn walk(dir: &Path, out: &mut BTreeSet<u64>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                walk(&p, out);
+            } else if m.is_file() {
+                out.insert(m.ino());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(dir, &mut out);
+    out
+}
+
+fn link(p: &Path) -> String {
+    fs::read_link(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn mode(p: &Path) -> u32 {
+    fs::symlink_metadata(p).unwrap().mode() & 0o7777
+}
+
+/// What every deploy onto `root` must leave: the links of the live release resolve through
+/// `current` into `shared/`, the writable directories have their mode, no file of `shared/`
+/// shares an inode with a release.
+#[track_caller]
+fn assert_shared_layout(root: &Path) {
+    let cur = root.join("current");
+    assert_eq!(link(&cur.join("storage")), "../../shared/storage");
+    assert_eq!(
+        link(&cur.join("public/uploads")),
+        "../../../shared/public/uploads"
+    );
+    assert_eq!(link(&cur.join(".env")), "../../shared/.env");
+    let shared = root.join("shared");
+    assert!(fs::symlink_metadata(&shared).unwrap().is_dir());
+    // Through current, each link reaches shared/ (same inode).
+    for x in ["storage", "public/uploads", ".env"] {
+        assert_eq!(
+            fs::metadata(cur.join(x)).unwrap().ino(),
+            fs::metadata(shared.join(x)).unwrap().ino(),
+            "{x} through current"
+        );
+    }
+    assert_eq!(mode(&shared.join("storage/framework/cache")), 0o775);
+    assert_eq!(mode(&cur.join("bootstrap/cache")), 0o775);
+    let shared_inodes = inodes(&shared);
+    assert!(!shared_inodes.is_empty());
+    for e in fs::read_dir(root.join("releases")).unwrap() {
+        let r = e.unwrap().path();
+        let common: Vec<_> = inodes(&r).intersection(&shared_inodes).copied().collect();
+        assert!(
+            common.is_empty(),
+            "{} shares inodes {common:?} with shared/",
+            r.display()
+        );
+    }
+}
+
+#[test]
+fn shared_paths_are_seeded_once_and_survive_three_deploys_and_a_rollback() {
+    let fx = Fx::new();
+    write_config(&fx, CONFIG);
+    let src = app(&fx);
+    let root = fx.root.clone();
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 1);
+    let shared = root.join("shared");
+    // Seeded from the source; a shared dir the source lacks is created empty.
+    assert_eq!(
+        fs::read(shared.join("storage/logs/seed.log")).unwrap(),
+        b"seeded from the source\n"
+    );
+    assert_eq!(fs::read(shared.join(".env")).unwrap(), b"APP_ENV=seed\n");
+    assert_eq!(mode(&shared.join(".env")), 0o600);
+    assert!(fs::read_dir(shared.join("public/uploads"))
+        .unwrap()
+        .next()
+        .is_none());
+    assert_eq!(
+        fs::read(fx.current().join("storage/logs/seed.log")).unwrap(),
+        b"seeded from the source\n"
+    );
+    assert_shared_layout(&root);
+
+    // The application writes into shared/ between deploys.
+    fs::write(shared.join("storage/logs/app.log"), "written at runtime 1\n").unwrap();
+    fs::write(shared.join("public/uploads/avatar.png"), "png").unwrap();
+    fs::write(shared.join(".env"), "APP_ENV=prod\n").unwrap();
+
+    // The source's copies change, by far more bytes than the deploy may send: they must not
+    // be shipped, nor reach shared/.
+    let big: Vec<u8> = (0..400_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    src.overwrite("storage/logs/seed.log", &big)
+        .overwrite(".env", "APP_ENV=from-the-source\n")
+        .overwrite("app/Kernel.php", "<?php // v2\n");
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 2);
+    let sent = j["bytes"]["sent"].as_u64().unwrap();
+    assert!(sent < 20_000, "a changed shared copy was shipped: {sent} bytes sent");
+    let before = tree(&shared);
+    assert_eq!(
+        before["storage/logs/seed.log"].2,
+        b"seeded from the source\n".to_vec()
+    );
+    assert_eq!(before[".env"].2, b"APP_ENV=prod\n".to_vec());
+    assert_eq!(before["storage/logs/app.log"].2, b"written at runtime 1\n".to_vec());
+    assert_eq!(before["public/uploads/avatar.png"].2, b"png".to_vec());
+    assert_shared_layout(&root);
+
+    fs::write(shared.join("storage/logs/app.log"), "written at runtime 2\n").unwrap();
+    src.overwrite("app/Kernel.php", "<?php // v3\n");
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 3);
+    assert_eq!(
+        fs::read(fx.current().join("storage/logs/app.log")).unwrap(),
+        b"written at runtime 2\n"
+    );
+    assert_eq!(
+        fs::read(fx.current().join("app/Kernel.php")).unwrap(),
+        b"<?php // v3\n"
+    );
+    assert_shared_layout(&root);
+    let before = tree(&shared);
+
+    fx.flip(&["rollback", fx.root_str()]).success();
+    assert_eq!(fx.current_link(), "releases/2");
+    assert_eq!(tree(&shared), before, "rollback touched shared/");
+    assert_eq!(
+        fs::read(fx.current().join("storage/logs/app.log")).unwrap(),
+        b"written at runtime 2\n"
+    );
+    assert_shared_layout(&root);
+    fx.flip(&["verify", fx.root_str()]).success();
+    for id in [1, 2, 3] {
+        fx.flip(&["verify", fx.root_str(), &id.to_string()])
+            .success();
+    }
+    fx.flip(&["prune", fx.root_str(), "--keep", "1"]).success();
+    assert_eq!(tree(&shared), before, "prune touched shared/");
+    fx.flip(&["activate", fx.root_str(), "3"]).success();
+    assert_eq!(tree(&shared), before, "activate touched shared/");
+    fx.flip(&["verify", fx.root_str()]).success();
+}
+
+#[test]
+fn a_dry_run_and_diff_do_not_report_shared_paths_as_changes() {
+    let fx = Fx::new();
+    write_config(&fx, CONFIG);
+    let src = app(&fx);
+    fx.deploy(&src, &[]);
+    // The source's shared copies change: no change for a dry run, nor for diff of the trees.
+    let old = fx.path("old");
+    fs::create_dir(&old).unwrap();
+    assert!(std::process::Command::new("cp")
+        .args(["-a", &format!("{}/.", src.s()), s(&old)])
+        .status()
+        .unwrap()
+        .success());
+    src.overwrite("storage/logs/seed.log", "other\n")
+        .overwrite(".env", "X=1\n")
+        .file("public/uploads/from-the-source.png", "x", 0o644);
+    let j = fx
+        .flip(&["deploy", "--dry-run", "--json", src.s(), fx.root_str()])
+        .success()
+        .json();
+    assert_eq!(j["items"], serde_json::json!([]), "{j}");
+    let j = fx
+        .flip(&["diff", "--json", "--itemize", s(&old), src.s()])
+        .success()
+        .json();
+    assert_eq!(j["items"], serde_json::json!([]), "{j}");
+    // And a deploy of it is unchanged: the release would be the live one.
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["unchanged"], true, "{j}");
+}
+
+#[test]
+fn a_conflicting_type_in_the_source_is_refused_before_connecting() {
+    let fx = Fx::new();
+    write_config(&fx, CONFIG);
+    let src = app(&fx);
+    fx.deploy(&src, &[]);
+    let before = (tree(&fx.root.join("shared")), fx.release_ids(), fx.current_link());
+    fs::remove_dir_all(src.p("storage")).unwrap();
+    src.file("storage", "a file where a directory is shared", 0o644);
+    let r = fx
+        .flip(&["deploy", src.s(), fx.root_str()])
+        .code(4)
+        .stderr_has("storage is a regular file in the source, but it is in shared_dirs");
+    drop(r);
+    assert_eq!(
+        (tree(&fx.root.join("shared")), fx.release_ids(), fx.current_link()),
+        before
+    );
+    assert!(fx.release_leftovers().is_empty());
+}
+
+#[test]
+fn a_conflicting_type_in_shared_is_refused_with_nothing_changed() {
+    let fx = Fx::new();
+    write_config(&fx, CONFIG);
+    let src = app(&fx);
+    fx.deploy(&src, &[]);
+    let shared = fx.root.join("shared");
+    fs::remove_file(shared.join(".env")).unwrap();
+    fs::create_dir(shared.join(".env")).unwrap();
+    src.overwrite("app/Kernel.php", "<?php // v2\n");
+    let before = (tree(&shared), fx.release_ids(), fx.current_link());
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(5)
+        .stderr_has("shared/.env is a directory, not a regular file (.env is in shared_files)");
+    assert_eq!((tree(&shared), fx.release_ids(), fx.current_link()), before);
+    assert!(fx.release_leftovers().is_empty());
+    // A symlink on the way into shared/ is refused too, and never followed.
+    fs::remove_dir(shared.join(".env")).unwrap();
+    fs::write(shared.join(".env"), "A=1\n").unwrap();
+    let elsewhere = fx.path("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    fs::rename(shared.join("public"), fx.path("public-moved")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, shared.join("public")).unwrap();
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(5)
+        .stderr_has("shared/public is a symlink, not a directory");
+    assert!(fs::read_dir(&elsewhere).unwrap().next().is_none());
+    assert_eq!(fx.release_ids(), vec![1]);
+}
+
+#[test]
+fn seeding_a_path_the_live_release_holds_makes_fresh_inodes() {
+    let fx = Fx::new();
+    let src = app(&fx);
+    // Deployed first without shared paths: storage is a plain directory of release 1.
+    fx.deploy(&src, &[]);
+    let old = fx.release(1).join("storage/logs/seed.log");
+    let old_ino = fs::metadata(&old).unwrap().ino();
+    write_config(&fx, CONFIG);
+    fx.deploy(&src, &[]);
+    let seeded = fx.root.join("shared/storage/logs/seed.log");
+    assert_ne!(fs::metadata(&seeded).unwrap().ino(), old_ino);
+    assert_eq!(fs::metadata(&old).unwrap().nlink(), 1);
+    assert_eq!(fs::read(&seeded).unwrap(), b"seeded from the source\n");
+    // Release 1 keeps its own copy; writing into shared/ does not reach it.
+    fs::write(&seeded, "changed in shared\n").unwrap();
+    assert_eq!(fs::read(&old).unwrap(), b"seeded from the source\n");
+    assert_shared_layout(&fx.root);
+    fx.flip(&["verify", fx.root_str(), "1"]).success();
+    fx.flip(&["verify", fx.root_str()]).success();
+}
+
+#[test]
+fn writable_dirs_get_their_mode_and_as_root_their_owner() {
+    let fx = Fx::new();
+    let is_root = unsafe { libc::geteuid() } == 0;
+    write_config(
+        &fx,
+        &format!("{CONFIG}writable_mode = \"2770\"\nwritable_owner = \"nobody\"\n"),
+    );
+    let src = app(&fx);
+    let j = fx.deploy(&src, &[]);
+    let in_shared = fx.root.join("shared/storage/framework/cache");
+    let in_release = fx.current().join("bootstrap/cache");
+    assert_eq!(mode(&in_shared), 0o2770);
+    assert_eq!(mode(&in_release), 0o2770);
+    if is_root {
+        let out = std::process::Command::new("id")
+            .args(["-u", "nobody"])
+            .output()
+            .unwrap();
+        let nobody: u32 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
+        assert_eq!(fs::metadata(&in_shared).unwrap().uid(), nobody);
+        assert_eq!(fs::metadata(&in_release).unwrap().uid(), nobody);
+    } else {
+        let w = j["warnings"].to_string();
+        assert!(w.contains("writable_owner"), "{w}");
+    }
+    fx.flip(&["verify", fx.root_str()]).success();
+    // A bad mode is a configuration error naming the key.
+    write_config(&fx, &format!("{CONFIG}writable_mode = \"rwx\"\n"));
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(2)
+        .stderr_has("writable_mode");
+}
+
+/// Two SSH servers that both trust one user key, and the fixture's known_hosts trusting both.
+fn two_servers(fx: &Fx) -> (Sshd, Sshd) {
+    let (a, b) = (Sshd::start(), Sshd::start());
+    let key = fs::read_to_string(a.user_key().with_extension("pub")).unwrap();
+    fs::write(b.dir().join("authorized_keys"), key).unwrap();
+    fs::create_dir_all(fx.home.join(".ssh")).unwrap();
+    fs::write(
+        fx.home.join(".ssh/known_hosts"),
+        format!("{}\n{}\n", a.host_public_key_line(), b.host_public_key_line()),
+    )
+    .unwrap();
+    (a, b)
+}
+
+#[test]
+fn shared_paths_over_ssh_on_two_hosts_are_never_lost_nor_shipped_again() {
+    let fx = Fx::new();
+    let (a, b) = two_servers(&fx);
+    let roots: Vec<PathBuf> = vec![fx.path("web1"), fx.path("web2")];
+    let targets = [
+        format!("ssh://root@127.0.0.1:{}{}", a.port(), s(&roots[0])),
+        format!("ssh://root@127.0.0.1:{}{}", b.port(), s(&roots[1])),
+    ];
+    write_config(
+        &fx,
+        &format!(
+            "source = \"src\"\n{CONFIG}\n[env.prod]\ntargets = [{:?}, {:?}]\n",
+            targets[0], targets[1]
+        ),
+    );
+    let src = app(&fx);
+    let key = s(&a.user_key()).to_string();
+    let deploy = |label: &str| {
+        let args = ["deploy", "prod", "--json", "--label", label, "-i", &key];
+        fx.flip(&[&args[..], &["--remote-flip", FLIP]].concat())
+            .success()
+            .json()
+    };
+    deploy("v1");
+    for r in &roots {
+        assert_shared_layout(r);
+        assert_eq!(
+            fs::read(r.join("shared/storage/logs/seed.log")).unwrap(),
+            b"seeded from the source\n"
+        );
+        fs::write(r.join("shared/storage/logs/app.log"), s(r)).unwrap();
+    }
+    let big: Vec<u8> = (0..400_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    src.overwrite("storage/logs/seed.log", &big)
+        .overwrite("app/Kernel.php", "<?php // v2\n");
+    let j = deploy("v2");
+    for h in j["hosts"].as_array().unwrap() {
+        let sent = h["bytes"]["sent"].as_u64().unwrap();
+        assert!(sent < 30_000, "{}: {sent} bytes sent", h["target"]);
+    }
+    src.overwrite("app/Kernel.php", "<?php // v3\n");
+    deploy("v3");
+    let snapshots: Vec<_> = roots.iter().map(|r| tree(&r.join("shared"))).collect();
+    fx.flip(&["rollback", "prod", "-i", &key, "--remote-flip", FLIP])
+        .success();
+    for (r, before) in roots.iter().zip(&snapshots) {
+        assert_eq!(link(&r.join("current")), "releases/2");
+        assert_eq!(&tree(&r.join("shared")), before);
+        assert_eq!(
+            fs::read(r.join("current/storage/logs/app.log")).unwrap(),
+            s(r).as_bytes()
+        );
+        assert_eq!(
+            fs::read(r.join("current/storage/logs/seed.log")).unwrap(),
+            b"seeded from the source\n"
+        );
+        assert_shared_layout(r);
+    }
+    fx.flip(&["verify", "prod", "-i", &key, "--remote-flip", FLIP])
+        .success();
+}
