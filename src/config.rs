@@ -125,8 +125,12 @@ impl Settings {
             v.iter()
                 .flatten()
                 .map(|p| {
-                    flip_manifest::RelPath::new(p.trim_end_matches('/'))
-                        .map_err(|e| bad(key, format!("{p:?} is not a relative path inside the release: {e}")))
+                    flip_manifest::RelPath::new(p.trim_end_matches('/')).map_err(|e| {
+                        bad(
+                            key,
+                            format!("{p:?} is not a relative path inside the release: {e}"),
+                        )
+                    })
                 })
                 .collect()
         };
@@ -141,13 +145,17 @@ impl Settings {
                 )
             })?;
         if let Some(o) = &self.writable_owner {
-            let ok = |s: &str| !s.is_empty() && !s.contains(|c: char| c == ':' || c.is_whitespace());
+            let ok =
+                |s: &str| !s.is_empty() && !s.contains(|c: char| c == ':' || c.is_whitespace());
             let valid = match o.split_once(':') {
                 Some((u, g)) => ok(u) && ok(g),
                 None => ok(o),
             };
             if !valid {
-                return Err(bad("writable_owner", format!("{o:?} is not \"user\" or \"user:group\"")));
+                return Err(bad(
+                    "writable_owner",
+                    format!("{o:?} is not \"user\" or \"user:group\""),
+                ));
             }
         }
         let s = flip_plan::shared::SharedPaths {
@@ -224,7 +232,11 @@ impl Config {
             writable_mode: shape.writable_mode,
             writable_owner: shape.writable_owner,
         };
-        for (name, env) in envs.iter().map(|(n, e)| (format!("env.{n}."), &e.settings)).chain([(String::new(), &top)]) {
+        for (name, env) in envs
+            .iter()
+            .map(|(n, e)| (format!("env.{n}."), &e.settings))
+            .chain([(String::new(), &top)])
+        {
             env.shared(&path, &name)?;
         }
         Ok(Some(Config { path, top, envs }))

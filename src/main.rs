@@ -875,9 +875,18 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
             None => println!("# compress_level: default (3 over SSH, off locally)"),
         }
         println!("shared_dirs = {:?}  # {}", r.shared_dirs.0, r.shared_dirs.1);
-        println!("shared_files = {:?}  # {}", r.shared_files.0, r.shared_files.1);
-        println!("writable_dirs = {:?}  # {}", r.writable_dirs.0, r.writable_dirs.1);
-        println!("writable_mode = {:?}  # {}", r.writable_mode.0, r.writable_mode.1);
+        println!(
+            "shared_files = {:?}  # {}",
+            r.shared_files.0, r.shared_files.1
+        );
+        println!(
+            "writable_dirs = {:?}  # {}",
+            r.writable_dirs.0, r.writable_dirs.1
+        );
+        println!(
+            "writable_mode = {:?}  # {}",
+            r.writable_mode.0, r.writable_mode.1
+        );
         match &r.writable_owner.0 {
             Some(o) => println!("writable_owner = {o:?}  # {}", r.writable_owner.1),
             None => println!("# writable_owner: not set (the deploy user)"),

@@ -27,7 +27,11 @@ fn write_config(fx: &Fx, text: &str) {
 fn app(fx: &Fx) -> Src {
     let src = fx.src("src");
     src.file("app/Kernel.php", "<?php // v1\n", 0o644)
-        .file("public/index.php", "<?php require '../app/Kernel.php';\n", 0o644)
+        .file(
+            "public/index.php",
+            "<?php require '../app/Kernel.php';\n",
+            0o644,
+        )
         .file("storage/logs/seed.log", "seeded from the source\n", 0o644)
         .file(".env", "APP_ENV=seed\n", 0o600);
     src
@@ -154,7 +158,11 @@ fn shared_paths_are_seeded_once_and_survive_three_deploys_and_a_rollback() {
     assert_shared_layout(&root);
 
     // The application writes into shared/ between deploys.
-    fs::write(shared.join("storage/logs/app.log"), "written at runtime 1\n").unwrap();
+    fs::write(
+        shared.join("storage/logs/app.log"),
+        "written at runtime 1\n",
+    )
+    .unwrap();
     fs::write(shared.join("public/uploads/avatar.png"), "png").unwrap();
     fs::write(shared.join(".env"), "APP_ENV=prod\n").unwrap();
 
@@ -167,18 +175,28 @@ fn shared_paths_are_seeded_once_and_survive_three_deploys_and_a_rollback() {
     let j = fx.deploy(&src, &[]);
     assert_eq!(j["release"], 2);
     let sent = j["bytes"]["sent"].as_u64().unwrap();
-    assert!(sent < 20_000, "a changed shared copy was shipped: {sent} bytes sent");
+    assert!(
+        sent < 20_000,
+        "a changed shared copy was shipped: {sent} bytes sent"
+    );
     let before = tree(&shared);
     assert_eq!(
         before["storage/logs/seed.log"].2,
         b"seeded from the source\n".to_vec()
     );
     assert_eq!(before[".env"].2, b"APP_ENV=prod\n".to_vec());
-    assert_eq!(before["storage/logs/app.log"].2, b"written at runtime 1\n".to_vec());
+    assert_eq!(
+        before["storage/logs/app.log"].2,
+        b"written at runtime 1\n".to_vec()
+    );
     assert_eq!(before["public/uploads/avatar.png"].2, b"png".to_vec());
     assert_shared_layout(&root);
 
-    fs::write(shared.join("storage/logs/app.log"), "written at runtime 2\n").unwrap();
+    fs::write(
+        shared.join("storage/logs/app.log"),
+        "written at runtime 2\n",
+    )
+    .unwrap();
     src.overwrite("app/Kernel.php", "<?php // v3\n");
     let j = fx.deploy(&src, &[]);
     assert_eq!(j["release"], 3);
@@ -251,7 +269,11 @@ fn a_conflicting_type_in_the_source_is_refused_before_connecting() {
     write_config(&fx, CONFIG);
     let src = app(&fx);
     fx.deploy(&src, &[]);
-    let before = (tree(&fx.root.join("shared")), fx.release_ids(), fx.current_link());
+    let before = (
+        tree(&fx.root.join("shared")),
+        fx.release_ids(),
+        fx.current_link(),
+    );
     fs::remove_dir_all(src.p("storage")).unwrap();
     src.file("storage", "a file where a directory is shared", 0o644);
     let r = fx
@@ -260,7 +282,11 @@ fn a_conflicting_type_in_the_source_is_refused_before_connecting() {
         .stderr_has("storage is a regular file in the source, but it is in shared_dirs");
     drop(r);
     assert_eq!(
-        (tree(&fx.root.join("shared")), fx.release_ids(), fx.current_link()),
+        (
+            tree(&fx.root.join("shared")),
+            fx.release_ids(),
+            fx.current_link()
+        ),
         before
     );
     assert!(fx.release_leftovers().is_empty());
@@ -337,7 +363,11 @@ fn writable_dirs_get_their_mode_and_as_root_their_owner() {
             .args(["-u", "nobody"])
             .output()
             .unwrap();
-        let nobody: u32 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
+        let nobody: u32 = String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         assert_eq!(fs::metadata(&in_shared).unwrap().uid(), nobody);
         assert_eq!(fs::metadata(&in_release).unwrap().uid(), nobody);
     } else {
@@ -345,6 +375,11 @@ fn writable_dirs_get_their_mode_and_as_root_their_owner() {
         assert!(w.contains("writable_owner"), "{w}");
     }
     fx.flip(&["verify", fx.root_str()]).success();
+    // A deploy that makes no release still makes the writable directories under shared/.
+    fs::remove_dir(&in_shared).unwrap();
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["unchanged"], true, "{j}");
+    assert_eq!(mode(&in_shared), 0o2770);
     // A bad mode is a configuration error naming the key.
     write_config(&fx, &format!("{CONFIG}writable_mode = \"rwx\"\n"));
     fx.flip(&["deploy", src.s(), fx.root_str()])
@@ -360,7 +395,11 @@ fn two_servers(fx: &Fx) -> (Sshd, Sshd) {
     fs::create_dir_all(fx.home.join(".ssh")).unwrap();
     fs::write(
         fx.home.join(".ssh/known_hosts"),
-        format!("{}\n{}\n", a.host_public_key_line(), b.host_public_key_line()),
+        format!(
+            "{}\n{}\n",
+            a.host_public_key_line(),
+            b.host_public_key_line()
+        ),
     )
     .unwrap();
     (a, b)

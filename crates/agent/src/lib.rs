@@ -679,9 +679,12 @@ impl Session {
             Request::CheckLive { digest } => {
                 let root = self.root(false)?;
                 self.locked()?;
-                Response::LiveIntact {
-                    id: root.live_intact(&digest)?,
+                let id = root.live_intact(&digest)?;
+                // No release will be made: the writable directories under shared/ are made now.
+                if let (Some(_), Some(settings)) = (id, &self.shared) {
+                    settings.writable_only(root)?;
                 }
+                Response::LiveIntact { id }
             }
             Request::Shared {
                 dirs,
@@ -695,7 +698,8 @@ impl Session {
                 if self.stage.is_some() {
                     return Err(AgentError::Protocol("Shared after Stage".into()));
                 }
-                let settings = shared::Settings::check(root, lock, dirs, files, writable, mode, owner)?;
+                let settings =
+                    shared::Settings::check(root, lock, dirs, files, writable, mode, owner)?;
                 let present = settings.present.iter().cloned().collect();
                 self.shared = Some(settings);
                 Response::SharedState { present }

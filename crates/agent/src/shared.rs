@@ -46,9 +46,9 @@ impl Settings {
         // SAFETY: geteuid cannot fail.
         let root_user = unsafe { libc::geteuid() } == 0;
         let owner = match owner {
-            Some(spec) if root_user => Some(
-                flip_release::resolve_owner(&spec).map_err(RelError::BadRequest)?,
-            ),
+            Some(spec) if root_user => {
+                Some(flip_release::resolve_owner(&spec).map_err(RelError::BadRequest)?)
+            }
             Some(spec) => {
                 root.warn(format!(
                     "writable_owner = {spec:?} is applied only when the agent runs as root; the writable directories keep the deploy user as owner"
@@ -63,6 +63,27 @@ impl Settings {
             present,
             owner,
         })
+    }
+
+    /// For a deploy that makes no release (the live one is intact and already this tree): the
+    /// writable directories under `shared/` of shared paths it has, made as a commit would.
+    pub(crate) fn writable_only(&self, root: &Root) -> Result<()> {
+        let dirs: Vec<RelPath> = self
+            .paths
+            .writable_in_shared()
+            .into_iter()
+            .filter(|w| {
+                self.paths
+                    .covering(w)
+                    .is_some_and(|(x, _)| self.present.contains(x))
+            })
+            .collect();
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        root.writable_shared(&dirs, self.paths.writable_mode, self.owner)?;
+        root.sync_shared()?;
+        Ok(())
     }
 
     /// What the commit of `staged` does with shared paths; refuses a staged manifest that is

@@ -24,12 +24,12 @@ pub use env::{label_rows, switch, LabelRow, SwitchOutcome, SwitchPlan};
 pub use target::{SshSettings, Target};
 
 use flip_manifest::{Digest, Manifest, RelPath};
-use flip_plan::shared::SharedPaths;
-use std::collections::BTreeSet;
 use flip_plan::report::{Counts, Item};
+use flip_plan::shared::SharedPaths;
 use flip_transfer::{ContentCache, ManifestCache, Session, TransferError};
 use flip_wire::{Holder, Leftover, Purpose, ReleaseSummary};
 use serde::Serialize;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -367,8 +367,11 @@ fn check_shared_source(source: &Path, shared: &SharedPaths) -> Result<(), Deploy
     shared
         .validate()
         .map_err(|e| DeployError::Usage(e.to_string()))?;
-    let mut checks: Vec<(RelPath, Option<flip_plan::shared::SharedKind>)> =
-        shared.all().into_iter().map(|(p, k)| (p, Some(k))).collect();
+    let mut checks: Vec<(RelPath, Option<flip_plan::shared::SharedKind>)> = shared
+        .all()
+        .into_iter()
+        .map(|(p, k)| (p, Some(k)))
+        .collect();
     checks.extend(shared.writable_in_release().into_iter().map(|p| (p, None)));
     for (p, kind) in checks {
         let comps: Vec<&str> = p.components().collect();
@@ -381,7 +384,9 @@ fn check_shared_source(source: &Path, shared: &SharedPaths) -> Result<(), Deploy
                 Err(_) => break,
             };
             let (ok, expected) = match (last, kind) {
-                (true, Some(flip_plan::shared::SharedKind::File)) => (m.is_file(), "a regular file"),
+                (true, Some(flip_plan::shared::SharedKind::File)) => {
+                    (m.is_file(), "a regular file")
+                }
                 _ => (m.is_dir(), "a directory"),
             };
             if !ok {
@@ -395,8 +400,12 @@ fn check_shared_source(source: &Path, shared: &SharedPaths) -> Result<(), Deploy
                     "a special file"
                 };
                 let why = match (last, kind) {
-                    (true, Some(flip_plan::shared::SharedKind::Dir)) => "it is in shared_dirs".into(),
-                    (true, Some(flip_plan::shared::SharedKind::File)) => "it is in shared_files".into(),
+                    (true, Some(flip_plan::shared::SharedKind::Dir)) => {
+                        "it is in shared_dirs".into()
+                    }
+                    (true, Some(flip_plan::shared::SharedKind::File)) => {
+                        "it is in shared_files".into()
+                    }
                     (true, None) => "it is in writable_dirs".into(),
                     _ => format!("{p} is below it"),
                 };

@@ -467,7 +467,10 @@ mod tests {
     fn a_seed_of_the_wrong_kind_is_refused_naming_it() {
         let m = Manifest::new(vec![file("storage", b"x")]).unwrap();
         let e = settings().apply(&m, &BTreeSet::new()).unwrap_err();
-        assert!(e.to_string().starts_with("storage is a regular file"), "{e}");
+        assert!(
+            e.to_string().starts_with("storage is a regular file"),
+            "{e}"
+        );
         assert!(settings().check_source(&m).is_err());
         let m = Manifest::new(vec![file("public", b"x")]).unwrap();
         let e = settings().apply(&m, &BTreeSet::new()).unwrap_err();
@@ -487,7 +490,10 @@ mod tests {
         assert!(matches!(s.validate(), Err(SharedError::Twice(_))));
         let mut s = settings();
         s.writable.push(p(".env/x"));
-        assert!(matches!(s.validate(), Err(SharedError::WritableInFile { .. })));
+        assert!(matches!(
+            s.validate(),
+            Err(SharedError::WritableInFile { .. })
+        ));
     }
 
     #[test]

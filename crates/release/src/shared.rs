@@ -102,7 +102,11 @@ impl Root {
     /// with `lstat` only. Refuses ([`Error::SharedConflict`], naming the path) a path of
     /// another kind, a symlink on the way, or one on the way to a writable directory under
     /// `shared/`; nothing is changed.
-    pub fn shared_state(&self, _lock: &LockGuard, paths: &SharedPaths) -> Result<BTreeSet<RelPath>> {
+    pub fn shared_state(
+        &self,
+        _lock: &LockGuard,
+        paths: &SharedPaths,
+    ) -> Result<BTreeSet<RelPath>> {
         let base = self.shared_dir();
         let mut present = BTreeSet::new();
         match lkind(&base)? {
@@ -227,18 +231,42 @@ pub(crate) fn commit_shared(
                 .map_err(io("chmod", &p))?;
         }
     }
-    for w in &s.writable_shared {
-        let shown = base.join(w.as_str());
-        let parent = open_shared_parent(&base, w, Some(flip_plan::shared::PARENT_MODE))?;
-        let fd = open_dir_at(&parent, w.file_name(), Some(s.mode)).map_err(io("create", &shown))?;
-        // SAFETY: fchmod/fchown on a directory fd we own.
-        cvt(unsafe { libc::fchmod(fd.as_raw_fd(), s.mode as libc::mode_t) })
-            .map_err(io("chmod", &shown))?;
-        if let Some((uid, gid)) = s.owner {
-            cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map_err(io("chown", &shown))?;
-        }
+    root.writable_shared(&s.writable_shared, s.mode, s.owner)
+}
+
+impl Root {
+    /// Flushes the filesystem holding `shared/` (after [`Root::writable_shared`] alone).
+    pub fn sync_shared(&self) -> Result<()> {
+        fsutil::syncfs(&self.shared_dir())
     }
-    Ok(())
+
+    /// Makes each of `dirs` (writable directories under a shared directory) exist under
+    /// `shared/` as a directory of `mode` (and `owner`), creating what is missing on the way
+    /// (mode 0755), never through a symlink. Only under shared paths that exist or were just
+    /// seeded; flushed by the caller's `syncfs`, or here when called alone (an unchanged deploy).
+    pub fn writable_shared(
+        &self,
+        dirs: &[RelPath],
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<()> {
+        let base = self.shared_dir();
+        for w in dirs {
+            let shown = base.join(w.as_str());
+            let parent = open_shared_parent(&base, w, Some(flip_plan::shared::PARENT_MODE))?;
+            let fd =
+                open_dir_at(&parent, w.file_name(), Some(mode)).map_err(io("create", &shown))?;
+            // SAFETY: fchmod/fchown on a directory fd we own.
+            cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) })
+                .map_err(io("chmod", &shown))?;
+            if let Some((uid, gid)) = owner {
+                // SAFETY: as above.
+                cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) })
+                    .map_err(io("chown", &shown))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The directory holding `shared/X`, opened component by component without following a

@@ -668,7 +668,11 @@ impl<'r> Stage<'r> {
         let kept = self
             .manifest
             .files()
-            .filter(|(p, ..)| !s.seeds.iter().any(|(x, _)| flip_plan::shared::is_within(p, x)))
+            .filter(|(p, ..)| {
+                !s.seeds
+                    .iter()
+                    .any(|(x, _)| flip_plan::shared::is_within(p, x))
+            })
             .map(|(p, ..)| p);
         if !kept.eq(s.release.files().map(|(p, ..)| p)) {
             return Err(Error::BadRequest(
