@@ -17,7 +17,8 @@
 //! one shared stream than one by one.
 //!
 //! A deploy, in order (one round trip per step, whatever the number of files):
-//! `Hello` → `Welcome`; `Lock` → `Locked`; `Status` → `Status`; `Stage` + `ManifestChunk`s → `Staged`
+//! `Hello` → `Welcome`; `Lock` → `Locked`; (with shared paths) `Shared` → `SharedState`;
+//! `Status` → `Status`; `Stage` + `ManifestChunk`s → `Staged`
 //! (what the agent still needs), pipelined with `Changes` → `Changes` chunks (what the release
 //! changes, for the deploy's report); `Signatures` → `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch`
 //! frames + `Commit` → `Committed`; `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`.
