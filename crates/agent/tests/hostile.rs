@@ -817,3 +817,77 @@ fn the_first_failing_file_in_stream_order_is_the_one_reported() {
         assert_intact(t.path());
     }
 }
+
+/// `Lock`, `Shared { dirs }`, then the stage of `m`.
+fn shared_frames(dirs: &[&str], m: &Manifest) -> Vec<Request> {
+    let mut frames = stage_frames(m, None);
+    frames.insert(
+        1,
+        Request::Shared {
+            dirs: dirs.iter().map(|d| RelPath::new(*d).unwrap()).collect(),
+            files: vec![],
+            writable: vec![],
+            mode: 0o775,
+            owner: None,
+        },
+    );
+    frames
+}
+
+#[test]
+fn nested_shared_paths_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let m = Manifest::new(vec![file("a", b"1")]).unwrap();
+    refused(
+        t.path(),
+        shared_frames(&["storage", "storage/logs"], &m),
+        ErrorClass::BadRequest,
+        "inside shared path storage",
+    );
+    assert!(!t.path().join("shared").exists());
+}
+
+#[test]
+fn a_stage_that_would_write_over_a_shared_path_the_target_has_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    std::fs::create_dir_all(t.path().join("shared/storage")).unwrap();
+    std::fs::write(t.path().join("shared/storage/keep"), "runtime data").unwrap();
+    // The target has shared/storage: the release must link to it, not carry a directory.
+    let dir = Entry {
+        path: RelPath::new("storage").unwrap(),
+        kind: EntryKind::Dir { mode: 0o755 },
+    };
+    let m = Manifest::new(vec![dir, file("storage/keep", b"from the client")]).unwrap();
+    refused(
+        t.path(),
+        shared_frames(&["storage"], &m),
+        ErrorClass::BadRequest,
+        "does not have the form the shared paths give it",
+    );
+    assert_eq!(
+        std::fs::read(t.path().join("shared/storage/keep")).unwrap(),
+        b"runtime data"
+    );
+}
+
+#[test]
+fn a_seed_that_is_a_symlink_is_refused_and_nothing_lands_in_shared() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let link = Entry {
+        path: RelPath::new("storage").unwrap(),
+        kind: EntryKind::Symlink {
+            target: "/etc".into(),
+        },
+    };
+    let m = Manifest::new(vec![link]).unwrap();
+    refused(
+        t.path(),
+        shared_frames(&["storage"], &m),
+        ErrorClass::BadRequest,
+        "storage is a symlink",
+    );
+    assert!(!t.path().join("shared/storage").exists());
+}
