@@ -467,3 +467,48 @@ fn shared_paths_over_ssh_on_two_hosts_are_never_lost_nor_shipped_again() {
     fx.flip(&["verify", "prod", "-i", &key, "--remote-flip", FLIP])
         .success();
 }
+
+/// Unmounts on drop.
+struct Mount(PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn seeds_reach_a_shared_directory_on_another_filesystem() {
+    let fx = Fx::new();
+    let src = app(&fx);
+    fx.deploy(&src, &[]);
+    let shared = fx.root.join("shared");
+    fs::create_dir(&shared).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs", s(&shared)])
+        .status()
+        .is_ok_and(|st| st.success());
+    if !ok {
+        eprintln!("SKIP: cannot mount a tmpfs here (needs root and mount rights)");
+        return;
+    }
+    let _mount = Mount(shared.clone());
+    assert_ne!(
+        fs::metadata(&shared).unwrap().dev(),
+        fs::metadata(fx.root.join("releases")).unwrap().dev()
+    );
+    write_config(&fx, CONFIG);
+    fx.deploy(&src, &[]);
+    assert_eq!(
+        fs::read(shared.join("storage/logs/seed.log")).unwrap(),
+        b"seeded from the source\n"
+    );
+    assert_eq!(mode(&shared.join(".env")), 0o600);
+    assert_eq!(mode(&shared.join("storage/logs")), 0o755);
+    let names: Vec<String> = fs::read_dir(shared.join("storage"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("tmp-seed")), "{names:?}");
+    assert_shared_layout(&fx.root);
+    fx.flip(&["verify", fx.root_str()]).success();
+}

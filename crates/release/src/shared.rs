@@ -208,8 +208,22 @@ pub(crate) fn commit_shared(
             )
         };
         let shown = base.join(x.as_str());
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
+        let mut r = if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        };
+        if r.as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::EXDEV))
+        {
+            // shared/ is another filesystem (a mount): copied there under a temp name, each
+            // file and directory flushed, then renamed into place.
+            r = copy_across(&parent, dir, staged, x, &shown);
+            if r.is_ok() {
+                fsutil::remove_tree(&staged_x)?;
+            }
+        }
+        if let Err(e) = r {
             if e.kind() != std::io::ErrorKind::AlreadyExists {
                 return Err(io("move the seed into", &shown)(e));
             }
@@ -267,6 +281,105 @@ impl Root {
         }
         Ok(())
     }
+}
+
+/// Copies the staged seed `x` (of the staged tree at `dir`) into `parent` (the directory of
+/// `shared/x`, on another filesystem) as `.NAME.tmp-seed`, every file and directory flushed, then
+/// renames it to its name unless that exists (`AlreadyExists`; the copy is removed). Only
+/// directories this copy made are written into; at most one descriptor per level is open.
+fn copy_across(
+    parent: &OwnedFd,
+    dir: &Path,
+    staged: &Manifest,
+    x: &RelPath,
+    shown: &Path,
+) -> std::io::Result<()> {
+    let name = x.file_name();
+    let tmp = format!(".{name}.tmp-seed");
+    let create = |at: &OwnedFd, n: &str, src: &Path, mode: u32| -> std::io::Result<()> {
+        let c = cstr(n);
+        let flags =
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: openat relative to a directory fd we own; the result is checked.
+        let fd = unsafe { libc::openat(at.as_raw_fd(), c.as_ptr(), flags, 0o600 as libc::c_uint) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor returned by openat is ours to own.
+        let mut out = unsafe { fs::File::from_raw_fd(fd) };
+        std::io::copy(&mut fs::File::open(src)?, &mut out)?;
+        // SAFETY: fchmod on a file descriptor we own.
+        cvt(unsafe { libc::fchmod(out.as_raw_fd(), mode as libc::mode_t) })?;
+        out.sync_all()
+    };
+    let finish_dir = |fd: &OwnedFd, mode: u32| -> std::io::Result<()> {
+        // SAFETY: fchmod/fsync on a directory fd we own.
+        cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) })?;
+        cvt(unsafe { libc::fsync(fd.as_raw_fd()) })
+    };
+    match staged.get(x) {
+        Some(EntryKind::File { mode, .. }) => create(parent, &tmp, &dir.join(x.as_str()), *mode)?,
+        Some(EntryKind::Dir { mode }) => {
+            // The open directories from x down to the current entry's parent, with their modes.
+            let mut stack: Vec<(RelPath, OwnedFd, u32)> =
+                vec![(x.clone(), open_dir_at(parent, &tmp, Some(0o700))?, *mode)];
+            let below = staged
+                .entries()
+                .iter()
+                .filter(|e| e.path != *x && is_within(&e.path, x));
+            for e in below {
+                let p = e.path.parent().expect("below x");
+                while stack.last().is_some_and(|(d, ..)| *d != p) {
+                    let (_, fd, m) = stack.pop().expect("not empty");
+                    finish_dir(&fd, m)?;
+                }
+                let (_, at, _) = stack.last().expect("x is an ancestor of every entry below");
+                let n = e.path.file_name();
+                match &e.kind {
+                    EntryKind::Dir { mode } => {
+                        let fd = open_dir_at(at, n, Some(0o700))?;
+                        stack.push((e.path.clone(), fd, *mode));
+                    }
+                    EntryKind::File { mode, .. } => {
+                        create(at, n, &dir.join(e.path.as_str()), *mode)?
+                    }
+                    EntryKind::Symlink { target } => {
+                        let (t, c) = (cstr(target), cstr(n));
+                        // SAFETY: symlinkat with NUL-terminated strings and a directory fd we own.
+                        cvt(unsafe { libc::symlinkat(t.as_ptr(), at.as_raw_fd(), c.as_ptr()) })?;
+                    }
+                }
+            }
+            while let Some((_, fd, m)) = stack.pop() {
+                finish_dir(&fd, m)?;
+            }
+        }
+        _ => {
+            return Err(std::io::Error::other(format!(
+                "{}: the seed is not a file or directory",
+                shown.display()
+            )))
+        }
+    }
+    let (from, to) = (cstr(&tmp), cstr(name));
+    // SAFETY: renameat2 within a directory fd we own, NUL-terminated names.
+    let r = unsafe {
+        libc::renameat2(
+            parent.as_raw_fd(),
+            from.as_ptr(),
+            parent.as_raw_fd(),
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if let Some(p) = shown.parent() {
+            let _ = fsutil::remove_tree(&p.join(&tmp));
+        }
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// The directory holding `shared/X`, opened component by component without following a
