@@ -108,17 +108,23 @@ pub const WRITABLE_MODE: &str = "0775";
 
 impl Settings {
     /// The shared-path settings (`shared_dirs`, `shared_files`, `writable_dirs`,
-    /// `writable_mode`) checked, and `writable_owner`. An error (exit 2) names `file` and the key
-    /// (`prefix` is `env.NAME.` for an environment's table).
+    /// `writable_mode`) checked, and `writable_owner`. An error (exit 2) names `file`, the line
+    /// when the file's `text` is given, and the key (`prefix` is `env.NAME.` for an
+    /// environment's table).
     pub fn shared(
         &self,
         file: &Path,
         prefix: &str,
+        text: Option<&str>,
     ) -> Result<(flip_plan::shared::SharedPaths, Option<String>)> {
         let bad = |key: &str, msg: String| {
+            let line = text
+                .and_then(|t| line_of_key(t, prefix, key.split('/').next().unwrap_or(key)))
+                .map(|l| format!(":{l}"))
+                .unwrap_or_default();
             exit::coded(
                 exit::USAGE,
-                format!("{}: {prefix}{key}: {msg}", file.display()),
+                format!("{}{line}: {prefix}{key}: {msg}", file.display()),
             )
         };
         let paths = |key: &str, v: &Option<Vec<String>>| -> Result<Vec<flip_manifest::RelPath>> {
@@ -237,7 +243,7 @@ impl Config {
             .map(|(n, e)| (format!("env.{n}."), &e.settings))
             .chain([(String::new(), &top)])
         {
-            env.shared(&path, &name)?;
+            env.shared(&path, &name, Some(&text))?;
         }
         Ok(Some(Config { path, top, envs }))
     }
@@ -357,6 +363,29 @@ fn key_at(text: &str, at: usize) -> Option<String> {
         Some(t) => format!("{t}.{key}"),
         None => key,
     })
+}
+
+/// The line setting `key` in the table `prefix` names (`env.NAME.`, or `""` for the top level).
+fn line_of_key(text: &str, prefix: &str, key: &str) -> Option<usize> {
+    let want = prefix.trim_end_matches('.');
+    let mut table = String::new();
+    for (i, l) in text.lines().enumerate() {
+        let l = l.trim();
+        if l.starts_with('[') {
+            table = l
+                .trim_matches(|c| c == '[' || c == ']')
+                .replace([' ', '"'], "");
+            continue;
+        }
+        if table == want {
+            if let Some(rest) = l.strip_prefix(key) {
+                if rest.trim_start().starts_with('=') {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// The line of `[env.NAME]` (1 when not found).

@@ -96,7 +96,7 @@ fn run(cli: Cli) -> Result<i32> {
         let shared = Config::load(cli.config.as_deref())
             .ok()
             .flatten()
-            .and_then(|c| c.top().shared(&c.path, "").ok())
+            .and_then(|c| c.top().shared(&c.path, "", None).ok())
             .map(|(s, _)| s)
             .filter(|s| !s.is_empty());
         return diff::run(a, shared.as_ref());
@@ -311,7 +311,7 @@ fn deploy_options(
         }
     }
     let (shared, writable_owner) = match cfg {
-        Some(c) => settings.shared(&c.path, "")?,
+        Some(c) => settings.shared(&c.path, "", None)?,
         None => Default::default(),
     };
     let o = Options {

@@ -512,3 +512,30 @@ fn seeds_reach_a_shared_directory_on_another_filesystem() {
     assert_shared_layout(&fx.root);
     fx.flip(&["verify", fx.root_str()]).success();
 }
+
+#[test]
+fn shared_keys_follow_the_precedence_and_bad_ones_name_the_file_line_and_key() {
+    let fx = Fx::new();
+    write_config(
+        &fx,
+        "source = \"src\"\nshared_dirs = [\"storage\"]\nwritable_mode = \"0770\"\n\n[env.prod]\ntargets = [\"/x\"]\nshared_files = [\".env\"]\nwritable_mode = \"0750\"\n",
+    );
+    let j = fx.flip(&["config", "prod", "--json"]).success().json();
+    assert_eq!(j["shared_dirs"], serde_json::json!(["storage"]));
+    assert_eq!(j["shared_files"], serde_json::json!([".env"]));
+    assert_eq!(j["writable_mode"], "0750");
+    assert_eq!(j["from"]["shared_dirs"], "top level");
+    assert_eq!(j["from"]["writable_mode"], "environment table");
+    assert_eq!(j["from"]["writable_dirs"], "default");
+    write_config(
+        &fx,
+        "shared_dirs = [\"storage\"]\n\n[env.prod]\ntargets = [\"/x\"]\nshared_dirs = [\"a\", \"../b\"]\n",
+    );
+    fx.flip(&["config", "prod"])
+        .code(2)
+        .stderr_has("flip.toml:5: env.prod.shared_dirs: \"../b\" is not a relative path");
+    write_config(&fx, "shared_dirs = [\"storage\", \"storage/logs\"]\n");
+    fx.flip(&["config", "prod"])
+        .code(2)
+        .stderr_has("flip.toml:1: shared_dirs/shared_files: shared path storage/logs is inside shared path storage");
+}
