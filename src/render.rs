@@ -116,6 +116,13 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
     for l in &r.leftovers {
         leftover_line(&l.path, &l.error);
     }
+    for x in &r.seeded {
+        eprintln!(
+            "flip: {}: new shared path shared/{}, seeded from the source where it had one (later deploys leave it as it is)",
+            output::printable(&r.target),
+            output::printable(x)
+        );
+    }
     if itemize {
         output::print_items(&r.items);
     }

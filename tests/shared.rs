@@ -139,6 +139,10 @@ fn shared_paths_are_seeded_once_and_survive_three_deploys_and_a_rollback() {
     let root = fx.root.clone();
     let j = fx.deploy(&src, &[]);
     assert_eq!(j["release"], 1);
+    assert_eq!(
+        j["seeded"],
+        serde_json::json!([".env", "public/uploads", "storage"])
+    );
     let shared = root.join("shared");
     // Seeded from the source; a shared dir the source lacks is created empty.
     assert_eq!(
@@ -174,6 +178,7 @@ fn shared_paths_are_seeded_once_and_survive_three_deploys_and_a_rollback() {
         .overwrite("app/Kernel.php", "<?php // v2\n");
     let j = fx.deploy(&src, &[]);
     assert_eq!(j["release"], 2);
+    assert!(j.get("seeded").is_none(), "{j}");
     let sent = j["bytes"]["sent"].as_u64().unwrap();
     assert!(
         sent < 20_000,

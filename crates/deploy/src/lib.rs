@@ -181,6 +181,10 @@ pub struct HostReport {
     pub leftovers: Vec<Leftover>,
     /// Problems that did not stop the deploy.
     pub warnings: Vec<String>,
+    /// Shared paths this deploy seeded into the target's `shared/` (their source content was
+    /// sent, and is counted with the files); absent from the JSON when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub seeded: Vec<String>,
     pub duration_ms: u64,
 }
 
@@ -323,6 +327,8 @@ struct Host {
     present: BTreeSet<RelPath>,
     /// The release's manifest when shared paths make it differ from the scan's.
     manifest: Option<Arc<Manifest>>,
+    /// Shared paths seeded by this deploy.
+    seeded: Vec<String>,
 }
 
 /// A failed target: the error, and the release live on it if the client saw it.
@@ -643,6 +649,9 @@ fn prepare(
     if !host.unchanged && !host.skipped {
         events.phase(index, Phase::Staging);
         host.stage_send_commit(source, staged, live, caches, o)?;
+        if let Some(a) = &applied {
+            host.seeded = a.seeds.iter().map(|(p, _)| p.to_string()).collect();
+        }
     }
     host.manifest = applied.map(|a| Arc::new(a.release));
     Ok(host)
@@ -679,6 +688,7 @@ impl Host {
             warnings: Vec::new(),
             present: BTreeSet::new(),
             manifest: None,
+            seeded: Vec::new(),
         })
     }
 
@@ -999,6 +1009,7 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
                 pruned: h.pruned,
                 leftovers,
                 warnings,
+                seeded: h.seeded,
                 duration_ms: h.started.elapsed().as_millis() as u64,
             };
             HostOutcome {
