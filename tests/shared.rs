@@ -544,3 +544,21 @@ fn shared_keys_follow_the_precedence_and_bad_ones_name_the_file_line_and_key() {
         .code(2)
         .stderr_has("flip.toml:1: shared_dirs/shared_files: shared path storage/logs is inside shared path storage");
 }
+
+#[test]
+fn a_shared_directory_that_is_a_symlink_is_refused_and_not_followed() {
+    let fx = Fx::new();
+    let src = app(&fx);
+    fx.deploy(&src, &[]);
+    let elsewhere = fx.path("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, fx.root.join("shared")).unwrap();
+    write_config(&fx, CONFIG);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(5)
+        .stderr_has("shared is a symlink, not a directory");
+    assert!(fs::read_dir(&elsewhere).unwrap().next().is_none());
+    assert_eq!(fx.release_ids(), vec![1]);
+    // Commands that do not use shared paths are not stopped by it.
+    fx.flip(&["verify", fx.root_str()]).success();
+}

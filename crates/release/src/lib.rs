@@ -213,8 +213,6 @@ impl Root {
         for f in ["lock", "next-id", "log", LEFTOVERS] {
             expect(&state.join(f), Kind::File)?;
         }
-        // The shared paths' home, when there is one, is a real directory.
-        expect(&self.shared_dir(), Kind::Dir)?;
         match fs::symlink_metadata(self.dir.join(CURRENT)) {
             Ok(m) if !m.file_type().is_symlink() => {
                 Err(Error::CurrentNotSymlink(self.dir.join(CURRENT)))
