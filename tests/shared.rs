@@ -562,3 +562,37 @@ fn a_shared_directory_that_is_a_symlink_is_refused_and_not_followed() {
     // Commands that do not use shared paths are not stopped by it.
     fx.flip(&["verify", fx.root_str()]).success();
 }
+
+#[test]
+fn a_first_deploy_that_dies_after_seeding_leaves_a_target_the_next_deploy_completes() {
+    let fx = Fx::new();
+    write_config(&fx, CONFIG);
+    let src = app(&fx);
+    let run = fx.flip_env(
+        &[("FLIP_FAULT", "before-rename")],
+        &["deploy", src.s(), fx.root_str()],
+    );
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("FLIP_FAULT=before-rename"),
+        "{}",
+        run.stderr
+    );
+    assert!(!fx.current().exists());
+    // The seeds are in shared/ already; the source changes meanwhile, and the next deploy
+    // neither seeds again nor fails on what the crash left.
+    assert_eq!(
+        fs::read(fx.root.join("shared/storage/logs/seed.log")).unwrap(),
+        b"seeded from the source\n"
+    );
+    src.overwrite("storage/logs/seed.log", "changed in the source\n");
+    let j = fx.deploy(&src, &[]);
+    assert!(j.get("seeded").is_none(), "{j}");
+    assert_eq!(
+        fs::read(fx.current().join("storage/logs/seed.log")).unwrap(),
+        b"seeded from the source\n"
+    );
+    assert!(fx.release_leftovers().is_empty());
+    assert_shared_layout(&fx.root);
+    fx.flip(&["verify", fx.root_str()]).success();
+}

@@ -185,7 +185,12 @@ impl Root {
     pub fn undo_init(&self, created: &Created, lock: LockGuard) {
         let releases = self.releases_dir();
         let empty = fs::read_dir(&releases).is_ok_and(|mut rd| rd.next().is_none());
-        if !empty || fs::symlink_metadata(self.dir.join(CURRENT)).is_ok() {
+        // Seeds already moved into shared/ (a commit that failed after them) are kept, and so
+        // is the target around them: undone, it would be a directory flip refuses to take over.
+        if !empty
+            || fs::symlink_metadata(self.dir.join(CURRENT)).is_ok()
+            || fs::symlink_metadata(self.shared_dir()).is_ok()
+        {
             return;
         }
         let state = self.state_dir();
