@@ -441,3 +441,140 @@ pub fn resolve_owner(spec: &str) -> std::result::Result<(u32, u32), String> {
     }
     Ok((uid, gid))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Holder, Wait};
+    use flip_manifest::{Digest, Entry};
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    fn settings() -> SharedPaths {
+        SharedPaths {
+            dirs: vec![p("storage")],
+            files: vec![],
+            writable: vec![p("storage/cache")],
+            writable_mode: 0o770,
+        }
+    }
+
+    fn me() -> Holder {
+        Holder {
+            pid: std::process::id(),
+            host: "h".into(),
+            user: "u".into(),
+            since: 0,
+            what: "test".into(),
+        }
+    }
+
+    #[test]
+    fn a_commit_moves_the_seed_into_shared_and_records_the_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(tmp.path()).unwrap();
+        let lock = root.lock(&me(), Wait::No).unwrap();
+        let s = settings();
+        assert!(root.shared_state(&lock, &s).unwrap().is_empty());
+        let scanned = Manifest::new(vec![
+            Entry {
+                path: p("storage"),
+                kind: EntryKind::Dir { mode: 0o755 },
+            },
+            Entry {
+                path: p("storage/a"),
+                kind: EntryKind::File {
+                    mode: 0o640,
+                    size: 1,
+                    digest: Digest::of(b"a"),
+                },
+            },
+        ])
+        .unwrap();
+        let a = s.apply(&scanned, &BTreeSet::new()).unwrap();
+        let mut stage = root.stage(&lock, a.staged.clone(), None).unwrap();
+        let i = stage.needs()[0];
+        let mut w = stage.begin_file(i).unwrap();
+        w.write(b"a").unwrap();
+        stage.finish_file(w, None).unwrap();
+        stage
+            .set_shared(SharedCommit {
+                seeds: a.seeds.clone(),
+                release: a.release.clone(),
+                writable_release: vec![],
+                writable_shared: s.writable_in_shared(),
+                mode: 0o770,
+                owner: None,
+            })
+            .unwrap();
+        let info = stage.commit().unwrap();
+        let shared = root.shared_dir();
+        assert_eq!(fs::read(shared.join("storage/a")).unwrap(), b"a");
+        assert_eq!(
+            fs::symlink_metadata(shared.join("storage/cache"))
+                .unwrap()
+                .mode()
+                & 0o7777,
+            0o770
+        );
+        let rel = root.release_dir(info.id).join("storage");
+        assert_eq!(
+            fs::read_link(&rel).unwrap().to_str(),
+            Some("../../shared/storage")
+        );
+        assert_eq!(root.manifest(info.id).unwrap(), a.release);
+        assert!(root.verify(info.id).unwrap().is_empty());
+        assert_eq!(
+            root.shared_state(&lock, &s).unwrap(),
+            BTreeSet::from([p("storage")])
+        );
+    }
+
+    #[test]
+    fn a_release_that_is_not_the_staged_tree_with_links_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(tmp.path()).unwrap();
+        let lock = root.lock(&me(), Wait::No).unwrap();
+        let a = settings()
+            .apply(&Manifest::default(), &BTreeSet::new())
+            .unwrap();
+        let mut stage = root.stage(&lock, a.staged.clone(), None).unwrap();
+        let other = Manifest::new(vec![Entry {
+            path: p("x"),
+            kind: EntryKind::File {
+                mode: 0o644,
+                size: 0,
+                digest: Digest::of(b""),
+            },
+        }])
+        .unwrap();
+        let e = stage
+            .set_shared(SharedCommit {
+                seeds: a.seeds,
+                release: other,
+                writable_release: vec![],
+                writable_shared: vec![],
+                mode: 0o770,
+                owner: None,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("do not match"), "{e}");
+    }
+
+    #[test]
+    fn a_shared_path_of_another_kind_is_a_conflict_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(tmp.path()).unwrap();
+        let lock = root.lock(&me(), Wait::No).unwrap();
+        fs::create_dir(root.shared_dir()).unwrap();
+        fs::write(root.shared_dir().join("storage"), "a file").unwrap();
+        let e = root.shared_state(&lock, &settings()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("shared/storage is a regular file, not a directory"),
+            "{e}"
+        );
+    }
+}
