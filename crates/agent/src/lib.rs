@@ -79,6 +79,7 @@ impl AgentError {
 type Result<T, E = AgentError> = std::result::Result<T, E>;
 
 mod apply;
+pub mod doctor;
 
 use apply::{How, Pool};
 use std::sync::Arc;
@@ -679,6 +680,8 @@ impl Session {
                     id: root.live_intact(&digest)?,
                 }
             }
+            // Read-only and without the lock: a running deploy is reported, never waited for.
+            Request::Doctor => doctor::answer(&self.root_path)?,
             Request::Bye => unreachable!("handled by run"),
         }))
     }

@@ -4,7 +4,9 @@
 //! number it has on the wire. A change that moves a tag must bump `PROTOCOL` and this table.
 
 use flip_manifest::{Digest, RelPath};
-use flip_wire::{ErrorClass, Holder, ProbeState, Purpose, Request, Response, StageBase, PROTOCOL};
+use flip_wire::{
+    ErrorClass, Holder, ProbeState, Purpose, Request, Response, Severity, StageBase, PROTOCOL,
+};
 
 fn tag<T: serde::Serialize>(v: &T) -> u8 {
     let bytes = bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap();
@@ -18,7 +20,7 @@ fn path() -> RelPath {
 #[test]
 fn protocol_version_matches_the_pinned_tags() {
     assert_eq!(
-        PROTOCOL, 6,
+        PROTOCOL, 7,
         "a protocol bump must re-check the tag tables below"
     );
 }
@@ -102,6 +104,7 @@ fn request_tags_are_pinned() {
         (Request::Changes { all: false }, 17),
         (Request::Discard { id: 1 }, 18),
         (Request::CheckLive { digest: d }, 19),
+        (Request::Doctor, 20),
     ];
     for (req, want) in &cases {
         assert_eq!(tag(req), *want, "tag of {req:?}");
@@ -209,6 +212,13 @@ fn response_tags_are_pinned() {
         ),
         (Response::Discarded { id: 1 }, 17),
         (Response::LiveIntact { id: None }, 18),
+        (
+            Response::Findings {
+                time_ms: 0,
+                findings: vec![],
+            },
+            19,
+        ),
     ];
     for (resp, want) in &cases {
         assert_eq!(tag(resp), *want, "tag of {resp:?}");
@@ -251,5 +261,14 @@ fn nested_enum_tags_are_pinned() {
     ];
     for (i, c) in classes.iter().enumerate() {
         assert_eq!(tag(c) as usize, i, "tag of {c:?}");
+    }
+    let severities = [
+        Severity::Ok,
+        Severity::Note,
+        Severity::Warning,
+        Severity::Problem,
+    ];
+    for (i, s) in severities.iter().enumerate() {
+        assert_eq!(tag(s) as usize, i, "tag of {s:?}");
     }
 }
