@@ -356,7 +356,12 @@ struct Walk<'a> {
 }
 
 impl Walk<'_> {
+    /// Records a directory this user cannot empty, unless one above it is recorded already
+    /// (its fix covers this one).
     fn stick(&mut self, s: Stuck) {
+        if self.stuck.iter().any(|t| s.dir.starts_with(&t.dir)) {
+            return;
+        }
         if self.stuck.len() < NAMED {
             self.stuck.push(s);
         } else {
