@@ -97,7 +97,10 @@ pub fn run(a: cli::DoctorArgs, cfg: Option<&Config>) -> Result<i32> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("doctor thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("doctor thread panicked")))
+            })
             .collect()
     });
     let mut hosts = Vec::new();

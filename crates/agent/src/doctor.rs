@@ -158,7 +158,8 @@ pub fn php_findings(php: &Path, out: &str) -> Vec<Finding> {
             .map(|(_, v)| v.trim().to_string())
     };
     let on = |k: &str| {
-        get(k).is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "on" | "true" | "yes"))
+        get(k)
+            .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "on" | "true" | "yes"))
     };
     let version = get("version").unwrap_or_else(|| "?".into());
     let minor = version.split('.').take(2).collect::<Vec<_>>().join(".");
@@ -233,13 +234,18 @@ mod tests {
         let f = run("version=8.3.1\nini=/etc/php/8.3/cli/php.ini\nopcache=1\nopcache.enable=1\nopcache.validate_timestamps=0\nrealpath_cache_size=4096K\nrealpath_cache_ttl=120\n");
         assert!(f[0].message.contains("CLI settings"), "{f:?}");
         assert!(f[0].message.contains("/etc/php/8.3/fpm/php.ini"), "{f:?}");
-        let w: Vec<_> = f.iter().filter(|f| f.severity == Severity::Warning).collect();
+        let w: Vec<_> = f
+            .iter()
+            .filter(|f| f.severity == Severity::Warning)
+            .collect();
         assert_eq!(w.len(), 1, "{f:?}");
         assert!(w[0].message.contains("validate_timestamps=0"));
         let fix = w[0].fix.as_deref().unwrap();
         assert!(fix.contains("--fcgi=/run/php/php8.3-fpm.sock"), "{fix}");
         assert!(fix.contains("systemctl reload php-fpm8.3"), "{fix}");
-        assert!(f.iter().any(|f| f.message.contains("realpath_cache_ttl=120")));
+        assert!(f
+            .iter()
+            .any(|f| f.message.contains("realpath_cache_ttl=120")));
     }
 
     #[test]

@@ -103,11 +103,15 @@ pub fn doctor(dir: &Path, opts: &DoctorOptions) -> Result<Vec<Finding>> {
                 Error::Layout { path, .. } | Error::CurrentNotSymlink(path) => path.clone(),
                 _ => unreachable!(),
             };
-            return Ok(vec![Finding::new("layout", Severity::Problem, e.to_string())
-                .fix(format!(
-                    "move {} away (every flip command refuses this target until then)",
-                    path.display()
-                ))]);
+            return Ok(vec![Finding::new(
+                "layout",
+                Severity::Problem,
+                e.to_string(),
+            )
+            .fix(format!(
+                "move {} away (every flip command refuses this target until then)",
+                path.display()
+            ))]);
         }
         Err(e) => return Err(e),
     };
@@ -241,9 +245,9 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
     interrupted.sort();
     for (id, e) in incomplete.iter().take(NAMED) {
         let why = match e {
-            Error::NoSuchRelease(_) => format!(
-                "its metadata ({STATE}/releases/{id}.json and .manifest) is missing"
-            ),
+            Error::NoSuchRelease(_) => {
+                format!("its metadata ({STATE}/releases/{id}.json and .manifest) is missing")
+            }
             e => e.to_string(),
         };
         out.push(
@@ -298,7 +302,10 @@ fn check_writable(root: &Root, me: &Me, out: &mut Vec<Finding>) {
     let state = root.path().join(STATE);
     let mut bad = Vec::new();
     let dirs = [
-        (root.path().to_path_buf(), "the target (where `current` is swapped)"),
+        (
+            root.path().to_path_buf(),
+            "the target (where `current` is swapped)",
+        ),
         (root.releases_dir(), "releases/"),
         (state.clone(), ".flip/"),
         (state.join("releases"), ".flip/releases/"),
@@ -320,7 +327,10 @@ fn check_writable(root: &Root, me: &Me, out: &mut Vec<Finding>) {
         out.push(Finding::new(
             "writable",
             Severity::Ok,
-            format!("{} may write the target's directories and flip's files", me.name),
+            format!(
+                "{} may write the target's directories and flip's files",
+                me.name
+            ),
         ));
     }
     for (path, what, how) in bad {
@@ -454,9 +464,7 @@ impl Walk<'_> {
             if self.stopped.is_some() {
                 return;
             }
-            let child = path.join(std::ffi::OsStr::new(
-                &*name.to_string_lossy(),
-            ));
+            let child = path.join(std::ffi::OsStr::new(&*name.to_string_lossy()));
             let Some(cst) = Stat::at(fd, &name) else {
                 continue;
             };
@@ -470,7 +478,11 @@ impl Walk<'_> {
                             dir: child,
                             entries: 0,
                             example: String::new(),
-                            why: format!("cannot be listed by {}: {e} ({})", self.me.name, cst.describe()),
+                            why: format!(
+                                "cannot be listed by {}: {e} ({})",
+                                self.me.name,
+                                cst.describe()
+                            ),
                         });
                     }
                 }
@@ -549,7 +561,10 @@ fn check_leftovers(root: &Root, me: &Me, opts: &DoctorOptions, out: &mut Vec<Fin
         out.push(Finding::new(
             "leftovers",
             Severity::Problem,
-            format!("and {} more directories with entries {} cannot remove", w.more, me.name),
+            format!(
+                "and {} more directories with entries {} cannot remove",
+                w.more, me.name
+            ),
         ));
     }
     for l in recorded.iter().take(NAMED) {
@@ -991,7 +1006,10 @@ mod tests {
                     2: -> FLOCK  ADVISORY  WRITE 4322 00:2b:12345 0 EOF\n";
         assert!(held(text, 12345, (0, 0x2b), None));
         assert!(!held(text, 12345, (0, 0x2c), None), "another device");
-        assert!(held(text, 12345, (0, 0x2c), Some(4321)), "the recorded holder");
+        assert!(
+            held(text, 12345, (0, 0x2c), Some(4321)),
+            "the recorded holder"
+        );
         assert!(!held(text, 77, (8, 1), None), "a POSIX lock is not flip's");
         assert!(!held(text, 1, (0, 0x2b), Some(4321)));
     }
@@ -1012,7 +1030,10 @@ mod tests {
             immutable: false,
         };
         assert!(me.may_st(&st(0o700, 1000, 0), 0o3));
-        assert!(!me.may_st(&st(0o577, 1000, 50), 0o3), "the owner bits decide");
+        assert!(
+            !me.may_st(&st(0o577, 1000, 50), 0o3),
+            "the owner bits decide"
+        );
         assert!(me.may_st(&st(0o070, 0, 50), 0o3));
         assert!(!me.may_st(&st(0o755, 0, 0), 0o3));
         assert!(me.may_st(&st(0o757, 0, 0), 0o3));
