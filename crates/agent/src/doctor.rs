@@ -164,7 +164,9 @@ pub fn php_findings(php: &Path, out: &str) -> Vec<Finding> {
     let version = get("version").unwrap_or_else(|| "?".into());
     let minor = version.split('.').take(2).collect::<Vec<_>>().join(".");
     let ini = get("ini").filter(|i| !i.is_empty());
+    // Debian's names: the binary php-fpm8.3, the service php8.3-fpm.
     let fpm = format!("php-fpm{minor}");
+    let service = format!("php{minor}-fpm");
     let socket = format!("/run/php/php{minor}-fpm.sock");
     let mut out = vec![finding(
         Severity::Note,
@@ -187,7 +189,7 @@ pub fn php_findings(php: &Path, out: &str) -> Vec<Finding> {
             Severity::Warning,
             "opcache.enable=1 with opcache.validate_timestamps=0: OPcache never looks at a cached script's file again, so after a swap PHP keeps running the old release's code for every path it reaches through current/ (OPcache keys scripts by resolved path), and old releases stay cached, until OPcache is reset or FPM reloaded".into(),
             Some(format!(
-                "after_activate = [\"cachetool opcache:reset --fcgi={socket}\"] in flip.toml (or \"sudo systemctl reload {fpm}\"), and nginx: fastcgi_param SCRIPT_FILENAME $realpath_root$fastcgi_script_name; fastcgi_param DOCUMENT_ROOT $realpath_root;"
+                "after_activate = [\"cachetool opcache:reset --fcgi={socket}\"] in flip.toml (or \"sudo systemctl reload {service}\"), and nginx: fastcgi_param SCRIPT_FILENAME $realpath_root$fastcgi_script_name; fastcgi_param DOCUMENT_ROOT $realpath_root;"
             )),
         ));
     } else {
@@ -242,7 +244,7 @@ mod tests {
         assert!(w[0].message.contains("validate_timestamps=0"));
         let fix = w[0].fix.as_deref().unwrap();
         assert!(fix.contains("--fcgi=/run/php/php8.3-fpm.sock"), "{fix}");
-        assert!(fix.contains("systemctl reload php-fpm8.3"), "{fix}");
+        assert!(fix.contains("systemctl reload php8.3-fpm"), "{fix}");
         assert!(f
             .iter()
             .any(|f| f.message.contains("realpath_cache_ttl=120")));
