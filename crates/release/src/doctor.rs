@@ -379,12 +379,46 @@ impl Walk<'_> {
         }
     }
 
-    /// Inspects the entries of directory `fd` (shown as `path`, stat `st`), then its
+    /// Opens directory `name` of `parent` (shown as `path`) without following a symlink and
+    /// inspects it: a symlink there is not followed, nor looked at further (removing it is
+    /// removing the link).
+    fn enter(&mut self, parent: &OwnedFd, name: &CStr, path: PathBuf, depth: usize) {
+        match open_dir_at(parent.as_raw_fd(), name) {
+            Ok(fd) => self.dir(&fd, &path, depth),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ELOOP | libc::ENOTDIR | libc::ENOENT)
+                ) => {}
+            Err(e) => {
+                let st = Stat::at(parent, name);
+                // flip's remover gives a directory it owns full access before emptying it.
+                if self.me.root || st.as_ref().is_none_or(|st| st.uid != self.me.uid) {
+                    let how = st
+                        .map(|st| format!(" ({})", st.describe()))
+                        .unwrap_or_default();
+                    let why = format!("cannot be listed by {}: {e}{how}", self.me.name);
+                    self.stick(Stuck {
+                        dir: path,
+                        entries: 0,
+                        example: String::new(),
+                        why,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Inspects the entries of the open directory `fd` (shown as `path`), then its
     /// subdirectories, depth first.
-    fn dir(&mut self, fd: &OwnedFd, path: &Path, st: &Stat, depth: usize) {
+    fn dir(&mut self, fd: &OwnedFd, path: &Path, depth: usize) {
         if self.stopped.is_some() {
             return;
         }
+        // The directory as opened (not as listed a moment ago: it may have been swapped).
+        let Some(st) = Stat::at(fd, c"") else {
+            return;
+        };
         let names = match list(fd, &mut self.budget) {
             Ok((names, complete)) => {
                 if !complete {
@@ -406,7 +440,7 @@ impl Walk<'_> {
             }
         };
         // flip's remover gives a directory it owns full access first; others stay as they are.
-        let writable = self.me.root || st.uid == self.me.uid || self.me.may_st(st, 0o3);
+        let writable = self.me.root || st.uid == self.me.uid || self.me.may_st(&st, 0o3);
         let sticky = st.mode & libc::S_ISVTX != 0;
         let (mut blocked, mut example, mut why) = (0u64, String::new(), String::new());
         let mut subdirs = Vec::new();
@@ -464,31 +498,15 @@ impl Walk<'_> {
             if self.stopped.is_some() {
                 return;
             }
-            let child = path.join(std::ffi::OsStr::new(&*name.to_string_lossy()));
-            let Some(cst) = Stat::at(fd, &name) else {
-                continue;
-            };
-            match open_dir_at(fd.as_raw_fd(), &name) {
-                Ok(sub) => self.dir(&sub, &child, &cst, depth + 1),
-                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {}
-                Err(e) => {
-                    // flip gives a directory it owns full access before emptying it.
-                    if cst.uid != self.me.uid || self.me.root {
-                        self.stick(Stuck {
-                            dir: child,
-                            entries: 0,
-                            example: String::new(),
-                            why: format!(
-                                "cannot be listed by {}: {e} ({})",
-                                self.me.name,
-                                cst.describe()
-                            ),
-                        });
-                    }
-                }
-            }
+            let child = path.join(name_of(&name));
+            self.enter(fd, &name, child, depth + 1);
         }
     }
+}
+
+fn name_of(name: &CStr) -> &std::ffi::OsStr {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::OsStr::from_bytes(name.to_bytes())
 }
 
 /// What this user could not remove under `releases/` (every release, staging and trash
@@ -509,22 +527,8 @@ fn check_leftovers(root: &Root, me: &Me, opts: &DoctorOptions, out: &mut Vec<Fin
             continue;
         };
         for name in names {
-            let Some(st) = Stat::at(&top_fd, &name) else {
-                continue;
-            };
-            if !st.is_dir {
-                continue;
-            }
-            let path = Path::new(top).join(&*name.to_string_lossy());
-            match open_dir_at(top_fd.as_raw_fd(), &name) {
-                Ok(fd) => w.dir(&fd, &path, &st, 0),
-                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {}
-                Err(e) => w.stick(Stuck {
-                    dir: path,
-                    entries: 0,
-                    example: String::new(),
-                    why: format!("cannot be listed by {}: {e}", me.name),
-                }),
+            if Stat::at(&top_fd, &name).is_some_and(|st| st.is_dir) {
+                w.enter(&top_fd, &name, Path::new(top).join(name_of(&name)), 0);
             }
         }
     }
@@ -818,7 +822,8 @@ impl Stat {
             libc::statx(
                 dir.as_raw_fd(),
                 name.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
+                // An empty name: the directory `dir` itself.
+                libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH,
                 libc::STATX_BASIC_STATS,
                 &mut st,
             )
@@ -860,7 +865,7 @@ fn describe(m: &std::fs::Metadata) -> String {
 /// `path` relative to the target's root, for messages.
 fn shown(root: &Root, path: &Path) -> String {
     match path.strip_prefix(root.path()) {
-        Ok(p) if p.as_os_str().is_empty() => ".".into(),
+        Ok(p) if p.as_os_str().is_empty() => root.path().display().to_string(),
         Ok(p) => p.display().to_string(),
         Err(_) => path.display().to_string(),
     }
@@ -1037,6 +1042,70 @@ mod tests {
         assert!(me.may_st(&st(0o070, 0, 50), 0o3));
         assert!(!me.may_st(&st(0o755, 0, 0), 0o3));
         assert!(me.may_st(&st(0o757, 0, 0), 0o3));
+    }
+
+    /// A target with releases/1 holding `files` files, nothing live.
+    fn target(files: usize) -> (tempfile::TempDir, Root) {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(&t.path().join("app")).unwrap();
+        let dir = root.release_dir(1).join("a/b");
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..files {
+            std::fs::write(dir.join(format!("f{i}")), "x").unwrap();
+        }
+        (t, root)
+    }
+
+    fn notes(f: &[Finding]) -> Vec<&str> {
+        f.iter()
+            .filter(|f| f.check == "leftovers" && f.severity == Severity::Note)
+            .map(|f| f.message.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn the_walk_stops_at_its_entry_budget_and_says_so() {
+        let (_t, root) = target(50);
+        let opts = DoctorOptions {
+            max_entries: 20,
+            ..DoctorOptions::default()
+        };
+        let f = doctor(root.path(), &opts).unwrap();
+        let n = notes(&f);
+        assert_eq!(n.len(), 1, "{f:?}");
+        assert!(
+            n[0].contains("the walk stopped in releases/1/a/b"),
+            "{}",
+            n[0]
+        );
+        assert!(n[0].contains("20 entries at most"), "{}", n[0]);
+        let all = DoctorOptions::default();
+        assert!(notes(&doctor(root.path(), &all).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn the_walk_never_follows_a_symlink_out_of_the_root() {
+        let (t, root) = target(2);
+        // 100 entries outside the root, linked from inside a release: with a budget of 20,
+        // following the link would stop the walk.
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        for i in 0..100 {
+            std::fs::write(outside.join(format!("o{i}")), "x").unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, root.release_dir(1).join("a/out")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.releases_dir().join("2")).unwrap();
+        let opts = DoctorOptions {
+            max_entries: 20,
+            ..DoctorOptions::default()
+        };
+        let f = doctor(root.path(), &opts).unwrap();
+        assert!(notes(&f).is_empty(), "{f:?}");
+        assert!(
+            f.iter()
+                .any(|f| f.check == "leftovers" && f.severity == Severity::Ok),
+            "{f:?}"
+        );
     }
 
     #[test]
