@@ -262,14 +262,17 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
         );
     }
     if incomplete.len() > NAMED {
-        out.push(Finding::new(
-            "releases",
-            Severity::Problem,
-            format!(
-                "and {} more incomplete release directories under {RELEASES}/",
-                incomplete.len() - NAMED
-            ),
-        ));
+        out.push(
+            Finding::new(
+                "releases",
+                Severity::Problem,
+                format!(
+                    "and {} more incomplete release directories under {RELEASES}/",
+                    incomplete.len() - NAMED
+                ),
+            )
+            .fix("remove the ones named above, then run flip doctor again for the next ones"),
+        );
     }
     if !interrupted.is_empty() {
         out.push(Finding::new(
@@ -304,7 +307,7 @@ fn check_writable(root: &Root, me: &Me, out: &mut Vec<Finding>) {
     let dirs = [
         (
             root.path().to_path_buf(),
-            "the target (where `current` is swapped)",
+            "the target, where `current` is swapped",
         ),
         (root.releases_dir(), "releases/"),
         (state.clone(), ".flip/"),
