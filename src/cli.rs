@@ -8,7 +8,7 @@ use std::path::PathBuf;
     name = "flip",
     version,
     about = "Fast, atomic deploys: delta-sync a directory into a new release, then swap `current` in one rename.",
-    after_help = "Targets: a local directory (/srv/app), [user@]host:/path or ssh://[user@]host[:port]/path; or ENV, every target of environment ENV of flip.toml.\nExit codes: 0 ok, 1 internal error, 2 usage, 3 locked, 4 source, 5 target, 6 connection, 7 integrity, 8 disk full, 9 SSH authentication or host key, 10 an environment command failed on some targets."
+    after_help = "Targets: a local directory (/srv/app), [user@]host:/path or ssh://[user@]host[:port]/path; or ENV, every target of environment ENV of flip.toml.\nExit codes: 0 ok, 1 internal error, 2 usage, 3 locked, 4 source, 5 target, 6 connection, 7 integrity, 8 disk full, 9 SSH authentication or host key, 10 an environment command failed on some targets, 11 `flip doctor` found a problem."
 )]
 pub struct Cli {
     /// The configuration file (default: flip.toml in the working directory, if there is one).
@@ -39,6 +39,10 @@ pub enum Command {
     Init(InitArgs),
     /// Print the settings environment ENV of flip.toml resolves to.
     Config(ConfigArgs),
+    /// Check TARGET (or every target of ENV) read-only and say what is wrong, with the fix:
+    /// `current`, incomplete releases, permissions, what a prune could not remove, free space,
+    /// a running deploy, clock skew, and php's OPcache and realpath cache settings.
+    Doctor(DoctorArgs),
     /// Serve the agent protocol on stdin/stdout (started by flip itself, locally or over SSH).
     #[command(hide = true)]
     Agent(AgentArgs),
@@ -182,6 +186,20 @@ pub struct VerifyArgs {
     pub id: Option<u64>,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub ssh: SshArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// A target (local directory, [user@]host:/path, ssh://...) or an environment of flip.toml.
+    pub target: String,
+    /// One JSON object on stdout: {"hosts": [...], "summary": {...}}.
+    #[arg(long)]
+    pub json: bool,
+    /// Warnings make a target unhealthy too (exit 11), not only problems.
+    #[arg(long)]
+    pub strict: bool,
     #[command(flatten)]
     pub ssh: SshArgs,
 }

@@ -18,6 +18,8 @@ pub const AUTH: i32 = 9;
 /// An environment command (deploy, rollback, activate, prune or verify on every target of an
 /// environment) failed on some targets: not every target is where it was asked to be.
 pub const PARTIAL: i32 = 10;
+/// `flip doctor` found a problem on a target (with `--strict`, a warning too).
+pub const UNHEALTHY: i32 = 11;
 
 /// An error that already knows its exit code.
 #[derive(Debug, thiserror::Error)]

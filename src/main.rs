@@ -6,6 +6,7 @@
 mod cli;
 mod config;
 mod diff;
+mod doctor;
 mod exit;
 mod output;
 mod render;
@@ -45,6 +46,7 @@ fn main() {
         Command::Verify(a) => a.json,
         Command::Diff(a) => a.json,
         Command::Config(a) => a.json,
+        Command::Doctor(a) => a.json,
         Command::Init(_) | Command::Agent(_) | Command::Blake3(_) => false,
     };
     let code = match run(cli) {
@@ -110,6 +112,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Prune(a) => prune(a, cfg.as_ref()),
         Command::Verify(a) => verify(a, cfg.as_ref()),
         Command::Config(a) => show_config(a, cfg.as_ref()),
+        Command::Doctor(a) => doctor::run(a, cfg.as_ref()),
         Command::Init(_) | Command::Agent(_) | Command::Diff(_) | Command::Blake3(_) => {
             unreachable!("handled above")
         }

@@ -80,6 +80,7 @@ type Result<T, E = AgentError> = std::result::Result<T, E>;
 
 mod apply;
 mod shared;
+pub mod doctor;
 
 use apply::{How, Pool};
 use std::sync::Arc;
@@ -704,6 +705,8 @@ impl Session {
                 self.shared = Some(settings);
                 Response::SharedState { present }
             }
+            // Read-only and without the lock: a running deploy is reported, never waited for.
+            Request::Doctor => doctor::answer(&self.root_path)?,
             Request::Bye => unreachable!("handled by run"),
         }))
     }

@@ -21,6 +21,7 @@
 //! a complete, verified release.
 
 pub mod delta;
+pub mod doctor;
 mod error;
 mod fsutil;
 mod lock;

@@ -102,6 +102,24 @@ pub struct DeployReport {
     pub sent: Vec<Sent>,
 }
 
+/// The agent's answer to `flip doctor`, with this client's clock (Unix milliseconds) just
+/// before the request was sent and just after the answer arrived.
+#[derive(Clone, Debug)]
+pub struct DoctorAnswer {
+    pub findings: Vec<flip_wire::Finding>,
+    /// The agent's clock when it answered.
+    pub agent_ms: i64,
+    pub sent_ms: i64,
+    pub received_ms: i64,
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// An open session with an agent.
 pub struct Session {
     rx: FrameReader,
@@ -653,6 +671,23 @@ impl Session {
     }
 
     /// Re-hashes a release on the target against its manifest: (id, problems).
+    /// `flip doctor`: what the agent finds on the target (read-only; no lock needed), with the
+    /// clocks around the round trip for the skew check.
+    pub fn doctor(&mut self) -> Result<DoctorAnswer> {
+        self.phase = "asking the agent for its findings";
+        let sent_ms = unix_ms();
+        self.send(&Request::Doctor)?;
+        match self.recv()? {
+            Response::Findings { time_ms, findings } => Ok(DoctorAnswer {
+                findings,
+                agent_ms: time_ms,
+                sent_ms,
+                received_ms: unix_ms(),
+            }),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     pub fn verify(&mut self, id: Option<u64>) -> Result<(u64, Vec<String>)> {
         self.phase = "verifying a release";
         self.send(&Request::Verify { id })?;
@@ -810,5 +845,6 @@ fn name(r: &Response) -> &'static str {
         Response::Discarded { .. } => "Discarded",
         Response::LiveIntact { .. } => "LiveIntact",
         Response::SharedState { .. } => "SharedState",
+        Response::Findings { .. } => "Findings",
     }
 }

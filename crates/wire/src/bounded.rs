@@ -8,7 +8,7 @@
 //! ([`Weigh::heap`], as it is decoded) to a budget of [`MAX_FRAME`] bytes per frame, and fails
 //! the decode when the budget runs out.
 
-use crate::{Need, ProbeItem, ReleaseSummary, SigItem, MAX_FRAME};
+use crate::{Finding, Need, ProbeItem, ReleaseSummary, SigItem, MAX_FRAME};
 use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -90,6 +90,14 @@ impl Weigh for crate::ProbeState {
 impl Weigh for ReleaseSummary {
     fn heap(&self) -> usize {
         self.label.as_ref().map_or(0, String::capacity)
+    }
+}
+
+impl Weigh for Finding {
+    fn heap(&self) -> usize {
+        self.check.capacity()
+            + self.message.capacity()
+            + self.fix.as_ref().map_or(0, String::capacity)
     }
 }
 

@@ -23,7 +23,8 @@
 //! changes, for the deploy's report); `Signatures` → `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch`
 //! frames + `Commit` → `Committed`; `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`.
 //! A multi-host deploy that fails on another target after this one committed sends
-//! `Discard` → `Discarded` instead of `Activate`. Message tags are pinned by `tests/tags.rs`.
+//! `Discard` → `Discarded` instead of `Activate`. `flip doctor`: `Hello` → `Welcome`; `Doctor` →
+//! `Findings` (no lock). Message tags are pinned by `tests/tags.rs`.
 //! Before any answer the agent may send [`Response::Notices`]: what it could not clean up, and
 //! problems that did not stop the request.
 
@@ -298,6 +299,10 @@ pub enum Request {
         mode: u32,
         owner: Option<String>,
     },
+    /// `flip doctor`: look at the target read-only (never taking the lock) and report what is
+    /// wrong with it, each finding with its fix. Needs no lock. Answered by
+    /// [`Response::Findings`].
+    Doctor,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -407,6 +412,49 @@ pub enum Response {
         #[serde(deserialize_with = "bounded::vec")]
         present: Vec<RelPath>,
     },
+    /// The answer to [`Request::Doctor`]: the agent's clock when it answered (Unix
+    /// milliseconds, for the client's skew check) and what it found, in the order it looked.
+    Findings {
+        time_ms: i64,
+        #[serde(deserialize_with = "bounded::vec")]
+        findings: Vec<Finding>,
+    },
+}
+
+/// How much a [`Finding`] of `flip doctor` matters.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// The check passed.
+    Ok,
+    /// Worth knowing, nothing to fix (a deploy is running, php's CLI settings may not be FPM's).
+    Note,
+    /// Risky, depending on what the agent cannot see (the web server's configuration).
+    Warning,
+    /// Something that breaks or will break deploys, rollbacks or prunes on this target.
+    Problem,
+}
+
+impl Severity {
+    /// "ok", "note", "warning", "problem".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Ok => "ok",
+            Severity::Note => "note",
+            Severity::Warning => "warning",
+            Severity::Problem => "problem",
+        }
+    }
+}
+
+/// One thing `flip doctor` found on a target: which `check` (`layout`, `current`, `releases`,
+/// `writable`, `leftovers`, `space`, `lock`, `php`, ...), how much it matters, what it saw,
+/// and how to fix it (a command or a setting; `None` when there is nothing to fix).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Finding {
+    pub check: String,
+    pub severity: Severity,
+    pub message: String,
+    pub fix: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,9 @@
 //! number it has on the wire. A change that moves a tag must bump `PROTOCOL` and this table.
 
 use flip_manifest::{Digest, RelPath};
-use flip_wire::{ErrorClass, Holder, ProbeState, Purpose, Request, Response, StageBase, PROTOCOL};
+use flip_wire::{
+    ErrorClass, Holder, ProbeState, Purpose, Request, Response, Severity, StageBase, PROTOCOL,
+};
 
 fn tag<T: serde::Serialize>(v: &T) -> u8 {
     let bytes = bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap();
@@ -112,6 +114,7 @@ fn request_tags_are_pinned() {
             },
             20,
         ),
+        (Request::Doctor, 21),
     ];
     for (req, want) in &cases {
         assert_eq!(tag(req), *want, "tag of {req:?}");
@@ -225,6 +228,13 @@ fn response_tags_are_pinned() {
             },
             19,
         ),
+        (
+            Response::Findings {
+                time_ms: 0,
+                findings: vec![],
+            },
+            20,
+        ),
     ];
     for (resp, want) in &cases {
         assert_eq!(tag(resp), *want, "tag of {resp:?}");
@@ -267,5 +277,14 @@ fn nested_enum_tags_are_pinned() {
     ];
     for (i, c) in classes.iter().enumerate() {
         assert_eq!(tag(c) as usize, i, "tag of {c:?}");
+    }
+    let severities = [
+        Severity::Ok,
+        Severity::Note,
+        Severity::Warning,
+        Severity::Problem,
+    ];
+    for (i, s) in severities.iter().enumerate() {
+        assert_eq!(tag(s) as usize, i, "tag of {s:?}");
     }
 }

@@ -1,0 +1,274 @@
+//! The agent's side of `flip doctor` ([`flip_wire::Request::Doctor`]): the target's findings on
+//! disk ([`flip_release::doctor`]: read-only, no lock, bounded), plus, when `php` is on the
+//! agent's PATH, the OPcache and realpath cache settings that decide whether PHP serves the
+//! new release after a swap (the README's "OPcache and the realpath cache").
+
+use flip_release::doctor::{DoctorOptions, Finding as RelFinding, Severity as RelSeverity};
+use flip_wire::{Finding, Response, Severity};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long `php` may take to print its settings before it is killed.
+pub const PHP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most of `php`'s output read.
+const PHP_OUTPUT_MAX: u64 = 64 * 1024;
+
+/// The settings printed, one `key=value` line each (`-` for a directive PHP does not know,
+/// e.g. OPcache's when the extension is not loaded).
+const PHP_CODE: &str = r#"echo "version=", PHP_VERSION, "\n"; echo "ini=", (string) php_ini_loaded_file(), "\n"; echo "opcache=", extension_loaded("Zend OPcache") ? "1" : "0", "\n"; foreach (["opcache.enable", "opcache.enable_cli", "opcache.validate_timestamps", "opcache.revalidate_freq", "opcache.revalidate_path", "realpath_cache_size", "realpath_cache_ttl"] as $k) { $v = ini_get($k); echo $k, "=", $v === false ? "-" : $v, "\n"; }"#;
+
+/// The answer to `Doctor` for the target at `root`.
+pub fn answer(root: &Path) -> Result<Response, flip_release::Error> {
+    let opts = DoctorOptions {
+        space_margin: crate::SPACE_MARGIN,
+        ..DoctorOptions::default()
+    };
+    let mut findings: Vec<Finding> = flip_release::doctor::doctor(root, &opts)?
+        .into_iter()
+        .map(wire)
+        .collect();
+    findings.extend(php());
+    Ok(Response::Findings {
+        time_ms: now_ms(),
+        findings,
+    })
+}
+
+fn wire(f: RelFinding) -> Finding {
+    Finding {
+        check: f.check.to_string(),
+        severity: match f.severity {
+            RelSeverity::Ok => Severity::Ok,
+            RelSeverity::Note => Severity::Note,
+            RelSeverity::Warning => Severity::Warning,
+            RelSeverity::Problem => Severity::Problem,
+        },
+        message: f.message,
+        fix: f.fix,
+    }
+}
+
+/// This host's clock, Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn finding(severity: Severity, message: String, fix: Option<String>) -> Finding {
+    Finding {
+        check: "php".into(),
+        severity,
+        message,
+        fix,
+    }
+}
+
+/// `php` on PATH asked for its settings (bounded in time and output); nothing when there is
+/// no `php`.
+fn php() -> Vec<Finding> {
+    let Some(php) = on_path("php") else {
+        return vec![finding(
+            Severity::Note,
+            "no php on the agent's PATH: OPcache and realpath cache settings not checked".into(),
+            None,
+        )];
+    };
+    match run_bounded(&php, PHP_TIMEOUT) {
+        Ok(out) => php_findings(&php, &out),
+        Err(e) => vec![finding(
+            Severity::Note,
+            format!(
+                "{} did not print its settings: {e}; OPcache not checked",
+                php.display()
+            ),
+            None,
+        )],
+    }
+}
+
+/// The first executable `name` in `$PATH`.
+fn on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .filter(|d| d.is_absolute())
+        .map(|d| d.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Runs `php -r PHP_CODE` and returns its output, killing it after `timeout`.
+fn run_bounded(php: &Path, timeout: Duration) -> Result<String, String> {
+    let mut child = Command::new(php)
+        .arg("-r")
+        .arg(PHP_CODE)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stdout.take(PHP_OUTPUT_MAX).read_to_end(&mut s);
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if started.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("no answer within {} s (killed)", timeout.as_secs()));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    // The child is gone; a grandchild holding the pipe open must not hold us: the reader is
+    // only waited for a moment.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !reader.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !reader.is_finished() {
+        return Err("its output did not end".into());
+    }
+    let out = reader.join().unwrap_or_default();
+    if !status.success() {
+        return Err(format!("it exited with {status}"));
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// What `php`'s settings (`out`, `key=value` lines) mean for a symlink deploy.
+pub fn php_findings(php: &Path, out: &str) -> Vec<Finding> {
+    let get = |k: &str| {
+        out.lines()
+            .filter_map(|l| l.split_once('='))
+            .find(|(key, _)| key.trim() == k)
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let on = |k: &str| {
+        get(k)
+            .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "on" | "true" | "yes"))
+    };
+    let version = get("version").unwrap_or_else(|| "?".into());
+    let minor = version.split('.').take(2).collect::<Vec<_>>().join(".");
+    let ini = get("ini").filter(|i| !i.is_empty());
+    // Debian's names: the binary php-fpm8.3, the service php8.3-fpm.
+    let fpm = format!("php-fpm{minor}");
+    let service = format!("php{minor}-fpm");
+    let socket = format!("/run/php/php{minor}-fpm.sock");
+    let mut out = vec![finding(
+        Severity::Note,
+        format!(
+            "{} is PHP {version}; these are its CLI settings ({}): PHP-FPM reads its own php.ini (e.g. /etc/php/{minor}/fpm/php.ini), which may differ",
+            php.display(),
+            ini.map_or("no php.ini loaded".to_string(), |i| format!("php.ini {i}"))
+        ),
+        Some(format!("{fpm} -i | grep -E '^(opcache|realpath_cache)'")),
+    )];
+    let opcache = get("opcache").as_deref() == Some("1") && on("opcache.enable");
+    if !opcache {
+        out.push(finding(
+            Severity::Ok,
+            "OPcache is off (opcache.enable is not 1): no compiled script outlives a swap".into(),
+            None,
+        ));
+    } else if !on("opcache.validate_timestamps") {
+        out.push(finding(
+            Severity::Warning,
+            "opcache.enable=1 with opcache.validate_timestamps=0: OPcache never looks at a cached script's file again, so after a swap PHP keeps running the old release's code for every path it reaches through current/ (OPcache keys scripts by resolved path), and old releases stay cached, until OPcache is reset or FPM reloaded".into(),
+            Some(format!(
+                "after_activate = [\"cachetool opcache:reset --fcgi={socket}\"] in flip.toml (or \"sudo systemctl reload {service}\"), and nginx: fastcgi_param SCRIPT_FILENAME $realpath_root$fastcgi_script_name; fastcgi_param DOCUMENT_ROOT $realpath_root;"
+            )),
+        ));
+    } else {
+        let freq = get("opcache.revalidate_freq").unwrap_or_else(|| "2".into());
+        let path = if on("opcache.revalidate_path") {
+            "opcache.revalidate_path=1"
+        } else {
+            "opcache.revalidate_path=0: a script is found again by the path PHP resolved"
+        };
+        out.push(finding(
+            Severity::Note,
+            format!(
+                "opcache.validate_timestamps=1, opcache.revalidate_freq={freq}: a changed file is noticed within {freq} s, but a swapped symlink changes no file ({path}); without $realpath_root PHP may run the old release until its realpath cache entry expires"
+            ),
+            Some("nginx: fastcgi_param SCRIPT_FILENAME $realpath_root$fastcgi_script_name; fastcgi_param DOCUMENT_ROOT $realpath_root;".into()),
+        ));
+    }
+    let size = get("realpath_cache_size").unwrap_or_default();
+    let ttl = get("realpath_cache_ttl")
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(0);
+    if ttl > 0 && !matches!(size.as_str(), "0" | "0K" | "0k" | "") {
+        out.push(finding(
+            Severity::Note,
+            format!(
+                "realpath_cache_size={size}, realpath_cache_ttl={ttl}: each PHP process keeps what current/... resolved to for up to {ttl} s after a swap; unless the web server passes the resolved path ($realpath_root), requests meanwhile mix the old release's files with the new one's"
+            ),
+            Some("nginx: fastcgi_param SCRIPT_FILENAME $realpath_root$fastcgi_script_name; fastcgi_param DOCUMENT_ROOT $realpath_root;".into()),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(out: &str) -> Vec<Finding> {
+        php_findings(Path::new("/usr/bin/php"), out)
+    }
+
+    #[test]
+    fn timestamps_off_is_a_warning_with_a_reset_hook() {
+        let f = run("version=8.3.1\nini=/etc/php/8.3/cli/php.ini\nopcache=1\nopcache.enable=1\nopcache.validate_timestamps=0\nrealpath_cache_size=4096K\nrealpath_cache_ttl=120\n");
+        assert!(f[0].message.contains("CLI settings"), "{f:?}");
+        assert!(f[0].message.contains("/etc/php/8.3/fpm/php.ini"), "{f:?}");
+        let w: Vec<_> = f
+            .iter()
+            .filter(|f| f.severity == Severity::Warning)
+            .collect();
+        assert_eq!(w.len(), 1, "{f:?}");
+        assert!(w[0].message.contains("validate_timestamps=0"));
+        let fix = w[0].fix.as_deref().unwrap();
+        assert!(fix.contains("--fcgi=/run/php/php8.3-fpm.sock"), "{fix}");
+        assert!(fix.contains("systemctl reload php8.3-fpm"), "{fix}");
+        assert!(f
+            .iter()
+            .any(|f| f.message.contains("realpath_cache_ttl=120")));
+    }
+
+    #[test]
+    fn opcache_off_and_no_realpath_cache_are_fine() {
+        let f = run("version=8.2.0\nini=\nopcache=0\nopcache.enable=-\nrealpath_cache_size=0\nrealpath_cache_ttl=120\n");
+        assert!(f.iter().all(|f| f.severity <= Severity::Note), "{f:?}");
+        assert!(f.iter().any(|f| f.message.contains("OPcache is off")));
+        assert!(f[0].message.contains("no php.ini loaded"));
+        assert!(!f.iter().any(|f| f.message.contains("realpath_cache_ttl")));
+    }
+
+    #[test]
+    fn a_php_that_hangs_is_killed_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let php = dir.path().join("php");
+        std::fs::write(&php, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&php, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let started = Instant::now();
+        let e = run_bounded(&php, Duration::from_millis(300)).unwrap_err();
+        assert!(e.contains("killed"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}

@@ -1,5 +1,0 @@
-<?php
-return [
-    'name' => 'flip example app',
-    'release' => basename(dirname(__DIR__)),
-];
