@@ -3,39 +3,36 @@
 //! The binary parses the command line and `flip.toml`, hands options to the pipeline in
 //! `flip_deploy`, and renders its reports (human lines on stderr, `--json` on stdout).
 
+#[macro_use]
+mod output;
 mod cli;
 mod config;
 mod diff;
 mod exit;
-mod output;
 mod render;
 
 use anyhow::{Context, Result};
-use clap::Parser;
 use cli::{Cli, Command, Common};
 use config::Config;
+use exit::Code;
 use flip_deploy::{Options, SshSettings, SwitchPlan, Target};
 use flip_transfer::Session;
 use flip_wire::Purpose;
 use rayon::prelude::*;
 use serde_json::json;
+use std::ffi::OsString;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
-fn main() {
+fn main() -> ExitCode {
     limit_malloc_arenas();
-    let cli = match Cli::try_parse() {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let cli = match cli::parse(&args) {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            };
-            let _ = e.print();
-            std::process::exit(code);
-        }
+        Err(e) => return refused(&e, &args).into(),
     };
+    output::set_verbosity(cli.quiet, cli.verbose);
     let json = match &cli.command {
         Command::Deploy(a) => a.common.json,
         Command::Rollback(a) => a.common.json,
@@ -45,21 +42,44 @@ fn main() {
         Command::Verify(a) => a.json,
         Command::Diff(a) => a.json,
         Command::Config(a) => a.json,
-        Command::Init(_) | Command::Agent(_) | Command::Blake3(_) => false,
+        Command::Init(_)
+        | Command::Agent(_)
+        | Command::Blake3(_)
+        | Command::Completions(_)
+        | Command::Man => false,
     };
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            let code = exit::code_of(&e);
+            let code = exit::code_of(e.as_ref());
             let message = error_text(&e);
             eprintln!("flip: error: {}", output::printable(&message));
             if json {
-                println!("{}", json!({"error": {"code": code, "message": message}}));
+                outln!("{}", json!({"error": {"code": code, "message": message}}));
             }
             code
         }
     };
-    std::process::exit(code);
+    code.into()
+}
+
+/// A command line clap refused (or `--help`, `--version`): clap's text on stderr (the help on
+/// stdout), and when the arguments ask for `--json`, the error as JSON on stdout too, as every
+/// command's errors are.
+fn refused(e: &clap::Error, args: &[OsString]) -> Code {
+    let code = exit::code_of(e);
+    let _ = e.print();
+    let json = args
+        .iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json");
+    if json && code != Code::Ok {
+        let text = e.render().to_string();
+        let message = text.lines().next().unwrap_or("").trim_start_matches("error: ");
+        outln!("{}", json!({"error": {"code": code, "message": message}}));
+    }
+    code
 }
 
 /// The error and its causes, joined with ": ", leaving out a cause whose text an outer message
@@ -79,7 +99,19 @@ fn error_text(e: &anyhow::Error) -> String {
     out
 }
 
-fn run(cli: Cli) -> Result<i32> {
+fn run(cli: Cli) -> Result<Code> {
+    if let Command::Completions(a) = &cli.command {
+        let mut script = Vec::new();
+        cli::completions(a.shell, &mut script);
+        out!("{}", String::from_utf8_lossy(&script));
+        return Ok(exit::OK);
+    }
+    if let Command::Man = &cli.command {
+        let mut page = Vec::new();
+        cli::man(&mut page).context("cannot render the manual page")?;
+        out!("{}", String::from_utf8_lossy(&page));
+        return Ok(exit::OK);
+    }
     if let Command::Agent(a) = cli.command {
         return agent(a);
     }
@@ -102,16 +134,21 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Prune(a) => prune(a, cfg.as_ref()),
         Command::Verify(a) => verify(a, cfg.as_ref()),
         Command::Config(a) => show_config(a, cfg.as_ref()),
-        Command::Init(_) | Command::Agent(_) | Command::Diff(_) | Command::Blake3(_) => {
+        Command::Init(_)
+        | Command::Agent(_)
+        | Command::Diff(_)
+        | Command::Blake3(_)
+        | Command::Completions(_)
+        | Command::Man => {
             unreachable!("handled above")
         }
     }
 }
 
-fn agent(a: cli::AgentArgs) -> Result<i32> {
+fn agent(a: cli::AgentArgs) -> Result<Code> {
     // Raw descriptors: the protocol is binary, so no line buffering on stdout.
     let idle = (a.idle_timeout > 0).then(|| std::time::Duration::from_secs(a.idle_timeout));
-    match flip_agent::serve_stdio(&a.root, idle) {
+    match flip_agent::serve_stdio(&a.root, idle, a.mkpath) {
         Ok(()) => Ok(exit::OK),
         Err(e) if e.is_idle_timeout() => {
             eprintln!(
@@ -133,7 +170,7 @@ fn agent(a: cli::AgentArgs) -> Result<i32> {
     }
 }
 
-fn init(a: &cli::InitArgs) -> Result<i32> {
+fn init(a: &cli::InitArgs) -> Result<Code> {
     let path = std::path::Path::new(config::FILE);
     if path.exists() && !a.force {
         return Err(exit::coded(
@@ -146,7 +183,7 @@ fn init(a: &cli::InitArgs) -> Result<i32> {
     }
     std::fs::write(path, config::STARTER)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    eprintln!(
+    note!(
         "flip: wrote {}: set `source` and the targets of each environment, then `flip deploy prod`",
         path.display()
     );
@@ -154,13 +191,13 @@ fn init(a: &cli::InitArgs) -> Result<i32> {
 }
 
 /// `flip blake3 FILE...`: `HASH  FILE` lines, as b3sum prints them.
-fn blake3_files(a: cli::Blake3Args) -> Result<i32> {
+fn blake3_files(a: cli::Blake3Args) -> Result<Code> {
     for file in &a.files {
         let mut hasher = blake3::Hasher::new();
         hasher
             .update_mmap(file)
             .with_context(|| format!("cannot read {}", file.display()))?;
-        println!("{}  {}", hasher.finalize().to_hex(), file.display());
+        outln!("{}  {}", hasher.finalize().to_hex(), file.display());
     }
     Ok(exit::OK)
 }
@@ -290,7 +327,7 @@ fn deploy_options(
     // flip's own cache inside the source (even with --no-cache: it is there all the same).
     if let Some(cache) = cache_dir() {
         if let Some(glob) = flip_deploy::own_cache_exclude(&source, &cache) {
-            eprintln!(
+            note!(
                 "flip: note: flip's cache {} is inside the source; it is not deployed",
                 output::printable(&cache.display().to_string())
             );
@@ -310,12 +347,13 @@ fn deploy_options(
         wait: a.common.wait,
         force_release: a.force_release,
         parallel: a.parallel.or(settings.parallel).unwrap_or(0),
+        mkpath: a.mkpath,
         ssh: ssh_settings(&a.common),
     };
     Ok((o, targets, env))
 }
 
-fn deploy(a: cli::DeployArgs, cfg: Option<&Config>) -> Result<i32> {
+fn deploy(a: cli::DeployArgs, cfg: Option<&Config>) -> Result<Code> {
     let started = Instant::now();
     let (o, targets, env) = deploy_options(&a, cfg)?;
     if a.dry_run {
@@ -325,7 +363,7 @@ fn deploy(a: cli::DeployArgs, cfg: Option<&Config>) -> Result<i32> {
     let d = flip_deploy::deploy(&o, &targets, progress.clone())?;
     progress.done();
     for w in &d.scan_warnings {
-        eprintln!("flip: warning: {}", output::printable(w));
+        note!("flip: warning: {}", output::printable(w));
     }
     match env {
         None => render::single(d, a.itemize, a.common.json),
@@ -340,7 +378,7 @@ fn dry_runs(
     targets: &[Target],
     env: Option<&str>,
     started: Instant,
-) -> Result<i32> {
+) -> Result<Code> {
     let source = o.source.clone();
     if !source.is_dir() {
         return Err(exit::coded(
@@ -360,14 +398,14 @@ fn dry_runs(
         },
     )?;
     for w in &scan.warnings {
-        eprintln!("flip: warning: {}", output::printable(w));
+        note!("flip: warning: {}", output::printable(w));
     }
     let mut hosts = Vec::new();
     for t in targets {
         hosts.push(dry_run(a, o, t, &scan.manifest, started, env.is_none())?);
     }
     if env.is_some() && a.common.json {
-        println!("{}", json!({"hosts": hosts}));
+        outln!("{}", json!({"hosts": hosts}));
     }
     Ok(exit::OK)
 }
@@ -470,11 +508,11 @@ fn dry_run(
     let out = serde_json::Value::Object(out);
     if a.common.json {
         if print_json {
-            println!("{out}");
+            outln!("{out}");
         }
     } else {
         output::print_items(&changes.items);
-        eprintln!(
+        note!(
             "flip: dry run against {} (live: {}): {}; {} to transfer before delta and compression",
             target.display(),
             current.map_or("none".to_string(), |c| format!("release {c}")),
@@ -500,6 +538,7 @@ fn command_options(common: &Common) -> Options {
         wait: common.wait,
         force_release: false,
         parallel: 0,
+        mkpath: false,
         ssh: ssh_settings(common),
     }
 }
@@ -512,7 +551,7 @@ fn locked_session(target: &Target, common: &Common, what: Purpose) -> Result<Ses
         &command_options(common),
         what,
         &mut |h| {
-            eprintln!(
+            note!(
                 "flip: {peer} is locked by {}; waiting",
                 output::printable(h)
             )
@@ -525,7 +564,7 @@ fn locked_session(target: &Target, common: &Common, what: Purpose) -> Result<Ses
 fn notices(s: &mut Session) -> (Vec<serde_json::Value>, Vec<String>) {
     let warnings = s.take_warnings();
     for w in &warnings {
-        eprintln!("flip: warning: {}", output::printable(w));
+        note!("flip: warning: {}", output::printable(w));
     }
     let leftovers: Vec<serde_json::Value> = s
         .leftovers()
@@ -539,7 +578,7 @@ fn notices(s: &mut Session) -> (Vec<serde_json::Value>, Vec<String>) {
     (leftovers, warnings)
 }
 
-fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<i32> {
+fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     let ssh = ssh_only(&a.ssh);
     let mut lists = Vec::new();
@@ -565,16 +604,16 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<i32> {
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(arr));
+        outln!("{}", serde_json::Value::Array(arr));
     } else if list.is_empty() {
-        eprintln!("flip: {} has no releases", target.display());
+        note!("flip: {} has no releases", target.display());
     } else {
-        println!(
+        outln!(
             "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  LABEL",
             "ID", "CURRENT", "CREATED", "FILES", "BYTES"
         );
         for r in list {
-            println!(
+            outln!(
                 "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  {}",
                 r.id,
                 if r.current { "*" } else { "" },
@@ -588,22 +627,36 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<i32> {
     Ok(exit::OK)
 }
 
+/// The answer of `rollback` and `activate` on one target: `current` moved from `previous` to
+/// `id` (a rollback to a newer release is called an activation), or `id` was live already
+/// (both commands alike: exit 0, nothing changed). JSON: `{"target", "release", "previous",
+/// "changed"}`.
 fn switched(target: &Target, json: bool, verb: &str, id: u64, previous: Option<u64>) {
+    let changed = previous != Some(id);
     if json {
-        println!(
+        outln!(
             "{}",
-            json!({"target": target.display(), "release": id, "previous": previous})
+            json!({"target": target.display(), "release": id, "previous": previous, "changed": changed})
+        );
+    } else if !changed {
+        note!(
+            "flip: release {id} of {} is already live; nothing changed",
+            target.display()
         );
     } else {
+        let verb = match previous {
+            Some(p) if verb == "rolled back" && id > p => "activated",
+            _ => verb,
+        };
         let was = previous.map(|p| format!(" (was {p})")).unwrap_or_default();
-        eprintln!(
+        note!(
             "flip: {verb} {}: current -> releases/{id}{was}",
             target.display()
         );
     }
 }
 
-fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<i32> {
+fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     if let Some(env) = env {
         if a.to.is_some() {
@@ -632,7 +685,7 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<i32> {
     Ok(exit::OK)
 }
 
-fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<i32> {
+fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     let id = a.id.parse::<u64>();
     if let Some(env) = env {
@@ -665,7 +718,7 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<i32> {
     Ok(exit::OK)
 }
 
-fn prune(a: cli::PruneArgs, cfg: Option<&Config>) -> Result<i32> {
+fn prune(a: cli::PruneArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     let keep = a
         .keep
@@ -682,9 +735,9 @@ fn prune(a: cli::PruneArgs, cfg: Option<&Config>) -> Result<i32> {
             s.close()?;
             if !a.common.json {
                 if removed.is_empty() {
-                    eprintln!("flip: nothing to prune in {}", target.display());
+                    note!("flip: nothing to prune in {}", target.display());
                 } else {
-                    eprintln!(
+                    note!(
                         "flip: pruned {}: removed releases {:?}",
                         target.display(),
                         removed
@@ -707,14 +760,14 @@ fn prune(a: cli::PruneArgs, cfg: Option<&Config>) -> Result<i32> {
     }
     if a.common.json {
         match env {
-            Some(_) => println!("{}", json!({"hosts": hosts})),
-            None => println!("{}", hosts[0]),
+            Some(_) => outln!("{}", json!({"hosts": hosts})),
+            None => outln!("{}", hosts[0]),
         }
     }
     Ok(code)
 }
 
-fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
+fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     let ssh = ssh_only(&a.ssh);
     let mut hosts = Vec::new();
@@ -730,7 +783,7 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
             Ok((id, problems)) => {
                 if !a.json {
                     if problems.is_empty() {
-                        eprintln!(
+                        note!(
                             "flip: release {id} of {} matches its manifest",
                             target.display()
                         );
@@ -763,14 +816,14 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
     }
     if a.json {
         match env {
-            Some(_) => println!("{}", json!({"hosts": hosts})),
-            None => println!("{}", hosts[0]),
+            Some(_) => outln!("{}", json!({"hosts": hosts})),
+            None => outln!("{}", hosts[0]),
         }
     }
     Ok(code)
 }
 
-fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
+fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<Code> {
     let Some(c) = cfg else {
         return Err(exit::coded(
             exit::USAGE,
@@ -786,7 +839,7 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
         .as_ref()
         .map(|(p, from)| (p.display().to_string(), *from));
     if a.json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "config": c.path.display().to_string(),
@@ -805,15 +858,15 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
             })
         );
     } else {
-        println!("# {} [env.{}]", c.path.display(), r.env);
-        println!("targets = {:?}", r.targets);
+        outln!("# {} [env.{}]", c.path.display(), r.env);
+        outln!("targets = {:?}", r.targets);
         match &source {
-            Some((s, from)) => println!("source = {s:?}  # {from}"),
-            None => println!("# source: not set"),
+            Some((s, from)) => outln!("source = {s:?}  # {from}"),
+            None => outln!("# source: not set"),
         }
-        println!("exclude = {:?}  # {}", r.exclude.0, r.exclude.1);
-        println!("keep = {}  # {}", r.keep.0, r.keep.1);
-        println!(
+        outln!("exclude = {:?}  # {}", r.exclude.0, r.exclude.1);
+        outln!("keep = {}  # {}", r.keep.0, r.keep.1);
+        outln!(
             "parallel = {}  # {}{}",
             r.parallel.0,
             r.parallel.1,
@@ -824,8 +877,8 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
             }
         );
         match r.compress_level.0 {
-            Some(l) => println!("compress_level = {l}  # {}", r.compress_level.1),
-            None => println!("# compress_level: default (3 over SSH, off locally)"),
+            Some(l) => outln!("compress_level = {l}  # {}", r.compress_level.1),
+            None => outln!("# compress_level: default (3 over SSH, off locally)"),
         }
     }
     Ok(exit::OK)

@@ -126,6 +126,9 @@ struct Session {
     /// The release this session committed: the only one `Discard` may remove, and only while it
     /// is not live (a multi-host deploy switching back after another target failed).
     discardable: Option<u64>,
+    /// A deploy may create the root's missing parents too (`flip agent --mkpath`); otherwise
+    /// only the root itself, when its parent exists.
+    mkpath: bool,
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -133,6 +136,16 @@ pub fn serve(
     input: Box<dyn Read + Send>,
     output: Box<dyn Write + Send>,
     root: &Path,
+) -> Result<()> {
+    serve_with(input, output, root, false)
+}
+
+/// [`serve`]; with `mkpath`, a deploy creates the root's missing parent directories too.
+pub fn serve_with(
+    input: Box<dyn Read + Send>,
+    output: Box<dyn Write + Send>,
+    root: &Path,
+    mkpath: bool,
 ) -> Result<()> {
     let mut rx = FrameReader::new(input);
     let mut tx = FrameWriter::new(output);
@@ -148,6 +161,7 @@ pub fn serve(
         created: None,
         committed: false,
         discardable: None,
+        mkpath,
     };
     let r = s.run(&mut rx, &mut tx);
     // Teardown, on every path: the staging directory goes first, then a target this session
@@ -187,16 +201,18 @@ pub fn serve(
 /// nothing (and reads nothing the agent must write) for that long is given up on: the session
 /// ends as if it had failed (staging removed, lock released) with an error for which
 /// [`AgentError::is_idle_timeout`] holds.
-pub fn serve_stdio(root: &Path, idle: Option<Duration>) -> Result<()> {
+/// With `mkpath`, a deploy creates the root's missing parent directories too.
+pub fn serve_stdio(root: &Path, idle: Option<Duration>, mkpath: bool) -> Result<()> {
     use std::os::fd::FromRawFd;
     flip_release::fault_scope(root);
     // SAFETY: fds 0 and 1 are open for the whole life of the agent and owned by nothing else.
     let (input, output) = unsafe { (std::fs::File::from_raw_fd(0), std::fs::File::from_raw_fd(1)) };
     std::thread::spawn(watch_client);
-    serve(
+    serve_with(
         Box::new(Idle { file: input, idle }),
         Box::new(Idle { file: output, idle }),
         root,
+        mkpath,
     )
 }
 
@@ -407,7 +423,7 @@ impl Session {
             return Ok(r);
         }
         let root = if create {
-            let (root, created) = Root::open_or_init_tracked(&self.root_path)?;
+            let (root, created) = Root::open_or_init_tracked(&self.root_path, self.mkpath)?;
             self.created = created;
             root
         } else {
@@ -594,9 +610,7 @@ impl Session {
                     }
                     None => root.rollback_target(current)?,
                 };
-                if target == current {
-                    return Err(RelError::AlreadyLive(target).into());
-                }
+                // `--to` the live release answers as `activate` of it does: it stays live.
                 let previous = root.activate(lock, target)?;
                 self.log(serde_json::json!({
                     "time": now(), "event": "rollback", "release": target, "previous": previous,

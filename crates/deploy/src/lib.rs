@@ -82,6 +82,9 @@ pub struct Options {
     pub force_release: bool,
     /// Targets worked on at once in phase 1; 0 = all.
     pub parallel: usize,
+    /// A deploy creates the target's missing parent directories too (`--mkpath`); otherwise
+    /// only the target directory itself, when its parent exists.
+    pub mkpath: bool,
     pub ssh: SshSettings,
 }
 
@@ -646,7 +649,8 @@ pub fn locked_session(
     purpose: Purpose,
     on_wait: &mut dyn FnMut(&str),
 ) -> Result<Session, DeployError> {
-    let mut s = target.connect(&o.ssh, target.compress_level(o.compress_level))?;
+    let mkpath = o.mkpath && purpose == Purpose::Deploy;
+    let mut s = target.connect_agent(&o.ssh, target.compress_level(o.compress_level), mkpath)?;
     s.lock(holder(purpose), o.wait, on_wait)?;
     Ok(s)
 }
