@@ -9,7 +9,7 @@ use flip_wire::ErrorClass;
 
 /// What a flip command's exit status says. To add one: a variant with the next number, its
 /// entry in [`Code::ALL`] and [`Code::summary`], and a row in README.md's table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Code {
     /// Success.
@@ -82,6 +82,13 @@ impl Code {
             .map(|c| format!("{} {}", c.number(), c.summary()))
             .collect();
         format!("Exit codes: {}.", list.join(", "))
+    }
+}
+
+/// In JSON a code is its number (`{"error": {"code": 5, ...}}`).
+impl serde::Serialize for Code {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(self.number())
     }
 }
 

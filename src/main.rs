@@ -75,11 +75,28 @@ fn refused(e: &clap::Error, args: &[OsString]) -> Code {
         .take_while(|a| *a != "--")
         .any(|a| a == "--json");
     if json && code != Code::Ok {
-        let text = e.render().to_string();
-        let message = text.lines().next().unwrap_or("").trim_start_matches("error: ");
+        let message = clap_message(&e.render().to_string());
         outln!("{}", json!({"error": {"code": code, "message": message}}));
     }
     code
+}
+
+/// clap's error text as one line, without its usage and hint: `the following required
+/// arguments were not provided: <TARGET>`, `unexpected argument '--jsno' found; tip: a
+/// similar argument exists: '--json'`.
+fn clap_message(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines().take_while(|l| !l.starts_with("Usage:")) {
+        let line = line.trim().trim_start_matches("error: ");
+        if line.is_empty() || line.starts_with("For more information") {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') { " " } else { "; " });
+        }
+        out.push_str(line);
+    }
+    out
 }
 
 /// The error and its causes, joined with ": ", leaving out a cause whose text an outer message

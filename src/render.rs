@@ -186,16 +186,16 @@ pub fn host_error(target: &str, message: &str, after: &str) {
     host_line(target, "error", message, after);
 }
 
-/// `flip: TARGET: KIND: MESSAGE`, the target left out when the message names it already.
+/// `flip: TARGET: KIND: MESSAGE`, the target (or its path) left out when the message names it
+/// already ([`flip_transfer::peer_prefix`]).
 fn host_line(target: &str, kind: &str, message: &str, after: &str) {
     let message = output::printable(message);
     if kind != "error" && output::quiet() {
         return;
     }
-    if message.contains(target) {
-        eprintln!("flip: {kind}: {message}{after}");
-    } else {
-        eprintln!("flip: {target}: {kind}: {message}{after}");
+    match flip_transfer::peer_prefix(target, &message) {
+        None => eprintln!("flip: {kind}: {message}{after}"),
+        Some(prefix) => eprintln!("flip: {prefix}: {kind}: {message}{after}"),
     }
 }
 

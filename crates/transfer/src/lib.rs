@@ -64,11 +64,30 @@ pub type Result<T, E = TransferError> = std::result::Result<T, E>;
 /// `PEER: MESSAGE`, or the message alone when it already names the peer (a local target's
 /// path), so no message names the same path twice.
 fn named_once(peer: &str, message: &str) -> String {
-    if !peer.is_empty() && message.contains(peer) {
-        message.to_string()
-    } else {
-        format!("{peer}: {message}")
+    match peer_prefix(peer, message) {
+        Some(p) => format!("{p}: {message}"),
+        None => message.to_string(),
     }
+}
+
+/// What to put before `message` about `peer` (a target as `Target::display` names it: a local
+/// path, or `[user@]host:path`) so the line names the target, and each path, once: nothing
+/// when the message names the target already (a local target's path in the agent's error),
+/// the `[user@]host` alone when it names the target's path (`web1: /srv/app is not a
+/// directory`), else the whole `peer`.
+pub fn peer_prefix<'p>(peer: &'p str, message: &str) -> Option<&'p str> {
+    if peer.is_empty() || message.contains(peer) {
+        return None;
+    }
+    if !peer.starts_with('/') {
+        for (i, _) in peer.match_indices(':') {
+            let path = &peer[i + 1..];
+            if path.len() > 1 && message.contains(path) {
+                return Some(&peer[..i]);
+            }
+        }
+    }
+    Some(peer)
 }
 
 /// What a deploy did, for the summary and `--json`.
@@ -787,5 +806,33 @@ fn name(r: &Response) -> &'static str {
         Response::Changes { .. } => "Changes",
         Response::Discarded { .. } => "Discarded",
         Response::LiveIntact { .. } => "LiveIntact",
+    }
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::peer_prefix;
+
+    #[test]
+    fn an_error_names_the_target_and_its_path_once() {
+        // A local target named by the agent's message: nothing before it.
+        assert_eq!(
+            peer_prefix("/srv/afile", "/srv/afile is not a directory"),
+            None
+        );
+        // An SSH target whose path the message names: the host alone.
+        assert_eq!(
+            peer_prefix("deploy@web1:/srv/afile", "/srv/afile is not a directory"),
+            Some("deploy@web1")
+        );
+        // A message that does not name it: the whole target.
+        assert_eq!(
+            peer_prefix("web1:/srv/app", "the disk is full"),
+            Some("web1:/srv/app")
+        );
+        assert_eq!(
+            peer_prefix("/srv/app", "the disk is full"),
+            Some("/srv/app")
+        );
     }
 }
