@@ -103,6 +103,7 @@ pub fn run(a: DiffArgs) -> Result<crate::exit::Code> {
             excludes: a.exclude.clone(),
             use_flipignore: !a.no_flipignore,
             hash_cache: None,
+            meter: Default::default(),
         };
         Ok(flip_scan::scan(dir, &opts)?.manifest)
     };
@@ -298,7 +299,7 @@ pub fn run(a: DiffArgs) -> Result<crate::exit::Code> {
         }
         outln!("{}", serde_json::Value::Object(out));
     } else {
-        if a.itemize {
+        if crate::itemized(a.itemize, a.json) {
             output::print_items(&changes.items);
         }
         outln!("{}", output::counts_text(&changes.counts));

@@ -9,6 +9,7 @@ mod cli;
 mod config;
 mod diff;
 mod exit;
+mod progress;
 mod render;
 
 use anyhow::{Context, Result};
@@ -286,6 +287,12 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// Whether to list every changed path: `--itemize`, or `-vv` without `--json` (whose output
+/// `-v` never changes).
+fn itemized(itemize: bool, json: bool) -> bool {
+    itemize || (output::verbosity() >= 2 && !json)
+}
+
 /// Options of a single-target or environment deploy, by precedence: flag > environment table >
 /// top level > default.
 fn deploy_options(
@@ -358,7 +365,7 @@ fn deploy_options(
         label,
         keep: a.keep.or(settings.keep).unwrap_or(config::KEEP),
         activate: !a.no_activate,
-        itemize: a.itemize,
+        itemize: itemized(a.itemize, a.common.json),
         cache_dir: if a.no_cache { None } else { cache_dir() },
         compress_level: a.compress_level.or(settings.compress_level),
         wait: a.common.wait,
@@ -376,15 +383,15 @@ fn deploy(a: cli::DeployArgs, cfg: Option<&Config>) -> Result<Code> {
     if a.dry_run {
         return dry_runs(&a, &o, &targets, env.as_deref(), started);
     }
-    let progress = render::Progress::new(&targets);
+    let progress = progress::Progress::new(&targets, a.common.json);
     let d = flip_deploy::deploy(&o, &targets, progress.clone())?;
     progress.done();
     for w in &d.scan_warnings {
         note!("flip: warning: {}", output::printable(w));
     }
     match env {
-        None => render::single(d, a.itemize, a.common.json),
-        Some(env) => Ok(render::environment(&env, &d, a.itemize, a.common.json)),
+        None => render::single(d, o.itemize, a.common.json),
+        Some(env) => Ok(render::environment(&env, &d, o.itemize, a.common.json)),
     }
 }
 
@@ -412,6 +419,7 @@ fn dry_runs(
             excludes: o.excludes.clone(),
             use_flipignore: o.flipignore,
             hash_cache: None,
+            meter: Default::default(),
         },
     )?;
     for w in &scan.warnings {
@@ -687,7 +695,7 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<Code> {
             &command_options(&a.common),
             &SwitchPlan::Rollback,
             Purpose::Rollback,
-            &render::Progress::lines(&targets),
+            &progress::Progress::lines(&targets),
         );
         return Ok(render::switch(&env.env, "rolled back", out, a.common.json));
     }
@@ -715,7 +723,7 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<Code> {
             &command_options(&a.common),
             &plan,
             Purpose::Activate,
-            &render::Progress::lines(&targets),
+            &progress::Progress::lines(&targets),
         );
         return Ok(render::switch(&env.env, "activated", out, a.common.json));
     }

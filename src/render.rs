@@ -1,82 +1,10 @@
-//! Renders the pipeline's reports: progress lines while a deploy runs (stderr, only when it is a
-//! terminal), the human summary (stderr) and `--json` (stdout).
+//! Renders the pipeline's reports: the human summary (stderr) and `--json` (stdout). Progress
+//! lines while a deploy runs are `progress.rs`'s.
 
 use crate::exit::{self, Code};
 use crate::{error_text, output};
-use flip_deploy::{Deployment, Events, HostOutcome, HostReport, HostState, Phase, Target};
+use flip_deploy::{Deployment, HostOutcome, HostReport, HostState, Target};
 use serde_json::{json, Map, Value};
-use std::io::IsTerminal;
-use std::sync::Arc;
-
-/// One progress line per target on stderr when it is a terminal; nothing otherwise.
-pub struct Progress {
-    bars: Option<(indicatif::MultiProgress, Vec<indicatif::ProgressBar>)>,
-    names: Vec<String>,
-}
-
-impl Progress {
-    pub fn new(targets: &[Target]) -> Arc<Progress> {
-        let names: Vec<String> = targets.iter().map(Target::display).collect();
-        let bars = std::io::stderr().is_terminal().then(|| {
-            let multi =
-                indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr());
-            let width = names.iter().map(String::len).max().unwrap_or(0);
-            let style = indicatif::ProgressStyle::with_template(&format!(
-                "{{spinner}} {{prefix:<{width}}}  {{msg}}"
-            ))
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
-            let bars = names
-                .iter()
-                .map(|n| {
-                    let b = multi.add(indicatif::ProgressBar::new_spinner());
-                    b.set_style(style.clone());
-                    b.set_prefix(n.clone());
-                    b.set_message("waiting");
-                    b.enable_steady_tick(std::time::Duration::from_millis(120));
-                    b
-                })
-                .collect();
-            (multi, bars)
-        });
-        Arc::new(Progress { bars, names })
-    }
-
-    /// No progress lines: only the "locked by ...; waiting" lines (rollback and activate of an
-    /// environment).
-    pub fn lines(targets: &[Target]) -> Progress {
-        Progress {
-            bars: None,
-            names: targets.iter().map(Target::display).collect(),
-        }
-    }
-
-    /// Leaves every line as it ended.
-    pub fn done(&self) {
-        if let Some((_, bars)) = &self.bars {
-            for b in bars {
-                b.finish();
-            }
-        }
-    }
-}
-
-impl Events for Progress {
-    fn phase(&self, host: usize, phase: Phase) {
-        if let Some(b) = self.bars.as_ref().and_then(|(_, b)| b.get(host)) {
-            b.set_message(phase.as_str());
-        }
-    }
-
-    fn waiting(&self, host: usize, holder: &str) {
-        let name = self.names.get(host).map(String::as_str).unwrap_or("?");
-        // The holder is what the lock file says: whoever holds the lock wrote it.
-        let holder = output::printable(holder);
-        match self.bars.as_ref().and_then(|(_, b)| b.get(host)) {
-            Some(b) => b.set_message(format!("locked by {holder}; waiting")),
-            None => note!("flip: {name} is locked by {holder}; waiting"),
-        }
-    }
-}
 
 pub fn leftover_line(path: &str, error: &str) {
     note!(

@@ -94,6 +94,13 @@ pub trait Events: Send + Sync {
     fn phase(&self, _host: usize, _phase: Phase) {}
     /// Target `host` is locked by `holder`; the deploy waits (`Options::wait`).
     fn waiting(&self, _host: usize, _holder: &str) {}
+    /// The scan of the source starts; `meter` counts the files it looks at as it goes (read it
+    /// on your own schedule: the scan only adds to atomics).
+    fn scanning(&self, _meter: &flip_scan::ScanMeter) {}
+    /// The scan of the source ended (done or failed).
+    fn scanned(&self) {}
+    /// Target `host` starts staging; `meter` counts the file content it sends as it goes.
+    fn sending(&self, _host: usize, _meter: &flip_transfer::SendMeter) {}
 }
 
 /// No progress reporting.
@@ -260,7 +267,11 @@ pub fn deploy(
     // connections opened while the source is scanned, once for all of them.
     let scanned = Arc::new(Shared::new());
     let workers = phase1(o, &source, targets, &caches, &scanned, events.clone());
-    let scan = scan_source(&source, o).inspect_err(|_| workers.abandon_after(&scanned))?;
+    let meter = flip_scan::ScanMeter::default();
+    events.scanning(&meter);
+    let scan = scan_source(&source, o, meter);
+    events.scanned();
+    let scan = scan.inspect_err(|_| workers.abandon_after(&scanned))?;
     let scan = Arc::new(scan);
     scanned.set(Some(scan.clone()));
     let mut hosts = workers.join();
@@ -343,7 +354,11 @@ fn checked_source(source: &Path, targets: &[Target]) -> Result<PathBuf, DeployEr
     Ok(abs)
 }
 
-fn scan_source(source: &Path, o: &Options) -> Result<flip_scan::ScanOutput, DeployError> {
+fn scan_source(
+    source: &Path,
+    o: &Options,
+    meter: flip_scan::ScanMeter,
+) -> Result<flip_scan::ScanOutput, DeployError> {
     let hash_cache = o.cache_dir.as_ref().map(|d| {
         let key = blake3::hash(source.as_os_str().as_encoded_bytes()).to_hex();
         d.join("hashes").join(&key[..32])
@@ -357,6 +372,7 @@ fn scan_source(source: &Path, o: &Options) -> Result<flip_scan::ScanOutput, Depl
             excludes: o.excludes.clone(),
             use_flipignore: o.flipignore,
             hash_cache,
+            meter,
         },
     )?;
     release_free_memory();
@@ -544,6 +560,7 @@ fn prepare(
     host.skipped = failed.load(Ordering::SeqCst) && !host.unchanged;
     if !host.unchanged && !host.skipped {
         events.phase(index, Phase::Staging);
+        events.sending(index, &host.session.meter());
         host.stage_send_commit(source, &scan.manifest, live, caches, o)?;
     }
     Ok(host)
