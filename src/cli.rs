@@ -305,7 +305,12 @@ pub fn parse(args: &[OsString]) -> Result<Cli, clap::Error> {
 
 /// `flip completions SHELL`: the completion script on stdout.
 pub fn completions(shell: Shell, out: &mut dyn std::io::Write) {
-    let mut cmd = command();
+    // Without the hidden commands (the agent, blake3): clap_complete would offer them.
+    let full = command();
+    let mut cmd = clap::Command::new("flip")
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
     match shell {
         Shell::Bash => clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, "flip", out),
         Shell::Zsh => clap_complete::generate(clap_complete::Shell::Zsh, &mut cmd, "flip", out),

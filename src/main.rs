@@ -770,7 +770,7 @@ fn prune(a: cli::PruneArgs, cfg: Option<&Config>) -> Result<Code> {
                 }
             }
             Ok(json!({
-                "target": target.display(), "removed": removed,
+                "target": target.display(), "pruned": removed,
                 "leftovers": leftovers, "warnings": warnings,
             }))
         })();

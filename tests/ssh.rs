@@ -101,7 +101,7 @@ fn deploy_redeploy_rollback_and_friends_over_ssh() {
         .success()
         .json();
     // Release 1 is the rollback target: kept.
-    assert_eq!(j["removed"], serde_json::json!([]));
+    assert_eq!(j["pruned"], serde_json::json!([]));
     w.flip(&["rollback", &url, "--to", "9"])
         .code(5)
         .stderr_has("release 9 does not exist");
