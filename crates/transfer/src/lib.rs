@@ -83,9 +83,11 @@ pub fn peer_prefix<'p>(peer: &'p str, message: &str) -> Option<&'p str> {
     }
     if !peer.starts_with('/') {
         for (i, _) in peer.match_indices(':') {
-            let path = &peer[i + 1..];
+            let (host, path) = (&peer[..i], &peer[i + 1..]);
             if path.len() > 1 && message.contains(path) {
-                return Some(&peer[..i]);
+                // Already `host: /path ...` (an error this function prefixed before).
+                let named = message.starts_with(host) && message[host.len()..].starts_with(": ");
+                return (!named).then_some(host);
             }
         }
     }
@@ -895,6 +897,11 @@ mod peer_tests {
         assert_eq!(
             peer_prefix("deploy@web1:/srv/afile", "/srv/afile is not a directory"),
             Some("deploy@web1")
+        );
+        // ... once only: a message already prefixed so gets nothing more.
+        assert_eq!(
+            peer_prefix("deploy@web1:/srv/afile", "deploy@web1: /srv/afile is not a directory"),
+            None
         );
         // A message that does not name it: the whole target.
         assert_eq!(
