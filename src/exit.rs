@@ -100,10 +100,8 @@ impl From<Code> for std::process::ExitCode {
 
 // Short names for the codes, as the commands use them.
 pub const OK: Code = Code::Ok;
-pub const INTERNAL: Code = Code::Internal;
 pub const USAGE: Code = Code::Usage;
 pub const SOURCE: Code = Code::Source;
-pub const CONNECTION: Code = Code::Connection;
 pub const INTEGRITY: Code = Code::Integrity;
 pub const PARTIAL: Code = Code::Partial;
 
@@ -160,6 +158,13 @@ fn own_code(cause: &(dyn std::error::Error + 'static)) -> Option<Code> {
     }
     if let Some(t) = cause.downcast_ref::<TransportError>() {
         return Some(transport_code(t));
+    }
+    if let Some(e) = cause.downcast_ref::<flip_agent::AgentError>() {
+        // The agent's own exit: its client is told the error itself, over the protocol.
+        return Some(match e.is_idle_timeout() || e.is_client_gone() {
+            true => Code::Connection,
+            false => Code::Internal,
+        });
     }
     if cause.downcast_ref::<flip_scan::ScanError>().is_some() {
         return Some(Code::Source);

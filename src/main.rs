@@ -166,26 +166,24 @@ fn run(cli: Cli) -> Result<Code> {
 fn agent(a: cli::AgentArgs) -> Result<Code> {
     // Raw descriptors: the protocol is binary, so no line buffering on stdout.
     let idle = (a.idle_timeout > 0).then(|| std::time::Duration::from_secs(a.idle_timeout));
-    match flip_agent::serve_stdio(&a.root, idle, a.mkpath) {
-        Ok(()) => Ok(exit::OK),
-        Err(e) if e.is_idle_timeout() => {
-            eprintln!(
-                "flip agent: no request from the client for {} s; gave up (staging removed, lock released)",
-                a.idle_timeout
-            );
-            Ok(exit::CONNECTION)
+    let Err(e) = flip_agent::serve_stdio(&a.root, idle, a.mkpath) else {
+        return Ok(exit::OK);
+    };
+    if e.is_idle_timeout() {
+        eprintln!(
+            "flip agent: no request from the client for {} s; gave up (staging removed, lock released)",
+            a.idle_timeout
+        );
+    } else if let flip_agent::AgentError::Wire(w) = &e {
+        // A garbled connection has no one left to tell but our own stderr; a client that went
+        // away (closed the connection, broken pipe) is told nothing: an aborted session is
+        // silent (for a local target our stderr is the user's terminal). Any other error the
+        // client has been sent and reports.
+        if !e.is_client_gone() {
+            eprintln!("flip agent: {w}");
         }
-        // A client that went away (closed the connection, broken pipe) has no one left to tell:
-        // an aborted session is silent (for a local target our stderr is the user's terminal).
-        Err(e) if e.is_client_gone() => Ok(exit::CONNECTION),
-        // A garbled connection has no one left to tell but our own stderr.
-        Err(flip_agent::AgentError::Wire(e)) => {
-            eprintln!("flip agent: {e}");
-            Ok(exit::INTERNAL)
-        }
-        // The client has been sent the error and reports it.
-        Err(_) => Ok(exit::INTERNAL),
     }
+    Ok(exit::code_of(&e))
 }
 
 fn init(a: &cli::InitArgs) -> Result<Code> {
