@@ -141,7 +141,11 @@ fn own_code(cause: &(dyn std::error::Error + 'static)) -> Option<Code> {
         return Some(c.code);
     }
     if let Some(e) = cause.downcast_ref::<clap::Error>() {
-        return Some(if e.use_stderr() { Code::Usage } else { Code::Ok });
+        return Some(if e.use_stderr() {
+            Code::Usage
+        } else {
+            Code::Ok
+        });
     }
     if let Some(d) = cause.downcast_ref::<DeployError>() {
         return Some(match d {

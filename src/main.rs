@@ -633,7 +633,11 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
     } else {
         outln!(
             "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  LABEL",
-            "ID", "CURRENT", "CREATED", "FILES", "BYTES"
+            "ID",
+            "CURRENT",
+            "CREATED",
+            "FILES",
+            "BYTES"
         );
         for r in list {
             outln!(

@@ -20,7 +20,11 @@ pub struct Progress {
     /// Per target: each phase reached and when (for `-v`).
     phases: Mutex<Vec<Vec<(Phase, Instant)>>>,
     /// When the scan started and ended (for `-v`).
-    scan: Mutex<(Option<Instant>, Option<Instant>, Option<flip_scan::ScanMeter>)>,
+    scan: Mutex<(
+        Option<Instant>,
+        Option<Instant>,
+        Option<flip_scan::ScanMeter>,
+    )>,
 }
 
 /// The terminal's lines, and what the ticker reads.
@@ -117,7 +121,12 @@ impl Progress {
 
 impl Events for Progress {
     fn phase(&self, host: usize, phase: Phase) {
-        if let Some(list) = self.phases.lock().unwrap_or_else(|e| e.into_inner()).get_mut(host) {
+        if let Some(list) = self
+            .phases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(host)
+        {
             list.push((phase, Instant::now()));
         }
         if let Some(b) = &self.bars {
@@ -152,7 +161,12 @@ impl Events for Progress {
 
     fn sending(&self, host: usize, meter: &flip_transfer::SendMeter) {
         if let Some(b) = &self.bars {
-            if let Some(slot) = b.meters.lock().unwrap_or_else(|e| e.into_inner()).get_mut(host) {
+            if let Some(slot) = b
+                .meters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(host)
+            {
                 *slot = Some(meter.clone());
             }
         }
@@ -234,10 +248,17 @@ impl Bars {
     }
 
     fn phase(&self, host: usize, phase: Phase) {
-        let Some(b) = self.hosts.get(host) else { return };
+        let Some(b) = self.hosts.get(host) else {
+            return;
+        };
         // Past sending: no more bytes to show for this target.
         if phase != Phase::Staging {
-            if let Some(slot) = self.meters.lock().unwrap_or_else(|e| e.into_inner()).get_mut(host) {
+            if let Some(slot) = self
+                .meters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(host)
+            {
                 if slot.take().is_some() {
                     b.set_style(spinner_style(self.width));
                 }
@@ -282,10 +303,15 @@ impl Bars {
     }
 
     fn scanned(&self) {
-        let meter = self.scan_meter.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let (Some(bar), Some((m, started))) =
-            (self.scan.lock().unwrap_or_else(|e| e.into_inner()).as_ref(), meter)
-        {
+        let meter = self
+            .scan_meter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let (Some(bar), Some((m, started))) = (
+            self.scan.lock().unwrap_or_else(|e| e.into_inner()).as_ref(),
+            meter,
+        ) {
             bar.finish_with_message(format!(
                 "scanned {} files, {} in {:.2} s",
                 m.files(),
@@ -313,7 +339,11 @@ fn spinner_style(width: usize) -> ProgressStyle {
 
 /// While sending: bytes of file content (before delta and compression) of the total, rate, ETA.
 fn bar_style(width: usize, color: bool) -> ProgressStyle {
-    let bar = if color { "{bar:24.cyan/blue}" } else { "{bar:24}" };
+    let bar = if color {
+        "{bar:24.cyan/blue}"
+    } else {
+        "{bar:24}"
+    };
     ProgressStyle::with_template(&format!(
         "{{spinner}} {{prefix:<{width}}}  sending {bar} {{bytes}}/{{total_bytes}} {{bytes_per_sec}}, ETA {{eta}}, {{msg}}"
     ))

@@ -56,7 +56,8 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
     if r.unchanged {
         note!(
             "flip: {}: unchanged, release {} is live",
-            r.target, r.release
+            r.target,
+            r.release
         );
         return;
     }

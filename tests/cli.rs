@@ -56,20 +56,21 @@ fn help_lists_the_exit_codes_of_the_readme() {
 #[test]
 fn every_command_documents_its_target_id_and_json() {
     let fx = Fx::new();
-    for cmd in ["releases", "rollback", "activate", "prune", "verify", "diff"] {
+    for cmd in [
+        "releases", "rollback", "activate", "prune", "verify", "diff",
+    ] {
         let r = fx.flip(&[cmd, "--help"]).success();
         let json = r
             .stdout
             .lines()
             .find(|l| l.trim_start().starts_with("--json"))
             .unwrap_or_else(|| panic!("{cmd}: no --json line: {}", r.stdout));
-        assert!(json.contains("JSON"), "{cmd}: --json without help: {json:?}");
+        assert!(
+            json.contains("JSON"),
+            "{cmd}: --json without help: {json:?}"
+        );
         for arg in ["<TARGET>", "<ID>", "<OLD>", "<NEW>"] {
-            if let Some(line) = r
-                .stdout
-                .lines()
-                .find(|l| l.trim_start().starts_with(arg))
-            {
+            if let Some(line) = r.stdout.lines().find(|l| l.trim_start().starts_with(arg)) {
                 assert!(
                     line.trim().len() > arg.len() + 4,
                     "{cmd}: {arg} without help: {line:?}"
@@ -134,12 +135,11 @@ fn zsh_and_fish_completions_name_every_command() {
     let zsh = fx.flip(&["completions", "zsh"]).success().stdout;
     assert!(zsh.starts_with("#compdef flip"), "{}", &zsh[..80]);
     let fish = fx.flip(&["completions", "fish"]).success().stdout;
-    for cmd in ["deploy", "releases", "rollback", "activate", "prune", "verify"] {
+    for cmd in [
+        "deploy", "releases", "rollback", "activate", "prune", "verify",
+    ] {
         assert!(zsh.contains(&format!("'{cmd}:")), "zsh: {cmd}");
-        assert!(
-            fish.contains(&format!("-a \"{cmd}\"")),
-            "fish: {cmd}"
-        );
+        assert!(fish.contains(&format!("-a \"{cmd}\"")), "fish: {cmd}");
     }
     fx.flip(&["completions", "tcsh"]).code(2);
 }
@@ -150,7 +150,9 @@ fn man_page_is_roff_with_every_command() {
     let page = fx.flip(&["man"]).success().stdout;
     assert!(page.contains(".TH flip 1"), "{}", &page[..200]);
     assert!(page.contains(".SH SUBCOMMANDS"), "no SUBCOMMANDS section");
-    for cmd in ["deploy", "releases", "rollback", "activate", "prune", "verify"] {
+    for cmd in [
+        "deploy", "releases", "rollback", "activate", "prune", "verify",
+    ] {
         assert!(page.contains(&format!("flip\\-{cmd}(1)")), "man: {cmd}");
     }
     assert!(page.contains("Exit codes: 0 success"), "no exit codes");
@@ -299,9 +301,7 @@ fn quiet_prints_only_errors() {
     let fx = Fx::new();
     let src = fx.src("src");
     site_v1(&src);
-    let r = fx
-        .flip(&["deploy", "-q", src.s(), fx.root_str()])
-        .success();
+    let r = fx.flip(&["deploy", "-q", src.s(), fx.root_str()]).success();
     assert_eq!(r.stderr, "", "-q deploy");
     assert_eq!(r.stdout, "");
     let r = fx.flip(&["rollback", "-q", fx.root_str()]).code(5);
@@ -321,9 +321,7 @@ fn verbose_adds_phase_timings_and_very_verbose_each_path() {
     let fx = Fx::new();
     let src = fx.src("src");
     site_v1(&src);
-    let r = fx
-        .flip(&["deploy", "-v", src.s(), fx.root_str()])
-        .success();
+    let r = fx.flip(&["deploy", "-v", src.s(), fx.root_str()]).success();
     let scanned = r
         .stderr
         .lines()
@@ -335,7 +333,11 @@ fn verbose_adds_phase_timings_and_very_verbose_each_path() {
         .lines()
         .find(|l| l.starts_with(&format!("flip: {}: connecting ", fx.root_str())))
         .unwrap_or_else(|| panic!("no phase timings: {}", r.stderr));
-    for phase in ["waiting for the scan ", "staging and sending ", "activating "] {
+    for phase in [
+        "waiting for the scan ",
+        "staging and sending ",
+        "activating ",
+    ] {
         assert!(timing.contains(phase), "{phase}: {timing}");
     }
     assert!(timing.ends_with(", live"), "{timing}");
@@ -387,7 +389,8 @@ fn progress_and_color_only_on_a_terminal_and_never_with_no_color() {
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("scanned 40 files"), "{text}");
     assert!(
-        text.lines().any(|l| l.contains(fx.root_str()) && l.contains("live")),
+        text.lines()
+            .any(|l| l.contains(fx.root_str()) && l.contains("live")),
         "{text}"
     );
     // With -q: nothing at all.

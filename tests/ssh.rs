@@ -362,15 +362,17 @@ fn over_ssh_an_error_names_the_path_once_and_mkpath_reaches_the_agent() {
     let w = World::new();
     let src = w.fx.src("src");
     site_v1(&src);
-    let url_of = |p: &std::path::Path| {
-        format!("ssh://root@127.0.0.1:{}{}", w.sshd.port(), p.display())
-    };
+    let url_of =
+        |p: &std::path::Path| format!("ssh://root@127.0.0.1:{}{}", w.sshd.port(), p.display());
     let afile = w.fx.path("afile");
     fs::write(&afile, "x").unwrap();
     let r = w.flip(&["deploy", src.s(), &url_of(&afile)]).code(5);
     assert_eq!(
         r.stderr,
-        format!("flip: error: root@127.0.0.1: {} is not a directory\n", afile.display())
+        format!(
+            "flip: error: root@127.0.0.1: {} is not a directory\n",
+            afile.display()
+        )
     );
     // The same target in an environment: its line names host and path once too.
     fs::write(
@@ -383,7 +385,10 @@ fn over_ssh_an_error_names_the_path_once_and_mkpath_reaches_the_agent() {
     )
     .unwrap();
     let r = w.flip(&["deploy", "prod"]).code(10);
-    let line = format!("flip: error: root@127.0.0.1: {} is not a directory", afile.display());
+    let line = format!(
+        "flip: error: root@127.0.0.1: {} is not a directory",
+        afile.display()
+    );
     assert!(r.stderr.lines().any(|l| l == line), "{}", r.stderr);
     fs::remove_file(w.fx.path("flip.toml")).unwrap();
     // A new target two levels below what exists: refused unless --mkpath, which the agent on

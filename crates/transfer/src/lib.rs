@@ -900,7 +900,10 @@ mod peer_tests {
         );
         // ... once only: a message already prefixed so gets nothing more.
         assert_eq!(
-            peer_prefix("deploy@web1:/srv/afile", "deploy@web1: /srv/afile is not a directory"),
+            peer_prefix(
+                "deploy@web1:/srv/afile",
+                "deploy@web1: /srv/afile is not a directory"
+            ),
             None
         );
         // A message that does not name it: the whole target.
