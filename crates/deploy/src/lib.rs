@@ -226,7 +226,8 @@ pub struct HostOutcome {
 pub struct Deployment {
     pub label: Option<String>,
     pub hosts: Vec<HostOutcome>,
-    /// The scan's warnings (files skipped, a cache that could not be used).
+    /// The client's warnings: the scan's (files skipped, a cache that could not be used) and
+    /// the local caches' (a manifest or content that could not be kept).
     pub scan_warnings: Vec<String>,
     pub duration_ms: u64,
 }
@@ -276,10 +277,11 @@ pub fn deploy(
     scanned.set(Some(scan.clone()));
     let mut hosts = workers.join();
     // Phase 2, every lock still held: all live together, or none.
+    let mut warnings = scan.warnings.clone();
     let mut states = if hosts.iter().any(|h| h.is_err()) {
         abort(&mut hosts, &events)
     } else {
-        caches.remember(&scan.manifest);
+        warnings.extend(caches.remember(&scan.manifest));
         match o.activate {
             true => activate_all(&mut hosts, targets, o, &events),
             false => vec![HostState::Staged; hosts.len()],
@@ -294,7 +296,7 @@ pub fn deploy(
     Ok(Deployment {
         label: o.label.clone(),
         hosts: finish(hosts, &mut states, targets, o),
-        scan_warnings: scan.warnings.clone(),
+        scan_warnings: warnings,
         duration_ms: started.elapsed().as_millis() as u64,
     })
 }
@@ -407,14 +409,17 @@ impl Caches {
         self.content.as_ref()
     }
 
-    /// Keeps `m` (the next deploy sends only its difference) and the content sent.
-    fn remember(&self, m: &Manifest) {
+    /// Keeps `m` (the next deploy sends only its difference) and the content sent; returns
+    /// what could not be kept, as warnings.
+    fn remember(&self, m: &Manifest) -> Vec<String> {
+        let mut warnings = Vec::new();
         if let Some(Err(e)) = self.manifests.as_ref().map(|c| c.put(m)) {
-            eprintln!("flip: warning: cannot cache the manifest: {e}");
+            warnings.push(format!("cannot cache the manifest: {e}"));
         }
         if let Some(Err(e)) = self.content.as_ref().map(|c| c.finish()) {
-            eprintln!("flip: warning: cannot keep deployed content in the cache: {e}");
+            warnings.push(format!("cannot keep deployed content in the cache: {e}"));
         }
+        warnings
     }
 }
 
