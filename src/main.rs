@@ -447,11 +447,35 @@ fn dry_run(
     let mut s = target.connect(&o.ssh, target.compress_level(o.compress_level))?;
     let (current, releases) = match s.status() {
         Ok(st) => st,
-        // A target that does not exist yet would simply get everything.
+        // A local target that exists but cannot be deployed to (a file, a foreign directory):
+        // the deploy would fail as the status did.
+        Err(e) if matches!(target, Target::Local(p) if p.symlink_metadata().is_ok()) => {
+            return Err(e.into())
+        }
+        // A target that does not exist yet would simply get everything, if it can be made.
         Err(flip_transfer::TransferError::Remote {
             class: flip_wire::ErrorClass::Target,
             ..
-        }) => (None, Vec::new()),
+        }) => {
+            if let (Target::Local(p), false) = (target, o.mkpath) {
+                let parent = p.parent().filter(|d| d.symlink_metadata().is_err());
+                if let Some(missing) = parent.and_then(|d| {
+                    d.ancestors()
+                        .take_while(|a| a.symlink_metadata().is_err())
+                        .last()
+                }) {
+                    return Err(exit::coded(
+                        Code::Target,
+                        format!(
+                            "cannot create the target {}: {} does not exist (--mkpath creates missing parents)",
+                            p.display(),
+                            missing.display()
+                        ),
+                    ));
+                }
+            }
+            (None, Vec::new())
+        }
         Err(e) => return Err(e.into()),
     };
     let caches = o.cache_dir.clone();

@@ -435,6 +435,23 @@ fn the_target_directory_is_created_only_when_its_parent_exists() {
         )
     );
     assert!(!fx.path("srv").exists());
+    // A dry run says so too, and creates nothing either.
+    let r = fx.flip(&["deploy", "--dry-run", src.s(), s(&deep)]).code(5);
+    assert!(
+        r.stderr
+            .ends_with("does not exist (--mkpath creates missing parents)\n"),
+        "{}",
+        r.stderr
+    );
+    fx.flip(&["deploy", "--dry-run", "--mkpath", src.s(), s(&deep)])
+        .success();
+    assert!(!fx.path("srv").exists());
+    // A dry run against a file is refused as the deploy is.
+    let afile = fx.path("afile");
+    fs::write(&afile, "x").unwrap();
+    fx.flip(&["deploy", "--dry-run", src.s(), s(&afile)])
+        .code(5)
+        .stderr_has("is not a directory");
     // --mkpath creates them.
     let j = fx
         .flip(&["deploy", "--json", "--mkpath", src.s(), s(&deep)])
