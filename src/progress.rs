@@ -30,16 +30,20 @@ pub struct Progress {
 /// The terminal's lines, and what the ticker reads.
 struct Bars {
     multi: MultiProgress,
-    scan: Mutex<Option<ProgressBar>>,
     hosts: Vec<ProgressBar>,
-    /// Per target: the meter of its content, once it sends.
-    meters: Arc<Mutex<Vec<Option<flip_transfer::SendMeter>>>>,
-    scan_meter: Arc<Mutex<Option<(flip_scan::ScanMeter, Instant)>>>,
+    /// Held by the ticker while it draws: an event that changes what is shown waits for it.
+    state: Arc<Mutex<Drawn>>,
     stop: Arc<AtomicBool>,
     ticker: Mutex<Option<std::thread::JoinHandle<()>>>,
-    color: bool,
     /// Width of the target column.
     width: usize,
+}
+
+/// What the ticker reads: the scan's line and meter while it runs, each target's meter while
+/// it sends.
+struct Drawn {
+    scan: Option<(ProgressBar, flip_scan::ScanMeter, Instant)>,
+    meters: Vec<Option<flip_transfer::SendMeter>>,
 }
 
 /// Whether stderr may be colored: a terminal, and `NO_COLOR` unset or empty.
@@ -161,14 +165,7 @@ impl Events for Progress {
 
     fn sending(&self, host: usize, meter: &flip_transfer::SendMeter) {
         if let Some(b) = &self.bars {
-            if let Some(slot) = b
-                .meters
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_mut(host)
-            {
-                *slot = Some(meter.clone());
-            }
+            b.sending(host, meter);
         }
     }
 }
@@ -187,84 +184,50 @@ impl Bars {
                 b
             })
             .collect();
-        let bars = Bars {
-            multi,
-            scan: Mutex::new(None),
-            meters: Arc::new(Mutex::new(vec![None; hosts.len()])),
-            scan_meter: Arc::new(Mutex::new(None)),
-            stop: Arc::new(AtomicBool::new(false)),
-            ticker: Mutex::new(None),
-            hosts,
-            color,
-            width,
+        let state = Arc::new(Mutex::new(Drawn {
+            scan: None,
+            meters: vec![None; hosts.len()],
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let (hosts, state, stop) = (hosts.clone(), state.clone(), stop.clone());
+            std::thread::spawn(move || tick(&hosts, &state, &stop, width, color))
         };
-        bars.start_ticker(width);
-        bars
+        Bars {
+            multi,
+            hosts,
+            state,
+            stop,
+            ticker: Mutex::new(Some(ticker)),
+            width,
+        }
     }
 
-    /// The thread that reads the meters and redraws, every 100 ms, until [`Bars::stop`].
-    fn start_ticker(&self, width: usize) {
-        let (hosts, meters, stop) = (self.hosts.clone(), self.meters.clone(), self.stop.clone());
-        let color = self.color;
-        let mut sending = vec![false; hosts.len()];
-        let handle = std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                // Each target's meter, while it sends.
-                // Held while drawing: a phase change (which drops a target's meter) waits.
-                let meters = meters.lock().unwrap_or_else(|e| e.into_inner());
-                for (i, (bar, meter)) in hosts.iter().zip(meters.iter()).enumerate() {
-                    let Some(m) = meter else { continue };
-                    let (files, bytes) = m.total();
-                    let (done_files, done_bytes) = m.done();
-                    if files == 0 || bar.is_finished() {
-                        continue;
-                    }
-                    if !sending[i] {
-                        sending[i] = true;
-                        bar.set_style(bar_style(width, color));
-                        bar.set_length(bytes);
-                    }
-                    bar.set_position(done_bytes);
-                    if done_files >= files {
-                        bar.set_style(spinner_style(width));
-                        bar.set_message(format!(
-                            "applying: the agent writes, verifies and commits ({} sent)",
-                            output::bytes(m.wire_bytes())
-                        ));
-                    } else {
-                        bar.set_message(format!("{done_files}/{files} files"));
-                    }
-                }
-                drop(meters);
-                for b in &hosts {
-                    if !b.is_finished() {
-                        b.tick();
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        *self.ticker.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+    fn drawn(&self) -> std::sync::MutexGuard<'_, Drawn> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn phase(&self, host: usize, phase: Phase) {
         let Some(b) = self.hosts.get(host) else {
             return;
         };
+        let mut drawn = self.drawn();
         // Past sending: no more bytes to show for this target.
-        if phase != Phase::Staging {
-            if let Some(slot) = self
+        if phase != Phase::Staging
+            && drawn
                 .meters
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
                 .get_mut(host)
-            {
-                if slot.take().is_some() {
-                    b.set_style(spinner_style(self.width));
-                }
-            }
+                .is_some_and(|m| m.take().is_some())
+        {
+            b.set_style(spinner_style(self.width));
         }
         b.set_message(phase.as_str());
+    }
+
+    fn sending(&self, host: usize, meter: &flip_transfer::SendMeter) {
+        if let Some(slot) = self.drawn().meters.get_mut(host) {
+            *slot = Some(meter.clone());
+        }
     }
 
     fn scanning(&self, meter: &flip_scan::ScanMeter) {
@@ -274,44 +237,11 @@ impl Bars {
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         bar.set_message("scanning the source");
-        *self.scan.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar.clone());
-        *self.scan_meter.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((meter.clone(), Instant::now()));
-        let meter = meter.clone();
-        let stop = self.stop.clone();
-        let scan_meter = self.scan_meter.clone();
-        // The scan line has its own small ticker: the scan is one line, read the same way.
-        std::thread::spawn(move || {
-            let started = Instant::now();
-            while !stop.load(Ordering::Relaxed)
-                && scan_meter
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .is_some()
-            {
-                let secs = started.elapsed().as_secs_f64().max(0.001);
-                bar.set_message(format!(
-                    "scanning: {} files, {}, {}/s",
-                    meter.files(),
-                    output::bytes(meter.bytes()),
-                    output::bytes((meter.bytes() as f64 / secs) as u64)
-                ));
-                bar.tick();
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
+        self.drawn().scan = Some((bar, meter.clone(), Instant::now()));
     }
 
     fn scanned(&self) {
-        let meter = self
-            .scan_meter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let (Some(bar), Some((m, started))) = (
-            self.scan.lock().unwrap_or_else(|e| e.into_inner()).as_ref(),
-            meter,
-        ) {
+        if let Some((bar, m, started)) = self.drawn().scan.take() {
             bar.finish_with_message(format!(
                 "scanned {} files, {} in {:.2} s",
                 m.files(),
@@ -329,6 +259,56 @@ impl Bars {
         for b in &self.hosts {
             b.finish();
         }
+    }
+}
+
+/// The ticker: every 100 ms, until `stop`, reads the meters and redraws the lines.
+fn tick(hosts: &[ProgressBar], state: &Mutex<Drawn>, stop: &AtomicBool, width: usize, color: bool) {
+    let mut sending = vec![false; hosts.len()];
+    while !stop.load(Ordering::Relaxed) {
+        let drawn = state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((bar, m, started)) = &drawn.scan {
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            bar.set_message(format!(
+                "scanning: {} files, {}, {}/s",
+                m.files(),
+                output::bytes(m.bytes()),
+                output::bytes((m.bytes() as f64 / secs) as u64)
+            ));
+            bar.tick();
+        }
+        for (i, (bar, meter)) in hosts.iter().zip(&drawn.meters).enumerate() {
+            let Some(m) = meter else {
+                sending[i] = false;
+                continue;
+            };
+            let ((files, bytes), (done_files, done_bytes)) = (m.total(), m.done());
+            if files == 0 {
+                continue;
+            }
+            if done_files >= files {
+                bar.set_style(spinner_style(width));
+                bar.set_message(format!(
+                    "applying: the agent writes, verifies and commits ({} sent)",
+                    output::bytes(m.wire_bytes())
+                ));
+                continue;
+            }
+            bar.set_message(format!("{done_files}/{files} files"));
+            if !sending[i] {
+                sending[i] = true;
+                bar.set_length(bytes);
+                bar.set_style(bar_style(width, color));
+            }
+            bar.set_position(done_bytes);
+        }
+        for b in hosts {
+            if !b.is_finished() {
+                b.tick();
+            }
+        }
+        drop(drawn);
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
