@@ -535,3 +535,36 @@ fn deploy_and_prune_name_pruned_releases_alike() {
     assert_eq!(j["pruned"], serde_json::json!([2, 3]));
     assert!(j.get("removed").is_none(), "{j}");
 }
+
+#[test]
+fn activating_the_live_label_of_an_environment_changes_nothing_and_says_so() {
+    let fx = Fx::new();
+    let roots: Vec<String> = (1..=2)
+        .map(|i| s(&fx.path(&format!("t{i}"))).to_string())
+        .collect();
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "source = \"src\"\n[env.prod]\ntargets = [{:?}, {:?}]\n",
+            roots[0], roots[1]
+        ),
+    )
+    .unwrap();
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod", "--label", "v1"]).success();
+    let r = fx.flip(&["activate", "prod", "v1"]).success();
+    let expected: String = roots
+        .iter()
+        .map(|t| format!("flip: release 1 of {t} is already live; nothing changed\n"))
+        .collect();
+    assert_eq!(r.stderr, expected);
+    for t in &roots {
+        assert_eq!(
+            fs::read_link(std::path::Path::new(t).join("current"))
+                .unwrap()
+                .to_str(),
+            Some("releases/1")
+        );
+    }
+}
