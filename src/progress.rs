@@ -19,12 +19,15 @@ pub struct Progress {
     names: Vec<String>,
     /// Per target: each phase reached and when (for `-v`).
     phases: Mutex<Vec<Vec<(Phase, Instant)>>>,
-    /// When the scan started and ended (for `-v`).
-    scan: Mutex<(
-        Option<Instant>,
-        Option<Instant>,
-        Option<flip_scan::ScanMeter>,
-    )>,
+    /// The scan's meter, and when it started and ended (for `-v`).
+    scan: Mutex<Option<ScanTime>>,
+}
+
+/// The scan, for `-v`.
+struct ScanTime {
+    meter: flip_scan::ScanMeter,
+    started: Instant,
+    ended: Option<Instant>,
 }
 
 /// The terminal's lines, and what the ticker reads.
@@ -62,7 +65,7 @@ impl Progress {
             bars,
             phases: Mutex::new(vec![Vec::new(); names.len()]),
             names,
-            scan: Mutex::new((None, None, None)),
+            scan: Mutex::new(None),
         })
     }
 
@@ -73,7 +76,7 @@ impl Progress {
             bars: None,
             phases: Mutex::new(vec![Vec::new(); targets.len()]),
             names: targets.iter().map(Target::display).collect(),
-            scan: Mutex::new((None, None, None)),
+            scan: Mutex::new(None),
         }
     }
 
@@ -94,12 +97,17 @@ impl Progress {
     fn timings(&self) -> Vec<String> {
         let mut lines = Vec::new();
         let scan = self.scan.lock().unwrap_or_else(|e| e.into_inner());
-        if let (Some(start), Some(end), Some(m)) = (&scan.0, &scan.1, &scan.2) {
+        if let Some(ScanTime {
+            meter,
+            started,
+            ended: Some(ended),
+        }) = scan.as_ref()
+        {
             lines.push(format!(
                 "scanned {} files ({}) in {:.2} s",
-                m.files(),
-                output::bytes(m.bytes()),
-                end.duration_since(*start).as_secs_f64()
+                meter.files(),
+                output::bytes(meter.bytes()),
+                ended.duration_since(*started).as_secs_f64()
             ));
         }
         let phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
@@ -149,15 +157,20 @@ impl Events for Progress {
     }
 
     fn scanning(&self, meter: &flip_scan::ScanMeter) {
-        let mut scan = self.scan.lock().unwrap_or_else(|e| e.into_inner());
-        *scan = (Some(Instant::now()), None, Some(meter.clone()));
+        *self.scan.lock().unwrap_or_else(|e| e.into_inner()) = Some(ScanTime {
+            meter: meter.clone(),
+            started: Instant::now(),
+            ended: None,
+        });
         if let Some(b) = &self.bars {
             b.scanning(meter);
         }
     }
 
     fn scanned(&self) {
-        self.scan.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(Instant::now());
+        if let Some(t) = self.scan.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            t.ended = Some(Instant::now());
+        }
         if let Some(b) = &self.bars {
             b.scanned();
         }
