@@ -1,19 +1,30 @@
 //! Command-line interface definition.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
 use std::path::PathBuf;
+
+/// What a target argument can be, for the help of every command that takes one.
+const TARGET_HELP: &str =
+    "A target (local directory, [user@]host:/path, ssh://...) or an environment of flip.toml";
 
 #[derive(Parser, Debug)]
 #[command(
     name = "flip",
     version,
-    about = "Fast, atomic deploys: delta-sync a directory into a new release, then swap `current` in one rename.",
-    after_help = "Targets: a local directory (/srv/app), [user@]host:/path or ssh://[user@]host[:port]/path; or ENV, every target of environment ENV of flip.toml.\nExit codes: 0 ok, 1 internal error, 2 usage, 3 locked, 4 source, 5 target, 6 connection, 7 integrity, 8 disk full, 9 SSH authentication or host key, 10 an environment command failed on some targets, 11 `flip doctor` found a problem."
+    about = "Fast, atomic deploys: delta-sync a directory into a new release, then swap `current` in one rename."
 )]
 pub struct Cli {
     /// The configuration file (default: flip.toml in the working directory, if there is one).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Print only errors on stderr (no progress, summary, notes or warnings).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// More on stderr: -v adds each target's time per phase, -vv also what happened to each
+    /// path (the --itemize list).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -43,6 +54,11 @@ pub enum Command {
     /// `current`, incomplete releases, permissions, what a prune could not remove, free space,
     /// a running deploy, clock skew, and php's OPcache and realpath cache settings.
     Doctor(DoctorArgs),
+    /// Print a shell completion script for SHELL on stdout (see README.md, "Shell completion
+    /// and manual page").
+    Completions(CompletionsArgs),
+    /// Print flip's manual page (roff) on stdout: `flip man > flip.1`.
+    Man,
     /// Serve the agent protocol on stdin/stdout (started by flip itself, locally or over SSH).
     #[command(hide = true)]
     Agent(AgentArgs),
@@ -54,7 +70,7 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    /// Print one JSON object on stdout instead of a human summary on stderr.
+    /// Print one JSON object on stdout instead of a human summary on stderr (errors too).
     #[arg(long)]
     pub json: bool,
     /// If another deploy holds the target's lock, wait for it instead of failing.
@@ -96,9 +112,10 @@ pub struct DeployArgs {
     #[arg(value_name = "TARGET")]
     pub target: Option<String>,
     /// A note stored with the release and shown by `flip releases`.
-    #[arg(long)]
+    #[arg(long, value_name = "TEXT")]
     pub label: Option<String>,
-    /// Leave out paths matching this gitignore-style pattern (repeatable); added to .flipignore.
+    /// Leave out paths matching this gitignore-style pattern (repeatable), on top of the patterns
+    /// of SOURCE/.flipignore (which is read, never written).
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
     /// Do not read SOURCE/.flipignore.
@@ -132,14 +149,19 @@ pub struct DeployArgs {
     /// Targets worked on at once (default: all, or flip.toml's `parallel`).
     #[arg(long, value_name = "N")]
     pub parallel: Option<usize>,
+    /// Create the target directory's missing parent directories too (by default only the target
+    /// directory itself is created, when its parent exists).
+    #[arg(long)]
+    pub mkpath: bool,
     #[command(flatten)]
     pub common: Common,
 }
 
 #[derive(Args, Debug)]
 pub struct ReleasesArgs {
-    /// A target (local directory, [user@]host:/path, ssh://...) or an environment of flip.toml.
+    #[arg(help = TARGET_HELP)]
     pub target: String,
+    /// Print JSON on stdout instead of text (see README.md for its shape).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -148,7 +170,7 @@ pub struct ReleasesArgs {
 
 #[derive(Args, Debug)]
 pub struct RollbackArgs {
-    /// A target (local directory, [user@]host:/path, ssh://...) or an environment of flip.toml.
+    #[arg(help = TARGET_HELP)]
     pub target: String,
     /// Release to go back to (default: the newest one older than the live one).
     #[arg(long, value_name = "ID")]
@@ -159,7 +181,7 @@ pub struct RollbackArgs {
 
 #[derive(Args, Debug)]
 pub struct ActivateArgs {
-    /// A target (local directory, [user@]host:/path, ssh://...) or an environment of flip.toml.
+    #[arg(help = TARGET_HELP)]
     pub target: String,
     /// A release id; for an environment, a label too (each target's newest release with it).
     pub id: String,
@@ -169,7 +191,7 @@ pub struct ActivateArgs {
 
 #[derive(Args, Debug)]
 pub struct PruneArgs {
-    /// A target (local directory, [user@]host:/path, ssh://...) or an environment of flip.toml.
+    #[arg(help = TARGET_HELP)]
     pub target: String,
     /// Releases to keep (default 5, or flip.toml's `keep`).
     #[arg(long, value_name = "N")]
@@ -180,10 +202,11 @@ pub struct PruneArgs {
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
-    /// A target (local directory, [user@]host:/path, ssh://...) or an environment of flip.toml.
+    #[arg(help = TARGET_HELP)]
     pub target: String,
     /// Release to verify (default: the live one).
     pub id: Option<u64>,
+    /// Print JSON on stdout instead of text (see README.md for its shape).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -210,6 +233,7 @@ pub struct DiffArgs {
     pub old: PathBuf,
     /// The tree to deploy.
     pub new: PathBuf,
+    /// Print JSON on stdout instead of text (see README.md for its shape).
     #[arg(long)]
     pub json: bool,
     /// Leave out paths matching this gitignore-style pattern (repeatable).
@@ -241,6 +265,7 @@ pub struct InitArgs {
 pub struct ConfigArgs {
     /// The environment.
     pub env: String,
+    /// Print JSON on stdout instead of text (see README.md for its shape).
     #[arg(long)]
     pub json: bool,
 }
@@ -250,6 +275,9 @@ pub struct AgentArgs {
     /// The target root this agent serves.
     #[arg(long, value_name = "PATH")]
     pub root: PathBuf,
+    /// Create the root's missing parent directories too when a deploy creates the root.
+    #[arg(long)]
+    pub mkpath: bool,
     /// Give up on a client that sends nothing for this many seconds (its staging directory is
     /// removed and the lock released); 0 = wait forever.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
@@ -257,8 +285,93 @@ pub struct AgentArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    pub shell: Shell,
+}
+
+/// The shells `flip completions` writes a script for.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Args, Debug)]
 pub struct Blake3Args {
     /// Files to hash.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+}
+
+/// The clap definition of flip, with the generated parts of its help (the exit codes): the one
+/// definition behind parsing, `flip completions` and `flip man`.
+pub fn command() -> clap::Command {
+    Cli::command().after_help(format!(
+        "Targets: a local directory (/srv/app), [user@]host:/path or ssh://[user@]host[:port]/path; or ENV, every target of environment ENV of flip.toml.\n{}",
+        crate::exit::Code::help_line()
+    ))
+}
+
+/// Parses `args` (the program name first) with [`command`].
+pub fn parse(args: &[OsString]) -> Result<Cli, clap::Error> {
+    let mut cmd = command();
+    let matches = cmd.try_get_matches_from_mut(args)?;
+    Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+}
+
+/// `flip completions SHELL`: the completion script on stdout.
+pub fn completions(shell: Shell, out: &mut dyn std::io::Write) {
+    // Without the hidden commands (the agent, blake3): clap_complete would offer them.
+    let full = command();
+    let mut cmd = clap::Command::new("flip")
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
+    match shell {
+        Shell::Bash => clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, "flip", out),
+        Shell::Zsh => clap_complete::generate(clap_complete::Shell::Zsh, &mut cmd, "flip", out),
+        Shell::Fish => clap_complete::generate(clap_complete::Shell::Fish, &mut cmd, "flip", out),
+    }
+}
+
+/// `flip man`: the manual page (roff) of flip and its visible commands, one page.
+pub fn man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    clap_mangen::Man::new(command()).render(out)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every argument and flag of every command, hidden ones too, says what it is for.
+    #[test]
+    fn every_argument_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut cmd = super::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "flip", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    #[test]
+    fn the_definition_is_consistent() {
+        super::command().debug_assert();
+    }
 }

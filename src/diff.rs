@@ -92,7 +92,10 @@ struct Ranked {
 }
 
 /// `flip diff OLD NEW`; with `shared` paths, both trees as the releases a deploy records.
-pub fn run(a: DiffArgs, shared: Option<&flip_plan::shared::SharedPaths>) -> Result<i32> {
+pub fn run(
+    a: DiffArgs,
+    shared: Option<&flip_plan::shared::SharedPaths>,
+) -> Result<crate::exit::Code> {
     let scan = |dir: &Path| -> Result<Manifest> {
         if !dir.is_dir() {
             return Err(exit::coded(
@@ -104,6 +107,7 @@ pub fn run(a: DiffArgs, shared: Option<&flip_plan::shared::SharedPaths>) -> Resu
             excludes: a.exclude.clone(),
             use_flipignore: !a.no_flipignore,
             hash_cache: None,
+            meter: Default::default(),
         };
         Ok(flip_scan::scan(dir, &opts)?.manifest)
     };
@@ -301,13 +305,13 @@ pub fn run(a: DiffArgs, shared: Option<&flip_plan::shared::SharedPaths>) -> Resu
         if a.itemize {
             out.insert("items".into(), output::items_json(&changes.items));
         }
-        println!("{}", serde_json::Value::Object(out));
+        outln!("{}", serde_json::Value::Object(out));
     } else {
-        if a.itemize {
+        if crate::itemized(a.itemize, a.json) {
             output::print_items(&changes.items);
         }
-        println!("{}", output::counts_text(&changes.counts));
-        println!(
+        outln!("{}", output::counts_text(&changes.counts));
+        outln!(
             "literal {}, delta {}, matched {} ({})",
             output::bytes(sel.literal),
             output::bytes(sel.delta),
@@ -318,23 +322,23 @@ pub fn run(a: DiffArgs, shared: Option<&flip_plan::shared::SharedPaths>) -> Resu
                 "warm caches of the client that deployed OLD"
             }
         );
-        println!("a deploy sends ({model}):");
-        println!(
+        outln!("a deploy sends ({model}):");
+        outln!(
             "  warm client (caches of the deploy of OLD): {}",
             output::bytes(warm_sent)
         );
-        println!(
+        outln!(
             "  cold client (no caches):                   {}",
             output::bytes(cold_sent)
         );
-        println!(
+        outln!(
             "  bound (zstd --patch-from of the changes):  {}",
             output::bytes(bound_bytes)
         );
         if !ranked.is_empty() {
-            println!("largest files (warm / cold, compressed):");
+            outln!("largest files (warm / cold, compressed):");
             for r in &ranked {
-                println!(
+                outln!(
                     "  {} / {}  {}",
                     output::bytes(r.warm.1),
                     output::bytes(r.cold.1),

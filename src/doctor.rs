@@ -87,7 +87,7 @@ fn counts(f: &Finding, strict: bool) -> bool {
     f.severity == Severity::Problem || (strict && f.severity == Severity::Warning)
 }
 
-pub fn run(a: cli::DoctorArgs, cfg: Option<&Config>) -> Result<i32> {
+pub fn run(a: cli::DoctorArgs, cfg: Option<&Config>) -> Result<exit::Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     let ssh = ssh_only(&a.ssh);
     let results: Vec<Result<Checked>> = std::thread::scope(|scope| {
@@ -152,9 +152,9 @@ pub fn run(a: cli::DoctorArgs, cfg: Option<&Config>) -> Result<i32> {
         "strict": a.strict,
     });
     if a.json {
-        println!("{}", json!({"hosts": hosts, "summary": summary}));
+        outln!("{}", json!({"hosts": hosts, "summary": summary}));
     } else {
-        eprintln!(
+        note!(
             "flip: doctor: {healthy} of {} target(s) healthy; {} problem(s), {} warning(s){}",
             targets.len(),
             tally[Severity::Problem as usize],
@@ -188,13 +188,13 @@ fn print_findings(target: &str, findings: &[Finding]) {
             Severity::Warning => "WARNING",
             Severity::Problem => "PROBLEM",
         };
-        println!(
+        outln!(
             "{target}: {sev}: {}: {}",
             f.check,
             output::printable(&f.message)
         );
         if let Some(fix) = &f.fix {
-            println!("{target}:   fix: {}", output::printable(fix));
+            outln!("{target}:   fix: {}", output::printable(fix));
         }
     }
 }

@@ -3,40 +3,38 @@
 //! The binary parses the command line and `flip.toml`, hands options to the pipeline in
 //! `flip_deploy`, and renders its reports (human lines on stderr, `--json` on stdout).
 
+#[macro_use]
+mod output;
 mod cli;
 mod config;
 mod diff;
 mod doctor;
 mod exit;
-mod output;
+mod progress;
 mod render;
 
 use anyhow::{Context, Result};
-use clap::Parser;
 use cli::{Cli, Command, Common};
 use config::Config;
+use exit::Code;
 use flip_deploy::{Options, SshSettings, SwitchPlan, Target};
 use flip_transfer::Session;
 use flip_wire::Purpose;
 use rayon::prelude::*;
 use serde_json::json;
+use std::ffi::OsString;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
-fn main() {
+fn main() -> ExitCode {
     limit_malloc_arenas();
-    let cli = match Cli::try_parse() {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let cli = match cli::parse(&args) {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            };
-            let _ = e.print();
-            std::process::exit(code);
-        }
+        Err(e) => return refused(&e, &args).into(),
     };
+    output::set_verbosity(cli.quiet, cli.verbose);
     let json = match &cli.command {
         Command::Deploy(a) => a.common.json,
         Command::Rollback(a) => a.common.json,
@@ -47,21 +45,61 @@ fn main() {
         Command::Diff(a) => a.json,
         Command::Config(a) => a.json,
         Command::Doctor(a) => a.json,
-        Command::Init(_) | Command::Agent(_) | Command::Blake3(_) => false,
+        Command::Init(_)
+        | Command::Agent(_)
+        | Command::Blake3(_)
+        | Command::Completions(_)
+        | Command::Man => false,
     };
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            let code = exit::code_of(&e);
+            let code = exit::code_of(e.as_ref());
             let message = error_text(&e);
             eprintln!("flip: error: {}", output::printable(&message));
             if json {
-                println!("{}", json!({"error": {"code": code, "message": message}}));
+                outln!("{}", json!({"error": {"code": code, "message": message}}));
             }
             code
         }
     };
-    std::process::exit(code);
+    code.into()
+}
+
+/// A command line clap refused (or `--help`, `--version`): clap's text on stderr (the help on
+/// stdout), and when the arguments ask for `--json`, the error as JSON on stdout too, as every
+/// command's errors are.
+fn refused(e: &clap::Error, args: &[OsString]) -> Code {
+    let code = exit::code_of(e);
+    let _ = e.print();
+    let json = args
+        .iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json");
+    if json && code != Code::Ok {
+        let message = clap_message(&e.render().to_string());
+        outln!("{}", json!({"error": {"code": code, "message": message}}));
+    }
+    code
+}
+
+/// clap's error text as one line, without its usage and hint: `the following required
+/// arguments were not provided: <TARGET>`, `unexpected argument '--jsno' found; tip: a
+/// similar argument exists: '--json'`.
+fn clap_message(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines().take_while(|l| !l.starts_with("Usage:")) {
+        let line = line.trim().trim_start_matches("error: ");
+        if line.is_empty() || line.starts_with("For more information") {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') { " " } else { "; " });
+        }
+        out.push_str(line);
+    }
+    out
 }
 
 /// The error and its causes, joined with ": ", leaving out a cause whose text an outer message
@@ -81,7 +119,19 @@ fn error_text(e: &anyhow::Error) -> String {
     out
 }
 
-fn run(cli: Cli) -> Result<i32> {
+fn run(cli: Cli) -> Result<Code> {
+    if let Command::Completions(a) = &cli.command {
+        let mut script = Vec::new();
+        cli::completions(a.shell, &mut script);
+        out!("{}", String::from_utf8_lossy(&script));
+        return Ok(exit::OK);
+    }
+    if let Command::Man = &cli.command {
+        let mut page = Vec::new();
+        cli::man(&mut page).context("cannot render the manual page")?;
+        out!("{}", String::from_utf8_lossy(&page));
+        return Ok(exit::OK);
+    }
     if let Command::Agent(a) = cli.command {
         return agent(a);
     }
@@ -113,38 +163,41 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Verify(a) => verify(a, cfg.as_ref()),
         Command::Config(a) => show_config(a, cfg.as_ref()),
         Command::Doctor(a) => doctor::run(a, cfg.as_ref()),
-        Command::Init(_) | Command::Agent(_) | Command::Diff(_) | Command::Blake3(_) => {
+        Command::Init(_)
+        | Command::Agent(_)
+        | Command::Diff(_)
+        | Command::Blake3(_)
+        | Command::Completions(_)
+        | Command::Man => {
             unreachable!("handled above")
         }
     }
 }
 
-fn agent(a: cli::AgentArgs) -> Result<i32> {
+fn agent(a: cli::AgentArgs) -> Result<Code> {
     // Raw descriptors: the protocol is binary, so no line buffering on stdout.
     let idle = (a.idle_timeout > 0).then(|| std::time::Duration::from_secs(a.idle_timeout));
-    match flip_agent::serve_stdio(&a.root, idle) {
-        Ok(()) => Ok(exit::OK),
-        Err(e) if e.is_idle_timeout() => {
-            eprintln!(
-                "flip agent: no request from the client for {} s; gave up (staging removed, lock released)",
-                a.idle_timeout
-            );
-            Ok(exit::CONNECTION)
+    let Err(e) = flip_agent::serve_stdio(&a.root, idle, a.mkpath) else {
+        return Ok(exit::OK);
+    };
+    if e.is_idle_timeout() {
+        eprintln!(
+            "flip agent: no request from the client for {} s; gave up (staging removed, lock released)",
+            a.idle_timeout
+        );
+    } else if let flip_agent::AgentError::Wire(w) = &e {
+        // A garbled connection has no one left to tell but our own stderr; a client that went
+        // away (closed the connection, broken pipe) is told nothing: an aborted session is
+        // silent (for a local target our stderr is the user's terminal). Any other error the
+        // client has been sent and reports.
+        if !e.is_client_gone() {
+            eprintln!("flip agent: {w}");
         }
-        // A client that went away (closed the connection, broken pipe) has no one left to tell:
-        // an aborted session is silent (for a local target our stderr is the user's terminal).
-        Err(e) if e.is_client_gone() => Ok(exit::CONNECTION),
-        // A garbled connection has no one left to tell but our own stderr.
-        Err(flip_agent::AgentError::Wire(e)) => {
-            eprintln!("flip agent: {e}");
-            Ok(exit::INTERNAL)
-        }
-        // The client has been sent the error and reports it.
-        Err(_) => Ok(exit::INTERNAL),
     }
+    Ok(exit::code_of(&e))
 }
 
-fn init(a: &cli::InitArgs) -> Result<i32> {
+fn init(a: &cli::InitArgs) -> Result<Code> {
     let path = std::path::Path::new(config::FILE);
     if path.exists() && !a.force {
         return Err(exit::coded(
@@ -157,7 +210,7 @@ fn init(a: &cli::InitArgs) -> Result<i32> {
     }
     std::fs::write(path, config::STARTER)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    eprintln!(
+    note!(
         "flip: wrote {}: set `source` and the targets of each environment, then `flip deploy prod`",
         path.display()
     );
@@ -165,13 +218,13 @@ fn init(a: &cli::InitArgs) -> Result<i32> {
 }
 
 /// `flip blake3 FILE...`: `HASH  FILE` lines, as b3sum prints them.
-fn blake3_files(a: cli::Blake3Args) -> Result<i32> {
+fn blake3_files(a: cli::Blake3Args) -> Result<Code> {
     for file in &a.files {
         let mut hasher = blake3::Hasher::new();
         hasher
             .update_mmap(file)
             .with_context(|| format!("cannot read {}", file.display()))?;
-        println!("{}  {}", hasher.finalize().to_hex(), file.display());
+        outln!("{}  {}", hasher.finalize().to_hex(), file.display());
     }
     Ok(exit::OK)
 }
@@ -243,6 +296,12 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// Whether to list every changed path: `--itemize`, or `-vv` without `--json` (whose output
+/// `-v` never changes).
+fn itemized(itemize: bool, json: bool) -> bool {
+    itemize || (output::verbosity() >= 2 && !json)
+}
+
 /// Options of a single-target or environment deploy, by precedence: flag > environment table >
 /// top level > default.
 fn deploy_options(
@@ -306,7 +365,7 @@ fn deploy_options(
     // flip's own cache inside the source (even with --no-cache: it is there all the same).
     if let Some(cache) = cache_dir() {
         if let Some(glob) = flip_deploy::own_cache_exclude(&source, &cache) {
-            eprintln!(
+            note!(
                 "flip: note: flip's cache {} is inside the source; it is not deployed",
                 output::printable(&cache.display().to_string())
             );
@@ -326,32 +385,33 @@ fn deploy_options(
         label,
         keep: a.keep.or(settings.keep).unwrap_or(config::KEEP),
         activate: !a.no_activate,
-        itemize: a.itemize,
+        itemize: itemized(a.itemize, a.common.json),
         cache_dir: if a.no_cache { None } else { cache_dir() },
         compress_level: a.compress_level.or(settings.compress_level),
         wait: a.common.wait,
         force_release: a.force_release,
         parallel: a.parallel.or(settings.parallel).unwrap_or(0),
+        mkpath: a.mkpath,
         ssh: ssh_settings(&a.common),
     };
     Ok((o, targets, env))
 }
 
-fn deploy(a: cli::DeployArgs, cfg: Option<&Config>) -> Result<i32> {
+fn deploy(a: cli::DeployArgs, cfg: Option<&Config>) -> Result<Code> {
     let started = Instant::now();
     let (o, targets, env) = deploy_options(&a, cfg)?;
     if a.dry_run {
         return dry_runs(&a, &o, &targets, env.as_deref(), started);
     }
-    let progress = render::Progress::new(&targets);
+    let progress = progress::Progress::new(&targets, a.common.json);
     let d = flip_deploy::deploy(&o, &targets, progress.clone())?;
     progress.done();
     for w in &d.scan_warnings {
-        eprintln!("flip: warning: {}", output::printable(w));
+        note!("flip: warning: {}", output::printable(w));
     }
     match env {
-        None => render::single(d, a.itemize, a.common.json),
-        Some(env) => Ok(render::environment(&env, &d, a.itemize, a.common.json)),
+        None => render::single(d, o.itemize, a.common.json),
+        Some(env) => Ok(render::environment(&env, &d, o.itemize, a.common.json)),
     }
 }
 
@@ -362,7 +422,7 @@ fn dry_runs(
     targets: &[Target],
     env: Option<&str>,
     started: Instant,
-) -> Result<i32> {
+) -> Result<Code> {
     let source = o.source.clone();
     if !source.is_dir() {
         return Err(exit::coded(
@@ -379,10 +439,11 @@ fn dry_runs(
             excludes: o.excludes.clone(),
             use_flipignore: o.flipignore,
             hash_cache: None,
+            meter: Default::default(),
         },
     )?;
     for w in &scan.warnings {
-        eprintln!("flip: warning: {}", output::printable(w));
+        note!("flip: warning: {}", output::printable(w));
     }
     // The release as the deploy records it: shared paths are symlinks whatever shared/ holds.
     let manifest = match o.shared.is_empty() {
@@ -394,7 +455,7 @@ fn dry_runs(
         hosts.push(dry_run(a, o, t, &manifest, started, env.is_none())?);
     }
     if env.is_some() && a.common.json {
-        println!("{}", json!({"hosts": hosts}));
+        outln!("{}", json!({"hosts": hosts}));
     }
     Ok(exit::OK)
 }
@@ -426,11 +487,35 @@ fn dry_run(
     let mut s = target.connect(&o.ssh, target.compress_level(o.compress_level))?;
     let (current, releases) = match s.status() {
         Ok(st) => st,
-        // A target that does not exist yet would simply get everything.
+        // A local target that exists but cannot be deployed to (a file, a foreign directory):
+        // the deploy would fail as the status did.
+        Err(e) if matches!(target, Target::Local(p) if p.symlink_metadata().is_ok()) => {
+            return Err(e.into())
+        }
+        // A target that does not exist yet would simply get everything, if it can be made.
         Err(flip_transfer::TransferError::Remote {
             class: flip_wire::ErrorClass::Target,
             ..
-        }) => (None, Vec::new()),
+        }) => {
+            if let (Target::Local(p), false) = (target, o.mkpath) {
+                let parent = p.parent().filter(|d| d.symlink_metadata().is_err());
+                if let Some(missing) = parent.and_then(|d| {
+                    d.ancestors()
+                        .take_while(|a| a.symlink_metadata().is_err())
+                        .last()
+                }) {
+                    return Err(exit::coded(
+                        Code::Target,
+                        format!(
+                            "cannot create the target {}: {} does not exist (--mkpath creates missing parents)",
+                            p.display(),
+                            missing.display()
+                        ),
+                    ));
+                }
+            }
+            (None, Vec::new())
+        }
         Err(e) => return Err(e.into()),
     };
     let caches = o.cache_dir.clone();
@@ -510,11 +595,11 @@ fn dry_run(
     let out = serde_json::Value::Object(out);
     if a.common.json {
         if print_json {
-            println!("{out}");
+            outln!("{out}");
         }
     } else {
         output::print_items(&changes.items);
-        eprintln!(
+        note!(
             "flip: dry run against {} (live: {}): {}; {} to transfer before delta and compression",
             target.display(),
             current.map_or("none".to_string(), |c| format!("release {c}")),
@@ -542,6 +627,7 @@ fn command_options(common: &Common) -> Options {
         wait: common.wait,
         force_release: false,
         parallel: 0,
+        mkpath: false,
         ssh: ssh_settings(common),
     }
 }
@@ -554,7 +640,7 @@ fn locked_session(target: &Target, common: &Common, what: Purpose) -> Result<Ses
         &command_options(common),
         what,
         &mut |h| {
-            eprintln!(
+            note!(
                 "flip: {peer} is locked by {}; waiting",
                 output::printable(h)
             )
@@ -567,7 +653,7 @@ fn locked_session(target: &Target, common: &Common, what: Purpose) -> Result<Ses
 fn notices(s: &mut Session) -> (Vec<serde_json::Value>, Vec<String>) {
     let warnings = s.take_warnings();
     for w in &warnings {
-        eprintln!("flip: warning: {}", output::printable(w));
+        note!("flip: warning: {}", output::printable(w));
     }
     let leftovers: Vec<serde_json::Value> = s
         .leftovers()
@@ -581,7 +667,7 @@ fn notices(s: &mut Session) -> (Vec<serde_json::Value>, Vec<String>) {
     (leftovers, warnings)
 }
 
-fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<i32> {
+fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     let ssh = ssh_only(&a.ssh);
     let mut lists = Vec::new();
@@ -607,16 +693,20 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<i32> {
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(arr));
+        outln!("{}", serde_json::Value::Array(arr));
     } else if list.is_empty() {
-        eprintln!("flip: {} has no releases", target.display());
+        note!("flip: {} has no releases", target.display());
     } else {
-        println!(
+        outln!(
             "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  LABEL",
-            "ID", "CURRENT", "CREATED", "FILES", "BYTES"
+            "ID",
+            "CURRENT",
+            "CREATED",
+            "FILES",
+            "BYTES"
         );
         for r in list {
-            println!(
+            outln!(
                 "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  {}",
                 r.id,
                 if r.current { "*" } else { "" },
@@ -630,22 +720,36 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<i32> {
     Ok(exit::OK)
 }
 
+/// The answer of `rollback` and `activate` on one target: `current` moved from `previous` to
+/// `id` (a rollback to a newer release is called an activation), or `id` was live already
+/// (both commands alike: exit 0, nothing changed). JSON: `{"target", "release", "previous",
+/// "changed"}`.
 fn switched(target: &Target, json: bool, verb: &str, id: u64, previous: Option<u64>) {
+    let changed = previous != Some(id);
     if json {
-        println!(
+        outln!(
             "{}",
-            json!({"target": target.display(), "release": id, "previous": previous})
+            json!({"target": target.display(), "release": id, "previous": previous, "changed": changed})
+        );
+    } else if !changed {
+        note!(
+            "flip: release {id} of {} is already live; nothing changed",
+            target.display()
         );
     } else {
+        let verb = match previous {
+            Some(p) if verb == "rolled back" && id > p => "activated",
+            _ => verb,
+        };
         let was = previous.map(|p| format!(" (was {p})")).unwrap_or_default();
-        eprintln!(
+        note!(
             "flip: {verb} {}: current -> releases/{id}{was}",
             target.display()
         );
     }
 }
 
-fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<i32> {
+fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     if let Some(env) = env {
         if a.to.is_some() {
@@ -659,7 +763,7 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<i32> {
             &command_options(&a.common),
             &SwitchPlan::Rollback,
             Purpose::Rollback,
-            &render::Progress::lines(&targets),
+            &progress::Progress::lines(&targets),
         );
         return Ok(render::switch(&env.env, "rolled back", out, a.common.json));
     }
@@ -674,7 +778,7 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<i32> {
     Ok(exit::OK)
 }
 
-fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<i32> {
+fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     let id = a.id.parse::<u64>();
     if let Some(env) = env {
@@ -687,7 +791,7 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<i32> {
             &command_options(&a.common),
             &plan,
             Purpose::Activate,
-            &render::Progress::lines(&targets),
+            &progress::Progress::lines(&targets),
         );
         return Ok(render::switch(&env.env, "activated", out, a.common.json));
     }
@@ -707,7 +811,7 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<i32> {
     Ok(exit::OK)
 }
 
-fn prune(a: cli::PruneArgs, cfg: Option<&Config>) -> Result<i32> {
+fn prune(a: cli::PruneArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     let keep = a
         .keep
@@ -724,9 +828,9 @@ fn prune(a: cli::PruneArgs, cfg: Option<&Config>) -> Result<i32> {
             s.close()?;
             if !a.common.json {
                 if removed.is_empty() {
-                    eprintln!("flip: nothing to prune in {}", target.display());
+                    note!("flip: nothing to prune in {}", target.display());
                 } else {
-                    eprintln!(
+                    note!(
                         "flip: pruned {}: removed releases {:?}",
                         target.display(),
                         removed
@@ -734,7 +838,7 @@ fn prune(a: cli::PruneArgs, cfg: Option<&Config>) -> Result<i32> {
                 }
             }
             Ok(json!({
-                "target": target.display(), "removed": removed,
+                "target": target.display(), "pruned": removed,
                 "leftovers": leftovers, "warnings": warnings,
             }))
         })();
@@ -749,14 +853,14 @@ fn prune(a: cli::PruneArgs, cfg: Option<&Config>) -> Result<i32> {
     }
     if a.common.json {
         match env {
-            Some(_) => println!("{}", json!({"hosts": hosts})),
-            None => println!("{}", hosts[0]),
+            Some(_) => outln!("{}", json!({"hosts": hosts})),
+            None => outln!("{}", hosts[0]),
         }
     }
     Ok(code)
 }
 
-fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
+fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     let ssh = ssh_only(&a.ssh);
     let mut hosts = Vec::new();
@@ -772,7 +876,7 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
             Ok((id, problems)) => {
                 if !a.json {
                     if problems.is_empty() {
-                        eprintln!(
+                        note!(
                             "flip: release {id} of {} matches its manifest",
                             target.display()
                         );
@@ -805,14 +909,14 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
     }
     if a.json {
         match env {
-            Some(_) => println!("{}", json!({"hosts": hosts})),
-            None => println!("{}", hosts[0]),
+            Some(_) => outln!("{}", json!({"hosts": hosts})),
+            None => outln!("{}", hosts[0]),
         }
     }
     Ok(code)
 }
 
-fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
+fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<Code> {
     let Some(c) = cfg else {
         return Err(exit::coded(
             exit::USAGE,
@@ -828,7 +932,7 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
         .as_ref()
         .map(|(p, from)| (p.display().to_string(), *from));
     if a.json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "config": c.path.display().to_string(),
@@ -855,15 +959,15 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
             })
         );
     } else {
-        println!("# {} [env.{}]", c.path.display(), r.env);
-        println!("targets = {:?}", r.targets);
+        outln!("# {} [env.{}]", c.path.display(), r.env);
+        outln!("targets = {:?}", r.targets);
         match &source {
-            Some((s, from)) => println!("source = {s:?}  # {from}"),
-            None => println!("# source: not set"),
+            Some((s, from)) => outln!("source = {s:?}  # {from}"),
+            None => outln!("# source: not set"),
         }
-        println!("exclude = {:?}  # {}", r.exclude.0, r.exclude.1);
-        println!("keep = {}  # {}", r.keep.0, r.keep.1);
-        println!(
+        outln!("exclude = {:?}  # {}", r.exclude.0, r.exclude.1);
+        outln!("keep = {}  # {}", r.keep.0, r.keep.1);
+        outln!(
             "parallel = {}  # {}{}",
             r.parallel.0,
             r.parallel.1,
@@ -874,25 +978,25 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
             }
         );
         match r.compress_level.0 {
-            Some(l) => println!("compress_level = {l}  # {}", r.compress_level.1),
-            None => println!("# compress_level: default (3 over SSH, off locally)"),
+            Some(l) => outln!("compress_level = {l}  # {}", r.compress_level.1),
+            None => outln!("# compress_level: default (3 over SSH, off locally)"),
         }
-        println!("shared_dirs = {:?}  # {}", r.shared_dirs.0, r.shared_dirs.1);
-        println!(
+        outln!("shared_dirs = {:?}  # {}", r.shared_dirs.0, r.shared_dirs.1);
+        outln!(
             "shared_files = {:?}  # {}",
             r.shared_files.0, r.shared_files.1
         );
-        println!(
+        outln!(
             "writable_dirs = {:?}  # {}",
             r.writable_dirs.0, r.writable_dirs.1
         );
-        println!(
+        outln!(
             "writable_mode = {:?}  # {}",
             r.writable_mode.0, r.writable_mode.1
         );
         match &r.writable_owner.0 {
-            Some(o) => println!("writable_owner = {o:?}  # {}", r.writable_owner.1),
-            None => println!("# writable_owner: not set (the deploy user)"),
+            Some(o) => outln!("writable_owner = {o:?}  # {}", r.writable_owner.1),
+            None => outln!("# writable_owner: not set (the deploy user)"),
         }
     }
     Ok(exit::OK)

@@ -3,6 +3,71 @@
 
 use flip_plan::report::{Change, Counts, Item, Kind};
 use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicBool, AtomicI8, Ordering};
+
+/// How much flip says on stderr: -1 `-q` (errors only), 0 default, 1 `-v`, 2 `-vv`.
+static VERBOSITY: AtomicI8 = AtomicI8::new(0);
+/// Set once a write to stdout failed: the rest of the output is dropped.
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Sets the verbosity from `-q` and the number of `-v`.
+pub fn set_verbosity(quiet: bool, verbose: u8) {
+    let v = if quiet { -1 } else { verbose.min(2) as i8 };
+    VERBOSITY.store(v, Ordering::Relaxed);
+}
+
+/// -1 with `-q`, 0 by default, 1 with `-v`, 2 with `-vv`.
+pub fn verbosity() -> i8 {
+    VERBOSITY.load(Ordering::Relaxed)
+}
+
+/// `-q`: only errors go to stderr.
+pub fn quiet() -> bool {
+    verbosity() < 0
+}
+
+/// Writes to stdout (use [`outln!`] and [`out!`]). A stdout the reader closed (`flip releases
+/// T | head -1`) is no error and no panic: the rest of the output is dropped and the command
+/// ends with its own exit code; another write error is said once on stderr.
+pub fn write_out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args) {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("flip: error: cannot write to stdout: {e}");
+        }
+    }
+}
+
+/// `println!` that survives a closed stdout: see [`write_out`].
+macro_rules! outln {
+    () => {
+        $crate::output::write_out(format_args!("\n"))
+    };
+    ($($t:tt)*) => {
+        $crate::output::write_out(format_args!("{}\n", format_args!($($t)*)))
+    };
+}
+
+/// `print!` that survives a closed stdout: see [`write_out`].
+macro_rules! out {
+    ($($t:tt)*) => {
+        $crate::output::write_out(format_args!($($t)*))
+    };
+}
+
+/// A line on stderr that is not an error (a summary, a note, a warning): left out with `-q`.
+macro_rules! note {
+    ($($t:tt)*) => {
+        if !$crate::output::quiet() {
+            eprintln!($($t)*)
+        }
+    };
+}
 
 /// One itemized line (the format is documented in README.md, "Itemized changes"):
 /// `OP KIND PATH[ -> TARGET][ (DETAILS)]`, OP one of `+` created, `~` content changed, `m` mode
@@ -186,10 +251,8 @@ pub fn counts_text(c: &Counts) -> String {
 
 /// Prints one itemized line per item on stdout.
 pub fn print_items(items: &[Item]) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
     for it in items {
-        let _ = writeln!(out, "{}", item_line(it));
+        outln!("{}", item_line(it));
     }
 }
 

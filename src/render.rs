@@ -1,84 +1,13 @@
-//! Renders the pipeline's reports: progress lines while a deploy runs (stderr, only when it is a
-//! terminal), the human summary (stderr) and `--json` (stdout).
+//! Renders the pipeline's reports: the human summary (stderr) and `--json` (stdout). Progress
+//! lines while a deploy runs are `progress.rs`'s.
 
-use crate::{error_text, exit, output};
-use flip_deploy::{Deployment, Events, HostOutcome, HostReport, HostState, Phase, Target};
+use crate::exit::{self, Code};
+use crate::{error_text, output};
+use flip_deploy::{Deployment, HostOutcome, HostReport, HostState, Target};
 use serde_json::{json, Map, Value};
-use std::io::IsTerminal;
-use std::sync::Arc;
-
-/// One progress line per target on stderr when it is a terminal; nothing otherwise.
-pub struct Progress {
-    bars: Option<(indicatif::MultiProgress, Vec<indicatif::ProgressBar>)>,
-    names: Vec<String>,
-}
-
-impl Progress {
-    pub fn new(targets: &[Target]) -> Arc<Progress> {
-        let names: Vec<String> = targets.iter().map(Target::display).collect();
-        let bars = std::io::stderr().is_terminal().then(|| {
-            let multi =
-                indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr());
-            let width = names.iter().map(String::len).max().unwrap_or(0);
-            let style = indicatif::ProgressStyle::with_template(&format!(
-                "{{spinner}} {{prefix:<{width}}}  {{msg}}"
-            ))
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
-            let bars = names
-                .iter()
-                .map(|n| {
-                    let b = multi.add(indicatif::ProgressBar::new_spinner());
-                    b.set_style(style.clone());
-                    b.set_prefix(n.clone());
-                    b.set_message("waiting");
-                    b.enable_steady_tick(std::time::Duration::from_millis(120));
-                    b
-                })
-                .collect();
-            (multi, bars)
-        });
-        Arc::new(Progress { bars, names })
-    }
-
-    /// No progress lines: only the "locked by ...; waiting" lines (rollback and activate of an
-    /// environment).
-    pub fn lines(targets: &[Target]) -> Progress {
-        Progress {
-            bars: None,
-            names: targets.iter().map(Target::display).collect(),
-        }
-    }
-
-    /// Leaves every line as it ended.
-    pub fn done(&self) {
-        if let Some((_, bars)) = &self.bars {
-            for b in bars {
-                b.finish();
-            }
-        }
-    }
-}
-
-impl Events for Progress {
-    fn phase(&self, host: usize, phase: Phase) {
-        if let Some(b) = self.bars.as_ref().and_then(|(_, b)| b.get(host)) {
-            b.set_message(phase.as_str());
-        }
-    }
-
-    fn waiting(&self, host: usize, holder: &str) {
-        let name = self.names.get(host).map(String::as_str).unwrap_or("?");
-        // The holder is what the lock file says: whoever holds the lock wrote it.
-        let holder = output::printable(holder);
-        match self.bars.as_ref().and_then(|(_, b)| b.get(host)) {
-            Some(b) => b.set_message(format!("locked by {holder}; waiting")),
-            None => eprintln!("flip: {name} is locked by {holder}; waiting"),
-        }
-    }
-}
 
 pub fn leftover_line(path: &str, error: &str) {
-    eprintln!(
+    note!(
         "flip: warning: cannot remove {}: {} (left over; removed at the next cleanup once that is possible)",
         output::printable(path),
         output::printable(error)
@@ -89,7 +18,7 @@ pub fn leftover_line(path: &str, error: &str) {
 /// the failure, a damaged release it skipped, ...
 fn failure_notices(h: &HostOutcome) {
     for w in &h.warnings {
-        eprintln!("flip: warning: {}", output::printable(w));
+        note!("flip: warning: {}", output::printable(w));
     }
     for l in &h.leftovers {
         leftover_line(&l.path, &l.error);
@@ -111,7 +40,7 @@ fn report_json(r: &HostReport, itemize: bool) -> Map<String, Value> {
 /// The human lines of one target's deploy (stderr; itemized paths on stdout).
 fn report_text(r: &HostReport, state: HostState, itemize: bool) {
     for w in &r.warnings {
-        eprintln!("flip: warning: {}", output::printable(w));
+        note!("flip: warning: {}", output::printable(w));
     }
     for l in &r.leftovers {
         leftover_line(&l.path, &l.error);
@@ -132,9 +61,10 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
         .map(|l| format!(" ({l})"))
         .unwrap_or_default();
     if r.unchanged {
-        eprintln!(
+        note!(
             "flip: {}: unchanged, release {} is live",
-            r.target, r.release
+            r.target,
+            r.release
         );
         return;
     }
@@ -145,7 +75,7 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
         HostState::SwitchedBack => "activated, then switched back from",
         HostState::Failed | HostState::Unchanged => "failed",
     };
-    eprintln!(
+    note!(
         "flip: {verb} release {} to {}{label}: {}; sent {}, received {} in {:.2} s",
         r.release,
         r.target,
@@ -155,7 +85,7 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
         r.duration_ms as f64 / 1000.0
     );
     if r.counts.files.resent > 0 {
-        eprintln!(
+        note!(
             "flip: {} file(s) the plan meant to reuse from the target were missing or altered there and were sent instead{}",
             r.counts.files.resent,
             if itemize { " (marked above)" } else { " (--itemize names them)" }
@@ -164,7 +94,7 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
 }
 
 /// `flip deploy SRC TARGET`: today's object (or the error, as every command reports one).
-pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<i32> {
+pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<Code> {
     let h = d.hosts.remove(0);
     failure_notices(&h);
     if let Some(e) = h.error {
@@ -172,9 +102,9 @@ pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<i3
     }
     let r = h.report.expect("a target that did not fail has a report");
     if json {
-        println!("{}", Value::Object(report_json(&r, itemize)));
+        outln!("{}", Value::Object(report_json(&r, itemize)));
         for w in &r.warnings {
-            eprintln!("flip: warning: {}", output::printable(w));
+            note!("flip: warning: {}", output::printable(w));
         }
         for l in &r.leftovers {
             leftover_line(&l.path, &l.error);
@@ -192,13 +122,16 @@ pub fn host_error(target: &str, message: &str, after: &str) {
     host_line(target, "error", message, after);
 }
 
-/// `flip: TARGET: KIND: MESSAGE`, the target left out when the message names it already.
+/// `flip: TARGET: KIND: MESSAGE`, the target (or its path) left out when the message names it
+/// already ([`flip_transfer::peer_prefix`]).
 fn host_line(target: &str, kind: &str, message: &str, after: &str) {
     let message = output::printable(message);
-    if message.contains(target) {
-        eprintln!("flip: {kind}: {message}{after}");
-    } else {
-        eprintln!("flip: {target}: {kind}: {message}{after}");
+    if kind != "error" && output::quiet() {
+        return;
+    }
+    match flip_transfer::peer_prefix(target, &message) {
+        None => eprintln!("flip: {kind}: {message}{after}"),
+        Some(prefix) => eprintln!("flip: {prefix}: {kind}: {message}{after}"),
     }
 }
 
@@ -206,7 +139,7 @@ fn host_line(target: &str, kind: &str, message: &str, after: &str) {
 pub fn failed_host(target: &str, e: &anyhow::Error) -> Value {
     json!({
         "target": target, "state": "failed",
-        "error": {"code": exit::code_of(e), "message": error_text(e)},
+        "error": {"code": exit::code_of(e.as_ref()), "message": error_text(e)},
     })
 }
 
@@ -226,7 +159,7 @@ fn host_json(h: &HostOutcome, itemize: bool) -> Value {
     if let Some(e) = &h.error {
         o.insert(
             "error".into(),
-            json!({"code": exit::deploy_code(e), "message": e.to_string()}),
+            json!({"code": exit::code_of(e), "message": e.to_string()}),
         );
     }
     Value::Object(o)
@@ -234,7 +167,7 @@ fn host_json(h: &HostOutcome, itemize: bool) -> Value {
 
 /// `flip deploy ENV`: one line (or object) per target, then the summary. Exit 0 only when every
 /// target is live on the new release; else [`exit::PARTIAL`].
-pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 {
+pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> Code {
     let live = d
         .hosts
         .iter()
@@ -254,7 +187,7 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 
                 d.hosts.iter().all(|h| h.state == HostState::Unchanged),
             "duration_ms": d.duration_ms,
         });
-        println!("{}", json!({"hosts": hosts, "summary": summary}));
+        outln!("{}", json!({"hosts": hosts, "summary": summary}));
     } else {
         for h in &d.hosts {
             failure_notices(h);
@@ -269,7 +202,7 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 
                 format!("release {id} live")
             });
             if h.state != HostState::Live && h.state != HostState::Unchanged {
-                eprintln!("flip: {}: {} ({on})", h.target, state_text(h.state));
+                note!("flip: {}: {} ({on})", h.target, state_text(h.state));
             }
         }
         let label = d
@@ -278,13 +211,13 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 
             .map(|l| format!(" {l}"))
             .unwrap_or_default();
         if d.all_live() {
-            eprintln!(
+            note!(
                 "flip: {env}{label}: live on all {} targets in {:.2} s",
                 d.hosts.len(),
                 d.duration_ms as f64 / 1000.0
             );
         } else if d.succeeded() {
-            eprintln!(
+            note!(
                 "flip: {env}{label}: staged on all {} targets, not live (`flip activate {env} LABEL` makes them live)",
                 d.hosts.len()
             );
@@ -332,20 +265,20 @@ pub fn release_table(
                 json!({"label": r.label, "created": output::iso_time(r.created), "releases": releases})
             })
             .collect();
-        println!("{}", Value::Array(arr));
+        outln!("{}", Value::Array(arr));
         return;
     }
     if rows.is_empty() {
-        eprintln!("flip: {env}: no releases on any target");
+        note!("flip: {env}: no releases on any target");
         return;
     }
-    print!("{:<20}  {:<20}", "LABEL", "CREATED");
+    out!("{:<20}  {:<20}", "LABEL", "CREATED");
     for n in &names {
-        print!("  {n}");
+        out!("  {n}");
     }
-    println!();
+    outln!();
     for r in &rows {
-        print!(
+        out!(
             "{:<20}  {:<20}",
             output::escape(r.label.as_deref().unwrap_or("-")),
             output::iso_time(r.created)
@@ -355,14 +288,14 @@ pub fn release_table(
                 Some(id) => format!("{id}{}", if *live { "*" } else { "" }),
                 None => "-".into(),
             };
-            print!("  {cell:<w$}", w = n.len());
+            out!("  {cell:<w$}", w = n.len());
         }
-        println!();
+        outln!();
     }
 }
 
 /// `flip rollback ENV` / `flip activate ENV ID`: a line (or object) per target.
-pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json: bool) -> i32 {
+pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json: bool) -> Code {
     let ok = out.iter().all(|o| o.error.is_none());
     if json {
         let hosts: Vec<Value> = out
@@ -372,13 +305,13 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
                 if let (Some(e), Value::Object(m)) = (&o.error, &mut v) {
                     m.insert(
                         "error".into(),
-                        json!({"code": exit::deploy_code(e), "message": e.to_string()}),
+                        json!({"code": exit::code_of(e), "message": e.to_string()}),
                     );
                 }
                 v
             })
             .collect();
-        println!(
+        outln!(
             "{}",
             json!({"hosts": hosts, "summary": {"env": env, "ok": ok, "targets": out.len()}})
         );
@@ -391,7 +324,11 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
                 leftover_line(&l.path, &l.error);
             }
             match (&o.error, o.release) {
-                (None, Some(id)) => eprintln!(
+                (None, Some(id)) if o.previous == Some(id) => note!(
+                    "flip: release {id} of {} is already live; nothing changed",
+                    o.target
+                ),
+                (None, Some(id)) => note!(
                     "flip: {verb} {}: current -> releases/{id}{}{}",
                     o.target,
                     o.label
@@ -420,7 +357,7 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
     }
     // One target: its own exit code, as for a target given on the command line.
     match out.as_slice() {
-        [only] => only.error.as_ref().map_or(exit::OK, exit::deploy_code),
+        [only] => only.error.as_ref().map_or(exit::OK, |e| exit::code_of(e)),
         _ => exit::PARTIAL,
     }
 }

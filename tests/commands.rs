@@ -72,12 +72,12 @@ fn rollback_and_activate() {
 }
 
 #[test]
-fn rollback_to_the_live_release_is_a_target_error() {
+fn rollback_to_the_live_release_changes_nothing_as_activate() {
     let fx = Fx::new();
     two_releases(&fx);
     fx.flip(&["rollback", "--to", "2", fx.root_str()])
-        .code(5)
-        .stderr_has("already live");
+        .success()
+        .stderr_has("already live; nothing changed");
     assert_eq!(fx.current_link(), "releases/2");
 }
 
@@ -159,7 +159,7 @@ fn prune_never_removes_the_live_release_or_the_rollback_target() {
         .flip(&["prune", "--json", "--keep", "1", root])
         .success()
         .json();
-    assert_eq!(j["removed"], serde_json::json!([3]));
+    assert_eq!(j["pruned"], serde_json::json!([3]));
     assert_eq!(fx.release_ids(), vec![1, 2, 4]);
     assert_eq!(fx.current_link(), "releases/2");
     assert_dir_eq(&fx.release(1), &r1, "rollback target after prune");
@@ -171,7 +171,7 @@ fn prune_never_removes_the_live_release_or_the_rollback_target() {
         .flip(&["prune", "--json", "--keep", "0", root])
         .success()
         .json();
-    assert_eq!(j["removed"], serde_json::json!([4]));
+    assert_eq!(j["pruned"], serde_json::json!([4]));
     assert_eq!(fx.release_ids(), vec![1, 2]);
     assert_eq!(fx.listed(), vec![(1, false), (2, true)]);
     fx.flip(&["rollback", root]).success();
@@ -217,7 +217,7 @@ fn ids_are_never_reused_after_pruning_the_newest_releases() {
         .flip(&["prune", "--json", "--keep", "0", root])
         .success()
         .json();
-    assert_eq!(j["removed"], serde_json::json!([2, 3]));
+    assert_eq!(j["pruned"], serde_json::json!([2, 3]));
     assert_eq!(fx.release_ids(), vec![1]);
     let j = deploy_tag(&fx, "d", &[]);
     assert_eq!(num(&j, "/release"), 4);

@@ -106,6 +106,8 @@ impl OldServer {
             boxed.path().file_name().unwrap().to_str().unwrap()
         );
         fs::create_dir(boxed.path().join("home")).unwrap();
+        // The target's parent: a deploy creates only the target directory itself.
+        fs::create_dir(boxed.path().join("srv")).unwrap();
         let wire = fx.path("wire");
         fs::create_dir(&wire).unwrap();
         let wrapper = fx.path("ssh-chroot");

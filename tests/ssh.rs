@@ -101,7 +101,7 @@ fn deploy_redeploy_rollback_and_friends_over_ssh() {
         .success()
         .json();
     // Release 1 is the rollback target: kept.
-    assert_eq!(j["removed"], serde_json::json!([]));
+    assert_eq!(j["pruned"], serde_json::json!([]));
     w.flip(&["rollback", &url, "--to", "9"])
         .code(5)
         .stderr_has("release 9 does not exist");
@@ -355,4 +355,56 @@ fn a_passphrase_protected_key_without_an_agent_is_refused_clearly() {
     .code(9)
     .stderr_has("passphrase");
     assert!(!w.fx.root.exists());
+}
+
+#[test]
+fn over_ssh_an_error_names_the_path_once_and_mkpath_reaches_the_agent() {
+    let w = World::new();
+    let src = w.fx.src("src");
+    site_v1(&src);
+    let url_of =
+        |p: &std::path::Path| format!("ssh://root@127.0.0.1:{}{}", w.sshd.port(), p.display());
+    let afile = w.fx.path("afile");
+    fs::write(&afile, "x").unwrap();
+    let r = w.flip(&["deploy", src.s(), &url_of(&afile)]).code(5);
+    assert_eq!(
+        r.stderr,
+        format!(
+            "flip: error: root@127.0.0.1: {} is not a directory\n",
+            afile.display()
+        )
+    );
+    // The same target in an environment: its line names host and path once too.
+    fs::write(
+        w.fx.path("flip.toml"),
+        format!(
+            "source = {:?}\n[env.prod]\ntargets = [{:?}]\n",
+            src.s(),
+            url_of(&afile)
+        ),
+    )
+    .unwrap();
+    let r = w.flip(&["deploy", "prod"]).code(10);
+    let line = format!(
+        "flip: error: root@127.0.0.1: {} is not a directory",
+        afile.display()
+    );
+    assert!(r.stderr.lines().any(|l| l == line), "{}", r.stderr);
+    fs::remove_file(w.fx.path("flip.toml")).unwrap();
+    // A new target two levels below what exists: refused unless --mkpath, which the agent on
+    // the server gets.
+    let deep = w.fx.path("srv/app/site");
+    let r = w.flip(&["deploy", src.s(), &url_of(&deep)]).code(5);
+    assert!(
+        r.stderr.contains("(--mkpath creates missing parents)"),
+        "{}",
+        r.stderr
+    );
+    assert!(!w.fx.path("srv").exists());
+    w.flip(&["deploy", "--mkpath", src.s(), &url_of(&deep)])
+        .success();
+    assert_eq!(
+        fs::read_link(deep.join("current")).unwrap().to_str(),
+        Some("releases/1")
+    );
 }

@@ -130,6 +130,9 @@ struct Session {
     discardable: Option<u64>,
     /// The shared-path settings of this deploy and what `shared/` held ([`Request::Shared`]).
     shared: Option<shared::Settings>,
+    /// A deploy may create the root's missing parents too (`flip agent --mkpath`); otherwise
+    /// only the root itself, when its parent exists.
+    mkpath: bool,
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -137,6 +140,16 @@ pub fn serve(
     input: Box<dyn Read + Send>,
     output: Box<dyn Write + Send>,
     root: &Path,
+) -> Result<()> {
+    serve_with(input, output, root, false)
+}
+
+/// [`serve`]; with `mkpath`, a deploy creates the root's missing parent directories too.
+pub fn serve_with(
+    input: Box<dyn Read + Send>,
+    output: Box<dyn Write + Send>,
+    root: &Path,
+    mkpath: bool,
 ) -> Result<()> {
     let mut rx = FrameReader::new(input);
     let mut tx = FrameWriter::new(output);
@@ -153,6 +166,7 @@ pub fn serve(
         committed: false,
         discardable: None,
         shared: None,
+        mkpath,
     };
     let r = s.run(&mut rx, &mut tx);
     // Teardown, on every path: the staging directory goes first, then a target this session
@@ -192,16 +206,18 @@ pub fn serve(
 /// nothing (and reads nothing the agent must write) for that long is given up on: the session
 /// ends as if it had failed (staging removed, lock released) with an error for which
 /// [`AgentError::is_idle_timeout`] holds.
-pub fn serve_stdio(root: &Path, idle: Option<Duration>) -> Result<()> {
+/// With `mkpath`, a deploy creates the root's missing parent directories too.
+pub fn serve_stdio(root: &Path, idle: Option<Duration>, mkpath: bool) -> Result<()> {
     use std::os::fd::FromRawFd;
     flip_release::fault_scope(root);
     // SAFETY: fds 0 and 1 are open for the whole life of the agent and owned by nothing else.
     let (input, output) = unsafe { (std::fs::File::from_raw_fd(0), std::fs::File::from_raw_fd(1)) };
     std::thread::spawn(watch_client);
-    serve(
+    serve_with(
         Box::new(Idle { file: input, idle }),
         Box::new(Idle { file: output, idle }),
         root,
+        mkpath,
     )
 }
 
@@ -412,7 +428,7 @@ impl Session {
             return Ok(r);
         }
         let root = if create {
-            let (root, created) = Root::open_or_init_tracked(&self.root_path)?;
+            let (root, created) = Root::open_or_init_tracked(&self.root_path, self.mkpath)?;
             self.created = created;
             root
         } else {
@@ -599,9 +615,7 @@ impl Session {
                     }
                     None => root.rollback_target(current)?,
                 };
-                if target == current {
-                    return Err(RelError::AlreadyLive(target).into());
-                }
+                // `--to` the live release answers as `activate` of it does: it stays live.
                 let previous = root.activate(lock, target)?;
                 self.log(serde_json::json!({
                     "time": now(), "event": "rollback", "release": target, "previous": previous,

@@ -84,6 +84,9 @@ pub struct Options {
     pub force_release: bool,
     /// Targets worked on at once in phase 1; 0 = all.
     pub parallel: usize,
+    /// A deploy creates the target's missing parent directories too (`--mkpath`); otherwise
+    /// only the target directory itself, when its parent exists.
+    pub mkpath: bool,
     pub ssh: SshSettings,
     /// Shared paths and writable directories (`shared_dirs`, `shared_files`, `writable_dirs`,
     /// `writable_mode`); empty: none, and the agent is not asked about them.
@@ -99,6 +102,13 @@ pub trait Events: Send + Sync {
     fn phase(&self, _host: usize, _phase: Phase) {}
     /// Target `host` is locked by `holder`; the deploy waits (`Options::wait`).
     fn waiting(&self, _host: usize, _holder: &str) {}
+    /// The scan of the source starts; `meter` counts the files it looks at as it goes (read it
+    /// on your own schedule: the scan only adds to atomics).
+    fn scanning(&self, _meter: &flip_scan::ScanMeter) {}
+    /// The scan of the source ended (done or failed).
+    fn scanned(&self) {}
+    /// Target `host` starts staging; `meter` counts the file content it sends as it goes.
+    fn sending(&self, _host: usize, _meter: &flip_transfer::SendMeter) {}
 }
 
 /// No progress reporting.
@@ -228,7 +238,8 @@ pub struct HostOutcome {
 pub struct Deployment {
     pub label: Option<String>,
     pub hosts: Vec<HostOutcome>,
-    /// The scan's warnings (files skipped, a cache that could not be used).
+    /// The client's warnings: the scan's (files skipped, a cache that could not be used) and
+    /// the local caches' (a manifest or content that could not be kept).
     pub scan_warnings: Vec<String>,
     pub duration_ms: u64,
 }
@@ -272,11 +283,16 @@ pub fn deploy(
     // connections opened while the source is scanned, once for all of them.
     let scanned = Arc::new(Shared::new());
     let workers = phase1(o, &source, targets, &caches, &scanned, events.clone());
-    let scan = scan_source(&source, o).inspect_err(|_| workers.abandon_after(&scanned))?;
+    let meter = flip_scan::ScanMeter::default();
+    events.scanning(&meter);
+    let scan = scan_source(&source, o, meter);
+    events.scanned();
+    let scan = scan.inspect_err(|_| workers.abandon_after(&scanned))?;
     let scan = Arc::new(scan);
     scanned.set(Some(scan.clone()));
     let mut hosts = workers.join();
     // Phase 2, every lock still held: all live together, or none.
+    let mut warnings = scan.warnings.clone();
     let mut states = if hosts.iter().any(|h| h.is_err()) {
         abort(&mut hosts, &events)
     } else {
@@ -286,7 +302,7 @@ pub fn deploy(
             .map(|h| h.manifest.as_deref().unwrap_or(&scan.manifest))
             .collect();
         manifests.dedup_by(|a, b| a.digest() == b.digest());
-        caches.remember(&manifests);
+        warnings.extend(caches.remember(&manifests));
         match o.activate {
             true => activate_all(&mut hosts, targets, o, &events),
             false => vec![HostState::Staged; hosts.len()],
@@ -301,7 +317,7 @@ pub fn deploy(
     Ok(Deployment {
         label: o.label.clone(),
         hosts: finish(hosts, &mut states, targets, o),
-        scan_warnings: scan.warnings.clone(),
+        scan_warnings: warnings,
         duration_ms: started.elapsed().as_millis() as u64,
     })
 }
@@ -425,7 +441,11 @@ fn check_shared_source(source: &Path, shared: &SharedPaths) -> Result<(), Deploy
     Ok(())
 }
 
-fn scan_source(source: &Path, o: &Options) -> Result<flip_scan::ScanOutput, DeployError> {
+fn scan_source(
+    source: &Path,
+    o: &Options,
+    meter: flip_scan::ScanMeter,
+) -> Result<flip_scan::ScanOutput, DeployError> {
     let hash_cache = o.cache_dir.as_ref().map(|d| {
         let key = blake3::hash(source.as_os_str().as_encoded_bytes()).to_hex();
         d.join("hashes").join(&key[..32])
@@ -439,6 +459,7 @@ fn scan_source(source: &Path, o: &Options) -> Result<flip_scan::ScanOutput, Depl
             excludes: o.excludes.clone(),
             use_flipignore: o.flipignore,
             hash_cache,
+            meter,
         },
     )?;
     release_free_memory();
@@ -473,16 +494,19 @@ impl Caches {
         self.content.as_ref()
     }
 
-    /// Keeps `m` (the next deploy sends only its difference) and the content sent.
-    fn remember(&self, ms: &[&Manifest]) {
+    /// Keeps the manifests deployed (the next deploy sends only their difference) and the
+    /// content sent; returns what could not be kept, as warnings.
+    fn remember(&self, ms: &[&Manifest]) -> Vec<String> {
+        let mut warnings = Vec::new();
         for m in ms {
             if let Some(Err(e)) = self.manifests.as_ref().map(|c| c.put(m)) {
-                eprintln!("flip: warning: cannot cache the manifest: {e}");
+                warnings.push(format!("cannot cache the manifest: {e}"));
             }
         }
         if let Some(Err(e)) = self.content.as_ref().map(|c| c.finish()) {
-            eprintln!("flip: warning: cannot keep deployed content in the cache: {e}");
+            warnings.push(format!("cannot keep deployed content in the cache: {e}"));
         }
+        warnings
     }
 }
 
@@ -648,6 +672,7 @@ fn prepare(
     host.skipped = failed.load(Ordering::SeqCst) && !host.unchanged;
     if !host.unchanged && !host.skipped {
         events.phase(index, Phase::Staging);
+        events.sending(index, &host.session.meter());
         host.stage_send_commit(source, staged, live, caches, o)?;
         if let Some(a) = &applied {
             host.seeded = a.seeds.iter().map(|(p, _)| p.to_string()).collect();
@@ -766,7 +791,8 @@ pub fn locked_session(
     purpose: Purpose,
     on_wait: &mut dyn FnMut(&str),
 ) -> Result<Session, DeployError> {
-    let mut s = target.connect(&o.ssh, target.compress_level(o.compress_level))?;
+    let mkpath = o.mkpath && purpose == Purpose::Deploy;
+    let mut s = target.connect_agent(&o.ssh, target.compress_level(o.compress_level), mkpath)?;
     s.lock(holder(purpose), o.wait, on_wait)?;
     Ok(s)
 }

@@ -63,14 +63,28 @@ impl Target {
 
     /// Starts an agent for this target and opens a session with it.
     pub fn connect(&self, ssh: &SshSettings, compress: i32) -> Result<Session, DeployError> {
+        self.connect_agent(ssh, compress, false)
+    }
+
+    /// [`Target::connect`]; with `mkpath`, the agent (`flip agent --mkpath`, locally or on the
+    /// server) may create the root's missing parent directories when a deploy creates the root.
+    pub fn connect_agent(
+        &self,
+        ssh: &SshSettings,
+        compress: i32,
+        mkpath: bool,
+    ) -> Result<Session, DeployError> {
         let exe = std::env::current_exe().map_err(DeployError::Exe)?;
         let mut stream = match self {
             Target::Local(root) => {
-                let args: Vec<OsString> = vec![
+                let mut args: Vec<OsString> = vec![
                     "agent".into(),
                     "--root".into(),
                     root.clone().into_os_string(),
                 ];
+                if mkpath {
+                    args.push("--mkpath".into());
+                }
                 flip_transport::local::spawn(&exe, &args)?
             }
             Target::Ssh(t) => {
@@ -81,7 +95,10 @@ impl Target {
                 opts.remote_flip = ssh.remote_flip.clone();
                 opts.ssh_command = ssh.ssh_command.clone();
                 opts.agent_binary = ssh.agent_binary.clone();
-                let args = vec!["--root".to_string(), t.path.clone()];
+                let mut args = vec!["--root".to_string(), t.path.clone()];
+                if mkpath {
+                    args.push("--mkpath".into());
+                }
                 flip_transport::ssh::connect_agent(t, &opts, &args)?
             }
         };

@@ -42,6 +42,12 @@ pub enum Error {
     Missing(PathBuf),
     #[error("{} is not empty and is not a flip target (no .flip/ inside); deploy into a new or empty directory", .0.display())]
     NotATarget(PathBuf),
+    /// A directory that is not a flip target, where one must exist already (not a deploy).
+    #[error("{} is not a flip target (no .flip/ inside)", .0.display())]
+    NoTarget(PathBuf),
+    /// A deploy would have to create more than the target directory itself.
+    #[error("cannot create the target {}: {} does not exist (--mkpath creates missing parents)", dir.display(), parent.display())]
+    NoParent { dir: PathBuf, parent: PathBuf },
     #[error("target is locked by {holder}; pass --wait to wait for it")]
     Locked { holder: String },
     #[error("release {0} does not exist")]
@@ -98,6 +104,8 @@ impl Error {
             Error::NotADirectory(_)
             | Error::Missing(_)
             | Error::NotATarget(_)
+            | Error::NoTarget(_)
+            | Error::NoParent { .. }
             | Error::NoSuchRelease(_)
             | Error::NothingLive(_)
             | Error::NothingToRollBack { .. }

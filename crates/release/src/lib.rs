@@ -125,20 +125,22 @@ impl Root {
         }
         let root = Root::at(dir);
         if !expect(&root.state_dir(), Kind::Dir)? {
-            return Err(Error::NotATarget(dir.to_path_buf()));
+            return Err(Error::NoTarget(dir.to_path_buf()));
         }
         root.check_layout()?;
         Ok(root)
     }
 
-    /// Opens a target, making a new one when `dir` is missing or empty. A directory that holds
-    /// other things is refused rather than taken over.
+    /// Opens a target, making a new one when `dir` is missing or empty (and its missing parents
+    /// too). A directory that holds other things is refused rather than taken over.
     pub fn open_or_init(dir: &Path) -> Result<Root> {
-        Ok(Self::open_or_init_tracked(dir)?.0)
+        Ok(Self::open_or_init_tracked(dir, true)?.0)
     }
 
-    /// [`Root::open_or_init`], also telling what it created (`None`: the target existed).
-    pub fn open_or_init_tracked(dir: &Path) -> Result<(Root, Option<Created>)> {
+    /// [`Root::open_or_init`], also telling what it created (`None`: the target existed). A
+    /// missing `dir` is created when its parent exists (as rsync does); missing parents only
+    /// when `mkpath`, else [`Error::NoParent`], so a mistyped path is not silently made.
+    pub fn open_or_init_tracked(dir: &Path, mkpath: bool) -> Result<(Root, Option<Created>)> {
         let mut created = Created { dirs: Vec::new() };
         match fs::metadata(dir) {
             Ok(m) if !m.is_dir() => return Err(Error::NotADirectory(dir.to_path_buf())),
@@ -160,6 +162,12 @@ impl Root {
                     .map(Path::to_path_buf)
                     .collect();
                 missing.reverse();
+                if missing.len() > 1 && !mkpath {
+                    return Err(Error::NoParent {
+                        dir: dir.to_path_buf(),
+                        parent: missing[0].clone(),
+                    });
+                }
                 fs::create_dir_all(dir).map_err(io("create", dir))?;
                 created.dirs = missing;
             }

@@ -73,6 +73,32 @@ pub struct ScanOptions {
     pub use_flipignore: bool,
     /// A file to read cached digests from and rewrite afterwards; `None` = no cache.
     pub hash_cache: Option<PathBuf>,
+    /// Counts the files looked at as the scan goes, for progress lines (default: a meter no
+    /// one reads).
+    pub meter: ScanMeter,
+}
+
+/// How far a scan has gone: the regular files looked at (hashed, or found in the hash cache)
+/// and their bytes. Atomics the scan's threads add to and whoever holds a clone reads on its
+/// own schedule (no callback, no lock).
+#[derive(Clone, Debug, Default)]
+pub struct ScanMeter(std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>);
+
+impl ScanMeter {
+    /// Regular files looked at so far.
+    pub fn files(&self) -> u64 {
+        self.0[0].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Their bytes (file sizes).
+    pub fn bytes(&self) -> u64 {
+        self.0[1].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn add(&self, size: u64) {
+        self.0[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0[1].fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Default for ScanOptions {
@@ -81,6 +107,7 @@ impl Default for ScanOptions {
             excludes: Vec::new(),
             use_flipignore: true,
             hash_cache: None,
+            meter: ScanMeter::default(),
         }
     }
 }
@@ -192,7 +219,10 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
     let hashed: Vec<Option<Hashed>> = batches
         .par_iter_mut()
         .flat_map(|b| b.par_iter_mut())
-        .map(|f| hash_one(root, cache.as_ref(), start_ns, f))
+        .map(|f| {
+            opts.meter.add(f.key.size);
+            hash_one(root, cache.as_ref(), start_ns, f)
+        })
         .collect::<Result<_, _>>()?;
     for (f, h) in batches.iter().flatten().zip(&hashed) {
         let Some(h) = h else {

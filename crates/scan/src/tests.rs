@@ -631,3 +631,26 @@ fn bench_100k() {
         );
     }
 }
+
+/// The meter a progress line reads counts every regular file once, with its size, whether it
+/// was hashed or found in the hash cache.
+#[test]
+fn the_scan_meter_counts_each_file_and_its_bytes() {
+    let t = tempfile::tempdir().unwrap();
+    let r = t.path().join("src");
+    write(&r, "a.txt", b"12345");
+    write(&r, "d/b.bin", &[7u8; 10_000]);
+    write(&r, "d/e/empty", b"");
+    symlink("a.txt", r.join("link")).unwrap();
+    let cache = t.path().join("hashes");
+    for round in 0..2 {
+        let opts = ScanOptions {
+            hash_cache: Some(cache.clone()),
+            ..Default::default()
+        };
+        let out = scan_at(&r, &opts, later()).unwrap();
+        assert_eq!(opts.meter.files(), 3, "round {round}");
+        assert_eq!(opts.meter.bytes(), 10_005, "round {round}");
+        assert_eq!(out.stats.files, 3);
+    }
+}

@@ -135,6 +135,7 @@ pub(crate) fn send(
             }
             drop(frames);
             budget.give(taken);
+            s.meter.add_file(tally.size);
             count(report, &tally);
             Ok(())
         });
@@ -145,6 +146,7 @@ pub(crate) fn send(
         result
     })?;
     for job in large {
+        let before = s.meter.done().1;
         let tally = if let Some((basis, digest)) = &job.patch {
             match cache.and_then(|c| c.get(digest)) {
                 Some(old) => stream_patch(s, source, job, basis, digest, &old, cache)?,
@@ -167,6 +169,8 @@ pub(crate) fn send(
             stream_literal(s, source, job, cache)?;
             literal_tally(job)
         };
+        let counted = s.meter.done().1 - before;
+        s.meter.add_file(job.size.saturating_sub(counted));
         count(report, &tally);
     }
     Ok(())
@@ -328,6 +332,7 @@ fn stream_delta(
         sink.total -= 1;
         drop(map);
         off += n;
+        sink.s.meter.add_bytes(n);
         if off >= len {
             break;
         }
@@ -441,12 +446,14 @@ fn stream_literal(
             k.extend_from_slice(&piece);
         }
         if let Some(data) = held.replace(piece) {
+            let n = data.len() as u64;
             s.queue(&Request::Literal {
                 index,
                 mtime,
                 data,
                 last: false,
             })?;
+            s.meter.add_bytes(n);
         }
     }
     if total != job.size || Digest::from(hasher.finalize()) != *job.digest {

@@ -23,6 +23,8 @@ use flip_wire::{
 use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use flip_plan::report::{Changes, Counts, Item, Planned, Sent, Via};
 pub use flip_plan::DELTA_MIN;
@@ -64,11 +66,32 @@ pub type Result<T, E = TransferError> = std::result::Result<T, E>;
 /// `PEER: MESSAGE`, or the message alone when it already names the peer (a local target's
 /// path), so no message names the same path twice.
 fn named_once(peer: &str, message: &str) -> String {
-    if !peer.is_empty() && message.contains(peer) {
-        message.to_string()
-    } else {
-        format!("{peer}: {message}")
+    match peer_prefix(peer, message) {
+        Some(p) => format!("{p}: {message}"),
+        None => message.to_string(),
     }
+}
+
+/// What to put before `message` about `peer` (a target as `Target::display` names it: a local
+/// path, or `[user@]host:path`) so the line names the target, and each path, once: nothing
+/// when the message names the target already (a local target's path in the agent's error),
+/// the `[user@]host` alone when it names the target's path (`web1: /srv/app is not a
+/// directory`), else the whole `peer`.
+pub fn peer_prefix<'p>(peer: &'p str, message: &str) -> Option<&'p str> {
+    if peer.is_empty() || message.contains(peer) {
+        return None;
+    }
+    if !peer.starts_with('/') {
+        for (i, _) in peer.match_indices(':') {
+            let (host, path) = (&peer[..i], &peer[i + 1..]);
+            if path.len() > 1 && message.contains(path) {
+                // Already `host: /path ...` (an error this function prefixed before).
+                let named = message.starts_with(host) && message[host.len()..].starts_with(": ");
+                return (!named).then_some(host);
+            }
+        }
+    }
+    Some(peer)
 }
 
 /// What a deploy did, for the summary and `--json`.
@@ -134,15 +157,77 @@ pub struct Session {
     warnings: Vec<String>,
     /// What the agent last said it could not remove (`None`: it never said).
     leftovers: Option<Vec<Leftover>>,
+    /// How far the content of [`Session::stage`] has gone, for progress lines.
+    meter: SendMeter,
+}
+
+/// How far a session's file content has gone, for progress lines: atomics the sender updates
+/// as it goes (per file, and per piece of a large file) and whoever holds a clone reads on its
+/// own schedule (no callback, no lock).
+#[derive(Clone, Debug, Default)]
+pub struct SendMeter {
+    counts: Arc<MeterCounts>,
+    /// Raw bytes written to the connection (after compression).
+    wire: flip_wire::Counter,
+}
+
+#[derive(Debug, Default)]
+struct MeterCounts {
+    files: AtomicU64,
+    bytes: AtomicU64,
+    done_files: AtomicU64,
+    done_bytes: AtomicU64,
+}
+
+impl SendMeter {
+    /// (files, bytes) of content the stage sends, as file sizes (before delta and compression):
+    /// (0, 0) until the agent said what it needs.
+    pub fn total(&self) -> (u64, u64) {
+        let c = &self.counts;
+        (c.files.load(Relaxed), c.bytes.load(Relaxed))
+    }
+
+    /// (files, bytes) of [`SendMeter::total`] handled so far (sent, or prepared and queued).
+    pub fn done(&self) -> (u64, u64) {
+        let c = &self.counts;
+        (c.done_files.load(Relaxed), c.done_bytes.load(Relaxed))
+    }
+
+    /// Bytes written to the connection so far (compressed), the whole session.
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire.get()
+    }
+
+    fn set_total(&self, files: u64, bytes: u64) {
+        self.counts.files.store(files, Relaxed);
+        self.counts.bytes.store(bytes, Relaxed);
+    }
+
+    /// `n` more bytes of the file being sent.
+    pub(crate) fn add_bytes(&self, n: u64) {
+        self.counts.done_bytes.fetch_add(n, Relaxed);
+    }
+
+    /// One more file done, `rest` of its bytes not yet counted by [`SendMeter::add_bytes`].
+    pub(crate) fn add_file(&self, rest: u64) {
+        self.counts.done_bytes.fetch_add(rest, Relaxed);
+        self.counts.done_files.fetch_add(1, Relaxed);
+    }
 }
 
 impl Session {
     /// Handshake over a fresh stream; `compress` is the zstd level (0 = off,
     /// [`flip_wire::ADAPTIVE`]: chosen from the link, told to the agent as 3).
     pub fn open(stream: AgentStream, compress: i32) -> Result<Session> {
+        let tx = FrameWriter::new(stream.writer);
+        let meter = SendMeter {
+            counts: Arc::default(),
+            wire: tx.counter(),
+        };
         let mut s = Session {
             rx: FrameReader::new(stream.reader),
-            tx: FrameWriter::new(stream.writer),
+            tx,
+            meter,
             handle: Some(stream.handle),
             peer: stream.peer,
             phase: "greeting the agent",
@@ -193,6 +278,11 @@ impl Session {
 
     pub fn peer(&self) -> &str {
         &self.peer
+    }
+
+    /// A handle on how far this session's content has gone (for progress lines).
+    pub fn meter(&self) -> SendMeter {
+        self.meter.clone()
     }
 
     /// (bytes sent, bytes received) on the raw connection so far.
@@ -484,7 +574,9 @@ impl Session {
                 patch,
             });
         }
-        report.matched_bytes = manifest.total_bytes() - jobs.iter().map(|j| j.size).sum::<u64>();
+        let content_bytes = jobs.iter().map(|j| j.size).sum::<u64>();
+        self.meter.set_total(jobs.len() as u64, content_bytes);
+        report.matched_bytes = manifest.total_bytes() - content_bytes;
         self.phase = "fetching delta signatures";
         let sigs = self.signatures(&jobs)?;
         self.phase = "sending file content";
@@ -846,5 +938,41 @@ fn name(r: &Response) -> &'static str {
         Response::LiveIntact { .. } => "LiveIntact",
         Response::SharedState { .. } => "SharedState",
         Response::Findings { .. } => "Findings",
+    }
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::peer_prefix;
+
+    #[test]
+    fn an_error_names_the_target_and_its_path_once() {
+        // A local target named by the agent's message: nothing before it.
+        assert_eq!(
+            peer_prefix("/srv/afile", "/srv/afile is not a directory"),
+            None
+        );
+        // An SSH target whose path the message names: the host alone.
+        assert_eq!(
+            peer_prefix("deploy@web1:/srv/afile", "/srv/afile is not a directory"),
+            Some("deploy@web1")
+        );
+        // ... once only: a message already prefixed so gets nothing more.
+        assert_eq!(
+            peer_prefix(
+                "deploy@web1:/srv/afile",
+                "deploy@web1: /srv/afile is not a directory"
+            ),
+            None
+        );
+        // A message that does not name it: the whole target.
+        assert_eq!(
+            peer_prefix("web1:/srv/app", "the disk is full"),
+            Some("web1:/srv/app")
+        );
+        assert_eq!(
+            peer_prefix("/srv/app", "the disk is full"),
+            Some("/srv/app")
+        );
     }
 }
