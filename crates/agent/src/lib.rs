@@ -36,6 +36,9 @@ pub enum AgentError {
     Wire(#[from] WireError),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A hook could not be started or waited for.
+    #[error("{0}")]
+    Hook(String),
 }
 
 impl AgentError {
@@ -72,6 +75,7 @@ impl AgentError {
             },
             AgentError::Wire(WireError::Io(_)) => ErrorClass::Io,
             AgentError::Wire(_) | AgentError::Protocol(_) => ErrorClass::Protocol,
+            AgentError::Hook(_) => ErrorClass::Io,
         }
     }
 }
@@ -79,6 +83,7 @@ impl AgentError {
 type Result<T, E = AgentError> = std::result::Result<T, E>;
 
 mod apply;
+mod hooks;
 
 use apply::{How, Pool};
 use std::sync::Arc;
@@ -126,6 +131,9 @@ struct Session {
     /// The release this session committed: the only one `Discard` may remove, and only while it
     /// is not live (a multi-host deploy switching back after another target failed).
     discardable: Option<u64>,
+    /// The release live before this session's activation or rollback, once it made one
+    /// (`FLIP_PREVIOUS` of a hook run after the swap).
+    previous_live: Option<Option<u64>>,
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -148,6 +156,7 @@ pub fn serve(
         created: None,
         committed: false,
         discardable: None,
+        previous_live: None,
     };
     let r = s.run(&mut rx, &mut tx);
     // Teardown, on every path: the staging directory goes first, then a target this session
@@ -239,6 +248,7 @@ impl Idle {
         let Some(idle) = self.idle else {
             return Ok(());
         };
+        let idle = hooks::idle_wait(idle);
         let ms = libc::c_int::try_from(idle.as_millis()).unwrap_or(libc::c_int::MAX);
         let mut pfd = libc::pollfd {
             fd: self.file.as_raw_fd(),
@@ -576,6 +586,7 @@ impl Session {
             Request::Activate { id } => {
                 let root = self.root(false)?;
                 let previous = root.activate(self.locked()?, id)?;
+                self.previous_live.get_or_insert(previous);
                 self.log(serde_json::json!({
                     "time": now(), "event": "activate", "release": id, "previous": previous,
                 }));
@@ -598,6 +609,7 @@ impl Session {
                     return Err(RelError::AlreadyLive(target).into());
                 }
                 let previous = root.activate(lock, target)?;
+                self.previous_live.get_or_insert(previous);
                 self.log(serde_json::json!({
                     "time": now(), "event": "rollback", "release": target, "previous": previous,
                 }));
@@ -678,6 +690,44 @@ impl Session {
                 Response::LiveIntact {
                     id: root.live_intact(&digest)?,
                 }
+            }
+            Request::Hook {
+                release,
+                run,
+                timeout_ms,
+                env,
+                wait_ms,
+            } => {
+                let root = self.root(false)?;
+                self.locked()?;
+                let hook = hooks::Hook::checked(run, timeout_ms, env).map_err(RelError::BadRequest)?;
+                // A committed release of this root: its metadata and a real directory.
+                root.info(release)?;
+                let previous = match self.previous_live {
+                    Some(p) => p,
+                    None => root.current()?,
+                };
+                let done = hooks::run(&hook, &root.release_dir(release), release, previous, tx)
+                    .map_err(|e| match e {
+                        hooks::HookError::Client(w) => AgentError::Wire(w),
+                        e => AgentError::Hook(e.to_string()),
+                    })?;
+                // The client's other targets may still run hooks: do not give up on it.
+                hooks::wait_at_least(Duration::from_millis(wait_ms.min(7 * 24 * 3600 * 1000)));
+                if let Response::HookDone {
+                    status,
+                    signal,
+                    timed_out,
+                    duration_ms,
+                } = &done
+                {
+                    self.log(serde_json::json!({
+                        "time": now(), "event": "hook", "release": release,
+                        "run": hook.run, "status": status, "signal": signal,
+                        "timed_out": timed_out, "duration_ms": duration_ms,
+                    }));
+                }
+                done
             }
             Request::Bye => unreachable!("handled by run"),
         }))

@@ -937,8 +937,8 @@ pub fn abandon() {
     ABANDONED.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Whether [`abandon`] was called.
-pub(crate) fn abandoned() -> bool {
+/// Whether [`abandon`] was called (the agent's client went away).
+pub fn abandoned() -> bool {
     ABANDONED.load(std::sync::atomic::Ordering::Relaxed)
 }
 

@@ -38,7 +38,7 @@ use flip_manifest::{Digest, RelPath};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 6;
+pub const PROTOCOL: u32 = 7;
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 32 << 20;
@@ -278,6 +278,39 @@ pub enum Request {
     CheckLive {
         digest: Digest,
     },
+    /// Runs a hook: `/bin/sh -c run` inside release `release` (a committed release directory of
+    /// the root; the working directory), under the lock, with stdin `/dev/null`, in its own
+    /// process group, for at most `timeout_ms` (then SIGTERM to the group, SIGKILL after
+    /// [`HOOK_KILL_GRACE_MS`]). `env`: `NAME=VALUE` entries, only `FLIP_TARGET` and `FLIP_ENV`
+    /// (at most [`HOOK_ENV_MAX`] bytes each); the agent adds `FLIP_RELEASE`,
+    /// `FLIP_RELEASE_DIR` and `FLIP_PREVIOUS`. `wait_ms`: how long the agent waits for the
+    /// next request after this one, at least (other targets' hooks may run that long; its idle
+    /// timeout must not end the session meanwhile). Answered by [`Response::HookOutput`]
+    /// frames as the hook writes, then [`Response::HookDone`].
+    Hook {
+        release: u64,
+        run: String,
+        timeout_ms: u64,
+        #[serde(deserialize_with = "bounded::vec")]
+        env: Vec<String>,
+        wait_ms: u64,
+    },
+}
+
+/// Longest hook command accepted, in bytes.
+pub const HOOK_RUN_MAX: usize = 64 << 10;
+/// Longest value of a hook's environment variable, in bytes.
+pub const HOOK_ENV_MAX: usize = 4 << 10;
+/// Longest line of hook output forwarded, in bytes; a longer line is cut (and marked).
+pub const HOOK_LINE_MAX: usize = 8 << 10;
+/// Time between SIGTERM and SIGKILL when a hook times out, in milliseconds.
+pub const HOOK_KILL_GRACE_MS: u64 = 5_000;
+
+/// Which output of a hook a [`Response::HookOutput`] line comes from.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum HookStream {
+    Stdout,
+    Stderr,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -380,6 +413,20 @@ pub enum Response {
     /// and intact, else `None`.
     LiveIntact {
         id: Option<u64>,
+    },
+    /// One line a hook wrote (without its newline; at most [`HOOK_LINE_MAX`] bytes of it, a
+    /// longer one cut and marked), sent as it comes.
+    HookOutput {
+        stream: HookStream,
+        line: String,
+    },
+    /// The hook ended: its exit `status` (`None` when a signal ended it: `signal`), whether
+    /// it was killed for exceeding its timeout, and how long it ran, in milliseconds.
+    HookDone {
+        status: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        duration_ms: u64,
     },
 }
 

@@ -4,7 +4,7 @@
 //! number it has on the wire. A change that moves a tag must bump `PROTOCOL` and this table.
 
 use flip_manifest::{Digest, RelPath};
-use flip_wire::{ErrorClass, Holder, ProbeState, Purpose, Request, Response, StageBase, PROTOCOL};
+use flip_wire::{ErrorClass, Holder, HookStream, ProbeState, Purpose, Request, Response, StageBase, PROTOCOL};
 
 fn tag<T: serde::Serialize>(v: &T) -> u8 {
     let bytes = bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap();
@@ -18,7 +18,7 @@ fn path() -> RelPath {
 #[test]
 fn protocol_version_matches_the_pinned_tags() {
     assert_eq!(
-        PROTOCOL, 6,
+        PROTOCOL, 7,
         "a protocol bump must re-check the tag tables below"
     );
 }
@@ -102,6 +102,16 @@ fn request_tags_are_pinned() {
         (Request::Changes { all: false }, 17),
         (Request::Discard { id: 1 }, 18),
         (Request::CheckLive { digest: d }, 19),
+        (
+            Request::Hook {
+                release: 1,
+                run: String::new(),
+                timeout_ms: 0,
+                env: vec![],
+                wait_ms: 0,
+            },
+            20,
+        ),
     ];
     for (req, want) in &cases {
         assert_eq!(tag(req), *want, "tag of {req:?}");
@@ -209,6 +219,22 @@ fn response_tags_are_pinned() {
         ),
         (Response::Discarded { id: 1 }, 17),
         (Response::LiveIntact { id: None }, 18),
+        (
+            Response::HookOutput {
+                stream: HookStream::Stdout,
+                line: String::new(),
+            },
+            19,
+        ),
+        (
+            Response::HookDone {
+                status: Some(0),
+                signal: None,
+                timed_out: false,
+                duration_ms: 0,
+            },
+            20,
+        ),
     ];
     for (resp, want) in &cases {
         assert_eq!(tag(resp), *want, "tag of {resp:?}");
@@ -227,6 +253,8 @@ fn nested_enum_tags_are_pinned() {
     for (i, st) in states.iter().enumerate() {
         assert_eq!(tag(st) as usize, i, "tag of {st:?}");
     }
+    assert_eq!(tag(&HookStream::Stdout), 0);
+    assert_eq!(tag(&HookStream::Stderr), 1);
     assert_eq!(tag(&StageBase::Whole), 0);
     assert_eq!(tag(&StageBase::Diff(d)), 1);
     assert_eq!(tag(&StageBase::Dirs(d)), 2);
