@@ -2,6 +2,7 @@
 //! directory or given with `--config FILE`. Precedence: command-line flag > the environment's
 //! table > the top level > flip's default. Every error names the file, the line and the key.
 
+use crate::config_hooks::HookList;
 use crate::exit;
 use anyhow::Result;
 use serde::Deserialize;
@@ -24,6 +25,12 @@ pub struct Settings {
     pub parallel: Option<usize>,
     /// zstd level of the connections, 0-19.
     pub compress_level: Option<i32>,
+    /// Hooks run on every target before the swap (inside the committed release).
+    pub before_activate: Option<HookList>,
+    /// Hooks run on every target after the swap.
+    pub after_activate: Option<HookList>,
+    /// An `after_activate` failure switches every target back to its previous release.
+    pub rollback_on_failure: Option<bool>,
 }
 
 // No `#[serde(flatten)]`: it defeats `deny_unknown_fields` and the spans of type errors.
@@ -36,6 +43,9 @@ struct EnvShape {
     keep: Option<u32>,
     parallel: Option<usize>,
     compress_level: Option<i32>,
+    before_activate: Option<HookList>,
+    after_activate: Option<HookList>,
+    rollback_on_failure: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -52,6 +62,9 @@ struct FileShape {
     keep: Option<u32>,
     parallel: Option<usize>,
     compress_level: Option<i32>,
+    before_activate: Option<HookList>,
+    after_activate: Option<HookList>,
+    rollback_on_failure: Option<bool>,
     #[serde(default)]
     env: BTreeMap<String, EnvShape>,
 }
@@ -73,6 +86,9 @@ pub struct Resolved {
     pub keep: (u32, &'static str),
     pub parallel: (usize, &'static str),
     pub compress_level: (Option<i32>, &'static str),
+    pub before_activate: (HookList, &'static str),
+    pub after_activate: (HookList, &'static str),
+    pub rollback_on_failure: (bool, &'static str),
 }
 
 /// Default of `keep`.
@@ -113,6 +129,9 @@ impl Config {
                 keep: env.keep,
                 parallel: env.parallel,
                 compress_level: env.compress_level,
+                before_activate: env.before_activate,
+                after_activate: env.after_activate,
+                rollback_on_failure: env.rollback_on_failure,
             };
             let targets = env.targets;
             envs.insert(name, Env { targets, settings });
@@ -123,6 +142,9 @@ impl Config {
             keep: shape.keep,
             parallel: shape.parallel,
             compress_level: shape.compress_level,
+            before_activate: shape.before_activate,
+            after_activate: shape.after_activate,
+            rollback_on_failure: shape.rollback_on_failure,
         };
         Ok(Some(Config { path, top, envs }))
     }
@@ -181,6 +203,12 @@ impl Config {
             compress_level: pick(&e.compress_level, &t.compress_level, envkey)
                 .map(|(v, f)| (Some(v), f))
                 .unwrap_or((None, "default")),
+            before_activate: pick(&e.before_activate, &t.before_activate, envkey)
+                .unwrap_or_default(),
+            after_activate: pick(&e.after_activate, &t.after_activate, envkey)
+                .unwrap_or_default(),
+            rollback_on_failure: pick(&e.rollback_on_failure, &t.rollback_on_failure, envkey)
+                .unwrap_or((false, "default")),
         })
     }
 

@@ -18,6 +18,10 @@ pub const AUTH: i32 = 9;
 /// An environment command (deploy, rollback, activate, prune or verify on every target of an
 /// environment) failed on some targets: not every target is where it was asked to be.
 pub const PARTIAL: i32 = 10;
+/// A hook failed or timed out: a `before_activate` hook (nothing went live on any target), or
+/// an `after_activate` hook (the new release is live, or every target was switched back with
+/// `rollback_on_failure`). Takes precedence over [`PARTIAL`].
+pub const HOOK: i32 = 11;
 
 /// An error that already knows its exit code.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +70,7 @@ pub fn deploy_code(d: &DeployError) -> i32 {
         DeployError::Transport(t) => transport_code(t),
         DeployError::Exe(_) => INTERNAL,
         DeployError::Aborted { .. } => PARTIAL,
+        DeployError::Hook { .. } => HOOK,
     }
 }
 

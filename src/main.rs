@@ -5,6 +5,7 @@
 
 mod cli;
 mod config;
+mod config_hooks;
 mod diff;
 mod exit;
 mod output;
@@ -272,6 +273,9 @@ fn deploy_options(
                 keep: Some(r.keep.0),
                 parallel: Some(r.parallel.0),
                 compress_level: r.compress_level.0,
+                before_activate: Some(r.before_activate.0.clone()),
+                after_activate: Some(r.after_activate.0.clone()),
+                rollback_on_failure: Some(r.rollback_on_failure.0),
             };
             (source, targets, Some(a.first.clone()), settings)
         }
@@ -311,6 +315,12 @@ fn deploy_options(
         force_release: a.force_release,
         parallel: a.parallel.or(settings.parallel).unwrap_or(0),
         ssh: ssh_settings(&a.common),
+        hooks: flip_deploy::Hooks {
+            before_activate: settings.before_activate.unwrap_or_default().0,
+            after_activate: settings.after_activate.unwrap_or_default().0,
+            rollback_on_failure: settings.rollback_on_failure.unwrap_or(false),
+            env: env.clone(),
+        },
     };
     Ok((o, targets, env))
 }
@@ -501,6 +511,7 @@ fn command_options(common: &Common) -> Options {
         force_release: false,
         parallel: 0,
         ssh: ssh_settings(common),
+        hooks: Default::default(),
     }
 }
 
@@ -797,10 +808,15 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
                 "keep": r.keep.0,
                 "parallel": r.parallel.0,
                 "compress_level": r.compress_level.0,
+                "before_activate": r.before_activate.0.0.iter().map(config_hooks::show).collect::<Vec<_>>(),
+                "after_activate": r.after_activate.0.0.iter().map(config_hooks::show).collect::<Vec<_>>(),
+                "rollback_on_failure": r.rollback_on_failure.0,
                 "from": {
                     "source": source.as_ref().map(|s| s.1),
                     "exclude": r.exclude.1, "keep": r.keep.1, "parallel": r.parallel.1,
                     "compress_level": r.compress_level.1,
+                    "before_activate": r.before_activate.1, "after_activate": r.after_activate.1,
+                    "rollback_on_failure": r.rollback_on_failure.1,
                 },
             })
         );
@@ -827,6 +843,17 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
             Some(l) => println!("compress_level = {l}  # {}", r.compress_level.1),
             None => println!("# compress_level: default (3 over SSH, off locally)"),
         }
+        for (key, (list, from)) in [
+            ("before_activate", &r.before_activate),
+            ("after_activate", &r.after_activate),
+        ] {
+            let shown: Vec<String> = list.0.iter().map(|h| config_hooks::show(h).to_string()).collect();
+            println!("{key} = [{}]  # {from}", shown.join(", "));
+        }
+        println!(
+            "rollback_on_failure = {}  # {}",
+            r.rollback_on_failure.0, r.rollback_on_failure.1
+        );
     }
     Ok(exit::OK)
 }

@@ -66,6 +66,17 @@ impl Events for Progress {
         }
     }
 
+    /// Every line of a hook's output, live on stderr (whether or not it is a terminal, never on
+    /// stdout, which carries `--json`), prefixed with its target: `[deploy@web1:/srv/app] ...`.
+    fn hook_line(&self, host: usize, _stream: flip_deploy::HookStream, line: &str) {
+        let name = self.names.get(host).map(String::as_str).unwrap_or("?");
+        let text = format!("[{name}] {}", output::printable(line));
+        match &self.bars {
+            Some((multi, _)) => multi.suspend(|| eprintln!("{text}")),
+            None => eprintln!("{text}"),
+        }
+    }
+
     fn waiting(&self, host: usize, holder: &str) {
         let name = self.names.get(host).map(String::as_str).unwrap_or("?");
         // The holder is what the lock file says: whoever holds the lock wrote it.
@@ -160,10 +171,26 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
 pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<i32> {
     let h = d.hosts.remove(0);
     failure_notices(&h);
-    if let Some(e) = h.error {
-        return Err(e.into());
-    }
-    let r = h.report.expect("a target that did not fail has a report");
+    let r = match (h.error, h.report) {
+        (Some(e), None) => return Err(e.into()),
+        // A hook failed: what the deploy did (with each hook's status) still goes out.
+        (Some(e), Some(r)) => {
+            let code = exit::deploy_code(&e);
+            if json {
+                println!("{}", Value::Object(report_json(&r, itemize)));
+            }
+            for w in &r.warnings {
+                eprintln!("flip: warning: {}", output::printable(w));
+            }
+            host_error(&r.target, &e.to_string(), "");
+            let on = h.live.map_or("no release live".to_string(), |id| {
+                format!("release {id} live")
+            });
+            eprintln!("flip: {}: {} ({on})", r.target, state_text(h.state));
+            return Ok(code);
+        }
+        (None, r) => r.expect("a target that did not fail has a report"),
+    };
     if json {
         println!("{}", Value::Object(report_json(&r, itemize)));
         for w in &r.warnings {
@@ -234,7 +261,13 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 
         .filter(|h| matches!(h.state, HostState::Live | HostState::Unchanged))
         .count();
     let failed: Vec<&HostOutcome> = d.hosts.iter().filter(|h| h.error.is_some()).collect();
-    let code = if d.succeeded() {
+    let hook_failed = d
+        .hosts
+        .iter()
+        .any(|h| matches!(h.error, Some(flip_deploy::DeployError::Hook { .. })));
+    let code = if hook_failed {
+        exit::HOOK
+    } else if d.succeeded() {
         exit::OK
     } else {
         exit::PARTIAL

@@ -1,0 +1,216 @@
+//! Hooks around the swap: `before_activate` runs on every target once phase 1 committed
+//! everywhere (every lock still held, nothing live yet), `after_activate` once phase 2 switched
+//! every target. Each target's hooks run in order, the targets in parallel; a `once` hook runs
+//! on the first target that made a release only. Hooks run through the agent
+//! ([`flip_wire::Request::Hook`]) on the target's machine, inside the new release, and their
+//! output reaches [`Events::hook_line`] line by line as it comes.
+//!
+//! A `before_activate` failure (or timeout) on any target aborts the deploy everywhere (the
+//! committed releases are discarded, `current` untouched). An `after_activate` failure switches
+//! every target back to its previous release with [`Hooks::rollback_on_failure`], else the new
+//! release stays live and the deploy reports the failure.
+
+use crate::{each_in_parallel, DeployError, Events, Host, Options, Phase, Prepared};
+use serde::Serialize;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Default timeout of a hook.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// While other targets still run hooks, a target that is done tells its agent it is still
+/// there this often (the agent's idle timeout must not end its session meanwhile).
+const KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// One hook: a shell command (`/bin/sh -c`), run inside the new release on the target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hook {
+    pub run: String,
+    /// Run on one target only (the first of the list that made a release): migrations.
+    pub once: bool,
+    /// Killed (SIGTERM to its process group, SIGKILL 5 s later) and failed past this.
+    pub timeout: Duration,
+}
+
+/// The hooks of a deploy ([`Options::hooks`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hooks {
+    pub before_activate: Vec<Hook>,
+    pub after_activate: Vec<Hook>,
+    /// An `after_activate` failure switches every target back to its previous release.
+    pub rollback_on_failure: bool,
+    /// The environment's name, for the hooks' `FLIP_ENV` (empty for a single target).
+    pub env: Option<String>,
+}
+
+/// When a hook runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookPhase {
+    BeforeActivate,
+    AfterActivate,
+}
+
+impl HookPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookPhase::BeforeActivate => "before_activate",
+            HookPhase::AfterActivate => "after_activate",
+        }
+    }
+}
+
+/// How one hook went on one target ([`crate::HostReport::hooks`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HookReport {
+    pub phase: HookPhase,
+    /// The command.
+    pub run: String,
+    /// Its exit status; `None` when a signal ended it.
+    pub status: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    /// Killed because it ran past its timeout.
+    pub timed_out: bool,
+    pub duration_ms: u64,
+}
+
+impl HookReport {
+    /// Exited 0 within its timeout.
+    pub fn ok(&self) -> bool {
+        self.status == Some(0) && !self.timed_out
+    }
+
+    /// How it failed: "exit status 3", "killed by signal 9", "timed out after 1 s (killed)".
+    pub fn how(&self, timeout: Duration) -> String {
+        if self.timed_out {
+            format!(
+                "timed out after {} (killed)",
+                humantime::format_duration(timeout)
+            )
+        } else if let Some(s) = self.status {
+            format!("exit status {s}")
+        } else {
+            format!("killed by signal {}", self.signal.unwrap_or(0))
+        }
+    }
+}
+
+/// Runs `phase`'s hooks on every target of `hosts` that made a release and, for after hooks,
+/// is live (`live[i]`). Returns the indexes of the targets where a hook failed; such a target's
+/// `hook_error` says which and how.
+pub(crate) fn run_phase(
+    hosts: &mut [Prepared],
+    phase: HookPhase,
+    o: &Options,
+    events: &Arc<dyn Events>,
+    eligible: &(dyn Fn(&Host) -> bool + Sync),
+) -> Vec<usize> {
+    let hooks = match phase {
+        HookPhase::BeforeActivate => &o.hooks.before_activate,
+        HookPhase::AfterActivate => &o.hooks.after_activate,
+    };
+    if hooks.is_empty() {
+        return Vec::new();
+    }
+    let first = hosts
+        .iter()
+        .position(|h| h.as_ref().is_ok_and(|h| eligible(h)));
+    let Some(first) = first else {
+        return Vec::new();
+    };
+    // The longest any target may run: every hook of the phase to its timeout, and the grace.
+    let bound: Duration = hooks
+        .iter()
+        .map(|h| h.timeout + Duration::from_millis(flip_wire::HOOK_KILL_GRACE_MS))
+        .sum::<Duration>()
+        + Duration::from_secs(60);
+    let running = AtomicUsize::new(hosts.len());
+    let running = &running;
+    let results = each_in_parallel(hosts.iter_mut().enumerate(), |(i, h)| {
+        let failed = match h.as_mut() {
+            Ok(h) if eligible(h) => {
+                events.phase(h.index, Phase::Hooks);
+                run_on(h, hooks, i == first, phase, o, events, bound)
+            }
+            _ => false,
+        };
+        running.fetch_sub(1, Ordering::SeqCst);
+        // Keep this target's session alive while the others' hooks run.
+        if let Ok(h) = h.as_mut() {
+            let mut last = Instant::now();
+            while running.load(Ordering::SeqCst) > 0 {
+                std::thread::sleep(Duration::from_millis(50));
+                if last.elapsed() >= KEEPALIVE {
+                    last = Instant::now();
+                    let _ = h.session.status();
+                }
+            }
+        }
+        failed
+    });
+    results
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, f)| f.then_some(i))
+        .collect()
+}
+
+/// Runs `hooks` in order on one target (the `once` ones only when `first`), stopping at the
+/// first failure. Returns whether one failed.
+fn run_on(
+    h: &mut Host,
+    hooks: &[Hook],
+    first: bool,
+    phase: HookPhase,
+    o: &Options,
+    events: &Arc<dyn Events>,
+    bound: Duration,
+) -> bool {
+    let target = h.target.clone();
+    let mut env = vec![format!("FLIP_TARGET={target}")];
+    if let Some(e) = &o.hooks.env {
+        env.push(format!("FLIP_ENV={e}"));
+    }
+    for hook in hooks.iter().filter(|k| first || !k.once) {
+        let index = h.index;
+        let r = h.session.hook(
+            h.release,
+            &hook.run,
+            hook.timeout.as_millis().max(1) as u64,
+            env.clone(),
+            bound.as_millis() as u64,
+            &mut |stream, line| events.hook_line(index, stream, line),
+        );
+        match r {
+            Ok(end) => {
+                let rep = HookReport {
+                    phase,
+                    run: hook.run.clone(),
+                    status: end.status,
+                    signal: end.signal,
+                    timed_out: end.timed_out,
+                    duration_ms: end.duration_ms,
+                };
+                let ok = rep.ok();
+                let how = rep.how(hook.timeout);
+                h.hooks.push(rep);
+                if !ok {
+                    h.hook_error = Some(DeployError::Hook {
+                        target,
+                        phase: phase.as_str(),
+                        run: hook.run.clone(),
+                        how,
+                    });
+                    return true;
+                }
+            }
+            Err(e) => {
+                h.hook_error = Some(e.into());
+                return true;
+            }
+        }
+    }
+    false
+}
