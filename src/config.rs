@@ -205,8 +205,7 @@ impl Config {
                 .unwrap_or((None, "default")),
             before_activate: pick(&e.before_activate, &t.before_activate, envkey)
                 .unwrap_or_default(),
-            after_activate: pick(&e.after_activate, &t.after_activate, envkey)
-                .unwrap_or_default(),
+            after_activate: pick(&e.after_activate, &t.after_activate, envkey).unwrap_or_default(),
             rollback_on_failure: pick(&e.rollback_on_failure, &t.rollback_on_failure, envkey)
                 .unwrap_or((false, "default")),
         })

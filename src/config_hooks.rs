@@ -43,7 +43,9 @@ impl<'de> Deserialize<'de> for Entry {
         impl<'de> Visitor<'de> for V {
             type Value = Entry;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(r#"a shell command, or a table { run = "...", once = true, timeout = "10m" }"#)
+                f.write_str(
+                    r#"a shell command, or a table { run = "...", once = true, timeout = "10m" }"#,
+                )
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Entry, E> {
                 hook(s.to_string(), false, DEFAULT_HOOK_TIMEOUT)
@@ -144,9 +146,18 @@ mod tests {
     #[test]
     fn a_bad_hook_table_is_refused_with_the_reason() {
         for (text, want) in [
-            ("before_activate = [{ run = \"x\", onse = true }]", "unknown field `onse`"),
-            ("before_activate = [{ run = \"x\", timeout = \"soon\" }]", "timeout \"soon\""),
-            ("before_activate = [{ run = \"x\", timeout = \"0s\" }]", "more than 0"),
+            (
+                "before_activate = [{ run = \"x\", onse = true }]",
+                "unknown field `onse`",
+            ),
+            (
+                "before_activate = [{ run = \"x\", timeout = \"soon\" }]",
+                "timeout \"soon\"",
+            ),
+            (
+                "before_activate = [{ run = \"x\", timeout = \"0s\" }]",
+                "more than 0",
+            ),
             ("before_activate = [\"\"]", "empty"),
             ("before_activate = [{ once = true }]", "missing field `run`"),
         ] {

@@ -847,7 +847,11 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<i32> {
             ("before_activate", &r.before_activate),
             ("after_activate", &r.after_activate),
         ] {
-            let shown: Vec<String> = list.0.iter().map(|h| config_hooks::show(h).to_string()).collect();
+            let shown: Vec<String> = list
+                .0
+                .iter()
+                .map(|h| config_hooks::show(h).to_string())
+                .collect();
             println!("{key} = [{}]  # {from}", shown.join(", "));
         }
         println!(

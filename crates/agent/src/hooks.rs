@@ -281,10 +281,7 @@ fn spawn_reader(
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
     #[error("cannot start the hook (/bin/sh) in {dir}: {source}")]
-    Start {
-        dir: String,
-        source: std::io::Error,
-    },
+    Start { dir: String, source: std::io::Error },
     #[error("waiting for the hook failed: {0}")]
     Wait(std::io::Error),
     #[error("the client stopped reading the hook's output: {0}")]

@@ -700,7 +700,8 @@ impl Session {
             } => {
                 let root = self.root(false)?;
                 self.locked()?;
-                let hook = hooks::Hook::checked(run, timeout_ms, env).map_err(RelError::BadRequest)?;
+                let hook =
+                    hooks::Hook::checked(run, timeout_ms, env).map_err(RelError::BadRequest)?;
                 // A committed release of this root: its metadata and a real directory.
                 root.info(release)?;
                 let previous = match self.previous_live {

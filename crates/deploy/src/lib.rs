@@ -22,8 +22,8 @@ mod hooks;
 mod target;
 
 pub use env::{label_rows, switch, LabelRow, SwitchOutcome, SwitchPlan};
-pub use hooks::{Hook, HookPhase, HookReport, Hooks, DEFAULT_TIMEOUT as DEFAULT_HOOK_TIMEOUT};
 pub use flip_wire::HookStream;
+pub use hooks::{Hook, HookPhase, HookReport, Hooks, DEFAULT_TIMEOUT as DEFAULT_HOOK_TIMEOUT};
 pub use target::{SshSettings, Target};
 
 use flip_manifest::{Digest, Manifest};
@@ -327,7 +327,10 @@ fn after_hooks(
     o: &Options,
     events: &Arc<dyn Events>,
 ) {
-    if !states.iter().all(|s| *s == HostState::Live || *s == HostState::Unchanged) {
+    if !states
+        .iter()
+        .all(|s| *s == HostState::Live || *s == HostState::Unchanged)
+    {
         return;
     }
     let live = |h: &Host| !h.unchanged && !h.skipped;
@@ -337,7 +340,14 @@ fn after_hooks(
     }
     let why: Vec<String> = failed
         .iter()
-        .filter_map(|&i| hosts[i].as_ref().ok()?.hook_error.as_ref().map(|e| e.to_string()))
+        .filter_map(|&i| {
+            hosts[i]
+                .as_ref()
+                .ok()?
+                .hook_error
+                .as_ref()
+                .map(|e| e.to_string())
+        })
         .collect();
     let why = format!("an after_activate hook failed ({})", why.join("; "));
     if o.hooks.rollback_on_failure {

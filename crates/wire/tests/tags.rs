@@ -4,7 +4,9 @@
 //! number it has on the wire. A change that moves a tag must bump `PROTOCOL` and this table.
 
 use flip_manifest::{Digest, RelPath};
-use flip_wire::{ErrorClass, Holder, HookStream, ProbeState, Purpose, Request, Response, StageBase, PROTOCOL};
+use flip_wire::{
+    ErrorClass, Holder, HookStream, ProbeState, Purpose, Request, Response, StageBase, PROTOCOL,
+};
 
 fn tag<T: serde::Serialize>(v: &T) -> u8 {
     let bytes = bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap();
