@@ -731,14 +731,23 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
     let mut hosts = Vec::new();
     let mut code = exit::OK;
     for target in &targets {
-        let r = (|| -> Result<(u64, Vec<String>)> {
+        let r = (|| -> Result<(u64, Vec<String>, Vec<String>)> {
             let mut s = target.connect(&ssh, 0)?;
             let (id, problems) = s.verify(a.id)?;
+            // Among them: the paths written by hooks, which are not differences.
+            let warnings = s.take_warnings();
             s.close().context("closing the session")?;
-            Ok((id, problems))
+            Ok((id, problems, warnings))
         })();
         match r {
-            Ok((id, problems)) => {
+            Ok((id, problems, warnings)) => {
+                for w in &warnings {
+                    eprintln!(
+                        "flip: {}: warning: {}",
+                        target.display(),
+                        output::printable(w)
+                    );
+                }
                 if !a.json {
                     if problems.is_empty() {
                         eprintln!(
@@ -762,7 +771,7 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<i32> {
                         exit::INTEGRITY
                     };
                 }
-                hosts.push(json!({"target": target.display(), "release": id, "ok": problems.is_empty(), "problems": problems}));
+                hosts.push(json!({"target": target.display(), "release": id, "ok": problems.is_empty(), "problems": problems, "warnings": warnings}));
             }
             Err(e) if env.is_none() => return Err(e),
             Err(e) => {

@@ -338,3 +338,83 @@ fn an_unchanged_tree_runs_no_hooks() {
     assert_eq!(hosts(&j)[0]["unchanged"], true, "{j}");
     assert_eq!(fs::read_to_string(&log).unwrap(), "ran\n");
 }
+
+#[test]
+fn what_a_before_hook_writes_into_the_release_is_not_tampering_but_a_later_change_is() {
+    let fx = Fx::new();
+    let root = fx.path("t");
+    config(
+        &fx,
+        &[s(&root).to_string()],
+        "before_activate = ['mkdir -p var/cache && echo \"<?php return 1;\" > var/cache/config.php']",
+    );
+    let src = fx.src("src");
+    src.file("index.php", "<?php echo 1;\n", 0o644);
+    fx.flip(&["deploy", "prod"]).success();
+    assert_eq!(
+        fs::read_to_string(root.join("current/var/cache/config.php")).unwrap(),
+        "<?php return 1;\n"
+    );
+    let r = fx.flip(&["verify", s(&root), "--json"]).success();
+    let j = r.json();
+    assert_eq!(j["ok"], true, "{j}");
+    let warned = j["warnings"].to_string();
+    assert!(
+        warned.contains("3 path(s) written by hooks") && warned.contains("var/cache/config.php"),
+        "{j}"
+    );
+    // The tree is still the deployed one: the next deploy of it makes no release.
+    let again = fx.flip(&["deploy", "prod", "--json"]).success().json();
+    assert_eq!(hosts(&again)[0]["release"], 1, "{again}");
+    // Changed after the hooks ran, or never written by one: flagged.
+    fs::write(root.join("current/var/cache/config.php"), "<?php evil();\n").unwrap();
+    fs::write(root.join("current/planted.php"), "<?php evil();\n").unwrap();
+    let j = fx.flip(&["verify", s(&root), "--json"]).code(7).json();
+    let problems = j["problems"].to_string();
+    assert!(problems.contains("var/cache/config.php"), "{j}");
+    assert!(problems.contains("planted.php"), "{j}");
+    // The directories the hook made are still as it left them.
+    assert!(!problems.contains("\"var/cache:"), "{j}");
+    assert_eq!(j["problems"].as_array().unwrap().len(), 2, "{j}");
+}
+
+#[test]
+fn idle_agents_outlive_another_targets_long_once_hook() {
+    let fx = Fx::new();
+    let servers = Servers::start(&fx);
+    let (ra, rb) = (fx.path("a"), fx.path("b"));
+    let targets = servers.targets(&ra, &rb);
+    // Agents that give up on a silent client after 2 s; the migration takes 4.
+    let wrapper = fx.path("flip-idle");
+    fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nshift\nexec {FLIP} agent --idle-timeout 2 \"$@\"\n"),
+    )
+    .unwrap();
+    fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    config(
+        &fx,
+        &targets,
+        "before_activate = [{ run = 'sleep 4; echo migrated', once = true }]",
+    );
+    let src = fx.src("src");
+    site_v1(&src);
+    let key = servers.a.user_key();
+    let r = fx.flip(&[
+        "deploy",
+        "prod",
+        "-i",
+        s(&key),
+        "--remote-flip",
+        s(&wrapper),
+    ]);
+    let r = r.success();
+    assert!(r.stderr.contains("] migrated"), "{}", r.stderr);
+    for root in [&ra, &rb] {
+        assert_eq!(link(root), "releases/1");
+    }
+}

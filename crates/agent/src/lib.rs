@@ -722,6 +722,8 @@ impl Session {
                     duration_ms,
                 } = &done
                 {
+                    // What a hook wrote into the release is not tampering.
+                    root.record_hook_writes(self.locked()?, release);
                     self.log(serde_json::json!({
                         "time": now(), "event": "hook", "release": release,
                         "run": hook.run, "status": status, "signal": signal,

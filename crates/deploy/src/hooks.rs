@@ -19,9 +19,11 @@ use std::time::{Duration, Instant};
 /// Default timeout of a hook.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// While other targets still run hooks, a target that is done tells its agent it is still
-/// there this often (the agent's idle timeout must not end its session meanwhile).
-const KEEPALIVE: Duration = Duration::from_secs(60);
+/// While other targets still run hooks, a target that is done (or runs none: a `once` hook
+/// runs elsewhere) tells its agent it is still there this often (a `Status` request), so the
+/// agent's idle timeout (`flip agent --idle-timeout`, 10 minutes by default) never ends its
+/// session while another target runs a long migration.
+const KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// One hook: a shell command (`/bin/sh -c`), run inside the new release on the target.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -23,6 +23,7 @@
 pub mod delta;
 mod error;
 mod fsutil;
+mod hooks;
 mod lock;
 mod stage;
 
@@ -633,6 +634,7 @@ impl Root {
             self.manifest_path(id),
             self.info_path(id),
             self.stat_path(id),
+            self.hooks_path(id),
         ] {
             match fs::remove_file(&p) {
                 Ok(()) => {}
@@ -864,9 +866,13 @@ impl Root {
     }
 
     /// Re-reads a release and compares it with its manifest. Returns the differences found.
+    /// What its hooks wrote (recorded by [`Root::record_hook_writes`], unchanged since) is
+    /// not a difference: it is named in a warning.
     pub fn verify(&self, id: u64) -> Result<Vec<String>> {
         let manifest = self.manifest(id)?;
-        Ok(stage::verify_tree(&self.release_dir(id), &manifest))
+        let dir = self.release_dir(id);
+        let diffs = stage::tree_differences(&dir, &manifest);
+        Ok(self.without_hook_writes(id, &dir, diffs))
     }
 }
 
