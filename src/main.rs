@@ -495,6 +495,20 @@ fn dry_run(
     Ok(out)
 }
 
+/// `o` with environment `env`'s hooks: `rollback ENV` and `activate ENV` run its
+/// `after_activate` hooks on the targets that moved.
+fn with_hooks(o: Options, env: &config::Resolved) -> Options {
+    Options {
+        hooks: flip_deploy::Hooks {
+            before_activate: Vec::new(),
+            after_activate: env.after_activate.0 .0.clone(),
+            rollback_on_failure: false,
+            env: Some(env.env.clone()),
+        },
+        ..o
+    }
+}
+
 /// Options for the commands other than deploy: connections and locking only.
 fn command_options(common: &Common) -> Options {
     Options {
@@ -625,7 +639,7 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<i32> {
         }
         let out = flip_deploy::switch(
             &targets,
-            &command_options(&a.common),
+            &with_hooks(command_options(&a.common), &env),
             &SwitchPlan::Rollback,
             Purpose::Rollback,
             &render::Progress::lines(&targets),
@@ -653,7 +667,7 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<i32> {
         };
         let out = flip_deploy::switch(
             &targets,
-            &command_options(&a.common),
+            &with_hooks(command_options(&a.common), &env),
             &plan,
             Purpose::Activate,
             &render::Progress::lines(&targets),

@@ -444,6 +444,12 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
     if ok {
         return exit::OK;
     }
+    if out
+        .iter()
+        .any(|o| matches!(o.error, Some(flip_deploy::DeployError::Hook { .. })))
+    {
+        return exit::HOOK;
+    }
     // One target: its own exit code, as for a target given on the command line.
     match out.as_slice() {
         [only] => only.error.as_ref().map_or(exit::OK, exit::deploy_code),

@@ -418,3 +418,50 @@ fn idle_agents_outlive_another_targets_long_once_hook() {
         assert_eq!(link(root), "releases/1");
     }
 }
+
+#[test]
+fn rollback_and_activate_of_an_environment_run_after_hooks_on_the_targets_that_moved() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    let log = fx.path("reloads");
+    let after = format!(
+        "after_activate = ['echo \"$FLIP_TARGET $FLIP_RELEASE $FLIP_PREVIOUS\" >> {}']",
+        s(&log)
+    );
+    config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod", "--label", "v1"]).success();
+    site_v2(&src);
+    fx.flip(&["deploy", "prod", "--label", "v2"]).success();
+    config(&fx, &targets, &after);
+    let j = fx.flip(&["rollback", "prod", "--json"]).success().json();
+    let text = fs::read_to_string(&log).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        vec![format!("{} 1 2", targets[0]), format!("{} 1 2", targets[1])],
+        "{text}"
+    );
+    assert_eq!(hosts(&j)[0]["hooks"][0]["status"], 0, "{j}");
+    // A failing reload is reported (exit 11); the rollback is not undone.
+    config(
+        &fx,
+        &targets,
+        "after_activate = ['case \"$FLIP_TARGET\" in *t2) exit 5;; esac']",
+    );
+    let r = fx.flip(&["activate", "prod", "v2", "--json"]).code(11);
+    let j = r.json();
+    for root in &roots {
+        assert_eq!(link(root), "releases/2");
+    }
+    assert_eq!(hosts(&j)[1]["hooks"][0]["status"], 5, "{j}");
+    assert_eq!(hosts(&j)[1]["error"]["code"], 11, "{j}");
+    // Nothing moves, nothing runs.
+    fs::remove_file(&log).unwrap();
+    config(&fx, &targets, &after);
+    fx.flip(&["activate", "prod", "v2"]).success();
+    assert!(!log.exists(), "hooks ran on targets that did not move");
+}

@@ -11,6 +11,7 @@
 //! release stays live and the deploy reports the failure.
 
 use crate::{each_in_parallel, DeployError, Events, Host, Options, Phase, Prepared};
+use flip_transfer::Session;
 use serde::Serialize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -99,9 +100,9 @@ impl HookReport {
     }
 }
 
-/// Runs `phase`'s hooks on every target of `hosts` that made a release and, for after hooks,
-/// is live (`live[i]`). Returns the indexes of the targets where a hook failed; such a target's
-/// `hook_error` says which and how.
+/// Runs `phase`'s hooks on every target of `hosts` that `eligible` says made a release (for
+/// after hooks: went live). Returns the indexes of the targets where a hook failed; such a
+/// target's `hook_error` says which and how.
 pub(crate) fn run_phase(
     hosts: &mut [Prepared],
     phase: HookPhase,
@@ -116,74 +117,118 @@ pub(crate) fn run_phase(
     if hooks.is_empty() {
         return Vec::new();
     }
-    let first = hosts
-        .iter()
-        .position(|h| h.as_ref().is_ok_and(|h| eligible(h)));
-    let Some(first) = first else {
+    let Some(first) = hosts.iter().position(|h| h.as_ref().is_ok_and(eligible)) else {
         return Vec::new();
     };
-    // The longest any target may run: every hook of the phase to its timeout, and the grace.
-    let bound: Duration = hooks
-        .iter()
-        .map(|h| h.timeout + Duration::from_millis(flip_wire::HOOK_KILL_GRACE_MS))
-        .sum::<Duration>()
-        + Duration::from_secs(60);
-    let running = AtomicUsize::new(hosts.len());
-    let running = &running;
-    let results = each_in_parallel(hosts.iter_mut().enumerate(), |(i, h)| {
-        let failed = match h.as_mut() {
+    let bound = bound(hooks);
+    let failed = keeping_alive(
+        hosts.iter_mut().enumerate().collect(),
+        |(_, h)| h.as_mut().ok().map(|h| &mut h.session),
+        |(i, h)| match h.as_mut() {
             Ok(h) if eligible(h) => {
                 events.phase(h.index, Phase::Hooks);
-                run_on(h, hooks, i == first, phase, o, events, bound)
+                let target = h.target.clone();
+                let (mut reports, error) = run_list(
+                    &mut h.session,
+                    Run {
+                        release: h.release,
+                        index: h.index,
+                        target: &target,
+                        first: *i == first,
+                    },
+                    hooks,
+                    phase,
+                    o.hooks.env.as_deref(),
+                    &**events,
+                    bound,
+                );
+                h.hooks.append(&mut reports);
+                let failed = error.is_some();
+                h.hook_error = error;
+                failed
             }
             _ => false,
-        };
-        running.fetch_sub(1, Ordering::SeqCst);
-        // Keep this target's session alive while the others' hooks run.
-        if let Ok(h) = h.as_mut() {
-            let mut last = Instant::now();
-            while running.load(Ordering::SeqCst) > 0 {
-                std::thread::sleep(Duration::from_millis(50));
-                if last.elapsed() >= KEEPALIVE {
-                    last = Instant::now();
-                    let _ = h.session.status();
-                }
-            }
-        }
-        failed
-    });
-    results
+        },
+    );
+    failed
         .into_iter()
         .enumerate()
         .filter_map(|(i, f)| f.then_some(i))
         .collect()
 }
 
-/// Runs `hooks` in order on one target (the `once` ones only when `first`), stopping at the
-/// first failure. Returns whether one failed.
-fn run_on(
-    h: &mut Host,
+/// The longest a target may run `hooks`: every one to its timeout and the kill grace, and a
+/// minute more (what the agent is told to wait for the next request, at least).
+pub(crate) fn bound(hooks: &[Hook]) -> Duration {
+    hooks
+        .iter()
+        .map(|h| h.timeout + Duration::from_millis(flip_wire::HOOK_KILL_GRACE_MS))
+        .sum::<Duration>()
+        + Duration::from_secs(60)
+}
+
+/// `f` of every item, in parallel (see [`each_in_parallel`]); an item whose `f` is done keeps
+/// its session (`session_of`) alive with a `Status` every [`KEEPALIVE`] until every `f` is.
+pub(crate) fn keeping_alive<I: Send, R: Send>(
+    items: Vec<I>,
+    session_of: impl Fn(&mut I) -> Option<&mut Session> + Sync,
+    f: impl Fn(&mut I) -> R + Sync,
+) -> Vec<R> {
+    let running = AtomicUsize::new(items.len());
+    let running = &running;
+    each_in_parallel(items, |mut item| {
+        let r = f(&mut item);
+        running.fetch_sub(1, Ordering::SeqCst);
+        if let Some(s) = session_of(&mut item) {
+            let mut last = Instant::now();
+            while running.load(Ordering::SeqCst) > 0 {
+                std::thread::sleep(Duration::from_millis(50));
+                if last.elapsed() >= KEEPALIVE {
+                    last = Instant::now();
+                    let _ = s.status();
+                }
+            }
+        }
+        r
+    })
+}
+
+/// Where a list of hooks runs.
+pub(crate) struct Run<'a> {
+    /// The release the hooks run in (their working directory).
+    pub release: u64,
+    /// The target's index, for [`Events::hook_line`].
+    pub index: usize,
+    /// The target as displayed (`FLIP_TARGET`).
+    pub target: &'a str,
+    /// The first target: `once` hooks run here only.
+    pub first: bool,
+}
+
+/// Runs `hooks` in order on one target (the `once` ones only on the first), stopping at the
+/// first failure: what ran, and the failure.
+pub(crate) fn run_list(
+    session: &mut Session,
+    at: Run,
     hooks: &[Hook],
-    first: bool,
     phase: HookPhase,
-    o: &Options,
-    events: &Arc<dyn Events>,
+    env_name: Option<&str>,
+    events: &dyn Events,
     bound: Duration,
-) -> bool {
-    let target = h.target.clone();
-    let mut env = vec![format!("FLIP_TARGET={target}")];
-    if let Some(e) = &o.hooks.env {
+) -> (Vec<HookReport>, Option<DeployError>) {
+    let mut env = vec![format!("FLIP_TARGET={}", at.target)];
+    if let Some(e) = env_name {
         env.push(format!("FLIP_ENV={e}"));
     }
-    for hook in hooks.iter().filter(|k| first || !k.once) {
-        let index = h.index;
-        let r = h.session.hook(
-            h.release,
+    let mut reports = Vec::new();
+    for hook in hooks.iter().filter(|k| at.first || !k.once) {
+        let r = session.hook(
+            at.release,
             &hook.run,
             hook.timeout.as_millis().max(1) as u64,
             env.clone(),
             bound.as_millis() as u64,
-            &mut |stream, line| events.hook_line(index, stream, line),
+            &mut |stream, line| events.hook_line(at.index, stream, line),
         );
         match r {
             Ok(end) => {
@@ -197,22 +242,19 @@ fn run_on(
                 };
                 let ok = rep.ok();
                 let how = rep.how(hook.timeout);
-                h.hooks.push(rep);
+                reports.push(rep);
                 if !ok {
-                    h.hook_error = Some(DeployError::Hook {
-                        target,
+                    let e = DeployError::Hook {
+                        target: at.target.to_string(),
                         phase: phase.as_str(),
                         run: hook.run.clone(),
                         how,
-                    });
-                    return true;
+                    };
+                    return (reports, Some(e));
                 }
             }
-            Err(e) => {
-                h.hook_error = Some(e.into());
-                return true;
-            }
+            Err(e) => return (reports, Some(e.into())),
         }
     }
-    false
+    (reports, None)
 }
