@@ -22,7 +22,8 @@
 //! changes, for the deploy's report); `Signatures` → `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch`
 //! frames + `Commit` → `Committed`; `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`.
 //! A multi-host deploy that fails on another target after this one committed sends
-//! `Discard` → `Discarded` instead of `Activate`. Message tags are pinned by `tests/tags.rs`.
+//! `Discard` → `Discarded` instead of `Activate`. Hooks around the swap: `Hook` → `HookOutput`s
+//! (the hook's lines, as it writes them) + `HookDone`. Message tags are pinned by `tests/tags.rs`.
 //! Before any answer the agent may send [`Response::Notices`]: what it could not clean up, and
 //! problems that did not stop the request.
 
