@@ -235,8 +235,24 @@ fn describe_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
 /// above it and the text before `=`; the table itself for a header line.
 fn key_at(text: &str, at: usize) -> Option<String> {
     let at = at.min(text.len());
-    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let mut start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let mut end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    // Inside a list written over several lines (`before_activate = [` ... `{ run = ... }`):
+    // the key is on the line that opened it.
+    let is_key = |l: &str| {
+        let l = l.trim();
+        l.starts_with('[')
+            || l.split_once('=').is_some_and(|(k, _)| {
+                let k = k.trim();
+                !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_alphanumeric() || "_-.\"' ".contains(c))
+            })
+    };
+    while !is_key(&text[start..end]) && start > 0 {
+        end = start - 1;
+        start = text[..end].rfind('\n').map_or(0, |i| i + 1);
+    }
     let line = text[start..end].trim();
     let header = |l: &str| {
         l.strip_prefix('[')

@@ -465,3 +465,37 @@ fn rollback_and_activate_of_an_environment_run_after_hooks_on_the_targets_that_m
     fx.flip(&["activate", "prod", "v2"]).success();
     assert!(!log.exists(), "hooks ran on targets that did not move");
 }
+
+#[test]
+fn a_bad_hook_in_flip_toml_is_named_by_file_line_and_key_and_flip_config_shows_the_hooks() {
+    let fx = Fx::new();
+    fs::write(
+        fx.path("flip.toml"),
+        "source = \"src\"\n[env.prod]\ntargets = [\"/nonexistent/t\"]\nbefore_activate = [\n  \"ok\",\n  { run = \"x\", timeout = \"soon\" },\n]\n",
+    )
+    .unwrap();
+    fx.flip(&["deploy", "prod"])
+        .code(2)
+        .stderr_has("flip.toml:6: env.prod.before_activate: timeout \"soon\"");
+    fs::write(
+        fx.path("flip.toml"),
+        "source = \"src\"\nafter_activate = [{ run = \"x\", onse = true }]\n[env.prod]\ntargets = [\"/t\"]\n",
+    )
+    .unwrap();
+    fx.flip(&["config", "prod"])
+        .code(2)
+        .stderr_has("flip.toml:2: after_activate: unknown field `onse`");
+    fs::write(
+        fx.path("flip.toml"),
+        "source = \"src\"\nafter_activate = [\"reload\"]\n[env.prod]\ntargets = [\"/t\"]\nbefore_activate = [{ run = \"migrate\", once = true, timeout = \"90s\" }]\nrollback_on_failure = true\n",
+    )
+    .unwrap();
+    let j = fx.flip(&["config", "prod", "--json"]).success().json();
+    assert_eq!(j["before_activate"][0]["run"], "migrate", "{j}");
+    assert_eq!(j["before_activate"][0]["once"], true, "{j}");
+    assert_eq!(j["before_activate"][0]["timeout"], "1m 30s", "{j}");
+    assert_eq!(j["after_activate"][0], "reload", "{j}");
+    assert_eq!(j["rollback_on_failure"], true, "{j}");
+    assert_eq!(j["from"]["before_activate"], "environment table", "{j}");
+    assert_eq!(j["from"]["after_activate"], "top level", "{j}");
+}
