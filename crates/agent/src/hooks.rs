@@ -180,19 +180,32 @@ pub(crate) fn run(
                 kill(libc::SIGKILL);
             }
         }
-        match next_line(&lines, open_pipes) {
-            Some(Some((stream, line))) => {
-                if let Err(e) = tx
-                    .send(&Response::HookOutput { stream, line })
-                    .and_then(|()| tx.flush())
-                {
-                    kill(libc::SIGKILL);
-                    let _ = child.wait();
-                    return Err(HookError::Client(e));
+        let mut got = next_line(&lines, open_pipes);
+        let mut sent = 0;
+        // What is already there goes in one flush (a few hundred lines at most).
+        while let Some(msg) = got {
+            match msg {
+                Some((stream, line)) => {
+                    if let Err(e) = tx.send(&Response::HookOutput { stream, line }) {
+                        kill(libc::SIGKILL);
+                        let _ = child.wait();
+                        return Err(HookError::Client(e));
+                    }
+                    sent += 1;
                 }
+                None => open_pipes -= 1,
             }
-            Some(None) => open_pipes -= 1,
-            None => {}
+            got = match sent < 256 {
+                true => lines.try_recv().ok(),
+                false => None,
+            };
+        }
+        if sent > 0 {
+            if let Err(e) = tx.flush() {
+                kill(libc::SIGKILL);
+                let _ = child.wait();
+                return Err(HookError::Client(e));
+            }
         }
     };
     let status = match result {

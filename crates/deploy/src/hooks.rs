@@ -145,6 +145,15 @@ pub(crate) fn run_phase(
                 h.hooks.append(&mut reports);
                 let failed = error.is_some();
                 h.hook_error = error;
+                if !failed {
+                    events.phase(
+                        h.index,
+                        match phase {
+                            HookPhase::BeforeActivate => Phase::Committed,
+                            HookPhase::AfterActivate => Phase::Live,
+                        },
+                    );
+                }
                 failed
             }
             _ => false,
