@@ -177,7 +177,14 @@ pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<i3
         (Some(e), Some(r)) => {
             let code = exit::deploy_code(&e);
             if json {
-                println!("{}", Value::Object(report_json(&r, itemize)));
+                let mut o = report_json(&r, itemize);
+                o.insert("state".into(), json!(h.state));
+                o.insert("live".into(), json!(h.live));
+                o.insert(
+                    "error".into(),
+                    json!({"code": code, "message": e.to_string()}),
+                );
+                println!("{}", Value::Object(o));
             }
             for w in &r.warnings {
                 eprintln!("flip: warning: {}", output::printable(w));

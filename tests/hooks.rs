@@ -499,3 +499,27 @@ fn a_bad_hook_in_flip_toml_is_named_by_file_line_and_key_and_flip_config_shows_t
     assert_eq!(j["from"]["before_activate"], "environment table", "{j}");
     assert_eq!(j["from"]["after_activate"], "top level", "{j}");
 }
+
+#[test]
+fn a_single_target_deploy_takes_the_top_level_hooks_and_a_failed_first_deploy_leaves_no_target() {
+    let fx = Fx::new();
+    let root = fx.path("t");
+    fs::write(
+        fx.path("flip.toml"),
+        "before_activate = ['echo \"env=[$FLIP_ENV]\"; exit 2']\n",
+    )
+    .unwrap();
+    let src = fx.src("src");
+    site_v1(&src);
+    let r = fx.flip(&["deploy", src.s(), s(&root), "--json"]).code(11);
+    assert!(
+        r.stderr.contains(&format!("[{}] env=[]", s(&root))),
+        "{}",
+        r.stderr
+    );
+    let j = r.json();
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], 11, "{j}");
+    assert_eq!(j["hooks"][0]["status"], 2, "{j}");
+    assert!(!root.exists(), "a failed first deploy leaves no target");
+}
