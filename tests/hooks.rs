@@ -523,3 +523,33 @@ fn a_single_target_deploy_takes_the_top_level_hooks_and_a_failed_first_deploy_le
     assert_eq!(j["hooks"][0]["status"], 2, "{j}");
     assert!(!root.exists(), "a failed first deploy leaves no target");
 }
+
+#[test]
+fn after_a_before_hook_failed_no_further_hook_starts_on_any_target() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    let migrated = fx.path("migrated");
+    config(
+        &fx,
+        &targets,
+        &format!(
+            "before_activate = ['case \"$FLIP_TARGET\" in *t2) exit 1;; *) sleep 2;; esac', {{ run = 'touch {}', once = true }}]",
+            s(&migrated)
+        ),
+    );
+    let src = fx.src("src");
+    site_v1(&src);
+    let j = fx.flip(&["deploy", "prod", "--json"]).code(11).json();
+    assert!(
+        !migrated.exists(),
+        "the migration ran for an aborted deploy"
+    );
+    assert_eq!(hosts(&j)[0]["state"], "discarded", "{j}");
+    // Its first hook ran, or had not started yet when t2 failed: never the migration.
+    let ran = hosts(&j)[0]["hooks"].as_array().map_or(0, Vec::len);
+    assert!(ran <= 1, "{j}");
+    for root in &roots {
+        assert!(!root.exists(), "a failed first deploy leaves no target");
+    }
+}

@@ -209,6 +209,8 @@ fn after_hooks(
         return;
     }
     let bound = crate::hooks::bound(hooks);
+    let stop = crate::hooks::Stop::new(false);
+    let stop = &stop;
     crate::hooks::keeping_alive(
         sessions
             .iter_mut()
@@ -234,6 +236,7 @@ fn after_hooks(
                 o.hooks.env.as_deref(),
                 events,
                 bound,
+                stop,
             );
             out.hooks = reports;
             if error.is_some() {

@@ -13,7 +13,7 @@
 use crate::{each_in_parallel, DeployError, Events, Host, Options, Phase, Prepared};
 use flip_transfer::Session;
 use serde::Serialize;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,6 +121,8 @@ pub(crate) fn run_phase(
         return Vec::new();
     };
     let bound = bound(hooks);
+    let stop = AtomicBool::new(false);
+    let stop = &stop;
     let failed = keeping_alive(
         hosts.iter_mut().enumerate().collect(),
         |(_, h)| h.as_mut().ok().map(|h| &mut h.session),
@@ -141,6 +143,7 @@ pub(crate) fn run_phase(
                     o.hooks.env.as_deref(),
                     &**events,
                     bound,
+                    stop,
                 );
                 h.hooks.append(&mut reports);
                 let failed = error.is_some();
@@ -214,8 +217,12 @@ pub(crate) struct Run<'a> {
     pub first: bool,
 }
 
+/// Once a hook failed on one target, no further hook starts on any (one running goes to its
+/// end): a migration does not run for a deploy that is being aborted.
+pub(crate) type Stop = AtomicBool;
+
 /// Runs `hooks` in order on one target (the `once` ones only on the first), stopping at the
-/// first failure: what ran, and the failure.
+/// first failure here or elsewhere (`stop`, set on a failure): what ran, and the failure.
 pub(crate) fn run_list(
     session: &mut Session,
     at: Run,
@@ -224,6 +231,7 @@ pub(crate) fn run_list(
     env_name: Option<&str>,
     events: &dyn Events,
     bound: Duration,
+    stop: &Stop,
 ) -> (Vec<HookReport>, Option<DeployError>) {
     let mut env = vec![format!("FLIP_TARGET={}", at.target)];
     if let Some(e) = env_name {
@@ -231,6 +239,9 @@ pub(crate) fn run_list(
     }
     let mut reports = Vec::new();
     for hook in hooks.iter().filter(|k| at.first || !k.once) {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
         let r = session.hook(
             at.release,
             &hook.run,
@@ -253,6 +264,7 @@ pub(crate) fn run_list(
                 let how = rep.how(hook.timeout);
                 reports.push(rep);
                 if !ok {
+                    stop.store(true, Ordering::SeqCst);
                     let e = DeployError::Hook {
                         target: at.target.to_string(),
                         phase: phase.as_str(),
@@ -262,7 +274,10 @@ pub(crate) fn run_list(
                     return (reports, Some(e));
                 }
             }
-            Err(e) => return (reports, Some(e.into())),
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                return (reports, Some(e.into()));
+            }
         }
     }
     (reports, None)
