@@ -230,13 +230,13 @@ fn after_hooks(
                     index: *i,
                     target: &target,
                     first: *i == first,
+                    bound,
+                    stop,
                 },
                 hooks,
                 crate::HookPhase::AfterActivate,
                 o.hooks.env.as_deref(),
                 events,
-                bound,
-                stop,
             );
             out.hooks = reports;
             if error.is_some() {

@@ -137,13 +137,13 @@ pub(crate) fn run_phase(
                         index: h.index,
                         target: &target,
                         first: *i == first,
+                        bound,
+                        stop,
                     },
                     hooks,
                     phase,
                     o.hooks.env.as_deref(),
                     &**events,
-                    bound,
-                    stop,
                 );
                 h.hooks.append(&mut reports);
                 let failed = error.is_some();
@@ -215,6 +215,10 @@ pub(crate) struct Run<'a> {
     pub target: &'a str,
     /// The first target: `once` hooks run here only.
     pub first: bool,
+    /// How long the agent is to wait for the next request afterwards, at least ([`bound`]).
+    pub bound: Duration,
+    /// Set on a failure anywhere: no further hook starts.
+    pub stop: &'a Stop,
 }
 
 /// Once a hook failed on one target, no further hook starts on any (one running goes to its
@@ -230,9 +234,8 @@ pub(crate) fn run_list(
     phase: HookPhase,
     env_name: Option<&str>,
     events: &dyn Events,
-    bound: Duration,
-    stop: &Stop,
 ) -> (Vec<HookReport>, Option<DeployError>) {
+    let (bound, stop) = (at.bound, at.stop);
     let mut env = vec![format!("FLIP_TARGET={}", at.target)];
     if let Some(e) = env_name {
         env.push(format!("FLIP_ENV={e}"));
