@@ -20,6 +20,13 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// The shell a hook runs in. A fuzzing build (`cargo fuzz`, `--cfg fuzzing`) runs every hook
+/// with `true` instead: the fuzzer writes raw frames and must never run what it made up.
+#[cfg(not(fuzzing))]
+const SHELL: &str = "/bin/sh";
+#[cfg(fuzzing)]
+const SHELL: &str = "true";
+
 /// The only environment variables a client may set for a hook.
 const CLIENT_ENV: [&str; 2] = ["FLIP_TARGET", "FLIP_ENV"];
 
@@ -113,7 +120,7 @@ pub(crate) fn run(
     tx: &mut FrameWriter,
 ) -> Result<Response, HookError> {
     let started = Instant::now();
-    let mut cmd = std::process::Command::new("/bin/sh");
+    let mut cmd = std::process::Command::new(SHELL);
     cmd.arg("-c")
         .arg(&hook.run)
         .current_dir(dir)
