@@ -283,7 +283,7 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> i32 
         let hosts: Vec<Value> = d.hosts.iter().map(|h| host_json(h, itemize)).collect();
         let summary = json!({
             "env": env, "label": d.label, "targets": d.hosts.len(), "live": live,
-            "failed": failed.len(), "ok": d.succeeded(), "unchanged":
+            "failed": failed.len(), "ok": code == exit::OK, "unchanged":
                 d.hosts.iter().all(|h| h.state == HostState::Unchanged),
             "duration_ms": d.duration_ms,
         });

@@ -213,6 +213,7 @@ fn an_after_hook_failure_with_rollback_on_failure_switches_both_ssh_hosts_back()
         assert_dir_eq(&root.join("current"), &v2, "v2 stays live");
     }
     assert_eq!(hosts(&j)[1]["error"]["code"], 11, "{j}");
+    assert_eq!(j["summary"]["ok"], false, "{j}");
     let msg = hosts(&j)[1]["error"]["message"].as_str().unwrap();
     assert!(
         msg.contains("after_activate hook") && msg.contains("exit status 7"),
