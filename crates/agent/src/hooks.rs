@@ -169,6 +169,10 @@ pub(crate) fn run(
             }
         }
         if let Some((st, at)) = exited {
+            // Timed out: what is left of its group ignored the SIGTERM the shell died of.
+            if kill_at.take().is_some() {
+                kill(libc::SIGKILL);
+            }
             if open_pipes == 0 || at.elapsed() > DRAIN {
                 break Ok(st);
             }

@@ -917,3 +917,45 @@ fn hook_output_is_forwarded_line_by_line_with_long_lines_cut() {
     assert_eq!(err[0], cut);
     assert_intact(t.path());
 }
+
+#[test]
+fn a_hook_past_its_timeout_is_killed_with_what_ignores_sigterm_in_its_group() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let pid = t.path().join("pid");
+    let run = format!(
+        "(trap '' TERM; exec sleep 30) & echo $! > {}; wait",
+        pid.display()
+    );
+    let started = std::time::Instant::now();
+    let rs = session(
+        t.path(),
+        None,
+        vec![
+            lock(),
+            Request::Hook {
+                release: 1,
+                run,
+                timeout_ms: 300,
+                env: vec![],
+                wait_ms: 0,
+            },
+        ],
+    );
+    let done = rs.iter().find_map(|r| match r {
+        Response::HookDone { timed_out, .. } => Some(*timed_out),
+        _ => None,
+    });
+    assert_eq!(done, Some(true), "{:?}", rs.last());
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    let child: i32 = std::fs::read_to_string(&pid)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let alive =
+        std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|st| !st.contains(") Z "));
+    assert!(!alive, "{child} ignored SIGTERM and survived");
+    assert_intact(t.path());
+}
