@@ -2,6 +2,7 @@
 //! directory or given with `--config FILE`. Precedence: command-line flag > the environment's
 //! table > the top level > flip's default. Every error names the file, the line and the key.
 
+use crate::config_hooks::HookList;
 use crate::exit;
 use anyhow::Result;
 use serde::Deserialize;
@@ -34,6 +35,12 @@ pub struct Settings {
     pub writable_mode: Option<String>,
     /// `user` or `user:group` of the writable directories, when the agent runs as root.
     pub writable_owner: Option<String>,
+    /// Hooks run on every target before the swap (inside the committed release).
+    pub before_activate: Option<HookList>,
+    /// Hooks run on every target after the swap.
+    pub after_activate: Option<HookList>,
+    /// An `after_activate` failure switches every target back to its previous release.
+    pub rollback_on_failure: Option<bool>,
 }
 
 // No `#[serde(flatten)]`: it defeats `deny_unknown_fields` and the spans of type errors.
@@ -51,6 +58,9 @@ struct EnvShape {
     writable_dirs: Option<Vec<String>>,
     writable_mode: Option<String>,
     writable_owner: Option<String>,
+    before_activate: Option<HookList>,
+    after_activate: Option<HookList>,
+    rollback_on_failure: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -72,6 +82,9 @@ struct FileShape {
     writable_dirs: Option<Vec<String>>,
     writable_mode: Option<String>,
     writable_owner: Option<String>,
+    before_activate: Option<HookList>,
+    after_activate: Option<HookList>,
+    rollback_on_failure: Option<bool>,
     #[serde(default)]
     env: BTreeMap<String, EnvShape>,
 }
@@ -98,6 +111,9 @@ pub struct Resolved {
     pub writable_dirs: (Vec<String>, &'static str),
     pub writable_mode: (String, &'static str),
     pub writable_owner: (Option<String>, &'static str),
+    pub before_activate: (HookList, &'static str),
+    pub after_activate: (HookList, &'static str),
+    pub rollback_on_failure: (bool, &'static str),
 }
 
 /// Default of `keep`.
@@ -222,6 +238,9 @@ impl Config {
                 writable_dirs: env.writable_dirs,
                 writable_mode: env.writable_mode,
                 writable_owner: env.writable_owner,
+                before_activate: env.before_activate,
+                after_activate: env.after_activate,
+                rollback_on_failure: env.rollback_on_failure,
             };
             let targets = env.targets;
             envs.insert(name, Env { targets, settings });
@@ -237,6 +256,9 @@ impl Config {
             writable_dirs: shape.writable_dirs,
             writable_mode: shape.writable_mode,
             writable_owner: shape.writable_owner,
+            before_activate: shape.before_activate,
+            after_activate: shape.after_activate,
+            rollback_on_failure: shape.rollback_on_failure,
         };
         for (name, env) in envs
             .iter()
@@ -313,6 +335,11 @@ impl Config {
             writable_owner: pick(&e.writable_owner, &t.writable_owner, envkey)
                 .map(|(v, f)| (Some(v), f))
                 .unwrap_or((None, "default")),
+            before_activate: pick(&e.before_activate, &t.before_activate, envkey)
+                .unwrap_or_default(),
+            after_activate: pick(&e.after_activate, &t.after_activate, envkey).unwrap_or_default(),
+            rollback_on_failure: pick(&e.rollback_on_failure, &t.rollback_on_failure, envkey)
+                .unwrap_or((false, "default")),
         })
     }
 
@@ -340,8 +367,24 @@ fn describe_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
 /// above it and the text before `=`; the table itself for a header line.
 fn key_at(text: &str, at: usize) -> Option<String> {
     let at = at.min(text.len());
-    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let mut start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let mut end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    // Inside a list written over several lines (`before_activate = [` ... `{ run = ... }`):
+    // the key is on the line that opened it.
+    let is_key = |l: &str| {
+        let l = l.trim();
+        l.starts_with('[')
+            || l.split_once('=').is_some_and(|(k, _)| {
+                let k = k.trim();
+                !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_alphanumeric() || "_-.\"' ".contains(c))
+            })
+    };
+    while !is_key(&text[start..end]) && start > 0 {
+        end = start - 1;
+        start = text[..end].rfind('\n').map_or(0, |i| i + 1);
+    }
     let line = text[start..end].trim();
     let header = |l: &str| {
         l.strip_prefix('[')

@@ -37,11 +37,15 @@ pub enum Code {
     Partial = 10,
     /// `flip doctor` found a problem on a target (with `--strict`, a warning too).
     Unhealthy = 11,
+    /// A hook failed or timed out: a `before_activate` hook (nothing went live on any target),
+    /// or an `after_activate` hook (the new release is live, or every target was switched back
+    /// with `rollback_on_failure`). Takes precedence over [`Code::Partial`].
+    Hook = 12,
 }
 
 impl Code {
     /// Every code, in order.
-    pub const ALL: [Code; 12] = [
+    pub const ALL: [Code; 13] = [
         Code::Ok,
         Code::Internal,
         Code::Usage,
@@ -54,6 +58,7 @@ impl Code {
         Code::Auth,
         Code::Partial,
         Code::Unhealthy,
+        Code::Hook,
     ];
 
     /// The number the process exits with.
@@ -76,6 +81,7 @@ impl Code {
             Code::Auth => "SSH authentication",
             Code::Partial => "an environment command failed on some targets",
             Code::Unhealthy => "`flip doctor` found a problem",
+            Code::Hook => "a hook failed",
         }
     }
 
@@ -160,6 +166,7 @@ fn own_code(cause: &(dyn std::error::Error + 'static)) -> Option<Code> {
             DeployError::Transport(t) => transport_code(t),
             DeployError::Exe(_) => Code::Internal,
             DeployError::Aborted { .. } => Code::Partial,
+            DeployError::Hook { .. } => Code::Hook,
         });
     }
     if let Some(t) = cause.downcast_ref::<TransferError>() {

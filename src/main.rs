@@ -7,6 +7,7 @@
 mod output;
 mod cli;
 mod config;
+mod config_hooks;
 mod diff;
 mod doctor;
 mod exit;
@@ -347,6 +348,9 @@ fn deploy_options(
                 writable_dirs: Some(r.writable_dirs.0.clone()),
                 writable_mode: Some(r.writable_mode.0.clone()),
                 writable_owner: r.writable_owner.0.clone(),
+                before_activate: Some(r.before_activate.0.clone()),
+                after_activate: Some(r.after_activate.0.clone()),
+                rollback_on_failure: Some(r.rollback_on_failure.0),
             };
             (source, targets, Some(a.first.clone()), settings)
         }
@@ -393,6 +397,12 @@ fn deploy_options(
         parallel: a.parallel.or(settings.parallel).unwrap_or(0),
         mkpath: a.mkpath,
         ssh: ssh_settings(&a.common),
+        hooks: flip_deploy::Hooks {
+            before_activate: settings.before_activate.unwrap_or_default().0,
+            after_activate: settings.after_activate.unwrap_or_default().0,
+            rollback_on_failure: settings.rollback_on_failure.unwrap_or(false),
+            env: env.clone(),
+        },
     };
     Ok((o, targets, env))
 }
@@ -610,6 +620,20 @@ fn dry_run(
     Ok(out)
 }
 
+/// `o` with environment `env`'s hooks: `rollback ENV` and `activate ENV` run its
+/// `after_activate` hooks on the targets that moved.
+fn with_hooks(o: Options, env: &config::Resolved) -> Options {
+    Options {
+        hooks: flip_deploy::Hooks {
+            before_activate: Vec::new(),
+            after_activate: env.after_activate.0 .0.clone(),
+            rollback_on_failure: false,
+            env: Some(env.env.clone()),
+        },
+        ..o
+    }
+}
+
 /// Options for the commands other than deploy: connections and locking only.
 fn command_options(common: &Common) -> Options {
     Options {
@@ -629,6 +653,7 @@ fn command_options(common: &Common) -> Options {
         parallel: 0,
         mkpath: false,
         ssh: ssh_settings(common),
+        hooks: Default::default(),
     }
 }
 
@@ -760,7 +785,7 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<Code> {
         }
         let out = flip_deploy::switch(
             &targets,
-            &command_options(&a.common),
+            &with_hooks(command_options(&a.common), &env),
             &SwitchPlan::Rollback,
             Purpose::Rollback,
             &progress::Progress::lines(&targets),
@@ -788,7 +813,7 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<Code> {
         };
         let out = flip_deploy::switch(
             &targets,
-            &command_options(&a.common),
+            &with_hooks(command_options(&a.common), &env),
             &plan,
             Purpose::Activate,
             &progress::Progress::lines(&targets),
@@ -866,14 +891,23 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<Code> {
     let mut hosts = Vec::new();
     let mut code = exit::OK;
     for target in &targets {
-        let r = (|| -> Result<(u64, Vec<String>)> {
+        let r = (|| -> Result<(u64, Vec<String>, Vec<String>)> {
             let mut s = target.connect(&ssh, 0)?;
             let (id, problems) = s.verify(a.id)?;
+            // Among them: the paths written by hooks, which are not differences.
+            let warnings = s.take_warnings();
             s.close().context("closing the session")?;
-            Ok((id, problems))
+            Ok((id, problems, warnings))
         })();
         match r {
-            Ok((id, problems)) => {
+            Ok((id, problems, warnings)) => {
+                for w in &warnings {
+                    note!(
+                        "flip: {}: warning: {}",
+                        target.display(),
+                        output::printable(w)
+                    );
+                }
                 if !a.json {
                     if problems.is_empty() {
                         note!(
@@ -897,7 +931,7 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<Code> {
                         exit::INTEGRITY
                     };
                 }
-                hosts.push(json!({"target": target.display(), "release": id, "ok": problems.is_empty(), "problems": problems}));
+                hosts.push(json!({"target": target.display(), "release": id, "ok": problems.is_empty(), "problems": problems, "warnings": warnings}));
             }
             Err(e) if env.is_none() => return Err(e),
             Err(e) => {
@@ -948,6 +982,9 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<Code> {
                 "writable_dirs": r.writable_dirs.0,
                 "writable_mode": r.writable_mode.0,
                 "writable_owner": r.writable_owner.0,
+                "before_activate": r.before_activate.0.0.iter().map(config_hooks::show).collect::<Vec<_>>(),
+                "after_activate": r.after_activate.0.0.iter().map(config_hooks::show).collect::<Vec<_>>(),
+                "rollback_on_failure": r.rollback_on_failure.0,
                 "from": {
                     "source": source.as_ref().map(|s| s.1),
                     "exclude": r.exclude.1, "keep": r.keep.1, "parallel": r.parallel.1,
@@ -955,6 +992,8 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<Code> {
                     "shared_dirs": r.shared_dirs.1, "shared_files": r.shared_files.1,
                     "writable_dirs": r.writable_dirs.1, "writable_mode": r.writable_mode.1,
                     "writable_owner": r.writable_owner.1,
+                    "before_activate": r.before_activate.1, "after_activate": r.after_activate.1,
+                    "rollback_on_failure": r.rollback_on_failure.1,
                 },
             })
         );
@@ -984,20 +1023,39 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<Code> {
         outln!("shared_dirs = {:?}  # {}", r.shared_dirs.0, r.shared_dirs.1);
         outln!(
             "shared_files = {:?}  # {}",
-            r.shared_files.0, r.shared_files.1
+            r.shared_files.0,
+            r.shared_files.1
         );
         outln!(
             "writable_dirs = {:?}  # {}",
-            r.writable_dirs.0, r.writable_dirs.1
+            r.writable_dirs.0,
+            r.writable_dirs.1
         );
         outln!(
             "writable_mode = {:?}  # {}",
-            r.writable_mode.0, r.writable_mode.1
+            r.writable_mode.0,
+            r.writable_mode.1
         );
         match &r.writable_owner.0 {
             Some(o) => outln!("writable_owner = {o:?}  # {}", r.writable_owner.1),
             None => outln!("# writable_owner: not set (the deploy user)"),
         }
+        for (key, (list, from)) in [
+            ("before_activate", &r.before_activate),
+            ("after_activate", &r.after_activate),
+        ] {
+            let shown: Vec<String> = list
+                .0
+                .iter()
+                .map(|h| config_hooks::show(h).to_string())
+                .collect();
+            outln!("{key} = [{}]  # {from}", shown.join(", "));
+        }
+        outln!(
+            "rollback_on_failure = {}  # {}",
+            r.rollback_on_failure.0,
+            r.rollback_on_failure.1
+        );
     }
     Ok(exit::OK)
 }

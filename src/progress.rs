@@ -146,6 +146,18 @@ impl Events for Progress {
         }
     }
 
+    /// Every line of a hook's output, live on stderr (whether or not it is a terminal, with
+    /// `-q` too: it is the hook's own output; never on stdout, which carries `--json`),
+    /// prefixed with its target: `[deploy@web1:/srv/app] ...`.
+    fn hook_line(&self, host: usize, _stream: flip_deploy::HookStream, line: &str) {
+        let name = self.names.get(host).map(String::as_str).unwrap_or("?");
+        let text = format!("[{}] {}", output::printable(name), output::printable(line));
+        match &self.bars {
+            Some(b) => b.multi.suspend(|| eprintln!("{text}")),
+            None => eprintln!("{text}"),
+        }
+    }
+
     fn waiting(&self, host: usize, holder: &str) {
         let name = self.names.get(host).map(String::as_str).unwrap_or("?");
         // The holder is what the lock file says: whoever holds the lock wrote it.

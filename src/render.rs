@@ -46,7 +46,7 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
         leftover_line(&l.path, &l.error);
     }
     for x in &r.seeded {
-        eprintln!(
+        note!(
             "flip: {}: new shared path shared/{}, seeded from the source where it had one (later deploys leave it as it is)",
             output::printable(&r.target),
             output::printable(x)
@@ -97,10 +97,33 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
 pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<Code> {
     let h = d.hosts.remove(0);
     failure_notices(&h);
-    if let Some(e) = h.error {
-        return Err(e.into());
-    }
-    let r = h.report.expect("a target that did not fail has a report");
+    let r = match (h.error, h.report) {
+        (Some(e), None) => return Err(e.into()),
+        // A hook failed: what the deploy did (with each hook's status) still goes out.
+        (Some(e), Some(r)) => {
+            let code = exit::code_of(&e);
+            if json {
+                let mut o = report_json(&r, itemize);
+                o.insert("state".into(), json!(h.state));
+                o.insert("live".into(), json!(h.live));
+                o.insert(
+                    "error".into(),
+                    json!({"code": code, "message": e.to_string()}),
+                );
+                outln!("{}", Value::Object(o));
+            }
+            for w in &r.warnings {
+                note!("flip: warning: {}", output::printable(w));
+            }
+            host_error(&r.target, &e.to_string(), "");
+            let on = h.live.map_or("no release live".to_string(), |id| {
+                format!("release {id} live")
+            });
+            eprintln!("flip: {}: {} ({on})", r.target, state_text(h.state));
+            return Ok(code);
+        }
+        (None, r) => r.expect("a target that did not fail has a report"),
+    };
     if json {
         outln!("{}", Value::Object(report_json(&r, itemize)));
         for w in &r.warnings {
@@ -174,7 +197,13 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> Code
         .filter(|h| matches!(h.state, HostState::Live | HostState::Unchanged))
         .count();
     let failed: Vec<&HostOutcome> = d.hosts.iter().filter(|h| h.error.is_some()).collect();
-    let code = if d.succeeded() {
+    let hook_failed = d
+        .hosts
+        .iter()
+        .any(|h| matches!(h.error, Some(flip_deploy::DeployError::Hook { .. })));
+    let code = if hook_failed {
+        Code::Hook
+    } else if d.succeeded() {
         exit::OK
     } else {
         exit::PARTIAL
@@ -183,7 +212,7 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> Code
         let hosts: Vec<Value> = d.hosts.iter().map(|h| host_json(h, itemize)).collect();
         let summary = json!({
             "env": env, "label": d.label, "targets": d.hosts.len(), "live": live,
-            "failed": failed.len(), "ok": d.succeeded(), "unchanged":
+            "failed": failed.len(), "ok": code == exit::OK, "unchanged":
                 d.hosts.iter().all(|h| h.state == HostState::Unchanged),
             "duration_ms": d.duration_ms,
         });
@@ -354,6 +383,12 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
     }
     if ok {
         return exit::OK;
+    }
+    if out
+        .iter()
+        .any(|o| matches!(o.error, Some(flip_deploy::DeployError::Hook { .. })))
+    {
+        return Code::Hook;
     }
     // One target: its own exit code, as for a target given on the command line.
     match out.as_slice() {

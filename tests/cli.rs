@@ -47,7 +47,7 @@ fn help_lists_the_exit_codes_of_the_readme() {
     let r = fx.flip(&["--help"]).success();
     for needle in [
         "Exit codes: 0 success, 1 internal error, 2 usage error, 3 locked",
-        "10 an environment command failed on some targets, 11 `flip doctor` found a problem.",
+        "10 an environment command failed on some targets, 11 `flip doctor` found a problem, 12 a hook failed.",
     ] {
         assert!(r.stdout.contains(needle), "{needle}: {}", r.stdout);
     }

@@ -36,6 +36,9 @@ pub enum AgentError {
     Wire(#[from] WireError),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A hook could not be started or waited for.
+    #[error("{0}")]
+    Hook(String),
 }
 
 impl AgentError {
@@ -72,6 +75,7 @@ impl AgentError {
             },
             AgentError::Wire(WireError::Io(_)) => ErrorClass::Io,
             AgentError::Wire(_) | AgentError::Protocol(_) => ErrorClass::Protocol,
+            AgentError::Hook(_) => ErrorClass::Io,
         }
     }
 }
@@ -79,8 +83,9 @@ impl AgentError {
 type Result<T, E = AgentError> = std::result::Result<T, E>;
 
 mod apply;
-mod shared;
 pub mod doctor;
+mod hooks;
+mod shared;
 
 use apply::{How, Pool};
 use std::sync::Arc;
@@ -133,6 +138,9 @@ struct Session {
     /// A deploy may create the root's missing parents too (`flip agent --mkpath`); otherwise
     /// only the root itself, when its parent exists.
     mkpath: bool,
+    /// The release live before this session's activation or rollback, once it made one
+    /// (`FLIP_PREVIOUS` of a hook run after the swap).
+    previous_live: Option<Option<u64>>,
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -167,6 +175,7 @@ pub fn serve_with(
         discardable: None,
         shared: None,
         mkpath,
+        previous_live: None,
     };
     let r = s.run(&mut rx, &mut tx);
     // Teardown, on every path: the staging directory goes first, then a target this session
@@ -260,6 +269,7 @@ impl Idle {
         let Some(idle) = self.idle else {
             return Ok(());
         };
+        let idle = hooks::idle_wait(idle);
         let ms = libc::c_int::try_from(idle.as_millis()).unwrap_or(libc::c_int::MAX);
         let mut pfd = libc::pollfd {
             fd: self.file.as_raw_fd(),
@@ -597,6 +607,7 @@ impl Session {
             Request::Activate { id } => {
                 let root = self.root(false)?;
                 let previous = root.activate(self.locked()?, id)?;
+                self.previous_live.get_or_insert(previous);
                 self.log(serde_json::json!({
                     "time": now(), "event": "activate", "release": id, "previous": previous,
                 }));
@@ -617,6 +628,7 @@ impl Session {
                 };
                 // `--to` the live release answers as `activate` of it does: it stays live.
                 let previous = root.activate(lock, target)?;
+                self.previous_live.get_or_insert(previous);
                 self.log(serde_json::json!({
                     "time": now(), "event": "rollback", "release": target, "previous": previous,
                 }));
@@ -721,6 +733,47 @@ impl Session {
             }
             // Read-only and without the lock: a running deploy is reported, never waited for.
             Request::Doctor => doctor::answer(&self.root_path)?,
+            Request::Hook {
+                release,
+                run,
+                timeout_ms,
+                env,
+                wait_ms,
+            } => {
+                let root = self.root(false)?;
+                self.locked()?;
+                let hook =
+                    hooks::Hook::checked(run, timeout_ms, env).map_err(RelError::BadRequest)?;
+                // A committed release of this root: its metadata and a real directory.
+                root.info(release)?;
+                let previous = match self.previous_live {
+                    Some(p) => p,
+                    None => root.current()?,
+                };
+                let done = hooks::run(&hook, &root.release_dir(release), release, previous, tx)
+                    .map_err(|e| match e {
+                        hooks::HookError::Client(w) => AgentError::Wire(w),
+                        e => AgentError::Hook(e.to_string()),
+                    })?;
+                // The client's other targets may still run hooks: do not give up on it.
+                hooks::wait_at_least(Duration::from_millis(wait_ms.min(7 * 24 * 3600 * 1000)));
+                if let Response::HookDone {
+                    status,
+                    signal,
+                    timed_out,
+                    duration_ms,
+                } = &done
+                {
+                    // What a hook wrote into the release is not tampering.
+                    root.record_hook_writes(self.locked()?, release);
+                    self.log(serde_json::json!({
+                        "time": now(), "event": "hook", "release": release,
+                        "run": hook.run, "status": status, "signal": signal,
+                        "timed_out": timed_out, "duration_ms": duration_ms,
+                    }));
+                }
+                done
+            }
             Request::Bye => unreachable!("handled by run"),
         }))
     }

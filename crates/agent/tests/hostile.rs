@@ -891,3 +891,145 @@ fn a_seed_that_is_a_symlink_is_refused_and_nothing_lands_in_shared() {
     );
     assert!(!t.path().join("shared/storage").exists());
 }
+
+fn hook(release: u64, run: &str, env: &[&str]) -> Request {
+    Request::Hook {
+        release,
+        run: run.into(),
+        timeout_ms: 10_000,
+        env: env.iter().map(|e| e.to_string()).collect(),
+        wait_ms: 0,
+    }
+}
+
+#[test]
+fn a_hook_is_refused_without_the_lock_outside_a_committed_release_or_with_other_variables() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let marker = t.path().join("ran");
+    let run = format!("touch {}", marker.display());
+    refused_before_the_lock(t.path(), hook(1, &run, &[]), "needs the lock");
+    let bad: Vec<(Request, ErrorClass, &str)> = vec![
+        (hook(2, &run, &[]), ErrorClass::Target, "2"),
+        (
+            hook(1, &run, &["LD_PRELOAD=/tmp/evil.so"]),
+            ErrorClass::BadRequest,
+            "LD_PRELOAD",
+        ),
+        (
+            hook(1, &run, &["PATH=/tmp"]),
+            ErrorClass::BadRequest,
+            "PATH",
+        ),
+        (
+            hook(1, &run, &["FLIP_ENV=a", "FLIP_ENV=b"]),
+            ErrorClass::BadRequest,
+            "once each",
+        ),
+        (
+            hook(1, &run, &[&format!("FLIP_TARGET={}", "x".repeat(5000))]),
+            ErrorClass::BadRequest,
+            "longer than",
+        ),
+        (hook(1, "touch a\0b", &[]), ErrorClass::BadRequest, "NUL"),
+        (hook(1, " ", &[]), ErrorClass::BadRequest, "empty"),
+        (
+            Request::Hook {
+                release: 1,
+                run: run.clone(),
+                timeout_ms: 0,
+                env: vec![],
+                wait_ms: 0,
+            },
+            ErrorClass::BadRequest,
+            "timeout",
+        ),
+    ];
+    for (frame, class, needle) in bad {
+        refused(t.path(), vec![lock(), frame], class, needle);
+    }
+    assert!(!marker.exists(), "a refused hook ran");
+}
+
+#[test]
+fn hook_output_is_forwarded_line_by_line_with_long_lines_cut() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    // 20,000 short lines, then a 100 KiB line without a newline, on stderr.
+    let run = "i=0; while [ $i -lt 20000 ]; do echo line$i; i=$((i+1)); done; head -c 102400 /dev/zero | tr '\\0' y >&2; pwd; exit 4";
+    let rs = session(
+        t.path(),
+        None,
+        vec![lock(), hook(1, run, &["FLIP_ENV=prod"])],
+    );
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let mut done = None;
+    for r in &rs {
+        match r {
+            Response::HookOutput { stream, line } => match stream {
+                flip_wire::HookStream::Stdout => out.push(line.clone()),
+                flip_wire::HookStream::Stderr => err.push(line.clone()),
+            },
+            Response::HookDone {
+                status, timed_out, ..
+            } => done = Some((*status, *timed_out)),
+            _ => {}
+        }
+    }
+    assert_eq!(done, Some((Some(4), false)), "{:?}", rs.last());
+    assert_eq!(out.len(), 20_001);
+    assert_eq!(out[19_999], "line19999");
+    let release = std::fs::canonicalize(t.path().join("releases/1")).unwrap();
+    assert_eq!(out[20_000], release.to_str().unwrap(), "cwd is the release");
+    assert_eq!(err.len(), 1);
+    let cut = format!(
+        "{} [line cut at {} bytes]",
+        "y".repeat(flip_wire::HOOK_LINE_MAX),
+        flip_wire::HOOK_LINE_MAX
+    );
+    assert_eq!(err[0], cut);
+    assert_intact(t.path());
+}
+
+#[test]
+fn a_hook_past_its_timeout_is_killed_with_what_ignores_sigterm_in_its_group() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let pid = t.path().join("pid");
+    let run = format!(
+        "(trap '' TERM; exec sleep 30) & echo $! > {}; wait",
+        pid.display()
+    );
+    let started = std::time::Instant::now();
+    let rs = session(
+        t.path(),
+        None,
+        vec![
+            lock(),
+            Request::Hook {
+                release: 1,
+                run,
+                timeout_ms: 300,
+                env: vec![],
+                wait_ms: 0,
+            },
+        ],
+    );
+    let done = rs.iter().find_map(|r| match r {
+        Response::HookDone { timed_out, .. } => Some(*timed_out),
+        _ => None,
+    });
+    assert_eq!(done, Some(true), "{:?}", rs.last());
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    let child: i32 = std::fs::read_to_string(&pid)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let alive =
+        std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|st| !st.contains(") Z "));
+    assert!(!alive, "{child} ignored SIGTERM and survived");
+    assert_intact(t.path());
+}

@@ -37,6 +37,9 @@ pub struct SwitchOutcome {
     pub warnings: Vec<String>,
     /// What it could not remove.
     pub leftovers: Vec<Leftover>,
+    /// The `after_activate` hooks run on it (when it moved), in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<crate::HookReport>,
 }
 
 struct Locked {
@@ -79,6 +82,7 @@ pub fn switch(
             error: None,
             warnings: Vec::new(),
             leftovers: Vec::new(),
+            hooks: Vec::new(),
         })
         .collect();
     let wanted = resolve(plan, &locked, targets);
@@ -129,6 +133,11 @@ pub fn switch(
         return out;
     }
     // Phase 2: every target resolved and locked.
+    let moved: Vec<bool> = sessions
+        .iter()
+        .zip(&out)
+        .map(|(s, o)| s.as_ref().is_some_and(|s| s.current != o.release))
+        .collect();
     let results: Vec<Result<(), DeployError>> =
         crate::each_in_parallel(sessions.iter_mut().zip(&out), |(s, o)| {
             let s = s.as_mut().expect("every target is locked");
@@ -175,8 +184,66 @@ pub fn switch(
             }
         }
     }
+    if failed.is_empty() {
+        after_hooks(&mut sessions, &mut out, &moved, o, events);
+    }
     close_all(sessions, &mut out);
     out
+}
+
+/// Every target switched: `after_activate` on each that moved (a PHP-FPM reload is needed after
+/// a rollback too). A failure is reported on its target; nothing is switched back (the release
+/// switched away from is the one the command left).
+fn after_hooks(
+    sessions: &mut [Option<Locked>],
+    out: &mut [SwitchOutcome],
+    moved: &[bool],
+    o: &Options,
+    events: &dyn Events,
+) {
+    let hooks = &o.hooks.after_activate;
+    let Some(first) = moved.iter().position(|m| *m) else {
+        return;
+    };
+    if hooks.is_empty() {
+        return;
+    }
+    let bound = crate::hooks::bound(hooks);
+    let stop = crate::hooks::Stop::new(false);
+    let stop = &stop;
+    crate::hooks::keeping_alive(
+        sessions
+            .iter_mut()
+            .zip(out.iter_mut())
+            .enumerate()
+            .collect(),
+        |(_, (s, _))| s.as_mut().map(|s| &mut s.session),
+        |(i, (s, out))| {
+            let (Some(s), true, Some(release)) = (s.as_mut(), moved[*i], out.release) else {
+                return;
+            };
+            let target = out.target.clone();
+            let (reports, error) = crate::hooks::run_list(
+                &mut s.session,
+                crate::hooks::Run {
+                    release,
+                    index: *i,
+                    target: &target,
+                    first: *i == first,
+                    bound,
+                    stop,
+                },
+                hooks,
+                crate::HookPhase::AfterActivate,
+                o.hooks.env.as_deref(),
+                events,
+            );
+            out.hooks = reports;
+            if error.is_some() {
+                out.error = error;
+            }
+        },
+    );
 }
 
 /// Moves what a target's agent warned about and could not remove into its outcome.

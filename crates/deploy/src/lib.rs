@@ -18,9 +18,12 @@
 //! release ([`HostReport::unchanged`]) unless [`Options::force_release`].
 
 mod env;
+mod hooks;
 mod target;
 
 pub use env::{label_rows, switch, LabelRow, SwitchOutcome, SwitchPlan};
+pub use flip_wire::HookStream;
+pub use hooks::{Hook, HookPhase, HookReport, Hooks, DEFAULT_TIMEOUT as DEFAULT_HOOK_TIMEOUT};
 pub use target::{SshSettings, Target};
 
 use flip_manifest::{Digest, Manifest, RelPath};
@@ -55,6 +58,15 @@ pub enum DeployError {
     /// This target was ready, but the deploy stopped because of another target.
     #[error("{target}: not activated: {why}")]
     Aborted { target: String, why: String },
+    /// A hook failed or timed out on this target (`phase`: `before_activate` or
+    /// `after_activate`; `how`: "exit status 3", "timed out after 1s (killed)", ...).
+    #[error("{target}: {phase} hook `{run}` failed: {how}")]
+    Hook {
+        target: String,
+        phase: &'static str,
+        run: String,
+        how: String,
+    },
 }
 
 /// What a deploy is asked to do.
@@ -94,6 +106,8 @@ pub struct Options {
     /// `writable_owner`: `user` or `user:group` of the writable directories, applied where the
     /// agent runs as root.
     pub writable_owner: Option<String>,
+    /// Commands run on the targets around the swap (none by default).
+    pub hooks: Hooks,
 }
 
 /// What the binary hears while a deploy runs (progress lines). Called from worker threads.
@@ -109,6 +123,8 @@ pub trait Events: Send + Sync {
     fn scanned(&self) {}
     /// Target `host` starts staging; `meter` counts the file content it sends as it goes.
     fn sending(&self, _host: usize, _meter: &flip_transfer::SendMeter) {}
+    /// A hook running on target `host` wrote `line` (without its newline) to `stream`.
+    fn hook_line(&self, _host: usize, _stream: flip_wire::HookStream, _line: &str) {}
 }
 
 /// No progress reporting.
@@ -129,6 +145,8 @@ pub enum Phase {
     Failed,
     Discarded,
     SwitchedBack,
+    /// Running hooks.
+    Hooks,
 }
 
 impl Phase {
@@ -144,6 +162,7 @@ impl Phase {
             Phase::Failed => "failed",
             Phase::Discarded => "not activated (release discarded)",
             Phase::SwitchedBack => "switched back",
+            Phase::Hooks => "running hooks",
         }
     }
 }
@@ -195,6 +214,9 @@ pub struct HostReport {
     /// sent, and is counted with the files); absent from the JSON when none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub seeded: Vec<String>,
+    /// The hooks run on this target, in order (left out of the JSON when none ran).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<HookReport>,
     pub duration_ms: u64,
 }
 
@@ -303,8 +325,20 @@ pub fn deploy(
             .collect();
         manifests.dedup_by(|a, b| a.digest() == b.digest());
         warnings.extend(caches.remember(&manifests));
+        let made = |h: &Host| !h.unchanged && !h.skipped;
         match o.activate {
-            true => activate_all(&mut hosts, targets, o, &events),
+            // Every release committed, nothing live yet: the before hooks, anywhere failing
+            // aborts everywhere.
+            true if !hooks::run_phase(&mut hosts, HookPhase::BeforeActivate, o, &events, &made)
+                .is_empty() =>
+            {
+                abort(&mut hosts, &events)
+            }
+            true => {
+                let mut states = activate_all(&mut hosts, targets, o, &events);
+                after_hooks(&mut hosts, &mut states, o, &events);
+                states
+            }
             false => vec![HostState::Staged; hosts.len()],
         }
     };
@@ -322,9 +356,68 @@ pub fn deploy(
     })
 }
 
+/// Phase 2 switched every target: the after hooks on each target that went live; a failure
+/// switches every target back with `rollback_on_failure`.
+fn after_hooks(
+    hosts: &mut [Prepared],
+    states: &mut [HostState],
+    o: &Options,
+    events: &Arc<dyn Events>,
+) {
+    if !states
+        .iter()
+        .all(|s| *s == HostState::Live || *s == HostState::Unchanged)
+    {
+        return;
+    }
+    let live = |h: &Host| !h.unchanged && !h.skipped;
+    let failed = hooks::run_phase(hosts, HookPhase::AfterActivate, o, events, &live);
+    if failed.is_empty() {
+        return;
+    }
+    let why: Vec<String> = failed
+        .iter()
+        .filter_map(|&i| {
+            hosts[i]
+                .as_ref()
+                .ok()?
+                .hook_error
+                .as_ref()
+                .map(|e| e.to_string())
+        })
+        .collect();
+    let why = format!("an after_activate hook failed ({})", why.join("; "));
+    if o.hooks.rollback_on_failure {
+        let switched = each_in_parallel(hosts.iter_mut().zip(states.iter()), |(h, st)| match h {
+            Ok(h) if *st == HostState::Live => Some(switch_back(h, &why, events)),
+            _ => None,
+        });
+        for (st, sw) in states.iter_mut().zip(switched) {
+            if let Some(sw) = sw {
+                *st = sw;
+            }
+        }
+    } else {
+        for h in hosts.iter_mut().filter_map(|h| h.as_mut().ok()) {
+            if h.hook_error.is_none() && !h.unchanged {
+                h.warnings.push(format!(
+                    "release {} stays live although {why} (rollback_on_failure is off)",
+                    h.release
+                ));
+            }
+        }
+    }
+}
+
 /// A target in the pipeline, past phase 1.
 struct Host {
     index: usize,
+    /// The target, as displayed (`FLIP_TARGET` of its hooks).
+    target: String,
+    /// The hooks run on it, in order.
+    hooks: Vec<HookReport>,
+    /// A hook failed on it ([`DeployError::Hook`]) or could not be run.
+    hook_error: Option<DeployError>,
     session: Session,
     started: Instant,
     /// The release live before the deploy.
@@ -701,6 +794,9 @@ impl Host {
         })?;
         Ok(Host {
             index,
+            target: target.display(),
+            hooks: Vec::new(),
+            hook_error: None,
             session,
             started: Instant::now(),
             previous: None,
@@ -829,7 +925,10 @@ fn local_host() -> String {
 fn abort(hosts: &mut [Result<Host, Failed>], events: &Arc<dyn Events>) -> Vec<HostState> {
     let culprits: Vec<String> = hosts
         .iter()
-        .filter_map(|h| h.as_ref().err().map(|f| f.error.to_string()))
+        .filter_map(|h| match h {
+            Err(f) => Some(f.error.to_string()),
+            Ok(h) => h.hook_error.as_ref().map(|e| e.to_string()),
+        })
         .collect();
     let why = format!("another target failed ({})", culprits.join("; "));
     each_in_parallel(hosts.iter_mut(), |h| match h {
@@ -846,6 +945,10 @@ fn abort(hosts: &mut [Result<Host, Failed>], events: &Arc<dyn Events>) -> Vec<Ho
                     "release {} was committed but could not be discarded (it is not live): {e}",
                     h.release
                 ));
+            }
+            if h.hook_error.is_some() {
+                events.phase(h.index, Phase::Failed);
+                return HostState::Failed;
             }
             events.phase(h.index, Phase::Discarded);
             h.warnings.push(format!("not activated: {why}"));
@@ -882,7 +985,10 @@ fn activate_all(
         match r {
             Ok(()) if h.unchanged => states.push(HostState::Unchanged),
             Ok(()) if failed.is_empty() => states.push(HostState::Live),
-            Ok(()) => states.push(switch_back(h, &failed, events)),
+            Ok(()) => {
+                let why = format!("another target's activation failed ({})", failed.join("; "));
+                states.push(switch_back(h, &why, events))
+            }
             Err(e) => {
                 let (previous, release) = (h.previous, h.release);
                 let failed = h.fail(e);
@@ -922,11 +1028,10 @@ fn recheck(target: &Target, o: &Options, previous: Option<u64>, release: u64) ->
 
 /// Another target's activation failed: `h` goes back to the release live before (when there
 /// was one) and its new release is discarded.
-fn switch_back(h: &mut Host, failed: &[String], events: &Arc<dyn Events>) -> HostState {
-    let why = failed.join("; ");
+fn switch_back(h: &mut Host, why: &str, events: &Arc<dyn Events>) -> HostState {
     let Some(prev) = h.previous else {
         h.warnings.push(format!(
-            "another target's activation failed ({why}), and this target had no release live before: release {} stays live",
+            "{why}, and this target had no release live before: release {} stays live",
             h.release
         ));
         return HostState::Live;
@@ -937,15 +1042,14 @@ fn switch_back(h: &mut Host, failed: &[String], events: &Arc<dyn Events>) -> Hos
                 h.warnings
                     .push(format!("release {} could not be discarded: {e}", h.release));
             }
-            h.warnings.push(format!(
-                "switched back to release {prev}: another target's activation failed ({why})"
-            ));
+            h.warnings
+                .push(format!("switched back to release {prev}: {why}"));
             events.phase(h.index, Phase::SwitchedBack);
             HostState::SwitchedBack
         }
         Err(e) => {
             h.warnings.push(format!(
-                "another target's activation failed ({why}) and switching back to release {prev} failed too ({e}): release {} stays live",
+                "{why} and switching back to release {prev} failed too ({e}): release {} stays live",
                 h.release
             ));
             HostState::Live
@@ -1036,6 +1140,7 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
                 leftovers,
                 warnings,
                 seeded: h.seeded,
+                hooks: std::mem::take(&mut h.hooks),
                 duration_ms: h.started.elapsed().as_millis() as u64,
             };
             HostOutcome {
@@ -1043,7 +1148,7 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
                 state,
                 // Nothing was staged on a skipped target: nothing to report.
                 report: (!h.skipped).then_some(report),
-                error: None,
+                error: h.hook_error.take(),
                 live,
                 warnings: Vec::new(),
                 leftovers: Vec::new(),

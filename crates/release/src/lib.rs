@@ -24,6 +24,7 @@ pub mod delta;
 pub mod doctor;
 mod error;
 mod fsutil;
+mod hooks;
 mod lock;
 mod shared;
 mod stage;
@@ -650,6 +651,7 @@ impl Root {
             self.manifest_path(id),
             self.info_path(id),
             self.stat_path(id),
+            self.hooks_path(id),
         ] {
             match fs::remove_file(&p) {
                 Ok(()) => {}
@@ -881,9 +883,13 @@ impl Root {
     }
 
     /// Re-reads a release and compares it with its manifest. Returns the differences found.
+    /// What its hooks wrote (recorded by [`Root::record_hook_writes`], unchanged since) is
+    /// not a difference: it is named in a warning.
     pub fn verify(&self, id: u64) -> Result<Vec<String>> {
         let manifest = self.manifest(id)?;
-        Ok(stage::verify_tree(&self.release_dir(id), &manifest))
+        let dir = self.release_dir(id);
+        let diffs = stage::tree_differences(&dir, &manifest);
+        Ok(self.without_hook_writes(id, &dir, diffs))
     }
 }
 
@@ -954,8 +960,8 @@ pub fn abandon() {
     ABANDONED.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Whether [`abandon`] was called.
-pub(crate) fn abandoned() -> bool {
+/// Whether [`abandon`] was called (the agent's client went away).
+pub fn abandoned() -> bool {
     ABANDONED.load(std::sync::atomic::Ordering::Relaxed)
 }
 

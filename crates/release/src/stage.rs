@@ -1396,75 +1396,78 @@ impl FileWriter {
 }
 
 /// Compares a tree on disk with a manifest: every entry's kind, mode, size, content and target,
-/// and nothing extra. Returns one line per difference.
-pub(crate) fn verify_tree(dir: &Path, manifest: &Manifest) -> Vec<String> {
-    let mut problems: Vec<String> = manifest
+/// and nothing extra. Returns one (path, message) per difference, sorted by message.
+pub(crate) fn tree_differences(dir: &Path, manifest: &Manifest) -> Vec<(String, String)> {
+    let mut problems: Vec<(String, String)> = manifest
         .entries()
         .par_iter()
-        .filter_map(|e| {
-            let p = dir.join(e.path.as_str());
-            let meta = match fs::symlink_metadata(&p) {
-                Ok(m) => m,
-                Err(err) => return Some(format!("{}: {err}", e.path)),
-            };
-            match &e.kind {
-                EntryKind::Dir { mode } => {
-                    if !meta.is_dir() {
-                        Some(format!("{}: not a directory", e.path))
-                    } else if meta.mode() & MODE_MASK != *mode {
-                        Some(format!(
-                            "{}: mode {:04o}, expected {mode:04o}",
-                            e.path,
-                            meta.mode() & MODE_MASK
-                        ))
-                    } else {
-                        None
-                    }
-                }
-                EntryKind::Symlink { target } => match fs::read_link(&p) {
-                    Ok(t) if t.as_os_str() == target.as_str() => None,
-                    Ok(t) => Some(format!(
-                        "{}: points to {}, expected {target}",
-                        e.path,
-                        t.display()
-                    )),
-                    Err(_) => Some(format!("{}: not a symlink", e.path)),
-                },
-                EntryKind::File { mode, size, digest } => {
-                    if !meta.file_type().is_file() {
-                        return Some(format!("{}: not a regular file", e.path));
-                    }
-                    if meta.mode() & MODE_MASK != *mode {
-                        return Some(format!(
-                            "{}: mode {:04o}, expected {mode:04o}",
-                            e.path,
-                            meta.mode() & MODE_MASK
-                        ));
-                    }
-                    if meta.len() != *size {
-                        return Some(format!("{}: {} bytes, expected {size}", e.path, meta.len()));
-                    }
-                    // Read, never mapped: a file truncated during the check (by the
-                    // application) must be a difference, not a SIGBUS.
-                    match hash_file(&p) {
-                        Ok(d) if d == *digest => None,
-                        Ok(_) => Some(format!("{}: content differs from the manifest", e.path)),
-                        Err(err) => Some(format!("{}: {err}", e.path)),
-                    }
-                }
-            }
-        })
+        .filter_map(|e| difference(dir, e).map(|m| (e.path.to_string(), m)))
         .collect();
     let mut extra = Vec::new();
     list_tree(dir, dir, &mut extra);
     for rel in extra {
         match RelPath::new(rel.clone()) {
             Ok(p) if manifest.get(&p).is_some() => {}
-            _ => problems.push(format!("{rel}: not in the manifest")),
+            _ => problems.push((rel.clone(), format!("{rel}: not in the manifest"))),
         }
     }
-    problems.sort();
+    problems.sort_by(|a, b| a.1.cmp(&b.1));
     problems
+}
+
+/// How entry `e` of a manifest differs in the tree at `dir`, if it does.
+fn difference(dir: &Path, e: &flip_manifest::Entry) -> Option<String> {
+    let p = dir.join(e.path.as_str());
+    let meta = match fs::symlink_metadata(&p) {
+        Ok(m) => m,
+        Err(err) => return Some(format!("{}: {err}", e.path)),
+    };
+    match &e.kind {
+        EntryKind::Dir { mode } => {
+            if !meta.is_dir() {
+                Some(format!("{}: not a directory", e.path))
+            } else if meta.mode() & MODE_MASK != *mode {
+                Some(format!(
+                    "{}: mode {:04o}, expected {mode:04o}",
+                    e.path,
+                    meta.mode() & MODE_MASK
+                ))
+            } else {
+                None
+            }
+        }
+        EntryKind::Symlink { target } => match fs::read_link(&p) {
+            Ok(t) if t.as_os_str() == target.as_str() => None,
+            Ok(t) => Some(format!(
+                "{}: points to {}, expected {target}",
+                e.path,
+                t.display()
+            )),
+            Err(_) => Some(format!("{}: not a symlink", e.path)),
+        },
+        EntryKind::File { mode, size, digest } => {
+            if !meta.file_type().is_file() {
+                return Some(format!("{}: not a regular file", e.path));
+            }
+            if meta.mode() & MODE_MASK != *mode {
+                return Some(format!(
+                    "{}: mode {:04o}, expected {mode:04o}",
+                    e.path,
+                    meta.mode() & MODE_MASK
+                ));
+            }
+            if meta.len() != *size {
+                return Some(format!("{}: {} bytes, expected {size}", e.path, meta.len()));
+            }
+            // Read, never mapped: a file truncated during the check (by the
+            // application) must be a difference, not a SIGBUS.
+            match hash_file(&p) {
+                Ok(d) if d == *digest => None,
+                Ok(_) => Some(format!("{}: content differs from the manifest", e.path)),
+                Err(err) => Some(format!("{}: {err}", e.path)),
+            }
+        }
+    }
 }
 
 /// The blake3 of the regular file at `path` (not through a symlink at its end, never blocking

@@ -143,6 +143,25 @@ fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// How a hook ended on the target ([`Session::hook`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HookEnd {
+    /// Its exit status; `None` when a signal ended it.
+    pub status: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    /// Killed because it ran longer than its timeout.
+    pub timed_out: bool,
+    pub duration_ms: u64,
+}
+
+impl HookEnd {
+    /// Exited with status 0 within its timeout.
+    pub fn succeeded(&self) -> bool {
+        self.status == Some(0) && !self.timed_out
+    }
+}
+
 /// An open session with an agent.
 pub struct Session {
     rx: FrameReader,
@@ -789,6 +808,49 @@ impl Session {
         }
     }
 
+    /// Runs a hook on the target ([`Request::Hook`]): `run` by `/bin/sh -c` inside release
+    /// `release`, for at most `timeout_ms`; `env` are `NAME=VALUE` entries (`FLIP_TARGET`,
+    /// `FLIP_ENV`); the agent waits at least `wait_ms` for the next request afterwards.
+    /// `on_line` hears every line of output as it arrives. Returns how the hook ended (a
+    /// failing hook is not an error here: the caller decides).
+    pub fn hook(
+        &mut self,
+        release: u64,
+        run: &str,
+        timeout_ms: u64,
+        env: Vec<String>,
+        wait_ms: u64,
+        on_line: &mut dyn FnMut(flip_wire::HookStream, &str),
+    ) -> Result<HookEnd> {
+        self.phase = "running a hook";
+        self.send(&Request::Hook {
+            release,
+            run: run.to_string(),
+            timeout_ms,
+            env,
+            wait_ms,
+        })?;
+        loop {
+            match self.recv()? {
+                Response::HookOutput { stream, line } => on_line(stream, &line),
+                Response::HookDone {
+                    status,
+                    signal,
+                    timed_out,
+                    duration_ms,
+                } => {
+                    return Ok(HookEnd {
+                        status,
+                        signal,
+                        timed_out,
+                        duration_ms,
+                    })
+                }
+                other => return Err(self.unexpected(&other)),
+            }
+        }
+    }
+
     /// Says goodbye and waits for the agent to exit.
     pub fn close(mut self) -> Result<()> {
         self.phase = "closing the session";
@@ -938,6 +1000,8 @@ fn name(r: &Response) -> &'static str {
         Response::LiveIntact { .. } => "LiveIntact",
         Response::SharedState { .. } => "SharedState",
         Response::Findings { .. } => "Findings",
+        Response::HookOutput { .. } => "HookOutput",
+        Response::HookDone { .. } => "HookDone",
     }
 }
 

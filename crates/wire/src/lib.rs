@@ -24,7 +24,8 @@
 //! frames + `Commit` → `Committed`; `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`.
 //! A multi-host deploy that fails on another target after this one committed sends
 //! `Discard` → `Discarded` instead of `Activate`. `flip doctor`: `Hello` → `Welcome`; `Doctor` →
-//! `Findings` (no lock). Message tags are pinned by `tests/tags.rs`.
+//! `Findings` (no lock). Hooks around the swap: `Hook` → `HookOutput`s
+//! (the hook's lines, as it writes them) + `HookDone`. Message tags are pinned by `tests/tags.rs`.
 //! Before any answer the agent may send [`Response::Notices`]: what it could not clean up, and
 //! problems that did not stop the request.
 
@@ -303,6 +304,39 @@ pub enum Request {
     /// wrong with it, each finding with its fix. Needs no lock. Answered by
     /// [`Response::Findings`].
     Doctor,
+    /// Runs a hook: `/bin/sh -c run` inside release `release` (a committed release directory of
+    /// the root; the working directory), under the lock, with stdin `/dev/null`, in its own
+    /// process group, for at most `timeout_ms` (then SIGTERM to the group, SIGKILL after
+    /// [`HOOK_KILL_GRACE_MS`]). `env`: `NAME=VALUE` entries, only `FLIP_TARGET` and `FLIP_ENV`
+    /// (at most [`HOOK_ENV_MAX`] bytes each); the agent adds `FLIP_RELEASE`,
+    /// `FLIP_RELEASE_DIR` and `FLIP_PREVIOUS`. `wait_ms`: how long the agent waits for the
+    /// next request after this one, at least (other targets' hooks may run that long; its idle
+    /// timeout must not end the session meanwhile). Answered by [`Response::HookOutput`]
+    /// frames as the hook writes, then [`Response::HookDone`].
+    Hook {
+        release: u64,
+        run: String,
+        timeout_ms: u64,
+        #[serde(deserialize_with = "bounded::vec")]
+        env: Vec<String>,
+        wait_ms: u64,
+    },
+}
+
+/// Longest hook command accepted, in bytes.
+pub const HOOK_RUN_MAX: usize = 64 << 10;
+/// Longest value of a hook's environment variable, in bytes.
+pub const HOOK_ENV_MAX: usize = 4 << 10;
+/// Longest line of hook output forwarded, in bytes; a longer line is cut (and marked).
+pub const HOOK_LINE_MAX: usize = 8 << 10;
+/// Time between SIGTERM and SIGKILL when a hook times out, in milliseconds.
+pub const HOOK_KILL_GRACE_MS: u64 = 5_000;
+
+/// Which output of a hook a [`Response::HookOutput`] line comes from.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum HookStream {
+    Stdout,
+    Stderr,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -418,6 +452,20 @@ pub enum Response {
         time_ms: i64,
         #[serde(deserialize_with = "bounded::vec")]
         findings: Vec<Finding>,
+    },
+    /// One line a hook wrote (without its newline; at most [`HOOK_LINE_MAX`] bytes of it, a
+    /// longer one cut and marked), sent as it comes.
+    HookOutput {
+        stream: HookStream,
+        line: String,
+    },
+    /// The hook ended: its exit `status` (`None` when a signal ended it: `signal`), whether
+    /// it was killed for exceeding its timeout, and how long it ran, in milliseconds.
+    HookDone {
+        status: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        duration_ms: u64,
     },
 }
 

@@ -5,7 +5,8 @@
 
 use flip_manifest::{Digest, RelPath};
 use flip_wire::{
-    ErrorClass, Holder, ProbeState, Purpose, Request, Response, Severity, StageBase, PROTOCOL,
+    ErrorClass, Holder, HookStream, ProbeState, Purpose, Request, Response, Severity, StageBase,
+    PROTOCOL,
 };
 
 fn tag<T: serde::Serialize>(v: &T) -> u8 {
@@ -115,6 +116,16 @@ fn request_tags_are_pinned() {
             20,
         ),
         (Request::Doctor, 21),
+        (
+            Request::Hook {
+                release: 1,
+                run: String::new(),
+                timeout_ms: 0,
+                env: vec![],
+                wait_ms: 0,
+            },
+            22,
+        ),
     ];
     for (req, want) in &cases {
         assert_eq!(tag(req), *want, "tag of {req:?}");
@@ -235,6 +246,22 @@ fn response_tags_are_pinned() {
             },
             20,
         ),
+        (
+            Response::HookOutput {
+                stream: HookStream::Stdout,
+                line: String::new(),
+            },
+            21,
+        ),
+        (
+            Response::HookDone {
+                status: Some(0),
+                signal: None,
+                timed_out: false,
+                duration_ms: 0,
+            },
+            22,
+        ),
     ];
     for (resp, want) in &cases {
         assert_eq!(tag(resp), *want, "tag of {resp:?}");
@@ -253,6 +280,8 @@ fn nested_enum_tags_are_pinned() {
     for (i, st) in states.iter().enumerate() {
         assert_eq!(tag(st) as usize, i, "tag of {st:?}");
     }
+    assert_eq!(tag(&HookStream::Stdout), 0);
+    assert_eq!(tag(&HookStream::Stderr), 1);
     assert_eq!(tag(&StageBase::Whole), 0);
     assert_eq!(tag(&StageBase::Diff(d)), 1);
     assert_eq!(tag(&StageBase::Dirs(d)), 2);

@@ -1,0 +1,153 @@
+//! What hooks wrote into a release. A `before_activate` hook that warms a cache writes into the
+//! committed release; that is not tampering. After each successful hook the agent records what
+//! differs between the release and its manifest ([`Root::record_hook_writes`]): each differing
+//! path with its identity (kind, mode, inode, size, mtime and ctime for a file; the target of
+//! a symlink), in `.flip/releases/N.hooks`. `verify` then reports a difference whose path is
+//! recorded with the identity it still has as written by hooks (a warning), and every other
+//! difference as before: a hook-written file changed afterwards has another ctime, so it is
+//! flagged. The manifest (and the deploy's digest) stay the deployed tree's.
+
+use crate::{fsutil, stage, LockGuard, Root};
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Most paths recorded for one release; beyond, the rest are not recorded (and `verify` flags
+/// them) with a warning.
+pub const MAX_HOOK_PATHS: usize = 100_000;
+
+/// Largest record read back (a damaged or planted bigger one is ignored with a warning).
+const RECORD_MAX: u64 = 64 << 20;
+
+/// How many recorded paths a `verify` warning names.
+const NAMED: usize = 10;
+
+impl Root {
+    pub(crate) fn hooks_path(&self, id: u64) -> PathBuf {
+        self.meta_dir().join(format!("{id}.hooks"))
+    }
+
+    /// Records what the hooks run so far changed in release `id` (every difference from its
+    /// manifest, with the identity it has now), merged with what was recorded before. Never
+    /// fails: a problem (a record that cannot be written) becomes a warning, and `verify` will
+    /// flag what was not recorded.
+    pub fn record_hook_writes(&self, _lock: &LockGuard, id: u64) {
+        if let Err(e) = self.try_record_hook_writes(id) {
+            self.warn(format!(
+                "what the hooks wrote into release {id} could not be recorded ({e}): `flip verify` will report it as differences"
+            ));
+        }
+    }
+
+    fn try_record_hook_writes(&self, id: u64) -> crate::Result<()> {
+        let manifest = self.manifest(id)?;
+        let dir = self.release_dir(id);
+        let diffs = stage::tree_differences(&dir, &manifest);
+        let mut record = self.hook_record(id);
+        let mut dropped = 0usize;
+        for (path, _) in diffs {
+            if record.len() >= MAX_HOOK_PATHS && !record.contains_key(&path) {
+                dropped += 1;
+                continue;
+            }
+            let id = identity(&dir.join(&path));
+            record.insert(path, id);
+        }
+        if dropped > 0 {
+            self.warn(format!(
+                "the hooks changed more than {MAX_HOOK_PATHS} paths of release {id}: {dropped} are not recorded, and `flip verify` reports them as differences"
+            ));
+        }
+        let bytes = serde_json::to_vec(&record)
+            .map_err(|e| fsutil::corrupt(&self.hooks_path(id), e.to_string()))?;
+        fsutil::write_atomic(&self.hooks_path(id), &bytes)
+    }
+
+    /// The record of release `id` (empty when there is none; a damaged one is ignored with a
+    /// warning).
+    fn hook_record(&self, id: u64) -> BTreeMap<String, String> {
+        let path = self.hooks_path(id);
+        match fsutil::read_optional_limited(&path, RECORD_MAX) {
+            Ok(None) => BTreeMap::new(),
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                self.warn(format!(
+                    "{} is damaged ({e}): what hooks wrote into release {id} is reported as differences",
+                    path.display()
+                ));
+                BTreeMap::new()
+            }),
+            Err(e) => {
+                self.warn(format!(
+                    "{e}: what hooks wrote into release {id} is reported as differences"
+                ));
+                BTreeMap::new()
+            }
+        }
+    }
+
+    /// Splits the differences of release `id` (path, message) into problems and the paths
+    /// written by its hooks (recorded, and unchanged since); warns about the latter.
+    pub(crate) fn without_hook_writes(
+        &self,
+        id: u64,
+        dir: &Path,
+        diffs: Vec<(String, String)>,
+    ) -> Vec<String> {
+        if diffs.is_empty() {
+            return Vec::new();
+        }
+        let record = self.hook_record(id);
+        let mut written = Vec::new();
+        let mut problems = Vec::new();
+        for (path, message) in diffs {
+            match record.get(&path) {
+                Some(was) if *was == identity(&dir.join(&path)) => written.push(path),
+                _ => problems.push(message),
+            }
+        }
+        if !written.is_empty() {
+            written.sort();
+            let mut named: Vec<&str> = written.iter().take(NAMED).map(String::as_str).collect();
+            if written.len() > NAMED {
+                named.push("...");
+            }
+            self.warn(format!(
+                "release {id}: {} path(s) written by hooks (recorded after they ran, unchanged since; not tampering): {}",
+                written.len(),
+                named.join(", ")
+            ));
+        }
+        problems
+    }
+}
+
+/// What a path is now, without following a symlink: `file MODE INO SIZE MTIME CTIME`,
+/// `dir MODE`, `link TARGET`, `other MODE INO`, or `missing`.
+fn identity(path: &Path) -> String {
+    let Ok(m) = fs::symlink_metadata(path) else {
+        return "missing".into();
+    };
+    let mode = m.mode() & 0o7777;
+    let t = m.file_type();
+    if t.is_symlink() {
+        match fs::read_link(path) {
+            Ok(target) => format!("link {}", target.display()),
+            Err(_) => "link ?".into(),
+        }
+    } else if t.is_dir() {
+        format!("dir {mode:o}")
+    } else if t.is_file() {
+        format!(
+            "file {mode:o} {} {} {}.{} {}.{}",
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        )
+    } else {
+        format!("other {mode:o} {}", m.ino())
+    }
+}
