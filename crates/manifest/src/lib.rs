@@ -39,23 +39,14 @@ impl Digest {
         Digest(*blake3::hash(bytes).as_bytes())
     }
 
+    /// The 64 lowercase hex digits of the digest (blake3's own encoding).
     pub fn to_hex(&self) -> String {
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            s.push_str(&format!("{b:02x}"));
-        }
-        s
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
     }
 
+    /// Parses 64 hex digits (either case); `None` for anything else.
     pub fn from_hex(s: &str) -> Option<Self> {
-        if s.len() != 64 || !s.is_ascii() {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-        }
-        Some(Digest(out))
+        blake3::Hash::from_hex(s).ok().map(Self::from)
     }
 }
 
@@ -486,5 +477,9 @@ mod tests {
         let d = Digest::of(b"hello");
         assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
         assert_eq!(Digest::from_hex("zz"), None);
+        assert_eq!(Digest::from_hex(&d.to_hex().to_uppercase()), Some(d));
+        // from_str_radix would take "+f" as a byte.
+        assert_eq!(Digest::from_hex(&format!("+f{}", &d.to_hex()[2..])), None);
+        assert_eq!(Digest::from_hex(&d.to_hex()[1..]), None);
     }
 }
