@@ -210,7 +210,7 @@ impl Session {
                 class: *class,
                 message: message.clone(),
             },
-            other => self.protocol(format!("unexpected answer {}", name(other))),
+            other => self.protocol(format!("unexpected answer {}", <&str>::from(other))),
         }
     }
 
@@ -766,26 +766,3 @@ pub fn fallback_note(chosen: Via, sent: Via) -> Option<String> {
     }
 }
 
-fn name(r: &Response) -> &'static str {
-    match r {
-        Response::Welcome { .. } => "Welcome",
-        Response::Waiting { .. } => "Waiting",
-        Response::Locked => "Locked",
-        Response::Status { .. } => "Status",
-        Response::ManifestChunk { .. } => "ManifestChunk",
-        Response::Staged { .. } => "Staged",
-        Response::Signature { .. } => "Signature",
-        Response::SignaturesDone => "SignaturesDone",
-        Response::Probed(_) => "Probed",
-        Response::Committed { .. } => "Committed",
-        Response::Activated { .. } => "Activated",
-        Response::Pruned { .. } => "Pruned",
-        Response::Verified { .. } => "Verified",
-        Response::Error { .. } => "Error",
-        Response::Bye => "Bye",
-        Response::Notices { .. } => "Notices",
-        Response::Changes { .. } => "Changes",
-        Response::Discarded { .. } => "Discarded",
-        Response::LiveIntact { .. } => "LiveIntact",
-    }
-}

@@ -183,7 +183,8 @@ pub struct SigItem {
     pub basis: RelPath,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// `&'static str::from(&msg)` gives the variant's name, for errors and logs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, strum::IntoStaticStr)]
 pub enum Request {
     Hello {
         magic: [u8; 4],
@@ -292,7 +293,8 @@ pub enum ErrorClass {
     Internal,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// `&'static str::from(&msg)` gives the variant's name, for errors and logs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, strum::IntoStaticStr)]
 pub enum Response {
     Welcome {
         protocol: u32,
@@ -395,4 +397,16 @@ pub enum WireError {
     Decode(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_named_by_their_variant() {
+        assert_eq!(<&str>::from(&Response::Bye), "Bye");
+        assert_eq!(<&str>::from(&Response::Locked), "Locked");
+        assert_eq!(<&str>::from(&Request::Bye), "Bye");
+    }
 }
