@@ -1,6 +1,8 @@
 //! (previous manifest, new manifest) → [`Plan`]: what the target must do to build the new release
-//! next to the previous one. Pure: no I/O, deterministic, so the client and the agent compute the
-//! same plan from the same manifests and never have to ship it.
+//! next to the previous one. Pure: no I/O, deterministic. A deploy's plan is computed by the agent
+//! alone (its stage answers with the files it still needs, so the plan is never shipped); the
+//! client computes the same plan from the same manifests only to predict a deploy (`--dry-run`,
+//! `flip diff`).
 //!
 //! For every regular file of the new manifest, in order:
 //! 1. same content and mode at the same path of the previous release, and not empty →
@@ -180,7 +182,7 @@ const FUZZY_SIZE_FACTOR: u64 = 4;
 
 /// Candidate ancestors for files new at their path: regular files of the previous release whose
 /// path is gone from the new one, indexed by file name and by (directory, masked name), each
-/// list sorted by (size, path) so the choice is deterministic on both sides.
+/// list sorted by (size, path) so the choice is deterministic (a prediction matches the deploy).
 struct Fuzzy<'a> {
     by_name: HashMap<&'a str, Vec<(u64, &'a RelPath)>>,
     by_mask: HashMap<(&'a str, String), Vec<(u64, &'a RelPath)>>,

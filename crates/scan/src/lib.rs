@@ -14,14 +14,15 @@
 //!    whose (path, size, mtime, ctime, inode, device) all match the `lstat`, its digest is reused
 //!    without opening the file. Otherwise the file is opened (`O_NOFOLLOW | O_NONBLOCK`, so a
 //!    file swapped for a symlink or FIFO mid-scan is an error, not a hang), `fstat`ed and hashed:
-//!    read whole + `blake3::hash` up to 16 MiB, memory-mapped + `Hasher::update_rayon` above
-//!    ([`hash_file`]). The size recorded is the number of bytes hashed.
+//!    read whole + `blake3::hash` up to 16 MiB, above that read in 8 MiB pieces, each hashed
+//!    with `Hasher::update_rayon` on all cores ([`hash_file`]); never memory-mapped, so a file
+//!    truncated meanwhile is a read error, not a SIGBUS. The size recorded is the number of bytes hashed.
 //! 3. **Assemble**: [`Manifest::new`] sorts and validates the entries; the hash cache is
 //!    rewritten atomically with exactly the files of this scan, so it never grows beyond the tree.
 //!
 //! Memory is proportional to the number of entries (a path, a mode and a few integers each); file
-//! contents are held only while each is hashed (up to 16 MiB per worker thread; larger files are
-//! mapped).
+//! contents are held only while each is hashed (up to 16 MiB per worker thread; larger files one
+//! 8 MiB piece at a time).
 //!
 //! # Excludes
 //!

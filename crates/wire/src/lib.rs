@@ -17,10 +17,15 @@
 //! one shared stream than one by one.
 //!
 //! A deploy, in order (one round trip per step, whatever the number of files):
-//! `Hello` → `Welcome`; `Lock` → `Locked`; `Status` → `Status`; `Stage` + `ManifestChunk`s → `Staged`
-//! (what the agent still needs), pipelined with `Changes` → `Changes` chunks (what the release
-//! changes, for the deploy's report); `Signatures` → `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch`
-//! frames + `Commit` → `Committed`; `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`.
+//! `Hello` → `Welcome`; `Lock` → `Locked` (after a `Waiting` if it waits); `Status` → `Status`;
+//! when the live release has the new manifest's digest, `CheckLive` → `LiveIntact` (intact: no
+//! release is made); when the client has no copy of the live manifest, `Probe` → `Probed`, one
+//! round trip per level of the tree, to find the directories that differ; `Stage` +
+//! `ManifestChunk`s → `Staged` (what the agent still needs), pipelined with `Changes` →
+//! `Changes` chunks (what the release changes, for the deploy's report); `Signatures` →
+//! `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch` frames + `Commit` → `Committed`;
+//! `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`. `GetManifest` → `ManifestChunk`s fetches
+//! a release's manifest (a dry run without a cached copy of the live one).
 //! A multi-host deploy that fails on another target after this one committed sends
 //! `Discard` → `Discarded` instead of `Activate`. Message tags are pinned by `tests/tags.rs`.
 //! Before any answer the agent may send [`Response::Notices`]: what it could not clean up, and
