@@ -567,11 +567,7 @@ impl Session {
                     "label": info.label, "files": info.files, "written": stats.written,
                     "hashed": stats.hashed, "bases_dropped": stats.bases_dropped,
                 }));
-                Response::Committed {
-                    id: info.id,
-                    written: stats.written,
-                    written_bytes: stats.written_bytes,
-                }
+                Response::Committed { id: info.id }
             }
             Request::Activate { id } => {
                 let root = self.root(false)?;

@@ -53,9 +53,6 @@ pub struct StageStats {
     /// Files copied (reflinked where the filesystem can) into a new inode from content the
     /// previous release holds: at another path, with another mode, or empty.
     pub copied: u64,
-    /// Files planned as links or copies whose source turned out to be missing or altered on
-    /// disk; they are transferred instead.
-    pub relinked_as_transfer: u64,
     /// Files of the previous release hashed because their recorded identity was unknown or
     /// differed (as link sources or delta bases).
     pub hashed: u64,
@@ -64,7 +61,6 @@ pub struct StageStats {
     pub bases_dropped: u64,
     /// Files written from client data (literal or delta).
     pub written: u64,
-    pub written_bytes: u64,
 }
 
 pub struct Stage<'r> {
@@ -98,7 +94,6 @@ struct Progress {
     /// Identity of each staged file (by plan index), for the release's `.stat`.
     stamps: Vec<Option<FileStamp>>,
     written: u64,
-    written_bytes: u64,
 }
 
 enum Outcome {
@@ -205,7 +200,6 @@ impl<'r> Stage<'r> {
         let p = self.progress();
         StageStats {
             written: p.written,
-            written_bytes: p.written_bytes,
             ..self.stats.clone()
         }
     }
@@ -304,8 +298,8 @@ impl<'r> Stage<'r> {
                             self.good_bases.insert(b.clone());
                         }
                         Source::Transfer { basis: Some(_) } => self.stats.bases_dropped += 1,
-                        Source::Transfer { basis: None } => {}
-                        _ => self.stats.relinked_as_transfer += 1,
+                        // A link or copy whose source is missing or altered on disk.
+                        Source::Transfer { basis: None } | Source::Link(_) | Source::Copy(_) => {}
                     }
                     self.needs.push(i);
                 }
@@ -512,7 +506,6 @@ impl<'r> Stage<'r> {
         p.stamps[index] = Some(stamp);
         p.writing.remove(&index);
         p.written += 1;
-        p.written_bytes += size;
         Ok(())
     }
 
@@ -1557,10 +1550,7 @@ mod tests {
         // Tampered in place, mtime put back: hashed, and sent again.
         tamper(&root.release_dir(2).join("a"));
         let (st, _) = deploy(&root, v1);
-        assert_eq!(
-            (st.linked, st.hashed, st.relinked_as_transfer, st.written),
-            (2, 1, 1, 1)
-        );
+        assert_eq!((st.linked, st.hashed, st.written), (2, 1, 1));
 
         // A mode changed behind flip's back: the content is copied into a new inode.
         let live = root.current().unwrap().unwrap();

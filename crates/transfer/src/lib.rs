@@ -110,8 +110,6 @@ pub struct Session {
     peer: String,
     /// What the session is doing, for errors: "sending file content", ...
     phase: &'static str,
-    pub agent_version: String,
-    pub agent_host: String,
     /// Warnings the agent sent (see [`Response::Notices`]), not yet taken.
     warnings: Vec<String>,
     /// What the agent last said it could not remove (`None`: it never said).
@@ -128,8 +126,6 @@ impl Session {
             handle: Some(stream.handle),
             peer: stream.peer,
             phase: "greeting the agent",
-            agent_version: String::new(),
-            agent_host: String::new(),
             warnings: Vec::new(),
             leftovers: None,
         };
@@ -145,18 +141,13 @@ impl Session {
         })?;
         match s.recv()? {
             Response::Welcome {
-                protocol,
-                version,
-                host,
-                ..
+                protocol, version, ..
             } => {
                 if protocol != PROTOCOL {
                     return Err(s.protocol(format!(
                         "agent flip {version} speaks protocol {protocol}, this client {PROTOCOL}"
                     )));
                 }
-                s.agent_version = version;
-                s.agent_host = host;
             }
             other => return Err(s.unexpected(&other)),
         }

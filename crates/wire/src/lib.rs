@@ -43,7 +43,7 @@ use flip_manifest::{Digest, RelPath};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 6;
+pub const PROTOCOL: u32 = 7;
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 32 << 20;
@@ -341,10 +341,9 @@ pub enum Response {
     SignaturesDone,
     /// One state per probed directory, in order.
     Probed(#[serde(deserialize_with = "bounded::vec")] Vec<ProbeState>),
+    /// The staged release is `releases/<id>`.
     Committed {
         id: u64,
-        written: u64,
-        written_bytes: u64,
     },
     Activated {
         id: u64,
