@@ -151,26 +151,7 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
     let start_ns = start
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i128);
-    match fs::metadata(root) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(ScanError::NotADir {
-                path: root.to_path_buf(),
-            })
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(ScanError::Missing {
-                path: root.to_path_buf(),
-            })
-        }
-        Err(source) => {
-            return Err(ScanError::Io {
-                op: "stat",
-                path: root.to_path_buf(),
-                source,
-            })
-        }
-    }
+    check_root(root)?;
     let excludes = build_excludes(root, opts)?;
 
     let mut warnings = Vec::new();
@@ -195,7 +176,51 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
         .flat_map(|b| b.par_iter_mut())
         .map(|f| hash_one(root, cache.as_ref(), start_ns, f))
         .collect::<Result<_, _>>()?;
-    for (f, h) in batches.iter().flatten().zip(&hashed) {
+    count_files(root, &batches, &hashed, &mut stats, &mut warnings);
+
+    // Phase 3: rewrite the hash cache (unless it already says exactly this), then let it go.
+    if let (Some(path), Some(cache)) = (&opts.hash_cache, cache.take()) {
+        rewrite_cache(path, cache, &batches, &hashed, &stats, &mut warnings);
+    }
+
+    // Phase 4: assemble.
+    let manifest = assemble(walked.nodes, batches, hashed, &mut stats)?;
+    warnings.sort();
+    Ok(ScanOutput {
+        manifest,
+        warnings,
+        stats,
+    })
+}
+
+/// The source root must be a directory (a symlink to one is fine).
+fn check_root(root: &Path) -> Result<(), ScanError> {
+    match fs::metadata(root) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(ScanError::NotADir {
+            path: root.to_path_buf(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ScanError::Missing {
+            path: root.to_path_buf(),
+        }),
+        Err(source) => Err(ScanError::Io {
+            op: "stat",
+            path: root.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Counts the hashed files (and bytes, cache hits) into `stats`; a file gone since the walk
+/// (`None`) is a warning.
+fn count_files(
+    root: &Path,
+    batches: &[Vec<walk::FileNode>],
+    hashed: &[Option<Hashed>],
+    stats: &mut ScanStats,
+    warnings: &mut Vec<String>,
+) {
+    for (f, h) in batches.iter().flatten().zip(hashed) {
         let Some(h) = h else {
             warnings.push(format!(
                 "skipping {}: it vanished during the scan",
@@ -212,33 +237,48 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
             stats.hashed_bytes += f.key.size;
         }
     }
+}
 
-    // Phase 3: rewrite the hash cache (unless it already says exactly this), then let it go.
-    if let (Some(path), Some(cache)) = (&opts.hash_cache, cache.take()) {
-        let keep = || {
-            batches
-                .iter()
-                .flatten()
-                .zip(&hashed)
-                .filter_map(|(f, h)| match h {
-                    Some(h) if h.cacheable => Some((f.rel.as_str(), f.key, h.digest)),
-                    _ => None,
-                })
-        };
-        let kept = keep().count();
-        // All hits and nothing dropped: the file on disk already says exactly this.
-        let unchanged = kept == cache.len() && kept as u64 == stats.cache_hits;
-        drop(cache);
-        if !unchanged {
-            if let Err(e) = cache::store(path, kept, keep()) {
-                warnings.push(format!("cannot write hash cache {}: {e}", path.display()));
-            }
+/// Rewrites the hash cache at `path` with exactly the cacheable files of this scan, unless
+/// it already says exactly that (all hits, nothing dropped). A failed write is a warning.
+fn rewrite_cache(
+    path: &Path,
+    cache: Cache,
+    batches: &[Vec<walk::FileNode>],
+    hashed: &[Option<Hashed>],
+    stats: &ScanStats,
+    warnings: &mut Vec<String>,
+) {
+    let keep = || {
+        batches
+            .iter()
+            .flatten()
+            .zip(hashed)
+            .filter_map(|(f, h)| match h {
+                Some(h) if h.cacheable => Some((f.rel.as_str(), f.key, h.digest)),
+                _ => None,
+            })
+    };
+    let kept = keep().count();
+    let unchanged = kept == cache.len() && kept as u64 == stats.cache_hits;
+    drop(cache);
+    if !unchanged {
+        if let Err(e) = cache::store(path, kept, keep()) {
+            warnings.push(format!("cannot write hash cache {}: {e}", path.display()));
         }
     }
+}
 
-    // Phase 4: assemble.
-    let mut entries = Vec::with_capacity(walked.nodes.len() + hashed.len());
-    for node in walked.nodes {
+/// The manifest of the walked directories and symlinks and the hashed files (those that
+/// vanished left out), counting directories and symlinks into `stats`.
+fn assemble(
+    nodes: Vec<walk::Node>,
+    batches: Vec<Vec<walk::FileNode>>,
+    hashed: Vec<Option<Hashed>>,
+    stats: &mut ScanStats,
+) -> Result<Manifest, ScanError> {
+    let mut entries = Vec::with_capacity(nodes.len() + hashed.len());
+    for node in nodes {
         entries.push(match node {
             walk::Node::Dir { rel, mode } => {
                 stats.dirs += 1;
@@ -268,14 +308,7 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
             });
         }
     }
-    let manifest = Manifest::new(entries)?;
-
-    warnings.sort();
-    Ok(ScanOutput {
-        manifest,
-        warnings,
-        stats,
-    })
+    Ok(Manifest::new(entries)?)
 }
 
 /// The digest of one regular file after phase 2.
