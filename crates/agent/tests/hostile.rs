@@ -796,7 +796,9 @@ fn files_written_in_parallel_all_arrive_and_commit() {
         Some(Response::Committed { id: 2 }) => {}
         other => panic!("expected Committed, got {other:?}"),
     }
-    let files = std::fs::read_dir(t.path().join("releases/2")).unwrap().count();
+    let files = std::fs::read_dir(t.path().join("releases/2"))
+        .unwrap()
+        .count();
     assert_eq!(files, 200);
     let f = t.path().join("releases/2/f123");
     assert_eq!(std::fs::read(f).unwrap(), "00123".repeat(1638).into_bytes());

@@ -756,4 +756,3 @@ pub fn fallback_note(chosen: Via, sent: Via) -> Option<String> {
         _ => None,
     }
 }
-

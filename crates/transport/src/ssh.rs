@@ -155,9 +155,7 @@ fn parse_url(input: &str) -> Result<SshTarget, TransportError> {
     let authority = &authority[..authority.find('/').unwrap_or(authority.len())];
     let user = match (url.username(), url.password()) {
         (_, Some(_)) => return Err(bad("a password in the URL (use a key or the ssh-agent)")),
-        ("", None) if authority.contains('@') => {
-            return Err(bad("empty user name before '@'"))
-        }
+        ("", None) if authority.contains('@') => return Err(bad("empty user name before '@'")),
         ("", None) => None,
         (u, None) => Some(decode(u)?),
     };
@@ -479,10 +477,16 @@ mod tests {
             t(Some("deploy"), "2001:db8::7", Some(2200), "/srv")
         );
         assert_eq!(p("ssh://d%40x@h/p"), t(Some("d@x"), "h", None, "/p"));
-        assert_eq!(p("ssh://h/%C3%A9t%C3%A9"), t(None, "h", None, "/\u{e9}t\u{e9}"));
+        assert_eq!(
+            p("ssh://h/%C3%A9t%C3%A9"),
+            t(None, "h", None, "/\u{e9}t\u{e9}")
+        );
         assert_eq!(p("ssh://h/a b"), t(None, "h", None, "/a b"));
         assert_eq!(p("ssh://h/srv/app/"), t(None, "h", None, "/srv/app/"));
-        assert_eq!(p("ssh://10.0.0.1:22/x"), t(None, "10.0.0.1", Some(22), "/x"));
+        assert_eq!(
+            p("ssh://10.0.0.1:22/x"),
+            t(None, "10.0.0.1", Some(22), "/x")
+        );
         for bad in [
             "ssh://web1",
             "ssh:///x",
