@@ -21,8 +21,11 @@ use std::collections::HashMap;
 /// What kind of entry an [`Item`] is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
+    /// A directory.
     Dir,
+    /// A regular file.
     File,
+    /// A symbolic link.
     Symlink,
 }
 
@@ -54,7 +57,10 @@ pub enum Planned {
     Copy(RelPath),
     /// Content sent by the client, built from `basis` (path and size in the previous release)
     /// when there is one.
-    Transfer { basis: Option<(RelPath, u64)> },
+    Transfer {
+        /// The basis and its size in bytes.
+        basis: Option<(RelPath, u64)>,
+    },
 }
 
 /// How a file of the new release got (or gets) its content.
@@ -88,8 +94,11 @@ impl Via {
 /// One path that changes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {
+    /// The path in the release.
     pub path: RelPath,
+    /// What the entry is (the new one's kind, or the removed one's).
     pub kind: Kind,
+    /// What happened to it.
     pub change: Change,
     /// Files of the new release: position among the new manifest's regular files (how the
     /// agent names a file), its size in bytes, and how the plan gets it.
@@ -127,8 +136,11 @@ impl Item {
 /// target).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryCounts {
+    /// Entries created.
     pub new: u64,
+    /// Entries whose mode or target changed.
     pub changed: u64,
+    /// Entries removed.
     pub removed: u64,
 }
 
@@ -137,14 +149,23 @@ pub struct EntryCounts {
 /// (`linked`, `copied`, `literal`, `delta`, which includes `patched`; these add up to `total`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileCounts {
+    /// Regular files of the new release.
     pub total: u64,
+    /// Files new at their path.
     pub new: u64,
+    /// Files whose content changed.
     pub changed: u64,
+    /// Files whose mode alone changed.
     pub mode: u64,
+    /// Files unchanged.
     pub unchanged: u64,
+    /// Files removed.
     pub removed: u64,
+    /// Files hard-linked from the previous release.
     pub linked: u64,
+    /// Files copied on the target from content it has.
     pub copied: u64,
+    /// Files sent whole.
     pub literal: u64,
     /// rsync deltas and zstd patches.
     pub delta: u64,
@@ -159,8 +180,11 @@ pub struct FileCounts {
 /// Every count of a report.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
+    /// Regular files.
     pub files: FileCounts,
+    /// Directories.
     pub dirs: EntryCounts,
+    /// Symbolic links.
     pub symlinks: EntryCounts,
 }
 
@@ -168,7 +192,9 @@ pub struct Counts {
 /// same path), and the counts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
+    /// The changed paths (all of them, or only those asked for).
     pub items: Vec<Item>,
+    /// The counts, always complete.
     pub counts: Counts,
 }
 
@@ -177,8 +203,11 @@ pub struct Changes {
 /// if it does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sent {
+    /// Index among the new manifest's regular files.
     pub index: u32,
+    /// How its content went.
     pub via: Via,
+    /// Why it went otherwise than [`choose`] chose, if it did.
     pub note: Option<String>,
 }
 
