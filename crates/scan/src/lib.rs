@@ -44,6 +44,8 @@
 //! (or in the future) is never served from or stored into the cache, since it could change again
 //! without its timestamps changing.
 
+#![warn(missing_docs, unreachable_pub)]
+
 mod cache;
 mod hash;
 mod walk;
@@ -91,12 +93,15 @@ impl Default for ScanOptions {
 pub struct ScanStats {
     /// Regular files in the manifest.
     pub files: u64,
+    /// Directories (the root not counted).
     pub dirs: u64,
+    /// Symbolic links.
     pub symlinks: u64,
     /// Sum of regular file sizes.
     pub bytes: u64,
     /// Files whose content was read and hashed (not served from the cache).
     pub hashed_files: u64,
+    /// Bytes of the files read and hashed.
     pub hashed_bytes: u64,
     /// Files whose digest came from the hash cache.
     pub cache_hits: u64,
@@ -105,43 +110,86 @@ pub struct ScanStats {
 /// The result of [`scan`].
 #[derive(Debug)]
 pub struct ScanOutput {
+    /// The source tree.
     pub manifest: Manifest,
     /// Things skipped (special files, files that vanished mid-scan) or a cache that could not be
     /// read or written; sorted. None of them make the manifest wrong.
     pub warnings: Vec<String>,
+    /// What the scan counted.
     pub stats: ScanStats,
 }
 
 /// Why a scan failed. Every message names the path concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
+    /// The source directory does not exist.
     #[error("source directory {} does not exist", path.display())]
-    Missing { path: PathBuf },
+    Missing {
+        /// The path concerned.
+        path: PathBuf,
+    },
+    /// The source is not a directory.
     #[error("source {} is not a directory", path.display())]
-    NotADir { path: PathBuf },
+    NotADir {
+        /// The path concerned.
+        path: PathBuf,
+    },
     /// `op` is a verb phrase: "read", "read directory", "stat", "read symlink".
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
+        /// The operation that failed (`open`, `rename`, ...).
         op: &'static str,
+        /// The path concerned.
         path: PathBuf,
+        /// The underlying error.
         source: io::Error,
     },
+    /// A file name that is not UTF-8 (manifest paths are).
     #[error("{}: file name is not valid UTF-8 (flip paths must be UTF-8)", path.display())]
-    NotUtf8 { path: PathBuf },
+    NotUtf8 {
+        /// The path concerned.
+        path: PathBuf,
+    },
+    /// A symlink target that is not UTF-8.
     #[error("{}: symlink target is not valid UTF-8", path.display())]
-    LinkNotUtf8 { path: PathBuf },
+    LinkNotUtf8 {
+        /// The path concerned.
+        path: PathBuf,
+    },
+    /// A path flip cannot deploy (too long, ...).
     #[error("{}: {source}", path.display())]
-    BadPath { path: PathBuf, source: PathError },
+    BadPath {
+        /// The path concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: PathError,
+    },
+    /// A file changed type or vanished in a way the scan cannot skip.
     #[error("{}: {what} during the scan", path.display())]
-    Changed { path: PathBuf, what: &'static str },
+    Changed {
+        /// The path concerned.
+        path: PathBuf,
+        /// What changed (`"was replaced by a symlink"`, `"stopped being a regular file"`).
+        what: &'static str,
+    },
     /// `origin` is `.flipignore`'s path and line, or `--exclude`.
     #[error("invalid exclude pattern in {origin}: {message}")]
-    BadPattern { origin: String, message: String },
+    BadPattern {
+        /// Where the pattern came from.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The entries do not form a valid manifest.
     #[error("source tree cannot be deployed: {0}")]
     Manifest(#[from] ManifestError),
 }
 
 /// Scans the directory `root` into a manifest. See the crate documentation for the rules.
+///
+/// # Errors
+/// [`ScanError`]: `root` missing or not a directory, an unreadable entry, a name flip cannot
+/// deploy, a bad exclude pattern, a file that changed type during the scan.
 pub fn scan(root: &Path, opts: &ScanOptions) -> Result<ScanOutput, ScanError> {
     scan_at(root, opts, SystemTime::now())
 }
