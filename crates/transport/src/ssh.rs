@@ -68,6 +68,9 @@ impl SshTarget {
 ///
 /// Everything else is a local path and gives `None`: absolute and `./` paths, `x/y` and
 /// `x/y:z` (a `/` before the first `:`), names without a colon, and Windows-like `C:\x`, `C:/x`.
+///
+/// # Errors
+/// [`TransportError::Target`] for a malformed `ssh://` URL.
 pub fn parse_target(s: &str) -> Result<Option<SshTarget>, TransportError> {
     if s.starts_with("ssh://") {
         return parse_url(s).map(Some);
@@ -317,6 +320,10 @@ fn running_glibc() -> Option<String> {
 
 /// Connects and starts `<flip> agent <agent_args...>` on the server; returns the duplex stream.
 /// The server's stderr goes to our stderr, each line prefixed with `HOST: `.
+///
+/// # Errors
+/// Any [`TransportError`] of the SSH kinds: the config, connecting, the host key,
+/// authentication, finding, uploading or starting the agent on the server.
 pub fn connect_agent(
     target: &SshTarget,
     opts: &SshOptions,
@@ -326,6 +333,9 @@ pub fn connect_agent(
 }
 
 /// [`connect_agent`], with the server's (prefixed) stderr lines written to `stderr`.
+///
+/// # Errors
+/// As [`connect_agent`].
 pub fn connect_agent_with_stderr(
     target: &SshTarget,
     opts: &SshOptions,
@@ -337,6 +347,9 @@ pub fn connect_agent_with_stderr(
 
 /// Runs an arbitrary shell command line on the server (through the login shell, as `ssh host
 /// COMMAND` does) and streams its stdin/stdout. Its stderr goes to ours, prefixed `HOST: `.
+///
+/// # Errors
+/// As [`connect_agent`], for connecting and starting the command.
 pub fn exec(
     target: &SshTarget,
     opts: &SshOptions,
@@ -346,6 +359,9 @@ pub fn exec(
 }
 
 /// [`exec`], with the server's (prefixed) stderr lines written to `stderr`.
+///
+/// # Errors
+/// As [`exec`].
 pub fn exec_with_stderr(
     target: &SshTarget,
     opts: &SshOptions,
