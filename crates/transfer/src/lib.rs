@@ -8,6 +8,8 @@
 //! literal bytes for new ones — and commits. Reading, hashing and delta computation run in
 //! parallel (rayon) while the main thread writes frames, so the connection stays busy.
 
+#![warn(missing_docs, unreachable_pub)]
+
 mod cache;
 mod content;
 
@@ -27,38 +29,56 @@ use std::path::Path;
 use flip_plan::report::{Changes, Counts, Item, Planned, Sent, Via};
 pub use flip_plan::DELTA_MIN;
 
+/// Why a session with an agent failed. Messages name the target (its peer name) once.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
     /// The agent's error, after the target it concerns (unless the message already names it).
     #[error("{}", named_once(peer, message))]
     Remote {
+        /// The peer, as `user@host` or a local description.
         peer: String,
+        /// What kind of failure the agent reported.
         class: ErrorClass,
+        /// The agent's message, naming the path and cause.
         message: String,
     },
+    /// The connection to the agent broke.
     #[error("{peer}: connection failed while {phase}")]
     Wire {
+        /// The peer, as `user@host` or a local description.
         peer: String,
+        /// What the session was doing ("sending file content", ...).
         phase: &'static str,
+        /// The underlying error.
         source: WireError,
     },
+    /// The stream to the agent could not be opened or ended badly.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// A source file could not be read.
     #[error("cannot read {path}: {source}")]
     Source {
+        /// The source file.
         path: String,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// A source file (path) changed while it was being sent.
     #[error("{0} changed while flip was deploying it: something writes into the source directory; deploy a source that stays unchanged during the deploy")]
     SourceChanged(String),
+    /// The agent answered something the protocol does not allow here.
     #[error("{peer}: protocol error while {phase}: {message}")]
     Protocol {
+        /// The peer, as `user@host` or a local description.
         peer: String,
+        /// What the session was doing ("sending file content", ...).
         phase: &'static str,
+        /// What the agent sent that was not allowed.
         message: String,
     },
 }
 
+/// This crate's result.
 pub type Result<T, E = TransferError> = std::result::Result<T, E>;
 
 /// `PEER: MESSAGE`, or the message alone when it already names the peer (a local target's
@@ -74,13 +94,21 @@ fn named_once(peer: &str, message: &str) -> String {
 /// What a deploy did, for the summary and `--json`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DeployReport {
+    /// The release made.
     pub release: u64,
+    /// The release live before, if any.
     pub previous: Option<u64>,
+    /// Regular files in the release.
     pub files: u64,
+    /// Files hard-linked from the previous release.
     pub linked: u64,
+    /// Files copied on the target from content it had.
     pub copied: u64,
+    /// Files sent as rsync deltas or zstd patches.
     pub delta: u64,
+    /// Files sent whole.
     pub literal: u64,
+    /// Files of the previous release not in this one.
     pub removed: u64,
     /// Bytes of files sent whole (before compression).
     pub literal_bytes: u64,
@@ -103,6 +131,11 @@ pub struct DeployReport {
 }
 
 /// An open session with an agent.
+///
+/// Every request fails with [`TransferError::Remote`] when the agent reports an error (its
+/// class says which kind), [`TransferError::Wire`] when the connection breaks, and
+/// [`TransferError::Protocol`] when the agent answers out of turn; those are the `# Errors` of
+/// each method unless it says more.
 pub struct Session {
     rx: FrameReader,
     tx: FrameWriter,
@@ -119,6 +152,10 @@ pub struct Session {
 impl Session {
     /// Handshake over a fresh stream; `compress` is the zstd level (0 = off,
     /// [`flip_wire::ADAPTIVE`]: chosen from the link, told to the agent as 3).
+    ///
+    /// # Errors
+    /// As any request (see [`Session`]), and [`TransferError::Protocol`] when the agent speaks
+    /// another protocol version.
     pub fn open(stream: AgentStream, compress: i32) -> Result<Session> {
         let mut s = Session {
             rx: FrameReader::new(stream.reader),
@@ -164,6 +201,7 @@ impl Session {
         Ok(s)
     }
 
+    /// The agent's peer name, for messages ("local", "deploy@web1").
     pub fn peer(&self) -> &str {
         &self.peer
     }
@@ -272,6 +310,9 @@ impl Session {
     }
 
     /// Takes the target's deploy lock. With `wait`, `on_wait` hears who holds it.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn lock(
         &mut self,
         holder: Holder,
@@ -290,6 +331,9 @@ impl Session {
     }
 
     /// The live release and every complete release.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn status(&mut self) -> Result<(Option<u64>, Vec<ReleaseSummary>)> {
         self.phase = "reading the target's status";
         self.send(&Request::Status)?;
@@ -300,6 +344,9 @@ impl Session {
     }
 
     /// A release's manifest, fetched from the agent.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn manifest(&mut self, id: u64) -> Result<Manifest> {
         self.phase = "fetching a manifest";
         self.send(&Request::GetManifest { id })?;
@@ -325,6 +372,10 @@ impl Session {
     /// nothing is.
     /// With `itemize`, the report lists every changed path ([`DeployReport::items`]).
     /// Returns once the release is committed (complete and durable, not yet live).
+    ///
+    /// # Errors
+    /// As any request (see [`Session`]), [`TransferError::Source`] for a source file that
+    /// cannot be read and [`TransferError::SourceChanged`] for one that changed meanwhile.
     #[allow(clippy::too_many_arguments)]
     pub fn stage(
         &mut self,
@@ -571,6 +622,9 @@ impl Session {
     }
 
     /// Points `current` at `id`; returns the release that was live before.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn activate(&mut self, id: u64) -> Result<Option<u64>> {
         self.phase = "activating the release";
         self.send(&Request::Activate { id })?;
@@ -582,6 +636,9 @@ impl Session {
 
     /// The live release's id when it holds exactly the manifest of `digest` and is intact (see
     /// [`Request::CheckLive`]); `None` otherwise.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn live_intact(&mut self, digest: Digest) -> Result<Option<u64>> {
         self.phase = "checking the live release";
         self.send(&Request::CheckLive { digest })?;
@@ -593,6 +650,9 @@ impl Session {
 
     /// Removes release `id`, committed in this session and not made live (a multi-host deploy
     /// that failed on another target).
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn discard(&mut self, id: u64) -> Result<()> {
         self.phase = "discarding the release";
         self.send(&Request::Discard { id })?;
@@ -603,6 +663,9 @@ impl Session {
     }
 
     /// Rolls back to `to` or to the newest release older than the live one: (new, previous).
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn rollback(&mut self, to: Option<u64>) -> Result<(u64, Option<u64>)> {
         self.phase = "rolling back";
         self.send(&Request::Rollback { to })?;
@@ -612,6 +675,10 @@ impl Session {
         }
     }
 
+    /// Removes old releases, keeping the `keep` newest and the live one; returns the ids removed.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn prune(&mut self, keep: u32) -> Result<Vec<u64>> {
         self.phase = "pruning old releases";
         self.send(&Request::Prune { keep })?;
@@ -622,6 +689,9 @@ impl Session {
     }
 
     /// Re-hashes a release on the target against its manifest: (id, problems).
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn verify(&mut self, id: Option<u64>) -> Result<(u64, Vec<String>)> {
         self.phase = "verifying a release";
         self.send(&Request::Verify { id })?;
@@ -632,6 +702,9 @@ impl Session {
     }
 
     /// Says goodbye and waits for the agent to exit.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn close(mut self) -> Result<()> {
         self.phase = "closing the session";
         self.send(&Request::Bye)?;
