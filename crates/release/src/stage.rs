@@ -63,6 +63,8 @@ pub struct StageStats {
     pub written: u64,
 }
 
+/// A release being built in a hidden staging directory under the root: see [`Root::stage`].
+/// Dropped without [`Stage::commit`], it is removed.
 pub struct Stage<'r> {
     root: &'r Root,
     id: u64,
@@ -110,6 +112,10 @@ const TRANSFER: Outcome = Outcome::Transfer { basis_ok: false };
 
 impl Root {
     /// Starts building a new release holding exactly `manifest`, planned against the live one.
+    ///
+    /// # Errors
+    /// [`Error::NotEnoughSpace`] when the new content cannot fit, [`Error::Layout`], or an I/O
+    /// error creating the staging directory, linking or copying.
     pub fn stage(
         &self,
         lock: &LockGuard,
@@ -122,6 +128,9 @@ impl Root {
     /// [`Root::stage`] for a caller that has already read the live release's manifest
     /// (`live`: id and manifest), which is then not read again. Ignored if that release is no
     /// longer live.
+    ///
+    /// # Errors
+    /// As [`Root::stage`].
     pub fn stage_after(
         &self,
         lock: &LockGuard,
@@ -173,14 +182,17 @@ impl Root {
 }
 
 impl<'r> Stage<'r> {
+    /// The id the release will have.
     pub fn id(&self) -> u64 {
         self.id
     }
 
+    /// The plan it follows.
     pub fn plan(&self) -> &Plan {
         &self.plan
     }
 
+    /// The manifest it builds.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
@@ -484,6 +496,10 @@ impl<'r> Stage<'r> {
     /// Opens a new file for the content of `plan().files[index]`, which must be one of
     /// [`needs`](Self::needs) and neither written nor being written. Files may be written on
     /// several threads at once (a stage is `Sync`).
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] for an index that is not needed or already begun, or an I/O error
+    /// creating the file.
     pub fn begin_file(&self, index: usize) -> Result<FileWriter> {
         self.claimed(index, |step| {
             FileWriter::create(index, &self.abs(&step.path), step)
@@ -491,6 +507,9 @@ impl<'r> Stage<'r> {
     }
 
     /// Checks a written file against the manifest (size, blake3), gives it its mode and mtime.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] when the size or blake3 differs from the manifest, or an I/O error.
     pub fn finish_file(&self, w: FileWriter, mtime: Option<(i64, u32)>) -> Result<()> {
         let index = w.index;
         if !self.progress().writing.contains(&index) {
@@ -570,6 +589,9 @@ impl<'r> Stage<'r> {
     /// (never by the client). The file is read in pieces of whole blocks (at most
     /// 8 MiB at a time), so memory stays bounded whatever its size; the
     /// signature itself is 12 bytes per block (under 1% of the file).
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] for a basis the stage did not offer, or an I/O error reading it.
     pub fn signature(&self, basis: &RelPath) -> Result<Vec<u8>> {
         let (file, path, size) = self.open_basis(basis)?;
         crate::delta::signature(&file, &path, size)
@@ -579,6 +601,9 @@ impl<'r> Stage<'r> {
     /// it arrives ([`DeltaWriter::feed`]): copies are read from the basis file with `pread`,
     /// the output goes straight into the new file and is refused beyond the manifest size.
     /// Close it with [`DeltaWriter::finish`] and [`Stage::finish_file`].
+    ///
+    /// # Errors
+    /// As [`Stage::begin_file`], and [`Error::BadRequest`] for a basis the stage did not offer.
     pub fn begin_delta(&self, index: usize, basis: &RelPath) -> Result<DeltaWriter> {
         self.claimed(index, |step| {
             let (size, name) = (step.size, step.path.to_string());
@@ -595,6 +620,10 @@ impl<'r> Stage<'r> {
     /// `basis` (whose content the client says has `basis_digest`), decompressed as it arrives
     /// ([`PatchWriter::feed`]) with a bounded window. Close it with [`PatchWriter::finish`]
     /// and [`Stage::finish_file`].
+    ///
+    /// # Errors
+    /// As [`Stage::begin_delta`], and [`Error::Integrity`] when the basis's content is not
+    /// `basis_digest`.
     pub fn begin_patch(
         &self,
         index: usize,
@@ -621,6 +650,9 @@ impl<'r> Stage<'r> {
     /// Applies a whole rsync delta against `basis` to produce `plan().files[index]`
     /// ([`Stage::begin_delta`] in one piece); the output is limited to the manifest size and
     /// checked against its blake3.
+    ///
+    /// # Errors
+    /// As [`Stage::begin_delta`], [`DeltaWriter::feed`] and [`Stage::finish_file`].
     pub fn apply_delta(
         &self,
         index: usize,
@@ -636,6 +668,9 @@ impl<'r> Stage<'r> {
 
     /// Decompresses a whole zstd `--patch-from` frame ([`Stage::begin_patch`] in one piece);
     /// the output is limited to the manifest size and checked against its blake3.
+    ///
+    /// # Errors
+    /// As [`Stage::begin_patch`], [`PatchWriter::feed`] and [`Stage::finish_file`].
     pub fn apply_patch(
         &self,
         index: usize,
@@ -652,6 +687,10 @@ impl<'r> Stage<'r> {
 
     /// Makes the release durable and visible as `releases/<id>` (not live: see
     /// [`Root::activate`]). Fails if any needed file has not been written.
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] when a needed file is missing, or an I/O error flushing, recording
+    /// the manifest or renaming (the staging directory is then removed).
     pub fn commit(mut self) -> Result<ReleaseInfo> {
         {
             let p = self.progress();
@@ -705,7 +744,8 @@ impl<'r> Stage<'r> {
         })?;
         fsutil::write_atomic(
             &self.root.info_path(self.id),
-            &serde_json::to_vec_pretty(&info).expect("json"),
+            &serde_json::to_vec_pretty(&info)
+                .map_err(|e| io("write", &self.root.info_path(self.id))(e.into()))?,
         )?;
         crate::fault_point("before-rename");
         let dst = self.root.release_dir(self.id);
@@ -786,6 +826,9 @@ impl Root {
     /// ctime as recorded at commit, every symlink with its target, every directory there. `None`
     /// otherwise (nothing live, another manifest, a record missing or any difference): then a
     /// deploy of that manifest makes a new release, which repairs the tree.
+    ///
+    /// # Errors
+    /// An I/O error reading the live release's records (a difference is `None`, not an error).
     pub fn live_intact(&self, digest: &Digest) -> Result<Option<u64>> {
         let Some(id) = self.current()? else {
             return Ok(None);
@@ -1255,6 +1298,10 @@ impl FileWriter {
         self.index
     }
 
+    /// Appends `data` to the file (hashing it on the way).
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] beyond the manifest size, or an I/O error writing.
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
         if self.written + data.len() as u64 > self.limit {
             return Err(Error::Integrity {
