@@ -129,6 +129,10 @@ struct Session {
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
+///
+/// # Errors
+/// [`AgentError`]: the protocol broke, the client went away or idled, or a request failed
+/// in a way that ends the session (its cleanup done first).
 pub fn serve(
     input: Box<dyn Read + Send>,
     output: Box<dyn Write + Send>,
@@ -187,6 +191,9 @@ pub fn serve(
 /// nothing (and reads nothing the agent must write) for that long is given up on: the session
 /// ends as if it had failed (staging removed, lock released) with an error for which
 /// [`AgentError::is_idle_timeout`] holds.
+///
+/// # Errors
+/// As [`serve`].
 pub fn serve_stdio(root: &Path, idle: Option<Duration>) -> Result<()> {
     use std::os::fd::FromRawFd;
     flip_release::fault_scope(root);
@@ -996,6 +1003,7 @@ fn check_space(root: &Path, stage: &Stage) -> Result<()> {
     };
     // SAFETY: statvfs fills the zeroed struct we own from a NUL-terminated path.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above: `c` is NUL-terminated and `st` is ours.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         // Unknown free space: writing will tell.
         return Ok(());

@@ -366,7 +366,8 @@ mod tests {
             r(9, Some("v2"), 22, true),
         ];
         let rows = label_rows(&[a, b]);
-        let view: Vec<(Option<&str>, Vec<Option<u64>>, Vec<bool>)> = rows
+        type Row<'a> = (Option<&'a str>, Vec<Option<u64>>, Vec<bool>);
+        let view: Vec<Row> = rows
             .iter()
             .map(|r| (r.label.as_deref(), r.ids.clone(), r.live.clone()))
             .collect();

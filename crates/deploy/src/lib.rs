@@ -245,6 +245,9 @@ impl Deployment {
 ///
 /// `Err` only for what stops the deploy before any target is touched: a bad source, a target
 /// inside the source, a failed scan. Everything else is per target, in [`Deployment::hosts`].
+///
+/// # Errors
+/// [`DeployError`] for a bad source, a target inside the source, a failed scan.
 pub fn deploy(
     o: &Options,
     targets: &[Target],
@@ -640,6 +643,10 @@ impl Host {
 
 /// Opens a session with `target` and takes its lock for `purpose`; `on_wait` hears the holder
 /// when `o.wait` and the target is locked.
+///
+/// # Errors
+/// What opening the session or taking the lock returns (a locked target, a failed
+/// connection, ...).
 pub fn locked_session(
     target: &Target,
     o: &Options,
@@ -1002,6 +1009,9 @@ pub fn own_cache_exclude(source: &Path, cache: &Path) -> Option<String> {
 /// Refuses, before anything is created, a local target inside the source (every deploy would
 /// copy the target into itself) and a source inside the target's own directories (a release
 /// deploying itself). `source` is absolute.
+///
+/// # Errors
+/// [`DeployError`] naming the source and the target that overlap.
 pub fn refuse_overlap(source: &Path, target: &Target) -> Result<(), DeployError> {
     let Target::Local(t) = target else {
         return Ok(());
@@ -1038,6 +1048,22 @@ pub fn refuse_overlap(source: &Path, target: &Target) -> Result<(), DeployError>
 /// The live release of a listing and its summary.
 pub fn live_of(current: Option<u64>, releases: &[ReleaseSummary]) -> Option<&ReleaseSummary> {
     releases.iter().find(|r| Some(r.id) == current)
+}
+
+/// `f` of every item, each on a thread of its own (one per target: the work is waiting on a
+/// connection, not computing), results in the items' order. A panic in one is re-raised.
+pub(crate) fn each_in_parallel<T: Send, R: Send>(
+    items: impl IntoIterator<Item = T>,
+    f: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
+    let f = &f;
+    std::thread::scope(|sc| {
+        let jobs: Vec<_> = items
+            .into_iter()
+            .map(|item| sc.spawn(move || f(item)))
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    })
 }
 
 #[cfg(test)]
@@ -1104,20 +1130,4 @@ mod tests {
         std::fs::create_dir_all(&d).unwrap();
         d
     }
-}
-
-/// `f` of every item, each on a thread of its own (one per target: the work is waiting on a
-/// connection, not computing), results in the items' order. A panic in one is re-raised.
-pub(crate) fn each_in_parallel<T: Send, R: Send>(
-    items: impl IntoIterator<Item = T>,
-    f: impl Fn(T) -> R + Sync,
-) -> Vec<R> {
-    let f = &f;
-    std::thread::scope(|sc| {
-        let jobs: Vec<_> = items
-            .into_iter()
-            .map(|item| sc.spawn(move || f(item)))
-            .collect();
-        jobs.into_iter().map(|j| j.join().unwrap()).collect()
-    })
 }

@@ -30,6 +30,10 @@ pub enum Target {
 
 impl Target {
     /// `/srv/app`, `./app`: local; `[user@]host:/path`, `ssh://[user@]host[:port]/path`: SSH.
+    ///
+    /// # Errors
+    /// [`DeployError::Usage`] for an empty target, a malformed `ssh://` URL or a local path
+    /// that cannot be resolved.
     pub fn parse(s: &str) -> Result<Target, DeployError> {
         if s.is_empty() {
             return Err(DeployError::Usage("the target is empty".into()));
@@ -62,6 +66,10 @@ impl Target {
     }
 
     /// Starts an agent for this target and opens a session with it.
+    ///
+    /// # Errors
+    /// [`DeployError`] when this executable cannot be found, the agent cannot be started or
+    /// reached, or the handshake fails.
     pub fn connect(&self, ssh: &SshSettings, compress: i32) -> Result<Session, DeployError> {
         let exe = std::env::current_exe().map_err(DeployError::Exe)?;
         let mut stream = match self {
