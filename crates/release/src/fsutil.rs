@@ -1,5 +1,9 @@
 //! Small durable-filesystem helpers.
 
+// The one module of the on-disk crates allowed the filesystem calls `clippy.toml` disallows:
+// its helpers are what the rest uses instead (durable writes, removal that names what it left).
+#![allow(clippy::disallowed_methods)]
+
 use crate::error::{io, Error, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;

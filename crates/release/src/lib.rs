@@ -1057,6 +1057,8 @@ pub fn fault_scope(root: &Path) {
 }
 
 #[cfg(test)]
+// The tests write, damage and remove targets' files on purpose.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

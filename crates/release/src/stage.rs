@@ -1496,6 +1496,8 @@ fn list_tree(base: &Path, dir: &Path, out: &mut Vec<String>) {
 }
 
 #[cfg(test)]
+// The tests write, damage and remove targets' files on purpose.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::{Holder, Wait};

@@ -257,7 +257,11 @@ pub(crate) fn store<'a>(
     tmp_name.push(format!(".tmp{}", std::process::id()));
     let tmp = dir.join(tmp_name);
     let result = (|| {
-        let mut w = io::BufWriter::with_capacity(256 * 1024, fs::File::create(&tmp)?);
+        // The client's own temp file (named by its pid, in its cache directory): truncating a
+        // stale one of a dead process is intended; no release shares it.
+        #[allow(clippy::disallowed_methods)]
+        let file = fs::File::create(&tmp)?;
+        let mut w = io::BufWriter::with_capacity(256 * 1024, file);
         let header = write(&mut w, count, entries)?;
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.write_all_at(&header, 0)?;

@@ -491,4 +491,6 @@ fn path_inside(root: &Path, file: &Path) -> Option<String> {
 }
 
 #[cfg(test)]
+// The tests write, damage and remove targets' files on purpose.
+#[allow(clippy::disallowed_methods)]
 mod tests;
