@@ -389,49 +389,7 @@ impl Session {
     ) -> Result<DeployReport> {
         self.phase = "staging the release";
         let digest = manifest.digest();
-        // What the live release holds at the paths that change or go: the digests a patch
-        // basis can have. The rest of the live manifest is dropped here.
-        let mut old_digests: HashMap<RelPath, Digest> = HashMap::new();
-        let (base, payload) = match previous {
-            // Unchanged tree (a no-op, or a fresh checkout of the same commit): an empty
-            // difference, even for a client that never saw the live manifest.
-            _ if live_digest == Some(digest) => (
-                StageBase::Diff(digest),
-                flip_manifest::encode_diff(&Default::default()),
-            ),
-            Some(prev) => {
-                let diff = prev.diff(manifest);
-                let touched = diff
-                    .removed
-                    .iter()
-                    .chain(diff.upserts.iter().map(|e| &e.path));
-                for p in touched {
-                    if let Some(EntryKind::File { digest, .. }) = prev.get(p) {
-                        old_digests.insert(p.clone(), *digest);
-                    }
-                }
-                (
-                    StageBase::Diff(prev.digest()),
-                    flip_manifest::encode_diff(&diff),
-                )
-            }
-            // Something live the client has not seen: find the changed directories by their
-            // hashes (a few round trips, a few bytes per directory looked at) instead of
-            // sending the whole manifest.
-            None => match live_digest {
-                Some(live) => {
-                    self.phase = "comparing directories";
-                    let tree = flip_manifest::DirTree::new(manifest);
-                    let dirs = self.changed_dirs(&tree)?;
-                    self.phase = "staging the release";
-                    (
-                        StageBase::Dirs(live),
-                        flip_manifest::encode_dir_patch(&tree.patch(manifest, &dirs)),
-                    )
-                }
-                None => (StageBase::Whole, flip_manifest::encode(manifest)),
-            },
-        };
+        let (base, payload, old_digests) = self.describe(manifest, previous, live_digest)?;
         self.queue(&Request::Stage {
             label,
             base,
@@ -473,12 +431,95 @@ impl Session {
         } else {
             needs.len()
         };
-        let mut changes = self.changes(limit)?;
+        let changes = self.changes(limit)?;
+        let (jobs, planned) = self.jobs(manifest, needs, &old_digests, content_cache)?;
+        report.matched_bytes = manifest.total_bytes() - jobs.iter().map(|j| j.size).sum::<u64>();
+        self.phase = "fetching delta signatures";
+        let sigs = self.signatures(&jobs)?;
+        self.phase = "sending file content";
+        content::send(self, source, &jobs, sigs, content_cache, &mut report)?;
+        drop(jobs);
+        self.phase = "committing the release";
+        self.send(&Request::Commit)?;
+        match self.recv()? {
+            Response::Committed { id, .. } if id == report.release => {}
+            other => return Err(self.unexpected(&other)),
+        }
+        explain(&mut report, changes, planned);
+        Ok(report)
+    }
+
+    /// How a `Stage` describes `manifest` (its [`StageBase`] and payload), as cheaply as the
+    /// client can: an empty diff for an unchanged tree, a diff against the live manifest the
+    /// client knows (`previous`), the directories that differ (found by probing), or the
+    /// whole manifest. Also the digests the live release holds at the paths that change or go
+    /// (the bases a patch can have); the rest of the live manifest is dropped here.
+    fn describe(
+        &mut self,
+        manifest: &Manifest,
+        previous: Option<Manifest>,
+        live_digest: Option<Digest>,
+    ) -> Result<(StageBase, Vec<u8>, HashMap<RelPath, Digest>)> {
+        let digest = manifest.digest();
+        let mut old_digests: HashMap<RelPath, Digest> = HashMap::new();
+        let (base, payload) = match previous {
+            // Unchanged tree (a no-op, or a fresh checkout of the same commit): an empty
+            // difference, even for a client that never saw the live manifest.
+            _ if live_digest == Some(digest) => (
+                StageBase::Diff(digest),
+                flip_manifest::encode_diff(&Default::default()),
+            ),
+            Some(prev) => {
+                let diff = prev.diff(manifest);
+                let touched = diff
+                    .removed
+                    .iter()
+                    .chain(diff.upserts.iter().map(|e| &e.path));
+                for p in touched {
+                    if let Some(EntryKind::File { digest, .. }) = prev.get(p) {
+                        old_digests.insert(p.clone(), *digest);
+                    }
+                }
+                (
+                    StageBase::Diff(prev.digest()),
+                    flip_manifest::encode_diff(&diff),
+                )
+            }
+            // Something live the client has not seen: find the changed directories by their
+            // hashes (a few round trips, a few bytes per directory looked at) instead of
+            // sending the whole manifest.
+            None => match live_digest {
+                Some(live) => {
+                    self.phase = "comparing directories";
+                    let tree = flip_manifest::DirTree::new(manifest);
+                    let dirs = self.changed_dirs(&tree)?;
+                    self.phase = "staging the release";
+                    (
+                        StageBase::Dirs(live),
+                        flip_manifest::encode_dir_patch(&tree.patch(manifest, &dirs)),
+                    )
+                }
+                None => (StageBase::Whole, flip_manifest::encode(manifest)),
+            },
+        };
+        Ok((base, payload, old_digests))
+    }
+
+    /// The content to send for the files the agent `needs` (ascending indexes into the
+    /// manifest's regular files), each the way [`send_policy`] picks; and, by index, what was
+    /// picked and the basis the agent offered (for the report's notes).
+    fn jobs<'m>(
+        &self,
+        manifest: &'m Manifest,
+        needs: Vec<flip_wire::Need>,
+        old_digests: &'m HashMap<RelPath, Digest>,
+        content_cache: Option<&ContentCache>,
+    ) -> Result<(Vec<content::Job<'m>>, Chosen)> {
         // Indexes count the manifest's regular files in order; the needs come in that order.
         let mut files = manifest.files().enumerate();
         let mut jobs = Vec::with_capacity(needs.len());
         // What the rule chose for each needed file, and the basis the agent offered.
-        let mut planned: HashMap<u32, (Via, Option<RelPath>)> = HashMap::new();
+        let mut planned = Chosen::new();
         for n in needs {
             let index = n.index as usize;
             let Some((_, (path, _, size, digest))) = files
@@ -508,41 +549,7 @@ impl Session {
                 patch,
             });
         }
-        report.matched_bytes = manifest.total_bytes() - jobs.iter().map(|j| j.size).sum::<u64>();
-        self.phase = "fetching delta signatures";
-        let sigs = self.signatures(&jobs)?;
-        self.phase = "sending file content";
-        content::send(self, source, &jobs, sigs, content_cache, &mut report)?;
-        drop(jobs);
-        self.phase = "committing the release";
-        self.send(&Request::Commit)?;
-        match self.recv()? {
-            Response::Committed { id, .. } if id == report.release => {}
-            other => return Err(self.unexpected(&other)),
-        }
-        let items_by_index: HashMap<u32, &Item> = changes
-            .items
-            .iter()
-            .filter_map(|it| Some((it.file.as_ref()?.0, it)))
-            .collect();
-        for s in &mut report.sent {
-            let (chosen, offered) = planned.remove(&s.index).unwrap_or((s.via, None));
-            s.note = deviation(
-                items_by_index.get(&s.index).copied(),
-                chosen,
-                offered,
-                s.via,
-            );
-        }
-        drop(items_by_index);
-        report.sent.sort_by_key(|s| s.index);
-        changes.settle(&report.sent);
-        // The stage's own tallies are the truth (a link can become a copy across filesystems).
-        changes.counts.files.linked = report.linked;
-        changes.counts.files.copied = report.copied;
-        report.counts = changes.counts;
-        report.items = changes.items;
-        Ok(report)
+        Ok((jobs, planned))
     }
 
     /// Receives the answer to [`Request::Changes`] (at most `limit` items, in order).
@@ -720,6 +727,36 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// By file index: how [`send_policy`] chose to send it, and the basis the agent offered.
+type Chosen = HashMap<u32, (Via, Option<RelPath>)>;
+
+/// Completes a deploy's report from the agent's classification (`changes`): a note on every
+/// file sent otherwise than `planned`, the sent files in index order, and the counts, with the
+/// stage's own link and copy tallies (a link can become a copy across filesystems).
+fn explain(report: &mut DeployReport, mut changes: Changes, mut planned: Chosen) {
+    let items_by_index: HashMap<u32, &Item> = changes
+        .items
+        .iter()
+        .filter_map(|it| Some((it.file.as_ref()?.0, it)))
+        .collect();
+    for s in &mut report.sent {
+        let (chosen, offered) = planned.remove(&s.index).unwrap_or((s.via, None));
+        s.note = deviation(
+            items_by_index.get(&s.index).copied(),
+            chosen,
+            offered,
+            s.via,
+        );
+    }
+    drop(items_by_index);
+    report.sent.sort_by_key(|s| s.index);
+    changes.settle(&report.sent);
+    changes.counts.files.linked = report.linked;
+    changes.counts.files.copied = report.copied;
+    report.counts = changes.counts;
+    report.items = changes.items;
 }
 
 /// Why a sent file went otherwise than the plan said, if it did: `item` is its listed change
