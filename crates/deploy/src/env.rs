@@ -22,11 +22,13 @@ pub enum SwitchPlan {
 /// What a [`switch`] did on one target.
 #[derive(Debug, Serialize)]
 pub struct SwitchOutcome {
+    /// The target, as named.
     pub target: String,
     /// The release it was to go to (`None`: not resolved).
     pub release: Option<u64>,
     /// The release live before.
     pub previous: Option<u64>,
+    /// The label of the release it was to go to.
     pub label: Option<String>,
     /// The release live now, as far as the client knows.
     pub live: Option<u64>,
@@ -286,6 +288,7 @@ fn resolve(
 /// every target.
 #[derive(Debug, Serialize)]
 pub struct LabelRow {
+    /// The label (`None`: a release without one).
     pub label: Option<String>,
     /// The newest creation time of the row's releases (seconds since the epoch).
     pub created: i64,
