@@ -52,34 +52,44 @@ const LOCALES: [&str; 10] = [
     "en", "fr", "de", "es", "it", "nl", "pl", "pt_BR", "ja", "zh_CN",
 ];
 
+/// The directories of the application's classes under `src/`.
+const APP_DIRS: [&str; 18] = [
+    "Controller",
+    "Controller/Admin",
+    "Controller/Api",
+    "Entity",
+    "Repository",
+    "Form",
+    "Form/Type",
+    "Service",
+    "EventSubscriber",
+    "Command",
+    "Security",
+    "Security/Voter",
+    "Twig",
+    "Message",
+    "MessageHandler",
+    "Validator",
+    "Serializer",
+    "DataFixtures",
+];
+
 /// The application's own files (`src/`, templates, config, translations, built assets, the
 /// front controller and console, README); returns its vocabulary.
 fn application(c: &mut Corpus, rng: &mut Rng, files: usize) -> Vocab {
-    let scale = files as f64 / 12_000.0;
-    let n = |frac: f64, min: usize| ((frac * files as f64).round() as usize).max(min);
     let app_vocab = Vocab::new(rng, 90);
-    let app_dirs = [
-        "Controller",
-        "Controller/Admin",
-        "Controller/Api",
-        "Entity",
-        "Repository",
-        "Form",
-        "Form/Type",
-        "Service",
-        "EventSubscriber",
-        "Command",
-        "Security",
-        "Security/Voter",
-        "Twig",
-        "Message",
-        "MessageHandler",
-        "Validator",
-        "Serializer",
-        "DataFixtures",
-    ];
+    app_code(c, rng, &app_vocab, files);
+    app_text(c, rng, &app_vocab, files);
+    app_assets(c, rng, &app_vocab, files);
+    app_entry_points(c, rng, &app_vocab);
+    app_vocab
+}
+
+/// PHP classes under `src/` and Doctrine migrations.
+fn app_code(c: &mut Corpus, rng: &mut Rng, app_vocab: &Vocab, files: usize) {
+    let n = |frac: f64, min: usize| ((frac * files as f64).round() as usize).max(min);
     for i in 0..n(0.05, 8) {
-        let dir = app_dirs[i % app_dirs.len()];
+        let dir = APP_DIRS[i % APP_DIRS.len()];
         let class = app_vocab.class(rng);
         let path = format!("src/{dir}/{class}.php");
         if c.entries.contains_key(&path) {
@@ -92,7 +102,7 @@ fn application(c: &mut Corpus, rng: &mut Rng, files: usize) -> Vocab {
             .map(|_| {
                 format!(
                     "App\\{}\\{}",
-                    app_dirs[rng.below(app_dirs.len())].replace('/', "\\"),
+                    APP_DIRS[rng.below(APP_DIRS.len())].replace('/', "\\"),
                     app_vocab.class(rng)
                 )
             })
@@ -128,6 +138,11 @@ fn application(c: &mut Corpus, rng: &mut Rng, files: usize) -> Vocab {
         let size = rng.lognormal(1800.0, 0.6, 400.0, 12_000.0);
         c.put_text(path, php_class(rng, &f, size));
     }
+}
+
+/// Twig templates, YAML config, translations and docs.
+fn app_text(c: &mut Corpus, rng: &mut Rng, app_vocab: &Vocab, files: usize) {
+    let n = |frac: f64, min: usize| ((frac * files as f64).round() as usize).max(min);
     let sections: Vec<&str> = (0..12).map(|_| app_vocab.word(rng)).collect();
     for _ in 0..n(0.025, 4) {
         let path = format!(
@@ -161,7 +176,7 @@ fn application(c: &mut Corpus, rng: &mut Rng, files: usize) -> Vocab {
     }
     for _ in 0..n(0.015, 2) {
         let class = format!("{}Test", pascal(&app_vocab.words(rng, 1, 3)));
-        let path = format!("tests/{}/{class}.php", rng.pick(&app_dirs[..8]));
+        let path = format!("tests/{}/{class}.php", rng.pick(&APP_DIRS[..8]));
         let f = PhpFile {
             vocab: &app_vocab,
             namespace: "App\\Tests".into(),
@@ -172,7 +187,12 @@ fn application(c: &mut Corpus, rng: &mut Rng, files: usize) -> Vocab {
         let size = text_size(rng);
         c.put_text(path, php_class(rng, &f, size));
     }
-    // Built assets (Webpack Encore output) and static images.
+}
+
+/// Built assets (Webpack Encore output) and static images.
+fn app_assets(c: &mut Corpus, rng: &mut Rng, app_vocab: &Vocab, files: usize) {
+    let scale = files as f64 / 12_000.0;
+    let n = |frac: f64, min: usize| ((frac * files as f64).round() as usize).max(min);
     let app_minified = ((12.0 * scale).round() as usize).max(1);
     for i in 0..app_minified {
         let hash = format!("{:08x}", rng.next_u64() as u32);
@@ -203,6 +223,10 @@ fn application(c: &mut Corpus, rng: &mut Rng, files: usize) -> Vocab {
             data,
         );
     }
+}
+
+/// The front controller, `.env`, the console script and the README.
+fn app_entry_points(c: &mut Corpus, rng: &mut Rng, app_vocab: &Vocab) {
     let index = "<?php\n\nuse App\\Kernel;\n\nrequire_once dirname(__DIR__).'/vendor/autoload_runtime.php';\n\nreturn function (array $context) {\n    return new Kernel($context['APP_ENV'], (bool) $context['APP_DEBUG']);\n};\n";
     c.put_text("public/index.php".into(), index.into());
     c.put_text(
@@ -223,8 +247,6 @@ fn application(c: &mut Corpus, rng: &mut Rng, files: usize) -> Vocab {
         "README.md".into(),
         markdown(rng, &app_vocab, "Application", readme_size),
     );
-
-    app_vocab
 }
 
 /// The Composer packages of `vendor/`, sized to fill what the application (`app_files`
