@@ -109,7 +109,7 @@ fn app_code(c: &mut Corpus, rng: &mut Rng, app_vocab: &Vocab, files: usize) {
             .collect();
         let size = text_size(rng);
         let f = PhpFile {
-            vocab: &app_vocab,
+            vocab: app_vocab,
             namespace,
             class,
             uses,
@@ -126,7 +126,7 @@ fn app_code(c: &mut Corpus, rng: &mut Rng, app_vocab: &Vocab, files: usize) {
             rng.below(240_000)
         );
         let f = PhpFile {
-            vocab: &app_vocab,
+            vocab: app_vocab,
             namespace: "DoctrineMigrations".into(),
             class: "Version".into(),
             uses: vec![
@@ -151,18 +151,18 @@ fn app_text(c: &mut Corpus, rng: &mut Rng, app_vocab: &Vocab, files: usize) {
             app_vocab.snake(rng)
         );
         let size = rng.lognormal(2500.0, 0.8, 200.0, 40_000.0);
-        c.put_text(path, twig_template(rng, &app_vocab, size));
+        c.put_text(path, twig_template(rng, app_vocab, size));
     }
     for _ in 0..n(0.005, 3) {
         let path = format!("config/packages/{}.yaml", app_vocab.snake(rng));
         let size = rng.lognormal(900.0, 0.7, 100.0, 10_000.0);
-        c.put_text(path, yaml_config(rng, &app_vocab, size));
+        c.put_text(path, yaml_config(rng, app_vocab, size));
     }
     for name in ["services", "routes", "bundles", "preload", "reference"] {
         let size = rng.lognormal(3000.0, 0.5, 500.0, 20_000.0);
         c.put_text(
             format!("config/{name}.yaml"),
-            yaml_config(rng, &app_vocab, size),
+            yaml_config(rng, app_vocab, size),
         );
     }
     for i in 0..n(0.004, 2) {
@@ -172,13 +172,13 @@ fn app_text(c: &mut Corpus, rng: &mut Rng, app_vocab: &Vocab, files: usize) {
             LOCALES[i % LOCALES.len()]
         );
         let size = rng.lognormal(6000.0, 0.7, 500.0, 60_000.0);
-        c.put_text(path, xliff(rng, &app_vocab, size));
+        c.put_text(path, xliff(rng, app_vocab, size));
     }
     for _ in 0..n(0.015, 2) {
         let class = format!("{}Test", pascal(&app_vocab.words(rng, 1, 3)));
         let path = format!("tests/{}/{class}.php", rng.pick(&APP_DIRS[..8]));
         let f = PhpFile {
-            vocab: &app_vocab,
+            vocab: app_vocab,
             namespace: "App\\Tests".into(),
             class,
             uses: vec!["PHPUnit\\Framework\\TestCase".into()],
@@ -200,12 +200,12 @@ fn app_assets(c: &mut Corpus, rng: &mut Rng, app_vocab: &Vocab, files: usize) {
         if i % 3 == 2 {
             c.put(
                 format!("public/build/{}.{hash}.css", app_vocab.word(rng)),
-                minified_css(rng, &app_vocab, size),
+                minified_css(rng, app_vocab, size),
             );
         } else {
             c.put(
                 format!("public/build/{}.{hash}.js", app_vocab.word(rng)),
-                minified_js(rng, &app_vocab, size),
+                minified_js(rng, app_vocab, size),
             );
         }
     }
@@ -245,7 +245,7 @@ fn app_entry_points(c: &mut Corpus, rng: &mut Rng, app_vocab: &Vocab) {
     let readme_size = rng.range(2000, 6000);
     c.put_text(
         "README.md".into(),
-        markdown(rng, &app_vocab, "Application", readme_size),
+        markdown(rng, app_vocab, "Application", readme_size),
     );
 }
 
