@@ -470,7 +470,9 @@ impl Root {
     /// Metadata of a complete release.
     ///
     /// # Errors
-    /// [`Error::NoSuchRelease`], [`Error::Corrupt`] for damaged metadata, or an I/O error.
+    /// [`Error::NoSuchRelease`] unless its metadata, directory and manifest are there,
+    /// [`Error::Layout`] for a manifest that is not a regular file, [`Error::Corrupt`] for
+    /// metadata that does not parse, or an I/O error.
     pub fn info(&self, id: u64) -> Result<ReleaseInfo> {
         let path = self.info_path(id);
         let Some(bytes) = fsutil::read_optional_limited(&path, SMALL_FILE_MAX)? else {
@@ -497,7 +499,9 @@ impl Root {
     /// The stored manifest of a complete release.
     ///
     /// # Errors
-    /// As [`Root::info`], and [`Error::Corrupt`] for a manifest that does not decode.
+    /// [`Error::NoSuchRelease`] when no manifest is stored, [`Error::Layout`] for a symlink or
+    /// anything but a regular file there, [`Error::Corrupt`] for one that does not decode (or
+    /// is larger than a manifest can be), or an I/O error.
     pub fn manifest(&self, id: u64) -> Result<Manifest> {
         let path = self.manifest_path(id);
         let bytes =
@@ -508,7 +512,7 @@ impl Root {
     /// The stored manifest's canonical bytes (what the agent sends to a client).
     ///
     /// # Errors
-    /// As [`Root::info`].
+    /// As [`Root::manifest`], except that the bytes are not decoded.
     pub fn manifest_bytes(&self, id: u64) -> Result<Vec<u8>> {
         fsutil::read_optional_limited(&self.manifest_path(id), MANIFEST_MAX)?
             .ok_or(Error::NoSuchRelease(id))
