@@ -622,8 +622,8 @@ impl<'r> Stage<'r> {
     /// and [`Stage::finish_file`].
     ///
     /// # Errors
-    /// As [`Stage::begin_delta`], and [`Error::Integrity`] when the basis's content is not
-    /// `basis_digest`.
+    /// As [`Stage::begin_delta`], and [`Error::BadRequest`] when the previous release does not
+    /// hold `basis` with content `basis_digest`.
     pub fn begin_patch(
         &self,
         index: usize,
