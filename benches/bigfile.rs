@@ -245,8 +245,9 @@ fn run(home: &Path, args: &[&str]) -> (String, Duration, u64, u64, u64) {
             agent = agent.max(hwm(a));
         }
         let mut status = 0;
-        // SAFETY: wait4 on our own child, filling structs we own.
+        // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 on our own child, filling structs we own.
         let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
         if r == pid {
             break (status, ru.ru_maxrss as u64 * 1024);
@@ -257,6 +258,7 @@ fn run(home: &Path, args: &[&str]) -> (String, Duration, u64, u64, u64) {
     let wall = start.elapsed();
     let out = reader.join().unwrap();
     // The child is reaped; keep std from waiting for it again.
+    #[allow(clippy::mem_forget)]
     std::mem::forget(child);
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,

@@ -9,7 +9,7 @@
 //! targets, one run, every target checked live.
 
 #[allow(dead_code)]
-#[path = "deploy/corpus.rs"]
+#[path = "deploy/corpus/mod.rs"]
 mod corpus;
 #[allow(dead_code)]
 #[path = "deploy/sshd.rs"]

@@ -277,12 +277,9 @@ fn ssh_only(ssh: &cli::SshArgs) -> SshSettings {
     })
 }
 
-/// flip's cache directory: $XDG_CACHE_HOME/flip or ~/.cache/flip.
+/// flip's cache directory: $XDG_CACHE_HOME/flip or ~/.cache/flip (the platform's, by `dirs`).
 fn cache_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(base.join("flip"))
+    dirs::cache_dir().map(|base| base.join("flip"))
 }
 
 /// glibc gives every thread its own malloc arena (up to 8 per core), and memory freed in one

@@ -2,7 +2,7 @@
 //! bytes real deploys of the same pair of trees sent (the benchmark's generated corpus).
 
 mod common;
-#[path = "../benches/deploy/corpus.rs"]
+#[path = "../benches/deploy/corpus/mod.rs"]
 #[allow(dead_code)]
 mod corpus;
 

@@ -442,8 +442,8 @@ fn a_permission_bit_the_kernel_drops_is_a_clear_error() {
     fs::set_permissions(&top, fs::Permissions::from_mode(0o755)).unwrap();
     let chown = |p: &Path, uid: u32, gid: u32| {
         let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
         assert_eq!(
+            // SAFETY: a valid NUL-terminated path.
             unsafe { libc::chown(c.as_ptr(), uid, gid) },
             0,
             "{}",

@@ -553,7 +553,7 @@ impl<'a> Bench<'a> {
                 }
                 Ok(())
             })?;
-            let results = results.into_inner().unwrap();
+            let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
             let mut fresh = BTreeMap::new();
             for (s, info) in self.infos.iter_mut() {
                 let b = if *s == Scenario::FreshCi {
@@ -977,6 +977,9 @@ fn zstd_bound(level: i32, old: Option<&Path>, new: &Path) -> io::Result<u64> {
 
 /// Checks that `b` (the live release) holds exactly what `a` (the source) does: the same paths,
 /// kinds, permission bits, file contents and symlink targets.
+///
+/// # Errors
+/// The first difference, or a path that cannot be read, described.
 pub fn compare_trees(a: &Path, b: &Path) -> Result<(), String> {
     let b = fs::canonicalize(b).map_err(|e| format!("{}: {e}", b.display()))?;
     let mut ea = BTreeMap::new();
@@ -1016,7 +1019,7 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Kind>) -> io::Result
         let path = e.path();
         let rel = path
             .strip_prefix(root)
-            .expect("below root")
+            .map_err(io::Error::other)?
             .to_string_lossy()
             .into_owned();
         let md = fs::symlink_metadata(&path)?;

@@ -133,7 +133,7 @@ pub fn run(cmd: &mut Command, server: ServerSide) -> io::Result<Measured> {
     let _ = sampler.join();
     let stdout = out_t.join().unwrap_or_default();
     let stderr = err_t.join().unwrap_or_default();
-    let (client_kb, server_kb) = *peaks.lock().unwrap();
+    let (client_kb, server_kb) = *peaks.lock().unwrap_or_else(|e| e.into_inner());
     let exited = libc::WIFEXITED(status);
     let code = exited.then(|| libc::WEXITSTATUS(status));
     Ok(Measured {
@@ -244,8 +244,9 @@ impl CpuSnapshot {
         let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         let mut ours = 0.0;
         for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
-            // SAFETY: getrusage fills the struct we pass.
+            // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
             let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: getrusage fills the struct we pass.
             if unsafe { libc::getrusage(who, &mut ru) } == 0 {
                 ours += tv(ru.ru_utime) + tv(ru.ru_stime);
             }

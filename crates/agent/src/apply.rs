@@ -352,11 +352,13 @@ struct Current {
 
 /// A writer thread: handles its messages in order until the session drops the pool.
 fn work(rx: Receiver<Msg>, shared: &Shared, done: &Sender<Done>, queued: &AtomicUsize) {
-    let mut current: Option<Current> = None;
-    // A file that failed or was skipped: its remaining chunks are dropped (seq, weight held).
-    let mut dropping: Option<(u64, u64)> = None;
+    let mut w = WriterThread {
+        shared,
+        done,
+        current: None,
+        dropping: None,
+    };
     while let Ok(msg) = rx.recv() {
-        let release = |n: u64| shared.budget.release(n);
         match msg {
             Msg::Start {
                 seq,
@@ -364,123 +366,160 @@ fn work(rx: Receiver<Msg>, shared: &Shared, done: &Sender<Done>, queued: &Atomic
                 how,
                 stage,
                 weight,
-            } => {
-                release(MSG_OVERHEAD);
-                if seq > shared.stop_after.load(Ordering::SeqCst) {
-                    drop(stage);
-                    dropping = Some((seq, weight));
-                    let _ = done.send(Some((seq, Ok(()))));
-                } else {
-                    let w = match how {
-                        How::Literal => stage
-                            .begin_file(index)
-                            .map(|f| Writer::Literal(Box::new(f))),
-                        How::Delta(b) => stage
-                            .begin_delta(index, &b)
-                            .map(|d| Writer::Delta(Box::new(d))),
-                        How::Patch(b, d) => stage
-                            .begin_patch(index, &b, &d)
-                            .map(|p| Writer::Patch(Box::new(p))),
-                    };
-                    match w {
-                        Ok(writer) => {
-                            current = Some(Current {
-                                seq,
-                                stage,
-                                writer,
-                                weight,
-                            })
-                        }
-                        Err(e) => {
-                            drop(stage);
-                            shared.stop_after.fetch_min(seq, Ordering::SeqCst);
-                            dropping = Some((seq, weight));
-                            let _ = done.send(Some((seq, Err(e))));
-                        }
-                    }
-                }
-            }
+            } => w.start(seq, index, how, stage, weight),
             Msg::Chunk {
                 seq,
                 data,
                 last,
                 mtime,
-            } => {
-                let bytes = data.len() as u64 + MSG_OVERHEAD;
-                match current.take() {
-                    Some(mut c) if c.seq == seq => {
-                        let fed = if seq > shared.stop_after.load(Ordering::SeqCst) {
-                            // A file before this one failed: this one does not matter.
-                            Err(None)
-                        } else {
-                            feed(&mut c.writer, &data).map_err(Some)
-                        };
-                        drop(data);
-                        release(bytes);
-                        match fed {
-                            Ok(()) if !last => current = Some(c),
-                            Ok(()) => {
-                                let weight = c.weight;
-                                let r = finish(c, mtime);
-                                release(weight);
-                                if r.is_err() {
-                                    shared.stop_after.fetch_min(seq, Ordering::SeqCst);
-                                }
-                                let _ = done.send(Some((seq, r)));
-                                if seq <= shared.stop_after.load(Ordering::SeqCst) {
-                                    flip_release::fault_point("mid-transfer");
-                                }
-                            }
-                            Err(e) => {
-                                dropping = Some((seq, c.weight));
-                                drop(c);
-                                if e.is_some() {
-                                    shared.stop_after.fetch_min(seq, Ordering::SeqCst);
-                                }
-                                let _ = done.send(Some((seq, e.map_or(Ok(()), Err))));
-                                if last {
-                                    if let Some((_, w)) = dropping.take() {
-                                        release(w);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    other => {
-                        current = other;
-                        drop(data);
-                        release(bytes);
-                        if last {
-                            if let Some((s, w)) = dropping {
-                                if s == seq {
-                                    dropping = None;
-                                    release(w);
-                                }
-                            }
-                        }
+            } => w.chunk(seq, data, last, mtime),
+            Msg::Abandon { seq } => w.abandon(seq),
+        }
+        queued.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One writer thread's state between messages.
+struct WriterThread<'a> {
+    shared: &'a Shared,
+    done: &'a Sender<Done>,
+    current: Option<Current>,
+    /// A file that failed or was skipped: its remaining chunks are dropped (seq, weight held).
+    dropping: Option<(u64, u64)>,
+}
+
+impl WriterThread<'_> {
+    fn release(&self, n: u64) {
+        self.shared.budget.release(n);
+    }
+
+    /// Whether a file before `seq` failed (then `seq` does not matter).
+    fn stopped_before(&self, seq: u64) -> bool {
+        seq > self.shared.stop_after.load(Ordering::SeqCst)
+    }
+
+    /// Records that file `seq` failed: files after it are skipped.
+    fn stop_after(&self, seq: u64) {
+        self.shared.stop_after.fetch_min(seq, Ordering::SeqCst);
+    }
+
+    /// Begins file `seq` (or skips it, when a file before it failed).
+    fn start(&mut self, seq: u64, index: usize, how: How, stage: Arc<Stage<'static>>, weight: u64) {
+        self.release(MSG_OVERHEAD);
+        if self.stopped_before(seq) {
+            drop(stage);
+            self.dropping = Some((seq, weight));
+            let _ = self.done.send(Some((seq, Ok(()))));
+            return;
+        }
+        let w = match how {
+            How::Literal => stage
+                .begin_file(index)
+                .map(|f| Writer::Literal(Box::new(f))),
+            How::Delta(b) => stage
+                .begin_delta(index, &b)
+                .map(|d| Writer::Delta(Box::new(d))),
+            How::Patch(b, d) => stage
+                .begin_patch(index, &b, &d)
+                .map(|p| Writer::Patch(Box::new(p))),
+        };
+        match w {
+            Ok(writer) => {
+                self.current = Some(Current {
+                    seq,
+                    stage,
+                    writer,
+                    weight,
+                })
+            }
+            Err(e) => {
+                drop(stage);
+                self.stop_after(seq);
+                self.dropping = Some((seq, weight));
+                let _ = self.done.send(Some((seq, Err(e))));
+            }
+        }
+    }
+
+    /// A chunk of file `seq`: written, or dropped with the file it belongs to; `last` closes
+    /// the file (checked and given `mtime`).
+    fn chunk(&mut self, seq: u64, data: Vec<u8>, last: bool, mtime: Mtime) {
+        let bytes = data.len() as u64 + MSG_OVERHEAD;
+        let mut c = match self.current.take() {
+            Some(c) if c.seq == seq => c,
+            other => {
+                self.current = other;
+                drop(data);
+                self.release(bytes);
+                if last {
+                    self.forget_dropped(seq);
+                }
+                return;
+            }
+        };
+        let fed = if self.stopped_before(seq) {
+            // A file before this one failed: this one does not matter.
+            Err(None)
+        } else {
+            feed(&mut c.writer, &data).map_err(Some)
+        };
+        drop(data);
+        self.release(bytes);
+        match fed {
+            Ok(()) if !last => self.current = Some(c),
+            Ok(()) => {
+                let weight = c.weight;
+                let r = finish(c, mtime);
+                self.release(weight);
+                if r.is_err() {
+                    self.stop_after(seq);
+                }
+                let _ = self.done.send(Some((seq, r)));
+                if !self.stopped_before(seq) {
+                    flip_release::fault_point("mid-transfer");
+                }
+            }
+            Err(e) => {
+                self.dropping = Some((seq, c.weight));
+                drop(c);
+                if e.is_some() {
+                    self.stop_after(seq);
+                }
+                let _ = self.done.send(Some((seq, e.map_or(Ok(()), Err))));
+                if last {
+                    if let Some((_, w)) = self.dropping.take() {
+                        self.release(w);
                     }
                 }
             }
-            Msg::Abandon { seq } => match current.take() {
-                Some(c) if c.seq == seq => {
-                    let weight = c.weight;
-                    drop(c);
-                    release(weight);
-                    let _ = done.send(Some((seq, Ok(()))));
-                }
-                other => {
-                    current = other;
-                    // It already failed or was skipped, and has been reported.
-                    if let Some((s, w)) = dropping {
-                        if s == seq {
-                            dropping = None;
-                            release(w);
-                        }
-                    }
-                }
-            },
         }
-        queued.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The session gave up on file `seq` (the client sent no more of it).
+    fn abandon(&mut self, seq: u64) {
+        match self.current.take() {
+            Some(c) if c.seq == seq => {
+                let weight = c.weight;
+                drop(c);
+                self.release(weight);
+                let _ = self.done.send(Some((seq, Ok(()))));
+            }
+            other => {
+                self.current = other;
+                // It already failed or was skipped, and has been reported.
+                self.forget_dropped(seq);
+            }
+        }
+    }
+
+    /// File `seq`, if it is the one being dropped, is over: its weight goes back.
+    fn forget_dropped(&mut self, seq: u64) {
+        if let Some((s, w)) = self.dropping {
+            if s == seq {
+                self.dropping = None;
+                self.release(w);
+            }
+        }
     }
 }
 

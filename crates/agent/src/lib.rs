@@ -144,6 +144,10 @@ struct Session {
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
+///
+/// # Errors
+/// [`AgentError`]: the protocol broke, the client went away or idled, or a request failed
+/// in a way that ends the session (its cleanup done first).
 pub fn serve(
     input: Box<dyn Read + Send>,
     output: Box<dyn Write + Send>,
@@ -215,7 +219,11 @@ pub fn serve_with(
 /// nothing (and reads nothing the agent must write) for that long is given up on: the session
 /// ends as if it had failed (staging removed, lock released) with an error for which
 /// [`AgentError::is_idle_timeout`] holds.
+///
 /// With `mkpath`, a deploy creates the root's missing parent directories too.
+///
+/// # Errors
+/// As [`serve`].
 pub fn serve_stdio(root: &Path, idle: Option<Duration>, mkpath: bool) -> Result<()> {
     use std::os::fd::FromRawFd;
     flip_release::fault_scope(root);
@@ -598,11 +606,7 @@ impl Session {
                     "label": info.label, "files": info.files, "written": stats.written,
                     "hashed": stats.hashed, "bases_dropped": stats.bases_dropped,
                 }));
-                Response::Committed {
-                    id: info.id,
-                    written: stats.written,
-                    written_bytes: stats.written_bytes,
-                }
+                Response::Committed { id: info.id }
             }
             Request::Activate { id } => {
                 let root = self.root(false)?;
@@ -1102,6 +1106,7 @@ fn check_space(root: &Path, stage: &Stage) -> Result<()> {
     };
     // SAFETY: statvfs fills the zeroed struct we own from a NUL-terminated path.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above: `c` is NUL-terminated and `st` is ours.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         // Unknown free space: writing will tell.
         return Ok(());

@@ -22,11 +22,13 @@ pub enum SwitchPlan {
 /// What a [`switch`] did on one target.
 #[derive(Debug, Serialize)]
 pub struct SwitchOutcome {
+    /// The target, as named.
     pub target: String,
     /// The release it was to go to (`None`: not resolved).
     pub release: Option<u64>,
     /// The release live before.
     pub previous: Option<u64>,
+    /// The label of the release it was to go to.
     pub label: Option<String>,
     /// The release live now, as far as the client knows.
     pub live: Option<u64>,
@@ -353,6 +355,7 @@ fn resolve(
 /// every target.
 #[derive(Debug, Serialize)]
 pub struct LabelRow {
+    /// The label (`None`: a release without one).
     pub label: Option<String>,
     /// The newest creation time of the row's releases (seconds since the epoch).
     pub created: i64,
@@ -433,7 +436,8 @@ mod tests {
             r(9, Some("v2"), 22, true),
         ];
         let rows = label_rows(&[a, b]);
-        let view: Vec<(Option<&str>, Vec<Option<u64>>, Vec<bool>)> = rows
+        type Row<'a> = (Option<&'a str>, Vec<Option<u64>>, Vec<bool>);
+        let view: Vec<Row> = rows
             .iter()
             .map(|r| (r.label.as_deref(), r.ids.clone(), r.live.clone()))
             .collect();

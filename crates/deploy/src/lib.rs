@@ -290,6 +290,9 @@ impl Deployment {
 ///
 /// `Err` only for what stops the deploy before any target is touched: a bad source, a target
 /// inside the source, a failed scan. Everything else is per target, in [`Deployment::hosts`].
+///
+/// # Errors
+/// [`DeployError`] for a bad source, a target inside the source, a failed scan.
 pub fn deploy(
     o: &Options,
     targets: &[Target],
@@ -881,6 +884,10 @@ impl Host {
 
 /// Opens a session with `target` and takes its lock for `purpose`; `on_wait` hears the holder
 /// when `o.wait` and the target is locked.
+///
+/// # Errors
+/// What opening the session or taking the lock returns (a locked target, a failed
+/// connection, ...).
 pub fn locked_session(
     target: &Target,
     o: &Options,
@@ -1190,27 +1197,12 @@ pub fn default_label(source: &Path) -> String {
     }
 }
 
-/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC, RFC 3339). Times before 1970 or
+/// after 9999 (a damaged release record) show as the nearest of the two.
 pub fn iso_time(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    const LAST: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z, humantime's last
+    let secs = u64::try_from(secs).unwrap_or(0).min(LAST);
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
 /// Hands memory freed by the scan back to the system, so the next phase's peak does not stack
@@ -1269,6 +1261,9 @@ pub fn own_cache_exclude(source: &Path, cache: &Path) -> Option<String> {
 /// Refuses, before anything is created, a local target inside the source (every deploy would
 /// copy the target into itself) and a source inside the target's own directories (a release
 /// deploying itself). `source` is absolute.
+///
+/// # Errors
+/// [`DeployError`] naming the source and the target that overlap.
 pub fn refuse_overlap(source: &Path, target: &Target) -> Result<(), DeployError> {
     let Target::Local(t) = target else {
         return Ok(());
@@ -1307,6 +1302,22 @@ pub fn live_of(current: Option<u64>, releases: &[ReleaseSummary]) -> Option<&Rel
     releases.iter().find(|r| Some(r.id) == current)
 }
 
+/// `f` of every item, each on a thread of its own (one per target: the work is waiting on a
+/// connection, not computing), results in the items' order. A panic in one is re-raised.
+pub(crate) fn each_in_parallel<T: Send, R: Send>(
+    items: impl IntoIterator<Item = T>,
+    f: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
+    let f = &f;
+    std::thread::scope(|sc| {
+        let jobs: Vec<_> = items
+            .into_iter()
+            .map(|item| sc.spawn(move || f(item)))
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1316,6 +1327,8 @@ mod tests {
         assert_eq!(iso_time(0), "1970-01-01T00:00:00Z");
         assert_eq!(iso_time(1_796_030_400), "2026-11-30T09:20:00Z");
         assert_eq!(iso_time(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(iso_time(-1), "1970-01-01T00:00:00Z");
+        assert_eq!(iso_time(i64::MAX), "9999-12-31T23:59:59Z");
     }
 
     #[test]
@@ -1369,20 +1382,4 @@ mod tests {
         std::fs::create_dir_all(&d).unwrap();
         d
     }
-}
-
-/// `f` of every item, each on a thread of its own (one per target: the work is waiting on a
-/// connection, not computing), results in the items' order. A panic in one is re-raised.
-pub(crate) fn each_in_parallel<T: Send, R: Send>(
-    items: impl IntoIterator<Item = T>,
-    f: impl Fn(T) -> R + Sync,
-) -> Vec<R> {
-    let f = &f;
-    std::thread::scope(|sc| {
-        let jobs: Vec<_> = items
-            .into_iter()
-            .map(|item| sc.spawn(move || f(item)))
-            .collect();
-        jobs.into_iter().map(|j| j.join().unwrap()).collect()
-    })
 }

@@ -12,10 +12,15 @@ use std::path::PathBuf;
 /// `--ssh-command`, `--remote-flip`, `--ssh-config`).
 #[derive(Clone, Debug, Default)]
 pub struct SshSettings {
+    /// `-i`: a private key tried after the ssh-agent's keys.
     pub identity: Option<PathBuf>,
+    /// `--accept-new-host-key`: record an unknown host key (never a changed one).
     pub accept_new_host_key: bool,
+    /// `--ssh-command`: the system ssh client to use instead of the built-in one.
     pub ssh_command: Option<String>,
+    /// `--remote-flip`: the flip to run on the server.
     pub remote_flip: Option<String>,
+    /// `--ssh-config`: the ssh client config (default `~/.ssh/config`).
     pub config_file: Option<PathBuf>,
     /// The flip binary to upload when the server has none (`--agent-binary`).
     pub agent_binary: Option<PathBuf>,
@@ -24,12 +29,18 @@ pub struct SshSettings {
 /// A deploy target: exactly what the command line and `flip.toml`'s `targets` take.
 #[derive(Clone, Debug)]
 pub enum Target {
+    /// A directory on this machine (absolute), served by a local agent process.
     Local(PathBuf),
+    /// A directory on a server, reached over SSH.
     Ssh(SshTarget),
 }
 
 impl Target {
     /// `/srv/app`, `./app`: local; `[user@]host:/path`, `ssh://[user@]host[:port]/path`: SSH.
+    ///
+    /// # Errors
+    /// [`DeployError::Usage`] for an empty target, a malformed `ssh://` URL or a local path
+    /// that cannot be resolved.
     pub fn parse(s: &str) -> Result<Target, DeployError> {
         if s.is_empty() {
             return Err(DeployError::Usage("the target is empty".into()));
@@ -62,6 +73,10 @@ impl Target {
     }
 
     /// Starts an agent for this target and opens a session with it.
+    ///
+    /// # Errors
+    /// [`DeployError`] when this executable cannot be found, the agent cannot be started or
+    /// reached, or the handshake fails.
     pub fn connect(&self, ssh: &SshSettings, compress: i32) -> Result<Session, DeployError> {
         self.connect_agent(ssh, compress, false)
     }

@@ -21,36 +21,60 @@ const MAGIC: &[u8; 8] = b"FLIPMAN1";
 const DIFF_MAGIC: &[u8; 8] = b"FLIPDIF1";
 const DIR_PATCH_MAGIC: &[u8; 8] = b"FLIPDPT1";
 
+/// Why bytes are not the canonical encoding of a manifest (or diff, or directory patch).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
+    /// The bytes do not start with the format's magic.
     #[error("not a flip manifest (bad magic)")]
     BadMagic,
+    /// The bytes end inside an entry.
     #[error("manifest is truncated")]
     Truncated,
+    /// A number is malformed, not minimal, or too large for its field.
     #[error("manifest has a malformed or non-minimal number")]
     BadVarint,
+    /// Entry (index) has an unknown kind byte.
     #[error("manifest entry {0} has an unknown kind")]
     BadKind(usize),
+    /// Entry (index) shares more or less of the previous path than it should.
     #[error(
         "manifest entry {0} does not reuse exactly the prefix it shares with the previous path"
     )]
     BadPrefix(usize),
+    /// Entry `index` has a path that is not a [`RelPath`].
     #[error("manifest entry {index}: {source}")]
-    BadPath { index: usize, source: PathError },
+    BadPath {
+        /// Position of the entry (0-based).
+        index: usize,
+        /// What is wrong with the path.
+        source: PathError,
+    },
+    /// Entry (index) is not after the previous one.
     #[error("manifest entry {0} is out of order or repeated")]
     Order(usize),
+    /// The claimed number of entries (given) cannot fit in the bytes.
     #[error("manifest claims {0} entries, more than it can hold")]
     Count(u64),
+    /// Decoding `encoded` bytes would allocate more than `budget` bytes ([`DECODE_RATIO`]).
     #[error(
         "manifest of {encoded} bytes would take more than {budget} bytes of memory once decoded"
     )]
-    Expands { encoded: usize, budget: u64 },
+    Expands {
+        /// Length of the encoding, in bytes.
+        encoded: usize,
+        /// What decoding it may allocate, in bytes.
+        budget: u64,
+    },
+    /// Bytes (how many) follow the last entry.
     #[error("manifest has {0} bytes of trailing garbage")]
     Trailing(usize),
+    /// The entries decode but do not form a valid manifest.
     #[error("manifest is inconsistent: {0}")]
     Invalid(#[from] ManifestError),
 }
 
+/// The canonical encoding of `m`: magic, entry count, then each entry with its path prefix-compressed
+/// against the previous one. Its blake3 is the manifest's [`Digest`](crate::Digest).
 pub fn encode(m: &Manifest) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + m.len() * 48);
     out.extend_from_slice(MAGIC);
@@ -59,6 +83,9 @@ pub fn encode(m: &Manifest) -> Vec<u8> {
 }
 
 /// Writes [`encode`]`(m)` to `w` in 64 KiB pieces.
+///
+/// # Errors
+/// What writing to `w` returns.
 pub fn encode_to(m: &Manifest, w: &mut dyn std::io::Write) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(72 * 1024);
     out.extend_from_slice(MAGIC);
@@ -80,6 +107,10 @@ pub(crate) fn digest(m: &Manifest) -> Digest {
     Digest(*h.finalize().as_bytes())
 }
 
+/// Decodes what [`encode`] made, within a memory budget proportional to `buf.len()`.
+///
+/// # Errors
+/// [`DecodeError`] unless `buf` is exactly a canonical encoding of a valid manifest.
 pub fn decode(buf: &[u8]) -> Result<Manifest, DecodeError> {
     let mut r = Reader::new(buf);
     if r.take(MAGIC.len())? != MAGIC {
@@ -105,6 +136,10 @@ pub fn encode_diff(d: &ManifestDiff) -> Vec<u8> {
     out
 }
 
+/// Decodes an encoded [`ManifestDiff`], within the same memory budget as [`decode`].
+///
+/// # Errors
+/// [`DecodeError`] unless `buf` is exactly a canonical encoding of a diff (paths sorted, each once).
 pub fn decode_diff(buf: &[u8]) -> Result<ManifestDiff, DecodeError> {
     let mut r = Reader::new(buf);
     if r.take(DIFF_MAGIC.len())? != DIFF_MAGIC {
@@ -145,6 +180,10 @@ pub fn encode_dir_patch(d: &DirPatch) -> Vec<u8> {
     out
 }
 
+/// Decodes an encoded [`DirPatch`], within the same memory budget as [`decode`].
+///
+/// # Errors
+/// [`DecodeError`] unless `buf` is exactly a canonical encoding of a directory patch.
 pub fn decode_dir_patch(buf: &[u8]) -> Result<DirPatch, DecodeError> {
     let mut r = Reader::new(buf);
     if r.take(DIR_PATCH_MAGIC.len())? != DIR_PATCH_MAGIC {
@@ -240,9 +279,9 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 /// encoded, ~100 plus its path in memory); prefix compression lets a hostile one claim far more
 /// (4 KiB paths that each differ from the previous one in their last byte: 1000 times), which
 /// is refused before it is allocated.
-pub const DECODE_RATIO: u64 = 10;
+pub(crate) const DECODE_RATIO: u64 = 10;
 /// See [`DECODE_RATIO`].
-pub const DECODE_SLACK: u64 = 32 << 20;
+pub(crate) const DECODE_SLACK: u64 = 32 << 20;
 /// What one decoded path costs beyond its bytes (the shared allocation's header, allocator
 /// overhead).
 const PATH_COST: u64 = 32;

@@ -6,6 +6,8 @@
 //! validated when it is turned into these types, so code that holds a `RelPath` or a `Manifest` can
 //! rely on its invariants.
 
+#![warn(missing_docs, unreachable_pub)]
+
 mod encoding;
 mod path;
 mod tree;
@@ -39,23 +41,14 @@ impl Digest {
         Digest(*blake3::hash(bytes).as_bytes())
     }
 
+    /// The 64 lowercase hex digits of the digest (blake3's own encoding).
     pub fn to_hex(&self) -> String {
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            s.push_str(&format!("{b:02x}"));
-        }
-        s
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
     }
 
+    /// Parses 64 hex digits (either case); `None` for anything else.
     pub fn from_hex(s: &str) -> Option<Self> {
-        if s.len() != 64 || !s.is_ascii() {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-        }
-        Some(Digest(out))
+        blake3::Hash::from_hex(s).ok().map(Self::from)
     }
 }
 
@@ -80,42 +73,75 @@ impl fmt::Display for Digest {
 /// What a path in the tree is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EntryKind {
+    /// A directory with its permission bits.
     Dir {
+        /// Permission bits, `st_mode & 0o7777` ([`MODE_MASK`]).
         mode: u32,
     },
+    /// A regular file.
     File {
+        /// Permission bits, `st_mode & 0o7777` ([`MODE_MASK`]).
         mode: u32,
+        /// Length in bytes.
         size: u64,
+        /// blake3 of the content.
         digest: Digest,
     },
     /// The target is kept exactly as the source had it and is never followed.
     Symlink {
+        /// The link's target text, as `readlink` gives it (at most [`MAX_LINK_TARGET`] bytes, no NUL).
         target: String,
     },
 }
 
+/// One path of a release tree and what is there.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Entry {
+    /// Where, relative to the release root.
     pub path: RelPath,
+    /// What is there.
     pub kind: EntryKind,
 }
 
 impl Entry {
+    /// Whether the entry is a directory.
     pub fn is_dir(&self) -> bool {
         matches!(self.kind, EntryKind::Dir { .. })
     }
 }
 
+/// Why a list of entries is not a valid manifest (the path named is the entry's).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ManifestError {
+    /// The same path appears twice.
     #[error("{path}: listed twice")]
-    Duplicate { path: String },
+    Duplicate {
+        /// The entry's path.
+        path: String,
+    },
+    /// A path whose parent is missing or not a directory.
     #[error("{path}: its parent {parent} is not a directory in the manifest")]
-    NoParentDir { path: String, parent: String },
+    NoParentDir {
+        /// The entry's path.
+        path: String,
+        /// Its parent path.
+        parent: String,
+    },
+    /// A mode with bits outside [`MODE_MASK`].
     #[error("{path}: mode {mode:o} has bits outside 07777")]
-    BadMode { path: String, mode: u32 },
+    BadMode {
+        /// The entry's path.
+        path: String,
+        /// The mode given.
+        mode: u32,
+    },
+    /// A symlink target that is empty, longer than [`MAX_LINK_TARGET`] or has a NUL.
     #[error("{path}: symlink target is empty, too long or contains NUL")]
-    BadLinkTarget { path: String },
+    BadLinkTarget {
+        /// The entry's path.
+        path: String,
+    },
+    /// More than [`MAX_ENTRIES`] entries (the count).
     #[error("manifest has {0} entries, more than the limit of {MAX_ENTRIES}")]
     TooMany(usize),
 }
@@ -141,12 +167,19 @@ impl Eq for Manifest {}
 
 impl Manifest {
     /// Sorts and validates the entries.
+    ///
+    /// # Errors
+    /// [`ManifestError`]: a path twice, a parent that is not a directory entry, a bad mode or
+    /// symlink target, more than [`MAX_ENTRIES`] entries.
     pub fn new(mut entries: Vec<Entry>) -> Result<Self, ManifestError> {
         entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
         Self::from_sorted(entries)
     }
 
     /// Validates entries that must already be sorted; out-of-order input is sorted too.
+    ///
+    /// # Errors
+    /// As [`Manifest::new`].
     pub fn from_sorted(mut entries: Vec<Entry>) -> Result<Self, ManifestError> {
         if entries.len() > MAX_ENTRIES {
             return Err(ManifestError::TooMany(entries.len()));
@@ -186,18 +219,22 @@ impl Manifest {
         })
     }
 
+    /// The entries, sorted by path.
     pub fn entries(&self) -> &[Entry] {
         &self.entries
     }
 
+    /// The entries, sorted by path, without a copy.
     pub fn into_entries(self) -> Vec<Entry> {
         self.entries
     }
 
+    /// Number of entries (directories, files and symlinks).
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// Whether the tree has no entries (an empty root).
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -220,6 +257,7 @@ impl Manifest {
         })
     }
 
+    /// Number of regular files.
     pub fn file_count(&self) -> usize {
         self.files().count()
     }
@@ -268,6 +306,7 @@ pub struct ManifestDiff {
 }
 
 impl ManifestDiff {
+    /// Whether the diff changes nothing.
     pub fn is_empty(&self) -> bool {
         self.removed.is_empty() && self.upserts.is_empty()
     }
@@ -315,6 +354,9 @@ impl Manifest {
     }
 
     /// `self` with `diff` applied, validated like any manifest.
+    ///
+    /// # Errors
+    /// As [`Manifest::new`], for the result.
     pub fn apply(&self, diff: &ManifestDiff) -> Result<Manifest, ManifestError> {
         let mut out = Vec::with_capacity(self.len() + diff.upserts.len());
         let mut removed = diff.removed.iter().peekable();
@@ -486,5 +528,9 @@ mod tests {
         let d = Digest::of(b"hello");
         assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
         assert_eq!(Digest::from_hex("zz"), None);
+        assert_eq!(Digest::from_hex(&d.to_hex().to_uppercase()), Some(d));
+        // from_str_radix would take "+f" as a byte.
+        assert_eq!(Digest::from_hex(&format!("+f{}", &d.to_hex()[2..])), None);
+        assert_eq!(Digest::from_hex(&d.to_hex()[1..]), None);
     }
 }

@@ -10,20 +10,27 @@ pub const MAX_PATH_LEN: usize = 4096;
 /// Longest single component accepted, in bytes (Linux's NAME_MAX).
 pub const MAX_COMPONENT_LEN: usize = 255;
 
+/// Why a string is not a [`RelPath`] (the offending text, quoted, where there is one).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PathError {
+    /// The path is empty.
     #[error("path is empty")]
     Empty,
+    /// The path starts with `/`.
     #[error("{0:?}: path is absolute")]
     Absolute(String),
+    /// A component is empty, `.` or `..`.
     #[error("{0:?}: path has an empty, '.' or '..' component")]
     BadComponent(String),
+    /// The path contains a NUL byte.
     #[error("{0:?}: path contains a NUL byte")]
     Nul(String),
+    /// Longer than [`MAX_PATH_LEN`] bytes, or a component longer than [`MAX_COMPONENT_LEN`].
     #[error(
         "path is longer than {MAX_PATH_LEN} bytes or has a component over {MAX_COMPONENT_LEN}"
     )]
     TooLong,
+    /// The bytes are not UTF-8 (shown lossily).
     #[error("{0:?}: path is not valid UTF-8")]
     NotUtf8(String),
 }
@@ -43,6 +50,10 @@ pub enum PathError {
 pub struct RelPath(Arc<str>);
 
 impl RelPath {
+    /// Validates `s` as a relative path.
+    ///
+    /// # Errors
+    /// [`PathError`]: empty, absolute, an empty, `.` or `..` component, a NUL, too long.
     pub fn new(s: impl Into<String>) -> Result<Self, PathError> {
         let s = s.into();
         validate(&s)?;
@@ -50,6 +61,9 @@ impl RelPath {
     }
 
     /// Builds a path from raw bytes (e.g. an OS file name), rejecting non-UTF-8.
+    ///
+    /// # Errors
+    /// [`PathError::NotUtf8`], or as [`RelPath::new`].
     pub fn from_bytes(b: &[u8]) -> Result<Self, PathError> {
         match std::str::from_utf8(b) {
             Ok(s) => Self::new(s),
@@ -57,10 +71,12 @@ impl RelPath {
         }
     }
 
+    /// The path text, `/`-separated.
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
+    /// The components, outermost first.
     pub fn components(&self) -> impl Iterator<Item = &str> {
         self.0.split('/')
     }
@@ -76,6 +92,9 @@ impl RelPath {
     }
 
     /// Appends one validated component (or several, `a/b`).
+    ///
+    /// # Errors
+    /// As [`RelPath::new`], for the joined path.
     pub fn join(&self, rest: &str) -> Result<RelPath, PathError> {
         RelPath::new(format!("{}/{}", self.0, rest))
     }

@@ -15,6 +15,7 @@ use std::collections::{BTreeSet, HashMap};
 
 /// Hash bytes kept per directory and kind (truncated blake3).
 pub const DIR_HASH_LEN: usize = 8;
+/// A truncated blake3 of a directory's entries or subtree.
 pub type DirHash = [u8; DIR_HASH_LEN];
 
 #[derive(Clone, Debug, Default)]
@@ -102,6 +103,7 @@ impl DirTree {
         Ok(changed)
     }
 
+    /// The directory hashes of every directory of `m` (the root is `""`).
     pub fn new(m: &Manifest) -> DirTree {
         let mut nodes: HashMap<String, Node> = HashMap::new();
         nodes.insert(String::new(), Node::default());
@@ -222,6 +224,9 @@ impl Manifest {
     /// `self` with the direct entries of `patch.dirs` replaced by `patch.entries`. An old
     /// subdirectory that the patch drops (or turns into something else) goes with everything
     /// below it; one it keeps keeps its content unless the patch replaces that too.
+    ///
+    /// # Errors
+    /// As [`Manifest::new`], for the result.
     pub fn apply_dirs(&self, patch: &DirPatch) -> Result<Manifest, ManifestError> {
         let replaced: BTreeSet<&str> = patch.dirs.iter().map(String::as_str).collect();
         for e in &patch.entries {

@@ -1,6 +1,8 @@
 //! (previous manifest, new manifest) → [`Plan`]: what the target must do to build the new release
-//! next to the previous one. Pure: no I/O, deterministic, so the client and the agent compute the
-//! same plan from the same manifests and never have to ship it.
+//! next to the previous one. Pure: no I/O, deterministic. A deploy's plan is computed by the agent
+//! alone (its stage answers with the files it still needs, so the plan is never shipped); the
+//! client computes the same plan from the same manifests only to predict a deploy (`--dry-run`,
+//! `flip diff`).
 //!
 //! For every regular file of the new manifest, in order:
 //! 1. same content and mode at the same path of the previous release, and not empty →
@@ -21,6 +23,8 @@
 //! Directories and symlinks are created from the manifest itself. Mtimes play no part: content
 //! and mode decide what changed.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod report;
 pub mod shared;
 
@@ -38,29 +42,38 @@ pub enum Source {
     Copy(RelPath),
     /// Content must come from the client; `basis` is a file of the previous release to build it
     /// from (its previous version at the same path, or a likely ancestor: see the crate docs).
-    Transfer { basis: Option<RelPath> },
+    Transfer {
+        /// The delta basis, if any.
+        basis: Option<RelPath>,
+    },
 }
 
 /// One regular file of the new release and where its bytes come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileStep {
+    /// Where the file goes in the new release.
     pub path: RelPath,
     /// All 12 permission bits (`mode & 0o7777`).
     pub mode: u32,
+    /// Length in bytes.
     pub size: u64,
+    /// blake3 of the content.
     pub digest: Digest,
+    /// Where its content comes from.
     pub source: Source,
 }
 
 /// Counts of a [`Plan`], by [`Source`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PlanStats {
+    /// Regular files of the new manifest.
     pub files: u64,
     /// Hard links to the same path of the previous release.
     pub linked: u64,
     /// New inodes made on the target from content it already has (another path, another mode,
     /// or an empty file).
     pub copied: u64,
+    /// Files whose content must come from the client.
     pub transfers: u64,
     /// Regular files of the previous release whose path is gone from the new one.
     pub removed: u64,
@@ -70,10 +83,13 @@ pub struct PlanStats {
     pub transfer_bytes: u64,
 }
 
+/// What the target does to build a new release next to the previous one: one [`FileStep`] per
+/// regular file. Directories and symlinks come from the manifest itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// Every regular file of the new manifest, in manifest order.
     pub files: Vec<FileStep>,
+    /// Counts of the steps.
     pub stats: PlanStats,
 }
 
@@ -99,6 +115,8 @@ pub fn block_size(len: u64) -> u32 {
 /// rsync delta; smaller ones are cheaper sent whole inside the compressed stream.
 pub const DELTA_MIN: u64 = 8 * 1024;
 
+/// The plan for building `new` next to `prev` (`None`: nothing live, everything is transferred),
+/// by the rules of the crate docs.
 pub fn plan(prev: Option<&Manifest>, new: &Manifest) -> Plan {
     let empty = Manifest::default();
     let prev = prev.unwrap_or(&empty);
@@ -181,7 +199,7 @@ const FUZZY_SIZE_FACTOR: u64 = 4;
 
 /// Candidate ancestors for files new at their path: regular files of the previous release whose
 /// path is gone from the new one, indexed by file name and by (directory, masked name), each
-/// list sorted by (size, path) so the choice is deterministic on both sides.
+/// list sorted by (size, path) so the choice is deterministic (a prediction matches the deploy).
 struct Fuzzy<'a> {
     by_name: HashMap<&'a str, Vec<(u64, &'a RelPath)>>,
     by_mask: HashMap<(&'a str, String), Vec<(u64, &'a RelPath)>>,

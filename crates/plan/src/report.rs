@@ -21,8 +21,11 @@ use std::collections::HashMap;
 /// What kind of entry an [`Item`] is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
+    /// A directory.
     Dir,
+    /// A regular file.
     File,
+    /// A symbolic link.
     Symlink,
 }
 
@@ -54,7 +57,10 @@ pub enum Planned {
     Copy(RelPath),
     /// Content sent by the client, built from `basis` (path and size in the previous release)
     /// when there is one.
-    Transfer { basis: Option<(RelPath, u64)> },
+    Transfer {
+        /// The basis and its size in bytes.
+        basis: Option<(RelPath, u64)>,
+    },
 }
 
 /// How a file of the new release got (or gets) its content.
@@ -88,8 +94,11 @@ impl Via {
 /// One path that changes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {
+    /// The path in the release.
     pub path: RelPath,
+    /// What the entry is (the new one's kind, or the removed one's).
     pub kind: Kind,
+    /// What happened to it.
     pub change: Change,
     /// Files of the new release: position among the new manifest's regular files (how the
     /// agent names a file), its size in bytes, and how the plan gets it.
@@ -127,8 +136,11 @@ impl Item {
 /// target).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryCounts {
+    /// Entries created.
     pub new: u64,
+    /// Entries whose mode or target changed.
     pub changed: u64,
+    /// Entries removed.
     pub removed: u64,
 }
 
@@ -137,14 +149,23 @@ pub struct EntryCounts {
 /// (`linked`, `copied`, `literal`, `delta`, which includes `patched`; these add up to `total`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileCounts {
+    /// Regular files of the new release.
     pub total: u64,
+    /// Files new at their path.
     pub new: u64,
+    /// Files whose content changed.
     pub changed: u64,
+    /// Files whose mode alone changed.
     pub mode: u64,
+    /// Files unchanged.
     pub unchanged: u64,
+    /// Files removed.
     pub removed: u64,
+    /// Files hard-linked from the previous release.
     pub linked: u64,
+    /// Files copied on the target from content it has.
     pub copied: u64,
+    /// Files sent whole.
     pub literal: u64,
     /// rsync deltas and zstd patches.
     pub delta: u64,
@@ -159,8 +180,11 @@ pub struct FileCounts {
 /// Every count of a report.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
+    /// Regular files.
     pub files: FileCounts,
+    /// Directories.
     pub dirs: EntryCounts,
+    /// Symbolic links.
     pub symlinks: EntryCounts,
 }
 
@@ -168,7 +192,9 @@ pub struct Counts {
 /// same path), and the counts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
+    /// The changed paths (all of them, or only those asked for).
     pub items: Vec<Item>,
+    /// The counts, always complete.
     pub counts: Counts,
 }
 
@@ -177,8 +203,11 @@ pub struct Changes {
 /// if it does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sent {
+    /// Index among the new manifest's regular files.
     pub index: u32,
+    /// How its content went.
     pub via: Via,
+    /// Why it went otherwise than [`choose`] chose, if it did.
     pub note: Option<String>,
 }
 
@@ -251,8 +280,48 @@ fn classify(
             c.push_removed(&o.path, &o.kind, all);
         }
         let Some(n) = n else { continue };
-        let item = |change, kind| Item {
-            path: n.path.clone(),
+        let old = o.filter(|_| same_kind).map(|e| &e.kind);
+        match &n.kind {
+            EntryKind::Dir { mode } => c.push_dir(&n.path, *mode, old, all),
+            EntryKind::Symlink { target } => c.push_symlink(&n.path, target, old, all),
+            EntryKind::File { mode, size, digest } => {
+                let Some((index, step)) = steps.next() else {
+                    debug_assert!(false, "the plan has a step for every file");
+                    continue;
+                };
+                debug_assert_eq!(step.path, n.path);
+                let file = NewFile {
+                    path: &n.path,
+                    mode: *mode,
+                    size: *size,
+                    digest,
+                    index,
+                    needed: needed(index),
+                };
+                c.push_file(&file, &step.source, prev, old, all);
+            }
+        }
+    }
+    c
+}
+
+/// A regular file of the new release, as [`Changes::push_file`] classifies it.
+struct NewFile<'a> {
+    path: &'a RelPath,
+    mode: u32,
+    size: u64,
+    digest: &'a flip_manifest::Digest,
+    /// Its index among the new manifest's regular files.
+    index: usize,
+    /// The stage could not reuse it as planned (it is among the files the agent needs).
+    needed: bool,
+}
+
+impl Item {
+    /// An item with only its path, kind and change set.
+    fn new(path: &RelPath, change: Change, kind: Kind) -> Item {
+        Item {
+            path: path.clone(),
             kind,
             change,
             file: None,
@@ -261,118 +330,126 @@ fn classify(
             was: None,
             via: None,
             note: None,
-        };
-        match (&n.kind, o.filter(|_| same_kind).map(|e| &e.kind)) {
-            (EntryKind::Dir { mode }, old) => {
-                let change = match old {
-                    None => Change::New,
-                    Some(EntryKind::Dir { mode: m }) if m != mode => Change::Mode,
-                    Some(_) => continue,
-                };
-                let mut it = item(change, Kind::Dir);
-                if let Some(EntryKind::Dir { mode: m }) = old {
-                    it.modes = Some((*m, *mode));
-                    c.counts.dirs.changed += 1;
-                } else {
-                    c.counts.dirs.new += 1;
-                }
-                if all {
-                    c.items.push(it);
-                }
-            }
-            (EntryKind::Symlink { target }, old) => {
-                let mut it = match old {
-                    None => {
-                        c.counts.symlinks.new += 1;
-                        item(Change::New, Kind::Symlink)
-                    }
-                    Some(EntryKind::Symlink { target: t }) if t != target => {
-                        c.counts.symlinks.changed += 1;
-                        let mut it = item(Change::Retarget, Kind::Symlink);
-                        it.was = Some(t.clone());
-                        it
-                    }
-                    Some(_) => continue,
-                };
-                it.target = Some(target.clone());
-                if all {
-                    c.items.push(it);
-                }
-            }
-            (EntryKind::File { mode, size, digest }, old) => {
-                let Some((index, step)) = steps.next() else {
-                    debug_assert!(false, "the plan has a step for every file");
-                    continue;
-                };
-                debug_assert_eq!(step.path, n.path);
-                let planned = match &step.source {
-                    Source::Link(p) => Planned::Link(p.clone()),
-                    Source::Copy(p) => Planned::Copy(p.clone()),
-                    Source::Transfer { basis } => Planned::Transfer {
-                        basis: basis.as_ref().and_then(|b| match prev.get(b) {
-                            Some(EntryKind::File { size, .. }) => Some((b.clone(), *size)),
-                            _ => None,
-                        }),
-                    },
-                };
-                c.counts.files.total += 1;
-                match &planned {
-                    Planned::Link(_) => c.counts.files.linked += 1,
-                    Planned::Copy(_) => c.counts.files.copied += 1,
-                    Planned::Transfer { .. } => {}
-                }
-                let (change, modes) = match old {
-                    None => (Change::New, None),
-                    Some(EntryKind::File {
-                        mode: m, digest: d, ..
-                    }) => {
-                        let modes = (m != mode).then_some((*m, *mode));
-                        if d != digest {
-                            (Change::Content, modes)
-                        } else if modes.is_some() {
-                            (Change::Mode, modes)
-                        } else {
-                            c.counts.files.unchanged += 1;
-                            // Unchanged and linked in place, or (empty) created anew in
-                            // place: counted, not listed (unless the target could not).
-                            let in_place = matches!(
-                                &planned,
-                                Planned::Link(p) | Planned::Copy(p) if *p == n.path
-                            );
-                            if in_place && !needed(index) {
-                                continue;
-                            }
-                            (Change::Unchanged, None)
-                        }
-                    }
-                    Some(_) => unreachable!("same kind"),
-                };
-                match change {
-                    Change::New => c.counts.files.new += 1,
-                    Change::Content => c.counts.files.changed += 1,
-                    Change::Mode => c.counts.files.mode += 1,
-                    _ => {}
-                }
-                let mut it = item(change, Kind::File);
-                it.modes = modes;
-                it.via = match planned {
-                    Planned::Link(_) => Some(Via::Link),
-                    Planned::Copy(_) => Some(Via::Copy),
-                    Planned::Transfer { .. } => None,
-                };
-                let deviates =
-                    needed(index) && matches!(planned, Planned::Link(_) | Planned::Copy(_));
-                it.file = Some((index as u32, *size, planned));
-                if all || deviates {
-                    c.items.push(it);
-                }
-            }
         }
     }
-    c
 }
 
 impl Changes {
+    /// Counts (and with `all` lists) a directory of the new release; `old` is what the previous
+    /// release had there, if of the same kind.
+    fn push_dir(&mut self, path: &RelPath, mode: u32, old: Option<&EntryKind>, all: bool) {
+        let change = match old {
+            None => Change::New,
+            Some(EntryKind::Dir { mode: m }) if *m != mode => Change::Mode,
+            Some(_) => return,
+        };
+        let mut it = Item::new(path, change, Kind::Dir);
+        if let Some(EntryKind::Dir { mode: m }) = old {
+            it.modes = Some((*m, mode));
+            self.counts.dirs.changed += 1;
+        } else {
+            self.counts.dirs.new += 1;
+        }
+        if all {
+            self.items.push(it);
+        }
+    }
+
+    /// Counts (and with `all` lists) a symlink of the new release; `old` as for
+    /// [`Changes::push_dir`].
+    fn push_symlink(&mut self, path: &RelPath, target: &str, old: Option<&EntryKind>, all: bool) {
+        let mut it = match old {
+            None => {
+                self.counts.symlinks.new += 1;
+                Item::new(path, Change::New, Kind::Symlink)
+            }
+            Some(EntryKind::Symlink { target: t }) if t != target => {
+                self.counts.symlinks.changed += 1;
+                let mut it = Item::new(path, Change::Retarget, Kind::Symlink);
+                it.was = Some(t.clone());
+                it
+            }
+            Some(_) => return,
+        };
+        it.target = Some(target.to_string());
+        if all {
+            self.items.push(it);
+        }
+    }
+
+    /// Counts a regular file of the new release by what changes and how the plan (`source`)
+    /// builds it; lists it with `all`, or when the stage deviated from the plan for it.
+    /// Unchanged files built in place are counted, never listed (unless the stage could not).
+    fn push_file(
+        &mut self,
+        f: &NewFile,
+        source: &Source,
+        prev: &Manifest,
+        old: Option<&EntryKind>,
+        all: bool,
+    ) {
+        let planned = match source {
+            Source::Link(p) => Planned::Link(p.clone()),
+            Source::Copy(p) => Planned::Copy(p.clone()),
+            Source::Transfer { basis } => Planned::Transfer {
+                basis: basis.as_ref().and_then(|b| match prev.get(b) {
+                    Some(EntryKind::File { size, .. }) => Some((b.clone(), *size)),
+                    _ => None,
+                }),
+            },
+        };
+        self.counts.files.total += 1;
+        match &planned {
+            Planned::Link(_) => self.counts.files.linked += 1,
+            Planned::Copy(_) => self.counts.files.copied += 1,
+            Planned::Transfer { .. } => {}
+        }
+        let (change, modes) = match old {
+            None => (Change::New, None),
+            Some(EntryKind::File {
+                mode: m, digest: d, ..
+            }) => {
+                let modes = (*m != f.mode).then_some((*m, f.mode));
+                if d != f.digest {
+                    (Change::Content, modes)
+                } else if modes.is_some() {
+                    (Change::Mode, modes)
+                } else {
+                    self.counts.files.unchanged += 1;
+                    // Unchanged and linked in place, or (empty) created anew in
+                    // place: counted, not listed (unless the target could not).
+                    let in_place = matches!(
+                        &planned,
+                        Planned::Link(p) | Planned::Copy(p) if p == f.path
+                    );
+                    if in_place && !f.needed {
+                        return;
+                    }
+                    (Change::Unchanged, None)
+                }
+            }
+            Some(_) => unreachable!("same kind"),
+        };
+        match change {
+            Change::New => self.counts.files.new += 1,
+            Change::Content => self.counts.files.changed += 1,
+            Change::Mode => self.counts.files.mode += 1,
+            _ => {}
+        }
+        let mut it = Item::new(f.path, change, Kind::File);
+        it.modes = modes;
+        it.via = match planned {
+            Planned::Link(_) => Some(Via::Link),
+            Planned::Copy(_) => Some(Via::Copy),
+            Planned::Transfer { .. } => None,
+        };
+        let deviates = f.needed && matches!(planned, Planned::Link(_) | Planned::Copy(_));
+        it.file = Some((f.index as u32, f.size, planned));
+        if all || deviates {
+            self.items.push(it);
+        }
+    }
+
     fn push_removed(&mut self, path: &RelPath, kind: &EntryKind, list: bool) {
         let (kind, target) = match kind {
             EntryKind::Dir { .. } => {

@@ -113,6 +113,10 @@ impl DeltaApplier {
     }
 
     /// Consumes the next piece of the delta, handing its output to `out`.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] for a malformed delta, a copy outside the basis or output beyond the
+    /// limit; what `out` returns.
     pub fn feed(
         &mut self,
         mut data: &[u8],
@@ -126,7 +130,12 @@ impl DeltaApplier {
                     self.have += n;
                     data = &data[n..];
                     if self.have == 4 {
-                        let magic = u32::from_be_bytes(self.pending[..4].try_into().unwrap());
+                        let magic = u32::from_be_bytes([
+                            self.pending[0],
+                            self.pending[1],
+                            self.pending[2],
+                            self.pending[3],
+                        ]);
                         if magic != DELTA_MAGIC {
                             return Err(self.bad(format!("wrong magic 0x{magic:08x}")));
                         }
@@ -246,6 +255,9 @@ impl DeltaApplier {
     }
 
     /// Checks that the delta ended with END; returns the bytes produced.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if the delta is incomplete.
     pub fn finish(self) -> Result<u64> {
         match self.state {
             State::Done => Ok(self.written),
@@ -319,6 +331,9 @@ impl DeltaWriter {
     }
 
     /// Applies the next piece of the delta.
+    ///
+    /// # Errors
+    /// As [`DeltaApplier::feed`], and an I/O error reading the basis or writing the file.
     pub fn feed(&mut self, data: &[u8]) -> Result<()> {
         let file = &mut self.file;
         self.applier.feed(data, &mut |b| file.write(b))
@@ -326,6 +341,9 @@ impl DeltaWriter {
 
     /// Checks that the delta is complete; the file is then checked by
     /// [`Stage::finish_file`](crate::Stage::finish_file).
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if the delta is incomplete.
     pub fn finish(self) -> Result<FileWriter> {
         self.applier.finish()?;
         Ok(self.file)
@@ -453,12 +471,19 @@ impl PatchWriter {
     }
 
     /// Decompresses the next piece of the patch into the file (refused past its size).
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] for a malformed frame, a window over the limit or output beyond the
+    /// file's size; an I/O error writing.
     pub fn feed(&mut self, data: &[u8]) -> Result<()> {
         let file = &mut self.file;
         self.decoder.feed(data, &mut |b| file.write(b))
     }
 
     /// Checks that the patch's frame is complete.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if the frame is incomplete.
     pub fn finish(self) -> Result<FileWriter> {
         self.decoder.finish()?;
         Ok(self.file)

@@ -18,28 +18,46 @@ pub enum ErrorClass {
     BadRequest,
 }
 
+/// Why an operation on a target failed. Every message names the path (or release) and the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A system call on `path` failed.
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
+        /// The operation that failed (`open`, `rename`, ...).
         op: &'static str,
+        /// The path concerned.
         path: PathBuf,
+        /// The underlying error.
         source: io::Error,
     },
+    /// The filesystem holding `path` is full.
     #[error("cannot {op} {}: no space left on device", path.display())]
-    NoSpace { op: &'static str, path: PathBuf },
+    NoSpace {
+        /// The operation that failed (`open`, `rename`, ...).
+        op: &'static str,
+        /// The path concerned.
+        path: PathBuf,
+    },
+    /// The release's new content does not fit in the filesystem's free space (checked before any content).
     #[error("no space left on device for the release: its new files need {need} bytes (the largest: {largest}), the filesystem has {free} bytes free, keeping {margin} in reserve; free some space or prune old releases")]
     NotEnoughSpace {
         /// The largest file to be written.
         largest: String,
+        /// Bytes the new files need.
         need: u64,
+        /// Bytes free on the filesystem (for the deploy user).
         free: u64,
+        /// Bytes kept in reserve.
         margin: u64,
     },
+    /// The target root (path) is not a directory.
     #[error("{} is not a directory", .0.display())]
     NotADirectory(PathBuf),
+    /// The target root (path) does not exist.
     #[error("{} does not exist", .0.display())]
     Missing(PathBuf),
+    /// The directory (path) has other content and no `.flip/`.
     #[error("{} is not empty and is not a flip target (no .flip/ inside); deploy into a new or empty directory", .0.display())]
     NotATarget(PathBuf),
     /// A directory that is not a flip target, where one must exist already (not a deploy).
@@ -47,42 +65,85 @@ pub enum Error {
     NoTarget(PathBuf),
     /// A deploy would have to create more than the target directory itself.
     #[error("cannot create the target {}: {} does not exist (--mkpath creates missing parents)", dir.display(), parent.display())]
-    NoParent { dir: PathBuf, parent: PathBuf },
+    NoParent {
+        /// The target directory.
+        dir: PathBuf,
+        /// Its first missing parent.
+        parent: PathBuf,
+    },
+    /// Another session holds the target's lock.
     #[error("target is locked by {holder}; pass --wait to wait for it")]
-    Locked { holder: String },
+    Locked {
+        /// Who holds the lock, described for people.
+        holder: String,
+    },
+    /// No complete release has this id.
     #[error("release {0} does not exist")]
     NoSuchRelease(u64),
+    /// The target (path) has no live release.
     #[error("nothing is live yet: {} has no current release", .0.display())]
     NothingLive(PathBuf),
+    /// No release is older than the live one.
     #[error("there is no release older than {current} to roll back to")]
-    NothingToRollBack { current: u64 },
+    NothingToRollBack {
+        /// The live release.
+        current: u64,
+    },
+    /// The release (id) is live already.
     #[error("release {0} is already live")]
     AlreadyLive(u64),
+    /// `current` (path) is not a symlink.
     #[error("{} exists and is not a symlink; flip will not replace it (move it away first)", .0.display())]
     CurrentNotSymlink(PathBuf),
+    /// `current` points outside flip's releases.
     #[error("{} points to {target:?}, not to a release flip made", path.display())]
-    CurrentForeign { path: PathBuf, target: String },
+    CurrentForeign {
+        /// The path concerned.
+        path: PathBuf,
+        /// What `current` points to.
+        target: String,
+    },
+    /// A written file does not match the manifest (`path` relative to the release).
     #[error("{path}: written content does not match the manifest ({detail})")]
-    Integrity { path: String, detail: String },
+    Integrity {
+        /// The path concerned.
+        path: String,
+        /// What does not match.
+        detail: String,
+    },
+    /// flip's own record at `path` is damaged.
     #[error("{} is damaged: {detail}", path.display())]
-    Corrupt { path: PathBuf, detail: String },
+    Corrupt {
+        /// The path concerned.
+        path: PathBuf,
+        /// What does not match.
+        detail: String,
+    },
+    /// The client asked for something invalid (described).
     #[error("invalid request: {0}")]
     BadRequest(String),
     /// One of flip's own directories or files under the target is of the wrong type (a
     /// symlink to somewhere else, a file where a directory belongs, ...).
     #[error("{} is {found}, not {expected}: flip never follows or replaces its own files under the target; move it away or restore it", path.display())]
     Layout {
+        /// The path concerned.
         path: PathBuf,
+        /// What is there ("a symlink", "a regular file", ...).
         found: &'static str,
+        /// What belongs there.
         expected: &'static str,
     },
     /// A shared path under `shared/` is of another kind than the settings say (a file where a
     /// directory is shared, a symlink on the way): nothing was changed.
     #[error("{} is {found}, not {expected} ({why}): flip changes nothing under shared/ and does not deploy; move it away or change shared_dirs/shared_files", path.display())]
     SharedConflict {
+        /// The path under `shared/`.
         path: PathBuf,
+        /// What is there ("a symlink", "a regular file", ...).
         found: &'static str,
+        /// What the settings say belongs there.
         expected: &'static str,
+        /// Which setting says so.
         why: String,
     },
     /// The work was stopped because nobody waits for it any more (see [`crate::abandon`]).
@@ -90,10 +151,16 @@ pub enum Error {
     Abandoned,
     /// The release id counter reached the largest id there is.
     #[error("release ids are exhausted: {} holds {last}, the largest id flip hands out; deploy into a new target", path.display())]
-    IdsExhausted { path: PathBuf, last: u64 },
+    IdsExhausted {
+        /// The path concerned.
+        path: PathBuf,
+        /// The last id handed out.
+        last: u64,
+    },
 }
 
 impl Error {
+    /// The class of the error, which the agent sends on the wire and the client maps to an exit code.
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::Io { .. } | Error::Abandoned => ErrorClass::Io,
@@ -140,4 +207,5 @@ pub(crate) fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error)
     }
 }
 
+/// This crate's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

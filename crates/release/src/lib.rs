@@ -20,6 +20,8 @@
 //! then does [`Root::activate`] swap `current` and fsync the root. `current` therefore always names
 //! a complete, verified release.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod delta;
 pub mod doctor;
 mod error;
@@ -45,8 +47,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// The directory of complete releases, under the root.
 pub const RELEASES: &str = "releases";
+/// The symlink naming the live release, under the root.
 pub const CURRENT: &str = "current";
+/// flip's own state (lock, log, metadata), under the root.
 pub const STATE: &str = ".flip";
 const STAGING_PREFIX: &str = ".staging-";
 const TRASH_PREFIX: &str = ".trash-";
@@ -61,12 +66,17 @@ const SMALL_FILE_MAX: u64 = 1 << 20;
 /// What flip remembers about one release.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReleaseInfo {
+    /// The release id.
     pub id: u64,
+    /// Its label, if it has one.
     pub label: Option<String>,
     /// Unix seconds.
     pub created: i64,
+    /// Regular files in it.
     pub files: u64,
+    /// Sum of their sizes.
     pub bytes: u64,
+    /// Its manifest's digest, in hex.
     pub manifest_digest: String,
     /// Set when listing: whether `current` points here.
     #[serde(default)]
@@ -116,6 +126,10 @@ impl Root {
 
     /// Opens an existing flip target. Refuses (naming the path) when one of flip's own
     /// directories or files is a symlink or of the wrong type.
+    ///
+    /// # Errors
+    /// [`Error::Missing`], [`Error::NotADirectory`], [`Error::NotATarget`] (no `.flip/`),
+    /// [`Error::Layout`] for a symlink or wrong type, or an I/O error.
     pub fn open(dir: &Path) -> Result<Root> {
         let meta = fs::metadata(dir).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::Missing(dir.to_path_buf()),
@@ -134,6 +148,11 @@ impl Root {
 
     /// Opens a target, making a new one when `dir` is missing or empty (and its missing parents
     /// too). A directory that holds other things is refused rather than taken over.
+    ///
+    /// # Errors
+    /// [`Error::NotATarget`] for a directory with other content and no `.flip/`, [`Error::NoParent`]
+    /// for a missing parent without `mkpath`, [`Error::Layout`], or an I/O error creating the
+    /// layout.
     pub fn open_or_init(dir: &Path) -> Result<Root> {
         Ok(Self::open_or_init_tracked(dir, true)?.0)
     }
@@ -141,6 +160,9 @@ impl Root {
     /// [`Root::open_or_init`], also telling what it created (`None`: the target existed). A
     /// missing `dir` is created when its parent exists (as rsync does); missing parents only
     /// when `mkpath`, else [`Error::NoParent`], so a mistyped path is not silently made.
+    ///
+    /// # Errors
+    /// As [`Root::open_or_init`].
     pub fn open_or_init_tracked(dir: &Path, mkpath: bool) -> Result<(Root, Option<Created>)> {
         let mut created = Created { dirs: Vec::new() };
         match fs::metadata(dir) {
@@ -220,6 +242,9 @@ impl Root {
 
     /// Refuses (naming the path) when one of flip's own directories or files is a symlink or
     /// of the wrong type: flip must never stage, commit, prune or delete through a link.
+    ///
+    /// # Errors
+    /// [`Error::Layout`] naming the first path of the wrong type, or an I/O error.
     pub fn check_layout(&self) -> Result<()> {
         let state = self.state_dir();
         expect(&state, Kind::Dir)?;
@@ -290,6 +315,7 @@ impl Root {
             .collect()
     }
 
+    /// The target root.
     pub fn path(&self) -> &Path {
         &self.dir
     }
@@ -302,10 +328,12 @@ impl Root {
         self.state_dir().join("releases")
     }
 
+    /// `ROOT/releases`.
     pub fn releases_dir(&self) -> PathBuf {
         self.dir.join(RELEASES)
     }
 
+    /// `ROOT/releases/<id>`.
     pub fn release_dir(&self, id: u64) -> PathBuf {
         self.releases_dir().join(id.to_string())
     }
@@ -328,6 +356,10 @@ impl Root {
     /// Takes the deploy lock for the lifetime of the guard.
     /// Checks flip's layout before and again under the lock (refusing a symlink or a wrong
     /// type, see [`Root::check_layout`]).
+    ///
+    /// # Errors
+    /// [`Error::Locked`] (naming the holder) when someone holds it and `wait` does not wait,
+    /// [`Error::Layout`], or an I/O error.
     pub fn lock(&self, me: &Holder, wait: Wait<'_>) -> Result<LockGuard> {
         self.check_layout()?;
         let guard = lock::acquire(&self.state_dir().join("lock"), me, wait)?;
@@ -345,6 +377,9 @@ impl Root {
     }
 
     /// The release `current` points to, if any.
+    ///
+    /// # Errors
+    /// [`Error::CurrentNotSymlink`], [`Error::CurrentForeign`], or an I/O error reading it.
     pub fn current(&self) -> Result<Option<u64>> {
         let link = self.dir.join(CURRENT);
         let meta = match fs::symlink_metadata(&link) {
@@ -377,6 +412,9 @@ impl Root {
     /// metadata is missing or damaged, and an entry of an unexpected type under `releases/`,
     /// are left out with a warning (see [`Root::take_warnings`]); the leftovers the last cleanup
     /// recorded are looked up too (see [`Root::take_leftovers`]).
+    ///
+    /// # Errors
+    /// An I/O error listing `releases/` (a damaged release is a warning, not an error).
     pub fn releases(&self) -> Result<Vec<ReleaseInfo>> {
         let current = self.current().ok().flatten();
         let mut out = Vec::new();
@@ -449,6 +487,11 @@ impl Root {
     }
 
     /// Metadata of a complete release.
+    ///
+    /// # Errors
+    /// [`Error::NoSuchRelease`] unless its metadata, directory and manifest are there,
+    /// [`Error::Layout`] for a manifest that is not a regular file, [`Error::Corrupt`] for
+    /// metadata that does not parse, or an I/O error.
     pub fn info(&self, id: u64) -> Result<ReleaseInfo> {
         let path = self.info_path(id);
         let Some(bytes) = fsutil::read_optional_limited(&path, SMALL_FILE_MAX)? else {
@@ -473,6 +516,11 @@ impl Root {
     }
 
     /// The stored manifest of a complete release.
+    ///
+    /// # Errors
+    /// [`Error::NoSuchRelease`] when no manifest is stored, [`Error::Layout`] for a symlink or
+    /// anything but a regular file there, [`Error::Corrupt`] for one that does not decode (or
+    /// is larger than a manifest can be), or an I/O error.
     pub fn manifest(&self, id: u64) -> Result<Manifest> {
         let path = self.manifest_path(id);
         let bytes =
@@ -481,6 +529,9 @@ impl Root {
     }
 
     /// The stored manifest's canonical bytes (what the agent sends to a client).
+    ///
+    /// # Errors
+    /// As [`Root::manifest`], except that the bytes are not decoded.
     pub fn manifest_bytes(&self, id: u64) -> Result<Vec<u8>> {
         fsutil::read_optional_limited(&self.manifest_path(id), MANIFEST_MAX)?
             .ok_or(Error::NoSuchRelease(id))
@@ -489,6 +540,10 @@ impl Root {
     /// The newest complete release older than `current`: what a rollback goes to.
     /// Releases whose stored manifest does not match the digest their metadata recorded are
     /// skipped with a warning.
+    ///
+    /// # Errors
+    /// [`Error::NothingToRollBack`] when no intact release is older than `current`, or an I/O
+    /// error.
     pub fn rollback_target(&self, current: u64) -> Result<u64> {
         self.rollback_target_in(&self.releases()?, current)
     }
@@ -556,6 +611,10 @@ impl Root {
     /// Refuses a release whose stored manifest is not the one recorded at its commit (then
     /// nothing can tell whether its tree is complete): an explicit `rollback --to` or `activate`
     /// as much as the rollback that skips it.
+    ///
+    /// # Errors
+    /// [`Error::NoSuchRelease`], [`Error::Corrupt`] for a release whose manifest is not the one
+    /// recorded, or an I/O error (`current` is then unchanged).
     pub fn activate(&self, _lock: &LockGuard, id: u64) -> Result<Option<u64>> {
         let info = self.info(id)?;
         self.manifest_intact(&info)?;
@@ -582,6 +641,10 @@ impl Root {
     /// its metadata) once it is renamed to trash; whatever of its tree cannot be deleted (a file
     /// the deploy user may not remove) stays in `releases/.trash-<id>`, is named (see
     /// [`Root::take_leftovers`]) and retried at the next cleanup: it never fails the prune.
+    ///
+    /// # Errors
+    /// An I/O error reading the listing or `current`; what cannot be deleted is a leftover, not an
+    /// error.
     pub fn prune(&self, lock: &LockGuard, keep: usize) -> Result<Vec<u64>> {
         let releases = self.releases()?;
         let current = self.current()?;
@@ -619,6 +682,10 @@ impl Root {
     /// Removes release `id`, which must not be live (a release committed by a multi-host
     /// deploy that failed elsewhere): renamed to trash, forgotten, and its tree deleted by the
     /// cleanup that follows (what cannot be deleted is named, as for a prune).
+    ///
+    /// # Errors
+    /// [`Error::NoSuchRelease`], [`Error::BadRequest`] for the live release, or an I/O error
+    /// renaming it.
     pub fn discard(&self, lock: &LockGuard, id: u64) -> Result<()> {
         self.info(id)?;
         if self.current()? == Some(id) {
@@ -669,6 +736,9 @@ impl Root {
     /// fails on one entry: what it cannot remove is named (path, cause) in the leftovers (see
     /// [`Root::take_leftovers`], also recorded in `.flip/leftovers` for listings) and retried at
     /// the next cleanup. Returns the names removed.
+    ///
+    /// # Errors
+    /// An I/O error listing the directories to clean; what cannot be removed is a leftover.
     pub fn clean_leftovers(&self, _lock: &LockGuard) -> Result<Vec<String>> {
         let dir = self.releases_dir();
         let mut removed = Vec::new();
@@ -868,9 +938,12 @@ impl Root {
 
     /// Appends one JSON line to `.flip/log`. Failures to log are reported, not fatal to callers
     /// that choose to ignore them.
+    ///
+    /// # Errors
+    /// An I/O error opening or writing the log.
     pub fn log(&self, event: &serde_json::Value) -> Result<()> {
         let path = self.state_dir().join("log");
-        let mut line = serde_json::to_vec(event).expect("json");
+        let mut line = serde_json::to_vec(event).map_err(|e| io("write", &path)(e.into()))?;
         line.push(b'\n');
         let mut f = fs::OpenOptions::new()
             .append(true)
@@ -885,6 +958,9 @@ impl Root {
     /// Re-reads a release and compares it with its manifest. Returns the differences found.
     /// What its hooks wrote (recorded by [`Root::record_hook_writes`], unchanged since) is
     /// not a difference: it is named in a warning.
+    ///
+    /// # Errors
+    /// As [`Root::manifest`]; the differences found are the result, not errors.
     pub fn verify(&self, id: u64) -> Result<Vec<String>> {
         let manifest = self.manifest(id)?;
         let dir = self.release_dir(id);
@@ -1009,6 +1085,8 @@ pub fn fault_scope(root: &Path) {
 }
 
 #[cfg(test)]
+// The tests write, damage and remove targets' files on purpose.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

@@ -14,8 +14,11 @@ use std::path::Path;
 /// Who holds the lock, shown to whoever finds it taken.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Holder {
+    /// Process id of the client.
     pub pid: u32,
+    /// Host the client runs on.
     pub host: String,
+    /// User the client runs as.
     pub user: String,
     /// Unix seconds.
     pub since: i64,
@@ -42,6 +45,7 @@ pub struct LockGuard {
 
 /// How to behave when the lock is taken.
 pub enum Wait<'a> {
+    /// Fail at once with [`Error::Locked`](crate::Error::Locked).
     No,
     /// Block until free; the callback is told once who holds it.
     Yes(&'a mut dyn FnMut(&str)),
@@ -111,7 +115,7 @@ fn same_file(file: &File, path: &Path) -> bool {
 /// (which [`read_holder`] ignores) — never an empty file once anyone has held the lock.
 fn write_holder(file: &File, path: &Path, me: &Holder) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let text = serde_json::to_vec(me).expect("holder serializes");
+    let text = serde_json::to_vec(me).map_err(|e| io("write", path)(e.into()))?;
     file.write_all_at(&text, 0).map_err(io("write", path))?;
     file.set_len(text.len() as u64).map_err(io("write", path))
 }

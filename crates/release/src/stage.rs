@@ -53,9 +53,6 @@ pub struct StageStats {
     /// Files copied (reflinked where the filesystem can) into a new inode from content the
     /// previous release holds: at another path, with another mode, or empty.
     pub copied: u64,
-    /// Files planned as links or copies whose source turned out to be missing or altered on
-    /// disk; they are transferred instead.
-    pub relinked_as_transfer: u64,
     /// Files of the previous release hashed because their recorded identity was unknown or
     /// differed (as link sources or delta bases).
     pub hashed: u64,
@@ -64,9 +61,10 @@ pub struct StageStats {
     pub bases_dropped: u64,
     /// Files written from client data (literal or delta).
     pub written: u64,
-    pub written_bytes: u64,
 }
 
+/// A release being built in a hidden staging directory under the root: see [`Root::stage`].
+/// Dropped without [`Stage::commit`], it is removed.
 pub struct Stage<'r> {
     root: &'r Root,
     id: u64,
@@ -100,7 +98,6 @@ struct Progress {
     /// Identity of each staged file (by plan index), for the release's `.stat`.
     stamps: Vec<Option<FileStamp>>,
     written: u64,
-    written_bytes: u64,
 }
 
 enum Outcome {
@@ -117,6 +114,10 @@ const TRANSFER: Outcome = Outcome::Transfer { basis_ok: false };
 
 impl Root {
     /// Starts building a new release holding exactly `manifest`, planned against the live one.
+    ///
+    /// # Errors
+    /// [`Error::NotEnoughSpace`] when the new content cannot fit, [`Error::Layout`], or an I/O
+    /// error creating the staging directory, linking or copying.
     pub fn stage(
         &self,
         lock: &LockGuard,
@@ -129,6 +130,9 @@ impl Root {
     /// [`Root::stage`] for a caller that has already read the live release's manifest
     /// (`live`: id and manifest), which is then not read again. Ignored if that release is no
     /// longer live.
+    ///
+    /// # Errors
+    /// As [`Root::stage`].
     pub fn stage_after(
         &self,
         lock: &LockGuard,
@@ -181,14 +185,17 @@ impl Root {
 }
 
 impl<'r> Stage<'r> {
+    /// The id the release will have.
     pub fn id(&self) -> u64 {
         self.id
     }
 
+    /// The plan it follows.
     pub fn plan(&self) -> &Plan {
         &self.plan
     }
 
+    /// The manifest it builds.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
@@ -208,7 +215,6 @@ impl<'r> Stage<'r> {
         let p = self.progress();
         StageStats {
             written: p.written,
-            written_bytes: p.written_bytes,
             ..self.stats.clone()
         }
     }
@@ -307,8 +313,8 @@ impl<'r> Stage<'r> {
                             self.good_bases.insert(b.clone());
                         }
                         Source::Transfer { basis: Some(_) } => self.stats.bases_dropped += 1,
-                        Source::Transfer { basis: None } => {}
-                        _ => self.stats.relinked_as_transfer += 1,
+                        // A link or copy whose source is missing or altered on disk.
+                        Source::Transfer { basis: None } | Source::Link(_) | Source::Copy(_) => {}
                     }
                     self.needs.push(i);
                 }
@@ -493,6 +499,10 @@ impl<'r> Stage<'r> {
     /// Opens a new file for the content of `plan().files[index]`, which must be one of
     /// [`needs`](Self::needs) and neither written nor being written. Files may be written on
     /// several threads at once (a stage is `Sync`).
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] for an index that is not needed or already begun, or an I/O error
+    /// creating the file.
     pub fn begin_file(&self, index: usize) -> Result<FileWriter> {
         self.claimed(index, |step| {
             FileWriter::create(index, &self.abs(&step.path), step)
@@ -500,6 +510,9 @@ impl<'r> Stage<'r> {
     }
 
     /// Checks a written file against the manifest (size, blake3), gives it its mode and mtime.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] when the size or blake3 differs from the manifest, or an I/O error.
     pub fn finish_file(&self, w: FileWriter, mtime: Option<(i64, u32)>) -> Result<()> {
         let index = w.index;
         if !self.progress().writing.contains(&index) {
@@ -515,7 +528,6 @@ impl<'r> Stage<'r> {
         p.stamps[index] = Some(stamp);
         p.writing.remove(&index);
         p.written += 1;
-        p.written_bytes += size;
         Ok(())
     }
 
@@ -580,6 +592,9 @@ impl<'r> Stage<'r> {
     /// (never by the client). The file is read in pieces of whole blocks (at most
     /// 8 MiB at a time), so memory stays bounded whatever its size; the
     /// signature itself is 12 bytes per block (under 1% of the file).
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] for a basis the stage did not offer, or an I/O error reading it.
     pub fn signature(&self, basis: &RelPath) -> Result<Vec<u8>> {
         let (file, path, size) = self.open_basis(basis)?;
         crate::delta::signature(&file, &path, size)
@@ -589,6 +604,9 @@ impl<'r> Stage<'r> {
     /// it arrives ([`DeltaWriter::feed`]): copies are read from the basis file with `pread`,
     /// the output goes straight into the new file and is refused beyond the manifest size.
     /// Close it with [`DeltaWriter::finish`] and [`Stage::finish_file`].
+    ///
+    /// # Errors
+    /// As [`Stage::begin_file`], and [`Error::BadRequest`] for a basis the stage did not offer.
     pub fn begin_delta(&self, index: usize, basis: &RelPath) -> Result<DeltaWriter> {
         self.claimed(index, |step| {
             let (size, name) = (step.size, step.path.to_string());
@@ -605,6 +623,10 @@ impl<'r> Stage<'r> {
     /// `basis` (whose content the client says has `basis_digest`), decompressed as it arrives
     /// ([`PatchWriter::feed`]) with a bounded window. Close it with [`PatchWriter::finish`]
     /// and [`Stage::finish_file`].
+    ///
+    /// # Errors
+    /// As [`Stage::begin_delta`], and [`Error::BadRequest`] when the previous release does not
+    /// hold `basis` with content `basis_digest`.
     pub fn begin_patch(
         &self,
         index: usize,
@@ -631,6 +653,9 @@ impl<'r> Stage<'r> {
     /// Applies a whole rsync delta against `basis` to produce `plan().files[index]`
     /// ([`Stage::begin_delta`] in one piece); the output is limited to the manifest size and
     /// checked against its blake3.
+    ///
+    /// # Errors
+    /// As [`Stage::begin_delta`], [`DeltaWriter::feed`] and [`Stage::finish_file`].
     pub fn apply_delta(
         &self,
         index: usize,
@@ -646,6 +671,9 @@ impl<'r> Stage<'r> {
 
     /// Decompresses a whole zstd `--patch-from` frame ([`Stage::begin_patch`] in one piece);
     /// the output is limited to the manifest size and checked against its blake3.
+    ///
+    /// # Errors
+    /// As [`Stage::begin_patch`], [`PatchWriter::feed`] and [`Stage::finish_file`].
     pub fn apply_patch(
         &self,
         index: usize,
@@ -685,6 +713,10 @@ impl<'r> Stage<'r> {
 
     /// Makes the release durable and visible as `releases/<id>` (not live: see
     /// [`Root::activate`]). Fails if any needed file has not been written.
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] when a needed file is missing, or an I/O error flushing, recording
+    /// the manifest or renaming (the staging directory is then removed).
     pub fn commit(mut self) -> Result<ReleaseInfo> {
         {
             let p = self.progress();
@@ -758,7 +790,8 @@ impl<'r> Stage<'r> {
         })?;
         fsutil::write_atomic(
             &self.root.info_path(self.id),
-            &serde_json::to_vec_pretty(&info).expect("json"),
+            &serde_json::to_vec_pretty(&info)
+                .map_err(|e| io("write", &self.root.info_path(self.id))(e.into()))?,
         )?;
         crate::fault_point("before-rename");
         let dst = self.root.release_dir(self.id);
@@ -839,6 +872,9 @@ impl Root {
     /// ctime as recorded at commit, every symlink with its target, every directory there. `None`
     /// otherwise (nothing live, another manifest, a record missing or any difference): then a
     /// deploy of that manifest makes a new release, which repairs the tree.
+    ///
+    /// # Errors
+    /// An I/O error reading the live release's records (a difference is `None`, not an error).
     pub fn live_intact(&self, digest: &Digest) -> Result<Option<u64>> {
         let Some(id) = self.current()? else {
             return Ok(None);
@@ -1308,6 +1344,10 @@ impl FileWriter {
         self.index
     }
 
+    /// Appends `data` to the file (hashing it on the way).
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] beyond the manifest size, or an I/O error writing.
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
         if self.written + data.len() as u64 > self.limit {
             return Err(Error::Integrity {
@@ -1505,6 +1545,8 @@ fn list_tree(base: &Path, dir: &Path, out: &mut Vec<String>) {
 }
 
 #[cfg(test)]
+// The tests write, damage and remove targets' files on purpose.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::{Holder, Wait};
@@ -1606,10 +1648,7 @@ mod tests {
         // Tampered in place, mtime put back: hashed, and sent again.
         tamper(&root.release_dir(2).join("a"));
         let (st, _) = deploy(&root, v1);
-        assert_eq!(
-            (st.linked, st.hashed, st.relinked_as_transfer, st.written),
-            (2, 1, 1, 1)
-        );
+        assert_eq!((st.linked, st.hashed, st.written), (2, 1, 1));
 
         // A mode changed behind flip's back: the content is copied into a new inode.
         let live = root.current().unwrap().unwrap();

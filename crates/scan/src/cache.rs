@@ -39,7 +39,7 @@ pub(crate) struct Key {
 }
 
 impl Key {
-    pub fn of(meta: &Metadata) -> Key {
+    pub(crate) fn of(meta: &Metadata) -> Key {
         Key {
             size: meta.size(),
             mtime: (meta.mtime(), meta.mtime_nsec() as u32),
@@ -52,7 +52,7 @@ impl Key {
     /// Racy-git rule: a file whose mtime or ctime is within `RACY_WINDOW_NS` of the scan start
     /// (or after it) could be modified again without its timestamps changing, so its digest
     /// must not be cached.
-    pub fn is_racy(&self, scan_start_ns: i128) -> bool {
+    pub(crate) fn is_racy(&self, scan_start_ns: i128) -> bool {
         let ns = |(s, n): (i64, u32)| s as i128 * 1_000_000_000 + n as i128;
         ns(self.mtime).max(ns(self.ctime)) + RACY_WINDOW_NS > scan_start_ns
     }
@@ -92,7 +92,7 @@ impl Key {
 impl Cache {
     /// Reads a cache file. A missing or invalid file gives an empty cache; an unreadable one
     /// (e.g. permission denied) gives an empty cache and a warning.
-    pub fn load(path: &Path) -> (Cache, Option<String>) {
+    pub(crate) fn load(path: &Path) -> (Cache, Option<String>) {
         let bytes = match fs::metadata(path) {
             Ok(m) if m.len() > MAX_FILE_LEN => return (Cache::default(), None),
             Ok(_) => fs::read(path),
@@ -111,12 +111,12 @@ impl Cache {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.sorted.len()
     }
 
     /// The cached digest of `path` if its key is unchanged.
-    pub fn get(&self, path: &str, key: &Key) -> Option<Digest> {
+    pub(crate) fn get(&self, path: &str, key: &Key) -> Option<Digest> {
         let p = hash128(path.as_bytes());
         let i = self.sorted.partition_point(|(x, ..)| *x < p);
         match self.sorted.get(i) {
@@ -257,7 +257,11 @@ pub(crate) fn store<'a>(
     tmp_name.push(format!(".tmp{}", std::process::id()));
     let tmp = dir.join(tmp_name);
     let result = (|| {
-        let mut w = io::BufWriter::with_capacity(256 * 1024, fs::File::create(&tmp)?);
+        // The client's own temp file (named by its pid, in its cache directory): truncating a
+        // stale one of a dead process is intended; no release shares it.
+        #[allow(clippy::disallowed_methods)]
+        let file = fs::File::create(&tmp)?;
+        let mut w = io::BufWriter::with_capacity(256 * 1024, file);
         let header = write(&mut w, count, entries)?;
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.write_all_at(&header, 0)?;

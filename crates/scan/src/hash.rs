@@ -21,6 +21,9 @@ const PIECE: usize = 8 * 1024 * 1024;
 /// The path is opened like `File::open` (a symlink in it is followed) but non-blocking, so a FIFO
 /// fails with an error instead of hanging; anything but a regular file is an error
 /// (`InvalidInput`). Files up to [`BIG_FILE`] are read whole; larger ones in pieces.
+///
+/// # Errors
+/// What opening or reading `path` returns; `InvalidInput` for anything but a regular file.
 pub fn hash_file(path: &Path) -> io::Result<(u64, Digest)> {
     let file = open(path, false)?;
     let meta = file.metadata()?;

@@ -14,14 +14,15 @@
 //!    whose (path, size, mtime, ctime, inode, device) all match the `lstat`, its digest is reused
 //!    without opening the file. Otherwise the file is opened (`O_NOFOLLOW | O_NONBLOCK`, so a
 //!    file swapped for a symlink or FIFO mid-scan is an error, not a hang), `fstat`ed and hashed:
-//!    read whole + `blake3::hash` up to 16 MiB, memory-mapped + `Hasher::update_rayon` above
-//!    ([`hash_file`]). The size recorded is the number of bytes hashed.
+//!    read whole + `blake3::hash` up to 16 MiB, above that read in 8 MiB pieces, each hashed
+//!    with `Hasher::update_rayon` on all cores ([`hash_file`]); never memory-mapped, so a file
+//!    truncated meanwhile is a read error, not a SIGBUS. The size recorded is the number of bytes hashed.
 //! 3. **Assemble**: [`Manifest::new`] sorts and validates the entries; the hash cache is
 //!    rewritten atomically with exactly the files of this scan, so it never grows beyond the tree.
 //!
 //! Memory is proportional to the number of entries (a path, a mode and a few integers each); file
-//! contents are held only while each is hashed (up to 16 MiB per worker thread; larger files are
-//! mapped).
+//! contents are held only while each is hashed (up to 16 MiB per worker thread; larger files one
+//! 8 MiB piece at a time).
 //!
 //! # Excludes
 //!
@@ -42,6 +43,8 @@
 //! "racy-git" rule, a file whose mtime or ctime is less than two seconds before the scan started
 //! (or in the future) is never served from or stored into the cache, since it could change again
 //! without its timestamps changing.
+
+#![warn(missing_docs, unreachable_pub)]
 
 mod cache;
 mod hash;
@@ -117,12 +120,15 @@ impl Default for ScanOptions {
 pub struct ScanStats {
     /// Regular files in the manifest.
     pub files: u64,
+    /// Directories (the root not counted).
     pub dirs: u64,
+    /// Symbolic links.
     pub symlinks: u64,
     /// Sum of regular file sizes.
     pub bytes: u64,
     /// Files whose content was read and hashed (not served from the cache).
     pub hashed_files: u64,
+    /// Bytes of the files read and hashed.
     pub hashed_bytes: u64,
     /// Files whose digest came from the hash cache.
     pub cache_hits: u64,
@@ -131,43 +137,86 @@ pub struct ScanStats {
 /// The result of [`scan`].
 #[derive(Debug)]
 pub struct ScanOutput {
+    /// The source tree.
     pub manifest: Manifest,
     /// Things skipped (special files, files that vanished mid-scan) or a cache that could not be
     /// read or written; sorted. None of them make the manifest wrong.
     pub warnings: Vec<String>,
+    /// What the scan counted.
     pub stats: ScanStats,
 }
 
 /// Why a scan failed. Every message names the path concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
+    /// The source directory does not exist.
     #[error("source directory {} does not exist", path.display())]
-    Missing { path: PathBuf },
+    Missing {
+        /// The path concerned.
+        path: PathBuf,
+    },
+    /// The source is not a directory.
     #[error("source {} is not a directory", path.display())]
-    NotADir { path: PathBuf },
+    NotADir {
+        /// The path concerned.
+        path: PathBuf,
+    },
     /// `op` is a verb phrase: "read", "read directory", "stat", "read symlink".
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
+        /// The operation that failed (`open`, `rename`, ...).
         op: &'static str,
+        /// The path concerned.
         path: PathBuf,
+        /// The underlying error.
         source: io::Error,
     },
+    /// A file name that is not UTF-8 (manifest paths are).
     #[error("{}: file name is not valid UTF-8 (flip paths must be UTF-8)", path.display())]
-    NotUtf8 { path: PathBuf },
+    NotUtf8 {
+        /// The path concerned.
+        path: PathBuf,
+    },
+    /// A symlink target that is not UTF-8.
     #[error("{}: symlink target is not valid UTF-8", path.display())]
-    LinkNotUtf8 { path: PathBuf },
+    LinkNotUtf8 {
+        /// The path concerned.
+        path: PathBuf,
+    },
+    /// A path flip cannot deploy (too long, ...).
     #[error("{}: {source}", path.display())]
-    BadPath { path: PathBuf, source: PathError },
+    BadPath {
+        /// The path concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: PathError,
+    },
+    /// A file changed type or vanished in a way the scan cannot skip.
     #[error("{}: {what} during the scan", path.display())]
-    Changed { path: PathBuf, what: &'static str },
+    Changed {
+        /// The path concerned.
+        path: PathBuf,
+        /// What changed (`"was replaced by a symlink"`, `"stopped being a regular file"`).
+        what: &'static str,
+    },
     /// `origin` is `.flipignore`'s path and line, or `--exclude`.
     #[error("invalid exclude pattern in {origin}: {message}")]
-    BadPattern { origin: String, message: String },
+    BadPattern {
+        /// Where the pattern came from.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The entries do not form a valid manifest.
     #[error("source tree cannot be deployed: {0}")]
     Manifest(#[from] ManifestError),
 }
 
 /// Scans the directory `root` into a manifest. See the crate documentation for the rules.
+///
+/// # Errors
+/// [`ScanError`]: `root` missing or not a directory, an unreadable entry, a name flip cannot
+/// deploy, a bad exclude pattern, a file that changed type during the scan.
 pub fn scan(root: &Path, opts: &ScanOptions) -> Result<ScanOutput, ScanError> {
     scan_at(root, opts, SystemTime::now())
 }
@@ -177,26 +226,7 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
     let start_ns = start
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i128);
-    match fs::metadata(root) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(ScanError::NotADir {
-                path: root.to_path_buf(),
-            })
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(ScanError::Missing {
-                path: root.to_path_buf(),
-            })
-        }
-        Err(source) => {
-            return Err(ScanError::Io {
-                op: "stat",
-                path: root.to_path_buf(),
-                source,
-            })
-        }
-    }
+    check_root(root)?;
     let excludes = build_excludes(root, opts)?;
 
     let mut warnings = Vec::new();
@@ -224,7 +254,51 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
             hash_one(root, cache.as_ref(), start_ns, f)
         })
         .collect::<Result<_, _>>()?;
-    for (f, h) in batches.iter().flatten().zip(&hashed) {
+    count_files(root, &batches, &hashed, &mut stats, &mut warnings);
+
+    // Phase 3: rewrite the hash cache (unless it already says exactly this), then let it go.
+    if let (Some(path), Some(cache)) = (&opts.hash_cache, cache.take()) {
+        rewrite_cache(path, cache, &batches, &hashed, &stats, &mut warnings);
+    }
+
+    // Phase 4: assemble.
+    let manifest = assemble(walked.nodes, batches, hashed, &mut stats)?;
+    warnings.sort();
+    Ok(ScanOutput {
+        manifest,
+        warnings,
+        stats,
+    })
+}
+
+/// The source root must be a directory (a symlink to one is fine).
+fn check_root(root: &Path) -> Result<(), ScanError> {
+    match fs::metadata(root) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(ScanError::NotADir {
+            path: root.to_path_buf(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ScanError::Missing {
+            path: root.to_path_buf(),
+        }),
+        Err(source) => Err(ScanError::Io {
+            op: "stat",
+            path: root.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Counts the hashed files (and bytes, cache hits) into `stats`; a file gone since the walk
+/// (`None`) is a warning.
+fn count_files(
+    root: &Path,
+    batches: &[Vec<walk::FileNode>],
+    hashed: &[Option<Hashed>],
+    stats: &mut ScanStats,
+    warnings: &mut Vec<String>,
+) {
+    for (f, h) in batches.iter().flatten().zip(hashed) {
         let Some(h) = h else {
             warnings.push(format!(
                 "skipping {}: it vanished during the scan",
@@ -241,33 +315,48 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
             stats.hashed_bytes += f.key.size;
         }
     }
+}
 
-    // Phase 3: rewrite the hash cache (unless it already says exactly this), then let it go.
-    if let (Some(path), Some(cache)) = (&opts.hash_cache, cache.take()) {
-        let keep = || {
-            batches
-                .iter()
-                .flatten()
-                .zip(&hashed)
-                .filter_map(|(f, h)| match h {
-                    Some(h) if h.cacheable => Some((f.rel.as_str(), f.key, h.digest)),
-                    _ => None,
-                })
-        };
-        let kept = keep().count();
-        // All hits and nothing dropped: the file on disk already says exactly this.
-        let unchanged = kept == cache.len() && kept as u64 == stats.cache_hits;
-        drop(cache);
-        if !unchanged {
-            if let Err(e) = cache::store(path, kept, keep()) {
-                warnings.push(format!("cannot write hash cache {}: {e}", path.display()));
-            }
+/// Rewrites the hash cache at `path` with exactly the cacheable files of this scan, unless
+/// it already says exactly that (all hits, nothing dropped). A failed write is a warning.
+fn rewrite_cache(
+    path: &Path,
+    cache: Cache,
+    batches: &[Vec<walk::FileNode>],
+    hashed: &[Option<Hashed>],
+    stats: &ScanStats,
+    warnings: &mut Vec<String>,
+) {
+    let keep = || {
+        batches
+            .iter()
+            .flatten()
+            .zip(hashed)
+            .filter_map(|(f, h)| match h {
+                Some(h) if h.cacheable => Some((f.rel.as_str(), f.key, h.digest)),
+                _ => None,
+            })
+    };
+    let kept = keep().count();
+    let unchanged = kept == cache.len() && kept as u64 == stats.cache_hits;
+    drop(cache);
+    if !unchanged {
+        if let Err(e) = cache::store(path, kept, keep()) {
+            warnings.push(format!("cannot write hash cache {}: {e}", path.display()));
         }
     }
+}
 
-    // Phase 4: assemble.
-    let mut entries = Vec::with_capacity(walked.nodes.len() + hashed.len());
-    for node in walked.nodes {
+/// The manifest of the walked directories and symlinks and the hashed files (those that
+/// vanished left out), counting directories and symlinks into `stats`.
+fn assemble(
+    nodes: Vec<walk::Node>,
+    batches: Vec<Vec<walk::FileNode>>,
+    hashed: Vec<Option<Hashed>>,
+    stats: &mut ScanStats,
+) -> Result<Manifest, ScanError> {
+    let mut entries = Vec::with_capacity(nodes.len() + hashed.len());
+    for node in nodes {
         entries.push(match node {
             walk::Node::Dir { rel, mode } => {
                 stats.dirs += 1;
@@ -297,14 +386,7 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
             });
         }
     }
-    let manifest = Manifest::new(entries)?;
-
-    warnings.sort();
-    Ok(ScanOutput {
-        manifest,
-        warnings,
-        stats,
-    })
+    Ok(Manifest::new(entries)?)
 }
 
 /// The digest of one regular file after phase 2.
@@ -439,4 +521,6 @@ fn path_inside(root: &Path, file: &Path) -> Option<String> {
 }
 
 #[cfg(test)]
+// The tests write, damage and remove targets' files on purpose.
+#[allow(clippy::disallowed_methods)]
 mod tests;

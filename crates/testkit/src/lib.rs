@@ -13,6 +13,8 @@
 //! // `ssh -F HOME/.ssh/config web1 true` now logs in without prompts.
 //! ```
 
+#![warn(missing_docs, unreachable_pub)]
+
 use std::fs;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -13,11 +13,13 @@ use std::sync::Mutex;
 /// Entries kept; older ones are removed when a new one is stored.
 const KEEP: usize = 32;
 
+/// The manifest cache: one file per manifest, named by its digest, in one directory.
 pub struct ManifestCache {
     dir: PathBuf,
 }
 
 impl ManifestCache {
+    /// The cache in `dir` (created when the first manifest is stored).
     pub fn new(dir: PathBuf) -> Self {
         ManifestCache { dir }
     }
@@ -35,6 +37,9 @@ impl ManifestCache {
 
     /// Stores a manifest (atomically), then trims the cache. Errors are returned for the caller
     /// to report as a warning.
+    ///
+    /// # Errors
+    /// What creating the directory or writing the file returns.
     pub fn put(&self, m: &Manifest) -> std::io::Result<()> {
         fs::create_dir_all(&self.dir)?;
         let name = m.digest().to_hex();
@@ -192,6 +197,7 @@ impl ContentCache {
         f(guard.get_or_insert_with(|| Index::load(&self.dir)))
     }
 
+    /// Whether content with digest `d` is kept.
     pub fn contains(&self, d: &Digest) -> bool {
         self.with_index(|i| i.find(d).is_some())
     }
@@ -216,11 +222,14 @@ impl ContentCache {
 
     /// Keeps `bytes` (whose digest the caller has checked to be `d`) unless already there.
     /// Files above [`CONTENT_MAX_FILE`] are not kept.
+    ///
+    /// # Errors
+    /// What writing this process's pack returns.
     pub fn put(&self, d: &Digest, bytes: &[u8]) -> std::io::Result<()> {
         if bytes.len() as u64 > CONTENT_MAX_FILE || self.contains(d) {
             return Ok(());
         }
-        let mut w = self.writer.lock().unwrap();
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         if w.is_none() {
             fs::create_dir_all(&self.dir)?;
             let stamp = format!(
@@ -265,8 +274,11 @@ impl ContentCache {
 
     /// Writes out this process's pack, then removes the oldest packs until the cache fits its
     /// bound.
+    ///
+    /// # Errors
+    /// What writing the pack and its index returns.
     pub fn finish(&self) -> std::io::Result<()> {
-        if let Some(mut w) = self.writer.lock().unwrap().take() {
+        if let Some(mut w) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             // The pack before its index: an index never names bytes that are not there.
             w.data.flush()?;
             w.idx.flush()?;

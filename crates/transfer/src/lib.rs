@@ -8,6 +8,8 @@
 //! literal bytes for new ones — and commits. Reading, hashing and delta computation run in
 //! parallel (rayon) while the main thread writes frames, so the connection stays busy.
 
+#![warn(missing_docs, unreachable_pub)]
+
 mod cache;
 mod content;
 
@@ -29,38 +31,56 @@ use std::sync::Arc;
 use flip_plan::report::{Changes, Counts, Item, Planned, Sent, Via};
 pub use flip_plan::DELTA_MIN;
 
+/// Why a session with an agent failed. Messages name the target (its peer name) once.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
     /// The agent's error, after the target it concerns (unless the message already names it).
     #[error("{}", named_once(peer, message))]
     Remote {
+        /// The peer, as `user@host` or a local description.
         peer: String,
+        /// What kind of failure the agent reported.
         class: ErrorClass,
+        /// The agent's message, naming the path and cause.
         message: String,
     },
+    /// The connection to the agent broke.
     #[error("{peer}: connection failed while {phase}")]
     Wire {
+        /// The peer, as `user@host` or a local description.
         peer: String,
+        /// What the session was doing ("sending file content", ...).
         phase: &'static str,
+        /// The underlying error.
         source: WireError,
     },
+    /// The stream to the agent could not be opened or ended badly.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// A source file could not be read.
     #[error("cannot read {path}: {source}")]
     Source {
+        /// The source file.
         path: String,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// A source file (path) changed while it was being sent.
     #[error("{0} changed while flip was deploying it: something writes into the source directory; deploy a source that stays unchanged during the deploy")]
     SourceChanged(String),
+    /// The agent answered something the protocol does not allow here.
     #[error("{peer}: protocol error while {phase}: {message}")]
     Protocol {
+        /// The peer, as `user@host` or a local description.
         peer: String,
+        /// What the session was doing ("sending file content", ...).
         phase: &'static str,
+        /// What the agent sent that was not allowed.
         message: String,
     },
 }
 
+/// This crate's result.
 pub type Result<T, E = TransferError> = std::result::Result<T, E>;
 
 /// `PEER: MESSAGE`, or the message alone when it already names the peer (a local target's
@@ -97,13 +117,21 @@ pub fn peer_prefix<'p>(peer: &'p str, message: &str) -> Option<&'p str> {
 /// What a deploy did, for the summary and `--json`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DeployReport {
+    /// The release made.
     pub release: u64,
+    /// The release live before, if any.
     pub previous: Option<u64>,
+    /// Regular files in the release.
     pub files: u64,
+    /// Files hard-linked from the previous release.
     pub linked: u64,
+    /// Files copied on the target from content it had.
     pub copied: u64,
+    /// Files sent as rsync deltas or zstd patches.
     pub delta: u64,
+    /// Files sent whole.
     pub literal: u64,
+    /// Files of the previous release not in this one.
     pub removed: u64,
     /// Bytes of files sent whole (before compression).
     pub literal_bytes: u64,
@@ -163,6 +191,11 @@ impl HookEnd {
 }
 
 /// An open session with an agent.
+///
+/// Every request fails with [`TransferError::Remote`] when the agent reports an error (its
+/// class says which kind), [`TransferError::Wire`] when the connection breaks, and
+/// [`TransferError::Protocol`] when the agent answers out of turn; those are the `# Errors` of
+/// each method unless it says more.
 pub struct Session {
     rx: FrameReader,
     tx: FrameWriter,
@@ -170,14 +203,14 @@ pub struct Session {
     peer: String,
     /// What the session is doing, for errors: "sending file content", ...
     phase: &'static str,
-    pub agent_version: String,
-    pub agent_host: String,
     /// Warnings the agent sent (see [`Response::Notices`]), not yet taken.
     warnings: Vec<String>,
     /// What the agent last said it could not remove (`None`: it never said).
     leftovers: Option<Vec<Leftover>>,
     /// How far the content of [`Session::stage`] has gone, for progress lines.
     meter: SendMeter,
+    /// The agent's host name, as its `Welcome` said (`flip doctor` shows it).
+    pub agent_host: String,
 }
 
 /// How far a session's file content has gone, for progress lines: atomics the sender updates
@@ -237,6 +270,10 @@ impl SendMeter {
 impl Session {
     /// Handshake over a fresh stream; `compress` is the zstd level (0 = off,
     /// [`flip_wire::ADAPTIVE`]: chosen from the link, told to the agent as 3).
+    ///
+    /// # Errors
+    /// As any request (see [`Session`]), and [`TransferError::Protocol`] when the agent speaks
+    /// another protocol version.
     pub fn open(stream: AgentStream, compress: i32) -> Result<Session> {
         let tx = FrameWriter::new(stream.writer);
         let meter = SendMeter {
@@ -250,10 +287,9 @@ impl Session {
             handle: Some(stream.handle),
             peer: stream.peer,
             phase: "greeting the agent",
-            agent_version: String::new(),
-            agent_host: String::new(),
             warnings: Vec::new(),
             leftovers: None,
+            agent_host: String::new(),
         };
         s.send(&Request::Hello {
             magic: MAGIC,
@@ -277,7 +313,6 @@ impl Session {
                         "agent flip {version} speaks protocol {protocol}, this client {PROTOCOL}"
                     )));
                 }
-                s.agent_version = version;
                 s.agent_host = host;
             }
             other => return Err(s.unexpected(&other)),
@@ -295,6 +330,7 @@ impl Session {
         Ok(s)
     }
 
+    /// The agent's peer name, for messages ("local", "deploy@web1").
     pub fn peer(&self) -> &str {
         &self.peer
     }
@@ -337,7 +373,7 @@ impl Session {
                 class: *class,
                 message: message.clone(),
             },
-            other => self.protocol(format!("unexpected answer {}", name(other))),
+            other => self.protocol(format!("unexpected answer {}", <&str>::from(other))),
         }
     }
 
@@ -408,6 +444,9 @@ impl Session {
     }
 
     /// Takes the target's deploy lock. With `wait`, `on_wait` hears who holds it.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn lock(
         &mut self,
         holder: Holder,
@@ -426,6 +465,9 @@ impl Session {
     }
 
     /// The live release and every complete release.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn status(&mut self) -> Result<(Option<u64>, Vec<ReleaseSummary>)> {
         self.phase = "reading the target's status";
         self.send(&Request::Status)?;
@@ -436,6 +478,9 @@ impl Session {
     }
 
     /// A release's manifest, fetched from the agent.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn manifest(&mut self, id: u64) -> Result<Manifest> {
         self.phase = "fetching a manifest";
         self.send(&Request::GetManifest { id })?;
@@ -461,6 +506,10 @@ impl Session {
     /// nothing is.
     /// With `itemize`, the report lists every changed path ([`DeployReport::items`]).
     /// Returns once the release is committed (complete and durable, not yet live).
+    ///
+    /// # Errors
+    /// As any request (see [`Session`]), [`TransferError::Source`] for a source file that
+    /// cannot be read and [`TransferError::SourceChanged`] for one that changed meanwhile.
     #[allow(clippy::too_many_arguments)]
     pub fn stage(
         &mut self,
@@ -474,49 +523,7 @@ impl Session {
     ) -> Result<DeployReport> {
         self.phase = "staging the release";
         let digest = manifest.digest();
-        // What the live release holds at the paths that change or go: the digests a patch
-        // basis can have. The rest of the live manifest is dropped here.
-        let mut old_digests: HashMap<RelPath, Digest> = HashMap::new();
-        let (base, payload) = match previous {
-            // Unchanged tree (a no-op, or a fresh checkout of the same commit): an empty
-            // difference, even for a client that never saw the live manifest.
-            _ if live_digest == Some(digest) => (
-                StageBase::Diff(digest),
-                flip_manifest::encode_diff(&Default::default()),
-            ),
-            Some(prev) => {
-                let diff = prev.diff(manifest);
-                let touched = diff
-                    .removed
-                    .iter()
-                    .chain(diff.upserts.iter().map(|e| &e.path));
-                for p in touched {
-                    if let Some(EntryKind::File { digest, .. }) = prev.get(p) {
-                        old_digests.insert(p.clone(), *digest);
-                    }
-                }
-                (
-                    StageBase::Diff(prev.digest()),
-                    flip_manifest::encode_diff(&diff),
-                )
-            }
-            // Something live the client has not seen: find the changed directories by their
-            // hashes (a few round trips, a few bytes per directory looked at) instead of
-            // sending the whole manifest.
-            None => match live_digest {
-                Some(live) => {
-                    self.phase = "comparing directories";
-                    let tree = flip_manifest::DirTree::new(manifest);
-                    let dirs = self.changed_dirs(&tree)?;
-                    self.phase = "staging the release";
-                    (
-                        StageBase::Dirs(live),
-                        flip_manifest::encode_dir_patch(&tree.patch(manifest, &dirs)),
-                    )
-                }
-                None => (StageBase::Whole, flip_manifest::encode(manifest)),
-            },
-        };
+        let (base, payload, old_digests) = self.describe(manifest, previous, live_digest)?;
         self.queue(&Request::Stage {
             label,
             base,
@@ -558,12 +565,97 @@ impl Session {
         } else {
             needs.len()
         };
-        let mut changes = self.changes(limit)?;
+        let changes = self.changes(limit)?;
+        let (jobs, planned) = self.jobs(manifest, needs, &old_digests, content_cache)?;
+        let content_bytes = jobs.iter().map(|j| j.size).sum::<u64>();
+        self.meter.set_total(jobs.len() as u64, content_bytes);
+        report.matched_bytes = manifest.total_bytes() - content_bytes;
+        self.phase = "fetching delta signatures";
+        let sigs = self.signatures(&jobs)?;
+        self.phase = "sending file content";
+        content::send(self, source, &jobs, sigs, content_cache, &mut report)?;
+        drop(jobs);
+        self.phase = "committing the release";
+        self.send(&Request::Commit)?;
+        match self.recv()? {
+            Response::Committed { id, .. } if id == report.release => {}
+            other => return Err(self.unexpected(&other)),
+        }
+        explain(&mut report, changes, planned);
+        Ok(report)
+    }
+
+    /// How a `Stage` describes `manifest` (its [`StageBase`] and payload), as cheaply as the
+    /// client can: an empty diff for an unchanged tree, a diff against the live manifest the
+    /// client knows (`previous`), the directories that differ (found by probing), or the
+    /// whole manifest. Also the digests the live release holds at the paths that change or go
+    /// (the bases a patch can have); the rest of the live manifest is dropped here.
+    fn describe(
+        &mut self,
+        manifest: &Manifest,
+        previous: Option<Manifest>,
+        live_digest: Option<Digest>,
+    ) -> Result<(StageBase, Vec<u8>, HashMap<RelPath, Digest>)> {
+        let digest = manifest.digest();
+        let mut old_digests: HashMap<RelPath, Digest> = HashMap::new();
+        let (base, payload) = match previous {
+            // Unchanged tree (a no-op, or a fresh checkout of the same commit): an empty
+            // difference, even for a client that never saw the live manifest.
+            _ if live_digest == Some(digest) => (
+                StageBase::Diff(digest),
+                flip_manifest::encode_diff(&Default::default()),
+            ),
+            Some(prev) => {
+                let diff = prev.diff(manifest);
+                let touched = diff
+                    .removed
+                    .iter()
+                    .chain(diff.upserts.iter().map(|e| &e.path));
+                for p in touched {
+                    if let Some(EntryKind::File { digest, .. }) = prev.get(p) {
+                        old_digests.insert(p.clone(), *digest);
+                    }
+                }
+                (
+                    StageBase::Diff(prev.digest()),
+                    flip_manifest::encode_diff(&diff),
+                )
+            }
+            // Something live the client has not seen: find the changed directories by their
+            // hashes (a few round trips, a few bytes per directory looked at) instead of
+            // sending the whole manifest.
+            None => match live_digest {
+                Some(live) => {
+                    self.phase = "comparing directories";
+                    let tree = flip_manifest::DirTree::new(manifest);
+                    let dirs = self.changed_dirs(&tree)?;
+                    self.phase = "staging the release";
+                    (
+                        StageBase::Dirs(live),
+                        flip_manifest::encode_dir_patch(&tree.patch(manifest, &dirs)),
+                    )
+                }
+                None => (StageBase::Whole, flip_manifest::encode(manifest)),
+            },
+        };
+        Ok((base, payload, old_digests))
+    }
+
+    /// The content to send for the files the agent `needs` (ascending indexes into the
+    /// manifest's regular files), each the way [`send_policy`] picks; and, by index, what was
+    /// picked and the basis the agent offered (for the report's notes).
+    fn jobs<'m>(
+        &self,
+        manifest: &'m Manifest,
+        needs: Vec<flip_wire::Need>,
+        old_digests: &'m HashMap<RelPath, Digest>,
+        content_cache: Option<&ContentCache>,
+    ) -> Result<(Vec<content::Job<'m>>, Chosen)> {
         // Indexes count the manifest's regular files in order; the needs come in that order.
         let mut files = manifest.files().enumerate();
         let mut jobs = Vec::with_capacity(needs.len());
         // What the rule chose for each needed file, and the basis the agent offered.
-        let mut planned: HashMap<u32, (Via, Option<RelPath>)> = HashMap::new();
+        let mut planned = Chosen::new();
         for n in needs {
             let index = n.index as usize;
             let Some((_, (path, _, size, digest))) = files
@@ -593,43 +685,7 @@ impl Session {
                 patch,
             });
         }
-        let content_bytes = jobs.iter().map(|j| j.size).sum::<u64>();
-        self.meter.set_total(jobs.len() as u64, content_bytes);
-        report.matched_bytes = manifest.total_bytes() - content_bytes;
-        self.phase = "fetching delta signatures";
-        let sigs = self.signatures(&jobs)?;
-        self.phase = "sending file content";
-        content::send(self, source, &jobs, sigs, content_cache, &mut report)?;
-        drop(jobs);
-        self.phase = "committing the release";
-        self.send(&Request::Commit)?;
-        match self.recv()? {
-            Response::Committed { id, .. } if id == report.release => {}
-            other => return Err(self.unexpected(&other)),
-        }
-        let items_by_index: HashMap<u32, &Item> = changes
-            .items
-            .iter()
-            .filter_map(|it| Some((it.file.as_ref()?.0, it)))
-            .collect();
-        for s in &mut report.sent {
-            let (chosen, offered) = planned.remove(&s.index).unwrap_or((s.via, None));
-            s.note = deviation(
-                items_by_index.get(&s.index).copied(),
-                chosen,
-                offered,
-                s.via,
-            );
-        }
-        drop(items_by_index);
-        report.sent.sort_by_key(|s| s.index);
-        changes.settle(&report.sent);
-        // The stage's own tallies are the truth (a link can become a copy across filesystems).
-        changes.counts.files.linked = report.linked;
-        changes.counts.files.copied = report.copied;
-        report.counts = changes.counts;
-        report.items = changes.items;
-        Ok(report)
+        Ok((jobs, planned))
     }
 
     /// Receives the answer to [`Request::Changes`] (at most `limit` items, in order).
@@ -709,6 +765,9 @@ impl Session {
     }
 
     /// Points `current` at `id`; returns the release that was live before.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn activate(&mut self, id: u64) -> Result<Option<u64>> {
         self.phase = "activating the release";
         self.send(&Request::Activate { id })?;
@@ -720,6 +779,9 @@ impl Session {
 
     /// The live release's id when it holds exactly the manifest of `digest` and is intact (see
     /// [`Request::CheckLive`]); `None` otherwise.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn live_intact(&mut self, digest: Digest) -> Result<Option<u64>> {
         self.phase = "checking the live release";
         self.send(&Request::CheckLive { digest })?;
@@ -753,6 +815,9 @@ impl Session {
 
     /// Removes release `id`, committed in this session and not made live (a multi-host deploy
     /// that failed on another target).
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn discard(&mut self, id: u64) -> Result<()> {
         self.phase = "discarding the release";
         self.send(&Request::Discard { id })?;
@@ -763,6 +828,9 @@ impl Session {
     }
 
     /// Rolls back to `to` or to the newest release older than the live one: (new, previous).
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn rollback(&mut self, to: Option<u64>) -> Result<(u64, Option<u64>)> {
         self.phase = "rolling back";
         self.send(&Request::Rollback { to })?;
@@ -772,6 +840,10 @@ impl Session {
         }
     }
 
+    /// Removes old releases, keeping the `keep` newest and the live one; returns the ids removed.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn prune(&mut self, keep: u32) -> Result<Vec<u64>> {
         self.phase = "pruning old releases";
         self.send(&Request::Prune { keep })?;
@@ -781,7 +853,6 @@ impl Session {
         }
     }
 
-    /// Re-hashes a release on the target against its manifest: (id, problems).
     /// `flip doctor`: what the agent finds on the target (read-only; no lock needed), with the
     /// clocks around the round trip for the skew check.
     pub fn doctor(&mut self) -> Result<DoctorAnswer> {
@@ -799,6 +870,10 @@ impl Session {
         }
     }
 
+    /// Re-hashes a release on the target against its manifest: (id, problems).
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn verify(&mut self, id: Option<u64>) -> Result<(u64, Vec<String>)> {
         self.phase = "verifying a release";
         self.send(&Request::Verify { id })?;
@@ -852,6 +927,9 @@ impl Session {
     }
 
     /// Says goodbye and waits for the agent to exit.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn close(mut self) -> Result<()> {
         self.phase = "closing the session";
         self.send(&Request::Bye)?;
@@ -867,6 +945,36 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// By file index: how [`send_policy`] chose to send it, and the basis the agent offered.
+type Chosen = HashMap<u32, (Via, Option<RelPath>)>;
+
+/// Completes a deploy's report from the agent's classification (`changes`): a note on every
+/// file sent otherwise than `planned`, the sent files in index order, and the counts, with the
+/// stage's own link and copy tallies (a link can become a copy across filesystems).
+fn explain(report: &mut DeployReport, mut changes: Changes, mut planned: Chosen) {
+    let items_by_index: HashMap<u32, &Item> = changes
+        .items
+        .iter()
+        .filter_map(|it| Some((it.file.as_ref()?.0, it)))
+        .collect();
+    for s in &mut report.sent {
+        let (chosen, offered) = planned.remove(&s.index).unwrap_or((s.via, None));
+        s.note = deviation(
+            items_by_index.get(&s.index).copied(),
+            chosen,
+            offered,
+            s.via,
+        );
+    }
+    drop(items_by_index);
+    report.sent.sort_by_key(|s| s.index);
+    changes.settle(&report.sent);
+    changes.counts.files.linked = report.linked;
+    changes.counts.files.copied = report.copied;
+    report.counts = changes.counts;
+    report.items = changes.items;
 }
 
 /// Why a sent file went otherwise than the plan said, if it did: `item` is its listed change
@@ -974,34 +1082,6 @@ pub fn fallback_note(chosen: Via, sent: Via) -> Option<String> {
             Some("the delta was no smaller than the file, so it was sent whole".into())
         }
         _ => None,
-    }
-}
-
-fn name(r: &Response) -> &'static str {
-    match r {
-        Response::Welcome { .. } => "Welcome",
-        Response::Waiting { .. } => "Waiting",
-        Response::Locked => "Locked",
-        Response::Status { .. } => "Status",
-        Response::ManifestChunk { .. } => "ManifestChunk",
-        Response::Staged { .. } => "Staged",
-        Response::Signature { .. } => "Signature",
-        Response::SignaturesDone => "SignaturesDone",
-        Response::Probed(_) => "Probed",
-        Response::Committed { .. } => "Committed",
-        Response::Activated { .. } => "Activated",
-        Response::Pruned { .. } => "Pruned",
-        Response::Verified { .. } => "Verified",
-        Response::Error { .. } => "Error",
-        Response::Bye => "Bye",
-        Response::Notices { .. } => "Notices",
-        Response::Changes { .. } => "Changes",
-        Response::Discarded { .. } => "Discarded",
-        Response::LiveIntact { .. } => "LiveIntact",
-        Response::SharedState { .. } => "SharedState",
-        Response::Findings { .. } => "Findings",
-        Response::HookOutput { .. } => "HookOutput",
-        Response::HookDone { .. } => "HookDone",
     }
 }
 

@@ -9,25 +9,37 @@
 //! reads (the transfer pipelines requests), and a [`Finish`] handle that closes the stream and
 //! reports how the remote side ended.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod local;
 pub mod ssh;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
+/// Why a stream to an agent could not be opened or ended badly. Messages name the host or
+/// program and the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// The local agent process could not be started.
     #[error("cannot start the agent {program}: {source}")]
     Spawn {
+        /// The program that was to run.
         program: String,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// The agent (or a remote command) ended abnormally.
     #[error("agent {what} ended with {status}{}", stderr_tail(.stderr))]
     Exit {
+        /// What was running ("flip agent on web1", ...).
         what: String,
+        /// How it ended ("exit status 3", "signal 9").
         status: String,
+        /// The end of what it wrote to stderr.
         stderr: String,
     },
+    /// Anything else, described.
     #[error("{0}")]
     Other(String),
 
@@ -36,26 +48,46 @@ pub enum TransportError {
     // failure on the server while preparing or running the agent.
     /// A malformed `ssh://` URL.
     #[error("bad ssh target {input:?}: {message}")]
-    Target { input: String, message: String },
+    Target {
+        /// The text given.
+        input: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The ssh client config could not be read or parsed.
     #[error("ssh config {path}: {message}")]
-    Config { path: PathBuf, message: String },
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// Resolving or connecting to the server failed, or timed out.
     #[error("connecting to {host}: {source}")]
     Connect {
+        /// The host, as the user named it.
         host: String,
+        /// The underlying error.
         source: std::io::Error,
     },
     /// An SSH protocol step failed (handshake, opening a channel, ...).
     #[error("{phase} with {host}: {message}")]
     Ssh {
+        /// The host, as the user named it.
         host: String,
+        /// What flip was doing ("handshake", "uploading the agent", ...).
         phase: String,
+        /// What is wrong.
         message: String,
     },
     /// The connection dropped while streaming.
     #[error("connection to {host} lost: {message}")]
-    ConnectionLost { host: String, message: String },
+    ConnectionLost {
+        /// The host, as the user named it.
+        host: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The server's host key is not in known_hosts and accepting new keys was not allowed.
     #[error(
         "host key for {host} is not known: {key_type} key fingerprint is {fingerprint}. \
@@ -63,9 +95,13 @@ pub enum TransportError {
          added to {known_hosts}), or add it there yourself"
     )]
     HostKeyUnknown {
+        /// The host, as the user named it.
         host: String,
+        /// The key's type (`ssh-ed25519`, ...).
         key_type: String,
+        /// The key's SHA256 fingerprint.
         fingerprint: String,
+        /// The known_hosts file consulted.
         known_hosts: PathBuf,
     },
     /// The server presented a different key than the one recorded (or a revoked one).
@@ -77,20 +113,34 @@ pub enum TransportError {
          (ssh-keygen -R) and connect again"
     )]
     HostKeyChanged {
+        /// The host, as the user named it.
         host: String,
+        /// The key's type (`ssh-ed25519`, ...).
         key_type: String,
+        /// The key's SHA256 fingerprint.
         fingerprint: String,
+        /// The known_hosts file consulted.
         known_hosts: PathBuf,
     },
     /// No offered key was accepted. `target` is `user@host:port`.
     #[error("authentication failed for {target} (tried: {tried})")]
-    Auth { target: String, tried: String },
+    Auth {
+        /// `user@host:port`.
+        target: String,
+        /// The keys and methods tried.
+        tried: String,
+    },
     /// The only usable key is passphrase-protected and no ssh-agent holds it.
     #[error(
         "authentication failed for {target}: the key {key} is passphrase-protected and flip \
          never prompts for passphrases; load it into ssh-agent first (`ssh-add {key}`)"
     )]
-    KeyEncrypted { target: String, key: PathBuf },
+    KeyEncrypted {
+        /// `user@host:port`.
+        target: String,
+        /// The key file.
+        key: PathBuf,
+    },
     /// The server's OS/architecture differs from this flip binary's and no binary for it was
     /// given: what to do is in the message.
     #[error(
@@ -101,9 +151,13 @@ pub enum TransportError {
         cache = .cache.display()
     )]
     Platform {
+        /// The host, as the user named it.
         host: String,
+        /// This flip's platform (`uname -sm` form).
         local: String,
+        /// The server's `uname -sm`.
         remote: String,
+        /// This flip's version.
         version: String,
         /// The local per-platform cache file that would have been uploaded.
         cache: PathBuf,
@@ -111,8 +165,11 @@ pub enum TransportError {
     /// A command run on the server to find, upload or start the agent failed.
     #[error("{phase} on {host}: {message}")]
     Remote {
+        /// The host, as the user named it.
         host: String,
+        /// What flip was doing ("handshake", "uploading the agent", ...).
         phase: String,
+        /// What is wrong.
         message: String,
     },
 }
@@ -128,15 +185,21 @@ fn stderr_tail(s: &str) -> String {
 
 /// How the stream ended, once closed.
 pub trait Finish: Send {
-    /// Closes the stream (if still open) and waits for the agent to end. Returns an error if it
-    /// ended abnormally.
+    /// Closes the stream (if still open) and waits for the agent to end.
+    ///
+    /// # Errors
+    /// [`TransportError::Exit`] if it ended abnormally (a non-zero status or a signal), or what
+    /// broke the connection.
     fn finish(self: Box<Self>) -> Result<(), TransportError>;
 }
 
 /// A duplex byte stream to an agent.
 pub struct AgentStream {
+    /// The agent's output (its stdout).
     pub reader: Box<dyn Read + Send>,
+    /// The agent's input (its stdin); dropping it is end of input.
     pub writer: Box<dyn Write + Send>,
+    /// Ends the stream and reports how the agent ended.
     pub handle: Box<dyn Finish>,
     /// A short name for messages: "local", "deploy@web1".
     pub peer: String,

@@ -7,6 +7,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 /// Starts `program args...` with piped stdin/stdout.
+///
+/// # Errors
+/// [`TransportError::Spawn`] if the process cannot be started.
 pub fn spawn(program: &Path, args: &[OsString]) -> Result<AgentStream, TransportError> {
     let mut child = Command::new(program)
         .args(args)

@@ -60,16 +60,20 @@ impl SshTarget {
 /// Recognizes an SSH target.
 ///
 /// - `ssh://[user@]host[:port]/path`: the path includes its leading `/`, except `ssh://h/~/x`
-///   which gives `~/x`; `%XX` escapes are decoded; IPv6 hosts are written `[::1]`. A malformed
-///   URL is an error.
+///   which gives `~/x`; `%XX` escapes are decoded; IPv6 hosts are written `[::1]`; `.` and `..`
+///   segments are resolved as in any URL (the `url` crate parses it). A malformed URL, a bad
+///   `%` escape, a password, a `?` query or `#` fragment (write `%3F`, `%23`) is an error.
 /// - `[user@]host:path` (scp style): the part before the first `:` must not contain `/`. IPv6
 ///   hosts are written `[::1]:path`. An empty path (`host:`) gives `.`, the login directory.
 ///
 /// Everything else is a local path and gives `None`: absolute and `./` paths, `x/y` and
 /// `x/y:z` (a `/` before the first `:`), names without a colon, and Windows-like `C:\x`, `C:/x`.
+///
+/// # Errors
+/// [`TransportError::Target`] for a malformed `ssh://` URL.
 pub fn parse_target(s: &str) -> Result<Option<SshTarget>, TransportError> {
-    if let Some(rest) = s.strip_prefix("ssh://") {
-        return parse_url(s, rest).map(Some);
+    if s.starts_with("ssh://") {
+        return parse_url(s).map(Some);
     }
     Ok(parse_scp_like(s))
 }
@@ -118,87 +122,65 @@ fn parse_scp_like(s: &str) -> Option<SshTarget> {
     })
 }
 
-fn parse_url(input: &str, rest: &str) -> Result<SshTarget, TransportError> {
+fn parse_url(input: &str) -> Result<SshTarget, TransportError> {
     let bad = |message: &str| TransportError::Target {
         input: input.to_string(),
         message: message.to_string(),
     };
-    let Some(slash) = rest.find('/') else {
+    // The url crate parses the authority (user, IPv6 brackets, port) and the path; it is
+    // lenient about malformed `%` escapes, which it reports only as a syntax violation.
+    let bad_escape = std::cell::Cell::new(false);
+    let url = url::Url::options()
+        .syntax_violation_callback(Some(&|v| {
+            if v == url::SyntaxViolation::PercentDecode {
+                bad_escape.set(true);
+            }
+        }))
+        .parse(input)
+        .map_err(|e| bad(&e.to_string()))?;
+    if bad_escape.get() {
+        return Err(bad("bad %-escape"));
+    }
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) if !d.is_empty() => d.to_string(),
+        Some(url::Host::Ipv6(a)) => a.to_string(),
+        Some(url::Host::Ipv4(a)) => a.to_string(),
+        _ => return Err(bad("missing host")),
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .map_err(|_| bad("a %-escape that is not UTF-8"))
+    };
+    // An '@' with nothing before it, or a password, is a mistake rather than a user name.
+    let authority = &input["ssh://".len()..];
+    let authority = &authority[..authority.find('/').unwrap_or(authority.len())];
+    let user = match (url.username(), url.password()) {
+        (_, Some(_)) => return Err(bad("a password in the URL (use a key or the ssh-agent)")),
+        ("", None) if authority.contains('@') => return Err(bad("empty user name before '@'")),
+        ("", None) => None,
+        (u, None) => Some(decode(u)?),
+    };
+    if url.port() == Some(0) {
+        return Err(bad("invalid port 0"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("'?' and '#' in the path are written %3F and %23"));
+    }
+    if url.path().is_empty() {
         return Err(bad("missing the path after the host (ssh://host/path)"));
-    };
-    let (authority, raw_path) = rest.split_at(slash);
-    let (user, host_port) = match authority.rfind('@') {
-        Some(at) => (
-            Some(percent_decode(&authority[..at]).ok_or_else(|| bad("bad %-escape"))?),
-            &authority[at + 1..],
-        ),
-        None => (None, authority),
-    };
-    if user.as_deref() == Some("") {
-        return Err(bad("empty user name before '@'"));
     }
-    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
-        let end = bracketed
-            .find(']')
-            .ok_or_else(|| bad("unclosed '[' in the host"))?;
-        let after = &bracketed[end + 1..];
-        let port = match after {
-            "" => None,
-            p => Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ']'"))?),
-        };
-        (&bracketed[..end], port)
-    } else {
-        match host_port.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (host_port, None),
-        }
-    };
-    if host.is_empty() {
-        return Err(bad("missing host"));
-    }
-    if host.contains(|c: char| c.is_whitespace() || c == '[' || c == ']' || c == '@')
-        || (host.contains(':') && !host_port.starts_with('['))
-    {
-        return Err(bad("invalid host name"));
-    }
-    let port = match port {
-        None => None,
-        Some(p) => match p.parse::<u16>() {
-            Ok(n) if n > 0 => Some(n),
-            _ => return Err(bad(&format!("invalid port {p:?}"))),
-        },
-    };
-    let mut path = percent_decode(raw_path).ok_or_else(|| bad("bad %-escape in the path"))?;
+    let mut path = decode(url.path())?;
     if path.starts_with("/~") {
         path.remove(0);
     }
     Ok(SshTarget {
         user,
-        host: host.to_string(),
-        port,
+        host,
+        port: url.port(),
         path,
     })
-}
-
-/// Decodes `%XX` escapes; None for a malformed escape or a result that is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    if !s.contains('%') {
-        return Some(s.to_string());
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// How to reach SSH targets. Build with [`SshOptions::new`] or `..Default::default()`.
@@ -338,6 +320,10 @@ fn running_glibc() -> Option<String> {
 
 /// Connects and starts `<flip> agent <agent_args...>` on the server; returns the duplex stream.
 /// The server's stderr goes to our stderr, each line prefixed with `HOST: `.
+///
+/// # Errors
+/// Any [`TransportError`] of the SSH kinds: the config, connecting, the host key,
+/// authentication, finding, uploading or starting the agent on the server.
 pub fn connect_agent(
     target: &SshTarget,
     opts: &SshOptions,
@@ -347,6 +333,9 @@ pub fn connect_agent(
 }
 
 /// [`connect_agent`], with the server's (prefixed) stderr lines written to `stderr`.
+///
+/// # Errors
+/// As [`connect_agent`].
 pub fn connect_agent_with_stderr(
     target: &SshTarget,
     opts: &SshOptions,
@@ -358,6 +347,9 @@ pub fn connect_agent_with_stderr(
 
 /// Runs an arbitrary shell command line on the server (through the login shell, as `ssh host
 /// COMMAND` does) and streams its stdin/stdout. Its stderr goes to ours, prefixed `HOST: `.
+///
+/// # Errors
+/// As [`connect_agent`], for connecting and starting the command.
 pub fn exec(
     target: &SshTarget,
     opts: &SshOptions,
@@ -367,6 +359,9 @@ pub fn exec(
 }
 
 /// [`exec`], with the server's (prefixed) stderr lines written to `stderr`.
+///
+/// # Errors
+/// As [`exec`].
 pub fn exec_with_stderr(
     target: &SshTarget,
     opts: &SshOptions,
@@ -377,7 +372,11 @@ pub fn exec_with_stderr(
     remote.stream(command, &format!("`{command}`"), stderr)
 }
 
-/// Quotes `s` as one word for a POSIX shell.
+/// Quotes `s` as one word for a POSIX shell: unchanged if it has only characters no shell
+/// treats specially, else in single quotes.
+///
+/// Not `shell_words::quote`: that leaves `{a,b}`, `!` and `^` bare, which bash and zsh (the
+/// login shell that runs the remote command) expand.
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()
         && s.bytes()
@@ -489,6 +488,21 @@ mod tests {
         assert_eq!(p("ssh://[::1]/x"), t(None, "::1", None, "/x"));
         assert_eq!(p("ssh://h/~/app"), t(None, "h", None, "~/app"));
         assert_eq!(p("ssh://h/a%20b"), t(None, "h", None, "/a b"));
+        assert_eq!(
+            p("ssh://deploy@[2001:db8::7]:2200/srv"),
+            t(Some("deploy"), "2001:db8::7", Some(2200), "/srv")
+        );
+        assert_eq!(p("ssh://d%40x@h/p"), t(Some("d@x"), "h", None, "/p"));
+        assert_eq!(
+            p("ssh://h/%C3%A9t%C3%A9"),
+            t(None, "h", None, "/\u{e9}t\u{e9}")
+        );
+        assert_eq!(p("ssh://h/a b"), t(None, "h", None, "/a b"));
+        assert_eq!(p("ssh://h/srv/app/"), t(None, "h", None, "/srv/app/"));
+        assert_eq!(
+            p("ssh://10.0.0.1:22/x"),
+            t(None, "10.0.0.1", Some(22), "/x")
+        );
         for bad in [
             "ssh://web1",
             "ssh:///x",
@@ -499,6 +513,10 @@ mod tests {
             "ssh://[::1/x",
             "ssh://::1/x",
             "ssh://h/%zz",
+            "ssh://h/%ff",
+            "ssh://u:secret@h/x",
+            "ssh://h/x?y",
+            "ssh://h/x#y",
         ] {
             assert!(
                 matches!(parse_target(bad), Err(TransportError::Target { .. })),
@@ -514,5 +532,7 @@ mod tests {
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
         assert_eq!(shell_quote("$HOME"), "'$HOME'");
+        assert_eq!(shell_quote("/srv/{a,b}"), "'/srv/{a,b}'");
+        assert_eq!(shell_quote("x!y^z"), "'x!y^z'");
     }
 }

@@ -37,6 +37,7 @@ fn charge<E: Error>(n: usize) -> Result<(), E> {
 
 /// Heap memory a list element owns beyond its slot in the list.
 pub trait Weigh {
+    /// Bytes of heap memory the element owns.
     fn heap(&self) -> usize;
 }
 

@@ -18,6 +18,7 @@ fn config() -> impl bincode::config::Config {
 pub struct Counter(Arc<AtomicU64>);
 
 impl Counter {
+    /// Bytes counted so far.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -76,6 +77,7 @@ pub struct FrameReader {
 }
 
 impl FrameReader {
+    /// Reads plain frames from `inner` until [`FrameReader::start_decompression`].
     pub fn new(inner: Box<dyn Read + Send>) -> Self {
         let counter = Counter::default();
         let counted = Counted {
@@ -96,6 +98,9 @@ impl FrameReader {
     }
 
     /// From now on the peer's bytes are one zstd stream.
+    ///
+    /// # Errors
+    /// [`WireError::Io`] if the zstd decoder cannot be set up.
     pub fn start_decompression(&mut self) -> Result<(), WireError> {
         if let ReadSide::Plain(r) = std::mem::replace(&mut self.side, ReadSide::Switching) {
             let mut d = zstd::stream::read::Decoder::with_buffer(r)?;
@@ -116,6 +121,11 @@ impl FrameReader {
     }
 
     /// Reads one frame; `Err(Closed)` on a clean end of stream between frames.
+    ///
+    /// # Errors
+    /// [`WireError::Closed`] at a clean end of stream, [`WireError::Io`] for a failed read or
+    /// an end inside a frame, [`WireError::TooLarge`] for a length over [`MAX_FRAME`],
+    /// [`WireError::Decode`] for a payload that is not exactly one `T`.
     pub fn recv<T: DeserializeOwned>(&mut self) -> Result<T, WireError> {
         let mut len = [0u8; 4];
         let mut got = 0;
@@ -156,7 +166,7 @@ impl FrameReader {
 }
 
 /// Decodes one frame payload, which must be consumed entirely.
-pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireError> {
+pub(crate) fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireError> {
     crate::bounded::reset();
     let (msg, used): (T, usize) = bincode::serde::decode_from_slice(payload, config())
         .map_err(|e| WireError::Decode(e.to_string()))?;
@@ -191,6 +201,7 @@ pub struct FrameWriter {
 }
 
 impl FrameWriter {
+    /// Writes plain frames to `inner` until [`FrameWriter::start_compression`].
     pub fn new(inner: Box<dyn Write + Send>) -> Self {
         let counter = Counter::default();
         let blocked = Counter::default();
@@ -218,6 +229,9 @@ impl FrameWriter {
     /// [`ADAPTIVE`](crate::ADAPTIVE), at a level chosen from the link
     /// ([`AdaptiveLevel`]: measured per window of input, each change starting a new zstd frame,
     /// which a [`FrameReader`] reads on transparently).
+    ///
+    /// # Errors
+    /// [`WireError::Io`] if the zstd encoder cannot be set up.
     pub fn start_compression(&mut self, level: i32) -> Result<(), WireError> {
         let level = if level == crate::ADAPTIVE {
             let a = AdaptiveLevel::default();
@@ -278,6 +292,11 @@ impl FrameWriter {
         }
     }
 
+    /// Sends one frame (buffered: see [`FrameWriter::flush`]).
+    ///
+    /// # Errors
+    /// [`WireError::Decode`] or [`WireError::TooLarge`] if `msg` does not encode within
+    /// [`MAX_FRAME`] bytes (nothing is sent), [`WireError::Io`] if writing fails.
     pub fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), WireError> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
@@ -300,6 +319,9 @@ impl FrameWriter {
     }
 
     /// Pushes everything sent so far to the peer (ends a zstd block).
+    ///
+    /// # Errors
+    /// [`WireError::Io`] if writing fails.
     pub fn flush(&mut self) -> Result<(), WireError> {
         let (started, blocked) = (Instant::now(), self.blocked.get());
         self.writer().flush()?;
@@ -307,6 +329,9 @@ impl FrameWriter {
     }
 
     /// Ends the stream cleanly (finishes the zstd frame) and closes the underlying writer.
+    ///
+    /// # Errors
+    /// [`WireError::Io`] if writing fails.
     pub fn finish(self) -> Result<(), WireError> {
         match self.side {
             WriteSide::Plain(mut w) => w.flush()?,

@@ -17,17 +17,24 @@
 //! one shared stream than one by one.
 //!
 //! A deploy, in order (one round trip per step, whatever the number of files):
-//! `Hello` → `Welcome`; `Lock` → `Locked`; (with shared paths) `Shared` → `SharedState`;
-//! `Status` → `Status`; `Stage` + `ManifestChunk`s → `Staged`
-//! (what the agent still needs), pipelined with `Changes` → `Changes` chunks (what the release
-//! changes, for the deploy's report); `Signatures` → `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch`
-//! frames + `Commit` → `Committed`; `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`.
+//! `Hello` → `Welcome`; `Lock` → `Locked` (after a `Waiting` if it waits); (with shared paths) `Shared` →
+//! `SharedState`; `Status` → `Status`;
+//! when the live release has the new manifest's digest, `CheckLive` → `LiveIntact` (intact: no
+//! release is made); when the client has no copy of the live manifest, `Probe` → `Probed`, one
+//! round trip per level of the tree, to find the directories that differ; `Stage` +
+//! `ManifestChunk`s → `Staged` (what the agent still needs), pipelined with `Changes` →
+//! `Changes` chunks (what the release changes, for the deploy's report); `Signatures` →
+//! `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch` frames + `Commit` → `Committed`;
+//! `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`. `GetManifest` → `ManifestChunk`s fetches
+//! a release's manifest (a dry run without a cached copy of the live one).
 //! A multi-host deploy that fails on another target after this one committed sends
 //! `Discard` → `Discarded` instead of `Activate`. `flip doctor`: `Hello` → `Welcome`; `Doctor` →
 //! `Findings` (no lock). Hooks around the swap: `Hook` → `HookOutput`s
 //! (the hook's lines, as it writes them) + `HookDone`. Message tags are pinned by `tests/tags.rs`.
 //! Before any answer the agent may send [`Response::Notices`]: what it could not clean up, and
 //! problems that did not stop the request.
+
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod adapt;
 mod bounded;
@@ -42,6 +49,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
 pub const PROTOCOL: u32 = 7;
+/// The first bytes of [`Request::Hello`]: this is flip.
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 32 << 20;
@@ -57,14 +65,21 @@ pub const PATCH_WINDOW_LOG_MAX: u32 = 26;
 /// holds it whole while decoding it (itself bounded by `flip_manifest`'s decode budget).
 pub const MAX_MANIFEST: u64 = 256 << 20;
 
+/// A modification time: (seconds since the epoch, nanoseconds), or none.
 pub type Mtime = Option<(i64, u32)>;
 
+/// Who holds a target's lock.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Holder {
+    /// Process id of the client.
     pub pid: u32,
+    /// Host the client runs on.
     pub host: String,
+    /// User the client runs as.
     pub user: String,
+    /// When it took the lock (seconds since the epoch).
     pub since: i64,
+    /// What it is doing.
     pub what: Purpose,
 }
 
@@ -72,9 +87,13 @@ pub struct Holder {
 /// holder's purpose is shown to whoever finds the target locked.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Purpose {
+    /// `flip deploy`.
     Deploy,
+    /// `flip rollback`.
     Rollback,
+    /// `flip activate`.
     Activate,
+    /// `flip prune`.
     Prune,
 }
 
@@ -109,14 +128,22 @@ pub enum StageBase {
     Dirs(Digest),
 }
 
+/// One complete release of a target.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReleaseSummary {
+    /// The release id.
     pub id: u64,
+    /// Its label, if it has one.
     pub label: Option<String>,
+    /// When it was committed (seconds since the epoch).
     pub created: i64,
+    /// Regular files in it.
     pub files: u64,
+    /// Sum of their sizes.
     pub bytes: u64,
+    /// Its manifest's digest.
     pub manifest_digest: Digest,
+    /// Whether it is the live release.
     pub current: bool,
 }
 
@@ -124,7 +151,9 @@ pub struct ReleaseSummary {
 /// file): the path on the target and why. Retried at the next cleanup.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Leftover {
+    /// The path on the target, relative to its root.
     pub path: String,
+    /// Why it could not be removed.
     pub error: String,
 }
 
@@ -132,15 +161,20 @@ pub struct Leftover {
 /// and the previous version at the same path with its size, usable as a delta basis.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Need {
+    /// Index into the new manifest's regular files (manifest order).
     pub index: u32,
+    /// A delta basis (path in the live release, size in bytes), if the plan has one.
     pub basis: Option<(RelPath, u64)>,
 }
 
 /// A directory (`""` for the root) and its hashes in the client's new tree.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ProbeItem {
+    /// The directory (`""`: the root).
     pub dir: String,
+    /// Hash of its direct entries ([`flip_manifest::DirTree`]).
     pub flat: [u8; 8],
+    /// Hash of its whole subtree.
     pub merkle: [u8; 8],
 }
 
@@ -180,87 +214,131 @@ impl From<ProbeState> for flip_manifest::DirState {
     }
 }
 
+/// A basis whose signature the client wants.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SigItem {
+    /// Index into the new manifest's regular files (manifest order).
     pub index: u32,
+    /// The basis to sign: the one the agent offered for that file.
     pub basis: RelPath,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// `&'static str::from(&msg)` gives the variant's name, for errors and logs.
+/// A message from the client to the agent.
+///
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, strum::IntoStaticStr)]
 pub enum Request {
+    /// The first frame of a session.
     Hello {
+        /// [`MAGIC`]: this is flip.
         magic: [u8; 4],
+        /// The client's [`PROTOCOL`].
         protocol: u32,
+        /// The client's flip version.
         version: String,
         /// zstd level for the rest of the session; 0 = no compression.
         compress: i32,
     },
+    /// Take the target's lock for the rest of the session.
     Lock {
+        /// Wait for a lock someone else holds (the agent answers [`Response::Waiting`] once) instead of answering [`Response::Error`].
         wait: bool,
+        /// Who takes the lock, recorded for whoever finds the target locked.
         holder: Holder,
     },
+    /// The live release and every complete release.
     Status,
+    /// The manifest of release `id`, in `ManifestChunk`s.
     GetManifest {
+        /// The release id.
         id: u64,
     },
     /// Start a release. `payload_len` bytes follow in `ManifestChunk`s, what `base` says they
     /// are. `digest` is the new manifest's digest, checked by the agent.
     Stage {
+        /// The release's label (a git commit, a timestamp, ...).
         label: Option<String>,
+        /// What the payload is.
         base: StageBase,
+        /// Bytes of the payload that follow in `ManifestChunk`s.
         payload_len: u64,
+        /// The new manifest's digest.
         digest: Digest,
     },
     /// Compare directory hashes with the live release's (see [`flip_manifest::DirTree`]), for a
     /// client that does not have the live manifest.
     Probe(#[serde(deserialize_with = "bounded::vec")] Vec<ProbeItem>),
+    /// A piece of the payload announced by `Stage`.
     ManifestChunk(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Signatures of delta bases, one per item.
     Signatures(#[serde(deserialize_with = "bounded::vec")] Vec<SigItem>),
     /// Content of file `index` (into the plan's files), in order; `last` closes it.
     Literal {
+        /// Index into the new manifest's regular files (manifest order).
         index: u32,
+        /// The file's modification time, `(seconds, nanoseconds)`, if it is to be set.
         mtime: Mtime,
+        /// The next piece of content, at most [`CHUNK`] bytes.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        /// This piece closes the file.
         last: bool,
     },
     /// An rsync delta of file `index` against `basis`, possibly in several chunks.
     Delta {
+        /// Index into the new manifest's regular files (manifest order).
         index: u32,
+        /// The basis: a regular file of the live release.
         basis: RelPath,
+        /// The file's modification time, `(seconds, nanoseconds)`, if it is to be set.
         mtime: Mtime,
+        /// The next piece of content, at most [`CHUNK`] bytes.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        /// This piece closes the file.
         last: bool,
     },
     /// A zstd frame compressed with `basis` (a file of the previous release whose content has
     /// digest `basis_digest`) as its reference prefix — zstd's `--patch-from` — that decompresses
     /// to file `index`. Needs no signature: the client kept the old version itself.
     Patch {
+        /// Index into the new manifest's regular files (manifest order).
         index: u32,
+        /// The basis: a regular file of the live release.
         basis: RelPath,
+        /// The basis's blake3, as the client knows it.
         basis_digest: Digest,
+        /// The file's modification time, `(seconds, nanoseconds)`, if it is to be set.
         mtime: Mtime,
+        /// The next piece of content, at most [`CHUNK`] bytes.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        /// This piece closes the file.
         last: bool,
     },
+    /// Every needed file has arrived: check, flush and rename the release into place.
     Commit,
     /// Point `current` at a release.
     Activate {
+        /// The release id.
         id: u64,
     },
     /// Point `current` at `to`, or at the newest release older than the live one.
     Rollback {
+        /// The release to go to; `None`: the newest release older than the live one.
         to: Option<u64>,
     },
+    /// Remove old releases, keeping `keep` (and the live one).
     Prune {
+        /// How many releases to keep (the live one always stays).
         keep: u32,
     },
+    /// Check release `id` (default: the live one) against its manifest.
     Verify {
+        /// The release id.
         id: Option<u64>,
     },
+    /// The end of the session.
     Bye,
     /// After `Stage` (before `Commit`): what the staged release changes against the live one,
     /// classified by [`flip_plan::report::deployed`] (the files the stage could not link or copy
@@ -268,17 +346,20 @@ pub enum Request {
     /// without, only the files the stage had to deviate from its plan for. Answered by
     /// [`Response::Changes`] frames.
     Changes {
+        /// Every changed path, not only the deviations.
         all: bool,
     },
     /// Remove release `id`, committed by this session and never made live (a multi-host deploy
     /// that failed on another target). Answered by [`Response::Discarded`].
     Discard {
+        /// The release id.
         id: u64,
     },
     /// Is the live release the one of manifest `digest`, and intact (every file as recorded at
     /// commit, every symlink and directory there)? Answered by [`Response::LiveIntact`]. A
     /// deploy of an unchanged tree then makes no release.
     CheckLive {
+        /// The new manifest's digest.
         digest: Digest,
     },
     /// After `Lock`, before `Stage`, on a deploy with shared paths: the shared-path settings
@@ -339,105 +420,158 @@ pub enum HookStream {
     Stderr,
 }
 
+/// What kind of failure a [`Response::Error`] reports.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum ErrorClass {
+    /// Someone else holds the target's lock.
     Locked,
+    /// The target is not usable (not a directory, not a flip target, ...).
     Target,
+    /// Content does not match its digest, or a release is damaged.
     Integrity,
+    /// The target's filesystem is full.
     NoSpace,
+    /// A system call failed.
     Io,
+    /// The request is invalid (a path, size or index out of bounds, ...).
     BadRequest,
+    /// The request came at the wrong time or did not decode.
     Protocol,
+    /// A bug in the agent.
     Internal,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// `&'static str::from(&msg)` gives the variant's name, for errors and logs.
+/// A message from the agent to the client.
+///
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, strum::IntoStaticStr)]
 pub enum Response {
+    /// The answer to `Hello`.
     Welcome {
+        /// The agent's [`PROTOCOL`].
         protocol: u32,
+        /// The agent's flip version.
         version: String,
+        /// The agent's host name.
         host: String,
+        /// The target root, as the agent resolved it.
         root: String,
     },
     /// Sent once while `Lock { wait: true }` blocks.
     Waiting {
+        /// Who holds the lock, described for people.
         holder: String,
     },
+    /// The lock is taken.
     Locked,
+    /// The answer to `Status`.
     Status {
+        /// The live release, if any.
         current: Option<u64>,
+        /// Every complete release, oldest first.
         #[serde(deserialize_with = "bounded::vec")]
         releases: Vec<ReleaseSummary>,
     },
+    /// A piece of a manifest (the answer to `GetManifest`).
     ManifestChunk {
+        /// The next piece.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        /// This is the last piece.
         last: bool,
     },
+    /// The answer to `Stage`: the release is being staged as `id`.
     Staged {
+        /// The release id.
         id: u64,
+        /// The release that was live before, if any.
         previous: Option<u64>,
         /// The files whose content the agent needs, ascending.
         #[serde(deserialize_with = "bounded::vec")]
         needs: Vec<Need>,
+        /// Files hard-linked from the live release.
         linked: u64,
+        /// Files copied from content the target has.
         copied: u64,
         /// Files of the previous release no longer in the new one.
         removed: u64,
     },
+    /// The signature of one basis asked for by `Signatures`.
     Signature {
+        /// Index into the new manifest's regular files.
         index: u32,
+        /// The rsync signature of the basis (`fast_rsync`'s format).
         #[serde(with = "serde_bytes")]
         sig: Vec<u8>,
     },
+    /// Every signature asked for was sent.
     SignaturesDone,
     /// One state per probed directory, in order.
     Probed(#[serde(deserialize_with = "bounded::vec")] Vec<ProbeState>),
+    /// The staged release is `releases/<id>`.
     Committed {
+        /// The release id.
         id: u64,
-        written: u64,
-        written_bytes: u64,
     },
+    /// `current` names release `id` now.
     Activated {
+        /// The release id.
         id: u64,
+        /// The release that was live before, if any.
         previous: Option<u64>,
     },
+    /// The answer to `Prune`.
     Pruned {
+        /// Release ids removed.
         #[serde(deserialize_with = "bounded::vec")]
         removed: Vec<u64>,
     },
+    /// The answer to `Verify`.
     Verified {
+        /// The release id.
         id: u64,
+        /// What does not match the manifest, one line each; empty if intact.
         #[serde(deserialize_with = "bounded::vec")]
         problems: Vec<String>,
     },
+    /// The request failed; the session may go on (after a failed `Stage`, only with `Bye`).
     Error {
+        /// What kind of failure it is (picks the client's exit code).
         class: ErrorClass,
+        /// What failed, naming the path and the cause.
         message: String,
     },
+    /// The answer to `Bye`: the session ends.
     Bye,
     /// Sent before the answer it belongs to. `warnings`: problems that did not stop the request
     /// (a damaged release that is not live, an unexpected entry, ...). `leftovers`: when the
     /// agent looked (a cleanup, prune or listing), everything it could not remove as of now
     /// (replacing what an earlier notice said); `None` when it did not look.
     Notices {
+        /// Problems that did not stop the request.
         warnings: Vec<String>,
+        /// What the agent could not remove, when it looked.
         leftovers: Option<Vec<Leftover>>,
     },
     /// One piece of the answer to [`Request::Changes`]: the counts (the same in every piece),
     /// at most [`CHANGES_PER_FRAME`] items in manifest order, and whether this is the last piece.
     Changes {
+        /// The counts of the whole release.
         counts: flip_plan::report::Counts,
+        /// The next changed paths.
         items: Vec<flip_plan::report::Item>,
+        /// This is the last piece.
         last: bool,
     },
     /// The release named by [`Request::Discard`] is gone.
     Discarded {
+        /// The release id.
         id: u64,
     },
     /// The answer to [`Request::CheckLive`]: the live release's id when it is that manifest's
     /// and intact, else `None`.
     LiveIntact {
+        /// The release id.
         id: Option<u64>,
     },
     /// The answer to [`Request::Shared`]: the shared paths `shared/` already has (each of its
@@ -455,10 +589,7 @@ pub enum Response {
     },
     /// One line a hook wrote (without its newline; at most [`HOOK_LINE_MAX`] bytes of it, a
     /// longer one cut and marked), sent as it comes.
-    HookOutput {
-        stream: HookStream,
-        line: String,
-    },
+    HookOutput { stream: HookStream, line: String },
     /// The hook ended: its exit `status` (`None` when a signal ended it: `signal`), whether
     /// it was killed for exceeding its timeout, and how long it ran, in milliseconds.
     HookDone {
@@ -505,16 +636,34 @@ pub struct Finding {
     pub fix: Option<String>,
 }
 
+/// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
+    /// Reading or writing the stream failed.
     #[error("connection to the agent failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The peer closed the connection.
     #[error("the peer closed the connection")]
     Closed,
+    /// A frame longer than [`MAX_FRAME`] (its length).
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
     TooLarge(usize),
+    /// A frame that does not decode.
     #[error("malformed frame: {0}")]
     Decode(String),
+    /// A frame that is not what the protocol allows here.
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_named_by_their_variant() {
+        assert_eq!(<&str>::from(&Response::Bye), "Bye");
+        assert_eq!(<&str>::from(&Response::Locked), "Locked");
+        assert_eq!(<&str>::from(&Request::Bye), "Bye");
+    }
 }

@@ -185,14 +185,7 @@ fn response_tags_are_pinned() {
         ),
         (Response::SignaturesDone, 7),
         (Response::Probed(vec![]), 8),
-        (
-            Response::Committed {
-                id: 1,
-                written: 0,
-                written_bytes: 0,
-            },
-            9,
-        ),
+        (Response::Committed { id: 1 }, 9),
         (
             Response::Activated {
                 id: 1,

@@ -4,7 +4,7 @@
 
 use super::{SshOptions, SshTarget};
 use crate::TransportError;
-use ssh2_config::{ParseRule, SshConfig};
+use ssh2_config::{HostParams, ParseRule, SshConfig};
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -62,28 +62,7 @@ pub(crate) fn resolve(target: &SshTarget, opts: &SshOptions) -> Result<HostConfi
         Some(p) => (p.clone(), true),
         None => (home.join(".ssh/config"), false),
     };
-    let params = match std::fs::File::open(&config_path) {
-        Ok(file) => {
-            let config = SshConfig::default()
-                .home_dir(&home)
-                .parse(
-                    &mut BufReader::new(file),
-                    ParseRule::ALLOW_UNKNOWN_FIELDS | ParseRule::ALLOW_UNSUPPORTED_FIELDS,
-                )
-                .map_err(|e| TransportError::Config {
-                    path: config_path.clone(),
-                    message: e.to_string(),
-                })?;
-            Some(config.query(&target.host))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => None,
-        Err(e) => {
-            return Err(TransportError::Config {
-                path: config_path,
-                message: e.to_string(),
-            })
-        }
-    };
+    let params = read_config(&config_path, explicit, &home, &target.host)?;
 
     // Options ssh2-config does not model itself: the first value, lowercase key.
     let raw = |key: &str| -> Option<String> {
@@ -113,26 +92,7 @@ pub(crate) fn resolve(target: &SshTarget, opts: &SshOptions) -> Result<HostConfi
         None => local_user_name(),
     };
 
-    let mut identities = Vec::new();
-    if let Some(id) = &opts.identity {
-        identities.push(expand_home(id, &home));
-    }
-    let configured = params
-        .as_ref()
-        .and_then(|p| p.identity_file.clone())
-        .unwrap_or_default();
-    let has_configured = !configured.is_empty();
-    identities.extend(configured.iter().map(|p| expand_home(p, &home)));
-    if !has_configured {
-        // OpenSSH's defaults, tried when they exist (only when the config names none).
-        for name in ["id_ed25519", "id_ecdsa", "id_rsa"] {
-            let p = home.join(".ssh").join(name);
-            if p.exists() {
-                identities.push(p);
-            }
-        }
-    }
-    identities.dedup();
+    let identities = identities(opts.identity.as_deref(), params.as_ref(), &home);
 
     let known_hosts = raw("userknownhostsfile")
         .filter(|s| !s.eq_ignore_ascii_case("none"))
@@ -177,6 +137,61 @@ pub(crate) fn resolve(target: &SshTarget, opts: &SshOptions) -> Result<HostConfi
         connect_timeout,
         keepalive,
     })
+}
+
+/// The parameters the ssh client config at `path` gives `host`; `None` when there is no config
+/// (a missing default file is fine, a missing `explicit` one is an error).
+fn read_config(
+    path: &Path,
+    explicit: bool,
+    home: &Path,
+    host: &str,
+) -> Result<Option<HostParams>, TransportError> {
+    match std::fs::File::open(path) {
+        Ok(file) => {
+            let config = SshConfig::default()
+                .home_dir(home)
+                .parse(
+                    &mut BufReader::new(file),
+                    ParseRule::ALLOW_UNKNOWN_FIELDS | ParseRule::ALLOW_UNSUPPORTED_FIELDS,
+                )
+                .map_err(|e| TransportError::Config {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+            Ok(Some(config.query(host)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(None),
+        Err(e) => Err(TransportError::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// The keys to try, in order: `--identity`, then the config's `IdentityFile`s, or (when it
+/// names none) OpenSSH's default key files that exist.
+fn identities(identity: Option<&Path>, params: Option<&HostParams>, home: &Path) -> Vec<PathBuf> {
+    let mut identities = Vec::new();
+    if let Some(id) = identity {
+        identities.push(expand_home(id, home));
+    }
+    let configured = params
+        .and_then(|p| p.identity_file.clone())
+        .unwrap_or_default();
+    let has_configured = !configured.is_empty();
+    identities.extend(configured.iter().map(|p| expand_home(p, home)));
+    if !has_configured {
+        // OpenSSH's defaults, tried when they exist (only when the config names none).
+        for name in ["id_ed25519", "id_ecdsa", "id_rsa"] {
+            let p = home.join(".ssh").join(name);
+            if p.exists() {
+                identities.push(p);
+            }
+        }
+    }
+    identities.dedup();
+    identities
 }
 
 /// `%h` (the host as given) and `%%` in `HostName`.

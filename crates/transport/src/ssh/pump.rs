@@ -22,6 +22,9 @@ use std::thread::JoinHandle;
 /// Bytes moved per read/write call each way.
 const CHUNK: usize = 256 * 1024;
 
+/// libssh2's "would block" error code.
+const LIBSSH2_ERROR_EAGAIN: i32 = -37;
+
 /// Local socket buffer size requested for each direction.
 const SOCKET_BUFFER: libc::c_int = 1024 * 1024;
 
@@ -286,6 +289,8 @@ struct Pump {
     from_user: Option<UnixStream>,
     down: Chunk,
     up: Chunk,
+    /// Remote stderr, on its way to the relay.
+    errbuf: Vec<u8>,
     /// The user dropped the reader: remote output is discarded.
     user_gone: bool,
     remote_eof: bool,
@@ -322,6 +327,7 @@ impl Pump {
             from_user: Some(from_user),
             down: Chunk::new(),
             up: Chunk::new(),
+            errbuf: vec![0; 64 * 1024],
             user_gone: false,
             remote_eof: false,
             eof_sent: false,
@@ -361,164 +367,20 @@ impl Pump {
         }
     }
 
+    /// Moves bytes each way until the command's exit status arrives: one pass of every step,
+    /// again at once if any made progress, else a `poll` for what blocked them.
     fn pump(&mut self) -> Result<Ended, String> {
-        let mut errbuf = vec![0u8; 64 * 1024];
         loop {
             let mut wait = Wait::default();
-            let mut progress = false;
-
-            // Remote stdout -> down chunk.
-            if !self.remote_eof && self.down.is_empty() {
-                match self.channel.read(&mut self.down.buf) {
-                    Ok(0) => {
-                        if self.channel.eof() {
-                            self.remote_eof = true;
-                            progress = true;
-                        } else {
-                            self.blocked(&mut wait);
-                        }
-                    }
-                    Ok(n) => {
-                        self.down.end = n;
-                        progress = true;
-                    }
-                    Err(e) if would_block(&e) => self.blocked(&mut wait),
-                    Err(e) => return Err(e.to_string()),
-                }
+            let mut progress = self.read_remote_output(&mut wait)?;
+            progress |= self.deliver_to_user(&mut wait);
+            progress |= self.relay_stderr(&mut wait)?;
+            progress |= self.read_user_input(&mut wait);
+            progress |= self.send_to_remote(&mut wait)?;
+            progress |= self.send_eof(&mut wait)?;
+            if let Some(ended) = self.ended(&mut wait)? {
+                return Ok(ended);
             }
-
-            // Down chunk -> the user's reader.
-            if !self.down.is_empty() {
-                if self.user_gone {
-                    self.down.clear();
-                } else if let Some(sock) = &mut self.to_user {
-                    match sock.write(self.down.pending()) {
-                        Ok(n) => {
-                            self.down.consume(n);
-                            progress = true;
-                        }
-                        Err(e) if would_block(&e) => wait.user_out = true,
-                        Err(_) => {
-                            // The reader was dropped; keep draining the channel.
-                            self.user_gone = true;
-                            self.down.clear();
-                            progress = true;
-                        }
-                    }
-                }
-            }
-            if self.remote_eof && self.down.is_empty() && self.to_user.is_some() {
-                self.to_user = None; // the user's reader sees EOF
-            }
-
-            // Remote stderr -> relay. Always drained: it shares the channel window.
-            loop {
-                match self.channel.stderr().read(&mut errbuf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        self.relay.data(&errbuf[..n]);
-                        progress = true;
-                    }
-                    Err(e) if would_block(&e) => {
-                        self.blocked(&mut wait);
-                        break;
-                    }
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-
-            // The user's writer -> up chunk.
-            if self.up.is_empty() {
-                if let Some(sock) = &mut self.from_user {
-                    match sock.read(&mut self.up.buf) {
-                        Ok(0) => {
-                            self.from_user = None;
-                            progress = true;
-                        }
-                        Ok(n) => {
-                            self.up.end = n;
-                            progress = true;
-                        }
-                        Err(e) if would_block(&e) => wait.user_in = true,
-                        Err(_) => {
-                            self.from_user = None;
-                            progress = true;
-                        }
-                    }
-                }
-            }
-
-            // Up chunk -> remote stdin.
-            while !self.up.is_empty() {
-                match self.channel.write(self.up.pending()) {
-                    Ok(0) => {
-                        self.blocked(&mut wait);
-                        break;
-                    }
-                    Ok(n) => {
-                        self.up.consume(n);
-                        progress = true;
-                    }
-                    Err(e) if would_block(&e) => {
-                        self.blocked(&mut wait);
-                        break;
-                    }
-                    Err(e) => {
-                        if self.remote_eof || self.channel.eof() {
-                            // The command ended and no longer reads: drop its input; the user's
-                            // writer gets a broken pipe, the exit status tells the rest.
-                            self.up.clear();
-                            self.from_user = None;
-                            self.eof_sent = true;
-                            progress = true;
-                            break;
-                        }
-                        return Err(e.to_string());
-                    }
-                }
-            }
-
-            // The user closed the writer and everything is sent: EOF to the remote stdin.
-            if self.from_user.is_none() && self.up.is_empty() && !self.eof_sent {
-                match self.channel.send_eof() {
-                    Ok(()) => {
-                        self.eof_sent = true;
-                        progress = true;
-                    }
-                    Err(e) if e.code() == ssh2::ErrorCode::Session(-37) => {
-                        self.blocked(&mut wait); // LIBSSH2_ERROR_EAGAIN
-                    }
-                    Err(e) => {
-                        if !(self.remote_eof || self.channel.eof()) {
-                            return Err(e.message().to_string());
-                        }
-                        self.eof_sent = true;
-                    }
-                }
-            }
-
-            // Everything delivered: wait for the remote close and the exit status.
-            if self.remote_eof && self.down.is_empty() {
-                match self.channel.wait_close() {
-                    Ok(()) => {
-                        // Late stderr that arrived with the close.
-                        while let Ok(n) = self.channel.stderr().read(&mut errbuf) {
-                            if n == 0 {
-                                break;
-                            }
-                            self.relay.data(&errbuf[..n]);
-                        }
-                        let signal = self.channel.exit_signal().ok().and_then(|s| s.exit_signal);
-                        let status = self.channel.exit_status().ok();
-                        return Ok(Ended { status, signal });
-                    }
-                    Err(e) if e.code() == ssh2::ErrorCode::Session(-37) => {
-                        self.blocked(&mut wait);
-                    }
-                    Err(e) => return Err(e.message().to_string()),
-                }
-            }
-
             if progress {
                 continue;
             }
@@ -526,6 +388,182 @@ impl Pump {
             // one is due). Waking up every second keeps that timely.
             let _ = self.session.keepalive_send();
             self.poll(&wait, 1000)?;
+        }
+    }
+
+    /// Remote stdout -> down chunk. True if it made progress.
+    fn read_remote_output(&mut self, wait: &mut Wait) -> Result<bool, String> {
+        if self.remote_eof || !self.down.is_empty() {
+            return Ok(false);
+        }
+        match self.channel.read(&mut self.down.buf) {
+            Ok(0) if self.channel.eof() => {
+                self.remote_eof = true;
+                Ok(true)
+            }
+            Ok(0) => {
+                self.blocked(wait);
+                Ok(false)
+            }
+            Ok(n) => {
+                self.down.end = n;
+                Ok(true)
+            }
+            Err(e) if would_block(&e) => {
+                self.blocked(wait);
+                Ok(false)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Down chunk -> the user's reader; once the remote output ended and all of it is
+    /// delivered, the user's reader sees EOF. True if it made progress.
+    fn deliver_to_user(&mut self, wait: &mut Wait) -> bool {
+        let mut progress = false;
+        if !self.down.is_empty() {
+            if self.user_gone {
+                self.down.clear();
+            } else if let Some(sock) = &mut self.to_user {
+                match sock.write(self.down.pending()) {
+                    Ok(n) => {
+                        self.down.consume(n);
+                        progress = true;
+                    }
+                    Err(e) if would_block(&e) => wait.user_out = true,
+                    Err(_) => {
+                        // The reader was dropped; keep draining the channel.
+                        self.user_gone = true;
+                        self.down.clear();
+                        progress = true;
+                    }
+                }
+            }
+        }
+        if self.remote_eof && self.down.is_empty() && self.to_user.is_some() {
+            self.to_user = None;
+        }
+        progress
+    }
+
+    /// Remote stderr -> relay. Always drained: it shares the channel window. True if it made
+    /// progress.
+    fn relay_stderr(&mut self, wait: &mut Wait) -> Result<bool, String> {
+        let mut progress = false;
+        loop {
+            match self.channel.stderr().read(&mut self.errbuf) {
+                Ok(0) => return Ok(progress),
+                Ok(n) => {
+                    self.relay.data(&self.errbuf[..n]);
+                    progress = true;
+                }
+                Err(e) if would_block(&e) => {
+                    self.blocked(wait);
+                    return Ok(progress);
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// The user's writer -> up chunk. True if it made progress.
+    fn read_user_input(&mut self, wait: &mut Wait) -> bool {
+        if !self.up.is_empty() {
+            return false;
+        }
+        let Some(sock) = &mut self.from_user else {
+            return false;
+        };
+        match sock.read(&mut self.up.buf) {
+            Ok(0) => self.from_user = None,
+            Ok(n) => self.up.end = n,
+            Err(e) if would_block(&e) => {
+                wait.user_in = true;
+                return false;
+            }
+            Err(_) => self.from_user = None,
+        }
+        true
+    }
+
+    /// Up chunk -> remote stdin. True if it made progress.
+    fn send_to_remote(&mut self, wait: &mut Wait) -> Result<bool, String> {
+        let mut progress = false;
+        while !self.up.is_empty() {
+            match self.channel.write(self.up.pending()) {
+                Ok(0) => {
+                    self.blocked(wait);
+                    break;
+                }
+                Ok(n) => {
+                    self.up.consume(n);
+                    progress = true;
+                }
+                Err(e) if would_block(&e) => {
+                    self.blocked(wait);
+                    break;
+                }
+                Err(_) if self.remote_eof || self.channel.eof() => {
+                    // The command ended and no longer reads: drop its input; the user's
+                    // writer gets a broken pipe, the exit status tells the rest.
+                    self.up.clear();
+                    self.from_user = None;
+                    self.eof_sent = true;
+                    return Ok(true);
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(progress)
+    }
+
+    /// The user closed the writer and everything is sent: EOF to the remote stdin. True if it
+    /// made progress.
+    fn send_eof(&mut self, wait: &mut Wait) -> Result<bool, String> {
+        if self.from_user.is_some() || !self.up.is_empty() || self.eof_sent {
+            return Ok(false);
+        }
+        match self.channel.send_eof() {
+            Ok(()) => {
+                self.eof_sent = true;
+                Ok(true)
+            }
+            Err(e) if e.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_EAGAIN) => {
+                self.blocked(wait);
+                Ok(false)
+            }
+            Err(e) if !(self.remote_eof || self.channel.eof()) => Err(e.message().to_string()),
+            Err(_) => {
+                self.eof_sent = true;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Everything delivered: waits for the remote close and the exit status; `None` while it
+    /// has not come.
+    fn ended(&mut self, wait: &mut Wait) -> Result<Option<Ended>, String> {
+        if !self.remote_eof || !self.down.is_empty() {
+            return Ok(None);
+        }
+        match self.channel.wait_close() {
+            Ok(()) => {
+                // Late stderr that arrived with the close.
+                while let Ok(n) = self.channel.stderr().read(&mut self.errbuf) {
+                    if n == 0 {
+                        break;
+                    }
+                    self.relay.data(&self.errbuf[..n]);
+                }
+                let signal = self.channel.exit_signal().ok().and_then(|s| s.exit_signal);
+                let status = self.channel.exit_status().ok();
+                Ok(Some(Ended { status, signal }))
+            }
+            Err(e) if e.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_EAGAIN) => {
+                self.blocked(wait);
+                Ok(None)
+            }
+            Err(e) => Err(e.message().to_string()),
         }
     }
 

@@ -28,6 +28,9 @@ impl<W: Write> PrefixLines<W> {
     }
 
     /// Writes out a pending unterminated line.
+    ///
+    /// # Errors
+    /// What writing to the inner writer returns.
     pub fn finish(&mut self) -> io::Result<()> {
         if !self.partial.is_empty() {
             self.partial.push(b'\n');
