@@ -466,6 +466,30 @@ exclude = [
 # Releases kept on each target after a deploy (the live one and the rollback target always are).
 keep = 5
 
+# What the application writes at runtime lives once per target under shared/ and appears in
+# every release as a relative symlink: seeded from the source on the first deploy only, then
+# never written, replaced or removed by flip. `.env` is excluded above, so the first deploy
+# creates it empty: fill it in on the server.
+shared_dirs = ["storage"]
+shared_files = [".env"]
+# Directories the application writes into inside the release, made with this mode (and owner,
+# when the agent runs as root).
+writable_dirs = ["bootstrap/cache"]
+# writable_mode = "0775"
+# writable_owner = "www-data"
+
+# Hooks run on every target through its agent, inside the new release (the working directory),
+# with FLIP_RELEASE, FLIP_RELEASE_DIR, FLIP_PREVIOUS, FLIP_TARGET and FLIP_ENV set. A failing
+# before_activate hook leaves every target on its current release; `once` runs on one target.
+# before_activate = [
+#     "php artisan config:cache",
+#     { run = "php artisan migrate --force", once = true, timeout = "10m" },
+# ]
+# After the swap PHP keeps serving the old release from OPcache until it is reset (README.md,
+# "OPcache and the realpath cache"):
+# after_activate = ["sudo systemctl reload php8.3-fpm"]
+# rollback_on_failure = true    # an after_activate failure switches every target back
+
 # Every target of an environment gets the release, and they go live together: a target that
 # fails means none goes live. A target is what `flip deploy SRC TARGET` takes: a local
 # directory, [user@]host:/path or ssh://user@host:port/path.

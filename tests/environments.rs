@@ -508,6 +508,33 @@ fn init_writes_a_starter_that_parses() {
     assert!(text.contains("[env.prod]") && text.contains("# "), "{text}");
     let j = fx.flip(&["config", "prod", "--json"]).success().json();
     assert_eq!(j["targets"].as_array().unwrap().len(), 2, "{j}");
+    assert_eq!(j["shared_dirs"], serde_json::json!(["storage"]), "{j}");
+    assert_eq!(j["shared_files"], serde_json::json!([".env"]), "{j}");
+    // The commented hooks parse too once uncommented.
+    let hooks: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.starts_with("before_activate =")
+                    || rest.starts_with("    ")
+                    || rest.starts_with(']')
+                    || rest.starts_with("after_activate")
+                    || rest.starts_with("rollback_on_failure") =>
+            {
+                rest.to_string()
+            }
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    fs::write(fx.path("flip.toml"), &hooks).unwrap();
+    let j = fx.flip(&["config", "prod", "--json"]).success().json();
+    assert_eq!(
+        j["before_activate"].as_array().unwrap().len(),
+        2,
+        "{hooks}\n{j}"
+    );
+    assert_eq!(j["rollback_on_failure"], true, "{j}");
     fx.flip(&["init"]).code(2).stderr_has("exists already");
 }
 
