@@ -10,6 +10,8 @@
 //! error the agent answers with a [`Response::Error`] and ends the session; an unfinished staging
 //! directory is removed and `current` is untouched.
 
+#![warn(missing_docs, unreachable_pub)]
+
 use flip_manifest::RelPath;
 use flip_release::{
     Created, Error as RelError, ErrorClass as RelClass, LockGuard, Root, Stage, Wait,
@@ -30,10 +32,13 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Why a session ended badly (the client has been told, when the connection still allowed it).
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// A release operation on the target failed.
     #[error(transparent)]
     Release(#[from] RelError),
+    /// Reading or writing a frame failed: a bad frame, the client gone, the idle timeout.
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// The client sent a request out of order or one the agent refuses.
     #[error("protocol error: {0}")]
     Protocol(String),
     /// A hook could not be started or waited for.
@@ -157,6 +162,9 @@ pub fn serve(
 }
 
 /// [`serve`]; with `mkpath`, a deploy creates the root's missing parent directories too.
+///
+/// # Errors
+/// As [`serve`].
 pub fn serve_with(
     input: Box<dyn Read + Send>,
     output: Box<dyn Write + Send>,
