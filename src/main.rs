@@ -466,9 +466,14 @@ fn dry_runs(
     }
     Ok(exit::OK)
 }
+
 /// The release a deploy of `scanned` records with shared paths `shared` (the same whatever the
 /// target's `shared/` holds): every shared path a symlink into `shared/`.
-pub fn shared_release(
+///
+/// # Errors
+/// Exit code `SOURCE` (the [`flip_plan::shared::SharedError`]'s message) when the settings are
+/// invalid or the source has a shared path, or a parent of one, of the wrong kind.
+pub(crate) fn shared_release(
     shared: &flip_plan::shared::SharedPaths,
     scanned: &flip_manifest::Manifest,
 ) -> Result<flip_manifest::Manifest> {

@@ -19,7 +19,13 @@ const PHP_OUTPUT_MAX: u64 = 64 * 1024;
 /// e.g. OPcache's when the extension is not loaded).
 const PHP_CODE: &str = r#"echo "version=", PHP_VERSION, "\n"; echo "ini=", (string) php_ini_loaded_file(), "\n"; echo "opcache=", extension_loaded("Zend OPcache") ? "1" : "0", "\n"; foreach (["opcache.enable", "opcache.enable_cli", "opcache.validate_timestamps", "opcache.revalidate_freq", "opcache.revalidate_path", "realpath_cache_size", "realpath_cache_ttl"] as $k) { $v = ini_get($k); echo $k, "=", $v === false ? "-" : $v, "\n"; }"#;
 
-/// The answer to `Doctor` for the target at `root`.
+/// The answer to `Doctor` for the target at `root`: the findings of
+/// [`flip_release::doctor::doctor`] (with the agent's stage-space margin), then PHP's.
+///
+/// # Errors
+///
+/// What [`flip_release::doctor::doctor`] returns: `root` missing, not a directory or not a
+/// flip target (a bad layout is a finding, not an error).
 pub fn answer(root: &Path) -> Result<Response, flip_release::Error> {
     let opts = DoctorOptions {
         space_margin: crate::SPACE_MARGIN,
@@ -224,6 +230,8 @@ pub fn php_findings(php: &Path, out: &str) -> Vec<Finding> {
 }
 
 #[cfg(test)]
+// The tests write fake `php` scripts on purpose.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

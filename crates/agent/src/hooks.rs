@@ -62,17 +62,19 @@ pub(crate) fn idle_wait(idle: Duration) -> Duration {
 
 /// A hook request that passed the checks.
 pub(crate) struct Hook {
-    pub run: String,
-    pub timeout: Duration,
+    /// The shell command.
+    pub(crate) run: String,
+    /// Longest the hook may run.
+    pub(crate) timeout: Duration,
     /// `(name, value)`, names from [`CLIENT_ENV`] only.
-    pub env: Vec<(String, String)>,
+    pub(crate) env: Vec<(String, String)>,
 }
 
 impl Hook {
     /// Checks what the client sent: a non-empty command without NUL of at most
     /// [`HOOK_RUN_MAX`] bytes, a timeout of at most a day, only `FLIP_TARGET` and `FLIP_ENV`,
     /// each once, values of at most [`HOOK_ENV_MAX`] bytes without NUL.
-    pub fn checked(run: String, timeout_ms: u64, env: Vec<String>) -> Result<Hook, String> {
+    pub(crate) fn checked(run: String, timeout_ms: u64, env: Vec<String>) -> Result<Hook, String> {
         if run.trim().is_empty() || run.len() > HOOK_RUN_MAX || run.contains('\0') {
             return Err(format!(
                 "hook command refused: empty, longer than {HOOK_RUN_MAX} bytes or containing NUL"
@@ -303,11 +305,19 @@ fn spawn_reader(
 
 /// Why a hook could not be run to its end.
 #[derive(Debug, thiserror::Error)]
-pub enum HookError {
+pub(crate) enum HookError {
+    /// The shell could not be spawned in the release directory `dir`.
     #[error("cannot start the hook (/bin/sh) in {dir}: {source}")]
-    Start { dir: String, source: std::io::Error },
+    Start {
+        /// The release directory the hook was to run in.
+        dir: String,
+        /// Why spawning failed.
+        source: std::io::Error,
+    },
+    /// Waiting for the hook's shell failed.
     #[error("waiting for the hook failed: {0}")]
     Wait(std::io::Error),
+    /// Forwarding the hook's output to the client failed.
     #[error("the client stopped reading the hook's output: {0}")]
     Client(flip_wire::WireError),
 }

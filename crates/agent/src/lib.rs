@@ -10,6 +10,8 @@
 //! error the agent answers with a [`Response::Error`] and ends the session; an unfinished staging
 //! directory is removed and `current` is untouched.
 
+#![warn(missing_docs, unreachable_pub)]
+
 use flip_manifest::RelPath;
 use flip_release::{
     Created, Error as RelError, ErrorClass as RelClass, LockGuard, Root, Stage, Wait,
@@ -30,10 +32,13 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Why a session ended badly (the client has been told, when the connection still allowed it).
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// A release operation on the target failed.
     #[error(transparent)]
     Release(#[from] RelError),
+    /// Reading or writing a frame failed: a bad frame, the client gone, the idle timeout.
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// The client sent a request out of order or one the agent refuses.
     #[error("protocol error: {0}")]
     Protocol(String),
     /// A hook could not be started or waited for.
@@ -157,6 +162,9 @@ pub fn serve(
 }
 
 /// [`serve`]; with `mkpath`, a deploy creates the root's missing parent directories too.
+///
+/// # Errors
+/// As [`serve`].
 pub fn serve_with(
     input: Box<dyn Read + Send>,
     output: Box<dyn Write + Send>,
@@ -486,52 +494,10 @@ impl Session {
     ) -> Result<Option<Response>> {
         Ok(Some(match req {
             Request::Hello { .. } => return Err(AgentError::Protocol("Hello sent twice".into())),
-            Request::Lock { wait, holder } => {
-                if self.lock.is_some() {
-                    return Err(AgentError::Protocol("lock requested twice".into()));
-                }
-                let root = self.root(holder.what == Purpose::Deploy)?;
-                let me = flip_release::Holder {
-                    pid: std::process::id(),
-                    host: self.host.clone(),
-                    user: holder.user,
-                    since: holder.since,
-                    what: format!("{} from {} pid {}", holder.what, holder.host, holder.pid),
-                };
-                let mut told = |h: &str| {
-                    let _ = tx.send(&Response::Waiting {
-                        holder: h.to_string(),
-                    });
-                    let _ = tx.flush();
-                };
-                let guard = if wait {
-                    root.lock(&me, Wait::Yes(&mut told))?
-                } else {
-                    root.lock(&me, Wait::No)?
-                };
-                self.lock = Some(guard);
-                Response::Locked
-            }
-            Request::Status => {
-                let root = self.root(false)?;
-                Response::Status {
-                    current: root.current()?,
-                    releases: root.releases()?.into_iter().filter_map(summary).collect(),
-                }
-            }
+            Request::Lock { wait, holder } => self.take_lock(wait, holder, tx)?,
+            Request::Status => self.status()?,
             Request::GetManifest { id } => {
-                let bytes = self.root(false)?.manifest_bytes(id)?;
-                let mut chunks = bytes.chunks(CHUNK).peekable();
-                if chunks.peek().is_none() {
-                    return Err(AgentError::Protocol("empty manifest file".into()));
-                }
-                while let Some(c) = chunks.next() {
-                    tx.send(&Response::ManifestChunk {
-                        data: c.to_vec(),
-                        last: chunks.peek().is_none(),
-                    })?;
-                }
-                tx.flush()?;
+                self.get_manifest(id, tx)?;
                 return Ok(None);
             }
             Request::Stage {
@@ -580,161 +546,24 @@ impl Session {
                 self.content(index, kind, mtime, data, last)?;
                 return Ok(None);
             }
-            Request::Commit => {
-                if self.incoming.is_some() {
-                    return Err(AgentError::Protocol(
-                        "Commit while a file is incomplete".into(),
-                    ));
-                }
-                if self.stage.is_none() {
-                    return Err(AgentError::Protocol("Commit without Stage".into()));
-                }
-                if let Some(e) = self.pool.as_mut().and_then(Pool::settle) {
-                    return Err(e.into());
-                }
-                let stage = self.stage.take().expect("checked above");
-                // Settled: no writer holds the stage any more.
-                let stage = Arc::into_inner(stage).ok_or_else(|| {
-                    AgentError::Protocol("the stage is still being written".into())
-                })?;
-                let stats = stage.stats();
-                let info = stage.commit()?;
-                self.committed = true;
-                self.discardable = Some(info.id);
-                self.log(serde_json::json!({
-                    "time": now(), "event": "staged", "release": info.id,
-                    "label": info.label, "files": info.files, "written": stats.written,
-                    "hashed": stats.hashed, "bases_dropped": stats.bases_dropped,
-                }));
-                Response::Committed { id: info.id }
-            }
-            Request::Activate { id } => {
-                let root = self.root(false)?;
-                let previous = root.activate(self.locked()?, id)?;
-                self.previous_live.get_or_insert(previous);
-                self.log(serde_json::json!({
-                    "time": now(), "event": "activate", "release": id, "previous": previous,
-                }));
-                Response::Activated { id, previous }
-            }
-            Request::Rollback { to } => {
-                let root = self.root(false)?;
-                let lock = self.locked()?;
-                let current = root
-                    .current()?
-                    .ok_or_else(|| RelError::NothingLive(root.path().to_path_buf()))?;
-                let target = match to {
-                    Some(t) => {
-                        root.info(t)?;
-                        t
-                    }
-                    None => root.rollback_target(current)?,
-                };
-                // `--to` the live release answers as `activate` of it does: it stays live.
-                let previous = root.activate(lock, target)?;
-                self.previous_live.get_or_insert(previous);
-                self.log(serde_json::json!({
-                    "time": now(), "event": "rollback", "release": target, "previous": previous,
-                }));
-                Response::Activated {
-                    id: target,
-                    previous,
-                }
-            }
-            Request::Prune { keep } => {
-                let root = self.root(false)?;
-                let removed = root.prune(self.locked()?, keep as usize)?;
-                self.log(serde_json::json!({
-                    "time": now(), "event": "prune", "removed": removed,
-                }));
-                Response::Pruned { removed }
-            }
-            Request::Verify { id } => {
-                let root = self.root(false)?;
-                let id = match id {
-                    Some(id) => id,
-                    None => root
-                        .current()?
-                        .ok_or_else(|| RelError::NothingLive(root.path().to_path_buf()))?,
-                };
-                Response::Verified {
-                    id,
-                    problems: root.verify(id)?,
-                }
-            }
+            Request::Commit => self.commit()?,
+            Request::Activate { id } => self.activate(id)?,
+            Request::Rollback { to } => self.rollback(to)?,
+            Request::Prune { keep } => self.prune(keep)?,
+            Request::Verify { id } => self.verify(id)?,
             Request::Changes { all } => {
-                let stage = self
-                    .stage
-                    .as_ref()
-                    .ok_or_else(|| AgentError::Protocol("Changes without Stage".into()))?;
-                let c = flip_plan::report::deployed(
-                    stage.previous_manifest(),
-                    stage.manifest(),
-                    stage.plan(),
-                    stage.needs(),
-                    all,
-                );
-                let mut pieces = c.items.chunks(CHANGES_PER_FRAME).peekable();
-                loop {
-                    let items = pieces.next().unwrap_or_default().to_vec();
-                    let last = pieces.peek().is_none();
-                    tx.send(&Response::Changes {
-                        counts: c.counts,
-                        items,
-                        last,
-                    })?;
-                    if last {
-                        break;
-                    }
-                }
-                tx.flush()?;
+                self.changes(all, tx)?;
                 return Ok(None);
             }
-            Request::Discard { id } => {
-                if self.discardable != Some(id) {
-                    return Err(RelError::BadRequest(format!(
-                        "release {id} was not committed by this session, or was made live: it is not discarded"
-                    ))
-                    .into());
-                }
-                let root = self.root(false)?;
-                root.discard(self.locked()?, id)?;
-                self.discardable = None;
-                // A target this session created holds nothing else: it is undone at the end.
-                self.committed = false;
-                self.log(serde_json::json!({
-                    "time": now(), "event": "discard", "release": id,
-                }));
-                Response::Discarded { id }
-            }
-            Request::CheckLive { digest } => {
-                let root = self.root(false)?;
-                self.locked()?;
-                let id = root.live_intact(&digest)?;
-                // No release will be made: the writable directories under shared/ are made now.
-                if let (Some(_), Some(settings)) = (id, &self.shared) {
-                    settings.writable_only(root)?;
-                }
-                Response::LiveIntact { id }
-            }
+            Request::Discard { id } => self.discard(id)?,
+            Request::CheckLive { digest } => self.check_live(digest)?,
             Request::Shared {
                 dirs,
                 files,
                 writable,
                 mode,
                 owner,
-            } => {
-                let root = self.root(false)?;
-                let lock = self.locked()?;
-                if self.stage.is_some() {
-                    return Err(AgentError::Protocol("Shared after Stage".into()));
-                }
-                let settings =
-                    shared::Settings::check(root, lock, dirs, files, writable, mode, owner)?;
-                let present = settings.present.iter().cloned().collect();
-                self.shared = Some(settings);
-                Response::SharedState { present }
-            }
+            } => self.set_shared(dirs, files, writable, mode, owner)?,
             // Read-only and without the lock: a running deploy is reported, never waited for.
             Request::Doctor => doctor::answer(&self.root_path)?,
             Request::Hook {
@@ -743,43 +572,292 @@ impl Session {
                 timeout_ms,
                 env,
                 wait_ms,
-            } => {
-                let root = self.root(false)?;
-                self.locked()?;
-                let hook =
-                    hooks::Hook::checked(run, timeout_ms, env).map_err(RelError::BadRequest)?;
-                // A committed release of this root: its metadata and a real directory.
-                root.info(release)?;
-                let previous = match self.previous_live {
-                    Some(p) => p,
-                    None => root.current()?,
-                };
-                let done = hooks::run(&hook, &root.release_dir(release), release, previous, tx)
-                    .map_err(|e| match e {
-                        hooks::HookError::Client(w) => AgentError::Wire(w),
-                        e => AgentError::Hook(e.to_string()),
-                    })?;
-                // The client's other targets may still run hooks: do not give up on it.
-                hooks::wait_at_least(Duration::from_millis(wait_ms.min(7 * 24 * 3600 * 1000)));
-                if let Response::HookDone {
-                    status,
-                    signal,
-                    timed_out,
-                    duration_ms,
-                } = &done
-                {
-                    // What a hook wrote into the release is not tampering.
-                    root.record_hook_writes(self.locked()?, release);
-                    self.log(serde_json::json!({
-                        "time": now(), "event": "hook", "release": release,
-                        "run": hook.run, "status": status, "signal": signal,
-                        "timed_out": timed_out, "duration_ms": duration_ms,
-                    }));
-                }
-                done
-            }
+            } => self.hook(release, run, timeout_ms, env, wait_ms, tx)?,
             Request::Bye => unreachable!("handled by run"),
         }))
+    }
+
+    /// `Lock`: takes the target's lock for this session (waiting, with `Waiting` notices, when
+    /// asked); the root is created first for a deploy.
+    fn take_lock(
+        &mut self,
+        wait: bool,
+        holder: flip_wire::Holder,
+        tx: &mut FrameWriter,
+    ) -> Result<Response> {
+        if self.lock.is_some() {
+            return Err(AgentError::Protocol("lock requested twice".into()));
+        }
+        let root = self.root(holder.what == Purpose::Deploy)?;
+        let me = flip_release::Holder {
+            pid: std::process::id(),
+            host: self.host.clone(),
+            user: holder.user,
+            since: holder.since,
+            what: format!("{} from {} pid {}", holder.what, holder.host, holder.pid),
+        };
+        let mut told = |h: &str| {
+            let _ = tx.send(&Response::Waiting {
+                holder: h.to_string(),
+            });
+            let _ = tx.flush();
+        };
+        let guard = if wait {
+            root.lock(&me, Wait::Yes(&mut told))?
+        } else {
+            root.lock(&me, Wait::No)?
+        };
+        self.lock = Some(guard);
+        Ok(Response::Locked)
+    }
+
+    /// `Status`: the live release and every release's summary.
+    fn status(&mut self) -> Result<Response> {
+        let root = self.root(false)?;
+        Ok(Response::Status {
+            current: root.current()?,
+            releases: root.releases()?.into_iter().filter_map(summary).collect(),
+        })
+    }
+
+    /// `GetManifest`: sends release `id`'s manifest file as `ManifestChunk` frames.
+    fn get_manifest(&mut self, id: u64, tx: &mut FrameWriter) -> Result<()> {
+        let bytes = self.root(false)?.manifest_bytes(id)?;
+        let mut chunks = bytes.chunks(CHUNK).peekable();
+        if chunks.peek().is_none() {
+            return Err(AgentError::Protocol("empty manifest file".into()));
+        }
+        while let Some(c) = chunks.next() {
+            tx.send(&Response::ManifestChunk {
+                data: c.to_vec(),
+                last: chunks.peek().is_none(),
+            })?;
+        }
+        tx.flush()?;
+        Ok(())
+    }
+
+    /// `Commit`: once every file arrived and the writers settled, makes the staged release
+    /// durable as `releases/<id>`.
+    fn commit(&mut self) -> Result<Response> {
+        if self.incoming.is_some() {
+            return Err(AgentError::Protocol(
+                "Commit while a file is incomplete".into(),
+            ));
+        }
+        if self.stage.is_none() {
+            return Err(AgentError::Protocol("Commit without Stage".into()));
+        }
+        if let Some(e) = self.pool.as_mut().and_then(Pool::settle) {
+            return Err(e.into());
+        }
+        let stage = self.stage.take().expect("checked above");
+        // Settled: no writer holds the stage any more.
+        let stage = Arc::into_inner(stage)
+            .ok_or_else(|| AgentError::Protocol("the stage is still being written".into()))?;
+        let stats = stage.stats();
+        let info = stage.commit()?;
+        self.committed = true;
+        self.discardable = Some(info.id);
+        self.log(serde_json::json!({
+            "time": now(), "event": "staged", "release": info.id,
+            "label": info.label, "files": info.files, "written": stats.written,
+            "hashed": stats.hashed, "bases_dropped": stats.bases_dropped,
+        }));
+        Ok(Response::Committed { id: info.id })
+    }
+
+    /// `Activate`: swaps `current` to release `id`.
+    fn activate(&mut self, id: u64) -> Result<Response> {
+        let root = self.root(false)?;
+        let previous = root.activate(self.locked()?, id)?;
+        self.previous_live.get_or_insert(previous);
+        self.log(serde_json::json!({
+            "time": now(), "event": "activate", "release": id, "previous": previous,
+        }));
+        Ok(Response::Activated { id, previous })
+    }
+
+    /// `Rollback`: swaps `current` to release `to`, or to the one before the live one.
+    fn rollback(&mut self, to: Option<u64>) -> Result<Response> {
+        let root = self.root(false)?;
+        let lock = self.locked()?;
+        let current = root
+            .current()?
+            .ok_or_else(|| RelError::NothingLive(root.path().to_path_buf()))?;
+        let target = match to {
+            Some(t) => {
+                root.info(t)?;
+                t
+            }
+            None => root.rollback_target(current)?,
+        };
+        // `--to` the live release answers as `activate` of it does: it stays live.
+        let previous = root.activate(lock, target)?;
+        self.previous_live.get_or_insert(previous);
+        self.log(serde_json::json!({
+            "time": now(), "event": "rollback", "release": target, "previous": previous,
+        }));
+        Ok(Response::Activated {
+            id: target,
+            previous,
+        })
+    }
+
+    /// `Prune`: removes old releases beyond `keep`.
+    fn prune(&mut self, keep: u32) -> Result<Response> {
+        let root = self.root(false)?;
+        let removed = root.prune(self.locked()?, keep as usize)?;
+        self.log(serde_json::json!({
+            "time": now(), "event": "prune", "removed": removed,
+        }));
+        Ok(Response::Pruned { removed })
+    }
+
+    /// `Verify`: re-hashes release `id` (the live one when `None`) against its manifest.
+    fn verify(&mut self, id: Option<u64>) -> Result<Response> {
+        let root = self.root(false)?;
+        let id = match id {
+            Some(id) => id,
+            None => root
+                .current()?
+                .ok_or_else(|| RelError::NothingLive(root.path().to_path_buf()))?,
+        };
+        Ok(Response::Verified {
+            id,
+            problems: root.verify(id)?,
+        })
+    }
+
+    /// `Changes`: sends what the stage changes (every path with `all`) as `Changes` frames of
+    /// at most [`CHANGES_PER_FRAME`] items.
+    fn changes(&mut self, all: bool, tx: &mut FrameWriter) -> Result<()> {
+        let stage = self
+            .stage
+            .as_ref()
+            .ok_or_else(|| AgentError::Protocol("Changes without Stage".into()))?;
+        let c = flip_plan::report::deployed(
+            stage.previous_manifest(),
+            stage.manifest(),
+            stage.plan(),
+            stage.needs(),
+            all,
+        );
+        let mut pieces = c.items.chunks(CHANGES_PER_FRAME).peekable();
+        loop {
+            let items = pieces.next().unwrap_or_default().to_vec();
+            let last = pieces.peek().is_none();
+            tx.send(&Response::Changes {
+                counts: c.counts,
+                items,
+                last,
+            })?;
+            if last {
+                break;
+            }
+        }
+        tx.flush()?;
+        Ok(())
+    }
+
+    /// `Discard`: removes release `id`, only if this session committed it and it is not live.
+    fn discard(&mut self, id: u64) -> Result<Response> {
+        if self.discardable != Some(id) {
+            return Err(RelError::BadRequest(format!(
+                "release {id} was not committed by this session, or was made live: it is not discarded"
+            ))
+            .into());
+        }
+        let root = self.root(false)?;
+        root.discard(self.locked()?, id)?;
+        self.discardable = None;
+        // A target this session created holds nothing else: it is undone at the end.
+        self.committed = false;
+        self.log(serde_json::json!({
+            "time": now(), "event": "discard", "release": id,
+        }));
+        Ok(Response::Discarded { id })
+    }
+
+    /// `CheckLive`: the live release's id when it is the manifest `digest`'s and intact (then
+    /// the writable directories under `shared/` are made now: no release will be).
+    fn check_live(&mut self, digest: flip_manifest::Digest) -> Result<Response> {
+        let root = self.root(false)?;
+        self.locked()?;
+        let id = root.live_intact(&digest)?;
+        // No release will be made: the writable directories under shared/ are made now.
+        if let (Some(_), Some(settings)) = (id, &self.shared) {
+            settings.writable_only(root)?;
+        }
+        Ok(Response::LiveIntact { id })
+    }
+
+    /// `Shared`: checks this deploy's shared-path settings against `shared/` and keeps them
+    /// for the stage and the commit.
+    fn set_shared(
+        &mut self,
+        dirs: Vec<RelPath>,
+        files: Vec<RelPath>,
+        writable: Vec<RelPath>,
+        mode: u32,
+        owner: Option<String>,
+    ) -> Result<Response> {
+        let root = self.root(false)?;
+        let lock = self.locked()?;
+        if self.stage.is_some() {
+            return Err(AgentError::Protocol("Shared after Stage".into()));
+        }
+        let settings = shared::Settings::check(root, lock, dirs, files, writable, mode, owner)?;
+        let present = settings.present.iter().cloned().collect();
+        self.shared = Some(settings);
+        Ok(Response::SharedState { present })
+    }
+
+    /// `Hook`: runs a hook in committed release `release`, forwarding its output, and answers
+    /// how it ended.
+    fn hook(
+        &mut self,
+        release: u64,
+        run: String,
+        timeout_ms: u64,
+        env: Vec<String>,
+        wait_ms: u64,
+        tx: &mut FrameWriter,
+    ) -> Result<Response> {
+        let root = self.root(false)?;
+        self.locked()?;
+        let hook = hooks::Hook::checked(run, timeout_ms, env).map_err(RelError::BadRequest)?;
+        // A committed release of this root: its metadata and a real directory.
+        root.info(release)?;
+        let previous = match self.previous_live {
+            Some(p) => p,
+            None => root.current()?,
+        };
+        let done =
+            hooks::run(&hook, &root.release_dir(release), release, previous, tx).map_err(|e| {
+                match e {
+                    hooks::HookError::Client(w) => AgentError::Wire(w),
+                    e => AgentError::Hook(e.to_string()),
+                }
+            })?;
+        // The client's other targets may still run hooks: do not give up on it.
+        hooks::wait_at_least(Duration::from_millis(wait_ms.min(7 * 24 * 3600 * 1000)));
+        if let Response::HookDone {
+            status,
+            signal,
+            timed_out,
+            duration_ms,
+        } = &done
+        {
+            // What a hook wrote into the release is not tampering.
+            root.record_hook_writes(self.locked()?, release);
+            self.log(serde_json::json!({
+                "time": now(), "event": "hook", "release": release,
+                "run": hook.run, "status": status, "signal": signal,
+                "timed_out": timed_out, "duration_ms": duration_ms,
+            }));
+        }
+        Ok(done)
     }
 
     /// Compares the client's directory hashes with the live release's.

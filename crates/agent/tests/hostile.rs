@@ -853,6 +853,8 @@ fn nested_shared_paths_are_refused() {
 }
 
 #[test]
+// The test plants runtime data in `shared/` on purpose (the target's state, not the agent's).
+#[allow(clippy::disallowed_methods)]
 fn a_stage_that_would_write_over_a_shared_path_the_target_has_is_refused() {
     let t = tempfile::tempdir().unwrap();
     live_root(t.path());

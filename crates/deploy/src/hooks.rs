@@ -29,6 +29,7 @@ const KEEPALIVE: Duration = Duration::from_secs(1);
 /// One hook: a shell command (`/bin/sh -c`), run inside the new release on the target.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hook {
+    /// The command, run by `/bin/sh -c` in the release directory.
     pub run: String,
     /// Run on one target only (the first of the list that made a release): migrations.
     pub once: bool,
@@ -39,7 +40,10 @@ pub struct Hook {
 /// The hooks of a deploy ([`Options::hooks`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Hooks {
+    /// Run in the new release once every target committed, before any swap; a failure on
+    /// any target aborts the deploy everywhere (nothing activated).
     pub before_activate: Vec<Hook>,
+    /// Run in the new release once every target switched to it.
     pub after_activate: Vec<Hook>,
     /// An `after_activate` failure switches every target back to its previous release.
     pub rollback_on_failure: bool,
@@ -51,11 +55,14 @@ pub struct Hooks {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HookPhase {
+    /// Before the swap of `current` (`before_activate`).
     BeforeActivate,
+    /// After the swap (`after_activate`).
     AfterActivate,
 }
 
 impl HookPhase {
+    /// `before_activate` or `after_activate`, as in `flip.toml`.
     pub fn as_str(self) -> &'static str {
         match self {
             HookPhase::BeforeActivate => "before_activate",
@@ -67,6 +74,7 @@ impl HookPhase {
 /// How one hook went on one target ([`crate::HostReport::hooks`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HookReport {
+    /// When it ran.
     pub phase: HookPhase,
     /// The command.
     pub run: String,
@@ -76,6 +84,7 @@ pub struct HookReport {
     pub signal: Option<i32>,
     /// Killed because it ran past its timeout.
     pub timed_out: bool,
+    /// How long it ran, in milliseconds.
     pub duration_ms: u64,
 }
 

@@ -17,6 +17,8 @@
 //! A target whose live release already is the new tree (same manifest digest, intact) makes no
 //! release ([`HostReport::unchanged`]) unless [`Options::force_release`].
 
+#![warn(missing_docs, unreachable_pub)]
+
 mod env;
 mod hooks;
 mod target;
@@ -47,24 +49,37 @@ pub enum DeployError {
     /// The source is missing or not a directory.
     #[error("{0}")]
     Source(String),
+    /// The scan of the source failed.
     #[error(transparent)]
     Scan(#[from] flip_scan::ScanError),
+    /// The session with a target's agent failed (the agent's error, or the connection's).
     #[error(transparent)]
     Transfer(#[from] TransferError),
+    /// A target could not be reached (SSH, or starting the local agent).
     #[error(transparent)]
     Transport(#[from] flip_transport::TransportError),
+    /// The running flip executable, started as the agent of local targets, cannot be found.
     #[error("cannot find the flip executable: {0}")]
     Exe(std::io::Error),
     /// This target was ready, but the deploy stopped because of another target.
     #[error("{target}: not activated: {why}")]
-    Aborted { target: String, why: String },
+    Aborted {
+        /// The target, as given.
+        target: String,
+        /// Why the deploy stopped (the other target's failure).
+        why: String,
+    },
     /// A hook failed or timed out on this target (`phase`: `before_activate` or
     /// `after_activate`; `how`: "exit status 3", "timed out after 1s (killed)", ...).
     #[error("{target}: {phase} hook `{run}` failed: {how}")]
     Hook {
+        /// The target, as given.
         target: String,
+        /// `before_activate` or `after_activate`.
         phase: &'static str,
+        /// The hook's command.
         run: String,
+        /// How it failed: "exit status 3", "timed out after 1s (killed)", ...
         how: String,
     },
 }
@@ -99,6 +114,7 @@ pub struct Options {
     /// A deploy creates the target's missing parent directories too (`--mkpath`); otherwise
     /// only the target directory itself, when its parent exists.
     pub mkpath: bool,
+    /// How SSH targets are reached (options, identity, agent path, timeouts).
     pub ssh: SshSettings,
     /// Shared paths and writable directories (`shared_dirs`, `shared_files`, `writable_dirs`,
     /// `writable_mode`); empty: none, and the agent is not asked about them.
@@ -135,21 +151,32 @@ impl Events for Quiet {}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
+    /// Connecting to the target and greeting its agent.
     Connecting,
+    /// Connected, waiting for the scan of the source.
     Scanning,
+    /// Staging the release and sending content.
     Staging,
+    /// The release is committed; waiting for the other targets before activating.
     Committed,
+    /// The live release already is this tree: nothing staged.
     Unchanged,
+    /// Swapping `current` to the new release.
     Activating,
+    /// The new release is live.
     Live,
+    /// This target failed.
     Failed,
+    /// Not activated because another target failed; its release was discarded.
     Discarded,
+    /// Activated, then switched back because another target's activation failed.
     SwitchedBack,
     /// Running hooks.
     Hooks,
 }
 
 impl Phase {
+    /// The phase as a progress line says it ("staging and sending", "live", ...).
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Connecting => "connecting",
@@ -172,6 +199,7 @@ impl Phase {
 pub struct Bytes {
     /// Crossed the connection to the agent, after compression.
     pub sent: u64,
+    /// Crossed the connection from the agent, after compression.
     pub received: u64,
     /// Files sent whole, before compression.
     pub literal: u64,
@@ -191,14 +219,18 @@ pub struct HostReport {
     pub release: u64,
     /// The release live before.
     pub previous: Option<u64>,
+    /// The target, as given.
     pub target: String,
+    /// The deploy's label, stored with the release.
     pub label: Option<String>,
     /// Whether `release` is live on this target now.
     pub activated: bool,
     /// The live release already was this tree: no release was made.
     pub unchanged: bool,
+    /// Files and directories by what happened to them (created, changed, linked, deleted, ...).
     #[serde(flatten)]
     pub counts: Counts,
+    /// Bytes sent, received, matched and sent as deltas.
     pub bytes: Bytes,
     /// Every changed path with `Options::itemize`, else those the deploy deviated from the
     /// plan for. Rendered by the binary.
@@ -217,6 +249,7 @@ pub struct HostReport {
     /// The hooks run on this target, in order (left out of the JSON when none ran).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hooks: Vec<HookReport>,
+    /// Wall time of this target's deploy, in milliseconds.
     pub duration_ms: u64,
 }
 
@@ -241,10 +274,14 @@ pub enum HostState {
 /// One target's outcome.
 #[derive(Debug)]
 pub struct HostOutcome {
+    /// The target, as given.
     pub target: String,
+    /// How it ended.
     pub state: HostState,
     /// What it did, as far as it got (`None`: it failed before staging).
     pub report: Option<HostReport>,
+    /// Why it failed or was not activated, or the hook that failed on it; `None` when all went
+    /// well.
     pub error: Option<DeployError>,
     /// The release live on it now, as far as the client knows.
     pub live: Option<u64>,
@@ -252,17 +289,21 @@ pub struct HostOutcome {
     /// failure (a damaged release it skipped, ...); a target that did not fail has them in its
     /// report.
     pub warnings: Vec<String>,
+    /// What a failed target's agent could not remove (see `warnings`).
     pub leftovers: Vec<Leftover>,
 }
 
 /// The result of [`deploy`]: every target's outcome, in the order given.
 #[derive(Debug)]
 pub struct Deployment {
+    /// The deploy's label, stored with each release.
     pub label: Option<String>,
+    /// Every target's outcome, in the order given.
     pub hosts: Vec<HostOutcome>,
     /// The client's warnings: the scan's (files skipped, a cache that could not be used) and
     /// the local caches' (a manifest or content that could not be kept).
     pub scan_warnings: Vec<String>,
+    /// Wall time of the whole deploy, in milliseconds.
     pub duration_ms: u64,
 }
 
@@ -586,6 +627,7 @@ impl Caches {
         self.manifests.as_ref()?.get(d)
     }
 
+    /// The cache of file content deployed (bases of patches), if there are caches.
     pub fn content(&self) -> Option<&ContentCache> {
         self.content.as_ref()
     }

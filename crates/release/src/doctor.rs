@@ -41,13 +41,19 @@ pub enum Severity {
 /// relative to the target's root) and the fix (a command or a setting, with absolute paths).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finding {
+    /// Which check found it (`layout`, `current`, `releases`, `writable`, `leftovers`, ...).
     pub check: &'static str,
+    /// How much it matters.
     pub severity: Severity,
+    /// What the check saw, paths relative to the target's root.
     pub message: String,
+    /// How to fix it (a command or a setting, with absolute paths); `None` when there is
+    /// nothing to fix.
     pub fix: Option<String>,
 }
 
 impl Finding {
+    /// A finding of `check` with no fix (add one with [`Finding::fix`]).
     pub fn new(check: &'static str, severity: Severity, message: impl Into<String>) -> Finding {
         Finding {
             check,
@@ -57,6 +63,8 @@ impl Finding {
         }
     }
 
+    /// The same finding, with `fix` as its fix.
+    #[must_use]
     pub fn fix(mut self, fix: impl Into<String>) -> Finding {
         self.fix = Some(fix.into());
         self
@@ -92,6 +100,12 @@ const PROC_LOCKS_MAX: u64 = 4 << 20;
 /// Looks at the target `dir` and reports what it finds. Fails (as every command does) when
 /// `dir` is missing, not a directory or not a flip target; a layout flip would refuse is a
 /// `layout` problem, after which nothing else is looked at.
+///
+/// # Errors
+///
+/// [`Error::Missing`], [`Error::NotADirectory`] or [`Error::NotATarget`] for `dir` itself, or
+/// another error of [`Root::open`] (an I/O error naming the path) other than a bad layout;
+/// what the checks cannot read afterwards becomes a finding, not an error.
 pub fn doctor(dir: &Path, opts: &DoctorOptions) -> Result<Vec<Finding>> {
     let root = match Root::open(dir) {
         Ok(r) => r,
@@ -759,10 +773,14 @@ struct Me {
 
 impl Me {
     fn get() -> Me {
-        // SAFETY: geteuid/getegid have no preconditions; getgroups fills the buffer we own.
+        // SAFETY: geteuid has no preconditions and cannot fail.
         let uid = unsafe { libc::geteuid() };
-        let mut groups = vec![unsafe { libc::getegid() }];
+        // SAFETY: getegid has no preconditions and cannot fail.
+        let egid = unsafe { libc::getegid() };
+        let mut groups = vec![egid];
         let mut buf = vec![0 as libc::gid_t; 256];
+        // SAFETY: getgroups writes at most `buf.len()` ids into the buffer we own, and returns
+        // -1 (checked) when there are more.
         let n = unsafe { libc::getgroups(buf.len() as libc::c_int, buf.as_mut_ptr()) };
         if n > 0 {
             groups.extend_from_slice(&buf[..n as usize]);
@@ -819,8 +837,10 @@ struct Stat {
 
 impl Stat {
     fn at(dir: &OwnedFd, name: &CStr) -> Option<Stat> {
-        // SAFETY: statx fills the zeroed struct we own; the name is NUL-terminated.
+        // SAFETY: libc::statx is plain old data, for which all-zero bytes are a valid value.
         let mut st: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: statx fills the struct we own; `dir` is an open descriptor and the name is
+        // NUL-terminated (a CStr) and outlives the call.
         let r = unsafe {
             libc::statx(
                 dir.as_raw_fd(),
@@ -877,9 +897,11 @@ fn shown(root: &Root, path: &Path) -> String {
 /// The user name of `uid` (`getpwuid_r`), or the number.
 pub fn user_name(uid: u32) -> String {
     let mut buf = vec![0 as libc::c_char; 4096];
-    // SAFETY: getpwuid_r fills the struct and buffer we own; the result pointer is checked.
+    // SAFETY: libc::passwd is plain old data (integers and nullable pointers): all-zero is valid.
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
     let mut res: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r fills the struct we own and writes at most `buf.len()` bytes into the
+    // buffer we own; the status and the result pointer are checked before use.
     let r = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut res) };
     if r != 0 || res.is_null() || pw.pw_name.is_null() {
         return uid.to_string();
@@ -892,9 +914,10 @@ pub fn user_name(uid: u32) -> String {
 
 fn group_name(gid: u32) -> String {
     let mut buf = vec![0 as libc::c_char; 4096];
-    // SAFETY: as for getpwuid_r.
+    // SAFETY: libc::group is plain old data (integers and nullable pointers): all-zero is valid.
     let mut gr: libc::group = unsafe { std::mem::zeroed() };
     let mut res: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: as for getpwuid_r in `user_name`: struct and buffer are ours, results checked.
     let r = unsafe { libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut res) };
     if r != 0 || res.is_null() || gr.gr_name.is_null() {
         return gid.to_string();
@@ -926,11 +949,13 @@ fn open_dir_at(at: libc::c_int, name: &CStr) -> std::io::Result<OwnedFd> {
 /// The names in an open directory, at most `budget` of them (taken off the budget); `false`
 /// when the budget ran out before the end.
 fn list(dir: &OwnedFd, budget: &mut u64) -> std::io::Result<(Vec<CString>, bool)> {
-    // SAFETY: fdopendir takes ownership of a duplicate we made; closedir releases it.
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor `dir` keeps open; the result is checked.
     let dup = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if dup < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: fdopendir takes ownership of the duplicate we just made (on success); closedir
+    // below releases it.
     let d = unsafe { libc::fdopendir(dup) };
     if d.is_null() {
         let e = std::io::Error::last_os_error();
@@ -947,9 +972,12 @@ fn list(dir: &OwnedFd, budget: &mut u64) -> std::io::Result<(Vec<CString>, bool)
         }
         // SAFETY: errno is reset so the end of the listing can be told from an error.
         unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: d is the open stream from fdopendir, not closed yet.
         let ent = unsafe { libc::readdir(d) };
         if ent.is_null() {
+            // SAFETY: __errno_location returns this thread's errno, always valid to read.
             let errno = unsafe { *libc::__errno_location() };
+            // SAFETY: d came from fdopendir and is closed once, here, before returning.
             unsafe { libc::closedir(d) };
             if errno != 0 {
                 return Err(std::io::Error::from_raw_os_error(errno));
@@ -974,8 +1002,9 @@ struct FsSpace {
 
 fn statvfs(path: &Path) -> Option<FsSpace> {
     let c = cstr(path);
-    // SAFETY: statvfs fills the zeroed struct we own from a NUL-terminated path.
+    // SAFETY: libc::statvfs is plain old data, for which all-zero bytes are a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills the struct we own from a NUL-terminated path that outlives the call.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return None;
     }
@@ -1004,6 +1033,8 @@ fn human(n: u64) -> String {
 }
 
 #[cfg(test)]
+// The tests write targets' files on purpose, to make the states the code must handle.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

@@ -102,6 +102,11 @@ impl Root {
     /// with `lstat` only. Refuses ([`Error::SharedConflict`], naming the path) a path of
     /// another kind, a symlink on the way, or one on the way to a writable directory under
     /// `shared/`; nothing is changed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SharedConflict`] as above; an I/O error naming the path when one cannot be
+    /// inspected.
     pub fn shared_state(
         &self,
         _lock: &LockGuard,
@@ -233,6 +238,7 @@ pub(crate) fn commit_shared(
             ));
             fsutil::remove_tree(&staged_x)?;
         }
+        // SAFETY: fsync on the directory descriptor `parent`, which we own and keep open.
         cvt(unsafe { libc::fsync(parent.as_raw_fd()) }).map_err(io("fsync", &shown))?;
         std::os::unix::fs::symlink(link_target(x), &staged_x)
             .map_err(io("create the symlink", &staged_x))?;
@@ -250,6 +256,10 @@ pub(crate) fn commit_shared(
 
 impl Root {
     /// Flushes the filesystem holding `shared/` (after [`Root::writable_shared`] alone).
+    ///
+    /// # Errors
+    ///
+    /// An I/O error naming `shared/` when it cannot be opened or `syncfs` fails.
     pub fn sync_shared(&self) -> Result<()> {
         fsutil::syncfs(&self.shared_dir())
     }
@@ -258,6 +268,12 @@ impl Root {
     /// `shared/` as a directory of `mode` (and `owner`), creating what is missing on the way
     /// (mode 0755), never through a symlink. Only under shared paths that exist or were just
     /// seeded; flushed by the caller's `syncfs`, or here when called alone (an unchanged deploy).
+    ///
+    /// # Errors
+    ///
+    /// An I/O error naming the path when a component on the way, or the directory itself, is a
+    /// symlink or not a directory (each is opened with `O_NOFOLLOW`), or cannot be created,
+    /// chmod-ed or chown-ed.
     pub fn writable_shared(
         &self,
         dirs: &[RelPath],
@@ -313,8 +329,9 @@ fn copy_across(
         out.sync_all()
     };
     let finish_dir = |fd: &OwnedFd, mode: u32| -> std::io::Result<()> {
-        // SAFETY: fchmod/fsync on a directory fd we own.
+        // SAFETY: fchmod on a directory descriptor we own and keep open.
         cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) })?;
+        // SAFETY: fsync on the same descriptor.
         cvt(unsafe { libc::fsync(fd.as_raw_fd()) })
     };
     match staged.get(x) {
@@ -406,15 +423,36 @@ fn fresh_inode(path: &Path) -> Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.tmp-seed"));
     let _ = fs::remove_file(&tmp);
-    fs::copy(path, &tmp).map_err(io("copy", path))?;
-    let f = fs::File::open(&tmp).map_err(io("open", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
+    // A new file (never through a symlink, never into an inode a leftover temp may share),
+    // with the mode of the original.
+    let mut out = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?
+    };
+    let mut src = fs::File::open(path).map_err(io("open", path))?;
+    std::io::copy(&mut src, &mut out).map_err(io("copy", path))?;
+    out.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
+        m.mode() & 0o7777,
+    ))
+    .map_err(io("chmod", &tmp))?;
+    out.sync_all().map_err(io("fsync", &tmp))?;
     fs::rename(&tmp, path).map_err(io("rename", path))?;
     Ok(())
 }
 
 /// Resolves `user` or `user:group` to (uid, gid) (the user's primary group when no group is
 /// given).
+///
+/// # Errors
+///
+/// A message naming the user or group when the name has a NUL byte or this host has no such
+/// user or group.
 pub fn resolve_owner(spec: &str) -> std::result::Result<(u32, u32), String> {
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
@@ -443,6 +481,8 @@ pub fn resolve_owner(spec: &str) -> std::result::Result<(u32, u32), String> {
 }
 
 #[cfg(test)]
+// The tests write targets' files on purpose, to make the states the code must handle.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::{Holder, Wait};

@@ -157,10 +157,13 @@ pub struct DeployReport {
 /// before the request was sent and just after the answer arrived.
 #[derive(Clone, Debug)]
 pub struct DoctorAnswer {
+    /// What the agent found, in the order it looked.
     pub findings: Vec<flip_wire::Finding>,
-    /// The agent's clock when it answered.
+    /// The agent's clock when it answered, in Unix milliseconds.
     pub agent_ms: i64,
+    /// This client's clock just before the request was sent, in Unix milliseconds.
     pub sent_ms: i64,
+    /// This client's clock just after the answer arrived, in Unix milliseconds.
     pub received_ms: i64,
 }
 
@@ -180,6 +183,7 @@ pub struct HookEnd {
     pub signal: Option<i32>,
     /// Killed because it ran longer than its timeout.
     pub timed_out: bool,
+    /// How long it ran, in milliseconds (measured by the agent).
     pub duration_ms: u64,
 }
 
@@ -794,6 +798,10 @@ impl Session {
     /// Tells the agent this deploy's shared paths (see [`Request::Shared`]) and returns the ones
     /// `shared/` already has; an `Err` (the agent's, naming the path) when one there is of
     /// another kind. `owner`: `user` or `user:group` for writable directories.
+    ///
+    /// # Errors
+    /// The agent's error when a shared path under `shared/` is of another kind than listed, or
+    /// the settings are refused; otherwise see [`Session`].
     pub fn shared(
         &mut self,
         paths: &flip_plan::shared::SharedPaths,
@@ -855,6 +863,9 @@ impl Session {
 
     /// `flip doctor`: what the agent finds on the target (read-only; no lock needed), with the
     /// clocks around the round trip for the skew check.
+    ///
+    /// # Errors
+    /// See [`Session`] (an agent too old for `Doctor` answers with an error).
     pub fn doctor(&mut self) -> Result<DoctorAnswer> {
         self.phase = "asking the agent for its findings";
         let sent_ms = unix_ms();
@@ -888,6 +899,11 @@ impl Session {
     /// `FLIP_ENV`); the agent waits at least `wait_ms` for the next request afterwards.
     /// `on_line` hears every line of output as it arrives. Returns how the hook ended (a
     /// failing hook is not an error here: the caller decides).
+    ///
+    /// # Errors
+    /// The agent's error when it refuses the hook (release not committed, command or
+    /// environment too long or not allowed, timeout over a day, no lock) or cannot start it;
+    /// otherwise see [`Session`].
     pub fn hook(
         &mut self,
         release: u64,
