@@ -837,23 +837,12 @@ struct Stat {
 
 impl Stat {
     fn at(dir: &OwnedFd, name: &CStr) -> Option<Stat> {
-        // SAFETY: libc::statx is plain old data, for which all-zero bytes are a valid value.
-        let mut st: libc::statx = unsafe { std::mem::zeroed() };
-        // SAFETY: statx fills the struct we own; `dir` is an open descriptor and the name is
-        // NUL-terminated (a CStr) and outlives the call.
-        let r = unsafe {
-            libc::statx(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                // An empty name: the directory `dir` itself.
-                libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH,
-                libc::STATX_BASIC_STATS,
-                &mut st,
-            )
-        };
-        if r != 0 {
-            return None;
-        }
+        // An empty name: the directory `dir` itself.
+        let st = crate::fsutil::statx(
+            dir.as_raw_fd(),
+            name,
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH,
+        )?;
         let attrs = (libc::STATX_ATTR_IMMUTABLE | libc::STATX_ATTR_APPEND) as u64;
         let mode = u32::from(st.stx_mode);
         Some(Stat {

@@ -408,3 +408,59 @@ pub(crate) fn umask() -> Option<u32> {
         u32::from_str_radix(v.trim(), 8).ok()
     })
 }
+
+/// `renameat2(from_dir, from, to_dir, to, RENAME_NOREPLACE)` as a raw system call: the glibc
+/// wrapper is 2.28's, newer than the oldest glibc flip's portable build runs on (2.17), while the
+/// call itself is the kernel's (3.15 and later). `AT_FDCWD` for a path relative to the working
+/// directory (or absolute).
+///
+/// # Errors
+/// The call's: `EEXIST` when `to` exists, `ENOSYS`/`EINVAL` when the kernel or the filesystem
+/// cannot rename without replacing.
+pub(crate) fn rename_noreplace(
+    from_dir: std::os::fd::RawFd,
+    from: &std::ffi::CStr,
+    to_dir: std::os::fd::RawFd,
+    to: &std::ffi::CStr,
+) -> std::io::Result<()> {
+    // SAFETY: both names are NUL-terminated C strings that outlive the call; the descriptors
+    // are the caller's open directories (or AT_FDCWD); the kernel reads nothing else.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            from_dir,
+            from.as_ptr(),
+            to_dir,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `statx(dir, name, flags, STATX_BASIC_STATS)` as a raw system call (the glibc wrapper is
+/// 2.28's, see [`rename_noreplace`]); `None` when it fails.
+pub(crate) fn statx(
+    dir: std::os::fd::RawFd,
+    name: &std::ffi::CStr,
+    flags: libc::c_int,
+) -> Option<libc::statx> {
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel fills `st`, which we own and which outlives the call; the name is a
+    // NUL-terminated C string.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_statx,
+            dir,
+            name.as_ptr(),
+            flags,
+            libc::STATX_BASIC_STATS,
+            &mut st as *mut libc::statx,
+        )
+    };
+    (r == 0).then_some(st)
+}

@@ -202,22 +202,8 @@ pub(crate) fn commit_shared(
         let parent = open_shared_parent(&base, x, None)?;
         let from = CString::new(staged_x.as_os_str().as_encoded_bytes()).unwrap_or_default();
         let to = cstr(x.file_name());
-        // SAFETY: renameat2 with NUL-terminated names and a directory fd we own.
-        let r = unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                from.as_ptr(),
-                parent.as_raw_fd(),
-                to.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
-        };
+        let mut r = fsutil::rename_noreplace(libc::AT_FDCWD, &from, parent.as_raw_fd(), &to);
         let shown = base.join(x.as_str());
-        let mut r = if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        };
         if r.as_ref()
             .is_err_and(|e| e.raw_os_error() == Some(libc::EXDEV))
         {
@@ -379,18 +365,8 @@ fn copy_across(
         }
     }
     let (from, to) = (cstr(&tmp), cstr(name));
-    // SAFETY: renameat2 within a directory fd we own, NUL-terminated names.
-    let r = unsafe {
-        libc::renameat2(
-            parent.as_raw_fd(),
-            from.as_ptr(),
-            parent.as_raw_fd(),
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
+    let r = fsutil::rename_noreplace(parent.as_raw_fd(), &from, parent.as_raw_fd(), &to);
+    if let Err(e) = r {
         if let Some(p) = shown.parent() {
             let _ = fsutil::remove_tree(&p.join(&tmp));
         }
