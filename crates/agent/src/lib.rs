@@ -141,6 +141,9 @@ struct Session {
     /// The release live before this session's activation or rollback, once it made one
     /// (`FLIP_PREVIOUS` of a hook run after the swap).
     previous_live: Option<Option<u64>>,
+    /// The handshake succeeded: after a failed request, what the client pipelined is answered
+    /// ([`drain`]).
+    greeted: bool,
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -180,6 +183,7 @@ pub fn serve_with(
         shared: None,
         mkpath,
         previous_live: None,
+        greeted: false,
     };
     let r = s.run(&mut rx, &mut tx);
     // Teardown, on every path: the staging directory goes first, then a target this session
@@ -204,15 +208,62 @@ pub fn serve_with(
                 AgentError::Wire(WireError::Io(_)) | AgentError::Wire(WireError::Closed)
             ) {
                 let _ = s.send_notices(&mut tx);
+                let message = e.to_string();
                 let _ = tx.send(&Response::Error {
                     class: e.class(),
-                    message: e.to_string(),
+                    message: message.clone(),
                 });
+                if s.greeted {
+                    drain(&mut rx, &mut tx, &message);
+                }
                 let _ = tx.finish();
             }
             Err(e)
         }
     }
+}
+
+/// After a failed request (everything already undone and the lock released): reads what the
+/// client pipelined after it and answers each request that expects an answer with
+/// [`Response::NotDone`], acting on none; content frames are dropped. Ends at `Bye`, at the end
+/// of the stream or of what one frame can say, or after [`flip_wire::DRAIN_ANSWERS_MAX`]
+/// answers or [`flip_wire::DRAIN_FRAMES_MAX`] frames: the read-ahead is bounded.
+fn drain(rx: &mut FrameReader, tx: &mut FrameWriter, because: &str) {
+    if tx.flush().is_err() {
+        return;
+    }
+    let mut answers = 0;
+    for _ in 0..flip_wire::DRAIN_FRAMES_MAX {
+        let Ok(req) = rx.recv::<Request>() else {
+            return;
+        };
+        if !expects_answer(&req) {
+            continue;
+        }
+        let sent = tx.send(&Response::NotDone {
+            request: <&str>::from(&req).to_string(),
+            because: because.to_string(),
+        });
+        answers += 1;
+        if sent.and_then(|()| tx.flush()).is_err()
+            || matches!(req, Request::Bye)
+            || answers >= flip_wire::DRAIN_ANSWERS_MAX
+        {
+            return;
+        }
+    }
+}
+
+/// Whether the agent answers `req` (content and manifest pieces are answered, if at all, by
+/// the request they belong to).
+fn expects_answer(req: &Request) -> bool {
+    !matches!(
+        req,
+        Request::ManifestChunk(_)
+            | Request::Literal { .. }
+            | Request::Delta { .. }
+            | Request::Patch { .. }
+    )
 }
 
 /// [`serve`] on this process's stdin and stdout. With an `idle` timeout, a client that sends
@@ -354,6 +405,7 @@ impl Session {
 
     fn serve_requests(&mut self, rx: &mut FrameReader, tx: &mut FrameWriter) -> Result<()> {
         self.handshake(rx, tx)?;
+        self.greeted = true;
         loop {
             let req: Request = match rx.recv() {
                 Ok(r) => r,
@@ -401,6 +453,10 @@ impl Session {
                 env!("CARGO_PKG_VERSION")
             )));
         }
+        // The client decided alone: what it pipelined after Hello is already zstd.
+        if compress > 0 {
+            rx.start_decompression()?;
+        }
         tx.send(&Response::Welcome {
             protocol: PROTOCOL,
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -410,7 +466,6 @@ impl Session {
         tx.flush()?;
         if compress > 0 {
             tx.start_compression(compress.clamp(1, 3))?;
-            rx.start_decompression()?;
         }
         Ok(())
     }

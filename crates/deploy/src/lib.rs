@@ -218,6 +218,9 @@ pub struct HostReport {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hooks: Vec<HookReport>,
     pub duration_ms: u64,
+    /// Round trips with the agent beyond opening the connection (the SSH login): each time
+    /// the client waited for answers after sending all it could.
+    pub round_trips: u64,
 }
 
 /// How one target ended.
@@ -441,6 +444,8 @@ struct Host {
     manifest: Option<Arc<Manifest>>,
     /// Shared paths seeded by this deploy.
     seeded: Vec<String>,
+    /// A `Prune` is queued, to go with `Bye`.
+    prune_queued: bool,
 }
 
 /// A failed target: the error, and the release live on it if the client saw it.
@@ -735,13 +740,9 @@ fn prepare(
     events: &dyn Events,
     failed: &AtomicBool,
 ) -> Result<Host, Failed> {
+    // Lock (and shared paths) go out at once; their answers are read with the status's, after
+    // the scan: one round trip for all of them.
     let mut host = Host::connect_and_lock(index, target, o, events)?;
-    if !o.shared.is_empty() {
-        host.present = host
-            .session
-            .shared(&o.shared, o.writable_owner.as_deref())
-            .map_err(|e| host.fail(e.into()))?;
-    }
     events.phase(index, Phase::Scanning);
     let Some(scan) = scanned.wait() else {
         return Err(host.fail(DeployError::Aborted {
@@ -749,6 +750,9 @@ fn prepare(
             why: "the scan of the source failed".into(),
         }));
     };
+    let checked = host
+        .pipelined_status(&scan.manifest, o, index, events)
+        .map_err(|e| host.fail(e))?;
     // With shared paths, the release and what is staged (seeds included) follow from the scan
     // and what this target's shared/ has.
     let applied = match o.shared.is_empty() {
@@ -763,7 +767,7 @@ fn prepare(
         Some(a) => (&a.release, &a.staged, !a.seeds.is_empty()),
         None => (&scan.manifest, &scan.manifest, false),
     };
-    let live = host.describe(release, o, seeding)?;
+    let live = host.describe(release, o, seeding, checked)?;
     // Another target failed already: no target will go live, so stage nothing here.
     host.skipped = failed.load(Ordering::SeqCst) && !host.unchanged;
     if !host.unchanged && !host.skipped {
@@ -786,15 +790,24 @@ impl Host {
         events: &dyn Events,
     ) -> Result<Host, Failed> {
         events.phase(index, Phase::Connecting);
-        let session = locked_session(target, o, Purpose::Deploy, &mut |h| {
-            events.waiting(index, h)
-        })
-        .map_err(|error| Failed {
+        let failed = |error: DeployError| Failed {
             error: Box::new(error),
             live: None,
             warnings: Vec::new(),
             leftovers: Vec::new(),
-        })?;
+        };
+        let mkpath = o.mkpath;
+        let mut session = target
+            .connect_agent(&o.ssh, target.compress_level(o.compress_level), mkpath)
+            .map_err(failed)?;
+        let queued = session.queue_lock(holder(Purpose::Deploy), o.wait).and_then(|()| {
+            if !o.shared.is_empty() {
+                session.queue_shared(&o.shared, o.writable_owner.as_deref())?;
+            }
+            // Sent now: the agent takes the lock while the source is scanned.
+            session.send_queued()
+        });
+        queued.map_err(|e| failed(e.into()))?;
         Ok(Host {
             index,
             target: target.display(),
@@ -813,6 +826,7 @@ impl Host {
             present: BTreeSet::new(),
             manifest: None,
             seeded: Vec::new(),
+            prune_queued: false,
         })
     }
 
@@ -828,21 +842,70 @@ impl Host {
         }
     }
 
-    /// Reads the live release; decides whether it already is `manifest` (intact: then no
-    /// release is made, unless forced or `seeding`: a shared path to seed). Returns the live
-    /// manifest's digest.
+    /// After the scan, in one round trip with the queued lock (and shared paths): `Status`,
+    /// and `CheckLive` for the release the scan most likely makes (with shared paths: as if
+    /// `shared/` had them all). Reads every answer: sets what `shared/` has, returns the live
+    /// release's id and manifest digest, and the digest checked with the answer.
+    fn pipelined_status(
+        &mut self,
+        scanned: &Manifest,
+        o: &Options,
+        index: usize,
+        events: &dyn Events,
+    ) -> Result<PipelinedStatus, DeployError> {
+        let guess = match o.shared.is_empty() {
+            true => Some(scanned.digest()),
+            false => {
+                let all: BTreeSet<RelPath> =
+                    o.shared.dirs.iter().chain(&o.shared.files).cloned().collect();
+                o.shared
+                    .apply(scanned, &all)
+                    .ok()
+                    .map(|a| a.release.digest())
+            }
+        };
+        let s = &mut self.session;
+        s.queue_status()?;
+        let guess = guess.filter(|_| !o.force_release);
+        if let Some(d) = guess {
+            s.queue_live_intact(d)?;
+        }
+        s.locked(&mut |h| events.waiting(index, h))?;
+        if !o.shared.is_empty() {
+            self.present = s.shared_answer()?;
+        }
+        let (current, releases) = s.status_answer()?;
+        let live = live_of(current, &releases).map(|r| r.manifest_digest);
+        let intact = match guess {
+            Some(d) => Some((d, s.live_intact_answer()?)),
+            None => None,
+        };
+        Ok(PipelinedStatus {
+            current,
+            live,
+            intact,
+        })
+    }
+
+    /// Decides whether the live release already is `manifest` (intact: then no release is
+    /// made, unless forced or `seeding`: a shared path to seed), from what `checked` read (or
+    /// one more `CheckLive` when it checked another digest). Returns the live manifest's digest.
     fn describe(
         &mut self,
         manifest: &Manifest,
         o: &Options,
         seeding: bool,
+        checked: PipelinedStatus,
     ) -> Result<Option<Digest>, Failed> {
-        let (current, releases) = self.session.status().map_err(|e| self.fail(e.into()))?;
+        let current = checked.current;
         self.previous = current;
         self.files = manifest.file_count() as u64;
-        let live_digest = live_of(current, &releases).map(|r| r.manifest_digest);
+        let live_digest = checked.live;
         if live_digest == Some(manifest.digest()) && !o.force_release && !seeding {
-            let intact = self.session.live_intact(manifest.digest());
+            let intact = match checked.intact {
+                Some((d, id)) if d == manifest.digest() => Ok(id),
+                _ => self.session.live_intact(manifest.digest()),
+            };
             if let Some(id) = intact.map_err(|e| self.fail(e.into()))? {
                 self.release = id;
                 self.unchanged = true;
@@ -880,6 +943,16 @@ impl Host {
         self.report = Some(report);
         Ok(())
     }
+}
+
+/// What [`Host::pipelined_status`] read.
+struct PipelinedStatus {
+    /// The live release.
+    current: Option<u64>,
+    /// Its manifest's digest.
+    live: Option<Digest>,
+    /// The digest `CheckLive` asked about, and the answer (the live id when intact).
+    intact: Option<(Digest, Option<u64>)>,
 }
 
 /// Opens a session with `target` and takes its lock for `purpose`; `on_wait` hears the holder
@@ -1068,9 +1141,10 @@ fn prune_all(hosts: &mut [Result<Host, Failed>], keep: u32) {
     std::thread::scope(|sc| {
         for h in hosts.iter_mut().filter_map(|h| h.as_mut().ok()) {
             sc.spawn(move || {
-                // The deploy is live: a failed cleanup is a warning, never a failed deploy.
-                match h.session.prune(keep) {
-                    Ok(r) => h.pruned = r,
+                // Sent with `Bye` (in `outcome`): one round trip for both. The deploy is live: a
+                // failed cleanup is a warning, never a failed deploy.
+                match h.session.queue_prune(keep) {
+                    Ok(()) => h.prune_queued = true,
                     Err(e) => h
                         .warnings
                         .push(format!("deployed, but pruning old releases failed: {e}")),
@@ -1107,13 +1181,31 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
             leftovers: f.leftovers,
         },
         Ok(mut h) => {
+            let bye = h.session.queue_bye();
+            let mut closing = bye.is_ok();
+            if h.prune_queued {
+                match h.session.pruned() {
+                    Ok(r) => h.pruned = r,
+                    Err(e) => {
+                        // The agent answers the `Bye` after it "not done".
+                        closing = false;
+                        h.warnings
+                            .push(format!("deployed, but pruning old releases failed: {e}"))
+                    }
+                }
+            }
+            let round_trips = h.session.round_trips();
             let (sent, received) = h.session.bytes();
             let compress_level = h.session.compress_level();
             let mut warnings = h.session.take_warnings();
             warnings.append(&mut h.warnings);
             let leftovers = h.session.leftovers().unwrap_or_default().to_vec();
-            if let Err(e) = h.session.close() {
+            if let Err(e) = bye {
                 warnings.push(e.to_string());
+            } else if let Err(e) = h.session.closed() {
+                if closing {
+                    warnings.push(e.to_string());
+                }
             }
             let activated = matches!(state, HostState::Live | HostState::Unchanged);
             let live = match state {
@@ -1149,6 +1241,7 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
                 seeded: h.seeded,
                 hooks: std::mem::take(&mut h.hooks),
                 duration_ms: h.started.elapsed().as_millis() as u64,
+                round_trips,
             };
             HostOutcome {
                 target: t.display(),

@@ -209,8 +209,19 @@ pub struct Session {
     leftovers: Option<Vec<Leftover>>,
     /// How far the content of [`Session::stage`] has gone, for progress lines.
     meter: SendMeter,
-    /// The agent's host name, as its `Welcome` said (`flip doctor` shows it).
+    /// The agent's host name, as its `Welcome` said (`flip doctor` shows it; known once the
+    /// first answer was read).
     pub agent_host: String,
+    /// The agent's `Welcome` was read (the client does not wait for it: it pipelines what
+    /// follows `Hello`); the answers are zstd from then on when `compress` is not 0.
+    welcomed: bool,
+    compress: i32,
+    /// Frames were flushed since the client last read an answer.
+    unanswered: bool,
+    /// Frames were queued and not flushed yet (flushed before the next answer is read).
+    queued: bool,
+    /// Round trips so far: times the client waited for an answer after sending all it could.
+    round_trips: u64,
 }
 
 /// How far a session's file content has gone, for progress lines: atomics the sender updates
@@ -290,6 +301,11 @@ impl Session {
             warnings: Vec::new(),
             leftovers: None,
             agent_host: String::new(),
+            welcomed: false,
+            compress,
+            unanswered: false,
+            queued: false,
+            round_trips: 0,
         };
         s.send(&Request::Hello {
             magic: MAGIC,
@@ -301,7 +317,23 @@ impl Session {
                 compress
             },
         })?;
-        match s.recv()? {
+        // The client alone decides the compression: what follows `Hello` is zstd at once, so
+        // it is pipelined without waiting for `Welcome` (read with the first answer).
+        if compress != 0 {
+            s.tx.start_compression(compress).map_err(|e| TransferError::Wire {
+                peer: s.peer.clone(),
+                phase: "starting compression",
+                source: e,
+            })?;
+        }
+        Ok(s)
+    }
+
+    /// Reads the agent's `Welcome` (plain), checks its protocol and starts decompressing what
+    /// follows. An agent that refused the `Hello` answers an error instead, returned as it came.
+    fn welcome(&mut self) -> std::result::Result<Option<Response>, WireError> {
+        self.welcomed = true;
+        match self.rx.recv::<Response>()? {
             Response::Welcome {
                 protocol,
                 version,
@@ -309,25 +341,37 @@ impl Session {
                 ..
             } => {
                 if protocol != PROTOCOL {
-                    return Err(s.protocol(format!(
-                        "agent flip {version} speaks protocol {protocol}, this client {PROTOCOL}"
-                    )));
+                    return Ok(Some(Response::Error {
+                        class: ErrorClass::Protocol,
+                        message: format!(
+                            "agent flip {version} speaks protocol {protocol}, this client {PROTOCOL}"
+                        ),
+                    }));
                 }
-                s.agent_host = host;
+                self.agent_host = host;
+                if self.compress != 0 {
+                    self.rx.start_decompression()?;
+                }
+                Ok(None)
             }
-            other => return Err(s.unexpected(&other)),
+            other => Ok(Some(other)),
         }
-        if compress != 0 {
-            let peer = s.peer.clone();
-            let wire = |source| TransferError::Wire {
-                peer: peer.clone(),
-                phase: "starting compression",
-                source,
-            };
-            s.tx.start_compression(compress).map_err(wire)?;
-            s.rx.start_decompression().map_err(wire)?;
-        }
-        Ok(s)
+    }
+
+    /// Round trips so far beyond opening the connection: each time the client waited for an
+    /// answer after having sent everything it could (the `Hello` counts with what was
+    /// pipelined after it), counting the one whose answers are still awaited.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips + u64::from(self.queued || self.unanswered)
+    }
+
+    /// Sends what is queued now (e.g. `Lock`, so the agent takes it while the client scans);
+    /// the answers are read later, in the same round trip.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn send_queued(&mut self) -> Result<()> {
+        self.flush()
     }
 
     /// The agent's peer name, for messages ("local", "deploy@web1").
@@ -368,6 +412,11 @@ impl Session {
 
     fn unexpected(&self, r: &Response) -> TransferError {
         match r {
+            Response::NotDone { request, because } => TransferError::Remote {
+                peer: self.peer.clone(),
+                class: ErrorClass::Protocol,
+                message: format!("{request} not done because {because}"),
+            },
             Response::Error { class, message } => TransferError::Remote {
                 peer: self.peer.clone(),
                 class: *class,
@@ -380,6 +429,7 @@ impl Session {
     /// Queues a frame. If the agent hung up, its last word (an error frame) is what the user
     /// needs to see, not the broken pipe.
     fn queue(&mut self, req: &Request) -> Result<()> {
+        self.queued = true;
         match self.tx.send(req) {
             Ok(()) => Ok(()),
             Err(e) => Err(self.agent_error_or(e)),
@@ -388,6 +438,13 @@ impl Session {
 
     fn send(&mut self, req: &Request) -> Result<()> {
         self.queue(req)?;
+        self.flush()
+    }
+
+    /// Sends what was queued: the batch the next answer read waits for.
+    fn flush(&mut self) -> Result<()> {
+        self.unanswered = true;
+        self.queued = false;
         self.tx.flush().map_err(|e| self.agent_error_or(e))
     }
 
@@ -402,6 +459,14 @@ impl Session {
     /// The next message of the agent that is not a notice (notices are kept, see
     /// [`Session::take_warnings`] and [`Session::leftovers`]).
     fn answer(&mut self) -> std::result::Result<Response, WireError> {
+        if std::mem::take(&mut self.unanswered) {
+            self.round_trips += 1;
+        }
+        if !self.welcomed {
+            if let Some(refused) = self.welcome()? {
+                return Ok(refused);
+            }
+        }
         loop {
             match self.rx.recv::<Response>()? {
                 Response::Notices {
@@ -435,6 +500,9 @@ impl Session {
     }
 
     fn recv(&mut self) -> Result<Response> {
+        if self.queued {
+            self.flush()?;
+        }
         match self.answer() {
             Ok(r @ Response::Error { .. }) => Err(self.unexpected(&r)),
             Ok(r) => Ok(r),
@@ -453,8 +521,25 @@ impl Session {
         wait: bool,
         on_wait: &mut dyn FnMut(&str),
     ) -> Result<()> {
+        self.queue_lock(holder, wait)?;
+        self.locked(on_wait)
+    }
+
+    /// Queues `Lock` (sent with what follows, see [`Session::locked`] for its answer).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_lock(&mut self, holder: Holder, wait: bool) -> Result<()> {
         self.phase = "taking the deploy lock";
-        self.send(&Request::Lock { wait, holder })?;
+        self.queue(&Request::Lock { wait, holder })
+    }
+
+    /// The answer to a queued `Lock`; `on_wait` hears who holds the lock while it waits.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn locked(&mut self, on_wait: &mut dyn FnMut(&str)) -> Result<()> {
+        self.phase = "taking the deploy lock";
         loop {
             match self.recv()? {
                 Response::Locked => return Ok(()),
@@ -469,8 +554,24 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn status(&mut self) -> Result<(Option<u64>, Vec<ReleaseSummary>)> {
+        self.queue_status()?;
+        self.status_answer()
+    }
+
+    /// Queues `Status` (its answer: [`Session::status_answer`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_status(&mut self) -> Result<()> {
+        self.queue(&Request::Status)
+    }
+
+    /// The answer to a queued `Status`: the live release and every complete release.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn status_answer(&mut self) -> Result<(Option<u64>, Vec<ReleaseSummary>)> {
         self.phase = "reading the target's status";
-        self.send(&Request::Status)?;
         match self.recv()? {
             Response::Status { current, releases } => Ok((current, releases)),
             other => Err(self.unexpected(&other)),
@@ -535,7 +636,7 @@ impl Session {
         }
         // Pipelined: the agent answers it right after `Staged`, no extra round trip.
         self.queue(&Request::Changes { all: itemize })?;
-        self.tx.flush().map_err(|e| self.agent_error_or(e))?;
+        self.flush()?;
         let mut report = DeployReport {
             files: manifest.file_count() as u64,
             ..Default::default()
@@ -722,17 +823,44 @@ impl Session {
     /// Walks down the directory tree comparing hashes with the live release, one round trip per
     /// level, and returns the directories whose direct entries differ (or are new).
     fn changed_dirs(&mut self, tree: &flip_manifest::DirTree) -> Result<BTreeSet<String>> {
-        tree.walk_changed(|level| {
-            let n = level.len();
-            let items = level
-                .into_iter()
-                .map(|(dir, flat, merkle)| ProbeItem { dir, flat, merkle })
+        // Every directory, in frames of at most PROBE_PER_FRAME, all sent before any answer.
+        let mut all = Vec::new();
+        let mut stack = vec![String::new()];
+        while let Some(d) = stack.pop() {
+            stack.extend_from_slice(tree.subdirs(&d));
+            all.push(d);
+        }
+        for piece in all.chunks(PROBE_PER_FRAME) {
+            let items = piece
+                .iter()
+                .map(|d| {
+                    let (flat, merkle) = tree.hashes(d).expect("a directory of this tree");
+                    ProbeItem {
+                        dir: d.clone(),
+                        flat,
+                        merkle,
+                    }
+                })
                 .collect();
-            self.send(&Request::Probe(items))?;
+            self.queue(&Request::Probe(items))?;
+        }
+        let mut states: HashMap<String, flip_manifest::DirState> = HashMap::new();
+        for piece in all.chunks(PROBE_PER_FRAME) {
             match self.recv()? {
-                Response::Probed(s) if s.len() == n => Ok(s.into_iter().map(Into::into).collect()),
-                other => Err(self.unexpected(&other)),
+                Response::Probed(s) if s.len() == piece.len() => {
+                    states.extend(piece.iter().cloned().zip(s.into_iter().map(Into::into)));
+                }
+                other => return Err(self.unexpected(&other)),
             }
+        }
+        // The same walk as one level per round trip, answered from what came back.
+        tree.walk_changed(|level| {
+            Ok::<_, TransferError>(
+                level
+                    .iter()
+                    .map(|(d, _, _)| states.get(d).copied().unwrap_or(flip_manifest::DirState::Absent))
+                    .collect(),
+            )
         })
     }
 
@@ -783,8 +911,24 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn live_intact(&mut self, digest: Digest) -> Result<Option<u64>> {
+        self.queue_live_intact(digest)?;
+        self.live_intact_answer()
+    }
+
+    /// Queues `CheckLive` for `digest` (its answer: [`Session::live_intact_answer`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_live_intact(&mut self, digest: Digest) -> Result<()> {
+        self.queue(&Request::CheckLive { digest })
+    }
+
+    /// The answer to a queued `CheckLive`.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn live_intact_answer(&mut self) -> Result<Option<u64>> {
         self.phase = "checking the live release";
-        self.send(&Request::CheckLive { digest })?;
         match self.recv()? {
             Response::LiveIntact { id } => Ok(id),
             other => Err(self.unexpected(&other)),
@@ -799,14 +943,34 @@ impl Session {
         paths: &flip_plan::shared::SharedPaths,
         owner: Option<&str>,
     ) -> Result<BTreeSet<RelPath>> {
-        self.phase = "checking the shared paths";
-        self.send(&Request::Shared {
+        self.queue_shared(paths, owner)?;
+        self.shared_answer()
+    }
+
+    /// Queues `Shared` (its answer: [`Session::shared_answer`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_shared(
+        &mut self,
+        paths: &flip_plan::shared::SharedPaths,
+        owner: Option<&str>,
+    ) -> Result<()> {
+        self.queue(&Request::Shared {
             dirs: paths.dirs.clone(),
             files: paths.files.clone(),
             writable: paths.writable.clone(),
             mode: paths.writable_mode,
             owner: owner.map(str::to_string),
-        })?;
+        })
+    }
+
+    /// The answer to a queued `Shared`: the shared paths `shared/` already has.
+    ///
+    /// # Errors
+    /// See [`Session`]; the agent's error names a shared path of another kind.
+    pub fn shared_answer(&mut self) -> Result<BTreeSet<RelPath>> {
+        self.phase = "checking the shared paths";
         match self.recv()? {
             Response::SharedState { present } => Ok(present.into_iter().collect()),
             other => Err(self.unexpected(&other)),
@@ -845,8 +1009,24 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn prune(&mut self, keep: u32) -> Result<Vec<u64>> {
+        self.queue_prune(keep)?;
+        self.pruned()
+    }
+
+    /// Queues `Prune` (its answer: [`Session::pruned`]), e.g. to go with `Bye`.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_prune(&mut self, keep: u32) -> Result<()> {
+        self.queue(&Request::Prune { keep })
+    }
+
+    /// The answer to a queued `Prune`: the ids removed.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn pruned(&mut self) -> Result<Vec<u64>> {
         self.phase = "pruning old releases";
-        self.send(&Request::Prune { keep })?;
         match self.recv()? {
             Response::Pruned { removed } => Ok(removed),
             other => Err(self.unexpected(&other)),
@@ -931,8 +1111,26 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn close(mut self) -> Result<()> {
+        self.queue_bye()?;
+        self.closed()
+    }
+
+    /// Queues `Bye` after what is queued (e.g. a `Prune`, whose answer is read first); the
+    /// session ends with [`Session::closed`].
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_bye(&mut self) -> Result<()> {
         self.phase = "closing the session";
-        self.send(&Request::Bye)?;
+        self.queue(&Request::Bye)
+    }
+
+    /// Reads the answer to a queued `Bye` and waits for the agent to exit.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn closed(mut self) -> Result<()> {
+        self.phase = "closing the session";
         match self.recv()? {
             Response::Bye => {}
             other => return Err(self.unexpected(&other)),
@@ -946,6 +1144,10 @@ impl Session {
         Ok(())
     }
 }
+
+/// Directories per `Probe` frame (a path of at most a few KiB each keeps a frame far below
+/// [`flip_wire::MAX_FRAME`]).
+const PROBE_PER_FRAME: usize = 4096;
 
 /// By file index: how [`send_policy`] chose to send it, and the basis the agent offered.
 type Chosen = HashMap<u32, (Via, Option<RelPath>)>;
