@@ -542,7 +542,8 @@ fn dry_run(
         (None, Some(id)) => Some(s.manifest(id)?),
         (None, None) => None,
     };
-    let _ = s.close();
+    let round_trips = s.queue_bye().map(|()| s.round_trips()).unwrap_or_default();
+    let _ = s.closed();
     let content = caches.as_ref().filter(|_| from_cache).map(|d| {
         flip_transfer::ContentCache::new(d.join("content"), flip_deploy::CONTENT_CACHE_BYTES)
     });
@@ -586,6 +587,7 @@ fn dry_run(
     let mut out = serde_json::Map::new();
     {
         out.insert("dry_run".into(), json!(true));
+        out.insert("round_trips".into(), json!(round_trips));
         out.insert("target".into(), json!(target.display()));
         out.insert("live".into(), json!(current));
         output::counts_json(&changes.counts, &mut out);
@@ -746,12 +748,20 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
 /// `id` (a rollback to a newer release is called an activation), or `id` was live already
 /// (both commands alike: exit 0, nothing changed). JSON: `{"target", "release", "previous",
 /// "changed"}`.
-fn switched(target: &Target, json: bool, verb: &str, id: u64, previous: Option<u64>) {
+/// `round_trips`: with the agent, beyond opening the connection.
+fn switched(
+    target: &Target,
+    json: bool,
+    verb: &str,
+    id: u64,
+    previous: Option<u64>,
+    round_trips: u64,
+) {
     let changed = previous != Some(id);
     if json {
         outln!(
             "{}",
-            json!({"target": target.display(), "release": id, "previous": previous, "changed": changed})
+            json!({"target": target.display(), "release": id, "previous": previous, "changed": changed, "round_trips": round_trips})
         );
     } else if !changed {
         note!(
@@ -790,13 +800,24 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<Code> {
         return Ok(render::switch(&env.env, "rolled back", out, a.common.json));
     }
     let target = &targets[0];
-    let mut s = locked_session(target, &a.common, Purpose::Rollback)?;
-    let r = s.rollback(a.to);
+    // Lock, rollback and bye in one round trip (a refused lock: the rest is not done).
+    let mut s = flip_deploy::lock_queued(target, &command_options(&a.common), Purpose::Rollback)?;
+    s.queue_rollback(a.to)?;
+    s.queue_bye()?;
+    let peer = target.display();
+    s.locked(&mut |h| {
+        note!(
+            "flip: {peer} is locked by {}; waiting",
+            output::printable(h)
+        )
+    })?;
+    let r = s.rolled_back();
     // Also on failure: "nothing to roll back to" must say which releases were skipped and why.
     notices(&mut s);
     let (id, previous) = r?;
-    s.close()?;
-    switched(target, a.common.json, "rolled back", id, previous);
+    let round_trips = s.round_trips();
+    s.closed()?;
+    switched(target, a.common.json, "rolled back", id, previous, round_trips);
     Ok(exit::OK)
 }
 
@@ -828,8 +849,10 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<Code> {
     let r = s.activate(id);
     notices(&mut s);
     let previous = r?;
-    s.close()?;
-    switched(target, a.common.json, "activated", id, previous);
+    s.queue_bye()?;
+    let round_trips = s.round_trips();
+    s.closed()?;
+    switched(target, a.common.json, "activated", id, previous, round_trips);
     Ok(exit::OK)
 }
 

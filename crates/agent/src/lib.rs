@@ -845,9 +845,13 @@ impl Session {
         }
         if self.tree.is_none() {
             let root = self.root(false)?;
-            let live = root
-                .current()?
-                .ok_or_else(|| RelError::BadRequest("probe but nothing is live".into()))?;
+            // A client probing ahead of the status: nothing live, nothing the same.
+            let Some(live) = root.current()? else {
+                return Ok(Response::Probed(vec![
+                    flip_wire::ProbeState::Absent;
+                    items.len()
+                ]));
+            };
             let m = root.manifest(live)?;
             self.tree = Some((live, flip_manifest::DirTree::new(&m)));
         }

@@ -446,6 +446,9 @@ struct Host {
     seeded: Vec<String>,
     /// A `Prune` is queued, to go with `Bye`.
     prune_queued: bool,
+    /// One target without hooks: `Commit`, `Activate`, `Prune` and `Bye` were queued together
+    /// after the content (one round trip); their answers are read in phase 2 and at the end.
+    pipelined: bool,
 }
 
 /// A failed target: the error, and the release live on it if the client saw it.
@@ -591,6 +594,12 @@ impl Caches {
         self.manifests.as_ref()?.get(d)
     }
 
+    /// This client most likely lacks the live manifest of a target (no manifest cache, or an
+    /// empty one: a fresh CI runner): it probes the target's directories ahead of the status.
+    pub fn likely_cold(&self) -> bool {
+        self.manifests.as_ref().is_none_or(ManifestCache::is_empty)
+    }
+
     pub fn content(&self) -> Option<&ContentCache> {
         self.content.as_ref()
     }
@@ -698,6 +707,11 @@ fn phase1(
     } else {
         o.parallel.min(n)
     };
+    // One target, activated, without hooks: commit, activate, prune and bye go together.
+    let single = n == 1
+        && o.activate
+        && o.hooks.before_activate.is_empty()
+        && o.hooks.after_activate.is_empty();
     let next = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicBool::new(false));
     let results = Arc::new(Mutex::new((0..n).map(|_| None).collect::<Vec<_>>()));
@@ -709,7 +723,9 @@ fn phase1(
             std::thread::spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(t) = targets.get(i) else { return };
-                let r = prepare(i, t, &o, &source, &caches, &scanned, &*events, &failed);
+                let r = prepare(
+                    i, t, &o, &source, &caches, &scanned, &*events, &failed, single,
+                );
                 if r.is_err() {
                     failed.store(true, Ordering::SeqCst);
                 }
@@ -739,6 +755,7 @@ fn prepare(
     scanned: &Shared<Arc<flip_scan::ScanOutput>>,
     events: &dyn Events,
     failed: &AtomicBool,
+    single: bool,
 ) -> Result<Host, Failed> {
     // Lock (and shared paths) go out at once; their answers are read with the status's, after
     // the scan: one round trip for all of them.
@@ -751,7 +768,7 @@ fn prepare(
         }));
     };
     let checked = host
-        .pipelined_status(&scan.manifest, o, index, events)
+        .pipelined_status(&scan.manifest, o, index, events, caches.likely_cold())
         .map_err(|e| host.fail(e))?;
     // With shared paths, the release and what is staged (seeds included) follow from the scan
     // and what this target's shared/ has.
@@ -773,7 +790,21 @@ fn prepare(
     if !host.unchanged && !host.skipped {
         events.phase(index, Phase::Staging);
         events.sending(index, &host.session.meter());
+        host.pipelined = single;
+        if single {
+            host.session.defer_commit();
+        }
         host.stage_send_commit(source, staged, live, caches, o)?;
+        if single {
+            // Nothing comes between commit and activation: all in the content's round trip.
+            let s = &mut host.session;
+            let queued = s
+                .queue_activate(host.release)
+                .and_then(|()| s.queue_prune(o.keep))
+                .and_then(|()| s.queue_bye());
+            queued.map_err(|e| host.fail(e.into()))?;
+            host.prune_queued = true;
+        }
         if let Some(a) = &applied {
             host.seeded = a.seeds.iter().map(|(p, _)| p.to_string()).collect();
         }
@@ -827,6 +858,7 @@ impl Host {
             manifest: None,
             seeded: Vec::new(),
             prune_queued: false,
+            pipelined: false,
         })
     }
 
@@ -852,23 +884,32 @@ impl Host {
         o: &Options,
         index: usize,
         events: &dyn Events,
+        cold: bool,
     ) -> Result<PipelinedStatus, DeployError> {
-        let guess = match o.shared.is_empty() {
-            true => Some(scanned.digest()),
+        let applied = match o.shared.is_empty() {
+            true => None,
             false => {
                 let all: BTreeSet<RelPath> =
                     o.shared.dirs.iter().chain(&o.shared.files).cloned().collect();
-                o.shared
-                    .apply(scanned, &all)
-                    .ok()
-                    .map(|a| a.release.digest())
+                o.shared.apply(scanned, &all).ok()
             }
+        };
+        let (guess, staged) = match (&applied, o.shared.is_empty()) {
+            (_, true) => (Some(scanned.digest()), Some(scanned)),
+            (Some(a), false) => (Some(a.release.digest()), Some(&a.staged)),
+            (None, false) => (None, None),
         };
         let s = &mut self.session;
         s.queue_status()?;
         let guess = guess.filter(|_| !o.force_release);
         if let Some(d) = guess {
             s.queue_live_intact(d)?;
+        }
+        // A client without the live manifest probes every directory now (answered as absent
+        // when nothing is live), rather than in a round trip of its own after the status.
+        let probe = cold && staged.is_some();
+        if let Some(m) = staged.filter(|_| probe) {
+            s.queue_probe(m)?;
         }
         s.locked(&mut |h| events.waiting(index, h))?;
         if !o.shared.is_empty() {
@@ -880,6 +921,9 @@ impl Host {
             Some(d) => Some((d, s.live_intact_answer()?)),
             None => None,
         };
+        if probe {
+            s.probe_answer()?;
+        }
         Ok(PipelinedStatus {
             current,
             live,
@@ -967,9 +1011,25 @@ pub fn locked_session(
     purpose: Purpose,
     on_wait: &mut dyn FnMut(&str),
 ) -> Result<Session, DeployError> {
+    let mut s = lock_queued(target, o, purpose)?;
+    s.locked(on_wait)?;
+    Ok(s)
+}
+
+/// Opens a session with `target` and queues its lock for `purpose` (`o.wait`: waiting for a
+/// holder), without waiting: what follows is sent with it, and
+/// [`flip_transfer::Session::locked`] reads its answer first.
+///
+/// # Errors
+/// What opening the session returns (a failed connection, ...).
+pub fn lock_queued(
+    target: &Target,
+    o: &Options,
+    purpose: Purpose,
+) -> Result<Session, DeployError> {
     let mkpath = o.mkpath && purpose == Purpose::Deploy;
     let mut s = target.connect_agent(&o.ssh, target.compress_level(o.compress_level), mkpath)?;
-    s.lock(holder(purpose), o.wait, on_wait)?;
+    s.queue_lock(holder(purpose), o.wait)?;
     Ok(s)
 }
 
@@ -1051,7 +1111,12 @@ fn activate_all(
             return Ok(());
         }
         events.phase(h.index, Phase::Activating);
-        h.session.activate(h.release)?;
+        if h.pipelined {
+            h.session.committed(h.release)?;
+            h.session.activated()?;
+        } else {
+            h.session.activate(h.release)?;
+        }
         events.phase(h.index, Phase::Live);
         Ok(())
     });
@@ -1140,6 +1205,9 @@ fn switch_back(h: &mut Host, why: &str, events: &Arc<dyn Events>) -> HostState {
 fn prune_all(hosts: &mut [Result<Host, Failed>], keep: u32) {
     std::thread::scope(|sc| {
         for h in hosts.iter_mut().filter_map(|h| h.as_mut().ok()) {
+            if h.prune_queued {
+                continue;
+            }
             sc.spawn(move || {
                 // Sent with `Bye` (in `outcome`): one round trip for both. The deploy is live: a
                 // failed cleanup is a warning, never a failed deploy.
@@ -1181,7 +1249,11 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
             leftovers: f.leftovers,
         },
         Ok(mut h) => {
-            let bye = h.session.queue_bye();
+            // Queued with the content when pipelined.
+            let bye = match h.pipelined {
+                true => Ok(()),
+                false => h.session.queue_bye(),
+            };
             let mut closing = bye.is_ok();
             if h.prune_queued {
                 match h.session.pruned() {

@@ -222,6 +222,13 @@ pub struct Session {
     queued: bool,
     /// Round trips so far: times the client waited for an answer after sending all it could.
     round_trips: u64,
+    /// The probe answered ahead of the stage ([`Session::queue_probe`]): the manifest probed
+    /// (its digest) and the state of each of its directories.
+    probed: Option<(Digest, HashMap<String, flip_manifest::DirState>)>,
+    /// Directories of the probe queued ahead, awaiting [`Session::probe_answer`].
+    probing: Option<(Digest, Vec<String>)>,
+    /// With [`Session::defer_commit`]: `stage` queues `Commit` without reading its answer.
+    defer_commit: bool,
 }
 
 /// How far a session's file content has gone, for progress lines: atomics the sender updates
@@ -306,6 +313,9 @@ impl Session {
             unanswered: false,
             queued: false,
             round_trips: 0,
+            probed: None,
+            probing: None,
+            defer_commit: false,
         };
         s.send(&Request::Hello {
             magic: MAGIC,
@@ -677,13 +687,103 @@ impl Session {
         content::send(self, source, &jobs, sigs, content_cache, &mut report)?;
         drop(jobs);
         self.phase = "committing the release";
-        self.send(&Request::Commit)?;
-        match self.recv()? {
-            Response::Committed { id, .. } if id == report.release => {}
-            other => return Err(self.unexpected(&other)),
-        }
         explain(&mut report, changes, planned);
+        if self.defer_commit {
+            self.queue(&Request::Commit)?;
+            return Ok(report);
+        }
+        self.send(&Request::Commit)?;
+        self.committed(report.release)?;
         Ok(report)
+    }
+
+    /// From now on [`Session::stage`] queues `Commit` and returns without its answer, so what
+    /// follows (`Activate`, `Prune`, `Bye`) goes in the same round trip; read it with
+    /// [`Session::committed`] before their answers.
+    pub fn defer_commit(&mut self) {
+        self.defer_commit = true;
+    }
+
+    /// The answer to `Commit`: release `id` is committed.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn committed(&mut self, id: u64) -> Result<()> {
+        self.phase = "committing the release";
+        match self.recv()? {
+            Response::Committed { id: got } if got == id => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Queues the directory hashes of `manifest`, every directory at once, before the client
+    /// knows whether it will need them (a client without the live manifest, ahead of the
+    /// status): [`Session::probe_answer`] reads the answers, and a `stage` of that manifest
+    /// against the live release then needs no probe round trip of its own.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_probe(&mut self, manifest: &Manifest) -> Result<()> {
+        let tree = flip_manifest::DirTree::new(manifest);
+        let all = self.queue_probe_of(&tree)?;
+        self.probing = Some((manifest.digest(), all));
+        Ok(())
+    }
+
+    /// Reads the answers to [`Session::queue_probe`].
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn probe_answer(&mut self) -> Result<()> {
+        self.phase = "comparing directories";
+        if let Some((digest, all)) = self.probing.take() {
+            let states = self.probe_states(&all)?;
+            self.probed = Some((digest, states));
+        }
+        Ok(())
+    }
+
+    /// Queues `Probe` frames for every directory of `tree` (at most [`PROBE_PER_FRAME`] each);
+    /// returns the directories, in the order sent.
+    fn queue_probe_of(&mut self, tree: &flip_manifest::DirTree) -> Result<Vec<String>> {
+        let mut all = Vec::new();
+        let mut stack = vec![String::new()];
+        while let Some(d) = stack.pop() {
+            stack.extend_from_slice(tree.subdirs(&d));
+            all.push(d);
+        }
+        for piece in all.chunks(PROBE_PER_FRAME) {
+            let items = piece
+                .iter()
+                .map(|d| {
+                    let (flat, merkle) = tree.hashes(d).expect("a directory of this tree");
+                    ProbeItem {
+                        dir: d.clone(),
+                        flat,
+                        merkle,
+                    }
+                })
+                .collect();
+            self.queue(&Request::Probe(items))?;
+        }
+        Ok(all)
+    }
+
+    /// Reads the `Probed` answers for the directories `all` (as queued).
+    fn probe_states(
+        &mut self,
+        all: &[String],
+    ) -> Result<HashMap<String, flip_manifest::DirState>> {
+        let mut states = HashMap::with_capacity(all.len());
+        for piece in all.chunks(PROBE_PER_FRAME) {
+            match self.recv()? {
+                Response::Probed(s) if s.len() == piece.len() => {
+                    states.extend(piece.iter().cloned().zip(s.into_iter().map(Into::into)));
+                }
+                other => return Err(self.unexpected(&other)),
+            }
+        }
+        Ok(states)
     }
 
     /// How a `Stage` describes `manifest` (its [`StageBase`] and payload), as cheaply as the
@@ -729,7 +829,7 @@ impl Session {
                 Some(live) => {
                     self.phase = "comparing directories";
                     let tree = flip_manifest::DirTree::new(manifest);
-                    let dirs = self.changed_dirs(&tree)?;
+                    let dirs = self.changed_dirs(manifest, &tree)?;
                     self.phase = "staging the release";
                     (
                         StageBase::Dirs(live),
@@ -822,37 +922,19 @@ impl Session {
 
     /// Walks down the directory tree comparing hashes with the live release, one round trip per
     /// level, and returns the directories whose direct entries differ (or are new).
-    fn changed_dirs(&mut self, tree: &flip_manifest::DirTree) -> Result<BTreeSet<String>> {
-        // Every directory, in frames of at most PROBE_PER_FRAME, all sent before any answer.
-        let mut all = Vec::new();
-        let mut stack = vec![String::new()];
-        while let Some(d) = stack.pop() {
-            stack.extend_from_slice(tree.subdirs(&d));
-            all.push(d);
-        }
-        for piece in all.chunks(PROBE_PER_FRAME) {
-            let items = piece
-                .iter()
-                .map(|d| {
-                    let (flat, merkle) = tree.hashes(d).expect("a directory of this tree");
-                    ProbeItem {
-                        dir: d.clone(),
-                        flat,
-                        merkle,
-                    }
-                })
-                .collect();
-            self.queue(&Request::Probe(items))?;
-        }
-        let mut states: HashMap<String, flip_manifest::DirState> = HashMap::new();
-        for piece in all.chunks(PROBE_PER_FRAME) {
-            match self.recv()? {
-                Response::Probed(s) if s.len() == piece.len() => {
-                    states.extend(piece.iter().cloned().zip(s.into_iter().map(Into::into)));
-                }
-                other => return Err(self.unexpected(&other)),
+    fn changed_dirs(
+        &mut self,
+        manifest: &Manifest,
+        tree: &flip_manifest::DirTree,
+    ) -> Result<BTreeSet<String>> {
+        // Answered ahead (with the status), or every directory now, all sent before any answer.
+        let states = match self.probed.take() {
+            Some((d, states)) if d == manifest.digest() => states,
+            _ => {
+                let all = self.queue_probe_of(tree)?;
+                self.probe_states(&all)?
             }
-        }
+        };
         // The same walk as one level per round trip, answered from what came back.
         tree.walk_changed(|level| {
             Ok::<_, TransferError>(
@@ -897,8 +979,24 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn activate(&mut self, id: u64) -> Result<Option<u64>> {
+        self.queue_activate(id)?;
+        self.activated()
+    }
+
+    /// Queues `Activate` of `id` (its answer: [`Session::activated`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_activate(&mut self, id: u64) -> Result<()> {
+        self.queue(&Request::Activate { id })
+    }
+
+    /// The answer to a queued `Activate`: the release live before.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn activated(&mut self) -> Result<Option<u64>> {
         self.phase = "activating the release";
-        self.send(&Request::Activate { id })?;
         match self.recv()? {
             Response::Activated { previous, .. } => Ok(previous),
             other => Err(self.unexpected(&other)),
@@ -996,8 +1094,24 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn rollback(&mut self, to: Option<u64>) -> Result<(u64, Option<u64>)> {
+        self.queue_rollback(to)?;
+        self.rolled_back()
+    }
+
+    /// Queues `Rollback` (its answer: [`Session::rolled_back`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_rollback(&mut self, to: Option<u64>) -> Result<()> {
+        self.queue(&Request::Rollback { to })
+    }
+
+    /// The answer to a queued `Rollback`: (new, previous).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn rolled_back(&mut self) -> Result<(u64, Option<u64>)> {
         self.phase = "rolling back";
-        self.send(&Request::Rollback { to })?;
         match self.recv()? {
             Response::Activated { id, previous } => Ok((id, previous)),
             other => Err(self.unexpected(&other)),
