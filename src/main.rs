@@ -817,7 +817,14 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<Code> {
     let (id, previous) = r?;
     let round_trips = s.round_trips();
     s.closed()?;
-    switched(target, a.common.json, "rolled back", id, previous, round_trips);
+    switched(
+        target,
+        a.common.json,
+        "rolled back",
+        id,
+        previous,
+        round_trips,
+    );
     Ok(exit::OK)
 }
 
@@ -852,7 +859,14 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<Code> {
     s.queue_bye()?;
     let round_trips = s.round_trips();
     s.closed()?;
-    switched(target, a.common.json, "activated", id, previous, round_trips);
+    switched(
+        target,
+        a.common.json,
+        "activated",
+        id,
+        previous,
+        round_trips,
+    );
     Ok(exit::OK)
 }
 

@@ -92,11 +92,22 @@ fn a_batch_sent_right_after_a_compressed_hello_is_answered_in_order() {
     let got = pipelined(
         t.path(),
         3,
-        vec![lock(), Request::Status, Request::Prune { keep: 5 }, Request::Bye],
+        vec![
+            lock(),
+            Request::Status,
+            Request::Prune { keep: 5 },
+            Request::Bye,
+        ],
     );
     assert!(matches!(got[0], Response::Locked), "{got:?}");
     assert!(
-        matches!(got[1], Response::Status { current: Some(1), .. }),
+        matches!(
+            got[1],
+            Response::Status {
+                current: Some(1),
+                ..
+            }
+        ),
         "{got:?}"
     );
     assert!(matches!(got[2], Response::Pruned { .. }), "{got:?}");

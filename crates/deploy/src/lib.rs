@@ -831,13 +831,15 @@ impl Host {
         let mut session = target
             .connect_agent(&o.ssh, target.compress_level(o.compress_level), mkpath)
             .map_err(failed)?;
-        let queued = session.queue_lock(holder(Purpose::Deploy), o.wait).and_then(|()| {
-            if !o.shared.is_empty() {
-                session.queue_shared(&o.shared, o.writable_owner.as_deref())?;
-            }
-            // Sent now: the agent takes the lock while the source is scanned.
-            session.send_queued()
-        });
+        let queued = session
+            .queue_lock(holder(Purpose::Deploy), o.wait)
+            .and_then(|()| {
+                if !o.shared.is_empty() {
+                    session.queue_shared(&o.shared, o.writable_owner.as_deref())?;
+                }
+                // Sent now: the agent takes the lock while the source is scanned.
+                session.send_queued()
+            });
         queued.map_err(|e| failed(e.into()))?;
         Ok(Host {
             index,
@@ -889,8 +891,13 @@ impl Host {
         let applied = match o.shared.is_empty() {
             true => None,
             false => {
-                let all: BTreeSet<RelPath> =
-                    o.shared.dirs.iter().chain(&o.shared.files).cloned().collect();
+                let all: BTreeSet<RelPath> = o
+                    .shared
+                    .dirs
+                    .iter()
+                    .chain(&o.shared.files)
+                    .cloned()
+                    .collect();
                 o.shared.apply(scanned, &all).ok()
             }
         };
@@ -1022,11 +1029,7 @@ pub fn locked_session(
 ///
 /// # Errors
 /// What opening the session returns (a failed connection, ...).
-pub fn lock_queued(
-    target: &Target,
-    o: &Options,
-    purpose: Purpose,
-) -> Result<Session, DeployError> {
+pub fn lock_queued(target: &Target, o: &Options, purpose: Purpose) -> Result<Session, DeployError> {
     let mkpath = o.mkpath && purpose == Purpose::Deploy;
     let mut s = target.connect_agent(&o.ssh, target.compress_level(o.compress_level), mkpath)?;
     s.queue_lock(holder(purpose), o.wait)?;

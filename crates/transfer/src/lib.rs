@@ -330,11 +330,12 @@ impl Session {
         // The client alone decides the compression: what follows `Hello` is zstd at once, so
         // it is pipelined without waiting for `Welcome` (read with the first answer).
         if compress != 0 {
-            s.tx.start_compression(compress).map_err(|e| TransferError::Wire {
-                peer: s.peer.clone(),
-                phase: "starting compression",
-                source: e,
-            })?;
+            s.tx.start_compression(compress)
+                .map_err(|e| TransferError::Wire {
+                    peer: s.peer.clone(),
+                    phase: "starting compression",
+                    source: e,
+                })?;
         }
         Ok(s)
     }
@@ -770,10 +771,7 @@ impl Session {
     }
 
     /// Reads the `Probed` answers for the directories `all` (as queued).
-    fn probe_states(
-        &mut self,
-        all: &[String],
-    ) -> Result<HashMap<String, flip_manifest::DirState>> {
+    fn probe_states(&mut self, all: &[String]) -> Result<HashMap<String, flip_manifest::DirState>> {
         let mut states = HashMap::with_capacity(all.len());
         for piece in all.chunks(PROBE_PER_FRAME) {
             match self.recv()? {
@@ -940,7 +938,12 @@ impl Session {
             Ok::<_, TransferError>(
                 level
                     .iter()
-                    .map(|(d, _, _)| states.get(d).copied().unwrap_or(flip_manifest::DirState::Absent))
+                    .map(|(d, _, _)| {
+                        states
+                            .get(d)
+                            .copied()
+                            .unwrap_or(flip_manifest::DirState::Absent)
+                    })
                     .collect(),
             )
         })
