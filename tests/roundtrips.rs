@@ -40,8 +40,39 @@ fn a_no_op_and_a_warm_upgrade_take_few_round_trips() {
     src.overwrite("a/b/c/d/e/f.txt", "edited deep down\n");
     let warm = fx.deploy(&src, &[]);
     assert_eq!(warm["release"], 2);
-    assert_eq!(round_trips(&warm), 3, "warm upgrade: {warm}");
+    // Handshake, lock, status, live check and the stage against the release this client made
+    // live; content, commit, activate, prune and bye.
+    assert_eq!(round_trips(&warm), 2, "warm upgrade: {warm}");
+    assert_eq!(
+        warm["files"]["patched"], 1,
+        "big.bin from the content cache: {warm}"
+    );
     assert_eq!(read_tree(&fx.current()), src.tree());
+}
+
+#[test]
+fn a_stage_ahead_against_a_release_no_longer_live_costs_one_round_trip_more() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    deep_site(&src);
+    fx.deploy(&src, &[]);
+    let v1 = src.tree();
+    site_v2(&src);
+    fx.deploy(&src, &[]);
+    // Live is release 1 again: this client still expects release 2's tree (its record).
+    fx.flip(&["rollback", fx.root_str()]).success();
+    let records = std::fs::read_dir(fx.home.join(".cache/flip/targets"))
+        .expect("the client records what it made live")
+        .count();
+    assert_eq!(records, 1);
+    src.overwrite("a/b/c/d/e/f.txt", "edited after the rollback\n");
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 3, "{j}");
+    assert_eq!(j["previous"], 1, "{j}");
+    assert_eq!(round_trips(&j), 3, "stale stage ahead: {j}");
+    assert_eq!(read_tree(&fx.current()), src.tree());
+    assert_eq!(read_tree(&fx.release(1)), v1, "release 1 untouched");
+    fx.flip(&["verify", fx.root_str()]).success();
 }
 
 #[test]

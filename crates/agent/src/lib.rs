@@ -39,6 +39,11 @@ pub enum AgentError {
     /// A hook could not be started or waited for.
     #[error("{0}")]
     Hook(String),
+    /// A `Stage` described as a difference against a release that is not the live one (a
+    /// client that staged ahead of the status, guessing the live release): the stage is not
+    /// done, the session goes on.
+    #[error("{0}")]
+    StaleBase(String),
 }
 
 impl AgentError {
@@ -76,6 +81,7 @@ impl AgentError {
             AgentError::Wire(WireError::Io(_)) => ErrorClass::Io,
             AgentError::Wire(_) | AgentError::Protocol(_) => ErrorClass::Protocol,
             AgentError::Hook(_) => ErrorClass::Io,
+            AgentError::StaleBase(_) => ErrorClass::BadRequest,
         }
     }
 }
@@ -144,6 +150,9 @@ struct Session {
     /// The handshake succeeded: after a failed request, what the client pipelined is answered
     /// ([`drain`]).
     greeted: bool,
+    /// The last request was a `Stage` against a release no longer live (why): a `Changes`
+    /// right after it is not done either.
+    stale: Option<String>,
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -184,6 +193,7 @@ pub fn serve_with(
         mkpath,
         previous_live: None,
         greeted: false,
+        stale: None,
     };
     let r = s.run(&mut rx, &mut tx);
     // Teardown, on every path: the staging directory goes first, then a target this session
@@ -422,8 +432,34 @@ impl Session {
                 tx.flush()?;
                 return Ok(());
             }
+            // A stage ahead of the status against a release no longer live, and the `Changes`
+            // asked with it, are not done; the session goes on.
+            let stale = match (&req, &self.stale) {
+                (Request::Changes { .. }, Some(why)) if self.stage.is_none() => Some(why.clone()),
+                _ => None,
+            };
+            self.stale = None;
+            if let Some(because) = stale {
+                tx.send(&Response::NotDone {
+                    request: "Changes".into(),
+                    because,
+                })?;
+                tx.flush()?;
+                continue;
+            }
+            let is_stage = matches!(req, Request::Stage { .. });
             // Content frames are answered only at Commit (or by an error).
-            if let Some(resp) = self.handle(req, rx, tx)? {
+            let answer = match self.handle(req, rx, tx) {
+                Err(AgentError::StaleBase(because)) if is_stage => {
+                    self.stale = Some(because.clone());
+                    Some(Response::NotDone {
+                        request: "Stage".into(),
+                        because,
+                    })
+                }
+                other => other?,
+            };
+            if let Some(resp) = answer {
                 self.send_notices(tx)?;
                 tx.send(&resp)?;
                 tx.flush()?;
@@ -919,14 +955,13 @@ impl Session {
             ),
             Some(base) => {
                 let live = root.current()?.ok_or_else(|| {
-                    RelError::BadRequest("manifest diff but nothing is live".into())
+                    AgentError::StaleBase("manifest diff but nothing is live".into())
                 })?;
                 let prev = root.manifest(live)?;
                 if prev.digest() != base {
-                    return Err(RelError::BadRequest(format!(
+                    return Err(AgentError::StaleBase(format!(
                         "manifest diff is against another release than the live one ({live})"
-                    ))
-                    .into());
+                    )));
                 }
                 let rejected = |e: &dyn std::fmt::Display| {
                     RelError::BadRequest(format!("manifest diff rejected: {e}"))

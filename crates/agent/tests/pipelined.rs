@@ -164,3 +164,54 @@ fn after_a_failed_request_the_rest_of_the_batch_is_not_done() {
         assert!(matches!(again[0], Response::Locked), "{again:?}");
     }
 }
+
+#[test]
+fn a_stage_ahead_against_a_release_not_live_is_not_done_and_the_session_goes_on() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let payload = flip_manifest::encode_diff(&Default::default());
+    let stale = flip_manifest::Digest([0x5a; 32]);
+    let batch = vec![
+        lock(),
+        Request::Stage {
+            label: None,
+            base: flip_wire::StageBase::Diff(stale),
+            payload_len: payload.len() as u64,
+            digest: stale,
+        },
+        Request::ManifestChunk(payload),
+        Request::Changes { all: false },
+        Request::Status,
+        Request::Bye,
+    ];
+    let got = pipelined(t.path(), 0, batch);
+    assert!(matches!(got[0], Response::Locked), "{got:?}");
+    for (r, want) in got[1..3].iter().zip(["Stage", "Changes"]) {
+        match r {
+            Response::NotDone { request, because } => {
+                assert_eq!(request, want);
+                assert!(
+                    because.contains("another release than the live one"),
+                    "{because}"
+                );
+            }
+            other => panic!("expected NotDone for {want}, got {other:?}"),
+        }
+    }
+    assert!(
+        matches!(
+            got[3],
+            Response::Status {
+                current: Some(1),
+                ..
+            }
+        ),
+        "{got:?}"
+    );
+    assert!(matches!(got[4], Response::Bye), "{got:?}");
+    let staging: Vec<_> = std::fs::read_dir(t.path().join("releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(staging, ["1"], "nothing staged");
+}

@@ -354,9 +354,22 @@ pub fn deploy(
     {
         prune_all(&mut hosts, o.keep);
     }
+    let live_digests: Vec<Option<Digest>> = hosts
+        .iter()
+        .map(|h| {
+            let h = h.as_ref().ok()?;
+            Some(h.manifest.as_deref().unwrap_or(&scan.manifest).digest())
+        })
+        .collect();
+    let hosts = finish(hosts, &mut states, targets, o);
+    for (h, d) in hosts.iter().zip(live_digests) {
+        if let (HostState::Live | HostState::Unchanged, Some(d)) = (h.state, d) {
+            caches.record_live(&h.target, &d);
+        }
+    }
     Ok(Deployment {
         label: o.label.clone(),
-        hosts: finish(hosts, &mut states, targets, o),
+        hosts,
         scan_warnings: warnings,
         duration_ms: started.elapsed().as_millis() as u64,
     })
@@ -575,6 +588,9 @@ fn scan_source(
 pub struct Caches {
     manifests: Option<ManifestCache>,
     content: Option<ContentCache>,
+    /// Per target (by the blake3 of its name), the digest of the manifest this client last
+    /// made live there: the release it expects live next time (a guess; the agent checks).
+    targets: Option<PathBuf>,
 }
 
 /// Upper bound of the local cache of deployed file versions (for patches of changed files).
@@ -586,6 +602,39 @@ impl Caches {
         Caches {
             manifests: dir.map(|d| ManifestCache::new(d.join("manifests"))),
             content: dir.map(|d| ContentCache::new(d.join("content"), CONTENT_CACHE_BYTES)),
+            targets: dir.map(|d| d.join("targets")),
+        }
+    }
+
+    fn target_file(&self, target: &str) -> Option<PathBuf> {
+        Some(
+            self.targets
+                .as_ref()?
+                .join(Digest::of(target.as_bytes()).to_hex()),
+        )
+    }
+
+    /// The digest of the manifest this client last made live on `target` (as displayed), if it
+    /// recorded one.
+    pub fn last_live(&self, target: &str) -> Option<Digest> {
+        let text = std::fs::read_to_string(self.target_file(target)?).ok()?;
+        Digest::from_hex(text.trim())
+    }
+
+    /// Records that the manifest of digest `d` is live on `target` now (best effort: a record
+    /// that cannot be written only costs the next deploy a round trip).
+    fn record_live(&self, target: &str, d: &Digest) {
+        let Some(file) = self.target_file(target) else {
+            return;
+        };
+        let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+        let written = file
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, d.to_hex()))
+            .and_then(|()| std::fs::rename(&tmp, &file));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
     }
 
@@ -768,7 +817,7 @@ fn prepare(
         }));
     };
     let checked = host
-        .pipelined_status(&scan.manifest, o, index, events, caches.likely_cold())
+        .pipelined_status(&scan.manifest, o, index, events, caches, single)
         .map_err(|e| host.fail(e))?;
     // With shared paths, the release and what is staged (seeds included) follow from the scan
     // and what this target's shared/ has.
@@ -787,6 +836,9 @@ fn prepare(
     let live = host.describe(release, o, seeding, checked)?;
     // Another target failed already: no target will go live, so stage nothing here.
     host.skipped = failed.load(Ordering::SeqCst) && !host.unchanged;
+    if host.unchanged || host.skipped {
+        host.session.drop_ahead().map_err(|e| host.fail(e.into()))?;
+    }
     if !host.unchanged && !host.skipped {
         events.phase(index, Phase::Staging);
         events.sending(index, &host.session.meter());
@@ -886,8 +938,10 @@ impl Host {
         o: &Options,
         index: usize,
         events: &dyn Events,
-        cold: bool,
+        caches: &Caches,
+        single: bool,
     ) -> Result<PipelinedStatus, DeployError> {
+        let cold = caches.likely_cold();
         let applied = match o.shared.is_empty() {
             true => None,
             false => {
@@ -917,6 +971,15 @@ impl Host {
         let probe = cold && staged.is_some();
         if let Some(m) = staged.filter(|_| probe) {
             s.queue_probe(m)?;
+        }
+        // One target, no shared paths, a client that made a release live there and has its
+        // manifest: the stage too, against that release (not done if another one is live).
+        let expected = caches
+            .last_live(&self.target)
+            .filter(|d| single && !probe && o.shared.is_empty() && *d != scanned.digest())
+            .and_then(|d| caches.manifest(&d));
+        if let Some(live) = expected {
+            s.stage_ahead(scanned, &live, o.label.clone(), o.itemize)?;
         }
         s.locked(&mut |h| events.waiting(index, h))?;
         if !o.shared.is_empty() {

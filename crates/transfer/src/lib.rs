@@ -229,6 +229,16 @@ pub struct Session {
     probing: Option<(Digest, Vec<String>)>,
     /// With [`Session::defer_commit`]: `stage` queues `Commit` without reading its answer.
     defer_commit: bool,
+    /// A `Stage` queued ahead of the status ([`Session::stage_ahead`]).
+    ahead: Option<Ahead>,
+}
+
+/// A `Stage` queued before the client knew the live release: of the manifest of `digest`, as a
+/// difference against the manifest of `base`, with the old digests of the paths it changes.
+struct Ahead {
+    digest: Digest,
+    base: Digest,
+    old_digests: HashMap<RelPath, Digest>,
 }
 
 /// How far a session's file content has gone, for progress lines: atomics the sender updates
@@ -316,6 +326,7 @@ impl Session {
             probed: None,
             probing: None,
             defer_commit: false,
+            ahead: None,
         };
         s.send(&Request::Hello {
             magic: MAGIC,
@@ -635,24 +646,34 @@ impl Session {
     ) -> Result<DeployReport> {
         self.phase = "staging the release";
         let digest = manifest.digest();
-        let (base, payload, old_digests) = self.describe(manifest, previous, live_digest)?;
-        self.queue(&Request::Stage {
-            label,
-            base,
-            payload_len: payload.len() as u64,
-            digest,
-        })?;
-        for c in payload.chunks(CHUNK) {
-            self.queue(&Request::ManifestChunk(c.to_vec()))?;
-        }
-        // Pipelined: the agent answers it right after `Staged`, no extra round trip.
-        self.queue(&Request::Changes { all: itemize })?;
-        self.flush()?;
+        // Staged ahead of the status against the live release the client expected: its
+        // answer, unless that release is no longer live (then staged now, as below).
+        let ahead = match self.ahead.take() {
+            Some(a) if a.digest == digest && Some(a.base) == live_digest => {
+                self.ahead_answer()?.map(|r| (r, a.old_digests))
+            }
+            Some(a) => {
+                self.ahead = Some(a);
+                self.drop_ahead()?;
+                None
+            }
+            None => None,
+        };
+        let (staged, old_digests) = match ahead {
+            Some(got) => got,
+            None => {
+                let (base, payload, old_digests) =
+                    self.describe(manifest, previous, live_digest)?;
+                self.queue_stage(label, base, &payload, digest, itemize)?;
+                self.flush()?;
+                (self.recv()?, old_digests)
+            }
+        };
         let mut report = DeployReport {
             files: manifest.file_count() as u64,
             ..Default::default()
         };
-        let needs = match self.recv()? {
+        let needs = match staged {
             Response::Staged {
                 id,
                 previous,
@@ -696,6 +717,98 @@ impl Session {
         self.send(&Request::Commit)?;
         self.committed(report.release)?;
         Ok(report)
+    }
+
+    /// Queues `Stage` with its payload, and `Changes` (the agent answers it right after
+    /// `Staged`: no round trip of its own).
+    fn queue_stage(
+        &mut self,
+        label: Option<String>,
+        base: StageBase,
+        payload: &[u8],
+        digest: Digest,
+        itemize: bool,
+    ) -> Result<()> {
+        self.queue(&Request::Stage {
+            label,
+            base,
+            payload_len: payload.len() as u64,
+            digest,
+        })?;
+        for c in payload.chunks(CHUNK) {
+            self.queue(&Request::ManifestChunk(c.to_vec()))?;
+        }
+        self.queue(&Request::Changes { all: itemize })
+    }
+
+    /// Queues the `Stage` of `manifest` as a difference against `live` (the manifest of the
+    /// release this client expects live: the one it last deployed to this target), before
+    /// the status says what is live: a [`Session::stage`] of `manifest` against that release
+    /// then takes no round trip of its own. When another release is live, the agent answers
+    /// it [`Response::NotDone`] and the session goes on (`stage` stages as usual; any other
+    /// path reads that answer with [`Session::drop_ahead`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn stage_ahead(
+        &mut self,
+        manifest: &Manifest,
+        live: &Manifest,
+        label: Option<String>,
+        itemize: bool,
+    ) -> Result<()> {
+        self.phase = "staging the release";
+        let digest = manifest.digest();
+        let base = live.digest();
+        let (_, payload, old_digests) = self.describe(manifest, Some(live.clone()), Some(base))?;
+        self.queue_stage(label, StageBase::Diff(base), &payload, digest, itemize)?;
+        self.ahead = Some(Ahead {
+            digest,
+            base,
+            old_digests,
+        });
+        Ok(())
+    }
+
+    /// The agent's answer to the stage queued ahead: `Staged`, or `None` when it was not done
+    /// (another release is live; its `Changes` was not done either, and both answers are read).
+    fn ahead_answer(&mut self) -> Result<Option<Response>> {
+        match self.recv_or_not_done()? {
+            Some(r) => Ok(Some(r)),
+            None => match self.recv_or_not_done()? {
+                None => Ok(None),
+                Some(other) => Err(self.unexpected(&other)),
+            },
+        }
+    }
+
+    /// Reads the answers to a stage queued ahead and not used (the live release was not the
+    /// one expected, or the tree is unchanged), if any. A stage the agent did make is left
+    /// unfinished: the agent removes it when the session ends.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn drop_ahead(&mut self) -> Result<()> {
+        if self.ahead.take().is_none() {
+            return Ok(());
+        }
+        if let Some(r) = self.ahead_answer()? {
+            if !matches!(r, Response::Staged { .. }) {
+                return Err(self.unexpected(&r));
+            }
+            self.changes(usize::MAX)?;
+        }
+        Ok(())
+    }
+
+    /// The next answer, `None` when it is [`Response::NotDone`] for a stage ahead.
+    fn recv_or_not_done(&mut self) -> Result<Option<Response>> {
+        match self.recv()? {
+            Response::NotDone { request, .. } if request == "Stage" || request == "Changes" => {
+                Ok(None)
+            }
+            r => Ok(Some(r)),
+        }
     }
 
     /// From now on [`Session::stage`] queues `Commit` and returns without its answer, so what
