@@ -957,7 +957,11 @@ impl Session {
                 let live = root.current()?.ok_or_else(|| {
                     AgentError::StaleBase("manifest diff but nothing is live".into())
                 })?;
-                let prev = root.manifest(live)?;
+                // A live manifest that cannot be read is no base either: the client, told so,
+                // stages the whole manifest (planned against nothing).
+                let prev = root
+                    .manifest(live)
+                    .map_err(|e| AgentError::StaleBase(e.to_string()))?;
                 if prev.digest() != base {
                     return Err(AgentError::StaleBase(format!(
                         "manifest diff is against another release than the live one ({live})"
