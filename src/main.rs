@@ -535,14 +535,20 @@ fn dry_run(
     let unchanged = releases
         .iter()
         .any(|r| Some(r.id) == current && r.manifest_digest == manifest.digest());
+    // The live manifest, when it must be fetched, goes with `Bye`: one round trip.
+    let fetch = current.filter(|_| cached.is_none() && !unchanged);
+    if let Some(id) = fetch {
+        s.queue_manifest(id)?;
+    }
+    s.queue_bye()?;
     let previous = match (cached, current) {
         (Some(m), _) => Some(m),
         // A no-op: the live manifest is this one.
         (None, Some(_)) if unchanged => Some(manifest.clone()),
-        (None, Some(id)) => Some(s.manifest(id)?),
+        (None, Some(_)) => Some(s.manifest_answer()?),
         (None, None) => None,
     };
-    let round_trips = s.queue_bye().map(|()| s.round_trips()).unwrap_or_default();
+    let round_trips = s.round_trips();
     let _ = s.closed();
     let content = caches.as_ref().filter(|_| from_cache).map(|d| {
         flip_transfer::ContentCache::new(d.join("content"), flip_deploy::CONTENT_CACHE_BYTES)

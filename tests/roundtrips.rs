@@ -101,7 +101,13 @@ fn a_dry_run_and_a_rollback_take_few_round_trips() {
     site_v2(&src);
     fx.deploy(&src, &[]);
     let dry = fx.deploy(&src, &["--dry-run"]);
+    // Handshake and status; bye.
     assert_eq!(round_trips(&dry), 2, "dry run: {dry}");
+    src.overwrite("small.txt", "changed again\n");
+    // Without caches: handshake and status; the live manifest with bye.
+    let cold = fx.deploy(&src, &["--dry-run", "--no-cache"]);
+    assert_eq!(cold["files"]["changed"], 1, "{cold}");
+    assert_eq!(round_trips(&cold), 2, "cold dry run: {cold}");
     assert_eq!(fx.current_link(), "releases/2");
     let back = fx
         .flip(&["rollback", "--json", fx.root_str()])

@@ -605,8 +605,24 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn manifest(&mut self, id: u64) -> Result<Manifest> {
+        self.queue_manifest(id)?;
+        self.manifest_answer()
+    }
+
+    /// Queues `GetManifest` of release `id` (its answer: [`Session::manifest_answer`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_manifest(&mut self, id: u64) -> Result<()> {
+        self.queue(&Request::GetManifest { id })
+    }
+
+    /// The answer to a queued `GetManifest`: the release's manifest.
+    ///
+    /// # Errors
+    /// See [`Session`]; [`TransferError::Protocol`] for a manifest that does not decode.
+    pub fn manifest_answer(&mut self) -> Result<Manifest> {
         self.phase = "fetching a manifest";
-        self.send(&Request::GetManifest { id })?;
         let mut bytes = Vec::new();
         loop {
             match self.recv()? {
@@ -860,25 +876,9 @@ impl Session {
     /// Queues `Probe` frames for every directory of `tree` (at most [`PROBE_PER_FRAME`] each);
     /// returns the directories, in the order sent.
     fn queue_probe_of(&mut self, tree: &flip_manifest::DirTree) -> Result<Vec<String>> {
-        let mut all = Vec::new();
-        let mut stack = vec![String::new()];
-        while let Some(d) = stack.pop() {
-            stack.extend_from_slice(tree.subdirs(&d));
-            all.push(d);
-        }
-        for piece in all.chunks(PROBE_PER_FRAME) {
-            let items = piece
-                .iter()
-                .map(|d| {
-                    let (flat, merkle) = tree.hashes(d).expect("a directory of this tree");
-                    ProbeItem {
-                        dir: d.clone(),
-                        flat,
-                        merkle,
-                    }
-                })
-                .collect();
-            self.queue(&Request::Probe(items))?;
+        let (all, frames) = probe_requests(tree);
+        for f in &frames {
+            self.queue(f)?;
         }
         Ok(all)
     }
@@ -1378,6 +1378,37 @@ impl Session {
 /// Directories per `Probe` frame (a path of at most a few KiB each keeps a frame far below
 /// [`flip_wire::MAX_FRAME`]).
 const PROBE_PER_FRAME: usize = 4096;
+
+/// The `Probe` frames of a client without the live manifest: every directory of `tree` (the
+/// root first, then depth first), at most [`PROBE_PER_FRAME`] a frame, all sent at once; and
+/// the directories in the order sent. For `flip diff`'s prediction too.
+pub fn probe_requests(tree: &flip_manifest::DirTree) -> (Vec<String>, Vec<Request>) {
+    let mut all = Vec::new();
+    let mut stack = vec![String::new()];
+    while let Some(d) = stack.pop() {
+        stack.extend_from_slice(tree.subdirs(&d));
+        all.push(d);
+    }
+    let frames = all
+        .chunks(PROBE_PER_FRAME)
+        .map(|piece| {
+            Request::Probe(
+                piece
+                    .iter()
+                    .map(|d| {
+                        let (flat, merkle) = tree.hashes(d).expect("a directory of this tree");
+                        ProbeItem {
+                            dir: d.clone(),
+                            flat,
+                            merkle,
+                        }
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    (all, frames)
+}
 
 /// By file index: how [`send_policy`] chose to send it, and the basis the agent offered.
 type Chosen = HashMap<u32, (Via, Option<RelPath>)>;
