@@ -664,18 +664,38 @@ fn command_options(common: &Common) -> Options {
 
 /// Opens a session and takes the lock for `what`.
 fn locked_session(target: &Target, common: &Common, what: Purpose) -> Result<Session> {
-    let peer = target.display();
     Ok(flip_deploy::locked_session(
         target,
         &command_options(common),
         what,
-        &mut |h| {
-            note!(
-                "flip: {peer} is locked by {}; waiting",
-                output::printable(h)
-            )
-        },
+        &mut lock_note(target),
     )?)
+}
+
+/// What a command waiting for `target`'s lock says about its holder.
+fn lock_note(target: &Target) -> impl FnMut(&str) {
+    let peer = target.display();
+    move |h| {
+        note!(
+            "flip: {peer} is locked by {}; waiting",
+            output::printable(h)
+        )
+    }
+}
+
+/// Opens a session and sends, in one batch, the lock for `what`, `then` (a request queued by
+/// the closure) and `Bye`; returns once the lock's answer is read.
+fn locked_batch(
+    target: &Target,
+    common: &Common,
+    what: Purpose,
+    then: impl FnOnce(&mut Session) -> flip_transfer::Result<()>,
+) -> Result<Session> {
+    let mut s = flip_deploy::lock_queued(target, &command_options(common), what)?;
+    then(&mut s)?;
+    s.queue_bye()?;
+    s.locked(&mut lock_note(target))?;
+    Ok(s)
 }
 
 /// Prints what the agent could not remove and its warnings (stderr, in every mode) and returns
@@ -807,15 +827,8 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<Code> {
     }
     let target = &targets[0];
     // Lock, rollback and bye in one round trip (a refused lock: the rest is not done).
-    let mut s = flip_deploy::lock_queued(target, &command_options(&a.common), Purpose::Rollback)?;
-    s.queue_rollback(a.to)?;
-    s.queue_bye()?;
-    let peer = target.display();
-    s.locked(&mut |h| {
-        note!(
-            "flip: {peer} is locked by {}; waiting",
-            output::printable(h)
-        )
+    let mut s = locked_batch(target, &a.common, Purpose::Rollback, |s| {
+        s.queue_rollback(a.to)
     })?;
     let r = s.rolled_back();
     // Also on failure: "nothing to roll back to" must say which releases were skipped and why.
@@ -858,11 +871,13 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<Code> {
         ));
     };
     let target = &targets[0];
-    let mut s = locked_session(target, &a.common, Purpose::Activate)?;
-    let r = s.activate(id);
+    // Lock, activate and bye in one round trip (a refused lock: the rest is not done).
+    let mut s = locked_batch(target, &a.common, Purpose::Activate, |s| {
+        s.queue_activate(id)
+    })?;
+    let r = s.activated();
     notices(&mut s);
     let previous = r?;
-    s.queue_bye()?;
     let round_trips = s.round_trips();
     s.closed()?;
     switched(

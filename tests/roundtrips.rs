@@ -93,7 +93,7 @@ fn a_client_without_caches_finds_changed_directories_in_one_round_trip() {
 }
 
 #[test]
-fn a_dry_run_and_a_rollback_take_few_round_trips() {
+fn a_dry_run_a_rollback_and_an_activation_take_few_round_trips() {
     let fx = Fx::new();
     let src = fx.src("src");
     deep_site(&src);
@@ -115,4 +115,10 @@ fn a_dry_run_and_a_rollback_take_few_round_trips() {
         .json();
     assert_eq!(fx.current_link(), "releases/1");
     assert_eq!(round_trips(&back), 1, "rollback: {back}");
+    let again = fx
+        .flip(&["activate", "--json", fx.root_str(), "2"])
+        .success()
+        .json();
+    assert_eq!(fx.current_link(), "releases/2");
+    assert_eq!(round_trips(&again), 1, "activate: {again}");
 }
