@@ -23,7 +23,8 @@
 //! answers [`Response::Error`] for it and [`Response::NotDone`] for each request read after it
 //! (at most [`DRAIN_ANSWERS_MAX`]) without acting on any, and the session ends.
 //!
-//! A deploy, in order (one round trip per step, whatever the number of files):
+//! A deploy, in order (steps that do not depend on an answer in one batch, whatever the number
+//! of files):
 //! `Hello` → `Welcome`; `Lock` → `Locked` (after a `Waiting` if it waits); (with shared paths) `Shared` →
 //! `SharedState`; `Status` → `Status`;
 //! when the live release has the new manifest's digest, `CheckLive` → `LiveIntact` (intact: no
