@@ -1224,8 +1224,10 @@ fn recheck(target: &Target, o: &Options, previous: Option<u64>, release: u64) ->
         wait: true,
         ..o.clone()
     };
-    let mut s = locked_session(target, &o, Purpose::Deploy, &mut |_| {}).ok()?;
-    let (mut current, _) = s.status().ok()?;
+    let mut s = lock_queued(target, &o, Purpose::Deploy).ok()?;
+    s.queue_status().ok()?;
+    s.locked(&mut |_| {}).ok()?;
+    let (mut current, _) = s.status_answer().ok()?;
     if current == Some(release) {
         if let Some(p) = previous {
             if s.activate(p).is_ok() {
