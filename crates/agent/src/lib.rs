@@ -881,14 +881,15 @@ impl Session {
         }
         if self.tree.is_none() {
             let root = self.root(false)?;
-            // A client probing ahead of the status: nothing live, nothing the same.
+            // A client probing ahead of the status: nothing live (or a live manifest that
+            // cannot be read, which the status does not list either), nothing the same.
+            let absent = Response::Probed(vec![flip_wire::ProbeState::Absent; items.len()]);
             let Some(live) = root.current()? else {
-                return Ok(Response::Probed(vec![
-                    flip_wire::ProbeState::Absent;
-                    items.len()
-                ]));
+                return Ok(absent);
             };
-            let m = root.manifest(live)?;
+            let Ok(m) = root.manifest(live) else {
+                return Ok(absent);
+            };
             self.tree = Some((live, flip_manifest::DirTree::new(&m)));
         }
         let (_, tree) = self.tree.as_ref().expect("set above");
