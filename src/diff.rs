@@ -23,9 +23,7 @@ use crate::{exit, output};
 use anyhow::Result;
 use flip_manifest::{Digest, Manifest, RelPath};
 use flip_plan::report::{choose, Sent, Via};
-use flip_wire::{
-    FrameWriter, Mtime, ProbeItem, Request, SigItem, StageBase, CHUNK, MAGIC, PROTOCOL,
-};
+use flip_wire::{FrameWriter, Mtime, Request, SigItem, StageBase, CHUNK, MAGIC, PROTOCOL};
 use rayon::prelude::*;
 use serde_json::json;
 use std::io::Write;
@@ -132,12 +130,13 @@ pub fn run(
     let manifest_diff = flip_manifest::encode_diff(&old.diff(&new));
     let unchanged = old.digest() == new.digest();
     warm.stage(StageBase::Diff(old.digest()), new.digest(), &manifest_diff);
+    // A client without caches probes every directory ahead of the status, changed or not.
+    let tree = flip_manifest::DirTree::new(&new);
+    let live = flip_manifest::DirTree::new(&old);
+    let dirs = probe(&mut cold, &tree, &live);
     let (cold_base, dir_patch) = if unchanged {
         (StageBase::Diff(old.digest()), manifest_diff.clone())
     } else {
-        let tree = flip_manifest::DirTree::new(&new);
-        let live = flip_manifest::DirTree::new(&old);
-        let dirs = probe(&mut cold, &tree, &live);
         (
             StageBase::Dirs(old.digest()),
             flip_manifest::encode_dir_patch(&tree.patch(&new, &dirs)),
@@ -488,23 +487,22 @@ impl Stream {
     }
 }
 
-/// Walks the new tree's directories against the live one's hashes, as a client without the
-/// live manifest does (one `Probe` per level), and returns the directories to describe.
+/// Sends every directory's hashes, as a client without the live manifest does
+/// ([`flip_transfer::probe_requests`]), and returns the directories to describe: those the
+/// walk over the live tree's answers finds changed.
 fn probe(
     s: &mut Stream,
     tree: &flip_manifest::DirTree,
     live: &flip_manifest::DirTree,
 ) -> std::collections::BTreeSet<String> {
+    for f in flip_transfer::probe_requests(tree).1 {
+        s.send(&f);
+    }
     let walked = tree.walk_changed(|level| {
         let states = level
             .iter()
             .map(|(dir, flat, merkle)| live.compare(dir, flat, merkle))
             .collect();
-        let items = level
-            .into_iter()
-            .map(|(dir, flat, merkle)| ProbeItem { dir, flat, merkle })
-            .collect();
-        s.send(&Request::Probe(items));
         Ok::<_, std::convert::Infallible>(states)
     });
     match walked {

@@ -540,14 +540,21 @@ fn dry_run(
     let unchanged = releases
         .iter()
         .any(|r| Some(r.id) == current && r.manifest_digest == manifest.digest());
+    // The live manifest, when it must be fetched, goes with `Bye`: one round trip.
+    let fetch = current.filter(|_| cached.is_none() && !unchanged);
+    if let Some(id) = fetch {
+        s.queue_manifest(id)?;
+    }
+    s.queue_bye()?;
     let previous = match (cached, current) {
         (Some(m), _) => Some(m),
         // A no-op: the live manifest is this one.
         (None, Some(_)) if unchanged => Some(manifest.clone()),
-        (None, Some(id)) => Some(s.manifest(id)?),
+        (None, Some(_)) => Some(s.manifest_answer()?),
         (None, None) => None,
     };
-    let _ = s.close();
+    let round_trips = s.round_trips();
+    let _ = s.closed();
     let content = caches.as_ref().filter(|_| from_cache).map(|d| {
         flip_transfer::ContentCache::new(d.join("content"), flip_deploy::CONTENT_CACHE_BYTES)
     });
@@ -591,6 +598,7 @@ fn dry_run(
     let mut out = serde_json::Map::new();
     {
         out.insert("dry_run".into(), json!(true));
+        out.insert("round_trips".into(), json!(round_trips));
         out.insert("target".into(), json!(target.display()));
         out.insert("live".into(), json!(current));
         output::counts_json(&changes.counts, &mut out);
@@ -661,18 +669,38 @@ fn command_options(common: &Common) -> Options {
 
 /// Opens a session and takes the lock for `what`.
 fn locked_session(target: &Target, common: &Common, what: Purpose) -> Result<Session> {
-    let peer = target.display();
     Ok(flip_deploy::locked_session(
         target,
         &command_options(common),
         what,
-        &mut |h| {
-            note!(
-                "flip: {peer} is locked by {}; waiting",
-                output::printable(h)
-            )
-        },
+        &mut lock_note(target),
     )?)
+}
+
+/// What a command waiting for `target`'s lock says about its holder.
+fn lock_note(target: &Target) -> impl FnMut(&str) {
+    let peer = target.display();
+    move |h| {
+        note!(
+            "flip: {peer} is locked by {}; waiting",
+            output::printable(h)
+        )
+    }
+}
+
+/// Opens a session and sends, in one batch, the lock for `what`, `then` (a request queued by
+/// the closure) and `Bye`; returns once the lock's answer is read.
+fn locked_batch(
+    target: &Target,
+    common: &Common,
+    what: Purpose,
+    then: impl FnOnce(&mut Session) -> flip_transfer::Result<()>,
+) -> Result<Session> {
+    let mut s = flip_deploy::lock_queued(target, &command_options(common), what)?;
+    then(&mut s)?;
+    s.queue_bye()?;
+    s.locked(&mut lock_note(target))?;
+    Ok(s)
 }
 
 /// Prints what the agent could not remove and its warnings (stderr, in every mode) and returns
@@ -751,12 +779,20 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
 /// `id` (a rollback to a newer release is called an activation), or `id` was live already
 /// (both commands alike: exit 0, nothing changed). JSON: `{"target", "release", "previous",
 /// "changed"}`.
-fn switched(target: &Target, json: bool, verb: &str, id: u64, previous: Option<u64>) {
+/// `round_trips`: with the agent, beyond opening the connection.
+fn switched(
+    target: &Target,
+    json: bool,
+    verb: &str,
+    id: u64,
+    previous: Option<u64>,
+    round_trips: u64,
+) {
     let changed = previous != Some(id);
     if json {
         outln!(
             "{}",
-            json!({"target": target.display(), "release": id, "previous": previous, "changed": changed})
+            json!({"target": target.display(), "release": id, "previous": previous, "changed": changed, "round_trips": round_trips})
         );
     } else if !changed {
         note!(
@@ -795,13 +831,24 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<Code> {
         return Ok(render::switch(&env.env, "rolled back", out, a.common.json));
     }
     let target = &targets[0];
-    let mut s = locked_session(target, &a.common, Purpose::Rollback)?;
-    let r = s.rollback(a.to);
+    // Lock, rollback and bye in one round trip (a refused lock: the rest is not done).
+    let mut s = locked_batch(target, &a.common, Purpose::Rollback, |s| {
+        s.queue_rollback(a.to)
+    })?;
+    let r = s.rolled_back();
     // Also on failure: "nothing to roll back to" must say which releases were skipped and why.
     notices(&mut s);
     let (id, previous) = r?;
-    s.close()?;
-    switched(target, a.common.json, "rolled back", id, previous);
+    let round_trips = s.round_trips();
+    s.closed()?;
+    switched(
+        target,
+        a.common.json,
+        "rolled back",
+        id,
+        previous,
+        round_trips,
+    );
     Ok(exit::OK)
 }
 
@@ -829,12 +876,23 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<Code> {
         ));
     };
     let target = &targets[0];
-    let mut s = locked_session(target, &a.common, Purpose::Activate)?;
-    let r = s.activate(id);
+    // Lock, activate and bye in one round trip (a refused lock: the rest is not done).
+    let mut s = locked_batch(target, &a.common, Purpose::Activate, |s| {
+        s.queue_activate(id)
+    })?;
+    let r = s.activated();
     notices(&mut s);
     let previous = r?;
-    s.close()?;
-    switched(target, a.common.json, "activated", id, previous);
+    let round_trips = s.round_trips();
+    s.closed()?;
+    switched(
+        target,
+        a.common.json,
+        "activated",
+        id,
+        previous,
+        round_trips,
+    );
     Ok(exit::OK)
 }
 

@@ -495,7 +495,7 @@ fn activate_and_rollback_to_the_live_release_answer_alike() {
     assert_eq!(a, b);
     assert_eq!(
         a,
-        serde_json::json!({"target": root, "release": 2, "previous": 2, "changed": false})
+        serde_json::json!({"target": root, "release": 2, "previous": 2, "changed": false, "round_trips": 1})
     );
     assert_eq!(fx.current_link(), "releases/2");
 

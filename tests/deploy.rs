@@ -550,7 +550,9 @@ fn an_unchanged_tree_from_a_cold_client_sends_almost_nothing() {
     stamp_files(&checkout.dir, 1_700_000_000);
     let j = deploy_from_fresh_home(&fx, "cold-home", &checkout, &["--force-release"]);
     assert_eq!(num(&j, "/files/linked"), 2000, "{j}");
-    assert!(num(&j, "/bytes/sent") < 1_000, "{j}");
+    // Besides a few requests, only the hashes of the 42 directories, which a client without
+    // caches sends ahead of the status (to save the probe's round trip on an upgrade).
+    assert!(num(&j, "/bytes/sent") < 2_000, "{j}");
     assert_dir_eq(
         &fx.current(),
         &checkout.tree(),

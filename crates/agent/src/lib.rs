@@ -44,6 +44,11 @@ pub enum AgentError {
     /// A hook could not be started or waited for.
     #[error("{0}")]
     Hook(String),
+    /// A `Stage` described as a difference against a release that is not the live one (a
+    /// client that staged ahead of the status, guessing the live release): the stage is not
+    /// done, the session goes on.
+    #[error("{0}")]
+    StaleBase(String),
 }
 
 impl AgentError {
@@ -81,6 +86,7 @@ impl AgentError {
             AgentError::Wire(WireError::Io(_)) => ErrorClass::Io,
             AgentError::Wire(_) | AgentError::Protocol(_) => ErrorClass::Protocol,
             AgentError::Hook(_) => ErrorClass::Io,
+            AgentError::StaleBase(_) => ErrorClass::BadRequest,
         }
     }
 }
@@ -146,6 +152,12 @@ struct Session {
     /// The release live before this session's activation or rollback, once it made one
     /// (`FLIP_PREVIOUS` of a hook run after the swap).
     previous_live: Option<Option<u64>>,
+    /// The handshake succeeded: after a failed request, what the client pipelined is answered
+    /// ([`drain`]).
+    greeted: bool,
+    /// The last request was a `Stage` against a release no longer live (why): a `Changes`
+    /// right after it is not done either.
+    stale: Option<String>,
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -188,6 +200,8 @@ pub fn serve_with(
         shared: None,
         mkpath,
         previous_live: None,
+        greeted: false,
+        stale: None,
     };
     let r = s.run(&mut rx, &mut tx);
     // Teardown, on every path: the staging directory goes first, then a target this session
@@ -212,15 +226,62 @@ pub fn serve_with(
                 AgentError::Wire(WireError::Io(_)) | AgentError::Wire(WireError::Closed)
             ) {
                 let _ = s.send_notices(&mut tx);
+                let message = e.to_string();
                 let _ = tx.send(&Response::Error {
                     class: e.class(),
-                    message: e.to_string(),
+                    message: message.clone(),
                 });
+                if s.greeted {
+                    drain(&mut rx, &mut tx, &message);
+                }
                 let _ = tx.finish();
             }
             Err(e)
         }
     }
+}
+
+/// After a failed request (everything already undone and the lock released): reads what the
+/// client pipelined after it and answers each request that expects an answer with
+/// [`Response::NotDone`], acting on none; content frames are dropped. Ends at `Bye`, at the end
+/// of the stream or of what one frame can say, or after [`flip_wire::DRAIN_ANSWERS_MAX`]
+/// answers or [`flip_wire::DRAIN_FRAMES_MAX`] frames: the read-ahead is bounded.
+fn drain(rx: &mut FrameReader, tx: &mut FrameWriter, because: &str) {
+    if tx.flush().is_err() {
+        return;
+    }
+    let mut answers = 0;
+    for _ in 0..flip_wire::DRAIN_FRAMES_MAX {
+        let Ok(req) = rx.recv::<Request>() else {
+            return;
+        };
+        if !expects_answer(&req) {
+            continue;
+        }
+        let sent = tx.send(&Response::NotDone {
+            request: <&str>::from(&req).to_string(),
+            because: because.to_string(),
+        });
+        answers += 1;
+        if sent.and_then(|()| tx.flush()).is_err()
+            || matches!(req, Request::Bye)
+            || answers >= flip_wire::DRAIN_ANSWERS_MAX
+        {
+            return;
+        }
+    }
+}
+
+/// Whether the agent answers `req` (content and manifest pieces are answered, if at all, by
+/// the request they belong to).
+fn expects_answer(req: &Request) -> bool {
+    !matches!(
+        req,
+        Request::ManifestChunk(_)
+            | Request::Literal { .. }
+            | Request::Delta { .. }
+            | Request::Patch { .. }
+    )
 }
 
 /// [`serve`] on this process's stdin and stdout. With an `idle` timeout, a client that sends
@@ -362,6 +423,7 @@ impl Session {
 
     fn serve_requests(&mut self, rx: &mut FrameReader, tx: &mut FrameWriter) -> Result<()> {
         self.handshake(rx, tx)?;
+        self.greeted = true;
         loop {
             let req: Request = match rx.recv() {
                 Ok(r) => r,
@@ -378,8 +440,34 @@ impl Session {
                 tx.flush()?;
                 return Ok(());
             }
+            // A stage ahead of the status against a release no longer live, and the `Changes`
+            // asked with it, are not done; the session goes on.
+            let stale = match (&req, &self.stale) {
+                (Request::Changes { .. }, Some(why)) if self.stage.is_none() => Some(why.clone()),
+                _ => None,
+            };
+            self.stale = None;
+            if let Some(because) = stale {
+                tx.send(&Response::NotDone {
+                    request: "Changes".into(),
+                    because,
+                })?;
+                tx.flush()?;
+                continue;
+            }
+            let is_stage = matches!(req, Request::Stage { .. });
             // Content frames are answered only at Commit (or by an error).
-            if let Some(resp) = self.handle(req, rx, tx)? {
+            let answer = match self.handle(req, rx, tx) {
+                Err(AgentError::StaleBase(because)) if is_stage => {
+                    self.stale = Some(because.clone());
+                    Some(Response::NotDone {
+                        request: "Stage".into(),
+                        because,
+                    })
+                }
+                other => other?,
+            };
+            if let Some(resp) = answer {
                 self.send_notices(tx)?;
                 tx.send(&resp)?;
                 tx.flush()?;
@@ -409,6 +497,10 @@ impl Session {
                 env!("CARGO_PKG_VERSION")
             )));
         }
+        // The client decided alone: what it pipelined after Hello is already zstd.
+        if compress > 0 {
+            rx.start_decompression()?;
+        }
         tx.send(&Response::Welcome {
             protocol: PROTOCOL,
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -418,7 +510,6 @@ impl Session {
         tx.flush()?;
         if compress > 0 {
             tx.start_compression(compress.clamp(1, 3))?;
-            rx.start_decompression()?;
         }
         Ok(())
     }
@@ -868,10 +959,15 @@ impl Session {
         }
         if self.tree.is_none() {
             let root = self.root(false)?;
-            let live = root
-                .current()?
-                .ok_or_else(|| RelError::BadRequest("probe but nothing is live".into()))?;
-            let m = root.manifest(live)?;
+            // A client probing ahead of the status: nothing live (or a live manifest that
+            // cannot be read, which the status does not list either), nothing the same.
+            let absent = Response::Probed(vec![flip_wire::ProbeState::Absent; items.len()]);
+            let Some(live) = root.current()? else {
+                return Ok(absent);
+            };
+            let Ok(m) = root.manifest(live) else {
+                return Ok(absent);
+            };
             self.tree = Some((live, flip_manifest::DirTree::new(&m)));
         }
         let (_, tree) = self.tree.as_ref().expect("set above");
@@ -938,14 +1034,17 @@ impl Session {
             ),
             Some(base) => {
                 let live = root.current()?.ok_or_else(|| {
-                    RelError::BadRequest("manifest diff but nothing is live".into())
+                    AgentError::StaleBase("manifest diff but nothing is live".into())
                 })?;
-                let prev = root.manifest(live)?;
+                // A live manifest that cannot be read is no base either: the client, told so,
+                // stages the whole manifest (planned against nothing).
+                let prev = root
+                    .manifest(live)
+                    .map_err(|e| AgentError::StaleBase(e.to_string()))?;
                 if prev.digest() != base {
-                    return Err(RelError::BadRequest(format!(
+                    return Err(AgentError::StaleBase(format!(
                         "manifest diff is against another release than the live one ({live})"
-                    ))
-                    .into());
+                    )));
                 }
                 let rejected = |e: &dyn std::fmt::Display| {
                     RelError::BadRequest(format!("manifest diff rejected: {e}"))

@@ -1,7 +1,7 @@
 //! Commands on every target of an environment: a two-phase switch (rollback, activate) and the
 //! listing of releases across targets, tied together by their labels.
 
-use crate::{locked_session, DeployError, Events, Options, Target};
+use crate::{lock_queued, DeployError, Events, Options, Target};
 use flip_transfer::Session;
 use flip_wire::{Leftover, Purpose, ReleaseSummary};
 use serde::Serialize;
@@ -64,8 +64,11 @@ pub fn switch(
 ) -> Vec<SwitchOutcome> {
     let locked: Vec<Result<Locked, DeployError>> =
         crate::each_in_parallel(targets.iter().enumerate(), |(i, t)| {
-            let mut session = locked_session(t, o, purpose, &mut |h| events.waiting(i, h))?;
-            let (current, releases) = session.status()?;
+            // Lock and status in one round trip.
+            let mut session = lock_queued(t, o, purpose)?;
+            session.queue_status()?;
+            session.locked(&mut |h| events.waiting(i, h))?;
+            let (current, releases) = session.status_answer()?;
             Ok(Locked {
                 session,
                 current,

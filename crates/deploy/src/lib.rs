@@ -251,6 +251,9 @@ pub struct HostReport {
     pub hooks: Vec<HookReport>,
     /// Wall time of this target's deploy, in milliseconds.
     pub duration_ms: u64,
+    /// Round trips with the agent beyond opening the connection (the SSH login): each time
+    /// the client waited for answers after sending all it could.
+    pub round_trips: u64,
 }
 
 /// How one target ended.
@@ -392,9 +395,22 @@ pub fn deploy(
     {
         prune_all(&mut hosts, o.keep);
     }
+    let live_digests: Vec<Option<Digest>> = hosts
+        .iter()
+        .map(|h| {
+            let h = h.as_ref().ok()?;
+            Some(h.manifest.as_deref().unwrap_or(&scan.manifest).digest())
+        })
+        .collect();
+    let hosts = finish(hosts, &mut states, targets, o);
+    for (h, d) in hosts.iter().zip(live_digests) {
+        if let (HostState::Live | HostState::Unchanged, Some(d)) = (h.state, d) {
+            caches.record_live(&h.target, &d);
+        }
+    }
     Ok(Deployment {
         label: o.label.clone(),
-        hosts: finish(hosts, &mut states, targets, o),
+        hosts,
         scan_warnings: warnings,
         duration_ms: started.elapsed().as_millis() as u64,
     })
@@ -482,6 +498,11 @@ struct Host {
     manifest: Option<Arc<Manifest>>,
     /// Shared paths seeded by this deploy.
     seeded: Vec<String>,
+    /// A `Prune` is queued, to go with `Bye`.
+    prune_queued: bool,
+    /// One target without hooks: `Commit`, `Activate`, `Prune` and `Bye` were queued together
+    /// after the content (one round trip); their answers are read in phase 2 and at the end.
+    pipelined: bool,
 }
 
 /// A failed target: the error, and the release live on it if the client saw it.
@@ -608,6 +629,9 @@ fn scan_source(
 pub struct Caches {
     manifests: Option<ManifestCache>,
     content: Option<ContentCache>,
+    /// Per target (by the blake3 of its name), the digest of the manifest this client last
+    /// made live there: the release it expects live next time (a guess; the agent checks).
+    targets: Option<PathBuf>,
 }
 
 /// Upper bound of the local cache of deployed file versions (for patches of changed files).
@@ -619,12 +643,51 @@ impl Caches {
         Caches {
             manifests: dir.map(|d| ManifestCache::new(d.join("manifests"))),
             content: dir.map(|d| ContentCache::new(d.join("content"), CONTENT_CACHE_BYTES)),
+            targets: dir.map(|d| d.join("targets")),
+        }
+    }
+
+    fn target_file(&self, target: &str) -> Option<PathBuf> {
+        Some(
+            self.targets
+                .as_ref()?
+                .join(Digest::of(target.as_bytes()).to_hex()),
+        )
+    }
+
+    /// The digest of the manifest this client last made live on `target` (as displayed), if it
+    /// recorded one.
+    pub fn last_live(&self, target: &str) -> Option<Digest> {
+        let text = std::fs::read_to_string(self.target_file(target)?).ok()?;
+        Digest::from_hex(text.trim())
+    }
+
+    /// Records that the manifest of digest `d` is live on `target` now (best effort: a record
+    /// that cannot be written only costs the next deploy a round trip).
+    fn record_live(&self, target: &str, d: &Digest) {
+        let Some(file) = self.target_file(target) else {
+            return;
+        };
+        let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+        let written = file
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, d.to_hex()))
+            .and_then(|()| std::fs::rename(&tmp, &file));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
     }
 
     /// The manifest of digest `d`, if this client deployed it and kept it.
     pub fn manifest(&self, d: &Digest) -> Option<Manifest> {
         self.manifests.as_ref()?.get(d)
+    }
+
+    /// This client most likely lacks the live manifest of a target (no manifest cache, or an
+    /// empty one: a fresh CI runner): it probes the target's directories ahead of the status.
+    pub fn likely_cold(&self) -> bool {
+        self.manifests.as_ref().is_none_or(ManifestCache::is_empty)
     }
 
     /// The cache of file content deployed (bases of patches), if there are caches.
@@ -735,6 +798,11 @@ fn phase1(
     } else {
         o.parallel.min(n)
     };
+    // One target, activated, without hooks: commit, activate, prune and bye go together.
+    let single = n == 1
+        && o.activate
+        && o.hooks.before_activate.is_empty()
+        && o.hooks.after_activate.is_empty();
     let next = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicBool::new(false));
     let results = Arc::new(Mutex::new((0..n).map(|_| None).collect::<Vec<_>>()));
@@ -746,7 +814,9 @@ fn phase1(
             std::thread::spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(t) = targets.get(i) else { return };
-                let r = prepare(i, t, &o, &source, &caches, &scanned, &*events, &failed);
+                let r = prepare(
+                    i, t, &o, &source, &caches, &scanned, &*events, &failed, single,
+                );
                 if r.is_err() {
                     failed.store(true, Ordering::SeqCst);
                 }
@@ -776,14 +846,11 @@ fn prepare(
     scanned: &Shared<Arc<flip_scan::ScanOutput>>,
     events: &dyn Events,
     failed: &AtomicBool,
+    single: bool,
 ) -> Result<Host, Failed> {
+    // Lock (and shared paths) go out at once; their answers are read with the status's, after
+    // the scan: one round trip for all of them.
     let mut host = Host::connect_and_lock(index, target, o, events)?;
-    if !o.shared.is_empty() {
-        host.present = host
-            .session
-            .shared(&o.shared, o.writable_owner.as_deref())
-            .map_err(|e| host.fail(e.into()))?;
-    }
     events.phase(index, Phase::Scanning);
     let Some(scan) = scanned.wait() else {
         return Err(host.fail(DeployError::Aborted {
@@ -791,6 +858,9 @@ fn prepare(
             why: "the scan of the source failed".into(),
         }));
     };
+    let checked = host
+        .pipelined_status(&scan.manifest, o, index, events, caches, single)
+        .map_err(|e| host.fail(e))?;
     // With shared paths, the release and what is staged (seeds included) follow from the scan
     // and what this target's shared/ has.
     let applied = match o.shared.is_empty() {
@@ -805,13 +875,30 @@ fn prepare(
         Some(a) => (&a.release, &a.staged, !a.seeds.is_empty()),
         None => (&scan.manifest, &scan.manifest, false),
     };
-    let live = host.describe(release, o, seeding)?;
+    let live = host.describe(release, o, seeding, checked)?;
     // Another target failed already: no target will go live, so stage nothing here.
     host.skipped = failed.load(Ordering::SeqCst) && !host.unchanged;
+    if host.unchanged || host.skipped {
+        host.session.drop_ahead().map_err(|e| host.fail(e.into()))?;
+    }
     if !host.unchanged && !host.skipped {
         events.phase(index, Phase::Staging);
         events.sending(index, &host.session.meter());
+        host.pipelined = single;
+        if single {
+            host.session.defer_commit();
+        }
         host.stage_send_commit(source, staged, live, caches, o)?;
+        if single {
+            // Nothing comes between commit and activation: all in the content's round trip.
+            let s = &mut host.session;
+            let queued = s
+                .queue_activate(host.release)
+                .and_then(|()| s.queue_prune(o.keep))
+                .and_then(|()| s.queue_bye());
+            queued.map_err(|e| host.fail(e.into()))?;
+            host.prune_queued = true;
+        }
         if let Some(a) = &applied {
             host.seeded = a.seeds.iter().map(|(p, _)| p.to_string()).collect();
         }
@@ -828,15 +915,26 @@ impl Host {
         events: &dyn Events,
     ) -> Result<Host, Failed> {
         events.phase(index, Phase::Connecting);
-        let session = locked_session(target, o, Purpose::Deploy, &mut |h| {
-            events.waiting(index, h)
-        })
-        .map_err(|error| Failed {
+        let failed = |error: DeployError| Failed {
             error: Box::new(error),
             live: None,
             warnings: Vec::new(),
             leftovers: Vec::new(),
-        })?;
+        };
+        let mkpath = o.mkpath;
+        let mut session = target
+            .connect_agent(&o.ssh, target.compress_level(o.compress_level), mkpath)
+            .map_err(failed)?;
+        let queued = session
+            .queue_lock(holder(Purpose::Deploy), o.wait)
+            .and_then(|()| {
+                if !o.shared.is_empty() {
+                    session.queue_shared(&o.shared, o.writable_owner.as_deref())?;
+                }
+                // Sent now: the agent takes the lock while the source is scanned.
+                session.send_queued()
+            });
+        queued.map_err(|e| failed(e.into()))?;
         Ok(Host {
             index,
             target: target.display(),
@@ -855,6 +953,8 @@ impl Host {
             present: BTreeSet::new(),
             manifest: None,
             seeded: Vec::new(),
+            prune_queued: false,
+            pipelined: false,
         })
     }
 
@@ -870,21 +970,98 @@ impl Host {
         }
     }
 
-    /// Reads the live release; decides whether it already is `manifest` (intact: then no
-    /// release is made, unless forced or `seeding`: a shared path to seed). Returns the live
-    /// manifest's digest.
+    /// After the scan, in one round trip with the queued lock (and shared paths): `Status`,
+    /// and `CheckLive` for the release the scan most likely makes (with shared paths: as if
+    /// `shared/` had them all). Reads every answer: sets what `shared/` has, returns the live
+    /// release's id and manifest digest, and the digest checked with the answer.
+    fn pipelined_status(
+        &mut self,
+        scanned: &Manifest,
+        o: &Options,
+        index: usize,
+        events: &dyn Events,
+        caches: &Caches,
+        single: bool,
+    ) -> Result<PipelinedStatus, DeployError> {
+        let cold = caches.likely_cold();
+        let applied = match o.shared.is_empty() {
+            true => None,
+            false => {
+                let all: BTreeSet<RelPath> = o
+                    .shared
+                    .dirs
+                    .iter()
+                    .chain(&o.shared.files)
+                    .cloned()
+                    .collect();
+                o.shared.apply(scanned, &all).ok()
+            }
+        };
+        let (guess, staged) = match (&applied, o.shared.is_empty()) {
+            (_, true) => (Some(scanned.digest()), Some(scanned)),
+            (Some(a), false) => (Some(a.release.digest()), Some(&a.staged)),
+            (None, false) => (None, None),
+        };
+        let s = &mut self.session;
+        s.queue_status()?;
+        let guess = guess.filter(|_| !o.force_release);
+        if let Some(d) = guess {
+            s.queue_live_intact(d)?;
+        }
+        // A client without the live manifest probes every directory now (answered as absent
+        // when nothing is live), rather than in a round trip of its own after the status.
+        let probe = cold && staged.is_some();
+        if let Some(m) = staged.filter(|_| probe) {
+            s.queue_probe(m)?;
+        }
+        // One target, no shared paths, a client that made a release live there and has its
+        // manifest: the stage too, against that release (not done if another one is live).
+        let expected = caches
+            .last_live(&self.target)
+            .filter(|d| single && !probe && o.shared.is_empty() && *d != scanned.digest())
+            .and_then(|d| caches.manifest(&d));
+        if let Some(live) = expected {
+            s.stage_ahead(scanned, &live, o.label.clone(), o.itemize)?;
+        }
+        s.locked(&mut |h| events.waiting(index, h))?;
+        if !o.shared.is_empty() {
+            self.present = s.shared_answer()?;
+        }
+        let (current, releases) = s.status_answer()?;
+        let live = live_of(current, &releases).map(|r| r.manifest_digest);
+        let intact = match guess {
+            Some(d) => Some((d, s.live_intact_answer()?)),
+            None => None,
+        };
+        if probe {
+            s.probe_answer()?;
+        }
+        Ok(PipelinedStatus {
+            current,
+            live,
+            intact,
+        })
+    }
+
+    /// Decides whether the live release already is `manifest` (intact: then no release is
+    /// made, unless forced or `seeding`: a shared path to seed), from what `checked` read (or
+    /// one more `CheckLive` when it checked another digest). Returns the live manifest's digest.
     fn describe(
         &mut self,
         manifest: &Manifest,
         o: &Options,
         seeding: bool,
+        checked: PipelinedStatus,
     ) -> Result<Option<Digest>, Failed> {
-        let (current, releases) = self.session.status().map_err(|e| self.fail(e.into()))?;
+        let current = checked.current;
         self.previous = current;
         self.files = manifest.file_count() as u64;
-        let live_digest = live_of(current, &releases).map(|r| r.manifest_digest);
+        let live_digest = checked.live;
         if live_digest == Some(manifest.digest()) && !o.force_release && !seeding {
-            let intact = self.session.live_intact(manifest.digest());
+            let intact = match checked.intact {
+                Some((d, id)) if d == manifest.digest() => Ok(id),
+                _ => self.session.live_intact(manifest.digest()),
+            };
             if let Some(id) = intact.map_err(|e| self.fail(e.into()))? {
                 self.release = id;
                 self.unchanged = true;
@@ -924,6 +1101,16 @@ impl Host {
     }
 }
 
+/// What [`Host::pipelined_status`] read.
+struct PipelinedStatus {
+    /// The live release.
+    current: Option<u64>,
+    /// Its manifest's digest.
+    live: Option<Digest>,
+    /// The digest `CheckLive` asked about, and the answer (the live id when intact).
+    intact: Option<(Digest, Option<u64>)>,
+}
+
 /// Opens a session with `target` and takes its lock for `purpose`; `on_wait` hears the holder
 /// when `o.wait` and the target is locked.
 ///
@@ -936,9 +1123,21 @@ pub fn locked_session(
     purpose: Purpose,
     on_wait: &mut dyn FnMut(&str),
 ) -> Result<Session, DeployError> {
+    let mut s = lock_queued(target, o, purpose)?;
+    s.locked(on_wait)?;
+    Ok(s)
+}
+
+/// Opens a session with `target` and queues its lock for `purpose` (`o.wait`: waiting for a
+/// holder), without waiting: what follows is sent with it, and
+/// [`flip_transfer::Session::locked`] reads its answer first.
+///
+/// # Errors
+/// What opening the session returns (a failed connection, ...).
+pub fn lock_queued(target: &Target, o: &Options, purpose: Purpose) -> Result<Session, DeployError> {
     let mkpath = o.mkpath && purpose == Purpose::Deploy;
     let mut s = target.connect_agent(&o.ssh, target.compress_level(o.compress_level), mkpath)?;
-    s.lock(holder(purpose), o.wait, on_wait)?;
+    s.queue_lock(holder(purpose), o.wait)?;
     Ok(s)
 }
 
@@ -1020,7 +1219,12 @@ fn activate_all(
             return Ok(());
         }
         events.phase(h.index, Phase::Activating);
-        h.session.activate(h.release)?;
+        if h.pipelined {
+            h.session.committed(h.release)?;
+            h.session.activated()?;
+        } else {
+            h.session.activate(h.release)?;
+        }
         events.phase(h.index, Phase::Live);
         Ok(())
     });
@@ -1062,8 +1266,10 @@ fn recheck(target: &Target, o: &Options, previous: Option<u64>, release: u64) ->
         wait: true,
         ..o.clone()
     };
-    let mut s = locked_session(target, &o, Purpose::Deploy, &mut |_| {}).ok()?;
-    let (mut current, _) = s.status().ok()?;
+    let mut s = lock_queued(target, &o, Purpose::Deploy).ok()?;
+    s.queue_status().ok()?;
+    s.locked(&mut |_| {}).ok()?;
+    let (mut current, _) = s.status_answer().ok()?;
     if current == Some(release) {
         if let Some(p) = previous {
             if s.activate(p).is_ok() {
@@ -1109,10 +1315,14 @@ fn switch_back(h: &mut Host, why: &str, events: &Arc<dyn Events>) -> HostState {
 fn prune_all(hosts: &mut [Result<Host, Failed>], keep: u32) {
     std::thread::scope(|sc| {
         for h in hosts.iter_mut().filter_map(|h| h.as_mut().ok()) {
+            if h.prune_queued {
+                continue;
+            }
             sc.spawn(move || {
-                // The deploy is live: a failed cleanup is a warning, never a failed deploy.
-                match h.session.prune(keep) {
-                    Ok(r) => h.pruned = r,
+                // Sent with `Bye` (in `outcome`): one round trip for both. The deploy is live: a
+                // failed cleanup is a warning, never a failed deploy.
+                match h.session.queue_prune(keep) {
+                    Ok(()) => h.prune_queued = true,
                     Err(e) => h
                         .warnings
                         .push(format!("deployed, but pruning old releases failed: {e}")),
@@ -1149,13 +1359,35 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
             leftovers: f.leftovers,
         },
         Ok(mut h) => {
+            // Queued with the content when pipelined.
+            let bye = match h.pipelined {
+                true => Ok(()),
+                false => h.session.queue_bye(),
+            };
+            let mut closing = bye.is_ok();
+            if h.prune_queued {
+                match h.session.pruned() {
+                    Ok(r) => h.pruned = r,
+                    Err(e) => {
+                        // The agent answers the `Bye` after it "not done".
+                        closing = false;
+                        h.warnings
+                            .push(format!("deployed, but pruning old releases failed: {e}"))
+                    }
+                }
+            }
+            let round_trips = h.session.round_trips();
             let (sent, received) = h.session.bytes();
             let compress_level = h.session.compress_level();
             let mut warnings = h.session.take_warnings();
             warnings.append(&mut h.warnings);
             let leftovers = h.session.leftovers().unwrap_or_default().to_vec();
-            if let Err(e) = h.session.close() {
+            if let Err(e) = bye {
                 warnings.push(e.to_string());
+            } else if let Err(e) = h.session.closed() {
+                if closing {
+                    warnings.push(e.to_string());
+                }
             }
             let activated = matches!(state, HostState::Live | HostState::Unchanged);
             let live = match state {
@@ -1191,6 +1423,7 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
                 seeded: h.seeded,
                 hooks: std::mem::take(&mut h.hooks),
                 duration_ms: h.started.elapsed().as_millis() as u64,
+                round_trips,
             };
             HostOutcome {
                 target: t.display(),

@@ -24,6 +24,11 @@ impl ManifestCache {
         ManifestCache { dir }
     }
 
+    /// Whether no manifest was ever kept here (a client that never deployed: a fresh CI runner).
+    pub fn is_empty(&self) -> bool {
+        fs::read_dir(&self.dir).map_or(true, |mut d| d.next().is_none())
+    }
+
     /// The manifest whose digest is `want`, if cached and intact.
     pub fn get(&self, want: &Digest) -> Option<Manifest> {
         let want = *want;

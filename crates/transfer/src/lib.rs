@@ -213,8 +213,36 @@ pub struct Session {
     leftovers: Option<Vec<Leftover>>,
     /// How far the content of [`Session::stage`] has gone, for progress lines.
     meter: SendMeter,
-    /// The agent's host name, as its `Welcome` said (`flip doctor` shows it).
+    /// The agent's host name, as its `Welcome` said (`flip doctor` shows it; known once the
+    /// first answer was read).
     pub agent_host: String,
+    /// The agent's `Welcome` was read (the client does not wait for it: it pipelines what
+    /// follows `Hello`); the answers are zstd from then on when `compress` is not 0.
+    welcomed: bool,
+    compress: i32,
+    /// Frames were flushed since the client last read an answer.
+    unanswered: bool,
+    /// Frames were queued and not flushed yet (flushed before the next answer is read).
+    queued: bool,
+    /// Round trips so far: times the client waited for an answer after sending all it could.
+    round_trips: u64,
+    /// The probe answered ahead of the stage ([`Session::queue_probe`]): the manifest probed
+    /// (its digest) and the state of each of its directories.
+    probed: Option<(Digest, HashMap<String, flip_manifest::DirState>)>,
+    /// Directories of the probe queued ahead, awaiting [`Session::probe_answer`].
+    probing: Option<(Digest, Vec<String>)>,
+    /// With [`Session::defer_commit`]: `stage` queues `Commit` without reading its answer.
+    defer_commit: bool,
+    /// A `Stage` queued ahead of the status ([`Session::stage_ahead`]).
+    ahead: Option<Ahead>,
+}
+
+/// A `Stage` queued before the client knew the live release: of the manifest of `digest`, as a
+/// difference against the manifest of `base`, with the old digests of the paths it changes.
+struct Ahead {
+    digest: Digest,
+    base: Digest,
+    old_digests: HashMap<RelPath, Digest>,
 }
 
 /// How far a session's file content has gone, for progress lines: atomics the sender updates
@@ -294,6 +322,15 @@ impl Session {
             warnings: Vec::new(),
             leftovers: None,
             agent_host: String::new(),
+            welcomed: false,
+            compress,
+            unanswered: false,
+            queued: false,
+            round_trips: 0,
+            probed: None,
+            probing: None,
+            defer_commit: false,
+            ahead: None,
         };
         s.send(&Request::Hello {
             magic: MAGIC,
@@ -305,7 +342,24 @@ impl Session {
                 compress
             },
         })?;
-        match s.recv()? {
+        // The client alone decides the compression: what follows `Hello` is zstd at once, so
+        // it is pipelined without waiting for `Welcome` (read with the first answer).
+        if compress != 0 {
+            s.tx.start_compression(compress)
+                .map_err(|e| TransferError::Wire {
+                    peer: s.peer.clone(),
+                    phase: "starting compression",
+                    source: e,
+                })?;
+        }
+        Ok(s)
+    }
+
+    /// Reads the agent's `Welcome` (plain), checks its protocol and starts decompressing what
+    /// follows. An agent that refused the `Hello` answers an error instead, returned as it came.
+    fn welcome(&mut self) -> std::result::Result<Option<Response>, WireError> {
+        self.welcomed = true;
+        match self.rx.recv::<Response>()? {
             Response::Welcome {
                 protocol,
                 version,
@@ -313,25 +367,37 @@ impl Session {
                 ..
             } => {
                 if protocol != PROTOCOL {
-                    return Err(s.protocol(format!(
-                        "agent flip {version} speaks protocol {protocol}, this client {PROTOCOL}"
-                    )));
+                    return Ok(Some(Response::Error {
+                        class: ErrorClass::Protocol,
+                        message: format!(
+                            "agent flip {version} speaks protocol {protocol}, this client {PROTOCOL}"
+                        ),
+                    }));
                 }
-                s.agent_host = host;
+                self.agent_host = host;
+                if self.compress != 0 {
+                    self.rx.start_decompression()?;
+                }
+                Ok(None)
             }
-            other => return Err(s.unexpected(&other)),
+            other => Ok(Some(other)),
         }
-        if compress != 0 {
-            let peer = s.peer.clone();
-            let wire = |source| TransferError::Wire {
-                peer: peer.clone(),
-                phase: "starting compression",
-                source,
-            };
-            s.tx.start_compression(compress).map_err(wire)?;
-            s.rx.start_decompression().map_err(wire)?;
-        }
-        Ok(s)
+    }
+
+    /// Round trips so far beyond opening the connection: each time the client waited for an
+    /// answer after having sent everything it could (the `Hello` counts with what was
+    /// pipelined after it), counting the one whose answers are still awaited.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips + u64::from(self.queued || self.unanswered)
+    }
+
+    /// Sends what is queued now (e.g. `Lock`, so the agent takes it while the client scans);
+    /// the answers are read later, in the same round trip.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn send_queued(&mut self) -> Result<()> {
+        self.flush()
     }
 
     /// The agent's peer name, for messages ("local", "deploy@web1").
@@ -372,6 +438,11 @@ impl Session {
 
     fn unexpected(&self, r: &Response) -> TransferError {
         match r {
+            Response::NotDone { request, because } => TransferError::Remote {
+                peer: self.peer.clone(),
+                class: ErrorClass::Protocol,
+                message: format!("{request} not done because {because}"),
+            },
             Response::Error { class, message } => TransferError::Remote {
                 peer: self.peer.clone(),
                 class: *class,
@@ -384,6 +455,7 @@ impl Session {
     /// Queues a frame. If the agent hung up, its last word (an error frame) is what the user
     /// needs to see, not the broken pipe.
     fn queue(&mut self, req: &Request) -> Result<()> {
+        self.queued = true;
         match self.tx.send(req) {
             Ok(()) => Ok(()),
             Err(e) => Err(self.agent_error_or(e)),
@@ -392,6 +464,13 @@ impl Session {
 
     fn send(&mut self, req: &Request) -> Result<()> {
         self.queue(req)?;
+        self.flush()
+    }
+
+    /// Sends what was queued: the batch the next answer read waits for.
+    fn flush(&mut self) -> Result<()> {
+        self.unanswered = true;
+        self.queued = false;
         self.tx.flush().map_err(|e| self.agent_error_or(e))
     }
 
@@ -406,6 +485,14 @@ impl Session {
     /// The next message of the agent that is not a notice (notices are kept, see
     /// [`Session::take_warnings`] and [`Session::leftovers`]).
     fn answer(&mut self) -> std::result::Result<Response, WireError> {
+        if std::mem::take(&mut self.unanswered) {
+            self.round_trips += 1;
+        }
+        if !self.welcomed {
+            if let Some(refused) = self.welcome()? {
+                return Ok(refused);
+            }
+        }
         loop {
             match self.rx.recv::<Response>()? {
                 Response::Notices {
@@ -439,6 +526,9 @@ impl Session {
     }
 
     fn recv(&mut self) -> Result<Response> {
+        if self.queued {
+            self.flush()?;
+        }
         match self.answer() {
             Ok(r @ Response::Error { .. }) => Err(self.unexpected(&r)),
             Ok(r) => Ok(r),
@@ -457,8 +547,25 @@ impl Session {
         wait: bool,
         on_wait: &mut dyn FnMut(&str),
     ) -> Result<()> {
+        self.queue_lock(holder, wait)?;
+        self.locked(on_wait)
+    }
+
+    /// Queues `Lock` (sent with what follows, see [`Session::locked`] for its answer).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_lock(&mut self, holder: Holder, wait: bool) -> Result<()> {
         self.phase = "taking the deploy lock";
-        self.send(&Request::Lock { wait, holder })?;
+        self.queue(&Request::Lock { wait, holder })
+    }
+
+    /// The answer to a queued `Lock`; `on_wait` hears who holds the lock while it waits.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn locked(&mut self, on_wait: &mut dyn FnMut(&str)) -> Result<()> {
+        self.phase = "taking the deploy lock";
         loop {
             match self.recv()? {
                 Response::Locked => return Ok(()),
@@ -473,8 +580,24 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn status(&mut self) -> Result<(Option<u64>, Vec<ReleaseSummary>)> {
+        self.queue_status()?;
+        self.status_answer()
+    }
+
+    /// Queues `Status` (its answer: [`Session::status_answer`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_status(&mut self) -> Result<()> {
+        self.queue(&Request::Status)
+    }
+
+    /// The answer to a queued `Status`: the live release and every complete release.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn status_answer(&mut self) -> Result<(Option<u64>, Vec<ReleaseSummary>)> {
         self.phase = "reading the target's status";
-        self.send(&Request::Status)?;
         match self.recv()? {
             Response::Status { current, releases } => Ok((current, releases)),
             other => Err(self.unexpected(&other)),
@@ -486,8 +609,24 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn manifest(&mut self, id: u64) -> Result<Manifest> {
+        self.queue_manifest(id)?;
+        self.manifest_answer()
+    }
+
+    /// Queues `GetManifest` of release `id` (its answer: [`Session::manifest_answer`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_manifest(&mut self, id: u64) -> Result<()> {
+        self.queue(&Request::GetManifest { id })
+    }
+
+    /// The answer to a queued `GetManifest`: the release's manifest.
+    ///
+    /// # Errors
+    /// See [`Session`]; [`TransferError::Protocol`] for a manifest that does not decode.
+    pub fn manifest_answer(&mut self) -> Result<Manifest> {
         self.phase = "fetching a manifest";
-        self.send(&Request::GetManifest { id })?;
         let mut bytes = Vec::new();
         loop {
             match self.recv()? {
@@ -527,24 +666,34 @@ impl Session {
     ) -> Result<DeployReport> {
         self.phase = "staging the release";
         let digest = manifest.digest();
-        let (base, payload, old_digests) = self.describe(manifest, previous, live_digest)?;
-        self.queue(&Request::Stage {
-            label,
-            base,
-            payload_len: payload.len() as u64,
-            digest,
-        })?;
-        for c in payload.chunks(CHUNK) {
-            self.queue(&Request::ManifestChunk(c.to_vec()))?;
-        }
-        // Pipelined: the agent answers it right after `Staged`, no extra round trip.
-        self.queue(&Request::Changes { all: itemize })?;
-        self.tx.flush().map_err(|e| self.agent_error_or(e))?;
+        // Staged ahead of the status against the live release the client expected: its
+        // answer, unless that release is no longer live (then staged now, as below).
+        let ahead = match self.ahead.take() {
+            Some(a) if a.digest == digest && Some(a.base) == live_digest => {
+                self.ahead_answer()?.map(|r| (r, a.old_digests))
+            }
+            Some(a) => {
+                self.ahead = Some(a);
+                self.drop_ahead()?;
+                None
+            }
+            None => None,
+        };
+        let (staged, old_digests) = match ahead {
+            Some(got) => got,
+            None => {
+                let (base, payload, old_digests) =
+                    self.describe(manifest, previous, live_digest)?;
+                self.queue_stage(label, base, &payload, digest, itemize)?;
+                self.flush()?;
+                (self.recv()?, old_digests)
+            }
+        };
         let mut report = DeployReport {
             files: manifest.file_count() as u64,
             ..Default::default()
         };
-        let needs = match self.recv()? {
+        let needs = match staged {
             Response::Staged {
                 id,
                 previous,
@@ -580,13 +729,176 @@ impl Session {
         content::send(self, source, &jobs, sigs, content_cache, &mut report)?;
         drop(jobs);
         self.phase = "committing the release";
-        self.send(&Request::Commit)?;
-        match self.recv()? {
-            Response::Committed { id, .. } if id == report.release => {}
-            other => return Err(self.unexpected(&other)),
-        }
         explain(&mut report, changes, planned);
+        if self.defer_commit {
+            self.queue(&Request::Commit)?;
+            return Ok(report);
+        }
+        self.send(&Request::Commit)?;
+        self.committed(report.release)?;
         Ok(report)
+    }
+
+    /// Queues `Stage` with its payload, and `Changes` (the agent answers it right after
+    /// `Staged`: no round trip of its own).
+    fn queue_stage(
+        &mut self,
+        label: Option<String>,
+        base: StageBase,
+        payload: &[u8],
+        digest: Digest,
+        itemize: bool,
+    ) -> Result<()> {
+        self.queue(&Request::Stage {
+            label,
+            base,
+            payload_len: payload.len() as u64,
+            digest,
+        })?;
+        for c in payload.chunks(CHUNK) {
+            self.queue(&Request::ManifestChunk(c.to_vec()))?;
+        }
+        self.queue(&Request::Changes { all: itemize })
+    }
+
+    /// Queues the `Stage` of `manifest` as a difference against `live` (the manifest of the
+    /// release this client expects live: the one it last deployed to this target), before
+    /// the status says what is live: a [`Session::stage`] of `manifest` against that release
+    /// then takes no round trip of its own. When another release is live, the agent answers
+    /// it [`Response::NotDone`] and the session goes on (`stage` stages as usual; any other
+    /// path reads that answer with [`Session::drop_ahead`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn stage_ahead(
+        &mut self,
+        manifest: &Manifest,
+        live: &Manifest,
+        label: Option<String>,
+        itemize: bool,
+    ) -> Result<()> {
+        self.phase = "staging the release";
+        let digest = manifest.digest();
+        let base = live.digest();
+        let (_, payload, old_digests) = self.describe(manifest, Some(live.clone()), Some(base))?;
+        self.queue_stage(label, StageBase::Diff(base), &payload, digest, itemize)?;
+        self.ahead = Some(Ahead {
+            digest,
+            base,
+            old_digests,
+        });
+        Ok(())
+    }
+
+    /// The agent's answer to the stage queued ahead: `Staged`, or `None` when it was not done
+    /// (another release is live; its `Changes` was not done either, and both answers are read).
+    fn ahead_answer(&mut self) -> Result<Option<Response>> {
+        match self.recv_or_not_done()? {
+            Some(r) => Ok(Some(r)),
+            None => match self.recv_or_not_done()? {
+                None => Ok(None),
+                Some(other) => Err(self.unexpected(&other)),
+            },
+        }
+    }
+
+    /// Reads the answers to a stage queued ahead and not used (the live release was not the
+    /// one expected, or the tree is unchanged), if any. A stage the agent did make is left
+    /// unfinished: the agent removes it when the session ends.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn drop_ahead(&mut self) -> Result<()> {
+        if self.ahead.take().is_none() {
+            return Ok(());
+        }
+        if let Some(r) = self.ahead_answer()? {
+            if !matches!(r, Response::Staged { .. }) {
+                return Err(self.unexpected(&r));
+            }
+            self.changes(usize::MAX)?;
+        }
+        Ok(())
+    }
+
+    /// The next answer, `None` when it is [`Response::NotDone`] for a stage ahead.
+    fn recv_or_not_done(&mut self) -> Result<Option<Response>> {
+        match self.recv()? {
+            Response::NotDone { request, .. } if request == "Stage" || request == "Changes" => {
+                Ok(None)
+            }
+            r => Ok(Some(r)),
+        }
+    }
+
+    /// From now on [`Session::stage`] queues `Commit` and returns without its answer, so what
+    /// follows (`Activate`, `Prune`, `Bye`) goes in the same round trip; read it with
+    /// [`Session::committed`] before their answers.
+    pub fn defer_commit(&mut self) {
+        self.defer_commit = true;
+    }
+
+    /// The answer to `Commit`: release `id` is committed.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn committed(&mut self, id: u64) -> Result<()> {
+        self.phase = "committing the release";
+        match self.recv()? {
+            Response::Committed { id: got } if got == id => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Queues the directory hashes of `manifest`, every directory at once, before the client
+    /// knows whether it will need them (a client without the live manifest, ahead of the
+    /// status): [`Session::probe_answer`] reads the answers, and a `stage` of that manifest
+    /// against the live release then needs no probe round trip of its own.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_probe(&mut self, manifest: &Manifest) -> Result<()> {
+        let tree = flip_manifest::DirTree::new(manifest);
+        let all = self.queue_probe_of(&tree)?;
+        self.probing = Some((manifest.digest(), all));
+        Ok(())
+    }
+
+    /// Reads the answers to [`Session::queue_probe`].
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn probe_answer(&mut self) -> Result<()> {
+        self.phase = "comparing directories";
+        if let Some((digest, all)) = self.probing.take() {
+            let states = self.probe_states(&all)?;
+            self.probed = Some((digest, states));
+        }
+        Ok(())
+    }
+
+    /// Queues `Probe` frames for every directory of `tree` (at most [`PROBE_PER_FRAME`] each);
+    /// returns the directories, in the order sent.
+    fn queue_probe_of(&mut self, tree: &flip_manifest::DirTree) -> Result<Vec<String>> {
+        let (all, frames) = probe_requests(tree);
+        for f in &frames {
+            self.queue(f)?;
+        }
+        Ok(all)
+    }
+
+    /// Reads the `Probed` answers for the directories `all` (as queued).
+    fn probe_states(&mut self, all: &[String]) -> Result<HashMap<String, flip_manifest::DirState>> {
+        let mut states = HashMap::with_capacity(all.len());
+        for piece in all.chunks(PROBE_PER_FRAME) {
+            match self.recv()? {
+                Response::Probed(s) if s.len() == piece.len() => {
+                    states.extend(piece.iter().cloned().zip(s.into_iter().map(Into::into)));
+                }
+                other => return Err(self.unexpected(&other)),
+            }
+        }
+        Ok(states)
     }
 
     /// How a `Stage` describes `manifest` (its [`StageBase`] and payload), as cheaply as the
@@ -632,7 +944,7 @@ impl Session {
                 Some(live) => {
                     self.phase = "comparing directories";
                     let tree = flip_manifest::DirTree::new(manifest);
-                    let dirs = self.changed_dirs(&tree)?;
+                    let dirs = self.changed_dirs(manifest, &tree)?;
                     self.phase = "staging the release";
                     (
                         StageBase::Dirs(live),
@@ -725,18 +1037,32 @@ impl Session {
 
     /// Walks down the directory tree comparing hashes with the live release, one round trip per
     /// level, and returns the directories whose direct entries differ (or are new).
-    fn changed_dirs(&mut self, tree: &flip_manifest::DirTree) -> Result<BTreeSet<String>> {
-        tree.walk_changed(|level| {
-            let n = level.len();
-            let items = level
-                .into_iter()
-                .map(|(dir, flat, merkle)| ProbeItem { dir, flat, merkle })
-                .collect();
-            self.send(&Request::Probe(items))?;
-            match self.recv()? {
-                Response::Probed(s) if s.len() == n => Ok(s.into_iter().map(Into::into).collect()),
-                other => Err(self.unexpected(&other)),
+    fn changed_dirs(
+        &mut self,
+        manifest: &Manifest,
+        tree: &flip_manifest::DirTree,
+    ) -> Result<BTreeSet<String>> {
+        // Answered ahead (with the status), or every directory now, all sent before any answer.
+        let states = match self.probed.take() {
+            Some((d, states)) if d == manifest.digest() => states,
+            _ => {
+                let all = self.queue_probe_of(tree)?;
+                self.probe_states(&all)?
             }
+        };
+        // The same walk as one level per round trip, answered from what came back.
+        tree.walk_changed(|level| {
+            Ok::<_, TransferError>(
+                level
+                    .iter()
+                    .map(|(d, _, _)| {
+                        states
+                            .get(d)
+                            .copied()
+                            .unwrap_or(flip_manifest::DirState::Absent)
+                    })
+                    .collect(),
+            )
         })
     }
 
@@ -773,8 +1099,24 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn activate(&mut self, id: u64) -> Result<Option<u64>> {
+        self.queue_activate(id)?;
+        self.activated()
+    }
+
+    /// Queues `Activate` of `id` (its answer: [`Session::activated`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_activate(&mut self, id: u64) -> Result<()> {
+        self.queue(&Request::Activate { id })
+    }
+
+    /// The answer to a queued `Activate`: the release live before.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn activated(&mut self) -> Result<Option<u64>> {
         self.phase = "activating the release";
-        self.send(&Request::Activate { id })?;
         match self.recv()? {
             Response::Activated { previous, .. } => Ok(previous),
             other => Err(self.unexpected(&other)),
@@ -787,8 +1129,24 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn live_intact(&mut self, digest: Digest) -> Result<Option<u64>> {
+        self.queue_live_intact(digest)?;
+        self.live_intact_answer()
+    }
+
+    /// Queues `CheckLive` for `digest` (its answer: [`Session::live_intact_answer`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_live_intact(&mut self, digest: Digest) -> Result<()> {
+        self.queue(&Request::CheckLive { digest })
+    }
+
+    /// The answer to a queued `CheckLive`.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn live_intact_answer(&mut self) -> Result<Option<u64>> {
         self.phase = "checking the live release";
-        self.send(&Request::CheckLive { digest })?;
         match self.recv()? {
             Response::LiveIntact { id } => Ok(id),
             other => Err(self.unexpected(&other)),
@@ -807,14 +1165,34 @@ impl Session {
         paths: &flip_plan::shared::SharedPaths,
         owner: Option<&str>,
     ) -> Result<BTreeSet<RelPath>> {
-        self.phase = "checking the shared paths";
-        self.send(&Request::Shared {
+        self.queue_shared(paths, owner)?;
+        self.shared_answer()
+    }
+
+    /// Queues `Shared` (its answer: [`Session::shared_answer`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_shared(
+        &mut self,
+        paths: &flip_plan::shared::SharedPaths,
+        owner: Option<&str>,
+    ) -> Result<()> {
+        self.queue(&Request::Shared {
             dirs: paths.dirs.clone(),
             files: paths.files.clone(),
             writable: paths.writable.clone(),
             mode: paths.writable_mode,
             owner: owner.map(str::to_string),
-        })?;
+        })
+    }
+
+    /// The answer to a queued `Shared`: the shared paths `shared/` already has.
+    ///
+    /// # Errors
+    /// See [`Session`]; the agent's error names a shared path of another kind.
+    pub fn shared_answer(&mut self) -> Result<BTreeSet<RelPath>> {
+        self.phase = "checking the shared paths";
         match self.recv()? {
             Response::SharedState { present } => Ok(present.into_iter().collect()),
             other => Err(self.unexpected(&other)),
@@ -840,8 +1218,24 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn rollback(&mut self, to: Option<u64>) -> Result<(u64, Option<u64>)> {
+        self.queue_rollback(to)?;
+        self.rolled_back()
+    }
+
+    /// Queues `Rollback` (its answer: [`Session::rolled_back`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_rollback(&mut self, to: Option<u64>) -> Result<()> {
+        self.queue(&Request::Rollback { to })
+    }
+
+    /// The answer to a queued `Rollback`: (new, previous).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn rolled_back(&mut self) -> Result<(u64, Option<u64>)> {
         self.phase = "rolling back";
-        self.send(&Request::Rollback { to })?;
         match self.recv()? {
             Response::Activated { id, previous } => Ok((id, previous)),
             other => Err(self.unexpected(&other)),
@@ -853,8 +1247,24 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn prune(&mut self, keep: u32) -> Result<Vec<u64>> {
+        self.queue_prune(keep)?;
+        self.pruned()
+    }
+
+    /// Queues `Prune` (its answer: [`Session::pruned`]), e.g. to go with `Bye`.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_prune(&mut self, keep: u32) -> Result<()> {
+        self.queue(&Request::Prune { keep })
+    }
+
+    /// The answer to a queued `Prune`: the ids removed.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn pruned(&mut self) -> Result<Vec<u64>> {
         self.phase = "pruning old releases";
-        self.send(&Request::Prune { keep })?;
         match self.recv()? {
             Response::Pruned { removed } => Ok(removed),
             other => Err(self.unexpected(&other)),
@@ -947,8 +1357,26 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn close(mut self) -> Result<()> {
+        self.queue_bye()?;
+        self.closed()
+    }
+
+    /// Queues `Bye` after what is queued (e.g. a `Prune`, whose answer is read first); the
+    /// session ends with [`Session::closed`].
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_bye(&mut self) -> Result<()> {
         self.phase = "closing the session";
-        self.send(&Request::Bye)?;
+        self.queue(&Request::Bye)
+    }
+
+    /// Reads the answer to a queued `Bye` and waits for the agent to exit.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn closed(mut self) -> Result<()> {
+        self.phase = "closing the session";
         match self.recv()? {
             Response::Bye => {}
             other => return Err(self.unexpected(&other)),
@@ -961,6 +1389,41 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Directories per `Probe` frame (a path of at most a few KiB each keeps a frame far below
+/// [`flip_wire::MAX_FRAME`]).
+const PROBE_PER_FRAME: usize = 4096;
+
+/// The `Probe` frames of a client without the live manifest: every directory of `tree` (the
+/// root first, then depth first), at most [`PROBE_PER_FRAME`] a frame, all sent at once; and
+/// the directories in the order sent. For `flip diff`'s prediction too.
+pub fn probe_requests(tree: &flip_manifest::DirTree) -> (Vec<String>, Vec<Request>) {
+    let mut all = Vec::new();
+    let mut stack = vec![String::new()];
+    while let Some(d) = stack.pop() {
+        stack.extend_from_slice(tree.subdirs(&d));
+        all.push(d);
+    }
+    let frames = all
+        .chunks(PROBE_PER_FRAME)
+        .map(|piece| {
+            Request::Probe(
+                piece
+                    .iter()
+                    .map(|d| {
+                        let (flat, merkle) = tree.hashes(d).expect("a directory of this tree");
+                        ProbeItem {
+                            dir: d.clone(),
+                            flat,
+                            merkle,
+                        }
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    (all, frames)
 }
 
 /// By file index: how [`send_policy`] chose to send it, and the basis the agent offered.

@@ -12,16 +12,24 @@
 //! million tiny elements would otherwise take.
 //!
 //! A session starts in plain frames with [`Request::Hello`] (naming [`PROTOCOL`]) and
-//! [`Response::Welcome`]. If the client asked for compression, both directions then switch to one
-//! zstd stream each, flushed at every batch boundary: many small PHP files compress far better in
-//! one shared stream than one by one.
+//! [`Response::Welcome`]. If the client asked for compression (`compress` > 0: the client alone
+//! decides), everything it sends after `Hello` is one zstd stream, and everything the agent sends
+//! after `Welcome` another, each flushed at every batch boundary: many small PHP files compress
+//! far better in one shared stream than one by one. The client does not wait for `Welcome`: it
+//! pipelines what follows `Hello`.
 //!
-//! A deploy, in order (one round trip per step, whatever the number of files):
+//! Requests that do not depend on an answer are sent together (a batch: the client waits once
+//! for all their answers, a round trip). The agent handles them in order; when one fails, it
+//! answers [`Response::Error`] for it and [`Response::NotDone`] for each request read after it
+//! (at most [`DRAIN_ANSWERS_MAX`]) without acting on any, and the session ends.
+//!
+//! A deploy, in order (steps that do not depend on an answer in one batch, whatever the number
+//! of files):
 //! `Hello` → `Welcome`; `Lock` → `Locked` (after a `Waiting` if it waits); (with shared paths) `Shared` →
 //! `SharedState`; `Status` → `Status`;
 //! when the live release has the new manifest's digest, `CheckLive` → `LiveIntact` (intact: no
-//! release is made); when the client has no copy of the live manifest, `Probe` → `Probed`, one
-//! round trip per level of the tree, to find the directories that differ; `Stage` +
+//! release is made); when the client has no copy of the live manifest, `Probe` → `Probed`,
+//! every directory at once (one round trip), to find the directories that differ; `Stage` +
 //! `ManifestChunk`s → `Staged` (what the agent still needs), pipelined with `Changes` →
 //! `Changes` chunks (what the release changes, for the deploy's report); `Signatures` →
 //! `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch` frames + `Commit` → `Committed`;
@@ -48,7 +56,7 @@ use flip_manifest::{Digest, RelPath};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 7;
+pub const PROTOCOL: u32 = 8;
 /// The first bytes of [`Request::Hello`]: this is flip.
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
@@ -625,7 +633,23 @@ pub enum Response {
         /// How long the hook ran, in milliseconds.
         duration_ms: u64,
     },
+    /// A request of a pipelined batch the agent did not act on, because an earlier one failed
+    /// (answered with [`Response::Error`]): `request` names it (the [`Request`] variant),
+    /// `because` is that first error's message. The session then ends.
+    NotDone {
+        /// The request not acted on (its variant's name).
+        request: String,
+        /// The message of the first error of the batch.
+        because: String,
+    },
 }
+
+/// Most requests expecting an answer that an agent reads, after a failed one, to answer them
+/// [`Response::NotDone`] (the rest of the client's batch); content frames read meanwhile are
+/// dropped unread, at most [`DRAIN_FRAMES_MAX`] of them. Then the session ends.
+pub const DRAIN_ANSWERS_MAX: usize = 256;
+/// Most frames an agent reads after a failed request (see [`DRAIN_ANSWERS_MAX`]).
+pub const DRAIN_FRAMES_MAX: usize = 1 << 16;
 
 /// How much a [`Finding`] of `flip doctor` matters.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]

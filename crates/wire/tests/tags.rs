@@ -21,7 +21,7 @@ fn path() -> RelPath {
 #[test]
 fn protocol_version_matches_the_pinned_tags() {
     assert_eq!(
-        PROTOCOL, 7,
+        PROTOCOL, 8,
         "a protocol bump must re-check the tag tables below"
     );
 }
@@ -254,6 +254,13 @@ fn response_tags_are_pinned() {
                 duration_ms: 0,
             },
             22,
+        ),
+        (
+            Response::NotDone {
+                request: String::new(),
+                because: String::new(),
+            },
+            23,
         ),
     ];
     for (resp, want) in &cases {

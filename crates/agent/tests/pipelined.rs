@@ -1,0 +1,217 @@
+//! A client pipelines requests that do not depend on an answer: the agent reads what follows
+//! `Hello` compressed as the client chose, handles the batch in order, and after a failure acts
+//! on nothing more, answering each remaining request "not done because" the first error.
+
+use flip_release::{Holder, Root, Wait};
+use flip_wire::{FrameReader, FrameWriter, Request, Response, MAGIC, PROTOCOL};
+use std::path::Path;
+
+fn lock() -> Request {
+    Request::Lock {
+        wait: false,
+        holder: flip_wire::Holder {
+            pid: 1,
+            host: "test".into(),
+            user: "test".into(),
+            since: 0,
+            what: flip_wire::Purpose::Deploy,
+        },
+    }
+}
+
+/// A root with release 1 live (one empty directory).
+fn live_root(dir: &Path) {
+    let root = Root::open_or_init(dir).unwrap();
+    let me = Holder {
+        pid: 1,
+        host: "h".into(),
+        user: "u".into(),
+        since: 0,
+        what: "setup".into(),
+    };
+    let lock = root.lock(&me, Wait::No).unwrap();
+    let m = flip_manifest::Manifest::new(vec![]).unwrap();
+    let info = root.stage(&lock, m, None).unwrap().commit().unwrap();
+    root.activate(&lock, info.id).unwrap();
+}
+
+/// Sends `Hello` (asking for zstd at `compress`) and every frame of `batch` before reading
+/// anything, as a pipelining client does; returns every answer after `Welcome` until the agent
+/// ends the session.
+fn pipelined(root: &Path, compress: i32, batch: Vec<Request>) -> Vec<Response> {
+    let (client_rx, agent_tx) = std::io::pipe().unwrap();
+    let (agent_rx, client_tx) = std::io::pipe().unwrap();
+    let root = root.to_path_buf();
+    let agent = std::thread::spawn(move || {
+        let _ = flip_agent::serve(Box::new(agent_rx), Box::new(agent_tx), &root);
+    });
+    let mut tx = FrameWriter::new(Box::new(client_tx));
+    tx.send(&Request::Hello {
+        magic: MAGIC,
+        protocol: PROTOCOL,
+        version: "test".into(),
+        compress,
+    })
+    .unwrap();
+    if compress > 0 {
+        tx.start_compression(compress).unwrap();
+    }
+    for f in &batch {
+        tx.send(f).unwrap();
+    }
+    tx.flush().unwrap();
+    let mut rx = FrameReader::new(Box::new(client_rx));
+    match rx.recv::<Response>().unwrap() {
+        Response::Welcome { protocol, .. } => assert_eq!(protocol, PROTOCOL),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    if compress > 0 {
+        rx.start_decompression().unwrap();
+    }
+    let mut out = Vec::new();
+    while let Ok(r) = rx.recv::<Response>() {
+        if matches!(r, Response::Notices { .. }) {
+            continue;
+        }
+        let end = matches!(r, Response::Bye);
+        out.push(r);
+        if end || out.len() > batch.len() {
+            break;
+        }
+    }
+    drop(tx);
+    drop(rx);
+    agent.join().unwrap();
+    out
+}
+
+#[test]
+fn a_batch_sent_right_after_a_compressed_hello_is_answered_in_order() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let got = pipelined(
+        t.path(),
+        3,
+        vec![
+            lock(),
+            Request::Status,
+            Request::Prune { keep: 5 },
+            Request::Bye,
+        ],
+    );
+    assert!(matches!(got[0], Response::Locked), "{got:?}");
+    assert!(
+        matches!(
+            got[1],
+            Response::Status {
+                current: Some(1),
+                ..
+            }
+        ),
+        "{got:?}"
+    );
+    assert!(matches!(got[2], Response::Pruned { .. }), "{got:?}");
+    assert!(matches!(got[3], Response::Bye), "{got:?}");
+}
+
+#[test]
+fn after_a_failed_request_the_rest_of_the_batch_is_not_done() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let marker = t.path().join("ran");
+    let batch = vec![
+        lock(),
+        Request::Verify { id: Some(42) },
+        Request::Hook {
+            release: 1,
+            run: format!("touch {}", marker.display()),
+            timeout_ms: 10_000,
+            env: vec![],
+            wait_ms: 0,
+        },
+        Request::Literal {
+            index: 0,
+            mtime: None,
+            data: vec![1, 2, 3],
+            last: true,
+        },
+        Request::Activate { id: 1 },
+        Request::Bye,
+    ];
+    for compress in [0, 3] {
+        let got = pipelined(t.path(), compress, batch.clone());
+        assert!(matches!(got[0], Response::Locked), "{got:?}");
+        let Response::Error { message, .. } = &got[1] else {
+            panic!("expected the error of Verify, got {got:?}");
+        };
+        assert!(message.contains("42"), "{message}");
+        // The content frame is dropped; every request expecting an answer gets one.
+        let not_done: Vec<(&str, &str)> = got[2..]
+            .iter()
+            .map(|r| match r {
+                Response::NotDone { request, because } => (request.as_str(), because.as_str()),
+                other => panic!("expected NotDone, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            not_done.iter().map(|n| n.0).collect::<Vec<_>>(),
+            ["Hook", "Activate", "Bye"]
+        );
+        assert!(not_done.iter().all(|n| n.1 == message), "{not_done:?}");
+        assert!(!marker.exists(), "a request after the failure was acted on");
+        // The lock was released before the error was told: a new session takes it at once.
+        let again = pipelined(t.path(), 0, vec![lock(), Request::Bye]);
+        assert!(matches!(again[0], Response::Locked), "{again:?}");
+    }
+}
+
+#[test]
+fn a_stage_ahead_against_a_release_not_live_is_not_done_and_the_session_goes_on() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let payload = flip_manifest::encode_diff(&Default::default());
+    let stale = flip_manifest::Digest([0x5a; 32]);
+    let batch = vec![
+        lock(),
+        Request::Stage {
+            label: None,
+            base: flip_wire::StageBase::Diff(stale),
+            payload_len: payload.len() as u64,
+            digest: stale,
+        },
+        Request::ManifestChunk(payload),
+        Request::Changes { all: false },
+        Request::Status,
+        Request::Bye,
+    ];
+    let got = pipelined(t.path(), 0, batch);
+    assert!(matches!(got[0], Response::Locked), "{got:?}");
+    for (r, want) in got[1..3].iter().zip(["Stage", "Changes"]) {
+        match r {
+            Response::NotDone { request, because } => {
+                assert_eq!(request, want);
+                assert!(
+                    because.contains("another release than the live one"),
+                    "{because}"
+                );
+            }
+            other => panic!("expected NotDone for {want}, got {other:?}"),
+        }
+    }
+    assert!(
+        matches!(
+            got[3],
+            Response::Status {
+                current: Some(1),
+                ..
+            }
+        ),
+        "{got:?}"
+    );
+    assert!(matches!(got[4], Response::Bye), "{got:?}");
+    let staging: Vec<_> = std::fs::read_dir(t.path().join("releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(staging, ["1"], "nothing staged");
+}

@@ -1,0 +1,124 @@
+//! Round trips with the agent beyond opening the connection (the SSH login), per deploy
+//! scenario, as the deploy reports them (`"round_trips"`): requests that do not depend on an
+//! answer go together, so the count does not grow with files or directories. Local targets
+//! speak the same protocol as SSH ones.
+
+mod common;
+
+use common::*;
+
+fn round_trips(v: &serde_json::Value) -> u64 {
+    v["round_trips"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no round_trips in {v}"))
+}
+
+/// A tree several directory levels deep, so a per-level probe would show.
+fn deep_site(src: &Src) {
+    site_v1(src);
+    for d in ["a", "a/b", "a/b/c", "a/b/c/d", "a/b/c/d/e"] {
+        src.file(&format!("{d}/f.txt"), format!("in {d}\n"), 0o644);
+    }
+}
+
+#[test]
+fn a_no_op_and_a_warm_upgrade_take_few_round_trips() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    deep_site(&src);
+    let first = fx.deploy(&src, &[]);
+    // Handshake, lock, status, live check and probe; stage; content, commit, activate, prune
+    // and bye.
+    assert_eq!(round_trips(&first), 3, "first deploy: {first}");
+
+    let noop = fx.deploy(&src, &[]);
+    assert_eq!(noop["unchanged"], true);
+    // Handshake, lock, status and live check; prune and bye.
+    assert_eq!(round_trips(&noop), 2, "no-op: {noop}");
+
+    site_v2(&src);
+    src.overwrite("a/b/c/d/e/f.txt", "edited deep down\n");
+    let warm = fx.deploy(&src, &[]);
+    assert_eq!(warm["release"], 2);
+    // Handshake, lock, status, live check and the stage against the release this client made
+    // live; content, commit, activate, prune and bye.
+    assert_eq!(round_trips(&warm), 2, "warm upgrade: {warm}");
+    assert_eq!(
+        warm["files"]["patched"], 1,
+        "big.bin from the content cache: {warm}"
+    );
+    assert_eq!(read_tree(&fx.current()), src.tree());
+}
+
+#[test]
+fn a_stage_ahead_against_a_release_no_longer_live_costs_one_round_trip_more() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    deep_site(&src);
+    fx.deploy(&src, &[]);
+    let v1 = src.tree();
+    site_v2(&src);
+    fx.deploy(&src, &[]);
+    // Live is release 1 again: this client still expects release 2's tree (its record).
+    fx.flip(&["rollback", fx.root_str()]).success();
+    let records = std::fs::read_dir(fx.home.join(".cache/flip/targets"))
+        .expect("the client records what it made live")
+        .count();
+    assert_eq!(records, 1);
+    src.overwrite("a/b/c/d/e/f.txt", "edited after the rollback\n");
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 3, "{j}");
+    assert_eq!(j["previous"], 1, "{j}");
+    assert_eq!(round_trips(&j), 3, "stale stage ahead: {j}");
+    assert_eq!(read_tree(&fx.current()), src.tree());
+    assert_eq!(read_tree(&fx.release(1)), v1, "release 1 untouched");
+    fx.flip(&["verify", fx.root_str()]).success();
+}
+
+#[test]
+fn a_client_without_caches_finds_changed_directories_in_one_round_trip() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    deep_site(&src);
+    fx.deploy(&src, &[]);
+    site_v2(&src);
+    src.overwrite("a/b/c/d/e/f.txt", "edited deep down\n");
+    let cold = fx.deploy(&src, &["--no-cache"]);
+    assert_eq!(cold["release"], 2);
+    // Handshake, lock, status, live check and probe (every directory at once); stage;
+    // signatures; content, commit, activate, prune and bye.
+    assert_eq!(cold["files"]["delta"], 1, "{cold}");
+    assert_eq!(round_trips(&cold), 4, "cold upgrade: {cold}");
+    assert_eq!(read_tree(&fx.current()), src.tree());
+}
+
+#[test]
+fn a_dry_run_a_rollback_and_an_activation_take_few_round_trips() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    deep_site(&src);
+    fx.deploy(&src, &[]);
+    site_v2(&src);
+    fx.deploy(&src, &[]);
+    let dry = fx.deploy(&src, &["--dry-run"]);
+    // Handshake and status; bye.
+    assert_eq!(round_trips(&dry), 2, "dry run: {dry}");
+    src.overwrite("small.txt", "changed again\n");
+    // Without caches: handshake and status; the live manifest with bye.
+    let cold = fx.deploy(&src, &["--dry-run", "--no-cache"]);
+    assert_eq!(cold["files"]["changed"], 1, "{cold}");
+    assert_eq!(round_trips(&cold), 2, "cold dry run: {cold}");
+    assert_eq!(fx.current_link(), "releases/2");
+    let back = fx
+        .flip(&["rollback", "--json", fx.root_str()])
+        .success()
+        .json();
+    assert_eq!(fx.current_link(), "releases/1");
+    assert_eq!(round_trips(&back), 1, "rollback: {back}");
+    let again = fx
+        .flip(&["activate", "--json", fx.root_str(), "2"])
+        .success()
+        .json();
+    assert_eq!(fx.current_link(), "releases/2");
+    assert_eq!(round_trips(&again), 1, "activate: {again}");
+}
