@@ -678,3 +678,27 @@ fn flips_own_cache_inside_the_source_is_not_deployed() {
     assert!(!live(&fx).join(".cache/flip").exists());
     assert_eq!(fs::read(live(&fx).join("index.php")).unwrap(), b"v3\n");
 }
+
+// ---- Shared paths, hooks, doctor and the CLI (issues 10 and 13), attacked as a user would ----
+
+#[test]
+fn a_shared_file_the_source_lacks_starts_empty_instead_of_failing_the_deploy() {
+    let fx = Fx::new();
+    fs::write(
+        fx.path("flip.toml"),
+        "shared_dirs = [\"storage\"]\nshared_files = [\".env\"]\n",
+    )
+    .unwrap();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    let j = fx.deploy(&src, &[]);
+    let env = fx.root.join("shared/.env");
+    let m = fs::symlink_metadata(&env).unwrap();
+    assert!(m.is_file(), "{j}");
+    assert_eq!((m.len(), m.mode() & 0o7777), (0, 0o644), "{j}");
+    assert!(fx.root.join("shared/storage").is_dir(), "{j}");
+    assert_eq!(
+        fs::read_link(live(&fx).join(".env")).unwrap().to_str(),
+        Some("../../shared/.env")
+    );
+}

@@ -623,7 +623,16 @@ fn open_source(path: &Path, rel: &RelPath) -> Result<(File, Mtime, u64)> {
 /// A small file, read whole and checked against its scanned digest.
 fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
     let path = source.join(step.path.as_str());
-    let (f, mtime, _) = open_source(&path, step.path)?;
+    let (f, mtime, _) = match open_source(&path, step.path) {
+        // An empty file the source lacks is a shared file's empty seed (`flip_plan::shared`:
+        // a shared file absent from the source starts empty); its content is known.
+        Err(TransferError::Source { source, .. })
+            if step.size == 0 && source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Ok((Vec::new(), None));
+        }
+        r => r?,
+    };
     let mut data = Vec::with_capacity(step.size as usize);
     f.take(step.size + 1)
         .read_to_end(&mut data)
