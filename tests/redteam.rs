@@ -702,3 +702,46 @@ fn a_shared_file_the_source_lacks_starts_empty_instead_of_failing_the_deploy() {
         Some("../../shared/.env")
     );
 }
+
+#[test]
+fn shared_dir_swapped_for_a_symlink_outside_is_refused_and_the_live_release_is_named() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "source = \"src\"\nshared_dirs = [\"storage\"]\n[env.t]\ntargets = [{:?}]\n",
+            fx.root_str()
+        ),
+    )
+    .unwrap();
+    src.file("index.php", "v1\n", 0o644)
+        .file("storage/seed.log", "seed\n", 0o644);
+    fx.flip(&["deploy", "t"]).success();
+    let outside = fx.path("outside");
+    fs::create_dir(&outside).unwrap();
+    src.file("index.php", "v2\n", 0o644);
+    // shared/storage, then shared/ itself, replaced by a symlink to a directory outside.
+    for swapped in ["shared/storage", "shared"] {
+        let p = fx.root.join(swapped);
+        fs::rename(&p, fx.path("moved")).unwrap();
+        std::os::unix::fs::symlink(&outside, &p).unwrap();
+        let run = fx
+            .flip(&["deploy", "t"])
+            .code(10)
+            .stderr_has(&format!("{} is a symlink", s(&p)))
+            .stderr_has("failed (release 1 live)");
+        assert!(!run.stderr.contains("no release live"), "{}", run.stderr);
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "{swapped}");
+        assert_eq!(fx.current_link(), "releases/1");
+        assert_eq!(fx.release_ids(), vec![1]);
+        fs::remove_file(&p).unwrap();
+        fs::rename(fx.path("moved"), &p).unwrap();
+    }
+    fx.flip(&["deploy", "t"]).success();
+    assert_eq!(fs::read(live(&fx).join("index.php")).unwrap(), b"v2\n");
+    assert_eq!(
+        fs::read(live(&fx).join("storage/seed.log")).unwrap(),
+        b"seed\n"
+    );
+}

@@ -737,6 +737,10 @@ fn prepare(
 ) -> Result<Host, Failed> {
     let mut host = Host::connect_and_lock(index, target, o, events)?;
     if !o.shared.is_empty() {
+        // The agent ends the session on a refused shared path: what stays live is read first,
+        // so the failure names it instead of saying "no release live".
+        let (current, _) = host.session.status().map_err(|e| host.fail(e.into()))?;
+        host.previous = current;
         host.present = host
             .session
             .shared(&o.shared, o.writable_owner.as_deref())
