@@ -148,9 +148,16 @@ impl Settings {
                 .flatten()
                 .map(|p| {
                     flip_manifest::RelPath::new(p.trim_end_matches('/')).map_err(|e| {
+                        // Most causes quote the path already: name it once.
+                        let why = match e {
+                            flip_manifest::PathError::Empty | flip_manifest::PathError::TooLong => {
+                                format!("{p:?}: {e}")
+                            }
+                            _ => e.to_string(),
+                        };
                         bad(
                             key,
-                            format!("{p:?} is not a relative path inside the release: {e}"),
+                            format!("{why}: a relative path inside the release is expected"),
                         )
                     })
                 })

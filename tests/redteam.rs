@@ -745,3 +745,48 @@ fn shared_dir_swapped_for_a_symlink_outside_is_refused_and_the_live_release_is_n
         b"seed\n"
     );
 }
+
+#[test]
+fn an_unknown_writable_owner_is_a_target_problem_not_a_connection_problem() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    for owner in ["flip-no-such-user", "root:flip-no-such-group"] {
+        fs::write(
+            fx.path("flip.toml"),
+            format!("writable_dirs = [\"cache\"]\nwritable_owner = \"{owner}\"\n"),
+        )
+        .unwrap();
+        let run = fx
+            .flip(&["deploy", src.s(), fx.root_str()])
+            .code(5)
+            .stderr_has("writable_owner: no ")
+            .stderr_has("nothing was changed");
+        assert!(!run.stderr.contains("invalid request"), "{}", run.stderr);
+        assert_eq!(fx.release_ids(), vec![1]);
+        assert_eq!(fx.current_link(), "releases/1");
+    }
+}
+
+#[test]
+fn a_bad_shared_path_in_flip_toml_is_named_once() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    for (bad, why) in [("../up", "component"), ("/etc", "absolute"), ("", "empty")] {
+        fs::write(fx.path("flip.toml"), format!("shared_dirs = [{bad:?}]\n")).unwrap();
+        let run = fx
+            .flip(&["deploy", src.s(), fx.root_str()])
+            .code(2)
+            .stderr_has(why)
+            .stderr_has("flip.toml:1: shared_dirs");
+        assert_eq!(
+            run.stderr.matches(&format!("{bad:?}")).count(),
+            1,
+            "{}",
+            run.stderr
+        );
+    }
+    assert!(!fx.root.exists());
+}

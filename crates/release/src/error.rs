@@ -146,6 +146,10 @@ pub enum Error {
         /// Which setting says so.
         why: String,
     },
+    /// `writable_owner` names a user or group this host does not have (the message says
+    /// which); nothing was changed.
+    #[error("{0}: nothing was changed; create it on the target or change writable_owner")]
+    UnknownOwner(String),
     /// The work was stopped because nobody waits for it any more (see [`crate::abandon`]).
     #[error("stopped: the client went away")]
     Abandoned,
@@ -181,6 +185,7 @@ impl Error {
             | Error::CurrentForeign { .. }
             | Error::Layout { .. }
             | Error::SharedConflict { .. }
+            | Error::UnknownOwner(_)
             | Error::IdsExhausted { .. } => ErrorClass::Target,
         }
     }

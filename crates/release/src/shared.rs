@@ -420,7 +420,8 @@ pub fn resolve_owner(spec: &str) -> std::result::Result<(u32, u32), String> {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let cu = CString::new(user).map_err(|_| format!("bad user name {user:?}"))?;
+    let cu =
+        CString::new(user).map_err(|_| format!("writable_owner: {user:?} is not a user name"))?;
     // SAFETY: getpwnam with a NUL-terminated name; the result is read at once (the agent is
     // the only thread asking).
     let pw = unsafe { libc::getpwnam(cu.as_ptr()) };
@@ -430,7 +431,8 @@ pub fn resolve_owner(spec: &str) -> std::result::Result<(u32, u32), String> {
     // SAFETY: non-null passwd entry from getpwnam.
     let (uid, mut gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
     if let Some(g) = group {
-        let cg = CString::new(g).map_err(|_| format!("bad group name {g:?}"))?;
+        let cg =
+            CString::new(g).map_err(|_| format!("writable_owner: {g:?} is not a group name"))?;
         // SAFETY: as above, for getgrnam.
         let gr = unsafe { libc::getgrnam(cg.as_ptr()) };
         if gr.is_null() {
