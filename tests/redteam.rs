@@ -790,3 +790,47 @@ fn a_bad_shared_path_in_flip_toml_is_named_once() {
     }
     assert!(!fx.root.exists());
 }
+
+#[test]
+fn a_hook_appending_to_a_hard_linked_deployed_file_is_flagged_not_excused() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644)
+        .file("config/app.php", "<?php return [];\n", 0o644);
+    fx.deploy(&src, &[]);
+    // Release 2 links config/app.php from release 1; the hook appends to it in place.
+    fs::write(
+        fx.path("flip.toml"),
+        "before_activate = [\"echo '// tampered' >> config/app.php\"]\n",
+    )
+    .unwrap();
+    src.file("index.php", "v2\n", 0o644);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .success()
+        .stderr_has("config/app.php was written into in place");
+    assert_eq!(
+        ino(&fx.release(1).join("config/app.php")),
+        ino(&fx.release(2).join("config/app.php"))
+    );
+    let run = fx.flip(&["verify", "--json", fx.root_str()]).code(7);
+    let j = run.json();
+    let problems = j["problems"].to_string();
+    assert!(problems.contains("config/app.php"), "{j}");
+    assert!(problems.contains("written into in place"), "{j}");
+    assert!(
+        !j["warnings"].to_string().contains("written by hooks"),
+        "{j}"
+    );
+
+    // A hook that replaces the file (new inode) is not tampering: a warning only.
+    fs::write(
+        fx.path("flip.toml"),
+        "before_activate = [\"cp config/app.php x && echo '// ok' >> x && mv x config/app.php\"]\n",
+    )
+    .unwrap();
+    src.file("index.php", "v3\n", 0o644);
+    fx.flip(&["deploy", src.s(), fx.root_str()]).success();
+    fx.flip(&["verify", fx.root_str()])
+        .success()
+        .stderr_has("written by hooks");
+}

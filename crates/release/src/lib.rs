@@ -965,7 +965,7 @@ impl Root {
         let manifest = self.manifest(id)?;
         let dir = self.release_dir(id);
         let diffs = stage::tree_differences(&dir, &manifest);
-        Ok(self.without_hook_writes(id, &dir, diffs))
+        Ok(self.without_hook_writes(id, &dir, &manifest, diffs))
     }
 }
 
