@@ -834,3 +834,32 @@ fn a_hook_appending_to_a_hard_linked_deployed_file_is_flagged_not_excused() {
         .success()
         .stderr_has("written by hooks");
 }
+
+#[test]
+fn an_after_hook_failing_on_a_first_deploy_says_there_was_nothing_to_switch_back_to() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "source = \"src\"\nafter_activate = [\"exit 3\"]\nrollback_on_failure = true\n[env.e]\ntargets = [{:?}]\n",
+            fx.root_str()
+        ),
+    )
+    .unwrap();
+    let run = fx
+        .flip(&["deploy", "e"])
+        .code(12)
+        .stderr_has("had no release live before: release 1 stays live")
+        .stderr_has("live on its one target");
+    assert!(!run.stderr.contains("all 1 targets"), "{}", run.stderr);
+    assert_eq!(fx.current_link(), "releases/1");
+    // The next deploy switches back to release 1 when the hook fails again.
+    src.file("index.php", "v2\n", 0o644);
+    fx.flip(&["deploy", "e"])
+        .code(12)
+        .stderr_has("switched back to release 1");
+    assert_eq!(fx.current_link(), "releases/1");
+    assert_eq!(fx.release_ids(), vec![1]);
+}
