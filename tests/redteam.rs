@@ -863,3 +863,78 @@ fn an_after_hook_failing_on_a_first_deploy_says_there_was_nothing_to_switch_back
     assert_eq!(fx.current_link(), "releases/1");
     assert_eq!(fx.release_ids(), vec![1]);
 }
+
+/// Starts `flip deploy SRC ROOT` with a before-hook that writes its pid to `pidfile` and sleeps,
+/// waits for the hook to run, kills the client with `signal`, and waits for the hook to be gone.
+fn kill_client_during_hook(fx: &Fx, src: &Src, signal: i32) {
+    let pidfile = fx.path("hook.pid");
+    let _ = fs::remove_file(&pidfile);
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "before_activate = [\"echo $$ > {}; sleep 60\"]\n",
+            s(&pidfile)
+        ),
+    )
+    .unwrap();
+    let mut run = fx.spawn(&[], &["deploy", src.s(), fx.root_str()]);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let hook = loop {
+        if let Some(pid) = fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(run.is_running(), "the deploy ended before its hook ran");
+        assert!(std::time::Instant::now() < deadline, "the hook never ran");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    // SAFETY: a signal to the flip client this test started.
+    unsafe { libc::kill(run.pid() as i32, signal) };
+    assert!(run.wait_any(TIMEOUT).is_some());
+    let killed = std::time::Instant::now();
+    while !exited(hook) && killed.elapsed() < TIMEOUT {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(exited(hook), "the hook outlived its client");
+    fs::remove_file(fx.path("flip.toml")).unwrap();
+}
+
+#[test]
+fn a_client_killed_during_a_before_hook_leaves_no_release_behind() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    // A first deploy: the target it was creating is gone again.
+    src.file("index.php", "v1\n", 0o644);
+    kill_client_during_hook(&fx, &src, libc::SIGTERM);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while fx.root.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        !fx.root.exists(),
+        "a first deploy that failed leaves no target"
+    );
+    fx.deploy(&src, &[]);
+
+    // A later deploy: its committed release, whose hook never finished, is removed (it would
+    // otherwise be the rollback target of the next deploy), and the lock is free.
+    src.file("index.php", "v2\n", 0o644);
+    kill_client_during_hook(&fx, &src, libc::SIGINT);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while fx.release_ids() != vec![1] && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(fx.release_ids(), vec![1]);
+    assert_eq!(fx.current_link(), "releases/1");
+    assert!(
+        !fx.meta_files().iter().any(|f| f.starts_with("2.")),
+        "{:?}",
+        fx.meta_files()
+    );
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 3, "{j}");
+    fx.flip(&["rollback", fx.root_str()]).success();
+    assert_eq!(fx.current_link(), "releases/1");
+}

@@ -141,6 +141,8 @@ struct Session {
     /// The release live before this session's activation or rollback, once it made one
     /// (`FLIP_PREVIOUS` of a hook run after the swap).
     previous_live: Option<Option<u64>>,
+    /// The client said `Bye`: the session ended as the client meant it to.
+    bye: bool,
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -180,6 +182,7 @@ pub fn serve_with(
         shared: None,
         mkpath,
         previous_live: None,
+        bye: false,
     };
     let r = s.run(&mut rx, &mut tx);
     // Teardown, on every path: the staging directory goes first, then a target this session
@@ -188,6 +191,7 @@ pub fn serve_with(
     s.incoming = None;
     s.pool = None;
     s.stage = None;
+    s.discard_abandoned();
     let lock = s.lock.take();
     match (s.created.take(), lock, s.root) {
         (Some(created), Some(lock), Some(root)) if !s.committed => root.undo_init(&created, lock),
@@ -366,6 +370,7 @@ impl Session {
                 Err(e) => return Err(e.into()),
             };
             if matches!(req, Request::Bye) {
+                self.bye = true;
                 tx.send(&Response::Bye)?;
                 tx.flush()?;
                 return Ok(());
@@ -468,6 +473,32 @@ impl Session {
         self.stage
             .as_ref()
             .ok_or_else(|| AgentError::Protocol("no release is being staged".into()))
+    }
+
+    /// A session that ends without `Bye` (the client killed or gone, an error, the idle
+    /// timeout) removes the release it committed and never made live: its `before_activate`
+    /// hooks may not have run, or run to their end, and the deploy that made it failed. (A
+    /// `--no-activate` deploy says `Bye`: its release stays, staged.)
+    fn discard_abandoned(&mut self) {
+        let (Some(id), Some(root), Some(lock), false) =
+            (self.discardable, self.root, self.lock.as_ref(), self.bye)
+        else {
+            return;
+        };
+        if !matches!(root.current(), Ok(c) if c != Some(id)) {
+            return;
+        }
+        match root.discard(lock, id) {
+            Ok(()) => {
+                self.discardable = None;
+                self.committed = false;
+                self.log(serde_json::json!({
+                    "time": now(), "event": "discard", "release": id,
+                    "why": "the session ended before the release was made live",
+                }));
+            }
+            Err(e) => eprintln!("flip agent: warning: release {id} left staged: {e}"),
+        }
     }
 
     fn log(&self, event: serde_json::Value) {
