@@ -938,3 +938,25 @@ fn a_client_killed_during_a_before_hook_leaves_no_release_behind() {
     fx.flip(&["rollback", fx.root_str()]).success();
     assert_eq!(fx.current_link(), "releases/1");
 }
+
+#[test]
+fn mkpath_over_a_file_in_the_way_names_the_file() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    let file = fx.path("afile");
+    fs::write(&file, "not a directory").unwrap();
+    for target in ["afile/x", "afile/x/y"] {
+        let t = fx.path(target);
+        for extra in [&["--mkpath"][..], &[][..]] {
+            let mut args = vec!["deploy", src.s(), s(&t)];
+            args.extend_from_slice(extra);
+            let run = fx
+                .flip(&args)
+                .code(5)
+                .stderr_has(&format!("{} is not a directory", s(&file)));
+            assert!(!run.stderr.contains("os error"), "{}", run.stderr);
+        }
+    }
+    assert_eq!(fs::read(&file).unwrap(), b"not a directory");
+}
