@@ -343,8 +343,9 @@ impl Config {
                 .map(|(v, f)| (Some(v), f))
                 .unwrap_or((None, "default")),
             before_activate: pick(&e.before_activate, &t.before_activate, envkey)
-                .unwrap_or_default(),
-            after_activate: pick(&e.after_activate, &t.after_activate, envkey).unwrap_or_default(),
+                .unwrap_or((HookList::default(), "default")),
+            after_activate: pick(&e.after_activate, &t.after_activate, envkey)
+                .unwrap_or((HookList::default(), "default")),
             rollback_on_failure: pick(&e.rollback_on_failure, &t.rollback_on_failure, envkey)
                 .unwrap_or((false, "default")),
         })

@@ -1015,7 +1015,9 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<Code> {
         );
         match r.compress_level.0 {
             Some(l) => outln!("compress_level = {l}  # {}", r.compress_level.1),
-            None => outln!("# compress_level: default (3 over SSH, off locally)"),
+            None => {
+                outln!("# compress_level: default (adaptive over SSH, levels 1-9; off locally)")
+            }
         }
         outln!("shared_dirs = {:?}  # {}", r.shared_dirs.0, r.shared_dirs.1);
         outln!(

@@ -960,3 +960,35 @@ fn mkpath_over_a_file_in_the_way_names_the_file() {
     }
     assert_eq!(fs::read(&file).unwrap(), b"not a directory");
 }
+
+#[test]
+fn flip_config_says_where_every_value_came_from_hooks_included() {
+    let fx = Fx::new();
+    fs::write(
+        fx.path("flip.toml"),
+        "source = \".\"\n[env.prod]\ntargets = [\"/srv/app\"]\n",
+    )
+    .unwrap();
+    let run = fx.flip(&["config", "prod"]).success();
+    for line in run
+        .stdout
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("targets"))
+    {
+        let (_, from) = line.rsplit_once("  # ").unwrap_or(("", ""));
+        assert!(
+            !from.trim().is_empty(),
+            "no origin: {line:?}\n{}",
+            run.stdout
+        );
+    }
+    assert!(
+        run.stdout.contains("before_activate = []  # default"),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("3 over SSH"), "{}", run.stdout);
+    let j = fx.flip(&["config", "--json", "prod"]).success().json();
+    assert_eq!(j["from"]["before_activate"], "default", "{j}");
+    assert_eq!(j["from"]["after_activate"], "default", "{j}");
+}
