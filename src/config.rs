@@ -474,6 +474,19 @@ exclude = [
 # Releases kept on each target after a deploy (the live one and the rollback target always are).
 keep = 5
 
+# Runtime state, kept once per target under shared/ and a symlink in every release; seeded from
+# the source on the first deploy only (the excludes above keep local logs, caches and your .env
+# out of the seed: the target's shared/.env starts empty, fill it in there), never touched again.
+shared_dirs = ["storage"]
+shared_files = [".env"]
+writable_dirs = ["bootstrap/cache"]
+
+# Commands run in each target's new release before any target goes live (a failure leaves every
+# target where it was), and once all are live; see README.md, "Hooks" and "OPcache".
+# before_activate = ["php artisan config:cache", { run = "php artisan migrate --force", once = true }]
+# after_activate = ["sudo systemctl reload php8.3-fpm"]
+# rollback_on_failure = true
+
 # Every target of an environment gets the release, and they go live together: a target that
 # fails means none goes live. A target is what `flip deploy SRC TARGET` takes: a local
 # directory, [user@]host:/path or ssh://user@host:port/path.

@@ -992,3 +992,22 @@ fn flip_config_says_where_every_value_came_from_hooks_included() {
     assert_eq!(j["from"]["before_activate"], "default", "{j}");
     assert_eq!(j["from"]["after_activate"], "default", "{j}");
 }
+
+#[test]
+fn a_shared_file_excluded_from_the_scan_is_seeded_empty_not_a_source_change() {
+    let fx = Fx::new();
+    fs::write(
+        fx.path("flip.toml"),
+        "shared_files = [\".env\"]\nexclude = [\".env\"]\n",
+    )
+    .unwrap();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644)
+        .file(".env", "APP_KEY=local-secret\n", 0o600);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(fs::read(fx.root.join("shared/.env")).unwrap(), b"", "{j}");
+    // Nothing of the local secret went anywhere on the target.
+    assert!(!fs::read_to_string(fx.root.join(".flip/log"))
+        .unwrap()
+        .contains("local-secret"));
+}

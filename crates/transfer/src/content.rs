@@ -622,17 +622,19 @@ fn open_source(path: &Path, rel: &RelPath) -> Result<(File, Mtime, u64)> {
 
 /// A small file, read whole and checked against its scanned digest.
 fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
+    // An empty file's content is known without reading it; and an empty shared-file seed
+    // (`flip_plan::shared`: a shared file the scan lacks starts empty) may name a path the
+    // source lacks, or one excluded from the scan that has content (a local `.env`).
     let path = source.join(step.path.as_str());
-    let (f, mtime, _) = match open_source(&path, step.path) {
-        // An empty file the source lacks is a shared file's empty seed (`flip_plan::shared`:
-        // a shared file absent from the source starts empty); its content is known.
-        Err(TransferError::Source { source, .. })
-            if step.size == 0 && source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            return Ok((Vec::new(), None));
-        }
-        r => r?,
-    };
+    if step.size == 0 {
+        // The source's mtime when it is this empty file.
+        let mtime = std::fs::symlink_metadata(&path)
+            .ok()
+            .filter(|m| m.is_file() && m.len() == 0)
+            .map(|m| (m.mtime(), m.mtime_nsec() as u32));
+        return Ok((Vec::new(), mtime));
+    }
+    let (f, mtime, _) = open_source(&path, step.path)?;
     let mut data = Vec::with_capacity(step.size as usize);
     f.take(step.size + 1)
         .read_to_end(&mut data)
