@@ -466,8 +466,12 @@ fn dry_runs(
     }
     Ok(exit::OK)
 }
+
 /// The release a deploy of `scanned` records with shared paths `shared` (the same whatever the
 /// target's `shared/` holds): every shared path a symlink into `shared/`.
+///
+/// # Errors
+/// A shared path of the wrong kind in `scanned` (exit 4).
 pub fn shared_release(
     shared: &flip_plan::shared::SharedPaths,
     scanned: &flip_manifest::Manifest,

@@ -352,6 +352,7 @@ fn seeding_a_path_the_live_release_holds_makes_fresh_inodes() {
 #[test]
 fn writable_dirs_get_their_mode_and_as_root_their_owner() {
     let fx = Fx::new();
+    // SAFETY: geteuid has no preconditions.
     let is_root = unsafe { libc::geteuid() } == 0;
     write_config(
         &fx,

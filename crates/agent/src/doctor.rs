@@ -21,6 +21,10 @@ const PHP_OUTPUT_MAX: u64 = 64 * 1024;
 const PHP_CODE: &str = r#"echo "version=", PHP_VERSION, "\n"; echo "ini=", (string) php_ini_loaded_file(), "\n"; echo "opcache=", extension_loaded("Zend OPcache") ? "1" : "0", "\n"; foreach (["opcache.enable", "opcache.enable_cli", "opcache.validate_timestamps", "opcache.revalidate_freq", "opcache.revalidate_path", "realpath_cache_size", "realpath_cache_ttl"] as $k) { $v = ini_get($k); echo $k, "=", $v === false ? "-" : $v, "\n"; }"#;
 
 /// The answer to `Doctor` for the target at `root`.
+///
+/// # Errors
+/// As [`flip_release::doctor::doctor`]: the target is missing, not a directory or not a flip
+/// target.
 pub fn answer(root: &Path) -> Result<Response, flip_release::Error> {
     let opts = DoctorOptions {
         space_margin: crate::SPACE_MARGIN,
@@ -232,6 +236,7 @@ pub fn php_findings(php: &Path, out: &str) -> Vec<Finding> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // the tests' fake php scripts
 mod tests {
     use super::*;
 

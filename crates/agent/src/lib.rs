@@ -159,6 +159,9 @@ pub fn serve(
 }
 
 /// [`serve`]; with `mkpath`, a deploy creates the root's missing parent directories too.
+///
+/// # Errors
+/// As [`serve`].
 pub fn serve_with(
     input: Box<dyn Read + Send>,
     output: Box<dyn Write + Send>,

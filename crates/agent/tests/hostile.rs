@@ -857,6 +857,7 @@ fn a_stage_that_would_write_over_a_shared_path_the_target_has_is_refused() {
     let t = tempfile::tempdir().unwrap();
     live_root(t.path());
     std::fs::create_dir_all(t.path().join("shared/storage")).unwrap();
+    #[allow(clippy::disallowed_methods)] // a scratch target's file
     std::fs::write(t.path().join("shared/storage/keep"), "runtime data").unwrap();
     // The target has shared/storage: the release must link to it, not carry a directory.
     let dir = Entry {

@@ -83,6 +83,9 @@ impl Target {
 
     /// [`Target::connect`]; with `mkpath`, the agent (`flip agent --mkpath`, locally or on the
     /// server) may create the root's missing parent directories when a deploy creates the root.
+    ///
+    /// # Errors
+    /// As [`Target::connect`].
     pub fn connect_agent(
         &self,
         ssh: &SshSettings,

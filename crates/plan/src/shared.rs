@@ -25,7 +25,9 @@ pub const SHARED_DIR: &str = "shared";
 /// What a shared path is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SharedKind {
+    /// A directory (`shared_dirs`).
     Dir,
+    /// A regular file (`shared_files`).
     File,
 }
 
@@ -43,7 +45,9 @@ impl SharedKind {
 /// `writable_mode` of `flip.toml`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SharedPaths {
+    /// Shared directories (`shared_dirs`), relative to the release.
     pub dirs: Vec<RelPath>,
+    /// Shared files (`shared_files`), relative to the release.
     pub files: Vec<RelPath>,
     /// Directories that must exist with [`SharedPaths::writable_mode`] after a deploy: in the
     /// release, or under `shared/` when under a shared directory.
@@ -55,24 +59,44 @@ pub struct SharedPaths {
 /// Why shared-path settings or a source cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SharedError {
+    /// A shared path (`inner`) lies inside another (`outer`).
     #[error("shared path {inner} is inside shared path {outer}: list only {outer}")]
-    Nested { outer: String, inner: String },
+    Nested {
+        /// The enclosing shared path.
+        outer: String,
+        /// The shared path inside it.
+        inner: String,
+    },
+    /// A path is listed twice in `shared_dirs` and `shared_files`.
     #[error("{0} is listed twice in the shared paths")]
     Twice(String),
+    /// A shared or writable path in `.flip`.
     #[error("{0}: `.flip` is flip's own directory and cannot be shared or writable")]
     Reserved(String),
+    /// A writable directory inside a shared file.
     #[error("writable directory {dir} is inside shared file {file}")]
-    WritableInFile { dir: String, file: String },
+    WritableInFile {
+        /// The writable directory.
+        dir: String,
+        /// The shared file it is inside.
+        file: String,
+    },
+    /// `writable_mode` has bits outside 07777.
     #[error("writable_mode {0:o} has bits outside 07777")]
     BadMode(u32),
     /// The source (or the staged tree) has the wrong kind of entry at a path.
     #[error("{path} is {found} in the source, but {why}: make it {expected} or remove it")]
     WrongType {
+        /// The path, relative to the source.
         path: String,
+        /// What is there ("a symlink", ...).
         found: &'static str,
+        /// What the settings need there.
         expected: &'static str,
+        /// Which setting needs it.
         why: String,
     },
+    /// The release or staged manifest built is invalid.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
 }
@@ -164,6 +188,10 @@ impl SharedPaths {
 
     /// Checks the settings themselves: no shared path twice or inside another, none in `.flip`,
     /// no writable directory inside a shared file, a mode within 07777.
+    ///
+    /// # Errors
+    /// [`SharedError::BadMode`], [`SharedError::Reserved`], [`SharedError::Twice`],
+    /// [`SharedError::Nested`] or [`SharedError::WritableInFile`].
     pub fn validate(&self) -> Result<(), SharedError> {
         if self.writable_mode & !0o7777 != 0 {
             return Err(SharedError::BadMode(self.writable_mode));
@@ -202,6 +230,9 @@ impl SharedPaths {
     /// Checks a scanned source before anything is sent: each shared path absent or of its kind,
     /// each parent of a shared path or of a writable directory in the release absent or a
     /// directory, each writable directory in the release absent or a directory.
+    ///
+    /// # Errors
+    /// As [`SharedPaths::validate`]; [`SharedError::WrongType`] naming the source path.
     pub fn check_source(&self, m: &Manifest) -> Result<(), SharedError> {
         self.validate()?;
         for (x, kind) in self.all() {
@@ -227,6 +258,10 @@ impl SharedPaths {
     /// The release and the staged manifest of `scanned` on a target that already has the shared
     /// paths in `present` (see the module docs). Source content at a shared path the target has
     /// is left out whatever its kind; at a seed it must be of the path's kind.
+    ///
+    /// # Errors
+    /// As [`SharedPaths::validate`]; [`SharedError::WrongType`] for a seed or a parent of the
+    /// wrong kind; [`SharedError::Manifest`] if the result is not a valid manifest.
     pub fn apply(
         &self,
         scanned: &Manifest,

@@ -41,13 +41,18 @@ pub enum Severity {
 /// relative to the target's root) and the fix (a command or a setting, with absolute paths).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finding {
+    /// The check (`layout`, `current`, `releases`, `writable`, `leftovers`, `space`, `lock`).
     pub check: &'static str,
+    /// How much it matters.
     pub severity: Severity,
+    /// What the doctor saw.
     pub message: String,
+    /// How to fix it (`None`: nothing to fix).
     pub fix: Option<String>,
 }
 
 impl Finding {
+    /// A finding of `check` without a fix.
     pub fn new(check: &'static str, severity: Severity, message: impl Into<String>) -> Finding {
         Finding {
             check,
@@ -57,6 +62,7 @@ impl Finding {
         }
     }
 
+    /// The finding with its fix.
     pub fn fix(mut self, fix: impl Into<String>) -> Finding {
         self.fix = Some(fix.into());
         self
@@ -92,6 +98,9 @@ const PROC_LOCKS_MAX: u64 = 4 << 20;
 /// Looks at the target `dir` and reports what it finds. Fails (as every command does) when
 /// `dir` is missing, not a directory or not a flip target; a layout flip would refuse is a
 /// `layout` problem, after which nothing else is looked at.
+///
+/// # Errors
+/// As [`Root::open`]: the target is missing, not a directory or not a flip target.
 pub fn doctor(dir: &Path, opts: &DoctorOptions) -> Result<Vec<Finding>> {
     let root = match Root::open(dir) {
         Ok(r) => r,
@@ -761,8 +770,10 @@ impl Me {
     fn get() -> Me {
         // SAFETY: geteuid/getegid have no preconditions; getgroups fills the buffer we own.
         let uid = unsafe { libc::geteuid() };
+        // SAFETY: getegid has no preconditions.
         let mut groups = vec![unsafe { libc::getegid() }];
         let mut buf = vec![0 as libc::gid_t; 256];
+        // SAFETY: getgroups writes at most buf.len() gids into the buffer we own.
         let n = unsafe { libc::getgroups(buf.len() as libc::c_int, buf.as_mut_ptr()) };
         if n > 0 {
             groups.extend_from_slice(&buf[..n as usize]);
@@ -821,6 +832,7 @@ impl Stat {
     fn at(dir: &OwnedFd, name: &CStr) -> Option<Stat> {
         // SAFETY: statx fills the zeroed struct we own; the name is NUL-terminated.
         let mut st: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: statx fills `st`, which we own, for a NUL-terminated name relative to our fd.
         let r = unsafe {
             libc::statx(
                 dir.as_raw_fd(),
@@ -880,6 +892,7 @@ pub fn user_name(uid: u32) -> String {
     // SAFETY: getpwuid_r fills the struct and buffer we own; the result pointer is checked.
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
     let mut res: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r fills `pw` and `buf`, both ours and of the lengths given.
     let r = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut res) };
     if r != 0 || res.is_null() || pw.pw_name.is_null() {
         return uid.to_string();
@@ -895,6 +908,7 @@ fn group_name(gid: u32) -> String {
     // SAFETY: as for getpwuid_r.
     let mut gr: libc::group = unsafe { std::mem::zeroed() };
     let mut res: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrgid_r fills `gr` and `buf`, both ours and of the lengths given.
     let r = unsafe { libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut res) };
     if r != 0 || res.is_null() || gr.gr_name.is_null() {
         return gid.to_string();
@@ -931,6 +945,7 @@ fn list(dir: &OwnedFd, budget: &mut u64) -> std::io::Result<(Vec<CString>, bool)
     if dup < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: fdopendir takes ownership of `dup`, a directory fd we own (checked above).
     let d = unsafe { libc::fdopendir(dup) };
     if d.is_null() {
         let e = std::io::Error::last_os_error();
@@ -947,9 +962,12 @@ fn list(dir: &OwnedFd, budget: &mut u64) -> std::io::Result<(Vec<CString>, bool)
         }
         // SAFETY: errno is reset so the end of the listing can be told from an error.
         unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: readdir on the DIR* we opened and have not closed.
         let ent = unsafe { libc::readdir(d) };
         if ent.is_null() {
+            // SAFETY: reading errno of this thread.
             let errno = unsafe { *libc::__errno_location() };
+            // SAFETY: closedir of the DIR* we opened, once.
             unsafe { libc::closedir(d) };
             if errno != 0 {
                 return Err(std::io::Error::from_raw_os_error(errno));
@@ -976,6 +994,7 @@ fn statvfs(path: &Path) -> Option<FsSpace> {
     let c = cstr(path);
     // SAFETY: statvfs fills the zeroed struct we own from a NUL-terminated path.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills `st`, which we own, from a NUL-terminated path.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return None;
     }
@@ -1004,6 +1023,7 @@ fn human(n: u64) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // scratch trees of the tests
 mod tests {
     use super::*;
 

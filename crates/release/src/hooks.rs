@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 /// Most paths recorded for one release; beyond, the rest are not recorded (and `verify` flags
 /// them) with a warning.
-pub const MAX_HOOK_PATHS: usize = 100_000;
+pub(crate) const MAX_HOOK_PATHS: usize = 100_000;
 
 /// Largest record read back (a damaged or planted bigger one is ignored with a warning).
 const RECORD_MAX: u64 = 64 << 20;

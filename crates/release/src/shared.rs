@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// What a stage does with shared paths at commit ([`crate::Stage::set_shared`]).
@@ -102,6 +102,10 @@ impl Root {
     /// with `lstat` only. Refuses ([`Error::SharedConflict`], naming the path) a path of
     /// another kind, a symlink on the way, or one on the way to a writable directory under
     /// `shared/`; nothing is changed.
+    ///
+    /// # Errors
+    /// [`Error::SharedConflict`] as above; [`Error::Layout`] when `shared/` is not a real
+    /// directory; an I/O error looking.
     pub fn shared_state(
         &self,
         _lock: &LockGuard,
@@ -233,6 +237,7 @@ pub(crate) fn commit_shared(
             ));
             fsutil::remove_tree(&staged_x)?;
         }
+        // SAFETY: fsync of a directory fd we own.
         cvt(unsafe { libc::fsync(parent.as_raw_fd()) }).map_err(io("fsync", &shown))?;
         std::os::unix::fs::symlink(link_target(x), &staged_x)
             .map_err(io("create the symlink", &staged_x))?;
@@ -250,6 +255,9 @@ pub(crate) fn commit_shared(
 
 impl Root {
     /// Flushes the filesystem holding `shared/` (after [`Root::writable_shared`] alone).
+    ///
+    /// # Errors
+    /// An I/O error of `syncfs`, naming `shared/`.
     pub fn sync_shared(&self) -> Result<()> {
         fsutil::syncfs(&self.shared_dir())
     }
@@ -258,6 +266,10 @@ impl Root {
     /// `shared/` as a directory of `mode` (and `owner`), creating what is missing on the way
     /// (mode 0755), never through a symlink. Only under shared paths that exist or were just
     /// seeded; flushed by the caller's `syncfs`, or here when called alone (an unchanged deploy).
+    ///
+    /// # Errors
+    /// [`Error::SharedConflict`] for a symlink or a non-directory on the way; an I/O error
+    /// creating, changing the mode or the owner, naming the path.
     pub fn writable_shared(
         &self,
         dirs: &[RelPath],
@@ -315,6 +327,7 @@ fn copy_across(
     let finish_dir = |fd: &OwnedFd, mode: u32| -> std::io::Result<()> {
         // SAFETY: fchmod/fsync on a directory fd we own.
         cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) })?;
+        // SAFETY: as above.
         cvt(unsafe { libc::fsync(fd.as_raw_fd()) })
     };
     match staged.get(x) {
@@ -406,15 +419,32 @@ fn fresh_inode(path: &Path) -> Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.tmp-seed"));
     let _ = fs::remove_file(&tmp);
-    fs::copy(path, &tmp).map_err(io("copy", path))?;
-    let f = fs::File::open(&tmp).map_err(io("open", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
+    let mut from = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io("open", path))?;
+    // A new file (never one that exists), then the mode exactly (the umask applies at create).
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("create", &tmp))?;
+    std::io::copy(&mut from, &mut out).map_err(io("copy into", &tmp))?;
+    out.set_permissions(fs::Permissions::from_mode(m.mode() & 0o7777))
+        .map_err(io("chmod", &tmp))?;
+    out.sync_all().map_err(io("fsync", &tmp))?;
     fs::rename(&tmp, path).map_err(io("rename", path))?;
     Ok(())
 }
 
 /// Resolves `user` or `user:group` to (uid, gid) (the user's primary group when no group is
 /// given).
+///
+/// # Errors
+/// A message naming the user or group this host does not have (or a name with a NUL).
 pub fn resolve_owner(spec: &str) -> std::result::Result<(u32, u32), String> {
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
@@ -445,6 +475,7 @@ pub fn resolve_owner(spec: &str) -> std::result::Result<(u32, u32), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // scratch trees of the tests
 mod tests {
     use super::*;
     use crate::{Holder, Wait};

@@ -692,6 +692,9 @@ impl<'r> Stage<'r> {
     /// (replaced by their symlinks), the release recorded is `s.release`, and the writable
     /// directories are made. Refused unless `s.release` is this stage's manifest with exactly the
     /// seeds replaced by symlinks (the same files otherwise, in the same order).
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] when `s.release` is not that manifest.
     pub fn set_shared(&mut self, s: crate::SharedCommit) -> Result<()> {
         let kept = self
             .manifest

@@ -157,10 +157,13 @@ pub struct DeployReport {
 /// before the request was sent and just after the answer arrived.
 #[derive(Clone, Debug)]
 pub struct DoctorAnswer {
+    /// What the agent found, in the order it looked.
     pub findings: Vec<flip_wire::Finding>,
     /// The agent's clock when it answered.
     pub agent_ms: i64,
+    /// This client's clock just before the request was sent.
     pub sent_ms: i64,
+    /// This client's clock just after the answer arrived.
     pub received_ms: i64,
 }
 
@@ -180,6 +183,7 @@ pub struct HookEnd {
     pub signal: Option<i32>,
     /// Killed because it ran longer than its timeout.
     pub timed_out: bool,
+    /// How long it ran, in milliseconds.
     pub duration_ms: u64,
 }
 
@@ -794,6 +798,9 @@ impl Session {
     /// Tells the agent this deploy's shared paths (see [`Request::Shared`]) and returns the ones
     /// `shared/` already has; an `Err` (the agent's, naming the path) when one there is of
     /// another kind. `owner`: `user` or `user:group` for writable directories.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn shared(
         &mut self,
         paths: &flip_plan::shared::SharedPaths,
@@ -855,6 +862,9 @@ impl Session {
 
     /// `flip doctor`: what the agent finds on the target (read-only; no lock needed), with the
     /// clocks around the round trip for the skew check.
+    ///
+    /// # Errors
+    /// See [`Session`].
     pub fn doctor(&mut self) -> Result<DoctorAnswer> {
         self.phase = "asking the agent for its findings";
         let sent_ms = unix_ms();
@@ -888,6 +898,9 @@ impl Session {
     /// `FLIP_ENV`); the agent waits at least `wait_ms` for the next request afterwards.
     /// `on_line` hears every line of output as it arrives. Returns how the hook ended (a
     /// failing hook is not an error here: the caller decides).
+    ///
+    /// # Errors
+    /// See [`Session`]; a hook the agent could not start is its error.
     pub fn hook(
         &mut self,
         release: u64,

@@ -372,13 +372,18 @@ pub enum Request {
     /// paths not present) into `shared/`, records the release with symlinks, and makes the
     /// writable directories.
     Shared {
+        /// `shared_dirs`, relative to the release.
         #[serde(deserialize_with = "bounded::vec")]
         dirs: Vec<RelPath>,
+        /// `shared_files`, relative to the release.
         #[serde(deserialize_with = "bounded::vec")]
         files: Vec<RelPath>,
+        /// `writable_dirs`, relative to the release.
         #[serde(deserialize_with = "bounded::vec")]
         writable: Vec<RelPath>,
+        /// `writable_mode`: permission bits (07777) of the writable directories.
         mode: u32,
+        /// `writable_owner` (`user` or `user:group`), applied when the agent runs as root.
         owner: Option<String>,
     },
     /// `flip doctor`: look at the target read-only (never taking the lock) and report what is
@@ -395,11 +400,17 @@ pub enum Request {
     /// timeout must not end the session meanwhile). Answered by [`Response::HookOutput`]
     /// frames as the hook writes, then [`Response::HookDone`].
     Hook {
+        /// The committed release the hook runs in.
         release: u64,
+        /// The shell command (at most [`HOOK_RUN_MAX`] bytes).
         run: String,
+        /// How long it may run, in milliseconds.
         timeout_ms: u64,
+        /// `NAME=VALUE` entries: `FLIP_TARGET` and `FLIP_ENV` only.
         #[serde(deserialize_with = "bounded::vec")]
         env: Vec<String>,
+        /// How long the agent waits for the next request after this one, at least, in
+        /// milliseconds.
         wait_ms: u64,
     },
 }
@@ -416,7 +427,9 @@ pub const HOOK_KILL_GRACE_MS: u64 = 5_000;
 /// Which output of a hook a [`Response::HookOutput`] line comes from.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum HookStream {
+    /// The hook's standard output.
     Stdout,
+    /// The hook's standard error.
     Stderr,
 }
 
@@ -577,25 +590,37 @@ pub enum Response {
     /// The answer to [`Request::Shared`]: the shared paths `shared/` already has (each of its
     /// kind); the others are seeded from the release at commit.
     SharedState {
+        /// The shared paths `shared/` has, each of its kind.
         #[serde(deserialize_with = "bounded::vec")]
         present: Vec<RelPath>,
     },
     /// The answer to [`Request::Doctor`]: the agent's clock when it answered (Unix
     /// milliseconds, for the client's skew check) and what it found, in the order it looked.
     Findings {
+        /// The agent's clock when it answered, in Unix milliseconds.
         time_ms: i64,
+        /// What it found, in the order it looked.
         #[serde(deserialize_with = "bounded::vec")]
         findings: Vec<Finding>,
     },
     /// One line a hook wrote (without its newline; at most [`HOOK_LINE_MAX`] bytes of it, a
     /// longer one cut and marked), sent as it comes.
-    HookOutput { stream: HookStream, line: String },
+    HookOutput {
+        /// Which output the line comes from.
+        stream: HookStream,
+        /// The line, without its newline.
+        line: String,
+    },
     /// The hook ended: its exit `status` (`None` when a signal ended it: `signal`), whether
     /// it was killed for exceeding its timeout, and how long it ran, in milliseconds.
     HookDone {
+        /// Its exit status (`None` when a signal ended it).
         status: Option<i32>,
+        /// The signal that ended it, if one did.
         signal: Option<i32>,
+        /// It was killed for running past its timeout.
         timed_out: bool,
+        /// How long it ran, in milliseconds.
         duration_ms: u64,
     },
 }
@@ -630,9 +655,13 @@ impl Severity {
 /// and how to fix it (a command or a setting; `None` when there is nothing to fix).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Finding {
+    /// The check (`layout`, `current`, ...).
     pub check: String,
+    /// How much it matters.
     pub severity: Severity,
+    /// What the agent saw.
     pub message: String,
+    /// How to fix it (`None`: nothing to fix).
     pub fix: Option<String>,
 }
 
