@@ -796,7 +796,8 @@ fn files_written_in_parallel_all_arrive_and_commit() {
     frames.push(Request::Bye);
     let rs = session(t.path(), None, frames);
     assert!(
-        rs.iter().any(|r| matches!(r, Response::Committed { id: 2 })),
+        rs.iter()
+            .any(|r| matches!(r, Response::Committed { id: 2 })),
         "expected Committed, got {rs:?}"
     );
     let files = std::fs::read_dir(t.path().join("releases/2"))
