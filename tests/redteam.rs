@@ -1011,3 +1011,32 @@ fn a_shared_file_excluded_from_the_scan_is_seeded_empty_not_a_source_change() {
         .unwrap()
         .contains("local-secret"));
 }
+
+#[test]
+fn doctor_names_a_shared_dir_swapped_for_a_symlink_that_every_deploy_refuses() {
+    let fx = Fx::new();
+    fs::write(fx.path("flip.toml"), "shared_dirs = [\"storage\"]\n").unwrap();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    fx.flip(&["doctor", fx.root_str()]).success();
+    let shared = fx.root.join("shared");
+    fs::rename(&shared, fx.path("shared-moved")).unwrap();
+    std::os::unix::fs::symlink(fx.path("shared-moved"), &shared).unwrap();
+    let j = fx
+        .flip(&["doctor", "--json", fx.root_str()])
+        .code(11)
+        .json();
+    let findings = j["hosts"][0]["findings"].as_array().unwrap();
+    let f = findings
+        .iter()
+        .find(|f| f["check"] == "shared")
+        .unwrap_or_else(|| panic!("no shared finding: {j}"));
+    assert_eq!(f["severity"], "problem", "{j}");
+    assert!(f["message"].as_str().unwrap().contains("a symlink"), "{j}");
+    // What doctor calls a problem is what the deploy refuses.
+    src.file("index.php", "v2\n", 0o644);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(5)
+        .stderr_has("is a symlink");
+}
