@@ -379,15 +379,21 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
                         .map(|p| format!(" (was {p})"))
                         .unwrap_or_default()
                 ),
-                (Some(e), _) => host_error(
-                    &o.target,
-                    &e.to_string(),
-                    &format!(
-                        " (live: {})",
-                        o.live
-                            .map_or("none".to_string(), |l| format!("release {l}"))
-                    ),
-                ),
+                (Some(e), _) => {
+                    // Which release stays live, unless the message says so already (or
+                    // nothing is known to be live: a missing target, a first deploy).
+                    let e = e.to_string();
+                    let live = match o.live {
+                        Some(l)
+                            if !e.contains(&format!("({l})"))
+                                && !e.contains(&format!("release {l} ")) =>
+                        {
+                            format!(" (live: release {l})")
+                        }
+                        _ => String::new(),
+                    };
+                    host_error(&o.target, &e, &live)
+                }
                 (None, None) => {}
             }
         }

@@ -1040,3 +1040,29 @@ fn doctor_names_a_shared_dir_swapped_for_a_symlink_that_every_deploy_refuses() {
         .code(5)
         .stderr_has("is a symlink");
 }
+
+#[test]
+fn a_failed_environment_rollback_names_the_live_release_once() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "source = \"src\"\n[env.e]\ntargets = [{:?}, {:?}]\n",
+            fx.root_str(),
+            s(&fx.path("missing"))
+        ),
+    )
+    .unwrap();
+    let run = fx.flip(&["rollback", "e"]).code(10);
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains(fx.root_str()))
+        .unwrap_or_else(|| panic!("{}", run.stderr));
+    assert!(line.contains("(1)"), "{line}");
+    assert!(!line.contains("live: release 1"), "named twice: {line}");
+    assert!(!run.stderr.contains("live: none"), "{}", run.stderr);
+}
