@@ -1066,3 +1066,66 @@ fn a_failed_environment_rollback_names_the_live_release_once() {
     assert!(!line.contains("live: release 1"), "named twice: {line}");
     assert!(!run.stderr.contains("live: none"), "{}", run.stderr);
 }
+
+#[test]
+fn ctrl_c_during_a_hook_stops_the_hook_and_leaves_no_release_behind() {
+    use std::os::unix::process::CommandExt;
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    let pidfile = fx.path("hook.pid");
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "before_activate = [\"echo $$ > {}; sleep 60\"]\n",
+            s(&pidfile)
+        ),
+    )
+    .unwrap();
+    src.file("index.php", "v2\n", 0o644);
+    // A terminal's Ctrl-C: SIGINT to the foreground process group, the client's.
+    let mut child = std::process::Command::new(FLIP)
+        .args(["deploy", src.s(), fx.root_str()])
+        .current_dir(fx.path(""))
+        .env("HOME", &fx.home)
+        .env("XDG_CACHE_HOME", fx.home.join(".cache"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let hook = loop {
+        if let Some(pid) = fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the deploy ended first"
+        );
+        assert!(std::time::Instant::now() < deadline, "the hook never ran");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    // SAFETY: SIGINT to the process group of the flip client this test started.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) };
+    child.wait().unwrap();
+    let gone = std::time::Instant::now();
+    while !(exited(hook) && fx.release_ids() == vec![1]) && gone.elapsed() < TIMEOUT {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let alive = !exited(hook);
+    if alive {
+        // SAFETY: the hook's shell this test's deploy started.
+        unsafe { libc::kill(hook as i32, libc::SIGKILL) };
+    }
+    assert!(!alive, "the hook outlived the Ctrl-C'd deploy");
+    assert_eq!(fx.release_ids(), vec![1]);
+    assert_eq!(fx.current_link(), "releases/1");
+    fs::remove_file(fx.path("flip.toml")).unwrap();
+    fx.deploy(&src, &[]);
+}
