@@ -807,7 +807,7 @@ fn a_hook_appending_to_a_hard_linked_deployed_file_is_flagged_not_excused() {
     src.file("index.php", "v2\n", 0o644);
     fx.flip(&["deploy", src.s(), fx.root_str()])
         .success()
-        .stderr_has("config/app.php was written into in place");
+        .stderr_has("config/app.php was changed in place");
     assert_eq!(
         ino(&fx.release(1).join("config/app.php")),
         ino(&fx.release(2).join("config/app.php"))
@@ -816,7 +816,7 @@ fn a_hook_appending_to_a_hard_linked_deployed_file_is_flagged_not_excused() {
     let j = run.json();
     let problems = j["problems"].to_string();
     assert!(problems.contains("config/app.php"), "{j}");
-    assert!(problems.contains("written into in place"), "{j}");
+    assert!(problems.contains("changed in place"), "{j}");
     assert!(
         !j["warnings"].to_string().contains("written by hooks"),
         "{j}"

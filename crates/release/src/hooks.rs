@@ -138,7 +138,7 @@ impl Root {
 impl Root {
     /// Of `paths` (differences of release `id` from its manifest), the deployed files still on
     /// the inode recorded at commit and linked elsewhere too (by path, with their link count):
-    /// written into in place, so every release sharing the inode changed with them.
+    /// changed in place (content or mode), so every release sharing the inode changed with them.
     fn written_in_place<'a>(
         &self,
         id: u64,
@@ -157,10 +157,10 @@ impl Root {
     }
 }
 
-/// Why a deployed file written into in place while `links` paths share its inode is a problem.
+/// Why a deployed file changed in place while `links` paths share its inode is a problem.
 fn in_place_why(links: u64) -> String {
     format!(
-        "written into in place after commit (by a hook?) while {} other hard link(s) share its inode: the releases sharing it changed too; a hook must write a new file and rename it over the old one, never append to or edit a deployed file",
+        "changed in place after commit (by a hook?) while {} other hard link(s) share its inode: the releases sharing it changed too; a hook must write a new file and rename it over the old one, never edit, append to or chmod a deployed file",
         links - 1
     )
 }
