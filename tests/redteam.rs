@@ -1129,3 +1129,29 @@ fn ctrl_c_during_a_hook_stops_the_hook_and_leaves_no_release_behind() {
     fs::remove_file(fx.path("flip.toml")).unwrap();
     fx.deploy(&src, &[]);
 }
+
+#[test]
+fn flip_init_never_writes_through_a_symlink_named_flip_toml() {
+    let fx = Fx::new();
+    let planted = fx.path("planted-target");
+    std::os::unix::fs::symlink(&planted, fx.path("flip.toml")).unwrap();
+    fx.flip(&["init"]).code(2).stderr_has("exists already");
+    assert!(
+        !planted.exists(),
+        "init created the file a dangling symlink named"
+    );
+    fs::write(&planted, "precious\n").unwrap();
+    fx.flip(&["init", "--force"]).success();
+    assert_eq!(fs::read(&planted).unwrap(), b"precious\n");
+    let m = fs::symlink_metadata(fx.path("flip.toml")).unwrap();
+    assert!(m.is_file(), "the symlink was replaced by the starter");
+    assert!(fs::read_to_string(fx.path("flip.toml"))
+        .unwrap()
+        .contains("[env.prod]"));
+    let leftovers: Vec<_> = fs::read_dir(fx.path(""))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
