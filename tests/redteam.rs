@@ -1155,3 +1155,17 @@ fn flip_init_never_writes_through_a_symlink_named_flip_toml() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn a_config_that_never_ends_or_blocks_is_refused_at_once() {
+    let fx = Fx::new();
+    let fifo = fx.path("fifo.toml");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path in the test's temp dir.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    for config in ["/dev/zero", s(&fifo)] {
+        fx.flip(&["--config", config, "config", "prod"])
+            .code(2)
+            .stderr_has("not a regular file");
+    }
+}
