@@ -1169,3 +1169,28 @@ fn a_config_that_never_ends_or_blocks_is_refused_at_once() {
             .stderr_has("not a regular file");
     }
 }
+
+#[test]
+fn a_flipignore_that_is_a_fifo_or_a_symlink_to_dev_zero_is_refused_not_read() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    let ignore = src.p(".flipignore");
+    let c = std::ffi::CString::new(s(&ignore)).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path in the test's temp dir.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(4)
+        .stderr_has(".flipignore: not a regular file");
+    fs::remove_file(&ignore).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &ignore).unwrap();
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(4)
+        .stderr_has(".flipignore: a symlink");
+    assert!(!fx.root.exists());
+    fs::remove_file(&ignore).unwrap();
+    src.file(".flipignore", "*.log\n", 0o644)
+        .file("debug.log", "x", 0o644);
+    fx.deploy(&src, &[]);
+    assert!(!live(&fx).join("debug.log").exists());
+}
