@@ -923,17 +923,17 @@ fn a_client_killed_during_a_before_hook_leaves_no_release_behind() {
     src.file("index.php", "v2\n", 0o644);
     kill_client_during_hook(&fx, &src, libc::SIGINT);
     let deadline = std::time::Instant::now() + TIMEOUT;
-    while fx.release_ids() != vec![1] && std::time::Instant::now() < deadline {
+    let gone = |fx: &Fx| {
+        fx.release_ids() == vec![1] && !fx.meta_files().iter().any(|f| f.starts_with("2."))
+    };
+    while !gone(&fx) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     assert_eq!(fx.release_ids(), vec![1]);
     assert_eq!(fx.current_link(), "releases/1");
-    assert!(
-        !fx.meta_files().iter().any(|f| f.starts_with("2.")),
-        "{:?}",
-        fx.meta_files()
-    );
-    let j = fx.deploy(&src, &[]);
+    assert!(gone(&fx), "{:?}", fx.meta_files());
+    // The agent may still be finishing its cleanup: the lock is waited for.
+    let j = fx.deploy(&src, &["--wait"]);
     assert_eq!(j["release"], 3, "{j}");
     fx.flip(&["rollback", fx.root_str()]).success();
     assert_eq!(fx.current_link(), "releases/1");
@@ -1127,7 +1127,8 @@ fn ctrl_c_during_a_hook_stops_the_hook_and_leaves_no_release_behind() {
     assert_eq!(fx.release_ids(), vec![1]);
     assert_eq!(fx.current_link(), "releases/1");
     fs::remove_file(fx.path("flip.toml")).unwrap();
-    fx.deploy(&src, &[]);
+    // The agent may still be finishing its cleanup: the lock is waited for.
+    fx.deploy(&src, &["--wait"]);
 }
 
 #[test]
