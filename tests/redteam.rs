@@ -1195,3 +1195,30 @@ fn a_flipignore_that_is_a_fifo_or_a_symlink_to_dev_zero_is_refused_not_read() {
     fx.deploy(&src, &[]);
     assert!(!live(&fx).join("debug.log").exists());
 }
+
+#[test]
+fn a_hook_leaving_a_background_process_on_its_output_does_not_hang_the_deploy() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    let pidfile = fx.path("daemon.pid");
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "before_activate = [\"sleep 600 & echo $! > {}; echo started\"]\n",
+            s(&pidfile)
+        ),
+    )
+    .unwrap();
+    // The harness's timeout (far below 600 s) fails the test if the deploy waits for it.
+    let run = fx.flip(&["deploy", src.s(), fx.root_str()]);
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: the background sleep this test's hook started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    run.success().stderr_has("] started");
+    assert_eq!(fx.current_link(), "releases/1");
+}
