@@ -135,7 +135,7 @@ pub enum Error {
     },
     /// A shared path under `shared/` is of another kind than the settings say (a file where a
     /// directory is shared, a symlink on the way): nothing was changed.
-    #[error("{} is {found}, not {expected} ({why}): flip changes nothing under shared/ and does not deploy; move it away or change shared_dirs/shared_files", path.display())]
+    #[error("{} is {found}, not {expected} ({why}): flip changes nothing under shared/ and does not deploy; move it away or change shared_dirs, shared_files or writable_dirs", path.display())]
     SharedConflict {
         /// The path under `shared/`.
         path: PathBuf,
