@@ -336,9 +336,45 @@ pub fn completions(shell: Shell, out: &mut dyn std::io::Write) {
     }
 }
 
-/// `flip man`: the manual page (roff) of flip and its visible commands, one page.
+/// `flip man`: the manual page (roff) of flip and its visible commands, one page: each
+/// command's synopsis, description and options under COMMANDS (clap_mangen alone would refer
+/// to pages flip-deploy(1), ... that nobody installs).
 pub fn man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
-    clap_mangen::Man::new(command()).render(out)
+    let mut cmd = command();
+    cmd.build();
+    let page = clap_mangen::Man::new(cmd.clone());
+    page.render_title(out)?;
+    page.render_name_section(out)?;
+    page.render_synopsis_section(out)?;
+    page.render_description_section(out)?;
+    page.render_options_section(out)?;
+    writeln!(out, ".SH COMMANDS")?;
+    for sub in cmd
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set() && c.get_name() != "help")
+    {
+        let name = sub.get_bin_name().unwrap_or(sub.get_name());
+        writeln!(out, ".SS \"{name}\"")?;
+        let sub_page = clap_mangen::Man::new(sub.clone());
+        let mut body = Vec::new();
+        sub_page.render_synopsis_section(&mut body)?;
+        sub_page.render_description_section(&mut body)?;
+        sub_page.render_options_section(&mut body)?;
+        // The command's own sections become paragraphs of its subsection.
+        for line in String::from_utf8_lossy(&body).lines() {
+            match line.strip_prefix(".SH ") {
+                Some(title) => {
+                    let title = title.trim_matches('"');
+                    let mut t = title.to_lowercase();
+                    t[..1].make_ascii_uppercase();
+                    writeln!(out, ".PP\n\\fI{t}\\fR\n.br")?
+                }
+                None => writeln!(out, "{line}")?,
+            }
+        }
+    }
+    page.render_extra_section(out)?;
+    page.render_version_section(out)
 }
 
 #[cfg(test)]

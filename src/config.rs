@@ -148,9 +148,16 @@ impl Settings {
                 .flatten()
                 .map(|p| {
                     flip_manifest::RelPath::new(p.trim_end_matches('/')).map_err(|e| {
+                        // Most causes quote the path already: name it once.
+                        let why = match e {
+                            flip_manifest::PathError::Empty | flip_manifest::PathError::TooLong => {
+                                format!("{p:?}: {e}")
+                            }
+                            _ => e.to_string(),
+                        };
                         bad(
                             key,
-                            format!("{p:?} is not a relative path inside the release: {e}"),
+                            format!("{why}: a relative path inside the release is expected"),
                         )
                     })
                 })
@@ -198,6 +205,31 @@ impl Settings {
     }
 }
 
+/// Largest configuration file read, in bytes.
+const CONFIG_MAX: u64 = 4 << 20;
+
+/// The configuration's text: a regular file (a FIFO would block, `/dev/zero` never end) of at
+/// most [`CONFIG_MAX`] bytes.
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let m = f.metadata()?;
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    if !m.is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
+    if m.len() > CONFIG_MAX {
+        return Err(invalid(format!("larger than {CONFIG_MAX} bytes")));
+    }
+    let mut text = String::new();
+    f.take(CONFIG_MAX).read_to_string(&mut text)?;
+    Ok(text)
+}
+
 impl Config {
     /// `explicit` (`--config FILE`, which must exist), else `./flip.toml` if there is one.
     pub fn load(explicit: Option<&Path>) -> Result<Option<Config>> {
@@ -206,7 +238,7 @@ impl Config {
             None if Path::new(FILE).is_file() => PathBuf::from(FILE),
             None => return Ok(None),
         };
-        let text = std::fs::read_to_string(&path).map_err(|e| {
+        let text = read_bounded(&path).map_err(|e| {
             exit::coded(
                 exit::USAGE,
                 format!("cannot read the configuration {}: {e}", path.display()),
@@ -336,8 +368,9 @@ impl Config {
                 .map(|(v, f)| (Some(v), f))
                 .unwrap_or((None, "default")),
             before_activate: pick(&e.before_activate, &t.before_activate, envkey)
-                .unwrap_or_default(),
-            after_activate: pick(&e.after_activate, &t.after_activate, envkey).unwrap_or_default(),
+                .unwrap_or((HookList::default(), "default")),
+            after_activate: pick(&e.after_activate, &t.after_activate, envkey)
+                .unwrap_or((HookList::default(), "default")),
             rollback_on_failure: pick(&e.rollback_on_failure, &t.rollback_on_failure, envkey)
                 .unwrap_or((false, "default")),
         })

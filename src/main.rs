@@ -199,8 +199,13 @@ fn agent(a: cli::AgentArgs) -> Result<Code> {
 }
 
 fn init(a: &cli::InitArgs) -> Result<Code> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = std::path::Path::new(config::FILE);
-    if path.exists() && !a.force {
+    // Never through a symlink (a dangling one planted in a shared directory included): a new
+    // file, and with --force one renamed over whatever is there.
+    let exists = std::fs::symlink_metadata(path).is_ok();
+    if exists && !a.force {
         return Err(exit::coded(
             exit::USAGE,
             format!(
@@ -209,8 +214,25 @@ fn init(a: &cli::InitArgs) -> Result<Code> {
             ),
         ));
     }
-    std::fs::write(path, config::STARTER)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    let tmp = std::path::PathBuf::from(format!(".{}.tmp-{}", config::FILE, std::process::id()));
+    let new = if exists { tmp.as_path() } else { path };
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(new)
+        .and_then(|mut f| f.write_all(config::STARTER.as_bytes()))
+        .and_then(|()| match exists {
+            true => std::fs::rename(new, path),
+            false => Ok(()),
+        });
+    if let Err(e) = written {
+        if exists {
+            let _ = std::fs::remove_file(new);
+        }
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
     note!(
         "flip: wrote {}: set `source` and the targets of each environment, then `flip deploy prod`",
         path.display()
@@ -1078,7 +1100,9 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<Code> {
         );
         match r.compress_level.0 {
             Some(l) => outln!("compress_level = {l}  # {}", r.compress_level.1),
-            None => outln!("# compress_level: default (3 over SSH, off locally)"),
+            None => {
+                outln!("# compress_level: default (adaptive over SSH, levels 1-9; off locally)")
+            }
         }
         outln!("shared_dirs = {:?}  # {}", r.shared_dirs.0, r.shared_dirs.1);
         outln!(

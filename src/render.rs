@@ -221,7 +221,15 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> Code
         for h in &d.hosts {
             failure_notices(h);
             match (&h.report, &h.error) {
-                (_, Some(e)) => host_error(&h.target, &e.to_string(), ""),
+                (Some(r), Some(e)) => {
+                    // A hook failed: what the target said meanwhile (switched back, or why it
+                    // could not be) still goes out.
+                    for w in &r.warnings {
+                        note!("flip: warning: {}", output::printable(w));
+                    }
+                    host_error(&h.target, &e.to_string(), "")
+                }
+                (None, Some(e)) => host_error(&h.target, &e.to_string(), ""),
                 (Some(r), None) => report_text(r, h.state, itemize),
                 (None, None) => {}
             }
@@ -240,9 +248,12 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> Code
             .map(|l| format!(" {l}"))
             .unwrap_or_default();
         if d.all_live() {
+            let all = match d.hosts.len() {
+                1 => "its one target".to_string(),
+                n => format!("all {n} targets"),
+            };
             note!(
-                "flip: {env}{label}: live on all {} targets in {:.2} s",
-                d.hosts.len(),
+                "flip: {env}{label}: live on {all} in {:.2} s",
                 d.duration_ms as f64 / 1000.0
             );
         } else if d.succeeded() {
@@ -368,15 +379,21 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
                         .map(|p| format!(" (was {p})"))
                         .unwrap_or_default()
                 ),
-                (Some(e), _) => host_error(
-                    &o.target,
-                    &e.to_string(),
-                    &format!(
-                        " (live: {})",
-                        o.live
-                            .map_or("none".to_string(), |l| format!("release {l}"))
-                    ),
-                ),
+                (Some(e), _) => {
+                    // Which release stays live, unless the message says so already (or
+                    // nothing is known to be live: a missing target, a first deploy).
+                    let e = e.to_string();
+                    let live = match o.live {
+                        Some(l)
+                            if !e.contains(&format!("({l})"))
+                                && !e.contains(&format!("release {l} ")) =>
+                        {
+                            format!(" (live: release {l})")
+                        }
+                        _ => String::new(),
+                    };
+                    host_error(&o.target, &e, &live)
+                }
                 (None, None) => {}
             }
         }

@@ -149,12 +149,31 @@ fn man_page_is_roff_with_every_command() {
     let fx = Fx::new();
     let page = fx.flip(&["man"]).success().stdout;
     assert!(page.contains(".TH flip 1"), "{}", &page[..200]);
-    assert!(page.contains(".SH SUBCOMMANDS"), "no SUBCOMMANDS section");
+    assert!(page.contains(".SH COMMANDS"), "no COMMANDS section");
+    // One page: each command's options are on it, and no other page is referred to.
     for cmd in [
-        "deploy", "releases", "rollback", "activate", "prune", "verify",
+        "deploy",
+        "releases",
+        "rollback",
+        "activate",
+        "prune",
+        "verify",
+        "diff",
+        "init",
+        "config",
+        "doctor",
+        "completions",
     ] {
-        assert!(page.contains(&format!("flip\\-{cmd}(1)")), "man: {cmd}");
+        assert!(page.contains(&format!(".SS \"flip {cmd}\"")), "man: {cmd}");
+        assert!(
+            !page.contains(&format!("flip\\-{cmd}(1)")),
+            "man refers to flip-{cmd}(1)"
+        );
     }
+    for flag in ["\\-\\-mkpath", "\\-\\-strict", "\\-\\-force\\-release"] {
+        assert!(page.contains(flag), "man: {flag}");
+    }
+    assert!(!page.contains("flip agent"), "hidden commands stay hidden");
     assert!(page.contains("Exit codes: 0 success"), "no exit codes");
 }
 

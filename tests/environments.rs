@@ -536,6 +536,21 @@ fn init_writes_a_starter_that_parses() {
     );
     assert_eq!(j["rollback_on_failure"], true, "{j}");
     fx.flip(&["init"]).code(2).stderr_has("exists already");
+    // The starter deploys a Laravel-shaped app as it is: .env excluded, so shared/.env starts
+    // empty; local logs stay out of the seed.
+    let src = fx.path("app");
+    fs::create_dir_all(src.join("storage/logs")).unwrap();
+    fs::write(src.join("storage/logs/laravel.log"), "local\n").unwrap();
+    fs::write(src.join(".env"), "APP_KEY=local\n").unwrap();
+    fs::write(src.join("index.php"), "<?php\n").unwrap();
+    fs::rename(fx.path("flip.toml"), src.join("flip.toml")).unwrap();
+    let cfg = src.join("flip.toml");
+    fx.flip(&["--config", s(&cfg), "deploy", s(&src), fx.root_str()])
+        .success();
+    assert_eq!(fs::read(fx.root.join("shared/.env")).unwrap(), b"");
+    assert!(fx.root.join("shared/storage/logs").is_dir());
+    assert!(!fx.root.join("shared/storage/logs/laravel.log").exists());
+    assert!(fx.root.join("current/bootstrap/cache").is_dir());
 }
 
 #[test]

@@ -554,3 +554,69 @@ fn after_a_before_hook_failed_no_further_hook_starts_on_any_target() {
         assert!(!root.exists(), "a failed first deploy leaves no target");
     }
 }
+
+#[test]
+fn a_hook_failing_on_one_target_while_another_outlives_the_idle_timeout_leaves_both_unchanged() {
+    let fx = Fx::new();
+    let servers = Servers::start(&fx);
+    let (ra, rb) = (fx.path("a"), fx.path("b"));
+    let targets = servers.targets(&ra, &rb);
+    // Agents that give up on a silent client after 2 s; target a's hook takes 4, b's fails.
+    let wrapper = fx.path("flip-idle");
+    fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nshift\nexec {FLIP} agent --idle-timeout 2 \"$@\"\n"),
+    )
+    .unwrap();
+    fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let key = servers.a.user_key();
+    let args = [
+        "deploy",
+        "prod",
+        "-i",
+        s(&key),
+        "--remote-flip",
+        s(&wrapper),
+    ];
+    config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&args).success();
+    config(
+        &fx,
+        &targets,
+        "before_activate = ['case \"$FLIP_TARGET\" in */a) sleep 4; echo slept;; *) exit 3;; esac']",
+    );
+    site_v2(&src);
+    let r = fx.flip(&args).code(12);
+    assert!(r.stderr.contains("exit status 3"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains("idle"),
+        "an agent gave up meanwhile: {}",
+        r.stderr
+    );
+    for root in [&ra, &rb] {
+        assert_eq!(link(root), "releases/1");
+        let ids: Vec<String> = fs::read_dir(root.join("releases"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            ids,
+            vec!["1".to_string()],
+            "{}: {}",
+            root.display(),
+            r.stderr
+        );
+    }
+    // The targets take the next deploy at once (no lock held, nothing left over).
+    config(&fx, &targets, "");
+    fx.flip(&args).success();
+    for root in [&ra, &rb] {
+        assert_eq!(link(root), "releases/3");
+    }
+}

@@ -678,3 +678,547 @@ fn flips_own_cache_inside_the_source_is_not_deployed() {
     assert!(!live(&fx).join(".cache/flip").exists());
     assert_eq!(fs::read(live(&fx).join("index.php")).unwrap(), b"v3\n");
 }
+
+// ---- Shared paths, hooks, doctor and the CLI (issues 10 and 13), attacked as a user would ----
+
+#[test]
+fn a_shared_file_the_source_lacks_starts_empty_instead_of_failing_the_deploy() {
+    let fx = Fx::new();
+    fs::write(
+        fx.path("flip.toml"),
+        "shared_dirs = [\"storage\"]\nshared_files = [\".env\"]\n",
+    )
+    .unwrap();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    let j = fx.deploy(&src, &[]);
+    let env = fx.root.join("shared/.env");
+    let m = fs::symlink_metadata(&env).unwrap();
+    assert!(m.is_file(), "{j}");
+    assert_eq!((m.len(), m.mode() & 0o7777), (0, 0o644), "{j}");
+    assert!(fx.root.join("shared/storage").is_dir(), "{j}");
+    assert_eq!(
+        fs::read_link(live(&fx).join(".env")).unwrap().to_str(),
+        Some("../../shared/.env")
+    );
+}
+
+#[test]
+fn shared_dir_swapped_for_a_symlink_outside_is_refused_and_the_live_release_is_named() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "source = \"src\"\nshared_dirs = [\"storage\"]\n[env.t]\ntargets = [{:?}]\n",
+            fx.root_str()
+        ),
+    )
+    .unwrap();
+    src.file("index.php", "v1\n", 0o644)
+        .file("storage/seed.log", "seed\n", 0o644);
+    fx.flip(&["deploy", "t"]).success();
+    let outside = fx.path("outside");
+    fs::create_dir(&outside).unwrap();
+    src.file("index.php", "v2\n", 0o644);
+    // shared/storage, then shared/ itself, replaced by a symlink to a directory outside.
+    for swapped in ["shared/storage", "shared"] {
+        let p = fx.root.join(swapped);
+        fs::rename(&p, fx.path("moved")).unwrap();
+        std::os::unix::fs::symlink(&outside, &p).unwrap();
+        let run = fx
+            .flip(&["deploy", "t"])
+            .code(10)
+            .stderr_has(&format!("{} is a symlink", s(&p)))
+            .stderr_has("failed (release 1 live)");
+        assert!(!run.stderr.contains("no release live"), "{}", run.stderr);
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "{swapped}");
+        assert_eq!(fx.current_link(), "releases/1");
+        assert_eq!(fx.release_ids(), vec![1]);
+        fs::remove_file(&p).unwrap();
+        fs::rename(fx.path("moved"), &p).unwrap();
+    }
+    fx.flip(&["deploy", "t"]).success();
+    assert_eq!(fs::read(live(&fx).join("index.php")).unwrap(), b"v2\n");
+    assert_eq!(
+        fs::read(live(&fx).join("storage/seed.log")).unwrap(),
+        b"seed\n"
+    );
+}
+
+#[test]
+fn an_unknown_writable_owner_is_a_target_problem_not_a_connection_problem() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    for owner in ["flip-no-such-user", "root:flip-no-such-group"] {
+        fs::write(
+            fx.path("flip.toml"),
+            format!("writable_dirs = [\"cache\"]\nwritable_owner = \"{owner}\"\n"),
+        )
+        .unwrap();
+        let run = fx
+            .flip(&["deploy", src.s(), fx.root_str()])
+            .code(5)
+            .stderr_has("writable_owner: no ")
+            .stderr_has("nothing was changed");
+        assert!(!run.stderr.contains("invalid request"), "{}", run.stderr);
+        assert_eq!(fx.release_ids(), vec![1]);
+        assert_eq!(fx.current_link(), "releases/1");
+    }
+}
+
+#[test]
+fn a_bad_shared_path_in_flip_toml_is_named_once() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    for (bad, why) in [("../up", "component"), ("/etc", "absolute"), ("", "empty")] {
+        fs::write(fx.path("flip.toml"), format!("shared_dirs = [{bad:?}]\n")).unwrap();
+        let run = fx
+            .flip(&["deploy", src.s(), fx.root_str()])
+            .code(2)
+            .stderr_has(why)
+            .stderr_has("flip.toml:1: shared_dirs");
+        assert_eq!(
+            run.stderr.matches(&format!("{bad:?}")).count(),
+            1,
+            "{}",
+            run.stderr
+        );
+    }
+    assert!(!fx.root.exists());
+}
+
+#[test]
+fn a_hook_appending_to_a_hard_linked_deployed_file_is_flagged_not_excused() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644)
+        .file("config/app.php", "<?php return [];\n", 0o644);
+    fx.deploy(&src, &[]);
+    // Release 2 links config/app.php from release 1; the hook appends to it in place.
+    fs::write(
+        fx.path("flip.toml"),
+        "before_activate = [\"echo '// tampered' >> config/app.php\"]\n",
+    )
+    .unwrap();
+    src.file("index.php", "v2\n", 0o644);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .success()
+        .stderr_has("config/app.php was changed in place");
+    assert_eq!(
+        ino(&fx.release(1).join("config/app.php")),
+        ino(&fx.release(2).join("config/app.php"))
+    );
+    let run = fx.flip(&["verify", "--json", fx.root_str()]).code(7);
+    let j = run.json();
+    let problems = j["problems"].to_string();
+    assert!(problems.contains("config/app.php"), "{j}");
+    assert!(problems.contains("changed in place"), "{j}");
+    assert!(
+        !j["warnings"].to_string().contains("written by hooks"),
+        "{j}"
+    );
+
+    // A hook that replaces the file (new inode) is not tampering: a warning only.
+    fs::write(
+        fx.path("flip.toml"),
+        "before_activate = [\"cp config/app.php x && echo '// ok' >> x && mv x config/app.php\"]\n",
+    )
+    .unwrap();
+    src.file("index.php", "v3\n", 0o644);
+    fx.flip(&["deploy", src.s(), fx.root_str()]).success();
+    fx.flip(&["verify", fx.root_str()])
+        .success()
+        .stderr_has("written by hooks");
+}
+
+#[test]
+fn an_after_hook_failing_on_a_first_deploy_says_there_was_nothing_to_switch_back_to() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "source = \"src\"\nafter_activate = [\"exit 3\"]\nrollback_on_failure = true\n[env.e]\ntargets = [{:?}]\n",
+            fx.root_str()
+        ),
+    )
+    .unwrap();
+    let run = fx
+        .flip(&["deploy", "e"])
+        .code(12)
+        .stderr_has("had no release live before: release 1 stays live")
+        .stderr_has("live on its one target");
+    assert!(!run.stderr.contains("all 1 targets"), "{}", run.stderr);
+    assert_eq!(fx.current_link(), "releases/1");
+    // The next deploy switches back to release 1 when the hook fails again.
+    src.file("index.php", "v2\n", 0o644);
+    fx.flip(&["deploy", "e"])
+        .code(12)
+        .stderr_has("switched back to release 1");
+    assert_eq!(fx.current_link(), "releases/1");
+    assert_eq!(fx.release_ids(), vec![1]);
+}
+
+/// Starts `flip deploy SRC ROOT` with a before-hook that writes its pid to `pidfile` and sleeps,
+/// waits for the hook to run, kills the client with `signal`, and waits for the hook to be gone.
+fn kill_client_during_hook(fx: &Fx, src: &Src, signal: i32) {
+    let pidfile = fx.path("hook.pid");
+    let _ = fs::remove_file(&pidfile);
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "before_activate = [\"echo $$ > {}; sleep 60\"]\n",
+            s(&pidfile)
+        ),
+    )
+    .unwrap();
+    let mut run = fx.spawn(&[], &["deploy", src.s(), fx.root_str()]);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let hook = loop {
+        if let Some(pid) = fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(run.is_running(), "the deploy ended before its hook ran");
+        assert!(std::time::Instant::now() < deadline, "the hook never ran");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    // SAFETY: a signal to the flip client this test started.
+    unsafe { libc::kill(run.pid() as i32, signal) };
+    assert!(run.wait_any(TIMEOUT).is_some());
+    let killed = std::time::Instant::now();
+    while !exited(hook) && killed.elapsed() < TIMEOUT {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(exited(hook), "the hook outlived its client");
+    fs::remove_file(fx.path("flip.toml")).unwrap();
+}
+
+#[test]
+fn a_client_killed_during_a_before_hook_leaves_no_release_behind() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    // A first deploy: the target it was creating is gone again.
+    src.file("index.php", "v1\n", 0o644);
+    kill_client_during_hook(&fx, &src, libc::SIGTERM);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while fx.root.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        !fx.root.exists(),
+        "a first deploy that failed leaves no target"
+    );
+    fx.deploy(&src, &[]);
+
+    // A later deploy: its committed release, whose hook never finished, is removed (it would
+    // otherwise be the rollback target of the next deploy), and the lock is free.
+    src.file("index.php", "v2\n", 0o644);
+    kill_client_during_hook(&fx, &src, libc::SIGINT);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let gone = |fx: &Fx| {
+        fx.release_ids() == vec![1] && !fx.meta_files().iter().any(|f| f.starts_with("2."))
+    };
+    while !gone(&fx) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(fx.release_ids(), vec![1]);
+    assert_eq!(fx.current_link(), "releases/1");
+    assert!(gone(&fx), "{:?}", fx.meta_files());
+    // The agent may still be finishing its cleanup: the lock is waited for.
+    let j = fx.deploy(&src, &["--wait"]);
+    assert_eq!(j["release"], 3, "{j}");
+    fx.flip(&["rollback", fx.root_str()]).success();
+    assert_eq!(fx.current_link(), "releases/1");
+}
+
+#[test]
+fn mkpath_over_a_file_in_the_way_names_the_file() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    let file = fx.path("afile");
+    fs::write(&file, "not a directory").unwrap();
+    for target in ["afile/x", "afile/x/y"] {
+        let t = fx.path(target);
+        for extra in [&["--mkpath"][..], &[][..]] {
+            let mut args = vec!["deploy", src.s(), s(&t)];
+            args.extend_from_slice(extra);
+            let run = fx
+                .flip(&args)
+                .code(5)
+                .stderr_has(&format!("{} is not a directory", s(&file)));
+            assert!(!run.stderr.contains("os error"), "{}", run.stderr);
+        }
+    }
+    assert_eq!(fs::read(&file).unwrap(), b"not a directory");
+}
+
+#[test]
+fn flip_config_says_where_every_value_came_from_hooks_included() {
+    let fx = Fx::new();
+    fs::write(
+        fx.path("flip.toml"),
+        "source = \".\"\n[env.prod]\ntargets = [\"/srv/app\"]\n",
+    )
+    .unwrap();
+    let run = fx.flip(&["config", "prod"]).success();
+    for line in run
+        .stdout
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("targets"))
+    {
+        let (_, from) = line.rsplit_once("  # ").unwrap_or(("", ""));
+        assert!(
+            !from.trim().is_empty(),
+            "no origin: {line:?}\n{}",
+            run.stdout
+        );
+    }
+    assert!(
+        run.stdout.contains("before_activate = []  # default"),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("3 over SSH"), "{}", run.stdout);
+    let j = fx.flip(&["config", "--json", "prod"]).success().json();
+    assert_eq!(j["from"]["before_activate"], "default", "{j}");
+    assert_eq!(j["from"]["after_activate"], "default", "{j}");
+}
+
+#[test]
+fn a_shared_file_excluded_from_the_scan_is_seeded_empty_not_a_source_change() {
+    let fx = Fx::new();
+    fs::write(
+        fx.path("flip.toml"),
+        "shared_files = [\".env\"]\nexclude = [\".env\"]\n",
+    )
+    .unwrap();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644)
+        .file(".env", "APP_KEY=local-secret\n", 0o600);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(fs::read(fx.root.join("shared/.env")).unwrap(), b"", "{j}");
+    // Nothing of the local secret went anywhere on the target.
+    assert!(!fs::read_to_string(fx.root.join(".flip/log"))
+        .unwrap()
+        .contains("local-secret"));
+}
+
+#[test]
+fn doctor_names_a_shared_dir_swapped_for_a_symlink_that_every_deploy_refuses() {
+    let fx = Fx::new();
+    fs::write(fx.path("flip.toml"), "shared_dirs = [\"storage\"]\n").unwrap();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    fx.flip(&["doctor", fx.root_str()]).success();
+    let shared = fx.root.join("shared");
+    fs::rename(&shared, fx.path("shared-moved")).unwrap();
+    std::os::unix::fs::symlink(fx.path("shared-moved"), &shared).unwrap();
+    let j = fx
+        .flip(&["doctor", "--json", fx.root_str()])
+        .code(11)
+        .json();
+    let findings = j["hosts"][0]["findings"].as_array().unwrap();
+    let f = findings
+        .iter()
+        .find(|f| f["check"] == "shared")
+        .unwrap_or_else(|| panic!("no shared finding: {j}"));
+    assert_eq!(f["severity"], "problem", "{j}");
+    assert!(f["message"].as_str().unwrap().contains("a symlink"), "{j}");
+    // What doctor calls a problem is what the deploy refuses.
+    src.file("index.php", "v2\n", 0o644);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(5)
+        .stderr_has("is a symlink");
+}
+
+#[test]
+fn a_failed_environment_rollback_names_the_live_release_once() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "source = \"src\"\n[env.e]\ntargets = [{:?}, {:?}]\n",
+            fx.root_str(),
+            s(&fx.path("missing"))
+        ),
+    )
+    .unwrap();
+    let run = fx.flip(&["rollback", "e"]).code(10);
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains(fx.root_str()))
+        .unwrap_or_else(|| panic!("{}", run.stderr));
+    assert!(line.contains("(1)"), "{line}");
+    assert!(!line.contains("live: release 1"), "named twice: {line}");
+    assert!(!run.stderr.contains("live: none"), "{}", run.stderr);
+}
+
+#[test]
+fn ctrl_c_during_a_hook_stops_the_hook_and_leaves_no_release_behind() {
+    use std::os::unix::process::CommandExt;
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    let pidfile = fx.path("hook.pid");
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "before_activate = [\"echo $$ > {}; sleep 60\"]\n",
+            s(&pidfile)
+        ),
+    )
+    .unwrap();
+    src.file("index.php", "v2\n", 0o644);
+    // A terminal's Ctrl-C: SIGINT to the foreground process group, the client's.
+    let mut child = std::process::Command::new(FLIP)
+        .args(["deploy", src.s(), fx.root_str()])
+        .current_dir(fx.path(""))
+        .env("HOME", &fx.home)
+        .env("XDG_CACHE_HOME", fx.home.join(".cache"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let hook = loop {
+        if let Some(pid) = fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the deploy ended first"
+        );
+        assert!(std::time::Instant::now() < deadline, "the hook never ran");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    // SAFETY: SIGINT to the process group of the flip client this test started.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) };
+    child.wait().unwrap();
+    let gone = std::time::Instant::now();
+    while !(exited(hook) && fx.release_ids() == vec![1]) && gone.elapsed() < TIMEOUT {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let alive = !exited(hook);
+    if alive {
+        // SAFETY: the hook's shell this test's deploy started.
+        unsafe { libc::kill(hook as i32, libc::SIGKILL) };
+    }
+    assert!(!alive, "the hook outlived the Ctrl-C'd deploy");
+    assert_eq!(fx.release_ids(), vec![1]);
+    assert_eq!(fx.current_link(), "releases/1");
+    fs::remove_file(fx.path("flip.toml")).unwrap();
+    // The agent may still be finishing its cleanup: the lock is waited for.
+    fx.deploy(&src, &["--wait"]);
+}
+
+#[test]
+fn flip_init_never_writes_through_a_symlink_named_flip_toml() {
+    let fx = Fx::new();
+    let planted = fx.path("planted-target");
+    std::os::unix::fs::symlink(&planted, fx.path("flip.toml")).unwrap();
+    fx.flip(&["init"]).code(2).stderr_has("exists already");
+    assert!(
+        !planted.exists(),
+        "init created the file a dangling symlink named"
+    );
+    fs::write(&planted, "precious\n").unwrap();
+    fx.flip(&["init", "--force"]).success();
+    assert_eq!(fs::read(&planted).unwrap(), b"precious\n");
+    let m = fs::symlink_metadata(fx.path("flip.toml")).unwrap();
+    assert!(m.is_file(), "the symlink was replaced by the starter");
+    assert!(fs::read_to_string(fx.path("flip.toml"))
+        .unwrap()
+        .contains("[env.prod]"));
+    let leftovers: Vec<_> = fs::read_dir(fx.path(""))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn a_config_that_never_ends_or_blocks_is_refused_at_once() {
+    let fx = Fx::new();
+    let fifo = fx.path("fifo.toml");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path in the test's temp dir.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    for config in ["/dev/zero", s(&fifo)] {
+        fx.flip(&["--config", config, "config", "prod"])
+            .code(2)
+            .stderr_has("not a regular file");
+    }
+}
+
+#[test]
+fn a_flipignore_that_is_a_fifo_or_a_symlink_to_dev_zero_is_refused_not_read() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    let ignore = src.p(".flipignore");
+    let c = std::ffi::CString::new(s(&ignore)).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path in the test's temp dir.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(4)
+        .stderr_has(".flipignore: not a regular file");
+    fs::remove_file(&ignore).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &ignore).unwrap();
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(4)
+        .stderr_has(".flipignore: a symlink");
+    assert!(!fx.root.exists());
+    fs::remove_file(&ignore).unwrap();
+    src.file(".flipignore", "*.log\n", 0o644)
+        .file("debug.log", "x", 0o644);
+    fx.deploy(&src, &[]);
+    assert!(!live(&fx).join("debug.log").exists());
+}
+
+#[test]
+fn a_hook_leaving_a_background_process_on_its_output_does_not_hang_the_deploy() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    let pidfile = fx.path("daemon.pid");
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "before_activate = [\"sleep 600 & echo $! > {}; echo started\"]\n",
+            s(&pidfile)
+        ),
+    )
+    .unwrap();
+    // The harness's timeout (far below 600 s) fails the test if the deploy waits for it.
+    let run = fx.flip(&["deploy", src.s(), fx.root_str()]);
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: the background sleep this test's hook started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    run.success().stderr_has("] started");
+    assert_eq!(fx.current_link(), "releases/1");
+}

@@ -539,7 +539,7 @@ fn shared_keys_follow_the_precedence_and_bad_ones_name_the_file_line_and_key() {
     );
     fx.flip(&["config", "prod"])
         .code(2)
-        .stderr_has("flip.toml:5: env.prod.shared_dirs: \"../b\" is not a relative path");
+        .stderr_has("flip.toml:5: env.prod.shared_dirs: \"../b\": path has an empty, '.' or '..' component: a relative path inside the release is expected");
     write_config(&fx, "shared_dirs = [\"storage\", \"storage/logs\"]\n");
     fx.flip(&["config", "prod"])
         .code(2)

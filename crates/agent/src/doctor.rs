@@ -6,6 +6,7 @@
 use flip_release::doctor::{DoctorOptions, Finding as RelFinding, Severity as RelSeverity};
 use flip_wire::{Finding, Response, Severity};
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -116,6 +117,8 @@ fn run_bounded(php: &Path, timeout: Duration) -> Result<String, String> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
+        // A group of its own: a wrapper script's children are killed with it at the timeout.
+        .process_group(0)
         .spawn()
         .map_err(|e| e.to_string())?;
     let stdout = child.stdout.take().expect("piped");
@@ -132,6 +135,8 @@ fn run_bounded(php: &Path, timeout: Duration) -> Result<String, String> {
                 std::thread::sleep(Duration::from_millis(20))
             }
             Ok(None) => {
+                // SAFETY: kill(2) of the process group of the child spawned above (its pid).
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(format!("no answer within {} s (killed)", timeout.as_secs()));
@@ -149,6 +154,9 @@ fn run_bounded(php: &Path, timeout: Duration) -> Result<String, String> {
         return Err("its output did not end".into());
     }
     let out = reader.join().unwrap_or_default();
+    if out.len() as u64 >= PHP_OUTPUT_MAX {
+        return Err(format!("it printed more than {PHP_OUTPUT_MAX} bytes"));
+    }
     if !status.success() {
         return Err(format!("it exited with {status}"));
     }
@@ -278,5 +286,64 @@ mod tests {
         let e = run_bounded(&php, Duration::from_millis(300)).unwrap_err();
         assert!(e.contains("killed"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_php_wrapper_that_hangs_is_killed_with_its_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let php = dir.path().join("php");
+        let pidfile = dir.path().join("child.pid");
+        std::fs::write(
+            &php,
+            format!(
+                "#!/bin/sh
+sleep 30 &
+echo $! > {}
+wait
+",
+                pidfile.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&php, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let e = run_bounded(&php, Duration::from_millis(500)).unwrap_err();
+        assert!(e.contains("killed"), "{e}");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let started = Instant::now();
+        // SAFETY: kill(pid, 0) only asks whether the process exists.
+        while unsafe { libc::kill(pid, 0) } == 0 && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A zombie until its new parent reaps it: gone or a zombie is dead.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.trim_start().to_string());
+        assert!(
+            state.is_none_or(|r| r.starts_with('Z')),
+            "the wrapper's child outlived the timeout: {stat}"
+        );
+    }
+
+    #[test]
+    fn a_php_printing_megabytes_is_cut_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let php = dir.path().join("php");
+        std::fs::write(
+            &php,
+            "#!/bin/sh
+head -c 50000000 /dev/zero
+",
+        )
+        .unwrap();
+        std::fs::set_permissions(&php, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let e = run_bounded(&php, Duration::from_secs(5)).unwrap_err();
+        assert!(e.contains("printed more than"), "{e}");
     }
 }

@@ -158,6 +158,8 @@ struct Session {
     /// The last request was a `Stage` against a release no longer live (why): a `Changes`
     /// right after it is not done either.
     stale: Option<String>,
+    /// The client said `Bye`: the session ended as the client meant it to.
+    bye: bool,
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -202,6 +204,7 @@ pub fn serve_with(
         previous_live: None,
         greeted: false,
         stale: None,
+        bye: false,
     };
     let r = s.run(&mut rx, &mut tx);
     // Teardown, on every path: the staging directory goes first, then a target this session
@@ -210,6 +213,7 @@ pub fn serve_with(
     s.incoming = None;
     s.pool = None;
     s.stage = None;
+    s.discard_abandoned();
     let lock = s.lock.take();
     match (s.created.take(), lock, s.root) {
         (Some(created), Some(lock), Some(root)) if !s.committed => root.undo_init(&created, lock),
@@ -436,6 +440,7 @@ impl Session {
                 Err(e) => return Err(e.into()),
             };
             if matches!(req, Request::Bye) {
+                self.bye = true;
                 tx.send(&Response::Bye)?;
                 tx.flush()?;
                 return Ok(());
@@ -567,6 +572,32 @@ impl Session {
         self.stage
             .as_ref()
             .ok_or_else(|| AgentError::Protocol("no release is being staged".into()))
+    }
+
+    /// A session that ends without `Bye` (the client killed or gone, an error, the idle
+    /// timeout) removes the release it committed and never made live: its `before_activate`
+    /// hooks may not have run, or run to their end, and the deploy that made it failed. (A
+    /// `--no-activate` deploy says `Bye`: its release stays, staged.)
+    fn discard_abandoned(&mut self) {
+        let (Some(id), Some(root), Some(lock), false) =
+            (self.discardable, self.root, self.lock.as_ref(), self.bye)
+        else {
+            return;
+        };
+        if !matches!(root.current(), Ok(c) if c != Some(id)) {
+            return;
+        }
+        match root.discard(lock, id) {
+            Ok(()) => {
+                self.discardable = None;
+                self.committed = false;
+                self.log(serde_json::json!({
+                    "time": now(), "event": "discard", "release": id,
+                    "why": "the session ended before the release was made live",
+                }));
+            }
+            Err(e) => eprintln!("flip agent: warning: release {id} left staged: {e}"),
+        }
     }
 
     fn log(&self, event: serde_json::Value) {

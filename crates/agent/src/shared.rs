@@ -47,7 +47,7 @@ impl Settings {
         let root_user = unsafe { libc::geteuid() } == 0;
         let owner = match owner {
             Some(spec) if root_user => {
-                Some(flip_release::resolve_owner(&spec).map_err(RelError::BadRequest)?)
+                Some(flip_release::resolve_owner(&spec).map_err(RelError::UnknownOwner)?)
             }
             Some(spec) => {
                 root.warn(format!(

@@ -790,12 +790,16 @@ fn many_files(bad: &[usize]) -> (Manifest, Vec<Request>) {
 fn files_written_in_parallel_all_arrive_and_commit() {
     let t = tempfile::tempdir().unwrap();
     live_root(t.path());
-    let (_, frames) = many_files(&[]);
+    let (_, mut frames) = many_files(&[]);
+    // The client's goodbye: a session ending without it removes the release it committed and
+    // never made live.
+    frames.push(Request::Bye);
     let rs = session(t.path(), None, frames);
-    match rs.last() {
-        Some(Response::Committed { id: 2 }) => {}
-        other => panic!("expected Committed, got {other:?}"),
-    }
+    assert!(
+        rs.iter()
+            .any(|r| matches!(r, Response::Committed { id: 2 })),
+        "expected Committed, got {rs:?}"
+    );
     let files = std::fs::read_dir(t.path().join("releases/2"))
         .unwrap()
         .count();
@@ -859,6 +863,7 @@ fn a_stage_that_would_write_over_a_shared_path_the_target_has_is_refused() {
     let t = tempfile::tempdir().unwrap();
     live_root(t.path());
     std::fs::create_dir_all(t.path().join("shared/storage")).unwrap();
+    #[allow(clippy::disallowed_methods)] // a scratch target's file
     std::fs::write(t.path().join("shared/storage/keep"), "runtime data").unwrap();
     // The target has shared/storage: the release must link to it, not carry a directory.
     let dir = Entry {

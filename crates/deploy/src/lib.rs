@@ -1616,7 +1616,8 @@ mod tests {
 
     #[test]
     fn the_default_label_of_a_git_work_tree_is_its_commit_marked_dirty_when_changed() {
-        let d = tempfile_dir().join("repo");
+        let base = tempfile_dir();
+        let d = base.join("repo");
         std::fs::create_dir_all(&d).unwrap();
         let git = |args: &[&str]| {
             let ok = std::process::Command::new("git")
@@ -1644,7 +1645,8 @@ mod tests {
         assert_eq!(default_label(&d), head);
         std::fs::write(d.join("index.php"), "<?php // edited\n").unwrap();
         assert_eq!(default_label(&d), format!("{head}-dirty"));
-        let _ = std::fs::remove_dir_all(&d);
+        // The whole temp directory, not only the repository in it (it was left behind).
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     fn tempfile_dir() -> PathBuf {

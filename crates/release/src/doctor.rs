@@ -137,7 +137,39 @@ pub fn doctor(dir: &Path, opts: &DoctorOptions) -> Result<Vec<Finding>> {
     check_leftovers(&root, &me, opts, &mut out);
     check_space(&root, live, opts, &mut out);
     check_lock(&root, &mut out);
+    check_shared(&root, &mut out);
     Ok(out)
+}
+
+/// `shared/`, when there is one, must be a real directory: a deploy with shared paths refuses
+/// a symlink (it never writes through one) or anything else there.
+fn check_shared(root: &Root, out: &mut Vec<Finding>) {
+    let path = root.shared_dir();
+    let Ok(m) = std::fs::symlink_metadata(&path) else {
+        return;
+    };
+    if m.is_dir() {
+        out.push(Finding::new(
+            "shared",
+            Severity::Ok,
+            "shared/ is a real directory",
+        ));
+        return;
+    }
+    out.push(
+        Finding::new(
+            "shared",
+            Severity::Problem,
+            format!(
+                "shared is {}, not a directory: every deploy with shared paths refuses this target (flip never writes through a symlink)",
+                crate::fsutil::kind_of(&m)
+            ),
+        )
+        .fix(format!(
+            "put the real directory at {} (to keep shared data on another disk, mount that disk there)",
+            path.display()
+        )),
+    );
 }
 
 /// The release `current` names, when it is complete; findings on it either way.

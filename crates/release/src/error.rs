@@ -135,7 +135,7 @@ pub enum Error {
     },
     /// A shared path under `shared/` is of another kind than the settings say (a file where a
     /// directory is shared, a symlink on the way): nothing was changed.
-    #[error("{} is {found}, not {expected} ({why}): flip changes nothing under shared/ and does not deploy; move it away or change shared_dirs/shared_files", path.display())]
+    #[error("{} is {found}, not {expected} ({why}): flip changes nothing under shared/ and does not deploy; move it away or change shared_dirs, shared_files or writable_dirs", path.display())]
     SharedConflict {
         /// The path under `shared/`.
         path: PathBuf,
@@ -146,6 +146,10 @@ pub enum Error {
         /// Which setting says so.
         why: String,
     },
+    /// `writable_owner` names a user or group this host does not have (the message says
+    /// which); nothing was changed.
+    #[error("{0}: nothing was changed; create it on the target or change writable_owner")]
+    UnknownOwner(String),
     /// The work was stopped because nobody waits for it any more (see [`crate::abandon`]).
     #[error("stopped: the client went away")]
     Abandoned,
@@ -181,6 +185,7 @@ impl Error {
             | Error::CurrentForeign { .. }
             | Error::Layout { .. }
             | Error::SharedConflict { .. }
+            | Error::UnknownOwner(_)
             | Error::IdsExhausted { .. } => ErrorClass::Target,
         }
     }

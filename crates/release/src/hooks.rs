@@ -8,6 +8,7 @@
 //! flagged. The manifest (and the deploy's digest) stay the deployed tree's.
 
 use crate::{fsutil, stage, LockGuard, Root};
+use flip_manifest::Manifest;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -46,6 +47,10 @@ impl Root {
         let diffs = stage::tree_differences(&dir, &manifest);
         let mut record = self.hook_record(id);
         let mut dropped = 0usize;
+        let shared = self.written_in_place(id, &dir, &manifest, diffs.iter().map(|(p, _)| p));
+        for (path, links) in &shared {
+            self.warn(format!("release {id}: {path} was {}", in_place_why(*links)));
+        }
         for (path, _) in diffs {
             if record.len() >= MAX_HOOK_PATHS && !record.contains_key(&path) {
                 dropped += 1;
@@ -88,19 +93,27 @@ impl Root {
 
     /// Splits the differences of release `id` (path, message) into problems and the paths
     /// written by its hooks (recorded, and unchanged since); warns about the latter.
+    /// A file a hook wrote into in place while other releases share its inode is a problem
+    /// (they changed too), never "written by hooks".
     pub(crate) fn without_hook_writes(
         &self,
         id: u64,
         dir: &Path,
+        manifest: &Manifest,
         diffs: Vec<(String, String)>,
     ) -> Vec<String> {
         if diffs.is_empty() {
             return Vec::new();
         }
         let record = self.hook_record(id);
+        let shared = self.written_in_place(id, dir, manifest, diffs.iter().map(|(p, _)| p));
         let mut written = Vec::new();
         let mut problems = Vec::new();
         for (path, message) in diffs {
+            if let Some(links) = shared.get(&path) {
+                problems.push(format!("{message}: {}", in_place_why(*links)));
+                continue;
+            }
             match record.get(&path) {
                 Some(was) if *was == identity(&dir.join(&path)) => written.push(path),
                 _ => problems.push(message),
@@ -120,6 +133,36 @@ impl Root {
         }
         problems
     }
+}
+
+impl Root {
+    /// Of `paths` (differences of release `id` from its manifest), the deployed files still on
+    /// the inode recorded at commit and linked elsewhere too (by path, with their link count):
+    /// changed in place (content or mode), so every release sharing the inode changed with them.
+    fn written_in_place<'a>(
+        &self,
+        id: u64,
+        dir: &Path,
+        manifest: &Manifest,
+        paths: impl Iterator<Item = &'a String>,
+    ) -> BTreeMap<String, u64> {
+        let inodes = self.committed_inodes(id, manifest);
+        paths
+            .filter_map(|p| {
+                let ino = *inodes.get(p)?;
+                let m = fs::symlink_metadata(dir.join(p)).ok()?;
+                (m.is_file() && m.ino() == ino && m.nlink() > 1).then(|| (p.clone(), m.nlink()))
+            })
+            .collect()
+    }
+}
+
+/// Why a deployed file changed in place while `links` paths share its inode is a problem.
+fn in_place_why(links: u64) -> String {
+    format!(
+        "changed in place after commit (by a hook?) while {} other hard link(s) share its inode: the releases sharing it changed too; a hook must write a new file and rename it over the old one, never edit, append to or chmod a deployed file",
+        links - 1
+    )
 }
 
 /// What a path is now, without following a symlink: `file MODE INO SIZE MTIME CTIME`,

@@ -194,6 +194,15 @@ impl Root {
                 fs::create_dir_all(dir).map_err(io("create", dir))?;
                 created.dirs = missing;
             }
+            // A file where a parent directory must be: name that file, not the target.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                let file = dir
+                    .ancestors()
+                    .skip(1)
+                    .find(|a| fs::symlink_metadata(a).is_ok_and(|m| !m.is_dir()))
+                    .unwrap_or(dir);
+                return Err(Error::NotADirectory(file.to_path_buf()));
+            }
             Err(e) => return Err(io("open", dir)(e)),
         }
         let root = Root::at(dir);
@@ -965,7 +974,7 @@ impl Root {
         let manifest = self.manifest(id)?;
         let dir = self.release_dir(id);
         let diffs = stage::tree_differences(&dir, &manifest);
-        Ok(self.without_hook_writes(id, &dir, diffs))
+        Ok(self.without_hook_writes(id, &dir, &manifest, diffs))
     }
 }
 

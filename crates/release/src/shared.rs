@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// What a stage does with shared paths at commit ([`crate::Stage::set_shared`]).
@@ -399,24 +399,22 @@ fn fresh_inode(path: &Path) -> Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.tmp-seed"));
     let _ = fs::remove_file(&tmp);
-    // A new file (never through a symlink, never into an inode a leftover temp may share),
-    // with the mode of the original.
-    let mut out = {
-        use std::os::unix::fs::OpenOptionsExt;
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?
-    };
-    let mut src = fs::File::open(path).map_err(io("open", path))?;
-    std::io::copy(&mut src, &mut out).map_err(io("copy", path))?;
-    out.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
-        m.mode() & 0o7777,
-    ))
-    .map_err(io("chmod", &tmp))?;
+    let mut from = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io("open", path))?;
+    // A new file (never one that exists), then the mode exactly (the umask applies at create).
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("create", &tmp))?;
+    std::io::copy(&mut from, &mut out).map_err(io("copy into", &tmp))?;
+    out.set_permissions(fs::Permissions::from_mode(m.mode() & 0o7777))
+        .map_err(io("chmod", &tmp))?;
     out.sync_all().map_err(io("fsync", &tmp))?;
     fs::rename(&tmp, path).map_err(io("rename", path))?;
     Ok(())
@@ -434,7 +432,8 @@ pub fn resolve_owner(spec: &str) -> std::result::Result<(u32, u32), String> {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let cu = CString::new(user).map_err(|_| format!("bad user name {user:?}"))?;
+    let cu =
+        CString::new(user).map_err(|_| format!("writable_owner: {user:?} is not a user name"))?;
     // SAFETY: getpwnam with a NUL-terminated name; the result is read at once (the agent is
     // the only thread asking).
     let pw = unsafe { libc::getpwnam(cu.as_ptr()) };
@@ -444,7 +443,8 @@ pub fn resolve_owner(spec: &str) -> std::result::Result<(u32, u32), String> {
     // SAFETY: non-null passwd entry from getpwnam.
     let (uid, mut gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
     if let Some(g) = group {
-        let cg = CString::new(g).map_err(|_| format!("bad group name {g:?}"))?;
+        let cg =
+            CString::new(g).map_err(|_| format!("writable_owner: {g:?} is not a group name"))?;
         // SAFETY: as above, for getgrnam.
         let gr = unsafe { libc::getgrnam(cg.as_ptr()) };
         if gr.is_null() {

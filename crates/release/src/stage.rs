@@ -27,7 +27,7 @@ use crate::{fsutil, LockGuard, ReleaseInfo, Root, STAGING_PREFIX};
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_plan::{FileStep, Plan, Source};
 use rayon::prelude::*;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -837,6 +837,17 @@ impl Stage<'_> {
 }
 
 impl Root {
+    /// The inode of each file of release `id` as recorded at commit (`.flip/releases/N.stat`),
+    /// by path; empty when that record is missing or damaged.
+    pub(crate) fn committed_inodes(&self, id: u64, m: &Manifest) -> BTreeMap<String, u64> {
+        let stamps = self.read_stamps(id, m);
+        m.entries()
+            .iter()
+            .zip(stamps)
+            .filter_map(|(e, st)| Some((e.path.to_string(), st?.ino)))
+            .collect()
+    }
+
     /// The recorded identity of a release's files, by position in its manifest's entries
     /// (`None` for directories and symlinks); empty when the record is missing, of an older
     /// format, truncated or does not match the manifest: then every file is unknown, and is

@@ -463,6 +463,38 @@ fn hash_one(
     }))
 }
 
+/// Largest `.flipignore` read, in bytes.
+const FLIPIGNORE_MAX: u64 = 4 << 20;
+
+/// `.flipignore`'s bytes: a regular file of at most [`FLIPIGNORE_MAX`] bytes, never through a
+/// symlink (one to `/dev/zero` never ended, to another file read that file as patterns) nor from
+/// a FIFO (which blocked the scan).
+fn read_flipignore(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a symlink (flip reads .flipignore only as a regular file)",
+            ),
+            _ => e,
+        })?;
+    let m = f.metadata()?;
+    if !m.is_file() || m.len() > FLIPIGNORE_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a regular file of at most {FLIPIGNORE_MAX} bytes"),
+        ));
+    }
+    let mut bytes = Vec::new();
+    f.take(FLIPIGNORE_MAX).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// The exclude matcher: `.flipignore` lines, then `opts.excludes`.
 ///
 /// The builder is rooted at `.` and given paths relative to the source root: with a real root,
@@ -472,7 +504,7 @@ fn build_excludes(root: &Path, opts: &ScanOptions) -> Result<Gitignore, ScanErro
     let mut b = GitignoreBuilder::new(".");
     if opts.use_flipignore {
         let path = root.join(FLIPIGNORE);
-        match fs::read(&path) {
+        match read_flipignore(&path) {
             Ok(bytes) => {
                 let text = String::from_utf8(bytes).map_err(|_| ScanError::BadPattern {
                     origin: path.display().to_string(),

@@ -622,7 +622,18 @@ fn open_source(path: &Path, rel: &RelPath) -> Result<(File, Mtime, u64)> {
 
 /// A small file, read whole and checked against its scanned digest.
 fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
+    // An empty file's content is known without reading it; and an empty shared-file seed
+    // (`flip_plan::shared`: a shared file the scan lacks starts empty) may name a path the
+    // source lacks, or one excluded from the scan that has content (a local `.env`).
     let path = source.join(step.path.as_str());
+    if step.size == 0 {
+        // The source's mtime when it is this empty file.
+        let mtime = std::fs::symlink_metadata(&path)
+            .ok()
+            .filter(|m| m.is_file() && m.len() == 0)
+            .map(|m| (m.mtime(), m.mtime_nsec() as u32));
+        return Ok((Vec::new(), mtime));
+    }
     let (f, mtime, _) = open_source(&path, step.path)?;
     let mut data = Vec::with_capacity(step.size as usize);
     f.take(step.size + 1)

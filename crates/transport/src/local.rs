@@ -3,6 +3,7 @@
 
 use crate::{AgentStream, Finish, TransportError};
 use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -13,6 +14,10 @@ use std::process::{Child, Command, Stdio};
 pub fn spawn(program: &Path, args: &[OsString]) -> Result<AgentStream, TransportError> {
     let mut child = Command::new(program)
         .args(args)
+        // A process group of its own, as an agent over SSH is: Ctrl-C on the terminal ends
+        // the client only, and the agent, seeing its input close, stops a running hook and
+        // cleans up (killed with the client, it left the hook running and its release behind).
+        .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
