@@ -535,6 +535,7 @@ fn init_writes_a_starter_that_parses() {
         "{hooks}\n{j}"
     );
     assert_eq!(j["rollback_on_failure"], true, "{j}");
+    fs::write(fx.path("flip.toml"), &text).unwrap();
     fx.flip(&["init"]).code(2).stderr_has("exists already");
     // The starter deploys a Laravel-shaped app as it is: .env excluded, so shared/.env starts
     // empty; local logs stay out of the seed.

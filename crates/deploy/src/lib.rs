@@ -927,6 +927,9 @@ impl Host {
             .map_err(failed)?;
         let queued = session
             .queue_lock(holder(Purpose::Deploy), o.wait)
+            // The status before the shared paths: a refused shared path still names what is
+            // live.
+            .and_then(|()| session.queue_status())
             .and_then(|()| {
                 if !o.shared.is_empty() {
                     session.queue_shared(&o.shared, o.writable_owner.as_deref())?;
@@ -970,8 +973,8 @@ impl Host {
         }
     }
 
-    /// After the scan, in one round trip with the queued lock (and shared paths): `Status`,
-    /// and `CheckLive` for the release the scan most likely makes (with shared paths: as if
+    /// After the scan, in one round trip with the lock, status (and shared paths) queued at
+    /// connect time: `CheckLive` for the release the scan most likely makes (with shared paths: as if
     /// `shared/` had them all). Reads every answer: sets what `shared/` has, returns the live
     /// release's id and manifest digest, and the digest checked with the answer.
     fn pipelined_status(
@@ -1003,7 +1006,6 @@ impl Host {
             (None, false) => (None, None),
         };
         let s = &mut self.session;
-        s.queue_status()?;
         let guess = guess.filter(|_| !o.force_release);
         if let Some(d) = guess {
             s.queue_live_intact(d)?;
@@ -1024,10 +1026,12 @@ impl Host {
             s.stage_ahead(scanned, &live, o.label.clone(), o.itemize)?;
         }
         s.locked(&mut |h| events.waiting(index, h))?;
-        if !o.shared.is_empty() {
-            self.present = s.shared_answer()?;
-        }
         let (current, releases) = s.status_answer()?;
+        self.previous = current;
+        if !o.shared.is_empty() {
+            self.present = self.session.shared_answer()?;
+        }
+        let s = &mut self.session;
         let live = live_of(current, &releases).map(|r| r.manifest_digest);
         let intact = match guess {
             Some(d) => Some((d, s.live_intact_answer()?)),
