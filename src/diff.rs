@@ -94,6 +94,69 @@ pub fn run(
     a: DiffArgs,
     shared: Option<&flip_plan::shared::SharedPaths>,
 ) -> Result<crate::exit::Code> {
+    let (old, new) = scan_pair(&a, shared)?;
+    let plan = flip_plan::plan(Some(&old), &new);
+    let mut changes = flip_plan::report::changes(Some(&old), &new, &plan);
+    let files: Vec<(&RelPath, Digest)> = new.files().map(|(p, _, _, d)| (p, *d)).collect();
+    let transfers: Vec<Transfer> = changes
+        .transfers()
+        .map(|(i, s, b)| (i, s, b.cloned()))
+        .collect();
+    let level = a.compress_level;
+    let (mut warm, mut cold, manifest_diff) = describe(&old, &new, level);
+    let chosen = choices(&transfers);
+    ask_signatures([&mut warm, &mut cold], &transfers, &chosen);
+    let (mut sent, bound) =
+        encode_content(&a, &files, &transfers, &chosen, [&mut warm, &mut cold])?;
+    rank(&mut sent.ranked);
+    sent.ranked.truncate(TOP);
+    changes.settle(&sent.outcomes);
+    let p = Prediction {
+        bound: bound.finish()? + compressed_len(&manifest_diff, 19),
+        warm_sent: warm.finish(),
+        cold_sent: cold.finish(),
+        content: sent,
+    };
+    let (sel, sel_sent) = if a.no_cache {
+        (&p.content.ct, p.cold_sent)
+    } else {
+        (&p.content.wt, p.warm_sent)
+    };
+    let to_transfer: u64 = plan.transfers().map(|(_, s)| s.size).sum();
+    let matched = plan.stats.matched_bytes + to_transfer.saturating_sub(sel.literal + sel.delta);
+    match a.json {
+        true => print_json(&a, &changes, &p, sel, sel_sent, matched),
+        false => print_text(&a, &changes, &p, sel, matched),
+    }
+    Ok(exit::OK)
+}
+
+/// What `flip diff` predicts: the content as each client encodes it, and the bytes each sends.
+struct Prediction {
+    content: Content,
+    warm_sent: u64,
+    cold_sent: u64,
+    /// The lower bound: `zstd --patch-from` of the changes plus the manifest difference.
+    bound: u64,
+}
+
+/// The content of every changed file, encoded for both clients.
+struct Content {
+    /// The warm and the cold client's totals.
+    wt: Tally,
+    ct: Tally,
+    /// How each file goes for the client the report is about (`--no-cache`: the cold one).
+    outcomes: Vec<Sent>,
+    /// The files sending the most bytes.
+    ranked: Vec<Ranked>,
+}
+
+/// OLD and NEW scanned as a deploy scans its source (with `shared` paths: as the releases a
+/// deploy records).
+fn scan_pair(
+    a: &DiffArgs,
+    shared: Option<&flip_plan::shared::SharedPaths>,
+) -> Result<(Manifest, Manifest)> {
     let scan = |dir: &Path| -> Result<Manifest> {
         if !dir.is_dir() {
             return Err(exit::coded(
@@ -115,41 +178,43 @@ pub fn run(
         old = crate::shared_release(shared, &old)?;
         new = crate::shared_release(shared, &new)?;
     }
-    let plan = flip_plan::plan(Some(&old), &new);
-    let mut changes = flip_plan::report::changes(Some(&old), &new, &plan);
-    let files: Vec<(&RelPath, Digest)> = new.files().map(|(p, _, _, d)| (p, *d)).collect();
-    let transfers: Vec<Transfer> = changes
-        .transfers()
-        .map(|(i, s, b)| (i, s, b.cloned()))
-        .collect();
-    let level = a.compress_level;
+    Ok((old, new))
+}
 
+/// The warm and the cold client's streams up to their content (handshake, lock, status,
+/// probes, stage), and the manifest difference (part of the bound).
+fn describe(old: &Manifest, new: &Manifest, level: i32) -> (Stream, Stream, Vec<u8>) {
     // The client side of each deploy, up to its content.
     let mut warm = Stream::new(level);
     let mut cold = Stream::new(level);
-    let manifest_diff = flip_manifest::encode_diff(&old.diff(&new));
+    let manifest_diff = flip_manifest::encode_diff(&old.diff(new));
     let unchanged = old.digest() == new.digest();
     warm.stage(StageBase::Diff(old.digest()), new.digest(), &manifest_diff);
     // A client without caches probes every directory ahead of the status, changed or not.
-    let tree = flip_manifest::DirTree::new(&new);
-    let live = flip_manifest::DirTree::new(&old);
+    let tree = flip_manifest::DirTree::new(new);
+    let live = flip_manifest::DirTree::new(old);
     let dirs = probe(&mut cold, &tree, &live);
     let (cold_base, dir_patch) = if unchanged {
         (StageBase::Diff(old.digest()), manifest_diff.clone())
     } else {
         (
             StageBase::Dirs(old.digest()),
-            flip_manifest::encode_dir_patch(&tree.patch(&new, &dirs)),
+            flip_manifest::encode_dir_patch(&tree.patch(new, &dirs)),
         )
     };
     cold.stage(cold_base, new.digest(), &dir_patch);
+    (warm, cold, manifest_diff)
+}
+
+/// The rule's choice per file: (warm, cold).
+fn choices(transfers: &[Transfer]) -> Vec<(Via, Via)> {
     // The rule's choice per file: a warm client patches what its content cache holds; both
     // ask for signatures of the bases they diff against.
     let patchable = |size: u64, basis: Option<&(RelPath, u64)>| {
         size <= flip_transfer::PATCH_MAX
             && basis.is_some_and(|b| b.1 <= flip_transfer::CONTENT_MAX_FILE)
     };
-    let chosen: Vec<(Via, Via)> = transfers
+    transfers
         .iter()
         .map(|(_, size, basis)| {
             let bsize = basis.as_ref().map(|b| b.1);
@@ -158,11 +223,16 @@ pub fn run(
                 choose(*size, bsize, false),
             )
         })
-        .collect();
-    for (stream, pick) in [(&mut warm, 0), (&mut cold, 1)] {
+        .collect()
+}
+
+/// The signature requests of both clients: every basis each diffs against.
+fn ask_signatures(streams: [&mut Stream; 2], transfers: &[Transfer], chosen: &[(Via, Via)]) {
+    let [warm, cold] = streams;
+    for (stream, pick) in [(warm, 0), (cold, 1)] {
         let items: Vec<SigItem> = transfers
             .iter()
-            .zip(&chosen)
+            .zip(chosen)
             .filter(|(_, c)| if pick == 0 { c.0 } else { c.1 } == Via::Delta)
             .filter_map(|((i, _, b), _)| {
                 b.as_ref().map(|(b, _)| SigItem {
@@ -175,8 +245,19 @@ pub fn run(
             stream.send(&Request::Signatures(items));
         }
     }
+}
 
-    // The content, a batch at a time: encoded in parallel, fed to both streams in order.
+/// The content, a batch at a time: encoded in parallel, fed to both streams in order; and the
+/// bound's compressor, fed the same files.
+fn encode_content(
+    a: &DiffArgs,
+    files: &[(&RelPath, Digest)],
+    transfers: &[Transfer],
+    chosen: &[(Via, Via)],
+    streams: [&mut Stream; 2],
+) -> Result<(Content, Bound)> {
+    let [warm, cold] = streams;
+    let level = a.compress_level;
     let (mut wt, mut ct) = (Tally::default(), Tally::default());
     let mut outcomes: Vec<Sent> = Vec::with_capacity(transfers.len());
     let mut ranked: Vec<Ranked> = Vec::new();
@@ -249,104 +330,116 @@ pub fn run(
         }
         start = end;
     }
-    rank(&mut ranked);
-    ranked.truncate(TOP);
-    changes.settle(&outcomes);
-    let bound_bytes = bound.finish()? + compressed_len(&manifest_diff, 19);
-    let warm_sent = warm.finish();
-    let cold_sent = cold.finish();
-
-    let st = &plan.stats;
-    let (sel, sel_sent) = if a.no_cache {
-        (&ct, cold_sent)
-    } else {
-        (&wt, warm_sent)
+    let content = Content {
+        wt,
+        ct,
+        outcomes,
+        ranked,
     };
-    let to_transfer: u64 = plan.transfers().map(|(_, s)| s.size).sum();
-    let matched = st.matched_bytes + to_transfer.saturating_sub(sel.literal + sel.delta);
-    let model = if level == 0 {
+    Ok((content, bound))
+}
+
+fn model(level: i32) -> String {
+    if level == 0 {
         "no compression".to_string()
     } else {
         format!("zstd level {level}")
+    }
+}
+
+/// `flip diff --json`.
+fn print_json(
+    a: &DiffArgs,
+    changes: &flip_plan::report::Changes,
+    p: &Prediction,
+    sel: &Tally,
+    sel_sent: u64,
+    matched: u64,
+) {
+    let mut out = serde_json::Map::new();
+    out.insert("old".into(), json!(a.old.display().to_string()));
+    out.insert("new".into(), json!(a.new.display().to_string()));
+    output::counts_json(&changes.counts, &mut out);
+    out.insert(
+        "bytes".into(),
+        json!({
+            "literal": sel.literal, "delta": sel.delta, "matched": matched,
+            "estimated_wire": sel_sent,
+        }),
+    );
+    let scenario = |t: &Tally, sent: u64| {
+        json!({
+            "sent": sent, "literal": t.literal, "delta": t.delta,
+            "files": {"literal": t.literals, "delta": t.deltas, "patched": t.patched},
+        })
     };
-    if a.json {
-        let mut out = serde_json::Map::new();
-        out.insert("old".into(), json!(a.old.display().to_string()));
-        out.insert("new".into(), json!(a.new.display().to_string()));
-        output::counts_json(&changes.counts, &mut out);
-        out.insert(
-            "bytes".into(),
-            json!({
-                "literal": sel.literal, "delta": sel.delta, "matched": matched,
-                "estimated_wire": sel_sent,
-            }),
-        );
-        let scenario = |t: &Tally, sent: u64| {
-            json!({
-                "sent": sent, "literal": t.literal, "delta": t.delta,
-                "files": {"literal": t.literals, "delta": t.deltas, "patched": t.patched},
-            })
-        };
-        out.insert(
-            "estimate".into(),
-            json!({
-                "compress_level": level,
-                "warm": scenario(&wt, warm_sent),
-                "cold": scenario(&ct, cold_sent),
-                "bound": bound_bytes,
-                "top": ranked.iter().map(|r| json!({
-                    "path": r.path, "size": r.size,
-                    "warm": {"via": r.warm.0.as_str(), "bytes": r.warm.1},
-                    "cold": {"via": r.cold.0.as_str(), "bytes": r.cold.1},
-                })).collect::<Vec<_>>(),
-            }),
-        );
-        if a.itemize {
-            out.insert("items".into(), output::items_json(&changes.items));
+    out.insert(
+        "estimate".into(),
+        json!({
+            "compress_level": a.compress_level,
+            "warm": scenario(&p.content.wt, p.warm_sent),
+            "cold": scenario(&p.content.ct, p.cold_sent),
+            "bound": p.bound,
+            "top": p.content.ranked.iter().map(|r| json!({
+                "path": r.path, "size": r.size,
+                "warm": {"via": r.warm.0.as_str(), "bytes": r.warm.1},
+                "cold": {"via": r.cold.0.as_str(), "bytes": r.cold.1},
+            })).collect::<Vec<_>>(),
+        }),
+    );
+    if a.itemize {
+        out.insert("items".into(), output::items_json(&changes.items));
+    }
+    outln!("{}", serde_json::Value::Object(out));
+}
+
+/// `flip diff` for people.
+fn print_text(
+    a: &DiffArgs,
+    changes: &flip_plan::report::Changes,
+    p: &Prediction,
+    sel: &Tally,
+    matched: u64,
+) {
+    if crate::itemized(a.itemize, a.json) {
+        output::print_items(&changes.items);
+    }
+    outln!("{}", output::counts_text(&changes.counts));
+    outln!(
+        "literal {}, delta {}, matched {} ({})",
+        output::bytes(sel.literal),
+        output::bytes(sel.delta),
+        output::bytes(matched),
+        if a.no_cache {
+            "no local caches"
+        } else {
+            "warm caches of the client that deployed OLD"
         }
-        outln!("{}", serde_json::Value::Object(out));
-    } else {
-        if crate::itemized(a.itemize, a.json) {
-            output::print_items(&changes.items);
-        }
-        outln!("{}", output::counts_text(&changes.counts));
-        outln!(
-            "literal {}, delta {}, matched {} ({})",
-            output::bytes(sel.literal),
-            output::bytes(sel.delta),
-            output::bytes(matched),
-            if a.no_cache {
-                "no local caches"
-            } else {
-                "warm caches of the client that deployed OLD"
-            }
-        );
-        outln!("a deploy sends ({model}):");
-        outln!(
-            "  warm client (caches of the deploy of OLD): {}",
-            output::bytes(warm_sent)
-        );
-        outln!(
-            "  cold client (no caches):                   {}",
-            output::bytes(cold_sent)
-        );
-        outln!(
-            "  bound (zstd --patch-from of the changes):  {}",
-            output::bytes(bound_bytes)
-        );
-        if !ranked.is_empty() {
-            outln!("largest files (warm / cold, compressed):");
-            for r in &ranked {
-                outln!(
-                    "  {} / {}  {}",
-                    output::bytes(r.warm.1),
-                    output::bytes(r.cold.1),
-                    output::escape(&r.path)
-                );
-            }
+    );
+    outln!("a deploy sends ({}):", model(a.compress_level));
+    outln!(
+        "  warm client (caches of the deploy of OLD): {}",
+        output::bytes(p.warm_sent)
+    );
+    outln!(
+        "  cold client (no caches):                   {}",
+        output::bytes(p.cold_sent)
+    );
+    outln!(
+        "  bound (zstd --patch-from of the changes):  {}",
+        output::bytes(p.bound)
+    );
+    if !p.content.ranked.is_empty() {
+        outln!("largest files (warm / cold, compressed):");
+        for r in &p.content.ranked {
+            outln!(
+                "  {} / {}  {}",
+                output::bytes(r.warm.1),
+                output::bytes(r.cold.1),
+                output::escape(&r.path)
+            );
         }
     }
-    Ok(exit::OK)
 }
 
 /// Largest first (by what the costlier scenario sends), then by path.
