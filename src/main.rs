@@ -1047,99 +1047,108 @@ fn show_config(a: cli::ConfigArgs, cfg: Option<&Config>) -> Result<Code> {
         .source
         .as_ref()
         .map(|(p, from)| (p.display().to_string(), *from));
-    if a.json {
-        outln!(
-            "{}",
-            json!({
-                "config": c.path.display().to_string(),
-                "env": r.env,
-                "targets": r.targets,
-                "source": source.as_ref().map(|s| &s.0),
-                "exclude": r.exclude.0,
-                "keep": r.keep.0,
-                "parallel": r.parallel.0,
-                "compress_level": r.compress_level.0,
-                "shared_dirs": r.shared_dirs.0,
-                "shared_files": r.shared_files.0,
-                "writable_dirs": r.writable_dirs.0,
-                "writable_mode": r.writable_mode.0,
-                "writable_owner": r.writable_owner.0,
-                "before_activate": r.before_activate.0.0.iter().map(config_hooks::show).collect::<Vec<_>>(),
-                "after_activate": r.after_activate.0.0.iter().map(config_hooks::show).collect::<Vec<_>>(),
-                "rollback_on_failure": r.rollback_on_failure.0,
-                "from": {
-                    "source": source.as_ref().map(|s| s.1),
-                    "exclude": r.exclude.1, "keep": r.keep.1, "parallel": r.parallel.1,
-                    "compress_level": r.compress_level.1,
-                    "shared_dirs": r.shared_dirs.1, "shared_files": r.shared_files.1,
-                    "writable_dirs": r.writable_dirs.1, "writable_mode": r.writable_mode.1,
-                    "writable_owner": r.writable_owner.1,
-                    "before_activate": r.before_activate.1, "after_activate": r.after_activate.1,
-                    "rollback_on_failure": r.rollback_on_failure.1,
-                },
-            })
-        );
-    } else {
-        outln!("# {} [env.{}]", c.path.display(), r.env);
-        outln!("targets = {:?}", r.targets);
-        match &source {
-            Some((s, from)) => outln!("source = {s:?}  # {from}"),
-            None => outln!("# source: not set"),
-        }
-        outln!("exclude = {:?}  # {}", r.exclude.0, r.exclude.1);
-        outln!("keep = {}  # {}", r.keep.0, r.keep.1);
-        outln!(
-            "parallel = {}  # {}{}",
-            r.parallel.0,
-            r.parallel.1,
-            if r.parallel.0 == 0 {
-                " (all targets at once)"
-            } else {
-                ""
-            }
-        );
-        match r.compress_level.0 {
-            Some(l) => outln!("compress_level = {l}  # {}", r.compress_level.1),
-            None => {
-                outln!("# compress_level: default (adaptive over SSH, levels 1-9; off locally)")
-            }
-        }
-        outln!("shared_dirs = {:?}  # {}", r.shared_dirs.0, r.shared_dirs.1);
-        outln!(
-            "shared_files = {:?}  # {}",
-            r.shared_files.0,
-            r.shared_files.1
-        );
-        outln!(
-            "writable_dirs = {:?}  # {}",
-            r.writable_dirs.0,
-            r.writable_dirs.1
-        );
-        outln!(
-            "writable_mode = {:?}  # {}",
-            r.writable_mode.0,
-            r.writable_mode.1
-        );
-        match &r.writable_owner.0 {
-            Some(o) => outln!("writable_owner = {o:?}  # {}", r.writable_owner.1),
-            None => outln!("# writable_owner: not set (the deploy user)"),
-        }
-        for (key, (list, from)) in [
-            ("before_activate", &r.before_activate),
-            ("after_activate", &r.after_activate),
-        ] {
-            let shown: Vec<String> = list
-                .0
-                .iter()
-                .map(|h| config_hooks::show(h).to_string())
-                .collect();
-            outln!("{key} = [{}]  # {from}", shown.join(", "));
-        }
-        outln!(
-            "rollback_on_failure = {}  # {}",
-            r.rollback_on_failure.0,
-            r.rollback_on_failure.1
-        );
+    match a.json {
+        true => config_json(c, &r, source.as_ref()),
+        false => config_text(c, &r, source.as_ref()),
     }
     Ok(exit::OK)
+}
+
+/// `flip config ENV --json`: the resolved settings, and where each came from.
+fn config_json(c: &Config, r: &config::Resolved, source: Option<&(String, &'static str)>) {
+    outln!(
+        "{}",
+        json!({
+            "config": c.path.display().to_string(),
+            "env": r.env,
+            "targets": r.targets,
+            "source": source.map(|s| &s.0),
+            "exclude": r.exclude.0,
+            "keep": r.keep.0,
+            "parallel": r.parallel.0,
+            "compress_level": r.compress_level.0,
+            "shared_dirs": r.shared_dirs.0,
+            "shared_files": r.shared_files.0,
+            "writable_dirs": r.writable_dirs.0,
+            "writable_mode": r.writable_mode.0,
+            "writable_owner": r.writable_owner.0,
+            "before_activate": r.before_activate.0.0.iter().map(config_hooks::show).collect::<Vec<_>>(),
+            "after_activate": r.after_activate.0.0.iter().map(config_hooks::show).collect::<Vec<_>>(),
+            "rollback_on_failure": r.rollback_on_failure.0,
+            "from": {
+                "source": source.map(|s| s.1),
+                "exclude": r.exclude.1, "keep": r.keep.1, "parallel": r.parallel.1,
+                "compress_level": r.compress_level.1,
+                "shared_dirs": r.shared_dirs.1, "shared_files": r.shared_files.1,
+                "writable_dirs": r.writable_dirs.1, "writable_mode": r.writable_mode.1,
+                "writable_owner": r.writable_owner.1,
+                "before_activate": r.before_activate.1, "after_activate": r.after_activate.1,
+                "rollback_on_failure": r.rollback_on_failure.1,
+            },
+        })
+    );
+}
+
+/// `flip config ENV` as flip.toml lines, each commented with where it came from.
+fn config_text(c: &Config, r: &config::Resolved, source: Option<&(String, &'static str)>) {
+    outln!("# {} [env.{}]", c.path.display(), r.env);
+    outln!("targets = {:?}", r.targets);
+    match source {
+        Some((s, from)) => outln!("source = {s:?}  # {from}"),
+        None => outln!("# source: not set"),
+    }
+    outln!("exclude = {:?}  # {}", r.exclude.0, r.exclude.1);
+    outln!("keep = {}  # {}", r.keep.0, r.keep.1);
+    outln!(
+        "parallel = {}  # {}{}",
+        r.parallel.0,
+        r.parallel.1,
+        if r.parallel.0 == 0 {
+            " (all targets at once)"
+        } else {
+            ""
+        }
+    );
+    match r.compress_level.0 {
+        Some(l) => outln!("compress_level = {l}  # {}", r.compress_level.1),
+        None => {
+            outln!("# compress_level: default (adaptive over SSH, levels 1-9; off locally)")
+        }
+    }
+    outln!("shared_dirs = {:?}  # {}", r.shared_dirs.0, r.shared_dirs.1);
+    outln!(
+        "shared_files = {:?}  # {}",
+        r.shared_files.0,
+        r.shared_files.1
+    );
+    outln!(
+        "writable_dirs = {:?}  # {}",
+        r.writable_dirs.0,
+        r.writable_dirs.1
+    );
+    outln!(
+        "writable_mode = {:?}  # {}",
+        r.writable_mode.0,
+        r.writable_mode.1
+    );
+    match &r.writable_owner.0 {
+        Some(o) => outln!("writable_owner = {o:?}  # {}", r.writable_owner.1),
+        None => outln!("# writable_owner: not set (the deploy user)"),
+    }
+    for (key, (list, from)) in [
+        ("before_activate", &r.before_activate),
+        ("after_activate", &r.after_activate),
+    ] {
+        let shown: Vec<String> = list
+            .0
+            .iter()
+            .map(|h| config_hooks::show(h).to_string())
+            .collect();
+        outln!("{key} = [{}]  # {from}", shown.join(", "));
+    }
+    outln!(
+        "rollback_on_failure = {}  # {}",
+        r.rollback_on_failure.0,
+        r.rollback_on_failure.1
+    );
 }
