@@ -519,39 +519,7 @@ fn dry_run(
     print_json: bool,
 ) -> Result<serde_json::Value> {
     let mut s = target.connect(&o.ssh, target.compress_level(o.compress_level))?;
-    let (current, releases) = match s.status() {
-        Ok(st) => st,
-        // A local target that exists but cannot be deployed to (a file, a foreign directory):
-        // the deploy would fail as the status did.
-        Err(e) if matches!(target, Target::Local(p) if p.symlink_metadata().is_ok()) => {
-            return Err(e.into())
-        }
-        // A target that does not exist yet would simply get everything, if it can be made.
-        Err(flip_transfer::TransferError::Remote {
-            class: flip_wire::ErrorClass::Target,
-            ..
-        }) => {
-            if let (Target::Local(p), false) = (target, o.mkpath) {
-                let parent = p.parent().filter(|d| d.symlink_metadata().is_err());
-                if let Some(missing) = parent.and_then(|d| {
-                    d.ancestors()
-                        .take_while(|a| a.symlink_metadata().is_err())
-                        .last()
-                }) {
-                    return Err(exit::coded(
-                        Code::Target,
-                        format!(
-                            "cannot create the target {}: {} does not exist (--mkpath creates missing parents)",
-                            p.display(),
-                            missing.display()
-                        ),
-                    ));
-                }
-            }
-            (None, Vec::new())
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let (current, releases) = dry_run_status(&mut s, target, o)?;
     let caches = o.cache_dir.clone();
     let cached = releases
         .iter()
@@ -586,34 +554,7 @@ fn dry_run(
     // delta needs the target's signature, so it is predicted by the rule alone.
     let paths: Vec<&flip_manifest::RelPath> = manifest.files().map(|(p, ..)| p).collect();
     let transfers: Vec<_> = changes.transfers().collect();
-    let sent: Vec<flip_plan::report::Sent> = transfers
-        .par_iter()
-        .map(|&(index, size, basis)| {
-            use flip_plan::report::Via;
-            let old = basis.and_then(|(b, _)| match previous.as_ref()?.get(b)? {
-                flip_manifest::EntryKind::File { digest, .. } => Some(*digest),
-                _ => None,
-            });
-            let cached = flip_transfer::in_cache(content.as_ref(), old.as_ref());
-            let chosen = flip_transfer::send_policy(size, basis.map(|b| b.1), cached);
-            let via = match (chosen, content.as_ref(), old) {
-                (Via::Patch, Some(cache), Some(old)) => {
-                    let path = o.source.join(paths[index as usize].as_str());
-                    if flip_transfer::patch_is_smaller(cache, &old, &path) {
-                        Via::Patch
-                    } else {
-                        Via::Literal
-                    }
-                }
-                _ => chosen,
-            };
-            flip_plan::report::Sent {
-                index,
-                via,
-                note: flip_transfer::fallback_note(chosen, via),
-            }
-        })
-        .collect();
+    let sent = predicted_sends(&transfers, previous.as_ref(), content.as_ref(), &paths, o);
     drop(transfers);
     changes.settle(&sent);
     let st = &plan.stats;
@@ -650,6 +591,93 @@ fn dry_run(
         );
     }
     Ok(out)
+}
+
+/// The target's status for a dry run: what is live, or nothing for a target a deploy would
+/// create (refused, as the deploy would refuse it, when its parent is missing without
+/// `--mkpath`).
+fn dry_run_status(
+    s: &mut flip_transfer::Session,
+    target: &Target,
+    o: &Options,
+) -> Result<(Option<u64>, Vec<flip_wire::ReleaseSummary>)> {
+    Ok(match s.status() {
+        Ok(st) => st,
+        // A local target that exists but cannot be deployed to (a file, a foreign directory):
+        // the deploy would fail as the status did.
+        Err(e) if matches!(target, Target::Local(p) if p.symlink_metadata().is_ok()) => {
+            return Err(e.into())
+        }
+        // A target that does not exist yet would simply get everything, if it can be made.
+        Err(flip_transfer::TransferError::Remote {
+            class: flip_wire::ErrorClass::Target,
+            ..
+        }) => {
+            if let (Target::Local(p), false) = (target, o.mkpath) {
+                let parent = p.parent().filter(|d| d.symlink_metadata().is_err());
+                if let Some(missing) = parent.and_then(|d| {
+                    d.ancestors()
+                        .take_while(|a| a.symlink_metadata().is_err())
+                        .last()
+                }) {
+                    return Err(exit::coded(
+                        Code::Target,
+                        format!(
+                            "cannot create the target {}: {} does not exist (--mkpath creates missing parents)",
+                            p.display(),
+                            missing.display()
+                        ),
+                    ));
+                }
+            }
+            (None, Vec::new())
+        }
+        Err(e) => return Err(e.into()),
+    })
+}
+
+/// A file to transfer, as [`flip_plan::report::Changes::transfers`] lists it: its index, size
+/// and delta basis (path, size).
+type ToTransfer<'a> = (u32, u64, Option<&'a (flip_manifest::RelPath, u64)>);
+
+/// How each file to transfer would go: patches are made here as the deploy would make them
+/// (this client has both versions); a delta needs the target's signature, so it is predicted by
+/// the rule alone.
+fn predicted_sends(
+    transfers: &[ToTransfer<'_>],
+    previous: Option<&flip_manifest::Manifest>,
+    content: Option<&flip_transfer::ContentCache>,
+    paths: &[&flip_manifest::RelPath],
+    o: &Options,
+) -> Vec<flip_plan::report::Sent> {
+    transfers
+        .par_iter()
+        .map(|&(index, size, basis)| {
+            use flip_plan::report::Via;
+            let old = basis.and_then(|(b, _)| match previous?.get(b)? {
+                flip_manifest::EntryKind::File { digest, .. } => Some(*digest),
+                _ => None,
+            });
+            let cached = flip_transfer::in_cache(content, old.as_ref());
+            let chosen = flip_transfer::send_policy(size, basis.map(|b| b.1), cached);
+            let via = match (chosen, content, old) {
+                (Via::Patch, Some(cache), Some(old)) => {
+                    let path = o.source.join(paths[index as usize].as_str());
+                    if flip_transfer::patch_is_smaller(cache, &old, &path) {
+                        Via::Patch
+                    } else {
+                        Via::Literal
+                    }
+                }
+                _ => chosen,
+            };
+            flip_plan::report::Sent {
+                index,
+                via,
+                note: flip_transfer::fallback_note(chosen, via),
+            }
+        })
+        .collect()
 }
 
 /// `o` with environment `env`'s hooks: `rollback ENV` and `activate ENV` run its
