@@ -62,19 +62,61 @@ pub fn switch(
     purpose: Purpose,
     events: &dyn Events,
 ) -> Vec<SwitchOutcome> {
-    let locked: Vec<Result<Locked, DeployError>> =
-        crate::each_in_parallel(targets.iter().enumerate(), |(i, t)| {
-            // Lock and status in one round trip.
-            let mut session = lock_queued(t, o, purpose)?;
-            session.queue_status()?;
-            session.locked(&mut |h| events.waiting(i, h))?;
-            let (current, releases) = session.status_answer()?;
-            Ok(Locked {
-                session,
-                current,
-                releases,
-            })
-        });
+    let locked = lock_everywhere(targets, o, purpose, events);
+    let (mut out, mut sessions, failure) = resolve_everywhere(plan, locked, targets);
+    if let Some(why) = failure {
+        for o in out.iter_mut().filter(|o| o.error.is_none()) {
+            o.error = Some(DeployError::Aborted {
+                target: o.target.clone(),
+                why: format!("another target failed ({why}); nothing was changed"),
+            });
+        }
+        close_all(sessions, &mut out);
+        return out;
+    }
+    // Phase 2: every target resolved and locked.
+    let moved: Vec<bool> = sessions
+        .iter()
+        .zip(&out)
+        .map(|(s, o)| s.as_ref().is_some_and(|s| s.current != o.release))
+        .collect();
+    let failed = activate_everywhere(&mut sessions, &mut out);
+    if failed.is_empty() {
+        after_hooks(&mut sessions, &mut out, &moved, o, events);
+    }
+    close_all(sessions, &mut out);
+    out
+}
+
+/// Phase 1: connect, lock and read the status of every target, in parallel (lock and status
+/// in one round trip).
+fn lock_everywhere(
+    targets: &[Target],
+    o: &Options,
+    purpose: Purpose,
+    events: &dyn Events,
+) -> Vec<Result<Locked, DeployError>> {
+    crate::each_in_parallel(targets.iter().enumerate(), |(i, t)| {
+        // Lock and status in one round trip.
+        let mut session = lock_queued(t, o, purpose)?;
+        session.queue_status()?;
+        session.locked(&mut |h| events.waiting(i, h))?;
+        let (current, releases) = session.status_answer()?;
+        Ok(Locked {
+            session,
+            current,
+            releases,
+        })
+    })
+}
+
+/// Each target's outcome so far and its session, with the release `plan` names there; and the
+/// first failure, if any target failed to lock or has no such release (then nothing moves).
+fn resolve_everywhere(
+    plan: &SwitchPlan,
+    locked: Vec<Result<Locked, DeployError>>,
+    targets: &[Target],
+) -> (Vec<SwitchOutcome>, Vec<Option<Locked>>, Option<String>) {
     let mut out: Vec<SwitchOutcome> = targets
         .iter()
         .zip(&locked)
@@ -127,24 +169,14 @@ pub fn switch(
             }
         }
     }
-    if let Some(why) = failure {
-        for o in out.iter_mut().filter(|o| o.error.is_none()) {
-            o.error = Some(DeployError::Aborted {
-                target: o.target.clone(),
-                why: format!("another target failed ({why}); nothing was changed"),
-            });
-        }
-        close_all(sessions, &mut out);
-        return out;
-    }
-    // Phase 2: every target resolved and locked.
-    let moved: Vec<bool> = sessions
-        .iter()
-        .zip(&out)
-        .map(|(s, o)| s.as_ref().is_some_and(|s| s.current != o.release))
-        .collect();
+    (out, sessions, failure)
+}
+
+/// Phase 2: activates the resolved release on every target, in parallel; if any activation
+/// failed, the others are switched back. Returns the failures' messages.
+fn activate_everywhere(sessions: &mut [Option<Locked>], out: &mut [SwitchOutcome]) -> Vec<String> {
     let results: Vec<Result<(), DeployError>> =
-        crate::each_in_parallel(sessions.iter_mut().zip(&out), |(s, o)| {
+        crate::each_in_parallel(sessions.iter_mut().zip(out.iter()), |(s, o)| {
             let s = s.as_mut().expect("every target is locked");
             let id = o.release.expect("every target resolved");
             if s.current == Some(id) {
@@ -189,11 +221,7 @@ pub fn switch(
             }
         }
     }
-    if failed.is_empty() {
-        after_hooks(&mut sessions, &mut out, &moved, o, events);
-    }
-    close_all(sessions, &mut out);
-    out
+    failed
 }
 
 /// Every target switched: `after_activate` on each that moved (a PHP-FPM reload is needed after
