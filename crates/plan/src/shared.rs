@@ -281,8 +281,36 @@ impl SharedPaths {
             .cloned()
             .collect();
         let is_seed = |x: &RelPath| seeds.iter().any(|(s, _)| s == x);
-        let mut release: BTreeMap<RelPath, EntryKind> = BTreeMap::new();
-        let mut staged: BTreeMap<RelPath, EntryKind> = BTreeMap::new();
+        let (mut release, mut staged) = self.split_scan(scanned, &is_seed)?;
+        let mut parents = add_links(&all, &is_seed, &mut release, &mut staged);
+        let in_release = self.writable_in_release();
+        parents.extend(in_release.iter().cloned());
+        add_parents(&parents, &mut release, &mut staged)?;
+        self.add_writable(&in_release, &mut release, &mut staged)?;
+        let build = |map: BTreeMap<RelPath, EntryKind>| {
+            Manifest::from_sorted(
+                map.into_iter()
+                    .map(|(path, kind)| Entry { path, kind })
+                    .collect(),
+            )
+        };
+        Ok(Applied {
+            release: build(release)?,
+            staged: build(staged)?,
+            seeds,
+        })
+    }
+
+    /// The scanned entries as the release has them (those under no shared path) and as the
+    /// stage has them (those too, and the content of seeds), each seed checked to be of its
+    /// kind.
+    fn split_scan(
+        &self,
+        scanned: &Manifest,
+        is_seed: &dyn Fn(&RelPath) -> bool,
+    ) -> Result<(Tree, Tree), SharedError> {
+        let mut release = Tree::new();
+        let mut staged = Tree::new();
         for e in scanned.entries() {
             match self.covering(&e.path) {
                 None => {
@@ -311,52 +339,18 @@ impl SharedPaths {
                 Some(_) => {}
             }
         }
-        let mut parents: Vec<RelPath> = Vec::new();
-        for (x, kind) in &all {
-            let link = EntryKind::Symlink {
-                target: link_target(x),
-            };
-            release.insert(x.clone(), link.clone());
-            if is_seed(x) {
-                staged.entry(x.clone()).or_insert_with(|| match kind {
-                    SharedKind::Dir => EntryKind::Dir { mode: PARENT_MODE },
-                    SharedKind::File => EntryKind::File {
-                        mode: EMPTY_FILE_MODE,
-                        size: 0,
-                        digest: Digest::of(b""),
-                    },
-                });
-            } else {
-                staged.insert(x.clone(), link);
-            }
-            parents.push(x.clone());
-        }
-        let in_release = self.writable_in_release();
-        parents.extend(in_release.iter().cloned());
-        for p in &parents {
-            let mut cur = p.parent();
-            while let Some(d) = cur {
-                for map in [&mut release, &mut staged] {
-                    match map.get(&d) {
-                        None => {
-                            map.insert(d.clone(), EntryKind::Dir { mode: PARENT_MODE });
-                        }
-                        Some(EntryKind::Dir { .. }) => {}
-                        Some(k) => {
-                            return Err(SharedError::WrongType {
-                                path: d.to_string(),
-                                found: kind_name(k),
-                                expected: "a directory",
-                                why: format!("{p} is below it in the shared or writable paths"),
-                            })
-                        }
-                    }
-                }
-                cur = d.parent();
-            }
-        }
-        for w in &in_release {
-            for map in [&mut release, &mut staged] {
+        Ok((release, staged))
+    }
+
+    /// Writable directories in the release: directories of `writable_mode` in both trees.
+    fn add_writable(
+        &self,
+        in_release: &[RelPath],
+        release: &mut Tree,
+        staged: &mut Tree,
+    ) -> Result<(), SharedError> {
+        for w in in_release {
+            for map in [&mut *release, &mut *staged] {
                 match map.get(w) {
                     None | Some(EntryKind::Dir { .. }) => {
                         map.insert(
@@ -377,19 +371,75 @@ impl SharedPaths {
                 }
             }
         }
-        let build = |map: BTreeMap<RelPath, EntryKind>| {
-            Manifest::from_sorted(
-                map.into_iter()
-                    .map(|(path, kind)| Entry { path, kind })
-                    .collect(),
-            )
-        };
-        Ok(Applied {
-            release: build(release)?,
-            staged: build(staged)?,
-            seeds,
-        })
+        Ok(())
     }
+}
+
+/// A manifest being built: path → entry.
+type Tree = BTreeMap<RelPath, EntryKind>;
+
+/// Each shared path as a symlink into `shared/` in the release, and in the stage too unless it
+/// is a seed (then its content, or an empty directory or file when the source has none).
+/// Returns the shared paths, whose parents must be directories.
+fn add_links(
+    all: &[(RelPath, SharedKind)],
+    is_seed: &dyn Fn(&RelPath) -> bool,
+    release: &mut Tree,
+    staged: &mut Tree,
+) -> Vec<RelPath> {
+    let mut parents: Vec<RelPath> = Vec::new();
+    for (x, kind) in all {
+        let link = EntryKind::Symlink {
+            target: link_target(x),
+        };
+        release.insert(x.clone(), link.clone());
+        if is_seed(x) {
+            staged.entry(x.clone()).or_insert_with(|| match kind {
+                SharedKind::Dir => EntryKind::Dir { mode: PARENT_MODE },
+                SharedKind::File => EntryKind::File {
+                    mode: EMPTY_FILE_MODE,
+                    size: 0,
+                    digest: Digest::of(b""),
+                },
+            });
+        } else {
+            staged.insert(x.clone(), link);
+        }
+        parents.push(x.clone());
+    }
+    parents
+}
+
+/// The parents of every shared path and writable directory, as directories in both trees
+/// (created where missing; anything else there is an error).
+fn add_parents(
+    parents: &[RelPath],
+    release: &mut Tree,
+    staged: &mut Tree,
+) -> Result<(), SharedError> {
+    for p in parents {
+        let mut cur = p.parent();
+        while let Some(d) = cur {
+            for map in [&mut *release, &mut *staged] {
+                match map.get(&d) {
+                    None => {
+                        map.insert(d.clone(), EntryKind::Dir { mode: PARENT_MODE });
+                    }
+                    Some(EntryKind::Dir { .. }) => {}
+                    Some(k) => {
+                        return Err(SharedError::WrongType {
+                            path: d.to_string(),
+                            found: kind_name(k),
+                            expected: "a directory",
+                            why: format!("{p} is below it in the shared or writable paths"),
+                        })
+                    }
+                }
+            }
+            cur = d.parent();
+        }
+    }
+    Ok(())
 }
 
 fn dir_or_file(k: SharedKind) -> &'static str {
