@@ -122,25 +122,7 @@ pub(crate) fn run(
     tx: &mut FrameWriter,
 ) -> Result<Response, HookError> {
     let started = Instant::now();
-    let mut cmd = std::process::Command::new(SHELL);
-    cmd.arg("-c")
-        .arg(&hook.run)
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .env("FLIP_RELEASE", id.to_string())
-        .env("FLIP_RELEASE_DIR", dir)
-        .env(
-            "FLIP_PREVIOUS",
-            previous.map(|p| p.to_string()).unwrap_or_default(),
-        )
-        .env("FLIP_TARGET", "")
-        .env("FLIP_ENV", "")
-        .process_group(0);
-    for (n, v) in &hook.env {
-        cmd.env(n, v);
-    }
+    let mut cmd = command(hook, dir, id, previous);
     let mut child = cmd.spawn().map_err(|e| HookError::Start {
         dir: dir.display().to_string(),
         source: e,
@@ -193,32 +175,10 @@ pub(crate) fn run(
                 kill(libc::SIGKILL);
             }
         }
-        let mut got = next_line(&lines, open_pipes);
-        let mut sent = 0;
-        // What is already there goes in one flush (a few hundred lines at most).
-        while let Some(msg) = got {
-            match msg {
-                Some((stream, line)) => {
-                    if let Err(e) = tx.send(&Response::HookOutput { stream, line }) {
-                        kill(libc::SIGKILL);
-                        let _ = child.wait();
-                        return Err(HookError::Client(e));
-                    }
-                    sent += 1;
-                }
-                None => open_pipes -= 1,
-            }
-            got = match sent < 256 {
-                true => lines.try_recv().ok(),
-                false => None,
-            };
-        }
-        if sent > 0 {
-            if let Err(e) = tx.flush() {
-                kill(libc::SIGKILL);
-                let _ = child.wait();
-                return Err(HookError::Client(e));
-            }
+        if let Err(e) = forward(&lines, &mut open_pipes, tx) {
+            kill(libc::SIGKILL);
+            let _ = child.wait();
+            return Err(HookError::Client(e));
         }
     };
     let status = match result {
@@ -235,6 +195,60 @@ pub(crate) fn run(
         timed_out,
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// `/bin/sh -c RUN` in `dir`, stdin `/dev/null`, output piped, in a process group of its own,
+/// with the `FLIP_*` environment (the client's `FLIP_TARGET` and `FLIP_ENV` over empty ones).
+fn command(hook: &Hook, dir: &Path, id: u64, previous: Option<u64>) -> std::process::Command {
+    let mut cmd = std::process::Command::new(SHELL);
+    cmd.arg("-c")
+        .arg(&hook.run)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .env("FLIP_RELEASE", id.to_string())
+        .env("FLIP_RELEASE_DIR", dir)
+        .env(
+            "FLIP_PREVIOUS",
+            previous.map(|p| p.to_string()).unwrap_or_default(),
+        )
+        .env("FLIP_TARGET", "")
+        .env("FLIP_ENV", "")
+        .process_group(0);
+    for (n, v) in &hook.env {
+        cmd.env(n, v);
+    }
+    cmd
+}
+
+/// Sends the hook's lines that are there (waiting a little for the first), at most 256, in
+/// one flush; counts the pipes that closed.
+fn forward(
+    lines: &Receiver<Option<(HookStream, String)>>,
+    open_pipes: &mut usize,
+    tx: &mut FrameWriter,
+) -> Result<(), flip_wire::WireError> {
+    let mut got = next_line(lines, *open_pipes);
+    let mut sent = 0;
+    // What is already there goes in one flush (a few hundred lines at most).
+    while let Some(msg) = got {
+        match msg {
+            Some((stream, line)) => {
+                tx.send(&Response::HookOutput { stream, line })?;
+                sent += 1;
+            }
+            None => *open_pipes -= 1,
+        }
+        got = match sent < 256 {
+            true => lines.try_recv().ok(),
+            false => None,
+        };
+    }
+    if sent > 0 {
+        tx.flush()?;
+    }
+    Ok(())
 }
 
 /// The next message of the readers, waiting a little: `Some(None)` when a pipe closed, `None`
