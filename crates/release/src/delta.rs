@@ -516,7 +516,7 @@ mod tests {
         let mut t = tempfile::NamedTempFile::new().unwrap();
         t.write_all(data).unwrap();
         t.flush().unwrap();
-        let f = File::open(t.path()).unwrap();
+        let f = crate::fsutil::open(t.path()).unwrap();
         (t, f)
     }
 

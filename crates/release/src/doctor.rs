@@ -145,7 +145,7 @@ pub fn doctor(dir: &Path, opts: &DoctorOptions) -> Result<Vec<Finding>> {
 /// a symlink (it never writes through one) or anything else there.
 fn check_shared(root: &Root, out: &mut Vec<Finding>) {
     let path = root.shared_dir();
-    let Ok(m) = std::fs::symlink_metadata(&path) else {
+    let Some(m) = fsutil::lstat_or_none(&path) else {
         return;
     };
     if m.is_dir() {
@@ -195,7 +195,7 @@ fn check_current(root: &Root, out: &mut Vec<Finding>) -> Option<crate::ReleaseIn
         }
     };
     let dir = root.release_dir(id);
-    if std::fs::symlink_metadata(&dir).is_err() {
+    if !fsutil::exists_nofollow(&dir) {
         out.push(
             Finding::new(
                 "current",
@@ -257,6 +257,8 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
     // Whatever `current` names is the `current` check's: never offered for removal here.
     let live = root.current().ok().flatten();
     let dir = root.releases_dir();
+    // The finding names the directory (relative to the target); its error is the cause alone.
+    #[allow(clippy::disallowed_methods)]
     let rd = match std::fs::read_dir(&dir) {
         Ok(rd) => rd,
         Err(e) => {
@@ -360,15 +362,15 @@ fn check_writable(root: &Root, me: &Me, out: &mut Vec<Finding>) {
         (state.join("releases"), ".flip/releases/"),
     ];
     for (path, what) in dirs {
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if !me.may(&m, 0o3) => bad.push((path, what, describe(&m))),
+        match fsutil::lstat_or_none(&path) {
+            Some(m) if !me.may(&m, 0o3) => bad.push((path, what, describe(&m))),
             _ => {}
         }
     }
     for f in ["lock", "log", "next-id"] {
         let path = state.join(f);
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if !me.may(&m, 0o2) => bad.push((path, "a file of .flip/", describe(&m))),
+        match fsutil::lstat_or_none(&path) {
+            Some(m) if !me.may(&m, 0o2) => bad.push((path, "a file of .flip/", describe(&m))),
             _ => {}
         }
     }
@@ -722,7 +724,7 @@ fn check_space(
 fn check_lock(root: &Root, out: &mut Vec<Finding>) {
     use std::os::unix::fs::MetadataExt;
     let path = root.path().join(STATE).join("lock");
-    let Ok(m) = std::fs::symlink_metadata(&path) else {
+    let Some(m) = fsutil::lstat_or_none(&path) else {
         out.push(Finding::new("lock", Severity::Ok, "no deploy is running"));
         return;
     };
@@ -787,7 +789,7 @@ fn held(text: &str, ino: u64, dev: (u64, u64), pid: Option<u32>) -> bool {
 fn read_limited(path: &str, max: u64) -> Option<String> {
     use std::io::Read;
     let mut s = String::new();
-    std::fs::File::open(path)
+    fsutil::open(path)
         .ok()?
         .take(max)
         .read_to_string(&mut s)

@@ -16,6 +16,136 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     f.sync_all().map_err(io("fsync", dir))
 }
 
+/// `lstat` of `path`, never following a symlink. Errors name the path ("cannot inspect …").
+pub(crate) fn symlink_metadata(path: impl AsRef<Path>) -> Result<fs::Metadata> {
+    let path = path.as_ref();
+    fs::symlink_metadata(path).map_err(io("inspect", path))
+}
+
+/// [`symlink_metadata`], with `None` when nothing is at `path`.
+pub(crate) fn symlink_metadata_if_any(path: impl AsRef<Path>) -> Result<Option<fs::Metadata>> {
+    let path = path.as_ref();
+    match fs::symlink_metadata(path) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("inspect", path)(e)),
+    }
+}
+
+/// The metadata of whatever is at `path`, or `None` for any failure: for yes/no checks whose
+/// failure means "not there (for us)" and is never reported.
+pub(crate) fn lstat_or_none(path: impl AsRef<Path>) -> Option<fs::Metadata> {
+    let path = path.as_ref();
+    fs::symlink_metadata(path).ok()
+}
+
+/// Whether anything (a symlink included, dangling or not) is at `path`: a yes/no check.
+pub(crate) fn exists_nofollow(path: impl AsRef<Path>) -> bool {
+    let path = path.as_ref();
+    fs::symlink_metadata(path).is_ok()
+}
+
+/// The target of the symlink at `path`. Errors name the path ("cannot read the symlink …").
+pub(crate) fn read_link(path: impl AsRef<Path>) -> Result<PathBuf> {
+    let path = path.as_ref();
+    fs::read_link(path).map_err(io("read the symlink", path))
+}
+
+/// The entries of the directory `path`. Errors name the path ("cannot read …").
+pub(crate) fn read_dir(path: impl AsRef<Path>) -> Result<fs::ReadDir> {
+    let path = path.as_ref();
+    fs::read_dir(path).map_err(io("read", path))
+}
+
+/// Creates the directory `path` (its parent must exist). Errors name the path ("cannot create …").
+pub(crate) fn create_dir(path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    fs::create_dir(path).map_err(io("create", path))
+}
+
+/// Creates the directory `path` unless one is there: `Ok(true)` when it was made. Errors name
+/// the path ("cannot create …").
+pub(crate) fn create_dir_if_missing(path: impl AsRef<Path>) -> Result<bool> {
+    let path = path.as_ref();
+    match fs::create_dir(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(io("create", path)(e)),
+    }
+}
+
+/// Creates the directory `path` and its missing parents. Errors name `path` ("cannot create …").
+pub(crate) fn create_dir_all(path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    fs::create_dir_all(path).map_err(io("create", path))
+}
+
+/// Removes the file or symlink at `path`. Errors name the path ("cannot remove …").
+pub(crate) fn remove_file(path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    fs::remove_file(path).map_err(io("remove", path))
+}
+
+/// Removes the file or symlink at `path` if there is one: `Ok(false)` when nothing was there.
+pub(crate) fn remove_file_if_any(path: impl AsRef<Path>) -> Result<bool> {
+    let path = path.as_ref();
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io("remove", path)(e)),
+    }
+}
+
+/// Best-effort removal of a file or symlink (a temp file of our own, a leftover the next cleanup
+/// retries): whatever fails is ignored.
+pub(crate) fn remove_file_quietly(path: impl AsRef<Path>) {
+    let path = path.as_ref();
+    let _ = fs::remove_file(path);
+}
+
+/// Best-effort removal of an empty directory; returns whether it is gone.
+pub(crate) fn remove_dir_quietly(path: impl AsRef<Path>) -> bool {
+    let path = path.as_ref();
+    fs::remove_dir(path).is_ok()
+}
+
+/// Renames `from` to `to` (replacing `to`). Errors name `to` after `op` ("cannot {op} {to}: …").
+pub(crate) fn rename(op: &'static str, from: impl AsRef<Path>, to: impl AsRef<Path>) -> Result<()> {
+    let (from, to) = (from.as_ref(), to.as_ref());
+    fs::rename(from, to).map_err(io(op, to))
+}
+
+/// Renames `from` to `to` (replacing `to`), moving `from` out of the way. Errors name `from`
+/// ("cannot move aside {from}: …").
+pub(crate) fn move_aside(from: impl AsRef<Path>, to: impl AsRef<Path>) -> Result<()> {
+    let from = from.as_ref();
+    fs::rename(from, to).map_err(io("move aside", from))
+}
+
+/// Sets the mode of `path` (following a symlink: callers pass what they created). Errors name
+/// the path ("cannot chmod …").
+pub(crate) fn set_mode(path: impl AsRef<Path>, mode: u32) -> Result<()> {
+    let path = path.as_ref();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io("chmod", path))
+}
+
+/// Opens `path` for reading. Errors name the path ("cannot open …").
+pub(crate) fn open(path: impl AsRef<Path>) -> Result<File> {
+    let path = path.as_ref();
+    File::open(path).map_err(io("open", path))
+}
+
+/// Opens `path` with `opts`. Errors name the path after `op` ("cannot {op} {path}: …").
+pub(crate) fn open_with(
+    op: &'static str,
+    opts: &OpenOptions,
+    path: impl AsRef<Path>,
+) -> Result<File> {
+    let path = path.as_ref();
+    opts.open(path).map_err(io(op, path))
+}
+
 /// Writes `bytes` to `path` atomically and durably: temp file, fsync, rename, fsync the directory.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |w| w.write_all(bytes))

@@ -10,7 +10,6 @@
 use crate::{fsutil, stage, LockGuard, Root};
 use flip_manifest::Manifest;
 use std::collections::BTreeMap;
-use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -150,7 +149,7 @@ impl Root {
         paths
             .filter_map(|p| {
                 let ino = *inodes.get(p)?;
-                let m = fs::symlink_metadata(dir.join(p)).ok()?;
+                let m = fsutil::lstat_or_none(dir.join(p))?;
                 (m.is_file() && m.ino() == ino && m.nlink() > 1).then(|| (p.clone(), m.nlink()))
             })
             .collect()
@@ -168,13 +167,13 @@ fn in_place_why(links: u64) -> String {
 /// What a path is now, without following a symlink: `file MODE INO SIZE MTIME CTIME`,
 /// `dir MODE`, `link TARGET`, `other MODE INO`, or `missing`.
 fn identity(path: &Path) -> String {
-    let Ok(m) = fs::symlink_metadata(path) else {
+    let Some(m) = fsutil::lstat_or_none(path) else {
         return "missing".into();
     };
     let mode = m.mode() & 0o7777;
     let t = m.file_type();
     if t.is_symlink() {
-        match fs::read_link(path) {
+        match fsutil::read_link(path) {
             Ok(target) => format!("link {}", target.display()),
             Err(_) => "link ?".into(),
         }

@@ -131,6 +131,8 @@ impl Root {
     /// [`Error::Missing`], [`Error::NotADirectory`], [`Error::NotATarget`] (no `.flip/`),
     /// [`Error::Layout`] for a symlink or wrong type, or an I/O error.
     pub fn open(dir: &Path) -> Result<Root> {
+        // Follows a symlink to the target on purpose; a missing target is its own error.
+        #[allow(clippy::disallowed_methods)]
         let meta = fs::metadata(dir).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::Missing(dir.to_path_buf()),
             _ => io("open", dir)(e),
@@ -165,6 +167,9 @@ impl Root {
     /// As [`Root::open_or_init`].
     pub fn open_or_init_tracked(dir: &Path, mkpath: bool) -> Result<(Root, Option<Created>)> {
         let mut created = Created { dirs: Vec::new() };
+        // Follows a symlink to the target on purpose; missing and ENOTDIR are errors of their
+        // own, naming the path; the others name it through `io`.
+        #[allow(clippy::disallowed_methods)]
         match fs::metadata(dir) {
             Ok(m) if !m.is_dir() => return Err(Error::NotADirectory(dir.to_path_buf())),
             Ok(_) => {
@@ -173,7 +178,7 @@ impl Root {
                     root.check_layout()?;
                     return Ok((root, None));
                 }
-                let mut rd = fs::read_dir(dir).map_err(io("read", dir))?;
+                let mut rd = fsutil::read_dir(dir)?;
                 if rd.next().is_some() {
                     return Err(Error::NotATarget(dir.to_path_buf()));
                 }
@@ -181,7 +186,7 @@ impl Root {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut missing: Vec<PathBuf> = dir
                     .ancestors()
-                    .take_while(|a| !a.as_os_str().is_empty() && fs::symlink_metadata(a).is_err())
+                    .take_while(|a| !a.as_os_str().is_empty() && !fsutil::exists_nofollow(a))
                     .map(Path::to_path_buf)
                     .collect();
                 missing.reverse();
@@ -191,7 +196,7 @@ impl Root {
                         parent: missing[0].clone(),
                     });
                 }
-                fs::create_dir_all(dir).map_err(io("create", dir))?;
+                fsutil::create_dir_all(dir)?;
                 created.dirs = missing;
             }
             // A file where a parent directory must be: name that file, not the target.
@@ -199,7 +204,7 @@ impl Root {
                 let file = dir
                     .ancestors()
                     .skip(1)
-                    .find(|a| fs::symlink_metadata(a).is_ok_and(|m| !m.is_dir()))
+                    .find(|a| fsutil::lstat_or_none(a).is_some_and(|m| !m.is_dir()))
                     .unwrap_or(dir);
                 return Err(Error::NotADirectory(file.to_path_buf()));
             }
@@ -207,11 +212,7 @@ impl Root {
         }
         let root = Root::at(dir);
         for d in [root.releases_dir(), root.state_dir(), root.meta_dir()] {
-            match fs::create_dir(&d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io("create", &d)(e)),
-            }
+            fsutil::create_dir_if_missing(&d)?;
         }
         root.check_layout()?;
         fsutil::fsync_dir(&root.state_dir())?;
@@ -225,25 +226,25 @@ impl Root {
     /// target). Consumes the lock, which is released before the root itself goes.
     pub fn undo_init(&self, created: &Created, lock: LockGuard) {
         let releases = self.releases_dir();
-        let empty = fs::read_dir(&releases).is_ok_and(|mut rd| rd.next().is_none());
+        let empty = fsutil::read_dir(&releases).is_ok_and(|mut rd| rd.next().is_none());
         // Seeds already moved into shared/ (a commit that failed after them) are kept, and so
         // is the target around them: undone, it would be a directory flip refuses to take over.
         if !empty
-            || fs::symlink_metadata(self.dir.join(CURRENT)).is_ok()
-            || fs::symlink_metadata(self.shared_dir()).is_ok()
+            || fsutil::exists_nofollow(self.dir.join(CURRENT))
+            || fsutil::exists_nofollow(self.shared_dir())
         {
             return;
         }
         let state = self.state_dir();
-        let _ = fs::remove_dir(self.meta_dir());
+        fsutil::remove_dir_quietly(self.meta_dir());
         for f in ["next-id", "log", LEFTOVERS, "lock"] {
-            let _ = fs::remove_file(state.join(f));
+            fsutil::remove_file_quietly(state.join(f));
         }
         drop(lock);
-        let _ = fs::remove_dir(&state);
-        let _ = fs::remove_dir(&releases);
+        fsutil::remove_dir_quietly(&state);
+        fsutil::remove_dir_quietly(&releases);
         for d in created.dirs.iter().rev() {
-            if fs::remove_dir(d).is_err() {
+            if !fsutil::remove_dir_quietly(d) {
                 break;
             }
         }
@@ -262,8 +263,8 @@ impl Root {
         for f in ["lock", "next-id", "log", LEFTOVERS] {
             expect(&state.join(f), Kind::File)?;
         }
-        match fs::symlink_metadata(self.dir.join(CURRENT)) {
-            Ok(m) if !m.file_type().is_symlink() => {
+        match fsutil::lstat_or_none(self.dir.join(CURRENT)) {
+            Some(m) if !m.file_type().is_symlink() => {
                 Err(Error::CurrentNotSymlink(self.dir.join(CURRENT)))
             }
             _ => Ok(()),
@@ -319,7 +320,7 @@ impl Root {
         // naming anything else was not written by flip, and is not looked at).
         list.into_iter()
             .filter(|l| l.path.starts_with(&self.dir))
-            .filter(|l| fs::symlink_metadata(&l.path).is_ok())
+            .filter(|l| fsutil::exists_nofollow(&l.path))
             .take(MAX_LEFTOVERS + 1)
             .collect()
     }
@@ -375,10 +376,8 @@ impl Root {
         self.check_layout()?;
         // flip's own directories, if lost, are made again rather than failing every deploy.
         for d in [self.releases_dir(), self.meta_dir()] {
-            match fs::create_dir(&d) {
-                Ok(()) => self.warn(format!("{} was missing; made again", d.display())),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io("create", &d)(e)),
+            if fsutil::create_dir_if_missing(&d)? {
+                self.warn(format!("{} was missing; made again", d.display()));
             }
         }
         fault_point("after-lock");
@@ -391,21 +390,19 @@ impl Root {
     /// [`Error::CurrentNotSymlink`], [`Error::CurrentForeign`], or an I/O error reading it.
     pub fn current(&self) -> Result<Option<u64>> {
         let link = self.dir.join(CURRENT);
-        let meta = match fs::symlink_metadata(&link) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io("inspect", &link)(e)),
+        let Some(meta) = fsutil::symlink_metadata_if_any(&link)? else {
+            return Ok(None);
         };
         if !meta.file_type().is_symlink() {
             return Err(Error::CurrentNotSymlink(link));
         }
-        let target = fs::read_link(&link).map_err(io("read the symlink", &link))?;
+        let target = fsutil::read_link(&link)?;
         let target = target.to_string_lossy().into_owned();
         match target.strip_prefix("releases/").and_then(parse_id) {
             Some(id) => {
                 let dir = self.release_dir(id);
-                match fs::symlink_metadata(&dir) {
-                    Ok(m) if !m.is_dir() => Err(Error::Layout {
+                match fsutil::lstat_or_none(&dir) {
+                    Some(m) if !m.is_dir() => Err(Error::Layout {
                         path: dir,
                         found: fsutil::kind_of(&m),
                         expected: "a release directory",
@@ -462,7 +459,7 @@ impl Root {
     fn release_ids(&self) -> Result<Vec<u64>> {
         let dir = self.releases_dir();
         let mut ids = Vec::new();
-        for e in fs::read_dir(&dir).map_err(io("read", &dir))? {
+        for e in fsutil::read_dir(&dir)? {
             let e = e.map_err(io("read", &dir))?;
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
@@ -475,7 +472,7 @@ impl Root {
                 Ok(t) if t.is_dir() => ids.extend(id),
                 Ok(_) => {
                     let path = e.path();
-                    let kind = fs::symlink_metadata(&path)
+                    let kind = fsutil::lstat_or_none(&path)
                         .map(|m| fsutil::kind_of(&m))
                         .unwrap_or("gone");
                     self.warn(format!(
@@ -506,20 +503,20 @@ impl Root {
         let Some(bytes) = fsutil::read_optional_limited(&path, SMALL_FILE_MAX)? else {
             return Err(Error::NoSuchRelease(id));
         };
-        let dir_ok = fs::symlink_metadata(self.release_dir(id)).is_ok_and(|m| m.is_dir());
+        let dir_ok = fsutil::lstat_or_none(self.release_dir(id)).is_some_and(|m| m.is_dir());
         if !dir_ok {
             return Err(Error::NoSuchRelease(id));
         }
-        match fs::symlink_metadata(self.manifest_path(id)) {
-            Ok(m) if m.is_file() => {}
-            Ok(m) => {
+        match fsutil::lstat_or_none(self.manifest_path(id)) {
+            Some(m) if m.is_file() => {}
+            Some(m) => {
                 return Err(Error::Layout {
                     path: self.manifest_path(id),
                     found: fsutil::kind_of(&m),
                     expected: "a regular file",
                 })
             }
-            Err(_) => return Err(Error::NoSuchRelease(id)),
+            None => return Err(Error::NoSuchRelease(id)),
         }
         serde_json::from_slice(&bytes).map_err(|e| fsutil::corrupt(&path, e.to_string()))
     }
@@ -573,11 +570,13 @@ impl Root {
     fn manifest_intact(&self, r: &ReleaseInfo) -> Result<()> {
         use std::io::Read;
         let path = self.manifest_path(r.id);
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(io("read", &path))?;
+        let f = fsutil::open_with(
+            "read",
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC),
+            &path,
+        )?;
         let meta = f.metadata().map_err(io("inspect", &path))?;
         if !meta.is_file() {
             return Err(Error::Layout {
@@ -632,13 +631,13 @@ impl Root {
         let tmp = self
             .dir
             .join(format!(".{CURRENT}.tmp-{}", std::process::id()));
-        let _ = fs::remove_file(&tmp);
+        fsutil::remove_file_quietly(&tmp);
         std::os::unix::fs::symlink(format!("{RELEASES}/{id}"), &tmp)
             .map_err(io("create the symlink", &tmp))?;
         fault_point("before-swap");
-        if let Err(e) = fs::rename(&tmp, &link) {
-            let _ = fs::remove_file(&tmp);
-            return Err(io("swap", &link)(e));
+        if let Err(e) = fsutil::rename("swap", &tmp, &link) {
+            fsutil::remove_file_quietly(&tmp);
+            return Err(e);
         }
         fault_point("after-swap");
         fsutil::fsync_dir(&self.dir)?;
@@ -712,7 +711,7 @@ impl Root {
     fn retire_release(&self, id: u64) -> Result<()> {
         let dir = self.release_dir(id);
         let trash = self.releases_dir().join(format!("{TRASH_PREFIX}{id}"));
-        if fs::symlink_metadata(&trash).is_ok() {
+        if fsutil::exists_nofollow(&trash) {
             // A trash of the same id cannot exist (ids are never reused), unless put there.
             return Err(Error::Layout {
                 path: trash,
@@ -720,7 +719,7 @@ impl Root {
                 expected: "free for the release being pruned",
             });
         }
-        fs::rename(&dir, &trash).map_err(io("move aside", &dir))?;
+        fsutil::move_aside(&dir, &trash)?;
         fsutil::fsync_dir(&self.releases_dir())?;
         fault_point("prune-after-trash");
         for p in [
@@ -729,10 +728,8 @@ impl Root {
             self.stat_path(id),
             self.hooks_path(id),
         ] {
-            match fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => self.warn(format!("{}", io("remove", &p)(e))),
+            if let Err(e) = fsutil::remove_file_if_any(&p) {
+                self.warn(format!("{e}"));
             }
         }
         fault_point("prune-after-forget");
@@ -752,7 +749,7 @@ impl Root {
         let dir = self.releases_dir();
         let mut removed = Vec::new();
         let mut left = fsutil::LeftoverList::default();
-        for e in fs::read_dir(&dir).map_err(io("read", &dir))? {
+        for e in fsutil::read_dir(&dir)? {
             let e = e.map_err(io("read", &dir))?;
             let name = e.file_name().to_string_lossy().into_owned();
             if !(name.starts_with(STAGING_PREFIX) || name.starts_with(TRASH_PREFIX)) {
@@ -762,6 +759,8 @@ impl Root {
             let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
             if !is_dir {
                 // Not something flip made: removed as the link or file it is, never followed.
+                // The leftover names the path; its error is the cause alone.
+                #[allow(clippy::disallowed_methods)]
                 match fs::remove_file(&path) {
                     Ok(()) => {
                         self.warn(format!(
@@ -777,18 +776,20 @@ impl Root {
             }
         }
         let meta = self.meta_dir();
-        for e in fs::read_dir(&meta).map_err(io("read", &meta))? {
+        for e in fsutil::read_dir(&meta)? {
             let e = e.map_err(io("read", &meta))?;
             let name = e.file_name().to_string_lossy().into_owned();
             let id = name.split('.').next().and_then(|s| s.parse::<u64>().ok());
             let orphan = id.is_some_and(|id| {
-                !fs::symlink_metadata(self.release_dir(id)).is_ok_and(|m| m.is_dir())
+                !fsutil::lstat_or_none(self.release_dir(id)).is_some_and(|m| m.is_dir())
             });
             if orphan || is_temp(&name) {
                 self.remove_file_noting(&e, &mut left, &mut removed, ".flip/releases/");
             }
         }
         for (d, prefix) in [(self.state_dir(), ".flip/"), (self.dir.clone(), "")] {
+            // The leftover names the path; its error is the cause alone.
+            #[allow(clippy::disallowed_methods)]
             let rd = match fs::read_dir(&d) {
                 Ok(rd) => rd,
                 Err(err) => {
@@ -826,6 +827,8 @@ impl Root {
             left.push(&path, "a directory where flip keeps files; not removed");
             return;
         }
+        // The leftover names the path; its error is the cause alone.
+        #[allow(clippy::disallowed_methods)]
         match fs::remove_file(&path) {
             Ok(()) => removed.push(format!("{prefix}{}", e.file_name().to_string_lossy())),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
@@ -838,10 +841,7 @@ impl Root {
     fn record_leftovers(&self, list: &[Leftover]) {
         let path = self.state_dir().join(LEFTOVERS);
         let r = if list.is_empty() {
-            match fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", &path)(e)),
-                _ => Ok(()),
-            }
+            fsutil::remove_file_if_any(&path).map(|_| ())
         } else {
             fsutil::write_atomic(&path, &serde_json::to_vec(list).expect("json"))
         };
@@ -897,7 +897,7 @@ impl Root {
     fn highest_id_on_disk(&self) -> Result<Option<u64>> {
         let mut max = None;
         for d in [self.releases_dir(), self.meta_dir()] {
-            for e in fs::read_dir(&d).map_err(io("read", &d))? {
+            for e in fsutil::read_dir(&d)? {
                 let e = e.map_err(io("read", &d))?;
                 let name = e.file_name();
                 let Some(name) = name.to_str() else { continue };
@@ -916,11 +916,14 @@ impl Root {
     fn highest_id_in_log(&self) -> Option<u64> {
         use std::io::{BufRead, Read};
         let path = self.state_dir().join("log");
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path)
-            .ok()?;
+        let f = fsutil::open_with(
+            "open",
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC),
+            &path,
+        )
+        .ok()?;
         let mut max = None;
         let mut r = std::io::BufReader::new(f);
         let mut line = Vec::new();
@@ -954,13 +957,15 @@ impl Root {
         let path = self.state_dir().join("log");
         let mut line = serde_json::to_vec(event).map_err(|e| io("write", &path)(e.into()))?;
         line.push(b'\n');
-        let mut f = fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(io("open", &path))?;
+        let mut f = fsutil::open_with(
+            "open",
+            fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC),
+            &path,
+        )?;
         f.write_all(&line).map_err(io("append to", &path))
     }
 
@@ -997,8 +1002,8 @@ fn e_path(dir: &Path, name: &str) -> String {
 /// Whether `path` exists with the kind flip gives it: `Ok(false)` when missing, a
 /// [`Error::Layout`] naming it when it is a symlink or of another type.
 fn expect(path: &Path, kind: Kind) -> Result<bool> {
-    match fs::symlink_metadata(path) {
-        Ok(m) => {
+    match fsutil::symlink_metadata_if_any(path)? {
+        Some(m) => {
             let ok = match kind {
                 Kind::Dir => m.is_dir(),
                 Kind::File => m.is_file(),
@@ -1016,8 +1021,7 @@ fn expect(path: &Path, kind: Kind) -> Result<bool> {
                 })
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(io("inspect", path)(e)),
+        None => Ok(false),
     }
 }
 

@@ -81,6 +81,8 @@ pub(crate) fn acquire(path: &Path, me: &Holder, wait: Wait<'_>) -> Result<LockGu
 }
 
 fn open(path: &Path) -> Result<File> {
+    // A symlink here (ELOOP) is a layout error of its own; the others name the path via `io`.
+    #[allow(clippy::disallowed_methods)]
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -104,8 +106,8 @@ fn open(path: &Path) -> Result<File> {
 
 fn same_file(file: &File, path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (file.metadata(), std::fs::symlink_metadata(path)) {
-        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+    match (file.metadata().ok(), crate::fsutil::lstat_or_none(path)) {
+        (Some(a), Some(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
         _ => false,
     }
 }

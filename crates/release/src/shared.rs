@@ -84,11 +84,7 @@ fn open_path_dir(path: &Path) -> std::io::Result<OwnedFd> {
 
 /// What `lstat` says of `path`: `None` when it does not exist.
 fn lkind(path: &Path) -> Result<Option<fs::Metadata>> {
-    match fs::symlink_metadata(path) {
-        Ok(m) => Ok(Some(m)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io("inspect", path)(e)),
-    }
+    fsutil::symlink_metadata_if_any(path)
 }
 
 impl Root {
@@ -183,11 +179,7 @@ pub(crate) fn commit_shared(
 ) -> Result<()> {
     let base = root.shared_dir();
     if !s.seeds.is_empty() || !s.writable_shared.is_empty() {
-        match fs::create_dir(&base) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io("create", &base)(e)),
-        }
+        fsutil::create_dir_if_missing(&base)?;
     }
     for (x, _kind) in &s.seeds {
         let staged_x = dir.join(x.as_str());
@@ -233,8 +225,7 @@ pub(crate) fn commit_shared(
         if let Some((uid, gid)) = s.owner {
             let p = dir.join(w.as_str());
             std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(io("chown", &p))?;
-            fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(s.mode))
-                .map_err(io("chmod", &p))?;
+            fsutil::set_mode(&p, s.mode)?;
         }
     }
     root.writable_shared(&s.writable_shared, s.mode, s.owner)
@@ -309,7 +300,10 @@ fn copy_across(
         }
         // SAFETY: a fresh descriptor returned by openat is ours to own.
         let mut out = unsafe { fs::File::from_raw_fd(fd) };
-        std::io::copy(&mut fs::File::open(src)?, &mut out)?;
+        // The caller names the seed ("cannot move the seed into shared/X") with this error.
+        #[allow(clippy::disallowed_methods)]
+        let mut src = fs::File::open(src)?;
+        std::io::copy(&mut src, &mut out)?;
         // SAFETY: fchmod on a file descriptor we own.
         cvt(unsafe { libc::fchmod(out.as_raw_fd(), mode as libc::mode_t) })?;
         out.sync_all()
@@ -392,31 +386,35 @@ fn open_shared_parent(base: &Path, x: &RelPath, create: Option<u32>) -> Result<O
 /// Gives the staged file `path` an inode of its own when it shares one (a hard link to the
 /// live release): copied to a temp name, flushed, renamed over it.
 fn fresh_inode(path: &Path) -> Result<()> {
-    let m = fs::symlink_metadata(path).map_err(io("inspect", path))?;
+    let m = fsutil::symlink_metadata(path)?;
     if !m.is_file() || m.nlink() <= 1 {
         return Ok(());
     }
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.tmp-seed"));
-    let _ = fs::remove_file(&tmp);
-    let mut from = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io("open", path))?;
+    fsutil::remove_file_quietly(&tmp);
+    let mut from = fsutil::open_with(
+        "open",
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC),
+        path,
+    )?;
     // A new file (never one that exists), then the mode exactly (the umask applies at create).
-    let mut out = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io("create", &tmp))?;
+    let mut out = fsutil::open_with(
+        "create",
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o600),
+        &tmp,
+    )?;
     std::io::copy(&mut from, &mut out).map_err(io("copy into", &tmp))?;
     out.set_permissions(fs::Permissions::from_mode(m.mode() & 0o7777))
         .map_err(io("chmod", &tmp))?;
     out.sync_all().map_err(io("fsync", &tmp))?;
-    fs::rename(&tmp, path).map_err(io("rename", path))?;
+    fsutil::rename("rename", &tmp, path)?;
     Ok(())
 }
 

@@ -252,7 +252,7 @@ impl<'r> Stage<'r> {
     /// Directories and symlinks (one level of depth at a time, each level in parallel), then
     /// links and copies in parallel.
     fn build_tree(&mut self) -> Result<()> {
-        fs::create_dir(&self.dir).map_err(io("create", &self.dir))?;
+        fsutil::create_dir(&self.dir)?;
         let umask = fsutil::umask();
         for level in by_depth(self.manifest.entries()) {
             level.par_iter().try_for_each(|e| {
@@ -393,9 +393,9 @@ impl<'r> Stage<'r> {
             Ok(()) => {
                 // The stamp is taken after the link (which changes the inode's ctime), and the
                 // link must be the inode that was checked.
-                let linked = fs::symlink_metadata(&dst).map_err(io("inspect", &dst))?;
+                let linked = fsutil::symlink_metadata(&dst)?;
                 if linked.ino() != meta.ino() || linked.dev() != meta.dev() {
-                    fs::remove_file(&dst).map_err(io("remove", &dst))?;
+                    fsutil::remove_file(&dst)?;
                     return Ok(TRANSFER);
                 }
                 Ok(Outcome::Linked(FileStamp::of(&linked)))
@@ -433,7 +433,7 @@ impl<'r> Stage<'r> {
         let mut w = FileWriter::create(usize::MAX, &dst, step)?;
         let discard = |w: FileWriter| {
             drop(w);
-            fs::remove_file(&dst).map_err(io("remove", &dst))?;
+            fsutil::remove_file(&dst)?;
             Ok(TRANSFER)
         };
         if step.size > 0 && w.reflink_from(&input).is_ok() {
@@ -742,8 +742,7 @@ impl<'r> Stage<'r> {
                 _ => Ok(()),
             })?;
         }
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755))
-            .map_err(io("chmod", &self.dir))?;
+        fsutil::set_mode(&self.dir, 0o755)?;
         if let Some(shared) = self.shared.take() {
             self.fill_stamps()?;
             crate::shared::commit_shared(self.root, &self.dir, &self.manifest, &shared)?;
@@ -798,7 +797,7 @@ impl<'r> Stage<'r> {
         )?;
         crate::fault_point("before-rename");
         let dst = self.root.release_dir(self.id);
-        fs::rename(&self.dir, &dst).map_err(io("rename the staged release to", &dst))?;
+        fsutil::rename("rename the staged release to", &self.dir, &dst)?;
         fsutil::fsync_dir(&self.root.releases_dir())?;
         self.committed = true;
         crate::fault_point("after-rename");
@@ -820,7 +819,7 @@ impl Stage<'_> {
             .into_par_iter()
             .map(|i| {
                 let abs = self.abs(&self.plan.files[i].path);
-                let m = fs::symlink_metadata(&abs).map_err(io("inspect", &abs))?;
+                let m = fsutil::symlink_metadata(&abs)?;
                 Ok((i, FileStamp::of(&m)))
             })
             .collect::<Result<_>>()?;
@@ -913,12 +912,12 @@ impl Root {
                 let path = dir.join(e.path.as_str());
                 match &e.kind {
                     EntryKind::File { .. } => st.is_some_and(|st| {
-                        fs::symlink_metadata(&path).is_ok_and(|m| FileStamp::of(&m) == st)
+                        fsutil::lstat_or_none(&path).is_some_and(|m| FileStamp::of(&m) == st)
                     }),
-                    EntryKind::Symlink { target } => fs::read_link(&path)
+                    EntryKind::Symlink { target } => fsutil::read_link(&path)
                         .is_ok_and(|t| t.as_os_str().as_encoded_bytes() == target.as_bytes()),
                     EntryKind::Dir { .. } => {
-                        fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_dir())
+                        fsutil::lstat_or_none(&path).is_some_and(|m| m.file_type().is_dir())
                     }
                 }
             });
@@ -953,8 +952,8 @@ impl Root {
             .zip(stamps.par_iter())
             .map(|(e, st)| {
                 st.is_some_and(|st| {
-                    fs::symlink_metadata(dir.join(e.path.as_str()))
-                        .is_ok_and(|m| FileStamp::of(&m) == st)
+                    fsutil::lstat_or_none(dir.join(e.path.as_str()))
+                        .is_some_and(|m| FileStamp::of(&m) == st)
                 })
             })
             .collect();
@@ -984,7 +983,7 @@ impl Root {
             .zip(live.intact.par_iter())
             .map(|((e, st), ok)| {
                 let st = st.as_ref().filter(|_| *ok)?;
-                let now = FileStamp::of(&fs::symlink_metadata(dir.join(e.path.as_str())).ok()?);
+                let now = FileStamp::of(&fsutil::lstat_or_none(dir.join(e.path.as_str()))?);
                 let same_write = (now.ino, now.size, now.mtime, now.mtime_nsec)
                     == (st.ino, st.size, st.mtime, st.mtime_nsec);
                 (same_write && now != *st).then_some(now)
@@ -1179,18 +1178,12 @@ fn hash_matches(file: &File, ino: u64, size: u64, digest: &Digest) -> bool {
 
 /// Gives a staged directory exactly `mode` (all 12 bits) and checks that it has it.
 fn set_dir_mode(path: &Path, mode: u32) -> Result<()> {
-    let have = fs::symlink_metadata(path)
-        .map_err(io("inspect", path))?
-        .mode()
-        & MODE_MASK;
+    let have = fsutil::symlink_metadata(path)?.mode() & MODE_MASK;
     if have == mode {
         return Ok(());
     }
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io("chmod", path))?;
-    let got = fs::symlink_metadata(path)
-        .map_err(io("inspect", path))?
-        .mode()
-        & MODE_MASK;
+    fsutil::set_mode(path, mode)?;
+    let got = fsutil::symlink_metadata(path)?.mode() & MODE_MASK;
     check_mode(path, mode, got)
 }
 
@@ -1335,14 +1328,16 @@ pub struct FileWriter {
 
 impl FileWriter {
     fn create(index: usize, path: &Path, step: &FileStep) -> Result<FileWriter> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(io("create", path))?;
+        let file = fsutil::open_with(
+            "create",
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC),
+            path,
+        )?;
         Ok(FileWriter {
             index,
             path: path.to_path_buf(),
@@ -1472,6 +1467,8 @@ pub(crate) fn tree_differences(dir: &Path, manifest: &Manifest) -> Vec<(String, 
 /// How entry `e` of a manifest differs in the tree at `dir`, if it does.
 fn difference(dir: &Path, e: &flip_manifest::Entry) -> Option<String> {
     let p = dir.join(e.path.as_str());
+    // A difference names the entry's path (relative to the release); its error is the cause.
+    #[allow(clippy::disallowed_methods)]
     let meta = match fs::symlink_metadata(&p) {
         Ok(m) => m,
         Err(err) => return Some(format!("{}: {err}", e.path)),
@@ -1490,7 +1487,7 @@ fn difference(dir: &Path, e: &flip_manifest::Entry) -> Option<String> {
                 None
             }
         }
-        EntryKind::Symlink { target } => match fs::read_link(&p) {
+        EntryKind::Symlink { target } => match fsutil::read_link(&p) {
             Ok(t) if t.as_os_str() == target.as_str() => None,
             Ok(t) => Some(format!(
                 "{}: points to {}, expected {target}",
@@ -1527,6 +1524,8 @@ fn difference(dir: &Path, e: &flip_manifest::Entry) -> Option<String> {
 /// The blake3 of the regular file at `path` (not through a symlink at its end, never blocking
 /// on a FIFO), read in pieces.
 fn hash_file(path: &Path) -> std::io::Result<Digest> {
+    // The caller's difference names the entry's path; the error here is the cause alone.
+    #[allow(clippy::disallowed_methods)]
     let mut f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -1546,7 +1545,9 @@ fn hash_file(path: &Path) -> std::io::Result<Digest> {
 }
 
 fn list_tree(base: &Path, dir: &Path, out: &mut Vec<String>) {
-    let Ok(rd) = fs::read_dir(dir) else { return };
+    let Ok(rd) = fsutil::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if let Ok(rel) = p.strip_prefix(base) {
