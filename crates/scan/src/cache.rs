@@ -93,6 +93,8 @@ impl Cache {
     /// Reads a cache file. A missing or invalid file gives an empty cache; an unreadable one
     /// (e.g. permission denied) gives an empty cache and a warning.
     pub(crate) fn load(path: &Path) -> (Cache, Option<String>) {
+        // The warning names the cache's path; NotFound is an empty cache, told apart by kind.
+        #[allow(clippy::disallowed_methods)]
         let bytes = match fs::metadata(path) {
             Ok(m) if m.len() > MAX_FILE_LEN => return (Cache::default(), None),
             Ok(_) => fs::read(path),
@@ -238,6 +240,9 @@ pub(crate) fn encode(entries: &[(&str, Key, Digest)]) -> Vec<u8> {
 /// Replaces the cache file at `path` with `entries` (`count` of them), atomically: a temporary
 /// file in the same directory renamed over it. The parent directory is created if missing. No
 /// fsync: a cache torn by a crash fails its checksum and is ignored.
+// The client's own cache, not a release: the caller's warning names its path ("cannot write
+// hash cache …: {e}"), so these calls keep std's errors rather than naming the path twice.
+#[allow(clippy::disallowed_methods)]
 pub(crate) fn store<'a>(
     path: &Path,
     count: usize,

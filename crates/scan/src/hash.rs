@@ -37,6 +37,9 @@ pub(crate) fn open(path: &Path, nofollow: bool) -> io::Result<File> {
     if nofollow {
         flags |= libc::O_NOFOLLOW;
     }
+    // Every caller names the path with this error (the scan: ScanError; `hash_file`'s callers),
+    // and tells ENOENT and ELOOP apart by kind, which an error naming the path would hide.
+    #[allow(clippy::disallowed_methods)]
     OpenOptions::new().read(true).custom_flags(flags).open(path)
 }
 

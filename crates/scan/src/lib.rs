@@ -47,6 +47,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod cache;
+mod fsutil;
 mod hash;
 mod walk;
 
@@ -273,6 +274,8 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
 
 /// The source root must be a directory (a symlink to one is fine).
 fn check_root(root: &Path) -> Result<(), ScanError> {
+    // Follows a symlink on purpose; each error names the root (missing is an error of its own).
+    #[allow(clippy::disallowed_methods)]
     match fs::metadata(root) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(ScanError::NotADir {
@@ -472,6 +475,8 @@ const FLIPIGNORE_MAX: u64 = 4 << 20;
 fn read_flipignore(path: &Path) -> io::Result<Vec<u8>> {
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt;
+    // The caller names `.flipignore`'s path with this error; a symlink is an error of its own.
+    #[allow(clippy::disallowed_methods)]
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)

@@ -2,10 +2,9 @@
 //! applied top-down so an excluded directory is never opened.
 
 use crate::cache::Key;
-use crate::ScanError;
+use crate::{fsutil, ScanError};
 use flip_manifest::RelPath;
 use ignore::gitignore::Gitignore;
-use std::fs;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -105,7 +104,7 @@ impl<'a> Walker<'a> {
         };
         let mut nodes = Vec::new();
         let mut files = Vec::new();
-        for dirent in fs::read_dir(abs).map_err(io_err("read directory", abs))? {
+        for dirent in fsutil::read_dir(abs)? {
             let dirent = dirent.map_err(io_err("read directory", abs))?;
             let path = dirent.path();
             let meta = match dirent.metadata() {
@@ -162,7 +161,7 @@ impl<'a> Walker<'a> {
                     key: Key::of(&meta),
                 });
             } else if ft.is_symlink() {
-                let target = fs::read_link(&path).map_err(io_err("read symlink", &path))?;
+                let target = fsutil::read_link(&path)?;
                 let target = target
                     .into_os_string()
                     .into_string()
