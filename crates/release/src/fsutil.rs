@@ -594,3 +594,70 @@ pub(crate) fn statx(
     };
     (r == 0).then_some(st)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each wrapper's error names the operation and the path, once (std's never names it).
+    #[test]
+    fn wrapper_errors_name_the_operation_and_the_path_once() {
+        let t = tempfile::tempdir().unwrap();
+        let missing = t.path().join("missing");
+        let shown = missing.display().to_string();
+        let errors = [
+            ("inspect", symlink_metadata(&missing).unwrap_err()),
+            ("read the symlink", read_link(&missing).unwrap_err()),
+            ("read", read_dir(&missing).map(|_| ()).unwrap_err()),
+            ("remove", remove_file(&missing).unwrap_err()),
+            ("chmod", set_mode(&missing, 0o644).unwrap_err()),
+            ("open", open(&missing).map(|_| ()).unwrap_err()),
+            ("create", create_dir(missing.join("d")).unwrap_err()),
+        ];
+        for (op, e) in errors {
+            let msg = e.to_string();
+            let path = if op == "create" {
+                missing.join("d").display().to_string()
+            } else {
+                shown.clone()
+            };
+            assert!(
+                msg.starts_with(&format!("cannot {op} {path}: ")),
+                "{op}: {msg}"
+            );
+            assert_eq!(msg.matches(&shown).count(), 1, "{op}: {msg}");
+        }
+        let e = rename("swap", &missing, t.path().join("to")).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with(&format!("cannot swap {}: ", t.path().join("to").display())));
+        let e = move_aside(&missing, t.path().join("to")).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with(&format!("cannot move aside {shown}: ")));
+    }
+
+    /// The "if any" wrappers tell a missing path apart from a failure, which they name.
+    #[test]
+    fn if_any_wrappers_answer_none_for_a_missing_path_and_name_other_failures() {
+        let t = tempfile::tempdir().unwrap();
+        let missing = t.path().join("missing");
+        assert!(symlink_metadata_if_any(&missing).unwrap().is_none());
+        assert!(!remove_file_if_any(&missing).unwrap());
+        assert!(!exists_nofollow(&missing));
+        let file = t.path().join("f");
+        write_atomic(&file, b"x").unwrap();
+        assert!(symlink_metadata_if_any(&file).unwrap().is_some());
+        // Below a regular file: ENOTDIR, not "missing".
+        let below = file.join("x");
+        let e = symlink_metadata_if_any(&below).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("cannot inspect {}: ", below.display())),
+            "{e}"
+        );
+        assert!(remove_file_if_any(&file).unwrap());
+        assert!(!exists_nofollow(&file));
+        assert!(create_dir_if_missing(&missing).unwrap());
+        assert!(!create_dir_if_missing(&missing).unwrap());
+    }
+}
