@@ -555,6 +555,34 @@ fn release_ids_near_the_largest_u64_never_wrap() {
 }
 
 #[test]
+fn a_stray_directory_named_with_the_largest_id_does_not_stop_deploys() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    // Not flip's: no metadata, and the counter never got there.
+    let stray = fx.root.join(format!("releases/{}", u64::MAX - 1));
+    fs::create_dir(&stray).unwrap();
+    public_site(&src, 2);
+    let r = fx
+        .flip(&["deploy", src.s(), fx.root_str(), "--json"])
+        .success();
+    let j = r.json();
+    assert_eq!(j["release"].as_u64(), Some(2), "{j}");
+    assert_eq!(fx.current_link(), "releases/2");
+    assert!(
+        warnings(&j).join("\n").contains("ids go on from 2"),
+        "{j}\n{}",
+        r.stderr
+    );
+    // The next one too: the warning is no dead end.
+    public_site(&src, 3);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"].as_u64(), Some(3), "{j}");
+    assert!(stray.is_dir(), "flip never removes what it did not make");
+}
+
+#[test]
 fn a_damaged_id_counter_is_rebuilt_without_reusing_ids() {
     let fx = Fx::new();
     let root = fx.root_str();

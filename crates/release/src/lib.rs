@@ -874,7 +874,8 @@ impl Root {
                 None
             }
         };
-        let mut seen = self.highest_id_on_disk()?;
+        let on_disk = self.ids_on_disk()?;
+        let mut seen = on_disk.last().copied();
         if stored.is_none() {
             seen = seen.max(self.highest_id_in_log());
         }
@@ -882,20 +883,45 @@ impl Root {
             path: path.clone(),
             last,
         };
-        let after_seen = match seen {
-            Some(m) => m.checked_add(1).ok_or_else(|| exhausted(m))?,
-            None => 1,
+        let usual = seen
+            .map_or(Some(1), |m| m.checked_add(1))
+            .map(|after_seen| stored.unwrap_or(1).max(after_seen).max(1))
+            .filter(|id| *id < u64::MAX);
+        let id = match (usual, stored) {
+            (Some(id), _) => id,
+            // Something is named with one of the last ids, which flip never handed out here
+            // (the counter is below it): one stray directory must not stop every deploy. Ids go
+            // on from the counter (and the log), past every id a name on the target takes.
+            (None, Some(counter)) if counter < u64::MAX => {
+                let floor = counter
+                    .max(self.highest_id_in_log().map_or(1, |l| l.saturating_add(1)))
+                    .max(1);
+                let mut id = floor;
+                while on_disk.contains(&id) {
+                    id = id.checked_add(1).ok_or_else(|| exhausted(id))?;
+                }
+                self.warn(format!(
+                    "{} or {} holds an entry named with release id {}, at the end of the ids, \
+                     which flip never handed out here ({} holds {counter}); ids go on from \
+                     {id} (remove the entry if it is not flip's)",
+                    self.releases_dir().display(),
+                    self.meta_dir().display(),
+                    seen.unwrap_or(u64::MAX),
+                    path.display()
+                ));
+                id
+            }
+            (None, _) => return Err(exhausted(u64::MAX)),
         };
-        let id = stored.unwrap_or(1).max(after_seen).max(1);
         let next = id.checked_add(1).ok_or_else(|| exhausted(id))?;
         fsutil::write_atomic(&path, format!("{next}\n").as_bytes())?;
         fault_point("after-id");
         Ok(id)
     }
 
-    /// The highest id named by a release, staging or trash directory or a metadata file.
-    fn highest_id_on_disk(&self) -> Result<Option<u64>> {
-        let mut max = None;
+    /// Every id named by a release, staging or trash directory or a metadata file.
+    fn ids_on_disk(&self) -> Result<std::collections::BTreeSet<u64>> {
+        let mut ids = std::collections::BTreeSet::new();
         for d in [self.releases_dir(), self.meta_dir()] {
             for e in fsutil::read_dir(&d)? {
                 let e = e.map_err(io("read", &d))?;
@@ -905,11 +931,12 @@ impl Root {
                     .strip_prefix(STAGING_PREFIX)
                     .or_else(|| name.strip_prefix(TRASH_PREFIX))
                     .unwrap_or(name);
-                let id = name.split('.').next().and_then(|s| s.parse::<u64>().ok());
-                max = max.max(id);
+                if let Some(id) = name.split('.').next().and_then(|s| s.parse::<u64>().ok()) {
+                    ids.insert(id);
+                }
             }
         }
-        Ok(max)
+        Ok(ids)
     }
 
     /// The highest release id `.flip/log` mentions (read line by line; damaged lines skipped).
@@ -1167,11 +1194,19 @@ mod tests {
             root.allocate_id(),
             Err(Error::IdsExhausted { last, .. }) if last == u64::MAX
         ));
+        // A stray directory named with the largest id (flip never handed it out: the counter
+        // says 1) does not stop the deploys: ids go on from the counter, past taken names.
         fs::create_dir(root.release_dir(u64::MAX)).unwrap();
+        fs::create_dir(root.release_dir(1)).unwrap();
         fs::write(&next, "1\n").unwrap();
-        assert!(matches!(
-            root.allocate_id(),
-            Err(Error::IdsExhausted { .. })
-        ));
+        assert_eq!(root.allocate_id().unwrap(), 2);
+        assert_eq!(fs::read_to_string(&next).unwrap(), "3\n");
+        let warned = root.take_warnings();
+        assert!(
+            warned
+                .iter()
+                .any(|w| w.contains("at the end of the ids") && w.contains("go on from 2")),
+            "{warned:?}"
+        );
     }
 }
