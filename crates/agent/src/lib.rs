@@ -245,6 +245,81 @@ pub fn serve_with(
     }
 }
 
+/// The `payload_len` bytes of a `Stage`'s `ManifestChunk`s (checked against the limit before).
+fn read_payload(rx: &mut FrameReader, payload_len: u64) -> Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity((payload_len as usize).min(CHUNK));
+    while (bytes.len() as u64) < payload_len {
+        match rx.recv::<Request>()? {
+            Request::ManifestChunk(c) if bytes.len() as u64 + c.len() as u64 <= payload_len => {
+                bytes.extend_from_slice(&c)
+            }
+            _ => {
+                return Err(AgentError::Protocol(
+                    "expected the rest of the manifest".into(),
+                ))
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+/// A staged manifest, its digest, and the live release and manifest it was rebuilt against.
+type Rebuilt = (
+    flip_manifest::Manifest,
+    flip_manifest::Digest,
+    Option<(u64, flip_manifest::Manifest)>,
+);
+
+/// The manifest a `Stage` describes, as `base` says: whole (the canonical encoding, whose
+/// blake3 is its digest), or a difference or directory patch against the live release (then
+/// also the live release and its manifest). A base that is no longer live is
+/// [`AgentError::StaleBase`]: the client stages again.
+fn rebuild_manifest(root: &Root, base: StageBase, bytes: &[u8]) -> Result<Rebuilt> {
+    let mut live_manifest = None;
+    let (base, dirs) = match base {
+        StageBase::Whole => (None, false),
+        StageBase::Diff(d) => (Some(d), false),
+        StageBase::Dirs(d) => (Some(d), true),
+    };
+    let (manifest, got) = match base {
+        // The decoder accepts only the canonical encoding: its blake3 is the digest.
+        None => (
+            flip_manifest::decode(bytes)
+                .map_err(|e| RelError::BadRequest(format!("manifest rejected: {e}")))?,
+            flip_manifest::Digest::of(bytes),
+        ),
+        Some(base) => {
+            let live = root
+                .current()?
+                .ok_or_else(|| AgentError::StaleBase("manifest diff but nothing is live".into()))?;
+            // A live manifest that cannot be read is no base either: the client, told so,
+            // stages the whole manifest (planned against nothing).
+            let prev = root
+                .manifest(live)
+                .map_err(|e| AgentError::StaleBase(e.to_string()))?;
+            if prev.digest() != base {
+                return Err(AgentError::StaleBase(format!(
+                    "manifest diff is against another release than the live one ({live})"
+                )));
+            }
+            let rejected = |e: &dyn std::fmt::Display| {
+                RelError::BadRequest(format!("manifest diff rejected: {e}"))
+            };
+            let m = if dirs {
+                let patch = flip_manifest::decode_dir_patch(bytes).map_err(|e| rejected(&e))?;
+                prev.apply_dirs(&patch).map_err(|e| rejected(&e))?
+            } else {
+                let diff = flip_manifest::decode_diff(bytes).map_err(|e| rejected(&e))?;
+                prev.apply(&diff).map_err(|e| rejected(&e))?
+            };
+            let d = m.digest();
+            live_manifest = Some((live, prev));
+            (m, d)
+        }
+    };
+    Ok((manifest, got, live_manifest))
+}
+
 /// After a failed request (everything already undone and the lock released): reads what the
 /// client pipelined after it and answers each request that expects an answer with
 /// [`Response::NotDone`], acting on none; content frames are dropped. Ends at `Bye`, at the end
@@ -1036,63 +1111,9 @@ impl Session {
         {
             return Err(RelError::BadRequest("label too long or contains NUL".into()).into());
         }
-        let mut bytes = Vec::with_capacity((payload_len as usize).min(CHUNK));
-        while (bytes.len() as u64) < payload_len {
-            match rx.recv::<Request>()? {
-                Request::ManifestChunk(c) if bytes.len() as u64 + c.len() as u64 <= payload_len => {
-                    bytes.extend_from_slice(&c)
-                }
-                _ => {
-                    return Err(AgentError::Protocol(
-                        "expected the rest of the manifest".into(),
-                    ))
-                }
-            }
-        }
+        let bytes = read_payload(rx, payload_len)?;
         let root = self.root(false)?;
-        let mut live_manifest = None;
-        let (base, dirs) = match base {
-            StageBase::Whole => (None, false),
-            StageBase::Diff(d) => (Some(d), false),
-            StageBase::Dirs(d) => (Some(d), true),
-        };
-        let (manifest, got) = match base {
-            // The decoder accepts only the canonical encoding: its blake3 is the digest.
-            None => (
-                flip_manifest::decode(&bytes)
-                    .map_err(|e| RelError::BadRequest(format!("manifest rejected: {e}")))?,
-                flip_manifest::Digest::of(&bytes),
-            ),
-            Some(base) => {
-                let live = root.current()?.ok_or_else(|| {
-                    AgentError::StaleBase("manifest diff but nothing is live".into())
-                })?;
-                // A live manifest that cannot be read is no base either: the client, told so,
-                // stages the whole manifest (planned against nothing).
-                let prev = root
-                    .manifest(live)
-                    .map_err(|e| AgentError::StaleBase(e.to_string()))?;
-                if prev.digest() != base {
-                    return Err(AgentError::StaleBase(format!(
-                        "manifest diff is against another release than the live one ({live})"
-                    )));
-                }
-                let rejected = |e: &dyn std::fmt::Display| {
-                    RelError::BadRequest(format!("manifest diff rejected: {e}"))
-                };
-                let m = if dirs {
-                    let patch =
-                        flip_manifest::decode_dir_patch(&bytes).map_err(|e| rejected(&e))?;
-                    prev.apply_dirs(&patch).map_err(|e| rejected(&e))?
-                } else {
-                    let diff = flip_manifest::decode_diff(&bytes).map_err(|e| rejected(&e))?;
-                    prev.apply(&diff).map_err(|e| rejected(&e))?
-                };
-                let d = m.digest();
-                live_manifest = Some((live, prev));
-                (m, d)
-            }
-        };
+        let (manifest, got, live_manifest) = rebuild_manifest(root, base, &bytes)?;
         if got != digest {
             return Err(RelError::BadRequest("manifest does not match its digest".into()).into());
         }
