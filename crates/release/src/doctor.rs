@@ -470,7 +470,7 @@ impl Walk<'_> {
         let Some(st) = Stat::at(fd, c"") else {
             return;
         };
-        let names = match list(fd, &mut self.budget) {
+        let names = match crate::fsutil::list_dir_bounded(fd, &mut self.budget) {
             Ok((names, complete)) => {
                 if !complete {
                     self.stopped = Some(format!(
@@ -574,7 +574,7 @@ fn check_leftovers(root: &Root, me: &Me, opts: &DoctorOptions, out: &mut Vec<Fin
         let Ok(top_fd) = open_dir_at(libc::AT_FDCWD, &cstr(&root.path().join(top))) else {
             continue;
         };
-        let Ok((names, _)) = list(&top_fd, &mut w.budget) else {
+        let Ok((names, _)) = crate::fsutil::list_dir_bounded(&top_fd, &mut w.budget) else {
             continue;
         };
         for name in names {
@@ -967,53 +967,6 @@ fn open_dir_at(at: libc::c_int, name: &CStr) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor returned by openat is ours to own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// The names in an open directory, at most `budget` of them (taken off the budget); `false`
-/// when the budget ran out before the end.
-fn list(dir: &OwnedFd, budget: &mut u64) -> std::io::Result<(Vec<CString>, bool)> {
-    // SAFETY: F_DUPFD_CLOEXEC on a descriptor `dir` keeps open; the result is checked.
-    let dup = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    if dup < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fdopendir takes ownership of the duplicate we just made (on success); closedir
-    // below releases it.
-    let d = unsafe { libc::fdopendir(dup) };
-    if d.is_null() {
-        let e = std::io::Error::last_os_error();
-        // SAFETY: fdopendir failed, so the duplicate is still ours to close.
-        unsafe { libc::close(dup) };
-        return Err(e);
-    }
-    let mut names = Vec::new();
-    loop {
-        if *budget == 0 {
-            // SAFETY: d came from fdopendir above.
-            unsafe { libc::closedir(d) };
-            return Ok((names, false));
-        }
-        // SAFETY: errno is reset so the end of the listing can be told from an error.
-        unsafe { *libc::__errno_location() = 0 };
-        // SAFETY: d is the open stream from fdopendir, not closed yet.
-        let ent = unsafe { libc::readdir(d) };
-        if ent.is_null() {
-            // SAFETY: __errno_location returns this thread's errno, always valid to read.
-            let errno = unsafe { *libc::__errno_location() };
-            // SAFETY: d came from fdopendir and is closed once, here, before returning.
-            unsafe { libc::closedir(d) };
-            if errno != 0 {
-                return Err(std::io::Error::from_raw_os_error(errno));
-            }
-            return Ok((names, true));
-        }
-        // SAFETY: d_name is a NUL-terminated name inside the entry readdir returned.
-        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
-        if name.to_bytes() != b"." && name.to_bytes() != b".." {
-            *budget -= 1;
-            names.push(name.to_owned());
-        }
-    }
 }
 
 struct FsSpace {

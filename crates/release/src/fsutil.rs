@@ -413,13 +413,24 @@ fn open_writable_dir(
 
 /// The names in an open directory (without `.` and `..`).
 fn list_dir(dir: &std::os::fd::OwnedFd) -> std::io::Result<Vec<std::ffi::CString>> {
+    let mut no_bound = u64::MAX;
+    list_dir_bounded(dir, &mut no_bound).map(|(names, _)| names)
+}
+
+/// The names in an open directory (without `.` and `..`), at most `budget` of them (taken off the budget); `false`
+/// when the budget ran out before the end.
+pub(crate) fn list_dir_bounded(
+    dir: &std::os::fd::OwnedFd,
+    budget: &mut u64,
+) -> std::io::Result<(Vec<std::ffi::CString>, bool)> {
     use std::os::fd::AsRawFd;
-    // SAFETY: fdopendir takes ownership of a duplicate we made; closedir releases it.
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor `dir` keeps open; the result is checked.
     let dup = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if dup < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: `dup` is an open directory descriptor we own; fdopendir takes it over.
+    // SAFETY: fdopendir takes ownership of the duplicate we just made (on success); closedir
+    // below releases it.
     let d = unsafe { libc::fdopendir(dup) };
     if d.is_null() {
         let e = std::io::Error::last_os_error();
@@ -429,23 +440,29 @@ fn list_dir(dir: &std::os::fd::OwnedFd) -> std::io::Result<Vec<std::ffi::CString
     }
     let mut names = Vec::new();
     loop {
+        if *budget == 0 {
+            // SAFETY: d came from fdopendir above.
+            unsafe { libc::closedir(d) };
+            return Ok((names, false));
+        }
         // SAFETY: errno is reset so the end of the listing can be told from an error.
         unsafe { *libc::__errno_location() = 0 };
-        // SAFETY: `d` is the open stream fdopendir returned, not yet closed.
+        // SAFETY: d is the open stream from fdopendir, not closed yet.
         let ent = unsafe { libc::readdir(d) };
         if ent.is_null() {
-            // SAFETY: errno is this thread's; readdir just set it (or left our 0).
+            // SAFETY: __errno_location returns this thread's errno, always valid to read.
             let errno = unsafe { *libc::__errno_location() };
-            // SAFETY: `d` is open and not used after this.
+            // SAFETY: d came from fdopendir and is closed once, here, before returning.
             unsafe { libc::closedir(d) };
             if errno != 0 {
                 return Err(std::io::Error::from_raw_os_error(errno));
             }
-            return Ok(names);
+            return Ok((names, true));
         }
         // SAFETY: d_name is a NUL-terminated name inside the entry readdir returned.
         let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
         if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            *budget -= 1;
             names.push(name.to_owned());
         }
     }
