@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use flip_testkit::Sshd;
 use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -55,44 +54,6 @@ fn env_config(fx: &Fx, targets: &[String], extra: &str) {
             list.join(", ")
         ),
     );
-}
-
-fn hosts(j: &Value) -> &Vec<Value> {
-    j["hosts"].as_array().expect("hosts is an array")
-}
-
-/// Two SSH servers that both trust one user key, and the fixture's known_hosts trusting both.
-struct Servers {
-    a: Sshd,
-    b: Sshd,
-}
-
-impl Servers {
-    fn start(fx: &Fx) -> Servers {
-        let (a, b) = (Sshd::start(), Sshd::start());
-        let key = fs::read_to_string(a.user_key().with_extension("pub")).unwrap();
-        fs::write(b.dir().join("authorized_keys"), key).unwrap();
-        fs::create_dir_all(fx.home.join(".ssh")).unwrap();
-        fs::write(
-            fx.home.join(".ssh/known_hosts"),
-            format!(
-                "{}\n{}\n",
-                a.host_public_key_line(),
-                b.host_public_key_line()
-            ),
-        )
-        .unwrap();
-        Servers { a, b }
-    }
-
-    fn args(&self) -> Vec<String> {
-        vec![
-            "-i".into(),
-            s(&self.a.user_key()).into(),
-            "--remote-flip".into(),
-            FLIP.into(),
-        ]
-    }
 }
 
 fn with(args: &[&str], extra: &[String]) -> Vec<String> {

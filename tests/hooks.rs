@@ -5,8 +5,6 @@
 mod common;
 
 use common::*;
-use flip_testkit::Sshd;
-use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -48,50 +46,6 @@ fn config(fx: &Fx, targets: &[String], top: &str) {
         ),
     )
     .unwrap();
-}
-
-fn hosts(j: &Value) -> &Vec<Value> {
-    j["hosts"].as_array().expect("hosts is an array")
-}
-
-/// Two SSH servers trusting one user key; the fixture's known_hosts trusts both.
-struct Servers {
-    a: Sshd,
-    b: Sshd,
-}
-
-impl Servers {
-    fn start(fx: &Fx) -> Servers {
-        let (a, b) = (Sshd::start(), Sshd::start());
-        let key = fs::read_to_string(a.user_key().with_extension("pub")).unwrap();
-        fs::write(b.dir().join("authorized_keys"), key).unwrap();
-        fs::create_dir_all(fx.home.join(".ssh")).unwrap();
-        fs::write(
-            fx.home.join(".ssh/known_hosts"),
-            format!(
-                "{}\n{}\n",
-                a.host_public_key_line(),
-                b.host_public_key_line()
-            ),
-        )
-        .unwrap();
-        Servers { a, b }
-    }
-
-    /// The two SSH targets, roots `ra` and `rb`.
-    fn targets(&self, ra: &Path, rb: &Path) -> Vec<String> {
-        vec![
-            format!("ssh://root@127.0.0.1:{}{}", self.a.port(), s(ra)),
-            format!("ssh://root@127.0.0.1:{}{}", self.b.port(), s(rb)),
-        ]
-    }
-
-    fn run(&self, fx: &Fx, args: &[&str]) -> Run {
-        let key = self.a.user_key();
-        let mut a: Vec<&str> = args.to_vec();
-        a.extend(["-i", s(&key), "--remote-flip", FLIP]);
-        fx.flip(&a)
-    }
 }
 
 /// Deploys v1 (no hooks yet) to both targets, then makes the source v2.

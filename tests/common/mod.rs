@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use flip_testkit::Sshd;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -628,4 +629,57 @@ pub fn num(v: &Value, pointer: &str) -> u64 {
     v.pointer(pointer)
         .and_then(Value::as_u64)
         .unwrap_or_else(|| panic!("no number at {pointer} in {v}"))
+}
+
+pub fn hosts(j: &Value) -> &Vec<Value> {
+    j["hosts"].as_array().expect("hosts is an array")
+}
+
+/// Two SSH servers that both trust one user key, and the fixture's known_hosts trusting both.
+pub struct Servers {
+    pub a: Sshd,
+    pub b: Sshd,
+}
+
+impl Servers {
+    pub fn start(fx: &Fx) -> Servers {
+        let (a, b) = (Sshd::start(), Sshd::start());
+        let key = fs::read_to_string(a.user_key().with_extension("pub")).unwrap();
+        fs::write(b.dir().join("authorized_keys"), key).unwrap();
+        fs::create_dir_all(fx.home.join(".ssh")).unwrap();
+        fs::write(
+            fx.home.join(".ssh/known_hosts"),
+            format!(
+                "{}\n{}\n",
+                a.host_public_key_line(),
+                b.host_public_key_line()
+            ),
+        )
+        .unwrap();
+        Servers { a, b }
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "-i".into(),
+            s(&self.a.user_key()).into(),
+            "--remote-flip".into(),
+            FLIP.into(),
+        ]
+    }
+
+    /// The two SSH targets, roots `ra` and `rb`.
+    pub fn targets(&self, ra: &Path, rb: &Path) -> Vec<String> {
+        vec![
+            format!("ssh://root@127.0.0.1:{}{}", self.a.port(), s(ra)),
+            format!("ssh://root@127.0.0.1:{}{}", self.b.port(), s(rb)),
+        ]
+    }
+
+    pub fn run(&self, fx: &Fx, args: &[&str]) -> Run {
+        let key = self.a.user_key();
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend(["-i", s(&key), "--remote-flip", FLIP]);
+        fx.flip(&a)
+    }
 }
