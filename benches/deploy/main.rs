@@ -102,6 +102,9 @@ pub struct Sample {
     pub server_kb: u64,
     pub wire: Option<Snapshot>,
     pub flip_json: Option<serde_json::Value>,
+    /// flip's no-op only: the wall time (s) of `flip releases` on the same target right after,
+    /// the floor of one session (issue #12: a no-op costs at most 1.2× that).
+    pub floor: Option<f64>,
 }
 
 /// Per scenario: what changed in the tree, and the zstd --patch-from lower bound.
@@ -688,6 +691,39 @@ impl<'a> Bench<'a> {
         cmd
     }
 
+    /// The wall time (s) of `flip releases TARGET --json` through the same transport as the
+    /// deploys: one session that only lists, the floor a no-op deploy is held against.
+    fn releases_floor(&self, mode: Mode, target: &Path) -> io::Result<f64> {
+        let cmd = match mode {
+            Mode::Local => self.flip_local_command(Path::new("."), target),
+            Mode::Ssh => self.flip_ssh_command(Path::new("."), target),
+        };
+        // The deploy command line with its source dropped and `deploy` → `releases`; the
+        // options a listing does not take (`--keep`) dropped too.
+        let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let mut args = args.into_iter();
+        let mut kept = vec!["releases".into()];
+        args.next(); // deploy
+        args.next(); // the source
+        while let Some(a) = args.next() {
+            if a == "--keep" {
+                args.next();
+                continue;
+            }
+            kept.push(a);
+        }
+        let mut list = Command::new(cmd.get_program());
+        list.args(kept);
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                list.env(k, v);
+            }
+        }
+        let m = measure::run(&mut list, ServerSide::Children)?;
+        m.check("flip releases")?;
+        Ok(m.wall.as_secs_f64())
+    }
+
     /// Deploys with flip; returns the measurement and flip's JSON.
     fn deploy_flip(
         &self,
@@ -851,6 +887,12 @@ impl<'a> Bench<'a> {
                         ))
                     })?;
                 }
+                let floor = match (tool, scenario) {
+                    (Tool::Flip, Scenario::Noop) if mode == Mode::Ssh => {
+                        Some(self.releases_floor(mode, &flip_t)?)
+                    }
+                    _ => None,
+                };
                 let s = Sample {
                     mode,
                     fs: fs_kind,
@@ -862,9 +904,10 @@ impl<'a> Bench<'a> {
                     server_kb: m.server_kb,
                     wire,
                     flip_json: json,
+                    floor,
                 };
                 eprintln!(
-                    "  {:<8} {:<5} {:>7.3}s{} rss {:.0}/{:.0} MB",
+                    "  {:<8} {:<5} {:>7.3}s{} rss {:.0}/{:.0} MB{}",
                     scenario.name(),
                     tool.name(),
                     s.wall,
@@ -873,7 +916,8 @@ impl<'a> Bench<'a> {
                         chart::human_bytes(w.total() as f64)
                     )),
                     s.client_kb as f64 / 1024.0,
-                    s.server_kb as f64 / 1024.0
+                    s.server_kb as f64 / 1024.0,
+                    floor.map_or(String::new(), |f| format!("  (flip releases {f:.3}s)"))
                 );
                 if self.cfg.scenarios.contains(&scenario) {
                     samples.push(s);

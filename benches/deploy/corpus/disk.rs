@@ -56,7 +56,8 @@ pub fn apply(c: &Corpus, ch: &Change, root: &Path, mtime: SystemTime) -> io::Res
     }
     for p in ch.writes() {
         if let Some(node) = c.entries.get(p) {
-            write_node(root, p, node, mtime)?;
+            write_node(root, p, node, mtime)
+                .map_err(|e| io::Error::new(e.kind(), format!("writing {p}: {e}")))?;
         }
     }
     Ok(())

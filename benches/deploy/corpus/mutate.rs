@@ -414,7 +414,8 @@ impl Corpus {
             for _ in 0..rng.range(0, 3) {
                 let class = vocab.class(rng);
                 let path = format!("{pkg}/src/{class}.php");
-                if self.entries.contains_key(&path) {
+                // `pkg` may be a file directly under vendor/ (vendor/autoload.php): no package.
+                if self.entries.contains_key(&path) || self.entries.contains_key(&pkg) {
                     continue;
                 }
                 let f = PhpFile {
