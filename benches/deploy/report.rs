@@ -29,6 +29,8 @@ pub struct ToolStats {
     pub n: usize,
     pub median_s: Option<f64>,
     pub wire: Option<f64>,
+    /// flip only: its round trips beyond the SSH login (`round_trips` in its JSON), median.
+    pub round_trips: Option<f64>,
     pub client_mb: f64,
     pub server_mb: f64,
 }
@@ -59,6 +61,12 @@ fn tool_stats(samples: &[&Sample]) -> ToolStats {
         n: samples.len(),
         median_s: median(&mut walls),
         wire: median(&mut wires),
+        round_trips: median(
+            &mut samples
+                .iter()
+                .filter_map(|s| s.flip_json.as_ref()?["round_trips"].as_f64())
+                .collect::<Vec<_>>(),
+        ),
         client_mb: samples.iter().map(|s| s.client_kb).max().unwrap_or(0) as f64 / 1024.0,
         server_mb: samples.iter().map(|s| s.server_kb).max().unwrap_or(0) as f64 / 1024.0,
     }
@@ -223,10 +231,10 @@ pub fn write(
             };
             let _ = writeln!(md, "## {title}, target on {}\n", fs_kind.name());
             if mode == Mode::Ssh {
-                let _ = writeln!(md, "| scenario | flip s | rsync s | flip/rsync | flip wire | rsync wire | bound | flip/bound | rsync/flip wire | flip RSS MB | rsync RSS MB |");
+                let _ = writeln!(md, "| scenario | flip s | rsync s | flip/rsync | flip round trips | flip wire | rsync wire | bound | flip/bound | rsync/flip wire | flip RSS MB | rsync RSS MB |");
                 let _ = writeln!(
                     md,
-                    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
                 );
             } else {
                 let _ = writeln!(
@@ -263,11 +271,12 @@ pub fn write(
                     };
                     let _ = writeln!(
                         md,
-                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                         s.name(),
                         secs(c.flip.median_s),
                         secs(c.rsync.median_s),
                         ratio,
+                        c.flip.round_trips.map_or("–".into(), |r| format!("{r:.0}")),
                         bytes(c.flip.wire),
                         bytes(c.rsync.wire),
                         bytes(bound),
