@@ -302,7 +302,8 @@ fn check_host_key(session: &Session, cfg: &HostConfig) -> Result<(), TransportEr
 }
 
 /// Public key authentication in OpenSSH's order: the agent's keys, then the key files
-/// (`--identity`, the config's `IdentityFile`s, the default `~/.ssh/id_*`). Passphrase-protected
+/// (`--identity`, the config's `IdentityFile`s, the default `~/.ssh/id_*`), without asking
+/// for the server's methods first (a round trip saved on every login; asked after a failure). Passphrase-protected
 /// files are skipped (flip never prompts); if nothing else worked, the error says to use the
 /// agent.
 fn authenticate(
@@ -313,25 +314,6 @@ fn authenticate(
     let user = cfg.user.as_str();
     let login = cfg.login();
     let mut tried: Vec<String> = Vec::new();
-
-    // Asking for the methods also tries the "none" method, which may already succeed.
-    let methods = match session.auth_methods(user) {
-        Ok(m) => m.to_string(),
-        Err(_) if session.authenticated() => return Ok(()),
-        Err(e) => {
-            return Err(TransportError::Ssh {
-                host: cfg.address(),
-                phase: "authenticating".to_string(),
-                message: e.message().to_string(),
-            })
-        }
-    };
-    if !methods.split(',').any(|m| m == "publickey") {
-        return Err(TransportError::Auth {
-            target: login,
-            tried: format!("nothing: the server accepts only {methods}, and flip uses public keys"),
-        });
-    }
 
     // Public keys of the identity files, to filter agent keys under IdentitiesOnly.
     let file_blobs: Vec<Vec<u8>> = cfg
@@ -382,6 +364,21 @@ fn authenticate(
                 tried.push(key.display().to_string());
             }
         }
+    }
+    // The methods are asked for only now (a round trip: the "none" method, which may even
+    // succeed), to say why no key worked when the server takes no public key at all.
+    match session.auth_methods(user) {
+        Ok(methods) if !methods.split(',').any(|m| m == "publickey") => {
+            return Err(TransportError::Auth {
+                target: login,
+                tried: format!(
+                    "nothing: the server accepts only {methods}, and flip uses public keys"
+                ),
+            });
+        }
+        Err(_) if session.authenticated() => return Ok(()),
+        // Otherwise what was tried says it (a server that hung up after too many keys too).
+        _ => {}
     }
     if let Some(key) = encrypted {
         return Err(TransportError::KeyEncrypted { target: login, key });
