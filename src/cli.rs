@@ -280,7 +280,7 @@ pub struct AgentArgs {
     pub mkpath: bool,
     /// Give up on a client that sends nothing for this many seconds (its staging directory is
     /// removed and the lock released); 0 = wait forever.
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    #[arg(long, value_name = "SECS", default_value_t = crate::agent_cmd::DEFAULT_IDLE_SECS)]
     pub idle_timeout: u64,
 }
 
@@ -409,5 +409,29 @@ mod tests {
     #[test]
     fn the_definition_is_consistent() {
         super::command().debug_assert();
+    }
+
+    /// `flip --version` (clap's) says what `flip-agent --version` says: the launcher on a
+    /// server runs either only if it prints exactly `flip VERSION`.
+    #[test]
+    fn the_version_line_is_the_agents() {
+        assert_eq!(
+            super::command().render_version(),
+            format!("{}\n", crate::agent_cmd::VERSION_LINE)
+        );
+    }
+
+    /// `flip agent` and `flip-agent agent` wait the same time for a silent client by default.
+    #[test]
+    fn the_agents_default_idle_timeout_is_the_librarys() {
+        let m = super::command()
+            .try_get_matches_from(["flip", "agent", "--root", "/srv"])
+            .unwrap();
+        let (_, agent) = m.subcommand().unwrap();
+        assert_eq!(
+            agent.get_one::<u64>("idle_timeout"),
+            Some(&crate::agent_cmd::DEFAULT_IDLE_SECS)
+        );
+        assert_eq!(crate::agent_cmd::DEFAULT_IDLE_SECS, 600);
     }
 }
