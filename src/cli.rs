@@ -94,8 +94,10 @@ pub struct SshArgs {
     /// Path of the flip binary on the server (default: flip on PATH, else upload one).
     #[arg(long, value_name = "PATH")]
     pub remote_flip: Option<String>,
-    /// Flip binary to upload to a server that has no flip of this version (a build for the
-    /// server's `uname -sm`; default ~/.cache/flip/agents/flip-VERSION-OS-ARCH, else this flip).
+    /// Agent to upload to a server that has no flip of this version: flip or flip-agent of this
+    /// version built for the server's `uname -sm` (default
+    /// ~/.cache/flip/agents/flip-VERSION-OS-ARCH, else the flip-agent beside this flip, else
+    /// this flip).
     #[arg(long, value_name = "FILE")]
     pub agent_binary: Option<PathBuf>,
     /// SSH config file (default ~/.ssh/config).
