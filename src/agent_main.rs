@@ -119,14 +119,15 @@ fn main() -> ExitCode {
             Err(e) if e.is_idle_timeout() || e.is_client_gone() => CONNECTION,
             Err(_) => INTERNAL,
         },
-        Cmd::Blake3(files) => match agent_cmd::blake3_files(&files, &mut std::io::stdout().lock())
-        {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("flip: error: {e}");
-                INTERNAL
+        Cmd::Blake3(files) => {
+            match agent_cmd::blake3_files(&files, &mut std::io::stdout().lock()) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("flip: error: {e}");
+                    INTERNAL
+                }
             }
-        },
+        }
     };
     ExitCode::from(code)
 }

@@ -103,10 +103,7 @@ fn flip_agent_serves_a_session_as_flip_does() {
         })
         .unwrap();
         tx.flush().unwrap();
-        assert!(
-            matches!(answer(&mut rx), Response::Welcome { .. }),
-            "{bin}"
-        );
+        assert!(matches!(answer(&mut rx), Response::Welcome { .. }), "{bin}");
         tx.send(&Request::Lock {
             wait: false,
             holder: Holder {
@@ -129,8 +126,8 @@ fn flip_agent_serves_a_session_as_flip_does() {
     }
 }
 
-/// What a client never sends is refused the same way: a garbled connection (exit 1, said on
-/// stderr), a client that sends nothing within the idle timeout (exit 6, said on stderr).
+/// What a client never sends is refused the same way: a stranger's bytes (exit 1, answered
+/// with an error frame), a client that sends nothing within the idle timeout (exit 6, said on stderr).
 #[test]
 fn flip_agent_fails_as_flip_does() {
     let fx = Fx::new();
@@ -139,8 +136,12 @@ fn flip_agent_fails_as_flip_does() {
         &["agent", "--root", root],
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     );
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).starts_with("flip agent: "), "{out:?}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // Told over the protocol, as an error frame: the client reports it.
+    assert!(
+        text(&out.stdout).contains("the client does not speak flip's protocol"),
+        "{out:?}"
+    );
 
     // Silent with stdin open: both give up after the idle timeout.
     for bin in [FLIP_AGENT, FLIP] {

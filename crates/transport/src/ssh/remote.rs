@@ -639,9 +639,7 @@ fn does_not_run(
     let what = match agent.source {
         Source::Flag => format!("--agent-binary {}", agent.path.display()),
         Source::LocalCache => format!("{} (from the local agent cache)", agent.path.display()),
-        Source::Exe | Source::Beside if opts.portable.is_some() => {
-            built_with(agent, "")
-        }
+        Source::Exe | Source::Beside if opts.portable.is_some() => built_with(agent, ""),
         Source::Exe | Source::Beside => built_with(
             agent,
             " is not a portable build (a debug build or one linked against this machine's \
@@ -1005,7 +1003,10 @@ mod tests {
         assert_eq!(sources, vec![Source::Beside, Source::Exe]);
         let c = choose_agent(&opts, "web1", &local, all.clone()).unwrap();
         assert_eq!((c.source, &c.path), (Source::Beside, &beside));
-        assert_eq!(c.hash, Some(blake3::hash(b"agent only").to_hex().to_string()));
+        assert_eq!(
+            c.hash,
+            Some(blake3::hash(b"agent only").to_hex().to_string())
+        );
         // Both hashes are offered to the launcher: an agent uploaded by either is found.
         assert!(all.iter().all(|c| c.hash.is_some()));
         // Not to a server of another platform.
@@ -1052,7 +1053,10 @@ mod tests {
     #[test]
     fn the_agent_only_build_is_named_after_flip() {
         let beside = |exe: &str| agent_beside(Path::new(exe));
-        assert_eq!(beside("/usr/bin/flip"), PathBuf::from("/usr/bin/flip-agent"));
+        assert_eq!(
+            beside("/usr/bin/flip"),
+            PathBuf::from("/usr/bin/flip-agent")
+        );
         assert_eq!(
             beside("dist/flip-1.2.3-x86_64-unknown-linux-gnu"),
             PathBuf::from("dist/flip-agent-1.2.3-x86_64-unknown-linux-gnu")
@@ -1060,7 +1064,6 @@ mod tests {
         assert_eq!(beside("/opt/flipper"), PathBuf::from("/opt/flip-agent"));
         assert_eq!(beside("/opt/deploy"), PathBuf::from("/opt/flip-agent"));
     }
-
 
     #[test]
     fn compressed_agents_are_cached_locally_and_checked() {
