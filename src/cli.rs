@@ -94,8 +94,10 @@ pub struct SshArgs {
     /// Path of the flip binary on the server (default: flip on PATH, else upload one).
     #[arg(long, value_name = "PATH")]
     pub remote_flip: Option<String>,
-    /// Flip binary to upload to a server that has no flip of this version (a build for the
-    /// server's `uname -sm`; default ~/.cache/flip/agents/flip-VERSION-OS-ARCH, else this flip).
+    /// Agent to upload to a server that has no flip of this version: flip or flip-agent of this
+    /// version built for the server's `uname -sm` (default
+    /// ~/.cache/flip/agents/flip-VERSION-OS-ARCH, else the flip-agent beside this flip, else
+    /// this flip).
     #[arg(long, value_name = "FILE")]
     pub agent_binary: Option<PathBuf>,
     /// SSH config file (default ~/.ssh/config).
@@ -280,7 +282,7 @@ pub struct AgentArgs {
     pub mkpath: bool,
     /// Give up on a client that sends nothing for this many seconds (its staging directory is
     /// removed and the lock released); 0 = wait forever.
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    #[arg(long, value_name = "SECS", default_value_t = crate::agent_cmd::DEFAULT_IDLE_SECS)]
     pub idle_timeout: u64,
 }
 
@@ -409,5 +411,29 @@ mod tests {
     #[test]
     fn the_definition_is_consistent() {
         super::command().debug_assert();
+    }
+
+    /// `flip --version` (clap's) says what `flip-agent --version` says: the launcher on a
+    /// server runs either only if it prints exactly `flip VERSION`.
+    #[test]
+    fn the_version_line_is_the_agents() {
+        assert_eq!(
+            super::command().render_version(),
+            format!("{}\n", crate::agent_cmd::VERSION_LINE)
+        );
+    }
+
+    /// `flip agent` and `flip-agent agent` wait the same time for a silent client by default.
+    #[test]
+    fn the_agents_default_idle_timeout_is_the_librarys() {
+        let m = super::command()
+            .try_get_matches_from(["flip", "agent", "--root", "/srv"])
+            .unwrap();
+        let (_, agent) = m.subcommand().unwrap();
+        assert_eq!(
+            agent.get_one::<u64>("idle_timeout"),
+            Some(&crate::agent_cmd::DEFAULT_IDLE_SECS)
+        );
+        assert_eq!(crate::agent_cmd::DEFAULT_IDLE_SECS, 600);
     }
 }

@@ -5,6 +5,7 @@
 
 #[macro_use]
 mod output;
+mod agent_cmd;
 mod cli;
 mod config;
 mod config_hooks;
@@ -29,7 +30,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
+    agent_cmd::limit_malloc_arenas();
     let args: Vec<OsString> = std::env::args_os().collect();
     let cli = match cli::parse(&args) {
         Ok(c) => c,
@@ -175,27 +176,12 @@ fn run(cli: Cli) -> Result<Code> {
     }
 }
 
+/// `flip agent`: the agent, as `flip-agent agent` serves it (src/agent_cmd.rs).
 fn agent(a: cli::AgentArgs) -> Result<Code> {
-    // Raw descriptors: the protocol is binary, so no line buffering on stdout.
-    let idle = (a.idle_timeout > 0).then(|| std::time::Duration::from_secs(a.idle_timeout));
-    let Err(e) = flip_agent::serve_stdio(&a.root, idle, a.mkpath) else {
-        return Ok(exit::OK);
-    };
-    if e.is_idle_timeout() {
-        eprintln!(
-            "flip agent: no request from the client for {} s; gave up (staging removed, lock released)",
-            a.idle_timeout
-        );
-    } else if let flip_agent::AgentError::Wire(w) = &e {
-        // A garbled connection has no one left to tell but our own stderr; a client that went
-        // away (closed the connection, broken pipe) is told nothing: an aborted session is
-        // silent (for a local target our stderr is the user's terminal). Any other error the
-        // client has been sent and reports.
-        if !e.is_client_gone() {
-            eprintln!("flip agent: {w}");
-        }
-    }
-    Ok(exit::code_of(&e))
+    Ok(match agent_cmd::serve(&a.root, a.idle_timeout, a.mkpath) {
+        Ok(()) => exit::OK,
+        Err(e) => exit::code_of(&e),
+    })
 }
 
 fn init(a: &cli::InitArgs) -> Result<Code> {
@@ -240,15 +226,9 @@ fn init(a: &cli::InitArgs) -> Result<Code> {
     Ok(exit::OK)
 }
 
-/// `flip blake3 FILE...`: `HASH  FILE` lines, as b3sum prints them.
+/// `flip blake3 FILE...`: `HASH  FILE` lines, as b3sum prints them (src/agent_cmd.rs).
 fn blake3_files(a: cli::Blake3Args) -> Result<Code> {
-    for file in &a.files {
-        let mut hasher = blake3::Hasher::new();
-        hasher
-            .update_mmap(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        outln!("{}  {}", hasher.finalize().to_hex(), file.display());
-    }
+    agent_cmd::blake3_files(&a.files, &mut std::io::stdout().lock())?;
     Ok(exit::OK)
 }
 
@@ -302,18 +282,6 @@ fn ssh_only(ssh: &cli::SshArgs) -> SshSettings {
 /// flip's cache directory: $XDG_CACHE_HOME/flip or ~/.cache/flip (the platform's, by `dirs`).
 fn cache_dir() -> Option<PathBuf> {
     dirs::cache_dir().map(|base| base.join("flip"))
-}
-
-/// glibc gives every thread its own malloc arena (up to 8 per core), and memory freed in one
-/// arena is not reused by another: with rayon workers allocating paths, buffers and frames, a
-/// deploy of 100,000 files kept ~30 MB more resident than it used. Two arenas cost nothing
-/// measurable in speed here.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: called first thing in main, before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
 }
 
 /// Whether to list every changed path: `--itemize`, or `-vv` without `--json` (whose output

@@ -1,12 +1,13 @@
 //! An old server: a Debian 11 (bullseye) root without flip (glibc 2.31, OpenSSL 1.1, no zstd, no
 //! b3sum) made by `make old-server-root` (debootstrap, cached under target/old-server/), reached
 //! through `--ssh-command` with a wrapper that runs each remote command under `chroot ROOT` with
-//! a fresh server HOME. flip finds no agent there, uploads one (compressed and checked) and runs
-//! it there: deploy, redeploy, rollback and releases, with the target's files checked in the root.
+//! a fresh server HOME. flip finds no agent there, uploads one (compressed and checked: the
+//! agent-only build beside it) and runs it there: deploy, redeploy, rollback and releases, with
+//! the target's files checked in the root.
 //!
-//! Needs root (chroot), the Debian root and the portable build `dist/flip-VERSION-TARGET` (`make
-//! dist`, of the same source as this test: an older dist/ speaks an older protocol); tests/run.sh
-//! makes both. Without them each test prints a `SKIP` line naming what is
+//! Needs root (chroot), the Debian root and the portable builds `dist/flip-VERSION-TARGET` and
+//! `dist/flip-agent-VERSION-TARGET` (`make dist`, of the same source as this test: an older
+//! dist/ speaks an older protocol); tests/run.sh makes them. Without them each test prints a `SKIP` line naming what is
 //! missing and why (tests/run.sh passes the reason when the Debian mirror cannot be reached).
 
 mod common;
@@ -44,6 +45,13 @@ fn dist_binary() -> PathBuf {
     }
 }
 
+/// The agent-only build beside [`dist_binary`], as flip finds it.
+fn dist_agent(dist: &Path) -> PathBuf {
+    let name = dist.file_name().unwrap().to_str().unwrap();
+    let rest = name.strip_prefix("flip").unwrap_or("");
+    dist.with_file_name(format!("flip-agent{rest}"))
+}
+
 /// The Debian 11 root: `FLIP_TEST_OLD_ROOT`, else `target/old-server/bullseye`.
 fn debian_root() -> PathBuf {
     match std::env::var_os("FLIP_TEST_OLD_ROOT") {
@@ -64,6 +72,8 @@ struct OldServer {
     wrapper: String,
     wire: PathBuf,
     dist: PathBuf,
+    /// The agent-only build beside `dist`.
+    agent: PathBuf,
 }
 
 impl OldServer {
@@ -88,15 +98,18 @@ impl OldServer {
             return None;
         }
         let dist = dist_binary();
-        if !dist.exists() {
-            skip(
-                test,
-                &format!(
-                    "no portable build at {} (`make dist` makes it; tests/run.sh runs that)",
-                    dist.display()
-                ),
-            );
-            return None;
+        let agent = dist_agent(&dist);
+        for file in [&dist, &agent] {
+            if !file.exists() {
+                skip(
+                    test,
+                    &format!(
+                        "no portable build at {} (`make dist` makes it; tests/run.sh runs that)",
+                        file.display()
+                    ),
+                );
+                return None;
+            }
         }
         let fx = Fx::new();
         let boxed = tempfile::Builder::new()
@@ -153,6 +166,7 @@ exec {run}
             wrapper: wrapper.to_str().unwrap().to_string(),
             wire,
             dist,
+            agent,
         })
     }
 
@@ -244,9 +258,9 @@ fn hash_of(path: &Path) -> String {
     blake3::hash(&fs::read(path).unwrap()).to_hex().to_string()
 }
 
-/// The portable build deploys to Debian 11 by itself: it uploads itself once (compressed: the
-/// server has gzip but no zstd), under 4 MB on first contact, and the agent it uploaded serves
-/// deploy, redeploy, rollback and releases there.
+/// The portable build deploys to Debian 11 by itself: it uploads the agent-only build beside it
+/// once (compressed: the server has gzip but no zstd), under 4 MB on first contact, and the
+/// agent it uploaded serves deploy, redeploy, rollback and releases there.
 #[test]
 fn a_portable_build_deploys_redeploys_and_rolls_back_on_debian_11() {
     let Some(w) = OldServer::new("a_portable_build_deploys_redeploys_and_rolls_back_on_debian_11")
@@ -261,14 +275,17 @@ fn a_portable_build_deploys_redeploys_and_rolls_back_on_debian_11() {
         .run(&w.dist, &["deploy", "--json", src.s(), &target])
         .success()
         .stderr_has("has no flip")
+        .stderr_has(&format!("uploading {} (", w.agent.display()))
         .stderr_has("gzip on the wire");
     assert_dir_eq(&w.root().join("current"), &v1, "v1 deployed on Debian 11");
 
-    // The agent that ran is the uploaded copy of exactly this build, keyed by its hash.
+    // The agent that ran is the uploaded copy of exactly the agent-only build, keyed by its
+    // hash (never the name a whole flip of this version would have).
+    assert_ne!(hash_of(&w.agent), hash_of(&w.dist));
     let agent = w
         .agent_cache()
-        .join(format!("flip-{VERSION}-{}", hash_of(&w.dist)));
-    assert_eq!(fs::read(&agent).unwrap(), fs::read(&w.dist).unwrap());
+        .join(format!("flip-{VERSION}-{}", hash_of(&w.agent)));
+    assert_eq!(fs::read(&agent).unwrap(), fs::read(&w.agent).unwrap());
     assert_eq!(
         fs::metadata(&agent).unwrap().permissions().mode() & 0o777,
         0o755
@@ -288,12 +305,14 @@ fn a_portable_build_deploys_redeploys_and_rolls_back_on_debian_11() {
     assert_eq!(uploads.len(), 1, "one upload");
     let commands: u64 = w.logged("commands").iter().sum();
     let contact = commands + uploads[0];
-    let binary = fs::metadata(&w.dist).unwrap().len();
+    let binary = fs::metadata(&w.agent).unwrap().len();
+    let whole = fs::metadata(&w.dist).unwrap().len();
     let sent = num(&first.json(), "/bytes/sent");
     let _ = writeln!(
         std::io::stderr(),
-        "old_server: first contact {contact} bytes ({} bytes of agent upload, gzip of {binary}; \
-         {commands} bytes of command lines); then the deploy sent {sent} bytes",
+        "old_server: first contact {contact} bytes ({} bytes of agent upload, gzip of the \
+         {binary}-byte agent-only build (flip itself: {whole} bytes); {commands} bytes of \
+         command lines); then the deploy sent {sent} bytes",
         uploads[0]
     );
     assert!(
@@ -324,9 +343,10 @@ fn a_portable_build_deploys_redeploys_and_rolls_back_on_debian_11() {
     assert_eq!(w.logged("uploads").len(), 1, "still one upload");
 }
 
-/// A build that is not portable (this test binary's debug flip, linked against this machine's
-/// newer glibc) is not uploaded to Debian 11: the error says what to do. A portable build named
-/// by `--agent-binary`, or kept in the local per-platform cache, is uploaded and runs there.
+/// A build that is not portable (this test binary's debug flip and the debug flip-agent beside
+/// it, linked against this machine's newer glibc) is not uploaded to Debian 11: the error says
+/// what to do. A portable build named by `--agent-binary` (a whole flip), or kept in the local
+/// per-platform cache (the agent-only build), is uploaded and runs there.
 #[test]
 fn a_debug_build_uploads_the_portable_agent_it_is_given() {
     let Some(w) = OldServer::new("a_debug_build_uploads_the_portable_agent_it_is_given") else {
@@ -340,7 +360,10 @@ fn a_debug_build_uploads_the_portable_agent_it_is_given() {
     let refused = w
         .run(&debug, &["deploy", src.s(), &target])
         .code(6)
-        .stderr_has("is not a portable build")
+        .stderr_has(&format!(
+            "the agent-only build beside this flip ({}) is not a portable build",
+            FLIP_AGENT
+        ))
         .stderr_has("the server has glibc 2.31")
         .stderr_has(&format!("Install flip {VERSION} on the server"))
         .stderr_has("--agent-binary FILE")
@@ -375,17 +398,20 @@ fn a_debug_build_uploads_the_portable_agent_it_is_given() {
     assert_eq!(fs::read(&agent).unwrap(), fs::read(&w.dist).unwrap());
     assert_eq!(w.logged("uploads").len(), 1);
 
-    // The local per-platform cache: the same binary, found without a flag.
+    // The local per-platform cache: the agent-only build, found without a flag.
     fs::remove_dir_all(w.agent_cache()).unwrap();
     fs::create_dir_all(cache_file.parent().unwrap()).unwrap();
-    fs::copy(&w.dist, &cache_file).unwrap();
+    fs::copy(&w.agent, &cache_file).unwrap();
     assert_eq!(w.listed(&debug, &[]), vec![(1, true)]);
     assert_eq!(
         w.logged("uploads").len(),
         2,
         "uploaded from the local cache"
     );
-    assert_eq!(fs::read(&agent).unwrap(), fs::read(&w.dist).unwrap());
+    let agent = w
+        .agent_cache()
+        .join(format!("flip-{VERSION}-{}", hash_of(&w.agent)));
+    assert_eq!(fs::read(&agent).unwrap(), fs::read(&w.agent).unwrap());
 }
 
 /// `uname -sm` here, which is the server's (the root is this machine's architecture).

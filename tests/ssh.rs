@@ -231,14 +231,17 @@ fn the_system_ssh_client_can_be_the_transport() {
     assert_dir_eq(&w.fx.current(), &src.tree(), "current via system ssh");
 }
 
-/// Without --remote-flip and without flip on the server's PATH, flip uploads itself to
-/// ~/.cache/flip/flip-VERSION-BLAKE3 on the server (compressed, checked) and runs that.
+/// Without --remote-flip and without flip on the server's PATH, flip uploads the agent-only
+/// build beside it (`flip-agent`) to ~/.cache/flip/flip-VERSION-BLAKE3 on the server
+/// (compressed, checked) and runs that: the deploys are served by flip-agent.
 #[test]
 fn the_agent_is_uploaded_when_the_server_has_none() {
     let w = World::new();
     // The server's home is root's real home: use the build's own file name and remove it after.
     let home = PathBuf::from(std::env::var("FLIP_TEST_SERVER_HOME").unwrap_or("/root".into()));
-    let hash = blake3::hash(&fs::read(FLIP).unwrap()).to_hex().to_string();
+    let hash = blake3::hash(&fs::read(FLIP_AGENT).unwrap())
+        .to_hex()
+        .to_string();
     let uploaded = home
         .join(".cache/flip")
         .join(format!("flip-{}-{hash}", env!("CARGO_PKG_VERSION")));
@@ -254,7 +257,8 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
     site_v1(&src);
     w.fx.flip(&["deploy", src.s(), &w.url(), "-i", &w.key()])
         .success()
-        .stderr_has("has no flip");
+        .stderr_has("has no flip")
+        .stderr_has(&format!("uploading {FLIP_AGENT} ("));
     assert_dir_eq(
         &w.fx.current(),
         &src.tree(),
@@ -263,7 +267,7 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
     use std::os::unix::fs::PermissionsExt;
     let meta = fs::metadata(&uploaded).expect("agent uploaded");
     assert_eq!(meta.permissions().mode() & 0o777, 0o755);
-    assert_eq!(fs::read(&uploaded).unwrap(), fs::read(FLIP).unwrap());
+    assert_eq!(fs::read(&uploaded).unwrap(), fs::read(FLIP_AGENT).unwrap());
     // The second deploy finds it and does not upload again.
     let before = common::ino(&uploaded);
     site_v2(&src);

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub const FLIP: &str = env!("CARGO_BIN_EXE_flip");
+/// The agent-only binary built with [`FLIP`], beside it: what flip uploads to a server.
+pub const FLIP_AGENT: &str = env!("CARGO_BIN_EXE_flip-agent");
 
 /// Generous upper bound for one flip command; only there so a hang fails instead of blocking.
 pub const TIMEOUT: Duration = Duration::from_secs(120);

@@ -199,8 +199,10 @@ pub struct SshOptions {
     pub remote_flip: Option<String>,
     /// `--ssh-command "ssh -F cfg"`: use this client (split like a shell would) as the transport.
     pub ssh_command: Option<String>,
-    /// This flip binary, uploaded when the server has no flip of our version and is of our
-    /// platform (and neither `agent_binary` nor a local cache file for it is there).
+    /// This flip binary. When the server has no flip of our version and is of our platform
+    /// (and neither `agent_binary` nor a local cache file for it is there), the agent-only
+    /// build beside it is uploaded (`flip-agent`, or `flip-agent-REST` beside `flip-REST`),
+    /// else this binary.
     pub local_exe: PathBuf,
     /// `--agent-binary FILE`: upload this (a flip of our version built for the server) when the
     /// server has no flip of our version, instead of this executable.

@@ -9,8 +9,11 @@
 //!
 //! Then flip picks the binary to upload ([`choose_agent`]): `--agent-binary FILE`, else the
 //! per-platform binary in the local cache (`~/.cache/flip/agents/flip-VERSION-OS-ARCH`, from
-//! `uname -s` and `uname -m` of the server), else this executable if the server's platform is
-//! ours. It is sent compressed (zstd if the server has `zstd`, else gzip), decompressed to a
+//! `uname -s` and `uname -m` of the server), else, if the server's platform is ours, the
+//! agent-only `flip-agent` beside this executable ([`agent_beside`]; a fraction of the size),
+//! else this executable. Every candidate is keyed by its own content hash on the server, so an
+//! agent-only build and a whole flip of one version never take each other's name; either
+//! serves. It is sent compressed (zstd if the server has `zstd`, else gzip), decompressed to a
 //! temp name, checked (size, `--version`, blake3), renamed into place (the server keeps the
 //! [`KEEP_AGENTS`] agents used last), and the launcher runs again.
 
@@ -98,6 +101,8 @@ enum Source {
     Flag,
     /// `~/.cache/flip/agents/flip-VERSION-OS-ARCH` on this machine.
     LocalCache,
+    /// The agent-only `flip-agent` beside the running flip, built with it.
+    Beside,
     /// The running flip itself.
     Exe,
 }
@@ -114,7 +119,8 @@ struct Candidate {
 }
 
 /// The local binaries an agent on the server may be a copy of: `--agent-binary` alone if given,
-/// else the per-platform binaries of our version in the local cache, then this executable.
+/// else the per-platform binaries of our version in the local cache, the agent-only binary
+/// beside this executable (when there is one), then this executable.
 fn candidates(opts: &SshOptions) -> Result<Vec<Candidate>, TransportError> {
     let hash = |path: &Path, source: Source| -> Result<Candidate, TransportError> {
         let hash = hash_file(path).map_err(|e| {
@@ -148,12 +154,29 @@ fn candidates(opts: &SshOptions) -> Result<Vec<Candidate>, TransportError> {
             }
         }
     }
+    // An agent-only binary that cannot be read is only a missed candidate too.
+    if let Ok(c) = hash(&agent_beside(&opts.local_exe), Source::Beside) {
+        out.push(c);
+    }
     out.push(hash(&opts.local_exe, Source::Exe).unwrap_or(Candidate {
         path: opts.local_exe.clone(),
         hash: None,
         source: Source::Exe,
     }));
     Ok(out)
+}
+
+/// The agent-only binary that belongs with the flip at `exe`: beside it, named as `make dist`
+/// and cargo name it: `flip` -> `flip-agent`, `flip-1.2.3-x86_64-unknown-linux-gnu` ->
+/// `flip-agent-1.2.3-x86_64-unknown-linux-gnu`; `flip-agent` beside an executable of another
+/// name.
+pub(crate) fn agent_beside(exe: &Path) -> PathBuf {
+    let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let rest = match name.strip_prefix("flip") {
+        Some(rest) if rest.is_empty() || rest.starts_with('-') => rest,
+        _ => "",
+    };
+    exe.with_file_name(format!("flip-agent{rest}"))
 }
 
 /// blake3 of a file's contents, lowercase hex.
@@ -181,7 +204,8 @@ pub(crate) fn platform_file_part(platform: &str) -> String {
 }
 
 /// The binary to upload to a server of `platform` (`uname -sm`): `--agent-binary`, else the
-/// local cache's binary for that platform, else this executable if the platform is ours.
+/// local cache's binary for that platform (put there on purpose), else, if the platform is
+/// ours, the agent-only binary beside this executable, else this executable.
 fn choose_agent(
     opts: &SshOptions,
     host: &str,
@@ -189,17 +213,18 @@ fn choose_agent(
     candidates: Vec<Candidate>,
 ) -> Result<Candidate, TransportError> {
     let cached = opts.agent_cache_file(platform);
-    let mut exe = None;
+    let (mut beside, mut exe) = (None, None);
     for c in candidates {
         match c.source {
             Source::Flag => return Ok(c),
             Source::LocalCache if c.path == cached => return Ok(c),
             Source::LocalCache => {}
+            Source::Beside => beside = Some(c),
             Source::Exe => exe = Some(c),
         }
     }
     let local = local_platform();
-    match exe {
+    match beside.or(exe) {
         Some(c) if platform == local => Ok(c),
         _ => Err(TransportError::Platform {
             host: host.to_string(),
@@ -354,15 +379,16 @@ fn parse_version(s: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
-/// Refuses, before uploading anything, to upload this flip to a server whose glibc is older
-/// than the one it needs (see [`SshOptions::needs_glibc`]): it would not start there.
+/// Refuses, before uploading anything, to upload this flip (or the agent-only binary built
+/// with it) to a server whose glibc is older than the one it needs (see
+/// [`SshOptions::needs_glibc`]): it would not start there.
 fn glibc_check(
     opts: &SshOptions,
     host: &str,
     server: &Missing,
     agent: &Candidate,
 ) -> Result<(), TransportError> {
-    if agent.source != Source::Exe {
+    if !matches!(agent.source, Source::Exe | Source::Beside) {
         return Ok(());
     }
     let (Some(have), Some(need)) = (
@@ -613,23 +639,33 @@ fn does_not_run(
     let what = match agent.source {
         Source::Flag => format!("--agent-binary {}", agent.path.display()),
         Source::LocalCache => format!("{} (from the local agent cache)", agent.path.display()),
-        Source::Exe if opts.portable.is_some() => {
-            format!("this flip ({})", agent.path.display())
-        }
-        Source::Exe => format!(
-            "this flip ({}) is not a portable build (a debug build or one linked against this \
-             machine's libraries) and",
-            agent.path.display()
+        Source::Exe | Source::Beside if opts.portable.is_some() => built_with(agent, ""),
+        Source::Exe | Source::Beside => built_with(
+            agent,
+            " is not a portable build (a debug build or one linked against this machine's \
+             libraries) and",
         ),
     };
     format!(
         "{what} does not run on {host}: {said}. Install flip {version} on the server (on its \
          PATH, or pass --remote-flip PATH), or pass --agent-binary FILE with a portable flip \
          {version} for `{platform}` (`make dist` writes \
-         dist/flip-{version}-TARGET; keep it as {cache} and flip uploads it by itself)",
+         dist/flip-agent-{version}-TARGET, the agent-only build; keep it as {cache} and flip \
+         uploads it by itself)",
         version = opts.version,
         cache = cache.display(),
     )
+}
+
+/// `this flip (PATH)` or `the agent-only build beside this flip (PATH)`, then `said`.
+fn built_with(agent: &Candidate, said: &str) -> String {
+    match agent.source {
+        Source::Beside => format!(
+            "the agent-only build beside this flip ({}){said}",
+            agent.path.display()
+        ),
+        _ => format!("this flip ({}){said}", agent.path.display()),
+    }
 }
 
 fn upload_script(version: &str, size: usize, hash: &str, codec: Codec, b3sum: bool) -> String {
@@ -944,7 +980,91 @@ mod tests {
         assert_eq!(all.last().unwrap().hash, None);
     }
 
-    /// The compressed agent is kept locally; a damaged kept copy is never sent.
+    /// The agent-only `flip-agent` beside this flip is uploaded instead of this flip, to a
+    /// server of our platform only; `--agent-binary` and the local cache's binary for the
+    /// server's platform still come first, and without it this flip is uploaded.
+    #[test]
+    fn the_agent_only_build_beside_flip_is_uploaded_instead_of_flip() {
+        let home = tempfile::tempdir().unwrap();
+        let mut opts = opts_in(home.path());
+        let dist = home.path().join("dist");
+        std::fs::create_dir(&dist).unwrap();
+        opts.local_exe = dist.join("flip-1.2.3-x86_64-unknown-linux-gnu");
+        std::fs::write(&opts.local_exe, b"whole flip").unwrap();
+        let local = local_platform();
+
+        let c = choose_agent(&opts, "web1", &local, candidates(&opts).unwrap()).unwrap();
+        assert_eq!((c.source, &c.path), (Source::Exe, &opts.local_exe));
+
+        let beside = dist.join("flip-agent-1.2.3-x86_64-unknown-linux-gnu");
+        std::fs::write(&beside, b"agent only").unwrap();
+        let all = candidates(&opts).unwrap();
+        let sources: Vec<Source> = all.iter().map(|c| c.source).collect();
+        assert_eq!(sources, vec![Source::Beside, Source::Exe]);
+        let c = choose_agent(&opts, "web1", &local, all.clone()).unwrap();
+        assert_eq!((c.source, &c.path), (Source::Beside, &beside));
+        assert_eq!(
+            c.hash,
+            Some(blake3::hash(b"agent only").to_hex().to_string())
+        );
+        // Both hashes are offered to the launcher: an agent uploaded by either is found.
+        assert!(all.iter().all(|c| c.hash.is_some()));
+        // Not to a server of another platform.
+        let e = choose_agent(&opts, "web1", "Plan9 mips", all).unwrap_err();
+        assert!(e.to_string().contains("`Plan9 mips`"), "{e}");
+
+        // The local cache's binary for the server's platform comes first.
+        let cached = opts.agent_cache_file(&local);
+        std::fs::create_dir_all(cached.parent().unwrap()).unwrap();
+        std::fs::write(&cached, b"kept on purpose").unwrap();
+        let c = choose_agent(&opts, "web1", &local, candidates(&opts).unwrap()).unwrap();
+        assert_eq!((c.source, c.path), (Source::LocalCache, cached.clone()));
+        std::fs::remove_file(&cached).unwrap();
+
+        // So does --agent-binary.
+        opts.agent_binary = Some(opts.local_exe.clone());
+        let c = choose_agent(&opts, "web1", &local, candidates(&opts).unwrap()).unwrap();
+        assert_eq!(c.source, Source::Flag);
+        opts.agent_binary = None;
+
+        // Built with this flip, it needs the glibc this flip needs.
+        opts.needs_glibc = Some("2.34".to_string());
+        opts.portable = None;
+        let agent = choose_agent(&opts, "web1", &local, candidates(&opts).unwrap()).unwrap();
+        let server = Missing {
+            platform: local.clone(),
+            zstd: false,
+            gzip: true,
+            b3sum: false,
+            glibc: Some((2, 31)),
+        };
+        let e = glibc_check(&opts, "web1", &server, &agent)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "the agent-only build beside this flip ({}) is not a portable build",
+                beside.display()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_agent_only_build_is_named_after_flip() {
+        let beside = |exe: &str| agent_beside(Path::new(exe));
+        assert_eq!(
+            beside("/usr/bin/flip"),
+            PathBuf::from("/usr/bin/flip-agent")
+        );
+        assert_eq!(
+            beside("dist/flip-1.2.3-x86_64-unknown-linux-gnu"),
+            PathBuf::from("dist/flip-agent-1.2.3-x86_64-unknown-linux-gnu")
+        );
+        assert_eq!(beside("/opt/flipper"), PathBuf::from("/opt/flip-agent"));
+        assert_eq!(beside("/opt/deploy"), PathBuf::from("/opt/flip-agent"));
+    }
+
     #[test]
     fn compressed_agents_are_cached_locally_and_checked() {
         let home = tempfile::tempdir().unwrap();
