@@ -33,6 +33,8 @@ pub(crate) enum How {
     Delta(RelPath),
     /// A zstd `--patch-from` frame against this basis, whose content has this digest.
     Patch(RelPath, Digest),
+    /// A file streamed before the manifest: its path and mode.
+    Stream(RelPath, u32),
 }
 
 enum Msg {
@@ -422,6 +424,9 @@ impl WriterThread<'_> {
             How::Patch(b, d) => stage
                 .begin_patch(index, &b, &d)
                 .map(|p| Writer::Patch(Box::new(p))),
+            How::Stream(p, mode) => stage
+                .begin_streamed(&p, mode)
+                .map(|f| Writer::Literal(Box::new(f))),
         };
         match w {
             Ok(writer) => {

@@ -49,7 +49,10 @@
 mod cache;
 mod fsutil;
 mod hash;
+mod sink;
 mod walk;
+
+pub use sink::ContentSink;
 
 pub use hash::{hash_file, BIG_FILE};
 
@@ -219,11 +222,29 @@ pub enum ScanError {
 /// [`ScanError`]: `root` missing or not a directory, an unreadable entry, a name flip cannot
 /// deploy, a bad exclude pattern, a file that changed type during the scan.
 pub fn scan(root: &Path, opts: &ScanOptions) -> Result<ScanOutput, ScanError> {
-    scan_at(root, opts, SystemTime::now())
+    scan_at(root, opts, SystemTime::now(), None)
+}
+
+/// [`scan`] that hands `sink` the content it reads as it goes (see [`ContentSink`]): a first
+/// deploy sends while it hashes.
+///
+/// # Errors
+/// As [`scan`].
+pub fn scan_streaming(
+    root: &Path,
+    opts: &ScanOptions,
+    sink: &dyn ContentSink,
+) -> Result<ScanOutput, ScanError> {
+    scan_at(root, opts, SystemTime::now(), Some(sink))
 }
 
 /// [`scan`] with the scan start time (for the racy-git rule) given, so tests need not sleep.
-fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOutput, ScanError> {
+fn scan_at(
+    root: &Path,
+    opts: &ScanOptions,
+    start: SystemTime,
+    sink: Option<&dyn ContentSink>,
+) -> Result<ScanOutput, ScanError> {
     let start_ns = start
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i128);
@@ -245,6 +266,11 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
     warnings.extend(walked.warnings);
     let mut stats = ScanStats::default();
     let mut batches = walked.files;
+    if let Some(sink) = sink {
+        let all = batches.iter().flatten();
+        let bytes = all.clone().fold(0u64, |n, f| n.saturating_add(f.key.size));
+        sink.walked(all.count() as u64, bytes);
+    }
 
     // Phase 2: hash (in place: each file's key becomes that of what was read).
     let hashed: Vec<Option<Hashed>> = batches
@@ -252,7 +278,7 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
         .flat_map(|b| b.par_iter_mut())
         .map(|f| {
             opts.meter.add(f.key.size);
-            hash_one(root, cache.as_ref(), start_ns, f)
+            hash_one(root, cache.as_ref(), start_ns, f, sink)
         })
         .collect::<Result<_, _>>()?;
     count_files(root, &batches, &hashed, &mut stats, &mut warnings);
@@ -408,6 +434,7 @@ fn hash_one(
     cache: Option<&Cache>,
     start_ns: i128,
     f: &mut walk::FileNode,
+    sink: Option<&dyn ContentSink>,
 ) -> Result<Option<Hashed>, ScanError> {
     if !f.key.is_racy(start_ns) {
         if let Some(digest) = cache.and_then(|c| c.get(f.rel.as_str(), &f.key)) {
@@ -447,11 +474,14 @@ fn hash_one(
             what: "stopped being a regular file",
         });
     }
-    let (size, digest) = hash::hash_open_file(&file, &meta).map_err(|source| ScanError::Io {
-        op: "read",
-        path: path.clone(),
-        source,
-    })?;
+    let (size, digest, content) =
+        hash::hash_open_file_keep(&file, &meta, sink.is_some()).map_err(|source| {
+            ScanError::Io {
+                op: "read",
+                path: path.clone(),
+                source,
+            }
+        })?;
     let mut key = Key::of(&meta);
     // A size different from fstat's means the file changed while it was read: the digest is
     // right for the bytes read (and the size recorded), but must not be cached.
@@ -459,6 +489,11 @@ fn hash_one(
     key.size = size;
     f.key = key;
     f.mode = meta.mode() & flip_manifest::MODE_MASK;
+    if let (Some(sink), Some(data)) = (sink, content) {
+        // Exactly the bytes hashed (whatever the file holds by now): the manifest says them.
+        let mtime = (meta.mtime(), meta.mtime_nsec() as u32);
+        sink.file(&f.rel, f.mode, mtime, &digest, data);
+    }
     Ok(Some(Hashed {
         digest,
         hit: false,
