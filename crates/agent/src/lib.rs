@@ -880,6 +880,7 @@ impl Session {
         self.log(serde_json::json!({
             "time": now(), "event": "staged", "release": info.id,
             "label": info.label, "files": info.files, "written": stats.written,
+            "streamed": stats.streamed,
             "hashed": stats.hashed, "bases_dropped": stats.bases_dropped,
         }));
         Ok(Response::Committed { id: info.id })

@@ -63,6 +63,8 @@ pub struct StageStats {
     pub bases_dropped: u64,
     /// Files written from client data (literal or delta).
     pub written: u64,
+    /// Of those, files streamed before the manifest (a first deploy sending while it hashes).
+    pub streamed: u64,
 }
 
 /// A release being built in a hidden staging directory under the root: see [`Root::stage`].

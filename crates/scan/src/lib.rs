@@ -436,7 +436,9 @@ fn hash_one(
     f: &mut walk::FileNode,
     sink: Option<&dyn ContentSink>,
 ) -> Result<Option<Hashed>, ScanError> {
-    if !f.key.is_racy(start_ns) {
+    // A sink sends what is read: the file is read anyway (the cache would save nothing).
+    let small = f.key.size <= hash::BIG_FILE;
+    if !f.key.is_racy(start_ns) && !(sink.is_some() && small) {
         if let Some(digest) = cache.and_then(|c| c.get(f.rel.as_str(), &f.key)) {
             return Ok(Some(Hashed {
                 digest,

@@ -5,8 +5,9 @@ use flip_manifest::{Digest, RelPath};
 /// Receives what a scan reads, from the scan's threads (in no set order across files): a first
 /// deploy sends each file as it is hashed instead of reading it a second time.
 ///
-/// Files the hash cache answers for, and files larger than [`crate::BIG_FILE`] (read in pieces),
-/// are not handed on: whoever uses the scan sends those itself.
+/// Files up to [`crate::BIG_FILE`] are read whole and handed on, even those the hash cache
+/// knows (reading them is what sending them takes); larger ones (read in pieces, or answered
+/// by the cache) are not: whoever uses the scan sends those itself.
 pub trait ContentSink: Send + Sync {
     /// Once, after the walk and before any [`ContentSink::file`]: the regular files found and
     /// their bytes, as the walk saw them (a file may be read with another size).

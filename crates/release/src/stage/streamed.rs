@@ -193,6 +193,7 @@ impl Stage<'_> {
         self.streaming()?;
         if let Some(s) = self.streamed.as_mut() {
             s.adopted = true;
+            self.stats.streamed = s.files.get_mut().map_or(0, |f| f.len() as u64);
         }
         self.plan = flip_plan::plan(None, &manifest);
         self.manifest = manifest;
