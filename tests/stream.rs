@@ -1,0 +1,87 @@
+//! A first deploy sends while it hashes: the files the scan reads stream to the agent before
+//! the manifest (locally and over SSH), and the release is exactly the source tree.
+
+mod common;
+
+use common::*;
+use flip_testkit::Sshd;
+
+/// A tree big enough to stream (more than 256 files): nested directories, modes (setuid,
+/// executable, private), empty files and duplicates, symlinks, and one file above the scan's
+/// whole-read size (sent after the manifest).
+fn streamable(src: &Src) -> usize {
+    let mut small = 0;
+    for d in 0..12 {
+        for f in 0..25 {
+            let mode = [0o644, 0o755, 0o600, 0o4750][(d + f) % 4];
+            src.file(&format!("d{d}/sub{}/f{f}.php", d % 3), noise((d * 100 + f) as u64, 100 + f * 97), mode);
+            small += 1;
+        }
+    }
+    src.file("empty-a", "", 0o644);
+    src.file("empty-b", "", 0o444);
+    src.file("dup-1", "same content\n", 0o644);
+    src.file("dup-2", "same content\n", 0o755);
+    src.dir("private", 0o700);
+    src.file("private/key", "k", 0o400);
+    src.symlink("link-to-d0", "d0");
+    src.symlink("dangling", "nowhere/at/all");
+    small += 5;
+    src.file("big.bin", noise(7, (16 << 20) + 12345), 0o644);
+    small
+}
+
+fn streamed_count(root: &std::path::Path) -> u64 {
+    let log = std::fs::read_to_string(root.join(".flip/log")).unwrap();
+    let staged: serde_json::Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["event"] == "staged")
+        .unwrap_or_else(|| panic!("no staged event in {log}"));
+    staged["streamed"].as_u64().unwrap()
+}
+
+#[test]
+fn a_first_deploy_streamed_locally_lands_every_byte_mode_and_symlink() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let small = streamable(&src);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 1, "{j}");
+    assert_tree_eq(&read_tree(&fx.current()), &src.tree(), "the streamed first release");
+    assert_eq!(
+        streamed_count(&fx.root),
+        small as u64,
+        "every file read whole went while the scan hashed"
+    );
+    let rt = j["round_trips"].as_u64().unwrap();
+    assert!(rt <= 3, "first deploy round trips: {j}");
+    assert_eq!(j["files"]["literal"], small as u64 + 1, "{j}");
+    assert_eq!(fx.release_leftovers(), Vec::<String>::new());
+
+    // The next deploy (an upgrade: something is live, the client knows it) does not stream.
+    src.overwrite("d0/sub0/f0.php", "changed\n");
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 2, "{j}");
+    assert_tree_eq(&read_tree(&fx.current()), &src.tree(), "the upgrade");
+    assert!(j["round_trips"].as_u64().unwrap() <= 2, "{j}");
+}
+
+#[test]
+fn a_first_deploy_streamed_over_ssh_lands_every_byte_mode_and_symlink() {
+    let fx = Fx::new();
+    let sshd = Sshd::start();
+    sshd.write_known_hosts(&fx.home.join(".ssh/known_hosts"));
+    let url = format!("ssh://root@127.0.0.1:{}{}", sshd.port(), fx.root_str());
+    let src = fx.src("src");
+    let small = streamable(&src);
+    let key = s(&sshd.user_key()).to_string();
+    let j = fx
+        .flip(&["deploy", "--json", src.s(), &url, "-i", &key, "--remote-flip", FLIP])
+        .success()
+        .json();
+    assert_eq!(j["release"], 1, "{j}");
+    assert_tree_eq(&read_tree(&fx.current()), &src.tree(), "the streamed first release over SSH");
+    assert_eq!(streamed_count(&fx.root), small as u64);
+    assert!(j["round_trips"].as_u64().unwrap() <= 3, "{j}");
+}
