@@ -222,7 +222,7 @@ pub enum ScanError {
 /// [`ScanError`]: `root` missing or not a directory, an unreadable entry, a name flip cannot
 /// deploy, a bad exclude pattern, a file that changed type during the scan.
 pub fn scan(root: &Path, opts: &ScanOptions) -> Result<ScanOutput, ScanError> {
-    scan_at(root, opts, SystemTime::now(), None)
+    scan_with(root, opts, SystemTime::now(), None)
 }
 
 /// [`scan`] that hands `sink` the content it reads as it goes (see [`ContentSink`]): a first
@@ -235,11 +235,17 @@ pub fn scan_streaming(
     opts: &ScanOptions,
     sink: &dyn ContentSink,
 ) -> Result<ScanOutput, ScanError> {
-    scan_at(root, opts, SystemTime::now(), Some(sink))
+    scan_with(root, opts, SystemTime::now(), Some(sink))
 }
 
 /// [`scan`] with the scan start time (for the racy-git rule) given, so tests need not sleep.
-fn scan_at(
+#[cfg(test)]
+fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOutput, ScanError> {
+    scan_with(root, opts, start, None)
+}
+
+/// [`scan`] at `start`, handing what it reads to `sink`.
+fn scan_with(
     root: &Path,
     opts: &ScanOptions,
     start: SystemTime,
