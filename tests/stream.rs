@@ -14,7 +14,11 @@ fn streamable(src: &Src) -> usize {
     for d in 0..12 {
         for f in 0..25 {
             let mode = [0o644, 0o755, 0o600, 0o4750][(d + f) % 4];
-            src.file(&format!("d{d}/sub{}/f{f}.php", d % 3), noise((d * 100 + f) as u64, 100 + f * 97), mode);
+            src.file(
+                &format!("d{d}/sub{}/f{f}.php", d % 3),
+                noise((d * 100 + f) as u64, 100 + f * 97),
+                mode,
+            );
             small += 1;
         }
     }
@@ -48,7 +52,11 @@ fn a_first_deploy_streamed_locally_lands_every_byte_mode_and_symlink() {
     let small = streamable(&src);
     let j = fx.deploy(&src, &[]);
     assert_eq!(j["release"], 1, "{j}");
-    assert_tree_eq(&read_tree(&fx.current()), &src.tree(), "the streamed first release");
+    assert_tree_eq(
+        &read_tree(&fx.current()),
+        &src.tree(),
+        "the streamed first release",
+    );
     assert_eq!(
         streamed_count(&fx.root),
         small as u64,
@@ -77,11 +85,24 @@ fn a_first_deploy_streamed_over_ssh_lands_every_byte_mode_and_symlink() {
     let small = streamable(&src);
     let key = s(&sshd.user_key()).to_string();
     let j = fx
-        .flip(&["deploy", "--json", src.s(), &url, "-i", &key, "--remote-flip", FLIP])
+        .flip(&[
+            "deploy",
+            "--json",
+            src.s(),
+            &url,
+            "-i",
+            &key,
+            "--remote-flip",
+            FLIP,
+        ])
         .success()
         .json();
     assert_eq!(j["release"], 1, "{j}");
-    assert_tree_eq(&read_tree(&fx.current()), &src.tree(), "the streamed first release over SSH");
+    assert_tree_eq(
+        &read_tree(&fx.current()),
+        &src.tree(),
+        "the streamed first release over SSH",
+    );
     assert_eq!(streamed_count(&fx.root), small as u64);
     assert!(j["round_trips"].as_u64().unwrap() <= 3, "{j}");
 }

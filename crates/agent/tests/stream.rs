@@ -127,7 +127,11 @@ fn refused_first(frames: Vec<Request>, class: ErrorClass, needle: &str) {
 }
 
 fn start(files: u64, bytes: u64) -> Vec<Request> {
-    vec![lock(), Request::Status, Request::StreamStart { files, bytes }]
+    vec![
+        lock(),
+        Request::Status,
+        Request::StreamStart { files, bytes },
+    ]
 }
 
 #[test]
@@ -179,11 +183,18 @@ fn streamed_files_listed_exactly_by_the_manifest_are_committed() {
     let rel = root.join("releases/1");
     assert_eq!(std::fs::read(rel.join("a")).unwrap(), b"alpha");
     assert_eq!(std::fs::read(rel.join("d/e/run")).unwrap(), b"#!/bin/sh\n");
-    assert_eq!(std::fs::read(rel.join("d/late")).unwrap(), b"sent after the manifest");
+    assert_eq!(
+        std::fs::read(rel.join("d/late")).unwrap(),
+        b"sent after the manifest"
+    );
     let mode = |p: &str| std::fs::metadata(rel.join(p)).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode("d/e/run"), 0o4755);
     assert_eq!(mode("d/late"), 0o600);
-    assert_eq!(mode("d"), 0o755, "directories made for streamed files get their modes");
+    assert_eq!(
+        mode("d"),
+        0o755,
+        "directories made for streamed files get their modes"
+    );
     assert_eq!(mode("d/e"), 0o755);
     let log = std::fs::read_to_string(root.join(".flip/log")).unwrap();
     assert!(log.contains("\"streamed\":3"), "{log}");
@@ -216,7 +227,11 @@ fn a_streamed_file_with_another_hash_is_refused() {
     frames.push(stream("a", b"2", 0o644));
     frames.extend(stage(&m));
     frames.push(Request::Commit);
-    refused_first(frames, ErrorClass::Integrity, "a: written content does not match");
+    refused_first(
+        frames,
+        ErrorClass::Integrity,
+        "a: written content does not match",
+    );
 }
 
 #[test]

@@ -361,7 +361,15 @@ pub fn deploy(
         _ => (None, None),
     };
     let drain = Arc::new(Mutex::new(drain));
-    let workers = phase1(o, &source, targets, &caches, &scanned, events.clone(), drain);
+    let workers = phase1(
+        o,
+        &source,
+        targets,
+        &caches,
+        &scanned,
+        events.clone(),
+        drain,
+    );
     let meter = flip_scan::ScanMeter::default();
     events.scanning(&meter);
     let scan = scan_source(&source, o, meter, feed);
@@ -1024,7 +1032,9 @@ impl Host {
     /// After the scan, in one round trip with the lock, status (and shared paths) queued at
     /// connect time: `CheckLive` for the release the scan most likely makes (with shared paths: as if
     /// `shared/` had them all). Reads every answer: sets what `shared/` has, returns the live
-    /// release's id and manifest digest, and the digest checked with the answer.
+    /// release's id and manifest digest, and the digest checked with the answer. `early`: the
+    /// lock's and status's answers, when read already (while the scan went on).
+    #[allow(clippy::too_many_arguments)]
     fn pipelined_status(
         &mut self,
         scanned: &Manifest,

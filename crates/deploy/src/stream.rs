@@ -26,7 +26,10 @@ const MIN_FILES: u64 = 256;
 const MIN_BYTES: u64 = 4 << 20;
 
 enum Item {
-    Walked { files: u64, bytes: u64 },
+    Walked {
+        files: u64,
+        bytes: u64,
+    },
     File {
         rel: RelPath,
         mode: u32,
@@ -46,6 +49,10 @@ struct State {
     dropped: bool,
     /// What the walk announced and is left of it: a file read beyond it is not streamed.
     left: Option<(u64, u64)>,
+    /// Scan threads waiting for room, and whether the sender waits for an item (a wake-up
+    /// only then: no system call per file).
+    producers_waiting: usize,
+    consumer_waiting: bool,
 }
 
 #[derive(Default)]
@@ -93,7 +100,9 @@ impl flip_scan::ContentSink for Feed {
             _ => return,
         }
         while !s.dropped && !s.items.is_empty() && s.bytes + n > QUEUE_BYTES {
+            s.producers_waiting += 1;
             s = self.0.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.producers_waiting -= 1;
         }
         if s.dropped {
             return;
@@ -106,7 +115,9 @@ impl flip_scan::ContentSink for Feed {
             digest: *digest,
             data,
         });
-        self.0.changed.notify_all();
+        if s.consumer_waiting {
+            self.0.changed.notify_all();
+        }
     }
 }
 
@@ -136,13 +147,17 @@ impl Drain {
                 if let Item::File { data, .. } = &item {
                     s.bytes -= data.len() as u64;
                 }
-                self.0.changed.notify_all();
+                if s.producers_waiting > 0 {
+                    self.0.changed.notify_all();
+                }
                 return Some(item);
             }
             if s.done {
                 return None;
             }
+            s.consumer_waiting = true;
             s = self.0.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.consumer_waiting = false;
         }
     }
 

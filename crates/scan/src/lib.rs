@@ -443,8 +443,8 @@ fn hash_one(
     sink: Option<&dyn ContentSink>,
 ) -> Result<Option<Hashed>, ScanError> {
     // A sink sends what is read: the file is read anyway (the cache would save nothing).
-    let small = f.key.size <= hash::BIG_FILE;
-    if !f.key.is_racy(start_ns) && !(sink.is_some() && small) {
+    let sent = sink.is_some() && f.key.size <= hash::BIG_FILE;
+    if !sent && !f.key.is_racy(start_ns) {
         if let Some(digest) = cache.and_then(|c| c.get(f.rel.as_str(), &f.key)) {
             return Ok(Some(Hashed {
                 digest,

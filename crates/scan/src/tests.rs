@@ -655,11 +655,14 @@ fn the_scan_meter_counts_each_file_and_its_bytes() {
     }
 }
 
+/// A file handed on: path, mode, digest, content.
+type Handed = (RelPath, u32, Digest, Vec<u8>);
+
 /// Collects what a streaming scan hands on.
 #[derive(Default)]
 struct Collect {
     walked: std::sync::Mutex<Option<(u64, u64)>>,
-    files: std::sync::Mutex<Vec<(RelPath, u32, Digest, Vec<u8>)>>,
+    files: std::sync::Mutex<Vec<Handed>>,
 }
 
 impl ContentSink for Collect {
@@ -697,7 +700,11 @@ fn a_sink_gets_exactly_the_bytes_the_manifest_records_even_for_cached_files() {
     let bytes: u64 = files.iter().map(|f| f.3.len() as u64).sum();
     assert_eq!(sink.walked.into_inner().unwrap(), Some((40, bytes)));
     for (rel, mode, digest, data) in files {
-        assert_eq!(Digest::of(&data), digest, "{rel}: the bytes handed on are the ones hashed");
+        assert_eq!(
+            Digest::of(&data),
+            digest,
+            "{rel}: the bytes handed on are the ones hashed"
+        );
         assert_eq!(
             out.manifest.get(&rel),
             Some(&EntryKind::File {
