@@ -100,6 +100,10 @@ impl Session {
                 }
                 st.files_left -= 1;
                 st.stage.make_parents(&path)?;
+                if last {
+                    pool.whole(&st.stage, usize::MAX, How::Stream(path, mode), data, mtime);
+                    return Ok(());
+                }
                 pool.start(&st.stage, usize::MAX, How::Stream(path.clone(), mode), 0);
                 st.open = Some(path);
             }

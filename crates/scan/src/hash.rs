@@ -86,7 +86,9 @@ pub(crate) fn hash_open_file_keep(
     } else {
         // One spare byte so that reading to EOF does not reallocate.
         let mut buf = Vec::with_capacity(meta.len() as usize + 1);
-        file.read_to_end(&mut buf)?;
+        // Through `Take`: `File`'s own read_to_end asks fstat and lseek for a size hint, two
+        // system calls per file the reservation above makes useless.
+        Read::take(file, u64::MAX).read_to_end(&mut buf)?;
         let hashed = (buf.len() as u64, Digest::of(&buf));
         Ok((hashed.0, hashed.1, keep.then_some(buf)))
     }
