@@ -106,3 +106,42 @@ fn a_first_deploy_streamed_over_ssh_lands_every_byte_mode_and_symlink() {
     assert_eq!(streamed_count(&fx.root), small as u64);
     assert!(j["round_trips"].as_u64().unwrap() <= 3, "{j}");
 }
+
+#[test]
+fn a_client_without_a_record_of_the_target_streams_nothing_into_a_live_one() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    streamable(&src);
+    fx.deploy(&src, &[]);
+    src.overwrite("d3/sub0/f1.php", "another client's change\n");
+    // Another client (its own caches): it expects a first deploy, the status says otherwise.
+    let other = fx.path("other-cache");
+    let j = fx
+        .flip_env(
+            &[("XDG_CACHE_HOME", s(&other))],
+            &["deploy", "--json", src.s(), fx.root_str()],
+        )
+        .success()
+        .json();
+    assert_eq!(j["release"], 2, "{j}");
+    assert_tree_eq(
+        &read_tree(&fx.current()),
+        &src.tree(),
+        "the upgrade from another client",
+    );
+    let log = std::fs::read_to_string(fx.root.join(".flip/log")).unwrap();
+    let staged: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "staged")
+        .collect();
+    assert_eq!(staged.len(), 2, "{log}");
+    assert_eq!(
+        staged[1]["streamed"], 0,
+        "nothing streams into a live target: {log}"
+    );
+    assert_eq!(
+        staged[1]["written"], 1,
+        "only the changed file is sent: {log}"
+    );
+}
