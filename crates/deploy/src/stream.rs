@@ -37,6 +37,23 @@ enum Item {
         digest: Digest,
         data: Vec<u8>,
     },
+    /// A piece of a file larger than the scan reads whole.
+    Piece {
+        rel: RelPath,
+        mode: u32,
+        mtime: (i64, u32),
+        data: Vec<u8>,
+        last: bool,
+    },
+}
+
+impl Item {
+    fn bytes(&self) -> u64 {
+        match self {
+            Item::Walked { .. } => 0,
+            Item::File { data, .. } | Item::Piece { data, .. } => data.len() as u64,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -53,6 +70,8 @@ struct State {
     /// only then: no system call per file).
     producers_waiting: usize,
     consumer_waiting: bool,
+    /// The big file whose pieces are coming: whether it streams (it fit in what was left).
+    big: Option<bool>,
 }
 
 #[derive(Default)]
@@ -99,24 +118,72 @@ impl flip_scan::ContentSink for Feed {
             // Grown since the walk, or nobody streams: sent after the manifest, if at all.
             _ => return,
         }
+        let item = Item::File {
+            rel: rel.clone(),
+            mode,
+            mtime,
+            digest: *digest,
+            data,
+        };
+        self.0.push(s, item);
+    }
+
+    fn piece(
+        &self,
+        rel: &RelPath,
+        mode: u32,
+        mtime: (i64, u32),
+        size: u64,
+        data: Vec<u8>,
+        last: bool,
+    ) {
+        let mut s = self.0.lock();
+        let dropped = s.dropped;
+        let streams = match s.big {
+            Some(streams) => streams,
+            // The whole file is reserved at its first piece: it streams whole or not at all.
+            None => match &mut s.left {
+                Some((files, bytes)) if !dropped && *files > 0 && *bytes >= size => {
+                    *files -= 1;
+                    *bytes -= size;
+                    true
+                }
+                _ => false,
+            },
+        };
+        s.big = Some(streams);
+        if last {
+            s.big = None;
+        }
+        if streams {
+            let item = Item::Piece {
+                rel: rel.clone(),
+                mode,
+                mtime,
+                data,
+                last,
+            };
+            self.0.push(s, item);
+        }
+    }
+}
+
+impl Queue {
+    /// Queues `item` once there is room for it (or nobody takes it any more).
+    fn push(&self, mut s: std::sync::MutexGuard<'_, State>, item: Item) {
+        let n = item.bytes();
         while !s.dropped && !s.items.is_empty() && s.bytes + n > QUEUE_BYTES {
             s.producers_waiting += 1;
-            s = self.0.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
             s.producers_waiting -= 1;
         }
         if s.dropped {
             return;
         }
         s.bytes += n;
-        s.items.push_back(Item::File {
-            rel: rel.clone(),
-            mode,
-            mtime,
-            digest: *digest,
-            data,
-        });
+        s.items.push_back(item);
         if s.consumer_waiting {
-            self.0.changed.notify_all();
+            self.changed.notify_all();
         }
     }
 }
@@ -144,9 +211,7 @@ impl Drain {
         let mut s = self.0.lock();
         loop {
             if let Some(item) = s.items.pop_front() {
-                if let Item::File { data, .. } = &item {
-                    s.bytes -= data.len() as u64;
-                }
+                s.bytes -= item.bytes();
                 if s.producers_waiting > 0 {
                     self.0.changed.notify_all();
                 }
@@ -209,21 +274,33 @@ pub(crate) fn stream_first(
     let (mut n, mut total) = (0u64, 0u64);
     let mut sent = s.queue_stream_start(files, bytes);
     while let (Ok(()), Some(item)) = (&sent, drain.next()) {
-        if let Item::File {
-            rel,
-            mode,
-            mtime,
-            digest,
-            data,
-        } = item
-        {
-            if let Some(c) = cache {
-                // Best effort, as for content sent after the manifest: a later patch's basis.
-                let _ = c.put(&digest, &data);
+        total += item.bytes();
+        match item {
+            Item::File {
+                rel,
+                mode,
+                mtime,
+                digest,
+                data,
+            } => {
+                if let Some(c) = cache {
+                    // Best effort, as for content sent after the manifest: a patch's basis.
+                    let _ = c.put(&digest, &data);
+                }
+                n += 1;
+                sent = s.queue_stream_file(&rel, mode, Some(mtime), data);
             }
-            n += 1;
-            total += data.len() as u64;
-            sent = s.queue_stream_file(&rel, mode, Some(mtime), data);
+            Item::Piece {
+                rel,
+                mode,
+                mtime,
+                data,
+                last,
+            } => {
+                n += u64::from(last);
+                sent = s.queue_stream_piece(&rel, mode, Some(mtime), data, last);
+            }
+            Item::Walked { .. } => {}
         }
     }
     drop(drain);

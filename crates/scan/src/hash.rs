@@ -93,3 +93,32 @@ pub(crate) fn hash_open_file_keep(
         Ok((hashed.0, hashed.1, keep.then_some(buf)))
     }
 }
+
+/// Hashes a file above [`BIG_FILE`] whose `fstat` is `meta`, read in [`PIECE`]-sized pieces (at
+/// most `meta.len()` bytes: what grows meanwhile is left for the next scan), handing each piece
+/// to `each` with whether it is the last (an empty last piece for a file found empty). Returns
+/// the bytes hashed and their digest.
+pub(crate) fn hash_big_pieces(
+    file: &File,
+    meta: &Metadata,
+    each: &mut dyn FnMut(Vec<u8>, bool),
+) -> io::Result<(u64, Digest)> {
+    let mut hasher = blake3::Hasher::new();
+    let mut input = Read::take(file, meta.len());
+    let mut held: Option<Vec<u8>> = None;
+    let mut total = 0u64;
+    loop {
+        let mut piece = Vec::with_capacity(PIECE);
+        (&mut input).take(PIECE as u64).read_to_end(&mut piece)?;
+        if piece.is_empty() {
+            break;
+        }
+        hasher.update_rayon(&piece);
+        total += piece.len() as u64;
+        if let Some(prev) = held.replace(piece) {
+            each(prev, false);
+        }
+    }
+    each(held.unwrap_or_default(), true);
+    Ok((total, hasher.finalize().into()))
+}

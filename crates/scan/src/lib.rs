@@ -278,15 +278,29 @@ fn scan_with(
         sink.walked(all.count() as u64, bytes);
     }
 
-    // Phase 2: hash (in place: each file's key becomes that of what was read).
-    let hashed: Vec<Option<Hashed>> = batches
+    // Phase 2: hash (in place: each file's key becomes that of what was read). With a sink,
+    // files above BIG_FILE come after the others, one at a time (their pieces in order).
+    let big: Vec<bool> = batches
+        .iter()
+        .flatten()
+        .map(|f| sink.is_some() && f.key.size > hash::BIG_FILE)
+        .collect();
+    let mut hashed: Vec<Option<Hashed>> = batches
         .par_iter_mut()
         .flat_map(|b| b.par_iter_mut())
         .map(|f| {
             opts.meter.add(f.key.size);
-            hash_one(root, cache.as_ref(), start_ns, f, sink)
+            // The same test as `big` (`f` is not changed before this).
+            match sink.is_some() && f.key.size > hash::BIG_FILE {
+                true => Ok(None),
+                false => hash_one(root, cache.as_ref(), start_ns, f, sink),
+            }
         })
         .collect::<Result<_, _>>()?;
+    let files = batches.iter_mut().flatten();
+    for ((f, h), _) in files.zip(&mut hashed).zip(&big).filter(|(_, &b)| b) {
+        *h = hash_one(root, cache.as_ref(), start_ns, f, sink)?;
+    }
     count_files(root, &batches, &hashed, &mut stats, &mut warnings);
 
     // Phase 3: rewrite the hash cache (unless it already says exactly this), then let it go.
@@ -443,8 +457,7 @@ fn hash_one(
     sink: Option<&dyn ContentSink>,
 ) -> Result<Option<Hashed>, ScanError> {
     // A sink sends what is read: the file is read anyway (the cache would save nothing).
-    let sent = sink.is_some() && f.key.size <= hash::BIG_FILE;
-    if !sent && !f.key.is_racy(start_ns) {
+    if sink.is_none() && !f.key.is_racy(start_ns) {
         if let Some(digest) = cache.and_then(|c| c.get(f.rel.as_str(), &f.key)) {
             return Ok(Some(Hashed {
                 digest,
@@ -482,24 +495,29 @@ fn hash_one(
             what: "stopped being a regular file",
         });
     }
-    let (size, digest, content) =
-        hash::hash_open_file_keep(&file, &meta, sink.is_some()).map_err(|source| {
-            ScanError::Io {
-                op: "read",
-                path: path.clone(),
-                source,
-            }
-        })?;
+    let mode = meta.mode() & flip_manifest::MODE_MASK;
+    let mtime = (meta.mtime(), meta.mtime_nsec() as u32);
+    let read = match sink {
+        Some(sink) if meta.len() > hash::BIG_FILE => {
+            let mut each = |data, last| sink.piece(&f.rel, mode, mtime, meta.len(), data, last);
+            hash::hash_big_pieces(&file, &meta, &mut each).map(|(n, d)| (n, d, None))
+        }
+        _ => hash::hash_open_file_keep(&file, &meta, sink.is_some()),
+    };
+    let (size, digest, content) = read.map_err(|source| ScanError::Io {
+        op: "read",
+        path: path.clone(),
+        source,
+    })?;
     let mut key = Key::of(&meta);
     // A size different from fstat's means the file changed while it was read: the digest is
     // right for the bytes read (and the size recorded), but must not be cached.
     let cacheable = size == key.size && !key.is_racy(start_ns);
     key.size = size;
     f.key = key;
-    f.mode = meta.mode() & flip_manifest::MODE_MASK;
+    f.mode = mode;
     if let (Some(sink), Some(data)) = (sink, content) {
         // Exactly the bytes hashed (whatever the file holds by now): the manifest says them.
-        let mtime = (meta.mtime(), meta.mtime_nsec() as u32);
         sink.file(&f.rel, f.mode, mtime, &digest, data);
     }
     Ok(Some(Hashed {

@@ -663,6 +663,8 @@ type Handed = (RelPath, u32, Digest, Vec<u8>);
 struct Collect {
     walked: std::sync::Mutex<Option<(u64, u64)>>,
     files: std::sync::Mutex<Vec<Handed>>,
+    /// Big files: path, content so far, closed.
+    pieces: std::sync::Mutex<Vec<(RelPath, Vec<u8>, bool)>>,
 }
 
 impl ContentSink for Collect {
@@ -675,6 +677,51 @@ impl ContentSink for Collect {
             .unwrap()
             .push((rel.clone(), mode, *digest, data));
     }
+    fn piece(&self, rel: &RelPath, _: u32, _: (i64, u32), size: u64, data: Vec<u8>, last: bool) {
+        let mut p = self.pieces.lock().unwrap();
+        assert!(
+            p.iter().all(|(r, _, done)| *done || r == rel),
+            "pieces interleaved"
+        );
+        match p.last_mut() {
+            Some((r, got, false)) if r == rel => got.extend_from_slice(&data),
+            _ => p.push((rel.clone(), data, false)),
+        }
+        let f = p.last_mut().unwrap();
+        assert!(f.1.len() as u64 <= size);
+        f.2 = last;
+    }
+}
+
+#[test]
+fn a_sink_gets_a_big_file_in_order_after_the_others_exactly_as_hashed() {
+    let t = tempfile::tempdir().unwrap();
+    let r = t.path();
+    let big: Vec<u8> = (0..(BIG_FILE as usize + 3_000_001))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    write(r, "a/big", &big);
+    write(r, "b/small", b"small");
+    let sink = Collect::default();
+    let out = scan_with(r, &ScanOptions::default(), later(), Some(&sink)).unwrap();
+    let pieces = sink.pieces.into_inner().unwrap();
+    assert_eq!(pieces.len(), 1);
+    let (rel, got, last) = &pieces[0];
+    assert_eq!((rel.as_str(), *last), ("a/big", true));
+    assert!(got == &big, "the pieces are the file, in order");
+    assert_eq!(
+        out.manifest.get(rel),
+        Some(&EntryKind::File {
+            mode: fs::metadata(r.join("a/big")).unwrap().permissions().mode() & 0o7777,
+            size: big.len() as u64,
+            digest: Digest::of(&big)
+        })
+    );
+    assert_eq!(
+        sink.files.into_inner().unwrap().len(),
+        1,
+        "the small file whole"
+    );
 }
 
 #[test]

@@ -29,6 +29,22 @@ impl Session {
         mtime: Mtime,
         data: Vec<u8>,
     ) -> Result<()> {
+        self.queue_stream_piece(path, mode, mtime, data, true)
+    }
+
+    /// Queues the next piece of file `path`'s content (all of a file's pieces one after
+    /// another), in frames of at most [`CHUNK`] bytes; `last` closes the file.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_stream_piece(
+        &mut self,
+        path: &RelPath,
+        mode: u32,
+        mtime: Mtime,
+        data: Vec<u8>,
+        last: bool,
+    ) -> Result<()> {
         let n = data.len() as u64;
         if data.len() <= CHUNK {
             self.queue(&Request::Stream {
@@ -36,21 +52,24 @@ impl Session {
                 mode,
                 mtime,
                 data,
-                last: true,
+                last,
             })?;
         } else {
-            let pieces = data.chunks(CHUNK).count();
+            let frames = data.chunks(CHUNK).count();
             for (i, c) in data.chunks(CHUNK).enumerate() {
                 self.queue(&Request::Stream {
                     path: path.clone(),
                     mode,
                     mtime,
                     data: c.to_vec(),
-                    last: i + 1 == pieces,
+                    last: last && i + 1 == frames,
                 })?;
             }
         }
-        self.meter.add_file(n);
+        match last {
+            true => self.meter.add_file(n),
+            false => self.meter.add_bytes(n),
+        }
         Ok(())
     }
 
