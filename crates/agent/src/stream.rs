@@ -2,8 +2,8 @@
 //! frames, each file's content in order, before the `Stage` that brings the manifest.
 //!
 //! Only into a target with nothing live, under the lock, without shared paths. What is announced
-//! bounds what is accepted: at most `files` files and `bytes` bytes in all, and `bytes` must
-//! fit in the free space before anything is written. Each file is created by the stage
+//! bounds what is accepted: at most `files` files (at most [`MAX_STREAMED_FILES`]) and `bytes`
+//! bytes in all, and `bytes` must fit in the free space before anything is written. Each file is created by the stage
 //! (`O_EXCL|O_NOFOLLOW`, its parents made by the stage, one at a time) and written and hashed by
 //! the same writer threads as any content (bounded in flight); at `Stage` every streamed file
 //! must be the manifest's file exactly (mode, size, blake3) and nothing else may have been
@@ -14,10 +14,15 @@
 
 use crate::apply::{How, Pool};
 use crate::{check_free, AgentError, Result, Session};
-use flip_manifest::{Manifest, RelPath, MAX_ENTRIES};
+use flip_manifest::{Manifest, RelPath};
 use flip_release::{Error as RelError, Stage};
 use flip_wire::{Mtime, StageBase};
 use std::sync::Arc;
+
+/// Most files a client may stream before a manifest: what the largest manifest the agent
+/// accepts ([`flip_wire::MAX_MANIFEST`]) can list at 64 bytes an entry, so the record of what
+/// was streamed costs about what that manifest costs decoded.
+const MAX_STREAMED_FILES: u64 = flip_wire::MAX_MANIFEST / 64;
 
 /// A release whose files are streaming before its manifest.
 pub(crate) struct Streaming {
@@ -44,9 +49,9 @@ impl Session {
             )
             .into());
         }
-        if files > MAX_ENTRIES as u64 {
+        if files > MAX_STREAMED_FILES {
             return Err(RelError::BadRequest(format!(
-                "{files} files announced, more than the limit of {MAX_ENTRIES}"
+                "{files} files announced, more than the limit of {MAX_STREAMED_FILES}"
             ))
             .into());
         }

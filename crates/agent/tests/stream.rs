@@ -321,3 +321,12 @@ fn streaming_into_a_target_with_a_live_release_is_refused() {
         .collect();
     assert_eq!(names, ["1"], "no staging left");
 }
+
+#[test]
+fn an_announcement_of_more_files_than_a_manifest_can_list_is_refused() {
+    refused_first(
+        start(1 << 40, 1),
+        ErrorClass::BadRequest,
+        "files announced, more than the limit",
+    );
+}
