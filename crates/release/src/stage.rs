@@ -269,14 +269,12 @@ impl<'r> Stage<'r> {
             level.par_iter().try_for_each(|e| {
                 let path = self.abs(&e.path);
                 match &e.kind {
-                    EntryKind::Dir { mode } => match std::fs::DirBuilder::new()
+                    // Made for a streamed file (its mode is set at commit).
+                    EntryKind::Dir { .. } if self.streamed_dir(&e.path) => Ok(()),
+                    EntryKind::Dir { mode } => std::fs::DirBuilder::new()
                         .mode(initial_dir_mode(*mode, umask))
                         .create(&path)
-                    {
-                        // Made for a streamed file.
-                        Err(err) if self.streamed_dir(&err, &e.path) => Ok(()),
-                        r => r.map_err(io("create", &path)),
-                    },
+                        .map_err(io("create", &path)),
                     EntryKind::Symlink { target } => std::os::unix::fs::symlink(target, &path)
                         .map_err(io("create the symlink", &path)),
                     EntryKind::File { .. } => Ok(()),

@@ -201,15 +201,14 @@ impl Stage<'_> {
         self.build_tree()
     }
 
-    /// Whether creating directory `rel` failed only because it was made for a streamed file.
-    pub(super) fn streamed_dir(&self, err: &std::io::Error, rel: &RelPath) -> bool {
-        err.kind() == std::io::ErrorKind::AlreadyExists
-            && self.streamed.as_ref().is_some_and(|s| {
-                s.dirs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains(rel)
-            })
+    /// Whether directory `rel` was made for a streamed file.
+    pub(super) fn streamed_dir(&self, rel: &RelPath) -> bool {
+        self.streamed.as_ref().is_some_and(|s| {
+            s.dirs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(rel)
+        })
     }
 
     /// The outcome of plan step `step` if its file was streamed: it must be that file exactly.
