@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Bytes of content read by the scan and not yet sent, at most (one file may exceed it alone).
-pub(crate) const QUEUE_BYTES: u64 = 32 << 20;
+pub(crate) const QUEUE_BYTES: u64 = 16 << 20;
 
 /// Trees smaller than this (files and bytes both) are not streamed: their scan ends before an
 /// early status could help.
