@@ -145,3 +145,43 @@ fn a_client_without_a_record_of_the_target_streams_nothing_into_a_live_one() {
         "only the changed file is sent: {log}"
     );
 }
+
+/// A scan that fails while files stream (a file its user cannot read, as `nobody`, sorted after
+/// hundreds of others) fails the deploy naming that file, and leaves nothing on the target: no
+/// release, no staging, not even the target the session created.
+#[test]
+fn a_scan_failing_while_files_stream_names_the_file_and_leaves_no_target() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fx::new();
+    let src = fx.src("src");
+    streamable(&src);
+    src.file("zz/unreadable.php", "secret", 0o000);
+    let home = fx.path("nobody-home");
+    std::fs::create_dir_all(&home).unwrap();
+    for p in [fx.path(""), src.p(""), home.clone()] {
+        let st = std::process::Command::new("chown")
+            .args(["-R", "65534:65534", s(&p)])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    std::fs::set_permissions(fx.path(""), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", FLIP])
+        .args(["deploy", src.s(), fx.root_str()])
+        .env("HOME", &home)
+        .env("XDG_CACHE_HOME", home.join(".cache"))
+        .output()
+        .expect("run setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("zz/unreadable.php") && stderr.contains("Permission denied"),
+        "{stderr}"
+    );
+    assert!(
+        !fx.root.exists(),
+        "the target the failed deploy created is gone: {:?}",
+        std::fs::read_dir(&fx.root).map(|d| d.map(|e| e.unwrap().path()).collect::<Vec<_>>())
+    );
+}
