@@ -33,6 +33,8 @@ pub(crate) enum How {
     Delta(RelPath),
     /// A zstd `--patch-from` frame against this basis, whose content has this digest.
     Patch(RelPath, Digest),
+    /// A file streamed before the manifest: its path and mode.
+    Stream(RelPath, u32),
 }
 
 enum Msg {
@@ -53,11 +55,23 @@ enum Msg {
     /// The session gives up on the open file `seq` (it failed elsewhere): report whether it
     /// had failed already, and drop it.
     Abandon { seq: u64 },
+    /// A file whose content is one chunk: `Start` and its last `Chunk` in one message (one
+    /// wake-up of the writer per small file).
+    Whole {
+        seq: u64,
+        index: usize,
+        how: How,
+        stage: Arc<Stage<'static>>,
+        data: Vec<u8>,
+        mtime: Mtime,
+    },
 }
 
 /// The bytes in flight, and a wait for room.
 struct Budget {
     used: Mutex<u64>,
+    /// The session waits for room (only then does a release wake it: no system call per chunk).
+    waiting: std::sync::atomic::AtomicBool,
     room: Condvar,
     /// Set when a writer died: nobody waits for room any more.
     broken: std::sync::atomic::AtomicBool,
@@ -70,7 +84,9 @@ impl Budget {
     fn acquire(&self, n: u64, exempt: u64) {
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
         while must_wait(*used, n, exempt) && !self.broken.load(Ordering::SeqCst) {
+            self.waiting.store(true, Ordering::SeqCst);
             used = self.room.wait(used).unwrap_or_else(|e| e.into_inner());
+            self.waiting.store(false, Ordering::SeqCst);
         }
         *used += n;
     }
@@ -84,7 +100,10 @@ impl Budget {
     fn release(&self, n: u64) {
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
         *used = used.saturating_sub(n);
-        self.room.notify_all();
+        // Set under the lock by the one waiter before it sleeps: never missed.
+        if self.waiting.load(Ordering::SeqCst) {
+            self.room.notify_all();
+        }
     }
 }
 
@@ -142,6 +161,7 @@ impl Pool {
         let shared = Arc::new(Shared {
             budget: Budget {
                 used: Mutex::new(0),
+                waiting: Default::default(),
                 room: Condvar::new(),
                 broken: Default::default(),
             },
@@ -237,6 +257,36 @@ impl Pool {
             worker,
             weight,
         });
+    }
+
+    /// [`Pool::start`] and the one [`Pool::chunk`] of a file whose content is `data`, in one
+    /// message.
+    pub(crate) fn whole(
+        &mut self,
+        stage: &Arc<Stage<'static>>,
+        index: usize,
+        how: How,
+        data: Vec<u8>,
+        mtime: Mtime,
+    ) {
+        debug_assert!(self.open.is_none());
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let worker = (0..self.workers.len())
+            .min_by_key(|&i| self.workers[i].queued.load(Ordering::SeqCst))
+            .expect("at least one writer");
+        self.outstanding += 1;
+        let bytes = data.len() as u64 + 2 * MSG_OVERHEAD;
+        let msg = Msg::Whole {
+            seq,
+            index,
+            how,
+            stage: stage.clone(),
+            data,
+            mtime,
+        };
+        self.send(worker, msg, bytes);
+        self.collect(false);
     }
 
     /// Hands the next chunk of the open file to its writer; `last` closes the file.
@@ -374,6 +424,17 @@ fn work(rx: Receiver<Msg>, shared: &Shared, done: &Sender<Done>, queued: &Atomic
                 mtime,
             } => w.chunk(seq, data, last, mtime),
             Msg::Abandon { seq } => w.abandon(seq),
+            Msg::Whole {
+                seq,
+                index,
+                how,
+                stage,
+                data,
+                mtime,
+            } => {
+                w.start(seq, index, how, stage, 0);
+                w.chunk(seq, data, true, mtime);
+            }
         }
         queued.fetch_sub(1, Ordering::SeqCst);
     }
@@ -422,6 +483,9 @@ impl WriterThread<'_> {
             How::Patch(b, d) => stage
                 .begin_patch(index, &b, &d)
                 .map(|p| Writer::Patch(Box::new(p))),
+            How::Stream(p, mode) => stage
+                .begin_streamed(&p, mode)
+                .map(|f| Writer::Literal(Box::new(f))),
         };
         match w {
             Ok(writer) => {

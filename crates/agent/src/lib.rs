@@ -97,6 +97,7 @@ mod apply;
 pub mod doctor;
 mod hooks;
 mod shared;
+mod stream;
 
 use apply::{How, Pool};
 use std::sync::Arc;
@@ -164,6 +165,8 @@ struct Session {
     deploying: bool,
     /// The live release's intact check, started at a deploy's `Status` ([`Speculation`]).
     speculation: Option<Speculation>,
+    /// A first deploy's files streaming before its manifest ([`Request::StreamStart`]).
+    streaming: Option<stream::Streaming>,
 }
 
 /// The live release's intact check ([`Root::live_intact`] against its own recorded digest),
@@ -253,6 +256,7 @@ pub fn serve_with(
         bye: false,
         deploying: false,
         speculation: None,
+        streaming: None,
     };
     let r = s.run(&mut rx, &mut tx);
     // Teardown, on every path: the staging directory goes first, then a target this session
@@ -261,6 +265,7 @@ pub fn serve_with(
     s.incoming = None;
     s.pool = None;
     s.stage = None;
+    s.streaming = None;
     s.discard_abandoned();
     let lock = s.lock.take();
     match (s.created.take(), lock, s.root) {
@@ -408,6 +413,8 @@ fn expects_answer(req: &Request) -> bool {
             | Request::Literal { .. }
             | Request::Delta { .. }
             | Request::Patch { .. }
+            | Request::StreamStart { .. }
+            | Request::Stream { .. }
     )
 }
 
@@ -555,7 +562,7 @@ impl Session {
             let req: Request = match rx.recv() {
                 Ok(r) => r,
                 Err(WireError::Closed) => {
-                    if self.stage.is_some() {
+                    if self.stage.is_some() || self.streaming.is_some() {
                         return Err(AgentError::Protocol(CLIENT_GONE.into()));
                     }
                     return Ok(());
@@ -824,6 +831,20 @@ impl Session {
             } => self.set_shared(dirs, files, writable, mode, owner)?,
             // Read-only and without the lock: a running deploy is reported, never waited for.
             Request::Doctor => doctor::answer(&self.root_path)?,
+            Request::StreamStart { files, bytes } => {
+                self.stream_start(files, bytes)?;
+                return Ok(None);
+            }
+            Request::Stream {
+                path,
+                mode,
+                mtime,
+                data,
+                last,
+            } => {
+                self.stream(path, mode, mtime, data, last)?;
+                return Ok(None);
+            }
             Request::Hook {
                 release,
                 run,
@@ -930,6 +951,7 @@ impl Session {
         self.log(serde_json::json!({
             "time": now(), "event": "staged", "release": info.id,
             "label": info.label, "files": info.files, "written": stats.written,
+            "streamed": stats.streamed,
             "hashed": stats.hashed, "bases_dropped": stats.bases_dropped,
         }));
         Ok(Response::Committed { id: info.id })
@@ -1200,7 +1222,11 @@ impl Session {
             Some(settings) => Some(settings.commit_for(&manifest)?),
             None => None,
         };
-        let mut stage = root.stage_after(self.locked()?, manifest, label, live_manifest)?;
+        let mut stage = match self.streaming.take() {
+            // A first deploy whose files came ahead: they must be this manifest's.
+            Some(streamed) => self.adopt_streamed(streamed, manifest, label, &base)?,
+            None => root.stage_after(self.locked()?, manifest, label, live_manifest)?,
+        };
         if let Some(c) = commit {
             stage.set_shared(c)?;
         }
@@ -1402,12 +1428,26 @@ pub const SPACE_MARGIN: u64 = 64 << 20;
 /// ([`SPACE_MARGIN`]), does not fit in the space available (to this user) on the filesystem
 /// holding `root`: refused before any content is sent rather than at the first full write.
 fn check_space(root: &Path, stage: &Stage) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
     let files = &stage.plan().files;
     let need = stage
         .needs()
         .iter()
         .fold(0u64, |n, &i| n.saturating_add(files[i].size));
+    check_free(root, need, || {
+        stage
+            .needs()
+            .iter()
+            .max_by_key(|&&i| files[i].size)
+            .map(|&i| format!("{}, {} bytes", files[i].path, files[i].size))
+            .unwrap_or_default()
+    })
+}
+
+/// Refuses `need` bytes of new content that do not fit in the free space of the filesystem of
+/// `root` (keeping [`SPACE_MARGIN`], at most 5% of it, in reserve); `largest` names the
+/// largest file for the error.
+fn check_free(root: &Path, need: u64, largest: impl FnOnce() -> String) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
     let Ok(c) = std::ffi::CString::new(root.as_os_str().as_bytes()) else {
         return Ok(());
     };
@@ -1422,14 +1462,8 @@ fn check_space(root: &Path, stage: &Stage) -> Result<()> {
     let total = (st.f_blocks as u64).saturating_mul(st.f_frsize as u64);
     let margin = SPACE_MARGIN.min(total / 20);
     if need.saturating_add(margin) > free {
-        let largest = stage
-            .needs()
-            .iter()
-            .max_by_key(|&&i| files[i].size)
-            .map(|&i| format!("{}, {} bytes", files[i].path, files[i].size))
-            .unwrap_or_default();
         return Err(RelError::NotEnoughSpace {
-            largest,
+            largest: largest(),
             need,
             free,
             margin,

@@ -21,6 +21,7 @@
 
 mod env;
 mod hooks;
+mod stream;
 mod target;
 
 pub use env::{label_rows, switch, LabelRow, SwitchOutcome, SwitchPlan};
@@ -351,10 +352,27 @@ pub fn deploy(
     // Phase 1 on every target (connect and lock, describe, stage, send, commit), its
     // connections opened while the source is scanned, once for all of them.
     let scanned = Arc::new(Shared::new());
-    let workers = phase1(o, &source, targets, &caches, &scanned, events.clone());
+    // One target this client never made a release live on: the scan may stream into it.
+    let (feed, drain) = match targets {
+        [t] if o.shared.is_empty() && caches.last_live(&t.display()).is_none() => {
+            let (f, d) = stream::queue();
+            (Some(f), Some(d))
+        }
+        _ => (None, None),
+    };
+    let drain = Arc::new(Mutex::new(drain));
+    let workers = phase1(
+        o,
+        &source,
+        targets,
+        &caches,
+        &scanned,
+        events.clone(),
+        drain,
+    );
     let meter = flip_scan::ScanMeter::default();
     events.scanning(&meter);
-    let scan = scan_source(&source, o, meter);
+    let scan = scan_source(&source, o, meter, feed);
     events.scanned();
     let scan = scan.inspect_err(|_| workers.abandon_after(&scanned))?;
     let scan = Arc::new(scan);
@@ -603,6 +621,7 @@ fn scan_source(
     source: &Path,
     o: &Options,
     meter: flip_scan::ScanMeter,
+    feed: Option<stream::Feed>,
 ) -> Result<flip_scan::ScanOutput, DeployError> {
     let hash_cache = o.cache_dir.as_ref().map(|d| {
         let key = blake3::hash(source.as_os_str().as_encoded_bytes()).to_hex();
@@ -611,15 +630,19 @@ fn scan_source(
     if let Some(p) = hash_cache.as_ref().and_then(|p| p.parent()) {
         let _ = std::fs::create_dir_all(p);
     }
-    let scan = flip_scan::scan(
-        source,
-        &flip_scan::ScanOptions {
-            excludes: o.excludes.clone(),
-            use_flipignore: o.flipignore,
-            hash_cache,
-            meter,
-        },
-    )?;
+    let opts = flip_scan::ScanOptions {
+        excludes: o.excludes.clone(),
+        use_flipignore: o.flipignore,
+        hash_cache,
+        meter,
+    };
+    let scan = match &feed {
+        Some(f) => flip_scan::scan_streaming(source, &opts, f),
+        None => flip_scan::scan(source, &opts),
+    };
+    // The scan ended: its sender sends what is queued, then the manifest.
+    drop(feed);
+    let scan = scan?;
     release_free_memory();
     Ok(scan)
 }
@@ -791,6 +814,7 @@ fn phase1(
     caches: &Arc<Caches>,
     scanned: &Arc<Shared<Arc<flip_scan::ScanOutput>>>,
     events: Arc<dyn Events>,
+    drain: Arc<Mutex<Option<stream::Drain>>>,
 ) -> Workers {
     let n = targets.len();
     let width = if o.parallel == 0 {
@@ -811,11 +835,13 @@ fn phase1(
             let (o, source, targets) = (o.clone(), source.to_path_buf(), targets.to_vec());
             let (caches, scanned, events) = (caches.clone(), scanned.clone(), events.clone());
             let (next, results, failed) = (next.clone(), results.clone(), failed.clone());
+            let drain = drain.clone();
             std::thread::spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(t) = targets.get(i) else { return };
+                let drain = drain.lock().unwrap_or_else(|e| e.into_inner()).take();
                 let r = prepare(
-                    i, t, &o, &source, &caches, &scanned, &*events, &failed, single,
+                    i, t, &o, &source, &caches, &scanned, &*events, &failed, single, drain,
                 );
                 if r.is_err() {
                     failed.store(true, Ordering::SeqCst);
@@ -847,20 +873,47 @@ fn prepare(
     events: &dyn Events,
     failed: &AtomicBool,
     single: bool,
+    drain: Option<stream::Drain>,
 ) -> Result<Host, Failed> {
     // Lock (and shared paths) go out at once; their answers are read with the status's, after
     // the scan: one round trip for all of them.
     let mut host = Host::connect_and_lock(index, target, o, events)?;
     events.phase(index, Phase::Scanning);
+    // Nothing live (the status read while the scan goes on): the files as the scan reads them.
+    let early = match drain {
+        Some(d) => stream::stream_first(
+            &mut host,
+            d,
+            &mut |h| events.waiting(index, h),
+            caches.content(),
+        )?,
+        None => None,
+    };
+    let streamed = early.as_ref().and_then(|e| e.streamed);
     let Some(scan) = scanned.wait() else {
         return Err(host.fail(DeployError::Aborted {
             target: target.display(),
             why: "the scan of the source failed".into(),
         }));
     };
-    let checked = host
-        .pipelined_status(&scan.manifest, o, index, events, caches, single)
-        .map_err(|e| host.fail(e))?;
+    let checked = match early {
+        Some(e) if e.streamed.is_some() => PipelinedStatus {
+            current: e.status.0,
+            live: None,
+            intact: None,
+        },
+        early => host
+            .pipelined_status(
+                &scan.manifest,
+                o,
+                index,
+                events,
+                caches,
+                single,
+                early.map(|e| e.status),
+            )
+            .map_err(|e| host.fail(e))?,
+    };
     // With shared paths, the release and what is staged (seeds included) follow from the scan
     // and what this target's shared/ has.
     let applied = match o.shared.is_empty() {
@@ -889,6 +942,9 @@ fn prepare(
             host.session.defer_commit();
         }
         host.stage_send_commit(source, staged, live, caches, o)?;
+        if let (Some(r), Some(x)) = (host.report.as_mut(), streamed) {
+            stream::account(r, x);
+        }
         if single {
             // Nothing comes between commit and activation: all in the content's round trip.
             let s = &mut host.session;
@@ -976,7 +1032,9 @@ impl Host {
     /// After the scan, in one round trip with the lock, status (and shared paths) queued at
     /// connect time: `CheckLive` for the release the scan most likely makes (with shared paths: as if
     /// `shared/` had them all). Reads every answer: sets what `shared/` has, returns the live
-    /// release's id and manifest digest, and the digest checked with the answer.
+    /// release's id and manifest digest, and the digest checked with the answer. `early`: the
+    /// lock's and status's answers, when read already (while the scan went on).
+    #[allow(clippy::too_many_arguments)]
     fn pipelined_status(
         &mut self,
         scanned: &Manifest,
@@ -985,6 +1043,7 @@ impl Host {
         events: &dyn Events,
         caches: &Caches,
         single: bool,
+        early: Option<(Option<u64>, Vec<ReleaseSummary>)>,
     ) -> Result<PipelinedStatus, DeployError> {
         let cold = caches.likely_cold();
         let applied = match o.shared.is_empty() {
@@ -1025,8 +1084,13 @@ impl Host {
         if let Some(live) = expected {
             s.stage_ahead(scanned, &live, o.label.clone(), o.itemize)?;
         }
-        s.locked(&mut |h| events.waiting(index, h))?;
-        let (current, releases) = s.status_answer()?;
+        let (current, releases) = match early {
+            Some(status) => status,
+            None => {
+                s.locked(&mut |h| events.waiting(index, h))?;
+                s.status_answer()?
+            }
+        };
         self.previous = current;
         if !o.shared.is_empty() {
             self.present = self.session.shared_answer()?;

@@ -36,6 +36,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+mod streamed;
+
 /// The permission bits flip deploys and verifies (all 12: rwx for user, group and other,
 /// setuid, setgid, sticky).
 const MODE_MASK: u32 = flip_manifest::MODE_MASK;
@@ -61,6 +63,8 @@ pub struct StageStats {
     pub bases_dropped: u64,
     /// Files written from client data (literal or delta).
     pub written: u64,
+    /// Of those, files streamed before the manifest (a first deploy sending while it hashes).
+    pub streamed: u64,
 }
 
 /// A release being built in a hidden staging directory under the root: see [`Root::stage`].
@@ -86,6 +90,8 @@ pub struct Stage<'r> {
     committed: bool,
     /// Seeds to move into `shared/` and writable directories, at commit.
     shared: Option<crate::SharedCommit>,
+    /// A first deploy's files streamed before the manifest (see `streamed.rs`).
+    streamed: Option<Box<streamed::Streamed>>,
 }
 
 /// The part of a stage that files being written (possibly on several threads at once) update.
@@ -103,6 +109,8 @@ struct Progress {
 enum Outcome {
     Linked(FileStamp),
     Copied(FileStamp),
+    /// Streamed before the manifest, and found to be its file.
+    Streamed(FileStamp),
     /// The content must come from the client; `basis_ok`: the plan's delta basis (if any) was
     /// found intact.
     Transfer {
@@ -177,6 +185,7 @@ impl Root {
             stats: StageStats::default(),
             committed: false,
             shared: None,
+            streamed: None,
         };
         stage.build_tree()?;
         crate::fault_point("after-stage");
@@ -252,12 +261,16 @@ impl<'r> Stage<'r> {
     /// Directories and symlinks (one level of depth at a time, each level in parallel), then
     /// links and copies in parallel.
     fn build_tree(&mut self) -> Result<()> {
-        fsutil::create_dir(&self.dir)?;
+        if self.streamed.is_none() {
+            fsutil::create_dir(&self.dir)?;
+        }
         let umask = fsutil::umask();
         for level in by_depth(self.manifest.entries()) {
             level.par_iter().try_for_each(|e| {
                 let path = self.abs(&e.path);
                 match &e.kind {
+                    // Made for a streamed file (its mode is set at commit).
+                    EntryKind::Dir { .. } if self.streamed_dir(&e.path) => Ok(()),
                     EntryKind::Dir { mode } => std::fs::DirBuilder::new()
                         .mode(initial_dir_mode(*mode, umask))
                         .create(&path)
@@ -277,6 +290,9 @@ impl<'r> Stage<'r> {
             .par_iter()
             .map(|step| {
                 crate::check_abandoned()?;
+                if let Some(streamed) = self.streamed_outcome(step)? {
+                    return Ok(streamed);
+                }
                 match (&step.source, &prev_dir) {
                     (Source::Link(from), Some(pd)) => match PrevFile::reach(pd, from, walk) {
                         Some(src) => self.link(step, from, &src, &hashed),
@@ -307,6 +323,7 @@ impl<'r> Stage<'r> {
                     self.stats.copied += 1;
                     progress.stamps[i] = Some(st);
                 }
+                Outcome::Streamed(st) => progress.stamps[i] = Some(st),
                 Outcome::Transfer { basis_ok } => {
                     match &self.plan.files[i].source {
                         Source::Transfer { basis: Some(b) } if basis_ok => {
@@ -321,7 +338,7 @@ impl<'r> Stage<'r> {
             }
         }
         progress.pending = self.needs.iter().copied().collect();
-        Ok(())
+        self.check_streamed_all_listed()
     }
 
     /// The committed stamp of file `path` of the previous release, if known.
@@ -513,7 +530,10 @@ impl<'r> Stage<'r> {
     ///
     /// # Errors
     /// [`Error::Integrity`] when the size or blake3 differs from the manifest, or an I/O error.
-    pub fn finish_file(&self, w: FileWriter, mtime: Option<(i64, u32)>) -> Result<()> {
+    pub fn finish_file(&self, mut w: FileWriter, mtime: Option<(i64, u32)>) -> Result<()> {
+        if let Some((rel, mode)) = w.streamed.take() {
+            return self.finish_streamed(w, rel, mode, mtime);
+        }
         let index = w.index;
         if !self.progress().writing.contains(&index) {
             return Err(Error::BadRequest(format!(
@@ -1324,6 +1344,8 @@ pub struct FileWriter {
     hasher: blake3::Hasher,
     written: u64,
     limit: u64,
+    /// A file streamed before the manifest: its path in the release and mode.
+    streamed: Option<(RelPath, u32)>,
 }
 
 impl FileWriter {
@@ -1334,7 +1356,9 @@ impl FileWriter {
                 .read(true)
                 .write(true)
                 .create_new(true)
-                .mode(0o600)
+                // Its final permission bits (but the special ones) from the start: `close`
+                // then needs no chmod unless the umask took some away.
+                .mode(step.mode & 0o777)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC),
             path,
         )?;
@@ -1345,6 +1369,7 @@ impl FileWriter {
             hasher: blake3::Hasher::new(),
             written: 0,
             limit: step.size,
+            streamed: None,
         })
     }
 
@@ -1422,9 +1447,6 @@ impl FileWriter {
     /// Gives the file its mode (all 12 bits, checked: the kernel may drop some) and mtime;
     /// returns its stamp.
     fn close(self, mode: u32, mtime: Option<(i64, u32)>) -> Result<FileStamp> {
-        self.file
-            .set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io("chmod", &self.path))?;
         if let Some((secs, nanos)) = mtime {
             let ts = libc::timespec {
                 tv_sec: secs as libc::time_t,
@@ -1438,7 +1460,15 @@ impl FileWriter {
                 ));
             }
         }
-        let m = self.file.metadata().map_err(io("inspect", &self.path))?;
+        let mut m = self.file.metadata().map_err(io("inspect", &self.path))?;
+        // Created with its permission bits: a chmod only when the umask dropped some or
+        // special bits are wanted (then the identity is read again: the chmod moved ctime).
+        if m.mode() & MODE_MASK != mode {
+            self.file
+                .set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(io("chmod", &self.path))?;
+            m = self.file.metadata().map_err(io("inspect", &self.path))?;
+        }
         check_mode(&self.path, mode, m.mode() & MODE_MASK)?;
         Ok(FileStamp::of(&m))
     }

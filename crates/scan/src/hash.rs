@@ -45,7 +45,17 @@ pub(crate) fn open(path: &Path, nofollow: bool) -> io::Result<File> {
 
 /// Hashes an open file whose `fstat` is `meta`. The size returned is the number of bytes
 /// actually hashed, which can differ from `meta.len()` if the file changed in between.
-pub(crate) fn hash_open_file(mut file: &File, meta: &Metadata) -> io::Result<(u64, Digest)> {
+pub(crate) fn hash_open_file(file: &File, meta: &Metadata) -> io::Result<(u64, Digest)> {
+    hash_open_file_keep(file, meta, false).map(|(n, d, _)| (n, d))
+}
+
+/// [`hash_open_file`], returning with `keep` the content hashed of a file read whole (up to
+/// [`BIG_FILE`]; `None` for one read in pieces).
+pub(crate) fn hash_open_file_keep(
+    mut file: &File,
+    meta: &Metadata,
+    keep: bool,
+) -> io::Result<(u64, Digest, Option<Vec<u8>>)> {
     if !meta.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -72,11 +82,43 @@ pub(crate) fn hash_open_file(mut file: &File, meta: &Metadata) -> io::Result<(u6
             hasher.update_rayon(&piece[..n]);
             total += n as u64;
         }
-        Ok((total, hasher.finalize().into()))
+        Ok((total, hasher.finalize().into(), None))
     } else {
         // One spare byte so that reading to EOF does not reallocate.
         let mut buf = Vec::with_capacity(meta.len() as usize + 1);
-        file.read_to_end(&mut buf)?;
-        Ok((buf.len() as u64, Digest::of(&buf)))
+        // Through `Take`: `File`'s own read_to_end asks fstat and lseek for a size hint, two
+        // system calls per file the reservation above makes useless.
+        Read::take(file, u64::MAX).read_to_end(&mut buf)?;
+        let hashed = (buf.len() as u64, Digest::of(&buf));
+        Ok((hashed.0, hashed.1, keep.then_some(buf)))
     }
+}
+
+/// Hashes a file above [`BIG_FILE`] whose `fstat` is `meta`, read in [`PIECE`]-sized pieces (at
+/// most `meta.len()` bytes: what grows meanwhile is left for the next scan), handing each piece
+/// to `each` with whether it is the last (an empty last piece for a file found empty). Returns
+/// the bytes hashed and their digest.
+pub(crate) fn hash_big_pieces(
+    file: &File,
+    meta: &Metadata,
+    each: &mut dyn FnMut(Vec<u8>, bool),
+) -> io::Result<(u64, Digest)> {
+    let mut hasher = blake3::Hasher::new();
+    let mut input = Read::take(file, meta.len());
+    let mut held: Option<Vec<u8>> = None;
+    let mut total = 0u64;
+    loop {
+        let mut piece = Vec::with_capacity(PIECE);
+        (&mut input).take(PIECE as u64).read_to_end(&mut piece)?;
+        if piece.is_empty() {
+            break;
+        }
+        hasher.update_rayon(&piece);
+        total += piece.len() as u64;
+        if let Some(prev) = held.replace(piece) {
+            each(prev, false);
+        }
+    }
+    each(held.unwrap_or_default(), true);
+    Ok((total, hasher.finalize().into()))
 }

@@ -49,7 +49,10 @@
 mod cache;
 mod fsutil;
 mod hash;
+mod sink;
 mod walk;
+
+pub use sink::ContentSink;
 
 pub use hash::{hash_file, BIG_FILE};
 
@@ -219,11 +222,35 @@ pub enum ScanError {
 /// [`ScanError`]: `root` missing or not a directory, an unreadable entry, a name flip cannot
 /// deploy, a bad exclude pattern, a file that changed type during the scan.
 pub fn scan(root: &Path, opts: &ScanOptions) -> Result<ScanOutput, ScanError> {
-    scan_at(root, opts, SystemTime::now())
+    scan_with(root, opts, SystemTime::now(), None)
+}
+
+/// [`scan`] that hands `sink` the content it reads as it goes (see [`ContentSink`]): a first
+/// deploy sends while it hashes.
+///
+/// # Errors
+/// As [`scan`].
+pub fn scan_streaming(
+    root: &Path,
+    opts: &ScanOptions,
+    sink: &dyn ContentSink,
+) -> Result<ScanOutput, ScanError> {
+    scan_with(root, opts, SystemTime::now(), Some(sink))
 }
 
 /// [`scan`] with the scan start time (for the racy-git rule) given, so tests need not sleep.
+#[cfg(test)]
 fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOutput, ScanError> {
+    scan_with(root, opts, start, None)
+}
+
+/// [`scan`] at `start`, handing what it reads to `sink`.
+fn scan_with(
+    root: &Path,
+    opts: &ScanOptions,
+    start: SystemTime,
+    sink: Option<&dyn ContentSink>,
+) -> Result<ScanOutput, ScanError> {
     let start_ns = start
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i128);
@@ -245,16 +272,35 @@ fn scan_at(root: &Path, opts: &ScanOptions, start: SystemTime) -> Result<ScanOut
     warnings.extend(walked.warnings);
     let mut stats = ScanStats::default();
     let mut batches = walked.files;
+    if let Some(sink) = sink {
+        let all = batches.iter().flatten();
+        let bytes = all.clone().fold(0u64, |n, f| n.saturating_add(f.key.size));
+        sink.walked(all.count() as u64, bytes);
+    }
 
-    // Phase 2: hash (in place: each file's key becomes that of what was read).
-    let hashed: Vec<Option<Hashed>> = batches
+    // Phase 2: hash (in place: each file's key becomes that of what was read). With a sink,
+    // files above BIG_FILE come after the others, one at a time (their pieces in order).
+    let big: Vec<bool> = batches
+        .iter()
+        .flatten()
+        .map(|f| sink.is_some() && f.key.size > hash::BIG_FILE)
+        .collect();
+    let mut hashed: Vec<Option<Hashed>> = batches
         .par_iter_mut()
         .flat_map(|b| b.par_iter_mut())
         .map(|f| {
             opts.meter.add(f.key.size);
-            hash_one(root, cache.as_ref(), start_ns, f)
+            // The same test as `big` (`f` is not changed before this).
+            match sink.is_some() && f.key.size > hash::BIG_FILE {
+                true => Ok(None),
+                false => hash_one(root, cache.as_ref(), start_ns, f, sink),
+            }
         })
         .collect::<Result<_, _>>()?;
+    let files = batches.iter_mut().flatten();
+    for ((f, h), _) in files.zip(&mut hashed).zip(&big).filter(|(_, &b)| b) {
+        *h = hash_one(root, cache.as_ref(), start_ns, f, sink)?;
+    }
     count_files(root, &batches, &hashed, &mut stats, &mut warnings);
 
     // Phase 3: rewrite the hash cache (unless it already says exactly this), then let it go.
@@ -408,8 +454,10 @@ fn hash_one(
     cache: Option<&Cache>,
     start_ns: i128,
     f: &mut walk::FileNode,
+    sink: Option<&dyn ContentSink>,
 ) -> Result<Option<Hashed>, ScanError> {
-    if !f.key.is_racy(start_ns) {
+    // A sink sends what is read: the file is read anyway (the cache would save nothing).
+    if sink.is_none() && !f.key.is_racy(start_ns) {
         if let Some(digest) = cache.and_then(|c| c.get(f.rel.as_str(), &f.key)) {
             return Ok(Some(Hashed {
                 digest,
@@ -447,7 +495,16 @@ fn hash_one(
             what: "stopped being a regular file",
         });
     }
-    let (size, digest) = hash::hash_open_file(&file, &meta).map_err(|source| ScanError::Io {
+    let mode = meta.mode() & flip_manifest::MODE_MASK;
+    let mtime = (meta.mtime(), meta.mtime_nsec() as u32);
+    let read = match sink {
+        Some(sink) if meta.len() > hash::BIG_FILE => {
+            let mut each = |data, last| sink.piece(&f.rel, mode, mtime, meta.len(), data, last);
+            hash::hash_big_pieces(&file, &meta, &mut each).map(|(n, d)| (n, d, None))
+        }
+        _ => hash::hash_open_file_keep(&file, &meta, sink.is_some()),
+    };
+    let (size, digest, content) = read.map_err(|source| ScanError::Io {
         op: "read",
         path: path.clone(),
         source,
@@ -458,7 +515,11 @@ fn hash_one(
     let cacheable = size == key.size && !key.is_racy(start_ns);
     key.size = size;
     f.key = key;
-    f.mode = meta.mode() & flip_manifest::MODE_MASK;
+    f.mode = mode;
+    if let (Some(sink), Some(data)) = (sink, content) {
+        // Exactly the bytes hashed (whatever the file holds by now): the manifest says them.
+        sink.file(&f.rel, f.mode, mtime, &digest, data);
+    }
     Ok(Some(Hashed {
         digest,
         hit: false,

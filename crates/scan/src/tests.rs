@@ -654,3 +654,112 @@ fn the_scan_meter_counts_each_file_and_its_bytes() {
         assert_eq!(out.stats.files, 3);
     }
 }
+
+/// A file handed on: path, mode, digest, content.
+type Handed = (RelPath, u32, Digest, Vec<u8>);
+
+/// Collects what a streaming scan hands on.
+#[derive(Default)]
+struct Collect {
+    walked: std::sync::Mutex<Option<(u64, u64)>>,
+    files: std::sync::Mutex<Vec<Handed>>,
+    /// Big files: path, content so far, closed.
+    pieces: std::sync::Mutex<Vec<(RelPath, Vec<u8>, bool)>>,
+}
+
+impl ContentSink for Collect {
+    fn walked(&self, files: u64, bytes: u64) {
+        *self.walked.lock().unwrap() = Some((files, bytes));
+    }
+    fn file(&self, rel: &RelPath, mode: u32, _mtime: (i64, u32), digest: &Digest, data: Vec<u8>) {
+        self.files
+            .lock()
+            .unwrap()
+            .push((rel.clone(), mode, *digest, data));
+    }
+    fn piece(&self, rel: &RelPath, _: u32, _: (i64, u32), size: u64, data: Vec<u8>, last: bool) {
+        let mut p = self.pieces.lock().unwrap();
+        assert!(
+            p.iter().all(|(r, _, done)| *done || r == rel),
+            "pieces interleaved"
+        );
+        match p.last_mut() {
+            Some((r, got, false)) if r == rel => got.extend_from_slice(&data),
+            _ => p.push((rel.clone(), data, false)),
+        }
+        let f = p.last_mut().unwrap();
+        assert!(f.1.len() as u64 <= size);
+        f.2 = last;
+    }
+}
+
+#[test]
+fn a_sink_gets_a_big_file_in_order_after_the_others_exactly_as_hashed() {
+    let t = tempfile::tempdir().unwrap();
+    let r = t.path();
+    let big: Vec<u8> = (0..(BIG_FILE as usize + 3_000_001))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    write(r, "a/big", &big);
+    write(r, "b/small", b"small");
+    let sink = Collect::default();
+    let out = scan_with(r, &ScanOptions::default(), later(), Some(&sink)).unwrap();
+    let pieces = sink.pieces.into_inner().unwrap();
+    assert_eq!(pieces.len(), 1);
+    let (rel, got, last) = &pieces[0];
+    assert_eq!((rel.as_str(), *last), ("a/big", true));
+    assert!(got == &big, "the pieces are the file, in order");
+    assert_eq!(
+        out.manifest.get(rel),
+        Some(&EntryKind::File {
+            mode: fs::metadata(r.join("a/big")).unwrap().permissions().mode() & 0o7777,
+            size: big.len() as u64,
+            digest: Digest::of(&big)
+        })
+    );
+    assert_eq!(
+        sink.files.into_inner().unwrap().len(),
+        1,
+        "the small file whole"
+    );
+}
+
+#[test]
+fn a_sink_gets_exactly_the_bytes_the_manifest_records_even_for_cached_files() {
+    let t = tempfile::tempdir().unwrap();
+    let r = t.path().join("src");
+    for i in 0..40 {
+        write(&r, &format!("d{}/f{i}", i % 4), &vec![i as u8; i * 31]);
+    }
+    chmod(&r.join("d1/f1"), 0o4750);
+    symlink("d0", r.join("link")).unwrap();
+    let cache = t.path().join("hashes");
+    let opts = ScanOptions {
+        hash_cache: Some(cache),
+        ..Default::default()
+    };
+    // A first scan fills the hash cache; the streaming one still reads (and hands on) every file.
+    scan_at(&r, &opts, later()).unwrap();
+    let sink = Collect::default();
+    let out = scan_with(&r, &opts, later(), Some(&sink)).unwrap();
+    let files = sink.files.into_inner().unwrap();
+    assert_eq!(files.len(), out.manifest.file_count());
+    let bytes: u64 = files.iter().map(|f| f.3.len() as u64).sum();
+    assert_eq!(sink.walked.into_inner().unwrap(), Some((40, bytes)));
+    for (rel, mode, digest, data) in files {
+        assert_eq!(
+            Digest::of(&data),
+            digest,
+            "{rel}: the bytes handed on are the ones hashed"
+        );
+        assert_eq!(
+            out.manifest.get(&rel),
+            Some(&EntryKind::File {
+                mode,
+                size: data.len() as u64,
+                digest
+            }),
+            "{rel}: the manifest records what was handed on"
+        );
+    }
+}

@@ -12,6 +12,7 @@
 
 mod cache;
 mod content;
+mod stream;
 
 pub use cache::{ContentCache, ManifestCache, CONTENT_MAX_FILE};
 pub use content::{local_delta, patch, DELTA_WINDOW, PATCH_MAX};

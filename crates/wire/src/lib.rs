@@ -56,7 +56,7 @@ use flip_manifest::{Digest, RelPath};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 8;
+pub const PROTOCOL: u32 = 9;
 /// The first bytes of [`Request::Hello`]: this is flip.
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
@@ -421,6 +421,32 @@ pub enum Request {
         env: Vec<String>,
         /// Least time the agent waits for the next request after this one, in milliseconds.
         wait_ms: u64,
+    },
+    /// A first deploy that sends while it hashes (nothing live on the target): at most `files`
+    /// files of at most `bytes` bytes in all follow in [`Request::Stream`] frames, before the
+    /// `Stage` (whole manifest) that must list each of them exactly (path, mode, size,
+    /// blake3). The agent starts a staging directory and checks the free space for `bytes`.
+    /// Not answered (its failure is the answer to the next request that is).
+    StreamStart {
+        /// Most files that follow.
+        files: u64,
+        /// Most bytes of content that follow, all files together.
+        bytes: u64,
+    },
+    /// Content of a file streamed before its manifest (after [`Request::StreamStart`]), in
+    /// order; `last` closes it. Not answered.
+    Stream {
+        /// The file's path in the release.
+        path: RelPath,
+        /// Its permission bits (within 07777).
+        mode: u32,
+        /// The file's modification time, `(seconds, nanoseconds)`, if it is to be set.
+        mtime: Mtime,
+        /// The next piece of content, at most [`CHUNK`] bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        /// This piece closes the file.
+        last: bool,
     },
 }
 

@@ -21,7 +21,7 @@ fn path() -> RelPath {
 #[test]
 fn protocol_version_matches_the_pinned_tags() {
     assert_eq!(
-        PROTOCOL, 8,
+        PROTOCOL, 9,
         "a protocol bump must re-check the tag tables below"
     );
 }
@@ -125,6 +125,17 @@ fn request_tags_are_pinned() {
                 wait_ms: 0,
             },
             22,
+        ),
+        (Request::StreamStart { files: 0, bytes: 0 }, 23),
+        (
+            Request::Stream {
+                path: path(),
+                mode: 0o644,
+                mtime: None,
+                data: vec![],
+                last: true,
+            },
+            24,
         ),
     ];
     for (req, want) in &cases {

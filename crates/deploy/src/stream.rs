@@ -1,0 +1,320 @@
+//! A first deploy that sends while it hashes.
+//!
+//! When one target (no shared paths) is deployed by a client that never made a release live
+//! there, the scan hands every file it reads whole ([`flip_scan::ContentSink`]) to a bounded
+//! queue ([`QUEUE_BYTES`]), and the target's worker, once the status (read while the scan
+//! goes on) says nothing is live, streams them to the agent as they come: each file read once,
+//! hashed and sent from the same buffer. The manifest follows in the usual `Stage`; what was not
+//! streamed (files the hash cache answered for, files above [`flip_scan::BIG_FILE`]) is what the
+//! agent then needs, sent as usual. When something is live after all, the queue is dropped and
+//! the deploy goes on as any other (the status was read early: one round trip more when the
+//! scan had ended by then).
+
+use crate::{DeployError, Failed, Host};
+use flip_manifest::{Digest, RelPath};
+use flip_transfer::ContentCache;
+use flip_wire::ReleaseSummary;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Bytes of content read by the scan and not yet sent, at most (one file may exceed it alone).
+pub(crate) const QUEUE_BYTES: u64 = 16 << 20;
+
+/// Trees smaller than this (files and bytes both) are not streamed: their scan ends before an
+/// early status could help.
+const MIN_FILES: u64 = 256;
+const MIN_BYTES: u64 = 4 << 20;
+
+enum Item {
+    Walked {
+        files: u64,
+        bytes: u64,
+    },
+    File {
+        rel: RelPath,
+        mode: u32,
+        mtime: (i64, u32),
+        digest: Digest,
+        data: Vec<u8>,
+    },
+    /// A piece of a file larger than the scan reads whole.
+    Piece {
+        rel: RelPath,
+        mode: u32,
+        mtime: (i64, u32),
+        data: Vec<u8>,
+        last: bool,
+    },
+}
+
+impl Item {
+    fn bytes(&self) -> u64 {
+        match self {
+            Item::Walked { .. } => 0,
+            Item::File { data, .. } | Item::Piece { data, .. } => data.len() as u64,
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    items: VecDeque<Item>,
+    bytes: u64,
+    /// The scan ended (the feed was dropped).
+    done: bool,
+    /// The sender gave up (or does not stream): the scan hands nothing more on.
+    dropped: bool,
+    /// What the walk announced and is left of it: a file read beyond it is not streamed.
+    left: Option<(u64, u64)>,
+    /// Scan threads waiting for room, and whether the sender waits for an item (a wake-up
+    /// only then: no system call per file).
+    producers_waiting: usize,
+    consumer_waiting: bool,
+    /// The big file whose pieces are coming: whether it streams (it fit in what was left).
+    big: Option<bool>,
+}
+
+#[derive(Default)]
+struct Queue {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The scan's end of the queue; dropped when the scan ends.
+pub(crate) struct Feed(Arc<Queue>);
+
+/// The sender's end of the queue; dropped, the scan hands nothing more on.
+pub(crate) struct Drain(Arc<Queue>);
+
+/// A queue between the scan and one target's sender.
+pub(crate) fn queue() -> (Feed, Drain) {
+    let q = Arc::new(Queue::default());
+    (Feed(q.clone()), Drain(q))
+}
+
+impl flip_scan::ContentSink for Feed {
+    fn walked(&self, files: u64, bytes: u64) {
+        let mut s = self.0.lock();
+        s.left = Some((files, bytes));
+        s.items.push_back(Item::Walked { files, bytes });
+        self.0.changed.notify_all();
+    }
+
+    fn file(&self, rel: &RelPath, mode: u32, mtime: (i64, u32), digest: &Digest, data: Vec<u8>) {
+        let n = data.len() as u64;
+        let mut s = self.0.lock();
+        let dropped = s.dropped;
+        match &mut s.left {
+            Some((files, bytes)) if !dropped && *files > 0 && *bytes >= n => {
+                *files -= 1;
+                *bytes -= n;
+            }
+            // Grown since the walk, or nobody streams: sent after the manifest, if at all.
+            _ => return,
+        }
+        let item = Item::File {
+            rel: rel.clone(),
+            mode,
+            mtime,
+            digest: *digest,
+            data,
+        };
+        self.0.push(s, item);
+    }
+
+    fn piece(
+        &self,
+        rel: &RelPath,
+        mode: u32,
+        mtime: (i64, u32),
+        size: u64,
+        data: Vec<u8>,
+        last: bool,
+    ) {
+        let mut s = self.0.lock();
+        let dropped = s.dropped;
+        let streams = match s.big {
+            Some(streams) => streams,
+            // The whole file is reserved at its first piece: it streams whole or not at all.
+            None => match &mut s.left {
+                Some((files, bytes)) if !dropped && *files > 0 && *bytes >= size => {
+                    *files -= 1;
+                    *bytes -= size;
+                    true
+                }
+                _ => false,
+            },
+        };
+        s.big = Some(streams);
+        if last {
+            s.big = None;
+        }
+        if streams {
+            let item = Item::Piece {
+                rel: rel.clone(),
+                mode,
+                mtime,
+                data,
+                last,
+            };
+            self.0.push(s, item);
+        }
+    }
+}
+
+impl Queue {
+    /// Queues `item` once there is room for it (or nobody takes it any more).
+    fn push(&self, mut s: std::sync::MutexGuard<'_, State>, item: Item) {
+        let n = item.bytes();
+        while !s.dropped && !s.items.is_empty() && s.bytes + n > QUEUE_BYTES {
+            s.producers_waiting += 1;
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.producers_waiting -= 1;
+        }
+        if s.dropped {
+            return;
+        }
+        s.bytes += n;
+        s.items.push_back(item);
+        if s.consumer_waiting {
+            self.changed.notify_all();
+        }
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.0.lock().done = true;
+        self.0.changed.notify_all();
+    }
+}
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.dropped = true;
+        s.items.clear();
+        s.bytes = 0;
+        self.0.changed.notify_all();
+    }
+}
+
+impl Drain {
+    /// The next item, waiting for it; `None` once the scan ended and everything was taken.
+    fn next(&self) -> Option<Item> {
+        let mut s = self.0.lock();
+        loop {
+            if let Some(item) = s.items.pop_front() {
+                s.bytes -= item.bytes();
+                if s.producers_waiting > 0 {
+                    self.0.changed.notify_all();
+                }
+                return Some(item);
+            }
+            if s.done {
+                return None;
+            }
+            s.consumer_waiting = true;
+            s = self.0.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.consumer_waiting = false;
+        }
+    }
+
+    /// Whether the scan has ended.
+    fn scan_done(&self) -> bool {
+        self.0.lock().done
+    }
+}
+
+/// What [`stream_first`] did.
+pub(crate) struct Early {
+    /// The status, read while the scan went on: the live release and every release.
+    pub(crate) status: (Option<u64>, Vec<ReleaseSummary>),
+    /// Files and bytes streamed (nothing was live).
+    pub(crate) streamed: Option<(u64, u64)>,
+}
+
+/// Streams what the scan reads to `host` while the scan goes on, when nothing is live there
+/// (read from the lock's and status's answers, sent at connect time). `None`: the tree is too
+/// small to be worth it, or the scan failed (then nothing was read early).
+pub(crate) fn stream_first(
+    host: &mut Host,
+    drain: Drain,
+    on_wait: &mut dyn FnMut(&str),
+    cache: Option<&ContentCache>,
+) -> Result<Option<Early>, Failed> {
+    let Some(Item::Walked { files, bytes }) = drain.next() else {
+        // The scan failed before its walk ended.
+        return Ok(None);
+    };
+    if files < MIN_FILES && bytes < MIN_BYTES {
+        return Ok(None);
+    }
+    let s = &mut host.session;
+    let status = s
+        .locked(on_wait)
+        .and_then(|()| s.status_answer())
+        .map_err(|e| host.fail(e.into()))?;
+    let s = &mut host.session;
+    if !drain.scan_done() {
+        s.overlapped();
+    }
+    if status.0.is_some() {
+        return Ok(Some(Early {
+            status,
+            streamed: None,
+        }));
+    }
+    let (mut n, mut total) = (0u64, 0u64);
+    let mut sent = s.queue_stream_start(files, bytes);
+    while let (Ok(()), Some(item)) = (&sent, drain.next()) {
+        total += item.bytes();
+        match item {
+            Item::File {
+                rel,
+                mode,
+                mtime,
+                digest,
+                data,
+            } => {
+                if let Some(c) = cache {
+                    // Best effort, as for content sent after the manifest: a patch's basis.
+                    let _ = c.put(&digest, &data);
+                }
+                n += 1;
+                sent = s.queue_stream_file(&rel, mode, Some(mtime), data);
+            }
+            Item::Piece {
+                rel,
+                mode,
+                mtime,
+                data,
+                last,
+            } => {
+                n += u64::from(last);
+                sent = s.queue_stream_piece(&rel, mode, Some(mtime), data, last);
+            }
+            Item::Walked { .. } => {}
+        }
+    }
+    drop(drain);
+    sent.map_err(|e| host.fail(DeployError::from(e)))?;
+    Ok(Some(Early {
+        status,
+        streamed: Some((n, total)),
+    }))
+}
+
+/// Counts the streamed files in the report of the stage that followed.
+pub(crate) fn account(report: &mut flip_transfer::DeployReport, (files, bytes): (u64, u64)) {
+    report.literal += files;
+    report.counts.files.literal += files;
+    report.literal_bytes += bytes;
+    report.matched_bytes = report.matched_bytes.saturating_sub(bytes);
+}
