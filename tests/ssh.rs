@@ -412,3 +412,39 @@ fn over_ssh_an_error_names_the_path_once_and_mkpath_reaches_the_agent() {
         Some("releases/1")
     );
 }
+
+#[test]
+fn a_deploy_at_the_adaptive_level_lands_identical_bytes() {
+    // Enough content for dozens of level decisions (one per MiB) past the buffers to the link
+    // (8 MiB of output), so the adaptive level moves mid-stream; each move changes how the rest
+    // of the stream is compressed, never what lands.
+    let w = World::new();
+    let url = w.url();
+    let src = w.fx.src("src");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut total = 0u64;
+    for f in 0..40 {
+        let mut data = Vec::with_capacity(1 << 20);
+        while data.len() < 1 << 20 {
+            // Words from a small vocabulary with random numbers: compresses about 3:1.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let word =
+                ["public", "function", "return", "$this->", "array", "static"][(x % 6) as usize];
+            data.extend_from_slice(format!("{word} {} ", x >> 40).as_bytes());
+        }
+        total += data.len() as u64;
+        src.file(&format!("vendor/p{}/f{f}.php", f % 4), &data, 0o644);
+    }
+    let tree = src.tree();
+    let j = w
+        .flip(&["deploy", "--json", src.s(), &url])
+        .success()
+        .json();
+    assert_dir_eq(&w.fx.current(), &tree, "current after an adaptive deploy");
+    let level = num(&j, "/bytes/compress_level");
+    assert!((1..=12).contains(&level), "{j}");
+    assert!(num(&j, "/bytes/sent") < total / 2, "{j}");
+    w.flip(&["verify", &url]).success();
+}

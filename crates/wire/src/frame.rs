@@ -257,7 +257,12 @@ impl FrameWriter {
     /// Tells the adaptive controller (if any) what writing `input` bytes cost since `started`
     /// (when `blocked_before` ns had been spent blocked), and applies a new level: the current
     /// zstd frame is ended and a new one begins at that level.
-    fn adapt(&mut self, input: usize, started: Instant, blocked_before: u64) -> io::Result<()> {
+    fn adapt(
+        &mut self,
+        input: usize,
+        started: Instant,
+        (blocked_before, out_before): (u64, u64),
+    ) -> io::Result<()> {
         let Some(a) = &mut self.adapt else {
             return Ok(());
         };
@@ -268,7 +273,8 @@ impl FrameWriter {
             .returned
             .map_or(Duration::ZERO, |r| started.saturating_duration_since(r));
         self.returned = Some(Instant::now());
-        match a.record(input as u64, compressing, blocked, waiting) {
+        let output = self.counter.get().saturating_sub(out_before);
+        match a.record(input as u64, output, compressing, blocked, waiting) {
             Some(level) => self.switch_level(level),
             None => Ok(()),
         }
@@ -308,14 +314,14 @@ impl FrameWriter {
             return Err(WireError::TooLarge(len));
         }
         buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
-        let (started, blocked) = (Instant::now(), self.blocked.get());
+        let (started, before) = (Instant::now(), (self.blocked.get(), self.counter.get()));
         let r = self.writer().write_all(&buf);
         let n = buf.len();
         if buf.capacity() <= 8 << 20 {
             self.buf = buf;
         }
         r?;
-        Ok(self.adapt(n, started, blocked)?)
+        Ok(self.adapt(n, started, before)?)
     }
 
     /// Pushes everything sent so far to the peer (ends a zstd block).
@@ -323,9 +329,9 @@ impl FrameWriter {
     /// # Errors
     /// [`WireError::Io`] if writing fails.
     pub fn flush(&mut self) -> Result<(), WireError> {
-        let (started, blocked) = (Instant::now(), self.blocked.get());
+        let (started, before) = (Instant::now(), (self.blocked.get(), self.counter.get()));
         self.writer().flush()?;
-        Ok(self.adapt(0, started, blocked)?)
+        Ok(self.adapt(0, started, before)?)
     }
 
     /// Ends the stream cleanly (finishes the zstd frame) and closes the underlying writer.
