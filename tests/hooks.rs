@@ -295,13 +295,15 @@ fn an_unchanged_tree_runs_no_hooks() {
 }
 
 #[test]
-fn what_a_before_hook_writes_into_the_release_is_not_tampering_but_a_later_change_is() {
+fn what_hooks_write_into_the_release_is_not_tampering_but_a_later_change_is() {
     let fx = Fx::new();
     let root = fx.path("t");
     config(
         &fx,
         &[s(&root).to_string()],
-        "before_activate = ['mkdir -p var/cache && echo \"<?php return 1;\" > var/cache/config.php']",
+        "before_activate = ['mkdir -p var/cache && echo \"<?php return 1;\" > var/cache/config.php', \
+         'echo 2 > var/cache/second.php']\n\
+         after_activate = ['echo 3 > var/cache/after.php']",
     );
     let src = fx.src("src");
     src.file("index.php", "<?php echo 1;\n", 0o644);
@@ -315,9 +317,12 @@ fn what_a_before_hook_writes_into_the_release_is_not_tampering_but_a_later_chang
     assert_eq!(j["ok"], true, "{j}");
     let warned = j["warnings"].to_string();
     assert!(
-        warned.contains("3 path(s) written by hooks") && warned.contains("var/cache/config.php"),
+        warned.contains("5 path(s) written by hooks") && warned.contains("var/cache/config.php"),
         "{j}"
     );
+    // Every hook's writes, of both phases, are recorded (once per phase, after its last hook).
+    assert!(warned.contains("var/cache/second.php"), "{j}");
+    assert!(warned.contains("var/cache/after.php"), "{j}");
     // The tree is still the deployed one: the next deploy of it makes no release.
     let again = fx.flip(&["deploy", "prod", "--json"]).success().json();
     assert_eq!(hosts(&again)[0]["release"], 1, "{again}");

@@ -165,6 +165,10 @@ struct Session {
     deploying: bool,
     /// The live release's intact check, started at a deploy's `Status` ([`Speculation`]).
     speculation: Option<Speculation>,
+    /// A release hooks ran in whose writes are not recorded yet: recorded once, before the
+    /// next request that is not another hook in it, or when the session ends (one re-hash of
+    /// the release per phase, however many hooks ran).
+    hook_writes: Option<u64>,
     /// A first deploy's files streaming before its manifest ([`Request::StreamStart`]).
     streaming: Option<stream::Streaming>,
 }
@@ -256,9 +260,11 @@ pub fn serve_with(
         bye: false,
         deploying: false,
         speculation: None,
+        hook_writes: None,
         streaming: None,
     };
     let r = s.run(&mut rx, &mut tx);
+    s.record_hook_writes();
     // Teardown, on every path: the staging directory goes first, then a target this session
     // created and never committed into (a failed first deploy leaves the target as it found
     // it), then the lock; only then is the client told, so a retry never finds the lock held.
@@ -569,6 +575,10 @@ impl Session {
                 }
                 Err(e) => return Err(e.into()),
             };
+            if !matches!(&req, Request::Hook { release, .. } if Some(*release) == self.hook_writes)
+            {
+                self.record_hook_writes();
+            }
             if matches!(req, Request::Bye) {
                 self.bye = true;
                 tx.send(&Response::Bye)?;
@@ -1146,8 +1156,9 @@ impl Session {
             duration_ms,
         } = &done
         {
-            // What a hook wrote into the release is not tampering.
-            root.record_hook_writes(self.locked()?, release);
+            // What a hook wrote into the release is not tampering: recorded after the last
+            // hook of this phase (`record_hook_writes`).
+            self.hook_writes = Some(release);
             self.log(serde_json::json!({
                 "time": now(), "event": "hook", "release": release,
                 "run": hook.run, "status": status, "signal": signal,
@@ -1155,6 +1166,16 @@ impl Session {
             }));
         }
         Ok(done)
+    }
+
+    /// Records what the hooks wrote into release [`Session::hook_writes`], if any (a lock is
+    /// held: hooks ran under it).
+    fn record_hook_writes(&mut self) {
+        if let (Some(id), Some(root), Some(lock)) =
+            (self.hook_writes.take(), self.root, self.lock.as_ref())
+        {
+            root.record_hook_writes(lock, id);
+        }
     }
 
     /// Compares the client's directory hashes with the live release's.
