@@ -277,10 +277,12 @@ impl<'r> Stage<'r> {
             .and_then(|(id, _)| at::Tree::open(&self.root.release_dir(*id)).ok());
         let staged = at::Tree::open(&self.dir).map_err(io("open", &self.dir))?;
         let hashed = AtomicU64::new(0);
+        let recorded = self.link_stamps();
         let outcomes: Vec<Result<Outcome>> = self
             .plan
             .files
             .par_iter()
+            .zip(recorded.par_iter())
             .map_init(
                 || {
                     (
@@ -288,14 +290,14 @@ impl<'r> Stage<'r> {
                         at::Cursor::new(&staged),
                     )
                 },
-                |(prev, dst), step| {
+                |(prev, dst), (step, recorded)| {
                     crate::check_abandoned()?;
                     let Some(prev) = prev else {
                         return Ok(TRANSFER);
                     };
                     match &step.source {
                         Source::Link(from) => match PrevFile::reach(prev, from) {
-                            Some(src) => self.link(step, from, &src, dst, &hashed),
+                            Some(src) => self.link(step, *recorded, &src, dst, &hashed),
                             None => Ok(TRANSFER),
                         },
                         Source::Copy(from) => match PrevFile::reach(prev, from) {
@@ -341,6 +343,30 @@ impl<'r> Stage<'r> {
         Ok(())
     }
 
+    /// The committed stamp of the previous release's file at each link's source (the same
+    /// path), by position in the plan: one merge walk of two path-sorted lists.
+    fn link_stamps(&self) -> Vec<Option<&FileStamp>> {
+        let Some((_, m)) = self.prev.as_ref() else {
+            return vec![None; self.plan.files.len()];
+        };
+        let mut theirs = m.entries().iter().zip(&self.prev_stat).peekable();
+        self.plan
+            .files
+            .iter()
+            .map(|step| {
+                let Source::Link(from) = &step.source else {
+                    return None;
+                };
+                while theirs.next_if(|(e, _)| e.path < *from).is_some() {}
+                match theirs.peek() {
+                    Some((e, st)) if e.path == *from => st.as_ref(),
+                    // Not in path order (never for a plan's links): looked up.
+                    _ => self.prev_stamp(from),
+                }
+            })
+            .collect()
+    }
+
     /// The committed stamp of file `path` of the previous release, if known.
     fn prev_stamp(&self, path: &RelPath) -> Option<&FileStamp> {
         let (_, m) = self.prev.as_ref()?;
@@ -358,7 +384,7 @@ impl<'r> Stage<'r> {
         };
         match src.stat() {
             Some(meta) if meta.is_file() && meta.len() == *size => {
-                self.intact_meta(rel, src, &meta, *size, digest, hashed)
+                self.intact_meta(self.prev_stamp(rel), src, &meta, *size, digest, hashed)
             }
             _ => false,
         }
@@ -367,14 +393,14 @@ impl<'r> Stage<'r> {
     /// [`Self::intact`] for a regular file of the right size whose metadata is `meta`.
     fn intact_meta(
         &self,
-        rel: &RelPath,
+        recorded: Option<&FileStamp>,
         src: &PrevFile,
         meta: &at::Stat,
         size: u64,
         digest: &Digest,
         hashed: &AtomicU64,
     ) -> bool {
-        if self.prev_stamp(rel) == Some(&FileStamp::of_stat(meta)) {
+        if recorded == Some(&FileStamp::of_stat(meta)) {
             return true;
         }
         hashed.fetch_add(1, Ordering::Relaxed);
@@ -384,14 +410,14 @@ impl<'r> Stage<'r> {
 
     /// Hard-links an unchanged file from the same path of the previous release, after checking
     /// that it is a regular file of the manifest's size and mode and that it is what the previous
-    /// release committed (see [`Self::intact`]). One whose mode alone changed is copied (content
+    /// release committed (`recorded`, see [`Self::intact`]). One whose mode alone changed is copied (content
     /// checked); anything else is transferred rather than trusted. `dst` reaches the staging
     /// tree's directories. Per file: a `statx` of the source, the `linkat` and a `statx` of the
     /// link, each relative to its directory's descriptor.
     fn link(
         &self,
         step: &FileStep,
-        from: &RelPath,
+        recorded: Option<&FileStamp>,
         src: &PrevFile,
         dst: &mut at::Cursor<'_>,
         hashed: &AtomicU64,
@@ -405,7 +431,7 @@ impl<'r> Stage<'r> {
             // may still serve (a copy checks it).
             return self.copy(step, src);
         }
-        if !self.intact_meta(from, src, &meta, step.size, &step.digest, hashed) {
+        if !self.intact_meta(recorded, src, &meta, step.size, &step.digest, hashed) {
             return Ok(TRANSFER);
         }
         let (dir, name) = dst
