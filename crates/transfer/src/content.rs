@@ -583,10 +583,8 @@ fn encode<'a>(
     cache: Option<&ContentCache>,
 ) -> Encoded<'a> {
     if let Some((basis, digest)) = &job.patch {
-        if let Some(p) = cache
-            .and_then(|c| c.get(digest))
-            .and_then(|old| patch(&old, data))
-        {
+        // Made once for every target whose live release holds the same old version.
+        if let Some(p) = cache.and_then(|c| c.patch(digest, job.digest, |old| patch(old, data))) {
             return Encoded::Patch(basis.clone(), **digest, p);
         }
     }
