@@ -1280,7 +1280,8 @@ pub struct FileWriter {
     file: File,
     hasher: blake3::Hasher,
     written: u64,
-    limit: u64,
+    /// The manifest size: no more is written.
+    pub(crate) limit: u64,
 }
 
 impl FileWriter {

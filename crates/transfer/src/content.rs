@@ -722,7 +722,9 @@ fn patch_with(
         cctx.set_parameter(CParameter::WindowLog(window)).ok()?;
         cctx.set_parameter(CParameter::EnableLongDistanceMatching(true))
             .ok()?;
-        cctx.set_pledged_src_size(Some(new.len() as u64)).ok().map(drop)
+        cctx.set_pledged_src_size(Some(new.len() as u64))
+            .ok()
+            .map(drop)
     };
     set(cctx)?;
     // SAFETY: zstd uses a referenced prefix for the next frame only, which `compress2` makes
@@ -792,7 +794,10 @@ mod tests {
             (out.len() < new.len()).then_some(out)
         };
         let mut made = 0;
-        for (i, len) in [1500usize, 40_000, 300, 9000, 200_000, 1500].into_iter().enumerate() {
+        for (i, len) in [1500usize, 40_000, 300, 9000, 200_000, 1500]
+            .into_iter()
+            .enumerate()
+        {
             let old: Vec<u8> = (0..len).map(|j| (j * 7 + i) as u8 % 61 + 32).collect();
             let mut new = old.clone();
             new.splice(len / 2..len / 2, format!("// change {i}\n").bytes());
