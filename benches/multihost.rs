@@ -132,7 +132,7 @@ fn flip(dir: &Path, home: &Path, args: &[&str]) -> (Duration, Duration) {
         "flip {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    (took, children_cpu() - cpu)
+    (took, children_cpu().saturating_sub(cpu))
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
