@@ -655,6 +655,9 @@ pub struct Caches {
     /// Per target (by the blake3 of its name), the digest of the manifest this client last
     /// made live there: the release it expects live next time (a guess; the agent checks).
     targets: Option<PathBuf>,
+    /// The last manifest read from the cache: the targets of an environment most often have
+    /// the same live release, whose manifest is then read and decoded once.
+    last_manifest: Mutex<Option<Manifest>>,
 }
 
 /// Upper bound of the local cache of deployed file versions (for patches of changed files).
@@ -667,6 +670,7 @@ impl Caches {
             manifests: dir.map(|d| ManifestCache::new(d.join("manifests"))),
             content: dir.map(|d| ContentCache::new(d.join("content"), CONTENT_CACHE_BYTES)),
             targets: dir.map(|d| d.join("targets")),
+            last_manifest: Mutex::new(None),
         }
     }
 
@@ -704,7 +708,13 @@ impl Caches {
 
     /// The manifest of digest `d`, if this client deployed it and kept it.
     pub fn manifest(&self, d: &Digest) -> Option<Manifest> {
-        self.manifests.as_ref()?.get(d)
+        let mut last = self.last_manifest.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = last.as_ref().filter(|m| m.digest() == *d) {
+            return Some(m.clone());
+        }
+        let m = self.manifests.as_ref()?.get(d)?;
+        *last = Some(m.clone());
+        Some(m)
     }
 
     /// This client most likely lacks the live manifest of a target (no manifest cache, or an

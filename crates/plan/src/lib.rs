@@ -30,7 +30,7 @@ pub mod shared;
 
 use std::collections::HashMap;
 
-use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
+use flip_manifest::{Digest, Entry, EntryKind, Manifest, RelPath};
 
 /// Where the bytes of one file of the new release come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,24 +120,30 @@ pub const DELTA_MIN: u64 = 8 * 1024;
 pub fn plan(prev: Option<&Manifest>, new: &Manifest) -> Plan {
     let empty = Manifest::default();
     let prev = prev.unwrap_or(&empty);
-    let by_digest = prev.by_digest();
+    // Built on first use: most files of an upgrade are linked from the same path.
+    let by_digest = std::cell::OnceCell::new();
     let fuzzy = Fuzzy::new(prev, new);
     let mut stats = PlanStats::default();
     let mut files = Vec::with_capacity(new.file_count());
+    // Both manifests are sorted by path: the same path in `prev` is found by one merge walk.
+    let mut theirs = prev.entries().iter().peekable();
     for (path, mode, size, digest) in new.files() {
-        let same_path = match prev.get(path) {
-            Some(EntryKind::File {
-                mode: m, digest: d, ..
-            }) => Some((*m, d)),
+        while theirs.next_if(|e| e.path < *path).is_some() {}
+        let same_path = match theirs.peek() {
+            Some(Entry {
+                path: p,
+                kind: EntryKind::File {
+                    mode: m, digest: d, ..
+                },
+            }) if p == path => Some((*m, d)),
             _ => None,
         };
-        let holders = by_digest.get(digest);
         let source = if same_path == Some((mode, digest)) && size > 0 {
             Source::Link(path.clone())
         } else if same_path.is_some_and(|(_, d)| d == digest) {
             // Same content at the same path: another mode, or empty (never linked).
             Source::Copy(path.clone())
-        } else if let [(_, first, _), ..] = holders {
+        } else if let [(_, first, _), ..] = by_digest.get_or_init(|| prev.by_digest()).get(digest) {
             Source::Copy((*first).clone())
         } else {
             Source::Transfer {

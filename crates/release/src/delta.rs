@@ -360,13 +360,21 @@ pub const PATCH_WINDOW_LOG_MAX: u32 = 26;
 /// [`PATCH_WINDOW_LOG_MAX`] whatever the frame claims, so the decoder's memory is bounded; the
 /// sink bounds the output (a [`FileWriter`] refuses more than the manifest size).
 pub struct PatchDecoder {
-    // Declared (so dropped) before `_basis`, whose bytes it refers to.
-    dec: zstd::stream::raw::Decoder<'static>,
+    /// Taken from [`DCTX_POOL`] (or new), reset (forgetting the basis) and given back on drop,
+    /// before `_basis` is dropped.
+    dec: Option<zstd::zstd_safe::DCtx<'static>>,
     _basis: Basis,
     name: String,
     buf: Vec<u8>,
     ended: bool,
 }
+
+/// Decompression contexts of finished patches, reused by the next ones: a vendor upgrade
+/// patches thousands of files, and creating a context for each cost more than many a small
+/// file's decompression. At most [`DCTX_POOL_MAX`] are kept.
+static DCTX_POOL: std::sync::Mutex<Vec<zstd::zstd_safe::DCtx<'static>>> =
+    std::sync::Mutex::new(Vec::new());
+const DCTX_POOL_MAX: usize = 16;
 
 impl PatchDecoder {
     /// A decoder for a patch of the file `name` (for messages) made against `basis`.
@@ -374,31 +382,50 @@ impl PatchDecoder {
     /// # Errors
     /// [`Error::Integrity`] when zstd cannot set up the decoder.
     pub fn new(basis: Vec<u8>, name: String) -> Result<Self> {
-        Self::with_basis(Basis::Mem(basis), name)
+        Self::with_basis(Basis::Mem(basis), name, COPY_BUF as u64)
     }
 
-    pub(crate) fn with_basis(basis: Basis, name: String) -> Result<Self> {
-        let bad = |e: std::io::Error| Error::Integrity {
-            path: name.clone(),
-            detail: format!("patch cannot be applied: {e}"),
-        };
+    /// As [`PatchDecoder::new`], for an output of at most `out_len` bytes (its output buffer
+    /// is no larger, from 4 KiB to [`COPY_BUF`]).
+    pub(crate) fn with_basis(basis: Basis, name: String, out_len: u64) -> Result<Self> {
+        use zstd::zstd_safe::{DCtx, DParameter};
         // SAFETY: the slice points into the basis' heap buffer or its read-only mapping, which
-        // stay where they are when `Basis` moves and are never written; the decoder holding it
-        // is dropped before the basis (field order above) and never handed out.
+        // stay where they are when `Basis` moves and are never written; the context given it
+        // is reset (forgetting it) in `drop`, before the basis is dropped, and never handed
+        // out.
         let prefix: &'static [u8] =
             unsafe { std::slice::from_raw_parts(basis.as_ptr(), basis.len()) };
-        let mut dec = zstd::stream::raw::Decoder::with_ref_prefix(prefix).map_err(bad)?;
-        dec.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(
-            PATCH_WINDOW_LOG_MAX,
-        ))
-        .map_err(bad)?;
-        Ok(PatchDecoder {
-            dec,
+        let pooled = DCTX_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut d = PatchDecoder {
+            dec: pooled.or_else(DCtx::try_create),
             _basis: basis,
             name,
-            buf: vec![0u8; COPY_BUF],
+            buf: vec![0u8; out_len.clamp(4096, COPY_BUF as u64) as usize],
             ended: false,
-        })
+        };
+        let set = match d.dec.as_mut() {
+            None => Err("no memory for a decoder"),
+            Some(dec) => dec
+                .set_parameter(DParameter::WindowLogMax(PATCH_WINDOW_LOG_MAX))
+                .and_then(|_| dec.ref_prefix(prefix))
+                .map(drop)
+                .map_err(zstd::zstd_safe::get_error_name),
+        };
+        match set {
+            Ok(()) => Ok(d),
+            // `d` is dropped: its context reset, recycled.
+            Err(e) => Err(d.bad(e.to_string())),
+        }
+    }
+
+    /// Gives a context (reset) back to the pool.
+    fn recycle(dec: Option<zstd::zstd_safe::DCtx<'static>>) {
+        if let Some(dec) = dec {
+            let mut pool = DCTX_POOL.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.len() < DCTX_POOL_MAX {
+                pool.push(dec);
+            }
+        }
     }
 
     fn bad(&self, detail: String) -> Error {
@@ -414,16 +441,19 @@ impl PatchDecoder {
     /// [`Error::Integrity`] for a frame zstd refuses (corrupt, a window over the cap, made
     /// against another basis) or bytes after the frame's end; whatever `out` returns.
     pub fn feed(&mut self, data: &[u8], out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
-        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        use zstd::zstd_safe::{InBuffer, OutBuffer};
         let mut input = InBuffer::around(data);
         loop {
             if self.ended && input.pos() < data.len() {
                 return Err(self.bad(format!("{} bytes after its end", data.len() - input.pos())));
             }
             let mut buf = OutBuffer::around(&mut self.buf[..]);
-            let hint = match self.dec.run(&mut input, &mut buf) {
+            let Some(dec) = self.dec.as_mut() else {
+                return Err(self.bad("its decoder is gone".into()));
+            };
+            let hint = match dec.decompress_stream(&mut buf, &mut input) {
                 Ok(h) => h,
-                Err(e) => return Err(self.bad(e.to_string())),
+                Err(c) => return Err(self.bad(zstd::zstd_safe::get_error_name(c).into())),
             };
             let n = buf.pos();
             if n > 0 {
@@ -450,6 +480,24 @@ impl PatchDecoder {
     }
 }
 
+/// Resets the context in `dec` (which drops its reference to a basis) and takes it out; `None`
+/// when there is none or it cannot be reset (then it is dropped, not reused).
+fn reset_taken(
+    dec: &mut Option<zstd::zstd_safe::DCtx<'static>>,
+) -> Option<zstd::zstd_safe::DCtx<'static>> {
+    let mut d = dec.take()?;
+    d.reset(zstd::zstd_safe::ResetDirective::SessionAndParameters)
+        .ok()?;
+    Some(d)
+}
+
+impl Drop for PatchDecoder {
+    fn drop(&mut self) {
+        // Runs before the fields are dropped: the context forgets the basis first.
+        Self::recycle(reset_taken(&mut self.dec));
+    }
+}
+
 /// The content of a file arriving as a zstd `--patch-from` frame, decompressed as it arrives.
 /// Made by [`Stage::begin_patch`](crate::Stage::begin_patch).
 pub struct PatchWriter {
@@ -460,7 +508,7 @@ pub struct PatchWriter {
 impl PatchWriter {
     pub(crate) fn new(basis: Basis, file: FileWriter, name: String) -> Result<Self> {
         Ok(PatchWriter {
-            decoder: PatchDecoder::with_basis(basis, name)?,
+            decoder: PatchDecoder::with_basis(basis, name, file.limit)?,
             file,
         })
     }
@@ -744,5 +792,58 @@ mod tests {
         let d = delta_of(&[&[0x4a, 0, 50, 0x01, 0x00]]);
         let e = a.feed(&d, &mut |_| Ok(())).unwrap_err();
         assert!(e.to_string().contains("shorter than its manifest"), "{e}");
+    }
+
+    fn zstd_patch(old: &[u8], new: &[u8]) -> Vec<u8> {
+        // As the client makes them: a window over the reference, long-distance matching.
+        let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), 9, old).unwrap();
+        enc.window_log(20).unwrap();
+        enc.long_distance_matching(true).unwrap();
+        enc.write_all(new).unwrap();
+        enc.finish().unwrap()
+    }
+
+    fn decode(basis: &[u8], patch: &[u8], piece: usize) -> Result<Vec<u8>> {
+        let mut d = PatchDecoder::with_basis(Basis::Mem(basis.to_vec()), "f".into(), 100)?;
+        let mut out = Vec::new();
+        for p in patch.chunks(piece) {
+            d.feed(p, &mut |b| {
+                out.extend_from_slice(b);
+                Ok(())
+            })?;
+        }
+        d.finish()?;
+        Ok(out)
+    }
+
+    /// Decoders reuse pooled contexts: patch after patch (a corrupt one and one of another
+    /// basis among them) each decodes to exactly its file, with an output buffer smaller than
+    /// the output, and nothing of one (its basis, its error) carries over to the next.
+    #[test]
+    fn pooled_patch_decoders_carry_nothing_from_one_patch_to_the_next() {
+        let mut rng = Rng(7);
+        for round in 0..20 {
+            let len = 500 + (rng.next() % 20_000) as usize;
+            let old: Vec<u8> = (0..len).map(|_| (rng.next() % 7) as u8 + b'a').collect();
+            let mut new = old.clone();
+            new.splice(len / 3..len / 3, format!("round {round}").bytes());
+            let patch = zstd_patch(&old, &new);
+            assert_eq!(
+                decode(&old, &patch, 1 + round * 37).unwrap(),
+                new,
+                "round {round}"
+            );
+            let mut bad = patch.clone();
+            let mid = bad.len() / 2;
+            bad[mid] ^= 0xff;
+            // Corrupt: refused or decodes to something else (the file's blake3 catches it).
+            assert_ne!(decode(&old, &bad, 64).ok(), Some(new.clone()));
+            let other: Vec<u8> = old.iter().rev().copied().collect();
+            assert_ne!(decode(&other, &patch, 64).ok(), Some(new.clone()));
+        }
+        assert!(
+            !DCTX_POOL.lock().unwrap().is_empty(),
+            "contexts are given back"
+        );
     }
 }

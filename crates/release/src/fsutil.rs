@@ -588,28 +588,13 @@ pub(crate) fn rename_noreplace(
     Ok(())
 }
 
-/// `statx(dir, name, flags, STATX_BASIC_STATS)` as a raw system call (the glibc wrapper is
-/// 2.28's, see [`rename_noreplace`]); `None` when it fails.
+/// `statx(dir, name, flags, STATX_BASIC_STATS)` ([`crate::at::statx`]); `None` when it fails.
 pub(crate) fn statx(
     dir: std::os::fd::RawFd,
     name: &std::ffi::CStr,
     flags: libc::c_int,
 ) -> Option<libc::statx> {
-    // SAFETY: an all-zero statx is a valid value of this plain C struct.
-    let mut st: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: the kernel fills `st`, which we own and which outlives the call; the name is a
-    // NUL-terminated C string.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_statx,
-            dir,
-            name.as_ptr(),
-            flags,
-            libc::STATX_BASIC_STATS,
-            &mut st as *mut libc::statx,
-        )
-    };
-    (r == 0).then_some(st)
+    crate::at::statx(dir, name, flags).ok()
 }
 
 #[cfg(test)]

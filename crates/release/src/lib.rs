@@ -22,6 +22,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+mod at;
 pub mod delta;
 pub mod doctor;
 mod error;

@@ -23,7 +23,7 @@
 
 use crate::delta::{DeltaApplier, DeltaWriter, PatchWriter};
 use crate::error::{io, Error, Result};
-use crate::{fsutil, LockGuard, ReleaseInfo, Root, STAGING_PREFIX};
+use crate::{at, fsutil, LockGuard, ReleaseInfo, Root, STAGING_PREFIX};
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_plan::{FileStep, Plan, Source};
 use rayon::prelude::*;
@@ -281,34 +281,53 @@ impl<'r> Stage<'r> {
                 }
             })?;
         }
-        let prev_dir = self.prev.as_ref().map(|(id, _)| self.root.release_dir(*id));
-        let walk = Some(PrevFile::new_walk());
+        // The previous release and the staging tree, each reached through directory
+        // descriptors (`at`): one lookup of a name per call, never through a symlink. A
+        // previous release that cannot be opened so has nothing to link from.
+        let prev_tree = self
+            .prev
+            .as_ref()
+            .and_then(|(id, _)| at::Tree::open(&self.root.release_dir(*id)).ok());
+        let staged = at::Tree::open(&self.dir).map_err(io("open", &self.dir))?;
         let hashed = AtomicU64::new(0);
+        let recorded = self.link_stamps();
         let outcomes: Vec<Result<Outcome>> = self
             .plan
             .files
             .par_iter()
-            .map(|step| {
-                crate::check_abandoned()?;
-                if let Some(streamed) = self.streamed_outcome(step)? {
-                    return Ok(streamed);
-                }
-                match (&step.source, &prev_dir) {
-                    (Source::Link(from), Some(pd)) => match PrevFile::reach(pd, from, walk) {
-                        Some(src) => self.link(step, from, &src, &hashed),
-                        None => Ok(TRANSFER),
-                    },
-                    (Source::Copy(from), Some(pd)) => match PrevFile::reach(pd, from, walk) {
-                        Some(src) => self.copy(step, &src),
-                        None => Ok(TRANSFER),
-                    },
-                    (Source::Transfer { basis: Some(b) }, Some(pd)) => Ok(Outcome::Transfer {
-                        basis_ok: PrevFile::reach(pd, b, walk)
-                            .is_some_and(|src| self.intact(b, &src, &hashed)),
-                    }),
-                    _ => Ok(TRANSFER),
-                }
-            })
+            .zip(recorded.par_iter())
+            .map_init(
+                || {
+                    (
+                        prev_tree.as_ref().map(at::Cursor::new),
+                        at::Cursor::new(&staged),
+                    )
+                },
+                |(prev, dst), (step, recorded)| {
+                    crate::check_abandoned()?;
+                    if let Some(streamed) = self.streamed_outcome(step)? {
+                        return Ok(streamed);
+                    }
+                    let Some(prev) = prev else {
+                        return Ok(TRANSFER);
+                    };
+                    match &step.source {
+                        Source::Link(from) => match PrevFile::reach(prev, from) {
+                            Some(src) => self.link(step, *recorded, &src, dst, &hashed),
+                            None => Ok(TRANSFER),
+                        },
+                        Source::Copy(from) => match PrevFile::reach(prev, from) {
+                            Some(src) => self.copy(step, &src),
+                            None => Ok(TRANSFER),
+                        },
+                        Source::Transfer { basis: Some(b) } => Ok(Outcome::Transfer {
+                            basis_ok: PrevFile::reach(prev, b)
+                                .is_some_and(|src| self.intact(b, &src, &hashed)),
+                        }),
+                        Source::Transfer { basis: None } => Ok(TRANSFER),
+                    }
+                },
+            )
             .collect();
         self.stats.hashed = hashed.into_inner();
         let progress = self.progress.get_mut().unwrap_or_else(|e| e.into_inner());
@@ -341,6 +360,30 @@ impl<'r> Stage<'r> {
         self.check_streamed_all_listed()
     }
 
+    /// The committed stamp of the previous release's file at each link's source (the same
+    /// path), by position in the plan: one merge walk of two path-sorted lists.
+    fn link_stamps(&self) -> Vec<Option<&FileStamp>> {
+        let Some((_, m)) = self.prev.as_ref() else {
+            return vec![None; self.plan.files.len()];
+        };
+        let mut theirs = m.entries().iter().zip(&self.prev_stat).peekable();
+        self.plan
+            .files
+            .iter()
+            .map(|step| {
+                let Source::Link(from) = &step.source else {
+                    return None;
+                };
+                while theirs.next_if(|(e, _)| e.path < *from).is_some() {}
+                match theirs.peek() {
+                    Some((e, st)) if e.path == *from => st.as_ref(),
+                    // Not in path order (never for a plan's links): looked up.
+                    _ => self.prev_stamp(from),
+                }
+            })
+            .collect()
+    }
+
     /// The committed stamp of file `path` of the previous release, if known.
     fn prev_stamp(&self, path: &RelPath) -> Option<&FileStamp> {
         let (_, m) = self.prev.as_ref()?;
@@ -356,9 +399,9 @@ impl<'r> Stage<'r> {
         else {
             return false;
         };
-        match src.metadata() {
-            Some(meta) if meta.file_type().is_file() && meta.len() == *size => {
-                self.intact_meta(rel, src, &meta, *size, digest, hashed)
+        match src.stat() {
+            Some(meta) if meta.is_file() && meta.len() == *size => {
+                self.intact_meta(self.prev_stamp(rel), src, &meta, *size, digest, hashed)
             }
             _ => false,
         }
@@ -367,14 +410,14 @@ impl<'r> Stage<'r> {
     /// [`Self::intact`] for a regular file of the right size whose metadata is `meta`.
     fn intact_meta(
         &self,
-        rel: &RelPath,
+        recorded: Option<&FileStamp>,
         src: &PrevFile,
-        meta: &fs::Metadata,
+        meta: &at::Stat,
         size: u64,
         digest: &Digest,
         hashed: &AtomicU64,
     ) -> bool {
-        if self.prev_stamp(rel) == Some(&FileStamp::of(meta)) {
+        if recorded == Some(&FileStamp::of_stat(meta)) {
             return true;
         }
         hashed.fetch_add(1, Ordering::Relaxed);
@@ -384,17 +427,20 @@ impl<'r> Stage<'r> {
 
     /// Hard-links an unchanged file from the same path of the previous release, after checking
     /// that it is a regular file of the manifest's size and mode and that it is what the previous
-    /// release committed (see [`Self::intact`]). One whose mode alone changed is copied (content
-    /// checked); anything else is transferred rather than trusted.
+    /// release committed (`recorded`, see [`Self::intact`]). One whose mode alone changed is copied (content
+    /// checked); anything else is transferred rather than trusted. `dst` reaches the staging
+    /// tree's directories. Per file: a `statx` of the source, the `linkat` and a `statx` of the
+    /// link, each relative to its directory's descriptor.
     fn link(
         &self,
         step: &FileStep,
-        from: &RelPath,
+        recorded: Option<&FileStamp>,
         src: &PrevFile,
+        dst: &mut at::Cursor<'_>,
         hashed: &AtomicU64,
     ) -> Result<Outcome> {
-        let meta = match src.metadata() {
-            Some(m) if m.file_type().is_file() && m.len() == step.size => m,
+        let meta = match src.stat() {
+            Some(m) if m.is_file() && m.len() == step.size => m,
             _ => return Ok(TRANSFER),
         };
         if meta.mode() & MODE_MASK != step.mode {
@@ -402,20 +448,24 @@ impl<'r> Stage<'r> {
             // may still serve (a copy checks it).
             return self.copy(step, src);
         }
-        if !self.intact_meta(from, src, &meta, step.size, &step.digest, hashed) {
+        if !self.intact_meta(recorded, src, &meta, step.size, &step.digest, hashed) {
             return Ok(TRANSFER);
         }
-        let dst = self.abs(&step.path);
-        match src.hard_link(&dst) {
+        let (dir, name) = dst
+            .parent_of(&step.path)
+            .map_err(|e| io("open the directory of", &self.abs(&step.path))(e))?;
+        match at::link_at(&src.parent, &src.name, &dir, &name) {
             Ok(()) => {
                 // The stamp is taken after the link (which changes the inode's ctime), and the
                 // link must be the inode that was checked.
-                let linked = fsutil::symlink_metadata(&dst)?;
+                let linked = at::lstat_at(&dir, &name)
+                    .map_err(|e| io("inspect", &self.abs(&step.path))(e))?;
                 if linked.ino() != meta.ino() || linked.dev() != meta.dev() {
-                    fsutil::remove_file(&dst)?;
+                    at::unlink_at(&dir, &name)
+                        .map_err(|e| io("remove", &self.abs(&step.path))(e))?;
                     return Ok(TRANSFER);
                 }
-                Ok(Outcome::Linked(FileStamp::of(&linked)))
+                Ok(Outcome::Linked(FileStamp::of_stat(&linked)))
             }
             // Too many links to one inode, another filesystem, or a link the kernel refuses
             // (`fs.protected_hardlinks` for a file the deploy user does not own): a copy does
@@ -428,7 +478,7 @@ impl<'r> Stage<'r> {
             {
                 self.copy(step, src)
             }
-            Err(e) => Err(io("hard-link", &dst)(e)),
+            Err(e) => Err(io("hard-link", &self.abs(&step.path))(e)),
         }
     }
 
@@ -576,9 +626,9 @@ impl<'r> Stage<'r> {
     fn open_basis(&self, basis: &RelPath) -> Result<(File, PathBuf, u64)> {
         let (path, size) = self.basis(basis)?;
         let (id, _) = self.prev.as_ref().expect("a basis was resolved");
-        let file = PrevFile::reach(&self.root.release_dir(*id), basis, None)
-            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ELOOP))
-            .and_then(|src| src.open_read_io())
+        let file = at::Tree::open(&self.root.release_dir(*id))
+            .and_then(|tree| at::Cursor::new(&tree).parent_of(basis))
+            .and_then(|(parent, name)| PrevFile { parent, name }.open_read_io())
             .map_err(io("open the delta basis", &path))?;
         let meta = file.metadata().map_err(io("inspect", &path))?;
         if !meta.is_file() || meta.len() != size {
@@ -924,23 +974,22 @@ impl Root {
             return Ok(None);
         }
         let dir = self.release_dir(id);
-        let intact = manifest
-            .entries()
-            .par_iter()
-            .zip(stamps.par_iter())
-            .all(|(e, st)| {
-                let path = dir.join(e.path.as_str());
-                match &e.kind {
-                    EntryKind::File { .. } => st.is_some_and(|st| {
-                        fsutil::lstat_or_none(&path).is_some_and(|m| FileStamp::of(&m) == st)
-                    }),
-                    EntryKind::Symlink { target } => fsutil::read_link(&path)
-                        .is_ok_and(|t| t.as_os_str().as_encoded_bytes() == target.as_bytes()),
-                    EntryKind::Dir { .. } => {
-                        fsutil::lstat_or_none(&path).is_some_and(|m| m.file_type().is_dir())
-                    }
+        let intact = at::par_entries(&dir, manifest.entries(), |i, e, at| {
+            let Some((dir, name)) = at else {
+                return false;
+            };
+            match &e.kind {
+                EntryKind::File { .. } => stamps[i].is_some_and(|st| {
+                    at::lstat_at(dir, name).is_ok_and(|m| FileStamp::of_stat(&m) == st)
+                }),
+                EntryKind::Symlink { target } => {
+                    at::read_link_at(dir, name).is_ok_and(|t| t == target.as_bytes())
                 }
-            });
+                EntryKind::Dir { .. } => at::lstat_at(dir, name).is_ok_and(|m| m.is_dir()),
+            }
+        })
+        .into_iter()
+        .all(|ok| ok);
         Ok(intact.then_some(id))
     }
 }
@@ -966,17 +1015,12 @@ impl Root {
             return None;
         }
         let dir = self.release_dir(id);
-        let intact = manifest
-            .entries()
-            .par_iter()
-            .zip(stamps.par_iter())
-            .map(|(e, st)| {
-                st.is_some_and(|st| {
-                    fsutil::lstat_or_none(dir.join(e.path.as_str()))
-                        .is_some_and(|m| FileStamp::of(&m) == st)
-                })
+        let intact = at::par_entries(&dir, manifest.entries(), |i, _, at| {
+            stamps[i].is_some_and(|st| {
+                at.and_then(|(dir, name)| at::lstat_at(dir, name).ok())
+                    .is_some_and(|m| FileStamp::of_stat(&m) == st)
             })
-            .collect();
+        });
         Some(LiveStamps {
             id,
             manifest,
@@ -995,20 +1039,15 @@ impl Root {
             return;
         }
         let dir = self.release_dir(live.id);
-        let fresh: Vec<Option<FileStamp>> = live
-            .manifest
-            .entries()
-            .par_iter()
-            .zip(live.stamps.par_iter())
-            .zip(live.intact.par_iter())
-            .map(|((e, st), ok)| {
-                let st = st.as_ref().filter(|_| *ok)?;
-                let now = FileStamp::of(&fsutil::lstat_or_none(dir.join(e.path.as_str()))?);
+        let fresh: Vec<Option<FileStamp>> =
+            at::par_entries(&dir, live.manifest.entries(), |i, _, at| {
+                let st = live.stamps[i].as_ref().filter(|_| live.intact[i])?;
+                let (dir, name) = at?;
+                let now = FileStamp::of_stat(&at::lstat_at(dir, name).ok()?);
                 let same_write = (now.ino, now.size, now.mtime, now.mtime_nsec)
                     == (st.ino, st.size, st.mtime, st.mtime_nsec);
                 (same_write && now != *st).then_some(now)
-            })
-            .collect();
+            });
         if fresh.iter().all(Option::is_none) {
             return;
         }
@@ -1031,85 +1070,29 @@ impl Root {
     }
 }
 
-/// A file of the previous release, reached from the release directory one component at a
-/// time without following any symlink: a directory of a committed release replaced by a symlink
-/// (to `/etc`, or anywhere outside the root) is never walked through, so nothing outside the
-/// release is ever linked, copied, hashed or used as a basis. Every operation works on the
-/// directory the walk opened (`*at` calls), so swapping a directory for a symlink after the walk
-/// changes nothing either.
+/// A file of the previous release, reached from the release directory without following any
+/// symlink ([`at::Tree`]): a directory of a committed release replaced by a symlink (to `/etc`,
+/// or anywhere outside the root) is never walked through, so nothing outside the release is
+/// ever linked, copied, hashed or used as a basis. Every operation works on the directory the
+/// walk opened (`*at` calls), so swapping a directory for a symlink after the walk changes
+/// nothing either.
 struct PrevFile {
     /// The file's parent directory (an `O_PATH` descriptor).
     parent: std::sync::Arc<std::os::fd::OwnedFd>,
     name: std::ffi::CString,
 }
 
-/// Walks of the previous release ([`PrevFile::new_walk`]): a thread's last directory is reused
-/// only within the walk that opened it.
-static WALKS: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    /// The directory this thread's last [`PrevFile::reach`] ended in: (walk, its path under the
-    /// release, its descriptor). Files are staged in path order, so the next file of a thread
-    /// is most often in the same directory, and is reached without walking again.
-    static LAST_DIR: std::cell::RefCell<Option<(u64, String, std::sync::Arc<std::os::fd::OwnedFd>)>> =
-        const { std::cell::RefCell::new(None) };
-}
-
 impl PrevFile {
-    /// A new walk of a previous release, for [`PrevFile::reach`].
-    fn new_walk() -> u64 {
-        WALKS.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// `rel` under the release directory `base`; `None` when a component on the way is not a
-    /// real directory (a symlink, a file, missing) or a name cannot be passed to the kernel.
-    /// Within one `walk`, a directory this thread reached before is reused (the descriptor
-    /// opened then: what is swapped at that path meanwhile is not looked at).
-    fn reach(base: &Path, rel: &RelPath, walk: Option<u64>) -> Option<PrevFile> {
-        use std::os::fd::{FromRawFd, OwnedFd};
-        use std::os::unix::ffi::OsStrExt;
-        use std::sync::Arc;
-        let (dir_rel, name) = match rel.as_str().rsplit_once('/') {
-            Some((d, n)) => (d, n),
-            None => ("", rel.as_str()),
-        };
-        let name = std::ffi::CString::new(name).ok()?;
-        if let Some(w) = walk {
-            let cached = LAST_DIR.with(|c| match &*c.borrow() {
-                Some((cw, d, fd)) if *cw == w && d == dir_rel => Some(Arc::clone(fd)),
-                _ => None,
-            });
-            if let Some(parent) = cached {
-                return Some(PrevFile { parent, name });
-            }
-        }
-        let dir_flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        let open = |at: libc::c_int, name: &std::ffi::CStr| {
-            // SAFETY: openat with a valid NUL-terminated name; the result is checked.
-            let fd = unsafe { libc::openat(at, name.as_ptr(), dir_flags) };
-            // SAFETY: a non-negative fd returned by openat is ours to own.
-            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
-        };
-        let base = std::ffi::CString::new(base.as_os_str().as_bytes()).ok()?;
-        let mut dir = open(libc::AT_FDCWD, &base)?;
-        if !dir_rel.is_empty() {
-            for part in dir_rel.split('/') {
-                let part = std::ffi::CString::new(part).ok()?;
-                dir = open(dir.as_raw_fd(), &part)?;
-            }
-        }
-        let parent = Arc::new(dir);
-        if let Some(w) = walk {
-            LAST_DIR
-                .with(|c| *c.borrow_mut() = Some((w, dir_rel.to_string(), Arc::clone(&parent))));
-        }
+    /// `rel` of the tree `prev` walks; `None` when a component on the way is not a real
+    /// directory (a symlink, a file, missing) or a name cannot be passed to the kernel.
+    fn reach(prev: &mut at::Cursor<'_>, rel: &RelPath) -> Option<PrevFile> {
+        let (parent, name) = prev.parent_of(rel).ok()?;
         Some(PrevFile { parent, name })
     }
 
     /// The entry's own metadata (a symlink's, never its target's); `None` if it is gone.
-    fn metadata(&self) -> Option<fs::Metadata> {
-        let f = self.openat(libc::O_PATH | libc::O_NOFOLLOW).ok()?;
-        f.metadata().ok()
+    fn stat(&self) -> Option<at::Stat> {
+        at::lstat_at(&self.parent, &self.name).ok()
     }
 
     /// The entry opened for reading, refusing a symlink (and never blocking on a FIFO).
@@ -1118,46 +1101,8 @@ impl PrevFile {
     }
 
     fn open_read_io(&self) -> std::io::Result<File> {
-        self.openat(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK)
-    }
-
-    fn openat(&self, flags: libc::c_int) -> std::io::Result<File> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: openat relative to a directory fd we own, with a NUL-terminated name.
-        let fd = unsafe {
-            libc::openat(
-                self.parent.as_raw_fd(),
-                self.name.as_ptr(),
-                flags | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd returned by openat is ours to own.
-        Ok(unsafe { File::from_raw_fd(fd) })
-    }
-
-    /// Hard-links the entry (not following it if it is a symlink) to `dst`.
-    fn hard_link(&self, dst: &Path) -> std::io::Result<()> {
-        use std::os::unix::ffi::OsStrExt;
-        let dst = std::ffi::CString::new(dst.as_os_str().as_bytes())
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: linkat with a directory fd we own and two NUL-terminated names; flags 0
-        // (never follows a symlink at the source).
-        let r = unsafe {
-            libc::linkat(
-                self.parent.as_raw_fd(),
-                self.name.as_ptr(),
-                libc::AT_FDCWD,
-                dst.as_ptr(),
-                0,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        at::openat(self.parent.as_raw_fd(), &self.name, flags).map(File::from)
     }
 }
 
@@ -1286,6 +1231,18 @@ impl FileStamp {
         }
     }
 
+    fn of_stat(m: &at::Stat) -> Self {
+        let ((mtime, mtime_nsec), (ctime, ctime_nsec)) = (m.mtime(), m.ctime());
+        FileStamp {
+            ino: m.ino(),
+            size: m.len(),
+            mtime,
+            mtime_nsec,
+            ctime,
+            ctime_nsec,
+        }
+    }
+
     fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
         b[..8].copy_from_slice(&self.ino.to_le_bytes());
@@ -1343,7 +1300,8 @@ pub struct FileWriter {
     file: File,
     hasher: blake3::Hasher,
     written: u64,
-    limit: u64,
+    /// The manifest size: no more is written.
+    pub(crate) limit: u64,
     /// A file streamed before the manifest: its path in the release and mode.
     streamed: Option<(RelPath, u32)>,
 }

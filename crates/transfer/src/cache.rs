@@ -127,7 +127,23 @@ pub struct ContentCache {
     index: Mutex<Option<Index>>,
     /// This process's pack and index, opened on the first new version.
     writer: Mutex<Option<PackWriter>>,
+    /// Patches made in this process, by (old, new) digest: the targets of a deploy whose live
+    /// releases hold the same old version share one patch.
+    patches: Mutex<PatchMemo>,
 }
+
+/// A made patch (or `None`: none could be made), computed by the first session that asks.
+type PatchCell = std::sync::Arc<std::sync::OnceLock<Option<Vec<u8>>>>;
+
+#[derive(Default)]
+struct PatchMemo {
+    made: HashMap<(Digest, Digest), PatchCell>,
+    /// Bytes of patches kept; none is added beyond [`PATCH_MEMO_BYTES`].
+    bytes: u64,
+}
+
+/// Bytes of patches kept for sharing between the targets of one deploy at most.
+const PATCH_MEMO_BYTES: u64 = 64 << 20;
 
 /// Where each cached version is.
 #[derive(Default)]
@@ -193,7 +209,45 @@ impl ContentCache {
             max_bytes,
             index: Mutex::new(None),
             writer: Mutex::new(None),
+            patches: Mutex::new(PatchMemo::default()),
         }
+    }
+
+    /// The patch from the kept version `old` to the content `new`, made by `make` from the old
+    /// version once per process: each target whose live release holds `old` gets the same
+    /// bytes (a session asking while another makes it waits for it). `None` when `old` is not
+    /// kept or `make` finds no patch. Past 64 MiB of patches kept, each is made anew.
+    pub fn patch(
+        &self,
+        old: &Digest,
+        new: &Digest,
+        make: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+    ) -> Option<Vec<u8>> {
+        let cell = {
+            let mut memo = self.patches.lock().unwrap_or_else(|e| e.into_inner());
+            match memo.made.get(&(*old, *new)) {
+                Some(c) => Some(c.clone()),
+                None if memo.bytes < PATCH_MEMO_BYTES => {
+                    let c = PatchCell::default();
+                    memo.made.insert((*old, *new), c.clone());
+                    Some(c)
+                }
+                None => None,
+            }
+        };
+        let Some(cell) = cell else {
+            return make(&self.get(old)?);
+        };
+        let mut made_here = false;
+        let p = cell.get_or_init(|| {
+            made_here = true;
+            make(&self.get(old)?)
+        });
+        if made_here {
+            let n = p.as_ref().map_or(0, |p| p.len() as u64);
+            self.patches.lock().unwrap_or_else(|e| e.into_inner()).bytes += n;
+        }
+        p.clone()
     }
 
     /// Runs `f` on the index, loading it first if needed.
@@ -348,6 +402,42 @@ mod content_tests {
             fs::write(dir.join(format!("{stamp}.pack")), vec![9u8; 60]).unwrap();
         }
         assert_eq!(c.get(&digests[2]), None);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Ten sessions (the targets of one deploy) asking at once for the patch from the same old
+    /// version get one patch, made once from the cached old version; an old version not kept
+    /// gets none.
+    #[test]
+    fn one_patch_is_made_for_every_target_with_the_same_old_version() {
+        let dir = std::env::temp_dir().join(format!("flip-pmemo-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let c = ContentCache::new(dir.clone(), 1 << 20);
+        let old = b"the old version".to_vec();
+        let old_d = Digest::of(&old);
+        c.put(&old_d, &old).unwrap();
+        let new_d = Digest::of(b"the new version");
+        let made = std::sync::atomic::AtomicUsize::new(0);
+        let got: Vec<Option<Vec<u8>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..10)
+                .map(|_| {
+                    s.spawn(|| {
+                        c.patch(&old_d, &new_d, |o| {
+                            made.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(20));
+                            Some([o, b"+patch"].concat())
+                        })
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(made.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(got
+            .iter()
+            .all(|p| p.as_deref() == Some(&b"the old version+patch"[..])));
+        let missing = Digest::of(b"never kept");
+        assert_eq!(c.patch(&missing, &new_d, |_| Some(vec![1])), None);
         fs::remove_dir_all(dir).unwrap();
     }
 }
