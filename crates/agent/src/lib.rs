@@ -94,6 +94,7 @@ impl AgentError {
 type Result<T, E = AgentError> = std::result::Result<T, E>;
 
 mod apply;
+mod coalesce;
 pub mod doctor;
 mod hooks;
 mod shared;
@@ -161,6 +162,8 @@ struct Session {
     stale: Option<String>,
     /// The client said `Bye`: the session ended as the client meant it to.
     bye: bool,
+    /// Holds the answers to a batch until they all leave together ([`coalesce`]).
+    holder: coalesce::Holder,
     /// The lock was taken for a deploy ([`Purpose::Deploy`]).
     deploying: bool,
     /// The live release's intact check, started at a deploy's `Status` ([`Speculation`]).
@@ -238,9 +241,11 @@ pub fn serve_with(
     root: &Path,
     mkpath: bool,
 ) -> Result<()> {
-    let mut rx = FrameReader::new(input);
-    let mut tx = FrameWriter::new(output);
+    let (holder, input, output) = coalesce::Holder::wrap(input, output);
+    let mut rx = FrameReader::new(Box::new(input));
+    let mut tx = FrameWriter::new(Box::new(output));
     let mut s = Session {
+        holder,
         root_path: root.to_path_buf(),
         root: None,
         lock: None,
@@ -615,7 +620,8 @@ impl Session {
             if let Some(resp) = answer {
                 self.send_notices(tx)?;
                 tx.send(&resp)?;
-                tx.flush()?;
+                // Out with the rest of the batch's answers, before the next read.
+                self.holder.hold(|| tx.flush())?;
             }
         }
     }
