@@ -126,7 +126,10 @@ mod tests {
 
     impl Write for Writes {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().push(buf.to_vec());
+            self.0
+                .lock()
+                .map_err(|_| io::Error::other("poisoned"))?
+                .push(buf.to_vec());
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
