@@ -65,6 +65,11 @@ impl Holder {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Writes out what is held now (the session's end: no read follows).
+    pub(crate) fn release(&self) -> io::Result<()> {
+        self.state().release()
+    }
+
     /// Runs `write` with what it writes held until the next read from the client.
     pub(crate) fn hold<T>(&self, write: impl FnOnce() -> T) -> T {
         self.state().holding = true;

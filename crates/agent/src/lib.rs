@@ -285,7 +285,8 @@ pub fn serve_with(
     }
     match r {
         Ok(()) => {
-            let _ = tx.finish();
+            let _ = s.holder.hold(|| tx.finish());
+            let _ = s.holder.release();
             Ok(())
         }
         Err(e) => {
@@ -586,8 +587,11 @@ impl Session {
             }
             if matches!(req, Request::Bye) {
                 self.bye = true;
-                tx.send(&Response::Bye)?;
-                tx.flush()?;
+                // With the answers before it and the stream's end: one write (`coalesce`).
+                self.holder.hold(|| {
+                    tx.send(&Response::Bye)?;
+                    tx.flush()
+                })?;
                 return Ok(());
             }
             // A stage ahead of the status against a release no longer live, and the `Changes`
