@@ -338,6 +338,7 @@ pub fn write(
             "client_kb": s.client_kb, "server_kb": s.server_kb,
             "wire_up": s.wire.map(|w| w.up), "wire_down": s.wire.map(|w| w.down),
             "connections": s.wire.map(|w| w.connections),
+            "flip_releases_s": s.floor,
             "flip": s.flip_json,
         })).collect::<Vec<_>>(),
         "notes": notes,
