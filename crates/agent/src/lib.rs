@@ -780,7 +780,8 @@ impl Session {
         Ok(Some(match req {
             Request::Hello { .. } => return Err(AgentError::Protocol("Hello sent twice".into())),
             Request::Lock { wait, holder } => self.take_lock(wait, holder, tx)?,
-            Request::Status => self.status()?,
+            // A `CheckLive` already on its way needs no check started ahead of it.
+            Request::Status => self.status(rx.buffered() == 0)?,
             Request::GetManifest { id } => {
                 self.get_manifest(id, tx)?;
                 return Ok(None);
@@ -911,11 +912,14 @@ impl Session {
         Ok(Response::Locked)
     }
 
-    /// `Status`: the live release and every release's summary.
-    fn status(&mut self) -> Result<Response> {
+    /// `Status`: the live release and every release's summary. In a deploy's session, with
+    /// `ahead` (nothing more from the client is waiting to be read), the live release's intact
+    /// check starts now ([`Speculation`]).
+    fn status(&mut self, ahead: bool) -> Result<Response> {
         let root = self.root(false)?;
         let current = root.current()?;
-        if let (true, true, None, Some(id)) = (
+        if let (true, true, true, None, Some(id)) = (
+            ahead,
             self.deploying,
             self.lock.is_some(),
             &self.speculation,
