@@ -164,58 +164,12 @@ struct Session {
     bye: bool,
     /// Holds the answers to a batch until they all leave together ([`coalesce`]).
     holder: coalesce::Holder,
-    /// The lock was taken for a deploy ([`Purpose::Deploy`]).
-    deploying: bool,
-    /// The live release's intact check, started at a deploy's `Status` ([`Speculation`]).
-    speculation: Option<Speculation>,
     /// A release hooks ran in whose writes are not recorded yet: recorded once, before the
     /// next request that is not another hook in it, or when the session ends (one re-hash of
     /// the release per phase, however many hooks ran).
     hook_writes: Option<u64>,
     /// A first deploy's files streaming before its manifest ([`Request::StreamStart`]).
     streaming: Option<stream::Streaming>,
-}
-
-/// The live release's intact check ([`Root::live_intact`] against its own recorded digest),
-/// started in a thread when a deploy asks for the `Status` under the lock: it runs while the
-/// client scans its source, and the `CheckLive` that follows (a deploy's "is this tree live
-/// already?") takes its answer instead of walking the release then. It only reads the live
-/// release, so it may run beside the requests that only read (`Shared` looks at `shared/`
-/// alone, `Probe`, `GetManifest`); any other request first waits for it and drops it.
-struct Speculation {
-    /// The live release checked and the digest its metadata records.
-    id: u64,
-    digest: flip_manifest::Digest,
-    check: std::thread::JoinHandle<Option<u64>>,
-}
-
-impl Speculation {
-    /// Starts checking release `id` (live) of `root`, when its metadata names a digest.
-    fn start(root: &'static Root, id: u64) -> Option<Speculation> {
-        let digest = flip_manifest::Digest::from_hex(&root.info(id).ok()?.manifest_digest)?;
-        let check = std::thread::Builder::new()
-            .name("live-check".into())
-            // An error (damaged metadata, ...) is `None` here: `CheckLive` then checks again
-            // itself and reports it.
-            .spawn(move || root.live_intact(&digest).ok().flatten())
-            .ok()?;
-        Some(Speculation { id, digest, check })
-    }
-
-    /// The answer for `CheckLive { digest }` when release `live` is live: `Some(answer)` when
-    /// this check covers it, `None` when `CheckLive` must check itself.
-    fn answer(self, digest: &flip_manifest::Digest, live: Option<u64>) -> Option<Option<u64>> {
-        let intact = self.check.join().ok()?;
-        if live != Some(self.id) {
-            return None;
-        }
-        if *digest != self.digest {
-            // Another tree than the live one: not live, whatever its state.
-            return Some(None);
-        }
-        // Not intact here is checked again (and any error reported) by `CheckLive` itself.
-        intact.map(Some)
-    }
 }
 
 /// Serves one session. Returns once the client said `Bye` or the session failed.
@@ -263,8 +217,6 @@ pub fn serve_with(
         greeted: false,
         stale: None,
         bye: false,
-        deploying: false,
-        speculation: None,
         hook_writes: None,
         streaming: None,
     };
@@ -764,24 +716,10 @@ impl Session {
         rx: &mut FrameReader,
         tx: &mut FrameWriter,
     ) -> Result<Option<Response>> {
-        let reads_only = matches!(
-            req,
-            Request::Status
-                | Request::CheckLive { .. }
-                | Request::Shared { .. }
-                | Request::Probe(_)
-                | Request::GetManifest { .. }
-        );
-        if !reads_only {
-            if let Some(s) = self.speculation.take() {
-                let _ = s.check.join();
-            }
-        }
         Ok(Some(match req {
             Request::Hello { .. } => return Err(AgentError::Protocol("Hello sent twice".into())),
             Request::Lock { wait, holder } => self.take_lock(wait, holder, tx)?,
-            // A `CheckLive` already on its way needs no check started ahead of it.
-            Request::Status => self.status(rx.buffered() == 0)?,
+            Request::Status => self.status()?,
             Request::GetManifest { id } => {
                 self.get_manifest(id, tx)?;
                 return Ok(None);
@@ -888,8 +826,7 @@ impl Session {
         if self.lock.is_some() {
             return Err(AgentError::Protocol("lock requested twice".into()));
         }
-        self.deploying = holder.what == Purpose::Deploy;
-        let root = self.root(self.deploying)?;
+        let root = self.root(holder.what == Purpose::Deploy)?;
         let me = flip_release::Holder {
             pid: std::process::id(),
             host: self.host.clone(),
@@ -912,21 +849,10 @@ impl Session {
         Ok(Response::Locked)
     }
 
-    /// `Status`: the live release and every release's summary. In a deploy's session, with
-    /// `ahead` (nothing more from the client is waiting to be read), the live release's intact
-    /// check starts now ([`Speculation`]).
-    fn status(&mut self, ahead: bool) -> Result<Response> {
+    /// `Status`: the live release and every release's summary.
+    fn status(&mut self) -> Result<Response> {
         let root = self.root(false)?;
         let current = root.current()?;
-        if let (true, true, true, None, Some(id)) = (
-            ahead,
-            self.deploying,
-            self.lock.is_some(),
-            &self.speculation,
-            current,
-        ) {
-            self.speculation = Speculation::start(root, id);
-        }
         Ok(Response::Status {
             current,
             releases: root.releases()?.into_iter().filter_map(summary).collect(),
@@ -1098,14 +1024,7 @@ impl Session {
     fn check_live(&mut self, digest: flip_manifest::Digest) -> Result<Response> {
         let root = self.root(false)?;
         self.locked()?;
-        let speculated = self
-            .speculation
-            .take()
-            .and_then(|s| s.answer(&digest, root.current().ok().flatten()));
-        let id = match speculated {
-            Some(id) => id,
-            None => root.live_intact(&digest)?,
-        };
+        let id = root.live_intact(&digest)?;
         // No release will be made: the writable directories under shared/ are made now.
         if let (Some(_), Some(settings)) = (id, &self.shared) {
             settings.writable_only(root)?;

@@ -112,18 +112,6 @@ impl FrameReader {
         Ok(())
     }
 
-    /// Raw bytes already read from the stream and not decoded yet: the peer's next frames (or
-    /// part of them, or a compressed stream's bookkeeping). Non-zero means the peer sent more
-    /// after the last frame read; zero says nothing (more may be on its way, or decoded and
-    /// waiting inside the decompressor).
-    pub fn buffered(&self) -> usize {
-        match &self.side {
-            ReadSide::Plain(r) => r.buffer().len(),
-            ReadSide::Zstd(d) => d.get_ref().buffer().len(),
-            ReadSide::Switching => 0,
-        }
-    }
-
     fn reader(&mut self) -> &mut dyn Read {
         match &mut self.side {
             ReadSide::Plain(r) => r,
