@@ -237,13 +237,7 @@ impl Pool {
         how: How,
         weight: u64,
     ) {
-        debug_assert!(self.open.is_none());
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let worker = (0..self.workers.len())
-            .min_by_key(|&i| self.workers[i].queued.load(Ordering::SeqCst))
-            .expect("at least one writer");
-        self.outstanding += 1;
+        let (seq, worker) = self.next_file();
         let msg = Msg::Start {
             seq,
             index,
@@ -259,6 +253,19 @@ impl Pool {
         });
     }
 
+    /// The next file's sequence number and the writer it goes to (the least loaded), counted
+    /// as outstanding; no file may be open.
+    fn next_file(&mut self) -> (u64, usize) {
+        debug_assert!(self.open.is_none());
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let worker = (0..self.workers.len())
+            .min_by_key(|&i| self.workers[i].queued.load(Ordering::SeqCst))
+            .expect("at least one writer");
+        self.outstanding += 1;
+        (seq, worker)
+    }
+
     /// [`Pool::start`] and the one [`Pool::chunk`] of a file whose content is `data`, in one
     /// message.
     pub(crate) fn whole(
@@ -269,13 +276,7 @@ impl Pool {
         data: Vec<u8>,
         mtime: Mtime,
     ) {
-        debug_assert!(self.open.is_none());
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let worker = (0..self.workers.len())
-            .min_by_key(|&i| self.workers[i].queued.load(Ordering::SeqCst))
-            .expect("at least one writer");
-        self.outstanding += 1;
+        let (seq, worker) = self.next_file();
         let bytes = data.len() as u64 + 2 * MSG_OVERHEAD;
         let msg = Msg::Whole {
             seq,

@@ -172,6 +172,17 @@ struct Session {
     streaming: Option<stream::Streaming>,
 }
 
+/// A session's writer threads (started with its first content), or the first file they
+/// failed on.
+fn writers(pool: &mut Option<Pool>) -> Result<&mut Pool> {
+    let pool = pool.get_or_insert_with(|| Pool::new(Pool::default_threads()));
+    if pool.failed() {
+        let e = pool.settle().expect("a file failed");
+        return Err(e.into());
+    }
+    Ok(pool)
+}
+
 /// Serves one session. Returns once the client said `Bye` or the session failed.
 ///
 /// # Errors
@@ -1218,13 +1229,7 @@ impl Session {
         last: bool,
     ) -> Result<()> {
         let stage = self.staged()?.clone();
-        let pool = self
-            .pool
-            .get_or_insert_with(|| Pool::new(Pool::default_threads()));
-        if pool.failed() {
-            let e = pool.settle().expect("a file failed");
-            return Err(e.into());
-        }
+        let pool = writers(&mut self.pool)?;
         let mut inc = match self.incoming.take() {
             None => {
                 let size = stage

@@ -13,7 +13,7 @@
 //! [`Request::Stream`]: flip_wire::Request::Stream
 
 use crate::apply::{How, Pool};
-use crate::{check_free, AgentError, Result, Session};
+use crate::{check_free, writers, AgentError, Result, Session};
 use flip_manifest::{Manifest, RelPath};
 use flip_release::{Error as RelError, Stage};
 use flip_wire::{Mtime, StageBase};
@@ -88,13 +88,7 @@ impl Session {
             .into());
         }
         st.bytes_left -= len;
-        let pool = self
-            .pool
-            .get_or_insert_with(|| Pool::new(Pool::default_threads()));
-        if pool.failed() {
-            let e = pool.settle().expect("a file failed");
-            return Err(e.into());
-        }
+        let pool = writers(&mut self.pool)?;
         match &st.open {
             None => {
                 if st.files_left == 0 {
