@@ -58,7 +58,11 @@ fn live_root(dir: &Path) -> Root {
 /// One agent session fed with `frames` after a Hello. The client reads answers (notices
 /// skipped) until `stop` says so, an error or `Bye`, then goes away (both pipes closed); the
 /// answers read are returned once the agent is done.
-fn session(root: &Path, frames: Vec<Request>, stop: impl Fn(&Response) -> bool) -> Vec<Response> {
+fn session(
+    root: &Path,
+    frames: impl IntoIterator<Item = Request>,
+    stop: impl Fn(&Response) -> bool,
+) -> Vec<Response> {
     let (client_rx, agent_tx) = std::io::pipe().unwrap();
     let (agent_rx, client_tx) = std::io::pipe().unwrap();
     let root = root.to_path_buf();
@@ -74,9 +78,11 @@ fn session(root: &Path, frames: Vec<Request>, stop: impl Fn(&Response) -> bool) 
     })
     .unwrap();
     for f in frames {
-        tx.send(&f).unwrap();
+        if tx.send(&f).is_err() {
+            break;
+        }
     }
-    tx.flush().unwrap();
+    let _ = tx.flush();
     let mut rx = FrameReader::new(Box::new(client_rx));
     let mut out = Vec::new();
     while let Ok(r) = rx.recv::<Response>() {
@@ -143,4 +149,100 @@ fn what_a_hook_wrote_before_its_client_went_away_is_not_tampering() {
         Vec::<String>::new(),
         "the hook's write is not tampering"
     );
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Many deploys in one process (each stage links from the live release through directory
+/// descriptors, each `Status` starts the live check, each `CheckLive` takes it): the number of
+/// open descriptors does not grow with them.
+#[test]
+fn deploys_leave_no_descriptor_open() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("t");
+    live_root(&root);
+    let deploy = |n: usize| {
+        let new = format!("beta {n}");
+        let m = Manifest::new(vec![
+            file("a", b"alpha"),
+            Entry {
+                path: RelPath::new("d").unwrap(),
+                kind: EntryKind::Dir { mode: 0o755 },
+            },
+            file("d/b", new.as_bytes()),
+        ])
+        .unwrap();
+        let bytes = flip_manifest::encode(&m);
+        let frames = vec![
+            lock(),
+            Request::Status,
+            Request::CheckLive { digest: m.digest() },
+            Request::Stage {
+                label: None,
+                base: flip_wire::StageBase::Whole,
+                payload_len: bytes.len() as u64,
+                digest: m.digest(),
+            },
+            Request::ManifestChunk(bytes),
+            Request::Literal {
+                index: 1,
+                mtime: None,
+                data: new.into_bytes(),
+                last: true,
+            },
+            Request::Commit,
+            Request::Activate { id: n as u64 + 2 },
+            Request::Prune { keep: 2 },
+            Request::Bye,
+        ];
+        let rs = session(&root, frames, |_| false);
+        assert!(matches!(rs.last(), Some(Response::Bye)), "{rs:?}");
+    };
+    deploy(0);
+    let before = open_fds();
+    for n in 1..40 {
+        deploy(n);
+    }
+    assert_eq!(std::fs::read(root.join("current/d/b")).unwrap(), b"beta 39");
+    assert!(
+        open_fds() <= before,
+        "{} descriptors open, {before} before",
+        open_fds()
+    );
+}
+
+/// Streamed paths cost the agent what it keeps of them (each file's path and the directories
+/// made for it): a client streaming long paths is refused once they pass
+/// `flip_wire::STREAM_RECORD_MAX` (before: 200 KiB of deep paths held 200 MiB of the agent's
+/// memory, and the files announced let it go on for gigabytes), with nothing left behind.
+#[test]
+fn streamed_paths_beyond_what_the_agent_keeps_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("t");
+    // 15 directories of 255-byte names: every file path is about 3.9 KiB.
+    let prefix = vec!["d".repeat(255); 15].join("/");
+    let path = |i: u64| RelPath::new(format!("{prefix}/f{i:06}")).unwrap();
+    let each = flip_wire::stream_record_cost(&path(0));
+    let files = flip_wire::STREAM_RECORD_MAX / each + 2;
+    let frames = [lock(), Request::StreamStart { files, bytes: 0 }]
+        .into_iter()
+        .chain((0..files).map(move |i| Request::Stream {
+            path: path(i),
+            mode: 0o644,
+            mtime: None,
+            data: Vec::new(),
+            last: true,
+        }))
+        .chain([Request::Status, Request::Bye]);
+    let rs = session(&root, frames, |_| false);
+    match rs.last() {
+        Some(Response::Error { class, message }) => {
+            assert_eq!(*class, flip_wire::ErrorClass::BadRequest, "{message}");
+            assert!(message.contains("more than the agent keeps"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!root.exists(), "the target this session created is removed");
 }
