@@ -246,3 +246,75 @@ fn streamed_paths_beyond_what_the_agent_keeps_are_refused() {
     }
     assert!(!root.exists(), "the target this session created is removed");
 }
+
+/// A directory of the live release swapped for a symlink to a directory outside the root that
+/// holds a file of the same name and content: the next stage never links (shares the inode of)
+/// that outside file; the file is asked for and sent instead.
+#[test]
+fn a_live_directory_swapped_for_a_symlink_is_not_linked_through() {
+    use std::os::unix::fs::MetadataExt;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("t");
+    let r = Root::open_or_init(&root).unwrap();
+    let me = Holder {
+        pid: 1,
+        host: "h".into(),
+        user: "u".into(),
+        since: 0,
+        what: "setup".into(),
+    };
+    let dir = |p: &str| Entry {
+        path: RelPath::new(p).unwrap(),
+        kind: EntryKind::Dir { mode: 0o755 },
+    };
+    {
+        let lock = r.lock(&me, Wait::No).unwrap();
+        let m = Manifest::new(vec![dir("d"), file("d/f", b"alpha")]).unwrap();
+        let stage = r.stage(&lock, m, None).unwrap();
+        let mut w = stage.begin_file(stage.needs()[0]).unwrap();
+        w.write(b"alpha").unwrap();
+        stage.finish_file(w, None).unwrap();
+        let info = stage.commit().unwrap();
+        r.activate(&lock, info.id).unwrap();
+    }
+    let outside = t.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("f"), b"alpha").unwrap();
+    let live = root.join("releases/1");
+    std::fs::rename(live.join("d"), t.path().join("moved")).unwrap();
+    std::os::unix::fs::symlink(&outside, live.join("d")).unwrap();
+    let m = Manifest::new(vec![dir("d"), file("d/f", b"alpha"), file("g", b"new")]).unwrap();
+    let bytes = flip_manifest::encode(&m);
+    let frames = vec![
+        lock(),
+        Request::Status,
+        Request::Stage {
+            label: None,
+            base: flip_wire::StageBase::Whole,
+            payload_len: bytes.len() as u64,
+            digest: m.digest(),
+        },
+        Request::ManifestChunk(bytes),
+    ];
+    let rs = session(&root, frames, |r| matches!(r, Response::Staged { .. }));
+    let needs = rs
+        .iter()
+        .find_map(|r| match r {
+            Response::Staged { needs, .. } => {
+                Some(needs.iter().map(|n| n.index).collect::<Vec<u32>>())
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{rs:?}"));
+    assert_eq!(
+        needs,
+        vec![0, 1],
+        "d/f is not linked from the symlinked directory"
+    );
+    let names: Vec<_> = std::fs::read_dir(root.join("releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["1"], "the session that went away left no staging");
+    assert_eq!(std::fs::metadata(outside.join("f")).unwrap().nlink(), 1);
+}
