@@ -60,3 +60,49 @@ fn a_full_disk_fails_cleanly_and_loses_nothing() {
     assert_eq!(num(&j, "/release"), 3);
     assert_dir_eq(&fx.current(), &src.tree(), "deploy after freeing space");
 }
+
+/// A first deploy whose files stream into a target that runs out of inodes mid-stream (the
+/// announced bytes fit, the files do not): a clear error (exit 8) naming the cause, nothing
+/// left in the target root, and the next deploy that fits succeeds.
+#[test]
+fn a_first_deploy_running_out_of_inodes_mid_stream_leaves_nothing() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let fx = Fx::new();
+    std::fs::create_dir(&fx.root).unwrap();
+    let st = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=16m,nr_inodes=200",
+            "tmpfs",
+            fx.root_str(),
+        ])
+        .status()
+        .expect("run mount");
+    assert!(st.success(), "mount tmpfs failed");
+    let _mount = Mount(fx.root.clone());
+    let src = fx.src("src");
+    // More than 256 files (the client streams them) and more than the target's inodes.
+    for i in 0..300 {
+        src.file(&format!("d{}/f{i}", i % 10), noise(i, 1000), 0o644);
+    }
+    let r = fx
+        .flip(&["deploy", src.s(), fx.root_str()])
+        .code(8)
+        .stderr_has("no space left on device");
+    let left: Vec<_> = std::fs::read_dir(&fx.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?} left after: {}", r.stderr);
+    for i in 100..300 {
+        std::fs::remove_file(src.p(&format!("d{}/f{i}", i % 10))).unwrap();
+    }
+    fx.deploy(&src, &[]);
+    assert_dir_eq(&fx.current(), &src.tree(), "deploy after the failed one");
+}

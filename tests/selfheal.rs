@@ -752,3 +752,28 @@ fn an_idle_agent_gives_up_and_releases_the_lock() {
     let j = fx.deploy(&src, &[]);
     assert_eq!(num(&j, "/release"), 2);
 }
+
+/// The live release's own record damaged (its metadata or its manifest): a deploy of the same
+/// tree names the damaged file, makes a new release and succeeds, and the one after it finds
+/// that release live and unchanged. Before, every deploy failed (exit 7) on the damaged file.
+#[test]
+fn a_damaged_record_of_the_live_release_does_not_fail_every_deploy() {
+    for (name, junk) in [("1.json", "{garbage"), ("1.manifest", "yy")] {
+        let fx = Fx::new();
+        let src = fx.src("src");
+        public_site(&src, 1);
+        fx.deploy(&src, &[]);
+        std::fs::write(fx.root.join(".flip/releases").join(name), junk).unwrap();
+        let r = fx.flip(&["deploy", src.s(), fx.root_str()]).success();
+        assert!(
+            r.stderr.contains(name) && r.stderr.contains("damaged"),
+            "{name}: {}",
+            r.stderr
+        );
+        assert_eq!(fx.current_link(), "releases/2", "{name}");
+        assert_dir_eq(&fx.current(), &src.tree(), name);
+        let j = fx.deploy(&src, &[]);
+        assert_eq!(num(&j, "/release"), 2, "{name}: {j}");
+        fx.flip(&["verify", fx.root_str()]).success();
+    }
+}

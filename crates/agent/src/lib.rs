@@ -1084,6 +1084,10 @@ impl Session {
             Some(p) => p,
             None => root.current()?,
         };
+        // What a hook wrote into the release is not tampering, however it ended (its client
+        // gone mid-hook included: it is killed, and what it wrote stays): recorded after the
+        // last hook of this phase (`record_hook_writes`), or when the session ends.
+        self.hook_writes = Some(release);
         let done =
             hooks::run(&hook, &root.release_dir(release), release, previous, tx).map_err(|e| {
                 match e {
@@ -1100,9 +1104,6 @@ impl Session {
             duration_ms,
         } = &done
         {
-            // What a hook wrote into the release is not tampering: recorded after the last
-            // hook of this phase (`record_hook_writes`).
-            self.hook_writes = Some(release);
             self.log(serde_json::json!({
                 "time": now(), "event": "hook", "release": release,
                 "run": hook.run, "status": status, "signal": signal,

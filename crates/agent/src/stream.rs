@@ -3,7 +3,9 @@
 //!
 //! Only into a target with nothing live, under the lock, without shared paths. What is announced
 //! bounds what is accepted: at most `files` files (at most [`MAX_STREAMED_FILES`]) and `bytes`
-//! bytes in all, and `bytes` must fit in the free space before anything is written. Each file is created by the stage
+//! bytes in all, and `bytes` must fit in the free space before anything is written; the record of
+//! the paths streamed (files and the directories made for them) costs at most
+//! [`flip_wire::STREAM_RECORD_MAX`]. Each file is created by the stage
 //! (`O_EXCL|O_NOFOLLOW`, its parents made by the stage, one at a time) and written and hashed by
 //! the same writer threads as any content (bounded in flight); at `Stage` every streamed file
 //! must be the manifest's file exactly (mode, size, blake3) and nothing else may have been
@@ -30,6 +32,8 @@ pub(crate) struct Streaming {
     /// Files and bytes the client may still stream (what `StreamStart` announced, less what came).
     files_left: u64,
     bytes_left: u64,
+    /// What the record of the streamed paths may still cost ([`flip_wire::STREAM_RECORD_MAX`]).
+    record_left: u64,
     /// The file whose frames are arriving.
     open: Option<RelPath>,
 }
@@ -62,6 +66,7 @@ impl Session {
             stage: Arc::new(stage),
             files_left: files,
             bytes_left: bytes,
+            record_left: flip_wire::STREAM_RECORD_MAX,
             open: None,
         });
         Ok(())
@@ -98,7 +103,8 @@ impl Session {
                     .into());
                 }
                 st.files_left -= 1;
-                st.stage.make_parents(&path)?;
+                st.stage
+                    .make_parents(&path, &mut st.record_left, flip_wire::stream_record_cost)?;
                 if last {
                     pool.whole(&st.stage, usize::MAX, How::Stream(path, mode), data, mtime);
                     return Ok(());

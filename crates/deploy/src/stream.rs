@@ -14,7 +14,7 @@ use crate::{DeployError, Failed, Host};
 use flip_manifest::{Digest, RelPath};
 use flip_transfer::ContentCache;
 use flip_wire::ReleaseSummary;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Bytes of content read by the scan and not yet sent, at most (one file may exceed it alone).
@@ -72,6 +72,39 @@ struct State {
     consumer_waiting: bool,
     /// The big file whose pieces are coming: whether it streams (it fit in what was left).
     big: Option<bool>,
+    /// What the agent's record of the streamed paths has cost ([`flip_wire::STREAM_RECORD_MAX`])
+    /// and the directories it made for them, charged as the agent charges them.
+    record: u64,
+    dirs: HashSet<RelPath>,
+}
+
+impl State {
+    /// Charges streaming `rel` (its path and the directories the agent makes for it) to the
+    /// agent's record, unless that passes [`flip_wire::STREAM_RECORD_MAX`]: then `false`, and
+    /// the file is sent after the manifest. The total charged is that of the set of files
+    /// charged, whatever their order, so the agent (in queue order) never passes the bound.
+    fn charge(&mut self, rel: &RelPath) -> bool {
+        let mut missing = Vec::new();
+        let mut up = rel.parent();
+        while let Some(p) = up {
+            if self.dirs.contains(&p) {
+                break;
+            }
+            up = p.parent();
+            missing.push(p);
+        }
+        let cost = missing
+            .iter()
+            .map(flip_wire::stream_record_cost)
+            .sum::<u64>()
+            + flip_wire::stream_record_cost(rel);
+        if self.record + cost > flip_wire::STREAM_RECORD_MAX {
+            return false;
+        }
+        self.record += cost;
+        self.dirs.extend(missing);
+        true
+    }
 }
 
 #[derive(Default)]
@@ -118,6 +151,10 @@ impl flip_scan::ContentSink for Feed {
             // Grown since the walk, or nobody streams: sent after the manifest, if at all.
             _ => return,
         }
+        // Its path is more than the agent keeps before the manifest: sent after it.
+        if !s.charge(rel) {
+            return;
+        }
         let item = Item::File {
             rel: rel.clone(),
             mode,
@@ -146,7 +183,7 @@ impl flip_scan::ContentSink for Feed {
                 Some((files, bytes)) if !dropped && *files > 0 && *bytes >= size => {
                     *files -= 1;
                     *bytes -= size;
-                    true
+                    s.charge(rel)
                 }
                 _ => false,
             },
@@ -317,4 +354,40 @@ pub(crate) fn account(report: &mut flip_transfer::DeployReport, (files, bytes): 
     report.counts.files.literal += files;
     report.literal_bytes += bytes;
     report.matched_bytes = report.matched_bytes.saturating_sub(bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client charges streamed paths as the agent does and streams none that would pass
+    /// `flip_wire::STREAM_RECORD_MAX` (the agent would refuse it, on every retry): the files
+    /// beyond it go after the manifest, and short paths still stream once long ones did not.
+    #[test]
+    fn no_file_streams_past_what_the_agent_keeps_of_the_paths() {
+        let prefix = vec!["d".repeat(255); 15].join("/");
+        let path = |i: u64| RelPath::new(format!("{prefix}/f{i:06}")).unwrap();
+        let each = flip_wire::stream_record_cost(&path(0));
+        let dirs: u64 = (1..=15)
+            .map(|k| {
+                flip_wire::stream_record_cost(
+                    &RelPath::new(vec!["d".repeat(255); k].join("/")).unwrap(),
+                )
+            })
+            .sum();
+        let mut s = State::default();
+        let mut streamed = 0;
+        while s.charge(&path(streamed)) {
+            streamed += 1;
+        }
+        assert_eq!(streamed, (flip_wire::STREAM_RECORD_MAX - dirs) / each);
+        assert_eq!(s.record, dirs + streamed * each);
+        assert!(s.record <= flip_wire::STREAM_RECORD_MAX);
+        // Refused: nothing charged, no directory recorded for it.
+        let long = format!("{}/x", vec!["e".repeat(255); 15].join("/"));
+        assert!(!s.charge(&RelPath::new(long).unwrap()));
+        assert_eq!(s.dirs.len(), 15);
+        let room = flip_wire::STREAM_RECORD_MAX - s.record;
+        assert_eq!(s.charge(&RelPath::new("a").unwrap()), room >= 65);
+    }
 }

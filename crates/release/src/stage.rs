@@ -953,19 +953,35 @@ impl Root {
     /// The live release's id when its manifest's digest is `digest` and the tree is intact as
     /// far as a look without reading content tells: every file the same inode, size, mtime and
     /// ctime as recorded at commit, every symlink with its target, every directory there. `None`
-    /// otherwise (nothing live, another manifest, a record missing or any difference): then a
-    /// deploy of that manifest makes a new release, which repairs the tree.
+    /// otherwise (nothing live, another manifest, a record missing or damaged (then warned
+    /// about) or any difference): then a deploy of that manifest makes a new release, which
+    /// repairs the tree.
     ///
     /// # Errors
-    /// An I/O error reading the live release's records (a difference is `None`, not an error).
+    /// An I/O error reading the live release's records (a difference or a damaged record is
+    /// `None`, not an error).
     pub fn live_intact(&self, digest: &Digest) -> Result<Option<u64>> {
         let Some(id) = self.current()? else {
             return Ok(None);
         };
-        if self.info(id)?.manifest_digest != digest.to_hex() {
-            return Ok(None);
+        // A live release whose record is damaged is not intact (named, and a new release is
+        // made): failing here failed every deploy until someone repaired it by hand.
+        let not_intact = |e: Error| match e {
+            Error::Corrupt { .. } => {
+                self.warn(format!("the live release {id} is not checked: {e}"));
+                Ok(None)
+            }
+            e => Err(e),
+        };
+        match self.info(id) {
+            Ok(info) if info.manifest_digest == digest.to_hex() => {}
+            Ok(_) => return Ok(None),
+            Err(e) => return not_intact(e),
         }
-        let manifest = self.manifest(id)?;
+        let manifest = match self.manifest(id) {
+            Ok(m) => m,
+            Err(e) => return not_intact(e),
+        };
         if manifest.digest() != *digest {
             return Ok(None);
         }

@@ -73,6 +73,20 @@ pub const PATCH_WINDOW_LOG_MAX: u32 = 26;
 /// holds it whole while decoding it (itself bounded by `flip_manifest`'s decode budget).
 pub const MAX_MANIFEST: u64 = 256 << 20;
 
+/// Most bytes the agent's record of a first deploy's streamed files may cost before their
+/// manifest comes ([`Request::StreamStart`]): each streamed file and each directory made for
+/// one is charged [`stream_record_cost`] (the agent keeps their paths), in stream order. A
+/// streamed path of a few KiB can make thousands of directories; without this bound a
+/// client's few bytes cost the agent a thousand times as much memory. The client streams no
+/// file that would pass it (that file is sent after the manifest, as any other).
+pub const STREAM_RECORD_MAX: u64 = MAX_MANIFEST;
+
+/// What recording streamed file or directory `rel` costs against [`STREAM_RECORD_MAX`]: its
+/// path's bytes and 64 more.
+pub fn stream_record_cost(rel: &RelPath) -> u64 {
+    rel.as_str().len() as u64 + 64
+}
+
 /// A modification time: (seconds since the epoch, nanoseconds), or none.
 pub type Mtime = Option<(i64, u32)>;
 

@@ -93,10 +93,18 @@ impl Stage<'_> {
 
     /// Makes the missing parent directories of streamed file `rel`, private (their modes are
     /// set at commit), each inside one this stage made. Called by one thread, in stream order.
+    /// Recording `rel` and each directory made costs `cost(path)` out of `budget` (what the
+    /// record of the streamed files may still take), checked before anything is made.
     ///
     /// # Errors
-    /// An I/O error, e.g. when a streamed file already holds a parent's path.
-    pub fn make_parents(&self, rel: &RelPath) -> Result<()> {
+    /// [`Error::BadRequest`] when the record would cost more than `budget`, or an I/O error,
+    /// e.g. when a streamed file already holds a parent's path.
+    pub fn make_parents(
+        &self,
+        rel: &RelPath,
+        budget: &mut u64,
+        cost: impl Fn(&RelPath) -> u64,
+    ) -> Result<()> {
         let s = self.streaming()?;
         let mut missing = Vec::new();
         let mut dirs = s.dirs.lock().unwrap_or_else(|e| e.into_inner());
@@ -108,6 +116,12 @@ impl Stage<'_> {
             up = p.parent();
             missing.push(p);
         }
+        let charged = missing.iter().map(&cost).sum::<u64>() + cost(rel);
+        *budget = budget.checked_sub(charged).ok_or_else(|| {
+            Error::BadRequest(format!(
+                "{rel}: the paths streamed before the manifest (with the directories made for them) are more than the agent keeps"
+            ))
+        })?;
         for p in missing.into_iter().rev() {
             let path = self.abs(&p);
             std::fs::DirBuilder::new()
