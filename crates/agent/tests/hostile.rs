@@ -6,99 +6,16 @@
 #![allow(clippy::disallowed_methods)]
 
 use flip_manifest::{Digest, Entry, EntryKind, Manifest, RelPath};
-use flip_release::{Holder, Root, Wait};
-use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Request, Response, SigItem, MAGIC, PROTOCOL,
-};
-use std::io::Write;
+use flip_release::Root;
+use flip_wire::{ErrorClass, Request, Response, SigItem, MAGIC, PROTOCOL};
 use std::path::Path;
 
-fn holder() -> flip_wire::Holder {
-    flip_wire::Holder {
-        pid: 1,
-        host: "test".into(),
-        user: "test".into(),
-        since: 0,
-        what: flip_wire::Purpose::Deploy,
-    }
-}
-
-fn file(path: &str, content: &[u8]) -> Entry {
-    Entry {
-        path: RelPath::new(path).unwrap(),
-        kind: EntryKind::File {
-            mode: 0o644,
-            size: content.len() as u64,
-            digest: Digest::of(content),
-        },
-    }
-}
+mod common;
+use common::{file, holder, lock, session};
 
 /// A root with release 1 live, holding `old.txt` (20 KiB).
 fn live_root(dir: &Path) -> Root {
-    let root = Root::open_or_init(dir).unwrap();
-    let me = Holder {
-        pid: 1,
-        host: "h".into(),
-        user: "u".into(),
-        since: 0,
-        what: "setup".into(),
-    };
-    let lock = root.lock(&me, Wait::No).unwrap();
-    let content = vec![b'x'; 20 << 10];
-    let m = Manifest::new(vec![file("old.txt", &content)]).unwrap();
-    let stage = root.stage(&lock, m, None).unwrap();
-    let idx = stage.needs()[0];
-    let mut w = stage.begin_file(idx).unwrap();
-    w.write(&content).unwrap();
-    stage.finish_file(w, None).unwrap();
-    let info = stage.commit().unwrap();
-    root.activate(&lock, info.id).unwrap();
-    root
-}
-
-/// Runs one agent session fed with `frames` (after a valid Hello unless `raw`), returns every
-/// response.
-fn session(root: &Path, raw: Option<Vec<u8>>, frames: Vec<Request>) -> Vec<Response> {
-    let (client_rx, agent_tx) = std::io::pipe().unwrap();
-    let (agent_rx, client_tx) = std::io::pipe().unwrap();
-    let root = root.to_path_buf();
-    let agent = std::thread::spawn(move || {
-        let _ = flip_agent::serve(Box::new(agent_rx), Box::new(agent_tx), &root);
-    });
-    let writer = std::thread::spawn(move || {
-        let mut client_tx = client_tx;
-        if let Some(bytes) = raw {
-            let _ = client_tx.write_all(&bytes);
-            return;
-        }
-        let mut tx = FrameWriter::new(Box::new(client_tx));
-        let _ = tx.send(&Request::Hello {
-            magic: MAGIC,
-            protocol: PROTOCOL,
-            version: "test".into(),
-            compress: 0,
-        });
-        for f in frames {
-            if tx.send(&f).is_err() {
-                break;
-            }
-        }
-        let _ = tx.flush();
-    });
-    let mut rx = FrameReader::new(Box::new(client_rx));
-    let mut out = Vec::new();
-    while let Ok(r) = rx.recv::<Response>() {
-        let end = matches!(r, Response::Error { .. } | Response::Bye);
-        out.push(r);
-        if end {
-            break;
-        }
-    }
-    drop(rx);
-    writer.join().unwrap();
-    agent.join().unwrap();
-    out
+    common::live_root(dir, "old.txt", &[b'x'; 20 << 10])
 }
 
 /// Runs a session that must end in an error of `class` whose message contains `needle`, with
@@ -412,13 +329,6 @@ fn a_patch_that_inflates_beyond_the_manifest_size() {
         ErrorClass::Integrity,
         "more than the 5 bytes",
     );
-}
-
-fn lock() -> Request {
-    Request::Lock {
-        wait: false,
-        holder: holder(),
-    }
 }
 
 /// A session that must end in a protocol error naming `needle`, before anything was staged.

@@ -10,18 +10,8 @@ use flip_release::{Holder, Root, Wait};
 use flip_wire::{FrameReader, FrameWriter, Request, Response, MAGIC, PROTOCOL};
 use std::path::Path;
 
-fn lock() -> Request {
-    Request::Lock {
-        wait: false,
-        holder: flip_wire::Holder {
-            pid: 1,
-            host: "test".into(),
-            user: "test".into(),
-            since: 0,
-            what: flip_wire::Purpose::Deploy,
-        },
-    }
-}
+mod common;
+use common::lock;
 
 /// A root with release 1 live (one empty directory).
 fn live_root(dir: &Path) {

@@ -4,55 +4,17 @@
 // Tests read back what the agent wrote.
 #![allow(clippy::disallowed_methods)]
 
-use flip_manifest::{Digest, Entry, EntryKind, Manifest, RelPath};
+use flip_manifest::{Entry, EntryKind, Manifest, RelPath};
 use flip_release::{Holder, Root, Wait};
 use flip_wire::{FrameReader, FrameWriter, Request, Response, MAGIC, PROTOCOL};
 use std::path::Path;
 
-fn lock() -> Request {
-    Request::Lock {
-        wait: false,
-        holder: flip_wire::Holder {
-            pid: 1,
-            host: "test".into(),
-            user: "test".into(),
-            since: 0,
-            what: flip_wire::Purpose::Deploy,
-        },
-    }
-}
-
-fn file(path: &str, content: &[u8]) -> Entry {
-    Entry {
-        path: RelPath::new(path).unwrap(),
-        kind: EntryKind::File {
-            mode: 0o644,
-            size: content.len() as u64,
-            digest: Digest::of(content),
-        },
-    }
-}
+mod common;
+use common::{file, lock};
 
 /// A root with release 1 live, holding `a` ("alpha").
 fn live_root(dir: &Path) -> Root {
-    let root = Root::open_or_init(dir).unwrap();
-    let me = Holder {
-        pid: 1,
-        host: "h".into(),
-        user: "u".into(),
-        since: 0,
-        what: "setup".into(),
-    };
-    let lock = root.lock(&me, Wait::No).unwrap();
-    let m = Manifest::new(vec![file("a", b"alpha")]).unwrap();
-    let stage = root.stage(&lock, m, None).unwrap();
-    let idx = stage.needs()[0];
-    let mut w = stage.begin_file(idx).unwrap();
-    w.write(b"alpha").unwrap();
-    stage.finish_file(w, None).unwrap();
-    let info = stage.commit().unwrap();
-    root.activate(&lock, info.id).unwrap();
-    root
+    common::live_root(dir, "a", b"alpha")
 }
 
 /// One agent session fed with `frames` after a Hello. The client reads answers (notices

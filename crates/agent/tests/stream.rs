@@ -5,33 +5,17 @@
 // Tests read back what the agent wrote.
 #![allow(clippy::disallowed_methods)]
 
-use flip_manifest::{Digest, Entry, EntryKind, Manifest, RelPath};
-use flip_wire::{ErrorClass, FrameReader, FrameWriter, Request, Response, MAGIC, PROTOCOL};
+use flip_manifest::{Entry, EntryKind, Manifest, RelPath};
+use flip_wire::{ErrorClass, Request, Response};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-fn lock() -> Request {
-    Request::Lock {
-        wait: false,
-        holder: flip_wire::Holder {
-            pid: 1,
-            host: "test".into(),
-            user: "test".into(),
-            since: 0,
-            what: flip_wire::Purpose::Deploy,
-        },
-    }
-}
+mod common;
+use common::{file_mode as file, lock};
 
-fn file(path: &str, content: &[u8], mode: u32) -> Entry {
-    Entry {
-        path: RelPath::new(path).unwrap(),
-        kind: EntryKind::File {
-            mode,
-            size: content.len() as u64,
-            digest: Digest::of(content),
-        },
-    }
+/// One agent session on `root` fed with `frames` after a Hello.
+fn session(root: &Path, frames: Vec<Request>) -> Vec<Response> {
+    common::session(root, None, frames)
 }
 
 fn dir(path: &str) -> Entry {
@@ -62,48 +46,6 @@ fn stage(m: &Manifest) -> Vec<Request> {
         },
         Request::ManifestChunk(bytes),
     ]
-}
-
-/// One agent session on `root` fed with `frames` after a Hello; every answer (notices skipped)
-/// up to an error or `Bye`.
-fn session(root: &Path, frames: Vec<Request>) -> Vec<Response> {
-    let (client_rx, agent_tx) = std::io::pipe().unwrap();
-    let (agent_rx, client_tx) = std::io::pipe().unwrap();
-    let root = root.to_path_buf();
-    let agent = std::thread::spawn(move || {
-        let _ = flip_agent::serve(Box::new(agent_rx), Box::new(agent_tx), &root);
-    });
-    let writer = std::thread::spawn(move || {
-        let mut tx = FrameWriter::new(Box::new(client_tx));
-        let _ = tx.send(&Request::Hello {
-            magic: MAGIC,
-            protocol: PROTOCOL,
-            version: "test".into(),
-            compress: 0,
-        });
-        for f in frames {
-            if tx.send(&f).is_err() {
-                break;
-            }
-        }
-        let _ = tx.flush();
-    });
-    let mut rx = FrameReader::new(Box::new(client_rx));
-    let mut out = Vec::new();
-    while let Ok(r) = rx.recv::<Response>() {
-        if matches!(r, Response::Notices { .. }) {
-            continue;
-        }
-        let end = matches!(r, Response::Error { .. } | Response::Bye);
-        out.push(r);
-        if end {
-            break;
-        }
-    }
-    drop(rx);
-    writer.join().unwrap();
-    agent.join().unwrap();
-    out
 }
 
 /// The session ended in an error of `class` naming `needle`, and the target it created is gone.
