@@ -15,7 +15,7 @@ use common::{file, holder, lock, session};
 
 /// A root with release 1 live, holding `old.txt` (20 KiB).
 fn live_root(dir: &Path) -> Root {
-    common::live_root(dir, "old.txt", &[b'x'; 20 << 10])
+    common::live_root(dir, &[("old.txt", &[b'x'; 20 << 10])])
 }
 
 /// Runs a session that must end in an error of `class` whose message contains `needle`, with

@@ -6,7 +6,6 @@
 // fs helpers of the on-disk crates are theirs, not the tests'.
 #![allow(clippy::disallowed_methods)]
 
-use flip_release::{Holder, Root, Wait};
 use flip_wire::{FrameReader, FrameWriter, Request, Response, MAGIC, PROTOCOL};
 use std::path::Path;
 
@@ -15,18 +14,7 @@ use common::lock;
 
 /// A root with release 1 live (one empty directory).
 fn live_root(dir: &Path) {
-    let root = Root::open_or_init(dir).unwrap();
-    let me = Holder {
-        pid: 1,
-        host: "h".into(),
-        user: "u".into(),
-        since: 0,
-        what: "setup".into(),
-    };
-    let lock = root.lock(&me, Wait::No).unwrap();
-    let m = flip_manifest::Manifest::new(vec![]).unwrap();
-    let info = root.stage(&lock, m, None).unwrap().commit().unwrap();
-    root.activate(&lock, info.id).unwrap();
+    common::live_root(dir, &[]);
 }
 
 /// Sends `Hello` (asking for zstd at `compress`) and every frame of `batch` before reading

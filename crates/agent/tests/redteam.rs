@@ -14,7 +14,7 @@ use common::{file, lock};
 
 /// A root with release 1 live, holding `a` ("alpha").
 fn live_root(dir: &Path) -> Root {
-    common::live_root(dir, "a", b"alpha")
+    common::live_root(dir, &[("a", b"alpha")])
 }
 
 /// One agent session fed with `frames` after a Hello. The client reads answers (notices

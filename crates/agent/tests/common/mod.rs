@@ -46,8 +46,8 @@ pub fn file(path: &str, content: &[u8]) -> Entry {
     file_mode(path, content, 0o644)
 }
 
-/// A root at `dir` with release 1 live, holding one file `path` of `content`.
-pub fn live_root(dir: &Path, path: &str, content: &[u8]) -> Root {
+/// A root at `dir` with release 1 live, holding `files` (path, content), each mode 0644.
+pub fn live_root(dir: &Path, files: &[(&str, &[u8])]) -> Root {
     let root = Root::open_or_init(dir).unwrap();
     let me = Holder {
         pid: 1,
@@ -57,12 +57,19 @@ pub fn live_root(dir: &Path, path: &str, content: &[u8]) -> Root {
         what: "setup".into(),
     };
     let lock = root.lock(&me, Wait::No).unwrap();
-    let m = Manifest::new(vec![file(path, content)]).unwrap();
-    let stage = root.stage(&lock, m, None).unwrap();
-    let idx = stage.needs()[0];
-    let mut w = stage.begin_file(idx).unwrap();
-    w.write(content).unwrap();
-    stage.finish_file(w, None).unwrap();
+    let entries = files.iter().map(|(p, c)| file(p, c)).collect();
+    let m = Manifest::new(entries).unwrap();
+    let stage = root.stage(&lock, m.clone(), None).unwrap();
+    for idx in stage.needs().to_vec() {
+        let content = files
+            .iter()
+            .find(|(p, _)| m.entries()[idx].path.as_str() == *p)
+            .map(|(_, c)| *c)
+            .unwrap();
+        let mut w = stage.begin_file(idx).unwrap();
+        w.write(content).unwrap();
+        stage.finish_file(w, None).unwrap();
+    }
     let info = stage.commit().unwrap();
     root.activate(&lock, info.id).unwrap();
     root
