@@ -1323,7 +1323,20 @@ pub struct FileWriter {
 }
 
 impl FileWriter {
+    /// A writer for `step`'s file at `path` (plan index `index`).
     fn create(index: usize, path: &Path, step: &FileStep) -> Result<FileWriter> {
+        Self::create_new(index, path, step.mode, step.size, None)
+    }
+
+    /// Creates `path` (`O_EXCL|O_NOFOLLOW`) with permission bits `mode` to take at most `limit`
+    /// bytes; `streamed` for a file streamed before the manifest.
+    fn create_new(
+        index: usize,
+        path: &Path,
+        mode: u32,
+        limit: u64,
+        streamed: Option<(RelPath, u32)>,
+    ) -> Result<FileWriter> {
         let file = fsutil::open_with(
             "create",
             OpenOptions::new()
@@ -1332,7 +1345,7 @@ impl FileWriter {
                 .create_new(true)
                 // Its final permission bits (but the special ones) from the start: `close`
                 // then needs no chmod unless the umask took some away.
-                .mode(step.mode & 0o777)
+                .mode(mode & 0o777)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC),
             path,
         )?;
@@ -1342,8 +1355,8 @@ impl FileWriter {
             file,
             hasher: blake3::Hasher::new(),
             written: 0,
-            limit: step.size,
-            streamed: None,
+            limit,
+            streamed,
         })
     }
 

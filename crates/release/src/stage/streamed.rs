@@ -15,8 +15,7 @@ use crate::{fsutil, LockGuard, Root, STAGING_PREFIX};
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_plan::FileStep;
 use std::collections::{HashMap, HashSet};
-use std::fs::OpenOptions;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -146,27 +145,14 @@ impl Stage<'_> {
                 "{rel}: mode {mode:o} is not a permission mode"
             )));
         }
-        let path = self.abs(rel);
-        let file = fsutil::open_with(
-            "create",
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(mode & 0o777)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC),
-            &path,
-        )?;
-        Ok(FileWriter {
-            index: usize::MAX,
-            path,
-            file,
-            hasher: blake3::Hasher::new(),
-            written: 0,
-            // The session bounds the bytes of all streamed files together.
-            limit: u64::MAX,
-            streamed: Some((rel.clone(), mode)),
-        })
+        // The session bounds the bytes of all streamed files together.
+        FileWriter::create_new(
+            usize::MAX,
+            &self.abs(rel),
+            mode,
+            u64::MAX,
+            Some((rel.clone(), mode)),
+        )
     }
 
     /// Closes streamed file `rel`: mode and mtime set, identity and content recorded.
