@@ -84,15 +84,7 @@ impl State {
     /// the file is sent after the manifest. The total charged is that of the set of files
     /// charged, whatever their order, so the agent (in queue order) never passes the bound.
     fn charge(&mut self, rel: &RelPath) -> bool {
-        let mut missing = Vec::new();
-        let mut up = rel.parent();
-        while let Some(p) = up {
-            if self.dirs.contains(&p) {
-                break;
-            }
-            up = p.parent();
-            missing.push(p);
-        }
+        let missing = rel.parents_until(|p| self.dirs.contains(p));
         let cost = missing
             .iter()
             .map(flip_wire::stream_record_cost)

@@ -91,6 +91,22 @@ impl RelPath {
         self.0.rfind('/').map(|i| RelPath(self.0[..i].into()))
     }
 
+    /// The directories above this path, nearest first, up to the first one `known` holds (not
+    /// included); all of them when `known` holds none. Used where a client and an agent must
+    /// count the same directories (the streamed paths' record, `flip_wire::STREAM_RECORD_MAX`).
+    pub fn parents_until(&self, known: impl Fn(&RelPath) -> bool) -> Vec<RelPath> {
+        let mut missing = Vec::new();
+        let mut up = self.parent();
+        while let Some(p) = up {
+            if known(&p) {
+                break;
+            }
+            up = p.parent();
+            missing.push(p);
+        }
+        missing
+    }
+
     /// Appends one validated component (or several, `a/b`).
     ///
     /// # Errors
@@ -202,6 +218,22 @@ impl AsRef<str> for RelPath {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parents_until_stops_below_the_first_known_directory() {
+        let p = RelPath::new("a/b/c/d.txt").unwrap();
+        let names = |v: Vec<RelPath>| v.iter().map(|p| p.as_str().to_string()).collect::<Vec<_>>();
+        assert_eq!(names(p.parents_until(|_| false)), ["a/b/c", "a/b", "a"]);
+        assert_eq!(
+            names(p.parents_until(|q| q.as_str() == "a")),
+            ["a/b/c", "a/b"]
+        );
+        assert!(p.parents_until(|q| q.as_str() == "a/b/c").is_empty());
+        assert!(RelPath::new("top")
+            .unwrap()
+            .parents_until(|_| false)
+            .is_empty());
+    }
 
     #[test]
     fn accepts_ordinary_paths() {

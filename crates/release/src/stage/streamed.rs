@@ -105,16 +105,8 @@ impl Stage<'_> {
         cost: impl Fn(&RelPath) -> u64,
     ) -> Result<()> {
         let s = self.streaming()?;
-        let mut missing = Vec::new();
         let mut dirs = s.dirs.lock().unwrap_or_else(|e| e.into_inner());
-        let mut up = rel.parent();
-        while let Some(p) = up {
-            if dirs.contains(&p) {
-                break;
-            }
-            up = p.parent();
-            missing.push(p);
-        }
+        let missing = rel.parents_until(|p| dirs.contains(p));
         let charged = missing.iter().map(&cost).sum::<u64>() + cost(rel);
         *budget = budget.checked_sub(charged).ok_or_else(|| {
             Error::BadRequest(format!(
