@@ -277,6 +277,21 @@ fn child_of(pid: u32) -> Option<u32> {
     None
 }
 
+/// Waits (up to [`TIMEOUT`]) until process `pid` has exited (gone, or a zombie).
+fn wait_exited(pid: u32) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let state = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.chars().next()));
+        match state {
+            None | Some(Some('Z')) | Some(None) => return,
+            _ if t0.elapsed() > TIMEOUT => panic!("agent {pid} still runs after {TIMEOUT:?}"),
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
 /// SIGKILL of the client or of its agent at many moments of a deploy (a fixed spread over the
 /// time a deploy takes here, so a run is reproducible in what it covers, if not in timing).
 #[test]
@@ -308,10 +323,17 @@ fn sigkill_of_client_or_agent_at_any_moment_loses_nothing() {
             w.fx.spawn(&[], &["deploy", w.src.s(), &root, "--keep", "3"]);
         let pid = run.pid();
         std::thread::sleep(delay);
-        let victim = if kill_agent { child_of(pid) } else { None }.unwrap_or(pid);
+        let agent = child_of(pid);
+        let victim = if kill_agent { agent } else { None }.unwrap_or(pid);
         // SAFETY: sending a signal to a process this test started (or its child).
         unsafe { libc::kill(victim as i32, libc::SIGKILL) };
         let status = run.wait_any(TIMEOUT).expect("the deploy ends once killed");
+        // An agent outliving its killed client goes on with what the client had sent (up to
+        // the swap, when the commit, activation and prune were sent with the content): the
+        // tree is read once it is done, not while `current` is being swapped under the walk.
+        if let Some(a) = agent.filter(|&a| a != victim) {
+            wait_exited(a);
+        }
         if !status.success() {
             interrupted += 1;
         }
