@@ -87,6 +87,9 @@ pub struct Config {
     pub smoke: bool,
     /// How the relay in front of sshd shapes the SSH link (delay, rate cap).
     pub link: relay::Link,
+    /// `--trees DIR`: only write each step's source tree to `DIR/<scenario>` (for profiling
+    /// one deploy by hand), then exit.
+    pub trees: Option<PathBuf>,
 }
 
 /// One measured deploy.
@@ -122,7 +125,7 @@ const USAGE: &str =
     "usage: cargo bench --bench deploy -- [--files N] [--runs N] [--scenarios all|LIST] \
 [--local] [--ssh] [--fs tmpfs,disk] [--seed N] [--out DIR] [--shm-dir DIR] [--disk-dir DIR] \
 [--bound-level N | --no-bound] [--no-verify | --verify-all] [--name STEM] [--flip PATH] [--smoke] \
-[--rtt-ms N] [--rate-mbps N]";
+[--rtt-ms N] [--rate-mbps N] [--trees DIR]";
 
 fn parse_args() -> Result<Config, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -145,6 +148,7 @@ fn parse_args() -> Result<Config, String> {
         command: String::new(),
         smoke: !bench,
         link: relay::Link::default(),
+        trees: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -201,6 +205,7 @@ fn parse_args() -> Result<Config, String> {
             "--verify-all" => cfg.verify_all = true,
             "--name" => cfg.name = value(a)?,
             "--flip" => cfg.flip = value(a)?.into(),
+            "--trees" => cfg.trees = Some(value(a)?.into()),
             "-h" | "--help" => return Err(USAGE.to_string()),
             o => return Err(format!("unknown argument {o}\n{USAGE}")),
         }
@@ -236,11 +241,37 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let result = if cfg.smoke { smoke(cfg) } else { bench(cfg) };
+    let result = if let Some(dir) = &cfg.trees {
+        write_trees(&cfg, dir)
+    } else if cfg.smoke {
+        smoke(cfg)
+    } else {
+        bench(cfg)
+    };
     if let Err(e) = result {
         eprintln!("deploy bench: {e}");
         std::process::exit(1);
     }
+}
+
+/// `--trees DIR`: the source tree of every step of the chain (up to the last scenario asked
+/// for), each whole in `DIR/<scenario>`, with the mtimes the benchmark gives them.
+fn write_trees(cfg: &Config, dir: &Path) -> io::Result<()> {
+    let mut c = corpus::generate(cfg.files, cfg.seed);
+    let last = cfg
+        .scenarios
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(Scenario::Initial);
+    for scenario in Scenario::ALL.into_iter().filter(|s| *s <= last) {
+        c.mutate(scenario, cfg.seed);
+        let to = dir.join(scenario.name());
+        let _ = fs::remove_dir_all(&to);
+        corpus::materialize(&c, &to, scenario.mtime())?;
+        eprintln!("deploy bench: wrote {}", to.display());
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
