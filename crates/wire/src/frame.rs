@@ -4,7 +4,7 @@ use crate::adapt::AdaptiveLevel;
 use crate::{WireError, MAX_FRAME};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -179,8 +179,12 @@ pub(crate) fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireError
     Ok(msg)
 }
 
+/// Plain frames are gathered up to this many bytes per write to the transport: a first deploy
+/// of small files sent one write (and, at the agent, one read and one poll) per file otherwise.
+const PLAIN_BUFFER: usize = 256 * 1024;
+
 enum WriteSide {
-    Plain(RawWriter),
+    Plain(BufWriter<RawWriter>),
     Zstd(Box<zstd::stream::write::Encoder<'static, RawWriter>>),
     Switching,
 }
@@ -206,11 +210,14 @@ impl FrameWriter {
         let counter = Counter::default();
         let blocked = Counter::default();
         FrameWriter {
-            side: WriteSide::Plain(Counted {
-                inner,
-                counter: counter.clone(),
-                blocked: blocked.clone(),
-            }),
+            side: WriteSide::Plain(BufWriter::with_capacity(
+                PLAIN_BUFFER,
+                Counted {
+                    inner,
+                    counter: counter.clone(),
+                    blocked: blocked.clone(),
+                },
+            )),
             counter,
             blocked,
             adapt: None,
@@ -242,6 +249,8 @@ impl FrameWriter {
             level
         };
         if let WriteSide::Plain(w) = std::mem::replace(&mut self.side, WriteSide::Switching) {
+            // What was written plain goes first; the encoder buffers its own output.
+            let w = w.into_inner().map_err(io::IntoInnerError::into_error)?;
             let e = zstd::stream::write::Encoder::new(w, level)?;
             self.side = WriteSide::Zstd(Box::new(e));
             self.level = level;
