@@ -958,6 +958,13 @@ impl Session {
     /// `Prune`: removes old releases beyond `keep`.
     fn prune(&mut self, keep: u32) -> Result<Response> {
         let root = self.root(false)?;
+        // Removing trees takes a while, and the answers held so far (the commit's, the
+        // activation's) must reach the client even if this agent dies meanwhile: out now, when
+        // there is something to remove (a later answer may then wait up to a round trip for
+        // Nagle, `coalesce`, which the removal mostly outlasts).
+        if !root.prunable(keep as usize)?.is_empty() {
+            self.holder.release().map_err(WireError::Io)?;
+        }
         let removed = root.prune(self.locked()?, keep as usize)?;
         self.log(serde_json::json!({
             "time": now(), "event": "prune", "removed": removed,

@@ -645,16 +645,12 @@ impl Root {
         Ok(previous)
     }
 
-    /// Removes the oldest releases so that `keep` remain, never the live one nor the one a
-    /// rollback would pick. Returns the ids removed. A release is gone (from the listing, and
-    /// its metadata) once it is renamed to trash; whatever of its tree cannot be deleted (a file
-    /// the deploy user may not remove) stays in `releases/.trash-<id>`, is named (see
-    /// [`Root::take_leftovers`]) and retried at the next cleanup: it never fails the prune.
+    /// The releases a [`Root::prune`] keeping `keep` would remove now, ascending: all but the
+    /// `keep` newest, never the live one or the one a rollback would go back to.
     ///
     /// # Errors
-    /// An I/O error reading the listing or `current`; what cannot be deleted is a leftover, not an
-    /// error.
-    pub fn prune(&self, lock: &LockGuard, keep: usize) -> Result<Vec<u64>> {
+    /// An I/O error reading the releases or `current`.
+    pub fn prunable(&self, keep: usize) -> Result<Vec<u64>> {
         let releases = self.releases()?;
         let current = self.current()?;
         let protected: Vec<u64> = match current {
@@ -673,6 +669,20 @@ impl Root {
             }
         }
         doomed.sort_unstable();
+        Ok(doomed)
+    }
+
+    /// Removes the oldest releases so that `keep` remain, never the live one nor the one a
+    /// rollback would pick. Returns the ids removed. A release is gone (from the listing, and
+    /// its metadata) once it is renamed to trash; whatever of its tree cannot be deleted (a file
+    /// the deploy user may not remove) stays in `releases/.trash-<id>`, is named (see
+    /// [`Root::take_leftovers`]) and retried at the next cleanup: it never fails the prune.
+    ///
+    /// # Errors
+    /// An I/O error reading the listing or `current`; what cannot be deleted is a leftover, not an
+    /// error.
+    pub fn prune(&self, lock: &LockGuard, keep: usize) -> Result<Vec<u64>> {
+        let doomed = self.prunable(keep)?;
         // Deleting a release's tree changes the ctime of inodes the live release shares with
         // it: its identity record is refreshed for the files that were intact before.
         let live = (!doomed.is_empty()).then(|| self.live_stamps()).flatten();
