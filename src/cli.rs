@@ -142,6 +142,15 @@ pub struct DeployArgs {
     /// is); for a local directory: 0 (compressing only costs CPU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compress_level: Option<i32>,
+    /// Send every changed file whole, never as a patch or an rsync delta (as rsync's
+    /// `--whole-file`). The default for a local directory, where bytes through a pipe cost less
+    /// than making and applying a patch.
+    #[arg(long, overrides_with = "no_whole_file")]
+    pub whole_file: bool,
+    /// Send changed files as patches or rsync deltas where they are smaller, to a local
+    /// directory too (the default over SSH).
+    #[arg(long, overrides_with = "whole_file")]
+    pub no_whole_file: bool,
     /// Do not use or update flip's local caches (file hashes, manifests, deployed content).
     #[arg(long)]
     pub no_cache: bool,

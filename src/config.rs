@@ -25,6 +25,8 @@ pub struct Settings {
     pub parallel: Option<usize>,
     /// zstd level of the connections, 0-19.
     pub compress_level: Option<i32>,
+    /// Files go whole (no patch, no delta); `None`: yes for a local target, no over SSH.
+    pub whole_file: Option<bool>,
     /// Directories kept once under the target's `shared/`, linked from every release.
     pub shared_dirs: Option<Vec<String>>,
     /// Files kept once under the target's `shared/`, linked from every release.
@@ -53,6 +55,7 @@ struct EnvShape {
     keep: Option<u32>,
     parallel: Option<usize>,
     compress_level: Option<i32>,
+    whole_file: Option<bool>,
     shared_dirs: Option<Vec<String>>,
     shared_files: Option<Vec<String>>,
     writable_dirs: Option<Vec<String>>,
@@ -77,6 +80,7 @@ struct FileShape {
     keep: Option<u32>,
     parallel: Option<usize>,
     compress_level: Option<i32>,
+    whole_file: Option<bool>,
     shared_dirs: Option<Vec<String>>,
     shared_files: Option<Vec<String>>,
     writable_dirs: Option<Vec<String>>,
@@ -106,6 +110,7 @@ pub struct Resolved {
     pub keep: (u32, &'static str),
     pub parallel: (usize, &'static str),
     pub compress_level: (Option<i32>, &'static str),
+    pub whole_file: (Option<bool>, &'static str),
     pub shared_dirs: (Vec<String>, &'static str),
     pub shared_files: (Vec<String>, &'static str),
     pub writable_dirs: (Vec<String>, &'static str),
@@ -265,6 +270,7 @@ impl Config {
                 keep: env.keep,
                 parallel: env.parallel,
                 compress_level: env.compress_level,
+                whole_file: env.whole_file,
                 shared_dirs: env.shared_dirs,
                 shared_files: env.shared_files,
                 writable_dirs: env.writable_dirs,
@@ -283,6 +289,7 @@ impl Config {
             keep: shape.keep,
             parallel: shape.parallel,
             compress_level: shape.compress_level,
+            whole_file: shape.whole_file,
             shared_dirs: shape.shared_dirs,
             shared_files: shape.shared_files,
             writable_dirs: shape.writable_dirs,
@@ -354,6 +361,9 @@ impl Config {
             keep: pick(&e.keep, &t.keep, envkey).unwrap_or((KEEP, "default")),
             parallel: pick(&e.parallel, &t.parallel, envkey).unwrap_or((0, "default")),
             compress_level: pick(&e.compress_level, &t.compress_level, envkey)
+                .map(|(v, f)| (Some(v), f))
+                .unwrap_or((None, "default")),
+            whole_file: pick(&e.whole_file, &t.whole_file, envkey)
                 .map(|(v, f)| (Some(v), f))
                 .unwrap_or((None, "default")),
             shared_dirs: pick(&e.shared_dirs, &t.shared_dirs, envkey)

@@ -330,6 +330,7 @@ fn deploy_options(
                 keep: Some(r.keep.0),
                 parallel: Some(r.parallel.0),
                 compress_level: r.compress_level.0,
+                whole_file: r.whole_file.0,
                 shared_dirs: Some(r.shared_dirs.0.clone()),
                 shared_files: Some(r.shared_files.0.clone()),
                 writable_dirs: Some(r.writable_dirs.0.clone()),
@@ -379,6 +380,11 @@ fn deploy_options(
         itemize: itemized(a.itemize, a.common.json),
         cache_dir: if a.no_cache { None } else { cache_dir() },
         compress_level: a.compress_level.or(settings.compress_level),
+        whole_file: match (a.whole_file, a.no_whole_file) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => settings.whole_file,
+        },
         wait: a.common.wait,
         force_release: a.force_release,
         parallel: a.parallel.or(settings.parallel).unwrap_or(0),
@@ -522,7 +528,14 @@ fn dry_run(
     // delta needs the target's signature, so it is predicted by the rule alone.
     let paths: Vec<&flip_manifest::RelPath> = manifest.files().map(|(p, ..)| p).collect();
     let transfers: Vec<_> = changes.transfers().collect();
-    let sent = predicted_sends(&transfers, previous.as_ref(), content.as_ref(), &paths, o);
+    let sent = predicted_sends(
+        &transfers,
+        previous.as_ref(),
+        content.as_ref(),
+        &paths,
+        o,
+        target.whole_files(o.whole_file),
+    );
     drop(transfers);
     changes.settle(&sent);
     let st = &plan.stats;
@@ -617,6 +630,7 @@ fn predicted_sends(
     content: Option<&flip_transfer::ContentCache>,
     paths: &[&flip_manifest::RelPath],
     o: &Options,
+    whole_files: bool,
 ) -> Vec<flip_plan::report::Sent> {
     transfers
         .par_iter()
@@ -627,7 +641,7 @@ fn predicted_sends(
                 _ => None,
             });
             let cached = flip_transfer::in_cache(content, old.as_ref());
-            let chosen = flip_transfer::send_policy(size, basis.map(|b| b.1), cached);
+            let chosen = flip_transfer::send_policy(size, basis.map(|b| b.1), cached, whole_files);
             let via = match (chosen, content, old) {
                 (Via::Patch, Some(cache), Some(old)) => {
                     let path = o.source.join(paths[index as usize].as_str());
@@ -674,6 +688,7 @@ fn command_options(common: &Common) -> Options {
         itemize: false,
         cache_dir: None,
         compress_level: Some(0),
+        whole_file: None,
         shared: Default::default(),
         writable_owner: None,
         wait: common.wait,
@@ -1063,6 +1078,7 @@ fn config_json(c: &Config, r: &config::Resolved, source: Option<&(String, &'stat
             "keep": r.keep.0,
             "parallel": r.parallel.0,
             "compress_level": r.compress_level.0,
+            "whole_file": r.whole_file.0,
             "shared_dirs": r.shared_dirs.0,
             "shared_files": r.shared_files.0,
             "writable_dirs": r.writable_dirs.0,
@@ -1075,6 +1091,7 @@ fn config_json(c: &Config, r: &config::Resolved, source: Option<&(String, &'stat
                 "source": source.map(|s| s.1),
                 "exclude": r.exclude.1, "keep": r.keep.1, "parallel": r.parallel.1,
                 "compress_level": r.compress_level.1,
+                "whole_file": r.whole_file.1,
                 "shared_dirs": r.shared_dirs.1, "shared_files": r.shared_files.1,
                 "writable_dirs": r.writable_dirs.1, "writable_mode": r.writable_mode.1,
                 "writable_owner": r.writable_owner.1,
@@ -1110,6 +1127,10 @@ fn config_text(c: &Config, r: &config::Resolved, source: Option<&(String, &'stat
         None => {
             outln!("# compress_level: default (adaptive over SSH, levels 1-9; off locally)")
         }
+    }
+    match r.whole_file.0 {
+        Some(w) => outln!("whole_file = {w}  # {}", r.whole_file.1),
+        None => outln!("# whole_file: default (yes locally, no over SSH)"),
     }
     outln!("shared_dirs = {:?}  # {}", r.shared_dirs.0, r.shared_dirs.1);
     outln!(

@@ -398,6 +398,102 @@ fn changed_files_go_as_patches_against_the_content_cache() {
     assert_dir_eq(&fx.current(), &src.tree(), "current with --no-cache");
 }
 
+/// To a local directory changed files go whole by default (as rsync's `--whole-file`): no
+/// patch, no delta, whatever the caches hold, and the dry run predicts the same;
+/// `--no-whole-file` or `whole_file = false` in flip.toml bring the patches back, and
+/// `--whole-file` wins over the file.
+#[test]
+fn a_local_deploy_sends_changed_files_whole_unless_asked_not_to() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let text: String = (0..4000)
+        .map(|i| format!("<?php // line {i}: $value_{i} = compute({i});\n"))
+        .collect();
+    src.file("big.php", &text, 0o644)
+        .file("small.php", &text[..3000], 0o644);
+    let deploy = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["deploy", "--json"];
+        args.extend_from_slice(extra);
+        args.extend([src.s(), fx.root_str()]);
+        fx.flip(&args).success().json()
+    };
+    deploy(&[]);
+    let mut round = 0;
+    let mut edit = || {
+        round += 1;
+        src.overwrite(
+            "big.php",
+            text.replace("line 2000:", &format!("edit {round}:")),
+        );
+        src.overwrite(
+            "small.php",
+            text[..3000].replace("line 30:", &format!("edit {round}:")),
+        );
+    };
+
+    edit();
+    let dry = deploy(&["--dry-run"]);
+    let j = deploy(&[]);
+    for j in [&dry, &j] {
+        assert_eq!(num(j, "/files/literal"), 2, "{j}");
+        assert_eq!(num(j, "/files/patched"), 0, "{j}");
+        assert_eq!(num(j, "/files/delta"), 0, "{j}");
+    }
+    let sizes: u64 = ["big.php", "small.php"]
+        .iter()
+        .map(|f| fs::metadata(src.p(f)).unwrap().len())
+        .sum();
+    assert_eq!(
+        num(&j, "/bytes/literal"),
+        sizes,
+        "whole and uncompressed: {j}"
+    );
+    assert_dir_eq(&fx.current(), &src.tree(), "current after whole files");
+
+    edit();
+    let j = deploy(&["--no-whole-file"]);
+    assert_eq!(num(&j, "/files/patched"), 2, "{j}");
+    assert!(num(&j, "/bytes/delta") < 300, "patches are tiny: {j}");
+    assert_dir_eq(&fx.current(), &src.tree(), "current after patches");
+
+    // The same from flip.toml; the command line wins over it.
+    let conf = fx.path("flip.toml");
+    fs::write(
+        &conf,
+        format!(
+            "whole_file = false\n[env.local]\ntargets = [{:?}]\nsource = {:?}\n",
+            fx.root_str(),
+            src.s()
+        ),
+    )
+    .unwrap();
+    let shown = fx
+        .flip(&["config", "--config", s(&conf), "local", "--json"])
+        .success()
+        .json();
+    assert_eq!(shown["whole_file"], false, "{shown}");
+    assert_eq!(shown["from"]["whole_file"], "top level", "{shown}");
+    edit();
+    let deploy_env = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["deploy", "--json", "--config", s(&conf)];
+        args.extend_from_slice(extra);
+        args.push("local");
+        fx.flip(&args).success().json()
+    };
+    let j = deploy_env(&[]);
+    assert_eq!(num(&hosts(&j)[0], "/files/patched"), 2, "{j}");
+    edit();
+    let j = deploy_env(&["--whole-file"]);
+    assert_eq!(num(&hosts(&j)[0], "/files/literal"), 2, "{j}");
+    assert_eq!(num(&hosts(&j)[0], "/files/patched"), 0, "{j}");
+    assert_dir_eq(
+        &fx.current(),
+        &src.tree(),
+        "current after the environment's deploys",
+    );
+    fx.flip(&["verify", fx.root_str()]).success();
+}
+
 /// Files above 4 MiB are streamed in pieces by the sending thread (never whole in memory); one
 /// small enough for the content cache (≤ 8 MiB) is kept there and later goes as a patch, a
 /// bigger one as an rsync delta.
@@ -577,12 +673,18 @@ fn an_unchanged_tree_from_a_cold_client_sends_almost_nothing() {
     fx.flip(&["verify", fx.root_str()]).success();
 }
 
-/// `flip deploy --json SRC ROOT` from a client with an empty HOME (no caches at all), as a new
-/// CI runner is.
+/// `flip deploy --json --no-whole-file SRC ROOT` from a client with an empty HOME (no caches at
+/// all), as a new CI runner is (rsync deltas, as over SSH: see [`Fx::deploy`]).
 fn deploy_from_fresh_home(fx: &Fx, name: &str, src: &Src, extra: &[&str]) -> serde_json::Value {
     let home = fx.path(name);
     fs::create_dir(&home).unwrap();
-    let mut args = vec!["deploy", "--json", src.s(), fx.root_str()];
+    let mut args = vec![
+        "deploy",
+        "--json",
+        "--no-whole-file",
+        src.s(),
+        fx.root_str(),
+    ];
     args.extend_from_slice(extra);
     fx.flip_env(
         &[

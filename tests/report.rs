@@ -138,11 +138,24 @@ fn diff_dry_run_and_deploy_agree_on_every_change_with_patches() {
         .json();
     let diff_text = fx.flip(&["diff", "--itemize", s(&old), src.s()]).success();
     let dry = fx
-        .flip(&["deploy", "--dry-run", "--json", src.s(), fx.root_str()])
+        .flip(&[
+            "deploy",
+            "--no-whole-file",
+            "--dry-run",
+            "--json",
+            src.s(),
+            fx.root_str(),
+        ])
         .success()
         .json();
     let dry_text = fx
-        .flip(&["deploy", "--dry-run", src.s(), fx.root_str()])
+        .flip(&[
+            "deploy",
+            "--no-whole-file",
+            "--dry-run",
+            src.s(),
+            fx.root_str(),
+        ])
         .success();
     assert_eq!(fx.release_ids(), vec![1], "a dry run changes nothing");
     let deploy = fx.deploy(&src, &["--itemize"]);
@@ -217,6 +230,7 @@ fn diff_dry_run_and_deploy_agree_on_every_change_with_deltas() {
     let dry = fx
         .flip(&[
             "deploy",
+            "--no-whole-file",
             "--dry-run",
             "--no-cache",
             "--json",
@@ -226,7 +240,14 @@ fn diff_dry_run_and_deploy_agree_on_every_change_with_deltas() {
         .success()
         .json();
     let dry_text = fx
-        .flip(&["deploy", "--dry-run", "--no-cache", src.s(), fx.root_str()])
+        .flip(&[
+            "deploy",
+            "--no-whole-file",
+            "--dry-run",
+            "--no-cache",
+            src.s(),
+            fx.root_str(),
+        ])
         .success();
     let twin = fx.path("twin");
     copy_tree(&src.dir, &twin);
@@ -241,10 +262,23 @@ fn diff_dry_run_and_deploy_agree_on_every_change_with_deltas() {
     // The same change once more, deployed with human output: the same lines on stdout.
     fs::remove_dir_all(&fx.root).unwrap();
     let fresh = Src { dir: old.clone() };
-    fx.flip(&["deploy", "--no-cache", fresh.s(), fx.root_str()])
-        .success();
+    fx.flip(&[
+        "deploy",
+        "--no-whole-file",
+        "--no-cache",
+        fresh.s(),
+        fx.root_str(),
+    ])
+    .success();
     let human = fx
-        .flip(&["deploy", "--itemize", "--no-cache", s(&twin), fx.root_str()])
+        .flip(&[
+            "deploy",
+            "--no-whole-file",
+            "--itemize",
+            "--no-cache",
+            s(&twin),
+            fx.root_str(),
+        ])
         .success();
     assert_eq!(lines(&human.stdout), want, "deploy's itemized lines");
     assert!(
@@ -266,17 +300,31 @@ fn a_no_op_reports_zero_everywhere() {
         .success()
         .json();
     let dry = fx
-        .flip(&["deploy", "--dry-run", "--json", src.s(), fx.root_str()])
+        .flip(&[
+            "deploy",
+            "--no-whole-file",
+            "--dry-run",
+            "--json",
+            src.s(),
+            fx.root_str(),
+        ])
         .success()
         .json();
     let dry_text = fx
-        .flip(&["deploy", "--dry-run", src.s(), fx.root_str()])
+        .flip(&[
+            "deploy",
+            "--no-whole-file",
+            "--dry-run",
+            src.s(),
+            fx.root_str(),
+        ])
         .success();
     // An unchanged tree makes no release unless forced; forced, it is the same no-op.
     let deploy = fx.deploy(&src, &["--itemize", "--force-release"]);
     let cold = fx
         .flip(&[
             "deploy",
+            "--no-whole-file",
             "--json",
             "--itemize",
             "--no-cache",
@@ -317,7 +365,14 @@ fn the_deploy_reports_what_the_target_made_it_do() {
     src.file("app/new.php", "<?php // new\n", 0o644);
 
     let dry = fx
-        .flip(&["deploy", "--dry-run", "--json", src.s(), fx.root_str()])
+        .flip(&[
+            "deploy",
+            "--no-whole-file",
+            "--dry-run",
+            "--json",
+            src.s(),
+            fx.root_str(),
+        ])
         .success()
         .json();
     assert_eq!(num(&dry, "/files/linked"), 5, "{dry}");
@@ -342,7 +397,13 @@ fn the_deploy_reports_what_the_target_made_it_do() {
     fs::remove_file(fx.release(2).join("keep.txt")).unwrap();
     src.file("app/newer.php", "<?php // newer\n", 0o644);
     let human = fx
-        .flip(&["deploy", "--itemize", src.s(), fx.root_str()])
+        .flip(&[
+            "deploy",
+            "--no-whole-file",
+            "--itemize",
+            src.s(),
+            fx.root_str(),
+        ])
         .success();
     assert!(
         human
@@ -383,7 +444,14 @@ fn a_release_of_only_symlink_and_directory_changes_is_not_a_no_op() {
         .success()
         .json();
     let dry = fx
-        .flip(&["deploy", "--dry-run", "--json", src.s(), fx.root_str()])
+        .flip(&[
+            "deploy",
+            "--no-whole-file",
+            "--dry-run",
+            "--json",
+            src.s(),
+            fx.root_str(),
+        ])
         .success()
         .json();
     let deploy = fx.deploy(&src, &["--itemize"]);
@@ -427,7 +495,14 @@ fn a_patch_no_smaller_than_the_file_is_reported_as_literal_everywhere() {
         .success()
         .json();
     let dry = fx
-        .flip(&["deploy", "--dry-run", "--json", src.s(), fx.root_str()])
+        .flip(&[
+            "deploy",
+            "--no-whole-file",
+            "--dry-run",
+            "--json",
+            src.s(),
+            fx.root_str(),
+        ])
         .success()
         .json();
     let deploy = fx.deploy(&src, &["--itemize"]);
@@ -467,7 +542,14 @@ fn a_moved_and_edited_file_is_reported_with_its_basis_alike() {
         let mut args = vec!["diff", "--json", "--itemize", s(&old), src.s()];
         args.extend_from_slice(flags);
         let diff = fx.flip(&args).success().json();
-        let mut args = vec!["deploy", "--dry-run", "--json", src.s(), fx.root_str()];
+        let mut args = vec![
+            "deploy",
+            "--no-whole-file",
+            "--dry-run",
+            "--json",
+            src.s(),
+            fx.root_str(),
+        ];
         args.extend_from_slice(flags);
         let dry = fx.flip(&args).success().json();
         let mut extra = vec!["--itemize"];

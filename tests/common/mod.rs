@@ -280,10 +280,19 @@ impl Fx {
         self.spawn(env, args).finish(TIMEOUT)
     }
 
-    /// `flip deploy --json SRC ROOT EXTRA...`, which must succeed; returns its JSON.
+    /// `flip deploy --json --no-whole-file SRC ROOT EXTRA...`, which must succeed; returns its
+    /// JSON. `--no-whole-file`: changed files go as patches and deltas, as over SSH, where a
+    /// local deploy sends them whole by default (`tests/deploy.rs` holds that default); the
+    /// tests through this helper check the delta engine on the cheapest target.
     #[track_caller]
     pub fn deploy(&self, src: &Src, extra: &[&str]) -> Value {
-        let mut args = vec!["deploy", "--json", src.s(), self.root_str()];
+        let mut args = vec![
+            "deploy",
+            "--json",
+            "--no-whole-file",
+            src.s(),
+            self.root_str(),
+        ];
         args.extend_from_slice(extra);
         self.flip(&args).success().json()
     }

@@ -106,6 +106,9 @@ pub struct Options {
     pub cache_dir: Option<PathBuf>,
     /// zstd level of the connections; `None`: 3 over SSH, off locally.
     pub compress_level: Option<i32>,
+    /// Every file goes whole (no patch, no rsync delta); `None`: yes for a local target, no
+    /// over SSH ([`Target::whole_files`]).
+    pub whole_file: Option<bool>,
     /// Wait for a target's lock instead of failing.
     pub wait: bool,
     /// Make a release even where the live one already is this tree.
@@ -991,6 +994,9 @@ impl Host {
         let mut session = target
             .connect_agent(&o.ssh, target.compress_level(o.compress_level), mkpath)
             .map_err(failed)?;
+        if target.whole_files(o.whole_file) {
+            session.send_whole_files();
+        }
         let queued = session
             .queue_lock(holder(Purpose::Deploy), o.wait)
             // The status before the shared paths: a refused shared path still names what is
@@ -1215,6 +1221,9 @@ pub fn locked_session(
 pub fn lock_queued(target: &Target, o: &Options, purpose: Purpose) -> Result<Session, DeployError> {
     let mkpath = o.mkpath && purpose == Purpose::Deploy;
     let mut s = target.connect_agent(&o.ssh, target.compress_level(o.compress_level), mkpath)?;
+    if target.whole_files(o.whole_file) {
+        s.send_whole_files();
+    }
     s.queue_lock(holder(purpose), o.wait)?;
     Ok(s)
 }

@@ -72,6 +72,12 @@ impl Target {
         })
     }
 
+    /// Whether files go whole to this target, never as patches or deltas: as asked, else yes
+    /// for a local one (see [`Session::send_whole_files`]), no over SSH.
+    pub fn whole_files(&self, asked: Option<bool>) -> bool {
+        asked.unwrap_or(matches!(self, Target::Local(_)))
+    }
+
     /// Starts an agent for this target and opens a session with it.
     ///
     /// # Errors

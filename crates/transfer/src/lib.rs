@@ -236,6 +236,8 @@ pub struct Session {
     defer_commit: bool,
     /// A `Stage` queued ahead of the status ([`Session::stage_ahead`]).
     ahead: Option<Ahead>,
+    /// Every file sent whole ([`Session::send_whole_files`]).
+    whole_files: bool,
 }
 
 /// A `Stage` queued before the client knew the live release: of the manifest of `digest`, as a
@@ -332,6 +334,7 @@ impl Session {
             probing: None,
             defer_commit: false,
             ahead: None,
+            whole_files: false,
         };
         s.send(&Request::Hello {
             magic: MAGIC,
@@ -414,6 +417,13 @@ impl Session {
     /// (bytes sent, bytes received) on the raw connection so far.
     pub fn bytes(&self) -> (u64, u64) {
         (self.tx.counter().get(), self.rx.counter().get())
+    }
+
+    /// From now on every file to transfer goes whole (no patch, no rsync delta), as rsync's
+    /// `--whole-file` does and, like rsync, for a target on this machine: over a pipe bytes
+    /// cost less than making a patch or delta and applying it (which reads the basis too).
+    pub fn send_whole_files(&mut self) {
+        self.whole_files = true;
     }
 
     /// The zstd level this client compresses with now (0: none; an adaptive level moves).
@@ -989,7 +999,12 @@ impl Session {
                 .as_ref()
                 .and_then(|(b, _)| Some((b.clone(), old_digests.get(b)?)));
             let cached = in_cache(content_cache, old.as_ref().map(|(_, d)| *d));
-            let via = send_policy(size, n.basis.as_ref().map(|b| b.1), cached);
+            let via = send_policy(
+                size,
+                n.basis.as_ref().map(|b| b.1),
+                cached,
+                self.whole_files,
+            );
             planned.insert(index as u32, (via, n.basis.as_ref().map(|b| b.0.clone())));
             let patch = old.filter(|_| via == Via::Patch);
             let basis = n.basis.filter(|_| via == Via::Delta).map(|(b, _)| b);
@@ -1513,8 +1528,12 @@ pub fn in_cache(cache: Option<&ContentCache>, old: Option<&Digest>) -> bool {
 /// zstd patch when the old content is cached and the file is at most [`PATCH_MAX`] (the agent's
 /// patch window), an rsync delta when file and basis are both at least [`DELTA_MIN`], else the
 /// bytes ([`flip_plan::report::choose`]). The deploy still sends a file whole when its patch or
-/// delta comes out no smaller ([`fallback_note`]).
-pub fn send_policy(size: u64, basis_size: Option<u64>, old_cached: bool) -> Via {
+/// delta comes out no smaller ([`fallback_note`]). With `whole_files` (a target on this
+/// machine, [`Session::send_whole_files`]) every file goes whole.
+pub fn send_policy(size: u64, basis_size: Option<u64>, old_cached: bool, whole_files: bool) -> Via {
+    if whole_files {
+        return Via::Literal;
+    }
     flip_plan::report::choose(size, basis_size, old_cached && size <= content::PATCH_MAX)
 }
 
