@@ -255,7 +255,8 @@ fn main() {
 }
 
 /// `--trees DIR`: the source tree of every step of the chain (up to the last scenario asked
-/// for), each whole in `DIR/<scenario>`, with the mtimes the benchmark gives them.
+/// for), each whole in `DIR/<scenario>`, made as the benchmark makes it: the step before copied
+/// with its mtimes (`cp -a`) and changed, so that only what the step changed has its mtime.
 fn write_trees(cfg: &Config, dir: &Path) -> io::Result<()> {
     let mut c = corpus::generate(cfg.files, cfg.seed);
     let last = cfg
@@ -264,12 +265,28 @@ fn write_trees(cfg: &Config, dir: &Path) -> io::Result<()> {
         .max()
         .copied()
         .unwrap_or(Scenario::Initial);
+    let mut before: Option<PathBuf> = None;
     for scenario in Scenario::ALL.into_iter().filter(|s| *s <= last) {
-        c.mutate(scenario, cfg.seed);
+        let ch = c.mutate(scenario, cfg.seed);
         let to = dir.join(scenario.name());
         let _ = fs::remove_dir_all(&to);
-        corpus::materialize(&c, &to, scenario.mtime())?;
+        match &before {
+            Some(prev) if !matches!(scenario, Scenario::Initial | Scenario::FreshCi) => {
+                let ok = std::process::Command::new("cp")
+                    .arg("-a")
+                    .arg(prev)
+                    .arg(&to)
+                    .status()?
+                    .success();
+                if !ok {
+                    return Err(io::Error::other(format!("cp -a {} failed", prev.display())));
+                }
+                corpus::apply(&c, &ch, &to, scenario.mtime())?;
+            }
+            _ => corpus::materialize(&c, &to, scenario.mtime())?,
+        }
         eprintln!("deploy bench: wrote {}", to.display());
+        before = Some(to);
     }
     Ok(())
 }
