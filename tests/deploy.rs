@@ -399,8 +399,8 @@ fn changed_files_go_as_patches_against_the_content_cache() {
 }
 
 /// To a local directory changed files go whole by default (as rsync's `--whole-file`): no
-/// patch, no delta, whatever the caches hold, and the dry run predicts the same;
-/// `--no-whole-file` or `whole_file = false` in flip.toml bring the patches back, and
+/// patch, no delta, and nothing kept in the content cache; the dry run predicts the same.
+/// `--no-whole-file` or `whole_file = false` in flip.toml bring deltas and patches back, and
 /// `--whole-file` wins over the file.
 #[test]
 fn a_local_deploy_sends_changed_files_whole_unless_asked_not_to() {
@@ -450,6 +450,17 @@ fn a_local_deploy_sends_changed_files_whole_unless_asked_not_to() {
     );
     assert_dir_eq(&fx.current(), &src.tree(), "current after whole files");
 
+    // Whole-file deploys keep nothing in the content cache (it only serves patches): the
+    // first deploy asking for deltas gets rsync deltas, the next one patches.
+    edit();
+    let j = deploy(&["--no-whole-file"]);
+    assert_eq!(num(&j, "/files/patched"), 0, "{j}");
+    assert_eq!(num(&j, "/files/delta"), 1, "big.php: {j}");
+    assert_eq!(
+        num(&j, "/files/literal"),
+        1,
+        "small.php, below the delta size: {j}"
+    );
     edit();
     let j = deploy(&["--no-whole-file"]);
     assert_eq!(num(&j, "/files/patched"), 2, "{j}");

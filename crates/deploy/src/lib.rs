@@ -894,12 +894,10 @@ fn prepare(
     events.phase(index, Phase::Scanning);
     // Nothing live (the status read while the scan goes on): the files as the scan reads them.
     let early = match drain {
-        Some(d) => stream::stream_first(
-            &mut host,
-            d,
-            &mut |h| events.waiting(index, h),
-            caches.content(),
-        )?,
+        Some(d) => {
+            let content = caches.content().filter(|_| !host.session.whole_files());
+            stream::stream_first(&mut host, d, &mut |h| events.waiting(index, h), content)?
+        }
         None => None,
     };
     let streamed = early.as_ref().and_then(|e| e.streamed);
@@ -1174,7 +1172,8 @@ impl Host {
                 manifest,
                 previous,
                 o.label.clone(),
-                caches.content(),
+                // Kept only for patches, which a target taking whole files never gets.
+                caches.content().filter(|_| !self.session.whole_files()),
                 live_digest,
                 o.itemize,
             )

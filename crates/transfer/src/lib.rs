@@ -426,6 +426,12 @@ impl Session {
         self.whole_files = true;
     }
 
+    /// Whether every file goes whole ([`Session::send_whole_files`]): then a deploy keeps
+    /// nothing in the content cache for this target (its only use is patches).
+    pub fn whole_files(&self) -> bool {
+        self.whole_files
+    }
+
     /// The zstd level this client compresses with now (0: none; an adaptive level moves).
     pub fn compress_level(&self) -> i32 {
         self.tx.level()
