@@ -18,10 +18,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// As in `flip` (src/main.rs): the agent allocates a buffer per file on several threads.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit statuses, as flip's (src/exit.rs): a bug, a usage error, a connection problem.
 const INTERNAL: u8 = 1;
 const USAGE: u8 = 2;

@@ -15,13 +15,6 @@ mod exit;
 mod progress;
 mod render;
 
-/// mimalloc, not glibc's malloc: a deploy allocates and frees a buffer per file on several
-/// threads, and glibc's arenas spent ~10% of a local first deploy's CPU in malloc, free and
-/// fresh pages (12k files: 0.80 -> 0.71 CPU-s, 0.44 -> 0.38 s, `cargo bench --bench deploy`
-/// corpus, medians of 9).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use anyhow::{Context, Result};
 use cli::{Cli, Command, Common};
 use config::Config;
