@@ -490,16 +490,25 @@ pub(crate) fn now() -> i64 {
         .unwrap_or(0)
 }
 
+/// The open flags of every file flip reads (or appends to) in a target's layout: never through
+/// a symlink at the end of the path (`ELOOP`), never blocking on a FIFO planted there, closed on
+/// exec.
+pub(crate) const OWN_FILE_FLAGS: libc::c_int =
+    libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+
+/// `OpenOptions` that read a file of a target's layout ([`OWN_FILE_FLAGS`]).
+pub(crate) fn read_own() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.read(true).custom_flags(OWN_FILE_FLAGS);
+    o
+}
+
 /// A file of flip's own, read whole: errors other than "not found" as `Error`; "not found" as
 /// `None`. Never follows a symlink (a symlink is refused, naming the path), and refuses a file
 /// larger than `max` bytes (as damaged) before reading any of it.
 pub(crate) fn read_optional_limited(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
     use std::io::Read;
-    let f = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-    {
+    let f = match read_own().open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {

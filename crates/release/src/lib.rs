@@ -571,13 +571,7 @@ impl Root {
     fn manifest_intact(&self, r: &ReleaseInfo) -> Result<()> {
         use std::io::Read;
         let path = self.manifest_path(r.id);
-        let f = fsutil::open_with(
-            "read",
-            fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC),
-            &path,
-        )?;
+        let f = fsutil::open_with("read", &fsutil::read_own(), &path)?;
         let meta = f.metadata().map_err(io("inspect", &path))?;
         if !meta.is_file() {
             return Err(Error::Layout {
@@ -954,14 +948,7 @@ impl Root {
     fn highest_id_in_log(&self) -> Option<u64> {
         use std::io::{BufRead, Read};
         let path = self.state_dir().join("log");
-        let f = fsutil::open_with(
-            "open",
-            fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC),
-            &path,
-        )
-        .ok()?;
+        let f = fsutil::open_with("open", &fsutil::read_own(), &path).ok()?;
         let mut max = None;
         let mut r = std::io::BufReader::new(f);
         let mut line = Vec::new();
@@ -1001,7 +988,7 @@ impl Root {
                 .append(true)
                 .create(true)
                 .mode(0o644)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC),
+                .custom_flags(fsutil::OWN_FILE_FLAGS),
             &path,
         )?;
         f.write_all(&line).map_err(io("append to", &path))

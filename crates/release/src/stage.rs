@@ -1543,10 +1543,7 @@ fn difference(dir: &Path, e: &flip_manifest::Entry) -> Option<String> {
 fn hash_file(path: &Path) -> std::io::Result<Digest> {
     // The caller's difference names the entry's path; the error here is the cause alone.
     #[allow(clippy::disallowed_methods)]
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
+    let mut f = fsutil::read_own().open(path)?;
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
