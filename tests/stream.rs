@@ -75,6 +75,34 @@ fn a_first_deploy_streamed_locally_lands_every_byte_mode_and_symlink() {
     assert!(j["round_trips"].as_u64().unwrap() <= 2, "{j}");
 }
 
+/// `-v` names the time a first deploy spent sending as the scan read, apart from waiting for
+/// the scan (it counted as waiting before); a deploy that does not stream has no such phase.
+#[test]
+fn verbose_timings_show_the_streaming_of_a_first_deploy() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    streamable(&src);
+    let timing = |r: &Run| -> String {
+        r.stderr
+            .lines()
+            .find(|l| l.starts_with(&format!("flip: {}: connecting ", fx.root_str())))
+            .unwrap_or_else(|| panic!("no phase timings: {}", r.stderr))
+            .to_string()
+    };
+    let first = fx.flip(&["deploy", "-v", src.s(), fx.root_str()]).success();
+    let line = timing(&first);
+    assert!(
+        line.contains("waiting for the scan ") && line.contains(", sending as the scan reads "),
+        "{line}"
+    );
+    assert!(line.ends_with(", live"), "{line}");
+    src.overwrite("d0/sub0/f0.php", "changed\n");
+    let second = fx.flip(&["deploy", "-v", src.s(), fx.root_str()]).success();
+    let line = timing(&second);
+    assert!(!line.contains("sending as the scan reads"), "{line}");
+    assert!(line.contains("staging and sending "), "{line}");
+}
+
 #[test]
 fn a_first_deploy_streamed_over_ssh_lands_every_byte_mode_and_symlink() {
     let fx = Fx::new();

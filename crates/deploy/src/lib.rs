@@ -159,6 +159,8 @@ pub enum Phase {
     Connecting,
     /// Connected, waiting for the scan of the source.
     Scanning,
+    /// A first deploy sending each file as the scan reads it (`stream`).
+    Streaming,
     /// Staging the release and sending content.
     Staging,
     /// The release is committed; waiting for the other targets before activating.
@@ -185,6 +187,7 @@ impl Phase {
         match self {
             Phase::Connecting => "connecting",
             Phase::Scanning => "waiting for the scan",
+            Phase::Streaming => "sending as the scan reads",
             Phase::Staging => "staging and sending",
             Phase::Committed => "committed, waiting for the other targets",
             Phase::Unchanged => "unchanged",
@@ -896,7 +899,14 @@ fn prepare(
     let early = match drain {
         Some(d) => {
             let content = caches.content().filter(|_| !host.session.whole_files());
-            stream::stream_first(&mut host, d, &mut |h| events.waiting(index, h), content)?
+            let streaming = &mut || events.phase(index, Phase::Streaming);
+            stream::stream_first(
+                &mut host,
+                d,
+                &mut |h| events.waiting(index, h),
+                streaming,
+                content,
+            )?
         }
         None => None,
     };

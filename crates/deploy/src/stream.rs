@@ -271,11 +271,13 @@ pub(crate) struct Early {
 
 /// Streams what the scan reads to `host` while the scan goes on, when nothing is live there
 /// (read from the lock's and status's answers, sent at connect time). `None`: the tree is too
-/// small to be worth it, or the scan failed (then nothing was read early).
+/// small to be worth it, or the scan failed (then nothing was read early). `on_stream` is
+/// called when the files start to go.
 pub(crate) fn stream_first(
     host: &mut Host,
     drain: Drain,
     on_wait: &mut dyn FnMut(&str),
+    on_stream: &mut dyn FnMut(),
     cache: Option<&ContentCache>,
 ) -> Result<Option<Early>, Failed> {
     let Some(Item::Walked { files, bytes }) = drain.next() else {
@@ -300,6 +302,7 @@ pub(crate) fn stream_first(
             streamed: None,
         }));
     }
+    on_stream();
     let (mut n, mut total) = (0u64, 0u64);
     let mut sent = s.queue_stream_start(files, bytes);
     while let (Ok(()), Some(item)) = (&sent, drain.next()) {
