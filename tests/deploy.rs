@@ -689,21 +689,10 @@ fn an_unchanged_tree_from_a_cold_client_sends_almost_nothing() {
 fn deploy_from_fresh_home(fx: &Fx, name: &str, src: &Src, extra: &[&str]) -> serde_json::Value {
     let home = fx.path(name);
     fs::create_dir(&home).unwrap();
-    let mut args = vec![
-        "deploy",
-        "--json",
-        "--no-whole-file",
-        src.s(),
-        fx.root_str(),
-    ];
-    args.extend_from_slice(extra);
-    fx.flip_env(
-        &[
-            ("HOME", s(&home)),
-            ("XDG_CACHE_HOME", s(&home.join(".cache"))),
-        ],
-        &args,
+    let cache = home.join(".cache");
+    fx.deploy_env(
+        &[("HOME", s(&home)), ("XDG_CACHE_HOME", s(&cache))],
+        src,
+        extra,
     )
-    .success()
-    .json()
 }

@@ -182,15 +182,7 @@ fn changed_file_with_a_damaged_basis(how: Damage, extra: &[&str]) {
         text_150k("v1").replace("line 700:", "line seven hundred:"),
     );
 
-    let mut args = vec![
-        "deploy",
-        "--json",
-        "--no-whole-file",
-        src.s(),
-        fx.root_str(),
-    ];
-    args.extend_from_slice(extra);
-    let j = fx.flip(&args).success().json();
+    let j = fx.deploy(&src, extra);
     assert_eq!(num(&j, "/release"), 2);
     assert_eq!(
         fs::read(fx.release(2).join("big.txt")).unwrap(),
@@ -249,15 +241,7 @@ fn a_damaged_fuzzy_ancestor_makes_the_file_go_whole_in_the_same_deploy() {
             text_150k("thing").replace("line 9:", "line nine:"),
             0o644,
         );
-        let mut args = vec![
-            "deploy",
-            "--json",
-            "--no-whole-file",
-            src.s(),
-            fx.root_str(),
-        ];
-        args.extend_from_slice(extra);
-        let j = fx.flip(&args).success().json();
+        let j = fx.deploy(&src, extra);
         assert_eq!(num(&j, "/files/delta"), 0, "{j}");
         assert_eq!(num(&j, "/files/literal"), 1, "{j}");
         assert_dir_eq(&fx.current(), &src.tree(), "current after the deploy");

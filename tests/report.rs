@@ -16,6 +16,16 @@ fn text(seed: usize, lines: usize) -> String {
         .collect()
 }
 
+/// `flip deploy --no-whole-file --dry-run EXTRA... SRC ROOT`, which must succeed: the dry run
+/// of the deploys these tests make (`Fx::deploy`: patches and deltas, as over SSH).
+#[track_caller]
+fn dry_run(fx: &Fx, src: &Src, extra: &[&str]) -> Run {
+    let mut args = vec!["deploy", "--no-whole-file", "--dry-run"];
+    args.extend_from_slice(extra);
+    args.extend([src.s(), fx.root_str()]);
+    fx.flip(&args).success()
+}
+
 fn v1(src: &Src) {
     src.dir("app", 0o755)
         .file("app/big.php", text(1, 1000), 0o644)
@@ -137,26 +147,8 @@ fn diff_dry_run_and_deploy_agree_on_every_change_with_patches() {
         .success()
         .json();
     let diff_text = fx.flip(&["diff", "--itemize", s(&old), src.s()]).success();
-    let dry = fx
-        .flip(&[
-            "deploy",
-            "--no-whole-file",
-            "--dry-run",
-            "--json",
-            src.s(),
-            fx.root_str(),
-        ])
-        .success()
-        .json();
-    let dry_text = fx
-        .flip(&[
-            "deploy",
-            "--no-whole-file",
-            "--dry-run",
-            src.s(),
-            fx.root_str(),
-        ])
-        .success();
+    let dry = dry_run(&fx, &src, &["--json"]).json();
+    let dry_text = dry_run(&fx, &src, &[]);
     assert_eq!(fx.release_ids(), vec![1], "a dry run changes nothing");
     let deploy = fx.deploy(&src, &["--itemize"]);
 
@@ -227,28 +219,8 @@ fn diff_dry_run_and_deploy_agree_on_every_change_with_deltas() {
         ])
         .success()
         .json();
-    let dry = fx
-        .flip(&[
-            "deploy",
-            "--no-whole-file",
-            "--dry-run",
-            "--no-cache",
-            "--json",
-            src.s(),
-            fx.root_str(),
-        ])
-        .success()
-        .json();
-    let dry_text = fx
-        .flip(&[
-            "deploy",
-            "--no-whole-file",
-            "--dry-run",
-            "--no-cache",
-            src.s(),
-            fx.root_str(),
-        ])
-        .success();
+    let dry = dry_run(&fx, &src, &["--no-cache", "--json"]).json();
+    let dry_text = dry_run(&fx, &src, &["--no-cache"]);
     let twin = fx.path("twin");
     copy_tree(&src.dir, &twin);
     let deploy = fx.deploy(&src, &["--itemize", "--no-cache"]);
@@ -299,26 +271,8 @@ fn a_no_op_reports_zero_everywhere() {
         .flip(&["diff", "--json", "--itemize", src.s(), src.s()])
         .success()
         .json();
-    let dry = fx
-        .flip(&[
-            "deploy",
-            "--no-whole-file",
-            "--dry-run",
-            "--json",
-            src.s(),
-            fx.root_str(),
-        ])
-        .success()
-        .json();
-    let dry_text = fx
-        .flip(&[
-            "deploy",
-            "--no-whole-file",
-            "--dry-run",
-            src.s(),
-            fx.root_str(),
-        ])
-        .success();
+    let dry = dry_run(&fx, &src, &["--json"]).json();
+    let dry_text = dry_run(&fx, &src, &[]);
     // An unchanged tree makes no release unless forced; forced, it is the same no-op.
     let deploy = fx.deploy(&src, &["--itemize", "--force-release"]);
     let cold = fx
@@ -364,17 +318,7 @@ fn the_deploy_reports_what_the_target_made_it_do() {
     fs::remove_file(fx.release(1).join("keep.txt")).unwrap();
     src.file("app/new.php", "<?php // new\n", 0o644);
 
-    let dry = fx
-        .flip(&[
-            "deploy",
-            "--no-whole-file",
-            "--dry-run",
-            "--json",
-            src.s(),
-            fx.root_str(),
-        ])
-        .success()
-        .json();
+    let dry = dry_run(&fx, &src, &["--json"]).json();
     assert_eq!(num(&dry, "/files/linked"), 5, "{dry}");
     assert_eq!(num(&dry, "/files/resent"), 0, "{dry}");
     let deploy = fx.deploy(&src, &["--itemize"]);
@@ -443,17 +387,7 @@ fn a_release_of_only_symlink_and_directory_changes_is_not_a_no_op() {
         .flip(&["diff", "--json", "--itemize", s(&old), src.s()])
         .success()
         .json();
-    let dry = fx
-        .flip(&[
-            "deploy",
-            "--no-whole-file",
-            "--dry-run",
-            "--json",
-            src.s(),
-            fx.root_str(),
-        ])
-        .success()
-        .json();
+    let dry = dry_run(&fx, &src, &["--json"]).json();
     let deploy = fx.deploy(&src, &["--itemize"]);
     for j in [&diff, &dry, &deploy] {
         assert_eq!(num(j, "/symlinks/changed"), 1, "{j}");
@@ -494,17 +428,7 @@ fn a_patch_no_smaller_than_the_file_is_reported_as_literal_everywhere() {
         .flip(&["diff", "--json", "--itemize", s(&old), src.s()])
         .success()
         .json();
-    let dry = fx
-        .flip(&[
-            "deploy",
-            "--no-whole-file",
-            "--dry-run",
-            "--json",
-            src.s(),
-            fx.root_str(),
-        ])
-        .success()
-        .json();
+    let dry = dry_run(&fx, &src, &["--json"]).json();
     let deploy = fx.deploy(&src, &["--itemize"]);
     assert_eq!(report(&dry), report(&deploy), "dry run vs deploy");
     assert_eq!(report(&diff), report(&deploy), "diff vs deploy");

@@ -286,6 +286,12 @@ impl Fx {
     /// tests through this helper check the delta engine on the cheapest target.
     #[track_caller]
     pub fn deploy(&self, src: &Src, extra: &[&str]) -> Value {
+        self.deploy_env(&[], src, extra)
+    }
+
+    /// [`Fx::deploy`] with extra environment variables.
+    #[track_caller]
+    pub fn deploy_env(&self, env: &[(&str, &str)], src: &Src, extra: &[&str]) -> Value {
         let mut args = vec![
             "deploy",
             "--json",
@@ -294,7 +300,7 @@ impl Fx {
             self.root_str(),
         ];
         args.extend_from_slice(extra);
-        self.flip(&args).success().json()
+        self.flip_env(env, &args).success().json()
     }
 
     /// `flip releases --json ROOT` as (id, current) pairs.
