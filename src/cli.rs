@@ -138,7 +138,7 @@ pub struct DeployArgs {
     #[arg(long)]
     pub itemize: bool,
     /// zstd level for the connection, 1-19 (fixed); 0 turns compression off. Default over SSH:
-    /// adaptive (levels 1-9, harder while the link is the bottleneck, cheaper while compressing
+    /// adaptive (levels 1-12, harder while the link is the bottleneck, cheaper while compressing
     /// is); for a local directory: 0 (compressing only costs CPU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compress_level: Option<i32>,

@@ -1125,7 +1125,11 @@ fn config_text(c: &Config, r: &config::Resolved, source: Option<&(String, &'stat
     match r.compress_level.0 {
         Some(l) => outln!("compress_level = {l}  # {}", r.compress_level.1),
         None => {
-            outln!("# compress_level: default (adaptive over SSH, levels 1-9; off locally)")
+            outln!(
+                "# compress_level: default (adaptive over SSH, levels {}-{}; off locally)",
+                flip_wire::adapt::MIN_LEVEL,
+                flip_wire::adapt::MAX_LEVEL
+            )
         }
     }
     match r.whole_file.0 {

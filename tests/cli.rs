@@ -53,6 +53,28 @@ fn help_lists_the_exit_codes_of_the_readme() {
     }
 }
 
+/// `deploy --help` and `flip config ENV` name the levels the adaptive compression really moves
+/// between (both said 1-9 after the range grew to 12).
+#[test]
+fn help_and_config_name_the_adaptive_levels_of_the_wire() {
+    use flip_wire::adapt::{MAX_LEVEL, MIN_LEVEL};
+    let fx = Fx::new();
+    let levels = format!("levels {MIN_LEVEL}-{MAX_LEVEL}");
+    let help = fx.flip(&["deploy", "--help"]).success().stdout;
+    assert!(help.contains(&format!("adaptive ({levels},")), "{help}");
+    fs::write(
+        fx.path("flip.toml"),
+        "source = \".\"\n[env.prod]\ntargets = [\"deploy@web1:/srv/app\"]\n",
+    )
+    .unwrap();
+    let text = fx.flip(&["config", "prod"]).success().stdout;
+    assert!(
+        text.contains(&format!(
+            "# compress_level: default (adaptive over SSH, {levels}; off locally)"
+        )),
+        "{text}"
+    );
+}
 #[test]
 fn every_command_documents_its_target_id_and_json() {
     let fx = Fx::new();

@@ -104,7 +104,8 @@ pub struct Options {
     pub itemize: bool,
     /// flip's cache directory (hashes, manifests, content); `None`: no caches.
     pub cache_dir: Option<PathBuf>,
-    /// zstd level of the connections; `None`: 3 over SSH, off locally.
+    /// zstd level of the connections; `None`: adaptive over SSH ([`flip_wire::ADAPTIVE`]), off
+    /// locally ([`Target::compress_level`]).
     pub compress_level: Option<i32>,
     /// Every file goes whole (no patch, no rsync delta); `None`: yes for a local target, no
     /// over SSH ([`Target::whole_files`]).
