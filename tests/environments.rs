@@ -729,3 +729,115 @@ fn an_environment_rollback_that_fails_names_the_damaged_releases_it_skipped() {
     assert_eq!(link(&roots[0]), "releases/2");
     assert_eq!(link(&roots[1]), "releases/2");
 }
+
+/// Whole files are decided per target: in one environment the local target gets changed files
+/// whole and the SSH one patches, and the dry run says so of each, item by item. `whole_file`
+/// in the environment's table wins over the top level (`flip config` names where it came
+/// from), and `--whole-file` over both, over SSH too.
+#[test]
+fn an_environment_sends_whole_files_locally_and_patches_over_ssh_as_its_dry_run_says() {
+    let fx = Fx::new();
+    let sshd = flip_testkit::Sshd::start();
+    sshd.write_known_hosts(&fx.home.join(".ssh/known_hosts"));
+    let (local, remote) = (fx.path("local"), fx.path("remote"));
+    let targets = vec![
+        s(&local).to_string(),
+        format!("ssh://root@127.0.0.1:{}{}", sshd.port(), s(&remote)),
+    ];
+    let ssh: Vec<String> = vec![
+        "-i".into(),
+        s(&sshd.user_key()).into(),
+        "--remote-flip".into(),
+        FLIP.into(),
+    ];
+    let src = fx.src("src");
+    let text: String = (0..4000)
+        .map(|i| format!("<?php // line {i}: $value_{i} = compute({i});\n"))
+        .collect();
+    src.file("big.php", &text, 0o644)
+        .file("small.php", &text[..3000], 0o644);
+    let mut round = 0;
+    let mut edit = || {
+        round += 1;
+        for (f, t) in [("big.php", &text[..]), ("small.php", &text[..3000])] {
+            src.overwrite(f, t.replace("line 30:", &format!("edit {round}:")));
+        }
+    };
+    // (via of each item, files counts) of every host.
+    let seen = |j: &Value| -> Vec<(Vec<(String, String)>, Value)> {
+        hosts(j)
+            .iter()
+            .map(|h| {
+                let items = h["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| (i["path"].to_string(), i["via"].to_string()))
+                    .collect();
+                (items, h["files"].clone())
+            })
+            .collect()
+    };
+    let deploy = |extra: &[&str]| -> (Value, Value) {
+        let extra: Vec<String> = ssh
+            .iter()
+            .cloned()
+            .chain(extra.iter().map(|a| a.to_string()))
+            .collect();
+        let dry = run(
+            &fx,
+            &with(&["deploy", "prod", "--json", "--dry-run"], &extra),
+        );
+        let j = run(
+            &fx,
+            &with(&["deploy", "prod", "--json", "--itemize"], &extra),
+        );
+        let (dry, j) = (dry.success().json(), j.success().json());
+        assert_eq!(
+            seen(&dry),
+            seen(&j),
+            "the dry run predicts each target's deploy"
+        );
+        (hosts(&j)[0].clone(), hosts(&j)[1].clone())
+    };
+
+    env_config(&fx, &targets, "");
+    deploy(&[]);
+    edit();
+    let (l, r) = deploy(&[]);
+    assert_eq!(num(&l, "/files/literal"), 2, "local: whole files: {l}");
+    assert_eq!(num(&l, "/files/delta"), 0, "{l}");
+    assert_eq!(num(&r, "/files/patched"), 2, "SSH: patches: {r}");
+    assert_eq!(num(&r, "/files/literal"), 0, "{r}");
+
+    // The environment's table over the top level.
+    write_config(
+        &fx,
+        &format!(
+            "source = \"src\"\nwhole_file = true\n[env.prod]\ntargets = [{:?}, {:?}]\nwhole_file = false\n",
+            targets[0], targets[1]
+        ),
+    );
+    let shown = fx.flip(&["config", "prod"]).success().stdout;
+    assert!(
+        shown.contains("whole_file = false  # environment table"),
+        "{shown}"
+    );
+    edit();
+    let (l, r) = deploy(&[]);
+    // The SSH target's deploys kept the content both targets have live: patches for both.
+    for h in [&l, &r] {
+        assert_eq!(num(h, "/files/patched"), 2, "{h}");
+        assert_eq!(num(h, "/files/literal"), 0, "{h}");
+    }
+    // The flag over both; whole over SSH too.
+    edit();
+    let (l, r) = deploy(&["--whole-file"]);
+    for h in [&l, &r] {
+        assert_eq!(num(h, "/files/literal"), 2, "{h}");
+        assert_eq!(num(h, "/files/delta"), 0, "{h}");
+    }
+    for root in [&local, &remote] {
+        assert_dir_eq(&root.join("current"), &src.tree(), "every target");
+    }
+}
