@@ -44,7 +44,8 @@ pub enum Command {
     Prune(PruneArgs),
     /// Re-read a release on TARGET (default: the live one) and compare it with its manifest.
     Verify(VerifyArgs),
-    /// Show what a deploy from OLD to NEW would do and send (no target needed).
+    /// Show what a deploy from OLD to NEW would do and send over SSH (no target needed; to a
+    /// local directory changed files go whole unless --no-whole-file).
     Diff(DiffArgs),
     /// Write a commented flip.toml for a PHP application in the working directory.
     Init(InitArgs),

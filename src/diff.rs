@@ -416,7 +416,9 @@ fn print_text(
             "warm caches of the client that deployed OLD"
         }
     );
-    outln!("a deploy sends ({}):", model(a.compress_level));
+    // A local directory takes changed files whole by default (`--whole-file`): these are the
+    // bytes of a deploy that patches, as over SSH.
+    outln!("a deploy over SSH sends ({}):", model(a.compress_level));
     outln!(
         "  warm client (caches of the deploy of OLD): {}",
         output::bytes(p.warm_sent)

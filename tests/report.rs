@@ -162,6 +162,15 @@ fn diff_dry_run_and_deploy_agree_on_every_change_with_patches() {
     assert_counts(&deploy, 2, 0, 0);
     assert_eq!(report(&dry), report(&deploy), "dry run vs deploy");
     assert_eq!(report(&diff), report(&deploy), "diff vs deploy");
+    // Its patches are a deploy's over SSH (or with --no-whole-file, as here): the text says so,
+    // since a local directory takes changed files whole by default.
+    assert!(
+        diff_text
+            .stdout
+            .contains("\na deploy over SSH sends (zstd level 3):\n"),
+        "{}",
+        diff_text.stdout
+    );
     assert!(
         dry_text
             .stderr
