@@ -435,6 +435,44 @@ mod tests {
         const { assert!(CHUNK < MAX_FRAME) };
     }
 
+    /// Plain frames leave in one write at the flush, not one each; one sent without a flush
+    /// before compression starts still goes first, plain.
+    #[test]
+    fn plain_frames_are_gathered_and_go_out_before_compression_starts() {
+        use std::sync::atomic::AtomicUsize;
+        struct Writes(Tx, Arc<AtomicUsize>);
+        impl Write for Writes {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.1.fetch_add(1, Ordering::SeqCst);
+                self.0.write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writes = Arc::new(AtomicUsize::new(0));
+        let mut w = FrameWriter::new(Box::new(Writes(Tx(tx), writes.clone())));
+        let mut r = FrameReader::new(Box::new(Pipe(rx, Vec::new(), 0)));
+        for _ in 0..100 {
+            w.send(&Request::Status).unwrap();
+        }
+        assert_eq!(writes.load(Ordering::SeqCst), 0, "held until the flush");
+        w.flush().unwrap();
+        assert_eq!(writes.load(Ordering::SeqCst), 1, "one write for the batch");
+        for _ in 0..100 {
+            assert_eq!(r.recv::<Request>().unwrap(), Request::Status);
+        }
+        let plain = Request::GetManifest { id: 4 };
+        w.send(&plain).unwrap();
+        w.start_compression(3).unwrap();
+        w.send(&Request::Bye).unwrap();
+        w.finish().unwrap();
+        assert_eq!(r.recv::<Request>().unwrap(), plain);
+        r.start_decompression().unwrap();
+        assert_eq!(r.recv::<Request>().unwrap(), Request::Bye);
+    }
+
     #[test]
     fn a_level_change_mid_stream_is_read_transparently() {
         let (mut w, mut r) = pair();
