@@ -197,6 +197,28 @@ fn deploy_survives_a_crash_after_the_swap() {
     crash_deploy("after-swap");
 }
 
+/// A single-target deploy sends commit and activation in one batch, and the agent holds the
+/// commit's answer until it has activated too (one write for the batch; locally, since frames
+/// are gathered, the whole batch is one read): an agent dying in the swap is reported as
+/// having died committing or activating, never as a failed commit of a release that went live.
+#[test]
+fn a_crash_in_the_swap_is_not_reported_as_a_failed_commit() {
+    let w = world();
+    version(&w.src, 4);
+    let root = w.fx.root_str().to_string();
+    let run = w.fx.flip_env(
+        &[("FLIP_FAULT", "after-swap")],
+        &["deploy", w.src.s(), &root],
+    );
+    assert_eq!(run.code, 6, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("protocol error while committing or activating the release: the agent ended the session"),
+        "{}",
+        run.stderr
+    );
+}
+
 #[test]
 fn deploy_survives_a_crash_while_pruning_after_moving_a_release_to_trash() {
     crash_deploy("prune-after-trash");

@@ -234,6 +234,10 @@ pub struct Session {
     probing: Option<(Digest, Vec<String>)>,
     /// With [`Session::defer_commit`]: `stage` queues `Commit` without reading its answer.
     defer_commit: bool,
+    /// An `Activate` was queued: the agent may hold the answer to a `Commit` before it until
+    /// the activation is done (`coalesce`), so a session that ends while the client waits for
+    /// that answer may have ended in either.
+    activate_queued: bool,
     /// A `Stage` queued ahead of the status ([`Session::stage_ahead`]).
     ahead: Option<Ahead>,
     /// Every file sent whole ([`Session::send_whole_files`]).
@@ -333,6 +337,7 @@ impl Session {
             probed: None,
             probing: None,
             defer_commit: false,
+            activate_queued: false,
             ahead: None,
             whole_files: false,
         };
@@ -860,7 +865,10 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn committed(&mut self, id: u64) -> Result<()> {
-        self.phase = "committing the release";
+        self.phase = match self.activate_queued {
+            true => "committing or activating the release",
+            false => "committing the release",
+        };
         match self.recv()? {
             Response::Committed { id: got } if got == id => Ok(()),
             other => Err(self.unexpected(&other)),
@@ -1130,6 +1138,7 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn queue_activate(&mut self, id: u64) -> Result<()> {
+        self.activate_queued = true;
         self.queue(&Request::Activate { id })
     }
 
