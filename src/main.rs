@@ -538,17 +538,32 @@ fn dry_run(
     );
     drop(transfers);
     changes.settle(&sent);
+    // The live release already is this tree: the deploy makes no release (unless forced, or
+    // unless it finds the live tree altered: then a new release repairs it) and reports every
+    // file unchanged and nothing linked; so does its dry run.
+    let no_release = unchanged && !o.force_release;
+    if no_release {
+        let files = manifest.file_count() as u64;
+        changes = flip_plan::report::Changes::default();
+        changes.counts.files.total = files;
+        changes.counts.files.unchanged = files;
+    }
     let st = &plan.stats;
+    let (transfer_bytes, matched_bytes) = match no_release {
+        true => (0, 0),
+        false => (st.transfer_bytes, st.matched_bytes),
+    };
     let mut out = serde_json::Map::new();
     {
         out.insert("dry_run".into(), json!(true));
         out.insert("round_trips".into(), json!(round_trips));
         out.insert("target".into(), json!(target.display()));
         out.insert("live".into(), json!(current));
+        out.insert("unchanged".into(), json!(no_release));
         output::counts_json(&changes.counts, &mut out);
         out.insert(
             "bytes".into(),
-            json!({"transfer": st.transfer_bytes, "matched": st.matched_bytes}),
+            json!({"transfer": transfer_bytes, "matched": matched_bytes}),
         );
         out.insert("items".into(), output::items_json(&changes.items));
         out.insert(
@@ -561,6 +576,11 @@ fn dry_run(
         if print_json {
             outln!("{out}");
         }
+    } else if let (true, Some(live)) = (no_release, current) {
+        note!(
+            "flip: dry run against {}: unchanged, release {live} stays live (no release is made unless the deploy finds it altered, or with --force-release)",
+            target.display(),
+        );
     } else {
         output::print_items(&changes.items);
         note!(
@@ -568,7 +588,7 @@ fn dry_run(
             target.display(),
             current.map_or("none".to_string(), |c| format!("release {c}")),
             output::counts_text(&changes.counts),
-            output::bytes(st.transfer_bytes)
+            output::bytes(transfer_bytes)
         );
     }
     Ok(out)

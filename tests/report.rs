@@ -280,9 +280,35 @@ fn a_no_op_reports_zero_everywhere() {
         .flip(&["diff", "--json", "--itemize", src.s(), src.s()])
         .success()
         .json();
-    let dry = dry_run(&fx, &src, &["--json"]).json();
-    let dry_text = dry_run(&fx, &src, &[]);
-    // An unchanged tree makes no release unless forced; forced, it is the same no-op.
+    // An unchanged tree makes no release: the deploy and its dry run say so, every file
+    // unchanged and nothing linked, no byte to send.
+    let dry_unforced = dry_run(&fx, &src, &["--json"]).json();
+    let dry_unforced_text = dry_run(&fx, &src, &[]);
+    let unforced = fx.deploy(&src, &["--itemize"]);
+    assert_eq!(
+        fx.release_ids(),
+        vec![1],
+        "no release for an unchanged tree"
+    );
+    for j in [&dry_unforced, &unforced] {
+        assert_eq!(j["unchanged"], true, "{j}");
+        assert_eq!(num(j, "/files/unchanged"), 5, "{j}");
+        assert_eq!(num(j, "/files/linked"), 0, "{j}");
+        assert_eq!(j["items"], serde_json::json!([]), "{j}");
+    }
+    assert_eq!(num(&dry_unforced, "/bytes/transfer"), 0, "{dry_unforced}");
+    assert_eq!(num(&dry_unforced, "/bytes/matched"), 0, "{dry_unforced}");
+    assert!(
+        dry_unforced_text
+            .stderr
+            .contains("unchanged, release 1 stays live"),
+        "{}",
+        dry_unforced_text.stderr
+    );
+    // Forced, the same no-op makes a release of links, and the forced dry run predicts it.
+    let dry = dry_run(&fx, &src, &["--json", "--force-release"]).json();
+    let dry_text = dry_run(&fx, &src, &["--force-release"]);
+    assert_eq!(dry["unchanged"], false, "{dry}");
     let deploy = fx.deploy(&src, &["--itemize", "--force-release"]);
     let cold = fx
         .flip(&[
