@@ -351,10 +351,7 @@ fn second_deploy_from_a_client_without_cached_state() {
 fn changed_files_go_as_patches_against_the_content_cache() {
     let fx = Fx::new();
     let src = fx.src("src");
-    let mut text = String::new();
-    for i in 0..4000 {
-        text.push_str(&format!("<?php // line {i}: $value_{i} = compute({i});\n"));
-    }
+    let text = php_lines(4000);
     // A few KiB: below the rsync delta threshold, still worth a patch.
     let small: String = text.lines().take(60).map(|l| format!("{l}\n")).collect();
     src.file("big.php", &text, 0o644)
@@ -406,9 +403,7 @@ fn changed_files_go_as_patches_against_the_content_cache() {
 fn a_local_deploy_sends_changed_files_whole_unless_asked_not_to() {
     let fx = Fx::new();
     let src = fx.src("src");
-    let text: String = (0..4000)
-        .map(|i| format!("<?php // line {i}: $value_{i} = compute({i});\n"))
-        .collect();
+    let text = php_lines(4000);
     src.file("big.php", &text, 0o644)
         .file("small.php", &text[..3000], 0o644);
     let deploy = |extra: &[&str]| -> serde_json::Value {

@@ -751,9 +751,7 @@ fn an_environment_sends_whole_files_locally_and_patches_over_ssh_as_its_dry_run_
         FLIP.into(),
     ];
     let src = fx.src("src");
-    let text: String = (0..4000)
-        .map(|i| format!("<?php // line {i}: $value_{i} = compute({i});\n"))
-        .collect();
+    let text = php_lines(4000);
     src.file("big.php", &text, 0o644)
         .file("small.php", &text[..3000], 0o644);
     let mut round = 0;

@@ -469,6 +469,14 @@ pub fn site_v2(src: &Src) {
         .remove("empty2");
 }
 
+/// `lines` lines of PHP-like text, each different: content that patches and deltas compress
+/// well.
+pub fn php_lines(lines: usize) -> String {
+    (0..lines)
+        .map(|i| format!("<?php // line {i}: $value_{i} = compute({i});\n"))
+        .collect()
+}
+
 /// Recursively copies a tree, keeping modes and symlinks (new inodes, new mtimes).
 pub fn copy_tree(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
