@@ -27,7 +27,9 @@ static ALLOC: flip_fuzz::LimitAlloc = flip_fuzz::LimitAlloc {
 /// Largest output a run allows (the manifest size the agent would pass).
 const MAX_LIMIT: u64 = 1 << 20;
 
-/// One basis file per process (under /dev/shm when it exists), rewritten for every input.
+/// One basis file per process (under /dev/shm when it exists), rewritten for every input. The
+/// files of earlier runs whose process is gone are removed first (a run ends without cleaning
+/// up: one file per run piled up in /dev/shm).
 fn basis_path() -> &'static PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
@@ -36,6 +38,16 @@ fn basis_path() -> &'static PathBuf {
         } else {
             std::env::temp_dir()
         };
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("flip-fuzz-delta-basis-") {
+                    if !std::path::Path::new("/proc").join(pid).exists() {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
         dir.join(format!("flip-fuzz-delta-basis-{}", std::process::id()))
     })
 }
