@@ -10,7 +10,7 @@ use flip_wire::{FrameReader, FrameWriter, Request, Response, MAGIC, PROTOCOL};
 use std::path::Path;
 
 mod common;
-use common::{file, lock};
+use common::{file, lock, stage_whole};
 
 /// A root with release 1 live, holding `a` ("alpha").
 fn live_root(dir: &Path) -> Root {
@@ -143,18 +143,13 @@ fn deploys_leave_no_descriptor_open() {
             file("d/b", new.as_bytes()),
         ])
         .unwrap();
-        let bytes = flip_manifest::encode(&m);
-        let frames = vec![
+        let mut frames = vec![
             lock(),
             Request::Status,
             Request::CheckLive { digest: m.digest() },
-            Request::Stage {
-                label: None,
-                base: flip_wire::StageBase::Whole,
-                payload_len: bytes.len() as u64,
-                digest: m.digest(),
-            },
-            Request::ManifestChunk(bytes),
+        ];
+        frames.extend(stage_whole(&m));
+        frames.extend([
             Request::Literal {
                 index: 1,
                 mtime: None,
@@ -165,7 +160,7 @@ fn deploys_leave_no_descriptor_open() {
             Request::Activate { id: n as u64 + 2 },
             Request::Prune { keep: 2 },
             Request::Bye,
-        ];
+        ]);
         let rs = session(&root, frames, |_| false);
         assert!(matches!(rs.last(), Some(Response::Bye)), "{rs:?}");
     };
@@ -263,18 +258,8 @@ fn a_live_directory_swapped_for_a_symlink_is_not_linked_through() {
     std::fs::rename(live.join("d"), t.path().join("moved")).unwrap();
     std::os::unix::fs::symlink(&outside, live.join("d")).unwrap();
     let m = Manifest::new(vec![dir("d"), file("d/f", b"alpha"), file("g", b"new")]).unwrap();
-    let bytes = flip_manifest::encode(&m);
-    let frames = vec![
-        lock(),
-        Request::Status,
-        Request::Stage {
-            label: None,
-            base: flip_wire::StageBase::Whole,
-            payload_len: bytes.len() as u64,
-            digest: m.digest(),
-        },
-        Request::ManifestChunk(bytes),
-    ];
+    let mut frames = vec![lock(), Request::Status];
+    frames.extend(stage_whole(&m));
     let rs = session(&root, frames, |r| matches!(r, Response::Staged { .. }));
     let needs = rs
         .iter()

@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 mod common;
-use common::{file_mode as file, lock};
+use common::{file_mode as file, lock, stage_whole};
 
 /// One agent session on `root` fed with `frames` after a Hello.
 fn session(root: &Path, frames: Vec<Request>) -> Vec<Response> {
@@ -33,19 +33,6 @@ fn stream(path: &str, data: &[u8], mode: u32) -> Request {
         data: data.to_vec(),
         last: true,
     }
-}
-
-fn stage(m: &Manifest) -> Vec<Request> {
-    let bytes = flip_manifest::encode(m);
-    vec![
-        Request::Stage {
-            label: None,
-            base: flip_wire::StageBase::Whole,
-            payload_len: bytes.len() as u64,
-            digest: m.digest(),
-        },
-        Request::ManifestChunk(bytes),
-    ]
 }
 
 /// The session ended in an error of `class` naming `needle`, and the target it created is gone.
@@ -93,7 +80,7 @@ fn streamed_files_listed_exactly_by_the_manifest_are_committed() {
     frames.push(stream("d/e/run", b"#!/bin/sh\n", 0o4755));
     frames.push(stream("a", b"alpha", 0o644));
     frames.push(stream("empty", b"", 0o644));
-    frames.extend(stage(&m));
+    frames.extend(stage_whole(&m));
     // Not streamed: what the stage answers it needs (index 2 of the files, in manifest order:
     // a, d/e/run, d/late, empty).
     frames.push(Request::Literal {
@@ -153,7 +140,7 @@ fn a_streamed_file_the_manifest_lacks_is_refused() {
     let mut frames = start(2, 2);
     frames.push(stream("a", b"1", 0o644));
     frames.push(stream("extra", b"2", 0o644));
-    frames.extend(stage(&m));
+    frames.extend(stage_whole(&m));
     frames.push(Request::Commit);
     refused_first(
         frames,
@@ -167,7 +154,7 @@ fn a_streamed_file_with_another_hash_is_refused() {
     let m = Manifest::new(vec![file("a", b"1", 0o644)]).unwrap();
     let mut frames = start(1, 1);
     frames.push(stream("a", b"2", 0o644));
-    frames.extend(stage(&m));
+    frames.extend(stage_whole(&m));
     frames.push(Request::Commit);
     refused_first(
         frames,
@@ -181,7 +168,7 @@ fn a_streamed_file_with_another_mode_is_refused() {
     let m = Manifest::new(vec![file("a", b"1", 0o644)]).unwrap();
     let mut frames = start(1, 1);
     frames.push(stream("a", b"1", 0o755));
-    frames.extend(stage(&m));
+    frames.extend(stage_whole(&m));
     refused_first(frames, ErrorClass::Integrity, "mode 755");
 }
 
@@ -190,7 +177,7 @@ fn a_file_neither_streamed_nor_sent_is_refused_at_commit() {
     let m = Manifest::new(vec![file("a", b"1", 0o644), file("b", b"2", 0o644)]).unwrap();
     let mut frames = start(2, 2);
     frames.push(stream("a", b"1", 0o644));
-    frames.extend(stage(&m));
+    frames.extend(stage_whole(&m));
     frames.push(Request::Commit);
     refused_first(frames, ErrorClass::BadRequest, "never arrived, first b");
 }
@@ -216,12 +203,12 @@ fn a_file_streamed_twice_or_below_a_streamed_file_is_refused() {
     frames.push(stream("a", b"1", 0o644));
     frames.push(stream("a", b"1", 0o644));
     let m = Manifest::new(vec![file("a", b"1", 0o644)]).unwrap();
-    frames.extend(stage(&m));
+    frames.extend(stage_whole(&m));
     refused_first(frames, ErrorClass::Io, "a");
     let mut frames = start(3, 10);
     frames.push(stream("a", b"1", 0o644));
     frames.push(stream("a/b", b"1", 0o644));
-    frames.extend(stage(&m));
+    frames.extend(stage_whole(&m));
     refused_first(frames, ErrorClass::Io, "a");
 }
 
@@ -230,7 +217,7 @@ fn a_mode_beyond_the_permission_bits_is_refused() {
     let mut frames = start(1, 10);
     frames.push(stream("a", b"1", 0o170644));
     let m = Manifest::new(vec![file("a", b"1", 0o644)]).unwrap();
-    frames.extend(stage(&m));
+    frames.extend(stage_whole(&m));
     refused_first(frames, ErrorClass::BadRequest, "is not a permission mode");
 }
 
@@ -242,7 +229,7 @@ fn streaming_into_a_target_with_a_live_release_is_refused() {
     let m = Manifest::new(vec![file("a", b"1", 0o644)]).unwrap();
     let mut frames = start(1, 1);
     frames.push(stream("a", b"1", 0o644));
-    frames.extend(stage(&m));
+    frames.extend(stage_whole(&m));
     frames.extend([Request::Commit, Request::Activate { id: 1 }, Request::Bye]);
     let rs = session(&root, frames);
     assert!(matches!(rs.last(), Some(Response::Bye)), "{rs:?}");

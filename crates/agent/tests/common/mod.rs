@@ -75,6 +75,20 @@ pub fn live_root(dir: &Path, files: &[(&str, &[u8])]) -> Root {
     root
 }
 
+/// `Stage` of manifest `m`, sent whole, and its one chunk.
+pub fn stage_whole(m: &Manifest) -> Vec<Request> {
+    let bytes = flip_manifest::encode(m);
+    vec![
+        Request::Stage {
+            label: None,
+            base: flip_wire::StageBase::Whole,
+            payload_len: bytes.len() as u64,
+            digest: m.digest(),
+        },
+        Request::ManifestChunk(bytes),
+    ]
+}
+
 /// Runs one agent session on `root` fed with `frames` after a valid Hello (or with the bytes
 /// `raw` alone); returns every answer (notices skipped) up to an error or `Bye`.
 pub fn session(root: &Path, raw: Option<Vec<u8>>, frames: Vec<Request>) -> Vec<Response> {
