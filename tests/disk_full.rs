@@ -15,21 +15,29 @@ impl Drop for Mount {
     }
 }
 
-#[test]
-fn a_full_disk_fails_cleanly_and_loses_nothing() {
+/// Mounts a tmpfs with `options` on `fx`'s target root (unmounted when the result is dropped);
+/// `None` when not root (the test is skipped: CI runs as root).
+fn small_tmpfs(fx: &Fx, options: &str) -> Option<Mount> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
-        return;
+        return None;
     }
-    let fx = Fx::new();
     std::fs::create_dir(&fx.root).unwrap();
     let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs", fx.root_str()])
+        .args(["-t", "tmpfs", "-o", options, "tmpfs", fx.root_str()])
         .status()
         .expect("run mount");
     assert!(st.success(), "mount tmpfs failed");
-    let _mount = Mount(fx.root.clone());
+    Some(Mount(fx.root.clone()))
+}
+
+#[test]
+fn a_full_disk_fails_cleanly_and_loses_nothing() {
+    let fx = Fx::new();
+    let Some(_mount) = small_tmpfs(&fx, "size=2m") else {
+        return;
+    };
 
     let src = fx.src("src");
     site_v1(&src);
@@ -66,26 +74,10 @@ fn a_full_disk_fails_cleanly_and_loses_nothing() {
 /// left in the target root, and the next deploy that fits succeeds.
 #[test]
 fn a_first_deploy_running_out_of_inodes_mid_stream_leaves_nothing() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
-        return;
-    }
     let fx = Fx::new();
-    std::fs::create_dir(&fx.root).unwrap();
-    let st = Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=16m,nr_inodes=200",
-            "tmpfs",
-            fx.root_str(),
-        ])
-        .status()
-        .expect("run mount");
-    assert!(st.success(), "mount tmpfs failed");
-    let _mount = Mount(fx.root.clone());
+    let Some(_mount) = small_tmpfs(&fx, "size=16m,nr_inodes=200") else {
+        return;
+    };
     let src = fx.src("src");
     // More than 256 files (the client streams them) and more than the target's inodes.
     for i in 0..300 {
