@@ -735,6 +735,12 @@ impl Caches {
         self.content.as_ref()
     }
 
+    /// [`Caches::content`] for what session `s` sends: none for a target taking whole files,
+    /// which never gets a patch (the cache's only use).
+    fn content_for(&self, s: &Session) -> Option<&ContentCache> {
+        self.content().filter(|_| !s.whole_files())
+    }
+
     /// Keeps the manifests deployed (the next deploy sends only their difference) and the
     /// content sent; returns what could not be kept, as warnings.
     fn remember(&self, ms: &[&Manifest]) -> Vec<String> {
@@ -899,7 +905,7 @@ fn prepare(
     // Nothing live (the status read while the scan goes on): the files as the scan reads them.
     let early = match drain {
         Some(d) => {
-            let content = caches.content().filter(|_| !host.session.whole_files());
+            let content = caches.content_for(&host.session);
             let streaming = &mut || events.phase(index, Phase::Streaming);
             stream::stream_first(
                 &mut host,
@@ -999,13 +1005,7 @@ impl Host {
             warnings: Vec::new(),
             leftovers: Vec::new(),
         };
-        let mkpath = o.mkpath;
-        let mut session = target
-            .connect_agent(&o.ssh, target.compress_level(o.compress_level), mkpath)
-            .map_err(failed)?;
-        if target.whole_files(o.whole_file) {
-            session.send_whole_files();
-        }
+        let mut session = connect(target, o, o.mkpath).map_err(failed)?;
         let queued = session
             .queue_lock(holder(Purpose::Deploy), o.wait)
             // The status before the shared paths: a refused shared path still names what is
@@ -1183,8 +1183,7 @@ impl Host {
                 manifest,
                 previous,
                 o.label.clone(),
-                // Kept only for patches, which a target taking whole files never gets.
-                caches.content().filter(|_| !self.session.whole_files()),
+                caches.content_for(&self.session),
                 live_digest,
                 o.itemize,
             )
@@ -1230,11 +1229,18 @@ pub fn locked_session(
 /// What opening the session returns (a failed connection, ...).
 pub fn lock_queued(target: &Target, o: &Options, purpose: Purpose) -> Result<Session, DeployError> {
     let mkpath = o.mkpath && purpose == Purpose::Deploy;
+    let mut s = connect(target, o, mkpath)?;
+    s.queue_lock(holder(purpose), o.wait)?;
+    Ok(s)
+}
+
+/// A session with `target`'s agent as `o` asks: its compression level, and whole files or not
+/// ([`Target::compress_level`], [`Target::whole_files`]).
+fn connect(target: &Target, o: &Options, mkpath: bool) -> Result<Session, DeployError> {
     let mut s = target.connect_agent(&o.ssh, target.compress_level(o.compress_level), mkpath)?;
     if target.whole_files(o.whole_file) {
         s.send_whole_files();
     }
-    s.queue_lock(holder(purpose), o.wait)?;
     Ok(s)
 }
 
