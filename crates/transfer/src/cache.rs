@@ -155,6 +155,9 @@ struct Index {
     loaded: Vec<(Digest, u32, u32, u64)>,
     /// Versions this process added: digest → (pack, length, offset).
     added: HashMap<Digest, (u32, u32, u64)>,
+    /// Each pack opened for reading, by position in `stamps`, once it is first read: a vendor
+    /// upgrade reads thousands of old versions from one pack.
+    open: Vec<Option<std::sync::Arc<fs::File>>>,
 }
 
 impl Index {
@@ -264,16 +267,23 @@ impl ContentCache {
     /// The content with digest `d`, read back and checked.
     pub fn get(&self, d: &Digest) -> Option<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        let (pack, stamp, off, len) = self.with_index(|i| {
-            let (pack, len, off) = i.find(d)?;
-            Some((pack, i.stamps[pack as usize].clone(), off, len))
-        })?;
+        let (pack, len, off) = self.with_index(|i| i.find(d))?;
         if let Some(w) = self.writer.lock().unwrap().as_mut() {
             if w.pack == pack {
                 w.data.flush().ok()?;
             }
         }
-        let f = fs::File::open(self.dir.join(format!("{stamp}.pack"))).ok()?;
+        let f = self.with_index(|i| {
+            let at = pack as usize;
+            if i.open.len() <= at {
+                i.open.resize(at + 1, None);
+            }
+            if i.open[at].is_none() {
+                let path = self.dir.join(format!("{}.pack", i.stamps[at]));
+                i.open[at] = Some(std::sync::Arc::new(fs::File::open(path).ok()?));
+            }
+            i.open[at].clone()
+        })?;
         let mut buf = vec![0u8; len as usize];
         f.read_exact_at(&mut buf, off).ok()?;
         (Digest::of(&buf) == *d).then_some(buf)
