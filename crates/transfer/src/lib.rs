@@ -443,6 +443,18 @@ impl Session {
     }
 
     fn wire(&self, source: WireError) -> TransferError {
+        // The agent could not be started: the transport said why through the stream (see
+        // `flip_transport::AgentStream`), and its error is kept as it is.
+        let source = match source {
+            WireError::Io(e) if e.get_ref().is_some_and(|i| i.is::<TransportError>()) => {
+                match e.into_inner().map(|i| i.downcast::<TransportError>()) {
+                    Some(Ok(t)) => return TransferError::Transport(*t),
+                    Some(Err(i)) => WireError::Io(std::io::Error::other(i)),
+                    None => unreachable!("checked to hold an error"),
+                }
+            }
+            other => other,
+        };
         TransferError::Wire {
             peer: self.peer.clone(),
             phase: self.phase,

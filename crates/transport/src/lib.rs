@@ -194,6 +194,11 @@ pub trait Finish: Send {
 }
 
 /// A duplex byte stream to an agent.
+///
+/// Over SSH the stream is returned before the agent is known to run: the client's first
+/// requests follow the launch without a round trip. When no agent could be started (none on
+/// the server and none could be uploaded), the first read (or a write past what is kept for a
+/// second launch) fails with an `io::Error` whose inner error is the [`TransportError`].
 pub struct AgentStream {
     /// The agent's output (its stdout).
     pub reader: Box<dyn Read + Send>,

@@ -641,7 +641,9 @@ fn connect_agent_uploads_flip_when_the_server_has_none() {
     let stream =
         ssh::connect_agent_with_stderr(&f.target, &f.opts, &args, Box::new(captured.clone()))
             .unwrap_or_else(|e| panic!("{e}"));
-    let data = Arc::new(pattern(300_000, 11));
+    // More than the buffers between the two ends hold, written before the launcher said it
+    // found no agent: all of it reaches the uploaded one (echoed back while it is sent again).
+    let data = Arc::new(pattern(6 << 20, 11));
     assert!(round_trip(stream, data.clone()) == *data);
     assert!(
         installed.exists(),
@@ -702,9 +704,15 @@ fn connect_agent_refuses_uploading_to_another_platform() {
     );
     f.opts.ssh_command = Some(fake_ssh.display().to_string());
     f.opts.version = "0.0.0-nowhere".to_string();
-    let err = ssh::connect_agent(&f.target, &f.opts, &[])
-        .err()
-        .expect("refused");
+    // The launch is pipelined: the stream is returned at once, and its first read (what the
+    // client does after its first requests) says why no agent could be started.
+    let mut stream = ssh::connect_agent(&f.target, &f.opts, &[]).unwrap();
+    let read = stream.reader.read(&mut [0u8; 16]).expect_err("refused");
+    let err = *read
+        .into_inner()
+        .expect("the transport's error")
+        .downcast::<TransportError>()
+        .expect("a TransportError");
     match &err {
         TransportError::Platform { local, remote, .. } => {
             assert_eq!(remote, "Plan9 mips");

@@ -28,10 +28,15 @@ const LIBSSH2_ERROR_EAGAIN: i32 = -37;
 /// Local socket buffer size requested for each direction.
 const SOCKET_BUFFER: libc::c_int = 1024 * 1024;
 
-/// What the pump needs: a session in which `channel` has started the command.
+/// What the pump needs: a session in which `channel` has started the command, or has asked to
+/// (`exec`).
 pub(crate) struct Parts {
     pub session: Session,
     pub channel: Channel,
+    /// The command whose `exec` request is sent (the session in non-blocking mode) but whose
+    /// reply has not been read: the pump reads it, and the user's first bytes follow the request
+    /// without waiting for it (see [`super::session`]).
+    pub exec: Option<String>,
     /// The session's TCP socket.
     pub fd: RawFd,
     /// The host as the user named it.
@@ -280,6 +285,10 @@ impl Chunk {
 struct Pump {
     session: Session,
     channel: Channel,
+    /// The command whose `exec` reply is awaited (see [`Parts::exec`]).
+    exec: Option<String>,
+    /// The `exec` request is wholly sent: what follows it on the connection may be sent.
+    exec_sent: bool,
     fd: RawFd,
     relay: Relay,
     shared: Arc<Shared>,
@@ -317,9 +326,14 @@ impl Pump {
         // that is never acknowledged trips TCP_USER_TIMEOUT, which is what detects a dead link.
         let secs = parts.keepalive.as_secs().clamp(1, u32::MAX as u64) as u32;
         parts.session.set_keepalive(false, secs);
+        // A request that left whole leaves libssh2 waiting to read its reply only.
+        let exec_sent = parts.exec.is_none()
+            || matches!(parts.session.block_directions(), BlockDirections::Inbound);
         Pump {
             session: parts.session,
             channel: parts.channel,
+            exec: parts.exec,
+            exec_sent,
             fd: parts.fd,
             relay: parts.relay,
             shared,
@@ -372,7 +386,8 @@ impl Pump {
     fn pump(&mut self) -> Result<Ended, String> {
         loop {
             let mut wait = Wait::default();
-            let mut progress = self.read_remote_output(&mut wait)?;
+            let mut progress = self.finish_exec(&mut wait)?;
+            progress |= self.read_remote_output(&mut wait)?;
             progress |= self.deliver_to_user(&mut wait);
             progress |= self.relay_stderr(&mut wait)?;
             progress |= self.read_user_input(&mut wait);
@@ -388,6 +403,32 @@ impl Pump {
             // one is due). Waking up every second keeps that timely.
             let _ = self.session.keepalive_send();
             self.poll(&wait, 1000)?;
+        }
+    }
+
+    /// Reads the reply to a pipelined `exec` (or finishes sending the request). True if it made
+    /// progress. A refusal ends the stream: whatever was sent after the request was dropped.
+    fn finish_exec(&mut self, wait: &mut Wait) -> Result<bool, String> {
+        let Some(command) = &self.exec else {
+            return Ok(false);
+        };
+        match self.channel.exec(command) {
+            Ok(()) => {
+                self.exec = None;
+                self.exec_sent = true;
+                Ok(true)
+            }
+            Err(e) if e.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_EAGAIN) => {
+                let sent = matches!(self.session.block_directions(), BlockDirections::Inbound);
+                let progress = sent && !self.exec_sent;
+                self.exec_sent |= sent;
+                self.blocked(wait);
+                Ok(progress)
+            }
+            Err(e) => Err(format!(
+                "the server refused to run the command: {}",
+                e.message()
+            )),
         }
     }
 
@@ -489,6 +530,9 @@ impl Pump {
     /// Up chunk -> remote stdin. True if it made progress.
     fn send_to_remote(&mut self, wait: &mut Wait) -> Result<bool, String> {
         let mut progress = false;
+        if !self.exec_sent {
+            return Ok(false);
+        }
         while !self.up.is_empty() {
             match self.channel.write(self.up.pending()) {
                 Ok(0) => {
@@ -520,7 +564,7 @@ impl Pump {
     /// The user closed the writer and everything is sent: EOF to the remote stdin. True if it
     /// made progress.
     fn send_eof(&mut self, wait: &mut Wait) -> Result<bool, String> {
-        if self.from_user.is_some() || !self.up.is_empty() || self.eof_sent {
+        if self.from_user.is_some() || !self.up.is_empty() || self.eof_sent || self.exec.is_some() {
             return Ok(false);
         }
         match self.channel.send_eof() {
@@ -543,7 +587,7 @@ impl Pump {
     /// Everything delivered: waits for the remote close and the exit status; `None` while it
     /// has not come.
     fn ended(&mut self, wait: &mut Wait) -> Result<Option<Ended>, String> {
-        if !self.remote_eof || !self.down.is_empty() {
+        if !self.remote_eof || !self.down.is_empty() || self.exec.is_some() {
             return Ok(None);
         }
         match self.channel.wait_close() {

@@ -7,6 +7,12 @@
 //! usual case costs a single exec. If none is found it prints the server's `uname -sm` and which
 //! decompressors it has instead, and exits.
 //!
+//! The client does not wait for the marker: its first requests follow the `exec` at once (see
+//! [`launching`]), and the marker is read before the agent's first answer. With OpenSSH's
+//! `sshd`, whose `exec` reply is not waited for either (`session::pipelines_exec`), they reach
+//! the agent as it starts: the launch costs the channel's opening round trip alone. When the
+//! launcher found no agent, those requests are sent again to the uploaded one.
+//!
 //! Then flip picks the binary to upload ([`choose_agent`]): `--agent-binary FILE`, else the
 //! per-platform binary in the local cache (`~/.cache/flip/agents/flip-VERSION-OS-ARCH`, from
 //! `uname -s` and `uname -m` of the server), else, if the server's platform is ours, the
@@ -21,6 +27,7 @@ use super::{open, shell_quote, Remote, SshOptions, SshTarget};
 use crate::{AgentStream, TransportError};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 /// The marker the launcher prints before anything else it prints.
@@ -64,28 +71,365 @@ pub(crate) fn start_agent(
     let remote = open(target, opts)?;
     let host = remote.host().to_string();
     let stream = remote.stream(&launcher, what, Box::new(sink.clone()))?;
-    let missing = match read_marker(stream, &host)? {
-        Launch::Started(stream) => return Ok(stream),
-        Launch::Missing(info) => info,
-    };
+    let (target, opts) = (target.clone(), opts.clone());
+    let relaunch_host = host.clone();
+    let relaunch: Relaunch = Box::new(move |missing: Missing| {
+        let host = relaunch_host;
+        let agent = choose_agent(&opts, &host, &missing.platform, candidates)?;
+        glibc_check(&opts, &host, &missing, &agent)?;
+        let mut remote = open(&target, &opts)?;
+        let uploaded = upload(&mut *remote, &opts, &agent, &missing, &mut sink.clone())?;
+        // Now exactly the uploaded agent.
+        let launcher = sh_c(&launcher_script(&opts.version, &[&uploaded], &args));
+        let stream = remote.stream(&launcher, what, Box::new(sink))?;
+        match read_marker(stream, &host)? {
+            Launch::Started(stream) => Ok(stream),
+            Launch::Missing(_) => Err(TransportError::Remote {
+                host,
+                phase: "starting the agent".to_string(),
+                message: format!(
+                    "flip {} was uploaded to ~/.cache/flip but the launcher still does not find it",
+                    opts.version
+                ),
+            }),
+        }
+    });
+    Ok(launching(stream, host, relaunch))
+}
 
-    let agent = choose_agent(opts, &host, &missing.platform, candidates)?;
-    glibc_check(opts, &host, &missing, &agent)?;
-    let mut remote = open(target, opts)?;
-    let uploaded = upload(&mut *remote, opts, &agent, &missing, &mut sink.clone())?;
-    // Now exactly the uploaded agent.
-    let launcher = sh_c(&launcher_script(&opts.version, &[&uploaded], &args));
-    let stream = remote.stream(&launcher, what, Box::new(sink))?;
-    match read_marker(stream, &host)? {
-        Launch::Started(stream) => Ok(stream),
-        Launch::Missing(_) => Err(TransportError::Remote {
-            host,
-            phase: "starting the agent".to_string(),
-            message: format!(
-                "flip {} was uploaded to ~/.cache/flip but the launcher still does not find it",
-                opts.version
-            ),
+/// Uploads an agent for a server that has none (what its launcher said) and starts it.
+type Relaunch = Box<dyn FnOnce(Missing) -> Result<AgentStream, TransportError> + Send>;
+
+/// Bytes the client may write before the launcher's marker was read; past them the marker is
+/// read first. They are kept to be sent again to an agent uploaded because none was found.
+const KEPT_BEFORE_MARKER: usize = 16 << 20;
+
+/// The agent's stream with the launcher's marker not read yet: the client's first requests
+/// follow the launch at once instead of a round trip later (with a server that runs the
+/// command before reading on, see `session::pipelines_exec`, they reach the agent as it
+/// starts). The marker is read before the first byte of the agent's output is. When the
+/// launcher found no agent, what the client wrote (kept, at most [`KEPT_BEFORE_MARKER`]
+/// bytes) went to the launcher, which did not read it: an agent is uploaded and started
+/// (`relaunch`) and gets those bytes again. A failure to start the agent reaches the client as
+/// the error of its read (or of the write that has to read the marker first), carrying the
+/// [`TransportError`] itself. The two halves may be used from two threads: the writer half
+/// writes without holding the lock, so the reader can read the marker meanwhile.
+fn launching(stream: AgentStream, host: String, relaunch: Relaunch) -> AgentStream {
+    let peer = stream.peer.clone();
+    let shared = Arc::new(LaunchShared {
+        host,
+        state: Mutex::new(LaunchState::Pending(Box::new(Pending {
+            reader: Some(stream.reader),
+            writer: Some(stream.writer),
+            handle: Some(stream.handle),
+            peer: stream.peer,
+            kept: Vec::new(),
+            relaunch: Some(relaunch),
+            closed: false,
+        }))),
+        writer_back: std::sync::Condvar::new(),
+        input_closed: Arc::default(),
+    });
+    AgentStream {
+        reader: Box::new(LaunchReader {
+            shared: shared.clone(),
+            inner: None,
         }),
+        writer: Box::new(LaunchWriter {
+            shared: shared.clone(),
+            inner: None,
+        }),
+        handle: Box::new(LaunchFinish(shared)),
+        peer,
+    }
+}
+
+struct LaunchShared {
+    host: String,
+    state: Mutex<LaunchState>,
+    /// Signalled when the writer half puts the pending writer back after a write.
+    writer_back: std::sync::Condvar,
+    /// The writer half was dropped (read by a replay that ends after it started).
+    input_closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The stream while the marker is not read.
+struct Pending {
+    /// Taken while the marker is read (under the lock).
+    reader: Option<Box<dyn Read + Send>>,
+    /// `None` while the writer half writes through it (without the lock).
+    writer: Option<Box<dyn Write + Send>>,
+    handle: Option<Box<dyn crate::Finish>>,
+    peer: String,
+    /// Everything written so far, for an agent uploaded after all.
+    kept: Vec<u8>,
+    relaunch: Option<Relaunch>,
+    /// The client dropped its writer: end of its input, after the kept bytes.
+    closed: bool,
+}
+
+enum LaunchState {
+    Pending(Box<Pending>),
+    /// The agent runs: each half takes its part (if still here) once. `writer` is `None` when
+    /// the writer half had the agent's writer in hand when the marker was read (it keeps it).
+    Started {
+        reader: Option<Box<dyn Read + Send>>,
+        writer: Option<Box<dyn Write + Send>>,
+        handle: Option<Box<dyn crate::Finish>>,
+        /// An uploaded agent getting the kept bytes again, on a thread of its own (the reader
+        /// may have to read its answers meanwhile): it yields the agent's writer when done.
+        replay: Option<Replay>,
+    },
+    /// The agent could not be started (the first read, or the write that read the marker, had
+    /// the error).
+    Failed(String),
+}
+
+type Guard<'a> = std::sync::MutexGuard<'a, LaunchState>;
+
+type Replay = std::thread::JoinHandle<io::Result<Option<Box<dyn Write + Send>>>>;
+
+impl LaunchShared {
+    fn state(&self) -> Guard<'_> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the marker if not yet done (`state`: this lock, held), relaunching when no agent
+    /// was found. The error of a failure is returned once (as an `io::Error` carrying the
+    /// [`TransportError`]); later calls get its message.
+    fn confirm<'a>(&'a self, mut state: Guard<'a>) -> io::Result<Guard<'a>> {
+        let p = match &mut *state {
+            LaunchState::Pending(p) => p,
+            LaunchState::Started { .. } => return Ok(state),
+            LaunchState::Failed(m) => return Err(io::Error::other(m.clone())),
+        };
+        let (Some(reader), Some(handle)) = (p.reader.take(), p.handle.take()) else {
+            unreachable!("the marker is read once, under the lock")
+        };
+        let stream = AgentStream {
+            reader,
+            // The agent's writer stays with the writer half meanwhile.
+            writer: Box::new(io::sink()),
+            handle,
+            peer: p.peer.clone(),
+        };
+        let started = match read_marker(stream, &self.host) {
+            Ok(Launch::Started(s)) => {
+                let writer = p.writer.take();
+                Ok((s.reader, writer, s.handle, None))
+            }
+            Ok(Launch::Missing(missing)) => {
+                // What was written went to the launcher, which did not read it: its writer
+                // (once the writer half is done with it) is dropped, the kept bytes go to the
+                // uploaded agent.
+                loop {
+                    match &mut *state {
+                        LaunchState::Pending(p) if p.writer.is_none() && !p.closed => {
+                            state = self
+                                .writer_back
+                                .wait(state)
+                                .unwrap_or_else(|e| e.into_inner());
+                        }
+                        _ => break,
+                    }
+                }
+                let LaunchState::Pending(p) = &mut *state else {
+                    unreachable!("only this call leaves Pending")
+                };
+                drop(p.writer.take());
+                let relaunch = p.relaunch.take().expect("relaunched once");
+                let (kept, closed) = (std::mem::take(&mut p.kept), p.closed);
+                let input_closed = self.input_closed.clone();
+                relaunch(missing).and_then(|s| {
+                    let mut writer = s.writer;
+                    let replay = std::thread::Builder::new()
+                        .name("flip-replay".into())
+                        .spawn(move || {
+                            writer.write_all(&kept)?;
+                            // End of input at once if the client's writer is gone.
+                            let gone = closed || input_closed.load(Ordering::SeqCst);
+                            Ok((!gone).then_some(writer))
+                        })
+                        .map_err(|e| TransportError::Other(format!("spawning a thread: {e}")))?;
+                    Ok((s.reader, None, s.handle, Some(replay)))
+                })
+            }
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok((reader, writer, handle, replay)) => {
+                *state = LaunchState::Started {
+                    reader: Some(reader),
+                    writer,
+                    handle: Some(handle),
+                    replay,
+                };
+                Ok(state)
+            }
+            Err(e) => {
+                *state = LaunchState::Failed(e.to_string());
+                Err(io::Error::other(e))
+            }
+        }
+    }
+}
+
+/// The agent's writer once its replay (if any) is done.
+fn replayed(replay: Replay) -> io::Result<Option<Box<dyn Write + Send>>> {
+    replay
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the replay thread panicked")))
+}
+
+struct LaunchReader {
+    shared: Arc<LaunchShared>,
+    inner: Option<Box<dyn Read + Send>>,
+}
+
+impl Read for LaunchReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.inner.is_none() {
+            let mut state = self.shared.confirm(self.shared.state())?;
+            if let LaunchState::Started { reader, .. } = &mut *state {
+                self.inner = reader.take();
+            }
+        }
+        match &mut self.inner {
+            Some(r) => r.read(buf),
+            None => Err(io::Error::other("the agent's output was already taken")),
+        }
+    }
+}
+
+struct LaunchWriter {
+    shared: Arc<LaunchShared>,
+    inner: Option<Box<dyn Write + Send>>,
+}
+
+impl LaunchWriter {
+    /// Writes `buf` before the marker is read: kept, and sent through the pending writer
+    /// without the lock. `false` when it must be confirmed first (too much kept).
+    fn write_pending(&mut self, buf: &[u8]) -> bool {
+        let mut w = {
+            let mut state = self.shared.state();
+            let LaunchState::Pending(p) = &mut *state else {
+                return false;
+            };
+            if p.kept.len() + buf.len() > KEPT_BEFORE_MARKER {
+                return false;
+            }
+            p.kept.extend_from_slice(buf);
+            p.writer.take().expect("one writer half")
+        };
+        // Unsent bytes (a launcher that ended without reading) go to the uploaded agent; a
+        // broken connection is what the first read reports.
+        let _ = w.write_all(buf);
+        let mut state = self.shared.state();
+        match &mut *state {
+            LaunchState::Pending(p) => {
+                p.writer = Some(w);
+                self.shared.writer_back.notify_all();
+            }
+            // The agent it reached runs: this is its writer.
+            LaunchState::Started {
+                writer: None,
+                replay: None,
+                ..
+            } => self.inner = Some(w),
+            // Relaunched (the reader waited for this writer), or failed.
+            _ => drop(w),
+        }
+        true
+    }
+}
+
+impl Write for LaunchWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.inner.is_none() {
+            if self.write_pending(buf) {
+                return Ok(buf.len());
+            }
+            let mut state = self.shared.confirm(self.shared.state())?;
+            if let LaunchState::Started { writer, replay, .. } = &mut *state {
+                self.inner = writer.take();
+                if let Some(r) = replay.take() {
+                    drop(state);
+                    self.inner = replayed(r)?;
+                }
+            }
+        }
+        match &mut self.inner {
+            Some(w) => w.write(buf),
+            None => Err(io::Error::other("the agent's input was already taken")),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.inner {
+            Some(w) => w.flush(),
+            // Written through at once while pending.
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for LaunchWriter {
+    /// End of input, as the stream's own writer gives when dropped.
+    fn drop(&mut self) {
+        if self.inner.is_some() {
+            return;
+        }
+        match &mut *self.shared.state() {
+            LaunchState::Pending(p) => {
+                p.closed = true;
+                drop(p.writer.take());
+                self.shared.writer_back.notify_all();
+            }
+            LaunchState::Started { writer, replay, .. } => {
+                drop(writer.take());
+                // A replay still writing ends the input itself; one done holds the writer.
+                self.shared.input_closed.store(true, Ordering::SeqCst);
+                if replay.as_ref().is_some_and(|r| r.is_finished()) {
+                    drop(replay.take().map(replayed));
+                }
+            }
+            LaunchState::Failed(_) => {}
+        }
+    }
+}
+
+struct LaunchFinish(Arc<LaunchShared>);
+
+impl crate::Finish for LaunchFinish {
+    fn finish(self: Box<Self>) -> Result<(), TransportError> {
+        let state = std::mem::replace(&mut *self.0.state(), LaunchState::Failed(String::new()));
+        match state {
+            // Never read from: how the launcher (or the agent it started) ended.
+            LaunchState::Pending(p) => {
+                let Pending {
+                    reader,
+                    writer,
+                    handle,
+                    ..
+                } = *p;
+                drop((reader, writer));
+                handle.map_or(Ok(()), |h| h.finish())
+            }
+            LaunchState::Started {
+                handle: Some(h),
+                replay,
+                writer,
+                ..
+            } => {
+                // The whole input reaches the agent, then ends.
+                if let Some(r) = replay {
+                    drop(replayed(r));
+                }
+                drop(writer);
+                h.finish()
+            }
+            LaunchState::Started { handle: None, .. } | LaunchState::Failed(_) => Ok(()),
+        }
     }
 }
 

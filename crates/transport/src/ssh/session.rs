@@ -169,12 +169,27 @@ impl Remote for Connection {
             .session
             .channel_session()
             .map_err(|e| self.ssh_err(phase, e))?;
-        channel.exec(command).map_err(|e| self.ssh_err(phase, e))?;
+        let exec = if pipelines_exec(self.session.banner()) {
+            // Sent without waiting for the reply: the pump reads it, and the client's first
+            // bytes follow the request at once, saving a round trip.
+            self.session.set_blocking(false);
+            match channel.exec(command) {
+                Ok(()) => None,
+                Err(e) if e.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_EAGAIN) => {
+                    Some(command.to_string())
+                }
+                Err(e) => return Err(self.ssh_err(phase, e)),
+            }
+        } else {
+            channel.exec(command).map_err(|e| self.ssh_err(phase, e))?;
+            None
+        };
         let host = self.cfg.alias.clone();
         let relay = Relay::new(&host, stderr);
         Ok(pump::start(pump::Parts {
             session: self.session,
             channel,
+            exec,
             fd: self.fd,
             host: host.clone(),
             peer: format!("{}@{}", self.cfg.user, host),
@@ -183,6 +198,18 @@ impl Remote for Connection {
             relay,
         }))
     }
+}
+
+/// libssh2's "would block" error code.
+const LIBSSH2_ERROR_EAGAIN: i32 = -37;
+
+/// Whether the server (by its version `banner`) runs an `exec` request before it reads the
+/// next message of the connection, so that channel data sent right behind the request reaches
+/// the command: OpenSSH's `sshd` starts the command while handling the request, and its
+/// channel takes data from then on. Other servers get the reply awaited first: one that drops
+/// data arriving before its command started would leave the agent without its `Hello`.
+fn pipelines_exec(banner: Option<&str>) -> bool {
+    banner.is_some_and(|b| b.starts_with("SSH-2.0-OpenSSH_"))
 }
 
 fn millis(d: Duration) -> u32 {
