@@ -466,8 +466,9 @@ struct Candidate {
 /// else the per-platform binaries of our version in the local cache, the agent-only binary
 /// beside this executable (when there is one), then this executable.
 fn candidates(opts: &SshOptions) -> Result<Vec<Candidate>, TransportError> {
+    let memo = opts.agents_dir().with_file_name("agent-hashes");
     let hash = |path: &Path, source: Source| -> Result<Candidate, TransportError> {
-        let hash = hash_file(path).map_err(|e| {
+        let hash = hash_file_memo(path, &memo).map_err(|e| {
             TransportError::Other(match source {
                 Source::Flag => format!("--agent-binary {}: {e}", path.display()),
                 _ => format!("reading {}: {e}", path.display()),
@@ -524,6 +525,44 @@ pub(crate) fn agent_beside(exe: &Path) -> PathBuf {
 }
 
 /// blake3 of a file's contents, lowercase hex.
+/// [`hash_file`], remembered in the directory `memo` by the file's identity (path, device,
+/// inode, size, mtime, ctime): flip hashes its own binary (3 MB for `flip-agent`, 12 MB for
+/// itself) on every SSH connect otherwise, which on loopback cost a first deploy about as much
+/// as its launch. A memo is kept only when the file did not change while it was hashed; one
+/// that cannot be read (or is not a hash) or written only costs the hashing.
+fn hash_file_memo(path: &Path, memo: &Path) -> io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let stamp = |m: &std::fs::Metadata| {
+        format!(
+            "{}\0{}\0{}\0{}\0{}.{}\0{}.{}",
+            path.display(),
+            m.dev(),
+            m.ino(),
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        )
+    };
+    let before = stamp(&std::fs::metadata(path)?);
+    let file = memo.join(blake3::hash(before.as_bytes()).to_hex().as_str());
+    if let Ok(h) = std::fs::read_to_string(&file) {
+        if h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Ok(h);
+        }
+    }
+    let hash = hash_file(path)?;
+    if std::fs::metadata(path).is_ok_and(|m| stamp(&m) == before) {
+        let tmp = memo.join(format!(".tmp-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(memo)
+            .and_then(|()| std::fs::write(&tmp, &hash))
+            .and_then(|()| std::fs::rename(&tmp, &file));
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(hash)
+}
+
 fn hash_file(path: &Path) -> io::Result<String> {
     let mut hasher = blake3::Hasher::new();
     hasher.update_mmap(path)?;
@@ -1072,6 +1111,39 @@ impl Write for SharedSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A binary's hash is remembered by its identity: the memo is what a second call returns,
+    /// a changed file or a memo that is not a hash is hashed again.
+    #[test]
+    fn binary_hashes_are_remembered_until_the_file_changes() {
+        let t = tempfile::tempdir().unwrap();
+        let (bin, memo) = (t.path().join("flip-agent"), t.path().join("memo"));
+        std::fs::write(&bin, b"agent v1").unwrap();
+        let real = hash_file(&bin).unwrap();
+        assert_eq!(hash_file_memo(&bin, &memo).unwrap(), real);
+        let kept: Vec<_> = std::fs::read_dir(&memo).unwrap().flatten().collect();
+        assert_eq!(kept.len(), 1, "one memo, no temp file left");
+        let fake = "ab".repeat(32);
+        std::fs::write(kept[0].path(), &fake).unwrap();
+        assert_eq!(
+            hash_file_memo(&bin, &memo).unwrap(),
+            fake,
+            "read from the memo"
+        );
+        std::fs::write(kept[0].path(), "not a hash").unwrap();
+        assert_eq!(
+            hash_file_memo(&bin, &memo).unwrap(),
+            real,
+            "a bad memo is ignored"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&bin, b"agent v2").unwrap();
+        assert_eq!(
+            hash_file_memo(&bin, &memo).unwrap(),
+            hash_file(&bin).unwrap()
+        );
+        assert_ne!(hash_file(&bin).unwrap(), real);
+    }
     use std::os::unix::fs::PermissionsExt;
     use std::process::{Command, Stdio};
 
