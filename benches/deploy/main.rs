@@ -731,8 +731,6 @@ impl<'a> Bench<'a> {
             ))
             .args(["--json", "--keep", "10", "--identity"])
             .arg(ssh.sshd.user_key())
-            .arg("--remote-flip")
-            .arg(&self.cfg.flip)
             .env("HOME", &ssh.home)
             .env("SSH_AUTH_SOCK", "")
             .env("XDG_CACHE_HOME", self.work.join("xdg-cache"));
