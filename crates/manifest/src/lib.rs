@@ -194,14 +194,21 @@ impl Manifest {
                 });
             }
         }
-        // A parent sorts before its children, so one pass with the directories seen so far
-        // checks every parent without allocating.
-        let mut dirs: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        // In this order ('/' ranks below every other byte) a directory's entries follow it,
+        // all together: the directories enclosing the entry at hand form a stack, and its
+        // parent, if a directory of the manifest, is the top once the directories it is not in
+        // are popped. One pass, no hashing.
+        let mut open: Vec<&str> = Vec::new();
         for e in &entries {
             validate_kind(e)?;
             let path = e.path.as_str();
+            while open.last().is_some_and(|d| {
+                !(path.len() > d.len() && path.starts_with(d) && path.as_bytes()[d.len()] == b'/')
+            }) {
+                open.pop();
+            }
             if let Some(i) = path.rfind('/') {
-                if !dirs.contains(&path[..i]) {
+                if open.last() != Some(&&path[..i]) {
                     return Err(ManifestError::NoParentDir {
                         path: path.to_string(),
                         parent: path[..i].to_string(),
@@ -209,10 +216,10 @@ impl Manifest {
                 }
             }
             if e.is_dir() {
-                dirs.insert(path);
+                open.push(path);
             }
         }
-        drop(dirs);
+        drop(open);
         Ok(Manifest {
             entries,
             digest: std::sync::OnceLock::new(),
@@ -448,6 +455,36 @@ mod tests {
         );
         let err = Manifest::new(vec![file("f", b"1"), file("f/g", b"2")]).unwrap_err();
         assert!(matches!(err, ManifestError::NoParentDir { .. }));
+        // Deep trees, siblings whose names extend a directory's, and a parent left behind.
+        let m = Manifest::new(vec![
+            dir("a"),
+            dir("a/d"),
+            dir("a/d/e"),
+            file("a/d/e/f", b"1"),
+            file("a/d-x", b"2"),
+            file("a/g", b"3"),
+            dir("ab"),
+            file("ab/c", b"4"),
+            file("a-b", b"5"),
+        ])
+        .unwrap();
+        assert_eq!(m.len(), 9);
+        let err = Manifest::new(vec![
+            dir("a"),
+            dir("a/d"),
+            file("a/d/x", b"1"),
+            file("a/dd/y", b"2"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            err,
+            ManifestError::NoParentDir {
+                path: "a/dd/y".into(),
+                parent: "a/dd".into()
+            }
+        );
+        let err = Manifest::new(vec![dir("a"), file("a/b", b"1"), file("ab/c", b"2")]).unwrap_err();
+        assert!(matches!(err, ManifestError::NoParentDir { .. }), "{err:?}");
     }
 
     #[test]
