@@ -559,8 +559,30 @@ fn hash_file_memo(path: &Path, memo: &Path) -> io::Result<String> {
             .and_then(|()| std::fs::write(&tmp, &hash))
             .and_then(|()| std::fs::rename(&tmp, &file));
         let _ = std::fs::remove_file(&tmp);
+        trim_memos(memo);
     }
     Ok(hash)
+}
+
+/// Memos of binaries kept at most (each rebuild of flip writes one): the oldest go.
+const KEEP_MEMOS: usize = 16;
+
+/// Removes all but the [`KEEP_MEMOS`] newest memos of `memo`.
+fn trim_memos(memo: &Path) {
+    let Ok(dir) = std::fs::read_dir(memo) else {
+        return;
+    };
+    let mut memos: Vec<(std::time::SystemTime, PathBuf)> = dir
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if memos.len() <= KEEP_MEMOS {
+        return;
+    }
+    memos.sort();
+    for (_, p) in &memos[..memos.len() - KEEP_MEMOS] {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 fn hash_file(path: &Path) -> io::Result<String> {
@@ -1111,6 +1133,8 @@ impl Write for SharedSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
 
     /// A binary's hash is remembered by its identity: the memo is what a second call returns,
     /// a changed file or a memo that is not a hash is hashed again.
@@ -1143,9 +1167,14 @@ mod tests {
             hash_file(&bin).unwrap()
         );
         assert_ne!(hash_file(&bin).unwrap(), real);
+        // One memo per build: no more than KEEP_MEMOS are kept.
+        for i in 0..KEEP_MEMOS + 3 {
+            let other = t.path().join(format!("build-{i}"));
+            std::fs::write(&other, format!("build {i}")).unwrap();
+            hash_file_memo(&other, &memo).unwrap();
+        }
+        assert_eq!(std::fs::read_dir(&memo).unwrap().count(), KEEP_MEMOS);
     }
-    use std::os::unix::fs::PermissionsExt;
-    use std::process::{Command, Stdio};
 
     /// A fake flip: `--version` prints `flip VERSION`, `blake3 F` prints `$HOME/expected`,
     /// anything else prints `NAME:ARGS`.
