@@ -54,6 +54,8 @@ struct Shared {
     host: String,
     /// Set (before the local sockets are closed) when the connection failed.
     error: Mutex<Option<String>>,
+    /// The server refused the pipelined `exec` (`error` says how): the connection was fine.
+    refused: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -63,6 +65,12 @@ impl Shared {
 
     fn io_error(&self) -> Option<io::Error> {
         self.error().map(|message| {
+            if self.refused.load(std::sync::atomic::Ordering::SeqCst) {
+                return io::Error::other(format!(
+                    "{} refused to run the command: {message}",
+                    self.host
+                ));
+            }
             io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 format!("connection to {} lost: {message}", self.host),
@@ -89,6 +97,7 @@ pub(crate) fn start(parts: Parts) -> AgentStream {
     let shared = Arc::new(Shared {
         host: parts.host.clone(),
         error: Mutex::new(None),
+        refused: Default::default(),
     });
     let tail = parts.relay.tail.clone();
     let peer = parts.peer.clone();
@@ -425,10 +434,12 @@ impl Pump {
                 self.blocked(wait);
                 Ok(progress)
             }
-            Err(e) => Err(format!(
-                "the server refused to run the command: {}",
-                e.message()
-            )),
+            Err(e) => {
+                self.shared
+                    .refused
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                Err(e.message().to_string())
+            }
         }
     }
 
