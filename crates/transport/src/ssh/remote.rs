@@ -1133,7 +1133,10 @@ mod tests {
     impl Write for SlowSink {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             std::thread::sleep(self.1);
-            self.0.lock().unwrap().extend_from_slice(buf);
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
