@@ -568,7 +568,11 @@ fn hash_file_memo(path: &Path, memo: &Path) -> io::Result<String> {
     }
     let hash = hash_file(path)?;
     if std::fs::metadata(path).is_ok_and(|m| stamp(&m) == before) {
-        let tmp = memo.join(format!(".tmp-{}", std::process::id()));
+        // One temp file per call: connections made at once (several hosts) hash on several
+        // threads of this process.
+        static TEMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = TEMP.fetch_add(1, Ordering::Relaxed);
+        let tmp = memo.join(format!(".tmp-{}-{n}", std::process::id()));
         let _ = std::fs::create_dir_all(memo)
             .and_then(|()| std::fs::write(&tmp, &hash))
             .and_then(|()| std::fs::rename(&tmp, &file));
@@ -1200,6 +1204,53 @@ mod tests {
             *agent_got.lock().unwrap() == *data,
             "the agent got other bytes"
         );
+    }
+
+    /// Connections made at once (a deploy to several hosts) hash different binaries into the
+    /// same memo directory on several threads: each memo holds its own file's hash.
+    #[test]
+    fn binary_hashes_remembered_from_several_threads_stay_apart() {
+        let t = tempfile::tempdir().unwrap();
+        let memo = t.path().join("memo");
+        let bins: Vec<PathBuf> = (0..6)
+            .map(|i| {
+                let bin = t.path().join(format!("agent-{i}"));
+                std::fs::write(&bin, format!("agent {i}")).unwrap();
+                bin
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for bin in &bins {
+                let memo = &memo;
+                s.spawn(move || {
+                    let real = hash_file(bin).unwrap();
+                    for _ in 0..300 {
+                        hash_file_memo(bin, memo).unwrap();
+                        // What the next connect reads.
+                        assert_eq!(
+                            hash_file_memo(bin, memo).unwrap(),
+                            real,
+                            "{}",
+                            bin.display()
+                        );
+                        // Forget it (this file's memo only) to write it anew.
+                        for e in std::fs::read_dir(memo).unwrap().flatten() {
+                            if std::fs::read_to_string(e.path()).is_ok_and(|h| h == real) {
+                                let _ = std::fs::remove_file(e.path());
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        for bin in &bins {
+            assert_eq!(
+                hash_file_memo(bin, &memo).unwrap(),
+                hash_file(bin).unwrap(),
+                "{}",
+                bin.display()
+            );
+        }
     }
 
     /// A binary's hash is remembered by its identity: the memo is what a second call returns,
