@@ -24,6 +24,8 @@ const CHUNK: usize = 256 * 1024;
 
 /// libssh2's "would block" error code.
 const LIBSSH2_ERROR_EAGAIN: i32 = -37;
+/// libssh2's code for a request the server answered with a failure.
+const LIBSSH2_ERROR_REQUEST_DENIED: i32 = -22;
 
 /// Local socket buffer size requested for each direction.
 const SOCKET_BUFFER: libc::c_int = 1024 * 1024;
@@ -435,9 +437,11 @@ impl Pump {
                 Ok(progress)
             }
             Err(e) => {
+                // Refused (CHANNEL_FAILURE), rather than the connection failing meanwhile.
+                let refused = e.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_REQUEST_DENIED);
                 self.shared
                     .refused
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                    .store(refused, std::sync::atomic::Ordering::SeqCst);
                 Err(e.message().to_string())
             }
         }
