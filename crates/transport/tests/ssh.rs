@@ -693,12 +693,16 @@ fn connect_agent_refuses_uploading_to_another_platform() {
     };
     script(&bin.join("uname"), "#!/bin/sh\necho 'Plan9 mips'\n");
     let fake_ssh = dir.join("fake-ssh");
+    // The server's home is not the client's: the client keeps its own files in its
+    // ~/.cache/flip (the agents' hashes).
+    let server_home = dir.join("server");
+    std::fs::create_dir_all(&server_home).unwrap();
     script(
         &fake_ssh,
         &format!(
             "#!/bin/sh\nwhile [ \"$1\" != -- ]; do shift; done\nshift 2\n\
              HOME={home} PATH={bin}:/usr/bin:/bin exec sh -c \"$1\"\n",
-            home = dir.display(),
+            home = server_home.display(),
             bin = bin.display()
         ),
     );
@@ -722,7 +726,10 @@ fn connect_agent_refuses_uploading_to_another_platform() {
     }
     let m = err.to_string();
     assert!(m.contains("Plan9 mips") && m.contains("127.0.0.1"), "{m}");
-    assert!(!dir.join(".cache/flip").exists(), "nothing may be uploaded");
+    assert!(
+        !server_home.join(".cache/flip").exists(),
+        "nothing may be uploaded"
+    );
 }
 
 /// Upload throughput against the system client: `cargo test --release -p flip-transport --test
@@ -826,5 +833,26 @@ fn slow_login_and_idle_stream_with_short_keepalive() {
     let _cleanup = Cleanup(installed.clone());
     let stream = ssh::connect_agent(&f.target, &f.opts, &[]).unwrap_or_else(|e| panic!("{e}"));
     let data = Arc::new(pattern(1000, 12));
+    assert!(round_trip(stream, data.clone()) == *data);
+}
+
+/// The client writes more than is kept for a second launch (16 MiB) from one thread while
+/// another waits for the agent's first answer, to a server with no agent: the reader learns
+/// of the missing agent while the writer is still writing to the launcher. Every byte reaches
+/// the uploaded agent, in order, and neither half panics or hangs.
+#[test]
+fn connect_agent_uploads_while_a_writer_thread_passes_what_is_kept() {
+    let mut f = Fixture::new();
+    let version = format!("0.0.0-kept{}", std::process::id());
+    let local = f.home.path().join("local-flip");
+    fake_flip(&local, &version);
+    let hash = hash_of(&local);
+    f.opts.local_exe = local;
+    f.opts.version = version.clone();
+    let remote_home = f.output("printf %s \"$HOME\"");
+    let installed = Path::new(&remote_home).join(format!(".cache/flip/flip-{version}-{hash}"));
+    let _cleanup = Cleanup(installed.clone());
+    let stream = ssh::connect_agent(&f.target, &f.opts, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let data = Arc::new(pattern(24 << 20, 13));
     assert!(round_trip(stream, data.clone()) == *data);
 }

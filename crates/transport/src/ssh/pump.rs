@@ -24,6 +24,8 @@ const CHUNK: usize = 256 * 1024;
 
 /// libssh2's "would block" error code.
 const LIBSSH2_ERROR_EAGAIN: i32 = -37;
+/// libssh2's code for a request the server answered with a failure.
+const LIBSSH2_ERROR_REQUEST_DENIED: i32 = -22;
 
 /// Local socket buffer size requested for each direction.
 const SOCKET_BUFFER: libc::c_int = 1024 * 1024;
@@ -54,6 +56,8 @@ struct Shared {
     host: String,
     /// Set (before the local sockets are closed) when the connection failed.
     error: Mutex<Option<String>>,
+    /// The server refused the pipelined `exec` (`error` says how): the connection was fine.
+    refused: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -63,6 +67,12 @@ impl Shared {
 
     fn io_error(&self) -> Option<io::Error> {
         self.error().map(|message| {
+            if self.refused.load(std::sync::atomic::Ordering::SeqCst) {
+                return io::Error::other(format!(
+                    "{} refused to run the command: {message}",
+                    self.host
+                ));
+            }
             io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 format!("connection to {} lost: {message}", self.host),
@@ -89,6 +99,7 @@ pub(crate) fn start(parts: Parts) -> AgentStream {
     let shared = Arc::new(Shared {
         host: parts.host.clone(),
         error: Mutex::new(None),
+        refused: Default::default(),
     });
     let tail = parts.relay.tail.clone();
     let peer = parts.peer.clone();
@@ -425,10 +436,14 @@ impl Pump {
                 self.blocked(wait);
                 Ok(progress)
             }
-            Err(e) => Err(format!(
-                "the server refused to run the command: {}",
-                e.message()
-            )),
+            Err(e) => {
+                // Refused (CHANNEL_FAILURE), rather than the connection failing meanwhile.
+                let refused = e.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_REQUEST_DENIED);
+                self.shared
+                    .refused
+                    .store(refused, std::sync::atomic::Ordering::SeqCst);
+                Err(e.message().to_string())
+            }
         }
     }
 

@@ -147,7 +147,8 @@ fn launching(stream: AgentStream, host: String, relaunch: Relaunch) -> AgentStre
 struct LaunchShared {
     host: String,
     state: Mutex<LaunchState>,
-    /// Signalled when the writer half puts the pending writer back after a write.
+    /// Signalled when the writer half puts the pending writer back after a write, and when
+    /// the marker's reading is settled (the agent started or failed to).
     writer_back: std::sync::Condvar,
     /// The writer half was dropped (read by a replay that ends after it started).
     input_closed: Arc<std::sync::atomic::AtomicBool>,
@@ -198,6 +199,15 @@ impl LaunchShared {
     /// was found. The error of a failure is returned once (as an `io::Error` carrying the
     /// [`TransportError`]); later calls get its message.
     fn confirm<'a>(&'a self, mut state: Guard<'a>) -> io::Result<Guard<'a>> {
+        // The other half read the marker (no agent) and waits for this one's writer to
+        // relaunch: it is here, so wake that half and wait for the launch to be settled.
+        while matches!(&*state, LaunchState::Pending(p) if p.reader.is_none()) {
+            self.writer_back.notify_all();
+            state = self
+                .writer_back
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
         let p = match &mut *state {
             LaunchState::Pending(p) => p,
             LaunchState::Started { .. } => return Ok(state),
@@ -256,6 +266,8 @@ impl LaunchShared {
             }
             Err(e) => Err(e),
         };
+        // Settled: a half waiting for it goes on.
+        self.writer_back.notify_all();
         match started {
             Ok((reader, writer, handle, replay)) => {
                 *state = LaunchState::Started {
@@ -315,7 +327,9 @@ impl LaunchWriter {
             let LaunchState::Pending(p) = &mut *state else {
                 return false;
             };
-            if p.kept.len() + buf.len() > KEPT_BEFORE_MARKER {
+            // Too much kept, or the other half found no agent and relaunches (not to the
+            // launcher, which ended).
+            if p.kept.len() + buf.len() > KEPT_BEFORE_MARKER || p.reader.is_none() {
                 return false;
             }
             p.kept.extend_from_slice(buf);
@@ -554,7 +568,11 @@ fn hash_file_memo(path: &Path, memo: &Path) -> io::Result<String> {
     }
     let hash = hash_file(path)?;
     if std::fs::metadata(path).is_ok_and(|m| stamp(&m) == before) {
-        let tmp = memo.join(format!(".tmp-{}", std::process::id()));
+        // One temp file per call: connections made at once (several hosts) hash on several
+        // threads of this process.
+        static TEMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = TEMP.fetch_add(1, Ordering::Relaxed);
+        let tmp = memo.join(format!(".tmp-{}-{n}", std::process::id()));
         let _ = std::fs::create_dir_all(memo)
             .and_then(|()| std::fs::write(&tmp, &hash))
             .and_then(|()| std::fs::rename(&tmp, &file));
@@ -1135,6 +1153,129 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
     use std::process::{Command, Stdio};
+
+    /// A writer that is slow to take each write (as one blocked on a full channel would be),
+    /// keeping what it took.
+    struct SlowSink(Arc<Mutex<Vec<u8>>>, std::time::Duration);
+
+    impl Write for SlowSink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            std::thread::sleep(self.1);
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Done;
+
+    impl crate::Finish for Done {
+        fn finish(self: Box<Self>) -> Result<(), TransportError> {
+            Ok(())
+        }
+    }
+
+    fn fake_stream(output: &[u8], writer: SlowSink) -> AgentStream {
+        AgentStream {
+            reader: Box::new(io::Cursor::new(output.to_vec())),
+            writer: Box::new(writer),
+            handle: Box::new(Done),
+            peer: "test".to_string(),
+        }
+    }
+
+    /// The reader half learns that no agent was found while a writer on another thread keeps
+    /// writing, past what is kept for the relaunch: the writer waits for the relaunch instead
+    /// of reading the marker a second time, and the uploaded agent gets every byte, in order.
+    #[test]
+    fn a_writer_thread_past_the_kept_bytes_waits_for_the_relaunch() {
+        let launcher_got = Arc::new(Mutex::new(Vec::new()));
+        let agent_got = Arc::new(Mutex::new(Vec::new()));
+        let stream = fake_stream(
+            format!("{MARKER}missing Linux x86_64|gzip\n").as_bytes(),
+            SlowSink(launcher_got.clone(), std::time::Duration::from_millis(2)),
+        );
+        let agent = agent_got.clone();
+        let relaunch: Relaunch =
+            Box::new(move |_| Ok(fake_stream(b"", SlowSink(agent, std::time::Duration::ZERO))));
+        let AgentStream {
+            mut reader,
+            mut writer,
+            handle,
+            ..
+        } = launching(stream, "host".to_string(), relaunch);
+        let data: Vec<u8> = (0..(KEPT_BEFORE_MARKER + (4 << 20)))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let data = Arc::new(data);
+        let to_send = data.clone();
+        let writing = std::thread::spawn(move || {
+            for chunk in to_send.chunks(256 * 1024) {
+                writer.write_all(chunk).unwrap();
+            }
+        });
+        // Let the writer be in the middle of its writes when the marker is read.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(reader.read(&mut [0u8; 16]).unwrap(), 0);
+        writing.join().expect("the writer half panicked");
+        handle.finish().unwrap();
+        assert!(
+            *agent_got.lock().unwrap() == *data,
+            "the agent got other bytes"
+        );
+    }
+
+    /// Connections made at once (a deploy to several hosts) hash different binaries into the
+    /// same memo directory on several threads: each memo holds its own file's hash.
+    #[test]
+    fn binary_hashes_remembered_from_several_threads_stay_apart() {
+        let t = tempfile::tempdir().unwrap();
+        let memo = t.path().join("memo");
+        let bins: Vec<PathBuf> = (0..6)
+            .map(|i| {
+                let bin = t.path().join(format!("agent-{i}"));
+                std::fs::write(&bin, format!("agent {i}")).unwrap();
+                bin
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for bin in &bins {
+                let memo = &memo;
+                s.spawn(move || {
+                    let real = hash_file(bin).unwrap();
+                    for _ in 0..300 {
+                        hash_file_memo(bin, memo).unwrap();
+                        // What the next connect reads.
+                        assert_eq!(
+                            hash_file_memo(bin, memo).unwrap(),
+                            real,
+                            "{}",
+                            bin.display()
+                        );
+                        // Forget it (this file's memo only) to write it anew.
+                        for e in std::fs::read_dir(memo).unwrap().flatten() {
+                            if std::fs::read_to_string(e.path()).is_ok_and(|h| h == real) {
+                                let _ = std::fs::remove_file(e.path());
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        for bin in &bins {
+            assert_eq!(
+                hash_file_memo(bin, &memo).unwrap(),
+                hash_file(bin).unwrap(),
+                "{}",
+                bin.display()
+            );
+        }
+    }
 
     /// A binary's hash is remembered by its identity: the memo is what a second call returns,
     /// a changed file or a memo that is not a hash is hashed again.

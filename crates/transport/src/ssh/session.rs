@@ -21,6 +21,10 @@ const CHUNK: usize = 256 * 1024;
 /// Timeout of each blocking libssh2 call after the handshake (running probes, uploading).
 const OP_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// While sending a command's input: how long the channel may take nothing before flip looks
+/// whether the command has ended.
+const INPUT_POLL: Duration = Duration::from_secs(1);
+
 /// An authenticated ssh2 session.
 pub(crate) struct Connection {
     session: Session,
@@ -104,6 +108,70 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// Sends `input` to the command of `channel` (the session's timeout set to
+    /// [`INPUT_POLL`]). Each time the channel takes nothing for that long, what the command
+    /// printed is read into `stdout` and `stderr`: true when the command ended (its output
+    /// closed) without reading all of it; an error after [`OP_TIMEOUT`] without progress.
+    fn send_input(
+        &self,
+        channel: &mut ssh2::Channel,
+        input: &mut dyn Read,
+        stdout: &mut Vec<u8>,
+        stderr: &mut Vec<u8>,
+    ) -> Result<bool, TransportError> {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => return Ok(false),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(TransportError::Other(format!("reading input: {e}"))),
+            };
+            let mut pending = &buf[..n];
+            let mut progress = std::time::Instant::now();
+            while !pending.is_empty() {
+                match channel.write(pending) {
+                    Ok(0) => {}
+                    Ok(k) => {
+                        pending = &pending[k..];
+                        progress = std::time::Instant::now();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        self.session.set_blocking(false);
+                        let drained = drain(channel, stdout).and_then(|_| {
+                            let mut err = channel.stderr();
+                            drain(&mut err, stderr)
+                        });
+                        self.session.set_blocking(true);
+                        drained.map_err(|e| self.io_err("sending data", e))?;
+                        if channel.eof() {
+                            return Ok(true);
+                        }
+                        if progress.elapsed() >= OP_TIMEOUT {
+                            return Err(self.io_err("sending data", e));
+                        }
+                    }
+                    Err(e) => return Err(self.io_err("sending data", e)),
+                }
+            }
+        }
+    }
+}
+
+/// Appends to `out` what `from` has now (non-blocking), up to its end.
+fn drain(from: &mut dyn Read, out: &mut Vec<u8>) -> io::Result<()> {
+    let mut buf = [0u8; 32 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl Remote for Connection {
     fn host(&self) -> &str {
         &self.cfg.alias
@@ -120,28 +188,24 @@ impl Remote for Connection {
             .channel_session()
             .map_err(|e| self.ssh_err("opening a channel", e))?;
         channel.exec(command).map_err(|e| self.ssh_err(phase, e))?;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut ended = false;
         if let Some(input) = input {
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                let n = match input.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(TransportError::Other(format!("reading input: {e}"))),
-                };
-                channel
-                    .write_all(&buf[..n])
-                    .map_err(|e| self.io_err("sending data", e))?;
-            }
+            // Short waits while sending: a command that ended without reading all its input
+            // (an upload script that failed) never opens the channel's window again.
+            self.session.set_timeout(millis(INPUT_POLL));
+            let sent = self.send_input(&mut channel, input, &mut stdout, &mut stderr);
+            self.session.set_timeout(millis(OP_TIMEOUT));
+            ended = sent?;
         }
-        channel
-            .send_eof()
-            .map_err(|e| self.ssh_err("sending data", e))?;
-        let mut stdout = Vec::new();
+        if !ended {
+            channel
+                .send_eof()
+                .map_err(|e| self.ssh_err("sending data", e))?;
+        }
         channel
             .read_to_end(&mut stdout)
             .map_err(|e| self.io_err(phase, e))?;
-        let mut stderr = Vec::new();
         channel
             .stderr()
             .read_to_end(&mut stderr)
@@ -515,6 +579,35 @@ fn key_file_state(path: &Path) -> KeyFile {
 mod tests {
     use super::*;
     use std::process::Command;
+
+    /// A command that ends without reading its input (an upload script that cannot create
+    /// its directory) while more than the channel's window is still to send: `run` returns
+    /// how it ended and what it printed, at once, not "timed out" when OP_TIMEOUT has passed.
+    #[test]
+    fn run_returns_when_the_command_ends_without_reading_its_input() {
+        let sshd = flip_testkit::Sshd::start();
+        let home = tempfile::tempdir().unwrap();
+        sshd.write_known_hosts(&home.path().join(".ssh/known_hosts"));
+        let opts = SshOptions {
+            identity: Some(sshd.user_key()),
+            home: Some(home.path().to_path_buf()),
+            agent_socket: Some(std::path::PathBuf::new()),
+            ..Default::default()
+        };
+        let target = super::super::SshTarget {
+            user: Some("root".to_string()),
+            host: "127.0.0.1".to_string(),
+            port: Some(sshd.port()),
+            path: "/tmp".to_string(),
+        };
+        let mut remote = super::super::open(&target, &opts).unwrap();
+        let input = vec![7u8; 32 << 20];
+        let out = remote
+            .run("echo cannot write >&2; exit 3", Some(&mut input.as_slice()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out.status, Some(3));
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "cannot write\n");
+    }
 
     #[test]
     fn detects_encrypted_openssh_keys() {
