@@ -244,7 +244,10 @@ impl LaunchShared {
                     }
                 }
                 let LaunchState::Pending(p) = &mut *state else {
-                    unreachable!("only this call leaves Pending")
+                    // Finished meanwhile by another thread (`LaunchFinish`).
+                    return Err(io::Error::other(
+                        "the stream to the agent was finished while the agent was being started",
+                    ));
                 };
                 drop(p.writer.take());
                 let relaunch = p.relaunch.take().expect("relaunched once");
