@@ -622,11 +622,11 @@ impl Drop for Cleanup {
     }
 }
 
-#[test]
-fn connect_agent_uploads_flip_when_the_server_has_none() {
-    let mut f = Fixture::new();
-    // A version no real flip has, so the server (this machine, as root) has none of it.
-    let version = format!("0.0.0-test{}", std::process::id());
+/// Makes the fixture's flip a fake one of a version no real flip has (`tag`, this process),
+/// so the server (this machine, as root) has no agent for it: where it gets uploaded to, and
+/// what removes it from there when dropped.
+fn missing_agent(f: &mut Fixture, tag: &str) -> (PathBuf, Cleanup) {
+    let version = format!("0.0.0-{tag}{}", std::process::id());
     let local = f.home.path().join("local-flip");
     fake_flip(&local, &version);
     let hash = hash_of(&local);
@@ -634,7 +634,13 @@ fn connect_agent_uploads_flip_when_the_server_has_none() {
     f.opts.version = version.clone();
     let remote_home = f.output("printf %s \"$HOME\"");
     let installed = Path::new(&remote_home).join(format!(".cache/flip/flip-{version}-{hash}"));
-    let _cleanup = Cleanup(installed.clone());
+    (installed.clone(), Cleanup(installed))
+}
+
+#[test]
+fn connect_agent_uploads_flip_when_the_server_has_none() {
+    let mut f = Fixture::new();
+    let (installed, _cleanup) = missing_agent(&mut f, "test");
 
     let args = ["--root".to_string(), "/srv/app".to_string()];
     let captured = Captured::default();
@@ -843,15 +849,7 @@ fn slow_login_and_idle_stream_with_short_keepalive() {
 #[test]
 fn connect_agent_uploads_while_a_writer_thread_passes_what_is_kept() {
     let mut f = Fixture::new();
-    let version = format!("0.0.0-kept{}", std::process::id());
-    let local = f.home.path().join("local-flip");
-    fake_flip(&local, &version);
-    let hash = hash_of(&local);
-    f.opts.local_exe = local;
-    f.opts.version = version.clone();
-    let remote_home = f.output("printf %s \"$HOME\"");
-    let installed = Path::new(&remote_home).join(format!(".cache/flip/flip-{version}-{hash}"));
-    let _cleanup = Cleanup(installed.clone());
+    let (_, _cleanup) = missing_agent(&mut f, "kept");
     let stream = ssh::connect_agent(&f.target, &f.opts, &[]).unwrap_or_else(|e| panic!("{e}"));
     let data = Arc::new(pattern(24 << 20, 13));
     assert!(round_trip(stream, data.clone()) == *data);
