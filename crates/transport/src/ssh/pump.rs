@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 const CHUNK: usize = 256 * 1024;
 
 /// libssh2's "would block" error code.
-const LIBSSH2_ERROR_EAGAIN: i32 = -37;
+pub(super) const LIBSSH2_ERROR_EAGAIN: i32 = -37;
 /// libssh2's code for a request the server answered with a failure.
 const LIBSSH2_ERROR_REQUEST_DENIED: i32 = -22;
 

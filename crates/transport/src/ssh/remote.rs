@@ -541,7 +541,6 @@ pub(crate) fn agent_beside(exe: &Path) -> PathBuf {
     exe.with_file_name(format!("flip-agent{rest}"))
 }
 
-/// blake3 of a file's contents, lowercase hex.
 /// [`hash_file`], remembered in the directory `memo` by the file's identity (path, device,
 /// inode, size, mtime, ctime): flip hashes its own binary (3 MB for `flip-agent`, 12 MB for
 /// itself) on every SSH connect otherwise, which on loopback cost a first deploy about as much
@@ -606,6 +605,7 @@ fn trim_memos(memo: &Path) {
     }
 }
 
+/// blake3 of a file's contents, lowercase hex.
 fn hash_file(path: &Path) -> io::Result<String> {
     let mut hasher = blake3::Hasher::new();
     hasher.update_mmap(path)?;

@@ -239,7 +239,7 @@ impl Remote for Connection {
             self.session.set_blocking(false);
             match channel.exec(command) {
                 Ok(()) => None,
-                Err(e) if e.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_EAGAIN) => {
+                Err(e) if e.code() == ssh2::ErrorCode::Session(pump::LIBSSH2_ERROR_EAGAIN) => {
                     Some(command.to_string())
                 }
                 Err(e) => return Err(self.ssh_err(phase, e)),
@@ -263,9 +263,6 @@ impl Remote for Connection {
         }))
     }
 }
-
-/// libssh2's "would block" error code.
-const LIBSSH2_ERROR_EAGAIN: i32 = -37;
 
 /// Whether the server (by its version `banner`) runs an `exec` request before it reads the
 /// next message of the connection, so that channel data sent right behind the request reaches
