@@ -267,13 +267,8 @@ impl ContentCache {
     /// The content with digest `d`, read back and checked.
     pub fn get(&self, d: &Digest) -> Option<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        let (pack, len, off) = self.with_index(|i| i.find(d))?;
-        if let Some(w) = self.writer.lock().unwrap().as_mut() {
-            if w.pack == pack {
-                w.data.flush().ok()?;
-            }
-        }
-        let f = self.with_index(|i| {
+        let (pack, len, off, f) = self.with_index(|i| {
+            let (pack, len, off) = i.find(d)?;
             let at = pack as usize;
             if i.open.len() <= at {
                 i.open.resize(at + 1, None);
@@ -282,8 +277,13 @@ impl ContentCache {
                 let path = self.dir.join(format!("{}.pack", i.stamps[at]));
                 i.open[at] = Some(std::sync::Arc::new(fs::File::open(path).ok()?));
             }
-            i.open[at].clone()
+            Some((pack, len, off, i.open[at].clone()?))
         })?;
+        if let Some(w) = self.writer.lock().unwrap().as_mut() {
+            if w.pack == pack {
+                w.data.flush().ok()?;
+            }
+        }
         let mut buf = vec![0u8; len as usize];
         f.read_exact_at(&mut buf, off).ok()?;
         (Digest::of(&buf) == *d).then_some(buf)
