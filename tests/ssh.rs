@@ -239,13 +239,15 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
     let w = World::new();
     // The server's home is root's real home: use the build's own file name and remove it after.
     let home = PathBuf::from(std::env::var("FLIP_TEST_SERVER_HOME").unwrap_or("/root".into()));
-    let hash = blake3::hash(&fs::read(FLIP_AGENT).unwrap())
-        .to_hex()
-        .to_string();
-    let uploaded = home
-        .join(".cache/flip")
-        .join(format!("flip-{}-{hash}", env!("CARGO_PKG_VERSION")));
+    let cached = |bin: &str| {
+        let hash = blake3::hash(&fs::read(bin).unwrap()).to_hex().to_string();
+        home.join(".cache/flip")
+            .join(format!("flip-{}-{hash}", env!("CARGO_PKG_VERSION")))
+    };
+    let uploaded = cached(FLIP_AGENT);
     let _ = fs::remove_file(&uploaded);
+    // flip itself, uploaded by an earlier run (the deploy benchmark's), would be found as well.
+    let _ = fs::remove_file(cached(FLIP));
     struct Cleanup(PathBuf);
     impl Drop for Cleanup {
         fn drop(&mut self) {

@@ -72,7 +72,7 @@ impl Sshd {
                 .stderr(Stdio::inherit())
                 .spawn()
                 .unwrap_or_else(|e| panic!("starting {SSHD}: {e}"));
-            if wait_listening(&mut child, port) {
+            if wait_listening(&mut child, port, &d.join("sshd.log")) {
                 return Sshd { dir, child, port };
             }
             let _ = child.kill();
@@ -278,15 +278,20 @@ fn free_port() -> u16 {
         .expect("binding an ephemeral port on 127.0.0.1")
 }
 
-/// Waits until `port` accepts TCP connections; false if sshd exited or 10 s passed.
-fn wait_listening(child: &mut Child, port: u16) -> bool {
+/// Waits until `child` listens on `port`: its log says so (a connection alone may reach another
+/// test's sshd that took the port first while this one fails to bind it) and the port takes
+/// connections. False if sshd exited or 10 s passed.
+fn wait_listening(child: &mut Child, port: u16, log: &Path) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let listening = format!("Server listening on 127.0.0.1 port {port}.");
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
             return false;
         }
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+        if fs::read_to_string(log).is_ok_and(|l| l.contains(&listening))
+            && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        {
             return true;
         }
         thread::sleep(Duration::from_millis(20));
