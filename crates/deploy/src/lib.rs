@@ -384,6 +384,7 @@ pub fn deploy(
     let scan = scan.inspect_err(|_| workers.abandon_after(&scanned))?;
     let scan = Arc::new(scan);
     scanned.set(Some(scan.clone()));
+    patch_ahead(o, &source, targets, &caches, &scan.manifest, &workers);
     let mut hosts = workers.join();
     // Phase 2, every lock still held: all live together, or none.
     let mut warnings = scan.warnings.clone();
@@ -824,6 +825,34 @@ impl Workers {
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
+        }
+    }
+}
+
+/// While the workers still log in (on a real network, round trips in which this client's cores
+/// wait), makes the patches they will most likely send (see [`flip_transfer::patch_ahead`]):
+/// against the release this client last made live on each target that takes patches, once per
+/// distinct release. Stops taking files once every worker is done.
+fn patch_ahead(
+    o: &Options,
+    source: &Path,
+    targets: &[Target],
+    caches: &Caches,
+    manifest: &Manifest,
+    workers: &Workers,
+) {
+    let Some(content) = caches.content() else {
+        return;
+    };
+    let mut seen = BTreeSet::new();
+    for t in targets.iter().filter(|t| !t.whole_files(o.whole_file)) {
+        let expected = caches
+            .last_live(&t.display())
+            .filter(|d| *d != manifest.digest() && seen.insert(*d))
+            .and_then(|d| caches.manifest(&d));
+        if let Some(live) = expected {
+            let done = || workers.threads.iter().all(|t| t.is_finished());
+            flip_transfer::patch_ahead(source, manifest, &live, content, &done);
         }
     }
 }

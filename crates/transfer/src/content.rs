@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Files above this size are streamed by the writing thread itself instead of being prepared
 /// whole in memory by the workers.
-const LARGE: u64 = 4 << 20;
+pub(crate) const LARGE: u64 = 4 << 20;
 /// Prepared files waiting for the writer at most.
 const QUEUE: usize = 16;
 /// Bytes of small files being read, encoded or waiting for the writer at most: with
@@ -569,7 +569,7 @@ fn count(report: &mut DeployReport, p: &Tally) {
 /// Keeps a version being deployed in the content cache (checked against its digest already),
 /// so the next change of the file can go as a patch. Done by the workers while the connection
 /// is busy; a failure only costs a later deploy some bytes.
-fn remember(cache: Option<&ContentCache>, digest: &Digest, data: &[u8]) {
+pub(crate) fn remember(cache: Option<&ContentCache>, digest: &Digest, data: &[u8]) {
     if let Some(c) = cache {
         let _ = c.put(digest, data);
     }
@@ -619,7 +619,7 @@ fn open_source(path: &Path, rel: &RelPath) -> Result<(File, Mtime, u64)> {
 }
 
 /// A small file, read whole and checked against its scanned digest.
-fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
+pub(crate) fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
     // An empty file's content is known without reading it; and an empty shared-file seed
     // (`flip_plan::shared`: a shared file the scan lacks starts empty) may name a path the
     // source lacks, or one excluded from the scan that has content (a local `.env`).

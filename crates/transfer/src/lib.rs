@@ -10,10 +10,12 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+mod ahead;
 mod cache;
 mod content;
 mod stream;
 
+pub use ahead::patch_ahead;
 pub use cache::{ContentCache, ManifestCache, CONTENT_MAX_FILE};
 pub use content::{local_delta, patch, DELTA_WINDOW, PATCH_MAX};
 
