@@ -151,13 +151,13 @@ pub fn decode_diff(buf: &[u8]) -> Result<ManifestDiff, DecodeError> {
     }
     let count = r.count::<RelPath>()?;
     let mut removed: Vec<RelPath> = Vec::with_capacity(count);
-    let mut prev = String::new();
+    let mut raw = Vec::new();
     for index in 0..count {
-        let path = r.path(index, &prev)?;
+        let prev = removed.last().map_or("", RelPath::as_str);
+        let path = r.path(index, prev, &mut raw)?;
         if removed.last().is_some_and(|last| *last >= path) {
             return Err(DecodeError::Order(index));
         }
-        prev = path.as_str().to_string();
         removed.push(path);
     }
     let upserts = r.entries()?;
@@ -200,14 +200,14 @@ pub fn decode_dir_patch(buf: &[u8]) -> Result<DirPatch, DecodeError> {
     };
     let count = r.count::<String>()?;
     let mut last: Option<RelPath> = None;
-    let mut prev = String::new();
+    let mut raw = Vec::new();
     for index in 0..count {
-        let path = r.path(index, &prev)?;
+        let prev = last.as_ref().map_or("", RelPath::as_str);
+        let path = r.path(index, prev, &mut raw)?;
         if last.as_ref().is_some_and(|l| *l >= path) {
             return Err(DecodeError::Order(index));
         }
-        prev = path.as_str().to_string();
-        dirs.push(prev.clone());
+        dirs.push(path.as_str().to_string());
         last = Some(path);
     }
     let entries = r.entries()?;
@@ -363,7 +363,13 @@ impl<'a> Reader<'a> {
         Ok(count as usize)
     }
 
-    fn path(&mut self, index: usize, prev: &str) -> Result<RelPath, DecodeError> {
+    /// The next path, whose first bytes are shared with `prev`; `raw` is scratch space.
+    fn path(
+        &mut self,
+        index: usize,
+        prev: &str,
+        raw: &mut Vec<u8>,
+    ) -> Result<RelPath, DecodeError> {
         let shared = self.varint()? as usize;
         if shared > prev.len() {
             return Err(DecodeError::BadPrefix(index));
@@ -371,14 +377,24 @@ impl<'a> Reader<'a> {
         let len = self.varint()? as usize;
         let suffix = self.take(len)?;
         self.charge(PATH_COST + (shared + len) as u64)?;
-        let mut raw = Vec::with_capacity(shared + len);
+        raw.clear();
         raw.extend_from_slice(&prev.as_bytes()[..shared]);
         raw.extend_from_slice(suffix);
         let path =
-            RelPath::from_bytes(&raw).map_err(|source| DecodeError::BadPath { index, source })?;
+            RelPath::from_bytes(raw).map_err(|source| DecodeError::BadPath { index, source })?;
         // The encoder always reuses the longest shared prefix (cut at a character boundary);
-        // anything else is another encoding of the same path.
-        if shared != common_prefix(prev, path.as_str()) {
+        // anything else is another encoding of the same path. The first `shared` bytes are
+        // equal by construction: what follows them decides (as `common_prefix` would).
+        let more = prev.as_bytes()[shared..]
+            .iter()
+            .zip(suffix)
+            .take_while(|(x, y)| x == y)
+            .count();
+        let mut longest = shared + more;
+        while !path.as_str().is_char_boundary(longest) {
+            longest -= 1;
+        }
+        if shared != longest {
             return Err(DecodeError::BadPrefix(index));
         }
         Ok(path)
@@ -388,9 +404,10 @@ impl<'a> Reader<'a> {
     fn entries(&mut self) -> Result<Vec<Entry>, DecodeError> {
         let count = self.count::<Entry>()?;
         let mut entries: Vec<Entry> = Vec::with_capacity(count);
-        let mut prev = String::new();
+        let mut raw = Vec::new();
         for index in 0..count {
-            let path = self.path(index, &prev)?;
+            let prev = entries.last().map_or("", |e| e.path.as_str());
+            let path = self.path(index, prev, &mut raw)?;
             let kind = match self.byte()? {
                 0 => EntryKind::Dir { mode: self.mode()? },
                 1 => {
@@ -420,7 +437,6 @@ impl<'a> Reader<'a> {
             if entries.last().is_some_and(|last| last.path >= path) {
                 return Err(DecodeError::Order(index));
             }
-            prev = path.as_str().to_string();
             entries.push(Entry { path, kind });
         }
         Ok(entries)
