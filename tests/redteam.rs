@@ -1222,3 +1222,33 @@ fn a_hook_leaving_a_background_process_on_its_output_does_not_hang_the_deploy() 
     run.success().stderr_has("] started");
     assert_eq!(fx.current_link(), "releases/1");
 }
+
+/// A redeploy of the same source first checks that the live release still is what was
+/// committed, directories included: a directory swapped for a symlink to an identical copy
+/// outside the root (every entry looks intact through it), or an empty one swapped for a
+/// symlink, makes a new release with real directories, not "unchanged".
+#[test]
+fn a_live_directory_swapped_for_a_symlink_is_not_taken_for_an_unchanged_release() {
+    for dir in ["conf", "var/cache"] {
+        let fx = Fx::new();
+        let src = fx.src("src");
+        src.file("index.php", "v1\n", 0o644)
+            .file("conf/settings.php", "<?php return [];\n", 0o644)
+            .dir("var/cache", 0o755);
+        fx.deploy(&src, &[]);
+        let outside = fx.path("outside");
+        copy_tree(&live(&fx).join(dir), &outside);
+        fs::rename(live(&fx).join(dir), fx.path("moved")).unwrap();
+        std::os::unix::fs::symlink(&outside, live(&fx).join(dir)).unwrap();
+
+        let j = fx.deploy(&src, &[]);
+
+        assert_eq!(num(&j, "/release"), 2, "{dir}: {j}");
+        assert_eq!(fx.current_link(), "releases/2", "{dir}");
+        assert!(
+            fs::symlink_metadata(live(&fx).join(dir)).unwrap().is_dir(),
+            "{dir}"
+        );
+        assert_dir_eq(&fx.current(), &src.tree(), dir);
+    }
+}

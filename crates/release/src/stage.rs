@@ -990,7 +990,8 @@ impl Root {
             return Ok(None);
         }
         let dir = self.release_dir(id);
-        let intact = at::par_entries(&dir, manifest.entries(), |i, e, at| {
+        let entries = manifest.entries();
+        let intact = at::par_entries(&dir, entries, |i, e, at| {
             let Some((dir, name)) = at else {
                 return false;
             };
@@ -1001,7 +1002,14 @@ impl Root {
                 EntryKind::Symlink { target } => {
                     at::read_link_at(dir, name).is_ok_and(|t| t == target.as_bytes())
                 }
-                EntryKind::Dir { .. } => at::lstat_at(dir, name).is_ok_and(|m| m.is_dir()),
+                // A directory with entries is reached as one (beneath the release, no symlink
+                // on the way) to check the first of them, the next entry in manifest order.
+                EntryKind::Dir { .. } => {
+                    entries.get(i + 1).is_some_and(|next| {
+                        let rest = next.path.as_str().strip_prefix(e.path.as_str());
+                        rest.is_some_and(|r| r.starts_with('/'))
+                    }) || at::lstat_at(dir, name).is_ok_and(|m| m.is_dir())
+                }
             }
         })
         .into_iter()
