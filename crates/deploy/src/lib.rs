@@ -792,6 +792,9 @@ impl<T: Clone> Shared<T> {
 struct Workers {
     threads: Vec<std::thread::JoinHandle<()>>,
     results: Arc<Mutex<Vec<Option<Prepared>>>>,
+    /// Set once a worker has begun sending content: what [`patch_ahead`] has not made by
+    /// then, the workers make themselves.
+    sending: Arc<AtomicBool>,
 }
 
 /// How long a failed deploy waits for targets still being connected or locked to give up.
@@ -832,7 +835,8 @@ impl Workers {
 /// While the workers still log in (on a real network, round trips in which this client's cores
 /// wait), makes the patches they will most likely send (see [`flip_transfer::patch_ahead`]):
 /// against the release this client last made live on each target that takes patches, once per
-/// distinct release. Stops taking files once every worker is done.
+/// distinct release. Stops taking files once a worker begins to send (the patches still to be
+/// made are then its own work) or every worker is done.
 fn patch_ahead(
     o: &Options,
     source: &Path,
@@ -851,7 +855,10 @@ fn patch_ahead(
             .filter(|d| *d != manifest.digest() && seen.insert(*d))
             .and_then(|d| caches.manifest(&d));
         if let Some(live) = expected {
-            let done = || workers.threads.iter().all(|t| t.is_finished());
+            let done = || {
+                workers.sending.load(Ordering::SeqCst)
+                    || workers.threads.iter().all(|t| t.is_finished())
+            };
             flip_transfer::patch_ahead(source, manifest, &live, content, &done);
         }
     }
@@ -881,19 +888,21 @@ fn phase1(
         && o.hooks.after_activate.is_empty();
     let next = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicBool::new(false));
+    let sending = Arc::new(AtomicBool::new(false));
     let results = Arc::new(Mutex::new((0..n).map(|_| None).collect::<Vec<_>>()));
     let threads = (0..width)
         .map(|_| {
             let (o, source, targets) = (o.clone(), source.to_path_buf(), targets.to_vec());
             let (caches, scanned, events) = (caches.clone(), scanned.clone(), events.clone());
             let (next, results, failed) = (next.clone(), results.clone(), failed.clone());
-            let drain = drain.clone();
+            let (drain, sending) = (drain.clone(), sending.clone());
             std::thread::spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(t) = targets.get(i) else { return };
                 let drain = drain.lock().unwrap_or_else(|e| e.into_inner()).take();
                 let r = prepare(
-                    i, t, &o, &source, &caches, &scanned, &*events, &failed, single, drain,
+                    i, t, &o, &source, &caches, &scanned, &*events, &failed, &sending, single,
+                    drain,
                 );
                 if r.is_err() {
                     failed.store(true, Ordering::SeqCst);
@@ -910,7 +919,11 @@ fn phase1(
             })
         })
         .collect();
-    Workers { threads, results }
+    Workers {
+        threads,
+        results,
+        sending,
+    }
 }
 
 /// Phase 1 on one target: connect and lock, describe the manifest, stage, send, commit.
@@ -924,6 +937,7 @@ fn prepare(
     scanned: &Shared<Arc<flip_scan::ScanOutput>>,
     events: &dyn Events,
     failed: &AtomicBool,
+    sending: &AtomicBool,
     single: bool,
     drain: Option<stream::Drain>,
 ) -> Result<Host, Failed> {
@@ -994,6 +1008,7 @@ fn prepare(
     if !host.unchanged && !host.skipped {
         events.phase(index, Phase::Staging);
         events.sending(index, &host.session.meter());
+        sending.store(true, Ordering::SeqCst);
         host.pipelined = single;
         if single {
             host.session.defer_commit();
