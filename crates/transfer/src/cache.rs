@@ -163,7 +163,7 @@ struct Index {
 impl Index {
     fn load(dir: &Path) -> Index {
         let mut index = Index::default();
-        for (stamp, _) in packs(dir) {
+        for (stamp, pack_len) in packs(dir) {
             let Ok(idx) = fs::read(dir.join(format!("{stamp}.idx"))) else {
                 continue;
             };
@@ -175,6 +175,12 @@ impl Index {
                 d.copy_from_slice(&r[..32]);
                 let off = u64::from_le_bytes(r[32..40].try_into().unwrap());
                 let len = u32::from_le_bytes(r[40..44].try_into().unwrap());
+                // A process ended without `finish` (Ctrl-C) can leave an index naming bytes
+                // its pack never got: such a version is not kept (else it would never be
+                // stored again, and the next deploy would plan patches it cannot make).
+                if off.checked_add(u64::from(len)).is_none_or(|end| end > pack_len) {
+                    continue;
+                }
                 index.loaded.push((Digest(d), pack, len, off));
             }
         }
@@ -412,6 +418,38 @@ mod content_tests {
             fs::write(dir.join(format!("{stamp}.pack")), vec![9u8; 60]).unwrap();
         }
         assert_eq!(c.get(&digests[2]), None);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A deploy killed before `finish` (Ctrl-C while the patches are made ahead, during the
+    /// SSH login) leaves its index flushed past its pack: the versions whose bytes are missing
+    /// are not taken as kept, so the next deploy stores them again and can patch against them.
+    #[test]
+    fn an_index_naming_bytes_its_pack_lacks_keeps_nothing_of_them() {
+        let dir = std::env::temp_dir().join(format!("flip-ckill-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let c = ContentCache::new(dir.clone(), 1 << 30);
+        let versions: Vec<Vec<u8>> = (0..400u32)
+            .map(|i| format!("<?php return {i};\n").repeat(20).into_bytes())
+            .collect();
+        for v in &versions {
+            c.put(&Digest::of(v), v).unwrap();
+        }
+        // Killed: nothing is flushed or dropped.
+        std::mem::forget(c);
+        let (stamp, _) = packs(&dir).pop().unwrap();
+        assert!(fs::metadata(dir.join(format!("{stamp}.idx"))).unwrap().len() > 0);
+        let c = ContentCache::new(dir.clone(), 1 << 30);
+        for v in &versions {
+            let d = Digest::of(v);
+            assert_eq!(c.contains(&d), c.get(&d).is_some(), "kept but unreadable");
+            c.put(&d, v).unwrap();
+        }
+        c.finish().unwrap();
+        let c = ContentCache::new(dir.clone(), 1 << 30);
+        for v in &versions {
+            assert_eq!(c.get(&Digest::of(v)).as_deref(), Some(&v[..]));
+        }
         fs::remove_dir_all(dir).unwrap();
     }
 
