@@ -178,7 +178,10 @@ impl Index {
                 // A process ended without `finish` (Ctrl-C) can leave an index naming bytes
                 // its pack never got: such a version is not kept (else it would never be
                 // stored again, and the next deploy would plan patches it cannot make).
-                if off.checked_add(u64::from(len)).is_none_or(|end| end > pack_len) {
+                if off
+                    .checked_add(u64::from(len))
+                    .is_none_or(|end| end > pack_len)
+                {
                     continue;
                 }
                 index.loaded.push((Digest(d), pack, len, off));
@@ -438,7 +441,12 @@ mod content_tests {
         // Killed: nothing is flushed or dropped.
         std::mem::forget(c);
         let (stamp, _) = packs(&dir).pop().unwrap();
-        assert!(fs::metadata(dir.join(format!("{stamp}.idx"))).unwrap().len() > 0);
+        assert!(
+            fs::metadata(dir.join(format!("{stamp}.idx")))
+                .unwrap()
+                .len()
+                > 0
+        );
         let c = ContentCache::new(dir.clone(), 1 << 30);
         for v in &versions {
             let d = Digest::of(v);
