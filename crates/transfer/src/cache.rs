@@ -138,8 +138,10 @@ type PatchCell = std::sync::Arc<std::sync::OnceLock<Option<Vec<u8>>>>;
 #[derive(Default)]
 struct PatchMemo {
     made: HashMap<(Digest, Digest), PatchCell>,
-    /// Bytes of patches kept; none is added beyond [`PATCH_MEMO_BYTES`].
+    /// Bytes of patches kept; none is added beyond `cap`.
     bytes: u64,
+    /// [`PATCH_MEMO_BYTES`] (less in tests).
+    cap: u64,
 }
 
 /// Bytes of patches kept for sharing between the targets of one deploy at most.
@@ -221,7 +223,10 @@ impl ContentCache {
             max_bytes,
             index: Mutex::new(None),
             writer: Mutex::new(None),
-            patches: Mutex::new(PatchMemo::default()),
+            patches: Mutex::new(PatchMemo {
+                cap: PATCH_MEMO_BYTES,
+                ..PatchMemo::default()
+            }),
         }
     }
 
@@ -239,7 +244,7 @@ impl ContentCache {
             let mut memo = self.patches.lock().unwrap_or_else(|e| e.into_inner());
             match memo.made.get(&(*old, *new)) {
                 Some(c) => Some(c.clone()),
-                None if memo.bytes < PATCH_MEMO_BYTES => {
+                None if memo.bytes < memo.cap => {
                     let c = PatchCell::default();
                     memo.made.insert((*old, *new), c.clone());
                     Some(c)
@@ -260,6 +265,19 @@ impl ContentCache {
             self.patches.lock().unwrap_or_else(|e| e.into_inner()).bytes += n;
         }
         p.clone()
+    }
+
+    /// Whether [`ContentCache::patch`] still keeps what it makes (below 64 MiB of patches):
+    /// past that, a patch made before it is asked for is thrown away.
+    pub(crate) fn patch_memo_has_room(&self) -> bool {
+        let memo = self.patches.lock().unwrap_or_else(|e| e.into_inner());
+        memo.bytes < memo.cap
+    }
+
+    /// Sets the patch memo's bound to `bytes` (tests).
+    #[cfg(test)]
+    pub(crate) fn set_patch_memo_cap(&self, bytes: u64) {
+        self.patches.lock().unwrap().cap = bytes;
     }
 
     /// Runs `f` on the index, loading it first if needed.
