@@ -792,8 +792,9 @@ impl<T: Clone> Shared<T> {
 struct Workers {
     threads: Vec<std::thread::JoinHandle<()>>,
     results: Arc<Mutex<Vec<Option<Prepared>>>>,
-    /// Set once a worker has begun sending content: what [`patch_ahead`] has not made by
-    /// then, the workers make themselves.
+    /// A target failed: no target will go live.
+    failed: Arc<AtomicBool>,
+    /// A target has staged and sends its content (its own encoding runs).
     sending: Arc<AtomicBool>,
 }
 
@@ -801,6 +802,15 @@ struct Workers {
 const SESSION_END: Duration = Duration::from_secs(10);
 
 impl Workers {
+    /// Whether work done for the targets ahead of them is of no more use: every worker is done,
+    /// a target failed (none will go live), or one sends its content (its own encoding takes
+    /// the cores, and the files' patches are made there, shared through the patch memo).
+    fn settled(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+            || self.sending.load(Ordering::SeqCst)
+            || self.threads.iter().all(|t| t.is_finished())
+    }
+
     /// Every target's phase-1 result, in target order.
     fn join(self) -> Vec<Result<Host, Failed>> {
         for t in self.threads {
@@ -835,8 +845,8 @@ impl Workers {
 /// While the workers still log in (on a real network, round trips in which this client's cores
 /// wait), makes the patches they will most likely send (see [`flip_transfer::patch_ahead`]):
 /// against the release this client last made live on each target that takes patches, once per
-/// distinct release. Stops taking files once a worker begins to send (the patches still to be
-/// made are then its own work) or every worker is done.
+/// distinct release. Stops taking files once the workers are [settled](Workers::settled): a
+/// wrong guess then costs at most the login's time, never the deploy's.
 fn patch_ahead(
     o: &Options,
     source: &Path,
@@ -849,16 +859,16 @@ fn patch_ahead(
         return;
     };
     let mut seen = BTreeSet::new();
+    let done = || workers.settled();
     for t in targets.iter().filter(|t| !t.whole_files(o.whole_file)) {
+        if done() {
+            return;
+        }
         let expected = caches
             .last_live(&t.display())
             .filter(|d| *d != manifest.digest() && seen.insert(*d))
             .and_then(|d| caches.manifest(&d));
         if let Some(live) = expected {
-            let done = || {
-                workers.sending.load(Ordering::SeqCst)
-                    || workers.threads.iter().all(|t| t.is_finished())
-            };
             flip_transfer::patch_ahead(source, manifest, &live, content, &done);
         }
     }
@@ -895,7 +905,8 @@ fn phase1(
             let (o, source, targets) = (o.clone(), source.to_path_buf(), targets.to_vec());
             let (caches, scanned, events) = (caches.clone(), scanned.clone(), events.clone());
             let (next, results, failed) = (next.clone(), results.clone(), failed.clone());
-            let (drain, sending) = (drain.clone(), sending.clone());
+            let sending = sending.clone();
+            let drain = drain.clone();
             std::thread::spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(t) = targets.get(i) else { return };
@@ -922,6 +933,7 @@ fn phase1(
     Workers {
         threads,
         results,
+        failed,
         sending,
     }
 }
@@ -1006,9 +1018,9 @@ fn prepare(
         host.session.drop_ahead().map_err(|e| host.fail(e.into()))?;
     }
     if !host.unchanged && !host.skipped {
+        sending.store(true, Ordering::SeqCst);
         events.phase(index, Phase::Staging);
         events.sending(index, &host.session.meter());
-        sending.store(true, Ordering::SeqCst);
         host.pipelined = single;
         if single {
             host.session.defer_commit();
@@ -1743,6 +1755,35 @@ pub(crate) fn each_in_parallel<T: Send, R: Send>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The patches made ahead stop once a target failed (no target goes live) or one sends
+    /// its content (its own encoding needs the cores; a wrong guess would hold it up), not
+    /// only once every worker is done: a worker still logging in does not keep them going.
+    #[test]
+    fn work_ahead_stops_once_a_target_failed_or_sends() {
+        for flag in ["failed", "sending"] {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let w = Workers {
+                // A target still logging in.
+                threads: vec![std::thread::spawn(move || {
+                    let _ = rx.recv();
+                })],
+                results: Arc::default(),
+                failed: Arc::default(),
+                sending: Arc::default(),
+            };
+            assert!(!w.settled(), "{flag}: a worker still logs in");
+            match flag {
+                "failed" => w.failed.store(true, Ordering::SeqCst),
+                _ => w.sending.store(true, Ordering::SeqCst),
+            }
+            assert!(w.settled(), "{flag}");
+            drop(tx);
+            for t in w.threads {
+                t.join().unwrap();
+            }
+        }
+    }
 
     #[test]
     fn iso_time_formats_utc_seconds() {

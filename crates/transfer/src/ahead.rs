@@ -26,7 +26,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// against its scanned digest first; one that changed since the scan, or cannot be read, is
 /// skipped (the deploy itself then reports it). Works on rayon's pool, one file per worker at a
 /// time (each at most the deploy's small-file size, 4 MiB); stops taking new files once `stop`
-/// says so. Returns the number of patches made here.
+/// says so, or once the patch memo is full (a patch made then would be thrown away and made
+/// again by the deploy). Returns the number of patches made here and kept in the memo.
 ///
 /// A file whose new content is anywhere in `live` is skipped: the agent links it rather than
 /// asking for it.
@@ -61,7 +62,7 @@ pub fn patch_ahead(
         .collect();
     let made = AtomicUsize::new(0);
     jobs.par_iter().for_each(|(job, old)| {
-        if stop() {
+        if stop() || !cache.patch_memo_has_room() {
             return;
         }
         let Ok((data, _)) = content::read_small(source, job) else {
@@ -190,6 +191,43 @@ mod tests {
             });
             assert!(asked || p == "src/d.php", "{p}: no patch made ahead");
         }
+    }
+
+    /// Once the patch memo is full it makes no more patches (they would be thrown away, and
+    /// the deploy would make them again) and reads no more files.
+    #[test]
+    fn makes_no_patch_once_the_memo_is_full() {
+        let (old, new, cache_dir) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let cache = ContentCache::new(cache_dir.path().to_path_buf(), 1 << 30);
+        for i in 0..3 {
+            let name = format!("f{i}.php");
+            fs::write(old.path().join(&name), php(&name, 100)).unwrap();
+            fs::write(
+                new.path().join(&name),
+                [php(&name, 100), php("x", 1)].concat(),
+            )
+            .unwrap();
+        }
+        let (live, manifest) = (scan(old.path()), scan(new.path()));
+        for (name, _, _, d) in live.files() {
+            cache
+                .put(d, &fs::read(old.path().join(name.as_str())).unwrap())
+                .unwrap();
+        }
+        // The first patch fills it.
+        cache.set_patch_memo_cap(1);
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let made = one.install(|| patch_ahead(new.path(), &manifest, &live, &cache, &|| false));
+        assert_eq!(made, 1);
+        let kept = manifest.files().filter(|f| cache.contains(f.3)).count();
+        assert_eq!(kept, 1, "the new versions read");
     }
 
     /// Told to stop, it reads no file and makes no patch.

@@ -138,8 +138,10 @@ type PatchCell = std::sync::Arc<std::sync::OnceLock<Option<Vec<u8>>>>;
 #[derive(Default)]
 struct PatchMemo {
     made: HashMap<(Digest, Digest), PatchCell>,
-    /// Bytes of patches kept; none is added beyond [`PATCH_MEMO_BYTES`].
+    /// Bytes of patches kept; none is added beyond `cap`.
     bytes: u64,
+    /// [`PATCH_MEMO_BYTES`] (less in tests).
+    cap: u64,
 }
 
 /// Bytes of patches kept for sharing between the targets of one deploy at most.
@@ -163,7 +165,7 @@ struct Index {
 impl Index {
     fn load(dir: &Path) -> Index {
         let mut index = Index::default();
-        for (stamp, _) in packs(dir) {
+        for (stamp, pack_len) in packs(dir) {
             let Ok(idx) = fs::read(dir.join(format!("{stamp}.idx"))) else {
                 continue;
             };
@@ -175,6 +177,15 @@ impl Index {
                 d.copy_from_slice(&r[..32]);
                 let off = u64::from_le_bytes(r[32..40].try_into().unwrap());
                 let len = u32::from_le_bytes(r[40..44].try_into().unwrap());
+                // A process ended without `finish` (Ctrl-C) can leave an index naming bytes
+                // its pack never got: such a version is not kept (else it would never be
+                // stored again, and the next deploy would plan patches it cannot make).
+                if off
+                    .checked_add(u64::from(len))
+                    .is_none_or(|end| end > pack_len)
+                {
+                    continue;
+                }
                 index.loaded.push((Digest(d), pack, len, off));
             }
         }
@@ -212,7 +223,10 @@ impl ContentCache {
             max_bytes,
             index: Mutex::new(None),
             writer: Mutex::new(None),
-            patches: Mutex::new(PatchMemo::default()),
+            patches: Mutex::new(PatchMemo {
+                cap: PATCH_MEMO_BYTES,
+                ..PatchMemo::default()
+            }),
         }
     }
 
@@ -230,7 +244,7 @@ impl ContentCache {
             let mut memo = self.patches.lock().unwrap_or_else(|e| e.into_inner());
             match memo.made.get(&(*old, *new)) {
                 Some(c) => Some(c.clone()),
-                None if memo.bytes < PATCH_MEMO_BYTES => {
+                None if memo.bytes < memo.cap => {
                     let c = PatchCell::default();
                     memo.made.insert((*old, *new), c.clone());
                     Some(c)
@@ -251,6 +265,19 @@ impl ContentCache {
             self.patches.lock().unwrap_or_else(|e| e.into_inner()).bytes += n;
         }
         p.clone()
+    }
+
+    /// Whether [`ContentCache::patch`] still keeps what it makes (below 64 MiB of patches):
+    /// past that, a patch made before it is asked for is thrown away.
+    pub(crate) fn patch_memo_has_room(&self) -> bool {
+        let memo = self.patches.lock().unwrap_or_else(|e| e.into_inner());
+        memo.bytes < memo.cap
+    }
+
+    /// Sets the patch memo's bound to `bytes` (tests).
+    #[cfg(test)]
+    pub(crate) fn set_patch_memo_cap(&self, bytes: u64) {
+        self.patches.lock().unwrap().cap = bytes;
     }
 
     /// Runs `f` on the index, loading it first if needed.
@@ -412,6 +439,43 @@ mod content_tests {
             fs::write(dir.join(format!("{stamp}.pack")), vec![9u8; 60]).unwrap();
         }
         assert_eq!(c.get(&digests[2]), None);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A deploy killed before `finish` (Ctrl-C while the patches are made ahead, during the
+    /// SSH login) leaves its index flushed past its pack: the versions whose bytes are missing
+    /// are not taken as kept, so the next deploy stores them again and can patch against them.
+    #[test]
+    fn an_index_naming_bytes_its_pack_lacks_keeps_nothing_of_them() {
+        let dir = std::env::temp_dir().join(format!("flip-ckill-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let c = ContentCache::new(dir.clone(), 1 << 30);
+        let versions: Vec<Vec<u8>> = (0..400u32)
+            .map(|i| format!("<?php return {i};\n").repeat(20).into_bytes())
+            .collect();
+        for v in &versions {
+            c.put(&Digest::of(v), v).unwrap();
+        }
+        // Killed: nothing is flushed or dropped.
+        std::mem::forget(c);
+        let (stamp, _) = packs(&dir).pop().unwrap();
+        assert!(
+            fs::metadata(dir.join(format!("{stamp}.idx")))
+                .unwrap()
+                .len()
+                > 0
+        );
+        let c = ContentCache::new(dir.clone(), 1 << 30);
+        for v in &versions {
+            let d = Digest::of(v);
+            assert_eq!(c.contains(&d), c.get(&d).is_some(), "kept but unreadable");
+            c.put(&d, v).unwrap();
+        }
+        c.finish().unwrap();
+        let c = ContentCache::new(dir.clone(), 1 << 30);
+        for v in &versions {
+            assert_eq!(c.get(&Digest::of(v)).as_deref(), Some(&v[..]));
+        }
         fs::remove_dir_all(dir).unwrap();
     }
 
