@@ -706,7 +706,9 @@ fn command_options(common: &Common) -> Options {
         keep: config::KEEP,
         activate: true,
         itemize: false,
-        cache_dir: None,
+        // Where a rollback or an activation records what is live now (see
+        // `flip_deploy::record_live`).
+        cache_dir: cache_dir(),
         compress_level: Some(0),
         whole_file: None,
         shared: Default::default(),
@@ -865,6 +867,17 @@ fn switched(
     }
 }
 
+/// Reads the status queued after a rollback or an activation to release `id` and records its
+/// manifest as live on `target` in this client's caches (see `flip_deploy::record_live`).
+fn record_live(s: &mut Session, target: &Target, id: u64) -> Result<()> {
+    let (current, releases) = s.status_answer()?;
+    let live = releases.iter().find(|r| r.id == id && current == Some(id));
+    if let (Some(dir), Some(r)) = (cache_dir(), live) {
+        flip_deploy::record_live(&dir, target, &r.manifest_digest);
+    }
+    Ok(())
+}
+
 fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     if let Some(env) = env {
@@ -884,14 +897,16 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<Code> {
         return Ok(render::switch(&env.env, "rolled back", out, a.common.json));
     }
     let target = &targets[0];
-    // Lock, rollback and bye in one round trip (a refused lock: the rest is not done).
+    // Lock, rollback, status and bye in one round trip (a refused lock: the rest is not done).
     let mut s = locked_batch(target, &a.common, Purpose::Rollback, |s| {
-        s.queue_rollback(a.to)
+        s.queue_rollback(a.to)?;
+        s.queue_status()
     })?;
     let r = s.rolled_back();
     // Also on failure: "nothing to roll back to" must say which releases were skipped and why.
     notices(&mut s);
     let (id, previous) = r?;
+    record_live(&mut s, target, id)?;
     let round_trips = s.round_trips();
     s.closed()?;
     switched(
@@ -929,13 +944,15 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<Code> {
         ));
     };
     let target = &targets[0];
-    // Lock, activate and bye in one round trip (a refused lock: the rest is not done).
+    // Lock, activate, status and bye in one round trip (a refused lock: the rest is not done).
     let mut s = locked_batch(target, &a.common, Purpose::Activate, |s| {
-        s.queue_activate(id)
+        s.queue_activate(id)?;
+        s.queue_status()
     })?;
     let r = s.activated();
     notices(&mut s);
     let previous = r?;
+    record_live(&mut s, target, id)?;
     let round_trips = s.round_trips();
     s.closed()?;
     switched(

@@ -839,3 +839,29 @@ fn an_environment_sends_whole_files_locally_and_patches_over_ssh_as_its_dry_run_
         assert_dir_eq(&root.join("current"), &src.tree(), "every target");
     }
 }
+
+/// `rollback ENV` records, per target, the release it made live, as a deploy does: the next
+/// deploy of the environment stages ahead against it (one target: 2 round trips, as any warm
+/// upgrade; 3 against the stale record it had before).
+#[test]
+fn a_rollback_of_an_environment_is_what_its_next_deploy_expects_live() {
+    let fx = Fx::new();
+    let root = fx.path("t1");
+    env_config(&fx, &[s(&root).to_string()], "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod"]).success();
+    site_v2(&src);
+    fx.flip(&["deploy", "prod"]).success();
+    fx.flip(&["rollback", "prod"]).success();
+    src.file("index.php", "<?php echo 'after the rollback';\n", 0o644);
+    let j = fx.flip(&["deploy", "prod", "--json"]).success().json();
+    let h = &hosts(&j)[0];
+    assert_eq!(
+        (h["release"].as_u64(), h["previous"].as_u64()),
+        (Some(3), Some(1)),
+        "{j}"
+    );
+    assert_eq!(h["round_trips"], 2, "{j}");
+    assert_dir_eq(&root.join("current"), &src.tree(), "after the rollback");
+}

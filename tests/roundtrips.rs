@@ -59,8 +59,15 @@ fn a_stage_ahead_against_a_release_no_longer_live_costs_one_round_trip_more() {
     let v1 = src.tree();
     site_v2(&src);
     fx.deploy(&src, &[]);
-    // Live is release 1 again: this client still expects release 2's tree (its record).
-    fx.flip(&["rollback", fx.root_str()]).success();
+    // Another client (its own caches) makes release 1 live again: this one still expects
+    // release 2's tree (its record).
+    let other = fx.path("other-home");
+    let other_cache = other.join(".cache");
+    fx.flip_env(
+        &[("HOME", s(&other)), ("XDG_CACHE_HOME", s(&other_cache))],
+        &["rollback", fx.root_str()],
+    )
+    .success();
     let records = std::fs::read_dir(fx.home.join(".cache/flip/targets"))
         .expect("the client records what it made live")
         .count();
@@ -121,4 +128,40 @@ fn a_dry_run_a_rollback_and_an_activation_take_few_round_trips() {
         .json();
     assert_eq!(fx.current_link(), "releases/2");
     assert_eq!(round_trips(&again), 1, "activate: {again}");
+}
+
+/// A rollback or an activation by this client records the release it made live, as a deploy
+/// does: the next deploy stages ahead against that release, in the 2 round trips of any warm
+/// upgrade, and sends its change as a patch against it.
+#[test]
+fn after_this_clients_rollback_or_activation_the_next_deploy_takes_two_round_trips() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    deep_site(&src);
+    fx.deploy(&src, &[]);
+    site_v2(&src);
+    fx.deploy(&src, &[]);
+    fx.flip(&["rollback", fx.root_str()]).success();
+    assert_eq!(fx.current_link(), "releases/1");
+    src.overwrite("a/b/c/d/e/f.txt", "edited after the rollback\n");
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(
+        (j["release"].as_u64(), j["previous"].as_u64()),
+        (Some(3), Some(1)),
+        "{j}"
+    );
+    assert_eq!(round_trips(&j), 2, "after a rollback: {j}");
+    assert_eq!(read_tree(&fx.current()), src.tree());
+
+    fx.flip(&["activate", fx.root_str(), "2"]).success();
+    src.overwrite("a/b/c/d/e/f.txt", "edited after the activation\n");
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(
+        (j["release"].as_u64(), j["previous"].as_u64()),
+        (Some(4), Some(2)),
+        "{j}"
+    );
+    assert_eq!(round_trips(&j), 2, "after an activation: {j}");
+    assert_eq!(read_tree(&fx.current()), src.tree());
+    fx.flip(&["verify", fx.root_str()]).success();
 }

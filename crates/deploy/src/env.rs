@@ -84,6 +84,17 @@ pub fn switch(
     if failed.is_empty() {
         after_hooks(&mut sessions, &mut out, &moved, o, events);
     }
+    // What is live now is what this client's next deploy stages ahead against.
+    if let Some(dir) = &o.cache_dir {
+        for ((t, s), r) in targets.iter().zip(&sessions).zip(&out) {
+            let live = s
+                .as_ref()
+                .and_then(|s| s.releases.iter().find(|x| Some(x.id) == r.live));
+            if let Some(x) = live {
+                crate::record_live(dir, t, &x.manifest_digest);
+            }
+        }
+    }
     close_all(sessions, &mut out);
     out
 }

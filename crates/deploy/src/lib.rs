@@ -699,7 +699,7 @@ impl Caches {
 
     /// Records that the manifest of digest `d` is live on `target` now (best effort: a record
     /// that cannot be written only costs the next deploy a round trip).
-    fn record_live(&self, target: &str, d: &Digest) {
+    pub(crate) fn record_live(&self, target: &str, d: &Digest) {
         let Some(file) = self.target_file(target) else {
             return;
         };
@@ -1258,6 +1258,15 @@ struct PipelinedStatus {
     live: Option<Digest>,
     /// The digest `CheckLive` asked about, and the answer (the live id when intact).
     intact: Option<(Digest, Option<u64>)>,
+}
+
+/// Records in the client caches under `cache_dir` that the release of manifest `digest` is live
+/// on `target` now, as a deploy does: after a rollback or an activation, this client's next
+/// deploy then stages and makes its patches ahead against that release, not the one it replaced
+/// (which would cost it a round trip). Best effort: a record that cannot be written only costs
+/// that round trip.
+pub fn record_live(cache_dir: &Path, target: &Target, digest: &Digest) {
+    Caches::open(Some(cache_dir)).record_live(&target.display(), digest);
 }
 
 /// Opens a session with `target` and takes its lock for `purpose`; `on_wait` hears the holder
