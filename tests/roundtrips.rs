@@ -21,6 +21,18 @@ fn deep_site(src: &Src) {
     }
 }
 
+/// A target with the deep site as release 1 and its second version as release 2 (live),
+/// deployed by this client.
+fn two_releases() -> (Fx, Src) {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    deep_site(&src);
+    fx.deploy(&src, &[]);
+    site_v2(&src);
+    fx.deploy(&src, &[]);
+    (fx, src)
+}
+
 #[test]
 fn a_no_op_and_a_warm_upgrade_take_few_round_trips() {
     let fx = Fx::new();
@@ -101,12 +113,7 @@ fn a_client_without_caches_finds_changed_directories_in_one_round_trip() {
 
 #[test]
 fn a_dry_run_a_rollback_and_an_activation_take_few_round_trips() {
-    let fx = Fx::new();
-    let src = fx.src("src");
-    deep_site(&src);
-    fx.deploy(&src, &[]);
-    site_v2(&src);
-    fx.deploy(&src, &[]);
+    let (fx, src) = two_releases();
     let dry = fx.deploy(&src, &["--dry-run"]);
     // Handshake and status; bye.
     assert_eq!(round_trips(&dry), 2, "dry run: {dry}");
@@ -132,36 +139,25 @@ fn a_dry_run_a_rollback_and_an_activation_take_few_round_trips() {
 
 /// A rollback or an activation by this client records the release it made live, as a deploy
 /// does: the next deploy stages ahead against that release, in the 2 round trips of any warm
-/// upgrade, and sends its change as a patch against it.
+/// upgrade (3 against a stale record: see above).
 #[test]
 fn after_this_clients_rollback_or_activation_the_next_deploy_takes_two_round_trips() {
-    let fx = Fx::new();
-    let src = fx.src("src");
-    deep_site(&src);
-    fx.deploy(&src, &[]);
-    site_v2(&src);
-    fx.deploy(&src, &[]);
-    fx.flip(&["rollback", fx.root_str()]).success();
-    assert_eq!(fx.current_link(), "releases/1");
-    src.overwrite("a/b/c/d/e/f.txt", "edited after the rollback\n");
-    let j = fx.deploy(&src, &[]);
-    assert_eq!(
-        (j["release"].as_u64(), j["previous"].as_u64()),
-        (Some(3), Some(1)),
-        "{j}"
-    );
-    assert_eq!(round_trips(&j), 2, "after a rollback: {j}");
-    assert_eq!(read_tree(&fx.current()), src.tree());
-
-    fx.flip(&["activate", fx.root_str(), "2"]).success();
-    src.overwrite("a/b/c/d/e/f.txt", "edited after the activation\n");
-    let j = fx.deploy(&src, &[]);
-    assert_eq!(
-        (j["release"].as_u64(), j["previous"].as_u64()),
-        (Some(4), Some(2)),
-        "{j}"
-    );
-    assert_eq!(round_trips(&j), 2, "after an activation: {j}");
-    assert_eq!(read_tree(&fx.current()), src.tree());
+    let (fx, src) = two_releases();
+    let root = fx.root_str();
+    for (switch, live, release) in [
+        (&["rollback", root][..], 1, 3),
+        (&["activate", root, "2"][..], 2, 4),
+    ] {
+        fx.flip(switch).success();
+        assert_eq!(fx.current_link(), format!("releases/{live}"));
+        src.overwrite("a/b/c/d/e/f.txt", format!("edited after {}\n", switch[0]));
+        let j = fx.deploy(&src, &[]);
+        assert_eq!(
+            (j["release"].as_u64(), j["previous"].as_u64()),
+            (Some(release), Some(live))
+        );
+        assert_eq!(round_trips(&j), 2, "after {}: {j}", switch[0]);
+        assert_eq!(read_tree(&fx.current()), src.tree());
+    }
     fx.flip(&["verify", fx.root_str()]).success();
 }

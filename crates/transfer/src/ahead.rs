@@ -83,11 +83,20 @@ pub fn patch_ahead(
 mod tests {
     use super::*;
     use std::fs;
+    use tempfile::TempDir;
 
     fn scan(dir: &Path) -> Manifest {
         flip_scan::scan(dir, &flip_scan::ScanOptions::default())
             .unwrap()
             .manifest
+    }
+
+    /// An old and a new tree (empty) and a content cache (in a directory of its own).
+    fn trees() -> (TempDir, TempDir, TempDir, ContentCache) {
+        let dir = || tempfile::tempdir().unwrap();
+        let (old, new, cache_dir) = (dir(), dir(), dir());
+        let cache = ContentCache::new(cache_dir.path().to_path_buf(), 1 << 30);
+        (old, new, cache_dir, cache)
     }
 
     fn php(seed: &str, lines: usize) -> Vec<u8> {
@@ -103,12 +112,7 @@ mod tests {
     /// whose old version is not kept and one changed since the scan get none.
     #[test]
     fn makes_the_patches_a_deploy_of_the_expected_release_sends() {
-        let (old, new, cache_dir) = (
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-        );
-        let cache = ContentCache::new(cache_dir.path().to_path_buf(), 1 << 30);
+        let (old, new, _cache_dir, cache) = trees();
         let w = |root: &Path, name: &str, data: &[u8]| {
             let p = root.join(name);
             fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -124,29 +128,17 @@ mod tests {
         ] {
             w(old.path(), name, &php(seed, 200));
         }
-        w(
-            new.path(),
-            "src/a.php",
-            &[php("a", 200), php("x", 3)].concat(),
-        );
-        w(
-            new.path(),
-            "src/b.php",
-            &[php("y", 2), php("b", 199)].concat(),
-        );
-        // c.php now holds what e.php held: the agent links it.
-        w(new.path(), "src/c.php", &php("e", 200));
-        w(
-            new.path(),
-            "src/d.php",
-            &[php("d", 200), php("z", 1)].concat(),
-        );
-        w(
-            new.path(),
-            "src/e.php",
-            &[php("e", 100), php("w", 1)].concat(),
-        );
-        w(new.path(), "src/same.php", &php("s", 200));
+        for (name, data) in [
+            ("src/a.php", [php("a", 200), php("x", 3)].concat()),
+            ("src/b.php", [php("y", 2), php("b", 199)].concat()),
+            // c.php now holds what e.php held: the agent links it.
+            ("src/c.php", php("e", 200)),
+            ("src/d.php", [php("d", 200), php("z", 1)].concat()),
+            ("src/e.php", [php("e", 100), php("w", 1)].concat()),
+            ("src/same.php", php("s", 200)),
+        ] {
+            w(new.path(), name, &data);
+        }
         w(new.path(), "src/added.php", &php("n", 50));
         let (live, manifest) = (scan(old.path()), scan(new.path()));
         let digest = |m: &Manifest, p: &str| *m.files().find(|f| f.0.as_str() == p).unwrap().3;
@@ -197,12 +189,7 @@ mod tests {
     /// the deploy would make them again) and reads no more files.
     #[test]
     fn makes_no_patch_once_the_memo_is_full() {
-        let (old, new, cache_dir) = (
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-        );
-        let cache = ContentCache::new(cache_dir.path().to_path_buf(), 1 << 30);
+        let (old, new, _cache_dir, cache) = trees();
         for i in 0..3 {
             let name = format!("f{i}.php");
             fs::write(old.path().join(&name), php(&name, 100)).unwrap();
@@ -233,12 +220,7 @@ mod tests {
     /// Told to stop, it reads no file and makes no patch.
     #[test]
     fn makes_nothing_once_told_to_stop() {
-        let (old, new, cache_dir) = (
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-        );
-        let cache = ContentCache::new(cache_dir.path().to_path_buf(), 1 << 30);
+        let (old, new, _cache_dir, cache) = trees();
         fs::write(old.path().join("a.php"), php("a", 100)).unwrap();
         fs::write(
             new.path().join("a.php"),

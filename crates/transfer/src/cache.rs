@@ -457,7 +457,10 @@ mod content_tests {
             c.put(&Digest::of(v), v).unwrap();
         }
         // Killed: nothing is flushed or dropped.
-        #[allow(clippy::mem_forget, reason = "what a killed process leaves is the point")]
+        #[allow(
+            clippy::mem_forget,
+            reason = "what a killed process leaves is the point"
+        )]
         std::mem::forget(c);
         let (stamp, _) = packs(&dir).pop().unwrap();
         assert!(
