@@ -80,6 +80,9 @@ pub struct Stage<'r> {
     /// Files of the previous release checked during staging to be what its manifest says, and
     /// so usable as delta bases; no other file is.
     good_bases: HashSet<RelPath>,
+    /// The previous release's directory, opened once when staging: each delta or patch basis is
+    /// reached beneath it (see [`Stage::open_basis`]).
+    prev_tree: Option<at::Tree>,
     manifest: Manifest,
     plan: Plan,
     needs: Vec<usize>,
@@ -177,6 +180,7 @@ impl Root {
             prev,
             prev_stat,
             good_bases: HashSet::new(),
+            prev_tree: None,
             manifest,
             plan,
             needs: Vec::new(),
@@ -357,6 +361,7 @@ impl<'r> Stage<'r> {
             }
         }
         progress.pending = self.needs.iter().copied().collect();
+        self.prev_tree = prev_tree;
         self.check_streamed_all_listed()
     }
 
@@ -626,8 +631,19 @@ impl<'r> Stage<'r> {
     fn open_basis(&self, basis: &RelPath) -> Result<(File, PathBuf, u64)> {
         let (path, size) = self.basis(basis)?;
         let (id, _) = self.prev.as_ref().expect("a basis was resolved");
-        let file = at::Tree::open(&self.root.release_dir(*id))
-            .and_then(|tree| at::Cursor::new(&tree).parent_of(basis))
+        // Beneath the previous release as opened when staging (a good basis was checked
+        // there), else opened now.
+        let opened;
+        let tree = match &self.prev_tree {
+            Some(t) => t,
+            None => {
+                opened = at::Tree::open(&self.root.release_dir(*id))
+                    .map_err(io("open the delta basis", &path))?;
+                &opened
+            }
+        };
+        let file = at::Cursor::new(tree)
+            .parent_of(basis)
             .and_then(|(parent, name)| PrevFile { parent, name }.open_read_io())
             .map_err(io("open the delta basis", &path))?;
         let meta = file.metadata().map_err(io("inspect", &path))?;

@@ -62,6 +62,7 @@ impl Root {
             prev: None,
             prev_stat: Vec::new(),
             good_bases: HashSet::new(),
+            prev_tree: None,
             plan: flip_plan::plan(None, &manifest),
             manifest,
             needs: Vec::new(),
