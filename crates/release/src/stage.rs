@@ -630,20 +630,13 @@ impl<'r> Stage<'r> {
     /// checks its size against the previous manifest.
     fn open_basis(&self, basis: &RelPath) -> Result<(File, PathBuf, u64)> {
         let (path, size) = self.basis(basis)?;
-        let (id, _) = self.prev.as_ref().expect("a basis was resolved");
-        // Beneath the previous release as opened when staging (a good basis was checked
-        // there), else opened now.
-        let opened;
-        let tree = match &self.prev_tree {
-            Some(t) => t,
-            None => {
-                opened = at::Tree::open(&self.root.release_dir(*id))
-                    .map_err(io("open the delta basis", &path))?;
-                &opened
-            }
-        };
-        let file = at::Cursor::new(tree)
-            .parent_of(basis)
+        // Beneath the previous release as opened when staging: a basis is good only if it was
+        // checked there, so a stage that could not open it has none.
+        let file = self
+            .prev_tree
+            .as_ref()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+            .and_then(|tree| at::Cursor::new(tree).parent_of(basis))
             .and_then(|(parent, name)| PrevFile { parent, name }.open_read_io())
             .map_err(io("open the delta basis", &path))?;
         let meta = file.metadata().map_err(io("inspect", &path))?;
