@@ -86,12 +86,13 @@ pub fn switch(
     }
     // What is live now is what this client's next deploy stages ahead against.
     if let Some(dir) = &o.cache_dir {
+        let caches = crate::Caches::open(Some(dir));
         for ((t, s), r) in targets.iter().zip(&sessions).zip(&out) {
             let live = s
                 .as_ref()
                 .and_then(|s| s.releases.iter().find(|x| Some(x.id) == r.live));
             if let Some(x) = live {
-                crate::record_live(dir, t, &x.manifest_digest);
+                caches.record_live(&t.display(), &x.manifest_digest);
             }
         }
     }
