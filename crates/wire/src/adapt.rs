@@ -11,13 +11,17 @@
 //! buffers, often several megabytes) are full, so a short stream over a slow link may end
 //! before the level moves; compression is only made cheaper when it is what the deploy waits
 //! on, never merely because nothing blocked.
-//! [`FrameWriter`](crate::FrameWriter) measures and applies it (a new level starts a new zstd
-//! frame, which the reader takes transparently).
+//! [`FrameWriter`](crate::FrameWriter) measures and applies it: on one thread a new level
+//! starts a new zstd frame, which the reader takes transparently; on zstd's worker threads it
+//! applies from the next job on, in the same frame, and the controller is built
+//! [`with_lag`](AdaptiveLevel::with_lag) so that it judges the new level, not the jobs still in
+//! flight at the old one.
 
 use std::time::Duration;
 
-/// The `compress` level that asks for an adaptive one ([`FrameWriter::start_compression`]
-/// (crate::FrameWriter::start_compression)); on the wire the peer is told level 3.
+/// The `compress` level that asks for an adaptive one
+/// ([`FrameWriter::start_compression`](crate::FrameWriter::start_compression)); on the wire
+/// the peer is told level 3.
 pub const ADAPTIVE: i32 = -1;
 /// The level adaptive compression starts at.
 pub const START_LEVEL: i32 = 3;
@@ -73,6 +77,10 @@ pub struct AdaptiveLevel {
     /// Slow running averages per window (each counts for [`LONG_SMOOTHING`]): (compressing,
     /// blocked).
     long: (Duration, Duration),
+    /// Input bytes a new level takes to show in the timings ([`AdaptiveLevel::with_lag`]).
+    lag: u64,
+    /// Input bytes still to come before the last change shows: their timings are not used.
+    settling: u64,
 }
 
 impl Default for AdaptiveLevel {
@@ -93,6 +101,20 @@ impl AdaptiveLevel {
             waiting: Duration::ZERO,
             avg: (Duration::ZERO, Duration::ZERO, Duration::ZERO),
             long: (Duration::ZERO, Duration::ZERO),
+            lag: 0,
+            settling: 0,
+        }
+    }
+
+    /// As [`AdaptiveLevel::new`], for a compressor whose level change shows only `lag` input
+    /// bytes later (zstd on worker threads applies it from the next job on, behind the jobs
+    /// in flight): the timings of those bytes still say what the old level cost, so they are
+    /// not counted, and the level moves at most once per `lag` + [`WINDOW`] bytes instead of
+    /// running up or down on stale timings.
+    pub fn with_lag(level: i32, lag: u64) -> Self {
+        AdaptiveLevel {
+            lag,
+            ..Self::new(level)
         }
     }
 
@@ -118,8 +140,12 @@ impl AdaptiveLevel {
         blocked: Duration,
         waiting: Duration,
     ) -> Option<i32> {
-        self.input += input;
         self.output += output;
+        if self.settling > 0 {
+            self.settling = self.settling.saturating_sub(input);
+            return None;
+        }
+        self.input += input;
         self.compressing += compressing;
         self.blocked += blocked;
         self.waiting += waiting;
@@ -161,6 +187,7 @@ impl AdaptiveLevel {
         .clamp(MIN_LEVEL, MAX_LEVEL);
         (next != self.level).then(|| {
             self.level = next;
+            self.settling = self.lag;
             next
         })
     }
@@ -212,6 +239,22 @@ mod tests {
         // 1 MiB at 10 MB/s: ~100 ms blocked, 4 ms compressing.
         let levels = run(&mut a, 11, 4 * MS, 100 * MS);
         assert_eq!(levels, vec![4, 5, 6, 7, 8, 9, 10, 11, 12, 12, 12]);
+    }
+
+    /// On worker threads a change shows only behind the jobs in flight: the level climbs once
+    /// per lag and window, on timings taken after the last change showed.
+    #[test]
+    fn a_lagging_compressor_moves_once_per_lag_and_window() {
+        let mut a = AdaptiveLevel::with_lag(START_LEVEL, 3 * WINDOW);
+        let levels = run(&mut a, 12, 4 * MS, 100 * MS);
+        assert_eq!(levels, vec![4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6]);
+        // Timings behind a change do not count: a compressor-bound stretch right after a
+        // step up is ignored, the one after it is not.
+        let mut a = AdaptiveLevel::with_lag(START_LEVEL, 2 * WINDOW);
+        assert_eq!(a.record(0, BUFFERED, MS, MS, MS), None);
+        assert_eq!(run(&mut a, 1, 4 * MS, 100 * MS), vec![4]);
+        assert_eq!(run(&mut a, 2, 400 * MS, Duration::ZERO), vec![4, 4]);
+        assert_eq!(run(&mut a, 1, 4 * MS, 100 * MS), vec![5]);
     }
 
     #[test]

@@ -183,9 +183,18 @@ pub(crate) fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireError
 /// of small files sent one write (and, at the agent, one read and one poll) per file otherwise.
 const PLAIN_BUFFER: usize = 256 * 1024;
 
+type Encoder = zstd::stream::write::Encoder<'static, RawWriter>;
+
+/// Input bytes per zstd job when compressing on several threads
+/// ([`FrameWriter::set_workers`]).
+pub(crate) const JOB_SIZE: u32 = 2 << 20;
+/// The window of an adaptive stream on several threads: level 12's ([`MAX_LEVEL`]
+/// (crate::adapt::MAX_LEVEL)), 4 MiB, which the reader accepts.
+const ADAPTIVE_WINDOW_LOG: u32 = 22;
+
 enum WriteSide {
     Plain(BufWriter<RawWriter>),
-    Zstd(Box<zstd::stream::write::Encoder<'static, RawWriter>>),
+    Zstd(Box<Encoder>),
     Switching,
 }
 
@@ -201,6 +210,8 @@ pub struct FrameWriter {
     returned: Option<Instant>,
     /// The zstd level in use (0: none).
     level: i32,
+    /// zstd worker threads (0: compress on the caller's thread).
+    workers: u32,
     buf: Vec<u8>,
 }
 
@@ -223,8 +234,34 @@ impl FrameWriter {
             adapt: None,
             returned: None,
             level: 0,
+            workers: 0,
             buf: Vec::new(),
         }
+    }
+
+    /// Compresses on `workers` threads of zstd's own (0 or 1: on the caller's thread), from
+    /// [`FrameWriter::start_compression`] on; call it before. zstd cuts the stream into jobs of
+    /// 2 MiB, each compressed with the previous job's tail as its history, so
+    /// the bytes differ a little from a one-thread stream's but read the same, and a level
+    /// change (adaptive compression) applies from the next job on, within the same frame
+    /// (as `zstd --adapt` does) instead of ending it.
+    pub fn set_workers(&mut self, workers: u32) {
+        self.workers = if workers > 1 { workers } else { 0 };
+    }
+
+    /// A zstd encoder at `level` over `w`, on this writer's workers.
+    fn encoder(&self, w: RawWriter, level: i32) -> io::Result<Encoder> {
+        let mut e = zstd::stream::write::Encoder::new(w, level)?;
+        if self.workers > 0 {
+            e.multithread(self.workers)?;
+            e.set_parameter(zstd::zstd_safe::CParameter::JobSize(JOB_SIZE))?;
+            if self.adapt.is_some() {
+                // The window is fixed for the whole frame: the one of the hardest level the
+                // controller may reach, so stepping up to it loses nothing.
+                e.window_log(ADAPTIVE_WINDOW_LOG)?;
+            }
+        }
+        Ok(e)
     }
 
     /// Raw bytes written so far.
@@ -241,7 +278,15 @@ impl FrameWriter {
     /// [`WireError::Io`] if the zstd encoder cannot be set up.
     pub fn start_compression(&mut self, level: i32) -> Result<(), WireError> {
         let level = if level == crate::ADAPTIVE {
-            let a = AdaptiveLevel::default();
+            let a = if self.workers > 0 {
+                // The jobs in flight on the workers and the one being filled.
+                AdaptiveLevel::with_lag(
+                    crate::adapt::START_LEVEL,
+                    u64::from(JOB_SIZE) * (u64::from(self.workers) + 1),
+                )
+            } else {
+                AdaptiveLevel::default()
+            };
             let l = a.level();
             self.adapt = Some(a);
             l
@@ -251,7 +296,7 @@ impl FrameWriter {
         if let WriteSide::Plain(w) = std::mem::replace(&mut self.side, WriteSide::Switching) {
             // What was written plain goes first; the encoder buffers its own output.
             let w = w.into_inner().map_err(io::IntoInnerError::into_error)?;
-            let e = zstd::stream::write::Encoder::new(w, level)?;
+            let e = self.encoder(w, level)?;
             self.side = WriteSide::Zstd(Box::new(e));
             self.level = level;
         }
@@ -289,11 +334,19 @@ impl FrameWriter {
         }
     }
 
-    /// Ends the current zstd frame and starts a new one at `level`.
+    /// Compresses at `level` from now on: with workers, from the next job on, in the same
+    /// frame; on the caller's thread, the current zstd frame is ended and a new one begins.
     fn switch_level(&mut self, level: i32) -> io::Result<()> {
+        if self.workers > 0 {
+            if let WriteSide::Zstd(e) = &mut self.side {
+                e.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))?;
+                self.level = level;
+            }
+            return Ok(());
+        }
         if let WriteSide::Zstd(e) = std::mem::replace(&mut self.side, WriteSide::Switching) {
             let w = e.finish()?;
-            self.side = WriteSide::Zstd(Box::new(zstd::stream::write::Encoder::new(w, level)?));
+            self.side = WriteSide::Zstd(Box::new(self.encoder(w, level)?));
             self.level = level;
         }
         Ok(())
@@ -497,6 +550,61 @@ mod tests {
         }
         w.finish().unwrap();
         assert!(matches!(r.recv::<Request>(), Err(WireError::Closed)));
+    }
+
+    /// On worker threads, level changes stay inside one zstd frame (a one-thread writer starts
+    /// a frame per change), and a stream of several jobs reads back whole.
+    #[test]
+    fn on_workers_a_level_change_stays_in_the_frame_and_reads_back() {
+        struct Keep(Tx, Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Keep {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                if let Ok(mut raw) = self.1.lock() {
+                    raw.extend_from_slice(buf);
+                }
+                self.0.write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let msg = |i: u32| Request::Literal {
+            index: i,
+            mtime: None,
+            data: (0..4_000u32)
+                .flat_map(|n| {
+                    format!("$v{} = {};\n", n % 97, n.wrapping_mul(2_654_435_761) ^ i).into_bytes()
+                })
+                .collect(),
+            last: true,
+        };
+        let frames = |workers: u32| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let raw = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let mut w = FrameWriter::new(Box::new(Keep(Tx(tx), raw.clone())));
+            let mut r = FrameReader::new(Box::new(Pipe(rx, Vec::new(), 0)));
+            w.set_workers(workers);
+            w.start_compression(crate::ADAPTIVE).unwrap();
+            r.start_decompression().unwrap();
+            // Over 6 MiB: several jobs of JOB_SIZE.
+            for i in 0..80 {
+                w.send(&msg(i)).unwrap();
+                if i % 20 == 19 {
+                    w.switch_level([9, 1, 5, 3][i as usize / 20]).unwrap();
+                }
+            }
+            w.flush().unwrap();
+            for i in 0..80 {
+                assert_eq!(r.recv::<Request>().unwrap(), msg(i), "message {i}");
+            }
+            w.finish().unwrap();
+            assert!(matches!(r.recv::<Request>(), Err(WireError::Closed)));
+            let raw = raw.lock().unwrap();
+            let magic = 0xFD2F_B528u32.to_le_bytes();
+            raw.windows(4).filter(|w| *w == magic).count()
+        };
+        assert_eq!(frames(2), 1);
+        assert_eq!(frames(1), 5);
     }
 
     #[test]
