@@ -11,10 +11,11 @@
 //! buffers, often several megabytes) are full, so a short stream over a slow link may end
 //! before the level moves; compression is only made cheaper when it is what the deploy waits
 //! on, never merely because nothing blocked.
-//! [`FrameWriter`](crate::FrameWriter) measures and applies it: on one thread a new level
-//! starts a new zstd frame, which the reader takes transparently; on zstd's worker threads it
-//! applies from the next job on, in the same frame, and the controller is built
-//! [`with_lag`](AdaptiveLevel::with_lag) so that it judges the new level, not the jobs still in
+//! [`FrameWriter`](crate::FrameWriter) measures and applies it: a new level starts a new zstd
+//! frame, which the reader takes transparently, except between the levels a writer on zstd's
+//! worker threads keeps ([`FrameWriter::set_workers`](crate::FrameWriter::set_workers)),
+//! where it applies from the next job on, in the same frame, and the writer has the controller
+//! [`settle`](AdaptiveLevel::settle) so that it judges the new level, not the jobs still in
 //! flight at the old one.
 
 use std::time::Duration;
@@ -77,9 +78,8 @@ pub struct AdaptiveLevel {
     /// Slow running averages per window (each counts for [`LONG_SMOOTHING`]): (compressing,
     /// blocked).
     long: (Duration, Duration),
-    /// Input bytes a new level takes to show in the timings ([`AdaptiveLevel::with_lag`]).
-    lag: u64,
-    /// Input bytes still to come before the last change shows: their timings are not used.
+    /// Input bytes still to come before the last change shows ([`AdaptiveLevel::settle`]):
+    /// their timings are not used.
     settling: u64,
 }
 
@@ -101,21 +101,17 @@ impl AdaptiveLevel {
             waiting: Duration::ZERO,
             avg: (Duration::ZERO, Duration::ZERO, Duration::ZERO),
             long: (Duration::ZERO, Duration::ZERO),
-            lag: 0,
             settling: 0,
         }
     }
 
-    /// As [`AdaptiveLevel::new`], for a compressor whose level change shows only `lag` input
-    /// bytes later (zstd on worker threads applies it from the next job on, behind the jobs
-    /// in flight): the timings of those bytes still say what the old level cost, so they are
-    /// not counted, and the level moves at most once per `lag` + [`WINDOW`] bytes instead of
-    /// running up or down on stale timings.
-    pub fn with_lag(level: i32, lag: u64) -> Self {
-        AdaptiveLevel {
-            lag,
-            ..Self::new(level)
-        }
+    /// Tells the controller that the level it chose shows only `input` bytes later (zstd on
+    /// worker threads applies it from the next job on, behind the jobs in flight): the
+    /// timings of those bytes still say what the old level cost, so they are not counted, and
+    /// the level moves at most once per `input` + [`WINDOW`] bytes instead of running up or
+    /// down on stale timings.
+    pub fn settle(&mut self, input: u64) {
+        self.settling = input;
     }
 
     /// The current level.
@@ -187,7 +183,6 @@ impl AdaptiveLevel {
         .clamp(MIN_LEVEL, MAX_LEVEL);
         (next != self.level).then(|| {
             self.level = next;
-            self.settling = self.lag;
             next
         })
     }
@@ -241,18 +236,33 @@ mod tests {
         assert_eq!(levels, vec![4, 5, 6, 7, 8, 9, 10, 11, 12, 12, 12]);
     }
 
-    /// On worker threads a change shows only behind the jobs in flight: the level climbs once
-    /// per lag and window, on timings taken after the last change showed.
+    /// On worker threads a change shows only behind the jobs in flight: told to settle after
+    /// each change, the level climbs once per lag and window, on timings taken after the last
+    /// change showed.
     #[test]
-    fn a_lagging_compressor_moves_once_per_lag_and_window() {
-        let mut a = AdaptiveLevel::with_lag(START_LEVEL, 3 * WINDOW);
-        let levels = run(&mut a, 12, 4 * MS, 100 * MS);
-        assert_eq!(levels, vec![4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6]);
+    fn a_settling_compressor_moves_once_per_lag_and_window() {
+        let climb = |a: &mut AdaptiveLevel, windows: usize, c: Duration, b: Duration| {
+            (0..windows)
+                .map(|_| {
+                    let before = a.level();
+                    let level = run(a, 1, c, b)[0];
+                    if level != before {
+                        a.settle(3 * WINDOW);
+                    }
+                    level
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut a = AdaptiveLevel::default();
+        assert_eq!(
+            climb(&mut a, 12, 4 * MS, 100 * MS),
+            vec![4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6]
+        );
         // Timings behind a change do not count: a compressor-bound stretch right after a
         // step up is ignored, the one after it is not.
-        let mut a = AdaptiveLevel::with_lag(START_LEVEL, 2 * WINDOW);
-        assert_eq!(a.record(0, BUFFERED, MS, MS, MS), None);
+        let mut a = primed(START_LEVEL);
         assert_eq!(run(&mut a, 1, 4 * MS, 100 * MS), vec![4]);
+        a.settle(2 * WINDOW);
         assert_eq!(run(&mut a, 2, 400 * MS, Duration::ZERO), vec![4, 4]);
         assert_eq!(run(&mut a, 1, 4 * MS, 100 * MS), vec![5]);
     }

@@ -188,10 +188,6 @@ type Encoder = zstd::stream::write::Encoder<'static, RawWriter>;
 /// Input bytes per zstd job when compressing on several threads
 /// ([`FrameWriter::set_workers`]).
 pub(crate) const JOB_SIZE: u32 = 2 << 20;
-/// The window of an adaptive stream on several threads: level 12's ([`MAX_LEVEL`]
-/// (crate::adapt::MAX_LEVEL)), 4 MiB, which the reader accepts.
-const ADAPTIVE_WINDOW_LOG: u32 = 22;
-
 enum WriteSide {
     Plain(BufWriter<RawWriter>),
     Zstd(Box<Encoder>),
@@ -241,25 +237,30 @@ impl FrameWriter {
 
     /// Compresses on `workers` threads of zstd's own (0 or 1: on the caller's thread), from
     /// [`FrameWriter::start_compression`] on; call it before. zstd cuts the stream into jobs of
-    /// 2 MiB, each compressed with the previous job's tail as its history, so
-    /// the bytes differ a little from a one-thread stream's but read the same, and a level
-    /// change (adaptive compression) applies from the next job on, within the same frame
-    /// (as `zstd --adapt` does) instead of ending it.
+    /// 2 MiB, each compressed with the previous job's tail as its history, so the bytes differ
+    /// a little from a one-thread stream's but read the same. An adaptive stream uses them only
+    /// at the start level and below, where the link is fast and compression is what the
+    /// deploy waits on (a level change there applies from the next job on, within the frame,
+    /// as `zstd --adapt` does); above it, the link is the bottleneck and the stream goes on in
+    /// a frame of one thread: on a 2-core machine that also runs the server, harder levels on
+    /// every core left too little to the rest and slowed a first deploy at 10 MB/s by ~10%
+    /// (measured).
     pub fn set_workers(&mut self, workers: u32) {
         self.workers = if workers > 1 { workers } else { 0 };
     }
 
-    /// A zstd encoder at `level` over `w`, on this writer's workers.
+    /// Whether a stream at `level` runs on this writer's workers.
+    fn threaded(&self, level: i32) -> bool {
+        self.workers > 0 && (self.adapt.is_none() || level <= crate::adapt::START_LEVEL)
+    }
+
+    /// A zstd encoder at `level` over `w`, on this writer's workers if
+    /// [`threaded`](Self::threaded).
     fn encoder(&self, w: RawWriter, level: i32) -> io::Result<Encoder> {
         let mut e = zstd::stream::write::Encoder::new(w, level)?;
-        if self.workers > 0 {
+        if self.threaded(level) {
             e.multithread(self.workers)?;
             e.set_parameter(zstd::zstd_safe::CParameter::JobSize(JOB_SIZE))?;
-            if self.adapt.is_some() {
-                // The window is fixed for the whole frame: the one of the hardest level the
-                // controller may reach, so stepping up to it loses nothing.
-                e.window_log(ADAPTIVE_WINDOW_LOG)?;
-            }
         }
         Ok(e)
     }
@@ -278,15 +279,7 @@ impl FrameWriter {
     /// [`WireError::Io`] if the zstd encoder cannot be set up.
     pub fn start_compression(&mut self, level: i32) -> Result<(), WireError> {
         let level = if level == crate::ADAPTIVE {
-            let a = if self.workers > 0 {
-                // The jobs in flight on the workers and the one being filled.
-                AdaptiveLevel::with_lag(
-                    crate::adapt::START_LEVEL,
-                    u64::from(JOB_SIZE) * (u64::from(self.workers) + 1),
-                )
-            } else {
-                AdaptiveLevel::default()
-            };
+            let a = AdaptiveLevel::default();
             let l = a.level();
             self.adapt = Some(a);
             l
@@ -334,13 +327,18 @@ impl FrameWriter {
         }
     }
 
-    /// Compresses at `level` from now on: with workers, from the next job on, in the same
-    /// frame; on the caller's thread, the current zstd frame is ended and a new one begins.
+    /// Compresses at `level` from now on: on workers at both levels, from the next job on in
+    /// the same frame (the controller waits for the jobs in flight); otherwise the current
+    /// zstd frame is ended and a new one begins.
     fn switch_level(&mut self, level: i32) -> io::Result<()> {
-        if self.workers > 0 {
+        if self.threaded(self.level) && self.threaded(level) {
             if let WriteSide::Zstd(e) = &mut self.side {
                 e.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))?;
                 self.level = level;
+                if let Some(a) = &mut self.adapt {
+                    // The jobs in flight on the workers and the one being filled.
+                    a.settle(u64::from(JOB_SIZE) * (u64::from(self.workers) + 1));
+                }
             }
             return Ok(());
         }
@@ -552,8 +550,9 @@ mod tests {
         assert!(matches!(r.recv::<Request>(), Err(WireError::Closed)));
     }
 
-    /// On worker threads, level changes stay inside one zstd frame (a one-thread writer starts
-    /// a frame per change), and a stream of several jobs reads back whole.
+    /// On worker threads, level changes up to the start level stay inside one zstd frame (a
+    /// one-thread writer starts a frame per change), one above it starts a frame of one
+    /// thread, and a stream of several jobs reads back whole.
     #[test]
     fn on_workers_a_level_change_stays_in_the_frame_and_reads_back() {
         struct Keep(Tx, Arc<std::sync::Mutex<Vec<u8>>>);
@@ -590,7 +589,7 @@ mod tests {
             for i in 0..80 {
                 w.send(&msg(i)).unwrap();
                 if i % 20 == 19 {
-                    w.switch_level([9, 1, 5, 3][i as usize / 20]).unwrap();
+                    w.switch_level([2, 1, 3, 9][i as usize / 20]).unwrap();
                 }
             }
             w.flush().unwrap();
@@ -603,7 +602,8 @@ mod tests {
             let magic = 0xFD2F_B528u32.to_le_bytes();
             raw.windows(4).filter(|w| *w == magic).count()
         };
-        assert_eq!(frames(2), 1);
+        // 3 → 2 → 1 → 3 in the first frame, 9 (above the start level) in a second.
+        assert_eq!(frames(2), 2);
         assert_eq!(frames(1), 5);
     }
 
