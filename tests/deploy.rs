@@ -691,3 +691,32 @@ fn deploy_from_fresh_home(fx: &Fx, name: &str, src: &Src, extra: &[&str]) -> ser
         extra,
     )
 }
+
+/// An upgrade whose new files just under the size workers prepare whole (4 MiB) add up to
+/// more than the 16 MiB allowed in flight, among many small ones: handed to the writer in
+/// batches, under that bound, every byte lands.
+#[test]
+fn an_upgrade_of_many_files_larger_than_the_bytes_in_flight_lands_every_byte() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    for i in 0..14u64 {
+        src.file(
+            &format!("assets/blob{i}.bin"),
+            noise(i, (4 << 20) - 4096),
+            0o644,
+        );
+        for k in 0..40u64 {
+            src.file(
+                &format!("src/m{i}/c{k}.php"),
+                noise(1_000 + i * 100 + k, 200 + k as usize * 31),
+                0o644,
+            );
+        }
+    }
+    let expected = src.tree();
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(num(&j, "/release"), 2);
+    assert_dir_eq(&fx.release(2), &expected, "release 2");
+}
