@@ -25,8 +25,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub(crate) const LARGE: u64 = 4 << 20;
 /// Batches of prepared files waiting for the writer at most.
 const QUEUE: usize = 16;
-/// Files a worker hands the writer at once: one hand-over per file cost a wake-up of the
-/// writer (and often a context switch) per file, ~9,000 on a first deploy of 12,000 files.
+/// Files a worker hands the writer at once, at most (fewer when there are few files, so that
+/// they still spread over every thread): one hand-over per file cost a wake-up of the writer
+/// (and often a context switch) per file: a vendor upgrade of 3,500 files made ~11,700 futex
+/// calls, 915 in batches.
 const BATCH_FILES: usize = 16;
 /// Bytes of content a worker gathers before handing its batch over (a large file goes alone).
 const BATCH_BYTES: u64 = 1 << 20;
@@ -143,44 +145,45 @@ pub(crate) fn send(
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(u64, Result<Prepared>)>>(QUEUE);
         let (cancel, budget) = (&cancel, &budget);
+        // Batches small enough that a few files still spread over every thread: their
+        // patches and deltas are what takes the CPU.
+        let per_task = (small.len() / (rayon::current_num_threads() * 4)).clamp(1, BATCH_FILES);
         scope.spawn(move || {
-            small
-                .par_chunks(BATCH_FILES)
-                .for_each_with(tx, |tx, chunk| {
-                    let mut batch = Vec::with_capacity(chunk.len());
-                    let mut bytes = 0;
-                    for job in chunk {
-                        if bytes > 0 && bytes + job.size > BATCH_BYTES {
+            small.par_chunks(per_task).for_each_with(tx, |tx, chunk| {
+                let mut batch = Vec::with_capacity(chunk.len());
+                let mut bytes = 0;
+                for job in chunk {
+                    if bytes > 0 && bytes + job.size > BATCH_BYTES {
+                        let _ = tx.send(std::mem::take(&mut batch));
+                        bytes = 0;
+                    }
+                    // What this worker holds goes to the writer before it waits for room:
+                    // held, it could be what every worker waits for.
+                    if !budget.try_take(job.size) {
+                        if !batch.is_empty() {
                             let _ = tx.send(std::mem::take(&mut batch));
                             bytes = 0;
                         }
-                        // What this worker holds goes to the writer before it waits for room:
-                        // held, it could be what every worker waits for.
-                        if !budget.try_take(job.size) {
-                            if !batch.is_empty() {
-                                let _ = tx.send(std::mem::take(&mut batch));
-                                bytes = 0;
-                            }
-                            if !budget.take(job.size, cancel) {
-                                return;
-                            }
-                        }
-                        if cancel.load(Ordering::Relaxed) {
-                            budget.give(job.size);
+                        if !budget.take(job.size, cancel) {
                             return;
                         }
-                        let item = read_small(source, job).map(|(data, mtime)| {
-                            remember(cache, job.digest, &data);
-                            let enc = encode(job, &data, sig(job), cache);
-                            prepared(job, mtime, data.len() as u64, enc, Vec::new)
-                        });
-                        bytes += job.size;
-                        batch.push((job.size, item));
                     }
-                    if !batch.is_empty() {
-                        let _ = tx.send(batch);
+                    if cancel.load(Ordering::Relaxed) {
+                        budget.give(job.size);
+                        return;
                     }
-                });
+                    let item = read_small(source, job).map(|(data, mtime)| {
+                        remember(cache, job.digest, &data);
+                        let enc = encode(job, &data, sig(job), cache);
+                        prepared(job, mtime, data.len() as u64, enc, Vec::new)
+                    });
+                    bytes += job.size;
+                    batch.push((job.size, item));
+                }
+                if !batch.is_empty() {
+                    let _ = tx.send(batch);
+                }
+            });
         });
         let result = rx.iter().flatten().try_for_each(|(taken, item)| {
             let Prepared { frames, tally } = item?;
