@@ -255,12 +255,19 @@ impl FrameWriter {
     }
 
     /// A zstd encoder at `level` over `w`, on this writer's workers if
-    /// [`threaded`](Self::threaded).
-    fn encoder(&self, w: RawWriter, level: i32) -> io::Result<Encoder> {
+    /// [`threaded`](Self::threaded). A zstd that cannot start its workers leaves this writer
+    /// on one thread from then on.
+    fn encoder(&mut self, w: RawWriter, level: i32) -> io::Result<Encoder> {
         let mut e = zstd::stream::write::Encoder::new(w, level)?;
         if self.threaded(level) {
-            e.multithread(self.workers)?;
-            e.set_parameter(zstd::zstd_safe::CParameter::JobSize(JOB_SIZE))?;
+            let threads = e
+                .multithread(self.workers)
+                .and_then(|()| e.set_parameter(zstd::zstd_safe::CParameter::JobSize(JOB_SIZE)));
+            if threads.is_err() {
+                // Nothing is compressed yet: the encoder goes on as it was made.
+                let _ = e.multithread(0);
+                self.workers = 0;
+            }
         }
         Ok(e)
     }
