@@ -92,6 +92,20 @@ impl Budget {
     }
 }
 
+/// Cancels the workers of [`send`] and wakes those waiting for room when dropped: the writer
+/// stopped taking what they prepare (it is done, failed or panicked).
+struct Stop<'a> {
+    cancel: &'a AtomicBool,
+    budget: &'a Budget,
+}
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        self.budget.wake();
+    }
+}
+
 /// One file to send: `patch` set when the old version (path, digest) is in the content cache,
 /// `basis` when it goes as an rsync delta, neither for a literal.
 pub(crate) struct Job<'m> {
@@ -185,6 +199,10 @@ pub(crate) fn send(
                 }
             });
         });
+        // Stops the workers however this thread leaves the loop: on an error below, or a
+        // panic (workers waiting for room would otherwise wait for ever, and the scope with
+        // them).
+        let _stop = Stop { cancel, budget };
         let result = rx.iter().flatten().try_for_each(|(taken, item)| {
             let Prepared { frames, tally } = item?;
             for f in &frames {
@@ -196,10 +214,6 @@ pub(crate) fn send(
             count(report, &tally);
             Ok(())
         });
-        if result.is_err() {
-            cancel.store(true, Ordering::Relaxed);
-            budget.wake();
-        }
         result
     })?;
     for job in large {
