@@ -167,20 +167,16 @@ pub(crate) fn send(
                 let mut batch = Vec::with_capacity(chunk.len());
                 let mut bytes = 0;
                 for job in chunk {
-                    if bytes > 0 && bytes + job.size > BATCH_BYTES {
+                    let room = budget.try_take(job.size);
+                    // What this worker holds goes to the writer before it waits for room:
+                    // held, it could be what every worker waits for.
+                    let full = bytes > 0 && bytes + job.size > BATCH_BYTES;
+                    if full || (!room && !batch.is_empty()) {
                         let _ = tx.send(std::mem::take(&mut batch));
                         bytes = 0;
                     }
-                    // What this worker holds goes to the writer before it waits for room:
-                    // held, it could be what every worker waits for.
-                    if !budget.try_take(job.size) {
-                        if !batch.is_empty() {
-                            let _ = tx.send(std::mem::take(&mut batch));
-                            bytes = 0;
-                        }
-                        if !budget.take(job.size, cancel) {
-                            return;
-                        }
+                    if !room && !budget.take(job.size, cancel) {
+                        return;
                     }
                     if cancel.load(Ordering::Relaxed) {
                         budget.give(job.size);
