@@ -356,9 +356,9 @@ impl Session {
         // The client alone decides the compression: what follows `Hello` is zstd at once, so
         // it is pipelined without waiting for `Welcome` (read with the first answer).
         if compress != 0 {
-            // zstd's own threads: on a fast link, compression is what a first deploy waits on.
-            let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-            s.tx.set_workers(workers as u32);
+            // zstd's own threads, as many as rayon's (one per core), up to 4: on a fast link,
+            // compression is what a first deploy waits on.
+            s.tx.set_workers(rayon::current_num_threads().min(4) as u32);
             s.tx.start_compression(compress)
                 .map_err(|e| TransferError::Wire {
                     peer: s.peer.clone(),

@@ -188,6 +188,7 @@ type Encoder = zstd::stream::write::Encoder<'static, RawWriter>;
 /// Input bytes per zstd job when compressing on several threads
 /// ([`FrameWriter::set_workers`]).
 pub(crate) const JOB_SIZE: u32 = 2 << 20;
+
 enum WriteSide {
     Plain(BufWriter<RawWriter>),
     Zstd(Box<Encoder>),
