@@ -267,6 +267,14 @@ impl ContentCache {
         p.clone()
     }
 
+    /// The patch from the kept version `old` to the content `new` if this process made one
+    /// already ([`ContentCache::patch`], the patches made ahead or another target's session),
+    /// without making one or waiting for one being made. `None` also when none could be made.
+    pub(crate) fn made_patch(&self, old: &Digest, new: &Digest) -> Option<Vec<u8>> {
+        let memo = self.patches.lock().unwrap_or_else(|e| e.into_inner());
+        memo.made.get(&(*old, *new))?.get()?.clone()
+    }
+
     /// Whether [`ContentCache::patch`] still keeps what it makes (below 64 MiB of patches):
     /// past that, a patch made before it is asked for is thrown away.
     pub(crate) fn patch_memo_has_room(&self) -> bool {

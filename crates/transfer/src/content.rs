@@ -1,5 +1,6 @@
 //! Streaming file content to the agent. Each needed file is read, checked against the digest it
-//! was scanned with, and encoded the cheapest way available:
+//! was scanned with, and encoded the cheapest way available (a file whose patch this process
+//! made already, from bytes read and checked the same way, is not read again):
 //! - a zstd `--patch-from` frame against the old version kept in the local content cache,
 //! - an rsync delta against the agent's signature of its previous version,
 //! - or the bytes themselves (the session's zstd stream compresses them).
@@ -182,10 +183,12 @@ pub(crate) fn send(
                         budget.give(job.size);
                         return;
                     }
-                    let item = read_small(source, job).map(|(data, mtime)| {
-                        remember(cache, job.digest, &data);
-                        let enc = encode(job, &data, sig(job), cache);
-                        prepared(job, mtime, data.len() as u64, enc, Vec::new)
+                    let item = made_patch(source, job, cache).unwrap_or_else(|| {
+                        read_small(source, job).map(|(data, mtime)| {
+                            remember(cache, job.digest, &data);
+                            let enc = encode(job, &data, sig(job), cache);
+                            prepared(job, mtime, data.len() as u64, enc, Vec::new)
+                        })
                     });
                     bytes += job.size;
                     batch.push((job.size, item));
@@ -640,6 +643,24 @@ pub(crate) fn remember(cache: Option<&ContentCache>, digest: &Digest, data: &[u8
     if let Some(c) = cache {
         let _ = c.put(digest, data);
     }
+}
+
+/// A patch job whose patch this process made already (ahead of the deploy, or for another
+/// target): its source is not read again. The patch was made from the file's bytes read after
+/// the scan and checked against the scanned digest (and kept in the content cache then), and
+/// the agent checks what it makes of the patch against that digest. The source is opened for
+/// its mtime only, and must still be a regular file of the scanned size. `None`: no such patch.
+fn made_patch(source: &Path, job: &Job, cache: Option<&ContentCache>) -> Option<Result<Prepared>> {
+    let (basis, old) = job.patch.as_ref()?;
+    let patch = cache?.made_patch(old, job.digest)?;
+    let path = source.join(job.path.as_str());
+    Some(open_source(&path, job.path).and_then(|(_, mtime, size)| {
+        if size != job.size {
+            return Err(TransferError::SourceChanged(job.path.to_string()));
+        }
+        let enc = Encoded::Patch(basis.clone(), **old, patch);
+        Ok(prepared(job, mtime, job.size, enc, Vec::new))
+    }))
 }
 
 /// The cheapest encoding of `data` this job allows.

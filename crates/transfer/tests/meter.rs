@@ -2,47 +2,10 @@
 //! counts exactly the content the stage sends (files and their bytes, large files piece by
 //! piece), and nothing for what the target already has.
 
-use flip_transfer::Session;
-use flip_transport::{AgentStream, Finish, TransportError};
+mod common;
+
+use common::session;
 use std::path::Path;
-
-/// The agent's thread: finishing the stream waits for it.
-struct Joined(Option<std::thread::JoinHandle<()>>);
-
-impl Finish for Joined {
-    fn finish(mut self: Box<Self>) -> Result<(), TransportError> {
-        if let Some(t) = self.0.take() {
-            let _ = t.join();
-        }
-        Ok(())
-    }
-}
-
-/// A session with an agent serving `root` on a thread, locked for a deploy.
-fn session(root: &Path) -> Session {
-    let (agent_rx, client_tx) = std::io::pipe().unwrap();
-    let (client_rx, agent_tx) = std::io::pipe().unwrap();
-    let root = root.to_path_buf();
-    let agent = std::thread::spawn(move || {
-        let _ = flip_agent::serve(Box::new(agent_rx), Box::new(agent_tx), &root);
-    });
-    let stream = AgentStream {
-        reader: Box::new(client_rx),
-        writer: Box::new(client_tx),
-        handle: Box::new(Joined(Some(agent))),
-        peer: "test".into(),
-    };
-    let mut s = Session::open(stream, 0).unwrap();
-    let holder = flip_wire::Holder {
-        pid: 1,
-        host: "test".into(),
-        user: "test".into(),
-        since: 0,
-        what: flip_wire::Purpose::Deploy,
-    };
-    s.lock(holder, false, &mut |_| {}).unwrap();
-    s
-}
 
 /// Deploys `source` to `root`; returns the meter's (total, done) after the stage.
 fn deploy(source: &Path, root: &Path) -> ((u64, u64), (u64, u64)) {

@@ -1,0 +1,122 @@
+//! Patches made ahead of a deploy (while its SSH login is under way) reach its send: a file
+//! whose patch is made is read once, by the patches made ahead, and sent as it was read then.
+//! Against an agent served in this process.
+
+mod common;
+
+use common::session;
+use flip_manifest::Manifest;
+use flip_transfer::{ContentCache, DeployReport, TransferError};
+use std::fs;
+use std::path::Path;
+
+/// A PHP-like source file of `lines` functions named after `seed`.
+fn php(seed: &str, lines: usize) -> Vec<u8> {
+    (0..lines)
+        .map(|i| format!("    public function {seed}{i}(): int {{ return {i}; }}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn scan(source: &Path) -> Manifest {
+    flip_scan::scan(source, &flip_scan::ScanOptions::default())
+        .unwrap()
+        .manifest
+}
+
+/// Deploys `manifest` (scanned from `source`) to `root` as the client of a deploy does, with
+/// the content cache and, when there is one, the live release's manifest (`previous`).
+fn deploy(
+    source: &Path,
+    root: &Path,
+    manifest: &Manifest,
+    previous: Option<&Manifest>,
+    cache: &ContentCache,
+) -> Result<DeployReport, TransferError> {
+    let mut s = session(root);
+    s.status()?;
+    let live = previous.map(Manifest::digest);
+    let report = s.stage(
+        source,
+        manifest,
+        previous.cloned(),
+        None,
+        Some(cache),
+        live,
+        false,
+    )?;
+    s.activate(report.release)?;
+    s.close()?;
+    Ok(report)
+}
+
+/// Release 1 of `a.php` and `b.php` deployed from `source` to `root`, then release 2's
+/// sources written (both files changed) and their patches made ahead. Returns release 1's and
+/// release 2's manifests.
+fn deployed_then_ahead(source: &Path, root: &Path, cache: &ContentCache) -> (Manifest, Manifest) {
+    fs::create_dir_all(source).unwrap();
+    fs::write(source.join("a.php"), php("a", 200)).unwrap();
+    fs::write(source.join("b.php"), php("b", 200)).unwrap();
+    let v1 = scan(source);
+    deploy(source, root, &v1, None, cache).unwrap();
+    fs::write(source.join("a.php"), [php("a", 200), php("x", 3)].concat()).unwrap();
+    fs::write(source.join("b.php"), [php("y", 2), php("b", 199)].concat()).unwrap();
+    let v2 = scan(source);
+    let made = flip_transfer::patch_ahead(source, &v2, &v1, cache, &|| false);
+    assert_eq!(made, 2, "both changed files patched ahead");
+    (v1, v2)
+}
+
+/// A file rewritten after its patch was made ahead (same size, other bytes) is sent as the
+/// patch: what the scan and the patches made ahead read, the release's manifest. The send does
+/// not read it again (before, it did, found it changed and failed the deploy).
+#[test]
+fn a_file_patched_ahead_is_sent_as_read_then_and_not_read_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, root) = (tmp.path().join("src"), tmp.path().join("target"));
+    let cache = ContentCache::new(tmp.path().join("cache"), 1 << 30);
+    let (v1, v2) = deployed_then_ahead(&source, &root, &cache);
+    let scanned = fs::read(source.join("a.php")).unwrap();
+    let mut other = scanned.clone();
+    other[20] = b'Z';
+    assert_ne!(other, scanned);
+    fs::write(source.join("a.php"), &other).unwrap();
+
+    let report = deploy(&source, &root, &v2, Some(&v1), &cache).unwrap();
+
+    assert_eq!((report.release, report.patched), (2, 2), "{report:?}");
+    let live = root.join("current");
+    assert_eq!(fs::read(live.join("a.php")).unwrap(), scanned);
+    assert_eq!(
+        fs::read(live.join("b.php")).unwrap(),
+        fs::read(source.join("b.php")).unwrap()
+    );
+    assert_eq!(
+        fs::read(source.join("a.php")).unwrap(),
+        other,
+        "source untouched"
+    );
+}
+
+/// A file patched ahead that is no longer a regular file of its scanned size when the send
+/// opens it (for its mtime) has changed during the deploy: the deploy fails naming it, and
+/// release 1 stays live.
+#[test]
+fn a_file_patched_ahead_that_changed_size_since_fails_the_deploy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, root) = (tmp.path().join("src"), tmp.path().join("target"));
+    let cache = ContentCache::new(tmp.path().join("cache"), 1 << 30);
+    let (v1, v2) = deployed_then_ahead(&source, &root, &cache);
+    fs::write(source.join("b.php"), php("grown", 300)).unwrap();
+
+    let err = deploy(&source, &root, &v2, Some(&v1), &cache).unwrap_err();
+
+    assert!(
+        matches!(&err, TransferError::SourceChanged(p) if p == "b.php"),
+        "{err:?}"
+    );
+    assert_eq!(
+        fs::read_link(root.join("current")).unwrap(),
+        Path::new("releases/1")
+    );
+}
