@@ -160,6 +160,10 @@ pub enum Phase {
     Connecting,
     /// Connected, waiting for the scan of the source.
     Scanning,
+    /// The scan done, waiting for the target's answers to the lock, the status and the check
+    /// of its live release: on a server whose agent is still starting (the SSH login shell
+    /// reads its startup files), that start too.
+    Checking,
     /// A first deploy sending each file as the scan reads it (`stream`).
     Streaming,
     /// Staging the release and sending content.
@@ -188,6 +192,7 @@ impl Phase {
         match self {
             Phase::Connecting => "connecting",
             Phase::Scanning => "waiting for the scan",
+            Phase::Checking => "checking the target",
             Phase::Streaming => "sending as the scan reads",
             Phase::Staging => "staging and sending",
             Phase::Committed => "committed, waiting for the other targets",
@@ -985,8 +990,9 @@ fn prepare(
             live: None,
             intact: None,
         },
-        early => host
-            .pipelined_status(
+        early => {
+            events.phase(index, Phase::Checking);
+            host.pipelined_status(
                 &scan.manifest,
                 o,
                 index,
@@ -995,7 +1001,8 @@ fn prepare(
                 single,
                 early.map(|e| e.status),
             )
-            .map_err(|e| host.fail(e))?,
+            .map_err(|e| host.fail(e))?
+        }
     };
     // With shared paths, the release and what is staged (seeds included) follow from the scan
     // and what this target's shared/ has.
