@@ -556,3 +556,48 @@ fn an_environment_is_checked_on_every_target_local_and_over_ssh() {
         r.stdout
     );
 }
+
+/// A server whose login takes long to start the agent: `--ssh-command` is a wrapper that, as a
+/// login shell reading slow startup files does, waits 0.3 s in the process that then becomes
+/// the agent (by `exec`, as a login shell runs a simple command). `startup` is a note with that time and the fix; a local target's agent (no
+/// shell) starts at once, and its `startup` says so.
+#[test]
+fn a_slow_login_shell_is_a_note_with_its_time_and_fix() {
+    let fx = Fx::new();
+    deployed(&fx);
+    let path = no_php(&fx);
+    let secs = |f: &Value| -> f64 {
+        let m = f["message"].as_str().unwrap();
+        let n = m
+            .strip_prefix("the agent began ")
+            .unwrap_or_else(|| panic!("{m}"));
+        n.split(' ').next().unwrap().parse().unwrap()
+    };
+    let j = doctor_json(&fx, &[("PATH", &path)], 0, &[]);
+    let local = one(&j, "startup", "ok", "s after its process started");
+    assert!(secs(local) < 0.1, "{local}");
+
+    let ssh = fx.path("ssh-slow");
+    fs::write(
+        &ssh,
+        "#!/bin/sh\nwhile [ $# -gt 0 ] && [ \"$1\" != \"--\" ]; do shift; done\n\
+         /bin/sleep 0.3\nexec /bin/sh -c \"exec $3\"\n",
+    )
+    .unwrap();
+    fs::set_permissions(&ssh, fs::Permissions::from_mode(0o755)).unwrap();
+    let url = format!("root@localhost:{}", fx.root_str());
+    let args = [
+        "doctor",
+        "--json",
+        "--ssh-command",
+        s(&ssh),
+        "--remote-flip",
+        FLIP,
+        &url,
+    ];
+    let j = fx.flip_env(&[("PATH", &path)], &args).success().json();
+    let f = one(&j, "startup", "note", "every deploy waits this long");
+    assert!((0.3..5.0).contains(&secs(f)), "{f}");
+    assert!(fix(f).contains("~/.bashrc"), "{f}");
+    assert_eq!(j["hosts"][0]["healthy"], true, "a note only: {j:#}");
+}

@@ -36,6 +36,7 @@ pub fn answer(root: &Path) -> Result<Response, flip_release::Error> {
         .into_iter()
         .map(wire)
         .collect();
+    findings.extend(startup());
     findings.extend(php());
     Ok(Response::Findings {
         time_ms: now_ms(),
@@ -63,6 +64,77 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// A start of the agent's process this long or longer is a note (seconds): over SSH, each
+/// deploy waits that long before its first answer.
+pub const SLOW_START: f64 = 0.1;
+
+/// How long after its process was created the agent began to serve, measured once by
+/// [`note_start`] (`None`: not measured, or not known).
+static STARTED_AFTER: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+
+/// Notes how long ago this process was created (`/proc/self/stat`'s start time, in clock ticks
+/// since boot, against `CLOCK_BOOTTIME`): called as the agent begins to serve over its standard
+/// input and output. Over SSH the process is the one `sshd` made for the session's command, so
+/// this is the time the login shell (with its startup files), the launcher and the agent's own
+/// start took before the first request could be read. To 1/100 s (a clock tick).
+pub fn note_start() {
+    STARTED_AFTER.get_or_init(process_age);
+}
+
+/// This process's age (see [`note_start`]); `None` when `/proc` or the clock does not say.
+// Any error only means the age is not known (never reported): no path to name.
+#[allow(clippy::disallowed_methods)]
+fn process_age() -> Option<Duration> {
+    // Untrusted text all the same: the command name (field 2) may hold spaces and parentheses,
+    // so the fields are counted from after its last ')'.
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Field 22 (starttime) is the 20th after the name.
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a pointer to a timespec we own.
+    if hz == 0 || unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) } != 0 {
+        return None;
+    }
+    let now = Duration::new(u64::try_from(now.tv_sec).ok()?, now.tv_nsec as u32);
+    now.checked_sub(Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// The `startup` finding: how long the agent's process took to begin serving (see
+/// [`note_start`]); a note from [`SLOW_START`] on, with what usually makes it slow.
+fn startup() -> Option<Finding> {
+    let age = (*STARTED_AFTER.get()?)?.as_secs_f64();
+    let (severity, message, fix) = if age >= SLOW_START {
+        (
+            Severity::Note,
+            format!(
+                "the agent began {age:.2} s after its process started: over SSH, every deploy waits this long for the login shell (and the startup files it reads even for a command, e.g. ~/.bashrc) before its first answer"
+            ),
+            Some(
+                "make the deploy user's shell startup files return at once when not interactive: for bash, `case $- in *i*) ;; *) return;; esac` at the top of ~/.bashrc (before slow lines such as `eval \"$(pyenv init -)\"`)"
+                    .to_string(),
+            ),
+        )
+    } else {
+        (
+            Severity::Ok,
+            format!("the agent began {age:.2} s after its process started"),
+            None,
+        )
+    };
+    Some(Finding {
+        check: "startup".into(),
+        severity,
+        message,
+        fix,
+    })
 }
 
 fn finding(severity: Severity, message: String, fix: Option<String>) -> Finding {

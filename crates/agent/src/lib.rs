@@ -404,6 +404,7 @@ fn expects_answer(req: &Request) -> bool {
 /// As [`serve`].
 pub fn serve_stdio(root: &Path, idle: Option<Duration>, mkpath: bool) -> Result<()> {
     use std::os::fd::FromRawFd;
+    doctor::note_start();
     flip_release::fault_scope(root);
     // SAFETY: fds 0 and 1 are open for the whole life of the agent and owned by nothing else.
     let (input, output) = unsafe { (std::fs::File::from_raw_fd(0), std::fs::File::from_raw_fd(1)) };
