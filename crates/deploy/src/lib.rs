@@ -962,6 +962,12 @@ fn prepare(
     // the scan: one round trip for all of them.
     let mut host = Host::connect_and_lock(index, target, o, events)?;
     events.phase(index, Phase::Scanning);
+    let checking = std::cell::Cell::new(false);
+    let check = || {
+        if !checking.replace(true) {
+            events.phase(index, Phase::Checking);
+        }
+    };
     // Nothing live (the status read while the scan goes on): the files as the scan reads them.
     let early = match drain {
         Some(d) => {
@@ -971,6 +977,7 @@ fn prepare(
                 &mut host,
                 d,
                 &mut |h| events.waiting(index, h),
+                &mut || check(),
                 streaming,
                 content,
             )?
@@ -991,7 +998,7 @@ fn prepare(
             intact: None,
         },
         early => {
-            events.phase(index, Phase::Checking);
+            check();
             host.pipelined_status(
                 &scan.manifest,
                 o,

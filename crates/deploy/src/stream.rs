@@ -284,12 +284,14 @@ pub(crate) struct Early {
 
 /// Streams what the scan reads to `host` while the scan goes on, when nothing is live there
 /// (read from the lock's and status's answers, sent at connect time). `None`: the tree is too
-/// small to be worth it, or the scan failed (then nothing was read early). `on_stream` is
-/// called when the files start to go.
+/// small to be worth it, or the scan failed (then nothing was read early). `on_check` is
+/// called when the scan has ended before those answers are waited for (the wait is then the
+/// target's alone), `on_stream` when the files start to go.
 pub(crate) fn stream_first(
     host: &mut Host,
     drain: Drain,
     on_wait: &mut dyn FnMut(&str),
+    on_check: &mut dyn FnMut(),
     on_stream: &mut dyn FnMut(),
     cache: Option<&ContentCache>,
 ) -> Result<Option<Early>, Failed> {
@@ -299,6 +301,9 @@ pub(crate) fn stream_first(
     };
     if files < MIN_FILES && bytes < MIN_BYTES {
         return Ok(None);
+    }
+    if drain.scan_done() {
+        on_check();
     }
     let s = &mut host.session;
     let status = s
