@@ -512,6 +512,20 @@ fn an_environment_is_checked_on_every_target_local_and_over_ssh() {
     }
     assert_eq!(j["summary"]["env"], "prod");
     assert_eq!(j["summary"]["healthy"], 2);
+    // Over a real sshd, the agent's start is measured from its session's (its login shell's).
+    let started = hosts[1]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "startup")
+        .unwrap_or_else(|| panic!("{j:#}"));
+    let m = started["message"].as_str().unwrap();
+    let secs: f64 = m
+        .strip_prefix("the agent began ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!((0.0..60.0).contains(&secs), "{m}");
 
     // The server's release loses its current: only that target is unhealthy.
     fs::remove_file(remote.join("current")).unwrap();
@@ -574,7 +588,7 @@ fn a_slow_login_shell_is_a_note_with_its_time_and_fix() {
         n.split(' ').next().unwrap().parse().unwrap()
     };
     let j = doctor_json(&fx, &[("PATH", &path)], 0, &[]);
-    let local = one(&j, "startup", "ok", "s after its process started");
+    let local = one(&j, "startup", "ok", "s after its command started");
     assert!(secs(local) < 0.1, "{local}");
 
     let ssh = fx.path("ssh-slow");
@@ -596,7 +610,12 @@ fn a_slow_login_shell_is_a_note_with_its_time_and_fix() {
         &url,
     ];
     let j = fx.flip_env(&[("PATH", &path)], &args).success().json();
-    let f = one(&j, "startup", "note", "every deploy waits this long");
+    let f = one(
+        &j,
+        "startup",
+        "note",
+        "every deploy over SSH waits this long",
+    );
     assert!((0.3..5.0).contains(&secs(f)), "{f}");
     assert!(fix(f).contains("~/.bashrc"), "{f}");
     assert_eq!(j["hosts"][0]["healthy"], true, "a note only: {j:#}");

@@ -66,30 +66,44 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// A start of the agent's process this long or longer is a note (seconds): over SSH, each
+/// A start of the agent's command this long or longer is a note (seconds): over SSH, each
 /// deploy waits that long before its first answer.
 pub const SLOW_START: f64 = 0.1;
 
-/// How long after its process was created the agent began to serve, measured once by
+/// How long after its command started the agent began to serve, measured once by
 /// [`note_start`] (`None`: not measured, or not known).
 static STARTED_AFTER: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
 
-/// Notes how long ago this process was created (`/proc/self/stat`'s start time, in clock ticks
-/// since boot, against `CLOCK_BOOTTIME`): called as the agent begins to serve over its standard
-/// input and output. Over SSH the process is the one `sshd` made for the session's command, so
-/// this is the time the login shell (with its startup files), the launcher and the agent's own
-/// start took before the first request could be read. To 1/100 s (a clock tick).
+/// Notes how long ago the command this agent serves was started: called as the agent begins
+/// to serve over its standard input and output. Over SSH (`SSH_CONNECTION` set) that is the
+/// session's process, which `sshd` made a session leader to run the login shell: the time the
+/// shell took (with the startup files it reads even to run one command), `sshd`'s rc files,
+/// the launcher and the agent's own start, whether the shell `exec`ed the agent or forked it.
+/// Otherwise (a local target) this process's own start. From `/proc/PID/stat`'s start time,
+/// in clock ticks since boot, against `CLOCK_BOOTTIME`: to 1/100 s.
 pub fn note_start() {
-    STARTED_AFTER.get_or_init(process_age);
+    STARTED_AFTER.get_or_init(|| {
+        let ssh = std::env::var_os("SSH_CONNECTION").is_some();
+        // SAFETY: getsid(0) has no preconditions.
+        let leader = if ssh { unsafe { libc::getsid(0) } } else { -1 };
+        let age = match leader {
+            sid if sid > 0 => process_age(&sid.to_string()),
+            _ => process_age("self"),
+        };
+        // A session leader that is not this deploy's (an agent started from a terminal
+        // multiplexer that kept an old login's environment) says nothing about this start.
+        age.filter(|a| *a < Duration::from_secs(60))
+    });
 }
 
-/// This process's age (see [`note_start`]); `None` when `/proc` or the clock does not say.
+/// The age of process `pid` (a number, or `self`); `None` when `/proc` or the clock does not
+/// say.
 // Any error only means the age is not known (never reported): no path to name.
 #[allow(clippy::disallowed_methods)]
-fn process_age() -> Option<Duration> {
+fn process_age(pid: &str) -> Option<Duration> {
     // Untrusted text all the same: the command name (field 2) may hold spaces and parentheses,
     // so the fields are counted from after its last ')'.
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
     // Field 22 (starttime) is the 20th after the name.
     let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
@@ -107,15 +121,15 @@ fn process_age() -> Option<Duration> {
     now.checked_sub(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
-/// The `startup` finding: how long the agent's process took to begin serving (see
-/// [`note_start`]); a note from [`SLOW_START`] on, with what usually makes it slow.
+/// The `startup` finding: how long the command took to begin serving (see [`note_start`]); a
+/// note from [`SLOW_START`] on, with what usually makes it slow.
 fn startup() -> Option<Finding> {
     let age = (*STARTED_AFTER.get()?)?.as_secs_f64();
     let (severity, message, fix) = if age >= SLOW_START {
         (
             Severity::Note,
             format!(
-                "the agent began {age:.2} s after its process started: over SSH, every deploy waits this long for the login shell (and the startup files it reads even for a command, e.g. ~/.bashrc) before its first answer"
+                "the agent began {age:.2} s after its command started: every deploy over SSH waits this long before its first answer, mostly for the login shell, which reads its startup files (e.g. ~/.bashrc) even to run one command (sshd's ~/.ssh/rc and flip's launcher count too)"
             ),
             Some(
                 "make the deploy user's shell startup files return at once when not interactive: for bash, `case $- in *i*) ;; *) return;; esac` at the top of ~/.bashrc (before slow lines such as `eval \"$(pyenv init -)\"`)"
@@ -125,7 +139,7 @@ fn startup() -> Option<Finding> {
     } else {
         (
             Severity::Ok,
-            format!("the agent began {age:.2} s after its process started"),
+            format!("the agent began {age:.2} s after its command started"),
             None,
         )
     };

@@ -18,6 +18,9 @@ pub fn spawn(program: &Path, args: &[OsString]) -> Result<AgentStream, Transport
         // the client only, and the agent, seeing its input close, stops a running hook and
         // cleans up (killed with the client, it left the hook running and its release behind).
         .process_group(0)
+        // Not an SSH session's command, even when this client runs in one: the agent measures
+        // its start from the SSH session's when this is set (`flip doctor`'s `startup`).
+        .env_remove("SSH_CONNECTION")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
