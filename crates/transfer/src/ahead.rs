@@ -65,7 +65,7 @@ pub fn patch_ahead(
         if stop() || !cache.patch_memo_has_room() {
             return;
         }
-        let Ok((data, _)) = content::read_small(source, job) else {
+        let Ok((data, _, seen)) = content::read_small(source, job) else {
             return;
         };
         content::remember(Some(cache), job.digest, &data);
@@ -73,6 +73,9 @@ pub fn patch_ahead(
             .patch(old, job.digest, |o| content::patch(o, &data))
             .is_some()
         {
+            if let Some(seen) = seen {
+                cache.note_read(job.path, job.digest, seen);
+            }
             made.fetch_add(1, Ordering::Relaxed);
         }
     });

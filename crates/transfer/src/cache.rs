@@ -3,7 +3,7 @@
 //! tree costs a few hundred bytes on the wire whatever its size. The cache is only an
 //! optimisation: a missing or damaged entry just means the whole manifest is sent.
 
-use flip_manifest::{Digest, Manifest};
+use flip_manifest::{Digest, Manifest, RelPath};
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
@@ -130,6 +130,9 @@ pub struct ContentCache {
     /// Patches made in this process, by (old, new) digest: the targets of a deploy whose live
     /// releases hold the same old version share one patch.
     patches: Mutex<PatchMemo>,
+    /// What each source file whose patch was made was when it was read, by path and digest
+    /// ([`ContentCache::note_read`]); as many entries as the patch memo, about 100 bytes each.
+    reads: Mutex<HashMap<(String, Digest), crate::content::Seen>>,
 }
 
 /// A made patch (or `None`: none could be made), computed by the first session that asks.
@@ -227,6 +230,7 @@ impl ContentCache {
                 cap: PATCH_MEMO_BYTES,
                 ..PatchMemo::default()
             }),
+            reads: Mutex::new(HashMap::new()),
         }
     }
 
@@ -273,6 +277,25 @@ impl ContentCache {
     pub(crate) fn made_patch(&self, old: &Digest, new: &Digest) -> Option<Vec<u8>> {
         let memo = self.patches.lock().unwrap_or_else(|e| e.into_inner());
         memo.made.get(&(*old, *new))?.get()?.clone()
+    }
+
+    /// Records that the source file `path`, read as `seen`, held content `digest` (checked
+    /// against it) when its patch was made: while it is still exactly that, the send need not
+    /// read it again ([`ContentCache::read_seen`]).
+    pub(crate) fn note_read(&self, path: &RelPath, digest: &Digest, seen: crate::content::Seen) {
+        let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+        reads.insert((path.to_string(), *digest), seen);
+    }
+
+    /// What the source file `path` was when it was read holding `digest` (see
+    /// [`ContentCache::note_read`]).
+    pub(crate) fn read_seen(
+        &self,
+        path: &RelPath,
+        digest: &Digest,
+    ) -> Option<crate::content::Seen> {
+        let reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+        reads.get(&(path.to_string(), *digest)).copied()
     }
 
     /// Whether [`ContentCache::patch`] still keeps what it makes (below 64 MiB of patches):

@@ -184,9 +184,12 @@ pub(crate) fn send(
                         return;
                     }
                     let item = made_patch(source, job, cache).unwrap_or_else(|| {
-                        read_small(source, job).map(|(data, mtime)| {
+                        read_small(source, job).map(|(data, mtime, seen)| {
                             remember(cache, job.digest, &data);
                             let enc = encode(job, &data, sig(job), cache);
+                            if let (Some(c), Some(seen), Encoded::Patch(..)) = (cache, seen, &enc) {
+                                c.note_read(job.path, job.digest, seen);
+                            }
                             prepared(job, mtime, data.len() as u64, enc, Vec::new)
                         })
                     });
@@ -646,21 +649,26 @@ pub(crate) fn remember(cache: Option<&ContentCache>, digest: &Digest, data: &[u8
 }
 
 /// A patch job whose patch this process made already (ahead of the deploy, or for another
-/// target): its source is not read again. The patch was made from the file's bytes read after
-/// the scan and checked against the scanned digest (and kept in the content cache then), and
-/// the agent checks what it makes of the patch against that digest. The source is opened for
-/// its mtime only, and must still be a regular file of the scanned size. `None`: no such patch.
+/// target) from the file's bytes read at this path after the scan and checked against the
+/// scanned digest: its source is not read again while it is still exactly what was read then
+/// ([`Seen`]: same inode, size, mtime and ctime, which any write or replacement changes). The
+/// agent checks what it makes of the patch against that digest. `None`: no such patch, or the
+/// file is not what was read (then it is read and checked again, and a change since the scan
+/// is reported as before).
 fn made_patch(source: &Path, job: &Job, cache: Option<&ContentCache>) -> Option<Result<Prepared>> {
     let (basis, old) = job.patch.as_ref()?;
-    let patch = cache?.made_patch(old, job.digest)?;
+    let cache = cache?;
+    let read = cache.read_seen(job.path, job.digest)?;
+    let patch = cache.made_patch(old, job.digest)?;
     let path = source.join(job.path.as_str());
-    Some(open_source(&path, job.path).and_then(|(_, mtime, size)| {
-        if size != job.size {
-            return Err(TransferError::SourceChanged(job.path.to_string()));
+    match open_source_seen(&path, job.path) {
+        Ok((_, now)) if now == read => {
+            let enc = Encoded::Patch(basis.clone(), **old, patch);
+            Some(Ok(prepared(job, Some(now.mtime), job.size, enc, Vec::new)))
         }
-        let enc = Encoded::Patch(basis.clone(), **old, patch);
-        Ok(prepared(job, mtime, job.size, enc, Vec::new))
-    }))
+        Ok(_) => None,
+        Err(e) => Some(Err(e)),
+    }
 }
 
 /// The cheapest encoding of `data` this job allows.
@@ -684,9 +692,38 @@ fn encode<'a>(
     Encoded::Literal(Cow::Borrowed(data))
 }
 
+/// What a source file was when it was opened and read: its mtime (sent with its content) and
+/// what changes whenever it is written or replaced (inode, size, ctime). The send trusts a
+/// version read once (see [`made_patch`]) only while the file is still exactly this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Seen {
+    mtime: (i64, u32),
+    ctime: (i64, u32),
+    ino: u64,
+    dev: u64,
+    size: u64,
+}
+
+impl Seen {
+    fn of(m: &std::fs::Metadata) -> Seen {
+        Seen {
+            mtime: (m.mtime(), m.mtime_nsec() as u32),
+            ctime: (m.ctime(), m.ctime_nsec() as u32),
+            ino: m.ino(),
+            dev: m.dev(),
+            size: m.len(),
+        }
+    }
+}
+
 /// Opens a source file without following a symlink that replaced it since the scan, and
 /// without blocking on a FIFO that did: anything but a regular file has changed since the scan.
 fn open_source(path: &Path, rel: &RelPath) -> Result<(File, Mtime, u64)> {
+    open_source_seen(path, rel).map(|(f, seen)| (f, Some(seen.mtime), seen.size))
+}
+
+/// [`open_source`], with what the file is as it is opened.
+fn open_source_seen(path: &Path, rel: &RelPath) -> Result<(File, Seen)> {
     let err = |source| TransferError::Source {
         path: path.display().to_string(),
         source,
@@ -703,11 +740,12 @@ fn open_source(path: &Path, rel: &RelPath) -> Result<(File, Mtime, u64)> {
     if !m.is_file() {
         return Err(TransferError::SourceChanged(rel.to_string()));
     }
-    Ok((f, Some((m.mtime(), m.mtime_nsec() as u32)), m.len()))
+    Ok((f, Seen::of(&m)))
 }
 
-/// A small file, read whole and checked against its scanned digest.
-pub(crate) fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> {
+/// A small file, read whole and checked against its scanned digest, with its mtime and what
+/// it was when it was read (`None` for an empty file, which is not read).
+pub(crate) fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime, Option<Seen>)> {
     // An empty file's content is known without reading it; and an empty shared-file seed
     // (`flip_plan::shared`: a shared file the scan lacks starts empty) may name a path the
     // source lacks, or one excluded from the scan that has content (a local `.env`).
@@ -718,9 +756,9 @@ pub(crate) fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> 
             .ok()
             .filter(|m| m.is_file() && m.len() == 0)
             .map(|m| (m.mtime(), m.mtime_nsec() as u32));
-        return Ok((Vec::new(), mtime));
+        return Ok((Vec::new(), mtime, None));
     }
-    let (f, mtime, _) = open_source(&path, step.path)?;
+    let (f, seen) = open_source_seen(&path, step.path)?;
     let mut data = Vec::with_capacity(step.size as usize);
     f.take(step.size + 1)
         .read_to_end(&mut data)
@@ -731,7 +769,7 @@ pub(crate) fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime)> 
     if data.len() as u64 != step.size || Digest::of(&data) != *step.digest {
         return Err(TransferError::SourceChanged(step.path.to_string()));
     }
-    Ok((data, mtime))
+    Ok((data, Some(seen.mtime), Some(seen)))
 }
 
 /// A file of at most [`PATCH_MAX`] bytes, read whole (see [`read_window`]) and checked against

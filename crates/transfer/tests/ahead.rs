@@ -1,6 +1,6 @@
 //! Patches made ahead of a deploy (while its SSH login is under way) reach its send: a file
-//! whose patch is made is read once, by the patches made ahead, and sent as it was read then.
-//! Against an agent served in this process.
+//! whose patch is made is read once, by the patches made ahead, and sent as that patch while it
+//! is still what was read then. Against an agent served in this process.
 
 mod common;
 
@@ -67,40 +67,59 @@ fn deployed_then_ahead(source: &Path, root: &Path, cache: &ContentCache) -> (Man
     (v1, v2)
 }
 
-/// A file rewritten after its patch was made ahead (same size, other bytes) is sent as the
-/// patch: what the scan and the patches made ahead read, the release's manifest. The send does
-/// not read it again (before, it did, found it changed and failed the deploy).
+/// Files whose patches were made ahead and that were left alone since are sent as those
+/// patches, with the mtime they had when they were read (the send does not read them again:
+/// measured, not tested here).
 #[test]
-fn a_file_patched_ahead_is_sent_as_read_then_and_not_read_again() {
+fn files_patched_ahead_and_left_alone_are_sent_as_their_patches() {
     let tmp = tempfile::tempdir().unwrap();
     let (source, root) = (tmp.path().join("src"), tmp.path().join("target"));
     let cache = ContentCache::new(tmp.path().join("cache"), 1 << 30);
     let (v1, v2) = deployed_then_ahead(&source, &root, &cache);
-    let scanned = fs::read(source.join("a.php")).unwrap();
-    let mut other = scanned.clone();
-    other[20] = b'Z';
-    assert_ne!(other, scanned);
-    fs::write(source.join("a.php"), &other).unwrap();
 
     let report = deploy(&source, &root, &v2, Some(&v1), &cache).unwrap();
 
     assert_eq!((report.release, report.patched), (2, 2), "{report:?}");
     let live = root.join("current");
-    assert_eq!(fs::read(live.join("a.php")).unwrap(), scanned);
-    assert_eq!(
-        fs::read(live.join("b.php")).unwrap(),
-        fs::read(source.join("b.php")).unwrap()
+    for name in ["a.php", "b.php"] {
+        let (sent, there) = (source.join(name), live.join(name));
+        assert_eq!(
+            fs::read(&there).unwrap(),
+            fs::read(&sent).unwrap(),
+            "{name}"
+        );
+        let mtime = |p: &Path| fs::metadata(p).unwrap().modified().unwrap();
+        assert_eq!(mtime(&there), mtime(&sent), "{name}");
+    }
+}
+
+/// A file rewritten after its patch was made ahead, even to as many bytes, is not what was
+/// read then (its ctime and mtime moved): the send reads it again, finds it changed since the
+/// scan and fails the deploy naming it; release 1 stays live.
+#[test]
+fn a_file_rewritten_after_its_patch_was_made_ahead_fails_the_deploy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, root) = (tmp.path().join("src"), tmp.path().join("target"));
+    let cache = ContentCache::new(tmp.path().join("cache"), 1 << 30);
+    let (v1, v2) = deployed_then_ahead(&source, &root, &cache);
+    let mut other = fs::read(source.join("a.php")).unwrap();
+    other[20] = b'Z';
+    fs::write(source.join("a.php"), &other).unwrap();
+
+    let err = deploy(&source, &root, &v2, Some(&v1), &cache).unwrap_err();
+
+    assert!(
+        matches!(&err, TransferError::SourceChanged(p) if p == "a.php"),
+        "{err:?}"
     );
     assert_eq!(
-        fs::read(source.join("a.php")).unwrap(),
-        other,
-        "source untouched"
+        fs::read_link(root.join("current")).unwrap(),
+        Path::new("releases/1")
     );
 }
 
-/// A file patched ahead that is no longer a regular file of its scanned size when the send
-/// opens it (for its mtime) has changed during the deploy: the deploy fails naming it, and
-/// release 1 stays live.
+/// A file patched ahead that has grown since is read again and found changed since the scan:
+/// the deploy fails naming it, and release 1 stays live.
 #[test]
 fn a_file_patched_ahead_that_changed_size_since_fails_the_deploy() {
     let tmp = tempfile::tempdir().unwrap();
