@@ -50,21 +50,58 @@ fn deploy(
     Ok(report)
 }
 
-/// Release 1 of `a.php` and `b.php` deployed from `source` to `root`, then release 2's
-/// sources written (both files changed) and their patches made ahead. Returns release 1's and
-/// release 2's manifests.
-fn deployed_then_ahead(source: &Path, root: &Path, cache: &ContentCache) -> (Manifest, Manifest) {
-    fs::create_dir_all(source).unwrap();
-    fs::write(source.join("a.php"), php("a", 200)).unwrap();
-    fs::write(source.join("b.php"), php("b", 200)).unwrap();
-    let v1 = scan(source);
-    deploy(source, root, &v1, None, cache).unwrap();
-    fs::write(source.join("a.php"), [php("a", 200), php("x", 3)].concat()).unwrap();
-    fs::write(source.join("b.php"), [php("y", 2), php("b", 199)].concat()).unwrap();
-    let v2 = scan(source);
-    let made = flip_transfer::patch_ahead(source, &v2, &v1, cache, &|| false);
-    assert_eq!(made, 2, "both changed files patched ahead");
-    (v1, v2)
+/// A source, a target and a content cache in a temporary directory, with release 1 of
+/// `a.php` and `b.php` deployed, then release 2's sources written (both files changed) and
+/// their patches made ahead.
+struct Ahead {
+    _tmp: tempfile::TempDir,
+    source: std::path::PathBuf,
+    root: std::path::PathBuf,
+    cache: ContentCache,
+    v1: Manifest,
+    v2: Manifest,
+}
+
+impl Ahead {
+    fn new() -> Ahead {
+        let tmp = tempfile::tempdir().unwrap();
+        let (source, root) = (tmp.path().join("src"), tmp.path().join("target"));
+        let cache = ContentCache::new(tmp.path().join("cache"), 1 << 30);
+        fs::create_dir_all(&source).unwrap();
+        fs::write(source.join("a.php"), php("a", 200)).unwrap();
+        fs::write(source.join("b.php"), php("b", 200)).unwrap();
+        let v1 = scan(&source);
+        deploy(&source, &root, &v1, None, &cache).unwrap();
+        fs::write(source.join("a.php"), [php("a", 200), php("x", 3)].concat()).unwrap();
+        fs::write(source.join("b.php"), [php("y", 2), php("b", 199)].concat()).unwrap();
+        let v2 = scan(&source);
+        let made = flip_transfer::patch_ahead(&source, &v2, &v1, &cache, &|| false);
+        assert_eq!(made, 2, "both changed files patched ahead");
+        Ahead {
+            _tmp: tmp,
+            source,
+            root,
+            cache,
+            v1,
+            v2,
+        }
+    }
+
+    /// Deploys release 2.
+    fn deploy(&self) -> Result<DeployReport, TransferError> {
+        deploy(
+            &self.source,
+            &self.root,
+            &self.v2,
+            Some(&self.v1),
+            &self.cache,
+        )
+    }
+
+    /// Whether release 1 is still the live one.
+    fn release_1_live(&self) -> bool {
+        fs::read_link(self.root.join("current")).unwrap() == Path::new("releases/1")
+    }
 }
 
 /// Files whose patches were made ahead and that were left alone since are sent as those
@@ -72,17 +109,14 @@ fn deployed_then_ahead(source: &Path, root: &Path, cache: &ContentCache) -> (Man
 /// measured, not tested here).
 #[test]
 fn files_patched_ahead_and_left_alone_are_sent_as_their_patches() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (source, root) = (tmp.path().join("src"), tmp.path().join("target"));
-    let cache = ContentCache::new(tmp.path().join("cache"), 1 << 30);
-    let (v1, v2) = deployed_then_ahead(&source, &root, &cache);
+    let fx = Ahead::new();
 
-    let report = deploy(&source, &root, &v2, Some(&v1), &cache).unwrap();
+    let report = fx.deploy().unwrap();
 
     assert_eq!((report.release, report.patched), (2, 2), "{report:?}");
-    let live = root.join("current");
+    let live = fx.root.join("current");
     for name in ["a.php", "b.php"] {
-        let (sent, there) = (source.join(name), live.join(name));
+        let (sent, there) = (fx.source.join(name), live.join(name));
         assert_eq!(
             fs::read(&there).unwrap(),
             fs::read(&sent).unwrap(),
@@ -98,44 +132,32 @@ fn files_patched_ahead_and_left_alone_are_sent_as_their_patches() {
 /// scan and fails the deploy naming it; release 1 stays live.
 #[test]
 fn a_file_rewritten_after_its_patch_was_made_ahead_fails_the_deploy() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (source, root) = (tmp.path().join("src"), tmp.path().join("target"));
-    let cache = ContentCache::new(tmp.path().join("cache"), 1 << 30);
-    let (v1, v2) = deployed_then_ahead(&source, &root, &cache);
-    let mut other = fs::read(source.join("a.php")).unwrap();
+    let fx = Ahead::new();
+    let mut other = fs::read(fx.source.join("a.php")).unwrap();
     other[20] = b'Z';
-    fs::write(source.join("a.php"), &other).unwrap();
+    fs::write(fx.source.join("a.php"), &other).unwrap();
 
-    let err = deploy(&source, &root, &v2, Some(&v1), &cache).unwrap_err();
+    let err = fx.deploy().unwrap_err();
 
     assert!(
         matches!(&err, TransferError::SourceChanged(p) if p == "a.php"),
         "{err:?}"
     );
-    assert_eq!(
-        fs::read_link(root.join("current")).unwrap(),
-        Path::new("releases/1")
-    );
+    assert!(fx.release_1_live());
 }
 
 /// A file patched ahead that has grown since is read again and found changed since the scan:
 /// the deploy fails naming it, and release 1 stays live.
 #[test]
 fn a_file_patched_ahead_that_changed_size_since_fails_the_deploy() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (source, root) = (tmp.path().join("src"), tmp.path().join("target"));
-    let cache = ContentCache::new(tmp.path().join("cache"), 1 << 30);
-    let (v1, v2) = deployed_then_ahead(&source, &root, &cache);
-    fs::write(source.join("b.php"), php("grown", 300)).unwrap();
+    let fx = Ahead::new();
+    fs::write(fx.source.join("b.php"), php("grown", 300)).unwrap();
 
-    let err = deploy(&source, &root, &v2, Some(&v1), &cache).unwrap_err();
+    let err = fx.deploy().unwrap_err();
 
     assert!(
         matches!(&err, TransferError::SourceChanged(p) if p == "b.php"),
         "{err:?}"
     );
-    assert_eq!(
-        fs::read_link(root.join("current")).unwrap(),
-        Path::new("releases/1")
-    );
+    assert!(fx.release_1_live());
 }
