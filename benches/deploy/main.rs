@@ -90,6 +90,9 @@ pub struct Config {
     /// `--trees DIR`: only write each step's source tree to `DIR/<scenario>` (for profiling
     /// one deploy by hand), then exit.
     pub trees: Option<PathBuf>,
+    /// `--src-dir DIR`: where each step's source tree is made (default: the work directory,
+    /// under `shm`): a source on disk makes every read of it go through that filesystem.
+    pub src_dir: Option<PathBuf>,
 }
 
 /// One measured deploy.
@@ -125,7 +128,7 @@ const USAGE: &str =
     "usage: cargo bench --bench deploy -- [--files N] [--runs N] [--scenarios all|LIST] \
 [--local] [--ssh] [--fs tmpfs,disk] [--seed N] [--out DIR] [--shm-dir DIR] [--disk-dir DIR] \
 [--bound-level N | --no-bound] [--no-verify | --verify-all] [--name STEM] [--flip PATH] [--smoke] \
-[--rtt-ms N] [--rate-mbps N] [--trees DIR]";
+[--rtt-ms N] [--rate-mbps N] [--trees DIR] [--src-dir DIR]";
 
 fn parse_args() -> Result<Config, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -149,6 +152,7 @@ fn parse_args() -> Result<Config, String> {
         smoke: !bench,
         link: relay::Link::default(),
         trees: None,
+        src_dir: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -195,6 +199,7 @@ fn parse_args() -> Result<Config, String> {
             "--out" => cfg.out = value(a)?.into(),
             "--shm-dir" => cfg.shm = value(a)?.into(),
             "--disk-dir" => cfg.disk = value(a)?.into(),
+            "--src-dir" => cfg.src_dir = Some(value(a)?.into()),
             "--bound-level" => cfg.bound_level = Some(num(value(a)?)? as i32),
             "--no-bound" => cfg.bound_level = None,
             "--rtt-ms" => {
@@ -415,6 +420,12 @@ fn bench(mut cfg: Config) -> io::Result<()> {
     if let Some(n) = b.interference_note() {
         b.notes.push(n);
     }
+    if let Some(dir) = &cfg.src_dir {
+        b.notes.push(format!(
+            "The chain's source tree was made under {} (`--src-dir`), not on tmpfs.",
+            dir.display()
+        ));
+    }
     b.notes.push(format!(
         "Total benchmark time: {:.0} s.",
         started.elapsed().as_secs_f64()
@@ -459,6 +470,7 @@ struct Bench<'a> {
 impl Drop for Bench<'_> {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.work);
+        let _ = fs::remove_dir_all(self.src());
         for fs_kind in [Fs::Shm, Fs::Disk] {
             let _ = fs::remove_dir_all(self.target_base(fs_kind));
         }
@@ -478,6 +490,14 @@ impl<'a> Bench<'a> {
             notes: Vec::new(),
             interference: Vec::new(),
         })
+    }
+
+    /// Where each step's source tree is made ([`Config::src_dir`]).
+    fn src(&self) -> PathBuf {
+        match &self.cfg.src_dir {
+            Some(dir) => dir.join(format!("flip-bench-src-{}", std::process::id())),
+            None => self.work.join("src"),
+        }
     }
 
     fn target_base(&self, fs_kind: Fs) -> PathBuf {
@@ -872,7 +892,7 @@ impl<'a> Bench<'a> {
         run: usize,
         base: &Corpus,
     ) -> io::Result<Vec<Sample>> {
-        let src = self.work.join("src");
+        let src = self.src();
         let _ = fs::remove_dir_all(&src);
         let _ = fs::remove_dir_all(self.work.join("xdg-cache"));
         let tbase = self.target_base(fs_kind);
