@@ -65,7 +65,7 @@ pub fn patch_ahead(
         if stop() || !cache.patch_memo_has_room() {
             return;
         }
-        let Ok((data, _, seen)) = content::read_small(source, job) else {
+        let Ok((data, seen)) = content::read_small(source, job) else {
             return;
         };
         content::remember(Some(cache), job.digest, &data);

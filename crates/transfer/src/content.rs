@@ -184,12 +184,13 @@ pub(crate) fn send(
                         return;
                     }
                     let item = made_patch(source, job, cache).unwrap_or_else(|| {
-                        read_small(source, job).map(|(data, mtime, seen)| {
+                        read_small(source, job).map(|(data, seen)| {
                             remember(cache, job.digest, &data);
                             let enc = encode(job, &data, sig(job), cache);
                             if let (Some(c), Some(seen), Encoded::Patch(..)) = (cache, seen, &enc) {
                                 c.note_read(job.path, job.digest, seen);
                             }
+                            let mtime = seen.map(|s| s.mtime);
                             prepared(job, mtime, data.len() as u64, enc, Vec::new)
                         })
                     });
@@ -743,20 +744,21 @@ fn open_source_seen(path: &Path, rel: &RelPath) -> Result<(File, Seen)> {
     Ok((f, Seen::of(&m)))
 }
 
-/// A small file, read whole and checked against its scanned digest, with its mtime and what
-/// it was when it was read (`None` for an empty file, which is not read).
-pub(crate) fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime, Option<Seen>)> {
+/// A small file, read whole and checked against its scanned digest, with what it was when it
+/// was read (its mtime among it; for an empty file, which is not read, what it is if it is
+/// this empty file, else `None`).
+pub(crate) fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Option<Seen>)> {
     // An empty file's content is known without reading it; and an empty shared-file seed
     // (`flip_plan::shared`: a shared file the scan lacks starts empty) may name a path the
     // source lacks, or one excluded from the scan that has content (a local `.env`).
     let path = source.join(step.path.as_str());
     if step.size == 0 {
         // The source's mtime when it is this empty file.
-        let mtime = std::fs::symlink_metadata(&path)
+        let seen = std::fs::symlink_metadata(&path)
             .ok()
             .filter(|m| m.is_file() && m.len() == 0)
-            .map(|m| (m.mtime(), m.mtime_nsec() as u32));
-        return Ok((Vec::new(), mtime, None));
+            .map(|m| Seen::of(&m));
+        return Ok((Vec::new(), seen));
     }
     let (f, seen) = open_source_seen(&path, step.path)?;
     let mut data = Vec::with_capacity(step.size as usize);
@@ -769,7 +771,7 @@ pub(crate) fn read_small(source: &Path, step: &Job) -> Result<(Vec<u8>, Mtime, O
     if data.len() as u64 != step.size || Digest::of(&data) != *step.digest {
         return Err(TransferError::SourceChanged(step.path.to_string()));
     }
-    Ok((data, Some(seen.mtime), Some(seen)))
+    Ok((data, Some(seen)))
 }
 
 /// A file of at most [`PATCH_MAX`] bytes, read whole (see [`read_window`]) and checked against
