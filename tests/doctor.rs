@@ -72,6 +72,16 @@ fn one<'a>(j: &'a Value, check: &str, severity: &str, text: &str) -> &'a Value {
     found[0]
 }
 
+/// The seconds a `startup` finding gives ("the agent began 0.12 s after ...").
+#[track_caller]
+fn startup_secs(f: &Value) -> f64 {
+    let m = f["message"].as_str().unwrap();
+    m.strip_prefix("the agent began ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no time in {m:?}"))
+}
+
 fn fix(f: &Value) -> &str {
     f["fix"].as_str().unwrap_or_else(|| panic!("no fix in {f}"))
 }
@@ -519,13 +529,7 @@ fn an_environment_is_checked_on_every_target_local_and_over_ssh() {
         .iter()
         .find(|f| f["check"] == "startup")
         .unwrap_or_else(|| panic!("{j:#}"));
-    let m = started["message"].as_str().unwrap();
-    let secs: f64 = m
-        .strip_prefix("the agent began ")
-        .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{m}"));
-    assert!((0.0..60.0).contains(&secs), "{m}");
+    assert!((0.0..60.0).contains(&startup_secs(started)), "{started}");
 
     // The server's release loses its current: only that target is unhealthy.
     fs::remove_file(remote.join("current")).unwrap();
@@ -580,16 +584,9 @@ fn a_slow_login_shell_is_a_note_with_its_time_and_fix() {
     let fx = Fx::new();
     deployed(&fx);
     let path = no_php(&fx);
-    let secs = |f: &Value| -> f64 {
-        let m = f["message"].as_str().unwrap();
-        let n = m
-            .strip_prefix("the agent began ")
-            .unwrap_or_else(|| panic!("{m}"));
-        n.split(' ').next().unwrap().parse().unwrap()
-    };
     let j = doctor_json(&fx, &[("PATH", &path)], 0, &[]);
     let local = one(&j, "startup", "ok", "s after its command started");
-    assert!(secs(local) < 0.1, "{local}");
+    assert!(startup_secs(local) < 0.1, "{local}");
 
     let ssh = fx.path("ssh-slow");
     fs::write(
@@ -616,7 +613,7 @@ fn a_slow_login_shell_is_a_note_with_its_time_and_fix() {
         "note",
         "every deploy over SSH waits this long",
     );
-    assert!((0.3..5.0).contains(&secs(f)), "{f}");
+    assert!((0.3..5.0).contains(&startup_secs(f)), "{f}");
     assert!(fix(f).contains("~/.bashrc"), "{f}");
     assert_eq!(j["hosts"][0]["healthy"], true, "a note only: {j:#}");
 }
