@@ -376,6 +376,51 @@ fn a_filesystem_too_small_for_one_more_release_is_a_problem() {
 }
 
 #[test]
+fn a_target_on_a_filesystem_mounted_read_only_is_a_problem() {
+    if !am_root() {
+        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let fx = Fx::new();
+    fs::create_dir(&fx.root).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs", fx.root_str()])
+        .status()
+        .expect("run mount");
+    assert!(st.success(), "mount tmpfs failed");
+    let _mount = Mount(fx.root.clone());
+    let src = deployed(&fx);
+    let remount = |how: &str| {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,{how}"), fx.root_str()])
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "remount {how} failed");
+    };
+    remount("ro");
+
+    // Modes and owners say root may write everything; the mount says nothing can be.
+    let j = doctor_json(&fx, &[("PATH", &no_php(&fx))], UNHEALTHY, &[]);
+    let f = one(&j, "writable", "problem", "mounted read-only");
+    assert!(
+        f["message"].as_str().unwrap().contains(fx.root_str()),
+        "{f}"
+    );
+    assert!(fix(f).contains("remount,rw"), "{f}");
+    assert!(of(&j, "writable", "ok").is_empty(), "{j:#}");
+    // What doctor foretells: a deploy fails on the target (exit 5) and release 2 stays live.
+    src.file("public/new.php", "<?php echo 3;", 0o644);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(5)
+        .stderr_has("Read-only file system");
+    assert_eq!(fx.current_link(), "releases/2");
+
+    remount("rw");
+    let j = doctor_json(&fx, &[("PATH", &no_php(&fx))], 0, &[]);
+    one(&j, "writable", "ok", "may write");
+}
+
+#[test]
 fn risky_opcache_settings_of_the_php_on_path_are_warned_about_with_their_fix() {
     let fx = Fx::new();
     deployed(&fx);

@@ -350,6 +350,24 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
 /// Whether the agent's user can write where flip writes: the root (`current` is swapped
 /// there), `releases/`, `.flip/`, `.flip/releases/` and the files of `.flip/`.
 fn check_writable(root: &Root, me: &Me, out: &mut Vec<Finding>) {
+    if statvfs(root.path()).is_some_and(|fs| fs.read_only) {
+        out.push(
+            Finding::new(
+                "writable",
+                Severity::Problem,
+                format!(
+                    "{} is on a filesystem mounted read-only: no deploy, rollback or prune can \
+                     write to it",
+                    root.path().display()
+                ),
+            )
+            .fix(format!(
+                "mount -o remount,rw \"$(findmnt -no TARGET -T {})\"",
+                root.path().display()
+            )),
+        );
+        return;
+    }
     let state = root.path().join(STATE);
     let mut bad = Vec::new();
     let dirs = [
@@ -974,6 +992,8 @@ struct FsSpace {
     total: u64,
     inodes_free: u64,
     inodes_total: u64,
+    /// Mounted read-only (`ST_RDONLY`): nothing on it can be written, whatever the modes.
+    read_only: bool,
 }
 
 fn statvfs(path: &Path) -> Option<FsSpace> {
@@ -989,6 +1009,7 @@ fn statvfs(path: &Path) -> Option<FsSpace> {
         total: (st.f_blocks as u64).saturating_mul(st.f_frsize as u64),
         inodes_free: st.f_favail as u64,
         inodes_total: st.f_files as u64,
+        read_only: st.f_flag & libc::ST_RDONLY != 0,
     })
 }
 
