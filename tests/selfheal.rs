@@ -474,6 +474,69 @@ fn a_damaged_live_manifest_does_not_fail_every_deploy() {
     fx.flip(&["verify", fx.root_str()]).success();
 }
 
+/// The live release's record (`N.json`) damaged or gone, its manifest gone, or its directory
+/// gone: every deploy failed (exit 6 "a release is already being staged" from a client that
+/// had staged ahead against it, exit 5 "release 1 does not exist" from any), until someone
+/// repaired the target by hand. Now the deploy names what it found and makes a release of the
+/// whole tree, linking what it still can, and so does the one after it.
+#[test]
+fn a_live_release_whose_record_manifest_or_directory_is_damaged_or_gone_is_deployed_over() {
+    type Damage = fn(&Fx);
+    let cases: [(&str, Damage, &str); 5] = [
+        (
+            "record damaged",
+            |fx| fs::write(fx.root.join(".flip/releases/1.json"), b"{garbage").unwrap(),
+            "1.json is damaged",
+        ),
+        (
+            "record naming another manifest",
+            |fx| {
+                let p = fx.root.join(".flip/releases/1.json");
+                let mut j: Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+                j["manifest_digest"] = Value::String("0".repeat(64));
+                fs::write(&p, serde_json::to_vec(&j).unwrap()).unwrap();
+            },
+            "",
+        ),
+        (
+            "record gone",
+            |fx| fs::remove_file(fx.root.join(".flip/releases/1.json")).unwrap(),
+            "1.json missing",
+        ),
+        (
+            "manifest gone",
+            |fx| fs::remove_file(fx.root.join(".flip/releases/1.manifest")).unwrap(),
+            "1.manifest missing",
+        ),
+        (
+            "directory gone",
+            |fx| fs::remove_dir_all(fx.release(1)).unwrap(),
+            "releases/1 missing",
+        ),
+    ];
+    for (what, damage, named) in cases {
+        let fx = Fx::new();
+        let src = fx.src("src");
+        public_site(&src, 1);
+        fx.deploy(&src, &[]);
+        damage(&fx);
+        for v in [2, 3] {
+            public_site(&src, v);
+            let j = fx.deploy(&src, &[]);
+            assert_eq!(
+                fx.current_link(),
+                format!("releases/{}", num(&j, "/release"))
+            );
+            assert_dir_eq(&fx.current(), &src.tree(), what);
+            if v == 2 {
+                let w = warnings(&j).join("\n");
+                assert!(w.contains(named), "{what}: {j}");
+            }
+        }
+        fx.flip(&["verify", fx.root_str()]).success();
+    }
+}
+
 #[test]
 fn crash_leftovers_and_unexpected_entries_are_cleaned_or_named() {
     let fx = Fx::new();

@@ -1168,6 +1168,11 @@ impl Session {
     ) -> Result<Response> {
         // Nothing the client sends is read or decoded before it holds the lock.
         self.locked()?;
+        // A stage the client left unused (staged ahead against a release it no longer takes
+        // for the live one) is replaced, as long as nothing was sent into it.
+        if self.stage.is_some() && self.pool.is_none() && self.incoming.is_none() {
+            self.stage = None;
+        }
         if self.stage.is_some() {
             return Err(AgentError::Protocol(
                 "a release is already being staged".into(),

@@ -980,6 +980,24 @@ impl Root {
                 self.warn(format!("the live release {id} is not checked: {e}"));
                 Ok(None)
             }
+            // Its record or manifest is gone (or its directory): the same, for the same reason.
+            Error::NoSuchRelease(_) => {
+                let missing: Vec<String> = [
+                    self.info_path(id),
+                    self.manifest_path(id),
+                    self.release_dir(id),
+                ]
+                .iter()
+                .filter(|p| fsutil::lstat_or_none(p).is_none())
+                .map(|p| p.display().to_string())
+                .collect();
+                let why = match missing.is_empty() {
+                    true => e.to_string(),
+                    false => format!("{} missing", missing.join(" and ")),
+                };
+                self.warn(format!("the live release {id} is not checked: {why}"));
+                Ok(None)
+            }
             e => Err(e),
         };
         match self.info(id) {

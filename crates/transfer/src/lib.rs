@@ -706,9 +706,12 @@ impl Session {
         self.phase = "staging the release";
         let digest = manifest.digest();
         // Staged ahead of the status against the live release the client expected: its
-        // answer, unless that release is no longer live (then staged now, as below).
+        // answer, unless that release is no longer live (then staged now, as below). The
+        // agent staged it only against the live release's own manifest, which it checked:
+        // taken whatever the status could list (a live release whose record is damaged is
+        // not listed, and staging again could not do better).
         let ahead = match self.ahead.take() {
-            Some(a) if a.digest == digest && Some(a.base) == live_digest => {
+            Some(a) if a.digest == digest && live_digest.is_none_or(|d| d == a.base) => {
                 self.ahead_answer()?.map(|r| (r, a.old_digests))
             }
             Some(a) => {
