@@ -479,6 +479,52 @@ fn an_agent_whose_client_was_killed_stops_its_work_and_frees_the_lock_at_once() 
     assert_eq!(fx.current_link(), "releases/1");
 }
 
+/// A first deploy streams its files to the agent, which queues them to its writers: killed,
+/// the client left an agent writing out its queue of small files for seconds (up to 4 s for
+/// 30,000 files, release build), the lock held and the half-made target there all along.
+#[test]
+fn a_first_deploy_whose_client_was_killed_is_undone_at_once() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    for d in 0..120 {
+        for f in 0..100 {
+            let line = format!("<?php // {d} {f}\n");
+            src.file(
+                &format!("d{d}/f{f}.php"),
+                line.repeat(4096 / line.len()),
+                0o644,
+            );
+        }
+    }
+    let mut run = fx.spawn(&[], &["deploy", src.s(), fx.root_str()]);
+    let pid = run.pid();
+    let releases = fx.root.join("releases");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !releases.exists() && run.is_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert!(
+        run.is_running(),
+        "the deploy ended before it could be killed"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: kill of the flip client this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(run.wait_any(TIMEOUT).is_some());
+    let killed = std::time::Instant::now();
+    while fx.root.exists() && killed.elapsed() < TIMEOUT {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let took = killed.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "the agent wrote on for {took:?} after its client was killed, holding the lock"
+    );
+    // A retry goes through at once.
+    fx.deploy(&src, &[]);
+    assert_dir_eq(&fx.current(), &src.tree(), "the retry");
+}
+
 #[test]
 fn an_unchanged_empty_file_is_not_itemized_as_a_change() {
     let fx = Fx::new();

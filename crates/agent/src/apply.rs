@@ -474,6 +474,17 @@ impl WriterThread<'_> {
             let _ = self.done.send(Some((seq, Ok(()))));
             return;
         }
+        // The client went away: the files still queued are not written (seconds of work on a
+        // first deploy's queue of small files, the lock held all along), the session ends.
+        if flip_release::abandoned() {
+            drop(stage);
+            self.stop_after(seq);
+            self.dropping = Some((seq, weight));
+            let _ = self
+                .done
+                .send(Some((seq, Err(flip_release::Error::Abandoned))));
+            return;
+        }
         let w = match how {
             How::Literal => stage
                 .begin_file(index)
