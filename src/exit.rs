@@ -161,6 +161,7 @@ fn own_code(cause: &(dyn std::error::Error + 'static)) -> Option<Code> {
     if let Some(d) = cause.downcast_ref::<DeployError>() {
         return Some(match d {
             DeployError::Usage(_) => Code::Usage,
+            DeployError::TargetState(_) => Code::Target,
             DeployError::Source(_) | DeployError::Scan(_) => Code::Source,
             DeployError::Transfer(t) => transfer_code(t),
             DeployError::Transport(t) => transport_code(t),

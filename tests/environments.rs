@@ -624,13 +624,19 @@ fn an_environment_staged_without_activation_succeeds_and_activates_by_label_late
     for root in &roots {
         assert_eq!(link(root), "releases/2");
     }
-    // A label no target has: nothing moves, the error names the target (exit 10).
+    // A label no target has: nothing moves, the error names the target (exit 10), and each
+    // target's own code is a target problem (5), as for one target, not a usage error.
     let r = fx.flip(&["activate", "prod", "v9"]).code(10);
     assert!(
         r.stderr.contains("no release labelled \"v9\""),
         "{}",
         r.stderr
     );
+    let j = fx
+        .flip(&["activate", "prod", "v9", "--json"])
+        .code(10)
+        .json();
+    assert!(hosts(&j).iter().all(|h| h["error"]["code"] == 5), "{j}");
     for root in &roots {
         assert_eq!(link(root), "releases/2");
     }

@@ -317,7 +317,9 @@ fn resolve(
     locked: &[Result<Locked, DeployError>],
     targets: &[Target],
 ) -> Vec<Result<u64, DeployError>> {
-    let no = |t: &Target, what: String| Err(DeployError::Usage(format!("{}: {what}", t.display())));
+    let no = |t: &Target, what: String| {
+        Err(DeployError::TargetState(format!("{}: {what}", t.display())))
+    };
     // The label before the live one: the newest release (by creation) older than the live
     // one on its target, with another label.
     let previous_label = match plan {

@@ -47,6 +47,10 @@ pub enum DeployError {
     /// A wrong invocation: a target inside the source, an unparsable target.
     #[error("{0}")]
     Usage(String),
+    /// What the target holds does not allow the request: no such release, nothing to roll
+    /// back to (the message names the target).
+    #[error("{0}")]
+    TargetState(String),
     /// The source is missing or not a directory.
     #[error("{0}")]
     Source(String),
