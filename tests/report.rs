@@ -290,6 +290,20 @@ fn a_no_op_reports_zero_everywhere() {
         vec![1],
         "no release for an unchanged tree"
     );
+    // The live release stays live: the deploy says so, as `flip activate` of it would.
+    assert_eq!(
+        (
+            &unforced["release"],
+            &unforced["previous"],
+            &unforced["activated"]
+        ),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!(1),
+            &serde_json::json!(true)
+        ),
+        "{unforced}"
+    );
     for j in [&dry_unforced, &unforced] {
         assert_eq!(j["unchanged"], true, "{j}");
         assert_eq!(num(j, "/files/unchanged"), 5, "{j}");

@@ -234,13 +234,14 @@ pub struct Bytes {
 pub struct HostReport {
     /// The new release (the live one, when `unchanged`).
     pub release: u64,
-    /// The release live before.
+    /// The release live before (the same as `release` when `unchanged`, as `flip activate`
+    /// of the live release says).
     pub previous: Option<u64>,
     /// The target, as given.
     pub target: String,
     /// The deploy's label, stored with the release.
     pub label: Option<String>,
-    /// Whether `release` is live on this target now.
+    /// Whether `release` is live on this target now (true when `unchanged`: it stays live).
     pub activated: bool,
     /// The live release already was this tree: no release was made.
     pub unchanged: bool,
@@ -1588,7 +1589,7 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
             }
             let report = HostReport {
                 release: h.release,
-                previous: if h.unchanged { None } else { h.previous },
+                previous: h.previous,
                 target: t.display(),
                 label: o.label.clone(),
                 activated,
