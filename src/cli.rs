@@ -21,8 +21,8 @@ pub struct Cli {
     /// Print only errors on stderr (no progress, summary, notes or warnings).
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
-    /// More on stderr: -v adds each target's time per phase, -vv also what happened to each
-    /// path (the --itemize list).
+    /// More from a deploy: -v adds the scan's time and each target's time per phase (stderr),
+    /// -vv also what happened to each path (the --itemize list, on stdout).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     #[command(subcommand)]
@@ -71,7 +71,8 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    /// Print one JSON object on stdout instead of a human summary on stderr (errors too).
+    /// Print one JSON object on stdout instead of the human summary on stderr; an error is
+    /// `{"error": {"code", "message"}}` on stdout, and its one line stays on stderr.
     #[arg(long)]
     pub json: bool,
     /// If another deploy holds the target's lock, wait for it instead of failing.

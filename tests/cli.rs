@@ -242,11 +242,17 @@ fn errors_of_commands_are_json_with_the_exit_code() {
     let fx = Fx::new();
     let afile = fx.path("afile");
     fs::write(&afile, "x").unwrap();
-    let j = fx.flip(&["releases", "--json", s(&afile)]).code(5).json();
+    let r = fx.flip(&["releases", "--json", s(&afile)]).code(5);
+    let j = r.json();
     assert_eq!(j["error"]["code"], 5);
     assert_eq!(
         j["error"]["message"],
         format!("{} is not a directory", afile.display())
+    );
+    // The help and README say the one-line text stays on stderr.
+    assert_eq!(
+        r.stderr,
+        format!("flip: error: {} is not a directory\n", afile.display())
     );
 }
 
