@@ -98,3 +98,29 @@ fn a_first_deploy_running_out_of_inodes_mid_stream_leaves_nothing() {
     fx.deploy(&src, &[]);
     assert_dir_eq(&fx.current(), &src.tree(), "deploy after the failed one");
 }
+
+/// A first deploy too big for the target, refused before any content (its files stream before
+/// their manifest, so the agent knows their total but not the largest): the error says what
+/// it needs and has free, without an empty "(the largest: )", and nothing is left behind.
+#[test]
+fn a_first_deploy_too_big_is_refused_up_front_with_its_size() {
+    let fx = Fx::new();
+    let Some(_mount) = small_tmpfs(&fx, "size=2m") else {
+        return;
+    };
+    let src = fx.src("src");
+    // More than 256 files (the client streams them), 3 MB of noise in all.
+    for i in 0..300 {
+        src.file(&format!("d{}/f{i}", i % 10), noise(i, 10_000), 0o644);
+    }
+    let r = fx
+        .flip(&["deploy", src.s(), fx.root_str()])
+        .code(8)
+        .stderr_has("no space left on device for the release: its new files need 3000000 bytes, the filesystem has ");
+    assert!(!r.stderr.contains("largest"), "{}", r.stderr);
+    let left: Vec<_> = std::fs::read_dir(&fx.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?} left after: {}", r.stderr);
+}

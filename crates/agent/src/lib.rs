@@ -1412,14 +1412,13 @@ fn check_space(root: &Path, stage: &Stage) -> Result<()> {
             .iter()
             .max_by_key(|&&i| files[i].size)
             .map(|&i| format!("{}, {} bytes", files[i].path, files[i].size))
-            .unwrap_or_default()
     })
 }
 
 /// Refuses `need` bytes of new content that do not fit in the free space of the filesystem of
 /// `root` (keeping [`SPACE_MARGIN`], at most 5% of it, in reserve); `largest` names the
-/// largest file for the error.
-fn check_free(root: &Path, need: u64, largest: impl FnOnce() -> String) -> Result<()> {
+/// largest file for the error, when it is known.
+fn check_free(root: &Path, need: u64, largest: impl FnOnce() -> Option<String>) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c) = std::ffi::CString::new(root.as_os_str().as_bytes()) else {
         return Ok(());

@@ -60,7 +60,7 @@ impl Session {
             .into());
         }
         let root = self.root(false)?;
-        check_free(root.path(), bytes, String::new)?;
+        check_free(root.path(), bytes, || None)?;
         let stage = root.stage_streaming(self.locked()?)?;
         self.streaming = Some(Streaming {
             stage: Arc::new(stage),

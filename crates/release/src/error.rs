@@ -40,10 +40,11 @@ pub enum Error {
         path: PathBuf,
     },
     /// The release's new content does not fit in the filesystem's free space (checked before any content).
-    #[error("no space left on device for the release: its new files need {need} bytes (the largest: {largest}), the filesystem has {free} bytes free, keeping {margin} in reserve; free some space or prune old releases")]
+    #[error("no space left on device for the release: its new files need {need} bytes{}, the filesystem has {free} bytes free, keeping {margin} in reserve; free some space or prune old releases", .largest.as_ref().map(|l| format!(" (the largest: {l})")).unwrap_or_default())]
     NotEnoughSpace {
-        /// The largest file to be written.
-        largest: String,
+        /// The largest file to be written (`PATH, N bytes`), when known: files streamed before
+        /// their manifest announce only their count and total.
+        largest: Option<String>,
         /// Bytes the new files need.
         need: u64,
         /// Bytes free on the filesystem (for the deploy user).
