@@ -68,15 +68,15 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
         );
         return;
     }
-    let verb = match state {
-        HostState::Live => "deployed",
-        HostState::Staged => "staged (not live)",
-        HostState::Discarded => "staged, then discarded (not activated)",
-        HostState::SwitchedBack => "activated, then switched back from",
-        HostState::Failed | HostState::Unchanged => "failed",
+    let (verb, then) = match state {
+        HostState::Live => ("deployed", ""),
+        HostState::Staged => ("staged", " (not live)"),
+        HostState::Discarded => ("staged", ", then discarded (not activated)"),
+        HostState::SwitchedBack => ("deployed", ", then switched back"),
+        HostState::Failed | HostState::Unchanged => ("failed", ""),
     };
     note!(
-        "flip: {verb} release {} to {}{label}: {}; sent {}, received {} in {:.2} s",
+        "flip: {verb} release {} to {}{label}{then}: {}; sent {}, received {} in {:.2} s",
         r.release,
         r.target,
         output::counts_text(&r.counts),
@@ -252,8 +252,13 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> Code
                 1 => "its one target".to_string(),
                 n => format!("all {n} targets"),
             };
+            // A failed after_activate hook (rollback_on_failure off) leaves it live: say so.
+            let but = match failed.len() {
+                0 => String::new(),
+                n => format!(", but a hook failed on {n}"),
+            };
             note!(
-                "flip: {env}{label}: live on {all} in {:.2} s",
+                "flip: {env}{label}: live on {all} in {:.2} s{but}",
                 d.duration_ms as f64 / 1000.0
             );
         } else if d.succeeded() {

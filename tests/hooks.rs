@@ -579,3 +579,56 @@ fn a_hook_failing_on_one_target_while_another_outlives_the_idle_timeout_leaves_b
         assert_eq!(link(root), "releases/3");
     }
 }
+
+/// The human summary of an after_activate hook that failed on one of two local targets names
+/// the hook's failure once (the other target's warning names the target, not the message
+/// again), and the last line says it went live but a hook failed; with rollback_on_failure
+/// the target switched back says so in its line.
+#[test]
+fn a_failed_after_hook_is_told_once_in_the_human_summary() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod", "--label", "v1"]).success();
+    let hook = "after_activate = ['case \"$FLIP_TARGET\" in *t2) exit 7;; esac']";
+    config(&fx, &targets, hook);
+    site_v2(&src);
+    let r = fx.flip(&["deploy", "prod", "--label", "v2"]).code(12);
+    assert_eq!(r.stderr.matches("exit status 7").count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "release 2 stays live although an after_activate hook failed on {} (rollback_on_failure is off)",
+            targets[1]
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("prod v2: live on all 2 targets in ")
+            && r.stderr.trim_end().ends_with(", but a hook failed on 1"),
+        "{}",
+        r.stderr
+    );
+    config(
+        &fx,
+        &targets,
+        &format!("{hook}\nrollback_on_failure = true"),
+    );
+    src.file("new.php", "<?php // v3\n", 0o644);
+    let r = fx.flip(&["deploy", "prod", "--label", "v3"]).code(12);
+    assert_eq!(r.stderr.matches("exit status 7").count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "flip: deployed release 3 to {} (v3), then switched back: ",
+            targets[0]
+        )),
+        "{}",
+        r.stderr
+    );
+    for root in &roots {
+        assert_eq!(link(root), "releases/2");
+    }
+}

@@ -399,7 +399,7 @@ pub fn deploy(
     // Phase 2, every lock still held: all live together, or none.
     let mut warnings = scan.warnings.clone();
     let mut states = if hosts.iter().any(|h| h.is_err()) {
-        abort(&mut hosts, &events)
+        abort(&mut hosts, targets, &events)
     } else {
         let mut manifests: Vec<&Manifest> = hosts
             .iter()
@@ -415,7 +415,7 @@ pub fn deploy(
             true if !hooks::run_phase(&mut hosts, HookPhase::BeforeActivate, o, &events, &made)
                 .is_empty() =>
             {
-                abort(&mut hosts, &events)
+                abort(&mut hosts, targets, &events)
             }
             true => {
                 let mut states = activate_all(&mut hosts, targets, o, &events);
@@ -471,18 +471,12 @@ fn after_hooks(
     if failed.is_empty() {
         return;
     }
-    let why: Vec<String> = failed
+    // The targets by name: each one's own error says how its hook failed.
+    let on: Vec<&str> = failed
         .iter()
-        .filter_map(|&i| {
-            hosts[i]
-                .as_ref()
-                .ok()?
-                .hook_error
-                .as_ref()
-                .map(|e| e.to_string())
-        })
+        .filter_map(|&i| Some(hosts[i].as_ref().ok()?.target.as_str()))
         .collect();
-    let why = format!("an after_activate hook failed ({})", why.join("; "));
+    let why = format!("an after_activate hook failed on {}", on.join(", "));
     if o.hooks.rollback_on_failure {
         let switched = each_in_parallel(hosts.iter_mut().zip(states.iter()), |(h, st)| match h {
             Ok(h) if *st == HostState::Live => Some(switch_back(h, &why, events)),
@@ -1357,15 +1351,19 @@ fn local_host() -> String {
 
 /// A target failed in phase 1: every release committed elsewhere is discarded; no target is
 /// activated.
-fn abort(hosts: &mut [Result<Host, Failed>], events: &Arc<dyn Events>) -> Vec<HostState> {
+fn abort(
+    hosts: &mut [Result<Host, Failed>],
+    targets: &[Target],
+    events: &Arc<dyn Events>,
+) -> Vec<HostState> {
+    // The targets by name: each one's own error says why it failed.
     let culprits: Vec<String> = hosts
         .iter()
-        .filter_map(|h| match h {
-            Err(f) => Some(f.error.to_string()),
-            Ok(h) => h.hook_error.as_ref().map(|e| e.to_string()),
-        })
+        .zip(targets)
+        .filter(|(h, _)| h.as_ref().map_or(true, |h| h.hook_error.is_some()))
+        .map(|(_, t)| t.display())
         .collect();
-    let why = format!("another target failed ({})", culprits.join("; "));
+    let why = format!("another target failed ({})", culprits.join(", "));
     each_in_parallel(hosts.iter_mut(), |h| match h {
         Err(_) => HostState::Failed,
         Ok(h) if h.unchanged => HostState::Unchanged,
@@ -1415,9 +1413,12 @@ fn activate_all(
         events.phase(h.index, Phase::Live);
         Ok(())
     });
+    // The targets by name: each one's own error says why its activation failed.
     let failed: Vec<String> = results
         .iter()
-        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .zip(targets)
+        .filter(|(r, _)| r.is_err())
+        .map(|(_, t)| t.display())
         .collect();
     let mut states = Vec::with_capacity(hosts.len());
     for (slot, r) in hosts.iter_mut().zip(results) {
@@ -1426,7 +1427,7 @@ fn activate_all(
             Ok(()) if h.unchanged => states.push(HostState::Unchanged),
             Ok(()) if failed.is_empty() => states.push(HostState::Live),
             Ok(()) => {
-                let why = format!("another target's activation failed ({})", failed.join("; "));
+                let why = format!("another target's activation failed ({})", failed.join(", "));
                 states.push(switch_back(h, &why, events))
             }
             Err(e) => {
