@@ -141,7 +141,8 @@ fn run(cli: Cli) -> Result<Code> {
         return blake3_files(a);
     }
     if let Command::Init(a) = &cli.command {
-        return init(a);
+        let path = cli.config.as_deref();
+        return init(a, path.unwrap_or(std::path::Path::new(config::FILE)));
     }
     // `flip diff` needs no target and no settings: a broken flip.toml does not stop it.
     // Its shared paths are the file's top level's, when it has any (so shared paths, links in
@@ -184,10 +185,10 @@ fn agent(a: cli::AgentArgs) -> Result<Code> {
     })
 }
 
-fn init(a: &cli::InitArgs) -> Result<Code> {
+/// `flip init`: writes the starter configuration to `path` (flip.toml, or `--config FILE`).
+fn init(a: &cli::InitArgs, path: &std::path::Path) -> Result<Code> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = std::path::Path::new(config::FILE);
     // Never through a symlink (a dangling one planted in a shared directory included): a new
     // file, and with --force one renamed over whatever is there.
     let exists = std::fs::symlink_metadata(path).is_ok();
@@ -200,7 +201,11 @@ fn init(a: &cli::InitArgs) -> Result<Code> {
             ),
         ));
     }
-    let tmp = std::path::PathBuf::from(format!(".{}.tmp-{}", config::FILE, std::process::id()));
+    let name = path
+        .file_name()
+        .unwrap_or(path.as_os_str())
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let new = if exists { tmp.as_path() } else { path };
     let written = std::fs::OpenOptions::new()
         .write(true)
@@ -219,8 +224,12 @@ fn init(a: &cli::InitArgs) -> Result<Code> {
         }
         return Err(e).with_context(|| format!("cannot write {}", path.display()));
     }
+    let with = match path == std::path::Path::new(config::FILE) {
+        true => String::new(),
+        false => format!(" --config {}", path.display()),
+    };
     note!(
-        "flip: wrote {}: set `source` and the targets of each environment, then `flip deploy prod`",
+        "flip: wrote {}: set `source` and the targets of each environment, then `flip deploy prod{with}`",
         path.display()
     );
     Ok(exit::OK)

@@ -871,3 +871,31 @@ fn a_rollback_of_an_environment_is_what_its_next_deploy_expects_live() {
     assert_eq!(h["round_trips"], 2, "{j}");
     assert_dir_eq(&root.join("current"), &src.tree(), "after the rollback");
 }
+
+/// `flip init --config FILE` writes the starter to FILE (not to ./flip.toml), and
+/// `--config FILE` reads it back.
+#[test]
+fn init_with_config_writes_that_file() {
+    let fx = Fx::new();
+    fs::create_dir(fx.path("deploy")).unwrap();
+    let file = fx.path("deploy/staging.toml");
+    fx.flip(&["init", "--config", s(&file)]).success();
+    assert!(!fx.path("flip.toml").exists(), "wrote ./flip.toml");
+    let text = fs::read_to_string(&file).unwrap();
+    assert!(text.contains("[env.prod]"), "{text}");
+    let j = fx
+        .flip(&["config", "prod", "--json", "--config", s(&file)])
+        .success()
+        .json();
+    assert_eq!(j["targets"].as_array().unwrap().len(), 2, "{j}");
+    fx.flip(&["init", "--config", s(&file)])
+        .code(2)
+        .stderr_has(&format!("{} exists already", file.display()));
+    fx.flip(&["init", "--config", s(&file), "--force"])
+        .success();
+    let left: Vec<_> = fs::read_dir(fx.path("deploy"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["staging.toml"], "a temp file left behind");
+}
