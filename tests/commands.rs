@@ -205,6 +205,43 @@ fn prune_never_removes_the_live_release_or_the_rollback_target() {
     fx.flip(&["verify", root]).success();
 }
 
+/// A release whose metadata is damaged is left out of the listing (warned about on every
+/// command); once it is older than every release kept, a prune removes it, tree and metadata,
+/// so the warning stops. A damaged newer one stays (it may be a rollback the user wants back).
+#[test]
+fn a_release_with_damaged_metadata_is_pruned_once_older_than_every_kept_one() {
+    let fx = Fx::new();
+    let root = fx.root_str();
+    for t in ["a", "b", "c", "d"] {
+        deploy_tag(&fx, t, &["--keep", "10"]);
+    }
+    let meta = fx.root.join(".flip/releases");
+    fs::write(meta.join("1.json"), "garbage").unwrap();
+    fs::remove_file(meta.join("3.json")).unwrap();
+    let r = fx.flip(&["releases", root]).success();
+    assert!(r.stderr.contains("release 1 is not listed"), "{}", r.stderr);
+    // Keep 1: live 4 and rollback target 2 stay; 3 is newer than 2: stays too.
+    let j = fx
+        .flip(&["prune", "--json", "--keep", "1", root])
+        .success()
+        .json();
+    assert_eq!(j["pruned"], serde_json::json!([1]), "{j}");
+    assert_eq!(fx.release_ids(), vec![2, 3, 4]);
+    assert!(!fx.meta_files().iter().any(|f| f.starts_with("1.")));
+    // Keep 0 spares live 4 and rollback target 2; 3, between them, stays.
+    let j = fx
+        .flip(&["prune", "--json", "--keep", "0", root])
+        .success()
+        .json();
+    assert_eq!(j["pruned"], serde_json::json!([]), "{j}");
+    // The next deploy (keep 1) keeps 5 and its rollback target 4: 2 and 3 go.
+    let j = deploy_tag(&fx, "e", &["--keep", "1"]);
+    assert_eq!(j["pruned"], serde_json::json!([2, 3]), "{j}");
+    assert_eq!(fx.release_ids(), vec![4, 5]);
+    let r = fx.flip(&["releases", root]).success();
+    assert!(!r.stderr.contains("not listed"), "{}", r.stderr);
+}
+
 #[test]
 fn ids_are_never_reused_after_pruning_the_newest_releases() {
     let fx = Fx::new();

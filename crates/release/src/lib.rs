@@ -640,7 +640,9 @@ impl Root {
     }
 
     /// The releases a [`Root::prune`] keeping `keep` would remove now, ascending: all but the
-    /// `keep` newest, never the live one or the one a rollback would go back to.
+    /// `keep` newest, never the live one or the one a rollback would go back to; and a release
+    /// whose metadata is damaged or missing (left out of [`Root::releases`]) once it is older
+    /// than every release kept.
     ///
     /// # Errors
     /// An I/O error reading the releases or `current`.
@@ -655,12 +657,25 @@ impl Root {
         };
         let mut kept = 0usize;
         let mut doomed = Vec::new();
+        let mut oldest_kept = u64::MAX;
         for r in releases.iter().rev() {
             if protected.contains(&r.id) || kept < keep {
                 kept += 1;
+                oldest_kept = oldest_kept.min(r.id);
             } else {
                 doomed.push(r.id);
             }
+        }
+        // A release left out of the listing (its metadata damaged or missing: it can be neither
+        // rolled back to nor checked) goes once it is older than every release kept, else it
+        // would stay, and be warned about, forever. Never the live one.
+        if kept > 0 {
+            let listed: std::collections::BTreeSet<u64> = releases.iter().map(|r| r.id).collect();
+            doomed.extend(
+                self.release_ids()?
+                    .into_iter()
+                    .filter(|id| *id < oldest_kept && !listed.contains(id) && Some(*id) != current),
+            );
         }
         doomed.sort_unstable();
         Ok(doomed)
