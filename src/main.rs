@@ -790,30 +790,44 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     let ssh = ssh_only(&a.ssh);
     let mut lists = Vec::new();
+    let mut lives = Vec::new();
     for target in &targets {
         let mut s = target.connect(&ssh, 0)?;
-        let (_, list) = s.status()?;
+        let (live, list) = s.status()?;
         notices(&mut s);
         s.close()?;
         lists.push(list);
+        lives.push(live);
     }
     if let Some(env) = env {
         render::release_table(&env.env, &targets, &lists, a.json);
         return Ok(exit::OK);
     }
     let (target, list) = (&targets[0], &lists[0]);
+    // The live release left out of the listing (its metadata damaged or gone: the warning
+    // above says which) still gets its row, marked live, with what is unknown left out.
+    let unlisted_live = lives[0].filter(|id| !list.iter().any(|r| r.id == *id));
+    // Rows by id: a listed release, or the unlisted live one (`None`).
+    let mut rows: Vec<(u64, Option<&flip_wire::ReleaseSummary>)> =
+        list.iter().map(|r| (r.id, Some(r))).collect();
+    rows.extend(unlisted_live.map(|id| (id, None)));
+    rows.sort_by_key(|(id, _)| *id);
     if a.json {
-        let arr: Vec<_> = list
+        let arr: Vec<_> = rows
             .iter()
-            .map(|r| {
-                json!({
+            .map(|(id, r)| match r {
+                Some(r) => json!({
                     "id": r.id, "label": r.label, "created": output::iso_time(r.created),
-                    "files": r.files, "bytes": r.bytes, "current": r.current,
-                })
+                    "files": r.files, "bytes": r.bytes, "current": r.current, "damaged": false,
+                }),
+                None => json!({
+                    "id": id, "label": null, "created": null, "files": null, "bytes": null,
+                    "current": true, "damaged": true,
+                }),
             })
             .collect();
         outln!("{}", serde_json::Value::Array(arr));
-    } else if list.is_empty() {
+    } else if rows.is_empty() {
         note!("flip: {} has no releases", target.display());
     } else {
         outln!(
@@ -824,16 +838,26 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
             "FILES",
             "BYTES"
         );
-        for r in list {
-            outln!(
-                "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  {}",
-                r.id,
-                if r.current { "*" } else { "" },
-                output::iso_time(r.created),
-                r.files,
-                output::bytes(r.bytes),
-                output::escape(r.label.as_deref().unwrap_or(""))
-            );
+        for (id, r) in rows {
+            match r {
+                Some(r) => outln!(
+                    "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  {}",
+                    r.id,
+                    if r.current { "*" } else { "" },
+                    output::iso_time(r.created),
+                    r.files,
+                    output::bytes(r.bytes),
+                    output::escape(r.label.as_deref().unwrap_or(""))
+                ),
+                None => outln!(
+                    "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  (its metadata is damaged)",
+                    id,
+                    "*",
+                    "?",
+                    "?",
+                    "?"
+                ),
+            }
         }
     }
     Ok(exit::OK)

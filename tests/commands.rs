@@ -205,6 +205,37 @@ fn prune_never_removes_the_live_release_or_the_rollback_target() {
     fx.flip(&["verify", root]).success();
 }
 
+/// `flip releases` still shows which release is live when that release's metadata is
+/// damaged: its row, marked live and damaged, in id order, with what is unknown left out.
+#[test]
+fn releases_marks_a_live_release_whose_metadata_is_damaged() {
+    let fx = Fx::new();
+    let root = fx.root_str();
+    for t in ["a", "b", "c"] {
+        deploy_tag(&fx, t, &[]);
+    }
+    fx.flip(&["activate", root, "2"]).success();
+    fs::write(fx.root.join(".flip/releases/2.json"), "garbage").unwrap();
+    let r = fx.flip(&["releases", "--json", root]).success();
+    let j = r.json();
+    let rows = j.as_array().unwrap();
+    let ids: Vec<u64> = rows.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, vec![1, 2, 3], "{j}");
+    assert_eq!(rows[1]["current"], true, "{j}");
+    assert_eq!(rows[1]["damaged"], true, "{j}");
+    assert_eq!(rows[1]["files"], serde_json::Value::Null, "{j}");
+    assert_eq!(rows[0]["damaged"], false, "{j}");
+    assert!(r.stderr.contains("release 2 is not listed"), "{}", r.stderr);
+    let r = fx.flip(&["releases", root]).success();
+    let live: Vec<&str> = r.stdout.lines().filter(|l| l.contains('*')).collect();
+    assert_eq!(live.len(), 1, "{}", r.stdout);
+    assert!(
+        live[0].trim_start().starts_with("2 ") && live[0].ends_with("(its metadata is damaged)"),
+        "{}",
+        r.stdout
+    );
+}
+
 /// A release whose metadata is damaged is left out of the listing (warned about on every
 /// command); once it is older than every release kept, a prune removes it, tree and metadata,
 /// so the warning stops. A damaged newer one stays (it may be a rollback the user wants back).
