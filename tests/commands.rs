@@ -273,6 +273,47 @@ fn a_release_with_damaged_metadata_is_pruned_once_older_than_every_kept_one() {
     assert!(!r.stderr.contains("not listed"), "{}", r.stderr);
 }
 
+/// A release holding a directory tree thousands of levels deep (an application's cache gone
+/// wrong, or planted) is pruned completely by an agent limited to 64 open files: it used to
+/// stay a leftover forever, "Too many open files" on every deploy.
+#[test]
+fn a_release_thousands_of_directories_deep_is_pruned_with_few_descriptors() {
+    let fx = Fx::new();
+    let root = fx.root_str();
+    deploy_tag(&fx, "a", &[]);
+    let mut deep = fx.release(1);
+    for _ in 0..2000 {
+        deep.push("d");
+    }
+    fs::create_dir_all(&deep).unwrap();
+    fs::write(deep.join("f"), "x").unwrap();
+    // A symlink to a directory outside, deep down: removed itself, never followed.
+    let outside = fx.path("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("keep"), "k").unwrap();
+    std::os::unix::fs::symlink(&outside, deep.join("out")).unwrap();
+    deploy_tag(&fx, "b", &[]);
+    let src = fx.src("tagged");
+    src.file("version.txt", "c", 0o644);
+    let out = std::process::Command::new("sh")
+        .args(["-c", "ulimit -n 64 && exec \"$0\" \"$@\"", FLIP])
+        .args(["deploy", "--json", src.s(), root, "--keep", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["pruned"], serde_json::json!([1]), "{j}");
+    assert_eq!(j["leftovers"], serde_json::json!([]), "{j}");
+    assert_eq!(fx.release_ids(), vec![2, 3]);
+    let entries: Vec<_> = fs::read_dir(fx.root.join("releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(fs::read(outside.join("keep")).unwrap(), b"k");
+}
+
 #[test]
 fn ids_are_never_reused_after_pruning_the_newest_releases() {
     let fx = Fx::new();

@@ -286,7 +286,51 @@ pub(crate) fn remove_tree_reporting(path: &Path, out: &mut LeftoverList) -> bool
             return false;
         }
     };
-    remove_at(&parent, &cstr(name), path, out)
+    remove_at(&parent, &cstr(name), path, out, &mut Deep::default())
+}
+
+/// Directory levels [`remove_at`] descends below the top of a tree, each holding a descriptor,
+/// before it moves what is deeper up to the top and removes it from there: a tree of any depth
+/// goes with a bounded number of descriptors (a session's limit is often 1024) and a bounded
+/// stack.
+const DEEP_LEVELS: usize = 48;
+
+/// A removal's state across levels: how deep it is below the top directory of the tree, and
+/// the directories moved up to the top (their names there), still to remove.
+#[derive(Default)]
+struct Deep {
+    depth: usize,
+    moved: Vec<std::ffi::CString>,
+    /// Names tried at the top so far (for unique ones).
+    serial: u64,
+}
+
+/// Moves the directory `name` of `dir` up to the top directory of the removal (`top`) under a
+/// fresh name (never replacing an entry), recorded in `deep.moved`. Both are inside the tree
+/// being removed: nothing leaves it.
+fn move_up(
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::CStr,
+    top: &std::os::fd::OwnedFd,
+    deep: &mut Deep,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        deep.serial += 1;
+        let to = cstr(std::ffi::OsStr::new(&format!(
+            ".flip-deep-{}-{}",
+            std::process::id(),
+            deep.serial
+        )));
+        match rename_noreplace(dir.as_raw_fd(), name, top.as_raw_fd(), &to) {
+            Ok(()) => {
+                deep.moved.push(to);
+                return Ok(());
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && deep.serial < 1 << 20 => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn cstr(s: &std::ffi::OsStr) -> std::ffi::CString {
@@ -327,12 +371,26 @@ fn cvt(r: libc::c_int) -> std::io::Result<()> {
 }
 
 /// Removes `name` in the directory `dir` (shown as `shown` in messages), a whole tree if it is
-/// a directory.
+/// a directory (`deep`: how far below the top of the removal `dir` is; a directory more than
+/// [`DEEP_LEVELS`] below is moved up to the top and removed from there).
 fn remove_at(
     dir: &std::os::fd::OwnedFd,
     name: &std::ffi::CStr,
     shown: &Path,
     out: &mut LeftoverList,
+    deep: &mut Deep,
+) -> bool {
+    remove_below(dir, name, shown, out, deep, None)
+}
+
+/// [`remove_at`], with `top` the descriptor of the tree's top directory once below it.
+fn remove_below(
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::CStr,
+    shown: &Path,
+    out: &mut LeftoverList,
+    deep: &mut Deep,
+    top: Option<&std::os::fd::OwnedFd>,
 ) -> bool {
     use std::os::fd::AsRawFd;
     let gone = |r: std::io::Result<()>, out: &mut LeftoverList| match r {
@@ -362,6 +420,10 @@ fn remove_at(
         let r = unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) };
         return gone(cvt(r), out);
     }
+    if let Some(top) = top.filter(|_| deep.depth >= DEEP_LEVELS) {
+        // Too deep to hold another descriptor: up to the top, removed from there.
+        return gone(move_up(dir, name, top, deep), out);
+    }
     let sub = match open_writable_dir(dir, name, st.st_mode) {
         Ok(fd) => fd,
         Err(e) => return gone(Err(e), out),
@@ -374,10 +436,37 @@ fn remove_at(
         }
     };
     let mut all = true;
+    let child_of = |shown: &Path, child: &std::ffi::CString| {
+        shown.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(child.as_bytes()))
+    };
+    deep.depth += 1;
     for child in names {
-        let child_shown = shown
-            .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(child.as_bytes()));
-        all &= remove_at(&sub, &child, &child_shown, out);
+        let below = top.unwrap_or(&sub);
+        all &= remove_below(
+            &sub,
+            &child,
+            &child_of(shown, &child),
+            out,
+            deep,
+            Some(below),
+        );
+    }
+    deep.depth -= 1;
+    if top.is_none() {
+        // The top: what was moved up to it goes now, each a fresh descent (which may move up
+        // more, until nothing is left that deep).
+        while let Some(child) = deep.moved.pop() {
+            deep.depth += 1;
+            all &= remove_below(
+                &sub,
+                &child,
+                &child_of(shown, &child),
+                out,
+                deep,
+                Some(&sub),
+            );
+            deep.depth -= 1;
+        }
     }
     drop(sub);
     // SAFETY: as above, removing the (now empty) directory entry itself.
