@@ -327,6 +327,79 @@ fn a_conflicting_type_in_shared_is_refused_with_nothing_changed() {
     assert_eq!(fx.release_ids(), vec![1]);
 }
 
+/// A deploy that seeds shared paths reports the release it records, as its dry run predicts:
+/// each seed a new symlink, the seeds' files and directories not counted as release files
+/// (they are sent, and named in `seeded`); on a first deploy and when a path the live release
+/// holds becomes shared.
+#[test]
+fn a_seeding_deploy_reports_what_its_dry_run_predicts() {
+    let fx = Fx::new();
+    write_config(&fx, CONFIG);
+    let src = app(&fx);
+    // The seeds hold files equal to release files (copied on the target, not counted either).
+    src.file("storage/app/.gitignore", "*\n", 0o644)
+        .file("public/.gitignore", "*\n", 0o644);
+    let counts = |j: &serde_json::Value| {
+        serde_json::json!([
+            j["files"],
+            j["dirs"]["new"],
+            j["dirs"]["removed"],
+            j["symlinks"],
+            j["items"]
+        ])
+    };
+    let dry = |fx: &Fx| {
+        fx.flip(&[
+            "deploy",
+            "--dry-run",
+            "--json",
+            "--itemize",
+            src.s(),
+            fx.root_str(),
+        ])
+        .success()
+        .json()
+    };
+    let deploy = |fx: &Fx| {
+        fx.flip(&[
+            "deploy",
+            "--json",
+            "--itemize",
+            "--no-whole-file",
+            src.s(),
+            fx.root_str(),
+            "--mkpath",
+        ])
+        .success()
+        .json()
+    };
+    let mut predicted = dry(&fx);
+    let j = deploy(&fx);
+    // The dry run's transfer counts are its own (no resends); the rest must agree.
+    predicted["files"]["resent"] = j["files"]["resent"].clone();
+    assert_eq!(counts(&j), counts(&predicted), "{j}\n{predicted}");
+    assert_eq!(j["files"]["total"], 3, "{j}");
+    assert_eq!(j["files"]["copied"], 0, "{j}");
+    assert_eq!(j["symlinks"]["new"], 3, "{j}");
+    assert_eq!(
+        j["seeded"],
+        serde_json::json!([".env", "public/uploads", "storage"]),
+        "{j}"
+    );
+
+    // Deployed without shared paths, then storage becomes shared: the release's storage
+    // directory and its files go, a symlink comes.
+    let fx = Fx::new();
+    fx.deploy(&src, &[]);
+    write_config(&fx, CONFIG);
+    let predicted = dry(&fx);
+    let j = deploy(&fx);
+    assert_eq!(counts(&j), counts(&predicted), "{j}\n{predicted}");
+    assert_eq!(j["files"]["removed"], 3, "{j}");
+    assert_eq!(j["files"]["linked"], 3, "{j}");
+    assert_eq!(j["symlinks"]["new"], 3, "{j}");
+}
+
 #[test]
 fn seeding_a_path_the_live_release_holds_makes_fresh_inodes() {
     let fx = Fx::new();

@@ -995,13 +995,28 @@ impl Session {
             .stage
             .as_ref()
             .ok_or_else(|| AgentError::Protocol("Changes without Stage".into()))?;
-        let c = flip_plan::report::deployed(
-            stage.previous_manifest(),
-            stage.manifest(),
-            stage.plan(),
-            stage.needs(),
-            all,
-        );
+        let c = match stage.release_files() {
+            // Seeds of shared paths: the changes of the release as recorded (each seed a
+            // symlink), its files' steps and needs taken from the staged ones.
+            Some((release, map)) => {
+                let plan = flip_plan::Plan {
+                    files: (stage.plan().files.iter().zip(&map))
+                        .filter(|(_, m)| m.is_some())
+                        .map(|(f, _)| f.clone())
+                        .collect(),
+                    stats: Default::default(),
+                };
+                let needs: Vec<usize> = stage.needs().iter().filter_map(|&i| map[i]).collect();
+                flip_plan::report::deployed(stage.previous_manifest(), release, &plan, &needs, all)
+            }
+            None => flip_plan::report::deployed(
+                stage.previous_manifest(),
+                stage.manifest(),
+                stage.plan(),
+                stage.needs(),
+                all,
+            ),
+        };
         let mut pieces = c.items.chunks(CHANGES_PER_FRAME).peekable();
         loop {
             let items = pieces.next().unwrap_or_default().to_vec();
@@ -1211,6 +1226,23 @@ impl Session {
         }
         // Refuse up front (the stage is dropped, so removed) content that cannot fit.
         check_space(root.path(), &stage)?;
+        // Links and copies of the release as recorded: a seed's files go to shared/.
+        let (mut linked, mut copied) = (stage.stats().linked, stage.stats().copied);
+        if let Some((_, map)) = stage.release_files() {
+            for (f, _) in stage
+                .plan()
+                .files
+                .iter()
+                .zip(map)
+                .filter(|(_, m)| m.is_none())
+            {
+                match f.source {
+                    flip_plan::Source::Link(_) => linked = linked.saturating_sub(1),
+                    flip_plan::Source::Copy(_) => copied = copied.saturating_sub(1),
+                    flip_plan::Source::Transfer { .. } => {}
+                }
+            }
+        }
         let resp = Response::Staged {
             id: stage.id(),
             previous: stage.previous(),
@@ -1222,8 +1254,8 @@ impl Session {
                     basis: stage.basis_of(i),
                 })
                 .collect(),
-            linked: stage.stats().linked,
-            copied: stage.stats().copied,
+            linked,
+            copied,
             removed: stage.plan().stats.removed,
         };
         self.stage = Some(Arc::new(stage));

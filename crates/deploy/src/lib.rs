@@ -1038,6 +1038,10 @@ fn prepare(
         if single {
             host.session.defer_commit();
         }
+        if let Some(a) = applied.as_ref().filter(|a| !a.seeds.is_empty()) {
+            // The report counts the release as recorded, each seed a symlink.
+            host.session.report_release(Arc::new(a.release.clone()));
+        }
         host.stage_send_commit(source, staged, live, caches, o)?;
         if let (Some(r), Some(x)) = (host.report.as_mut(), streamed) {
             stream::account(r, x);

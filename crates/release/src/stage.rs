@@ -213,6 +213,30 @@ impl<'r> Stage<'r> {
         &self.manifest
     }
 
+    /// With seeds of shared paths ([`Stage::set_shared`]): the release as recorded (the staged
+    /// manifest with each seed replaced by its symlink) and, for each of `plan().files`, its
+    /// index among the release's files (`None` for a file of a seed). `None` without seeds.
+    pub fn release_files(&self) -> Option<(&Manifest, Vec<Option<usize>>)> {
+        let s = self.shared.as_ref().filter(|s| !s.seeds.is_empty())?;
+        let mut next = 0;
+        let map = self
+            .plan
+            .files
+            .iter()
+            .map(|f| {
+                if s.seeds
+                    .iter()
+                    .any(|(x, _)| flip_plan::shared::is_within(&f.path, x))
+                {
+                    return None;
+                }
+                next += 1;
+                Some(next - 1)
+            })
+            .collect();
+        Some((&s.release, map))
+    }
+
     /// The manifest of the live release this one was planned against.
     pub fn previous_manifest(&self) -> Option<&Manifest> {
         self.prev.as_ref().map(|(_, m)| m)

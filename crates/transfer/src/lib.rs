@@ -236,6 +236,8 @@ pub struct Session {
     probing: Option<(Digest, Vec<String>)>,
     /// With [`Session::defer_commit`]: `stage` queues `Commit` without reading its answer.
     defer_commit: bool,
+    /// With [`Session::report_release`]: the release recorded, whose files the report counts.
+    report_release: Option<std::sync::Arc<Manifest>>,
     /// An `Activate` was queued: the agent may hold the answer to a `Commit` before it until
     /// the activation is done (`coalesce`), so a session that ends while the client waits for
     /// that answer may have ended in either.
@@ -338,6 +340,7 @@ impl Session {
             round_trips: 0,
             probed: None,
             probing: None,
+            report_release: None,
             defer_commit: false,
             activate_queued: false,
             ahead: None,
@@ -771,7 +774,9 @@ impl Session {
         content::send(self, source, &jobs, sigs, content_cache, &mut report)?;
         drop(jobs);
         self.phase = "committing the release";
-        explain(&mut report, changes, planned);
+        let release = self.report_release.take();
+        let to_release = release.as_deref().map(|r| release_indexes(manifest, r));
+        explain(&mut report, changes, planned, to_release);
         if self.defer_commit {
             self.queue(&Request::Commit)?;
             return Ok(report);
@@ -878,6 +883,15 @@ impl Session {
     /// [`Session::committed`] before their answers.
     pub fn defer_commit(&mut self) {
         self.defer_commit = true;
+    }
+
+    /// The next [`Session::stage`] reports on `release`, the release the agent records, rather
+    /// than on the staged manifest: they differ when shared paths are seeded (the seeds' files
+    /// are staged and sent, then moved into `shared/`, a symlink left in their place). The
+    /// agent lists the changes of `release` too; the files sent are counted among its files
+    /// (a seed's are sent, in the bytes, but not counted).
+    pub fn report_release(&mut self, release: std::sync::Arc<Manifest>) {
+        self.report_release = Some(release);
     }
 
     /// The answer to `Commit`: release `id` is committed.
@@ -1483,7 +1497,46 @@ type Chosen = HashMap<u32, (Via, Option<RelPath>)>;
 /// Completes a deploy's report from the agent's classification (`changes`): a note on every
 /// file sent otherwise than `planned`, the sent files in index order, and the counts, with the
 /// stage's own link and copy tallies (a link can become a copy across filesystems).
-fn explain(report: &mut DeployReport, mut changes: Changes, mut planned: Chosen) {
+/// For each regular file of `staged`, its index among the files of `release` (which holds a
+/// subset of them, in the same order: the staged manifest less the seeds' files), `None` for
+/// a file `release` does not have.
+fn release_indexes(staged: &Manifest, release: &Manifest) -> Vec<Option<u32>> {
+    let mut kept = release.files().map(|(p, ..)| p).enumerate().peekable();
+    staged
+        .files()
+        .map(|(p, ..)| match kept.peek() {
+            Some((i, q)) if *q == p => {
+                let i = *i as u32;
+                kept.next();
+                Some(i)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn explain(
+    report: &mut DeployReport,
+    mut changes: Changes,
+    mut planned: Chosen,
+    to_release: Option<Vec<Option<u32>>>,
+) {
+    if let Some(map) = to_release {
+        // The agent listed the release's changes: the files sent are counted by their index
+        // in it, a seed's files not at all.
+        let at = |i: u32| map.get(i as usize).copied().flatten();
+        report.sent = std::mem::take(&mut report.sent)
+            .into_iter()
+            .filter_map(|mut s| {
+                s.index = at(s.index)?;
+                Some(s)
+            })
+            .collect();
+        planned = planned
+            .into_iter()
+            .filter_map(|(i, v)| Some((at(i)?, v)))
+            .collect();
+    }
     let items_by_index: HashMap<u32, &Item> = changes
         .items
         .iter()
