@@ -159,9 +159,13 @@ fn scan_pair(
 ) -> Result<(Manifest, Manifest)> {
     let scan = |dir: &Path| -> Result<Manifest> {
         if !dir.is_dir() {
+            let what = match dir.symlink_metadata() {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist",
+                _ => "is not a directory",
+            };
             return Err(exit::coded(
                 exit::SOURCE,
-                format!("{} is not a directory", dir.display()),
+                format!("{} {what}", dir.display()),
             ));
         }
         let opts = flip_scan::ScanOptions {

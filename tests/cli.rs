@@ -254,6 +254,25 @@ fn errors_of_commands_are_json_with_the_exit_code() {
         r.stderr,
         format!("flip: error: {} is not a directory\n", afile.display())
     );
+    // diff of a tree that is not there says so (exit 4: a source problem).
+    let gone = fx.path("gone");
+    let j = fx
+        .flip(&["diff", "--json", s(&afile), s(&gone)])
+        .code(4)
+        .json();
+    assert_eq!(
+        j["error"]["message"],
+        format!("{} is not a directory", afile.display())
+    );
+    let src = fx.src("src");
+    let j = fx
+        .flip(&["diff", "--json", src.s(), s(&gone)])
+        .code(4)
+        .json();
+    assert_eq!(
+        j["error"]["message"],
+        format!("{} does not exist", gone.display())
+    );
 }
 
 #[test]
