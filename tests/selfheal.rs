@@ -840,3 +840,69 @@ fn a_damaged_record_of_the_live_release_does_not_fail_every_deploy() {
         fx.flip(&["verify", fx.root_str()]).success();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// flip's files of .flip/ shared with another file by a hard link
+// ---------------------------------------------------------------------------------------------
+
+/// Two targets deployed: `fx.root` (B) and `other` (A).
+fn two_targets(fx: &Fx, src: &Src) -> PathBuf {
+    let other = fx.path("other-target");
+    public_site(src, 1);
+    fx.flip(&["deploy", src.s(), s(&other)]).success();
+    fx.deploy(src, &[]);
+    other
+}
+
+/// B's `.flip/lock` is a hard link to A's (a `cp -al` of a whole target, or planted), and a
+/// deploy of A holds A's lock (here the test holds an `flock` on it). A deploy to B does not wait for A:
+/// it replaces B's lock file by one of its own, says so naming it, and succeeds; A's lock keeps
+/// its inode, bytes and holder (a deploy to A is still refused as locked). Before, the deploy
+/// to B was refused (exit 3, "locked by" A's holder) for as long as A's deploy ran.
+#[test]
+fn a_lock_file_shared_by_a_hard_link_is_replaced_and_locks_only_its_target() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let a = two_targets(&fx, &src);
+    let (a_lock, b_lock) = (a.join(".flip/lock"), fx.root.join(".flip/lock"));
+    fs::remove_file(&b_lock).unwrap();
+    fs::hard_link(&a_lock, &b_lock).unwrap();
+    let a_bytes = fs::read(&a_lock).unwrap();
+    let a_ino = ino(&a_lock);
+    // A's deploy: an flock on A's lock, held here until dropped.
+    let holder = fs::File::open(&a_lock).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&holder), libc::LOCK_EX) };
+    assert_eq!(r, 0);
+
+    public_site(&src, 2);
+    let started = Instant::now();
+    let j = fx.deploy(&src, &[]);
+    assert!(started.elapsed() < Duration::from_secs(20), "waited for A");
+    assert_eq!(fx.current_link(), "releases/2");
+    let w = warnings(&j);
+    assert!(
+        w.iter()
+            .any(|w| w.contains(s(&b_lock)) && w.contains("hard link")),
+        "{w:?}"
+    );
+    let b_meta = fs::symlink_metadata(&b_lock).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::nlink(&b_meta), 1);
+    assert_ne!(ino(&b_lock), a_ino);
+    // A's lock: untouched, and still A's holder's.
+    assert_eq!(ino(&a_lock), a_ino);
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::nlink(&fs::symlink_metadata(&a_lock).unwrap()),
+        1
+    );
+    assert_eq!(fs::read(&a_lock).unwrap(), a_bytes);
+    fx.flip(&["deploy", src.s(), s(&a)])
+        .code(3)
+        .stderr_has("locked");
+    // The next deploy to B finds its own lock: no warning.
+    public_site(&src, 3);
+    let j = fx.deploy(&src, &[]);
+    assert!(warnings(&j).is_empty(), "{j}");
+    drop(holder);
+    fx.flip(&["deploy", src.s(), s(&a)]).success();
+}

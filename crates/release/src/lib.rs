@@ -366,14 +366,19 @@ impl Root {
 
     /// Takes the deploy lock for the lifetime of the guard.
     /// Checks flip's layout before and again under the lock (refusing a symlink or a wrong
-    /// type, see [`Root::check_layout`]).
+    /// type, see [`Root::check_layout`]). A lock file shared with another file by a hard link
+    /// is replaced by one of this target's own (with a warning), unless a session of this
+    /// target holds it.
     ///
     /// # Errors
     /// [`Error::Locked`] (naming the holder) when someone holds it and `wait` does not wait,
     /// [`Error::Layout`], or an I/O error.
     pub fn lock(&self, me: &Holder, wait: Wait<'_>) -> Result<LockGuard> {
         self.check_layout()?;
-        let guard = lock::acquire(&self.state_dir().join("lock"), me, wait)?;
+        let (guard, replaced) = lock::acquire(&self.state_dir().join("lock"), me, wait)?;
+        if let Some(w) = replaced {
+            self.warn(w);
+        }
         self.check_layout()?;
         // flip's own directories, if lost, are made again rather than failing every deploy.
         for d in [self.releases_dir(), self.meta_dir()] {

@@ -41,6 +41,10 @@ impl std::fmt::Display for Holder {
 #[derive(Debug)]
 pub struct LockGuard {
     _file: File,
+    /// A shared `flock` on `.flip/` itself, held as long as the lock: it tells whoever finds
+    /// the lock file shared with another file by a hard link that a session of this target is
+    /// running (see [`acquire`]).
+    _dir: File,
 }
 
 /// How to behave when the lock is taken.
@@ -51,33 +55,206 @@ pub enum Wait<'a> {
     Yes(&'a mut dyn FnMut(&str)),
 }
 
-pub(crate) fn acquire(path: &Path, me: &Holder, wait: Wait<'_>) -> Result<LockGuard> {
+/// Takes the lock at `path` (`.flip/lock`); returns the guard and, when the lock file had to be
+/// replaced, a warning naming it and why.
+///
+/// A lock file with more than one link (a hard link to another target's lock, planted or made
+/// by a `cp -al` of a whole target) would couple this target to whatever else has that inode:
+/// a deploy there would block a deploy here. Such a file is replaced by a fresh one, already
+/// locked, renamed over it under an exclusive `flock` on `.flip/` (two of this target's own
+/// sessions never both replace it). It is never replaced while a session of this target holds
+/// its lock: every holder keeps a shared `flock` on `.flip/`, so a replacement that cannot take
+/// `.flip/` exclusively leaves the lock alone and reports it as taken.
+pub(crate) fn acquire(
+    path: &Path,
+    me: &Holder,
+    wait: Wait<'_>,
+) -> Result<(LockGuard, Option<String>)> {
     let mut wait = wait;
-    // A lock file removed or replaced between our open and our flock (a failed first deploy
-    // undoing its target) locks nothing: open it again.
-    for _ in 0..100 {
-        let mut file = open(path)?;
-        if !flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(io("lock", path))? {
-            match holder_or_free(&mut file, path)? {
-                None => {}
-                Some(holder) => match &mut wait {
-                    Wait::No => return Err(Error::Locked { holder }),
-                    Wait::Yes(tell) => {
-                        tell(&holder);
-                        flock(&file, libc::LOCK_EX).map_err(io("lock", path))?;
-                    }
-                },
+    let dir_path = path.parent().expect("the lock lives in .flip/");
+    let mut told = false;
+    let mut tell_or_fail = |holder: String| -> Result<()> {
+        match &mut wait {
+            Wait::No => Err(Error::Locked { holder }),
+            Wait::Yes(tell) => {
+                if !told {
+                    tell(&holder);
+                    told = true;
+                }
+                Ok(())
             }
         }
+    };
+    // A lock file removed or replaced between our open and our flock (a failed first deploy
+    // undoing its target, another session replacing a shared lock file) locks nothing: open it
+    // again.
+    let mut replaced_meanwhile = 0;
+    while replaced_meanwhile < 100 {
+        let mut file = open(path)?;
+        let shared = links(&file, path)? > 1;
+        if !flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(io("lock", path))? {
+            if shared {
+                // Held, through this name or another one; by a session of this target only if
+                // `.flip/` is held too.
+                let dir = open_dir(dir_path)?;
+                if exclusive(&dir, dir_path, PATIENCE_BUSY)? {
+                    match replace(path, &file, &dir)? {
+                        Some(fresh) => return finish(fresh, dir, path, me, replaced_why(path)),
+                        None => {
+                            replaced_meanwhile += 1;
+                            continue;
+                        }
+                    }
+                }
+                // A session of this target runs, or another one is replacing the file (once
+                // it is done, the file is another one).
+                flock(&dir, libc::LOCK_SH).map_err(io("lock", dir_path))?;
+                drop(dir);
+                if !same_file(&file, path) {
+                    replaced_meanwhile += 1;
+                    continue;
+                }
+            }
+            if let Some(holder) = holder_or_free(&mut file, path)? {
+                tell_or_fail(holder)?;
+                if shared {
+                    // Not blocked on an inode another target may hold for long: looked at
+                    // again until this target's session is done.
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
+                flock(&file, libc::LOCK_EX).map_err(io("lock", path))?;
+            }
+        }
+        // Ours. `.flip/` is held shared before the file is checked: a replacement was either
+        // done before (the check fails) or waits until we let go.
+        let dir = open_dir(dir_path)?;
+        flock(&dir, libc::LOCK_SH).map_err(io("lock", dir_path))?;
         if !same_file(&file, path) {
+            replaced_meanwhile += 1;
             continue;
         }
-        write_holder(&file, path, me)?;
-        return Ok(LockGuard { _file: file });
+        if links(&file, path)? <= 1 {
+            return finish(file, dir, path, me, None);
+        }
+        // Free, but not this target's alone: replaced all the same, unless a session of this
+        // target holds `.flip/` (its lock file was swapped for this one from outside).
+        if exclusive(&dir, dir_path, PATIENCE_FREE)? {
+            match replace(path, &file, &dir)? {
+                Some(fresh) => return finish(fresh, dir, path, me, replaced_why(path)),
+                None => {
+                    replaced_meanwhile += 1;
+                    continue;
+                }
+            }
+        }
+        drop((file, dir));
+        tell_or_fail("another flip session of this target (it holds .flip/)".into())?;
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
     Err(io("lock", path)(std::io::Error::other(
         "the lock file keeps being replaced",
     )))
+}
+
+/// How long a replacement waits for `.flip/` when the lock file is held through another link
+/// (a session of this target holds `.flip/` for its whole life; others only for moments).
+const PATIENCE_BUSY: std::time::Duration = std::time::Duration::from_millis(250);
+/// The same when the lock file was free.
+const PATIENCE_FREE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Takes `dir` exclusively (converting a shared lock we hold), trying for up to `patience`.
+/// On `false` we hold no lock on it any more.
+fn exclusive(dir: &File, path: &Path, patience: std::time::Duration) -> Result<bool> {
+    let until = std::time::Instant::now() + patience;
+    loop {
+        if flock(dir, libc::LOCK_EX | libc::LOCK_NB).map_err(io("lock", path))? {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= until {
+            flock(dir, libc::LOCK_UN).map_err(io("unlock", path))?;
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+fn replaced_why(path: &Path) -> Option<String> {
+    Some(format!(
+        "{} was shared with another file by a hard link (a copy of the target made with `cp -al`, or planted): a lock held there would have blocked this target; replaced by a lock file of its own",
+        path.display()
+    ))
+}
+
+/// Under an exclusive `flock` on `dir` (`.flip/`): when `path` is still `old`, a fresh lock
+/// file, created and locked under a temp name, is renamed over it. `None`: `path` is another
+/// file already (replaced meanwhile): nothing done.
+fn replace(path: &Path, old: &File, _dir: &File) -> Result<Option<File>> {
+    if !same_file(old, path) {
+        return Ok(None);
+    }
+    let tmp = path.with_file_name(format!(".lock.tmp-{}", std::process::id()));
+    crate::fsutil::remove_file_quietly(&tmp);
+    // A new inode (never one that exists), then renamed into place already locked: nobody can
+    // take it between the rename and our flock.
+    let fresh = crate::fsutil::open_with(
+        "create",
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC),
+        &tmp,
+    )?;
+    if !flock(&fresh, libc::LOCK_EX | libc::LOCK_NB).map_err(io("lock", &tmp))? {
+        crate::fsutil::remove_file_quietly(&tmp);
+        return Err(io("lock", &tmp)(std::io::Error::other(
+            "a file just created is locked by someone else",
+        )));
+    }
+    if let Err(e) = crate::fsutil::rename("replace", &tmp, path) {
+        crate::fsutil::remove_file_quietly(&tmp);
+        return Err(e);
+    }
+    // The rename made durable: a crash must not bring the shared file back.
+    crate::fsutil::fsync_dir(path.parent().expect("in .flip/"))?;
+    Ok(Some(fresh))
+}
+
+/// Holds `file` (the lock) and `dir` (`.flip/`, downgraded to shared) and writes the holder.
+fn finish(
+    file: File,
+    dir: File,
+    path: &Path,
+    me: &Holder,
+    warning: Option<String>,
+) -> Result<(LockGuard, Option<String>)> {
+    let dir_path = path.parent().expect("in .flip/");
+    flock(&dir, libc::LOCK_SH).map_err(io("lock", dir_path))?;
+    write_holder(&file, path, me)?;
+    Ok((
+        LockGuard {
+            _file: file,
+            _dir: dir,
+        },
+        warning,
+    ))
+}
+
+fn links(file: &File, path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(file.metadata().map_err(io("stat", path))?.nlink())
+}
+
+fn open_dir(path: &Path) -> Result<File> {
+    crate::fsutil::open_with(
+        "open",
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC),
+        path,
+    )
 }
 
 fn open(path: &Path) -> Result<File> {
@@ -177,4 +354,122 @@ fn pid_alive(pid: u32) -> bool {
     };
     // SAFETY: kill with signal 0 only checks that the process exists.
     unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests look at and link files freely
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::{Arc, Barrier};
+
+    fn me(what: &str) -> Holder {
+        Holder {
+            pid: std::process::id(),
+            host: crate::hostname(),
+            user: "test".into(),
+            since: crate::fsutil::now(),
+            what: what.into(),
+        }
+    }
+
+    fn meta(p: &Path) -> std::fs::Metadata {
+        std::fs::symlink_metadata(p).unwrap()
+    }
+
+    /// Another target's lock (`a/lock`, held by its deploy) and this target's lock a hard link
+    /// to it: two of this target's deploys race, exactly one replaces and holds the lock, the
+    /// other is told it is taken; the other target's lock keeps its inode, bytes and holder.
+    #[test]
+    fn two_racing_replacements_of_a_shared_lock_file_leave_one_holder() {
+        for round in 0..20 {
+            let tmp = tempfile::tempdir().unwrap();
+            let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+            crate::fsutil::create_dir(&a).unwrap();
+            crate::fsutil::create_dir(&b).unwrap();
+            let (a_lock, b_lock) = (a.join("lock"), b.join("lock"));
+            let other = open(&a_lock).unwrap();
+            write_holder(&other, &a_lock, &me("deploy of a")).unwrap();
+            assert!(flock(&other, libc::LOCK_EX | libc::LOCK_NB).unwrap());
+            std::fs::hard_link(&a_lock, &b_lock).unwrap();
+            let a_bytes = crate::fsutil::read_optional_limited(&a_lock, 1 << 20).unwrap();
+            let a_ino = meta(&a_lock).ino();
+
+            let barrier = Arc::new(Barrier::new(2));
+            let racers: Vec<_> = (0..2)
+                .map(|i| {
+                    let (barrier, b_lock) = (barrier.clone(), b_lock.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        acquire(&b_lock, &me(&format!("racer {i}")), Wait::No)
+                    })
+                })
+                .collect();
+            let results: Vec<_> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+            let won: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+            assert_eq!(won.len(), 1, "round {round}: {results:?}");
+            let warning = won[0].1.as_deref().expect("the replacement is named");
+            assert!(
+                warning.contains(&b_lock.display().to_string()) && warning.contains("hard link"),
+                "{warning}"
+            );
+            for r in &results {
+                if let Err(e) = r {
+                    assert!(matches!(e, Error::Locked { .. }), "round {round}: {e}");
+                }
+            }
+            // b's lock is a file of its own, and it is held.
+            let b_meta = meta(&b_lock);
+            assert_eq!(b_meta.nlink(), 1);
+            assert_ne!(b_meta.ino(), a_ino);
+            let probe = open(&b_lock).unwrap();
+            assert!(!flock(&probe, libc::LOCK_EX | libc::LOCK_NB).unwrap());
+            // a's lock: the same inode, bytes and holder, still held by a's deploy.
+            assert_eq!(meta(&a_lock).ino(), a_ino);
+            assert_eq!(meta(&a_lock).nlink(), 1);
+            assert_eq!(
+                crate::fsutil::read_optional_limited(&a_lock, 1 << 20).unwrap(),
+                a_bytes
+            );
+            let probe = open(&a_lock).unwrap();
+            assert!(!flock(&probe, libc::LOCK_EX | libc::LOCK_NB).unwrap());
+            // No temp file left.
+            let names: Vec<_> = crate::fsutil::read_dir(&b)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, vec![std::ffi::OsString::from("lock")]);
+        }
+    }
+
+    /// A lock this target's own session holds is never replaced, even once it is shared with
+    /// another file by a hard link: a second session is told it is taken. Once the first is
+    /// done, the next one replaces it.
+    #[test]
+    fn a_shared_lock_file_this_targets_session_holds_is_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join(".flip");
+        crate::fsutil::create_dir(&state).unwrap();
+        let lock = state.join("lock");
+        let (first, warned) = acquire(&lock, &me("first"), Wait::No).unwrap();
+        assert_eq!(warned, None);
+        let ino = meta(&lock).ino();
+        let elsewhere = tmp.path().join("copy-of-the-lock");
+        std::fs::hard_link(&lock, &elsewhere).unwrap();
+
+        let e = acquire(&lock, &me("second"), Wait::No).unwrap_err();
+        assert!(
+            matches!(&e, Error::Locked { holder } if holder.contains("first")),
+            "{e}"
+        );
+        assert_eq!(meta(&lock).ino(), ino, "the held lock was not replaced");
+
+        drop(first);
+        let (_third, warned) = acquire(&lock, &me("third"), Wait::No).unwrap();
+        assert!(warned.is_some_and(|w| w.contains("hard link")));
+        assert_ne!(meta(&lock).ino(), ino);
+        assert_eq!(meta(&lock).nlink(), 1);
+        assert_eq!(meta(&elsewhere).ino(), ino);
+        assert_eq!(meta(&elsewhere).nlink(), 1);
+    }
 }
