@@ -906,3 +906,61 @@ fn a_lock_file_shared_by_a_hard_link_is_replaced_and_locks_only_its_target() {
     drop(holder);
     fx.flip(&["deploy", src.s(), s(&a)]).success();
 }
+
+/// B's `.flip/log` is a hard link to A's: a deploy to B appends nothing to it (A's log keeps
+/// its bytes), starts a log of its own (a new inode, one link) whose first line is a
+/// `log-restarted` event saying why, followed by this deploy's events, and names it in a
+/// warning; the deploy after that appends to the new log quietly.
+#[test]
+fn a_log_shared_by_a_hard_link_restarts_and_leaves_the_other_log_unchanged() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let a = two_targets(&fx, &src);
+    let (a_log, b_log) = (a.join(".flip/log"), fx.root.join(".flip/log"));
+    fs::remove_file(&b_log).unwrap();
+    fs::hard_link(&a_log, &b_log).unwrap();
+    let a_bytes = fs::read(&a_log).unwrap();
+    let a_ino = ino(&a_log);
+
+    public_site(&src, 2);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(fx.current_link(), "releases/2");
+    let w = warnings(&j);
+    assert!(
+        w.iter()
+            .any(|w| w.contains(s(&b_log)) && w.contains("hard link")),
+        "{w:?}"
+    );
+    assert_eq!(fs::read(&a_log).unwrap(), a_bytes, "A's log unchanged");
+    assert_eq!(ino(&a_log), a_ino);
+    assert_ne!(ino(&b_log), a_ino);
+    let nlink = |p: &Path| std::os::unix::fs::MetadataExt::nlink(&fs::symlink_metadata(p).unwrap());
+    assert_eq!(nlink(&b_log), 1);
+    assert_eq!(nlink(&a_log), 1);
+    let lines: Vec<Value> = fs::read_to_string(&b_log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["event"], "log-restarted", "{lines:?}");
+    assert!(
+        lines[0]["reason"].as_str().unwrap().contains("hard link"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1..]
+            .iter()
+            .any(|l| l["event"] == "activate" && l["release"] == 2),
+        "{lines:?}"
+    );
+
+    // The next deploy appends to the new log, without a warning.
+    let restarted = ino(&b_log);
+    public_site(&src, 3);
+    let j = fx.deploy(&src, &[]);
+    assert!(warnings(&j).is_empty(), "{j}");
+    assert_eq!(ino(&b_log), restarted);
+    let text = fs::read_to_string(&b_log).unwrap();
+    assert_eq!(text.matches("log-restarted").count(), 1);
+    assert_eq!(fs::read(&a_log).unwrap(), a_bytes);
+}

@@ -996,12 +996,26 @@ impl Root {
     /// Appends one JSON line to `.flip/log`. Failures to log are reported, not fatal to callers
     /// that choose to ignore them.
     ///
+    /// Only ever into a log of this target's own: a log that shares its inode with another file
+    /// (a hard link: appending would write into that file too) or that is not a regular file is
+    /// not written to; a new log, starting with a `log-restarted` line that says why, is renamed
+    /// over it (with a warning naming the path).
+    ///
     /// # Errors
     /// An I/O error opening or writing the log.
     pub fn log(&self, event: &serde_json::Value) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
         let path = self.state_dir().join("log");
         let mut line = serde_json::to_vec(event).map_err(|e| io("write", &path)(e.into()))?;
         line.push(b'\n');
+        let why = match fsutil::lstat_or_none(&path) {
+            Some(m) if !m.is_file() => Some(format!("it was {}", fsutil::kind_of(&m))),
+            Some(m) if m.nlink() > 1 => Some(shared_why(m.nlink())),
+            _ => None,
+        };
+        if let Some(why) = why {
+            return self.restart_log(&path, &why, &line);
+        }
         let mut f = fsutil::open_with(
             "open",
             fs::OpenOptions::new()
@@ -1011,9 +1025,36 @@ impl Root {
                 .custom_flags(fsutil::OWN_FILE_FLAGS),
             &path,
         )?;
+        // Looked at again through the descriptor: linked or swapped since the look above.
+        let m = f.metadata().map_err(io("stat", &path))?;
+        if !m.is_file() || m.nlink() > 1 {
+            drop(f);
+            let why = if m.is_file() {
+                shared_why(m.nlink())
+            } else {
+                format!("it was {}", fsutil::kind_of(&m))
+            };
+            return self.restart_log(&path, &why, &line);
+        }
         f.write_all(&line).map_err(io("append to", &path))
     }
 
+    /// Renames a new log over `path`: a `log-restarted` line saying `why`, then `line`.
+    fn restart_log(&self, path: &Path, why: &str, line: &[u8]) -> Result<()> {
+        let reason = format!("{why}; the old log was left as it was and is no longer written to");
+        let mut first = serde_json::to_vec(&serde_json::json!({
+            "time": fsutil::now(), "event": "log-restarted", "reason": reason,
+        }))
+        .map_err(|e| io("write", path)(e.into()))?;
+        first.push(b'\n');
+        first.extend_from_slice(line);
+        fsutil::write_atomic(path, &first)?;
+        self.warn(format!(
+            "{}: {reason}; a new log was started",
+            path.display()
+        ));
+        Ok(())
+    }
     /// Re-reads a release and compares it with its manifest. Returns the differences found.
     /// What its hooks wrote (recorded by [`Root::record_hook_writes`], unchanged since) is
     /// not a difference: it is named in a warning.
@@ -1068,6 +1109,13 @@ fn expect(path: &Path, kind: Kind) -> Result<bool> {
         }
         None => Ok(false),
     }
+}
+
+/// Why a file of `.flip/` with `links` hard links is not written into.
+fn shared_why(links: u64) -> String {
+    format!(
+        "it had {links} hard links (it shares its inode with another file, maybe another target's log copied with `cp -al`, or planted): appending would have written into that file too"
+    )
 }
 
 /// This host's name, as the lock holder records it.
