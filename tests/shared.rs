@@ -10,7 +10,7 @@ use common::*;
 use flip_testkit::Sshd;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 const CONFIG: &str = r#"
@@ -669,4 +669,103 @@ fn a_first_deploy_that_dies_after_seeding_leaves_a_target_the_next_deploy_comple
     assert!(fx.release_leftovers().is_empty());
     assert_shared_layout(&fx.root);
     fx.flip(&["verify", fx.root_str()]).success();
+}
+
+/// `flip deploy --json SRC ROOT` run as `nobody` (with the fixture's flip.toml and HOME).
+fn deploy_as_nobody(fx: &Fx, src: &Src) -> (i32, serde_json::Value, String) {
+    let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("setpriv (util-linux) is installed");
+    let out = std::process::Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", FLIP])
+        .args(["deploy", "--json", src.s(), fx.root_str()])
+        .current_dir(fx.path(""))
+        .env("HOME", &fx.home)
+        .env("XDG_CACHE_HOME", fx.home.join(".cache"))
+        .env_remove("FLIP_FAULT")
+        .env_remove("SSH_AUTH_SOCK")
+        .output()
+        .expect("run setpriv");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let j = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.code().unwrap_or(-1),
+        j,
+        format!("{stdout}\n{stderr}"),
+    )
+}
+
+/// A writable directory under `shared/` that the deploy user (nobody) does not own: root made
+/// it root's (the web server's setup, say). With the mode it should have, flip leaves it alone
+/// and the deploy is clean; with another mode, which nobody may not change, every deploy still
+/// succeeds and names the directory, its mode and owner and the command that fixes it. Before,
+/// flip chmod-ed it on every deploy and every deploy failed (EPERM).
+#[test]
+fn a_writable_dir_the_deploy_user_does_not_own_is_chmod_ed_only_if_needed_else_named() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to give files to nobody (CI is root)");
+        return;
+    }
+    let fx = Fx::new();
+    write_config(
+        &fx,
+        "shared_dirs = [\"storage\"]\nwritable_dirs = [\"storage/framework/cache\"]\nwritable_mode = \"2775\"\n",
+    );
+    let src = fx.src("src");
+    src.file("index.php", "<?php // v1\n", 0o644)
+        .file("storage/logs/seed.log", "seeded\n", 0o644);
+    let chown = |spec: &str, p: &Path, recursive: bool| {
+        let mut c = std::process::Command::new("chown");
+        if recursive {
+            c.arg("-R");
+        }
+        assert!(c.arg(spec).arg(p).status().unwrap().success());
+    };
+    // Everything of the fixture is nobody's; the target is made by nobody's first deploy.
+    fs::set_permissions(fx.path(""), fs::Permissions::from_mode(0o755)).unwrap();
+    chown("65534:65534", &fx.path(""), true);
+    let (code, j, out) = deploy_as_nobody(&fx, &src);
+    assert_eq!(code, 0, "{out}");
+    let cache = fx.root.join("shared/storage/framework/cache");
+    assert_eq!(mode(&cache), 0o2775);
+    assert_eq!(fs::metadata(&cache).unwrap().uid(), 65534);
+    assert_eq!(j["warnings"], serde_json::json!([]), "{j}");
+
+    // Root takes the directory over, with the right mode: nothing to change, no warning, for a
+    // new release and for an unchanged deploy alike.
+    chown("0:0", &cache, false);
+    fs::set_permissions(&cache, fs::Permissions::from_mode(0o2775)).unwrap();
+    src.overwrite("index.php", "<?php // v2\n");
+    for what in ["a new release", "an unchanged deploy"] {
+        let (code, j, out) = deploy_as_nobody(&fx, &src);
+        assert_eq!(code, 0, "{what}: {out}");
+        assert_eq!(j["warnings"], serde_json::json!([]), "{what}: {j}");
+        assert_eq!(mode(&cache), 0o2775, "{what}");
+        assert_eq!(fs::metadata(&cache).unwrap().uid(), 0, "{what}");
+    }
+    assert_eq!(link(&fx.current()), "releases/2");
+
+    // With another mode nobody may not change: named, and the deploys go on.
+    fs::set_permissions(&cache, fs::Permissions::from_mode(0o755)).unwrap();
+    src.overwrite("index.php", "<?php // v3\n");
+    for what in ["a new release", "an unchanged deploy"] {
+        let (code, j, out) = deploy_as_nobody(&fx, &src);
+        assert_eq!(code, 0, "{what}: {out}");
+        let w = j["warnings"].to_string();
+        assert!(
+            w.contains(&format!("sudo chmod 2775 {}", cache.display()))
+                && w.contains("mode 0755")
+                && w.contains("uid 0"),
+            "{what}: {w}"
+        );
+        assert_eq!(mode(&cache), 0o755, "{what}");
+    }
+    assert_eq!(link(&fx.current()), "releases/3");
+    assert_eq!(
+        fs::read(fx.current().join("index.php")).unwrap(),
+        b"<?php // v3\n"
+    );
 }

@@ -246,11 +246,16 @@ impl Root {
     /// (mode 0755), never through a symlink. Only under shared paths that exist or were just
     /// seeded; flushed by the caller's `syncfs`, or here when called alone (an unchanged deploy).
     ///
+    /// The mode and the owner are changed only when they differ from what is wanted. A change
+    /// the deploy user may not make (`EPERM`: the directory is someone else's) does not fail
+    /// the deploy: it is named in a warning, with the directory's mode and owner and the
+    /// command that fixes it.
+    ///
     /// # Errors
     ///
     /// An I/O error naming the path when a component on the way, or the directory itself, is a
-    /// symlink or not a directory (each is opened with `O_NOFOLLOW`), or cannot be created,
-    /// chmod-ed or chown-ed.
+    /// symlink or not a directory (each is opened with `O_NOFOLLOW`), or cannot be created, or
+    /// chmod-ed or chown-ed for another reason than `EPERM`.
     pub fn writable_shared(
         &self,
         dirs: &[RelPath],
@@ -263,17 +268,79 @@ impl Root {
             let parent = open_shared_parent(&base, w, Some(flip_plan::shared::PARENT_MODE))?;
             let fd =
                 open_dir_at(&parent, w.file_name(), Some(mode)).map_err(io("create", &shown))?;
-            // SAFETY: fchmod/fchown on a directory fd we own.
-            cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) })
-                .map_err(io("chmod", &shown))?;
+            let st = fstat(&fd).map_err(io("stat", &shown))?;
+            let have = st.st_mode & 0o7777;
             if let Some((uid, gid)) = owner {
-                // SAFETY: as above.
-                cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) })
-                    .map_err(io("chown", &shown))?;
+                if (st.st_uid, st.st_gid) != (uid, gid) {
+                    // SAFETY: fchown on a directory fd we own.
+                    let r = cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) });
+                    if let Err(e) = r {
+                        if e.raw_os_error() != Some(libc::EPERM) {
+                            return Err(io("chown", &shown)(e));
+                        }
+                        self.warn(format!(
+                            "{} is owned by {}:{}, not {uid}:{gid} as writable_owner wants, and this user ({}) may not change that (operation not permitted); left as it is: run `sudo chown {uid}:{gid} {}`",
+                            shown.display(),
+                            st.st_uid,
+                            st.st_gid,
+                            // SAFETY: geteuid cannot fail.
+                            unsafe { libc::geteuid() },
+                            shown.display()
+                        ));
+                    }
+                }
+            }
+            // After a chown (which may clear the setgid bit), the mode as it is now.
+            let have = match owner {
+                Some(_) => fstat(&fd).map_err(io("stat", &shown))?.st_mode & 0o7777,
+                None => have,
+            };
+            if have != mode & 0o7777 {
+                // SAFETY: fchmod on a directory fd we own.
+                let r = cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) });
+                if r.is_ok() {
+                    // The kernel drops a setgid bit for a group the user is not in, silently.
+                    let now = fstat(&fd).map_err(io("stat", &shown))?;
+                    if now.st_mode & 0o7777 != mode & 0o7777 {
+                        self.warn(format!(
+                            "{} was given mode {:04o} but has {:04o} (the kernel dropped a bit: this deploy's user is not in its group {}); run `sudo chmod {:04o} {}`",
+                            shown.display(),
+                            mode & 0o7777,
+                            now.st_mode & 0o7777,
+                            now.st_gid,
+                            mode & 0o7777,
+                            shown.display()
+                        ));
+                    }
+                }
+                if let Err(e) = r {
+                    if e.raw_os_error() != Some(libc::EPERM) {
+                        return Err(io("chmod", &shown)(e));
+                    }
+                    self.warn(format!(
+                        "{} has mode {have:04o}, not {:04o} as writable_mode wants, and is owned by uid {} (this deploy runs as uid {}): flip may not change its mode (operation not permitted); left as it is: run `sudo chmod {:04o} {}`",
+                        shown.display(),
+                        mode & 0o7777,
+                        st.st_uid,
+                        // SAFETY: geteuid cannot fail.
+                        unsafe { libc::geteuid() },
+                        mode & 0o7777,
+                        shown.display()
+                    ));
+                }
             }
         }
         Ok(())
     }
+}
+
+/// `fstat` of a descriptor we own.
+fn fstat(fd: &OwnedFd) -> std::io::Result<libc::stat> {
+    // SAFETY: a zeroed stat is a valid buffer for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a descriptor we own, into our buffer.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
 }
 
 /// Copies the staged seed `x` (of the staged tree at `dir`) into `parent` (the directory of
