@@ -8,11 +8,14 @@
 //!   releases/6/  releases/7/     complete releases (unchanged files hard-linked between them)
 //!   releases/.staging-8/         a release being built; never live, removed if abandoned
 //!   .flip/lock                   flock held by whoever deploys, rolls back, activates or prunes
+//!                                (with a shared flock on .flip/; a lock file with other links
+//!                                is replaced: see `lock.rs`)
 //!   .flip/next-id                the next release id; ids are never reused
 //!   .flip/releases/7.manifest    canonical manifest of each kept release
 //!   .flip/releases/7.json        its metadata: label, creation time, totals
 //!   .flip/releases/7.stat        identity (inode, size, mtime, ctime) of each of its files
-//!   .flip/log                    one JSON line per deploy, activation and prune
+//!   .flip/log                    one JSON line per deploy, activation and prune (one with other
+//!                                links is restarted, never appended to: [`Root::log`])
 //! ```
 //!
 //! Durability order for a deploy: file data and directories are flushed (`syncfs`), the manifest
