@@ -89,7 +89,7 @@ fn a_symlinked_releases_dir_is_refused_and_the_linked_directory_untouched() {
 }
 
 #[test]
-fn a_symlinked_state_dir_or_log_is_refused_and_the_linked_files_untouched() {
+fn a_symlinked_state_dir_is_refused_and_a_state_file_of_another_type_replaced() {
     let fx = Fx::new();
     let src = fx.src("src");
     public_site(&src, 1);
@@ -110,18 +110,62 @@ fn a_symlinked_state_dir_or_log_is_refused_and_the_linked_files_untouched() {
         "the linked-to state directory",
     );
 
-    // Back in place, but the log is a symlink to somebody's file: refused, file untouched.
+    // Back in place, but the log is a symlink to somebody's file (kept elsewhere by hand), the
+    // id counter a FIFO and the leftovers record a directory: never followed nor written
+    // through; replaced under the lock, each named, and the deploy goes on (it failed every
+    // time, exit 5).
     fs::remove_file(&state).unwrap();
     fs::rename(&elsewhere, &state).unwrap();
     let foreign = fx.path("foreign.log");
     fs::write(&foreign, "not flip's\n").unwrap();
     fs::remove_file(state.join("log")).unwrap();
     std::os::unix::fs::symlink(&foreign, state.join("log")).unwrap();
-    fx.flip(&["deploy", src.s(), fx.root_str()])
-        .code(5)
-        .stderr_has(s(&state.join("log")));
+    fs::remove_file(state.join("next-id")).unwrap();
+    let fifo = std::ffi::CString::new(s(&state.join("next-id"))).unwrap();
+    // SAFETY: mkfifo of a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let _ = fs::remove_file(state.join("leftovers"));
+    fs::create_dir(state.join("leftovers")).unwrap();
+    fs::write(state.join("leftovers/kept"), "somebody's").unwrap();
+    fx.flip(&["releases", fx.root_str()]).success();
+    let j = fx
+        .flip(&["deploy", "--json", src.s(), fx.root_str()])
+        .success()
+        .json();
+    let w = warnings(&j).join("\n");
+    for (f, what) in [
+        ("log", format!("a symlink to {}", foreign.display())),
+        ("next-id", "a special file".to_string()),
+        ("leftovers", "a directory".to_string()),
+    ] {
+        assert!(
+            w.contains(&format!("{} was {what}", state.join(f).display())),
+            "{f}: {w}"
+        );
+        // flip's own again (the leftovers record is written only when there are some).
+        let m = fs::symlink_metadata(state.join(f));
+        assert!(
+            m.as_ref().map_or(f == "leftovers", |m| m.is_file()),
+            "{f}: {m:?}"
+        );
+    }
     assert_eq!(fs::read_to_string(&foreign).unwrap(), "not flip's\n");
-    assert_eq!(fx.current_link(), "releases/1");
+    assert_eq!(j["release"], 2, "{j}");
+    assert_eq!(fx.current_link(), "releases/2");
+    let aside: Vec<_> = fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("leftovers.aside-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        fs::read_to_string(state.join(&aside[0]).join("kept")).unwrap(),
+        "somebody's"
+    );
+    // The next deploy: nothing to say.
+    public_site(&src, 3);
+    let j = fx.deploy(&src, &[]);
+    assert!(warnings(&j).is_empty(), "{j}");
 }
 
 #[test]

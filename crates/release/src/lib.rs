@@ -264,9 +264,9 @@ impl Root {
         expect(&state, Kind::Dir)?;
         expect(&self.meta_dir(), Kind::Dir)?;
         expect(&self.releases_dir(), Kind::Dir)?;
-        for f in ["lock", "next-id", "log", LEFTOVERS] {
-            expect(&state.join(f), Kind::File)?;
-        }
+        // next-id, log and leftovers of another type are replaced under the lock
+        // ([`Root::lock`]); until then nothing reads or writes them through a link.
+        expect(&state.join("lock"), Kind::File)?;
         match fsutil::lstat_or_none(self.dir.join(CURRENT)) {
             Some(m) if !m.file_type().is_symlink() => {
                 Err(Error::CurrentNotSymlink(self.dir.join(CURRENT)))
@@ -383,6 +383,7 @@ impl Root {
             self.warn(w);
         }
         self.check_layout()?;
+        self.replace_odd_state_files()?;
         // flip's own directories, if lost, are made again rather than failing every deploy.
         for d in [self.releases_dir(), self.meta_dir()] {
             if fsutil::create_dir_if_missing(&d)? {
@@ -391,6 +392,53 @@ impl Root {
         }
         fault_point("after-lock");
         Ok(guard)
+    }
+
+    /// `.flip/next-id`, `log` and `leftovers` of another type than a regular file (a symlink a
+    /// user made to keep the log elsewhere, a FIFO, a directory) would fail every deploy: under
+    /// the lock, anything but a directory is removed itself (never followed: what a symlink
+    /// names is untouched), a directory is moved aside (`NAME.aside-SECONDS`), each named in a
+    /// warning. flip then makes its own file again (the id counter rebuilt from every id
+    /// found).
+    fn replace_odd_state_files(&self) -> Result<()> {
+        let state = self.state_dir();
+        let mut changed = false;
+        for f in ["next-id", "log", LEFTOVERS] {
+            let path = state.join(f);
+            let Some(m) = fsutil::lstat_or_none(&path) else {
+                continue;
+            };
+            if m.is_file() {
+                continue;
+            }
+            changed = true;
+            let kind = fsutil::kind_of(&m);
+            if m.is_dir() {
+                let aside = state.join(format!("{f}.aside-{}", fsutil::now()));
+                fsutil::move_aside(&path, &aside)?;
+                self.warn(format!(
+                    "{} was {kind}, not flip's file: moved aside to {}; flip makes its own",
+                    path.display(),
+                    aside.display()
+                ));
+            } else {
+                let to = match m.file_type().is_symlink() {
+                    true => fsutil::read_link(&path)
+                        .map(|t| format!(" to {}", t.display()))
+                        .unwrap_or_default(),
+                    false => String::new(),
+                };
+                fsutil::remove_file_if_any(&path)?;
+                self.warn(format!(
+                    "{} was {kind}{to}, not flip's file: removed (never followed); flip makes its own",
+                    path.display()
+                ));
+            }
+        }
+        match changed {
+            true => fsutil::fsync_dir(&state),
+            false => Ok(()),
+        }
     }
 
     /// The release `current` points to, if any.
