@@ -32,6 +32,7 @@ mod error;
 mod fsutil;
 mod hooks;
 mod lock;
+mod record;
 mod shared;
 mod stage;
 

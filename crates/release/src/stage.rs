@@ -27,7 +27,7 @@ use crate::{at, fsutil, LockGuard, ReleaseInfo, Root, STAGING_PREFIX};
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_plan::{FileStep, Plan, Source};
 use rayon::prelude::*;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -37,6 +37,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 mod streamed;
+
+pub(crate) use crate::record::FileStamp;
 
 /// The permission bits flip deploys and verifies (all 12: rwx for user, group and other,
 /// setuid, setgid, sticky).
@@ -885,14 +887,8 @@ impl<'r> Stage<'r> {
             .get_mut()
             .unwrap_or_else(|e| e.into_inner())
             .stamps;
-        fsutil::write_atomic_with(&self.root.stat_path(self.id), |w| {
-            w.write_all(STAMP_MAGIC)?;
-            w.write_all(&(stamps.len() as u64).to_le_bytes())?;
-            for st in stamps {
-                w.write_all(&st.expect("filled above").encode())?;
-            }
-            Ok(())
-        })?;
+        self.root
+            .write_record(self.id, stamps.iter().map(|st| st.expect("filled above")))?;
         fsutil::write_atomic(
             &self.root.info_path(self.id),
             &serde_json::to_vec_pretty(&info)
@@ -935,50 +931,6 @@ impl Stage<'_> {
             stamps[i] = Some(st);
         }
         Ok(())
-    }
-}
-
-impl Root {
-    /// The inode of each file of release `id` as recorded at commit (`.flip/releases/N.stat`),
-    /// by path; empty when that record is missing or damaged.
-    pub(crate) fn committed_inodes(&self, id: u64, m: &Manifest) -> BTreeMap<String, u64> {
-        let stamps = self.read_stamps(id, m);
-        m.entries()
-            .iter()
-            .zip(stamps)
-            .filter_map(|(e, st)| Some((e.path.to_string(), st?.ino)))
-            .collect()
-    }
-
-    /// The recorded identity of a release's files, by position in its manifest's entries
-    /// (`None` for directories and symlinks); empty when the record is missing, of an older
-    /// format, truncated or does not match the manifest: then every file is unknown, and is
-    /// hashed before it is linked or used as a basis.
-    fn read_stamps(&self, id: u64, m: &Manifest) -> Vec<Option<FileStamp>> {
-        let files = m.file_count();
-        let Some(expected) = files
-            .checked_mul(FileStamp::LEN)
-            .and_then(|n| n.checked_add(16))
-        else {
-            return Vec::new();
-        };
-        // Never more than the record of this manifest's files is read (a bigger one is damaged).
-        let Ok(Some(b)) = fsutil::read_optional_limited(&self.stat_path(id), expected as u64)
-        else {
-            return Vec::new();
-        };
-        if b.len() != expected || &b[..8] != STAMP_MAGIC || b[8..16] != (files as u64).to_le_bytes()
-        {
-            return Vec::new();
-        }
-        let mut stamps = b[16..].chunks_exact(FileStamp::LEN).map(FileStamp::decode);
-        m.entries()
-            .iter()
-            .map(|e| match e.kind {
-                EntryKind::File { .. } => stamps.next(),
-                _ => None,
-            })
-            .collect()
     }
 }
 
@@ -1066,82 +1018,6 @@ impl Root {
         .into_iter()
         .all(|ok| ok);
         Ok(intact.then_some(id))
-    }
-}
-
-/// The live release's record of its files' identities, and which files matched it just before
-/// flip removes names that may share their inodes (pruning an older release): removing a link
-/// changes an inode's ctime, which alone must not make the next deploy hash every file again.
-pub(crate) struct LiveStamps {
-    id: u64,
-    manifest: Manifest,
-    stamps: Vec<Option<FileStamp>>,
-    intact: Vec<bool>,
-}
-
-impl Root {
-    /// Snapshot for [`Root::refresh_live_stamps`]; `None` when nothing is live or its record is
-    /// unknown (then there is nothing to keep up to date).
-    pub(crate) fn live_stamps(&self) -> Option<LiveStamps> {
-        let id = self.current().ok()??;
-        let manifest = self.manifest(id).ok()?;
-        let stamps = self.read_stamps(id, &manifest);
-        if stamps.is_empty() {
-            return None;
-        }
-        let dir = self.release_dir(id);
-        let intact = at::par_entries(&dir, manifest.entries(), |i, _, at| {
-            stamps[i].is_some_and(|st| {
-                at.and_then(|(dir, name)| at::lstat_at(dir, name).ok())
-                    .is_some_and(|m| FileStamp::of_stat(&m) == st)
-            })
-        });
-        Some(LiveStamps {
-            id,
-            manifest,
-            stamps,
-            intact,
-        })
-    }
-
-    /// After the removal: a file that matched its record before and is still the same inode
-    /// with the same size and mtime gets its new ctime recorded. Anything else keeps its old
-    /// record (and is hashed by the next deploy). Best effort: a record that cannot be rewritten
-    /// only costs hashing.
-    pub(crate) fn refresh_live_stamps(&self, live: Option<LiveStamps>) {
-        let Some(mut live) = live else { return };
-        if self.current().ok().flatten() != Some(live.id) {
-            return;
-        }
-        let dir = self.release_dir(live.id);
-        let fresh: Vec<Option<FileStamp>> =
-            at::par_entries(&dir, live.manifest.entries(), |i, _, at| {
-                let st = live.stamps[i].as_ref().filter(|_| live.intact[i])?;
-                let (dir, name) = at?;
-                let now = FileStamp::of_stat(&at::lstat_at(dir, name).ok()?);
-                let same_write = (now.ino, now.size, now.mtime, now.mtime_nsec)
-                    == (st.ino, st.size, st.mtime, st.mtime_nsec);
-                (same_write && now != *st).then_some(now)
-            });
-        if fresh.iter().all(Option::is_none) {
-            return;
-        }
-        for (st, new) in live.stamps.iter_mut().zip(fresh) {
-            if new.is_some() {
-                *st = new;
-            }
-        }
-        let _ = fsutil::write_atomic_with(&self.stat_path(live.id), |w| {
-            w.write_all(STAMP_MAGIC)?;
-            w.write_all(&(live.manifest.file_count() as u64).to_le_bytes())?;
-            for (e, st) in live.manifest.entries().iter().zip(&live.stamps) {
-                if let EntryKind::File { .. } = e.kind {
-                    let st = st.expect("every file has a stamp in a known record");
-                    w.write_all(&st.encode())?;
-                }
-            }
-            Ok(())
-        });
     }
 }
 
@@ -1271,76 +1147,6 @@ fn initial_dir_mode(mode: u32, umask: Option<u32>) -> u32 {
         // mkdir ignores set-id bits: those are set at commit.
         Some(u) if mode & 0o700 == 0o700 && mode & u == 0 && mode & 0o7000 == 0 => mode,
         _ => 0o700,
-    }
-}
-
-/// `.stat` format 2: the magic, the file count (u64 LE), then one [`FileStamp`] per regular file
-/// in manifest order. Format 1 (inode and mtime only) is read as unknown.
-const STAMP_MAGIC: &[u8; 8] = b"FLIPSTA2";
-
-/// The identity of a file's inode and of its last change: what must be unchanged for a file of
-/// a committed release to be trusted without hashing. `ctime` changes on every write, chmod,
-/// link and `utimensat`, and cannot be set back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileStamp {
-    ino: u64,
-    size: u64,
-    mtime: i64,
-    mtime_nsec: u32,
-    ctime: i64,
-    ctime_nsec: u32,
-}
-
-impl FileStamp {
-    /// Bytes of one encoded stamp.
-    const LEN: usize = 40;
-
-    fn of(m: &fs::Metadata) -> Self {
-        FileStamp {
-            ino: m.ino(),
-            size: m.len(),
-            mtime: m.mtime(),
-            mtime_nsec: m.mtime_nsec() as u32,
-            ctime: m.ctime(),
-            ctime_nsec: m.ctime_nsec() as u32,
-        }
-    }
-
-    fn of_stat(m: &at::Stat) -> Self {
-        let ((mtime, mtime_nsec), (ctime, ctime_nsec)) = (m.mtime(), m.ctime());
-        FileStamp {
-            ino: m.ino(),
-            size: m.len(),
-            mtime,
-            mtime_nsec,
-            ctime,
-            ctime_nsec,
-        }
-    }
-
-    fn encode(&self) -> [u8; Self::LEN] {
-        let mut b = [0u8; Self::LEN];
-        b[..8].copy_from_slice(&self.ino.to_le_bytes());
-        b[8..16].copy_from_slice(&self.size.to_le_bytes());
-        b[16..24].copy_from_slice(&self.mtime.to_le_bytes());
-        b[24..28].copy_from_slice(&self.mtime_nsec.to_le_bytes());
-        b[28..36].copy_from_slice(&self.ctime.to_le_bytes());
-        b[36..40].copy_from_slice(&self.ctime_nsec.to_le_bytes());
-        b
-    }
-
-    /// Decodes [`Self::encode`]'s output; `c` must be [`Self::LEN`] bytes.
-    fn decode(c: &[u8]) -> Self {
-        let u64_at = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().expect("8 bytes"));
-        let u32_at = |i: usize| u32::from_le_bytes(c[i..i + 4].try_into().expect("4 bytes"));
-        FileStamp {
-            ino: u64_at(0),
-            size: u64_at(8),
-            mtime: u64_at(16) as i64,
-            mtime_nsec: u32_at(24),
-            ctime: u64_at(28) as i64,
-            ctime_nsec: u32_at(36),
-        }
     }
 }
 
@@ -1704,19 +1510,6 @@ mod tests {
             (n.ino(), n.len(), n.mtime(), n.mtime_nsec()),
             (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
         );
-    }
-
-    #[test]
-    fn stamps_encode_and_decode() {
-        let st = FileStamp {
-            ino: 1 << 40,
-            size: 150_000,
-            mtime: -5,
-            mtime_nsec: 999_999_999,
-            ctime: 1_700_000_000,
-            ctime_nsec: 7,
-        };
-        assert_eq!(FileStamp::decode(&st.encode()), st);
     }
 
     #[test]
