@@ -142,6 +142,19 @@ impl Stat {
         self.0.stx_ino
     }
 
+    pub(crate) fn uid(&self) -> u32 {
+        self.0.stx_uid
+    }
+
+    pub(crate) fn gid(&self) -> u32 {
+        self.0.stx_gid
+    }
+
+    /// The number of names of the inode.
+    pub(crate) fn nlink(&self) -> u32 {
+        self.0.stx_nlink
+    }
+
     /// The device (major, minor).
     pub(crate) fn dev(&self) -> (u32, u32) {
         (self.0.stx_dev_major, self.0.stx_dev_minor)

@@ -37,11 +37,15 @@ impl Root {
         else {
             return Vec::new();
         };
-        if b.len() != expected || &b[..8] != STAMP_MAGIC || b[8..16] != (files as u64).to_le_bytes()
-        {
+        let len = match b.get(..8) {
+            Some(m) if m == STAMP_MAGIC => FileStamp::LEN,
+            Some(m) if m == STAMP_MAGIC_V2 => FileStamp::LEN_V2,
+            _ => return Vec::new(),
+        };
+        if b.len() != 16 + files * len || b[8..16] != (files as u64).to_le_bytes() {
             return Vec::new();
         }
-        let mut stamps = b[16..].chunks_exact(FileStamp::LEN).map(FileStamp::decode);
+        let mut stamps = b[16..].chunks_exact(len).map(FileStamp::decode);
         m.entries()
             .iter()
             .map(|e| match e.kind {
@@ -121,7 +125,8 @@ impl Root {
                 let (dir, name) = at?;
                 let now = FileStamp::of_stat(&at::lstat_at(dir, name).ok()?);
                 let same_write = (now.ino, now.size, now.mtime, now.mtime_nsec)
-                    == (st.ino, st.size, st.mtime, st.mtime_nsec);
+                    == (st.ino, st.size, st.mtime, st.mtime_nsec)
+                    && (now.uid, now.gid, now.mode) == (st.uid, st.gid, st.mode);
                 (same_write && now != *st).then_some(now)
             });
         if fresh.iter().all(Option::is_none) {
@@ -146,26 +151,42 @@ impl Root {
     }
 }
 
-/// `.stat` format 2: the magic, the file count (u64 LE), then one [`FileStamp`] per regular file
-/// in manifest order. Format 1 (inode and mtime only) is read as unknown.
-const STAMP_MAGIC: &[u8; 8] = b"FLIPSTA2";
+/// `.stat` format 3: the magic, the file count (u64 LE), then one [`FileStamp`] per regular file
+/// in manifest order ([`FileStamp::LEN`] bytes each).
+const STAMP_MAGIC: &[u8; 8] = b"FLIPSTA3";
+/// Format 2: the same without owner, group, mode and link count ([`FileStamp::LEN_V2`] bytes
+/// each): still read, those fields unknown (such a stamp never matches a file on disk). Format
+/// 1 (inode and mtime only) is read as no record.
+const STAMP_MAGIC_V2: &[u8; 8] = b"FLIPSTA2";
 
 /// The identity of a file's inode and of its last change: what must be unchanged for a file of
-/// a committed release to be trusted without hashing. `ctime` changes on every write, chmod,
-/// link and `utimensat`, and cannot be set back.
+/// a committed release to be trusted without hashing, or hard-linked into a new release.
+/// `ctime` changes on every write, chmod, chown, link and `utimensat`, and cannot be set back;
+/// owner, group, mode and link count are shared by every name of the inode, so a new release
+/// that links it inherits them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct FileStamp {
-    ino: u64,
-    size: u64,
-    mtime: i64,
-    mtime_nsec: u32,
-    ctime: i64,
-    ctime_nsec: u32,
+    pub(crate) ino: u64,
+    pub(crate) size: u64,
+    pub(crate) mtime: i64,
+    pub(crate) mtime_nsec: u32,
+    pub(crate) ctime: i64,
+    pub(crate) ctime_nsec: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    /// `st_mode`: the file type and all permission bits.
+    pub(crate) mode: u32,
+    pub(crate) nlink: u32,
+    /// Owner, group, mode and link count are known (false for a format 2 record: then the
+    /// stamp equals no stamp read from disk).
+    pub(crate) full: bool,
 }
 
 impl FileStamp {
-    /// Bytes of one encoded stamp.
-    pub(crate) const LEN: usize = 40;
+    /// Bytes of one encoded stamp (format 3).
+    pub(crate) const LEN: usize = 56;
+    /// Bytes of one format 2 stamp.
+    pub(crate) const LEN_V2: usize = 40;
 
     pub(crate) fn of(m: &fs::Metadata) -> Self {
         FileStamp {
@@ -175,6 +196,11 @@ impl FileStamp {
             mtime_nsec: m.mtime_nsec() as u32,
             ctime: m.ctime(),
             ctime_nsec: m.ctime_nsec() as u32,
+            uid: m.uid(),
+            gid: m.gid(),
+            mode: m.mode(),
+            nlink: u32::try_from(m.nlink()).unwrap_or(u32::MAX),
+            full: true,
         }
     }
 
@@ -187,6 +213,11 @@ impl FileStamp {
             mtime_nsec,
             ctime,
             ctime_nsec,
+            uid: m.uid(),
+            gid: m.gid(),
+            mode: m.mode(),
+            nlink: m.nlink(),
+            full: true,
         }
     }
 
@@ -198,13 +229,20 @@ impl FileStamp {
         b[24..28].copy_from_slice(&self.mtime_nsec.to_le_bytes());
         b[28..36].copy_from_slice(&self.ctime.to_le_bytes());
         b[36..40].copy_from_slice(&self.ctime_nsec.to_le_bytes());
+        b[40..44].copy_from_slice(&self.uid.to_le_bytes());
+        b[44..48].copy_from_slice(&self.gid.to_le_bytes());
+        b[48..52].copy_from_slice(&self.mode.to_le_bytes());
+        b[52..56].copy_from_slice(&self.nlink.to_le_bytes());
         b
     }
 
-    /// Decodes [`Self::encode`]'s output; `c` must be [`Self::LEN`] bytes.
+    /// Decodes [`Self::encode`]'s output ([`Self::LEN`] bytes), or a format 2 stamp
+    /// ([`Self::LEN_V2`] bytes: owner, group, mode and link count unknown).
     pub(crate) fn decode(c: &[u8]) -> Self {
         let u64_at = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().expect("8 bytes"));
         let u32_at = |i: usize| u32::from_le_bytes(c[i..i + 4].try_into().expect("4 bytes"));
+        let full = c.len() >= Self::LEN;
+        let extra = |i: usize| if full { u32_at(i) } else { 0 };
         FileStamp {
             ino: u64_at(0),
             size: u64_at(8),
@@ -212,6 +250,11 @@ impl FileStamp {
             mtime_nsec: u32_at(24),
             ctime: u64_at(28) as i64,
             ctime_nsec: u32_at(36),
+            uid: extra(40),
+            gid: extra(44),
+            mode: extra(48),
+            nlink: extra(52),
+            full,
         }
     }
 }
@@ -229,7 +272,20 @@ mod tests {
             mtime_nsec: 999_999_999,
             ctime: 1_700_000_000,
             ctime_nsec: 7,
+            uid: 33,
+            gid: 4_000_000_000,
+            mode: 0o100644,
+            nlink: 3,
+            full: true,
         };
         assert_eq!(FileStamp::decode(&st.encode()), st);
+        // Format 2: the same first 40 bytes, owner, group, mode and link count unknown.
+        let old = FileStamp::decode(&st.encode()[..FileStamp::LEN_V2]);
+        assert!(!old.full);
+        assert_ne!(old, st);
+        assert_eq!(
+            (old.ino, old.ctime, old.ctime_nsec),
+            (st.ino, st.ctime, st.ctime_nsec)
+        );
     }
 }
