@@ -749,9 +749,10 @@ impl Root {
     /// error.
     pub fn prune(&self, lock: &LockGuard, keep: usize) -> Result<Vec<u64>> {
         let doomed = self.prunable(keep)?;
-        // Deleting a release's tree changes the ctime of inodes the live release shares with
-        // it: its identity record is refreshed for the files that were intact before.
-        let live = (!doomed.is_empty()).then(|| self.live_stamps()).flatten();
+        // Deleting a release's tree changes the ctime and link count of inodes the releases
+        // that stay share with it: the link ledger learns their new state, for the files that
+        // were as expected before.
+        let unlinks = (!doomed.is_empty()).then(|| self.before_unlink(&doomed));
         let mut removed = Vec::new();
         for id in doomed {
             match self.retire_release(id) {
@@ -760,7 +761,9 @@ impl Root {
             }
         }
         self.clean_leftovers(lock)?;
-        self.refresh_live_stamps(live);
+        if let Some(u) = unlinks {
+            self.after_unlink(u);
+        }
         Ok(removed)
     }
 
@@ -778,8 +781,10 @@ impl Root {
                 "release {id} is live: it is not discarded"
             )));
         }
+        let unlinks = self.before_unlink(&[id]);
         self.retire_release(id)?;
         self.clean_leftovers(lock)?;
+        self.after_unlink(unlinks);
         Ok(())
     }
 

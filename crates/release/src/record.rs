@@ -3,10 +3,11 @@
 //! deploy to tell an intact file it may hard-link from one that was replaced or written to since.
 
 use crate::{at, fsutil, Root};
-use flip_manifest::{EntryKind, Manifest};
-use std::collections::BTreeMap;
+use flip_manifest::{EntryKind, Manifest, RelPath};
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 
 impl Root {
     /// The inode of each file of release `id` as recorded at commit (`.flip/releases/N.stat`),
@@ -74,80 +75,255 @@ impl Root {
     }
 }
 
-/// The live release's record of its files' identities, and which files matched it just before
-/// flip removes names that may share their inodes (pruning an older release): removing a link
-/// changes an inode's ctime, which alone must not make the next deploy hash every file again.
-pub(crate) struct LiveStamps {
-    id: u64,
-    manifest: Manifest,
-    stamps: Vec<Option<FileStamp>>,
-    intact: Vec<bool>,
+/// `.flip/links`: the link ledger. Every name flip adds to or removes from an inode a release
+/// holds changes that inode's link count and ctime, for every release sharing it: the records
+/// of the others (written when each was committed) go stale. Rather than rewriting the record of
+/// every release that shares an inode (O(all releases)), the ledger keeps, per inode flip has
+/// linked, its link count and ctime just after flip's last change to it, and which release last
+/// linked it (`holder`). What a release's file should look like now is its record with, when
+/// the ledger knows the inode from a later change, the ledger's ctime and link count
+/// ([`Root::expected_stamps`]): one read of the ledger, then O(files of that release).
+///
+/// Updated, under the deploy lock, by each commit (the inodes it linked), each prune (the
+/// shared inodes of the releases removed, checked before and after) and each staged release
+/// dropped uncommitted (the inodes it had linked). What flip does not know it changed (a crash
+/// between the change and the ledger, an edit behind its back) leaves a file that matches
+/// nothing: it is copied, not linked, by the next deploy, and the copy (a new inode) has an
+/// exact record again. A damaged or missing ledger is the same: nothing blocks.
+const LINKS_MAGIC: &[u8; 8] = b"FLIPLNK1";
+/// Bytes of one ledger entry: ino, holder, ctime (u64, u64, i64), ctime_nsec, nlink (u32, u32).
+const LINK_LEN: usize = 32;
+/// Largest ledger read back (32 M inodes); a bigger one is damaged and ignored.
+const LINKS_MAX: u64 = 16 + (LINK_LEN as u64) * (32 << 20);
+
+/// What the ledger knows of one inode: its ctime and link count just after flip last changed
+/// them, and the release that last linked it (where it can be reached by its path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LinkState {
+    pub(crate) ctime: i64,
+    pub(crate) ctime_nsec: u32,
+    pub(crate) nlink: u32,
+    pub(crate) holder: u64,
+}
+
+/// The link ledger in memory, by inode number.
+#[derive(Default)]
+pub(crate) struct Links {
+    map: HashMap<u64, LinkState>,
+    changed: bool,
+}
+
+impl Links {
+    /// Records `st` (just taken, after flip changed the inode) as the inode's state; `holder`:
+    /// the release that can reach it.
+    pub(crate) fn set(&mut self, st: &FileStamp, holder: u64) {
+        let new = LinkState {
+            ctime: st.ctime,
+            ctime_nsec: st.ctime_nsec,
+            nlink: st.nlink,
+            holder,
+        };
+        if self.map.insert(st.ino, new) != Some(new) {
+            self.changed = true;
+        }
+    }
+
+    /// Forgets an inode (gone, or in a state flip cannot vouch for).
+    pub(crate) fn forget(&mut self, ino: u64) {
+        if self.map.remove(&ino).is_some() {
+            self.changed = true;
+        }
+    }
+
+    pub(crate) fn get(&self, ino: u64) -> Option<&LinkState> {
+        self.map.get(&ino)
+    }
+
+    /// `st` (a file's record) as the file should look now: with the ledger's ctime and link
+    /// count when the ledger knows a later change of the inode.
+    pub(crate) fn apply(&self, st: &mut FileStamp) {
+        if let Some(l) = self.map.get(&st.ino) {
+            if (l.ctime, l.ctime_nsec) >= (st.ctime, st.ctime_nsec) {
+                (st.ctime, st.ctime_nsec, st.nlink) = (l.ctime, l.ctime_nsec, l.nlink);
+            }
+        }
+    }
 }
 
 impl Root {
-    /// Snapshot for [`Root::refresh_live_stamps`]; `None` when nothing is live or its record is
-    /// unknown (then there is nothing to keep up to date).
-    pub(crate) fn live_stamps(&self) -> Option<LiveStamps> {
-        let id = self.current().ok()??;
-        let manifest = self.manifest(id).ok()?;
-        let stamps = self.read_stamps(id, &manifest);
-        if stamps.is_empty() {
-            return None;
-        }
-        let dir = self.release_dir(id);
-        let intact = at::par_entries(&dir, manifest.entries(), |i, _, at| {
-            stamps[i].is_some_and(|st| {
-                at.and_then(|(dir, name)| at::lstat_at(dir, name).ok())
-                    .is_some_and(|m| FileStamp::of_stat(&m) == st)
-            })
-        });
-        Some(LiveStamps {
-            id,
-            manifest,
-            stamps,
-            intact,
-        })
+    fn links_path(&self) -> PathBuf {
+        self.state_dir().join("links")
     }
 
-    /// After the removal: a file that matched its record before and is still the same inode
-    /// with the same size and mtime gets its new ctime recorded. Anything else keeps its old
-    /// record (and is hashed by the next deploy). Best effort: a record that cannot be rewritten
-    /// only costs hashing.
-    pub(crate) fn refresh_live_stamps(&self, live: Option<LiveStamps>) {
-        let Some(mut live) = live else { return };
-        if self.current().ok().flatten() != Some(live.id) {
+    /// The link ledger; empty when missing or damaged (then only the records count).
+    pub(crate) fn read_links(&self) -> Links {
+        let mut links = Links::default();
+        let Ok(Some(b)) = fsutil::read_optional_limited(&self.links_path(), LINKS_MAX) else {
+            return links;
+        };
+        let n = b
+            .get(8..16)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        if b.get(..8) != Some(&LINKS_MAGIC[..])
+            || n.and_then(|n| n.checked_mul(LINK_LEN as u64)) != Some(b.len() as u64 - 16)
+        {
+            return links;
+        }
+        let u64_at = |c: &[u8], i: usize| u64::from_le_bytes(c[i..i + 8].try_into().expect("8"));
+        let u32_at = |c: &[u8], i: usize| u32::from_le_bytes(c[i..i + 4].try_into().expect("4"));
+        links.map = b[16..]
+            .chunks_exact(LINK_LEN)
+            .map(|c| {
+                let st = LinkState {
+                    holder: u64_at(c, 8),
+                    ctime: u64_at(c, 16) as i64,
+                    ctime_nsec: u32_at(c, 24),
+                    nlink: u32_at(c, 28),
+                };
+                (u64_at(c, 0), st)
+            })
+            .collect();
+        links
+    }
+
+    /// Writes the ledger back if it changed. Never fails: a ledger that cannot be written only
+    /// costs copies instead of links (warned about here).
+    pub(crate) fn write_links(&self, links: &Links) {
+        if !links.changed {
             return;
         }
-        let dir = self.release_dir(live.id);
-        let fresh: Vec<Option<FileStamp>> =
-            at::par_entries(&dir, live.manifest.entries(), |i, _, at| {
-                let st = live.stamps[i].as_ref().filter(|_| live.intact[i])?;
-                let (dir, name) = at?;
-                let now = FileStamp::of_stat(&at::lstat_at(dir, name).ok()?);
-                let same_write = (now.ino, now.size, now.mtime, now.mtime_nsec)
-                    == (st.ino, st.size, st.mtime, st.mtime_nsec)
-                    && (now.uid, now.gid, now.mode) == (st.uid, st.gid, st.mode);
-                (same_write && now != *st).then_some(now)
-            });
-        if fresh.iter().all(Option::is_none) {
-            return;
-        }
-        for (st, new) in live.stamps.iter_mut().zip(fresh) {
-            if new.is_some() {
-                *st = new;
-            }
-        }
-        let _ = fsutil::write_atomic_with(&self.stat_path(live.id), |w| {
-            w.write_all(STAMP_MAGIC)?;
-            w.write_all(&(live.manifest.file_count() as u64).to_le_bytes())?;
-            for (e, st) in live.manifest.entries().iter().zip(&live.stamps) {
-                if let EntryKind::File { .. } = e.kind {
-                    let st = st.expect("every file has a stamp in a known record");
-                    w.write_all(&st.encode())?;
-                }
+        let mut v: Vec<(&u64, &LinkState)> = links.map.iter().collect();
+        v.sort_unstable_by_key(|(ino, _)| **ino);
+        let r = fsutil::write_atomic_with(&self.links_path(), |w| {
+            w.write_all(LINKS_MAGIC)?;
+            w.write_all(&(v.len() as u64).to_le_bytes())?;
+            for (ino, l) in &v {
+                let mut b = [0u8; LINK_LEN];
+                b[..8].copy_from_slice(&ino.to_le_bytes());
+                b[8..16].copy_from_slice(&l.holder.to_le_bytes());
+                b[16..24].copy_from_slice(&l.ctime.to_le_bytes());
+                b[24..28].copy_from_slice(&l.ctime_nsec.to_le_bytes());
+                b[28..32].copy_from_slice(&l.nlink.to_le_bytes());
+                w.write_all(&b)?;
             }
             Ok(())
         });
+        if let Err(e) = r {
+            self.warn(format!(
+                "the link ledger could not be written ({e}): the next deploy copies the files it concerns instead of linking them"
+            ));
+        }
+    }
+
+    /// How the files of release `id` should look now, by position in its manifest's entries
+    /// (`None` for directories and symlinks; empty when its record is unknown): the record,
+    /// with the ledger's later ctime and link count (see [`LINKS_MAGIC`]).
+    pub(crate) fn expected_stamps(&self, id: u64, m: &Manifest) -> Vec<Option<FileStamp>> {
+        let mut stamps = self.read_stamps(id, m);
+        if stamps.is_empty() {
+            return stamps;
+        }
+        let links = self.read_links();
+        for st in stamps.iter_mut().flatten() {
+            links.apply(st);
+        }
+        stamps
+    }
+}
+
+/// The files of releases about to be removed that are as expected and share their inode with
+/// a release that stays: after the removal, each inode's new ctime and link count go into the
+/// ledger if the inode is as expected then (the same but for one name less per release removed).
+pub(crate) struct Unlinks {
+    /// By inode: the path (the same in every release holding it), the expected stamp before,
+    /// and how many of its names the removal takes.
+    by_ino: HashMap<u64, (RelPath, FileStamp, u32)>,
+    /// Inodes of the removed releases whose state was not as expected: forgotten.
+    unknown: Vec<u64>,
+    doomed: Vec<u64>,
+}
+
+impl Root {
+    /// Before removing releases `doomed`: their files' inodes, checked against what is expected
+    /// of them. O(files of those releases).
+    pub(crate) fn before_unlink(&self, doomed: &[u64]) -> Unlinks {
+        let links = self.read_links();
+        let mut u = Unlinks {
+            by_ino: HashMap::new(),
+            unknown: Vec::new(),
+            doomed: doomed.to_vec(),
+        };
+        for &id in doomed {
+            let Ok(m) = self.manifest(id) else { continue };
+            let mut stamps = self.read_stamps(id, &m);
+            if stamps.is_empty() {
+                continue;
+            }
+            for st in stamps.iter_mut().flatten() {
+                links.apply(st);
+            }
+            let now = at::par_entries(&self.release_dir(id), m.entries(), |i, _, at| {
+                let want = stamps[i]?;
+                let (dir, name) = at?;
+                let now = FileStamp::of_stat(&at::lstat_at(dir, name).ok()?);
+                Some((want, now))
+            });
+            for (e, found) in m.entries().iter().zip(now) {
+                let Some((want, now)) = found else { continue };
+                if now != want {
+                    u.unknown.push(want.ino);
+                    continue;
+                }
+                if now.nlink <= 1 {
+                    continue;
+                }
+                let k = u.by_ino.entry(now.ino).or_insert((e.path.clone(), now, 0));
+                k.2 += 1;
+            }
+        }
+        u
+    }
+
+    /// After the removal: the ledger learns the new state of each shared inode found as
+    /// expected (reached by its path in the release that last linked it, or the live one), and
+    /// forgets the others.
+    pub(crate) fn after_unlink(&self, u: Unlinks) {
+        if u.by_ino.is_empty() && u.unknown.is_empty() {
+            return;
+        }
+        let mut links = self.read_links();
+        for ino in &u.unknown {
+            links.forget(*ino);
+        }
+        let live = self.current().ok().flatten();
+        let mut trees: HashMap<u64, Option<at::Tree>> = HashMap::new();
+        for (ino, (path, was, gone)) in u.by_ino {
+            let holder = links.get(ino).map(|l| l.holder);
+            let found = [holder, live]
+                .into_iter()
+                .flatten()
+                .filter(|id| !u.doomed.contains(id))
+                .find_map(|id| {
+                    let tree = trees
+                        .entry(id)
+                        .or_insert_with(|| at::Tree::open(&self.release_dir(id)).ok())
+                        .as_ref()?;
+                    let (dir, name) = at::Cursor::new(tree).parent_of(&path).ok()?;
+                    let now = FileStamp::of_stat(&at::lstat_at(&dir, &name).ok()?);
+                    let same = FileStamp {
+                        ctime: now.ctime,
+                        ctime_nsec: now.ctime_nsec,
+                        nlink: now.nlink,
+                        ..was
+                    } == now;
+                    (same && now.nlink.checked_add(gone) == Some(was.nlink)).then_some((id, now))
+                });
+            match found {
+                Some((id, now)) => links.set(&now, holder.unwrap_or(id)),
+                None => links.forget(ino),
+            }
+        }
+        self.write_links(&links);
     }
 }
 

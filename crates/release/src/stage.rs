@@ -97,6 +97,10 @@ pub struct Stage<'r> {
     shared: Option<crate::SharedCommit>,
     /// A first deploy's files streamed before the manifest (see `streamed.rs`).
     streamed: Option<Box<streamed::Streamed>>,
+    /// Files hard-linked from the previous release (plan index, stamp just after the link):
+    /// the link ledger learns their inodes' new state at commit, or again when the stage is
+    /// dropped (the link removed).
+    linked: Vec<(usize, FileStamp)>,
 }
 
 /// The part of a stage that files being written (possibly on several threads at once) update.
@@ -170,7 +174,7 @@ impl Root {
         };
         let plan = flip_plan::plan(prev.as_ref().map(|(_, m)| m), &manifest);
         let prev_stat = match &prev {
-            Some((id, m)) => self.read_stamps(*id, m),
+            Some((id, m)) => self.expected_stamps(*id, m),
             None => Vec::new(),
         };
         let id = self.allocate_id()?;
@@ -192,6 +196,7 @@ impl Root {
             committed: false,
             shared: None,
             streamed: None,
+            linked: Vec::new(),
         };
         stage.build_tree()?;
         crate::fault_point("after-stage");
@@ -360,6 +365,7 @@ impl<'r> Stage<'r> {
             )
             .collect();
         self.stats.hashed = hashed.into_inner();
+        self.prev_tree = prev_tree;
         let progress = self.progress.get_mut().unwrap_or_else(|e| e.into_inner());
         progress.stamps = vec![None; self.plan.files.len()];
         for (i, outcome) in outcomes.into_iter().enumerate() {
@@ -367,6 +373,7 @@ impl<'r> Stage<'r> {
                 Outcome::Linked(st) => {
                     self.stats.linked += 1;
                     progress.stamps[i] = Some(st);
+                    self.linked.push((i, st));
                 }
                 Outcome::Copied(st) => {
                     self.stats.copied += 1;
@@ -387,7 +394,6 @@ impl<'r> Stage<'r> {
             }
         }
         progress.pending = self.needs.iter().copied().collect();
-        self.prev_tree = prev_tree;
         self.check_streamed_all_listed()
     }
 
@@ -889,6 +895,15 @@ impl<'r> Stage<'r> {
             .stamps;
         self.root
             .write_record(self.id, stamps.iter().map(|st| st.expect("filled above")))?;
+        if !self.linked.is_empty() {
+            // The inodes linked now have one name more and a new ctime, in every release
+            // that shares them: this release is where they can be reached.
+            let mut links = self.root.read_links();
+            for (_, st) in &self.linked {
+                links.set(st, self.id);
+            }
+            self.root.write_links(&links);
+        }
         fsutil::write_atomic(
             &self.root.info_path(self.id),
             &serde_json::to_vec_pretty(&info)
@@ -988,7 +1003,7 @@ impl Root {
         if manifest.digest() != *digest {
             return Ok(None);
         }
-        let stamps = self.read_stamps(id, &manifest);
+        let stamps = self.expected_stamps(id, &manifest);
         if stamps.len() != manifest.len() {
             return Ok(None);
         }
@@ -1154,7 +1169,44 @@ impl Drop for Stage<'_> {
     fn drop(&mut self) {
         if !self.committed {
             let _ = fsutil::remove_tree(&self.dir);
+            self.unlinked();
         }
+    }
+}
+
+impl Stage<'_> {
+    /// After the staging tree is removed: each inode it had linked has one name less and a new
+    /// ctime again. The ledger learns that state where the previous release still holds the
+    /// inode as it was (but for that name); anything else is left to mismatch (a copy next
+    /// time, never a link).
+    fn unlinked(&mut self) {
+        let (Some(tree), Some((prev, _))) = (self.prev_tree.as_ref(), self.prev.as_ref()) else {
+            return;
+        };
+        if self.linked.is_empty() {
+            return;
+        }
+        let mut links = self.root.read_links();
+        let mut cursor = at::Cursor::new(tree);
+        for (i, was) in &self.linked {
+            let Ok((dir, name)) = cursor.parent_of(&self.plan.files[*i].path) else {
+                continue;
+            };
+            let Ok(now) = at::lstat_at(&dir, &name).map(|m| FileStamp::of_stat(&m)) else {
+                continue;
+            };
+            let same = FileStamp {
+                ctime: now.ctime,
+                ctime_nsec: now.ctime_nsec,
+                nlink: now.nlink,
+                ..*was
+            } == now;
+            if same && now.nlink + 1 == was.nlink {
+                let holder = links.get(now.ino).map_or(*prev, |l| l.holder);
+                links.set(&now, holder);
+            }
+        }
+        self.root.write_links(&links);
     }
 }
 
@@ -1551,6 +1603,38 @@ mod tests {
             let (st, _) = deploy(&root, v1);
             assert_eq!((st.linked, st.hashed, st.written), (3, 3, 0), "{damage:?}");
         }
+    }
+
+    /// Links, prunes, rollbacks and dropped stages change the link count and ctime of inodes
+    /// older releases share: the link ledger keeps what is expected of them, so a release
+    /// rolled back to, or live after a prune, still vouches for its files without hashing.
+    #[test]
+    fn the_link_ledger_keeps_shared_inodes_vouched_for() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(&t.path().join("t")).unwrap();
+        let v1: &[(&str, &[u8], u32)] = &[("a", b"aaaa", 0o644), ("b", b"bb", 0o600)];
+        deploy(&root, v1);
+        deploy(&root, v1);
+        // Rolled back to release 1, whose record was written before 2 linked its files.
+        let lock = root.lock(&holder(), Wait::No).unwrap();
+        root.activate(&lock, 1).unwrap();
+        drop(lock);
+        let (st, _) = deploy(&root, v1);
+        assert_eq!((st.linked, st.hashed, st.written), (2, 0, 0));
+        // A stage dropped after linking (a client that went away) gives the names back.
+        let lock = root.lock(&holder(), Wait::No).unwrap();
+        let stage = root.stage(&lock, manifest(v1), None).unwrap();
+        assert_eq!(stage.stats().linked, 2);
+        drop(stage);
+        drop(lock);
+        // Releases removed: the inodes the live one shares with them lose names.
+        let lock = root.lock(&holder(), Wait::No).unwrap();
+        assert_eq!(root.prune(&lock, 1).unwrap(), vec![1]);
+        drop(lock);
+        let (st, _) = deploy(&root, v1);
+        assert_eq!((st.linked, st.hashed, st.written), (2, 0, 0));
+        let a = root.release_dir(root.current().unwrap().unwrap()).join("a");
+        assert_eq!(fs::metadata(a).unwrap().nlink(), 3);
     }
 
     #[test]

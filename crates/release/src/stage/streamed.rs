@@ -73,6 +73,7 @@ impl Root {
             committed: true,
             shared: None,
             streamed: Some(Box::default()),
+            linked: Vec::new(),
         };
         fsutil::create_dir(&stage.dir)?;
         let mut stage = stage;
