@@ -51,8 +51,9 @@ fn deployed_site(fx: &Fx) -> Src {
 
 /// Tamper with `big.txt` under `current/`, damage the stamps with `damage`, change another file
 /// in the source and deploy: the new release holds the source's bytes in a new inode, the
-/// untouched file is still linked, and `verify` passes.
-fn tampered_file_is_not_linked_forward(damage: impl FnOnce(&Fx)) {
+/// untouched file is still linked when the record vouches for it (`record_usable`), else copied
+/// into a new inode with the same bytes, and `verify` passes.
+fn tampered_file_is_not_linked_forward(record_usable: bool, damage: impl FnOnce(&Fx)) {
     let fx = Fx::new();
     let src = deployed_site(&fx);
     tamper_in_place(&fx.current().join("big.txt"));
@@ -64,9 +65,23 @@ fn tampered_file_is_not_linked_forward(damage: impl FnOnce(&Fx)) {
     let (r1, r2) = (fx.release(1), fx.release(2));
     assert_eq!(fs::read(r2.join("big.txt")).unwrap(), src.read("big.txt"));
     assert_ne!(ino(&r2.join("big.txt")), ino(&r1.join("big.txt")));
-    // An intact file is still linked: it was hashed (or its stamp checked), not re-sent.
-    assert_eq!(ino(&r2.join("keep.txt")), ino(&r1.join("keep.txt")));
-    assert_eq!(num(&j, "/files/linked"), 1, "{j}");
+    assert_eq!(fs::read(r2.join("keep.txt")).unwrap(), src.read("keep.txt"));
+    if record_usable {
+        // An intact file is still linked: its stamp was checked, nothing re-sent.
+        assert_eq!(ino(&r2.join("keep.txt")), ino(&r1.join("keep.txt")));
+        assert_eq!(num(&j, "/files/linked"), 1, "{j}");
+    } else {
+        // Nothing vouches for the untouched file's inode: copied (content checked), not
+        // linked, not re-sent.
+        assert_ne!(ino(&r2.join("keep.txt")), ino(&r1.join("keep.txt")));
+        assert_eq!(
+            fs::symlink_metadata(r1.join("keep.txt")).unwrap().nlink(),
+            1
+        );
+        assert_eq!(num(&j, "/files/linked"), 0, "{j}");
+        assert_eq!(num(&j, "/files/copied"), 1, "{j}");
+        assert_eq!(num(&j, "/files/resent"), 1, "{j}");
+    }
     assert_dir_eq(&fx.current(), &src.tree(), "current after the deploy");
     fx.flip(&["verify", fx.root_str()]).success();
 }
@@ -77,17 +92,17 @@ fn stat_file(fx: &Fx, id: u64) -> std::path::PathBuf {
 
 #[test]
 fn a_file_edited_in_place_with_its_mtime_restored_is_not_linked_forward() {
-    tampered_file_is_not_linked_forward(|_| {});
+    tampered_file_is_not_linked_forward(true, |_| {});
 }
 
 #[test]
-fn a_missing_stat_file_means_hash_not_trust() {
-    tampered_file_is_not_linked_forward(|fx| fs::remove_file(stat_file(fx, 1)).unwrap());
+fn a_missing_stat_file_means_copies_not_links() {
+    tampered_file_is_not_linked_forward(false, |fx| fs::remove_file(stat_file(fx, 1)).unwrap());
 }
 
 #[test]
-fn a_truncated_stat_file_means_hash_not_trust() {
-    tampered_file_is_not_linked_forward(|fx| {
+fn a_truncated_stat_file_means_copies_not_links() {
+    tampered_file_is_not_linked_forward(false, |fx| {
         let p = stat_file(fx, 1);
         let b = fs::read(&p).unwrap();
         fs::write(&p, &b[..b.len() / 2]).unwrap();
@@ -95,8 +110,8 @@ fn a_truncated_stat_file_means_hash_not_trust() {
 }
 
 #[test]
-fn a_stat_file_of_the_wrong_length_means_hash_not_trust() {
-    tampered_file_is_not_linked_forward(|fx| {
+fn a_stat_file_of_the_wrong_length_means_copies_not_links() {
+    tampered_file_is_not_linked_forward(false, |fx| {
         let p = stat_file(fx, 1);
         let mut b = fs::read(&p).unwrap();
         b.extend_from_slice(&[0; 3]);
@@ -107,8 +122,8 @@ fn a_stat_file_of_the_wrong_length_means_hash_not_trust() {
 /// A `.stat` of the previous format (inode and mtime only, which the tampering left as they
 /// were) is not trusted either.
 #[test]
-fn a_stat_file_of_the_old_format_means_hash_not_trust() {
-    tampered_file_is_not_linked_forward(|fx| {
+fn a_stat_file_of_the_old_format_means_copies_not_links() {
+    tampered_file_is_not_linked_forward(false, |fx| {
         let r1 = fx.release(1);
         let files = ["big.txt", "keep.txt", "other.txt"];
         let mut b = b"FLIPSTA1".to_vec();
@@ -412,7 +427,8 @@ fn pruning_does_not_make_the_next_deploy_hash_everything() {
     let j = fx.deploy(&src, &["--keep", "1"]);
     assert_eq!(num(&j, "/release"), 7);
     assert_ne!(ino(&fx.release(7).join("f15.txt")), ino15);
-    assert_eq!(staged_events(&fx).last().unwrap()["hashed"], 1);
+    // Not linked, its copy failed the content check: sent again.
+    assert_eq!(num(&j, "/files/resent"), 1, "{j}");
     assert_dir_eq(&fx.current(), &src.tree(), "current");
     fx.flip(&["verify", fx.root_str()]).success();
 }
@@ -487,4 +503,138 @@ fn a_permission_bit_the_kernel_drops_is_a_clear_error() {
     assert!(err.contains("bin/tool") && err.contains("2755"), "{err}");
     assert!(!err.contains("again"), "no retry advice: {err}");
     assert_eq!(fx.current_link(), "releases/1");
+}
+
+/// A small site of three files, deployed; returns its source.
+fn three_files(fx: &Fx) -> Src {
+    let src = fx.src("src");
+    src.file("a.php", "<?php echo 'a';\n", 0o644)
+        .file("b.php", "<?php echo 'b';\n", 0o644)
+        .file("c.txt", "c v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    src
+}
+
+fn meta(p: &Path) -> fs::Metadata {
+    fs::symlink_metadata(p).unwrap()
+}
+
+/// A live file chowned behind flip's back (a hard link shares its owner): the next release
+/// gets a new inode with the deploy user's owner, the manifest's mode and the right bytes,
+/// reported as copied with a warning that says why; an untouched file is still linked.
+#[test]
+fn a_chowned_live_file_is_copied_into_a_new_inode_not_linked() {
+    let fx = Fx::new();
+    let src = three_files(&fx);
+    let r1 = fx.release(1);
+    let me = (meta(&r1.join("b.php")).uid(), meta(&r1.join("b.php")).gid());
+    std::os::unix::fs::lchown(r1.join("a.php"), Some(65534), Some(65534)).unwrap();
+    src.overwrite("c.txt", "c v2\n");
+
+    let run = fx
+        .flip(&["deploy", "--json", src.s(), fx.root_str()])
+        .success()
+        .stderr_has("1 unchanged file(s) of release 1 were copied into new inodes")
+        .stderr_has("a.php (owner 65534:65534, recorded");
+    let j = run.json();
+    let r2 = fx.release(2);
+    let a = meta(&r2.join("a.php"));
+    assert_ne!(a.ino(), meta(&r1.join("a.php")).ino());
+    assert_eq!((a.uid(), a.gid()), me);
+    assert_eq!(a.mode() & 0o7777, 0o644);
+    assert_eq!(a.nlink(), 1);
+    assert_eq!(fs::read(r2.join("a.php")).unwrap(), src.read("a.php"));
+    // The untouched file: the same inode (the fast path).
+    assert_eq!(ino(&r2.join("b.php")), ino(&r1.join("b.php")));
+    assert_eq!(num(&j, "/files/linked"), 1, "{j}");
+    assert_eq!(num(&j, "/files/copied"), 1, "{j}");
+    assert_eq!(num(&j, "/files/resent"), 0, "{j}");
+    assert_dir_eq(&fx.current(), &src.tree(), "current");
+    fx.flip(&["verify", fx.root_str()]).success();
+}
+
+/// A live file chmodded and chmodded back (its mode is the manifest's again, its ctime is
+/// not): not vouched for, so copied, not linked.
+#[test]
+fn a_chmodded_live_file_is_copied_into_a_new_inode_not_linked() {
+    let fx = Fx::new();
+    let src = three_files(&fx);
+    let r1 = fx.release(1);
+    fs::set_permissions(r1.join("a.php"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(r1.join("a.php"), fs::Permissions::from_mode(0o644)).unwrap();
+    src.overwrite("c.txt", "c v2\n");
+    let j = fx.deploy(&src, &[]);
+    let r2 = fx.release(2);
+    assert_ne!(ino(&r2.join("a.php")), ino(&r1.join("a.php")));
+    assert_eq!(meta(&r2.join("a.php")).mode() & 0o7777, 0o644);
+    assert_eq!(fs::read(r2.join("a.php")).unwrap(), src.read("a.php"));
+    assert_eq!(ino(&r2.join("b.php")), ino(&r1.join("b.php")));
+    assert_eq!(
+        (num(&j, "/files/linked"), num(&j, "/files/copied")),
+        (1, 1),
+        "{j}"
+    );
+}
+
+/// `ln /somewhere/else releases/1/a.php` (same bytes as the manifest's): linking it forward
+/// would carry an inode shared with a file outside the releases into every release. It is
+/// copied instead, and the outside file gains no name.
+#[test]
+fn a_live_file_replaced_by_an_inode_linked_from_outside_is_not_linked_forward() {
+    let fx = Fx::new();
+    let src = three_files(&fx);
+    let r1 = fx.release(1);
+    let outside = fx.path("outside.php");
+    fs::write(&outside, src.read("a.php")).unwrap();
+    fs::set_permissions(&outside, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::remove_file(r1.join("a.php")).unwrap();
+    fs::hard_link(&outside, r1.join("a.php")).unwrap();
+    assert_eq!(meta(&outside).nlink(), 2);
+    src.overwrite("c.txt", "c v2\n");
+
+    let j = fx.deploy(&src, &[]);
+    let r2 = fx.release(2);
+    assert_ne!(ino(&r2.join("a.php")), ino(&outside));
+    assert_eq!(
+        meta(&outside).nlink(),
+        2,
+        "the deploy gave the outside file no name"
+    );
+    assert_eq!(meta(&r2.join("a.php")).nlink(), 1);
+    assert_eq!(fs::read(r2.join("a.php")).unwrap(), src.read("a.php"));
+    assert_eq!(ino(&r2.join("b.php")), ino(&r1.join("b.php")));
+    assert_eq!(num(&j, "/files/copied"), 1, "{j}");
+    assert_dir_eq(&fx.current(), &src.tree(), "current");
+}
+
+/// A release rolled back to still vouches for its inodes (their link count and ctime changed
+/// when the next release linked them, and again when releases were pruned): untouched files
+/// are still linked by the deploys that follow.
+#[test]
+fn after_a_rollback_and_redeploy_untouched_files_are_still_linked() {
+    let fx = Fx::new();
+    let src = three_files(&fx);
+    src.overwrite("c.txt", "c v2\n");
+    fx.deploy(&src, &[]);
+    fx.flip(&["rollback", fx.root_str()]).success();
+    assert_eq!(fx.current_link(), "releases/1");
+    src.overwrite("c.txt", "c v3\n");
+    let j = fx.deploy(&src, &["--keep", "1"]);
+    assert_eq!(num(&j, "/release"), 3);
+    assert_eq!(
+        (num(&j, "/files/linked"), num(&j, "/files/copied")),
+        (2, 0),
+        "{j}"
+    );
+    let b = ino(&fx.release(3).join("b.php"));
+    // Pruned down to the live release and its rollback target, then deployed again.
+    src.overwrite("c.txt", "c v4\n");
+    let j = fx.deploy(&src, &["--keep", "1"]);
+    assert_eq!(
+        (num(&j, "/files/linked"), num(&j, "/files/copied")),
+        (2, 0),
+        "{j}"
+    );
+    assert_eq!(ino(&fx.current().join("b.php")), b);
+    assert_dir_eq(&fx.current(), &src.tree(), "current");
 }

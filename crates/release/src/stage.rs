@@ -55,8 +55,14 @@ pub struct StageStats {
     /// Files hard-linked from the same path of the previous release.
     pub linked: u64,
     /// Files copied (reflinked where the filesystem can) into a new inode from content the
-    /// previous release holds: at another path, with another mode, or empty.
+    /// previous release holds: at another path, with another mode, or empty, and unchanged
+    /// files whose inode could not be hard-linked (`not_linked`).
     pub copied: u64,
+    /// Of `copied`: unchanged files the plan meant to hard-link whose inode in the previous
+    /// release is not as flip recorded it (owner, group, mode, link count or last change
+    /// differ, or no record), or that the kernel refused to link: copied into a new inode,
+    /// content checked against the manifest.
+    pub not_linked: u64,
     /// Files of the previous release hashed because their recorded identity was unknown or
     /// differed (as link sources or delta bases).
     pub hashed: u64,
@@ -118,6 +124,8 @@ struct Progress {
 enum Outcome {
     Linked(FileStamp),
     Copied(FileStamp),
+    /// Meant to be linked, copied instead: the reason.
+    NotLinked(FileStamp, String),
     /// Streamed before the manifest, and found to be its file.
     Streamed(FileStamp),
     /// The content must come from the client; `basis_ok`: the plan's delta basis (if any) was
@@ -348,7 +356,7 @@ impl<'r> Stage<'r> {
                     };
                     match &step.source {
                         Source::Link(from) => match PrevFile::reach(prev, from) {
-                            Some(src) => self.link(step, *recorded, &src, dst, &hashed),
+                            Some(src) => self.link(step, *recorded, &src, dst),
                             None => Ok(TRANSFER),
                         },
                         Source::Copy(from) => match PrevFile::reach(prev, from) {
@@ -368,6 +376,7 @@ impl<'r> Stage<'r> {
         self.prev_tree = prev_tree;
         let progress = self.progress.get_mut().unwrap_or_else(|e| e.into_inner());
         progress.stamps = vec![None; self.plan.files.len()];
+        let mut not_linked = Vec::new();
         for (i, outcome) in outcomes.into_iter().enumerate() {
             match outcome? {
                 Outcome::Linked(st) => {
@@ -378,6 +387,14 @@ impl<'r> Stage<'r> {
                 Outcome::Copied(st) => {
                     self.stats.copied += 1;
                     progress.stamps[i] = Some(st);
+                }
+                Outcome::NotLinked(st, why) => {
+                    self.stats.copied += 1;
+                    self.stats.not_linked += 1;
+                    progress.stamps[i] = Some(st);
+                    if not_linked.len() < NAMED_NOT_LINKED {
+                        not_linked.push(format!("{} ({why})", self.plan.files[i].path));
+                    }
                 }
                 Outcome::Streamed(st) => progress.stamps[i] = Some(st),
                 Outcome::Transfer { basis_ok } => {
@@ -394,6 +411,19 @@ impl<'r> Stage<'r> {
             }
         }
         progress.pending = self.needs.iter().copied().collect();
+        if self.stats.not_linked > 0 {
+            let n = self.stats.not_linked;
+            let more = n - not_linked.len() as u64;
+            let more = match more {
+                0 => String::new(),
+                m => format!(", and {m} more"),
+            };
+            self.root.warn(format!(
+                "{n} unchanged file(s) of release {} were copied into new inodes (content checked), not hard-linked, because their inode there is not as flip recorded it: {}{more}",
+                self.previous().unwrap_or_default(),
+                not_linked.join(", ")
+            ));
+        }
         self.check_streamed_all_listed()
     }
 
@@ -462,31 +492,29 @@ impl<'r> Stage<'r> {
             .is_some_and(|f| hash_matches(&f, meta.ino(), size, digest))
     }
 
-    /// Hard-links an unchanged file from the same path of the previous release, after checking
-    /// that it is a regular file of the manifest's size and mode and that it is what the previous
-    /// release committed (`recorded`, see [`Self::intact`]). One whose mode alone changed is copied (content
-    /// checked); anything else is transferred rather than trusted. `dst` reaches the staging
-    /// tree's directories. Per file: a `statx` of the source, the `linkat` and a `statx` of the
-    /// link, each relative to its directory's descriptor.
+    /// Hard-links an unchanged file from the same path of the previous release, only when its
+    /// inode is exactly as flip recorded it (`recorded`: the previous release's record, with the
+    /// link ledger's later link count and ctime): same inode, size, mtime, ctime, owner, group,
+    /// mode and link count, and the manifest's mode. A hard link shares all of these: a file
+    /// chowned or chmodded behind flip's back, an inode also linked from outside the releases,
+    /// or one edited in place would otherwise be carried into the new release and every one
+    /// after. Anything else is copied into a new inode (content checked against the manifest,
+    /// so an edited file is transferred instead), and counted as not linked with the reason.
+    /// `dst` reaches the staging tree's directories. Per file: a `statx` of the source, the
+    /// `linkat` and a `statx` of the link, each relative to its directory's descriptor.
     fn link(
         &self,
         step: &FileStep,
         recorded: Option<&FileStamp>,
         src: &PrevFile,
         dst: &mut at::Cursor<'_>,
-        hashed: &AtomicU64,
     ) -> Result<Outcome> {
         let meta = match src.stat() {
             Some(m) if m.is_file() && m.len() == step.size => m,
             _ => return Ok(TRANSFER),
         };
-        if meta.mode() & MODE_MASK != step.mode {
-            // Its mode was changed behind flip's back: the inode cannot be shared, its content
-            // may still serve (a copy checks it).
-            return self.copy(step, src);
-        }
-        if !self.intact_meta(recorded, src, &meta, step.size, &step.digest, hashed) {
-            return Ok(TRANSFER);
+        if let Some(why) = why_not_linked(recorded, &FileStamp::of_stat(&meta), step.mode) {
+            return self.copy_instead(step, src, why);
         }
         let (dir, name) = dst
             .parent_of(&step.path)
@@ -513,10 +541,18 @@ impl<'r> Stage<'r> {
                     Some(libc::EMLINK | libc::EXDEV | libc::EPERM | libc::EACCES)
                 ) =>
             {
-                self.copy(step, src)
+                self.copy_instead(step, src, format!("the kernel refused the link: {e}"))
             }
             Err(e) => Err(io("hard-link", &self.abs(&step.path))(e)),
         }
+    }
+
+    /// [`Self::copy`] of a file meant to be linked, counted as not linked (`why`).
+    fn copy_instead(&self, step: &FileStep, src: &PrevFile, why: String) -> Result<Outcome> {
+        Ok(match self.copy(step, src)? {
+            Outcome::Copied(st) => Outcome::NotLinked(st, why),
+            other => other,
+        })
     }
 
     /// Copies a file of the previous release into a new inode with the new mode, keeping its
@@ -1072,6 +1108,50 @@ impl PrevFile {
     }
 }
 
+/// How many paths the warning about files copied instead of linked names.
+const NAMED_NOT_LINKED: usize = 3;
+
+/// Why a file of the previous release whose inode on disk is `now` must not be hard-linked
+/// into a new release with permission bits `mode`, given what is expected of it (`recorded`);
+/// `None` when it may be.
+fn why_not_linked(recorded: Option<&FileStamp>, now: &FileStamp, mode: u32) -> Option<String> {
+    if now.mode & MODE_MASK != mode {
+        return Some(format!(
+            "mode {:04o}, the new release's is {mode:04o}",
+            now.mode & MODE_MASK
+        ));
+    }
+    let Some(r) = recorded else {
+        return Some("no usable record of it".into());
+    };
+    Some(if !r.full {
+        "its record is of format 2, without owner, mode or link count".into()
+    } else if r.ino != now.ino {
+        "another inode than the one recorded".into()
+    } else if (r.uid, r.gid) != (now.uid, now.gid) {
+        format!(
+            "owner {}:{}, recorded {}:{}",
+            now.uid, now.gid, r.uid, r.gid
+        )
+    } else if r.mode != now.mode {
+        format!("mode {:o}, recorded {:o}", now.mode, r.mode)
+    } else if r.nlink < now.nlink {
+        format!(
+            "{} links, {} expected: it is also linked from elsewhere",
+            now.nlink, r.nlink
+        )
+    } else if r.nlink != now.nlink {
+        format!(
+            "{} links, {} expected: a name of it was removed behind flip's back",
+            now.nlink, r.nlink
+        )
+    } else if r != now {
+        "changed since it was recorded (size, mtime or ctime)".into()
+    } else {
+        return None;
+    })
+}
+
 /// Whether the open regular file `file` (expected to be inode `ino`) holds exactly `size` bytes
 /// hashing to `digest`, and was not written to while it was read.
 fn hash_matches(file: &File, ino: u64, size: u64, digest: &Digest) -> bool {
@@ -1578,17 +1658,21 @@ mod tests {
         let (st, _) = deploy(&root, v1);
         assert_eq!((st.linked, st.hashed, st.written), (3, 0, 0));
 
-        // Tampered in place, mtime put back: hashed, and sent again.
+        // Tampered in place, mtime put back: not linked, its copy fails the content check,
+        // and it is sent again.
         tamper(&root.release_dir(2).join("a"));
         let (st, _) = deploy(&root, v1);
-        assert_eq!((st.linked, st.hashed, st.written), (2, 1, 1));
+        assert_eq!((st.linked, st.copied, st.written), (2, 0, 1));
 
         // A mode changed behind flip's back: the content is copied into a new inode.
         let live = root.current().unwrap().unwrap();
         let c = root.release_dir(live).join("c");
         fs::set_permissions(&c, fs::Permissions::from_mode(0o755)).unwrap();
         let (st, _) = deploy(&root, v1);
-        assert_eq!((st.linked, st.copied, st.written), (2, 1, 0));
+        assert_eq!(
+            (st.linked, st.copied, st.not_linked, st.written),
+            (2, 1, 1, 0)
+        );
         let now = root.release_dir(root.current().unwrap().unwrap()).join("c");
         assert_eq!(fs::metadata(&now).unwrap().mode() & MODE_MASK, 0o4755);
         assert_ne!(
@@ -1596,12 +1680,13 @@ mod tests {
             fs::metadata(&c).unwrap().ino()
         );
 
-        // No usable record: every file is hashed, the intact ones still linked.
-        for damage in [&b""[..], b"FLIPSTA2", b"FLIPSTA2\x03\0\0\0\0\0\0\0"] {
+        // No usable record: nothing is vouched for, every file is copied (content checked)
+        // into a new inode, none linked.
+        for damage in [&b""[..], b"FLIPSTA3", b"FLIPSTA3\x03\0\0\0\0\0\0\0"] {
             let live = root.current().unwrap().unwrap();
             fs::write(root.stat_path(live), damage).unwrap();
             let (st, _) = deploy(&root, v1);
-            assert_eq!((st.linked, st.hashed, st.written), (3, 3, 0), "{damage:?}");
+            assert_eq!((st.linked, st.copied, st.written), (0, 3, 0), "{damage:?}");
         }
     }
 
