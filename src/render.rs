@@ -84,6 +84,9 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
         output::bytes(r.bytes.received),
         r.duration_ms as f64 / 1000.0
     );
+    for n in &r.notes {
+        note!("flip: note: {}", output::printable(n));
+    }
     if r.counts.files.resent > 0 {
         note!(
             "flip: {} file(s) the plan meant to reuse from the target were missing or altered there and were sent instead{}",

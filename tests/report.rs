@@ -539,3 +539,54 @@ fn a_moved_and_edited_file_is_reported_with_its_basis_alike() {
         assert_eq!(num(&deploy, "/files/removed"), 1, "{deploy}");
     }
 }
+
+/// A file the plan meant to hard-link whose inode on the target was changed behind flip's back
+/// (chowned) is copied instead: `files.copied` counts it, `unchanged_copied` says how many of
+/// the copies were meant as links, and a note says why, in the JSON and in the human lines.
+#[test]
+fn a_file_copied_instead_of_linked_is_reported_with_a_note() {
+    use std::os::unix::fs::MetadataExt;
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("a.php", "<?php echo 'a';\n", 0o644)
+        .file("b.php", "<?php echo 'b';\n", 0o644)
+        .file("c.txt", "c v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    std::os::unix::fs::lchown(fx.release(1).join("a.php"), Some(65534), None).unwrap();
+    src.overwrite("c.txt", "c v2\n");
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["files"]["unchanged"], 2, "{j}");
+    assert_eq!(j["files"]["linked"], 1, "{j}");
+    assert_eq!(j["files"]["copied"], 1, "{j}");
+    assert_eq!(j["files"]["resent"], 0, "{j}");
+    assert_eq!(j["unchanged_copied"], 1, "{j}");
+    let note = j["notes"][0].as_str().unwrap_or_default();
+    assert!(
+        note.starts_with("1 unchanged file(s) were copied into new inodes, not hard-linked"),
+        "{j}"
+    );
+    let warned = j["warnings"].as_array().unwrap();
+    assert!(
+        warned
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("a.php (owner 65534:")),
+        "{j}"
+    );
+    let a = std::fs::symlink_metadata(fx.release(2).join("a.php")).unwrap();
+    assert_ne!(a.uid(), 65534);
+
+    // The human lines: the counts, then the note.
+    std::os::unix::fs::lchown(fx.release(2).join("b.php"), Some(65534), None).unwrap();
+    src.overwrite("c.txt", "c v3\n");
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .success()
+        .stderr_has("; 1 linked, 1 copied, 1 literal,")
+        .stderr_has("flip: note: 1 unchanged file(s) were copied into new inodes, not hard-linked")
+        .stderr_has("b.php (owner 65534:");
+    // An untouched deploy notes nothing.
+    src.overwrite("c.txt", "c v4\n");
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["unchanged_copied"], 0, "{j}");
+    assert!(j.get("notes").is_none(), "{j}");
+    assert_eq!(j["files"]["linked"], 2, "{j}");
+}

@@ -248,6 +248,13 @@ pub struct HostReport {
     /// Files and directories by what happened to them (created, changed, linked, deleted, ...).
     #[serde(flatten)]
     pub counts: Counts,
+    /// Unchanged files copied into a new inode rather than hard-linked from the live release
+    /// (counted in `files.copied`): their inode there was not as flip recorded it (owner,
+    /// group, mode, link count or last change), or the kernel refused the link.
+    pub unchanged_copied: u64,
+    /// Notes on what the deploy did otherwise than planned (absent from the JSON when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// Bytes sent, received, matched and sent as deltas.
     pub bytes: Bytes,
     /// Every changed path with `Options::itemize`, else those the deploy deviated from the
@@ -1600,6 +1607,8 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
                 activated,
                 unchanged: h.unchanged,
                 counts: r.counts,
+                unchanged_copied: r.not_linked,
+                notes: unchanged_copied_note(r.not_linked).into_iter().collect(),
                 bytes: Bytes {
                     sent,
                     received,
@@ -1782,6 +1791,15 @@ pub(crate) fn each_in_parallel<T: Send, R: Send>(
             .map(|item| sc.spawn(move || f(item)))
             .collect();
         jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    })
+}
+
+/// The note of a deploy whose target copied `n` unchanged files instead of linking them.
+pub fn unchanged_copied_note(n: u64) -> Option<String> {
+    (n > 0).then(|| {
+        format!(
+            "{n} unchanged file(s) were copied into new inodes, not hard-linked: their inode in the live release was not as flip recorded it (see the warning); the content was checked, and the next deploy links the copies"
+        )
     })
 }
 

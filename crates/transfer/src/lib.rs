@@ -130,6 +130,10 @@ pub struct DeployReport {
     pub linked: u64,
     /// Files copied on the target from content it had.
     pub copied: u64,
+    /// Of `copied`: unchanged files the plan meant to hard-link from the live release that the
+    /// target copied into a new inode instead (their inode there was not as recorded, or the
+    /// kernel refused the link; the agent's warning says which and why).
+    pub not_linked: u64,
     /// Files sent as rsync deltas or zstd patches.
     pub delta: u64,
     /// Files sent whole.
@@ -1554,6 +1558,8 @@ fn explain(
     drop(items_by_index);
     report.sent.sort_by_key(|s| s.index);
     changes.settle(&report.sent);
+    // Planned links not sent and not linked: copied by the target instead.
+    report.not_linked = changes.counts.files.linked.saturating_sub(report.linked);
     changes.counts.files.linked = report.linked;
     changes.counts.files.copied = report.copied;
     report.counts = changes.counts;
