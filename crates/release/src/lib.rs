@@ -853,8 +853,18 @@ impl Root {
                     }
                     Err(err) => left.push(&path, err),
                 }
-            } else if fsutil::remove_tree_reporting(&path, &mut left) {
-                removed.push(name);
+            } else {
+                // A staging tree left by an interrupted deploy holds links to the live
+                // release's inodes: the ledger learns their state once those names are gone.
+                let unlinks = name
+                    .starts_with(STAGING_PREFIX)
+                    .then(|| self.before_unlink_staging(&path));
+                if fsutil::remove_tree_reporting(&path, &mut left) {
+                    removed.push(name);
+                }
+                if let Some(u) = unlinks {
+                    self.after_unlink(u);
+                }
             }
         }
         let meta = self.meta_dir();

@@ -7,7 +7,7 @@ use flip_manifest::{EntryKind, Manifest, RelPath};
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 impl Root {
     /// The inode of each file of release `id` as recorded at commit (`.flip/releases/N.stat`),
@@ -231,6 +231,45 @@ impl Root {
     }
 }
 
+/// Notes in `u` the files of the tree `dir` that are the inodes `stamps` (the record of the
+/// release whose manifest is `m`) says: as expected (with `links`) and shared, or the same inode
+/// in another state (forgotten). Another inode at a path is none of the ledger's business here.
+fn note_tree(
+    u: &mut Unlinks,
+    links: &Links,
+    dir: &Path,
+    m: &Manifest,
+    mut stamps: Vec<Option<FileStamp>>,
+) {
+    if stamps.is_empty() {
+        return;
+    }
+    for st in stamps.iter_mut().flatten() {
+        links.apply(st);
+    }
+    let now = at::par_entries(dir, m.entries(), |i, _, at| {
+        let want = stamps[i]?;
+        let (dir, name) = at?;
+        let now = FileStamp::of_stat(&at::lstat_at(dir, name).ok()?);
+        Some((want, now))
+    });
+    for (e, found) in m.entries().iter().zip(now) {
+        let Some((want, now)) = found else { continue };
+        if now.ino != want.ino {
+            continue;
+        }
+        if now != want {
+            u.unknown.push(want.ino);
+            continue;
+        }
+        if now.nlink <= 1 {
+            continue;
+        }
+        let k = u.by_ino.entry(now.ino).or_insert((e.path.clone(), now, 0));
+        k.2 += 1;
+    }
+}
+
 /// The files of releases about to be removed that are as expected and share their inode with
 /// a release that stays: after the removal, each inode's new ctime and link count go into the
 /// ledger if the inode is as expected then (the same but for one name less per release removed).
@@ -255,32 +294,28 @@ impl Root {
         };
         for &id in doomed {
             let Ok(m) = self.manifest(id) else { continue };
-            let mut stamps = self.read_stamps(id, &m);
-            if stamps.is_empty() {
-                continue;
-            }
-            for st in stamps.iter_mut().flatten() {
-                links.apply(st);
-            }
-            let now = at::par_entries(&self.release_dir(id), m.entries(), |i, _, at| {
-                let want = stamps[i]?;
-                let (dir, name) = at?;
-                let now = FileStamp::of_stat(&at::lstat_at(dir, name).ok()?);
-                Some((want, now))
-            });
-            for (e, found) in m.entries().iter().zip(now) {
-                let Some((want, now)) = found else { continue };
-                if now != want {
-                    u.unknown.push(want.ino);
-                    continue;
-                }
-                if now.nlink <= 1 {
-                    continue;
-                }
-                let k = u.by_ino.entry(now.ino).or_insert((e.path.clone(), now, 0));
-                k.2 += 1;
-            }
+            let stamps = self.read_stamps(id, &m);
+            note_tree(&mut u, &links, &self.release_dir(id), &m, stamps);
         }
+        u
+    }
+
+    /// Before removing `dir`, a staging tree an interrupted deploy left: the files it had
+    /// linked from the live release (the same inode at the same path, in the state the ledger
+    /// recorded just after the link) lose that name.
+    pub(crate) fn before_unlink_staging(&self, dir: &Path) -> Unlinks {
+        let mut u = Unlinks {
+            by_ino: HashMap::new(),
+            unknown: Vec::new(),
+            doomed: Vec::new(),
+        };
+        let Some(id) = self.current().ok().flatten() else {
+            return u;
+        };
+        let Ok(m) = self.manifest(id) else { return u };
+        let links = self.read_links();
+        let stamps = self.read_stamps(id, &m);
+        note_tree(&mut u, &links, dir, &m, stamps);
         u
     }
 

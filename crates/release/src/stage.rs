@@ -14,12 +14,15 @@
 //! nothing is ever written into an existing inode (hard-linked files are shared with older
 //! releases) or through a symlink.
 //!
-//! Nothing of the previous release is trusted by its size: a file is hard-linked forward, or used
-//! as a delta basis, only when its identity (inode, size, mtime and ctime, which `touch -r`
-//! cannot set back) is the one recorded when that release was committed (`.flip/releases/N.stat`),
-//! or, when the record is missing, damaged or differs, when its blake3 is the manifest's (the
-//! files concerned are hashed in parallel). A file that fails is transferred whole instead; a
-//! basis that fails is dropped before the client hears of it.
+//! Nothing of the previous release is trusted by its size: a file is hard-linked forward only when
+//! its inode is exactly what is expected of it (inode, size, mtime, ctime, which `touch -r` cannot
+//! set back, owner, group, mode and link count: the record written when that release was
+//! committed, `.flip/releases/N.stat`, with the link ledger's later ctime and link count; see
+//! `record.rs`). Otherwise it is copied into a new inode, its content checked against the
+//! manifest (counted as not linked, with a warning saying why), or transferred whole when that
+//! check fails. A delta basis is used when its stamp matches or its blake3 is the manifest's (the
+//! files concerned are hashed in parallel); a basis that fails is dropped before the client
+//! hears of it.
 
 use crate::delta::{DeltaApplier, DeltaWriter, PatchWriter};
 use crate::error::{io, Error, Result};
@@ -411,6 +414,17 @@ impl<'r> Stage<'r> {
             }
         }
         progress.pending = self.needs.iter().copied().collect();
+        if let (false, Some((prev, _))) = (self.linked.is_empty(), self.prev.as_ref()) {
+            // Written now, not only at commit: a staging tree an interrupted deploy leaves
+            // is removed by the next cleanup, which can then tell these inodes as they were
+            // just after the links.
+            let mut links = self.root.read_links();
+            for (_, st) in &self.linked {
+                let holder = links.get(st.ino).map_or(*prev, |l| l.holder);
+                links.set(st, holder);
+            }
+            self.root.write_links(&links);
+        }
         if self.stats.not_linked > 0 {
             let n = self.stats.not_linked;
             let more = n - not_linked.len() as u64;
