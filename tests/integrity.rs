@@ -387,9 +387,9 @@ fn staged_events(fx: &Fx) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Pruning an old release changes the ctime of the inodes it shared with the live one; that
-/// alone must not make the next deploy hash every file again (the live release's record is
-/// brought up to date for files that were intact before the prune).
+/// Pruning an old release changes the ctime and link count of the inodes it shared with the live
+/// one; that alone must not make the next deploy hash or copy every file (the link ledger learns
+/// the new state of inodes that were as expected before the prune).
 #[test]
 fn pruning_does_not_make_the_next_deploy_hash_everything() {
     let fx = Fx::new();
