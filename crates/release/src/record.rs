@@ -4,6 +4,7 @@
 
 use crate::{at, fsutil, Root};
 use flip_manifest::{EntryKind, Manifest, RelPath};
+use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -331,28 +332,45 @@ impl Root {
             links.forget(*ino);
         }
         let live = self.current().ok().flatten();
-        let mut trees: HashMap<u64, Option<at::Tree>> = HashMap::new();
-        for (ino, (path, was, gone)) in u.by_ino {
-            let holder = links.get(ino).map(|l| l.holder);
-            let found = [holder, live]
-                .into_iter()
-                .flatten()
-                .filter(|id| !u.doomed.contains(id))
-                .find_map(|id| {
-                    let tree = trees
-                        .entry(id)
-                        .or_insert_with(|| at::Tree::open(&self.release_dir(id)).ok())
-                        .as_ref()?;
-                    let (dir, name) = at::Cursor::new(tree).parent_of(&path).ok()?;
+        // Each release that can reach the inodes is opened once, and walked in path order
+        // with one cursor (each directory opened once), in parallel.
+        let mut shared: Vec<(u64, RelPath, FileStamp, u32, Option<u64>)> = u
+            .by_ino
+            .into_iter()
+            .map(|(ino, (path, was, gone))| {
+                (ino, path, was, gone, links.get(ino).map(|l| l.holder))
+            })
+            .collect();
+        shared.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+        let ids: std::collections::BTreeSet<u64> = shared
+            .iter()
+            .filter_map(|s| s.4)
+            .chain(live)
+            .filter(|id| !u.doomed.contains(id))
+            .collect();
+        let trees: HashMap<u64, at::Tree> = ids
+            .into_iter()
+            .filter_map(|id| Some((id, at::Tree::open(&self.release_dir(id)).ok()?)))
+            .collect();
+        let found: Vec<Option<(u64, FileStamp)>> = shared
+            .par_iter()
+            .map_init(HashMap::new, |cursors, (_, path, was, gone, holder)| {
+                [*holder, live].into_iter().flatten().find_map(|id| {
+                    let tree = trees.get(&id)?;
+                    let cursor = cursors.entry(id).or_insert_with(|| at::Cursor::new(tree));
+                    let (dir, name) = cursor.parent_of(path).ok()?;
                     let now = FileStamp::of_stat(&at::lstat_at(&dir, &name).ok()?);
                     let same = FileStamp {
                         ctime: now.ctime,
                         ctime_nsec: now.ctime_nsec,
                         nlink: now.nlink,
-                        ..was
+                        ..*was
                     } == now;
-                    (same && now.nlink.checked_add(gone) == Some(was.nlink)).then_some((id, now))
-                });
+                    (same && now.nlink.checked_add(*gone) == Some(was.nlink)).then_some((id, now))
+                })
+            })
+            .collect();
+        for ((ino, _, _, _, holder), found) in shared.into_iter().zip(found) {
             match found {
                 Some((id, now)) => links.set(&now, holder.unwrap_or(id)),
                 None => links.forget(ino),
