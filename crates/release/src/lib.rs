@@ -265,7 +265,7 @@ impl Root {
         expect(&state, Kind::Dir)?;
         expect(&self.meta_dir(), Kind::Dir)?;
         expect(&self.releases_dir(), Kind::Dir)?;
-        // next-id, log and leftovers of another type are replaced under the lock
+        // next-id, log, leftovers and links of another type are replaced under the lock
         // ([`Root::lock`]); until then nothing reads or writes them through a link.
         expect(&state.join("lock"), Kind::File)?;
         match fsutil::lstat_or_none(self.dir.join(CURRENT)) {
@@ -395,7 +395,7 @@ impl Root {
         Ok(guard)
     }
 
-    /// `.flip/next-id`, `log` and `leftovers` of another type than a regular file (a symlink a
+    /// `.flip/next-id`, `log`, `leftovers` and `links` of another type than a regular file (a symlink a
     /// user made to keep the log elsewhere, a FIFO, a directory) would fail every deploy: under
     /// the lock, anything but a directory is removed itself (never followed: what a symlink
     /// names is untouched), a directory is moved aside (`NAME.aside-SECONDS`), each named in a
@@ -404,7 +404,7 @@ impl Root {
     fn replace_odd_state_files(&self) -> Result<()> {
         let state = self.state_dir();
         let mut changed = false;
-        for f in ["next-id", "log", LEFTOVERS] {
+        for f in ["next-id", "log", LEFTOVERS, "links"] {
             let path = state.join(f);
             let Some(m) = fsutil::lstat_or_none(&path) else {
                 continue;
