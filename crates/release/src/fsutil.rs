@@ -286,10 +286,10 @@ pub(crate) fn remove_tree_reporting(path: &Path, out: &mut LeftoverList) -> bool
             return false;
         }
     };
-    remove_at(&parent, &cstr(name), path, out, &mut Deep::default())
+    remove_below(&parent, &cstr(name), path, out, &mut Deep::default(), None)
 }
 
-/// Directory levels [`remove_at`] descends below the top of a tree, each holding a descriptor,
+/// Directory levels [`remove_below`] descends below the top of a tree, each holding a descriptor,
 /// before it moves what is deeper up to the top and removes it from there: a tree of any depth
 /// goes with a bounded number of descriptors (a session's limit is often 1024) and a bounded
 /// stack.
@@ -371,19 +371,9 @@ fn cvt(r: libc::c_int) -> std::io::Result<()> {
 }
 
 /// Removes `name` in the directory `dir` (shown as `shown` in messages), a whole tree if it is
-/// a directory (`deep`: how far below the top of the removal `dir` is; a directory more than
-/// [`DEEP_LEVELS`] below is moved up to the top and removed from there).
-fn remove_at(
-    dir: &std::os::fd::OwnedFd,
-    name: &std::ffi::CStr,
-    shown: &Path,
-    out: &mut LeftoverList,
-    deep: &mut Deep,
-) -> bool {
-    remove_below(dir, name, shown, out, deep, None)
-}
-
-/// [`remove_at`], with `top` the descriptor of the tree's top directory once below it.
+/// a directory. `top` is the descriptor of the top directory of the removal once below it
+/// (`None` for the top itself), `deep` how far below it `dir` is: a directory more than
+/// [`DEEP_LEVELS`] below is moved up to the top and removed from there.
 fn remove_below(
     dir: &std::os::fd::OwnedFd,
     name: &std::ffi::CStr,
@@ -436,36 +426,23 @@ fn remove_below(
         }
     };
     let mut all = true;
-    let child_of = |shown: &Path, child: &std::ffi::CString| {
-        shown.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(child.as_bytes()))
+    // One level down, below the top (this directory when it is the top).
+    let descend = |child: &std::ffi::CString, deep: &mut Deep, out: &mut LeftoverList| {
+        let shown = shown
+            .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(child.as_bytes()));
+        deep.depth += 1;
+        let gone = remove_below(&sub, child, &shown, out, deep, Some(top.unwrap_or(&sub)));
+        deep.depth -= 1;
+        gone
     };
-    deep.depth += 1;
     for child in names {
-        let below = top.unwrap_or(&sub);
-        all &= remove_below(
-            &sub,
-            &child,
-            &child_of(shown, &child),
-            out,
-            deep,
-            Some(below),
-        );
+        all &= descend(&child, deep, out);
     }
-    deep.depth -= 1;
     if top.is_none() {
         // The top: what was moved up to it goes now, each a fresh descent (which may move up
         // more, until nothing is left that deep).
         while let Some(child) = deep.moved.pop() {
-            deep.depth += 1;
-            all &= remove_below(
-                &sub,
-                &child,
-                &child_of(shown, &child),
-                out,
-                deep,
-                Some(&sub),
-            );
-            deep.depth -= 1;
+            all &= descend(&child, deep, out);
         }
     }
     drop(sub);

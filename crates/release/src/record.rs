@@ -360,12 +360,7 @@ impl Root {
                     let cursor = cursors.entry(id).or_insert_with(|| at::Cursor::new(tree));
                     let (dir, name) = cursor.parent_of(path).ok()?;
                     let now = FileStamp::of_stat(&at::lstat_at(&dir, &name).ok()?);
-                    let same = FileStamp {
-                        ctime: now.ctime,
-                        ctime_nsec: now.ctime_nsec,
-                        nlink: now.nlink,
-                        ..*was
-                    } == now;
+                    let same = was.same_but_links(&now);
                     (same && now.nlink.checked_add(*gone) == Some(was.nlink)).then_some((id, now))
                 })
             })
@@ -412,6 +407,17 @@ pub(crate) struct FileStamp {
 }
 
 impl FileStamp {
+    /// Whether `now` is this inode as recorded but for its ctime and link count, which links
+    /// made or removed since change.
+    pub(crate) fn same_but_links(&self, now: &FileStamp) -> bool {
+        FileStamp {
+            ctime: now.ctime,
+            ctime_nsec: now.ctime_nsec,
+            nlink: now.nlink,
+            ..*self
+        } == *now
+    }
+
     /// Bytes of one encoded stamp (format 3).
     pub(crate) const LEN: usize = 56;
     /// Bytes of one format 2 stamp.

@@ -1289,12 +1289,7 @@ impl Stage<'_> {
             let Ok(now) = at::lstat_at(&dir, &name).map(|m| FileStamp::of_stat(&m)) else {
                 continue;
             };
-            let same = FileStamp {
-                ctime: now.ctime,
-                ctime_nsec: now.ctime_nsec,
-                nlink: now.nlink,
-                ..*was
-            } == now;
+            let same = was.same_but_links(&now);
             if same && now.nlink + 1 == was.nlink {
                 let holder = links.get(now.ino).map_or(*prev, |l| l.holder);
                 links.set(&now, holder);
