@@ -951,6 +951,79 @@ fn a_lock_file_shared_by_a_hard_link_is_replaced_and_locks_only_its_target() {
     fx.flip(&["deploy", src.s(), s(&a)]).success();
 }
 
+/// `.flip/lock` of another type: a symlink to somebody's file, a directory with a file in it,
+/// a FIFO. `flip doctor` says the next deploy replaces it; the deploy does (never opening nor
+/// following it: the linked-to file keeps its bytes, the directory is moved aside whole),
+/// names what it found in a warning and goes live; the deploy after that finds its own lock
+/// quietly. Before, every deploy, rollback and prune was refused (exit 5) until someone
+/// removed it by hand.
+#[test]
+fn a_lock_file_of_another_type_is_replaced_never_followed() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    let lock = fx.root.join(".flip/lock");
+    let foreign = fx.path("foreign.txt");
+    fs::write(&foreign, "not flip's\n").unwrap();
+
+    let mkfifo = |p: &Path| {
+        let c = std::ffi::CString::new(s(p)).unwrap();
+        // SAFETY: mkfifo of a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    };
+    type Make<'a> = &'a dyn Fn(&Path);
+    let cases: [(&str, Make); 3] = [
+        ("a symlink", &|p| {
+            std::os::unix::fs::symlink(&foreign, p).unwrap()
+        }),
+        ("a directory", &|p| {
+            fs::create_dir(p).unwrap();
+            fs::write(p.join("kept"), "somebody's").unwrap();
+        }),
+        ("a special file", &mkfifo),
+    ];
+    for (n, (what, make)) in cases.iter().enumerate() {
+        fs::remove_file(&lock).unwrap();
+        make(&lock);
+        let doctor = fx.flip(&["doctor", "--json", fx.root_str()]).json();
+        let notes = doctor["hosts"][0]["findings"].to_string();
+        assert!(
+            notes.contains(&format!(".flip/lock is {what}, not flip's lock file")),
+            "{what}: {notes}"
+        );
+
+        let release = n as u32 + 2;
+        public_site(&src, release);
+        let j = fx.deploy(&src, &[]);
+        assert_eq!(j["release"], release, "{what}: {j}");
+        assert_eq!(fx.current_link(), format!("releases/{release}"));
+        let w = warnings(&j).join("\n");
+        assert!(
+            w.contains(&format!("{} was {what}", lock.display()))
+                && w.contains("not flip's lock file"),
+            "{what}: {w}"
+        );
+        assert!(fs::symlink_metadata(&lock).unwrap().is_file(), "{what}");
+        assert_eq!(fs::read_to_string(&foreign).unwrap(), "not flip's\n");
+        let j = fx
+            .flip(&["prune", "--json", "--keep", "9", fx.root_str()])
+            .success()
+            .json();
+        assert!(warnings(&j).is_empty(), "{what}: {j}");
+    }
+    let aside: Vec<PathBuf> = fs::read_dir(fx.root.join(".flip"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| s(p).contains("/lock.aside-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        fs::read_to_string(aside[0].join("kept")).unwrap(),
+        "somebody's"
+    );
+}
+
 /// B's `.flip/log` is a hard link to A's: a deploy to B appends nothing to it (A's log keeps
 /// its bytes), starts a log of its own (a new inode, one link) whose first line is a
 /// `log-restarted` event saying why, followed by this deploy's events, and names it in a

@@ -746,6 +746,18 @@ fn check_lock(root: &Root, out: &mut Vec<Finding>) {
         out.push(Finding::new("lock", Severity::Ok, "no deploy is running"));
         return;
     };
+    if !m.is_file() {
+        out.push(Finding::new(
+            "lock",
+            Severity::Note,
+            format!(
+                "{} is {}, not flip's lock file: no deploy can hold it; the next deploy, rollback, activate or prune replaces it (never following it)",
+                shown(root, &path),
+                fsutil::kind_of(&m)
+            ),
+        ));
+        return;
+    }
     let holder = fsutil::read_optional_limited(&path, 64 * 1024)
         .ok()
         .flatten()

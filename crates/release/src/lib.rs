@@ -114,13 +114,6 @@ pub struct Created {
     dirs: Vec<PathBuf>,
 }
 
-/// The kinds flip's own paths must have.
-#[derive(Clone, Copy)]
-enum Kind {
-    Dir,
-    File,
-}
-
 impl Root {
     fn at(dir: &Path) -> Root {
         Root {
@@ -146,7 +139,7 @@ impl Root {
             return Err(Error::NotADirectory(dir.to_path_buf()));
         }
         let root = Root::at(dir);
-        if !expect(&root.state_dir(), Kind::Dir)? {
+        if !expect_dir(&root.state_dir())? {
             return Err(Error::NoTarget(dir.to_path_buf()));
         }
         root.check_layout()?;
@@ -179,7 +172,7 @@ impl Root {
             Ok(m) if !m.is_dir() => return Err(Error::NotADirectory(dir.to_path_buf())),
             Ok(_) => {
                 let root = Root::at(dir);
-                if expect(&root.state_dir(), Kind::Dir)? {
+                if expect_dir(&root.state_dir())? {
                     root.check_layout()?;
                     return Ok((root, None));
                 }
@@ -262,12 +255,12 @@ impl Root {
     /// [`Error::Layout`] naming the first path of the wrong type, or an I/O error.
     pub fn check_layout(&self) -> Result<()> {
         let state = self.state_dir();
-        expect(&state, Kind::Dir)?;
-        expect(&self.meta_dir(), Kind::Dir)?;
-        expect(&self.releases_dir(), Kind::Dir)?;
-        // next-id, log, leftovers and links of another type are replaced under the lock
-        // ([`Root::lock`]); until then nothing reads or writes them through a link.
-        expect(&state.join("lock"), Kind::File)?;
+        expect_dir(&state)?;
+        expect_dir(&self.meta_dir())?;
+        expect_dir(&self.releases_dir())?;
+        // The lock file of another type is replaced when the lock is taken, next-id, log,
+        // leftovers and links under it ([`Root::lock`]); until then nothing reads or writes
+        // them through a link.
         match fsutil::lstat_or_none(self.dir.join(CURRENT)) {
             Some(m) if !m.file_type().is_symlink() => {
                 Err(Error::CurrentNotSymlink(self.dir.join(CURRENT)))
@@ -372,7 +365,8 @@ impl Root {
     /// Checks flip's layout before and again under the lock (refusing a symlink or a wrong
     /// type, see [`Root::check_layout`]). A lock file shared with another file by a hard link
     /// is replaced by one of this target's own (with a warning), unless a session of this
-    /// target holds it.
+    /// target holds it; one of another type (a symlink, a FIFO, a directory) is replaced too,
+    /// never opened nor followed (a directory is moved aside to `lock.aside-SECONDS`).
     ///
     /// # Errors
     /// [`Error::Locked`] (naming the holder) when someone holds it and `wait` does not wait,
@@ -1152,28 +1146,16 @@ fn e_path(dir: &Path, name: &str) -> String {
     dir.join(name).display().to_string()
 }
 
-/// Whether `path` exists with the kind flip gives it: `Ok(false)` when missing, a
+/// Whether `path` exists as a directory, as flip makes its own: `Ok(false)` when missing, a
 /// [`Error::Layout`] naming it when it is a symlink or of another type.
-fn expect(path: &Path, kind: Kind) -> Result<bool> {
+fn expect_dir(path: &Path) -> Result<bool> {
     match fsutil::symlink_metadata_if_any(path)? {
-        Some(m) => {
-            let ok = match kind {
-                Kind::Dir => m.is_dir(),
-                Kind::File => m.is_file(),
-            };
-            if ok {
-                Ok(true)
-            } else {
-                Err(Error::Layout {
-                    path: path.to_path_buf(),
-                    found: fsutil::kind_of(&m),
-                    expected: match kind {
-                        Kind::Dir => "a directory",
-                        Kind::File => "a regular file",
-                    },
-                })
-            }
-        }
+        Some(m) if m.is_dir() => Ok(true),
+        Some(m) => Err(Error::Layout {
+            path: path.to_path_buf(),
+            found: fsutil::kind_of(&m),
+            expected: "a directory",
+        }),
         None => Ok(false),
     }
 }

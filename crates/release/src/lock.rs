@@ -90,7 +90,29 @@ pub(crate) fn acquire(
     // again.
     let mut replaced_meanwhile = 0;
     while replaced_meanwhile < 100 {
+        if let Some(m) = crate::fsutil::lstat_or_none(path).filter(|m| !m.is_file()) {
+            // Not a file flip made (a symlink, a FIFO, a directory): never opened, replaced.
+            let dir = open_dir(dir_path)?;
+            if exclusive(&dir, dir_path, PATIENCE_FREE)? {
+                match replace_odd(path, &m)? {
+                    Some((fresh, why)) => return finish(fresh, dir, path, me, Some(why)),
+                    None => {
+                        replaced_meanwhile += 1;
+                        continue;
+                    }
+                }
+            }
+            drop(dir);
+            tell_or_fail("another flip session of this target (it holds .flip/)".into())?;
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
         let mut file = open(path)?;
+        if !file.metadata().map_err(io("stat", path))?.is_file() {
+            // Swapped for another type between the look and the open: looked at again.
+            replaced_meanwhile += 1;
+            continue;
+        }
         let shared = links(&file, path)? > 1;
         if !flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(io("lock", path))? {
             if shared {
@@ -193,10 +215,53 @@ fn replace(path: &Path, old: &File, _dir: &File) -> Result<Option<File>> {
     if !same_file(old, path) {
         return Ok(None);
     }
+    create_locked(path).map(Some)
+}
+
+/// Under an exclusive `flock` on `.flip/`: when `path` is still of the type `seen` says (not a
+/// regular file), it is replaced by a fresh lock file, already locked: anything but a directory
+/// is renamed over (never followed: what a symlink names is untouched), a directory is first
+/// moved aside (`lock.aside-SECONDS`). Returns the file and the warning naming what was
+/// found; `None` when `path` changed meanwhile (nothing done).
+fn replace_odd(path: &Path, seen: &std::fs::Metadata) -> Result<Option<(File, String)>> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(m) = crate::fsutil::lstat_or_none(path) else {
+        return Ok(None);
+    };
+    if m.is_file() || m.ino() != seen.ino() || m.dev() != seen.dev() {
+        return Ok(None);
+    }
+    let kind = crate::fsutil::kind_of(&m);
+    let to = match m.file_type().is_symlink() {
+        true => crate::fsutil::read_link(path)
+            .map(|t| format!(" to {}", t.display()))
+            .unwrap_or_default(),
+        false => String::new(),
+    };
+    let why = if m.is_dir() {
+        let aside = path.with_file_name(format!("lock.aside-{}", crate::fsutil::now()));
+        crate::fsutil::move_aside(path, &aside)?;
+        format!(
+            "{} was {kind}, not flip's lock file: moved aside to {}; replaced by a lock file",
+            path.display(),
+            aside.display()
+        )
+    } else {
+        format!(
+            "{} was {kind}{to}, not flip's lock file: replaced by one (never followed)",
+            path.display()
+        )
+    };
+    let fresh = create_locked(path)?;
+    Ok(Some((fresh, why)))
+}
+
+/// A fresh lock file, created and locked under a temp name beside `path`, renamed over
+/// whatever `path` is (made durable): a new inode (never one that exists), locked before
+/// anyone can open it by its name.
+fn create_locked(path: &Path) -> Result<File> {
     let tmp = path.with_file_name(format!(".lock.tmp-{}", std::process::id()));
     crate::fsutil::remove_file_quietly(&tmp);
-    // A new inode (never one that exists), then renamed into place already locked: nobody can
-    // take it between the rename and our flock.
     let fresh = crate::fsutil::open_with(
         "create",
         OpenOptions::new()
@@ -217,9 +282,9 @@ fn replace(path: &Path, old: &File, _dir: &File) -> Result<Option<File>> {
         crate::fsutil::remove_file_quietly(&tmp);
         return Err(e);
     }
-    // The rename made durable: a crash must not bring the shared file back.
+    // The rename made durable: a crash must not bring the old file back.
     crate::fsutil::fsync_dir(path.parent().expect("in .flip/"))?;
-    Ok(Some(fresh))
+    Ok(fresh)
 }
 
 /// Holds `file` (the lock) and `dir` (`.flip/`, downgraded to shared) and writes the holder.
