@@ -188,6 +188,10 @@ pub struct RollbackArgs {
     /// Release to go back to (default: the newest one older than the live one).
     #[arg(long, value_name = "ID")]
     pub to: Option<u64>,
+    /// Go back even to a release that changed since it was deployed (edited, chmodded, removed
+    /// or added in place): it is made live as it is.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -198,6 +202,10 @@ pub struct ActivateArgs {
     pub target: String,
     /// A release id; for an environment, a label too (each target's newest release with it).
     pub id: String,
+    /// Make it live even if it changed since it was deployed (edited, chmodded, removed or
+    /// added in place): as it is.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub common: Common,
 }

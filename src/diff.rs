@@ -577,7 +577,10 @@ impl Stream {
     /// Commit, activate, prune and goodbye; the bytes the client sent in all.
     fn finish(mut self) -> u64 {
         self.send(&Request::Commit);
-        self.send(&Request::Activate { id: 2 });
+        self.send(&Request::Activate {
+            id: 2,
+            force: false,
+        });
         self.send(&Request::Prune { keep: 5 });
         self.send(&Request::Bye);
         let counter = self.tx.counter();

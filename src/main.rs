@@ -924,6 +924,7 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<Code> {
             &targets,
             &with_hooks(command_options(&a.common), &env),
             &SwitchPlan::Rollback,
+            a.force,
             Purpose::Rollback,
             &progress::Progress::lines(&targets),
         );
@@ -932,7 +933,7 @@ fn rollback(a: cli::RollbackArgs, cfg: Option<&Config>) -> Result<Code> {
     let target = &targets[0];
     // Lock, rollback, status and bye in one round trip (a refused lock: the rest is not done).
     let mut s = locked_batch(target, &a.common, Purpose::Rollback, |s| {
-        s.queue_rollback(a.to)?;
+        s.queue_rollback(a.to, a.force)?;
         s.queue_status()
     })?;
     let r = s.rolled_back();
@@ -965,6 +966,7 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<Code> {
             &targets,
             &with_hooks(command_options(&a.common), &env),
             &plan,
+            a.force,
             Purpose::Activate,
             &progress::Progress::lines(&targets),
         );
@@ -979,7 +981,7 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<Code> {
     let target = &targets[0];
     // Lock, activate, status and bye in one round trip (a refused lock: the rest is not done).
     let mut s = locked_batch(target, &a.common, Purpose::Activate, |s| {
-        s.queue_activate(id)?;
+        s.queue_activate(id, a.force)?;
         s.queue_status()
     })?;
     let r = s.activated();

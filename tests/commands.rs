@@ -71,6 +71,74 @@ fn rollback_and_activate() {
     assert_dir_eq(&fx.release(2), &v2, "releases/2");
 }
 
+/// A release edited in place after it was deployed (same size, its mtime set back: only its
+/// ctime tells) is not made live again by a rollback or an activate: exit 7, naming the file
+/// and what differs, `current` untouched. A file only touched (same bytes) is hashed and
+/// accepted; a file added to a release is a difference too. `--force` makes it live as it is.
+/// Before, the rollback made the edited tree live without a word.
+#[test]
+fn a_release_changed_since_it_was_deployed_is_not_made_live_again_unless_forced() {
+    let fx = Fx::new();
+    let (_src, v1, _v2) = two_releases(&fx);
+    let root = fx.root_str();
+    let edited = fx.release(1).join("small.txt");
+    let mtime = fs::metadata(&edited).unwrap().modified().unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&edited)
+        .unwrap()
+        .write_all(b"small XX\n")
+        .unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&edited)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    // Shared by both releases, only touched: its bytes are still the deployed ones.
+    fs::File::options()
+        .write(true)
+        .open(fx.release(1).join("index.html"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now())
+        .unwrap();
+
+    let shown = s(&fx.release(1)).to_string();
+    for args in [vec!["rollback", root], vec!["activate", root, "1"]] {
+        fx.flip(&args)
+            .code(7)
+            .stderr_has(&format!("{shown} has changed since it was deployed"))
+            .stderr_has("small.txt: content differs from the manifest")
+            .stderr_has("--force");
+        assert_eq!(fx.current_link(), "releases/2");
+    }
+    let j = fx.flip(&["rollback", "--json", root]).code(7).json();
+    assert_eq!(j["error"]["code"], 7, "{j}");
+
+    fx.flip(&["rollback", "--force", root]).success();
+    assert_eq!(fx.current_link(), "releases/1");
+    assert_eq!(
+        fs::read(fx.current().join("small.txt")).unwrap(),
+        b"small XX\n"
+    );
+
+    // Back as deployed (its ctime is new: hashed, and the same): made live without --force.
+    fx.flip(&["activate", root, "2"]).success();
+    fs::write(&edited, "small v1\n").unwrap();
+    fx.flip(&["rollback", root]).success();
+    assert_eq!(fx.current_link(), "releases/1");
+    assert_dir_eq(&fx.current(), &v1, "releases/1 as deployed");
+
+    // A file added to release 2.
+    fs::write(fx.release(2).join("planted.php"), "<?php evil();\n").unwrap();
+    fx.flip(&["activate", root, "2"])
+        .code(7)
+        .stderr_has("planted.php: not in the manifest");
+    assert_eq!(fx.current_link(), "releases/1");
+    fx.flip(&["activate", "--force", root, "2"]).success();
+    assert_eq!(fx.current_link(), "releases/2");
+}
+
 #[test]
 fn rollback_to_the_live_release_changes_nothing_as_activate() {
     let fx = Fx::new();

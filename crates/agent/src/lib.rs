@@ -783,8 +783,8 @@ impl Session {
                 return Ok(None);
             }
             Request::Commit => self.commit()?,
-            Request::Activate { id } => self.activate(id)?,
-            Request::Rollback { to } => self.rollback(to)?,
+            Request::Activate { id, force } => self.activate(id, force)?,
+            Request::Rollback { to, force } => self.rollback(to, force)?,
             Request::Prune { keep } => self.prune(keep)?,
             Request::Verify { id } => self.verify(id)?,
             Request::Changes { all } => {
@@ -919,10 +919,28 @@ impl Session {
         Ok(Response::Committed { id: info.id })
     }
 
-    /// `Activate`: swaps `current` to release `id`.
-    fn activate(&mut self, id: u64) -> Result<Response> {
+    /// Whether release `id` needs no check before it is made live: this session committed it
+    /// (every byte checked as it was written), or it was live when this session first switched
+    /// (a switch back after a failure elsewhere, as it was a moment ago).
+    fn vouched(&self, id: u64) -> bool {
+        self.discardable == Some(id) || self.previous_live == Some(Some(id))
+    }
+
+    /// Refuses release `id` when it changed since it was committed, unless `force` or
+    /// [`vouched`](Self::vouched).
+    fn check_before_switch(&self, root: &Root, id: u64, force: bool) -> Result<()> {
+        if force || self.vouched(id) || root.current()? == Some(id) {
+            return Ok(());
+        }
+        Ok(root.check_unchanged(id)?)
+    }
+
+    /// `Activate`: swaps `current` to release `id` (see [`Request::Activate`]).
+    fn activate(&mut self, id: u64, force: bool) -> Result<Response> {
         let root = self.root(false)?;
-        let previous = root.activate(self.locked()?, id)?;
+        let lock = self.locked()?;
+        self.check_before_switch(root, id, force)?;
+        let previous = root.activate(lock, id)?;
         self.previous_live.get_or_insert(previous);
         self.log(serde_json::json!({
             "time": now(), "event": "activate", "release": id, "previous": previous,
@@ -930,8 +948,9 @@ impl Session {
         Ok(Response::Activated { id, previous })
     }
 
-    /// `Rollback`: swaps `current` to release `to`, or to the one before the live one.
-    fn rollback(&mut self, to: Option<u64>) -> Result<Response> {
+    /// `Rollback`: swaps `current` to release `to`, or to the one before the live one (see
+    /// [`Request::Rollback`]).
+    fn rollback(&mut self, to: Option<u64>, force: bool) -> Result<Response> {
         let root = self.root(false)?;
         let lock = self.locked()?;
         let current = root
@@ -944,6 +963,7 @@ impl Session {
             }
             None => root.rollback_target(current)?,
         };
+        self.check_before_switch(root, target, force)?;
         // `--to` the live release answers as `activate` of it does: it stays live.
         let previous = root.activate(lock, target)?;
         self.previous_live.get_or_insert(previous);

@@ -117,7 +117,10 @@ fn after_a_failed_request_the_rest_of_the_batch_is_not_done() {
             data: vec![1, 2, 3],
             last: true,
         },
-        Request::Activate { id: 1 },
+        Request::Activate {
+            id: 1,
+            force: false,
+        },
         Request::Bye,
     ];
     for compress in [0, 3] {

@@ -157,7 +157,10 @@ fn deploys_leave_no_descriptor_open() {
                 last: true,
             },
             Request::Commit,
-            Request::Activate { id: n as u64 + 2 },
+            Request::Activate {
+                id: n as u64 + 2,
+                force: false,
+            },
             Request::Prune { keep: 2 },
             Request::Bye,
         ]);

@@ -230,7 +230,14 @@ fn streaming_into_a_target_with_a_live_release_is_refused() {
     let mut frames = start(1, 1);
     frames.push(stream("a", b"1", 0o644));
     frames.extend(stage_whole(&m));
-    frames.extend([Request::Commit, Request::Activate { id: 1 }, Request::Bye]);
+    frames.extend([
+        Request::Commit,
+        Request::Activate {
+            id: 1,
+            force: false,
+        },
+        Request::Bye,
+    ]);
     let rs = session(&root, frames);
     assert!(matches!(rs.last(), Some(Response::Bye)), "{rs:?}");
     let mut frames = start(1, 1);

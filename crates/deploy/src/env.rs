@@ -54,11 +54,13 @@ struct Locked {
 /// everywhere first (any failure: nothing moves), then activate everywhere with every lock
 /// held; if an activation fails, the targets already moved are switched back. Returns one
 /// outcome per target, in order; all moved when none has an `error`. `events` hears who holds
-/// a lock the switch waits for.
+/// a lock the switch waits for. A release that changed on its target since it was committed
+/// fails that target's activation (and the others are switched back) unless `force`.
 pub fn switch(
     targets: &[Target],
     o: &Options,
     plan: &SwitchPlan,
+    force: bool,
     purpose: Purpose,
     events: &dyn Events,
 ) -> Vec<SwitchOutcome> {
@@ -80,7 +82,7 @@ pub fn switch(
         .zip(&out)
         .map(|(s, o)| s.as_ref().is_some_and(|s| s.current != o.release))
         .collect();
-    let failed = activate_everywhere(&mut sessions, &mut out);
+    let failed = activate_everywhere(&mut sessions, &mut out, force);
     if failed.is_empty() {
         after_hooks(&mut sessions, &mut out, &moved, o, events);
     }
@@ -186,7 +188,11 @@ fn resolve_everywhere(
 
 /// Phase 2: activates the resolved release on every target, in parallel; if any activation
 /// failed, the others are switched back. Returns the failures' messages.
-fn activate_everywhere(sessions: &mut [Option<Locked>], out: &mut [SwitchOutcome]) -> Vec<String> {
+fn activate_everywhere(
+    sessions: &mut [Option<Locked>],
+    out: &mut [SwitchOutcome],
+    force: bool,
+) -> Vec<String> {
     let results: Vec<Result<(), DeployError>> =
         crate::each_in_parallel(sessions.iter_mut().zip(out.iter()), |(s, o)| {
             let s = s.as_mut().expect("every target is locked");
@@ -194,7 +200,8 @@ fn activate_everywhere(sessions: &mut [Option<Locked>], out: &mut [SwitchOutcome
             if s.current == Some(id) {
                 return Ok(());
             }
-            s.session.activate(id)?;
+            s.session.queue_activate(id, force)?;
+            s.session.activated()?;
             Ok(())
         });
     let failed: Vec<String> = results

@@ -1057,7 +1057,7 @@ fn prepare(
             // Nothing comes between commit and activation: all in the content's round trip.
             let s = &mut host.session;
             let queued = s
-                .queue_activate(host.release)
+                .queue_activate(host.release, false)
                 .and_then(|()| s.queue_prune(o.keep))
                 .and_then(|()| s.queue_bye());
             queued.map_err(|e| host.fail(e.into()))?;

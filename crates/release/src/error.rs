@@ -112,6 +112,17 @@ pub enum Error {
         /// What does not match.
         detail: String,
     },
+    /// A committed release (`dir`) no longer is what was deployed: `first` names the first
+    /// differences, `more` counts the others.
+    #[error("{} has changed since it was deployed ({first}{}): not made live; `--force` makes it live as it is, `flip verify` lists every difference", dir.display(), more_text(*.more))]
+    Changed {
+        /// The release directory.
+        dir: PathBuf,
+        /// The first differences, `; `-separated.
+        first: String,
+        /// How many more there are.
+        more: usize,
+    },
     /// flip's own record at `path` is damaged.
     #[error("{} is damaged: {detail}", path.display())]
     Corrupt {
@@ -171,7 +182,9 @@ impl Error {
             Error::Io { .. } | Error::Abandoned => ErrorClass::Io,
             Error::NoSpace { .. } | Error::NotEnoughSpace { .. } => ErrorClass::NoSpace,
             Error::Locked { .. } => ErrorClass::Locked,
-            Error::Integrity { .. } | Error::Corrupt { .. } => ErrorClass::Integrity,
+            Error::Integrity { .. } | Error::Corrupt { .. } | Error::Changed { .. } => {
+                ErrorClass::Integrity
+            }
             Error::BadRequest(_) => ErrorClass::BadRequest,
             Error::NotADirectory(_)
             | Error::Missing(_)
@@ -215,3 +228,11 @@ pub(crate) fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error)
 
 /// This crate's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// ", and N more" for [`Error::Changed`].
+fn more_text(more: usize) -> String {
+    match more {
+        0 => String::new(),
+        n => format!(", and {n} more"),
+    }
+}

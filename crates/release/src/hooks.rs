@@ -43,7 +43,7 @@ impl Root {
     fn try_record_hook_writes(&self, id: u64) -> crate::Result<()> {
         let manifest = self.manifest(id)?;
         let dir = self.release_dir(id);
-        let diffs = stage::tree_differences(&dir, &manifest);
+        let diffs = stage::tree_differences(&dir, &manifest, &[]);
         let mut record = self.hook_record(id);
         let mut dropped = 0usize;
         let shared = self.written_in_place(id, &dir, &manifest, diffs.iter().map(|(p, _)| p));
@@ -91,7 +91,7 @@ impl Root {
     }
 
     /// Splits the differences of release `id` (path, message) into problems and the paths
-    /// written by its hooks (recorded, and unchanged since); warns about the latter.
+    /// written by its hooks (recorded, and unchanged since); warns about the latter when `tell`.
     /// A file a hook wrote into in place while other releases share its inode is a problem
     /// (they changed too), never "written by hooks".
     pub(crate) fn without_hook_writes(
@@ -100,6 +100,7 @@ impl Root {
         dir: &Path,
         manifest: &Manifest,
         diffs: Vec<(String, String)>,
+        tell: bool,
     ) -> Vec<String> {
         if diffs.is_empty() {
             return Vec::new();
@@ -118,7 +119,7 @@ impl Root {
                 _ => problems.push(message),
             }
         }
-        if !written.is_empty() {
+        if tell && !written.is_empty() {
             written.sort();
             let mut named: Vec<&str> = written.iter().take(NAMED).map(String::as_str).collect();
             if written.len() > NAMED {

@@ -1125,8 +1125,39 @@ impl Root {
     pub fn verify(&self, id: u64) -> Result<Vec<String>> {
         let manifest = self.manifest(id)?;
         let dir = self.release_dir(id);
-        let diffs = stage::tree_differences(&dir, &manifest);
-        Ok(self.without_hook_writes(id, &dir, &manifest, diffs))
+        let diffs = stage::tree_differences(&dir, &manifest, &[]);
+        Ok(self.without_hook_writes(id, &dir, &manifest, diffs, true))
+    }
+
+    /// Refuses release `id` when its tree is no longer what was committed (a file edited,
+    /// chmodded, removed or added in place since; what its hooks wrote is not a difference):
+    /// what a rollback or an `activate` checks before making an older release live again.
+    /// The same comparison as [`Root::verify`], but a file whose inode is exactly as recorded
+    /// at commit (`.flip/releases/N.stat`, with the link ledger's later ctime and link count)
+    /// is not read: a walk and a `stat` per entry, plus a hash of each file that changed.
+    ///
+    /// # Errors
+    /// [`Error::Changed`] naming the first differences, or as [`Root::manifest`].
+    pub fn check_unchanged(&self, id: u64) -> Result<()> {
+        let manifest = self.manifest(id)?;
+        let dir = self.release_dir(id);
+        let stamps = self.expected_stamps(id, &manifest);
+        let diffs = stage::tree_differences(&dir, &manifest, &stamps);
+        let problems = self.without_hook_writes(id, &dir, &manifest, diffs, false);
+        if problems.is_empty() {
+            return Ok(());
+        }
+        const NAMED: usize = 3;
+        let more = problems.len().saturating_sub(NAMED);
+        Err(Error::Changed {
+            dir,
+            first: problems
+                .into_iter()
+                .take(NAMED)
+                .collect::<Vec<_>>()
+                .join("; "),
+            more,
+        })
     }
 }
 

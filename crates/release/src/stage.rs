@@ -1469,11 +1469,22 @@ impl FileWriter {
 
 /// Compares a tree on disk with a manifest: every entry's kind, mode, size, content and target,
 /// and nothing extra. Returns one (path, message) per difference, sorted by message.
-pub(crate) fn tree_differences(dir: &Path, manifest: &Manifest) -> Vec<(String, String)> {
+///
+/// `expected`: the files' stamps as recorded at commit, by position in the manifest's entries
+/// (empty: unknown); a file whose inode is exactly as recorded is not read again.
+pub(crate) fn tree_differences(
+    dir: &Path,
+    manifest: &Manifest,
+    expected: &[Option<FileStamp>],
+) -> Vec<(String, String)> {
     let mut problems: Vec<(String, String)> = manifest
         .entries()
         .par_iter()
-        .filter_map(|e| difference(dir, e).map(|m| (e.path.to_string(), m)))
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let st = expected.get(i).and_then(Option::as_ref);
+            difference(dir, e, st).map(|m| (e.path.to_string(), m))
+        })
         .collect();
     let mut extra = Vec::new();
     list_tree(dir, dir, &mut extra);
@@ -1488,7 +1499,11 @@ pub(crate) fn tree_differences(dir: &Path, manifest: &Manifest) -> Vec<(String, 
 }
 
 /// How entry `e` of a manifest differs in the tree at `dir`, if it does.
-fn difference(dir: &Path, e: &flip_manifest::Entry) -> Option<String> {
+fn difference(
+    dir: &Path,
+    e: &flip_manifest::Entry,
+    expected: Option<&FileStamp>,
+) -> Option<String> {
     let p = dir.join(e.path.as_str());
     // A difference names the entry's path (relative to the release); its error is the cause.
     #[allow(clippy::disallowed_methods)]
@@ -1532,6 +1547,11 @@ fn difference(dir: &Path, e: &flip_manifest::Entry) -> Option<String> {
             }
             if meta.len() != *size {
                 return Some(format!("{}: {} bytes, expected {size}", e.path, meta.len()));
+            }
+            if expected.is_some_and(|st| *st == FileStamp::of(&meta)) {
+                // The inode written and checked at commit, untouched since (ctime cannot be set
+                // back).
+                return None;
             }
             // Read, never mapped: a file truncated during the check (by the
             // application) must be a difference, not a SIGBUS.

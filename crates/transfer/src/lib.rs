@@ -1162,22 +1162,25 @@ impl Session {
         }
     }
 
-    /// Points `current` at `id`; returns the release that was live before.
+    /// Points `current` at `id`; returns the release that was live before. A release this
+    /// session did not commit is refused when it changed since it was committed
+    /// ([`Request::Activate`]).
     ///
     /// # Errors
     /// See [`Session`].
     pub fn activate(&mut self, id: u64) -> Result<Option<u64>> {
-        self.queue_activate(id)?;
+        self.queue_activate(id, false)?;
         self.activated()
     }
 
-    /// Queues `Activate` of `id` (its answer: [`Session::activated`]).
+    /// Queues `Activate` of `id` (its answer: [`Session::activated`]); `force`: even if it
+    /// changed since it was committed.
     ///
     /// # Errors
     /// See [`Session`].
-    pub fn queue_activate(&mut self, id: u64) -> Result<()> {
+    pub fn queue_activate(&mut self, id: u64, force: bool) -> Result<()> {
         self.activate_queued = true;
-        self.queue(&Request::Activate { id })
+        self.queue(&Request::Activate { id, force })
     }
 
     /// The answer to a queued `Activate`: the release live before.
@@ -1286,17 +1289,18 @@ impl Session {
     ///
     /// # Errors
     /// See [`Session`].
-    pub fn rollback(&mut self, to: Option<u64>) -> Result<(u64, Option<u64>)> {
-        self.queue_rollback(to)?;
+    pub fn rollback(&mut self, to: Option<u64>, force: bool) -> Result<(u64, Option<u64>)> {
+        self.queue_rollback(to, force)?;
         self.rolled_back()
     }
 
-    /// Queues `Rollback` (its answer: [`Session::rolled_back`]).
+    /// Queues `Rollback` (its answer: [`Session::rolled_back`]); `force`: even to a release
+    /// that changed since it was committed.
     ///
     /// # Errors
     /// See [`Session`].
-    pub fn queue_rollback(&mut self, to: Option<u64>) -> Result<()> {
-        self.queue(&Request::Rollback { to })
+    pub fn queue_rollback(&mut self, to: Option<u64>, force: bool) -> Result<()> {
+        self.queue(&Request::Rollback { to, force })
     }
 
     /// The answer to a queued `Rollback`: (new, previous).

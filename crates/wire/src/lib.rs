@@ -56,7 +56,7 @@ use flip_manifest::{Digest, RelPath};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 9;
+pub const PROTOCOL: u32 = 10;
 /// The first bytes of [`Request::Hello`]: this is flip.
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
@@ -340,15 +340,22 @@ pub enum Request {
     },
     /// Every needed file has arrived: check, flush and rename the release into place.
     Commit,
-    /// Point `current` at a release.
+    /// Point `current` at a release. One this session did not commit, nor the one live before
+    /// this session's first switch, is first checked against what was committed (refused when
+    /// it changed since) unless `force`.
     Activate {
         /// The release id.
         id: u64,
+        /// Make it live even if it changed since it was committed.
+        force: bool,
     },
-    /// Point `current` at `to`, or at the newest release older than the live one.
+    /// Point `current` at `to`, or at the newest release older than the live one, checked as
+    /// `Activate` checks it.
     Rollback {
         /// The release to go to; `None`: the newest release older than the live one.
         to: Option<u64>,
+        /// Make it live even if it changed since it was committed.
+        force: bool,
     },
     /// Remove old releases, keeping `keep` (and the live one).
     Prune {

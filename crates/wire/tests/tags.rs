@@ -21,7 +21,7 @@ fn path() -> RelPath {
 #[test]
 fn protocol_version_matches_the_pinned_tags() {
     assert_eq!(
-        PROTOCOL, 9,
+        PROTOCOL, 10,
         "a protocol bump must re-check the tag tables below"
     );
 }
@@ -97,8 +97,20 @@ fn request_tags_are_pinned() {
             10,
         ),
         (Request::Commit, 11),
-        (Request::Activate { id: 1 }, 12),
-        (Request::Rollback { to: None }, 13),
+        (
+            Request::Activate {
+                id: 1,
+                force: false,
+            },
+            12,
+        ),
+        (
+            Request::Rollback {
+                to: None,
+                force: false,
+            },
+            13,
+        ),
         (Request::Prune { keep: 1 }, 14),
         (Request::Verify { id: None }, 15),
         (Request::Bye, 16),
