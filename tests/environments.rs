@@ -736,6 +736,42 @@ fn an_environment_rollback_that_fails_names_the_damaged_releases_it_skipped() {
     assert_eq!(link(&roots[1]), "releases/2");
 }
 
+/// `rollback ENV` where the release to go back to was edited in place on one target: that
+/// target refuses it (exit 7 in its JSON, naming the file), the other one, already switched,
+/// is switched back, and the command exits 10 with every target still on release 2;
+/// `--force` moves them all.
+#[test]
+fn an_environment_rollback_to_a_release_edited_on_one_target_moves_none_unless_forced() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &targets, "");
+    let src = fx.src("src");
+    for v in 1..=2 {
+        src.file("index.php", format!("v{v}\n"), 0o644);
+        fx.flip(&["deploy", "prod", "--label", &format!("v{v}")])
+            .success();
+    }
+    fs::write(roots[1].join("releases/1/index.php"), "hot fix\n").unwrap();
+    let j = fx.flip(&["rollback", "prod", "--json"]).code(10).json();
+    let refused = hosts(&j)[1]["error"].to_string();
+    assert!(
+        refused.contains("has changed since it was deployed") && refused.contains("index.php"),
+        "{j}"
+    );
+    assert_eq!(hosts(&j)[1]["error"]["code"], 7, "{j}");
+    assert_eq!(link(&roots[0]), "releases/2");
+    assert_eq!(link(&roots[1]), "releases/2");
+
+    fx.flip(&["rollback", "prod", "--force"]).success();
+    assert_eq!(link(&roots[0]), "releases/1");
+    assert_eq!(link(&roots[1]), "releases/1");
+    assert_eq!(
+        fs::read_to_string(roots[1].join("current/index.php")).unwrap(),
+        "hot fix\n"
+    );
+}
+
 /// Whole files are decided per target: in one environment the local target gets changed files
 /// whole and the SSH one patches, and the dry run says so of each, item by item. `whole_file`
 /// in the environment's table wins over the top level (`flip config` names where it came
