@@ -800,7 +800,7 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
         lives.push(live);
     }
     if let Some(env) = env {
-        render::release_table(&env.env, &targets, &lists, a.json);
+        render::release_table(&env.env, &targets, &lists, &lives, a.json);
         return Ok(exit::OK);
     }
     let (target, list) = (&targets[0], &lists[0]);

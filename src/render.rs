@@ -292,31 +292,50 @@ fn state_text(s: HostState) -> &'static str {
     }
 }
 
-/// `flip releases ENV`: one table across targets, a row per label.
+/// `flip releases ENV`: a row per label (oldest first), a column per target with its release
+/// of that label (`*`: live). A live release left out of a target's listing (its metadata
+/// damaged or gone: the target's warning says which) gets a last row of its own, marked live,
+/// its label and time unknown (JSON: `"damaged": true` on that row, `false` on the others).
 pub fn release_table(
     env: &str,
     targets: &[Target],
     lists: &[Vec<flip_wire::ReleaseSummary>],
+    lives: &[Option<u64>],
     json: bool,
 ) {
     let rows = flip_deploy::label_rows(lists);
+    // Per target: its live release when the listing left it out.
+    let unlisted: Vec<Option<u64>> = lists
+        .iter()
+        .zip(lives)
+        .map(|(list, live)| live.filter(|id| !list.iter().any(|r| r.id == *id)))
+        .collect();
+    let damaged = unlisted.iter().any(Option::is_some);
     let names: Vec<String> = targets.iter().map(Target::display).collect();
     if json {
-        let arr: Vec<Value> = rows
+        let cells = |ids: &[Option<u64>], live: &[bool]| -> Vec<Value> {
+            names
+                .iter()
+                .zip(ids.iter().zip(live))
+                .map(|(t, (id, live))| json!({"target": t, "id": id, "current": live}))
+                .collect()
+        };
+        let mut arr: Vec<Value> = rows
             .iter()
             .map(|r| {
-                let releases: Vec<Value> = names
-                    .iter()
-                    .zip(r.ids.iter().zip(&r.live))
-                    .map(|(t, (id, live))| json!({"target": t, "id": id, "current": live}))
-                    .collect();
-                json!({"label": r.label, "created": output::iso_time(r.created), "releases": releases})
+                json!({"label": r.label, "created": output::iso_time(r.created),
+                    "damaged": false, "releases": cells(&r.ids, &r.live)})
             })
             .collect();
+        if damaged {
+            let live: Vec<bool> = unlisted.iter().map(Option::is_some).collect();
+            arr.push(json!({"label": null, "created": null, "damaged": true,
+                "releases": cells(&unlisted, &live)}));
+        }
         outln!("{}", Value::Array(arr));
         return;
     }
-    if rows.is_empty() {
+    if rows.is_empty() && !damaged {
         note!("flip: {env}: no releases on any target");
         return;
     }
@@ -325,6 +344,10 @@ pub fn release_table(
         out!("  {n}");
     }
     outln!();
+    let cell = |id: &Option<u64>, live: bool| match id {
+        Some(id) => format!("{id}{}", if live { "*" } else { "" }),
+        None => "-".into(),
+    };
     for r in &rows {
         out!(
             "{:<20}  {:<20}",
@@ -332,11 +355,14 @@ pub fn release_table(
             output::iso_time(r.created)
         );
         for (n, (id, live)) in names.iter().zip(r.ids.iter().zip(&r.live)) {
-            let cell = match id {
-                Some(id) => format!("{id}{}", if *live { "*" } else { "" }),
-                None => "-".into(),
-            };
-            out!("  {cell:<w$}", w = n.len());
+            out!("  {:<w$}", cell(id, *live), w = n.len());
+        }
+        outln!();
+    }
+    if damaged {
+        out!("{:<20}  {:<20}", "(metadata damaged)", "?");
+        for (n, id) in names.iter().zip(&unlisted) {
+            out!("  {:<w$}", cell(id, true), w = n.len());
         }
         outln!();
     }

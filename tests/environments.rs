@@ -772,6 +772,45 @@ fn an_environment_rollback_to_a_release_edited_on_one_target_moves_none_unless_f
     );
 }
 
+/// `flip releases ENV` when one target's live release has damaged metadata: the table keeps a
+/// row for it (marked live, label and time unknown), as `flip releases TARGET` does, instead of
+/// showing that target with no live release at all.
+#[test]
+fn releases_of_an_environment_keep_a_row_for_a_live_release_with_damaged_metadata() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &targets, "");
+    let src = fx.src("src");
+    for v in 1..=2 {
+        src.file("index.php", format!("v{v}\n"), 0o644);
+        fx.flip(&["deploy", "prod", "--label", &format!("v{v}")])
+            .success();
+    }
+    fs::write(roots[1].join(".flip/releases/2.json"), "garbage").unwrap();
+    let r = fx.flip(&["releases", "prod", "--json"]).success();
+    let j = r.json();
+    let rows = j.as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{j}");
+    assert_eq!(rows[1]["label"], "v2", "{j}");
+    assert_eq!(rows[1]["releases"][0]["current"], true, "{j}");
+    assert_eq!(rows[1]["releases"][1]["id"], serde_json::Value::Null, "{j}");
+    assert_eq!(rows[2]["damaged"], true, "{j}");
+    assert_eq!(rows[2]["releases"][0]["id"], serde_json::Value::Null, "{j}");
+    assert_eq!(rows[2]["releases"][1]["id"], 2, "{j}");
+    assert_eq!(rows[2]["releases"][1]["current"], true, "{j}");
+    assert_eq!(rows[0]["damaged"], false, "{j}");
+    assert!(r.stderr.contains("2.json"), "{}", r.stderr);
+    let out = fx.flip(&["releases", "prod"]).success().stdout;
+    let last = out.lines().last().unwrap();
+    assert!(
+        last.starts_with("(metadata damaged)")
+            && last.contains(" -")
+            && last.trim_end().ends_with("2*"),
+        "{out}"
+    );
+}
+
 /// Whole files are decided per target: in one environment the local target gets changed files
 /// whole and the SSH one patches, and the dry run says so of each, item by item. `whole_file`
 /// in the environment's table wins over the top level (`flip config` names where it came
