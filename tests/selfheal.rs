@@ -989,7 +989,7 @@ fn a_lock_file_of_another_type_is_replaced_never_followed() {
         let doctor = fx.flip(&["doctor", "--json", fx.root_str()]).json();
         let notes = doctor["hosts"][0]["findings"].to_string();
         assert!(
-            notes.contains(&format!(".flip/lock is {what}, not flip's lock file")),
+            notes.contains(&format!(".flip/lock is {what}, not flip's file")),
             "{what}: {notes}"
         );
 
@@ -1036,6 +1036,12 @@ fn a_log_shared_by_a_hard_link_restarts_and_leaves_the_other_log_unchanged() {
     let (a_log, b_log) = (a.join(".flip/log"), fx.root.join(".flip/log"));
     fs::remove_file(&b_log).unwrap();
     fs::hard_link(&a_log, &b_log).unwrap();
+    let doctor = fx.flip(&["doctor", "--json", fx.root_str()]).json();
+    let notes = doctor["hosts"][0]["findings"].to_string();
+    assert!(
+        notes.contains(".flip/log shares its inode with 1 other name(s) by a hard link"),
+        "{notes}"
+    );
     let a_bytes = fs::read(&a_log).unwrap();
     let a_ino = ino(&a_log);
 

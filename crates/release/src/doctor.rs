@@ -15,7 +15,9 @@
 //!   append-only), and the ones the last cleanup recorded;
 //! - `space`: free space (and inodes) on the target's filesystem for one more release as large
 //!   as the live one;
-//! - `lock`: who holds the deploy lock, read from `/proc/locks` without taking it.
+//! - `lock`: who holds the deploy lock, read from `/proc/locks` without taking it;
+//! - `state`: flip's files in `.flip/` of another type, or (the lock and the log) hard-linked
+//!   to another file, which the next command that takes the lock replaces.
 
 use crate::error::Result;
 use crate::lock::Holder;
@@ -137,6 +139,7 @@ pub fn doctor(dir: &Path, opts: &DoctorOptions) -> Result<Vec<Finding>> {
     check_leftovers(&root, &me, opts, &mut out);
     check_space(&root, live, opts, &mut out);
     check_lock(&root, &mut out);
+    check_state_files(&root, &mut out);
     check_shared(&root, &mut out);
     Ok(out)
 }
@@ -737,6 +740,39 @@ fn check_space(
     }
 }
 
+/// flip's own files in `.flip/` the next deploy, rollback, activate or prune replaces (see
+/// [`Root::lock`]): of another type than a regular file (a symlink, a FIFO, a directory), or,
+/// for the two written in place (the lock and the log), sharing their inode with another file
+/// by a hard link. A note each: nothing to fix by hand.
+fn check_state_files(root: &Root, out: &mut Vec<Finding>) {
+    use std::os::unix::fs::MetadataExt;
+    let state = root.path().join(STATE);
+    for f in ["lock", "log", "next-id", crate::LEFTOVERS, "links"] {
+        let path = state.join(f);
+        let Some(m) = fsutil::lstat_or_none(&path) else {
+            continue;
+        };
+        let what = if !m.is_file() {
+            format!("is {}, not flip's file", fsutil::kind_of(&m))
+        } else if m.nlink() > 1 && matches!(f, "lock" | "log") {
+            format!(
+                "shares its inode with {} other name(s) by a hard link (a `cp -al` copy of the target, or planted)",
+                m.nlink() - 1
+            )
+        } else {
+            continue;
+        };
+        out.push(Finding::new(
+            "state",
+            Severity::Note,
+            format!(
+                "{} {what}: the next deploy, rollback, activate or prune gives the target a file of its own, never following nor writing through it",
+                shown(root, &path)
+            ),
+        ));
+    }
+}
+
 /// Who holds the deploy lock: the kernel's list of `flock`s (`/proc/locks`) names the lock
 /// file's inode when someone holds it; the lock file says who. The lock is never taken.
 fn check_lock(root: &Root, out: &mut Vec<Finding>) {
@@ -747,15 +783,8 @@ fn check_lock(root: &Root, out: &mut Vec<Finding>) {
         return;
     };
     if !m.is_file() {
-        out.push(Finding::new(
-            "lock",
-            Severity::Note,
-            format!(
-                "{} is {}, not flip's lock file: no deploy can hold it; the next deploy, rollback, activate or prune replaces it (never following it)",
-                shown(root, &path),
-                fsutil::kind_of(&m)
-            ),
-        ));
+        // Nobody can hold it (`state` says so).
+        out.push(Finding::new("lock", Severity::Ok, "no deploy is running"));
         return;
     }
     let holder = fsutil::read_optional_limited(&path, 64 * 1024)
