@@ -12,6 +12,7 @@ use serde_json::Value;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -1022,6 +1023,60 @@ fn a_lock_file_of_another_type_is_replaced_never_followed() {
         fs::read_to_string(aside[0].join("kept")).unwrap(),
         "somebody's"
     );
+}
+
+/// An in-place edit made while a prune deletes an old release (same size, its mtime put back:
+/// only the ctime tells) is never taken for the prune's own unlinking. The link ledger learns
+/// the new state of the inodes the pruned release shared as their names go, one inode at a
+/// time, before the rest of its tree is deleted (here the prune is held just after that, where
+/// the edit is made); so a rollback to a release holding the edited inode refuses it (exit 7)
+/// and the next deploy does not link it: the new release has the source's bytes. Before, the
+/// ledger was updated after the whole deletion, comparing everything but the ctime: the edit
+/// passed for the prune's, the rollback made it live and the next deploy linked it.
+#[test]
+fn an_edit_made_while_a_prune_runs_is_not_taken_for_the_prunes_own() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("keep.txt", "keep\n", 0o644)
+        .file("a.txt", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    for v in ["v2\n", "v3\n"] {
+        src.overwrite("a.txt", v);
+        fx.deploy(&src, &["--keep", "9"]);
+    }
+    let marker = fx.path("paused");
+    let pause = format!("prune-before-delete:{}", marker.display());
+    let prune = fx.spawn(
+        &[("FLIP_PAUSE", pause.as_str())],
+        &["prune", "--keep", "2", fx.root_str()],
+    );
+    let until = Instant::now() + Duration::from_secs(30);
+    while !marker.exists() {
+        assert!(Instant::now() < until, "the prune never reached its pause");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let shared = fx.release(3).join("keep.txt");
+    let (secs, nsec) = mtime(&shared);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&shared)
+        .unwrap()
+        .write_all_at(b"KEEP\n", 0)
+        .unwrap();
+    set_mtime(&shared, secs, nsec);
+    fs::remove_file(&marker).unwrap();
+    prune.finish(Duration::from_secs(30)).success();
+    assert_eq!(fx.release_ids(), vec![2, 3]);
+
+    fx.flip(&["rollback", fx.root_str()])
+        .code(7)
+        .stderr_has("keep.txt: content differs from the manifest");
+    assert_eq!(fx.current_link(), "releases/3");
+    src.overwrite("a.txt", "v4\n");
+    let j = fx.deploy(&src, &["--keep", "9"]);
+    assert_eq!(j["release"], 4, "{j}");
+    assert_eq!(fs::read(fx.current().join("keep.txt")).unwrap(), b"keep\n");
+    assert_ne!(ino(&fx.current().join("keep.txt")), ino(&shared));
 }
 
 /// B's `.flip/log` is a hard link to A's: a deploy to B appends nothing to it (A's log keeps

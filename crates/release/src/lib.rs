@@ -754,10 +754,12 @@ impl Root {
                 Err(e) => self.warn(format!("release {id} was not pruned: {e}")),
             }
         }
-        self.clean_leftovers(lock)?;
         if let Some(u) = unlinks {
-            self.after_unlink(u);
+            let trash: Vec<PathBuf> = removed.iter().map(|id| self.trash_dir(*id)).collect();
+            self.unlink_shared(u, &trash);
         }
+        fault_pause("prune-before-delete");
+        self.clean_leftovers(lock)?;
         Ok(removed)
     }
 
@@ -777,16 +779,22 @@ impl Root {
         }
         let unlinks = self.before_unlink(&[id]);
         self.retire_release(id)?;
+        self.unlink_shared(unlinks, &[self.trash_dir(id)]);
         self.clean_leftovers(lock)?;
-        self.after_unlink(unlinks);
         Ok(())
+    }
+
+    /// `ROOT/releases/.trash-<id>`: where a pruned or discarded release's tree waits to be
+    /// deleted.
+    fn trash_dir(&self, id: u64) -> PathBuf {
+        self.releases_dir().join(format!("{TRASH_PREFIX}{id}"))
     }
 
     /// Makes a release disappear atomically (rename to trash) and forgets it; its tree is
     /// deleted by the cleanup that follows.
     fn retire_release(&self, id: u64) -> Result<()> {
         let dir = self.release_dir(id);
-        let trash = self.releases_dir().join(format!("{TRASH_PREFIX}{id}"));
+        let trash = self.trash_dir(id);
         if fsutil::exists_nofollow(&trash) {
             // A trash of the same id cannot exist (ids are never reused), unless put there.
             return Err(Error::Layout {
@@ -850,14 +858,12 @@ impl Root {
             } else {
                 // A staging tree left by an interrupted deploy holds links to the live
                 // release's inodes: the ledger learns their state once those names are gone.
-                let unlinks = name
-                    .starts_with(STAGING_PREFIX)
-                    .then(|| self.before_unlink_staging(&path));
+                if name.starts_with(STAGING_PREFIX) {
+                    let u = self.before_unlink_staging(&path);
+                    self.unlink_shared(u, std::slice::from_ref(&path));
+                }
                 if fsutil::remove_tree_reporting(&path, &mut left) {
                     removed.push(name);
-                }
-                if let Some(u) = unlinks {
-                    self.after_unlink(u);
                 }
             }
         }
@@ -1256,6 +1262,34 @@ pub fn fault_point(point: &str) {
     {
         eprintln!("flip: FLIP_FAULT={point}: simulating a crash");
         std::process::exit(99);
+    }
+}
+
+/// Test hook, debug builds only: with `FLIP_PAUSE=POINT:FILE` in the environment, the process
+/// creates `FILE` at `point` and waits (up to 60 s) until it is removed, so that a test can
+/// change the target at that moment. A no-op otherwise.
+pub fn fault_pause(point: &str) {
+    if !cfg!(debug_assertions) || !FAULT_SCOPE.get().copied().unwrap_or(true) {
+        return;
+    }
+    let Some(v) = std::env::var_os("FLIP_PAUSE") else {
+        return;
+    };
+    let v = v.to_string_lossy();
+    let Some((p, file)) = v.split_once(':') else {
+        return;
+    };
+    if p != point {
+        return;
+    }
+    #[allow(clippy::disallowed_methods)]
+    let made = fs::write(file, point);
+    if made.is_err() {
+        return;
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while fsutil::exists_nofollow(file) && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

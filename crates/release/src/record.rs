@@ -272,8 +272,9 @@ fn note_tree(
 }
 
 /// The files of releases about to be removed that are as expected and share their inode with
-/// a release that stays: after the removal, each inode's new ctime and link count go into the
-/// ledger if the inode is as expected then (the same but for one name less per release removed).
+/// a release that stays: [`Root::unlink_shared`] removes those names first, one inode at a time,
+/// and records each inode's new ctime and link count if it is as expected then (the same but
+/// for one name less per release removed).
 pub(crate) struct Unlinks {
     /// By inode: the path (the same in every release holding it), the expected stamp before,
     /// and how many of its names the removal takes.
@@ -320,10 +321,16 @@ impl Root {
         u
     }
 
-    /// After the removal: the ledger learns the new state of each shared inode found as
-    /// expected (reached by its path in the release that last linked it, or the live one), and
-    /// forgets the others.
-    pub(crate) fn after_unlink(&self, u: Unlinks) {
+    /// Removes the shared files' names from the doomed trees, now at `dirs` (trash directories,
+    /// or the staging directory), before the rest of those trees is deleted, and tells the
+    /// ledger each shared inode's new state. Per inode, in parallel: its state is checked to be
+    /// exactly as noted by [`Root::before_unlink`] (ctime included), its names in `dirs` are
+    /// removed, and it is looked at again through a release that keeps it, found the same but
+    /// for its ctime and one link less per name removed: only then is that state recorded (the
+    /// window in which an edit that puts its mtime back could pass for flip's own unlink is
+    /// that of a few system calls on one inode, not the deletion of whole trees). Any other
+    /// finding forgets the inode (the next deploy hashes or copies it).
+    pub(crate) fn unlink_shared(&self, u: Unlinks, dirs: &[PathBuf]) {
         if u.by_ino.is_empty() && u.unknown.is_empty() {
             return;
         }
@@ -332,8 +339,8 @@ impl Root {
             links.forget(*ino);
         }
         let live = self.current().ok().flatten();
-        // Each release that can reach the inodes is opened once, and walked in path order
-        // with one cursor (each directory opened once), in parallel.
+        // Each tree is opened once, and walked in path order with one cursor per tree and
+        // thread (each directory opened once), in parallel.
         let mut shared: Vec<(u64, RelPath, FileStamp, u32, Option<u64>)> = u
             .by_ino
             .into_iter()
@@ -348,22 +355,57 @@ impl Root {
             .chain(live)
             .filter(|id| !u.doomed.contains(id))
             .collect();
-        let trees: HashMap<u64, at::Tree> = ids
+        let kept: HashMap<u64, at::Tree> = ids
             .into_iter()
             .filter_map(|id| Some((id, at::Tree::open(&self.release_dir(id)).ok()?)))
             .collect();
+        let doomed: Vec<at::Tree> = dirs.iter().filter_map(|d| at::Tree::open(d).ok()).collect();
         let found: Vec<Option<(u64, FileStamp)>> = shared
             .par_iter()
-            .map_init(HashMap::new, |cursors, (_, path, was, gone, holder)| {
-                [*holder, live].into_iter().flatten().find_map(|id| {
-                    let tree = trees.get(&id)?;
-                    let cursor = cursors.entry(id).or_insert_with(|| at::Cursor::new(tree));
-                    let (dir, name) = cursor.parent_of(path).ok()?;
-                    let now = FileStamp::of_stat(&at::lstat_at(&dir, &name).ok()?);
-                    let same = was.same_but_links(&now);
-                    (same && now.nlink.checked_add(*gone) == Some(was.nlink)).then_some((id, now))
-                })
-            })
+            .map_init(
+                || (HashMap::new(), HashMap::new()),
+                |(kept_cursors, doomed_cursors), (ino, path, was, gone, holder)| {
+                    // Its names in the doomed trees, each checked to be this inode.
+                    let mut names = Vec::new();
+                    for (i, tree) in doomed.iter().enumerate() {
+                        let cursor = doomed_cursors
+                            .entry(i)
+                            .or_insert_with(|| at::Cursor::new(tree));
+                        let Ok((dir, name)) = cursor.parent_of(path) else {
+                            continue;
+                        };
+                        match at::lstat_at(&dir, &name) {
+                            Ok(st) if st.ino() == *ino => names.push((dir, name, st)),
+                            _ => {}
+                        }
+                    }
+                    // As noted before, to the ctime: nothing changed it since.
+                    let first = names.first()?;
+                    if FileStamp::of_stat(&first.2) != *was {
+                        return None;
+                    }
+                    let mut removed = 0u32;
+                    for (dir, name, _) in &names {
+                        if at::unlink_at(dir, name).is_ok() {
+                            removed += 1;
+                        }
+                    }
+                    if removed != *gone {
+                        return None;
+                    }
+                    [*holder, live].into_iter().flatten().find_map(|id| {
+                        let tree = kept.get(&id)?;
+                        let cursor = kept_cursors
+                            .entry(id)
+                            .or_insert_with(|| at::Cursor::new(tree));
+                        let (dir, name) = cursor.parent_of(path).ok()?;
+                        let now = FileStamp::of_stat(&at::lstat_at(&dir, &name).ok()?);
+                        let same = was.same_but_links(&now);
+                        (same && now.nlink.checked_add(*gone) == Some(was.nlink))
+                            .then_some((id, now))
+                    })
+                },
+            )
             .collect();
         for ((ino, _, _, _, holder), found) in shared.into_iter().zip(found) {
             match found {
