@@ -1555,7 +1555,7 @@ fn difference(
             }
             // Read, never mapped: a file truncated during the check (by the
             // application) must be a difference, not a SIGBUS.
-            match hash_file(&p) {
+            match hash_file(&p, *size) {
                 Ok(d) if d == *digest => None,
                 Ok(_) => Some(format!("{}: content differs from the manifest", e.path)),
                 Err(err) => Some(format!("{}: {err}", e.path)),
@@ -1565,17 +1565,38 @@ fn difference(
 }
 
 /// The blake3 of the regular file at `path` (not through a symlink at its end, never blocking
-/// on a FIFO), read in pieces.
-fn hash_file(path: &Path) -> std::io::Result<Digest> {
+/// on a FIFO), read in pieces, at most `size` bytes (what it should hold) and one more: a file
+/// swapped, between the caller's `lstat` and this open, for a device or a bigger file is a
+/// difference, never read without end.
+fn hash_file(path: &Path, size: u64) -> std::io::Result<Digest> {
     // The caller's difference names the entry's path; the error here is the cause alone.
     #[allow(clippy::disallowed_methods)]
-    let mut f = fsutil::read_own().open(path)?;
+    let f = fsutil::read_own().open(path)?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(std::io::Error::other(
+            "not a regular file (replaced meanwhile)",
+        ));
+    }
+    let mut f = f.take(size.saturating_add(1));
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 256 * 1024];
+    let mut read = 0u64;
     loop {
         match f.read(&mut buf) {
-            Ok(0) => return Ok(Digest::from(h.finalize())),
+            Ok(0) if read == size => return Ok(Digest::from(h.finalize())),
+            Ok(0) => {
+                return Err(std::io::Error::other(format!(
+                    "{read} bytes read, {size} expected (changed meanwhile)"
+                )))
+            }
             Ok(n) => {
+                read += n as u64;
+                if read > size {
+                    return Err(std::io::Error::other(format!(
+                        "more than the {size} bytes expected (changed meanwhile)"
+                    )));
+                }
                 h.update(&buf[..n]);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -1606,6 +1627,23 @@ mod tests {
     use super::*;
     use crate::{Holder, Wait};
     use flip_manifest::Entry;
+
+    /// A file swapped for a device, or grown, between a check's `lstat` and its read is a
+    /// difference after at most its expected size and one byte: `/dev/zero` is never read
+    /// without end (a rollback's check held the lock forever reading it).
+    #[test]
+    fn hash_file_reads_no_more_than_the_expected_size_and_only_regular_files() {
+        let e = hash_file(Path::new("/dev/zero"), 4).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("f");
+        fs::write(&p, b"12345").unwrap();
+        assert_eq!(hash_file(&p, 5).unwrap(), Digest::of(b"12345"));
+        let e = hash_file(&p, 4).unwrap_err();
+        assert!(e.to_string().contains("more than the 4 bytes"), "{e}");
+        let e = hash_file(&p, 6).unwrap_err();
+        assert!(e.to_string().contains("5 bytes read, 6 expected"), "{e}");
+    }
 
     fn manifest(files: &[(&str, &[u8], u32)]) -> Manifest {
         let mut entries = Vec::new();
