@@ -739,13 +739,15 @@ fn an_environment_rollback_that_fails_names_the_damaged_releases_it_skipped() {
 /// `rollback ENV` where the release to go back to was edited in place on one target: that
 /// target refuses it (exit 7 in its JSON, naming the file), the other one, already switched,
 /// is switched back, and the command exits 10 with every target still on release 2;
-/// `--force` moves them all.
+/// `--force` moves them all. The `after_activate` hook that then runs in the forced release
+/// does not make the edit its own: `verify` still reports it, and a later rollback to that
+/// release without `--force` is refused again.
 #[test]
 fn an_environment_rollback_to_a_release_edited_on_one_target_moves_none_unless_forced() {
     let fx = Fx::new();
     let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
     let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
-    env_config(&fx, &targets, "");
+    env_config(&fx, &targets, "after_activate = ['echo moved > moved.txt']");
     let src = fx.src("src");
     for v in 1..=2 {
         src.file("index.php", format!("v{v}\n"), 0o644);
@@ -770,6 +772,18 @@ fn an_environment_rollback_to_a_release_edited_on_one_target_moves_none_unless_f
         fs::read_to_string(roots[1].join("current/index.php")).unwrap(),
         "hot fix\n"
     );
+    let j = fx
+        .flip(&["verify", "--json", s(&roots[1]), "1"])
+        .code(7)
+        .json();
+    let problems = j["problems"].to_string();
+    assert!(
+        problems.contains("index.php") && !problems.contains("moved.txt"),
+        "{j}"
+    );
+    fx.flip(&["activate", "prod", "v2"]).success();
+    fx.flip(&["rollback", "prod"]).code(10);
+    assert_eq!(link(&roots[1]), "releases/2");
 }
 
 /// `flip releases ENV` when one target's live release has damaged metadata: the table keeps a

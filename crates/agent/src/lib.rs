@@ -164,10 +164,11 @@ struct Session {
     bye: bool,
     /// Holds the answers to a batch until they all leave together ([`coalesce`]).
     holder: coalesce::Holder,
-    /// A release hooks ran in whose writes are not recorded yet: recorded once, before the
-    /// next request that is not another hook in it, or when the session ends (one re-hash of
+    /// A release hooks ran in whose writes are not recorded yet, with how it differed from its
+    /// manifest before the first of them ran ([`Root::hook_baseline`]): recorded once, before
+    /// the next request that is not another hook in it, or when the session ends (one look at
     /// the release per phase, however many hooks ran).
-    hook_writes: Option<u64>,
+    hook_writes: Option<(u64, flip_release::HookBaseline)>,
     /// A first deploy's files streaming before its manifest ([`Request::StreamStart`]).
     streaming: Option<stream::Streaming>,
 }
@@ -545,7 +546,7 @@ impl Session {
                 }
                 Err(e) => return Err(e.into()),
             };
-            if !matches!(&req, Request::Hook { release, .. } if Some(*release) == self.hook_writes)
+            if !matches!(&req, Request::Hook { release, .. } if Some(*release) == self.hook_writes.as_ref().map(|h| h.0))
             {
                 self.record_hook_writes();
             }
@@ -1130,7 +1131,10 @@ impl Session {
         // What a hook wrote into the release is not tampering, however it ended (its client
         // gone mid-hook included: it is killed, and what it wrote stays): recorded after the
         // last hook of this phase (`record_hook_writes`), or when the session ends.
-        self.hook_writes = Some(release);
+        if self.hook_writes.as_ref().map(|h| h.0) != Some(release) {
+            // What differed before (an edit a `--force` switch made live) is not the hooks'.
+            self.hook_writes = Some((release, root.hook_baseline(release)));
+        }
         let done =
             hooks::run(&hook, &root.release_dir(release), release, previous, tx).map_err(|e| {
                 match e {
@@ -1159,10 +1163,10 @@ impl Session {
     /// Records what the hooks wrote into release [`Session::hook_writes`], if any (a lock is
     /// held: hooks ran under it).
     fn record_hook_writes(&mut self) {
-        if let (Some(id), Some(root), Some(lock)) =
+        if let (Some((id, before)), Some(root), Some(lock)) =
             (self.hook_writes.take(), self.root, self.lock.as_ref())
         {
-            root.record_hook_writes(lock, id);
+            root.record_hook_writes(lock, id, &before);
         }
     }
 

@@ -23,27 +23,55 @@ const RECORD_MAX: u64 = 64 << 20;
 /// How many recorded paths a `verify` warning names.
 const NAMED: usize = 10;
 
+/// How a release differed from its manifest before its hooks ran ([`Root::hook_baseline`]):
+/// path → identity.
+#[derive(Debug, Default)]
+pub struct HookBaseline(BTreeMap<String, String>);
+
 impl Root {
+    /// How release `id` differs from its manifest now, before hooks run in it: what
+    /// [`Root::record_hook_writes`] must not take for theirs (an edit a `--force` switch made
+    /// live, still as it was). A `stat` per entry and a hash of each file not as recorded at
+    /// commit; empty when the manifest cannot be read.
+    pub fn hook_baseline(&self, id: u64) -> HookBaseline {
+        let Ok(manifest) = self.manifest(id) else {
+            return HookBaseline::default();
+        };
+        let dir = self.release_dir(id);
+        let stamps = self.expected_stamps(id, &manifest);
+        HookBaseline(
+            stage::tree_differences(&dir, &manifest, &stamps)
+                .into_iter()
+                .map(|(p, _)| {
+                    let id = identity(&dir.join(&p));
+                    (p, id)
+                })
+                .collect(),
+        )
+    }
+
     pub(crate) fn hooks_path(&self, id: u64) -> PathBuf {
         self.meta_dir().join(format!("{id}.hooks"))
     }
 
     /// Records what the hooks run so far changed in release `id` (every difference from its
-    /// manifest, with the identity it has now), merged with what was recorded before. Never
-    /// fails: a problem (a record that cannot be written) becomes a warning, and `verify` will
-    /// flag what was not recorded.
-    pub fn record_hook_writes(&self, _lock: &LockGuard, id: u64) {
-        if let Err(e) = self.try_record_hook_writes(id) {
+    /// manifest that `before`, taken before they ran, does not hold as it is now, with the
+    /// identity it has now), merged with what was recorded before. Never fails: a problem (a
+    /// record that cannot be written) becomes a warning, and `verify` will flag what was not
+    /// recorded.
+    pub fn record_hook_writes(&self, _lock: &LockGuard, id: u64, before: &HookBaseline) {
+        if let Err(e) = self.try_record_hook_writes(id, before) {
             self.warn(format!(
                 "what the hooks wrote into release {id} could not be recorded ({e}): `flip verify` will report it as differences"
             ));
         }
     }
 
-    fn try_record_hook_writes(&self, id: u64) -> crate::Result<()> {
+    fn try_record_hook_writes(&self, id: u64, before: &HookBaseline) -> crate::Result<()> {
         let manifest = self.manifest(id)?;
         let dir = self.release_dir(id);
-        let diffs = stage::tree_differences(&dir, &manifest, &[]);
+        let stamps = self.expected_stamps(id, &manifest);
+        let diffs = stage::tree_differences(&dir, &manifest, &stamps);
         let mut record = self.hook_record(id);
         let mut dropped = 0usize;
         let shared = self.written_in_place(id, &dir, &manifest, diffs.iter().map(|(p, _)| p));
@@ -51,11 +79,15 @@ impl Root {
             self.warn(format!("release {id}: {path} was {}", in_place_why(*links)));
         }
         for (path, _) in diffs {
+            let id = identity(&dir.join(&path));
+            if before.0.get(&path) == Some(&id) {
+                // Differed the same way before the hooks ran: not theirs.
+                continue;
+            }
             if record.len() >= MAX_HOOK_PATHS && !record.contains_key(&path) {
                 dropped += 1;
                 continue;
             }
-            let id = identity(&dir.join(&path));
             record.insert(path, id);
         }
         if dropped > 0 {
@@ -115,8 +147,17 @@ impl Root {
                 continue;
             }
             match record.get(&path) {
-                Some(was) if *was == identity(&dir.join(&path)) => written.push(path),
-                _ => problems.push(message),
+                Some(was) => {
+                    let now = identity(&dir.join(&path));
+                    match *was == now {
+                        true => written.push(path),
+                        false => problems.push(format!(
+                            "{message} (a hook wrote it; {} since)",
+                            changed_fields(was, &now)
+                        )),
+                    }
+                }
+                None => problems.push(message),
             }
         }
         if tell && !written.is_empty() {
@@ -167,6 +208,36 @@ fn in_place_why(links: u64) -> String {
 
 /// What a path is now, without following a symlink: `file MODE INO SIZE MTIME CTIME`,
 /// `dir MODE`, `link TARGET`, `other MODE INO`, or `missing`.
+/// What differs between two [`identity`] strings of one path, in words: "its ctime changed"
+/// (a chown, chmod or touch changes it, as any write does), "it is now a directory", ...
+fn changed_fields(was: &str, now: &str) -> String {
+    let (w, n): (Vec<&str>, Vec<&str>) = (was.split(' ').collect(), now.split(' ').collect());
+    if w[0] == "link" && n[0] == "link" {
+        return "its target changed".into();
+    }
+    if w[0] != n[0] || w.len() != n.len() {
+        return format!("it is now {} (was {})", n[0], w[0]);
+    }
+    const FILE: [&str; 6] = ["kind", "mode", "inode", "size", "mtime", "ctime"];
+    let names: &[&str] = match w[0] {
+        "file" => &FILE,
+        "dir" => &["kind", "mode"],
+        "link" => &["kind", "target"],
+        _ => &["kind", "mode", "inode"],
+    };
+    let differ: Vec<&str> = names
+        .iter()
+        .zip(w.iter().zip(&n))
+        .filter(|(_, (a, b))| a != b)
+        .map(|(name, _)| *name)
+        .collect();
+    match differ.as_slice() {
+        [] => "it changed".into(),
+        [one] => format!("its {one} changed"),
+        more => format!("its {} changed", more.join(", ")),
+    }
+}
+
 fn identity(path: &Path) -> String {
     let Some(m) = fsutil::lstat_or_none(path) else {
         return "missing".into();

@@ -39,6 +39,7 @@ mod stage;
 pub use delta::{DeltaApplier, DeltaWriter, PatchDecoder, PatchWriter, PATCH_WINDOW_LOG_MAX};
 pub use error::{Error, ErrorClass, Result};
 pub use fsutil::{Leftover, MAX_LEFTOVERS};
+pub use hooks::HookBaseline;
 pub use lock::{Holder, LockGuard, Wait};
 pub use shared::{resolve_owner, SharedCommit};
 pub use stage::{FileWriter, Stage, StageStats, PATCH_BASIS_IN_MEMORY};
