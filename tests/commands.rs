@@ -139,6 +139,54 @@ fn a_release_changed_since_it_was_deployed_is_not_made_live_again_unless_forced(
     assert_eq!(fx.current_link(), "releases/2");
 }
 
+/// What the rollback check finds in a release is named in path order, and planted names never
+/// pass for the manifest's: a directory added with files in it is named before them; a name
+/// that is not UTF-8 (shown with U+FFFD) is added even when the manifest has the name it shows
+/// as; a release directory replaced by a symlink is refused as what it is by `activate` and
+/// `verify` alike (exit 5), never followed. Before, the files of a planted directory were named
+/// and the directory itself was not, the non-UTF-8 name passed, and `verify` followed the symlink.
+#[test]
+fn the_rollback_check_names_planted_things_as_they_are() {
+    use std::os::unix::ffi::OsStrExt;
+    let fx = Fx::new();
+    let root = fx.root_str();
+    let src = fx.src("src");
+    src.file("d/\u{FFFD}.php", "ok\n", 0o644)
+        .file("v.txt", "1\n", 0o644);
+    fx.deploy(&src, &[]);
+    src.overwrite("v.txt", "2\n");
+    fx.deploy(&src, &[]);
+
+    let d = fx.release(1).join("d");
+    let odd = d.join(std::ffi::OsStr::from_bytes(b"\xff.php"));
+    fs::write(&odd, "<?php evil();\n").unwrap();
+    fx.flip(&["rollback", root])
+        .code(7)
+        .stderr_has(".php: not in the manifest");
+    fs::remove_file(&odd).unwrap();
+
+    fs::create_dir_all(d.join("w")).unwrap();
+    for i in 0..5 {
+        fs::write(d.join(format!("w/f{i}")), "x").unwrap();
+    }
+    fx.flip(&["rollback", root])
+        .code(7)
+        .stderr_has("(d/w: not in the manifest; d/w/f0: not in the manifest; d/w/f1: not in the manifest, and 3 more)");
+    fs::remove_dir_all(d.join("w")).unwrap();
+    fx.flip(&["rollback", root]).success();
+    fx.flip(&["activate", root, "2"]).success();
+
+    let elsewhere = fx.path("elsewhere");
+    fs::rename(fx.release(1), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, fx.release(1)).unwrap();
+    for args in [vec!["activate", root, "1"], vec!["verify", root, "1"]] {
+        fx.flip(&args)
+            .code(5)
+            .stderr_has(&format!("{} is a symlink", s(&fx.release(1))));
+    }
+    assert_eq!(fx.current_link(), "releases/2");
+}
+
 #[test]
 fn rollback_to_the_live_release_changes_nothing_as_activate() {
     let fx = Fx::new();

@@ -556,10 +556,7 @@ impl Root {
         let Some(bytes) = fsutil::read_optional_limited(&path, SMALL_FILE_MAX)? else {
             return Err(Error::NoSuchRelease(id));
         };
-        let dir_ok = fsutil::lstat_or_none(self.release_dir(id)).is_some_and(|m| m.is_dir());
-        if !dir_ok {
-            return Err(Error::NoSuchRelease(id));
-        }
+        self.release_dir_checked(id)?;
         match fsutil::lstat_or_none(self.manifest_path(id)) {
             Some(m) if m.is_file() => {}
             Some(m) => {
@@ -572,6 +569,21 @@ impl Root {
             None => return Err(Error::NoSuchRelease(id)),
         }
         serde_json::from_slice(&bytes).map_err(|e| fsutil::corrupt(&path, e.to_string()))
+    }
+
+    /// `ROOT/releases/<id>`, a real directory: [`Error::NoSuchRelease`] when missing,
+    /// [`Error::Layout`] naming what it is instead (a symlink is never followed).
+    fn release_dir_checked(&self, id: u64) -> Result<PathBuf> {
+        let dir = self.release_dir(id);
+        match fsutil::lstat_or_none(&dir) {
+            Some(m) if m.is_dir() => Ok(dir),
+            Some(m) => Err(Error::Layout {
+                path: dir,
+                found: fsutil::kind_of(&m),
+                expected: "a directory",
+            }),
+            None => Err(Error::NoSuchRelease(id)),
+        }
     }
 
     /// The stored manifest of a complete release.
@@ -1130,8 +1142,9 @@ impl Root {
     /// # Errors
     /// As [`Root::manifest`]; the differences found are the result, not errors.
     pub fn verify(&self, id: u64) -> Result<Vec<String>> {
+        // A release directory replaced by a symlink is refused, never followed.
+        let dir = self.release_dir_checked(id)?;
         let manifest = self.manifest(id)?;
-        let dir = self.release_dir(id);
         let diffs = stage::tree_differences(&dir, &manifest, &[]);
         Ok(self.without_hook_writes(id, &dir, &manifest, diffs, true))
     }
@@ -1146,8 +1159,8 @@ impl Root {
     /// # Errors
     /// [`Error::Changed`] naming the first differences, or as [`Root::manifest`].
     pub fn check_unchanged(&self, id: u64) -> Result<()> {
+        let dir = self.release_dir_checked(id)?;
         let manifest = self.manifest(id)?;
-        let dir = self.release_dir(id);
         let stamps = self.expected_stamps(id, &manifest);
         let diffs = stage::tree_differences(&dir, &manifest, &stamps);
         let problems = self.without_hook_writes(id, &dir, &manifest, diffs, false);

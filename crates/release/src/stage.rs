@@ -1486,15 +1486,17 @@ pub(crate) fn tree_differences(
             difference(dir, e, st).map(|m| (e.path.to_string(), m))
         })
         .collect();
-    let mut extra = Vec::new();
-    list_tree(dir, dir, &mut extra);
-    for rel in extra {
+    let mut listed = Vec::new();
+    list_tree(dir, dir, &mut listed, &mut problems);
+    for (rel, utf8) in listed {
         match RelPath::new(rel.clone()) {
-            Ok(p) if manifest.get(&p).is_some() => {}
+            // A name that is not UTF-8 is shown lossily, and is never a manifest's name.
+            Ok(p) if utf8 && manifest.get(&p).is_some() => {}
             _ => problems.push((rel.clone(), format!("{rel}: not in the manifest"))),
         }
     }
-    problems.sort_by(|a, b| a.1.cmp(&b.1));
+    // In path order: an added directory comes before what it holds.
+    problems.sort();
     problems
 }
 
@@ -1605,17 +1607,40 @@ fn hash_file(path: &Path, size: u64) -> std::io::Result<Digest> {
     }
 }
 
-fn list_tree(base: &Path, dir: &Path, out: &mut Vec<String>) {
-    let Ok(rd) = fsutil::read_dir(dir) else {
-        return;
+/// Every entry under `dir` (never through a symlink), as its path relative to `base` (shown
+/// lossily) and whether that path is UTF-8; a directory that cannot be read is a problem of
+/// its own (what it holds is unknown).
+fn list_tree(
+    base: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, bool)>,
+    problems: &mut Vec<(String, String)>,
+) {
+    let rel_of = |p: &Path| {
+        let rel = p.strip_prefix(base).unwrap_or(p);
+        (rel.to_string_lossy().into_owned(), rel.to_str().is_some())
     };
-    for e in rd.flatten() {
+    let unreadable = |e: std::io::Error, problems: &mut Vec<(String, String)>| {
+        let (rel, _) = rel_of(dir);
+        let shown = if rel.is_empty() { "." } else { rel.as_str() };
+        let m = format!("{shown}: cannot be read ({e}): what it holds is unknown");
+        problems.push((rel, m));
+    };
+    // The difference names the path; the error is the cause alone.
+    #[allow(clippy::disallowed_methods)]
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) => return unreadable(e, problems),
+    };
+    for e in rd {
+        let e = match e {
+            Ok(e) => e,
+            Err(e) => return unreadable(e, problems),
+        };
         let p = e.path();
-        if let Ok(rel) = p.strip_prefix(base) {
-            out.push(rel.to_string_lossy().into_owned());
-        }
+        out.push(rel_of(&p));
         if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            list_tree(base, &p, out);
+            list_tree(base, &p, out, problems);
         }
     }
 }
