@@ -771,6 +771,36 @@ fn check_state_files(root: &Root, out: &mut Vec<Finding>) {
             ),
         ));
     }
+    // What flip moved aside (`NAME.aside-SECONDS`): kept for someone to look at.
+    let Ok(rd) = fsutil::read_dir(&state) else {
+        return;
+    };
+    let mut aside: Vec<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".aside-"))
+        .take(1000)
+        .collect();
+    if aside.is_empty() {
+        return;
+    }
+    aside.sort();
+    let named: Vec<String> = aside.iter().take(5).map(|n| format!(".flip/{n}")).collect();
+    let more = match aside.len() {
+        n if n > 5 => format!(" and {} more", n - 5),
+        _ => String::new(),
+    };
+    out.push(
+        Finding::new(
+            "state",
+            Severity::Note,
+            format!(
+                "{}{more}: moved aside by flip (each was in the place of one of its files, of another type); kept for you to look at",
+                named.join(", ")
+            ),
+        )
+        .fix(format!("rm -r {}/.flip/*.aside-*  # once looked at", root.path().display())),
+    );
 }
 
 /// Who holds the deploy lock: the kernel's list of `flock`s (`/proc/locks`) names the lock

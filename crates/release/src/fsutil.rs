@@ -117,6 +117,23 @@ pub(crate) fn rename(op: &'static str, from: impl AsRef<Path>, to: impl AsRef<Pa
 
 /// Renames `from` to `to` (replacing `to`), moving `from` out of the way. Errors name `from`
 /// ("cannot move aside {from}: …").
+/// A free name beside `path` to move it aside to: `NAME.aside-SECONDS`, or, when that is taken
+/// (moved aside twice in one second), `NAME.aside-SECONDS-N`.
+pub(crate) fn aside_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let base = format!("{name}.aside-{}", now());
+    let mut to = path.with_file_name(&base);
+    let mut n = 1u32;
+    while exists_nofollow(&to) && n < 10_000 {
+        to = path.with_file_name(format!("{base}-{n}"));
+        n += 1;
+    }
+    to
+}
+
 pub(crate) fn move_aside(from: impl AsRef<Path>, to: impl AsRef<Path>) -> Result<()> {
     let from = from.as_ref();
     fs::rename(from, to).map_err(io("move aside", from))

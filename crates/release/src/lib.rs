@@ -410,7 +410,7 @@ impl Root {
             changed = true;
             let kind = fsutil::kind_of(&m);
             if m.is_dir() {
-                let aside = state.join(format!("{f}.aside-{}", fsutil::now()));
+                let aside = fsutil::aside_path(&path);
                 fsutil::move_aside(&path, &aside)?;
                 self.warn(format!(
                     "{} was {kind}, not flip's file: moved aside to {}; flip makes its own",

@@ -239,7 +239,7 @@ fn replace_odd(path: &Path, seen: &std::fs::Metadata) -> Result<Option<(File, St
         false => String::new(),
     };
     let why = if m.is_dir() {
-        let aside = path.with_file_name(format!("lock.aside-{}", crate::fsutil::now()));
+        let aside = crate::fsutil::aside_path(path);
         crate::fsutil::move_aside(path, &aside)?;
         format!(
             "{} was {kind}, not flip's lock file: moved aside to {}; replaced by a lock file",
