@@ -786,6 +786,52 @@ fn an_environment_rollback_to_a_release_edited_on_one_target_moves_none_unless_f
     assert_eq!(link(&roots[1]), "releases/2");
 }
 
+/// `rollback ENV` after the same label was deployed twice (a commit deployed again, or two
+/// deploys within a second labelled by the time) goes back one deploy: to each target's
+/// release of that label older than the live one, not past both to the label before; the
+/// next rollback goes on to that one. A label by the time is unique to its deploy.
+#[test]
+fn an_environment_rollback_after_a_label_deployed_twice_goes_back_one_deploy() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(&fx, &targets, "");
+    let src = fx.src("src");
+    for (v, label) in [(1, "a"), (2, "b"), (3, "b")] {
+        src.file("index.php", format!("v{v}\n"), 0o644);
+        fx.flip(&["deploy", "prod", "--label", label]).success();
+    }
+    fx.flip(&["rollback", "prod"]).success();
+    for root in &roots {
+        assert_eq!(link(root), "releases/2");
+    }
+    fx.flip(&["rollback", "prod"]).success();
+    for root in &roots {
+        assert_eq!(link(root), "releases/1");
+    }
+    // Without a label (the source is no git work tree): the time, to the millisecond.
+    for v in [4, 5] {
+        src.file("index.php", format!("v{v}\n"), 0o644);
+        fx.flip(&["deploy", "prod"]).success();
+    }
+    let j = fx
+        .flip(&["releases", "--json", s(&roots[0])])
+        .success()
+        .json();
+    let labels: Vec<&str> = j.as_array().unwrap()[3..]
+        .iter()
+        .map(|r| r["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels.len(), 2, "{j}");
+    assert_ne!(labels[0], labels[1], "{j}");
+    assert!(
+        labels
+            .iter()
+            .all(|l| l.len() == "2026-11-30T09:30:00.123Z".len()),
+        "{j}"
+    );
+}
+
 /// `flip releases ENV` when one target's live release has damaged metadata: the table keeps a
 /// row for it (marked live, label and time unknown), as `flip releases TARGET` does, instead of
 /// showing that target with no live release at all.

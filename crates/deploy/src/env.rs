@@ -327,18 +327,20 @@ fn resolve(
     let no = |t: &Target, what: String| {
         Err(DeployError::TargetState(format!("{}: {what}", t.display())))
     };
-    // The label before the live one: the newest release (by creation) older than the live
-    // one on its target, with another label.
+    // The label to go back to: that of the newest labelled release (by creation) older than
+    // the live one on its target. The live label again (the same commit deployed twice, or
+    // two deploys in one second labelled by the time): each target goes to its newest release
+    // of that label older than its live one, not past them all.
     let previous_label = match plan {
         SwitchPlan::Rollback => locked
             .iter()
             .filter_map(|l| l.as_ref().ok())
             .filter_map(|l| {
                 let live = l.releases.iter().find(|r| Some(r.id) == l.current)?;
-                let live_label = live.label.as_ref()?;
+                live.label.as_ref()?;
                 l.releases
                     .iter()
-                    .filter(|r| r.id < live.id && r.label.as_ref().is_some_and(|x| x != live_label))
+                    .filter(|r| r.id < live.id && r.label.is_some())
                     .max_by_key(|r| (r.created, r.id))
             })
             .max_by_key(|r| r.created)
@@ -372,13 +374,20 @@ fn resolve(
                     let Some(live) = l.current else {
                         return no(t, "nothing is live: nothing to roll back".into());
                     };
-                    let live_labelled = l
+                    let live_label = l
                         .releases
                         .iter()
                         .find(|r| r.id == live)
-                        .is_some_and(|r| r.label.is_some());
-                    match (&previous_label, live_labelled) {
-                        (Some(p), true) => match newest_with(p) {
+                        .and_then(|r| r.label.as_deref());
+                    let older_with = |label: &str| {
+                        l.releases
+                            .iter()
+                            .filter(|r| r.id < live && r.label.as_deref() == Some(label))
+                            .max_by_key(|r| r.id)
+                            .map(|r| r.id)
+                    };
+                    match (&previous_label, live_label) {
+                        (Some(p), Some(_)) => match older_with(p) {
                             Some(id) => Ok(id),
                             None => no(t, format!("no release labelled {p:?} to roll back to")),
                         },

@@ -1641,8 +1641,8 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
 }
 
 /// The default label of a deploy of `source`: `git rev-parse --short HEAD` (with `-dirty` when
-/// the work tree has changes) when it is a git work tree, else the UTC time
-/// (`2026-11-30T09:30:00Z`).
+/// the work tree has changes) when it is a git work tree, else the UTC time to the millisecond
+/// (`2026-11-30T09:30:00.123Z`: two deploys within a second get labels of their own).
 pub fn default_label(source: &Path) -> String {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
@@ -1664,12 +1664,7 @@ pub fn default_label(source: &Path) -> String {
                 commit
             }
         }
-        None => iso_time(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0),
-        ),
+        None => humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
     }
 }
 
