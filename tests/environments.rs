@@ -740,14 +740,19 @@ fn an_environment_rollback_that_fails_names_the_damaged_releases_it_skipped() {
 /// target refuses it (exit 7 in its JSON, naming the file), the other one, already switched,
 /// is switched back, and the command exits 10 with every target still on release 2;
 /// `--force` moves them all. The `after_activate` hook that then runs in the forced release
-/// does not make the edit its own: `verify` still reports it, and a later rollback to that
-/// release without `--force` is refused again.
+/// (and touches the edited file) does not make the edit its own: `verify` still reports it,
+/// and a later rollback to that release without `--force` is refused again.
 #[test]
 fn an_environment_rollback_to_a_release_edited_on_one_target_moves_none_unless_forced() {
     let fx = Fx::new();
     let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
     let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
-    env_config(&fx, &targets, "after_activate = ['echo moved > moved.txt']");
+    // The hook also touches every file, as a `chown -R` would: the hot fix stays no write of its.
+    env_config(
+        &fx,
+        &targets,
+        "after_activate = ['echo moved > moved.txt; touch index.php']",
+    );
     let src = fx.src("src");
     for v in 1..=2 {
         src.file("index.php", format!("v{v}\n"), 0o644);

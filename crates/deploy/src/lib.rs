@@ -1845,7 +1845,10 @@ mod tests {
         let d = tempfile_dir();
         let l = default_label(&d);
         // 2026-11-30T09:30:00.123Z
-        assert!(l.ends_with('Z') && l.len() == 24 && l.as_bytes()[19] == b'.', "{l}");
+        assert!(
+            l.ends_with('Z') && l.len() == 24 && l.as_bytes()[19] == b'.',
+            "{l}"
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -24,9 +24,9 @@ const RECORD_MAX: u64 = 64 << 20;
 const NAMED: usize = 10;
 
 /// How a release differed from its manifest before its hooks ran ([`Root::hook_baseline`]):
-/// path → identity.
+/// path → (identity, content).
 #[derive(Debug, Default)]
-pub struct HookBaseline(BTreeMap<String, String>);
+pub struct HookBaseline(BTreeMap<String, (String, String)>);
 
 impl Root {
     /// How release `id` differs from its manifest now, before hooks run in it: what
@@ -43,8 +43,8 @@ impl Root {
             stage::tree_differences(&dir, &manifest, &stamps)
                 .into_iter()
                 .map(|(p, _)| {
-                    let id = identity(&dir.join(&p));
-                    (p, id)
+                    let path = dir.join(&p);
+                    (p, (identity(&path), content(&path)))
                 })
                 .collect(),
         )
@@ -56,7 +56,9 @@ impl Root {
 
     /// Records what the hooks run so far changed in release `id` (every difference from its
     /// manifest that `before`, taken before they ran, does not hold as it is now, with the
-    /// identity it has now), merged with what was recorded before. Never fails: a problem (a
+    /// identity it has now; one that differed before, and not by an earlier hook's write,
+    /// only if what it holds changed: a hook's `chown -R` or `touch` does not make an edit
+    /// its own), merged with what was recorded before. Never fails: a problem (a
     /// record that cannot be written) becomes a warning, and `verify` will flag what was not
     /// recorded.
     pub fn record_hook_writes(&self, _lock: &LockGuard, id: u64, before: &HookBaseline) {
@@ -80,9 +82,17 @@ impl Root {
         }
         for (path, _) in diffs {
             let id = identity(&dir.join(&path));
-            if before.0.get(&path) == Some(&id) {
-                // Differed the same way before the hooks ran: not theirs.
-                continue;
+            if let Some((was, what)) = before.0.get(&path) {
+                // Differed before the hooks ran, and unchanged since: as recorded (or not).
+                if *was == id {
+                    continue;
+                }
+                // Differed before, not by an earlier hook's write, and they did not change
+                // what it holds (a `chown -R` or `touch` changes only its times): not theirs.
+                let hooks_own = record.get(&path) == Some(was);
+                if !hooks_own && *what == content(&dir.join(&path)) {
+                    continue;
+                }
             }
             if record.len() >= MAX_HOOK_PATHS && !record.contains_key(&path) {
                 dropped += 1;
@@ -235,6 +245,28 @@ fn changed_fields(was: &str, now: &str) -> String {
         [] => "it changed".into(),
         [one] => format!("its {one} changed"),
         more => format!("its {} changed", more.join(", ")),
+    }
+}
+
+/// What `path` holds, for telling a hook's write from a mere change of owner, mode or times:
+/// a file's blake3 (read at most to its size), a symlink's target, "dir" for any directory
+/// (its entries are paths of their own).
+fn content(path: &Path) -> String {
+    let Some(m) = fsutil::lstat_or_none(path) else {
+        return "missing".into();
+    };
+    let t = m.file_type();
+    if t.is_symlink() {
+        identity(path)
+    } else if t.is_dir() {
+        "dir".into()
+    } else if t.is_file() {
+        match stage::hash_file(path, m.size()) {
+            Ok(d) => format!("file {}", d.to_hex()),
+            Err(e) => format!("file ? {e}"),
+        }
+    } else {
+        format!("other {}", m.ino())
     }
 }
 

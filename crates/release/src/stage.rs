@@ -1570,7 +1570,7 @@ fn difference(
 /// on a FIFO), read in pieces, at most `size` bytes (what it should hold) and one more: a file
 /// swapped, between the caller's `lstat` and this open, for a device or a bigger file is a
 /// difference, never read without end.
-fn hash_file(path: &Path, size: u64) -> std::io::Result<Digest> {
+pub(crate) fn hash_file(path: &Path, size: u64) -> std::io::Result<Digest> {
     // The caller's difference names the entry's path; the error here is the cause alone.
     #[allow(clippy::disallowed_methods)]
     let f = fsutil::read_own().open(path)?;
