@@ -339,7 +339,18 @@ pub fn release_table(
         note!("flip: {env}: no releases on any target");
         return;
     }
-    out!("{:<20}  {:<20}", "LABEL", "CREATED");
+    // As wide as the widest label (a time label to the millisecond is 24 characters).
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|r| output::escape(r.label.as_deref().unwrap_or("-")).into_owned())
+        .collect();
+    let w = labels
+        .iter()
+        .map(|l| l.chars().count())
+        .chain([20, if damaged { 18 } else { 0 }])
+        .max()
+        .unwrap_or(20);
+    out!("{:<w$}  {:<20}", "LABEL", "CREATED");
     for n in &names {
         out!("  {n}");
     }
@@ -348,19 +359,15 @@ pub fn release_table(
         Some(id) => format!("{id}{}", if live { "*" } else { "" }),
         None => "-".into(),
     };
-    for r in &rows {
-        out!(
-            "{:<20}  {:<20}",
-            output::escape(r.label.as_deref().unwrap_or("-")),
-            output::iso_time(r.created)
-        );
+    for (r, label) in rows.iter().zip(&labels) {
+        out!("{label:<w$}  {:<20}", output::iso_time(r.created));
         for (n, (id, live)) in names.iter().zip(r.ids.iter().zip(&r.live)) {
             out!("  {:<w$}", cell(id, *live), w = n.len());
         }
         outln!();
     }
     if damaged {
-        out!("{:<20}  {:<20}", "(metadata damaged)", "?");
+        out!("{:<w$}  {:<20}", "(metadata damaged)", "?");
         for (n, id) in names.iter().zip(&unlisted) {
             out!("  {:<w$}", cell(id, true), w = n.len());
         }

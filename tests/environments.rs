@@ -810,6 +810,17 @@ fn an_environment_rollback_after_a_label_deployed_twice_goes_back_one_deploy() {
     for root in &roots {
         assert_eq!(link(root), "releases/2");
     }
+    // The table's row of "b" shows the live release of that label, not its newest.
+    let j = fx.flip(&["releases", "prod", "--json"]).success().json();
+    let b = &j.as_array().unwrap()[1];
+    assert_eq!(b["label"], "b", "{j}");
+    for cell in b["releases"].as_array().unwrap() {
+        assert_eq!(
+            (cell["id"].as_u64(), cell["current"].as_bool()),
+            (Some(2), Some(true)),
+            "{j}"
+        );
+    }
     fx.flip(&["rollback", "prod"]).success();
     for root in &roots {
         assert_eq!(link(root), "releases/1");

@@ -389,7 +389,10 @@ fn resolve(
                     match (&previous_label, live_label) {
                         (Some(p), Some(_)) => match older_with(p) {
                             Some(id) => Ok(id),
-                            None => no(t, format!("no release labelled {p:?} to roll back to")),
+                            None => no(
+                                t,
+                                format!("no release labelled {p:?} older than the live one ({live}) to roll back to"),
+                            ),
                         },
                         _ => match l
                             .releases
@@ -427,7 +430,8 @@ pub struct LabelRow {
 }
 
 /// The releases of every target as rows by label, oldest first. A label's row holds each
-/// target's newest release of that label; an unlabelled release gets a row of its own.
+/// target's live release of that label, else its newest; an unlabelled release gets a row of
+/// its own.
 pub fn label_rows(lists: &[Vec<ReleaseSummary>]) -> Vec<LabelRow> {
     let n = lists.len();
     let mut rows: Vec<LabelRow> = Vec::new();
@@ -447,7 +451,8 @@ pub fn label_rows(lists: &[Vec<ReleaseSummary>]) -> Vec<LabelRow> {
                 }
             };
             row.created = row.created.max(r.created);
-            if row.ids[i].is_none_or(|id| id < r.id) {
+            // The live release of the label, else its newest.
+            if !row.live[i] && (r.current || row.ids[i].is_none_or(|id| id < r.id)) {
                 row.ids[i] = Some(r.id);
                 row.live[i] = r.current;
             }
@@ -509,6 +514,18 @@ mod tests {
                 (Some("v2"), vec![Some(2), Some(9)], vec![true, true]),
                 (None, vec![Some(3), None], vec![false, false]),
             ]
+        );
+        // Rolled back to the older release of a label deployed twice: the row shows the live
+        // one (it showed the newest, and no target was marked live).
+        let c = vec![
+            r(4, Some("L"), 40, false),
+            r(5, Some("L"), 41, true),
+            r(6, Some("L"), 42, false),
+        ];
+        let rows = label_rows(&[c]);
+        assert_eq!(
+            (rows[0].ids.clone(), rows[0].live.clone()),
+            (vec![Some(5)], vec![true])
         );
     }
 }
