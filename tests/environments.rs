@@ -63,6 +63,23 @@ fn with(args: &[&str], extra: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Environment `prod` of two local targets, `t1` and `t2` (`extra`: more of flip.toml), and
+/// the source `src`: (the targets' roots, as named in flip.toml, the source).
+fn two_targets(fx: &Fx, extra: &str) -> (Vec<PathBuf>, Vec<String>, Src) {
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    env_config(fx, &targets, extra);
+    (roots, targets, fx.src("src"))
+}
+
+/// Deploys `prod` once per label, `index.php` saying `v1`, `v2`, ... in turn.
+fn deploy_labels(fx: &Fx, src: &Src, labels: &[&str]) {
+    for (v, label) in labels.iter().enumerate() {
+        src.file("index.php", format!("v{}\n", v + 1), 0o644);
+        fx.flip(&["deploy", "prod", "--label", label]).success();
+    }
+}
+
 fn run(fx: &Fx, args: &[String]) -> Run {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     fx.flip(&a)
@@ -313,10 +330,7 @@ fn hold_lock(root: &Path, secs: u32) -> std::process::Child {
 #[test]
 fn parallel_1_works_on_one_target_at_a_time() {
     let fx = Fx::new();
-    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
-    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
-    env_config(&fx, &targets, "");
-    let src = fx.src("src");
+    let (roots, _, src) = two_targets(&fx, "");
     site_v1(&src);
     fx.flip(&["deploy", "prod"]).success();
 
@@ -561,10 +575,7 @@ fn an_unchanged_tree_makes_no_release() {
 #[test]
 fn progress_lines_only_on_a_terminal() {
     let fx = Fx::new();
-    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
-    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
-    env_config(&fx, &targets, "");
-    let src = fx.src("src");
+    let (_, targets, src) = two_targets(&fx, "");
     site_v1(&src);
     // Not a terminal: no progress lines, only the summary.
     let r = fx.flip(&["deploy", "prod"]).success();
@@ -604,10 +615,7 @@ fn progress_lines_only_on_a_terminal() {
 #[test]
 fn an_environment_staged_without_activation_succeeds_and_activates_by_label_later() {
     let fx = Fx::new();
-    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
-    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
-    env_config(&fx, &targets, "");
-    let src = fx.src("src");
+    let (roots, _, src) = two_targets(&fx, "");
     site_v1(&src);
     fx.flip(&["deploy", "prod", "--label", "v1"]).success();
     site_v2(&src);
@@ -645,10 +653,7 @@ fn an_environment_staged_without_activation_succeeds_and_activates_by_label_late
 #[test]
 fn a_dry_run_of_an_environment_reports_every_target_and_changes_none() {
     let fx = Fx::new();
-    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
-    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
-    env_config(&fx, &targets, "");
-    let src = fx.src("src");
+    let (roots, targets, src) = two_targets(&fx, "");
     site_v1(&src);
     fx.flip(&["deploy", "prod"]).success();
     site_v2(&src);
@@ -710,15 +715,8 @@ fn an_unreachable_or_locked_target_stops_the_whole_environment() {
 #[test]
 fn an_environment_rollback_that_fails_names_the_damaged_releases_it_skipped() {
     let fx = Fx::new();
-    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
-    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
-    env_config(&fx, &targets, "");
-    let src = fx.src("src");
-    for v in 1..=2 {
-        src.file("index.php", format!("v{v}\n"), 0o644);
-        fx.flip(&["deploy", "prod", "--label", &format!("v{v}")])
-            .success();
-    }
+    let (roots, _, src) = two_targets(&fx, "");
+    deploy_labels(&fx, &src, &["v1", "v2"]);
     // The only release to roll back to is damaged on the first target.
     fs::write(roots[0].join(".flip/releases/1.json"), "x").unwrap();
     let r = fx
@@ -745,20 +743,12 @@ fn an_environment_rollback_that_fails_names_the_damaged_releases_it_skipped() {
 #[test]
 fn an_environment_rollback_to_a_release_edited_on_one_target_moves_none_unless_forced() {
     let fx = Fx::new();
-    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
-    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
     // The hook also touches every file, as a `chown -R` would: the hot fix stays no write of its.
-    env_config(
+    let (roots, _, src) = two_targets(
         &fx,
-        &targets,
         "after_activate = ['echo moved > moved.txt; touch index.php']",
     );
-    let src = fx.src("src");
-    for v in 1..=2 {
-        src.file("index.php", format!("v{v}\n"), 0o644);
-        fx.flip(&["deploy", "prod", "--label", &format!("v{v}")])
-            .success();
-    }
+    deploy_labels(&fx, &src, &["v1", "v2"]);
     fs::write(roots[1].join("releases/1/index.php"), "hot fix\n").unwrap();
     let j = fx.flip(&["rollback", "prod", "--json"]).code(10).json();
     let refused = hosts(&j)[1]["error"].to_string();
@@ -798,14 +788,8 @@ fn an_environment_rollback_to_a_release_edited_on_one_target_moves_none_unless_f
 #[test]
 fn an_environment_rollback_after_a_label_deployed_twice_goes_back_one_deploy() {
     let fx = Fx::new();
-    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
-    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
-    env_config(&fx, &targets, "");
-    let src = fx.src("src");
-    for (v, label) in [(1, "a"), (2, "b"), (3, "b")] {
-        src.file("index.php", format!("v{v}\n"), 0o644);
-        fx.flip(&["deploy", "prod", "--label", label]).success();
-    }
+    let (roots, _, src) = two_targets(&fx, "");
+    deploy_labels(&fx, &src, &["a", "b", "b"]);
     fx.flip(&["rollback", "prod"]).success();
     for root in &roots {
         assert_eq!(link(root), "releases/2");
@@ -854,15 +838,8 @@ fn an_environment_rollback_after_a_label_deployed_twice_goes_back_one_deploy() {
 #[test]
 fn releases_of_an_environment_keep_a_row_for_a_live_release_with_damaged_metadata() {
     let fx = Fx::new();
-    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
-    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
-    env_config(&fx, &targets, "");
-    let src = fx.src("src");
-    for v in 1..=2 {
-        src.file("index.php", format!("v{v}\n"), 0o644);
-        fx.flip(&["deploy", "prod", "--label", &format!("v{v}")])
-            .success();
-    }
+    let (roots, _, src) = two_targets(&fx, "");
+    deploy_labels(&fx, &src, &["v1", "v2"]);
     fs::write(roots[1].join(".flip/releases/2.json"), "garbage").unwrap();
     let r = fx.flip(&["releases", "prod", "--json"]).success();
     let j = r.json();

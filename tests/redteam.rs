@@ -590,9 +590,7 @@ fn a_fifo_where_flip_keeps_metadata_never_hangs_a_command() {
     let fifo = |name: &str| {
         let p = meta.join(name);
         fs::remove_file(&p).unwrap();
-        let c = std::ffi::CString::new(s(&p)).unwrap();
-        // SAFETY: mkfifo with a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        mkfifo(&p);
     };
     fifo("1.json");
     fifo("2.manifest");
@@ -1207,9 +1205,7 @@ fn flip_init_never_writes_through_a_symlink_named_flip_toml() {
 fn a_config_that_never_ends_or_blocks_is_refused_at_once() {
     let fx = Fx::new();
     let fifo = fx.path("fifo.toml");
-    let c = std::ffi::CString::new(s(&fifo)).unwrap();
-    // SAFETY: mkfifo with a NUL-terminated path in the test's temp dir.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    mkfifo(&fifo);
     for config in ["/dev/zero", s(&fifo)] {
         fx.flip(&["--config", config, "config", "prod"])
             .code(2)
@@ -1223,9 +1219,7 @@ fn a_flipignore_that_is_a_fifo_or_a_symlink_to_dev_zero_is_refused_not_read() {
     let src = fx.src("src");
     src.file("index.php", "v1\n", 0o644);
     let ignore = src.p(".flipignore");
-    let c = std::ffi::CString::new(s(&ignore)).unwrap();
-    // SAFETY: mkfifo with a NUL-terminated path in the test's temp dir.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    mkfifo(&ignore);
     fx.flip(&["deploy", src.s(), fx.root_str()])
         .code(4)
         .stderr_has(".flipignore: not a regular file");

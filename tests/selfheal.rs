@@ -122,9 +122,7 @@ fn a_symlinked_state_dir_is_refused_and_a_state_file_of_another_type_replaced() 
     fs::remove_file(state.join("log")).unwrap();
     std::os::unix::fs::symlink(&foreign, state.join("log")).unwrap();
     fs::remove_file(state.join("next-id")).unwrap();
-    let fifo = std::ffi::CString::new(s(&state.join("next-id"))).unwrap();
-    // SAFETY: mkfifo of a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    mkfifo(&state.join("next-id"));
     let _ = fs::remove_file(state.join("leftovers"));
     fs::create_dir(state.join("leftovers")).unwrap();
     fs::write(state.join("leftovers/kept"), "somebody's").unwrap();
@@ -968,11 +966,6 @@ fn a_lock_file_of_another_type_is_replaced_never_followed() {
     let foreign = fx.path("foreign.txt");
     fs::write(&foreign, "not flip's\n").unwrap();
 
-    let mkfifo = |p: &Path| {
-        let c = std::ffi::CString::new(s(p)).unwrap();
-        // SAFETY: mkfifo of a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
-    };
     type Make<'a> = &'a dyn Fn(&Path);
     let dir: Make = &|p| {
         fs::create_dir(p).unwrap();
@@ -985,7 +978,7 @@ fn a_lock_file_of_another_type_is_replaced_never_followed() {
         }),
         ("a directory", dir),
         ("a directory", dir),
-        ("a special file", &mkfifo),
+        ("a special file", &|p| mkfifo(p)),
     ];
     for (n, (what, make)) in cases.iter().enumerate() {
         fs::remove_file(&lock).unwrap();

@@ -608,6 +608,14 @@ pub fn files_of(t: &Tree) -> Vec<String> {
 }
 
 /// Inode number (of the path itself, not following a symlink).
+/// Makes a FIFO at `p` (mode 0644).
+pub fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(s(p)).unwrap();
+    // SAFETY: mkfifo of a NUL-terminated path.
+    let r = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
+    assert_eq!(r, 0, "mkfifo {}", p.display());
+}
+
 pub fn ino(p: &Path) -> u64 {
     fs::symlink_metadata(p)
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
