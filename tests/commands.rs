@@ -143,7 +143,7 @@ fn a_release_changed_since_it_was_deployed_is_not_made_live_again_unless_forced(
 /// pass for the manifest's: a directory added with files in it is named before them; a name
 /// that is not UTF-8 (shown with U+FFFD) is added even when the manifest has the name it shows
 /// as; a release directory replaced by a symlink is refused as what it is by `activate` and
-/// `verify` alike (exit 5), never followed. Before, the files of a planted directory were named
+/// `verify` alike (exit 5), never followed, and `flip doctor` names it. Before, the files of a planted directory were named
 /// and the directory itself was not, the non-UTF-8 name passed, and `verify` followed the symlink.
 #[test]
 fn the_rollback_check_names_planted_things_as_they_are() {
@@ -185,6 +185,16 @@ fn the_rollback_check_names_planted_things_as_they_are() {
             .stderr_has(&format!("{} is a symlink", s(&fx.release(1))));
     }
     assert_eq!(fx.current_link(), "releases/2");
+    // flip doctor names it as a problem (it said nothing).
+    let doctor = fx.flip(&["doctor", root]).code(11);
+    assert!(
+        doctor
+            .stdout
+            .contains("PROBLEM: releases: releases/1 is not a complete release")
+            && doctor.stdout.contains("is a symlink"),
+        "{}",
+        doctor.stdout
+    );
 }
 
 #[test]

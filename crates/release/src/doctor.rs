@@ -276,16 +276,33 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
     let (mut complete, mut incomplete, mut interrupted) = (0u64, Vec::new(), Vec::new());
     for e in rd.flatten().take(100_000) {
         let name = e.file_name().to_string_lossy().into_owned();
-        if !e.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        if name.starts_with(crate::STAGING_PREFIX) || name.starts_with(crate::TRASH_PREFIX) {
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir
+            && (name.starts_with(crate::STAGING_PREFIX) || name.starts_with(crate::TRASH_PREFIX))
+        {
             interrupted.push(name);
             continue;
         }
         let Some(id) = crate::parse_id(&name) else {
             continue;
         };
+        if !is_dir {
+            // A release's name on something flip never made (a symlink to elsewhere): never
+            // followed, listed, rolled back to or pruned.
+            if Some(id) != live {
+                if let Some(m) = fsutil::lstat_or_none(e.path()) {
+                    incomplete.push((
+                        id,
+                        Error::Layout {
+                            path: e.path(),
+                            found: fsutil::kind_of(&m),
+                            expected: "a directory",
+                        },
+                    ));
+                }
+            }
+            continue;
+        }
         match root.info(id) {
             Ok(_) => complete += 1,
             Err(_) if Some(id) == live => {}
