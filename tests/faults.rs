@@ -224,6 +224,36 @@ fn deploy_survives_a_crash_while_pruning_after_moving_a_release_to_trash() {
     crash_deploy("prune-after-trash");
 }
 
+/// A prune that crashed right after renaming a release to trash (its metadata still there):
+/// the next deploy's cleanup removes the trash's names of inodes that stay before deleting it,
+/// and tells the link ledger their new state, so that deploy still links every unchanged file.
+/// Before, the trash was deleted without a word to the ledger, and the files the pruned release
+/// had shared were copied (content-checked) instead of linked, once.
+#[test]
+fn after_a_prune_crashed_at_the_trash_the_next_deploy_still_links() {
+    let w = world();
+    version(&w.src, 4);
+    let root = w.fx.root_str().to_string();
+    crash(
+        &w,
+        "prune-after-trash",
+        &["deploy", w.src.s(), &root, "--keep", "2"],
+    );
+    assert!(
+        w.fx.release_leftovers()
+            .iter()
+            .any(|n| n.starts_with(".trash-")),
+        "{:?}",
+        w.fx.release_leftovers()
+    );
+    version(&w.src, 9);
+    let j = w.fx.deploy(&w.src, &["--keep", "10"]);
+    assert_eq!(j["unchanged_copied"], 0, "{j}");
+    assert!(num(&j, "/files/linked") > 0, "{j}");
+    assert!(w.fx.release_leftovers().is_empty());
+    w.fx.flip(&["verify", w.fx.root_str()]).success();
+}
+
 #[test]
 fn deploy_survives_a_crash_while_pruning_after_forgetting_a_release() {
     crash_deploy("prune-after-forget");

@@ -871,8 +871,16 @@ impl Root {
             } else {
                 // A staging tree left by an interrupted deploy holds links to the live
                 // release's inodes: the ledger learns their state once those names are gone.
-                if name.starts_with(STAGING_PREFIX) {
-                    let u = self.before_unlink_staging(&path);
+                // Its names of inodes that stay are removed first, and the ledger learns
+                // their state (a prune that crashed after renaming a release to trash).
+                let u = match name.strip_prefix(TRASH_PREFIX).and_then(parse_id) {
+                    Some(id) => Some(self.before_unlink_trash(id, &path)),
+                    None if name.starts_with(STAGING_PREFIX) => {
+                        Some(self.before_unlink_staging(&path))
+                    }
+                    None => None,
+                };
+                if let Some(u) = u {
                     self.unlink_shared(u, std::slice::from_ref(&path));
                 }
                 if fsutil::remove_tree_reporting(&path, &mut left) {

@@ -302,6 +302,24 @@ impl Root {
         u
     }
 
+    /// Before removing `dir`, the trash of release `id` an interrupted prune or discard left
+    /// (renamed there, its metadata not yet removed): as [`Root::before_unlink`] of `id`, its
+    /// tree read where it is now. Nothing when the metadata is gone already (then the inodes it
+    /// shared match nothing afterwards, and are copied once).
+    pub(crate) fn before_unlink_trash(&self, id: u64, dir: &Path) -> Unlinks {
+        let links = self.read_links();
+        let mut u = Unlinks {
+            by_ino: HashMap::new(),
+            unknown: Vec::new(),
+            doomed: vec![id],
+        };
+        if let Ok(m) = self.manifest(id) {
+            let stamps = self.read_stamps(id, &m);
+            note_tree(&mut u, &links, dir, &m, stamps);
+        }
+        u
+    }
+
     /// Before removing `dir`, a staging tree an interrupted deploy left: the files it had
     /// linked from the live release (the same inode at the same path, in the state the ledger
     /// recorded just after the link) lose that name.
