@@ -109,11 +109,13 @@ enum Op {
     Commit,
     Activate {
         id: u8,
+        force: bool,
     },
     /// Activate the release committed last in this session.
     ActivateLast,
     Rollback {
         to: Option<u8>,
+        force: bool,
     },
     Prune {
         keep: u8,
@@ -917,13 +919,17 @@ impl Client {
                 });
             }
             Op::Commit => self.send(&Request::Commit),
-            Op::Activate { id } => self.send(&Request::Activate { id: id as u64 }),
+            Op::Activate { id, force } => self.send(&Request::Activate {
+                id: id as u64,
+                force,
+            }),
             Op::ActivateLast => {
                 let id = self.last_committed.unwrap_or(1);
-                self.send(&Request::Activate { id });
+                self.send(&Request::Activate { id, force: false });
             }
-            Op::Rollback { to } => self.send(&Request::Rollback {
+            Op::Rollback { to, force } => self.send(&Request::Rollback {
                 to: to.map(|t| t as u64),
+                force,
             }),
             Op::Prune { keep } => self.send(&Request::Prune { keep: keep as u32 }),
             Op::Verify { id } => self.send(&Request::Verify {
