@@ -115,8 +115,6 @@ pub(crate) fn rename(op: &'static str, from: impl AsRef<Path>, to: impl AsRef<Pa
     fs::rename(from, to).map_err(io(op, to))
 }
 
-/// Renames `from` to `to` (replacing `to`), moving `from` out of the way. Errors name `from`
-/// ("cannot move aside {from}: …").
 /// A free name beside `path` to move it aside to: `NAME.aside-SECONDS`, or, when that is taken
 /// (moved aside twice in one second), `NAME.aside-SECONDS-N`.
 pub(crate) fn aside_path(path: &Path) -> PathBuf {
@@ -134,6 +132,21 @@ pub(crate) fn aside_path(path: &Path) -> PathBuf {
     to
 }
 
+/// What `m` (the `lstat` of `path`) is, for a message: its kind, and a symlink's target
+/// ("a symlink to /elsewhere/log", "a directory").
+pub(crate) fn described(path: &Path, m: &fs::Metadata) -> String {
+    let kind = kind_of(m);
+    match m.file_type().is_symlink() {
+        true => match read_link(path) {
+            Ok(t) => format!("{kind} to {}", t.display()),
+            Err(_) => kind.to_string(),
+        },
+        false => kind.to_string(),
+    }
+}
+
+/// Renames `from` to `to` (replacing `to`), moving `from` out of the way. Errors name `from`
+/// ("cannot move aside {from}: …").
 pub(crate) fn move_aside(from: impl AsRef<Path>, to: impl AsRef<Path>) -> Result<()> {
     let from = from.as_ref();
     fs::rename(from, to).map_err(io("move aside", from))

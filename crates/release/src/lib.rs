@@ -408,25 +408,19 @@ impl Root {
                 continue;
             }
             changed = true;
-            let kind = fsutil::kind_of(&m);
+            let what = fsutil::described(&path, &m);
             if m.is_dir() {
                 let aside = fsutil::aside_path(&path);
                 fsutil::move_aside(&path, &aside)?;
                 self.warn(format!(
-                    "{} was {kind}, not flip's file: moved aside to {}; flip makes its own",
+                    "{} was {what}, not flip's file: moved aside to {}; flip makes its own",
                     path.display(),
                     aside.display()
                 ));
             } else {
-                let to = match m.file_type().is_symlink() {
-                    true => fsutil::read_link(&path)
-                        .map(|t| format!(" to {}", t.display()))
-                        .unwrap_or_default(),
-                    false => String::new(),
-                };
                 fsutil::remove_file_if_any(&path)?;
                 self.warn(format!(
-                    "{} was {kind}{to}, not flip's file: removed (never followed); flip makes its own",
+                    "{} was {what}, not flip's file: removed (never followed); flip makes its own",
                     path.display()
                 ));
             }

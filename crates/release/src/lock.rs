@@ -231,24 +231,18 @@ fn replace_odd(path: &Path, seen: &std::fs::Metadata) -> Result<Option<(File, St
     if m.is_file() || m.ino() != seen.ino() || m.dev() != seen.dev() {
         return Ok(None);
     }
-    let kind = crate::fsutil::kind_of(&m);
-    let to = match m.file_type().is_symlink() {
-        true => crate::fsutil::read_link(path)
-            .map(|t| format!(" to {}", t.display()))
-            .unwrap_or_default(),
-        false => String::new(),
-    };
+    let what = crate::fsutil::described(path, &m);
     let why = if m.is_dir() {
         let aside = crate::fsutil::aside_path(path);
         crate::fsutil::move_aside(path, &aside)?;
         format!(
-            "{} was {kind}, not flip's lock file: moved aside to {}; replaced by a lock file",
+            "{} was {what}, not flip's lock file: moved aside to {}; replaced by a lock file",
             path.display(),
             aside.display()
         )
     } else {
         format!(
-            "{} was {kind}{to}, not flip's lock file: replaced by one (never followed)",
+            "{} was {what}, not flip's lock file: replaced by one (never followed)",
             path.display()
         )
     };
