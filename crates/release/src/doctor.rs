@@ -289,17 +289,11 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
         if !is_dir {
             // A release's name on something flip never made (a symlink to elsewhere): never
             // followed, listed, rolled back to or pruned.
-            if Some(id) != live {
-                if let Some(m) = fsutil::lstat_or_none(e.path()) {
-                    incomplete.push((
-                        id,
-                        Error::Layout {
-                            path: e.path(),
-                            found: fsutil::kind_of(&m),
-                            expected: "a directory",
-                        },
-                    ));
-                }
+            // (Gone meanwhile: nothing to say.)
+            match root.release_dir_checked(id) {
+                Err(Error::NoSuchRelease(_)) | Ok(_) => {}
+                Err(_) if Some(id) == live => {}
+                Err(e) => incomplete.push((id, e)),
             }
             continue;
         }

@@ -569,14 +569,9 @@ impl Root {
     /// [`Error::Layout`] naming what it is instead (a symlink is never followed).
     fn release_dir_checked(&self, id: u64) -> Result<PathBuf> {
         let dir = self.release_dir(id);
-        match fsutil::lstat_or_none(&dir) {
-            Some(m) if m.is_dir() => Ok(dir),
-            Some(m) => Err(Error::Layout {
-                path: dir,
-                found: fsutil::kind_of(&m),
-                expected: "a directory",
-            }),
-            None => Err(Error::NoSuchRelease(id)),
+        match expect_dir(&dir)? {
+            true => Ok(dir),
+            false => Err(Error::NoSuchRelease(id)),
         }
     }
 
