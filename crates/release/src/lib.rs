@@ -748,7 +748,13 @@ impl Root {
         // Deleting a release's tree changes the ctime and link count of inodes the releases
         // that stay share with it: the link ledger learns their new state, for the files that
         // were as expected before.
-        let unlinks = (!doomed.is_empty()).then(|| self.before_unlink(&doomed));
+        let unlinks = (!doomed.is_empty()).then(|| {
+            let at: Vec<(u64, PathBuf)> = doomed
+                .iter()
+                .map(|&id| (id, self.release_dir(id)))
+                .collect();
+            self.before_unlink(&at)
+        });
         let mut removed = Vec::new();
         for id in doomed {
             match self.retire_release(id) {
@@ -779,7 +785,7 @@ impl Root {
                 "release {id} is live: it is not discarded"
             )));
         }
-        let unlinks = self.before_unlink(&[id]);
+        let unlinks = self.before_unlink(&[(id, self.release_dir(id))]);
         self.retire_release(id)?;
         self.unlink_shared(unlinks, &[self.trash_dir(id)]);
         self.clean_leftovers(lock)?;
@@ -863,7 +869,7 @@ impl Root {
                 // Its names of inodes that stay are removed first, and the ledger learns
                 // their state (a prune that crashed after renaming a release to trash).
                 let u = match name.strip_prefix(TRASH_PREFIX).and_then(parse_id) {
-                    Some(id) => Some(self.before_unlink_trash(id, &path)),
+                    Some(id) => Some(self.before_unlink(&[(id, path.clone())])),
                     None if name.starts_with(STAGING_PREFIX) => {
                         Some(self.before_unlink_staging(&path))
                     }

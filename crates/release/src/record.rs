@@ -285,36 +285,21 @@ pub(crate) struct Unlinks {
 }
 
 impl Root {
-    /// Before removing releases `doomed`: their files' inodes, checked against what is expected
-    /// of them. O(files of those releases).
-    pub(crate) fn before_unlink(&self, doomed: &[u64]) -> Unlinks {
+    /// Before removing releases `doomed` (id, where its tree is now: `releases/N`, or the
+    /// trash an interrupted prune or discard left): their files' inodes, checked against what
+    /// is expected of them. A release whose metadata is gone already notes nothing (the inodes
+    /// it shared then match nothing afterwards, and are copied once). O(files of those
+    /// releases).
+    pub(crate) fn before_unlink(&self, doomed: &[(u64, PathBuf)]) -> Unlinks {
         let links = self.read_links();
         let mut u = Unlinks {
             by_ino: HashMap::new(),
             unknown: Vec::new(),
-            doomed: doomed.to_vec(),
+            doomed: doomed.iter().map(|(id, _)| *id).collect(),
         };
-        for &id in doomed {
-            let Ok(m) = self.manifest(id) else { continue };
-            let stamps = self.read_stamps(id, &m);
-            note_tree(&mut u, &links, &self.release_dir(id), &m, stamps);
-        }
-        u
-    }
-
-    /// Before removing `dir`, the trash of release `id` an interrupted prune or discard left
-    /// (renamed there, its metadata not yet removed): as [`Root::before_unlink`] of `id`, its
-    /// tree read where it is now. Nothing when the metadata is gone already (then the inodes it
-    /// shared match nothing afterwards, and are copied once).
-    pub(crate) fn before_unlink_trash(&self, id: u64, dir: &Path) -> Unlinks {
-        let links = self.read_links();
-        let mut u = Unlinks {
-            by_ino: HashMap::new(),
-            unknown: Vec::new(),
-            doomed: vec![id],
-        };
-        if let Ok(m) = self.manifest(id) {
-            let stamps = self.read_stamps(id, &m);
+        for (id, dir) in doomed {
+            let Ok(m) = self.manifest(*id) else { continue };
+            let stamps = self.read_stamps(*id, &m);
             note_tree(&mut u, &links, dir, &m, stamps);
         }
         u
