@@ -38,9 +38,8 @@ impl Root {
             return HookBaseline::default();
         };
         let dir = self.release_dir(id);
-        let stamps = self.expected_stamps(id, &manifest);
         HookBaseline(
-            stage::tree_differences(&dir, &manifest, &stamps)
+            self.differences_since_commit(id, &dir, &manifest)
                 .into_iter()
                 .map(|(p, _)| {
                     let path = dir.join(&p);
@@ -72,8 +71,7 @@ impl Root {
     fn try_record_hook_writes(&self, id: u64, before: &HookBaseline) -> crate::Result<()> {
         let manifest = self.manifest(id)?;
         let dir = self.release_dir(id);
-        let stamps = self.expected_stamps(id, &manifest);
-        let diffs = stage::tree_differences(&dir, &manifest, &stamps);
+        let diffs = self.differences_since_commit(id, &dir, &manifest);
         let mut record = self.hook_record(id);
         let mut dropped = 0usize;
         let shared = self.written_in_place(id, &dir, &manifest, diffs.iter().map(|(p, _)| p));

@@ -1152,6 +1152,19 @@ impl Root {
         Ok(self.without_hook_writes(id, &dir, &manifest, diffs, true))
     }
 
+    /// How release `id` (its tree at `dir`, its `manifest`) differs from what was committed:
+    /// [`stage::tree_differences`], where a file whose inode is exactly as recorded at commit
+    /// (`.flip/releases/N.stat`, with the link ledger's later ctime and link count) is not read.
+    fn differences_since_commit(
+        &self,
+        id: u64,
+        dir: &Path,
+        manifest: &Manifest,
+    ) -> Vec<(String, String)> {
+        let stamps = self.expected_stamps(id, manifest);
+        stage::tree_differences(dir, manifest, &stamps)
+    }
+
     /// Refuses release `id` when its tree is no longer what was committed (a file edited,
     /// chmodded, removed or added in place since; what its hooks wrote is not a difference):
     /// what a rollback or an `activate` checks before making an older release live again.
@@ -1164,8 +1177,7 @@ impl Root {
     pub fn check_unchanged(&self, id: u64) -> Result<()> {
         let dir = self.release_dir_checked(id)?;
         let manifest = self.manifest(id)?;
-        let stamps = self.expected_stamps(id, &manifest);
-        let diffs = stage::tree_differences(&dir, &manifest, &stamps);
+        let diffs = self.differences_since_commit(id, &dir, &manifest);
         let problems = self.without_hook_writes(id, &dir, &manifest, diffs, false);
         if problems.is_empty() {
             return Ok(());
