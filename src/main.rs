@@ -806,7 +806,7 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
     let (target, list) = (&targets[0], &lists[0]);
     // The live release left out of the listing (its metadata damaged or gone: the warning
     // above says which) still gets its row, marked live, with what is unknown left out.
-    let unlisted_live = lives[0].filter(|id| !list.iter().any(|r| r.id == *id));
+    let unlisted_live = render::unlisted_live(list, lives[0]);
     // Rows by id: a listed release, or the unlisted live one (`None`).
     let mut rows: Vec<(u64, Option<&flip_wire::ReleaseSummary>)> =
         list.iter().map(|r| (r.id, Some(r))).collect();

@@ -292,6 +292,12 @@ fn state_text(s: HostState) -> &'static str {
     }
 }
 
+/// The live release `live` when the listing `list` left it out (its metadata damaged or gone:
+/// the target's warning says which), for a row of its own in `flip releases`.
+pub fn unlisted_live(list: &[flip_wire::ReleaseSummary], live: Option<u64>) -> Option<u64> {
+    live.filter(|id| !list.iter().any(|r| r.id == *id))
+}
+
 /// `flip releases ENV`: a row per label (oldest first), a column per target with its release
 /// of that label (`*`: live). A live release left out of a target's listing (its metadata
 /// damaged or gone: the target's warning says which) gets a last row of its own, marked live,
@@ -308,7 +314,7 @@ pub fn release_table(
     let unlisted: Vec<Option<u64>> = lists
         .iter()
         .zip(lives)
-        .map(|(list, live)| live.filter(|id| !list.iter().any(|r| r.id == *id)))
+        .map(|(list, live)| unlisted_live(list, *live))
         .collect();
     let damaged = unlisted.iter().any(Option::is_some);
     let names: Vec<String> = targets.iter().map(Target::display).collect();

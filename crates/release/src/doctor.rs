@@ -819,15 +819,11 @@ fn check_state_files(root: &Root, out: &mut Vec<Finding>) {
 fn check_lock(root: &Root, out: &mut Vec<Finding>) {
     use std::os::unix::fs::MetadataExt;
     let path = root.path().join(STATE).join("lock");
-    let Some(m) = fsutil::lstat_or_none(&path) else {
+    // Missing, or of another type (`state` says so): nobody can hold it.
+    let Some(m) = fsutil::lstat_or_none(&path).filter(|m| m.is_file()) else {
         out.push(Finding::new("lock", Severity::Ok, "no deploy is running"));
         return;
     };
-    if !m.is_file() {
-        // Nobody can hold it (`state` says so).
-        out.push(Finding::new("lock", Severity::Ok, "no deploy is running"));
-        return;
-    }
     let holder = fsutil::read_optional_limited(&path, 64 * 1024)
         .ok()
         .flatten()
