@@ -82,19 +82,7 @@ fn a_release_changed_since_it_was_deployed_is_not_made_live_again_unless_forced(
     let (_src, v1, _v2) = two_releases(&fx);
     let root = fx.root_str();
     let edited = fx.release(1).join("small.txt");
-    let mtime = fs::metadata(&edited).unwrap().modified().unwrap();
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&edited)
-        .unwrap()
-        .write_all(b"small XX\n")
-        .unwrap();
-    fs::File::options()
-        .write(true)
-        .open(&edited)
-        .unwrap()
-        .set_modified(mtime)
-        .unwrap();
+    edit_in_place(&edited, b"small XX\n");
     // Shared by both releases, only touched: its bytes are still the deployed ones.
     fs::File::options()
         .write(true)
@@ -143,8 +131,9 @@ fn a_release_changed_since_it_was_deployed_is_not_made_live_again_unless_forced(
 /// pass for the manifest's: a directory added with files in it is named before them; a name
 /// that is not UTF-8 (shown with U+FFFD) is added even when the manifest has the name it shows
 /// as; a release directory replaced by a symlink is refused as what it is by `activate` and
-/// `verify` alike (exit 5), never followed, and `flip doctor` names it. Before, the files of a planted directory were named
-/// and the directory itself was not, the non-UTF-8 name passed, and `verify` followed the symlink.
+/// `verify` alike (exit 5), never followed, and `flip doctor` names it. Before, the files of a
+/// planted directory were named and the directory itself was not, the non-UTF-8 name passed,
+/// and `verify` followed the symlink.
 #[test]
 fn the_rollback_check_names_planted_things_as_they_are() {
     use std::os::unix::ffi::OsStrExt;

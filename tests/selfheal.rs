@@ -12,7 +12,6 @@ use serde_json::Value;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -1058,14 +1057,7 @@ fn an_edit_made_while_a_prune_runs_is_not_taken_for_the_prunes_own() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let shared = fx.release(3).join("keep.txt");
-    let (secs, nsec) = mtime(&shared);
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&shared)
-        .unwrap()
-        .write_all_at(b"KEEP\n", 0)
-        .unwrap();
-    set_mtime(&shared, secs, nsec);
+    edit_in_place(&shared, b"KEEP\n");
     fs::remove_file(&marker).unwrap();
     prune.finish(Duration::from_secs(30)).success();
     assert_eq!(fx.release_ids(), vec![2, 3]);
