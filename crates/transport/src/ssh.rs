@@ -102,14 +102,6 @@ fn parse_scp_like(s: &str) -> Option<SshTarget> {
     if host.is_empty() || host.chars().any(char::is_whitespace) || user == Some("") {
         return None;
     }
-    // Windows drive letters: C:\x, C:/x, C:
-    if host.len() == 1
-        && user.is_none()
-        && host.as_bytes()[0].is_ascii_alphabetic()
-        && (path.is_empty() || path.starts_with('\\') || path.starts_with('/'))
-    {
-        return None;
-    }
     Some(SshTarget {
         user: user.map(str::to_string),
         host: host.to_string(),
@@ -456,6 +448,10 @@ mod tests {
         assert_eq!(p("root@[::1]:/srv"), t(Some("root"), "::1", None, "/srv"));
         assert_eq!(p("a.b:/x:y"), t(None, "a.b", None, "/x:y"));
         assert_eq!(p("u@h@x:/p"), t(Some("u@h"), "x", None, "/p"));
+        // A one-letter host (an alias of ~/.ssh/config) is a host, as for scp and rsync: flip
+        // runs on Unix, where `p:/srv/app` is no drive letter.
+        assert_eq!(p("p:/srv/app"), t(None, "p", None, "/srv/app"));
+        assert_eq!(p("c:"), t(None, "c", None, "."));
     }
 
     #[test]
@@ -467,9 +463,6 @@ mod tests {
             "dir/sub",
             "dir/x:y",
             "plain",
-            "C:\\deploy",
-            "c:/deploy",
-            "C:",
             ":foo",
             "@host:/x",
             "",
