@@ -735,8 +735,9 @@ fn an_environment_rollback_that_fails_names_the_damaged_releases_it_skipped() {
 }
 
 /// `rollback ENV` where the release to go back to was edited in place on one target: that
-/// target refuses it (exit 7 in its JSON, naming the file), the other one, already switched,
-/// is switched back, and the command exits 10 with every target still on release 2;
+/// target refuses it (exit 7 in its JSON, naming the file) before any target moves: the other
+/// one is never switched (its log records no activation), and the command exits 10 with every
+/// target still on release 2;
 /// `--force` moves them all. The `after_activate` hook that then runs in the forced release
 /// (and touches the edited file) does not make the edit its own: `verify` still reports it,
 /// and a later rollback to that release without `--force` is refused again.
@@ -750,6 +751,14 @@ fn an_environment_rollback_to_a_release_edited_on_one_target_moves_none_unless_f
     );
     deploy_labels(&fx, &src, &["v1", "v2"]);
     fs::write(roots[1].join("releases/1/index.php"), "hot fix\n").unwrap();
+    let switches = |root: &Path| {
+        fs::read_to_string(root.join(".flip/log"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(r#""event":"activate""#) || l.contains(r#""event":"rollback""#))
+            .count()
+    };
+    let before = switches(&roots[0]);
     let j = fx.flip(&["rollback", "prod", "--json"]).code(10).json();
     let refused = hosts(&j)[1]["error"].to_string();
     assert!(
@@ -757,6 +766,13 @@ fn an_environment_rollback_to_a_release_edited_on_one_target_moves_none_unless_f
         "{j}"
     );
     assert_eq!(hosts(&j)[1]["error"]["code"], 7, "{j}");
+    let other = hosts(&j)[0]["error"]["message"].to_string();
+    assert!(other.contains("nothing was changed"), "{j}");
+    assert_eq!(
+        switches(&roots[0]),
+        before,
+        "the other target was switched meanwhile"
+    );
     assert_eq!(link(&roots[0]), "releases/2");
     assert_eq!(link(&roots[1]), "releases/2");
 

@@ -123,6 +123,9 @@ enum Op {
     Verify {
         id: Option<u8>,
     },
+    Check {
+        id: u8,
+    },
     Bye,
     /// What the staged release changes (the deploy's report).
     Changes {
@@ -932,6 +935,7 @@ impl Client {
                 force,
             }),
             Op::Prune { keep } => self.send(&Request::Prune { keep: keep as u32 }),
+            Op::Check { id } => self.send(&Request::Check { id: id as u64 }),
             Op::Verify { id } => self.send(&Request::Verify {
                 id: id.map(|i| i as u64),
             }),

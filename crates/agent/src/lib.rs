@@ -785,6 +785,7 @@ impl Session {
             }
             Request::Commit => self.commit()?,
             Request::Activate { id, force } => self.activate(id, force)?,
+            Request::Check { id } => self.check(id)?,
             Request::Rollback { to, force } => self.rollback(to, force)?,
             Request::Prune { keep } => self.prune(keep)?,
             Request::Verify { id } => self.verify(id)?,
@@ -947,6 +948,16 @@ impl Session {
             "time": now(), "event": "activate", "release": id, "previous": previous,
         }));
         Ok(Response::Activated { id, previous })
+    }
+
+    /// `Check`: whether `Activate` of release `id` would pass its check (see
+    /// [`Request::Check`]); nothing changes.
+    fn check(&mut self, id: u64) -> Result<Response> {
+        let root = self.root(false)?;
+        self.locked()?;
+        root.info(id)?;
+        self.check_before_switch(root, id, false)?;
+        Ok(Response::Checked { id })
     }
 
     /// `Rollback`: swaps `current` to release `to`, or to the one before the live one (see

@@ -50,12 +50,12 @@ struct Locked {
     releases: Vec<ReleaseSummary>,
 }
 
-/// Moves every target to another release in two phases: connect, lock and resolve the release
-/// everywhere first (any failure: nothing moves), then activate everywhere with every lock
-/// held; if an activation fails, the targets already moved are switched back. Returns one
+/// Moves every target to another release in two phases: connect, lock, resolve the release and
+/// check it (unless `force`: changed since it was committed, refused) everywhere first (any
+/// failure: nothing moves), then activate everywhere with every lock held; if an activation
+/// fails (the agent checks again), the targets already moved are switched back. Returns one
 /// outcome per target, in order; all moved when none has an `error`. `events` hears who holds
-/// a lock the switch waits for. A release that changed on its target since it was committed
-/// fails that target's activation (and the others are switched back) unless `force`.
+/// a lock the switch waits for.
 pub fn switch(
     targets: &[Target],
     o: &Options,
@@ -76,7 +76,24 @@ pub fn switch(
         close_all(sessions, &mut out);
         return out;
     }
-    // Phase 2: every target resolved and locked.
+    // Every release to go to checked before any target moves (unless forced).
+    let refused = if force {
+        Vec::new()
+    } else {
+        check_everywhere(&mut sessions, &mut out)
+    };
+    if !refused.is_empty() {
+        let why = refused.join("; ");
+        for o in out.iter_mut().filter(|o| o.error.is_none()) {
+            o.error = Some(DeployError::Aborted {
+                target: o.target.clone(),
+                why: format!("another target failed ({why}); nothing was changed"),
+            });
+        }
+        close_all(sessions, &mut out);
+        return out;
+    }
+    // Phase 2: every target resolved, checked and locked.
     let moved: Vec<bool> = sessions
         .iter()
         .zip(&out)
@@ -184,6 +201,39 @@ fn resolve_everywhere(
         }
     }
     (out, sessions, failure)
+}
+
+/// Asks every target that is to move whether its release may be made live as it is (changed
+/// since it was committed: refused), in parallel, one round trip. Returns the refusals'
+/// messages; a refusing target's outcome has the error and its session is gone.
+fn check_everywhere(sessions: &mut [Option<Locked>], out: &mut [SwitchOutcome]) -> Vec<String> {
+    let results: Vec<Result<(), DeployError>> =
+        crate::each_in_parallel(sessions.iter_mut().zip(out.iter()), |(s, o)| {
+            let s = s.as_mut().expect("every target is locked");
+            let id = o.release.expect("every target resolved");
+            if s.current == Some(id) {
+                return Ok(());
+            }
+            s.session.queue_check(id)?;
+            s.session.checked()?;
+            Ok(())
+        });
+    let mut refused = Vec::new();
+    for ((r, s), o) in results
+        .into_iter()
+        .zip(sessions.iter_mut())
+        .zip(out.iter_mut())
+    {
+        if let Err(e) = r {
+            refused.push(e.to_string());
+            o.error = Some(e);
+            if let Some(l) = s.as_mut() {
+                take_notices(l, o);
+            }
+            *s = None;
+        }
+    }
+    refused
 }
 
 /// Phase 2: activates the resolved release on every target, in parallel; if any activation

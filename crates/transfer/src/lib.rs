@@ -1195,6 +1195,28 @@ impl Session {
         }
     }
 
+    /// Queues `Check` of release `id` (its answer: [`Session::checked`]): would `Activate`
+    /// of it pass its check?
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_check(&mut self, id: u64) -> Result<()> {
+        self.queue(&Request::Check { id })
+    }
+
+    /// The answer to a queued `Check`: `Ok` when the release may be made live as it is; the
+    /// agent's refusal (the release changed since it was committed, or is missing) otherwise.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn checked(&mut self) -> Result<()> {
+        self.phase = "checking the release";
+        match self.recv()? {
+            Response::Checked { .. } => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     /// The live release's id when it holds exactly the manifest of `digest` and is intact (see
     /// [`Request::CheckLive`]); `None` otherwise.
     ///

@@ -36,7 +36,8 @@
 //! `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`. `GetManifest` → `ManifestChunk`s fetches
 //! a release's manifest (a dry run without a cached copy of the live one).
 //! A multi-host deploy that fails on another target after this one committed sends
-//! `Discard` → `Discarded` instead of `Activate`. `flip doctor`: `Hello` → `Welcome`; `Doctor` →
+//! `Discard` → `Discarded` instead of `Activate`. An environment's rollback or activation:
+//! `Lock` + `Status`, then `Check` → `Checked` on every target, then `Activate` on every one. `flip doctor`: `Hello` → `Welcome`; `Doctor` →
 //! `Findings` (no lock). Hooks around the swap: `Hook` → `HookOutput`s
 //! (the hook's lines, as it writes them) + `HookDone`. Message tags are pinned by `tests/tags.rs`.
 //! Before any answer the agent may send [`Response::Notices`]: what it could not clean up, and
@@ -56,7 +57,7 @@ use flip_manifest::{Digest, RelPath};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 10;
+pub const PROTOCOL: u32 = 11;
 /// The first bytes of [`Request::Hello`]: this is flip.
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
@@ -469,6 +470,15 @@ pub enum Request {
         /// This piece closes the file.
         last: bool,
     },
+    /// After `Lock`: would `Activate` of release `id` (without `force`) pass its check? The
+    /// release must exist; one that is live, or that this session committed, passes; any other
+    /// is compared with what was committed, as `Activate` does (and `Activate` checks again).
+    /// Answered by [`Response::Checked`], or an error naming the first differences. What an
+    /// environment's rollback or activation asks every target before it moves any.
+    Check {
+        /// The release id.
+        id: u64,
+    },
 }
 
 /// Longest hook command accepted, in bytes.
@@ -688,6 +698,11 @@ pub enum Response {
         request: String,
         /// The message of the first error of the batch.
         because: String,
+    },
+    /// The answer to [`Request::Check`]: release `id` may be made live as it is.
+    Checked {
+        /// The release id.
+        id: u64,
     },
 }
 

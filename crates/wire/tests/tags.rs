@@ -21,7 +21,7 @@ fn path() -> RelPath {
 #[test]
 fn protocol_version_matches_the_pinned_tags() {
     assert_eq!(
-        PROTOCOL, 10,
+        PROTOCOL, 11,
         "a protocol bump must re-check the tag tables below"
     );
 }
@@ -149,6 +149,7 @@ fn request_tags_are_pinned() {
             },
             24,
         ),
+        (Request::Check { id: 1 }, 25),
     ];
     for (req, want) in &cases {
         assert_eq!(tag(req), *want, "tag of {req:?}");
@@ -285,6 +286,7 @@ fn response_tags_are_pinned() {
             },
             23,
         ),
+        (Response::Checked { id: 1 }, 24),
     ];
     for (resp, want) in &cases {
         assert_eq!(tag(resp), *want, "tag of {resp:?}");
