@@ -326,6 +326,15 @@ fn what_hooks_write_into_the_release_is_not_tampering_but_a_later_change_is() {
     // The tree is still the deployed one: the next deploy of it makes no release.
     let again = fx.flip(&["deploy", "prod", "--json"]).success().json();
     assert_eq!(hosts(&again)[0]["release"], 1, "{again}");
+    // A file added into a directory a hook made: no longer the deployed tree (a new release).
+    fs::write(
+        root.join("current/var/cache/planted.php"),
+        "<?php evil();\n",
+    )
+    .unwrap();
+    let j = fx.flip(&["deploy", "prod", "--json"]).success().json();
+    assert_eq!(hosts(&j)[0]["release"], 2, "{j}");
+    assert!(!root.join("current/var/cache/planted.php").exists());
     // Changed after the hooks ran, or never written by one: flagged.
     fs::write(root.join("current/var/cache/config.php"), "<?php evil();\n").unwrap();
     fs::write(root.join("current/planted.php"), "<?php evil();\n").unwrap();

@@ -161,6 +161,41 @@ fn a_redeploy_of_the_same_source_heals_a_tampered_live_release() {
     fx.flip(&["verify", fx.root_str()]).success();
 }
 
+/// Something added to the live release behind flip's back (a script dropped into it, at the top
+/// or in a directory, a directory, a symlink to `/etc`) makes it no longer the deployed tree:
+/// deploying the same source again makes a new release without it (not "unchanged"), and
+/// `verify` passes. Before, only edited, removed or chmodded entries counted.
+#[test]
+fn a_redeploy_of_the_same_source_drops_what_was_added_to_the_live_release() {
+    for planted in ["shell.php", "sub/shell.php", "evil-dir", "sub/etc-link"] {
+        let fx = Fx::new();
+        let src = deployed_site(&fx);
+        src.file("sub/inner.txt", "inner\n", 0o644);
+        let first = fx.deploy(&src, &[]);
+        let live = num(&first, "/release");
+        let at = fx.current().join(planted);
+        match planted {
+            "evil-dir" => fs::create_dir(&at).unwrap(),
+            "sub/etc-link" => std::os::unix::fs::symlink("/etc", &at).unwrap(),
+            _ => fs::write(&at, "<?php system($_GET['c']);\n").unwrap(),
+        }
+        fx.flip(&["verify", fx.root_str()]).code(7);
+
+        let j = fx.deploy(&src, &[]);
+        assert_eq!(j["unchanged"], false, "{planted}: {j}");
+        assert_eq!(num(&j, "/release"), live + 1, "{planted}: {j}");
+        assert!(
+            fs::symlink_metadata(fx.current().join(planted)).is_err(),
+            "{planted}"
+        );
+        assert_dir_eq(&fx.current(), &src.tree(), planted);
+        fx.flip(&["verify", fx.root_str()]).success();
+        // And the repaired release is the deployed tree again: no release the next time.
+        let again = fx.deploy(&src, &[]);
+        assert_eq!(again["unchanged"], true, "{planted}: {again}");
+    }
+}
+
 /// How the live copy of a delta basis is damaged.
 #[derive(Clone, Copy, Debug)]
 enum Damage {

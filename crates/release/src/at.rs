@@ -124,10 +124,6 @@ impl Stat {
         u32::from(self.0.stx_mode) & libc::S_IFMT == libc::S_IFREG
     }
 
-    pub(crate) fn is_dir(&self) -> bool {
-        u32::from(self.0.stx_mode) & libc::S_IFMT == libc::S_IFDIR
-    }
-
     /// Size in bytes.
     pub(crate) fn len(&self) -> u64 {
         self.0.stx_size
@@ -243,6 +239,50 @@ pub(crate) fn unlink_at(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The names in the directory `name` of `dir` (`AT_FDCWD` and a path: any directory), without
+/// `.` and `..`, in the order the file system lists them; `name` is not followed when it is a
+/// symlink (ELOOP) and must be a directory (ENOTDIR).
+///
+/// # Errors
+/// The `openat` or `readdir` error (EACCES for a directory that cannot be read, ...).
+pub(crate) fn names_at(dir: RawFd, name: &CStr) -> io::Result<Vec<Vec<u8>>> {
+    let fd = openat(
+        dir,
+        name,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+    )?;
+    // SAFETY: fdopendir takes over a directory descriptor we own (released from `fd` only
+    // when it succeeded); closedir below closes it.
+    let stream = unsafe { libc::fdopendir(fd.as_raw_fd()) };
+    if stream.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    let _ = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    let mut names = Vec::new();
+    let result = loop {
+        // readdir signals an error only through errno, which must be cleared first.
+        // SAFETY: errno is this thread's; the stream is open until closedir below.
+        unsafe { *libc::__errno_location() = 0 };
+        let entry = unsafe { libc::readdir64(stream) };
+        if entry.is_null() {
+            let e = io::Error::last_os_error();
+            break match e.raw_os_error() {
+                Some(0) | None => Ok(()),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: a non-null entry from readdir holds a NUL-terminated name, valid until the
+        // next readdir on this stream; it is copied out at once.
+        let n = unsafe { CStr::from_ptr((*entry).d_name.as_ptr()) }.to_bytes();
+        if n != b"." && n != b".." {
+            names.push(n.to_vec());
+        }
+    };
+    // SAFETY: closes the stream opened above (and its descriptor), once.
+    unsafe { libc::closedir(stream) };
+    result.map(|()| names)
 }
 
 /// The target of the symlink `name` of the directory `dir`.

@@ -1002,10 +1002,11 @@ impl Stage<'_> {
 impl Root {
     /// The live release's id when its manifest's digest is `digest` and the tree is intact as
     /// far as a look without reading content tells: every file the same inode, size, mtime and
-    /// ctime as recorded at commit, every symlink with its target, every directory there. `None`
-    /// otherwise (nothing live, another manifest, a record missing or damaged (then warned
-    /// about) or any difference): then a deploy of that manifest makes a new release, which
-    /// repairs the tree.
+    /// ctime as recorded at commit, every symlink with its target, every directory there and
+    /// holding nothing else than the manifest lists (and what its hooks wrote, unchanged since).
+    /// `None` otherwise (nothing live, another manifest, a record missing or damaged (then
+    /// warned about) or any difference, an added file too): then a deploy of that manifest
+    /// makes a new release, which repairs the tree.
     ///
     /// # Errors
     /// An I/O error reading the live release's records (a difference or a damaged record is
@@ -1059,30 +1060,84 @@ impl Root {
         }
         let dir = self.release_dir(id);
         let entries = manifest.entries();
-        let intact = at::par_entries(&dir, entries, |i, e, at| {
-            let Some((dir, name)) = at else {
-                return false;
+        // Every directory is listed too: nothing may have been added (a script dropped into
+        // the live release), beyond what its hooks wrote.
+        let known: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        let added = |rel: &str, names: std::io::Result<Vec<Vec<u8>>>| -> Option<Vec<String>> {
+            let names = names.ok()?;
+            let path = |n: &str| match rel {
+                "" => n.to_string(),
+                _ => format!("{rel}/{n}"),
             };
-            match &e.kind {
+            Some(
+                names
+                    .into_iter()
+                    .filter_map(|n| match String::from_utf8(n) {
+                        Ok(n) => Some(path(&n)).filter(|p| !known.contains(p.as_str())),
+                        // Never a manifest's name.
+                        Err(e) => Some(path(&String::from_utf8_lossy(e.as_bytes()))),
+                    })
+                    .collect(),
+            )
+        };
+        let Ok(top) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+            return Ok(None);
+        };
+        let Some(mut extra) = added("", at::names_at(libc::AT_FDCWD, &top)) else {
+            return Ok(None);
+        };
+        let checked = at::par_entries(&dir, entries, |i, e, at| {
+            let (dir, name) = at?;
+            let same = match &e.kind {
                 EntryKind::File { .. } => stamps[i].is_some_and(|st| {
                     at::lstat_at(dir, name).is_ok_and(|m| FileStamp::of_stat(&m) == st)
                 }),
                 EntryKind::Symlink { target } => {
                     at::read_link_at(dir, name).is_ok_and(|t| t == target.as_bytes())
                 }
-                // A directory with entries is reached as one (beneath the release, no symlink
-                // on the way) to check the first of them, the next entry in manifest order.
+                // Listed (never through a symlink: ELOOP), which also tells it is there.
                 EntryKind::Dir { .. } => {
-                    entries.get(i + 1).is_some_and(|next| {
-                        let rest = next.path.as_str().strip_prefix(e.path.as_str());
-                        rest.is_some_and(|r| r.starts_with('/'))
-                    }) || at::lstat_at(dir, name).is_ok_and(|m| m.is_dir())
+                    return added(e.path.as_str(), at::names_at(dir.as_raw_fd(), name));
                 }
+            };
+            same.then(Vec::new)
+        });
+        let Some(checked) = checked.into_iter().collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
+        extra.extend(checked.into_iter().flatten());
+        // What a directory the hooks made holds is theirs only if recorded too.
+        let mut i = 0;
+        while i < extra.len() {
+            let path = dir.join(&extra[i]);
+            if fsutil::lstat_or_none(&path).is_some_and(|m| m.is_dir()) {
+                let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+                    return Ok(None);
+                };
+                let rel = extra[i].clone();
+                let Some(inner) = added(&rel, at::names_at(libc::AT_FDCWD, &c)) else {
+                    return Ok(None);
+                };
+                extra.extend(inner);
             }
-        })
-        .into_iter()
-        .all(|ok| ok);
-        Ok(intact.then_some(id))
+            i += 1;
+        }
+        if !extra.is_empty() {
+            let diffs = extra
+                .into_iter()
+                .map(|p| {
+                    let m = format!("{p}: not in the manifest");
+                    (p, m)
+                })
+                .collect();
+            if !self
+                .without_hook_writes(id, &dir, &manifest, diffs, false)
+                .is_empty()
+            {
+                return Ok(None);
+            }
+        }
+        Ok(Some(id))
     }
 }
 
