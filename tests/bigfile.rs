@@ -133,6 +133,40 @@ fn a_changed_64_mib_file_goes_as_a_streamed_delta_in_bounded_memory() {
     );
 }
 
+/// A 40 MiB file replaced by one it shares nothing with goes whole (a literal of its size),
+/// not as an rsync delta a little longer than the file; its next small edit goes as a delta.
+#[test]
+fn a_big_file_that_shares_nothing_with_its_basis_goes_whole() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "<?php\n", 0o644);
+    let big = src.p("big.bin");
+    let len: u64 = 40 << 20;
+    write_pieces(&big, &[Piece::Noise(70, len as usize)]);
+    fx.deploy(&src, &["--no-cache"]);
+    let want = write_pieces(&big, &[Piece::Noise(71, len as usize)]);
+    let j = fx.deploy(&src, &["--no-cache"]);
+    assert_eq!(num(&j, "/files/literal"), 1, "{j}");
+    assert_eq!(num(&j, "/files/delta"), 0, "{j}");
+    assert_eq!(num(&j, "/bytes/literal"), len, "{j}");
+    assert_eq!(hash_file(&fx.current().join("big.bin")), want);
+
+    let old = fx.path("old.bin");
+    fs::copy(&big, &old).unwrap();
+    let want = write_pieces(
+        &big,
+        &[
+            Piece::From(&old, 0, 5 << 20),
+            Piece::Noise(72, 1000),
+            Piece::From(&old, (5 << 20) + 1000, len - (5 << 20) - 1000),
+        ],
+    );
+    let j = fx.deploy(&src, &["--no-cache"]);
+    assert_eq!(num(&j, "/files/delta"), 1, "{j}");
+    assert!(num(&j, "/bytes/delta") < 1 << 20, "{j}");
+    assert_eq!(hash_file(&fx.current().join("big.bin")), want);
+}
+
 /// VmHWM of a live process, in bytes.
 /// The next answer of the agent, past the notices it may send before one.
 fn answer(rx: &mut flip_wire::FrameReader) -> flip_wire::Response {

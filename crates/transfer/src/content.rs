@@ -233,7 +233,14 @@ pub(crate) fn send(
             }
         } else if let (Some(basis), Some(sig)) = (&job.basis, sig(job)) {
             match parse_signature(sig) {
-                Some(sig) => stream_delta(s, source, job, basis, &sig, cache)?,
+                Some(sig) => match stream_delta(s, source, job, basis, &sig, cache)? {
+                    Some(tally) => tally,
+                    // Its first window shares nothing worth a delta with the basis.
+                    None => {
+                        stream_literal(s, source, job, cache)?;
+                        literal_tally(job)
+                    }
+                },
                 None => {
                     stream_literal(s, source, job, cache)?;
                     literal_tally(job)
@@ -332,6 +339,20 @@ impl Write for FrameSink<'_> {
     }
 }
 
+/// A writer that only counts the bytes written to it.
+struct ByteCount(u64);
+
+impl Write for ByteCount {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0 += data.len() as u64;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Reads `len` bytes of `f` at `off`: a window of a large source file. Read, never mapped: a
 /// source file truncated under a mapping (a log rotated in the source) would kill flip with
 /// SIGBUS; read, a file that ends early has changed since the scan (exit 4, named).
@@ -353,6 +374,9 @@ fn read_window(f: &File, path: &Path, rel: &RelPath, off: u64, len: u64) -> Resu
 /// Sends a large file as an rsync delta against the agent's signature, computed and sent
 /// window by window ([`DELTA_WINDOW`]): neither the file nor its delta is ever whole in memory.
 /// The file is hashed on the way; the last frame goes only once its digest matches the scan's.
+/// `None`, with nothing sent, when the first window's delta is no smaller than the window (the
+/// file has little in common with its basis): it goes whole instead, as a smaller file whose
+/// delta is no smaller than itself does, rather than as a delta longer than the file.
 fn stream_delta(
     s: &mut Session,
     source: &Path,
@@ -360,7 +384,7 @@ fn stream_delta(
     basis: &RelPath,
     sig: &fast_rsync::Signature,
     cache: Option<&ContentCache>,
-) -> Result<Tally> {
+) -> Result<Option<Tally>> {
     let path = source.join(job.path.as_str());
     let (f, mtime, len) = open_source(&path, job.path)?;
     if len != job.size {
@@ -390,6 +414,14 @@ fn stream_delta(
         // Every window's delta but the first starts with the magic; every one ends with END,
         // dropped here and written once after the last window.
         sink.skip = if off == 0 { 0 } else { 4 };
+        // The first window's delta is measured before anything is sent (counted, not held:
+        // memory stays bounded; diffed twice when it goes, fast where it matches).
+        if off == 0 {
+            let mut size = ByteCount(0);
+            if fast_rsync::diff(&indexed, &map, &mut size).is_ok() && size.0 >= n {
+                return Ok(None);
+            }
+        }
         let r = fast_rsync::diff(&indexed, &map, &mut sink);
         if let Err(e) = r {
             return Err(sink.failure(|| TransferError::Source {
@@ -416,12 +448,12 @@ fn stream_delta(
     }
     sink.buf.push(0);
     let total = sink.finish()? + 1;
-    Ok(Tally {
+    Ok(Some(Tally {
         index: job.index,
         encoded: Some(total),
         patched: false,
         size: job.size,
-    })
+    }))
 }
 
 /// Largest file sent as a zstd patch: the patch's window covers the old version (at most
