@@ -263,6 +263,20 @@ fn targets_of(cfg: Option<&Config>, word: &str) -> Result<(Option<config::Resolv
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
+            // One target twice would wait on its own lock (for ever with --wait).
+            for (i, t) in targets.iter().enumerate() {
+                if let Some(j) = targets[..i].iter().position(|u| u.same_as(t)) {
+                    return Err(exit::coded(
+                        exit::USAGE,
+                        format!(
+                            "{}: env.{word}.targets: {:?} and {:?} name the same target",
+                            c.path.display(),
+                            r.targets[j],
+                            r.targets[i]
+                        ),
+                    ));
+                }
+            }
             Ok((Some(r), targets))
         }
         None => Ok((None, vec![Target::parse(word)?])),

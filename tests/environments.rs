@@ -1043,3 +1043,31 @@ fn init_with_config_writes_that_file() {
         .collect();
     assert_eq!(left, ["staging.toml"], "a temp file left behind");
 }
+
+/// One target listed twice in an environment (`/srv/app` and `/srv/app/`; an SSH target with
+/// the same user, host, port and path): a usage error naming both, exit 2, before anything is
+/// locked. Before, the second waited on the first one's lock: exit 10, or for ever with
+/// `--wait`.
+#[test]
+fn an_environment_naming_one_target_twice_is_refused() {
+    let fx = Fx::new();
+    let t = fx.path("t");
+    for twice in [
+        [s(&t).to_string(), format!("{}/", s(&t))],
+        [
+            "ssh://deploy@web1:2222/srv/app".to_string(),
+            "ssh://deploy@web1:2222/srv/app/".to_string(),
+        ],
+    ] {
+        env_config(&fx, &twice, "");
+        fx.src("src").file("index.php", "<?php\n", 0o644);
+        let r = fx.flip(&["deploy", "prod", "--wait"]).code(2);
+        assert!(
+            r.stderr.contains("name the same target")
+                && r.stderr.contains(&format!("{:?}", twice[1])),
+            "{}",
+            r.stderr
+        );
+        assert!(!t.exists(), "nothing was deployed");
+    }
+}

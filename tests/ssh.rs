@@ -376,7 +376,8 @@ fn over_ssh_an_error_names_the_path_once_and_mkpath_reaches_the_agent() {
     assert_eq!(
         r.stderr,
         format!(
-            "flip: error: root@127.0.0.1: {} is not a directory\n",
+            "flip: error: root@127.0.0.1:{}: {} is not a directory\n",
+            w.sshd.port(),
             afile.display()
         )
     );
@@ -392,7 +393,8 @@ fn over_ssh_an_error_names_the_path_once_and_mkpath_reaches_the_agent() {
     .unwrap();
     let r = w.flip(&["deploy", "prod"]).code(10);
     let line = format!(
-        "flip: error: root@127.0.0.1: {} is not a directory",
+        "flip: error: root@127.0.0.1:{}: {} is not a directory",
+        w.sshd.port(),
         afile.display()
     );
     assert!(r.stderr.lines().any(|l| l == line), "{}", r.stderr);

@@ -55,11 +55,28 @@ impl Target {
         Ok(Target::Local(path))
     }
 
-    /// For messages and JSON: the local path made absolute, or `[user@]host:path`.
+    /// Whether `self` and `other` are written to name the same directory: the same local path
+    /// (component by component: `/srv/app/` is `/srv/app`), or the same user, host, port and
+    /// path over SSH (a trailing `/` aside). Two names of one server (an alias and its
+    /// address) are not told apart.
+    pub fn same_as(&self, other: &Target) -> bool {
+        match (self, other) {
+            (Target::Local(a), Target::Local(b)) => a == b,
+            (Target::Ssh(a), Target::Ssh(b)) => {
+                let path = |p: &str| p.trim_end_matches('/').to_string();
+                (&a.user, &a.host, a.port, path(&a.path))
+                    == (&b.user, &b.host, b.port, path(&b.path))
+            }
+            _ => false,
+        }
+    }
+
+    /// For messages and JSON: the local path made absolute, or the SSH target as it parses
+    /// back (`[user@]host:path`, with a port `ssh://[user@]host:port/path`).
     pub fn display(&self) -> String {
         match self {
             Target::Local(p) => p.display().to_string(),
-            Target::Ssh(t) => format!("{}:{}", t.peer(), t.path),
+            Target::Ssh(t) => t.to_string(),
         }
     }
 

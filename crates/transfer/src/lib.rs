@@ -96,13 +96,25 @@ fn named_once(peer: &str, message: &str) -> String {
 }
 
 /// What to put before `message` about `peer` (a target as `Target::display` names it: a local
-/// path, or `[user@]host:path`) so the line names the target, and each path, once: nothing
-/// when the message names the target already (a local target's path in the agent's error),
-/// the `[user@]host` alone when it names the target's path (`web1: /srv/app is not a
-/// directory`), else the whole `peer`.
+/// path, `[user@]host:path` or `ssh://[user@]host:port/path`) so the line names the target,
+/// and each path, once: nothing when the message names the target already (a local target's
+/// path in the agent's error), the `[user@]host` (`[user@]host:port`) alone when it names the
+/// target's path (`web1: /srv/app is not a directory`), else the whole `peer`.
 pub fn peer_prefix<'p>(peer: &'p str, message: &str) -> Option<&'p str> {
     if peer.is_empty() || message.contains(peer) {
         return None;
+    }
+    // `ssh://[user@]host:port/path`: the host part ends at the path's `/`.
+    if let Some(rest) = peer.strip_prefix("ssh://") {
+        let host = rest.find('/').map(|i| &rest[..i]).filter(|h| !h.is_empty());
+        if let Some(host) = host {
+            let path = &rest[host.len()..];
+            if path.len() > 1 && message.contains(path) {
+                let named = message.starts_with(host) && message[host.len()..].starts_with(": ");
+                return (!named).then_some(host);
+            }
+        }
+        return Some(peer);
     }
     if !peer.starts_with('/') {
         for (i, _) in peer.match_indices(':') {
@@ -1728,7 +1740,19 @@ mod peer_tests {
             ),
             None
         );
+        // With a port: the target's URL up to its path.
+        assert_eq!(
+            peer_prefix(
+                "ssh://deploy@web1:2222/srv/afile",
+                "/srv/afile is not a directory"
+            ),
+            Some("deploy@web1:2222")
+        );
         // A message that does not name it: the whole target.
+        assert_eq!(
+            peer_prefix("ssh://web1:2222/srv/app", "the disk is full"),
+            Some("ssh://web1:2222/srv/app")
+        );
         assert_eq!(
             peer_prefix("web1:/srv/app", "the disk is full"),
             Some("web1:/srv/app")

@@ -57,6 +57,49 @@ impl SshTarget {
     }
 }
 
+impl std::fmt::Display for SshTarget {
+    /// The target as [`parse_target`] reads it back: `[user@]host:path` (an IPv6 address in
+    /// brackets), or, with a port, `ssh://[user@]host:port/path` (`%`-escaped where needed).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+        let host = match self.host.contains(':') {
+            true => format!("[{}]", self.host),
+            false => self.host.clone(),
+        };
+        let Some(port) = self.port else {
+            let user = self
+                .user
+                .as_ref()
+                .map(|u| format!("{u}@"))
+                .unwrap_or_default();
+            return write!(f, "{user}{host}:{}", self.path);
+        };
+        const ESCAPED: &AsciiSet = &CONTROLS
+            .add(b' ')
+            .add(b'%')
+            .add(b'?')
+            .add(b'#')
+            .add(b'@')
+            .add(b'/')
+            .add(b':');
+        let user = self
+            .user
+            .as_ref()
+            .map(|u| format!("{}@", utf8_percent_encode(u, ESCAPED)))
+            .unwrap_or_default();
+        let path = match self.path.strip_prefix('/') {
+            Some(abs) => abs.to_string(),
+            // Relative to the login directory.
+            None => format!("~/{}", self.path.strip_prefix("~/").unwrap_or(&self.path)),
+        };
+        let path: Vec<String> = path
+            .split('/')
+            .map(|c| utf8_percent_encode(c, ESCAPED).to_string())
+            .collect();
+        write!(f, "ssh://{user}{host}:{port}/{}", path.join("/"))
+    }
+}
+
 /// Recognizes an SSH target.
 ///
 /// - `ssh://[user@]host[:port]/path`: the path includes its leading `/`, except `ssh://h/~/x`
@@ -469,6 +512,35 @@ mod tests {
         ] {
             assert_eq!(parse_target(s).unwrap(), None, "{s:?}");
         }
+    }
+
+    /// What flip shows of a target reads back as that target: the port is kept (in the URL
+    /// form), an IPv6 address bracketed.
+    #[test]
+    fn targets_display_as_they_parse() {
+        for s in [
+            "web1:/srv/app",
+            "deploy@web1:/srv/app",
+            "web1:app",
+            "p:/srv/app",
+            "root@[::1]:/srv",
+            "ssh://web1:2222/srv/app",
+            "ssh://deploy@[2001:db8::7]:2200/srv",
+            "ssh://h:22/~/app",
+            "ssh://d%40x@h:2/a%20b/c%25d",
+        ] {
+            let t = p(s);
+            assert_eq!(p(&t.to_string()), t, "{s} shown as {t}");
+        }
+        assert_eq!(
+            p("ssh://web1:2222/srv/app").to_string(),
+            "ssh://web1:2222/srv/app"
+        );
+        assert_eq!(p("ssh://web1/srv/app").to_string(), "web1:/srv/app");
+    }
+
+    fn p(s: &str) -> SshTarget {
+        parse_target(s).unwrap().unwrap()
     }
 
     #[test]
