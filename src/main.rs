@@ -515,8 +515,9 @@ fn dry_run(
     started: Instant,
     print_json: bool,
 ) -> Result<serde_json::Value> {
-    let mut s = target.connect(&o.ssh, target.compress_level(o.compress_level))?;
-    let (current, releases) = dry_run_status(&mut s, target, o)?;
+    let level = target.compress_level(o.compress_level);
+    let mut s = target.connect_agent(&o.ssh, level, o.mkpath)?;
+    let (current, releases) = dry_run_status(&mut s)?;
     let caches = o.cache_dir.clone();
     let cached = releases
         .iter()
@@ -618,46 +619,25 @@ fn dry_run(
 }
 
 /// The target's status for a dry run: what is live, or nothing for a target a deploy would
-/// create (refused, as the deploy would refuse it, when its parent is missing without
-/// `--mkpath`).
+/// make (refused, as the deploy would refuse it, when it is a file, a directory that is not a
+/// target, or its parent is missing without `--mkpath`: the agent checks, one round trip).
 fn dry_run_status(
     s: &mut flip_transfer::Session,
-    target: &Target,
-    o: &Options,
 ) -> Result<(Option<u64>, Vec<flip_wire::ReleaseSummary>)> {
-    Ok(match s.status() {
-        Ok(st) => st,
-        // A local target that exists but cannot be deployed to (a file, a foreign directory):
-        // the deploy would fail as the status did.
-        Err(e) if matches!(target, Target::Local(p) if p.symlink_metadata().is_ok()) => {
-            return Err(e.into())
-        }
-        // A target that does not exist yet would simply get everything, if it can be made.
-        Err(flip_transfer::TransferError::Remote {
-            class: flip_wire::ErrorClass::Target,
-            ..
-        }) => {
-            if let (Target::Local(p), false) = (target, o.mkpath) {
-                let parent = p.parent().filter(|d| d.symlink_metadata().is_err());
-                if let Some(missing) = parent.and_then(|d| {
-                    d.ancestors()
-                        .take_while(|a| a.symlink_metadata().is_err())
-                        .last()
-                }) {
-                    return Err(exit::coded(
-                        Code::Target,
-                        format!(
-                            "cannot create the target {}: {} does not exist (--mkpath creates missing parents)",
-                            p.display(),
-                            missing.display()
-                        ),
-                    ));
-                }
-            }
-            (None, Vec::new())
-        }
-        Err(e) => return Err(e.into()),
-    })
+    s.queue_can_deploy()?;
+    s.queue_status()?;
+    if !s.deployable()? {
+        // Not a target yet: its status fails, and a deploy would send everything.
+        return Ok(match s.status_answer() {
+            Ok(st) => st,
+            Err(flip_transfer::TransferError::Remote {
+                class: flip_wire::ErrorClass::Target,
+                ..
+            }) => (None, Vec::new()),
+            Err(e) => return Err(e.into()),
+        });
+    }
+    Ok(s.status_answer()?)
 }
 
 /// A file to transfer, as [`flip_plan::report::Changes::transfers`] lists it: its index, size

@@ -372,7 +372,12 @@ fn over_ssh_an_error_names_the_path_once_and_mkpath_reaches_the_agent() {
         |p: &std::path::Path| format!("ssh://root@127.0.0.1:{}{}", w.sshd.port(), p.display());
     let afile = w.fx.path("afile");
     fs::write(&afile, "x").unwrap();
+    // A dry run fails as the deploy does (the agent checks the target).
+    let dry = w
+        .flip(&["deploy", "--dry-run", src.s(), &url_of(&afile)])
+        .code(5);
     let r = w.flip(&["deploy", src.s(), &url_of(&afile)]).code(5);
+    assert_eq!(dry.stderr, r.stderr);
     assert_eq!(
         r.stderr,
         format!(
@@ -402,6 +407,22 @@ fn over_ssh_an_error_names_the_path_once_and_mkpath_reaches_the_agent() {
     // A new target two levels below what exists: refused unless --mkpath, which the agent on
     // the server gets.
     let deep = w.fx.path("srv/app/site");
+    for dry in [&["--dry-run"][..], &[]] {
+        let r = w
+            .flip(&[&["deploy"][..], dry, &[src.s(), &url_of(&deep)]].concat())
+            .code(5);
+        assert!(
+            r.stderr.contains("(--mkpath creates missing parents)"),
+            "{}",
+            r.stderr
+        );
+    }
+    // A dry run with --mkpath says what the deploy would send, and creates nothing.
+    let r = w
+        .flip(&["deploy", "--dry-run", "--mkpath", src.s(), &url_of(&deep)])
+        .success();
+    assert!(r.stderr.contains("(live: none)"), "{}", r.stderr);
+    assert!(!w.fx.path("srv").exists());
     let r = w.flip(&["deploy", src.s(), &url_of(&deep)]).code(5);
     assert!(
         r.stderr.contains("(--mkpath creates missing parents)"),

@@ -126,6 +126,7 @@ enum Op {
     Check {
         id: u8,
     },
+    CanDeploy,
     Bye,
     /// What the staged release changes (the deploy's report).
     Changes {
@@ -936,6 +937,7 @@ impl Client {
             }),
             Op::Prune { keep } => self.send(&Request::Prune { keep: keep as u32 }),
             Op::Check { id } => self.send(&Request::Check { id: id as u64 }),
+            Op::CanDeploy => self.send(&Request::CanDeploy),
             Op::Verify { id } => self.send(&Request::Verify {
                 id: id.map(|i| i as u64),
             }),

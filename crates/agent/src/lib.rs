@@ -786,6 +786,12 @@ impl Session {
             Request::Commit => self.commit()?,
             Request::Activate { id, force } => self.activate(id, force)?,
             Request::Check { id } => self.check(id)?,
+            Request::CanDeploy => {
+                let found = flip_release::Root::deployable(&self.root_path, self.mkpath)?;
+                Response::Deployable {
+                    exists: found == flip_release::Found::Target,
+                }
+            }
             Request::Rollback { to, force } => self.rollback(to, force)?,
             Request::Prune { keep } => self.prune(keep)?,
             Request::Verify { id } => self.verify(id)?,

@@ -106,6 +106,17 @@ struct Notices {
     leftovers: Option<Vec<Leftover>>,
 }
 
+/// What a deploy would find at a target's directory ([`Root::deployable`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// A target (`.flip/` there, its layout as flip makes it).
+    Target,
+    /// An empty directory, which a deploy makes a target.
+    Empty,
+    /// Missing: a deploy creates these directories (outermost first, the root last).
+    Missing(Vec<PathBuf>),
+}
+
 /// What [`Root::open_or_init`] created, so a first deploy that fails can leave the target as it
 /// found it ([`Root::undo_init`]).
 #[derive(Debug, Clone)]
@@ -158,29 +169,33 @@ impl Root {
         Ok(Self::open_or_init_tracked(dir, true)?.0)
     }
 
-    /// [`Root::open_or_init`], also telling what it created (`None`: the target existed). A
-    /// missing `dir` is created when its parent exists (as rsync does); missing parents only
-    /// when `mkpath`, else [`Error::NoParent`], so a mistyped path is not silently made.
+    /// What a deploy would find at `dir`, changing nothing: a target (its layout checked), an
+    /// empty directory it would take, or a missing one it would create (with its missing
+    /// parents, outermost first, when `mkpath`): the checks of [`Root::open_or_init_tracked`],
+    /// which a dry run makes too.
     ///
     /// # Errors
-    /// As [`Root::open_or_init`].
-    pub fn open_or_init_tracked(dir: &Path, mkpath: bool) -> Result<(Root, Option<Created>)> {
-        let mut created = Created { dirs: Vec::new() };
+    /// [`Error::NotADirectory`] (the target, or a file where a parent must be),
+    /// [`Error::NotATarget`] for a directory with other content and no `.flip/`,
+    /// [`Error::NoParent`] for a missing parent without `mkpath`, [`Error::Layout`], or an I/O
+    /// error.
+    pub fn deployable(dir: &Path, mkpath: bool) -> Result<Found> {
         // Follows a symlink to the target on purpose; missing and ENOTDIR are errors of their
         // own, naming the path; the others name it through `io`.
         #[allow(clippy::disallowed_methods)]
         match fs::metadata(dir) {
-            Ok(m) if !m.is_dir() => return Err(Error::NotADirectory(dir.to_path_buf())),
+            Ok(m) if !m.is_dir() => Err(Error::NotADirectory(dir.to_path_buf())),
             Ok(_) => {
                 let root = Root::at(dir);
                 if expect_dir(&root.state_dir())? {
                     root.check_layout()?;
-                    return Ok((root, None));
+                    return Ok(Found::Target);
                 }
                 let mut rd = fsutil::read_dir(dir)?;
                 if rd.next().is_some() {
                     return Err(Error::NotATarget(dir.to_path_buf()));
                 }
+                Ok(Found::Empty)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut missing: Vec<PathBuf> = dir
@@ -195,8 +210,7 @@ impl Root {
                         parent: missing[0].clone(),
                     });
                 }
-                fsutil::create_dir_all(dir)?;
-                created.dirs = missing;
+                Ok(Found::Missing(missing))
             }
             // A file where a parent directory must be: name that file, not the target.
             Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
@@ -205,9 +219,27 @@ impl Root {
                     .skip(1)
                     .find(|a| fsutil::lstat_or_none(a).is_some_and(|m| !m.is_dir()))
                     .unwrap_or(dir);
-                return Err(Error::NotADirectory(file.to_path_buf()));
+                Err(Error::NotADirectory(file.to_path_buf()))
             }
-            Err(e) => return Err(io("open", dir)(e)),
+            Err(e) => Err(io("open", dir)(e)),
+        }
+    }
+
+    /// [`Root::open_or_init`], also telling what it created (`None`: the target existed). A
+    /// missing `dir` is created when its parent exists (as rsync does); missing parents only
+    /// when `mkpath`, else [`Error::NoParent`], so a mistyped path is not silently made.
+    ///
+    /// # Errors
+    /// As [`Root::open_or_init`].
+    pub fn open_or_init_tracked(dir: &Path, mkpath: bool) -> Result<(Root, Option<Created>)> {
+        let mut created = Created { dirs: Vec::new() };
+        match Self::deployable(dir, mkpath)? {
+            Found::Target => return Ok((Root::at(dir), None)),
+            Found::Empty => {}
+            Found::Missing(missing) => {
+                fsutil::create_dir_all(dir)?;
+                created.dirs = missing;
+            }
         }
         let root = Root::at(dir);
         for d in [root.releases_dir(), root.state_dir(), root.meta_dir()] {

@@ -1229,6 +1229,27 @@ impl Session {
         }
     }
 
+    /// Queues `CanDeploy` (its answer: [`Session::deployable`]).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_can_deploy(&mut self) -> Result<()> {
+        self.queue(&Request::CanDeploy)
+    }
+
+    /// The answer to a queued `CanDeploy`: whether the root is a target already (`false`: a
+    /// deploy would make it one); the error a deploy would fail with otherwise.
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn deployable(&mut self) -> Result<bool> {
+        self.phase = "checking the target";
+        match self.recv()? {
+            Response::Deployable { exists } => Ok(exists),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     /// The live release's id when it holds exactly the manifest of `digest` and is intact (see
     /// [`Request::CheckLive`]); `None` otherwise.
     ///

@@ -36,7 +36,9 @@
 //! `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`. `GetManifest` → `ManifestChunk`s fetches
 //! a release's manifest (a dry run without a cached copy of the live one).
 //! A multi-host deploy that fails on another target after this one committed sends
-//! `Discard` → `Discarded` instead of `Activate`. An environment's rollback or activation:
+//! `Discard` → `Discarded` instead of `Activate`. A dry run: `Hello` → `Welcome`, `CanDeploy` →
+//! `Deployable`, `Status` → `Status` (an error when the root is not there yet). An
+//! environment's rollback or activation:
 //! `Lock` + `Status`, then `Check` → `Checked` on every target, then `Activate` on every one. `flip doctor`: `Hello` → `Welcome`; `Doctor` →
 //! `Findings` (no lock). Hooks around the swap: `Hook` → `HookOutput`s
 //! (the hook's lines, as it writes them) + `HookDone`. Message tags are pinned by `tests/tags.rs`.
@@ -479,6 +481,12 @@ pub enum Request {
         /// The release id.
         id: u64,
     },
+    /// Could a deploy use the root, as it is now (a target, an empty directory, or missing
+    /// with its parent there, or any missing parents when the agent runs with `--mkpath`)?
+    /// Nothing changes; no lock. Answered by [`Response::Deployable`], or the error the
+    /// deploy would fail with (not a directory, a directory that is not a target, a missing
+    /// parent). What a dry run asks before `Status`.
+    CanDeploy,
 }
 
 /// Longest hook command accepted, in bytes.
@@ -703,6 +711,12 @@ pub enum Response {
     Checked {
         /// The release id.
         id: u64,
+    },
+    /// The answer to [`Request::CanDeploy`]: a deploy could use the root; `exists`: it is a
+    /// target already (else a deploy would make it one).
+    Deployable {
+        /// The root is a target already.
+        exists: bool,
     },
 }
 

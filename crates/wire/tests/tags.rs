@@ -150,6 +150,7 @@ fn request_tags_are_pinned() {
             24,
         ),
         (Request::Check { id: 1 }, 25),
+        (Request::CanDeploy, 26),
     ];
     for (req, want) in &cases {
         assert_eq!(tag(req), *want, "tag of {req:?}");
@@ -287,6 +288,7 @@ fn response_tags_are_pinned() {
             23,
         ),
         (Response::Checked { id: 1 }, 24),
+        (Response::Deployable { exists: true }, 25),
     ];
     for (resp, want) in &cases {
         assert_eq!(tag(resp), *want, "tag of {resp:?}");
