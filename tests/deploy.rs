@@ -720,3 +720,33 @@ fn an_upgrade_of_many_files_larger_than_the_bytes_in_flight_lands_every_byte() {
     assert_eq!(num(&j, "/release"), 2);
     assert_dir_eq(&fx.release(2), &expected, "release 2");
 }
+
+/// A new target inside what another target keeps (a release, `shared/`, `.flip/`, through
+/// `current`) is refused before anything is written (exit 5, naming both), also by a dry run:
+/// a deploy there wrote into the release the other target serves. Next to it is fine.
+#[test]
+fn a_target_inside_another_targets_releases_is_refused() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.deploy(&src, &[]);
+    let live = src.tree();
+    for inside in ["releases/1/x", "current/x", ".flip/x", "shared/x/y"] {
+        let t = fx.root.join(inside);
+        for dry in [&["--dry-run", "--mkpath"][..], &["--mkpath"]] {
+            let args = [&["deploy"][..], dry, &[src.s(), s(&t)]].concat();
+            let r = fx.flip(&args).code(5);
+            assert!(
+                r.stderr.contains("a directory the flip target")
+                    && r.stderr.contains(fx.root_str()),
+                "{inside}: {}",
+                r.stderr
+            );
+        }
+        assert!(!t.exists(), "{inside}");
+    }
+    assert_dir_eq(&fx.current(), &live, "the live release is untouched");
+    fx.flip(&["verify", fx.root_str()]).success();
+    let next = fx.path("next-to-it");
+    fx.flip(&["deploy", src.s(), s(&next)]).success();
+}

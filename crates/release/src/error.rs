@@ -64,6 +64,17 @@ pub enum Error {
     /// A directory that is not a flip target, where one must exist already (not a deploy).
     #[error("{} is not a flip target (no .flip/ inside)", .0.display())]
     NoTarget(PathBuf),
+    /// A new target inside what another target keeps (its releases, shared paths, state or
+    /// `current`), where it would write into releases that target serves.
+    #[error("{} is inside {}, a directory the flip target {} keeps; deploy next to that target, not into it", dir.display(), within.display(), outer.display())]
+    InsideTarget {
+        /// The directory a deploy would make a target.
+        dir: PathBuf,
+        /// What of the other target it is inside (`OUTER/releases`, ...).
+        within: PathBuf,
+        /// The other target's root.
+        outer: PathBuf,
+    },
     /// A deploy would have to create more than the target directory itself.
     #[error("cannot create the target {}: {} does not exist (--mkpath creates missing parents)", dir.display(), parent.display())]
     NoParent {
@@ -191,6 +202,7 @@ impl Error {
             | Error::NotATarget(_)
             | Error::NoTarget(_)
             | Error::NoParent { .. }
+            | Error::InsideTarget { .. }
             | Error::NoSuchRelease(_)
             | Error::NothingLive(_)
             | Error::NothingToRollBack { .. }

@@ -195,6 +195,7 @@ impl Root {
                 if rd.next().is_some() {
                     return Err(Error::NotATarget(dir.to_path_buf()));
                 }
+                refuse_inside_target(dir)?;
                 Ok(Found::Empty)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -210,6 +211,7 @@ impl Root {
                         parent: missing[0].clone(),
                     });
                 }
+                refuse_inside_target(dir)?;
                 Ok(Found::Missing(missing))
             }
             // A file where a parent directory must be: name that file, not the target.
@@ -1226,6 +1228,35 @@ impl Root {
             more,
         })
     }
+}
+
+/// Refuses a new target `dir` below what an enclosing flip target keeps (`releases/`,
+/// `shared/`, `.flip/`, `current`): a deploy there would write into a release another target
+/// serves, or into its state.
+fn refuse_inside_target(dir: &Path) -> Result<()> {
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    for outer in dir.ancestors().skip(1) {
+        let root = Root::at(outer);
+        if !matches!(fsutil::lstat_or_none(&root.state_dir()), Some(m) if m.is_dir()) {
+            continue;
+        }
+        let Ok(rest) = dir.strip_prefix(outer) else {
+            continue;
+        };
+        let first = rest.components().next().map(|c| c.as_os_str().to_owned());
+        if let Some(first) = first.filter(|f| {
+            [".flip", "releases", "shared", "current"]
+                .iter()
+                .any(|k| f.as_os_str() == std::ffi::OsStr::new(k))
+        }) {
+            return Err(Error::InsideTarget {
+                dir: dir.clone(),
+                within: outer.join(first),
+                outer: outer.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A release id written the one way flip writes it (`7`; never `07` or `+7`, which name other
