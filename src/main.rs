@@ -785,17 +785,34 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
     let ssh = ssh_only(&a.ssh);
     let mut lists = Vec::new();
     let mut lives = Vec::new();
+    // An environment's table shows the targets that answered; each other one is named with
+    // its error (exit 10).
+    let mut listed = Vec::new();
+    let mut code = exit::OK;
     for target in &targets {
-        let mut s = target.connect(&ssh, 0)?;
-        let (live, list) = s.status()?;
-        notices(&mut s);
-        s.close()?;
-        lists.push(list);
-        lives.push(live);
+        let status = (|| -> Result<_> {
+            let mut s = target.connect(&ssh, 0)?;
+            let (live, list) = s.status()?;
+            notices(&mut s);
+            s.close()?;
+            Ok((live, list))
+        })();
+        match status {
+            Ok((live, list)) => {
+                lists.push(list);
+                lives.push(live);
+                listed.push(target.clone());
+            }
+            Err(e) if env.is_none() => return Err(e),
+            Err(e) => {
+                render::host_error(&target.display(), &error_text(&e), "");
+                code = exit::PARTIAL;
+            }
+        }
     }
     if let Some(env) = env {
-        render::release_table(&env.env, &targets, &lists, &lives, a.json);
-        return Ok(exit::OK);
+        render::release_table(&env.env, &listed, &lists, &lives, a.json);
+        return Ok(code);
     }
     let (target, list) = (&targets[0], &lists[0]);
     // The live release left out of the listing (its metadata damaged or gone: the warning
@@ -844,7 +861,7 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
                     output::escape(r.label.as_deref().unwrap_or(""))
                 ),
                 None => outln!(
-                    "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  (its metadata is damaged)",
+                    "{:>6}  {:<7}  {:<20}  {:>8}  {:>10}  (not listed: its directory or metadata is missing or damaged)",
                     id,
                     "*",
                     "?",

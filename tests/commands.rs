@@ -345,7 +345,8 @@ fn releases_marks_a_live_release_whose_metadata_is_damaged() {
     let live: Vec<&str> = r.stdout.lines().filter(|l| l.contains('*')).collect();
     assert_eq!(live.len(), 1, "{}", r.stdout);
     assert!(
-        live[0].trim_start().starts_with("2 ") && live[0].ends_with("(its metadata is damaged)"),
+        live[0].trim_start().starts_with("2 ")
+            && live[0].ends_with("(not listed: its directory or metadata is missing or damaged)"),
         "{}",
         r.stdout
     );

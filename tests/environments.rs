@@ -1071,3 +1071,27 @@ fn an_environment_naming_one_target_twice_is_refused() {
         assert!(!t.exists(), "nothing was deployed");
     }
 }
+
+/// `releases ENV` with one target unreachable: the table of the targets that answered, the
+/// other one named with its error, exit 10 (before: only the error, exit 6, nothing listed).
+#[test]
+fn releases_of_an_environment_list_the_targets_that_answer() {
+    let fx = Fx::new();
+    let root = fx.path("t1");
+    env_config(&fx, &[s(&root).to_string()], "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod", "--label", "v1"]).success();
+    let down = "ssh://127.0.0.1:1/x".to_string();
+    env_config(&fx, &[s(&root).to_string(), down.clone()], "");
+    let r = fx.flip(&["releases", "prod"]).code(10);
+    assert!(r.stdout.contains("v1"), "{}", r.stdout);
+    assert!(r.stdout.contains(s(&root)), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("127.0.0.1:1") && r.stderr.contains("error"),
+        "{}",
+        r.stderr
+    );
+    let j = fx.flip(&["releases", "prod", "--json"]).code(10).json();
+    assert_eq!(j[0]["label"], "v1", "{j}");
+}
