@@ -1083,6 +1083,28 @@ fn doctor_names_a_shared_dir_swapped_for_a_symlink_that_every_deploy_refuses() {
     fx.flip(&["deploy", src.s(), fx.root_str()])
         .code(5)
         .stderr_has("is a symlink");
+
+    // The same one level down: shared/ real, the shared path in it a symlink.
+    fs::remove_file(&shared).unwrap();
+    fs::rename(fx.path("shared-moved"), &shared).unwrap();
+    fx.flip(&["doctor", fx.root_str()]).success();
+    let storage = shared.join("storage");
+    fs::rename(&storage, fx.path("storage-moved")).unwrap();
+    std::os::unix::fs::symlink(fx.path("storage-moved"), &storage).unwrap();
+    let j = fx
+        .flip(&["doctor", "--json", fx.root_str()])
+        .code(11)
+        .json();
+    let findings = j["hosts"][0]["findings"].as_array().unwrap();
+    let f = findings
+        .iter()
+        .find(|f| f["check"] == "shared" && f["severity"] == "problem")
+        .unwrap_or_else(|| panic!("no shared problem: {j}"));
+    let m = f["message"].as_str().unwrap();
+    assert!(m.contains("storage") && m.contains("a symlink"), "{j}");
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(5)
+        .stderr_has("is a symlink");
 }
 
 #[test]

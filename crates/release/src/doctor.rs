@@ -144,19 +144,56 @@ pub fn doctor(dir: &Path, opts: &DoctorOptions) -> Result<Vec<Finding>> {
     Ok(out)
 }
 
-/// `shared/`, when there is one, must be a real directory: a deploy with shared paths refuses
-/// a symlink (it never writes through one) or anything else there.
+/// Entries of `shared/` looked at by [`check_shared`], at most.
+const SHARED_ENTRIES_MAX: usize = 10_000;
+
+/// `shared/`, when there is one, must be a real directory, and each entry in it a real directory
+/// or file: a deploy with shared paths refuses a symlink (it never writes through one) or
+/// anything else there.
 fn check_shared(root: &Root, out: &mut Vec<Finding>) {
     let path = root.shared_dir();
     let Some(m) = fsutil::lstat_or_none(&path) else {
         return;
     };
     if m.is_dir() {
-        out.push(Finding::new(
-            "shared",
-            Severity::Ok,
-            "shared/ is a real directory",
-        ));
+        // A shared path itself must be a real directory or file too: flip makes nothing else
+        // there, and a deploy with that path refuses anything else (it never writes through a
+        // symlink). Looked at directly under shared/, a bounded number of entries.
+        let odd: Vec<(PathBuf, std::fs::Metadata)> = fsutil::read_dir(&path)
+            .into_iter()
+            .flatten()
+            .take(SHARED_ENTRIES_MAX)
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let p = e.path();
+                fsutil::lstat_or_none(&p).map(|m| (p, m))
+            })
+            .filter(|(_, m)| !m.is_dir() && !m.is_file())
+            .collect();
+        if odd.is_empty() {
+            out.push(Finding::new(
+                "shared",
+                Severity::Ok,
+                "shared/ is a real directory",
+            ));
+        }
+        for (p, m) in odd {
+            out.push(
+                Finding::new(
+                    "shared",
+                    Severity::Problem,
+                    format!(
+                        "{} is {}: a deploy whose shared paths include it refuses this target (flip never writes through a symlink)",
+                        p.display(),
+                        fsutil::described(&p, &m)
+                    ),
+                )
+                .fix(format!(
+                    "put the real directory or file at {} (to keep shared data on another disk, mount that disk there)",
+                    p.display()
+                )),
+            );
+        }
         return;
     }
     out.push(
