@@ -176,13 +176,13 @@ pub enum ScanError {
         source: io::Error,
     },
     /// A file name that is not UTF-8 (manifest paths are).
-    #[error("{}: file name is not valid UTF-8 (flip paths must be UTF-8)", path.display())]
+    #[error("{}: file name is not valid UTF-8 (flip paths must be UTF-8; rename it, or leave it out with --exclude)", bytes_shown(path))]
     NotUtf8 {
         /// The path concerned.
         path: PathBuf,
     },
     /// A symlink target that is not UTF-8.
-    #[error("{}: symlink target is not valid UTF-8", path.display())]
+    #[error("{}: symlink target is not valid UTF-8", bytes_shown(path))]
     LinkNotUtf8 {
         /// The path concerned.
         path: PathBuf,
@@ -214,6 +214,20 @@ pub enum ScanError {
     /// The entries do not form a valid manifest.
     #[error("source tree cannot be deployed: {0}")]
     Manifest(#[from] ManifestError),
+}
+
+/// `path` with every byte that is not part of valid UTF-8 written `\xNN` (`bad\xff.php`),
+/// instead of the U+FFFD of `Path::display`, which names no file.
+fn bytes_shown(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for chunk in path.as_os_str().as_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
 }
 
 /// Scans the directory `root` into a manifest. See the crate documentation for the rules.
