@@ -132,11 +132,9 @@ impl FrameReader {
         while got < 4 {
             match self.reader().read(&mut len[got..]) {
                 Ok(0) if got == 0 => return Err(WireError::Closed),
-                Ok(0) => {
-                    return Err(WireError::Decode(
-                        "stream ends inside a frame header".into(),
-                    ))
-                }
+                // The peer went away mid-frame (killed while it wrote): a broken
+                // connection, not a garbled one.
+                Ok(0) => return Err(cut("the stream ends inside a frame header")),
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
@@ -151,7 +149,7 @@ impl FrameReader {
         let r = self.reader().read_exact(&mut buf);
         if let Err(e) = r {
             return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
-                WireError::Decode("stream ends inside a frame".into())
+                cut("the stream ends inside a frame")
             } else {
                 e.into()
             });
@@ -419,6 +417,11 @@ impl FrameWriter {
     }
 }
 
+/// The error of a stream that ends inside a frame: [`WireError::Io`] (`UnexpectedEof`).
+fn cut(what: &str) -> WireError {
+    WireError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, what))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -632,9 +635,14 @@ mod tests {
 
         let (tx, rx) = std::sync::mpsc::channel();
         let mut r = FrameReader::new(Box::new(Pipe(rx, Vec::new(), 0)));
+        // A stream that ends inside a frame: the peer went away mid-write (a broken
+        // connection, which an agent does not report as garbage).
         tx.send(vec![10, 0, 0, 0, 1, 2]).unwrap();
         drop(tx);
-        assert!(matches!(r.recv::<Request>(), Err(WireError::Decode(_))));
+        assert!(matches!(
+            r.recv::<Request>(),
+            Err(WireError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof
+        ));
     }
 
     #[test]
