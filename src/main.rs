@@ -284,6 +284,15 @@ fn targets_of(cfg: Option<&Config>, word: &str) -> Result<(Option<config::Resolv
 }
 
 fn ssh_settings(common: &Common) -> SshSettings {
+    // As OpenSSH does: a key file that is not there is said, and the other keys are tried.
+    if let Some(key) = &common.ssh.identity {
+        if let Err(e) = std::fs::metadata(key) {
+            note!(
+                "flip: warning: identity file {}: {e}; trying the other keys",
+                output::printable(&key.display().to_string())
+            );
+        }
+    }
     SshSettings {
         identity: common.ssh.identity.clone(),
         accept_new_host_key: common.ssh.accept_new_host_key,

@@ -181,6 +181,20 @@ fn a_wrong_key_is_refused_clearly() {
     .code(9)
     .stderr_has("authentication failed for root@127.0.0.1");
     assert!(!w.fx.root.exists());
+    // A file that is no key: the message says why it did not do, with its path.
+    let garbage = w.fx.path("garbage-key");
+    fs::write(&garbage, "garbage\n").unwrap();
+    fs::set_permissions(
+        &garbage,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    w.fx.flip_env(
+        &[("SSH_AUTH_SOCK", "")],
+        &["releases", &w.url(), "-i", s(&garbage)],
+    )
+    .code(9)
+    .stderr_has(&format!("{} (Unable to extract public key", s(&garbage)));
 }
 
 #[test]

@@ -449,7 +449,8 @@ fn authenticate(
                         ),
                     });
                 }
-                tried.push(key.display().to_string());
+                // Why this key did not do (unreadable, not a key, refused), with its path.
+                tried.push(format!("{} ({})", key.display(), e.message()));
             }
         }
     }
