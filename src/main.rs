@@ -995,7 +995,11 @@ fn activate(a: cli::ActivateArgs, cfg: Option<&Config>) -> Result<Code> {
     let Ok(id) = id else {
         return Err(exit::coded(
             exit::USAGE,
-            format!("invalid release id {:?}: a number", a.id),
+            format!(
+                "{:?} is no release id: one target's releases are activated by number (`flip releases {}` lists them); a label names releases across an environment of flip.toml (`flip activate ENV LABEL`)",
+                a.id,
+                targets[0].display()
+            ),
         ));
     };
     let target = &targets[0];

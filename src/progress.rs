@@ -117,10 +117,10 @@ impl Progress {
                 match list.get(i + 1) {
                     Some((_, next)) => parts.push(format!(
                         "{} {:.2} s",
-                        phase.as_str(),
+                        said(*phase, self.names.len()),
                         next.duration_since(*at).as_secs_f64()
                     )),
-                    None => parts.push(phase.as_str().to_string()),
+                    None => parts.push(said(*phase, self.names.len()).to_string()),
                 }
             }
             if !parts.is_empty() {
@@ -246,7 +246,7 @@ impl Bars {
         {
             b.set_style(spinner_style(self.width));
         }
-        b.set_message(phase.as_str());
+        b.set_message(said(phase, self.hosts.len()));
     }
 
     fn sending(&self, host: usize, meter: &flip_transfer::SendMeter) {
@@ -354,4 +354,13 @@ fn bar_style(width: usize, color: bool) -> ProgressStyle {
     ))
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ")
+}
+
+/// What a line says of `phase`, among `targets` targets: with one there are no others to wait
+/// for.
+fn said(phase: Phase, targets: usize) -> &'static str {
+    match phase {
+        Phase::Committed if targets == 1 => "committed",
+        _ => phase.as_str(),
+    }
 }

@@ -250,11 +250,17 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> Code
             .as_deref()
             .map(|l| format!(" {l}"))
             .unwrap_or_default();
-        if d.all_live() {
-            let all = match d.hosts.len() {
-                1 => "its one target".to_string(),
-                n => format!("all {n} targets"),
-            };
+        let all = match d.hosts.len() {
+            1 => "its one target".to_string(),
+            n => format!("all {n} targets"),
+        };
+        if d.hosts.iter().all(|h| h.state == HostState::Unchanged) {
+            // No release was made: the new label names none.
+            note!(
+                "flip: {env}: unchanged on {all}, the live release already is this tree, in {:.2} s",
+                d.duration_ms as f64 / 1000.0
+            );
+        } else if d.all_live() {
             // A failed after_activate hook (rollback_on_failure off) leaves it live: say so.
             let but = match failed.len() {
                 0 => String::new(),

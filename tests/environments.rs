@@ -1095,3 +1095,19 @@ fn releases_of_an_environment_list_the_targets_that_answer() {
     let j = fx.flip(&["releases", "prod", "--json"]).code(10).json();
     assert_eq!(j[0]["label"], "v1", "{j}");
 }
+
+/// An environment deploy that makes no release (every target unchanged) says so, without the
+/// new label, which names no release.
+#[test]
+fn an_unchanged_environment_deploy_names_no_label() {
+    let fx = Fx::new();
+    let (_, _, src) = two_targets(&fx, "");
+    src.file("index.php", "v1\n", 0o644);
+    fx.flip(&["deploy", "prod", "--label", "v1"]).success();
+    let r = fx.flip(&["deploy", "prod", "--label", "v2"]).success();
+    assert!(
+        r.stderr.contains("prod: unchanged on all 2 targets") && !r.stderr.contains("v2"),
+        "{}",
+        r.stderr
+    );
+}
