@@ -300,6 +300,7 @@ fn ssh_settings(common: &Common) -> SshSettings {
         remote_flip: common.ssh.remote_flip.clone(),
         config_file: common.ssh.ssh_config.clone(),
         agent_binary: common.ssh.agent_binary.clone(),
+        quiet: output::quiet(),
     }
 }
 

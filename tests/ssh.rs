@@ -120,8 +120,15 @@ fn unknown_host_is_refused_then_accepted_with_the_flag() {
         .stderr_has("is not known")
         .stderr_has("SHA256:");
     assert!(!w.fx.root.exists(), "nothing was created on the server");
+    // Recorded, and said so; with -q only errors are printed (the key is recorded all the same).
     w.flip(&["deploy", "--accept-new-host-key", src.s(), &url])
+        .success()
+        .stderr_has("added the ");
+    fs::remove_file(&kh).unwrap();
+    let quiet = w
+        .flip(&["deploy", "-q", "--accept-new-host-key", src.s(), &url])
         .success();
+    assert_eq!(quiet.stderr, "", "-q prints only errors");
     let recorded = fs::read_to_string(&kh).unwrap();
     assert!(
         recorded.contains(&format!("[127.0.0.1]:{}", w.sshd.port())),

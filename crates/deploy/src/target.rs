@@ -24,6 +24,8 @@ pub struct SshSettings {
     pub config_file: Option<PathBuf>,
     /// The flip binary to upload when the server has none (`--agent-binary`).
     pub agent_binary: Option<PathBuf>,
+    /// `-q`: no note of an agent uploaded or a host key recorded (errors still say all).
+    pub quiet: bool,
 }
 
 /// A deploy target: exactly what the command line and `flip.toml`'s `targets` take.
@@ -136,6 +138,7 @@ impl Target {
                 opts.remote_flip = ssh.remote_flip.clone();
                 opts.ssh_command = ssh.ssh_command.clone();
                 opts.agent_binary = ssh.agent_binary.clone();
+                opts.quiet = ssh.quiet;
                 let mut args = vec!["--root".to_string(), t.path.clone()];
                 if mkpath {
                     args.push("--mkpath".into());

@@ -262,6 +262,8 @@ pub struct SshOptions {
     pub home: Option<PathBuf>,
     /// The ssh-agent socket; `None`: `$SSH_AUTH_SOCK` if set. An empty path disables the agent.
     pub agent_socket: Option<PathBuf>,
+    /// Say nothing but errors: no note of an agent uploaded or a host key recorded.
+    pub quiet: bool,
 }
 
 impl Default for SshOptions {
@@ -283,6 +285,7 @@ impl Default for SshOptions {
             version: String::new(),
             home: None,
             agent_socket: None,
+            quiet: false,
         }
     }
 }

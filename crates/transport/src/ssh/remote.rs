@@ -1013,15 +1013,17 @@ fn upload(
     let codec = Codec::for_server(server);
     let wire = wire_bytes(opts, &bytes, &hash, codec)
         .map_err(|e| fail(format!("compressing {}: {e}", path.display())))?;
-    let _ = writeln!(
-        notes,
-        "flip: {host} has no flip {}: uploading {} ({} bytes, {} bytes {} on the wire)",
-        opts.version,
-        path.display(),
-        bytes.len(),
-        wire.len(),
-        codec.name()
-    );
+    if !opts.quiet {
+        let _ = writeln!(
+            notes,
+            "flip: {host} has no flip {}: uploading {} ({} bytes, {} bytes {} on the wire)",
+            opts.version,
+            path.display(),
+            bytes.len(),
+            wire.len(),
+            codec.name()
+        );
+    }
     let script = upload_script(&opts.version, bytes.len(), &hash, codec, server.b3sum);
     let out = remote.run(&sh_c(&script), Some(&mut wire.as_slice()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -81,7 +81,7 @@ impl Connection {
             }
         })?;
 
-        check_host_key(&session, &cfg)?;
+        check_host_key(&session, &cfg, opts.quiet)?;
         authenticate(&session, opts, &cfg)?;
 
         // No SSH keepalives yet: in blocking mode libssh2 gives up with "Timed out waiting on
@@ -340,7 +340,7 @@ fn set_keepalive(tcp: &TcpStream) {
 }
 
 /// Checks the server's host key against known_hosts; records a new one if allowed.
-fn check_host_key(session: &Session, cfg: &HostConfig) -> Result<(), TransportError> {
+fn check_host_key(session: &Session, cfg: &HostConfig, quiet: bool) -> Result<(), TransportError> {
     let host = cfg.address();
     let (blob, _) = session.host_key().ok_or_else(|| TransportError::Ssh {
         host: host.clone(),
@@ -374,10 +374,12 @@ fn check_host_key(session: &Session, cfg: &HostConfig) -> Result<(), TransportEr
                     message: format!("writing {}: {e}", cfg.known_hosts.display()),
                 }
             })?;
-            eprintln!(
-                "flip: added the {key_type} host key of {host} ({fingerprint}) to {}",
-                cfg.known_hosts.display()
-            );
+            if !quiet {
+                eprintln!(
+                    "flip: added the {key_type} host key of {host} ({fingerprint}) to {}",
+                    cfg.known_hosts.display()
+                );
+            }
             Ok(())
         }
         Verdict::Unknown { .. } => Err(TransportError::HostKeyUnknown {
