@@ -241,48 +241,53 @@ pub(crate) fn unlink_at(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
     Ok(())
 }
 
-/// The names in the directory `name` of `dir` (`AT_FDCWD` and a path: any directory), without
-/// `.` and `..`, in the order the file system lists them; `name` is not followed when it is a
-/// symlink (ELOOP) and must be a directory (ENOTDIR).
+/// Calls `each` with every name in the directory `name` of `dir` (`AT_FDCWD` and a path: any
+/// directory), without `.` and `..`, in the order the file system lists them; `name` is not
+/// followed when it is a symlink (ELOOP) and must be a directory (ENOTDIR). Read with
+/// `getdents64` into a buffer of its own: no allocation per name.
 ///
 /// # Errors
-/// The `openat` or `readdir` error (EACCES for a directory that cannot be read, ...).
-pub(crate) fn names_at(dir: RawFd, name: &CStr) -> io::Result<Vec<Vec<u8>>> {
+/// The `openat` or `getdents64` error (EACCES for a directory that cannot be read, ...).
+pub(crate) fn list_at(dir: RawFd, name: &CStr, each: &mut dyn FnMut(&[u8])) -> io::Result<()> {
     let fd = openat(
         dir,
         name,
         libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
     )?;
-    // SAFETY: fdopendir takes over a directory descriptor we own (released from `fd` only
-    // when it succeeded); closedir below closes it.
-    let stream = unsafe { libc::fdopendir(fd.as_raw_fd()) };
-    if stream.is_null() {
-        return Err(io::Error::last_os_error());
+    let mut buf = [0u64; 4096];
+    loop {
+        // SAFETY: getdents64 writes at most `len` bytes into the buffer we own and pass.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                fd.as_raw_fd(),
+                buf.as_mut_ptr(),
+                std::mem::size_of_val(&buf),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY: the first `n` bytes are what the kernel wrote: whole `linux_dirent64` records.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) };
+        let mut at = 0;
+        while at + 19 < bytes.len() {
+            // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+            let reclen = usize::from(u16::from_ne_bytes([bytes[at + 16], bytes[at + 17]]));
+            if reclen == 0 || at + reclen > bytes.len() {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let raw = &bytes[at + 19..at + reclen];
+            let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+            if name != b"." && name != b".." {
+                each(name);
+            }
+            at += reclen;
+        }
     }
-    let _ = std::os::fd::IntoRawFd::into_raw_fd(fd);
-    let mut names = Vec::new();
-    let result = loop {
-        // readdir signals an error only through errno, which must be cleared first.
-        // SAFETY: errno is this thread's; the stream is open until closedir below.
-        unsafe { *libc::__errno_location() = 0 };
-        let entry = unsafe { libc::readdir64(stream) };
-        if entry.is_null() {
-            let e = io::Error::last_os_error();
-            break match e.raw_os_error() {
-                Some(0) | None => Ok(()),
-                _ => Err(e),
-            };
-        }
-        // SAFETY: a non-null entry from readdir holds a NUL-terminated name, valid until the
-        // next readdir on this stream; it is copied out at once.
-        let n = unsafe { CStr::from_ptr((*entry).d_name.as_ptr()) }.to_bytes();
-        if n != b"." && n != b".." {
-            names.push(n.to_vec());
-        }
-    };
-    // SAFETY: closes the stream opened above (and its descriptor), once.
-    unsafe { libc::closedir(stream) };
-    result.map(|()| names)
 }
 
 /// The target of the symlink `name` of the directory `dir`.

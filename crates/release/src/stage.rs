@@ -31,9 +31,10 @@ use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_plan::{FileStep, Plan, Source};
 use rayon::prelude::*;
 use std::collections::{BTreeSet, HashSet};
+use std::ffi::CStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1061,29 +1062,35 @@ impl Root {
         let dir = self.release_dir(id);
         let entries = manifest.entries();
         // Every directory is listed too: nothing may have been added (a script dropped into
-        // the live release), beyond what its hooks wrote.
-        let known: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
-        let added = |rel: &str, names: std::io::Result<Vec<Vec<u8>>>| -> Option<Vec<String>> {
-            let names = names.ok()?;
+        // the live release), beyond what its hooks wrote. Counted first: a directory holding
+        // as many names as the manifest gives it holds exactly those (each of them is checked
+        // to be there); only another count has its names looked up.
+        let (children, top_children) = children_counts(entries);
+        let known: std::sync::OnceLock<HashSet<&str>> = std::sync::OnceLock::new();
+        let added = |rel: &str, dir: RawFd, name: &CStr, expected: u32| -> Option<Vec<String>> {
+            let mut count = 0u32;
+            at::list_at(dir, name, &mut |_| count += 1).ok()?;
+            if count == expected {
+                return Some(Vec::new());
+            }
+            let known = known.get_or_init(|| entries.iter().map(|e| e.path.as_str()).collect());
             let path = |n: &str| match rel {
                 "" => n.to_string(),
                 _ => format!("{rel}/{n}"),
             };
-            Some(
-                names
-                    .into_iter()
-                    .filter_map(|n| match String::from_utf8(n) {
-                        Ok(n) => Some(path(&n)).filter(|p| !known.contains(p.as_str())),
-                        // Never a manifest's name.
-                        Err(e) => Some(path(&String::from_utf8_lossy(e.as_bytes()))),
-                    })
-                    .collect(),
-            )
+            let mut extra = Vec::new();
+            at::list_at(dir, name, &mut |n| match std::str::from_utf8(n) {
+                Ok(n) => extra.extend(Some(path(n)).filter(|p| !known.contains(p.as_str()))),
+                // Never a manifest's name.
+                Err(_) => extra.push(path(&String::from_utf8_lossy(n))),
+            })
+            .ok()?;
+            Some(extra)
         };
         let Ok(top) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
             return Ok(None);
         };
-        let Some(mut extra) = added("", at::names_at(libc::AT_FDCWD, &top)) else {
+        let Some(mut extra) = added("", libc::AT_FDCWD, &top, top_children) else {
             return Ok(None);
         };
         let checked = at::par_entries(&dir, entries, |i, e, at| {
@@ -1097,7 +1104,7 @@ impl Root {
                 }
                 // Listed (never through a symlink: ELOOP), which also tells it is there.
                 EntryKind::Dir { .. } => {
-                    return added(e.path.as_str(), at::names_at(dir.as_raw_fd(), name));
+                    return added(e.path.as_str(), dir.as_raw_fd(), name, children[i]);
                 }
             };
             same.then(Vec::new)
@@ -1115,7 +1122,8 @@ impl Root {
                     return Ok(None);
                 };
                 let rel = extra[i].clone();
-                let Some(inner) = added(&rel, at::names_at(libc::AT_FDCWD, &c)) else {
+                // Never equal to u32::MAX names: every name is looked up.
+                let Some(inner) = added(&rel, libc::AT_FDCWD, &c, u32::MAX) else {
                     return Ok(None);
                 };
                 extra.extend(inner);
@@ -1139,6 +1147,33 @@ impl Root {
         }
         Ok(Some(id))
     }
+}
+
+/// How many entries of `entries` (a manifest's, in path order: a directory's descendants
+/// follow it) are directly in each directory entry (by index; 0 for the others), and directly
+/// at the top.
+fn children_counts(entries: &[flip_manifest::Entry]) -> (Vec<u32>, u32) {
+    let mut children = vec![0u32; entries.len()];
+    let mut top = 0u32;
+    let mut open: Vec<usize> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let p = e.path.as_str();
+        while let Some(&d) = open.last() {
+            let dp = entries[d].path.as_str();
+            if p.len() > dp.len() && p.starts_with(dp) && p.as_bytes()[dp.len()] == b'/' {
+                break;
+            }
+            open.pop();
+        }
+        match open.last() {
+            Some(&d) => children[d] += 1,
+            None => top += 1,
+        }
+        if matches!(e.kind, EntryKind::Dir { .. }) {
+            open.push(i);
+        }
+    }
+    (children, top)
 }
 
 /// A file of the previous release, reached from the release directory without following any
