@@ -1237,7 +1237,7 @@ fn refuse_inside_target(dir: &Path) -> Result<()> {
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     for outer in dir.ancestors().skip(1) {
         let root = Root::at(outer);
-        if !matches!(fsutil::lstat_or_none(&root.state_dir()), Some(m) if m.is_dir()) {
+        if !matches!(fsutil::lstat_or_none(root.state_dir()), Some(m) if m.is_dir()) {
             continue;
         }
         let Ok(rest) = dir.strip_prefix(outer) else {
