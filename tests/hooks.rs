@@ -644,3 +644,33 @@ fn a_failed_after_hook_is_told_once_in_the_human_summary() {
         assert_eq!(link(root), "releases/2");
     }
 }
+
+/// A hook that writes a file whose name is not UTF-8: such a name is known only lossily, so it
+/// is never recorded as the hook's write. It stays a difference (`verify` names it), the
+/// release is never "unchanged", and a file planted under another such name is not vouched
+/// for: the redeploy makes a new release without it.
+#[test]
+fn a_hook_write_with_a_name_that_is_not_utf8_vouches_for_nothing() {
+    use std::os::unix::ffi::OsStrExt;
+    let fx = Fx::new();
+    let root = fx.path("t");
+    config(
+        &fx,
+        &[s(&root).to_string()],
+        r#"before_activate = ['touch "$(printf "n\377")"']"#,
+    );
+    let src = fx.src("src");
+    src.file("index.php", "<?php echo 1;\n", 0o644);
+    fx.flip(&["deploy", "prod"]).success();
+    let planted = root
+        .join("current")
+        .join(std::ffi::OsStr::from_bytes(b"n\xfd"));
+    fs::write(&planted, "<?php evil();\n").unwrap();
+    fx.flip(&["verify", s(&root)]).code(7);
+    let j = fx.flip(&["deploy", "prod", "--json"]).success().json();
+    assert_eq!(hosts(&j)[0]["release"], 2, "{j}");
+    assert!(!root
+        .join("current")
+        .join(std::ffi::OsStr::from_bytes(b"n\xfd"))
+        .exists());
+}
