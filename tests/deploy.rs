@@ -745,8 +745,30 @@ fn a_target_inside_another_targets_releases_is_refused() {
         }
         assert!(!t.exists(), "{inside}");
     }
+    // Nor through a symlink to what it keeps.
+    let via = fx.path("via-current");
+    std::os::unix::fs::symlink(fx.root.join("current"), &via).unwrap();
+    let into = via.join("new");
+    for dry in [&["--dry-run"][..], &[]] {
+        let args = [&["deploy"][..], dry, &[src.s(), s(&into)]].concat();
+        fx.flip(&args)
+            .code(5)
+            .stderr_has("a directory the flip target");
+    }
+    assert!(!fx.current().join("new").exists());
     assert_dir_eq(&fx.current(), &live, "the live release is untouched");
     fx.flip(&["verify", fx.root_str()]).success();
+    // A symlink to nothing is no directory to deploy into: the dry run says so as the deploy.
+    let dangling = fx.path("dangling");
+    std::os::unix::fs::symlink(fx.path("nowhere"), &dangling).unwrap();
+    for t in [dangling.clone(), dangling.join("sub")] {
+        for dry in [&["--dry-run", "--mkpath"][..], &["--mkpath"]] {
+            let args = [&["deploy"][..], dry, &[src.s(), s(&t)]].concat();
+            fx.flip(&args)
+                .code(5)
+                .stderr_has(&format!("{} is not a directory", s(&dangling)));
+        }
+    }
     let next = fx.path("next-to-it");
     fx.flip(&["deploy", src.s(), s(&next)]).success();
 }

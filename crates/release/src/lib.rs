@@ -205,6 +205,18 @@ impl Root {
                     .map(Path::to_path_buf)
                     .collect();
                 missing.reverse();
+                // What is there above them must be a directory: a symlink to nothing (the
+                // target itself, or a parent) cannot be created through.
+                let there = match missing.first() {
+                    Some(first) => first.parent().map(Path::to_path_buf),
+                    None => Some(dir.to_path_buf()),
+                };
+                #[allow(clippy::disallowed_methods)]
+                if let Some(there) = there.filter(|t| !t.as_os_str().is_empty()) {
+                    if !fs::metadata(&there).is_ok_and(|m| m.is_dir()) {
+                        return Err(Error::NotADirectory(there));
+                    }
+                }
                 if missing.len() > 1 && !mkpath {
                     return Err(Error::NoParent {
                         dir: dir.to_path_buf(),
@@ -1234,13 +1246,23 @@ impl Root {
 /// `shared/`, `.flip/`, `current`): a deploy there would write into a release another target
 /// serves, or into its state.
 fn refuse_inside_target(dir: &Path) -> Result<()> {
+    // Where the directory really is: its deepest existing ancestor resolved (symlinks, `..`),
+    // the missing rest appended.
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    for outer in dir.ancestors().skip(1) {
+    let resolved = dir
+        .ancestors()
+        .find_map(|a| {
+            #[allow(clippy::disallowed_methods)]
+            let real = fs::canonicalize(a).ok()?;
+            Some(real.join(dir.strip_prefix(a).ok()?))
+        })
+        .unwrap_or(dir);
+    for outer in resolved.ancestors().skip(1) {
         let root = Root::at(outer);
         if !matches!(fsutil::lstat_or_none(root.state_dir()), Some(m) if m.is_dir()) {
             continue;
         }
-        let Ok(rest) = dir.strip_prefix(outer) else {
+        let Ok(rest) = resolved.strip_prefix(outer) else {
             continue;
         };
         let first = rest.components().next().map(|c| c.as_os_str().to_owned());
@@ -1250,7 +1272,7 @@ fn refuse_inside_target(dir: &Path) -> Result<()> {
                 .any(|k| f.as_os_str() == std::ffi::OsStr::new(k))
         }) {
             return Err(Error::InsideTarget {
-                dir: dir.clone(),
+                dir: resolved.clone(),
                 within: outer.join(first),
                 outer: outer.to_path_buf(),
             });
