@@ -134,7 +134,8 @@ fn a_changed_64_mib_file_goes_as_a_streamed_delta_in_bounded_memory() {
 }
 
 /// A 40 MiB file replaced by one it shares nothing with goes whole (a literal of its size),
-/// not as an rsync delta a little longer than the file; its next small edit goes as a delta.
+/// not as an rsync delta a little longer than the file; a small edit, or new content over its
+/// first 32 MiB window with the tail kept, goes as a delta.
 #[test]
 fn a_big_file_that_shares_nothing_with_its_basis_goes_whole() {
     let fx = Fx::new();
@@ -164,6 +165,23 @@ fn a_big_file_that_shares_nothing_with_its_basis_goes_whole() {
     let j = fx.deploy(&src, &["--no-cache"]);
     assert_eq!(num(&j, "/files/delta"), 1, "{j}");
     assert!(num(&j, "/bytes/delta") < 1 << 20, "{j}");
+    assert_eq!(hash_file(&fx.current().join("big.bin")), want);
+
+    // Its first 33 MiB new, its tail as it was: still a delta (the last window tells), which
+    // sends about the new part, not the whole file.
+    fs::copy(&big, &old).unwrap();
+    let new_part = 33u64 << 20;
+    let want = write_pieces(
+        &big,
+        &[
+            Piece::Noise(73, new_part as usize),
+            Piece::From(&old, new_part, len - new_part),
+        ],
+    );
+    let j = fx.deploy(&src, &["--no-cache"]);
+    assert_eq!(num(&j, "/files/delta"), 1, "{j}");
+    let sent = num(&j, "/bytes/delta");
+    assert!(sent < new_part + (1 << 20), "{j}");
     assert_eq!(hash_file(&fx.current().join("big.bin")), want);
 }
 

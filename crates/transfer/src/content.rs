@@ -374,9 +374,10 @@ fn read_window(f: &File, path: &Path, rel: &RelPath, off: u64, len: u64) -> Resu
 /// Sends a large file as an rsync delta against the agent's signature, computed and sent
 /// window by window ([`DELTA_WINDOW`]): neither the file nor its delta is ever whole in memory.
 /// The file is hashed on the way; the last frame goes only once its digest matches the scan's.
-/// `None`, with nothing sent, when the first window's delta is no smaller than the window (the
-/// file has little in common with its basis): it goes whole instead, as a smaller file whose
-/// delta is no smaller than itself does, rather than as a delta longer than the file.
+/// `None`, with nothing sent, when neither the first window's delta nor the last's is smaller
+/// than its window (the file has little in common with its basis): it goes whole instead, as a
+/// smaller file whose delta is no smaller than itself does, rather than as a delta longer than
+/// the file.
 fn stream_delta(
     s: &mut Session,
     source: &Path,
@@ -399,6 +400,20 @@ fn stream_delta(
         last,
     };
     let indexed = sig.index();
+    // Measured before anything is sent (counted, not held: memory stays bounded): the first
+    // window and, of a longer file, the last; when neither has a delta smaller than itself,
+    // the file shares (next to) nothing with its basis. A file changed only at its start or
+    // its end still goes as a delta. A window that goes is diffed twice, fast where it matches.
+    let shares_nothing = |off: u64| -> Result<bool> {
+        let n = (len - off).min(DELTA_WINDOW);
+        let map = read_window(&f, &path, job.path, off, n)?;
+        let mut size = ByteCount(0);
+        Ok(fast_rsync::diff(&indexed, &map, &mut size).is_ok() && size.0 >= n)
+    };
+    let last = len.saturating_sub(1) / DELTA_WINDOW * DELTA_WINDOW;
+    if shares_nothing(0)? && (last == 0 || shares_nothing(last)?) {
+        return Ok(None);
+    }
     let mut sink = FrameSink::new(s, &frame);
     let mut hasher = blake3::Hasher::new();
     let mut off = 0u64;
@@ -414,14 +429,6 @@ fn stream_delta(
         // Every window's delta but the first starts with the magic; every one ends with END,
         // dropped here and written once after the last window.
         sink.skip = if off == 0 { 0 } else { 4 };
-        // The first window's delta is measured before anything is sent (counted, not held:
-        // memory stays bounded; diffed twice when it goes, fast where it matches).
-        if off == 0 {
-            let mut size = ByteCount(0);
-            if fast_rsync::diff(&indexed, &map, &mut size).is_ok() && size.0 >= n {
-                return Ok(None);
-            }
-        }
         let r = fast_rsync::diff(&indexed, &map, &mut sink);
         if let Err(e) = r {
             return Err(sink.failure(|| TransferError::Source {
