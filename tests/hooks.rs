@@ -674,3 +674,38 @@ fn a_hook_write_with_a_name_that_is_not_utf8_vouches_for_nothing() {
         .join(std::ffi::OsStr::from_bytes(b"n\xfd"))
         .exists());
 }
+
+/// A hook that chmods a deployed directory (`chmod 775 bootstrap/cache`, as Laravel recipes
+/// do): recorded, so the next deploy of the same tree is unchanged; a later chmod by someone
+/// else is a difference, and the redeploy makes a new release.
+#[test]
+fn a_directory_a_hook_chmods_stays_unchanged_but_a_later_chmod_does_not() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fx::new();
+    let root = fx.path("t");
+    config(
+        &fx,
+        &[s(&root).to_string()],
+        "before_activate = ['chmod 775 bootstrap/cache']",
+    );
+    let src = fx.src("src");
+    src.file("index.php", "<?php echo 1;\n", 0o644).file(
+        "bootstrap/cache/.gitignore",
+        "*\n",
+        0o644,
+    );
+    fs::set_permissions(src.p("bootstrap/cache"), fs::Permissions::from_mode(0o755)).unwrap();
+    fx.flip(&["deploy", "prod"]).success();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&root.join("current/bootstrap/cache")), 0o775);
+    let j = fx.flip(&["deploy", "prod", "--json"]).success().json();
+    assert_eq!(hosts(&j)[0]["unchanged"], true, "{j}");
+    fs::set_permissions(
+        root.join("current/bootstrap/cache"),
+        fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    let j = fx.flip(&["deploy", "prod", "--json"]).success().json();
+    assert_eq!(hosts(&j)[0]["release"], 2, "{j}");
+    assert_eq!(mode(&root.join("current/bootstrap/cache")), 0o775);
+}

@@ -167,7 +167,13 @@ fn a_redeploy_of_the_same_source_heals_a_tampered_live_release() {
 /// `verify` passes. Before, only edited, removed or chmodded entries counted.
 #[test]
 fn a_redeploy_of_the_same_source_drops_what_was_added_to_the_live_release() {
-    for planted in ["shell.php", "sub/shell.php", "evil-dir", "sub/etc-link"] {
+    for planted in [
+        "shell.php",
+        "sub/shell.php",
+        "evil-dir",
+        "sub/etc-link",
+        "chmod sub",
+    ] {
         let fx = Fx::new();
         let src = deployed_site(&fx);
         src.file("sub/inner.txt", "inner\n", 0o644);
@@ -175,6 +181,11 @@ fn a_redeploy_of_the_same_source_drops_what_was_added_to_the_live_release() {
         let live = num(&first, "/release");
         let at = fx.current().join(planted);
         match planted {
+            // Not added, but a directory made world-writable is no longer the deployed tree.
+            "chmod sub" => {
+                fs::set_permissions(fx.current().join("sub"), fs::Permissions::from_mode(0o777))
+                    .unwrap()
+            }
             "evil-dir" => fs::create_dir(&at).unwrap(),
             "sub/etc-link" => std::os::unix::fs::symlink("/etc", &at).unwrap(),
             _ => fs::write(&at, "<?php system($_GET['c']);\n").unwrap(),

@@ -244,16 +244,24 @@ pub(crate) fn unlink_at(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
 /// Calls `each` with every name in the directory `name` of `dir` (`AT_FDCWD` and a path: any
 /// directory), without `.` and `..`, in the order the file system lists them; `name` is not
 /// followed when it is a symlink (ELOOP) and must be a directory (ENOTDIR). Read with
-/// `getdents64` into a buffer of its own: no allocation per name.
+/// `getdents64` into a buffer of its own: no allocation per name. Returns the directory's
+/// permission bits (`st_mode & 0o7777`).
 ///
 /// # Errors
-/// The `openat` or `getdents64` error (EACCES for a directory that cannot be read, ...).
-pub(crate) fn list_at(dir: RawFd, name: &CStr, each: &mut dyn FnMut(&[u8])) -> io::Result<()> {
+/// The `openat`, `fstat` or `getdents64` error (EACCES for a directory that cannot be read, ...).
+pub(crate) fn list_at(dir: RawFd, name: &CStr, each: &mut dyn FnMut(&[u8])) -> io::Result<u32> {
     let fd = openat(
         dir,
         name,
         libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
     )?;
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct, which fstat fills.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a descriptor we own, into the struct we own.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mode = st.st_mode & 0o7777;
     let mut buf = [0u64; 4096];
     loop {
         // SAFETY: getdents64 writes at most `len` bytes into the buffer we own and pass.
@@ -269,7 +277,7 @@ pub(crate) fn list_at(dir: RawFd, name: &CStr, each: &mut dyn FnMut(&[u8])) -> i
             return Err(io::Error::last_os_error());
         }
         if n == 0 {
-            return Ok(());
+            return Ok(mode);
         }
         // SAFETY: the first `n` bytes are what the kernel wrote: whole `linux_dirent64` records.
         let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) };

@@ -1067,18 +1067,28 @@ impl Root {
         // to be there); only another count has its names looked up.
         let (children, top_children) = children_counts(entries);
         let known: std::sync::OnceLock<HashSet<&str>> = std::sync::OnceLock::new();
-        let added = |rel: &str, dir: RawFd, name: &CStr, expected: u32| -> Option<Vec<String>> {
+        // `mode`: the directory's permission bits as the manifest has them (None: not in it).
+        let added = |rel: &str,
+                     dir: RawFd,
+                     name: &CStr,
+                     expected: u32,
+                     mode: Option<u32>|
+         -> Option<Vec<String>> {
             let mut count = 0u32;
-            at::list_at(dir, name, &mut |_| count += 1).ok()?;
+            let found = at::list_at(dir, name, &mut |_| count += 1).ok()?;
+            // Its mode changed: a difference, unless a hook's (recorded) chmod.
+            let mut extra: Vec<String> = Vec::new();
+            if mode.is_some_and(|m| m != found) {
+                extra.push(rel.to_string());
+            }
             if count == expected {
-                return Some(Vec::new());
+                return Some(extra);
             }
             let known = known.get_or_init(|| entries.iter().map(|e| e.path.as_str()).collect());
             let path = |n: &str| match rel {
                 "" => n.to_string(),
                 _ => format!("{rel}/{n}"),
             };
-            let mut extra = Vec::new();
             at::list_at(dir, name, &mut |n| match std::str::from_utf8(n) {
                 Ok(n) => extra.extend(Some(path(n)).filter(|p| !known.contains(p.as_str()))),
                 // Never a manifest's name.
@@ -1090,7 +1100,7 @@ impl Root {
         let Ok(top) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
             return Ok(None);
         };
-        let Some(mut extra) = added("", libc::AT_FDCWD, &top, top_children) else {
+        let Some(mut extra) = added("", libc::AT_FDCWD, &top, top_children, None) else {
             return Ok(None);
         };
         let checked = at::par_entries(&dir, entries, |i, e, at| {
@@ -1103,8 +1113,14 @@ impl Root {
                     at::read_link_at(dir, name).is_ok_and(|t| t == target.as_bytes())
                 }
                 // Listed (never through a symlink: ELOOP), which also tells it is there.
-                EntryKind::Dir { .. } => {
-                    return added(e.path.as_str(), dir.as_raw_fd(), name, children[i]);
+                EntryKind::Dir { mode } => {
+                    return added(
+                        e.path.as_str(),
+                        dir.as_raw_fd(),
+                        name,
+                        children[i],
+                        Some(*mode),
+                    );
                 }
             };
             same.then(Vec::new)
@@ -1123,7 +1139,7 @@ impl Root {
                 };
                 let rel = extra[i].clone();
                 // Never equal to u32::MAX names: every name is looked up.
-                let Some(inner) = added(&rel, libc::AT_FDCWD, &c, u32::MAX) else {
+                let Some(inner) = added(&rel, libc::AT_FDCWD, &c, u32::MAX, None) else {
                     return Ok(None);
                 };
                 extra.extend(inner);
