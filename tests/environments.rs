@@ -1058,7 +1058,13 @@ fn an_environment_naming_one_target_twice_is_refused() {
             "ssh://deploy@web1:2222/srv/app".to_string(),
             "ssh://deploy@web1:2222/srv/app/".to_string(),
         ],
+        ["web1:/srv/app".to_string(), "web1:/srv//./app".to_string()],
+        [s(&t).to_string(), s(&fx.path("link-to-t")).to_string()],
     ] {
+        if !fx.path("link-to-t").exists() {
+            fs::create_dir_all(&t).unwrap();
+            std::os::unix::fs::symlink(&t, fx.path("link-to-t")).unwrap();
+        }
         env_config(&fx, &twice, "");
         fx.src("src").file("index.php", "<?php\n", 0o644);
         let r = fx.flip(&["deploy", "prod", "--wait"]).code(2);
@@ -1068,7 +1074,7 @@ fn an_environment_naming_one_target_twice_is_refused() {
             "{}",
             r.stderr
         );
-        assert!(!t.exists(), "nothing was deployed");
+        assert!(!t.join(".flip").exists(), "nothing was deployed");
     }
 }
 

@@ -57,15 +57,28 @@ impl Target {
         Ok(Target::Local(path))
     }
 
-    /// Whether `self` and `other` are written to name the same directory: the same local path
-    /// (component by component: `/srv/app/` is `/srv/app`), or the same user, host, port and
-    /// path over SSH (a trailing `/` aside). Two names of one server (an alias and its
-    /// address) are not told apart.
+    /// Whether `self` and `other` name the same directory: the same local path (component by
+    /// component: `/srv/app/` is `/srv/app`; or, where it exists, the same directory once
+    /// symlinks and `..` are resolved), or the same user, host, port and path over SSH (empty
+    /// and `.` components aside). Two names of one server (an alias and its address, a user or
+    /// port given or left to the ssh config) are not told apart.
     pub fn same_as(&self, other: &Target) -> bool {
         match (self, other) {
-            (Target::Local(a), Target::Local(b)) => a == b,
+            // Where they exist, as the file system resolves them (symlinks, `..`).
+            (Target::Local(a), Target::Local(b)) => {
+                #[allow(clippy::disallowed_methods)]
+                let real = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+                a == b || real(a) == real(b)
+            }
             (Target::Ssh(a), Target::Ssh(b)) => {
-                let path = |p: &str| p.trim_end_matches('/').to_string();
+                // `/x//y/./z/` is `/x/y/z`.
+                let path = |p: &str| {
+                    let parts: Vec<&str> = p
+                        .split('/')
+                        .filter(|c| !c.is_empty() && *c != ".")
+                        .collect();
+                    (p.starts_with('/'), parts.join("/"))
+                };
                 (&a.user, &a.host, a.port, path(&a.path))
                     == (&b.user, &b.host, b.port, path(&b.path))
             }

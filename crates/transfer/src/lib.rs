@@ -108,8 +108,12 @@ pub fn peer_prefix<'p>(peer: &'p str, message: &str) -> Option<&'p str> {
     if let Some(rest) = peer.strip_prefix("ssh://") {
         let host = rest.find('/').map(|i| &rest[..i]).filter(|h| !h.is_empty());
         if let Some(host) = host {
-            let path = &rest[host.len()..];
-            if path.len() > 1 && message.contains(path) {
+            // Messages name the path as it is, the URL %-escaped.
+            let path = percent_decoded(&rest[host.len()..]);
+            let path = path
+                .strip_prefix("/~")
+                .map_or(path.clone(), |p| format!("~{p}"));
+            if path.len() > 1 && message.contains(&path) {
                 let named = message.starts_with(host) && message[host.len()..].starts_with(": ");
                 return (!named).then_some(host);
             }
@@ -127,6 +131,29 @@ pub fn peer_prefix<'p>(peer: &'p str, message: &str) -> Option<&'p str> {
         }
     }
     Some(peer)
+}
+
+/// `s` with each `%XX` escape replaced by its byte (lossy UTF-8).
+fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// What a deploy did, for the summary and `--json`.
@@ -1761,7 +1788,12 @@ mod peer_tests {
             ),
             None
         );
-        // With a port: the target's URL up to its path.
+        // With a port: the target's URL up to its path (its %-escapes read as the message
+        // has them).
+        assert_eq!(
+            peer_prefix("ssh://web1:2222/srv/a%20b", "/srv/a b does not exist"),
+            Some("web1:2222")
+        );
         assert_eq!(
             peer_prefix(
                 "ssh://deploy@web1:2222/srv/afile",

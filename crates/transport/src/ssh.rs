@@ -59,21 +59,28 @@ impl SshTarget {
 
 impl std::fmt::Display for SshTarget {
     /// The target as [`parse_target`] reads it back: `[user@]host:path` (an IPv6 address in
-    /// brackets), or, with a port, `ssh://[user@]host:port/path` (`%`-escaped where needed).
+    /// brackets), or, with a port or a user name that form cannot carry,
+    /// `ssh://[user@]host[:port]/path` (`%`-escaped where needed).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
         let host = match self.host.contains(':') {
             true => format!("[{}]", self.host),
             false => self.host.clone(),
         };
-        let Some(port) = self.port else {
+        // The scp-like form where it reads back: no port, and a user name without ':', '/'
+        // or '@' (which would end the host, make a local path, or move the host).
+        let plain_user = self
+            .user
+            .as_ref()
+            .is_none_or(|u| !u.contains([':', '/', '@']));
+        if self.port.is_none() && plain_user {
             let user = self
                 .user
                 .as_ref()
                 .map(|u| format!("{u}@"))
                 .unwrap_or_default();
             return write!(f, "{user}{host}:{}", self.path);
-        };
+        }
         const ESCAPED: &AsciiSet = &CONTROLS
             .add(b' ')
             .add(b'%')
@@ -89,14 +96,17 @@ impl std::fmt::Display for SshTarget {
             .unwrap_or_default();
         let path = match self.path.strip_prefix('/') {
             Some(abs) => abs.to_string(),
+            // `~`, `~/x`, `~user/x`: the URL's path reads back without its leading '/'.
+            None if self.path.starts_with('~') => self.path.clone(),
             // Relative to the login directory.
-            None => format!("~/{}", self.path.strip_prefix("~/").unwrap_or(&self.path)),
+            None => format!("~/{}", self.path),
         };
         let path: Vec<String> = path
             .split('/')
             .map(|c| utf8_percent_encode(c, ESCAPED).to_string())
             .collect();
-        write!(f, "ssh://{user}{host}:{port}/{}", path.join("/"))
+        let port = self.port.map(|p| format!(":{p}")).unwrap_or_default();
+        write!(f, "ssh://{user}{host}{port}/{}", path.join("/"))
     }
 }
 
@@ -531,6 +541,10 @@ mod tests {
             "ssh://deploy@[2001:db8::7]:2200/srv",
             "ssh://h:22/~/app",
             "ssh://d%40x@h:2/a%20b/c%25d",
+            "ssh://t:2222/~",
+            "ssh://t:2222/~root/x",
+            "ssh://a%3Ab@t/p",
+            "ssh://a%2Fb@t/p",
         ] {
             let t = p(s);
             assert_eq!(p(&t.to_string()), t, "{s} shown as {t}");
