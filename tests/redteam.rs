@@ -1067,17 +1067,20 @@ fn doctor_names_a_shared_dir_swapped_for_a_symlink_that_every_deploy_refuses() {
     let shared = fx.root.join("shared");
     fs::rename(&shared, fx.path("shared-moved")).unwrap();
     std::os::unix::fs::symlink(fx.path("shared-moved"), &shared).unwrap();
-    let j = fx
-        .flip(&["doctor", "--json", fx.root_str()])
-        .code(11)
-        .json();
-    let findings = j["hosts"][0]["findings"].as_array().unwrap();
-    let f = findings
-        .iter()
-        .find(|f| f["check"] == "shared")
-        .unwrap_or_else(|| panic!("no shared finding: {j}"));
-    assert_eq!(f["severity"], "problem", "{j}");
-    assert!(f["message"].as_str().unwrap().contains("a symlink"), "{j}");
+    // Doctor's one shared problem (exit 11), as its message.
+    let shared_problem = || {
+        let j = fx
+            .flip(&["doctor", "--json", fx.root_str()])
+            .code(11)
+            .json();
+        let findings = j["hosts"][0]["findings"].as_array().unwrap();
+        let f = findings
+            .iter()
+            .find(|f| f["check"] == "shared" && f["severity"] == "problem")
+            .unwrap_or_else(|| panic!("no shared problem: {j}"));
+        f["message"].as_str().unwrap().to_string()
+    };
+    assert!(shared_problem().contains("a symlink"));
     // What doctor calls a problem is what the deploy refuses.
     src.file("index.php", "v2\n", 0o644);
     fx.flip(&["deploy", src.s(), fx.root_str()])
@@ -1091,17 +1094,8 @@ fn doctor_names_a_shared_dir_swapped_for_a_symlink_that_every_deploy_refuses() {
     let storage = shared.join("storage");
     fs::rename(&storage, fx.path("storage-moved")).unwrap();
     std::os::unix::fs::symlink(fx.path("storage-moved"), &storage).unwrap();
-    let j = fx
-        .flip(&["doctor", "--json", fx.root_str()])
-        .code(11)
-        .json();
-    let findings = j["hosts"][0]["findings"].as_array().unwrap();
-    let f = findings
-        .iter()
-        .find(|f| f["check"] == "shared" && f["severity"] == "problem")
-        .unwrap_or_else(|| panic!("no shared problem: {j}"));
-    let m = f["message"].as_str().unwrap();
-    assert!(m.contains("storage") && m.contains("a symlink"), "{j}");
+    let m = shared_problem();
+    assert!(m.contains("storage") && m.contains("a symlink"), "{m}");
     fx.flip(&["deploy", src.s(), fx.root_str()])
         .code(5)
         .stderr_has("is a symlink");

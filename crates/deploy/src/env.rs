@@ -67,14 +67,7 @@ pub fn switch(
     let locked = lock_everywhere(targets, o, purpose, events);
     let (mut out, mut sessions, failure) = resolve_everywhere(plan, locked, targets);
     if let Some(why) = failure {
-        for o in out.iter_mut().filter(|o| o.error.is_none()) {
-            o.error = Some(DeployError::Aborted {
-                target: o.target.clone(),
-                why: format!("another target failed ({why}); nothing was changed"),
-            });
-        }
-        close_all(sessions, &mut out);
-        return out;
+        return none_moved(&why, sessions, out);
     }
     // Every release to go to checked before any target moves (unless forced).
     let refused = if force {
@@ -83,15 +76,7 @@ pub fn switch(
         check_everywhere(&mut sessions, &mut out)
     };
     if !refused.is_empty() {
-        let why = refused.join("; ");
-        for o in out.iter_mut().filter(|o| o.error.is_none()) {
-            o.error = Some(DeployError::Aborted {
-                target: o.target.clone(),
-                why: format!("another target failed ({why}); nothing was changed"),
-            });
-        }
-        close_all(sessions, &mut out);
-        return out;
+        return none_moved(&refused.join("; "), sessions, out);
     }
     // Phase 2: every target resolved, checked and locked.
     let moved: Vec<bool> = sessions
@@ -114,6 +99,23 @@ pub fn switch(
                 caches.record_live(&t.display(), &x.manifest_digest);
             }
         }
+    }
+    close_all(sessions, &mut out);
+    out
+}
+
+/// The outcome when a target failed before any moved (`why`): every other target is told so,
+/// and every session is closed.
+fn none_moved(
+    why: &str,
+    sessions: Vec<Option<Locked>>,
+    mut out: Vec<SwitchOutcome>,
+) -> Vec<SwitchOutcome> {
+    for o in out.iter_mut().filter(|o| o.error.is_none()) {
+        o.error = Some(DeployError::Aborted {
+            target: o.target.clone(),
+            why: format!("another target failed ({why}); nothing was changed"),
+        });
     }
     close_all(sessions, &mut out);
     out
