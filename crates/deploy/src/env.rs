@@ -209,17 +209,10 @@ fn resolve_everywhere(
 /// since it was committed: refused), in parallel, one round trip. Returns the refusals'
 /// messages; a refusing target's outcome has the error and its session is gone.
 fn check_everywhere(sessions: &mut [Option<Locked>], out: &mut [SwitchOutcome]) -> Vec<String> {
-    let results: Vec<Result<(), DeployError>> =
-        crate::each_in_parallel(sessions.iter_mut().zip(out.iter()), |(s, o)| {
-            let s = s.as_mut().expect("every target is locked");
-            let id = o.release.expect("every target resolved");
-            if s.current == Some(id) {
-                return Ok(());
-            }
-            s.session.queue_check(id)?;
-            s.session.checked()?;
-            Ok(())
-        });
+    let results = each_moving(sessions, out, |s, id| {
+        s.queue_check(id)?;
+        Ok(s.checked()?)
+    });
     let mut refused = Vec::new();
     for ((r, s), o) in results
         .into_iter()
@@ -238,6 +231,23 @@ fn check_everywhere(sessions: &mut [Option<Locked>], out: &mut [SwitchOutcome]) 
     refused
 }
 
+/// `ask` (a request and its answer) with each target's session and the release it goes to, in
+/// parallel, on every target that is to move (its release not live); the others answer `Ok`.
+fn each_moving(
+    sessions: &mut [Option<Locked>],
+    out: &[SwitchOutcome],
+    ask: impl Fn(&mut Session, u64) -> Result<(), DeployError> + Sync,
+) -> Vec<Result<(), DeployError>> {
+    crate::each_in_parallel(sessions.iter_mut().zip(out.iter()), |(s, o)| {
+        let s = s.as_mut().expect("every target is locked");
+        let id = o.release.expect("every target resolved");
+        if s.current == Some(id) {
+            return Ok(());
+        }
+        ask(&mut s.session, id)
+    })
+}
+
 /// Phase 2: activates the resolved release on every target, in parallel; if any activation
 /// failed, the others are switched back. Returns the failures' messages.
 fn activate_everywhere(
@@ -245,17 +255,11 @@ fn activate_everywhere(
     out: &mut [SwitchOutcome],
     force: bool,
 ) -> Vec<String> {
-    let results: Vec<Result<(), DeployError>> =
-        crate::each_in_parallel(sessions.iter_mut().zip(out.iter()), |(s, o)| {
-            let s = s.as_mut().expect("every target is locked");
-            let id = o.release.expect("every target resolved");
-            if s.current == Some(id) {
-                return Ok(());
-            }
-            s.session.queue_activate(id, force)?;
-            s.session.activated()?;
-            Ok(())
-        });
+    let results = each_moving(sessions, out, |s, id| {
+        s.queue_activate(id, force)?;
+        s.activated()?;
+        Ok(())
+    });
     let failed: Vec<String> = results
         .iter()
         .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
