@@ -104,56 +104,25 @@ pub fn peer_prefix<'p>(peer: &'p str, message: &str) -> Option<&'p str> {
     if peer.is_empty() || message.contains(peer) {
         return None;
     }
-    // `ssh://[user@]host:port/path`: the host part ends at the path's `/`.
-    if let Some(rest) = peer.strip_prefix("ssh://") {
-        let host = rest.find('/').map(|i| &rest[..i]).filter(|h| !h.is_empty());
-        if let Some(host) = host {
-            // Messages name the path as it is, the URL %-escaped.
-            let path = percent_decoded(&rest[host.len()..]);
-            let path = path
-                .strip_prefix("/~")
-                .map_or(path.clone(), |p| format!("~{p}"));
-            if path.len() > 1 && message.contains(&path) {
-                let named = message.starts_with(host) && message[host.len()..].starts_with(": ");
-                return (!named).then_some(host);
-            }
-        }
+    // An SSH target, read by the parser that reads the command line (its path with the URL's
+    // %-escapes decoded, as messages name it): its host part is what comes before the path.
+    let Ok(Some(t)) = flip_transport::ssh::parse_target(peer) else {
         return Some(peer);
-    }
-    if !peer.starts_with('/') {
-        for (i, _) in peer.match_indices(':') {
-            let (host, path) = (&peer[..i], &peer[i + 1..]);
-            if path.len() > 1 && message.contains(path) {
-                // Already `host: /path ...` (an error this function prefixed before).
-                let named = message.starts_with(host) && message[host.len()..].starts_with(": ");
-                return (!named).then_some(host);
-            }
+    };
+    let host = match peer.strip_prefix("ssh://") {
+        Some(rest) => rest.find('/').map(|i| &rest[..i]),
+        None => peer
+            .strip_suffix(t.path.as_str())
+            .and_then(|h| h.strip_suffix(':')),
+    };
+    match host {
+        Some(host) if t.path.len() > 1 && message.contains(&t.path) => {
+            // Already `host: /path ...` (an error this function prefixed before).
+            let named = message.starts_with(host) && message[host.len()..].starts_with(": ");
+            (!named).then_some(host)
         }
+        _ => Some(peer),
     }
-    Some(peer)
-}
-
-/// `s` with each `%XX` escape replaced by its byte (lossy UTF-8).
-fn percent_decoded(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// What a deploy did, for the summary and `--json`.
