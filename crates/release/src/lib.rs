@@ -1267,7 +1267,7 @@ fn refuse_inside_target(dir: &Path) -> Result<()> {
         };
         let first = rest.components().next().map(|c| c.as_os_str().to_owned());
         if let Some(first) = first.filter(|f| {
-            [".flip", "releases", "shared", "current"]
+            [STATE, RELEASES, flip_plan::shared::SHARED_DIR, CURRENT]
                 .iter()
                 .any(|k| f.as_os_str() == std::ffi::OsStr::new(k))
         }) {
