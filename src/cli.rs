@@ -273,6 +273,11 @@ pub struct DiffArgs {
     /// zstd level to estimate with, as for deploy.
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compress_level: i32,
+    /// zstd level of the bound (`zstd --long --patch-from` of the changed files against their
+    /// old versions): 19 is the best and the slowest (about 1–2 MB/s per core); 0 leaves the
+    /// bound out.
+    #[arg(long, default_value_t = 19, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub bound_level: i32,
 }
 
 #[derive(Args, Debug)]

@@ -103,3 +103,71 @@ fn diff_predicts_a_minor_upgrade_within_10_percent_compressed() {
 fn diff_predicts_a_minor_upgrade_within_10_percent_uncompressed() {
     check(400, Scenario::Minor, "0");
 }
+
+/// The bound's level is the user's: 0 leaves it out (`null`, no line), a lower level gives a
+/// larger bound, and neither changes the warm and cold estimates.
+#[test]
+fn diff_bound_level_is_chosen_or_left_out() {
+    let fx = Fx::new();
+    let (old, new) = pair(&fx, 200, Scenario::Minor);
+    let diff = |level: &str| {
+        fx.flip(&["diff", "--json", "--bound-level", level, old.s(), new.s()])
+            .success()
+            .json()
+    };
+    let (best, fast, none) = (diff("19"), diff("1"), diff("0"));
+    assert_eq!(num(&best, "/estimate/bound_level"), 19);
+    assert_eq!(num(&fast, "/estimate/bound_level"), 1);
+    assert_eq!(num(&none, "/estimate/bound_level"), 0);
+    assert!(
+        num(&fast, "/estimate/bound") > num(&best, "/estimate/bound"),
+        "{fast} {best}"
+    );
+    assert_eq!(none.pointer("/estimate/bound"), Some(&Value::Null));
+    for d in [&fast, &none] {
+        for ptr in ["/estimate/warm/sent", "/estimate/cold/sent"] {
+            assert_eq!(num(d, ptr), num(&best, ptr), "{ptr}");
+        }
+    }
+    let text = |level: &str| {
+        fx.flip(&["diff", "--bound-level", level, old.s(), new.s()])
+            .success()
+            .stdout
+    };
+    let with = text("19");
+    assert!(
+        with.contains("  bound (zstd -19 --patch-from of the changes): "),
+        "{with}"
+    );
+    let without = text("0");
+    assert!(without.contains("  cold client (no caches):"), "{without}");
+    assert!(!without.contains("bound"), "{without}");
+    fx.flip(&["diff", "--bound-level", "20", old.s(), new.s()])
+        .code(2)
+        .stderr_has("--bound-level");
+}
+
+/// Changes larger than several of the bound's groups (compressed several at once) all count:
+/// incompressible files, each in a group of its own, give a bound of their whole size.
+#[test]
+fn diff_bound_counts_every_group() {
+    let fx = Fx::new();
+    let old = fx.src("old");
+    old.file("keep.txt", "x", 0o644);
+    let new = fx.src("new");
+    new.file("keep.txt", "x", 0o644);
+    let each = 5 << 20;
+    for i in 0..5 {
+        new.file(&format!("blob{i}.bin"), noise(i, each), 0o644);
+    }
+    let d = fx
+        .flip(&["diff", "--json", "--bound-level", "1", old.s(), new.s()])
+        .success()
+        .json();
+    let bound = num(&d, "/estimate/bound");
+    let all = 5 * each as u64;
+    assert!(
+        (all..all + all / 100).contains(&bound),
+        "bound {bound} for {all} bytes of noise"
+    );
+}
