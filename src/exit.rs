@@ -132,6 +132,18 @@ pub fn coded(code: Code, message: impl Into<String>) -> anyhow::Error {
     .into()
 }
 
+/// The exit code of an environment command that failed on some targets with `errors`:
+/// [`Code::Usage`] when one of them is a usage error (the environment itself is wrong: one
+/// directory named twice), else [`Code::Partial`].
+pub fn of_environment<'e, E: std::error::Error + 'static>(
+    mut errors: impl Iterator<Item = &'e E>,
+) -> Code {
+    match errors.any(|e| code_of(e) == Code::Usage) {
+        true => Code::Usage,
+        false => PARTIAL,
+    }
+}
+
 /// The exit code for an error (an `anyhow::Error` derefs to one): the first cause in its chain
 /// that says what kind of failure it is; [`Code::Internal`] when none does. The only mapping
 /// from errors to codes: a target's failure in an environment's JSON gets its code here too.
@@ -199,6 +211,7 @@ fn transfer_code(t: &TransferError) -> Code {
             ErrorClass::Io => Code::Target,
             ErrorClass::BadRequest | ErrorClass::Protocol => Code::Connection,
             ErrorClass::Internal => Code::Internal,
+            ErrorClass::Duplicate => Code::Usage,
         },
         TransferError::Source { .. } | TransferError::SourceChanged(_) => Code::Source,
         TransferError::Transport(t) => transport_code(t),

@@ -209,7 +209,7 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> Code
     } else if d.succeeded() {
         exit::OK
     } else {
-        exit::PARTIAL
+        exit::of_environment(d.hosts.iter().filter_map(|h| h.error.as_ref()))
     };
     if json {
         let hosts: Vec<Value> = d.hosts.iter().map(|h| host_json(h, itemize)).collect();
@@ -463,6 +463,6 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
     // One target: its own exit code, as for a target given on the command line.
     match out.as_slice() {
         [only] => only.error.as_ref().map_or(exit::OK, |e| exit::code_of(e)),
-        _ => exit::PARTIAL,
+        _ => exit::of_environment(out.iter().filter_map(|o| o.error.as_ref())),
     }
 }

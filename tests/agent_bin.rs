@@ -112,6 +112,7 @@ fn flip_agent_serves_a_session_as_flip_does() {
                 user: "tester".into(),
                 since: 0,
                 what: flip_wire::Purpose::Deploy,
+                run: String::new(),
             },
         })
         .unwrap();

@@ -282,6 +282,7 @@ fn a_real_agent_signs_and_applies_a_64_mib_delta_in_bounded_memory() {
                 user: "t".into(),
                 since: 0,
                 what: flip_wire::Purpose::Deploy,
+                run: String::new(),
             },
         },
     );

@@ -1078,6 +1078,41 @@ fn an_environment_naming_one_target_twice_is_refused() {
     }
 }
 
+/// One directory named twice in a way the names do not show (a local path and the same path
+/// over SSH on this machine): the second session finds the lock held by its own run and says
+/// so, exit 2, at once even with `--wait` (before: exit 10, or waiting for ever); nothing goes
+/// live.
+#[test]
+fn an_environment_naming_one_directory_under_two_names_is_refused_not_waited_on() {
+    let fx = Fx::new();
+    let servers = Servers::start(&fx);
+    let root = fx.path("t");
+    let targets = [
+        s(&root).to_string(),
+        format!("ssh://root@127.0.0.1:{}{}", servers.a.port(), s(&root)),
+    ];
+    env_config(&fx, &targets, "");
+    site_v1(&fx.src("src"));
+    let ssh = servers.args();
+    for wait in [false, true] {
+        let mut args = with(&["deploy", "prod"], &ssh);
+        if wait {
+            args.push("--wait".into());
+        }
+        let started = std::time::Instant::now();
+        let r = run(&fx, &args).code(2);
+        assert!(
+            r.stderr
+                .contains("is held by this same flip run through another of its targets")
+                && r.stderr.contains("name it once"),
+            "{}",
+            r.stderr
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        assert!(!root.join("current").exists(), "nothing went live");
+    }
+}
+
 /// `releases ENV` with one target unreachable: the table of the targets that answered, the
 /// other one named with its error, exit 10 (before: only the error, exit 6, nothing listed).
 #[test]

@@ -821,6 +821,7 @@ fn an_idle_agent_gives_up_and_releases_the_lock() {
             user: "tester".into(),
             since: 0,
             what: flip_wire::Purpose::Deploy,
+            run: String::new(),
         },
     })
     .unwrap();

@@ -805,6 +805,7 @@ impl Client {
                     } else {
                         flip_wire::Purpose::Rollback
                     },
+                    run: "fuzz".into(),
                 },
             }),
             Op::Status => self.send(&Request::Status),

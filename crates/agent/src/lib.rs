@@ -82,6 +82,7 @@ impl AgentError {
                 RelClass::NoSpace => ErrorClass::NoSpace,
                 RelClass::Io => ErrorClass::Io,
                 RelClass::BadRequest => ErrorClass::BadRequest,
+                RelClass::Duplicate => ErrorClass::Duplicate,
             },
             AgentError::Wire(WireError::Io(_)) => ErrorClass::Io,
             AgentError::Wire(_) | AgentError::Protocol(_) => ErrorClass::Protocol,
@@ -853,6 +854,7 @@ impl Session {
             user: holder.user,
             since: holder.since,
             what: format!("{} from {} pid {}", holder.what, holder.host, holder.pid),
+            run: Some(holder.run).filter(|r| !r.is_empty()),
         };
         let mut told = |h: &str| {
             let _ = tx.send(&Response::Waiting {

@@ -239,6 +239,7 @@ fn a_live_directory_swapped_for_a_symlink_is_not_linked_through() {
         user: "u".into(),
         since: 0,
         what: "setup".into(),
+        run: None,
     };
     let dir = |p: &str| Entry {
         path: RelPath::new(p).unwrap(),

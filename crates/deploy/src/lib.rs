@@ -1333,7 +1333,7 @@ fn connect(target: &Target, o: &Options, mkpath: bool) -> Result<Session, Deploy
     Ok(s)
 }
 
-/// Who takes a lock: this process, user and host, for `purpose`.
+/// Who takes a lock: this process, user and host, for `purpose`, and this run ([`run_id`]).
 pub fn holder(purpose: Purpose) -> Holder {
     Holder {
         pid: std::process::id(),
@@ -1344,7 +1344,24 @@ pub fn holder(purpose: Purpose) -> Holder {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0),
         what: purpose,
+        run: run_id().to_string(),
     }
+}
+
+/// This process's run: 16 random hex digits, the same for every lock it takes, so that an
+/// agent finding a lock held by the same run (one directory named twice) says so instead of
+/// waiting on it. From the standard library's randomly seeded hasher, with the pid and the
+/// time.
+pub fn run_id() -> &'static str {
+    use std::hash::{BuildHasher, Hasher};
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        h.write_u128(now.map_or(0, |d| d.as_nanos()));
+        format!("{:016x}", h.finish())
+    })
 }
 
 fn whoami() -> String {

@@ -16,6 +16,8 @@ pub enum ErrorClass {
     Io,
     /// The client asked for something invalid.
     BadRequest,
+    /// The caller's own run holds the lock, through another of its targets.
+    Duplicate,
 }
 
 /// Why an operation on a target failed. Every message names the path (or release) and the cause.
@@ -88,6 +90,12 @@ pub enum Error {
     Locked {
         /// Who holds the lock, described for people.
         holder: String,
+    },
+    /// The lock (path) is held by the caller's own run, through another of its targets.
+    #[error("{} is held by this same flip run through another of its targets: two targets name this one directory (say, a host alias and its address, or a user or port the ssh config supplies); name it once", .path.display())]
+    HeldByThisRun {
+        /// The lock file.
+        path: PathBuf,
     },
     /// No complete release has this id.
     #[error("release {0} does not exist")]
@@ -193,6 +201,7 @@ impl Error {
             Error::Io { .. } | Error::Abandoned => ErrorClass::Io,
             Error::NoSpace { .. } | Error::NotEnoughSpace { .. } => ErrorClass::NoSpace,
             Error::Locked { .. } => ErrorClass::Locked,
+            Error::HeldByThisRun { .. } => ErrorClass::Duplicate,
             Error::Integrity { .. } | Error::Corrupt { .. } | Error::Changed { .. } => {
                 ErrorClass::Integrity
             }

@@ -1431,6 +1431,7 @@ mod tests {
             user: "tester".into(),
             since: 0,
             what: "deploy".into(),
+            run: None,
         }
     }
 

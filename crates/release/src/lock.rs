@@ -24,6 +24,10 @@ pub struct Holder {
     pub since: i64,
     /// What the holder is doing ("deploy", "rollback", ...) and for whom (the client).
     pub what: String,
+    /// The client's run (see `flip_wire::Holder::run`), if it named one: a caller of the same
+    /// run finds the lock held by itself ([`Error::HeldByThisRun`](crate::Error::HeldByThisRun)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
 }
 
 impl std::fmt::Display for Holder {
@@ -137,7 +141,14 @@ pub(crate) fn acquire(
                     continue;
                 }
             }
-            if let Some(holder) = holder_or_free(&mut file, path)? {
+            if let Some((holder, run)) = holder_or_free(&mut file, path)? {
+                // Held by this caller's own run, under another name of this directory:
+                // waiting would be for ever.
+                if me.run.is_some() && run == me.run {
+                    return Err(Error::HeldByThisRun {
+                        path: path.to_path_buf(),
+                    });
+                }
                 tell_or_fail(holder)?;
                 if shared {
                     // Not blocked on an inode another target may hold for long: looked at
@@ -377,12 +388,14 @@ fn flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
 /// Who holds the lock, or `None` if it turned out free while we looked (then it is ours). A
 /// holder that has not written its name yet, or a name left by a holder that is gone (its pid
 /// no longer runs on this host), is looked at again for up to a second.
-fn holder_or_free(file: &mut File, path: &Path) -> Result<Option<String>> {
+fn holder_or_free(file: &mut File, path: &Path) -> Result<Option<(String, Option<String>)>> {
     let host = crate::hostname();
     let mut last = None;
     for _ in 0..40 {
         match read_holder(file) {
-            Some(h) if h.host != host || pid_alive(h.pid) => return Ok(Some(h.to_string())),
+            Some(h) if h.host != host || pid_alive(h.pid) => {
+                return Ok(Some((h.to_string(), h.run)));
+            }
             Some(h) => last = Some(h),
             None => {}
         }
@@ -392,8 +405,11 @@ fn holder_or_free(file: &mut File, path: &Path) -> Result<Option<String>> {
         }
     }
     Ok(Some(match last {
-        Some(h) => h.to_string(),
-        None => "another flip process (it has not written its name into the lock file)".into(),
+        Some(h) => (h.to_string(), h.run),
+        None => (
+            "another flip process (it has not written its name into the lock file)".into(),
+            None,
+        ),
     }))
 }
 
@@ -429,6 +445,7 @@ mod tests {
             user: "test".into(),
             since: crate::fsutil::now(),
             what: what.into(),
+            run: None,
         }
     }
 
@@ -499,6 +516,38 @@ mod tests {
                 .collect();
             assert_eq!(names, vec![std::ffi::OsString::from("lock")]);
         }
+    }
+
+    /// A lock held by the caller's own run (one directory reached under two names) is refused
+    /// at once, even by a caller that would wait; another run's lock is waited on or reported
+    /// as taken, as is one held by no named run.
+    #[test]
+    fn a_lock_held_by_the_callers_own_run_is_refused_not_waited_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lock = tmp.path().join("lock");
+        let with_run = |what: &str, run: Option<&str>| Holder {
+            run: run.map(str::to_string),
+            ..me(what)
+        };
+        let (held, _) = acquire(&lock, &with_run("first", Some("r1")), Wait::No).unwrap();
+        let mut told = Vec::new();
+        let mut tell = |h: &str| told.push(h.to_string());
+        let e = acquire(&lock, &with_run("second", Some("r1")), Wait::Yes(&mut tell)).unwrap_err();
+        assert!(
+            matches!(&e, Error::HeldByThisRun { path } if *path == lock),
+            "{e}"
+        );
+        assert!(e.to_string().contains("name it once"), "{e}");
+        assert!(told.is_empty(), "{told:?}");
+        for run in [Some("r2"), None] {
+            let e = acquire(&lock, &with_run("other", run), Wait::No).unwrap_err();
+            assert!(
+                matches!(&e, Error::Locked { holder } if holder.contains("first")),
+                "{e}"
+            );
+        }
+        drop(held);
+        acquire(&lock, &with_run("after", Some("r1")), Wait::No).unwrap();
     }
 
     /// A lock this target's own session holds is never replaced, even once it is shared with

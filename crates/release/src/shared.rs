@@ -549,6 +549,7 @@ mod tests {
             user: "u".into(),
             since: 0,
             what: "test".into(),
+            run: None,
         }
     }
 

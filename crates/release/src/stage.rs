@@ -1798,6 +1798,7 @@ mod tests {
             user: "test".into(),
             since: 0,
             what: "deploy".into(),
+            run: None,
         }
     }
 

@@ -59,7 +59,7 @@ use flip_manifest::{Digest, RelPath};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 11;
+pub const PROTOCOL: u32 = 12;
 /// The first bytes of [`Request::Hello`]: this is flip.
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
@@ -106,6 +106,10 @@ pub struct Holder {
     pub since: i64,
     /// What it is doing.
     pub what: Purpose,
+    /// Names this run of the client (random, the same for every target it works on; empty:
+    /// none): a target whose lock this run already holds under another name is the same
+    /// directory twice (`ErrorClass::Duplicate`), not one to wait for.
+    pub run: String,
 }
 
 /// Why a client takes a target's lock. Only a deploy may create the target's layout; the
@@ -526,6 +530,9 @@ pub enum ErrorClass {
     Protocol,
     /// A bug in the agent.
     Internal,
+    /// The target's lock is held by this same client run, through another of its targets: two
+    /// of them are one directory.
+    Duplicate,
 }
 
 /// `&'static str::from(&msg)` gives the variant's name, for errors and logs.

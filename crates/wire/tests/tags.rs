@@ -21,7 +21,7 @@ fn path() -> RelPath {
 #[test]
 fn protocol_version_matches_the_pinned_tags() {
     assert_eq!(
-        PROTOCOL, 11,
+        PROTOCOL, 12,
         "a protocol bump must re-check the tag tables below"
     );
 }
@@ -48,6 +48,7 @@ fn request_tags_are_pinned() {
                     user: String::new(),
                     since: 0,
                     what: Purpose::Deploy,
+                    run: String::new(),
                 },
             },
             1,
@@ -330,6 +331,7 @@ fn nested_enum_tags_are_pinned() {
         ErrorClass::BadRequest,
         ErrorClass::Protocol,
         ErrorClass::Internal,
+        ErrorClass::Duplicate,
     ];
     for (i, c) in classes.iter().enumerate() {
         assert_eq!(tag(c) as usize, i, "tag of {c:?}");

@@ -18,6 +18,7 @@ pub fn holder() -> flip_wire::Holder {
         user: "test".into(),
         since: 0,
         what: flip_wire::Purpose::Deploy,
+        run: String::new(),
     }
 }
 
@@ -55,6 +56,7 @@ pub fn live_root(dir: &Path, files: &[(&str, &[u8])]) -> Root {
         user: "u".into(),
         since: 0,
         what: "setup".into(),
+        run: None,
     };
     let lock = root.lock(&me, Wait::No).unwrap();
     let entries = files.iter().map(|(p, c)| file(p, c)).collect();

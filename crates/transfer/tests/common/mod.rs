@@ -37,6 +37,7 @@ pub fn session(root: &Path) -> Session {
         user: "test".into(),
         since: 0,
         what: flip_wire::Purpose::Deploy,
+        run: String::new(),
     };
     s.lock(holder, false, &mut |_| {}).unwrap();
     s
