@@ -736,23 +736,9 @@ impl Bound {
 fn patch_from_len(old: &[u8], new: &[u8], level: i32) -> std::io::Result<u64> {
     let span = (old.len() + new.len()).max(1 << 10) as u64;
     let window = (64 - span.leading_zeros()).clamp(10, 27);
-    let mut enc = zstd::stream::write::Encoder::with_ref_prefix(ByteCount(0), level, old)?;
+    let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, old)?;
     enc.window_log(window)?;
     enc.long_distance_matching(true)?;
     enc.write_all(new)?;
-    Ok(enc.finish()?.0)
-}
-
-/// A writer that only counts.
-struct ByteCount(u64);
-
-impl Write for ByteCount {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len() as u64;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    Ok(enc.finish()?.len() as u64)
 }
