@@ -92,7 +92,7 @@ pub enum Error {
         holder: String,
     },
     /// The lock (path) is held by the caller's own run, through another of its targets.
-    #[error("{} is held by this same flip run through another of its targets: two targets name this one directory (say, a host alias and its address, or a user or port the ssh config supplies); name it once", .path.display())]
+    #[error("{} is held by this same flip run through another of its targets: two targets name this one directory (through a symlink or a bind mount, as a host alias and its address, or with a user or port the ssh config supplies); name it once", .path.display())]
     HeldByThisRun {
         /// The lock file.
         path: PathBuf,

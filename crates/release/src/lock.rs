@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Who holds the lock, shown to whoever finds it taken.
@@ -142,13 +142,7 @@ pub(crate) fn acquire(
                 }
             }
             if let Some((holder, run)) = holder_or_free(&mut file, path)? {
-                // Held by this caller's own run, under another name of this directory:
-                // waiting would be for ever.
-                if me.run.is_some() && run == me.run {
-                    return Err(Error::HeldByThisRun {
-                        path: path.to_path_buf(),
-                    });
-                }
+                same_run(me, run.as_deref(), path)?;
                 tell_or_fail(holder)?;
                 if shared {
                     // Not blocked on an inode another target may hold for long: looked at
@@ -156,7 +150,15 @@ pub(crate) fn acquire(
                     std::thread::sleep(std::time::Duration::from_millis(100));
                     continue;
                 }
-                flock(&file, libc::LOCK_EX).map_err(io("lock", path))?;
+                // Waited for in short steps, not one blocking `flock`: the next holder may be
+                // this caller's own run (it took the lock through another name of this
+                // directory while we waited), which would hold it until we give up.
+                while !flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(io("lock", path))? {
+                    std::thread::sleep(WAIT_STEP);
+                    if let Some(h) = read_holder(&mut file) {
+                        same_run(me, h.run.as_deref(), path)?;
+                    }
+                }
             }
         }
         // Ours. `.flip/` is held shared before the file is checked: a replacement was either
@@ -188,6 +190,24 @@ pub(crate) fn acquire(
     Err(io("lock", path)(std::io::Error::other(
         "the lock file keeps being replaced",
     )))
+}
+
+/// The lock file's permission bits: its owner's alone. `flock` needs only a descriptor, so a
+/// lock file anyone may open (0644) lets any local user hold a target's lock, and block every
+/// deploy there, with a read-only `flock`.
+const LOCK_MODE: u32 = 0o600;
+
+/// How often a caller that waits for the lock tries it again.
+const WAIT_STEP: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// [`Error::HeldByThisRun`] when the lock's holder (`run`) is the caller's own run.
+fn same_run(me: &Holder, run: Option<&str>, path: &Path) -> Result<()> {
+    match me.run.is_some() && run == me.run.as_deref() {
+        true => Err(Error::HeldByThisRun {
+            path: path.to_path_buf(),
+        }),
+        false => Ok(()),
+    }
 }
 
 /// How long a replacement waits for `.flip/` when the lock file is held through another link
@@ -273,7 +293,7 @@ fn create_locked(path: &Path) -> Result<File> {
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(0o644)
+            .mode(LOCK_MODE)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC),
         &tmp,
     )?;
@@ -302,6 +322,13 @@ fn finish(
 ) -> Result<(LockGuard, Option<String>)> {
     let dir_path = path.parent().expect("in .flip/");
     flock(&dir, libc::LOCK_SH).map_err(io("lock", dir_path))?;
+    // A lock file from before it was private: made so now (best effort; its owner can).
+    if file
+        .metadata()
+        .is_ok_and(|m| m.permissions().mode() & 0o777 != LOCK_MODE)
+    {
+        let _ = file.set_permissions(std::fs::Permissions::from_mode(LOCK_MODE));
+    }
     write_holder(&file, path, me)?;
     Ok((
         LockGuard {
@@ -335,7 +362,7 @@ fn open(path: &Path) -> Result<File> {
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o644)
+        .mode(LOCK_MODE)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| {
@@ -548,6 +575,54 @@ mod tests {
         }
         drop(held);
         acquire(&lock, &with_run("after", Some("r1")), Wait::No).unwrap();
+    }
+
+    /// The lock file is its owner's alone (a read-only descriptor is enough to `flock` it):
+    /// made so, and a looser one from before made so when next taken.
+    #[test]
+    fn the_lock_file_is_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lock = tmp.path().join("lock");
+        let mode = |p: &Path| meta(p).mode() & 0o7777;
+        drop(acquire(&lock, &me("first"), Wait::No).unwrap());
+        assert_eq!(mode(&lock), 0o600);
+        std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(acquire(&lock, &me("second"), Wait::No).unwrap());
+        assert_eq!(mode(&lock), 0o600);
+    }
+
+    /// A caller waiting behind another run's lock gives up as soon as the lock passes to its
+    /// own run (its other name of the directory got it first), not when that run lets go.
+    #[test]
+    fn a_waiter_gives_up_once_its_own_run_takes_the_lock_over() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lock = tmp.path().join("lock");
+        let with_run = |what: &str, run: &str| Holder {
+            run: Some(run.to_string()),
+            ..me(what)
+        };
+        let (held, _) = acquire(&lock, &with_run("other run", "r2"), Wait::No).unwrap();
+        let (told_tx, told_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        {
+            let lock = lock.clone();
+            let me = with_run("waiter", "r1");
+            std::thread::spawn(move || {
+                let mut tell = |h: &str| told_tx.send(h.to_string()).unwrap();
+                let _ = done_tx.send(acquire(&lock, &me, Wait::Yes(&mut tell)).map(|_| ()));
+            });
+        }
+        let told = told_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        assert!(told.contains("other run"), "{told}");
+        // The lock passes to the waiter's own run: as if r2 let go and r1's other session
+        // took it (the same file and flock, its holder rewritten).
+        write_holder(&held._file, &lock, &with_run("sibling", "r1")).unwrap();
+        let done = done_rx.recv_timeout(std::time::Duration::from_secs(5));
+        drop(held);
+        let e = done.expect("the waiter still waits").unwrap_err();
+        assert!(matches!(e, Error::HeldByThisRun { .. }), "{e}");
     }
 
     /// A lock this target's own session holds is never replaced, even once it is shared with
