@@ -119,10 +119,12 @@ pub fn single(mut d: Deployment, itemize: bool, json: bool) -> anyhow::Result<Co
                 note!("flip: warning: {}", output::printable(w));
             }
             host_error(&r.target, &e.to_string(), "");
-            let on = h.live.map_or("no release live".to_string(), |id| {
-                format!("release {id} live")
-            });
-            eprintln!("flip: {}: {} ({on})", r.target, state_text(h.state));
+            eprintln!(
+                "flip: {}: {} ({})",
+                r.target,
+                state_text(h.state),
+                live_text(h.live, h.live_known)
+            );
             return Ok(code);
         }
         (None, r) => r.expect("a target that did not fail has a report"),
@@ -191,6 +193,16 @@ fn host_json(h: &HostOutcome, itemize: bool) -> Value {
     Value::Object(o)
 }
 
+/// What is live on a target that did not go live on the new release, as far as the client
+/// read it.
+fn live_text(live: Option<u64>, known: bool) -> String {
+    match (live, known) {
+        (Some(id), _) => format!("release {id} live"),
+        (None, true) => "no release live".to_string(),
+        (None, false) => "what is live there was not read".to_string(),
+    }
+}
+
 /// `flip deploy ENV`: one line (or object) per target, then the summary. Exit 0 only when every
 /// target is live on the new release; else [`exit::PARTIAL`].
 pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> Code {
@@ -238,11 +250,13 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> Code
             }
         }
         for h in &d.hosts {
-            let on = h.live.map_or("no release live".to_string(), |id| {
-                format!("release {id} live")
-            });
             if h.state != HostState::Live && h.state != HostState::Unchanged {
-                note!("flip: {}: {} ({on})", h.target, state_text(h.state));
+                note!(
+                    "flip: {}: {} ({})",
+                    h.target,
+                    state_text(h.state),
+                    live_text(h.live, h.live_known)
+                );
             }
         }
         let label = d

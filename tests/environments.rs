@@ -1080,8 +1080,8 @@ fn an_environment_naming_one_target_twice_is_refused() {
 
 /// One directory named twice in a way the names do not show (a local path and the same path
 /// over SSH on this machine): the second session finds the lock held by its own run and says
-/// so, exit 2, at once even with `--wait` (before: exit 10, or waiting for ever); nothing goes
-/// live.
+/// so, exit 2, at once even with `--wait` (before: exit 10, or waiting for ever); nothing new
+/// goes live, and that target's line does not claim nothing is live there.
 #[test]
 fn an_environment_naming_one_directory_under_two_names_is_refused_not_waited_on() {
     let fx = Fx::new();
@@ -1092,8 +1092,12 @@ fn an_environment_naming_one_directory_under_two_names_is_refused_not_waited_on(
         format!("ssh://root@127.0.0.1:{}{}", servers.a.port(), s(&root)),
     ];
     env_config(&fx, &targets, "");
-    site_v1(&fx.src("src"));
+    let src = fx.src("src");
+    site_v1(&src);
     let ssh = servers.args();
+    // Release 1 live, deployed to the directory by one name.
+    run(&fx, &with(&["deploy", s(&src.dir), s(&root)], &[])).success();
+    site_v2(&src);
     for wait in [false, true] {
         let mut args = with(&["deploy", "prod"], &ssh);
         if wait {
@@ -1109,7 +1113,15 @@ fn an_environment_naming_one_directory_under_two_names_is_refused_not_waited_on(
             r.stderr
         );
         assert!(started.elapsed() < std::time::Duration::from_secs(60));
-        assert!(!root.join("current").exists(), "nothing went live");
+        assert_eq!(link(&root), "releases/1", "nothing new went live");
+        // The target that found its own lock never read what is live: not "no release live".
+        assert!(
+            r.stderr.contains("(what is live there was not read)")
+                && r.stderr.contains("(release 1 live)")
+                && !r.stderr.contains("no release live"),
+            "{}",
+            r.stderr
+        );
     }
 }
 

@@ -313,6 +313,9 @@ pub struct HostOutcome {
     pub error: Option<DeployError>,
     /// The release live on it now, as far as the client knows.
     pub live: Option<u64>,
+    /// Whether the client read what is live there (a target that failed before its status
+    /// was read, on its lock say, has `live` `None` without knowing).
+    pub live_known: bool,
     /// A failed target's warnings and what it could not remove, as its agent said before the
     /// failure (a damaged release it skipped, ...); a target that did not fail has them in its
     /// report.
@@ -519,6 +522,8 @@ struct Host {
     started: Instant,
     /// The release live before the deploy.
     previous: Option<u64>,
+    /// The status was read: `previous` is known.
+    status_read: bool,
     /// The release committed (the live one when `unchanged`).
     release: u64,
     unchanged: bool,
@@ -546,6 +551,8 @@ struct Host {
 struct Failed {
     error: Box<DeployError>,
     live: Option<u64>,
+    /// The status was read (`live` is known).
+    live_known: bool,
     /// What the target warned about before it failed.
     warnings: Vec<String>,
     leftovers: Vec<Leftover>,
@@ -1082,6 +1089,7 @@ impl Host {
         let failed = |error: DeployError| Failed {
             error: Box::new(error),
             live: None,
+            live_known: false,
             warnings: Vec::new(),
             leftovers: Vec::new(),
         };
@@ -1107,6 +1115,7 @@ impl Host {
             session,
             started: Instant::now(),
             previous: None,
+            status_read: false,
             release: 0,
             unchanged: false,
             skipped: false,
@@ -1129,6 +1138,7 @@ impl Host {
         Failed {
             error: Box::new(error),
             live: self.previous,
+            live_known: self.status_read,
             warnings,
             leftovers: self.session.leftovers().unwrap_or_default().to_vec(),
         }
@@ -1197,6 +1207,7 @@ impl Host {
             }
         };
         self.previous = current;
+        self.status_read = true;
         if !o.shared.is_empty() {
             self.present = self.session.shared_answer()?;
         }
@@ -1228,6 +1239,7 @@ impl Host {
     ) -> Result<Option<Digest>, Failed> {
         let current = checked.current;
         self.previous = current;
+        self.status_read = true;
         self.files = manifest.file_count() as u64;
         let live_digest = checked.live;
         if live_digest == Some(manifest.digest()) && !o.force_release && !seeding {
@@ -1571,6 +1583,7 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
             report: None,
             error: Some(*f.error),
             live: f.live,
+            live_known: f.live_known,
             warnings: f.warnings,
             leftovers: f.leftovers,
         },
@@ -1650,6 +1663,7 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
                 report: (!h.skipped).then_some(report),
                 error: h.hook_error.take(),
                 live,
+                live_known: true,
                 warnings: Vec::new(),
                 leftovers: Vec::new(),
             }
