@@ -127,7 +127,7 @@ pub struct DeployArgs {
     pub no_flipignore: bool,
     /// Releases to keep after the deploy (the live one and the rollback target are always kept;
     /// default 5, or flip.toml's `keep`).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub keep: Option<u32>,
     /// Stage the release but leave `current` where it is; `flip activate` makes it live later.
     #[arg(long)]
@@ -142,7 +142,7 @@ pub struct DeployArgs {
     /// zstd level for the connection, 1-19 (fixed); 0 turns compression off. Default over SSH:
     /// adaptive (levels 1-12, harder while the link is the bottleneck, cheaper while compressing
     /// is); for a local directory: 0 (compressing only costs CPU).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compress_level: Option<i32>,
     /// Send every changed file whole, never as a patch or an rsync delta (as rsync's
     /// `--whole-file`). The default for a local directory, where bytes through a pipe cost less
@@ -160,7 +160,7 @@ pub struct DeployArgs {
     #[arg(long)]
     pub force_release: bool,
     /// Targets worked on at once (default: all, or flip.toml's `parallel`).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub parallel: Option<usize>,
     /// Create the target directory's missing parent directories too (by default only the target
     /// directory itself is created, when its parent exists).
@@ -215,7 +215,7 @@ pub struct PruneArgs {
     #[arg(help = TARGET_HELP)]
     pub target: String,
     /// Releases to keep (default 5, or flip.toml's `keep`).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub keep: Option<u32>,
     #[command(flatten)]
     pub common: Common,
@@ -271,12 +271,12 @@ pub struct DiffArgs {
     #[arg(long)]
     pub no_cache: bool,
     /// zstd level to estimate with, as for deploy.
-    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
+    #[arg(long, default_value_t = 3, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compress_level: i32,
     /// zstd level of the bound (`zstd --long --patch-from` of the changed files against their
     /// old versions): 19 is the best and the slowest (about 1–2 MB/s per core); 0 leaves the
     /// bound out.
-    #[arg(long, default_value_t = 19, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
+    #[arg(long, default_value_t = 19, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub bound_level: i32,
 }
 

@@ -229,6 +229,27 @@ fn usage_errors_are_json_with_json() {
         j["error"]["message"],
         "invalid value '42' for '--compress-level <N>': 42 is not in 0..=19"
     );
+    // A negative number is a value out of range, not an unknown flag (whose tip, `-- -1`,
+    // would make it an argument).
+    for (args, message) in [
+        (
+            ["diff", "--bound-level", "-1", "a", "b"],
+            "invalid value '-1' for '--bound-level <N>': -1 is not in 0..=19",
+        ),
+        (
+            ["deploy", "--compress-level", "-3", "a", "b"],
+            "invalid value '-3' for '--compress-level <N>': -3 is not in 0..=19",
+        ),
+        (
+            ["prune", "--keep", "-1", "a", "b"],
+            "invalid value '-1' for '--keep <N>': -1 is not in 0..=4294967295",
+        ),
+    ] {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let j = fx.flip(&args).code(2).json();
+        assert_eq!(j["error"]["message"], message, "{args:?}");
+    }
     // Without --json: text only, stdout empty.
     let r = fx.flip(&["releases"]).code(2);
     assert_eq!(r.stdout, "");
