@@ -16,7 +16,8 @@
 //! `--compress-level` (an adaptive SSH stream varies its level with the link; it is not
 //! modelled). The `bound` is what the best local encoding needs: the changed files compressed
 //! against their old versions (zstd `--bound-level`, 19 by default, long-distance matching) in
-//! groups of at most [`BOUND_GROUP`] bytes, several at once on all cores; unchanged files cost
+//! groups of at most [`BOUND_GROUP`] bytes (a larger file in pieces), up to [`BOUND_PARALLEL`]
+//! at once on as many cores; unchanged files cost
 //! nothing. At level 19 it is by far the slowest part (1–2 MB/s per core; the rest of `flip
 //! diff` takes well under a second for a 12,000-file release).
 
@@ -122,7 +123,7 @@ pub fn run(
     let changed: u64 = transfers.iter().map(|t| t.1).sum();
     if a.bound_level >= SLOW_LEVEL && changed >= SLOW_BYTES && std::io::stderr().is_terminal() {
         note!(
-            "flip: the bound compresses {} of changes at zstd -{} (about 1–2 MB/s per core); \
+            "flip: the bound compresses {} of changed files at zstd -{} (about 1–2 MB/s per core); \
              --bound-level 0 leaves it out, a lower level is faster",
             output::bytes(changed),
             a.bound_level
@@ -676,6 +677,19 @@ impl Bound {
         if self.level == 0 {
             return Ok(());
         }
+        // A file larger than a group goes in group-sized pieces, each against the same stretch
+        // of its old version: no group holds more than twice BOUND_GROUP, whatever the files.
+        for (k, piece) in new.chunks(BOUND_GROUP).enumerate() {
+            let old = old.map(|o| {
+                let start = (k * BOUND_GROUP).min(o.len());
+                &o[start..(start + BOUND_GROUP).min(o.len())]
+            });
+            self.add_piece(old, piece)?;
+        }
+        Ok(())
+    }
+
+    fn add_piece(&mut self, old: Option<&[u8]>, new: &[u8]) -> Result<()> {
         let (o, n) = &self.group;
         if !n.is_empty()
             && (n.len() + new.len() > BOUND_GROUP

@@ -148,7 +148,8 @@ fn diff_bound_level_is_chosen_or_left_out() {
 }
 
 /// Changes larger than several of the bound's groups (compressed several at once) all count:
-/// incompressible files, each in a group of its own, give a bound of their whole size.
+/// incompressible files, in groups of their own or cut into several, give a bound of their
+/// whole size.
 #[test]
 fn diff_bound_counts_every_group() {
     let fx = Fx::new();
@@ -160,12 +161,14 @@ fn diff_bound_counts_every_group() {
     for i in 0..5 {
         new.file(&format!("blob{i}.bin"), noise(i, each), 0o644);
     }
+    // Larger than a group: it goes in pieces, every one of them counted.
+    new.file("big.bin", noise(9, 20 << 20), 0o644);
     let d = fx
         .flip(&["diff", "--json", "--bound-level", "1", old.s(), new.s()])
         .success()
         .json();
     let bound = num(&d, "/estimate/bound");
-    let all = 5 * each as u64;
+    let all = 5 * each as u64 + (20 << 20);
     assert!(
         (all..all + all / 100).contains(&bound),
         "bound {bound} for {all} bytes of noise"
