@@ -847,6 +847,19 @@ impl Session {
         if self.lock.is_some() {
             return Err(AgentError::Protocol("lock requested twice".into()));
         }
+        for (field, text) in [
+            ("host", &holder.host),
+            ("user", &holder.user),
+            ("run", &holder.run),
+        ] {
+            if text.len() > flip_wire::HOLDER_TEXT_MAX {
+                return Err(AgentError::from(RelError::BadRequest(format!(
+                    "the lock holder's {field} is {} bytes long, more than {}",
+                    text.len(),
+                    flip_wire::HOLDER_TEXT_MAX
+                ))));
+            }
+        }
         let root = self.root(holder.what == Purpose::Deploy)?;
         let me = flip_release::Holder {
             pid: std::process::id(),

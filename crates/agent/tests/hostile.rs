@@ -958,3 +958,45 @@ fn a_hook_past_its_timeout_is_killed_with_what_ignores_sigterm_in_its_group() {
     assert!(!alive, "{child} ignored SIGTERM and survived");
     assert_intact(t.path());
 }
+
+/// A lock holder whose texts are longer than the wire allows (they go into the lock file for
+/// the next caller to read, which reads a bounded prefix) is refused before anything is locked
+/// or written.
+#[test]
+fn a_lock_holder_with_an_overlong_text() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    let lock_file = t.path().join(".flip/lock");
+    let before = std::fs::read(&lock_file).ok();
+    for field in ["host", "user", "run"] {
+        let mut h = holder();
+        let long = "x".repeat(flip_wire::HOLDER_TEXT_MAX + 1);
+        match field {
+            "host" => h.host = long,
+            "user" => h.user = long,
+            _ => h.run = long,
+        }
+        refused(
+            t.path(),
+            vec![Request::Lock {
+                wait: false,
+                holder: h,
+            }],
+            ErrorClass::BadRequest,
+            &format!("the lock holder's {field} is 257 bytes long"),
+        );
+        assert_eq!(std::fs::read(&lock_file).ok(), before, "{field}");
+    }
+    // At the bound: taken.
+    let mut h = holder();
+    h.run = "r".repeat(flip_wire::HOLDER_TEXT_MAX);
+    let rs = session(
+        t.path(),
+        None,
+        vec![Request::Lock {
+            wait: false,
+            holder: h,
+        }],
+    );
+    assert!(rs.contains(&Response::Locked), "{rs:?}");
+}

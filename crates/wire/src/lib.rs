@@ -93,6 +93,10 @@ pub fn stream_record_cost(rel: &RelPath) -> u64 {
 /// A modification time: (seconds since the epoch, nanoseconds), or none.
 pub type Mtime = Option<(i64, u32)>;
 
+/// Bytes of each text of a [`Holder`] (`host`, `user`, `run`) at most: the agent refuses a
+/// longer one (it is written into the target's lock file for the next caller to read).
+pub const HOLDER_TEXT_MAX: usize = 256;
+
 /// Who holds a target's lock.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Holder {
