@@ -14,6 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -85,9 +86,16 @@ pub struct Running {
     child: Child,
     out: Option<JoinHandle<Vec<u8>>>,
     err: Option<JoinHandle<Vec<u8>>>,
+    /// What it wrote on stderr so far.
+    err_so_far: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Running {
+    /// What the process wrote on stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.err_so_far.lock().unwrap()).into_owned()
+    }
+
     /// Whether the process has not exited yet.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
@@ -148,11 +156,23 @@ impl Running {
     }
 }
 
-fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+fn drain(r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    drain_into(r, Arc::default())
+}
+
+/// [`drain`] that also appends what it reads to `seen` as it comes.
+fn drain_into(mut r: impl Read + Send + 'static, seen: Arc<Mutex<Vec<u8>>>) -> JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = r.read_to_end(&mut v);
-        v
+        let mut buf = [0u8; 8192];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => seen.lock().unwrap().extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        std::mem::take(&mut *seen.lock().unwrap())
     })
 }
 
@@ -261,12 +281,14 @@ impl Fx {
     pub fn spawn(&self, env: &[(&str, &str)], args: &[&str]) -> Running {
         let mut child = self.command(env, args).spawn().expect("spawn flip");
         let out = drain(child.stdout.take().unwrap());
-        let err = drain(child.stderr.take().unwrap());
+        let err_so_far = Arc::<Mutex<Vec<u8>>>::default();
+        let err = drain_into(child.stderr.take().unwrap(), err_so_far.clone());
         Running {
             args: args.join(" "),
             child,
             out: Some(out),
             err: Some(err),
+            err_so_far,
         }
     }
 
