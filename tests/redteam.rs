@@ -482,16 +482,22 @@ fn an_agent_whose_client_was_killed_stops_its_work_and_frees_the_lock_at_once() 
 /// A first deploy streams its files to the agent, which queues them to its writers: killed,
 /// the client left an agent writing out its queue of small files for seconds (up to 4 s for
 /// 30,000 files, release build), the lock held and the half-made target there all along.
+/// The client is killed as soon as the agent has begun the release, and the tree is larger
+/// than what the agent reads ahead of its writers (64 MiB): the client is still sending then.
+/// (Killed 300 ms later instead, a client that had sent everything, `Bye` included, had asked
+/// for the release to go live, and the agent rightly made it so: this test failed that way
+/// now and then under load.)
 #[test]
 fn a_first_deploy_whose_client_was_killed_is_undone_at_once() {
     let fx = Fx::new();
     let src = fx.src("src");
+    // 18,000 files of 4 KiB: 72 MiB.
     for d in 0..120 {
-        for f in 0..100 {
+        for f in 0..150 {
             let line = format!("<?php // {d} {f}\n");
             src.file(
                 &format!("d{d}/f{f}.php"),
-                line.repeat(4096 / line.len()),
+                line.repeat(4096 / line.len() + 1),
                 0o644,
             );
         }
@@ -499,15 +505,23 @@ fn a_first_deploy_whose_client_was_killed_is_undone_at_once() {
     let mut run = fx.spawn(&[], &["deploy", src.s(), fx.root_str()]);
     let pid = run.pid();
     let releases = fx.root.join("releases");
+    let begun = || {
+        fs::read_dir(&releases).is_ok_and(|mut d| {
+            d.any(|e| {
+                let e = e.unwrap();
+                e.file_name().to_string_lossy().starts_with(".staging")
+                    && fs::read_dir(e.path()).is_ok_and(|mut s| s.next().is_some())
+            })
+        })
+    };
     let deadline = std::time::Instant::now() + TIMEOUT;
-    while !releases.exists() && run.is_running() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(2));
+    while !begun() && run.is_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     assert!(
         run.is_running(),
         "the deploy ended before it could be killed"
     );
-    std::thread::sleep(std::time::Duration::from_millis(300));
     // SAFETY: kill of the flip client this test started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     assert!(run.wait_any(TIMEOUT).is_some());
