@@ -1316,3 +1316,19 @@ fn a_live_directory_swapped_for_a_symlink_is_not_taken_for_an_unchanged_release(
         assert_dir_eq(&fx.current(), &src.tree(), dir);
     }
 }
+
+/// A `$USER` longer than a lock holder may name (256 bytes) is cut, at a character boundary,
+/// not sent whole for the agent to refuse every deploy with.
+#[test]
+fn a_long_user_name_does_not_stop_deploys() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    let long = "é".repeat(200);
+    fx.flip_env(&[("USER", &long)], &["deploy", src.s(), fx.root_str()])
+        .success();
+    let holder: serde_json::Value =
+        serde_json::from_slice(&fs::read(fx.root.join(".flip/lock")).unwrap()).unwrap();
+    let user = holder["user"].as_str().unwrap();
+    assert_eq!(user, "é".repeat(128), "{holder}");
+}

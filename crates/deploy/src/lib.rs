@@ -1349,8 +1349,8 @@ fn connect(target: &Target, o: &Options, mkpath: bool) -> Result<Session, Deploy
 pub fn holder(purpose: Purpose) -> Holder {
     Holder {
         pid: std::process::id(),
-        host: local_host(),
-        user: whoami(),
+        host: clip(local_host()),
+        user: clip(whoami()),
         since: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -1358,6 +1358,17 @@ pub fn holder(purpose: Purpose) -> Holder {
         what: purpose,
         run: run_id().to_string(),
     }
+}
+
+/// `text` cut to [`flip_wire::HOLDER_TEXT_MAX`] bytes (whole characters), as the agent takes a
+/// holder's texts: a long `$USER` must not stop every deploy.
+fn clip(mut text: String) -> String {
+    let mut end = text.len().min(flip_wire::HOLDER_TEXT_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text
 }
 
 /// This process's run: 16 random hex digits, the same for every lock it takes, so that an
@@ -1490,11 +1501,15 @@ fn activate_all(
 /// new `release` went live after all (the agent died after the swap), it is switched back to
 /// `previous`.
 fn recheck(target: &Target, o: &Options, previous: Option<u64>, release: u64) -> Option<u64> {
-    let o = Options {
-        wait: true,
-        ..o.clone()
+    // This run's broken session of this target may still hold the lock while its agent
+    // cleans up: waited for as any holder's, so the holder names no run (the same run's lock
+    // is refused at once, as one directory named twice).
+    let mut s = connect(target, o, false).ok()?;
+    let me = Holder {
+        run: String::new(),
+        ..holder(Purpose::Deploy)
     };
-    let mut s = lock_queued(target, &o, Purpose::Deploy).ok()?;
+    s.queue_lock(me, true).ok()?;
     s.queue_status().ok()?;
     s.locked(&mut |_| {}).ok()?;
     let (mut current, _) = s.status_answer().ok()?;
