@@ -32,7 +32,8 @@ pub struct Holder {
 
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let age = crate::fsutil::now() - self.since;
+        // Read from the lock file: any number (a forged one does not overflow).
+        let age = crate::fsutil::now().saturating_sub(self.since);
         write!(
             f,
             "pid {} on {} (user {}, {}, since {} s ago)",
@@ -169,19 +170,32 @@ pub(crate) fn acquire(
             replaced_meanwhile += 1;
             continue;
         }
-        if links(&file, path)? <= 1 {
+        let shared = links(&file, path)? > 1;
+        // Others could open it (a lock file from before it was private): replaced by a new
+        // inode, since a descriptor someone opened on the old one would still lock it.
+        let loose = file
+            .metadata()
+            .is_ok_and(|m| m.permissions().mode() & 0o777 != LOCK_MODE);
+        if !shared && !loose {
             return finish(file, dir, path, me, None);
         }
         // Free, but not this target's alone: replaced all the same, unless a session of this
         // target holds `.flip/` (its lock file was swapped for this one from outside).
         if exclusive(&dir, dir_path, PATIENCE_FREE)? {
             match replace(path, &file, &dir)? {
-                Some(fresh) => return finish(fresh, dir, path, me, replaced_why(path)),
+                Some(fresh) => {
+                    let why = if shared { replaced_why(path) } else { None };
+                    return finish(fresh, dir, path, me, why);
+                }
                 None => {
                     replaced_meanwhile += 1;
                     continue;
                 }
             }
+        }
+        if !shared {
+            // `.flip/` busy a moment too long: kept, made private (`finish`).
+            return finish(file, dir, path, me, None);
         }
         drop((file, dir));
         tell_or_fail("another flip session of this target (it holds .flip/)".into())?;
@@ -322,7 +336,8 @@ fn finish(
 ) -> Result<(LockGuard, Option<String>)> {
     let dir_path = path.parent().expect("in .flip/");
     flock(&dir, libc::LOCK_SH).map_err(io("lock", dir_path))?;
-    // A lock file from before it was private: made so now (best effort; its owner can).
+    // A lock file from before it was private that could not be replaced: made so now (best
+    // effort; its owner can).
     if file
         .metadata()
         .is_ok_and(|m| m.permissions().mode() & 0o777 != LOCK_MODE)
@@ -578,7 +593,7 @@ mod tests {
     }
 
     /// The lock file is its owner's alone (a read-only descriptor is enough to `flock` it):
-    /// made so, and a looser one from before made so when next taken.
+    /// made so, and a looser one from before replaced by a private one when next taken.
     #[test]
     fn the_lock_file_is_private() {
         let tmp = tempfile::tempdir().unwrap();
@@ -587,8 +602,30 @@ mod tests {
         drop(acquire(&lock, &me("first"), Wait::No).unwrap());
         assert_eq!(mode(&lock), 0o600);
         std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o644)).unwrap();
-        drop(acquire(&lock, &me("second"), Wait::No).unwrap());
+        // Someone opened the loose file and keeps it: the next lock is taken on a new inode,
+        // which that descriptor cannot lock (it could the old one: a read-only flock).
+        let kept = File::open(&lock).unwrap();
+        let (held, warning) = acquire(&lock, &me("second"), Wait::No).unwrap();
+        assert_eq!(warning, None);
         assert_eq!(mode(&lock), 0o600);
+        assert_ne!(meta(&lock).ino(), kept.metadata().unwrap().ino());
+        drop(held);
+        assert!(flock(&kept, libc::LOCK_EX | libc::LOCK_NB).unwrap());
+        let probe = open(&lock).unwrap();
+        assert!(flock(&probe, libc::LOCK_EX | libc::LOCK_NB).unwrap());
+    }
+
+    /// A forged `since` of either extreme is shown, not an overflow (a panic in a debug build).
+    #[test]
+    fn a_forged_since_does_not_overflow() {
+        for since in [i64::MIN, i64::MAX] {
+            let text = Holder {
+                since,
+                ..me("forged")
+            }
+            .to_string();
+            assert!(text.contains("forged") && text.contains(" s ago"), "{text}");
+        }
     }
 
     /// A caller waiting behind another run's lock gives up as soon as the lock passes to its
