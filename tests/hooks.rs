@@ -709,3 +709,53 @@ fn a_directory_a_hook_chmods_stays_unchanged_but_a_later_chmod_does_not() {
     assert_eq!(hosts(&j)[0]["release"], 2, "{j}");
     assert_eq!(mode(&root.join("current/bootstrap/cache")), 0o775);
 }
+
+/// A deploy waiting (`--wait`) behind a first deploy whose hook fails, and which therefore
+/// undoes the target it made, makes the target again and goes through (before: "cannot open
+/// …/.flip: No such file or directory", exit 5).
+#[test]
+fn a_deploy_waiting_behind_a_failed_first_deploy_goes_through() {
+    let fx = Fx::new();
+    fs::write(
+        fx.path("flip.toml"),
+        "before_activate = ['sleep 2; false']\n",
+    )
+    .unwrap();
+    fs::write(fx.path("plain.toml"), "").unwrap();
+    let a = fx.src("a");
+    a.file("a.txt", "a\n", 0o644);
+    let b = fx.src("b");
+    b.file("b.txt", "b\n", 0o644);
+    let first = fx.spawn(&[], &["deploy", a.s(), fx.root_str()]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !fx.root.join(".flip/lock").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first deploy never locked"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let plain = fx.path("plain.toml");
+    let second = fx.spawn(
+        &[],
+        &[
+            "deploy",
+            "--wait",
+            "--config",
+            s(&plain),
+            b.s(),
+            fx.root_str(),
+        ],
+    );
+    while !second.stderr_so_far().contains("waiting") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second never waited"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = first.finish(Duration::from_secs(60));
+    assert_ne!(r.code, 0, "the first deploy's hook failed: {}", r.stderr);
+    second.finish(Duration::from_secs(60)).success();
+    assert_dir_eq(&fx.current(), &b.tree(), "the second deploy is live");
+}

@@ -875,10 +875,28 @@ impl Session {
             });
             let _ = tx.flush();
         };
-        let guard = if wait {
-            root.lock(&me, Wait::Yes(&mut told))?
-        } else {
-            root.lock(&me, Wait::No)?
+        let mut root = root;
+        let mut remade = 0;
+        let guard = loop {
+            let r = match wait {
+                true => root.lock(&me, Wait::Yes(&mut told)),
+                false => root.lock(&me, Wait::No),
+            };
+            match r {
+                // The deploy it waited for was a first deploy that failed and undid the target
+                // (`.flip/` gone): the target is made again, as it would have been had that
+                // deploy never run.
+                Err(_)
+                    if holder.what == Purpose::Deploy
+                        && remade < 3
+                        && gone(&root.path().join(flip_release::STATE)) =>
+                {
+                    remade += 1;
+                    self.root = None;
+                    root = self.root(true)?;
+                }
+                r => break r?,
+            }
         };
         self.lock = Some(guard);
         Ok(Response::Locked)
@@ -1543,6 +1561,13 @@ fn interrupted(index: u32) -> AgentError {
     AgentError::Protocol(format!(
         "content for file #{index} arrived while another file was incomplete"
     ))
+}
+
+/// Whether nothing is at `path` (not even a symlink).
+fn gone(path: &Path) -> bool {
+    // Only the kind of the error is looked at: no message to name the path in.
+    #[allow(clippy::disallowed_methods)]
+    std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
 }
 
 fn now() -> i64 {
