@@ -173,9 +173,7 @@ pub(crate) fn acquire(
         let shared = links(&file, path)? > 1;
         // Others could open it (a lock file from before it was private): replaced by a new
         // inode, since a descriptor someone opened on the old one would still lock it.
-        let loose = file
-            .metadata()
-            .is_ok_and(|m| m.permissions().mode() & 0o777 != LOCK_MODE);
+        let loose = loose(&file);
         if !shared && !loose {
             return finish(file, dir, path, me, None);
         }
@@ -210,6 +208,12 @@ pub(crate) fn acquire(
 /// lock file anyone may open (0644) lets any local user hold a target's lock, and block every
 /// deploy there, with a read-only `flock`.
 const LOCK_MODE: u32 = 0o600;
+
+/// Whether the lock file's permission bits are other than [`LOCK_MODE`].
+fn loose(file: &File) -> bool {
+    file.metadata()
+        .is_ok_and(|m| m.permissions().mode() & 0o777 != LOCK_MODE)
+}
 
 /// How often a caller that waits for the lock tries it again.
 const WAIT_STEP: std::time::Duration = std::time::Duration::from_millis(50);
@@ -338,10 +342,7 @@ fn finish(
     flock(&dir, libc::LOCK_SH).map_err(io("lock", dir_path))?;
     // A lock file from before it was private that could not be replaced: made so now (best
     // effort; its owner can).
-    if file
-        .metadata()
-        .is_ok_and(|m| m.permissions().mode() & 0o777 != LOCK_MODE)
-    {
+    if loose(&file) {
         let _ = file.set_permissions(std::fs::Permissions::from_mode(LOCK_MODE));
     }
     write_holder(&file, path, me)?;
