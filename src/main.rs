@@ -790,6 +790,27 @@ fn notices(s: &mut Session) -> (Vec<serde_json::Value>, Vec<String>) {
     (leftovers, warnings)
 }
 
+/// A target of `releases`, `prune` or `verify` failed with `e`: named alone on the command
+/// line, its error is the command's; in an environment it is named with its error on stderr,
+/// recorded in `hosts` (the JSON's rows, where the command has them), and the command exits 10.
+fn target_failed(
+    env: bool,
+    target: &Target,
+    e: anyhow::Error,
+    code: &mut Code,
+    hosts: Option<&mut Vec<serde_json::Value>>,
+) -> Result<()> {
+    if !env {
+        return Err(e);
+    }
+    render::host_error(&target.display(), &error_text(&e), "");
+    *code = exit::PARTIAL;
+    if let Some(hosts) = hosts {
+        hosts.push(render::failed_host(&target.display(), &e));
+    }
+    Ok(())
+}
+
 fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
     let ssh = ssh_only(&a.ssh);
@@ -813,11 +834,7 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
                 lives.push(live);
                 listed.push(target.clone());
             }
-            Err(e) if env.is_none() => return Err(e),
-            Err(e) => {
-                render::host_error(&target.display(), &error_text(&e), "");
-                code = exit::PARTIAL;
-            }
+            Err(e) => target_failed(env.is_some(), target, e, &mut code, None)?,
         }
     }
     if let Some(env) = env {
@@ -1059,11 +1076,7 @@ fn prune(a: cli::PruneArgs, cfg: Option<&Config>) -> Result<Code> {
         })();
         match r {
             Ok(v) => hosts.push(v),
-            Err(e) if env.is_none() => return Err(e),
-            Err(e) => {
-                code = exit::PARTIAL;
-                hosts.push(render::failed_host(&target.display(), &e));
-            }
+            Err(e) => target_failed(env.is_some(), target, e, &mut code, Some(&mut hosts))?,
         }
     }
     if a.common.json {
@@ -1123,12 +1136,7 @@ fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<Code> {
                 }
                 hosts.push(json!({"target": target.display(), "release": id, "ok": problems.is_empty(), "problems": problems, "warnings": warnings}));
             }
-            Err(e) if env.is_none() => return Err(e),
-            Err(e) => {
-                render::host_error(&target.display(), &error_text(&e), "");
-                code = exit::PARTIAL;
-                hosts.push(render::failed_host(&target.display(), &e));
-            }
+            Err(e) => target_failed(env.is_some(), target, e, &mut code, Some(&mut hosts))?,
         }
     }
     if a.json {

@@ -1126,7 +1126,8 @@ fn an_environment_naming_one_directory_under_two_names_is_refused_not_waited_on(
 }
 
 /// `releases ENV` with one target unreachable: the table of the targets that answered, the
-/// other one named with its error, exit 10 (before: only the error, exit 6, nothing listed).
+/// other one named with its error, exit 10 (before: only the error, exit 6, nothing listed);
+/// `verify ENV` and `prune ENV` name it as well.
 #[test]
 fn releases_of_an_environment_list_the_targets_that_answer() {
     let fx = Fx::new();
@@ -1147,6 +1148,16 @@ fn releases_of_an_environment_list_the_targets_that_answer() {
     );
     let j = fx.flip(&["releases", "prod", "--json"]).code(10).json();
     assert_eq!(j[0]["label"], "v1", "{j}");
+    // `verify` and `prune` name the target that did not answer too (`prune` said nothing of
+    // it but its exit code).
+    for cmd in ["verify", "prune"] {
+        let r = fx.flip(&[cmd, "prod"]).code(10);
+        assert!(
+            r.stderr.contains("127.0.0.1:1") && r.stderr.contains("error"),
+            "{cmd}: {}",
+            r.stderr
+        );
+    }
 }
 
 /// An environment deploy that makes no release (every target unchanged) says so, without the
