@@ -528,6 +528,62 @@ fn a_running_deploys_lock_is_reported_without_waiting_for_or_taking_it() {
     one(&j, "lock", "ok", "no deploy is running");
 }
 
+/// The lock file is private (0600) to the user who deploys: another user's doctor cannot read
+/// who holds it, and says so with the pid `/proc/locks` gives and whose file it is, instead of
+/// "it has not written its name yet", which sends the reader looking for a process that hangs.
+#[test]
+fn a_lock_held_by_another_user_is_reported_with_its_pid_and_why_the_name_is_missing() {
+    if !am_root() {
+        eprintln!("skipped: needs root to run doctor as another user (CI is root)");
+        return;
+    }
+    let fx = Fx::new();
+    deployed(&fx);
+    // Searchable by nobody down to the target, whose files stay root's.
+    fs::set_permissions(fx.path(""), fs::Permissions::from_mode(0o755)).unwrap();
+    let lock_path = fx.root.join(".flip/lock");
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .unwrap();
+    assert_eq!(
+        fs::metadata(&lock_path).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the deploy left a private lock file"
+    );
+    // SAFETY: flock on a descriptor we own.
+    let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    assert_eq!(r, 0);
+    lock.set_len(0).unwrap();
+    let holder = serde_json::json!({
+        "pid": std::process::id(), "host": "builder", "user": "ci", "since": 0,
+        "what": "deploy from builder pid 4242",
+    });
+    std::os::unix::fs::FileExt::write_all_at(&lock, holder.to_string().as_bytes(), 0).unwrap();
+
+    let j = doctor_as_nobody(&fx, UNHEALTHY);
+    let f = one(&j, "lock", "note", "is running: locked by pid");
+    let m = f["message"].as_str().unwrap();
+    assert!(
+        m.contains(&format!(
+            "locked by pid {} (who it is, this user cannot read: {} is private to root)",
+            std::process::id(),
+            lock_path.display()
+        )),
+        "{m}"
+    );
+    assert!(!m.contains("has not written its name"), "{m}");
+    // Root reads it.
+    let j = doctor_json(&fx, &[("PATH", &no_php(&fx))], 0, &[]);
+    let f = one(&j, "lock", "note", "is running: locked by pid");
+    assert!(f["message"]
+        .as_str()
+        .unwrap()
+        .contains("deploy from builder pid 4242"));
+    drop(lock);
+}
+
 #[test]
 fn an_environment_is_checked_on_every_target_local_and_over_ssh() {
     let fx = Fx::new();

@@ -861,15 +861,18 @@ fn check_lock(root: &Root, out: &mut Vec<Finding>) {
         out.push(Finding::new("lock", Severity::Ok, "no deploy is running"));
         return;
     };
-    let holder = fsutil::read_optional_limited(&path, 64 * 1024)
-        .ok()
-        .flatten()
-        .and_then(|b| {
-            serde_json::Deserializer::from_slice(&b)
-                .into_iter::<Holder>()
-                .next()?
-                .ok()
-        });
+    let read = fsutil::read_optional_limited(&path, 64 * 1024);
+    // The lock file is private to the user who deploys (0600): another user (root's doctor
+    // of a target a deploy user owns is fine; the reverse is not) sees that a deploy runs,
+    // and its pid, but not who it is.
+    let unreadable = matches!(&read, Err(Error::Io { source, .. })
+        if source.kind() == std::io::ErrorKind::PermissionDenied);
+    let holder = read.ok().flatten().and_then(|b| {
+        serde_json::Deserializer::from_slice(&b)
+            .into_iter::<Holder>()
+            .next()?
+            .ok()
+    });
     let text = match read_limited("/proc/locks", PROC_LOCKS_MAX) {
         Some(t) => t,
         None => {
@@ -882,11 +885,16 @@ fn check_lock(root: &Root, out: &mut Vec<Finding>) {
         }
     };
     let dev = (libc::major(m.dev()) as u64, libc::minor(m.dev()) as u64);
-    if held(&text, m.ino(), dev, holder.as_ref().map(|h| h.pid)) {
-        let who = holder.map_or_else(
-            || "another flip process (it has not written its name yet)".to_string(),
-            |h| h.to_string(),
-        );
+    if let Some(pid) = holder_pid(&text, m.ino(), dev, holder.as_ref().map(|h| h.pid)) {
+        let who = match holder {
+            Some(h) => h.to_string(),
+            None if unreadable => format!(
+                "pid {pid} (who it is, this user cannot read: {} is private to {})",
+                path.display(),
+                user_name(m.uid())
+            ),
+            None => "another flip process (it has not written its name yet)".to_string(),
+        };
         out.push(Finding::new(
             "lock",
             Severity::Note,
@@ -897,25 +905,26 @@ fn check_lock(root: &Root, out: &mut Vec<Finding>) {
     }
 }
 
-/// Whether `/proc/locks` (`text`) lists an `flock` on inode `ino` of device `dev` (or, as the
-/// device numbers of some filesystems differ from `stat`'s, one held by the recorded `pid`).
-fn held(text: &str, ino: u64, dev: (u64, u64), pid: Option<u32>) -> bool {
-    text.lines().any(|line| {
+/// The pid (as `/proc/locks`, `text`, gives it) of the holder of an `flock` on inode `ino` of
+/// device `dev` (or, as the device numbers of some filesystems differ from `stat`'s, of one
+/// held by the recorded `pid`); `None` when nobody holds it.
+fn holder_pid(text: &str, ino: u64, dev: (u64, u64), pid: Option<u32>) -> Option<&str> {
+    text.lines().find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().filter(|f| *f != "->").collect();
         // "1:" "FLOCK" "ADVISORY" "WRITE" PID "MAJ:MIN:INO" START END
         if f.len() < 6 || f[1] != "FLOCK" {
-            return false;
+            return None;
         }
         let mut id = f[5].split(':');
         let (Some(maj), Some(min), Some(i)) = (id.next(), id.next(), id.next()) else {
-            return false;
+            return None;
         };
         if i.parse::<u64>().ok() != Some(ino) {
-            return false;
+            return None;
         }
         let same_dev = u64::from_str_radix(maj, 16).ok() == Some(dev.0)
             && u64::from_str_radix(min, 16).ok() == Some(dev.1);
-        same_dev || pid.is_some_and(|p| f[4].parse::<u32>().ok() == Some(p))
+        (same_dev || pid.is_some_and(|p| f[4].parse::<u32>().ok() == Some(p))).then_some(f[4])
     })
 }
 
@@ -1155,14 +1164,23 @@ mod tests {
         let text = "1: POSIX  ADVISORY  WRITE 99 08:01:77 0 EOF\n\
                     2: FLOCK  ADVISORY  WRITE 4321 00:2b:12345 0 EOF\n\
                     2: -> FLOCK  ADVISORY  WRITE 4322 00:2b:12345 0 EOF\n";
-        assert!(held(text, 12345, (0, 0x2b), None));
-        assert!(!held(text, 12345, (0, 0x2c), None), "another device");
-        assert!(
-            held(text, 12345, (0, 0x2c), Some(4321)),
+        assert_eq!(holder_pid(text, 12345, (0, 0x2b), None), Some("4321"));
+        assert_eq!(
+            holder_pid(text, 12345, (0, 0x2c), None),
+            None,
+            "another device"
+        );
+        assert_eq!(
+            holder_pid(text, 12345, (0, 0x2c), Some(4321)),
+            Some("4321"),
             "the recorded holder"
         );
-        assert!(!held(text, 77, (8, 1), None), "a POSIX lock is not flip's");
-        assert!(!held(text, 1, (0, 0x2b), Some(4321)));
+        assert_eq!(
+            holder_pid(text, 77, (8, 1), None),
+            None,
+            "a POSIX lock is not flip's"
+        );
+        assert_eq!(holder_pid(text, 1, (0, 0x2b), Some(4321)), None);
     }
 
     #[test]
