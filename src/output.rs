@@ -129,18 +129,20 @@ pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// A message for the terminal: control characters (an escape sequence or a newline in a file
-/// name found on the target or in the source) escaped as `\n`, `\t`, `\r` or `\xNN`, so no
-/// name can rewrite the operator's screen or forge a line; backslashes are left as they are.
+/// name found on the target or in the source) escaped as `\n`, `\t`, `\r` or `\xNN`, and
+/// bidirectional formatting characters as `\u{202e}`, so no name can rewrite the operator's
+/// screen, forge a line or show its text in another order; backslashes are left as they are.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     escaped(s, false)
 }
 
 /// `s` with control characters as `\n`, `\t`, `\r` or `\xNN` (only C0 and C1 controls and DEL
-/// are `is_control`: all below 0x100), and backslashes doubled when `backslashes`.
+/// are `is_control`: all below 0x100), bidirectional formatting characters as `\u{XXXX}`
+/// ([`bidi`]), and backslashes doubled when `backslashes`.
 fn escaped(s: &str, backslashes: bool) -> std::borrow::Cow<'_, str> {
     if !s
         .chars()
-        .any(|c| (backslashes && c == '\\') || c.is_control())
+        .any(|c| (backslashes && c == '\\') || c.is_control() || bidi(c))
     {
         return s.into();
     }
@@ -152,10 +154,19 @@ fn escaped(s: &str, backslashes: bool) -> std::borrow::Cow<'_, str> {
             '\t' => out.push_str("\\t"),
             '\r' => out.push_str("\\r"),
             c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if bidi(c) => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
             c => out.push(c),
         }
     }
     out.into()
+}
+
+/// The characters that change the order text is shown in (Unicode's explicit directional
+/// formatting characters, UAX #9: embeddings, overrides, isolates and the implicit marks): a
+/// file name holding U+202E (right-to-left override) shows `invoice\u{202e}gnp.php` as
+/// `invoicephp.png` (the "Trojan Source" trick, CVE-2021-42574).
+fn bidi(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// The JSON form of one item: `path`, `kind` (`file`, `dir`, `symlink`), `change` (`new`,
@@ -286,5 +297,19 @@ mod tests {
         assert_eq!(iso_time(0), "1970-01-01T00:00:00Z");
         assert_eq!(iso_time(1_795_912_263), "2026-11-29T00:31:03Z");
         assert_eq!(iso_time(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn names_cannot_reorder_what_the_terminal_shows() {
+        assert_eq!(
+            printable("invoice\u{202e}gnp.php"),
+            "invoice\\u{202e}gnp.php"
+        );
+        assert_eq!(
+            escape("a\u{2066}b\u{2069}\u{200f}\u{61c}\\"),
+            "a\\u{2066}b\\u{2069}\\u{200f}\\u{061c}\\\\"
+        );
+        // Right-to-left text itself is shown as it is.
+        assert_eq!(printable("שלום.php"), "שלום.php");
     }
 }

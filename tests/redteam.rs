@@ -177,7 +177,7 @@ fn an_explicit_rollback_or_activate_refuses_a_release_whose_manifest_is_damaged(
 }
 
 #[test]
-fn a_file_name_with_a_newline_cannot_forge_a_line_of_the_itemized_list() {
+fn a_file_name_with_a_newline_or_a_bidi_override_cannot_forge_a_line_of_the_itemized_list() {
     let fx = Fx::new();
     let src = fx.src("src");
     src.file("index.php", "v1\n", 0o644);
@@ -186,6 +186,8 @@ fn a_file_name_with_a_newline_cannot_forge_a_line_of_the_itemized_list() {
     let name = "x\n- file index.php";
     src.file(name, "hi\n", 0o644)
         .file("back\\slash\ttab", "hi\n", 0o644)
+        // Shown raw, it reads "invoicephp.png" (right-to-left override).
+        .file("invoice\u{202e}gnp.php", "hi\n", 0o644)
         .symlink("link", "to\nwhere");
     let check = |run: Run, what: &str| {
         let lines: Vec<&str> = run
@@ -200,6 +202,7 @@ fn a_file_name_with_a_newline_cannot_forge_a_line_of_the_itemized_list() {
             lines,
             [
                 "+ file back\\\\slash\\ttab (literal)",
+                "+ file invoice\\u{202e}gnp.php (literal)",
                 "+ link link -> to\\nwhere",
                 "+ file x\\n- file index.php (literal)",
             ],
@@ -665,7 +668,7 @@ fn a_forged_lock_holder_cannot_send_escape_sequences_to_the_terminal() {
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
     let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let holder = serde_json::json!({
-        "pid": std::process::id(), "host": host.trim(), "user": "\u{1b}[2Jmallory",
+        "pid": std::process::id(), "host": host.trim(), "user": "\u{1b}[2Jmallory\u{202e}resu",
         "since": 0, "what": "deploy\u{1b}]0;pwned\u{7}",
     });
     lock.set_len(0).unwrap();
@@ -673,8 +676,10 @@ fn a_forged_lock_holder_cannot_send_escape_sequences_to_the_terminal() {
     let run = fx
         .flip(&["deploy", src.s(), fx.root_str()])
         .code(3)
-        .stderr_has(r"\x1b[2Jmallory");
+        .stderr_has(r"\x1b[2Jmallory\u{202e}resu");
     assert!(!run.stderr.contains('\u{1b}'), "{:?}", run.stderr);
+    // Nor show the rest of the line right to left.
+    assert!(!run.stderr.contains('\u{202e}'), "{:?}", run.stderr);
     let waiting = fx.spawn(&[], &["deploy", "--wait", src.s(), fx.root_str()]);
     // The client says who holds the lock once its agent waits for it.
     let deadline = std::time::Instant::now() + TIMEOUT;
@@ -688,6 +693,7 @@ fn a_forged_lock_holder_cannot_send_escape_sequences_to_the_terminal() {
     drop(lock);
     let run = waiting.finish(TIMEOUT).success().stderr_has("waiting");
     assert!(!run.stderr.contains('\u{1b}'), "{:?}", run.stderr);
+    assert!(!run.stderr.contains('\u{202e}'), "{:?}", run.stderr);
 }
 
 #[test]
