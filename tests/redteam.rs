@@ -482,6 +482,73 @@ fn an_agent_whose_client_was_killed_stops_its_work_and_frees_the_lock_at_once() 
     assert_eq!(fx.current_link(), "releases/1");
 }
 
+/// A deploy that waits for the lock (`--wait`) and whose client is killed (a CI job cancelled)
+/// left its agent polling the lock for as long as the holder kept it, then taking it to stage a
+/// release for no one: its agent now ends at its next look at the lock.
+#[test]
+fn an_agent_waiting_for_the_lock_whose_client_was_killed_stops_waiting() {
+    use std::os::fd::AsRawFd;
+    let fx = Fx::new();
+    let src = fx.src("src");
+    src.file("index.php", "v1\n", 0o644);
+    fx.deploy(&src, &[]);
+    src.file("index.php", "v2\n", 0o644);
+    // Held as another deploy holds it.
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.root.join(".flip/lock"))
+        .unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let run = fx.spawn(&[], &["deploy", "--wait", src.s(), fx.root_str()]);
+    let pid = run.pid();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !run.stderr_so_far().contains("waiting") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deploy never waited"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let agent: u32 = fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .map(|p| p.parse::<u32>().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .next()
+        .expect("the client runs its agent");
+    // SAFETY: kill of the flip client this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(run.wait_any(TIMEOUT).is_some());
+    let killed = std::time::Instant::now();
+    while !exited(agent) && killed.elapsed() < TIMEOUT {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let took = killed.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "the agent still waited for the lock {took:?} after its client was killed"
+    );
+    // It never got the lock: nothing was staged, and the holder still holds it.
+    drop(lock);
+    assert!(
+        !fs::read_dir(fx.root.join("releases")).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".staging")),
+        "nothing staged"
+    );
+    assert_eq!(fx.current_link(), "releases/1");
+    fx.deploy(&src, &[]);
+    assert_eq!(fx.current_link(), "releases/2");
+}
+
 /// A first deploy streams its files to the agent, which queues them to its writers: killed,
 /// the client left an agent writing out its queue of small files for seconds (up to 4 s for
 /// 30,000 files, release build), the lock held and the half-made target there all along.

@@ -95,6 +95,8 @@ pub(crate) fn acquire(
     // again.
     let mut replaced_meanwhile = 0;
     while replaced_meanwhile < 100 {
+        // A caller that waits stops once nobody waits for it (the agent's client is gone).
+        crate::check_abandoned()?;
         if let Some(m) = crate::fsutil::lstat_or_none(path).filter(|m| !m.is_file()) {
             // Not a file flip made (a symlink, a FIFO, a directory): never opened, replaced.
             let dir = open_dir(dir_path)?;
@@ -156,6 +158,7 @@ pub(crate) fn acquire(
                 // directory while we waited), which would hold it until we give up.
                 while !flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(io("lock", path))? {
                     std::thread::sleep(WAIT_STEP);
+                    crate::check_abandoned()?;
                     if let Some(h) = read_holder(&mut file) {
                         same_run(me, h.run.as_deref(), path)?;
                     }
