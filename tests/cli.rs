@@ -320,6 +320,38 @@ fn an_error_names_its_path_once() {
     }
 }
 
+/// A target named through a symlink to a directory that is not there (a disk not mounted, a
+/// path not made yet) is refused, saying so: "does not exist" or "is not a directory" of a
+/// name `ls` shows sent the reader after a typo. Nothing is made through the symlink.
+#[test]
+fn a_target_that_is_a_symlink_to_nothing_is_named_as_such_and_nothing_is_made() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    let link = fx.path("app");
+    std::os::unix::fs::symlink("/nonexistent-flip-disk/app", &link).unwrap();
+    let l = link.display().to_string();
+    for args in [
+        vec!["deploy", src.s(), &l],
+        vec!["deploy", "--mkpath", src.s(), &l],
+        vec!["deploy", "--dry-run", src.s(), &l],
+        vec!["releases", &l],
+        vec!["verify", &l],
+    ] {
+        let r = fx.flip(&args).code(5);
+        assert_eq!(
+            r.stderr,
+            format!("flip: error: {l} is a symlink to /nonexistent-flip-disk/app, which does not exist\n"),
+            "{args:?}"
+        );
+    }
+    assert!(!std::path::Path::new("/nonexistent-flip-disk").exists());
+    assert_eq!(
+        fs::read_link(&link).unwrap(),
+        std::path::Path::new("/nonexistent-flip-disk/app")
+    );
+}
+
 #[test]
 fn releases_of_a_directory_that_is_no_target_gives_no_deploy_advice() {
     let fx = Fx::new();

@@ -105,7 +105,8 @@ const PROC_LOCKS_MAX: u64 = 4 << 20;
 ///
 /// # Errors
 ///
-/// [`Error::Missing`], [`Error::NotADirectory`] or [`Error::NotATarget`] for `dir` itself, or
+/// [`Error::Missing`] (or [`Error::DanglingSymlink`]), [`Error::NotADirectory`] or
+/// [`Error::NotATarget`] for `dir` itself, or
 /// another error of [`Root::open`] (an I/O error naming the path) other than a bad layout;
 /// what the checks cannot read afterwards becomes a finding, not an error.
 pub fn doctor(dir: &Path, opts: &DoctorOptions) -> Result<Vec<Finding>> {

@@ -60,6 +60,15 @@ pub enum Error {
     /// The target root (path) does not exist.
     #[error("{} does not exist", .0.display())]
     Missing(PathBuf),
+    /// The target root (path) is a symlink to a directory that does not exist (an unmounted
+    /// disk, a path not made yet): refused rather than made through the symlink.
+    #[error("{} is a symlink to {}, which does not exist", .path.display(), .target.display())]
+    DanglingSymlink {
+        /// The symlink named as the target.
+        path: PathBuf,
+        /// What it points to, as it says.
+        target: PathBuf,
+    },
     /// The directory (path) has other content and no `.flip/`.
     #[error("{} is not empty and is not a flip target (no .flip/ inside); deploy into a new or empty directory", .0.display())]
     NotATarget(PathBuf),
@@ -208,6 +217,7 @@ impl Error {
             Error::BadRequest(_) => ErrorClass::BadRequest,
             Error::NotADirectory(_)
             | Error::Missing(_)
+            | Error::DanglingSymlink { .. }
             | Error::NotATarget(_)
             | Error::NoTarget(_)
             | Error::NoParent { .. }

@@ -138,13 +138,14 @@ impl Root {
     /// directories or files is a symlink or of the wrong type.
     ///
     /// # Errors
-    /// [`Error::Missing`], [`Error::NotADirectory`], [`Error::NotATarget`] (no `.flip/`),
-    /// [`Error::Layout`] for a symlink or wrong type, or an I/O error.
+    /// [`Error::Missing`] ([`Error::DanglingSymlink`] for a symlink to nothing),
+    /// [`Error::NotADirectory`], [`Error::NotATarget`] (no `.flip/`), [`Error::Layout`] for a
+    /// symlink or wrong type, or an I/O error.
     pub fn open(dir: &Path) -> Result<Root> {
         // Follows a symlink to the target on purpose; a missing target is its own error.
         #[allow(clippy::disallowed_methods)]
         let meta = fs::metadata(dir).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::Missing(dir.to_path_buf()),
+            std::io::ErrorKind::NotFound => missing_error(dir),
             _ => io("open", dir)(e),
         })?;
         if !meta.is_dir() {
@@ -176,7 +177,8 @@ impl Root {
     ///
     /// # Errors
     /// [`Error::NotADirectory`] (the target, or a file where a parent must be),
-    /// [`Error::NotATarget`] for a directory with other content and no `.flip/`,
+    /// [`Error::DanglingSymlink`] (the target, or the parent it would be made in, a symlink to
+    /// nothing), [`Error::NotATarget`] for a directory with other content and no `.flip/`,
     /// [`Error::NoParent`] for a missing parent without `mkpath`, [`Error::Layout`], or an I/O
     /// error.
     pub fn deployable(dir: &Path, mkpath: bool) -> Result<Found> {
@@ -213,8 +215,12 @@ impl Root {
                 };
                 #[allow(clippy::disallowed_methods)]
                 if let Some(there) = there.filter(|t| !t.as_os_str().is_empty()) {
-                    if !fs::metadata(&there).is_ok_and(|m| m.is_dir()) {
-                        return Err(Error::NotADirectory(there));
+                    match fs::metadata(&there) {
+                        Ok(m) if m.is_dir() => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            return Err(missing_error(&there))
+                        }
+                        _ => return Err(Error::NotADirectory(there)),
                     }
                 }
                 if missing.len() > 1 && !mkpath {
@@ -1239,6 +1245,19 @@ impl Root {
                 .join("; "),
             more,
         })
+    }
+}
+
+/// [`Error::Missing`] for `dir`, which is not there; or [`Error::DanglingSymlink`] when `dir`
+/// is a symlink to nothing (`ls` shows it: "does not exist" would send the reader looking for a
+/// typo).
+fn missing_error(dir: &Path) -> Error {
+    match fsutil::read_link(dir) {
+        Ok(target) => Error::DanglingSymlink {
+            path: dir.to_path_buf(),
+            target,
+        },
+        _ => Error::Missing(dir.to_path_buf()),
     }
 }
 
