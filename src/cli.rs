@@ -115,8 +115,9 @@ pub struct DeployArgs {
     /// Target root: a local directory, [user@]host:/path or ssh://user@host:port/path.
     #[arg(value_name = "TARGET")]
     pub target: Option<String>,
-    /// A note stored with the release and shown by `flip releases`.
-    #[arg(long, value_name = "TEXT")]
+    /// A note stored with the release and shown by `flip releases` (one line of text, at most
+    /// 200 characters; `flip activate ENV LABEL` finds releases by it).
+    #[arg(long, value_name = "TEXT", value_parser = label)]
     pub label: Option<String>,
     /// Leave out paths matching this gitignore-style pattern (repeatable), on top of the patterns
     /// of SOURCE/.flipignore (which is read, never written).
@@ -333,6 +334,31 @@ pub struct Blake3Args {
 
 /// The clap definition of flip, with the generated parts of its help (the exit codes): the one
 /// definition behind parsing, `flip completions` and `flip man`.
+/// `--label TEXT`: one line of text an operator can read back and type, so `flip releases`
+/// shows it as given and `flip activate ENV LABEL` can name it: not empty, at most
+/// [`LABEL_MAX`] characters, no control characters (a newline, an escape sequence).
+fn label(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("a label is some text, not empty".into());
+    }
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "a label is one line of text; this one holds the control character {:?}",
+            c
+        ));
+    }
+    let n = s.chars().count();
+    if n > LABEL_MAX {
+        return Err(format!(
+            "a label is at most {LABEL_MAX} characters; this one has {n}"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// The longest `--label`, in characters (a git describe with a branch name fits many times).
+pub const LABEL_MAX: usize = 200;
+
 pub fn command() -> clap::Command {
     Cli::command().after_help(format!(
         "Targets: a local directory (/srv/app), [user@]host:/path or ssh://[user@]host[:port]/path; or ENV, every target of environment ENV of flip.toml.\n{}",

@@ -130,19 +130,20 @@ pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// A message for the terminal: control characters (an escape sequence or a newline in a file
 /// name found on the target or in the source) escaped as `\n`, `\t`, `\r` or `\xNN`, and
-/// bidirectional formatting characters as `\u{202e}`, so no name can rewrite the operator's
-/// screen, forge a line or show its text in another order; backslashes are left as they are.
+/// characters that reorder, break or hide text (a right-to-left override, a line separator, a
+/// zero-width space: [`hidden`]) as `\u{202e}`, so no name can rewrite the operator's screen,
+/// forge a line or show its text in another order; backslashes are left as they are.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     escaped(s, false)
 }
 
 /// `s` with control characters as `\n`, `\t`, `\r` or `\xNN` (only C0 and C1 controls and DEL
-/// are `is_control`: all below 0x100), bidirectional formatting characters as `\u{XXXX}`
-/// ([`bidi`]), and backslashes doubled when `backslashes`.
+/// are `is_control`: all below 0x100), characters that reorder, break or hide text as `\u{XXXX}`
+/// ([`hidden`]), and backslashes doubled when `backslashes`.
 fn escaped(s: &str, backslashes: bool) -> std::borrow::Cow<'_, str> {
     if !s
         .chars()
-        .any(|c| (backslashes && c == '\\') || c.is_control() || bidi(c))
+        .any(|c| (backslashes && c == '\\') || c.is_control() || hidden(c))
     {
         return s.into();
     }
@@ -154,19 +155,42 @@ fn escaped(s: &str, backslashes: bool) -> std::borrow::Cow<'_, str> {
             '\t' => out.push_str("\\t"),
             '\r' => out.push_str("\\r"),
             c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c if bidi(c) => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
+            c if hidden(c) => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
             c => out.push(c),
         }
     }
     out.into()
 }
 
-/// The characters that change the order text is shown in (Unicode's explicit directional
-/// formatting characters, UAX #9: embeddings, overrides, isolates and the implicit marks): a
-/// file name holding U+202E (right-to-left override) shows `invoice\u{202e}gnp.php` as
-/// `invoicephp.png` (the "Trojan Source" trick, CVE-2021-42574).
-fn bidi(c: char) -> bool {
-    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+/// The characters a terminal shows as nothing or in the wrong place, escaped so a name reads
+/// as the bytes it holds:
+/// - the ones that change the order text is shown in (Unicode's explicit directional
+///   formatting characters, UAX #9: embeddings, overrides, isolates and the implicit marks): a
+///   file name holding U+202E (right-to-left override) shows `invoice\u{202e}gnp.php` as
+///   `invoicephp.png` (the "Trojan Source" trick, CVE-2021-42574);
+/// - the line and paragraph separators U+2028 and U+2029, which some terminals and log viewers
+///   break lines at, so a name could start a forged line;
+/// - the invisible format characters (zero-width space, joiners, word joiner, invisible
+///   operators, the byte order mark, the soft hyphen, the Mongolian vowel separator, the
+///   deprecated format controls U+206A–U+206F, the interlinear annotation marks and the tag
+///   characters U+E0000–U+E007F): `config\u{200b}.php` is not `config.php`, though it shows
+///   as it.
+///
+/// Emoji variation selectors and scripts' own letters are left as they are: they show.
+fn hidden(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00ad}'
+            | '\u{061c}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{e0000}'..='\u{e007f}'
+    )
 }
 
 /// The JSON form of one item: `path`, `kind` (`file`, `dir`, `symlink`), `change` (`new`,
@@ -311,5 +335,20 @@ mod tests {
         );
         // Right-to-left text itself is shown as it is.
         assert_eq!(printable("שלום.php"), "שלום.php");
+    }
+
+    #[test]
+    fn names_cannot_hide_characters_or_break_lines() {
+        assert_eq!(printable("config\u{200b}.php"), "config\\u{200b}.php");
+        assert_eq!(
+            printable("a\u{2028}b\u{2029}c\u{feff}d\u{ad}e\u{2060}"),
+            "a\\u{2028}b\\u{2029}c\\u{feff}d\\u{00ad}e\\u{2060}"
+        );
+        assert_eq!(printable("tag\u{e0041}"), "tag\\u{e0041}");
+        // Letters of any script, accents and emoji (with their variation selector) show.
+        assert_eq!(
+            printable("café-日本-❤\u{fe0f}.php"),
+            "café-日本-❤\u{fe0f}.php"
+        );
     }
 }

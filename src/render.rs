@@ -55,10 +55,11 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
     if itemize {
         output::print_items(&r.items);
     }
+    // A label read back from the target is the target's text: shown escaped.
     let label = r
         .label
         .as_deref()
-        .map(|l| format!(" ({l})"))
+        .map(|l| format!(" ({})", output::printable(l)))
         .unwrap_or_default();
     if r.unchanged {
         note!(
@@ -262,7 +263,7 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> Code
         let label = d
             .label
             .as_deref()
-            .map(|l| format!(" {l}"))
+            .map(|l| format!(" {}", output::printable(l)))
             .unwrap_or_default();
         let all = match d.hosts.len() {
             1 => "its one target".to_string(),
@@ -440,7 +441,7 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
                     o.target,
                     o.label
                         .as_deref()
-                        .map(|l| format!(" ({l})"))
+                        .map(|l| format!(" ({})", output::printable(l)))
                         .unwrap_or_default(),
                     o.previous
                         .map(|p| format!(" (was {p})"))

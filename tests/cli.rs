@@ -199,6 +199,46 @@ fn man_page_is_roff_with_every_command() {
     assert!(page.contains("Exit codes: 0 success"), "no exit codes");
 }
 
+/// A label is one line of text an operator can read back and type (`flip activate ENV
+/// LABEL`): empty, multi-line, control characters or more than 200 characters are usage
+/// errors (exit 2) before anything is touched.
+#[test]
+fn a_label_that_is_not_one_line_of_text_is_a_usage_error() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    let long = "x".repeat(201);
+    for (label, why) in [
+        ("", "a label is some text, not empty"),
+        ("  ", "a label is some text, not empty"),
+        (
+            "v1\nv2",
+            "a label is one line of text; this one holds the control character '\\n'",
+        ),
+        (
+            "\u{1b}[2J",
+            "this one holds the control character '\\u{1b}'",
+        ),
+        (&long, "a label is at most 200 characters; this one has 201"),
+    ] {
+        fx.flip(&["deploy", "--label", label, src.s(), fx.root_str()])
+            .code(2)
+            .stderr_has(why);
+    }
+    assert!(!fx.root.exists(), "nothing made");
+    let ok = "x".repeat(200);
+    fx.flip(&[
+        "deploy",
+        "--label",
+        &format!("release 1.2 ({ok})")[..200],
+        src.s(),
+        fx.root_str(),
+    ])
+    .success();
+    let list = fx.flip(&["releases", fx.root_str()]).success();
+    assert!(list.stdout.contains("release 1.2 (xxx"), "{}", list.stdout);
+}
+
 #[test]
 fn usage_errors_are_json_with_json() {
     let fx = Fx::new();

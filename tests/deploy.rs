@@ -764,13 +764,11 @@ fn a_target_inside_another_targets_releases_is_refused() {
     for t in [dangling.clone(), dangling.join("sub")] {
         for dry in [&["--dry-run", "--mkpath"][..], &["--mkpath"]] {
             let args = [&["deploy"][..], dry, &[src.s(), s(&t)]].concat();
-            fx.flip(&args)
-                .code(5)
-                .stderr_has(&format!(
-                    "{} is a symlink to {}, which does not exist",
-                    s(&dangling),
-                    s(&fx.path("nowhere"))
-                ));
+            fx.flip(&args).code(5).stderr_has(&format!(
+                "{} is a symlink to {}, which does not exist",
+                s(&dangling),
+                s(&fx.path("nowhere"))
+            ));
         }
     }
     let next = fx.path("next-to-it");

@@ -176,6 +176,49 @@ fn an_explicit_rollback_or_activate_refuses_a_release_whose_manifest_is_damaged(
     fx.flip(&["verify", fx.root_str()]).success();
 }
 
+/// A release's label is read back from the target (`.flip/releases/N.json`): one forged there
+/// with an escape sequence, a right-to-left override and a newline was printed raw by a
+/// rollback or activation of an environment, clearing the screen or forging a line. It is
+/// escaped as every other name from the target is.
+#[test]
+fn a_label_forged_on_the_target_cannot_rewrite_the_operators_screen() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    fs::write(
+        fx.path("flip.toml"),
+        format!(
+            "source = \"src\"\n[env.t]\ntargets = [{:?}]\n",
+            fx.root_str()
+        ),
+    )
+    .unwrap();
+    src.file("index.php", "v1\n", 0o644);
+    fx.flip(&["deploy", "t", "--label", "one"]).success();
+    src.file("index.php", "v2\n", 0o644);
+    fx.flip(&["deploy", "t", "--label", "two"]).success();
+    let meta = fx.root.join(".flip/releases/1.json");
+    let mut j: serde_json::Value = serde_json::from_slice(&fs::read(&meta).unwrap()).unwrap();
+    j["label"] = "\u{1b}[2Jevil\u{202e}eno\n+ file forged".into();
+    fs::write(&meta, j.to_string()).unwrap();
+    let shown = r"\x1b[2Jevil\u{202e}eno\n+ file forged";
+    for args in [
+        &["rollback", "t"][..],
+        &["activate", "t", "two"],
+        &["activate", "t", "1"],
+    ] {
+        let run = fx.flip(args).success();
+        let all = format!("{}{}", run.stdout, run.stderr);
+        assert!(
+            !all.contains('\u{1b}') && !all.contains('\u{202e}') && !all.contains("\n+ file"),
+            "{args:?}: {all:?}"
+        );
+        if args[0] != "activate" || args[2] == "1" {
+            assert!(all.contains(shown), "{args:?}: {all:?}");
+        }
+    }
+    assert_eq!(fx.current_link(), "releases/1");
+}
+
 #[test]
 fn a_file_name_with_a_newline_or_a_bidi_override_cannot_forge_a_line_of_the_itemized_list() {
     let fx = Fx::new();
@@ -638,15 +681,18 @@ fn an_unchanged_empty_file_is_not_itemized_as_a_change() {
     );
 }
 
+/// `--label` refuses a newline; one written into the release's metadata on the target is
+/// shown escaped in the listing.
 #[test]
 fn a_label_with_a_newline_cannot_forge_a_row_of_the_release_listing() {
     let fx = Fx::new();
     let src = fx.src("src");
     src.file("index.php", "v1\n", 0o644);
-    fx.deploy(
-        &src,
-        &["--label", "v1\n    99  *        2026-01-01T00:00:00Z"],
-    );
+    fx.deploy(&src, &["--label", "v1"]);
+    let meta = fx.root.join(".flip/releases/1.json");
+    let mut j: serde_json::Value = serde_json::from_slice(&fs::read(&meta).unwrap()).unwrap();
+    j["label"] = "v1\n    99  *        2026-01-01T00:00:00Z".into();
+    fs::write(&meta, j.to_string()).unwrap();
     let run = fx.flip(&["releases", fx.root_str()]).success();
     let rows: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(rows.len(), 2, "a header and one release:\n{}", run.stdout);
