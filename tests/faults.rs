@@ -317,30 +317,15 @@ fn prune_survives_a_crash_after_forgetting_a_release() {
     crash_command("prune-after-forget", &["prune", "--keep", "1"], &[3]);
 }
 
-/// Finds a direct child of `pid` (the agent of a local deploy), if it has started.
-fn child_of(pid: u32) -> Option<u32> {
-    let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    for t in tasks.flatten() {
-        let children = fs::read_to_string(t.path().join("children")).unwrap_or_default();
-        if let Some(c) = children.split_whitespace().next() {
-            return c.parse().ok();
-        }
-    }
-    None
-}
-
 /// Waits (up to [`TIMEOUT`]) until process `pid` has exited (gone, or a zombie).
 fn wait_exited(pid: u32) {
     let t0 = std::time::Instant::now();
-    loop {
-        let state = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.chars().next()));
-        match state {
-            None | Some(Some('Z')) | Some(None) => return,
-            _ if t0.elapsed() > TIMEOUT => panic!("agent {pid} still runs after {TIMEOUT:?}"),
-            _ => std::thread::sleep(Duration::from_millis(10)),
-        }
+    while !exited(pid) {
+        assert!(
+            t0.elapsed() < TIMEOUT,
+            "agent {pid} still runs after {TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -375,7 +360,7 @@ fn sigkill_of_client_or_agent_at_any_moment_loses_nothing() {
             w.fx.spawn(&[], &["deploy", w.src.s(), &root, "--keep", "3"]);
         let pid = run.pid();
         std::thread::sleep(delay);
-        let agent = child_of(pid);
+        let agent = children(pid).first().copied();
         let victim = if kill_agent { agent } else { None }.unwrap_or(pid);
         // SAFETY: sending a signal to a process this test started (or its child).
         unsafe { libc::kill(victim as i32, libc::SIGKILL) };

@@ -458,16 +458,6 @@ fn cleanup_never_removes_through_a_directory_swapped_for_a_symlink_meanwhile() {
     );
 }
 
-/// Whether process `pid` is gone (or a zombie no one has reaped yet).
-fn exited(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-    }
-}
-
 #[test]
 fn an_agent_whose_client_was_killed_stops_its_work_and_frees_the_lock_at_once() {
     let fx = Fx::new();
@@ -492,17 +482,7 @@ fn an_agent_whose_client_was_killed_stops_its_work_and_frees_the_lock_at_once() 
     }
     // The agent is a child of whichever of the client's threads connected (a phase 1 worker
     // of the pipeline, not the main thread).
-    let agent: u32 = fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|c| {
-            c.split_whitespace()
-                .map(|p| p.parse::<u32>().unwrap())
-                .collect::<Vec<_>>()
-        })
-        .next()
-        .expect("the client runs its agent");
+    let agent: u32 = *children(pid).first().expect("the client runs its agent");
     std::thread::sleep(std::time::Duration::from_millis(100));
     // SAFETY: kill of the flip client this test started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -554,17 +534,7 @@ fn an_agent_waiting_for_the_lock_whose_client_was_killed_stops_waiting() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let agent: u32 = fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|c| {
-            c.split_whitespace()
-                .map(|p| p.parse::<u32>().unwrap())
-                .collect::<Vec<_>>()
-        })
-        .next()
-        .expect("the client runs its agent");
+    let agent: u32 = *children(pid).first().expect("the client runs its agent");
     // SAFETY: kill of the flip client this test started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     assert!(run.wait_any(TIMEOUT).is_some());

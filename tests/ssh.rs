@@ -301,6 +301,94 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
     assert_eq!(common::ino(&uploaded), before);
 }
 
+/// A deploy through the system `ssh` (`--ssh-command`) that waits for the lock (`--wait`) and
+/// whose client is killed (a CI job cancelled): `ssh` lives on, its input at end of file and
+/// nothing to write, so the agent behind it never saw its client go and waited for as long as
+/// the holder kept the lock. The agent now repeats who holds the lock every few seconds; that
+/// write ends `ssh`, and the agent stops waiting. The client printed the holder once.
+#[test]
+fn a_waiting_agent_behind_the_system_ssh_stops_once_its_client_is_killed() {
+    use std::os::fd::AsRawFd;
+    let w = World::new();
+    let cfg = w.fx.path("ssh_config");
+    w.sshd.write_ssh_config(&cfg, "web1");
+    let cmd = format!("ssh -F {}", s(&cfg));
+    let target = format!("web1:{}", w.fx.root_str());
+    let src = w.fx.src("src");
+    site_v1(&src);
+    let args = ["--ssh-command", &cmd, "--remote-flip", FLIP];
+    w.fx.flip(&[&["deploy", src.s(), &target][..], &args].concat())
+        .success();
+    site_v2(&src);
+    // Held as another deploy holds it.
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(w.fx.root.join(".flip/lock"))
+        .unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let run = w.fx.spawn(
+        &[],
+        &[&["deploy", "--wait", src.s(), &target][..], &args].concat(),
+    );
+    let pid = run.pid();
+    let deadline = Instant::now() + TIMEOUT;
+    let agent = loop {
+        assert!(Instant::now() < deadline, "the deploy never waited");
+        if run.stderr_so_far().contains("waiting") {
+            if let Some(a) = agents_serving(w.fx.root_str()).first() {
+                break *a;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let ssh = children(pid);
+    assert!(!ssh.is_empty(), "the client runs ssh");
+    // Long enough for the agent to have repeated the holder: the client shows it once.
+    std::thread::sleep(LOCK_RETELL + Duration::from_secs(1));
+    let said = run.stderr_so_far();
+    assert_eq!(said.matches("waiting").count(), 1, "{said}");
+    // SAFETY: kill of the flip client this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(run.wait_any(TIMEOUT).is_some());
+    let killed = Instant::now();
+    while !(exited(agent) && ssh.iter().all(|&p| exited(p))) && killed.elapsed() < TIMEOUT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = killed.elapsed();
+    assert!(
+        took < LOCK_RETELL + Duration::from_secs(10),
+        "the agent (or ssh) still waited {took:?} after the client was killed"
+    );
+    // It never got the lock: nothing staged, the live release untouched; the next deploy runs.
+    drop(lock);
+    assert!(w.fx.release_leftovers().is_empty());
+    assert_eq!(w.fx.current_link(), "releases/1");
+    w.fx.flip(&[&["deploy", src.s(), &target][..], &args].concat())
+        .success();
+    assert_eq!(w.fx.current_link(), "releases/2");
+}
+
+/// How often an agent waiting for a lock repeats who holds it (`flip_release::RETELL`).
+const LOCK_RETELL: Duration = Duration::from_secs(5);
+
+/// The agents (`flip agent ...`) whose command line names `root`.
+fn agents_serving(root: &str) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+            args.get(1) == Some(&&b"agent"[..]) && args.contains(&root.as_bytes())
+        })
+        .collect()
+}
+
 /// A connection dropped in the middle of a transfer: a clear error naming the host, `current`
 /// untouched on the server, and the next deploy succeeds.
 #[test]

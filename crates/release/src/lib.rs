@@ -40,7 +40,7 @@ pub use delta::{DeltaApplier, DeltaWriter, PatchDecoder, PatchWriter, PATCH_WIND
 pub use error::{Error, ErrorClass, Result};
 pub use fsutil::{Leftover, MAX_LEFTOVERS};
 pub use hooks::HookBaseline;
-pub use lock::{Holder, LockGuard, Wait};
+pub use lock::{Holder, LockGuard, Wait, RETELL};
 pub use shared::{resolve_owner, SharedCommit};
 pub use stage::{FileWriter, Stage, StageStats, PATCH_BASIS_IN_MEMORY};
 

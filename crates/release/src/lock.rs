@@ -56,7 +56,8 @@ pub struct LockGuard {
 pub enum Wait<'a> {
     /// Fail at once with [`Error::Locked`](crate::Error::Locked).
     No,
-    /// Block until free; the callback is told once who holds it.
+    /// Block until free; the callback is told who holds it when the wait starts, whenever
+    /// another holder takes over, and the same again every [`RETELL`] while nothing changes.
     Yes(&'a mut dyn FnMut(&str)),
 }
 
@@ -75,20 +76,16 @@ pub(crate) fn acquire(
     me: &Holder,
     wait: Wait<'_>,
 ) -> Result<(LockGuard, Option<String>)> {
-    let mut wait = wait;
     let dir_path = path.parent().expect("the lock lives in .flip/");
-    let mut told = false;
-    let mut tell_or_fail = |holder: String| -> Result<()> {
-        match &mut wait {
-            Wait::No => Err(Error::Locked { holder }),
-            Wait::Yes(tell) => {
-                if !told {
-                    tell(&holder);
-                    told = true;
-                }
-                Ok(())
-            }
-        }
+    let mut teller = Teller {
+        wait,
+        told: None,
+        at: std::time::Instant::now(),
+    };
+    let busy = || Held {
+        key: "busy".into(),
+        text: "another flip session of this target (it holds .flip/)".into(),
+        run: None,
     };
     // A lock file removed or replaced between our open and our flock (a failed first deploy
     // undoing its target, another session replacing a shared lock file) locks nothing: open it
@@ -110,7 +107,7 @@ pub(crate) fn acquire(
                 }
             }
             drop(dir);
-            tell_or_fail("another flip session of this target (it holds .flip/)".into())?;
+            teller.tell(busy())?;
             std::thread::sleep(std::time::Duration::from_millis(100));
             continue;
         }
@@ -144,9 +141,9 @@ pub(crate) fn acquire(
                     continue;
                 }
             }
-            if let Some((holder, run)) = holder_or_free(&mut file, path)? {
-                same_run(me, run.as_deref(), path)?;
-                tell_or_fail(holder)?;
+            if let Some(held) = holder_or_free(&mut file, path)? {
+                same_run(me, held.run.as_deref(), path)?;
+                teller.tell(held)?;
                 if shared {
                     // Not blocked on an inode another target may hold for long: looked at
                     // again until this target's session is done.
@@ -159,8 +156,12 @@ pub(crate) fn acquire(
                 while !flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(io("lock", path))? {
                     std::thread::sleep(WAIT_STEP);
                     crate::check_abandoned()?;
-                    if let Some(h) = read_holder(&mut file) {
-                        same_run(me, h.run.as_deref(), path)?;
+                    match read_holder(&mut file) {
+                        Some(h) => {
+                            same_run(me, h.run.as_deref(), path)?;
+                            teller.tell(Held::of(&h))?;
+                        }
+                        None => teller.again(),
                     }
                 }
             }
@@ -199,7 +200,7 @@ pub(crate) fn acquire(
             return finish(file, dir, path, me, None);
         }
         drop((file, dir));
-        tell_or_fail("another flip session of this target (it holds .flip/)".into())?;
+        teller.tell(busy())?;
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     Err(io("lock", path)(std::io::Error::other(
@@ -416,7 +417,7 @@ fn write_holder(file: &File, path: &Path, me: &Holder) -> Result<()> {
 }
 
 /// Ok(true) when taken, Ok(false) when someone else holds it (non-blocking mode).
-fn flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
+pub(crate) fn flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
     loop {
         // SAFETY: flock on a descriptor we own; no memory is passed.
         if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
@@ -434,14 +435,12 @@ fn flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
 /// Who holds the lock, or `None` if it turned out free while we looked (then it is ours). A
 /// holder that has not written its name yet, or a name left by a holder that is gone (its pid
 /// no longer runs on this host), is looked at again for up to a second.
-fn holder_or_free(file: &mut File, path: &Path) -> Result<Option<(String, Option<String>)>> {
+fn holder_or_free(file: &mut File, path: &Path) -> Result<Option<Held>> {
     let host = crate::hostname();
     let mut last = None;
     for _ in 0..40 {
         match read_holder(file) {
-            Some(h) if h.host != host || pid_alive(h.pid) => {
-                return Ok(Some((h.to_string(), h.run)));
-            }
+            Some(h) if h.host != host || pid_alive(h.pid) => return Ok(Some(Held::of(&h))),
             Some(h) => last = Some(h),
             None => {}
         }
@@ -451,12 +450,85 @@ fn holder_or_free(file: &mut File, path: &Path) -> Result<Option<(String, Option
         }
     }
     Ok(Some(match last {
-        Some(h) => (h.to_string(), h.run),
-        None => (
-            "another flip process (it has not written its name into the lock file)".into(),
-            None,
-        ),
+        Some(h) => Held::of(&h),
+        None => Held {
+            key: "unnamed".into(),
+            text: "another flip process (it has not written its name into the lock file)".into(),
+            run: None,
+        },
     }))
+}
+
+/// Who holds the lock, as a waiter tells it.
+struct Held {
+    /// Which holder this is: the same for as long as one holder keeps the lock.
+    key: String,
+    /// The holder for people (its age as of when it was first seen).
+    text: String,
+    /// The holder's run (see [`Holder::run`]).
+    run: Option<String>,
+}
+
+impl Held {
+    fn of(h: &Holder) -> Held {
+        Held {
+            key: format!("{}\0{}\0{}\0{}", h.pid, h.host, h.since, h.what),
+            text: h.to_string(),
+            run: h.run.clone(),
+        }
+    }
+}
+
+/// How often a waiter tells its callback who holds the lock when nothing changed: what the
+/// callback writes (an agent's `Waiting` to its client) is how a waiter finds out that nobody
+/// reads any more. Behind an `ssh` whose client was killed, ssh only exits when it has
+/// something to write; then the agent sees its output hang up and stops waiting
+/// ([`crate::check_abandoned`]).
+pub const RETELL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tells a waiting caller who holds the lock, or fails a caller that does not wait.
+struct Teller<'a> {
+    wait: Wait<'a>,
+    /// The holder last told: its key and text.
+    told: Option<(String, String)>,
+    /// When it was told.
+    at: std::time::Instant,
+}
+
+impl Teller<'_> {
+    /// `held` holds the lock: [`Error::Locked`] for a caller that does not wait; for one that
+    /// does, its callback hears the holder when it is new, and the same text again every
+    /// [`RETELL`] while it keeps the lock.
+    fn tell(&mut self, held: Held) -> Result<()> {
+        let tell = match &mut self.wait {
+            Wait::No => return Err(Error::Locked { holder: held.text }),
+            Wait::Yes(tell) => tell,
+        };
+        match &self.told {
+            Some((key, _)) if *key == held.key => {
+                if self.at.elapsed() < RETELL {
+                    return Ok(());
+                }
+            }
+            _ => self.told = Some((held.key, held.text)),
+        }
+        if let Some((_, text)) = &self.told {
+            tell(text);
+        }
+        self.at = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// The holder is unchanged (or could not be read this time): told again once [`RETELL`]
+    /// has passed.
+    fn again(&mut self) {
+        if let (Wait::Yes(tell), Some((_, text))) = (&mut self.wait, &self.told) {
+            if self.at.elapsed() >= RETELL {
+                tell(text);
+                self.at = std::time::Instant::now();
+            }
+        }
+    }
 }
 
 fn read_holder(file: &mut File) -> Option<Holder> {

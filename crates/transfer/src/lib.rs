@@ -614,16 +614,24 @@ impl Session {
         self.queue(&Request::Lock { wait, holder })
     }
 
-    /// The answer to a queued `Lock`; `on_wait` hears who holds the lock while it waits.
+    /// The answer to a queued `Lock`; `on_wait` hears who holds the lock when the wait starts
+    /// and whenever another holder takes over (the agent repeats an unchanged holder every few
+    /// seconds, which is how it finds out that nobody reads: those are not passed on).
     ///
     /// # Errors
     /// See [`Session`].
     pub fn locked(&mut self, on_wait: &mut dyn FnMut(&str)) -> Result<()> {
         self.phase = "taking the deploy lock";
+        let mut last = None;
         loop {
             match self.recv()? {
                 Response::Locked => return Ok(()),
-                Response::Waiting { holder } => on_wait(&holder),
+                Response::Waiting { holder } => {
+                    if last.as_ref() != Some(&holder) {
+                        on_wait(&holder);
+                        last = Some(holder);
+                    }
+                }
                 other => return Err(self.unexpected(&other)),
             }
         }

@@ -25,7 +25,7 @@
 //!
 //! A deploy, in order (steps that do not depend on an answer in one batch, whatever the number
 //! of files):
-//! `Hello` → `Welcome`; `Lock` → `Locked` (after a `Waiting` if it waits); (with shared paths) `Shared` →
+//! `Hello` → `Welcome`; `Lock` → `Locked` (after `Waiting` answers while it waits); (with shared paths) `Shared` →
 //! `SharedState`; `Status` → `Status`;
 //! when the live release has the new manifest's digest, `CheckLive` → `LiveIntact` (intact: no
 //! release is made); when the client has no copy of the live manifest, `Probe` → `Probed`,
@@ -274,7 +274,9 @@ pub enum Request {
     },
     /// Take the target's lock for the rest of the session.
     Lock {
-        /// Wait for a lock someone else holds (the agent answers [`Response::Waiting`] once) instead of answering [`Response::Error`].
+        /// Wait for a lock someone else holds (the agent answers [`Response::Waiting`] when the
+        /// wait starts, when another holder takes over, and again every few seconds) instead
+        /// of answering [`Response::Error`].
         wait: bool,
         /// Who takes the lock, recorded for whoever finds the target locked.
         holder: Holder,
@@ -555,7 +557,9 @@ pub enum Response {
         /// The target root, as the agent resolved it.
         root: String,
     },
-    /// Sent once while `Lock { wait: true }` blocks.
+    /// Sent while `Lock { wait: true }` blocks: when the wait starts, when another holder
+    /// takes over, and the same text again every few seconds (a keepalive: writing is how an
+    /// agent behind a relay finds out that its client is gone).
     Waiting {
         /// Who holds the lock, described for people.
         holder: String,
