@@ -211,28 +211,69 @@ fn a_release_without_its_manifest_is_named_with_its_removal() {
     assert!(fx.release(1).is_dir(), "doctor removes nothing");
 }
 
+/// What an interrupted deploy or prune left (a staging or trash directory) is a note naming
+/// each, in one sentence; the next deploy removes them, and the doctor does not.
+#[test]
+fn what_an_interrupted_run_left_is_named_in_a_note() {
+    let fx = Fx::new();
+    let src = deployed(&fx);
+    let path = no_php(&fx);
+    fs::create_dir(fx.root.join("releases/.staging-9")).unwrap();
+    let j = doctor_json(&fx, &[("PATH", &path)], 0, &[]);
+    let f = one(&j, "releases", "note", "releases/.staging-9");
+    assert_eq!(
+        f["message"],
+        "releases/.staging-9 is what is left of a deploy or prune that was interrupted or is running; the next deploy or prune removes it"
+    );
+    fs::create_dir(fx.root.join("releases/.trash-1")).unwrap();
+    let j = doctor_json(&fx, &[("PATH", &path)], 0, &[]);
+    let f = one(&j, "releases", "note", "releases/.staging-9");
+    assert_eq!(
+        f["message"],
+        "releases/.staging-9, releases/.trash-1 are what is left of a deploy or prune that was interrupted or is running; the next deploy or prune removes them"
+    );
+    assert!(
+        fx.root.join("releases/.trash-1").is_dir(),
+        "doctor removes nothing"
+    );
+    src.file("index.php", "v3\n", 0o644);
+    fx.deploy(&src, &[]);
+    assert!(fx.release_leftovers().is_empty());
+}
+
 /// Runs `flip doctor --json ROOT` as `nobody` (the deploy user of these tests).
 fn doctor_as_nobody(fx: &Fx, code: i32) -> Value {
-    let home = fx.path("nobody-home");
-    fs::create_dir_all(&home).unwrap();
     // Found before PATH is narrowed to a directory without php.
     let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"]
         .into_iter()
         .find(|p| Path::new(p).exists())
         .expect("setpriv (util-linux) is installed");
-    let out = Command::new(setpriv)
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", FLIP])
-        .args(["doctor", "--json", fx.root_str()])
+    doctor_under(
+        fx,
+        &[setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"],
+        code,
+    )
+}
+
+/// `flip doctor --json` of the fixture's target run by `wrapper` (a command that runs the rest
+/// of its arguments: `setpriv ...`, `unshare ...`), with a HOME of its own; its exit code is
+/// `code`.
+fn doctor_under(fx: &Fx, wrapper: &[&str], code: i32) -> Value {
+    let home = fx.path("nobody-home");
+    fs::create_dir_all(&home).unwrap();
+    let out = Command::new(wrapper[0])
+        .args(&wrapper[1..])
+        .args([FLIP, "doctor", "--json", fx.root_str()])
         .env("HOME", &home)
         .env("XDG_CACHE_HOME", home.join(".cache"))
         .env("PATH", no_php(fx))
         .output()
-        .expect("run setpriv");
+        .expect("run the wrapper");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
         Some(code),
-        "doctor as nobody\n{stdout}\n{}",
+        "doctor under {wrapper:?}\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_str(stdout.trim()).expect("JSON")
@@ -582,6 +623,67 @@ fn a_lock_held_by_another_user_is_reported_with_its_pid_and_why_the_name_is_miss
         .unwrap()
         .contains("deploy from builder pid 4242"));
     drop(lock);
+}
+
+/// `/proc/locks` leaves out the locks of processes in another pid namespace: a doctor run in a
+/// container (or on the host, of a deploy running in one) said "no deploy is running" while a
+/// deploy held the lock. When `/proc/locks` names no holder, the doctor asks the kernel itself.
+#[test]
+fn a_lock_held_from_another_pid_namespace_is_still_seen() {
+    if !am_root() {
+        eprintln!("skipped: needs root to make a pid namespace (CI is root)");
+        return;
+    }
+    let unshare = ["/usr/bin/unshare", "--pid", "--fork", "--mount-proc"];
+    let fx = Fx::new();
+    let src = deployed(&fx);
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.root.join(".flip/lock"))
+        .unwrap();
+    // SAFETY: flock on a descriptor we own.
+    let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    assert_eq!(r, 0);
+    lock.set_len(0).unwrap();
+    let holder = serde_json::json!({
+        "pid": 4242, "host": "builder", "user": "ci", "since": 0,
+        "what": "deploy from builder pid 4242",
+    });
+    std::os::unix::fs::FileExt::write_all_at(&lock, holder.to_string().as_bytes(), 0).unwrap();
+    // The namespace's /proc/locks does not show this test's lock.
+    let seen = Command::new(unshare[0])
+        .args(&unshare[1..])
+        .args(["cat", "/proc/locks"])
+        .output()
+        .unwrap();
+    assert!(seen.status.success());
+    let ino = std::os::unix::fs::MetadataExt::ino(&lock.metadata().unwrap());
+    assert!(
+        !String::from_utf8_lossy(&seen.stdout).contains(&format!(":{ino} ")),
+        "the lock shows in the namespace's /proc/locks: nothing to test"
+    );
+    let j = doctor_under(&fx, &unshare, 0);
+    let f = one(
+        &j,
+        "lock",
+        "note",
+        "is running: locked by pid 4242 on builder",
+    );
+    let m = f["message"].as_str().unwrap();
+    assert!(
+        m.contains("deploy from builder pid 4242")
+            && m.contains("(a process /proc/locks does not show: another pid namespace"),
+        "{m}"
+    );
+    assert!(of(&j, "lock", "ok").is_empty(), "{j:#}");
+    // Let go: the same doctor says nobody holds it, and took no lock of its own.
+    drop(lock);
+    let j = doctor_under(&fx, &unshare, 0);
+    one(&j, "lock", "ok", "no deploy is running");
+    src.file("index.php", "v3\n", 0o644);
+    fx.deploy(&src, &[]);
+    assert_eq!(fx.current_link(), "releases/3");
 }
 
 #[test]

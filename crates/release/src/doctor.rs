@@ -379,14 +379,19 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
             "releases",
             Severity::Note,
             format!(
-                "{} left by an interrupted or running deploy or prune ({}); the next deploy or prune removes it",
+                "{}{} {} of a deploy or prune that was interrupted or is running; the next deploy or prune removes {}",
                 interrupted
                     .iter()
                     .take(NAMED)
                     .map(|n| format!("{RELEASES}/{n}"))
                     .collect::<Vec<_>>()
                     .join(", "),
-                if interrupted.len() == 1 { "it is" } else { "they are" }
+                match interrupted.len().saturating_sub(NAMED) {
+                    0 => String::new(),
+                    n => format!(" and {n} more"),
+                },
+                if interrupted.len() == 1 { "is what is left" } else { "are what is left" },
+                if interrupted.len() == 1 { "it" } else { "them" }
             ),
         ));
     }
@@ -853,56 +858,112 @@ fn check_state_files(root: &Root, out: &mut Vec<Finding>) {
 }
 
 /// Who holds the deploy lock: the kernel's list of `flock`s (`/proc/locks`) names the lock
-/// file's inode when someone holds it; the lock file says who. The lock is never taken.
+/// file's inode when someone holds it; the lock file says who. `/proc/locks` leaves out the
+/// locks of processes this one cannot see (another pid namespace: a deploy from the host seen
+/// by a doctor in a container, or the reverse), so when it names no holder, the kernel is asked
+/// directly: a shared lock, non-blocking, let go at once (a deploy that starts at that moment
+/// tries its lock again for a second). The lock file is looked at through the descriptor
+/// opened (never through a symlink), so a file swapped in meanwhile is not what is asked about.
 fn check_lock(root: &Root, out: &mut Vec<Finding>) {
     use std::os::unix::fs::MetadataExt;
     let path = root.path().join(STATE).join("lock");
-    // Missing, or of another type (`state` says so): nobody can hold it.
-    let Some(m) = fsutil::lstat_or_none(&path).filter(|m| m.is_file()) else {
-        out.push(Finding::new("lock", Severity::Ok, "no deploy is running"));
-        return;
+    let none = |out: &mut Vec<Finding>| {
+        out.push(Finding::new("lock", Severity::Ok, "no deploy is running"))
     };
-    let read = fsutil::read_optional_limited(&path, 64 * 1024);
+    // Missing, or of another type (`state` says so): nobody can hold it.
+    let Some(seen) = fsutil::lstat_or_none(&path).filter(|m| m.is_file()) else {
+        return none(out);
+    };
     // The lock file is private to the user who deploys (0600): another user (root's doctor
     // of a target a deploy user owns is fine; the reverse is not) sees that a deploy runs,
     // and its pid, but not who it is.
-    let unreadable = matches!(&read, Err(Error::Io { source, .. })
-        if source.kind() == std::io::ErrorKind::PermissionDenied);
-    let holder = read.ok().flatten().and_then(|b| {
+    let (file, m) = match fsutil::open_with("read", &fsutil::read_own(), &path) {
+        Ok(f) => match f.metadata() {
+            Ok(m) if m.is_file() => (Some(f), m),
+            // Swapped for another type since the look: not a lock anyone holds.
+            _ => return none(out),
+        },
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            (None, seen)
+        }
+        // Gone or swapped for a symlink since the look.
+        Err(_) => return none(out),
+    };
+    let holder = file.as_ref().and_then(|f| {
+        use std::io::Read;
+        let mut b = Vec::new();
+        f.take(64 * 1024).read_to_end(&mut b).ok()?;
         serde_json::Deserializer::from_slice(&b)
             .into_iter::<Holder>()
             .next()?
             .ok()
     });
-    let text = match read_limited("/proc/locks", PROC_LOCKS_MAX) {
-        Some(t) => t,
-        None => {
-            out.push(Finding::new(
-                "lock",
-                Severity::Note,
-                "cannot tell whether a deploy is running (no /proc/locks)",
-            ));
-            return;
-        }
-    };
-    let dev = (libc::major(m.dev()) as u64, libc::minor(m.dev()) as u64);
-    if let Some(pid) = holder_pid(&text, m.ino(), dev, holder.as_ref().map(|h| h.pid)) {
-        let who = match holder {
-            Some(h) => h.to_string(),
-            None if unreadable => format!(
-                "pid {pid} (who it is, this user cannot read: {} is private to {})",
-                path.display(),
-                user_name(m.uid())
-            ),
-            None => "another flip process (it has not written its name yet)".to_string(),
-        };
+    let running = |out: &mut Vec<Finding>, who: String| {
         out.push(Finding::new(
             "lock",
             Severity::Note,
             format!("a deploy, rollback, activate or prune is running: locked by {who}; what it stages or removes may show above"),
-        ));
-    } else {
-        out.push(Finding::new("lock", Severity::Ok, "no deploy is running"));
+        ))
+    };
+    let dev = (libc::major(m.dev()) as u64, libc::minor(m.dev()) as u64);
+    let listed = read_limited("/proc/locks", PROC_LOCKS_MAX);
+    let pid = listed.as_deref().and_then(|text| {
+        holder_pid(text, m.ino(), dev, holder.as_ref().map(|h| h.pid)).map(str::to_string)
+    });
+    match (pid, file, holder) {
+        (Some(_), _, Some(h)) => running(out, h.to_string()),
+        (Some(pid), None, None) => running(
+            out,
+            format!(
+                "pid {pid} (who it is, this user cannot read: {} is private to {})",
+                path.display(),
+                user_name(m.uid())
+            ),
+        ),
+        (Some(_), Some(_), None) => running(
+            out,
+            "another flip process (it has not written its name yet)".to_string(),
+        ),
+        (None, Some(f), holder) => match crate::lock::flock(&f, libc::LOCK_SH | libc::LOCK_NB) {
+            // Free (the shared lock goes with the descriptor, now).
+            Ok(true) => none(out),
+            Ok(false) => {
+                let unseen = match listed {
+                    Some(_) => "a process /proc/locks does not show: another pid namespace, a container or the host",
+                    None => "this machine has no /proc/locks to say which process",
+                };
+                let who = match holder {
+                    Some(h) => format!("{h} ({unseen})"),
+                    None => unseen.to_string(),
+                };
+                running(out, who)
+            }
+            Err(e) => out.push(Finding::new(
+                "lock",
+                Severity::Note,
+                format!("cannot tell whether a deploy is running: cannot lock {}: {e}", path.display()),
+            )),
+        },
+        (None, None, _) => match listed {
+            Some(_) => out.push(Finding::new(
+                "lock",
+                Severity::Note,
+                format!(
+                    "no deploy of this machine is running (/proc/locks shows no holder); one in another pid namespace (a container or the host) would not show, and {} is private to {}",
+                    path.display(),
+                    user_name(m.uid())
+                ),
+            )),
+            None => out.push(Finding::new(
+                "lock",
+                Severity::Note,
+                format!(
+                    "cannot tell whether a deploy is running (no /proc/locks, and {} is private to {})",
+                    path.display(),
+                    user_name(m.uid())
+                ),
+            )),
+        },
     }
 }
 
