@@ -390,6 +390,28 @@ fn a_target_that_is_a_symlink_to_nothing_is_named_as_such_and_nothing_is_made() 
         fs::read_link(&link).unwrap(),
         std::path::Path::new("/nonexistent-flip-disk/app")
     );
+    // A symlink to that symlink names both hops; a target below a dangling symlink names it.
+    let outer = fx.path("www");
+    std::os::unix::fs::symlink("app", &outer).unwrap();
+    let o = outer.display().to_string();
+    let below = format!("{o}/site");
+    // (The target is named first: it is not the symlink.)
+    let made = format!("{below}: ");
+    for (args, first) in [
+        (vec!["deploy", src.s(), &o], ""),
+        (vec!["releases", &o], ""),
+        (vec!["deploy", "--mkpath", src.s(), &below], &made),
+        (vec!["releases", &below], &made),
+        (vec!["doctor", &below], &made),
+    ] {
+        let r = fx.flip(&args).code(5);
+        assert_eq!(
+            r.stderr,
+            format!("flip: error: {first}{o} is a symlink to app, a symlink to /nonexistent-flip-disk/app, which does not exist\n"),
+            "{args:?}"
+        );
+    }
+    assert!(!std::path::Path::new("/nonexistent-flip-disk").exists());
 }
 
 #[test]

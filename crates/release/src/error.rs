@@ -62,12 +62,15 @@ pub enum Error {
     Missing(PathBuf),
     /// The target root (path) is a symlink to a directory that does not exist (an unmounted
     /// disk, a path not made yet): refused rather than made through the symlink.
-    #[error("{} is a symlink to {}, which does not exist", .path.display(), .target.display())]
+    /// A symlink to a symlink names each: "PATH is a symlink to A, a symlink to B, which does
+    /// not exist".
+    #[error("{} is a symlink to {}, which does not exist", .path.display(), chain_text(.chain))]
     DanglingSymlink {
-        /// The symlink named as the target.
+        /// The symlink: the target root, or the first of its parents that is one.
         path: PathBuf,
-        /// What it points to, as it says.
-        target: PathBuf,
+        /// What it points to, as it says; then, while that is a symlink too, what that one
+        /// points to, and so on (at most 40): the last one does not exist.
+        chain: Vec<PathBuf>,
     },
     /// The directory (path) has other content and no `.flip/`.
     #[error("{} is not empty and is not a flip target (no .flip/ inside); deploy into a new or empty directory", .0.display())]
@@ -266,4 +269,13 @@ fn more_text(more: usize) -> String {
         0 => String::new(),
         n => format!(", and {n} more"),
     }
+}
+
+/// The hops of a symlink chain as [`Error::DanglingSymlink`] tells them: `A, a symlink to B`.
+fn chain_text(chain: &[PathBuf]) -> String {
+    chain
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", a symlink to ")
 }

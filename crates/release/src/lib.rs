@@ -1248,17 +1248,49 @@ impl Root {
     }
 }
 
-/// [`Error::Missing`] for `dir`, which is not there; or [`Error::DanglingSymlink`] when `dir`
-/// is a symlink to nothing (`ls` shows it: "does not exist" would send the reader looking for a
-/// typo).
+/// [`Error::Missing`] for `dir`, which is not there; or [`Error::DanglingSymlink`] when `dir`,
+/// or the first of its parents that is missing, is a symlink to nothing (`ls` shows it: "does
+/// not exist" would send the reader looking for a typo).
 fn missing_error(dir: &Path) -> Error {
-    match fsutil::read_link(dir) {
-        Ok(target) => Error::DanglingSymlink {
-            path: dir.to_path_buf(),
-            target,
-        },
-        _ => Error::Missing(dir.to_path_buf()),
+    for a in dir.ancestors().take_while(|a| !a.as_os_str().is_empty()) {
+        match fsutil::lstat_or_none(a) {
+            Some(m) if m.file_type().is_symlink() => {
+                if let Some(chain) = dangling_chain(a) {
+                    return Error::DanglingSymlink {
+                        path: a.to_path_buf(),
+                        chain,
+                    };
+                }
+                break;
+            }
+            // There: whatever is missing is below it.
+            Some(_) => break,
+            None => {}
+        }
     }
+    Error::Missing(dir.to_path_buf())
+}
+
+/// What the symlink `link` points to, hop by hop (each as the link says), when the last one
+/// does not exist; `None` when the chain ends at something that exists, or could not be read,
+/// or is longer than the kernel follows (40).
+fn dangling_chain(link: &Path) -> Option<Vec<PathBuf>> {
+    let mut chain = Vec::new();
+    let mut at = link.to_path_buf();
+    while chain.len() < 40 {
+        let to = fsutil::read_link(&at).ok()?;
+        let next = match at.parent() {
+            Some(p) if to.is_relative() => p.join(&to),
+            _ => to.clone(),
+        };
+        chain.push(to);
+        match fsutil::lstat_or_none(&next) {
+            None => return Some(chain),
+            Some(m) if m.file_type().is_symlink() => at = next,
+            Some(_) => return None,
+        }
+    }
+    None
 }
 
 /// Refuses a new target `dir` below what an enclosing flip target keeps (`releases/`,
