@@ -117,7 +117,7 @@ pub struct DeployArgs {
     pub target: Option<String>,
     /// A note stored with the release and shown by `flip releases` (one line of text, at most
     /// 200 characters; `flip activate ENV LABEL` finds releases by it).
-    #[arg(long, value_name = "TEXT", value_parser = label)]
+    #[arg(long, value_name = "TEXT", value_parser = LabelParser)]
     pub label: Option<String>,
     /// Leave out paths matching this gitignore-style pattern (repeatable), on top of the patterns
     /// of SOURCE/.flipignore (which is read, never written).
@@ -332,33 +332,64 @@ pub struct Blake3Args {
     pub files: Vec<PathBuf>,
 }
 
-/// The clap definition of flip, with the generated parts of its help (the exit codes): the one
-/// definition behind parsing, `flip completions` and `flip man`.
 /// `--label TEXT`: one line of text an operator can read back and type, so `flip releases`
 /// shows it as given and `flip activate ENV LABEL` can name it: not empty, at most
-/// [`LABEL_MAX`] characters, no control characters (a newline, an escape sequence).
-fn label(s: &str) -> Result<String, String> {
-    if s.trim().is_empty() {
-        return Err("a label is some text, not empty".into());
+/// [`LABEL_MAX`] characters, no space at either end, no control characters (a newline, an
+/// escape sequence) and none of the characters a terminal shows as nothing or elsewhere
+/// ([`crate::output::hidden`]: a zero-width space, a right-to-left override). The error never
+/// repeats the value (clap's "invalid value '...'" would print it raw).
+#[derive(Clone)]
+struct LabelParser;
+
+impl clap::builder::TypedValueParser for LabelParser {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let refuse = |why: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("--label: {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let s = value
+            .to_str()
+            .ok_or_else(|| refuse("a label is text (UTF-8)".into()))?;
+        label_problem(s).map_or(Ok(s.to_string()), |why| Err(refuse(why)))
     }
-    if let Some(c) = s.chars().find(|c| c.is_control()) {
-        return Err(format!(
-            "a label is one line of text; this one holds the control character {:?}",
-            c
+}
+
+/// Why `s` is no label (see [`LabelParser`]), if it is not.
+fn label_problem(s: &str) -> Option<String> {
+    if s.trim().is_empty() {
+        return Some("a label is some text, not empty".into());
+    }
+    if s.trim() != s {
+        return Some("a label has no space at its start or end".into());
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|&c| c.is_control() || crate::output::hidden(c))
+    {
+        return Some(format!(
+            "a label is one line of text that shows as it is; this one holds {}",
+            crate::output::escape(&c.to_string())
         ));
     }
     let n = s.chars().count();
-    if n > LABEL_MAX {
-        return Err(format!(
-            "a label is at most {LABEL_MAX} characters; this one has {n}"
-        ));
-    }
-    Ok(s.to_string())
+    (n > LABEL_MAX).then(|| format!("a label is at most {LABEL_MAX} characters; this one has {n}"))
 }
 
 /// The longest `--label`, in characters (a git describe with a branch name fits many times).
 pub const LABEL_MAX: usize = 200;
 
+/// The clap definition of flip, with the generated parts of its help (the exit codes): the one
+/// definition behind parsing, `flip completions` and `flip man`.
 pub fn command() -> clap::Command {
     Cli::command().after_help(format!(
         "Targets: a local directory (/srv/app), [user@]host:/path or ssh://[user@]host[:port]/path; or ENV, every target of environment ENV of flip.toml.\n{}",

@@ -163,33 +163,41 @@ fn escaped(s: &str, backslashes: bool) -> std::borrow::Cow<'_, str> {
 }
 
 /// The characters a terminal shows as nothing or in the wrong place, escaped so a name reads
-/// as the bytes it holds:
-/// - the ones that change the order text is shown in (Unicode's explicit directional
+/// as the characters it holds: Unicode's Default_Ignorable_Code_Point set (DerivedCoreProperties
+/// of the Unicode Character Database: what a renderer shows as nothing when it has no glyph),
+/// which holds
+/// - the characters that change the order text is shown in (Unicode's explicit directional
 ///   formatting characters, UAX #9: embeddings, overrides, isolates and the implicit marks): a
 ///   file name holding U+202E (right-to-left override) shows `invoice\u{202e}gnp.php` as
 ///   `invoicephp.png` (the "Trojan Source" trick, CVE-2021-42574);
-/// - the line and paragraph separators U+2028 and U+2029, which some terminals and log viewers
-///   break lines at, so a name could start a forged line;
-/// - the invisible format characters (zero-width space, joiners, word joiner, invisible
-///   operators, the byte order mark, the soft hyphen, the Mongolian vowel separator, the
-///   deprecated format controls U+206A–U+206F, the interlinear annotation marks and the tag
-///   characters U+E0000–U+E007F): `config\u{200b}.php` is not `config.php`, though it shows
-///   as it.
+/// - the invisible ones: zero-width space and joiners, word joiner, invisible operators, the
+///   byte order mark, the soft hyphen, the Hangul fillers, variation selectors, the tag
+///   characters: `config\u{200b}.php` is not `config.php`, though it shows as it;
 ///
-/// Emoji variation selectors and scripts' own letters are left as they are: they show.
-fn hidden(c: char) -> bool {
+/// and besides the line and paragraph separators U+2028 and U+2029, which some terminals and
+/// log viewers break lines at, and the interlinear annotation marks U+FFF9–U+FFFB. Text that
+/// needs a joiner (an emoji sequence, some Persian or Indic names) shows it escaped: a name is
+/// told apart from another before it is pretty.
+pub fn hidden(c: char) -> bool {
     matches!(
         c,
         '\u{00ad}'
+            | '\u{034f}'
             | '\u{061c}'
-            | '\u{180e}'
+            | '\u{115f}'..='\u{1160}'
+            | '\u{17b4}'..='\u{17b5}'
+            | '\u{180b}'..='\u{180f}'
             | '\u{200b}'..='\u{200f}'
             | '\u{2028}'..='\u{202e}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{206f}'
+            | '\u{2060}'..='\u{206f}'
+            | '\u{3164}'
+            | '\u{fe00}'..='\u{fe0f}'
             | '\u{feff}'
-            | '\u{fff9}'..='\u{fffb}'
-            | '\u{e0000}'..='\u{e007f}'
+            | '\u{ffa0}'
+            | '\u{fff0}'..='\u{fffb}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0000}'..='\u{e0fff}'
     )
 }
 
@@ -345,10 +353,11 @@ mod tests {
             "a\\u{2028}b\\u{2029}c\\u{feff}d\\u{00ad}e\\u{2060}"
         );
         assert_eq!(printable("tag\u{e0041}"), "tag\\u{e0041}");
-        // Letters of any script, accents and emoji (with their variation selector) show.
         assert_eq!(
-            printable("café-日本-❤\u{fe0f}.php"),
-            "café-日本-❤\u{fe0f}.php"
+            printable("\u{3164}\u{115f}x\u{fe0f}\u{e0100}"),
+            "\\u{3164}\\u{115f}x\\u{fe0f}\\u{e0100}"
         );
+        // Letters of any script, accents and emoji show.
+        assert_eq!(printable("café-日本-❤.php"), "café-日本-❤.php");
     }
 }

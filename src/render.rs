@@ -59,7 +59,7 @@ fn report_text(r: &HostReport, state: HostState, itemize: bool) {
     let label = r
         .label
         .as_deref()
-        .map(|l| format!(" ({})", output::printable(l)))
+        .map(|l| format!(" ({})", output::escape(l)))
         .unwrap_or_default();
     if r.unchanged {
         note!(
@@ -263,7 +263,7 @@ pub fn environment(env: &str, d: &Deployment, itemize: bool, json: bool) -> Code
         let label = d
             .label
             .as_deref()
-            .map(|l| format!(" {}", output::printable(l)))
+            .map(|l| format!(" {}", output::escape(l)))
             .unwrap_or_default();
         let all = match d.hosts.len() {
             1 => "its one target".to_string(),
@@ -441,7 +441,7 @@ pub fn switch(env: &str, verb: &str, out: Vec<flip_deploy::SwitchOutcome>, json:
                     o.target,
                     o.label
                         .as_deref()
-                        .map(|l| format!(" ({})", output::printable(l)))
+                        .map(|l| format!(" ({})", output::escape(l)))
                         .unwrap_or_default(),
                     o.previous
                         .map(|p| format!(" (was {p})"))

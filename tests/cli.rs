@@ -200,8 +200,9 @@ fn man_page_is_roff_with_every_command() {
 }
 
 /// A label is one line of text an operator can read back and type (`flip activate ENV
-/// LABEL`): empty, multi-line, control characters or more than 200 characters are usage
-/// errors (exit 2) before anything is touched.
+/// LABEL`): empty, spaces at either end, control characters, characters that show as nothing
+/// or more than 200 characters are usage errors (exit 2) before anything is touched, and the
+/// error does not repeat the value (an escape sequence in it would reach the terminal).
 #[test]
 fn a_label_that_is_not_one_line_of_text_is_a_usage_error() {
     let fx = Fx::new();
@@ -211,19 +212,39 @@ fn a_label_that_is_not_one_line_of_text_is_a_usage_error() {
     for (label, why) in [
         ("", "a label is some text, not empty"),
         ("  ", "a label is some text, not empty"),
+        ("v1 ", "a label has no space at its start or end"),
         (
             "v1\nv2",
-            "a label is one line of text; this one holds the control character '\\n'",
+            "a label is one line of text that shows as it is; this one holds \\n",
         ),
         (
             "\u{1b}[2J",
-            "this one holds the control character '\\u{1b}'",
+            "a label is one line of text that shows as it is; this one holds \\x1b",
+        ),
+        (
+            "v1\u{200b}",
+            "a label is one line of text that shows as it is; this one holds \\u{200b}",
+        ),
+        (
+            "v1\u{2028}v2",
+            "a label is one line of text that shows as it is; this one holds \\u{2028}",
         ),
         (&long, "a label is at most 200 characters; this one has 201"),
     ] {
-        fx.flip(&["deploy", "--label", label, src.s(), fx.root_str()])
+        let r = fx
+            .flip(&["deploy", "--label", label, src.s(), fx.root_str()])
             .code(2)
-            .stderr_has(why);
+            .stderr_has(&format!("error: --label: {why}"));
+        assert!(!r.stderr.contains('\u{1b}'), "{:?}", r.stderr);
+        let j = fx
+            .flip(&["deploy", "--json", "--label", label, src.s(), fx.root_str()])
+            .code(2)
+            .json();
+        assert_eq!(
+            j["error"]["message"],
+            format!("--label: {why}"),
+            "{label:?}"
+        );
     }
     assert!(!fx.root.exists(), "nothing made");
     let ok = "x".repeat(200);

@@ -630,11 +630,18 @@ fn a_lock_held_by_another_user_is_reported_with_its_pid_and_why_the_name_is_miss
 /// deploy held the lock. When `/proc/locks` names no holder, the doctor asks the kernel itself.
 #[test]
 fn a_lock_held_from_another_pid_namespace_is_still_seen() {
-    if !am_root() {
-        eprintln!("skipped: needs root to make a pid namespace (CI is root)");
+    let unshare = ["/usr/bin/unshare", "--pid", "--fork", "--mount-proc"];
+    let can = Command::new(unshare[0])
+        .args(&unshare[1..])
+        .arg("true")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !am_root() || !can {
+        eprintln!(
+            "skipped: cannot make a pid namespace here (needs root with CAP_SYS_ADMIN, as CI has)"
+        );
         return;
     }
-    let unshare = ["/usr/bin/unshare", "--pid", "--fork", "--mount-proc"];
     let fx = Fx::new();
     let src = deployed(&fx);
     let lock = fs::OpenOptions::new()
@@ -659,10 +666,12 @@ fn a_lock_held_from_another_pid_namespace_is_still_seen() {
         .unwrap();
     assert!(seen.status.success());
     let ino = std::os::unix::fs::MetadataExt::ino(&lock.metadata().unwrap());
-    assert!(
-        !String::from_utf8_lossy(&seen.stdout).contains(&format!(":{ino} ")),
-        "the lock shows in the namespace's /proc/locks: nothing to test"
-    );
+    if String::from_utf8_lossy(&seen.stdout).contains(&format!(":{ino} ")) {
+        eprintln!(
+            "skipped: this kernel's /proc/locks shows locks of other pid namespaces (before 4.9)"
+        );
+        return;
+    }
     let j = doctor_under(&fx, &unshare, 0);
     let f = one(
         &j,
@@ -673,11 +682,12 @@ fn a_lock_held_from_another_pid_namespace_is_still_seen() {
     let m = f["message"].as_str().unwrap();
     assert!(
         m.contains("deploy from builder pid 4242")
-            && m.contains("(a process /proc/locks does not show: another pid namespace"),
+            && m.contains("(a process /proc/locks does not show: it runs in another pid namespace"),
         "{m}"
     );
     assert!(of(&j, "lock", "ok").is_empty(), "{j:#}");
-    // Let go: the same doctor says nobody holds it, and took no lock of its own.
+    // Let go: the same doctor says nobody holds it, and keeps no lock of its own (the deploy
+    // after it takes the lock at once).
     drop(lock);
     let j = doctor_under(&fx, &unshare, 0);
     one(&j, "lock", "ok", "no deploy is running");

@@ -1,5 +1,5 @@
 //! The agent's side of `flip doctor` ([`flip_wire::Request::Doctor`]): the target's findings on
-//! disk ([`flip_release::doctor`]: read-only, no lock, bounded), plus, when `php` is on the
+//! disk ([`flip_release::doctor`]: read-only, never waiting for the lock, bounded), plus, when `php` is on the
 //! agent's PATH, the OPcache and realpath cache settings that decide whether PHP serves the
 //! new release after a swap (the README's "OPcache and the realpath cache").
 

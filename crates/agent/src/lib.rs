@@ -410,6 +410,7 @@ pub fn serve_stdio(root: &Path, idle: Option<Duration>, mkpath: bool) -> Result<
     flip_release::fault_scope(root);
     // SAFETY: fds 0 and 1 are open for the whole life of the agent and owned by nothing else.
     let (input, output) = unsafe { (std::fs::File::from_raw_fd(0), std::fs::File::from_raw_fd(1)) };
+    SERVING_STDIO.store(true, std::sync::atomic::Ordering::Relaxed);
     std::thread::spawn(watch_client);
     serve_with(
         Box::new(Idle { file: input, idle }),
@@ -417,6 +418,25 @@ pub fn serve_stdio(root: &Path, idle: Option<Duration>, mkpath: bool) -> Result<
         root,
         mkpath,
     )
+}
+
+/// Set by [`serve_stdio`]: the session's output is this process's stdout.
+static SERVING_STDIO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a small write to the client now could block: stdout (when the session is served on
+/// it) has no room. (A pipe or socket with room takes a small frame whole.)
+fn output_would_block() -> bool {
+    if !SERVING_STDIO.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    let mut pfd = libc::pollfd {
+        fd: 1,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own, count 1, no waiting.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n == 0 || (n > 0 && pfd.revents & libc::POLLOUT == 0)
 }
 
 /// Waits until nobody reads the agent's stdout any more (the client was killed, or its
@@ -809,7 +829,8 @@ impl Session {
                 mode,
                 owner,
             } => self.set_shared(dirs, files, writable, mode, owner)?,
-            // Read-only and without the lock: a running deploy is reported, never waited for.
+            // Read-only, never holding the lock (at most a shared look, let go at once): a running
+            // deploy is reported, never waited for.
             Request::Doctor => doctor::answer(&self.root_path)?,
             Request::StreamStart { files, bytes } => {
                 self.stream_start(files, bytes)?;
@@ -869,7 +890,15 @@ impl Session {
             what: format!("{} from {} pid {}", holder.what, holder.host, holder.pid),
             run: Some(holder.run).filter(|r| !r.is_empty()),
         };
+        let mut first = true;
         let mut told = |h: &str| {
+            // Repeats (every few seconds while the holder keeps the lock) only when the write
+            // cannot block: a client still writing what it queued after the lock reads nothing
+            // until it is done, and a full pipe would stop this agent here for good.
+            if !first && output_would_block() {
+                return;
+            }
+            first = false;
             let _ = tx.send(&Response::Waiting {
                 holder: h.to_string(),
             });

@@ -1,5 +1,6 @@
-//! `flip doctor`'s look at a target on disk: read-only (it never takes the lock, writes nothing
-//! and changes no mode), bounded (the walk inspects at most [`DoctorOptions::max_entries`]
+//! `flip doctor`'s look at a target on disk: read-only (it never waits for or keeps the lock:
+//! at most a shared lock let go at once, see `check_lock`; it writes nothing and changes no
+//! mode), bounded (the walk inspects at most [`DoctorOptions::max_entries`]
 //! entries and [`MAX_DEPTH`] levels, and says when it stopped) and never following a symlink:
 //! every directory is opened relative to its parent's descriptor with `O_NOFOLLOW`.
 //!
@@ -15,7 +16,8 @@
 //!   append-only), and the ones the last cleanup recorded;
 //! - `space`: free space (and inodes) on the target's filesystem for one more release as large
 //!   as the live one;
-//! - `lock`: who holds the deploy lock, read from `/proc/locks` without taking it;
+//! - `lock`: who holds the deploy lock, read from `/proc/locks` and the lock file (asked of the
+//!   kernel with a shared lock let go at once when `/proc/locks` names no holder);
 //! - `state`: flip's files in `.flip/` of another type, or (the lock and the log) hard-linked
 //!   to another file, which the next command that takes the lock replaces.
 
@@ -859,11 +861,12 @@ fn check_state_files(root: &Root, out: &mut Vec<Finding>) {
 
 /// Who holds the deploy lock: the kernel's list of `flock`s (`/proc/locks`) names the lock
 /// file's inode when someone holds it; the lock file says who. `/proc/locks` leaves out the
-/// locks of processes this one cannot see (another pid namespace: a deploy from the host seen
-/// by a doctor in a container, or the reverse), so when it names no holder, the kernel is asked
-/// directly: a shared lock, non-blocking, let go at once (a deploy that starts at that moment
-/// tries its lock again for a second). The lock file is looked at through the descriptor
-/// opened (never through a symlink), so a file swapped in meanwhile is not what is asked about.
+/// locks of processes outside this one's pid namespace (a doctor run in a container does not
+/// see a deploy run from the host or from another container), so when it names no holder, the
+/// kernel is asked directly: a shared lock, non-blocking, let go at once (a deploy that meets
+/// it then looks again before it believes the lock taken). The lock file is looked at through
+/// the descriptor opened (never through a symlink), so a file swapped in meanwhile is not what
+/// is asked about.
 fn check_lock(root: &Root, out: &mut Vec<Finding>) {
     use std::os::unix::fs::MetadataExt;
     let path = root.path().join(STATE).join("lock");
@@ -877,17 +880,24 @@ fn check_lock(root: &Root, out: &mut Vec<Finding>) {
     // The lock file is private to the user who deploys (0600): another user (root's doctor
     // of a target a deploy user owns is fine; the reverse is not) sees that a deploy runs,
     // and its pid, but not who it is.
-    let (file, m) = match fsutil::open_with("read", &fsutil::read_own(), &path) {
+    let (file, m, unread) = match fsutil::open_with("read", &fsutil::read_own(), &path) {
         Ok(f) => match f.metadata() {
-            Ok(m) if m.is_file() => (Some(f), m),
+            Ok(m) if m.is_file() => (Some(f), m, String::new()),
             // Swapped for another type since the look: not a lock anyone holds.
             _ => return none(out),
         },
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied => {
-            (None, seen)
+        Err(Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound
+                || source.raw_os_error() == Some(libc::ELOOP) =>
+        {
+            // Gone, or swapped for a symlink, since the look.
+            return none(out);
         }
-        // Gone or swapped for a symlink since the look.
-        Err(_) => return none(out),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            let why = format!("{} is private to {}", path.display(), user_name(seen.uid()));
+            (None, seen, why)
+        }
+        Err(e) => (None, seen, e.to_string()),
     };
     let holder = file.as_ref().and_then(|f| {
         use std::io::Read;
@@ -905,65 +915,63 @@ fn check_lock(root: &Root, out: &mut Vec<Finding>) {
             format!("a deploy, rollback, activate or prune is running: locked by {who}; what it stages or removes may show above"),
         ))
     };
+    let cannot_tell = |out: &mut Vec<Finding>, why: String| {
+        out.push(Finding::new(
+            "lock",
+            Severity::Note,
+            format!("cannot tell whether a deploy is running: {why}"),
+        ))
+    };
     let dev = (libc::major(m.dev()) as u64, libc::minor(m.dev()) as u64);
-    let listed = read_limited("/proc/locks", PROC_LOCKS_MAX);
-    let pid = listed.as_deref().and_then(|text| {
-        holder_pid(text, m.ino(), dev, holder.as_ref().map(|h| h.pid)).map(str::to_string)
-    });
-    match (pid, file, holder) {
-        (Some(_), _, Some(h)) => running(out, h.to_string()),
-        (Some(pid), None, None) => running(
+    let listed_pid = || {
+        let text = read_limited("/proc/locks", PROC_LOCKS_MAX)?;
+        let pid = holder_pid(&text, m.ino(), dev, holder.as_ref().map(|h| h.pid));
+        Some(pid.map(str::to_string))
+    };
+    // `None`: no /proc/locks; `Some(None)`: it names no holder.
+    let listed = listed_pid();
+    let seen_holder = |out: &mut Vec<Finding>, pid: String| match (&holder, &file) {
+        (Some(h), _) => running(out, h.to_string()),
+        (None, None) => running(
             out,
-            format!(
-                "pid {pid} (who it is, this user cannot read: {} is private to {})",
-                path.display(),
-                user_name(m.uid())
-            ),
+            format!("pid {pid} (who it is, this user cannot read: {unread})"),
         ),
-        (Some(_), Some(_), None) => running(
+        (None, Some(_)) => running(
             out,
             "another flip process (it has not written its name yet)".to_string(),
         ),
-        (None, Some(f), holder) => match crate::lock::flock(&f, libc::LOCK_SH | libc::LOCK_NB) {
-            // Free (the shared lock goes with the descriptor, now).
-            Ok(true) => none(out),
-            Ok(false) => {
-                let unseen = match listed {
-                    Some(_) => "a process /proc/locks does not show: another pid namespace, a container or the host",
-                    None => "this machine has no /proc/locks to say which process",
-                };
-                let who = match holder {
-                    Some(h) => format!("{h} ({unseen})"),
-                    None => unseen.to_string(),
-                };
-                running(out, who)
+    };
+    if let Some(Some(pid)) = listed {
+        return seen_holder(out, pid);
+    }
+    let Some(f) = &file else {
+        return match listed {
+            Some(_) => cannot_tell(
+                out,
+                format!("/proc/locks shows no holder, but one in another pid namespace (a doctor in a container does not see the host's) would not show, and {unread}"),
+            ),
+            None => cannot_tell(out, format!("no /proc/locks, and {unread}")),
+        };
+    };
+    match crate::lock::flock(f, libc::LOCK_SH | libc::LOCK_NB) {
+        // Free (the shared lock goes with the descriptor, now).
+        Ok(true) => none(out),
+        Ok(false) => {
+            // Taken meanwhile by a deploy /proc/locks does show?
+            if let Some(Some(pid)) = listed_pid() {
+                return seen_holder(out, pid);
             }
-            Err(e) => out.push(Finding::new(
-                "lock",
-                Severity::Note,
-                format!("cannot tell whether a deploy is running: cannot lock {}: {e}", path.display()),
-            )),
-        },
-        (None, None, _) => match listed {
-            Some(_) => out.push(Finding::new(
-                "lock",
-                Severity::Note,
-                format!(
-                    "no deploy of this machine is running (/proc/locks shows no holder); one in another pid namespace (a container or the host) would not show, and {} is private to {}",
-                    path.display(),
-                    user_name(m.uid())
-                ),
-            )),
-            None => out.push(Finding::new(
-                "lock",
-                Severity::Note,
-                format!(
-                    "cannot tell whether a deploy is running (no /proc/locks, and {} is private to {})",
-                    path.display(),
-                    user_name(m.uid())
-                ),
-            )),
-        },
+            let unseen = match listed {
+                Some(_) => "a process /proc/locks does not show: it runs in another pid namespace (the host's, or another container's)",
+                None => "this machine has no /proc/locks to say which process",
+            };
+            let who = match &holder {
+                Some(h) => format!("{h} ({unseen})"),
+                None => unseen.to_string(),
+            };
+            running(out, who)
+        }
+        Err(e) => cannot_tell(out, format!("cannot lock {}: {e}", path.display())),
     }
 }
 
@@ -973,8 +981,9 @@ fn check_lock(root: &Root, out: &mut Vec<Finding>) {
 fn holder_pid(text: &str, ino: u64, dev: (u64, u64), pid: Option<u32>) -> Option<&str> {
     text.lines().find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().filter(|f| *f != "->").collect();
-        // "1:" "FLOCK" "ADVISORY" "WRITE" PID "MAJ:MIN:INO" START END
-        if f.len() < 6 || f[1] != "FLOCK" {
+        // "1:" "FLOCK" "ADVISORY" "WRITE" PID "MAJ:MIN:INO" START END; a deploy holds it
+        // exclusively (WRITE), a doctor's look is shared (READ).
+        if f.len() < 6 || f[1] != "FLOCK" || f[3] != "WRITE" {
             return None;
         }
         let mut id = f[5].split(':');

@@ -81,6 +81,7 @@ pub(crate) fn acquire(
         wait,
         told: None,
         at: std::time::Instant::now(),
+        every: RETELL,
     };
     let busy = || Held {
         key: "busy".into(),
@@ -438,9 +439,14 @@ pub(crate) fn flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
 fn holder_or_free(file: &mut File, path: &Path) -> Result<Option<Held>> {
     let host = crate::hostname();
     let mut last = None;
-    for _ in 0..40 {
+    for i in 0..40 {
         match read_holder(file) {
-            Some(h) if h.host != host || pid_alive(h.pid) => return Ok(Some(Held::of(&h))),
+            // Looked at again for a while first: a doctor's look at the lock (a shared lock,
+            // let go at once) fails a `LOCK_EX` for an instant, while the file still names
+            // the last holder.
+            Some(h) if i >= GRACE && (h.host != host || pid_alive(h.pid)) => {
+                return Ok(Some(Held::of(&h)))
+            }
             Some(h) => last = Some(h),
             None => {}
         }
@@ -458,6 +464,10 @@ fn holder_or_free(file: &mut File, path: &Path) -> Result<Option<Held>> {
         },
     }))
 }
+
+/// Looks at a lock found taken (25 ms apart) before its holder is believed: someone who only
+/// looks (`flip doctor`) holds it shared for an instant.
+const GRACE: usize = 4;
 
 /// Who holds the lock, as a waiter tells it.
 struct Held {
@@ -493,12 +503,14 @@ struct Teller<'a> {
     told: Option<(String, String)>,
     /// When it was told.
     at: std::time::Instant,
+    /// How often the same holder is told again ([`RETELL`]).
+    every: std::time::Duration,
 }
 
 impl Teller<'_> {
     /// `held` holds the lock: [`Error::Locked`] for a caller that does not wait; for one that
     /// does, its callback hears the holder when it is new, and the same text again every
-    /// [`RETELL`] while it keeps the lock.
+    /// `every` ([`RETELL`]) while it keeps the lock.
     fn tell(&mut self, held: Held) -> Result<()> {
         let tell = match &mut self.wait {
             Wait::No => return Err(Error::Locked { holder: held.text }),
@@ -506,7 +518,7 @@ impl Teller<'_> {
         };
         match &self.told {
             Some((key, _)) if *key == held.key => {
-                if self.at.elapsed() < RETELL {
+                if self.at.elapsed() < self.every {
                     return Ok(());
                 }
             }
@@ -519,11 +531,11 @@ impl Teller<'_> {
         Ok(())
     }
 
-    /// The holder is unchanged (or could not be read this time): told again once [`RETELL`]
-    /// has passed.
+    /// The holder is unchanged (or could not be read this time): told again once `every` has
+    /// passed.
     fn again(&mut self) {
         if let (Wait::Yes(tell), Some((_, text))) = (&mut self.wait, &self.told) {
-            if self.at.elapsed() >= RETELL {
+            if self.at.elapsed() >= self.every {
                 tell(text);
                 self.at = std::time::Instant::now();
             }
@@ -767,5 +779,68 @@ mod tests {
         assert_eq!(meta(&lock).nlink(), 1);
         assert_eq!(meta(&elsewhere).ino(), ino);
         assert_eq!(meta(&elsewhere).nlink(), 1);
+    }
+
+    /// A waiter hears a holder when it is new, with the text it was first seen with, and the
+    /// same again only once `every` has passed (the age in a holder's text changes every
+    /// second: a client shows a holder once by comparing texts). One that does not wait fails
+    /// with the holder's text.
+    #[test]
+    fn a_waiter_hears_a_new_holder_at_once_and_the_same_one_only_every_interval() {
+        let every = std::time::Duration::from_secs(10);
+        let passed = || std::time::Instant::now().checked_sub(every).unwrap();
+        let held = |key: &str, text: &str| Held {
+            key: key.into(),
+            text: text.into(),
+            run: None,
+        };
+        let mut heard = Vec::new();
+        let mut hear = |h: &str| heard.push(h.to_string());
+        let mut t = Teller {
+            wait: Wait::Yes(&mut hear),
+            told: None,
+            at: std::time::Instant::now(),
+            every,
+        };
+        t.again();
+        t.tell(held("a", "A, 0 s")).unwrap();
+        t.tell(held("a", "A, 1 s")).unwrap();
+        t.again();
+        t.tell(held("b", "B, 0 s")).unwrap();
+        t.at = passed();
+        t.again();
+        t.tell(held("b", "B, 3 s")).unwrap();
+        t.at = passed();
+        t.tell(held("b", "B, 12 s")).unwrap();
+        drop(t);
+        assert_eq!(heard, ["A, 0 s", "B, 0 s", "B, 0 s", "B, 0 s"]);
+        let mut t = Teller {
+            wait: Wait::No,
+            told: None,
+            at: std::time::Instant::now(),
+            every,
+        };
+        assert!(matches!(
+            t.tell(held("a", "A, 0 s")),
+            Err(Error::Locked { holder }) if holder == "A, 0 s"
+        ));
+    }
+
+    /// `flip doctor` looks at a lock with a shared `flock` let go at once: a deploy that
+    /// meets it then, while the lock file still names a holder that looks alive (here this
+    /// very process), takes the lock instead of failing as "locked".
+    #[test]
+    fn a_look_at_the_lock_for_an_instant_does_not_fail_a_deploy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lock = tmp.path().join("lock");
+        drop(acquire(&lock, &me("the last deploy"), Wait::No).unwrap());
+        let doctor = open(&lock).unwrap();
+        assert!(flock(&doctor, libc::LOCK_SH | libc::LOCK_NB).unwrap());
+        let looked = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            drop(doctor);
+        });
+        let (_held, _) = acquire(&lock, &me("this deploy"), Wait::No).unwrap();
+        looked.join().unwrap();
     }
 }
