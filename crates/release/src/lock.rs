@@ -92,9 +92,16 @@ pub(crate) fn acquire(
     // undoing its target, another session replacing a shared lock file) locks nothing: open it
     // again.
     let mut replaced_meanwhile = 0;
-    while replaced_meanwhile < 100 {
-        // A caller that waits stops once nobody waits for it (the agent's client is gone).
+    // A caller that waits stops once nobody waits for it (the agent's client is gone): looked
+    // at before each pause, never before a lock that is free is taken (a session abandoned
+    // right after it made its target still takes the lock, which its teardown needs to undo
+    // the target).
+    let pause = |d: std::time::Duration| -> Result<()> {
         crate::check_abandoned()?;
+        std::thread::sleep(d);
+        crate::check_abandoned()
+    };
+    while replaced_meanwhile < 100 {
         if let Some(m) = crate::fsutil::lstat_or_none(path).filter(|m| !m.is_file()) {
             // Not a file flip made (a symlink, a FIFO, a directory): never opened, replaced.
             let dir = open_dir(dir_path)?;
@@ -109,7 +116,7 @@ pub(crate) fn acquire(
             }
             drop(dir);
             teller.tell(busy())?;
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            pause(std::time::Duration::from_millis(100))?;
             continue;
         }
         let mut file = open(path)?;
@@ -148,15 +155,14 @@ pub(crate) fn acquire(
                 if shared {
                     // Not blocked on an inode another target may hold for long: looked at
                     // again until this target's session is done.
-                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    pause(std::time::Duration::from_millis(100))?;
                     continue;
                 }
                 // Waited for in short steps, not one blocking `flock`: the next holder may be
                 // this caller's own run (it took the lock through another name of this
                 // directory while we waited), which would hold it until we give up.
                 while !flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(io("lock", path))? {
-                    std::thread::sleep(WAIT_STEP);
-                    crate::check_abandoned()?;
+                    pause(WAIT_STEP)?;
                     match read_holder(&mut file) {
                         Some(h) => {
                             same_run(me, h.run.as_deref(), path)?;
@@ -202,7 +208,7 @@ pub(crate) fn acquire(
         }
         drop((file, dir));
         teller.tell(busy())?;
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        pause(std::time::Duration::from_millis(100))?;
     }
     Err(io("lock", path)(std::io::Error::other(
         "the lock file keeps being replaced",
