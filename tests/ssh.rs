@@ -389,6 +389,57 @@ fn agents_serving(root: &str) -> Vec<u32> {
         .collect()
 }
 
+/// `host:~/app`, as scp and rsync users write a path in their home (and `~user/app`): the
+/// client passes the path quoted, so no shell on the server expands the `~`; the agent does.
+/// A deploy with `--mkpath` made a directory literally named `~` in the home instead.
+#[test]
+fn a_path_in_the_servers_home_can_be_written_with_a_tilde() {
+    let w = World::new();
+    let home = PathBuf::from(std::env::var("FLIP_TEST_SERVER_HOME").unwrap_or("/root".into()));
+    let name = format!("flip-test-tilde-{}", std::process::id());
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = home.join(&name);
+    let _cleanup = Cleanup(dir.clone());
+    let literal = home.join("~");
+    let had_literal = literal.exists();
+    let src = w.fx.src("src");
+    site_v1(&src);
+    let port = w.sshd.port();
+    let url = format!("ssh://root@127.0.0.1:{port}/~/{name}/app");
+    w.flip(&["deploy", "--mkpath", src.s(), &url]).success();
+    assert_dir_eq(
+        &dir.join("app/current"),
+        &src.tree(),
+        "deployed in the home",
+    );
+    assert_eq!(
+        literal.exists(),
+        had_literal,
+        "no directory named ~ was made"
+    );
+    // Another user's home (root's own here): the same target.
+    site_v2(&src);
+    let other = format!("ssh://root@127.0.0.1:{port}/~root/{name}/app");
+    let j = w
+        .flip(&["deploy", "--json", src.s(), &other])
+        .success()
+        .json();
+    assert_eq!(num(&j, "/release"), 2, "{j}");
+    assert_dir_eq(&dir.join("app/current"), &src.tree(), "deployed via ~root");
+    // A user that does not exist: the path as written, not found.
+    w.flip(&[
+        "releases",
+        &format!("ssh://root@127.0.0.1:{port}/~no-such-user-flip/app"),
+    ])
+    .code(5)
+    .stderr_has("~no-such-user-flip/app does not exist");
+}
+
 /// A connection dropped in the middle of a transfer: a clear error naming the host, `current`
 /// untouched on the server, and the next deploy succeeds.
 #[test]

@@ -213,7 +213,7 @@ pub fn serve_with(
     let mut tx = FrameWriter::new(Box::new(output));
     let mut s = Session {
         holder,
-        root_path: root.to_path_buf(),
+        root_path: home_expanded(root),
         root: None,
         lock: None,
         stage: None,
@@ -418,6 +418,65 @@ pub fn serve_stdio(root: &Path, idle: Option<Duration>, mkpath: bool) -> Result<
         root,
         mkpath,
     )
+}
+
+/// The target root with a leading `~` expanded as a shell expands it: `~` and `~/x` in the
+/// home of the user the agent runs as (`$HOME`, else the password database), `~name` and
+/// `~name/x` in user `name`'s home (`getpwnam_r`). The client passes the root quoted (no shell
+/// on the server expands it), and `host:~/app` is how scp and rsync users write a path in
+/// their home. Anything else, and a `~name` that names no user, is left as it is (then the
+/// error names the path as written).
+pub fn home_expanded(root: &Path) -> PathBuf {
+    let Some(rest) = root.to_str().and_then(|s| s.strip_prefix('~')) else {
+        return root.to_path_buf();
+    };
+    let (name, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let home = match name {
+        "" => std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| passwd_home(None)),
+        name => passwd_home(Some(name)),
+    };
+    match home {
+        Some(h) if tail.is_empty() => h,
+        Some(h) => h.join(tail),
+        None => root.to_path_buf(),
+    }
+}
+
+/// The home directory of user `name` (or of the user this process runs as), from the password
+/// database; `None` when there is no such user or no home recorded.
+fn passwd_home(name: Option<&str>) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = name.map(std::ffi::CString::new).transpose().ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: an all-zero passwd is a valid value for getpw*_r to overwrite.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r/getpwuid_r fill `pw` and write at most `buf.len()` bytes into `buf`,
+    // both ours and alive for the call; `found` is set to `&pw` or null. The name is
+    // NUL-terminated.
+    let rc = unsafe {
+        match &name {
+            Some(n) => {
+                libc::getpwnam_r(n.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut found)
+            }
+            None => libc::getpwuid_r(
+                libc::geteuid(),
+                &mut pw,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            ),
+        }
+    };
+    if rc != 0 || found.is_null() || pw.pw_dir.is_null() {
+        return None;
+    }
+    // SAFETY: pw_dir points to a NUL-terminated string inside `buf`, alive here.
+    let dir = unsafe { std::ffi::CStr::from_ptr(pw.pw_dir) };
+    (!dir.to_bytes().is_empty()).then(|| PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes())))
 }
 
 /// Set by [`serve_stdio`]: the session's output is this process's stdout.
@@ -1604,4 +1663,32 @@ fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leading_tilde_is_a_home_directory() {
+        let home = PathBuf::from(std::env::var_os("HOME").expect("HOME is set"));
+        let root_home = passwd_home(Some("root")).expect("root has a home");
+        let p = |s: &str| home_expanded(Path::new(s));
+        assert_eq!(p("~"), home);
+        assert_eq!(p("~/"), home);
+        assert_eq!(p("~/sites/app"), home.join("sites/app"));
+        assert_eq!(p("~root"), root_home);
+        assert_eq!(p("~root/app"), root_home.join("app"));
+        // Left as written: no such user, a tilde elsewhere, absolute and relative paths.
+        for s in [
+            "~no-such-user-flip/app",
+            "app~",
+            "a/~/b",
+            "/srv/~app",
+            "app",
+            "./~",
+        ] {
+            assert_eq!(p(s), PathBuf::from(s), "{s}");
+        }
+    }
 }
