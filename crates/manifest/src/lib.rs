@@ -1,6 +1,7 @@
 //! flip's data model, shared by every other crate: a validated relative path ([`RelPath`]), the
 //! entries of a release tree ([`Entry`]), content digests ([`Digest`]) and the [`Manifest`] that
-//! lists a whole tree, with a canonical binary encoding whose blake3 names the tree.
+//! lists a whole tree, with a canonical binary encoding whose blake3 names the tree; and how
+//! names from outside are shown on a terminal ([`text`]).
 //!
 //! This crate does no I/O. Everything that comes from outside (a client, a file on the target) is
 //! validated when it is turned into these types, so code that holds a `RelPath` or a `Manifest` can
@@ -10,6 +11,7 @@
 
 mod encoding;
 mod path;
+pub mod text;
 mod tree;
 
 pub use encoding::{

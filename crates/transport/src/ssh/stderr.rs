@@ -39,10 +39,22 @@ impl<W: Write> PrefixLines<W> {
         self.inner.flush()
     }
 
+    /// Writes the pending line (which ends in a newline) as a terminal can show it: what the
+    /// server wrote is its text, so an escape sequence in it (a hostile server, a login script:
+    /// a cursor move that forges a line, a title or clipboard write) is escaped
+    /// ([`flip_manifest::text::printable`]), as bytes that are not UTF-8 are replaced.
     fn emit(&mut self) -> io::Result<()> {
-        let mut line = Vec::with_capacity(self.prefix.len() + self.partial.len());
+        let body = match self.partial.last() {
+            Some(b'\n') => &self.partial[..self.partial.len() - 1],
+            _ => &self.partial[..],
+        };
+        let text = String::from_utf8_lossy(body);
+        let shown = flip_manifest::text::printable(&text);
+        let mut line = Vec::with_capacity(self.prefix.len() + shown.len() + 1);
         line.extend_from_slice(&self.prefix);
-        line.append(&mut self.partial);
+        line.extend_from_slice(shown.as_bytes());
+        line.push(b'\n');
+        self.partial.clear();
         self.inner.write_all(&line)
     }
 }
@@ -140,6 +152,23 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "web1: hello\nweb1: world\nweb1: \nweb1: last\n"
+        );
+    }
+
+    /// What a server writes to stderr cannot move the cursor, clear the screen, set the
+    /// title or forge a line of its own on the operator's terminal.
+    #[test]
+    fn escape_sequences_from_the_server_are_shown_escaped() {
+        let mut out = Vec::new();
+        {
+            let mut w = PrefixLines::new("web1", &mut out);
+            w.write_all(b"\x1b[2J\x1b]0;pwned\x07done\rweb1: deploy ok\xff\n")
+                .unwrap();
+            w.write_all("a\u{2028}b\u{202e}c".as_bytes()).unwrap();
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "web1: \\x1b[2J\\x1b]0;pwned\\x07done\\rweb1: deploy ok\u{fffd}\nweb1: a\\u{2028}b\\u{202e}c\n"
         );
     }
 
