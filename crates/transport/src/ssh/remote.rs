@@ -711,7 +711,10 @@ fn read_marker(mut stream: AgentStream, host: &str) -> Result<Launch, TransportE
     let mut line = Vec::new();
     let marker = loop {
         line.clear();
-        let n = match reader.read_until(b'\n', &mut line) {
+        // Bounded: output without a newline (a progress bar's `\r`, a server sending bytes
+        // for ever) is noise like any other, not a line to keep reading.
+        let room = (MAX_NOISE - noise.len().min(MAX_NOISE) + MARKER.len() + 4096) as u64;
+        let n = match (&mut reader).take(room).read_until(b'\n', &mut line) {
             Ok(n) => n,
             Err(e) => {
                 return Err(TransportError::Remote {
@@ -742,7 +745,7 @@ fn read_marker(mut stream: AgentStream, host: &str) -> Result<Launch, TransportE
             break String::from_utf8_lossy(rest).trim().to_string();
         }
         noise.extend_from_slice(&line);
-        if noise.len() > MAX_NOISE {
+        if noise.len() > MAX_NOISE || (line.len() as u64 == room && !line.ends_with(b"\n")) {
             return Err(TransportError::Remote {
                 host: host.to_string(),
                 phase: "starting the agent".to_string(),
@@ -1233,6 +1236,40 @@ mod tests {
             *agent_got.lock().unwrap() == *data,
             "the agent got other bytes"
         );
+    }
+
+    /// A login that writes without a newline before the launcher's marker (a progress bar's
+    /// `\r`, a server sending bytes for ever) is refused once it passes the noise bound; the
+    /// client no longer keeps reading one endless line into memory.
+    #[test]
+    fn output_without_a_newline_before_the_marker_is_bounded() {
+        let endless = io::repeat(b'#');
+        let stream = AgentStream {
+            reader: Box::new(endless),
+            writer: Box::new(io::sink()),
+            handle: Box::new(Done),
+            peer: "test".to_string(),
+        };
+        match read_marker(stream, "web1") {
+            Err(TransportError::Remote { message, .. }) => {
+                assert!(message.contains("printed too much output"), "{message}")
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a stream of noise started an agent"),
+        }
+        // Noise that ends without a newline, then the end: said as it is.
+        let stream = fake_stream(
+            b"Welcome to web1",
+            SlowSink(Arc::default(), Default::default()),
+        );
+        match read_marker(stream, "web1") {
+            Err(TransportError::Remote { message, .. }) => assert!(
+                message.contains("printed no marker; its output: Welcome to web1"),
+                "{message}"
+            ),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("noise started an agent"),
+        }
     }
 
     /// Connections made at once (a deploy to several hosts) hash different binaries into the
