@@ -225,6 +225,7 @@ fn transport_code(t: &TransportError) -> Code {
     match t {
         TransportError::HostKeyUnknown { .. }
         | TransportError::HostKeyChanged { .. }
+        | TransportError::HostKeyOtherType { .. }
         | TransportError::Auth { .. }
         | TransportError::KeyEncrypted { .. } => Code::Auth,
         TransportError::Target { .. } | TransportError::Config { .. } => Code::Usage,

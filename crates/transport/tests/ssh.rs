@@ -261,6 +261,42 @@ fn changed_host_key_is_refused_even_when_accepting_new_keys() {
     );
 }
 
+/// known_hosts records an ECDSA key for the host; the server (an impostor, or one whose keys
+/// were replaced) offers only an Ed25519 one. The client asks for the recorded type first, so a
+/// server that has it shows it: a key of another type is refused, even when accepting new keys,
+/// and nothing is recorded (accepting it as "new" let an impostor in).
+#[test]
+fn a_host_key_of_another_type_than_the_recorded_one_is_refused() {
+    let mut f = Fixture::new();
+    let ecdsa = f.home.path().join("other_ecdsa");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ecdsa", "-N", "", "-f"])
+        .arg(&ecdsa)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let public = std::fs::read_to_string(format!("{}.pub", ecdsa.display())).unwrap();
+    let mut words = public.split_whitespace();
+    let (kind, blob) = (words.next().unwrap(), words.next().unwrap());
+    let recorded = format!("[127.0.0.1]:{} {kind} {blob}\n", f.sshd.port());
+    std::fs::write(f.known_hosts(), &recorded).unwrap();
+    for accept in [false, true] {
+        f.opts.accept_new_host_key = accept;
+        let err = ssh::exec(&f.target, &f.opts, "true")
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, TransportError::HostKeyOtherType { .. }),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(message.contains("IS NOT THE ONE RECORDED"), "{message}");
+        assert!(message.contains("ecdsa-sha2-nistp256"), "{message}");
+        assert!(!message.contains("--accept-new-host-key"), "{message}");
+    }
+    assert_eq!(std::fs::read_to_string(f.known_hosts()).unwrap(), recorded);
+}
+
 #[test]
 fn wrong_key_is_refused_with_a_clear_message() {
     let mut f = Fixture::new();

@@ -366,6 +366,18 @@ fn check_host_key(session: &Session, cfg: &HostConfig, quiet: bool) -> Result<()
             fingerprint,
             known_hosts: cfg.known_hosts.clone(),
         }),
+        Verdict::Unknown { other_types } if !other_types.is_empty() => {
+            let mut known_types = other_types;
+            known_types.sort();
+            known_types.dedup();
+            Err(TransportError::HostKeyOtherType {
+                host,
+                key_type,
+                fingerprint,
+                known_types: known_types.join(", "),
+                known_hosts: cfg.known_hosts.clone(),
+            })
+        }
         Verdict::Unknown { .. } if cfg.unknown_hosts == UnknownHosts::AcceptNew => {
             known_hosts::append(&cfg.known_hosts, &cfg.host_name, cfg.port, blob).map_err(|e| {
                 TransportError::Ssh {
