@@ -127,15 +127,17 @@ pub enum TransportError {
     /// server that still has its recorded key presents it. Refused even when new keys are
     /// accepted (`--accept-new-host-key` would record an impostor's key).
     #[error(
-        "WARNING: THE HOST KEY FOR {host} IS NOT THE ONE RECORDED: it offers {key_type}          {fingerprint}, while {known_hosts} records a key of another type for it ({known_types}),          which it no longer offers. Someone could be impersonating the server (possible          man-in-the-middle attack), or the server's keys were replaced. Refusing to connect; if          the change is expected, remove the old entry (ssh-keygen -R) and connect again"
+        "WARNING: THE HOST KEY FOR {host} IS NOT THE ONE RECORDED: it offers {offered}, while \
+         {known_hosts} records a key of another type for it ({known_types}), which it no longer \
+         offers. Someone could be impersonating the server (possible man-in-the-middle \
+         attack), or the server's keys were replaced. Refusing to connect; if the change is \
+         expected, remove the old entry (ssh-keygen -R) and connect again"
     )]
     HostKeyOtherType {
         /// The host, as the user named it.
         host: String,
-        /// The type of the key presented (`ssh-ed25519`, ...).
-        key_type: String,
-        /// The key's SHA256 fingerprint.
-        fingerprint: String,
+        /// The key presented: its type and SHA256 fingerprint (`ssh-ed25519 SHA256:...`).
+        offered: String,
         /// The types known_hosts records for the host, comma-separated.
         known_types: String,
         /// The known_hosts file consulted.

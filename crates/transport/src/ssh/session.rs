@@ -372,8 +372,7 @@ fn check_host_key(session: &Session, cfg: &HostConfig, quiet: bool) -> Result<()
             known_types.dedup();
             Err(TransportError::HostKeyOtherType {
                 host,
-                key_type,
-                fingerprint,
+                offered: format!("{key_type} {fingerprint}"),
                 known_types: known_types.join(", "),
                 known_hosts: cfg.known_hosts.clone(),
             })
