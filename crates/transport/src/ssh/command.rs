@@ -37,6 +37,12 @@ impl SystemSsh {
         if argv.is_empty() {
             return Err(bad("the ssh command is empty".to_string()));
         }
+        // The protocol is binary: never a terminal on the server (a config's `RequestTTY
+        // force` would turn its bytes into a tty's).
+        argv.push("-T".to_string());
+        if let Some(config) = &opts.config_file {
+            argv.extend(["-F".to_string(), config.display().to_string()]);
+        }
         if let Some(port) = target.port {
             argv.extend(["-p".to_string(), port.to_string()]);
         }
@@ -269,6 +275,35 @@ fn classify(host: &str, destination: &str, stderr: &str) -> TransportError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The system ssh never gets a terminal on the server (the protocol is binary), and gets
+    /// `--ssh-config` as `-F`, the port, the key and accept-new after the user's own words.
+    #[test]
+    fn the_system_ssh_gets_no_tty_and_the_options_given() {
+        let target = crate::ssh::parse_target("ssh://deploy@web1:2200/srv/app")
+            .unwrap()
+            .unwrap();
+        let mut opts = SshOptions::new(PathBuf::from("flip"), "0");
+        opts.config_file = Some(PathBuf::from("/etc/flip/ssh config"));
+        opts.identity = Some(PathBuf::from("/k/id"));
+        let ssh = SystemSsh::new(&target, &opts, "ssh -o 'ProxyJump bastion'").unwrap();
+        assert_eq!(
+            ssh.argv,
+            [
+                "ssh",
+                "-o",
+                "ProxyJump bastion",
+                "-T",
+                "-F",
+                "/etc/flip/ssh config",
+                "-p",
+                "2200",
+                "-i",
+                "/k/id"
+            ]
+        );
+        assert_eq!(ssh.destination, "deploy@web1");
+    }
 
     #[test]
     fn classifies_ssh_failures() {
