@@ -391,9 +391,10 @@ fn agents_serving(root: &str) -> Vec<u32> {
 
 /// `host:~/app`, as scp and rsync users write a path in their home (and `~user/app`): the
 /// client passes the path quoted, so no shell on the server expands the `~`; the agent does.
-/// A deploy with `--mkpath` made a directory literally named `~` in the home instead.
+/// A deploy with `--mkpath` made a directory literally named `~` in the home instead. And
+/// `host:-app`, a path in the home starting with '-', was taken for an option of the agent.
 #[test]
-fn a_path_in_the_servers_home_can_be_written_with_a_tilde() {
+fn a_path_in_the_servers_home_can_be_written_with_a_tilde_or_a_dash() {
     let w = World::new();
     let home = PathBuf::from(std::env::var("FLIP_TEST_SERVER_HOME").unwrap_or("/root".into()));
     let name = format!("flip-test-tilde-{}", std::process::id());
@@ -431,6 +432,19 @@ fn a_path_in_the_servers_home_can_be_written_with_a_tilde() {
         .json();
     assert_eq!(num(&j, "/release"), 2, "{j}");
     assert_dir_eq(&dir.join("app/current"), &src.tree(), "deployed via ~root");
+    // A path relative to the home that starts with '-' (through an alias: the scp form has no
+    // port) is a path, not an option of the agent.
+    w.sshd
+        .write_ssh_config(&w.fx.home.join(".ssh/config"), "web1");
+    let dash = format!("-{name}");
+    let _cleanup_dash = Cleanup(home.join(&dash));
+    w.flip(&["deploy", src.s(), &format!("web1:{dash}")])
+        .success();
+    assert_dir_eq(
+        &home.join(&dash).join("current"),
+        &src.tree(),
+        "deployed in ~/-name",
+    );
     // A user that does not exist: the path as written, not found.
     w.flip(&[
         "releases",

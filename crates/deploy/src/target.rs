@@ -152,7 +152,8 @@ impl Target {
                 opts.ssh_command = ssh.ssh_command.clone();
                 opts.agent_binary = ssh.agent_binary.clone();
                 opts.quiet = ssh.quiet;
-                let mut args = vec!["--root".to_string(), t.path.clone()];
+                // One word: a relative path may start with '-' (`web1:-app`).
+                let mut args = vec![format!("--root={}", t.path)];
                 if mkpath {
                     args.push("--mkpath".into());
                 }
