@@ -297,6 +297,61 @@ fn a_host_key_of_another_type_than_the_recorded_one_is_refused() {
     assert_eq!(std::fs::read_to_string(f.known_hosts()).unwrap(), recorded);
 }
 
+/// The system's known_hosts (`GlobalKnownHostsFile`, default `/etc/ssh/ssh_known_hosts`) is
+/// read with the user's, as OpenSSH reads it: a host key an organisation pins there is known
+/// without asking; one it revokes there is refused though the user's file has it; and one it
+/// pins differently is a changed key, refused even when new keys are accepted, and never
+/// recorded in the user's file.
+#[test]
+fn the_systems_known_hosts_pins_and_revokes_keys_too() {
+    let mut f = Fixture::new();
+    let server = std::fs::read_to_string(f.known_hosts()).unwrap();
+    let global = f.home.path().join("ssh_known_hosts");
+    let config = f.home.path().join("ssh_config");
+    std::fs::write(
+        &config,
+        format!("Host *\n  GlobalKnownHostsFile {}\n", global.display()),
+    )
+    .unwrap();
+    f.opts.config_file = Some(config);
+    // Pinned only in the system's file.
+    std::fs::write(&global, &server).unwrap();
+    std::fs::write(f.known_hosts(), "").unwrap();
+    assert_eq!(f.output("echo ok"), "ok\n");
+    assert_eq!(std::fs::read_to_string(f.known_hosts()).unwrap(), "");
+    // Revoked there, known in the user's file.
+    std::fs::write(f.known_hosts(), &server).unwrap();
+    let mut words = server.split_whitespace().skip(1);
+    let (kind, blob) = (words.next().unwrap(), words.next().unwrap());
+    std::fs::write(&global, format!("@revoked * {kind} {blob}\n")).unwrap();
+    let err = ssh::exec(&f.target, &f.opts, "true")
+        .err()
+        .expect("a revoked key is refused");
+    assert!(
+        matches!(err, TransportError::HostKeyChanged { .. }),
+        "{err:?}"
+    );
+    // Another key of the same type pinned there, nothing in the user's file, new keys accepted.
+    let other = f.sshd.wrong_user_key("not_the_host_key");
+    let other_pub = std::fs::read_to_string(format!("{}.pub", other.display())).unwrap();
+    let other_blob = other_pub.split_whitespace().nth(1).unwrap();
+    std::fs::write(
+        &global,
+        format!("[127.0.0.1]:{} ssh-ed25519 {other_blob}\n", f.sshd.port()),
+    )
+    .unwrap();
+    std::fs::write(f.known_hosts(), "").unwrap();
+    f.opts.accept_new_host_key = true;
+    let err = ssh::exec(&f.target, &f.opts, "true")
+        .err()
+        .expect("a key other than the pinned one is refused");
+    assert!(
+        matches!(err, TransportError::HostKeyChanged { .. }),
+        "{err:?}"
+    );
+    assert_eq!(std::fs::read_to_string(f.known_hosts()).unwrap(), "");
+}
+
 #[test]
 fn wrong_key_is_refused_with_a_clear_message() {
     let mut f = Fixture::new();

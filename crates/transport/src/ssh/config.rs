@@ -32,7 +32,14 @@ pub(crate) struct HostConfig {
     pub identities: Vec<PathBuf>,
     /// `IdentitiesOnly yes`: use only agent keys that match one of `identities`.
     pub identities_only: bool,
+    /// The user's known_hosts file: read, and where a new host key is recorded (the first
+    /// `UserKnownHostsFile`, default `~/.ssh/known_hosts`).
     pub known_hosts: PathBuf,
+    /// The other known_hosts files, only read (as OpenSSH reads them): the further
+    /// `UserKnownHostsFile`s (default `~/.ssh/known_hosts2`), then the `GlobalKnownHostsFile`s
+    /// (default `/etc/ssh/ssh_known_hosts` and `/etc/ssh/ssh_known_hosts2`; missing ones are
+    /// fine). A key revoked or pinned in any of them counts.
+    pub known_hosts_also: Vec<PathBuf>,
     pub unknown_hosts: UnknownHosts,
     pub connect_timeout: Duration,
     /// Interval of SSH keepalives (`ServerAliveInterval`, default 15 s).
@@ -47,6 +54,13 @@ impl HostConfig {
         } else {
             format!("{}:{}", self.host_name, self.port)
         }
+    }
+
+    /// Every known_hosts file read, the user's own first.
+    pub(crate) fn known_hosts_files(&self) -> Vec<PathBuf> {
+        std::iter::once(self.known_hosts.clone())
+            .chain(self.known_hosts_also.iter().cloned())
+            .collect()
     }
 
     /// `user@host:port`, for authentication messages.
@@ -94,10 +108,48 @@ pub(crate) fn resolve(target: &SshTarget, opts: &SshOptions) -> Result<HostConfi
 
     let identities = identities(opts.identity.as_deref(), params.as_ref(), &home);
 
-    let known_hosts = raw("userknownhostsfile")
-        .filter(|s| !s.eq_ignore_ascii_case("none"))
-        .map(|s| expand_home(Path::new(&s), &home))
-        .unwrap_or_else(|| home.join(".ssh/known_hosts"));
+    // Every value of a key that takes several (`UserKnownHostsFile a b`); `None` when unset.
+    let raw_all = |key: &str| -> Option<Vec<String>> {
+        let p = params.as_ref()?;
+        p.unsupported_fields
+            .get(key)
+            .or_else(|| p.ignored_fields.get(key))
+            .map(|v| {
+                v.iter()
+                    .flat_map(|s| s.split_whitespace())
+                    .map(str::to_string)
+                    .collect()
+            })
+    };
+    let files = |key: &str, default: &[PathBuf]| -> Vec<PathBuf> {
+        match raw_all(key) {
+            Some(v) if v.iter().any(|s| s.eq_ignore_ascii_case("none")) => Vec::new(),
+            Some(v) if !v.is_empty() => {
+                v.iter().map(|s| expand_home(Path::new(s), &home)).collect()
+            }
+            _ => default.to_vec(),
+        }
+    };
+    let mut user_files = files(
+        "userknownhostsfile",
+        &[
+            home.join(".ssh/known_hosts"),
+            home.join(".ssh/known_hosts2"),
+        ],
+    );
+    // `none`: nothing of the user's is read, but a key accepted goes to the usual file.
+    let known_hosts = match user_files.is_empty() {
+        true => home.join(".ssh/known_hosts"),
+        false => user_files.remove(0),
+    };
+    let mut known_hosts_also = user_files;
+    known_hosts_also.extend(files(
+        "globalknownhostsfile",
+        &[
+            PathBuf::from("/etc/ssh/ssh_known_hosts"),
+            PathBuf::from("/etc/ssh/ssh_known_hosts2"),
+        ],
+    ));
 
     let unknown_hosts = if opts.accept_new_host_key {
         UnknownHosts::AcceptNew
@@ -133,6 +185,7 @@ pub(crate) fn resolve(target: &SshTarget, opts: &SshOptions) -> Result<HostConfi
         identities,
         identities_only,
         known_hosts,
+        known_hosts_also,
         unknown_hosts,
         connect_timeout,
         keepalive,

@@ -1,4 +1,5 @@
-//! Host key checking against an OpenSSH `known_hosts` file.
+//! Host key checking against OpenSSH `known_hosts` files (the user's and the system's, read
+//! together as OpenSSH does: a key pinned or revoked in any of them counts).
 //!
 //! Lines are read one at a time so that a line this code cannot use (an unsupported key type,
 //! `@cert-authority`) is skipped instead of hiding the lines after it. Host patterns follow
@@ -11,7 +12,7 @@ use base64::Engine;
 use ssh2::{KnownHostFileKind, Session};
 use std::fs;
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What known_hosts says about a presented key.
 #[derive(Debug, PartialEq, Eq)]
@@ -58,13 +59,18 @@ pub(crate) fn fingerprint(sha256: &[u8]) -> String {
     format!("SHA256:{}", STANDARD_NO_PAD.encode(sha256))
 }
 
-fn read_entries(file: &Path) -> io::Result<Vec<Entry>> {
-    let text = match fs::read(file) {
-        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    Ok(text.lines().filter_map(parse_line).collect())
+/// The usable lines of every file of `files` (a missing one has none); an error names the file.
+fn read_entries(files: &[PathBuf]) -> io::Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    for file in files {
+        let text = match fs::read(file) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", file.display()))),
+        };
+        entries.extend(text.lines().filter_map(parse_line));
+    }
+    Ok(entries)
 }
 
 fn parse_line(line: &str) -> Option<Entry> {
@@ -157,9 +163,14 @@ fn glob(pattern: &str, text: &str) -> bool {
 }
 
 /// The key types recorded for the host (for host key algorithm preferences).
-pub(crate) fn known_types(session: &Session, file: &Path, host: &str, port: u16) -> Vec<String> {
+pub(crate) fn known_types(
+    session: &Session,
+    files: &[PathBuf],
+    host: &str,
+    port: u16,
+) -> Vec<String> {
     let name = lookup_name(host, port);
-    let mut types: Vec<String> = read_entries(file)
+    let mut types: Vec<String> = read_entries(files)
         .unwrap_or_default()
         .iter()
         .filter(|e| e.marker.is_none() && entry_matches(session, &e.patterns, &name))
@@ -172,7 +183,7 @@ pub(crate) fn known_types(session: &Session, file: &Path, host: &str, port: u16)
 /// Checks the key `blob` presented by `host:port`.
 pub(crate) fn check(
     session: &Session,
-    file: &Path,
+    files: &[PathBuf],
     host: &str,
     port: u16,
     blob: &[u8],
@@ -181,7 +192,7 @@ pub(crate) fn check(
     let presented_type = blob_type(blob);
     let (mut known, mut changed) = (false, false);
     let mut other_types = Vec::new();
-    for entry in read_entries(file)? {
+    for entry in read_entries(files)? {
         match entry.marker.as_deref() {
             Some("@revoked") => {
                 if entry.blob == blob {

@@ -48,7 +48,8 @@ impl Connection {
         session.set_tcp_stream(tcp);
         session.set_timeout(millis(cfg.connect_timeout));
         // Prefer the host key types already recorded for this host, like OpenSSH.
-        let known = known_hosts::known_types(&session, &cfg.known_hosts, &cfg.host_name, cfg.port);
+        let known =
+            known_hosts::known_types(&session, &cfg.known_hosts_files(), &cfg.host_name, cfg.port);
         if let Ok(supported) = session.supported_algs(MethodType::HostKey) {
             if let Some(prefs) = known_hosts::host_key_prefs(&known, &supported) {
                 let _ = session.method_pref(MethodType::HostKey, &prefs);
@@ -352,11 +353,14 @@ fn check_host_key(session: &Session, cfg: &HostConfig, quiet: bool) -> Result<()
         .host_key_hash(HashType::Sha256)
         .map(known_hosts::fingerprint)
         .unwrap_or_else(|| "SHA256:?".to_string());
-    let verdict = known_hosts::check(session, &cfg.known_hosts, &cfg.host_name, cfg.port, blob)
-        .map_err(|e| TransportError::Ssh {
-            host: host.clone(),
-            phase: "checking the host key".to_string(),
-            message: format!("reading {}: {e}", cfg.known_hosts.display()),
+    let files = cfg.known_hosts_files();
+    let verdict =
+        known_hosts::check(session, &files, &cfg.host_name, cfg.port, blob).map_err(|e| {
+            TransportError::Ssh {
+                host: host.clone(),
+                phase: "checking the host key".to_string(),
+                message: format!("reading {e}"),
+            }
         })?;
     match verdict {
         Verdict::Known => Ok(()),
