@@ -276,6 +276,35 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
         }
     }
     let _cleanup = Cleanup(uploaded.clone());
+    // What else is in the cache: three agents of other versions, used after an old directory
+    // someone made there with an agent's name. Keeping the three newest removes the agents
+    // past them, and cannot remove the directory: that no longer fails the upload.
+    let cache = uploaded.parent().unwrap().to_path_buf();
+    fs::create_dir_all(&cache).unwrap();
+    let junk = cache.join(format!("flip-0.0.0-dir-{}", std::process::id()));
+    fs::create_dir_all(&junk).unwrap();
+    let st = std::process::Command::new("touch")
+        .args(["-d", "2001-01-01"])
+        .arg(&junk)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let fakes: Vec<PathBuf> = (0..3)
+        .map(|i| cache.join(format!("flip-0.0.0-fake{i}-{}", std::process::id())))
+        .collect();
+    for f in &fakes {
+        fs::write(f, "not flip").unwrap();
+    }
+    struct CleanupAll(Vec<PathBuf>);
+    impl Drop for CleanupAll {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = fs::remove_file(p);
+                let _ = fs::remove_dir(p);
+            }
+        }
+    }
+    let _cleanup_fakes = CleanupAll([&fakes[..], &[junk.clone()]].concat());
     let src = w.fx.src("src");
     site_v1(&src);
     w.fx.flip(&["deploy", src.s(), &w.url(), "-i", &w.key()])
@@ -288,6 +317,7 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
         "deployed by the uploaded agent",
     );
     use std::os::unix::fs::PermissionsExt;
+    assert!(junk.is_dir(), "the directory is left as it was");
     let meta = fs::metadata(&uploaded).expect("agent uploaded");
     assert_eq!(meta.permissions().mode() & 0o777, 0o755);
     assert_eq!(fs::read(&uploaded).unwrap(), fs::read(FLIP_AGENT).unwrap());

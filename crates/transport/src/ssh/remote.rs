@@ -1100,10 +1100,20 @@ fn built_with(agent: &Candidate, said: &str) -> String {
 }
 
 fn upload_script(version: &str, size: usize, hash: &str, codec: Codec, b3sum: bool) -> String {
-    let hash_cmd = if b3sum {
-        r#"b3sum "$t" | cut -d' ' -f1"#
+    // With b3sum the upload is checked before it first runs; without, it hashes itself once
+    // it has shown that it runs (the size, and SSH's own integrity checks, came first).
+    let check = |cmd: &str| {
+        format!(
+            "got=$({cmd})\n[ \"$got\" = \"$h\" ] || {{ echo \"blake3 mismatch after upload: $got, expected $h\" >&2; exit 2; }}\n"
+        )
+    };
+    let (hash_first, hash_after) = if b3sum {
+        (check(r#"b3sum "$t" | cut -d' ' -f1"#), String::new())
     } else {
-        r#""$t" blake3 "$t" </dev/null | cut -d' ' -f1"#
+        (
+            String::new(),
+            check(r#""$t" blake3 "$t" </dev/null | cut -d' ' -f1"#),
+        )
     };
     format!(
         r#"set -e
@@ -1111,22 +1121,27 @@ v={version}
 h={hash}
 d="$HOME/.cache/flip"
 t="$d/.flip-$v-$h.$$.tmp"
-mkdir -p "$d"
+a="$d/flip-$v-$h"
+mkdir -p -m 700 "$d"
 trap 'rm -f "$t"' EXIT
+# A new file only (never through a name someone left there).
+rm -f "$t"
+set -C
 {decoder} > "$t"
+set +C
 n=$(wc -c < "$t" | tr -d ' ')
 [ "$n" = "{size}" ] || {{ echo "size mismatch after upload: $n bytes, expected {size}" >&2; exit 2; }}
-chmod 755 "$t"
+{hash_first}chmod 755 "$t"
 out=$("$t" --version </dev/null 2>&1) || {{ echo "$out" >&2; exit {DOES_NOT_RUN}; }}
 [ "$out" = "flip $v" ] || {{ echo "it says '$out', expected 'flip $v'" >&2; exit {DOES_NOT_RUN}; }}
-got=$({hash_cmd})
-[ "$got" = "$h" ] || {{ echo "blake3 mismatch after upload: $got, expected $h" >&2; exit 2; }}
-mv -f "$t" "$d/flip-$v-$h"
+{hash_after}if [ -d "$a" ] && [ ! -L "$a" ]; then echo "$a is a directory, not flip" >&2; exit 2; fi
+mv -f "$t" "$a"
 trap - EXIT
-# Keep the {KEEP_AGENTS} agents used last; temp files of uploads killed long ago go too.
+# Keep the {KEEP_AGENTS} agents used last (never failing the upload over one it cannot remove);
+# temp files of uploads killed long ago go too.
 k=0
 for f in $(ls -t "$d"); do
-  case $f in flip-*) k=$((k+1)); [ $k -le {KEEP_AGENTS} ] || rm -f "$d/$f";; esac
+  case $f in flip-*) k=$((k+1)); [ $k -le {KEEP_AGENTS} ] || rm -f "$d/$f" 2>/dev/null || true;; esac
 done
 find "$d" -name '.flip-*.tmp' -mmin +60 -exec rm -f {{}} + 2>/dev/null || true
 echo "flip-upload: ok"
