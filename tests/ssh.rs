@@ -304,7 +304,7 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
             }
         }
     }
-    let _cleanup_fakes = CleanupAll([&fakes[..], &[junk.clone()]].concat());
+    let _cleanup_fakes = CleanupAll([&fakes[..], std::slice::from_ref(&junk)].concat());
     let src = w.fx.src("src");
     site_v1(&src);
     w.fx.flip(&["deploy", src.s(), &w.url(), "-i", &w.key()])
