@@ -414,7 +414,9 @@ fn agents_serving(root: &str) -> Vec<u32> {
                 return false;
             };
             let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-            args.get(1) == Some(&&b"agent"[..]) && args.contains(&root.as_bytes())
+            let named = format!("--root={root}");
+            args.get(1) == Some(&&b"agent"[..])
+                && (args.contains(&root.as_bytes()) || args.contains(&named.as_bytes()))
         })
         .collect()
 }
