@@ -58,6 +58,10 @@ struct Shared {
     error: Mutex<Option<String>>,
     /// The server refused the pipelined `exec` (`error` says how): the connection was fine.
     refused: std::sync::atomic::AtomicBool,
+    /// Set when the session was given up and waiting for its agent to end took too long: the
+    /// pump drops the connection (the server ends the agent) instead of keeping it open, on a
+    /// thread of its own, until the client exits.
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -100,6 +104,7 @@ pub(crate) fn start(parts: Parts) -> AgentStream {
         host: parts.host.clone(),
         error: Mutex::new(None),
         refused: Default::default(),
+        abandoned: Default::default(),
     });
     let tail = parts.relay.tail.clone();
     let peer = parts.peer.clone();
@@ -255,6 +260,11 @@ impl Drop for PumpFinish {
         }
         if thread.is_finished() {
             let _ = thread.join();
+        } else {
+            // The pump looks at this at least once a second, then drops the connection.
+            self.shared
+                .abandoned
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
@@ -396,6 +406,9 @@ impl Pump {
     /// again at once if any made progress, else a `poll` for what blocked them.
     fn pump(&mut self) -> Result<Ended, String> {
         loop {
+            if self.shared.abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("the session was given up".to_string());
+            }
             let mut wait = Wait::default();
             let mut progress = self.finish_exec(&mut wait)?;
             progress |= self.read_remote_output(&mut wait)?;
