@@ -125,10 +125,47 @@ impl std::fmt::Display for SshTarget {
 /// # Errors
 /// [`TransportError::Target`] for a malformed `ssh://` URL.
 pub fn parse_target(s: &str) -> Result<Option<SshTarget>, TransportError> {
-    if s.starts_with("ssh://") {
-        return parse_url(s).map(Some);
+    let t = if s.starts_with("ssh://") {
+        parse_url(s)?
+    } else {
+        match parse_scp_like(s) {
+            Some(t) => t,
+            None => return Ok(None),
+        }
+    };
+    check_names(s, &t)?;
+    Ok(Some(t))
+}
+
+/// Refuses a user or host name that is not one: ssh passes them on to its config (`%r`, `%h`
+/// in a `ProxyCommand` or `Match exec`, which OpenSSH before 9.6 ran through a shell as they
+/// were: CVE-2023-51385) and to error messages, so a target from a repository's flip.toml
+/// could run a command on the machine that deploys. A user name is letters, digits and
+/// `._@+-`; a host name letters, digits and `._-`, or an IPv6 address; neither starts with
+/// `-`.
+fn check_names(input: &str, t: &SshTarget) -> Result<(), TransportError> {
+    let bad = |what: &str, name: &str| TransportError::Target {
+        input: input.to_string(),
+        message: format!(
+            "{what} {name:?} is not a {what}: letters, digits and {} only, not starting with '-'",
+            if what == "user name" { "._@+-" } else { "._-" }
+        ),
+    };
+    if let Some(u) = &t.user {
+        let ok = |c: char| c.is_alphanumeric() || "._@+-".contains(c);
+        if u.starts_with('-') || !u.chars().all(ok) {
+            return Err(bad("user name", u));
+        }
     }
-    Ok(parse_scp_like(s))
+    let ipv6 = t.host.contains(':')
+        && t.host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ":.%".contains(c));
+    let ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+    if t.host.starts_with('-') || !(ipv6 || t.host.chars().all(ok)) {
+        return Err(bad("host name", &t.host));
+    }
+    Ok(())
 }
 
 fn parse_scp_like(s: &str) -> Option<SshTarget> {
@@ -543,8 +580,7 @@ mod tests {
             "ssh://d%40x@h:2/a%20b/c%25d",
             "ssh://t:2222/~",
             "ssh://t:2222/~root/x",
-            "ssh://a%3Ab@t/p",
-            "ssh://a%2Fb@t/p",
+            "ssh://d.x+y@t/p",
         ] {
             let t = p(s);
             assert_eq!(p(&t.to_string()), t, "{s} shown as {t}");
@@ -601,6 +637,19 @@ mod tests {
             "ssh://u:secret@h/x",
             "ssh://h/x?y",
             "ssh://h/x#y",
+            // Names ssh would pass on to a config's ProxyCommand or to a shell.
+            "ssh://a%3Ab@t/p",
+            "ssh://a%2Fb@t/p",
+            "ssh://%24(id)@web1/x",
+            "ssh://a%20b@web1/x",
+            "ssh://-oProxyCommand=x@web1/x",
+            "$(touch${IFS}pwned)@web1:/srv",
+            "`id`@web1:/srv",
+            "a;b@web1:/srv",
+            "-oProxyCommand=x@web1:/srv",
+            "we$b1:/srv",
+            "-web1:/srv",
+            "web1;id:/srv",
         ] {
             assert!(
                 matches!(parse_target(bad), Err(TransportError::Target { .. })),

@@ -406,7 +406,11 @@ impl Pump {
     /// again at once if any made progress, else a `poll` for what blocked them.
     fn pump(&mut self) -> Result<Ended, String> {
         loop {
-            if self.shared.abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+            if self
+                .shared
+                .abandoned
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
                 return Err("the session was given up".to_string());
             }
             let mut wait = Wait::default();
