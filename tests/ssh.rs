@@ -486,6 +486,38 @@ fn a_path_in_the_servers_home_can_be_written_with_a_tilde_or_a_dash() {
     .stderr_has("~no-such-user-flip/app does not exist");
 }
 
+/// A server whose login never starts flip (a shell startup file waiting for input, a command
+/// in it that hangs) hung the deploy for ever: after the launch deadline (60 s; shortened here
+/// through the debug build's FLIP_LAUNCH_TIMEOUT_MS) the connection is dropped and the deploy
+/// fails, saying why (exit 6), with nothing changed.
+#[test]
+fn a_login_that_never_starts_flip_fails_after_the_launch_deadline() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fx::new();
+    let ssh = fx.path("hung-login");
+    fs::write(&ssh, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    fs::set_permissions(&ssh, fs::Permissions::from_mode(0o755)).unwrap();
+    let src = fx.src("src");
+    site_v1(&src);
+    let target = format!("web1:{}", fx.root_str());
+    let t0 = Instant::now();
+    let r = fx
+        .flip_env(
+            &[("FLIP_LAUNCH_TIMEOUT_MS", "1500")],
+            &["deploy", src.s(), &target, "--ssh-command", s(&ssh)],
+        )
+        .code(6);
+    assert!(
+        r.stderr.contains(
+            "the login did not start flip within 1.5 s (a shell startup file waiting for input"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    assert!(!fx.root.exists());
+}
+
 /// A connection dropped in the middle of a transfer: a clear error naming the host, `current`
 /// untouched on the server, and the next deploy succeeds.
 #[test]

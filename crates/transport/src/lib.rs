@@ -212,7 +212,18 @@ pub trait Finish: Send {
     /// [`TransportError::Exit`] if it ended abnormally (a non-zero status or a signal), or what
     /// broke the connection.
     fn finish(self: Box<Self>) -> Result<(), TransportError>;
+
+    /// A way to end the connection from another thread while a read on the stream waits (a
+    /// deadline), where this transport has one: that read then ends (an error or the end of the
+    /// stream) instead of waiting for a server that never answers.
+    fn aborter(&self) -> Option<Aborter> {
+        None
+    }
 }
+
+/// Ends a connection from another thread (see [`Finish::aborter`]); calling it more than once,
+/// or after the stream ended, does nothing more.
+pub type Aborter = Box<dyn Fn() + Send + Sync>;
 
 /// A duplex byte stream to an agent.
 ///

@@ -10,6 +10,7 @@ use crate::{AgentStream, Finish, TransportError};
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// ssh's exit status for its own failures (connection, host key, authentication).
@@ -155,6 +156,7 @@ impl Remote for SystemSsh {
             reader: Box::new(reader),
             writer: Box::new(writer),
             handle: Box::new(SystemFinish {
+                killable: Arc::new(Mutex::new(Some(child.id()))),
                 child,
                 relay_thread: Some(relay_thread),
                 tail,
@@ -179,6 +181,9 @@ fn read_in_thread<R: Read + Send + 'static>(r: Option<R>) -> JoinHandle<Vec<u8>>
 
 struct SystemFinish {
     child: Child,
+    /// The child's pid while it may be killed ([`Finish::aborter`]); taken before it is reaped,
+    /// so a kill never reaches a pid the system gave to another process since.
+    killable: Arc<Mutex<Option<u32>>>,
     relay_thread: Option<JoinHandle<()>>,
     tail: Tail,
     what: String,
@@ -190,12 +195,30 @@ impl Drop for SystemFinish {
     /// A session given up without `finish` (after the stream halves were dropped, so the remote
     /// agent sees its input end): wait (bounded) for ssh, which ends when the agent has.
     fn drop(&mut self) {
+        self.killable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         crate::local::reap(&mut self.child, crate::local::ABANDON_WAIT);
     }
 }
 
 impl Finish for SystemFinish {
+    fn aborter(&self) -> Option<crate::Aborter> {
+        let killable = self.killable.clone();
+        Some(Box::new(move || {
+            if let Some(pid) = *killable.lock().unwrap_or_else(|e| e.into_inner()) {
+                // SAFETY: kill of our own child, not reaped yet (its pid is taken before).
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }))
+    }
+
     fn finish(mut self: Box<Self>) -> Result<(), TransportError> {
+        self.killable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let status = self.child.wait().map_err(|e| TransportError::Spawn {
             program: "ssh".to_string(),
             source: e,

@@ -58,9 +58,10 @@ struct Shared {
     error: Mutex<Option<String>>,
     /// The server refused the pipelined `exec` (`error` says how): the connection was fine.
     refused: std::sync::atomic::AtomicBool,
-    /// Set when the session was given up and waiting for its agent to end took too long: the
-    /// pump drops the connection (the server ends the agent) instead of keeping it open, on a
-    /// thread of its own, until the client exits.
+    /// Set when the session was given up and waiting for its agent to end took too long, or
+    /// the server did not start the agent in time ([`Finish::aborter`]): the pump drops the
+    /// connection (the server ends the agent) instead of keeping it open, on a thread of its
+    /// own, until the client exits.
     abandoned: std::sync::atomic::AtomicBool,
 }
 
@@ -217,6 +218,15 @@ struct PumpFinish {
 }
 
 impl Finish for PumpFinish {
+    fn aborter(&self) -> Option<crate::Aborter> {
+        let shared = self.shared.clone();
+        Some(Box::new(move || {
+            shared
+                .abandoned
+                .store(true, std::sync::atomic::Ordering::SeqCst)
+        }))
+    }
+
     fn finish(mut self: Box<Self>) -> Result<(), TransportError> {
         let _ = self.writer.shutdown(Shutdown::Write);
         let thread = self.thread.take().expect("finished once");

@@ -704,8 +704,91 @@ enum Launch {
     Missing(Missing),
 }
 
-/// Reads the launcher's marker line. On `ok`, returns the stream positioned just after it.
-fn read_marker(mut stream: AgentStream, host: &str) -> Result<Launch, TransportError> {
+/// How long the server's login may take to run the launcher: beyond it, the login is taken
+/// for hung (a shell startup file waiting for input, a command in it that never returns) and
+/// the connection is dropped. In a debug build (the tests'), `FLIP_LAUNCH_TIMEOUT_MS`
+/// overrides it.
+pub(crate) const LAUNCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn launch_timeout() -> std::time::Duration {
+    let test = cfg!(debug_assertions)
+        .then(|| std::env::var("FLIP_LAUNCH_TIMEOUT_MS").ok()?.parse().ok())
+        .flatten();
+    test.map(std::time::Duration::from_millis)
+        .unwrap_or(LAUNCH_TIMEOUT)
+}
+
+/// Calls an [`Aborter`](crate::Aborter) once `after` has passed, unless stopped first.
+struct Deadline {
+    state: Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Deadline {
+    fn start(after: std::time::Duration, abort: crate::Aborter) -> Deadline {
+        // (stopped, fired)
+        let state = Arc::new((Mutex::new((false, false)), std::sync::Condvar::new()));
+        let s = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("flip-launch-deadline".into())
+            .spawn(move || {
+                let (lock, cvar) = &*s;
+                let end = std::time::Instant::now() + after;
+                let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while !g.0 {
+                    let now = std::time::Instant::now();
+                    if now >= end {
+                        g.1 = true;
+                        drop(g);
+                        abort();
+                        return;
+                    }
+                    g = cvar
+                        .wait_timeout(g, end - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            })
+            .ok();
+        Deadline { state, thread }
+    }
+
+    /// Stops the clock; whether it had run out.
+    fn stop(mut self) -> bool {
+        let (lock, cvar) = &*self.state;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+        cvar.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let fired = lock.lock().unwrap_or_else(|e| e.into_inner()).1;
+        fired
+    }
+}
+
+/// Reads the launcher's marker line, within [`LAUNCH_TIMEOUT`]. On `ok`, returns the stream
+/// positioned just after it.
+fn read_marker(stream: AgentStream, host: &str) -> Result<Launch, TransportError> {
+    let within = launch_timeout();
+    let deadline = stream
+        .handle
+        .aborter()
+        .map(|abort| Deadline::start(within, abort));
+    let read = read_marker_now(stream, host);
+    if deadline.is_some_and(Deadline::stop) {
+        return Err(TransportError::Remote {
+            host: host.to_string(),
+            phase: "starting the agent".to_string(),
+            message: format!(
+                "the login did not start flip within {} s (a shell startup file waiting for input, or a command in it that never returns?); the connection was dropped",
+                within.as_secs_f64()
+            ),
+        });
+    }
+    read
+}
+
+fn read_marker_now(mut stream: AgentStream, host: &str) -> Result<Launch, TransportError> {
     let mut reader = BufReader::with_capacity(64 * 1024, stream.reader);
     let mut noise = Vec::new();
     let mut line = Vec::new();
