@@ -516,6 +516,22 @@ fn a_login_that_never_starts_flip_fails_after_the_launch_deadline() {
     );
     assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
     assert!(!fx.root.exists());
+    // Through the built-in transport to a real server, with a deadline no login meets.
+    let w = World::new();
+    let key = w.key();
+    let r =
+        w.fx.flip_env(
+            &[("FLIP_LAUNCH_TIMEOUT_MS", "1")],
+            &["deploy", src.s(), &w.url(), "-i", &key, "--no-cache"],
+        )
+        .code(6);
+    assert!(
+        r.stderr
+            .contains("the login did not start flip within 0.001 s"),
+        "{}",
+        r.stderr
+    );
+    assert!(!w.fx.root.exists());
 }
 
 /// A connection dropped in the middle of a transfer: a clear error naming the host, `current`
