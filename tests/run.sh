@@ -27,6 +27,10 @@ command -v readelf >/dev/null || need+=(binutils)
 # The old-server tests: debootstrap for the Debian 11 root; zstd for the upload codec test.
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v zstd >/dev/null || need+=(zstd)
+# The launcher runs under whatever login shell the server has: its test runs it under these.
+command -v tcsh >/dev/null || need+=(tcsh)
+command -v csh >/dev/null || need+=(csh)
+command -v fish >/dev/null || need+=(fish)
 if [ ${#need[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${need[*]}" >&2
   $sudo apt-get update -qq

@@ -157,6 +157,12 @@ fn check_names(input: &str, t: &SshTarget) -> Result<(), TransportError> {
             return Err(bad("user name", u));
         }
     }
+    if t.path.chars().any(char::is_control) {
+        return Err(TransportError::Target {
+            input: input.to_string(),
+            message: "the path holds a control character (a newline, a tab, ...)".into(),
+        });
+    }
     let ipv6 = t.host.contains(':')
         && t.host
             .chars()
@@ -650,6 +656,8 @@ mod tests {
             "we$b1:/srv",
             "-web1:/srv",
             "web1;id:/srv",
+            "web1:/srv/a\nb",
+            "ssh://web1/srv/a%01b",
         ] {
             assert!(
                 matches!(parse_target(bad), Err(TransportError::Target { .. })),

@@ -450,9 +450,38 @@ impl crate::Finish for LaunchFinish {
     }
 }
 
-/// `sh -c 'SCRIPT'`: the login shell may not be POSIX (fish, csh), so scripts run under sh.
+/// A command any login shell (bash, dash, csh, tcsh, fish) runs as `sh` running `script`: the
+/// login shell may not be POSIX, so scripts run under sh; and the command is one line holding
+/// none of the characters those shells read differently inside quotes (a newline, which csh
+/// refuses in quotes; `\` and `'`, which fish escapes there; `"`, `$` and `` ` ``): each is
+/// carried as a control character (U+0001 to U+0006) that `tr` turns back before sh
+/// evaluates the script. The script holds no control character of its own ([`check_names`]
+/// keeps them out of remote paths).
+///
+/// [`check_names`]: super::check_names
 fn sh_c(script: &str) -> String {
-    format!("sh -c {}", shell_quote(script))
+    const CARRIED: [(char, char); 6] = [
+        ('\n', '\u{1}'),
+        ('\'', '\u{2}'),
+        ('"', '\u{3}'),
+        ('$', '\u{4}'),
+        ('`', '\u{5}'),
+        ('\\', '\u{6}'),
+    ];
+    debug_assert!(!script.chars().any(|c| ('\u{1}'..='\u{6}').contains(&c)));
+    let body: String = script
+        .chars()
+        .map(|c| {
+            CARRIED
+                .iter()
+                .find(|(from, _)| *from == c)
+                .map_or(c, |(_, to)| *to)
+        })
+        .collect();
+    let inner = format!(
+        r#"eval "$(printf %s '{body}' | tr '\001\002\003\004\005\006' '\n\047\042\044\140\134')""#
+    );
+    format!("sh -c {}", shell_quote(&inner))
 }
 
 /// Where a binary that could serve as the agent comes from (for messages).
@@ -1368,6 +1397,35 @@ mod tests {
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("noise started an agent"),
         }
+    }
+
+    /// The launcher and upload scripts run as sh scripts whatever the login shell: the same
+    /// output under bash, dash, csh, tcsh and fish (those installed; tests/run.sh installs
+    /// them) as the script run by sh directly, with every character a shell treats specially
+    /// in it. (A multi-line `sh -c '...'` failed under csh and tcsh: "Unmatched '".)
+    #[test]
+    fn a_script_runs_as_sh_under_every_login_shell() {
+        let script = "set -e\nv='1.0 \"x\"'\nk=0\nfor f in a b c; do\n  case $f in a|b) k=$((k+1)); [ ! $k -le 1 ] || echo \"$f it's `echo tick` {} *\";; esac\ndone\nprintf '%s\\n' \"$v\" 'back\\slash' \"back\\\\slash2\" \"#!~^&|<>;\"\ntrap 'echo trapped' EXIT\necho \"${HOME:+home}\"\n";
+        let want = Command::new("sh").arg("-c").arg(script).output().unwrap();
+        assert!(want.status.success());
+        let command = sh_c(script);
+        assert!(!command.contains('\n'), "{command}");
+        let mut tried = Vec::new();
+        for shell in ["sh", "bash", "dash", "csh", "tcsh", "fish"] {
+            let Ok(got) = Command::new(shell).arg("-c").arg(&command).output() else {
+                continue;
+            };
+            tried.push(shell);
+            assert_eq!(
+                String::from_utf8_lossy(&got.stdout),
+                String::from_utf8_lossy(&want.stdout),
+                "{shell}: {}",
+                String::from_utf8_lossy(&got.stderr)
+            );
+            assert!(got.status.success(), "{shell}");
+        }
+        eprintln!("login shells tried: {tried:?}");
+        assert!(tried.len() >= 2, "{tried:?}");
     }
 
     /// Connections made at once (a deploy to several hosts) hash different binaries into the
