@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 const CONFIG: &str = r#"
 shared_dirs = ["storage", "public/uploads"]
@@ -420,6 +421,72 @@ fn seeding_a_path_the_live_release_holds_makes_fresh_inodes() {
     assert_shared_layout(&fx.root);
     fx.flip(&["verify", fx.root_str(), "1"]).success();
     fx.flip(&["verify", fx.root_str()]).success();
+}
+
+/// A writable directory of the release chowned to the web server's user (`writable_owner`)
+/// before another one below it: that user could swap the one below for a symlink while the
+/// deploy runs, and the chmod by path that followed it gave any file the writable mode (2770
+/// here: setgid on a root agent's victim). The directory is now opened without following a
+/// symlink and changed through its descriptor: the deploy fails naming it, the file is left
+/// as it was, the live release stays.
+#[test]
+fn a_writable_directory_swapped_for_a_symlink_during_the_deploy_is_not_followed() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: writable_owner needs a root agent (CI is root)");
+        return;
+    }
+    let fx = Fx::new();
+    write_config(
+        &fx,
+        "writable_dirs = [\"bootstrap\", \"bootstrap/cache\"]\nwritable_mode = \"2770\"\nwritable_owner = \"nobody\"\n",
+    );
+    let src = app(&fx);
+    src.file("bootstrap/cache/.keep", "", 0o644);
+    fx.deploy(&src, &[]);
+    src.file("app/Kernel.php", "<?php // v2\n", 0o644);
+    let victim = fx.path("victim");
+    fs::write(&victim, "secret\n").unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+    let marker = fx.path("paused");
+    let pause = format!("before-writable:{}", marker.display());
+    let run = fx.spawn(
+        &[("FLIP_PAUSE", pause.as_str())],
+        &["deploy", "--json", src.s(), fx.root_str()],
+    );
+    let until = Instant::now() + Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(Instant::now() < until, "the deploy never reached its pause");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let staging = fs::read_dir(fx.root.join("releases"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".staging")
+        })
+        .expect("a release is being staged");
+    let cache = staging.join("bootstrap/cache");
+    fs::remove_dir_all(&cache).unwrap();
+    std::os::unix::fs::symlink(&victim, &cache).unwrap();
+    fs::remove_file(&marker).unwrap();
+    let r = run.finish(Duration::from_secs(60));
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("bootstrap/cache"), "{}", r.stderr);
+    let m = fs::metadata(&victim).unwrap();
+    assert_eq!(
+        (m.mode() & 0o7777, m.uid()),
+        (0o600, 0),
+        "the file is left as it was"
+    );
+    assert_eq!(fx.current_link(), "releases/1");
+    // (Release ids are never reused: the failed one had 2.)
+    fx.deploy(&src, &[]);
+    assert_eq!(fx.current_link(), "releases/3");
 }
 
 #[test]

@@ -221,11 +221,20 @@ pub(crate) fn commit_shared(
         std::os::unix::fs::symlink(link_target(x), &staged_x)
             .map_err(io("create the symlink", &staged_x))?;
     }
+    crate::fault_pause("before-writable");
     for w in &s.writable_release {
         if let Some((uid, gid)) = s.owner {
             let p = dir.join(w.as_str());
-            std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(io("chown", &p))?;
-            fsutil::set_mode(&p, s.mode)?;
+            // Opened component by component from the staged release, never through a
+            // symlink, and changed through the descriptor: a writable directory chowned
+            // before this one (its parent) belongs to the web server's user, who could swap
+            // this one for a symlink meanwhile, and a chmod by path would follow it.
+            let fd = open_below(dir, w).map_err(io("open", &p))?;
+            // SAFETY: fchown and fchmod on a directory descriptor we own.
+            cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map_err(io("chown", &p))?;
+            // SAFETY: as above.
+            cvt(unsafe { libc::fchmod(fd.as_raw_fd(), s.mode as libc::mode_t) })
+                .map_err(io("chmod", &p))?;
         }
     }
     root.writable_shared(&s.writable_shared, s.mode, s.owner)
@@ -438,6 +447,17 @@ fn copy_across(
 
 /// The directory holding `shared/X`, opened component by component without following a
 /// symlink; missing ones are created (mode 0755, or `create`) when `create` or always for seeds.
+/// The directory `x` below the directory `base`, each component opened relative to the one
+/// before with `O_NOFOLLOW` (a symlink anywhere on the way is an error, `ELOOP` or
+/// `ENOTDIR`); nothing is created.
+fn open_below(base: &Path, x: &RelPath) -> std::io::Result<OwnedFd> {
+    let mut fd = open_path_dir(base)?;
+    for c in x.components() {
+        fd = open_dir_at(&fd, c, None)?;
+    }
+    Ok(fd)
+}
+
 fn open_shared_parent(base: &Path, x: &RelPath, create: Option<u32>) -> Result<OwnedFd> {
     let mut fd = open_path_dir(base).map_err(io("open", base))?;
     let mut shown = base.to_path_buf();
