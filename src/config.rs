@@ -168,6 +168,14 @@ impl Settings {
                 })
                 .collect()
         };
+        // As the command line's --compress-level: a level outside it was taken as is, and a
+        // negative one garbled the stream (the client compressed, the agent did not decompress).
+        if let Some(l) = self.compress_level.filter(|l| !(0..=19).contains(l)) {
+            return Err(bad(
+                "compress_level",
+                format!("{l} is not a level from 0 (off) to 19"),
+            ));
+        }
         let mode_text = self.writable_mode.as_deref().unwrap_or(WRITABLE_MODE);
         let writable_mode = u32::from_str_radix(mode_text, 8)
             .ok()
@@ -178,6 +186,13 @@ impl Settings {
                     format!("{mode_text:?} is not an octal mode such as \"0775\""),
                 )
             })?;
+        // A directory its owner cannot list, enter and write is no writable directory.
+        if writable_mode & 0o700 != 0o700 {
+            return Err(bad(
+                "writable_mode",
+                format!("{mode_text:?} does not let the directory's owner read, write and enter it (rwx, 0700): such as \"0775\""),
+            ));
+        }
         if let Some(o) = &self.writable_owner {
             let ok =
                 |s: &str| !s.is_empty() && !s.contains(|c: char| c == ':' || c.is_whitespace());
@@ -254,6 +269,19 @@ impl Config {
             .map_err(|e| exit::coded(exit::USAGE, describe_error(&path, &text, &e)))?;
         let mut envs = BTreeMap::new();
         for (name, env) in shape.env {
+            // Typed as `flip deploy NAME`: a name that could be a path or host:path would turn
+            // a command meant for that target into one for the environment.
+            let ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+            if name.is_empty() || name.starts_with(['-', '.']) || !name.chars().all(ok) {
+                let line = line_of_table(&text, &name);
+                return Err(exit::coded(
+                    exit::USAGE,
+                    format!(
+                        "{}:{line}: env.{name:?}: an environment's name is letters, digits and ._-, not starting with '-' or '.' (it is typed where a target could be)",
+                        path.display()
+                    ),
+                ));
+            }
             if env.targets.is_empty() {
                 let line = line_of_table(&text, &name);
                 return Err(exit::coded(

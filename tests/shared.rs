@@ -526,11 +526,27 @@ fn writable_dirs_get_their_mode_and_as_root_their_owner() {
     let j = fx.deploy(&src, &[]);
     assert_eq!(j["unchanged"], true, "{j}");
     assert_eq!(mode(&in_shared), 0o2770);
-    // A bad mode is a configuration error naming the key.
-    write_config(&fx, &format!("{CONFIG}writable_mode = \"rwx\"\n"));
-    fx.flip(&["deploy", src.s(), fx.root_str()])
-        .code(2)
-        .stderr_has("writable_mode");
+    // A bad mode is a configuration error naming the key; so is one whose owner cannot use
+    // the directory, a compression level outside 0..=19 (a negative one garbled the stream,
+    // exit 6), and an environment named like a target (`flip rollback /srv/app` would have
+    // rolled back the environment).
+    let current = fx.current_link();
+    for (text, says) in [
+        (format!("{CONFIG}writable_mode = \"rwx\"\n"), "writable_mode: \"rwx\" is not an octal mode"),
+        (format!("{CONFIG}writable_mode = \"0644\"\n"), ":5: writable_mode: \"0644\" does not let the directory's owner read, write and enter it"),
+        (format!("{CONFIG}compress_level = -2\n"), ":5: compress_level: -2 is not a level from 0 (off) to 19"),
+        (format!("{CONFIG}compress_level = 25\n"), "compress_level: 25 is not a level"),
+        (
+            format!("{CONFIG}[env.\"/srv/app\"]\ntargets = [\"/x\"]\n"),
+            ":5: env.\"/srv/app\": an environment's name is letters, digits and ._-",
+        ),
+    ] {
+        write_config(&fx, &text);
+        fx.flip(&["deploy", src.s(), fx.root_str()])
+            .code(2)
+            .stderr_has(says);
+    }
+    assert_eq!(fx.current_link(), current);
 }
 
 /// Two SSH servers that both trust one user key, and the fixture's known_hosts trusting both.
