@@ -213,7 +213,9 @@ pub fn serve_with(
     let mut tx = FrameWriter::new(Box::new(output));
     let mut s = Session {
         holder,
-        root_path: home_expanded(root),
+        // Absolute: a hook's FLIP_RELEASE_DIR names the release wherever the hook `cd`s
+        // (`web1:app` is relative to the login directory, the agent's).
+        root_path: std::path::absolute(home_expanded(root)).unwrap_or_else(|_| home_expanded(root)),
         root: None,
         lock: None,
         stage: None,
