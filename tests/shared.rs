@@ -489,6 +489,26 @@ fn a_writable_directory_swapped_for_a_symlink_during_the_deploy_is_not_followed(
     assert_eq!(fx.current_link(), "releases/3");
 }
 
+/// A writable directory below a shared one that is a file in the source: the first deploy
+/// moved the seed into shared/, then failed on it, and every later deploy refused the target
+/// until someone fixed shared/ by hand. The source is refused first (exit 4), nothing is made.
+#[test]
+fn a_writable_directory_of_a_shared_one_that_is_a_file_in_the_source_is_refused_first() {
+    let fx = Fx::new();
+    write_config(&fx, CONFIG);
+    let src = app(&fx);
+    src.file("storage/framework/cache", "not a directory\n", 0o644);
+    fx.flip(&["deploy", src.s(), fx.root_str()])
+        .code(4)
+        .stderr_has(
+            "storage/framework/cache is a regular file in the source, but it is in writable_dirs",
+        );
+    assert!(!fx.root.exists(), "nothing was made");
+    fs::remove_file(src.dir.join("storage/framework/cache")).unwrap();
+    fx.deploy(&src, &[]);
+    assert_shared_layout(&fx.root);
+}
+
 #[test]
 fn writable_dirs_get_their_mode_and_as_root_their_owner() {
     let fx = Fx::new();

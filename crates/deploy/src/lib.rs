@@ -596,7 +596,12 @@ fn check_shared_source(source: &Path, shared: &SharedPaths) -> Result<(), Deploy
         .into_iter()
         .map(|(p, k)| (p, Some(k)))
         .collect();
-    checks.extend(shared.writable_in_release().into_iter().map(|p| (p, None)));
+    // Every writable directory, those below a shared directory too: a first deploy seeds the
+    // shared directory from the source, and one whose writable directory is a file there
+    // failed after the seed was in place, then every later deploy refused the target.
+    let mut writable = shared.writable_in_release();
+    writable.extend(shared.writable_in_shared());
+    checks.extend(writable.into_iter().map(|p| (p, None)));
     for (p, kind) in checks {
         let comps: Vec<&str> = p.components().collect();
         let mut cur = source.to_path_buf();
