@@ -470,6 +470,9 @@ fn a_writable_directory_swapped_for_a_symlink_during_the_deploy_is_not_followed(
                 .starts_with(".staging")
         })
         .expect("a release is being staged");
+    // Nobody but the agent's user can reach into the release being made (root, this test,
+    // can: it stands for a writer that got in anyway).
+    assert_eq!(mode(&staging), 0o700);
     let cache = staging.join("bootstrap/cache");
     fs::remove_dir_all(&cache).unwrap();
     std::os::unix::fs::symlink(&victim, &cache).unwrap();
@@ -487,6 +490,7 @@ fn a_writable_directory_swapped_for_a_symlink_during_the_deploy_is_not_followed(
     // (Release ids are never reused: the failed one had 2.)
     fx.deploy(&src, &[]);
     assert_eq!(fx.current_link(), "releases/3");
+    assert_eq!(mode(&fx.release(3)), 0o755);
 }
 
 /// A writable directory below a shared one that is a file in the source: the first deploy

@@ -310,6 +310,8 @@ impl<'r> Stage<'r> {
     fn build_tree(&mut self) -> Result<()> {
         if self.streamed.is_none() {
             fsutil::create_dir(&self.dir)?;
+            // Private until the release is complete (see `commit`).
+            fsutil::set_mode(&self.dir, 0o700)?;
         }
         let umask = fsutil::umask();
         for level in by_depth(self.manifest.entries()) {
@@ -904,7 +906,11 @@ impl<'r> Stage<'r> {
                 _ => Ok(()),
             })?;
         }
-        fsutil::set_mode(&self.dir, 0o755)?;
+        // The release directory stays private (0700: nobody else can reach into it) until the
+        // seeds are moved and the writable directories chowned below: a directory of the
+        // release that another user may write (a world-writable one from the source, one
+        // chowned to the web server's user) is theirs to swap for a symlink meanwhile, and
+        // those steps work on paths.
         if let Some(shared) = self.shared.take() {
             self.fill_stamps()?;
             crate::shared::commit_shared(self.root, &self.dir, &self.manifest, &shared)?;
@@ -925,6 +931,7 @@ impl<'r> Stage<'r> {
                 .collect();
             self.manifest = shared.release;
         }
+        fsutil::set_mode(&self.dir, 0o755)?;
         fsutil::syncfs(&self.dir)?;
         let info = ReleaseInfo {
             id: self.id,

@@ -76,6 +76,8 @@ impl Root {
             linked: Vec::new(),
         };
         fsutil::create_dir(&stage.dir)?;
+        // Private until the release is complete (see `Stage::commit`).
+        fsutil::set_mode(&stage.dir, 0o700)?;
         let mut stage = stage;
         stage.committed = false;
         Ok(stage)
