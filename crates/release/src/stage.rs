@@ -309,9 +309,8 @@ impl<'r> Stage<'r> {
     /// links and copies in parallel.
     fn build_tree(&mut self) -> Result<()> {
         if self.streamed.is_none() {
-            fsutil::create_dir(&self.dir)?;
             // Private until the release is complete (see `commit`).
-            fsutil::set_mode(&self.dir, 0o700)?;
+            fsutil::create_private_dir(&self.dir)?;
         }
         let umask = fsutil::umask();
         for level in by_depth(self.manifest.entries()) {

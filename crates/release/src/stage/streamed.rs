@@ -75,9 +75,8 @@ impl Root {
             streamed: Some(Box::default()),
             linked: Vec::new(),
         };
-        fsutil::create_dir(&stage.dir)?;
         // Private until the release is complete (see `Stage::commit`).
-        fsutil::set_mode(&stage.dir, 0o700)?;
+        fsutil::create_private_dir(&stage.dir)?;
         let mut stage = stage;
         stage.committed = false;
         Ok(stage)
