@@ -276,6 +276,39 @@ fn a_hook_past_its_timeout_is_killed_with_its_children_and_aborts_the_deploy() {
     assert!(!alive, "sleep {child} survived the timeout");
 }
 
+/// A hook past its timeout gets SIGTERM, and what ignores it SIGKILL after the grace: a
+/// command that traps SIGTERM to end cleanly (a migration finishing its statement) had no
+/// grace once the hook's shell itself had died of the SIGTERM, and was killed at once.
+#[test]
+fn what_outlives_the_hooks_shell_after_a_timeout_still_gets_its_grace() {
+    let fx = Fx::new();
+    let root = fx.path("t");
+    let mark = fx.path("graceful");
+    let targets = vec![s(&root).to_string()];
+    config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod"]).success();
+    site_v2(&src);
+    config(
+        &fx,
+        &targets,
+        &format!(
+            r#"before_activate = [{{ run = "sh -c \"trap 'sleep 1; echo graceful > {}; exit 0' TERM; sleep 60 & wait\"; true", timeout = "1s" }}]"#,
+            s(&mark)
+        ),
+    );
+    let t = Instant::now();
+    fx.flip(&["deploy", "prod", "--json"]).code(12);
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    assert_eq!(
+        fs::read_to_string(&mark).ok().as_deref(),
+        Some("graceful\n"),
+        "the trap ran to its end"
+    );
+    assert_eq!(link(&root), "releases/1");
+}
+
 #[test]
 fn an_unchanged_tree_runs_no_hooks() {
     let fx = Fx::new();

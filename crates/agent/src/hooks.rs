@@ -153,11 +153,18 @@ pub(crate) fn run(
             }
         }
         if let Some((st, at)) = exited {
-            // Timed out: what is left of its group ignored the SIGTERM the shell died of.
-            if kill_at.take().is_some() {
-                kill(libc::SIGKILL);
+            // Timed out and the shell died of the SIGTERM: what is left of its group (a
+            // command that traps SIGTERM to end cleanly) has the rest of its grace, then
+            // SIGKILL; once the group is gone, nothing is waited for.
+            // SAFETY: signal 0 to the hook's own process group only asks whether it exists.
+            if kill_at.is_some() && unsafe { libc::kill(-pgid, 0) } != 0 {
+                kill_at = None;
             }
-            if open_pipes == 0 || at.elapsed() > DRAIN {
+            if kill_at.is_some_and(|k| Instant::now() >= k) || flip_release::abandoned() {
+                kill(libc::SIGKILL);
+                kill_at = None;
+            }
+            if kill_at.is_none() && (open_pipes == 0 || at.elapsed() > DRAIN) {
                 break Ok(st);
             }
         } else {
