@@ -459,16 +459,8 @@ fn dry_runs(
     env: Option<&str>,
     started: Instant,
 ) -> Result<Code> {
-    let source = o.source.clone();
-    if !source.is_dir() {
-        return Err(exit::coded(
-            exit::SOURCE,
-            format!("source {} is not a directory", source.display()),
-        ));
-    }
-    for t in targets {
-        flip_deploy::refuse_overlap(&std::path::absolute(&source)?, t)?;
-    }
+    // Checked as the deploy checks it (shared paths of the wrong kind in the source too).
+    let source = flip_deploy::check_source(&o.source, targets, &o.shared)?;
     let scan = flip_scan::scan(
         &source,
         &flip_scan::ScanOptions {

@@ -502,11 +502,13 @@ fn a_writable_directory_of_a_shared_one_that_is_a_file_in_the_source_is_refused_
     write_config(&fx, CONFIG);
     let src = app(&fx);
     src.file("storage/framework/cache", "not a directory\n", 0o644);
-    fx.flip(&["deploy", src.s(), fx.root_str()])
-        .code(4)
-        .stderr_has(
+    // A dry run says so too (it skipped the check and predicted a deploy that would fail).
+    for dry in [&["--dry-run"][..], &[]] {
+        let args = [&["deploy"][..], dry, &[src.s(), fx.root_str()]].concat();
+        fx.flip(&args).code(4).stderr_has(
             "storage/framework/cache is a regular file in the source, but it is in writable_dirs",
         );
+    }
     assert!(!fx.root.exists(), "nothing was made");
     fs::remove_file(src.dir.join("storage/framework/cache")).unwrap();
     fx.deploy(&src, &[]);

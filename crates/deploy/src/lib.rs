@@ -371,10 +371,7 @@ pub fn deploy(
     events: Arc<dyn Events>,
 ) -> Result<Deployment, DeployError> {
     let started = Instant::now();
-    let source = checked_source(&o.source, targets)?;
-    if !o.shared.is_empty() {
-        check_shared_source(&source, &o.shared)?;
-    }
+    let source = check_source(&o.source, targets, &o.shared)?;
     let caches = Arc::new(Caches::open(o.cache_dir.as_deref()));
     // Phase 1 on every target (connect and lock, describe, stage, send, commit), its
     // connections opened while the source is scanned, once for all of them.
@@ -560,6 +557,25 @@ struct Failed {
 
 /// Phase 1's outcome of one target.
 type Prepared = Result<Host, Failed>;
+
+/// The source directory, absolute, checked as a deploy checks it before anything is sent: a
+/// directory, not overlapping a local target, and (with shared paths) with none of them, nor a
+/// writable directory, of the wrong kind. `flip deploy --dry-run` checks it the same way.
+///
+/// # Errors
+/// [`DeployError::Source`] (exit 4) naming what is wrong, [`DeployError::Usage`] for invalid
+/// shared-path settings or a target inside the source.
+pub fn check_source(
+    source: &Path,
+    targets: &[Target],
+    shared: &SharedPaths,
+) -> Result<PathBuf, DeployError> {
+    let source = checked_source(source, targets)?;
+    if !shared.is_empty() {
+        check_shared_source(&source, shared)?;
+    }
+    Ok(source)
+}
 
 /// The source directory, absolute, checked to be a directory not overlapping a local target.
 fn checked_source(source: &Path, targets: &[Target]) -> Result<PathBuf, DeployError> {
