@@ -57,6 +57,13 @@ pub(crate) fn read_dir(path: impl AsRef<Path>) -> Result<fs::ReadDir> {
     fs::read_dir(path).map_err(io("read", path))
 }
 
+/// Creates the directory `path` (its parent must exist). Errors name the path ("cannot create …").
+#[cfg(test)]
+pub(crate) fn create_dir(path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    fs::create_dir(path).map_err(io("create", path))
+}
+
 /// Creates the directory `path` private to this user (mode 0700, whatever the umask), made so
 /// by `mkdir` itself: under a setgid parent it still gets the parent's group and setgid bit
 /// (a chmod afterwards would drop the bit for a user not in that group). Errors name the path.
