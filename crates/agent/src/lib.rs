@@ -215,7 +215,10 @@ pub fn serve_with(
         holder,
         // Absolute: a hook's FLIP_RELEASE_DIR names the release wherever the hook `cd`s
         // (`web1:app` is relative to the login directory, the agent's).
-        root_path: std::path::absolute(home_expanded(root)).unwrap_or_else(|_| home_expanded(root)),
+        root_path: {
+            let root = home_expanded(root);
+            std::path::absolute(&root).unwrap_or(root)
+        },
         root: None,
         lock: None,
         stage: None,
@@ -450,35 +453,13 @@ pub fn home_expanded(root: &Path) -> PathBuf {
 /// The home directory of user `name` (or of the user this process runs as), from the password
 /// database; `None` when there is no such user or no home recorded.
 fn passwd_home(name: Option<&str>) -> Option<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    let name = name.map(std::ffi::CString::new).transpose().ok()?;
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: an all-zero passwd is a valid value for getpw*_r to overwrite.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwnam_r/getpwuid_r fill `pw` and write at most `buf.len()` bytes into `buf`,
-    // both ours and alive for the call; `found` is set to `&pw` or null. The name is
-    // NUL-terminated.
-    let rc = unsafe {
-        match &name {
-            Some(n) => {
-                libc::getpwnam_r(n.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut found)
-            }
-            None => libc::getpwuid_r(
-                libc::geteuid(),
-                &mut pw,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut found,
-            ),
-        }
-    };
-    if rc != 0 || found.is_null() || pw.pw_dir.is_null() {
-        return None;
-    }
-    // SAFETY: pw_dir points to a NUL-terminated string inside `buf`, alive here.
-    let dir = unsafe { std::ffi::CStr::from_ptr(pw.pw_dir) };
-    (!dir.to_bytes().is_empty()).then(|| PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes())))
+    use flip_release::passwd;
+    let user = match name {
+        Some(n) => passwd::by_name(n),
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        None => passwd::by_uid(unsafe { libc::geteuid() }),
+    }?;
+    (!user.home.as_os_str().is_empty()).then_some(user.home)
 }
 
 /// Set by [`serve_stdio`]: the session's output is this process's stdout.

@@ -1130,22 +1130,9 @@ fn shown(root: &Root, path: &Path) -> String {
     }
 }
 
-/// The user name of `uid` (`getpwuid_r`), or the number.
+/// The user name of `uid` (the password database), or the number.
 pub fn user_name(uid: u32) -> String {
-    let mut buf = vec![0 as libc::c_char; 4096];
-    // SAFETY: libc::passwd is plain old data (integers and nullable pointers): all-zero is valid.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut res: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwuid_r fills the struct we own and writes at most `buf.len()` bytes into the
-    // buffer we own; the status and the result pointer are checked before use.
-    let r = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut res) };
-    if r != 0 || res.is_null() || pw.pw_name.is_null() {
-        return uid.to_string();
-    }
-    // SAFETY: pw_name points to a NUL-terminated name inside our buffer.
-    unsafe { CStr::from_ptr(pw.pw_name) }
-        .to_string_lossy()
-        .into_owned()
+    crate::passwd::by_uid(uid).map_or_else(|| uid.to_string(), |u| u.name)
 }
 
 fn group_name(gid: u32) -> String {
@@ -1153,7 +1140,8 @@ fn group_name(gid: u32) -> String {
     // SAFETY: libc::group is plain old data (integers and nullable pointers): all-zero is valid.
     let mut gr: libc::group = unsafe { std::mem::zeroed() };
     let mut res: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: as for getpwuid_r in `user_name`: struct and buffer are ours, results checked.
+    // SAFETY: getgrgid_r fills the struct we own and writes at most `buf.len()` bytes into the
+    // buffer we own; the status and the result pointer are checked before use.
     let r = unsafe { libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut res) };
     if r != 0 || res.is_null() || gr.gr_name.is_null() {
         return gid.to_string();

@@ -32,6 +32,7 @@ mod error;
 mod fsutil;
 mod hooks;
 mod lock;
+pub mod passwd;
 mod record;
 mod shared;
 mod stage;

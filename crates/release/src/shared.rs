@@ -517,16 +517,12 @@ pub fn resolve_owner(spec: &str) -> std::result::Result<(u32, u32), String> {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let cu =
-        CString::new(user).map_err(|_| format!("writable_owner: {user:?} is not a user name"))?;
-    // SAFETY: getpwnam with a NUL-terminated name; the result is read at once (the agent is
-    // the only thread asking).
-    let pw = unsafe { libc::getpwnam(cu.as_ptr()) };
-    if pw.is_null() {
-        return Err(format!("writable_owner: no user {user:?} on this host"));
+    if user.contains('\0') {
+        return Err(format!("writable_owner: {user:?} is not a user name"));
     }
-    // SAFETY: non-null passwd entry from getpwnam.
-    let (uid, mut gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    let pw = crate::passwd::by_name(user)
+        .ok_or_else(|| format!("writable_owner: no user {user:?} on this host"))?;
+    let (uid, mut gid) = (pw.uid, pw.gid);
     if let Some(g) = group {
         let cg =
             CString::new(g).map_err(|_| format!("writable_owner: {g:?} is not a group name"))?;
