@@ -525,11 +525,9 @@ fn risky_opcache_settings_of_the_php_on_path_are_warned_about_with_their_fix() {
     );
 }
 
-#[test]
-fn a_running_deploys_lock_is_reported_without_waiting_for_or_taking_it() {
-    let fx = Fx::new();
-    deployed(&fx);
-    // Hold the lock as a deploy does: flock, then the holder's description.
+/// Holds the target's lock as a deploy does (an exclusive `flock`, then the holder's
+/// description `holder` in the file), until the returned file is dropped.
+fn hold_lock(fx: &Fx, holder: &serde_json::Value) -> fs::File {
     let lock = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -538,12 +536,22 @@ fn a_running_deploys_lock_is_reported_without_waiting_for_or_taking_it() {
     // SAFETY: flock on a descriptor we own.
     let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
     assert_eq!(r, 0);
-    let holder = serde_json::json!({
-        "pid": std::process::id(), "host": std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim(), "user": "ci",
-        "since": 0, "what": "deploy from builder pid 4242",
-    });
     lock.set_len(0).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&lock, holder.to_string().as_bytes(), 0).unwrap();
+    lock
+}
+
+#[test]
+fn a_running_deploys_lock_is_reported_without_waiting_for_or_taking_it() {
+    let fx = Fx::new();
+    deployed(&fx);
+    let lock = hold_lock(
+        &fx,
+        &serde_json::json!({
+            "pid": std::process::id(), "host": std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim(), "user": "ci",
+            "since": 0, "what": "deploy from builder pid 4242",
+        }),
+    );
 
     let j = doctor_json(&fx, &[("PATH", &no_php(&fx))], 0, &[]);
     let f = one(&j, "lock", "note", "is running: locked by pid");
@@ -583,25 +591,18 @@ fn a_lock_held_by_another_user_is_reported_with_its_pid_and_why_the_name_is_miss
     // Searchable by nobody down to the target, whose files stay root's.
     fs::set_permissions(fx.path(""), fs::Permissions::from_mode(0o755)).unwrap();
     let lock_path = fx.root.join(".flip/lock");
-    let lock = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&lock_path)
-        .unwrap();
     assert_eq!(
         fs::metadata(&lock_path).unwrap().permissions().mode() & 0o777,
         0o600,
         "the deploy left a private lock file"
     );
-    // SAFETY: flock on a descriptor we own.
-    let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-    assert_eq!(r, 0);
-    lock.set_len(0).unwrap();
-    let holder = serde_json::json!({
-        "pid": std::process::id(), "host": "builder", "user": "ci", "since": 0,
-        "what": "deploy from builder pid 4242",
-    });
-    std::os::unix::fs::FileExt::write_all_at(&lock, holder.to_string().as_bytes(), 0).unwrap();
+    let lock = hold_lock(
+        &fx,
+        &serde_json::json!({
+            "pid": std::process::id(), "host": "builder", "user": "ci", "since": 0,
+            "what": "deploy from builder pid 4242",
+        }),
+    );
 
     let j = doctor_as_nobody(&fx, UNHEALTHY);
     let f = one(&j, "lock", "note", "is running: locked by pid");
@@ -644,20 +645,13 @@ fn a_lock_held_from_another_pid_namespace_is_still_seen() {
     }
     let fx = Fx::new();
     let src = deployed(&fx);
-    let lock = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(fx.root.join(".flip/lock"))
-        .unwrap();
-    // SAFETY: flock on a descriptor we own.
-    let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-    assert_eq!(r, 0);
-    lock.set_len(0).unwrap();
-    let holder = serde_json::json!({
-        "pid": 4242, "host": "builder", "user": "ci", "since": 0,
-        "what": "deploy from builder pid 4242",
-    });
-    std::os::unix::fs::FileExt::write_all_at(&lock, holder.to_string().as_bytes(), 0).unwrap();
+    let lock = hold_lock(
+        &fx,
+        &serde_json::json!({
+            "pid": 4242, "host": "builder", "user": "ci", "since": 0,
+            "what": "deploy from builder pid 4242",
+        }),
+    );
     // The namespace's /proc/locks does not show this test's lock.
     let seen = Command::new(unshare[0])
         .args(&unshare[1..])
