@@ -36,6 +36,18 @@ fn listing(root: &Path) -> (Vec<u64>, Vec<String>) {
 }
 
 /// `flip.toml`: source "src", `top` at the top level, `[env.prod]` with these targets.
+/// Environment `prod` with the one target `root`, release 1 deployed there without hooks, the
+/// source changed to v2 and flip.toml given the hook settings `hooks` for the next deploy.
+fn deployed_then_hooks(fx: &Fx, root: &Path, hooks: &str) {
+    let targets = vec![s(root).to_string()];
+    config(fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod"]).success();
+    site_v2(&src);
+    config(fx, &targets, hooks);
+}
+
 fn config(fx: &Fx, targets: &[String], top: &str) {
     let list: Vec<String> = targets.iter().map(|t| format!("{t:?}")).collect();
     fs::write(
@@ -182,15 +194,9 @@ fn a_hook_sees_its_release_as_cwd_and_the_flip_variables() {
     let fx = Fx::new();
     let root = fx.path("t");
     let out = fx.path("seen");
-    let targets = vec![s(&root).to_string()];
-    config(&fx, &targets, "");
-    let src = fx.src("src");
-    site_v1(&src);
-    fx.flip(&["deploy", "prod"]).success();
-    site_v2(&src);
-    config(
+    deployed_then_hooks(
         &fx,
-        &targets,
+        &root,
         &format!(
             "before_activate = ['{{ pwd -P; echo \"$FLIP_RELEASE|$FLIP_RELEASE_DIR|$FLIP_PREVIOUS|$FLIP_TARGET|$FLIP_ENV\"; cat | wc -c; }} > {}']\nafter_activate = ['echo \"after $FLIP_RELEASE|$FLIP_PREVIOUS\" >> {}']",
             s(&out),
@@ -240,15 +246,9 @@ fn a_hook_past_its_timeout_is_killed_with_its_children_and_aborts_the_deploy() {
     let fx = Fx::new();
     let root = fx.path("t");
     let pid = fx.path("pid");
-    let targets = vec![s(&root).to_string()];
-    config(&fx, &targets, "");
-    let src = fx.src("src");
-    site_v1(&src);
-    fx.flip(&["deploy", "prod"]).success();
-    site_v2(&src);
-    config(
+    deployed_then_hooks(
         &fx,
-        &targets,
+        &root,
         &format!(
             "before_activate = [{{ run = 'sleep 30 & echo $! > {}; wait', timeout = \"1s\" }}]",
             s(&pid)
@@ -284,15 +284,9 @@ fn what_outlives_the_hooks_shell_after_a_timeout_still_gets_its_grace() {
     let fx = Fx::new();
     let root = fx.path("t");
     let mark = fx.path("graceful");
-    let targets = vec![s(&root).to_string()];
-    config(&fx, &targets, "");
-    let src = fx.src("src");
-    site_v1(&src);
-    fx.flip(&["deploy", "prod"]).success();
-    site_v2(&src);
-    config(
+    deployed_then_hooks(
         &fx,
-        &targets,
+        &root,
         &format!(
             r#"before_activate = [{{ run = "sh -c \"trap 'sleep 1; echo graceful > {}; exit 0' TERM; sleep 60 & wait\"; true", timeout = "1s" }}]"#,
             s(&mark)
