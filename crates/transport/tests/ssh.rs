@@ -61,6 +61,19 @@ impl Fixture {
     }
 }
 
+/// The errors of connecting without and with accepting new host keys: both must refuse.
+fn refused_either_way(f: &mut Fixture) -> Vec<TransportError> {
+    [false, true]
+        .into_iter()
+        .map(|accept| {
+            f.opts.accept_new_host_key = accept;
+            ssh::exec(&f.target, &f.opts, "true")
+                .err()
+                .unwrap_or_else(|| panic!("refused (accepting new keys: {accept})"))
+        })
+        .collect()
+}
+
 fn read_all(mut stream: AgentStream) -> String {
     drop(stream.writer);
     let mut out = String::new();
@@ -238,11 +251,7 @@ fn changed_host_key_is_refused_even_when_accepting_new_keys() {
         format!("[127.0.0.1]:{} ssh-ed25519 {blob}\n", f.sshd.port()),
     )
     .unwrap();
-    for accept in [false, true] {
-        f.opts.accept_new_host_key = accept;
-        let err = ssh::exec(&f.target, &f.opts, "true")
-            .err()
-            .expect("refused");
+    for err in refused_either_way(&mut f) {
         assert!(
             matches!(err, TransportError::HostKeyChanged { .. }),
             "{err:?}"
@@ -280,11 +289,7 @@ fn a_host_key_of_another_type_than_the_recorded_one_is_refused() {
     let (kind, blob) = (words.next().unwrap(), words.next().unwrap());
     let recorded = format!("[127.0.0.1]:{} {kind} {blob}\n", f.sshd.port());
     std::fs::write(f.known_hosts(), &recorded).unwrap();
-    for accept in [false, true] {
-        f.opts.accept_new_host_key = accept;
-        let err = ssh::exec(&f.target, &f.opts, "true")
-            .err()
-            .expect("refused");
+    for err in refused_either_way(&mut f) {
         assert!(
             matches!(err, TransportError::HostKeyOtherType { .. }),
             "{err:?}"
