@@ -749,49 +749,33 @@ fn launch_timeout() -> std::time::Duration {
 
 /// Calls an [`Aborter`](crate::Aborter) once `after` has passed, unless stopped first.
 struct Deadline {
-    state: Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    stop: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<bool>>,
 }
 
 impl Deadline {
     fn start(after: std::time::Duration, abort: crate::Aborter) -> Deadline {
-        // (stopped, fired)
-        let state = Arc::new((Mutex::new((false, false)), std::sync::Condvar::new()));
-        let s = state.clone();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("flip-launch-deadline".into())
             .spawn(move || {
-                let (lock, cvar) = &*s;
-                let end = std::time::Instant::now() + after;
-                let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
-                while !g.0 {
-                    let now = std::time::Instant::now();
-                    if now >= end {
-                        g.1 = true;
-                        drop(g);
-                        abort();
-                        return;
-                    }
-                    g = cvar
-                        .wait_timeout(g, end - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                let ran_out = matches!(
+                    stopped.recv_timeout(after),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                );
+                if ran_out {
+                    abort();
                 }
+                ran_out
             })
             .ok();
-        Deadline { state, thread }
+        Deadline { stop, thread }
     }
 
     /// Stops the clock; whether it had run out.
-    fn stop(mut self) -> bool {
-        let (lock, cvar) = &*self.state;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
-        cvar.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let fired = lock.lock().unwrap_or_else(|e| e.into_inner()).1;
-        fired
+    fn stop(self) -> bool {
+        let _ = self.stop.send(());
+        self.thread.is_some_and(|t| t.join().unwrap_or(false))
     }
 }
 
