@@ -45,8 +45,8 @@ fn a_no_op_and_a_warm_upgrade_take_few_round_trips() {
 
     let noop = fx.deploy(&src, &[]);
     assert_eq!(noop["unchanged"], true);
-    // Handshake, lock, status and live check; prune and bye.
-    assert_eq!(round_trips(&noop), 2, "no-op: {noop}");
+    // Handshake, lock, status, live check, and (the live release being intact) prune and bye.
+    assert_eq!(round_trips(&noop), 1, "no-op: {noop}");
 
     site_v2(&src);
     src.overwrite("a/b/c/d/e/f.txt", "edited deep down\n");
@@ -60,6 +60,56 @@ fn a_no_op_and_a_warm_upgrade_take_few_round_trips() {
         "big.bin from the content cache: {warm}"
     );
     assert_eq!(read_tree(&fx.current()), src.tree());
+}
+
+#[test]
+fn a_no_op_prunes_and_ends_in_its_first_round_trip_from_any_client() {
+    let (fx, src) = two_releases();
+    src.overwrite("a/f.txt", "third\n");
+    fx.deploy(&src, &[]);
+
+    // This client made release 3 live: it expects a no-op. Release 2 stays as the rollback
+    // target, release 1 goes.
+    let warm = fx.deploy(&src, &["--keep", "1"]);
+    assert_eq!(warm["unchanged"], true, "{warm}");
+    assert_eq!(warm["release"], 3, "{warm}");
+    assert_eq!(warm["pruned"], serde_json::json!([1]), "{warm}");
+    assert_eq!(round_trips(&warm), 1, "warm no-op: {warm}");
+    assert!(!fx.release(1).exists(), "release 1 pruned");
+    assert!(fx.release(2).is_dir(), "release 2 kept");
+
+    src.overwrite("a/f.txt", "fourth\n");
+    fx.deploy(&src, &[]);
+    let live = read_tree(&fx.current());
+    // A client without caches (a fresh CI runner) also probes, in the same round trip.
+    let cold = fx.deploy(&src, &["--no-cache", "--keep", "1"]);
+    assert_eq!(cold["unchanged"], true, "{cold}");
+    assert_eq!(cold["release"], 4, "{cold}");
+    assert_eq!(cold["pruned"], serde_json::json!([2]), "{cold}");
+    assert_eq!(round_trips(&cold), 1, "cold no-op: {cold}");
+    assert!(!fx.release(2).exists(), "release 2 pruned");
+    assert_eq!(read_tree(&fx.current()), live);
+    // The session ended cleanly: the next deploy takes the lock at once.
+    let again = fx.deploy(&src, &["--keep", "1"]);
+    assert_eq!(again["pruned"], serde_json::json!([]), "{again}");
+    assert_eq!(round_trips(&again), 1, "{again}");
+}
+
+#[test]
+fn a_no_op_expected_but_a_tampered_live_release_makes_a_new_one() {
+    let (fx, src) = two_releases();
+    let want = src.tree();
+    // Someone edited the live release: it is not intact, so the deploy goes on after the
+    // agent declined to end the session, and makes release 3 from the same tree: the first
+    // round trip as for a no-op; stage (the edited file is resent); content, commit,
+    // activate, prune and bye.
+    std::fs::write(fx.current().join("a/f.txt"), "tampered\n").unwrap();
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["unchanged"], false, "{j}");
+    assert_eq!(j["release"], 3, "{j}");
+    assert_eq!(j["files"]["resent"], 1, "{j}");
+    assert_eq!(round_trips(&j), 3, "{j}");
+    assert_eq!(read_tree(&fx.current()), want);
 }
 
 #[test]

@@ -163,6 +163,8 @@ struct Session {
     stale: Option<String>,
     /// The client said `Bye`: the session ended as the client meant it to.
     bye: bool,
+    /// The live release this session's last `CheckLive` found intact ([`Request::EndIfLive`]).
+    live_intact: Option<u64>,
     /// Holds the answers to a batch until they all leave together ([`coalesce`]).
     holder: coalesce::Holder,
     /// A release hooks ran in whose writes are not recorded yet, with how it differed from its
@@ -235,6 +237,7 @@ pub fn serve_with(
         greeted: false,
         stale: None,
         bye: false,
+        live_intact: None,
         hook_writes: None,
         streaming: None,
     };
@@ -622,6 +625,25 @@ impl Session {
                 })?;
                 return Ok(());
             }
+            if let Request::EndIfLive { keep } = req {
+                if self.unchanged_live()? {
+                    let pruned = self.prune(keep)?;
+                    self.send_notices(tx)?;
+                    tx.send(&pruned)?;
+                    self.bye = true;
+                    self.holder.hold(|| {
+                        tx.send(&Response::Bye)?;
+                        tx.flush()
+                    })?;
+                    return Ok(());
+                }
+                tx.send(&Response::NotDone {
+                    request: "EndIfLive".into(),
+                    because: "the live release was not found intact as the new one".into(),
+                })?;
+                self.holder.hold(|| tx.flush())?;
+                continue;
+            }
             // A stage ahead of the status against a release no longer live, and the `Changes`
             // asked with it, are not done; the session goes on.
             let stale = match (&req, &self.stale) {
@@ -895,7 +917,7 @@ impl Session {
                 env,
                 wait_ms,
             } => self.hook(release, run, timeout_ms, env, wait_ms, tx)?,
-            Request::Bye => unreachable!("handled by run"),
+            Request::Bye | Request::EndIfLive { .. } => unreachable!("handled by run"),
         }))
     }
 
@@ -1205,7 +1227,26 @@ impl Session {
         if let (Some(_), Some(settings)) = (id, &self.shared) {
             settings.writable_only(root)?;
         }
+        self.live_intact = id;
         Ok(Response::LiveIntact { id })
+    }
+
+    /// `EndIfLive` ends the session: the last `CheckLive` found the live release intact, it is
+    /// still live, and this session has staged, committed and switched nothing since.
+    fn unchanged_live(&mut self) -> Result<bool> {
+        let Some(id) = self.live_intact else {
+            return Ok(false);
+        };
+        if self.stage.is_some()
+            || self.streaming.is_some()
+            || self.committed
+            || self.previous_live.is_some()
+        {
+            return Ok(false);
+        }
+        let root = self.root(false)?;
+        self.locked()?;
+        Ok(root.current()? == Some(id))
     }
 
     /// `Shared`: checks this deploy's shared-path settings against `shared/` and keeps them

@@ -542,6 +542,9 @@ struct Host {
     /// One target without hooks: `Commit`, `Activate`, `Prune` and `Bye` were queued together
     /// after the content (one round trip); their answers are read in phase 2 and at the end.
     pipelined: bool,
+    /// The agent ended the session in the status's round trip (`EndIfLive`: nothing changes):
+    /// the ids it pruned, or why pruning failed. Its `Bye` is on its way.
+    ended: Option<Result<Vec<u64>, String>>,
 }
 
 /// A failed target: the error, and the release live on it if the client saw it.
@@ -1030,6 +1033,7 @@ fn prepare(
             current: e.status.0,
             live: None,
             intact: None,
+            ended: None,
         },
         early => {
             check();
@@ -1149,6 +1153,7 @@ impl Host {
             seeded: Vec::new(),
             prune_queued: false,
             pipelined: false,
+            ended: None,
         })
     }
 
@@ -1217,8 +1222,15 @@ impl Host {
             .last_live(&self.target)
             .filter(|d| single && !probe && o.shared.is_empty() && *d != scanned.digest())
             .and_then(|d| caches.manifest(&d));
+        // Otherwise, on one target without shared paths, this deploy may change nothing: then
+        // the agent prunes and ends the session in this round trip, instead of one more for a
+        // `Prune` and a `Bye`.
+        let end = single && o.shared.is_empty() && guess.is_some() && expected.is_none();
         if let Some(live) = expected {
             s.stage_ahead(scanned, &live, o.label.clone(), o.itemize)?;
+        }
+        if end {
+            s.queue_end_if_live(o.keep)?;
         }
         let (current, releases) = match early {
             Some(status) => status,
@@ -1241,10 +1253,22 @@ impl Host {
         if probe {
             s.probe_answer()?;
         }
+        let found_intact = matches!(intact, Some((_, Some(_))));
+        let ended = match end {
+            false => None,
+            true => match s.end_if_live_answer() {
+                Ok(None) => None,
+                Ok(Some(removed)) => Some(Ok(removed)),
+                // Only a prune fails there: the deploy changes nothing all the same.
+                Err(e) if found_intact => Some(Err(e.to_string())),
+                Err(e) => return Err(e.into()),
+            },
+        };
         Ok(PipelinedStatus {
             current,
             live,
             intact,
+            ended,
         })
     }
 
@@ -1273,6 +1297,14 @@ impl Host {
                 self.unchanged = true;
             }
         }
+        if checked.ended.is_some() && !self.unchanged {
+            return Err(self.fail(DeployError::Transfer(TransferError::Protocol {
+                peer: self.target.clone(),
+                phase: "checking the live release",
+                message: "the agent ended the session of a deploy that changes the target".into(),
+            })));
+        }
+        self.ended = checked.ended;
         Ok(live_digest)
     }
 
@@ -1315,6 +1347,8 @@ struct PipelinedStatus {
     live: Option<Digest>,
     /// The digest `CheckLive` asked about, and the answer (the live id when intact).
     intact: Option<(Digest, Option<u64>)>,
+    /// The agent ended the session (`EndIfLive`): what it pruned, or why pruning failed.
+    ended: Option<Result<Vec<u64>, String>>,
 }
 
 /// Records in the client caches under `cache_dir` that the release of manifest `digest` is live
@@ -1579,7 +1613,7 @@ fn switch_back(h: &mut Host, why: &str, events: &Arc<dyn Events>) -> HostState {
 fn prune_all(hosts: &mut [Result<Host, Failed>], keep: u32) {
     std::thread::scope(|sc| {
         for h in hosts.iter_mut().filter_map(|h| h.as_mut().ok()) {
-            if h.prune_queued {
+            if h.prune_queued || h.ended.is_some() {
                 continue;
             }
             sc.spawn(move || {
@@ -1624,12 +1658,22 @@ fn outcome(h: Prepared, state: HostState, t: &Target, o: &Options) -> HostOutcom
             leftovers: f.leftovers,
         },
         Ok(mut h) => {
-            // Queued with the content when pipelined.
-            let bye = match h.pipelined {
+            // Queued with the content when pipelined; on its way when the agent ended the
+            // session with the status.
+            let bye = match h.pipelined || h.ended.is_some() {
                 true => Ok(()),
                 false => h.session.queue_bye(),
             };
             let mut closing = bye.is_ok();
+            match h.ended.take() {
+                Some(Ok(removed)) => h.pruned = removed,
+                Some(Err(e)) => {
+                    closing = false;
+                    h.warnings
+                        .push(format!("deployed, but pruning old releases failed: {e}"));
+                }
+                None => {}
+            }
             if h.prune_queued {
                 match h.session.pruned() {
                     Ok(r) => h.pruned = r,

@@ -1284,6 +1284,31 @@ impl Session {
         }
     }
 
+    /// Queues `EndIfLive` (see [`Request::EndIfLive`]), behind a queued `CheckLive`: if that
+    /// finds the live release intact, the agent prunes to `keep` releases and ends the session.
+    /// Its answer: [`Session::end_if_live_answer`].
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_end_if_live(&mut self, keep: u32) -> Result<()> {
+        self.queue(&Request::EndIfLive { keep })
+    }
+
+    /// The answer to a queued `EndIfLive`: `Some(ids pruned)` when the session ended (its
+    /// `Bye` follows: read it with [`Session::closed`]), `None` when it goes on.
+    ///
+    /// # Errors
+    /// The agent's error when pruning failed (the session then ends with [`Session::closed`],
+    /// whose error says nothing new); otherwise see [`Session`].
+    pub fn end_if_live_answer(&mut self) -> Result<Option<Vec<u64>>> {
+        self.phase = "pruning old releases";
+        match self.recv()? {
+            Response::Pruned { removed } => Ok(Some(removed)),
+            Response::NotDone { request, .. } if request == "EndIfLive" => Ok(None),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     /// Tells the agent this deploy's shared paths (see [`Request::Shared`]) and returns the ones
     /// `shared/` already has; an `Err` (the agent's, naming the path) when one there is of
     /// another kind. `owner`: `user` or `user:group` for writable directories.

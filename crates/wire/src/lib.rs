@@ -33,7 +33,9 @@
 //! `ManifestChunk`s → `Staged` (what the agent still needs), pipelined with `Changes` →
 //! `Changes` chunks (what the release changes, for the deploy's report); `Signatures` →
 //! `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch` frames + `Commit` → `Committed`;
-//! `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`. `GetManifest` → `ManifestChunk`s fetches
+//! `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`. A deploy that expects to change nothing
+//! queues `EndIfLive` behind `CheckLive`: `Pruned` + `Bye` when the live release is intact (the
+//! session ends in its first batch), else `NotDone` and the deploy goes on. `GetManifest` → `ManifestChunk`s fetches
 //! a release's manifest (a dry run without a cached copy of the live one).
 //! A multi-host deploy that fails on another target after this one committed sends
 //! `Discard` → `Discarded` instead of `Activate`. A dry run: `Hello` → `Welcome`, `CanDeploy` →
@@ -59,7 +61,7 @@ use flip_manifest::{Digest, RelPath};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 12;
+pub const PROTOCOL: u32 = 13;
 /// The first bytes of [`Request::Hello`]: this is flip.
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
@@ -497,6 +499,17 @@ pub enum Request {
     /// deploy would fail with (not a directory, a directory that is not a target, a missing
     /// parent). What a dry run asks before `Status`.
     CanDeploy,
+    /// Ends a deploy that turned out to change nothing, in the batch that found it out: when
+    /// this session's last [`Request::CheckLive`] found the live release intact (and nothing
+    /// was staged since), the agent prunes as [`Request::Prune`] with `keep` would (answering
+    /// [`Response::Pruned`]) and ends the session as [`Request::Bye`] does (answering
+    /// [`Response::Bye`]). Otherwise it acts on nothing and answers [`Response::NotDone`];
+    /// the session goes on. A client that expects a no-op queues it behind `CheckLive` (and
+    /// its `Probe`s), saving the round trip a `Prune` and a `Bye` of their own would cost.
+    EndIfLive {
+        /// How many releases to keep (the live one always stays).
+        keep: u32,
+    },
 }
 
 /// Longest hook command accepted, in bytes.

@@ -21,7 +21,7 @@ fn path() -> RelPath {
 #[test]
 fn protocol_version_matches_the_pinned_tags() {
     assert_eq!(
-        PROTOCOL, 12,
+        PROTOCOL, 13,
         "a protocol bump must re-check the tag tables below"
     );
 }
@@ -152,6 +152,7 @@ fn request_tags_are_pinned() {
         ),
         (Request::Check { id: 1 }, 25),
         (Request::CanDeploy, 26),
+        (Request::EndIfLive { keep: 1 }, 27),
     ];
     for (req, want) in &cases {
         assert_eq!(tag(req), *want, "tag of {req:?}");
