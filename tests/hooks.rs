@@ -672,6 +672,76 @@ fn a_failed_after_hook_is_told_once_in_the_human_summary() {
     }
 }
 
+/// An after hook failing on one target leaves the new release live everywhere (without
+/// `rollback_on_failure`): every other target still runs all of its after hooks (its PHP-FPM
+/// reload), in a deploy as in an environment's activate. With `rollback_on_failure` every
+/// target is switched back, so no further hook starts anywhere.
+#[test]
+fn a_failed_after_hook_stops_only_its_own_target_unless_everything_is_switched_back() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    let reloaded = fx.path("reloaded");
+    // t1 fails at once; t2's first hook is still running then.
+    let hooks = format!(
+        "after_activate = ['case \"$FLIP_TARGET\" in *t1) exit 7;; *) sleep 1;; esac', 'echo \"$FLIP_TARGET $FLIP_RELEASE\" >> {}']",
+        s(&reloaded)
+    );
+    config(&fx, &targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod", "--label", "v1"]).success();
+    config(&fx, &targets, &hooks);
+    site_v2(&src);
+    let j = fx
+        .flip(&["deploy", "prod", "--label", "v2", "--json"])
+        .code(12)
+        .json();
+    for root in &roots {
+        assert_eq!(link(root), "releases/2");
+    }
+    assert_eq!(
+        fs::read_to_string(&reloaded).unwrap(),
+        format!("{} 2\n", targets[1]),
+        "{j}"
+    );
+    assert_eq!(
+        hosts(&j)[0]["hooks"].as_array().map(Vec::len),
+        Some(1),
+        "{j}"
+    );
+    assert_eq!(
+        hosts(&j)[1]["hooks"].as_array().map(Vec::len),
+        Some(2),
+        "{j}"
+    );
+
+    // The environment's activate of v1 runs the after hooks of both targets the same way.
+    fs::remove_file(&reloaded).unwrap();
+    fx.flip(&["activate", "prod", "v1"]).code(12);
+    assert_eq!(
+        fs::read_to_string(&reloaded).unwrap(),
+        format!("{} 1\n", targets[1])
+    );
+    for root in &roots {
+        assert_eq!(link(root), "releases/1");
+    }
+
+    // With rollback_on_failure both go back: nothing further starts once t1 failed.
+    fs::remove_file(&reloaded).unwrap();
+    config(
+        &fx,
+        &targets,
+        &format!("{hooks}\nrollback_on_failure = true"),
+    );
+    src.file("new.php", "<?php // v3\n", 0o644);
+    fx.flip(&["deploy", "prod", "--label", "v3"]).code(12);
+    assert!(!reloaded.exists(), "a hook started after the failure");
+    for root in &roots {
+        assert_eq!(link(root), "releases/1");
+    }
+}
+
 /// A hook that writes a file whose name is not UTF-8: such a name is known only lossily, so it
 /// is never recorded as the hook's write. It stays a difference (`verify` names it), the
 /// release is never "unchanged", and a file planted under another such name is not vouched

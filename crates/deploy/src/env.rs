@@ -317,8 +317,6 @@ fn after_hooks(
         return;
     }
     let bound = crate::hooks::bound(hooks);
-    let stop = crate::hooks::Stop::new(false);
-    let stop = &stop;
     crate::hooks::keeping_alive(
         sessions
             .iter_mut()
@@ -331,6 +329,9 @@ fn after_hooks(
                 return;
             };
             let target = out.target.clone();
+            // Every target that moved needs its own hooks, whatever failed on another: each
+            // one stops only at its own failure.
+            let stop = &crate::hooks::Stop::new(false);
             let (reports, error) = crate::hooks::run_list(
                 &mut s.session,
                 crate::hooks::Run {

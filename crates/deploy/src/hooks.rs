@@ -130,6 +130,11 @@ pub(crate) fn run_phase(
         return Vec::new();
     };
     let bound = bound(hooks);
+    // A failure stops the hooks everywhere when it undoes the deploy everywhere (before the
+    // swap, or after it with `rollback_on_failure`). After a swap that stays, every target is
+    // live with the new release and still needs its own hooks (a PHP-FPM reload): each one
+    // stops only at its own failure.
+    let everywhere = phase == HookPhase::BeforeActivate || o.hooks.rollback_on_failure;
     let stop = AtomicBool::new(false);
     let stop = &stop;
     let failed = keeping_alive(
@@ -139,6 +144,8 @@ pub(crate) fn run_phase(
             Ok(h) if eligible(h) => {
                 events.phase(h.index, Phase::Hooks);
                 let target = h.target.clone();
+                let own = AtomicBool::new(false);
+                let stop = if everywhere { stop } else { &own };
                 let (mut reports, error) = run_list(
                     &mut h.session,
                     Run {
