@@ -727,3 +727,48 @@ fn a_deploy_at_the_adaptive_level_lands_identical_bytes() {
     assert!(num(&j, "/bytes/sent") < total / 2, "{j}");
     w.flip(&["verify", &url]).success();
 }
+
+/// Out of file descriptors at any point of a session (the limit lowered step by step, from too
+/// low to open the connection up to enough for everything): flip either works or says what it
+/// could not do, with its exit code, and never panics.
+#[test]
+fn running_out_of_file_descriptors_is_an_error_never_a_panic() {
+    let w = World::new();
+    let src = w.fx.src("src");
+    site_v1(&src);
+    w.flip(&["deploy", src.s(), &w.url()]).success();
+    let key = w.key();
+    let mut refused = 0;
+    for limit in 4..=24 {
+        let out = std::process::Command::new("sh")
+            .args([
+                "-c",
+                &format!("ulimit -n {limit}; exec \"$0\" \"$@\""),
+                FLIP,
+            ])
+            .args(["releases", &w.url(), "-i", &key, "--remote-flip", FLIP])
+            .env("HOME", &w.fx.home)
+            .env("XDG_CACHE_HOME", w.fx.home.join(".cache"))
+            .env_remove("SSH_AUTH_SOCK")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "limit {limit}: {stderr}");
+        match out.status.code() {
+            Some(0) => {}
+            Some(code @ 1..=100) => {
+                assert!(
+                    stderr.starts_with("flip: error: "),
+                    "limit {limit}: {stderr}"
+                );
+                assert!(
+                    stderr.contains("Too many open files"),
+                    "limit {limit} ({code}): {stderr}"
+                );
+                refused += 1;
+            }
+            other => panic!("limit {limit}: exit {other:?}: {stderr}"),
+        }
+    }
+    assert!(refused > 0, "no limit was low enough to refuse anything");
+}

@@ -93,14 +93,17 @@ struct Ended {
 }
 
 /// Starts the pump thread and returns the stream.
-pub(crate) fn start(parts: Parts) -> AgentStream {
-    let (user_read, pump_write) = UnixStream::pair().expect("socketpair");
-    let (pump_read, user_write) = UnixStream::pair().expect("socketpair");
+///
+/// # Errors
+/// When the local sockets or the thread cannot be made (out of file descriptors or threads).
+pub(crate) fn start(parts: Parts) -> io::Result<AgentStream> {
+    let (user_read, pump_write) = UnixStream::pair()?;
+    let (pump_read, user_write) = UnixStream::pair()?;
     for s in [&user_read, &pump_write, &pump_read, &user_write] {
         set_buffer_sizes(s);
     }
-    pump_write.set_nonblocking(true).expect("nonblocking");
-    pump_read.set_nonblocking(true).expect("nonblocking");
+    pump_write.set_nonblocking(true)?;
+    pump_read.set_nonblocking(true)?;
     let shared = Arc::new(Shared {
         host: parts.host.clone(),
         error: Mutex::new(None),
@@ -110,13 +113,12 @@ pub(crate) fn start(parts: Parts) -> AgentStream {
     let tail = parts.relay.tail.clone();
     let peer = parts.peer.clone();
     let what = parts.what.clone();
-    let writer_handle = user_write.try_clone().expect("dup socket");
+    let writer_handle = user_write.try_clone()?;
     let pump_shared = shared.clone();
     let thread = std::thread::Builder::new()
         .name(format!("ssh-pump-{}", parts.host))
-        .spawn(move || Pump::new(parts, pump_read, pump_write, pump_shared).run())
-        .expect("spawning the ssh pump thread");
-    AgentStream {
+        .spawn(move || Pump::new(parts, pump_read, pump_write, pump_shared).run())?;
+    Ok(AgentStream {
         reader: Box::new(PumpReader {
             sock: user_read,
             shared: shared.clone(),
@@ -133,7 +135,7 @@ pub(crate) fn start(parts: Parts) -> AgentStream {
             tail,
         }),
         peer,
-    }
+    })
 }
 
 fn set_buffer_sizes(s: &UnixStream) {

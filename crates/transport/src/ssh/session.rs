@@ -251,7 +251,8 @@ impl Remote for Connection {
         };
         let host = self.cfg.alias.clone();
         let relay = Relay::new(&host, stderr);
-        Ok(pump::start(pump::Parts {
+        let address = self.cfg.address();
+        let parts = pump::Parts {
             session: self.session,
             channel,
             exec,
@@ -261,7 +262,12 @@ impl Remote for Connection {
             what: format!("{what} on {host}"),
             keepalive: self.cfg.keepalive,
             relay,
-        }))
+        };
+        pump::start(parts).map_err(|e| TransportError::Ssh {
+            host: address,
+            phase: phase.to_string(),
+            message: format!("starting the pump of the connection: {e}"),
+        })
     }
 }
 
