@@ -532,6 +532,51 @@ fn a_login_that_never_starts_flip_fails_after_the_launch_deadline() {
         r.stderr
     );
     assert!(!w.fx.root.exists());
+    // With --remote-flip there is no launcher: the agent's first answer has the same deadline,
+    // through the system ssh and through the built-in transport.
+    let t0 = Instant::now();
+    let r = fx
+        .flip_env(
+            &[("FLIP_LAUNCH_TIMEOUT_MS", "1500")],
+            &[
+                "deploy",
+                src.s(),
+                &target,
+                "--ssh-command",
+                s(&ssh),
+                "--remote-flip",
+                FLIP,
+            ],
+        )
+        .code(6);
+    assert!(
+        r.stderr
+            .contains("the login did not start flip within 1.5 s"),
+        "{}",
+        r.stderr
+    );
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    let r =
+        w.fx.flip_env(
+            &[("FLIP_LAUNCH_TIMEOUT_MS", "1")],
+            &[
+                "deploy",
+                src.s(),
+                &w.url(),
+                "-i",
+                &key,
+                "--remote-flip",
+                FLIP,
+            ],
+        )
+        .code(6);
+    assert!(
+        r.stderr
+            .contains("the login did not start flip within 0.001 s"),
+        "{}",
+        r.stderr
+    );
+    assert!(!w.fx.root.exists());
 }
 
 /// A connection dropped in the middle of a transfer: a clear error naming the host, `current`

@@ -57,8 +57,10 @@ pub(crate) fn start_agent(
 
     if let Some(flip) = &opts.remote_flip {
         let remote = open(target, opts)?;
+        let host = remote.host().to_string();
         let what = format!("`{flip} agent`");
-        return remote.stream(&format!("{flip} agent {args}"), &what, Box::new(sink));
+        let stream = remote.stream(&format!("{flip} agent {args}"), &what, Box::new(sink))?;
+        return Ok(first_byte_within(stream, host));
     }
 
     let candidates = candidates(opts)?;
@@ -789,16 +791,56 @@ fn read_marker(stream: AgentStream, host: &str) -> Result<Launch, TransportError
         .map(|abort| Deadline::start(within, abort));
     let read = read_marker_now(stream, host);
     if deadline.is_some_and(Deadline::stop) {
-        return Err(TransportError::Remote {
-            host: host.to_string(),
-            phase: "starting the agent".to_string(),
-            message: format!(
-                "the login did not start flip within {} s (a shell startup file waiting for input, or a command in it that never returns?); the connection was dropped",
-                within.as_secs_f64()
-            ),
-        });
+        return Err(login_too_slow(host, within));
     }
     read
+}
+
+/// The login did not start flip within `within`: the connection was dropped.
+fn login_too_slow(host: &str, within: std::time::Duration) -> TransportError {
+    TransportError::Remote {
+        host: host.to_string(),
+        phase: "starting the agent".to_string(),
+        message: format!(
+            "the login did not start flip within {} s (a shell startup file waiting for input, or a command in it that never returns?); the connection was dropped",
+            within.as_secs_f64()
+        ),
+    }
+}
+
+/// `--remote-flip`: no launcher, no marker; the agent's first byte (its `Welcome`) must come
+/// within [`LAUNCH_TIMEOUT`] of the `exec`, else the connection is dropped and the read that
+/// waited for it fails with [`login_too_slow`].
+fn first_byte_within(mut stream: AgentStream, host: String) -> AgentStream {
+    let within = launch_timeout();
+    let Some(abort) = stream.handle.aborter() else {
+        return stream;
+    };
+    stream.reader = Box::new(FirstByte {
+        inner: stream.reader,
+        deadline: Some(Deadline::start(within, abort)),
+        host,
+        within,
+    });
+    stream
+}
+
+/// A reader whose first read must end before its [`Deadline`] runs out.
+struct FirstByte {
+    inner: Box<dyn Read + Send>,
+    deadline: Option<Deadline>,
+    host: String,
+    within: std::time::Duration,
+}
+
+impl Read for FirstByte {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.inner.read(buf);
+        if self.deadline.take().is_some_and(Deadline::stop) {
+            return Err(io::Error::other(login_too_slow(&self.host, self.within)));
+        }
+        read
+    }
 }
 
 fn read_marker_now(mut stream: AgentStream, host: &str) -> Result<Launch, TransportError> {
