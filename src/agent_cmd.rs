@@ -25,10 +25,15 @@ pub const DEFAULT_IDLE_SECS: u64 = flip_agent::DEFAULT_IDLE_TIMEOUT.as_secs();
 /// The session's error, for the caller's exit code: [`flip_agent::AgentError::is_idle_timeout`]
 /// and [`flip_agent::AgentError::is_client_gone`] are connection problems (exit 6), any other
 /// error exit 1.
-pub fn serve(root: &Path, idle_timeout: u64, mkpath: bool) -> Result<(), flip_agent::AgentError> {
+pub fn serve(
+    root: &Path,
+    idle_timeout: u64,
+    mkpath: bool,
+    preamble: Vec<u8>,
+) -> Result<(), flip_agent::AgentError> {
     // Raw descriptors: the protocol is binary, so no line buffering on stdout.
     let idle = (idle_timeout > 0).then(|| Duration::from_secs(idle_timeout));
-    let Err(e) = flip_agent::serve_stdio(root, idle, mkpath) else {
+    let Err(e) = flip_agent::serve_stdio(root, idle, mkpath, preamble) else {
         return Ok(());
     };
     if e.is_idle_timeout() {
@@ -45,6 +50,28 @@ pub fn serve(root: &Path, idle_timeout: u64, mkpath: bool) -> Result<(), flip_ag
         }
     }
     Err(e)
+}
+
+/// `agent --preamble=BASE64...`: the bytes the session's input starts with, each word standard
+/// base64 on its own, in order, at most [`flip_agent::PREAMBLE_MAX`] bytes decoded in all.
+///
+/// # Errors
+/// What is wrong with the words, for a usage error.
+pub fn preamble<'a>(words: impl IntoIterator<Item = &'a str>) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let max = flip_agent::PREAMBLE_MAX;
+    let mut bytes = Vec::new();
+    for text in words {
+        // Checked before decoding: what is decoded stays within the limit.
+        if bytes.len() + text.len() / 4 * 3 > max {
+            return Err(format!("--preamble holds more than {max} bytes"));
+        }
+        let piece = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|e| format!("--preamble is not base64: {e}"))?;
+        bytes.extend_from_slice(&piece);
+    }
+    Ok(bytes)
 }
 
 /// `blake3 FILE...`: one `HASH  FILE` line per file on `out`, as b3sum prints them. A reader

@@ -2,7 +2,7 @@
 //! exactly what a client asks of a server (src/agent_cmd.rs, shared with `flip`):
 //!
 //! ```text
-//! flip-agent agent --root PATH [--mkpath] [--idle-timeout SECS]
+//! flip-agent agent --root PATH [--mkpath] [--idle-timeout SECS] [--preamble BASE64]
 //! flip-agent blake3 FILE...
 //! flip-agent --version              (prints `flip VERSION`, as `flip --version` does)
 //! ```
@@ -26,7 +26,7 @@ const CONNECTION: u8 = 6;
 const USAGE_TEXT: &str = "\
 flip-agent: the agent flip uploads to a server (the server side of `flip deploy`).
 
-Usage: flip-agent agent --root PATH [--mkpath] [--idle-timeout SECS]
+Usage: flip-agent agent --root PATH [--mkpath] [--idle-timeout SECS] [--preamble BASE64]
        flip-agent blake3 FILE...
        flip-agent --version
 ";
@@ -42,6 +42,8 @@ enum Cmd {
         mkpath: bool,
         /// Seconds; 0 waits forever.
         idle_timeout: u64,
+        /// The session's first bytes (`--preamble`, decoded).
+        preamble: Vec<u8>,
     },
     /// `blake3 FILE...`.
     Blake3(Vec<PathBuf>),
@@ -61,11 +63,16 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cmd, lexopt::Error>
         Some("agent") => {
             let (mut root, mut mkpath) = (None, false);
             let mut idle_timeout = agent_cmd::DEFAULT_IDLE_SECS;
+            let mut words = Vec::new();
             while let Some(arg) = p.next()? {
                 match arg {
                     Long("root") => root = Some(PathBuf::from(p.value()?)),
                     Long("mkpath") => mkpath = true,
                     Long("idle-timeout") => idle_timeout = p.value()?.parse()?,
+                    Long("preamble") => {
+                        let text = p.value()?;
+                        words.push(text.into_string().map_err(|_| "--preamble is not base64")?);
+                    }
                     Long("help") | Short('h') => return Ok(Cmd::Help),
                     _ => return Err(arg.unexpected()),
                 }
@@ -75,6 +82,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cmd, lexopt::Error>
                 root,
                 mkpath,
                 idle_timeout,
+                preamble: agent_cmd::preamble(words.iter().map(String::as_str))?,
             })
         }
         Some("blake3") => {
@@ -114,7 +122,8 @@ fn main() -> ExitCode {
             root,
             mkpath,
             idle_timeout,
-        } => match agent_cmd::serve(&root, idle_timeout, mkpath) {
+            preamble,
+        } => match agent_cmd::serve(&root, idle_timeout, mkpath, preamble) {
             Ok(()) => 0,
             Err(e) if e.is_idle_timeout() || e.is_client_gone() => CONNECTION,
             Err(_) => INTERNAL,
@@ -162,6 +171,7 @@ mod tests {
                 root: "/srv/my app".into(),
                 mkpath: false,
                 idle_timeout: 600,
+                preamble: Vec::new(),
             })
         );
         assert_eq!(
@@ -170,11 +180,46 @@ mod tests {
                 root: "/srv/a".into(),
                 mkpath: true,
                 idle_timeout: 0,
+                preamble: Vec::new(),
             })
         );
         assert_eq!(
             args(&["blake3", "/a", "-"]),
             Ok(Cmd::Blake3(vec!["/a".into(), "-".into()]))
+        );
+        assert_eq!(
+            args(&[
+                "agent",
+                "--root=/a",
+                "--preamble=AAEC/w==",
+                "--preamble",
+                "Bw=="
+            ]),
+            Ok(Cmd::Agent {
+                root: "/a".into(),
+                mkpath: false,
+                idle_timeout: 600,
+                preamble: vec![0, 1, 2, 255, 7],
+            })
+        );
+    }
+
+    #[test]
+    fn a_preamble_that_is_not_base64_or_too_long_is_refused() {
+        let bad = args(&["agent", "--root=/a", "--preamble=%%%"]).unwrap_err();
+        assert!(bad.contains("--preamble is not base64"), "{bad}");
+        // 16 KiB in words of 4,096 characters (3 KiB) is the most.
+        let word = format!("--preamble={}", "A".repeat(4096));
+        let mut line = vec!["agent", "--root=/a"];
+        line.extend(std::iter::repeat_n(word.as_str(), 5));
+        let last = format!("--preamble={}", "A".repeat(1364));
+        line.push(&last);
+        assert!(args(&line).is_ok());
+        line.push("--preamble=AAAA");
+        let bad = args(&line).unwrap_err();
+        assert!(
+            bad.contains("--preamble holds more than 16384 bytes"),
+            "{bad}"
         );
     }
 

@@ -309,6 +309,10 @@ pub struct AgentArgs {
     /// removed and the lock released); 0 = wait forever.
     #[arg(long, value_name = "SECS", default_value_t = crate::agent_cmd::DEFAULT_IDLE_SECS)]
     pub idle_timeout: u64,
+    /// The first bytes of the session's input, in base64, in one or more words (what an SSH
+    /// client sends in the command line, to save the round trip the channel's window costs).
+    #[arg(long, value_name = "BASE64", hide = true)]
+    pub preamble: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -502,6 +506,15 @@ mod tests {
             super::command().render_version(),
             format!("{}\n", crate::agent_cmd::VERSION_LINE)
         );
+    }
+
+    /// The client puts no more of its first batch in the command line than the agent takes.
+    #[test]
+    fn the_clients_preamble_fits_the_agents() {
+        const { assert!(flip_transport::ssh::PREAMBLE_MAX <= flip_agent::PREAMBLE_MAX) };
+        let word = "A".repeat(flip_transport::ssh::PREAMBLE_WORD / 3 * 4);
+        let words = flip_transport::ssh::PREAMBLE_MAX / flip_transport::ssh::PREAMBLE_WORD;
+        assert!(crate::agent_cmd::preamble(std::iter::repeat_n(word.as_str(), words)).is_ok());
     }
 
     /// `flip agent` and `flip-agent agent` wait the same time for a silent client by default.

@@ -179,10 +179,14 @@ fn run(cli: Cli) -> Result<Code> {
 
 /// `flip agent`: the agent, as `flip-agent agent` serves it (src/agent_cmd.rs).
 fn agent(a: cli::AgentArgs) -> Result<Code> {
-    Ok(match agent_cmd::serve(&a.root, a.idle_timeout, a.mkpath) {
-        Ok(()) => exit::OK,
-        Err(e) => exit::code_of(&e),
-    })
+    let preamble = agent_cmd::preamble(a.preamble.iter().map(String::as_str))
+        .map_err(|e| exit::coded(exit::USAGE, e))?;
+    Ok(
+        match agent_cmd::serve(&a.root, a.idle_timeout, a.mkpath, preamble) {
+            Ok(()) => exit::OK,
+            Err(e) => exit::code_of(&e),
+        },
+    )
 }
 
 /// `flip init`: writes the starter configuration to `path` (flip.toml, or `--config FILE`).

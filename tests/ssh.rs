@@ -817,3 +817,54 @@ fn running_out_of_file_descriptors_is_an_error_never_a_panic() {
     }
     assert!(refused > 0, "no limit was low enough to refuse anything");
 }
+
+/// The client's first batch rides in the `exec`'s command line (`--preamble=BASE64`), where it
+/// costs no round trip: a session channel takes no data until its command runs. Seen on a
+/// deploy waiting for the lock: its agent's command line starts the session with `Hello`.
+#[test]
+fn the_first_batch_goes_in_the_agents_command_line() {
+    use std::os::fd::AsRawFd;
+    let w = World::new();
+    let key = w.key();
+    let src = w.fx.src("src");
+    site_v1(&src);
+    let url = w.url();
+    let deploy = ["deploy", src.s(), url.as_str(), "-i", key.as_str()];
+    w.fx.flip(&deploy).success();
+    site_v2(&src);
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(w.fx.root.join(".flip/lock"))
+        .unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let run = w.fx.spawn(&[], &[&deploy[..], &["--wait"]].concat());
+    let deadline = Instant::now() + TIMEOUT;
+    let agent = loop {
+        assert!(Instant::now() < deadline, "the deploy never waited");
+        if run.stderr_so_far().contains("waiting") {
+            if let Some(a) = agents_serving(w.fx.root_str()).first() {
+                break *a;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let cmdline = fs::read(format!("/proc/{agent}/cmdline")).unwrap();
+    let preamble = cmdline
+        .split(|&b| b == 0)
+        .find_map(|a| a.strip_prefix(b"--preamble="))
+        .unwrap_or_else(|| panic!("no --preamble in {}", String::from_utf8_lossy(&cmdline)));
+    let bytes = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(preamble)
+            .unwrap()
+    };
+    // A frame: its length (u32), then `Hello` (tag 0) with the magic.
+    assert_eq!(&bytes[4..9], b"\0FLIP", "{bytes:?}");
+    drop(lock);
+    run.finish(TIMEOUT).success();
+    assert_eq!(w.fx.current_link(), "releases/2");
+    assert_dir_eq(&w.fx.current(), &src.tree(), "current after the wait");
+}

@@ -408,11 +408,19 @@ fn expects_answer(req: &Request) -> bool {
 /// ends as if it had failed (staging removed, lock released) with an error for which
 /// [`AgentError::is_idle_timeout`] holds.
 ///
-/// With `mkpath`, a deploy creates the root's missing parent directories too.
+/// With `mkpath`, a deploy creates the root's missing parent directories too. `preamble`: the
+/// first bytes of the session's input, read before stdin (at most [`PREAMBLE_MAX`]; what an
+/// SSH client put in the command line, where it costs no round trip).
 ///
 /// # Errors
 /// As [`serve`].
-pub fn serve_stdio(root: &Path, idle: Option<Duration>, mkpath: bool) -> Result<()> {
+pub fn serve_stdio(
+    root: &Path,
+    idle: Option<Duration>,
+    mkpath: bool,
+    preamble: Vec<u8>,
+) -> Result<()> {
+    use std::io::Read as _;
     use std::os::fd::FromRawFd;
     doctor::note_start();
     flip_release::fault_scope(root);
@@ -421,12 +429,16 @@ pub fn serve_stdio(root: &Path, idle: Option<Duration>, mkpath: bool) -> Result<
     SERVING_STDIO.store(true, std::sync::atomic::Ordering::Relaxed);
     std::thread::spawn(watch_client);
     serve_with(
-        Box::new(Idle { file: input, idle }),
+        Box::new(std::io::Cursor::new(preamble).chain(Idle { file: input, idle })),
         Box::new(Idle { file: output, idle }),
         root,
         mkpath,
     )
 }
+
+/// Most bytes a client may pass before the session's input as `--preamble` words (decoded,
+/// all together): what it wrote while its `exec` was on its way.
+pub const PREAMBLE_MAX: usize = 16 << 10;
 
 /// The target root with a leading `~` expanded as a shell expands it: `~` and `~/x` in the
 /// home of the user the agent runs as (`$HOME`, else the password database), `~name` and

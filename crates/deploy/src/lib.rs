@@ -819,6 +819,11 @@ impl<T: Clone> Shared<T> {
         self.ready.notify_all();
     }
 
+    /// Whether the value is set (without waiting for it).
+    fn is_set(&self) -> bool {
+        self.value.lock().unwrap().is_some()
+    }
+
     fn wait(&self) -> Option<T> {
         let mut g = self.value.lock().unwrap();
         loop {
@@ -997,7 +1002,10 @@ fn prepare(
 ) -> Result<Host, Failed> {
     // Lock (and shared paths) go out at once; their answers are read with the status's, after
     // the scan: one round trip for all of them.
-    let mut host = Host::connect_and_lock(index, target, o, events)?;
+    // With the scan over already (a login slower than the scan, as on a real network), the
+    // lock and status wait for the rest of the first batch: sent together, they ride in the
+    // agent's command line (see `flip_transport`'s preamble).
+    let mut host = Host::connect_and_lock(index, target, o, events, &|| !scanned.is_set())?;
     events.phase(index, Phase::Scanning);
     let checking = std::cell::Cell::new(false);
     let check = || {
@@ -1104,11 +1112,15 @@ fn prepare(
 }
 
 impl Host {
+    /// Connects, and queues the lock, the status (and the shared paths); sends them at once if
+    /// `send_now` says so once connected, for the agent to take the lock while the source is
+    /// scanned.
     fn connect_and_lock(
         index: usize,
         target: &Target,
         o: &Options,
         events: &dyn Events,
+        send_now: &dyn Fn() -> bool,
     ) -> Result<Host, Failed> {
         events.phase(index, Phase::Connecting);
         let failed = |error: DeployError| Failed {
@@ -1128,8 +1140,10 @@ impl Host {
                 if !o.shared.is_empty() {
                     session.queue_shared(&o.shared, o.writable_owner.as_deref())?;
                 }
-                // Sent now: the agent takes the lock while the source is scanned.
-                session.send_queued()
+                match send_now() {
+                    true => session.send_queued(),
+                    false => Ok(()),
+                }
             });
         queued.map_err(|e| failed(e.into()))?;
         Ok(Host {

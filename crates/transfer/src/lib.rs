@@ -358,7 +358,7 @@ impl Session {
             ahead: None,
             whole_files: false,
         };
-        s.send(&Request::Hello {
+        s.queue(&Request::Hello {
             magic: MAGIC,
             protocol: PROTOCOL,
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -369,7 +369,8 @@ impl Session {
             },
         })?;
         // The client alone decides the compression: what follows `Hello` is zstd at once, so
-        // it is pipelined without waiting for `Welcome` (read with the first answer).
+        // it is pipelined without waiting for `Welcome` (read with the first answer). `Hello`
+        // leaves with the first batch, in one piece (over SSH, in the agent's command line).
         if compress != 0 {
             // zstd's own threads, as many as rayon's (one per core), up to 4: on a fast link,
             // compression is what a first deploy waits on.

@@ -27,6 +27,7 @@ mod remote;
 mod session;
 mod stderr;
 
+pub use pump::{PREAMBLE_MAX, PREAMBLE_WORD};
 pub use stderr::PrefixLines;
 
 use crate::{AgentStream, TransportError};
@@ -462,7 +463,7 @@ pub fn exec_with_stderr(
     stderr: Box<dyn Write + Send>,
 ) -> Result<AgentStream, TransportError> {
     let remote = open(target, opts)?;
-    remote.stream(command, &format!("`{command}`"), stderr)
+    remote.stream(command, &format!("`{command}`"), stderr, false)
 }
 
 /// Quotes `s` as one word for a POSIX shell: unchanged if it has only characters no shell
@@ -498,12 +499,15 @@ pub(crate) trait Remote {
         command: &str,
         input: Option<&mut dyn Read>,
     ) -> Result<Output, TransportError>;
-    /// Starts `command` and returns the stream to it. `what` names it in error messages.
+    /// Starts `command` and returns the stream to it. `what` names it in error messages. With
+    /// `preamble`, `command` takes ` --preamble=BASE64` at its end (the agent's first input:
+    /// see `pump::Parts::deferred`), which a transport may append.
     fn stream(
         self: Box<Self>,
         command: &str,
         what: &str,
         stderr: Box<dyn Write + Send>,
+        preamble: bool,
     ) -> Result<AgentStream, TransportError>;
 }
 

@@ -658,14 +658,17 @@ fn connect_errors_name_the_host() {
 /// A fake flip: `--version` prints `flip VERSION`; `agent ARGS` prints its args to stderr and
 /// echoes stdin (like `cat`).
 /// A fake flip: `--version` prints `flip VERSION`, `blake3 FILE` prints its own blake3 (kept
-/// beside it, in `PATH.b3`, as an uploaded copy checks itself), anything else echoes its stdin.
+/// beside it, in `PATH.b3`, as an uploaded copy checks itself), anything else echoes what its
+/// `--preamble` words hold, then its stdin.
 fn fake_flip(path: &Path, version: &str) {
     std::fs::write(
         path,
         format!(
             "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'flip {version}'; exit 0; fi\n\
              if [ \"$1\" = blake3 ]; then cat '{path}.b3'; exit 0; fi\n\
-             echo \"args: $*\" >&2\nexec cat\n",
+             echo \"args: $*\" >&2\n\
+             for a; do case $a in --preamble=*) printf %s \"${{a#--preamble=}}\" | base64 -d;; esac; done\n\
+             exec cat\n",
             path = path.display()
         ),
     )

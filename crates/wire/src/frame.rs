@@ -33,6 +33,9 @@ struct Counted<T> {
     /// Nanoseconds spent inside the inner writer's `write` and `flush` (blocked on the
     /// transport); unused for reading.
     blocked: Counter,
+    /// Bytes to write before anything else (the plain frames buffered when compression
+    /// started): they leave with the first compressed bytes, not on their own.
+    pending: Vec<u8>,
 }
 
 impl<R: Read> Read for Counted<R> {
@@ -43,8 +46,26 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
+impl<W: Write> Counted<W> {
+    /// Writes the pending bytes, then `buf` whole, in one write to the inner writer.
+    fn write_pending(&mut self, buf: &[u8]) -> io::Result<()> {
+        let mut all = std::mem::take(&mut self.pending);
+        all.extend_from_slice(buf);
+        let t = Instant::now();
+        let r = self.inner.write_all(&all);
+        self.blocked.add(t.elapsed().as_nanos() as usize);
+        r?;
+        self.counter.add(all.len());
+        Ok(())
+    }
+}
+
 impl<W: Write> Write for Counted<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !self.pending.is_empty() {
+            self.write_pending(buf)?;
+            return Ok(buf.len());
+        }
         let t = Instant::now();
         let r = self.inner.write(buf);
         self.blocked.add(t.elapsed().as_nanos() as usize);
@@ -53,6 +74,9 @@ impl<W: Write> Write for Counted<W> {
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            self.write_pending(&[])?;
+        }
         let t = Instant::now();
         let r = self.inner.flush();
         self.blocked.add(t.elapsed().as_nanos() as usize);
@@ -84,6 +108,7 @@ impl FrameReader {
             inner,
             counter: counter.clone(),
             blocked: Counter::default(),
+            pending: Vec::new(),
         };
         FrameReader {
             side: ReadSide::Plain(BufReader::with_capacity(256 * 1024, counted)),
@@ -222,6 +247,7 @@ impl FrameWriter {
                     inner,
                     counter: counter.clone(),
                     blocked: blocked.clone(),
+                    pending: Vec::new(),
                 },
             )),
             counter,
@@ -294,7 +320,11 @@ impl FrameWriter {
         };
         if let WriteSide::Plain(w) = std::mem::replace(&mut self.side, WriteSide::Switching) {
             // What was written plain goes first; the encoder buffers its own output.
-            let w = w.into_inner().map_err(io::IntoInnerError::into_error)?;
+            // What was written plain is not flushed on its own: it leaves with the first
+            // compressed bytes (a client's first batch in one piece: see `flip_transport`'s
+            // preamble).
+            let (mut w, buffered) = w.into_parts();
+            w.pending = buffered.unwrap_or_else(|p| p.into_inner());
             let e = self.encoder(w, level)?;
             self.side = WriteSide::Zstd(Box::new(e));
             self.level = level;
@@ -426,6 +456,45 @@ fn cut(what: &str) -> WireError {
 mod tests {
     use super::*;
     use crate::{Request, Response, CHUNK};
+
+    /// Records each write it is given.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| io::Error::other("poisoned"))?
+                .push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The plain `Hello` does not leave when compression starts: it goes with what follows,
+    /// in one write at the first flush (a client's first batch in one piece).
+    #[test]
+    fn plain_frames_leave_with_the_first_compressed_ones() {
+        let writes = Writes::default();
+        let mut w = FrameWriter::new(Box::new(writes.clone()));
+        w.send(&Request::Bye).unwrap();
+        w.start_compression(3).unwrap();
+        w.send(&Request::Status).unwrap();
+        assert!(
+            writes.0.lock().unwrap().is_empty(),
+            "written before the flush"
+        );
+        w.flush().unwrap();
+        let all = writes.0.lock().unwrap().clone();
+        assert_eq!(all.len(), 1, "{all:?}");
+        let plain = 4 + 1; // the length, then Bye's tag
+        assert_eq!(&all[0][..4], &[1, 0, 0, 0]);
+        // zstd's frame magic right after the plain frame.
+        assert_eq!(&all[0][plain..plain + 4], &[0x28, 0xb5, 0x2f, 0xfd]);
+        assert_eq!(w.counter().get(), all[0].len() as u64);
+    }
 
     struct Pipe(std::sync::mpsc::Receiver<Vec<u8>>, Vec<u8>, usize);
     impl Read for Pipe {

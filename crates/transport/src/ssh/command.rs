@@ -129,6 +129,7 @@ impl Remote for SystemSsh {
         command: &str,
         what: &str,
         stderr: Box<dyn Write + Send>,
+        _preamble: bool,
     ) -> Result<AgentStream, TransportError> {
         let mut child = self
             .command(command)

@@ -30,6 +30,24 @@ const LIBSSH2_ERROR_REQUEST_DENIED: i32 = -22;
 /// Local socket buffer size requested for each direction.
 const SOCKET_BUFFER: libc::c_int = 1024 * 1024;
 
+/// Most bytes of the user's first writes carried in a deferred `exec`'s command line
+/// ([`Parts::deferred`]), in words of [`PREAMBLE_WORD`]: the command stays within one SSH
+/// packet (libssh2 sends at most 40,000 bytes of payload). The agent takes as much
+/// (`flip_agent::PREAMBLE_MAX`).
+pub const PREAMBLE_MAX: usize = 16 << 10;
+/// Bytes per `--preamble` word: 4 KiB of base64, a word the most limited login shell still
+/// takes (csh: 5,000 characters, not 20,000; eight such words on one line are fine).
+pub const PREAMBLE_WORD: usize = 3 << 10;
+
+/// How long the user may pause before a deferred `exec` goes with what it wrote so far: a
+/// client writes its first batch at once, and a longer pause (a scan still under way) would
+/// only delay the server's start.
+const PREAMBLE_QUIET: std::time::Duration = std::time::Duration::from_millis(2);
+/// How long a deferred `exec` waits for the user's first bytes at most (a client that read or
+/// closed its writer before sends it at once): a deploy writes nothing until its first batch
+/// is ready, which takes it a few milliseconds once the scan is over.
+const PREAMBLE_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What the pump needs: a session in which `channel` has started the command, or has asked to
 /// (`exec`).
 pub(crate) struct Parts {
@@ -39,6 +57,14 @@ pub(crate) struct Parts {
     /// reply has not been read: the pump reads it, and the user's first bytes follow the request
     /// without waiting for it (see [`super::session`]).
     pub exec: Option<String>,
+    /// A command whose `exec` is not sent yet (with `exec` `None`): the pump sends it once the
+    /// user has written its first batch (it starts reading, pauses for [`PREAMBLE_QUIET`] after
+    /// writing, has written [`PREAMBLE_MAX`] bytes, or closed its writer; at most
+    /// [`PREAMBLE_FIRST`] after the pump started if it wrote nothing), with those bytes appended
+    /// as ` --preamble=BASE64` words, the agent's input before its stdin. A session channel takes no
+    /// data before its command runs (`sshd` opens the channel's window only then, a round
+    /// trip after the `exec`): in the command line, the first batch costs no round trip.
+    pub deferred: Option<String>,
     /// The session's TCP socket.
     pub fd: RawFd,
     /// The host as the user named it.
@@ -58,6 +84,8 @@ struct Shared {
     error: Mutex<Option<String>>,
     /// The server refused the pipelined `exec` (`error` says how): the connection was fine.
     refused: std::sync::atomic::AtomicBool,
+    /// The user has started reading: what it wrote so far is a whole batch.
+    reading: std::sync::atomic::AtomicBool,
     /// Set when the session was given up and waiting for its agent to end took too long, or
     /// the server did not start the agent in time ([`Finish::aborter`]): the pump drops the
     /// connection (the server ends the agent) instead of keeping it open, on a thread of its
@@ -108,6 +136,7 @@ pub(crate) fn start(parts: Parts) -> io::Result<AgentStream> {
         host: parts.host.clone(),
         error: Mutex::new(None),
         refused: Default::default(),
+        reading: Default::default(),
         abandoned: Default::default(),
     });
     let tail = parts.relay.tail.clone();
@@ -161,6 +190,9 @@ struct PumpReader {
 
 impl Read for PumpReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.shared
+            .reading
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         match self.sock.read(buf) {
             // EOF: the end of the remote output, unless the pump closed it because of an error.
             Ok(0) if !buf.is_empty() => match self.shared.io_error() {
@@ -320,6 +352,8 @@ struct Pump {
     channel: Channel,
     /// The command whose `exec` reply is awaited (see [`Parts::exec`]).
     exec: Option<String>,
+    /// The command whose `exec` waits for the user's first batch ([`Parts::deferred`]).
+    deferred: Option<Deferred>,
     /// The `exec` request is wholly sent: what follows it on the connection may be sent.
     exec_sent: bool,
     fd: RawFd,
@@ -337,6 +371,16 @@ struct Pump {
     user_gone: bool,
     remote_eof: bool,
     eof_sent: bool,
+}
+
+/// A deferred `exec` ([`Parts::deferred`]) and the user's first bytes, gathered for it.
+struct Deferred {
+    command: String,
+    /// When the pump started.
+    since: std::time::Instant,
+    /// When the user last wrote.
+    last: Option<std::time::Instant>,
+    bytes: Vec<u8>,
 }
 
 /// What a step was blocked on, accumulated over one pass.
@@ -359,13 +403,21 @@ impl Pump {
         // that is never acknowledged trips TCP_USER_TIMEOUT, which is what detects a dead link.
         let secs = parts.keepalive.as_secs().clamp(1, u32::MAX as u64) as u32;
         parts.session.set_keepalive(false, secs);
-        // A request that left whole leaves libssh2 waiting to read its reply only.
-        let exec_sent = parts.exec.is_none()
-            || matches!(parts.session.block_directions(), BlockDirections::Inbound);
+        // A request that left whole leaves libssh2 waiting to read its reply only; a deferred
+        // one has not left.
+        let exec_sent = parts.deferred.is_none()
+            && (parts.exec.is_none()
+                || matches!(parts.session.block_directions(), BlockDirections::Inbound));
         Pump {
             session: parts.session,
             channel: parts.channel,
             exec: parts.exec,
+            deferred: parts.deferred.map(|command| Deferred {
+                command,
+                since: std::time::Instant::now(),
+                last: None,
+                bytes: Vec::new(),
+            }),
             exec_sent,
             fd: parts.fd,
             relay: parts.relay,
@@ -426,7 +478,8 @@ impl Pump {
                 return Err("the session was given up".to_string());
             }
             let mut wait = Wait::default();
-            let mut progress = self.finish_exec(&mut wait)?;
+            let mut progress = self.gather_preamble(&mut wait);
+            progress |= self.finish_exec(&mut wait)?;
             progress |= self.read_remote_output(&mut wait)?;
             progress |= self.deliver_to_user(&mut wait);
             progress |= self.relay_stderr(&mut wait)?;
@@ -442,8 +495,59 @@ impl Pump {
             // In non-blocking mode keepalives are sent only when we ask (it is a no-op until
             // one is due). Waking up every second keeps that timely.
             let _ = self.session.keepalive_send();
-            self.poll(&wait, 1000)?;
+            // A deferred `exec` watches the clock (and whether the user reads) closely.
+            self.poll(&wait, if self.deferred.is_some() { 1 } else { 1000 })?;
         }
+    }
+
+    /// While the `exec` is deferred ([`Parts::deferred`]): takes what the user writes, up to
+    /// [`PREAMBLE_MAX`] bytes, and once the first batch is whole (the user reads, pauses for
+    /// [`PREAMBLE_QUIET`], closed its writer, or the bytes are at the limit) makes the `exec`
+    /// of the command with them as `--preamble=BASE64`, for [`Pump::finish_exec`] to send. True
+    /// if it made progress.
+    fn gather_preamble(&mut self, wait: &mut Wait) -> bool {
+        use base64::Engine;
+        let Some(d) = &mut self.deferred else {
+            return false;
+        };
+        let mut progress = false;
+        let room = PREAMBLE_MAX - d.bytes.len();
+        if let (Some(sock), true) = (&mut self.from_user, room > 0) {
+            let mut buf = [0u8; PREAMBLE_WORD];
+            let room = room.min(PREAMBLE_WORD);
+            match sock.read(&mut buf[..room]) {
+                Ok(0) => self.from_user = None,
+                Ok(n) => {
+                    d.bytes.extend_from_slice(&buf[..n]);
+                    d.last = Some(std::time::Instant::now());
+                    progress = true;
+                }
+                Err(e) if would_block(&e) => wait.user_in = true,
+                Err(_) => self.from_user = None,
+            }
+        }
+        let reading = self
+            .shared
+            .reading
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let quiet = match d.last {
+            Some(t) => t.elapsed() >= PREAMBLE_QUIET,
+            None => d.since.elapsed() >= PREAMBLE_FIRST,
+        };
+        let full = d.bytes.len() >= PREAMBLE_MAX;
+        if !(reading || quiet || full || self.from_user.is_none()) {
+            return progress;
+        }
+        let Some(d) = self.deferred.take() else {
+            return progress;
+        };
+        let mut command = d.command;
+        for word in d.bytes.chunks(PREAMBLE_WORD) {
+            command.push_str(" --preamble=");
+            command.push_str(&base64::engine::general_purpose::STANDARD.encode(word));
+        }
+        self.exec = Some(command);
+        true
     }
 
     /// Reads the reply to a pipelined `exec` (or finishes sending the request). True if it made
@@ -553,7 +657,7 @@ impl Pump {
 
     /// The user's writer -> up chunk. True if it made progress.
     fn read_user_input(&mut self, wait: &mut Wait) -> bool {
-        if !self.up.is_empty() {
+        if !self.up.is_empty() || self.deferred.is_some() {
             return false;
         }
         let Some(sock) = &mut self.from_user else {
@@ -608,7 +712,12 @@ impl Pump {
     /// The user closed the writer and everything is sent: EOF to the remote stdin. True if it
     /// made progress.
     fn send_eof(&mut self, wait: &mut Wait) -> Result<bool, String> {
-        if self.from_user.is_some() || !self.up.is_empty() || self.eof_sent || self.exec.is_some() {
+        if self.from_user.is_some()
+            || !self.up.is_empty()
+            || self.eof_sent
+            || self.exec.is_some()
+            || self.deferred.is_some()
+        {
             return Ok(false);
         }
         match self.channel.send_eof() {
@@ -631,7 +740,11 @@ impl Pump {
     /// Everything delivered: waits for the remote close and the exit status; `None` while it
     /// has not come.
     fn ended(&mut self, wait: &mut Wait) -> Result<Option<Ended>, String> {
-        if !self.remote_eof || !self.down.is_empty() || self.exec.is_some() {
+        if !self.remote_eof
+            || !self.down.is_empty()
+            || self.exec.is_some()
+            || self.deferred.is_some()
+        {
             return Ok(None);
         }
         match self.channel.wait_close() {

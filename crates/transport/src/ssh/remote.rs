@@ -59,7 +59,15 @@ pub(crate) fn start_agent(
         let remote = open(target, opts)?;
         let host = remote.host().to_string();
         let what = format!("`{flip} agent`");
-        let stream = remote.stream(&format!("{flip} agent {args}"), &what, Box::new(sink))?;
+        // No preamble: the launcher runs only an agent of this very version, but a flip named
+        // by --remote-flip may be older than `--preamble` (its own error would then hide the
+        // version check of the handshake).
+        let stream = remote.stream(
+            &format!("{flip} agent {args}"),
+            &what,
+            Box::new(sink),
+            false,
+        )?;
         return Ok(first_byte_within(stream, host));
     }
 
@@ -72,7 +80,7 @@ pub(crate) fn start_agent(
     let what = "the flip agent";
     let remote = open(target, opts)?;
     let host = remote.host().to_string();
-    let stream = remote.stream(&launcher, what, Box::new(sink.clone()))?;
+    let stream = remote.stream(&launcher, what, Box::new(sink.clone()), true)?;
     let (target, opts) = (target.clone(), opts.clone());
     let relaunch_host = host.clone();
     let relaunch: Relaunch = Box::new(move |missing: Missing| {
@@ -83,7 +91,7 @@ pub(crate) fn start_agent(
         let uploaded = upload(&mut *remote, &opts, &agent, &missing, &mut sink.clone())?;
         // Now exactly the uploaded agent.
         let launcher = sh_c(&launcher_script(&opts.version, &[&uploaded], &args));
-        let stream = remote.stream(&launcher, what, Box::new(sink))?;
+        let stream = remote.stream(&launcher, what, Box::new(sink), true)?;
         match read_marker(stream, &host)? {
             Launch::Started(stream) => Ok(stream),
             Launch::Missing(_) => Err(TransportError::Remote {
@@ -693,6 +701,10 @@ fn choose_agent(
     }
 }
 
+/// The script that finds this version's agent on the server and starts it with
+/// `quoted_args`, after printing the `ok` marker; or reports what the server has for an upload
+/// (`missing`). Run by [`sh_c`]: the `--preamble=BASE64` words after the command (the pump's,
+/// see `pump::Parts::deferred`) are `$0` and `$@` there, passed on to the agent.
 fn launcher_script(version: &str, hashes: &[&str], quoted_args: &str) -> String {
     let cached: Vec<String> = hashes
         .iter()
@@ -700,11 +712,12 @@ fn launcher_script(version: &str, hashes: &[&str], quoted_args: &str) -> String 
         .collect();
     format!(
         r#"v={version}
+case $0 in --preamble=*) set -- "$0" "$@";; esac
 for f in {cached} "$(command -v flip 2>/dev/null)"; do
   if [ -n "$f" ] && [ -x "$f" ] && [ "$("$f" --version </dev/null 2>/dev/null)" = "flip $v" ]; then
     case $f in "$HOME/.cache/flip/"*) touch "$f" 2>/dev/null;; esac
     printf '{MARKER}ok %s\n' "$f"
-    exec "$f" agent {quoted_args}
+    exec "$f" agent {quoted_args} "$@"
   fi
 done
 t=
@@ -1451,6 +1464,59 @@ mod tests {
             assert!(got.status.success(), "{shell}");
         }
         eprintln!("login shells tried: {tried:?}");
+        assert!(tried.len() >= 2, "{tried:?}");
+    }
+
+    /// The launcher hands the `--preamble=BASE64` words after the command (the pump's, as many
+    /// as it sends) to the agent, under every login shell; without them the agent gets none.
+    #[test]
+    fn the_launcher_passes_the_preamble_on_under_every_login_shell() {
+        use base64::Engine;
+        let home = tempfile::tempdir().unwrap();
+        let cache = home.path().join(".cache/flip");
+        std::fs::create_dir_all(&cache).unwrap();
+        fake_flip(&cache.join("flip-1.2.3-aaaa"), "1.2.3", "agent-a");
+        let first: Vec<u8> = (0..super::super::PREAMBLE_MAX)
+            .map(|i| (i * 7) as u8)
+            .collect();
+        // As the pump writes them: the most it sends, in words of PREAMBLE_WORD bytes.
+        let word = first
+            .chunks(super::super::PREAMBLE_WORD)
+            .map(|w| {
+                format!(
+                    "--preamble={}",
+                    base64::engine::general_purpose::STANDARD.encode(w)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        let command = sh_c(&launcher_script("1.2.3", &["aaaa"], "--root '/srv/a b'"));
+        let mut tried = Vec::new();
+        for shell in ["sh", "bash", "dash", "csh", "tcsh", "fish"] {
+            let run = |line: &str| {
+                Command::new(shell)
+                    .arg("-c")
+                    .arg(line)
+                    .env("HOME", home.path())
+                    .env("PATH", "/usr/bin:/bin")
+                    .output()
+            };
+            let Ok(with) = run(&format!("{command} {word}")) else {
+                continue;
+            };
+            tried.push(shell);
+            let with = String::from_utf8_lossy(&with.stdout);
+            assert!(
+                with.ends_with(&format!("agent-a:agent --root /srv/a b {word}\n")),
+                "{shell}: {with}"
+            );
+            let without = run(&command).unwrap();
+            let without = String::from_utf8_lossy(&without.stdout);
+            assert!(
+                without.ends_with("agent-a:agent --root /srv/a b\n"),
+                "{shell}: {without}"
+            );
+        }
         assert!(tried.len() >= 2, "{tried:?}");
     }
 

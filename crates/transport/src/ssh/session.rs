@@ -228,13 +228,20 @@ impl Remote for Connection {
         command: &str,
         what: &str,
         stderr: Box<dyn Write + Send>,
+        preamble: bool,
     ) -> Result<AgentStream, TransportError> {
         let phase = "starting the agent";
         let mut channel = self
             .session
             .channel_session()
             .map_err(|e| self.ssh_err(phase, e))?;
-        let exec = if pipelines_exec(self.session.banner()) {
+        let pipelined = pipelines_exec(self.session.banner());
+        // The first batch in the command line (`Parts::deferred`): the pump sends the `exec`.
+        let deferred = (pipelined && preamble).then(|| command.to_string());
+        let exec = if deferred.is_some() {
+            self.session.set_blocking(false);
+            None
+        } else if pipelined {
             // Sent without waiting for the reply: the pump reads it, and the client's first
             // bytes follow the request at once, saving a round trip.
             self.session.set_blocking(false);
@@ -262,6 +269,7 @@ impl Remote for Connection {
             what: format!("{what} on {host}"),
             keepalive: self.cfg.keepalive,
             relay,
+            deferred,
         };
         pump::start(parts).map_err(|e| TransportError::Ssh {
             host: address,
