@@ -512,9 +512,18 @@ mod tests {
     #[test]
     fn the_clients_preamble_fits_the_agents() {
         const { assert!(flip_transport::ssh::PREAMBLE_MAX <= flip_agent::PREAMBLE_MAX) };
-        let word = "A".repeat(flip_transport::ssh::PREAMBLE_WORD / 3 * 4);
-        let words = flip_transport::ssh::PREAMBLE_MAX / flip_transport::ssh::PREAMBLE_WORD;
-        assert!(crate::agent_cmd::preamble(std::iter::repeat_n(word.as_str(), words)).is_ok());
+        // The most the client sends, in its words: read back whole.
+        let most: Vec<u8> = (0..flip_transport::ssh::PREAMBLE_MAX)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let words = flip_transport::ssh::preamble_words(&most);
+        let texts = words.iter().map(|w| w.strip_prefix("--preamble=").unwrap());
+        assert_eq!(crate::agent_cmd::preamble(texts), Ok(most.clone()));
+        // A byte more is refused.
+        let mut over = words.clone();
+        over.push("--preamble=AA==".into());
+        let texts = over.iter().map(|w| w.strip_prefix("--preamble=").unwrap());
+        assert!(crate::agent_cmd::preamble(texts).is_err());
     }
 
     /// `flip agent` and `flip-agent agent` wait the same time for a silent client by default.

@@ -867,4 +867,24 @@ fn the_first_batch_goes_in_the_agents_command_line() {
     run.finish(TIMEOUT).success();
     assert_eq!(w.fx.current_link(), "releases/2");
     assert_dir_eq(&w.fx.current(), &src.tree(), "current after the wait");
+
+    // A first batch larger than the command line takes (the stage of 1,500 changed files,
+    // their digests alone 48 KB): the most that fits goes there, the rest on the channel.
+    for i in 0..1500 {
+        src.file(&format!("many/f{i}.php"), format!("<?php // {i}\n"), 0o644);
+    }
+    w.fx.flip(&deploy).success();
+    for i in 0..1500 {
+        src.overwrite(&format!("many/f{i}.php"), format!("<?php // {i}, edited\n"));
+    }
+    let j =
+        w.fx.flip(&[&deploy[..], &["--json"]].concat())
+            .success()
+            .json();
+    assert_eq!(j["release"], 4, "{j}");
+    assert_dir_eq(
+        &w.fx.current(),
+        &src.tree(),
+        "current after a large first batch",
+    );
 }

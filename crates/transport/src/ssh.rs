@@ -27,7 +27,7 @@ mod remote;
 mod session;
 mod stderr;
 
-pub use pump::{PREAMBLE_MAX, PREAMBLE_WORD};
+pub use pump::{preamble_words, PREAMBLE_MAX, PREAMBLE_WORD};
 pub use stderr::PrefixLines;
 
 use crate::{AgentStream, TransportError};

@@ -39,6 +39,21 @@ pub const PREAMBLE_MAX: usize = 16 << 10;
 /// takes (csh: 5,000 characters, not 20,000; eight such words on one line are fine).
 pub const PREAMBLE_WORD: usize = 3 << 10;
 
+/// `bytes` (at most [`PREAMBLE_MAX`]) as the `--preamble=BASE64` words of a command line, each
+/// of at most [`PREAMBLE_WORD`] bytes.
+pub fn preamble_words(bytes: &[u8]) -> Vec<String> {
+    use base64::Engine;
+    bytes
+        .chunks(PREAMBLE_WORD)
+        .map(|w| {
+            format!(
+                "--preamble={}",
+                base64::engine::general_purpose::STANDARD.encode(w)
+            )
+        })
+        .collect()
+}
+
 /// How long the user may pause before a deferred `exec` goes with what it wrote so far: a
 /// client writes its first batch at once, and a longer pause (a scan still under way) would
 /// only delay the server's start.
@@ -506,7 +521,6 @@ impl Pump {
     /// of the command with them as `--preamble=BASE64`, for [`Pump::finish_exec`] to send. True
     /// if it made progress.
     fn gather_preamble(&mut self, wait: &mut Wait) -> bool {
-        use base64::Engine;
         let Some(d) = &mut self.deferred else {
             return false;
         };
@@ -542,9 +556,9 @@ impl Pump {
             return progress;
         };
         let mut command = d.command;
-        for word in d.bytes.chunks(PREAMBLE_WORD) {
-            command.push_str(" --preamble=");
-            command.push_str(&base64::engine::general_purpose::STANDARD.encode(word));
+        for word in preamble_words(&d.bytes) {
+            command.push(' ');
+            command.push_str(&word);
         }
         self.exec = Some(command);
         true

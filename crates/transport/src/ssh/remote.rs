@@ -1471,7 +1471,6 @@ mod tests {
     /// as it sends) to the agent, under every login shell; without them the agent gets none.
     #[test]
     fn the_launcher_passes_the_preamble_on_under_every_login_shell() {
-        use base64::Engine;
         let home = tempfile::tempdir().unwrap();
         let cache = home.path().join(".cache/flip");
         std::fs::create_dir_all(&cache).unwrap();
@@ -1480,16 +1479,7 @@ mod tests {
             .map(|i| (i * 7) as u8)
             .collect();
         // As the pump writes them: the most it sends, in words of PREAMBLE_WORD bytes.
-        let word = first
-            .chunks(super::super::PREAMBLE_WORD)
-            .map(|w| {
-                format!(
-                    "--preamble={}",
-                    base64::engine::general_purpose::STANDARD.encode(w)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
+        let word = super::super::preamble_words(&first).join(" ");
         let command = sh_c(&launcher_script("1.2.3", &["aaaa"], "--root '/srv/a b'"));
         let mut tried = Vec::new();
         for shell in ["sh", "bash", "dash", "csh", "tcsh", "fish"] {
