@@ -820,7 +820,8 @@ fn running_out_of_file_descriptors_is_an_error_never_a_panic() {
 
 /// The client's first batch rides in the `exec`'s command line (`--preamble=BASE64`), where it
 /// costs no round trip: a session channel takes no data until its command runs. Seen on a
-/// deploy waiting for the lock: its agent's command line starts the session with `Hello`.
+/// deploy waiting for the lock: its agent's command line starts the session with `Hello`, and
+/// holds none of what the server's other users must not see.
 #[test]
 fn the_first_batch_goes_in_the_agents_command_line() {
     use std::os::fd::AsRawFd;
@@ -863,6 +864,19 @@ fn the_first_batch_goes_in_the_agents_command_line() {
     };
     // A frame: its length (u32), then `Hello` (tag 0) with the magic.
     assert_eq!(&bytes[4..9], b"\0FLIP", "{bytes:?}");
+    // Read as the agent reads it: only what other users of the server may see (`ps` shows a
+    // command line), never the stage's file names and digests that follow in the batch.
+    let mut rx = flip_wire::FrameReader::new(Box::new(std::io::Cursor::new(bytes)));
+    let mut names = Vec::new();
+    while let Ok(req) = rx.recv::<flip_wire::Request>() {
+        if let flip_wire::Request::Hello { compress, .. } = req {
+            if compress != 0 {
+                rx.start_decompression().unwrap();
+            }
+        }
+        names.push(<&str>::from(&req).to_string());
+    }
+    assert_eq!(names, ["Hello", "Lock", "Status", "CheckLive"], "{names:?}");
     drop(lock);
     run.finish(TIMEOUT).success();
     assert_eq!(w.fx.current_link(), "releases/2");

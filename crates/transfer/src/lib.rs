@@ -258,6 +258,9 @@ pub struct Session {
     ahead: Option<Ahead>,
     /// Every file sent whole ([`Session::send_whole_files`]).
     whole_files: bool,
+    /// What was written so far may go in the agent's command line ([`AgentStream::seal`]);
+    /// `None` once sealed.
+    seal: Option<flip_transport::Seal>,
 }
 
 /// A `Stage` queued before the client knew the live release: of the manifest of `digest`, as a
@@ -357,6 +360,7 @@ impl Session {
             activate_queued: false,
             ahead: None,
             whole_files: false,
+            seal: Some(stream.seal),
         };
         s.queue(&Request::Hello {
             magic: MAGIC,
@@ -510,6 +514,13 @@ impl Session {
     /// Queues a frame. If the agent hung up, its last word (an error frame) is what the user
     /// needs to see, not the broken pipe.
     fn queue(&mut self, req: &Request) -> Result<()> {
+        if !shown_safely(req) {
+            if let Some(seal) = self.seal.take() {
+                // What the batch holds so far leaves now, so the transport can take it.
+                self.tx.flush().map_err(|e| self.agent_error_or(e))?;
+                seal();
+            }
+        }
         self.queued = true;
         match self.tx.send(req) {
             Ok(()) => Ok(()),
@@ -1547,6 +1558,24 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Whether `req` may be seen by the server's other users, as the agent's command line is (an
+/// SSH transport may put a session's first bytes there: [`AgentStream::seal`]): the handshake,
+/// the lock (who deploys, from where), the status and the checks of what is live. File names
+/// and content, manifests, directory hashes and hook commands are not.
+fn shown_safely(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Hello { .. }
+            | Request::Lock { .. }
+            | Request::Status
+            | Request::CheckLive { .. }
+            | Request::EndIfLive { .. }
+            | Request::CanDeploy
+            | Request::Doctor
+            | Request::Bye
+    )
 }
 
 /// Directories per `Probe` frame (a path of at most a few KiB each keeps a frame far below

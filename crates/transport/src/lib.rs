@@ -240,4 +240,18 @@ pub struct AgentStream {
     pub handle: Box<dyn Finish>,
     /// A short name for messages: "local", "deploy@web1".
     pub peer: String,
+    /// Call before writing anything that must not be seen on the server by other users (file
+    /// names and content, hook commands): what was written so far may go in the agent's
+    /// command line, where `ps` shows it (see `ssh::PREAMBLE_MAX`), and nothing written from
+    /// then on. Returns once the transport has taken what it will; a no-op where nothing
+    /// travels in the command line, and after the first call.
+    pub seal: Seal,
+}
+
+/// See [`AgentStream::seal`].
+pub type Seal = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+/// A [`Seal`] that does nothing: a stream whose input all goes through its channel.
+pub fn no_seal() -> Seal {
+    std::sync::Arc::new(|| {})
 }

@@ -39,6 +39,7 @@ pub fn spawn(program: &Path, args: &[OsString]) -> Result<AgentStream, Transport
             program: program.display().to_string(),
         }),
         peer: "local".to_string(),
+        seal: crate::no_seal(),
     })
 }
 

@@ -29,6 +29,7 @@ pub fn session(root: &Path) -> Session {
         writer: Box::new(client_tx),
         handle: Box::new(Joined(Some(agent))),
         peer: "test".into(),
+        seal: flip_transport::no_seal(),
     };
     let mut s = Session::open(stream, 0).unwrap();
     let holder = flip_wire::Holder {

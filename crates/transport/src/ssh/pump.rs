@@ -73,10 +73,12 @@ pub(crate) struct Parts {
     /// without waiting for it (see [`super::session`]).
     pub exec: Option<String>,
     /// A command whose `exec` is not sent yet (with `exec` `None`): the pump sends it once the
-    /// user has written its first batch (it starts reading, pauses for [`PREAMBLE_QUIET`] after
-    /// writing, has written [`PREAMBLE_MAX`] bytes, or closed its writer; at most
-    /// [`PREAMBLE_FIRST`] after the pump started if it wrote nothing), with those bytes appended
-    /// as ` --preamble=BASE64` words, the agent's input before its stdin. A session channel takes no
+    /// user has written its first batch (it starts reading, seals ([`AgentStream::seal`]),
+    /// pauses for [`PREAMBLE_QUIET`] after writing, has written [`PREAMBLE_MAX`] bytes, or
+    /// closed its writer; at most [`PREAMBLE_FIRST`] after the pump started if it wrote
+    /// nothing), with those bytes appended as ` --preamble=BASE64` words, the agent's input
+    /// before its stdin. Other users of the server see a command line (`ps`): the user seals
+    /// before it writes what they must not see. A session channel takes no
     /// data before its command runs (`sshd` opens the channel's window only then, a round
     /// trip after the `exec`): in the command line, the first batch costs no round trip.
     pub deferred: Option<String>,
@@ -101,6 +103,12 @@ struct Shared {
     refused: std::sync::atomic::AtomicBool,
     /// The user has started reading: what it wrote so far is a whole batch.
     reading: std::sync::atomic::AtomicBool,
+    /// The user sealed the preamble ([`AgentStream::seal`]): nothing it writes from now on
+    /// may go in the command line.
+    sealed: std::sync::atomic::AtomicBool,
+    /// The `exec` is no longer deferred (or the pump ended): a seal returns.
+    decided: Mutex<bool>,
+    decided_now: std::sync::Condvar,
     /// Set when the session was given up and waiting for its agent to end took too long, or
     /// the server did not start the agent in time ([`Finish::aborter`]): the pump drops the
     /// connection (the server ends the agent) instead of keeping it open, on a thread of its
@@ -109,6 +117,25 @@ struct Shared {
 }
 
 impl Shared {
+    /// [`AgentStream::seal`]: waits until the pump has sent, or no longer defers, the `exec`
+    /// (the user writes nothing meanwhile, so what the pump takes was written before).
+    fn seal(&self) {
+        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
+        while !*decided {
+            decided = self
+                .decided_now
+                .wait(decided)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The `exec` is no longer deferred, or the pump ends: seals return.
+    fn decide(&self) {
+        *self.decided.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.decided_now.notify_all();
+    }
+
     fn error(&self) -> Option<String> {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -152,6 +179,9 @@ pub(crate) fn start(parts: Parts) -> io::Result<AgentStream> {
         error: Mutex::new(None),
         refused: Default::default(),
         reading: Default::default(),
+        sealed: Default::default(),
+        decided: Mutex::new(parts.deferred.is_none()),
+        decided_now: Default::default(),
         abandoned: Default::default(),
     });
     let tail = parts.relay.tail.clone();
@@ -162,7 +192,9 @@ pub(crate) fn start(parts: Parts) -> io::Result<AgentStream> {
     let thread = std::thread::Builder::new()
         .name(format!("ssh-pump-{}", parts.host))
         .spawn(move || Pump::new(parts, pump_read, pump_write, pump_shared).run())?;
+    let sealing = shared.clone();
     Ok(AgentStream {
+        seal: Arc::new(move || sealing.seal()),
         reader: Box::new(PumpReader {
             sock: user_read,
             shared: shared.clone(),
@@ -451,6 +483,7 @@ impl Pump {
     /// Runs until the channel closes or the connection fails.
     fn run(mut self) -> Result<Ended, String> {
         let result = self.pump();
+        self.shared.decide();
         if let Err(message) = &result {
             // Record the error before closing the local ends, so the user's halves report it.
             *self.shared.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
@@ -516,8 +549,8 @@ impl Pump {
     }
 
     /// While the `exec` is deferred ([`Parts::deferred`]): takes what the user writes, up to
-    /// [`PREAMBLE_MAX`] bytes, and once the first batch is whole (the user reads, pauses for
-    /// [`PREAMBLE_QUIET`], closed its writer, or the bytes are at the limit) makes the `exec`
+    /// [`PREAMBLE_MAX`] bytes, and once the first batch is whole (the user reads or sealed,
+    /// pauses for [`PREAMBLE_QUIET`], closed its writer, or the bytes are at the limit) makes the `exec`
     /// of the command with them as `--preamble=BASE64`, for [`Pump::finish_exec`] to send. True
     /// if it made progress.
     fn gather_preamble(&mut self, wait: &mut Wait) -> bool {
@@ -543,7 +576,8 @@ impl Pump {
         let reading = self
             .shared
             .reading
-            .load(std::sync::atomic::Ordering::SeqCst);
+            .load(std::sync::atomic::Ordering::SeqCst)
+            || self.shared.sealed.load(std::sync::atomic::Ordering::SeqCst);
         let quiet = match d.last {
             Some(t) => t.elapsed() >= PREAMBLE_QUIET,
             None => d.since.elapsed() >= PREAMBLE_FIRST,
@@ -561,6 +595,7 @@ impl Pump {
             command.push_str(&word);
         }
         self.exec = Some(command);
+        self.shared.decide();
         true
     }
 

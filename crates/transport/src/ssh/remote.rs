@@ -91,7 +91,9 @@ pub(crate) fn start_agent(
         let uploaded = upload(&mut *remote, &opts, &agent, &missing, &mut sink.clone())?;
         // Now exactly the uploaded agent.
         let launcher = sh_c(&launcher_script(&opts.version, &[&uploaded], &args));
-        let stream = remote.stream(&launcher, what, Box::new(sink), true)?;
+        // No preamble: what is sent again may hold what the first stream's seal kept off the
+        // command line; an upload's round trip more does not matter.
+        let stream = remote.stream(&launcher, what, Box::new(sink), false)?;
         match read_marker(stream, &host)? {
             Launch::Started(stream) => Ok(stream),
             Launch::Missing(_) => Err(TransportError::Remote {
@@ -126,6 +128,7 @@ const KEPT_BEFORE_MARKER: usize = 16 << 20;
 /// writes without holding the lock, so the reader can read the marker meanwhile.
 fn launching(stream: AgentStream, host: String, relaunch: Relaunch) -> AgentStream {
     let peer = stream.peer.clone();
+    let seal = stream.seal.clone();
     let shared = Arc::new(LaunchShared {
         host,
         state: Mutex::new(LaunchState::Pending(Box::new(Pending {
@@ -141,6 +144,7 @@ fn launching(stream: AgentStream, host: String, relaunch: Relaunch) -> AgentStre
         input_closed: Arc::default(),
     });
     AgentStream {
+        seal,
         reader: Box::new(LaunchReader {
             shared: shared.clone(),
             inner: None,
@@ -227,6 +231,7 @@ impl LaunchShared {
             unreachable!("the marker is read once, under the lock")
         };
         let stream = AgentStream {
+            seal: crate::no_seal(),
             reader,
             // The agent's writer stays with the writer half meanwhile.
             writer: Box::new(io::sink()),
@@ -1360,6 +1365,7 @@ mod tests {
             writer: Box::new(writer),
             handle: Box::new(Done),
             peer: "test".to_string(),
+            seal: crate::no_seal(),
         }
     }
 
@@ -1415,6 +1421,7 @@ mod tests {
             writer: Box::new(io::sink()),
             handle: Box::new(Done),
             peer: "test".to_string(),
+            seal: crate::no_seal(),
         };
         match read_marker(stream, "web1") {
             Err(TransportError::Remote { message, .. }) => {
