@@ -119,7 +119,7 @@ pub enum TransportError {
         key_type: String,
         /// The key's SHA256 fingerprint.
         fingerprint: String,
-        /// The known_hosts file consulted.
+        /// The known_hosts file that records the other key (or revokes this one).
         known_hosts: PathBuf,
     },
     /// The server presented a key of a type known_hosts records no key of, while it records

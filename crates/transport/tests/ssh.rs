@@ -332,8 +332,9 @@ fn the_systems_known_hosts_pins_and_revokes_keys_too() {
     let err = ssh::exec(&f.target, &f.opts, "true")
         .err()
         .expect("a revoked key is refused");
+    // The message names the file that revokes it, not the user's.
     assert!(
-        matches!(err, TransportError::HostKeyChanged { .. }),
+        matches!(&err, TransportError::HostKeyChanged { known_hosts, .. } if *known_hosts == global),
         "{err:?}"
     );
     // Another key of the same type pinned there, nothing in the user's file, new keys accepted.
@@ -351,8 +352,13 @@ fn the_systems_known_hosts_pins_and_revokes_keys_too() {
         .err()
         .expect("a key other than the pinned one is refused");
     assert!(
-        matches!(err, TransportError::HostKeyChanged { .. }),
+        matches!(&err, TransportError::HostKeyChanged { known_hosts, .. } if *known_hosts == global),
         "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains(&format!("the recorded key is in {}", global.display())),
+        "{err}"
     );
     assert_eq!(std::fs::read_to_string(f.known_hosts()).unwrap(), "");
 }

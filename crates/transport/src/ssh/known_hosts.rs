@@ -21,14 +21,16 @@ pub(crate) enum Verdict {
     Known,
     /// No entry for this host with this key type. `other_types`: key types known for the host.
     Unknown { other_types: Vec<String> },
-    /// An entry for this host has a different key of the same type.
-    Changed,
-    /// The key is listed as `@revoked`.
-    Revoked,
+    /// An entry for this host in `file` has a different key of the same type.
+    Changed { file: PathBuf },
+    /// The key is listed as `@revoked` in `file`.
+    Revoked { file: PathBuf },
 }
 
 /// One usable line.
 struct Entry {
+    /// The known_hosts file it is in.
+    file: PathBuf,
     marker: Option<String>,
     patterns: String,
     blob: Vec<u8>,
@@ -68,12 +70,12 @@ fn read_entries(files: &[PathBuf]) -> io::Result<Vec<Entry>> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", file.display()))),
         };
-        entries.extend(text.lines().filter_map(parse_line));
+        entries.extend(text.lines().filter_map(|l| parse_line(l, file)));
     }
     Ok(entries)
 }
 
-fn parse_line(line: &str) -> Option<Entry> {
+fn parse_line(line: &str, file: &Path) -> Option<Entry> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
         return None;
@@ -90,6 +92,7 @@ fn parse_line(line: &str) -> Option<Entry> {
     let _key_type = fields.next()?;
     let blob = STANDARD.decode(fields.next()?).ok()?;
     Some(Entry {
+        file: file.to_path_buf(),
         marker,
         patterns: first.to_string(),
         blob,
@@ -190,13 +193,13 @@ pub(crate) fn check(
 ) -> io::Result<Verdict> {
     let name = lookup_name(host, port);
     let presented_type = blob_type(blob);
-    let (mut known, mut changed) = (false, false);
+    let (mut known, mut changed) = (false, None);
     let mut other_types = Vec::new();
     for entry in read_entries(files)? {
         match entry.marker.as_deref() {
             Some("@revoked") => {
                 if entry.blob == blob {
-                    return Ok(Verdict::Revoked);
+                    return Ok(Verdict::Revoked { file: entry.file });
                 }
                 continue;
             }
@@ -209,15 +212,15 @@ pub(crate) fn check(
         if entry.blob == blob {
             known = true;
         } else if blob_type(&entry.blob) == presented_type {
-            changed = true;
+            changed.get_or_insert(entry.file);
         } else {
             other_types.push(blob_type(&entry.blob));
         }
     }
     Ok(if known {
         Verdict::Known
-    } else if changed {
-        Verdict::Changed
+    } else if let Some(file) = changed {
+        Verdict::Changed { file }
     } else {
         Verdict::Unknown { other_types }
     })

@@ -378,12 +378,14 @@ fn check_host_key(session: &Session, cfg: &HostConfig, quiet: bool) -> Result<()
         })?;
     match verdict {
         Verdict::Known => Ok(()),
-        Verdict::Changed | Verdict::Revoked => Err(TransportError::HostKeyChanged {
-            host,
-            key_type,
-            fingerprint,
-            known_hosts: cfg.known_hosts.clone(),
-        }),
+        Verdict::Changed { file } | Verdict::Revoked { file } => {
+            Err(TransportError::HostKeyChanged {
+                host,
+                key_type,
+                fingerprint,
+                known_hosts: file,
+            })
+        }
         Verdict::Unknown { other_types } if !other_types.is_empty() => {
             let mut known_types = other_types;
             known_types.sort();
