@@ -214,9 +214,16 @@ impl Settings {
             writable_mode,
         };
         s.validate().map_err(|e| {
-            let key = match e {
-                flip_plan::shared::SharedError::WritableInFile { .. }
-                | flip_plan::shared::SharedError::BadMode(_) => "writable_dirs",
+            use flip_plan::shared::SharedError;
+            // The key that lists the path (its line is the one named).
+            let listed =
+                |p: &str, list: &[flip_manifest::RelPath]| list.iter().any(|r| r.to_string() == p);
+            let key = match &e {
+                SharedError::WritableInFile { .. } => "writable_dirs",
+                SharedError::BadMode(_) => "writable_mode",
+                SharedError::Reserved(p) if listed(p, &s.writable) => "writable_dirs",
+                SharedError::Reserved(p) if listed(p, &s.files) => "shared_files",
+                SharedError::Reserved(_) => "shared_dirs",
                 _ => "shared_dirs/shared_files",
             };
             bad(key, e.to_string())

@@ -553,7 +553,8 @@ fn writable_dirs_get_their_mode_and_as_root_their_owner() {
     assert_eq!(j["unchanged"], true, "{j}");
     assert_eq!(mode(&in_shared), 0o2770);
     // A bad mode is a configuration error naming the key; so is one whose owner cannot use
-    // the directory, a compression level outside 0..=19 (a negative one garbled the stream,
+    // the directory, a path in flip's own `.flip` (named with the list that has it), a
+    // compression level outside 0..=19 (a negative one garbled the stream,
     // exit 6), and an environment named like a target (`flip rollback /srv/app` would have
     // rolled back the environment).
     let current = fx.current_link();
@@ -562,6 +563,14 @@ fn writable_dirs_get_their_mode_and_as_root_their_owner() {
         (format!("{CONFIG}writable_mode = \"0644\"\n"), ":5: writable_mode: \"0644\" does not let the directory's owner read, write and enter it"),
         (format!("{CONFIG}compress_level = -2\n"), ":5: compress_level: -2 is not a level from 0 (off) to 19"),
         (format!("{CONFIG}compress_level = 25\n"), "compress_level: 25 is not a level"),
+        (
+            CONFIG.replace("\"bootstrap/cache\"", "\".flip/cache\""),
+            ":4: writable_dirs: .flip/cache: `.flip` is flip's own directory",
+        ),
+        (
+            CONFIG.replace("\".env\"", "\".flip/env\""),
+            ":3: shared_files: .flip/env: `.flip` is flip's own directory",
+        ),
         (
             format!("{CONFIG}[env.\"/srv/app\"]\ntargets = [\"/x\"]\n"),
             ":5: env.\"/srv/app\": an environment's name is letters, digits and ._-",
