@@ -101,10 +101,9 @@ struct Shared {
     error: Mutex<Option<String>>,
     /// The server refused the pipelined `exec` (`error` says how): the connection was fine.
     refused: std::sync::atomic::AtomicBool,
-    /// The user has started reading: what it wrote so far is a whole batch.
-    reading: std::sync::atomic::AtomicBool,
-    /// The user sealed the preamble ([`AgentStream::seal`]): nothing it writes from now on
-    /// may go in the command line.
+    /// The user sealed the preamble ([`AgentStream::seal`]), or started reading: what it wrote
+    /// so far is its whole first batch, and nothing it writes from now on may go in the
+    /// command line.
     sealed: std::sync::atomic::AtomicBool,
     /// The `exec` is no longer deferred (or the pump ended): a seal returns.
     decided: Mutex<bool>,
@@ -178,7 +177,6 @@ pub(crate) fn start(parts: Parts) -> io::Result<AgentStream> {
         host: parts.host.clone(),
         error: Mutex::new(None),
         refused: Default::default(),
-        reading: Default::default(),
         sealed: Default::default(),
         decided: Mutex::new(parts.deferred.is_none()),
         decided_now: Default::default(),
@@ -237,8 +235,10 @@ struct PumpReader {
 
 impl Read for PumpReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Waiting for answers: the first batch is whole (no need to wait for the pump, as a
+        // seal does before it writes what must not go in the command line).
         self.shared
-            .reading
+            .sealed
             .store(true, std::sync::atomic::Ordering::SeqCst);
         match self.sock.read(buf) {
             // EOF: the end of the remote output, unless the pump closed it because of an error.
@@ -573,17 +573,13 @@ impl Pump {
                 Err(_) => self.from_user = None,
             }
         }
-        let reading = self
-            .shared
-            .reading
-            .load(std::sync::atomic::Ordering::SeqCst)
-            || self.shared.sealed.load(std::sync::atomic::Ordering::SeqCst);
+        let sealed = self.shared.sealed.load(std::sync::atomic::Ordering::SeqCst);
         let quiet = match d.last {
             Some(t) => t.elapsed() >= PREAMBLE_QUIET,
             None => d.since.elapsed() >= PREAMBLE_FIRST,
         };
         let full = d.bytes.len() >= PREAMBLE_MAX;
-        if !(reading || quiet || full || self.from_user.is_none()) {
+        if !(sealed || quiet || full || self.from_user.is_none()) {
             return progress;
         }
         let Some(d) = self.deferred.take() else {
