@@ -629,25 +629,14 @@ impl Session {
                 self.record_hook_writes();
             }
             if matches!(req, Request::Bye) {
-                self.bye = true;
-                // With the answers before it and the stream's end: one write (`coalesce`).
-                self.holder.hold(|| {
-                    tx.send(&Response::Bye)?;
-                    tx.flush()
-                })?;
-                return Ok(());
+                return self.say_bye(tx);
             }
             if let Request::EndIfLive { keep } = req {
                 if self.unchanged_live()? {
                     let pruned = self.prune(keep)?;
                     self.send_notices(tx)?;
                     tx.send(&pruned)?;
-                    self.bye = true;
-                    self.holder.hold(|| {
-                        tx.send(&Response::Bye)?;
-                        tx.flush()
-                    })?;
-                    return Ok(());
+                    return self.say_bye(tx);
                 }
                 tx.send(&Response::NotDone {
                     request: "EndIfLive".into(),
@@ -1241,6 +1230,17 @@ impl Session {
         }
         self.live_intact = id;
         Ok(Response::LiveIntact { id })
+    }
+
+    /// Answers `Bye`: the session ends as the client meant it to.
+    fn say_bye(&mut self, tx: &mut FrameWriter) -> Result<()> {
+        self.bye = true;
+        // With the answers before it and the stream's end: one write (`coalesce`).
+        self.holder.hold(|| {
+            tx.send(&Response::Bye)?;
+            tx.flush()
+        })?;
+        Ok(())
     }
 
     /// `EndIfLive` ends the session: the last `CheckLive` found the live release intact, it is
