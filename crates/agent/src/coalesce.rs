@@ -125,22 +125,7 @@ impl Write for HeldOutput {
 mod tests {
     use super::*;
 
-    /// An output that records each write it gets.
-    #[derive(Clone, Default)]
-    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
-
-    impl Write for Writes {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0
-                .lock()
-                .map_err(|_| io::Error::other("poisoned"))?
-                .push(buf.to_vec());
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use flip_testkit::Writes;
 
     #[test]
     fn held_answers_leave_in_one_write_before_the_next_read_and_in_order() {

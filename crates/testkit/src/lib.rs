@@ -12,6 +12,8 @@
 //! sshd.write_ssh_config(&home.path().join(".ssh/config"), "web1");
 //! // `ssh -F HOME/.ssh/config web1 true` now logs in without prompts.
 //! ```
+//!
+//! [`Writes`] records each write an output gets, for tests of what leaves in one write.
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -22,6 +24,24 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+/// An output that records each write it gets (clones share the record): the bytes of every
+/// `write` call, in order. `flush` does nothing.
+#[derive(Clone, Default)]
+pub struct Writes(pub std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl Write for Writes {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .push(buf.to_vec());
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// The OpenSSH server binary. Always started by absolute path.
 pub const SSHD: &str = "/usr/sbin/sshd";

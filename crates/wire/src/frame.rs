@@ -457,21 +457,7 @@ mod tests {
     use super::*;
     use crate::{Request, Response, CHUNK};
 
-    /// Records each write it is given.
-    #[derive(Clone, Default)]
-    struct Writes(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
-    impl Write for Writes {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0
-                .lock()
-                .map_err(|_| io::Error::other("poisoned"))?
-                .push(buf.to_vec());
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use flip_testkit::Writes;
 
     /// The plain `Hello` does not leave when compression starts: it goes with what follows,
     /// in one write at the first flush (a client's first batch in one piece).
