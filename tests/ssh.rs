@@ -533,7 +533,12 @@ fn a_login_that_never_starts_flip_fails_after_the_launch_deadline() {
     );
     assert!(!w.fx.root.exists());
     // With --remote-flip there is no launcher: the agent's first answer has the same deadline,
-    // through the system ssh and through the built-in transport.
+    // through the system ssh and through the built-in transport (to a "flip" that never
+    // answers, as a login that never starts one: a real agent could have made the target
+    // before the connection was dropped, and the check below would race its cleanup).
+    let silent = fx.path("silent-flip");
+    fs::write(&silent, "#!/bin/sh\nexec cat >/dev/null\n").unwrap();
+    fs::set_permissions(&silent, fs::Permissions::from_mode(0o755)).unwrap();
     let t0 = Instant::now();
     let r = fx
         .flip_env(
@@ -566,7 +571,7 @@ fn a_login_that_never_starts_flip_fails_after_the_launch_deadline() {
                 "-i",
                 &key,
                 "--remote-flip",
-                FLIP,
+                s(&silent),
             ],
         )
         .code(6);

@@ -770,32 +770,40 @@ fn launch_timeout() -> std::time::Duration {
 /// Calls an [`Aborter`](crate::Aborter) once `after` has passed, unless stopped first.
 struct Deadline {
     stop: std::sync::mpsc::Sender<()>,
-    thread: Option<std::thread::JoinHandle<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Set (before the abort) once the time ran out.
+    fired: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Deadline {
     fn start(after: std::time::Duration, abort: crate::Aborter) -> Deadline {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fire = fired.clone();
         let thread = std::thread::Builder::new()
             .name("flip-launch-deadline".into())
             .spawn(move || {
-                let ran_out = matches!(
-                    stopped.recv_timeout(after),
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                );
-                if ran_out {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(after)
+                {
+                    fire.store(true, std::sync::atomic::Ordering::SeqCst);
                     abort();
                 }
-                ran_out
             })
             .ok();
-        Deadline { stop, thread }
+        Deadline {
+            stop,
+            thread,
+            fired,
+        }
     }
 
     /// Stops the clock; whether it had run out.
     fn stop(self) -> bool {
         let _ = self.stop.send(());
-        self.thread.is_some_and(|t| t.join().unwrap_or(false))
+        if let Some(t) = self.thread {
+            let _ = t.join();
+        }
+        self.fired.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -827,37 +835,87 @@ fn login_too_slow(host: &str, within: std::time::Duration) -> TransportError {
 }
 
 /// `--remote-flip`: no launcher, no marker; the agent's first byte (its `Welcome`) must come
-/// within [`LAUNCH_TIMEOUT`] of the `exec`, else the connection is dropped and the read that
-/// waited for it fails with [`login_too_slow`].
+/// within [`LAUNCH_TIMEOUT`] of the `exec`, else the connection is dropped and whatever read or
+/// write meets the dropped connection fails with [`login_too_slow`].
 fn first_byte_within(mut stream: AgentStream, host: String) -> AgentStream {
     let within = launch_timeout();
     let Some(abort) = stream.handle.aborter() else {
         return stream;
     };
-    stream.reader = Box::new(FirstByte {
-        inner: stream.reader,
-        deadline: Some(Deadline::start(within, abort)),
+    let deadline = Deadline::start(within, abort);
+    let late = Late {
+        fired: deadline.fired.clone(),
         host,
         within,
+    };
+    stream.writer = Box::new(LateWriter {
+        inner: stream.writer,
+        late: late.clone(),
+    });
+    stream.reader = Box::new(FirstByte {
+        inner: stream.reader,
+        deadline: Some(deadline),
+        late,
     });
     stream
+}
+
+/// Whether a [`Deadline`] ran out: then an I/O error (or the end of the agent's output) is
+/// [`login_too_slow`].
+#[derive(Clone)]
+struct Late {
+    fired: Arc<std::sync::atomic::AtomicBool>,
+    host: String,
+    within: std::time::Duration,
+}
+
+impl Late {
+    fn error(&self) -> Option<io::Error> {
+        self.fired
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then(|| io::Error::other(login_too_slow(&self.host, self.within)))
+    }
 }
 
 /// A reader whose first read must end before its [`Deadline`] runs out.
 struct FirstByte {
     inner: Box<dyn Read + Send>,
     deadline: Option<Deadline>,
-    host: String,
-    within: std::time::Duration,
+    late: Late,
 }
 
 impl Read for FirstByte {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let read = self.inner.read(buf);
-        if self.deadline.take().is_some_and(Deadline::stop) {
-            return Err(io::Error::other(login_too_slow(&self.host, self.within)));
+        if let Some(d) = self.deadline.take() {
+            d.stop();
         }
-        read
+        match read {
+            Ok(0) | Err(_) if !buf.is_empty() => match self.late.error() {
+                Some(e) => Err(e),
+                None => read,
+            },
+            read => read,
+        }
+    }
+}
+
+/// The writer of a stream with a [`Deadline`] for its first answer.
+struct LateWriter {
+    inner: Box<dyn Write + Send>,
+    late: Late,
+}
+
+impl Write for LateWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner
+            .write(buf)
+            .map_err(|e| self.late.error().unwrap_or(e))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner
+            .flush()
+            .map_err(|e| self.late.error().unwrap_or(e))
     }
 }
 
