@@ -338,7 +338,6 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
 /// write ends `ssh`, and the agent stops waiting. The client printed the holder once.
 #[test]
 fn a_waiting_agent_behind_the_system_ssh_stops_once_its_client_is_killed() {
-    use std::os::fd::AsRawFd;
     let w = World::new();
     let cfg = w.fx.path("ssh_config");
     w.sshd.write_ssh_config(&cfg, "web1");
@@ -350,29 +349,13 @@ fn a_waiting_agent_behind_the_system_ssh_stops_once_its_client_is_killed() {
     w.fx.flip(&[&["deploy", src.s(), &target][..], &args].concat())
         .success();
     site_v2(&src);
-    // Held as another deploy holds it.
-    let lock = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(w.fx.root.join(".flip/lock"))
-        .unwrap();
-    // SAFETY: flock on a descriptor this test owns.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let lock = hold_lock(&w.fx);
     let run = w.fx.spawn(
         &[],
         &[&["deploy", "--wait", src.s(), &target][..], &args].concat(),
     );
     let pid = run.pid();
-    let deadline = Instant::now() + TIMEOUT;
-    let agent = loop {
-        assert!(Instant::now() < deadline, "the deploy never waited");
-        if run.stderr_so_far().contains("waiting") {
-            if let Some(a) = agents_serving(w.fx.root_str()).first() {
-                break *a;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let agent = waiting_agent(&run, w.fx.root_str());
     let ssh = children(pid);
     assert!(!ssh.is_empty(), "the client runs ssh");
     // Long enough for the agent to have repeated the holder: the client shows it once.
@@ -398,6 +381,33 @@ fn a_waiting_agent_behind_the_system_ssh_stops_once_its_client_is_killed() {
     w.fx.flip(&[&["deploy", src.s(), &target][..], &args].concat())
         .success();
     assert_eq!(w.fx.current_link(), "releases/2");
+}
+
+/// The target's lock, held as another deploy holds it, until dropped.
+fn hold_lock(fx: &Fx) -> fs::File {
+    use std::os::fd::AsRawFd;
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.root.join(".flip/lock"))
+        .unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    lock
+}
+
+/// The agent serving `root` for `run`, once `run` says it waits for the lock.
+fn waiting_agent(run: &Running, root: &str) -> u32 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        assert!(Instant::now() < deadline, "the deploy never waited");
+        if run.stderr_so_far().contains("waiting") {
+            if let Some(a) = agents_serving(root).first() {
+                return *a;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// How often an agent waiting for a lock repeats who holds it (`flip_release::RETELL`).
@@ -829,7 +839,6 @@ fn running_out_of_file_descriptors_is_an_error_never_a_panic() {
 /// holds none of what the server's other users must not see.
 #[test]
 fn the_first_batch_goes_in_the_agents_command_line() {
-    use std::os::fd::AsRawFd;
     let w = World::new();
     let key = w.key();
     let src = w.fx.src("src");
@@ -838,24 +847,9 @@ fn the_first_batch_goes_in_the_agents_command_line() {
     let deploy = ["deploy", src.s(), url.as_str(), "-i", key.as_str()];
     w.fx.flip(&deploy).success();
     site_v2(&src);
-    let lock = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(w.fx.root.join(".flip/lock"))
-        .unwrap();
-    // SAFETY: flock on a descriptor this test owns.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let lock = hold_lock(&w.fx);
     let run = w.fx.spawn(&[], &[&deploy[..], &["--wait"]].concat());
-    let deadline = Instant::now() + TIMEOUT;
-    let agent = loop {
-        assert!(Instant::now() < deadline, "the deploy never waited");
-        if run.stderr_so_far().contains("waiting") {
-            if let Some(a) = agents_serving(w.fx.root_str()).first() {
-                break *a;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let agent = waiting_agent(&run, w.fx.root_str());
     let cmdline = fs::read(format!("/proc/{agent}/cmdline")).unwrap();
     let preamble = cmdline
         .split(|&b| b == 0)
