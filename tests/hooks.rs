@@ -60,6 +60,25 @@ fn config(fx: &Fx, targets: &[String], top: &str) {
     .unwrap();
 }
 
+/// `n` local targets `t1`..`tn`: their paths, and as flip.toml names them.
+fn local_targets(fx: &Fx, n: u32) -> (Vec<PathBuf>, Vec<String>) {
+    let roots: Vec<PathBuf> = (1..=n).map(|i| fx.path(&format!("t{i}"))).collect();
+    let targets = roots.iter().map(|r| s(r).to_string()).collect();
+    (roots, targets)
+}
+
+/// Deploys v1 (label `v1`, no hooks) to the local `targets`, then configures `hooks` and makes
+/// the source v2.
+fn v1_live_then_v2_with(fx: &Fx, targets: &[String], hooks: &str) -> Src {
+    config(fx, targets, "");
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod", "--label", "v1"]).success();
+    config(fx, targets, hooks);
+    site_v2(&src);
+    src
+}
+
 /// Deploys v1 (no hooks yet) to both targets, then makes the source v2.
 fn v1_live_then_v2(fx: &Fx, servers: &Servers, targets: &[String]) -> Src {
     config(fx, targets, "");
@@ -218,8 +237,7 @@ fn a_hook_sees_its_release_as_cwd_and_the_flip_variables() {
 #[test]
 fn a_once_hook_runs_on_exactly_one_target() {
     let fx = Fx::new();
-    let roots: Vec<PathBuf> = (1..=3).map(|i| fx.path(&format!("t{i}"))).collect();
-    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    let (_, targets) = local_targets(&fx, 3);
     let log = fx.path("migrations");
     config(
         &fx,
@@ -421,8 +439,7 @@ fn idle_agents_outlive_another_targets_long_once_hook() {
 #[test]
 fn rollback_and_activate_of_an_environment_run_after_hooks_on_the_targets_that_moved() {
     let fx = Fx::new();
-    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
-    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    let (roots, targets) = local_targets(&fx, 2);
     let log = fx.path("reloads");
     let after = format!(
         "after_activate = ['echo \"$FLIP_TARGET $FLIP_RELEASE $FLIP_PREVIOUS\" >> {}']",
@@ -526,8 +543,7 @@ fn a_single_target_deploy_takes_the_top_level_hooks_and_a_failed_first_deploy_le
 #[test]
 fn after_a_before_hook_failed_no_further_hook_starts_on_any_target() {
     let fx = Fx::new();
-    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
-    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    let (roots, targets) = local_targets(&fx, 2);
     let migrated = fx.path("migrated");
     config(
         &fx,
@@ -626,15 +642,9 @@ fn a_hook_failing_on_one_target_while_another_outlives_the_idle_timeout_leaves_b
 #[test]
 fn a_failed_after_hook_is_told_once_in_the_human_summary() {
     let fx = Fx::new();
-    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
-    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
-    config(&fx, &targets, "");
-    let src = fx.src("src");
-    site_v1(&src);
-    fx.flip(&["deploy", "prod", "--label", "v1"]).success();
+    let (roots, targets) = local_targets(&fx, 2);
     let hook = "after_activate = ['case \"$FLIP_TARGET\" in *t2) exit 7;; esac']";
-    config(&fx, &targets, hook);
-    site_v2(&src);
+    let src = v1_live_then_v2_with(&fx, &targets, hook);
     let r = fx.flip(&["deploy", "prod", "--label", "v2"]).code(12);
     assert_eq!(r.stderr.matches("exit status 7").count(), 1, "{}", r.stderr);
     assert!(
@@ -679,20 +689,14 @@ fn a_failed_after_hook_is_told_once_in_the_human_summary() {
 #[test]
 fn a_failed_after_hook_stops_only_its_own_target_unless_everything_is_switched_back() {
     let fx = Fx::new();
-    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
-    let targets: Vec<String> = roots.iter().map(|r| s(r).to_string()).collect();
+    let (roots, targets) = local_targets(&fx, 2);
     let reloaded = fx.path("reloaded");
     // t1 fails at once; t2's first hook is still running then.
     let hooks = format!(
         "after_activate = ['case \"$FLIP_TARGET\" in *t1) exit 7;; *) sleep 1;; esac', 'echo \"$FLIP_TARGET $FLIP_RELEASE\" >> {}']",
         s(&reloaded)
     );
-    config(&fx, &targets, "");
-    let src = fx.src("src");
-    site_v1(&src);
-    fx.flip(&["deploy", "prod", "--label", "v1"]).success();
-    config(&fx, &targets, &hooks);
-    site_v2(&src);
+    let src = v1_live_then_v2_with(&fx, &targets, &hooks);
     let j = fx
         .flip(&["deploy", "prod", "--label", "v2", "--json"])
         .code(12)
