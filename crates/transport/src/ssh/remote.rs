@@ -1514,12 +1514,12 @@ mod tests {
         assert!(want.status.success());
         let command = sh_c(script);
         assert!(!command.contains('\n'), "{command}");
-        let mut tried = Vec::new();
-        for shell in ["sh", "bash", "dash", "csh", "tcsh", "fish"] {
-            let Ok(got) = Command::new(shell).arg("-c").arg(&command).output() else {
-                continue;
-            };
-            tried.push(shell);
+        each_login_shell(|shell| {
+            let got = Command::new(shell)
+                .arg("-c")
+                .arg(&command)
+                .output()
+                .unwrap();
             assert_eq!(
                 String::from_utf8_lossy(&got.stdout),
                 String::from_utf8_lossy(&want.stdout),
@@ -1527,27 +1527,48 @@ mod tests {
                 String::from_utf8_lossy(&got.stderr)
             );
             assert!(got.status.success(), "{shell}");
+        });
+    }
+
+    /// Runs `check` with each login shell installed here (tests/run.sh installs them all): at
+    /// least two.
+    fn each_login_shell(mut check: impl FnMut(&str)) {
+        let mut tried = Vec::new();
+        for shell in ["sh", "bash", "dash", "csh", "tcsh", "fish"] {
+            if Command::new(shell).arg("-c").arg("true").output().is_err() {
+                continue;
+            }
+            tried.push(shell);
+            check(shell);
         }
         eprintln!("login shells tried: {tried:?}");
         assert!(tried.len() >= 2, "{tried:?}");
+    }
+
+    /// A home whose `~/.cache/flip` holds fake agents of version 1.2.3: `(hash, name)` each,
+    /// a `flip-1.2.3-HASH` that prints `name:ARGS` (see [`fake_flip`]).
+    fn home_with_agents(builds: &[(&str, &str)]) -> tempfile::TempDir {
+        let home = tempfile::tempdir().unwrap();
+        let cache = home.path().join(".cache/flip");
+        std::fs::create_dir_all(&cache).unwrap();
+        for (hash, name) in builds {
+            fake_flip(&cache.join(format!("flip-1.2.3-{hash}")), "1.2.3", name);
+        }
+        home
     }
 
     /// The launcher hands the `--preamble=BASE64` words after the command (the pump's, as many
     /// as it sends) to the agent, under every login shell; without them the agent gets none.
     #[test]
     fn the_launcher_passes_the_preamble_on_under_every_login_shell() {
-        let home = tempfile::tempdir().unwrap();
-        let cache = home.path().join(".cache/flip");
-        std::fs::create_dir_all(&cache).unwrap();
-        fake_flip(&cache.join("flip-1.2.3-aaaa"), "1.2.3", "agent-a");
+        let home = home_with_agents(&[("aaaa", "agent-a")]);
         let first: Vec<u8> = (0..super::super::PREAMBLE_MAX)
             .map(|i| (i * 7) as u8)
             .collect();
         // As the pump writes them: the most it sends, in words of PREAMBLE_WORD bytes.
         let word = super::super::preamble_words(&first).join(" ");
         let command = sh_c(&launcher_script("1.2.3", &["aaaa"], "--root '/srv/a b'"));
-        let mut tried = Vec::new();
-        for shell in ["sh", "bash", "dash", "csh", "tcsh", "fish"] {
+        each_login_shell(|shell| {
             let run = |line: &str| {
                 Command::new(shell)
                     .arg("-c")
@@ -1555,24 +1576,21 @@ mod tests {
                     .env("HOME", home.path())
                     .env("PATH", "/usr/bin:/bin")
                     .output()
+                    .unwrap()
             };
-            let Ok(with) = run(&format!("{command} {word}")) else {
-                continue;
-            };
-            tried.push(shell);
+            let with = run(&format!("{command} {word}"));
             let with = String::from_utf8_lossy(&with.stdout);
             assert!(
                 with.ends_with(&format!("agent-a:agent --root /srv/a b {word}\n")),
                 "{shell}: {with}"
             );
-            let without = run(&command).unwrap();
+            let without = run(&command);
             let without = String::from_utf8_lossy(&without.stdout);
             assert!(
                 without.ends_with("agent-a:agent --root /srv/a b\n"),
                 "{shell}: {without}"
             );
-        }
-        assert!(tried.len() >= 2, "{tried:?}");
+        });
     }
 
     /// Connections made at once (a deploy to several hosts) hash different binaries into the
@@ -1691,10 +1709,7 @@ mod tests {
     /// platform and the decompressors there) otherwise.
     #[test]
     fn launcher_script_finds_or_reports() {
-        let home = tempfile::tempdir().unwrap();
-        let cache = home.path().join(".cache/flip");
-        std::fs::create_dir_all(&cache).unwrap();
-        fake_flip(&cache.join("flip-1.2.3-aaaa"), "1.2.3", "agent-a");
+        let home = home_with_agents(&[("aaaa", "agent-a")]);
         let found = launch(home.path(), "1.2.3", &["aaaa"]);
         assert!(found.starts_with("flip-launch: ok "), "{found}");
         assert!(
@@ -1711,11 +1726,8 @@ mod tests {
     /// never the other build's agent.
     #[test]
     fn two_builds_of_one_version_never_run_each_others_agent() {
-        let home = tempfile::tempdir().unwrap();
+        let home = home_with_agents(&[("aaaa", "agent-a"), ("bbbb", "agent-b")]);
         let cache = home.path().join(".cache/flip");
-        std::fs::create_dir_all(&cache).unwrap();
-        fake_flip(&cache.join("flip-1.2.3-aaaa"), "1.2.3", "agent-a");
-        fake_flip(&cache.join("flip-1.2.3-bbbb"), "1.2.3", "agent-b");
         let b = launch(home.path(), "1.2.3", &["cccc", "bbbb"]);
         assert!(b.ends_with("agent-b:agent --root /srv/a b\n"), "{b}");
         let other = launch(home.path(), "1.2.3", &["cccc"]);
