@@ -276,27 +276,27 @@ impl Config {
             .map_err(|e| exit::coded(exit::USAGE, describe_error(&path, &text, &e)))?;
         let mut envs = BTreeMap::new();
         for (name, env) in shape.env {
+            // An error in environment `name`'s table: `key: msg`, with the table's line.
+            let bad_env = |key: String, msg: &str| {
+                let line = line_of_table(&text, &name);
+                exit::coded(
+                    exit::USAGE,
+                    format!("{}:{line}: {key}: {msg}", path.display()),
+                )
+            };
             // Typed as `flip deploy NAME`: a name that could be a path or host:path would turn
             // a command meant for that target into one for the environment.
             let ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
             if name.is_empty() || name.starts_with(['-', '.']) || !name.chars().all(ok) {
-                let line = line_of_table(&text, &name);
-                return Err(exit::coded(
-                    exit::USAGE,
-                    format!(
-                        "{}:{line}: env.{name:?}: an environment's name is letters, digits and ._-, not starting with '-' or '.' (it is typed where a target could be)",
-                        path.display()
-                    ),
+                return Err(bad_env(
+                    format!("env.{name:?}"),
+                    "an environment's name is letters, digits and ._-, not starting with '-' or '.' (it is typed where a target could be)",
                 ));
             }
             if env.targets.is_empty() {
-                let line = line_of_table(&text, &name);
-                return Err(exit::coded(
-                    exit::USAGE,
-                    format!(
-                        "{}:{line}: env.{name}.targets: an environment needs at least one target",
-                        path.display()
-                    ),
+                return Err(bad_env(
+                    format!("env.{name}.targets"),
+                    "an environment needs at least one target",
                 ));
             }
             let settings = Settings {
