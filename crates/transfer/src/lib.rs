@@ -514,12 +514,11 @@ impl Session {
     /// Queues a frame. If the agent hung up, its last word (an error frame) is what the user
     /// needs to see, not the broken pipe.
     fn queue(&mut self, req: &Request) -> Result<()> {
-        if !shown_safely(req) {
-            if let Some(seal) = self.seal.take() {
-                // What the batch holds so far leaves now, so the transport can take it.
-                self.tx.flush().map_err(|e| self.agent_error_or(e))?;
-                seal();
-            }
+        // Looked at only until sealed: not for every content frame.
+        if let Some(seal) = self.seal.take_if(|_| !shown_safely(req)) {
+            // What the batch holds so far leaves now, so the transport can take it.
+            self.tx.flush().map_err(|e| self.agent_error_or(e))?;
+            seal();
         }
         self.queued = true;
         match self.tx.send(req) {
