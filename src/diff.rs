@@ -257,7 +257,8 @@ fn choices(transfers: &[Transfer]) -> Vec<(Via, Via)> {
         .collect()
 }
 
-/// The signature requests of both clients: every basis each diffs against.
+/// The signature requests of both clients: the warm one names every basis it diffs against; the
+/// cold one asks with its stage for those the agent offers.
 fn ask_signatures(streams: [&mut Stream; 2], transfers: &[Transfer], chosen: &[(Via, Via)]) {
     let [warm, cold] = streams;
     for (stream, pick) in [(warm, 0), (cold, 1)] {
@@ -272,8 +273,11 @@ fn ask_signatures(streams: [&mut Stream; 2], transfers: &[Transfer], chosen: &[(
                 })
             })
             .collect();
-        if !items.is_empty() {
-            stream.send(&Request::Signatures(items));
+        match pick {
+            // A client without the live manifest asks with its stage, for whatever it needs.
+            1 => stream.send(&Request::BasisSignatures),
+            _ if !items.is_empty() => stream.send(&Request::Signatures(items)),
+            _ => {}
         }
     }
 }

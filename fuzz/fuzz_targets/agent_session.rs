@@ -74,6 +74,8 @@ enum Op {
     },
     ManifestChunk(Vec<u8>),
     Signatures(Vec<SigOp>),
+    /// The signatures of the bases the stage offered for deltas.
+    BasisSignatures,
     /// Content of one file the agent said it needs.
     Content {
         pick: u8,
@@ -841,6 +843,7 @@ impl Client {
                     .collect();
                 self.send(&Request::Signatures(items));
             }
+            Op::BasisSignatures => self.send(&Request::BasisSignatures),
             Op::Content {
                 pick,
                 enc,

@@ -837,6 +837,11 @@ impl Session {
                 self.signatures(items, tx)?;
                 Response::SignaturesDone
             }
+            Request::BasisSignatures => {
+                let items = self.delta_items()?;
+                self.signatures(items, tx)?;
+                Response::SignaturesDone
+            }
             Request::Literal {
                 index,
                 mtime,
@@ -1539,6 +1544,27 @@ impl Session {
             self.incoming = Some(inc);
         }
         Ok(())
+    }
+
+    /// What [`Request::BasisSignatures`] signs: each needed file with a basis the stage offered
+    /// that a client without old content sends as an rsync delta
+    /// ([`flip_plan::report::choose`]), ascending.
+    fn delta_items(&self) -> Result<Vec<flip_wire::SigItem>> {
+        let stage = self.staged()?;
+        let files = &stage.plan().files;
+        Ok(stage
+            .needs()
+            .iter()
+            .filter_map(|&i| {
+                let (basis, basis_size) = stage.basis_of(i)?;
+                let size = files.get(i)?.size;
+                let via = flip_plan::report::choose(size, Some(basis_size), false);
+                (via == flip_plan::report::Via::Delta).then_some(flip_wire::SigItem {
+                    index: i as u32,
+                    basis,
+                })
+            })
+            .collect())
     }
 
     /// Streams the signatures of the delta bases a client asks for. Each item must name a

@@ -528,6 +528,50 @@ fn signatures_are_bounded_by_the_plan() {
 }
 
 #[test]
+fn basis_signatures_sign_the_bases_of_the_files_a_client_without_old_content_deltas() {
+    let t = tempfile::tempdir().unwrap();
+    let big = [b'x'; 20 << 10];
+    common::live_root(t.path(), &[("old.txt", &big), ("small.txt", b"tiny")]);
+    // Nothing staged: nothing to sign.
+    refused(
+        t.path(),
+        vec![lock(), Request::BasisSignatures],
+        ErrorClass::Protocol,
+        "no release is being staged",
+    );
+    // new.txt has no basis; small.txt's is under DELTA_MIN (sent whole); old.txt (#1) goes as
+    // a delta against its previous version: its basis alone is signed.
+    let m = Manifest::new(vec![
+        file("new.txt", &[b'z'; 20 << 10]),
+        file("old.txt", &[b'y'; 20 << 10]),
+        file("small.txt", b"tiny, edited"),
+    ])
+    .unwrap();
+    let mut frames = stage_frames(&m, None);
+    frames.push(Request::BasisSignatures);
+    frames.push(Request::Bye);
+    let rs = session(t.path(), None, frames);
+    let staged = rs.iter().find_map(|r| match r {
+        Response::Staged { needs, .. } => Some(needs.len()),
+        _ => None,
+    });
+    assert_eq!(staged, Some(3), "{rs:?}");
+    let signed: Vec<u32> = rs
+        .iter()
+        .filter_map(|r| match r {
+            Response::Signature { index, sig } if !sig.is_empty() => Some(*index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(signed, vec![1], "{rs:?}");
+    let done = rs.iter().position(|r| *r == Response::SignaturesDone);
+    let last_sig = rs
+        .iter()
+        .rposition(|r| matches!(r, Response::Signature { .. }));
+    assert!(done > last_sig, "{rs:?}");
+}
+
+#[test]
 fn a_list_of_a_million_tiny_paths_is_refused_at_decoding() {
     let t = tempfile::tempdir().unwrap();
     live_root(t.path());

@@ -755,12 +755,19 @@ impl Session {
             }
             None => None,
         };
+        // A client without the live manifest sends rsync deltas only: the agent knows which
+        // files those are once it staged, and signs their bases in the stage's round trip.
+        let mut signed_ahead = false;
         let (staged, old_digests) = match ahead {
             Some(got) => got,
             None => {
                 let (base, payload, old_digests) =
                     self.describe(manifest, previous, live_digest)?;
+                signed_ahead = matches!(base, StageBase::Dirs(_)) && !self.whole_files;
                 self.queue_stage(label, base, &payload, digest, itemize)?;
+                if signed_ahead {
+                    self.queue(&Request::BasisSignatures)?;
+                }
                 self.flush()?;
                 (self.recv()?, old_digests)
             }
@@ -800,7 +807,10 @@ impl Session {
         self.meter.set_total(jobs.len() as u64, content_bytes);
         report.matched_bytes = manifest.total_bytes() - content_bytes;
         self.phase = "fetching delta signatures";
-        let sigs = self.signatures(&jobs)?;
+        let sigs = match signed_ahead {
+            true => self.signature_answers(&jobs)?,
+            false => self.signatures(&jobs)?,
+        };
         self.phase = "sending file content";
         content::send(self, source, &jobs, sigs, content_cache, &mut report)?;
         drop(jobs);
@@ -1172,18 +1182,30 @@ impl Session {
                 })
             })
             .collect();
-        let mut out = HashMap::new();
         if items.is_empty() {
-            return Ok(out);
+            return Ok(HashMap::new());
         }
-        let want = items.len();
         self.send(&Request::Signatures(items))?;
+        self.signature_answers(jobs)
+    }
+
+    /// Reads `Signature`s up to `SignaturesDone`: one for each of the `jobs` with a delta
+    /// basis, and no other. Also the answers to the `BasisSignatures` queued with a stage: the
+    /// agent signed the bases of the files a client without old content sends as deltas, by
+    /// the rule that made `jobs` ([`send_policy`]), so exactly the jobs with a basis.
+    fn signature_answers(&mut self, jobs: &[content::Job]) -> Result<HashMap<usize, Vec<u8>>> {
+        let want: std::collections::HashSet<usize> = jobs
+            .iter()
+            .filter(|j| j.basis.is_some())
+            .map(|j| j.index)
+            .collect();
+        let mut out = HashMap::with_capacity(want.len());
         loop {
             match self.recv()? {
-                Response::Signature { index, sig } => {
+                Response::Signature { index, sig } if want.contains(&(index as usize)) => {
                     out.insert(index as usize, sig);
                 }
-                Response::SignaturesDone if out.len() == want => return Ok(out),
+                Response::SignaturesDone if out.len() == want.len() => return Ok(out),
                 other => return Err(self.unexpected(&other)),
             }
         }

@@ -32,7 +32,8 @@
 //! every directory at once (one round trip), to find the directories that differ; `Stage` +
 //! `ManifestChunk`s → `Staged` (what the agent still needs), pipelined with `Changes` →
 //! `Changes` chunks (what the release changes, for the deploy's report); `Signatures` →
-//! `Signature`s + `SignaturesDone`; `Literal`/`Delta`/`Patch` frames + `Commit` → `Committed`;
+//! `Signature`s + `SignaturesDone` (a client without the live manifest pipelines
+//! `BasisSignatures` with the stage instead, answered the same way); `Literal`/`Delta`/`Patch` frames + `Commit` → `Committed`;
 //! `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`. A deploy that expects to change nothing
 //! queues `EndIfLive` behind `CheckLive`: `Pruned` + `Bye` when the live release is intact (the
 //! session ends in its first batch), else `NotDone` and the deploy goes on. `GetManifest` → `ManifestChunk`s fetches
@@ -61,7 +62,7 @@ use flip_manifest::{Digest, RelPath};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 13;
+pub const PROTOCOL: u32 = 14;
 /// The first bytes of [`Request::Hello`]: this is flip.
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
@@ -510,6 +511,13 @@ pub enum Request {
         /// How many releases to keep (the live one always stays).
         keep: u32,
     },
+    /// After `Stage` (and its `Changes`): the rsync signatures of the delta bases the stage
+    /// offered, for every needed file that goes as a delta when the client holds no old
+    /// content — [`flip_plan::report::choose`]`(size, Some(basis size), false)` is
+    /// [`flip_plan::report::Via::Delta`], the rule of a client without the live manifest. Answered as
+    /// [`Request::Signatures`] is ([`Response::Signature`]s, then [`Response::SignaturesDone`]),
+    /// so such a client asks in the stage's round trip instead of one of its own.
+    BasisSignatures,
 }
 
 /// Longest hook command accepted, in bytes.

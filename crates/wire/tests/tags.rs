@@ -21,7 +21,7 @@ fn path() -> RelPath {
 #[test]
 fn protocol_version_matches_the_pinned_tags() {
     assert_eq!(
-        PROTOCOL, 13,
+        PROTOCOL, 14,
         "a protocol bump must re-check the tag tables below"
     );
 }
@@ -153,6 +153,7 @@ fn request_tags_are_pinned() {
         (Request::Check { id: 1 }, 25),
         (Request::CanDeploy, 26),
         (Request::EndIfLive { keep: 1 }, 27),
+        (Request::BasisSignatures, 28),
     ];
     for (req, want) in &cases {
         assert_eq!(tag(req), *want, "tag of {req:?}");
