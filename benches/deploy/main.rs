@@ -909,7 +909,7 @@ impl<'a> Bench<'a> {
             let ch = c.mutate(scenario, self.cfg.seed);
             match scenario {
                 Scenario::Initial => corpus::materialize(&c, &src, scenario.mtime())?,
-                Scenario::FreshCi => {
+                Scenario::FreshCi | Scenario::CiPatch => {
                     fs::remove_dir_all(&src)?;
                     corpus::materialize(&c, &src, scenario.mtime())?;
                 }
@@ -935,6 +935,10 @@ impl<'a> Bench<'a> {
                 unsafe { libc::sync() };
                 let (m, wire, json, live) = match tool {
                     Tool::Flip => {
+                        if scenario == Scenario::CiPatch {
+                            // A runner without caches: no manifests, no old content.
+                            let _ = fs::remove_dir_all(self.work.join("xdg-cache"));
+                        }
                         let (m, w, j) = self.deploy_flip(mode, &src, &flip_t)?;
                         (m, w, j, flip_t.join("current"))
                     }

@@ -188,7 +188,7 @@ pub fn write(
     let _ = writeln!(
         md,
         "Corpus: {} files, {:.1} MB, generated PHP application (seed {}); {} interleaved run(s) per cell; \
-         each run deploys the whole chain initial → patch → minor → vendor → noop → fresh-ci onto fresh targets. \
+         each run deploys the whole chain initial → patch → minor → vendor → noop → fresh-ci → ci-patch onto fresh targets. \
          Times are wall-clock medians in seconds; *flip/rsync* is the median of the per-run ratios (min–max), \
          below 1 means flip is faster. Peak RSS is the maximum over the runs (MB, client / server side). \
          See benches/README.md for what exactly is measured.\n",
@@ -439,7 +439,11 @@ fn targets(
 fn speed_goals(cfg: &Config, mode: Mode, fs_kind: Fs, s: Scenario) -> Vec<f64> {
     let upgrade = matches!(
         s,
-        Scenario::Patch | Scenario::Minor | Scenario::Vendor | Scenario::FreshCi
+        Scenario::Patch
+            | Scenario::Minor
+            | Scenario::Vendor
+            | Scenario::FreshCi
+            | Scenario::CiPatch
     );
     if cfg.link.rate.is_some() {
         return match (mode, s) {
@@ -456,7 +460,7 @@ fn speed_goals(cfg: &Config, mode: Mode, fs_kind: Fs, s: Scenario) -> Vec<f64> {
     }
     let mut goals = match s {
         Scenario::Noop | Scenario::FreshCi => vec![5.0],
-        Scenario::Patch | Scenario::Minor => vec![3.0],
+        Scenario::Patch | Scenario::Minor | Scenario::CiPatch => vec![3.0],
         Scenario::Initial => vec![2.0],
         _ => vec![],
     };

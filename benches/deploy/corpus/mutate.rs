@@ -17,16 +17,20 @@ pub enum Scenario {
     Noop,
     /// The same content, checked out anew: new inodes, every mtime new.
     FreshCi,
+    /// ~50 other files changed as `Patch` changes them, checked out anew and deployed by a
+    /// client without caches (a fresh CI runner: flip has no copy of the live manifest).
+    CiPatch,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Initial,
         Scenario::Patch,
         Scenario::Minor,
         Scenario::Vendor,
         Scenario::Noop,
         Scenario::FreshCi,
+        Scenario::CiPatch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -37,6 +41,7 @@ impl Scenario {
             Scenario::Vendor => "vendor",
             Scenario::Noop => "noop",
             Scenario::FreshCi => "fresh-ci",
+            Scenario::CiPatch => "ci-patch",
         }
     }
 
@@ -220,7 +225,7 @@ impl Corpus {
         let k = |n: f64| ((n * scale).round() as usize).max(1);
         match scenario {
             Scenario::Initial | Scenario::Noop | Scenario::FreshCi => {}
-            Scenario::Patch => self.patch(&mut rng, &k, &mut ch),
+            Scenario::Patch | Scenario::CiPatch => self.patch(&mut rng, &k, &mut ch),
             Scenario::Minor => self.minor(&mut rng, &k, &mut ch),
             Scenario::Vendor => self.vendor_upgrade(&mut rng, &k, &mut ch),
         }
