@@ -221,6 +221,12 @@ fn describe(old: &Manifest, new: &Manifest, level: i32) -> (Stream, Stream, Vec<
     let manifest_diff = flip_manifest::encode_diff(&old.diff(new));
     let unchanged = old.digest() == new.digest();
     warm.stage(StageBase::Diff(old.digest()), new.digest(), &manifest_diff);
+    // It sends its content ahead of the stage's answer (`Session::send_ahead`); its digest of
+    // the needs costs the same whatever it is.
+    warm.ahead = true;
+    warm.queue(&Request::Ahead {
+        needs: Digest([0; 32]),
+    });
     // A client without caches probes every directory ahead of the status, changed or not.
     let tree = flip_manifest::DirTree::new(new);
     let live = flip_manifest::DirTree::new(old);
@@ -512,6 +518,8 @@ fn compressed_len(data: &[u8], level: i32) -> u64 {
 /// are, flushed where a deploy waits for an answer; only their bytes are kept.
 struct Stream {
     tx: FrameWriter,
+    /// Content sent ahead: the release is made live with `ActivateCommitted`.
+    ahead: bool,
 }
 
 impl Stream {
@@ -533,7 +541,7 @@ impl Stream {
         if level > 0 {
             tx.start_compression(level).expect("into memory");
         }
-        let mut st = Stream { tx };
+        let mut st = Stream { tx, ahead: false };
         st.send(&Request::Lock {
             wait: false,
             holder: flip_wire::Holder {
@@ -617,9 +625,12 @@ impl Stream {
     /// Commit, activate, prune and goodbye; the bytes the client sent in all.
     fn finish(mut self) -> u64 {
         self.send(&Request::Commit);
-        self.send(&Request::Activate {
-            id: 2,
-            force: false,
+        self.send(&match self.ahead {
+            true => Request::ActivateCommitted,
+            false => Request::Activate {
+                id: 2,
+                force: false,
+            },
         });
         self.send(&Request::Prune { keep: 5 });
         self.send(&Request::Bye);

@@ -52,9 +52,9 @@ fn a_no_op_and_a_warm_upgrade_take_few_round_trips() {
     src.overwrite("a/b/c/d/e/f.txt", "edited deep down\n");
     let warm = fx.deploy(&src, &[]);
     assert_eq!(warm["release"], 2);
-    // Handshake, lock, status, live check and the stage against the release this client made
-    // live; content, commit, activate, prune and bye.
-    assert_eq!(round_trips(&warm), 2, "warm upgrade: {warm}");
+    // Handshake, lock, status, live check, the stage against the release this client made
+    // live, and (its plan known) the content, commit, activation, prune and bye.
+    assert_eq!(round_trips(&warm), 1, "warm upgrade: {warm}");
     assert_eq!(
         warm["files"]["patched"], 1,
         "big.bin from the content cache: {warm}"
@@ -110,6 +110,29 @@ fn a_no_op_expected_but_a_tampered_live_release_makes_a_new_one() {
     assert_eq!(j["files"]["resent"], 1, "{j}");
     assert_eq!(round_trips(&j), 3, "{j}");
     assert_eq!(read_tree(&fx.current()), want);
+}
+
+#[test]
+fn a_warm_upgrade_whose_live_release_was_edited_sends_what_the_stage_needs_after_all() {
+    let (fx, src) = two_releases();
+    // An unchanged file edited in the live release: the stage cannot link it and needs it
+    // from the client, which sent only the files it changed. That content is dropped (nothing
+    // is committed or made live with it); the deploy sends what the stage needs, then
+    // commits, activates, prunes and ends: one round trip more than a warm upgrade.
+    std::fs::write(fx.current().join("a/f.txt"), "tampered\n").unwrap();
+    src.overwrite("a/b/c/d/e/f.txt", "edited once more\n");
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 3, "{j}");
+    assert_eq!(j["previous"], 2, "{j}");
+    assert_eq!(j["files"]["resent"], 1, "{j}");
+    assert_eq!(round_trips(&j), 2, "{j}");
+    assert_eq!(read_tree(&fx.current()), src.tree());
+    assert_eq!(
+        std::fs::read_to_string(fx.release(2).join("a/f.txt")).unwrap(),
+        "tampered\n",
+        "release 2 as it was found"
+    );
+    fx.flip(&["verify", fx.root_str()]).success();
 }
 
 #[test]
@@ -188,10 +211,10 @@ fn a_dry_run_a_rollback_and_an_activation_take_few_round_trips() {
 }
 
 /// A rollback or an activation by this client records the release it made live, as a deploy
-/// does: the next deploy stages ahead against that release, in the 2 round trips of any warm
+/// does: the next deploy stages ahead against that release, in the 1 round trip of any warm
 /// upgrade (3 against a stale record: see above).
 #[test]
-fn after_this_clients_rollback_or_activation_the_next_deploy_takes_two_round_trips() {
+fn after_this_clients_rollback_or_activation_the_next_deploy_takes_one_round_trip() {
     let (fx, src) = two_releases();
     let root = fx.root_str();
     for (switch, live, release) in [
@@ -206,8 +229,31 @@ fn after_this_clients_rollback_or_activation_the_next_deploy_takes_two_round_tri
             (j["release"].as_u64(), j["previous"].as_u64()),
             (Some(release), Some(live))
         );
-        assert_eq!(round_trips(&j), 2, "after {}: {j}", switch[0]);
+        assert_eq!(round_trips(&j), 1, "after {}: {j}", switch[0]);
         assert_eq!(read_tree(&fx.current()), src.tree());
     }
     fx.flip(&["verify", fx.root_str()]).success();
+}
+
+/// A warm upgrade sends its content before it reads any answer, while the agent answers the
+/// stage with every file it needs: thousands of long names, far more than a pipe holds. The
+/// agent queues its answers and goes on reading, so neither side waits for the other.
+#[test]
+fn a_warm_upgrade_of_thousands_of_files_with_long_names_sends_ahead_without_waiting_on_itself() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    let long = "n".repeat(180);
+    let name = |i: usize| format!("d{}/{long}{i}.php", i % 40);
+    for i in 0..2500 {
+        src.file(&name(i), format!("<?php // {i} v1\n"), 0o644);
+    }
+    fx.deploy(&src, &[]);
+    for i in 0..2500 {
+        src.overwrite(&name(i), format!("<?php // {i} v2\n"));
+    }
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 2, "{j}");
+    assert_eq!(j["files"]["changed"], 2500, "{j}");
+    assert_eq!(round_trips(&j), 1, "{j}");
+    assert_eq!(read_tree(&fx.current()), src.tree());
 }

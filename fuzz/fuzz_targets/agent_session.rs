@@ -76,6 +76,13 @@ enum Op {
     Signatures(Vec<SigOp>),
     /// The signatures of the bases the stage offered for deltas.
     BasisSignatures,
+    /// Content follows ahead of the stage's answer: for the needs the agent said (`matching`),
+    /// or for others.
+    Ahead {
+        matching: bool,
+    },
+    /// Make live the release this session committed.
+    ActivateCommitted,
     /// Content of one file the agent said it needs.
     Content {
         pick: u8,
@@ -844,6 +851,14 @@ impl Client {
                 self.send(&Request::Signatures(items));
             }
             Op::BasisSignatures => self.send(&Request::BasisSignatures),
+            Op::Ahead { matching } => {
+                let needs = match (&self.staged, matching) {
+                    (Some(s), true) => flip_wire::needs_digest(&s.needs),
+                    _ => flip_manifest::Digest([0; 32]),
+                };
+                self.send(&Request::Ahead { needs });
+            }
+            Op::ActivateCommitted => self.send(&Request::ActivateCommitted),
             Op::Content {
                 pick,
                 enc,

@@ -161,6 +161,9 @@ struct Session {
     /// The last request was a `Stage` against a release no longer live (why): a `Changes`
     /// right after it is not done either.
     stale: Option<String>,
+    /// Content sent ahead of a stage that needs other content (why): until the next `Bye`,
+    /// content frames are dropped and requests answered `NotDone` ([`Request::Ahead`]).
+    dropping: Option<String>,
     /// The client said `Bye`: the session ended as the client meant it to.
     bye: bool,
     /// The live release this session's last `CheckLive` found intact ([`Request::EndIfLive`]).
@@ -236,6 +239,7 @@ pub fn serve_with(
         previous_live: None,
         greeted: false,
         stale: None,
+        dropping: None,
         bye: false,
         live_intact: None,
         hook_writes: None,
@@ -628,8 +632,37 @@ impl Session {
             {
                 self.record_hook_writes();
             }
+            if let Some(because) = &self.dropping {
+                if expects_answer(&req) {
+                    let not_done = Response::NotDone {
+                        request: <&str>::from(&req).to_string(),
+                        because: because.clone(),
+                    };
+                    if matches!(req, Request::Bye) {
+                        self.dropping = None;
+                    }
+                    tx.send(&not_done)?;
+                    self.holder.hold(|| tx.flush())?;
+                }
+                continue;
+            }
             if matches!(req, Request::Bye) {
                 return self.say_bye(tx);
+            }
+            if let Request::Ahead { needs } = req {
+                let answer = match self.ahead_taken(&needs) {
+                    Ok(()) => Response::AheadTaken,
+                    Err(because) => {
+                        self.dropping = Some(because.clone());
+                        Response::NotDone {
+                            request: "Ahead".into(),
+                            because,
+                        }
+                    }
+                };
+                tx.send(&answer)?;
+                self.holder.hold(|| tx.flush())?;
+                continue;
             }
             if let Request::EndIfLive { keep } = req {
                 if self.unchanged_live()? {
@@ -876,6 +909,16 @@ impl Session {
             }
             Request::Commit => self.commit()?,
             Request::Activate { id, force } => self.activate(id, force)?,
+            // Answered by the session's loop, which drops what follows it when not taken.
+            Request::Ahead { .. } => return Err(AgentError::Protocol("Ahead out of place".into())),
+            Request::ActivateCommitted => match self.discardable {
+                Some(id) => self.activate(id, false)?,
+                None => {
+                    return Err(AgentError::Protocol(
+                        "ActivateCommitted, but this session committed no release".into(),
+                    ))
+                }
+            },
             Request::Check { id } => self.check(id)?,
             Request::CanDeploy => {
                 let found = flip_release::Root::deployable(&self.root_path, self.mkpath)?;
@@ -1449,14 +1492,7 @@ impl Session {
         let resp = Response::Staged {
             id: stage.id(),
             previous: stage.previous(),
-            needs: stage
-                .needs()
-                .iter()
-                .map(|&i| Need {
-                    index: i as u32,
-                    basis: stage.basis_of(i),
-                })
-                .collect(),
+            needs: needs_of(&stage),
             linked,
             copied,
             removed: stage.plan().stats.removed,
@@ -1542,6 +1578,21 @@ impl Session {
         pool.chunk(data, last, mtime);
         if !last {
             self.incoming = Some(inc);
+        }
+        Ok(())
+    }
+
+    /// Whether the content the client sent ahead (for the needs of digest `needs`) is what the
+    /// stage needs: a stage done, nothing sent into it yet, exactly those needs. Else why not.
+    fn ahead_taken(&self, needs: &flip_manifest::Digest) -> std::result::Result<(), String> {
+        let Some(stage) = &self.stage else {
+            return Err("the stage the content was sent for was not done".into());
+        };
+        if self.pool.is_some() || self.incoming.is_some() {
+            return Err("content was sent into the stage before".into());
+        }
+        if flip_wire::needs_digest(&needs_of(stage)) != *needs {
+            return Err("the stage needs other files than the content sent ahead".into());
         }
         Ok(())
     }
@@ -1644,6 +1695,18 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// What `stage` needs from the client, as `Staged` says it (the basis where one is offered).
+fn needs_of(stage: &Stage<'_>) -> Vec<Need> {
+    stage
+        .needs()
+        .iter()
+        .map(|&i| Need {
+            index: i as u32,
+            basis: stage.basis_of(i),
+        })
+        .collect()
 }
 
 // The patch window the client may use is the one the stage accepts.

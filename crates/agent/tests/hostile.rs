@@ -572,6 +572,18 @@ fn basis_signatures_sign_the_bases_of_the_files_a_client_without_old_content_del
 }
 
 #[test]
+fn activate_committed_without_a_commit_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    live_root(t.path());
+    refused(
+        t.path(),
+        vec![lock(), Request::ActivateCommitted],
+        ErrorClass::Protocol,
+        "this session committed no release",
+    );
+}
+
+#[test]
 fn a_list_of_a_million_tiny_paths_is_refused_at_decoding() {
     let t = tempfile::tempdir().unwrap();
     live_root(t.path());

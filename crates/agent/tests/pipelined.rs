@@ -200,3 +200,153 @@ fn a_stage_ahead_against_a_release_not_live_is_not_done_and_the_session_goes_on(
         .collect();
     assert_eq!(staging, ["1"], "nothing staged");
 }
+
+/// Release 1 live with `app.txt` ("v1") and `keep.txt`; the stage of release 2 (`app.txt`
+/// edited, `keep.txt` kept, `new.txt` added), whole, with its `Changes`; and what it needs:
+/// `app.txt` (#0) against its previous version, `new.txt` (#2) without a basis.
+fn upgrade(dir: &Path) -> (Vec<Request>, Vec<flip_wire::Need>) {
+    common::live_root(dir, &[("app.txt", b"v1"), ("keep.txt", b"same")]);
+    let m = flip_manifest::Manifest::new(vec![
+        common::file("app.txt", b"v2"),
+        common::file("keep.txt", b"same"),
+        common::file("new.txt", b"new"),
+    ])
+    .unwrap();
+    let mut batch = vec![lock()];
+    batch.extend(common::stage_whole(&m));
+    batch.push(Request::Changes { all: false });
+    let needs = vec![
+        flip_wire::Need {
+            index: 0,
+            basis: Some((flip_manifest::RelPath::new("app.txt").unwrap(), 2)),
+        },
+        flip_wire::Need {
+            index: 2,
+            basis: None,
+        },
+    ];
+    (batch, needs)
+}
+
+fn literal(index: u32, data: &[u8]) -> Request {
+    Request::Literal {
+        index,
+        mtime: None,
+        data: data.to_vec(),
+        last: true,
+    }
+}
+
+/// The answers after `Locked`, `Staged` and the `Changes` frames.
+fn after_changes(got: &[Response]) -> &[Response] {
+    assert!(matches!(got[0], Response::Locked), "{got:?}");
+    assert!(matches!(got[1], Response::Staged { .. }), "{got:?}");
+    let last = got
+        .iter()
+        .position(|r| matches!(r, Response::Changes { last: true, .. }))
+        .unwrap_or_else(|| panic!("no Changes: {got:?}"));
+    &got[last + 1..]
+}
+
+#[test]
+fn content_sent_ahead_of_the_stages_answer_is_taken_when_it_is_what_the_stage_needs() {
+    let t = tempfile::tempdir().unwrap();
+    let (mut batch, needs) = upgrade(t.path());
+    batch.extend([
+        Request::Ahead {
+            needs: flip_wire::needs_digest(&needs),
+        },
+        literal(0, b"v2"),
+        literal(2, b"new"),
+        Request::Commit,
+        Request::ActivateCommitted,
+        Request::Prune { keep: 5 },
+        Request::Bye,
+    ]);
+    let got = pipelined(t.path(), 0, batch);
+    match &got[1] {
+        Response::Staged { needs: n, .. } => assert_eq!(*n, needs),
+        other => panic!("expected Staged, got {other:?}"),
+    }
+    let rest = after_changes(&got);
+    assert_eq!(
+        rest,
+        [
+            Response::AheadTaken,
+            Response::Committed { id: 2 },
+            Response::Activated {
+                id: 2,
+                previous: Some(1)
+            },
+            Response::Pruned { removed: vec![] },
+            Response::Bye,
+        ],
+        "{got:?}"
+    );
+    assert_eq!(
+        std::fs::read_link(t.path().join("current")).unwrap(),
+        Path::new("releases/2")
+    );
+    let live = t.path().join("current");
+    assert_eq!(std::fs::read(live.join("app.txt")).unwrap(), b"v2");
+    assert_eq!(std::fs::read(live.join("new.txt")).unwrap(), b"new");
+}
+
+#[test]
+fn content_sent_ahead_for_other_needs_is_dropped_up_to_bye_and_the_session_goes_on() {
+    let t = tempfile::tempdir().unwrap();
+    let (mut batch, needs) = upgrade(t.path());
+    // The client expected only new.txt to be needed.
+    batch.extend([
+        Request::Ahead {
+            needs: flip_wire::needs_digest(&needs[1..]),
+        },
+        literal(2, b"new"),
+        Request::Commit,
+        Request::ActivateCommitted,
+        Request::Prune { keep: 5 },
+        Request::Bye,
+        // What it sends once it read the stage's answer: nothing of the above was done.
+        literal(0, b"v2"),
+        literal(2, b"new"),
+        Request::Commit,
+        Request::Activate {
+            id: 2,
+            force: false,
+        },
+        Request::Bye,
+    ]);
+    let got = pipelined(t.path(), 0, batch);
+    let rest = after_changes(&got);
+    for (r, want) in rest[..5]
+        .iter()
+        .zip(["Ahead", "Commit", "ActivateCommitted", "Prune", "Bye"])
+    {
+        match r {
+            Response::NotDone { request, because } => {
+                assert_eq!(request, want, "{got:?}");
+                assert!(
+                    because.contains("other files than the content sent ahead"),
+                    "{because}"
+                );
+            }
+            other => panic!("expected NotDone for {want}, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        rest[5..],
+        [
+            Response::Committed { id: 2 },
+            Response::Activated {
+                id: 2,
+                previous: Some(1)
+            },
+            Response::Bye,
+        ],
+        "{got:?}"
+    );
+    let live = t.path().join("current");
+    assert_eq!(std::fs::read(live.join("app.txt")).unwrap(), b"v2");
+    assert_eq!(std::fs::read(live.join("new.txt")).unwrap(), b"new");
+    assert_eq!(std::fs::read(live.join("keep.txt")).unwrap(), b"same");
+}

@@ -1053,6 +1053,7 @@ fn prepare(
                 caches,
                 single,
                 early.map(|e| e.status),
+                Ahead { source, sending },
             )
             .map_err(|e| host.fail(e))?
         }
@@ -1093,7 +1094,7 @@ fn prepare(
         if let (Some(r), Some(x)) = (host.report.as_mut(), streamed) {
             stream::account(r, x);
         }
-        if single {
+        if single && !host.session.took_ahead() {
             // Nothing comes between commit and activation: all in the content's round trip.
             let s = &mut host.session;
             let queued = s
@@ -1101,8 +1102,8 @@ fn prepare(
                 .and_then(|()| s.queue_prune(o.keep))
                 .and_then(|()| s.queue_bye());
             queued.map_err(|e| host.fail(e.into()))?;
-            host.prune_queued = true;
         }
+        host.prune_queued = single;
         if let Some(a) = &applied {
             host.seeded = a.seeds.iter().map(|(p, _)| p.to_string()).collect();
         }
@@ -1199,6 +1200,7 @@ impl Host {
         caches: &Caches,
         single: bool,
         early: Option<(Option<u64>, Vec<ReleaseSummary>)>,
+        ahead: Ahead,
     ) -> Result<PipelinedStatus, DeployError> {
         let cold = caches.likely_cold();
         let applied = match o.shared.is_empty() {
@@ -1242,6 +1244,17 @@ impl Host {
         let end = single && o.shared.is_empty() && guess.is_some() && expected.is_none();
         if let Some(live) = expected {
             s.stage_ahead(scanned, &live, o.label.clone(), o.itemize)?;
+            // And its content, commit, activation, prune and bye: the whole upgrade in this
+            // round trip. Not while waiting for a lock (the wait's notices are read only once
+            // the content is sent), nor with every path itemized (answers too large to leave
+            // unread while the content goes).
+            if !o.wait && !o.itemize {
+                ahead.sending.store(true, Ordering::SeqCst);
+                events.phase(index, Phase::Staging);
+                events.sending(index, &s.meter());
+                let content = caches.content_for(s);
+                s.send_ahead(ahead.source, scanned, &live, content, o.keep)?;
+            }
         }
         if end {
             s.queue_end_if_live(o.keep)?;
@@ -1351,6 +1364,13 @@ impl Host {
         self.report = Some(report);
         Ok(())
     }
+}
+
+/// What [`Host::pipelined_status`] needs to send content ahead of the stage's answer: the
+/// source, and the flag that tells `patch_ahead` a target started sending.
+struct Ahead<'a> {
+    source: &'a Path,
+    sending: &'a AtomicBool,
 }
 
 /// What [`Host::pipelined_status`] read.

@@ -22,8 +22,8 @@ pub use content::{local_delta, patch, DELTA_WINDOW, PATCH_MAX};
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_transport::{AgentStream, Finish, TransportError};
 use flip_wire::{
-    ErrorClass, FrameReader, FrameWriter, Holder, Leftover, ProbeItem, ReleaseSummary, Request,
-    Response, SigItem, StageBase, WireError, CHUNK, MAGIC, PROTOCOL,
+    ErrorClass, FrameReader, FrameWriter, Holder, Leftover, Need, ProbeItem, ReleaseSummary,
+    Request, Response, SigItem, StageBase, WireError, CHUNK, MAGIC, PROTOCOL,
 };
 use std::collections::BTreeSet;
 use std::collections::HashMap;
@@ -256,6 +256,9 @@ pub struct Session {
     activate_queued: bool,
     /// A `Stage` queued ahead of the status ([`Session::stage_ahead`]).
     ahead: Option<Ahead>,
+    /// The agent took the content sent ahead ([`Session::send_ahead`]): `Commit`,
+    /// `ActivateCommitted`, `Prune` and `Bye` went with it.
+    took_ahead: bool,
     /// Every file sent whole ([`Session::send_whole_files`]).
     whole_files: bool,
     /// What was written so far may go in the agent's command line ([`AgentStream::seal`]);
@@ -269,6 +272,18 @@ struct Ahead {
     digest: Digest,
     base: Digest,
     old_digests: HashMap<RelPath, Digest>,
+    /// The content sent after it ([`Session::send_ahead`]).
+    content: Option<SentAhead>,
+}
+
+/// Content sent ahead of the stage's answer, for the needs the client expected.
+struct SentAhead {
+    /// What the send filled in of the report (how each file went, bytes).
+    report: DeployReport,
+    /// How the send policy picked each file, and its basis (the report's notes).
+    planned: Chosen,
+    /// Bytes of the files sent (before encoding).
+    content_bytes: u64,
 }
 
 /// How far a session's file content has gone, for progress lines: atomics the sender updates
@@ -359,6 +374,7 @@ impl Session {
             defer_commit: false,
             activate_queued: false,
             ahead: None,
+            took_ahead: false,
             whole_files: false,
             seal: Some(stream.seal),
         };
@@ -744,9 +760,17 @@ impl Session {
         // agent staged it only against the live release's own manifest, which it checked:
         // taken whatever the status could list (a live release whose record is damaged is
         // not listed, and staging again could not do better).
+        let mut sent_ahead = None;
         let ahead = match self.ahead.take() {
             Some(a) if a.digest == digest && live_digest.is_none_or(|d| d == a.base) => {
-                self.ahead_answer()?.map(|r| (r, a.old_digests))
+                let got = self.ahead_answer()?;
+                match (&got, a.content) {
+                    (Some(_), content) => sent_ahead = content,
+                    // Not staged: neither was the content taken.
+                    (None, Some(_)) => self.ahead_refused()?,
+                    (None, None) => {}
+                }
+                got.map(|r| (r, a.old_digests))
             }
             Some(a) => {
                 self.ahead = Some(a);
@@ -802,6 +826,11 @@ impl Session {
             needs.len()
         };
         let changes = self.changes(limit)?;
+        if let Some(sent) = sent_ahead {
+            if self.ahead_verdict()? {
+                return Ok(self.report_ahead(report, sent, changes, manifest));
+            }
+        }
         let (jobs, planned) = self.jobs(manifest, needs, &old_digests, content_cache)?;
         let content_bytes = jobs.iter().map(|j| j.size).sum::<u64>();
         self.meter.set_total(jobs.len() as u64, content_bytes);
@@ -874,8 +903,154 @@ impl Session {
             digest,
             base,
             old_digests,
+            content: None,
         });
         Ok(())
+    }
+
+    /// After [`Session::stage_ahead`] of `manifest` against `live`: sends, without waiting for
+    /// any answer, the content of the files the stage needs if the target is as this client
+    /// left it (the plan from `live` to `manifest`, every basis offered), then queues `Commit`,
+    /// `ActivateCommitted`, `Prune { keep }` and `Bye` (see [`Request::Ahead`]): a whole
+    /// upgrade in the first batch. Returns false, having sent nothing, when that content needs
+    /// rsync signatures (a file whose old version is not in `content_cache` and goes as a
+    /// delta). [`Session::stage`] then reads the answers; when the agent took the content
+    /// ([`Session::took_ahead`]) read [`Session::committed`], [`Session::activated`],
+    /// [`Session::pruned`] and [`Session::closed`] next, else the deploy goes on as usual.
+    ///
+    /// # Errors
+    /// See [`Session`]; [`TransferError::Source`] for a source file that cannot be read and
+    /// [`TransferError::SourceChanged`] for one that changed meanwhile.
+    pub fn send_ahead(
+        &mut self,
+        source: &Path,
+        manifest: &Manifest,
+        live: &Manifest,
+        content_cache: Option<&ContentCache>,
+        keep: u32,
+    ) -> Result<bool> {
+        let Some(mut ahead) = self.ahead.take() else {
+            return Ok(false);
+        };
+        if ahead.digest != manifest.digest() || ahead.base != live.digest() {
+            self.ahead = Some(ahead);
+            return Ok(false);
+        }
+        let plan = flip_plan::plan(Some(live), manifest);
+        let needs: Vec<Need> = plan
+            .transfers()
+            .map(|(i, step)| Need {
+                index: i as u32,
+                basis: match &step.source {
+                    flip_plan::Source::Transfer { basis: Some(b) } => match live.get(b) {
+                        Some(EntryKind::File { size, .. }) => Some((b.clone(), *size)),
+                        _ => None,
+                    },
+                    _ => None,
+                },
+            })
+            .collect();
+        let digest = flip_wire::needs_digest(&needs);
+        let (jobs, planned) = self.jobs(manifest, needs, &ahead.old_digests, content_cache)?;
+        if jobs.iter().any(|j| j.basis.is_some()) {
+            drop(jobs);
+            self.ahead = Some(ahead);
+            return Ok(false);
+        }
+        let content_bytes = jobs.iter().map(|j| j.size).sum::<u64>();
+        self.queue(&Request::Ahead { needs: digest })?;
+        self.meter.set_total(jobs.len() as u64, content_bytes);
+        let mut report = DeployReport::default();
+        self.phase = "sending file content";
+        content::send(
+            self,
+            source,
+            &jobs,
+            HashMap::new(),
+            content_cache,
+            &mut report,
+        )?;
+        drop(jobs);
+        for r in [
+            Request::Commit,
+            Request::ActivateCommitted,
+            Request::Prune { keep },
+            Request::Bye,
+        ] {
+            self.queue(&r)?;
+        }
+        self.activate_queued = true;
+        ahead.content = Some(SentAhead {
+            report,
+            planned,
+            content_bytes,
+        });
+        self.ahead = Some(ahead);
+        Ok(true)
+    }
+
+    /// Whether the agent took the content sent ahead ([`Session::send_ahead`]): the commit,
+    /// activation, prune and bye are on their way.
+    pub fn took_ahead(&self) -> bool {
+        self.took_ahead
+    }
+
+    /// Reads the answer to `Ahead`: taken, or not (then also the `NotDone`s of what was queued
+    /// after the content, up to `Bye`).
+    fn ahead_verdict(&mut self) -> Result<bool> {
+        match self.recv()? {
+            Response::AheadTaken => {
+                self.took_ahead = true;
+                Ok(true)
+            }
+            Response::NotDone { request, .. } if request == "Ahead" => {
+                loop {
+                    match self.recv()? {
+                        Response::NotDone { request, .. } if request == "Bye" => break,
+                        Response::NotDone { .. } => {}
+                        other => return Err(self.unexpected(&other)),
+                    }
+                }
+                self.activate_queued = false;
+                Ok(false)
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Reads the answers to content sent ahead of a stage that was not done: not taken.
+    fn ahead_refused(&mut self) -> Result<()> {
+        match self.ahead_verdict()? {
+            false => Ok(()),
+            true => Err(self.protocol(
+                "the agent took content sent ahead for a release this deploy does not make".into(),
+            )),
+        }
+    }
+
+    /// The report of a stage whose content went ahead: `staged` says what the agent linked
+    /// and copied, `sent` how the content went.
+    fn report_ahead(
+        &mut self,
+        staged: DeployReport,
+        sent: SentAhead,
+        changes: Changes,
+        manifest: &Manifest,
+    ) -> DeployReport {
+        let mut report = DeployReport {
+            release: staged.release,
+            previous: staged.previous,
+            files: staged.files,
+            linked: staged.linked,
+            copied: staged.copied,
+            removed: staged.removed,
+            // The send counted what patches and deltas found in place.
+            matched_bytes: manifest.total_bytes() - sent.content_bytes + sent.report.matched_bytes,
+            ..sent.report
+        };
+        self.phase = "committing the release";
+        explain(&mut report, changes, sent.planned, None);
+        report
     }
 
     /// The agent's answer to the stage queued ahead: `Staged`, or `None` when it was not done
@@ -897,14 +1072,17 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn drop_ahead(&mut self) -> Result<()> {
-        if self.ahead.take().is_none() {
+        let Some(ahead) = self.ahead.take() else {
             return Ok(());
-        }
+        };
         if let Some(r) = self.ahead_answer()? {
             if !matches!(r, Response::Staged { .. }) {
                 return Err(self.unexpected(&r));
             }
             self.changes(usize::MAX)?;
+        }
+        if ahead.content.is_some() {
+            self.ahead_refused()?;
         }
         Ok(())
     }

@@ -34,7 +34,10 @@
 //! `Changes` chunks (what the release changes, for the deploy's report); `Signatures` →
 //! `Signature`s + `SignaturesDone` (a client without the live manifest pipelines
 //! `BasisSignatures` with the stage instead, answered the same way); `Literal`/`Delta`/`Patch` frames + `Commit` → `Committed`;
-//! `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`. A deploy that expects to change nothing
+//! `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`. A client that made the live release
+//! sends its content ahead: `Stage`, `Changes`, `Ahead` (→ `AheadTaken`), content, `Commit`,
+//! `ActivateCommitted`, `Prune`, `Bye` in one batch (see [`Request::Ahead`] for when the
+//! content was not what the stage needs). A deploy that expects to change nothing
 //! queues `EndIfLive` behind `CheckLive`: `Pruned` + `Bye` when the live release is intact (the
 //! session ends in its first batch), else `NotDone` and the deploy goes on. `GetManifest` → `ManifestChunk`s fetches
 //! a release's manifest (a dry run without a cached copy of the live one).
@@ -518,6 +521,43 @@ pub enum Request {
     /// [`Request::Signatures`] is ([`Response::Signature`]s, then [`Response::SignaturesDone`]),
     /// so such a client asks in the stage's round trip instead of one of its own.
     BasisSignatures,
+    /// After a `Stage` (and its `Changes`) the agent has not answered yet: the client sends the
+    /// content of the files it expects the stage to need without waiting for `Staged` (a client
+    /// that made the live release there, whose plan is the agent's), then the requests that
+    /// follow it, up to and including `Bye`. `needs` is [`needs_digest`] of the needs it
+    /// expects. When the stage was done and needs exactly those files (with those bases) the
+    /// agent answers [`Response::AheadTaken`] and goes on as usual. Otherwise it answers
+    /// [`Response::NotDone`] for it, drops every content frame up to the next `Bye` and
+    /// answers `NotDone` for each request up to and including that `Bye`, acting on none;
+    /// then the session goes on, the stage (if done) still open for the content it needs.
+    Ahead {
+        /// [`needs_digest`] of the needs the client expects.
+        needs: Digest,
+    },
+    /// Make live the release this session committed, checked as [`Request::Activate`] checks
+    /// it; for a client that queues it before it knows the release's id. Answered by
+    /// [`Response::Activated`].
+    ActivateCommitted,
+}
+
+/// The digest of a stage's needs, as [`Request::Ahead`] names them: blake3 over each need in
+/// order (its index, 4 bytes little-endian; then 0 for no basis, or 1, the basis's length (8
+/// bytes little-endian), its bytes and its size (8 bytes little-endian)).
+pub fn needs_digest(needs: &[Need]) -> Digest {
+    let mut bytes = Vec::with_capacity(needs.len() * 16);
+    for n in needs {
+        bytes.extend_from_slice(&n.index.to_le_bytes());
+        match &n.basis {
+            None => bytes.push(0),
+            Some((path, size)) => {
+                bytes.push(1);
+                bytes.extend_from_slice(&(path.as_str().len() as u64).to_le_bytes());
+                bytes.extend_from_slice(path.as_str().as_bytes());
+                bytes.extend_from_slice(&size.to_le_bytes());
+            }
+        }
+    }
+    Digest::of(&bytes)
 }
 
 /// Longest hook command accepted, in bytes.
@@ -754,6 +794,8 @@ pub enum Response {
         /// The root is a target already.
         exists: bool,
     },
+    /// The answer to [`Request::Ahead`]: the content sent ahead is what the stage needs.
+    AheadTaken,
 }
 
 /// Most requests expecting an answer that an agent reads, after a failed one, to answer them

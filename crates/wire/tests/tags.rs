@@ -154,6 +154,8 @@ fn request_tags_are_pinned() {
         (Request::CanDeploy, 26),
         (Request::EndIfLive { keep: 1 }, 27),
         (Request::BasisSignatures, 28),
+        (Request::Ahead { needs: d }, 29),
+        (Request::ActivateCommitted, 30),
     ];
     for (req, want) in &cases {
         assert_eq!(tag(req), *want, "tag of {req:?}");
@@ -292,6 +294,7 @@ fn response_tags_are_pinned() {
         ),
         (Response::Checked { id: 1 }, 24),
         (Response::Deployable { exists: true }, 25),
+        (Response::AheadTaken, 26),
     ];
     for (resp, want) in &cases {
         assert_eq!(tag(resp), *want, "tag of {resp:?}");
