@@ -552,6 +552,43 @@ fn writable_dirs_get_their_mode_and_as_root_their_owner() {
     let j = fx.deploy(&src, &[]);
     assert_eq!(j["unchanged"], true, "{j}");
     assert_eq!(mode(&in_shared), 0o2770);
+    if is_root {
+        // Another writable_owner alone: owners are in no manifest, yet the live release is not
+        // what the deploy asks for; a new one is made with its writable directories so owned,
+        // and the deploy after it changes nothing.
+        write_config(
+            &fx,
+            &format!("{CONFIG}writable_mode = \"2770\"\nwritable_owner = \"daemon\"\n"),
+        );
+        let daemon = |p: &std::path::Path| fs::metadata(p).unwrap().uid();
+        let before = fx.current_link();
+        let j = fx.deploy(&src, &[]);
+        assert_eq!(j["unchanged"], false, "{j}");
+        assert!(
+            j["warnings"]
+                .to_string()
+                .contains("as writable_owner wants"),
+            "{j}"
+        );
+        assert_ne!(fx.current_link(), before);
+        let out = std::process::Command::new("id")
+            .args(["-u", "daemon"])
+            .output()
+            .unwrap();
+        let want: u32 = String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(daemon(&fx.current().join("bootstrap/cache")), want);
+        assert_eq!(daemon(&in_shared), want);
+        let again = fx.deploy(&src, &[]);
+        assert_eq!(again["unchanged"], true, "{again}");
+        write_config(
+            &fx,
+            &format!("{CONFIG}writable_mode = \"2770\"\nwritable_owner = \"nobody\"\n"),
+        );
+    }
     // A bad mode is a configuration error naming the key; so is one whose owner cannot use
     // the directory, a path in flip's own `.flip` (named with the list that has it), a
     // compression level outside 0..=19 (a negative one garbled the stream,

@@ -1271,7 +1271,16 @@ impl Session {
     fn check_live(&mut self, digest: flip_manifest::Digest) -> Result<Response> {
         let root = self.root(false)?;
         self.locked()?;
-        let id = root.live_intact(&digest)?;
+        let mut id = root.live_intact(&digest)?;
+        // Owners are not in a manifest: a live release whose writable directories are not
+        // owned as `writable_owner` now wants is not this deploy's (a new one is made, its
+        // directories given that owner).
+        if let (Some(live), Some(settings)) = (id, &self.shared) {
+            if let Err(why) = settings.release_owned(root, live) {
+                root.warn(why);
+                id = None;
+            }
+        }
         // No release will be made: the writable directories under shared/ are made now.
         if let (Some(_), Some(settings)) = (id, &self.shared) {
             settings.writable_only(root)?;

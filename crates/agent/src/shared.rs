@@ -86,6 +86,22 @@ impl Settings {
         Ok(())
     }
 
+    /// Whether the writable directories inside release `live` are owned as `writable_owner`
+    /// wants (always so without an owner); else why not, for a warning.
+    pub(crate) fn release_owned(&self, root: &Root, live: u64) -> std::result::Result<(), String> {
+        let Some(owner) = self.owner else {
+            return Ok(());
+        };
+        match root.writable_not_owned(live, &self.paths.writable_in_release(), owner) {
+            None => Ok(()),
+            Some((dir, has)) => Err(format!(
+                "{dir} in release {live} is owned by {has}, not {}:{} as writable_owner wants: \
+                 a new release is made",
+                owner.0, owner.1
+            )),
+        }
+    }
+
     /// What the commit of `staged` does with shared paths; refuses a staged manifest that is
     /// not the one these settings make of it.
     pub(crate) fn commit_for(&self, staged: &Manifest) -> Result<SharedCommit> {

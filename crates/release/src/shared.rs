@@ -241,6 +241,27 @@ pub(crate) fn commit_shared(
 }
 
 impl Root {
+    /// The first of `dirs` (writable directories inside release `id`, relative to it) whose
+    /// owner is not `owner` (uid, gid), with the owner it has (`uid:gid`) or why it could not
+    /// be looked at; each opened component by component below the release, never through a
+    /// symlink. `None`: every one is owned as wanted.
+    pub fn writable_not_owned(
+        &self,
+        id: u64,
+        dirs: &[RelPath],
+        owner: (u32, u32),
+    ) -> Option<(RelPath, String)> {
+        let base = self.release_dir(id);
+        for w in dirs {
+            match open_below(&base, w).and_then(|fd| std::fs::File::from(fd).metadata()) {
+                Ok(m) if (m.uid(), m.gid()) == owner => {}
+                Ok(m) => return Some((w.clone(), format!("{}:{}", m.uid(), m.gid()))),
+                Err(e) => return Some((w.clone(), e.to_string())),
+            }
+        }
+        None
+    }
+
     /// Flushes the filesystem holding `shared/` (after [`Root::writable_shared`] alone).
     ///
     /// # Errors
