@@ -179,6 +179,8 @@ fn own_code(cause: &(dyn std::error::Error + 'static)) -> Option<Code> {
             DeployError::Transport(t) => transport_code(t),
             DeployError::Exe(_) => Code::Internal,
             DeployError::Aborted { .. } => Code::Partial,
+            // Never reported: the deploy starts again (it gave way to a lock holder).
+            DeployError::GaveWay { .. } => Code::Locked,
             DeployError::Hook { .. } => Code::Hook,
         });
     }

@@ -327,6 +327,90 @@ fn hold_lock(root: &Path, secs: u32) -> std::process::Child {
     c
 }
 
+/// Whether `ROOT/.flip/lock` is free now (taken and let go at once, never waited for).
+fn lock_is_free(root: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(root.join(".flip/lock")).expect("lock file");
+    // SAFETY: flock on a descriptor we own; closing it lets go.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Two deploys that share targets, both waiting (`--wait`), could each hold one target and
+/// wait for the other's lock for ever. A deploy now waits for a target's lock only while it
+/// holds none of a target named after it: with t1 busy, the deploy that took t2 lets go of it
+/// while it waits for t1 (a deploy waiting for t2 could have held t1), then deploys both.
+#[test]
+fn a_deploy_waiting_for_a_lock_holds_no_lock_of_a_target_named_after_it() {
+    let fx = Fx::new();
+    let (roots, _, src) = two_targets(&fx, "");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod"]).success();
+    site_v2(&src);
+    // Held for 10 s (the holder's `sleep` keeps the lock however `flock` ends).
+    let mut holder = hold_lock(&roots[0], 10);
+    let running = fx.spawn(&[], &["deploy", "prod", "--wait", "--json"]);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while !running.stderr_so_far().contains("is locked by") {
+        assert!(std::time::Instant::now() < until, "the deploy never waited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // t2's lock was taken with t1's wait (in parallel): it is let go at once, long before t1
+    // is free.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !lock_is_free(&roots[1]) {
+        assert!(
+            std::time::Instant::now() < until,
+            "the deploy kept t2 locked while it waited for t1"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(listing(&roots[1]), (vec![1], vec![]), "nothing made on t2");
+    holder.wait().unwrap();
+    let r = running.finish(Duration::from_secs(60));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j: Value = serde_json::from_str(&r.stdout).unwrap();
+    for (h, root) in hosts(&j).iter().zip(&roots) {
+        assert_eq!(h["state"], "live", "{j}");
+        assert_dir_eq(&root.join("current"), &src.tree(), "v2 everywhere");
+    }
+}
+
+/// The case itself: environments `prod` (t1, t2) and `back` (t2, t1) deployed at once, both
+/// waiting, while t2 is busy: both end, one after the other. Before, each could take one
+/// target and wait for the other's lock for ever.
+#[test]
+fn two_waiting_deploys_of_environments_sharing_targets_both_end() {
+    let fx = Fx::new();
+    let (roots, targets, src) = two_targets(&fx, "");
+    let both = |order: [&String; 2]| format!("[{:?}, {:?}]", order[0], order[1]);
+    write_config(
+        &fx,
+        &format!(
+            "source = \"src\"\n[env.prod]\ntargets = {}\n[env.back]\ntargets = {}\n",
+            both([&targets[0], &targets[1]]),
+            both([&targets[1], &targets[0]])
+        ),
+    );
+    site_v1(&src);
+    fx.flip(&["deploy", "prod"]).success();
+    for round in 0..2 {
+        src.file("index.php", format!("round {round}\n"), 0o644);
+        let mut holder = hold_lock(&roots[1], 2);
+        let runs: Vec<_> = ["prod", "back"]
+            .iter()
+            .map(|env| fx.spawn(&[], &["deploy", env, "--wait"]))
+            .collect();
+        holder.wait().unwrap();
+        for r in runs {
+            let r = r.finish(Duration::from_secs(60));
+            assert_eq!(r.code, 0, "round {round}: {}", r.stderr);
+        }
+        for root in &roots {
+            assert_dir_eq(&root.join("current"), &src.tree(), "both targets");
+        }
+    }
+}
+
 #[test]
 fn parallel_1_works_on_one_target_at_a_time() {
     let fx = Fx::new();

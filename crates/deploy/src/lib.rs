@@ -21,6 +21,7 @@
 
 mod env;
 mod hooks;
+mod order;
 mod stream;
 mod target;
 
@@ -73,6 +74,14 @@ pub enum DeployError {
         target: String,
         /// Why the deploy stopped (the other target's failure).
         why: String,
+    },
+    /// With `--wait`, the deploy waited for this target's lock while it held the lock of a
+    /// target named after it: it gave way (see the `order` module) and starts again once the
+    /// lock is free. Only an attempt the deploy does not report ends with it.
+    #[error("{target}: gave way to the deploy that holds its lock (locks are waited for in the order of the targets' names)")]
+    GaveWay {
+        /// The target, as given.
+        target: String,
     },
     /// A hook failed or timed out on this target (`phase`: `before_activate` or
     /// `after_activate`; `how`: "exit status 3", "timed out after 1s (killed)", ...).
@@ -370,6 +379,29 @@ pub fn deploy(
     targets: &[Target],
     events: Arc<dyn Events>,
 ) -> Result<Deployment, DeployError> {
+    let names: Vec<String> = targets.iter().map(Target::display).collect();
+    loop {
+        let book = Arc::new(order::LockBook::new(&names, o.wait));
+        let done = deploy_once(o, targets, events.clone(), &book)?;
+        let Some(k) = book.gave_way() else {
+            return Ok(done);
+        };
+        // Nothing of that attempt went live and its locks are released: wait for the lock it
+        // gave way to, alone, then start again.
+        let mut s = connect(&targets[k], o, false)?;
+        s.queue_lock(holder(Purpose::Deploy), true)?;
+        s.locked(&mut |h| events.waiting(k, h))?;
+        s.close()?;
+    }
+}
+
+/// One attempt of [`deploy`]; with `--wait`, it may give way (see [`order`]).
+fn deploy_once(
+    o: &Options,
+    targets: &[Target],
+    events: Arc<dyn Events>,
+    book: &Arc<order::LockBook>,
+) -> Result<Deployment, DeployError> {
     let started = Instant::now();
     let source = check_source(&o.source, targets, &o.shared)?;
     let caches = Arc::new(Caches::open(o.cache_dir.as_deref()));
@@ -393,6 +425,7 @@ pub fn deploy(
         &scanned,
         events.clone(),
         drain,
+        book.clone(),
     );
     let meter = flip_scan::ScanMeter::default();
     events.scanning(&meter);
@@ -923,6 +956,7 @@ fn patch_ahead(
 
 /// Starts phase 1: `parallel` workers take the targets in order; each connects and locks, waits
 /// for the scan, then describes, stages, sends and commits.
+#[allow(clippy::too_many_arguments)]
 fn phase1(
     o: &Options,
     source: &Path,
@@ -931,6 +965,7 @@ fn phase1(
     scanned: &Arc<Shared<Arc<flip_scan::ScanOutput>>>,
     events: Arc<dyn Events>,
     drain: Arc<Mutex<Option<stream::Drain>>>,
+    book: Arc<order::LockBook>,
 ) -> Workers {
     let n = targets.len();
     let width = if o.parallel == 0 {
@@ -954,13 +989,14 @@ fn phase1(
             let (next, results, failed) = (next.clone(), results.clone(), failed.clone());
             let sending = sending.clone();
             let drain = drain.clone();
+            let book = book.clone();
             std::thread::spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(t) = targets.get(i) else { return };
                 let drain = drain.lock().unwrap_or_else(|e| e.into_inner()).take();
                 let r = prepare(
                     i, t, &o, &source, &caches, &scanned, &*events, &failed, &sending, single,
-                    drain,
+                    drain, &book,
                 );
                 if r.is_err() {
                     failed.store(true, Ordering::SeqCst);
@@ -999,6 +1035,7 @@ fn prepare(
     sending: &AtomicBool,
     single: bool,
     drain: Option<stream::Drain>,
+    book: &order::LockBook,
 ) -> Result<Host, Failed> {
     // Lock (and shared paths) go out at once; their answers are read with the status's, after
     // the scan: one round trip for all of them.
@@ -1054,6 +1091,7 @@ fn prepare(
                 single,
                 early.map(|e| e.status),
                 Ahead { source, sending },
+                book,
             )
             .map_err(|e| host.fail(e))?
         }
@@ -1201,6 +1239,7 @@ impl Host {
         single: bool,
         early: Option<(Option<u64>, Vec<ReleaseSummary>)>,
         ahead: Ahead,
+        book: &order::LockBook,
     ) -> Result<PipelinedStatus, DeployError> {
         let cold = caches.likely_cold();
         let applied = match o.shared.is_empty() {
@@ -1262,7 +1301,13 @@ impl Host {
         let (current, releases) = match early {
             Some(status) => status,
             None => {
-                s.locked(&mut |h| events.waiting(index, h))?;
+                let taken =
+                    s.locked_unless(&mut |h| events.waiting(index, h), &|| book.waits(index))?;
+                if !taken || !book.took(index) {
+                    return Err(DeployError::GaveWay {
+                        target: self.target.clone(),
+                    });
+                }
                 s.status_answer()?
             }
         };

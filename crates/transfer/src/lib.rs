@@ -648,15 +648,33 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn locked(&mut self, on_wait: &mut dyn FnMut(&str)) -> Result<()> {
+        self.locked_unless(on_wait, &|| false).map(|_| ())
+    }
+
+    /// [`Session::locked`], giving up the wait when `give_up` says so: it is asked at each of
+    /// the agent's `Waiting` answers (when the wait starts, and every few seconds while it
+    /// lasts). Returns whether the lock was taken; after `false` the session is of no more use
+    /// (the agent still waits for the lock until it is closed).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn locked_unless(
+        &mut self,
+        on_wait: &mut dyn FnMut(&str),
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<bool> {
         self.phase = "taking the deploy lock";
         let mut last = None;
         loop {
             match self.recv()? {
-                Response::Locked => return Ok(()),
+                Response::Locked => return Ok(true),
                 Response::Waiting { holder } => {
                     if last.as_ref() != Some(&holder) {
                         on_wait(&holder);
                         last = Some(holder);
+                    }
+                    if give_up() {
+                        return Ok(false);
                     }
                 }
                 other => return Err(self.unexpected(&other)),
