@@ -220,13 +220,9 @@ fn describe(old: &Manifest, new: &Manifest, level: i32) -> (Stream, Stream, Vec<
     let mut cold = Stream::new(level);
     let manifest_diff = flip_manifest::encode_diff(&old.diff(new));
     let unchanged = old.digest() == new.digest();
-    warm.stage(StageBase::Diff(old.digest()), new.digest(), &manifest_diff);
-    // It sends its content ahead of the stage's answer (`Session::send_ahead`); its digest of
-    // the needs costs the same whatever it is.
+    // It sends its content ahead of the stage's answer (`Session::stage_ahead`).
     warm.ahead = true;
-    warm.queue(&Request::Ahead {
-        needs: Digest([0; 32]),
-    });
+    warm.stage(StageBase::Diff(old.digest()), new.digest(), &manifest_diff);
     // A client without caches probes every directory ahead of the status, changed or not.
     let tree = flip_manifest::DirTree::new(new);
     let live = flip_manifest::DirTree::new(old);
@@ -518,7 +514,8 @@ fn compressed_len(data: &[u8], level: i32) -> u64 {
 /// are, flushed where a deploy waits for an answer; only their bytes are kept.
 struct Stream {
     tx: FrameWriter,
-    /// Content sent ahead: the release is made live with `ActivateCommitted`.
+    /// Content sent ahead (`Stage`'s `ahead`): the release is made live with
+    /// `ActivateCommitted`.
     ahead: bool,
 }
 
@@ -575,6 +572,8 @@ impl Stream {
             base,
             payload_len: payload.len() as u64,
             digest,
+            // The digest of the needs costs the same whatever it is.
+            ahead: self.ahead.then_some(Digest([0; 32])),
         });
         for c in payload.chunks(CHUNK) {
             self.queue(&Request::ManifestChunk(c.to_vec()));

@@ -292,6 +292,7 @@ fn a_real_agent_signs_and_applies_a_64_mib_delta_in_bounded_memory() {
         base: flip_wire::StageBase::Whole,
         payload_len: bytes.len() as u64,
         digest: m.digest(),
+        ahead: None,
     })
     .unwrap();
     for c in bytes.chunks(CHUNK) {

@@ -124,3 +124,57 @@ fn a_first_deploy_too_big_is_refused_up_front_with_its_size() {
         .collect();
     assert!(left.is_empty(), "{left:?} left after: {}", r.stderr);
 }
+
+/// Inodes in use on the filesystem of `path`.
+fn inodes_used(path: &std::path::Path) -> u64 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a zeroed statvfs (plain integers) is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs we own to fill.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    (st.f_files - st.f_ffree) as u64
+}
+
+/// A warm upgrade of 70,000 changed files sends them with its stage, before any answer; the
+/// target has no inode left for the staging directory. The agent reads only so much after
+/// the failure before it ends the session, so the client's writes fail: it must still report
+/// the agent's error (exit 8, "no space left"), not the broken pipe (exit 6). Nothing is lost,
+/// and the deploy goes through once there is room.
+#[test]
+fn a_warm_upgrade_sending_ahead_into_a_target_out_of_inodes_reports_why() {
+    let fx = Fx::new();
+    let Some(_mount) = small_tmpfs(&fx, "size=1g") else {
+        return;
+    };
+    let src = fx.src("src");
+    let files = |v: &str| {
+        for d in 0..70 {
+            for i in 0..1000 {
+                src.file(&format!("d{d}/f{i}"), format!("{d}-{i} {v}\n"), 0o644);
+            }
+        }
+    };
+    files("v1");
+    fx.deploy(&src, &[]);
+    let v1 = src.tree();
+    files("v2");
+    let remount = |n: u64| {
+        let opt = format!("remount,nr_inodes={n}");
+        let st = Command::new("mount")
+            .args(["-o", &opt, fx.root_str()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount -o {opt}");
+    };
+    remount(inodes_used(&fx.root) + 2);
+    fx.flip(&["deploy", "--no-whole-file", src.s(), fx.root_str()])
+        .code(8)
+        .stderr_has("no space left on device");
+    assert_eq!(fx.current_link(), "releases/1");
+    assert_dir_eq(&fx.current(), &v1, "the live release");
+    remount(1_000_000);
+    let j = fx.deploy(&src, &[]);
+    // (Release ids are never reused: the failed deploy had 2.)
+    assert_eq!(j["release"], 3, "{j}");
+    assert_dir_eq(&fx.current(), &src.tree(), "the deploy after it");
+}

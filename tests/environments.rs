@@ -433,20 +433,22 @@ fn parallel_1_works_on_one_target_at_a_time() {
     running.finish(TIMEOUT).success();
     assert_eq!(link(&roots[1]), "releases/2");
 
-    // By default every target works at once: t2 is committed while t1 waits for its lock.
+    // By default every target works at once: t1 is committed while t2 waits for its lock.
+    // (Not the other way round: waiting for t1's lock, the deploy would let go of t2's, named
+    // after it: see `a_deploy_waiting_for_a_lock_holds_no_lock_of_a_target_named_after_it`.)
     src.overwrite("index.html", "<h1>three</h1>\n");
-    let mut holder = hold_lock(&roots[0], 3);
+    let mut holder = hold_lock(&roots[1], 3);
     let running = fx.spawn(&[], &["deploy", "prod", "--wait"]);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
-        listing(&roots[1]).0,
+        listing(&roots[0]).0,
         vec![1, 2, 3],
-        "t2 committed while t1 waits"
+        "t1 committed while t2 waits"
     );
     assert_eq!(
-        link(&roots[1]),
+        link(&roots[0]),
         "releases/2",
-        "but not activated before t1 is ready"
+        "but not activated before t2 is ready"
     );
     holder.wait().unwrap();
     running.finish(TIMEOUT).success();

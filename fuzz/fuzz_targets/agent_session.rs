@@ -71,16 +71,14 @@ enum Op {
         tree: Tree,
         how: StageHow,
         chunk: u16,
+        /// Content for the needs of this digest follows (mostly not what the stage needs:
+        /// dropped up to the next `Bye`).
+        ahead: Option<[u8; 32]>,
     },
     ManifestChunk(Vec<u8>),
     Signatures(Vec<SigOp>),
     /// The signatures of the bases the stage offered for deltas.
     BasisSignatures,
-    /// Content follows ahead of the stage's answer: for the needs the agent said (`matching`),
-    /// or for others.
-    Ahead {
-        matching: bool,
-    },
     /// Make live the release this session committed.
     ActivateCommitted,
     /// Content of one file the agent said it needs.
@@ -596,7 +594,14 @@ impl Client {
         Some((bytes, m))
     }
 
-    fn stage(&mut self, label: Option<String>, tree: &Tree, how: &StageHow, chunk: u16) {
+    fn stage(
+        &mut self,
+        label: Option<String>,
+        tree: &Tree,
+        how: &StageHow,
+        chunk: u16,
+        ahead: Option<[u8; 32]>,
+    ) {
         let manifest = build_manifest(tree, self.env, &mut self.contents);
         let mut digest = manifest.digest().0;
         let live = self.live_manifest();
@@ -696,6 +701,7 @@ impl Client {
             base,
             payload_len,
             digest: Digest(digest),
+            ahead: ahead.map(Digest),
         });
         let chunk = (chunk as usize).max(1).max(payload.len() / 8);
         for c in payload.chunks(chunk) {
@@ -824,7 +830,8 @@ impl Client {
                 tree,
                 how,
                 chunk,
-            } => self.stage(label, &tree, &how, chunk),
+                ahead,
+            } => self.stage(label, &tree, &how, chunk, ahead),
             Op::ManifestChunk(c) => self.send(&Request::ManifestChunk(c)),
             Op::Signatures(items) => {
                 let needs = self
@@ -851,13 +858,6 @@ impl Client {
                 self.send(&Request::Signatures(items));
             }
             Op::BasisSignatures => self.send(&Request::BasisSignatures),
-            Op::Ahead { matching } => {
-                let needs = match (&self.staged, matching) {
-                    (Some(s), true) => flip_wire::needs_digest(&s.needs),
-                    _ => flip_manifest::Digest([0; 32]),
-                };
-                self.send(&Request::Ahead { needs });
-            }
             Op::ActivateCommitted => self.send(&Request::ActivateCommitted),
             Op::Content {
                 pick,
@@ -994,6 +994,7 @@ impl Client {
                     tree,
                     how: if diff { StageHow::Diff } else { StageHow::Full },
                     chunk: u16::MAX,
+                    ahead: None,
                 });
                 steps.push(Op::AllContent { enc });
                 steps.push(Op::Commit);

@@ -26,6 +26,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 /// Bytes held at most before they are written out anyway.
 pub(crate) const MAX_HELD: usize = 64 * 1024;
 
+/// Bytes held at most while deferred ([`Holder::defer`]): far more than the answers to a
+/// stage of the largest manifest and its changes.
+pub(crate) const MAX_DEFERRED: usize = 256 << 20;
+
 /// Bytes queued for the client at most; a write beyond waits for the client to read.
 pub(crate) const MAX_QUEUED: usize = 16 << 20;
 
@@ -33,6 +37,8 @@ struct State {
     out: Box<dyn Write + Send>,
     held: Vec<u8>,
     holding: bool,
+    /// Everything is held, reads release nothing ([`Holder::defer`]).
+    deferred: bool,
 }
 
 impl State {
@@ -61,6 +67,7 @@ impl Holder {
             out: Box::new(Queued::start(output)),
             held: Vec::new(),
             holding: false,
+            deferred: false,
         })));
         let input = ReleasingInput {
             inner: input,
@@ -80,6 +87,19 @@ impl Holder {
         self.state().release()
     }
 
+    /// Whether everything written is held ([`Holder::defer`]).
+    pub(crate) fn deferring(&self) -> bool {
+        self.state().deferred
+    }
+
+    /// From now on (`on`) everything written is held, whatever is read meanwhile, until this is
+    /// called with `false` (then the next read, flush or write outside [`Holder::hold`] writes
+    /// it out): for a client that writes a whole batch, content included, before it reads any
+    /// answer (a `Stage` with `ahead`). At most [`MAX_DEFERRED`] bytes; more are written out.
+    pub(crate) fn defer(&self, on: bool) {
+        self.state().deferred = on;
+    }
+
     /// Runs `write` with what it writes held until the next read from the client.
     pub(crate) fn hold<T>(&self, write: impl FnOnce() -> T) -> T {
         self.state().holding = true;
@@ -97,7 +117,12 @@ pub(crate) struct ReleasingInput {
 
 impl Read for ReleasingInput {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.holder.state().release()?;
+        {
+            let mut s = self.holder.state();
+            if !s.deferred {
+                s.release()?;
+            }
+        }
         self.inner.read(buf)
     }
 }
@@ -110,9 +135,10 @@ pub(crate) struct HeldOutput {
 impl Write for HeldOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut s = self.holder.state();
-        if s.holding {
+        if s.holding || s.deferred {
             s.held.extend_from_slice(buf);
-            if s.held.len() > MAX_HELD {
+            let most = if s.deferred { MAX_DEFERRED } else { MAX_HELD };
+            if s.held.len() > most {
                 s.release()?;
             }
             return Ok(buf.len());
@@ -123,7 +149,7 @@ impl Write for HeldOutput {
 
     fn flush(&mut self) -> io::Result<()> {
         let mut s = self.holder.state();
-        if s.holding {
+        if s.holding || s.deferred {
             return Ok(());
         }
         s.release()?;
@@ -281,6 +307,28 @@ mod tests {
         h.hold(|| output.write_all(b"three").unwrap());
         output.write_all(b"four").unwrap();
         assert_eq!(written(&writes, 15).concat(), b"onetwothreefour");
+    }
+
+    #[test]
+    fn deferred_answers_stay_held_across_reads_until_deferral_ends() {
+        let writes = Writes::default();
+        let (h, mut input, mut output) =
+            Holder::wrap(Box::new(&b"abcd"[..]), Box::new(writes.clone()));
+        h.defer(true);
+        h.hold(|| output.write_all(b"staged").unwrap());
+        let mut buf = [0u8; 2];
+        input.read_exact(&mut buf).unwrap();
+        output.write_all(b"+changes").unwrap();
+        output.flush().unwrap();
+        input.read_exact(&mut buf).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(
+            writes.0.lock().unwrap().is_empty(),
+            "nothing leaves while deferred"
+        );
+        h.defer(false);
+        output.flush().unwrap();
+        assert_eq!(written(&writes, 14).concat(), b"staged+changes");
     }
 
     #[test]

@@ -262,11 +262,14 @@ pub fn serve_with(
     }
     match r {
         Ok(()) => {
+            s.holder.defer(false);
             let _ = s.holder.hold(|| tx.finish());
             let _ = s.holder.release();
             Ok(())
         }
         Err(e) => {
+            // Answers held for a client still sending its content go out with the error.
+            s.holder.defer(false);
             if !matches!(
                 e,
                 AgentError::Wire(WireError::Io(_)) | AgentError::Wire(WireError::Closed)
@@ -632,37 +635,35 @@ impl Session {
             {
                 self.record_hook_writes();
             }
-            if let Some(because) = &self.dropping {
+            // The content sent ahead ends at the `Commit` after it: what follows is a few small
+            // requests, so the answers held meanwhile go out now, before anything is committed
+            // or made live (an agent that dies in the swap has said what it staged).
+            if matches!(req, Request::Commit) && self.holder.deferring() {
+                self.holder.defer(false);
+                self.holder.release().map_err(WireError::Io)?;
+            }
+            // Content sent ahead for other needs than the stage's: dropped up to the `Bye` that
+            // ends it, each request not done (the stage's `Changes` is answered as usual).
+            if let Some(because) = self
+                .dropping
+                .as_ref()
+                .filter(|_| !matches!(req, Request::Changes { .. }))
+            {
                 if expects_answer(&req) {
                     let not_done = Response::NotDone {
                         request: <&str>::from(&req).to_string(),
                         because: because.clone(),
                     };
+                    tx.send(&not_done)?;
                     if matches!(req, Request::Bye) {
                         self.dropping = None;
                     }
-                    tx.send(&not_done)?;
                     self.holder.hold(|| tx.flush())?;
                 }
                 continue;
             }
             if matches!(req, Request::Bye) {
                 return self.say_bye(tx);
-            }
-            if let Request::Ahead { needs } = req {
-                let answer = match self.ahead_taken(&needs) {
-                    Ok(()) => Response::AheadTaken,
-                    Err(because) => {
-                        self.dropping = Some(because.clone());
-                        Response::NotDone {
-                            request: "Ahead".into(),
-                            because,
-                        }
-                    }
-                };
-                tx.send(&answer)?;
-                self.holder.hold(|| tx.flush())?;
-                continue;
             }
             if let Request::EndIfLive { keep } = req {
                 if self.unchanged_live()? {
@@ -694,10 +695,17 @@ impl Session {
                 continue;
             }
             let is_stage = matches!(req, Request::Stage { .. });
+            let ahead = matches!(req, Request::Stage { ahead: Some(_), .. });
             // Content frames are answered only at Commit (or by an error).
             let answer = match self.handle(req, rx, tx) {
                 Err(AgentError::StaleBase(because)) if is_stage => {
                     self.stale = Some(because.clone());
+                    if ahead {
+                        self.holder.defer(true);
+                        self.dropping = Some(format!(
+                            "the stage the content was sent ahead for was not done: {because}"
+                        ));
+                    }
                     Some(Response::NotDone {
                         request: "Stage".into(),
                         because,
@@ -861,7 +869,19 @@ impl Session {
                 base,
                 payload_len,
                 digest,
-            } => self.stage(rx, label, base, payload_len, digest)?,
+                ahead,
+            } => {
+                let staged = self.stage(rx, label, base, payload_len, digest)?;
+                if let (Some(want), Response::Staged { needs, .. }) = (ahead, &staged) {
+                    // Every answer from this one on waits until the client has sent its content.
+                    self.holder.defer(true);
+                    if flip_wire::needs_digest(needs) != want {
+                        self.dropping =
+                            Some("the stage needs other files than the content sent ahead".into());
+                    }
+                }
+                staged
+            }
             Request::Probe(items) => self.probe(items)?,
             Request::ManifestChunk(_) => {
                 return Err(AgentError::Protocol("manifest data outside Stage".into()))
@@ -909,8 +929,6 @@ impl Session {
             }
             Request::Commit => self.commit()?,
             Request::Activate { id, force } => self.activate(id, force)?,
-            // Answered by the session's loop, which drops what follows it when not taken.
-            Request::Ahead { .. } => return Err(AgentError::Protocol("Ahead out of place".into())),
             Request::ActivateCommitted => match self.discardable {
                 Some(id) => self.activate(id, false)?,
                 None => {
@@ -1587,21 +1605,6 @@ impl Session {
         pool.chunk(data, last, mtime);
         if !last {
             self.incoming = Some(inc);
-        }
-        Ok(())
-    }
-
-    /// Whether the content the client sent ahead (for the needs of digest `needs`) is what the
-    /// stage needs: a stage done, nothing sent into it yet, exactly those needs. Else why not.
-    fn ahead_taken(&self, needs: &flip_manifest::Digest) -> std::result::Result<(), String> {
-        let Some(stage) = &self.stage else {
-            return Err("the stage the content was sent for was not done".into());
-        };
-        if self.pool.is_some() || self.incoming.is_some() {
-            return Err("content was sent into the stage before".into());
-        }
-        if flip_wire::needs_digest(&needs_of(stage)) != *needs {
-            return Err("the stage needs other files than the content sent ahead".into());
         }
         Ok(())
     }

@@ -63,6 +63,7 @@ fn stage_frames(m: &Manifest, digest: Option<[u8; 32]>) -> Vec<Request> {
             base: flip_wire::StageBase::Whole,
             payload_len: bytes.len() as u64,
             digest: digest.map_or(m.digest(), Digest),
+            ahead: None,
         },
         Request::ManifestChunk(bytes),
     ]
@@ -241,6 +242,7 @@ fn a_file_below_a_symlink_is_refused() {
             base: flip_wire::StageBase::Whole,
             payload_len: bytes.len() as u64,
             digest: Digest(*blake3::hash(&bytes).as_bytes()),
+            ahead: None,
         },
         Request::ManifestChunk(bytes),
         Request::Literal {
@@ -350,6 +352,7 @@ fn nothing_is_read_or_decoded_before_the_lock() {
             base: flip_wire::StageBase::Whole,
             payload_len: flip_wire::MAX_MANIFEST,
             digest: Digest([0; 32]),
+            ahead: None,
         },
         "needs the lock",
     );
@@ -459,6 +462,7 @@ fn a_manifest_that_would_expand_far_beyond_its_bytes_is_refused() {
             base: flip_wire::StageBase::Whole,
             payload_len: bytes.len() as u64,
             digest: Digest(*blake3::hash(&bytes).as_bytes()),
+            ahead: None,
         },
         Request::ManifestChunk(bytes),
     ];

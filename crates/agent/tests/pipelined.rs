@@ -163,6 +163,7 @@ fn a_stage_ahead_against_a_release_not_live_is_not_done_and_the_session_goes_on(
             base: flip_wire::StageBase::Diff(stale),
             payload_len: payload.len() as u64,
             digest: stale,
+            ahead: None,
         },
         Request::ManifestChunk(payload),
         Request::Changes { all: false },
@@ -202,9 +203,13 @@ fn a_stage_ahead_against_a_release_not_live_is_not_done_and_the_session_goes_on(
 }
 
 /// Release 1 live with `app.txt` ("v1") and `keep.txt`; the stage of release 2 (`app.txt`
-/// edited, `keep.txt` kept, `new.txt` added), whole, with its `Changes`; and what it needs:
-/// `app.txt` (#0) against its previous version, `new.txt` (#2) without a basis.
-fn upgrade(dir: &Path) -> (Vec<Request>, Vec<flip_wire::Need>) {
+/// edited, `keep.txt` kept, `new.txt` added), whole, with its `Changes`, telling the agent
+/// that content for the needs of digest `ahead` follows; and what it needs: `app.txt` (#0)
+/// against its previous version, `new.txt` (#2) without a basis.
+fn upgrade(
+    dir: &Path,
+    ahead: impl Fn(&[flip_wire::Need]) -> flip_manifest::Digest,
+) -> (Vec<Request>, Vec<flip_wire::Need>) {
     common::live_root(dir, &[("app.txt", b"v1"), ("keep.txt", b"same")]);
     let m = flip_manifest::Manifest::new(vec![
         common::file("app.txt", b"v2"),
@@ -212,9 +217,6 @@ fn upgrade(dir: &Path) -> (Vec<Request>, Vec<flip_wire::Need>) {
         common::file("new.txt", b"new"),
     ])
     .unwrap();
-    let mut batch = vec![lock()];
-    batch.extend(common::stage_whole(&m));
-    batch.push(Request::Changes { all: false });
     let needs = vec![
         flip_wire::Need {
             index: 0,
@@ -225,6 +227,12 @@ fn upgrade(dir: &Path) -> (Vec<Request>, Vec<flip_wire::Need>) {
             basis: None,
         },
     ];
+    let mut batch = vec![lock()];
+    batch.extend(common::stage_whole(&m));
+    if let Request::Stage { ahead: a, .. } = &mut batch[1] {
+        *a = Some(ahead(&needs));
+    }
+    batch.push(Request::Changes { all: false });
     (batch, needs)
 }
 
@@ -249,13 +257,10 @@ fn after_changes(got: &[Response]) -> &[Response] {
 }
 
 #[test]
-fn content_sent_ahead_of_the_stages_answer_is_taken_when_it_is_what_the_stage_needs() {
+fn content_sent_with_the_stage_is_taken_when_it_is_what_the_stage_needs() {
     let t = tempfile::tempdir().unwrap();
-    let (mut batch, needs) = upgrade(t.path());
+    let (mut batch, needs) = upgrade(t.path(), flip_wire::needs_digest);
     batch.extend([
-        Request::Ahead {
-            needs: flip_wire::needs_digest(&needs),
-        },
         literal(0, b"v2"),
         literal(2, b"new"),
         Request::Commit,
@@ -272,7 +277,6 @@ fn content_sent_ahead_of_the_stages_answer_is_taken_when_it_is_what_the_stage_ne
     assert_eq!(
         rest,
         [
-            Response::AheadTaken,
             Response::Committed { id: 2 },
             Response::Activated {
                 id: 2,
@@ -295,12 +299,9 @@ fn content_sent_ahead_of_the_stages_answer_is_taken_when_it_is_what_the_stage_ne
 #[test]
 fn content_sent_ahead_for_other_needs_is_dropped_up_to_bye_and_the_session_goes_on() {
     let t = tempfile::tempdir().unwrap();
-    let (mut batch, needs) = upgrade(t.path());
     // The client expected only new.txt to be needed.
+    let (mut batch, _) = upgrade(t.path(), |needs| flip_wire::needs_digest(&needs[1..]));
     batch.extend([
-        Request::Ahead {
-            needs: flip_wire::needs_digest(&needs[1..]),
-        },
         literal(2, b"new"),
         Request::Commit,
         Request::ActivateCommitted,
@@ -318,9 +319,9 @@ fn content_sent_ahead_for_other_needs_is_dropped_up_to_bye_and_the_session_goes_
     ]);
     let got = pipelined(t.path(), 0, batch);
     let rest = after_changes(&got);
-    for (r, want) in rest[..5]
+    for (r, want) in rest[..4]
         .iter()
-        .zip(["Ahead", "Commit", "ActivateCommitted", "Prune", "Bye"])
+        .zip(["Commit", "ActivateCommitted", "Prune", "Bye"])
     {
         match r {
             Response::NotDone { request, because } => {
@@ -334,7 +335,7 @@ fn content_sent_ahead_for_other_needs_is_dropped_up_to_bye_and_the_session_goes_
         }
     }
     assert_eq!(
-        rest[5..],
+        rest[4..],
         [
             Response::Committed { id: 2 },
             Response::Activated {

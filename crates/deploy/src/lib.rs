@@ -33,7 +33,7 @@ pub use target::{SshSettings, Target};
 use flip_manifest::{Digest, Manifest, RelPath};
 use flip_plan::report::{Counts, Item};
 use flip_plan::shared::SharedPaths;
-use flip_transfer::{ContentCache, ManifestCache, Session, TransferError};
+use flip_transfer::{ContentAhead, ContentCache, ManifestCache, Session, TransferError};
 use flip_wire::{Holder, Leftover, Purpose, ReleaseSummary};
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -1282,18 +1282,20 @@ impl Host {
         // `Prune` and a `Bye`.
         let end = single && o.shared.is_empty() && guess.is_some() && expected.is_none();
         if let Some(live) = expected {
-            s.stage_ahead(scanned, &live, o.label.clone(), o.itemize)?;
             // And its content, commit, activation, prune and bye: the whole upgrade in this
             // round trip. Not while waiting for a lock (the wait's notices are read only once
-            // the content is sent), nor with every path itemized (answers too large to leave
-            // unread while the content goes).
-            if !o.wait && !o.itemize {
+            // the content is sent).
+            let content = (!o.wait).then(|| ContentAhead {
+                source: ahead.source,
+                cache: caches.content_for(s),
+                keep: o.keep,
+            });
+            if content.is_some() {
                 ahead.sending.store(true, Ordering::SeqCst);
                 events.phase(index, Phase::Staging);
                 events.sending(index, &s.meter());
-                let content = caches.content_for(s);
-                s.send_ahead(ahead.source, scanned, &live, content, o.keep)?;
             }
+            s.stage_ahead(scanned, &live, o.label.clone(), o.itemize, content)?;
         }
         if end {
             s.queue_end_if_live(o.keep)?;

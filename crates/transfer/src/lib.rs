@@ -256,7 +256,7 @@ pub struct Session {
     activate_queued: bool,
     /// A `Stage` queued ahead of the status ([`Session::stage_ahead`]).
     ahead: Option<Ahead>,
-    /// The agent took the content sent ahead ([`Session::send_ahead`]): `Commit`,
+    /// The agent took the content sent ahead ([`Session::stage_ahead`]): `Commit`,
     /// `ActivateCommitted`, `Prune` and `Bye` went with it.
     took_ahead: bool,
     /// Every file sent whole ([`Session::send_whole_files`]).
@@ -272,12 +272,29 @@ struct Ahead {
     digest: Digest,
     base: Digest,
     old_digests: HashMap<RelPath, Digest>,
-    /// The content sent after it ([`Session::send_ahead`]).
+    /// The content sent after it ([`Session::stage_ahead`]).
     content: Option<SentAhead>,
 }
 
+/// What [`Session::stage_ahead`] needs to send the content with the stage: the source, the
+/// content cache (old versions to patch against) and the releases to keep.
+pub struct ContentAhead<'a> {
+    /// The source directory.
+    pub source: &'a Path,
+    /// The content cache, if any.
+    pub cache: Option<&'a ContentCache>,
+    /// Releases kept by the `Prune` sent with it.
+    pub keep: u32,
+}
+
+/// Answers read at most, after a failed write, to find the agent's error: the answers to one
+/// batch before the request that failed (a lock, a status, a stage and its changes, probes).
+const AFTER_FAILURE_MAX: usize = 1 << 16;
+
 /// Content sent ahead of the stage's answer, for the needs the client expected.
 struct SentAhead {
+    /// [`flip_wire::needs_digest`] of the needs it was sent for.
+    needs: Digest,
     /// What the send filled in of the report (how each file went, bytes).
     report: DeployReport,
     /// How the send policy picked each file, and its basis (the report's notes).
@@ -557,10 +574,16 @@ impl Session {
 
     /// A failed send's error: the agent's own, when it said why before it stopped reading.
     fn agent_error_or(&mut self, e: WireError) -> TransferError {
-        match self.answer() {
-            Ok(r @ Response::Error { .. }) => self.unexpected(&r),
-            _ => self.wire(e),
+        // The answers to what came before the failed request come first (at most what one
+        // batch asks, and the `NotDone`s are not read: the error precedes them).
+        for _ in 0..AFTER_FAILURE_MAX {
+            match self.answer() {
+                Ok(r @ Response::Error { .. }) => return self.unexpected(&r),
+                Ok(_) => {}
+                Err(_) => break,
+            }
         }
+        self.wire(e)
     }
 
     /// The next message of the agent that is not a notice (notices are kept, see
@@ -806,7 +829,7 @@ impl Session {
                 let (base, payload, old_digests) =
                     self.describe(manifest, previous, live_digest)?;
                 signed_ahead = matches!(base, StageBase::Dirs(_)) && !self.whole_files;
-                self.queue_stage(label, base, &payload, digest, itemize)?;
+                self.queue_stage(label, base, &payload, (digest, None), itemize)?;
                 if signed_ahead {
                     self.queue(&Request::BasisSignatures)?;
                 }
@@ -843,11 +866,19 @@ impl Session {
         } else {
             needs.len()
         };
+        // The agent takes content sent ahead when the stage needs exactly it (the same rule).
+        let (taken, refused) = match sent_ahead {
+            Some(sent) if sent.needs == flip_wire::needs_digest(&needs) => (Some(sent), false),
+            Some(_) => (None, true),
+            None => (None, false),
+        };
         let changes = self.changes(limit)?;
-        if let Some(sent) = sent_ahead {
-            if self.ahead_verdict()? {
-                return Ok(self.report_ahead(report, sent, changes, manifest));
-            }
+        if let Some(sent) = taken {
+            self.took_ahead = true;
+            return Ok(self.report_ahead(report, sent, changes, manifest));
+        }
+        if refused {
+            self.ahead_refused()?;
         }
         let (jobs, planned) = self.jobs(manifest, needs, &old_digests, content_cache)?;
         let content_bytes = jobs.iter().map(|j| j.size).sum::<u64>();
@@ -875,13 +906,14 @@ impl Session {
     }
 
     /// Queues `Stage` with its payload, and `Changes` (the agent answers it right after
-    /// `Staged`: no round trip of its own).
+    /// `Staged`: no round trip of its own); `ahead`: the digest of the needs whose content
+    /// follows (see [`Session::stage_ahead`]).
     fn queue_stage(
         &mut self,
         label: Option<String>,
         base: StageBase,
         payload: &[u8],
-        digest: Digest,
+        (digest, ahead): (Digest, Option<Digest>),
         itemize: bool,
     ) -> Result<()> {
         self.queue(&Request::Stage {
@@ -889,6 +921,7 @@ impl Session {
             base,
             payload_len: payload.len() as u64,
             digest,
+            ahead,
         })?;
         for c in payload.chunks(CHUNK) {
             self.queue(&Request::ManifestChunk(c.to_vec()))?;
@@ -903,57 +936,86 @@ impl Session {
     /// it [`Response::NotDone`] and the session goes on (`stage` stages as usual; any other
     /// path reads that answer with [`Session::drop_ahead`]).
     ///
+    /// With `content`, it also sends, without waiting for any answer, the content of the files
+    /// the stage needs if the target is as this client left it (the plan from `live` to
+    /// `manifest`, every basis offered), then queues `Commit`, `ActivateCommitted`,
+    /// `Prune { keep }` and `Bye` (see `Stage`'s `ahead`): a whole upgrade in the first
+    /// batch. Not when that content needs rsync signatures (a file whose old version is not in
+    /// the content cache goes as a delta): then only the stage is queued. [`Session::stage`]
+    /// reads the answers; when the agent took the content ([`Session::took_ahead`]) read
+    /// [`Session::committed`], [`Session::activated`], [`Session::pruned`] and
+    /// [`Session::closed`] next, else the deploy goes on as usual.
+    ///
     /// # Errors
-    /// See [`Session`].
+    /// See [`Session`]; with `content`, [`TransferError::Source`] for a source file that
+    /// cannot be read and [`TransferError::SourceChanged`] for one that changed meanwhile.
     pub fn stage_ahead(
         &mut self,
         manifest: &Manifest,
         live: &Manifest,
         label: Option<String>,
         itemize: bool,
+        content: Option<ContentAhead<'_>>,
     ) -> Result<()> {
         self.phase = "staging the release";
         let digest = manifest.digest();
         let base = live.digest();
         let (_, payload, old_digests) = self.describe(manifest, Some(live.clone()), Some(base))?;
-        self.queue_stage(label, StageBase::Diff(base), &payload, digest, itemize)?;
+        let jobs = match &content {
+            Some(c) => self.jobs_ahead(manifest, live, &old_digests, c.cache)?,
+            None => None,
+        };
+        let needs = jobs
+            .as_ref()
+            .map(|(_, _, needs)| flip_wire::needs_digest(needs));
+        let stage = (digest, needs);
+        self.queue_stage(label, StageBase::Diff(base), &payload, stage, itemize)?;
+        let sent = match (jobs, content) {
+            (Some((jobs, planned, _)), Some(c)) => {
+                let content_bytes = jobs.iter().map(|j| j.size).sum::<u64>();
+                self.meter.set_total(jobs.len() as u64, content_bytes);
+                let mut report = DeployReport::default();
+                self.phase = "sending file content";
+                content::send(self, c.source, &jobs, HashMap::new(), c.cache, &mut report)?;
+                drop(jobs);
+                for r in [
+                    Request::Commit,
+                    Request::ActivateCommitted,
+                    Request::Prune { keep: c.keep },
+                    Request::Bye,
+                ] {
+                    self.queue(&r)?;
+                }
+                self.activate_queued = true;
+                Some(SentAhead {
+                    needs: needs.unwrap_or(Digest([0; 32])),
+                    report,
+                    planned,
+                    content_bytes,
+                })
+            }
+            _ => None,
+        };
         self.ahead = Some(Ahead {
             digest,
             base,
             old_digests,
-            content: None,
+            content: sent,
         });
         Ok(())
     }
 
-    /// After [`Session::stage_ahead`] of `manifest` against `live`: sends, without waiting for
-    /// any answer, the content of the files the stage needs if the target is as this client
-    /// left it (the plan from `live` to `manifest`, every basis offered), then queues `Commit`,
-    /// `ActivateCommitted`, `Prune { keep }` and `Bye` (see [`Request::Ahead`]): a whole
-    /// upgrade in the first batch. Returns false, having sent nothing, when that content needs
-    /// rsync signatures (a file whose old version is not in `content_cache` and goes as a
-    /// delta). [`Session::stage`] then reads the answers; when the agent took the content
-    /// ([`Session::took_ahead`]) read [`Session::committed`], [`Session::activated`],
-    /// [`Session::pruned`] and [`Session::closed`] next, else the deploy goes on as usual.
-    ///
-    /// # Errors
-    /// See [`Session`]; [`TransferError::Source`] for a source file that cannot be read and
-    /// [`TransferError::SourceChanged`] for one that changed meanwhile.
-    pub fn send_ahead(
-        &mut self,
-        source: &Path,
-        manifest: &Manifest,
+    /// The jobs of the content a stage of `manifest` against `live` needs when the target is
+    /// as this client left it, and those needs (the agent's plan, every basis offered); `None`
+    /// when one of them would go as an rsync delta (its signature is a round trip).
+    #[allow(clippy::type_complexity)]
+    fn jobs_ahead<'m>(
+        &self,
+        manifest: &'m Manifest,
         live: &Manifest,
-        content_cache: Option<&ContentCache>,
-        keep: u32,
-    ) -> Result<bool> {
-        let Some(mut ahead) = self.ahead.take() else {
-            return Ok(false);
-        };
-        if ahead.digest != manifest.digest() || ahead.base != live.digest() {
-            self.ahead = Some(ahead);
-            return Ok(false);
-        }
+        old_digests: &'m HashMap<RelPath, Digest>,
+        cache: Option<&ContentCache>,
+    ) -> Result<Option<(Vec<content::Job<'m>>, Chosen, Vec<Need>)>> {
         let plan = flip_plan::plan(Some(live), manifest);
         let needs: Vec<Need> = plan
             .transfers()
@@ -968,82 +1030,31 @@ impl Session {
                 },
             })
             .collect();
-        let digest = flip_wire::needs_digest(&needs);
-        let (jobs, planned) = self.jobs(manifest, needs, &ahead.old_digests, content_cache)?;
+        let (jobs, planned) = self.jobs(manifest, needs.clone(), old_digests, cache)?;
         if jobs.iter().any(|j| j.basis.is_some()) {
-            drop(jobs);
-            self.ahead = Some(ahead);
-            return Ok(false);
+            return Ok(None);
         }
-        let content_bytes = jobs.iter().map(|j| j.size).sum::<u64>();
-        self.queue(&Request::Ahead { needs: digest })?;
-        self.meter.set_total(jobs.len() as u64, content_bytes);
-        let mut report = DeployReport::default();
-        self.phase = "sending file content";
-        content::send(
-            self,
-            source,
-            &jobs,
-            HashMap::new(),
-            content_cache,
-            &mut report,
-        )?;
-        drop(jobs);
-        for r in [
-            Request::Commit,
-            Request::ActivateCommitted,
-            Request::Prune { keep },
-            Request::Bye,
-        ] {
-            self.queue(&r)?;
-        }
-        self.activate_queued = true;
-        ahead.content = Some(SentAhead {
-            report,
-            planned,
-            content_bytes,
-        });
-        self.ahead = Some(ahead);
-        Ok(true)
+        Ok(Some((jobs, planned, needs)))
     }
 
-    /// Whether the agent took the content sent ahead ([`Session::send_ahead`]): the commit,
+    /// Whether the agent took the content sent ahead ([`Session::stage_ahead`]): the commit,
     /// activation, prune and bye are on their way.
     pub fn took_ahead(&self) -> bool {
         self.took_ahead
     }
 
-    /// Reads the answer to `Ahead`: taken, or not (then also the `NotDone`s of what was queued
-    /// after the content, up to `Bye`).
-    fn ahead_verdict(&mut self) -> Result<bool> {
-        match self.recv()? {
-            Response::AheadTaken => {
-                self.took_ahead = true;
-                Ok(true)
-            }
-            Response::NotDone { request, .. } if request == "Ahead" => {
-                loop {
-                    match self.recv()? {
-                        Response::NotDone { request, .. } if request == "Bye" => break,
-                        Response::NotDone { .. } => {}
-                        other => return Err(self.unexpected(&other)),
-                    }
-                }
-                self.activate_queued = false;
-                Ok(false)
-            }
-            other => Err(self.unexpected(&other)),
-        }
-    }
-
-    /// Reads the answers to content sent ahead of a stage that was not done: not taken.
+    /// Reads the `NotDone`s of what was queued after content the agent did not take, up to
+    /// `Bye`.
     fn ahead_refused(&mut self) -> Result<()> {
-        match self.ahead_verdict()? {
-            false => Ok(()),
-            true => Err(self.protocol(
-                "the agent took content sent ahead for a release this deploy does not make".into(),
-            )),
+        loop {
+            match self.recv()? {
+                Response::NotDone { request, .. } if request == "Bye" => break,
+                Response::NotDone { .. } => {}
+                other => return Err(self.unexpected(&other)),
+            }
         }
+        self.activate_queued = false;
+        Ok(())
     }
 
     /// The report of a stage whose content went ahead: `staged` says what the agent linked
@@ -1094,8 +1105,18 @@ impl Session {
             return Ok(());
         };
         if let Some(r) = self.ahead_answer()? {
-            if !matches!(r, Response::Staged { .. }) {
+            let Response::Staged { needs, .. } = &r else {
                 return Err(self.unexpected(&r));
+            };
+            if ahead
+                .content
+                .as_ref()
+                .is_some_and(|c| c.needs == flip_wire::needs_digest(needs))
+            {
+                return Err(self.protocol(
+                    "the agent took content sent ahead for a release this deploy does not make"
+                        .into(),
+                ));
             }
             self.changes(usize::MAX)?;
         }

@@ -35,8 +35,8 @@
 //! `Signature`s + `SignaturesDone` (a client without the live manifest pipelines
 //! `BasisSignatures` with the stage instead, answered the same way); `Literal`/`Delta`/`Patch` frames + `Commit` → `Committed`;
 //! `Activate` → `Activated`; `Prune` → `Pruned`; `Bye`. A client that made the live release
-//! sends its content ahead: `Stage`, `Changes`, `Ahead` (→ `AheadTaken`), content, `Commit`,
-//! `ActivateCommitted`, `Prune`, `Bye` in one batch (see [`Request::Ahead`] for when the
+//! sends its content ahead: `Stage` (with `ahead`), `Changes`, content, `Commit`,
+//! `ActivateCommitted`, `Prune`, `Bye` in one batch (see [`Request::Stage`] for when the
 //! content was not what the stage needs). A deploy that expects to change nothing
 //! queues `EndIfLive` behind `CheckLive`: `Pruned` + `Bye` when the live release is intact (the
 //! session ends in its first batch), else `NotDone` and the deploy goes on. `GetManifest` → `ManifestChunk`s fetches
@@ -305,6 +305,19 @@ pub enum Request {
         payload_len: u64,
         /// The new manifest's digest.
         digest: Digest,
+        /// The client sends the content of the files it expects the stage to need without
+        /// waiting for `Staged` (a client that made the live release there plans as the agent
+        /// will): [`needs_digest`] of those needs. The content follows the `Changes` asked with
+        /// the stage, then `Commit` and the requests up to and including `Bye`. The agent holds
+        /// every answer from `Staged` on until it reads that `Commit`, and writes them before it
+        /// acts on it (the client reads nothing before it has written its content, so neither
+        /// side waits for the other however much either sends).
+        /// When the stage was done and needs exactly those files, with those bases, it goes on
+        /// as usual; otherwise it drops every content frame up to the `Bye` and answers
+        /// [`Response::NotDone`] for each request up to and including it (the `Changes` of the
+        /// stage aside), acting on none, and the session goes on, the stage (if done) waiting
+        /// for the content it needs.
+        ahead: Option<Digest>,
     },
     /// Compare directory hashes with the live release's (see [`flip_manifest::DirTree`]), for a
     /// client that does not have the live manifest.
@@ -521,26 +534,13 @@ pub enum Request {
     /// [`Request::Signatures`] is ([`Response::Signature`]s, then [`Response::SignaturesDone`]),
     /// so such a client asks in the stage's round trip instead of one of its own.
     BasisSignatures,
-    /// After a `Stage` (and its `Changes`) the agent has not answered yet: the client sends the
-    /// content of the files it expects the stage to need without waiting for `Staged` (a client
-    /// that made the live release there, whose plan is the agent's), then the requests that
-    /// follow it, up to and including `Bye`. `needs` is [`needs_digest`] of the needs it
-    /// expects. When the stage was done and needs exactly those files (with those bases) the
-    /// agent answers [`Response::AheadTaken`] and goes on as usual. Otherwise it answers
-    /// [`Response::NotDone`] for it, drops every content frame up to the next `Bye` and
-    /// answers `NotDone` for each request up to and including that `Bye`, acting on none;
-    /// then the session goes on, the stage (if done) still open for the content it needs.
-    Ahead {
-        /// [`needs_digest`] of the needs the client expects.
-        needs: Digest,
-    },
     /// Make live the release this session committed, checked as [`Request::Activate`] checks
     /// it; for a client that queues it before it knows the release's id. Answered by
     /// [`Response::Activated`].
     ActivateCommitted,
 }
 
-/// The digest of a stage's needs, as [`Request::Ahead`] names them: blake3 over each need in
+/// The digest of a stage's needs, as `Stage`'s `ahead` names them: blake3 over each need in
 /// order (its index, 4 bytes little-endian; then 0 for no basis, or 1, the basis's length (8
 /// bytes little-endian), its bytes and its size (8 bytes little-endian)).
 pub fn needs_digest(needs: &[Need]) -> Digest {
@@ -794,8 +794,6 @@ pub enum Response {
         /// The root is a target already.
         exists: bool,
     },
-    /// The answer to [`Request::Ahead`]: the content sent ahead is what the stage needs.
-    AheadTaken,
 }
 
 /// Most requests expecting an answer that an agent reads, after a failed one, to answer them

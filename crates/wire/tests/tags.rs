@@ -61,6 +61,7 @@ fn request_tags_are_pinned() {
                 base: StageBase::Whole,
                 payload_len: 0,
                 digest: d,
+                ahead: None,
             },
             4,
         ),
@@ -154,8 +155,7 @@ fn request_tags_are_pinned() {
         (Request::CanDeploy, 26),
         (Request::EndIfLive { keep: 1 }, 27),
         (Request::BasisSignatures, 28),
-        (Request::Ahead { needs: d }, 29),
-        (Request::ActivateCommitted, 30),
+        (Request::ActivateCommitted, 29),
     ];
     for (req, want) in &cases {
         assert_eq!(tag(req), *want, "tag of {req:?}");
@@ -294,7 +294,6 @@ fn response_tags_are_pinned() {
         ),
         (Response::Checked { id: 1 }, 24),
         (Response::Deployable { exists: true }, 25),
-        (Response::AheadTaken, 26),
     ];
     for (resp, want) in &cases {
         assert_eq!(tag(resp), *want, "tag of {resp:?}");

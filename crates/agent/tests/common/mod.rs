@@ -86,6 +86,7 @@ pub fn stage_whole(m: &Manifest) -> Vec<Request> {
             base: flip_wire::StageBase::Whole,
             payload_len: bytes.len() as u64,
             digest: m.digest(),
+            ahead: None,
         },
         Request::ManifestChunk(bytes),
     ]
