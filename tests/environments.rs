@@ -375,6 +375,39 @@ fn a_deploy_waiting_for_a_lock_holds_no_lock_of_a_target_named_after_it() {
     }
 }
 
+/// `flip rollback ENV --wait` locks in the same order: waiting for t1, it holds no lock of t2.
+#[test]
+fn an_environment_rollback_waiting_for_a_lock_holds_no_lock_of_a_target_named_after_it() {
+    let fx = Fx::new();
+    let (roots, _, src) = two_targets(&fx, "");
+    deploy_labels(&fx, &src, &["v1", "v2"]);
+    let mut holder = hold_lock(&roots[0], 10);
+    let running = fx.spawn(&[], &["rollback", "prod", "--wait"]);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while !running.stderr_so_far().contains("is locked by") {
+        assert!(
+            std::time::Instant::now() < until,
+            "the rollback never waited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !lock_is_free(&roots[1]) {
+        assert!(
+            std::time::Instant::now() < until,
+            "the rollback kept t2 locked while it waited for t1"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(link(&roots[1]), "releases/2", "nothing moved on t2");
+    holder.wait().unwrap();
+    let r = running.finish(Duration::from_secs(60));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for root in &roots {
+        assert_eq!(link(root), "releases/1");
+    }
+}
+
 /// The case itself: environments `prod` (t1, t2) and `back` (t2, t1) deployed at once, both
 /// waiting, while t2 is busy: both end, one after the other. Before, each could take one
 /// target and wait for the other's lock for ever.

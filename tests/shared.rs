@@ -515,6 +515,19 @@ fn a_writable_directory_of_a_shared_one_that_is_a_file_in_the_source_is_refused_
     assert_shared_layout(&fx.root);
 }
 
+/// The uid of user `name` (`id -u`).
+fn uid_of(name: &str) -> u32 {
+    let out = std::process::Command::new("id")
+        .args(["-u", name])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn writable_dirs_get_their_mode_and_as_root_their_owner() {
     let fx = Fx::new();
@@ -531,15 +544,7 @@ fn writable_dirs_get_their_mode_and_as_root_their_owner() {
     assert_eq!(mode(&in_shared), 0o2770);
     assert_eq!(mode(&in_release), 0o2770);
     if is_root {
-        let out = std::process::Command::new("id")
-            .args(["-u", "nobody"])
-            .output()
-            .unwrap();
-        let nobody: u32 = String::from_utf8(out.stdout)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let nobody = uid_of("nobody");
         assert_eq!(fs::metadata(&in_shared).unwrap().uid(), nobody);
         assert_eq!(fs::metadata(&in_release).unwrap().uid(), nobody);
     } else {
@@ -560,7 +565,7 @@ fn writable_dirs_get_their_mode_and_as_root_their_owner() {
             &fx,
             &format!("{CONFIG}writable_mode = \"2770\"\nwritable_owner = \"daemon\"\n"),
         );
-        let daemon = |p: &std::path::Path| fs::metadata(p).unwrap().uid();
+        let uid = |p: &std::path::Path| fs::metadata(p).unwrap().uid();
         let before = fx.current_link();
         let j = fx.deploy(&src, &[]);
         assert_eq!(j["unchanged"], false, "{j}");
@@ -571,17 +576,9 @@ fn writable_dirs_get_their_mode_and_as_root_their_owner() {
             "{j}"
         );
         assert_ne!(fx.current_link(), before);
-        let out = std::process::Command::new("id")
-            .args(["-u", "daemon"])
-            .output()
-            .unwrap();
-        let want: u32 = String::from_utf8(out.stdout)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert_eq!(daemon(&fx.current().join("bootstrap/cache")), want);
-        assert_eq!(daemon(&in_shared), want);
+        let want = uid_of("daemon");
+        assert_eq!(uid(&fx.current().join("bootstrap/cache")), want);
+        assert_eq!(uid(&in_shared), want);
         let again = fx.deploy(&src, &[]);
         assert_eq!(again["unchanged"], true, "{again}");
         write_config(

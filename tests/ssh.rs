@@ -252,11 +252,17 @@ fn the_system_ssh_client_can_be_the_transport() {
     assert_dir_eq(&w.fx.current(), &src.tree(), "current via system ssh");
 }
 
+/// Held by the tests that need the server's cached agent as they find it: the upload test
+/// removes it, and a deploy that runs meanwhile uploads it again and starts it without the
+/// preamble (as any relaunch after an upload).
+static AGENT_CACHE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Without --remote-flip and without flip on the server's PATH, flip uploads the agent-only
 /// build beside it (`flip-agent`) to ~/.cache/flip/flip-VERSION-BLAKE3 on the server
 /// (compressed, checked) and runs that: the deploys are served by flip-agent.
 #[test]
 fn the_agent_is_uploaded_when_the_server_has_none() {
+    let _cache = AGENT_CACHE.lock().unwrap_or_else(|e| e.into_inner());
     let w = World::new();
     // The server's home is root's real home: use the build's own file name and remove it after.
     let home = PathBuf::from(std::env::var("FLIP_TEST_SERVER_HOME").unwrap_or("/root".into()));
@@ -839,6 +845,7 @@ fn running_out_of_file_descriptors_is_an_error_never_a_panic() {
 /// holds none of what the server's other users must not see.
 #[test]
 fn the_first_batch_goes_in_the_agents_command_line() {
+    let _cache = AGENT_CACHE.lock().unwrap_or_else(|e| e.into_inner());
     let w = World::new();
     let key = w.key();
     let src = w.fx.src("src");

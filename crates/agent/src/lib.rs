@@ -161,8 +161,9 @@ struct Session {
     /// The last request was a `Stage` against a release no longer live (why): a `Changes`
     /// right after it is not done either.
     stale: Option<String>,
-    /// Content sent ahead of a stage that needs other content (why): until the next `Bye`,
-    /// content frames are dropped and requests answered `NotDone` ([`Request::Ahead`]).
+    /// Content sent ahead of a stage that needs other content, or that was not done (why):
+    /// until the next `Bye`, content frames are dropped and requests answered `NotDone`
+    /// (`Stage`'s `ahead`).
     dropping: Option<String>,
     /// The client said `Bye`: the session ended as the client meant it to.
     bye: bool,

@@ -122,25 +122,59 @@ fn none_moved(
 }
 
 /// Phase 1: connect, lock and read the status of every target, in parallel (lock and status
-/// in one round trip).
+/// in one round trip). With `--wait`, in the order of the targets' names as a deploy does
+/// (`crate::order`): waiting for a target's lock while holding one named after it, every
+/// lock is let go, that one is waited for alone, and all are taken again.
 fn lock_everywhere(
     targets: &[Target],
     o: &Options,
     purpose: Purpose,
     events: &dyn Events,
 ) -> Vec<Result<Locked, DeployError>> {
-    crate::each_in_parallel(targets.iter().enumerate(), |(i, t)| {
-        // Lock and status in one round trip.
-        let mut session = lock_queued(t, o, purpose)?;
-        session.queue_status()?;
-        session.locked(&mut |h| events.waiting(i, h))?;
-        let (current, releases) = session.status_answer()?;
-        Ok(Locked {
-            session,
-            current,
-            releases,
-        })
-    })
+    let names: Vec<String> = targets.iter().map(Target::display).collect();
+    loop {
+        let book = crate::order::LockBook::new(&names, o.wait);
+        let locked = crate::each_in_parallel(targets.iter().enumerate(), |(i, t)| {
+            // Lock and status in one round trip.
+            let mut session = lock_queued(t, o, purpose)?;
+            session.queue_status()?;
+            let taken = session.locked_unless(&mut |h| events.waiting(i, h), &|| book.waits(i))?;
+            if !taken || !book.took(i) {
+                return Err(DeployError::GaveWay {
+                    target: t.display(),
+                });
+            }
+            let (current, releases) = session.status_answer()?;
+            Ok(Locked {
+                session,
+                current,
+                releases,
+            })
+        });
+        let Some(k) = book.gave_way() else {
+            return locked;
+        };
+        for l in locked.into_iter().flatten() {
+            let _ = l.session.close();
+        }
+        let alone = lock_queued(&targets[k], o, purpose).and_then(|mut s| {
+            s.locked(&mut |h| events.waiting(k, h))?;
+            Ok(s.close()?)
+        });
+        if let Err(e) = alone {
+            let why = e.to_string();
+            let mut failed = Some(e);
+            return (0..targets.len())
+                .map(|i| match i == k {
+                    true => Err(failed.take().expect("one target waited for")),
+                    false => Err(DeployError::Aborted {
+                        target: names[i].clone(),
+                        why: format!("another target failed ({why}); nothing was changed"),
+                    }),
+                })
+                .collect();
+        }
+    }
 }
 
 /// Each target's outcome so far and its session, with the release `plan` names there; and the

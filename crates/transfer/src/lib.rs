@@ -965,13 +965,10 @@ impl Session {
             Some(c) => self.jobs_ahead(manifest, live, &old_digests, c.cache)?,
             None => None,
         };
-        let needs = jobs
-            .as_ref()
-            .map(|(_, _, needs)| flip_wire::needs_digest(needs));
-        let stage = (digest, needs);
+        let stage = (digest, jobs.as_ref().map(|(_, _, needs)| *needs));
         self.queue_stage(label, StageBase::Diff(base), &payload, stage, itemize)?;
         let sent = match (jobs, content) {
-            (Some((jobs, planned, _)), Some(c)) => {
+            (Some((jobs, planned, needs)), Some(c)) => {
                 let content_bytes = jobs.iter().map(|j| j.size).sum::<u64>();
                 self.meter.set_total(jobs.len() as u64, content_bytes);
                 let mut report = DeployReport::default();
@@ -988,7 +985,7 @@ impl Session {
                 }
                 self.activate_queued = true;
                 Some(SentAhead {
-                    needs: needs.unwrap_or(Digest([0; 32])),
+                    needs,
                     report,
                     planned,
                     content_bytes,
@@ -1006,8 +1003,9 @@ impl Session {
     }
 
     /// The jobs of the content a stage of `manifest` against `live` needs when the target is
-    /// as this client left it, and those needs (the agent's plan, every basis offered); `None`
-    /// when one of them would go as an rsync delta (its signature is a round trip).
+    /// as this client left it, how each goes, and [`flip_wire::needs_digest`] of those needs
+    /// (the agent's plan, every basis offered); `None` when one of them would go as an rsync
+    /// delta (its signature is a round trip).
     #[allow(clippy::type_complexity)]
     fn jobs_ahead<'m>(
         &self,
@@ -1015,7 +1013,7 @@ impl Session {
         live: &Manifest,
         old_digests: &'m HashMap<RelPath, Digest>,
         cache: Option<&ContentCache>,
-    ) -> Result<Option<(Vec<content::Job<'m>>, Chosen, Vec<Need>)>> {
+    ) -> Result<Option<(Vec<content::Job<'m>>, Chosen, Digest)>> {
         let plan = flip_plan::plan(Some(live), manifest);
         let needs: Vec<Need> = plan
             .transfers()
@@ -1030,11 +1028,12 @@ impl Session {
                 },
             })
             .collect();
-        let (jobs, planned) = self.jobs(manifest, needs.clone(), old_digests, cache)?;
+        let digest = flip_wire::needs_digest(&needs);
+        let (jobs, planned) = self.jobs(manifest, needs, old_digests, cache)?;
         if jobs.iter().any(|j| j.basis.is_some()) {
             return Ok(None);
         }
-        Ok(Some((jobs, planned, needs)))
+        Ok(Some((jobs, planned, digest)))
     }
 
     /// Whether the agent took the content sent ahead ([`Session::stage_ahead`]): the commit,
