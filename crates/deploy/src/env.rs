@@ -157,11 +157,7 @@ fn lock_everywhere(
         for l in locked.into_iter().flatten() {
             let _ = l.session.close();
         }
-        let alone = lock_queued(&targets[k], o, purpose).and_then(|mut s| {
-            s.locked(&mut |h| events.waiting(k, h))?;
-            Ok(s.close()?)
-        });
-        if let Err(e) = alone {
+        if let Err(e) = crate::lock_alone(&targets[k], o, purpose, &mut |h| events.waiting(k, h)) {
             let why = e.to_string();
             let mut failed = Some(e);
             return (0..targets.len())

@@ -388,11 +388,27 @@ pub fn deploy(
         };
         // Nothing of that attempt went live and its locks are released: wait for the lock it
         // gave way to, alone, then start again.
-        let mut s = connect(&targets[k], o, false)?;
-        s.queue_lock(holder(Purpose::Deploy), true)?;
-        s.locked(&mut |h| events.waiting(k, h))?;
-        s.close()?;
+        lock_alone(&targets[k], o, Purpose::Deploy, &mut |h| {
+            events.waiting(k, h)
+        })?;
     }
+}
+
+/// Waits for `target`'s lock (for `purpose`) in a session of its own, holding no other, and
+/// lets go of it at once: what an attempt that gave way to a lock holder does before it
+/// starts again (see [`order`]); `on_wait` hears the holder.
+///
+/// # Errors
+/// Connecting, the lock's answer, or closing the session.
+pub(crate) fn lock_alone(
+    target: &Target,
+    o: &Options,
+    purpose: Purpose,
+    on_wait: &mut dyn FnMut(&str),
+) -> Result<(), DeployError> {
+    let mut s = lock_queued(target, o, purpose)?;
+    s.locked(on_wait)?;
+    Ok(s.close()?)
 }
 
 /// One attempt of [`deploy`]; with `--wait`, it may give way (see [`order`]).
