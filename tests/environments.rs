@@ -335,6 +335,25 @@ fn lock_is_free(root: &Path) -> bool {
     unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
+/// Once `running` says it waits for a lock, the lock of `later` (a target named after the
+/// one waited for) is let go within 5 s.
+fn waits_holding_no_later_lock(running: &Running, later: &Path) {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while !running.stderr_so_far().contains("is locked by") {
+        assert!(std::time::Instant::now() < until, "it never waited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !lock_is_free(later) {
+        assert!(
+            std::time::Instant::now() < until,
+            "{} stayed locked while it waited",
+            later.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Two deploys that share targets, both waiting (`--wait`), could each hold one target and
 /// wait for the other's lock for ever. A deploy now waits for a target's lock only while it
 /// holds none of a target named after it: with t1 busy, the deploy that took t2 lets go of it
@@ -349,21 +368,9 @@ fn a_deploy_waiting_for_a_lock_holds_no_lock_of_a_target_named_after_it() {
     // Held for 10 s (the holder's `sleep` keeps the lock however `flock` ends).
     let mut holder = hold_lock(&roots[0], 10);
     let running = fx.spawn(&[], &["deploy", "prod", "--wait", "--json"]);
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while !running.stderr_so_far().contains("is locked by") {
-        assert!(std::time::Instant::now() < until, "the deploy never waited");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     // t2's lock was taken with t1's wait (in parallel): it is let go at once, long before t1
     // is free.
-    let until = std::time::Instant::now() + Duration::from_secs(5);
-    while !lock_is_free(&roots[1]) {
-        assert!(
-            std::time::Instant::now() < until,
-            "the deploy kept t2 locked while it waited for t1"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    waits_holding_no_later_lock(&running, &roots[1]);
     assert_eq!(listing(&roots[1]), (vec![1], vec![]), "nothing made on t2");
     holder.wait().unwrap();
     let r = running.finish(Duration::from_secs(60));
@@ -383,22 +390,7 @@ fn an_environment_rollback_waiting_for_a_lock_holds_no_lock_of_a_target_named_af
     deploy_labels(&fx, &src, &["v1", "v2"]);
     let mut holder = hold_lock(&roots[0], 10);
     let running = fx.spawn(&[], &["rollback", "prod", "--wait"]);
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while !running.stderr_so_far().contains("is locked by") {
-        assert!(
-            std::time::Instant::now() < until,
-            "the rollback never waited"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let until = std::time::Instant::now() + Duration::from_secs(5);
-    while !lock_is_free(&roots[1]) {
-        assert!(
-            std::time::Instant::now() < until,
-            "the rollback kept t2 locked while it waited for t1"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    waits_holding_no_later_lock(&running, &roots[1]);
     assert_eq!(link(&roots[1]), "releases/2", "nothing moved on t2");
     holder.wait().unwrap();
     let r = running.finish(Duration::from_secs(60));

@@ -510,20 +510,13 @@ fn an_agent_whose_client_was_killed_stops_its_work_and_frees_the_lock_at_once() 
 /// release for no one: its agent now ends at its next look at the lock.
 #[test]
 fn an_agent_waiting_for_the_lock_whose_client_was_killed_stops_waiting() {
-    use std::os::fd::AsRawFd;
     let fx = Fx::new();
     let src = fx.src("src");
     src.file("index.php", "v1\n", 0o644);
     fx.deploy(&src, &[]);
     src.file("index.php", "v2\n", 0o644);
     // Held as another deploy holds it.
-    let lock = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(fx.root.join(".flip/lock"))
-        .unwrap();
-    // SAFETY: flock on a descriptor this test owns.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let lock = hold_root_lock(&fx.root);
     let run = fx.spawn(&[], &["deploy", "--wait", src.s(), fx.root_str()]);
     let pid = run.pid();
     let deadline = std::time::Instant::now() + TIMEOUT;

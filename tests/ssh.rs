@@ -391,15 +391,7 @@ fn a_waiting_agent_behind_the_system_ssh_stops_once_its_client_is_killed() {
 
 /// The target's lock, held as another deploy holds it, until dropped.
 fn hold_lock(fx: &Fx) -> fs::File {
-    use std::os::fd::AsRawFd;
-    let lock = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(fx.root.join(".flip/lock"))
-        .unwrap();
-    // SAFETY: flock on a descriptor this test owns.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
-    lock
+    hold_root_lock(&fx.root)
 }
 
 /// The agent serving `root` for `run`, once `run` says it waits for the lock.

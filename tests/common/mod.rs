@@ -779,3 +779,17 @@ pub fn exited(pid: u32) -> bool {
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
     }
 }
+
+/// Takes `root`'s deploy lock (`.flip/lock`) from this process, waiting for it, as another
+/// deploy holds it: held until the file is dropped.
+pub fn hold_root_lock(root: &Path) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(root.join(".flip/lock"))
+        .unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    lock
+}
