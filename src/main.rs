@@ -815,6 +815,7 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
     // An environment's table shows the targets that answered; each other one is named with
     // its error (exit 10).
     let mut listed = Vec::new();
+    let mut failed = Vec::new();
     let mut code = exit::OK;
     for target in &targets {
         let status = (|| -> Result<_> {
@@ -830,11 +831,11 @@ fn releases(a: cli::ReleasesArgs, cfg: Option<&Config>) -> Result<Code> {
                 lives.push(live);
                 listed.push(target.clone());
             }
-            Err(e) => target_failed(env.is_some(), target, e, &mut code, None)?,
+            Err(e) => target_failed(env.is_some(), target, e, &mut code, Some(&mut failed))?,
         }
     }
     if let Some(env) = env {
-        render::release_table(&env.env, &listed, &lists, &lives, a.json);
+        render::release_table(&env.env, &listed, &lists, &lives, &failed, a.json);
         return Ok(code);
     }
     let (target, list) = (&targets[0], &lists[0]);

@@ -323,11 +323,14 @@ pub fn unlisted_live(list: &[flip_wire::ReleaseSummary], live: Option<u64>) -> O
 /// of that label (`*`: live). A live release left out of a target's listing (its metadata
 /// damaged or gone: the target's warning says which) gets a last row of its own, marked live,
 /// its label and time unknown (JSON: `"damaged": true` on that row, `false` on the others).
+/// `failed` are the targets that did not answer (`failed_host` objects): named on stderr
+/// already, and in the JSON a last row of their own (`"failed": true`), each with its error.
 pub fn release_table(
     env: &str,
     targets: &[Target],
     lists: &[Vec<flip_wire::ReleaseSummary>],
     lives: &[Option<u64>],
+    failed: &[Value],
     json: bool,
 ) {
     let rows = flip_deploy::label_rows(lists);
@@ -351,13 +354,26 @@ pub fn release_table(
             .iter()
             .map(|r| {
                 json!({"label": r.label, "created": output::iso_time(r.created),
-                    "damaged": false, "releases": cells(&r.ids, &r.live)})
+                    "damaged": false, "failed": false, "releases": cells(&r.ids, &r.live)})
             })
             .collect();
         if damaged {
             let live: Vec<bool> = unlisted.iter().map(Option::is_some).collect();
-            arr.push(json!({"label": null, "created": null, "damaged": true,
-                "releases": cells(&unlisted, &live)}));
+            arr.push(
+                json!({"label": null, "created": null, "damaged": true, "failed": false,
+                "releases": cells(&unlisted, &live)}),
+            );
+        }
+        if !failed.is_empty() {
+            // The targets that did not answer (named on stderr too), each with its error.
+            let cells: Vec<Value> = failed
+                .iter()
+                .map(|f| json!({"target": f["target"], "id": null, "current": null, "error": f["error"]}))
+                .collect();
+            arr.push(
+                json!({"label": null, "created": null, "damaged": false, "failed": true,
+                "releases": cells}),
+            );
         }
         outln!("{}", Value::Array(arr));
         return;

@@ -1259,6 +1259,26 @@ fn releases_of_an_environment_list_the_targets_that_answer() {
     );
     let j = fx.flip(&["releases", "prod", "--json"]).code(10).json();
     assert_eq!(j[0]["label"], "v1", "{j}");
+    assert_eq!(j[0]["failed"], false, "{j}");
+    assert_eq!(j[0]["releases"].as_array().unwrap().len(), 1, "{j}");
+    // The target that did not answer: a last row of its own, with its error (JSON readers
+    // saw only the exit code before).
+    let rows = j.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{j}");
+    let last = &rows[1];
+    assert_eq!(last["failed"], true, "{j}");
+    assert_eq!(last["damaged"], false, "{j}");
+    assert_eq!(last["label"], serde_json::Value::Null, "{j}");
+    let cell = &last["releases"][0];
+    assert_eq!(cell["target"], down, "{j}");
+    assert_eq!(cell["id"], serde_json::Value::Null, "{j}");
+    assert_eq!(cell["error"]["code"], 6, "{j}");
+    assert!(
+        cell["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("127.0.0.1:1")),
+        "{j}"
+    );
     // `verify` and `prune` name the target that did not answer too (`prune` said nothing of
     // it but its exit code).
     for cmd in ["verify", "prune"] {
