@@ -340,8 +340,9 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
 /// A deploy through the system `ssh` (`--ssh-command`) that waits for the lock (`--wait`) and
 /// whose client is killed (a CI job cancelled): `ssh` lives on, its input at end of file and
 /// nothing to write, so the agent behind it never saw its client go and waited for as long as
-/// the holder kept the lock. The agent now repeats who holds the lock every few seconds; that
-/// write ends `ssh`, and the agent stops waiting. The client printed the holder once.
+/// the holder kept the lock. The agent now stops at its own input's end, which ssh passes on
+/// (it also repeats who holds the lock every few seconds, a write that would end `ssh`). The
+/// client printed the holder once.
 #[test]
 fn a_waiting_agent_behind_the_system_ssh_stops_once_its_client_is_killed() {
     let w = World::new();
@@ -376,8 +377,9 @@ fn a_waiting_agent_behind_the_system_ssh_stops_once_its_client_is_killed() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let took = killed.elapsed();
+    // Before it repeats who holds the lock (`LOCK_RETELL`): at its input's end.
     assert!(
-        took < LOCK_RETELL + Duration::from_secs(10),
+        took < Duration::from_secs(4),
         "the agent (or ssh) still waited {took:?} after the client was killed"
     );
     // It never got the lock: nothing staged, the live release untouched; the next deploy runs.
@@ -387,6 +389,80 @@ fn a_waiting_agent_behind_the_system_ssh_stops_once_its_client_is_killed() {
     w.fx.flip(&[&["deploy", src.s(), &target][..], &args].concat())
         .success();
     assert_eq!(w.fx.current_link(), "releases/2");
+}
+
+/// A deploy through the system `ssh` whose client is killed while its `before_activate` hook
+/// runs (a CI job cancelled): `ssh` lives on and reads on, so the agent, which watched only
+/// its output, never saw its client go: the hook ran to its timeout, the lock held all along.
+/// ssh passes the end of its input on; at that end the agent now kills the hook, removes the
+/// release it committed and frees the lock, at once.
+#[test]
+fn a_hook_behind_the_system_ssh_stops_once_its_client_is_killed() {
+    let w = World::new();
+    let cfg = w.fx.path("ssh_config");
+    w.sshd.write_ssh_config(&cfg, "web1");
+    let cmd = format!("ssh -F {}", s(&cfg));
+    let target = format!("web1:{}", w.fx.root_str());
+    let src = w.fx.src("src");
+    site_v1(&src);
+    let args = ["--ssh-command", &cmd, "--remote-flip", FLIP];
+    let deploy = [&["deploy", src.s(), &target][..], &args].concat();
+    w.fx.flip(&deploy).success();
+    site_v2(&src);
+    let pidfile = w.fx.path("hook.pid");
+    fs::write(
+        w.fx.path("flip.toml"),
+        format!(
+            "before_activate = [\"echo $$ > {}; sleep 60\"]\n",
+            s(&pidfile)
+        ),
+    )
+    .unwrap();
+    let run = w.fx.spawn(&[], &deploy);
+    let deadline = Instant::now() + TIMEOUT;
+    let hook = loop {
+        if let Some(pid) = fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the hook never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let agent = *agents_serving(w.fx.root_str())
+        .first()
+        .expect("an agent serves the deploy");
+    let ssh = children(run.pid());
+    assert!(!ssh.is_empty(), "the client runs ssh");
+    // SAFETY: kill of the flip client this test started.
+    unsafe { libc::kill(run.pid() as i32, libc::SIGKILL) };
+    assert!(run.wait_any(TIMEOUT).is_some());
+    let killed = Instant::now();
+    let over = || exited(hook) && exited(agent) && ssh.iter().all(|&p| exited(p));
+    while !over() && killed.elapsed() < TIMEOUT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the hook, the agent or ssh outlived the client by {took:?} (hook alive: {})",
+        !exited(hook)
+    );
+    // The release whose hook never finished is gone, the live one untouched, the lock free.
+    assert_eq!(w.fx.current_link(), "releases/1");
+    assert_eq!(w.fx.release_ids(), vec![1]);
+    fs::remove_file(w.fx.path("flip.toml")).unwrap();
+    let j =
+        w.fx.flip(&[&deploy[..], &["--json"]].concat())
+            .success()
+            .json();
+    assert_eq!(j["release"], 3, "{j}");
+    assert_dir_eq(
+        &w.fx.current(),
+        &src.tree(),
+        "current after the next deploy",
+    );
 }
 
 /// The target's lock, held as another deploy holds it, until dropped.

@@ -504,26 +504,47 @@ fn output_would_block() -> bool {
     n == 0 || (n > 0 && pfd.revents & libc::POLLOUT == 0)
 }
 
-/// Waits until nobody reads the agent's stdout any more (the client was killed, or its
-/// connection dropped: the pipe or socket reports an error or a hangup), then abandons the work
-/// in progress ([`flip_release::abandon`]): the session ends at its next file or piece, removes
-/// its staging directory and releases the lock, instead of finishing staging or signatures for
-/// no one while a retry finds the target locked.
+/// Waits until nobody reads the agent's stdout any more, or nobody writes its stdin (the
+/// client was killed, or its connection dropped: the pipe or socket reports an error or a
+/// hangup), then abandons the work in progress ([`flip_release::abandon`]): the session ends
+/// at its next file or piece, stops a running hook, removes its staging directory and releases
+/// the lock, instead of finishing staging, signatures or a hook for no one while a retry finds
+/// the target locked. The client closes its end only after the answer to its `Bye` (which
+/// comes after the teardown) or when it gives up. Behind the system `ssh` (`--ssh-command`),
+/// which outlives a killed client and reads on, only the input tells: ssh passes the end of
+/// its input on, and sshd closes the agent's stdin.
 fn watch_client() {
-    loop {
-        let mut pfd = libc::pollfd {
+    let mut pfds = [
+        libc::pollfd {
             fd: 1,
             // Nothing asked for: only POLLERR, POLLHUP and POLLNVAL are reported.
             events: 0,
             revents: 0,
-        };
-        // SAFETY: one pollfd we own, count 1, no timeout.
-        let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+        },
+        libc::pollfd {
+            fd: 0,
+            // A pipe with no writer left reports POLLHUP; a socket whose peer shut its writing
+            // down, POLLRDHUP.
+            events: libc::POLLRDHUP,
+            revents: 0,
+        },
+    ];
+    while pfds.iter().any(|p| p.fd >= 0) {
+        // SAFETY: two pollfds we own, count 2, no timeout (a negative fd is skipped).
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
         if n > 0 {
-            if pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            let hangup = libc::POLLERR | libc::POLLHUP | libc::POLLRDHUP;
+            if pfds.iter().any(|p| p.revents & hangup != 0) {
                 flip_release::abandon();
+                return;
             }
-            return;
+            // Not a descriptor that can tell (POLLNVAL): watched no more.
+            for p in &mut pfds {
+                if p.revents != 0 {
+                    p.fd = -1;
+                }
+            }
+            continue;
         }
         if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
             return;
