@@ -450,6 +450,55 @@ fn ids_are_never_reused_after_pruning_the_newest_releases() {
     assert_eq!(fs::read(fx.current().join("version.txt")).unwrap(), b"d");
 }
 
+/// The lock taken with a plain `flock` (maintenance, another tool): the lock file still names
+/// the agent of the last deploy, which has exited. The deploy and `flip doctor` say the holder
+/// did not write its name, and name that pid only as an earlier holder's (they named it as the
+/// holder, sending the reader after a process that no longer runs).
+#[test]
+fn a_lock_taken_with_a_plain_flock_is_not_blamed_on_the_last_deploy() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    fx.deploy(&src, &[]);
+    let left: serde_json::Value =
+        serde_json::from_slice(&fs::read(fx.root.join(".flip/lock")).unwrap()).unwrap();
+    let earlier = left["pid"]
+        .as_u64()
+        .expect("the deploy's agent wrote its pid");
+    let lock = hold_root_lock(&fx.root);
+    site_v2(&src);
+    let j = fx
+        .flip(&["deploy", "--json", src.s(), fx.root_str()])
+        .code(3)
+        .json();
+    let m = j["error"]["message"].as_str().unwrap();
+    assert!(
+        m.contains("a process that has not written its name into the lock file")
+            && m.contains(&format!("pid {earlier} on "))
+            && m.contains("earlier holder that no longer runs"),
+        "{m}"
+    );
+    let doctor = fx.flip(&["doctor", "--json", fx.root_str()]).json();
+    let found = doctor["hosts"][0]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "lock")
+        .unwrap_or_else(|| panic!("{doctor}"))
+        .clone();
+    let m = found["message"].as_str().unwrap();
+    assert!(
+        m.contains(&format!(
+            "locked by pid {} (it has not written its name",
+            std::process::id()
+        )) && m.contains(&format!("the name there, pid {earlier} on ")),
+        "{m}"
+    );
+    drop(lock);
+    fx.deploy(&src, &[]);
+    assert_eq!(fx.current_link(), "releases/2");
+}
+
 /// Takes the target's lock from this process, as another flip would, with a holder record.
 fn hold_lock(fx: &Fx) -> fs::File {
     let mut f = fs::OpenOptions::new()

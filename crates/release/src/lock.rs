@@ -77,6 +77,7 @@ pub(crate) fn acquire(
     wait: Wait<'_>,
 ) -> Result<(LockGuard, Option<String>)> {
     let dir_path = path.parent().expect("the lock lives in .flip/");
+    let host = crate::hostname();
     let mut teller = Teller {
         wait,
         told: None,
@@ -166,7 +167,7 @@ pub(crate) fn acquire(
                     match read_holder(&mut file) {
                         Some(h) => {
                             same_run(me, h.run.as_deref(), path)?;
-                            teller.tell(Held::of(&h))?;
+                            teller.tell(Held::named(&h, &host))?;
                         }
                         None => teller.again(),
                     }
@@ -462,7 +463,7 @@ fn holder_or_free(file: &mut File, path: &Path) -> Result<Option<Held>> {
         }
     }
     Ok(Some(match last {
-        Some(h) => Held::of(&h),
+        Some(h) => Held::named(&h, &host),
         None => Held {
             key: "unnamed".into(),
             text: "another flip process (it has not written its name into the lock file)".into(),
@@ -486,6 +487,25 @@ struct Held {
 }
 
 impl Held {
+    /// The holder the lock file names, as seen on `host`: itself while it runs (or on another
+    /// host, where nobody here can tell), else someone who did not write a name (a plain
+    /// `flock` on the file, or a process that has not written its name yet), not that earlier
+    /// holder.
+    fn named(h: &Holder, host: &str) -> Held {
+        if h.host != host || pid_alive(h.pid) {
+            return Held::of(h);
+        }
+        Held {
+            key: format!("unnamed\0{}\0{}", h.pid, h.since),
+            text: format!(
+                "a process that has not written its name into the lock file (the name there, \
+                 pid {} on {}, is of an earlier holder that no longer runs)",
+                h.pid, h.host
+            ),
+            run: None,
+        }
+    }
+
     fn of(h: &Holder) -> Held {
         Held {
             key: format!("{}\0{}\0{}\0{}", h.pid, h.host, h.since, h.what),
@@ -496,10 +516,10 @@ impl Held {
 }
 
 /// How often a waiter tells its callback who holds the lock when nothing changed: what the
-/// callback writes (an agent's `Waiting` to its client) is how a waiter finds out that nobody
-/// reads any more. Behind an `ssh` whose client was killed, ssh only exits when it has
-/// something to write; then the agent sees its output hang up and stops waiting
-/// ([`crate::check_abandoned`]).
+/// callback writes (an agent's `Waiting` to its client) is one way a waiter finds out that
+/// nobody reads any more (an `ssh` whose client was killed exits when it has something to
+/// write; then the agent sees its output hang up and stops waiting,
+/// [`crate::check_abandoned`]), should the end of its input not tell it first.
 pub const RETELL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Tells a waiting caller who holds the lock, or fails a caller that does not wait.
