@@ -346,21 +346,10 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
 #[test]
 fn a_waiting_agent_behind_the_system_ssh_stops_once_its_client_is_killed() {
     let w = World::new();
-    let cfg = w.fx.path("ssh_config");
-    w.sshd.write_ssh_config(&cfg, "web1");
-    let cmd = format!("ssh -F {}", s(&cfg));
-    let target = format!("web1:{}", w.fx.root_str());
-    let src = w.fx.src("src");
-    site_v1(&src);
-    let args = ["--ssh-command", &cmd, "--remote-flip", FLIP];
-    w.fx.flip(&[&["deploy", src.s(), &target][..], &args].concat())
-        .success();
-    site_v2(&src);
+    let (src, deploy) = deployed_through_system_ssh(&w);
+    let deploy: Vec<&str> = deploy.iter().map(String::as_str).collect();
     let lock = hold_lock(&w.fx);
-    let run = w.fx.spawn(
-        &[],
-        &[&["deploy", "--wait", src.s(), &target][..], &args].concat(),
-    );
+    let run = w.fx.spawn(&[], &[&deploy[..], &["--wait"]].concat());
     let pid = run.pid();
     let agent = waiting_agent(&run, w.fx.root_str());
     let ssh = children(pid);
@@ -386,9 +375,37 @@ fn a_waiting_agent_behind_the_system_ssh_stops_once_its_client_is_killed() {
     drop(lock);
     assert!(w.fx.release_leftovers().is_empty());
     assert_eq!(w.fx.current_link(), "releases/1");
-    w.fx.flip(&[&["deploy", src.s(), &target][..], &args].concat())
-        .success();
+    w.fx.flip(&deploy).success();
     assert_eq!(w.fx.current_link(), "releases/2");
+    assert_dir_eq(
+        &w.fx.current(),
+        &src.tree(),
+        "current after the next deploy",
+    );
+}
+
+/// A target deployed once (site v1) through the system `ssh` (`--ssh-command`), its source
+/// since changed to site v2: the source and the deploy's command line.
+fn deployed_through_system_ssh(w: &World) -> (Src, Vec<String>) {
+    let cfg = w.fx.path("ssh_config");
+    w.sshd.write_ssh_config(&cfg, "web1");
+    let cmd = format!("ssh -F {}", s(&cfg));
+    let target = format!("web1:{}", w.fx.root_str());
+    let src = w.fx.src("src");
+    site_v1(&src);
+    let deploy = [
+        "deploy",
+        src.s(),
+        &target,
+        "--ssh-command",
+        &cmd,
+        "--remote-flip",
+        FLIP,
+    ];
+    w.fx.flip(&deploy).success();
+    site_v2(&src);
+    let deploy = deploy.iter().map(|a| a.to_string()).collect();
+    (src, deploy)
 }
 
 /// A deploy through the system `ssh` whose client is killed while its `before_activate` hook
@@ -399,16 +416,8 @@ fn a_waiting_agent_behind_the_system_ssh_stops_once_its_client_is_killed() {
 #[test]
 fn a_hook_behind_the_system_ssh_stops_once_its_client_is_killed() {
     let w = World::new();
-    let cfg = w.fx.path("ssh_config");
-    w.sshd.write_ssh_config(&cfg, "web1");
-    let cmd = format!("ssh -F {}", s(&cfg));
-    let target = format!("web1:{}", w.fx.root_str());
-    let src = w.fx.src("src");
-    site_v1(&src);
-    let args = ["--ssh-command", &cmd, "--remote-flip", FLIP];
-    let deploy = [&["deploy", src.s(), &target][..], &args].concat();
-    w.fx.flip(&deploy).success();
-    site_v2(&src);
+    let (src, deploy) = deployed_through_system_ssh(&w);
+    let deploy: Vec<&str> = deploy.iter().map(String::as_str).collect();
     let pidfile = w.fx.path("hook.pid");
     fs::write(
         w.fx.path("flip.toml"),
