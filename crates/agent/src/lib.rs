@@ -509,10 +509,11 @@ fn output_would_block() -> bool {
 /// hangup), then abandons the work in progress ([`flip_release::abandon`]): the session ends
 /// at its next file or piece, stops a running hook, removes its staging directory and releases
 /// the lock, instead of finishing staging, signatures or a hook for no one while a retry finds
-/// the target locked. The client closes its end only after the answer to its `Bye` (which
-/// comes after the teardown) or when it gives up. Behind the system `ssh` (`--ssh-command`),
-/// which outlives a killed client and reads on, only the input tells: ssh passes the end of
-/// its input on, and sshd closes the agent's stdin.
+/// the target locked. The client closes its end only after the answer to its `Bye` (nothing
+/// after that looks at the abandonment, the teardown neither) or when it gives up: requests
+/// it queued and closed its input after are not done (`Request::Bye`). Behind the system
+/// `ssh` (`--ssh-command`), which outlives a killed client and reads on, only the input
+/// tells: ssh passes the end of its input on, and sshd closes the agent's stdin.
 fn watch_client() {
     let mut pfds = [
         libc::pollfd {

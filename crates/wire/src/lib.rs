@@ -399,7 +399,9 @@ pub enum Request {
         /// The release id.
         id: Option<u64>,
     },
-    /// The end of the session.
+    /// The end of the session. The client keeps its side of the stream open until it has
+    /// read the answer: an agent whose input ends before (or whose output nobody reads) takes
+    /// the client for gone, and abandons what it was doing and what is still queued.
     Bye,
     /// After `Stage` (before `Commit`): what the staged release changes against the live one,
     /// classified by [`flip_plan::report::deployed`] (the files the stage could not link or copy
