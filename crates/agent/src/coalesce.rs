@@ -34,7 +34,7 @@ pub(crate) const MAX_DEFERRED: usize = 256 << 20;
 pub(crate) const MAX_QUEUED: usize = 16 << 20;
 
 struct State {
-    out: Box<dyn Write + Send>,
+    out: Queued,
     held: Vec<u8>,
     holding: bool,
     /// Everything is held, reads release nothing ([`Holder::defer`]).
@@ -64,7 +64,7 @@ impl Holder {
         output: Box<dyn Write + Send>,
     ) -> (Holder, ReleasingInput, HeldOutput) {
         let h = Holder(Arc::new(Mutex::new(State {
-            out: Box::new(Queued::start(output)),
+            out: Queued::start(output),
             held: Vec::new(),
             holding: false,
             deferred: false,
@@ -85,6 +85,17 @@ impl Holder {
     /// Writes out what is held now (the session's end: no read follows).
     pub(crate) fn release(&self) -> io::Result<()> {
         self.state().release()
+    }
+
+    /// Writes out what is held now and waits until everything written so far has left this
+    /// process (written to the client's pipe or socket; not waiting for the client to read
+    /// it): before work this agent may die in, whose answers so far the client must have
+    /// (the commit's and activation's, before a prune). Only where the client reads, having
+    /// sent its batch: it is not waiting for this agent to read.
+    pub(crate) fn release_written(&self) -> io::Result<()> {
+        let mut s = self.state();
+        s.release()?;
+        s.out.written()
     }
 
     /// Whether everything written is held ([`Holder::defer`]).
@@ -229,6 +240,21 @@ fn failure(f: &(io::ErrorKind, String)) -> io::Error {
     io::Error::new(f.0, f.1.clone())
 }
 
+impl Queued {
+    /// Waits until everything queued so far is written (or the writing failed: its error).
+    fn written(&self) -> io::Result<()> {
+        let cond = &self.shared.1;
+        let mut q = self.queue();
+        while q.failed.is_none() && q.bytes > 0 {
+            q = cond.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        match &q.failed {
+            Some(f) => Err(failure(f)),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Write for Queued {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let cond = &self.shared.1;
@@ -307,6 +333,35 @@ mod tests {
         h.hold(|| output.write_all(b"three").unwrap());
         output.write_all(b"four").unwrap();
         assert_eq!(written(&writes, 15).concat(), b"onetwothreefour");
+    }
+
+    /// What `release_written` returns after has left the process: an agent that dies right
+    /// after (a prune's crash, just after the activation was answered) has still told the
+    /// client. A plain `release` only queues it for the writer thread.
+    #[test]
+    fn answers_released_before_risky_work_have_left_when_it_starts() {
+        struct Slow(Writes);
+        impl Write for Slow {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                self.0.write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let writes = Writes::default();
+        let (h, _input, mut output) =
+            Holder::wrap(Box::new(&b""[..]), Box::new(Slow(writes.clone())));
+        h.hold(|| {
+            output.write_all(b"committed, activated").unwrap();
+            output.flush().unwrap();
+        });
+        h.release_written().unwrap();
+        assert_eq!(
+            writes.0.lock().unwrap().concat(),
+            b"committed, activated".to_vec()
+        );
     }
 
     #[test]

@@ -663,7 +663,7 @@ impl Session {
             // or made live (an agent that dies in the swap has said what it staged).
             if matches!(req, Request::Commit) && self.holder.deferring() {
                 self.holder.defer(false);
-                self.holder.release().map_err(WireError::Io)?;
+                self.holder.release_written().map_err(WireError::Io)?;
             }
             // Content sent ahead for other needs than the stage's: dropped up to the `Bye` that
             // ends it, each request not done (the stage's `Changes` is answered as usual).
@@ -1218,7 +1218,7 @@ impl Session {
         // there is something to remove (a later answer may then wait up to a round trip for
         // Nagle, `coalesce`, which the removal mostly outlasts).
         if !root.prunable(keep as usize)?.is_empty() {
-            self.holder.release().map_err(WireError::Io)?;
+            self.holder.release_written().map_err(WireError::Io)?;
         }
         let removed = root.prune(self.locked()?, keep as usize)?;
         self.log(serde_json::json!({
