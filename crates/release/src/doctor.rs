@@ -930,14 +930,14 @@ fn check_lock(root: &Root, out: &mut Vec<Finding>) {
     };
     // `None`: no /proc/locks; `Some(None)`: it names no holder.
     let listed = listed_pid();
-    let seen_holder = |out: &mut Vec<Finding>, pid: String| {
-        match (&holder, &file) {
+    let seen_holder = |out: &mut Vec<Finding>, pid: String| match (&holder, &file) {
         // The kernel names the holder's pid: a name left by an earlier holder is not it (the
         // lock taken with a plain `flock`, or by a process that has not written its name).
         (Some(h), _) if h.pid.to_string() != pid => running(
             out,
             format!(
-                "pid {pid} (it has not written its name into the lock file; the name there, pid {} on {}, is of an earlier holder)",
+                "pid {pid} (it has not written its name into the lock file; the name there, \
+                 pid {} on {}, is of an earlier holder)",
                 h.pid, h.host
             ),
         ),
@@ -950,7 +950,6 @@ fn check_lock(root: &Root, out: &mut Vec<Finding>) {
             out,
             "another flip process (it has not written its name yet)".to_string(),
         ),
-    }
     };
     if let Some(Some(pid)) = listed {
         return seen_holder(out, pid);

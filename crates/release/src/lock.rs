@@ -30,6 +30,14 @@ pub struct Holder {
     pub run: Option<String>,
 }
 
+impl Holder {
+    /// Whether this holder, as seen on `host`, may still run: its pid runs here, or it is on
+    /// another host, where nobody here can tell.
+    fn may_run_on(&self, host: &str) -> bool {
+        self.host != host || pid_alive(self.pid)
+    }
+}
+
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Read from the lock file: any number (a forged one does not overflow).
@@ -451,9 +459,7 @@ fn holder_or_free(file: &mut File, path: &Path) -> Result<Option<Held>> {
             // Looked at again for a while first: a doctor's look at the lock (a shared lock,
             // let go at once) fails a `LOCK_EX` for an instant, while the file still names
             // the last holder.
-            Some(h) if i >= GRACE && (h.host != host || pid_alive(h.pid)) => {
-                return Ok(Some(Held::of(&h)))
-            }
+            Some(h) if i >= GRACE && h.may_run_on(&host) => return Ok(Some(Held::of(&h))),
             Some(h) => last = Some(h),
             None => {}
         }
@@ -492,7 +498,7 @@ impl Held {
     /// `flock` on the file, or a process that has not written its name yet), not that earlier
     /// holder.
     fn named(h: &Holder, host: &str) -> Held {
-        if h.host != host || pid_alive(h.pid) {
+        if h.may_run_on(host) {
             return Held::of(h);
         }
         Held {
