@@ -138,12 +138,7 @@ fn lock_everywhere(
             // Lock and status in one round trip.
             let mut session = lock_queued(t, o, purpose)?;
             session.queue_status()?;
-            let taken = session.locked_unless(&mut |h| events.waiting(i, h), &|| book.waits(i))?;
-            if !taken || !book.took(i) {
-                return Err(DeployError::GaveWay {
-                    target: t.display(),
-                });
-            }
+            book.locked(&mut session, i, &names[i], &mut |h| events.waiting(i, h))?;
             let (current, releases) = session.status_answer()?;
             Ok(Locked {
                 session,

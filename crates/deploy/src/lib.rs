@@ -1319,13 +1319,7 @@ impl Host {
         let (current, releases) = match early {
             Some(status) => status,
             None => {
-                let taken =
-                    s.locked_unless(&mut |h| events.waiting(index, h), &|| book.waits(index))?;
-                if !taken || !book.took(index) {
-                    return Err(DeployError::GaveWay {
-                        target: self.target.clone(),
-                    });
-                }
+                book.locked(s, index, &self.target, &mut |h| events.waiting(index, h))?;
                 s.status_answer()?
             }
         };

@@ -11,6 +11,7 @@
 //! way: it stops (every lock it holds is released, nothing is made live), waits for that
 //! target's lock alone, lets go of it and starts again.
 
+use crate::DeployError;
 use std::sync::Mutex;
 
 /// The locks of one deploy attempt: which targets are held, which are waited for, and the
@@ -95,6 +96,28 @@ impl LockBook {
     /// The target this attempt gave way to, if it did.
     pub(crate) fn gave_way(&self) -> Option<usize> {
         self.state().gave_way
+    }
+
+    /// Reads the answer to the lock of target `i` (named `target`) queued in `session`,
+    /// `on_wait` hearing the holder: the lock taken in order, or
+    /// [`DeployError::GaveWay`] when the attempt gives way.
+    ///
+    /// # Errors
+    /// The lock's answer, or [`DeployError::GaveWay`].
+    pub(crate) fn locked(
+        &self,
+        session: &mut flip_transfer::Session,
+        i: usize,
+        target: &str,
+        on_wait: &mut dyn FnMut(&str),
+    ) -> Result<(), DeployError> {
+        let taken = session.locked_unless(on_wait, &|| self.waits(i))?;
+        if !taken || !self.took(i) {
+            return Err(DeployError::GaveWay {
+                target: target.to_string(),
+            });
+        }
+        Ok(())
     }
 }
 
