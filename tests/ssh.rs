@@ -252,42 +252,24 @@ fn the_system_ssh_client_can_be_the_transport() {
     assert_dir_eq(&w.fx.current(), &src.tree(), "current via system ssh");
 }
 
-/// Held by the tests that need the server's cached agent as they find it: the upload test
-/// removes it, and a deploy that runs meanwhile uploads it again and starts it without the
-/// preamble (as any relaunch after an upload).
-static AGENT_CACHE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// Without --remote-flip and without flip on the server's PATH, flip uploads the agent-only
 /// build beside it (`flip-agent`) to ~/.cache/flip/flip-VERSION-BLAKE3 on the server
 /// (compressed, checked) and runs that: the deploys are served by flip-agent.
 #[test]
 fn the_agent_is_uploaded_when_the_server_has_none() {
-    let _cache = AGENT_CACHE.lock().unwrap_or_else(|e| e.into_inner());
     let w = World::new();
-    // The server's home is root's real home: use the build's own file name and remove it after.
-    let home = PathBuf::from(std::env::var("FLIP_TEST_SERVER_HOME").unwrap_or("/root".into()));
-    let cached = |bin: &str| {
-        let hash = blake3::hash(&fs::read(bin).unwrap()).to_hex().to_string();
-        home.join(".cache/flip")
-            .join(format!("flip-{}-{hash}", env!("CARGO_PKG_VERSION")))
-    };
-    let uploaded = cached(FLIP_AGENT);
-    let _ = fs::remove_file(&uploaded);
-    // flip itself, uploaded by an earlier run (the deploy benchmark's), would be found as well.
-    let _ = fs::remove_file(cached(FLIP));
-    struct Cleanup(PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = fs::remove_file(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(uploaded.clone());
+    // The server's logins have a home of their own, empty at the start.
+    let uploaded = w.sshd.home().join(".cache/flip").join(format!(
+        "flip-{}-{}",
+        env!("CARGO_PKG_VERSION"),
+        blake3::hash(&fs::read(FLIP_AGENT).unwrap()).to_hex()
+    ));
     // What else is in the cache: three agents of other versions, used after an old directory
     // someone made there with an agent's name. Keeping the three newest removes the agents
     // past them, and cannot remove the directory: that no longer fails the upload.
     let cache = uploaded.parent().unwrap().to_path_buf();
     fs::create_dir_all(&cache).unwrap();
-    let junk = cache.join(format!("flip-0.0.0-dir-{}", std::process::id()));
+    let junk = cache.join("flip-0.0.0-dir");
     fs::create_dir_all(&junk).unwrap();
     let st = std::process::Command::new("touch")
         .args(["-d", "2001-01-01"])
@@ -295,22 +277,9 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
         .status()
         .unwrap();
     assert!(st.success());
-    let fakes: Vec<PathBuf> = (0..3)
-        .map(|i| cache.join(format!("flip-0.0.0-fake{i}-{}", std::process::id())))
-        .collect();
-    for f in &fakes {
-        fs::write(f, "not flip").unwrap();
+    for i in 0..3 {
+        fs::write(cache.join(format!("flip-0.0.0-fake{i}")), "not flip").unwrap();
     }
-    struct CleanupAll(Vec<PathBuf>);
-    impl Drop for CleanupAll {
-        fn drop(&mut self) {
-            for p in &self.0 {
-                let _ = fs::remove_file(p);
-                let _ = fs::remove_dir(p);
-            }
-        }
-    }
-    let _cleanup_fakes = CleanupAll([&fakes[..], std::slice::from_ref(&junk)].concat());
     let src = w.fx.src("src");
     site_v1(&src);
     w.fx.flip(&["deploy", src.s(), &w.url(), "-i", &w.key()])
@@ -324,6 +293,19 @@ fn the_agent_is_uploaded_when_the_server_has_none() {
     );
     use std::os::unix::fs::PermissionsExt;
     assert!(junk.is_dir(), "the directory is left as it was");
+    let fakes = fs::read_dir(&cache)
+        .unwrap()
+        .filter(|e| {
+            let e = e.as_ref().unwrap();
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("flip-0.0.0-fake")
+        })
+        .count();
+    assert_eq!(
+        fakes, 2,
+        "the three agents used last are kept, the new one among them"
+    );
     let meta = fs::metadata(&uploaded).expect("agent uploaded");
     assert_eq!(meta.permissions().mode() & 0o777, 0o755);
     assert_eq!(fs::read(&uploaded).unwrap(), fs::read(FLIP_AGENT).unwrap());
@@ -521,7 +503,28 @@ fn agents_serving(root: &str) -> Vec<u32> {
 #[test]
 fn a_path_in_the_servers_home_can_be_written_with_a_tilde_or_a_dash() {
     let w = World::new();
-    let home = PathBuf::from(std::env::var("FLIP_TEST_SERVER_HOME").unwrap_or("/root".into()));
+    // The logins' HOME (the server's own directory); `~root` is root's home in passwd.
+    let home = w.sshd.home();
+    let src = w.fx.src("src");
+    site_v1(&src);
+    let port = w.sshd.port();
+    let url = format!("ssh://root@127.0.0.1:{port}/~/deep/app");
+    w.flip(&["deploy", "--mkpath", src.s(), &url]).success();
+    assert_dir_eq(
+        &home.join("deep/app/current"),
+        &src.tree(),
+        "deployed in the home",
+    );
+    assert!(!home.join("~").exists(), "no directory named ~ was made");
+    // A user's home by name: root's, from passwd (not the login's HOME).
+    let root_home = fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&"root")).then(|| PathBuf::from(f[5]))
+        })
+        .expect("root in /etc/passwd");
     let name = format!("flip-test-tilde-{}", std::process::id());
     struct Cleanup(PathBuf);
     impl Drop for Cleanup {
@@ -529,46 +532,32 @@ fn a_path_in_the_servers_home_can_be_written_with_a_tilde_or_a_dash() {
             let _ = fs::remove_dir_all(&self.0);
         }
     }
-    let dir = home.join(&name);
-    let _cleanup = Cleanup(dir.clone());
-    let literal = home.join("~");
-    let had_literal = literal.exists();
-    let src = w.fx.src("src");
-    site_v1(&src);
-    let port = w.sshd.port();
-    let url = format!("ssh://root@127.0.0.1:{port}/~/{name}/app");
-    w.flip(&["deploy", "--mkpath", src.s(), &url]).success();
-    assert_dir_eq(
-        &dir.join("app/current"),
-        &src.tree(),
-        "deployed in the home",
-    );
-    assert_eq!(
-        literal.exists(),
-        had_literal,
-        "no directory named ~ was made"
-    );
-    // Another user's home (root's own here): the same target.
+    let _cleanup = Cleanup(root_home.join(&name));
     site_v2(&src);
     let other = format!("ssh://root@127.0.0.1:{port}/~root/{name}/app");
     let j = w
-        .flip(&["deploy", "--json", src.s(), &other])
+        .flip(&["deploy", "--json", "--mkpath", src.s(), &other])
         .success()
         .json();
-    assert_eq!(num(&j, "/release"), 2, "{j}");
-    assert_dir_eq(&dir.join("app/current"), &src.tree(), "deployed via ~root");
-    // A path relative to the home that starts with '-' (through an alias: the scp form has no
-    // port) is a path, not an option of the agent.
+    assert_eq!(num(&j, "/release"), 1, "{j}");
+    assert_dir_eq(
+        &root_home.join(&name).join("app/current"),
+        &src.tree(),
+        "deployed via ~root",
+    );
+    // A relative path that starts with '-' (through an alias: the scp form has no port) is a
+    // path, not an option of the agent. Relative to where the login starts: root's home
+    // (sshd changes there; only HOME is the server's own).
     w.sshd
         .write_ssh_config(&w.fx.home.join(".ssh/config"), "web1");
     let dash = format!("-{name}");
-    let _cleanup_dash = Cleanup(home.join(&dash));
+    let _cleanup_dash = Cleanup(root_home.join(&dash));
     w.flip(&["deploy", src.s(), &format!("web1:{dash}")])
         .success();
     assert_dir_eq(
-        &home.join(&dash).join("current"),
+        &root_home.join(&dash).join("current"),
         &src.tree(),
-        "deployed in ~/-name",
+        "deployed in ~root/-name",
     );
     // A user that does not exist: the path as written, not found.
     w.flip(&[
@@ -922,7 +911,6 @@ fn running_out_of_file_descriptors_is_an_error_never_a_panic() {
 /// holds none of what the server's other users must not see.
 #[test]
 fn the_first_batch_goes_in_the_agents_command_line() {
-    let _cache = AGENT_CACHE.lock().unwrap_or_else(|e| e.into_inner());
     let w = World::new();
     let key = w.key();
     let src = w.fx.src("src");
@@ -930,28 +918,13 @@ fn the_first_batch_goes_in_the_agents_command_line() {
     let url = w.url();
     let deploy = ["deploy", src.s(), url.as_str(), "-i", key.as_str()];
     w.fx.flip(&deploy).success();
-    let has_preamble = |c: &[u8]| c.split(|&b| b == 0).any(|a| a.starts_with(b"--preamble="));
-    let mut attempt = 0;
-    let (lock, run, cmdline) = loop {
-        attempt += 1;
-        src.file("index.php", format!("<?php // attempt {attempt}\n"), 0o644);
-        let lock = hold_lock(&w.fx);
-        let run = w.fx.spawn(&[], &[&deploy[..], &["--wait"]].concat());
-        let agent = waiting_agent(&run, w.fx.root_str());
-        let cmdline = fs::read(format!("/proc/{agent}/cmdline")).unwrap();
-        if has_preamble(&cmdline) || attempt == 3 {
-            break (lock, run, cmdline);
-        }
-        // A deploy that found no agent on the server (another test's upload removed or was
-        // replacing it) uploads one and starts it again without a preamble, as documented.
-        assert!(
-            run.stderr_so_far().contains("uploading"),
-            "no --preamble, and nothing uploaded: {}",
-            String::from_utf8_lossy(&cmdline)
-        );
-        drop(lock);
-        run.finish(TIMEOUT).success();
-    };
+    // The first deploy uploaded the agent (the server's home is its own); from now on it is
+    // found, and started with the preamble.
+    src.file("index.php", "<?php // again\n", 0o644);
+    let lock = hold_lock(&w.fx);
+    let run = w.fx.spawn(&[], &[&deploy[..], &["--wait"]].concat());
+    let agent = waiting_agent(&run, w.fx.root_str());
+    let cmdline = fs::read(format!("/proc/{agent}/cmdline")).unwrap();
     let preamble = cmdline
         .split(|&b| b == 0)
         .find_map(|a| a.strip_prefix(b"--preamble="))

@@ -47,6 +47,11 @@ impl Write for Writes {
 pub const SSHD: &str = "/usr/sbin/sshd";
 
 /// A private OpenSSH server listening on `127.0.0.1:port()`, stopped when dropped.
+///
+/// Its logins are root's, but with `HOME` set to a directory of its own
+/// ([`home`](Sshd::home)), so what a login keeps in its home (the agents flip uploads to
+/// `~/.cache/flip`, targets under `~/`) is this server's alone: tests running side by side
+/// never see each other's, and root's real home is not touched.
 pub struct Sshd {
     dir: tempfile::TempDir,
     child: Child,
@@ -71,6 +76,7 @@ impl Sshd {
         keygen(&d.join("user_key"), None);
         let user_pub = fs::read_to_string(d.join("user_key.pub")).expect("reading user_key.pub");
         fs::write(d.join("authorized_keys"), user_pub).expect("writing authorized_keys");
+        fs::create_dir_all(d.join("home")).expect("creating the server's home");
         // sshd refuses to start without its privilege-separation directory.
         fs::create_dir_all("/run/sshd").expect("creating /run/sshd");
 
@@ -110,6 +116,12 @@ impl Sshd {
     /// The private key authorized to log in as root (ed25519, no passphrase).
     pub fn user_key(&self) -> PathBuf {
         self.dir.path().join("user_key")
+    }
+
+    /// The `HOME` of the server's logins: `home` in [`dir`](Sshd::dir), empty at the start.
+    /// `~` in a target is this directory; `~root` is still root's real home.
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
     }
 
     /// The server's temp dir (keys, config, log). Removed when the server is dropped.
@@ -283,6 +295,7 @@ fn write_sshd_config(dir: &Path, port: u16) {
          UsePAM no\n\
          PidFile {dir}/sshd.pid\n\
          StrictModes no\n\
+         SetEnv HOME={dir}/home\n\
          LogLevel VERBOSE\n\
          MaxStartups 100\n\
          MaxSessions 100\n",

@@ -15,7 +15,7 @@ fn system_client_logs_in_and_connections_can_be_killed() {
     let out = Command::new("ssh")
         .arg("-F")
         .arg(&config)
-        .args(["web1", "echo", "hello"])
+        .args(["web1", "echo hello; printf %s \"$HOME\""])
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -25,7 +25,10 @@ fn system_client_logs_in_and_connections_can_be_killed() {
         String::from_utf8_lossy(&out.stderr),
         sshd.log()
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello");
+    // The login's home is the server's own, not root's real one.
+    let home_line = format!("hello\n{}", sshd.home().display());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), home_line);
+    assert!(sshd.home().is_dir());
 
     // A long-running remote command; killing the connection ends the client quickly. Kill only
     // once the command runs ("started" arrived): killing a login while the shell's startup files
