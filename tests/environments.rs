@@ -382,6 +382,39 @@ fn a_deploy_waiting_for_a_lock_holds_no_lock_of_a_target_named_after_it() {
     }
 }
 
+/// The order is the targets' own, not their spellings': with t1 named through a symlink
+/// (`z-link`, a name after t2's), the deploy waiting for t1 still holds no lock of t2. Ranked
+/// by the names given, it held t2 while it waited, and a deploy naming t1 as `t1` could have
+/// held t1 while it waited for t2, each for ever.
+#[test]
+fn targets_are_locked_in_one_order_however_they_are_named() {
+    let fx = Fx::new();
+    let roots: Vec<PathBuf> = (1..=2).map(|i| fx.path(&format!("t{i}"))).collect();
+    let alias = fx.path("z-link");
+    std::os::unix::fs::symlink(&roots[0], &alias).unwrap();
+    let src = fx.src("src");
+    site_v1(&src);
+    for root in &roots {
+        fx.flip(&["deploy", src.s(), s(root), "--mkpath"]).success();
+    }
+    env_config(&fx, &[s(&alias).to_string(), s(&roots[1]).to_string()], "");
+    site_v2(&src);
+    let mut holder = hold_lock(&roots[0], 10);
+    let running = fx.spawn(&[], &["deploy", "prod", "--wait", "--json"]);
+    waits_holding_no_later_lock(&running, &roots[1]);
+    assert_eq!(listing(&roots[1]), (vec![1], vec![]), "nothing made on t2");
+    holder.wait().unwrap();
+    let r = running.finish(Duration::from_secs(60));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for root in &roots {
+        // A new release (the attempt that gave way may have used an id on t2).
+        let newest = *listing(root).0.last().unwrap();
+        assert!(newest > 1);
+        assert_eq!(link(root), format!("releases/{newest}"));
+        assert_dir_eq(&root.join("current"), &src.tree(), "v2 everywhere");
+    }
+}
+
 /// `flip rollback ENV --wait` locks in the same order: waiting for t1, it holds no lock of t2.
 #[test]
 fn an_environment_rollback_waiting_for_a_lock_holds_no_lock_of_a_target_named_after_it() {

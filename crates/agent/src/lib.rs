@@ -775,7 +775,12 @@ impl Session {
             protocol: PROTOCOL,
             version: env!("CARGO_PKG_VERSION").to_string(),
             host: self.host.clone(),
-            root: self.root_path.display().to_string(),
+            // Symlinks resolved: what names this target however the client wrote it (the
+            // client ranks targets by it for ordered locking).
+            root: std::fs::canonicalize(&self.root_path)
+                .unwrap_or_else(|_| self.root_path.clone())
+                .display()
+                .to_string(),
         })?;
         tx.flush()?;
         if compress > 0 {

@@ -17,8 +17,8 @@ use std::sync::Mutex;
 /// The locks of one deploy attempt: which targets are held, which are waited for, and the
 /// target it gave way to, if any.
 pub(crate) struct LockBook {
-    /// Each target's rank: its position among the targets sorted by name.
-    rank: Vec<usize>,
+    /// The names the targets are given: what ranks targets whose agents say the same.
+    names: Vec<String>,
     /// Only a deploy that waits, on more than one target, can wait in a cycle.
     ordered: bool,
     state: Mutex<State>,
@@ -28,26 +28,31 @@ pub(crate) struct LockBook {
 struct State {
     held: Vec<bool>,
     waiting: Vec<bool>,
+    /// Each target's agent as its `Welcome` said: (host name, resolved root); known before
+    /// the lock's answer.
+    agents: Vec<Option<(String, String)>>,
     /// The target whose wait broke the order: the attempt stops and waits for it alone.
     gave_way: Option<usize>,
+}
+
+impl State {
+    /// Whether target `a` ranks before target `b` (see the [module docs](self)).
+    fn before(&self, names: &[String], a: usize, b: usize) -> bool {
+        (&self.agents[a], &names[a], a) < (&self.agents[b], &names[b], b)
+    }
 }
 
 impl LockBook {
     /// The book of a deploy of targets named `names` (in the order given); `waits`: with
     /// `--wait` (without it a busy target fails the deploy, and nothing waits).
     pub(crate) fn new(names: &[String], waits: bool) -> LockBook {
-        let mut order: Vec<usize> = (0..names.len()).collect();
-        order.sort_by(|&a, &b| names[a].cmp(&names[b]).then(a.cmp(&b)));
-        let mut rank = vec![0; names.len()];
-        for (r, &i) in order.iter().enumerate() {
-            rank[i] = r;
-        }
         LockBook {
-            rank,
+            names: names.to_vec(),
             ordered: waits && names.len() > 1,
             state: Mutex::new(State {
                 held: vec![false; names.len()],
                 waiting: vec![false; names.len()],
+                agents: vec![None; names.len()],
                 gave_way: None,
             }),
         }
@@ -55,6 +60,15 @@ impl LockBook {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Target `i`'s agent is on `host` and resolved the root to `root` (its `Welcome`): what
+    /// ranks it from then on.
+    pub(crate) fn met(&self, i: usize, host: &str, root: &str) {
+        let mut s = self.state();
+        if s.agents[i].is_none() {
+            s.agents[i] = Some((host.to_string(), root.to_string()));
+        }
     }
 
     /// Target `i`'s lock is busy and its session waits (asked at each of the agent's
@@ -67,10 +81,7 @@ impl LockBook {
         let mut s = self.state();
         s.waiting[i] = true;
         if s.gave_way.is_none()
-            && s.held
-                .iter()
-                .zip(&self.rank)
-                .any(|(&h, &r)| h && r > self.rank[i])
+            && (0..self.names.len()).any(|k| s.held[k] && s.before(&self.names, i, k))
         {
             s.gave_way = Some(i);
         }
@@ -87,7 +98,8 @@ impl LockBook {
         s.held[i] = true;
         s.waiting[i] = false;
         if s.gave_way.is_none() {
-            let below = (0..self.rank.len()).find(|&k| s.waiting[k] && self.rank[k] < self.rank[i]);
+            let below =
+                (0..self.names.len()).find(|&k| s.waiting[k] && s.before(&self.names, k, i));
             s.gave_way = below;
         }
         s.gave_way.is_none()
@@ -111,7 +123,12 @@ impl LockBook {
         target: &str,
         on_wait: &mut dyn FnMut(&str),
     ) -> Result<(), DeployError> {
-        let taken = session.locked_unless(on_wait, &|| self.waits(i))?;
+        let met = |s: &flip_transfer::Session| self.met(i, &s.agent_host, &s.agent_root);
+        let taken = session.locked_unless(on_wait, &|s| {
+            met(s);
+            self.waits(i)
+        })?;
+        met(session);
         if !taken || !self.took(i) {
             return Err(DeployError::GaveWay {
                 target: target.to_string(),
@@ -152,6 +169,32 @@ mod tests {
         assert!(!b.waits(2), "asked again at each Waiting");
         assert!(b.took(2));
         assert_eq!(b.gave_way(), None);
+    }
+
+    #[test]
+    fn targets_rank_by_what_their_agents_say_not_by_the_names_given() {
+        // One run names the first target by an alias, the other by its address; the second
+        // target is named alike. By name, the first run ranks x before web2 and the second
+        // web2 before x: each could hold one and wait for the other.
+        let agents = [("h1", "/srv/app"), ("h2", "/srv/app")];
+        let one = LockBook::new(&names(&["x", "web2"]), true);
+        let two = LockBook::new(&names(&["10.0.0.1", "web2"]), true);
+        for b in [&one, &two] {
+            for (i, (host, root)) in agents.iter().enumerate() {
+                b.met(i, host, root);
+            }
+        }
+        // Both rank h1 first: holding h2 and waiting for h1 gives way in both.
+        for b in [one, two] {
+            assert!(b.took(1));
+            assert!(b.waits(0), "holding h2, waiting for h1");
+        }
+        // Agents that say the same (one host name, one path): the names given decide.
+        let b = LockBook::new(&names(&["b", "a"]), true);
+        b.met(0, "h", "/srv/app");
+        b.met(1, "h", "/srv/app");
+        assert!(b.took(0));
+        assert!(b.waits(1), "a ranks before b");
     }
 
     #[test]

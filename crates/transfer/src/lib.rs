@@ -231,6 +231,10 @@ pub struct Session {
     /// The agent's host name, as its `Welcome` said (`flip doctor` shows it; known once the
     /// first answer was read).
     pub agent_host: String,
+    /// The target root as the agent resolved it (absolute, symlinks resolved when it exists),
+    /// as its `Welcome` said; known once the first answer was read. With
+    /// [`agent_host`](Session::agent_host), what names one target however it was written.
+    pub agent_root: String,
     /// The agent's `Welcome` was read (the client does not wait for it: it pipelines what
     /// follows `Hello`); the answers are zstd from then on when `compress` is not 0.
     welcomed: bool,
@@ -380,6 +384,7 @@ impl Session {
             warnings: Vec::new(),
             leftovers: None,
             agent_host: String::new(),
+            agent_root: String::new(),
             welcomed: false,
             compress,
             unanswered: false,
@@ -431,7 +436,7 @@ impl Session {
                 protocol,
                 version,
                 host,
-                ..
+                root,
             } => {
                 if protocol != PROTOCOL {
                     return Ok(Some(Response::Error {
@@ -442,6 +447,7 @@ impl Session {
                     }));
                 }
                 self.agent_host = host;
+                self.agent_root = root;
                 if self.compress != 0 {
                     self.rx.start_decompression()?;
                 }
@@ -671,12 +677,12 @@ impl Session {
     /// # Errors
     /// See [`Session`].
     pub fn locked(&mut self, on_wait: &mut dyn FnMut(&str)) -> Result<()> {
-        self.locked_unless(on_wait, &|| false).map(|_| ())
+        self.locked_unless(on_wait, &|_| false).map(|_| ())
     }
 
     /// [`Session::locked`], giving up the wait when `give_up` says so: it is asked at each of
     /// the agent's `Waiting` answers (when the wait starts, and every few seconds while it
-    /// lasts). Returns whether the lock was taken; after `false` the session is of no more use
+    /// lasts), given this session (its `Welcome` read). Returns whether the lock was taken; after `false` the session is of no more use
     /// (the agent still waits for the lock until it is closed).
     ///
     /// # Errors
@@ -684,7 +690,7 @@ impl Session {
     pub fn locked_unless(
         &mut self,
         on_wait: &mut dyn FnMut(&str),
-        give_up: &dyn Fn() -> bool,
+        give_up: &dyn Fn(&Session) -> bool,
     ) -> Result<bool> {
         self.phase = "taking the deploy lock";
         let mut last = None;
@@ -696,7 +702,7 @@ impl Session {
                         on_wait(&holder);
                         last = Some(holder);
                     }
-                    if give_up() {
+                    if give_up(self) {
                         return Ok(false);
                     }
                 }

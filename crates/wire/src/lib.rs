@@ -617,7 +617,9 @@ pub enum Response {
         version: String,
         /// The agent's host name.
         host: String,
-        /// The target root, as the agent resolved it.
+        /// The target root, as the agent resolved it: `~` expanded, absolute, and with
+        /// symlinks resolved when it exists (with the host, what names one target however
+        /// the client wrote it).
         root: String,
     },
     /// Sent while `Lock { wait: true }` blocks: when the wait starts, when another holder
