@@ -354,6 +354,21 @@ fn waits_holding_no_later_lock(running: &Running, later: &Path) {
     }
 }
 
+/// `flip deploy prod --wait --json` while t1 (`roots[0]`) is locked for 10 s (the holder's
+/// `sleep` keeps the lock however `flock` ends): t2's lock, taken with t1's wait (in parallel),
+/// is let go at once, long before t1 is free, and nothing is made on t2 meanwhile; then the
+/// deploy goes through (exit 0).
+fn deploy_prod_waiting_for_t1(fx: &Fx, roots: &[PathBuf]) -> Run {
+    let mut holder = hold_lock(&roots[0], 10);
+    let running = fx.spawn(&[], &["deploy", "prod", "--wait", "--json"]);
+    waits_holding_no_later_lock(&running, &roots[1]);
+    assert_eq!(listing(&roots[1]), (vec![1], vec![]), "nothing made on t2");
+    holder.wait().unwrap();
+    let r = running.finish(Duration::from_secs(60));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r
+}
+
 /// Two deploys that share targets, both waiting (`--wait`), could each hold one target and
 /// wait for the other's lock for ever. A deploy now waits for a target's lock only while it
 /// holds none of a target named after it: with t1 busy, the deploy that took t2 lets go of it
@@ -365,16 +380,7 @@ fn a_deploy_waiting_for_a_lock_holds_no_lock_of_a_target_named_after_it() {
     site_v1(&src);
     fx.flip(&["deploy", "prod"]).success();
     site_v2(&src);
-    // Held for 10 s (the holder's `sleep` keeps the lock however `flock` ends).
-    let mut holder = hold_lock(&roots[0], 10);
-    let running = fx.spawn(&[], &["deploy", "prod", "--wait", "--json"]);
-    // t2's lock was taken with t1's wait (in parallel): it is let go at once, long before t1
-    // is free.
-    waits_holding_no_later_lock(&running, &roots[1]);
-    assert_eq!(listing(&roots[1]), (vec![1], vec![]), "nothing made on t2");
-    holder.wait().unwrap();
-    let r = running.finish(Duration::from_secs(60));
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = deploy_prod_waiting_for_t1(&fx, &roots);
     let j: Value = serde_json::from_str(&r.stdout).unwrap();
     for (h, root) in hosts(&j).iter().zip(&roots) {
         assert_eq!(h["state"], "live", "{j}");
@@ -399,13 +405,7 @@ fn targets_are_locked_in_one_order_however_they_are_named() {
     }
     env_config(&fx, &[s(&alias).to_string(), s(&roots[1]).to_string()], "");
     site_v2(&src);
-    let mut holder = hold_lock(&roots[0], 10);
-    let running = fx.spawn(&[], &["deploy", "prod", "--wait", "--json"]);
-    waits_holding_no_later_lock(&running, &roots[1]);
-    assert_eq!(listing(&roots[1]), (vec![1], vec![]), "nothing made on t2");
-    holder.wait().unwrap();
-    let r = running.finish(Duration::from_secs(60));
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    deploy_prod_waiting_for_t1(&fx, &roots);
     for root in &roots {
         // A new release (the attempt that gave way may have used an id on t2).
         let newest = *listing(root).0.last().unwrap();
