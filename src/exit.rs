@@ -41,11 +41,15 @@ pub enum Code {
     /// or an `after_activate` hook (the new release is live, or every target was switched back
     /// with `rollback_on_failure`). Takes precedence over [`Code::Partial`].
     Hook = 12,
+    /// The command's output could not be written to stdout (a full disk, an I/O error; a
+    /// reader that closed the pipe is no error): what the command did is done, its report is
+    /// lost. Only when the command itself succeeded; its own failure code wins.
+    Output = 13,
 }
 
 impl Code {
     /// Every code, in order.
-    pub const ALL: [Code; 13] = [
+    pub const ALL: [Code; 14] = [
         Code::Ok,
         Code::Internal,
         Code::Usage,
@@ -59,6 +63,7 @@ impl Code {
         Code::Partial,
         Code::Unhealthy,
         Code::Hook,
+        Code::Output,
     ];
 
     /// The number the process exits with.
@@ -82,6 +87,7 @@ impl Code {
             Code::Partial => "an environment command failed on some targets",
             Code::Unhealthy => "`flip doctor` found a problem",
             Code::Hook => "a hook failed",
+            Code::Output => "stdout could not be written",
         }
     }
 

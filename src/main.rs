@@ -65,6 +65,9 @@ fn main() -> ExitCode {
             code
         }
     };
+    if output::stdout_failed() && code == exit::OK {
+        return Code::Output.into();
+    }
     code.into()
 }
 

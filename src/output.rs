@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicI8, Ordering};
 static VERBOSITY: AtomicI8 = AtomicI8::new(0);
 /// Set once a write to stdout failed: the rest of the output is dropped.
 static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+/// Set once a write to stdout failed otherwise than on a closed pipe: the output is lost.
+static STDOUT_FAILED: AtomicBool = AtomicBool::new(false);
 
 /// Sets the verbosity from `-q` and the number of `-v`.
 pub fn set_verbosity(quiet: bool, verbose: u8) {
@@ -28,7 +30,8 @@ pub fn quiet() -> bool {
 
 /// Writes to stdout (use [`outln!`] and [`out!`]). A stdout the reader closed (`flip releases
 /// T | head -1`) is no error and no panic: the rest of the output is dropped and the command
-/// ends with its own exit code; another write error is said once on stderr.
+/// ends with its own exit code; another write error (a full disk) is said once on stderr, and
+/// [`stdout_failed`] makes the command end with exit code 13 if nothing else failed.
 pub fn write_out(args: std::fmt::Arguments) {
     use std::io::Write;
     if STDOUT_GONE.load(Ordering::Relaxed) {
@@ -36,11 +39,28 @@ pub fn write_out(args: std::fmt::Arguments) {
     }
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_fmt(args) {
-        STDOUT_GONE.store(true, Ordering::Relaxed);
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            eprintln!("flip: error: cannot write to stdout: {e}");
+        stdout_error(&e);
+    }
+}
+
+fn stdout_error(e: &std::io::Error) {
+    STDOUT_GONE.store(true, Ordering::Relaxed);
+    if e.kind() != std::io::ErrorKind::BrokenPipe {
+        STDOUT_FAILED.store(true, Ordering::Relaxed);
+        eprintln!("flip: error: cannot write to stdout: {e}");
+    }
+}
+
+/// Flushes what stdout still buffers (a last line without its newline), and says whether any
+/// write to stdout failed otherwise than on a closed pipe: the output is lost.
+pub fn stdout_failed() -> bool {
+    use std::io::Write;
+    if !STDOUT_GONE.load(Ordering::Relaxed) {
+        if let Err(e) = std::io::stdout().lock().flush() {
+            stdout_error(&e);
         }
     }
+    STDOUT_FAILED.load(Ordering::Relaxed)
 }
 
 /// `println!` that survives a closed stdout: see [`write_out`].

@@ -47,7 +47,7 @@ fn help_lists_the_exit_codes_of_the_readme() {
     let r = fx.flip(&["--help"]).success();
     for needle in [
         "Exit codes: 0 success, 1 internal error, 2 usage error, 3 locked",
-        "10 an environment command failed on some targets, 11 `flip doctor` found a problem, 12 a hook failed.",
+        "10 an environment command failed on some targets, 11 `flip doctor` found a problem, 12 a hook failed, 13 stdout could not be written.",
     ] {
         assert!(r.stdout.contains(needle), "{needle}: {}", r.stdout);
     }
@@ -496,6 +496,47 @@ fn a_closed_stdout_ends_quietly_with_the_commands_own_code() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("    ID"));
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+}
+
+/// A stdout that cannot be written (a full disk: `/dev/full`) is not a closed pipe: the output
+/// is lost, so the command says so and exits 13 when it succeeded otherwise (a CI job that
+/// keeps `--json` in a file saw exit 0 and an empty file); its own failure code still wins.
+#[test]
+fn a_stdout_that_cannot_be_written_fails_the_command_with_code_13() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    let run = |args: &[&str]| {
+        let out = Command::new(FLIP)
+            .args(args)
+            .env("HOME", &fx.home)
+            .env("XDG_CACHE_HOME", fx.home.join(".cache"))
+            .stdout(fs::File::create("/dev/full").unwrap())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = run(&["deploy", "--json", src.s(), fx.root_str()]);
+    assert_eq!(code, Some(13), "{err}");
+    assert_eq!(
+        err.matches("flip: error: cannot write to stdout: No space left on device")
+            .count(),
+        1,
+        "{err}"
+    );
+    // The deploy itself is done.
+    assert_eq!(fx.current_link(), "releases/1");
+    for args in [vec!["releases", fx.root_str()], vec!["man"]] {
+        let (code, err) = run(&args);
+        assert_eq!(code, Some(13), "{args:?}: {err}");
+    }
+    // A command that fails keeps its own code.
+    let (code, _) = run(&["rollback", "--json", fx.root_str()]);
+    assert_eq!(code, Some(5));
 }
 
 #[test]
