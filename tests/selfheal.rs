@@ -1074,6 +1074,59 @@ fn an_edit_made_while_a_prune_runs_is_not_taken_for_the_prunes_own() {
     assert_ne!(ino(&fx.current().join("keep.txt")), ino(&shared));
 }
 
+/// Two first deploys into one new directory at once: the second found the directory holding
+/// the first's `releases/` and no `.flip/` yet, called it "not a flip target" (exit 5, even
+/// with `--wait`) and advised deploying into an empty directory. `.flip/` is now made first:
+/// paused right after it, the first deploy leaves a directory the second takes for the target
+/// it is, and both succeed.
+#[test]
+fn a_target_another_deploy_is_making_is_taken_for_a_target() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    let marker = fx.path("paused");
+    let pause = format!("init-after-state:{}", marker.display());
+    let first = fx.spawn(
+        &[("FLIP_PAUSE", pause.as_str())],
+        &["deploy", "--json", src.s(), fx.root_str()],
+    );
+    let until = Instant::now() + Duration::from_secs(30);
+    while !marker.exists() {
+        assert!(
+            Instant::now() < until,
+            "the first deploy never reached its pause"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 1, "{j}");
+    assert_eq!(j["warnings"], serde_json::json!([]), "{j}");
+    fs::remove_file(&marker).unwrap();
+    let j = first.finish(Duration::from_secs(30)).success().json();
+    assert_eq!(j["unchanged"], true, "{j}");
+    assert_eq!(fx.current_link(), "releases/1");
+    assert_dir_eq(&fx.current(), &src.tree(), "the first deploy's release");
+    // In a target that had them, a lost directory of flip's is made again, and said.
+    fs::remove_dir_all(fx.root.join(".flip/releases")).unwrap();
+    site_v2(&src);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 2, "{j}");
+    let made = format!(
+        "{} was missing; made again",
+        fx.root.join(".flip/releases").display()
+    );
+    assert_eq!(
+        j["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| **w == made)
+            .count(),
+        1,
+        "{j}"
+    );
+}
+
 /// B's `.flip/log` is a hard link to A's: a deploy to B appends nothing to it (A's log keeps
 /// its bytes), starts a log of its own (a new inode, one link) whose first line is a
 /// `log-restarted` event saying why, followed by this deploy's events, and names it in a

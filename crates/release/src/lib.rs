@@ -196,6 +196,12 @@ impl Root {
                 }
                 let mut rd = fsutil::read_dir(dir)?;
                 if rd.next().is_some() {
+                    // Another deploy making this target may have made `.flip/` (its first)
+                    // since the look above.
+                    if expect_dir(&root.state_dir())? {
+                        root.check_layout()?;
+                        return Ok(Found::Target);
+                    }
                     return Err(Error::NotATarget(dir.to_path_buf()));
                 }
                 refuse_inside_target(dir)?;
@@ -263,7 +269,12 @@ impl Root {
             }
         }
         let root = Root::at(dir);
-        for d in [root.releases_dir(), root.state_dir(), root.meta_dir()] {
+        // `.flip/` first: a deploy starting meanwhile finds a target being made (and takes
+        // its turn at the lock), never a directory holding someone's `releases/` and no
+        // `.flip/`, which it would refuse as not a target.
+        fsutil::create_dir_if_missing(root.state_dir())?;
+        fault_pause("init-after-state");
+        for d in [root.meta_dir(), root.releases_dir()] {
             fsutil::create_dir_if_missing(&d)?;
         }
         root.check_layout()?;
@@ -433,9 +444,12 @@ impl Root {
         }
         self.check_layout()?;
         self.replace_odd_state_files()?;
-        // flip's own directories, if lost, are made again rather than failing every deploy.
+        // flip's own directories, if lost, are made again rather than failing every deploy;
+        // said only of a target that had them (an id handed out): in one that another deploy
+        // is making, they may just not be made yet.
+        let had = fsutil::exists_nofollow(self.state_dir().join("next-id"));
         for d in [self.releases_dir(), self.meta_dir()] {
-            if fsutil::create_dir_if_missing(&d)? {
+            if fsutil::create_dir_if_missing(&d)? && had {
                 self.warn(format!("{} was missing; made again", d.display()));
             }
         }
