@@ -184,7 +184,7 @@ fn a_dangling_current_and_one_at_an_incomplete_release_are_problems() {
     fs::remove_file(&current).unwrap();
     std::os::unix::fs::symlink("/etc", &current).unwrap();
     let j = doctor_json(&fx, &[("PATH", &path)], UNHEALTHY, &[]);
-    one(&j, "current", "problem", "not to a release flip made");
+    one(&j, "current", "problem", "not a release flip made");
     // Nothing was changed by looking.
     assert_eq!(fx.current_link(), "/etc");
 }

@@ -187,6 +187,87 @@ fn a_real_directory_named_current_is_refused_and_kept() {
     assert_eq!(fx.release_ids(), vec![1], "nothing was staged");
 }
 
+/// `current` made by hand (`ln -sfn /srv/app/releases/1 current`, as people and other tools
+/// write it) named a release flip did not recognise: every command failed (exit 5), and
+/// `flip doctor`'s advice, `flip activate`, failed the same way. Such a `current` is now the
+/// release it names; one naming anything else is nobody's release: listed with a warning,
+/// and replaced by the next activation, the directory it named untouched.
+#[test]
+fn a_current_made_by_hand_is_read_as_what_it_names() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    for v in 1..=2 {
+        public_site(&src, v);
+        fx.deploy(&src, &[]);
+    }
+    let link = fx.root.join("current");
+    let relink = |to: &str| {
+        fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(to, &link).unwrap();
+    };
+    let live = |j: &Value| -> Vec<u64> {
+        j.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["current"] == true)
+            .map(|r| r["id"].as_u64().unwrap())
+            .collect()
+    };
+    let absolute = fx.release(2).display().to_string();
+    for to in [absolute.as_str(), "./releases/2", "releases/2/"] {
+        relink(to);
+        let r = fx.flip(&["releases", "--json", fx.root_str()]).success();
+        assert_eq!(live(&r.json()), [2], "current -> {to}");
+        assert_eq!(r.stderr, "", "current -> {to}");
+        let doctor = fx.flip(&["doctor", fx.root_str()]).success();
+        assert!(
+            doctor.stdout.contains("current -> releases/2: committed"),
+            "{}",
+            doctor.stdout
+        );
+    }
+    // A rollback from the hand-made link, then flip's own form again.
+    fx.flip(&["rollback", fx.root_str()]).success();
+    assert_eq!(fx.current_link(), "releases/1");
+
+    let maintenance = fx.path("maintenance");
+    fs::create_dir(&maintenance).unwrap();
+    fs::write(maintenance.join("index.html"), "down for maintenance").unwrap();
+    relink(s(&maintenance));
+    let foreign = format!(
+        "points to {:?}, not to a release flip made",
+        s(&maintenance)
+    );
+    let r = fx.flip(&["releases", "--json", fx.root_str()]).success();
+    assert_eq!(live(&r.json()), Vec::<u64>::new());
+    r.stderr_has(&foreign);
+    fx.flip(&["rollback", fx.root_str()]).code(5);
+    let doctor = fx.flip(&["doctor", fx.root_str()]).code(11);
+    for said in [
+        "not a release flip made".to_string(),
+        format!("fix: flip activate {} ID", fx.root_str()),
+    ] {
+        assert!(doctor.stdout.contains(&said), "{said}: {}", doctor.stdout);
+    }
+    // The doctor's fix works.
+    fx.flip(&["activate", fx.root_str(), "2"])
+        .success()
+        .stderr_has(&foreign);
+    assert_eq!(fx.current_link(), "releases/2");
+    // So does a deploy.
+    relink(s(&maintenance));
+    public_site(&src, 3);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 3, "{j}");
+    assert_eq!(j["previous"], Value::Null, "{j}");
+    assert!(warnings(&j).iter().any(|w| w.contains(&foreign)), "{j}");
+    assert_eq!(fx.current_link(), "releases/3");
+    assert_eq!(
+        fs::read_to_string(maintenance.join("index.html")).unwrap(),
+        "down for maintenance"
+    );
+}
+
 #[test]
 fn a_live_release_replaced_by_a_symlink_is_refused() {
     let fx = Fx::new();

@@ -219,9 +219,22 @@ fn check_shared(root: &Root, out: &mut Vec<Finding>) {
 fn check_current(root: &Root, out: &mut Vec<Finding>) -> Option<crate::ReleaseInfo> {
     let t = root.path().display().to_string();
     let activate = format!("flip activate {t} ID (a complete release: flip releases {t})");
-    let id = match root.current() {
-        Ok(Some(id)) => id,
-        Ok(None) => {
+    let id = match root.current_link() {
+        Ok(crate::CurrentLink::Release(id)) => id,
+        Ok(crate::CurrentLink::Foreign(target)) => {
+            out.push(
+                Finding::new(
+                    "current",
+                    Severity::Problem,
+                    format!(
+                        "current -> {target:?}, not a release flip made: nothing of flip's is live"
+                    ),
+                )
+                .fix(activate),
+            );
+            return None;
+        }
+        Ok(crate::CurrentLink::Missing) => {
             out.push(
                 Finding::new(
                     "current",

@@ -127,14 +127,6 @@ pub enum Error {
     /// `current` (path) is not a symlink.
     #[error("{} exists and is not a symlink; flip will not replace it (move it away first)", .0.display())]
     CurrentNotSymlink(PathBuf),
-    /// `current` points outside flip's releases.
-    #[error("{} points to {target:?}, not to a release flip made", path.display())]
-    CurrentForeign {
-        /// The path concerned.
-        path: PathBuf,
-        /// What `current` points to.
-        target: String,
-    },
     /// A written file does not match the manifest (`path` relative to the release).
     #[error("{path}: written content does not match the manifest ({detail})")]
     Integrity {
@@ -230,7 +222,6 @@ impl Error {
             | Error::NothingToRollBack { .. }
             | Error::AlreadyLive(_)
             | Error::CurrentNotSymlink(_)
-            | Error::CurrentForeign { .. }
             | Error::Layout { .. }
             | Error::SharedConflict { .. }
             | Error::UnknownOwner(_)

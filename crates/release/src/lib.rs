@@ -50,7 +50,7 @@ use flip_manifest::Manifest;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -498,21 +498,47 @@ impl Root {
         }
     }
 
-    /// The release `current` points to, if any.
+    /// The release `current` points to, if any. A `current` that points elsewhere (not to a
+    /// release of this target: a maintenance page, a directory of another tool) names none:
+    /// nothing of flip's is live, which a warning says (see [`Root::take_warnings`]), and the
+    /// next activation replaces it; [`Root::current_link`] tells it apart.
     ///
     /// # Errors
-    /// [`Error::CurrentNotSymlink`], [`Error::CurrentForeign`], or an I/O error reading it.
+    /// [`Error::CurrentNotSymlink`], [`Error::Layout`] for a release path that is not a
+    /// directory, or an I/O error reading it.
     pub fn current(&self) -> Result<Option<u64>> {
+        match self.current_link()? {
+            CurrentLink::Missing => Ok(None),
+            CurrentLink::Release(id) => Ok(Some(id)),
+            CurrentLink::Foreign(target) => {
+                self.warn(format!(
+                    "{} points to {target:?}, not to a release flip made: nothing of flip's is live, and the next activation replaces it",
+                    self.dir.join(CURRENT).display()
+                ));
+                Ok(None)
+            }
+        }
+    }
+
+    /// What `current` is: missing, a release of this target, or a symlink to anything else.
+    /// A release is named as flip writes it (`releases/N`), and also as people and other tools
+    /// do by hand: `./releases/N`, `releases/N/`, or an absolute path into this target's own
+    /// `releases/` (however the target is reached: the directory is compared, not the text).
+    ///
+    /// # Errors
+    /// [`Error::CurrentNotSymlink`], [`Error::Layout`] for a release path that is not a
+    /// directory, or an I/O error reading it.
+    pub fn current_link(&self) -> Result<CurrentLink> {
         let link = self.dir.join(CURRENT);
         let Some(meta) = fsutil::symlink_metadata_if_any(&link)? else {
-            return Ok(None);
+            return Ok(CurrentLink::Missing);
         };
         if !meta.file_type().is_symlink() {
             return Err(Error::CurrentNotSymlink(link));
         }
         let target = fsutil::read_link(&link)?;
         let target = target.to_string_lossy().into_owned();
-        match target.strip_prefix("releases/").and_then(parse_id) {
+        match self.release_named(&target) {
             Some(id) => {
                 let dir = self.release_dir(id);
                 match fsutil::lstat_or_none(&dir) {
@@ -521,11 +547,30 @@ impl Root {
                         found: fsutil::kind_of(&m),
                         expected: "a release directory",
                     }),
-                    _ => Ok(Some(id)),
+                    _ => Ok(CurrentLink::Release(id)),
                 }
             }
-            None => Err(Error::CurrentForeign { path: link, target }),
+            None => Ok(CurrentLink::Foreign(target)),
         }
+    }
+
+    /// The release a symlink target in the root names (see [`Root::current_link`]).
+    fn release_named(&self, target: &str) -> Option<u64> {
+        let t = target.trim_end_matches('/');
+        let t = t.strip_prefix("./").unwrap_or(t);
+        if let Some(id) = t.strip_prefix("releases/").and_then(parse_id) {
+            return Some(id);
+        }
+        let p = Path::new(t);
+        let id = parse_id(p.file_name()?.to_str()?)?;
+        let parent = p.parent().filter(|_| p.is_absolute())?;
+        // The same directory as this root's releases/: followed on purpose, only looked at.
+        #[allow(clippy::disallowed_methods)]
+        let same = match (fs::metadata(parent), fs::metadata(self.releases_dir())) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        same.then_some(id)
     }
 
     /// Complete releases (directory and manifest both present), oldest first. A release whose
@@ -1382,6 +1427,17 @@ fn shared_why(links: u64) -> String {
     format!(
         "it had {links} hard links (it shares its inode with another file, maybe another target's log copied with `cp -al`, or planted): appending would have written into that file too"
     )
+}
+
+/// What a target's `current` is ([`Root::current_link`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CurrentLink {
+    /// No `current`: nothing is live.
+    Missing,
+    /// A release of this target (which may be missing or incomplete: see `flip doctor`).
+    Release(u64),
+    /// A symlink to something else, as it reads.
+    Foreign(String),
 }
 
 /// This host's name, as the lock holder records it.
