@@ -349,8 +349,8 @@ impl Config {
         self.envs.contains_key(name)
     }
 
-    /// The file's directory: what a relative `source` is relative to.
-    fn dir(&self) -> PathBuf {
+    /// The file's directory: what a relative `source` (and local target) is relative to.
+    pub fn dir(&self) -> PathBuf {
         self.path
             .parent()
             .map(Path::to_path_buf)

@@ -415,6 +415,35 @@ fn targets_are_locked_in_one_order_however_they_are_named() {
     }
 }
 
+/// In flip.toml a local target's `~` is the home, and a relative one is relative to the file
+/// (as `source` is) wherever flip runs: `~/app` was a directory literally named `~` in the
+/// working directory (made so with `--mkpath`), and `../t2` depended on where flip ran.
+#[test]
+fn local_targets_in_flip_toml_expand_the_home_and_are_relative_to_the_file() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    fs::create_dir_all(fx.path("conf")).unwrap();
+    fs::write(
+        fx.path("conf/flip.toml"),
+        "source = \"../src\"\n[env.prod]\ntargets = [\"~/app\", \"../t2\"]\n",
+    )
+    .unwrap();
+    // Run from the fixture's directory, not the file's.
+    fx.flip(&["deploy", "prod", "--config", "conf/flip.toml", "--mkpath"])
+        .success();
+    for root in [fx.home.join("app"), fx.path("t2")] {
+        assert_eq!(link(&root), "releases/1", "{}", root.display());
+        assert_dir_eq(&root.join("current"), &src.tree(), "deployed");
+    }
+    assert!(!fx.path("~").exists() && !fx.path("conf/~").exists());
+    let j = fx
+        .flip(&["releases", "prod", "--config", "conf/flip.toml", "--json"])
+        .success()
+        .json();
+    assert_eq!(j[0]["releases"].as_array().unwrap().len(), 2, "{j}");
+}
+
 /// `flip rollback ENV --wait` locks in the same order: waiting for t1, it holds no lock of t2.
 #[test]
 fn an_environment_rollback_waiting_for_a_lock_holds_no_lock_of_a_target_named_after_it() {
