@@ -617,6 +617,15 @@ fn no_activate_stages_without_going_live() {
     assert_eq!(fx.current_link(), "releases/2");
     assert_dir_eq(&fx.current(), &v2, "current after activate");
     assert_eq!(fx.listed(), vec![(1, false), (2, true)]);
+
+    // `--keep` holds for a staged release too (it was ignored): kept are the staged one, the
+    // live one and its rollback target.
+    src.file("index.html", "v3", 0o644);
+    fx.deploy(&src, &["--keep", "9"]);
+    src.file("index.html", "v4", 0o644);
+    let j = fx.deploy(&src, &["--no-activate", "--keep", "1"]);
+    assert_eq!(j["pruned"], serde_json::json!([1]), "{j}");
+    assert_eq!(fx.listed(), vec![(2, false), (3, true), (4, false)]);
 }
 
 #[test]

@@ -481,11 +481,16 @@ fn deploy_once(
             false => vec![HostState::Staged; hosts.len()],
         }
     };
+    // A release staged without activation (`--no-activate`) prunes too: the live release and
+    // its rollback target are kept whatever the count, and so is the staged one, the newest
+    // (at least one kept).
     if states
         .iter()
         .all(|s| matches!(s, HostState::Live | HostState::Unchanged))
     {
         prune_all(&mut hosts, o.keep);
+    } else if states.iter().all(|s| *s == HostState::Staged) {
+        prune_all(&mut hosts, o.keep.max(1));
     }
     let live_digests: Vec<Option<Digest>> = hosts
         .iter()
