@@ -352,6 +352,37 @@ fn releases_marks_a_live_release_whose_metadata_is_damaged() {
     );
 }
 
+/// A release that is not live, whose manifest is not the one recorded at commit (garbage
+/// written over it), is left out of the listing with a warning, as one whose record is
+/// damaged: it was listed as healthy (`"damaged": false`), though a rollback skipped it and
+/// `flip verify` failed on it.
+#[test]
+fn a_release_whose_manifest_is_damaged_is_not_listed() {
+    let fx = Fx::new();
+    let root = fx.root_str();
+    for t in ["a", "b", "c", "d"] {
+        deploy_tag(&fx, t, &["--keep", "10"]);
+    }
+    fs::write(fx.root.join(".flip/releases/3.manifest"), "garbage").unwrap();
+    let r = fx.flip(&["releases", "--json", root]).success();
+    let ids: Vec<u64> = r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 2, 4]);
+    assert!(
+        r.stderr.contains("release 3 is not listed") && r.stderr.contains("3.manifest"),
+        "{}",
+        r.stderr
+    );
+    // The rollback goes past it, to 2.
+    fx.flip(&["rollback", root]).success();
+    assert_eq!(fx.current_link(), "releases/2");
+}
+
 /// A release whose metadata is damaged is left out of the listing (warned about on every
 /// command); once it is older than every release kept, a prune removes it, tree and metadata,
 /// so the warning stops. A damaged newer one stays (it may be a rollback the user wants back).

@@ -1192,9 +1192,7 @@ impl Session {
     fn rollback(&mut self, to: Option<u64>, force: bool) -> Result<Response> {
         let root = self.root(false)?;
         let lock = self.locked()?;
-        let current = root
-            .current()?
-            .ok_or_else(|| RelError::NothingLive(root.path().to_path_buf()))?;
+        let current = root.live()?;
         let target = match to {
             Some(t) => {
                 root.info(t)?;
@@ -1237,9 +1235,7 @@ impl Session {
         let root = self.root(false)?;
         let id = match id {
             Some(id) => id,
-            None => root
-                .current()?
-                .ok_or_else(|| RelError::NothingLive(root.path().to_path_buf()))?,
+            None => root.live()?,
         };
         Ok(Response::Verified {
             id,

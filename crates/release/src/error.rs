@@ -115,6 +115,15 @@ pub enum Error {
     /// The target (path) has no live release.
     #[error("nothing is live yet: {} has no current release", .0.display())]
     NothingLive(PathBuf),
+    /// `current` (path) points to something that is not a release of the target: nothing of
+    /// flip's is live.
+    #[error("{} points to {target:?}, not to a release flip made: nothing of flip's is live", path.display())]
+    CurrentForeign {
+        /// `current`.
+        path: PathBuf,
+        /// What it points to, as it reads.
+        target: String,
+    },
     /// No release is older than the live one.
     #[error("there is no release older than {current} to roll back to")]
     NothingToRollBack {
@@ -219,6 +228,7 @@ impl Error {
             | Error::InsideTarget { .. }
             | Error::NoSuchRelease(_)
             | Error::NothingLive(_)
+            | Error::CurrentForeign { .. }
             | Error::NothingToRollBack { .. }
             | Error::AlreadyLive(_)
             | Error::CurrentNotSymlink(_)

@@ -520,6 +520,22 @@ impl Root {
         }
     }
 
+    /// The live release, for what needs one (a rollback, a check of what is live).
+    ///
+    /// # Errors
+    /// [`Error::NothingLive`] without `current`, [`Error::CurrentForeign`] for a `current`
+    /// naming no release of this target, or what [`Root::current_link`] returns.
+    pub fn live(&self) -> Result<u64> {
+        match self.current_link()? {
+            CurrentLink::Release(id) => Ok(id),
+            CurrentLink::Missing => Err(Error::NothingLive(self.dir.clone())),
+            CurrentLink::Foreign(target) => Err(Error::CurrentForeign {
+                path: self.dir.join(CURRENT),
+                target,
+            }),
+        }
+    }
+
     /// What `current` is: missing, a release of this target, or a symlink to anything else.
     /// A release is named as flip writes it (`releases/N`), and also as people and other tools
     /// do by hand: `./releases/N`, `releases/N/`, or an absolute path into this target's own
@@ -587,13 +603,19 @@ impl Root {
             match self.info(id) {
                 Ok(mut info) => {
                     info.current = Some(id) == current;
-                    // The live manifest is what a client diffs against: a damaged one is left
-                    // out, so the next deploy sends its whole manifest instead of failing.
-                    if info.current {
-                        if let Err(e) = self.manifest_intact(&info) {
-                            self.warn(format!("live release {id} is not listed: {e}"));
-                            continue;
-                        }
+                    // A release whose manifest is not the one recorded at commit can be neither
+                    // rolled back to nor checked: left out (the live one too: it is what a
+                    // client diffs against, and the next deploy sends its whole manifest
+                    // instead of failing). Read whole: a few milliseconds for the releases
+                    // kept of a tree of tens of thousands of files.
+                    if let Err(e) = self.manifest_intact(&info) {
+                        let which = if info.current {
+                            "live release"
+                        } else {
+                            "release"
+                        };
+                        self.warn(format!("{which} {id} is not listed: {e}"));
+                        continue;
                     }
                     out.push(info);
                 }
