@@ -293,11 +293,11 @@ fn targets_of(cfg: Option<&Config>, word: &str) -> Result<(Option<config::Resolv
 /// A target as `flip.toml` writes it: a local one with a leading `~` or `~user` expanded as a
 /// shell does (no shell read the file) and, when relative, relative to the file, as `source`
 /// is (the file says where things are wherever flip runs); an SSH target as it is.
-fn config_target(t: &str, dir: &std::path::Path) -> Result<Target, flip_deploy::DeployError> {
+fn config_target(t: &str, dir: &std::path::Path) -> Result<Target> {
     match Target::parse(t)? {
         Target::Local(_) => {
             let path = dir.join(flip_agent::home_expanded(std::path::Path::new(t)));
-            Target::parse(&path.to_string_lossy())
+            Ok(Target::parse(&path.to_string_lossy())?)
         }
         ssh => Ok(ssh),
     }
