@@ -528,6 +528,55 @@ fn an_immutable_file_in_an_old_release_never_fails_a_deploy() {
 // Damaged metadata, crash leftovers, ids
 // ---------------------------------------------------------------------------------------------
 
+/// What someone put under `releases/` (a backup directory, a file) is flip's to leave alone,
+/// and to name: no command said a word of it (doctor called the target healthy), though
+/// the README lists it among the warnings. Now every command warns, doctor names it, and a
+/// prune keeping nothing still leaves it.
+#[test]
+fn what_is_not_a_release_under_releases_is_named_and_left_alone() {
+    let fx = Fx::new();
+    let root = fx.root_str();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    let junk = fx.root.join("releases/junk");
+    let backup = fx.root.join("releases/old-backup");
+    fs::write(&junk, "x").unwrap();
+    fs::create_dir(&backup).unwrap();
+    fs::write(backup.join("index.php"), "old").unwrap();
+    public_site(&src, 2);
+    let j = fx.deploy(&src, &[]);
+    for p in [&junk, &backup] {
+        let named = format!("{} is not a release flip made", p.display());
+        assert_eq!(
+            warnings(&j).iter().filter(|w| w.contains(&named)).count(),
+            1,
+            "{j}"
+        );
+    }
+    fx.flip(&["releases", root])
+        .success()
+        .stderr_has(&format!("{} is not a release flip made", junk.display()));
+    let doctor = fx.flip(&["doctor", "--json", root]).success().json();
+    let said = doctor["hosts"][0]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "releases" && f["severity"] == "warning")
+        .unwrap_or_else(|| panic!("{doctor}"))
+        .clone();
+    assert!(
+        said["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("releases/junk, releases/old-backup: not flip's"),
+        "{said}"
+    );
+    fx.flip(&["prune", "--keep", "0", root]).success();
+    assert_eq!(fs::read(&junk).unwrap(), b"x");
+    assert_eq!(fs::read(backup.join("index.php")).unwrap(), b"old");
+}
+
 #[test]
 fn damaged_metadata_of_releases_that_are_not_live_is_named_and_skipped() {
     let fx = Fx::new();

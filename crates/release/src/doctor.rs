@@ -327,6 +327,7 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
         }
     };
     let (mut complete, mut incomplete, mut interrupted) = (0u64, Vec::new(), Vec::new());
+    let mut strays = Vec::new();
     for e in rd.flatten().take(100_000) {
         let name = e.file_name().to_string_lossy().into_owned();
         let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
@@ -337,6 +338,9 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
             continue;
         }
         let Some(id) = crate::parse_id(&name) else {
+            if !crate::is_temp(&name) {
+                strays.push(name);
+            }
             continue;
         };
         if !is_dir {
@@ -409,6 +413,29 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
                 if interrupted.len() == 1 { "it" } else { "them" }
             ),
         ));
+    }
+    if !strays.is_empty() {
+        strays.sort();
+        out.push(
+            Finding::new(
+                "releases",
+                Severity::Warning,
+                format!(
+                    "{}{}: not flip's (releases are numbered): never listed, rolled back to, pruned or removed, each deploy warns of them",
+                    strays
+                        .iter()
+                        .take(NAMED)
+                        .map(|n| format!("{RELEASES}/{n}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    match strays.len().saturating_sub(NAMED) {
+                        0 => String::new(),
+                        n => format!(" and {n} more"),
+                    },
+                ),
+            )
+            .fix(format!("move them out of {}", dir.display())),
+        );
     }
     if incomplete.is_empty() {
         out.push(Finding::new(

@@ -647,6 +647,14 @@ impl Root {
             let flip_named = name.starts_with(STAGING_PREFIX) || name.starts_with(TRASH_PREFIX);
             let id = parse_id(name);
             if id.is_none() && !flip_named {
+                // Not flip's (a backup someone put there, another tool's release): named, and
+                // left as it is (a temp file of flip's own is the cleanup's).
+                if !is_temp(name) {
+                    self.warn(format!(
+                        "{} is not a release flip made (releases are numbered): never listed, rolled back to, pruned or removed",
+                        e.path().display()
+                    ));
+                }
                 continue;
             }
             match e.file_type() {
@@ -1421,7 +1429,7 @@ fn parse_id(s: &str) -> Option<u64> {
 }
 
 /// Whether `name` is a temp file of an interrupted atomic write (`.next-id.tmp-123`).
-fn is_temp(name: &str) -> bool {
+pub(crate) fn is_temp(name: &str) -> bool {
     name.starts_with('.') && name.contains(".tmp-")
 }
 
