@@ -444,6 +444,53 @@ fn local_targets_in_flip_toml_expand_the_home_and_are_relative_to_the_file() {
     assert_eq!(j[0]["releases"].as_array().unwrap().len(), 2, "{j}");
 }
 
+/// A label deployed where the tree was live already (no release made there, so the label is
+/// recorded only on the other targets) still names a release there: the one of the same tree.
+/// `activate ENV LABEL` and `rollback ENV` failed on that target ("no release labelled"), and
+/// `flip releases ENV` showed no release of the label there, after a deploy that said "live on
+/// all targets".
+#[test]
+fn a_label_deployed_where_the_tree_was_live_names_that_release() {
+    let fx = Fx::new();
+    let (roots, targets, src) = two_targets(&fx, "");
+    site_v1(&src);
+    let v1 = src.tree();
+    // t1 gets the tree first, without a label.
+    fx.flip(&["deploy", src.s(), &targets[0]]).success();
+    let j = fx
+        .flip(&["deploy", "prod", "--label", "v1", "--json"])
+        .success()
+        .json();
+    assert_eq!(hosts(&j)[0]["state"], "unchanged", "{j}");
+    assert_eq!(hosts(&j)[1]["state"], "live", "{j}");
+    site_v2(&src);
+    fx.flip(&["deploy", "prod", "--label", "v2"]).success();
+    let j = fx.flip(&["releases", "prod", "--json"]).success().json();
+    let row = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["label"] == "v1")
+        .unwrap_or_else(|| panic!("{j}"));
+    let ids: Vec<u64> = row["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 1], "{j}");
+    fx.flip(&["rollback", "prod"]).success();
+    for root in &roots {
+        assert_eq!(link(root), "releases/1");
+    }
+    fx.flip(&["activate", "prod", "v2"]).success();
+    fx.flip(&["activate", "prod", "v1"]).success();
+    for root in &roots {
+        assert_eq!(link(root), "releases/1");
+        assert_dir_eq(&root.join("current"), &v1, "v1");
+    }
+}
+
 /// `flip rollback ENV --wait` locks in the same order: waiting for t1, it holds no lock of t2.
 #[test]
 fn an_environment_rollback_waiting_for_a_lock_holds_no_lock_of_a_target_named_after_it() {

@@ -2,6 +2,7 @@
 //! listing of releases across targets, tied together by their labels.
 
 use crate::{lock_queued, DeployError, Events, Options, Target};
+use flip_manifest::Digest;
 use flip_transfer::Session;
 use flip_wire::{Leftover, Purpose, ReleaseSummary};
 use serde::Serialize;
@@ -429,6 +430,18 @@ fn resolve(
             .and_then(|r| r.label.clone()),
         _ => None,
     };
+    // The trees (manifest digests) a label names on the targets that have it: on a target
+    // without that label, the release of the same tree stands in for it (a deploy that found
+    // the tree already live there made no release, so the label was not recorded there).
+    let trees_of = |label: &str| -> Vec<Digest> {
+        locked
+            .iter()
+            .filter_map(|l| l.as_ref().ok())
+            .flat_map(|l| &l.releases)
+            .filter(|r| r.label.as_deref() == Some(label))
+            .map(|r| r.manifest_digest)
+            .collect()
+    };
     locked
         .iter()
         .zip(targets)
@@ -436,13 +449,22 @@ fn resolve(
             let Ok(l) = l else {
                 return Err(DeployError::Usage(String::new()));
             };
-            let newest_with = |label: &str| {
-                l.releases
-                    .iter()
-                    .filter(|r| r.label.as_deref() == Some(label))
-                    .max_by_key(|r| r.id)
-                    .map(|r| r.id)
+            // This target's newest release of `label` below id `below`, else its newest one of
+            // a tree the label names elsewhere.
+            let labelled = |label: &str, below: u64| {
+                let newest = |f: &dyn Fn(&ReleaseSummary) -> bool| {
+                    l.releases
+                        .iter()
+                        .filter(|r| r.id < below && f(r))
+                        .max_by_key(|r| r.id)
+                        .map(|r| r.id)
+                };
+                newest(&|r| r.label.as_deref() == Some(label)).or_else(|| {
+                    let trees = trees_of(label);
+                    newest(&|r| trees.contains(&r.manifest_digest))
+                })
             };
+            let newest_with = |label: &str| labelled(label, u64::MAX);
             match plan {
                 SwitchPlan::Id(id) => match l.releases.iter().any(|r| r.id == *id) {
                     true => Ok(*id),
@@ -461,13 +483,7 @@ fn resolve(
                         .iter()
                         .find(|r| r.id == live)
                         .and_then(|r| r.label.as_deref());
-                    let older_with = |label: &str| {
-                        l.releases
-                            .iter()
-                            .filter(|r| r.id < live && r.label.as_deref() == Some(label))
-                            .max_by_key(|r| r.id)
-                            .map(|r| r.id)
-                    };
+                    let older_with = |label: &str| labelled(label, live);
                     match (&previous_label, live_label) {
                         (Some(p), Some(_)) => match older_with(p) {
                             Some(id) => Ok(id),
@@ -512,8 +528,9 @@ pub struct LabelRow {
 }
 
 /// The releases of every target as rows by label, oldest first. A label's row holds each
-/// target's live release of that label, else its newest; an unlabelled release gets a row of
-/// its own.
+/// target's live release of that label, else its newest, else (a target where the tree was
+/// live already when the label was deployed) its release of a tree the label names elsewhere;
+/// an unlabelled release gets a row of its own.
 pub fn label_rows(lists: &[Vec<ReleaseSummary>]) -> Vec<LabelRow> {
     let n = lists.len();
     let mut rows: Vec<LabelRow> = Vec::new();
@@ -535,6 +552,30 @@ pub fn label_rows(lists: &[Vec<ReleaseSummary>]) -> Vec<LabelRow> {
             row.created = row.created.max(r.created);
             // The live release of the label, else its newest.
             if !row.live[i] && (r.current || row.ids[i].is_none_or(|id| id < r.id)) {
+                row.ids[i] = Some(r.id);
+                row.live[i] = r.current;
+            }
+        }
+    }
+    // A target without the label: its release of a tree the label names elsewhere, if any
+    // (the tree was live there already when the label was deployed: no release was made).
+    for row in rows.iter_mut() {
+        let Some(label) = &row.label else { continue };
+        let trees: Vec<Digest> = lists
+            .iter()
+            .flatten()
+            .filter(|r| r.label.as_ref() == Some(label))
+            .map(|r| r.manifest_digest)
+            .collect();
+        for (i, list) in lists.iter().enumerate() {
+            if row.ids[i].is_some() {
+                continue;
+            }
+            let same = list
+                .iter()
+                .filter(|r| trees.contains(&r.manifest_digest))
+                .max_by_key(|r| (r.current, r.id));
+            if let Some(r) = same {
                 row.ids[i] = Some(r.id);
                 row.live[i] = r.current;
             }
