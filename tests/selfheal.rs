@@ -577,6 +577,33 @@ fn what_is_not_a_release_under_releases_is_named_and_left_alone() {
     assert_eq!(fs::read(backup.join("index.php")).unwrap(), b"old");
 }
 
+/// `current` names a release directory that has no metadata (copied there by hand): the
+/// deploy makes a new release of everything, and its warnings say the directory is there and
+/// its metadata is not; one said "release 7 does not exist" of the directory it had just named.
+#[test]
+fn a_live_release_without_metadata_is_named_as_it_is() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    public_site(&src, 1);
+    fx.deploy(&src, &[]);
+    copy_tree(&fx.release(1), &fx.release(7));
+    std::os::unix::fs::symlink("releases/7", fx.root.join("c.tmp")).unwrap();
+    fs::rename(fx.root.join("c.tmp"), fx.current()).unwrap();
+    public_site(&src, 2);
+    let j = fx.deploy(&src, &[]);
+    assert_eq!(j["release"], 8, "{j}");
+    let w = warnings(&j);
+    assert!(!w.iter().any(|w| w.contains("does not exist")), "{j}");
+    let manifest = fx.root.join(".flip/releases/7.manifest");
+    assert!(
+        w.iter()
+            .any(|w| w.starts_with("the live release 7 has no manifest")
+                && w.contains(&format!("({} missing)", manifest.display()))),
+        "{j}"
+    );
+    assert_dir_eq(&fx.current(), &src.tree(), "release 8");
+}
+
 #[test]
 fn damaged_metadata_of_releases_that_are_not_live_is_named_and_skipped() {
     let fx = Fx::new();

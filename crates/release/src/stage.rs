@@ -176,8 +176,16 @@ impl Root {
                 Ok(m) => Some((id, m)),
                 // A damaged live manifest: plan against nothing (everything is sent) rather
                 // than fail every deploy until someone repairs it.
-                Err(e @ (Error::Corrupt { .. } | Error::NoSuchRelease(_))) => {
+                Err(e @ Error::Corrupt { .. }) => {
                     self.warn(format!("{e}; the new release is built without links to it"));
+                    None
+                }
+                // Its directory is there (`current` names it), its metadata is not.
+                Err(Error::NoSuchRelease(_)) => {
+                    self.warn(format!(
+                        "the live release {id} has no manifest ({} missing); the new release is built without links to it",
+                        self.manifest_path(id).display()
+                    ));
                     None
                 }
                 Err(e) => return Err(e),
