@@ -1103,6 +1103,13 @@ fn prune(a: cli::PruneArgs, cfg: Option<&Config>) -> Result<Code> {
 
 fn verify(a: cli::VerifyArgs, cfg: Option<&Config>) -> Result<Code> {
     let (env, targets) = targets_of(cfg, &a.target)?;
+    if env.is_some() && a.id.is_some() {
+        // Release N of one target is not release N of another.
+        return Err(exit::coded(
+            exit::USAGE,
+            "release ids differ between targets: for an environment, `flip verify ENV` checks each target's live release",
+        ));
+    }
     let ssh = ssh_only(&a.ssh);
     let mut hosts = Vec::new();
     let mut code = exit::OK;

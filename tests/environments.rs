@@ -491,6 +491,20 @@ fn a_label_deployed_where_the_tree_was_live_names_that_release() {
     }
 }
 
+/// Release ids are per target: `flip verify ENV ID` checked release ID of each target, a
+/// different release on each; it is refused (exit 2), as `rollback ENV --to ID` is.
+#[test]
+fn verify_of_an_environment_takes_no_release_id() {
+    let fx = Fx::new();
+    let (_, _, src) = two_targets(&fx, "");
+    site_v1(&src);
+    fx.flip(&["deploy", "prod"]).success();
+    fx.flip(&["verify", "prod", "1"])
+        .code(2)
+        .stderr_has("release ids differ between targets");
+    fx.flip(&["verify", "prod"]).success();
+}
+
 /// `flip rollback ENV --wait` locks in the same order: waiting for t1, it holds no lock of t2.
 #[test]
 fn an_environment_rollback_waiting_for_a_lock_holds_no_lock_of_a_target_named_after_it() {
