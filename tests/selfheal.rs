@@ -487,6 +487,35 @@ fn an_undeletable_file_in_an_old_release_never_fails_a_deploy() {
     assert!(!run.stderr.contains("cannot remove"), "{}", run.stderr);
 }
 
+/// A pruned release holds, in a directory flip's user may not write (made by a `sudo flip
+/// deploy`), a name of a file the kept releases share: the prune removes the names it can,
+/// and the link ledger counts what it removed. It counted only complete removals, so the
+/// next deploy took the file's lower link count for "a name removed behind flip's back",
+/// warned, and copied what it could have linked.
+#[test]
+fn a_name_a_prune_could_not_remove_does_not_stop_the_next_deploy_linking() {
+    let w = Nobody::new();
+    let src = w.fx.src("src");
+    let target = s(&w.root).to_string();
+    for v in 1..=4u32 {
+        public_site(&src, v);
+        w.run(&["deploy", "--keep", "10", src.s(), &target])
+            .success();
+    }
+    std::os::unix::fs::chown(w.root.join("releases/1/lib"), Some(0), Some(0)).unwrap();
+    // Keeping 1: releases 1 to 3 go (5 is live, 4 its rollback target); of lib/app.php's
+    // names there, release 1's stays, in the trash.
+    public_site(&src, 5);
+    w.deploy(&src);
+    assert!(w.root.join("releases/.trash-1/lib/app.php").exists());
+    public_site(&src, 6);
+    let j = w.deploy(&src);
+    assert_eq!(num(&j, "/release"), 6, "{j}");
+    assert!(!warnings(&j).iter().any(|w| w.contains("expected")), "{j}");
+    let ino = |id: u64| common::ino(&w.root.join(format!("releases/{id}/lib/app.php")));
+    assert_eq!(ino(6), ino(5), "lib/app.php is linked: {j}");
+}
+
 #[test]
 fn an_immutable_file_in_an_old_release_never_fails_a_deploy() {
     let fx = Fx::new();

@@ -367,7 +367,7 @@ impl Root {
             .par_iter()
             .map_init(
                 || (HashMap::new(), HashMap::new()),
-                |(kept_cursors, doomed_cursors), (ino, path, was, gone, holder)| {
+                |(kept_cursors, doomed_cursors), (ino, path, was, _gone, holder)| {
                     // Its names in the doomed trees, each checked to be this inode.
                     let mut names = Vec::new();
                     for (i, tree) in doomed.iter().enumerate() {
@@ -393,9 +393,9 @@ impl Root {
                             removed += 1;
                         }
                     }
-                    if removed != *gone {
-                        return None;
-                    }
+                    // Fewer than expected when a name could not be removed (a directory this
+                    // user may not write: a leftover, retried later): the count is of what
+                    // went, so the ledger holds the link count the file has now.
                     [*holder, live].into_iter().flatten().find_map(|id| {
                         let tree = kept.get(&id)?;
                         let cursor = kept_cursors
@@ -404,7 +404,7 @@ impl Root {
                         let (dir, name) = cursor.parent_of(path).ok()?;
                         let now = FileStamp::of_stat(&at::lstat_at(&dir, &name).ok()?);
                         let same = was.same_but_links(&now);
-                        (same && now.nlink.checked_add(*gone) == Some(was.nlink))
+                        (same && now.nlink.checked_add(removed) == Some(was.nlink))
                             .then_some((id, now))
                     })
                 },
