@@ -223,14 +223,14 @@ fn what_an_interrupted_run_left_is_named_in_a_note() {
     let f = one(&j, "releases", "note", "releases/.staging-9");
     assert_eq!(
         f["message"],
-        "releases/.staging-9 is what is left of a deploy or prune that was interrupted or is running; the next deploy or prune removes it"
+        "releases/.staging-9 is what is left of a deploy or prune that was interrupted or is running; the next deploy or prune removes it (what it cannot is named under leftovers)"
     );
     fs::create_dir(fx.root.join("releases/.trash-1")).unwrap();
     let j = doctor_json(&fx, &[("PATH", &path)], 0, &[]);
     let f = one(&j, "releases", "note", "releases/.staging-9");
     assert_eq!(
         f["message"],
-        "releases/.staging-9, releases/.trash-1 are what is left of a deploy or prune that was interrupted or is running; the next deploy or prune removes them"
+        "releases/.staging-9, releases/.trash-1 are what is left of a deploy or prune that was interrupted or is running; the next deploy or prune removes them (what it cannot is named under leftovers)"
     );
     assert!(
         fx.root.join("releases/.trash-1").is_dir(),

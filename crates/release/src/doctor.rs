@@ -398,7 +398,7 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
             "releases",
             Severity::Note,
             format!(
-                "{}{} {} of a deploy or prune that was interrupted or is running; the next deploy or prune removes {}",
+                "{}{} {} of a deploy or prune that was interrupted or is running; the next deploy or prune removes {} (what it cannot is named under leftovers)",
                 interrupted
                     .iter()
                     .take(NAMED)
