@@ -198,7 +198,47 @@ fn init(a: &cli::InitArgs, path: &std::path::Path) -> Result<Code> {
     use std::os::unix::fs::OpenOptionsExt;
     // Never through a symlink (a dangling one planted in a shared directory included): a new
     // file, and with --force one renamed over whatever is there.
-    let exists = std::fs::symlink_metadata(path).is_ok();
+    let found = std::fs::symlink_metadata(path).ok();
+    // Refused up front, as --force could not replace them either.
+    if found.as_ref().is_some_and(|m| m.is_dir()) {
+        return Err(exit::coded(
+            exit::USAGE,
+            format!(
+                "{} is a directory; name the file to write (--config FILE)",
+                path.display()
+            ),
+        ));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    match std::fs::metadata(parent) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(exit::coded(
+                exit::USAGE,
+                format!(
+                    "cannot write {}: {} is not a directory",
+                    path.display(),
+                    parent.display()
+                ),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(exit::coded(
+                exit::USAGE,
+                format!(
+                    "cannot write {}: there is no directory {}",
+                    path.display(),
+                    parent.display()
+                ),
+            ))
+        }
+        // Anything else (a directory that cannot be searched) is said by the write below.
+        Err(_) => {}
+    }
+    let exists = found.is_some();
     if exists && !a.force {
         return Err(exit::coded(
             exit::USAGE,

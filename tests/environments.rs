@@ -1278,6 +1278,48 @@ fn init_with_config_writes_that_file() {
     assert_eq!(left, ["staging.toml"], "a temp file left behind");
 }
 
+/// `flip init --config FILE` where FILE cannot be a file: in a directory that does not exist,
+/// under a file, or a directory itself (with --force too, which cannot replace one). A usage
+/// error naming the path and why, nothing written. Before: exit 1 (a bug) with the OS error,
+/// and for a directory advice to pass --force, which then failed with exit 1.
+#[test]
+fn init_refuses_a_config_path_that_cannot_be_a_file() {
+    let fx = Fx::new();
+    let missing = fx.path("nodir/x.toml");
+    fx.flip(&["init", "--config", s(&missing)])
+        .code(2)
+        .stderr_has(&format!(
+            "cannot write {}: there is no directory {}",
+            missing.display(),
+            fx.path("nodir").display()
+        ));
+    assert!(!fx.path("nodir").exists());
+    fs::write(fx.path("file"), "x").unwrap();
+    let under_file = fx.path("file/x.toml");
+    fx.flip(&["init", "--config", s(&under_file)])
+        .code(2)
+        .stderr_has(&format!(
+            "cannot write {}: {} is not a directory",
+            under_file.display(),
+            fx.path("file").display()
+        ));
+    let dir = fx.path("somedir");
+    fs::create_dir(&dir).unwrap();
+    for force in [&[][..], &["--force"][..]] {
+        let mut args = vec!["init", "--config", s(&dir)];
+        args.extend(force);
+        let run = fx.flip(&args).code(2).stderr_has(&format!(
+            "{} is a directory; name the file to write (--config FILE)",
+            dir.display()
+        ));
+        assert!(!run.stderr.contains("--force to"), "{}", run.stderr);
+    }
+    assert!(
+        fs::read_dir(&dir).unwrap().next().is_none(),
+        "wrote into it"
+    );
+}
+
 /// One target listed twice in an environment (`/srv/app` and `/srv/app/`; an SSH target with
 /// the same user, host, port and path): a usage error naming both, exit 2, before anything is
 /// locked. Before, the second waited on the first one's lock: exit 10, or for ever with
