@@ -111,6 +111,22 @@ pub fn show(h: &Hook) -> serde_json::Value {
     }
 }
 
+/// A hook as `flip config` prints it in its TOML: what [`show`] says, as a TOML string or
+/// inline table (`{ run = "...", once = false, timeout = "1m 30s" }`), which reads back as the
+/// same hook.
+pub fn show_toml(h: &Hook) -> String {
+    let text = |s: &str| toml::Value::from(s).to_string();
+    match show(h) {
+        serde_json::Value::String(run) => text(&run),
+        _ => format!(
+            "{{ run = {}, once = {}, timeout = {} }}",
+            text(&h.run),
+            h.once,
+            text(&humantime::format_duration(h.timeout).to_string())
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

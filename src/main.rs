@@ -1267,15 +1267,25 @@ fn config_json(c: &Config, r: &config::Resolved, source: Option<&(String, &'stat
     );
 }
 
+/// `v` as TOML writes it, a string quoted and escaped, a list inline: `flip config`'s lines
+/// read back as flip.toml (Rust's `{:?}` escapes, `\u{1b}`, are no TOML).
+fn toml_value(v: impl Into<toml::Value>) -> String {
+    v.into().to_string()
+}
+
 /// `flip config ENV` as flip.toml lines, each commented with where it came from.
 fn config_text(c: &Config, r: &config::Resolved, source: Option<&(String, &'static str)>) {
     outln!("# {} [env.{}]", c.path.display(), r.env);
-    outln!("targets = {:?}", r.targets);
+    outln!("targets = {}", toml_value(r.targets.clone()));
     match source {
-        Some((s, from)) => outln!("source = {s:?}  # {from}"),
+        Some((s, from)) => outln!("source = {}  # {from}", toml_value(s.as_str())),
         None => outln!("# source: not set"),
     }
-    outln!("exclude = {:?}  # {}", r.exclude.0, r.exclude.1);
+    outln!(
+        "exclude = {}  # {}",
+        toml_value(r.exclude.0.clone()),
+        r.exclude.1
+    );
     outln!("keep = {}  # {}", r.keep.0, r.keep.1);
     outln!(
         "parallel = {}  # {}{}",
@@ -1301,35 +1311,39 @@ fn config_text(c: &Config, r: &config::Resolved, source: Option<&(String, &'stat
         Some(w) => outln!("whole_file = {w}  # {}", r.whole_file.1),
         None => outln!("# whole_file: default (yes locally, no over SSH)"),
     }
-    outln!("shared_dirs = {:?}  # {}", r.shared_dirs.0, r.shared_dirs.1);
     outln!(
-        "shared_files = {:?}  # {}",
-        r.shared_files.0,
+        "shared_dirs = {}  # {}",
+        toml_value(r.shared_dirs.0.clone()),
+        r.shared_dirs.1
+    );
+    outln!(
+        "shared_files = {}  # {}",
+        toml_value(r.shared_files.0.clone()),
         r.shared_files.1
     );
     outln!(
-        "writable_dirs = {:?}  # {}",
-        r.writable_dirs.0,
+        "writable_dirs = {}  # {}",
+        toml_value(r.writable_dirs.0.clone()),
         r.writable_dirs.1
     );
     outln!(
-        "writable_mode = {:?}  # {}",
-        r.writable_mode.0,
+        "writable_mode = {}  # {}",
+        toml_value(r.writable_mode.0.as_str()),
         r.writable_mode.1
     );
     match &r.writable_owner.0 {
-        Some(o) => outln!("writable_owner = {o:?}  # {}", r.writable_owner.1),
+        Some(o) => outln!(
+            "writable_owner = {}  # {}",
+            toml_value(o.as_str()),
+            r.writable_owner.1
+        ),
         None => outln!("# writable_owner: not set (the deploy user)"),
     }
     for (key, (list, from)) in [
         ("before_activate", &r.before_activate),
         ("after_activate", &r.after_activate),
     ] {
-        let shown: Vec<String> = list
-            .0
-            .iter()
-            .map(|h| config_hooks::show(h).to_string())
-            .collect();
+        let shown: Vec<String> = list.0.iter().map(config_hooks::show_toml).collect();
         outln!("{key} = [{}]  # {from}", shown.join(", "));
     }
     outln!(

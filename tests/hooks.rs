@@ -516,6 +516,53 @@ fn a_bad_hook_in_flip_toml_is_named_by_file_line_and_key_and_flip_config_shows_t
     assert_eq!(j["from"]["after_activate"], "top level", "{j}");
 }
 
+/// `flip config ENV` prints TOML that reads back as the same settings: written under
+/// `[env.ENV]` as a flip.toml of its own, `flip config --json` of it says what it says of the
+/// original (all but where each setting came from). Hooks with options are inline tables;
+/// before, they were JSON (`{"once":false,"run":...}`), which no TOML parser takes, and strings
+/// were Rust-escaped (`\u{1b}`).
+#[test]
+fn flip_config_prints_toml_that_reads_back_as_the_same_settings() {
+    let fx = Fx::new();
+    fs::create_dir(fx.path("back")).unwrap();
+    fs::write(
+        fx.path("flip.toml"),
+        concat!(
+            "source = 'sr\"c'\n",
+            "exclude = [\"/tests\", \"a'b\", \"tab\\there\", \"esc\\u001bx\"]\n",
+            "after_activate = [\"reload\"]\n",
+            "[env.prod]\n",
+            "targets = [\"/srv/app\", \"deploy@web1:/srv/app\"]\n",
+            "writable_owner = \"www-data\"\n",
+            "before_activate = [\"true\", { run = 'echo \"hi\"', timeout = \"90s\" }, { run = \"migrate\", once = true }]\n",
+        ),
+    )
+    .unwrap();
+    let text = fx.flip(&["config", "prod"]).success().stdout;
+    assert!(
+        text.contains(
+            "before_activate = [\"true\", { run = 'echo \"hi\"', once = false, timeout = \"1m 30s\" }, { run = \"migrate\", once = true, timeout = \"10m\" }]  # environment table\n"
+        ),
+        "{text}"
+    );
+    let back = fx.path("back/flip.toml");
+    fs::write(&back, format!("[env.prod]\n{text}")).unwrap();
+    let settings = |config: &Path| {
+        let mut j = fx
+            .flip(&["config", "prod", "--json", "--config", s(config)])
+            .success()
+            .json();
+        let o = j.as_object_mut().unwrap();
+        o.remove("config");
+        o.remove("from");
+        j
+    };
+    let (original, read_back) = (settings(&fx.path("flip.toml")), settings(&back));
+    assert_eq!(read_back, original, "{text}");
+    assert_eq!(original["before_activate"][1]["run"], "echo \"hi\"");
+    assert_eq!(original["exclude"][3], "esc\u{1b}x");
+}
+
 #[test]
 fn a_single_target_deploy_takes_the_top_level_hooks_and_a_failed_first_deploy_leaves_no_target() {
     let fx = Fx::new();
