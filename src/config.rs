@@ -49,7 +49,8 @@ pub struct Settings {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EnvShape {
-    targets: Vec<String>,
+    /// With its span: an empty list is named by its line.
+    targets: toml::Spanned<Vec<String>>,
     source: Option<PathBuf>,
     exclude: Option<Vec<String>>,
     keep: Option<u32>,
@@ -89,8 +90,9 @@ struct FileShape {
     before_activate: Option<HookList>,
     after_activate: Option<HookList>,
     rollback_on_failure: Option<bool>,
+    /// Keyed with their spans: an error in an environment names the line of its name.
     #[serde(default)]
-    env: BTreeMap<String, EnvShape>,
+    env: BTreeMap<toml::Spanned<String>, EnvShape>,
 }
 
 /// A parsed `flip.toml`.
@@ -276,9 +278,12 @@ impl Config {
             .map_err(|e| exit::coded(exit::USAGE, describe_error(&path, &text, &e)))?;
         let mut envs = BTreeMap::new();
         for (name, env) in shape.env {
-            // An error in environment `name`'s table: `key: msg`, with the table's line.
-            let bad_env = |key: String, msg: &str| {
-                let line = line_of_table(&text, &name);
+            // An error in environment `name`'s table: `key: msg`, with the line of its name
+            // (`[env."a b"]`, or `env."a b".targets = ...`).
+            let line_at = |at: usize| text[..at.min(text.len())].matches('\n').count() + 1;
+            let name_line = line_at(name.span().start);
+            let name = name.into_inner();
+            let bad_env = |line: usize, key: String, msg: &str| {
                 exit::coded(
                     exit::USAGE,
                     format!("{}:{line}: {key}: {msg}", path.display()),
@@ -289,12 +294,14 @@ impl Config {
             let ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
             if name.is_empty() || name.starts_with(['-', '.']) || !name.chars().all(ok) {
                 return Err(bad_env(
+                    name_line,
                     format!("env.{name:?}"),
                     "an environment's name is letters, digits and ._-, not starting with '-' or '.' (it is typed where a target could be)",
                 ));
             }
-            if env.targets.is_empty() {
+            if env.targets.get_ref().is_empty() {
                 return Err(bad_env(
+                    line_at(env.targets.span().start),
                     format!("env.{name}.targets"),
                     "an environment needs at least one target",
                 ));
@@ -315,7 +322,7 @@ impl Config {
                 after_activate: env.after_activate,
                 rollback_on_failure: env.rollback_on_failure,
             };
-            let targets = env.targets;
+            let targets = env.targets.into_inner();
             envs.insert(name, Env { targets, settings });
         }
         let top = Settings {
@@ -507,16 +514,6 @@ fn line_of_key(text: &str, prefix: &str, key: &str) -> Option<usize> {
         }
     }
     None
-}
-
-/// The line of `[env.NAME]` (1 when not found).
-fn line_of_table(text: &str, name: &str) -> usize {
-    text.lines()
-        .position(|l| {
-            let l = l.trim().replace(' ', "");
-            l == format!("[env.{name}]") || l == format!("[env.\"{name}\"]")
-        })
-        .map_or(1, |i| i + 1)
 }
 
 /// `flip init`'s starter file for a PHP application.

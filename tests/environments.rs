@@ -624,6 +624,25 @@ fn config_errors_name_the_file_line_and_key() {
             "[env.prod]\ntargets = [\"/x\"]\nhosts = [\"/y\"]\n",
             "flip.toml:3: env.prod.hosts",
         ),
+        // An environment's bad name or empty targets: the line of the name or of the key,
+        // however the table is written (all said line 1 but a plain `[env."NAME"]` header's,
+        // and an empty `targets` the header's line).
+        (
+            "source = \"src\"\n[env.\"a b\"]\ntargets = [\"/x\"]\n",
+            "flip.toml:2: env.\"a b\": an environment's name is letters",
+        ),
+        (
+            "source = \"src\"\n\n[ env . 'a b' ]\ntargets = [\"/x\"]\n",
+            "flip.toml:3: env.\"a b\": an environment's name is letters",
+        ),
+        (
+            "source = \"src\"\nenv.\"a b\".targets = [\"/x\"]\n",
+            "flip.toml:2: env.\"a b\": an environment's name is letters",
+        ),
+        (
+            "source = \"src\"\n[env.prod]\nkeep = 3\ntargets = []\n",
+            "flip.toml:4: env.prod.targets: an environment needs at least one target",
+        ),
     ];
     for (text, want) in cases {
         fs::write(&file, text).unwrap();
