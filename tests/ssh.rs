@@ -568,6 +568,68 @@ fn a_path_in_the_servers_home_can_be_written_with_a_tilde_or_a_dash() {
     .stderr_has("~no-such-user-flip/app does not exist");
 }
 
+/// The system ssh's own failure (exit status 255: the host unreachable, the key refused) is said
+/// once, in flip's error (which --json carries too): before, ssh's stderr line was relayed as
+/// the server's (`web1: ssh: connect to host ...`) and then repeated in the error. What a
+/// server that answers writes to stderr before its first byte (a login's banner) is still
+/// passed on, once.
+#[test]
+fn the_system_ssh_failing_to_connect_is_said_once_in_the_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    let target = format!("web1:{}", fx.root_str());
+    for (said, code, error) in [
+        (
+            "ssh: connect to host web1 port 22: Connection refused",
+            6,
+            "connecting to web1: ssh: connect to host web1 port 22: Connection refused",
+        ),
+        (
+            "web1: Permission denied (publickey).",
+            9,
+            "authentication failed for web1 (tried: the ssh command's keys; ssh said: web1: Permission denied (publickey).)",
+        ),
+    ] {
+        let ssh = fx.path("failing-ssh");
+        fs::write(&ssh, format!("#!/bin/sh\necho '{said}' >&2\nexit 255\n")).unwrap();
+        fs::set_permissions(&ssh, fs::Permissions::from_mode(0o755)).unwrap();
+        let r = fx
+            .flip(&["deploy", "--json", src.s(), &target, "--ssh-command", s(&ssh)])
+            .code(code);
+        assert_eq!(r.json()["error"]["message"], error);
+        assert_eq!(r.stderr, format!("flip: error: {error}\n"), "said once");
+    }
+    assert!(!fx.root.exists());
+    // A login that writes to stderr, then runs the agent here.
+    let ssh = fx.path("chatty-ssh");
+    fs::write(
+        &ssh,
+        "#!/bin/sh\necho 'welcome to web1' >&2\nwhile [ $# -gt 0 ] && [ \"$1\" != \"--\" ]; do shift; done\nexec /bin/sh -c \"$3\"\n",
+    )
+    .unwrap();
+    fs::set_permissions(&ssh, fs::Permissions::from_mode(0o755)).unwrap();
+    let r = fx
+        .flip(&[
+            "deploy",
+            src.s(),
+            &target,
+            "--ssh-command",
+            s(&ssh),
+            "--remote-flip",
+            FLIP,
+        ])
+        .success();
+    assert_eq!(
+        r.stderr.matches("web1: welcome to web1\n").count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert_dir_eq(&fx.current(), &src.tree(), "deployed through it");
+}
+
 /// A server whose login never starts flip (a shell startup file waiting for input, a command
 /// in it that hangs) hung the deploy for ever: after the launch deadline (60 s; shortened here
 /// through the debug build's FLIP_LAUNCH_TIMEOUT_MS) the connection is dropped and the deploy

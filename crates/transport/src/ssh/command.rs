@@ -4,13 +4,13 @@
 //! key checking and authentication; its failures (exit status 255) are classified from its
 //! messages into the same error kinds as the built-in transport.
 
-use super::stderr::{Relay, Tail};
+use super::stderr::{Relay, Tail, TAIL_BYTES};
 use super::{Output, Remote, SshOptions, SshTarget};
 use crate::{AgentStream, Finish, TransportError};
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 /// ssh's exit status for its own failures (connection, host key, authentication).
@@ -141,33 +141,109 @@ impl Remote for SystemSsh {
         let writer = child.stdin.take().expect("piped stdin");
         let reader = child.stdout.take().expect("piped stdout");
         let mut err = child.stderr.take().expect("piped stderr");
-        let mut relay = Relay::new(&self.host, stderr);
+        let relay = Relay::new(&self.host, stderr);
         let tail = relay.tail.clone();
+        let gate = Arc::new(Mutex::new(Gate {
+            relay,
+            held: Some(Vec::new()),
+        }));
+        let relay_gate = gate.clone();
         let relay_thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 16 * 1024];
             loop {
                 match err.read(&mut buf) {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => relay.data(&buf[..n]),
+                    Ok(n) => lock(&relay_gate).data(&buf[..n]),
                 }
             }
-            relay.finish();
         });
         Ok(AgentStream {
             seal: crate::no_seal(),
-            reader: Box::new(reader),
+            reader: Box::new(OpensGate {
+                inner: reader,
+                gate: Some(gate.clone()),
+            }),
             writer: Box::new(writer),
             handle: Box::new(SystemFinish {
                 killable: Arc::new(Mutex::new(Some(child.id()))),
                 child,
                 relay_thread: Some(relay_thread),
                 tail,
+                gate,
                 what: format!("{what} on {}", self.host),
                 host: self.host.clone(),
                 destination: self.destination.clone(),
             }),
             peer: self.destination.clone(),
         })
+    }
+}
+
+/// ssh's stderr on its way to ours. Until the server's first byte reaches stdout, ssh may still
+/// be connecting, and what it writes may be its own failure (exit status 255), which
+/// [`classify`] makes the error of: that is held back (at most what the tail keeps), and dropped
+/// when the error says it, so the cause is told once, in flip's error (which `--json` has too).
+/// Otherwise (the server answered, more was written, ssh ended another way, the stream was
+/// given up) it is passed on as it came.
+struct Gate {
+    relay: Relay,
+    /// What came before the server's first byte; `None` once passed on or dropped.
+    held: Option<Vec<u8>>,
+}
+
+impl Gate {
+    fn data(&mut self, data: &[u8]) {
+        match &mut self.held {
+            Some(held) if held.len() + data.len() <= TAIL_BYTES => {
+                self.relay.tail.push(data);
+                held.extend_from_slice(data);
+            }
+            Some(_) => {
+                self.open();
+                self.relay.data(data);
+            }
+            None => self.relay.data(data),
+        }
+    }
+
+    /// Passes on what was held, and from now on what comes.
+    fn open(&mut self) {
+        if let Some(held) = self.held.take() {
+            self.relay.show(&held);
+        }
+    }
+
+    /// The end: what was held is dropped (`said`: the error says it) or passed on, and an
+    /// unterminated last line written.
+    fn close(&mut self, said: bool) {
+        match said {
+            true => self.held = None,
+            false => self.open(),
+        }
+        self.relay.finish();
+    }
+}
+
+fn lock(gate: &Mutex<Gate>) -> MutexGuard<'_, Gate> {
+    gate.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The server's output (ssh's stdout): its first byte says ssh is connected, and opens the
+/// [`Gate`] of its stderr.
+struct OpensGate<R> {
+    inner: R,
+    gate: Option<Arc<Mutex<Gate>>>,
+}
+
+impl<R: Read> Read for OpensGate<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            if let Some(gate) = self.gate.take() {
+                lock(&gate).open();
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -188,6 +264,7 @@ struct SystemFinish {
     killable: Arc<Mutex<Option<u32>>>,
     relay_thread: Option<JoinHandle<()>>,
     tail: Tail,
+    gate: Arc<Mutex<Gate>>,
     what: String,
     host: String,
     destination: String,
@@ -202,6 +279,8 @@ impl Drop for SystemFinish {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         crate::local::reap(&mut self.child, crate::local::ABANDON_WAIT);
+        // Given up without `finish`: nothing says what ssh wrote.
+        lock(&self.gate).open();
     }
 }
 
@@ -228,12 +307,21 @@ impl Finish for SystemFinish {
         if let Some(t) = self.relay_thread.take() {
             let _ = t.join();
         }
+        let stderr = self.tail.text();
+        let failed = (status.code() == Some(SSH_FAILED))
+            .then(|| classify(&self.host, &self.destination, &stderr));
+        // A connection or authentication failure says what ssh wrote; the host key errors
+        // say it their own way, and ssh's lines (the known_hosts line to remove) are passed on.
+        let said = matches!(
+            failed,
+            Some(TransportError::Connect { .. } | TransportError::Auth { .. })
+        );
+        lock(&self.gate).close(said);
         if status.success() {
             return Ok(());
         }
-        let stderr = self.tail.text();
-        if status.code() == Some(SSH_FAILED) {
-            return Err(classify(&self.host, &self.destination, &stderr));
+        if let Some(e) = failed {
+            return Err(e);
         }
         Err(TransportError::Exit {
             what: self.what.clone(),

@@ -90,7 +90,7 @@ impl<W: Write> Drop for PrefixLines<W> {
 #[derive(Clone, Default)]
 pub(crate) struct Tail(Arc<Mutex<Vec<u8>>>);
 
-const TAIL_BYTES: usize = 4096;
+pub(crate) const TAIL_BYTES: usize = 4096;
 
 impl Tail {
     pub(crate) fn push(&self, data: &[u8]) {
@@ -127,6 +127,12 @@ impl Relay {
     /// deploy over, so errors are ignored.
     pub(crate) fn data(&mut self, data: &[u8]) {
         self.tail.push(data);
+        self.show(data);
+    }
+
+    /// Passes on a chunk already kept in the tail (held back for a while: see
+    /// `command::Gate`).
+    pub(crate) fn show(&mut self, data: &[u8]) {
         let _ = self.out.write_all(data);
     }
 
