@@ -236,7 +236,9 @@ fn transport_code(t: &TransportError) -> Code {
         | TransportError::HostKeyOtherType { .. }
         | TransportError::Auth { .. }
         | TransportError::KeyEncrypted { .. } => Code::Auth,
-        TransportError::Target { .. } | TransportError::Config { .. } => Code::Usage,
+        TransportError::Target { .. }
+        | TransportError::Config { .. }
+        | TransportError::SshCommandInvalid { .. } => Code::Usage,
         _ => Code::Connection,
     }
 }

@@ -252,6 +252,50 @@ fn the_system_ssh_client_can_be_the_transport() {
     assert_dir_eq(&w.fx.current(), &src.tree(), "current via system ssh");
 }
 
+/// An `--ssh-command` that cannot be started is named as the SSH command, with the OS error,
+/// exit 6 (it said "cannot start the agent /nonexistent/ssh -T", blaming the agent, with a
+/// `-T` flip added); one that is no command (empty, an unclosed quote) is a usage error, exit
+/// 2 (it was exit 6, as an agent that could not start).
+#[test]
+fn an_ssh_command_that_cannot_start_is_named_as_such() {
+    let fx = Fx::new();
+    let src = fx.src("src");
+    site_v1(&src);
+    let target = format!("web1:{}", fx.root_str());
+    for (cmd, code, error) in [
+        (
+            "/nonexistent/ssh",
+            6,
+            "cannot start the SSH command /nonexistent/ssh: No such file or directory (os error 2)",
+        ),
+        (
+            "/nonexistent/ssh -F cfg",
+            6,
+            "cannot start the SSH command /nonexistent/ssh: No such file or directory (os error 2)",
+        ),
+        (
+            "",
+            2,
+            "--ssh-command \"\": it is empty, where it names the ssh client (\"ssh -F cfg\")",
+        ),
+        (
+            "ssh 'x",
+            2,
+            "--ssh-command \"ssh 'x\": cannot split it into words: missing closing quote",
+        ),
+    ] {
+        let r = fx
+            .flip(&["deploy", "--json", src.s(), &target, "--ssh-command", cmd])
+            .code(code);
+        assert_eq!(r.json()["error"]["message"], error, "{cmd:?}");
+        assert_eq!(r.stderr, format!("flip: error: {error}\n"), "{cmd:?}");
+        fx.flip(&["releases", &target, "--ssh-command", cmd])
+            .code(code)
+            .stderr_has(error);
+    }
+    assert!(!fx.root.exists());
+}
+
 /// Without --remote-flip and without flip on the server's PATH, flip uploads the agent-only
 /// build beside it (`flip-agent`) to ~/.cache/flip/flip-VERSION-BLAKE3 on the server
 /// (compressed, checked) and runs that: the deploys are served by flip-agent.

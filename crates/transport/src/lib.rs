@@ -29,6 +29,22 @@ pub enum TransportError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The SSH client of `--ssh-command` could not be started (not found, not executable).
+    #[error("cannot start the SSH command {program}: {source}")]
+    SshCommand {
+        /// The program that was to run (the command's first word).
+        program: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// `--ssh-command` is no command: empty, or not split into words as a shell would.
+    #[error("--ssh-command {command:?}: {message}")]
+    SshCommandInvalid {
+        /// The command as given.
+        command: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The agent (or a remote command) ended abnormally.
     #[error("agent {what} ended with {status}{}", stderr_tail(.stderr))]
     Exit {

@@ -29,14 +29,16 @@ impl SystemSsh {
         opts: &SshOptions,
         ssh_command: &str,
     ) -> Result<SystemSsh, TransportError> {
-        let bad = |message: String| TransportError::Spawn {
-            program: ssh_command.to_string(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, message),
+        let bad = |message: String| TransportError::SshCommandInvalid {
+            command: ssh_command.to_string(),
+            message,
         };
-        let mut argv =
-            shell_words::split(ssh_command).map_err(|e| bad(format!("cannot split it: {e}")))?;
+        let mut argv = shell_words::split(ssh_command)
+            .map_err(|e| bad(format!("cannot split it into words: {e}")))?;
         if argv.is_empty() {
-            return Err(bad("the ssh command is empty".to_string()));
+            return Err(bad(
+                "it is empty, where it names the ssh client (\"ssh -F cfg\")".to_string(),
+            ));
         }
         // The protocol is binary: never a terminal on the server (a config's `RequestTTY
         // force` would turn its bytes into a tty's).
@@ -73,8 +75,8 @@ impl SystemSsh {
     }
 
     fn spawn_error(&self, source: io::Error) -> TransportError {
-        TransportError::Spawn {
-            program: self.argv.join(" "),
+        TransportError::SshCommand {
+            program: self.argv[0].clone(),
             source,
         }
     }
@@ -300,7 +302,7 @@ impl Finish for SystemFinish {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let status = self.child.wait().map_err(|e| TransportError::Spawn {
+        let status = self.child.wait().map_err(|e| TransportError::SshCommand {
             program: "ssh".to_string(),
             source: e,
         })?;
