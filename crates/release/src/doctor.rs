@@ -398,17 +398,8 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
             "releases",
             Severity::Note,
             format!(
-                "{}{} {} of a deploy or prune that was interrupted or is running; the next deploy or prune removes {} (what it cannot is named under leftovers)",
-                interrupted
-                    .iter()
-                    .take(NAMED)
-                    .map(|n| format!("{RELEASES}/{n}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                match interrupted.len().saturating_sub(NAMED) {
-                    0 => String::new(),
-                    n => format!(" and {n} more"),
-                },
+                "{} {} of a deploy or prune that was interrupted or is running; the next deploy or prune removes {} (what it cannot is named under leftovers)",
+                named_under_releases(&interrupted),
                 if interrupted.len() == 1 { "is what is left" } else { "are what is left" },
                 if interrupted.len() == 1 { "it" } else { "them" }
             ),
@@ -421,17 +412,8 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
                 "releases",
                 Severity::Warning,
                 format!(
-                    "{}{}: not flip's (releases are numbered): never listed, rolled back to, pruned or removed, each deploy warns of them",
-                    strays
-                        .iter()
-                        .take(NAMED)
-                        .map(|n| format!("{RELEASES}/{n}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    match strays.len().saturating_sub(NAMED) {
-                        0 => String::new(),
-                        n => format!(" and {n} more"),
-                    },
+                    "{}: not flip's (releases are numbered): never listed, rolled back to, pruned or removed, each deploy warns of them",
+                    named_under_releases(&strays),
                 ),
             )
             .fix(format!("move them out of {}", dir.display())),
@@ -443,6 +425,20 @@ fn check_releases(root: &Root, out: &mut Vec<Finding>) {
             Severity::Ok,
             format!("{complete} complete release(s), none without its metadata"),
         ));
+    }
+}
+
+/// `releases/a, releases/b and 3 more`: the first [`NAMED`] of `names` (entries under
+/// `releases/`), and how many more.
+fn named_under_releases(names: &[String]) -> String {
+    let first: Vec<String> = names
+        .iter()
+        .take(NAMED)
+        .map(|n| format!("{RELEASES}/{n}"))
+        .collect();
+    match names.len().saturating_sub(NAMED) {
+        0 => first.join(", "),
+        n => format!("{} and {n} more", first.join(", ")),
     }
 }
 
