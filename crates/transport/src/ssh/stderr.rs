@@ -48,6 +48,9 @@ impl<W: Write> PrefixLines<W> {
             Some(b'\n') => &self.partial[..self.partial.len() - 1],
             _ => &self.partial[..],
         };
+        // A CRLF line end (ssh writes its own messages so) is a line end; a carriage return
+        // anywhere else is shown escaped (it could overwrite what the line showed before it).
+        let body = body.strip_suffix(b"\r").unwrap_or(body);
         let text = String::from_utf8_lossy(body);
         let shown = flip_manifest::text::printable(&text);
         let mut line = Vec::with_capacity(self.prefix.len() + shown.len() + 1);
@@ -145,6 +148,22 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_crlf_line_end_is_a_line_end_and_a_lone_carriage_return_is_escaped() {
+        let mut out = Vec::new();
+        {
+            let mut w = PrefixLines::new("web1", &mut out);
+            w.write_all(b"ssh: Could not resolve hostname web1\r\nforged\rline\n")
+                .unwrap();
+        }
+        let shown = String::from_utf8(out).unwrap();
+        assert!(
+            shown.starts_with("web1: ssh: Could not resolve hostname web1\nweb1: forged"),
+            "{shown:?}"
+        );
+        assert!(!shown.contains('\r'), "{shown:?}");
+    }
 
     #[test]
     fn prefixes_lines_across_chunks() {
