@@ -269,7 +269,12 @@ fn init(a: &cli::InitArgs, path: &std::path::Path) -> Result<Code> {
         if exists {
             let _ = std::fs::remove_file(new);
         }
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+        // The path given cannot be written (a directory this user may not write, a read-only
+        // or full file system): the user's to choose another, not a bug.
+        return Err(exit::coded(
+            exit::USAGE,
+            format!("cannot write {}: {e}", path.display()),
+        ));
     }
     let with = match path == std::path::Path::new(config::FILE) {
         true => String::new(),

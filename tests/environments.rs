@@ -1337,6 +1337,33 @@ fn init_refuses_a_config_path_that_cannot_be_a_file() {
         fs::read_dir(&dir).unwrap().next().is_none(),
         "wrote into it"
     );
+    // A directory the user may not write (as nobody, into one of root's): exit 2 with the OS
+    // error, not 1 (a bug).
+    let shut = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(shut.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let file = shut.path().join("flip.toml");
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            FLIP,
+        ])
+        .args(["init", "--config", s(&file)])
+        .current_dir("/")
+        .env("HOME", "/nonexistent")
+        .output()
+        .expect("setpriv");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "flip: error: cannot write {}: Permission denied (os error 13)\n",
+            file.display()
+        )
+    );
 }
 
 /// One target listed twice in an environment (`/srv/app` and `/srv/app/`; an SSH target with
