@@ -639,11 +639,15 @@ fn the_system_ssh_failing_to_connect_is_said_once_in_the_error() {
         let ssh = fx.path("failing-ssh");
         fs::write(&ssh, format!("#!/bin/sh\necho '{said}' >&2\nexit 255\n")).unwrap();
         fs::set_permissions(&ssh, fs::Permissions::from_mode(0o755)).unwrap();
-        let r = fx
-            .flip(&["deploy", "--json", src.s(), &target, "--ssh-command", s(&ssh)])
-            .code(code);
-        assert_eq!(r.json()["error"]["message"], error);
-        assert_eq!(r.stderr, format!("flip: error: {error}\n"), "said once");
+        // With `--remote-flip` too (no launcher: the session starts at once, and found only a
+        // broken pipe: "connection failed while taking the deploy lock: ... Broken pipe").
+        for remote in [&[][..], &["--remote-flip", "/usr/bin/flip"][..]] {
+            let mut args = vec!["deploy", "--json", src.s(), &target, "--ssh-command", s(&ssh)];
+            args.extend(remote);
+            let r = fx.flip(&args).code(code);
+            assert_eq!(r.json()["error"]["message"], error, "{remote:?}");
+            assert_eq!(r.stderr, format!("flip: error: {error}\n"), "said once");
+        }
     }
     assert!(!fx.root.exists());
     // A login that writes to stderr, then runs the agent here.

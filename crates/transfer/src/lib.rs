@@ -519,11 +519,30 @@ impl Session {
             }
             other => other,
         };
+        // The connection broke: the transport may know why (the system ssh's own failure).
+        let broke = match &source {
+            WireError::Io(e) => matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+            ),
+            WireError::Closed => true,
+            _ => false,
+        };
+        if let Some(t) = self.transport_failure().filter(|_| broke) {
+            return TransferError::Transport(t);
+        }
         TransferError::Wire {
             peer: self.peer.clone(),
             phase: self.phase,
             source,
         }
+    }
+
+    /// The transport's account of a broken connection, if it has one ([`Finish::failure`]).
+    fn transport_failure(&self) -> Option<TransportError> {
+        self.handle.as_ref().and_then(|h| h.failure())
     }
 
     fn protocol(&self, message: String) -> TransferError {
@@ -642,7 +661,10 @@ impl Session {
         match self.answer() {
             Ok(r @ Response::Error { .. }) => Err(self.unexpected(&r)),
             Ok(r) => Ok(r),
-            Err(WireError::Closed) => Err(self.protocol("the agent ended the session".into())),
+            Err(WireError::Closed) => Err(match self.transport_failure() {
+                Some(t) => TransferError::Transport(t),
+                None => self.protocol("the agent ended the session".into()),
+            }),
             Err(e) => Err(self.wire(e)),
         }
     }

@@ -235,6 +235,15 @@ pub trait Finish: Send {
     fn aborter(&self) -> Option<Aborter> {
         None
     }
+
+    /// Once the stream broke (a write found no reader, a read found its end): the transport's
+    /// own account of why, where it has one, looked for without waiting long (at most about
+    /// two seconds). The system `ssh` that exited with status 255 gives its failure (the host
+    /// unreachable, the key refused), as [`Finish::finish`] would; a broken pipe says nothing
+    /// of that.
+    fn failure(&self) -> Option<TransportError> {
+        None
+    }
 }
 
 /// Ends a connection from another thread (see [`Finish::aborter`]); calling it more than once,

@@ -297,6 +297,50 @@ impl Finish for SystemFinish {
         }))
     }
 
+    fn failure(&self) -> Option<TransportError> {
+        let pid = self.child.id() as libc::id_t;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let status = loop {
+            // SAFETY: a zeroed siginfo_t is a valid buffer for waitid to fill.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid on our own child; WNOWAIT leaves it to be reaped by `finish`.
+            let r = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    pid,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            // SAFETY: si_pid and si_status are set by waitid for a child that exited.
+            let (who, status) = unsafe { (info.si_pid(), info.si_status()) };
+            if r == 0 && who != 0 {
+                break (info.si_code == libc::CLD_EXITED).then_some(status);
+            }
+            if r != 0 || std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        if status != Some(SSH_FAILED) {
+            return None;
+        }
+        // What ssh wrote before it exited, still on its way through the relay.
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        while self.tail.text().is_empty() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let failed = classify(&self.host, &self.destination, &self.tail.text());
+        if matches!(
+            failed,
+            TransportError::Connect { .. } | TransportError::Auth { .. }
+        ) {
+            // Said in the error: not passed on as the server's too.
+            lock(&self.gate).close(true);
+        }
+        Some(failed)
+    }
+
     fn finish(mut self: Box<Self>) -> Result<(), TransportError> {
         self.killable
             .lock()
