@@ -516,8 +516,7 @@ fn a_permission_bit_the_kernel_drops_is_a_clear_error() {
     fs::create_dir(&fx.root).unwrap();
     chown(&fx.root, uid, gid);
     let as_nobody = |args: &[&str]| {
-        let out = std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", FLIP])
+        let out = flip_as_nobody()
             .args(args)
             .env("HOME", &home)
             .env("XDG_CACHE_HOME", home.join(".cache"))

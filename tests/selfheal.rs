@@ -394,14 +394,7 @@ impl Nobody {
     }
 
     fn run(&self, args: &[&str]) -> Run {
-        let out = Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--",
-                FLIP,
-            ])
+        let out = flip_as_nobody()
             .args(args)
             .env("HOME", &self.home)
             .env("XDG_CACHE_HOME", self.home.join(".cache"))

@@ -23,6 +23,21 @@ pub const FLIP: &str = env!("CARGO_BIN_EXE_flip");
 /// The agent-only binary built with [`FLIP`], beside it: what flip uploads to a server.
 pub const FLIP_AGENT: &str = env!("CARGO_BIN_EXE_flip-agent");
 
+/// `flip` to be run as `nobody` (uid and gid 65534, no supplementary groups) through
+/// setpriv(1) from util-linux: add its arguments, environment and working directory.
+#[allow(dead_code)]
+pub fn flip_as_nobody() -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+        FLIP,
+    ]);
+    c
+}
+
 /// Generous upper bound for one flip command; only there so a hang fails instead of blocking.
 pub const TIMEOUT: Duration = Duration::from_secs(120);
 
