@@ -741,24 +741,24 @@ impl Root {
 
     /// The newest complete release older than `current`: what a rollback goes to.
     /// Releases whose stored manifest does not match the digest their metadata recorded are
-    /// skipped with a warning.
+    /// not listed ([`Root::releases`], with a warning), so never chosen; the activation checks
+    /// the chosen one's manifest again.
     ///
     /// # Errors
     /// [`Error::NothingToRollBack`] when no intact release is older than `current`, or an I/O
     /// error.
     pub fn rollback_target(&self, current: u64) -> Result<u64> {
-        self.rollback_target_in(&self.releases()?, current)
+        Self::rollback_target_in(&self.releases()?, current)
     }
 
     /// [`Root::rollback_target`] among `releases`, a listing already made (oldest first).
-    fn rollback_target_in(&self, releases: &[ReleaseInfo], current: u64) -> Result<u64> {
-        for r in releases.iter().rev().filter(|r| r.id < current) {
-            match self.manifest_intact(r) {
-                Ok(()) => return Ok(r.id),
-                Err(e) => self.warn(format!("release {} cannot be rolled back to: {e}", r.id)),
-            }
-        }
-        Err(Error::NothingToRollBack { current })
+    fn rollback_target_in(releases: &[ReleaseInfo], current: u64) -> Result<u64> {
+        releases
+            .iter()
+            .rev()
+            .find(|r| r.id < current)
+            .map(|r| r.id)
+            .ok_or(Error::NothingToRollBack { current })
     }
 
     /// Checks that a release's stored manifest hashes to the digest its metadata recorded
@@ -846,7 +846,7 @@ impl Root {
         let current = self.current()?;
         let protected: Vec<u64> = match current {
             Some(c) => std::iter::once(c)
-                .chain(self.rollback_target_in(&releases, c).ok())
+                .chain(Self::rollback_target_in(&releases, c).ok())
                 .collect(),
             None => Vec::new(),
         };
