@@ -266,19 +266,18 @@ fn note_tree(
         if now.nlink <= 1 {
             continue;
         }
-        let k = u.by_ino.entry(now.ino).or_insert((e.path.clone(), now, 0));
-        k.2 += 1;
+        u.by_ino.entry(now.ino).or_insert((e.path.clone(), now));
     }
 }
 
 /// The files of releases about to be removed that are as expected and share their inode with
 /// a release that stays: [`Root::unlink_shared`] removes those names first, one inode at a time,
 /// and records each inode's new ctime and link count if it is as expected then (the same but
-/// for one name less per release removed).
+/// for one name less per name removed).
 pub(crate) struct Unlinks {
-    /// By inode: the path (the same in every release holding it), the expected stamp before,
-    /// and how many of its names the removal takes.
-    by_ino: HashMap<u64, (RelPath, FileStamp, u32)>,
+    /// By inode: the path (the same in every release holding it) and the expected stamp
+    /// before.
+    by_ino: HashMap<u64, (RelPath, FileStamp)>,
     /// Inodes of the removed releases whose state was not as expected: forgotten.
     unknown: Vec<u64>,
     doomed: Vec<u64>,
@@ -344,17 +343,15 @@ impl Root {
         let live = self.current().ok().flatten();
         // Each tree is opened once, and walked in path order with one cursor per tree and
         // thread (each directory opened once), in parallel.
-        let mut shared: Vec<(u64, RelPath, FileStamp, u32, Option<u64>)> = u
+        let mut shared: Vec<(u64, RelPath, FileStamp, Option<u64>)> = u
             .by_ino
             .into_iter()
-            .map(|(ino, (path, was, gone))| {
-                (ino, path, was, gone, links.get(ino).map(|l| l.holder))
-            })
+            .map(|(ino, (path, was))| (ino, path, was, links.get(ino).map(|l| l.holder)))
             .collect();
         shared.sort_unstable_by(|a, b| a.1.cmp(&b.1));
         let ids: std::collections::BTreeSet<u64> = shared
             .iter()
-            .filter_map(|s| s.4)
+            .filter_map(|s| s.3)
             .chain(live)
             .filter(|id| !u.doomed.contains(id))
             .collect();
@@ -367,7 +364,7 @@ impl Root {
             .par_iter()
             .map_init(
                 || (HashMap::new(), HashMap::new()),
-                |(kept_cursors, doomed_cursors), (ino, path, was, _gone, holder)| {
+                |(kept_cursors, doomed_cursors), (ino, path, was, holder)| {
                     // Its names in the doomed trees, each checked to be this inode.
                     let mut names = Vec::new();
                     for (i, tree) in doomed.iter().enumerate() {
@@ -410,7 +407,7 @@ impl Root {
                 },
             )
             .collect();
-        for ((ino, _, _, _, holder), found) in shared.into_iter().zip(found) {
+        for ((ino, _, _, holder), found) in shared.into_iter().zip(found) {
             match found {
                 Some((id, now)) => links.set(&now, holder.unwrap_or(id)),
                 None => links.forget(ino),
