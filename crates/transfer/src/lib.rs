@@ -704,8 +704,9 @@ impl Session {
 
     /// [`Session::locked`], giving up the wait when `give_up` says so: it is asked at each of
     /// the agent's `Waiting` answers (when the wait starts, and every few seconds while it
-    /// lasts), given this session (its `Welcome` read). Returns whether the lock was taken; after `false` the session is of no more use
-    /// (the agent still waits for the lock until it is closed).
+    /// lasts), given this session (its `Welcome` read). Returns whether the lock was taken;
+    /// after `false` the session is of no more use (the agent still waits for the lock until
+    /// it is closed).
     ///
     /// # Errors
     /// See [`Session`].

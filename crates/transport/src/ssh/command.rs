@@ -286,6 +286,20 @@ impl Drop for SystemFinish {
     }
 }
 
+impl SystemFinish {
+    /// ssh's own failure (exit status 255), from what it wrote (`stderr`), and whether the
+    /// error quotes that: a connection or authentication failure does; the host key errors say
+    /// it their own way, and ssh's lines (the known_hosts line to remove) are passed on.
+    fn own_failure(&self, stderr: &str) -> (TransportError, bool) {
+        let failed = classify(&self.host, &self.destination, stderr);
+        let said = matches!(
+            failed,
+            TransportError::Connect { .. } | TransportError::Auth { .. }
+        );
+        (failed, said)
+    }
+}
+
 impl Finish for SystemFinish {
     fn aborter(&self) -> Option<crate::Aborter> {
         let killable = self.killable.clone();
@@ -330,12 +344,9 @@ impl Finish for SystemFinish {
         while self.tail.text().is_empty() && std::time::Instant::now() < until {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let failed = classify(&self.host, &self.destination, &self.tail.text());
-        if matches!(
-            failed,
-            TransportError::Connect { .. } | TransportError::Auth { .. }
-        ) {
-            // Said in the error: not passed on as the server's too.
+        let (failed, said) = self.own_failure(&self.tail.text());
+        if said {
+            // Not passed on as the server's too.
             lock(&self.gate).close(true);
         }
         Some(failed)
@@ -354,19 +365,12 @@ impl Finish for SystemFinish {
             let _ = t.join();
         }
         let stderr = self.tail.text();
-        let failed = (status.code() == Some(SSH_FAILED))
-            .then(|| classify(&self.host, &self.destination, &stderr));
-        // A connection or authentication failure says what ssh wrote; the host key errors
-        // say it their own way, and ssh's lines (the known_hosts line to remove) are passed on.
-        let said = matches!(
-            failed,
-            Some(TransportError::Connect { .. } | TransportError::Auth { .. })
-        );
-        lock(&self.gate).close(said);
+        let failed = (status.code() == Some(SSH_FAILED)).then(|| self.own_failure(&stderr));
+        lock(&self.gate).close(failed.as_ref().is_some_and(|(_, said)| *said));
         if status.success() {
             return Ok(());
         }
-        if let Some(e) = failed {
+        if let Some((e, _)) = failed {
             return Err(e);
         }
         Err(TransportError::Exit {
