@@ -430,17 +430,13 @@ fn resolve(
             .and_then(|r| r.label.clone()),
         _ => None,
     };
-    // The trees (manifest digests) a label names on the targets that have it: on a target
-    // without that label, the release of the same tree stands in for it (a deploy that found
-    // the tree already live there made no release, so the label was not recorded there).
-    let trees_of = |label: &str| -> Vec<Digest> {
+    // On a target without a label, the release of a tree the label names elsewhere stands in
+    // for it (see `trees_of`).
+    let listed = || {
         locked
             .iter()
             .filter_map(|l| l.as_ref().ok())
             .flat_map(|l| &l.releases)
-            .filter(|r| r.label.as_deref() == Some(label))
-            .map(|r| r.manifest_digest)
-            .collect()
     };
     locked
         .iter()
@@ -460,7 +456,7 @@ fn resolve(
                         .map(|r| r.id)
                 };
                 newest(&|r| r.label.as_deref() == Some(label)).or_else(|| {
-                    let trees = trees_of(label);
+                    let trees = trees_of(label, listed());
                     newest(&|r| trees.contains(&r.manifest_digest))
                 })
             };
@@ -561,12 +557,7 @@ pub fn label_rows(lists: &[Vec<ReleaseSummary>]) -> Vec<LabelRow> {
     // (the tree was live there already when the label was deployed: no release was made).
     for row in rows.iter_mut() {
         let Some(label) = &row.label else { continue };
-        let trees: Vec<Digest> = lists
-            .iter()
-            .flatten()
-            .filter(|r| r.label.as_ref() == Some(label))
-            .map(|r| r.manifest_digest)
-            .collect();
+        let trees = trees_of(label, lists.iter().flatten());
         for (i, list) in lists.iter().enumerate() {
             if row.ids[i].is_some() {
                 continue;
@@ -583,6 +574,16 @@ pub fn label_rows(lists: &[Vec<ReleaseSummary>]) -> Vec<LabelRow> {
     }
     rows.sort_by_key(|r| (r.created, r.ids.iter().flatten().max().copied()));
     rows
+}
+
+/// The trees (manifest digests) `label` names among `releases` (of every target): a deploy
+/// that found the tree already live on a target made no release there, so the label is not
+/// recorded on it, and that target's release of one of these trees stands in for it.
+fn trees_of<'a>(label: &str, releases: impl Iterator<Item = &'a ReleaseSummary>) -> Vec<Digest> {
+    releases
+        .filter(|r| r.label.as_deref() == Some(label))
+        .map(|r| r.manifest_digest)
+        .collect()
 }
 
 fn empty_row(label: Option<String>, n: usize) -> LabelRow {
