@@ -209,6 +209,13 @@ fn init(a: &cli::InitArgs, path: &std::path::Path) -> Result<Code> {
             ),
         ));
     }
+    // The path given cannot be written: the user's to choose another, not a bug.
+    let cannot_write = |why: String| {
+        exit::coded(
+            exit::USAGE,
+            format!("cannot write {}: {why}", path.display()),
+        )
+    };
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => std::path::Path::new("."),
@@ -216,24 +223,16 @@ fn init(a: &cli::InitArgs, path: &std::path::Path) -> Result<Code> {
     match std::fs::metadata(parent) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
-            return Err(exit::coded(
-                exit::USAGE,
-                format!(
-                    "cannot write {}: {} is not a directory",
-                    path.display(),
-                    parent.display()
-                ),
-            ))
+            return Err(cannot_write(format!(
+                "{} is not a directory",
+                parent.display()
+            )))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(exit::coded(
-                exit::USAGE,
-                format!(
-                    "cannot write {}: there is no directory {}",
-                    path.display(),
-                    parent.display()
-                ),
-            ))
+            return Err(cannot_write(format!(
+                "there is no directory {}",
+                parent.display()
+            )))
         }
         // Anything else (a directory that cannot be searched) is said by the write below.
         Err(_) => {}
@@ -269,12 +268,8 @@ fn init(a: &cli::InitArgs, path: &std::path::Path) -> Result<Code> {
         if exists {
             let _ = std::fs::remove_file(new);
         }
-        // The path given cannot be written (a directory this user may not write, a read-only
-        // or full file system): the user's to choose another, not a bug.
-        return Err(exit::coded(
-            exit::USAGE,
-            format!("cannot write {}: {e}", path.display()),
-        ));
+        // A directory this user may not write, a read-only or full file system.
+        return Err(cannot_write(e.to_string()));
     }
     let with = match path == std::path::Path::new(config::FILE) {
         true => String::new(),
@@ -1316,21 +1311,13 @@ fn config_text(c: &Config, r: &config::Resolved, source: Option<&(String, &'stat
         Some(w) => outln!("whole_file = {w}  # {}", r.whole_file.1),
         None => outln!("# whole_file: default (yes locally, no over SSH)"),
     }
-    outln!(
-        "shared_dirs = {}  # {}",
-        toml_value(r.shared_dirs.0.clone()),
-        r.shared_dirs.1
-    );
-    outln!(
-        "shared_files = {}  # {}",
-        toml_value(r.shared_files.0.clone()),
-        r.shared_files.1
-    );
-    outln!(
-        "writable_dirs = {}  # {}",
-        toml_value(r.writable_dirs.0.clone()),
-        r.writable_dirs.1
-    );
+    for (key, (list, from)) in [
+        ("shared_dirs", &r.shared_dirs),
+        ("shared_files", &r.shared_files),
+        ("writable_dirs", &r.writable_dirs),
+    ] {
+        outln!("{key} = {}  # {from}", toml_value(list.clone()));
+    }
     outln!(
         "writable_mode = {}  # {}",
         toml_value(r.writable_mode.0.as_str()),
