@@ -252,6 +252,23 @@ fn the_system_ssh_client_can_be_the_transport() {
     assert_dir_eq(&w.fx.current(), &src.tree(), "current via system ssh");
 }
 
+/// `flip deploy --json ARGS` fails with `code`, saying `error` once: as the JSON error, and
+/// on stderr as its only line.
+fn deploy_fails_saying_once(fx: &Fx, args: &[&str], code: i32, error: &str) {
+    let r = fx
+        .flip(&[&["deploy", "--json"][..], args].concat())
+        .code(code);
+    assert_eq!(r.json()["error"]["message"], error, "{args:?}");
+    assert_eq!(r.stderr, format!("flip: error: {error}\n"), "{args:?}");
+}
+
+/// Writes an executable (0755) script.
+fn write_script(path: &std::path::Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, body).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 /// An `--ssh-command` that cannot be started is named as the SSH command, with the OS error,
 /// exit 6 (it said "cannot start the agent /nonexistent/ssh -T", blaming the agent, with a
 /// `-T` flip added); one that is no command (empty, an unclosed quote) is a usage error, exit
@@ -284,11 +301,7 @@ fn an_ssh_command_that_cannot_start_is_named_as_such() {
             "--ssh-command \"ssh 'x\": cannot split it into words: missing closing quote",
         ),
     ] {
-        let r = fx
-            .flip(&["deploy", "--json", src.s(), &target, "--ssh-command", cmd])
-            .code(code);
-        assert_eq!(r.json()["error"]["message"], error, "{cmd:?}");
-        assert_eq!(r.stderr, format!("flip: error: {error}\n"), "{cmd:?}");
+        deploy_fails_saying_once(&fx, &[src.s(), &target, "--ssh-command", cmd], code, error);
         fx.flip(&["releases", &target, "--ssh-command", cmd])
             .code(code)
             .stderr_has(error);
@@ -619,7 +632,6 @@ fn a_path_in_the_servers_home_can_be_written_with_a_tilde_or_a_dash() {
 /// passed on, once.
 #[test]
 fn the_system_ssh_failing_to_connect_is_said_once_in_the_error() {
-    use std::os::unix::fs::PermissionsExt;
     let fx = Fx::new();
     let src = fx.src("src");
     site_v1(&src);
@@ -637,27 +649,22 @@ fn the_system_ssh_failing_to_connect_is_said_once_in_the_error() {
         ),
     ] {
         let ssh = fx.path("failing-ssh");
-        fs::write(&ssh, format!("#!/bin/sh\necho '{said}' >&2\nexit 255\n")).unwrap();
-        fs::set_permissions(&ssh, fs::Permissions::from_mode(0o755)).unwrap();
+        write_script(&ssh, &format!("#!/bin/sh\necho '{said}' >&2\nexit 255\n"));
         // With `--remote-flip` too (no launcher: the session starts at once, and found only a
         // broken pipe: "connection failed while taking the deploy lock: ... Broken pipe").
         for remote in [&[][..], &["--remote-flip", "/usr/bin/flip"][..]] {
-            let mut args = vec!["deploy", "--json", src.s(), &target, "--ssh-command", s(&ssh)];
+            let mut args = vec![src.s(), &target, "--ssh-command", s(&ssh)];
             args.extend(remote);
-            let r = fx.flip(&args).code(code);
-            assert_eq!(r.json()["error"]["message"], error, "{remote:?}");
-            assert_eq!(r.stderr, format!("flip: error: {error}\n"), "said once");
+            deploy_fails_saying_once(&fx, &args, code, error);
         }
     }
     assert!(!fx.root.exists());
     // A login that writes to stderr, then runs the agent here.
     let ssh = fx.path("chatty-ssh");
-    fs::write(
+    write_script(
         &ssh,
         "#!/bin/sh\necho 'welcome to web1' >&2\nwhile [ $# -gt 0 ] && [ \"$1\" != \"--\" ]; do shift; done\nexec /bin/sh -c \"$3\"\n",
-    )
-    .unwrap();
-    fs::set_permissions(&ssh, fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let r = fx
         .flip(&[
             "deploy",
@@ -684,11 +691,9 @@ fn the_system_ssh_failing_to_connect_is_said_once_in_the_error() {
 /// fails, saying why (exit 6), with nothing changed.
 #[test]
 fn a_login_that_never_starts_flip_fails_after_the_launch_deadline() {
-    use std::os::unix::fs::PermissionsExt;
     let fx = Fx::new();
     let ssh = fx.path("hung-login");
-    fs::write(&ssh, "#!/bin/sh\nexec sleep 600\n").unwrap();
-    fs::set_permissions(&ssh, fs::Permissions::from_mode(0o755)).unwrap();
+    write_script(&ssh, "#!/bin/sh\nexec sleep 600\n");
     let src = fx.src("src");
     site_v1(&src);
     let target = format!("web1:{}", fx.root_str());
@@ -729,8 +734,7 @@ fn a_login_that_never_starts_flip_fails_after_the_launch_deadline() {
     // answers, as a login that never starts one: a real agent could have made the target
     // before the connection was dropped, and the check below would race its cleanup).
     let silent = fx.path("silent-flip");
-    fs::write(&silent, "#!/bin/sh\nexec cat >/dev/null\n").unwrap();
-    fs::set_permissions(&silent, fs::Permissions::from_mode(0o755)).unwrap();
+    write_script(&silent, "#!/bin/sh\nexec cat >/dev/null\n");
     let t0 = Instant::now();
     let r = fx
         .flip_env(
