@@ -41,6 +41,10 @@ impl Sshd {
             }
         }
         fs::copy(dir.join("user_key.pub"), dir.join("authorized_keys"))?;
+        // The login's home: its own, empty, so the server's login shell reads no `.bashrc` of
+        // the machine's user (root's here runs pyenv's init, ~0.1 s per login, which a deploy
+        // server's account does not have) and the agent is cached under it.
+        fs::create_dir_all(dir.join("home"))?;
         fs::create_dir_all("/run/sshd")?;
         let mut last_log = String::new();
         for _ in 0..5 {
@@ -50,7 +54,8 @@ impl Sshd {
                  AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
                  PubkeyAuthentication yes\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nUsePAM no\nPidFile {d}/sshd.pid\n\
-                 StrictModes no\nUseDNS no\nMaxStartups 100\nMaxSessions 100\n",
+                 StrictModes no\nUseDNS no\nMaxStartups 100\nMaxSessions 100\n\
+                 SetEnv HOME={d}/home\n",
                 d = dir.display()
             );
             fs::write(dir.join("sshd_config"), config)?;
