@@ -134,6 +134,9 @@ struct Session {
     root: Option<&'static Root>,
     lock: Option<LockGuard>,
     stage: Option<Arc<Stage<'static>>>,
+    /// The live release staged again while the client's `Stage` was on its way
+    /// ([`Request::Prepare`]): what that `Stage` starts from.
+    prepared: Option<Stage<'static>>,
     /// The threads writing files, started with the first content.
     pool: Option<Pool>,
     incoming: Option<Incoming>,
@@ -228,6 +231,7 @@ pub fn serve_with(
         root: None,
         lock: None,
         stage: None,
+        prepared: None,
         pool: None,
         incoming: None,
         host: hostname(),
@@ -254,6 +258,7 @@ pub fn serve_with(
     s.incoming = None;
     s.pool = None;
     s.stage = None;
+    s.prepared = None;
     s.streaming = None;
     s.discard_abandoned();
     let lock = s.lock.take();
@@ -320,7 +325,15 @@ type Rebuilt = (
 /// blake3 is its digest), or a difference or directory patch against the live release (then
 /// also the live release and its manifest). A base that is no longer live is
 /// [`AgentError::StaleBase`]: the client stages again.
-fn rebuild_manifest(root: &Root, base: StageBase, bytes: &[u8]) -> Result<Rebuilt> {
+///
+/// `known`: a live release and its manifest the caller holds already (a prepared stage's), not
+/// read again if still live (then no live manifest is returned).
+fn rebuild_manifest(
+    root: &Root,
+    base: StageBase,
+    bytes: &[u8],
+    known: Option<(u64, &flip_manifest::Manifest)>,
+) -> Result<Rebuilt> {
     let mut live_manifest = None;
     let (base, dirs) = match base {
         StageBase::Whole => (None, false),
@@ -340,9 +353,15 @@ fn rebuild_manifest(root: &Root, base: StageBase, bytes: &[u8]) -> Result<Rebuil
                 .ok_or_else(|| AgentError::StaleBase("manifest diff but nothing is live".into()))?;
             // A live manifest that cannot be read is no base either: the client, told so,
             // stages the whole manifest (planned against nothing).
-            let prev = root
-                .manifest(live)
-                .map_err(|e| AgentError::StaleBase(e.to_string()))?;
+            let known = known.filter(|(id, _)| *id == live).map(|(_, m)| m);
+            let read = match known {
+                Some(_) => None,
+                None => Some(
+                    root.manifest(live)
+                        .map_err(|e| AgentError::StaleBase(e.to_string()))?,
+                ),
+            };
+            let prev = read.as_ref().or(known).expect("read unless known");
             if prev.digest() != base {
                 return Err(AgentError::StaleBase(format!(
                     "manifest diff is against another release than the live one ({live})"
@@ -359,7 +378,7 @@ fn rebuild_manifest(root: &Root, base: StageBase, bytes: &[u8]) -> Result<Rebuil
                 prev.apply(&diff).map_err(|e| rejected(&e))?
             };
             let d = m.digest();
-            live_manifest = Some((live, prev));
+            live_manifest = read.map(|r| (live, r));
             (m, d)
         }
     };
@@ -408,7 +427,27 @@ fn expects_answer(req: &Request) -> bool {
             | Request::Patch { .. }
             | Request::StreamStart { .. }
             | Request::Stream { .. }
+            | Request::Prepare { .. }
     )
+}
+
+/// Whether more of the client's input is there to read already: in `rx`'s buffer, or (serving
+/// stdio) on stdin.
+fn input_waiting(rx: &FrameReader) -> bool {
+    if rx.buffered() {
+        return true;
+    }
+    if !SERVING_STDIO.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    let mut fd = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd we own, for fd 0, open for the agent's whole life.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n > 0 && fd.revents & libc::POLLIN != 0
 }
 
 /// [`serve`] on this process's stdin and stdout. With an `idle` timeout, a client that sends
@@ -953,6 +992,10 @@ impl Session {
             } => {
                 let kind = Kind::Encoded(basis, Encoding::Patch(basis_digest));
                 self.content(index, kind, mtime, data, last)?;
+                return Ok(None);
+            }
+            Request::Prepare { base } => {
+                self.prepare(base, rx)?;
                 return Ok(None);
             }
             Request::Commit => self.commit()?,
@@ -1504,7 +1547,11 @@ impl Session {
         }
         let bytes = read_payload(rx, payload_len)?;
         let root = self.root(false)?;
-        let (manifest, got, live_manifest) = rebuild_manifest(root, base, &bytes)?;
+        let known = self
+            .prepared
+            .as_ref()
+            .and_then(|p| Some((p.previous()?, p.previous_manifest()?)));
+        let (manifest, got, live_manifest) = rebuild_manifest(root, base, &bytes, known)?;
         if got != digest {
             return Err(RelError::BadRequest("manifest does not match its digest".into()).into());
         }
@@ -1513,10 +1560,20 @@ impl Session {
             Some(settings) => Some(settings.commit_for(&manifest)?),
             None => None,
         };
-        let mut stage = match self.streaming.take() {
+        let prepared = self.prepared.take().filter(|p| {
+            root.current()
+                .ok()
+                .flatten()
+                .is_some_and(|id| p.previous() == Some(id))
+        });
+        let mut stage = match (self.streaming.take(), prepared) {
             // A first deploy whose files came ahead: they must be this manifest's.
-            Some(streamed) => self.adopt_streamed(streamed, manifest, label, &base)?,
-            None => root.stage_after(self.locked()?, manifest, label, live_manifest)?,
+            (Some(streamed), _) => self.adopt_streamed(streamed, manifest, label, &base)?,
+            (None, Some(mut stage)) => {
+                stage.restage(manifest, label)?;
+                stage
+            }
+            (None, None) => root.stage_after(self.locked()?, manifest, label, live_manifest)?,
         };
         if let Some(c) = commit {
             stage.set_shared(c)?;
@@ -1550,6 +1607,39 @@ impl Session {
         };
         self.stage = Some(Arc::new(stage));
         Ok(resp)
+    }
+
+    /// `Prepare`: stages the live release again while the client's `Stage` is on its way
+    /// (see [`Request::Prepare`] for when). Whatever goes wrong here is left to the `Stage`
+    /// to meet and report: a prepared stage that fails is dropped (removed).
+    fn prepare(&mut self, base: Option<flip_manifest::Digest>, rx: &FrameReader) -> Result<()> {
+        let root = self.root(false)?;
+        let lock = self.locked()?;
+        if self.stage.is_some()
+            || self.prepared.is_some()
+            || self.streaming.is_some()
+            || self.live_intact.is_some()
+            || input_waiting(rx)
+        {
+            return Ok(());
+        }
+        // The answers so far leave before the work (a probe's, which the client waits for).
+        if !self.holder.deferring() {
+            self.holder.release().map_err(WireError::Io)?;
+        }
+        let Ok(Some(id)) = root.current() else {
+            return Ok(());
+        };
+        let Ok(manifest) = root.manifest(id) else {
+            return Ok(());
+        };
+        if base.is_some_and(|d| d != manifest.digest()) {
+            return Ok(());
+        }
+        if let Ok(Some(stage)) = root.prepare(lock, (id, manifest)) {
+            self.prepared = Some(stage);
+        }
+        Ok(())
     }
 
     /// Hands a chunk of file `index` (literal bytes, or a delta or patch applied into its

@@ -599,6 +599,8 @@ struct Host {
     /// The agent ended the session in the status's round trip (`EndIfLive`: nothing changes):
     /// the ids it pruned, or why pruning failed. Its `Bye` is on its way.
     ended: Option<Result<Vec<u64>, String>>,
+    /// Reached over SSH: input sent after the first batch reaches the agent a round trip late.
+    remote: bool,
 }
 
 /// A failed target: the error, and the release live on it if the client saw it.
@@ -1228,6 +1230,7 @@ impl Host {
             prune_queued: false,
             pipelined: false,
             ended: None,
+            remote: matches!(target, Target::Ssh(_)),
         })
     }
 
@@ -1315,6 +1318,12 @@ impl Host {
                 ahead.sending.store(true, Ordering::SeqCst);
                 events.phase(index, Phase::Staging);
                 events.sending(index, &s.meter());
+            }
+            // Over SSH the stage reaches the agent a round trip after the requests before it
+            // (the channel takes input only once the agent runs): the agent may link the
+            // unchanged files meanwhile.
+            if self.remote {
+                s.queue_prepare(Some(live.digest()))?;
             }
             s.stage_ahead(scanned, &live, o.label.clone(), o.itemize, content)?;
         }

@@ -99,6 +99,12 @@ pub(crate) fn remove_file(path: impl AsRef<Path>) -> Result<()> {
     fs::remove_file(path).map_err(io("remove", path))
 }
 
+/// Removes the empty directory `path`. Errors name the path ("cannot remove …").
+pub(crate) fn remove_dir(path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    fs::remove_dir(path).map_err(io("remove", path))
+}
+
 /// Removes the file or symlink at `path` if there is one: `Ok(false)` when nothing was there.
 pub(crate) fn remove_file_if_any(path: impl AsRef<Path>) -> Result<bool> {
     let path = path.as_ref();

@@ -30,7 +30,7 @@ use crate::{at, fsutil, LockGuard, ReleaseInfo, Root, STAGING_PREFIX};
 use flip_manifest::{Digest, EntryKind, Manifest, RelPath};
 use flip_plan::{FileStep, Plan, Source};
 use rayon::prelude::*;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::CStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -111,6 +111,11 @@ pub struct Stage<'r> {
     /// the link ledger learns their inodes' new state at commit, or again when the stage is
     /// dropped (the link removed).
     linked: Vec<(usize, FileStamp)>,
+    /// Files of the previous release hashed to check them (counted across a restage).
+    hashed: AtomicU64,
+    /// A prepared stage ([`Root::prepare`]): what it made for each file (its step and
+    /// outcome), for [`Stage::restage`]. `None` once restaged, and for any other stage.
+    prepared: Option<HashMap<RelPath, (FileStep, Outcome)>>,
 }
 
 /// The part of a stage that files being written (possibly on several threads at once) update.
@@ -125,6 +130,7 @@ struct Progress {
     written: u64,
 }
 
+#[derive(Clone)]
 enum Outcome {
     Linked(FileStamp),
     Copied(FileStamp),
@@ -168,6 +174,34 @@ impl Root {
         manifest: Manifest,
         label: Option<String>,
         live: Option<(u64, Manifest)>,
+    ) -> Result<Stage<'_>> {
+        self.new_stage(lock, manifest, label, live, false)
+    }
+
+    /// Stages the live release (`live`: its id and manifest, the one recorded for it) again,
+    /// while the manifest of the release to build is still on its way: every unchanged file a
+    /// release usually keeps is linked already when [`Stage::restage`] gives the stage that
+    /// manifest. What a deploy over a slow link does with the round trip in which the client's
+    /// stage is still travelling. `None` when `live` is not the live release.
+    ///
+    /// # Errors
+    /// As [`Root::stage`].
+    pub fn prepare(&self, lock: &LockGuard, live: (u64, Manifest)) -> Result<Option<Stage<'_>>> {
+        if self.current()? != Some(live.0) {
+            return Ok(None);
+        }
+        let manifest = live.1.clone();
+        self.new_stage(lock, manifest, None, Some(live), true)
+            .map(Some)
+    }
+
+    fn new_stage(
+        &self,
+        lock: &LockGuard,
+        manifest: Manifest,
+        label: Option<String>,
+        live: Option<(u64, Manifest)>,
+        preparing: bool,
     ) -> Result<Stage<'_>> {
         self.clean_leftovers(lock)?;
         let prev = match (self.current()?, live) {
@@ -217,6 +251,8 @@ impl Root {
             shared: None,
             streamed: None,
             linked: Vec::new(),
+            hashed: AtomicU64::new(0),
+            prepared: preparing.then(HashMap::new),
         };
         stage.build_tree()?;
         crate::fault_point("after-stage");
@@ -320,10 +356,128 @@ impl<'r> Stage<'r> {
             // Private until the release is complete (see `commit`).
             fsutil::create_private_dir(&self.dir)?;
         }
+        self.make_dirs_and_symlinks(None)?;
+        // The previous release and the staging tree, each reached through directory
+        // descriptors (`at`): one lookup of a name per call, never through a symlink. A
+        // previous release that cannot be opened so has nothing to link from.
+        self.prev_tree = self
+            .prev
+            .as_ref()
+            .and_then(|(id, _)| at::Tree::open(&self.root.release_dir(*id)).ok());
+        let outcomes = self.file_outcomes(Vec::new())?;
+        self.account(outcomes, &[])?;
+        self.check_streamed_all_listed()
+    }
+
+    /// Gives a prepared stage ([`Root::prepare`]) the manifest of the release to build, and its
+    /// `label`. What the stage made that the new plan makes the same way stays: a file whose
+    /// step (path, mode, size, digest, source) is unchanged, a directory, a symlink to the same
+    /// target. The rest is removed (deepest first; the link ledger learns of each link
+    /// removed), and the new plan is staged from there as [`Root::stage`] stages it: the
+    /// result is the stage `Root::stage` makes of `manifest` against the same live release.
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] for a stage that was not prepared or was restaged already, or
+    /// whose release is no longer live (drop it and stage anew); else as [`Root::stage`]. A
+    /// stage this fails for is to be dropped (its tree is then removed).
+    pub fn restage(&mut self, manifest: Manifest, label: Option<String>) -> Result<()> {
+        let Some(mut made) = self.prepared.take() else {
+            return Err(Error::BadRequest("no prepared stage to restage".into()));
+        };
+        let live = self.previous();
+        if live.is_none() || self.root.current()? != live {
+            return Err(Error::BadRequest(
+                "the release the stage was prepared from is no longer live".into(),
+            ));
+        }
+        let plan = flip_plan::plan(self.previous_manifest(), &manifest);
+        let reused: Vec<Option<Outcome>> = plan
+            .files
+            .iter()
+            .map(|step| match made.get(&step.path) {
+                Some((old, outcome)) if old == step && outcome.staged() => {
+                    made.remove(&step.path).map(|(_, o)| o)
+                }
+                _ => None,
+            })
+            .collect();
+        // Files made for a step the new plan does not have.
+        made.retain(|_, (_, o)| o.staged());
+        made.par_iter()
+            .try_for_each(|(p, _)| fsutil::remove_file(self.abs(p)))?;
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.linked)
+            .into_iter()
+            .partition(|(i, _)| made.contains_key(&self.plan.files[*i].path));
+        self.linked = kept;
+        // Their inodes as the ledger now has them, for the checks of bases below (not hashed
+        // again for the ctime the link and its removal gave them).
+        if let (Some(ledger), Some((_, m))) = (self.forget_links(&gone), self.prev.as_ref()) {
+            for (i, _) in &gone {
+                let pos = m.position(&self.plan.files[*i].path);
+                if let Some(st) = pos.and_then(|p| self.prev_stat.get_mut(p)?.as_mut()) {
+                    ledger.apply(st);
+                }
+            }
+        }
+        // Directories and symlinks the new manifest does not have as they are, deepest first
+        // (what was in them is gone by then).
+        for level in by_depth(self.manifest.entries()).iter().rev() {
+            level.par_iter().try_for_each(|e| {
+                if same_dir_or_symlink(&e.kind, manifest.get(&e.path)) {
+                    return Ok(());
+                }
+                let path = self.abs(&e.path);
+                match e.kind {
+                    EntryKind::Dir { .. } => fsutil::remove_dir(&path),
+                    _ => fsutil::remove_file(&path),
+                }
+            })?;
+        }
+        // The kept links, by their index in the new plan.
+        let index: HashMap<&RelPath, usize> = plan
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (&f.path, i))
+            .collect();
+        let linked: Vec<(usize, FileStamp)> = self
+            .linked
+            .iter()
+            .filter_map(|(i, st)| Some((*index.get(&self.plan.files[*i].path)?, *st)))
+            .collect();
+        let kept: Vec<bool> = reused
+            .iter()
+            .map(|o| matches!(o, Some(Outcome::Linked(_))))
+            .collect();
+        let old = std::mem::replace(&mut self.manifest, manifest);
+        self.plan = plan;
+        self.linked = linked;
+        self.label = label;
+        self.needs.clear();
+        self.good_bases.clear();
+        self.stats = StageStats::default();
+        *self.progress.get_mut().unwrap_or_else(|e| e.into_inner()) = Progress::default();
+        self.make_dirs_and_symlinks(Some(&old))?;
+        let outcomes = self.file_outcomes(reused)?;
+        self.account(outcomes, &kept)
+    }
+
+    /// Whether this stage was prepared ([`Root::prepare`]) and not restaged yet.
+    pub fn prepared(&self) -> bool {
+        self.prepared.is_some()
+    }
+
+    /// Makes the manifest's directories and symlinks, one level of depth at a time (each level
+    /// in parallel); with `old` (the manifest a prepared stage made), not those it already
+    /// made as they are.
+    fn make_dirs_and_symlinks(&self, old: Option<&Manifest>) -> Result<()> {
         let umask = fsutil::umask();
         for level in by_depth(self.manifest.entries()) {
             level.par_iter().try_for_each(|e| {
                 let path = self.abs(&e.path);
+                if old.is_some_and(|m| same_dir_or_symlink(&e.kind, m.get(&e.path))) {
+                    return Ok(());
+                }
                 match &e.kind {
                     // Made for a streamed file (its mode is set at commit).
                     EntryKind::Dir { .. } if self.streamed_dir(&e.path) => Ok(()),
@@ -337,30 +491,31 @@ impl<'r> Stage<'r> {
                 }
             })?;
         }
-        // The previous release and the staging tree, each reached through directory
-        // descriptors (`at`): one lookup of a name per call, never through a symlink. A
-        // previous release that cannot be opened so has nothing to link from.
-        let prev_tree = self
-            .prev
-            .as_ref()
-            .and_then(|(id, _)| at::Tree::open(&self.root.release_dir(*id)).ok());
+        Ok(())
+    }
+
+    /// How each file of the plan is staged: linked, copied, or awaiting content; a file with
+    /// an outcome in `reused` (by plan index; empty: none) keeps it.
+    fn file_outcomes(&self, reused: Vec<Option<Outcome>>) -> Result<Vec<Result<Outcome>>> {
         let staged = at::Tree::open(&self.dir).map_err(io("open", &self.dir))?;
+        let prev_tree = self.prev_tree.as_ref();
         let hashed = AtomicU64::new(0);
         let recorded = self.link_stamps();
+        let mut reused = reused;
+        reused.resize_with(self.plan.files.len(), || None);
         let outcomes: Vec<Result<Outcome>> = self
             .plan
             .files
             .par_iter()
             .zip(recorded.par_iter())
+            .zip(reused.into_par_iter())
             .map_init(
-                || {
-                    (
-                        prev_tree.as_ref().map(at::Cursor::new),
-                        at::Cursor::new(&staged),
-                    )
-                },
-                |(prev, dst), (step, recorded)| {
+                || (prev_tree.map(at::Cursor::new), at::Cursor::new(&staged)),
+                |(prev, dst), ((step, recorded), reused)| {
                     crate::check_abandoned()?;
+                    if let Some(kept) = reused {
+                        return Ok(kept);
+                    }
                     if let Some(streamed) = self.streamed_outcome(step)? {
                         return Ok(streamed);
                     }
@@ -385,17 +540,36 @@ impl<'r> Stage<'r> {
                 },
             )
             .collect();
-        self.stats.hashed = hashed.into_inner();
-        self.prev_tree = prev_tree;
+        self.hashed
+            .fetch_add(hashed.into_inner(), Ordering::Relaxed);
+        Ok(outcomes)
+    }
+
+    /// Counts the outcomes of [`Stage::file_outcomes`] (`kept`: by plan index, a link already
+    /// in [`Stage::linked`]), records each file's identity and what must still arrive, and
+    /// tells the link ledger of the new links; warns of files copied instead of linked, but
+    /// for a prepared stage (its restage warns of those it keeps).
+    fn account(&mut self, outcomes: Vec<Result<Outcome>>, kept: &[bool]) -> Result<()> {
+        self.stats.hashed = self.hashed.load(Ordering::Relaxed);
+        let preparing = self.prepared.is_some();
         let progress = self.progress.get_mut().unwrap_or_else(|e| e.into_inner());
         progress.stamps = vec![None; self.plan.files.len()];
         let mut not_linked = Vec::new();
+        let mut made_now = 0;
         for (i, outcome) in outcomes.into_iter().enumerate() {
-            match outcome? {
+            let outcome = outcome?;
+            if let Some(p) = self.prepared.as_mut() {
+                let step = &self.plan.files[i];
+                p.insert(step.path.clone(), (step.clone(), outcome.clone()));
+            }
+            match outcome {
                 Outcome::Linked(st) => {
                     self.stats.linked += 1;
                     progress.stamps[i] = Some(st);
-                    self.linked.push((i, st));
+                    if !kept.get(i).copied().unwrap_or(false) {
+                        self.linked.push((i, st));
+                        made_now += 1;
+                    }
                 }
                 Outcome::Copied(st) => {
                     self.stats.copied += 1;
@@ -424,18 +598,20 @@ impl<'r> Stage<'r> {
             }
         }
         progress.pending = self.needs.iter().copied().collect();
-        if let (false, Some((prev, _))) = (self.linked.is_empty(), self.prev.as_ref()) {
+        // The links made now (those kept by a restage are in the ledger already).
+        let made = &self.linked[self.linked.len() - made_now..];
+        if let (false, Some((prev, _))) = (made.is_empty(), self.prev.as_ref()) {
             // Written now, not only at commit: a staging tree an interrupted deploy leaves
             // is removed by the next cleanup, which can then tell these inodes as they were
             // just after the links.
             let mut links = self.root.read_links();
-            for (_, st) in &self.linked {
+            for (_, st) in made {
                 let holder = links.get(st.ino).map_or(*prev, |l| l.holder);
                 links.set(st, holder);
             }
             self.root.write_links(&links);
         }
-        if self.stats.not_linked > 0 {
+        if self.stats.not_linked > 0 && !preparing {
             let n = self.stats.not_linked;
             let more = n - not_linked.len() as u64;
             let more = match more {
@@ -448,7 +624,7 @@ impl<'r> Stage<'r> {
                 not_linked.join(", ")
             ));
         }
-        self.check_streamed_all_listed()
+        Ok(())
     }
 
     /// The committed stamp of the previous release's file at each link's source (the same
@@ -1242,6 +1418,23 @@ impl PrevFile {
     }
 }
 
+/// Whether `kind` (a directory or symlink of a new manifest) is what `old` has at its path:
+/// a directory, or a symlink to the same target.
+fn same_dir_or_symlink(kind: &EntryKind, old: Option<&EntryKind>) -> bool {
+    match (kind, old) {
+        (EntryKind::Dir { .. }, Some(EntryKind::Dir { .. })) => true,
+        (EntryKind::Symlink { target: a }, Some(EntryKind::Symlink { target: b })) => a == b,
+        _ => false,
+    }
+}
+
+impl Outcome {
+    /// Whether something was made for the file (anything but awaiting its content).
+    fn staged(&self) -> bool {
+        !matches!(self, Outcome::Transfer { .. })
+    }
+}
+
 /// How many paths the warning about files copied instead of linked names.
 const NAMED_NOT_LINKED: usize = 3;
 
@@ -1394,15 +1587,23 @@ impl Stage<'_> {
     /// inode as it was (but for that name); anything else is left to mismatch (a copy next
     /// time, never a link).
     fn unlinked(&mut self) {
+        let linked = std::mem::take(&mut self.linked);
+        let _ = self.forget_links(&linked);
+    }
+
+    /// The ledger learns of each link of `links` (plan index, stamp just after the link) that
+    /// was removed: where the previous release still holds the inode as it was but for that
+    /// name, its one name less and new ctime. Returns the ledger written, if any.
+    fn forget_links(&self, links: &[(usize, FileStamp)]) -> Option<crate::record::Links> {
         let (Some(tree), Some((prev, _))) = (self.prev_tree.as_ref(), self.prev.as_ref()) else {
-            return;
+            return None;
         };
-        if self.linked.is_empty() {
-            return;
+        if links.is_empty() {
+            return None;
         }
-        let mut links = self.root.read_links();
+        let mut ledger = self.root.read_links();
         let mut cursor = at::Cursor::new(tree);
-        for (i, was) in &self.linked {
+        for (i, was) in links {
             let Ok((dir, name)) = cursor.parent_of(&self.plan.files[*i].path) else {
                 continue;
             };
@@ -1411,11 +1612,12 @@ impl Stage<'_> {
             };
             let same = was.same_but_links(&now);
             if same && now.nlink + 1 == was.nlink {
-                let holder = links.get(now.ino).map_or(*prev, |l| l.holder);
-                links.set(&now, holder);
+                let holder = ledger.get(now.ino).map_or(*prev, |l| l.holder);
+                ledger.set(&now, holder);
             }
         }
-        self.root.write_links(&links);
+        self.root.write_links(&ledger);
+        Some(ledger)
     }
 }
 
@@ -1855,6 +2057,234 @@ mod tests {
             (n.ino(), n.len(), n.mtime(), n.mtime_nsec()),
             (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
         );
+    }
+
+    /// A tree from `(path, spec)`: `"d755"` a directory, `"l:TARGET"` a symlink,
+    /// `"f644:CONTENT"` a file.
+    fn tree(specs: &[(&str, &str)]) -> (Manifest, Vec<(String, Vec<u8>)>) {
+        let mut entries = Vec::new();
+        let mut data = Vec::new();
+        for (p, spec) in specs {
+            let kind = if let Some(m) = spec.strip_prefix('d') {
+                EntryKind::Dir {
+                    mode: u32::from_str_radix(m, 8).unwrap(),
+                }
+            } else if let Some(t) = spec.strip_prefix("l:") {
+                EntryKind::Symlink { target: t.into() }
+            } else {
+                let (m, c) = spec[1..].split_once(':').unwrap();
+                data.push((p.to_string(), c.as_bytes().to_vec()));
+                EntryKind::File {
+                    mode: u32::from_str_radix(m, 8).unwrap(),
+                    size: c.len() as u64,
+                    digest: Digest::of(c.as_bytes()),
+                }
+            };
+            entries.push(Entry {
+                path: RelPath::new(*p).unwrap(),
+                kind,
+            });
+        }
+        (Manifest::new(entries).unwrap(), data)
+    }
+
+    /// Fills what `stage` needs from `data`, commits and activates it; returns its stats and
+    /// its needs (with the bases offered).
+    fn finish(
+        root: &Root,
+        lock: &LockGuard,
+        stage: Stage<'_>,
+        data: &[(String, Vec<u8>)],
+    ) -> (StageStats, Vec<(String, Option<RelPath>)>) {
+        let needs: Vec<usize> = stage.needs().to_vec();
+        let mut offered = Vec::new();
+        for i in needs {
+            let path = stage.plan().files[i].path.clone();
+            offered.push((path.to_string(), stage.basis_of(i).map(|(b, _)| b)));
+            let bytes = &data.iter().find(|f| f.0 == path.as_str()).unwrap().1;
+            let mut w = stage.begin_file(i).unwrap();
+            w.write(bytes).unwrap();
+            stage.finish_file(w, None).unwrap();
+        }
+        let stats = stage.stats().clone();
+        let info = stage.commit().unwrap();
+        root.activate(lock, info.id).unwrap();
+        (stats, offered)
+    }
+
+    /// A release as the tests compare it: each entry's path, kind, mode, content or target,
+    /// and whether a file shares its inode with the same path of release `prev`.
+    fn listing(root: &Root, id: u64, prev: u64) -> Vec<String> {
+        let dir = root.release_dir(id);
+        let mut out = Vec::new();
+        for e in walkdir(&dir) {
+            let rel = e.strip_prefix(&dir).unwrap();
+            let m = fs::symlink_metadata(&e).unwrap();
+            let what = if m.is_dir() {
+                "dir".to_string()
+            } else if m.file_type().is_symlink() {
+                format!("-> {}", fs::read_link(&e).unwrap().display())
+            } else {
+                let shared = fs::symlink_metadata(root.release_dir(prev).join(rel))
+                    .is_ok_and(|o| o.ino() == m.ino());
+                format!("{:?} shared {shared}", fs::read(&e).unwrap())
+            };
+            out.push(format!("{} {:o} {what}", rel.display(), m.mode() & 0o7777));
+        }
+        out.sort();
+        out
+    }
+
+    fn walkdir(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if fs::symlink_metadata(&p).unwrap().is_dir() {
+                out.extend(walkdir(&p));
+            }
+            out.push(p);
+        }
+        out
+    }
+
+    /// A prepared stage, restaged for a new manifest, builds the release a stage of that
+    /// manifest builds: the same entries, modes, contents and symlink targets, the same files
+    /// shared with the live release, the same needs and bases, the same counts; and the link
+    /// ledger is left as right (the next deploy links every unchanged file). Covers files kept,
+    /// changed, removed, renamed, made empty, given another mode; directories and symlinks
+    /// kept, removed (with their contents), retargeted, and paths that change kind.
+    #[test]
+    fn a_restaged_prepared_stage_builds_what_a_stage_builds() {
+        let v1 = tree(&[
+            ("app", "d755"),
+            ("app/keep.php", "f644:keep"),
+            ("app/change.php", "f644:change one"),
+            ("app/gone.php", "f644:gone"),
+            ("app/mode.sh", "f644:#!/bin/sh"),
+            ("app/empty", "f644:"),
+            ("old", "d755"),
+            ("old/x.php", "f644:moved away"),
+            ("old/deep", "d700"),
+            ("old/deep/y", "f600:deep"),
+            ("link", "l:app"),
+            ("lchange", "l:a"),
+            ("kind", "f644:a file, then a directory"),
+            ("kind2", "d755"),
+            ("kind2/z", "f644:in a directory, then the directory a file"),
+            ("ro", "d555"),
+            ("ro/f", "f444:read only"),
+        ]);
+        let v2 = tree(&[
+            ("app", "d750"),
+            ("app/keep.php", "f644:keep"),
+            ("app/change.php", "f644:change two"),
+            ("app/mode.sh", "f755:#!/bin/sh"),
+            ("app/empty", "f644:"),
+            ("app/new.php", "f644:new"),
+            ("app/renamed.php", "f644:moved away"),
+            ("link", "l:app"),
+            ("lchange", "l:b"),
+            ("kind", "d755"),
+            ("kind/inner", "f644:inner"),
+            ("kind2", "f644:a file now"),
+            ("ro", "d555"),
+            ("ro/f", "f444:read only"),
+            ("ro/g", "f444:also read only"),
+            ("new", "d750"),
+            ("new/f", "f644:f"),
+        ]);
+        let t = tempfile::tempdir().unwrap();
+        let mut results = Vec::new();
+        for prepared in [false, true] {
+            let root = Root::open_or_init(&t.path().join(format!("t{prepared}"))).unwrap();
+            let lock = root.lock(&holder(), Wait::No).unwrap();
+            let stage = root.stage(&lock, v1.0.clone(), None).unwrap();
+            finish(&root, &lock, stage, &v1.1);
+            let stage = match prepared {
+                false => root.stage(&lock, v2.0.clone(), None).unwrap(),
+                true => {
+                    let live = (1, root.manifest(1).unwrap());
+                    let mut stage = root.prepare(&lock, live).unwrap().unwrap();
+                    assert!(stage.prepared());
+                    stage.restage(v2.0.clone(), Some("v2".into())).unwrap();
+                    assert!(!stage.prepared());
+                    stage
+                }
+            };
+            let (stats, offered) = finish(&root, &lock, stage, &v2.1);
+            let release = listing(&root, 2, 1);
+            // The ledger: every unchanged file is linked again, nothing hashed or copied.
+            let stage = root.stage(&lock, v2.0.clone(), None).unwrap();
+            let again = stage.stats().clone();
+            assert_eq!(
+                (
+                    again.linked,
+                    again.copied,
+                    again.hashed,
+                    stage.needs().len()
+                ),
+                (10, 1, 0, 0),
+                "prepared: {prepared}"
+            );
+            drop(stage);
+            let leftovers: Vec<_> = fs::read_dir(root.releases_dir())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(STAGING_PREFIX))
+                .collect();
+            assert!(leftovers.is_empty(), "{leftovers:?}");
+            results.push((stats, offered, release));
+        }
+        assert_eq!(results[0], results[1]);
+        let (stats, offered, release) = &results[0];
+        assert_eq!(
+            (stats.linked, stats.copied, stats.written),
+            (2, 3, 6),
+            "{stats:?}"
+        );
+        assert!(
+            offered.contains(&(
+                "app/change.php".into(),
+                Some(RelPath::new("app/change.php").unwrap())
+            )),
+            "{offered:?}"
+        );
+        assert!(
+            release.contains(&"app/keep.php 644 [107, 101, 101, 112] shared true".to_string()),
+            "{release:#?}"
+        );
+        assert!(
+            release.contains(&"lchange 777 -> b".to_string()),
+            "{release:#?}"
+        );
+        assert!(release.contains(&"ro 555 dir".to_string()), "{release:#?}");
+    }
+
+    /// A prepared stage dropped without a restage leaves nothing behind, and the ledger as it
+    /// was: the next deploy links every file.
+    #[test]
+    fn a_prepared_stage_dropped_unused_leaves_the_target_as_it_was() {
+        let (m, data) = tree(&[("d", "d755"), ("d/a", "f644:a"), ("b", "f600:b")]);
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open_or_init(&t.path().join("t")).unwrap();
+        let lock = root.lock(&holder(), Wait::No).unwrap();
+        let stage = root.stage(&lock, m.clone(), None).unwrap();
+        finish(&root, &lock, stage, &data);
+        // Not the live release: nothing is prepared.
+        assert!(root.prepare(&lock, (7, m.clone())).unwrap().is_none());
+        let stage = root.prepare(&lock, (1, m.clone())).unwrap().unwrap();
+        assert!(root
+            .releases_dir()
+            .join(format!("{STAGING_PREFIX}2"))
+            .is_dir());
+        drop(stage);
+        assert!(!root
+            .releases_dir()
+            .join(format!("{STAGING_PREFIX}2"))
+            .exists());
+        let stage = root.stage(&lock, m, None).unwrap();
+        let st = stage.stats().clone();
+        assert_eq!((st.linked, st.copied, st.hashed), (2, 0, 0));
     }
 
     #[test]

@@ -1542,6 +1542,16 @@ impl Session {
         self.live_intact_answer()
     }
 
+    /// Queues a `Prepare` (see [`Request::Prepare`]): the stage queued after it goes against
+    /// the live release whose manifest has the digest `base` (or whatever is live), and reaches
+    /// the agent only a while after this (over SSH, a round trip after the agent started).
+    ///
+    /// # Errors
+    /// See [`Session`].
+    pub fn queue_prepare(&mut self, base: Option<Digest>) -> Result<()> {
+        self.queue(&Request::Prepare { base })
+    }
+
     /// Queues `CheckLive` for `digest` (its answer: [`Session::live_intact_answer`]).
     ///
     /// # Errors
@@ -1838,6 +1848,7 @@ fn shown_safely(req: &Request) -> bool {
             | Request::Status
             | Request::CheckLive { .. }
             | Request::EndIfLive { .. }
+            | Request::Prepare { .. }
             | Request::CanDeploy
             | Request::Doctor
             | Request::Bye

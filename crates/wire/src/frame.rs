@@ -117,6 +117,16 @@ impl FrameReader {
         }
     }
 
+    /// Whether bytes read from the transport wait in this reader's buffer, not decoded yet
+    /// (what zstd holds already decoded is not seen).
+    pub fn buffered(&self) -> bool {
+        match &self.side {
+            ReadSide::Plain(r) => !r.buffer().is_empty(),
+            ReadSide::Zstd(d) => !d.get_ref().buffer().is_empty(),
+            ReadSide::Switching => false,
+        }
+    }
+
     /// Raw bytes read so far.
     pub fn counter(&self) -> Counter {
         self.counter.clone()

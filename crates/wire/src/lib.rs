@@ -65,7 +65,7 @@ use flip_manifest::{Digest, RelPath};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL: u32 = 14;
+pub const PROTOCOL: u32 = 15;
 /// The first bytes of [`Request::Hello`]: this is flip.
 pub const MAGIC: [u8; 4] = *b"FLIP";
 /// Largest frame either side accepts.
@@ -540,6 +540,19 @@ pub enum Request {
     /// it; for a client that queues it before it knows the release's id. Answered by
     /// [`Response::Activated`].
     ActivateCommitted,
+    /// After `Lock`: a `Stage` against the live release follows, but later (its manifest is
+    /// still on its way: over SSH, the channel takes input only a round trip after the command
+    /// started). The agent may use the wait to stage the live release again, so that the
+    /// unchanged files are linked already when the `Stage` comes (`Root::prepare`); it does
+    /// so only when the live release's manifest has the digest `base` (any, with `None`), no
+    /// input is waiting yet, nothing is staged, and the last `CheckLive` did not find the new
+    /// release live already. A hint: not answered, and nothing the client sees depends on it
+    /// but the time the `Stage` takes (what was prepared and not used is removed). Names no
+    /// file: may be sent in the command line (`shown_safely`).
+    Prepare {
+        /// The digest of the live manifest the stage will be against, if the client knows it.
+        base: Option<Digest>,
+    },
 }
 
 /// The digest of a stage's needs, as `Stage`'s `ahead` names them: blake3 over each need in

@@ -21,7 +21,7 @@ fn path() -> RelPath {
 #[test]
 fn protocol_version_matches_the_pinned_tags() {
     assert_eq!(
-        PROTOCOL, 14,
+        PROTOCOL, 15,
         "a protocol bump must re-check the tag tables below"
     );
 }
@@ -156,6 +156,7 @@ fn request_tags_are_pinned() {
         (Request::EndIfLive { keep: 1 }, 27),
         (Request::BasisSignatures, 28),
         (Request::ActivateCommitted, 29),
+        (Request::Prepare { base: Some(d) }, 30),
     ];
     for (req, want) in &cases {
         assert_eq!(tag(req), *want, "tag of {req:?}");

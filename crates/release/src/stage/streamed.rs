@@ -74,6 +74,8 @@ impl Root {
             shared: None,
             streamed: Some(Box::default()),
             linked: Vec::new(),
+            hashed: std::sync::atomic::AtomicU64::new(0),
+            prepared: None,
         };
         // Private until the release is complete (see `Stage::commit`).
         fsutil::create_private_dir(&stage.dir)?;
