@@ -271,6 +271,10 @@ pub struct AgentStream {
     /// then on. Returns once the transport has taken what it will; a no-op where nothing
     /// travels in the command line, and after the first call.
     pub seal: Seal,
+    /// One round trip to the server, timed as the stream was opened (the built-in SSH client:
+    /// the reply to opening its channel); `None` where not measured (a local agent, the system
+    /// `ssh`).
+    pub round_trip: Option<std::time::Duration>,
 }
 
 /// See [`AgentStream::seal`].

@@ -32,6 +32,7 @@ pub fn spawn(program: &Path, args: &[OsString]) -> Result<AgentStream, Transport
     let writer = child.stdin.take().expect("piped stdin");
     let reader = child.stdout.take().expect("piped stdout");
     Ok(AgentStream {
+        round_trip: None,
         reader: Box::new(reader),
         writer: Box::new(writer),
         handle: Box::new(LocalChild {

@@ -30,6 +30,7 @@ pub fn session(root: &Path) -> Session {
         handle: Box::new(Joined(Some(agent))),
         peer: "test".into(),
         seal: flip_transport::no_seal(),
+        round_trip: None,
     };
     let mut s = Session::open(stream, 0).unwrap();
     let holder = flip_wire::Holder {

@@ -161,6 +161,7 @@ impl Remote for SystemSsh {
         });
         Ok(AgentStream {
             seal: crate::no_seal(),
+            round_trip: None,
             reader: Box::new(OpensGate {
                 inner: reader,
                 gate: Some(gate.clone()),

@@ -92,6 +92,8 @@ pub(crate) struct Parts {
     /// Interval of SSH keepalives while streaming.
     pub keepalive: std::time::Duration,
     pub relay: Relay,
+    /// [`crate::AgentStream::round_trip`].
+    pub round_trip: Option<std::time::Duration>,
 }
 
 /// State shared by the pump and the user's halves.
@@ -186,12 +188,14 @@ pub(crate) fn start(parts: Parts) -> io::Result<AgentStream> {
     let peer = parts.peer.clone();
     let what = parts.what.clone();
     let writer_handle = user_write.try_clone()?;
+    let round_trip = parts.round_trip;
     let pump_shared = shared.clone();
     let thread = std::thread::Builder::new()
         .name(format!("ssh-pump-{}", parts.host))
         .spawn(move || Pump::new(parts, pump_read, pump_write, pump_shared).run())?;
     let sealing = shared.clone();
     Ok(AgentStream {
+        round_trip,
         seal: Arc::new(move || sealing.seal()),
         reader: Box::new(PumpReader {
             sock: user_read,

@@ -129,6 +129,7 @@ const KEPT_BEFORE_MARKER: usize = 16 << 20;
 fn launching(stream: AgentStream, host: String, relaunch: Relaunch) -> AgentStream {
     let peer = stream.peer.clone();
     let seal = stream.seal.clone();
+    let round_trip = stream.round_trip;
     let shared = Arc::new(LaunchShared {
         host,
         state: Mutex::new(LaunchState::Pending(Box::new(Pending {
@@ -145,6 +146,7 @@ fn launching(stream: AgentStream, host: String, relaunch: Relaunch) -> AgentStre
     });
     AgentStream {
         seal,
+        round_trip,
         reader: Box::new(LaunchReader {
             shared: shared.clone(),
             inner: None,
@@ -232,6 +234,7 @@ impl LaunchShared {
         };
         let stream = AgentStream {
             seal: crate::no_seal(),
+            round_trip: None,
             reader,
             // The agent's writer stays with the writer half meanwhile.
             writer: Box::new(io::sink()),
@@ -1419,6 +1422,7 @@ mod tests {
 
     fn fake_stream(output: &[u8], writer: SlowSink) -> AgentStream {
         AgentStream {
+            round_trip: None,
             reader: Box::new(io::Cursor::new(output.to_vec())),
             writer: Box::new(writer),
             handle: Box::new(Done),
@@ -1475,6 +1479,7 @@ mod tests {
     fn output_without_a_newline_before_the_marker_is_bounded() {
         let endless = io::repeat(b'#');
         let stream = AgentStream {
+            round_trip: None,
             reader: Box::new(endless),
             writer: Box::new(io::sink()),
             handle: Box::new(Done),
