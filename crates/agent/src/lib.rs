@@ -434,9 +434,11 @@ fn expects_answer(req: &Request) -> bool {
 /// Whether more of the client's input is there to read already: in `rx`'s buffer, or (serving
 /// stdio) on stdin.
 fn input_waiting(rx: &FrameReader) -> bool {
-    if rx.buffered() {
-        return true;
-    }
+    rx.buffered() || stdin_readable()
+}
+
+/// Whether the agent serves stdio and its stdin has bytes to read.
+fn stdin_readable() -> bool {
     if !SERVING_STDIO.load(std::sync::atomic::Ordering::Relaxed) {
         return false;
     }
@@ -1636,7 +1638,8 @@ impl Session {
         if base.is_some_and(|d| d != manifest.digest()) {
             return Ok(());
         }
-        if let Ok(Some(stage)) = root.prepare(lock, (id, manifest)) {
+        // Until the client's next request (its stage) is there to read.
+        if let Ok(Some(stage)) = root.prepare(lock, (id, manifest), &stdin_readable) {
             self.prepared = Some(stage);
         }
         Ok(())

@@ -175,7 +175,7 @@ impl Root {
         label: Option<String>,
         live: Option<(u64, Manifest)>,
     ) -> Result<Stage<'_>> {
-        self.new_stage(lock, manifest, label, live, false)
+        self.new_stage(lock, manifest, label, live, None)
     }
 
     /// Stages the live release (`live`: its id and manifest, the one recorded for it) again,
@@ -184,14 +184,22 @@ impl Root {
     /// manifest. What a deploy over a slow link does with the round trip in which the client's
     /// stage is still travelling. `None` when `live` is not the live release.
     ///
+    /// Once `stop` says so (asked every few files: the manifest has arrived), no more files
+    /// are linked: the restage makes the rest.
+    ///
     /// # Errors
     /// As [`Root::stage`].
-    pub fn prepare(&self, lock: &LockGuard, live: (u64, Manifest)) -> Result<Option<Stage<'_>>> {
+    pub fn prepare(
+        &self,
+        lock: &LockGuard,
+        live: (u64, Manifest),
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Option<Stage<'_>>> {
         if self.current()? != Some(live.0) {
             return Ok(None);
         }
         let manifest = live.1.clone();
-        self.new_stage(lock, manifest, None, Some(live), true)
+        self.new_stage(lock, manifest, None, Some(live), Some(stop))
             .map(Some)
     }
 
@@ -201,7 +209,7 @@ impl Root {
         manifest: Manifest,
         label: Option<String>,
         live: Option<(u64, Manifest)>,
-        preparing: bool,
+        preparing: Option<&(dyn Fn() -> bool + Sync)>,
     ) -> Result<Stage<'_>> {
         self.clean_leftovers(lock)?;
         let prev = match (self.current()?, live) {
@@ -252,9 +260,9 @@ impl Root {
             streamed: None,
             linked: Vec::new(),
             hashed: AtomicU64::new(0),
-            prepared: preparing.then(HashMap::new),
+            prepared: preparing.map(|_| HashMap::new()),
         };
-        stage.build_tree()?;
+        stage.build_tree(preparing)?;
         crate::fault_point("after-stage");
         Ok(stage)
     }
@@ -351,7 +359,7 @@ impl<'r> Stage<'r> {
 
     /// Directories and symlinks (one level of depth at a time, each level in parallel), then
     /// links and copies in parallel.
-    fn build_tree(&mut self) -> Result<()> {
+    fn build_tree(&mut self, stop: Option<&(dyn Fn() -> bool + Sync)>) -> Result<()> {
         if self.streamed.is_none() {
             // Private until the release is complete (see `commit`).
             fsutil::create_private_dir(&self.dir)?;
@@ -364,7 +372,7 @@ impl<'r> Stage<'r> {
             .prev
             .as_ref()
             .and_then(|(id, _)| at::Tree::open(&self.root.release_dir(*id)).ok());
-        let outcomes = self.file_outcomes(Vec::new())?;
+        let outcomes = self.file_outcomes(Vec::new(), stop)?;
         self.account(outcomes, &[])?;
         self.check_streamed_all_listed()
     }
@@ -458,7 +466,7 @@ impl<'r> Stage<'r> {
         self.stats = StageStats::default();
         *self.progress.get_mut().unwrap_or_else(|e| e.into_inner()) = Progress::default();
         self.make_dirs_and_symlinks(Some(&old))?;
-        let outcomes = self.file_outcomes(reused)?;
+        let outcomes = self.file_outcomes(reused, None)?;
         self.account(outcomes, &kept)
     }
 
@@ -495,8 +503,26 @@ impl<'r> Stage<'r> {
     }
 
     /// How each file of the plan is staged: linked, copied, or awaiting content; a file with
-    /// an outcome in `reused` (by plan index; empty: none) keeps it.
-    fn file_outcomes(&self, reused: Vec<Option<Outcome>>) -> Result<Vec<Result<Outcome>>> {
+    /// an outcome in `reused` (by plan index; empty: none) keeps it. Once `stop` (asked every
+    /// [`STOP_EVERY`] files) says so, the files not begun are left awaiting content.
+    fn file_outcomes(
+        &self,
+        reused: Vec<Option<Outcome>>,
+        stop: Option<&(dyn Fn() -> bool + Sync)>,
+    ) -> Result<Vec<Result<Outcome>>> {
+        let (asked, stopped) = (AtomicU64::new(0), std::sync::atomic::AtomicBool::new(false));
+        let stop_now = || {
+            let Some(stop) = stop else { return false };
+            if stopped.load(Ordering::Relaxed) {
+                return true;
+            }
+            let n = asked.fetch_add(1, Ordering::Relaxed);
+            let now = n % STOP_EVERY == STOP_EVERY - 1 && stop();
+            if now {
+                stopped.store(true, Ordering::Relaxed);
+            }
+            now
+        };
         let staged = at::Tree::open(&self.dir).map_err(io("open", &self.dir))?;
         let prev_tree = self.prev_tree.as_ref();
         let hashed = AtomicU64::new(0);
@@ -515,6 +541,9 @@ impl<'r> Stage<'r> {
                     crate::check_abandoned()?;
                     if let Some(kept) = reused {
                         return Ok(kept);
+                    }
+                    if stop_now() {
+                        return Ok(TRANSFER);
                     }
                     if let Some(streamed) = self.streamed_outcome(step)? {
                         return Ok(streamed);
@@ -1435,6 +1464,9 @@ impl Outcome {
     }
 }
 
+/// Files between two looks at whether a prepared stage is to stop ([`Root::prepare`]).
+const STOP_EVERY: u64 = 256;
+
 /// How many paths the warning about files copied instead of linked names.
 const NAMED_NOT_LINKED: usize = 3;
 
@@ -2150,12 +2182,25 @@ mod tests {
     /// A prepared stage, restaged for a new manifest, builds the release a stage of that
     /// manifest builds: the same entries, modes, contents and symlink targets, the same files
     /// shared with the live release, the same needs and bases, the same counts; and the link
-    /// ledger is left as right (the next deploy links every unchanged file). Covers files kept,
+    /// ledger is left as right (the next deploy links every unchanged file); also when the
+    /// prepare stopped part way (the manifest came). Covers files kept,
     /// changed, removed, renamed, made empty, given another mode; directories and symlinks
     /// kept, removed (with their contents), retargeted, and paths that change kind.
+    /// Unchanged files added to both trees of the test below, more than a prepare links
+    /// between two looks at whether to stop.
+    const FILL: usize = 3 * STOP_EVERY as usize;
+
+    fn with_fill(specs: &[(&str, &str)]) -> (Manifest, Vec<(String, Vec<u8>)>) {
+        let names: Vec<String> = (0..FILL).map(|i| format!("fill/{i:04}")).collect();
+        let mut all = specs.to_vec();
+        all.push(("fill", "d755"));
+        all.extend(names.iter().map(|n| (n.as_str(), "f644:fill")));
+        tree(&all)
+    }
+
     #[test]
     fn a_restaged_prepared_stage_builds_what_a_stage_builds() {
-        let v1 = tree(&[
+        let v1 = with_fill(&[
             ("app", "d755"),
             ("app/keep.php", "f644:keep"),
             ("app/change.php", "f644:change one"),
@@ -2174,7 +2219,7 @@ mod tests {
             ("ro", "d555"),
             ("ro/f", "f444:read only"),
         ]);
-        let v2 = tree(&[
+        let v2 = with_fill(&[
             ("app", "d750"),
             ("app/keep.php", "f644:keep"),
             ("app/change.php", "f644:change two"),
@@ -2195,8 +2240,10 @@ mod tests {
         ]);
         let t = tempfile::tempdir().unwrap();
         let mut results = Vec::new();
-        for prepared in [false, true] {
-            let root = Root::open_or_init(&t.path().join(format!("t{prepared}"))).unwrap();
+        for (prepared, stop) in [(false, false), (true, false), (true, true)] {
+            // `stop`: the manifest arrives while the prepare is under way.
+            let stop = move || stop;
+            let root = Root::open_or_init(&t.path().join(format!("t{}", results.len()))).unwrap();
             let lock = root.lock(&holder(), Wait::No).unwrap();
             let stage = root.stage(&lock, v1.0.clone(), None).unwrap();
             finish(&root, &lock, stage, &v1.1);
@@ -2204,8 +2251,14 @@ mod tests {
                 false => root.stage(&lock, v2.0.clone(), None).unwrap(),
                 true => {
                     let live = (1, root.manifest(1).unwrap());
-                    let mut stage = root.prepare(&lock, live).unwrap().unwrap();
+                    let mut stage = root.prepare(&lock, live, &stop).unwrap().unwrap();
                     assert!(stage.prepared());
+                    // Stopped, it linked the files begun before its first look only.
+                    let linked = stage.stats().linked as usize;
+                    match stop() {
+                        true => assert!(linked < STOP_EVERY as usize, "{linked}"),
+                        false => assert!(linked > FILL, "{linked}"),
+                    }
                     stage.restage(v2.0.clone(), Some("v2".into())).unwrap();
                     assert!(!stage.prepared());
                     stage
@@ -2223,7 +2276,7 @@ mod tests {
                     again.hashed,
                     stage.needs().len()
                 ),
-                (10, 1, 0, 0),
+                (10 + FILL as u64, 1, 0, 0),
                 "prepared: {prepared}"
             );
             drop(stage);
@@ -2236,10 +2289,11 @@ mod tests {
             results.push((stats, offered, release));
         }
         assert_eq!(results[0], results[1]);
+        assert_eq!(results[0], results[2]);
         let (stats, offered, release) = &results[0];
         assert_eq!(
             (stats.linked, stats.copied, stats.written),
-            (2, 3, 6),
+            (2 + FILL as u64, 3, 6),
             "{stats:?}"
         );
         assert!(
@@ -2271,8 +2325,14 @@ mod tests {
         let stage = root.stage(&lock, m.clone(), None).unwrap();
         finish(&root, &lock, stage, &data);
         // Not the live release: nothing is prepared.
-        assert!(root.prepare(&lock, (7, m.clone())).unwrap().is_none());
-        let stage = root.prepare(&lock, (1, m.clone())).unwrap().unwrap();
+        assert!(root
+            .prepare(&lock, (7, m.clone()), &|| false)
+            .unwrap()
+            .is_none());
+        let stage = root
+            .prepare(&lock, (1, m.clone()), &|| false)
+            .unwrap()
+            .unwrap();
         assert!(root
             .releases_dir()
             .join(format!("{STAGING_PREFIX}2"))

@@ -250,6 +250,8 @@ pub struct Session {
     probed: Option<(Digest, HashMap<String, flip_manifest::DirState>)>,
     /// Directories of the probe queued ahead, awaiting [`Session::probe_answer`].
     probing: Option<(Digest, Vec<String>)>,
+    /// One round trip to the agent's host, as the transport timed it ([`AgentStream::round_trip`]).
+    round_trip: Option<std::time::Duration>,
     /// With [`Session::defer_commit`]: `stage` queues `Commit` without reading its answer.
     defer_commit: bool,
     /// With [`Session::report_release`]: the release recorded, whose files the report counts.
@@ -399,6 +401,7 @@ impl Session {
             took_ahead: false,
             whole_files: false,
             seal: Some(stream.seal),
+            round_trip: stream.round_trip,
         };
         s.queue(&Request::Hello {
             magic: MAGIC,
@@ -1540,6 +1543,12 @@ impl Session {
     pub fn live_intact(&mut self, digest: Digest) -> Result<Option<u64>> {
         self.queue_live_intact(digest)?;
         self.live_intact_answer()
+    }
+
+    /// One round trip to the agent's host as the transport timed it when connecting
+    /// ([`AgentStream::round_trip`]); `None` where it did not.
+    pub fn round_trip(&self) -> Option<std::time::Duration> {
+        self.round_trip
     }
 
     /// Queues a `Prepare` (see [`Request::Prepare`]): the stage queued after it goes against

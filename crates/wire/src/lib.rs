@@ -546,7 +546,8 @@ pub enum Request {
     /// unchanged files are linked already when the `Stage` comes (`Root::prepare`); it does
     /// so only when the live release's manifest has the digest `base` (any, with `None`), no
     /// input is waiting yet, nothing is staged, and the last `CheckLive` did not find the new
-    /// release live already. A hint: not answered, and nothing the client sees depends on it
+    /// release live already; it stops linking once more input is there to read (the rest is
+    /// linked by the `Stage`). A hint: not answered, and nothing the client sees depends on it
     /// but the time the `Stage` takes (what was prepared and not used is removed). Names no
     /// file: may be sent in the command line (`shown_safely`).
     Prepare {

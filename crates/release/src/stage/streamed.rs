@@ -195,7 +195,7 @@ impl Stage<'_> {
         self.plan = flip_plan::plan(None, &manifest);
         self.manifest = manifest;
         self.label = label;
-        self.build_tree()
+        self.build_tree(None)
     }
 
     /// Whether directory `rel` was made for a streamed file.
