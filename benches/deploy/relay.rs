@@ -157,6 +157,28 @@ fn serve(client: TcpStream, backend: u16, c: &Arc<Counters>, link: Link) -> io::
     Ok(())
 }
 
+/// Acknowledges at once what `s` received (`TCP_QUICKACK`). The relay ends two TCP
+/// connections: were its acknowledgements delayed as an endpoint's are, a server under Nagle's
+/// algorithm sending two small messages in a row (`sshd`'s host keys after the authentication,
+/// then a channel's confirmation) would wait for the relay's acknowledgement of the first, up
+/// to 40 ms on loopback: a stall of the relay's making, for every tool. Without it, a tool
+/// whose client delays its acknowledgements (OpenSSH's `ssh`, under rsync) meets that stall
+/// in the relay neither, which it would on a direct link.
+fn quick_ack(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt(2) with a pointer to an int we own and its size, on an open socket.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
 /// Copies until EOF or error, counting; then half-closes the writer so the peer sees EOF.
 fn pump(from: TcpStream, to: TcpStream, count: &AtomicU64, link: Link) {
     if link.is_shaped() {
@@ -169,7 +191,9 @@ fn pump(from: TcpStream, to: TcpStream, count: &AtomicU64, link: Link) {
 fn plain(mut from: TcpStream, mut to: TcpStream, count: &AtomicU64) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        match from.read(&mut buf) {
+        let read = from.read(&mut buf);
+        quick_ack(&from);
+        match read {
             Ok(0) => break,
             Ok(n) => {
                 count.fetch_add(n as u64, Ordering::SeqCst);
@@ -215,7 +239,9 @@ fn shaped(mut from: TcpStream, mut to: TcpStream, count: &AtomicU64, link: Link)
     let Ok(writer) = writer else { return };
     let mut buf = vec![0u8; PIECE];
     loop {
-        match from.read(&mut buf) {
+        let read = from.read(&mut buf);
+        quick_ack(&from);
+        match read {
             Ok(0) => break,
             Ok(n) => {
                 count.fetch_add(n as u64, Ordering::SeqCst);
