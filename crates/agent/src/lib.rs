@@ -1625,7 +1625,7 @@ impl Session {
         {
             return Ok(());
         }
-        // The answers so far leave before the work (a probe's, which the client waits for).
+        // The answers so far leave before the work: the client may be waiting for them.
         if !self.holder.deferring() {
             self.holder.release().map_err(WireError::Io)?;
         }

@@ -6,7 +6,9 @@
 //! literal bytes ([`Stage::begin_file`]) or as deltas against a file of the previous release
 //! ([`Stage::apply_delta`]); each is checked against its size and blake3 before it counts.
 //! [`Stage::commit`] refuses to finish while anything is missing. Dropping an uncommitted stage
-//! removes the staging directory. Files may be written on several threads at once: a stage is
+//! removes the staging directory. [`Root::prepare`] stages the live release again while the
+//! manifest of the next one is still on its way; [`Stage::restage`] then makes it the stage of
+//! that manifest, keeping what it would make the same way. Files may be written on several threads at once: a stage is
 //! `Sync`, each needed file can be claimed by one writer only, and what has arrived (pending
 //! files, stamps, counts) is kept behind a lock.
 //!
