@@ -7,7 +7,7 @@
 #![allow(clippy::disallowed_methods)]
 
 use flip_manifest::{Digest, Manifest};
-use flip_wire::{FrameReader, FrameWriter, Request, Response, MAGIC, PROTOCOL};
+use flip_wire::{Request, Response};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -50,59 +50,18 @@ fn staged_keep(dir: &Path) -> Option<std::fs::Metadata> {
 
 /// A session: `first` (after `Hello`), then, once `between` returned, the stage of [`next`]
 /// with its content, commit, activation and `Bye`. Returns the answers.
-fn session(dir: &Path, first: Vec<Request>, between: impl FnOnce()) -> Vec<Response> {
-    let (client_rx, agent_tx) = std::io::pipe().unwrap();
-    let (agent_rx, client_tx) = std::io::pipe().unwrap();
-    let root = dir.to_path_buf();
-    let agent = std::thread::spawn(move || {
-        let _ = flip_agent::serve(Box::new(agent_rx), Box::new(agent_tx), &root);
-    });
-    let mut tx = FrameWriter::new(Box::new(client_tx));
-    tx.send(&Request::Hello {
-        magic: MAGIC,
-        protocol: PROTOCOL,
-        version: "test".into(),
-        compress: 0,
-    })
-    .unwrap();
-    for f in &first {
-        tx.send(f).unwrap();
-    }
-    tx.flush().unwrap();
-    between();
-    let m = next();
-    for f in common::stage_whole(&m) {
-        tx.send(&f).unwrap();
-    }
+fn session(dir: &Path, first: Vec<Request>, between: impl FnOnce() + Send) -> Vec<Response> {
+    let mut rest = common::stage_whole(&next());
     for (index, data) in [(0u32, &b"v2"[..]), (2, b"new")] {
-        tx.send(&Request::Literal {
+        rest.push(Request::Literal {
             index,
             mtime: None,
             data: data.to_vec(),
             last: true,
-        })
-        .unwrap();
+        });
     }
-    for f in [Request::Commit, Request::ActivateCommitted, Request::Bye] {
-        tx.send(&f).unwrap();
-    }
-    tx.flush().unwrap();
-    let mut rx = FrameReader::new(Box::new(client_rx));
-    let mut out = Vec::new();
-    while let Ok(r) = rx.recv::<Response>() {
-        if matches!(r, Response::Notices { .. }) {
-            continue;
-        }
-        let end = matches!(r, Response::Bye | Response::Error { .. });
-        out.push(r);
-        if end {
-            break;
-        }
-    }
-    drop(tx);
-    drop(rx);
-    agent.join().unwrap();
-    out
+    rest.extend([Request::Commit, Request::ActivateCommitted, Request::Bye]);
+    common::session_paused(dir, None, first, between, rest)
 }
 
 /// Release 2 is live and as [`next`] says; `keep.txt` shares release 1's inode, nothing else

@@ -95,46 +95,67 @@ pub fn stage_whole(m: &Manifest) -> Vec<Request> {
 /// Runs one agent session on `root` fed with `frames` after a valid Hello (or with the bytes
 /// `raw` alone); returns every answer (notices skipped) up to an error or `Bye`.
 pub fn session(root: &Path, raw: Option<Vec<u8>>, frames: Vec<Request>) -> Vec<Response> {
+    session_paused(root, raw, frames, || {}, Vec::new())
+}
+
+/// [`session`], the client sending `first`, then, once `between` returned (the agent reading
+/// on meanwhile), `rest`.
+pub fn session_paused(
+    root: &Path,
+    raw: Option<Vec<u8>>,
+    first: Vec<Request>,
+    between: impl FnOnce() + Send,
+    rest: Vec<Request>,
+) -> Vec<Response> {
     let (client_rx, agent_tx) = std::io::pipe().unwrap();
     let (agent_rx, client_tx) = std::io::pipe().unwrap();
-    let root = root.to_path_buf();
+    let dir = root.to_path_buf();
     let agent = std::thread::spawn(move || {
-        let _ = flip_agent::serve(Box::new(agent_rx), Box::new(agent_tx), &root);
+        let _ = flip_agent::serve(Box::new(agent_rx), Box::new(agent_tx), &dir);
     });
-    let writer = std::thread::spawn(move || {
-        let mut client_tx = client_tx;
-        if let Some(bytes) = raw {
-            let _ = client_tx.write_all(&bytes);
-            return;
-        }
-        let mut tx = FrameWriter::new(Box::new(client_tx));
-        let _ = tx.send(&Request::Hello {
-            magic: MAGIC,
-            protocol: PROTOCOL,
-            version: "test".into(),
-            compress: 0,
+    let out = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || {
+            let mut client_tx = client_tx;
+            if let Some(bytes) = raw {
+                let _ = client_tx.write_all(&bytes);
+                return;
+            }
+            let mut tx = FrameWriter::new(Box::new(client_tx));
+            let _ = tx.send(&Request::Hello {
+                magic: MAGIC,
+                protocol: PROTOCOL,
+                version: "test".into(),
+                compress: 0,
+            });
+            let send = |tx: &mut FrameWriter, frames: Vec<Request>| {
+                for f in frames {
+                    if tx.send(&f).is_err() {
+                        return false;
+                    }
+                }
+                tx.flush().is_ok()
+            };
+            if send(&mut tx, first) {
+                between();
+                send(&mut tx, rest);
+            }
         });
-        for f in frames {
-            if tx.send(&f).is_err() {
+        let mut rx = FrameReader::new(Box::new(client_rx));
+        let mut out = Vec::new();
+        while let Ok(r) = rx.recv::<Response>() {
+            if matches!(r, Response::Notices { .. }) {
+                continue;
+            }
+            let end = matches!(r, Response::Error { .. } | Response::Bye);
+            out.push(r);
+            if end {
                 break;
             }
         }
-        let _ = tx.flush();
+        drop(rx);
+        writer.join().unwrap();
+        out
     });
-    let mut rx = FrameReader::new(Box::new(client_rx));
-    let mut out = Vec::new();
-    while let Ok(r) = rx.recv::<Response>() {
-        if matches!(r, Response::Notices { .. }) {
-            continue;
-        }
-        let end = matches!(r, Response::Error { .. } | Response::Bye);
-        out.push(r);
-        if end {
-            break;
-        }
-    }
-    drop(rx);
-    writer.join().unwrap();
     agent.join().unwrap();
     out
 }
