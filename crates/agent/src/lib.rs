@@ -925,6 +925,11 @@ impl Session {
         rx: &mut FrameReader,
         tx: &mut FrameWriter,
     ) -> Result<Option<Response>> {
+        // A prepared stage is for the `Stage` that follows its `Prepare`: any other request
+        // drops it (one may remove the staging directories: a prune, a discard).
+        if !matches!(req, Request::Stage { .. } | Request::Prepare { .. }) {
+            self.prepared = None;
+        }
         Ok(Some(match req {
             Request::Hello { .. } => return Err(AgentError::Protocol("Hello sent twice".into())),
             Request::Lock { wait, holder } => self.take_lock(wait, holder, tx)?,

@@ -51,6 +51,11 @@ fn staged_keep(dir: &Path) -> Option<std::fs::Metadata> {
 /// A session: `first` (after `Hello`), then, once `between` returned, the stage of [`next`]
 /// with its content, commit, activation and `Bye`. Returns the answers.
 fn session(dir: &Path, first: Vec<Request>, between: impl FnOnce() + Send) -> Vec<Response> {
+    common::session_paused(dir, None, first, between, rest())
+}
+
+/// The stage of [`next`] with its content, commit, activation and `Bye`.
+fn rest() -> Vec<Request> {
     let mut rest = common::stage_whole(&next());
     for (index, data) in [(0u32, &b"v2"[..]), (2, b"new")] {
         rest.push(Request::Literal {
@@ -61,21 +66,27 @@ fn session(dir: &Path, first: Vec<Request>, between: impl FnOnce() + Send) -> Ve
         });
     }
     rest.extend([Request::Commit, Request::ActivateCommitted, Request::Bye]);
-    common::session_paused(dir, None, first, between, rest)
+    rest
 }
 
 /// Release 2 is live and as [`next`] says; `keep.txt` shares release 1's inode, nothing else
 /// does; no staging directory is left.
 #[track_caller]
 fn assert_release_2(dir: &Path, got: &[Response]) {
+    assert_release(dir, got, 2)
+}
+
+/// [`assert_release_2`] for release `id`.
+#[track_caller]
+fn assert_release(dir: &Path, got: &[Response], id: u64) {
     assert!(
         got.contains(&Response::Activated {
-            id: 2,
+            id,
             previous: Some(1)
         }),
         "{got:?}"
     );
-    let r2 = dir.join("releases/2");
+    let r2 = dir.join(format!("releases/{id}"));
     assert_eq!(std::fs::read(r2.join("app.txt")).unwrap(), b"v2");
     assert_eq!(std::fs::read(r2.join("new.txt")).unwrap(), b"new");
     assert!(!r2.join("gone.txt").exists());
@@ -90,7 +101,7 @@ fn assert_release_2(dir: &Path, got: &[Response]) {
     assert!(!names.iter().any(|n| n.starts_with('.')), "{names:?}");
     // The ledger knows every inode as it is: verify finds both releases intact.
     let root = flip_release::Root::open(dir).unwrap();
-    for id in [1, 2] {
+    for id in [1, id] {
         root.verify(id)
             .unwrap_or_else(|e| panic!("release {id}: {e}"));
     }
@@ -162,4 +173,34 @@ fn a_prepare_without_the_lock_is_refused() {
         other => panic!("expected an error, got {other:?}"),
     }
     assert!(!t.path().join("releases/.staging-2").exists());
+}
+
+/// A request between `Prepare` and `Stage` drops what was prepared (a prune removes the
+/// staging directories): the stage is made as without it.
+#[test]
+fn a_request_between_prepare_and_stage_drops_the_prepared_stage() {
+    let t = tempfile::tempdir().unwrap();
+    let live = live_root(t.path());
+    let first = vec![
+        lock(),
+        Request::Prepare {
+            base: Some(live.digest()),
+        },
+    ];
+    let got = common::session_paused(
+        t.path(),
+        None,
+        first,
+        || assert!(staged_keep(t.path()).is_some(), "prepared"),
+        [Request::Prune { keep: 5 }]
+            .into_iter()
+            .chain(rest())
+            .collect(),
+    );
+    assert!(
+        got.contains(&Response::Pruned { removed: vec![] }),
+        "{got:?}"
+    );
+    // Release 2's id went to the prepared stage.
+    assert_release(t.path(), &got, 3);
 }
