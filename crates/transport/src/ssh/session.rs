@@ -124,7 +124,15 @@ impl Connection {
             match self.session.channel_session() {
                 Err(e) if e.code() == ssh2::ErrorCode::Session(pump::LIBSSH2_ERROR_EAGAIN) => {
                     if started.elapsed() > OP_TIMEOUT {
-                        break Err(e);
+                        self.session.set_blocking(true);
+                        return Err(TransportError::Ssh {
+                            host: self.cfg.address(),
+                            phase: phase.to_string(),
+                            message: format!(
+                                "the server did not open a channel within {} s",
+                                OP_TIMEOUT.as_secs()
+                            ),
+                        });
                     }
                     let events = match self.session.block_directions() {
                         ssh2::BlockDirections::Outbound => libc::POLLOUT,
@@ -326,6 +334,7 @@ fn pipelines_exec(banner: Option<&str>) -> bool {
 
 /// Acknowledges at once what the socket `fd` received (`TCP_QUICKACK`: sends a delayed
 /// acknowledgement now); a failure only leaves the kernel's own timing.
+#[cfg(target_os = "linux")]
 fn quick_ack(fd: RawFd) {
     let one: libc::c_int = 1;
     // SAFETY: setsockopt(2) with a pointer to an int we own and its size, on the session's
@@ -340,6 +349,10 @@ fn quick_ack(fd: RawFd) {
         )
     };
 }
+
+/// Elsewhere acknowledgements keep the kernel's own timing.
+#[cfg(not(target_os = "linux"))]
+fn quick_ack(_fd: RawFd) {}
 
 fn millis(d: Duration) -> u32 {
     d.as_millis().clamp(1, u32::MAX as u128) as u32
